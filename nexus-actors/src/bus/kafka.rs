@@ -1,0 +1,464 @@
+//! `KafkaBridge`: the semantic bus (Kafka) as an actor.
+//!
+//! Producing is a message ([`Produce`]); the producer is idempotent and
+//! waits for all in-sync replicas. Consuming is a subscription
+//! ([`Consume`]): records reach the subscriber with [`Link::ask`] and an
+//! offset is stored for commit only after the subscriber acknowledged the
+//! record (at-least-once). A record that is not acknowledged (a [`Nack`] or
+//! a panicking handler) is delivered again, in order, until it is. [`Replay`]
+//! reads a topic again from an offset or a timestamp without touching the
+//! group's offsets. The trace context rides in the `traceparent` header.
+//! This module does not interpret payloads.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{BorrowedMessage, Header, Headers, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::util::Timeout;
+use rdkafka::{ClientConfig, Message as _, Offset, TopicPartitionList};
+use serde_json::Value;
+use tokio::sync::oneshot;
+
+use super::Backoff;
+use crate::envelope::Envelope;
+use crate::kernel::{ActorRef, AskError, Behaviour, Ctx, Handler, Kernel, Link, Message, Reply};
+use crate::telemetry::{Metrics, TraceContext};
+
+/// Topics every node expects; created when missing.
+pub const SEMANTIC_COMMANDS: &str = "semantic.commands";
+pub const SEMANTIC_EVENTS: &str = "semantic.events";
+
+/// How the bridge reaches the brokers.
+#[derive(Debug, Clone)]
+pub struct KafkaConfig {
+    /// `host:port[,host:port...]`
+    pub brokers: String,
+    /// Partitions of topics the bridge creates.
+    pub partitions: i32,
+    /// How long a produce may wait for the broker before failing.
+    pub produce_timeout: Duration,
+}
+
+impl KafkaConfig {
+    pub fn new(brokers: impl Into<String>) -> Self {
+        KafkaConfig { brokers: brokers.into(), partitions: 3, produce_timeout: Duration::from_secs(30) }
+    }
+
+    fn client(&self) -> ClientConfig {
+        let mut c = ClientConfig::new();
+        c.set("bootstrap.servers", &self.brokers)
+            .set("broker.address.family", "v4")
+            .set("log_level", "4");
+        c
+    }
+}
+
+/// A record delivered to a subscriber. Reply `Ok(())` to acknowledge it.
+#[derive(Debug, Clone)]
+pub struct KafkaRecord {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<String>,
+    pub envelope: Envelope<Value>,
+    /// From the `traceparent`/`tracestate` headers.
+    pub trace: TraceContext,
+}
+
+/// The subscriber did not process a record; it will be delivered again.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("record not acknowledged: {0}")]
+pub struct Nack(pub String);
+
+impl Message for KafkaRecord {
+    type Reply = Result<(), Nack>;
+
+    fn trace_context(&self) -> Option<TraceContext> {
+        Some(self.trace.clone())
+    }
+}
+
+/// Where a produced record landed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Delivered {
+    pub partition: i32,
+    pub offset: i64,
+}
+
+/// A produce that failed; the envelope is handed back.
+#[derive(Debug, thiserror::Error)]
+#[error("kafka produce to {topic} failed: {source}")]
+pub struct ProduceError {
+    pub topic: String,
+    pub envelope: Envelope,
+    pub source: KafkaError,
+}
+
+/// Produces `envelope` to `topic`, keyed by `key` (the context id: records
+/// with one key keep their order).
+pub struct Produce {
+    pub topic: String,
+    pub key: String,
+    pub envelope: Envelope,
+}
+
+impl Message for Produce {
+    type Reply = Result<Delivered, ProduceError>;
+}
+
+/// Starts a consumer in group `group` on `topics`, delivering to `subscriber`.
+pub struct Consume {
+    pub group: String,
+    pub topics: Vec<String>,
+    pub subscriber: Link<KafkaRecord>,
+}
+
+/// Identifies a running consumer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ConsumerId(u64);
+
+impl Message for Consume {
+    type Reply = Result<ConsumerId, KafkaError>;
+}
+
+/// Stops a consumer after the record in hand; stored offsets are committed.
+pub struct StopConsumer(pub ConsumerId);
+
+impl Message for StopConsumer {
+    type Reply = ();
+}
+
+/// Where a replay starts.
+#[derive(Debug, Clone, Copy)]
+pub enum ReplayFrom {
+    /// This offset in every partition (clamped to what the broker holds).
+    Offset(i64),
+    /// The first record at or after this time (milliseconds since the epoch).
+    Timestamp(i64),
+}
+
+/// Delivers the records of `topic` from `from` up to the end the topic had
+/// when the replay started; replies with how many were delivered. Group
+/// offsets are untouched.
+pub struct Replay {
+    pub topic: String,
+    pub from: ReplayFrom,
+    pub subscriber: Link<KafkaRecord>,
+}
+
+impl Message for Replay {
+    type Reply = Result<u64, KafkaError>;
+}
+
+type Consumers = Arc<Mutex<HashMap<ConsumerId, (oneshot::Sender<()>, oneshot::Receiver<()>)>>>;
+
+/// The bridge between Kafka and the mailbox graph.
+pub struct KafkaBridge {
+    kernel: Kernel,
+    config: KafkaConfig,
+    producer: FutureProducer,
+    consumers: Consumers,
+    next_consumer: u64,
+}
+
+impl KafkaBridge {
+    pub const KIND: &'static str = "kafka_bridge";
+
+    /// Creates the semantic topics if missing, then spawns the bridge.
+    pub async fn spawn(
+        kernel: &Kernel,
+        arbiter: &actix::ArbiterHandle,
+        config: KafkaConfig,
+    ) -> Result<ActorRef<KafkaBridge>, KafkaError> {
+        ensure_topics(&config, &[SEMANTIC_COMMANDS, SEMANTIC_EVENTS]).await?;
+        let producer: FutureProducer = config
+            .client()
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("linger.ms", "1")
+            .set("message.timeout.ms", config.produce_timeout.as_millis().to_string())
+            .create()?;
+        let consumers: Consumers = Arc::default();
+        let k = kernel.clone();
+        Ok(kernel.spawn_on(arbiter, "kafka-bridge", move || KafkaBridge {
+            kernel: k.clone(),
+            config: config.clone(),
+            producer: producer.clone(),
+            consumers: consumers.clone(),
+            next_consumer: 0,
+        }))
+    }
+}
+
+/// Creates `topics` with the configured partition count unless they exist.
+pub async fn ensure_topics(config: &KafkaConfig, topics: &[&str]) -> Result<(), KafkaError> {
+    let admin: AdminClient<DefaultClientContext> = config.client().create()?;
+    let new: Vec<NewTopic> =
+        topics.iter().map(|t| NewTopic::new(t, config.partitions, TopicReplication::Fixed(1))).collect();
+    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+    for result in admin.create_topics(&new, &opts).await? {
+        match result {
+            Ok(topic) => tracing::info!(topic, "created kafka topic"),
+            Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((topic, code)) => {
+                tracing::error!(topic, ?code, "could not create kafka topic");
+                return Err(KafkaError::AdminOp(code));
+            }
+        }
+    }
+    Ok(())
+}
+
+impl Behaviour for KafkaBridge {
+    const KIND: &'static str = KafkaBridge::KIND;
+}
+
+impl Handler<Produce> for KafkaBridge {
+    fn handle(&mut self, msg: Produce, _ctx: &mut Ctx<Self>) -> Reply<Result<Delivered, ProduceError>> {
+        let producer = self.producer.clone();
+        let metrics = self.kernel.metrics().clone();
+        let timeout = self.config.produce_timeout;
+        Reply::later(async move {
+            let payload = msg.envelope.encode();
+            let mut headers =
+                OwnedHeaders::new().insert(Header { key: "content-type", value: Some("application/cloudevents+json") });
+            if let Some(tp) = &msg.envelope.traceparent {
+                headers = headers.insert(Header { key: "traceparent", value: Some(tp.as_str()) });
+            }
+            if let Some(ts) = &msg.envelope.tracestate {
+                headers = headers.insert(Header { key: "tracestate", value: Some(ts.as_str()) });
+            }
+            let record = FutureRecord::to(&msg.topic).key(&msg.key).payload(&payload).headers(headers);
+            match producer.send(record, Timeout::After(timeout)).await {
+                Ok(delivery) => {
+                    metrics.bus_published.with_label_values(&["kafka", &msg.topic]).inc();
+                    Ok(Delivered { partition: delivery.partition, offset: delivery.offset })
+                }
+                Err((source, _)) => {
+                    metrics.bus_error("kafka", "produce", &source);
+                    Err(ProduceError { topic: msg.topic, envelope: msg.envelope, source })
+                }
+            }
+        })
+    }
+}
+
+impl Handler<Consume> for KafkaBridge {
+    fn handle(&mut self, msg: Consume, _ctx: &mut Ctx<Self>) -> Reply<Result<ConsumerId, KafkaError>> {
+        let consumer: StreamConsumer = match self
+            .config
+            .client()
+            .set("group.id", &msg.group)
+            .set("enable.auto.commit", "true")
+            .set("auto.commit.interval.ms", "500")
+            .set("enable.auto.offset.store", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("session.timeout.ms", "10000")
+            .create()
+        {
+            Ok(c) => c,
+            Err(e) => return Reply::Now(Err(e)),
+        };
+        let topics: Vec<&str> = msg.topics.iter().map(String::as_str).collect();
+        if let Err(e) = consumer.subscribe(&topics) {
+            return Reply::Now(Err(e));
+        }
+        self.next_consumer += 1;
+        let id = ConsumerId(self.next_consumer);
+        let (stop_tx, stop_rx) = oneshot::channel();
+        let (done_tx, done_rx) = oneshot::channel();
+        self.consumers.lock().unwrap_or_else(|e| e.into_inner()).insert(id, (stop_tx, done_rx));
+        let metrics = self.kernel.metrics().clone();
+        actix::spawn(async move {
+            run_consumer(consumer, msg.subscriber, stop_rx, metrics).await;
+            let _ = done_tx.send(());
+        });
+        Reply::Now(Ok(id))
+    }
+}
+
+impl Handler<StopConsumer> for KafkaBridge {
+    fn handle(&mut self, msg: StopConsumer, _ctx: &mut Ctx<Self>) -> Reply<()> {
+        let entry = self.consumers.lock().unwrap_or_else(|e| e.into_inner()).remove(&msg.0);
+        match entry {
+            Some((stop, done)) => {
+                let _ = stop.send(());
+                Reply::later(async move {
+                    let _ = done.await;
+                })
+            }
+            None => Reply::Now(()),
+        }
+    }
+}
+
+impl Handler<Replay> for KafkaBridge {
+    fn handle(&mut self, msg: Replay, _ctx: &mut Ctx<Self>) -> Reply<Result<u64, KafkaError>> {
+        let config = self.config.clone();
+        let metrics = self.kernel.metrics().clone();
+        Reply::later(replay(config, msg, metrics))
+    }
+}
+
+async fn run_consumer(
+    consumer: StreamConsumer,
+    subscriber: Link<KafkaRecord>,
+    mut stop: oneshot::Receiver<()>,
+    metrics: Metrics,
+) {
+    loop {
+        let received = tokio::select! {
+            _ = &mut stop => break,
+            m = consumer.recv() => m,
+        };
+        let msg = match received {
+            Ok(m) => m,
+            Err(error) => {
+                metrics.bus_error("kafka", "consume", &error);
+                actix::clock::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
+        };
+        metrics.bus_received.with_label_values(&["kafka", msg.topic()]).inc();
+        let record = match to_record(&msg) {
+            Ok(record) => record,
+            Err(error) => {
+                // A record that can never decode would block its partition
+                // forever: it is counted, logged and skipped.
+                metrics.bus_error("kafka", "decode", &format_args!("{}/{}@{}: {error}", msg.topic(), msg.partition(), msg.offset()));
+                let _ = consumer.store_offset_from_message(&msg);
+                continue;
+            }
+        };
+        if !deliver_until_acked(&subscriber, record, &metrics).await {
+            tracing::warn!(subscriber = subscriber.to(), "kafka subscriber stopped; consumer stops without committing its record");
+            break;
+        }
+        if let Err(error) = consumer.store_offset_from_message(&msg) {
+            metrics.bus_error("kafka", "store_offset", &error);
+        }
+    }
+    if let Err(error) = consumer.commit_consumer_state(CommitMode::Sync) {
+        // Nothing stored since the last commit is not an error worth counting.
+        if !matches!(error, KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) {
+            metrics.bus_error("kafka", "commit", &error);
+        }
+    }
+}
+
+/// Delivers until the subscriber acknowledges; false when it is gone.
+async fn deliver_until_acked(subscriber: &Link<KafkaRecord>, record: KafkaRecord, metrics: &Metrics) -> bool {
+    let mut backoff = Backoff::new();
+    loop {
+        let reason = match subscriber.ask(record.clone()).await {
+            Ok(Ok(())) => return true,
+            Ok(Err(nack)) => nack.0,
+            Err(AskError::Panicked(p)) => p.to_string(),
+            Err(AskError::Closed(_) | AskError::Dropped) => return false,
+        };
+        metrics.bus_redelivered.with_label_values(&["kafka", &record.topic]).inc();
+        tracing::warn!(topic = %record.topic, partition = record.partition, offset = record.offset, %reason, "nexus_bus_redelivered_total");
+        actix::clock::sleep(backoff.next_delay()).await;
+    }
+}
+
+fn to_record(msg: &BorrowedMessage<'_>) -> Result<KafkaRecord, crate::envelope::DecodeError> {
+    let envelope = Envelope::decode(msg.payload().unwrap_or_default())?;
+    let mut trace = envelope.trace_context();
+    if let Some(headers) = msg.headers() {
+        for header in headers.iter() {
+            let value = header.value.and_then(|v| std::str::from_utf8(v).ok()).map(str::to_owned);
+            match header.key {
+                "traceparent" => trace.traceparent = value,
+                "tracestate" => trace.tracestate = value,
+                _ => {}
+            }
+        }
+    }
+    Ok(KafkaRecord {
+        topic: msg.topic().to_owned(),
+        partition: msg.partition(),
+        offset: msg.offset(),
+        key: msg.key().map(|k| String::from_utf8_lossy(k).into_owned()),
+        envelope,
+        trace,
+    })
+}
+
+async fn replay(config: KafkaConfig, msg: Replay, metrics: Metrics) -> Result<u64, KafkaError> {
+    let consumer: StreamConsumer = config
+        .client()
+        .set("group.id", format!("nexus-replay-{}", uuid::Uuid::now_v7()))
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .create()?;
+    let timeout = Duration::from_secs(10);
+    let metadata = consumer.fetch_metadata(Some(&msg.topic), timeout)?;
+    let partitions: Vec<i32> = metadata
+        .topics()
+        .iter()
+        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+        .collect();
+    let mut start = TopicPartitionList::new();
+    let mut end: HashMap<i32, i64> = HashMap::new();
+    for &p in &partitions {
+        let (low, high) = consumer.fetch_watermarks(&msg.topic, p, timeout)?;
+        end.insert(p, high);
+        let from = match msg.from {
+            ReplayFrom::Offset(o) => o.clamp(low, high),
+            ReplayFrom::Timestamp(_) => low,
+        };
+        start.add_partition_offset(&msg.topic, p, Offset::Offset(from))?;
+    }
+    if let ReplayFrom::Timestamp(ts) = msg.from {
+        let mut query = TopicPartitionList::new();
+        for &p in &partitions {
+            query.add_partition_offset(&msg.topic, p, Offset::Offset(ts))?;
+        }
+        let found = consumer.offsets_for_times(query, timeout)?;
+        for elem in found.elements() {
+            let offset = match elem.offset() {
+                Offset::Offset(o) => o,
+                _ => end.get(&elem.partition()).copied().unwrap_or(0),
+            };
+            start.set_partition_offset(&msg.topic, elem.partition(), Offset::Offset(offset))?;
+        }
+    }
+    let mut remaining: HashMap<i32, i64> = HashMap::new();
+    for elem in start.elements() {
+        if let (Offset::Offset(from), Some(&high)) = (elem.offset(), end.get(&elem.partition())) {
+            if from < high {
+                remaining.insert(elem.partition(), high);
+            }
+        }
+    }
+    consumer.assign(&start)?;
+    let mut delivered = 0;
+    while !remaining.is_empty() {
+        let m = consumer.recv().await?;
+        let Some(&high) = remaining.get(&m.partition()) else { continue };
+        if m.offset() >= high {
+            remaining.remove(&m.partition());
+            continue;
+        }
+        match to_record(&m) {
+            Ok(record) => {
+                if !deliver_until_acked(&msg.subscriber, record, &metrics).await {
+                    break;
+                }
+                delivered += 1;
+            }
+            Err(error) => metrics.bus_error("kafka", "decode", &error),
+        }
+        if m.offset() + 1 >= high {
+            remaining.remove(&m.partition());
+        }
+    }
+    Ok(delivered)
+}

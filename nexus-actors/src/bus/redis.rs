@@ -1,0 +1,385 @@
+//! `RedisBridge`: the transactional bus (Redis pub/sub) as an actor.
+//!
+//! Actors subscribe to a channel or a pattern by message and receive
+//! [`BusEvent`]s in their mailbox; publishing is a message too. The bridge
+//! owns one pub/sub connection and one publishing connection. When the
+//! pub/sub connection drops it tells every subscriber [`BusDown`],
+//! reconnects with backoff, re-subscribes everything and tells them
+//! [`BusUp`] so they can resync from state. Delivery is at-most-once and uses
+//! `try_tell`: a subscriber with a full mailbox loses the message (counted
+//! in `nexus_mailbox_dropped_total`) and must resync, never stalling others.
+//! The subscription table outlives restarts of the bridge itself.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use std::time::Duration;
+
+use actix::{ActorFutureExt, AsyncContext};
+use futures::StreamExt;
+use redis::aio::{ConnectionManager, PubSubSink};
+
+use super::{Backoff, Bus, BusDown, BusEvent, BusMessage, BusUp};
+use crate::envelope::Envelope;
+use crate::kernel::{ActorRef, Behaviour, Ctx, Handler, Kernel, Link, Message, Reply, SendError, Supervised};
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What to subscribe to.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Topic {
+    Channel(String),
+    /// A glob pattern, as Redis `PSUBSCRIBE` takes it.
+    Pattern(String),
+}
+
+/// Why a publish did not happen. The envelope is handed back.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    #[error("redis is unavailable")]
+    Unavailable(Envelope),
+    #[error("redis publish failed: {source}")]
+    Redis { envelope: Envelope, source: redis::RedisError },
+}
+
+impl PublishError {
+    pub fn into_envelope(self) -> Envelope {
+        match self {
+            PublishError::Unavailable(e) | PublishError::Redis { envelope: e, .. } => e,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SubscribeError {
+    #[error("redis subscribe failed: {0}")]
+    Redis(#[from] redis::RedisError),
+}
+
+/// Subscribes `subscriber` to `topic`. Replies once Redis has confirmed
+/// the subscription, or at once while the bus is down (the subscription is
+/// made on reconnection and [`BusUp`] follows).
+pub struct Subscribe {
+    pub topic: Topic,
+    pub subscriber: Link<BusEvent>,
+}
+
+impl Message for Subscribe {
+    type Reply = Result<(), SubscribeError>;
+}
+
+/// Removes the subscription of the actor with id `subscriber` to `topic`.
+pub struct Unsubscribe {
+    pub topic: Topic,
+    pub subscriber: String,
+}
+
+impl Message for Unsubscribe {
+    type Reply = ();
+}
+
+/// Publishes an envelope on a channel; replies with the number of Redis
+/// clients that received it.
+pub struct Publish {
+    pub channel: String,
+    pub envelope: Envelope,
+}
+
+impl Message for Publish {
+    type Reply = Result<u64, PublishError>;
+}
+
+/// A raw message read from the pub/sub connection.
+struct Inbound {
+    generation: u64,
+    msg: redis::Msg,
+}
+
+impl Message for Inbound {
+    type Reply = ();
+}
+
+/// The pub/sub connection of `generation` ended.
+struct ConnectionLost {
+    generation: u64,
+    reason: String,
+}
+
+impl Message for ConnectionLost {
+    type Reply = ();
+}
+
+type Subscriptions = Arc<Mutex<HashMap<Topic, Vec<Link<BusEvent>>>>>;
+
+/// The bridge between Redis pub/sub and the mailbox graph.
+pub struct RedisBridge {
+    kernel: Kernel,
+    client: redis::Client,
+    subscriptions: Subscriptions,
+    sink: Option<PubSubSink>,
+    publisher: Option<ConnectionManager>,
+    /// Increases with every pub/sub connection, so that news about an old
+    /// connection is ignored.
+    generation: u64,
+    backoff: Backoff,
+    me: Option<ActorRef<RedisBridge>>,
+}
+
+impl RedisBridge {
+    pub const KIND: &'static str = "redis_bridge";
+
+    /// Spawns the bridge on `arbiter`; it connects to `url` by itself.
+    pub fn spawn(
+        kernel: &Kernel,
+        arbiter: &actix::ArbiterHandle,
+        url: &str,
+    ) -> Result<ActorRef<RedisBridge>, redis::RedisError> {
+        let client = redis::Client::open(url)?;
+        let subscriptions: Subscriptions = Arc::default();
+        let k = kernel.clone();
+        Ok(kernel.spawn_on(arbiter, "redis-bridge", move || RedisBridge {
+            kernel: k.clone(),
+            client: client.clone(),
+            subscriptions: subscriptions.clone(),
+            sink: None,
+            publisher: None,
+            generation: 0,
+            backoff: Backoff::new(),
+            me: None,
+        }))
+    }
+
+    fn connect(&mut self, ctx: &mut Ctx<Self>) {
+        self.generation += 1;
+        let generation = self.generation;
+        let client = self.client.clone();
+        let topics: Vec<Topic> = lock(&self.subscriptions).keys().cloned().collect();
+        let publisher = self.publisher.clone();
+        let fut = async move {
+            let (mut sink, stream) = client.get_async_pubsub().await?.split();
+            for topic in &topics {
+                subscribe_on(&mut sink, topic).await?;
+            }
+            let publisher = match publisher {
+                Some(p) => p,
+                None => client.get_connection_manager().await?,
+            };
+            Ok::<_, redis::RedisError>((sink, stream, publisher))
+        };
+        let fut = tokio::time::timeout(CONNECT_TIMEOUT, fut);
+        ctx.wait(actix::fut::wrap_future::<_, Supervised<Self>>(fut).map(move |result, s, ctx| match result {
+            Ok(Ok((sink, stream, publisher))) => {
+                let this = s.behaviour_mut();
+                this.sink = Some(sink);
+                this.publisher = Some(publisher);
+                this.backoff.reset();
+                if let Some(me) = &this.me {
+                    spawn_reader(me.link("redis"), me.link("redis"), generation, stream);
+                }
+                tracing::info!(bus = "redis", "bus up");
+                this.broadcast(|| BusEvent::Up(BusUp { bus: Bus::Redis }));
+            }
+            Ok(Err(error)) => s.behaviour_mut().connect_failed(&error, ctx),
+            Err(elapsed) => s.behaviour_mut().connect_failed(&elapsed, ctx),
+        }));
+    }
+
+    fn connect_failed(&mut self, error: &dyn std::fmt::Display, ctx: &mut Ctx<Self>) {
+        self.kernel.metrics().bus_error("redis", "connect", error);
+        self.schedule_reconnect(ctx);
+    }
+
+    fn schedule_reconnect(&mut self, ctx: &mut Ctx<Self>) {
+        let delay = self.backoff.next_delay();
+        ctx.run_later(delay, |s, ctx| s.behaviour_mut().connect(ctx));
+    }
+
+    /// Sends a control event to every subscriber. Control events ignore
+    /// mailbox capacity: a subscriber must learn it has to resync.
+    fn broadcast(&self, event: impl Fn() -> BusEvent) {
+        let mut subs = lock(&self.subscriptions);
+        for links in subs.values_mut() {
+            links.retain(|link| link.tell(event()).is_ok());
+        }
+    }
+
+    fn deliver(&mut self, msg: redis::Msg) {
+        let channel = msg.get_channel_name().to_owned();
+        let pattern: Option<String> = if msg.from_pattern() { msg.get_pattern().ok() } else { None };
+        let metrics = self.kernel.metrics();
+        metrics.bus_received.with_label_values(&["redis", topic_label(&channel)]).inc();
+        let envelope = match Envelope::decode(msg.get_payload_bytes()) {
+            Ok(envelope) => envelope,
+            Err(error) => {
+                metrics.bus_error("redis", "decode", &format_args!("channel {channel}: {error}"));
+                return;
+            }
+        };
+        let topic = match &pattern {
+            Some(p) => Topic::Pattern(p.clone()),
+            None => Topic::Channel(channel.clone()),
+        };
+        let mut subs = lock(&self.subscriptions);
+        let Some(links) = subs.get_mut(&topic) else { return };
+        let event = BusMessage { channel, pattern, envelope };
+        links.retain(|link| match link.try_tell(BusEvent::Message(event.clone())) {
+            Ok(()) | Err(SendError::Full(_)) => true,
+            Err(SendError::Closed(_)) => false,
+        });
+    }
+}
+
+/// Bounds the cardinality of the `topic` label: `nexus:doc:42` → `nexus:doc`.
+fn topic_label(channel: &str) -> &str {
+    match channel.match_indices(':').nth(1) {
+        Some((i, _)) => &channel[..i],
+        None => channel,
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+async fn subscribe_on(sink: &mut PubSubSink, topic: &Topic) -> redis::RedisResult<()> {
+    match topic {
+        Topic::Channel(c) => sink.subscribe(c).await,
+        Topic::Pattern(p) => sink.psubscribe(p).await,
+    }
+}
+
+fn spawn_reader(
+    inbound: Link<Inbound>,
+    lost: Link<ConnectionLost>,
+    generation: u64,
+    mut stream: redis::aio::PubSubStream,
+) {
+    actix::spawn(async move {
+        while let Some(msg) = stream.next().await {
+            // Waiting for room here pushes back on the socket instead of
+            // growing the bridge's mailbox without bound.
+            if inbound.ask(Inbound { generation, msg }).await.is_err() {
+                return;
+            }
+        }
+        let _ = lost.tell(ConnectionLost { generation, reason: "pub/sub connection closed".into() });
+    });
+}
+
+impl Behaviour for RedisBridge {
+    const KIND: &'static str = RedisBridge::KIND;
+    const MAILBOX: usize = 4096;
+
+    fn started(&mut self, me: &ActorRef<Self>, ctx: &mut Ctx<Self>) {
+        self.me = Some(me.clone());
+        self.connect(ctx);
+    }
+}
+
+impl Handler<Inbound> for RedisBridge {
+    fn handle(&mut self, msg: Inbound, _ctx: &mut Ctx<Self>) -> Reply<()> {
+        if msg.generation == self.generation {
+            self.deliver(msg.msg);
+        }
+        Reply::Now(())
+    }
+}
+
+impl Handler<ConnectionLost> for RedisBridge {
+    fn handle(&mut self, msg: ConnectionLost, ctx: &mut Ctx<Self>) -> Reply<()> {
+        if msg.generation != self.generation {
+            return Reply::Now(());
+        }
+        self.sink = None;
+        self.kernel.metrics().bus_error("redis", "disconnected", &msg.reason);
+        let reason = msg.reason;
+        self.broadcast(|| BusEvent::Down(BusDown { bus: Bus::Redis, reason: reason.clone() }));
+        self.schedule_reconnect(ctx);
+        Reply::Now(())
+    }
+}
+
+impl Handler<Subscribe> for RedisBridge {
+    fn handle(&mut self, msg: Subscribe, _ctx: &mut Ctx<Self>) -> Reply<Result<(), SubscribeError>> {
+        let first = {
+            let mut subs = lock(&self.subscriptions);
+            let links = subs.entry(msg.topic.clone()).or_default();
+            links.retain(|l| l.to() != msg.subscriber.to());
+            links.push(msg.subscriber);
+            links.len() == 1
+        };
+        match (&self.sink, first) {
+            (Some(sink), true) => {
+                let mut sink = sink.clone();
+                let metrics = self.kernel.metrics().clone();
+                Reply::later(async move {
+                    subscribe_on(&mut sink, &msg.topic).await.map_err(|e| {
+                        metrics.bus_error("redis", "subscribe", &e);
+                        SubscribeError::from(e)
+                    })
+                })
+            }
+            _ => Reply::Now(Ok(())),
+        }
+    }
+}
+
+impl Handler<Unsubscribe> for RedisBridge {
+    fn handle(&mut self, msg: Unsubscribe, _ctx: &mut Ctx<Self>) -> Reply<()> {
+        let now_empty = {
+            let mut subs = lock(&self.subscriptions);
+            let links = subs.entry(msg.topic.clone()).or_default();
+            links.retain(|l| l.to() != msg.subscriber);
+            let empty = links.is_empty();
+            if empty {
+                subs.remove(&msg.topic);
+            }
+            empty
+        };
+        if let (true, Some(sink)) = (now_empty, &self.sink) {
+            let mut sink = sink.clone();
+            return Reply::later(async move {
+                let _ = match &msg.topic {
+                    Topic::Channel(c) => sink.unsubscribe(c).await,
+                    Topic::Pattern(p) => sink.punsubscribe(p).await,
+                };
+            });
+        }
+        Reply::Now(())
+    }
+}
+
+impl Handler<Publish> for RedisBridge {
+    fn handle(&mut self, msg: Publish, _ctx: &mut Ctx<Self>) -> Reply<Result<u64, PublishError>> {
+        let metrics = self.kernel.metrics().clone();
+        let (Some(mut conn), true) = (self.publisher.clone(), self.sink.is_some()) else {
+            metrics.bus_error("redis", "publish_unavailable", &msg.channel);
+            return Reply::Now(Err(PublishError::Unavailable(msg.envelope)));
+        };
+        Reply::later(async move {
+            let bytes = msg.envelope.encode();
+            let result: redis::RedisResult<u64> =
+                redis::cmd("PUBLISH").arg(&msg.channel).arg(bytes).query_async(&mut conn).await;
+            match result {
+                Ok(receivers) => {
+                    metrics.bus_published.with_label_values(&["redis", topic_label(&msg.channel)]).inc();
+                    Ok(receivers)
+                }
+                Err(source) => {
+                    metrics.bus_error("redis", "publish", &source);
+                    Err(PublishError::Redis { envelope: msg.envelope, source })
+                }
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn topic_label_keeps_two_segments() {
+        assert_eq!(super::topic_label("nexus:doc:42"), "nexus:doc");
+        assert_eq!(super::topic_label("nexus:doc"), "nexus:doc");
+        assert_eq!(super::topic_label("plain"), "plain");
+    }
+}

@@ -1,0 +1,76 @@
+//! How `nexus dev` finds or starts its brokers, most explicit first.
+
+use std::path::Path;
+
+use rdkafka::mocking::MockCluster;
+use rdkafka::producer::DefaultProducerContext;
+
+use super::process::{find_program, InfraError};
+use super::redis_server::pings;
+use super::{RedisServer, Tansu, TansuStorage};
+
+/// The Redis `nexus dev` uses, and the child serving it if it started one.
+pub struct DevRedis {
+    pub url: String,
+    pub origin: String,
+    _server: Option<RedisServer>,
+}
+
+/// `REDIS_URL`; else a server answering on 127.0.0.1:6379; else a
+/// `redis-server` child with an append-only file under `data_dir/redis`.
+pub fn redis(data_dir: &Path) -> Result<DevRedis, InfraError> {
+    if let Ok(url) = std::env::var("REDIS_URL") {
+        return Ok(DevRedis { url, origin: "from REDIS_URL".into(), _server: None });
+    }
+    if pings(6379) {
+        return Ok(DevRedis {
+            url: "redis://127.0.0.1:6379/".into(),
+            origin: "the server already on 127.0.0.1:6379".into(),
+            _server: None,
+        });
+    }
+    let dir = data_dir.join("redis");
+    let server = RedisServer::start(&dir, true)?;
+    Ok(DevRedis {
+        url: server.url(),
+        origin: format!("redis-server child, data in {}", dir.display()),
+        _server: Some(server),
+    })
+}
+
+/// The Kafka brokers `nexus dev` uses, and what serves them.
+pub struct DevKafka {
+    pub brokers: String,
+    pub origin: String,
+    _tansu: Option<Tansu>,
+    _mock: Option<MockCluster<'static, DefaultProducerContext>>,
+}
+
+/// `KAFKA_BROKERS`; else a `tansu` child (memory storage, log under
+/// `data_dir/tansu`); else librdkafka's in-process mock cluster.
+pub fn kafka(data_dir: &Path) -> Result<DevKafka, InfraError> {
+    if let Ok(brokers) = std::env::var("KAFKA_BROKERS") {
+        return Ok(DevKafka { brokers, origin: "from KAFKA_BROKERS".into(), _tansu: None, _mock: None });
+    }
+    if find_program("tansu").is_some() {
+        let tansu = Tansu::start(&data_dir.join("tansu"), TansuStorage::Memory)?;
+        return Ok(DevKafka {
+            brokers: tansu.brokers(),
+            origin: "tansu child, memory storage: the semantic bus is kept while nexus dev runs".into(),
+            _tansu: Some(tansu),
+            _mock: None,
+        });
+    }
+    let mock = MockCluster::new(1).map_err(|e| InfraError::Io(std::io::Error::other(e)))?;
+    tracing::warn!(
+        "tansu is not installed: using librdkafka's in-process MOCK cluster. It keeps nothing, is slow \
+         (a few thousand messages/s) and may stall. Install tansu: \
+         cargo install tansu --locked --features dynostore,postgres"
+    );
+    Ok(DevKafka {
+        brokers: mock.bootstrap_servers(),
+        origin: "librdkafka MOCK cluster: keeps nothing; install tansu for a real broker".into(),
+        _tansu: None,
+        _mock: Some(mock),
+    })
+}

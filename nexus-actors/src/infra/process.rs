@@ -1,0 +1,99 @@
+//! A supervised child process bound to one loopback port.
+
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+#[derive(Debug, thiserror::Error)]
+pub enum InfraError {
+    #[error("{program} not found on PATH; {hint}")]
+    NotInstalled { program: &'static str, hint: &'static str },
+    #[error("could not start {program}: {source}")]
+    Spawn { program: String, source: std::io::Error },
+    #[error("{program} did not become ready on port {port} within {secs}s; see {log}")]
+    NotReady { program: String, port: u16, secs: u64, log: String },
+    #[error("io: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// A free TCP port on 127.0.0.1 (free when asked; the child binds it next).
+pub fn free_port() -> std::io::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// Finds `program` on `PATH` or in `~/.cargo/bin`.
+pub fn find_program(program: &str) -> Option<PathBuf> {
+    let mut dirs: Vec<PathBuf> = std::env::var_os("PATH").map(|p| std::env::split_paths(&p).collect()).unwrap_or_default();
+    if let Some(home) = std::env::var_os("HOME") {
+        dirs.push(Path::new(&home).join(".cargo/bin"));
+    }
+    dirs.into_iter().map(|d| d.join(program)).find(|p| p.is_file())
+}
+
+/// A child process serving on `port`, restartable with the same arguments.
+pub(crate) struct ChildProcess {
+    program: PathBuf,
+    args: Vec<String>,
+    envs: Vec<(String, String)>,
+    log: PathBuf,
+    pub(crate) port: u16,
+    child: Option<Child>,
+}
+
+impl ChildProcess {
+    pub(crate) fn new(program: PathBuf, args: Vec<String>, envs: Vec<(String, String)>, log: PathBuf, port: u16) -> Self {
+        ChildProcess { program, args, envs, log, port, child: None }
+    }
+
+    /// Starts the child and waits until `ready` says yes.
+    pub(crate) fn start(&mut self, timeout: Duration, ready: impl Fn(u16) -> bool) -> Result<(), InfraError> {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log)?;
+        let child = Command::new(&self.program)
+            .args(&self.args)
+            .envs(self.envs.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .map_err(|source| InfraError::Spawn { program: self.program.display().to_string(), source })?;
+        self.child = Some(child);
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if ready(self.port) {
+                return Ok(());
+            }
+            if let Some(Ok(Some(_))) = self.child.as_mut().map(Child::try_wait) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        self.stop();
+        Err(InfraError::NotReady {
+            program: self.program.display().to_string(),
+            port: self.port,
+            secs: timeout.as_secs(),
+            log: self.log.display().to_string(),
+        })
+    }
+
+    /// Kills the child (as a crash would) and waits for it to exit.
+    pub(crate) fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for ChildProcess {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// True when something accepts TCP connections on 127.0.0.1:`port`.
+pub(crate) fn accepts(port: u16) -> bool {
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
+}

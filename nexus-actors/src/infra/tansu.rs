@@ -1,0 +1,76 @@
+//! A `tansu` Kafka-protocol broker child on a free loopback port.
+
+use std::path::Path;
+use std::time::Duration;
+
+use super::process::{accepts, find_program, free_port, ChildProcess, InfraError};
+
+/// Where the broker keeps its data.
+#[derive(Debug, Clone)]
+pub enum TansuStorage {
+    /// `memory://tansu/`: nothing survives the process.
+    Memory,
+    /// Any storage URL tansu accepts (`postgres://…`, `s3://…`).
+    Url(String),
+}
+
+impl TansuStorage {
+    fn url(&self) -> String {
+        match self {
+            TansuStorage::Memory => "memory://tansu/".to_owned(),
+            TansuStorage::Url(u) => u.clone(),
+        }
+    }
+}
+
+pub struct Tansu {
+    process: ChildProcess,
+}
+
+impl Tansu {
+    /// Starts `tansu broker` with its log in `dir`.
+    pub fn start(dir: &Path, storage: TansuStorage) -> Result<Self, InfraError> {
+        let program = find_program("tansu").ok_or(InfraError::NotInstalled {
+            program: "tansu",
+            hint: "install it with `cargo install tansu --locked --features dynostore,postgres`, or set KAFKA_BROKERS",
+        })?;
+        std::fs::create_dir_all(dir)?;
+        let port = free_port()?;
+        let listener = format!("tcp://127.0.0.1:{port}");
+        let args = vec![
+            "broker".into(),
+            "--listener-url".into(),
+            listener.clone(),
+            "--advertised-listener-url".into(),
+            listener,
+            "--storage-engine".into(),
+            storage.url(),
+        ];
+        // tansu reads its settings from the environment too; keep a
+        // caller's OTLP endpoint but nothing that would move its listener.
+        let envs = vec![("RUST_LOG".to_owned(), "warn".to_owned())];
+        let mut process = ChildProcess::new(program, args, envs, dir.join("tansu.log"), port);
+        process.start(Duration::from_secs(20), accepts)?;
+        Ok(Tansu { process })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.process.port
+    }
+
+    /// The `bootstrap.servers` value for this broker.
+    pub fn brokers(&self) -> String {
+        format!("127.0.0.1:{}", self.process.port)
+    }
+
+    /// Kills the broker, as a crash would.
+    pub fn kill(&mut self) {
+        self.process.stop();
+    }
+
+    /// Starts it again on the same port with the same storage.
+    pub fn restart(&mut self) -> Result<(), InfraError> {
+        self.process.stop();
+        self.process.start(Duration::from_secs(20), accepts)
+    }
+}

@@ -1,0 +1,146 @@
+//! The live mailbox graph: which actors exist, how deep their mailboxes
+//! are, how many messages they handled, and who sends to whom.
+//!
+//! Counters are plain atomics updated on the message path; the graph only
+//! reads them when someone asks for a snapshot. It does not send messages.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+
+use prometheus::IntCounter;
+use serde::Serialize;
+
+/// Per-actor counters shared by the actor and every handle to it.
+pub struct ActorCell {
+    pub(crate) id: String,
+    pub(crate) kind: &'static str,
+    enqueued: AtomicU64,
+    handled: AtomicU64,
+    restarts: AtomicU64,
+    pub(crate) handled_metric: IntCounter,
+}
+
+impl ActorCell {
+    pub(crate) fn new(id: String, kind: &'static str, handled_metric: IntCounter) -> Self {
+        ActorCell {
+            id,
+            kind,
+            enqueued: AtomicU64::new(0),
+            handled: AtomicU64::new(0),
+            restarts: AtomicU64::new(0),
+            handled_metric,
+        }
+    }
+
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    pub(crate) fn enqueued(&self) {
+        self.enqueued.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Undoes [`Self::enqueued`] for a message the mailbox refused.
+    pub(crate) fn refused(&self) {
+        self.enqueued.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn handled(&self) {
+        self.handled.fetch_add(1, Ordering::Relaxed);
+        self.handled_metric.inc();
+    }
+
+    pub(crate) fn restarted(&self) {
+        self.restarts.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Messages sent and not yet handled.
+    pub fn depth(&self) -> u64 {
+        let handled = self.handled.load(Ordering::Relaxed);
+        self.enqueued.load(Ordering::Relaxed).saturating_sub(handled)
+    }
+
+    pub fn handled_count(&self) -> u64 {
+        self.handled.load(Ordering::Relaxed)
+    }
+
+    pub fn restart_count(&self) -> u64 {
+        self.restarts.load(Ordering::Relaxed)
+    }
+}
+
+/// Registry of live actors and message edges of one node.
+#[derive(Default)]
+pub struct Graph {
+    actors: Mutex<BTreeMap<String, Weak<ActorCell>>>,
+    edges: Mutex<HashMap<(String, String), Arc<AtomicU64>>>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ActorView {
+    pub id: String,
+    pub kind: &'static str,
+    pub mailbox_depth: u64,
+    pub handled: u64,
+    pub restarts: u64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct EdgeView {
+    pub from: String,
+    pub to: String,
+    pub count: u64,
+}
+
+/// What `GET /api/graph` returns.
+#[derive(Debug, Serialize)]
+pub struct GraphSnapshot {
+    pub actors: Vec<ActorView>,
+    pub edges: Vec<EdgeView>,
+}
+
+impl Graph {
+    pub(crate) fn insert(&self, cell: &Arc<ActorCell>) {
+        self.actors.lock().unwrap_or_else(|e| e.into_inner()).insert(cell.id.clone(), Arc::downgrade(cell));
+    }
+
+    pub(crate) fn remove(&self, id: &str) {
+        self.actors.lock().unwrap_or_else(|e| e.into_inner()).remove(id);
+    }
+
+    /// The counter of messages from `from` to `to`, created on first use.
+    pub(crate) fn edge(&self, from: &str, to: &str) -> Arc<AtomicU64> {
+        let mut edges = self.edges.lock().unwrap_or_else(|e| e.into_inner());
+        edges.entry((from.to_owned(), to.to_owned())).or_default().clone()
+    }
+
+    /// Live actors, for metrics that are read rather than counted.
+    pub(crate) fn cells(&self) -> Vec<Arc<ActorCell>> {
+        let actors = self.actors.lock().unwrap_or_else(|e| e.into_inner());
+        actors.values().filter_map(Weak::upgrade).collect()
+    }
+
+    pub fn snapshot(&self) -> GraphSnapshot {
+        let cells = self.cells();
+        let live: std::collections::HashSet<&str> = cells.iter().map(|c| c.id.as_str()).collect();
+        let actors = cells
+            .iter()
+            .map(|c| ActorView {
+                id: c.id.clone(),
+                kind: c.kind,
+                mailbox_depth: c.depth(),
+                handled: c.handled_count(),
+                restarts: c.restart_count(),
+            })
+            .collect();
+        let edges = self.edges.lock().unwrap_or_else(|e| e.into_inner());
+        let mut edges: Vec<EdgeView> = edges
+            .iter()
+            .filter(|((_, to), _)| live.contains(to.as_str()))
+            .map(|((from, to), count)| EdgeView { from: from.clone(), to: to.clone(), count: count.load(Ordering::Relaxed) })
+            .collect();
+        edges.sort_by(|a, b| (&a.from, &a.to).cmp(&(&b.from, &b.to)));
+        GraphSnapshot { actors, edges }
+    }
+}

@@ -1,0 +1,20 @@
+//! Nexus: an actor-system runtime for Nexus Graph Studio.
+//!
+//! * [`kernel`]: typed messages, supervised actors on actix, the mailbox graph.
+//! * [`envelope`]: the CloudEvents-shaped envelope of every bus message.
+//! * [`bus`]: the Redis and Kafka bridges, as actors.
+//! * [`telemetry`]: metrics, tracing, OTLP and trace-context propagation.
+//! * [`http`]: the endpoints every node serves.
+//! * [`node`]: wiring a node from its configuration.
+//! * [`infra`]: brokers as child processes, for `nexus dev` and tests.
+
+pub mod bus;
+pub mod envelope;
+pub mod http;
+pub mod infra;
+pub mod kernel;
+pub mod node;
+pub mod telemetry;
+
+pub use envelope::{Envelope, Payload};
+pub use kernel::{ActorRef, Behaviour, Ctx, Handler, Kernel, Link, Message, Reply};

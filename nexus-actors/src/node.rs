@@ -1,0 +1,118 @@
+//! A node: the kernel, both bus bridges, the roles it was asked to run and
+//! its HTTP endpoints, wired from a [`NodeConfig`]. Finding or starting the
+//! brokers is not this module's job (see [`crate::infra`]).
+
+use std::net::SocketAddr;
+use std::str::FromStr;
+
+use actix::Arbiter;
+use actix_web::{App, HttpServer};
+
+use crate::bus::kafka::{KafkaBridge, KafkaConfig};
+use crate::bus::redis::RedisBridge;
+use crate::kernel::{ActorRef, Kernel};
+
+/// The roles of the design. A node runs any subset of them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Role {
+    TransactionManager,
+    LlmManager,
+    PanelManager,
+    TrafficGateway,
+}
+
+impl Role {
+    pub const ALL: [Role; 4] = [Role::TransactionManager, Role::LlmManager, Role::PanelManager, Role::TrafficGateway];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::TransactionManager => "transaction-manager",
+            Role::LlmManager => "llm-manager",
+            Role::PanelManager => "panel-manager",
+            Role::TrafficGateway => "traffic-gateway",
+        }
+    }
+
+    /// Whether this build can run the role yet.
+    pub fn is_available(self) -> bool {
+        false
+    }
+
+    /// The roles this build can run: what `nexus dev` starts.
+    pub fn available() -> Vec<Role> {
+        Role::ALL.into_iter().filter(|r| r.is_available()).collect()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RoleError {
+    #[error("unknown role {0:?}; roles are transaction-manager, llm-manager, panel-manager, traffic-gateway")]
+    Unknown(String),
+    #[error("role {0} is not part of this build yet")]
+    NotAvailable(&'static str),
+}
+
+impl FromStr for Role {
+    type Err = RoleError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let role = Role::ALL.into_iter().find(|r| r.name() == s).ok_or_else(|| RoleError::Unknown(s.to_owned()))?;
+        if role.is_available() {
+            Ok(role)
+        } else {
+            Err(RoleError::NotAvailable(role.name()))
+        }
+    }
+}
+
+/// Everything a node needs to start.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    pub name: String,
+    pub http: SocketAddr,
+    pub redis_url: String,
+    pub kafka: KafkaConfig,
+    pub roles: Vec<Role>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    #[error("kafka at {brokers}: {source}")]
+    Kafka { brokers: String, source: rdkafka::error::KafkaError },
+    #[error("http on {addr}: {source}")]
+    Http { addr: SocketAddr, source: std::io::Error },
+}
+
+/// A started node's bridges, for wiring roles and for tests.
+pub struct Bridges {
+    pub redis: ActorRef<RedisBridge>,
+    pub kafka: ActorRef<KafkaBridge>,
+    _arbiters: Vec<Arbiter>,
+}
+
+/// Starts both bridges, each on its own arbiter (thread).
+pub async fn start_bridges(kernel: &Kernel, config: &NodeConfig) -> Result<Bridges, NodeError> {
+    let redis_arbiter = Arbiter::new();
+    let redis = RedisBridge::spawn(kernel, &redis_arbiter.handle(), &config.redis_url)?;
+    let kafka_arbiter = Arbiter::new();
+    let kafka = KafkaBridge::spawn(kernel, &kafka_arbiter.handle(), config.kafka.clone())
+        .await
+        .map_err(|source| NodeError::Kafka { brokers: config.kafka.brokers.clone(), source })?;
+    Ok(Bridges { redis, kafka, _arbiters: vec![redis_arbiter, kafka_arbiter] })
+}
+
+/// Runs a node until its HTTP server stops (Ctrl-C or SIGTERM).
+pub async fn run(config: NodeConfig) -> Result<(), NodeError> {
+    let kernel = Kernel::new(config.name.clone());
+    let _bridges = start_bridges(&kernel, &config).await?;
+    let roles: Vec<&str> = config.roles.iter().map(|r| r.name()).collect();
+    let k = kernel.clone();
+    let server = HttpServer::new(move || App::new().configure(crate::http::configure(k.clone())))
+        .workers(2)
+        .bind(config.http)
+        .map_err(|source| NodeError::Http { addr: config.http, source })?;
+    tracing::info!(node = %config.name, http = %config.http, ?roles, "node listening: /healthz /metrics /api/graph");
+    server.run().await.map_err(|source| NodeError::Http { addr: config.http, source })
+}

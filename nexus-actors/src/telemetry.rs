@@ -1,0 +1,167 @@
+//! Telemetry: Prometheus metrics of a node, `tracing` set-up with optional
+//! OTLP export, and W3C trace-context propagation across buses.
+//!
+//! It owns metric names (stable, `nexus_<thing>_total`) and the conversion
+//! between spans and `traceparent` strings; it does not decide what to count.
+
+use std::collections::HashMap;
+
+use opentelemetry::propagation::TextMapPropagator;
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use prometheus::{Encoder, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder};
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::EnvFilter;
+
+/// The metric families of one node. Cloning shares them.
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Registry,
+    pub actor_messages: IntCounterVec,
+    pub actor_restarts: IntCounterVec,
+    pub actor_panics: IntCounterVec,
+    pub mailbox_depth: IntGaugeVec,
+    pub mailbox_dropped: IntCounterVec,
+    pub bus_published: IntCounterVec,
+    pub bus_received: IntCounterVec,
+    pub bus_errors: IntCounterVec,
+    pub bus_redelivered: IntCounterVec,
+}
+
+fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric definition");
+    registry.register(Box::new(c.clone())).expect("metric registered once per registry");
+    c
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let mailbox_depth = IntGaugeVec::new(
+            Opts::new("nexus_mailbox_depth", "Messages waiting in mailboxes, by actor kind"),
+            &["actor"],
+        )
+        .expect("valid metric definition");
+        registry.register(Box::new(mailbox_depth.clone())).expect("metric registered once");
+        Metrics {
+            actor_messages: counter(&registry, "nexus_actor_messages_total", "Messages handled, by actor kind", &["actor"]),
+            actor_restarts: counter(&registry, "nexus_actor_restarts_total", "Actor restarts after a panicking handler", &["actor"]),
+            actor_panics: counter(&registry, "nexus_actor_panics_total", "Panics in handlers and their reply futures", &["actor"]),
+            mailbox_dropped: counter(&registry, "nexus_mailbox_dropped_total", "Messages refused by a full mailbox", &["actor"]),
+            bus_published: counter(&registry, "nexus_bus_published_total", "Messages published to a bus", &["bus", "topic"]),
+            bus_received: counter(&registry, "nexus_bus_received_total", "Messages received from a bus", &["bus", "topic"]),
+            bus_errors: counter(&registry, "nexus_bus_errors_total", "Bus errors by kind", &["bus", "kind"]),
+            bus_redelivered: counter(&registry, "nexus_bus_redelivered_total", "Deliveries retried after a handler did not acknowledge", &["bus", "topic"]),
+            mailbox_depth,
+            registry,
+        }
+    }
+
+    /// Counts one bus error and emits the matching `tracing` event.
+    pub fn bus_error(&self, bus: &str, kind: &str, detail: &dyn std::fmt::Display) {
+        self.bus_errors.with_label_values(&[bus, kind]).inc();
+        tracing::warn!(bus, kind, %detail, "nexus_bus_errors_total");
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
+        String::from_utf8(buf).unwrap_or_default()
+    }
+
+    /// Current value of a counter, for tests and diagnostics.
+    pub fn counter_value(family: &IntCounterVec, labels: &[&str]) -> u64 {
+        family.with_label_values(labels).get()
+    }
+}
+
+/// W3C trace context as it travels in an envelope or in message headers.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TraceContext {
+    pub traceparent: Option<String>,
+    pub tracestate: Option<String>,
+}
+
+impl TraceContext {
+    /// The context of the current `tracing` span (empty when no
+    /// OpenTelemetry layer is installed).
+    pub fn current() -> Self {
+        let cx = tracing::Span::current().context();
+        let mut carrier: HashMap<String, String> = HashMap::new();
+        TraceContextPropagator::new().inject_context(&cx, &mut carrier);
+        TraceContext {
+            traceparent: carrier.remove("traceparent"),
+            tracestate: carrier.remove("tracestate").filter(|s| !s.is_empty()),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.traceparent.is_none()
+    }
+
+    /// Makes `span` a child of this remote context (a no-op when empty).
+    pub fn set_as_parent_of(&self, span: &tracing::Span) {
+        let Some(traceparent) = &self.traceparent else { return };
+        let mut carrier = HashMap::new();
+        carrier.insert("traceparent".to_owned(), traceparent.clone());
+        if let Some(state) = &self.tracestate {
+            carrier.insert("tracestate".to_owned(), state.clone());
+        }
+        let parent = TraceContextPropagator::new().extract(&carrier);
+        let _ = span.set_parent(parent);
+    }
+}
+
+/// Keeps the OTLP pipeline alive; flushes spans when dropped.
+pub struct TelemetryGuard {
+    provider: Option<opentelemetry_sdk::trace::SdkTracerProvider>,
+}
+
+impl Drop for TelemetryGuard {
+    fn drop(&mut self) {
+        if let Some(provider) = self.provider.take() {
+            let _ = provider.shutdown();
+        }
+    }
+}
+
+/// Installs the process-wide `tracing` subscriber: human-readable logs
+/// filtered by `RUST_LOG` (default `info`), plus OTLP/HTTP span export when
+/// `OTEL_EXPORTER_OTLP_ENDPOINT` is set.
+pub fn init(service_name: &str) -> TelemetryGuard {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let fmt = tracing_subscriber::fmt::layer().with_target(false);
+    let provider = std::env::var_os("OTEL_EXPORTER_OTLP_ENDPOINT").and_then(|_| otlp_provider(service_name));
+    let otel = provider.as_ref().map(|p| tracing_opentelemetry::layer().with_tracer(p.tracer("nexus")));
+    let _ = tracing_subscriber::registry().with(filter).with(fmt).with(otel).try_init();
+    if provider.is_some() {
+        tracing::info!("exporting spans over OTLP");
+    }
+    TelemetryGuard { provider }
+}
+
+fn otlp_provider(service_name: &str) -> Option<opentelemetry_sdk::trace::SdkTracerProvider> {
+    let exporter = match opentelemetry_otlp::SpanExporter::builder().with_http().build() {
+        Ok(exporter) => exporter,
+        Err(error) => {
+            eprintln!("OTLP exporter disabled: {error}");
+            return None;
+        }
+    };
+    let resource = opentelemetry_sdk::Resource::builder().with_service_name(service_name.to_owned()).build();
+    Some(
+        opentelemetry_sdk::trace::SdkTracerProvider::builder()
+            .with_batch_exporter(exporter)
+            .with_resource(resource)
+            .build(),
+    )
+}
