@@ -111,6 +111,7 @@ pub async fn run(config: NodeConfig) -> Result<(), NodeError> {
     let k = kernel.clone();
     let server = HttpServer::new(move || App::new().configure(crate::http::configure(k.clone())))
         .workers(2)
+        .shutdown_timeout(5)
         .bind(config.http)
         .map_err(|source| NodeError::Http { addr: config.http, source })?;
     tracing::info!(node = %config.name, http = %config.http, ?roles, "node listening: /healthz /metrics /api/graph");

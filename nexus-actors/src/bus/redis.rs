@@ -56,9 +56,10 @@ pub enum SubscribeError {
     Redis(#[from] redis::RedisError),
 }
 
-/// Subscribes `subscriber` to `topic`. Replies once Redis has confirmed
-/// the subscription, or at once while the bus is down (the subscription is
-/// made on reconnection and [`BusUp`] follows).
+/// Subscribes `subscriber` to `topic`. The subscriber receives [`BusUp`]
+/// once the subscription is live: at once when Redis is connected, else on
+/// (re)connection. Replies after Redis confirmed it, or at once while the
+/// bus is down.
 pub struct Subscribe {
     pub topic: Topic,
     pub subscriber: Link<BusEvent>,
@@ -301,6 +302,7 @@ impl Handler<ConnectionLost> for RedisBridge {
 
 impl Handler<Subscribe> for RedisBridge {
     fn handle(&mut self, msg: Subscribe, _ctx: &mut Ctx<Self>) -> Reply<Result<(), SubscribeError>> {
+        let subscriber = msg.subscriber.clone();
         let first = {
             let mut subs = lock(&self.subscriptions);
             let links = subs.entry(msg.topic.clone()).or_default();
@@ -308,6 +310,7 @@ impl Handler<Subscribe> for RedisBridge {
             links.push(msg.subscriber);
             links.len() == 1
         };
+        let up = BusEvent::Up(BusUp { bus: Bus::Redis });
         match (&self.sink, first) {
             (Some(sink), true) => {
                 let mut sink = sink.clone();
@@ -316,10 +319,16 @@ impl Handler<Subscribe> for RedisBridge {
                     subscribe_on(&mut sink, &msg.topic).await.map_err(|e| {
                         metrics.bus_error("redis", "subscribe", &e);
                         SubscribeError::from(e)
-                    })
+                    })?;
+                    let _ = subscriber.tell(up);
+                    Ok(())
                 })
             }
-            _ => Reply::Now(Ok(())),
+            (Some(_), false) => {
+                let _ = subscriber.tell(up);
+                Reply::Now(Ok(()))
+            }
+            (None, _) => Reply::Now(Ok(())),
         }
     }
 }
@@ -357,9 +366,13 @@ impl Handler<Publish> for RedisBridge {
             return Reply::Now(Err(PublishError::Unavailable(msg.envelope)));
         };
         Reply::later(async move {
-            let bytes = msg.envelope.encode();
-            let result: redis::RedisResult<u64> =
-                redis::cmd("PUBLISH").arg(&msg.channel).arg(bytes).query_async(&mut conn).await;
+            let cmd = redis::cmd("PUBLISH").arg(&msg.channel).arg(msg.envelope.encode()).clone();
+            let mut result: redis::RedisResult<u64> = cmd.query_async(&mut conn).await;
+            // The connection manager reports a connection that died since
+            // the last command once, then reconnects: one retry covers it.
+            if result.as_ref().is_err_and(|e| e.is_io_error() || e.is_connection_dropped()) {
+                result = cmd.query_async(&mut conn).await;
+            }
             match result {
                 Ok(receivers) => {
                     metrics.bus_published.with_label_values(&["redis", topic_label(&msg.channel)]).inc();

@@ -1,6 +1,7 @@
 //! A supervised child process bound to one loopback port.
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -49,7 +50,16 @@ impl ChildProcess {
     /// Starts the child and waits until `ready` says yes.
     pub(crate) fn start(&mut self, timeout: Duration, ready: impl Fn(u16) -> bool) -> Result<(), InfraError> {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log)?;
-        let child = Command::new(&self.program)
+        let mut command = Command::new(&self.program);
+        // The child dies with us even when we are killed without unwinding.
+        // SAFETY: prctl is async-signal-safe and touches no parent state.
+        unsafe {
+            command.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        let child = command
             .args(&self.args)
             .envs(self.envs.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())

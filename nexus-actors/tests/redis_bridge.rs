@@ -1,0 +1,132 @@
+//! RedisBridge against a real redis-server started by the test.
+
+mod common;
+
+use std::sync::{Arc, Mutex};
+
+use actix::Arbiter;
+use common::{eventually, tempdir, Collector};
+use nexus_actors::bus::redis::{Publish, PublishError, RedisBridge, Subscribe, Topic, Unsubscribe};
+use nexus_actors::bus::BusEvent;
+use nexus_actors::infra::RedisServer;
+use nexus_actors::telemetry::Metrics;
+use nexus_actors::{Envelope, Kernel};
+use serde_json::json;
+
+fn messages(events: &Mutex<Vec<BusEvent>>) -> Vec<(String, Option<String>, u64)> {
+    events
+        .lock()
+        .unwrap()
+        .iter()
+        .filter_map(|e| match e {
+            BusEvent::Message(m) => Some((m.channel.clone(), m.pattern.clone(), m.envelope.data["n"].as_u64()?)),
+            _ => None,
+        })
+        .collect()
+}
+
+fn count_up(events: &Mutex<Vec<BusEvent>>) -> usize {
+    events.lock().unwrap().iter().filter(|e| matches!(e, BusEvent::Up(_))).count()
+}
+
+fn count_down(events: &Mutex<Vec<BusEvent>>) -> usize {
+    events.lock().unwrap().iter().filter(|e| matches!(e, BusEvent::Down(_))).count()
+}
+
+fn ping(n: u64) -> Envelope {
+    Envelope::with_type("nexus.test.ping", "test", json!({ "n": n }))
+}
+
+#[actix_rt::test]
+async fn subscribers_receive_typed_messages_and_bad_bytes_are_counted() {
+    let server = RedisServer::start(&tempdir("redis-pubsub"), false).unwrap();
+    let kernel = Kernel::new("test");
+    let arbiter = Arbiter::new();
+    let bridge = RedisBridge::spawn(&kernel, &arbiter.handle(), &server.url()).unwrap();
+    let exact_events = Arc::new(Mutex::new(Vec::new()));
+    let pattern_events = Arc::new(Mutex::new(Vec::new()));
+    let (e1, e2) = (exact_events.clone(), pattern_events.clone());
+    let exact = kernel.spawn("exact", move || Collector { events: e1.clone() });
+    let pattern = kernel.spawn("pattern", move || Collector { events: e2.clone() });
+
+    let subscribe = bridge.link::<Subscribe>("test");
+    subscribe
+        .ask(Subscribe { topic: Topic::Channel("nexus:doc:1".into()), subscriber: exact.link("redis-bridge") })
+        .await
+        .unwrap()
+        .unwrap();
+    subscribe
+        .ask(Subscribe { topic: Topic::Pattern("nexus:doc:*".into()), subscriber: pattern.link("redis-bridge") })
+        .await
+        .unwrap()
+        .unwrap();
+    eventually(10, "both subscribers told the bus is up", || count_up(&exact_events) + count_up(&pattern_events) >= 2).await;
+
+    let publish = bridge.link::<Publish>("test");
+    for n in 0..10 {
+        let receivers = publish.ask(Publish { channel: "nexus:doc:1".into(), envelope: ping(n) }).await.unwrap().unwrap();
+        assert_eq!(receivers, 2, "one connection subscribed twice (channel and pattern)");
+    }
+    eventually(10, "ten messages each", || messages(&exact_events).len() == 10 && messages(&pattern_events).len() == 10).await;
+    let exact_seen = messages(&exact_events);
+    assert_eq!(exact_seen, (0..10).map(|n| ("nexus:doc:1".to_owned(), None, n)).collect::<Vec<_>>());
+    assert!(messages(&pattern_events).iter().all(|(_, p, _)| p.as_deref() == Some("nexus:doc:*")));
+
+    // Garbage on the channel is counted and dropped; delivery goes on.
+    let raw = redis::Client::open(server.url()).unwrap();
+    let mut conn = raw.get_multiplexed_async_connection().await.unwrap();
+    let _: i64 = redis::cmd("PUBLISH").arg("nexus:doc:1").arg(b"{not json").query_async(&mut conn).await.unwrap();
+    publish.ask(Publish { channel: "nexus:doc:1".into(), envelope: ping(10) }).await.unwrap().unwrap();
+    eventually(10, "message after garbage", || messages(&exact_events).len() == 11).await;
+    // Redis delivers the garbage once per matching subscription: channel and pattern.
+    assert_eq!(Metrics::counter_value(&kernel.metrics().bus_errors, &["redis", "decode"]), 2);
+
+    // After unsubscribing, only the pattern subscriber hears the channel.
+    bridge.link::<Unsubscribe>("test").ask(Unsubscribe { topic: Topic::Channel("nexus:doc:1".into()), subscriber: "exact".into() }).await.unwrap();
+    publish.ask(Publish { channel: "nexus:doc:1".into(), envelope: ping(11) }).await.unwrap().unwrap();
+    eventually(10, "pattern subscriber got 12", || messages(&pattern_events).len() == 12).await;
+    assert_eq!(messages(&exact_events).len(), 11);
+
+    assert_eq!(Metrics::counter_value(&kernel.metrics().bus_published, &["redis", "nexus:doc"]), 12);
+    assert_eq!(Metrics::counter_value(&kernel.metrics().bus_received, &["redis", "nexus:doc"]), 2 * 10 + 2 + 2 + 1);
+    let graph = kernel.graph().snapshot();
+    assert!(graph.edges.iter().any(|e| e.from == "redis-bridge" && e.to == "pattern" && e.count >= 12));
+}
+
+#[actix_rt::test]
+async fn reconnects_and_resubscribes_after_redis_restarts() {
+    let mut server = RedisServer::start(&tempdir("redis-restart"), false).unwrap();
+    let kernel = Kernel::new("test");
+    let arbiter = Arbiter::new();
+    let bridge = RedisBridge::spawn(&kernel, &arbiter.handle(), &server.url()).unwrap();
+    let events = Arc::new(Mutex::new(Vec::new()));
+    let e = events.clone();
+    let collector = kernel.spawn("collector", move || Collector { events: e.clone() });
+    bridge
+        .link::<Subscribe>("test")
+        .ask(Subscribe { topic: Topic::Channel("nexus:panel:p1".into()), subscriber: collector.link("redis-bridge") })
+        .await
+        .unwrap()
+        .unwrap();
+    eventually(10, "bus up", || count_up(&events) >= 1).await;
+    let publish = bridge.link::<Publish>("test");
+    publish.ask(Publish { channel: "nexus:panel:p1".into(), envelope: ping(1) }).await.unwrap().unwrap();
+    eventually(10, "first message", || messages(&events).len() == 1).await;
+
+    server.kill();
+    eventually(10, "subscriber told the bus is down", || count_down(&events) == 1).await;
+    let failed = publish.ask(Publish { channel: "nexus:panel:p1".into(), envelope: ping(2) }).await.unwrap();
+    let handed_back = match failed {
+        Err(err @ PublishError::Unavailable(_)) | Err(err @ PublishError::Redis { .. }) => err.into_envelope(),
+        Ok(_) => panic!("publish to a dead redis succeeded"),
+    };
+    assert_eq!(handed_back.data["n"], 2, "the unsent envelope is handed back");
+
+    server.restart().unwrap();
+    let ups_before = count_up(&events);
+    eventually(15, "subscriber told the bus is up again", || count_up(&events) > ups_before).await;
+    publish.ask(Publish { channel: "nexus:panel:p1".into(), envelope: handed_back }).await.unwrap().unwrap();
+    eventually(10, "message after restart", || messages(&events).len() == 2).await;
+    assert_eq!(messages(&events).last().unwrap().2, 2);
+    assert!(Metrics::counter_value(&kernel.metrics().bus_errors, &["redis", "disconnected"]) >= 1);
+}
