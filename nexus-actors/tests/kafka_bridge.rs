@@ -1,0 +1,228 @@
+//! KafkaBridge against a real tansu broker started by the test.
+
+mod common;
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use actix::Arbiter;
+use common::{eventually, tempdir, Recorder, Seen};
+use nexus_actors::bus::kafka::{
+    ensure_topics, Consume, Delivered, KafkaBridge, KafkaConfig, Produce, Replay, ReplayFrom, StopConsumer,
+    SEMANTIC_COMMANDS, SEMANTIC_EVENTS,
+};
+use nexus_actors::infra::{Tansu, TansuStorage};
+
+use nexus_actors::telemetry::Metrics;
+use nexus_actors::{ActorRef, Envelope, Kernel};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::util::Timeout;
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use serde_json::json;
+
+fn event(seq: u64) -> Envelope {
+    Envelope::with_type("nexus.test.event", "test", json!({ "seq": seq }))
+}
+
+async fn produce(bridge: &ActorRef<KafkaBridge>, topic: &str, seqs: std::ops::Range<u64>) -> Vec<Delivered> {
+    let link = bridge.link::<Produce>("test");
+    let mut out = Vec::new();
+    for seq in seqs {
+        let produce = Produce { topic: topic.into(), key: format!("ctx-{}", seq % 5), envelope: event(seq) };
+        out.push(link.ask(produce).await.unwrap().unwrap());
+    }
+    out
+}
+
+fn recorder(kernel: &Kernel, id: &str) -> (ActorRef<Recorder>, Arc<Mutex<Seen>>) {
+    faulty_recorder(kernel, id, None, None)
+}
+
+/// A recorder that refuses `nack` once and panics on `panic` once (the
+/// "once" survives the restart that the panic causes).
+fn faulty_recorder(kernel: &Kernel, id: &str, nack: Option<u64>, panic: Option<u64>) -> (ActorRef<Recorder>, Arc<Mutex<Seen>>) {
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    let (nack, panic) = (Arc::new(Mutex::new(nack)), Arc::new(Mutex::new(panic)));
+    let s = seen.clone();
+    let actor = kernel.spawn(id, move || Recorder { seen: s.clone(), nack_once: nack.clone(), panic_once: panic.clone() });
+    (actor, seen)
+}
+
+fn acked_seqs(seen: &Mutex<Seen>) -> BTreeSet<u64> {
+    seen.lock().unwrap().acked.iter().map(|a| a.2).collect()
+}
+
+/// Offsets the group has committed, per partition (absent: none yet).
+fn committed(brokers: &str, group: &str, topic: &str) -> HashMap<i32, i64> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", group)
+        .create()
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..3 {
+        tpl.add_partition(topic, p);
+    }
+    let got = consumer.committed_offsets(tpl, Duration::from_secs(10)).unwrap();
+    got.elements()
+        .iter()
+        .filter_map(|e| match e.offset() {
+            Offset::Offset(o) => Some((e.partition(), o)),
+            _ => None,
+        })
+        .collect()
+}
+
+#[actix_rt::test]
+async fn acknowledged_delivery_redelivery_bad_records_and_replay() {
+    let tansu = Tansu::start(&tempdir("kafka-ack"), TansuStorage::Memory).unwrap();
+    let config = KafkaConfig::new(tansu.brokers());
+    let kernel = Kernel::new("test");
+    let arbiter = Arbiter::new();
+    let bridge = KafkaBridge::spawn(&kernel, &arbiter.handle(), config.clone()).await.unwrap();
+    // The semantic topics exist now; creating them again is not an error.
+    ensure_topics(&config, &[SEMANTIC_COMMANDS, SEMANTIC_EVENTS]).await.unwrap();
+    ensure_topics(&config, &["test.ack"]).await.unwrap();
+
+    let first = produce(&bridge, "test.ack", 0..25).await;
+    actix::clock::sleep(Duration::from_millis(300)).await;
+    let middle = chrono::Utc::now().timestamp_millis();
+    actix::clock::sleep(Duration::from_millis(300)).await;
+    produce(&bridge, "test.ack", 25..50).await;
+    assert_eq!(first.len(), 25);
+
+    // A record that is not an envelope at all.
+    let raw: FutureProducer = ClientConfig::new().set("bootstrap.servers", tansu.brokers()).create().unwrap();
+    raw.send(FutureRecord::to("test.ack").key("ctx-0").payload("{garbage"), Timeout::After(Duration::from_secs(10)))
+        .await
+        .unwrap();
+    produce(&bridge, "test.ack", 50..51).await;
+
+    let (rec, seen) = faulty_recorder(&kernel, "recorder", Some(7), Some(13));
+    let consume = Consume { group: "g-ack".into(), topics: vec!["test.ack".into()], subscriber: rec.link("kafka-bridge") };
+    let consumer = bridge.link::<Consume>("test").ask(consume).await.unwrap().unwrap();
+    eventually(60, "all 51 records acknowledged", || acked_seqs(&seen).len() == 51).await;
+
+    let seen_now = seen.lock().unwrap();
+    let attempts_of = |seq| seen_now.attempts.iter().filter(|a| a.2 == seq).count();
+    assert_eq!(attempts_of(7), 2, "a nacked record is delivered again");
+    assert_eq!(attempts_of(13), 2, "a record whose handler panicked is delivered again");
+    assert_eq!(seen_now.acked.len(), 51, "each record acknowledged exactly once");
+    // Per key (context id) the order of production is kept.
+    for key in 0..5 {
+        let order: Vec<u64> =
+            seen_now.keys.iter().filter(|(k, _)| k.as_deref() == Some(&format!("ctx-{key}"))).map(|(_, s)| *s).collect();
+        assert!(order.windows(2).all(|w| w[0] < w[1]), "key ctx-{key} out of order: {order:?}");
+    }
+    drop(seen_now);
+    assert_eq!(Metrics::counter_value(&kernel.metrics().bus_redelivered, &["kafka", "test.ack"]), 2);
+    assert_eq!(Metrics::counter_value(&kernel.metrics().bus_errors, &["kafka", "decode"]), 1);
+    bridge.link::<StopConsumer>("test").ask(StopConsumer(consumer)).await.unwrap();
+
+    // Replay from the beginning, and from a point in time.
+    let (replayer, replayed) = recorder(&kernel, "replayer");
+    let replay = bridge.link::<Replay>("test");
+    let n = replay
+        .ask(Replay { topic: "test.ack".into(), from: ReplayFrom::Offset(0), subscriber: replayer.link("kafka-bridge") })
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(n, 51);
+    assert_eq!(acked_seqs(&replayed), (0..51).collect());
+    let (late, late_seen) = recorder(&kernel, "late-replayer");
+    let n = replay
+        .ask(Replay { topic: "test.ack".into(), from: ReplayFrom::Timestamp(middle), subscriber: late.link("kafka-bridge") })
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(acked_seqs(&late_seen), (25..51).collect(), "replay from a timestamp starts there");
+    assert_eq!(n, 26);
+}
+
+
+#[actix_rt::test]
+async fn consumer_restart_mid_stream_loses_nothing_and_repeats_nothing_committed() {
+    let tansu = Tansu::start(&tempdir("kafka-restart"), TansuStorage::Memory).unwrap();
+    let config = KafkaConfig::new(tansu.brokers());
+    let kernel = Kernel::new("test");
+    let arbiter = Arbiter::new();
+    let bridge = KafkaBridge::spawn(&kernel, &arbiter.handle(), config.clone()).await.unwrap();
+    ensure_topics(&config, &["test.restart"]).await.unwrap();
+    produce(&bridge, "test.restart", 0..100).await;
+
+    let (first, first_seen) = recorder(&kernel, "first");
+    let consume = bridge.link::<Consume>("test");
+    let id = consume
+        .ask(Consume { group: "g-restart".into(), topics: vec!["test.restart".into()], subscriber: first.link("kafka-bridge") })
+        .await
+        .unwrap()
+        .unwrap();
+    eventually(60, "first consumer acknowledged some", || acked_seqs(&first_seen).len() >= 30).await;
+    bridge.link::<StopConsumer>("test").ask(StopConsumer(id)).await.unwrap();
+    let committed_at_stop = committed(&tansu.brokers(), "g-restart", "test.restart");
+    assert!(!committed_at_stop.is_empty(), "stopping commits what was acknowledged");
+    let acked_by_first = acked_seqs(&first_seen);
+
+    let (second, second_seen) = recorder(&kernel, "second");
+    consume
+        .ask(Consume { group: "g-restart".into(), topics: vec!["test.restart".into()], subscriber: second.link("kafka-bridge") })
+        .await
+        .unwrap()
+        .unwrap();
+    eventually(60, "every record acknowledged by one of the two", || {
+        acked_by_first.union(&acked_seqs(&second_seen)).count() == 100
+    })
+    .await;
+    for (partition, offset, seq) in &second_seen.lock().unwrap().attempts {
+        let committed = committed_at_stop.get(partition).copied().unwrap_or(0);
+        assert!(*offset >= committed, "seq {seq} at {partition}@{offset} redelivered below committed offset {committed}");
+    }
+}
+
+#[actix_rt::test]
+async fn bridge_survives_a_broker_restart() {
+    let mut tansu = Tansu::start(&tempdir("kafka-broker-restart"), TansuStorage::Memory).unwrap();
+    let mut config = KafkaConfig::new(tansu.brokers());
+    config.produce_timeout = Duration::from_secs(8);
+    let kernel = Kernel::new("test");
+    let arbiter = Arbiter::new();
+    let bridge = KafkaBridge::spawn(&kernel, &arbiter.handle(), config.clone()).await.unwrap();
+    ensure_topics(&config, &["test.broker"]).await.unwrap();
+    let (rec, seen) = recorder(&kernel, "recorder");
+    bridge
+        .link::<Consume>("test")
+        .ask(Consume { group: "g-broker".into(), topics: vec!["test.broker".into()], subscriber: rec.link("kafka-bridge") })
+        .await
+        .unwrap()
+        .unwrap();
+    produce(&bridge, "test.broker", 0..20).await;
+    eventually(60, "records before the restart acknowledged", || acked_seqs(&seen).len() == 20).await;
+
+    tansu.kill();
+    // Produced while the broker is down: held by the producer and retried.
+    let pending = {
+        let link = bridge.link::<Produce>("test");
+        actix::spawn(async move {
+            let mut results = Vec::new();
+            for seq in 20..30 {
+                results.push(link.ask(Produce { topic: "test.broker".into(), key: "ctx".into(), envelope: event(seq) }).await);
+            }
+            results
+        })
+    };
+    actix::clock::sleep(Duration::from_secs(1)).await;
+    tansu.restart().unwrap();
+    // Memory storage starts empty: the topic is created again, as a node does.
+    ensure_topics(&config, &["test.broker"]).await.unwrap();
+    let results = pending.await.unwrap();
+    eprintln!("RESULTS {results:?}");
+    for r in &results {
+        assert!(matches!(r, Ok(Ok(_))), "produce across the restart failed: {r:?}");
+    }
+    eventually(60, "records produced across the restart acknowledged", || {
+        (20..30).all(|s| acked_seqs(&seen).contains(&s))
+    })
+    .await;
+}
