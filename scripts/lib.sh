@@ -1,0 +1,56 @@
+# Shared by scripts/dev and scripts/test: installs what Nexus needs, once.
+# Debian/Ubuntu with apt; runs apt as root or through sudo.
+
+TANSU_VERSION=0.6.0
+# dynostore: memory storage; postgres: as the design asks; libsql: sqlite
+# storage, which creates its own schema and survives a broker restart.
+TANSU_FEATURES=dynostore,postgres,libsql
+
+export PATH="$HOME/.cargo/bin:$PATH"
+
+as_root() {
+  if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi
+}
+
+apt_updated=""
+apt_install() {
+  if [ -z "$apt_updated" ]; then
+    as_root apt-get update -qq
+    apt_updated=1
+  fi
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@"
+}
+
+ensure_build_tools() {
+  local missing=()
+  command -v cc >/dev/null || missing+=(build-essential)
+  command -v make >/dev/null || missing+=(make)
+  command -v pkg-config >/dev/null || missing+=(pkg-config)
+  command -v perl >/dev/null || missing+=(perl)
+  command -v python3 >/dev/null || missing+=(python3)
+  if [ ${#missing[@]} -gt 0 ]; then
+    echo "installing build tools: ${missing[*]}"
+    apt_install "${missing[@]}"
+  fi
+}
+
+ensure_redis_server() {
+  if ! command -v redis-server >/dev/null; then
+    echo "installing redis-server"
+    apt_install redis-server
+  fi
+}
+
+ensure_tansu() {
+  if ! command -v tansu >/dev/null || ! tansu --help 2>/dev/null | grep -q 'Storage engines:.*libsql'; then
+    echo "installing tansu $TANSU_VERSION into ~/.cargo/bin (about 10 minutes on 2 cores, once)"
+    cargo install tansu --version "$TANSU_VERSION" --locked --features "$TANSU_FEATURES"
+  fi
+}
+
+ensure_nextest() {
+  if ! cargo nextest --version >/dev/null 2>&1; then
+    echo "installing cargo-nextest into ~/.cargo/bin (once)"
+    cargo install cargo-nextest --locked
+  fi
+}
