@@ -130,3 +130,60 @@ async fn reconnects_and_resubscribes_after_redis_restarts() {
     assert_eq!(messages(&events).last().unwrap().2, 2);
     assert!(Metrics::counter_value(&kernel.metrics().bus_errors, &["redis", "disconnected"]) >= 1);
 }
+
+/// Blocks its thread on the first message until released; tiny mailbox.
+struct Stuck {
+    gate: Arc<Mutex<Option<std::sync::mpsc::Receiver<()>>>>,
+    events: Arc<Mutex<Vec<BusEvent>>>,
+}
+
+impl nexus_actors::Behaviour for Stuck {
+    const KIND: &'static str = "stuck";
+    const MAILBOX: usize = 4;
+}
+
+impl nexus_actors::Handler<BusEvent> for Stuck {
+    fn handle(&mut self, event: BusEvent, _: &mut nexus_actors::Ctx<Self>) -> nexus_actors::Reply<()> {
+        if matches!(event, BusEvent::Message(_)) {
+            let gate = self.gate.lock().unwrap().take();
+            if let Some(rx) = gate {
+                let _ = rx.recv();
+            }
+        }
+        self.events.lock().unwrap().push(event);
+        nexus_actors::Reply::Now(())
+    }
+}
+
+#[actix_rt::test]
+async fn a_stuck_subscriber_loses_messages_but_never_stalls_the_others() {
+    let server = RedisServer::start(&tempdir("redis-stuck"), false).unwrap();
+    let kernel = Kernel::new("test");
+    let (bridge_arbiter, stuck_arbiter) = (Arbiter::new(), Arbiter::new());
+    let bridge = RedisBridge::spawn(&kernel, &bridge_arbiter.handle(), &server.url()).unwrap();
+    let (release, gate) = std::sync::mpsc::channel();
+    let gate = Arc::new(Mutex::new(Some(gate)));
+    let (stuck_events, healthy_events) = (Arc::new(Mutex::new(Vec::new())), Arc::new(Mutex::new(Vec::new())));
+    let (g, se, he) = (gate.clone(), stuck_events.clone(), healthy_events.clone());
+    let stuck = kernel.spawn_on(&stuck_arbiter.handle(), "stuck", move || Stuck { gate: g.clone(), events: se.clone() });
+    let healthy = kernel.spawn("healthy", move || Collector { events: he.clone() });
+    let subscribe = bridge.link::<Subscribe>("test");
+    for link in [stuck.link("redis-bridge"), healthy.link("redis-bridge")] {
+        subscribe.ask(Subscribe { topic: Topic::Channel("nexus:doc:slow".into()), subscriber: link }).await.unwrap().unwrap();
+    }
+    eventually(10, "healthy subscriber live", || count_up(&healthy_events) >= 1).await;
+    eventually(10, "stuck subscriber live", || count_up(&stuck_events) >= 1).await;
+
+    let publish = bridge.link::<Publish>("test");
+    for n in 0..200 {
+        publish.ask(Publish { channel: "nexus:doc:slow".into(), envelope: ping(n) }).await.unwrap().unwrap();
+    }
+    eventually(10, "healthy subscriber got all 200 while the other is stuck", || messages(&healthy_events).len() == 200).await;
+    let dropped = Metrics::counter_value(&kernel.metrics().mailbox_dropped, &["stuck"]);
+    assert!(dropped >= 190, "stuck subscriber should have refused most messages, dropped {dropped}");
+
+    release.send(()).unwrap();
+    eventually(10, "stuck subscriber drains what it accepted", || messages(&stuck_events).len() as u64 == 200 - dropped).await;
+    let got: Vec<u64> = messages(&stuck_events).iter().map(|m| m.2).collect();
+    assert!(got.windows(2).all(|w| w[0] < w[1]), "what it kept stays in order: {got:?}");
+}

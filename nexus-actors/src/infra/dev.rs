@@ -46,17 +46,24 @@ pub struct DevKafka {
     _mock: Option<MockCluster<'static, DefaultProducerContext>>,
 }
 
-/// `KAFKA_BROKERS`; else a `tansu` child (memory storage, log under
-/// `data_dir/tansu`); else librdkafka's in-process mock cluster.
+/// `KAFKA_BROKERS`; else a `tansu` child with its data and log under
+/// `data_dir/tansu` (SQLite storage when tansu has it, else memory); else
+/// librdkafka's in-process mock cluster.
 pub fn kafka(data_dir: &Path) -> Result<DevKafka, InfraError> {
     if let Ok(brokers) = std::env::var("KAFKA_BROKERS") {
         return Ok(DevKafka { brokers, origin: "from KAFKA_BROKERS".into(), _tansu: None, _mock: None });
     }
     if find_program("tansu").is_some() {
-        let tansu = Tansu::start(&data_dir.join("tansu"), TansuStorage::Memory)?;
+        let dir = data_dir.join("tansu");
+        let (storage, origin) = if Tansu::supports_sqlite() {
+            (TansuStorage::Sqlite, format!("tansu child, data in {}/tansu.db", dir.display()))
+        } else {
+            (TansuStorage::Memory, "tansu child, memory storage: kept only while nexus dev runs".to_owned())
+        };
+        let tansu = Tansu::start(&dir, storage)?;
         return Ok(DevKafka {
             brokers: tansu.brokers(),
-            origin: "tansu child, memory storage: the semantic bus is kept while nexus dev runs".into(),
+            origin,
             _tansu: Some(tansu),
             _mock: None,
         });

@@ -38,13 +38,20 @@ pub(crate) struct ChildProcess {
     args: Vec<String>,
     envs: Vec<(String, String)>,
     log: PathBuf,
+    cwd: Option<PathBuf>,
     pub(crate) port: u16,
     child: Option<Child>,
 }
 
 impl ChildProcess {
     pub(crate) fn new(program: PathBuf, args: Vec<String>, envs: Vec<(String, String)>, log: PathBuf, port: u16) -> Self {
-        ChildProcess { program, args, envs, log, port, child: None }
+        ChildProcess { program, args, envs, log, cwd: None, port, child: None }
+    }
+
+    /// Runs the child in `dir` (for programs that resolve paths against it).
+    pub(crate) fn in_dir(mut self, dir: PathBuf) -> Self {
+        self.cwd = Some(dir);
+        self
     }
 
     /// Starts the child and waits until `ready` says yes.
@@ -58,6 +65,9 @@ impl ChildProcess {
                 libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
                 Ok(())
             });
+        }
+        if let Some(dir) = &self.cwd {
+            command.current_dir(dir);
         }
         let child = command
             .args(&self.args)

@@ -10,6 +10,10 @@ use super::process::{accepts, find_program, free_port, ChildProcess, InfraError}
 pub enum TansuStorage {
     /// `memory://tansu/`: nothing survives the process.
     Memory,
+    /// A SQLite file `tansu.db` in the broker's directory: topics, records,
+    /// producer state and committed offsets survive a restart. Needs tansu
+    /// built with the `libsql` feature (see [`Tansu::supports_sqlite`]).
+    Sqlite,
     /// Any storage URL tansu accepts (`postgres://…`, `s3://…`).
     Url(String),
 }
@@ -18,6 +22,7 @@ impl TansuStorage {
     fn url(&self) -> String {
         match self {
             TansuStorage::Memory => "memory://tansu/".to_owned(),
+            TansuStorage::Sqlite => "sqlite://tansu.db".to_owned(),
             TansuStorage::Url(u) => u.clone(),
         }
     }
@@ -32,7 +37,7 @@ impl Tansu {
     pub fn start(dir: &Path, storage: TansuStorage) -> Result<Self, InfraError> {
         let program = find_program("tansu").ok_or(InfraError::NotInstalled {
             program: "tansu",
-            hint: "install it with `cargo install tansu --locked --features dynostore,postgres`, or set KAFKA_BROKERS",
+            hint: "install it with `cargo install tansu --locked --features dynostore,postgres,libsql`, or set KAFKA_BROKERS",
         })?;
         std::fs::create_dir_all(dir)?;
         let port = free_port()?;
@@ -49,9 +54,24 @@ impl Tansu {
         // tansu reads its settings from the environment too; keep a
         // caller's OTLP endpoint but nothing that would move its listener.
         let envs = vec![("RUST_LOG".to_owned(), "warn".to_owned())];
-        let mut process = ChildProcess::new(program, args, envs, dir.join("tansu.log"), port);
+        let dir = std::fs::canonicalize(dir)?;
+        let mut process = ChildProcess::new(program, args, envs, dir.join("tansu.log"), port).in_dir(dir);
         process.start(Duration::from_secs(20), accepts)?;
         Ok(Tansu { process })
+    }
+
+    /// Whether the installed tansu has the SQLite storage engine.
+    pub fn supports_sqlite() -> bool {
+        let Some(program) = find_program("tansu") else { return false };
+        std::process::Command::new(program)
+            .arg("--help")
+            .output()
+            .map(|out| {
+                String::from_utf8_lossy(&out.stdout)
+                    .lines()
+                    .any(|l| l.starts_with("Storage engines:") && l.contains("libsql"))
+            })
+            .unwrap_or(false)
     }
 
     pub fn port(&self) -> u16 {
