@@ -2,7 +2,9 @@
 //! `/api/graph`. Roles add their own routes elsewhere; this module only
 //! exposes what the kernel knows.
 
+use actix_web::dev::{Service, ServiceRequest, ServiceResponse};
 use actix_web::{web, HttpResponse, Responder};
+use tracing::Instrument;
 
 use crate::kernel::Kernel;
 
@@ -13,6 +15,25 @@ pub fn configure(kernel: Kernel) -> impl FnOnce(&mut web::ServiceConfig) {
             .route("/healthz", web::get().to(healthz))
             .route("/metrics", web::get().to(metrics))
             .route("/api/graph", web::get().to(graph));
+    }
+}
+
+/// Runs every request inside an `http.request` span, so that what a handler
+/// publishes carries the request's trace. Use with `App::wrap_fn`.
+pub fn traced<S>(
+    req: ServiceRequest,
+    service: &S,
+) -> impl std::future::Future<Output = Result<ServiceResponse, actix_web::Error>> + 'static
+where
+    S: Service<ServiceRequest, Response = ServiceResponse, Error = actix_web::Error>,
+    S::Future: 'static,
+{
+    let span = tracing::info_span!("http.request", method = %req.method(), path = %req.path(), status = tracing::field::Empty);
+    let call = service.call(req).instrument(span.clone());
+    async move {
+        let response = call.await?;
+        span.record("status", response.status().as_u16());
+        Ok(response)
     }
 }
 

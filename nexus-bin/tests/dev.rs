@@ -94,3 +94,77 @@ fn every_subcommand_has_help_with_defaults_and_environment() {
         assert!(help.contains("[env: NEXUS_HTTP="), "{sub} --help: {help}");
     }
 }
+
+/// A minimal OTLP/HTTP receiver: records the path and content type of
+/// every POST and answers 200.
+fn otlp_receiver() -> (u16, std::sync::mpsc::Receiver<(String, String, Vec<u8>)>) {
+    use std::io::{BufRead, BufReader};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                let mut reader = BufReader::new(stream.try_clone().unwrap());
+                let mut stream = stream;
+                loop {
+                    let mut request_line = String::new();
+                    if reader.read_line(&mut request_line).unwrap_or(0) == 0 {
+                        return;
+                    }
+                    let path = request_line.split(' ').nth(1).unwrap_or("").to_owned();
+                    let (mut length, mut content_type) = (0usize, String::new());
+                    loop {
+                        let mut header = String::new();
+                        reader.read_line(&mut header).unwrap();
+                        let header = header.trim_end();
+                        if header.is_empty() {
+                            break;
+                        }
+                        let (name, value) = header.split_once(':').unwrap_or((header, ""));
+                        match name.to_ascii_lowercase().as_str() {
+                            "content-length" => length = value.trim().parse().unwrap_or(0),
+                            "content-type" => content_type = value.trim().to_owned(),
+                            _ => {}
+                        }
+                    }
+                    let mut body = vec![0; length];
+                    reader.read_exact(&mut body).unwrap();
+                    let _ = tx.send((path, content_type, body));
+                    let _ = stream.write_all(b"HTTP/1.1 200 OK\r\ncontent-type: application/x-protobuf\r\ncontent-length: 0\r\n\r\n");
+                }
+            });
+        }
+    });
+    (port, rx)
+}
+
+#[test]
+fn spans_are_exported_over_otlp_when_the_endpoint_is_set() {
+    let (otlp_port, exports) = otlp_receiver();
+    let dir = std::env::temp_dir().join(format!("nexus-otlp-test-{}", std::process::id()));
+    let redis = RedisServer::start(&dir.join("redis"), false).unwrap();
+    let port = free_port().unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_nexus"))
+        .args(["dev", "--http", &format!("127.0.0.1:{port}"), "--data-dir"])
+        .arg(dir.join("data"))
+        .env("REDIS_URL", redis.url())
+        .env("OTEL_EXPORTER_OTLP_ENDPOINT", format!("http://127.0.0.1:{otlp_port}"))
+        .env("OTEL_BSP_SCHEDULE_DELAY", "100")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let _child = KillOnDrop(child);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while get(port, "/healthz").is_none() {
+        assert!(Instant::now() < deadline, "nexus dev did not start");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (path, content_type, body) = exports.recv_timeout(Duration::from_secs(20)).expect("no OTLP export arrived");
+    assert_eq!(path, "/v1/traces");
+    assert_eq!(content_type, "application/x-protobuf");
+    let contains = |needle: &[u8]| body.windows(needle.len()).any(|w| w == needle);
+    assert!(contains(b"http.request") && contains(b"/healthz"), "export lacks the request span");
+}

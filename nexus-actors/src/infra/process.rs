@@ -69,6 +69,9 @@ impl ChildProcess {
         if let Some(dir) = &self.cwd {
             command.current_dir(dir);
         }
+        // Brokers export their own telemetry if they see our OTLP endpoint;
+        // what arrives there should be Nexus's spans only.
+        command.env_remove("OTEL_EXPORTER_OTLP_ENDPOINT");
         let child = command
             .args(&self.args)
             .envs(self.envs.iter().map(|(k, v)| (k, v)))
