@@ -30,19 +30,40 @@ impl Drop for KillOnDrop {
 
 #[test]
 fn nexus_dev_serves_health_metrics_and_a_graph_with_both_bridges() {
-    let dir = std::env::temp_dir().join(format!("nexus-dev-test-{}", std::process::id()));
+    check_dev_node("tansu", |_| {});
+}
+
+#[test]
+fn nexus_dev_falls_back_to_the_mock_cluster_without_tansu() {
+    let home = std::env::temp_dir().join(format!("nexus-dev-no-tansu-home-{}", std::process::id()));
+    std::fs::create_dir_all(&home).unwrap();
+    // Neither PATH nor ~/.cargo/bin has tansu; redis-server stays reachable.
+    check_dev_node("mock", |cmd| {
+        cmd.env("PATH", "/usr/local/bin:/usr/bin:/bin").env("HOME", &home);
+    });
+}
+
+fn check_dev_node(name: &str, setup: impl FnOnce(&mut Command)) {
+    let dir = std::env::temp_dir().join(format!("nexus-dev-test-{name}-{}", std::process::id()));
     let redis = RedisServer::start(&dir.join("redis"), false).unwrap();
     let port = free_port().unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_nexus"))
+    let mut command = Command::new(env!("CARGO_BIN_EXE_nexus"));
+    command
         .args(["dev", "--http", &format!("127.0.0.1:{port}"), "--data-dir"])
         .arg(dir.join("data"))
         .env("REDIS_URL", redis.url())
         .env_remove("KAFKA_BROKERS")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    setup(&mut command);
+    let mut child = command.spawn().unwrap();
+    let stdout = child.stdout.take().unwrap();
     let _child = KillOnDrop(child);
+    let banner = std::thread::spawn(move || {
+        let mut lines = String::new();
+        let _ = stdout.take(16 * 1024).read_to_string(&mut lines);
+        lines
+    });
 
     let deadline = Instant::now() + Duration::from_secs(60);
     let health = loop {
@@ -72,6 +93,10 @@ fn nexus_dev_serves_health_metrics_and_a_graph_with_both_bridges() {
         assert!(metrics.contains(family), "/metrics lacks {family}");
     }
     assert_eq!(get(port, "/no-such-path").unwrap().0, 404);
+    drop(_child);
+    let banner = banner.join().unwrap();
+    let expected = if name == "mock" { "MOCK cluster" } else { "tansu child" };
+    assert!(banner.contains(expected), "banner: {banner}");
 }
 
 #[test]

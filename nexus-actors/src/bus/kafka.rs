@@ -199,9 +199,19 @@ impl KafkaBridge {
 /// Creates `topics` with the configured partition count unless they exist.
 pub async fn ensure_topics(config: &KafkaConfig, topics: &[&str]) -> Result<(), KafkaError> {
     let admin: AdminClient<DefaultClientContext> = config.client().create()?;
-    let new: Vec<NewTopic> =
-        topics.iter().map(|t| NewTopic::new(t, config.partitions, TopicReplication::Fixed(1))).collect();
-    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+    let metadata = admin.inner().fetch_metadata(None, Duration::from_secs(15))?;
+    let existing: Vec<&str> = metadata.topics().iter().filter(|t| t.error().is_none()).map(|t| t.name()).collect();
+    let new: Vec<NewTopic> = topics
+        .iter()
+        .filter(|t| !existing.contains(t))
+        .map(|t| NewTopic::new(t, config.partitions, TopicReplication::Fixed(1)))
+        .collect();
+    if new.is_empty() {
+        return Ok(());
+    }
+    let opts = AdminOptions::new()
+        .operation_timeout(Some(Duration::from_secs(10)))
+        .request_timeout(Some(Duration::from_secs(15)));
     for result in admin.create_topics(&new, &opts).await? {
         match result {
             Ok(topic) => tracing::info!(topic, "created kafka topic"),

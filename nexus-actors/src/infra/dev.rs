@@ -6,6 +6,7 @@ use rdkafka::mocking::MockCluster;
 use rdkafka::producer::DefaultProducerContext;
 
 use super::process::{find_program, InfraError};
+use crate::bus::kafka::{SEMANTIC_COMMANDS, SEMANTIC_EVENTS};
 use super::redis_server::pings;
 use super::{RedisServer, Tansu, TansuStorage};
 
@@ -69,10 +70,13 @@ pub fn kafka(data_dir: &Path) -> Result<DevKafka, InfraError> {
         });
     }
     let mock = MockCluster::new(1).map_err(|e| InfraError::Io(std::io::Error::other(e)))?;
+    for topic in [SEMANTIC_COMMANDS, SEMANTIC_EVENTS] {
+        mock.create_topic(topic, 3, 1).map_err(|e| InfraError::Io(std::io::Error::other(e)))?;
+    }
     tracing::warn!(
         "tansu is not installed: using librdkafka's in-process MOCK cluster. It keeps nothing, is slow \
          (a few thousand messages/s) and may stall. Install tansu: \
-         cargo install tansu --locked --features dynostore,postgres"
+         cargo install tansu --locked --features dynostore,postgres,libsql"
     );
     Ok(DevKafka {
         brokers: mock.bootstrap_servers(),
