@@ -28,7 +28,8 @@ where
     S: Service<ServiceRequest, Response = ServiceResponse, Error = actix_web::Error>,
     S::Future: 'static,
 {
-    let span = tracing::info_span!("http.request", method = %req.method(), path = %req.path(), status = tracing::field::Empty);
+    let span =
+        tracing::info_span!("http.request", method = %req.method(), path = %req.path(), status = tracing::field::Empty);
     let call = service.call(req).instrument(span.clone());
     async move {
         let response = call.await?;

@@ -109,11 +109,12 @@ pub async fn run(config: NodeConfig) -> Result<(), NodeError> {
     let _bridges = start_bridges(&kernel, &config).await?;
     let roles: Vec<&str> = config.roles.iter().map(|r| r.name()).collect();
     let k = kernel.clone();
-    let server = HttpServer::new(move || App::new().wrap_fn(crate::http::traced).configure(crate::http::configure(k.clone())))
-        .workers(2)
-        .shutdown_timeout(5)
-        .bind(config.http)
-        .map_err(|source| NodeError::Http { addr: config.http, source })?;
+    let server =
+        HttpServer::new(move || App::new().wrap_fn(crate::http::traced).configure(crate::http::configure(k.clone())))
+            .workers(2)
+            .shutdown_timeout(5)
+            .bind(config.http)
+            .map_err(|source| NodeError::Http { addr: config.http, source })?;
     tracing::info!(node = %config.name, http = %config.http, ?roles, "node listening: /healthz /metrics /api/graph");
     server.run().await.map_err(|source| NodeError::Http { addr: config.http, source })
 }

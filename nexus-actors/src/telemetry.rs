@@ -52,14 +52,49 @@ impl Metrics {
         .expect("valid metric definition");
         registry.register(Box::new(mailbox_depth.clone())).expect("metric registered once");
         Metrics {
-            actor_messages: counter(&registry, "nexus_actor_messages_total", "Messages handled, by actor kind", &["actor"]),
-            actor_restarts: counter(&registry, "nexus_actor_restarts_total", "Actor restarts after a panicking handler", &["actor"]),
-            actor_panics: counter(&registry, "nexus_actor_panics_total", "Panics in handlers and their reply futures", &["actor"]),
-            mailbox_dropped: counter(&registry, "nexus_mailbox_dropped_total", "Messages refused by a full mailbox", &["actor"]),
-            bus_published: counter(&registry, "nexus_bus_published_total", "Messages published to a bus", &["bus", "topic"]),
-            bus_received: counter(&registry, "nexus_bus_received_total", "Messages received from a bus", &["bus", "topic"]),
+            actor_messages: counter(
+                &registry,
+                "nexus_actor_messages_total",
+                "Messages handled, by actor kind",
+                &["actor"],
+            ),
+            actor_restarts: counter(
+                &registry,
+                "nexus_actor_restarts_total",
+                "Actor restarts after a panicking handler",
+                &["actor"],
+            ),
+            actor_panics: counter(
+                &registry,
+                "nexus_actor_panics_total",
+                "Panics in handlers and their reply futures",
+                &["actor"],
+            ),
+            mailbox_dropped: counter(
+                &registry,
+                "nexus_mailbox_dropped_total",
+                "Messages refused by a full mailbox",
+                &["actor"],
+            ),
+            bus_published: counter(
+                &registry,
+                "nexus_bus_published_total",
+                "Messages published to a bus",
+                &["bus", "topic"],
+            ),
+            bus_received: counter(
+                &registry,
+                "nexus_bus_received_total",
+                "Messages received from a bus",
+                &["bus", "topic"],
+            ),
             bus_errors: counter(&registry, "nexus_bus_errors_total", "Bus errors by kind", &["bus", "kind"]),
-            bus_redelivered: counter(&registry, "nexus_bus_redelivered_total", "Deliveries retried after a handler did not acknowledge", &["bus", "topic"]),
+            bus_redelivered: counter(
+                &registry,
+                "nexus_bus_redelivered_total",
+                "Deliveries retried after a handler did not acknowledge",
+                &["bus", "topic"],
+            ),
             mailbox_depth,
             registry,
         }

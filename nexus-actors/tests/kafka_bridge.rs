@@ -42,11 +42,17 @@ fn recorder(kernel: &Kernel, id: &str) -> (ActorRef<Recorder>, Arc<Mutex<Seen>>)
 
 /// A recorder that refuses `nack` once and panics on `panic` once (the
 /// "once" survives the restart that the panic causes).
-fn faulty_recorder(kernel: &Kernel, id: &str, nack: Option<u64>, panic: Option<u64>) -> (ActorRef<Recorder>, Arc<Mutex<Seen>>) {
+fn faulty_recorder(
+    kernel: &Kernel,
+    id: &str,
+    nack: Option<u64>,
+    panic: Option<u64>,
+) -> (ActorRef<Recorder>, Arc<Mutex<Seen>>) {
     let seen = Arc::new(Mutex::new(Seen::default()));
     let (nack, panic) = (Arc::new(Mutex::new(nack)), Arc::new(Mutex::new(panic)));
     let s = seen.clone();
-    let actor = kernel.spawn(id, move || Recorder { seen: s.clone(), nack_once: nack.clone(), panic_once: panic.clone() });
+    let actor =
+        kernel.spawn(id, move || Recorder { seen: s.clone(), nack_once: nack.clone(), panic_once: panic.clone() });
     (actor, seen)
 }
 
@@ -56,11 +62,8 @@ fn acked_seqs(seen: &Mutex<Seen>) -> BTreeSet<u64> {
 
 /// Offsets the group has committed, per partition (absent: none yet).
 fn committed(brokers: &str, group: &str, topic: &str) -> HashMap<i32, i64> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("group.id", group)
-        .create()
-        .unwrap();
+    let consumer: BaseConsumer =
+        ClientConfig::new().set("bootstrap.servers", brokers).set("group.id", group).create().unwrap();
     let mut tpl = TopicPartitionList::new();
     for p in 0..3 {
         tpl.add_partition(topic, p);
@@ -101,22 +104,28 @@ async fn acknowledged_delivery_redelivery_bad_records_and_replay() {
     produce(&bridge, "test.ack", 50..51).await;
 
     let (rec, seen) = faulty_recorder(&kernel, "recorder", Some(7), Some(13));
-    let consume = Consume { group: "g-ack".into(), topics: vec!["test.ack".into()], subscriber: rec.link("kafka-bridge") };
+    let consume =
+        Consume { group: "g-ack".into(), topics: vec!["test.ack".into()], subscriber: rec.link("kafka-bridge") };
     let consumer = bridge.link::<Consume>("test").ask(consume).await.unwrap().unwrap();
     eventually(60, "all 51 records acknowledged", || acked_seqs(&seen).len() == 51).await;
 
-    let seen_now = seen.lock().unwrap();
-    let attempts_of = |seq| seen_now.attempts.iter().filter(|a| a.2 == seq).count();
-    assert_eq!(attempts_of(7), 2, "a nacked record is delivered again");
-    assert_eq!(attempts_of(13), 2, "a record whose handler panicked is delivered again");
-    assert_eq!(seen_now.acked.len(), 51, "each record acknowledged exactly once");
-    // Per key (context id) the order of production is kept.
-    for key in 0..5 {
-        let order: Vec<u64> =
-            seen_now.keys.iter().filter(|(k, _)| k.as_deref() == Some(&format!("ctx-{key}"))).map(|(_, s)| *s).collect();
-        assert!(order.windows(2).all(|w| w[0] < w[1]), "key ctx-{key} out of order: {order:?}");
+    {
+        let seen_now = seen.lock().unwrap();
+        let attempts_of = |seq| seen_now.attempts.iter().filter(|a| a.2 == seq).count();
+        assert_eq!(attempts_of(7), 2, "a nacked record is delivered again");
+        assert_eq!(attempts_of(13), 2, "a record whose handler panicked is delivered again");
+        assert_eq!(seen_now.acked.len(), 51, "each record acknowledged exactly once");
+        // Per key (context id) the order of production is kept.
+        for key in 0..5 {
+            let order: Vec<u64> = seen_now
+                .keys
+                .iter()
+                .filter(|(k, _)| k.as_deref() == Some(&format!("ctx-{key}")))
+                .map(|(_, s)| *s)
+                .collect();
+            assert!(order.windows(2).all(|w| w[0] < w[1]), "key ctx-{key} out of order: {order:?}");
+        }
     }
-    drop(seen_now);
     assert_eq!(Metrics::counter_value(&kernel.metrics().bus_redelivered, &["kafka", "test.ack"]), 2);
     assert_eq!(Metrics::counter_value(&kernel.metrics().bus_errors, &["kafka", "decode"]), 1);
     bridge.link::<StopConsumer>("test").ask(StopConsumer(consumer)).await.unwrap();
@@ -125,7 +134,11 @@ async fn acknowledged_delivery_redelivery_bad_records_and_replay() {
     let (replayer, replayed) = recorder(&kernel, "replayer");
     let replay = bridge.link::<Replay>("test");
     let n = replay
-        .ask(Replay { topic: "test.ack".into(), from: ReplayFrom::Offset(0), subscriber: replayer.link("kafka-bridge") })
+        .ask(Replay {
+            topic: "test.ack".into(),
+            from: ReplayFrom::Offset(0),
+            subscriber: replayer.link("kafka-bridge"),
+        })
         .await
         .unwrap()
         .unwrap();
@@ -133,14 +146,17 @@ async fn acknowledged_delivery_redelivery_bad_records_and_replay() {
     assert_eq!(acked_seqs(&replayed), (0..51).collect());
     let (late, late_seen) = recorder(&kernel, "late-replayer");
     let n = replay
-        .ask(Replay { topic: "test.ack".into(), from: ReplayFrom::Timestamp(middle), subscriber: late.link("kafka-bridge") })
+        .ask(Replay {
+            topic: "test.ack".into(),
+            from: ReplayFrom::Timestamp(middle),
+            subscriber: late.link("kafka-bridge"),
+        })
         .await
         .unwrap()
         .unwrap();
     assert_eq!(acked_seqs(&late_seen), (25..51).collect(), "replay from a timestamp starts there");
     assert_eq!(n, 26);
 }
-
 
 #[actix_rt::test]
 async fn consumer_restart_mid_stream_loses_nothing_and_repeats_nothing_committed() {
@@ -155,7 +171,11 @@ async fn consumer_restart_mid_stream_loses_nothing_and_repeats_nothing_committed
     let (first, first_seen) = recorder(&kernel, "first");
     let consume = bridge.link::<Consume>("test");
     let id = consume
-        .ask(Consume { group: "g-restart".into(), topics: vec!["test.restart".into()], subscriber: first.link("kafka-bridge") })
+        .ask(Consume {
+            group: "g-restart".into(),
+            topics: vec!["test.restart".into()],
+            subscriber: first.link("kafka-bridge"),
+        })
         .await
         .unwrap()
         .unwrap();
@@ -167,7 +187,11 @@ async fn consumer_restart_mid_stream_loses_nothing_and_repeats_nothing_committed
 
     let (second, second_seen) = recorder(&kernel, "second");
     consume
-        .ask(Consume { group: "g-restart".into(), topics: vec!["test.restart".into()], subscriber: second.link("kafka-bridge") })
+        .ask(Consume {
+            group: "g-restart".into(),
+            topics: vec!["test.restart".into()],
+            subscriber: second.link("kafka-bridge"),
+        })
         .await
         .unwrap()
         .unwrap();
@@ -177,7 +201,10 @@ async fn consumer_restart_mid_stream_loses_nothing_and_repeats_nothing_committed
     .await;
     for (partition, offset, seq) in &second_seen.lock().unwrap().attempts {
         let committed = committed_at_stop.get(partition).copied().unwrap_or(0);
-        assert!(*offset >= committed, "seq {seq} at {partition}@{offset} redelivered below committed offset {committed}");
+        assert!(
+            *offset >= committed,
+            "seq {seq} at {partition}@{offset} redelivered below committed offset {committed}"
+        );
     }
 }
 
@@ -193,7 +220,11 @@ async fn broker_restart_mid_stream_loses_nothing_and_repeats_nothing_committed()
     let (rec, seen) = recorder(&kernel, "recorder");
     bridge
         .link::<Consume>("test")
-        .ask(Consume { group: "g-broker".into(), topics: vec!["test.broker".into()], subscriber: rec.link("kafka-bridge") })
+        .ask(Consume {
+            group: "g-broker".into(),
+            topics: vec!["test.broker".into()],
+            subscriber: rec.link("kafka-bridge"),
+        })
         .await
         .unwrap()
         .unwrap();
@@ -212,7 +243,8 @@ async fn broker_restart_mid_stream_loses_nothing_and_repeats_nothing_committed()
         actix::spawn(async move {
             let mut results = Vec::new();
             for seq in 40..60 {
-                let produce = Produce { topic: "test.broker".into(), key: format!("ctx-{}", seq % 5), envelope: event(seq) };
+                let produce =
+                    Produce { topic: "test.broker".into(), key: format!("ctx-{}", seq % 5), envelope: event(seq) };
                 results.push(link.ask(produce).await);
             }
             results
@@ -228,7 +260,10 @@ async fn broker_restart_mid_stream_loses_nothing_and_repeats_nothing_committed()
     let seen = seen.lock().unwrap();
     for (partition, offset, seq) in &seen.attempts[attempts_before..] {
         let committed = committed_before.get(partition).copied().unwrap_or(0);
-        assert!(*offset >= committed, "seq {seq} at {partition}@{offset} delivered again below committed offset {committed}");
+        assert!(
+            *offset >= committed,
+            "seq {seq} at {partition}@{offset} delivered again below committed offset {committed}"
+        );
     }
     assert_eq!(acked_seqs_of(&seen), (0..60).collect(), "no acknowledged record lost");
 }

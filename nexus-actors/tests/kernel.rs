@@ -150,7 +150,9 @@ fn full_mailbox_refuses_hands_back_and_counts_and_keeps_what_it_accepted() {
     let kernel = Kernel::new("test");
     let arbiter = Arbiter::new();
     let (g, h) = (gate.clone(), handled.clone());
-    let actor = system.block_on(async { kernel.spawn_on(&arbiter.handle(), "gate-1", move || Gate { gate: g.clone(), handled: h.clone() }) });
+    let actor = system.block_on(async {
+        kernel.spawn_on(&arbiter.handle(), "gate-1", move || Gate { gate: g.clone(), handled: h.clone() })
+    });
     let link = actor.link::<Item>("network");
 
     // The first item blocks the actor; wait until it is taken.
@@ -169,7 +171,7 @@ fn full_mailbox_refuses_hands_back_and_counts_and_keeps_what_it_accepted() {
     }
     // Capacity 8 (plus the one slot actix reserves per sender).
     assert!(accepted.len() <= 1 + 8 + 1, "accepted {}", accepted.len());
-    assert!(accepted.len() >= 1 + 8, "accepted {}", accepted.len());
+    assert!(accepted.len() > 8, "accepted {}", accepted.len());
     assert_eq!(accepted.len() + refused.len(), 101);
     assert_eq!(Metrics::counter_value(&kernel.metrics().mailbox_dropped, &["gate"]), refused.len() as u64);
     // Item 0 is being handled; the rest wait.

@@ -60,14 +60,19 @@ async fn subscribers_receive_typed_messages_and_bad_bytes_are_counted() {
         .await
         .unwrap()
         .unwrap();
-    eventually(10, "both subscribers told the bus is up", || count_up(&exact_events) + count_up(&pattern_events) >= 2).await;
+    eventually(10, "both subscribers told the bus is up", || count_up(&exact_events) + count_up(&pattern_events) >= 2)
+        .await;
 
     let publish = bridge.link::<Publish>("test");
     for n in 0..10 {
-        let receivers = publish.ask(Publish { channel: "nexus:doc:1".into(), envelope: ping(n) }).await.unwrap().unwrap();
+        let receivers =
+            publish.ask(Publish { channel: "nexus:doc:1".into(), envelope: ping(n) }).await.unwrap().unwrap();
         assert_eq!(receivers, 2, "one connection subscribed twice (channel and pattern)");
     }
-    eventually(10, "ten messages each", || messages(&exact_events).len() == 10 && messages(&pattern_events).len() == 10).await;
+    eventually(10, "ten messages each", || {
+        messages(&exact_events).len() == 10 && messages(&pattern_events).len() == 10
+    })
+    .await;
     let exact_seen = messages(&exact_events);
     assert_eq!(exact_seen, (0..10).map(|n| ("nexus:doc:1".to_owned(), None, n)).collect::<Vec<_>>());
     assert!(messages(&pattern_events).iter().all(|(_, p, _)| p.as_deref() == Some("nexus:doc:*")));
@@ -82,7 +87,11 @@ async fn subscribers_receive_typed_messages_and_bad_bytes_are_counted() {
     assert_eq!(Metrics::counter_value(&kernel.metrics().bus_errors, &["redis", "decode"]), 2);
 
     // After unsubscribing, only the pattern subscriber hears the channel.
-    bridge.link::<Unsubscribe>("test").ask(Unsubscribe { topic: Topic::Channel("nexus:doc:1".into()), subscriber: "exact".into() }).await.unwrap();
+    bridge
+        .link::<Unsubscribe>("test")
+        .ask(Unsubscribe { topic: Topic::Channel("nexus:doc:1".into()), subscriber: "exact".into() })
+        .await
+        .unwrap();
     publish.ask(Publish { channel: "nexus:doc:1".into(), envelope: ping(11) }).await.unwrap().unwrap();
     eventually(10, "pattern subscriber got 12", || messages(&pattern_events).len() == 12).await;
     assert_eq!(messages(&exact_events).len(), 11);
@@ -165,11 +174,16 @@ async fn a_stuck_subscriber_loses_messages_but_never_stalls_the_others() {
     let gate = Arc::new(Mutex::new(Some(gate)));
     let (stuck_events, healthy_events) = (Arc::new(Mutex::new(Vec::new())), Arc::new(Mutex::new(Vec::new())));
     let (g, se, he) = (gate.clone(), stuck_events.clone(), healthy_events.clone());
-    let stuck = kernel.spawn_on(&stuck_arbiter.handle(), "stuck", move || Stuck { gate: g.clone(), events: se.clone() });
+    let stuck =
+        kernel.spawn_on(&stuck_arbiter.handle(), "stuck", move || Stuck { gate: g.clone(), events: se.clone() });
     let healthy = kernel.spawn("healthy", move || Collector { events: he.clone() });
     let subscribe = bridge.link::<Subscribe>("test");
     for link in [stuck.link("redis-bridge"), healthy.link("redis-bridge")] {
-        subscribe.ask(Subscribe { topic: Topic::Channel("nexus:doc:slow".into()), subscriber: link }).await.unwrap().unwrap();
+        subscribe
+            .ask(Subscribe { topic: Topic::Channel("nexus:doc:slow".into()), subscriber: link })
+            .await
+            .unwrap()
+            .unwrap();
     }
     eventually(10, "healthy subscriber live", || count_up(&healthy_events) >= 1).await;
     eventually(10, "stuck subscriber live", || count_up(&stuck_events) >= 1).await;
@@ -178,12 +192,18 @@ async fn a_stuck_subscriber_loses_messages_but_never_stalls_the_others() {
     for n in 0..200 {
         publish.ask(Publish { channel: "nexus:doc:slow".into(), envelope: ping(n) }).await.unwrap().unwrap();
     }
-    eventually(10, "healthy subscriber got all 200 while the other is stuck", || messages(&healthy_events).len() == 200).await;
+    eventually(10, "healthy subscriber got all 200 while the other is stuck", || {
+        messages(&healthy_events).len() == 200
+    })
+    .await;
     let dropped = Metrics::counter_value(&kernel.metrics().mailbox_dropped, &["stuck"]);
     assert!(dropped >= 190, "stuck subscriber should have refused most messages, dropped {dropped}");
 
     release.send(()).unwrap();
-    eventually(10, "stuck subscriber drains what it accepted", || messages(&stuck_events).len() as u64 == 200 - dropped).await;
+    eventually(10, "stuck subscriber drains what it accepted", || {
+        messages(&stuck_events).len() as u64 == 200 - dropped
+    })
+    .await;
     let got: Vec<u64> = messages(&stuck_events).iter().map(|m| m.2).collect();
     assert!(got.windows(2).all(|w| w[0] < w[1]), "what it kept stays in order: {got:?}");
 }

@@ -38,7 +38,8 @@ fn handled_by<'a>(spans: &'a [SpanData], actor: &str) -> Vec<&'a SpanData> {
 async fn publish_trace_parents_the_receiving_actor_span_over_redis_and_kafka() {
     let exporter = InMemorySpanExporter::default();
     let provider = SdkTracerProvider::builder().with_simple_exporter(exporter.clone()).build();
-    let subscriber = tracing_subscriber::registry().with(tracing_opentelemetry::layer().with_tracer(provider.tracer("test")));
+    let subscriber =
+        tracing_subscriber::registry().with(tracing_opentelemetry::layer().with_tracer(provider.tracer("test")));
     tracing::subscriber::set_global_default(subscriber).unwrap();
 
     let redis = RedisServer::start(&tempdir("trace-redis"), false).unwrap();
@@ -64,8 +65,14 @@ async fn publish_trace_parents_the_receiving_actor_span_over_redis_and_kafka() {
     let (redis_root, redis_cx) = root_span("redis");
     let envelope = redis_root.in_scope(|| Envelope::with_type("nexus.test.traced", "test", json!({ "seq": 0 })));
     assert!(envelope.traceparent.as_deref().is_some_and(|tp| tp.contains(&redis_cx.trace_id().to_string())));
-    redis_bridge.link::<Publish>("test").ask(Publish { channel: "nexus:trace".into(), envelope }).await.unwrap().unwrap();
-    eventually(10, "traced redis message", || events.lock().unwrap().iter().any(|e| matches!(e, BusEvent::Message(_)))).await;
+    redis_bridge
+        .link::<Publish>("test")
+        .ask(Publish { channel: "nexus:trace".into(), envelope })
+        .await
+        .unwrap()
+        .unwrap();
+    eventually(10, "traced redis message", || events.lock().unwrap().iter().any(|e| matches!(e, BusEvent::Message(_))))
+        .await;
 
     // Kafka: the context travels in the traceparent header.
     let seen = Arc::new(Mutex::new(Seen::default()));
@@ -82,7 +89,11 @@ async fn publish_trace_parents_the_receiving_actor_span_over_redis_and_kafka() {
         .unwrap();
     kafka_bridge
         .link::<Consume>("test")
-        .ask(Consume { group: "g-trace".into(), topics: vec!["test.trace".into()], subscriber: recorder.link("kafka-bridge") })
+        .ask(Consume {
+            group: "g-trace".into(),
+            topics: vec!["test.trace".into()],
+            subscriber: recorder.link("kafka-bridge"),
+        })
         .await
         .unwrap()
         .unwrap();

@@ -35,7 +35,8 @@ fn nexus_dev_serves_health_metrics_and_a_graph_with_both_bridges() {
 
 #[test]
 fn nexus_dev_falls_back_to_the_mock_cluster_without_tansu() {
-    let home = std::env::temp_dir().join(format!("nexus-dev-no-tansu-home-{}", std::process::id()));
+    let home = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("nexus-dev-no-tansu-home-{}", std::process::id()));
     std::fs::create_dir_all(&home).unwrap();
     // Neither PATH nor ~/.cargo/bin has tansu; redis-server stays reachable.
     check_dev_node("mock", |cmd| {
@@ -44,7 +45,8 @@ fn nexus_dev_falls_back_to_the_mock_cluster_without_tansu() {
 }
 
 fn check_dev_node(name: &str, setup: impl FnOnce(&mut Command)) {
-    let dir = std::env::temp_dir().join(format!("nexus-dev-test-{name}-{}", std::process::id()));
+    let dir =
+        std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("nexus-dev-test-{name}-{}", std::process::id()));
     let redis = RedisServer::start(&dir.join("redis"), false).unwrap();
     let port = free_port().unwrap();
     let mut command = Command::new(env!("CARGO_BIN_EXE_nexus"));
@@ -157,7 +159,9 @@ fn otlp_receiver() -> (u16, std::sync::mpsc::Receiver<(String, String, Vec<u8>)>
                     let mut body = vec![0; length];
                     reader.read_exact(&mut body).unwrap();
                     let _ = tx.send((path, content_type, body));
-                    let _ = stream.write_all(b"HTTP/1.1 200 OK\r\ncontent-type: application/x-protobuf\r\ncontent-length: 0\r\n\r\n");
+                    let _ = stream.write_all(
+                        b"HTTP/1.1 200 OK\r\ncontent-type: application/x-protobuf\r\ncontent-length: 0\r\n\r\n",
+                    );
                 }
             });
         }
@@ -168,7 +172,7 @@ fn otlp_receiver() -> (u16, std::sync::mpsc::Receiver<(String, String, Vec<u8>)>
 #[test]
 fn spans_are_exported_over_otlp_when_the_endpoint_is_set() {
     let (otlp_port, exports) = otlp_receiver();
-    let dir = std::env::temp_dir().join(format!("nexus-otlp-test-{}", std::process::id()));
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("nexus-otlp-test-{}", std::process::id()));
     let redis = RedisServer::start(&dir.join("redis"), false).unwrap();
     let port = free_port().unwrap();
     let child = Command::new(env!("CARGO_BIN_EXE_nexus"))

@@ -52,9 +52,7 @@ impl KafkaConfig {
 
     fn client(&self) -> ClientConfig {
         let mut c = ClientConfig::new();
-        c.set("bootstrap.servers", &self.brokers)
-            .set("broker.address.family", "v4")
-            .set("log_level", "4");
+        c.set("bootstrap.servers", &self.brokers).set("broker.address.family", "v4").set("log_level", "4");
         c
     }
 }
@@ -285,8 +283,10 @@ impl Handler<Consume> for KafkaBridge {
         let (done_tx, done_rx) = oneshot::channel();
         self.consumers.lock().unwrap_or_else(|e| e.into_inner()).insert(id, (stop_tx, done_rx));
         let metrics = self.kernel.metrics().clone();
+        let consumers = self.consumers.clone();
         actix::spawn(async move {
             run_consumer(consumer, msg.subscriber, stop_rx, metrics).await;
+            consumers.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
             let _ = done_tx.send(());
         });
         Reply::Now(Ok(id))
@@ -341,13 +341,20 @@ async fn run_consumer(
             Err(error) => {
                 // A record that can never decode would block its partition
                 // forever: it is counted, logged and skipped.
-                metrics.bus_error("kafka", "decode", &format_args!("{}/{}@{}: {error}", msg.topic(), msg.partition(), msg.offset()));
+                metrics.bus_error(
+                    "kafka",
+                    "decode",
+                    &format_args!("{}/{}@{}: {error}", msg.topic(), msg.partition(), msg.offset()),
+                );
                 let _ = consumer.store_offset_from_message(&msg);
                 continue;
             }
         };
         if !deliver_until_acked(&subscriber, record, &metrics).await {
-            tracing::warn!(subscriber = subscriber.to(), "kafka subscriber stopped; consumer stops without committing its record");
+            tracing::warn!(
+                subscriber = subscriber.to(),
+                "kafka subscriber stopped; consumer stops without committing its record"
+            );
             break;
         }
         if let Err(error) = consumer.store_offset_from_message(&msg) {
@@ -410,11 +417,7 @@ async fn replay(config: KafkaConfig, msg: Replay, metrics: Metrics) -> Result<u6
         .create()?;
     let timeout = Duration::from_secs(10);
     let metadata = consumer.fetch_metadata(Some(&msg.topic), timeout)?;
-    let partitions: Vec<i32> = metadata
-        .topics()
-        .iter()
-        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
-        .collect();
+    let partitions: Vec<i32> = metadata.topics().iter().flat_map(|t| t.partitions().iter().map(|p| p.id())).collect();
     let mut start = TopicPartitionList::new();
     let mut end: HashMap<i32, i64> = HashMap::new();
     for &p in &partitions {

@@ -56,6 +56,8 @@ pub struct BusMessage {
 }
 
 /// What a Redis subscriber receives.
+// Messages are the common case; boxing them would cost an allocation each.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone)]
 pub enum BusEvent {
     Message(BusMessage),

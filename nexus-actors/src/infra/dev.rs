@@ -6,9 +6,9 @@ use rdkafka::mocking::MockCluster;
 use rdkafka::producer::DefaultProducerContext;
 
 use super::process::{find_program, InfraError};
-use crate::bus::kafka::{SEMANTIC_COMMANDS, SEMANTIC_EVENTS};
 use super::redis_server::pings;
 use super::{RedisServer, Tansu, TansuStorage};
+use crate::bus::kafka::{SEMANTIC_COMMANDS, SEMANTIC_EVENTS};
 
 /// The Redis `nexus dev` uses, and the child serving it if it started one.
 pub struct DevRedis {
@@ -62,12 +62,7 @@ pub fn kafka(data_dir: &Path) -> Result<DevKafka, InfraError> {
             (TansuStorage::Memory, "tansu child, memory storage: kept only while nexus dev runs".to_owned())
         };
         let tansu = Tansu::start(&dir, storage)?;
-        return Ok(DevKafka {
-            brokers: tansu.brokers(),
-            origin,
-            _tansu: Some(tansu),
-            _mock: None,
-        });
+        return Ok(DevKafka { brokers: tansu.brokers(), origin, _tansu: Some(tansu), _mock: None });
     }
     let mock = MockCluster::new(1).map_err(|e| InfraError::Io(std::io::Error::other(e)))?;
     for topic in [SEMANTIC_COMMANDS, SEMANTIC_EVENTS] {

@@ -10,6 +10,6 @@ mod process;
 pub mod redis_server;
 pub mod tansu;
 
-pub use process::{free_port, find_program, InfraError};
+pub use process::{find_program, free_port, InfraError};
 pub use redis_server::RedisServer;
 pub use tansu::{Tansu, TansuStorage};

@@ -25,7 +25,8 @@ pub fn free_port() -> std::io::Result<u16> {
 
 /// Finds `program` on `PATH` or in `~/.cargo/bin`.
 pub fn find_program(program: &str) -> Option<PathBuf> {
-    let mut dirs: Vec<PathBuf> = std::env::var_os("PATH").map(|p| std::env::split_paths(&p).collect()).unwrap_or_default();
+    let mut dirs: Vec<PathBuf> =
+        std::env::var_os("PATH").map(|p| std::env::split_paths(&p).collect()).unwrap_or_default();
     if let Some(home) = std::env::var_os("HOME") {
         dirs.push(Path::new(&home).join(".cargo/bin"));
     }
@@ -44,7 +45,13 @@ pub(crate) struct ChildProcess {
 }
 
 impl ChildProcess {
-    pub(crate) fn new(program: PathBuf, args: Vec<String>, envs: Vec<(String, String)>, log: PathBuf, port: u16) -> Self {
+    pub(crate) fn new(
+        program: PathBuf,
+        args: Vec<String>,
+        envs: Vec<(String, String)>,
+        log: PathBuf,
+        port: u16,
+    ) -> Self {
         ChildProcess { program, args, envs, log, cwd: None, port, child: None }
     }
 

@@ -105,8 +105,11 @@ impl Graph {
         self.actors.lock().unwrap_or_else(|e| e.into_inner()).insert(cell.id.clone(), Arc::downgrade(cell));
     }
 
+    /// Forgets a stopped actor and the edges into it. Links that still
+    /// point at it keep their counter alive but it is no longer reported.
     pub(crate) fn remove(&self, id: &str) {
         self.actors.lock().unwrap_or_else(|e| e.into_inner()).remove(id);
+        self.edges.lock().unwrap_or_else(|e| e.into_inner()).retain(|(_, to), _| to != id);
     }
 
     /// The counter of messages from `from` to `to`, created on first use.
@@ -135,10 +138,16 @@ impl Graph {
             })
             .collect();
         let edges = self.edges.lock().unwrap_or_else(|e| e.into_inner());
+        // An actor spawned under the id of a stopped one may race with the
+        // stop's removal; report only edges into live actors.
         let mut edges: Vec<EdgeView> = edges
             .iter()
             .filter(|((_, to), _)| live.contains(to.as_str()))
-            .map(|((from, to), count)| EdgeView { from: from.clone(), to: to.clone(), count: count.load(Ordering::Relaxed) })
+            .map(|((from, to), count)| EdgeView {
+                from: from.clone(),
+                to: to.clone(),
+                count: count.load(Ordering::Relaxed),
+            })
             .collect();
         edges.sort_by(|a, b| (&a.from, &a.to).cmp(&(&b.from, &b.to)));
         GraphSnapshot { actors, edges }

@@ -80,7 +80,12 @@ pub struct Link<M: Message> {
 
 impl<M: Message> Clone for Link<M> {
     fn clone(&self) -> Self {
-        Link { recipient: self.recipient.clone(), cell: self.cell.clone(), edge: self.edge.clone(), dropped: self.dropped.clone() }
+        Link {
+            recipient: self.recipient.clone(),
+            cell: self.cell.clone(),
+            edge: self.edge.clone(),
+            dropped: self.dropped.clone(),
+        }
     }
 }
 

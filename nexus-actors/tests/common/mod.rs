@@ -85,8 +85,10 @@ impl Handler<KafkaRecord> for Recorder {
     }
 }
 
+/// A fresh directory under `target/tmp` for one test's brokers.
 pub fn tempdir(name: &str) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("nexus-test-{name}-{}", std::process::id()));
+    let dir =
+        std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("nexus-test-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     dir
