@@ -11,6 +11,7 @@
 //! The subscription table outlives restarts of the bridge itself.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use std::time::Duration;
@@ -22,6 +23,7 @@ use redis::aio::{ConnectionManager, PubSubSink};
 use super::{Backoff, Bus, BusDown, BusEvent, BusMessage, BusUp};
 use crate::envelope::Envelope;
 use crate::kernel::{ActorRef, Behaviour, Ctx, Handler, Kernel, Link, Message, Reply, SendError, Supervised};
+use crate::telemetry::Metrics;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -90,16 +92,6 @@ impl Message for Publish {
     type Reply = Result<u64, PublishError>;
 }
 
-/// A raw message read from the pub/sub connection.
-struct Inbound {
-    generation: u64,
-    msg: redis::Msg,
-}
-
-impl Message for Inbound {
-    type Reply = ();
-}
-
 /// The pub/sub connection of `generation` ended.
 struct ConnectionLost {
     generation: u64,
@@ -119,9 +111,10 @@ pub struct RedisBridge {
     subscriptions: Subscriptions,
     sink: Option<PubSubSink>,
     publisher: Option<ConnectionManager>,
-    /// Increases with every pub/sub connection, so that news about an old
-    /// connection is ignored.
-    generation: u64,
+    /// Increases with every pub/sub connection, so that an old connection's
+    /// reader stops and news about it is ignored. Shared with the readers and
+    /// kept across restarts of the bridge.
+    generation: Arc<AtomicU64>,
     backoff: Backoff,
     me: Option<ActorRef<RedisBridge>>,
 }
@@ -137,6 +130,7 @@ impl RedisBridge {
     ) -> Result<ActorRef<RedisBridge>, redis::RedisError> {
         let client = redis::Client::open(url)?;
         let subscriptions: Subscriptions = Arc::default();
+        let generation = Arc::new(AtomicU64::new(0));
         let k = kernel.clone();
         Ok(kernel.spawn_on(arbiter, "redis-bridge", move || RedisBridge {
             kernel: k.clone(),
@@ -144,15 +138,14 @@ impl RedisBridge {
             subscriptions: subscriptions.clone(),
             sink: None,
             publisher: None,
-            generation: 0,
+            generation: generation.clone(),
             backoff: Backoff::new(),
             me: None,
         }))
     }
 
     fn connect(&mut self, ctx: &mut Ctx<Self>) {
-        self.generation += 1;
-        let generation = self.generation;
+        let generation = self.generation.fetch_add(1, Ordering::SeqCst) + 1;
         let client = self.client.clone();
         let topics: Vec<Topic> = lock(&self.subscriptions).keys().cloned().collect();
         let publisher = self.publisher.clone();
@@ -175,7 +168,13 @@ impl RedisBridge {
                 this.publisher = Some(publisher);
                 this.backoff.reset();
                 if let Some(me) = &this.me {
-                    spawn_reader(me.link("redis"), me.link("redis"), generation, stream);
+                    let reader = Reader {
+                        subscriptions: this.subscriptions.clone(),
+                        metrics: this.kernel.metrics().clone(),
+                        current: this.generation.clone(),
+                        generation,
+                    };
+                    reader.spawn(stream, me.link("redis"));
                 }
                 tracing::info!(bus = "redis", "bus up");
                 this.broadcast(|| BusEvent::Up(BusUp { bus: Bus::Redis }));
@@ -203,31 +202,33 @@ impl RedisBridge {
             links.retain(|link| link.tell(event()).is_ok());
         }
     }
+}
 
-    fn deliver(&mut self, msg: redis::Msg) {
-        let channel = msg.get_channel_name().to_owned();
-        let pattern: Option<String> = if msg.from_pattern() { msg.get_pattern().ok() } else { None };
-        let metrics = self.kernel.metrics();
-        metrics.bus_received.with_label_values(&["redis", topic_label(&channel)]).inc();
-        let envelope = match Envelope::decode(msg.get_payload_bytes()) {
-            Ok(envelope) => envelope,
-            Err(error) => {
-                metrics.bus_error("redis", "decode", &format_args!("channel {channel}: {error}"));
-                return;
-            }
-        };
-        let topic = match &pattern {
-            Some(p) => Topic::Pattern(p.clone()),
-            None => Topic::Channel(channel.clone()),
-        };
-        let mut subs = lock(&self.subscriptions);
-        let Some(links) = subs.get_mut(&topic) else { return };
-        let event = BusMessage { channel, pattern, envelope };
-        links.retain(|link| match link.try_tell(BusEvent::Message(event.clone())) {
-            Ok(()) | Err(SendError::Full(_)) => true,
-            Err(SendError::Closed(_)) => false,
-        });
-    }
+/// Decodes one pub/sub message and offers it to every subscriber of its
+/// channel or pattern. Runs in the reader task, on the bridge's thread: a
+/// hop through the bridge's own mailbox would add latency and nothing else.
+fn deliver(subscriptions: &Subscriptions, metrics: &Metrics, msg: &redis::Msg) {
+    let channel = msg.get_channel_name();
+    let pattern: Option<String> = if msg.from_pattern() { msg.get_pattern().ok() } else { None };
+    metrics.bus_received.with_label_values(&["redis", topic_label(channel)]).inc();
+    let envelope = match Envelope::decode(msg.get_payload_bytes()) {
+        Ok(envelope) => envelope,
+        Err(error) => {
+            metrics.bus_error("redis", "decode", &format_args!("channel {channel}: {error}"));
+            return;
+        }
+    };
+    let topic = match &pattern {
+        Some(p) => Topic::Pattern(p.clone()),
+        None => Topic::Channel(channel.to_owned()),
+    };
+    let mut subs = lock(subscriptions);
+    let Some(links) = subs.get_mut(&topic) else { return };
+    let event = BusMessage { channel: channel.to_owned(), pattern, envelope };
+    links.retain(|link| match link.try_tell(BusEvent::Message(event.clone())) {
+        Ok(()) | Err(SendError::Full(_)) => true,
+        Err(SendError::Closed(_)) => false,
+    });
 }
 
 /// Bounds the cardinality of the `topic` label: `nexus:doc:42` → `nexus:doc`.
@@ -249,22 +250,27 @@ async fn subscribe_on(sink: &mut PubSubSink, topic: &Topic) -> redis::RedisResul
     }
 }
 
-fn spawn_reader(
-    inbound: Link<Inbound>,
-    lost: Link<ConnectionLost>,
+/// Reads one pub/sub connection until it closes or a newer one replaces it.
+struct Reader {
+    subscriptions: Subscriptions,
+    metrics: Metrics,
+    current: Arc<AtomicU64>,
     generation: u64,
-    mut stream: redis::aio::PubSubStream,
-) {
-    actix::spawn(async move {
-        while let Some(msg) = stream.next().await {
-            // Waiting for room here pushes back on the socket instead of
-            // growing the bridge's mailbox without bound.
-            if inbound.ask(Inbound { generation, msg }).await.is_err() {
-                return;
+}
+
+impl Reader {
+    fn spawn(self, mut stream: redis::aio::PubSubStream, lost: Link<ConnectionLost>) {
+        actix::spawn(async move {
+            while let Some(msg) = stream.next().await {
+                if self.current.load(Ordering::SeqCst) != self.generation {
+                    return;
+                }
+                deliver(&self.subscriptions, &self.metrics, &msg);
             }
-        }
-        let _ = lost.tell(ConnectionLost { generation, reason: "pub/sub connection closed".into() });
-    });
+            let reason = "pub/sub connection closed".into();
+            let _ = lost.tell(ConnectionLost { generation: self.generation, reason });
+        });
+    }
 }
 
 impl Behaviour for RedisBridge {
@@ -277,18 +283,9 @@ impl Behaviour for RedisBridge {
     }
 }
 
-impl Handler<Inbound> for RedisBridge {
-    fn handle(&mut self, msg: Inbound, _ctx: &mut Ctx<Self>) -> Reply<()> {
-        if msg.generation == self.generation {
-            self.deliver(msg.msg);
-        }
-        Reply::Now(())
-    }
-}
-
 impl Handler<ConnectionLost> for RedisBridge {
     fn handle(&mut self, msg: ConnectionLost, ctx: &mut Ctx<Self>) -> Reply<()> {
-        if msg.generation != self.generation {
+        if msg.generation != self.generation.load(Ordering::SeqCst) {
             return Reply::Now(());
         }
         self.sink = None;

@@ -1,0 +1,463 @@
+//! `nexus-bench`: measures Nexus against the raw clients it is built on, in
+//! one run on one machine, and prints (and with `--write`, records) a table.
+//!
+//! Rows: (a) kernel request/reply and one-way vs raw actix; (b) Redis bridge
+//! publish → subscriber actor vs raw redis-rs publish → subscribe; (c) Kafka
+//! bridge produce → acknowledging actor vs raw rdkafka producer → consumer on
+//! the same tansu broker. Timings are reported, never asserted.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use actix::{Actor, Arbiter};
+use futures::{StreamExt, TryStreamExt};
+use nexus_actors::bus::kafka::{ensure_topics, Consume, KafkaBridge, KafkaConfig, KafkaRecord, Nack, Produce};
+use nexus_actors::bus::redis::{Publish, RedisBridge, Subscribe, Topic};
+use nexus_actors::bus::BusEvent;
+use nexus_actors::infra::{RedisServer, Tansu, TansuStorage};
+use nexus_actors::{Behaviour, Ctx, Envelope, Handler, Kernel, Message, Reply};
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::util::Timeout;
+use rdkafka::{ClientConfig, Message as _};
+use serde_json::json;
+
+struct Sizes {
+    kernel: u64,
+    redis: u64,
+    kafka: u64,
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let quick = args.iter().any(|a| a == "--quick");
+    let write = args.iter().position(|a| a == "--write").and_then(|i| args.get(i + 1)).map(PathBuf::from);
+    let sizes = if quick {
+        Sizes { kernel: 20_000, redis: 5_000, kafka: 2_000 }
+    } else {
+        Sizes { kernel: 200_000, redis: 50_000, kafka: 20_000 }
+    };
+    let dir = std::env::temp_dir().join(format!("nexus-bench-{}", std::process::id()));
+    let rows = actix_rt::System::new().block_on(async {
+        let mut rows = Vec::new();
+        rows.extend(kernel_rows(sizes.kernel).await);
+        rows.extend(redis_rows(&dir, sizes.redis).await);
+        rows.extend(kafka_rows(&dir, sizes.kafka).await);
+        rows
+    });
+    let _ = std::fs::remove_dir_all(&dir);
+    let table = render(&rows);
+    println!("{table}");
+    if let Some(path) = write {
+        let command = format!("cargo run --release -p nexus-benches --{}", if quick { " --quick" } else { "" });
+        let doc = format!(
+            "# Benchmark results\n\nLatest run of `{command} --write {}`.\n\n{}\n{table}\n{}",
+            path.display(),
+            machine(),
+            NOTES
+        );
+        std::fs::write(&path, doc).expect("write results");
+        eprintln!("wrote {}", path.display());
+    }
+}
+
+const NOTES: &str = "\
+Ratio is Nexus ÷ raw for throughput (higher is better, 1.00 = parity) and
+raw ÷ Nexus for latency (higher is better). Each kernel figure is the median
+of three runs. Redis and Kafka run against a private `redis-server` and a
+private `tansu` (memory storage) started by the harness on loopback; the
+Nexus and raw sides use the same broker, payload (a CloudEvents envelope of
+about 250 bytes) and concurrency (64 publishes / 256 produces in flight).
+Latency is from creating a message to the receiving actor (or raw consumer
+loop) handling it. Targets for later issues: kernel within 10% of raw actix,
+bridges within 20% of the raw clients.
+";
+
+struct Row {
+    name: &'static str,
+    unit: &'static str,
+    nexus: f64,
+    raw: f64,
+    higher_is_better: bool,
+}
+
+fn render(rows: &[Row]) -> String {
+    let mut out = String::from("| measurement | unit | Nexus | raw baseline | ratio |\n|---|---|---:|---:|---:|\n");
+    for r in rows {
+        let ratio = if r.higher_is_better { r.nexus / r.raw } else { r.raw / r.nexus };
+        out += &format!("| {} | {} | {:.0} | {:.0} | {:.2} |\n", r.name, r.unit, r.nexus, r.raw, ratio);
+    }
+    out
+}
+
+fn machine() -> String {
+    let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default();
+    let cpu = read("/proc/cpuinfo")
+        .lines()
+        .find(|l| l.starts_with("model name"))
+        .and_then(|l| l.split(':').nth(1))
+        .unwrap_or("?")
+        .trim()
+        .to_owned();
+    let mem = read("/proc/meminfo")
+        .lines()
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .nth(1)
+        .and_then(|kb| kb.parse::<u64>().ok())
+        .map(|kb| format!("{:.1} GiB", kb as f64 / 1048576.0))
+        .unwrap_or_default();
+    let kernel = read("/proc/sys/kernel/osrelease").trim().to_owned();
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    let commit = std::process::Command::new("git")
+        .args(["rev-parse", "--short", "HEAD"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default();
+    format!(
+        "- date: {}\n- machine: {cores} cores, {cpu}, {mem} RAM, Linux {kernel}\n- commit: {commit}\n",
+        chrono::Utc::now().format("%Y-%m-%d %H:%M UTC")
+    )
+}
+
+fn now_us() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_micros() as u64).unwrap_or(0)
+}
+
+fn per_sec(n: u64, elapsed: Duration) -> f64 {
+    n as f64 / elapsed.as_secs_f64()
+}
+
+fn median(mut xs: Vec<f64>) -> f64 {
+    xs.sort_by(|a, b| a.total_cmp(b));
+    xs[xs.len() / 2]
+}
+
+fn percentile(sorted: &[u64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize] as f64
+}
+
+// ---- (a) kernel vs raw actix ---------------------------------------------
+
+struct Counter(u64);
+impl Behaviour for Counter {
+    const KIND: &'static str = "bench_counter";
+    const MAILBOX: usize = 1 << 20;
+}
+struct Inc;
+impl Message for Inc {
+    type Reply = u64;
+}
+impl Handler<Inc> for Counter {
+    fn handle(&mut self, _: Inc, _: &mut Ctx<Self>) -> Reply<u64> {
+        self.0 += 1;
+        Reply::Now(self.0)
+    }
+}
+
+struct RawCounter(u64);
+impl Actor for RawCounter {
+    type Context = actix::Context<Self>;
+}
+struct RawInc;
+impl actix::Message for RawInc {
+    type Result = u64;
+}
+impl actix::Handler<RawInc> for RawCounter {
+    type Result = u64;
+    fn handle(&mut self, _: RawInc, _: &mut Self::Context) -> u64 {
+        self.0 += 1;
+        self.0
+    }
+}
+
+async fn kernel_rows(n: u64) -> Vec<Row> {
+    let kernel = Kernel::new("bench");
+    let arbiter = Arbiter::new();
+    let nexus = kernel.spawn_on(&arbiter.handle(), "counter", || Counter(0)).link::<Inc>("bench");
+    let raw = RawCounter::start_in_arbiter(&arbiter.handle(), |_| RawCounter(0));
+    let (mut n_ask, mut r_ask, mut n_tell, mut r_tell) = (vec![], vec![], vec![], vec![]);
+    for _ in 0..3 {
+        let t = Instant::now();
+        for _ in 0..n {
+            nexus.ask(Inc).await.expect("ask");
+        }
+        n_ask.push(per_sec(n, t.elapsed()));
+        let t = Instant::now();
+        for _ in 0..n {
+            raw.send(RawInc).await.expect("send");
+        }
+        r_ask.push(per_sec(n, t.elapsed()));
+        let t = Instant::now();
+        for _ in 0..n {
+            let _ = nexus.tell(Inc);
+        }
+        nexus.ask(Inc).await.expect("drain");
+        n_tell.push(per_sec(n + 1, t.elapsed()));
+        let t = Instant::now();
+        for _ in 0..n {
+            raw.do_send(RawInc);
+        }
+        raw.send(RawInc).await.expect("drain");
+        r_tell.push(per_sec(n + 1, t.elapsed()));
+    }
+    arbiter.stop();
+    vec![
+        Row {
+            name: "kernel request/reply (ask vs send)",
+            unit: "msg/s",
+            nexus: median(n_ask),
+            raw: median(r_ask),
+            higher_is_better: true,
+        },
+        Row {
+            name: "kernel one-way (tell vs do_send)",
+            unit: "msg/s",
+            nexus: median(n_tell),
+            raw: median(r_tell),
+            higher_is_better: true,
+        },
+    ]
+}
+
+// ---- (b) Redis bridge vs raw redis-rs -------------------------------------
+
+fn ping(seq: u64) -> Envelope {
+    Envelope::with_type("nexus.bench.ping", "bench", json!({ "seq": seq, "sent_us": now_us() }))
+}
+
+/// Records delivery latency of every envelope it receives.
+struct Sink {
+    latencies: Arc<Mutex<Vec<u64>>>,
+}
+impl Behaviour for Sink {
+    const KIND: &'static str = "bench_sink";
+    const MAILBOX: usize = 1 << 16;
+}
+impl Handler<BusEvent> for Sink {
+    fn handle(&mut self, event: BusEvent, _: &mut Ctx<Self>) -> Reply<()> {
+        if let BusEvent::Message(m) = event {
+            record(&self.latencies, &m.envelope);
+        }
+        Reply::Now(())
+    }
+}
+impl Handler<KafkaRecord> for Sink {
+    fn handle(&mut self, kafka: KafkaRecord, _: &mut Ctx<Self>) -> Reply<Result<(), Nack>> {
+        record(&self.latencies, &kafka.envelope);
+        Reply::Now(Ok(()))
+    }
+}
+
+fn record(latencies: &Mutex<Vec<u64>>, envelope: &Envelope) {
+    let sent = envelope.data["sent_us"].as_u64().unwrap_or(0);
+    latencies.lock().unwrap().push(now_us().saturating_sub(sent));
+}
+
+async fn wait_for(latencies: &Mutex<Vec<u64>>, n: u64, limit: Duration) -> Instant {
+    let deadline = Instant::now() + limit;
+    while (latencies.lock().unwrap().len() as u64) < n && Instant::now() < deadline {
+        actix::clock::sleep(Duration::from_micros(200)).await;
+    }
+    Instant::now()
+}
+
+struct Run {
+    throughput: f64,
+    p50: f64,
+    p99: f64,
+    delivered: u64,
+}
+
+fn run_of(n: u64, elapsed: Duration, latencies: &Mutex<Vec<u64>>) -> Run {
+    let mut l = latencies.lock().unwrap().clone();
+    l.sort_unstable();
+    let delivered = l.len() as u64;
+    Run {
+        throughput: per_sec(delivered.min(n), elapsed),
+        p50: percentile(&l, 0.5),
+        p99: percentile(&l, 0.99),
+        delivered,
+    }
+}
+
+fn latency_rows(prefix: &'static [&'static str; 3], nexus: &Run, raw: &Run) -> Vec<Row> {
+    vec![
+        Row { name: prefix[0], unit: "msg/s", nexus: nexus.throughput, raw: raw.throughput, higher_is_better: true },
+        Row { name: prefix[1], unit: "µs", nexus: nexus.p50, raw: raw.p50, higher_is_better: false },
+        Row { name: prefix[2], unit: "µs", nexus: nexus.p99, raw: raw.p99, higher_is_better: false },
+    ]
+}
+
+async fn redis_rows(dir: &std::path::Path, n: u64) -> Vec<Row> {
+    let server = RedisServer::start(&dir.join("redis"), false).expect("redis-server");
+    let kernel = Kernel::new("bench");
+    let (bridge_arbiter, sink_arbiter) = (Arbiter::new(), Arbiter::new());
+    let bridge = RedisBridge::spawn(&kernel, &bridge_arbiter.handle(), &server.url()).expect("bridge");
+    let latencies = Arc::new(Mutex::new(Vec::new()));
+    let l = latencies.clone();
+    let sink = kernel.spawn_on(&sink_arbiter.handle(), "sink", move || Sink { latencies: l.clone() });
+    let subscribe =
+        Subscribe { topic: Topic::Channel("nexus:bench:nexus".into()), subscriber: sink.link("redis-bridge") };
+    bridge.link::<Subscribe>("bench").ask(subscribe).await.expect("ask").expect("subscribe");
+    // Wait for the connection (publishes fail fast until it is up).
+    let publish = bridge.link::<Publish>("bench");
+    while publish.ask(Publish { channel: "nexus:bench:warmup".into(), envelope: ping(0) }).await.expect("ask").is_err()
+    {
+        actix::clock::sleep(Duration::from_millis(20)).await;
+    }
+    let t = Instant::now();
+    futures::stream::iter(0..n)
+        .map(|seq| publish.ask(Publish { channel: "nexus:bench:nexus".into(), envelope: ping(seq) }))
+        .buffer_unordered(64)
+        .for_each(|r| async move {
+            r.expect("ask").expect("publish");
+        })
+        .await;
+    let end = wait_for(&latencies, n, Duration::from_secs(30)).await;
+    let nexus = run_of(n, end - t, &latencies);
+
+    let client = redis::Client::open(server.url()).expect("client");
+    let conn = client.get_multiplexed_async_connection().await.expect("connection");
+    let (mut sink, mut stream) = client.get_async_pubsub().await.expect("pubsub").split();
+    sink.subscribe("nexus:bench:raw").await.expect("subscribe");
+    let raw_latencies = Arc::new(Mutex::new(Vec::new()));
+    let rl = raw_latencies.clone();
+    actix::spawn(async move {
+        while let Some(msg) = stream.next().await {
+            if let Ok(envelope) = Envelope::decode(msg.get_payload_bytes()) {
+                record(&rl, &envelope);
+            }
+        }
+    });
+    let t = Instant::now();
+    futures::stream::iter(0..n)
+        .map(|seq| {
+            let mut conn = conn.clone();
+            async move {
+                let bytes = ping(seq).encode();
+                redis::cmd("PUBLISH").arg("nexus:bench:raw").arg(bytes).query_async::<u64>(&mut conn).await
+            }
+        })
+        .buffer_unordered(64)
+        .try_collect::<Vec<_>>()
+        .await
+        .expect("raw publish");
+    let end = wait_for(&raw_latencies, n, Duration::from_secs(30)).await;
+    let raw = run_of(n, end - t, &raw_latencies);
+    if nexus.delivered < n || raw.delivered < n {
+        eprintln!("redis: delivered nexus {} raw {} of {n}", nexus.delivered, raw.delivered);
+    }
+    latency_rows(&["redis publish → subscriber", "redis latency p50", "redis latency p99"], &nexus, &raw)
+}
+
+// ---- (c) Kafka bridge vs raw rdkafka ----------------------------------------
+
+async fn kafka_rows(dir: &std::path::Path, n: u64) -> Vec<Row> {
+    let tansu = Tansu::start(&dir.join("tansu"), TansuStorage::Memory).expect("tansu");
+    let config = KafkaConfig::new(tansu.brokers());
+    let kernel = Kernel::new("bench");
+    let (bridge_arbiter, sink_arbiter) = (Arbiter::new(), Arbiter::new());
+    let bridge = KafkaBridge::spawn(&kernel, &bridge_arbiter.handle(), config.clone()).await.expect("bridge");
+    ensure_topics(&config, &["bench.nexus", "bench.raw"]).await.expect("topics");
+
+    let latencies = Arc::new(Mutex::new(Vec::new()));
+    let l = latencies.clone();
+    let sink = kernel.spawn_on(&sink_arbiter.handle(), "sink", move || Sink { latencies: l.clone() });
+    let consume = Consume {
+        group: "bench-nexus".into(),
+        topics: vec!["bench.nexus".into()],
+        subscriber: sink.link("kafka-bridge"),
+    };
+    bridge.link::<Consume>("bench").ask(consume).await.expect("ask").expect("consume");
+    let produce = bridge.link::<Produce>("bench");
+    // Warm-up: the clock starts once the consumer has joined its group.
+    produce
+        .ask(Produce { topic: "bench.nexus".into(), key: "warmup".into(), envelope: ping(0) })
+        .await
+        .expect("ask")
+        .expect("produce");
+    wait_for(&latencies, 1, Duration::from_secs(60)).await;
+    latencies.lock().unwrap().clear();
+    let t = Instant::now();
+    futures::stream::iter(0..n)
+        .map(|seq| {
+            produce.ask(Produce { topic: "bench.nexus".into(), key: format!("ctx-{}", seq % 16), envelope: ping(seq) })
+        })
+        .buffer_unordered(256)
+        .for_each(|r| async move {
+            r.expect("ask").expect("produce");
+        })
+        .await;
+    let end = wait_for(&latencies, n, Duration::from_secs(120)).await;
+    let nexus = run_of(n, end - t, &latencies);
+
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", tansu.brokers())
+        .set("broker.address.family", "v4")
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("linger.ms", "1")
+        .create()
+        .expect("producer");
+    let consumer: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", tansu.brokers())
+        .set("broker.address.family", "v4")
+        .set("group.id", "bench-raw")
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .expect("consumer");
+    consumer.subscribe(&["bench.raw"]).expect("subscribe");
+    let raw_latencies = Arc::new(Mutex::new(Vec::new()));
+    let rl = raw_latencies.clone();
+    actix::spawn(async move {
+        loop {
+            match consumer.recv().await {
+                Ok(m) => {
+                    if let Ok(envelope) = Envelope::decode(m.payload().unwrap_or_default()) {
+                        record(&rl, &envelope);
+                    }
+                }
+                Err(e) => eprintln!("raw consumer: {e}"),
+            }
+        }
+    });
+    let warmup = ping(0).encode();
+    producer
+        .send(FutureRecord::to("bench.raw").key("warmup").payload(&warmup), Timeout::After(Duration::from_secs(30)))
+        .await
+        .expect("raw produce");
+    wait_for(&raw_latencies, 1, Duration::from_secs(60)).await;
+    raw_latencies.lock().unwrap().clear();
+    let t = Instant::now();
+    futures::stream::iter(0..n)
+        .map(|seq| {
+            let producer = producer.clone();
+            async move {
+                let bytes = ping(seq).encode();
+                let key = format!("ctx-{}", seq % 16);
+                producer
+                    .send(
+                        FutureRecord::to("bench.raw").key(&key).payload(&bytes),
+                        Timeout::After(Duration::from_secs(30)),
+                    )
+                    .await
+            }
+        })
+        .buffer_unordered(256)
+        .for_each(|r| async move {
+            r.expect("raw produce");
+        })
+        .await;
+    let end = wait_for(&raw_latencies, n, Duration::from_secs(120)).await;
+    let raw = run_of(n, end - t, &raw_latencies);
+    if nexus.delivered < n || raw.delivered < n {
+        eprintln!("kafka: delivered nexus {} raw {} of {n}", nexus.delivered, raw.delivered);
+    }
+    latency_rows(&["kafka produce → acknowledging actor", "kafka latency p50", "kafka latency p99"], &nexus, &raw)
+}
