@@ -27,7 +27,6 @@ ensure_build_tools() {
   command -v make >/dev/null || missing+=(make)
   command -v pkg-config >/dev/null || missing+=(pkg-config)
   command -v perl >/dev/null || missing+=(perl)
-  command -v python3 >/dev/null || missing+=(python3)
   if [ ${#missing[@]} -gt 0 ]; then
     echo "installing build tools: ${missing[*]}"
     apt_install "${missing[@]}"

@@ -91,6 +91,9 @@ fn check_dev_node(name: &str, setup: impl FnOnce(&mut Command)) {
         "nexus_actor_restarts_total",
         "nexus_mailbox_depth",
         "nexus_mailbox_dropped_total",
+        "nexus_bus_published_total{bus=\"kafka\",topic=\"semantic.events\"} 0",
+        "nexus_bus_received_total{bus=\"kafka\",topic=\"semantic.commands\"} 0",
+        "nexus_bus_errors_total{bus=\"redis\",kind=\"disconnected\"} 0",
     ] {
         assert!(metrics.contains(family), "/metrics lacks {family}");
     }

@@ -182,6 +182,13 @@ impl KafkaBridge {
             .set("linger.ms", "1")
             .set("message.timeout.ms", config.produce_timeout.as_millis().to_string())
             .create()?;
+        let metrics = kernel.metrics();
+        for topic in [SEMANTIC_COMMANDS, SEMANTIC_EVENTS] {
+            // Present from the start, so dashboards see zeros, not gaps.
+            metrics.bus_published.with_label_values(&["kafka", topic]);
+            metrics.bus_received.with_label_values(&["kafka", topic]);
+        }
+        metrics.bus_errors.with_label_values(&["kafka", "produce"]);
         let consumers: Consumers = Arc::default();
         let k = kernel.clone();
         Ok(kernel.spawn_on(arbiter, "kafka-bridge", move || KafkaBridge {

@@ -129,6 +129,8 @@ impl RedisBridge {
         url: &str,
     ) -> Result<ActorRef<RedisBridge>, redis::RedisError> {
         let client = redis::Client::open(url)?;
+        // Present from the start, so dashboards see zeros, not gaps.
+        kernel.metrics().bus_errors.with_label_values(&["redis", "disconnected"]);
         let subscriptions: Subscriptions = Arc::default();
         let generation = Arc::new(AtomicU64::new(0));
         let k = kernel.clone();
