@@ -85,7 +85,13 @@ async fn acknowledged_delivery_redelivery_bad_records_and_replay() {
     let kernel = Kernel::new("test");
     let arbiter = Arbiter::new();
     let bridge = KafkaBridge::spawn(&kernel, &arbiter.handle(), config.clone()).await.unwrap();
-    // The semantic topics exist now; creating them again is not an error.
+    // Spawning created the semantic topics; asking again is not an error.
+    let probe: BaseConsumer = ClientConfig::new().set("bootstrap.servers", tansu.brokers()).create().unwrap();
+    let metadata = probe.fetch_metadata(None, Duration::from_secs(10)).unwrap();
+    for topic in [SEMANTIC_COMMANDS, SEMANTIC_EVENTS] {
+        let found = metadata.topics().iter().find(|t| t.name() == topic).expect("semantic topic created");
+        assert_eq!(found.partitions().len(), 3);
+    }
     ensure_topics(&config, &[SEMANTIC_COMMANDS, SEMANTIC_EVENTS]).await.unwrap();
     ensure_topics(&config, &["test.ack"]).await.unwrap();
 
