@@ -9,7 +9,7 @@ use std::time::Duration;
 use actix::Arbiter;
 use common::{eventually, tempdir, Recorder, Seen};
 use nexus_actors::bus::kafka::{
-    ensure_topics, Consume, Delivered, KafkaBridge, KafkaConfig, Produce, Replay, ReplayFrom, StopConsumer,
+    ensure_topics, Consume, ConsumerId, Delivered, KafkaBridge, KafkaConfig, Produce, Replay, ReplayFrom, StopConsumer,
     SEMANTIC_COMMANDS, SEMANTIC_EVENTS,
 };
 use nexus_actors::infra::{Tansu, TansuStorage};
@@ -34,6 +34,18 @@ async fn produce(bridge: &ActorRef<KafkaBridge>, topic: &str, seqs: std::ops::Ra
         out.push(link.ask(produce).await.unwrap().unwrap());
     }
     out
+}
+
+/// Starts a consumer in `group` on `topic` that delivers to `subscriber`.
+async fn consume(
+    bridge: &ActorRef<KafkaBridge>,
+    group: &str,
+    topic: &str,
+    subscriber: &ActorRef<Recorder>,
+) -> ConsumerId {
+    let consume =
+        Consume { group: group.into(), topics: vec![topic.into()], subscriber: subscriber.link("kafka-bridge") };
+    bridge.link::<Consume>("test").ask(consume).await.unwrap().unwrap()
 }
 
 fn recorder(kernel: &Kernel, id: &str) -> (ActorRef<Recorder>, Arc<Mutex<Seen>>) {
@@ -110,9 +122,7 @@ async fn acknowledged_delivery_redelivery_bad_records_and_replay() {
     produce(&bridge, "test.ack", 50..51).await;
 
     let (rec, seen) = faulty_recorder(&kernel, "recorder", Some(7), Some(13));
-    let consume =
-        Consume { group: "g-ack".into(), topics: vec!["test.ack".into()], subscriber: rec.link("kafka-bridge") };
-    let consumer = bridge.link::<Consume>("test").ask(consume).await.unwrap().unwrap();
+    let consumer = consume(&bridge, "g-ack", "test.ack", &rec).await;
     eventually(60, "all 51 records acknowledged", || acked_seqs(&seen).len() == 51).await;
 
     {
@@ -175,16 +185,7 @@ async fn consumer_restart_mid_stream_loses_nothing_and_repeats_nothing_committed
     produce(&bridge, "test.restart", 0..100).await;
 
     let (first, first_seen) = recorder(&kernel, "first");
-    let consume = bridge.link::<Consume>("test");
-    let id = consume
-        .ask(Consume {
-            group: "g-restart".into(),
-            topics: vec!["test.restart".into()],
-            subscriber: first.link("kafka-bridge"),
-        })
-        .await
-        .unwrap()
-        .unwrap();
+    let id = consume(&bridge, "g-restart", "test.restart", &first).await;
     eventually(60, "first consumer acknowledged some", || acked_seqs(&first_seen).len() >= 30).await;
     bridge.link::<StopConsumer>("test").ask(StopConsumer(id)).await.unwrap();
     let committed_at_stop = committed(&tansu.brokers(), "g-restart", "test.restart");
@@ -192,15 +193,7 @@ async fn consumer_restart_mid_stream_loses_nothing_and_repeats_nothing_committed
     let acked_by_first = acked_seqs(&first_seen);
 
     let (second, second_seen) = recorder(&kernel, "second");
-    consume
-        .ask(Consume {
-            group: "g-restart".into(),
-            topics: vec!["test.restart".into()],
-            subscriber: second.link("kafka-bridge"),
-        })
-        .await
-        .unwrap()
-        .unwrap();
+    consume(&bridge, "g-restart", "test.restart", &second).await;
     eventually(60, "every record acknowledged by one of the two", || {
         acked_by_first.union(&acked_seqs(&second_seen)).count() == 100
     })
@@ -224,16 +217,7 @@ async fn broker_restart_mid_stream_loses_nothing_and_repeats_nothing_committed()
     let bridge = KafkaBridge::spawn(&kernel, &arbiter.handle(), config.clone()).await.unwrap();
     ensure_topics(&config, &["test.broker"]).await.unwrap();
     let (rec, seen) = recorder(&kernel, "recorder");
-    bridge
-        .link::<Consume>("test")
-        .ask(Consume {
-            group: "g-broker".into(),
-            topics: vec!["test.broker".into()],
-            subscriber: rec.link("kafka-bridge"),
-        })
-        .await
-        .unwrap()
-        .unwrap();
+    consume(&bridge, "g-broker", "test.broker", &rec).await;
     produce(&bridge, "test.broker", 0..40).await;
     eventually(60, "records before the restart acknowledged", || acked_seqs(&seen).len() == 40).await;
     // Let the periodic commit land, then note what the broker holds.
