@@ -2,18 +2,22 @@
 //!
 //! Producing is a message ([`Produce`]); the producer is idempotent and
 //! waits for all in-sync replicas. Consuming is a subscription
-//! ([`Consume`]): records reach the subscriber with [`Link::ask`] and an
-//! offset is stored for commit only after the subscriber acknowledged the
-//! record (at-least-once). A record that is not acknowledged (a [`Nack`] or
-//! a panicking handler) is delivered again, in order, until it is. [`Replay`]
+//! ([`Consume`]): records reach the subscriber with [`Link::ask`], one
+//! record in flight per partition (so per key, in order), and an offset is
+//! stored for commit only after the subscriber acknowledged its record and
+//! every earlier one of its partition (at-least-once). A record that is not
+//! acknowledged (a [`Nack`] or a panicking handler) is delivered again,
+//! before anything after it in its partition, until it is. [`Replay`]
 //! reads a topic again from an offset or a timestamp without touching the
 //! group's offsets. The trace context rides in the `traceparent` header.
 //! This module does not interpret payloads.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use futures::future::LocalBoxFuture;
+use futures::stream::{FuturesUnordered, StreamExt};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
@@ -323,51 +327,135 @@ impl Handler<Replay> for KafkaBridge {
     }
 }
 
+/// Records read ahead of their partition's turn, across all partitions.
+const MAX_BUFFERED: usize = 1024;
+/// How long a stopping consumer waits for the records already in flight.
+const STOP_DRAIN: Duration = Duration::from_secs(10);
+
+/// A record waiting for its turn; `None` is a record that cannot be decoded
+/// and is only skipped (its offset stored) when its turn comes.
+type Queued = (i64, Option<KafkaRecord>);
+
+/// Delivers records with one record in flight per partition: records of one
+/// partition (so of one key, one context) reach the subscriber in order and
+/// each only after the one before it was acknowledged, while partitions
+/// proceed in parallel. An offset is stored for commit only once its record
+/// and every record before it in its partition are acknowledged.
+struct Scheduler<'c> {
+    consumer: &'c StreamConsumer,
+    subscriber: Link<KafkaRecord>,
+    metrics: Metrics,
+    waiting: HashMap<(String, i32), VecDeque<Queued>>,
+    in_flight: FuturesUnordered<LocalBoxFuture<'static, ((String, i32), i64, bool)>>,
+    busy: HashSet<(String, i32)>,
+    buffered: usize,
+}
+
+impl Scheduler<'_> {
+    fn push(&mut self, topic: &str, partition: i32, offset: i64, record: Option<KafkaRecord>) {
+        let key = (topic.to_owned(), partition);
+        self.waiting.entry(key.clone()).or_default().push_back((offset, record));
+        self.buffered += 1;
+        if !self.busy.contains(&key) {
+            self.start_next(key);
+        }
+    }
+
+    /// Starts the next record of `key`, storing the offsets of skipped ones.
+    fn start_next(&mut self, key: (String, i32)) {
+        while let Some((offset, record)) = self.waiting.get_mut(&key).and_then(VecDeque::pop_front) {
+            match record {
+                None => {
+                    self.buffered -= 1;
+                    self.store(&key, offset);
+                }
+                Some(record) => {
+                    let (subscriber, metrics) = (self.subscriber.clone(), self.metrics.clone());
+                    self.busy.insert(key.clone());
+                    self.in_flight.push(Box::pin(async move {
+                        let acked = deliver_until_acked(&subscriber, record, &metrics).await;
+                        (key, offset, acked)
+                    }));
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Handles a finished delivery; false when the subscriber is gone.
+    fn finished(&mut self, key: (String, i32), offset: i64, acked: bool) -> bool {
+        self.busy.remove(&key);
+        self.buffered -= 1;
+        if !acked {
+            return false;
+        }
+        self.store(&key, offset);
+        self.start_next(key);
+        true
+    }
+
+    fn store(&self, (topic, partition): &(String, i32), offset: i64) {
+        // librdkafka commits `offset + 1`, the next one to read.
+        if let Err(error) = self.consumer.store_offset(topic, *partition, offset) {
+            self.metrics.bus_error("kafka", "store_offset", &error);
+        }
+    }
+}
+
 async fn run_consumer(
     consumer: StreamConsumer,
     subscriber: Link<KafkaRecord>,
     mut stop: oneshot::Receiver<()>,
     metrics: Metrics,
 ) {
+    let mut s = Scheduler {
+        consumer: &consumer,
+        subscriber,
+        metrics: metrics.clone(),
+        waiting: HashMap::new(),
+        in_flight: FuturesUnordered::new(),
+        busy: HashSet::new(),
+        buffered: 0,
+    };
     loop {
-        let received = tokio::select! {
+        tokio::select! {
             _ = &mut stop => break,
-            m = consumer.recv() => m,
-        };
-        let msg = match received {
-            Ok(m) => m,
-            Err(error) => {
-                metrics.bus_error("kafka", "consume", &error);
-                actix::clock::sleep(Duration::from_millis(200)).await;
-                continue;
+            Some((key, offset, acked)) = s.in_flight.next(), if !s.in_flight.is_empty() => {
+                if !s.finished(key, offset, acked) {
+                    tracing::warn!(subscriber = s.subscriber.to(), "kafka subscriber stopped; consumer stops");
+                    break;
+                }
             }
-        };
-        metrics.bus_received.with_label_values(&["kafka", msg.topic()]).inc();
-        let record = match to_record(&msg) {
-            Ok(record) => record,
-            Err(error) => {
-                // A record that can never decode would block its partition
-                // forever: it is counted, logged and skipped.
-                metrics.bus_error(
-                    "kafka",
-                    "decode",
-                    &format_args!("{}/{}@{}: {error}", msg.topic(), msg.partition(), msg.offset()),
-                );
-                let _ = consumer.store_offset_from_message(&msg);
-                continue;
-            }
-        };
-        if !deliver_until_acked(&subscriber, record, &metrics).await {
-            tracing::warn!(
-                subscriber = subscriber.to(),
-                "kafka subscriber stopped; consumer stops without committing its record"
-            );
-            break;
-        }
-        if let Err(error) = consumer.store_offset_from_message(&msg) {
-            metrics.bus_error("kafka", "store_offset", &error);
+            received = consumer.recv(), if s.buffered < MAX_BUFFERED => match received {
+                Ok(msg) => {
+                    metrics.bus_received.with_label_values(&["kafka", msg.topic()]).inc();
+                    let record = to_record(&msg)
+                        .map_err(|error| {
+                            // A record that can never decode would block its
+                            // partition forever: it is counted and skipped.
+                            let at = format!("{}/{}@{}", msg.topic(), msg.partition(), msg.offset());
+                            metrics.bus_error("kafka", "decode", &format_args!("{at}: {error}"));
+                        })
+                        .ok();
+                    s.push(msg.topic(), msg.partition(), msg.offset(), record);
+                }
+                Err(error) => {
+                    metrics.bus_error("kafka", "consume", &error);
+                    actix::clock::sleep(Duration::from_millis(200)).await;
+                }
+            },
         }
     }
+    // Let the records in flight finish so their offsets are committed too.
+    let drain = async {
+        while let Some((key, offset, acked)) = s.in_flight.next().await {
+            if acked {
+                s.store(&key, offset);
+            }
+        }
+    };
+    let _ = tokio::time::timeout(STOP_DRAIN, drain).await;
+    drop(s);
     if let Err(error) = consumer.commit_consumer_state(CommitMode::Sync) {
         // Nothing stored since the last commit is not an error worth counting.
         if !matches!(error, KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) {
