@@ -336,6 +336,12 @@ const STOP_DRAIN: Duration = Duration::from_secs(10);
 /// and is only skipped (its offset stored) when its turn comes.
 type Queued = (i64, Option<KafkaRecord>);
 
+/// A topic partition.
+type PartitionKey = (String, i32);
+
+/// A delivery in flight: its partition, offset, and whether it was acknowledged.
+type Delivery = LocalBoxFuture<'static, (PartitionKey, i64, bool)>;
+
 /// Delivers records with one record in flight per partition: records of one
 /// partition (so of one key, one context) reach the subscriber in order and
 /// each only after the one before it was acknowledged, while partitions
@@ -345,9 +351,9 @@ struct Scheduler<'c> {
     consumer: &'c StreamConsumer,
     subscriber: Link<KafkaRecord>,
     metrics: Metrics,
-    waiting: HashMap<(String, i32), VecDeque<Queued>>,
-    in_flight: FuturesUnordered<LocalBoxFuture<'static, ((String, i32), i64, bool)>>,
-    busy: HashSet<(String, i32)>,
+    waiting: HashMap<PartitionKey, VecDeque<Queued>>,
+    in_flight: FuturesUnordered<Delivery>,
+    busy: HashSet<PartitionKey>,
     buffered: usize,
 }
 
@@ -362,7 +368,7 @@ impl Scheduler<'_> {
     }
 
     /// Starts the next record of `key`, storing the offsets of skipped ones.
-    fn start_next(&mut self, key: (String, i32)) {
+    fn start_next(&mut self, key: PartitionKey) {
         while let Some((offset, record)) = self.waiting.get_mut(&key).and_then(VecDeque::pop_front) {
             match record {
                 None => {
@@ -383,7 +389,7 @@ impl Scheduler<'_> {
     }
 
     /// Handles a finished delivery; false when the subscriber is gone.
-    fn finished(&mut self, key: (String, i32), offset: i64, acked: bool) -> bool {
+    fn finished(&mut self, key: PartitionKey, offset: i64, acked: bool) -> bool {
         self.busy.remove(&key);
         self.buffered -= 1;
         if !acked {
@@ -394,7 +400,7 @@ impl Scheduler<'_> {
         true
     }
 
-    fn store(&self, (topic, partition): &(String, i32), offset: i64) {
+    fn store(&self, (topic, partition): &PartitionKey, offset: i64) {
         // librdkafka commits `offset + 1`, the next one to read.
         if let Err(error) = self.consumer.store_offset(topic, *partition, offset) {
             self.metrics.bus_error("kafka", "store_offset", &error);
