@@ -68,16 +68,19 @@ raw ÷ Nexus for latency (higher is better). Each kernel figure is the median
 of three runs. Redis and Kafka run against a private `redis-server` and a
 private `tansu` (memory storage) started by the harness on loopback; the
 Nexus and raw sides use the same broker, payload (a CloudEvents envelope of
-about 250 bytes) and concurrency (64 publishes / 256 produces in flight).
+about 250 bytes) and concurrency (64 publishes / 256 produces in flight);
+both Kafka consumers use the bridge's `fetch.wait.max.ms`.
 Latency is from creating a message to the receiving actor (or raw consumer
 loop) handling it. Targets for later issues: kernel within 10% of raw actix,
 bridges within 20% of the raw clients.
 
 Where the gaps come from (structure, not this run's numbers): the Kafka
 bridge delivers each record with an `ask` and waits for its acknowledgement
-before the next one of its consumer, so it is bound by one cross-thread round
-trip per record (the kernel request/reply row); pipelining acknowledgements
-while keeping per-key order is the next step. The Redis bridge adds a hop
+before the next record of the same partition, so it pays one cross-thread
+round trip per record (the kernel request/reply row) with at most one record
+per partition in flight, on a machine whose two cores also run the broker;
+the raw consumer acknowledges nothing. Batching acknowledgements while
+keeping per-key order is the next step. The Redis bridge adds a hop
 through the bridge's arbiter for every publish and a `try_tell` into the
 subscriber's mailbox for every message.
 ";
@@ -417,6 +420,7 @@ async fn kafka_rows(dir: &std::path::Path, n: u64) -> Vec<Row> {
         .set("bootstrap.servers", tansu.brokers())
         .set("broker.address.family", "v4")
         .set("group.id", "bench-raw")
+        .set("fetch.wait.max.ms", nexus_actors::bus::kafka::FETCH_WAIT_MS)
         .set("auto.offset.reset", "earliest")
         .create()
         .expect("consumer");

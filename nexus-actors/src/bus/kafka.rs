@@ -279,6 +279,9 @@ impl Handler<Consume> for KafkaBridge {
             .set("enable.auto.offset.store", "false")
             .set("auto.offset.reset", "earliest")
             .set("session.timeout.ms", "10000")
+            // A broker may hold a fetch for the whole wait even when records
+            // are there (tansu does): a short wait keeps delivery latency low.
+            .set("fetch.wait.max.ms", FETCH_WAIT_MS)
             .create()
         {
             Ok(c) => c,
@@ -326,6 +329,9 @@ impl Handler<Replay> for KafkaBridge {
         Reply::later(replay(config, msg, metrics))
     }
 }
+
+/// Longest time a fetch waits at the broker for records.
+pub const FETCH_WAIT_MS: &str = "100";
 
 /// Records read ahead of their partition's turn, across all partitions.
 const MAX_BUFFERED: usize = 1024;
