@@ -14,6 +14,7 @@ pub mod http;
 pub mod infra;
 pub mod kernel;
 pub mod node;
+pub mod roles;
 pub mod telemetry;
 
 pub use envelope::{Envelope, Payload};

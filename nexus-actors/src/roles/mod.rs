@@ -1,0 +1,4 @@
+//! The roles a node can run. Each role owns its HTTP routes and actors and
+//! reaches the buses only through the bridges.
+
+pub mod transaction_manager;

@@ -1,0 +1,282 @@
+//! Durable state of the transaction manager, in Redis: users, panel
+//! records and versioned documents. Every change a user saved is in Redis
+//! before the API answers, so nothing is lost when a node restarts.
+//!
+//! Keys: `nexus:user:{name}` (hash), `nexus:panel:{id}` (JSON),
+//! `nexus:panels:{owner}` (set), `nexus:doc:{id}` (hash: owner, version,
+//! state), `nexus:docs:{owner}` (set), `nexus:doc:{id}:log` (stream of
+//! applied patches, for history). This module checks versions; it does not
+//! check who may do what (see `api.rs`).
+
+use redis::aio::ConnectionManager;
+use redis::AsyncCommands;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use utoipa::ToSchema;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    #[error("stored data is corrupt: {0}")]
+    Corrupt(String),
+}
+
+/// Where a panel runs: developed in Studio, or deployed as an App.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum PanelMode {
+    Studio,
+    App,
+}
+
+/// A panel record.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Panel {
+    pub id: String,
+    pub name: String,
+    pub owner: String,
+    pub mode: PanelMode,
+    /// Where the panel's code lives (a path or URL).
+    pub source: String,
+}
+
+/// A versioned JSON document. `version` starts at 1 and grows by one with
+/// every change.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Document {
+    pub id: String,
+    pub owner: String,
+    pub version: u64,
+    pub state: Value,
+}
+
+/// One applied change, as kept in the document's history.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Change {
+    pub version: u64,
+    /// The JSON merge patch (RFC 7396) that produced `version`.
+    pub patch: Value,
+}
+
+/// The outcome of a versioned write.
+#[derive(Debug, PartialEq)]
+pub enum Write {
+    Applied(Document),
+    /// The document is at `current`, not at the version the writer saw.
+    Stale {
+        current: u64,
+    },
+    Missing,
+}
+
+/// Compare-and-set of a document: applies only at the expected version.
+const PATCH_SCRIPT: &str = r"
+local v = redis.call('HGET', KEYS[1], 'version')
+if not v then return {2, 0} end
+if v ~= ARGV[1] then return {1, tonumber(v)} end
+local next = tonumber(v) + 1
+redis.call('HSET', KEYS[1], 'version', next, 'state', ARGV[2])
+redis.call('XADD', KEYS[2], '*', 'version', next, 'patch', ARGV[3])
+return {0, next}
+";
+
+#[derive(Clone)]
+pub struct Store {
+    conn: ConnectionManager,
+}
+
+fn user_key(name: &str) -> String {
+    format!("nexus:user:{name}")
+}
+fn panel_key(id: &str) -> String {
+    format!("nexus:panel:{id}")
+}
+fn doc_key(id: &str) -> String {
+    format!("nexus:doc:{id}")
+}
+fn doc_log_key(id: &str) -> String {
+    format!("nexus:doc:{id}:log")
+}
+
+impl Store {
+    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        let client = redis::Client::open(url)?;
+        Ok(Store { conn: client.get_connection_manager().await? })
+    }
+
+    /// Creates a user unless the name is taken; false when it is.
+    pub async fn create_user(&self, name: &str, password_hash: &str) -> Result<bool, StoreError> {
+        let mut c = self.conn.clone();
+        Ok(c.hset_nx(user_key(name), "password_hash", password_hash).await?)
+    }
+
+    pub async fn password_hash(&self, name: &str) -> Result<Option<String>, StoreError> {
+        let mut c = self.conn.clone();
+        Ok(c.hget(user_key(name), "password_hash").await?)
+    }
+
+    /// The shared token-signing secret: the first node to ask creates it.
+    pub async fn signing_secret(&self) -> Result<Vec<u8>, StoreError> {
+        let mut c = self.conn.clone();
+        let fresh: [u8; 32] = rand::random();
+        let _: bool = c.set_nx("nexus:jwt-secret", fresh.as_slice()).await?;
+        Ok(c.get("nexus:jwt-secret").await?)
+    }
+
+    pub async fn put_panel(&self, panel: &Panel) -> Result<(), StoreError> {
+        let mut c = self.conn.clone();
+        let json = serde_json::to_string(panel).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        redis::pipe()
+            .atomic()
+            .set(panel_key(&panel.id), json)
+            .sadd(format!("nexus:panels:{}", panel.owner), &panel.id)
+            .query_async::<()>(&mut c)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn panel(&self, id: &str) -> Result<Option<Panel>, StoreError> {
+        let mut c = self.conn.clone();
+        let json: Option<String> = c.get(panel_key(id)).await?;
+        json.map(|j| serde_json::from_str(&j).map_err(|e| StoreError::Corrupt(format!("panel {id}: {e}")))).transpose()
+    }
+
+    pub async fn panels_of(&self, owner: &str) -> Result<Vec<Panel>, StoreError> {
+        let mut c = self.conn.clone();
+        let ids: Vec<String> = c.smembers(format!("nexus:panels:{owner}")).await?;
+        let mut panels = Vec::with_capacity(ids.len());
+        for id in ids {
+            if let Some(panel) = self.panel(&id).await? {
+                panels.push(panel);
+            }
+        }
+        panels.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(panels)
+    }
+
+    pub async fn delete_panel(&self, panel: &Panel) -> Result<(), StoreError> {
+        let mut c = self.conn.clone();
+        redis::pipe()
+            .atomic()
+            .del(panel_key(&panel.id))
+            .srem(format!("nexus:panels:{}", panel.owner), &panel.id)
+            .query_async::<()>(&mut c)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn create_document(&self, id: &str, owner: &str, state: &Value) -> Result<Document, StoreError> {
+        let mut c = self.conn.clone();
+        redis::pipe()
+            .atomic()
+            .hset_multiple(
+                doc_key(id),
+                &[("owner", owner.to_owned()), ("version", "1".to_owned()), ("state", state.to_string())],
+            )
+            .sadd(format!("nexus:docs:{owner}"), id)
+            .query_async::<()>(&mut c)
+            .await?;
+        Ok(Document { id: id.to_owned(), owner: owner.to_owned(), version: 1, state: state.clone() })
+    }
+
+    pub async fn document(&self, id: &str) -> Result<Option<Document>, StoreError> {
+        let mut c = self.conn.clone();
+        let (owner, version, state): (Option<String>, Option<u64>, Option<String>) =
+            redis::cmd("HMGET").arg(doc_key(id)).arg("owner").arg("version").arg("state").query_async(&mut c).await?;
+        let (Some(owner), Some(version), Some(state)) = (owner, version, state) else { return Ok(None) };
+        let state = serde_json::from_str(&state).map_err(|e| StoreError::Corrupt(format!("document {id}: {e}")))?;
+        Ok(Some(Document { id: id.to_owned(), owner, version, state }))
+    }
+
+    /// Applies `patch` if the document is still at `expected`.
+    pub async fn patch_document(&self, id: &str, expected: u64, patch: &Value) -> Result<Write, StoreError> {
+        let Some(mut doc) = self.document(id).await? else { return Ok(Write::Missing) };
+        if doc.version != expected {
+            return Ok(Write::Stale { current: doc.version });
+        }
+        merge_patch(&mut doc.state, patch);
+        let mut c = self.conn.clone();
+        let (status, version): (u8, u64) = redis::Script::new(PATCH_SCRIPT)
+            .key(doc_key(id))
+            .key(doc_log_key(id))
+            .arg(expected)
+            .arg(doc.state.to_string())
+            .arg(patch.to_string())
+            .invoke_async(&mut c)
+            .await?;
+        Ok(match status {
+            0 => Write::Applied(Document { version, ..doc }),
+            1 => Write::Stale { current: version },
+            _ => Write::Missing,
+        })
+    }
+
+    /// Changes after `since`, oldest first.
+    pub async fn history(&self, id: &str, since: u64) -> Result<Vec<Change>, StoreError> {
+        let mut c = self.conn.clone();
+        let reply: redis::streams::StreamRangeReply = c.xrange_all(doc_log_key(id)).await?;
+        let mut changes = Vec::new();
+        for entry in reply.ids {
+            let version: Option<u64> = entry.get("version");
+            let patch: Option<String> = entry.get("patch");
+            let (Some(version), Some(patch)) = (version, patch) else { continue };
+            if version > since {
+                let patch =
+                    serde_json::from_str(&patch).map_err(|e| StoreError::Corrupt(format!("history of {id}: {e}")))?;
+                changes.push(Change { version, patch });
+            }
+        }
+        Ok(changes)
+    }
+
+    pub async fn delete_document(&self, doc: &Document) -> Result<(), StoreError> {
+        let mut c = self.conn.clone();
+        redis::pipe()
+            .atomic()
+            .del(doc_key(&doc.id))
+            .del(doc_log_key(&doc.id))
+            .srem(format!("nexus:docs:{}", doc.owner), &doc.id)
+            .query_async::<()>(&mut c)
+            .await?;
+        Ok(())
+    }
+}
+
+/// JSON Merge Patch (RFC 7396): objects merge key by key, `null` removes a
+/// key, anything else replaces.
+pub fn merge_patch(target: &mut Value, patch: &Value) {
+    let Value::Object(patch) = patch else {
+        *target = patch.clone();
+        return;
+    };
+    if !target.is_object() {
+        *target = Value::Object(Default::default());
+    }
+    let Value::Object(target) = target else { return };
+    for (key, value) in patch {
+        if value.is_null() {
+            target.remove(key);
+        } else {
+            merge_patch(target.entry(key.clone()).or_insert(Value::Null), value);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    #[test]
+    fn merge_patch_follows_rfc_7396() {
+        let mut doc = json!({"a": "b", "c": {"d": "e", "f": "g"}});
+        super::merge_patch(&mut doc, &json!({"a": "z", "c": {"f": null}}));
+        assert_eq!(doc, json!({"a": "z", "c": {"d": "e"}}));
+        let mut doc = json!({"a": [1, 2]});
+        super::merge_patch(&mut doc, &json!({"a": [3], "n": {"x": 1}}));
+        assert_eq!(doc, json!({"a": [3], "n": {"x": 1}}));
+        let mut doc = json!([1]);
+        super::merge_patch(&mut doc, &json!("s"));
+        assert_eq!(doc, json!("s"));
+    }
+}
