@@ -1,12 +1,14 @@
 //! The HTTP endpoints every node serves: `/healthz`, `/metrics` and
 //! `/api/graph`. Roles add their own routes elsewhere; this module only
-//! exposes what the kernel knows.
+//! exposes what the kernel knows. `/healthz` and `/metrics` are always open.
 
 use actix_web::dev::{Service, ServiceRequest, ServiceResponse};
-use actix_web::{web, HttpResponse, Responder};
+use actix_web::{web, FromRequest, HttpRequest, HttpResponse, Responder};
 use tracing::Instrument;
 
 use crate::kernel::Kernel;
+use crate::roles::transaction_manager::api::ApiError;
+use crate::roles::transaction_manager::auth::{Auth, Caller};
 
 /// Registers the node endpoints on an actix-web app.
 pub fn configure(kernel: Kernel) -> impl FnOnce(&mut web::ServiceConfig) {
@@ -46,6 +48,11 @@ async fn metrics(kernel: web::Data<Kernel>) -> impl Responder {
     HttpResponse::Ok().content_type("text/plain; version=0.0.4").body(kernel.render_metrics())
 }
 
-async fn graph(kernel: web::Data<Kernel>) -> impl Responder {
-    HttpResponse::Ok().json(kernel.graph().snapshot())
+/// The mailbox graph. On a node that runs the transaction manager (which
+/// owns authentication) it needs a token like the rest of `/api`.
+async fn graph(req: HttpRequest, kernel: web::Data<Kernel>) -> Result<HttpResponse, ApiError> {
+    if req.app_data::<web::Data<Auth>>().is_some() {
+        Caller::extract(&req).await?;
+    }
+    Ok(HttpResponse::Ok().json(kernel.graph().snapshot()))
 }

@@ -6,11 +6,12 @@ use std::net::SocketAddr;
 use std::str::FromStr;
 
 use actix::Arbiter;
-use actix_web::{App, HttpServer};
+use actix_web::{web, App, HttpServer};
 
 use crate::bus::kafka::{KafkaBridge, KafkaConfig};
 use crate::bus::redis::RedisBridge;
 use crate::kernel::{ActorRef, Kernel};
+use crate::roles::transaction_manager::{self as tm_role, store::StoreError};
 
 /// The roles of the design. A node runs any subset of them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -35,7 +36,7 @@ impl Role {
 
     /// Whether this build can run the role yet.
     pub fn is_available(self) -> bool {
-        false
+        matches!(self, Role::TransactionManager)
     }
 
     /// The roles this build can run: what `nexus dev` starts.
@@ -73,6 +74,9 @@ pub struct NodeConfig {
     pub redis_url: String,
     pub kafka: KafkaConfig,
     pub roles: Vec<Role>,
+    /// A user the transaction manager makes sure exists with this password
+    /// at start (`nexus dev`'s first user; the password file wins).
+    pub first_user: Option<(String, String)>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -83,6 +87,8 @@ pub enum NodeError {
     Kafka { brokers: String, source: rdkafka::error::KafkaError },
     #[error("http on {addr}: {source}")]
     Http { addr: SocketAddr, source: std::io::Error },
+    #[error("transaction manager state: {0}")]
+    State(#[from] StoreError),
 }
 
 /// A started node's bridges, for wiring roles and for tests.
@@ -106,15 +112,38 @@ pub async fn start_bridges(kernel: &Kernel, config: &NodeConfig) -> Result<Bridg
 /// Runs a node until its HTTP server stops (Ctrl-C or SIGTERM).
 pub async fn run(config: NodeConfig) -> Result<(), NodeError> {
     let kernel = Kernel::new(config.name.clone());
-    let _bridges = start_bridges(&kernel, &config).await?;
+    let bridges = start_bridges(&kernel, &config).await?;
+    let tm = match config.roles.contains(&Role::TransactionManager) {
+        true => Some(web::Data::new(transaction_manager(&config, &bridges).await?)),
+        false => None,
+    };
     let roles: Vec<&str> = config.roles.iter().map(|r| r.name()).collect();
     let k = kernel.clone();
-    let server =
-        HttpServer::new(move || App::new().wrap_fn(crate::http::traced).configure(crate::http::configure(k.clone())))
-            .workers(2)
-            .shutdown_timeout(5)
-            .bind(config.http)
-            .map_err(|source| NodeError::Http { addr: config.http, source })?;
+    let server = HttpServer::new(move || {
+        let mut app = App::new().wrap_fn(crate::http::traced);
+        if let Some(tm) = &tm {
+            app = app.configure(tm_role::configure(tm.clone()));
+        }
+        let app = app.configure(crate::http::configure(k.clone()));
+        match tm {
+            Some(_) => app.configure(tm_role::configure_fallback),
+            None => app,
+        }
+    })
+    .workers(2)
+    .shutdown_timeout(5)
+    .bind(config.http)
+    .map_err(|source| NodeError::Http { addr: config.http, source })?;
     tracing::info!(node = %config.name, http = %config.http, ?roles, "node listening: /healthz /metrics /api/graph");
     server.run().await.map_err(|source| NodeError::Http { addr: config.http, source })
+}
+
+async fn transaction_manager(config: &NodeConfig, bridges: &Bridges) -> Result<tm_role::TmState, NodeError> {
+    let publish = bridges.redis.link(Role::TransactionManager.name());
+    let state = tm_role::state(&config.redis_url, Some(publish), &config.name).await?;
+    if let Some((user, password)) = &config.first_user {
+        state.store.set_user(user, &tm_role::auth::hash_password(password)).await?;
+        tracing::info!(user, "first user ready");
+    }
+    Ok(state)
 }

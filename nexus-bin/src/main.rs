@@ -74,6 +74,7 @@ fn main() -> anyhow::Result<()> {
                 redis_url: args.redis_url,
                 kafka: KafkaConfig::new(args.kafka_brokers),
                 roles: args.roles,
+                first_user: None,
             };
             actix_rt::System::new().block_on(node::run(config))?;
             Ok(())
@@ -84,16 +85,25 @@ fn main() -> anyhow::Result<()> {
 fn dev(http: SocketAddr, data_dir: PathBuf) -> anyhow::Result<()> {
     let redis = infra::dev::redis(&data_dir)?;
     let kafka = infra::dev::kafka(&data_dir)?;
+    let password = infra::dev::admin_password(&data_dir)?;
     let config = NodeConfig {
         name: "nexus-dev".to_owned(),
         http,
         redis_url: redis.url.clone(),
         kafka: KafkaConfig::new(kafka.brokers.clone()),
         roles: Role::available(),
+        first_user: Some(("admin".to_owned(), password.clone())),
     };
     println!("nexus dev: http://{http}/healthz  http://{http}/metrics  http://{http}/api/graph");
     println!("  redis: {} ({})", redis.url, redis.origin);
     println!("  kafka: {} ({})", kafka.brokers, kafka.origin);
+    println!("  log in as admin (password kept in {}):", data_dir.join("admin-password").display());
+    println!(
+        "    curl -s -X POST http://{http}/api/login -H 'content-type: application/json' \\\n      -d '{{\"username\":\"admin\",\"password\":\"{password}\"}}'"
+    );
+    println!(
+        "  then send the token as 'Authorization: Bearer <token>'; API description: http://{http}/api/openapi.json"
+    );
     actix_rt::System::new().block_on(node::run(config))?;
     Ok(())
 }

@@ -9,9 +9,20 @@ use nexus_actors::infra::{free_port, RedisServer};
 
 /// A bare HTTP/1.0 GET; returns (status, body).
 fn get(port: u16, path: &str) -> Option<(u16, String)> {
+    request(port, "GET", path, None, None)
+}
+
+/// A bare HTTP/1.0 request with an optional bearer token and JSON body.
+fn request(port: u16, method: &str, path: &str, token: Option<&str>, body: Option<&str>) -> Option<(u16, String)> {
     let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
     stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(stream, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").ok()?;
+    let mut head = format!("{method} {path} HTTP/1.0\r\nHost: localhost\r\n");
+    if let Some(token) = token {
+        head += &format!("Authorization: Bearer {token}\r\n");
+    }
+    let body = body.unwrap_or("");
+    head += &format!("Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len());
+    stream.write_all(head.as_bytes()).ok()?;
     let mut response = String::new();
     stream.read_to_string(&mut response).ok()?;
     let status = response.split(' ').nth(1)?.parse().ok()?;
@@ -78,7 +89,16 @@ fn check_dev_node(name: &str, setup: impl FnOnce(&mut Command)) {
     assert_eq!(health.0, 200);
     assert!(health.1.contains("\"status\":\"ok\""), "{}", health.1);
 
-    let (status, graph) = get(port, "/api/graph").unwrap();
+    // /api/* needs a token; log in as the first user `nexus dev` created.
+    assert_eq!(get(port, "/api/graph").unwrap().0, 401);
+    assert_eq!(get(port, "/api/openapi.json").unwrap().0, 200);
+    let password = std::fs::read_to_string(dir.join("data/admin-password")).unwrap();
+    let login = format!(r#"{{"username":"admin","password":"{password}"}}"#);
+    let (status, token) = request(port, "POST", "/api/login", None, Some(&login)).unwrap();
+    assert_eq!(status, 200, "{token}");
+    let token: serde_json::Value = serde_json::from_str(&token).unwrap();
+    let token = token["token"].as_str().unwrap();
+    let (status, graph) = request(port, "GET", "/api/graph", Some(token), None).unwrap();
     assert_eq!(status, 200);
     let graph: serde_json::Value = serde_json::from_str(&graph).unwrap();
     let kinds: Vec<&str> = graph["actors"].as_array().unwrap().iter().filter_map(|a| a["kind"].as_str()).collect();

@@ -111,6 +111,12 @@ impl Store {
         Ok(c.hset_nx(user_key(name), "password_hash", password_hash).await?)
     }
 
+    /// Creates a user or sets its password.
+    pub async fn set_user(&self, name: &str, password_hash: &str) -> Result<(), StoreError> {
+        let mut c = self.conn.clone();
+        Ok(c.hset(user_key(name), "password_hash", password_hash).await?)
+    }
+
     pub async fn password_hash(&self, name: &str) -> Result<Option<String>, StoreError> {
         let mut c = self.conn.clone();
         Ok(c.hget(user_key(name), "password_hash").await?)
