@@ -117,12 +117,14 @@ pub async fn run(config: NodeConfig) -> Result<(), NodeError> {
         true => Some(web::Data::new(transaction_manager(&config, &bridges).await?)),
         false => None,
     };
+    let sessions = tm_role::session::SessionDeps { kernel: kernel.clone(), bridge: bridges.redis.clone() };
     let roles: Vec<&str> = config.roles.iter().map(|r| r.name()).collect();
     let k = kernel.clone();
     let server = HttpServer::new(move || {
         let mut app = App::new().wrap_fn(crate::http::traced);
         if let Some(tm) = &tm {
-            app = app.configure(tm_role::configure(tm.clone()));
+            app =
+                app.configure(tm_role::configure(tm.clone())).configure(tm_role::configure_sessions(sessions.clone()));
         }
         let app = app.configure(crate::http::configure(k.clone()));
         match tm {

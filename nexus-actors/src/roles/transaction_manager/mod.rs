@@ -4,6 +4,8 @@
 
 pub mod api;
 pub mod auth;
+pub mod protocol;
+pub mod session;
 pub mod store;
 
 use actix_web::error::JsonPayloadError;
@@ -101,6 +103,13 @@ pub fn configure(state: web::Data<TmState>) -> impl FnOnce(&mut web::ServiceConf
             .route("/api/documents/{id}", web::patch().to(api::patch_document))
             .route("/api/documents/{id}", web::delete().to(api::delete_document))
             .route("/api/documents/{id}/history", web::get().to(api::document_history));
+    }
+}
+
+/// Registers `GET /ws`, the WebSocket endpoint of [`session::Session`]s.
+pub fn configure_sessions(deps: session::SessionDeps) -> impl FnOnce(&mut web::ServiceConfig) {
+    move |cfg| {
+        cfg.app_data(web::Data::new(deps)).route("/ws", web::get().to(session::upgrade));
     }
 }
 

@@ -100,6 +100,19 @@ fn doc_log_key(id: &str) -> String {
 }
 
 impl Store {
+    /// Runs a read, once more if the connection had dropped: the connection
+    /// manager reports a dead connection once, then reconnects.
+    async fn read<T, F, Fut>(&self, f: F) -> Result<T, StoreError>
+    where
+        F: Fn(ConnectionManager) -> Fut,
+        Fut: std::future::Future<Output = redis::RedisResult<T>>,
+    {
+        match f(self.conn.clone()).await {
+            Err(e) if e.is_io_error() || e.is_connection_dropped() => Ok(f(self.conn.clone()).await?),
+            result => Ok(result?),
+        }
+    }
+
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
         let client = redis::Client::open(url)?;
         Ok(Store { conn: client.get_connection_manager().await? })
@@ -118,8 +131,7 @@ impl Store {
     }
 
     pub async fn password_hash(&self, name: &str) -> Result<Option<String>, StoreError> {
-        let mut c = self.conn.clone();
-        Ok(c.hget(user_key(name), "password_hash").await?)
+        self.read(|mut c| async move { c.hget(user_key(name), "password_hash").await }).await
     }
 
     /// The shared token-signing secret: the first node to ask creates it.
@@ -143,14 +155,13 @@ impl Store {
     }
 
     pub async fn panel(&self, id: &str) -> Result<Option<Panel>, StoreError> {
-        let mut c = self.conn.clone();
-        let json: Option<String> = c.get(panel_key(id)).await?;
+        let json: Option<String> = self.read(|mut c| async move { c.get(panel_key(id)).await }).await?;
         json.map(|j| serde_json::from_str(&j).map_err(|e| StoreError::Corrupt(format!("panel {id}: {e}")))).transpose()
     }
 
     pub async fn panels_of(&self, owner: &str) -> Result<Vec<Panel>, StoreError> {
-        let mut c = self.conn.clone();
-        let ids: Vec<String> = c.smembers(format!("nexus:panels:{owner}")).await?;
+        let ids: Vec<String> =
+            self.read(|mut c| async move { c.smembers(format!("nexus:panels:{owner}")).await }).await?;
         let mut panels = Vec::with_capacity(ids.len());
         for id in ids {
             if let Some(panel) = self.panel(&id).await? {
@@ -187,9 +198,11 @@ impl Store {
     }
 
     pub async fn document(&self, id: &str) -> Result<Option<Document>, StoreError> {
-        let mut c = self.conn.clone();
-        let (owner, version, state): (Option<String>, Option<u64>, Option<String>) =
-            redis::cmd("HMGET").arg(doc_key(id)).arg("owner").arg("version").arg("state").query_async(&mut c).await?;
+        let (owner, version, state): (Option<String>, Option<u64>, Option<String>) = self
+            .read(|mut c| async move {
+                redis::cmd("HMGET").arg(doc_key(id)).arg("owner").arg("version").arg("state").query_async(&mut c).await
+            })
+            .await?;
         let (Some(owner), Some(version), Some(state)) = (owner, version, state) else { return Ok(None) };
         let state = serde_json::from_str(&state).map_err(|e| StoreError::Corrupt(format!("document {id}: {e}")))?;
         Ok(Some(Document { id: id.to_owned(), owner, version, state }))
@@ -220,8 +233,8 @@ impl Store {
 
     /// Changes after `since`, oldest first.
     pub async fn history(&self, id: &str, since: u64) -> Result<Vec<Change>, StoreError> {
-        let mut c = self.conn.clone();
-        let reply: redis::streams::StreamRangeReply = c.xrange_all(doc_log_key(id)).await?;
+        let reply: redis::streams::StreamRangeReply =
+            self.read(|mut c| async move { c.xrange_all(doc_log_key(id)).await }).await?;
         let mut changes = Vec::new();
         for entry in reply.ids {
             let version: Option<u64> = entry.get("version");

@@ -1,0 +1,105 @@
+//! The WebSocket protocol between a browser and its `Session`: JSON text
+//! frames with a `type` field. Decoding never panics; every bad frame is a
+//! [`FrameError`] the session reports back without closing the connection.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// Largest frame a client may send (64 KiB); larger ones close the
+/// connection with code 1009.
+pub const MAX_FRAME: usize = 64 * 1024;
+
+/// What a client sends.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ClientFrame {
+    /// Follow a document. `version` is the last one the client has: the
+    /// session sends what came after it, or a snapshot.
+    Subscribe {
+        doc: String,
+        #[serde(default)]
+        version: Option<u64>,
+    },
+    Unsubscribe {
+        doc: String,
+    },
+}
+
+const CLIENT_TYPES: [&str; 2] = ["subscribe", "unsubscribe"];
+
+/// What the server sends.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ServerFrame {
+    /// The whole document at `version`.
+    Snapshot {
+        doc: String,
+        version: u64,
+        state: Value,
+    },
+    /// The merge patch that made `version`; versions arrive without gaps.
+    Change {
+        doc: String,
+        version: u64,
+        patch: Value,
+    },
+    Error {
+        code: String,
+        message: String,
+    },
+}
+
+#[derive(Debug, PartialEq, thiserror::Error)]
+pub enum FrameError {
+    #[error("frame is not valid JSON: {0}")]
+    BadJson(String),
+    #[error("unknown frame type {0:?}")]
+    UnknownType(String),
+    #[error("frame does not fit its type: {0}")]
+    BadShape(String),
+}
+
+impl FrameError {
+    pub fn code(&self) -> &'static str {
+        match self {
+            FrameError::BadJson(_) => "bad_json",
+            FrameError::UnknownType(_) => "unknown_type",
+            FrameError::BadShape(_) => "bad_frame",
+        }
+    }
+}
+
+/// Decodes one client text frame.
+pub fn decode(text: &str) -> Result<ClientFrame, FrameError> {
+    let value: Value = serde_json::from_str(text).map_err(|e| FrameError::BadJson(e.to_string()))?;
+    let kind = value.get("type").and_then(Value::as_str).ok_or_else(|| FrameError::BadShape("no \"type\"".into()))?;
+    if !CLIENT_TYPES.contains(&kind) {
+        return Err(FrameError::UnknownType(kind.chars().take(64).collect()));
+    }
+    serde_json::from_value(value).map_err(|e| FrameError::BadShape(e.to_string()))
+}
+
+impl ServerFrame {
+    pub fn encode(&self) -> String {
+        serde_json::to_string(self).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decodes_known_frames_and_names_what_is_wrong() {
+        assert_eq!(
+            decode(r#"{"type":"subscribe","doc":"d1","version":3}"#),
+            Ok(ClientFrame::Subscribe { doc: "d1".into(), version: Some(3) })
+        );
+        assert_eq!(decode(r#"{"type":"unsubscribe","doc":"d1"}"#), Ok(ClientFrame::Unsubscribe { doc: "d1".into() }));
+        assert_eq!(decode("{nope").unwrap_err().code(), "bad_json");
+        assert_eq!(decode(r#"{"type":"dance"}"#).unwrap_err().code(), "unknown_type");
+        assert_eq!(decode(r#"{"doc":"d1"}"#).unwrap_err().code(), "bad_frame");
+        assert_eq!(decode(r#"{"type":"subscribe","doc":7}"#).unwrap_err().code(), "bad_frame");
+        assert_eq!(decode(r#"[1,2]"#).unwrap_err().code(), "bad_frame");
+    }
+}

@@ -1,0 +1,333 @@
+//! `Session`: one actor per WebSocket connection of a logged-in user.
+//!
+//! It follows documents for its client: it subscribes to their Redis
+//! channels through the `RedisBridge`, and sends each document's changes
+//! without gaps. The client says the last version it has when it
+//! subscribes; the session catches it up from the document's history, or
+//! with a snapshot. A gap in what arrives live (pub/sub is at-most-once; a
+//! `BusDown`/`BusUp`; a dropped message) triggers the same catch-up, so the
+//! client always ends with the server's state.
+//!
+//! Outbound policy: frames go through a bounded queue
+//! ([`OUTBOUND_QUEUE`]); a client that stops reading until it is full is
+//! disconnected with close code 4008, never stalling others. It reconnects
+//! with its last version and loses nothing.
+
+use std::collections::HashMap;
+
+use actix::{ActorContext, AsyncContext};
+use actix_web::{web, HttpRequest, HttpResponse};
+use actix_ws::{CloseCode, CloseReason, Message as WsMessage};
+use tokio::sync::mpsc;
+
+use super::api::{ApiError, DocumentChanged, TmState};
+use super::auth::Auth;
+use super::protocol::{decode, ClientFrame, ServerFrame, MAX_FRAME};
+use crate::bus::redis::{RedisBridge, Subscribe, Topic, Unsubscribe};
+use crate::bus::BusEvent;
+use crate::kernel::{ActorRef, Behaviour, Ctx, Handler, Kernel, Link, Message, Reply};
+
+/// Frames waiting for a client before it is considered too slow.
+pub const OUTBOUND_QUEUE: usize = 1024;
+/// Pause before retrying a catch-up that failed on Redis.
+const CATCH_UP_RETRY: std::time::Duration = std::time::Duration::from_millis(250);
+/// Close code for a client too slow to read what it asked for.
+pub const CLOSE_TOO_SLOW: u16 = 4008;
+
+/// A text frame from the client.
+struct ClientText(String);
+impl Message for ClientText {
+    type Reply = ();
+}
+
+/// The connection ended.
+struct Disconnected;
+impl Message for Disconnected {
+    type Reply = ();
+}
+
+/// What a catch-up of `doc` from `since` found: the version and the frames
+/// that bring the client there, or why not.
+struct CaughtUp {
+    doc: String,
+    since: Option<u64>,
+    outcome: Result<(u64, Vec<ServerFrame>), (&'static str, String)>,
+}
+impl Message for CaughtUp {
+    type Reply = ();
+}
+
+pub struct Session {
+    user: String,
+    state: web::Data<TmState>,
+    bridge: ActorRef<RedisBridge>,
+    out: mpsc::Sender<String>,
+    /// Followed documents and the last version the client was sent (None:
+    /// a catch-up is under way).
+    docs: HashMap<String, Option<u64>>,
+    me: Option<ActorRef<Session>>,
+}
+
+fn channel(doc: &str) -> String {
+    format!("nexus:doc:{doc}")
+}
+
+impl Session {
+    fn send(&mut self, frame: &ServerFrame, ctx: &mut Ctx<Self>) {
+        if self.out.try_send(frame.encode()).is_err() {
+            tracing::warn!(user = %self.user, "session outbound queue full; disconnecting the client");
+            self.leave(ctx);
+        }
+    }
+
+    fn error(&mut self, code: &str, message: String, ctx: &mut Ctx<Self>) {
+        self.send(&ServerFrame::Error { code: code.to_owned(), message }, ctx);
+    }
+
+    /// Unsubscribes everything and stops; dropping `out` closes the socket.
+    fn leave(&mut self, ctx: &mut Ctx<Self>) {
+        let unsubscribe = self.bridge.link::<Unsubscribe>("session");
+        if let Some(me) = &self.me {
+            for doc in self.docs.keys() {
+                let _ = unsubscribe
+                    .tell(Unsubscribe { topic: Topic::Channel(channel(doc)), subscriber: me.id().to_owned() });
+            }
+        }
+        self.docs.clear();
+        ctx.stop();
+    }
+
+    /// Fetches what the client lacks after `since` (or a snapshot) and
+    /// tells this session when it has it.
+    fn catch_up(&mut self, doc: String, since: Option<u64>) {
+        self.docs.insert(doc.clone(), None);
+        let (Some(me), state, user) = (self.me.clone(), self.state.clone(), self.user.clone()) else { return };
+        let link = me.link::<CaughtUp>("store");
+        actix::spawn(async move {
+            let outcome = fetch(&state, &user, &doc, since).await;
+            let _ = link.tell(CaughtUp { doc, since, outcome });
+        });
+    }
+}
+
+/// Changes after `since` when the history has all of them, else a snapshot.
+async fn fetch(
+    state: &TmState,
+    user: &str,
+    doc: &str,
+    since: Option<u64>,
+) -> Result<(u64, Vec<ServerFrame>), (&'static str, String)> {
+    let internal = |e: super::store::StoreError| ("internal", e.to_string());
+    let Some(current) = state.store.document(doc).await.map_err(internal)? else {
+        return Err(("not_found", format!("document {doc} not found")));
+    };
+    if current.owner != user {
+        return Err(("forbidden", format!("document {doc} belongs to another user")));
+    }
+    if let Some(since) = since.filter(|s| *s <= current.version) {
+        let changes = state.store.history(doc, since).await.map_err(internal)?;
+        let contiguous = changes.iter().enumerate().all(|(i, c)| c.version == since + 1 + i as u64);
+        if contiguous && changes.last().map_or(since, |c| c.version) == current.version {
+            let frames = changes
+                .into_iter()
+                .map(|c| ServerFrame::Change { doc: doc.to_owned(), version: c.version, patch: c.patch })
+                .collect();
+            return Ok((current.version, frames));
+        }
+    }
+    let frame = ServerFrame::Snapshot { doc: doc.to_owned(), version: current.version, state: current.state };
+    Ok((current.version, vec![frame]))
+}
+
+impl Behaviour for Session {
+    const KIND: &'static str = "session";
+    const MAILBOX: usize = 256;
+
+    fn started(&mut self, me: &ActorRef<Self>, _ctx: &mut Ctx<Self>) {
+        self.me = Some(me.clone());
+    }
+}
+
+impl Handler<ClientText> for Session {
+    fn handle(&mut self, ClientText(text): ClientText, ctx: &mut Ctx<Self>) -> Reply<()> {
+        match decode(&text) {
+            Err(error) => self.error(error.code(), error.to_string(), ctx),
+            Ok(ClientFrame::Subscribe { doc, version }) => {
+                let Some(me) = self.me.clone() else { return Reply::Now(()) };
+                if !self.docs.contains_key(&doc) {
+                    let subscribe =
+                        Subscribe { topic: Topic::Channel(channel(&doc)), subscriber: me.link("redis-bridge") };
+                    let _ = self.bridge.link::<Subscribe>("session").tell(subscribe);
+                }
+                self.catch_up(doc, version);
+            }
+            Ok(ClientFrame::Unsubscribe { doc }) => {
+                if self.docs.remove(&doc).is_some() {
+                    if let Some(me) = &self.me {
+                        let unsubscribe =
+                            Unsubscribe { topic: Topic::Channel(channel(&doc)), subscriber: me.id().to_owned() };
+                        let _ = self.bridge.link::<Unsubscribe>("session").tell(unsubscribe);
+                    }
+                }
+            }
+        }
+        Reply::Now(())
+    }
+}
+
+impl Handler<CaughtUp> for Session {
+    fn handle(&mut self, msg: CaughtUp, ctx: &mut Ctx<Self>) -> Reply<()> {
+        let Some(entry) = self.docs.get(&msg.doc).copied() else { return Reply::Now(()) };
+        match msg.outcome {
+            Ok((version, frames)) => {
+                if entry.is_some_and(|sent| sent >= version) {
+                    return Reply::Now(());
+                }
+                self.docs.insert(msg.doc, Some(version));
+                for frame in &frames {
+                    self.send(frame, ctx);
+                }
+            }
+            Err(("internal", message)) => {
+                // Redis is unreachable for now: try again; the client keeps
+                // what it has.
+                tracing::warn!(doc = %msg.doc, %message, "catch-up failed; retrying");
+                let (doc, since) = (msg.doc, msg.since);
+                ctx.run_later(CATCH_UP_RETRY, move |s, _| s.behaviour_mut().catch_up(doc, since));
+            }
+            Err((code, message)) => {
+                self.docs.remove(&msg.doc);
+                self.error(code, message, ctx);
+            }
+        }
+        Reply::Now(())
+    }
+}
+
+impl Handler<BusEvent> for Session {
+    fn handle(&mut self, event: BusEvent, ctx: &mut Ctx<Self>) -> Reply<()> {
+        match event {
+            BusEvent::Message(m) => {
+                let Ok(change) = m.envelope.typed::<DocumentChanged>() else { return Reply::Now(()) };
+                let change = change.data;
+                match self.docs.get(&change.id).copied() {
+                    Some(Some(sent)) if change.version == sent + 1 => {
+                        self.docs.insert(change.id.clone(), Some(change.version));
+                        let frame =
+                            ServerFrame::Change { doc: change.id, version: change.version, patch: change.patch };
+                        self.send(&frame, ctx);
+                    }
+                    Some(Some(sent)) if change.version > sent + 1 => self.catch_up(change.id, Some(sent)),
+                    _ => {}
+                }
+            }
+            BusEvent::Up(_) => {
+                // Whatever was published while the bus was down is gone from
+                // pub/sub; the history has it.
+                let followed: Vec<(String, Option<u64>)> = self.docs.iter().map(|(d, v)| (d.clone(), *v)).collect();
+                for (doc, sent) in followed {
+                    if let Some(sent) = sent {
+                        self.catch_up(doc, Some(sent));
+                    }
+                }
+            }
+            BusEvent::Down(_) => {}
+        }
+        Reply::Now(())
+    }
+}
+
+impl Handler<Disconnected> for Session {
+    fn handle(&mut self, _: Disconnected, ctx: &mut Ctx<Self>) -> Reply<()> {
+        self.leave(ctx);
+        Reply::Now(())
+    }
+}
+
+/// What `/ws` needs besides the transaction manager's state.
+#[derive(Clone)]
+pub struct SessionDeps {
+    pub kernel: Kernel,
+    pub bridge: ActorRef<RedisBridge>,
+}
+
+/// `GET /ws`: authenticates the upgrade (bearer header, or `?token=` since
+/// browsers cannot set headers on a WebSocket), then starts a `Session`.
+pub async fn upgrade(
+    req: HttpRequest,
+    body: web::Payload,
+    state: web::Data<TmState>,
+    deps: web::Data<SessionDeps>,
+) -> Result<HttpResponse, actix_web::Error> {
+    let auth = req.app_data::<web::Data<Auth>>().ok_or(ApiError::Unauthorized)?;
+    let header = req.headers().get(actix_web::http::header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+    let token = header
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::to_owned)
+        .or_else(|| web::Query::<HashMap<String, String>>::from_query(req.query_string()).ok()?.get("token").cloned());
+    let user = token.and_then(|t| auth.verify(&t)).ok_or(ApiError::Unauthorized)?;
+
+    let (response, ws, stream) = actix_ws::handle(&req, body)?;
+    let mut stream = stream.max_frame_size(MAX_FRAME);
+    let (out, mut outbound) = mpsc::channel::<String>(OUTBOUND_QUEUE);
+    let id = format!("session/{}", uuid::Uuid::now_v7());
+    let (s, b, u) = (state.clone(), deps.bridge.clone(), user.clone());
+    let session = deps.kernel.spawn(id, move || Session {
+        user: u.clone(),
+        state: s.clone(),
+        bridge: b.clone(),
+        out: out.clone(),
+        docs: HashMap::new(),
+        me: None,
+    });
+    tracing::info!(%user, session = session.id(), "websocket session opened");
+
+    // Writer: the only place that awaits the client.
+    let mut writer = ws.clone();
+    actix::spawn(async move {
+        while let Some(text) = outbound.recv().await {
+            if writer.text(text).await.is_err() {
+                return;
+            }
+        }
+        let reason =
+            CloseReason { code: CloseCode::Other(CLOSE_TOO_SLOW), description: Some("client too slow".into()) };
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(1), writer.close(Some(reason))).await;
+    });
+
+    // Reader: hands text frames to the session, with backpressure.
+    let text: Link<ClientText> = session.link("client");
+    let gone: Link<Disconnected> = session.link("client");
+    let mut control = ws;
+    actix::spawn(async move {
+        while let Some(frame) = stream.recv().await {
+            match frame {
+                Ok(WsMessage::Text(t)) => {
+                    if text.ask(ClientText(t.to_string())).await.is_err() {
+                        break;
+                    }
+                }
+                Ok(WsMessage::Ping(bytes)) => {
+                    let _ = control.pong(&bytes).await;
+                }
+                Ok(WsMessage::Close(_)) => break,
+                Ok(WsMessage::Binary(_)) => {
+                    let _ = text.ask(ClientText(String::from("{\"type\":\"binary frames are not supported\"}"))).await;
+                }
+                Ok(_) => {}
+                Err(error) => {
+                    let code = match error {
+                        actix_ws::ProtocolError::Overflow => CloseCode::Size,
+                        _ => CloseCode::Protocol,
+                    };
+                    tracing::info!(%error, "closing websocket on a bad frame");
+                    let _ = control.close(Some(CloseReason { code, description: Some(error.to_string()) })).await;
+                    let _ = gone.tell(Disconnected);
+                    return;
+                }
+            }
+        }
+        let _ = gone.tell(Disconnected);
+    });
+    Ok(response)
+}

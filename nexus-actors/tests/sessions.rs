@@ -1,0 +1,253 @@
+//! WebSocket sessions over real sockets: two transaction-manager nodes on
+//! one real redis-server, a real WebSocket client (tokio-tungstenite).
+
+mod common;
+
+use std::time::Duration;
+
+use actix::Arbiter;
+use actix_web::{web, App, HttpServer};
+use common::tempdir;
+use futures::{SinkExt, StreamExt};
+use nexus_actors::bus::redis::RedisBridge;
+use nexus_actors::infra::RedisServer;
+use nexus_actors::roles::transaction_manager::{
+    self as tm, auth::hash_password, session::SessionDeps, store::merge_patch,
+};
+use nexus_actors::Kernel;
+use serde_json::{json, Value};
+use tokio_tungstenite::tungstenite::{self, Message};
+
+type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+struct Node {
+    addr: String,
+    _arbiter: Arbiter,
+    _server: actix_web::dev::ServerHandle,
+}
+
+async fn start_node(redis_url: &str) -> Node {
+    let kernel = Kernel::new("tm");
+    let arbiter = Arbiter::new();
+    let bridge = RedisBridge::spawn(&kernel, &arbiter.handle(), redis_url).unwrap();
+    let state = web::Data::new(tm::state(redis_url, Some(bridge.link("transaction-manager")), "tm").await.unwrap());
+    let deps = SessionDeps { kernel, bridge };
+    let server = HttpServer::new(move || {
+        App::new()
+            .configure(tm::configure(state.clone()))
+            .configure(tm::configure_sessions(deps.clone()))
+            .configure(tm::configure_fallback)
+    })
+    .workers(1)
+    .bind(("127.0.0.1", 0))
+    .unwrap();
+    let addr = server.addrs()[0].to_string();
+    let server = server.run();
+    let handle = server.handle();
+    actix_rt::spawn(server);
+    Node { addr, _arbiter: arbiter, _server: handle }
+}
+
+async fn login(node: &Node, user: &str, password: &str) -> String {
+    let resp: Value = reqwest::Client::new()
+        .post(format!("http://{}/api/login", node.addr))
+        .json(&json!({"username": user, "password": password}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    resp["token"].as_str().unwrap().to_owned()
+}
+
+/// A REST call with a token; retries while the node answers 5xx (Redis restarting).
+async fn rest(node: &Node, token: &str, method: reqwest::Method, path: &str, body: Value) -> Value {
+    for _ in 0..100 {
+        let resp = reqwest::Client::new()
+            .request(method.clone(), format!("http://{}{path}", node.addr))
+            .bearer_auth(token)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        if !resp.status().is_server_error() {
+            assert!(resp.status().is_success(), "{method} {path}: {}", resp.status());
+            return resp.json().await.unwrap();
+        }
+        actix::clock::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("{method} {path} kept failing");
+}
+
+async fn connect(node: &Node, token: &str) -> Ws {
+    tokio_tungstenite::connect_async(format!("ws://{}/ws?token={token}", node.addr)).await.unwrap().0
+}
+
+async fn send(ws: &mut Ws, frame: Value) {
+    ws.send(Message::text(frame.to_string())).await.unwrap();
+}
+
+/// The next text frame as JSON.
+async fn next(ws: &mut Ws) -> Value {
+    loop {
+        let msg = tokio::time::timeout(Duration::from_secs(15), ws.next()).await.expect("no frame within 15s");
+        match msg.expect("socket closed").expect("socket error") {
+            Message::Text(t) => return serde_json::from_str(t.as_str()).unwrap(),
+            Message::Close(c) => panic!("closed: {c:?}"),
+            _ => continue,
+        }
+    }
+}
+
+async fn users(redis_url: &str) {
+    let store = tm::Store::connect(redis_url).await.unwrap();
+    store.create_user("ada", &hash_password("ada-password")).await.unwrap();
+    store.create_user("bob", &hash_password("bob-password")).await.unwrap();
+}
+
+#[actix_rt::test]
+async fn the_websocket_handshake_needs_a_valid_token() {
+    let redis = RedisServer::start(&tempdir("ws-auth"), false).unwrap();
+    users(&redis.url()).await;
+    let node = start_node(&redis.url()).await;
+    for url in [format!("ws://{}/ws", node.addr), format!("ws://{}/ws?token=forged", node.addr)] {
+        match tokio_tungstenite::connect_async(url).await {
+            Err(tungstenite::Error::Http(resp)) => assert_eq!(resp.status(), 401),
+            other => panic!("expected 401, got {:?}", other.map(|(_, r)| r.status())),
+        }
+    }
+    let token = login(&node, "ada", "ada-password").await;
+    let mut ws = connect(&node, &token).await;
+    send(&mut ws, json!({"type": "subscribe", "doc": "nope"})).await;
+    assert_eq!(next(&mut ws).await["code"], "not_found");
+}
+
+#[actix_rt::test]
+async fn a_change_made_through_node_b_reaches_a_client_on_node_a() {
+    let redis = RedisServer::start(&tempdir("ws-two-nodes"), false).unwrap();
+    users(&redis.url()).await;
+    let (a, b) = (start_node(&redis.url()).await, start_node(&redis.url()).await);
+    let ada_a = login(&a, "ada", "ada-password").await;
+    let ada_b = login(&b, "ada", "ada-password").await;
+    let doc = rest(&a, &ada_a, reqwest::Method::POST, "/api/documents", json!({"state": {"text": "hello"}})).await;
+    let id = doc["id"].as_str().unwrap().to_owned();
+
+    let mut ws = connect(&a, &ada_a).await;
+    send(&mut ws, json!({"type": "subscribe", "doc": id})).await;
+    let snapshot = next(&mut ws).await;
+    assert_eq!((snapshot["type"].as_str(), snapshot["version"].as_u64()), (Some("snapshot"), Some(1)));
+    assert_eq!(snapshot["state"], json!({"text": "hello"}));
+
+    rest(
+        &b,
+        &ada_b,
+        reqwest::Method::PATCH,
+        &format!("/api/documents/{id}"),
+        json!({"version": 1, "patch": {"text": "hello world"}}),
+    )
+    .await;
+    let change = next(&mut ws).await;
+    assert_eq!(change, json!({"type": "change", "doc": id, "version": 2, "patch": {"text": "hello world"}}));
+
+    // Another user cannot follow it.
+    let bob = login(&a, "bob", "bob-password").await;
+    let mut bob_ws = connect(&b, &bob).await;
+    send(&mut bob_ws, json!({"type": "subscribe", "doc": id})).await;
+    assert_eq!(next(&mut bob_ws).await["code"], "forbidden");
+}
+
+#[actix_rt::test]
+async fn a_reconnecting_client_catches_up_to_exactly_the_server_state() {
+    let redis = RedisServer::start(&tempdir("ws-recover"), false).unwrap();
+    users(&redis.url()).await;
+    let node = start_node(&redis.url()).await;
+    let token = login(&node, "ada", "ada-password").await;
+    let doc = rest(&node, &token, reqwest::Method::POST, "/api/documents", json!({"state": {"n": 0, "log": []}})).await;
+    let id = doc["id"].as_str().unwrap().to_owned();
+
+    let mut ws = connect(&node, &token).await;
+    send(&mut ws, json!({"type": "subscribe", "doc": id})).await;
+    let snapshot = next(&mut ws).await;
+    let (mut state, mut version) = (snapshot["state"].clone(), snapshot["version"].as_u64().unwrap());
+    ws.close(None).await.unwrap();
+
+    for n in 1..=3 {
+        let body = json!({"version": n, "patch": {"n": n, "log": [n]}});
+        rest(&node, &token, reqwest::Method::PATCH, &format!("/api/documents/{id}"), body).await;
+    }
+
+    let mut ws = connect(&node, &token).await;
+    send(&mut ws, json!({"type": "subscribe", "doc": id, "version": version})).await;
+    for expected in 2..=4 {
+        let change = next(&mut ws).await;
+        assert_eq!((change["type"].as_str(), change["version"].as_u64()), (Some("change"), Some(expected)));
+        merge_patch(&mut state, &change["patch"]);
+        version = expected;
+    }
+    let server = rest(&node, &token, reqwest::Method::GET, &format!("/api/documents/{id}"), Value::Null).await;
+    assert_eq!((state, version), (server["state"].clone(), server["version"].as_u64().unwrap()));
+}
+
+#[actix_rt::test]
+async fn a_client_stays_in_sync_across_a_redis_restart() {
+    let mut redis = RedisServer::start(&tempdir("ws-redis-restart"), true).unwrap();
+    users(&redis.url()).await;
+    let node = start_node(&redis.url()).await;
+    let token = login(&node, "ada", "ada-password").await;
+    let doc = rest(&node, &token, reqwest::Method::POST, "/api/documents", json!({"state": {"v": 1}})).await;
+    let id = doc["id"].as_str().unwrap().to_owned();
+    let mut ws = connect(&node, &token).await;
+    send(&mut ws, json!({"type": "subscribe", "doc": id})).await;
+    assert_eq!(next(&mut ws).await["version"], 1);
+
+    redis.kill();
+    redis.restart().unwrap();
+    rest(
+        &node,
+        &token,
+        reqwest::Method::PATCH,
+        &format!("/api/documents/{id}"),
+        json!({"version": 1, "patch": {"v": 2}}),
+    )
+    .await;
+    // Live if the bridge was back in time, else from history on BusUp.
+    let change = next(&mut ws).await;
+    assert_eq!(change, json!({"type": "change", "doc": id, "version": 2, "patch": {"v": 2}}));
+}
+
+#[actix_rt::test]
+async fn bad_frames_get_error_frames_and_oversized_ones_close_the_socket() {
+    let redis = RedisServer::start(&tempdir("ws-bad"), false).unwrap();
+    users(&redis.url()).await;
+    let node = start_node(&redis.url()).await;
+    let token = login(&node, "ada", "ada-password").await;
+    let doc = rest(&node, &token, reqwest::Method::POST, "/api/documents", json!({"state": {"ok": true}})).await;
+    let mut ws = connect(&node, &token).await;
+
+    ws.send(Message::text("{oops")).await.unwrap();
+    assert_eq!(next(&mut ws).await["code"], "bad_json");
+    send(&mut ws, json!({"type": "dance"})).await;
+    assert_eq!(next(&mut ws).await["code"], "unknown_type");
+    send(&mut ws, json!({"type": "subscribe", "doc": 42})).await;
+    assert_eq!(next(&mut ws).await["code"], "bad_frame");
+    // The session still works.
+    send(&mut ws, json!({"type": "subscribe", "doc": doc["id"]})).await;
+    assert_eq!(next(&mut ws).await["state"], json!({"ok": true}));
+
+    let huge = "x".repeat(tm::protocol::MAX_FRAME + 1);
+    let _ = ws.send(Message::text(huge)).await;
+    let close = loop {
+        match tokio::time::timeout(Duration::from_secs(10), ws.next()).await.expect("no close within 10s") {
+            Some(Ok(Message::Close(frame))) => break frame,
+            Some(Ok(_)) => continue,
+            other => panic!("expected a close frame, got {other:?}"),
+        }
+    };
+    assert_eq!(close.map(|f| u16::from(f.code)), Some(1009));
+
+    // The node keeps serving.
+    let mut again = connect(&node, &token).await;
+    send(&mut again, json!({"type": "subscribe", "doc": doc["id"]})).await;
+    assert_eq!(next(&mut again).await["type"], "snapshot");
+}
