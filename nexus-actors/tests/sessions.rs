@@ -88,8 +88,27 @@ async fn send(ws: &mut Ws, frame: Value) {
     ws.send(Message::text(frame.to_string())).await.unwrap();
 }
 
-/// The next text frame as JSON.
+/// The next text frame as JSON, skipping welcome, presence and cursor frames.
 async fn next(ws: &mut Ws) -> Value {
+    loop {
+        let frame = next_any(ws).await;
+        if !matches!(frame["type"].as_str(), Some("welcome" | "presence" | "cursor")) {
+            return frame;
+        }
+    }
+}
+
+/// The next frame of type `kind`, skipping others.
+async fn next_of(ws: &mut Ws, kind: &str) -> Value {
+    loop {
+        let frame = next_any(ws).await;
+        if frame["type"] == kind {
+            return frame;
+        }
+    }
+}
+
+async fn next_any(ws: &mut Ws) -> Value {
     loop {
         let msg = tokio::time::timeout(Duration::from_secs(15), ws.next()).await.expect("no frame within 15s");
         match msg.expect("socket closed").expect("socket error") {
@@ -250,4 +269,58 @@ async fn bad_frames_get_error_frames_and_oversized_ones_close_the_socket() {
     let mut again = connect(&node, &token).await;
     send(&mut again, json!({"type": "subscribe", "doc": doc["id"]})).await;
     assert_eq!(next(&mut again).await["type"], "snapshot");
+}
+
+#[actix_rt::test]
+async fn participants_see_each_other_and_each_others_cursors_across_nodes() {
+    let redis = RedisServer::start(&tempdir("ws-presence"), false).unwrap();
+    users(&redis.url()).await;
+    let (a, b) = (start_node(&redis.url()).await, start_node(&redis.url()).await);
+    let token = login(&a, "ada", "ada-password").await;
+    let doc = rest(&a, &token, reqwest::Method::POST, "/api/documents", json!({"state": {"text": ""}})).await;
+    let id = doc["id"].as_str().unwrap().to_owned();
+
+    let mut first = connect(&a, &token).await;
+    let first_session = next_of(&mut first, "welcome").await["session"].as_str().unwrap().to_owned();
+    send(&mut first, json!({"type": "subscribe", "doc": id})).await;
+    let mut second = connect(&b, &token).await;
+    let second_session = next_of(&mut second, "welcome").await["session"].as_str().unwrap().to_owned();
+    send(&mut second, json!({"type": "subscribe", "doc": id})).await;
+    assert_eq!(next(&mut second).await["type"], "snapshot");
+
+    let sessions = |frame: &Value| -> Vec<String> {
+        let mut s: Vec<String> =
+            frame["present"].as_array().unwrap().iter().map(|p| p["session"].as_str().unwrap().to_owned()).collect();
+        s.sort();
+        s
+    };
+    let mut both = vec![first_session.clone(), second_session.clone()];
+    both.sort();
+    loop {
+        let presence = next_of(&mut first, "presence").await;
+        if sessions(&presence) == both {
+            break;
+        }
+    }
+
+    send(&mut second, json!({"type": "cursor", "doc": id, "position": {"offset": 7}})).await;
+    let cursor = next_of(&mut first, "cursor").await;
+    assert_eq!(
+        cursor,
+        json!({"type": "cursor", "doc": id, "session": second_session, "user": "ada", "position": {"offset": 7}})
+    );
+
+    // A cursor in a document not followed, or too large, is refused.
+    send(&mut second, json!({"type": "cursor", "doc": "other", "position": 1})).await;
+    assert_eq!(next(&mut second).await["code"], "not_following");
+    send(&mut second, json!({"type": "cursor", "doc": id, "position": "x".repeat(2000)})).await;
+    assert_eq!(next(&mut second).await["code"], "bad_frame");
+
+    second.close(None).await.unwrap();
+    loop {
+        let presence = next_of(&mut first, "presence").await;
+        if sessions(&presence) == vec![first_session.clone()] {
+            break;
+        }
+    }
 }

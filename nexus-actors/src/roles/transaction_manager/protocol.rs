@@ -23,14 +23,35 @@ pub enum ClientFrame {
     Unsubscribe {
         doc: String,
     },
+    /// Where this user's cursor is in a followed document (any JSON up to
+    /// [`MAX_CURSOR`] bytes; the editor decides its meaning).
+    Cursor {
+        doc: String,
+        position: Value,
+    },
 }
 
-const CLIENT_TYPES: [&str; 2] = ["subscribe", "unsubscribe"];
+const CLIENT_TYPES: [&str; 3] = ["subscribe", "unsubscribe", "cursor"];
+
+/// Largest cursor position, encoded.
+pub const MAX_CURSOR: usize = 1024;
+
+/// Someone following a document.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+pub struct Participant {
+    pub session: String,
+    pub user: String,
+}
 
 /// What the server sends.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ServerFrame {
+    /// First frame of a connection: who the client is.
+    Welcome {
+        session: String,
+        user: String,
+    },
     /// The whole document at `version`.
     Snapshot {
         doc: String,
@@ -42,6 +63,18 @@ pub enum ServerFrame {
         doc: String,
         version: u64,
         patch: Value,
+    },
+    /// Everyone following `doc` now.
+    Presence {
+        doc: String,
+        present: Vec<Participant>,
+    },
+    /// Another participant's cursor moved.
+    Cursor {
+        doc: String,
+        session: String,
+        user: String,
+        position: Value,
     },
     Error {
         code: String,
@@ -101,5 +134,9 @@ mod tests {
         assert_eq!(decode(r#"{"doc":"d1"}"#).unwrap_err().code(), "bad_frame");
         assert_eq!(decode(r#"{"type":"subscribe","doc":7}"#).unwrap_err().code(), "bad_frame");
         assert_eq!(decode(r#"[1,2]"#).unwrap_err().code(), "bad_frame");
+        assert_eq!(
+            decode(r#"{"type":"cursor","doc":"d1","position":{"line":3}}"#),
+            Ok(ClientFrame::Cursor { doc: "d1".into(), position: serde_json::json!({"line": 3}) })
+        );
     }
 }

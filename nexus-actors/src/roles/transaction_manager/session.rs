@@ -13,7 +13,7 @@
 //! disconnected with close code 4008, never stalling others. It reconnects
 //! with its last version and loses nothing.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use actix::{ActorContext, AsyncContext};
 use actix_web::{web, HttpRequest, HttpResponse};
@@ -22,10 +22,13 @@ use tokio::sync::mpsc;
 
 use super::api::{ApiError, DocumentChanged, TmState};
 use super::auth::Auth;
-use super::protocol::{decode, ClientFrame, ServerFrame, MAX_FRAME};
-use crate::bus::redis::{RedisBridge, Subscribe, Topic, Unsubscribe};
+use super::protocol::{decode, ClientFrame, Participant, ServerFrame, MAX_CURSOR, MAX_FRAME};
+use crate::bus::redis::{Publish, RedisBridge, Subscribe, Topic, Unsubscribe};
 use crate::bus::BusEvent;
+use crate::envelope::{Envelope, Payload};
 use crate::kernel::{ActorRef, Behaviour, Ctx, Handler, Kernel, Link, Message, Reply};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
 
 /// Frames waiting for a client before it is considered too slow.
 pub const OUTBOUND_QUEUE: usize = 1024;
@@ -33,6 +36,30 @@ pub const OUTBOUND_QUEUE: usize = 1024;
 const CATCH_UP_RETRY: std::time::Duration = std::time::Duration::from_millis(250);
 /// Close code for a client too slow to read what it asked for.
 pub const CLOSE_TOO_SLOW: u16 = 4008;
+
+/// Announced on `nexus:doc:{id}` when someone starts or stops following it.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct PresenceChanged {
+    pub doc: String,
+    pub present: Vec<Participant>,
+}
+
+impl Payload for PresenceChanged {
+    const TYPE: &'static str = "nexus.presence.changed";
+}
+
+/// Announced on `nexus:doc:{id}` when a participant's cursor moves.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct CursorMoved {
+    pub doc: String,
+    pub session: String,
+    pub user: String,
+    pub position: Value,
+}
+
+impl Payload for CursorMoved {
+    const TYPE: &'static str = "nexus.cursor.moved";
+}
 
 /// A text frame from the client.
 struct ClientText(String);
@@ -65,6 +92,8 @@ pub struct Session {
     /// Followed documents and the last version the client was sent (None:
     /// a catch-up is under way).
     docs: HashMap<String, Option<u64>>,
+    /// Followed documents whose presence lists this session.
+    joined: HashSet<String>,
     me: Option<ActorRef<Session>>,
 }
 
@@ -86,27 +115,90 @@ impl Session {
 
     /// Unsubscribes everything and stops; dropping `out` closes the socket.
     fn leave(&mut self, ctx: &mut Ctx<Self>) {
-        let unsubscribe = self.bridge.link::<Unsubscribe>("session");
-        if let Some(me) = &self.me {
-            for doc in self.docs.keys() {
-                let _ = unsubscribe
-                    .tell(Unsubscribe { topic: Topic::Channel(channel(doc)), subscriber: me.id().to_owned() });
-            }
+        let docs: Vec<String> = self.docs.keys().cloned().collect();
+        for doc in docs {
+            self.unfollow(&doc);
         }
-        self.docs.clear();
         ctx.stop();
     }
 
+    fn unfollow(&mut self, doc: &str) {
+        self.joined.remove(doc);
+        if self.docs.remove(doc).is_none() {
+            return;
+        }
+        let Some(me) = &self.me else { return };
+        let session = me.id().to_owned();
+        let unsubscribe = Unsubscribe { topic: Topic::Channel(channel(doc)), subscriber: session.clone() };
+        let _ = self.bridge.link::<Unsubscribe>("session").tell(unsubscribe);
+        let (state, publish, doc) = (self.state.clone(), self.bridge.link::<Publish>("session"), doc.to_owned());
+        actix::spawn(async move {
+            if let Ok(present) = state.store.presence_leave(&doc, &session).await {
+                announce_presence(&state, &publish, doc, present);
+            }
+        });
+    }
+
+    /// Adds this session to the document's presence and tells everyone.
+    fn join(&mut self, doc: &str) {
+        let Some(me) = &self.me else { return };
+        self.joined.insert(doc.to_owned());
+        let (state, publish) = (self.state.clone(), self.bridge.link::<Publish>("session"));
+        let (doc, session, user) = (doc.to_owned(), me.id().to_owned(), self.user.clone());
+        actix::spawn(async move {
+            if let Ok(present) = state.store.presence_join(&doc, &session, &user).await {
+                announce_presence(&state, &publish, doc, present);
+            }
+        });
+    }
+
+    /// Publishes an event about `doc` on its channel, best effort.
+    fn announce<P: Payload>(&self, doc: &str, payload: P) {
+        let envelope = Envelope::new(self.state.node.clone(), payload).into_untyped();
+        let _ = self.bridge.link::<Publish>("session").tell(Publish { channel: channel(doc), envelope });
+    }
+
     /// Fetches what the client lacks after `since` (or a snapshot) and
-    /// tells this session when it has it.
-    fn catch_up(&mut self, doc: String, since: Option<u64>) {
+    /// tells this session when it has it. With `subscribe`, the Redis
+    /// subscription is confirmed first, so nothing published after the
+    /// fetch can be missed.
+    fn catch_up(&mut self, doc: String, since: Option<u64>, subscribe: bool) {
         self.docs.insert(doc.clone(), None);
         let (Some(me), state, user) = (self.me.clone(), self.state.clone(), self.user.clone()) else { return };
         let link = me.link::<CaughtUp>("store");
+        let subscription = subscribe.then(|| {
+            let request = Subscribe { topic: Topic::Channel(channel(&doc)), subscriber: me.link("redis-bridge") };
+            (self.bridge.link::<Subscribe>("session"), request)
+        });
         actix::spawn(async move {
+            if let Some((bridge, request)) = subscription {
+                // While Redis is down the bridge subscribes on reconnection
+                // and the BusUp that follows triggers another catch-up.
+                let _ = bridge.ask(request).await;
+            }
             let outcome = fetch(&state, &user, &doc, since).await;
             let _ = link.tell(CaughtUp { doc, since, outcome });
         });
+    }
+}
+
+fn announce_presence(state: &TmState, publish: &Link<Publish>, doc: String, present: Vec<(String, String)>) {
+    let present = present.into_iter().map(|(session, user)| Participant { session, user }).collect();
+    let envelope = Envelope::new(state.node.clone(), PresenceChanged { doc: doc.clone(), present }).into_untyped();
+    let _ = publish.tell(Publish { channel: channel(&doc), envelope });
+}
+
+impl Session {
+    fn changed(&mut self, change: DocumentChanged, ctx: &mut Ctx<Self>) {
+        match self.docs.get(&change.id).copied() {
+            Some(Some(sent)) if change.version == sent + 1 => {
+                self.docs.insert(change.id.clone(), Some(change.version));
+                let frame = ServerFrame::Change { doc: change.id, version: change.version, patch: change.patch };
+                self.send(&frame, ctx);
+            }
+            Some(Some(sent)) if change.version > sent + 1 => self.catch_up(change.id, Some(sent), false),
+            _ => {}
+        }
     }
 }
 
@@ -143,8 +235,9 @@ impl Behaviour for Session {
     const KIND: &'static str = "session";
     const MAILBOX: usize = 256;
 
-    fn started(&mut self, me: &ActorRef<Self>, _ctx: &mut Ctx<Self>) {
+    fn started(&mut self, me: &ActorRef<Self>, ctx: &mut Ctx<Self>) {
         self.me = Some(me.clone());
+        self.send(&ServerFrame::Welcome { session: me.id().to_owned(), user: self.user.clone() }, ctx);
     }
 }
 
@@ -153,21 +246,23 @@ impl Handler<ClientText> for Session {
         match decode(&text) {
             Err(error) => self.error(error.code(), error.to_string(), ctx),
             Ok(ClientFrame::Subscribe { doc, version }) => {
-                let Some(me) = self.me.clone() else { return Reply::Now(()) };
-                if !self.docs.contains_key(&doc) {
-                    let subscribe =
-                        Subscribe { topic: Topic::Channel(channel(&doc)), subscriber: me.link("redis-bridge") };
-                    let _ = self.bridge.link::<Subscribe>("session").tell(subscribe);
-                }
-                self.catch_up(doc, version);
+                let new = !self.docs.contains_key(&doc);
+                self.catch_up(doc, version, new);
             }
-            Ok(ClientFrame::Unsubscribe { doc }) => {
-                if self.docs.remove(&doc).is_some() {
-                    if let Some(me) = &self.me {
-                        let unsubscribe =
-                            Unsubscribe { topic: Topic::Channel(channel(&doc)), subscriber: me.id().to_owned() };
-                        let _ = self.bridge.link::<Unsubscribe>("session").tell(unsubscribe);
-                    }
+            Ok(ClientFrame::Unsubscribe { doc }) => self.unfollow(&doc),
+            Ok(ClientFrame::Cursor { doc, position }) => {
+                if !matches!(self.docs.get(&doc), Some(Some(_))) {
+                    self.error("not_following", format!("subscribe to {doc} before moving a cursor in it"), ctx);
+                } else if position.to_string().len() > MAX_CURSOR {
+                    self.error("bad_frame", format!("cursor position is over {MAX_CURSOR} bytes"), ctx);
+                } else if let Some(me) = &self.me {
+                    let moved = CursorMoved {
+                        doc: doc.clone(),
+                        session: me.id().to_owned(),
+                        user: self.user.clone(),
+                        position,
+                    };
+                    self.announce(&doc, moved);
                 }
             }
         }
@@ -183,6 +278,9 @@ impl Handler<CaughtUp> for Session {
                 if entry.is_some_and(|sent| sent >= version) {
                     return Reply::Now(());
                 }
+                if msg.since.is_none() || !self.joined.contains(&msg.doc) {
+                    self.join(&msg.doc);
+                }
                 self.docs.insert(msg.doc, Some(version));
                 for frame in &frames {
                     self.send(frame, ctx);
@@ -193,7 +291,7 @@ impl Handler<CaughtUp> for Session {
                 // what it has.
                 tracing::warn!(doc = %msg.doc, %message, "catch-up failed; retrying");
                 let (doc, since) = (msg.doc, msg.since);
-                ctx.run_later(CATCH_UP_RETRY, move |s, _| s.behaviour_mut().catch_up(doc, since));
+                ctx.run_later(CATCH_UP_RETRY, move |s, _| s.behaviour_mut().catch_up(doc, since, false));
             }
             Err((code, message)) => {
                 self.docs.remove(&msg.doc);
@@ -207,27 +305,35 @@ impl Handler<CaughtUp> for Session {
 impl Handler<BusEvent> for Session {
     fn handle(&mut self, event: BusEvent, ctx: &mut Ctx<Self>) -> Reply<()> {
         match event {
-            BusEvent::Message(m) => {
-                let Ok(change) = m.envelope.typed::<DocumentChanged>() else { return Reply::Now(()) };
-                let change = change.data;
-                match self.docs.get(&change.id).copied() {
-                    Some(Some(sent)) if change.version == sent + 1 => {
-                        self.docs.insert(change.id.clone(), Some(change.version));
-                        let frame =
-                            ServerFrame::Change { doc: change.id, version: change.version, patch: change.patch };
-                        self.send(&frame, ctx);
-                    }
-                    Some(Some(sent)) if change.version > sent + 1 => self.catch_up(change.id, Some(sent)),
-                    _ => {}
+            BusEvent::Message(m) => match m.envelope.kind.as_str() {
+                DocumentChanged::TYPE => {
+                    let Ok(change) = m.envelope.typed::<DocumentChanged>() else { return Reply::Now(()) };
+                    self.changed(change.data, ctx);
                 }
-            }
+                PresenceChanged::TYPE => {
+                    let Ok(presence) = m.envelope.typed::<PresenceChanged>() else { return Reply::Now(()) };
+                    let PresenceChanged { doc, present } = presence.data;
+                    if matches!(self.docs.get(&doc), Some(Some(_))) {
+                        self.send(&ServerFrame::Presence { doc, present }, ctx);
+                    }
+                }
+                CursorMoved::TYPE => {
+                    let Ok(cursor) = m.envelope.typed::<CursorMoved>() else { return Reply::Now(()) };
+                    let CursorMoved { doc, session, user, position } = cursor.data;
+                    let mine = self.me.as_ref().is_some_and(|me| me.id() == session);
+                    if !mine && matches!(self.docs.get(&doc), Some(Some(_))) {
+                        self.send(&ServerFrame::Cursor { doc, session, user, position }, ctx);
+                    }
+                }
+                _ => {}
+            },
             BusEvent::Up(_) => {
                 // Whatever was published while the bus was down is gone from
                 // pub/sub; the history has it.
                 let followed: Vec<(String, Option<u64>)> = self.docs.iter().map(|(d, v)| (d.clone(), *v)).collect();
                 for (doc, sent) in followed {
                     if let Some(sent) = sent {
-                        self.catch_up(doc, Some(sent));
+                        self.catch_up(doc, Some(sent), false);
                     }
                 }
             }
@@ -278,6 +384,7 @@ pub async fn upgrade(
         bridge: b.clone(),
         out: out.clone(),
         docs: HashMap::new(),
+        joined: HashSet::new(),
         me: None,
     });
     tracing::info!(%user, session = session.id(), "websocket session opened");

@@ -262,6 +262,31 @@ impl Store {
     }
 }
 
+impl Store {
+    /// Adds a participant to a document's presence; returns everyone present.
+    pub async fn presence_join(
+        &self,
+        doc: &str,
+        session: &str,
+        user: &str,
+    ) -> Result<Vec<(String, String)>, StoreError> {
+        let mut c = self.conn.clone();
+        let key = format!("nexus:presence:{doc}");
+        let (_, all): ((), Vec<(String, String)>) =
+            redis::pipe().atomic().hset(&key, session, user).hgetall(&key).query_async(&mut c).await?;
+        Ok(all)
+    }
+
+    /// Removes a participant; returns who is left.
+    pub async fn presence_leave(&self, doc: &str, session: &str) -> Result<Vec<(String, String)>, StoreError> {
+        let mut c = self.conn.clone();
+        let key = format!("nexus:presence:{doc}");
+        let (_, all): ((), Vec<(String, String)>) =
+            redis::pipe().atomic().hdel(&key, session).hgetall(&key).query_async(&mut c).await?;
+        Ok(all)
+    }
+}
+
 /// JSON Merge Patch (RFC 7396): objects merge key by key, `null` removes a
 /// key, anything else replaces.
 pub fn merge_patch(target: &mut Value, patch: &Value) {
