@@ -53,3 +53,15 @@ ensure_nextest() {
     cargo install cargo-nextest --locked
   fi
 }
+
+ensure_browser_tests() {
+  local missing=()
+  [ -x /usr/bin/chromium ] || missing+=(chromium)
+  command -v node >/dev/null || missing+=(nodejs)
+  command -v npm >/dev/null || missing+=(npm)
+  if [ ${#missing[@]} -gt 0 ]; then
+    echo "installing for the browser tests: ${missing[*]}"
+    apt_install "${missing[@]}"
+  fi
+  npm ci --prefix ui-tests --no-audit --no-fund --loglevel=error
+}

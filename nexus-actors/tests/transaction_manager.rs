@@ -229,6 +229,8 @@ async fn documents_are_versioned_survive_a_node_restart_and_announce_changes() {
     assert_eq!(status, StatusCode::CREATED);
     assert_eq!(doc["version"], 1);
     let path = format!("/api/documents/{}", doc["id"].as_str().unwrap());
+    assert_eq!(ada.get("/api/documents").await.1.as_array().unwrap().len(), 1);
+    assert_eq!(bob.get("/api/documents").await, (StatusCode::OK, json!([])));
 
     let (status, doc) = ada
         .send(reqwest::Method::PATCH, &path, Some(json!({"version": 1, "patch": {"title": "Final", "body": null}})))

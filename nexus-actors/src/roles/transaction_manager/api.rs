@@ -288,6 +288,12 @@ pub async fn delete_panel(
     Ok(HttpResponse::NoContent().finish())
 }
 
+#[utoipa::path(get, path = "/api/documents", security(("bearer" = [])),
+    responses((status = 200, body = [Document]), (status = 401, body = ErrorBody)))]
+pub async fn list_documents(caller: Caller, state: web::Data<TmState>) -> Result<HttpResponse, ApiError> {
+    Ok(HttpResponse::Ok().json(state.store.documents_of(&caller.0).await?))
+}
+
 #[utoipa::path(post, path = "/api/documents", request_body = NewDocument, security(("bearer" = [])),
     responses((status = 201, body = Document), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody)))]
 pub async fn create_document(

@@ -7,6 +7,7 @@ pub mod auth;
 pub mod protocol;
 pub mod session;
 pub mod store;
+pub mod ui;
 
 use actix_web::error::JsonPayloadError;
 use actix_web::{web, HttpResponse};
@@ -31,6 +32,7 @@ use crate::kernel::Link;
         api::get_panel,
         api::update_panel,
         api::delete_panel,
+        api::list_documents,
         api::create_document,
         api::get_document,
         api::patch_document,
@@ -90,6 +92,7 @@ pub fn configure(state: web::Data<TmState>) -> impl FnOnce(&mut web::ServiceConf
             .app_data(state)
             .app_data(json)
             .app_data(path)
+            .configure(ui::configure)
             .route("/api/openapi.json", web::get().to(|| async { HttpResponse::Ok().json(ApiDoc::openapi()) }))
             .route("/api/login", web::post().to(api::login))
             .route("/api/users", web::post().to(api::create_user))
@@ -98,6 +101,7 @@ pub fn configure(state: web::Data<TmState>) -> impl FnOnce(&mut web::ServiceConf
             .route("/api/panels/{id}", web::get().to(api::get_panel))
             .route("/api/panels/{id}", web::put().to(api::update_panel))
             .route("/api/panels/{id}", web::delete().to(api::delete_panel))
+            .route("/api/documents", web::get().to(api::list_documents))
             .route("/api/documents", web::post().to(api::create_document))
             .route("/api/documents/{id}", web::get().to(api::get_document))
             .route("/api/documents/{id}", web::patch().to(api::patch_document))

@@ -208,6 +208,18 @@ impl Store {
         Ok(Some(Document { id: id.to_owned(), owner, version, state }))
     }
 
+    pub async fn documents_of(&self, owner: &str) -> Result<Vec<Document>, StoreError> {
+        let ids: Vec<String> = self.read(|mut c| async move { c.smembers(format!("nexus:docs:{owner}")).await }).await?;
+        let mut docs = Vec::with_capacity(ids.len());
+        for id in ids {
+            if let Some(doc) = self.document(&id).await? {
+                docs.push(doc);
+            }
+        }
+        docs.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(docs)
+    }
+
     /// Applies `patch` if the document is still at `expected`.
     pub async fn patch_document(&self, id: &str, expected: u64, patch: &Value) -> Result<Write, StoreError> {
         let Some(mut doc) = self.document(id).await? else { return Ok(Write::Missing) };
