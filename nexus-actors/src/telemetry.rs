@@ -28,6 +28,7 @@ pub struct Metrics {
     pub bus_received: IntCounterVec,
     pub bus_errors: IntCounterVec,
     pub bus_redelivered: IntCounterVec,
+    pub sessions_too_slow: prometheus::IntCounter,
 }
 
 fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -45,6 +46,12 @@ impl Default for Metrics {
 impl Metrics {
     pub fn new() -> Self {
         let registry = Registry::new();
+        let sessions_too_slow = prometheus::IntCounter::new(
+            "nexus_sessions_too_slow_total",
+            "WebSocket clients disconnected for not reading",
+        )
+        .expect("valid metric definition");
+        registry.register(Box::new(sessions_too_slow.clone())).expect("metric registered once");
         let mailbox_depth = IntGaugeVec::new(
             Opts::new("nexus_mailbox_depth", "Messages waiting in mailboxes, by actor kind"),
             &["actor"],
@@ -96,6 +103,7 @@ impl Metrics {
                 &["bus", "topic"],
             ),
             mailbox_depth,
+            sessions_too_slow,
             registry,
         }
     }

@@ -22,6 +22,7 @@ type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<t
 
 struct Node {
     addr: String,
+    kernel: Kernel,
     _arbiter: Arbiter,
     _server: actix_web::dev::ServerHandle,
 }
@@ -31,7 +32,7 @@ async fn start_node(redis_url: &str) -> Node {
     let arbiter = Arbiter::new();
     let bridge = RedisBridge::spawn(&kernel, &arbiter.handle(), redis_url).unwrap();
     let state = web::Data::new(tm::state(redis_url, Some(bridge.link("transaction-manager")), "tm").await.unwrap());
-    let deps = SessionDeps { kernel, bridge };
+    let deps = SessionDeps { kernel: kernel.clone(), bridge };
     let server = HttpServer::new(move || {
         App::new()
             .configure(tm::configure(state.clone()))
@@ -45,7 +46,7 @@ async fn start_node(redis_url: &str) -> Node {
     let server = server.run();
     let handle = server.handle();
     actix_rt::spawn(server);
-    Node { addr, _arbiter: arbiter, _server: handle }
+    Node { addr, kernel, _arbiter: arbiter, _server: handle }
 }
 
 async fn login(node: &Node, user: &str, password: &str) -> String {
@@ -323,4 +324,55 @@ async fn participants_see_each_other_and_each_others_cursors_across_nodes() {
             break;
         }
     }
+}
+
+#[actix_rt::test]
+async fn a_client_that_stops_reading_is_disconnected_and_others_carry_on() {
+    let redis = RedisServer::start(&tempdir("ws-slow"), false).unwrap();
+    users(&redis.url()).await;
+    let node = start_node(&redis.url()).await;
+    let token = login(&node, "ada", "ada-password").await;
+    let doc = rest(&node, &token, reqwest::Method::POST, "/api/documents", json!({"state": {}})).await;
+    let id = doc["id"].as_str().unwrap().to_owned();
+    let mut stuck = connect(&node, &token).await;
+    send(&mut stuck, json!({"type": "subscribe", "doc": id})).await;
+    assert_eq!(next(&mut stuck).await["type"], "snapshot");
+    let mut busy = connect(&node, &token).await;
+    send(&mut busy, json!({"type": "subscribe", "doc": id})).await;
+    assert_eq!(next(&mut busy).await["type"], "snapshot");
+
+    // `stuck` reads nothing from here on while `busy` moves its cursor a lot.
+    let position = "x".repeat(1000);
+    let too_slow = || node.kernel.metrics().sessions_too_slow.get();
+    for _ in 0..40_000 {
+        send(&mut busy, json!({"type": "cursor", "doc": id, "position": position})).await;
+        if too_slow() > 0 {
+            break;
+        }
+    }
+    common::eventually(30, "the stuck client disconnected", || too_slow() == 1).await;
+
+    // Its socket ends (after whatever was already on the wire).
+    let ended = tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(Ok(msg)) = stuck.next().await {
+            if let Message::Close(frame) = msg {
+                return frame.map(|f| u16::from(f.code));
+            }
+        }
+        None
+    })
+    .await
+    .expect("the stuck client's socket did not end");
+    assert!(matches!(ended, None | Some(4008)), "closed with {ended:?}");
+
+    // The other client never noticed.
+    rest(
+        &node,
+        &token,
+        reqwest::Method::PATCH,
+        &format!("/api/documents/{id}"),
+        json!({"version": 1, "patch": {"a": 1}}),
+    )
+    .await;
+    assert_eq!(next(&mut busy).await, json!({"type": "change", "doc": id, "version": 2, "patch": {"a": 1}}));
 }

@@ -12,7 +12,10 @@ use nexus_actors::infra::{free_port, RedisServer};
 #[test]
 fn two_browsers_edit_one_document_live_and_the_graph_renders() {
     let ui_tests = Path::new(env!("CARGO_MANIFEST_DIR")).join("../ui-tests");
-    assert!(Path::new("/usr/bin/chromium").exists(), "Chromium is missing: apt-get install chromium (scripts/test does)");
+    assert!(
+        Path::new("/usr/bin/chromium").exists(),
+        "Chromium is missing: apt-get install chromium (scripts/test does)"
+    );
     assert!(
         ui_tests.join("node_modules/playwright-core").exists(),
         "playwright-core is missing: npm ci --prefix ui-tests (scripts/test does)"

@@ -18,7 +18,7 @@ use std::collections::{HashMap, HashSet};
 use actix::{ActorContext, AsyncContext};
 use actix_web::{web, HttpRequest, HttpResponse};
 use actix_ws::{CloseCode, CloseReason, Message as WsMessage};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 use super::api::{ApiError, DocumentChanged, TmState};
 use super::auth::Auth;
@@ -34,6 +34,8 @@ use serde_json::Value;
 pub const OUTBOUND_QUEUE: usize = 1024;
 /// Pause before retrying a catch-up that failed on Redis.
 const CATCH_UP_RETRY: std::time::Duration = std::time::Duration::from_millis(250);
+/// Close code when the client went away.
+const CLOSE_NORMAL: u16 = 1000;
 /// Close code for a client too slow to read what it asked for.
 pub const CLOSE_TOO_SLOW: u16 = 4008;
 
@@ -89,6 +91,10 @@ pub struct Session {
     state: web::Data<TmState>,
     bridge: ActorRef<RedisBridge>,
     out: mpsc::Sender<String>,
+    /// Tells the connection's reader and writer to let go of the socket,
+    /// with the close code to send.
+    shutdown: watch::Sender<Option<u16>>,
+    too_slow: prometheus::IntCounter,
     /// Followed documents and the last version the client was sent (None:
     /// a catch-up is under way).
     docs: HashMap<String, Option<u64>>,
@@ -103,9 +109,10 @@ fn channel(doc: &str) -> String {
 
 impl Session {
     fn send(&mut self, frame: &ServerFrame, ctx: &mut Ctx<Self>) {
-        if self.out.try_send(frame.encode()).is_err() {
-            tracing::warn!(user = %self.user, "session outbound queue full; disconnecting the client");
-            self.leave(ctx);
+        if self.out.try_send(frame.encode()).is_err() && self.shutdown.borrow().is_none() {
+            self.too_slow.inc();
+            tracing::warn!(user = %self.user, "nexus_sessions_too_slow_total: outbound queue full; disconnecting");
+            self.leave(CLOSE_TOO_SLOW, ctx);
         }
     }
 
@@ -113,12 +120,13 @@ impl Session {
         self.send(&ServerFrame::Error { code: code.to_owned(), message }, ctx);
     }
 
-    /// Unsubscribes everything and stops; dropping `out` closes the socket.
-    fn leave(&mut self, ctx: &mut Ctx<Self>) {
+    /// Unsubscribes everything, closes the socket with `code` and stops.
+    fn leave(&mut self, code: u16, ctx: &mut Ctx<Self>) {
         let docs: Vec<String> = self.docs.keys().cloned().collect();
         for doc in docs {
             self.unfollow(&doc);
         }
+        let _ = self.shutdown.send(Some(code));
         ctx.stop();
     }
 
@@ -345,7 +353,7 @@ impl Handler<BusEvent> for Session {
 
 impl Handler<Disconnected> for Session {
     fn handle(&mut self, _: Disconnected, ctx: &mut Ctx<Self>) -> Reply<()> {
-        self.leave(ctx);
+        self.leave(CLOSE_NORMAL, ctx);
         Reply::Now(())
     }
 }
@@ -376,13 +384,18 @@ pub async fn upgrade(
     let (response, ws, stream) = actix_ws::handle(&req, body)?;
     let mut stream = stream.max_frame_size(MAX_FRAME);
     let (out, mut outbound) = mpsc::channel::<String>(OUTBOUND_QUEUE);
+    let (shutdown, mut writer_stop) = watch::channel(None);
+    let mut reader_stop = shutdown.subscribe();
     let id = format!("session/{}", uuid::Uuid::now_v7());
     let (s, b, u) = (state.clone(), deps.bridge.clone(), user.clone());
+    let too_slow = deps.kernel.metrics().sessions_too_slow.clone();
     let session = deps.kernel.spawn(id, move || Session {
         user: u.clone(),
         state: s.clone(),
         bridge: b.clone(),
         out: out.clone(),
+        shutdown: shutdown.clone(),
+        too_slow: too_slow.clone(),
         docs: HashMap::new(),
         joined: HashSet::new(),
         me: None,
@@ -392,13 +405,23 @@ pub async fn upgrade(
     // Writer: the only place that awaits the client.
     let mut writer = ws.clone();
     actix::spawn(async move {
-        while let Some(text) = outbound.recv().await {
-            if writer.text(text).await.is_err() {
-                return;
+        loop {
+            let text = tokio::select! {
+                _ = writer_stop.changed() => break,
+                text = outbound.recv() => match text {
+                    Some(text) => text,
+                    None => break,
+                },
+            };
+            tokio::select! {
+                _ = writer_stop.changed() => break,
+                sent = writer.text(text) => if sent.is_err() { return },
             }
         }
-        let reason =
-            CloseReason { code: CloseCode::Other(CLOSE_TOO_SLOW), description: Some("client too slow".into()) };
+        let code = writer_stop.borrow().unwrap_or(CLOSE_NORMAL);
+        let description = (code == CLOSE_TOO_SLOW).then(|| "client too slow".to_owned());
+        let reason = CloseReason { code: CloseCode::from(code), description };
+        // A client that does not read may never take the close frame either.
         let _ = tokio::time::timeout(std::time::Duration::from_secs(1), writer.close(Some(reason))).await;
     });
 
@@ -407,7 +430,15 @@ pub async fn upgrade(
     let gone: Link<Disconnected> = session.link("client");
     let mut control = ws;
     actix::spawn(async move {
-        while let Some(frame) = stream.recv().await {
+        loop {
+            let frame = tokio::select! {
+                // The session is gone: drop our handle so the socket closes.
+                _ = reader_stop.changed() => return,
+                frame = stream.recv() => match frame {
+                    Some(frame) => frame,
+                    None => break,
+                },
+            };
             match frame {
                 Ok(WsMessage::Text(t)) => {
                     if text.ask(ClientText(t.to_string())).await.is_err() {

@@ -209,7 +209,8 @@ impl Store {
     }
 
     pub async fn documents_of(&self, owner: &str) -> Result<Vec<Document>, StoreError> {
-        let ids: Vec<String> = self.read(|mut c| async move { c.smembers(format!("nexus:docs:{owner}")).await }).await?;
+        let ids: Vec<String> =
+            self.read(|mut c| async move { c.smembers(format!("nexus:docs:{owner}")).await }).await?;
         let mut docs = Vec::with_capacity(ids.len());
         for id in ids {
             if let Some(doc) = self.document(&id).await? {
