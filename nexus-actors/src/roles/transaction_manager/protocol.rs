@@ -19,6 +19,11 @@ pub enum ClientFrame {
         doc: String,
         #[serde(default)]
         version: Option<u64>,
+        /// Take part in presence and cursors (the default). Followers of a
+        /// busy document turn it off: presence costs every participant a
+        /// frame per join, leave and cursor move.
+        #[serde(default = "default_presence")]
+        presence: bool,
     },
     Unsubscribe {
         doc: String,
@@ -29,6 +34,10 @@ pub enum ClientFrame {
         doc: String,
         position: Value,
     },
+}
+
+fn default_presence() -> bool {
+    true
 }
 
 const CLIENT_TYPES: [&str; 3] = ["subscribe", "unsubscribe", "cursor"];
@@ -126,9 +135,13 @@ mod tests {
     fn decodes_known_frames_and_names_what_is_wrong() {
         assert_eq!(
             decode(r#"{"type":"subscribe","doc":"d1","version":3}"#),
-            Ok(ClientFrame::Subscribe { doc: "d1".into(), version: Some(3) })
+            Ok(ClientFrame::Subscribe { doc: "d1".into(), version: Some(3), presence: true })
         );
         assert_eq!(decode(r#"{"type":"unsubscribe","doc":"d1"}"#), Ok(ClientFrame::Unsubscribe { doc: "d1".into() }));
+        assert_eq!(
+            decode(r#"{"type":"subscribe","doc":"d1","presence":false}"#),
+            Ok(ClientFrame::Subscribe { doc: "d1".into(), version: None, presence: false })
+        );
         assert_eq!(decode("{nope").unwrap_err().code(), "bad_json");
         assert_eq!(decode(r#"{"type":"dance"}"#).unwrap_err().code(), "unknown_type");
         assert_eq!(decode(r#"{"doc":"d1"}"#).unwrap_err().code(), "bad_frame");

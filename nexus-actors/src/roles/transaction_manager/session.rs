@@ -98,6 +98,8 @@ pub struct Session {
     /// Followed documents and the last version the client was sent (None:
     /// a catch-up is under way).
     docs: HashMap<String, Option<u64>>,
+    /// Followed documents whose client asked for presence and cursors.
+    wants_presence: HashSet<String>,
     /// Followed documents whose presence lists this session.
     joined: HashSet<String>,
     me: Option<ActorRef<Session>>,
@@ -131,7 +133,8 @@ impl Session {
     }
 
     fn unfollow(&mut self, doc: &str) {
-        self.joined.remove(doc);
+        self.wants_presence.remove(doc);
+        let was_present = self.joined.remove(doc);
         if self.docs.remove(doc).is_none() {
             return;
         }
@@ -139,6 +142,9 @@ impl Session {
         let session = me.id().to_owned();
         let unsubscribe = Unsubscribe { topic: Topic::Channel(channel(doc)), subscriber: session.clone() };
         let _ = self.bridge.link::<Unsubscribe>("session").tell(unsubscribe);
+        if !was_present {
+            return;
+        }
         let (state, publish, doc) = (self.state.clone(), self.bridge.link::<Publish>("session"), doc.to_owned());
         actix::spawn(async move {
             if let Ok(present) = state.store.presence_leave(&doc, &session).await {
@@ -253,14 +259,21 @@ impl Handler<ClientText> for Session {
     fn handle(&mut self, ClientText(text): ClientText, ctx: &mut Ctx<Self>) -> Reply<()> {
         match decode(&text) {
             Err(error) => self.error(error.code(), error.to_string(), ctx),
-            Ok(ClientFrame::Subscribe { doc, version }) => {
+            Ok(ClientFrame::Subscribe { doc, version, presence }) => {
                 let new = !self.docs.contains_key(&doc);
+                if presence {
+                    self.wants_presence.insert(doc.clone());
+                }
                 self.catch_up(doc, version, new);
             }
             Ok(ClientFrame::Unsubscribe { doc }) => self.unfollow(&doc),
             Ok(ClientFrame::Cursor { doc, position }) => {
-                if !matches!(self.docs.get(&doc), Some(Some(_))) {
-                    self.error("not_following", format!("subscribe to {doc} before moving a cursor in it"), ctx);
+                if !self.joined.contains(&doc) {
+                    self.error(
+                        "not_following",
+                        format!("subscribe to {doc} with presence before moving a cursor in it"),
+                        ctx,
+                    );
                 } else if position.to_string().len() > MAX_CURSOR {
                     self.error("bad_frame", format!("cursor position is over {MAX_CURSOR} bytes"), ctx);
                 } else if let Some(me) = &self.me {
@@ -286,7 +299,7 @@ impl Handler<CaughtUp> for Session {
                 if entry.is_some_and(|sent| sent >= version) {
                     return Reply::Now(());
                 }
-                if msg.since.is_none() || !self.joined.contains(&msg.doc) {
+                if self.wants_presence.contains(&msg.doc) && !self.joined.contains(&msg.doc) {
                     self.join(&msg.doc);
                 }
                 self.docs.insert(msg.doc, Some(version));
@@ -321,7 +334,7 @@ impl Handler<BusEvent> for Session {
                 PresenceChanged::TYPE => {
                     let Ok(presence) = m.envelope.typed::<PresenceChanged>() else { return Reply::Now(()) };
                     let PresenceChanged { doc, present } = presence.data;
-                    if matches!(self.docs.get(&doc), Some(Some(_))) {
+                    if self.joined.contains(&doc) {
                         self.send(&ServerFrame::Presence { doc, present }, ctx);
                     }
                 }
@@ -329,7 +342,7 @@ impl Handler<BusEvent> for Session {
                     let Ok(cursor) = m.envelope.typed::<CursorMoved>() else { return Reply::Now(()) };
                     let CursorMoved { doc, session, user, position } = cursor.data;
                     let mine = self.me.as_ref().is_some_and(|me| me.id() == session);
-                    if !mine && matches!(self.docs.get(&doc), Some(Some(_))) {
+                    if !mine && self.joined.contains(&doc) {
                         self.send(&ServerFrame::Cursor { doc, session, user, position }, ctx);
                     }
                 }
@@ -397,6 +410,7 @@ pub async fn upgrade(
         shutdown: shutdown.clone(),
         too_slow: too_slow.clone(),
         docs: HashMap::new(),
+        wants_presence: HashSet::new(),
         joined: HashSet::new(),
         me: None,
     });
