@@ -33,10 +33,11 @@ test("two browsers edit one document live, see each other, and the graph renders
     const a = await loggedIn(browser);
     const b = await loggedIn(browser);
 
-    // Panels: create one, see it listed.
+    // Panels: create one in A, see it listed in A and, live, in B.
     await a.fill("#panel-name", "My panel");
     await a.click("#panel-create");
     await a.waitForSelector("#panel-list li:has-text('My panel')");
+    await b.waitForSelector("#panel-list li:has-text('My panel')", { timeout: 15000 });
 
     // A creates a document; B opens the same one.
     await a.click("#open-editor");

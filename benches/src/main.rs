@@ -29,8 +29,13 @@ struct Sizes {
     kafka: u64,
 }
 
+mod sessions;
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("serve-node") {
+        return sessions::serve_node(&args[1..]);
+    }
     let quick = args.iter().any(|a| a == "--quick");
     let write = args.iter().position(|a| a == "--write").and_then(|i| args.get(i + 1)).map(PathBuf::from);
     let sizes = if quick {
@@ -46,16 +51,19 @@ fn main() {
         rows.extend(kafka_rows(&dir, sizes.kafka).await);
         rows
     });
-    let _ = std::fs::remove_dir_all(&dir);
     let table = render(&rows);
     println!("{table}");
+    let sessions_table = sessions::table(&dir, if quick { 500 } else { 5_000 });
+    println!("{sessions_table}");
+    let _ = std::fs::remove_dir_all(&dir);
     if let Some(path) = write {
         let command = format!("cargo run --release -p nexus-benches --{}", if quick { " --quick" } else { "" });
         let doc = format!(
-            "# Benchmark results\n\nLatest run of `{command} --write {}`.\n\n{}\n{table}\n{}",
+            "# Benchmark results\n\nLatest run of `{command} --write {}`.\n\n{}\n{table}\n{}\n## WebSocket sessions\n\n{sessions_table}\n{}",
             path.display(),
             machine(),
-            NOTES
+            NOTES,
+            SESSION_NOTES
         );
         std::fs::write(&path, doc).expect("write results");
         eprintln!("wrote {}", path.display());
@@ -88,6 +96,17 @@ the raw consumer acknowledges nothing. Batching acknowledgements while
 keeping per-key order is the next step. The Redis bridge adds a hop
 through the bridge's arbiter for every publish and a `try_tell` into the
 subscriber's mailbox for every message.
+";
+
+const SESSION_NOTES: &str = "\
+N WebSocket clients (tokio-tungstenite, in the harness process) follow one
+document without presence; the harness patches it five times through the
+first node's HTTP API and times each change from the PATCH request to its
+arrival at every client. With two nodes the clients are split between them
+and every change crosses Redis pub/sub to the second node. Nodes run as
+separate processes (`nexus-bench serve-node`); memory per idle session is the
+growth of their resident memory, after every client subscribed, divided by N.
+Clients, nodes, Redis and the broker share the machine's two cores.
 ";
 
 struct Row {

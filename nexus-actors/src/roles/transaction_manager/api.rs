@@ -230,6 +230,7 @@ pub async fn create_panel(
         source: body.source,
     };
     state.store.put_panel(&panel).await?;
+    announce_panel(&state, PanelChanged { id: panel.id.clone(), panel: Some(panel.clone()) }, &panel.owner).await;
     Ok(HttpResponse::Created().json(panel))
 }
 
@@ -273,6 +274,7 @@ pub async fn update_panel(
         panel.mode = mode;
     }
     state.store.put_panel(&panel).await?;
+    announce_panel(&state, PanelChanged { id: panel.id.clone(), panel: Some(panel.clone()) }, &panel.owner).await;
     Ok(HttpResponse::Ok().json(panel))
 }
 
@@ -285,6 +287,7 @@ pub async fn delete_panel(
 ) -> Result<HttpResponse, ApiError> {
     let panel = own_panel(&state, &caller, &id).await?;
     state.store.delete_panel(&panel).await?;
+    announce_panel(&state, PanelChanged { id: panel.id.clone(), panel: None }, &panel.owner).await;
     Ok(HttpResponse::NoContent().finish())
 }
 
@@ -322,6 +325,31 @@ pub async fn get_document(
     id: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
     Ok(HttpResponse::Ok().json(own_document(&state, &caller, &id).await?))
+}
+
+/// Announced on `nexus:panels:{owner}` when a panel record is created,
+/// changed (`panel` is its new state) or deleted (`panel` is null).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PanelChanged {
+    pub id: String,
+    pub panel: Option<Panel>,
+}
+
+impl crate::envelope::Payload for PanelChanged {
+    const TYPE: &'static str = "nexus.panel.changed";
+}
+
+/// The channel where a user's panel changes are announced.
+pub fn panels_channel(owner: &str) -> String {
+    format!("nexus:panels:{owner}")
+}
+
+async fn announce_panel(state: &TmState, change: PanelChanged, owner: &str) {
+    if let Some(publish) = &state.publish {
+        let envelope = Envelope::new(state.node.clone(), change).into_untyped();
+        // Best effort, like document announcements: the record is saved.
+        let _ = publish.ask(Publish { channel: panels_channel(owner), envelope }).await;
+    }
 }
 
 /// The CloudEvents payload announcing a document change on `nexus:doc:{id}`.

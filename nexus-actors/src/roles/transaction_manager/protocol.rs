@@ -28,6 +28,8 @@ pub enum ClientFrame {
     Unsubscribe {
         doc: String,
     },
+    /// Follow changes to this user's panel records.
+    SubscribePanels,
     /// Where this user's cursor is in a followed document (any JSON up to
     /// [`MAX_CURSOR`] bytes; the editor decides its meaning).
     Cursor {
@@ -40,7 +42,7 @@ fn default_presence() -> bool {
     true
 }
 
-const CLIENT_TYPES: [&str; 3] = ["subscribe", "unsubscribe", "cursor"];
+const CLIENT_TYPES: [&str; 4] = ["subscribe", "unsubscribe", "cursor", "subscribe_panels"];
 
 /// Largest cursor position, encoded.
 pub const MAX_CURSOR: usize = 1024;
@@ -72,6 +74,11 @@ pub enum ServerFrame {
         doc: String,
         version: u64,
         patch: Value,
+    },
+    /// A panel record was created or changed (`panel`), or deleted (null).
+    Panel {
+        id: String,
+        panel: Option<Value>,
     },
     /// Everyone following `doc` now.
     Presence {

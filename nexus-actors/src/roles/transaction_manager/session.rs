@@ -20,7 +20,7 @@ use actix_web::{web, HttpRequest, HttpResponse};
 use actix_ws::{CloseCode, CloseReason, Message as WsMessage};
 use tokio::sync::{mpsc, watch};
 
-use super::api::{ApiError, DocumentChanged, TmState};
+use super::api::{panels_channel, ApiError, DocumentChanged, PanelChanged, TmState};
 use super::auth::Auth;
 use super::protocol::{decode, ClientFrame, Participant, ServerFrame, MAX_CURSOR, MAX_FRAME};
 use crate::bus::redis::{Publish, RedisBridge, Subscribe, Topic, Unsubscribe};
@@ -98,6 +98,8 @@ pub struct Session {
     /// Followed documents and the last version the client was sent (None:
     /// a catch-up is under way).
     docs: HashMap<String, Option<u64>>,
+    /// Whether the client follows its panel records.
+    panels: bool,
     /// Followed documents whose client asked for presence and cursors.
     wants_presence: HashSet<String>,
     /// Followed documents whose presence lists this session.
@@ -127,6 +129,11 @@ impl Session {
         let docs: Vec<String> = self.docs.keys().cloned().collect();
         for doc in docs {
             self.unfollow(&doc);
+        }
+        if let (true, Some(me)) = (self.panels, &self.me) {
+            let topic = Topic::Channel(panels_channel(&self.user));
+            let _ =
+                self.bridge.link::<Unsubscribe>("session").tell(Unsubscribe { topic, subscriber: me.id().to_owned() });
         }
         let _ = self.shutdown.send(Some(code));
         ctx.stop();
@@ -267,6 +274,16 @@ impl Handler<ClientText> for Session {
                 self.catch_up(doc, version, new);
             }
             Ok(ClientFrame::Unsubscribe { doc }) => self.unfollow(&doc),
+            Ok(ClientFrame::SubscribePanels) => {
+                if let Some(me) = &self.me {
+                    let topic = Topic::Channel(panels_channel(&self.user));
+                    let _ = self
+                        .bridge
+                        .link::<Subscribe>("session")
+                        .tell(Subscribe { topic, subscriber: me.link("redis-bridge") });
+                    self.panels = true;
+                }
+            }
             Ok(ClientFrame::Cursor { doc, position }) => {
                 if !self.joined.contains(&doc) {
                     self.error(
@@ -336,6 +353,14 @@ impl Handler<BusEvent> for Session {
                     let PresenceChanged { doc, present } = presence.data;
                     if self.joined.contains(&doc) {
                         self.send(&ServerFrame::Presence { doc, present }, ctx);
+                    }
+                }
+                PanelChanged::TYPE => {
+                    let Ok(change) = m.envelope.typed::<PanelChanged>() else { return Reply::Now(()) };
+                    let owned = change.data.panel.as_ref().is_none_or(|p| p.owner == self.user);
+                    if self.panels && owned && m.channel == panels_channel(&self.user) {
+                        let panel = change.data.panel.and_then(|p| serde_json::to_value(p).ok());
+                        self.send(&ServerFrame::Panel { id: change.data.id, panel }, ctx);
                     }
                 }
                 CursorMoved::TYPE => {
@@ -410,6 +435,7 @@ pub async fn upgrade(
         shutdown: shutdown.clone(),
         too_slow: too_slow.clone(),
         docs: HashMap::new(),
+        panels: false,
         wants_presence: HashSet::new(),
         joined: HashSet::new(),
         me: None,

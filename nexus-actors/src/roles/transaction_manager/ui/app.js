@@ -147,6 +147,9 @@ function onFrame(frame) {
     case "error":
       status(frame.message);
       break;
+    case "panel":
+      if (!$("#panels").hidden) showPanels();
+      return;
   }
   render();
 }
@@ -245,7 +248,8 @@ $("#login-form").onsubmit = async (event) => {
     token = result.token;
     sessionStorage.setItem("nexus-token", token);
     status("");
-    showPanels();
+    await showPanels();
+    followPanels();
   } catch (error) {
     status(error.message);
   }
@@ -274,5 +278,10 @@ $("#nav-panels").onclick = () => showPanels();
 $("#nav-graph").onclick = () => show("graph");
 $("#nav-logout").onclick = logout;
 
-if (token) showPanels().catch(() => logout());
+async function followPanels() {
+  const ws = await connect();
+  ws.send(JSON.stringify({ type: "subscribe_panels" }));
+}
+
+if (token) showPanels().then(followPanels).catch(() => logout());
 else show("login");
