@@ -60,6 +60,10 @@ struct NodeArgs {
     /// Name of this node in logs, metrics and envelopes.
     #[arg(long, env = "NEXUS_NODE_NAME", default_value = "nexus-node")]
     name: String,
+    /// File holding the password of the user `admin`, who is created (or
+    /// given this password) at start: how an operator gets a first user.
+    #[arg(long, env = "NEXUS_ADMIN_PASSWORD_FILE")]
+    admin_password_file: Option<PathBuf>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -68,13 +72,21 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Dev { http, data_dir } => dev(http, data_dir),
         Command::Node(args) => {
+            let first_user = match &args.admin_password_file {
+                Some(path) => {
+                    let password = std::fs::read_to_string(path)
+                        .map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))?;
+                    Some(("admin".to_owned(), password.trim().to_owned()))
+                }
+                None => None,
+            };
             let config = NodeConfig {
                 name: args.name,
                 http: args.http,
                 redis_url: args.redis_url,
                 kafka: KafkaConfig::new(args.kafka_brokers),
                 roles: args.roles,
-                first_user: None,
+                first_user,
             };
             actix_rt::System::new().block_on(node::run(config))?;
             Ok(())

@@ -220,3 +220,32 @@ fn spans_are_exported_over_otlp_when_the_endpoint_is_set() {
     let contains = |needle: &[u8]| body.windows(needle.len()).any(|w| w == needle);
     assert!(contains(b"http.request") && contains(b"/healthz"), "export lacks the request span");
 }
+
+#[test]
+fn nexus_node_runs_the_transaction_manager_with_an_operator_given_admin() {
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("nexus-node-tm-{}", std::process::id()));
+    let redis = RedisServer::start(&dir.join("redis"), false).unwrap();
+    let tansu =
+        nexus_actors::infra::Tansu::start(&dir.join("tansu"), nexus_actors::infra::TansuStorage::Memory).unwrap();
+    std::fs::write(dir.join("admin-password"), "operator-secret\n").unwrap();
+    let port = free_port().unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_nexus"))
+        .args(["node", "--roles", "transaction-manager", "--http", &format!("127.0.0.1:{port}")])
+        .args(["--redis-url", &redis.url(), "--kafka-brokers", &tansu.brokers(), "--admin-password-file"])
+        .arg(dir.join("admin-password"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let _child = KillOnDrop(child);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while get(port, "/healthz").is_none() {
+        assert!(Instant::now() < deadline, "nexus node did not start");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let login = r#"{"username":"admin","password":"operator-secret"}"#;
+    assert_eq!(request(port, "POST", "/api/login", None, Some(login)).unwrap().0, 200);
+    let wrong = r#"{"username":"admin","password":"nope"}"#;
+    assert_eq!(request(port, "POST", "/api/login", None, Some(wrong)).unwrap().0, 401);
+    assert_eq!(get(port, "/").unwrap().0, 200, "the Studio is served");
+}
