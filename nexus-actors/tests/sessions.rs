@@ -291,6 +291,17 @@ async fn participants_see_each_other_and_each_others_cursors_across_nodes() {
     let doc = rest(&a, &token, reqwest::Method::POST, "/api/documents", json!({"state": {"text": ""}})).await;
     let id = doc["id"].as_str().unwrap().to_owned();
 
+    // A participant whose node died: listed, but no longer kept alive.
+    let raw = redis::Client::open(redis.url()).unwrap();
+    let mut conn = raw.get_multiplexed_async_connection().await.unwrap();
+    let _: () = redis::cmd("HSET")
+        .arg(format!("nexus:presence:{id}"))
+        .arg("session/ghost")
+        .arg("ada")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+
     let mut first = connect(&a, &token).await;
     let first_session = next_of(&mut first, "welcome").await["session"].as_str().unwrap().to_owned();
     send(&mut first, json!({"type": "subscribe", "doc": id})).await;

@@ -23,6 +23,7 @@ use tokio::sync::{mpsc, watch};
 use super::api::{panels_channel, ApiError, DocumentChanged, PanelChanged, TmState};
 use super::auth::Auth;
 use super::protocol::{decode, ClientFrame, Participant, ServerFrame, MAX_CURSOR, MAX_FRAME};
+use super::store::PRESENCE_TTL_SECS;
 use crate::bus::redis::{Publish, RedisBridge, Subscribe, Topic, Unsubscribe};
 use crate::bus::BusEvent;
 use crate::envelope::{Envelope, Payload};
@@ -259,6 +260,18 @@ impl Behaviour for Session {
     fn started(&mut self, me: &ActorRef<Self>, ctx: &mut Ctx<Self>) {
         self.me = Some(me.clone());
         self.send(&ServerFrame::Welcome { session: me.id().to_owned(), user: self.user.clone() }, ctx);
+        // Presence entries of a session whose node dies expire; a live one
+        // keeps refreshing them.
+        let refresh = std::time::Duration::from_secs(PRESENCE_TTL_SECS / 3);
+        ctx.run_interval(refresh, |s, _| {
+            let this = s.behaviour_mut();
+            if let (false, Some(me)) = (this.joined.is_empty(), &this.me) {
+                let (state, session) = (this.state.clone(), me.id().to_owned());
+                actix::spawn(async move {
+                    let _ = state.store.presence_alive(&session).await;
+                });
+            }
+        });
     }
 }
 

@@ -285,19 +285,56 @@ impl Store {
     ) -> Result<Vec<(String, String)>, StoreError> {
         let mut c = self.conn.clone();
         let key = format!("nexus:presence:{doc}");
-        let (_, all): ((), Vec<(String, String)>) =
-            redis::pipe().atomic().hset(&key, session, user).hgetall(&key).query_async(&mut c).await?;
-        Ok(all)
+        redis::pipe()
+            .atomic()
+            .hset(&key, session, user)
+            .set_ex(alive_key(session), 1, PRESENCE_TTL_SECS)
+            .query_async::<()>(&mut c)
+            .await?;
+        self.present(&key).await
     }
 
     /// Removes a participant; returns who is left.
     pub async fn presence_leave(&self, doc: &str, session: &str) -> Result<Vec<(String, String)>, StoreError> {
         let mut c = self.conn.clone();
         let key = format!("nexus:presence:{doc}");
-        let (_, all): ((), Vec<(String, String)>) =
-            redis::pipe().atomic().hdel(&key, session).hgetall(&key).query_async(&mut c).await?;
-        Ok(all)
+        let _: () = c.hdel(&key, session).await?;
+        self.present(&key).await
     }
+
+    /// Keeps a session's presence entries alive; a session refreshes this
+    /// well within [`PRESENCE_TTL_SECS`].
+    pub async fn presence_alive(&self, session: &str) -> Result<(), StoreError> {
+        let mut c = self.conn.clone();
+        Ok(c.set_ex(alive_key(session), 1, PRESENCE_TTL_SECS).await?)
+    }
+
+    /// Everyone present at `key`; entries of sessions that stopped
+    /// refreshing (their node died) are removed on the way.
+    async fn present(&self, key: &str) -> Result<Vec<(String, String)>, StoreError> {
+        let mut c = self.conn.clone();
+        let all: Vec<(String, String)> = c.hgetall(key).await?;
+        if all.is_empty() {
+            return Ok(all);
+        }
+        let alive: Vec<Option<u8>> = redis::cmd("MGET")
+            .arg(all.iter().map(|(s, _)| alive_key(s)).collect::<Vec<_>>())
+            .query_async(&mut c)
+            .await?;
+        let (live, dead): (Vec<_>, Vec<_>) = all.into_iter().zip(alive).partition(|(_, alive)| alive.is_some());
+        if !dead.is_empty() {
+            let sessions: Vec<String> = dead.into_iter().map(|((s, _), _)| s).collect();
+            let _: () = c.hdel(key, sessions).await?;
+        }
+        Ok(live.into_iter().map(|(entry, _)| entry).collect())
+    }
+}
+
+/// Seconds a session's presence outlives its last refresh.
+pub const PRESENCE_TTL_SECS: u64 = 60;
+
+fn alive_key(session: &str) -> String {
+    format!("nexus:presence-alive:{session}")
 }
 
 /// JSON Merge Patch (RFC 7396): objects merge key by key, `null` removes a
