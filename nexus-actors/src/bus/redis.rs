@@ -10,7 +10,9 @@
 //! in `nexus_mailbox_dropped_total`) and must resync, never stalling others.
 //! The subscription table outlives restarts of the bridge itself.
 
+use std::cell::Cell;
 use std::collections::HashMap;
+use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -27,6 +29,11 @@ use crate::telemetry::Metrics;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Publishes waiting for Redis at once. Past this a publish is refused at
+/// once (handed back, counted) rather than queued without bound until the
+/// connection's response timeout fails them all.
+pub const MAX_PUBLISHES_IN_FLIGHT: usize = 1024;
+
 /// What to subscribe to.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Topic {
@@ -40,6 +47,9 @@ pub enum Topic {
 pub enum PublishError {
     #[error("redis is unavailable")]
     Unavailable(Envelope),
+    /// [`MAX_PUBLISHES_IN_FLIGHT`] publishes are already waiting for Redis.
+    #[error("too many publishes in flight")]
+    Busy(Envelope),
     #[error("redis publish failed: {source}")]
     Redis { envelope: Envelope, source: redis::RedisError },
 }
@@ -47,7 +57,7 @@ pub enum PublishError {
 impl PublishError {
     pub fn into_envelope(self) -> Envelope {
         match self {
-            PublishError::Unavailable(e) | PublishError::Redis { envelope: e, .. } => e,
+            PublishError::Unavailable(e) | PublishError::Busy(e) | PublishError::Redis { envelope: e, .. } => e,
         }
     }
 }
@@ -117,6 +127,24 @@ pub struct RedisBridge {
     generation: Arc<AtomicU64>,
     backoff: Backoff,
     me: Option<ActorRef<RedisBridge>>,
+    /// Publishes waiting for Redis; replies run on this actor's thread.
+    publishing: Rc<Cell<usize>>,
+}
+
+/// Counts one publish in flight for as long as it lives.
+struct InFlight(Rc<Cell<usize>>);
+
+impl InFlight {
+    fn enter(counter: &Rc<Cell<usize>>) -> Self {
+        counter.set(counter.get() + 1);
+        InFlight(counter.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.set(self.0.get() - 1);
+    }
 }
 
 impl RedisBridge {
@@ -143,6 +171,7 @@ impl RedisBridge {
             generation: generation.clone(),
             backoff: Backoff::new(),
             me: None,
+            publishing: Rc::default(),
         }))
     }
 
@@ -364,7 +393,13 @@ impl Handler<Publish> for RedisBridge {
             metrics.bus_error("redis", "publish_unavailable", &msg.channel);
             return Reply::Now(Err(PublishError::Unavailable(msg.envelope)));
         };
+        if self.publishing.get() >= MAX_PUBLISHES_IN_FLIGHT {
+            metrics.bus_error("redis", "publish_busy", &msg.channel);
+            return Reply::Now(Err(PublishError::Busy(msg.envelope)));
+        }
+        let in_flight = InFlight::enter(&self.publishing);
         Reply::later(async move {
+            let _in_flight = in_flight;
             let cmd = redis::cmd("PUBLISH").arg(&msg.channel).arg(msg.envelope.encode()).clone();
             let mut result: redis::RedisResult<u64> = cmd.query_async(&mut conn).await;
             // The connection manager reports a connection that died since

@@ -174,10 +174,12 @@ impl Session {
         });
     }
 
-    /// Publishes an event about `doc` on its channel, best effort.
+    /// Publishes an ephemeral event about `doc` (a cursor move) on its
+    /// channel. When the bridge is saturated the event is dropped (counted
+    /// in `nexus_mailbox_dropped_total`): the next move supersedes it.
     fn announce<P: Payload>(&self, doc: &str, payload: P) {
         let envelope = Envelope::new(self.state.node.clone(), payload).into_untyped();
-        let _ = self.bridge.link::<Publish>("session").tell(Publish { channel: channel(doc), envelope });
+        let _ = self.bridge.link::<Publish>("session").try_tell(Publish { channel: channel(doc), envelope });
     }
 
     /// Fetches what the client lacks after `since` (or a snapshot) and
