@@ -30,6 +30,18 @@ fn request(port: u16, method: &str, path: &str, token: Option<&str>, body: Optio
     Some((status, body))
 }
 
+/// Waits up to 60 s for the node on `port` to answer `/healthz`.
+fn wait_for_health(port: u16) -> (u16, String) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(response) = get(port, "/healthz") {
+            return response;
+        }
+        assert!(Instant::now() < deadline, "the node did not answer /healthz within 60s");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 struct KillOnDrop(Child);
 
 impl Drop for KillOnDrop {
@@ -78,14 +90,7 @@ fn check_dev_node(name: &str, setup: impl FnOnce(&mut Command)) {
         lines
     });
 
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let health = loop {
-        if let Some(r) = get(port, "/healthz") {
-            break r;
-        }
-        assert!(Instant::now() < deadline, "nexus dev did not answer /healthz within 60s");
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let health = wait_for_health(port);
     assert_eq!(health.0, 200);
     assert!(health.1.contains("\"status\":\"ok\""), "{}", health.1);
 
@@ -209,11 +214,7 @@ fn spans_are_exported_over_otlp_when_the_endpoint_is_set() {
         .spawn()
         .unwrap();
     let _child = KillOnDrop(child);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while get(port, "/healthz").is_none() {
-        assert!(Instant::now() < deadline, "nexus dev did not start");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_for_health(port);
     let (path, content_type, body) = exports.recv_timeout(Duration::from_secs(20)).expect("no OTLP export arrived");
     assert_eq!(path, "/v1/traces");
     assert_eq!(content_type, "application/x-protobuf");
@@ -238,11 +239,7 @@ fn nexus_node_runs_the_transaction_manager_with_an_operator_given_admin() {
         .spawn()
         .unwrap();
     let _child = KillOnDrop(child);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while get(port, "/healthz").is_none() {
-        assert!(Instant::now() < deadline, "nexus node did not start");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_for_health(port);
     let login = r#"{"username":"admin","password":"operator-secret"}"#;
     assert_eq!(request(port, "POST", "/api/login", None, Some(login)).unwrap().0, 200);
     let wrong = r#"{"username":"admin","password":"nope"}"#;
