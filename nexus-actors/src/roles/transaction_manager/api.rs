@@ -340,6 +340,7 @@ impl crate::envelope::Payload for PanelChanged {
 }
 
 /// The channel where a user's panel changes are announced.
+/// (A pub/sub channel; Redis keeps channels apart from the key of the same name.)
 pub fn panels_channel(owner: &str) -> String {
     format!("nexus:panels:{owner}")
 }
@@ -373,8 +374,8 @@ pub async fn patch_document(
     id: web::Path<String>,
     body: web::Json<DocumentPatch>,
 ) -> Result<HttpResponse, ApiError> {
-    own_document(&state, &caller, &id).await?;
-    let doc = match state.store.patch_document(&id, body.version, &body.patch).await? {
+    let current = own_document(&state, &caller, &id).await?;
+    let doc = match state.store.patch_document(current, body.version, &body.patch).await? {
         Write::Applied(doc) => doc,
         Write::Stale { current } => {
             return Err(ApiError::Conflict(

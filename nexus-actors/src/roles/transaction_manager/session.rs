@@ -90,7 +90,9 @@ impl Message for CaughtUp {
 pub struct Session {
     user: String,
     state: web::Data<TmState>,
-    bridge: ActorRef<RedisBridge>,
+    /// This session's links to the node's `RedisBridge`, made once: a link
+    /// registers its graph edge when it is made.
+    bus: BridgeLinks,
     out: mpsc::Sender<String>,
     /// Tells the connection's reader and writer to let go of the socket,
     /// with the close code to send.
@@ -133,8 +135,7 @@ impl Session {
         }
         if let (true, Some(me)) = (self.panels, &self.me) {
             let topic = Topic::Channel(panels_channel(&self.user));
-            let _ =
-                self.bridge.link::<Unsubscribe>("session").tell(Unsubscribe { topic, subscriber: me.id().to_owned() });
+            let _ = self.bus.unsubscribe.tell(Unsubscribe { topic, subscriber: me.id().to_owned() });
         }
         let _ = self.shutdown.send(Some(code));
         ctx.stop();
@@ -149,11 +150,11 @@ impl Session {
         let Some(me) = &self.me else { return };
         let session = me.id().to_owned();
         let unsubscribe = Unsubscribe { topic: Topic::Channel(channel(doc)), subscriber: session.clone() };
-        let _ = self.bridge.link::<Unsubscribe>("session").tell(unsubscribe);
+        let _ = self.bus.unsubscribe.tell(unsubscribe);
         if !was_present {
             return;
         }
-        let (state, publish, doc) = (self.state.clone(), self.bridge.link::<Publish>("session"), doc.to_owned());
+        let (state, publish, doc) = (self.state.clone(), self.bus.publish.clone(), doc.to_owned());
         actix::spawn(async move {
             if let Ok(present) = state.store.presence_leave(&doc, &session).await {
                 announce_presence(&state, &publish, doc, present);
@@ -165,7 +166,7 @@ impl Session {
     fn join(&mut self, doc: &str) {
         let Some(me) = &self.me else { return };
         self.joined.insert(doc.to_owned());
-        let (state, publish) = (self.state.clone(), self.bridge.link::<Publish>("session"));
+        let (state, publish) = (self.state.clone(), self.bus.publish.clone());
         let (doc, session, user) = (doc.to_owned(), me.id().to_owned(), self.user.clone());
         actix::spawn(async move {
             if let Ok(present) = state.store.presence_join(&doc, &session, &user).await {
@@ -179,7 +180,7 @@ impl Session {
     /// in `nexus_mailbox_dropped_total`): the next move supersedes it.
     fn announce<P: Payload>(&self, doc: &str, payload: P) {
         let envelope = Envelope::new(self.state.node.clone(), payload).into_untyped();
-        let _ = self.bridge.link::<Publish>("session").try_tell(Publish { channel: channel(doc), envelope });
+        let _ = self.bus.publish.try_tell(Publish { channel: channel(doc), envelope });
     }
 
     /// Fetches what the client lacks after `since` (or a snapshot) and
@@ -192,7 +193,7 @@ impl Session {
         let link = me.link::<CaughtUp>("store");
         let subscription = subscribe.then(|| {
             let request = Subscribe { topic: Topic::Channel(channel(&doc)), subscriber: me.link("redis-bridge") };
-            (self.bridge.link::<Subscribe>("session"), request)
+            (self.bus.subscribe.clone(), request)
         });
         actix::spawn(async move {
             if let Some((bridge, request)) = subscription {
@@ -292,10 +293,7 @@ impl Handler<ClientText> for Session {
             Ok(ClientFrame::SubscribePanels) => {
                 if let Some(me) = &self.me {
                     let topic = Topic::Channel(panels_channel(&self.user));
-                    let _ = self
-                        .bridge
-                        .link::<Subscribe>("session")
-                        .tell(Subscribe { topic, subscriber: me.link("redis-bridge") });
+                    let _ = self.bus.subscribe.tell(Subscribe { topic, subscriber: me.link("redis-bridge") });
                     self.panels = true;
                 }
             }
@@ -411,6 +409,14 @@ impl Handler<Disconnected> for Session {
     }
 }
 
+/// The links a session uses to reach the bridge.
+#[derive(Clone)]
+struct BridgeLinks {
+    subscribe: Link<Subscribe>,
+    unsubscribe: Link<Unsubscribe>,
+    publish: Link<Publish>,
+}
+
 /// What `/ws` needs besides the transaction manager's state.
 #[derive(Clone)]
 pub struct SessionDeps {
@@ -440,12 +446,17 @@ pub async fn upgrade(
     let (shutdown, mut writer_stop) = watch::channel(None);
     let mut reader_stop = shutdown.subscribe();
     let id = format!("session/{}", uuid::Uuid::now_v7());
-    let (s, b, u) = (state.clone(), deps.bridge.clone(), user.clone());
+    let bus = BridgeLinks {
+        subscribe: deps.bridge.link("session"),
+        unsubscribe: deps.bridge.link("session"),
+        publish: deps.bridge.link("session"),
+    };
+    let (s, b, u) = (state.clone(), bus, user.clone());
     let too_slow = deps.kernel.metrics().sessions_too_slow.clone();
     let session = deps.kernel.spawn(id, move || Session {
         user: u.clone(),
         state: s.clone(),
-        bridge: b.clone(),
+        bus: b.clone(),
         out: out.clone(),
         shutdown: shutdown.clone(),
         too_slow: too_slow.clone(),

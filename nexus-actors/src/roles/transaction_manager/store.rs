@@ -92,6 +92,12 @@ fn user_key(name: &str) -> String {
 fn panel_key(id: &str) -> String {
     format!("nexus:panel:{id}")
 }
+fn panels_key(owner: &str) -> String {
+    format!("nexus:panels:{owner}")
+}
+fn docs_key(owner: &str) -> String {
+    format!("nexus:docs:{owner}")
+}
 fn doc_key(id: &str) -> String {
     format!("nexus:doc:{id}")
 }
@@ -148,7 +154,7 @@ impl Store {
         redis::pipe()
             .atomic()
             .set(panel_key(&panel.id), json)
-            .sadd(format!("nexus:panels:{}", panel.owner), &panel.id)
+            .sadd(panels_key(&panel.owner), &panel.id)
             .query_async::<()>(&mut c)
             .await?;
         Ok(())
@@ -160,8 +166,7 @@ impl Store {
     }
 
     pub async fn panels_of(&self, owner: &str) -> Result<Vec<Panel>, StoreError> {
-        let ids: Vec<String> =
-            self.read(|mut c| async move { c.smembers(format!("nexus:panels:{owner}")).await }).await?;
+        let ids: Vec<String> = self.read(|mut c| async move { c.smembers(panels_key(owner)).await }).await?;
         let mut panels = Vec::with_capacity(ids.len());
         for id in ids {
             if let Some(panel) = self.panel(&id).await? {
@@ -177,7 +182,7 @@ impl Store {
         redis::pipe()
             .atomic()
             .del(panel_key(&panel.id))
-            .srem(format!("nexus:panels:{}", panel.owner), &panel.id)
+            .srem(panels_key(&panel.owner), &panel.id)
             .query_async::<()>(&mut c)
             .await?;
         Ok(())
@@ -191,7 +196,7 @@ impl Store {
                 doc_key(id),
                 &[("owner", owner.to_owned()), ("version", "1".to_owned()), ("state", state.to_string())],
             )
-            .sadd(format!("nexus:docs:{owner}"), id)
+            .sadd(docs_key(owner), id)
             .query_async::<()>(&mut c)
             .await?;
         Ok(Document { id: id.to_owned(), owner: owner.to_owned(), version: 1, state: state.clone() })
@@ -209,8 +214,7 @@ impl Store {
     }
 
     pub async fn documents_of(&self, owner: &str) -> Result<Vec<Document>, StoreError> {
-        let ids: Vec<String> =
-            self.read(|mut c| async move { c.smembers(format!("nexus:docs:{owner}")).await }).await?;
+        let ids: Vec<String> = self.read(|mut c| async move { c.smembers(docs_key(owner)).await }).await?;
         let mut docs = Vec::with_capacity(ids.len());
         for id in ids {
             if let Some(doc) = self.document(&id).await? {
@@ -221,17 +225,18 @@ impl Store {
         Ok(docs)
     }
 
-    /// Applies `patch` if the document is still at `expected`.
-    pub async fn patch_document(&self, id: &str, expected: u64, patch: &Value) -> Result<Write, StoreError> {
-        let Some(mut doc) = self.document(id).await? else { return Ok(Write::Missing) };
+    /// Applies `patch` to `doc` (as the caller read it) if the document is
+    /// still at `expected` in Redis.
+    pub async fn patch_document(&self, mut doc: Document, expected: u64, patch: &Value) -> Result<Write, StoreError> {
+        let id = doc.id.clone();
         if doc.version != expected {
             return Ok(Write::Stale { current: doc.version });
         }
         merge_patch(&mut doc.state, patch);
         let mut c = self.conn.clone();
         let (status, version): (u8, u64) = redis::Script::new(PATCH_SCRIPT)
-            .key(doc_key(id))
-            .key(doc_log_key(id))
+            .key(doc_key(&id))
+            .key(doc_log_key(&id))
             .arg(expected)
             .arg(doc.state.to_string())
             .arg(patch.to_string())
@@ -268,7 +273,7 @@ impl Store {
             .atomic()
             .del(doc_key(&doc.id))
             .del(doc_log_key(&doc.id))
-            .srem(format!("nexus:docs:{}", doc.owner), &doc.id)
+            .srem(docs_key(&doc.owner), &doc.id)
             .query_async::<()>(&mut c)
             .await?;
         Ok(())
