@@ -7,6 +7,8 @@
 //! * [`http`]: the endpoints every node serves.
 //! * [`node`]: wiring a node from its configuration.
 //! * [`infra`]: brokers as child processes, for `nexus dev` and tests.
+//! * [`sidecar`]: `nexus sidecar`, beside each panel instance.
+//! * [`tools`]: the tool registry, tool calls and panel manifests.
 
 pub mod bus;
 pub mod envelope;
@@ -15,7 +17,9 @@ pub mod infra;
 pub mod kernel;
 pub mod node;
 pub mod roles;
+pub mod sidecar;
 pub mod telemetry;
+pub mod tools;
 
 pub use envelope::{Envelope, Payload};
 pub use kernel::{ActorRef, Behaviour, Ctx, Handler, Kernel, Link, Message, Reply};

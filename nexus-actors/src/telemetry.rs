@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use opentelemetry::propagation::TextMapPropagator;
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
-use prometheus::{Encoder, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder};
+use prometheus::{Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
@@ -29,6 +29,18 @@ pub struct Metrics {
     pub bus_errors: IntCounterVec,
     pub bus_redelivered: IntCounterVec,
     pub sessions_too_slow: prometheus::IntCounter,
+    /// `nexus_mcp_exec_total{tool,outcome}`: tool calls by tool and outcome.
+    pub mcp_exec: IntCounterVec,
+    /// `nexus_tool_call_duration_seconds{tool}`: tool call latency, caller side.
+    pub tool_call_seconds: HistogramVec,
+    /// `nexus_sidecar_calls_total{outcome}`: calls a sidecar passed to its panel.
+    pub sidecar_calls: IntCounterVec,
+    /// `nexus_sidecar_manifest_total{outcome}`: manifest reads by outcome.
+    pub sidecar_manifest: IntCounterVec,
+    /// `nexus_sidecar_published_total`: panel messages published through the proxy.
+    pub sidecar_published: prometheus::IntCounter,
+    /// `nexus_sidecar_refused_total{reason}`: panel messages the proxy refused.
+    pub sidecar_refused: IntCounterVec,
 }
 
 fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -58,7 +70,39 @@ impl Metrics {
         )
         .expect("valid metric definition");
         registry.register(Box::new(mailbox_depth.clone())).expect("metric registered once");
+        let tool_call_seconds = HistogramVec::new(
+            HistogramOpts::new("nexus_tool_call_duration_seconds", "Tool call latency seen by the caller")
+                .buckets(vec![0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]),
+            &["tool"],
+        )
+        .expect("valid metric definition");
+        registry.register(Box::new(tool_call_seconds.clone())).expect("metric registered once");
+        let sidecar_published =
+            prometheus::IntCounter::new("nexus_sidecar_published_total", "Panel messages published through the proxy")
+                .expect("valid metric definition");
+        registry.register(Box::new(sidecar_published.clone())).expect("metric registered once");
         Metrics {
+            mcp_exec: counter(&registry, "nexus_mcp_exec_total", "Tool calls by tool and outcome", &["tool", "outcome"]),
+            sidecar_calls: counter(
+                &registry,
+                "nexus_sidecar_calls_total",
+                "Tool calls a sidecar passed to its panel, by outcome",
+                &["outcome"],
+            ),
+            sidecar_manifest: counter(
+                &registry,
+                "nexus_sidecar_manifest_total",
+                "Manifest reads by a sidecar, by outcome",
+                &["outcome"],
+            ),
+            sidecar_refused: counter(
+                &registry,
+                "nexus_sidecar_refused_total",
+                "Panel messages the sidecar's proxy refused, by reason",
+                &["reason"],
+            ),
+            tool_call_seconds,
+            sidecar_published,
             actor_messages: counter(
                 &registry,
                 "nexus_actor_messages_total",

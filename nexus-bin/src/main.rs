@@ -2,11 +2,13 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use nexus_actors::bus::kafka::KafkaConfig;
 use nexus_actors::infra;
 use nexus_actors::node::{self, NodeConfig, Role};
+use nexus_actors::sidecar::{self, SidecarConfig};
 
 #[derive(Parser)]
 #[command(name = "nexus", version, about = "Nexus: the actor-system runtime of Nexus Graph Studio")]
@@ -41,6 +43,43 @@ enum Command {
     /// lacks is refused with a clear error). Without --roles the node runs
     /// the kernel, both bus bridges and its HTTP endpoints.
     Node(NodeArgs),
+    /// Run beside one panel instance: list its tools, forward tool calls to it.
+    ///
+    /// Reads the panel's GET /manifest (polling until it answers, then every
+    /// --poll-interval-ms), lists its tools for the panel's owner, forwards
+    /// calls from the bus to POST /mcp/execute, and serves the panel
+    /// POST /proxy (publishes on nexus:panel:<id>:out:<channel> only),
+    /// POST /reload, GET /healthz and GET /metrics on --listen (loopback only).
+    /// The panel record must exist (POST /api/panels).
+    Sidecar(SidecarArgs),
+}
+
+#[derive(Args)]
+struct SidecarArgs {
+    /// Id of the panel record this instance serves.
+    #[arg(long, env = "NEXUS_PANEL_ID")]
+    panel: String,
+    /// Redis URL (the sidecar holds the bus credentials; the panel holds none).
+    #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
+    redis_url: String,
+    /// Where the panel listens.
+    #[arg(long, env = "NEXUS_PANEL_URL", default_value = "http://127.0.0.1:8080")]
+    panel_url: String,
+    /// Address of /proxy, /reload, /healthz and /metrics (must be loopback).
+    #[arg(long, env = "NEXUS_SIDECAR_LISTEN", default_value = "127.0.0.1:3500")]
+    listen: SocketAddr,
+    /// Most tool calls running in the panel at once; past it callers get `busy`.
+    #[arg(long, default_value_t = 64)]
+    max_calls: usize,
+    /// Messages per second the panel may publish through /proxy.
+    #[arg(long, default_value_t = 50)]
+    publish_rate: u32,
+    /// Messages the panel may publish in a burst.
+    #[arg(long, default_value_t = 100)]
+    publish_burst: u32,
+    /// How often the manifest is read again, in milliseconds.
+    #[arg(long, default_value_t = 5000)]
+    poll_interval_ms: u64,
 }
 
 #[derive(Args)]
@@ -71,6 +110,19 @@ fn main() -> anyhow::Result<()> {
     let _telemetry = nexus_actors::telemetry::init("nexus");
     match cli.command {
         Command::Dev { http, data_dir } => dev(http, data_dir),
+        Command::Sidecar(args) => {
+            let config = SidecarConfig {
+                panel_url: args.panel_url,
+                listen: args.listen,
+                max_calls: args.max_calls,
+                publish_rate: args.publish_rate,
+                publish_burst: args.publish_burst,
+                poll_interval: Duration::from_millis(args.poll_interval_ms.max(100)),
+                ..SidecarConfig::new(args.panel, args.redis_url)
+            };
+            actix_rt::System::new().block_on(sidecar::run(config))?;
+            Ok(())
+        }
         Command::Node(args) => {
             let first_user = match &args.admin_password_file {
                 Some(path) => {

@@ -1,0 +1,143 @@
+//! `nexus sidecar`: the trusted process beside one panel instance. It holds
+//! the bus credentials (the panel holds none), lists the panel's tools from
+//! its manifest ([`registration`]), forwards tool calls from the bus to
+//! `POST /mcp/execute` ([`inbound`]) and publishes what the panel posts to
+//! `/proxy` inside the panel's own namespace ([`proxy`]). Its HTTP endpoints
+//! listen on loopback only. It runs no role and serves no user.
+
+pub mod inbound;
+pub mod panel;
+pub mod proxy;
+pub mod registration;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::Arbiter;
+use actix_web::{web, App, HttpServer};
+
+use crate::bus::redis::{RedisBridge, Subscribe, Topic};
+use crate::kernel::Kernel;
+use crate::roles::transaction_manager::store::{Store, StoreError};
+use crate::tools::protocol::panel_calls_channel;
+use crate::tools::store::{ToolStore, ToolStoreError};
+use inbound::CallForwarder;
+use panel::PanelClient;
+use proxy::{ProxyState, RateLimit};
+use registration::Registrar;
+
+/// Everything a sidecar needs to start.
+#[derive(Debug, Clone)]
+pub struct SidecarConfig {
+    /// The id of the panel record this instance serves.
+    pub panel: String,
+    pub redis_url: String,
+    /// Where the panel listens (`http://127.0.0.1:8080`).
+    pub panel_url: String,
+    /// Where `/proxy`, `/reload`, `/healthz` and `/metrics` listen (loopback only).
+    pub listen: SocketAddr,
+    /// Most calls running in the panel at once.
+    pub max_calls: usize,
+    /// Messages a second the panel may publish, and the burst it may save up.
+    pub publish_rate: u32,
+    pub publish_burst: u32,
+    /// How often the manifest is read again.
+    pub poll_interval: Duration,
+}
+
+impl SidecarConfig {
+    pub fn new(panel: impl Into<String>, redis_url: impl Into<String>) -> Self {
+        SidecarConfig {
+            panel: panel.into(),
+            redis_url: redis_url.into(),
+            panel_url: "http://127.0.0.1:8080".into(),
+            listen: SocketAddr::from(([127, 0, 0, 1], 3500)),
+            max_calls: 64,
+            publish_rate: 50,
+            publish_burst: 100,
+            poll_interval: Duration::from_secs(5),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SidecarError {
+    #[error("the sidecar listens on loopback only; {0} is not a loopback address")]
+    NotLoopback(SocketAddr),
+    #[error("no panel record has id {0:?}: create the panel first (POST /api/panels)")]
+    UnknownPanel(String),
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    #[error("panel records: {0}")]
+    Store(#[from] StoreError),
+    #[error("tool listing: {0}")]
+    Tools(#[from] ToolStoreError),
+    #[error("subscribing to the panel's call channel failed: {0}")]
+    Subscribe(String),
+    #[error("http on {addr}: {source}")]
+    Http { addr: SocketAddr, source: std::io::Error },
+}
+
+/// Runs the sidecar until it is stopped (Ctrl-C or SIGTERM); then the
+/// panel's tools leave the listing.
+pub async fn run(config: SidecarConfig) -> Result<(), SidecarError> {
+    if !config.listen.ip().is_loopback() {
+        return Err(SidecarError::NotLoopback(config.listen));
+    }
+    let panel_record = Store::connect(&config.redis_url)
+        .await?
+        .panel(&config.panel)
+        .await?
+        .ok_or_else(|| SidecarError::UnknownPanel(config.panel.clone()))?;
+    let kernel = Kernel::new(format!("sidecar-{}", config.panel));
+    let tools = ToolStore::connect(&config.redis_url).await?;
+    let bridge_arbiter = Arbiter::new();
+    let bridge = RedisBridge::spawn(&kernel, &bridge_arbiter.handle(), &config.redis_url)?;
+    let client = PanelClient::new(&config.panel_url, &config.panel);
+
+    let forwarder = {
+        let (kernel, client, tools) = (kernel.clone(), client.clone(), tools.clone());
+        let (panel_id, publish) = (config.panel.clone(), bridge.link(CallForwarder::KIND));
+        let in_flight = Arc::default();
+        let max_calls = config.max_calls.max(1);
+        kernel.clone().spawn(CallForwarder::KIND, move || CallForwarder {
+            kernel: kernel.clone(),
+            panel_id: panel_id.clone(),
+            panel: client.clone(),
+            store: tools.clone(),
+            publish: publish.clone(),
+            in_flight: Arc::clone(&in_flight),
+            max_calls,
+        })
+    };
+    let subscriber = forwarder.link("redis-bridge");
+    let topic = Topic::Channel(panel_calls_channel(&config.panel));
+    match bridge.link::<Subscribe>("sidecar").ask(Subscribe { topic, subscriber }).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return Err(SidecarError::Subscribe(e.to_string())),
+        Err(e) => return Err(SidecarError::Subscribe(e.to_string())),
+    }
+
+    let ttl = (config.poll_interval * 3).max(Duration::from_secs(15));
+    let registrar = Registrar::new(&config.panel, &panel_record.owner, client, tools, kernel.metrics().clone(), ttl);
+    let polling = actix::spawn(registrar.clone().run(config.poll_interval));
+
+    let state = web::Data::new(ProxyState {
+        kernel: kernel.clone(),
+        panel_id: config.panel.clone(),
+        publish: bridge.link("sidecar-proxy"),
+        limit: RateLimit::new(config.publish_rate, config.publish_burst),
+        registrar: registrar.clone(),
+    });
+    let server = HttpServer::new(move || App::new().configure(proxy::configure(state.clone())))
+        .workers(1)
+        .shutdown_timeout(2)
+        .bind(config.listen)
+        .map_err(|source| SidecarError::Http { addr: config.listen, source })?;
+    tracing::info!(panel = %config.panel, listen = %config.listen, panel_url = %config.panel_url, "sidecar running");
+    let served = server.run().await;
+    polling.abort();
+    registrar.unlist().await;
+    served.map_err(|source| SidecarError::Http { addr: config.listen, source })
+}

@@ -1,0 +1,182 @@
+//! The sidecar's HTTP client to its panel: `GET /manifest` and
+//! `POST /mcp/execute`, with a deadline, size limits and every way a panel
+//! can misbehave turned into a [`ToolError`] the caller understands. It
+//! never touches the bus.
+
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use crate::tools::manifest::{Manifest, ManifestError, MAX_MANIFEST_BYTES};
+use crate::tools::protocol::{remaining_until, ToolError, ToolRequest, ToolResult, MAX_PAYLOAD_BYTES};
+
+/// How much of a non-2xx body goes back to the caller.
+const STATUS_BODY_EXCERPT: usize = 512;
+/// How long a manifest read may take.
+const MANIFEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Why a manifest could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum ManifestFetchError {
+    #[error("the panel is not answering at {url}: {message}")]
+    Unreachable { url: String, message: String },
+    #[error("GET /manifest answered HTTP {0}")]
+    Status(u16),
+    #[error(transparent)]
+    Invalid(#[from] ManifestError),
+}
+
+/// Talks to one panel over loopback HTTP.
+#[derive(Clone)]
+pub struct PanelClient {
+    http: reqwest::Client,
+    base: String,
+    panel: String,
+}
+
+impl PanelClient {
+    /// A client for the panel `panel` served at `base` (`http://127.0.0.1:8080`).
+    pub fn new(base: &str, panel: &str) -> Self {
+        let http = reqwest::Client::builder()
+            .no_proxy()
+            .pool_max_idle_per_host(64)
+            .pool_idle_timeout(Duration::from_secs(30))
+            .build()
+            .unwrap_or_default();
+        PanelClient { http, base: base.trim_end_matches('/').to_owned(), panel: panel.to_owned() }
+    }
+
+    /// Reads and validates `GET /manifest`.
+    pub async fn manifest(&self) -> Result<Manifest, ManifestFetchError> {
+        let url = format!("{}/manifest", self.base);
+        let unreachable = |e: &dyn std::fmt::Display| ManifestFetchError::Unreachable {
+            url: url.clone(),
+            message: e.to_string(),
+        };
+        let response = self.http.get(&url).timeout(MANIFEST_TIMEOUT).send().await.map_err(|e| unreachable(&e))?;
+        if !response.status().is_success() {
+            return Err(ManifestFetchError::Status(response.status().as_u16()));
+        }
+        match read_limited(response, MAX_MANIFEST_BYTES).await {
+            Ok(body) => Ok(Manifest::parse(&body)?),
+            Err(Limited::TooLarge(size)) => Err(ManifestError::TooLarge { size }.into()),
+            Err(Limited::Failed(e)) => Err(unreachable(&e)),
+        }
+    }
+
+    /// Runs a tool: `POST /mcp/execute`, answered before the request's deadline.
+    pub async fn execute(&self, request: &ToolRequest) -> ToolResult {
+        let remaining = remaining_until(request.deadline);
+        let timeout = || ToolError::Timeout { timeout_ms: remaining.as_millis() as u64 };
+        if remaining.is_zero() {
+            return Err(timeout());
+        }
+        let deadline_ms = remaining.as_millis() as u64;
+        let body = json!({
+            "call_id": request.call_id,
+            "tool": request.tool,
+            "arguments": request.arguments,
+            "deadline_ms": deadline_ms,
+        });
+        let sent = self
+            .http
+            .post(format!("{}/mcp/execute", self.base))
+            .header("x-nexus-call-id", &request.call_id)
+            .header("x-nexus-deadline-ms", deadline_ms)
+            .json(&body)
+            .timeout(remaining)
+            .send();
+        let work = async {
+            let response = sent.await.map_err(|e| self.send_error(e, &timeout))?;
+            let status = response.status();
+            let body = read_limited(response, MAX_PAYLOAD_BYTES).await.map_err(|e| match e {
+                Limited::TooLarge(size) => ToolError::TooLarge { what: "result".into(), size, limit: MAX_PAYLOAD_BYTES },
+                Limited::Failed(e) => self.send_error(e, &timeout),
+            })?;
+            if !status.is_success() {
+                let excerpt = String::from_utf8_lossy(&body[..body.len().min(STATUS_BODY_EXCERPT)]).into_owned();
+                return Err(ToolError::PanelStatus { status: status.as_u16(), body: excerpt });
+            }
+            interpret(&body)
+        };
+        // The per-request timeout covers sending and headers; this covers the body too.
+        tokio::time::timeout(remaining, work).await.unwrap_or_else(|_| Err(timeout()))
+    }
+
+    fn send_error(&self, error: reqwest::Error, timeout: &dyn Fn() -> ToolError) -> ToolError {
+        if error.is_timeout() {
+            timeout()
+        } else if error.is_connect() {
+            ToolError::PanelUnavailable { owner: format!("panel {}", self.panel), message: error.to_string() }
+        } else {
+            ToolError::InvalidResponse { message: error.to_string() }
+        }
+    }
+}
+
+/// A panel's 2xx body: `{"result": ..}` or `{"error": ..}`.
+fn interpret(body: &[u8]) -> ToolResult {
+    let invalid = |message: String| Err(ToolError::InvalidResponse { message });
+    let value: Value = match serde_json::from_slice(body) {
+        Ok(value) => value,
+        Err(e) => return invalid(format!("not JSON: {e}")),
+    };
+    let Value::Object(mut object) = value else { return invalid("the body is not a JSON object".into()) };
+    if let Some(error) = object.remove("error") {
+        let message = match error {
+            Value::String(s) => s,
+            Value::Object(mut o) => match o.remove("message") {
+                Some(Value::String(s)) => s,
+                _ => Value::Object(o).to_string(),
+            },
+            other => other.to_string(),
+        };
+        return Err(ToolError::failed(message));
+    }
+    match object.remove("result") {
+        Some(result) => {
+            let size = serde_json::to_vec(&result).map(|v| v.len()).unwrap_or(0);
+            if size > MAX_PAYLOAD_BYTES {
+                return Err(ToolError::TooLarge { what: "result".into(), size, limit: MAX_PAYLOAD_BYTES });
+            }
+            Ok(result)
+        }
+        None => invalid("the body has neither \"result\" nor \"error\"".into()),
+    }
+}
+
+enum Limited {
+    TooLarge(usize),
+    Failed(reqwest::Error),
+}
+
+/// Reads a body, giving up as soon as it passes `limit` bytes.
+async fn read_limited(mut response: reqwest::Response, limit: usize) -> Result<Vec<u8>, Limited> {
+    if let Some(length) = response.content_length().filter(|l| *l as usize > limit) {
+        return Err(Limited::TooLarge(length as usize));
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = response.chunk().await.map_err(Limited::Failed)? {
+        body.extend_from_slice(&chunk);
+        if body.len() > limit {
+            return Err(Limited::TooLarge(body.len()));
+        }
+    }
+    Ok(body)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bodies_become_results_or_clear_errors() {
+        assert_eq!(interpret(br#"{"result": {"n": 1}}"#), Ok(json!({"n": 1})));
+        assert_eq!(interpret(br#"{"result": null}"#), Ok(Value::Null));
+        assert_eq!(interpret(br#"{"error": "no"}"#), Err(ToolError::failed("no")));
+        assert_eq!(interpret(br#"{"error": {"message": "no"}, "result": 1}"#), Err(ToolError::failed("no")));
+        for garbage in [&b"<html>"[..], b"[1]", b"{}", b""] {
+            assert!(matches!(interpret(garbage), Err(ToolError::InvalidResponse { .. })), "{garbage:?}");
+        }
+    }
+}

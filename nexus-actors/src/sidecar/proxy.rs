@@ -1,0 +1,199 @@
+//! The sidecar's loopback HTTP endpoints: `POST /proxy` (the panel
+//! publishes to the platform), `POST /reload` (re-read the manifest now),
+//! `GET /healthz` and `GET /metrics`.
+//!
+//! `/proxy` publishes only on `nexus:panel:{id}:out:{channel}`: the body
+//! names a sub-channel, never a Redis channel, so a panel cannot reach
+//! anything outside its own namespace. Bodies are bounded and publishing is
+//! rate limited (token bucket).
+
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use actix_web::http::StatusCode;
+use actix_web::{web, HttpResponse};
+use futures::StreamExt;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::registration::{PanelState, Registrar};
+use crate::bus::redis::Publish;
+use crate::envelope::Envelope;
+use crate::kernel::{Kernel, Link};
+
+/// Largest body `/proxy` accepts.
+pub const MAX_PROXY_BODY: usize = 64 * 1024;
+/// The CloudEvents type of a panel message whose body names none.
+pub const DEFAULT_MESSAGE_TYPE: &str = "nexus.panel.message";
+
+/// The channel a panel's messages on sub-channel `channel` are published on.
+pub fn panel_out_channel(panel: &str, channel: &str) -> String {
+    format!("nexus:panel:{panel}:out:{channel}")
+}
+
+fn is_valid_channel(channel: &str) -> bool {
+    (1..=64).contains(&channel.len()) && channel.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+}
+
+fn is_valid_type(kind: &str) -> bool {
+    (1..=128).contains(&kind.len()) && kind.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+}
+
+/// A token bucket: `rate` tokens a second, holding at most `burst`.
+pub struct RateLimit {
+    rate: f64,
+    burst: f64,
+    state: Mutex<(f64, Instant)>,
+}
+
+impl RateLimit {
+    pub fn new(rate: u32, burst: u32) -> Self {
+        let burst = f64::from(burst.max(1));
+        RateLimit { rate: f64::from(rate.max(1)), burst, state: Mutex::new((burst, Instant::now())) }
+    }
+
+    /// Takes a token, or says how long until one is there.
+    pub fn take(&self) -> Result<(), Duration> {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let (tokens, at) = &mut *state;
+        let now = Instant::now();
+        *tokens = (*tokens + now.duration_since(*at).as_secs_f64() * self.rate).min(self.burst);
+        *at = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            Ok(())
+        } else {
+            Err(Duration::from_secs_f64((1.0 - *tokens) / self.rate))
+        }
+    }
+}
+
+/// What the endpoints share.
+pub struct ProxyState {
+    pub kernel: Kernel,
+    pub panel_id: String,
+    pub publish: Link<Publish>,
+    pub limit: RateLimit,
+    pub registrar: Registrar,
+}
+
+#[derive(Deserialize)]
+struct PanelMessage {
+    channel: String,
+    #[serde(rename = "type", default)]
+    kind: Option<String>,
+    data: Value,
+}
+
+fn refuse(state: &ProxyState, status: StatusCode, code: &str, message: impl Into<String>) -> HttpResponse {
+    state.kernel.metrics().sidecar_refused.with_label_values(&[code]).inc();
+    let message = message.into();
+    tracing::info!(panel = %state.panel_id, reason = code, %message, "nexus_sidecar_refused_total");
+    HttpResponse::build(status).json(json!({ "error": code, "message": message }))
+}
+
+/// Registers the sidecar's endpoints.
+pub fn configure(state: web::Data<ProxyState>) -> impl FnOnce(&mut web::ServiceConfig) {
+    move |cfg| {
+        cfg.app_data(state)
+            .route("/proxy", web::post().to(proxy))
+            .route("/reload", web::post().to(reload))
+            .route("/healthz", web::get().to(healthz))
+            .route("/metrics", web::get().to(metrics));
+    }
+}
+
+async fn proxy(state: web::Data<ProxyState>, mut payload: web::Payload) -> HttpResponse {
+    let mut body = web::BytesMut::new();
+    while let Some(chunk) = payload.next().await {
+        let Ok(chunk) = chunk else {
+            return refuse(&state, StatusCode::BAD_REQUEST, "bad_body", "the request body could not be read");
+        };
+        if body.len() + chunk.len() > MAX_PROXY_BODY {
+            let message = format!("the body is larger than {MAX_PROXY_BODY} bytes");
+            return refuse(&state, StatusCode::PAYLOAD_TOO_LARGE, "too_large", message);
+        }
+        body.extend_from_slice(&chunk);
+    }
+    let message: PanelMessage = match serde_json::from_slice(&body) {
+        Ok(m) => m,
+        Err(e) => return refuse(&state, StatusCode::BAD_REQUEST, "bad_json", format!("expected {{channel, type?, data}}: {e}")),
+    };
+    if !is_valid_channel(&message.channel) {
+        let text = "channel must match ^[A-Za-z0-9_-]{1,64}$ (it names a sub-channel of the panel's own namespace)";
+        return refuse(&state, StatusCode::BAD_REQUEST, "bad_channel", text);
+    }
+    let kind = message.kind.unwrap_or_else(|| DEFAULT_MESSAGE_TYPE.to_owned());
+    if !is_valid_type(&kind) {
+        return refuse(&state, StatusCode::BAD_REQUEST, "bad_type", "type must match ^[A-Za-z0-9._-]{1,128}$");
+    }
+    if let Err(wait) = state.limit.take() {
+        let seconds = wait.as_secs_f64().ceil().max(1.0) as u64;
+        let mut response = refuse(&state, StatusCode::TOO_MANY_REQUESTS, "rate_limited", "too many messages; slow down");
+        if let Ok(value) = actix_web::http::header::HeaderValue::from_str(&seconds.to_string()) {
+            response.headers_mut().insert(actix_web::http::header::RETRY_AFTER, value);
+        }
+        return response;
+    }
+    let channel = panel_out_channel(&state.panel_id, &message.channel);
+    let envelope = Envelope::with_type(kind, format!("panel/{}", state.panel_id), message.data);
+    let id = envelope.id.clone();
+    match state.publish.ask(Publish { channel: channel.clone(), envelope }).await {
+        Ok(Ok(_)) => {
+            state.kernel.metrics().sidecar_published.inc();
+            HttpResponse::Accepted().json(json!({ "channel": channel, "id": id }))
+        }
+        Ok(Err(error)) => refuse(&state, StatusCode::SERVICE_UNAVAILABLE, "bus_unavailable", error.to_string()),
+        Err(error) => refuse(&state, StatusCode::SERVICE_UNAVAILABLE, "bus_unavailable", format!("{error:?}")),
+    }
+}
+
+async fn reload(state: web::Data<ProxyState>) -> HttpResponse {
+    match state.registrar.sync().await {
+        PanelState::Up { tools } => HttpResponse::Ok().json(json!({ "tools": tools })),
+        PanelState::Down { reason } => HttpResponse::BadGateway().json(json!({ "error": "panel_down", "message": reason })),
+        PanelState::Invalid { reason } => {
+            HttpResponse::UnprocessableEntity().json(json!({ "error": "invalid_manifest", "message": reason }))
+        }
+        PanelState::Starting => HttpResponse::ServiceUnavailable().json(json!({ "error": "starting" })),
+    }
+}
+
+async fn healthz(state: web::Data<ProxyState>) -> HttpResponse {
+    let panel = match state.registrar.state().await {
+        PanelState::Up { tools } => json!({ "state": "up", "tools": tools }),
+        PanelState::Down { reason } => json!({ "state": "down", "reason": reason }),
+        PanelState::Invalid { reason } => json!({ "state": "invalid_manifest", "reason": reason }),
+        PanelState::Starting => json!({ "state": "starting" }),
+    };
+    HttpResponse::Ok().json(json!({ "status": "ok", "panel_id": state.panel_id, "panel": panel }))
+}
+
+async fn metrics(state: web::Data<ProxyState>) -> HttpResponse {
+    HttpResponse::Ok().content_type("text/plain; version=0.0.4").body(state.kernel.render_metrics())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn channels_cannot_leave_the_namespace() {
+        assert!(is_valid_channel("notes"));
+        assert!(is_valid_channel("a_b-9"));
+        for bad in ["", "a:b", "*", "nexus:doc:1", "a b", "ü", &"a".repeat(65)] {
+            assert!(!is_valid_channel(bad), "{bad:?}");
+        }
+        assert_eq!(panel_out_channel("p1", "notes"), "nexus:panel:p1:out:notes");
+    }
+
+    #[test]
+    fn the_bucket_refuses_past_its_burst_and_refills() {
+        let limit = RateLimit::new(1000, 3);
+        assert!((0..3).all(|_| limit.take().is_ok()));
+        let wait = limit.take().unwrap_err();
+        assert!(wait <= Duration::from_millis(2));
+        std::thread::sleep(Duration::from_millis(5));
+        assert!(limit.take().is_ok());
+    }
+}

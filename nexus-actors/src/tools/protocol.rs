@@ -1,0 +1,281 @@
+//! The typed tool call, its reply, and the errors callers see, as they
+//! travel on the transactional bus: a [`ToolRequest`] is published on the
+//! owner's call channel and a [`ToolResponse`] comes back on the caller
+//! node's reply channel, matched by call id. [`ToolCalled`] and
+//! [`ToolFinished`] are what the semantic bus records of each call.
+//!
+//! This module defines shapes and error codes; it sends nothing.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::envelope::Payload;
+
+/// Largest encoded arguments or result of one call: what fits in a bus
+/// envelope (1 MiB) with room for the envelope itself.
+pub const MAX_PAYLOAD_BYTES: usize = 1_000_000;
+/// Deadline of a call whose caller did not choose one.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+/// Longest deadline a caller may ask for.
+pub const MAX_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// The channel a panel's sidecar receives calls on.
+pub fn panel_calls_channel(panel: &str) -> String {
+    format!("nexus:panel:{panel}:calls")
+}
+
+/// The channel nodes serving system tool `name` receive calls on.
+pub fn system_calls_channel(name: &str) -> String {
+    format!("nexus:tools:system:{name}")
+}
+
+/// The channel a node receives replies to its calls on.
+pub fn replies_channel(node: &str, instance: &str) -> String {
+    format!("nexus:tools:replies:{node}:{instance}")
+}
+
+/// A call to a tool: who calls what, with which arguments, until when.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ToolCall {
+    pub call_id: String,
+    /// The callable (namespaced) tool name.
+    pub tool: String,
+    pub arguments: Value,
+    /// The user on whose behalf the call is made.
+    pub caller: String,
+    pub deadline: DateTime<Utc>,
+    /// Calls with one key run at most once; a retry gets the first result.
+    pub idempotency_key: String,
+    /// The conversation or chain the call belongs to (the Kafka key of its
+    /// record); the call id when there is none.
+    pub context: Option<String>,
+}
+
+impl ToolCall {
+    /// A call with a fresh id, its own idempotency key and the default deadline.
+    pub fn new(tool: impl Into<String>, arguments: Value, caller: impl Into<String>) -> Self {
+        let call_id = uuid::Uuid::now_v7().to_string();
+        ToolCall {
+            idempotency_key: call_id.clone(),
+            call_id,
+            tool: tool.into(),
+            arguments,
+            caller: caller.into(),
+            deadline: Utc::now() + DEFAULT_TIMEOUT,
+            context: None,
+        }
+    }
+
+    /// Sets the deadline `timeout` from now, capped at [`MAX_TIMEOUT`].
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.deadline = Utc::now() + timeout.min(MAX_TIMEOUT);
+        self
+    }
+
+    pub fn with_idempotency_key(mut self, key: impl Into<String>) -> Self {
+        self.idempotency_key = key.into();
+        self
+    }
+
+    pub fn with_context(mut self, context: impl Into<String>) -> Self {
+        self.context = Some(context.into());
+        self
+    }
+
+    /// Time left until the deadline (zero when past).
+    pub fn remaining(&self) -> Duration {
+        remaining_until(self.deadline)
+    }
+}
+
+pub fn remaining_until(deadline: DateTime<Utc>) -> Duration {
+    (deadline - Utc::now()).to_std().unwrap_or(Duration::ZERO)
+}
+
+/// Why a call produced no result. `code()` is stable; callers match on it.
+#[derive(Debug, Clone, PartialEq, thiserror::Error, Serialize, Deserialize)]
+#[serde(tag = "code", rename_all = "snake_case")]
+pub enum ToolError {
+    #[error("no tool named {tool:?} is available to you")]
+    NotFound { tool: String },
+    #[error("the arguments do not match the tool's schema: {message}")]
+    InvalidArguments { message: String },
+    #[error("the {what} is {size} bytes; the limit is {limit}")]
+    TooLarge { what: String, size: usize, limit: usize },
+    #[error("no answer within the deadline of {timeout_ms} ms")]
+    Timeout { timeout_ms: u64 },
+    #[error("the panel answered HTTP {status}: {body}")]
+    PanelStatus { status: u16, body: String },
+    #[error("the panel's answer is not valid: {message}")]
+    InvalidResponse { message: String },
+    #[error("nothing is serving {owner} now: {message}")]
+    PanelUnavailable { owner: String, message: String },
+    #[error("the tool's server already has {limit} calls in flight")]
+    Busy { limit: usize },
+    #[error("a call with idempotency key {key:?} is still running")]
+    InProgress { key: String },
+    /// The tool ran and reported a failure of its own.
+    #[error("{message}")]
+    ToolError { message: String },
+    #[error("internal error: {message}")]
+    Internal { message: String },
+}
+
+impl ToolError {
+    /// The stable code, as in the serialized `code` field.
+    pub fn code(&self) -> &'static str {
+        match self {
+            ToolError::NotFound { .. } => "not_found",
+            ToolError::InvalidArguments { .. } => "invalid_arguments",
+            ToolError::TooLarge { .. } => "too_large",
+            ToolError::Timeout { .. } => "timeout",
+            ToolError::PanelStatus { .. } => "panel_status",
+            ToolError::InvalidResponse { .. } => "invalid_response",
+            ToolError::PanelUnavailable { .. } => "panel_unavailable",
+            ToolError::Busy { .. } => "busy",
+            ToolError::InProgress { .. } => "in_progress",
+            ToolError::ToolError { .. } => "tool_error",
+            ToolError::Internal { .. } => "internal",
+        }
+    }
+
+    /// A failure the tool itself reports.
+    pub fn failed(message: impl Into<String>) -> Self {
+        ToolError::ToolError { message: message.into() }
+    }
+
+    pub fn internal(message: impl std::fmt::Display) -> Self {
+        ToolError::Internal { message: message.to_string() }
+    }
+}
+
+/// What a call produced.
+pub type ToolResult = Result<Value, ToolError>;
+
+/// A call as delivered to the tool's server (`nexus.tool.request`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ToolRequest {
+    pub call_id: String,
+    /// The tool's name inside its owner.
+    pub tool: String,
+    pub arguments: Value,
+    pub caller: String,
+    pub deadline: DateTime<Utc>,
+    pub idempotency_key: String,
+    /// Where the [`ToolResponse`] goes.
+    pub reply_to: String,
+}
+
+impl Payload for ToolRequest {
+    const TYPE: &'static str = "nexus.tool.request";
+}
+
+/// The reply to a [`ToolRequest`] (`nexus.tool.response`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ToolResponse {
+    pub call_id: String,
+    #[serde(flatten)]
+    pub outcome: Outcome,
+}
+
+impl Payload for ToolResponse {
+    const TYPE: &'static str = "nexus.tool.response";
+}
+
+/// A result or an error, serialized as `{"result": ..}` or `{"error": {"code": ..}}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    Result(Value),
+    Error(ToolError),
+}
+
+impl Outcome {
+    /// Whether a retry would get the same answer: a result, or an error of
+    /// the call itself (not of the moment, like a timeout or a busy panel).
+    pub fn is_final(&self) -> bool {
+        match self {
+            Outcome::Result(_) => true,
+            Outcome::Error(e) => {
+                matches!(e, ToolError::ToolError { .. } | ToolError::InvalidArguments { .. } | ToolError::TooLarge { .. })
+            }
+        }
+    }
+}
+
+impl From<ToolResult> for Outcome {
+    fn from(result: ToolResult) -> Self {
+        match result {
+            Ok(value) => Outcome::Result(value),
+            Err(error) => Outcome::Error(error),
+        }
+    }
+}
+
+impl From<Outcome> for ToolResult {
+    fn from(outcome: Outcome) -> Self {
+        match outcome {
+            Outcome::Result(value) => Ok(value),
+            Outcome::Error(error) => Err(error),
+        }
+    }
+}
+
+/// Recorded on `semantic.events` when a call starts (`nexus.tool.called`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ToolCalled {
+    pub call: ToolCall,
+}
+
+impl Payload for ToolCalled {
+    const TYPE: &'static str = "nexus.tool.called";
+}
+
+/// Recorded on `semantic.events` when a call ends (`nexus.tool.finished`);
+/// its causation id is the id of the [`ToolCalled`] record.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ToolFinished {
+    pub call_id: String,
+    pub tool: String,
+    #[serde(flatten)]
+    pub outcome: Outcome,
+    pub duration_ms: u64,
+}
+
+impl Payload for ToolFinished {
+    const TYPE: &'static str = "nexus.tool.finished";
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn outcomes_have_stable_wire_shapes() {
+        let ok = ToolResponse { call_id: "c".into(), outcome: Outcome::Result(serde_json::json!({"n": 1})) };
+        assert_eq!(serde_json::to_value(&ok).unwrap(), serde_json::json!({"call_id": "c", "result": {"n": 1}}));
+        let err = ToolResponse { call_id: "c".into(), outcome: Outcome::Error(ToolError::Timeout { timeout_ms: 5 }) };
+        let json = serde_json::to_value(&err).unwrap();
+        assert_eq!(json, serde_json::json!({"call_id": "c", "error": {"code": "timeout", "timeout_ms": 5}}));
+        let back: ToolResponse = serde_json::from_value(json).unwrap();
+        assert_eq!(back.outcome, Outcome::Error(ToolError::Timeout { timeout_ms: 5 }));
+        for error in [
+            ToolError::NotFound { tool: "x".into() },
+            ToolError::Busy { limit: 1 },
+            ToolError::failed("no"),
+            ToolError::PanelStatus { status: 500, body: String::new() },
+        ] {
+            assert_eq!(serde_json::to_value(&error).unwrap()["code"], error.code());
+        }
+    }
+
+    #[test]
+    fn deadlines_are_capped() {
+        let call = ToolCall::new("t", Value::Null, "ada").with_timeout(Duration::from_secs(10_000));
+        assert!(call.remaining() <= MAX_TIMEOUT);
+        assert_eq!(call.idempotency_key, call.call_id);
+    }
+}

@@ -1,0 +1,455 @@
+//! `ToolRegistry`: a node's door to every tool.
+//!
+//! * [`RegisterTool`] makes a [`SystemTool`] served by this node: listed in
+//!   Redis for every node, and callable over the bus on its call channel.
+//! * [`CallTool`] calls any tool the caller may use: the name is resolved
+//!   through the shared listing, the arguments are checked against the
+//!   schema, and the call runs here (a system tool this node serves) or
+//!   travels as a [`ToolRequest`] on the owner's Redis channel, its
+//!   [`ToolResponse`] coming back on this registry's reply channel. Every
+//!   call counts in `nexus_mcp_exec_total{tool,outcome}`, runs in a
+//!   `nexus.tool.call` span, and is recorded with its outcome on Kafka
+//!   `semantic.events`.
+//! * [`ListTools`] lists what one user may call.
+//!
+//! Talking HTTP to panels is the sidecar's job; this actor never does it.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::FutureExt;
+use serde_json::Value;
+use tokio::sync::oneshot;
+use tracing::Instrument;
+
+use super::protocol::{
+    panel_calls_channel, replies_channel, system_calls_channel, Outcome, ToolCall, ToolCalled, ToolError,
+    ToolFinished, ToolRequest, ToolResponse, ToolResult, MAX_PAYLOAD_BYTES,
+};
+use super::store::ToolStore;
+use super::system::{CallContext, SystemTool};
+use super::{is_valid_local_name, ToolAddress, ToolOwner, ToolSpec};
+use crate::bus::kafka::{Produce, SEMANTIC_EVENTS};
+use crate::bus::redis::{Publish, Subscribe, Topic};
+use crate::bus::BusEvent;
+use crate::envelope::{Envelope, Payload};
+use crate::kernel::{ActorRef, Behaviour, Ctx, Handler, Kernel, Link, Message, Reply};
+
+/// How long a resolved tool (its spec and compiled schema) is reused before
+/// the listing is read again.
+const RESOLVE_TTL: Duration = Duration::from_secs(2);
+/// How much longer than the deadline a caller waits for the tool's server,
+/// which enforces the deadline itself and says why it stopped.
+const REPLY_GRACE: Duration = Duration::from_millis(500);
+
+/// Makes a system tool served by this node.
+pub struct RegisterTool(pub SystemTool);
+
+#[derive(Debug, thiserror::Error)]
+pub enum RegisterError {
+    #[error("tool name {0:?} is not valid: it must match ^[A-Za-z][A-Za-z0-9_-]{{0,63}}$")]
+    BadName(String),
+    #[error("listing the tool failed: {0}")]
+    Store(String),
+    #[error("subscribing to the tool's call channel failed: {0}")]
+    Subscribe(String),
+}
+
+impl Message for RegisterTool {
+    type Reply = Result<(), RegisterError>;
+}
+
+/// Calls a tool on behalf of `call.caller`.
+pub struct CallTool(pub ToolCall);
+
+impl Message for CallTool {
+    type Reply = ToolResult;
+}
+
+/// The tools `user` may call.
+pub struct ListTools {
+    pub user: String,
+}
+
+impl Message for ListTools {
+    type Reply = Result<Vec<ToolSpec>, ToolError>;
+}
+
+/// A tool name resolved to its spec and compiled argument schema.
+struct Resolved {
+    spec: ToolSpec,
+    validator: jsonschema::Validator,
+}
+
+/// What outlives restarts of the registry actor.
+#[derive(Default)]
+struct Shared {
+    system: Mutex<HashMap<String, SystemTool>>,
+    pending: Mutex<HashMap<String, oneshot::Sender<ToolResult>>>,
+    resolved: Mutex<HashMap<String, (Instant, Arc<Resolved>)>>,
+}
+
+/// Wiring of a registry.
+#[derive(Clone)]
+pub struct RegistryDeps {
+    pub kernel: Kernel,
+    pub store: ToolStore,
+    pub redis: ActorRef<crate::bus::redis::RedisBridge>,
+    /// Where calls are recorded; `None` records nothing (no Kafka here).
+    pub kafka: Option<Link<Produce>>,
+}
+
+/// The registry actor of a node. See the module documentation.
+pub struct ToolRegistry {
+    deps: RegistryDeps,
+    shared: Arc<Shared>,
+    publish: Link<Publish>,
+    subscribe: Link<Subscribe>,
+    reply_channel: String,
+    me: Option<ActorRef<ToolRegistry>>,
+}
+
+impl ToolRegistry {
+    pub const KIND: &'static str = "tool_registry";
+
+    /// Spawns the registry on the current arbiter.
+    pub fn spawn(deps: RegistryDeps) -> ActorRef<ToolRegistry> {
+        let shared = Arc::new(Shared::default());
+        let reply_channel = replies_channel(deps.kernel.node(), &uuid::Uuid::now_v7().simple().to_string());
+        let id = format!("tool-registry-{}", &reply_channel[reply_channel.len() - 8..]);
+        let kernel = deps.kernel.clone();
+        let (publish, subscribe) = (deps.redis.link(&id), deps.redis.link(&id));
+        kernel.spawn(id, move || ToolRegistry {
+            deps: deps.clone(),
+            shared: shared.clone(),
+            publish: publish.clone(),
+            subscribe: subscribe.clone(),
+            reply_channel: reply_channel.clone(),
+            me: None,
+        })
+    }
+
+    fn subscribe_to(&self, topic: Topic) -> impl std::future::Future<Output = Result<(), RegisterError>> + 'static {
+        let link = self.subscribe.clone();
+        let me = self.me.clone();
+        async move {
+            let Some(me) = me else { return Err(RegisterError::Subscribe("registry not started".into())) };
+            let subscriber = me.link::<BusEvent>("redis-bridge");
+            match link.ask(Subscribe { topic, subscriber }).await {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(e)) => Err(RegisterError::Subscribe(e.to_string())),
+                Err(e) => Err(RegisterError::Subscribe(e.to_string())),
+            }
+        }
+    }
+
+    /// A request for a system tool this node serves, from the bus.
+    fn serve_request(&self, envelope: Envelope<Value>) {
+        let request = match envelope.clone().typed::<ToolRequest>() {
+            Ok(r) => r.data,
+            Err(error) => {
+                self.deps.kernel.metrics().bus_error("redis", "tool_request", &error);
+                return;
+            }
+        };
+        let Some(tool) = lock(&self.shared.system).get(&request.tool).cloned() else { return };
+        let (store, publish, source) = (self.deps.store.clone(), self.publish.clone(), self.deps.kernel.node().to_owned());
+        let span = tracing::info_span!("nexus.tool.serve", tool = %request.tool, call_id = %request.call_id);
+        envelope.trace_context().set_as_parent_of(&span);
+        actix::spawn(
+            async move {
+                let Some(result) = run_system(&store, &tool, &request).await else { return };
+                let response = ToolResponse { call_id: request.call_id.clone(), outcome: result.into() };
+                let envelope = Envelope::new(source, response).into_untyped();
+                if let Err(error) = publish.ask(Publish { channel: request.reply_to, envelope }).await {
+                    tracing::warn!(?error, "could not send a tool response");
+                }
+            }
+            .instrument(span),
+        );
+    }
+
+    /// A response to one of this registry's calls.
+    fn complete(&self, envelope: Envelope<Value>) {
+        match envelope.typed::<ToolResponse>() {
+            Ok(response) => {
+                let response = response.data;
+                if let Some(waiter) = lock(&self.shared.pending).remove(&response.call_id) {
+                    let _ = waiter.send(response.outcome.into());
+                }
+            }
+            Err(error) => self.deps.kernel.metrics().bus_error("redis", "tool_response", &error),
+        }
+    }
+}
+
+/// Runs a system tool once per idempotency key, within the deadline.
+async fn run_system(store: &ToolStore, tool: &SystemTool, request: &ToolRequest) -> Option<ToolResult> {
+    let cx = CallContext {
+        call_id: request.call_id.clone(),
+        caller: request.caller.clone(),
+        deadline: request.deadline,
+    };
+    let remaining = super::protocol::remaining_until(request.deadline);
+    let work = tokio::time::timeout(remaining, tool.run(request.arguments.clone(), cx)).map(move |r| {
+        r.unwrap_or(Err(ToolError::Timeout { timeout_ms: remaining.as_millis() as u64 }))
+    });
+    store.run_once(&tool.spec.name, request, work).await
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Behaviour for ToolRegistry {
+    const KIND: &'static str = ToolRegistry::KIND;
+
+    fn started(&mut self, me: &ActorRef<Self>, _ctx: &mut Ctx<Self>) {
+        self.me = Some(me.clone());
+        let replies = self.subscribe_to(Topic::Channel(self.reply_channel.clone()));
+        let systems: Vec<String> = lock(&self.shared.system).keys().cloned().collect();
+        let resubscribe: Vec<_> =
+            systems.into_iter().map(|name| self.subscribe_to(Topic::Channel(system_calls_channel(&name)))).collect();
+        actix::spawn(async move {
+            if let Err(error) = replies.await {
+                tracing::error!(%error, "tool registry could not subscribe to its replies");
+            }
+            for subscription in resubscribe {
+                let _ = subscription.await;
+            }
+        });
+    }
+}
+
+impl Handler<RegisterTool> for ToolRegistry {
+    fn handle(&mut self, RegisterTool(tool): RegisterTool, _: &mut Ctx<Self>) -> Reply<Result<(), RegisterError>> {
+        let name = tool.spec.name.clone();
+        if !is_valid_local_name(&name) || tool.spec.owner != ToolOwner::System {
+            return Reply::Now(Err(RegisterError::BadName(name)));
+        }
+        let spec = tool.spec.clone();
+        lock(&self.shared.system).insert(name.clone(), tool);
+        lock(&self.shared.resolved).remove(&name);
+        let store = self.deps.store.clone();
+        let subscribed = self.subscribe_to(Topic::Channel(system_calls_channel(&name)));
+        Reply::later(async move {
+            store.put_system(&spec).await.map_err(|e| RegisterError::Store(e.to_string()))?;
+            subscribed.await?;
+            tracing::info!(tool = %name, "system tool registered");
+            Ok(())
+        })
+    }
+}
+
+impl Handler<ListTools> for ToolRegistry {
+    fn handle(&mut self, msg: ListTools, _: &mut Ctx<Self>) -> Reply<Result<Vec<ToolSpec>, ToolError>> {
+        let store = self.deps.store.clone();
+        Reply::later(async move { store.list_for(&msg.user).await.map_err(ToolError::internal) })
+    }
+}
+
+impl Handler<BusEvent> for ToolRegistry {
+    fn handle(&mut self, event: BusEvent, _: &mut Ctx<Self>) -> Reply<()> {
+        match event {
+            BusEvent::Message(m) if m.channel == self.reply_channel => self.complete(m.envelope),
+            BusEvent::Message(m) => self.serve_request(m.envelope),
+            BusEvent::Up(_) => {
+                // Redis may have come back empty: list our system tools again.
+                let specs: Vec<ToolSpec> = lock(&self.shared.system).values().map(|t| t.spec.clone()).collect();
+                let store = self.deps.store.clone();
+                actix::spawn(async move {
+                    for spec in specs {
+                        let _ = store.put_system(&spec).await;
+                    }
+                });
+            }
+            BusEvent::Down(_) => {}
+        }
+        Reply::Now(())
+    }
+}
+
+impl Handler<CallTool> for ToolRegistry {
+    fn handle(&mut self, CallTool(call): CallTool, _: &mut Ctx<Self>) -> Reply<ToolResult> {
+        let span = tracing::info_span!(
+            "nexus.tool.call",
+            tool = %call.tool,
+            call_id = %call.call_id,
+            caller = %call.caller,
+            outcome = tracing::field::Empty,
+        );
+        let caller = Caller {
+            deps: self.deps.clone(),
+            shared: self.shared.clone(),
+            publish: self.publish.clone(),
+            reply_channel: self.reply_channel.clone(),
+        };
+        Reply::later(caller.call(call, span.clone()).instrument(span))
+    }
+}
+
+/// One call's journey, run outside the actor so calls overlap.
+struct Caller {
+    deps: RegistryDeps,
+    shared: Arc<Shared>,
+    publish: Link<Publish>,
+    reply_channel: String,
+}
+
+impl Caller {
+    async fn call(self, call: ToolCall, span: tracing::Span) -> ToolResult {
+        let started = Instant::now();
+        let (label, result) = match self.resolve(&call).await {
+            Ok(resolved) => {
+                let label = resolved.spec.metric_label().to_owned();
+                let called = self.record(&call, Envelope::new(self.deps.kernel.node(), ToolCalled { call: call.clone() }));
+                let result = self.dispatch(&call, &resolved).await;
+                let finished = ToolFinished {
+                    call_id: call.call_id.clone(),
+                    tool: call.tool.clone(),
+                    outcome: Outcome::from(result.clone()),
+                    duration_ms: started.elapsed().as_millis() as u64,
+                };
+                self.record(&call, Envelope::new(self.deps.kernel.node(), finished).caused_by(&called));
+                (label, result)
+            }
+            Err(error) => ("unknown".to_owned(), Err(error)),
+        };
+        let outcome = match &result {
+            Ok(_) => "ok",
+            Err(e) => e.code(),
+        };
+        let metrics = self.deps.kernel.metrics();
+        metrics.mcp_exec.with_label_values(&[&label, outcome]).inc();
+        metrics.tool_call_seconds.with_label_values(&[&label]).observe(started.elapsed().as_secs_f64());
+        span.record("outcome", outcome);
+        match &result {
+            Ok(_) => tracing::debug!(tool = %call.tool, outcome, "nexus_mcp_exec_total"),
+            Err(error) => tracing::info!(tool = %call.tool, outcome, %error, "nexus_mcp_exec_total"),
+        }
+        result
+    }
+
+    /// The tool behind the name, if the caller may use it, with its schema
+    /// compiled; the arguments checked against it.
+    async fn resolve(&self, call: &ToolCall) -> Result<Arc<Resolved>, ToolError> {
+        let not_found = || ToolError::NotFound { tool: call.tool.clone() };
+        let size = serde_json::to_vec(&call.arguments).map(|v| v.len()).unwrap_or(0);
+        if size > MAX_PAYLOAD_BYTES {
+            return Err(ToolError::TooLarge { what: "arguments".into(), size, limit: MAX_PAYLOAD_BYTES });
+        }
+        let address = ToolAddress::parse(&call.tool).ok_or_else(not_found)?;
+        let cached = lock(&self.shared.resolved)
+            .get(&call.tool)
+            .filter(|(at, _)| at.elapsed() < RESOLVE_TTL)
+            .map(|(_, r)| r.clone());
+        let resolved = match cached {
+            Some(resolved) => resolved,
+            None => {
+                let spec = self.deps.store.find(&address).await.map_err(ToolError::internal)?.ok_or_else(not_found)?;
+                let validator = jsonschema::validator_for(&spec.input_schema)
+                    .map_err(|e| ToolError::internal(format_args!("the tool's schema does not compile: {e}")))?;
+                let resolved = Arc::new(Resolved { spec, validator });
+                lock(&self.shared.resolved).insert(call.tool.clone(), (Instant::now(), resolved.clone()));
+                resolved
+            }
+        };
+        if !resolved.spec.visible_to(&call.caller) {
+            return Err(not_found());
+        }
+        if !call.arguments.is_object() {
+            return Err(ToolError::InvalidArguments { message: "arguments must be a JSON object".into() });
+        }
+        let problems: Vec<String> = resolved
+            .validator
+            .iter_errors(&call.arguments)
+            .take(5)
+            .map(|e| match e.instance_path().as_str() {
+                "" => e.to_string(),
+                path => format!("{path}: {e}"),
+            })
+            .collect();
+        if !problems.is_empty() {
+            return Err(ToolError::InvalidArguments { message: problems.join("; ") });
+        }
+        Ok(resolved)
+    }
+
+    async fn dispatch(&self, call: &ToolCall, resolved: &Resolved) -> ToolResult {
+        let request = ToolRequest {
+            call_id: call.call_id.clone(),
+            tool: resolved.spec.local_name().to_owned(),
+            arguments: call.arguments.clone(),
+            caller: call.caller.clone(),
+            deadline: call.deadline,
+            idempotency_key: call.idempotency_key.clone(),
+            reply_to: self.reply_channel.clone(),
+        };
+        let channel = match &resolved.spec.owner {
+            ToolOwner::System => {
+                let local = lock(&self.shared.system).get(&request.tool).cloned();
+                if let Some(tool) = local {
+                    return run_system(&self.deps.store, &tool, &request).await.unwrap_or_else(|| {
+                        Err(ToolError::internal("the call was claimed twice by this node"))
+                    });
+                }
+                system_calls_channel(&request.tool)
+            }
+            ToolOwner::Panel { panel, .. } => panel_calls_channel(panel),
+        };
+        let wait = call.remaining() + REPLY_GRACE;
+        let (tx, rx) = oneshot::channel();
+        lock(&self.shared.pending).insert(call.call_id.clone(), tx);
+        let forget = || lock(&self.shared.pending).remove(&call.call_id);
+        let envelope = Envelope::new(self.deps.kernel.node(), request).into_untyped();
+        let owner = match &resolved.spec.owner {
+            ToolOwner::System => format!("system tool {}", call.tool),
+            ToolOwner::Panel { panel, .. } => format!("panel {panel}"),
+        };
+        match tokio::time::timeout(wait, self.publish.ask(Publish { channel, envelope })).await {
+            Ok(Ok(Ok(0))) => {
+                forget();
+                return Err(ToolError::PanelUnavailable { owner, message: "no sidecar is listening".into() });
+            }
+            Ok(Ok(Ok(_))) => {}
+            Ok(Ok(Err(error))) => {
+                forget();
+                return Err(ToolError::PanelUnavailable { owner, message: format!("bus: {error}") });
+            }
+            Ok(Err(error)) => {
+                forget();
+                return Err(ToolError::internal(format_args!("redis bridge: {error}")));
+            }
+            Err(_) => {
+                forget();
+                return Err(ToolError::Timeout { timeout_ms: wait.as_millis() as u64 });
+            }
+        }
+        match tokio::time::timeout(call.remaining() + REPLY_GRACE, rx).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(ToolError::internal("the registry restarted during the call")),
+            Err(_) => {
+                forget();
+                Err(ToolError::Timeout { timeout_ms: wait.as_millis() as u64 })
+            }
+        }
+    }
+
+    /// Records an event of this call on `semantic.events`, without waiting.
+    fn record<T: Payload + Clone + 'static>(&self, call: &ToolCall, envelope: Envelope<T>) -> Envelope<T> {
+        if let Some(kafka) = &self.deps.kafka {
+            let key = call.context.clone().unwrap_or_else(|| call.call_id.clone());
+            let produce = Produce { topic: SEMANTIC_EVENTS.to_owned(), key, envelope: envelope.clone().into_untyped() };
+            let (kafka, metrics) = (kafka.clone(), self.deps.kernel.metrics().clone());
+            actix::spawn(async move {
+                match kafka.ask(produce).await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(error)) => metrics.bus_error("kafka", "tool_record", &error),
+                    Err(error) => metrics.bus_error("kafka", "tool_record", &format_args!("{error:?}")),
+                }
+            });
+        }
+        envelope
+    }
+}

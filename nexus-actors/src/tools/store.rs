@@ -1,0 +1,231 @@
+//! The tools' shared state in Redis: the listing every node reads, and the
+//! idempotency claims that make a call run at most once.
+//!
+//! Layout:
+//! * `nexus:tools:system` — hash, system tool name → [`ToolSpec`] JSON.
+//! * `nexus:tools:panel:{panel}` — hash, local tool name → spec; it expires
+//!   unless the panel's sidecar keeps refreshing it, so the tools of a panel
+//!   whose sidecar died leave the listing.
+//! * `nexus:tools:panels-of:{user}` — set of the user's panels with tools;
+//!   entries whose hash expired are pruned when listed.
+//! * `nexus:tool-call:{tool}:{caller}:{key}` — hash with the `call` id that
+//!   claimed an idempotency key and, once done, its `result`.
+//!
+//! Who may see or call what is decided by [`ToolSpec::visible_to`], not here.
+
+use std::time::Duration;
+
+use redis::aio::ConnectionManager;
+use redis::AsyncCommands;
+
+use std::future::Future;
+
+use super::protocol::{remaining_until, Outcome, ToolError, ToolRequest, ToolResult};
+use super::{ToolAddress, ToolSpec};
+
+const SYSTEM_KEY: &str = "nexus:tools:system";
+/// How long a finished call's result answers retries with its key.
+pub const RESULT_TTL: Duration = Duration::from_secs(600);
+/// How long a claim outlives its call's deadline, so a claimant that died
+/// mid-call frees the key soon after.
+const CLAIM_SLACK: Duration = Duration::from_secs(5);
+
+fn panel_key(panel: &str) -> String {
+    format!("nexus:tools:panel:{panel}")
+}
+
+fn panels_of_key(user: &str) -> String {
+    format!("nexus:tools:panels-of:{user}")
+}
+
+fn call_key(tool: &str, caller: &str, key: &str) -> String {
+    format!("nexus:tool-call:{tool}:{caller}:{key}")
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ToolStoreError {
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+}
+
+/// What claiming an idempotency key found.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Claim {
+    /// This call holds the key: run it, then [`ToolStore::finish`].
+    Won,
+    /// The same call was delivered twice (another replica holds it): stay silent.
+    SameCall,
+    /// An earlier call with this key finished: answer with its outcome.
+    Done(Outcome),
+    /// An earlier call with this key is still running.
+    Running,
+}
+
+/// The tools' state in Redis. Cheap to clone.
+#[derive(Clone)]
+pub struct ToolStore {
+    conn: ConnectionManager,
+}
+
+impl ToolStore {
+    pub async fn connect(url: &str) -> Result<Self, ToolStoreError> {
+        let conn = redis::Client::open(url)?.get_connection_manager().await?;
+        Ok(ToolStore { conn })
+    }
+
+    /// Lists a system tool (every node serving it writes the same spec).
+    pub async fn put_system(&self, spec: &ToolSpec) -> Result<(), ToolStoreError> {
+        let json = serde_json::to_string(spec).unwrap_or_default();
+        let () = self.conn.clone().hset(SYSTEM_KEY, &spec.name, json).await?;
+        Ok(())
+    }
+
+    /// Replaces the listed tools of `panel` (owned by `user`) with `specs`;
+    /// they leave the listing after `ttl` unless refreshed.
+    pub async fn put_panel(
+        &self,
+        panel: &str,
+        user: &str,
+        specs: &[ToolSpec],
+        ttl: Duration,
+    ) -> Result<(), ToolStoreError> {
+        let key = panel_key(panel);
+        let mut pipe = redis::pipe();
+        pipe.atomic().del(&key);
+        for spec in specs {
+            pipe.hset(&key, spec.local_name(), serde_json::to_string(spec).unwrap_or_default());
+        }
+        pipe.pexpire(&key, ttl.as_millis() as i64).sadd(panels_of_key(user), panel);
+        let () = pipe.query_async(&mut self.conn.clone()).await?;
+        Ok(())
+    }
+
+    /// Extends the listing of `panel`; `false` when it had already expired.
+    pub async fn refresh_panel(&self, panel: &str, ttl: Duration) -> Result<bool, ToolStoreError> {
+        Ok(self.conn.clone().pexpire(panel_key(panel), ttl.as_millis() as i64).await?)
+    }
+
+    /// Removes the tools of `panel` from the listing.
+    pub async fn remove_panel(&self, panel: &str, user: &str) -> Result<(), ToolStoreError> {
+        let () = redis::pipe()
+            .atomic()
+            .del(panel_key(panel))
+            .srem(panels_of_key(user), panel)
+            .query_async(&mut self.conn.clone())
+            .await?;
+        Ok(())
+    }
+
+    /// The listed tool at `address`, if any.
+    pub async fn find(&self, address: &ToolAddress<'_>) -> Result<Option<ToolSpec>, ToolStoreError> {
+        let json: Option<String> = match address {
+            ToolAddress::System(name) => self.conn.clone().hget(SYSTEM_KEY, name).await?,
+            ToolAddress::Panel { panel, tool } => self.conn.clone().hget(panel_key(panel), tool).await?,
+        };
+        Ok(json.and_then(|j| serde_json::from_str(&j).ok()))
+    }
+
+    /// Every system tool and every tool of `user`'s panels, sorted by name.
+    pub async fn list_for(&self, user: &str) -> Result<Vec<ToolSpec>, ToolStoreError> {
+        let mut conn = self.conn.clone();
+        let system: Vec<String> = conn.hvals(SYSTEM_KEY).await?;
+        let panels: Vec<String> = conn.smembers(panels_of_key(user)).await?;
+        let mut pipe = redis::pipe();
+        for panel in &panels {
+            pipe.hvals(panel_key(panel));
+        }
+        let per_panel: Vec<Vec<String>> =
+            if panels.is_empty() { Vec::new() } else { pipe.query_async(&mut conn).await? };
+        let gone: Vec<&String> = panels.iter().zip(&per_panel).filter(|(_, t)| t.is_empty()).map(|(p, _)| p).collect();
+        if !gone.is_empty() {
+            let () = conn.srem(panels_of_key(user), gone).await?;
+        }
+        let mut specs: Vec<ToolSpec> = system
+            .iter()
+            .chain(per_panel.iter().flatten())
+            .filter_map(|json| serde_json::from_str::<ToolSpec>(json).ok())
+            .filter(|spec| spec.visible_to(user))
+            .collect();
+        specs.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(specs)
+    }
+
+    /// Claims the idempotency key of a call for `call_id`, for `hold` (the
+    /// call's remaining time and some slack: a claimant that dies frees it).
+    pub async fn claim(
+        &self,
+        tool: &str,
+        caller: &str,
+        key: &str,
+        call_id: &str,
+        hold: Duration,
+    ) -> Result<Claim, ToolStoreError> {
+        let script = redis::Script::new(
+            r"if redis.call('HSETNX', KEYS[1], 'call', ARGV[1]) == 1 then
+                redis.call('PEXPIRE', KEYS[1], ARGV[2])
+                return {1, '', ''}
+              end
+              return {0, redis.call('HGET', KEYS[1], 'call') or '', redis.call('HGET', KEYS[1], 'result') or ''}",
+        );
+        let (won, holder, result): (i64, String, String) = script
+            .key(call_key(tool, caller, key))
+            .arg(call_id)
+            .arg(hold.as_millis().max(1) as u64)
+            .invoke_async(&mut self.conn.clone())
+            .await?;
+        Ok(match (won, serde_json::from_str::<Outcome>(&result)) {
+            (1, _) => Claim::Won,
+            (_, Ok(outcome)) => Claim::Done(outcome),
+            _ if holder == call_id => Claim::SameCall,
+            _ => Claim::Running,
+        })
+    }
+
+    /// Ends a claim: a final outcome answers retries with its key for
+    /// [`RESULT_TTL`]; after a passing failure (timeout, busy, a panel
+    /// down) the key is freed so that a retry runs the tool again.
+    pub async fn finish(&self, tool: &str, caller: &str, key: &str, outcome: &Outcome) -> Result<(), ToolStoreError> {
+        let key = call_key(tool, caller, key);
+        let mut conn = self.conn.clone();
+        if !outcome.is_final() {
+            let () = conn.del(&key).await?;
+            return Ok(());
+        }
+        let json = serde_json::to_string(outcome).unwrap_or_default();
+        let () = redis::pipe()
+            .atomic()
+            .hset(&key, "result", json)
+            .pexpire(&key, RESULT_TTL.as_millis() as i64)
+            .query_async(&mut conn)
+            .await?;
+        Ok(())
+    }
+
+    /// Runs `work` for `request` (to tool `tool`, by its full name) unless
+    /// a call with the same idempotency key ran or runs: then the answer is
+    /// that call's outcome, `in_progress`, or `None` when this very call was
+    /// delivered twice and another server holds it.
+    pub async fn run_once(
+        &self,
+        tool: &str,
+        request: &ToolRequest,
+        work: impl Future<Output = ToolResult>,
+    ) -> Option<ToolResult> {
+        let hold = remaining_until(request.deadline) + CLAIM_SLACK;
+        let (caller, key) = (&request.caller, &request.idempotency_key);
+        match self.claim(tool, caller, key, &request.call_id, hold).await {
+            Ok(Claim::Won) => {
+                let result = work.await;
+                let outcome = Outcome::from(result);
+                if let Err(error) = self.finish(tool, caller, key, &outcome).await {
+                    tracing::warn!(%error, tool, "could not keep a tool call's outcome");
+                }
+                Some(outcome.into())
+            }
+            Ok(Claim::SameCall) => None,
+            Ok(Claim::Done(outcome)) => Some(outcome.into()),
+            Ok(Claim::Running) => Some(Err(ToolError::InProgress { key: key.clone() })),
+            Err(error) => Some(Err(ToolError::internal(format_args!("idempotency claim failed: {error}")))),
+        }
+    }
+}
