@@ -12,6 +12,9 @@ use crate::bus::kafka::{KafkaBridge, KafkaConfig};
 use crate::bus::redis::RedisBridge;
 use crate::kernel::{ActorRef, Kernel};
 use crate::roles::transaction_manager::{self as tm_role, store::StoreError};
+use crate::tools::registry::{RegisterError, RegisterTool, RegistryDeps};
+use crate::tools::store::{ToolStore, ToolStoreError};
+use crate::tools::ToolRegistry;
 
 /// The roles of the design. A node runs any subset of them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -89,6 +92,10 @@ pub enum NodeError {
     Http { addr: SocketAddr, source: std::io::Error },
     #[error("transaction manager state: {0}")]
     State(#[from] StoreError),
+    #[error("tool listing: {0}")]
+    Tools(#[from] ToolStoreError),
+    #[error("registering a system tool: {0}")]
+    Register(#[from] RegisterError),
 }
 
 /// A started node's bridges, for wiring roles and for tests.
@@ -113,18 +120,23 @@ pub async fn start_bridges(kernel: &Kernel, config: &NodeConfig) -> Result<Bridg
 pub async fn run(config: NodeConfig) -> Result<(), NodeError> {
     let kernel = Kernel::new(config.name.clone());
     let bridges = start_bridges(&kernel, &config).await?;
+    let registry = start_registry(&kernel, &config, &bridges).await?;
     let tm = match config.roles.contains(&Role::TransactionManager) {
-        true => Some(web::Data::new(transaction_manager(&config, &bridges).await?)),
+        true => Some(web::Data::new(transaction_manager(&config, &bridges, &registry).await?)),
         false => None,
     };
+    let tools = tm_role::tools_api::ToolsApi::new(&registry, "http");
     let sessions = tm_role::session::SessionDeps { kernel: kernel.clone(), bridge: bridges.redis.clone() };
     let roles: Vec<&str> = config.roles.iter().map(|r| r.name()).collect();
     let k = kernel.clone();
     let server = HttpServer::new(move || {
         let mut app = App::new().wrap_fn(crate::http::traced);
         if let Some(tm) = &tm {
-            app =
-                app.configure(tm_role::configure(tm.clone())).configure(tm_role::configure_sessions(sessions.clone()));
+            app = app
+                .configure(tm_role::configure(tm.clone()))
+                .configure(tm_role::configure_sessions(sessions.clone()))
+                .configure(tm_role::tools_api::configure(tools.clone()))
+                .configure(tm_role::mcp::configure(tools.clone()));
         }
         let app = app.configure(crate::http::configure(k.clone()));
         match tm {
@@ -140,12 +152,36 @@ pub async fn run(config: NodeConfig) -> Result<(), NodeError> {
     server.run().await.map_err(|source| NodeError::Http { addr: config.http, source })
 }
 
-async fn transaction_manager(config: &NodeConfig, bridges: &Bridges) -> Result<tm_role::TmState, NodeError> {
+/// Starts the node's tool registry: every node can call tools, and
+/// records the calls on the semantic bus.
+pub async fn start_registry(
+    kernel: &Kernel,
+    config: &NodeConfig,
+    bridges: &Bridges,
+) -> Result<ActorRef<ToolRegistry>, NodeError> {
+    let store = ToolStore::connect(&config.redis_url).await?;
+    let kafka = Some(bridges.kafka.link(ToolRegistry::KIND));
+    Ok(ToolRegistry::spawn(RegistryDeps { kernel: kernel.clone(), store, redis: bridges.redis.clone(), kafka }))
+}
+
+async fn transaction_manager(
+    config: &NodeConfig,
+    bridges: &Bridges,
+    registry: &ActorRef<ToolRegistry>,
+) -> Result<tm_role::TmState, NodeError> {
     let publish = bridges.redis.link(Role::TransactionManager.name());
     let state = tm_role::state(&config.redis_url, Some(publish), &config.name).await?;
     if let Some((user, password)) = &config.first_user {
         state.store.set_user(user, &tm_role::auth::hash_password(password)).await?;
         tracing::info!(user, "first user ready");
+    }
+    let register = registry.link::<RegisterTool>(Role::TransactionManager.name());
+    for tool in tm_role::system_tools::tools(&state.store) {
+        let name = tool.spec.name.clone();
+        match register.ask(RegisterTool(tool)).await {
+            Ok(result) => result?,
+            Err(error) => tracing::error!(tool = %name, ?error, "tool registry stopped"),
+        }
     }
     Ok(state)
 }

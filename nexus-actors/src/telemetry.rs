@@ -71,8 +71,9 @@ impl Metrics {
         .expect("valid metric definition");
         registry.register(Box::new(mailbox_depth.clone())).expect("metric registered once");
         let tool_call_seconds = HistogramVec::new(
-            HistogramOpts::new("nexus_tool_call_duration_seconds", "Tool call latency seen by the caller")
-                .buckets(vec![0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]),
+            HistogramOpts::new("nexus_tool_call_duration_seconds", "Tool call latency seen by the caller").buckets(
+                vec![0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0],
+            ),
             &["tool"],
         )
         .expect("valid metric definition");
@@ -82,7 +83,12 @@ impl Metrics {
                 .expect("valid metric definition");
         registry.register(Box::new(sidecar_published.clone())).expect("metric registered once");
         Metrics {
-            mcp_exec: counter(&registry, "nexus_mcp_exec_total", "Tool calls by tool and outcome", &["tool", "outcome"]),
+            mcp_exec: counter(
+                &registry,
+                "nexus_mcp_exec_total",
+                "Tool calls by tool and outcome",
+                &["tool", "outcome"],
+            ),
             sidecar_calls: counter(
                 &registry,
                 "nexus_sidecar_calls_total",

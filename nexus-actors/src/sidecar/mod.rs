@@ -82,6 +82,37 @@ pub enum SidecarError {
 /// Runs the sidecar until it is stopped (Ctrl-C or SIGTERM); then the
 /// panel's tools leave the listing.
 pub async fn run(config: SidecarConfig) -> Result<(), SidecarError> {
+    start(config).await?.run().await
+}
+
+/// A started sidecar: connected, subscribed, listening.
+pub struct Sidecar {
+    server: actix_web::dev::Server,
+    registrar: Registrar,
+    polling_task: tokio::task::JoinHandle<()>,
+    listen: SocketAddr,
+    bridge_arbiter: Arbiter,
+}
+
+impl Sidecar {
+    /// Stops the sidecar (as SIGTERM does) when called.
+    pub fn handle(&self) -> actix_web::dev::ServerHandle {
+        self.server.handle()
+    }
+
+    /// Serves until stopped, then takes the panel's tools out of the listing.
+    pub async fn run(self) -> Result<(), SidecarError> {
+        let served = self.server.await;
+        self.polling_task.abort();
+        self.registrar.unlist().await;
+        self.bridge_arbiter.stop();
+        served.map_err(|source| SidecarError::Http { addr: self.listen, source })
+    }
+}
+
+/// Connects, subscribes to the panel's call channel and binds the
+/// endpoints; [`Sidecar::run`] serves.
+pub async fn start(config: SidecarConfig) -> Result<Sidecar, SidecarError> {
     if !config.listen.ip().is_loopback() {
         return Err(SidecarError::NotLoopback(config.listen));
     }
@@ -121,7 +152,7 @@ pub async fn run(config: SidecarConfig) -> Result<(), SidecarError> {
 
     let ttl = (config.poll_interval * 3).max(Duration::from_secs(15));
     let registrar = Registrar::new(&config.panel, &panel_record.owner, client, tools, kernel.metrics().clone(), ttl);
-    let polling = actix::spawn(registrar.clone().run(config.poll_interval));
+    let polling_task = actix::spawn(registrar.clone().run(config.poll_interval));
 
     let state = web::Data::new(ProxyState {
         kernel: kernel.clone(),
@@ -136,8 +167,5 @@ pub async fn run(config: SidecarConfig) -> Result<(), SidecarError> {
         .bind(config.listen)
         .map_err(|source| SidecarError::Http { addr: config.listen, source })?;
     tracing::info!(panel = %config.panel, listen = %config.listen, panel_url = %config.panel_url, "sidecar running");
-    let served = server.run().await;
-    polling.abort();
-    registrar.unlist().await;
-    served.map_err(|source| SidecarError::Http { addr: config.listen, source })
+    Ok(Sidecar { server: server.run(), registrar, polling_task, listen: config.listen, bridge_arbiter })
 }

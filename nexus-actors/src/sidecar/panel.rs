@@ -49,10 +49,8 @@ impl PanelClient {
     /// Reads and validates `GET /manifest`.
     pub async fn manifest(&self) -> Result<Manifest, ManifestFetchError> {
         let url = format!("{}/manifest", self.base);
-        let unreachable = |e: &dyn std::fmt::Display| ManifestFetchError::Unreachable {
-            url: url.clone(),
-            message: e.to_string(),
-        };
+        let unreachable =
+            |e: &dyn std::fmt::Display| ManifestFetchError::Unreachable { url: url.clone(), message: e.to_string() };
         let response = self.http.get(&url).timeout(MANIFEST_TIMEOUT).send().await.map_err(|e| unreachable(&e))?;
         if !response.status().is_success() {
             return Err(ManifestFetchError::Status(response.status().as_u16()));
@@ -90,7 +88,9 @@ impl PanelClient {
             let response = sent.await.map_err(|e| self.send_error(e, &timeout))?;
             let status = response.status();
             let body = read_limited(response, MAX_PAYLOAD_BYTES).await.map_err(|e| match e {
-                Limited::TooLarge(size) => ToolError::TooLarge { what: "result".into(), size, limit: MAX_PAYLOAD_BYTES },
+                Limited::TooLarge(size) => {
+                    ToolError::TooLarge { what: "result".into(), size, limit: MAX_PAYLOAD_BYTES }
+                }
                 Limited::Failed(e) => self.send_error(e, &timeout),
             })?;
             if !status.is_success() {
@@ -104,10 +104,16 @@ impl PanelClient {
     }
 
     fn send_error(&self, error: reqwest::Error, timeout: &dyn Fn() -> ToolError) -> ToolError {
+        // A refused connection, or one the panel dropped mid-call (it crashed
+        // or restarted), both mean nothing is serving the call now.
         if error.is_timeout() {
             timeout()
-        } else if error.is_connect() {
-            ToolError::PanelUnavailable { owner: format!("panel {}", self.panel), message: error.to_string() }
+        } else if error.is_connect() || error.is_request() || error.is_body() {
+            let message = match std::error::Error::source(&error) {
+                Some(source) => format!("{error}: {source}"),
+                None => error.to_string(),
+            };
+            ToolError::PanelUnavailable { owner: format!("panel {}", self.panel), message }
         } else {
             ToolError::InvalidResponse { message: error.to_string() }
         }

@@ -117,7 +117,14 @@ async fn proxy(state: web::Data<ProxyState>, mut payload: web::Payload) -> HttpR
     }
     let message: PanelMessage = match serde_json::from_slice(&body) {
         Ok(m) => m,
-        Err(e) => return refuse(&state, StatusCode::BAD_REQUEST, "bad_json", format!("expected {{channel, type?, data}}: {e}")),
+        Err(e) => {
+            return refuse(
+                &state,
+                StatusCode::BAD_REQUEST,
+                "bad_json",
+                format!("expected {{channel, type?, data}}: {e}"),
+            )
+        }
     };
     if !is_valid_channel(&message.channel) {
         let text = "channel must match ^[A-Za-z0-9_-]{1,64}$ (it names a sub-channel of the panel's own namespace)";
@@ -129,7 +136,8 @@ async fn proxy(state: web::Data<ProxyState>, mut payload: web::Payload) -> HttpR
     }
     if let Err(wait) = state.limit.take() {
         let seconds = wait.as_secs_f64().ceil().max(1.0) as u64;
-        let mut response = refuse(&state, StatusCode::TOO_MANY_REQUESTS, "rate_limited", "too many messages; slow down");
+        let mut response =
+            refuse(&state, StatusCode::TOO_MANY_REQUESTS, "rate_limited", "too many messages; slow down");
         if let Ok(value) = actix_web::http::header::HeaderValue::from_str(&seconds.to_string()) {
             response.headers_mut().insert(actix_web::http::header::RETRY_AFTER, value);
         }
@@ -151,7 +159,9 @@ async fn proxy(state: web::Data<ProxyState>, mut payload: web::Payload) -> HttpR
 async fn reload(state: web::Data<ProxyState>) -> HttpResponse {
     match state.registrar.sync().await {
         PanelState::Up { tools } => HttpResponse::Ok().json(json!({ "tools": tools })),
-        PanelState::Down { reason } => HttpResponse::BadGateway().json(json!({ "error": "panel_down", "message": reason })),
+        PanelState::Down { reason } => {
+            HttpResponse::BadGateway().json(json!({ "error": "panel_down", "message": reason }))
+        }
         PanelState::Invalid { reason } => {
             HttpResponse::UnprocessableEntity().json(json!({ "error": "invalid_manifest", "message": reason }))
         }

@@ -49,7 +49,14 @@ pub struct Registrar {
 }
 
 impl Registrar {
-    pub fn new(panel_id: &str, user: &str, panel: PanelClient, store: ToolStore, metrics: Metrics, ttl: Duration) -> Self {
+    pub fn new(
+        panel_id: &str,
+        user: &str,
+        panel: PanelClient,
+        store: ToolStore,
+        metrics: Metrics,
+        ttl: Duration,
+    ) -> Self {
         Registrar {
             panel_id: panel_id.to_owned(),
             user: user.to_owned(),
@@ -88,8 +95,12 @@ impl Registrar {
         };
         if state != inner.state {
             match &state {
-                PanelState::Up { tools } => tracing::info!(panel = %self.panel_id, ?tools, "panel is up; tools registered"),
-                PanelState::Down { reason } => tracing::warn!(panel = %self.panel_id, %reason, "panel is not answering"),
+                PanelState::Up { tools } => {
+                    tracing::info!(panel = %self.panel_id, ?tools, "panel is up; tools registered")
+                }
+                PanelState::Down { reason } => {
+                    tracing::warn!(panel = %self.panel_id, %reason, "panel is not answering")
+                }
                 PanelState::Invalid { reason } => {
                     tracing::error!(panel = %self.panel_id, %reason, "manifest refused; the last valid one stays listed")
                 }
@@ -100,12 +111,18 @@ impl Registrar {
         state
     }
 
-    async fn list(&self, inner: &mut Inner, manifest: Manifest) -> Result<PanelState, crate::tools::store::ToolStoreError> {
+    async fn list(
+        &self,
+        inner: &mut Inner,
+        manifest: Manifest,
+    ) -> Result<PanelState, crate::tools::store::ToolStoreError> {
         let unchanged = inner.registered.as_ref() == Some(&manifest);
         if unchanged && self.store.refresh_panel(&self.panel_id, self.ttl).await? {
             self.metrics.sidecar_manifest.with_label_values(&["unchanged"]).inc();
         } else {
-            self.store.put_panel(&self.panel_id, &self.user, &manifest.specs(&self.panel_id, &self.user), self.ttl).await?;
+            self.store
+                .put_panel(&self.panel_id, &self.user, &manifest.specs(&self.panel_id, &self.user), self.ttl)
+                .await?;
             self.metrics.sidecar_manifest.with_label_values(&["registered"]).inc();
         }
         let tools = manifest.tools.iter().map(|t| t.name.clone()).collect();

@@ -200,7 +200,10 @@ impl Outcome {
         match self {
             Outcome::Result(_) => true,
             Outcome::Error(e) => {
-                matches!(e, ToolError::ToolError { .. } | ToolError::InvalidArguments { .. } | ToolError::TooLarge { .. })
+                matches!(
+                    e,
+                    ToolError::ToolError { .. } | ToolError::InvalidArguments { .. } | ToolError::TooLarge { .. }
+                )
             }
         }
     }

@@ -24,8 +24,8 @@ use tokio::sync::oneshot;
 use tracing::Instrument;
 
 use super::protocol::{
-    panel_calls_channel, replies_channel, system_calls_channel, Outcome, ToolCall, ToolCalled, ToolError,
-    ToolFinished, ToolRequest, ToolResponse, ToolResult, MAX_PAYLOAD_BYTES,
+    panel_calls_channel, replies_channel, system_calls_channel, Outcome, ToolCall, ToolCalled, ToolError, ToolFinished,
+    ToolRequest, ToolResponse, ToolResult, MAX_PAYLOAD_BYTES,
 };
 use super::store::ToolStore;
 use super::system::{CallContext, SystemTool};
@@ -154,7 +154,8 @@ impl ToolRegistry {
             }
         };
         let Some(tool) = lock(&self.shared.system).get(&request.tool).cloned() else { return };
-        let (store, publish, source) = (self.deps.store.clone(), self.publish.clone(), self.deps.kernel.node().to_owned());
+        let (store, publish, source) =
+            (self.deps.store.clone(), self.publish.clone(), self.deps.kernel.node().to_owned());
         let span = tracing::info_span!("nexus.tool.serve", tool = %request.tool, call_id = %request.call_id);
         envelope.trace_context().set_as_parent_of(&span);
         actix::spawn(
@@ -186,15 +187,11 @@ impl ToolRegistry {
 
 /// Runs a system tool once per idempotency key, within the deadline.
 async fn run_system(store: &ToolStore, tool: &SystemTool, request: &ToolRequest) -> Option<ToolResult> {
-    let cx = CallContext {
-        call_id: request.call_id.clone(),
-        caller: request.caller.clone(),
-        deadline: request.deadline,
-    };
+    let cx =
+        CallContext { call_id: request.call_id.clone(), caller: request.caller.clone(), deadline: request.deadline };
     let remaining = super::protocol::remaining_until(request.deadline);
-    let work = tokio::time::timeout(remaining, tool.run(request.arguments.clone(), cx)).map(move |r| {
-        r.unwrap_or(Err(ToolError::Timeout { timeout_ms: remaining.as_millis() as u64 }))
-    });
+    let work = tokio::time::timeout(remaining, tool.run(request.arguments.clone(), cx))
+        .map(move |r| r.unwrap_or(Err(ToolError::Timeout { timeout_ms: remaining.as_millis() as u64 })));
     store.run_once(&tool.spec.name, request, work).await
 }
 
@@ -300,22 +297,18 @@ struct Caller {
 impl Caller {
     async fn call(self, call: ToolCall, span: tracing::Span) -> ToolResult {
         let started = Instant::now();
+        let called = self.record(&call, Envelope::new(self.deps.kernel.node(), ToolCalled { call: call.clone() }));
         let (label, result) = match self.resolve(&call).await {
-            Ok(resolved) => {
-                let label = resolved.spec.metric_label().to_owned();
-                let called = self.record(&call, Envelope::new(self.deps.kernel.node(), ToolCalled { call: call.clone() }));
-                let result = self.dispatch(&call, &resolved).await;
-                let finished = ToolFinished {
-                    call_id: call.call_id.clone(),
-                    tool: call.tool.clone(),
-                    outcome: Outcome::from(result.clone()),
-                    duration_ms: started.elapsed().as_millis() as u64,
-                };
-                self.record(&call, Envelope::new(self.deps.kernel.node(), finished).caused_by(&called));
-                (label, result)
-            }
-            Err(error) => ("unknown".to_owned(), Err(error)),
+            Ok(resolved) => (resolved.spec.metric_label().to_owned(), self.dispatch(&call, &resolved).await),
+            Err((label, error)) => (label, Err(error)),
         };
+        let finished = ToolFinished {
+            call_id: call.call_id.clone(),
+            tool: call.tool.clone(),
+            outcome: Outcome::from(result.clone()),
+            duration_ms: started.elapsed().as_millis() as u64,
+        };
+        self.record(&call, Envelope::new(self.deps.kernel.node(), finished).caused_by(&called));
         let outcome = match &result {
             Ok(_) => "ok",
             Err(e) => e.code(),
@@ -332,8 +325,32 @@ impl Caller {
     }
 
     /// The tool behind the name, if the caller may use it, with its schema
-    /// compiled; the arguments checked against it.
-    async fn resolve(&self, call: &ToolCall) -> Result<Arc<Resolved>, ToolError> {
+    /// compiled; the arguments checked against it. A refusal comes with the
+    /// metric label of the tool (`unknown` when there is none).
+    async fn resolve(&self, call: &ToolCall) -> Result<Arc<Resolved>, (String, ToolError)> {
+        let resolved = self.lookup(call).await.map_err(|e| ("unknown".to_owned(), e))?;
+        let label = || resolved.spec.metric_label().to_owned();
+        if !call.arguments.is_object() {
+            let message = "arguments must be a JSON object".to_owned();
+            return Err((label(), ToolError::InvalidArguments { message }));
+        }
+        let problems: Vec<String> = resolved
+            .validator
+            .iter_errors(&call.arguments)
+            .take(5)
+            .map(|e| match e.instance_path().as_str() {
+                "" => e.to_string(),
+                path => format!("{path}: {e}"),
+            })
+            .collect();
+        if !problems.is_empty() {
+            return Err((label(), ToolError::InvalidArguments { message: problems.join("; ") }));
+        }
+        Ok(resolved)
+    }
+
+    /// The tool behind the name, if the caller may use it.
+    async fn lookup(&self, call: &ToolCall) -> Result<Arc<Resolved>, ToolError> {
         let not_found = || ToolError::NotFound { tool: call.tool.clone() };
         let size = serde_json::to_vec(&call.arguments).map(|v| v.len()).unwrap_or(0);
         if size > MAX_PAYLOAD_BYTES {
@@ -358,21 +375,6 @@ impl Caller {
         if !resolved.spec.visible_to(&call.caller) {
             return Err(not_found());
         }
-        if !call.arguments.is_object() {
-            return Err(ToolError::InvalidArguments { message: "arguments must be a JSON object".into() });
-        }
-        let problems: Vec<String> = resolved
-            .validator
-            .iter_errors(&call.arguments)
-            .take(5)
-            .map(|e| match e.instance_path().as_str() {
-                "" => e.to_string(),
-                path => format!("{path}: {e}"),
-            })
-            .collect();
-        if !problems.is_empty() {
-            return Err(ToolError::InvalidArguments { message: problems.join("; ") });
-        }
         Ok(resolved)
     }
 
@@ -390,9 +392,9 @@ impl Caller {
             ToolOwner::System => {
                 let local = lock(&self.shared.system).get(&request.tool).cloned();
                 if let Some(tool) = local {
-                    return run_system(&self.deps.store, &tool, &request).await.unwrap_or_else(|| {
-                        Err(ToolError::internal("the call was claimed twice by this node"))
-                    });
+                    return run_system(&self.deps.store, &tool, &request)
+                        .await
+                        .unwrap_or_else(|| Err(ToolError::internal("the call was claimed twice by this node")));
                 }
                 system_calls_channel(&request.tool)
             }

@@ -53,7 +53,8 @@ impl SystemTool {
         F: Fn(A, CallContext) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<R, ToolError>> + Send + 'static,
     {
-        let mut input_schema = serde_json::to_value(schemars::schema_for!(A)).unwrap_or_else(|_| super::any_object_schema());
+        let mut input_schema =
+            serde_json::to_value(schemars::schema_for!(A)).unwrap_or_else(|_| super::any_object_schema());
         if let Some(object) = input_schema.as_object_mut() {
             object.remove("$schema");
             object.entry("type").or_insert_with(|| Value::from("object"));

@@ -4,9 +4,12 @@
 
 pub mod api;
 pub mod auth;
+pub mod mcp;
 pub mod protocol;
 pub mod session;
 pub mod store;
+pub mod system_tools;
+pub mod tools_api;
 pub mod ui;
 
 use actix_web::error::JsonPayloadError;
@@ -23,7 +26,7 @@ use crate::kernel::Link;
 
 #[derive(OpenApi)]
 #[openapi(
-    info(title = "Nexus transaction manager", description = "Login, panels and versioned documents."),
+    info(title = "Nexus transaction manager", description = "Login, panels, versioned documents and tools."),
     paths(
         api::login,
         api::create_user,
@@ -38,6 +41,8 @@ use crate::kernel::Link;
         api::patch_document,
         api::document_history,
         api::delete_document,
+        tools_api::list_tools,
+        tools_api::call_tool,
     ),
     components(schemas(
         api::Login,
@@ -52,6 +57,10 @@ use crate::kernel::Link;
         store::PanelMode,
         store::Document,
         store::Change,
+        tools_api::CallRequest,
+        tools_api::CallResponse,
+        crate::tools::ToolSpec,
+        crate::tools::ToolOwner,
     )),
     modifiers(&BearerAuth)
 )]

@@ -1,0 +1,154 @@
+//! The tools over HTTP: `GET /api/tools` lists what the caller may use,
+//! `POST /api/tools/{name}/call` calls one. Both need a token. Calls go
+//! through the node's [`ToolRegistry`]; this module only translates HTTP.
+
+use std::time::Duration;
+
+use actix_web::http::StatusCode;
+use actix_web::{web, HttpResponse};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use utoipa::ToSchema;
+
+use super::api::{ApiError, ErrorBody};
+use super::auth::Caller;
+use crate::kernel::{ActorRef, Link};
+use crate::tools::protocol::ToolCall;
+use crate::tools::registry::{CallTool, ListTools};
+use crate::tools::{ToolError, ToolRegistry, ToolSpec};
+
+/// Longest idempotency key or context id a caller may give.
+const MAX_KEY: usize = 200;
+
+/// How the HTTP layers reach the node's tool registry.
+#[derive(Clone)]
+pub struct ToolsApi {
+    pub call: Link<CallTool>,
+    pub list: Link<ListTools>,
+}
+
+impl ToolsApi {
+    pub fn new(registry: &ActorRef<ToolRegistry>, from: &str) -> Self {
+        ToolsApi { call: registry.link(from), list: registry.link(from) }
+    }
+
+    /// The tools `user` may call.
+    pub async fn list(&self, user: &str) -> Result<Vec<ToolSpec>, ToolError> {
+        match self.list.ask(ListTools { user: user.to_owned() }).await {
+            Ok(result) => result,
+            Err(error) => Err(ToolError::internal(format_args!("tool registry: {error:?}"))),
+        }
+    }
+
+    /// Runs `call` and waits for its outcome.
+    pub async fn call(&self, call: ToolCall) -> Result<Value, ToolError> {
+        match self.call.ask(CallTool(call)).await {
+            Ok(result) => result,
+            Err(error) => Err(ToolError::internal(format_args!("tool registry: {error:?}"))),
+        }
+    }
+}
+
+/// The body of `POST /api/tools/{name}/call`.
+#[derive(Debug, Deserialize, Serialize, ToSchema)]
+pub struct CallRequest {
+    /// The tool's arguments (a JSON object matching its `input_schema`).
+    #[serde(default = "empty_object")]
+    #[schema(value_type = Object)]
+    pub arguments: Value,
+    /// Calls with one key run once; a retry gets the first outcome.
+    pub idempotency_key: Option<String>,
+    /// Deadline in milliseconds (default 30000, at most 300000).
+    pub timeout_ms: Option<u64>,
+    /// The conversation or chain the call belongs to.
+    pub context: Option<String>,
+}
+
+fn empty_object() -> Value {
+    json!({})
+}
+
+/// A call's result.
+#[derive(Debug, Deserialize, Serialize, ToSchema)]
+pub struct CallResponse {
+    pub call_id: String,
+    #[schema(value_type = Object)]
+    pub result: Value,
+}
+
+/// The HTTP status of a failed call.
+pub fn status_of(error: &ToolError) -> StatusCode {
+    match error {
+        ToolError::NotFound { .. } => StatusCode::NOT_FOUND,
+        ToolError::InvalidArguments { .. } | ToolError::ToolError { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+        ToolError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+        ToolError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+        ToolError::PanelStatus { .. } | ToolError::InvalidResponse { .. } => StatusCode::BAD_GATEWAY,
+        ToolError::PanelUnavailable { .. } | ToolError::Busy { .. } => StatusCode::SERVICE_UNAVAILABLE,
+        ToolError::InProgress { .. } => StatusCode::CONFLICT,
+        ToolError::Internal { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+    }
+}
+
+/// Registers `/api/tools` and `/api/tools/{name}/call`.
+pub fn configure(tools: ToolsApi) -> impl FnOnce(&mut web::ServiceConfig) {
+    move |cfg| {
+        cfg.app_data(web::Data::new(tools))
+            .route("/api/tools", web::get().to(list_tools))
+            .route("/api/tools/{name}/call", web::post().to(call_tool));
+    }
+}
+
+#[utoipa::path(get, path = "/api/tools", security(("bearer" = [])),
+    responses((status = 200, body = [ToolSpec]), (status = 401, body = ErrorBody)))]
+pub async fn list_tools(caller: Caller, tools: web::Data<ToolsApi>) -> Result<HttpResponse, ApiError> {
+    let list = tools.list(&caller.0).await.map_err(|e| ApiError::Internal(e.to_string()))?;
+    Ok(HttpResponse::Ok().json(list))
+}
+
+#[utoipa::path(post, path = "/api/tools/{name}/call", request_body = CallRequest, security(("bearer" = [])),
+    params(("name" = String, Path, description = "the tool's name, e.g. `list_documents` or `<panel-id>.word_count`")),
+    responses((status = 200, body = CallResponse),
+        (status = 401, body = ErrorBody),
+        (status = 404, description = "not_found: no such tool for this user", body = ErrorBody),
+        (status = 422, description = "invalid_arguments, or tool_error: the tool reported a failure", body = ErrorBody),
+        (status = 413, description = "too_large", body = ErrorBody),
+        (status = 502, description = "panel_status or invalid_response", body = ErrorBody),
+        (status = 503, description = "panel_unavailable or busy", body = ErrorBody),
+        (status = 504, description = "timeout", body = ErrorBody)))]
+pub async fn call_tool(
+    caller: Caller,
+    tools: web::Data<ToolsApi>,
+    name: web::Path<String>,
+    body: web::Json<CallRequest>,
+) -> Result<HttpResponse, ApiError> {
+    let body = body.into_inner();
+    let mut call = ToolCall::new(name.into_inner(), body.arguments, caller.0);
+    if let Some(ms) = body.timeout_ms {
+        call = call.with_timeout(Duration::from_millis(ms));
+    }
+    for (what, value) in [("idempotency_key", &body.idempotency_key), ("context", &body.context)] {
+        if value.as_ref().is_some_and(|v| v.is_empty() || v.len() > MAX_KEY) {
+            return Err(ApiError::BadRequest(format!("{what} must be 1 to {MAX_KEY} characters")));
+        }
+    }
+    if let Some(key) = body.idempotency_key {
+        call = call.with_idempotency_key(key);
+    }
+    if let Some(context) = body.context {
+        call = call.with_context(context);
+    }
+    let call_id = call.call_id.clone();
+    match tools.call(call).await {
+        Ok(result) => Ok(HttpResponse::Ok().json(CallResponse { call_id, result })),
+        Err(error) => {
+            let mut response = HttpResponse::build(status_of(&error));
+            if matches!(error, ToolError::Busy { .. }) {
+                response.insert_header(("Retry-After", "1"));
+            }
+            Ok(response.json(
+                json!({ "error": error.code(), "message": error.to_string(), "call_id": call_id, "detail": error }),
+            ))
+        }
+    }
+}

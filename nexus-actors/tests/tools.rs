@@ -1,0 +1,561 @@
+//! Tools end to end over real sockets: the registry against a real
+//! redis-server, system tools registered from Rust and called across nodes,
+//! and panel tools through a real sidecar in front of a panel that
+//! misbehaves on purpose. Calls are recorded on a real tansu broker.
+
+mod common;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use actix::Arbiter;
+use actix_web::{web, App, HttpResponse, HttpServer};
+use common::{eventually, tempdir};
+use futures::StreamExt;
+use nexus_actors::bus::kafka::{Consume, KafkaBridge, KafkaConfig, KafkaRecord, Nack, SEMANTIC_EVENTS};
+use nexus_actors::bus::redis::RedisBridge;
+use nexus_actors::infra::{free_port, RedisServer, Tansu, TansuStorage};
+use nexus_actors::roles::transaction_manager::store::{Panel, PanelMode, Store};
+use nexus_actors::sidecar::{self, SidecarConfig, SidecarError};
+use nexus_actors::telemetry::Metrics;
+use nexus_actors::tools::protocol::{ToolCall, ToolError};
+use nexus_actors::tools::registry::{CallTool, ListTools, RegisterTool, RegistryDeps};
+use nexus_actors::tools::store::ToolStore;
+use nexus_actors::tools::system::SystemTool;
+use nexus_actors::tools::ToolRegistry;
+use nexus_actors::{ActorRef, Behaviour, Ctx, Handler, Kernel, Reply};
+use schemars::JsonSchema;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+/// One node's registry on `redis`, optionally recording on Kafka.
+async fn registry(
+    name: &str,
+    redis: &RedisServer,
+    kafka: Option<&ActorRef<KafkaBridge>>,
+) -> (Kernel, ActorRef<ToolRegistry>) {
+    let kernel = Kernel::new(name);
+    let bridge = RedisBridge::spawn(&kernel, &Arbiter::new().handle(), &redis.url()).unwrap();
+    let store = ToolStore::connect(&redis.url()).await.unwrap();
+    let kafka = kafka.map(|k| k.link(ToolRegistry::KIND));
+    let registry = ToolRegistry::spawn(RegistryDeps { kernel: kernel.clone(), store, redis: bridge, kafka });
+    (kernel, registry)
+}
+
+async fn call(registry: &ActorRef<ToolRegistry>, call: ToolCall) -> Result<Value, ToolError> {
+    registry.link::<CallTool>("test").ask(CallTool(call)).await.unwrap()
+}
+
+async fn names(registry: &ActorRef<ToolRegistry>, user: &str) -> Vec<String> {
+    let list = registry.link::<ListTools>("test").ask(ListTools { user: user.into() }).await.unwrap().unwrap();
+    list.into_iter().map(|t| t.name).collect()
+}
+
+fn exec_count(kernel: &Kernel, tool: &str, outcome: &str) -> u64 {
+    Metrics::counter_value(&kernel.metrics().mcp_exec, &[tool, outcome])
+}
+
+#[derive(Debug, Deserialize, JsonSchema)]
+struct Resize {
+    width: u32,
+    height: u32,
+}
+
+#[derive(Debug, Deserialize, JsonSchema)]
+struct Nothing {}
+
+#[actix_rt::test]
+async fn system_tools_registered_in_rust_are_listed_checked_and_called_from_another_node() {
+    let redis = RedisServer::start(&tempdir("tools-system"), false).unwrap();
+    let (kernel_a, a) = registry("node-a", &redis, None).await;
+    let (kernel_b, b) = registry("node-b", &redis, None).await;
+    let runs = Arc::new(AtomicUsize::new(0));
+    let counted = runs.clone();
+    let tools = vec![
+        SystemTool::new("resize_image", "Resizes an image to WxH", |args: Resize, cx| async move {
+            Ok(json!({ "w": args.width, "h": args.height, "by": cx.caller }))
+        }),
+        SystemTool::new("count", "Counts its runs", move |_: Nothing, _| {
+            let n = counted.fetch_add(1, Ordering::SeqCst) + 1;
+            async move { Ok(json!(n)) }
+        }),
+        SystemTool::new("slow", "Never answers in time", |_: Nothing, _| async {
+            actix::clock::sleep(Duration::from_secs(60)).await;
+            Ok(json!(null))
+        }),
+        SystemTool::new("refuse", "Always fails", |_: Nothing, _| async {
+            Err::<Value, _>(ToolError::failed("no, thank you"))
+        }),
+    ];
+    for tool in tools {
+        a.link::<RegisterTool>("test").ask(RegisterTool(tool)).await.unwrap().unwrap();
+    }
+    let bad = SystemTool::new("bad name", "x", |_: Nothing, _| async { Ok(json!(1)) });
+    assert!(a.link::<RegisterTool>("test").ask(RegisterTool(bad)).await.unwrap().is_err());
+
+    assert_eq!(names(&b, "ada").await, ["count", "refuse", "resize_image", "slow"]);
+    let listed = b.link::<ListTools>("test").ask(ListTools { user: "ada".into() }).await.unwrap().unwrap();
+    let schema = &listed.iter().find(|t| t.name == "resize_image").unwrap().input_schema;
+    assert_eq!(schema["type"], "object");
+    assert_eq!(schema["properties"]["width"]["type"], "integer", "schema derived from the Rust type: {schema}");
+
+    // Node b serves none of them: the call crosses the bus to node a.
+    let result = call(&b, ToolCall::new("resize_image", json!({"width": 640, "height": 480}), "ada")).await;
+    assert_eq!(result, Ok(json!({"w": 640, "h": 480, "by": "ada"})));
+    let local = call(&a, ToolCall::new("resize_image", json!({"width": 1, "height": 2}), "bob")).await;
+    assert_eq!(local, Ok(json!({"w": 1, "h": 2, "by": "bob"})));
+
+    let wrong_type = call(&b, ToolCall::new("resize_image", json!({"width": "wide", "height": 480}), "ada")).await;
+    assert!(
+        matches!(&wrong_type, Err(ToolError::InvalidArguments { message }) if message.contains("/width")),
+        "{wrong_type:?}"
+    );
+    let missing = call(&b, ToolCall::new("resize_image", json!({"width": 1}), "ada")).await;
+    assert!(matches!(&missing, Err(ToolError::InvalidArguments { message }) if message.contains("height")));
+    let not_object = call(&b, ToolCall::new("resize_image", json!([1, 2]), "ada")).await;
+    assert!(matches!(not_object, Err(ToolError::InvalidArguments { .. })));
+    assert!(matches!(call(&b, ToolCall::new("nope", json!({}), "ada")).await, Err(ToolError::NotFound { .. })));
+    assert!(matches!(call(&b, ToolCall::new("p:x.y", json!({}), "ada")).await, Err(ToolError::NotFound { .. })));
+    let huge = json!({ "width": 1, "height": 1, "pad": "x".repeat(1_100_000) });
+    assert!(matches!(call(&b, ToolCall::new("resize_image", huge, "ada")).await, Err(ToolError::TooLarge { .. })));
+    assert_eq!(
+        call(&b, ToolCall::new("refuse", json!({}), "ada")).await,
+        Err(ToolError::ToolError { message: "no, thank you".into() })
+    );
+    let slow = ToolCall::new("slow", json!({}), "ada").with_timeout(Duration::from_millis(300));
+    assert!(matches!(call(&b, slow).await, Err(ToolError::Timeout { .. })));
+
+    // One idempotency key, one run: the retry gets the first result.
+    let first = ToolCall::new("count", json!({}), "ada").with_idempotency_key("k1");
+    let retry = ToolCall::new("count", json!({}), "ada").with_idempotency_key("k1");
+    assert_eq!(call(&b, first).await, Ok(json!(1)));
+    assert_eq!(call(&b, retry).await, Ok(json!(1)));
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+    // Keys are per caller: bob's "k1" is his own.
+    assert_eq!(call(&b, ToolCall::new("count", json!({}), "bob").with_idempotency_key("k1")).await, Ok(json!(2)));
+
+    assert_eq!(exec_count(&kernel_b, "resize_image", "ok"), 1);
+    assert_eq!(exec_count(&kernel_b, "resize_image", "invalid_arguments"), 3);
+    assert_eq!(exec_count(&kernel_b, "unknown", "not_found"), 2);
+    assert_eq!(exec_count(&kernel_b, "slow", "timeout"), 1);
+    assert_eq!(exec_count(&kernel_a, "resize_image", "ok"), 1);
+    assert!(kernel_b.render_metrics().contains("nexus_tool_call_duration_seconds_bucket"));
+}
+
+/// A panel that misbehaves on request, one tool per way.
+#[derive(Clone)]
+struct FakePanel {
+    name: String,
+    manifest: Arc<Mutex<Value>>,
+    executed: Arc<AtomicUsize>,
+}
+
+impl FakePanel {
+    fn new(name: &str) -> Self {
+        let tool = |name: &str| json!({"name": name, "desc": format!("the {name} tool")});
+        let manifest = json!({"name": name, "tools": [
+            {"name": "echo", "desc": "Echoes text", "input_schema":
+                {"type": "object", "properties": {"text": {"type": "string"}}, "required": ["text"]}},
+            tool("garbage"), tool("crash"), tool("sleep"), tool("huge"), tool("refuse"), tool("no_result"),
+        ]});
+        FakePanel { name: name.into(), manifest: Arc::new(Mutex::new(manifest)), executed: Arc::default() }
+    }
+
+    fn set_manifest(&self, manifest: Value) {
+        *self.manifest.lock().unwrap() = manifest;
+    }
+
+    /// Serves on a free loopback port; returns the base URL and the server.
+    fn serve(&self) -> (String, actix_web::dev::ServerHandle) {
+        let panel = self.clone();
+        let server = HttpServer::new(move || {
+            App::new()
+                .app_data(web::Data::new(panel.clone()))
+                .route("/manifest", web::get().to(manifest))
+                .route("/mcp/execute", web::post().to(execute))
+        })
+        .workers(1)
+        .bind(("127.0.0.1", 0))
+        .unwrap();
+        let addr = server.addrs()[0];
+        let server = server.run();
+        let handle = server.handle();
+        actix::spawn(server);
+        (format!("http://{addr}"), handle)
+    }
+}
+
+async fn manifest(panel: web::Data<FakePanel>) -> HttpResponse {
+    let manifest = panel.manifest.lock().unwrap().clone();
+    match manifest {
+        Value::String(raw) => HttpResponse::Ok().content_type("application/json").body(raw),
+        other => HttpResponse::Ok().json(other),
+    }
+}
+
+async fn execute(panel: web::Data<FakePanel>, body: web::Json<Value>) -> HttpResponse {
+    panel.executed.fetch_add(1, Ordering::SeqCst);
+    match body["tool"].as_str().unwrap_or("") {
+        "echo" => HttpResponse::Ok().json(json!({"result": {"panel": panel.name, "text": body["arguments"]["text"]}})),
+        "garbage" => HttpResponse::Ok().body("<html>surprise</html>"),
+        "crash" => HttpResponse::InternalServerError().body("Traceback: boom"),
+        "sleep" => {
+            actix::clock::sleep(Duration::from_secs(30)).await;
+            HttpResponse::Ok().json(json!({"result": "late"}))
+        }
+        "huge" => HttpResponse::Ok().json(json!({"result": "x".repeat(1_200_000)})),
+        "refuse" => HttpResponse::Ok().json(json!({"error": "nope"})),
+        _ => HttpResponse::Ok().json(json!({"status": "done"})),
+    }
+}
+
+struct Harness {
+    redis: RedisServer,
+    store: Store,
+}
+
+impl Harness {
+    async fn new(name: &str) -> Self {
+        let redis = RedisServer::start(&tempdir(name), false).unwrap();
+        let store = Store::connect(&redis.url()).await.unwrap();
+        Harness { redis, store }
+    }
+
+    async fn panel(&self, owner: &str) -> String {
+        let id = uuid::Uuid::now_v7().to_string();
+        let panel = Panel {
+            id: id.clone(),
+            name: "p".into(),
+            owner: owner.into(),
+            mode: PanelMode::Studio,
+            source: "t".into(),
+        };
+        self.store.put_panel(&panel).await.unwrap();
+        id
+    }
+
+    /// Starts a sidecar for `panel` in front of `panel_url`; returns its base URL.
+    async fn sidecar(
+        &self,
+        panel: &str,
+        panel_url: &str,
+        tune: impl FnOnce(&mut SidecarConfig),
+    ) -> (String, actix_web::dev::ServerHandle) {
+        let mut config = SidecarConfig::new(panel, self.redis.url());
+        config.panel_url = panel_url.into();
+        config.listen = format!("127.0.0.1:{}", free_port().unwrap()).parse().unwrap();
+        config.poll_interval = Duration::from_millis(200);
+        tune(&mut config);
+        let listen = config.listen;
+        let sidecar = sidecar::start(config).await.unwrap();
+        let handle = sidecar.handle();
+        actix::spawn(sidecar.run());
+        (format!("http://{listen}"), handle)
+    }
+}
+
+async fn wait_listed(registry: &ActorRef<ToolRegistry>, user: &str, tool: &str) {
+    for _ in 0..200 {
+        if names(registry, user).await.iter().any(|n| n == tool) {
+            return;
+        }
+        actix::clock::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("{tool} was never listed for {user}");
+}
+
+#[actix_rt::test]
+async fn panel_tools_go_through_a_real_sidecar_and_every_panel_failure_is_a_clear_error() {
+    let h = Harness::new("tools-panel").await;
+    let (kernel, registry) = registry("caller", &h.redis, None).await;
+    let panel = FakePanel::new("fake");
+    let (panel_url, panel_server) = panel.serve();
+    let id = h.panel("ada").await;
+    let (sidecar_url, sidecar) = h.sidecar(&id, &panel_url, |c| c.max_calls = 2).await;
+    let echo = format!("{id}.echo");
+    wait_listed(&registry, "ada", &echo).await;
+    assert!(!names(&registry, "bob").await.contains(&echo), "another user's panel tools are not listed");
+    assert!(matches!(
+        call(&registry, ToolCall::new(&echo, json!({"text": "hi"}), "bob")).await,
+        Err(ToolError::NotFound { .. })
+    ));
+
+    let tool = |name: &str| format!("{id}.{name}");
+    let ada = |name: &str, args: Value| ToolCall::new(tool(name), args, "ada");
+    assert_eq!(call(&registry, ada("echo", json!({"text": "hi"}))).await, Ok(json!({"panel": "fake", "text": "hi"})));
+
+    let executed = panel.executed.load(Ordering::SeqCst);
+    let bad = call(&registry, ada("echo", json!({"text": 7}))).await;
+    assert!(matches!(bad, Err(ToolError::InvalidArguments { .. })), "{bad:?}");
+    assert_eq!(panel.executed.load(Ordering::SeqCst), executed, "invalid arguments never reach the panel");
+
+    let garbage = call(&registry, ada("garbage", json!({}))).await;
+    assert!(
+        matches!(&garbage, Err(ToolError::InvalidResponse { message }) if message.contains("not JSON")),
+        "{garbage:?}"
+    );
+    let crash = call(&registry, ada("crash", json!({}))).await;
+    assert_eq!(crash, Err(ToolError::PanelStatus { status: 500, body: "Traceback: boom".into() }));
+    let huge = call(&registry, ada("huge", json!({}))).await;
+    assert!(matches!(huge, Err(ToolError::TooLarge { ref what, .. }) if what == "result"), "{huge:?}");
+    assert_eq!(call(&registry, ada("refuse", json!({}))).await, Err(ToolError::failed("nope")));
+    let shapeless = call(&registry, ada("no_result", json!({}))).await;
+    assert!(matches!(shapeless, Err(ToolError::InvalidResponse { .. })), "{shapeless:?}");
+    let sleepy = ada("sleep", json!({})).with_timeout(Duration::from_millis(400));
+    assert!(matches!(call(&registry, sleepy).await, Err(ToolError::Timeout { .. })));
+
+    // Two calls hang in the panel; the sidecar's limit is two: a third is
+    // refused at once rather than queued.
+    let hang = |_| {
+        let registry = registry.clone();
+        let call_ = ada("sleep", json!({})).with_timeout(Duration::from_secs(3));
+        async move { call(&registry, call_).await }
+    };
+    let hanging: Vec<_> = (0..2).map(|i| actix::spawn(hang(i))).collect();
+    eventually(10, "two calls in the panel", || panel.executed.load(Ordering::SeqCst) >= executed + 8).await;
+    let third = call(&registry, ada("echo", json!({"text": "x"}))).await;
+    assert_eq!(third, Err(ToolError::Busy { limit: 2 }));
+    for h in hanging {
+        assert!(matches!(h.await.unwrap(), Err(ToolError::Timeout { .. })));
+    }
+    // Nothing else broke.
+    assert_eq!(
+        call(&registry, ada("echo", json!({"text": "still"}))).await,
+        Ok(json!({"panel": "fake", "text": "still"}))
+    );
+
+    let metrics = reqwest::get(format!("{sidecar_url}/metrics")).await.unwrap().text().await.unwrap();
+    for outcome in ["ok", "timeout", "busy", "panel_status", "invalid_response", "too_large", "tool_error"] {
+        assert!(
+            metrics.contains(&format!("nexus_sidecar_calls_total{{outcome=\"{outcome}\"}}")),
+            "{outcome}: {metrics}"
+        );
+    }
+    assert!(exec_count(&kernel, "panel", "ok") >= 2);
+    assert_eq!(exec_count(&kernel, "panel", "busy"), 1);
+
+    // The panel dies: calls fail fast and clearly.
+    panel_server.stop(false).await;
+    let down = call(&registry, ada("echo", json!({"text": "x"}))).await;
+    assert!(matches!(down, Err(ToolError::PanelUnavailable { .. })), "{down:?}");
+    let health: Value = reqwest::get(format!("{sidecar_url}/healthz")).await.unwrap().json().await.unwrap();
+    assert_eq!(health["panel_id"], id.as_str());
+
+    // Its sidecar stops: the tools leave the listing.
+    sidecar.stop(true).await;
+    for _ in 0..200 {
+        if !names(&registry, "ada").await.contains(&echo) {
+            break;
+        }
+        actix::clock::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(!names(&registry, "ada").await.contains(&echo));
+    // Within the registry's 2 s resolve cache a call finds no one listening.
+    let gone = call(&registry, ada("echo", json!({"text": "x"}))).await;
+    assert!(matches!(gone, Err(ToolError::NotFound { .. } | ToolError::PanelUnavailable { .. })), "{gone:?}");
+}
+
+#[actix_rt::test]
+async fn two_panels_may_both_have_a_tool_of_one_name() {
+    let h = Harness::new("tools-namespace").await;
+    let (_kernel, registry) = registry("caller", &h.redis, None).await;
+    let (one, two) = (FakePanel::new("one"), FakePanel::new("two"));
+    let ((url_one, _s1), (url_two, _s2)) = (one.serve(), two.serve());
+    let (id_one, id_two) = (h.panel("ada").await, h.panel("ada").await);
+    let _c1 = h.sidecar(&id_one, &url_one, |_| {}).await;
+    let _c2 = h.sidecar(&id_two, &url_two, |_| {}).await;
+    wait_listed(&registry, "ada", &format!("{id_one}.echo")).await;
+    wait_listed(&registry, "ada", &format!("{id_two}.echo")).await;
+    for (id, name) in [(&id_one, "one"), (&id_two, "two")] {
+        let result = call(&registry, ToolCall::new(format!("{id}.echo"), json!({"text": "t"}), "ada")).await;
+        assert_eq!(result, Ok(json!({"panel": name, "text": "t"})));
+    }
+}
+
+#[actix_rt::test]
+async fn invalid_manifests_are_refused_whole_and_a_reload_registers_the_fixed_one() {
+    let h = Harness::new("tools-manifest").await;
+    let (_kernel, registry) = registry("caller", &h.redis, None).await;
+    let panel = FakePanel::new("m");
+    let dup = json!({"tools": [{"name": "a", "desc": "x"}, {"name": "a", "desc": "y"}]});
+    panel.set_manifest(dup);
+    let (panel_url, _server) = panel.serve();
+    let id = h.panel("ada").await;
+    let (sidecar_url, _sidecar) = h.sidecar(&id, &panel_url, |c| c.poll_interval = Duration::from_secs(60)).await;
+    let client = reqwest::Client::new();
+    let reload = || async {
+        let response = client.post(format!("{sidecar_url}/reload")).send().await.unwrap();
+        (response.status().as_u16(), response.json::<Value>().await.unwrap())
+    };
+    let cases = [
+        (json!({"tools": [{"name": "a", "desc": "x"}, {"name": "a", "desc": "y"}]}), "listed twice"),
+        (json!({"tools": [{"name": "a"}]}), "description"),
+        (json!({"tool": []}), "expected shape"),
+        (json!({"tools": [{"name": "has space", "desc": "x"}]}), "not valid"),
+        (json!({"tools": [{"name": "a", "desc": "x", "input_schema": {"type": "string"}}]}), "\"type\": \"object\""),
+        (Value::String("not json at all".into()), "not valid JSON"),
+        (Value::String(format!("{{\"tools\": [], \"pad\": \"{}\"}}", "x".repeat(300_000))), "limit"),
+    ];
+    for (manifest, says) in cases {
+        panel.set_manifest(manifest.clone());
+        let (status, body) = reload().await;
+        assert_eq!(status, 422, "{manifest}");
+        assert!(body["message"].as_str().unwrap().contains(says), "{says}: {body}");
+        assert!(names(&registry, "ada").await.iter().all(|n| !n.starts_with(&id)), "nothing listed");
+    }
+    let health: Value = reqwest::get(format!("{sidecar_url}/healthz")).await.unwrap().json().await.unwrap();
+    assert_eq!(health["panel"]["state"], "invalid_manifest");
+
+    panel.set_manifest(json!({"tools": [{"name": "fixed", "description": "works now"}]}));
+    let (status, body) = reload().await;
+    assert_eq!((status, body), (200, json!({"tools": ["fixed"]})));
+    assert_eq!(names(&registry, "ada").await, [format!("{id}.fixed")]);
+    // A bad manifest later leaves the last valid one listed.
+    panel.set_manifest(json!({"tools": "nope"}));
+    assert_eq!(reload().await.0, 422);
+    assert_eq!(names(&registry, "ada").await, [format!("{id}.fixed")]);
+}
+
+#[actix_rt::test]
+async fn the_proxy_publishes_only_inside_the_panels_namespace_within_limits() {
+    let h = Harness::new("tools-proxy").await;
+    let panel = FakePanel::new("p");
+    let (panel_url, _server) = panel.serve();
+    let id = h.panel("ada").await;
+    let (sidecar_url, _sidecar) = h
+        .sidecar(&id, &panel_url, |c| {
+            c.publish_rate = 1;
+            c.publish_burst = 3;
+        })
+        .await;
+    let mut pubsub = redis::Client::open(h.redis.url()).unwrap().get_async_pubsub().await.unwrap();
+    pubsub.psubscribe("*").await.unwrap();
+    let seen: Arc<Mutex<Vec<(String, Value)>>> = Arc::default();
+    let sink = seen.clone();
+    actix::spawn(async move {
+        let mut messages = pubsub.on_message();
+        while let Some(m) = messages.next().await {
+            let payload: Value = serde_json::from_slice(m.get_payload_bytes()).unwrap_or(Value::Null);
+            sink.lock().unwrap().push((m.get_channel_name().to_owned(), payload));
+        }
+    });
+    let client = reqwest::Client::new();
+    let post = |body: String| {
+        let request = client.post(format!("{sidecar_url}/proxy")).header("content-type", "application/json").body(body);
+        async move {
+            let response = request.send().await.unwrap();
+            let retry_after = response.headers().get("retry-after").map(|v| v.to_str().unwrap().to_owned());
+            (response.status().as_u16(), retry_after, response.json::<Value>().await.unwrap())
+        }
+    };
+    let (status, _, body) = post(json!({"channel": "notes", "type": "test.note", "data": {"n": 1}}).to_string()).await;
+    assert_eq!(status, 202, "{body}");
+    assert_eq!(body["channel"], format!("nexus:panel:{id}:out:notes"));
+
+    for channel in ["a:b", "*", "nexus:doc:1", "../x", "", "notes\n", "ü"] {
+        let (status, _, body) = post(json!({"channel": channel, "data": 1}).to_string()).await;
+        assert_eq!((status, body["error"].as_str()), (400, Some("bad_channel")), "{channel:?}");
+    }
+    assert_eq!(post("{not json".into()).await.2["error"], "bad_json");
+    assert_eq!(post(json!({"channel": "notes"}).to_string()).await.2["error"], "bad_json", "data is required");
+    assert_eq!(post(json!({"channel": "n", "type": "a b", "data": 1}).to_string()).await.2["error"], "bad_type");
+    let big = json!({"channel": "notes", "data": "x".repeat(70_000)}).to_string();
+    assert_eq!(post(big).await.0, 413);
+
+    // Burst of three: one used above, two more, then the fourth waits.
+    for _ in 0..2 {
+        assert_eq!(post(json!({"channel": "notes", "data": 2}).to_string()).await.0, 202);
+    }
+    let (status, retry_after, body) = post(json!({"channel": "notes", "data": 3}).to_string()).await;
+    assert_eq!((status, body["error"].as_str()), (429, Some("rate_limited")));
+    assert_eq!(retry_after.as_deref(), Some("1"));
+
+    eventually(5, "three messages published", || seen.lock().unwrap().len() >= 3).await;
+    actix::clock::sleep(Duration::from_millis(200)).await;
+    let seen = seen.lock().unwrap();
+    assert_eq!(seen.len(), 3, "only accepted messages were published: {seen:?}");
+    for (channel, envelope) in seen.iter() {
+        assert_eq!(channel, &format!("nexus:panel:{id}:out:notes"));
+        assert_eq!(envelope["source"], format!("panel/{id}"));
+    }
+    assert_eq!(seen[0].1["type"], "test.note");
+    assert_eq!(seen[1].1["type"], "nexus.panel.message");
+}
+
+#[actix_rt::test]
+async fn a_sidecar_refuses_an_unknown_panel_and_a_non_loopback_address() {
+    let h = Harness::new("tools-unknown").await;
+    let config = SidecarConfig::new("no-such-panel", h.redis.url());
+    assert!(matches!(sidecar::start(config).await, Err(SidecarError::UnknownPanel(_))));
+    let id = h.panel("ada").await;
+    let mut config = SidecarConfig::new(id, h.redis.url());
+    config.listen = "0.0.0.0:3500".parse().unwrap();
+    assert!(matches!(sidecar::start(config).await, Err(SidecarError::NotLoopback(_))));
+}
+
+/// Keeps every record it is given.
+struct Records(Arc<Mutex<Vec<KafkaRecord>>>);
+
+impl Behaviour for Records {
+    const KIND: &'static str = "records";
+}
+
+impl Handler<KafkaRecord> for Records {
+    fn handle(&mut self, record: KafkaRecord, _: &mut Ctx<Self>) -> Reply<Result<(), Nack>> {
+        self.0.lock().unwrap().push(record);
+        Reply::Now(Ok(()))
+    }
+}
+
+#[actix_rt::test]
+async fn every_call_and_its_outcome_are_recorded_on_the_semantic_bus() {
+    let redis = RedisServer::start(&tempdir("tools-kafka-redis"), false).unwrap();
+    let tansu = Tansu::start(&tempdir("tools-kafka"), TansuStorage::Memory).unwrap();
+    let kernel = Kernel::new("recorder");
+    let kafka = KafkaBridge::spawn(&kernel, &Arbiter::new().handle(), KafkaConfig::new(tansu.brokers())).await.unwrap();
+    let (_k, registry) = registry("node", &redis, Some(&kafka)).await;
+    let tool = SystemTool::new("resize_image", "Resizes", |a: Resize, _| async move { Ok(json!(a.width * a.height)) });
+    registry.link::<RegisterTool>("test").ask(RegisterTool(tool)).await.unwrap().unwrap();
+    let ok = ToolCall::new("resize_image", json!({"width": 2, "height": 3}), "ada").with_context("conversation-1");
+    let failed = ToolCall::new("resize_image", json!({"width": -1, "height": 3}), "ada").with_context("conversation-1");
+    let (ok_id, failed_id) = (ok.call_id.clone(), failed.call_id.clone());
+    assert_eq!(call(&registry, ok).await, Ok(json!(6)));
+    assert!(call(&registry, failed).await.is_err());
+
+    let records: Arc<Mutex<Vec<KafkaRecord>>> = Arc::default();
+    let sink = records.clone();
+    // A consumer group rather than a Replay: tansu 0.6 reports the high
+    // watermark of a partition as the base offset of its last batch, so a
+    // replay bounded by it stops early when records were batched.
+    let reader = kernel.spawn("reader", move || Records(sink.clone()));
+    let consume =
+        Consume { group: "tools-test".into(), topics: vec![SEMANTIC_EVENTS.into()], subscriber: reader.link("kafka") };
+    kafka.link::<Consume>("test").ask(consume).await.unwrap().unwrap();
+    let failed_finished =
+        |r: &KafkaRecord| r.envelope.kind == "nexus.tool.finished" && r.envelope.data["call_id"] == failed_id.as_str();
+    eventually(30, "both calls and their outcomes on semantic.events", || {
+        records.lock().unwrap().iter().any(failed_finished)
+    })
+    .await;
+    let records = records.lock().unwrap();
+    let called = records
+        .iter()
+        .find(|r| r.envelope.kind == "nexus.tool.called" && r.envelope.data["call"]["call_id"] == ok_id.as_str())
+        .expect("the call is recorded");
+    assert_eq!(called.key.as_deref(), Some("conversation-1"));
+    assert_eq!(called.envelope.data["call"]["arguments"], json!({"width": 2, "height": 3}));
+    let finished = records
+        .iter()
+        .find(|r| r.envelope.kind == "nexus.tool.finished" && r.envelope.data["call_id"] == ok_id.as_str())
+        .unwrap();
+    assert_eq!(finished.envelope.causationid.as_deref(), Some(called.envelope.id.as_str()));
+    assert_eq!(finished.envelope.data["result"], 6);
+    assert!(called.offset < finished.offset && called.partition == finished.partition, "in order, one context");
+    // A call refused before it ran (bad arguments) is part of the chain too.
+    let refused = records
+        .iter()
+        .find(|r| r.envelope.kind == "nexus.tool.finished" && r.envelope.data["call_id"] == failed_id.as_str())
+        .expect("the refused call is recorded");
+    assert_eq!(refused.envelope.data["error"]["code"], "invalid_arguments");
+}

@@ -1,0 +1,149 @@
+"""python_minimal: the template Nexus panel, using only the Python standard library.
+
+Copy this file and replace the tools. It implements the panel contract
+(../README.md):
+
+* GET  /manifest     -> the tools this panel offers (name, desc, input_schema)
+* POST /mcp/execute  -> run one tool: {"result": ...} or {"error": "..."}
+* publishing goes through the sidecar: POST $NEXUS_PROXY_URL (default
+  http://127.0.0.1:3500/proxy); the panel itself holds no credentials.
+
+Run it with `python3 server.py` (listens on 127.0.0.1:$PORT, default 8080).
+"""
+
+import json
+import os
+import signal
+import sys
+import threading
+import traceback
+import urllib.error
+import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+PORT = int(os.environ.get("PORT", "8080"))
+PROXY_URL = os.environ.get("NEXUS_PROXY_URL", "http://127.0.0.1:3500/proxy")
+MAX_REQUEST = 2 * 1024 * 1024  # the platform sends at most 1 MiB of arguments
+
+MANIFEST = {
+    "name": "python_minimal",
+    "tools": [
+        {
+            "name": "word_count",
+            "desc": "Count the words, characters and lines of a text.",
+            "input_schema": {
+                "type": "object",
+                "properties": {"text": {"type": "string", "maxLength": 100000}},
+                "required": ["text"],
+            },
+        },
+        {
+            "name": "publish_note",
+            "desc": "Publish a short note on this panel's 'notes' channel.",
+            "input_schema": {
+                "type": "object",
+                "properties": {"text": {"type": "string", "maxLength": 1000}},
+                "required": ["text"],
+            },
+        },
+    ],
+}
+
+# Talk to the sidecar directly, even if HTTP_PROXY is set in the environment.
+_no_proxy = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+class ToolError(Exception):
+    """A failure to report to the caller as {"error": message}."""
+
+
+def text_argument(arguments):
+    # The platform checks arguments against input_schema first; check again so
+    # that a direct or malformed call gets an error, not a crash.
+    text = arguments.get("text")
+    if not isinstance(text, str):
+        raise ToolError("argument 'text' must be a string")
+    return text
+
+
+def word_count(arguments, deadline_s):
+    text = text_argument(arguments)
+    return {"words": len(text.split()), "characters": len(text), "lines": len(text.splitlines())}
+
+
+def publish_note(arguments, deadline_s):
+    body = {"channel": "notes", "type": "python_minimal.note", "data": {"text": text_argument(arguments)}}
+    request = urllib.request.Request(
+        PROXY_URL, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}, method="POST"
+    )
+    try:
+        with _no_proxy.open(request, timeout=min(2.0, deadline_s)) as response:
+            return {"published": True, "id": json.loads(response.read())["id"]}
+    except urllib.error.HTTPError as e:  # the proxy answered, and refused
+        raise ToolError(f"could not publish: {e.code} {e.read(512).decode(errors='replace')}") from None
+    except (OSError, ValueError, KeyError, TypeError) as e:  # unreachable, timed out, odd answer
+        raise ToolError(f"could not publish: {getattr(e, 'reason', e)}") from None
+
+
+TOOLS = {"word_count": word_count, "publish_note": publish_note}
+
+
+class Handler(BaseHTTPRequestHandler):
+    def do_GET(self):
+        if self.path == "/manifest":
+            self.reply(200, MANIFEST)
+        else:
+            self.reply(404, {"error": "not found"})
+
+    def do_POST(self):
+        if self.path != "/mcp/execute":
+            return self.reply(404, {"error": "not found"})
+        try:
+            length = int(self.headers.get("Content-Length", "0"))
+            if not 0 < length <= MAX_REQUEST:
+                raise ValueError("missing, empty or too large body")
+            call = json.loads(self.rfile.read(length))
+            if not isinstance(call, dict):
+                raise ValueError("body must be a JSON object")
+            tool, arguments = call.get("tool"), call.get("arguments", {})
+            if not isinstance(tool, str) or not isinstance(arguments, dict):
+                raise ValueError("'tool' must be a string and 'arguments' an object")
+            deadline_ms = call.get("deadline_ms", self.headers.get("X-Nexus-Deadline-Ms", 5000))
+            deadline_s = max(float(deadline_ms), 1.0) / 1000
+        except (ValueError, TypeError) as e:
+            return self.reply(400, {"error": f"bad request: {e}"})
+        if tool not in TOOLS:
+            return self.reply(200, {"error": f"unknown tool {tool!r}"})
+        try:
+            self.reply(200, {"result": TOOLS[tool](arguments, deadline_s)})
+        except ToolError as e:
+            self.reply(200, {"error": str(e)})
+        except Exception:  # a bug in a tool: log it, answer 500 (the caller sees panel_status)
+            traceback.print_exc()
+            self.reply(500, {"error": "internal error"})
+
+    def reply(self, status, body):
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_request(self, code="-", size="-"):  # quiet: log server errors only
+        if isinstance(code, int) and code >= 500:
+            super().log_request(code, size)
+
+
+def main():
+    server = ThreadingHTTPServer(("127.0.0.1", PORT), Handler)
+    stop = lambda *_: threading.Thread(target=server.shutdown).start()  # noqa: E731
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    print(f"python_minimal panel on http://127.0.0.1:{PORT}", file=sys.stderr)
+    server.serve_forever()
+    server.server_close()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,94 @@
+// The tool registry as an MCP server: the official MCP TypeScript SDK
+// connects to `/mcp` over Streamable HTTP, lists and calls tools. Run by
+// nexus-bin/tests/tools_e2e.rs against a real `nexus dev` (NEXUS_URL,
+// NEXUS_PASSWORD; NEXUS_PANEL_TOOL names a panel's `word_count` tool, as
+// `<panel-id>.word_count`, when a panel and its sidecar are running).
+import { test } from "node:test";
+import assert from "node:assert/strict";
+import { Client } from "@modelcontextprotocol/sdk/client/index.js";
+import { StreamableHTTPClientTransport } from "@modelcontextprotocol/sdk/client/streamableHttp.js";
+
+const base = process.env.NEXUS_URL;
+const password = process.env.NEXUS_PASSWORD;
+const panelTool = process.env.NEXUS_PANEL_TOOL;
+
+async function api(path, { token, body } = {}) {
+  const headers = { "Content-Type": "application/json" };
+  if (token) headers.Authorization = `Bearer ${token}`;
+  const response = await fetch(base + path, { method: "POST", headers, body: JSON.stringify(body) });
+  const json = await response.json();
+  assert.ok(response.ok, `POST ${path}: HTTP ${response.status} ${JSON.stringify(json)}`);
+  return json;
+}
+
+async function connect(token) {
+  const requestInit = token ? { headers: { Authorization: `Bearer ${token}` } } : {};
+  const transport = new StreamableHTTPClientTransport(new URL(base + "/mcp"), { requestInit });
+  const client = new Client({ name: "nexus-mcp-test", version: "1.0.0" });
+  await client.connect(transport);
+  return client;
+}
+
+const textOf = (result) => result.content.filter((c) => c.type === "text").map((c) => c.text).join("\n");
+
+test("the tool registry is an MCP server at /mcp", async (t) => {
+  assert.ok(base && password, "NEXUS_URL and NEXUS_PASSWORD must be set");
+  const { token } = await api("/api/login", { body: { username: "admin", password } });
+
+  await t.test("an unauthenticated client is refused with 401", async () => {
+    await assert.rejects(connect(null), (err) => {
+      assert.equal(err.code, 401, `expected a 401, got ${err}`);
+      return true;
+    });
+    await assert.rejects(connect("not.a.token"), (err) => err.code === 401);
+  });
+
+  const client = await connect(token);
+  try {
+    assert.equal(client.getServerVersion()?.name, "nexus");
+    assert.ok(client.getServerCapabilities()?.tools, "the server offers tools");
+
+    await t.test("listTools offers the system tools (and the panel's)", async () => {
+      const { tools } = await client.listTools();
+      const names = tools.map((tool) => tool.name);
+      for (const name of ["list_documents", "read_document"]) {
+        assert.ok(names.includes(name), `${name} in ${names}`);
+      }
+      for (const tool of tools) {
+        assert.equal(tool.inputSchema.type, "object", `${tool.name} has an object schema`);
+      }
+      if (panelTool) assert.ok(names.includes(panelTool), `${panelTool} in ${names}`);
+    });
+
+    await t.test("list_documents sees a new document", async () => {
+      const doc = await api("/api/documents", { token, body: { state: { title: "mcp" } } });
+      const result = await client.callTool({ name: "list_documents", arguments: {} });
+      assert.notEqual(result.isError, true, textOf(result));
+      const ids = result.structuredContent.documents.map((d) => d.id);
+      assert.ok(ids.includes(doc.id), `${doc.id} in ${ids}`);
+      assert.ok(textOf(result).includes(doc.id), "the text content carries the result too");
+    });
+
+    await t.test("the panel's tool runs through its sidecar", { skip: !panelTool && "NEXUS_PANEL_TOOL not set" }, async () => {
+      const result = await client.callTool({ name: panelTool, arguments: { text: "one two three" } });
+      assert.notEqual(result.isError, true, textOf(result));
+      assert.deepEqual(result.structuredContent, { words: 3, characters: 13, lines: 1 });
+    });
+
+    await t.test("failures are tool errors, with a message", async () => {
+      const missing = await client.callTool({ name: "read_document", arguments: { id: "no-such-doc" } });
+      assert.equal(missing.isError, true);
+      assert.match(textOf(missing), /no-such-doc/);
+
+      const unknown = await client.callTool({ name: "no_such_tool", arguments: {} });
+      assert.equal(unknown.isError, true);
+      assert.match(textOf(unknown), /^not_found: /);
+
+      const invalid = await client.callTool({ name: "read_document", arguments: {} });
+      assert.equal(invalid.isError, true);
+      assert.match(textOf(invalid), /invalid_arguments/);
+    });
+  } finally {
+    await client.close();
+  }
+});
