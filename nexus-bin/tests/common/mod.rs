@@ -1,0 +1,52 @@
+//! Helpers shared by the `nexus` binary's tests: bare HTTP requests and
+//! child processes that die with the test.
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::process::Child;
+use std::time::{Duration, Instant};
+
+/// A bare HTTP/1.0 GET; returns (status, body).
+pub fn get(port: u16, path: &str) -> Option<(u16, String)> {
+    request(port, "GET", path, None, None)
+}
+
+/// A bare HTTP/1.0 request with an optional bearer token and JSON body.
+pub fn request(port: u16, method: &str, path: &str, token: Option<&str>, body: Option<&str>) -> Option<(u16, String)> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    let mut head = format!("{method} {path} HTTP/1.0\r\nHost: localhost\r\n");
+    if let Some(token) = token {
+        head += &format!("Authorization: Bearer {token}\r\n");
+    }
+    let body = body.unwrap_or("");
+    head += &format!("Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len());
+    stream.write_all(head.as_bytes()).ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    let status = response.split(' ').nth(1)?.parse().ok()?;
+    let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    Some((status, body))
+}
+
+/// Waits up to 60 s for the node on `port` to answer `/healthz`.
+pub fn wait_for_health(port: u16) -> (u16, String) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(response) = get(port, "/healthz") {
+            return response;
+        }
+        assert!(Instant::now() < deadline, "the node did not answer /healthz within 60s");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+pub struct KillOnDrop(pub Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}

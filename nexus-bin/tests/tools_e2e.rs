@@ -1,0 +1,145 @@
+//! The panel contract end to end with real parts only: `nexus dev` on a
+//! real redis-server and tansu, the zero-dependency `python_minimal` panel
+//! behind a real `nexus sidecar` process, its tools called over
+//! `/api/tools` and over `/mcp` by the official MCP SDK client (Node,
+//! `ui-tests/mcp.test.mjs`), and its outbound message seen on Redis.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{get, request, wait_for_health, KillOnDrop};
+use nexus_actors::infra::{free_port, RedisServer, Tansu, TansuStorage};
+use serde_json::{json, Value};
+
+fn json_request(port: u16, method: &str, path: &str, token: &str, body: Option<Value>) -> (u16, Value) {
+    let body = body.map(|b| b.to_string());
+    let (status, text) = request(port, method, path, Some(token), body.as_deref()).expect("the node answers");
+    (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+}
+
+#[test]
+fn python_minimal_tools_are_callable_through_a_sidecar_over_the_api_and_mcp() {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let ui_tests = repo.join("ui-tests");
+    assert!(
+        ui_tests.join("node_modules/@modelcontextprotocol/sdk").exists(),
+        "the MCP SDK is missing: npm ci --prefix ui-tests (scripts/test does)"
+    );
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("nexus-tools-e2e-{}", std::process::id()));
+    let redis = RedisServer::start(&dir.join("redis"), false).unwrap();
+    let tansu = Tansu::start(&dir.join("tansu"), TansuStorage::Memory).unwrap();
+    let port = free_port().unwrap();
+    let node = Command::new(env!("CARGO_BIN_EXE_nexus"))
+        .args(["dev", "--http", &format!("127.0.0.1:{port}"), "--data-dir"])
+        .arg(dir.join("data"))
+        .env("REDIS_URL", redis.url())
+        .env("KAFKA_BROKERS", tansu.brokers())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let _node = KillOnDrop(node);
+    wait_for_health(port);
+    let password = std::fs::read_to_string(dir.join("data/admin-password")).unwrap();
+    let login = json!({"username": "admin", "password": password.trim()}).to_string();
+    let (_, token) = request(port, "POST", "/api/login", None, Some(&login)).unwrap();
+    let token: Value = serde_json::from_str(&token).unwrap();
+    let token = token["token"].as_str().unwrap().to_owned();
+
+    let panel = json!({"name": "minimal", "mode": "studio", "source": "panel-sdk-docs/python_minimal"});
+    let (status, panel) = json_request(port, "POST", "/api/panels", &token, Some(panel));
+    assert_eq!(status, 201, "{panel}");
+    let id = panel["id"].as_str().unwrap().to_owned();
+
+    let (panel_port, sidecar_port) = (free_port().unwrap(), free_port().unwrap());
+    let python = Command::new("python3")
+        .arg(repo.join("panel-sdk-docs/python_minimal/server.py"))
+        .env("PORT", panel_port.to_string())
+        .env("NEXUS_PROXY_URL", format!("http://127.0.0.1:{sidecar_port}/proxy"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("python3 runs the template");
+    let _python = KillOnDrop(python);
+    let sidecar = Command::new(env!("CARGO_BIN_EXE_nexus"))
+        .args(["sidecar", "--panel", &id, "--redis-url", &redis.url()])
+        .args(["--panel-url", &format!("http://127.0.0.1:{panel_port}")])
+        .args(["--listen", &format!("127.0.0.1:{sidecar_port}")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let _sidecar = KillOnDrop(sidecar);
+
+    let word_count = format!("{id}.word_count");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (status, tools) = json_request(port, "GET", "/api/tools", &token, None);
+        assert_eq!(status, 200, "{tools}");
+        let names: Vec<&str> = tools.as_array().unwrap().iter().filter_map(|t| t["name"].as_str()).collect();
+        if names.contains(&word_count.as_str()) {
+            assert!(names.contains(&"list_documents") && names.contains(&format!("{id}.publish_note").as_str()));
+            break;
+        }
+        assert!(Instant::now() < deadline, "the panel's tools were never listed: {names:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (status, health) = get(sidecar_port, "/healthz").unwrap();
+    assert_eq!(status, 200, "{health}");
+    assert!(health.contains("\"state\":\"up\""), "{health}");
+
+    let call = |tool: &str, arguments: Value| {
+        json_request(port, "POST", &format!("/api/tools/{tool}/call"), &token, Some(json!({ "arguments": arguments })))
+    };
+    let (status, body) = call(&word_count, json!({"text": "one two three\nfour"}));
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["result"], json!({"words": 4, "characters": 18, "lines": 2}));
+    let (status, body) = call(&word_count, json!({"text": 42}));
+    assert_eq!((status, body["error"].as_str()), (422, Some("invalid_arguments")), "{body}");
+    let (status, body) = call(&format!("{id}.no_such_tool"), json!({}));
+    assert_eq!((status, body["error"].as_str()), (404, Some("not_found")), "{body}");
+    let (status, _) = request(port, "GET", "/api/tools", None, None).unwrap();
+    assert_eq!(status, 401);
+
+    // The panel publishes through its sidecar's /proxy, into its own namespace.
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut subscriber = client.get_connection().unwrap();
+    let mut pubsub = subscriber.as_pubsub();
+    pubsub.subscribe(format!("nexus:panel:{id}:out:notes")).unwrap();
+    pubsub.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let (status, body) = call(&format!("{id}.publish_note"), json!({"text": "hello platform"}));
+    assert_eq!(status, 200, "{body}");
+    let message = pubsub.get_message().expect("the note arrives on the panel's channel");
+    let envelope: Value = serde_json::from_slice(message.get_payload_bytes()).unwrap();
+    assert_eq!(envelope["data"], json!({"text": "hello platform"}));
+    assert_eq!(envelope["source"], format!("panel/{id}"));
+    assert_eq!(body["result"]["id"], envelope["id"]);
+
+    let output = Command::new("node")
+        .args(["--test", "mcp.test.mjs"])
+        .current_dir(&ui_tests)
+        .env("NEXUS_URL", format!("http://127.0.0.1:{port}"))
+        .env("NEXUS_PASSWORD", password.trim())
+        .env("NEXUS_PANEL_TOOL", &word_count)
+        .output()
+        .expect("node is installed");
+    let report = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "MCP client test failed:\n{report}\n{}", String::from_utf8_lossy(&output.stderr));
+    assert!(report.contains("# skipped 0"), "no MCP check may be skipped:\n{report}");
+
+    // Every call was counted, and recorded on the semantic bus.
+    let (_, metrics) = get(port, "/metrics").unwrap();
+    let sum = |prefix: &str| -> u64 {
+        metrics
+            .lines()
+            .filter(|l| l.starts_with(prefix))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum()
+    };
+    assert!(sum("nexus_mcp_exec_total{outcome=\"ok\",tool=\"panel\"}") >= 3, "{metrics}");
+    assert!(sum("nexus_mcp_exec_total{outcome=\"invalid_arguments\"") >= 1, "{metrics}");
+    assert!(sum("nexus_bus_published_total{bus=\"kafka\",topic=\"semantic.events\"}") >= 6, "{metrics}");
+}
