@@ -56,11 +56,12 @@ ensure_nextest() {
 
 ensure_browser_tests() {
   local missing=()
+  command -v python3 >/dev/null || missing+=(python3)
   [ -x /usr/bin/chromium ] || missing+=(chromium)
   command -v node >/dev/null || missing+=(nodejs)
   command -v npm >/dev/null || missing+=(npm)
   if [ ${#missing[@]} -gt 0 ]; then
-    echo "installing for the browser tests: ${missing[*]}"
+    echo "installing for the browser and panel tests: ${missing[*]}"
     apt_install "${missing[@]}"
   fi
   npm ci --prefix ui-tests --no-audit --no-fund --loglevel=error
