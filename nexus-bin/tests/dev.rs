@@ -106,6 +106,9 @@ fn every_subcommand_has_help_with_defaults_and_environment() {
         assert!(help.contains("[default: 127.0.0.1:7070]"), "{sub} --help: {help}");
         assert!(help.contains("[env: NEXUS_HTTP="), "{sub} --help: {help}");
     }
+    let out = Command::new(env!("CARGO_BIN_EXE_nexus")).args(["sidecar", "--help"]).output().unwrap();
+    let help = String::from_utf8_lossy(&out.stdout);
+    assert!(help.contains("[default: 127.0.0.1:3500]") && help.contains("[env: NEXUS_PANEL_ID="), "{help}");
 }
 
 /// A minimal OTLP/HTTP receiver: records the path and content type of
