@@ -4,7 +4,9 @@
 //! Rows: (a) kernel request/reply and one-way vs raw actix; (b) Redis bridge
 //! publish → subscriber actor vs raw redis-rs publish → subscribe; (c) Kafka
 //! bridge produce → acknowledging actor vs raw rdkafka producer → consumer on
-//! the same tansu broker. Timings are reported, never asserted.
+//! the same tansu broker. A second table times tool calls through a
+//! sidecar against direct HTTP calls to the same panel ([`tools`]), a third
+//! WebSocket fan-out ([`sessions`]). Timings are reported, never asserted.
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -27,9 +29,13 @@ struct Sizes {
     kernel: u64,
     redis: u64,
     kafka: u64,
+    /// Tool calls to the Rust panel, and to the Python panel.
+    tools: u64,
+    python_tools: u64,
 }
 
 mod sessions;
+mod tools;
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -39,9 +45,9 @@ fn main() {
     let quick = args.iter().any(|a| a == "--quick");
     let write = args.iter().position(|a| a == "--write").and_then(|i| args.get(i + 1)).map(PathBuf::from);
     let sizes = if quick {
-        Sizes { kernel: 20_000, redis: 5_000, kafka: 2_000 }
+        Sizes { kernel: 20_000, redis: 5_000, kafka: 2_000, tools: 2_000, python_tools: 500 }
     } else {
-        Sizes { kernel: 200_000, redis: 50_000, kafka: 20_000 }
+        Sizes { kernel: 200_000, redis: 50_000, kafka: 20_000, tools: 20_000, python_tools: 2_000 }
     };
     let dir = std::env::temp_dir().join(format!("nexus-bench-{}", std::process::id()));
     let rows = actix_rt::System::new().block_on(async {
@@ -53,16 +59,21 @@ fn main() {
     });
     let table = render(&rows);
     println!("{table}");
+    // A system of its own: the raw consumers of the rows above are gone.
+    let tool_rows = actix_rt::System::new().block_on(tools::rows(&dir, sizes.tools, sizes.python_tools));
+    let tools_table = render(&tool_rows);
+    println!("{tools_table}");
     let sessions_table = sessions::table(&dir, if quick { 500 } else { 5_000 });
     println!("{sessions_table}");
     let _ = std::fs::remove_dir_all(&dir);
     if let Some(path) = write {
         let command = format!("cargo run --release -p nexus-benches --{}", if quick { " --quick" } else { "" });
         let doc = format!(
-            "# Benchmark results\n\nLatest run of `{command} --write {}`.\n\n{}\n{table}\n{}\n## WebSocket sessions\n\n{sessions_table}\n{}",
+            "# Benchmark results\n\nLatest run of `{command} --write {}`.\n\n{}\n{table}\n{}\n## Tool calls\n\n{tools_table}\n{}\n## WebSocket sessions\n\n{sessions_table}\n{}",
             path.display(),
             machine(),
             NOTES,
+            tools::NOTES,
             SESSION_NOTES
         );
         std::fs::write(&path, doc).expect("write results");
