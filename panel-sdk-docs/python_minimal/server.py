@@ -135,11 +135,14 @@ class Handler(BaseHTTPRequestHandler):
             super().log_request(code, size)
 
 
-def main():
+class Server(ThreadingHTTPServer):
     # The default listen backlog (5) drops connections when the sidecar
     # sends several calls at once; the kernel retries them a second later.
-    ThreadingHTTPServer.request_queue_size = 128
-    server = ThreadingHTTPServer(("127.0.0.1", PORT), Handler)
+    request_queue_size = 128
+
+
+def main():
+    server = Server(("127.0.0.1", PORT), Handler)
     stop = lambda *_: threading.Thread(target=server.shutdown).start()  # noqa: E731
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
