@@ -485,7 +485,7 @@ async fn kafka_rows(dir: &std::path::Path, n: u64) -> Vec<Row> {
     consumer.subscribe(&["bench.raw"]).expect("subscribe");
     let raw_latencies = Arc::new(Mutex::new(Vec::new()));
     let rl = raw_latencies.clone();
-    actix::spawn(async move {
+    let raw_consumer = actix::spawn(async move {
         loop {
             match consumer.recv().await {
                 Ok(m) => {
@@ -526,5 +526,9 @@ async fn kafka_rows(dir: &std::path::Path, n: u64) -> Vec<Row> {
         .await;
     let end = wait_for(&raw_latencies, n, Duration::from_secs(120)).await;
     let raw = run_of(n, end - t, &raw_latencies);
+    // Close the raw consumer while its broker still runs: closing one whose
+    // broker is gone blocks the thread that drops it.
+    raw_consumer.abort();
+    let _ = raw_consumer.await;
     latency_rows(&["kafka produce → acknowledging actor", "kafka latency p50", "kafka latency p99"], n, &nexus, &raw)
 }

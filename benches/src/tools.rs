@@ -57,10 +57,10 @@ busy). Rust panel: a minimal actix-web app in the harness process (one
 worker thread) serving `echo`. Python panel: the template
 `panel-sdk-docs/python_minimal/server.py` (`ThreadingHTTPServer`, HTTP/1.0:
 one new connection per call on both sides) serving `word_count`, with fewer
-calls; it keeps Python's default listen backlog of 5, so with 32 connections
-opening at once the queue overflows (the throughput row's note counts the
-machine's listen-queue overflows during the run) and those connections wait
-for the kernel's 1 s retry: that row then measures the backlog, not Nexus.
+calls. The template listens with a backlog of 128; with Python's default
+of 5, 32 connections opening at once overflowed the queue and waited for the
+kernel's 1 s retry, so the throughput row's note counts the machine's
+listen-queue overflows during the run (none is expected).
 The caller and its registry run on the harness's thread, each Redis bridge
 and the sidecar on threads of their own, all on two cores shared with
 redis-server (and the Python process).

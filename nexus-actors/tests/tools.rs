@@ -19,9 +19,10 @@ use nexus_actors::infra::{free_port, RedisServer, Tansu, TansuStorage};
 use nexus_actors::roles::transaction_manager::store::{Panel, PanelMode, Store};
 use nexus_actors::sidecar::{self, SidecarConfig, SidecarError};
 use nexus_actors::telemetry::Metrics;
+use nexus_actors::tools::protocol::Outcome;
 use nexus_actors::tools::protocol::{ToolCall, ToolError};
 use nexus_actors::tools::registry::{CallTool, ListTools, RegisterTool, RegistryDeps};
-use nexus_actors::tools::store::ToolStore;
+use nexus_actors::tools::store::{Claim, ToolStore};
 use nexus_actors::tools::system::SystemTool;
 use nexus_actors::tools::ToolRegistry;
 use nexus_actors::{ActorRef, Behaviour, Ctx, Handler, Kernel, Reply};
@@ -157,7 +158,7 @@ impl FakePanel {
         let manifest = json!({"name": name, "tools": [
             {"name": "echo", "desc": "Echoes text", "input_schema":
                 {"type": "object", "properties": {"text": {"type": "string"}}, "required": ["text"]}},
-            tool("garbage"), tool("crash"), tool("sleep"), tool("huge"), tool("refuse"), tool("no_result"),
+            tool("garbage"), tool("crash"), tool("sleep"), tool("huge"), tool("refuse"), tool("no_result"), tool("nap"),
         ]});
         FakePanel { name: name.into(), manifest: Arc::new(Mutex::new(manifest)), executed: Arc::default() }
     }
@@ -205,6 +206,10 @@ async fn execute(panel: web::Data<FakePanel>, body: web::Json<Value>) -> HttpRes
             HttpResponse::Ok().json(json!({"result": "late"}))
         }
         "huge" => HttpResponse::Ok().json(json!({"result": "x".repeat(1_200_000)})),
+        "nap" => {
+            actix::clock::sleep(Duration::from_millis(500)).await;
+            HttpResponse::Ok().json(json!({"result": "rested"}))
+        }
         "refuse" => HttpResponse::Ok().json(json!({"error": "nope"})),
         _ => HttpResponse::Ok().json(json!({"status": "done"})),
     }
@@ -460,6 +465,8 @@ async fn the_proxy_publishes_only_inside_the_panels_namespace_within_limits() {
     assert_eq!(post("{not json".into()).await.2["error"], "bad_json");
     assert_eq!(post(json!({"channel": "notes"}).to_string()).await.2["error"], "bad_json", "data is required");
     assert_eq!(post(json!({"channel": "n", "type": "a b", "data": 1}).to_string()).await.2["error"], "bad_type");
+    let forged = json!({"channel": "n", "type": "nexus.tool.response", "data": 1}).to_string();
+    assert_eq!(post(forged).await.2["error"], "bad_type", "the platform's own types are reserved");
     let big = json!({"channel": "notes", "data": "x".repeat(70_000)}).to_string();
     assert_eq!(post(big).await.0, 413);
 
@@ -558,4 +565,50 @@ async fn every_call_and_its_outcome_are_recorded_on_the_semantic_bus() {
         .find(|r| r.envelope.kind == "nexus.tool.finished" && r.envelope.data["call_id"] == failed_id.as_str())
         .expect("the refused call is recorded");
     assert_eq!(refused.envelope.data["error"]["code"], "invalid_arguments");
+}
+
+#[actix_rt::test]
+async fn an_idempotency_key_runs_once_and_is_released_after_a_passing_failure() {
+    let redis = RedisServer::start(&tempdir("tools-claims"), false).unwrap();
+    let store = ToolStore::connect(&redis.url()).await.unwrap();
+    let hold = Duration::from_secs(30);
+    let claim = |call: &'static str| {
+        let store = store.clone();
+        async move { store.claim("p.t", "ada", "k", call, hold).await.unwrap() }
+    };
+    assert_eq!(claim("c1").await, Claim::Won);
+    assert_eq!(claim("c1").await, Claim::SameCall, "the same call delivered to a second server stays silent");
+    assert_eq!(claim("c2").await, Claim::Running, "a retry while it runs");
+    assert_eq!(store.claim("p.t", "bob", "k", "c9", hold).await.unwrap(), Claim::Won, "keys are per caller");
+
+    // c1 timed out: a retry may run the tool again, c1 itself may not.
+    let timeout = Outcome::Error(ToolError::Timeout { timeout_ms: 1 });
+    store.finish("p.t", "ada", "k", "c1", &timeout).await.unwrap();
+    assert_eq!(claim("c1").await, Claim::SameCall);
+    assert_eq!(claim("c2").await, Claim::Won);
+    // A late finish of c1 does not touch c2's claim.
+    store.finish("p.t", "ada", "k", "c1", &Outcome::Result(json!("stale"))).await.unwrap();
+    assert_eq!(claim("c3").await, Claim::Running);
+    store.finish("p.t", "ada", "k", "c2", &Outcome::Result(json!(42))).await.unwrap();
+    assert_eq!(claim("c3").await, Claim::Done(Outcome::Result(json!(42))));
+    assert_eq!(claim("c2").await, Claim::SameCall);
+}
+
+#[actix_rt::test]
+async fn a_stopping_sidecar_lets_running_calls_answer() {
+    let h = Harness::new("tools-drain").await;
+    let (_kernel, registry) = registry("caller", &h.redis, None).await;
+    let panel = FakePanel::new("drain");
+    let (panel_url, _server) = panel.serve();
+    let id = h.panel("ada").await;
+    let (_url, sidecar) = h.sidecar(&id, &panel_url, |_| {}).await;
+    let nap = format!("{id}.nap");
+    wait_listed(&registry, "ada", &nap).await;
+    let running = {
+        let registry = registry.clone();
+        actix::spawn(async move { call(&registry, ToolCall::new(nap, json!({}), "ada")).await })
+    };
+    eventually(5, "the call reached the panel", || panel.executed.load(Ordering::SeqCst) == 1).await;
+    sidecar.stop(true).await;
+    assert_eq!(running.await.unwrap(), Ok(json!("rested")));
 }

@@ -104,6 +104,19 @@ fn python_minimal_tools_are_callable_through_a_sidecar_over_the_api_and_mcp() {
     let (status, _) = request(port, "GET", "/api/tools", None, None).unwrap();
     assert_eq!(status, 401);
 
+    // Another user neither sees nor calls admin's panel tools.
+    let bob = json!({"username": "bob", "password": "bobs-password"});
+    assert_eq!(json_request(port, "POST", "/api/users", &token, Some(bob.clone())).0, 201);
+    let (_, bob_token) = request(port, "POST", "/api/login", None, Some(&bob.to_string())).unwrap();
+    let bob_token: Value = serde_json::from_str(&bob_token).unwrap();
+    let bob_token = bob_token["token"].as_str().unwrap();
+    let (_, bobs_tools) = json_request(port, "GET", "/api/tools", bob_token, None);
+    let bobs_tools = bobs_tools.to_string();
+    assert!(bobs_tools.contains("list_documents") && !bobs_tools.contains(&id), "{bobs_tools}");
+    let bobs_call = json!({"arguments": {"text": "x"}});
+    let (status, _) = json_request(port, "POST", &format!("/api/tools/{word_count}/call"), bob_token, Some(bobs_call));
+    assert_eq!(status, 404);
+
     // The panel publishes through its sidecar's /proxy, into its own namespace.
     let client = redis::Client::open(redis.url()).unwrap();
     let mut subscriber = client.get_connection().unwrap();

@@ -46,34 +46,39 @@ impl CallForwarder {
         };
         let span = tracing::info_span!("nexus.sidecar.call", tool = %request.tool, call_id = %request.call_id);
         trace.set_as_parent_of(&span);
-        let admitted = self
-            .in_flight
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| (n < self.max_calls).then_some(n + 1))
-            .is_ok();
-        let guard = admitted.then(|| InFlight(self.in_flight.clone()));
         let (panel, store, publish) = (self.panel.clone(), self.store.clone(), self.publish.clone());
         let (metrics, source) = (self.kernel.metrics().clone(), format!("panel/{}", self.panel_id));
         let tool = panel_tool_name(&self.panel_id, &request.tool);
-        let limit = self.max_calls;
+        let (in_flight, limit) = (self.in_flight.clone(), self.max_calls);
         actix::spawn(
             async move {
-                let result: Option<ToolResult> = match guard {
-                    Some(_guard) => store.run_once(&tool, &request, panel.execute(&request)).await,
-                    None => Some(Err(ToolError::Busy { limit })),
+                // Admitted only once its key is claimed: a replica that is
+                // full must not answer `busy` for a call another one runs.
+                let work = async {
+                    let admitted = in_flight
+                        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| (n < limit).then_some(n + 1))
+                        .is_ok();
+                    if !admitted {
+                        return Err(ToolError::Busy { limit });
+                    }
+                    let _guard = InFlight(in_flight.clone());
+                    panel.execute(&request).await
                 };
-                let Some(result) = result else { return };
-                let outcome = result.as_ref().map_or_else(|e| e.code(), |_| "ok");
-                metrics.sidecar_calls.with_label_values(&[outcome]).inc();
-                if let Err(error) = &result {
-                    tracing::info!(tool = %request.tool, outcome, %error, "nexus_sidecar_calls_total");
-                }
-                let response = ToolResponse { call_id: request.call_id, outcome: result.into() };
-                let envelope = Envelope::new(source, response).into_untyped();
-                match publish.ask(Publish { channel: request.reply_to, envelope }).await {
-                    Ok(Ok(_)) => {}
-                    Ok(Err(error)) => metrics.bus_error("redis", "tool_response", &error),
-                    Err(error) => metrics.bus_error("redis", "tool_response", &format_args!("{error:?}")),
-                }
+                let answer = |result: ToolResult| async {
+                    let outcome = result.as_ref().map_or_else(|e| e.code(), |_| "ok");
+                    metrics.sidecar_calls.with_label_values(&[outcome]).inc();
+                    if let Err(error) = &result {
+                        tracing::info!(tool = %request.tool, outcome, %error, "nexus_sidecar_calls_total");
+                    }
+                    let response = ToolResponse { call_id: request.call_id.clone(), outcome: result.into() };
+                    let envelope = Envelope::new(source, response).into_untyped();
+                    match publish.ask(Publish { channel: request.reply_to.clone(), envelope }).await {
+                        Ok(Ok(_)) => {}
+                        Ok(Err(error)) => metrics.bus_error("redis", "tool_response", &error),
+                        Err(error) => metrics.bus_error("redis", "tool_response", &format_args!("{error:?}")),
+                    }
+                };
+                store.run_once(&tool, &request, work, answer).await;
             }
             .instrument(span),
         );

@@ -11,14 +11,15 @@ pub mod proxy;
 pub mod registration;
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use actix::Arbiter;
 use actix_web::{web, App, HttpServer};
 
-use crate::bus::redis::{RedisBridge, Subscribe, Topic};
-use crate::kernel::Kernel;
+use crate::bus::redis::{RedisBridge, Subscribe, Topic, Unsubscribe};
+use crate::kernel::{ActorRef, Kernel};
 use crate::roles::transaction_manager::store::{Store, StoreError};
 use crate::tools::protocol::panel_calls_channel;
 use crate::tools::store::{ToolStore, ToolStoreError};
@@ -85,13 +86,20 @@ pub async fn run(config: SidecarConfig) -> Result<(), SidecarError> {
     start(config).await?.run().await
 }
 
+/// How long a stopping sidecar lets the calls it runs finish.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// A started sidecar: connected, subscribed, listening.
 pub struct Sidecar {
     server: actix_web::dev::Server,
     registrar: Registrar,
     polling_task: tokio::task::JoinHandle<()>,
     listen: SocketAddr,
+    bridge: ActorRef<RedisBridge>,
     bridge_arbiter: Arbiter,
+    calls: Topic,
+    forwarder: String,
+    in_flight: Arc<AtomicUsize>,
 }
 
 impl Sidecar {
@@ -100,10 +108,22 @@ impl Sidecar {
         self.server.handle()
     }
 
-    /// Serves until stopped, then takes the panel's tools out of the listing.
+    /// Serves until stopped; then takes no more calls, lets the running
+    /// ones answer (for up to 10 s) and takes the tools out of the listing.
     pub async fn run(self) -> Result<(), SidecarError> {
         let served = self.server.await;
         self.polling_task.abort();
+        let unsubscribe = Unsubscribe { topic: self.calls, subscriber: self.forwarder };
+        let _ = self.bridge.link::<Unsubscribe>("sidecar").ask(unsubscribe).await;
+        let drained = tokio::time::timeout(DRAIN_TIMEOUT, async {
+            while self.in_flight.load(Ordering::SeqCst) > 0 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        });
+        if drained.await.is_err() {
+            let left = self.in_flight.load(Ordering::SeqCst);
+            tracing::warn!(left, "stopping with calls still running; their callers will time out");
+        }
         self.registrar.unlist().await;
         self.bridge_arbiter.stop();
         served.map_err(|source| SidecarError::Http { addr: self.listen, source })
@@ -127,10 +147,11 @@ pub async fn start(config: SidecarConfig) -> Result<Sidecar, SidecarError> {
     let bridge = RedisBridge::spawn(&kernel, &bridge_arbiter.handle(), &config.redis_url)?;
     let client = PanelClient::new(&config.panel_url, &config.panel);
 
+    let in_flight: Arc<AtomicUsize> = Arc::default();
     let forwarder = {
         let (kernel, client, tools) = (kernel.clone(), client.clone(), tools.clone());
         let (panel_id, publish) = (config.panel.clone(), bridge.link(CallForwarder::KIND));
-        let in_flight = Arc::default();
+        let in_flight = in_flight.clone();
         let max_calls = config.max_calls.max(1);
         kernel.clone().spawn(CallForwarder::KIND, move || CallForwarder {
             kernel: kernel.clone(),
@@ -143,8 +164,8 @@ pub async fn start(config: SidecarConfig) -> Result<Sidecar, SidecarError> {
         })
     };
     let subscriber = forwarder.link("redis-bridge");
-    let topic = Topic::Channel(panel_calls_channel(&config.panel));
-    match bridge.link::<Subscribe>("sidecar").ask(Subscribe { topic, subscriber }).await {
+    let calls = Topic::Channel(panel_calls_channel(&config.panel));
+    match bridge.link::<Subscribe>("sidecar").ask(Subscribe { topic: calls.clone(), subscriber }).await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => return Err(SidecarError::Subscribe(e.to_string())),
         Err(e) => return Err(SidecarError::Subscribe(e.to_string())),
@@ -167,5 +188,15 @@ pub async fn start(config: SidecarConfig) -> Result<Sidecar, SidecarError> {
         .bind(config.listen)
         .map_err(|source| SidecarError::Http { addr: config.listen, source })?;
     tracing::info!(panel = %config.panel, listen = %config.listen, panel_url = %config.panel_url, "sidecar running");
-    Ok(Sidecar { server: server.run(), registrar, polling_task, listen: config.listen, bridge_arbiter })
+    Ok(Sidecar {
+        server: server.run(),
+        registrar,
+        polling_task,
+        listen: config.listen,
+        bridge,
+        bridge_arbiter,
+        calls,
+        forwarder: forwarder.id().to_owned(),
+        in_flight,
+    })
 }

@@ -12,6 +12,9 @@ use crate::tools::protocol::{remaining_until, ToolError, ToolRequest, ToolResult
 
 /// How much of a non-2xx body goes back to the caller.
 const STATUS_BODY_EXCERPT: usize = 512;
+/// Longest tool error message passed on (a panel's error is for reading,
+/// not a second result channel).
+const MAX_ERROR_MESSAGE: usize = 4096;
 /// How long a manifest read may take.
 const MANIFEST_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -128,16 +131,19 @@ fn interpret(body: &[u8]) -> ToolResult {
         Err(e) => return invalid(format!("not JSON: {e}")),
     };
     let Value::Object(mut object) = value else { return invalid("the body is not a JSON object".into()) };
-    if let Some(error) = object.remove("error") {
-        let message = match error {
-            Value::String(s) => s,
-            Value::Object(mut o) => match o.remove("message") {
-                Some(Value::String(s)) => s,
-                _ => Value::Object(o).to_string(),
-            },
-            other => other.to_string(),
-        };
-        return Err(ToolError::failed(message));
+    match object.remove("error") {
+        None | Some(Value::Null) => {}
+        Some(error) => {
+            let message = match error {
+                Value::String(s) => s,
+                Value::Object(mut o) => match o.remove("message") {
+                    Some(Value::String(s)) => s,
+                    _ => Value::Object(o).to_string(),
+                },
+                other => other.to_string(),
+            };
+            return Err(ToolError::failed(truncate(message, MAX_ERROR_MESSAGE)));
+        }
     }
     match object.remove("result") {
         Some(result) => {
@@ -149,6 +155,19 @@ fn interpret(body: &[u8]) -> ToolResult {
         }
         None => invalid("the body has neither \"result\" nor \"error\"".into()),
     }
+}
+
+/// `message` cut to at most `max` bytes, on a character boundary.
+fn truncate(mut message: String, max: usize) -> String {
+    if message.len() > max {
+        let mut end = max;
+        while !message.is_char_boundary(end) {
+            end -= 1;
+        }
+        message.truncate(end);
+        message.push('…');
+    }
+    message
 }
 
 enum Limited {
@@ -181,6 +200,10 @@ mod tests {
         assert_eq!(interpret(br#"{"result": null}"#), Ok(Value::Null));
         assert_eq!(interpret(br#"{"error": "no"}"#), Err(ToolError::failed("no")));
         assert_eq!(interpret(br#"{"error": {"message": "no"}, "result": 1}"#), Err(ToolError::failed("no")));
+        assert_eq!(interpret(br#"{"result": 2, "error": null}"#), Ok(json!(2)));
+        let long = format!(r#"{{"error": {{"a": "{}"}}}}"#, "é".repeat(10_000));
+        let Err(ToolError::ToolError { message }) = interpret(long.as_bytes()) else { panic!("a tool error") };
+        assert!(message.len() <= MAX_ERROR_MESSAGE + '…'.len_utf8());
         for garbage in [&b"<html>"[..], b"[1]", b"{}", b""] {
             assert!(matches!(interpret(garbage), Err(ToolError::InvalidResponse { .. })), "{garbage:?}");
         }

@@ -131,8 +131,9 @@ async fn proxy(state: web::Data<ProxyState>, mut payload: web::Payload) -> HttpR
         return refuse(&state, StatusCode::BAD_REQUEST, "bad_channel", text);
     }
     let kind = message.kind.unwrap_or_else(|| DEFAULT_MESSAGE_TYPE.to_owned());
-    if !is_valid_type(&kind) {
-        return refuse(&state, StatusCode::BAD_REQUEST, "bad_type", "type must match ^[A-Za-z0-9._-]{1,128}$");
+    if !is_valid_type(&kind) || (kind.starts_with("nexus.") && kind != DEFAULT_MESSAGE_TYPE) {
+        let text = "type must match ^[A-Za-z0-9._-]{1,128}$ and not start with \"nexus.\" (the platform's own types)";
+        return refuse(&state, StatusCode::BAD_REQUEST, "bad_type", text);
     }
     if let Err(wait) = state.limit.take() {
         let seconds = wait.as_secs_f64().ceil().max(1.0) as u64;
@@ -165,15 +166,19 @@ async fn reload(state: web::Data<ProxyState>) -> HttpResponse {
         PanelState::Invalid { reason } => {
             HttpResponse::UnprocessableEntity().json(json!({ "error": "invalid_manifest", "message": reason }))
         }
+        PanelState::Unlisted { reason } => {
+            HttpResponse::ServiceUnavailable().json(json!({ "error": "bus_unavailable", "message": reason }))
+        }
         PanelState::Starting => HttpResponse::ServiceUnavailable().json(json!({ "error": "starting" })),
     }
 }
 
 async fn healthz(state: web::Data<ProxyState>) -> HttpResponse {
-    let panel = match state.registrar.state().await {
+    let panel = match state.registrar.state() {
         PanelState::Up { tools } => json!({ "state": "up", "tools": tools }),
         PanelState::Down { reason } => json!({ "state": "down", "reason": reason }),
         PanelState::Invalid { reason } => json!({ "state": "invalid_manifest", "reason": reason }),
+        PanelState::Unlisted { reason } => json!({ "state": "unlisted", "reason": reason }),
         PanelState::Starting => json!({ "state": "starting" }),
     };
     HttpResponse::Ok().json(json!({ "status": "ok", "panel_id": state.panel_id, "panel": panel }))

@@ -5,15 +5,13 @@
 //! panel that stays down, or whose sidecar died, leave it. An invalid
 //! manifest is refused whole and logged; the last valid one stays listed.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
-
-use tokio::sync::Mutex;
 
 use super::panel::{ManifestFetchError, PanelClient};
 use crate::telemetry::Metrics;
 use crate::tools::manifest::Manifest;
-use crate::tools::store::ToolStore;
+use crate::tools::store::{ToolStore, ToolStoreError};
 
 /// How often the manifest is read while the panel does not answer yet.
 const STARTUP_POLL: Duration = Duration::from_millis(250);
@@ -25,15 +23,12 @@ pub enum PanelState {
     Starting,
     /// Answering, with these tools (local names) listed.
     Up { tools: Vec<String> },
-    /// Not answering /manifest.
+    /// Not answering `/manifest` (or answering it with an error status).
     Down { reason: String },
     /// Answering with a manifest that breaks the contract.
     Invalid { reason: String },
-}
-
-struct Inner {
-    registered: Option<Manifest>,
-    state: PanelState,
+    /// Answering, but the listing could not be written (Redis is down).
+    Unlisted { reason: String },
 }
 
 /// Registers one panel's tools. Cheap to clone.
@@ -45,7 +40,11 @@ pub struct Registrar {
     store: ToolStore,
     metrics: Metrics,
     ttl: Duration,
-    inner: Arc<Mutex<Inner>>,
+    /// The last manifest listed; held across a whole sync, so syncs run one
+    /// at a time.
+    registered: Arc<tokio::sync::Mutex<Option<Manifest>>>,
+    /// Kept apart so that reading it never waits for a slow sync.
+    state: Arc<Mutex<PanelState>>,
 }
 
 impl Registrar {
@@ -64,36 +63,39 @@ impl Registrar {
             store,
             metrics,
             ttl,
-            inner: Arc::new(Mutex::new(Inner { registered: None, state: PanelState::Starting })),
+            registered: Arc::default(),
+            state: Arc::default(),
         }
     }
 
-    pub async fn state(&self) -> PanelState {
-        self.inner.lock().await.state.clone()
+    pub fn state(&self) -> PanelState {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// Reads the manifest once and brings the listing up to date.
     pub async fn sync(&self) -> PanelState {
-        let mut inner = self.inner.lock().await;
+        let mut registered = self.registered.lock().await;
         let state = match self.panel.manifest().await {
-            Ok(manifest) => match self.list(&mut inner, manifest).await {
+            Ok(manifest) => match self.list(&mut registered, manifest).await {
                 Ok(state) => state,
-                Err(error) => {
-                    tracing::warn!(%error, "could not list the panel's tools; retrying at the next poll");
-                    inner.state.clone()
-                }
+                Err(error) => PanelState::Unlisted { reason: error.to_string() },
             },
-            Err(ManifestFetchError::Unreachable { message, .. }) => {
+            Err(error @ (ManifestFetchError::Unreachable { .. } | ManifestFetchError::Status(_))) => {
                 self.metrics.sidecar_manifest.with_label_values(&["unreachable"]).inc();
-                PanelState::Down { reason: message }
+                PanelState::Down { reason: error.to_string() }
             }
             Err(error) => {
                 self.metrics.sidecar_manifest.with_label_values(&["invalid"]).inc();
-                self.refresh(&inner).await;
+                if let Some(manifest) = registered.as_ref() {
+                    if let Err(e) = self.keep(manifest).await {
+                        tracing::warn!(error = %e, "could not refresh the panel's listing");
+                    }
+                }
                 PanelState::Invalid { reason: error.to_string() }
             }
         };
-        if state != inner.state {
+        let previous = std::mem::replace(&mut *self.state.lock().unwrap_or_else(|e| e.into_inner()), state.clone());
+        if state != previous {
             match &state {
                 PanelState::Up { tools } => {
                     tracing::info!(panel = %self.panel_id, ?tools, "panel is up; tools registered")
@@ -104,20 +106,18 @@ impl Registrar {
                 PanelState::Invalid { reason } => {
                     tracing::error!(panel = %self.panel_id, %reason, "manifest refused; the last valid one stays listed")
                 }
+                PanelState::Unlisted { reason } => {
+                    tracing::warn!(panel = %self.panel_id, %reason, "could not list the panel's tools; retrying")
+                }
                 PanelState::Starting => {}
             }
         }
-        inner.state = state.clone();
         state
     }
 
-    async fn list(
-        &self,
-        inner: &mut Inner,
-        manifest: Manifest,
-    ) -> Result<PanelState, crate::tools::store::ToolStoreError> {
-        let unchanged = inner.registered.as_ref() == Some(&manifest);
-        if unchanged && self.store.refresh_panel(&self.panel_id, self.ttl).await? {
+    async fn list(&self, registered: &mut Option<Manifest>, manifest: Manifest) -> Result<PanelState, ToolStoreError> {
+        let unchanged = registered.as_ref() == Some(&manifest);
+        if unchanged && self.store.refresh_panel(&self.panel_id, &self.user, self.ttl).await? {
             self.metrics.sidecar_manifest.with_label_values(&["unchanged"]).inc();
         } else {
             self.store
@@ -126,29 +126,26 @@ impl Registrar {
             self.metrics.sidecar_manifest.with_label_values(&["registered"]).inc();
         }
         let tools = manifest.tools.iter().map(|t| t.name.clone()).collect();
-        inner.registered = Some(manifest);
+        *registered = Some(manifest);
         Ok(PanelState::Up { tools })
     }
 
     /// Keeps the last valid listing alive while the panel serves a bad manifest.
-    async fn refresh(&self, inner: &Inner) {
-        if let Some(manifest) = &inner.registered {
+    async fn keep(&self, manifest: &Manifest) -> Result<(), ToolStoreError> {
+        if !self.store.refresh_panel(&self.panel_id, &self.user, self.ttl).await? {
             let specs = manifest.specs(&self.panel_id, &self.user);
-            if !self.store.refresh_panel(&self.panel_id, self.ttl).await.unwrap_or(false) {
-                let _ = self.store.put_panel(&self.panel_id, &self.user, &specs, self.ttl).await;
-            }
+            self.store.put_panel(&self.panel_id, &self.user, &specs, self.ttl).await?;
         }
+        Ok(())
     }
 
-    /// Syncs forever: quickly until the panel first answers, then every `interval`.
+    /// Syncs forever: quickly until the panel first answers, then every
+    /// `interval` (at most a second apart while it is down or unlisted).
     pub async fn run(self, interval: Duration) {
         loop {
-            let state = self.sync().await;
-            let next = match state {
+            let next = match self.sync().await {
                 PanelState::Up { .. } | PanelState::Invalid { .. } => interval,
-                PanelState::Down { .. } | PanelState::Starting if self.inner.lock().await.registered.is_none() => {
-                    STARTUP_POLL
-                }
+                _ if self.registered.lock().await.is_none() => STARTUP_POLL,
                 _ => interval.min(Duration::from_secs(1)),
             };
             tokio::time::sleep(next).await;

@@ -39,6 +39,8 @@ use crate::kernel::{ActorRef, Behaviour, Ctx, Handler, Kernel, Link, Message, Re
 /// How long a resolved tool (its spec and compiled schema) is reused before
 /// the listing is read again.
 const RESOLVE_TTL: Duration = Duration::from_secs(2);
+/// Size of the resolve cache at which expired entries are dropped.
+const RESOLVE_CACHE_PRUNE_AT: usize = 1024;
 /// How much longer than the deadline a caller waits for the tool's server,
 /// which enforces the deadline itself and says why it stopped.
 const REPLY_GRACE: Duration = Duration::from_millis(500);
@@ -160,12 +162,15 @@ impl ToolRegistry {
         envelope.trace_context().set_as_parent_of(&span);
         actix::spawn(
             async move {
-                let Some(result) = run_system(&store, &tool, &request).await else { return };
-                let response = ToolResponse { call_id: request.call_id.clone(), outcome: result.into() };
-                let envelope = Envelope::new(source, response).into_untyped();
-                if let Err(error) = publish.ask(Publish { channel: request.reply_to, envelope }).await {
-                    tracing::warn!(?error, "could not send a tool response");
-                }
+                let answer = |result: ToolResult| async {
+                    let response = ToolResponse { call_id: request.call_id.clone(), outcome: result.into() };
+                    let envelope = Envelope::new(source, response).into_untyped();
+                    let channel = request.reply_to.clone();
+                    if let Err(error) = publish.ask(Publish { channel, envelope }).await {
+                        tracing::warn!(?error, "could not send a tool response");
+                    }
+                };
+                run_system(&store, &tool, &request, answer).await;
             }
             .instrument(span),
         );
@@ -185,14 +190,20 @@ impl ToolRegistry {
     }
 }
 
-/// Runs a system tool once per idempotency key, within the deadline.
-async fn run_system(store: &ToolStore, tool: &SystemTool, request: &ToolRequest) -> Option<ToolResult> {
+/// Runs a system tool once per idempotency key, within the deadline, and
+/// hands the outcome to `answer` (see [`ToolStore::run_once`]).
+async fn run_system<A: std::future::Future<Output = ()>>(
+    store: &ToolStore,
+    tool: &SystemTool,
+    request: &ToolRequest,
+    answer: impl FnOnce(ToolResult) -> A,
+) {
     let cx =
         CallContext { call_id: request.call_id.clone(), caller: request.caller.clone(), deadline: request.deadline };
     let remaining = super::protocol::remaining_until(request.deadline);
     let work = tokio::time::timeout(remaining, tool.run(request.arguments.clone(), cx))
         .map(move |r| r.unwrap_or(Err(ToolError::Timeout { timeout_ms: remaining.as_millis() as u64 })));
-    store.run_once(&tool.spec.name, request, work).await
+    store.run_once(&tool.spec.name, request, work, answer).await
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -368,7 +379,11 @@ impl Caller {
                 let validator = jsonschema::validator_for(&spec.input_schema)
                     .map_err(|e| ToolError::internal(format_args!("the tool's schema does not compile: {e}")))?;
                 let resolved = Arc::new(Resolved { spec, validator });
-                lock(&self.shared.resolved).insert(call.tool.clone(), (Instant::now(), resolved.clone()));
+                let mut cache = lock(&self.shared.resolved);
+                if cache.len() >= RESOLVE_CACHE_PRUNE_AT {
+                    cache.retain(|_, (at, _)| at.elapsed() < RESOLVE_TTL);
+                }
+                cache.insert(call.tool.clone(), (Instant::now(), resolved.clone()));
                 resolved
             }
         };
@@ -392,9 +407,13 @@ impl Caller {
             ToolOwner::System => {
                 let local = lock(&self.shared.system).get(&request.tool).cloned();
                 if let Some(tool) = local {
-                    return run_system(&self.deps.store, &tool, &request)
-                        .await
-                        .unwrap_or_else(|| Err(ToolError::internal("the call was claimed twice by this node")));
+                    let (tx, rx) = oneshot::channel();
+                    run_system(&self.deps.store, &tool, &request, |result| {
+                        let _ = tx.send(result);
+                        async {}
+                    })
+                    .await;
+                    return rx.await.unwrap_or_else(|_| Err(ToolError::internal("the call was claimed twice")));
                 }
                 system_calls_channel(&request.tool)
             }

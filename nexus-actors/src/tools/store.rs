@@ -100,9 +100,17 @@ impl ToolStore {
         Ok(())
     }
 
-    /// Extends the listing of `panel`; `false` when it had already expired.
-    pub async fn refresh_panel(&self, panel: &str, ttl: Duration) -> Result<bool, ToolStoreError> {
-        Ok(self.conn.clone().pexpire(panel_key(panel), ttl.as_millis() as i64).await?)
+    /// Extends the listing of `panel` (owned by `user`); `false` when it had
+    /// already expired. It also lists the panel among the user's again, in
+    /// case a reader pruned it in the moment it was expired.
+    pub async fn refresh_panel(&self, panel: &str, user: &str, ttl: Duration) -> Result<bool, ToolStoreError> {
+        let (alive,): (bool,) = redis::pipe()
+            .pexpire(panel_key(panel), ttl.as_millis() as i64)
+            .sadd(panels_of_key(user), panel)
+            .ignore()
+            .query_async(&mut self.conn.clone())
+            .await?;
+        Ok(alive)
     }
 
     /// Removes the tools of `panel` from the listing.
@@ -152,6 +160,8 @@ impl ToolStore {
 
     /// Claims the idempotency key of a call for `call_id`, for `hold` (the
     /// call's remaining time and some slack: a claimant that dies frees it).
+    /// A key whose last call failed in passing (see [`ToolStore::finish`])
+    /// goes to the next call id, never to the same call delivered again.
     pub async fn claim(
         &self,
         tool: &str,
@@ -161,11 +171,14 @@ impl ToolStore {
         hold: Duration,
     ) -> Result<Claim, ToolStoreError> {
         let script = redis::Script::new(
-            r"if redis.call('HSETNX', KEYS[1], 'call', ARGV[1]) == 1 then
+            r"local holder = redis.call('HGET', KEYS[1], 'call')
+              if not holder or redis.call('HGET', KEYS[1], 'released') == holder and holder ~= ARGV[1] then
+                redis.call('HSET', KEYS[1], 'call', ARGV[1])
+                redis.call('HDEL', KEYS[1], 'released')
                 redis.call('PEXPIRE', KEYS[1], ARGV[2])
                 return {1, '', ''}
               end
-              return {0, redis.call('HGET', KEYS[1], 'call') or '', redis.call('HGET', KEYS[1], 'result') or ''}",
+              return {0, holder, redis.call('HGET', KEYS[1], 'result') or ''}",
         );
         let (won, holder, result): (i64, String, String) = script
             .key(call_key(tool, caller, key))
@@ -173,59 +186,85 @@ impl ToolStore {
             .arg(hold.as_millis().max(1) as u64)
             .invoke_async(&mut self.conn.clone())
             .await?;
-        Ok(match (won, serde_json::from_str::<Outcome>(&result)) {
-            (1, _) => Claim::Won,
-            (_, Ok(outcome)) => Claim::Done(outcome),
-            _ if holder == call_id => Claim::SameCall,
-            _ => Claim::Running,
+        if won == 1 {
+            return Ok(Claim::Won);
+        }
+        if holder == call_id {
+            return Ok(Claim::SameCall);
+        }
+        Ok(match serde_json::from_str::<Outcome>(&result) {
+            Ok(outcome) => Claim::Done(outcome),
+            Err(_) => Claim::Running,
         })
     }
 
-    /// Ends a claim: a final outcome answers retries with its key for
-    /// [`RESULT_TTL`]; after a passing failure (timeout, busy, a panel
-    /// down) the key is freed so that a retry runs the tool again.
-    pub async fn finish(&self, tool: &str, caller: &str, key: &str, outcome: &Outcome) -> Result<(), ToolStoreError> {
-        let key = call_key(tool, caller, key);
-        let mut conn = self.conn.clone();
-        if !outcome.is_final() {
-            let () = conn.del(&key).await?;
-            return Ok(());
-        }
-        let json = serde_json::to_string(outcome).unwrap_or_default();
-        let () = redis::pipe()
-            .atomic()
-            .hset(&key, "result", json)
-            .pexpire(&key, RESULT_TTL.as_millis() as i64)
-            .query_async(&mut conn)
+    /// Ends `call_id`'s claim (if it still holds the key): a final outcome
+    /// answers retries with its key for [`RESULT_TTL`]; after a passing
+    /// failure (timeout, busy, a panel down) the key is released, so that a
+    /// retry — a new call id — runs the tool again, while the same call
+    /// delivered to another server still stays silent.
+    pub async fn finish(
+        &self,
+        tool: &str,
+        caller: &str,
+        key: &str,
+        call_id: &str,
+        outcome: &Outcome,
+    ) -> Result<(), ToolStoreError> {
+        let script = redis::Script::new(
+            r"if redis.call('HGET', KEYS[1], 'call') ~= ARGV[1] then return 0 end
+              if ARGV[2] == '1' then
+                redis.call('HSET', KEYS[1], 'result', ARGV[3])
+                redis.call('PEXPIRE', KEYS[1], ARGV[4])
+              else
+                redis.call('HSET', KEYS[1], 'released', ARGV[1])
+              end
+              return 1",
+        );
+        let final_outcome = outcome.is_final();
+        let json = if final_outcome { serde_json::to_string(outcome).unwrap_or_default() } else { String::new() };
+        let _: i64 = script
+            .key(call_key(tool, caller, key))
+            .arg(call_id)
+            .arg(if final_outcome { "1" } else { "0" })
+            .arg(json)
+            .arg(RESULT_TTL.as_millis() as u64)
+            .invoke_async(&mut self.conn.clone())
             .await?;
         Ok(())
     }
 
     /// Runs `work` for `request` (to tool `tool`, by its full name) unless
-    /// a call with the same idempotency key ran or runs: then the answer is
-    /// that call's outcome, `in_progress`, or `None` when this very call was
-    /// delivered twice and another server holds it.
-    pub async fn run_once(
+    /// a call with the same idempotency key ran or runs, and hands the
+    /// answer to `answer`: the result, that earlier call's outcome, or
+    /// `in_progress`. Nothing is answered when this very call was delivered
+    /// twice and another server holds it. The outcome is kept while the
+    /// answer travels, and both are done when this returns.
+    pub async fn run_once<A: Future<Output = ()>>(
         &self,
         tool: &str,
         request: &ToolRequest,
         work: impl Future<Output = ToolResult>,
-    ) -> Option<ToolResult> {
+        answer: impl FnOnce(ToolResult) -> A,
+    ) {
         let hold = remaining_until(request.deadline) + CLAIM_SLACK;
-        let (caller, key) = (&request.caller, &request.idempotency_key);
-        match self.claim(tool, caller, key, &request.call_id, hold).await {
+        let (caller, key, call_id) = (&request.caller, &request.idempotency_key, &request.call_id);
+        let result = match self.claim(tool, caller, key, call_id, hold).await {
             Ok(Claim::Won) => {
-                let result = work.await;
-                let outcome = Outcome::from(result);
-                if let Err(error) = self.finish(tool, caller, key, &outcome).await {
-                    tracing::warn!(%error, tool, "could not keep a tool call's outcome");
-                }
-                Some(outcome.into())
+                let outcome = Outcome::from(work.await);
+                let keep = async {
+                    if let Err(error) = self.finish(tool, caller, key, call_id, &outcome).await {
+                        tracing::warn!(%error, tool, "could not keep a tool call's outcome");
+                    }
+                };
+                futures::join!(keep, answer(outcome.clone().into()));
+                return;
             }
-            Ok(Claim::SameCall) => None,
-            Ok(Claim::Done(outcome)) => Some(outcome.into()),
-            Ok(Claim::Running) => Some(Err(ToolError::InProgress { key: key.clone() })),
-            Err(error) => Some(Err(ToolError::internal(format_args!("idempotency claim failed: {error}")))),
-        }
+            Ok(Claim::SameCall) => return,
+            Ok(Claim::Done(outcome)) => outcome.into(),
+            Ok(Claim::Running) => Err(ToolError::InProgress { key: key.clone() }),
+            Err(error) => Err(ToolError::internal(format_args!("idempotency claim failed: {error}"))),
+        };
+        answer(result).await;
     }
 }
