@@ -24,7 +24,7 @@ use redis::aio::{ConnectionManager, PubSubSink};
 
 use super::{Backoff, Bus, BusDown, BusEvent, BusMessage, BusUp};
 use crate::envelope::Envelope;
-use crate::kernel::{ActorRef, Behaviour, Ctx, Handler, Kernel, Link, Message, Reply, SendError, Supervised};
+use crate::kernel::{lock, ActorRef, Behaviour, Ctx, Handler, Kernel, Link, Message, Reply, SendError, Supervised};
 use crate::telemetry::Metrics;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -268,10 +268,6 @@ fn topic_label(channel: &str) -> &str {
         Some((i, _)) => &channel[..i],
         None => channel,
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 async fn subscribe_on(sink: &mut PubSubSink, topic: &Topic) -> redis::RedisResult<()> {

@@ -19,6 +19,12 @@ pub use supervisor::{Behaviour, Ctx, Handler, Panicked, Reply, Supervised};
 
 use crate::telemetry::{Metrics, TraceContext};
 
+/// Locks `m`, recovering it if a holder panicked: a panicking handler is
+/// restarted, not fatal, so state it shares must stay usable after it.
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// A typed message. One type per intent; `Reply` is what the receiver answers.
 pub trait Message: Send + 'static {
     type Reply: Send + 'static;

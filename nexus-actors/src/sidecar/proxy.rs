@@ -19,7 +19,7 @@ use serde_json::{json, Value};
 use super::registration::{PanelState, Registrar};
 use crate::bus::redis::Publish;
 use crate::envelope::Envelope;
-use crate::kernel::{Kernel, Link};
+use crate::kernel::{lock, Kernel, Link};
 
 /// Largest body `/proxy` accepts.
 pub const MAX_PROXY_BODY: usize = 64 * 1024;
@@ -54,7 +54,7 @@ impl RateLimit {
 
     /// Takes a token, or says how long until one is there.
     pub fn take(&self) -> Result<(), Duration> {
-        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let mut state = lock(&self.state);
         let (tokens, at) = &mut *state;
         let now = Instant::now();
         *tokens = (*tokens + now.duration_since(*at).as_secs_f64() * self.rate).min(self.burst);

@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use super::panel::{ManifestFetchError, PanelClient};
+use crate::kernel::lock;
 use crate::telemetry::Metrics;
 use crate::tools::manifest::Manifest;
 use crate::tools::store::{ToolStore, ToolStoreError};
@@ -69,7 +70,7 @@ impl Registrar {
     }
 
     pub fn state(&self) -> PanelState {
-        self.state.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        lock(&self.state).clone()
     }
 
     /// Reads the manifest once and brings the listing up to date.
@@ -94,7 +95,7 @@ impl Registrar {
                 PanelState::Invalid { reason: error.to_string() }
             }
         };
-        let previous = std::mem::replace(&mut *self.state.lock().unwrap_or_else(|e| e.into_inner()), state.clone());
+        let previous = std::mem::replace(&mut *lock(&self.state), state.clone());
         if state != previous {
             match &state {
                 PanelState::Up { tools } => {

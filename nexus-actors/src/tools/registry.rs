@@ -34,7 +34,7 @@ use crate::bus::kafka::{Produce, SEMANTIC_EVENTS};
 use crate::bus::redis::{Publish, Subscribe, Topic};
 use crate::bus::BusEvent;
 use crate::envelope::{Envelope, Payload};
-use crate::kernel::{ActorRef, Behaviour, Ctx, Handler, Kernel, Link, Message, Reply};
+use crate::kernel::{lock, ActorRef, Behaviour, Ctx, Handler, Kernel, Link, Message, Reply};
 
 /// How long a resolved tool (its spec and compiled schema) is reused before
 /// the listing is read again.
@@ -204,10 +204,6 @@ async fn run_system<A: std::future::Future<Output = ()>>(
     let work = tokio::time::timeout(remaining, tool.run(request.arguments.clone(), cx))
         .map(move |r| r.unwrap_or(Err(ToolError::Timeout { timeout_ms: remaining.as_millis() as u64 })));
     store.run_once(&tool.spec.name, request, work, answer).await
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Behaviour for ToolRegistry {
