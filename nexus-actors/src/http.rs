@@ -4,6 +4,7 @@
 
 use actix_web::dev::{Service, ServiceRequest, ServiceResponse};
 use actix_web::{web, FromRequest, HttpRequest, HttpResponse, Responder};
+use futures::StreamExt;
 use tracing::Instrument;
 
 use crate::kernel::Kernel;
@@ -38,6 +39,38 @@ where
         span.record("status", response.status().as_u16());
         Ok(response)
     }
+}
+
+/// Why a request body was not read.
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError {
+    #[error("the body is larger than {limit} bytes")]
+    TooLarge { limit: usize },
+    #[error("the body could not be read: {0}")]
+    Unreadable(String),
+}
+
+/// Reads a request body of at most `limit` bytes: a larger declared
+/// `Content-Length` is refused before reading, a longer stream as soon as
+/// it passes the limit.
+pub async fn read_body(req: &HttpRequest, mut payload: web::Payload, limit: usize) -> Result<web::Bytes, BodyError> {
+    let declared = req
+        .headers()
+        .get(actix_web::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|n| n > limit) {
+        return Err(BodyError::TooLarge { limit });
+    }
+    let mut body = web::BytesMut::new();
+    while let Some(chunk) = payload.next().await {
+        let chunk = chunk.map_err(|e| BodyError::Unreadable(e.to_string()))?;
+        if body.len() + chunk.len() > limit {
+            return Err(BodyError::TooLarge { limit });
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body.freeze())
 }
 
 async fn healthz(kernel: web::Data<Kernel>) -> impl Responder {

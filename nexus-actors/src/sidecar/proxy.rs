@@ -11,14 +11,14 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use actix_web::http::StatusCode;
-use actix_web::{web, HttpResponse};
-use futures::StreamExt;
+use actix_web::{web, HttpRequest, HttpResponse};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::registration::{PanelState, Registrar};
 use crate::bus::redis::Publish;
 use crate::envelope::Envelope;
+use crate::http::{read_body, BodyError};
 use crate::kernel::{lock, Kernel, Link};
 
 /// Largest body `/proxy` accepts.
@@ -103,18 +103,14 @@ pub fn configure(state: web::Data<ProxyState>) -> impl FnOnce(&mut web::ServiceC
     }
 }
 
-async fn proxy(state: web::Data<ProxyState>, mut payload: web::Payload) -> HttpResponse {
-    let mut body = web::BytesMut::new();
-    while let Some(chunk) = payload.next().await {
-        let Ok(chunk) = chunk else {
-            return refuse(&state, StatusCode::BAD_REQUEST, "bad_body", "the request body could not be read");
-        };
-        if body.len() + chunk.len() > MAX_PROXY_BODY {
-            let message = format!("the body is larger than {MAX_PROXY_BODY} bytes");
-            return refuse(&state, StatusCode::PAYLOAD_TOO_LARGE, "too_large", message);
+async fn proxy(state: web::Data<ProxyState>, req: HttpRequest, payload: web::Payload) -> HttpResponse {
+    let body = match read_body(&req, payload, MAX_PROXY_BODY).await {
+        Ok(body) => body,
+        Err(e @ BodyError::TooLarge { .. }) => {
+            return refuse(&state, StatusCode::PAYLOAD_TOO_LARGE, "too_large", e.to_string())
         }
-        body.extend_from_slice(&chunk);
-    }
+        Err(e @ BodyError::Unreadable(_)) => return refuse(&state, StatusCode::BAD_REQUEST, "bad_body", e.to_string()),
+    };
     let message: PanelMessage = match serde_json::from_slice(&body) {
         Ok(m) => m,
         Err(e) => {

@@ -18,8 +18,7 @@ use std::sync::Arc;
 use actix_web::http::header::{HeaderName, HeaderValue};
 use actix_web::http::StatusCode;
 use actix_web::{web, HttpRequest, HttpResponse};
-use bytes::{Bytes, BytesMut};
-use futures::StreamExt;
+use bytes::Bytes;
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
 use rmcp::model::{
@@ -36,6 +35,7 @@ use tower_service::Service as _;
 use super::api::ApiError;
 use super::auth::Caller;
 use super::tools_api::ToolsApi;
+use crate::http::{read_body, BodyError};
 use crate::tools::{ToolCall, ToolError, ToolSpec};
 
 /// The path of the endpoint.
@@ -91,26 +91,14 @@ fn endpoint(tools: ToolsApi) -> Endpoint {
 async fn serve(
     caller: Caller,
     req: HttpRequest,
-    mut payload: web::Payload,
+    payload: web::Payload,
     endpoint: web::Data<Endpoint>,
 ) -> Result<HttpResponse, ApiError> {
-    let declared = req
-        .headers()
-        .get(actix_web::http::header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<usize>().ok());
-    if declared.is_some_and(|n| n > MAX_BODY) {
-        return Err(ApiError::TooLarge);
-    }
-    let mut body = BytesMut::new();
-    while let Some(chunk) = payload.next().await {
-        let chunk = chunk.map_err(|e| ApiError::BadRequest(format!("reading the body: {e}")))?;
-        if body.len() + chunk.len() > MAX_BODY {
-            return Err(ApiError::TooLarge);
-        }
-        body.extend_from_slice(&chunk);
-    }
-    let request = to_http_request(&req, body.freeze(), McpUser(caller.0))?;
+    let body = read_body(&req, payload, MAX_BODY).await.map_err(|e| match e {
+        BodyError::TooLarge { .. } => ApiError::TooLarge,
+        BodyError::Unreadable(e) => ApiError::BadRequest(format!("reading the body: {e}")),
+    })?;
+    let request = to_http_request(&req, body, McpUser(caller.0))?;
     let response = match endpoint.get_ref().clone().call(request).await {
         Ok(response) => response,
         Err(never) => match never {},
