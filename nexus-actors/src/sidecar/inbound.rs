@@ -17,7 +17,7 @@ use crate::bus::BusEvent;
 use crate::envelope::Envelope;
 use crate::kernel::{Behaviour, Ctx, Handler, Kernel, Link, Reply};
 use crate::tools::panel_tool_name;
-use crate::tools::protocol::{ToolError, ToolRequest, ToolResponse, ToolResult};
+use crate::tools::protocol::{outcome_label, ToolError, ToolRequest, ToolResponse, ToolResult};
 use crate::tools::store::ToolStore;
 
 /// Forwards calls from the bus to one panel.
@@ -65,7 +65,7 @@ impl CallForwarder {
                     panel.execute(&request).await
                 };
                 let answer = |result: ToolResult| async {
-                    let outcome = result.as_ref().map_or_else(|e| e.code(), |_| "ok");
+                    let outcome = outcome_label(&result);
                     metrics.sidecar_calls.with_label_values(&[outcome]).inc();
                     if let Err(error) = &result {
                         tracing::info!(tool = %request.tool, outcome, %error, "nexus_sidecar_calls_total");

@@ -8,7 +8,7 @@ use std::time::Duration;
 use serde_json::{json, Value};
 
 use crate::tools::manifest::{Manifest, ManifestError, MAX_MANIFEST_BYTES};
-use crate::tools::protocol::{remaining_until, ToolError, ToolRequest, ToolResult, MAX_PAYLOAD_BYTES};
+use crate::tools::protocol::{encoded_len, remaining_until, ToolError, ToolRequest, ToolResult, MAX_PAYLOAD_BYTES};
 
 /// How much of a non-2xx body goes back to the caller.
 const STATUS_BODY_EXCERPT: usize = 512;
@@ -147,7 +147,7 @@ fn interpret(body: &[u8]) -> ToolResult {
     }
     match object.remove("result") {
         Some(result) => {
-            let size = serde_json::to_vec(&result).map(|v| v.len()).unwrap_or(0);
+            let size = encoded_len(&result);
             if size > MAX_PAYLOAD_BYTES {
                 return Err(ToolError::TooLarge { what: "result".into(), size, limit: MAX_PAYLOAD_BYTES });
             }

@@ -17,6 +17,32 @@ use crate::envelope::Payload;
 /// Largest encoded arguments or result of one call: what fits in a bus
 /// envelope (1 MiB) with room for the envelope itself.
 pub const MAX_PAYLOAD_BYTES: usize = 1_000_000;
+/// The size of `value` encoded as JSON, counted without building the bytes.
+pub fn encoded_len(value: &Value) -> usize {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 += buf.len();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut count = Count(0);
+    // Writing a JSON value into a counter cannot fail.
+    let _ = serde_json::to_writer(&mut count, value);
+    count.0
+}
+
+/// The `outcome` label of a call's metrics: `ok` or the error's code.
+pub fn outcome_label(result: &ToolResult) -> &'static str {
+    match result {
+        Ok(_) => "ok",
+        Err(error) => error.code(),
+    }
+}
+
 /// Deadline of a call whose caller did not choose one.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 /// Longest deadline a caller may ask for.
@@ -273,6 +299,12 @@ mod tests {
         ] {
             assert_eq!(serde_json::to_value(&error).unwrap()["code"], error.code());
         }
+    }
+
+    #[test]
+    fn encoded_len_is_the_length_of_the_encoding() {
+        let value = serde_json::json!({"text": "é\"x", "n": [1, 2.5, null]});
+        assert_eq!(encoded_len(&value), serde_json::to_vec(&value).unwrap().len());
     }
 
     #[test]

@@ -24,8 +24,8 @@ use tokio::sync::oneshot;
 use tracing::Instrument;
 
 use super::protocol::{
-    panel_calls_channel, replies_channel, system_calls_channel, Outcome, ToolCall, ToolCalled, ToolError, ToolFinished,
-    ToolRequest, ToolResponse, ToolResult, MAX_PAYLOAD_BYTES,
+    encoded_len, outcome_label, panel_calls_channel, replies_channel, system_calls_channel, Outcome, ToolCall,
+    ToolCalled, ToolError, ToolFinished, ToolRequest, ToolResponse, ToolResult, MAX_PAYLOAD_BYTES,
 };
 use super::store::ToolStore;
 use super::system::{CallContext, SystemTool};
@@ -316,10 +316,7 @@ impl Caller {
             duration_ms: started.elapsed().as_millis() as u64,
         };
         self.record(&call, Envelope::new(self.deps.kernel.node(), finished).caused_by(&called));
-        let outcome = match &result {
-            Ok(_) => "ok",
-            Err(e) => e.code(),
-        };
+        let outcome = outcome_label(&result);
         let metrics = self.deps.kernel.metrics();
         metrics.mcp_exec.with_label_values(&[&label, outcome]).inc();
         metrics.tool_call_seconds.with_label_values(&[&label]).observe(started.elapsed().as_secs_f64());
@@ -359,7 +356,7 @@ impl Caller {
     /// The tool behind the name, if the caller may use it.
     async fn lookup(&self, call: &ToolCall) -> Result<Arc<Resolved>, ToolError> {
         let not_found = || ToolError::NotFound { tool: call.tool.clone() };
-        let size = serde_json::to_vec(&call.arguments).map(|v| v.len()).unwrap_or(0);
+        let size = encoded_len(&call.arguments);
         if size > MAX_PAYLOAD_BYTES {
             return Err(ToolError::TooLarge { what: "arguments".into(), size, limit: MAX_PAYLOAD_BYTES });
         }
