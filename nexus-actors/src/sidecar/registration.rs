@@ -117,27 +117,33 @@ impl Registrar {
     }
 
     async fn list(&self, registered: &mut Option<Manifest>, manifest: Manifest) -> Result<PanelState, ToolStoreError> {
-        let unchanged = registered.as_ref() == Some(&manifest);
-        if unchanged && self.store.refresh_panel(&self.panel_id, &self.user, self.ttl).await? {
-            self.metrics.sidecar_manifest.with_label_values(&["unchanged"]).inc();
+        let refreshed = if registered.as_ref() == Some(&manifest) {
+            self.keep(&manifest).await?
         } else {
-            self.store
-                .put_panel(&self.panel_id, &self.user, &manifest.specs(&self.panel_id, &self.user), self.ttl)
-                .await?;
-            self.metrics.sidecar_manifest.with_label_values(&["registered"]).inc();
-        }
+            self.put(&manifest).await?;
+            false
+        };
+        let outcome = if refreshed { "unchanged" } else { "registered" };
+        self.metrics.sidecar_manifest.with_label_values(&[outcome]).inc();
         let tools = manifest.tools.iter().map(|t| t.name.clone()).collect();
         *registered = Some(manifest);
         Ok(PanelState::Up { tools })
     }
 
-    /// Keeps the last valid listing alive while the panel serves a bad manifest.
-    async fn keep(&self, manifest: &Manifest) -> Result<(), ToolStoreError> {
-        if !self.store.refresh_panel(&self.panel_id, &self.user, self.ttl).await? {
-            let specs = manifest.specs(&self.panel_id, &self.user);
-            self.store.put_panel(&self.panel_id, &self.user, &specs, self.ttl).await?;
+    /// Keeps `manifest`'s listing alive (also while the panel serves a bad
+    /// manifest), writing it again if it expired; `true` when extending it
+    /// was enough.
+    async fn keep(&self, manifest: &Manifest) -> Result<bool, ToolStoreError> {
+        if self.store.refresh_panel(&self.panel_id, &self.user, self.ttl).await? {
+            return Ok(true);
         }
-        Ok(())
+        self.put(manifest).await?;
+        Ok(false)
+    }
+
+    async fn put(&self, manifest: &Manifest) -> Result<(), ToolStoreError> {
+        let specs = manifest.specs(&self.panel_id, &self.user);
+        self.store.put_panel(&self.panel_id, &self.user, &specs, self.ttl).await
     }
 
     /// Syncs forever: quickly until the panel first answers, then every

@@ -421,24 +421,16 @@ impl Caller {
             ToolOwner::System => format!("system tool {}", call.tool),
             ToolOwner::Panel { panel, .. } => format!("panel {panel}"),
         };
-        match tokio::time::timeout(wait, self.publish.ask(Publish { channel, envelope })).await {
-            Ok(Ok(Ok(0))) => {
-                forget();
-                return Err(ToolError::PanelUnavailable { owner, message: "no sidecar is listening".into() });
-            }
-            Ok(Ok(Ok(_))) => {}
-            Ok(Ok(Err(error))) => {
-                forget();
-                return Err(ToolError::PanelUnavailable { owner, message: format!("bus: {error}") });
-            }
-            Ok(Err(error)) => {
-                forget();
-                return Err(ToolError::internal(format_args!("redis bridge: {error}")));
-            }
-            Err(_) => {
-                forget();
-                return Err(ToolError::Timeout { timeout_ms: wait.as_millis() as u64 });
-            }
+        let published = match tokio::time::timeout(wait, self.publish.ask(Publish { channel, envelope })).await {
+            Ok(Ok(Ok(0))) => Err(ToolError::PanelUnavailable { owner, message: "no sidecar is listening".into() }),
+            Ok(Ok(Ok(_))) => Ok(()),
+            Ok(Ok(Err(error))) => Err(ToolError::PanelUnavailable { owner, message: format!("bus: {error}") }),
+            Ok(Err(error)) => Err(ToolError::internal(format_args!("redis bridge: {error}"))),
+            Err(_) => Err(ToolError::Timeout { timeout_ms: wait.as_millis() as u64 }),
+        };
+        if let Err(error) = published {
+            forget();
+            return Err(error);
         }
         match tokio::time::timeout(call.remaining() + REPLY_GRACE, rx).await {
             Ok(Ok(result)) => result,
