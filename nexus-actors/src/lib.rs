@@ -9,12 +9,16 @@
 //! * [`infra`]: brokers as child processes, for `nexus dev` and tests.
 //! * [`sidecar`]: `nexus sidecar`, beside each panel instance.
 //! * [`tools`]: the tool registry, tool calls and panel manifests.
+//! * [`instance`]: panel instances, routes and their messages.
+//! * [`netns`]: network namespaces, a panel instance's private network.
 
 pub mod bus;
 pub mod envelope;
 pub mod http;
 pub mod infra;
+pub mod instance;
 pub mod kernel;
+pub mod netns;
 pub mod node;
 pub mod roles;
 pub mod sidecar;

@@ -1,0 +1,1 @@
+//! The `traffic-gateway` role: the only way in to panels.
