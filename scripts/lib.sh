@@ -66,3 +66,23 @@ ensure_browser_tests() {
   fi
   npm ci --prefix ui-tests --no-audit --no-fund --loglevel=error
 }
+
+# Panel instances run in their own network namespace (iproute2's `ip`,
+# util-linux's `nsenter`) under gVisor (`runsc`) when the user is root; the
+# local driver falls back to a plain process, loudly, when they are missing.
+ensure_sandbox() {
+  local missing=()
+  command -v python3 >/dev/null || missing+=(python3)  # the python_minimal template
+  if [ "$(id -u)" != 0 ]; then
+    echo "not root: panels will run without isolation (see README)"
+    [ ${#missing[@]} -eq 0 ] || apt_install "${missing[@]}"
+    return 0
+  fi
+  command -v ip >/dev/null || missing+=(iproute2)
+  command -v nsenter >/dev/null || missing+=(util-linux)
+  command -v runsc >/dev/null || missing+=(runsc)
+  if [ ${#missing[@]} -gt 0 ]; then
+    echo "installing the panel sandbox: ${missing[*]}"
+    apt_install "${missing[@]}"
+  fi
+}
