@@ -97,8 +97,13 @@ pub struct RedisExpiry {
 }
 
 impl RedisExpiry {
+    /// Connects once now, so a wrong URL fails the start instead of the
+    /// expiry half an hour later; after that it reconnects as needed.
     pub async fn connect(redis_url: &str) -> Result<RedisExpiry, ExpiryError> {
-        let conn = redis::Client::open(redis_url)?.get_connection_manager().await?;
+        let config = redis::aio::ConnectionManagerConfig::new()
+            .set_number_of_retries(2)
+            .set_connection_timeout(Some(Duration::from_secs(2)));
+        let conn = redis::Client::open(redis_url)?.get_connection_manager_with_config(config).await?;
         Ok(RedisExpiry { conn })
     }
 }
