@@ -11,6 +11,7 @@
 //! * [`tools`]: the tool registry, tool calls and panel manifests.
 //! * [`instance`]: panel instances, routes and their messages.
 //! * [`netns`]: network namespaces, a panel instance's private network.
+//! * [`watchdog`]: `nexus watchdog`, deletes a Studio instance nobody works in.
 
 pub mod bus;
 pub mod envelope;
@@ -24,6 +25,7 @@ pub mod roles;
 pub mod sidecar;
 pub mod telemetry;
 pub mod tools;
+pub mod watchdog;
 
 pub use envelope::{Envelope, Payload};
 pub use kernel::{ActorRef, Behaviour, Ctx, Handler, Kernel, Link, Message, Reply};

@@ -41,6 +41,14 @@ pub struct Metrics {
     pub sidecar_published: prometheus::IntCounter,
     /// `nexus_sidecar_refused_total{reason}`: panel messages the proxy refused.
     pub sidecar_refused: IntCounterVec,
+    /// `nexus_sidecar_forward_connections_total{port}`: connections a sidecar forwarded, by inner port.
+    pub sidecar_forward_connections: IntCounterVec,
+    /// `nexus_sidecar_forward_failures_total{port,stage}`: forwards that failed (accept, connect, copy).
+    pub sidecar_forward_failures: IntCounterVec,
+    /// `nexus_watchdog_heartbeats_total`: heartbeats a watchdog received.
+    pub watchdog_heartbeats: prometheus::IntCounter,
+    /// `nexus_watchdog_expiries_total`: instances a watchdog found without heartbeats for too long.
+    pub watchdog_expiries: prometheus::IntCounter,
 }
 
 fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -82,6 +90,16 @@ impl Metrics {
             prometheus::IntCounter::new("nexus_sidecar_published_total", "Panel messages published through the proxy")
                 .expect("valid metric definition");
         registry.register(Box::new(sidecar_published.clone())).expect("metric registered once");
+        let watchdog_heartbeats =
+            prometheus::IntCounter::new("nexus_watchdog_heartbeats_total", "Heartbeats a watchdog received")
+                .expect("valid metric definition");
+        registry.register(Box::new(watchdog_heartbeats.clone())).expect("metric registered once");
+        let watchdog_expiries = prometheus::IntCounter::new(
+            "nexus_watchdog_expiries_total",
+            "Times a watchdog asked to delete its instance after no heartbeat (once per expiry)",
+        )
+        .expect("valid metric definition");
+        registry.register(Box::new(watchdog_expiries.clone())).expect("metric registered once");
         Metrics {
             mcp_exec: counter(
                 &registry,
@@ -107,6 +125,20 @@ impl Metrics {
                 "Panel messages the sidecar's proxy refused, by reason",
                 &["reason"],
             ),
+            sidecar_forward_connections: counter(
+                &registry,
+                "nexus_sidecar_forward_connections_total",
+                "Connections a sidecar forwarded into its instance, by inner port",
+                &["port"],
+            ),
+            sidecar_forward_failures: counter(
+                &registry,
+                "nexus_sidecar_forward_failures_total",
+                "Forwarded connections that failed, by inner port and stage",
+                &["port", "stage"],
+            ),
+            watchdog_heartbeats,
+            watchdog_expiries,
             tool_call_seconds,
             sidecar_published,
             actor_messages: counter(

@@ -8,7 +8,8 @@ use clap::{Args, Parser, Subcommand};
 use nexus_actors::bus::kafka::KafkaConfig;
 use nexus_actors::infra;
 use nexus_actors::node::{self, NodeConfig, Role};
-use nexus_actors::sidecar::{self, SidecarConfig};
+use nexus_actors::sidecar::{self, Forward, SidecarConfig};
+use nexus_actors::watchdog::{self, WatchdogConfig};
 
 #[derive(Parser)]
 #[command(name = "nexus", version, about = "Nexus: the actor-system runtime of Nexus Graph Studio")]
@@ -51,7 +52,22 @@ enum Command {
     /// POST /proxy (publishes on nexus:panel:<id>:out:<channel> only),
     /// POST /reload, GET /healthz and GET /metrics on --listen (loopback only).
     /// The panel record must exist (POST /api/panels).
+    ///
+    /// With --netns the sidecar stays on the host network (its Redis
+    /// connections stay outside) while --listen is bound inside the
+    /// instance's network namespace; each --forward HOST_ADDR=PORT listens on
+    /// the host and carries connections, byte for byte, to 127.0.0.1:PORT
+    /// inside (on the host without --netns).
     Sidecar(SidecarArgs),
+    /// Run beside a Studio instance: delete it after no heartbeat for --timeout-secs.
+    ///
+    /// Serves POST /heartbeat (resets the clock; 410 once expired),
+    /// GET /healthz and GET /metrics on --listen (loopback only; inside
+    /// --netns when given). Startup counts as a heartbeat. When the time is
+    /// up it publishes nexus.instance.expire on
+    /// nexus:instance:<id>:control, and again every few seconds until it is
+    /// stopped with the instance.
+    Watchdog(WatchdogArgs),
 }
 
 #[derive(Args)]
@@ -80,6 +96,35 @@ struct SidecarArgs {
     /// How often the manifest is read again, in milliseconds.
     #[arg(long, default_value_t = 5000)]
     poll_interval_ms: u64,
+    /// The instance's network namespace (/run/netns/<name>): --listen is bound inside it.
+    #[arg(long, env = "NEXUS_NETNS")]
+    netns: Option<PathBuf>,
+    /// HOST_ADDR=PORT: listen on HOST_ADDR (loopback) and forward to 127.0.0.1:PORT inside
+    /// --netns. Repeatable.
+    #[arg(long = "forward", value_name = "HOST_ADDR=PORT")]
+    forwards: Vec<Forward>,
+}
+
+#[derive(Args)]
+struct WatchdogArgs {
+    /// Id of the instance to delete when no heartbeat comes.
+    #[arg(long)]
+    instance: String,
+    /// Id of the panel the instance serves.
+    #[arg(long)]
+    panel: String,
+    /// Address of /heartbeat, /healthz and /metrics (must be loopback).
+    #[arg(long, default_value = "127.0.0.1:9999")]
+    listen: SocketAddr,
+    /// The instance's network namespace (/run/netns/<name>): --listen is bound inside it.
+    #[arg(long)]
+    netns: Option<PathBuf>,
+    /// Seconds without a heartbeat before the instance is deleted (at least 1).
+    #[arg(long, default_value_t = 1800)]
+    timeout_secs: u64,
+    /// Redis URL (the watchdog's connection stays on the host network).
+    #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
+    redis_url: String,
 }
 
 #[derive(Args)]
@@ -118,9 +163,21 @@ fn main() -> anyhow::Result<()> {
                 publish_rate: args.publish_rate,
                 publish_burst: args.publish_burst,
                 poll_interval: Duration::from_millis(args.poll_interval_ms.max(100)),
+                netns: args.netns,
+                forwards: args.forwards,
                 ..SidecarConfig::new(args.panel, args.redis_url)
             };
             actix_rt::System::new().block_on(sidecar::run(config))?;
+            Ok(())
+        }
+        Command::Watchdog(args) => {
+            let config = WatchdogConfig {
+                listen: args.listen,
+                netns: args.netns,
+                timeout: Duration::from_secs(args.timeout_secs),
+                ..WatchdogConfig::new(args.instance, args.panel, args.redis_url)
+            };
+            actix_rt::System::new().block_on(watchdog::run(config))?;
             Ok(())
         }
         Command::Node(args) => {

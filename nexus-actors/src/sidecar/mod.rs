@@ -4,13 +4,20 @@
 //! `POST /mcp/execute` ([`inbound`]) and publishes what the panel posts to
 //! `/proxy` inside the panel's own namespace ([`proxy`]). Its HTTP endpoints
 //! listen on loopback only. It runs no role and serves no user.
+//!
+//! Beside a panel instance in its own network namespace (`netns`), the
+//! sidecar stays on the host network, so its Redis connections stay outside,
+//! while its endpoints listen inside, on the loopback the panel sees; its
+//! [`forward`]s carry the host's connections in to the panel and watchdog.
 
+pub mod forward;
 pub mod inbound;
 pub mod panel;
 pub mod proxy;
 pub mod registration;
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,9 +27,12 @@ use actix_web::{web, App, HttpServer};
 
 use crate::bus::redis::{RedisBridge, Subscribe, Topic, Unsubscribe};
 use crate::kernel::{ActorRef, Kernel};
+use crate::netns::{NetnsError, NetnsThread};
 use crate::roles::transaction_manager::store::{Store, StoreError};
 use crate::tools::protocol::panel_calls_channel;
 use crate::tools::store::{ToolStore, ToolStoreError};
+use forward::{BoundForward, Inside};
+pub use forward::{Forward, ForwardError};
 use inbound::CallForwarder;
 use panel::PanelClient;
 use proxy::{ProxyState, RateLimit};
@@ -36,8 +46,14 @@ pub struct SidecarConfig {
     pub redis_url: String,
     /// Where the panel listens (`http://127.0.0.1:8080`).
     pub panel_url: String,
-    /// Where `/proxy`, `/reload`, `/healthz` and `/metrics` listen (loopback only).
+    /// Where `/proxy`, `/reload`, `/healthz` and `/metrics` listen (loopback
+    /// only; inside `netns` when set).
     pub listen: SocketAddr,
+    /// The panel instance's network namespace (`/run/netns/<name>`).
+    pub netns: Option<PathBuf>,
+    /// Host loopback addresses forwarded to ports on `127.0.0.1` inside
+    /// `netns` (on the host without one).
+    pub forwards: Vec<Forward>,
     /// Most calls running in the panel at once.
     pub max_calls: usize,
     /// Messages a second the panel may publish, and the burst it may save up.
@@ -54,6 +70,8 @@ impl SidecarConfig {
             redis_url: redis_url.into(),
             panel_url: "http://127.0.0.1:8080".into(),
             listen: SocketAddr::from(([127, 0, 0, 1], 3500)),
+            netns: None,
+            forwards: Vec::new(),
             max_calls: 64,
             publish_rate: 50,
             publish_burst: 100,
@@ -76,6 +94,10 @@ pub enum SidecarError {
     Tools(#[from] ToolStoreError),
     #[error("subscribing to the panel's call channel failed: {0}")]
     Subscribe(String),
+    #[error(transparent)]
+    Netns(#[from] NetnsError),
+    #[error(transparent)]
+    Forward(#[from] ForwardError),
     #[error("http on {addr}: {source}")]
     Http { addr: SocketAddr, source: std::io::Error },
 }
@@ -94,6 +116,8 @@ pub struct Sidecar {
     server: actix_web::dev::Server,
     registrar: Registrar,
     polling_task: tokio::task::JoinHandle<()>,
+    forward_tasks: Vec<tokio::task::JoinHandle<()>>,
+    forward_addrs: Vec<SocketAddr>,
     listen: SocketAddr,
     bridge: ActorRef<RedisBridge>,
     bridge_arbiter: Arbiter,
@@ -108,11 +132,23 @@ impl Sidecar {
         self.server.handle()
     }
 
+    /// Where `/proxy` and the other endpoints listen (inside the namespace
+    /// when there is one).
+    pub fn listen_addr(&self) -> SocketAddr {
+        self.listen
+    }
+
+    /// The host addresses the forwards listen on, in `--forward` order.
+    pub fn forward_addrs(&self) -> &[SocketAddr] {
+        &self.forward_addrs
+    }
+
     /// Serves until stopped; then takes no more calls, lets the running
     /// ones answer (for up to 10 s) and takes the tools out of the listing.
     pub async fn run(self) -> Result<(), SidecarError> {
         let served = self.server.await;
         self.polling_task.abort();
+        self.forward_tasks.iter().for_each(|task| task.abort());
         let unsubscribe = Unsubscribe { topic: self.calls, subscriber: self.forwarder };
         let _ = self.bridge.link::<Unsubscribe>("sidecar").ask(unsubscribe).await;
         let drained = tokio::time::timeout(DRAIN_TIMEOUT, async {
@@ -135,6 +171,14 @@ impl Sidecar {
 pub async fn start(config: SidecarConfig) -> Result<Sidecar, SidecarError> {
     if !config.listen.ip().is_loopback() {
         return Err(SidecarError::NotLoopback(config.listen));
+    }
+    let inside = match &config.netns {
+        Some(path) => Some(NetnsThread::enter(path)?),
+        None => None,
+    };
+    let mut forwards = Vec::new();
+    for forward in &config.forwards {
+        forwards.push(BoundForward::bind(*forward).await?);
     }
     let panel_record = Store::connect(&config.redis_url)
         .await?
@@ -182,17 +226,46 @@ pub async fn start(config: SidecarConfig) -> Result<Sidecar, SidecarError> {
         limit: RateLimit::new(config.publish_rate, config.publish_burst),
         registrar: registrar.clone(),
     });
-    let server = HttpServer::new(move || App::new().configure(proxy::configure(state.clone())))
-        .workers(1)
-        .shutdown_timeout(2)
-        .bind(config.listen)
-        .map_err(|source| SidecarError::Http { addr: config.listen, source })?;
-    tracing::info!(panel = %config.panel, listen = %config.listen, panel_url = %config.panel_url, "sidecar running");
+    let http_error = |source| SidecarError::Http { addr: config.listen, source };
+    let server =
+        HttpServer::new(move || App::new().configure(proxy::configure(state.clone()))).workers(1).shutdown_timeout(2);
+    let (server, listen) = match &inside {
+        // Bound by the namespace's thread, so the panel finds it on its own loopback.
+        Some(inside) => {
+            let listener = inside.bind(config.listen).map_err(http_error)?;
+            let listen = listener.local_addr().map_err(http_error)?;
+            (server.listen(listener).map_err(http_error)?, listen)
+        }
+        None => {
+            let server = server.bind(config.listen).map_err(http_error)?;
+            let listen = server.addrs().first().copied().unwrap_or(config.listen);
+            (server, listen)
+        }
+    };
+
+    let target = inside.map_or(Inside::Host, Inside::Netns);
+    let forward_addrs: Vec<SocketAddr> = forwards.iter().map(BoundForward::local_addr).collect();
+    let forward_tasks = forwards
+        .into_iter()
+        .map(|bound| {
+            tracing::info!(host = %bound.local_addr(), port = bound.port(), "forwarding into the instance");
+            tokio::spawn(bound.serve(target.clone(), kernel.metrics().clone()))
+        })
+        .collect();
+    tracing::info!(
+        panel = %config.panel,
+        %listen,
+        netns = ?config.netns,
+        panel_url = %config.panel_url,
+        "sidecar running"
+    );
     Ok(Sidecar {
         server: server.run(),
         registrar,
         polling_task,
-        listen: config.listen,
+        forward_tasks,
+        forward_addrs,
+        listen,
         bridge,
         bridge_arbiter,
         calls,

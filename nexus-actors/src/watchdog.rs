@@ -1,0 +1,293 @@
+//! `nexus watchdog`: beside a Studio instance, it deletes the instance
+//! nobody works in any more. The Studio frontend's heartbeat (every few
+//! minutes, through the gateway) reaches `POST /heartbeat`; once `timeout`
+//! passes without one (startup counts as one), it asks for its own instance
+//! to be deleted through an [`Expiry`] — [`RedisExpiry`] publishes
+//! [`ExpireInstance`] on the instance's control channel for the panel
+//! manager — and asks again every few seconds until it is stopped with the
+//! instance. An expiry is final: a late heartbeat gets `410 Gone`.
+//!
+//! Like the sidecar it stays on the host network (its Redis connection stays
+//! outside) while its listener may be bound inside the instance's network
+//! namespace. It never stops anything itself and serves nothing but
+//! `POST /heartbeat`, `GET /healthz` and `GET /metrics`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use actix_web::{web, App, HttpResponse, HttpServer};
+use futures::future::BoxFuture;
+use serde_json::json;
+use tokio::time::Instant;
+
+use crate::envelope::Envelope;
+use crate::instance::{control_channel, ExpireInstance};
+use crate::kernel::lock;
+use crate::netns::{NetnsError, NetnsThread};
+use crate::telemetry::Metrics;
+
+/// How often an expired watchdog asks again, in case nobody heard it.
+pub const DEFAULT_REPEAT: Duration = Duration::from_secs(3);
+
+/// Everything a watchdog needs to start.
+#[derive(Debug, Clone)]
+pub struct WatchdogConfig {
+    /// The instance it watches (and asks to delete).
+    pub instance: String,
+    /// The panel the instance serves, for logs.
+    pub panel: String,
+    /// Where `/heartbeat` listens (loopback only; inside `netns` when set).
+    pub listen: SocketAddr,
+    /// The instance's network namespace (`/run/netns/<name>`).
+    pub netns: Option<PathBuf>,
+    /// How long without a heartbeat before the instance is deleted.
+    pub timeout: Duration,
+    /// How often an expired watchdog asks again.
+    pub repeat: Duration,
+    pub redis_url: String,
+}
+
+impl WatchdogConfig {
+    /// Listens on `127.0.0.1:9999`, expires after 30 minutes.
+    pub fn new(instance: impl Into<String>, panel: impl Into<String>, redis_url: impl Into<String>) -> Self {
+        WatchdogConfig {
+            instance: instance.into(),
+            panel: panel.into(),
+            listen: SocketAddr::from(([127, 0, 0, 1], 9999)),
+            netns: None,
+            timeout: Duration::from_secs(30 * 60),
+            repeat: DEFAULT_REPEAT,
+            redis_url: redis_url.into(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum WatchdogError {
+    #[error("the watchdog listens on loopback only; {0} is not a loopback address")]
+    NotLoopback(SocketAddr),
+    #[error("the timeout must be at least a second")]
+    TimeoutTooShort,
+    #[error(transparent)]
+    Netns(#[from] NetnsError),
+    #[error(transparent)]
+    Expiry(#[from] ExpiryError),
+    #[error("http on {addr}: {source}")]
+    Http { addr: SocketAddr, source: std::io::Error },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ExpiryError {
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+}
+
+/// How a watchdog asks for its instance to be deleted: the local panel
+/// manager over Redis now, the Kubernetes API later. Asking twice must be
+/// harmless.
+pub trait Expiry: Send + Sync + 'static {
+    fn expire<'a>(&'a self, instance: &'a str, reason: &'a str) -> BoxFuture<'a, Result<(), ExpiryError>>;
+}
+
+/// Publishes [`ExpireInstance`] on the instance's control channel.
+pub struct RedisExpiry {
+    conn: redis::aio::ConnectionManager,
+}
+
+impl RedisExpiry {
+    /// Connects once now, so a wrong URL fails the start instead of the
+    /// expiry half an hour later; after that it reconnects as needed.
+    pub async fn connect(redis_url: &str) -> Result<RedisExpiry, ExpiryError> {
+        let config = redis::aio::ConnectionManagerConfig::new()
+            .set_number_of_retries(2)
+            .set_connection_timeout(Some(Duration::from_secs(2)));
+        let conn = redis::Client::open(redis_url)?.get_connection_manager_with_config(config).await?;
+        Ok(RedisExpiry { conn })
+    }
+}
+
+impl Expiry for RedisExpiry {
+    fn expire<'a>(&'a self, instance: &'a str, reason: &'a str) -> BoxFuture<'a, Result<(), ExpiryError>> {
+        Box::pin(async move {
+            let payload = ExpireInstance { instance: instance.to_owned(), reason: reason.to_owned() };
+            let envelope = Envelope::new(format!("watchdog/{instance}"), payload);
+            let mut conn = self.conn.clone();
+            redis::cmd("PUBLISH")
+                .arg(control_channel(instance))
+                .arg(envelope.encode())
+                .query_async::<u64>(&mut conn)
+                .await?;
+            Ok(())
+        })
+    }
+}
+
+/// The heartbeat clock.
+struct Clock {
+    last: Instant,
+    expired: bool,
+}
+
+struct Shared {
+    instance: String,
+    timeout: Duration,
+    clock: Mutex<Clock>,
+    metrics: Metrics,
+}
+
+impl Shared {
+    /// Seconds left, or `None` once expired (marking it so when due).
+    fn remaining(&self) -> Option<Duration> {
+        let mut clock = lock(&self.clock);
+        let left = (clock.last + self.timeout).saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            clock.expired = true;
+        }
+        (!clock.expired).then_some(left)
+    }
+
+    /// Resets the clock unless it already ran out.
+    fn heartbeat(&self) -> Option<Duration> {
+        let mut clock = lock(&self.clock);
+        let now = Instant::now();
+        if clock.expired || now >= clock.last + self.timeout {
+            clock.expired = true;
+            return None;
+        }
+        clock.last = now;
+        Some(self.timeout)
+    }
+
+    fn answer(&self, left: Option<Duration>) -> serde_json::Value {
+        let expires_in_s = left.map_or(0, |left| left.as_secs());
+        json!({ "instance": self.instance, "expires_in_s": expires_in_s, "expired": left.is_none() })
+    }
+}
+
+/// A started watchdog: listening and counting down.
+pub struct Watchdog {
+    server: actix_web::dev::Server,
+    timer: tokio::task::JoinHandle<()>,
+    listen: SocketAddr,
+}
+
+impl Watchdog {
+    /// Stops the watchdog (as SIGTERM does) when called.
+    pub fn handle(&self) -> actix_web::dev::ServerHandle {
+        self.server.handle()
+    }
+
+    /// Where `/heartbeat` listens (inside the namespace when there is one).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listen
+    }
+
+    /// Serves until stopped (Ctrl-C, SIGTERM or [`handle`](Self::handle)).
+    pub async fn run(self) -> Result<(), WatchdogError> {
+        let served = self.server.await;
+        self.timer.abort();
+        served.map_err(|source| WatchdogError::Http { addr: self.listen, source })
+    }
+}
+
+/// Runs a watchdog that expires through Redis until it is stopped.
+pub async fn run(config: WatchdogConfig) -> Result<(), WatchdogError> {
+    let expiry = RedisExpiry::connect(&config.redis_url).await?;
+    start(config, Arc::new(expiry)).await?.run().await
+}
+
+/// Binds the listener and starts the clock; [`Watchdog::run`] serves.
+pub async fn start(config: WatchdogConfig, expiry: Arc<dyn Expiry>) -> Result<Watchdog, WatchdogError> {
+    if !config.listen.ip().is_loopback() {
+        return Err(WatchdogError::NotLoopback(config.listen));
+    }
+    if config.timeout < Duration::from_secs(1) {
+        return Err(WatchdogError::TimeoutTooShort);
+    }
+    let shared = Arc::new(Shared {
+        instance: config.instance.clone(),
+        timeout: config.timeout,
+        clock: Mutex::new(Clock { last: Instant::now(), expired: false }),
+        metrics: Metrics::new(),
+    });
+    let data = web::Data::from(shared.clone());
+    let server = HttpServer::new(move || {
+        App::new()
+            .app_data(data.clone())
+            .service(web::resource("/heartbeat").route(web::post().to(heartbeat)))
+            .service(web::resource("/healthz").route(web::get().to(healthz)))
+            .service(web::resource("/metrics").route(web::get().to(metrics)))
+    })
+    .workers(1)
+    .shutdown_timeout(1);
+    let http_error = |source| WatchdogError::Http { addr: config.listen, source };
+    let (server, listen) = match &config.netns {
+        // Bound by a thread inside the namespace, so it is reachable only
+        // there (and through the sidecar's forward).
+        Some(path) => {
+            let listener = NetnsThread::enter(path)?.bind(config.listen).map_err(http_error)?;
+            let listen = listener.local_addr().map_err(http_error)?;
+            (server.listen(listener).map_err(http_error)?, listen)
+        }
+        None => {
+            let server = server.bind(config.listen).map_err(http_error)?;
+            let listen = server.addrs().first().copied().unwrap_or(config.listen);
+            (server, listen)
+        }
+    };
+    let timer = tokio::spawn(watch(shared, expiry, config.repeat.max(Duration::from_millis(100))));
+    tracing::info!(
+        instance = %config.instance,
+        panel = %config.panel,
+        %listen,
+        netns = ?config.netns,
+        timeout_s = config.timeout.as_secs(),
+        "watchdog running"
+    );
+    Ok(Watchdog { server: server.run(), timer, listen })
+}
+
+/// Sleeps until the deadline; past it asks for the deletion every `repeat`.
+async fn watch(shared: Arc<Shared>, expiry: Arc<dyn Expiry>, repeat: Duration) {
+    while let Some(left) = shared.remaining() {
+        // A heartbeat meanwhile moves the deadline: look again when this one passes.
+        tokio::time::sleep(left.max(Duration::from_millis(10))).await;
+    }
+    let reason = format!("no heartbeat for {} s", shared.timeout.as_secs());
+    shared.metrics.watchdog_expiries.inc();
+    tracing::warn!(instance = %shared.instance, %reason, "nexus_watchdog_expiries_total");
+    loop {
+        match expiry.expire(&shared.instance, &reason).await {
+            Ok(()) => tracing::debug!(instance = %shared.instance, "asked for the instance to be deleted"),
+            Err(error) => {
+                tracing::warn!(instance = %shared.instance, %error, "could not ask for the deletion; retrying")
+            }
+        }
+        tokio::time::sleep(repeat).await;
+    }
+}
+
+async fn heartbeat(shared: web::Data<Shared>) -> HttpResponse {
+    match shared.heartbeat() {
+        Some(left) => {
+            shared.metrics.watchdog_heartbeats.inc();
+            tracing::debug!(instance = %shared.instance, "nexus_watchdog_heartbeats_total");
+            HttpResponse::Ok().json(shared.answer(Some(left)))
+        }
+        None => HttpResponse::Gone().json(json!({
+            "error": "expired",
+            "message": "the instance went too long without a heartbeat and is being deleted; start it again",
+            "instance": shared.instance,
+        })),
+    }
+}
+
+async fn healthz(shared: web::Data<Shared>) -> HttpResponse {
+    HttpResponse::Ok().json(shared.answer(shared.remaining()))
+}
+
+async fn metrics(shared: web::Data<Shared>) -> HttpResponse {
+    HttpResponse::Ok().content_type("text/plain; version=0.0.4").body(shared.metrics.render())
+}

@@ -1,0 +1,207 @@
+//! The Studio watchdog against a real redis-server: heartbeats keep the
+//! instance, silence gets an `ExpireInstance` on the instance's control
+//! channel (repeated until the watchdog stops), bad requests are refused,
+//! and with a network namespace the listener exists only inside it.
+
+mod common;
+mod raw_http;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use actix::Arbiter;
+use common::{eventually, tempdir, Collector};
+use nexus_actors::bus::redis::{RedisBridge, Subscribe, Topic};
+use nexus_actors::bus::BusEvent;
+use nexus_actors::infra::{free_port, RedisServer};
+use nexus_actors::instance::{control_channel, ExpireInstance};
+use nexus_actors::netns::{self, Netns, NetnsThread};
+use nexus_actors::watchdog::{self, RedisExpiry, Watchdog, WatchdogConfig, WatchdogError};
+use nexus_actors::Kernel;
+use serde_json::Value;
+
+/// A redis-server and everything published on one instance's control channel.
+struct Harness {
+    redis: RedisServer,
+    expiries: Arc<Mutex<Vec<BusEvent>>>,
+    _kernel: Kernel,
+}
+
+impl Harness {
+    async fn new(name: &str, instance: &str) -> Harness {
+        let redis = RedisServer::start(&tempdir(name), false).unwrap();
+        let kernel = Kernel::new("watchdog-test");
+        let bridge = RedisBridge::spawn(&kernel, &Arbiter::new().handle(), &redis.url()).unwrap();
+        let expiries = Arc::new(Mutex::new(Vec::new()));
+        let events = expiries.clone();
+        let collector = kernel.spawn("collector", move || Collector { events: events.clone() });
+        let topic = Topic::Channel(control_channel(instance));
+        bridge
+            .link::<Subscribe>("test")
+            .ask(Subscribe { topic, subscriber: collector.link("redis") })
+            .await
+            .unwrap()
+            .unwrap();
+        Harness { redis, expiries, _kernel: kernel }
+    }
+
+    fn config(&self, instance: &str, timeout_s: u64) -> WatchdogConfig {
+        WatchdogConfig {
+            listen: format!("127.0.0.1:{}", free_port().unwrap()).parse().unwrap(),
+            timeout: Duration::from_secs(timeout_s),
+            repeat: Duration::from_millis(200),
+            ..WatchdogConfig::new(instance, "panel-1", self.redis.url())
+        }
+    }
+
+    async fn start(&self, config: WatchdogConfig) -> (String, actix_web::dev::ServerHandle) {
+        let expiry = RedisExpiry::connect(&self.redis.url()).await.unwrap();
+        let watchdog = watchdog::start(config, Arc::new(expiry)).await.unwrap();
+        let (url, handle) = (format!("http://{}", watchdog.local_addr()), watchdog.handle());
+        actix::spawn(watchdog.run());
+        (url, handle)
+    }
+
+    fn received(&self) -> Vec<ExpireInstance> {
+        self.expiries
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|event| match event {
+                BusEvent::Message(m) => {
+                    Some(m.envelope.clone().typed::<ExpireInstance>().expect("an ExpireInstance").data)
+                }
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+async fn post(url: &str) -> (u16, Value) {
+    let response = reqwest::Client::new().post(url).send().await.unwrap();
+    (response.status().as_u16(), response.json().await.unwrap_or(Value::Null))
+}
+
+#[actix_rt::test]
+async fn heartbeats_keep_the_instance_and_silence_then_expires_it() {
+    let h = Harness::new("watchdog-alive", "inst-a").await;
+    let (url, _handle) = h.start(h.config("inst-a", 2)).await;
+
+    // Heartbeats every 500 ms for 3 s: past the 2 s timeout, never expired.
+    for _ in 0..6 {
+        let (status, body) = post(&format!("{url}/heartbeat")).await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["instance"], "inst-a");
+        assert_eq!(body["expires_in_s"], 2);
+        actix::clock::sleep(Duration::from_millis(500)).await;
+    }
+    assert!(h.received().is_empty(), "expired despite heartbeats: {:?}", h.received());
+    let health: Value = reqwest::get(format!("{url}/healthz")).await.unwrap().json().await.unwrap();
+    assert_eq!(health["expired"], false);
+
+    // Then silence: it asks for the deletion.
+    eventually(10, "an ExpireInstance after the heartbeats stop", || !h.received().is_empty()).await;
+    let expire = &h.received()[0];
+    assert_eq!(expire.instance, "inst-a");
+    assert_eq!(expire.reason, "no heartbeat for 2 s");
+    let metrics = reqwest::get(format!("{url}/metrics")).await.unwrap().text().await.unwrap();
+    assert!(metrics.contains("nexus_watchdog_heartbeats_total 6"), "{metrics}");
+    assert!(metrics.contains("nexus_watchdog_expiries_total 1"), "{metrics}");
+}
+
+#[actix_rt::test]
+async fn without_heartbeats_it_asks_again_and_again_and_a_late_heartbeat_is_gone() {
+    let h = Harness::new("watchdog-silent", "inst-b").await;
+    let (url, handle) = h.start(h.config("inst-b", 1)).await;
+
+    // Startup counted as the only heartbeat; nobody acts on the first ask, so it repeats.
+    eventually(10, "the ExpireInstance, repeated", || h.received().len() >= 2).await;
+    assert!(h.received().iter().all(|e| e.instance == "inst-b" && e.reason == "no heartbeat for 1 s"));
+
+    let (status, body) = post(&format!("{url}/heartbeat")).await;
+    assert_eq!(status, 410, "{body}");
+    assert_eq!(body["error"], "expired");
+    let health: Value = reqwest::get(format!("{url}/healthz")).await.unwrap().json().await.unwrap();
+    assert_eq!((health["expired"].clone(), health["expires_in_s"].clone()), (Value::Bool(true), 0.into()));
+    let metrics = reqwest::get(format!("{url}/metrics")).await.unwrap().text().await.unwrap();
+    assert!(metrics.contains("nexus_watchdog_heartbeats_total 0"), "{metrics}");
+    assert!(metrics.contains("nexus_watchdog_expiries_total 1"), "counted once per expiry: {metrics}");
+
+    // Stopped with its instance, it stops asking.
+    handle.stop(true).await;
+    actix::clock::sleep(Duration::from_millis(300)).await;
+    let asked = h.received().len();
+    actix::clock::sleep(Duration::from_millis(800)).await;
+    assert_eq!(h.received().len(), asked, "a stopped watchdog kept asking");
+}
+
+#[actix_rt::test]
+async fn bad_requests_and_bad_configurations_are_refused() {
+    let h = Harness::new("watchdog-bad", "inst-c").await;
+    let (url, _handle) = h.start(h.config("inst-c", 60)).await;
+    let client = reqwest::Client::new();
+    let status = |r: reqwest::Response| r.status().as_u16();
+    assert_eq!(status(client.get(format!("{url}/heartbeat")).send().await.unwrap()), 405);
+    assert_eq!(status(client.post(format!("{url}/healthz")).send().await.unwrap()), 405);
+    assert_eq!(status(client.get(format!("{url}/nope")).send().await.unwrap()), 404);
+    assert_eq!(status(client.post(format!("{url}/heartbeat/inst-c")).send().await.unwrap()), 404);
+    let health: Value = client.get(format!("{url}/healthz")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(health["expired"], false, "a refused request must not touch the clock");
+
+    let redis_url = h.redis.url();
+    let start = |config: WatchdogConfig| {
+        let redis_url = redis_url.clone();
+        async move {
+            let expiry = RedisExpiry::connect(&redis_url).await.unwrap();
+            watchdog::start(config, Arc::new(expiry)).await.map(|_: Watchdog| ())
+        }
+    };
+    let mut outside = h.config("inst-c", 60);
+    outside.listen = "0.0.0.0:0".parse().unwrap();
+    assert!(matches!(start(outside).await, Err(WatchdogError::NotLoopback(_))));
+    let mut instant = h.config("inst-c", 60);
+    instant.timeout = Duration::from_millis(10);
+    assert!(matches!(start(instant).await, Err(WatchdogError::TimeoutTooShort)));
+    let mut nowhere = h.config("inst-c", 60);
+    nowhere.netns = Some("/run/netns/nexus-no-such-namespace".into());
+    assert!(matches!(start(nowhere).await, Err(WatchdogError::Netns(_))));
+
+    let closed = format!("redis://127.0.0.1:{}", free_port().unwrap());
+    assert!(RedisExpiry::connect(&closed).await.is_err(), "connected to a closed port");
+    let mut no_redis = h.config("inst-c", 60);
+    no_redis.redis_url = closed;
+    assert!(matches!(watchdog::run(no_redis).await, Err(WatchdogError::Expiry(_))));
+}
+
+/// Deletes the namespace when the test ends, passed or not.
+struct NetnsGuard(Netns);
+
+impl Drop for NetnsGuard {
+    fn drop(&mut self) {
+        let _ = self.0.delete();
+    }
+}
+
+#[actix_rt::test]
+async fn in_a_namespace_the_listener_is_only_inside() {
+    if !netns::supported() {
+        eprintln!("\n\n*** SKIPPED: the watchdog-in-a-namespace test needs root and iproute2 ***\n");
+        return;
+    }
+    let guard = NetnsGuard(Netns::create(&format!("nexus-wd-{}", std::process::id())).unwrap());
+    let h = Harness::new("watchdog-netns", "inst-d").await;
+    let mut config = h.config("inst-d", 60);
+    config.netns = Some(guard.0.path());
+    let (url, _handle) = h.start(config.clone()).await;
+
+    let from_host = reqwest::Client::new().post(format!("{url}/heartbeat")).send().await;
+    assert!(from_host.is_err(), "the watchdog answered from the host: {from_host:?}");
+
+    let inside = NetnsThread::enter(&guard.0.path()).unwrap();
+    let mut stream = raw_http::connect_inside(&inside, config.listen).unwrap();
+    let answer = raw_http::request(&mut stream, "POST", "/heartbeat", "").await.unwrap();
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    let body: Value = serde_json::from_str(&answer.body).unwrap();
+    assert_eq!((body["instance"].as_str(), body["expires_in_s"].as_u64()), (Some("inst-d"), Some(60)));
+    assert!(h.received().is_empty());
+}
