@@ -10,9 +10,11 @@ use actix_web::{web, App, HttpServer};
 use common::tempdir;
 use futures::{SinkExt, StreamExt};
 use nexus_actors::bus::redis::RedisBridge;
+use nexus_actors::envelope::Envelope;
 use nexus_actors::infra::RedisServer;
+use nexus_actors::instance::{InstanceChanged, InstanceMode, InstanceState, InstanceStatus, Isolation};
 use nexus_actors::roles::transaction_manager::{
-    self as tm, auth::hash_password, session::SessionDeps, store::merge_patch,
+    self as tm, auth::hash_password, session::SessionDeps, store::merge_patch, UiConfig,
 };
 use nexus_actors::Kernel;
 use serde_json::{json, Value};
@@ -28,10 +30,16 @@ struct Node {
 }
 
 async fn start_node(redis_url: &str) -> Node {
+    start_node_with(redis_url, UiConfig::default()).await
+}
+
+async fn start_node_with(redis_url: &str, ui: UiConfig) -> Node {
     let kernel = Kernel::new("tm");
     let arbiter = Arbiter::new();
     let bridge = RedisBridge::spawn(&kernel, &arbiter.handle(), redis_url).unwrap();
-    let state = web::Data::new(tm::state(redis_url, Some(bridge.link("transaction-manager")), "tm").await.unwrap());
+    let mut state = tm::state(redis_url, Some(bridge.link("transaction-manager")), "tm").await.unwrap();
+    state.ui = ui;
+    let state = web::Data::new(state);
     let deps = SessionDeps { kernel: kernel.clone(), bridge };
     let server = HttpServer::new(move || {
         App::new()
@@ -443,4 +451,95 @@ async fn panel_changes_reach_the_owners_sessions_on_every_node() {
     // Bob hears nothing of Ada's panels.
     send(&mut bob_ws, json!({"type": "subscribe", "doc": "none"})).await;
     assert_eq!(next(&mut bob_ws).await["code"], "not_found");
+}
+
+fn instance_status(owner: &str, state: InstanceState) -> InstanceStatus {
+    InstanceStatus {
+        instance: format!("instance-of-{owner}"),
+        panel: "panel-1".into(),
+        owner: owner.into(),
+        mode: InstanceMode::Studio,
+        state,
+        isolation: Isolation::Process,
+        reason: None,
+        log_tail: vec![],
+        restarts: 0,
+        since_ms: 1_700_000_000_000,
+    }
+}
+
+#[actix_rt::test]
+async fn instance_states_reach_their_owners_session_and_bad_announcements_are_ignored() {
+    let redis = RedisServer::start(&tempdir("ws-instances"), false).unwrap();
+    users(&redis.url()).await;
+    let node = start_node(&redis.url()).await;
+    let ada = login(&node, "ada", "ada-password").await;
+    let bob = login(&node, "bob", "bob-password").await;
+    let mut ada_ws = connect(&node, &ada).await;
+    let mut bob_ws = connect(&node, &bob).await;
+    for ws in [&mut ada_ws, &mut bob_ws] {
+        send(ws, json!({"type": "subscribe_panels"})).await;
+    }
+    // Subscribing is asynchronous; a round trip through the session orders it.
+    for ws in [&mut ada_ws, &mut bob_ws] {
+        send(ws, json!({"type": "subscribe", "doc": "none"})).await;
+        assert_eq!(next(ws).await["code"], "not_found");
+    }
+
+    // What a panel manager would publish, straight into Redis: first what
+    // must not reach Ada (bytes that are no envelope, an instance change
+    // of the wrong shape, one about Bob's instance on Ada's channel), then
+    // the real one.
+    let raw = redis::Client::open(redis.url()).unwrap();
+    let mut conn = raw.get_multiplexed_async_connection().await.unwrap();
+    let channel = "nexus:panels:ada";
+    let malformed = Envelope::with_type("nexus.instance.changed", "pm", json!({"status": {"state": "dancing"}}));
+    let bobs = Envelope::new("pm", InstanceChanged { status: instance_status("bob", InstanceState::Ready) });
+    let status = instance_status("ada", InstanceState::Ready);
+    let adas = Envelope::new("pm", InstanceChanged { status: status.clone() });
+    for payload in [b"{not json".to_vec(), malformed.encode(), bobs.encode(), adas.encode()] {
+        let _: i64 = redis::cmd("PUBLISH").arg(channel).arg(payload).query_async(&mut conn).await.unwrap();
+    }
+    assert_eq!(next(&mut ada_ws).await, json!({"type": "instance", "status": status}));
+
+    // Ada's session is alive and forwards the next state too.
+    let stopped = instance_status("ada", InstanceState::Stopped);
+    let envelope = Envelope::new("pm", InstanceChanged { status: stopped.clone() });
+    let _: i64 = redis::cmd("PUBLISH").arg(channel).arg(envelope.encode()).query_async(&mut conn).await.unwrap();
+    assert_eq!(next(&mut ada_ws).await, json!({"type": "instance", "status": stopped}));
+
+    // Bob heard nothing of Ada's channel; a session that did not ask for
+    // panels hears nothing either.
+    send(&mut bob_ws, json!({"type": "subscribe", "doc": "none"})).await;
+    assert_eq!(next(&mut bob_ws).await["code"], "not_found");
+    let mut quiet = connect(&node, &ada).await;
+    send(&mut quiet, json!({"type": "subscribe", "doc": "none"})).await;
+    assert_eq!(next(&mut quiet).await["code"], "not_found");
+    let _: i64 = redis::cmd("PUBLISH").arg(channel).arg(envelope.encode()).query_async(&mut conn).await.unwrap();
+    assert_eq!(next(&mut ada_ws).await["type"], "instance");
+    send(&mut quiet, json!({"type": "subscribe", "doc": "none"})).await;
+    assert_eq!(next(&mut quiet).await["code"], "not_found");
+}
+
+#[actix_rt::test]
+async fn the_ui_and_its_config_are_served_without_a_token() {
+    let redis = RedisServer::start(&tempdir("ui-config"), false).unwrap();
+    let plain = start_node(&redis.url()).await;
+    let ui = UiConfig { gateway_url: Some("http://127.0.0.1:7071".into()), heartbeat_secs: 7 };
+    let wired = start_node_with(&redis.url(), ui).await;
+    let client = reqwest::Client::new();
+
+    let get = |node: &Node, path: &str| client.get(format!("http://{}{path}", node.addr)).send();
+    let config: Value = get(&plain, "/api/config").await.unwrap().json().await.unwrap();
+    assert_eq!(config, json!({"gateway": null, "heartbeat_secs": 300}));
+    let config: Value = get(&wired, "/api/config").await.unwrap().json().await.unwrap();
+    assert_eq!(config, json!({"gateway": "http://127.0.0.1:7071", "heartbeat_secs": 7}));
+    // Only GET: the config is not writable through the API.
+    let post = client.post(format!("http://{}/api/config", wired.addr)).json(&json!({})).send().await.unwrap();
+    assert!(post.status().is_client_error(), "POST /api/config: {}", post.status());
+
+    let page = get(&wired, "/").await.unwrap().text().await.unwrap();
+    assert!(page.contains(r#"id="panel-list""#) && page.contains(r#"id="panel-template""#), "{page}");
+    let script = get(&wired, "/static/app.js").await.unwrap().text().await.unwrap();
+    assert!(script.contains("/api/config") && script.contains("/heartbeat/"), "the UI asks for its config");
 }

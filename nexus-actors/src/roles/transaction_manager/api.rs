@@ -106,6 +106,34 @@ pub struct TmState {
     /// Where document changes are announced (`nexus:doc:{id}`), if wired.
     pub publish: Option<Link<Publish>>,
     pub node: String,
+    /// What the Studio UI is told at `GET /api/config`.
+    pub ui: UiConfig,
+}
+
+/// Settings of the node that the Studio UI needs to know.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UiConfig {
+    /// Where browsers reach the traffic gateway (`http://host:port`), if
+    /// this node has one; panels open at `<gateway>/p/<panel-id>/`.
+    pub gateway_url: Option<String>,
+    /// How often the UI sends a heartbeat for an open Studio instance.
+    pub heartbeat_secs: u64,
+}
+
+impl Default for UiConfig {
+    fn default() -> Self {
+        // The watchdog's default is 30 minutes without one: 5 minutes
+        // leaves room for a few lost heartbeats.
+        UiConfig { gateway_url: None, heartbeat_secs: 300 }
+    }
+}
+
+/// The answer of `GET /api/config`.
+#[derive(Debug, Deserialize, Serialize, ToSchema)]
+pub struct ClientConfig {
+    /// Base URL of the traffic gateway; null when this node runs none.
+    pub gateway: Option<String>,
+    pub heartbeat_secs: u64,
 }
 
 #[derive(Debug, Deserialize, Serialize, ToSchema)]
@@ -187,6 +215,14 @@ pub async fn login(state: web::Data<TmState>, body: web::Json<Login>) -> Result<
     }
     let (token, expires_at) = state.auth.issue(&body.username);
     Ok(HttpResponse::Ok().json(Token { token, expires_at }))
+}
+
+/// Open (no token): the UI reads it before logging in, and it holds
+/// nothing secret.
+#[utoipa::path(get, path = "/api/config", responses((status = 200, body = ClientConfig)))]
+pub async fn config(state: web::Data<TmState>) -> HttpResponse {
+    let ui = &state.ui;
+    HttpResponse::Ok().json(ClientConfig { gateway: ui.gateway_url.clone(), heartbeat_secs: ui.heartbeat_secs })
 }
 
 #[utoipa::path(post, path = "/api/users", request_body = NewUser, security(("bearer" = [])),

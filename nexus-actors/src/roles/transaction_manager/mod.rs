@@ -17,7 +17,7 @@ use actix_web::{web, HttpResponse};
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::OpenApi;
 
-pub use api::TmState;
+pub use api::{TmState, UiConfig};
 pub use auth::Auth;
 pub use store::Store;
 
@@ -29,6 +29,7 @@ use crate::kernel::Link;
     info(title = "Nexus transaction manager", description = "Login, panels, versioned documents and tools."),
     paths(
         api::login,
+        api::config,
         api::create_user,
         api::list_panels,
         api::create_panel,
@@ -47,6 +48,7 @@ use crate::kernel::Link;
     components(schemas(
         api::Login,
         api::Token,
+        api::ClientConfig,
         api::NewUser,
         api::NewPanel,
         api::PanelUpdate,
@@ -76,15 +78,16 @@ impl utoipa::Modify for BearerAuth {
     }
 }
 
-/// Connects to Redis and loads the shared token secret.
+/// Connects to Redis and loads the shared token secret. The UI settings are
+/// the defaults (no gateway); set `ui` on the result to change them.
 pub async fn state(redis_url: &str, publish: Option<Link<Publish>>, node: &str) -> Result<TmState, store::StoreError> {
     let store = Store::connect(redis_url).await?;
     let auth = Auth::new(&store.signing_secret().await?);
-    Ok(TmState { store, auth, publish, node: node.to_owned() })
+    Ok(TmState { store, auth, publish, node: node.to_owned(), ui: UiConfig::default() })
 }
 
-/// Registers the role's routes. `/api/openapi.json` and `/api/login` are
-/// open; everything else under `/api` needs a token.
+/// Registers the role's routes. `/api/openapi.json`, `/api/config` and
+/// `/api/login` are open; everything else under `/api` needs a token.
 pub fn configure(state: web::Data<TmState>) -> impl FnOnce(&mut web::ServiceConfig) {
     move |cfg| {
         let json = web::JsonConfig::default().limit(api::MAX_BODY).error_handler(|err, _| {
@@ -103,6 +106,7 @@ pub fn configure(state: web::Data<TmState>) -> impl FnOnce(&mut web::ServiceConf
             .app_data(path)
             .configure(ui::configure)
             .route("/api/openapi.json", web::get().to(|| async { HttpResponse::Ok().json(ApiDoc::openapi()) }))
+            .route("/api/config", web::get().to(api::config))
             .route("/api/login", web::post().to(api::login))
             .route("/api/users", web::post().to(api::create_user))
             .route("/api/panels", web::get().to(api::list_panels))

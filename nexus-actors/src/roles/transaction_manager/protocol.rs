@@ -5,6 +5,8 @@
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::instance::InstanceStatus;
+
 /// Largest frame a client may send (64 KiB); larger ones close the
 /// connection with code 1009.
 pub const MAX_FRAME: usize = 64 * 1024;
@@ -28,7 +30,8 @@ pub enum ClientFrame {
     Unsubscribe {
         doc: String,
     },
-    /// Follow changes to this user's panel records.
+    /// Follow changes to this user's panel records and the states of
+    /// their instances.
     SubscribePanels,
     /// Where this user's cursor is in a followed document (any JSON up to
     /// [`MAX_CURSOR`] bytes; the editor decides its meaning).
@@ -79,6 +82,11 @@ pub enum ServerFrame {
     Panel {
         id: String,
         panel: Option<Value>,
+    },
+    /// One of the user's panel instances changed state, as the panel
+    /// manager announced it (`subscribe_panels` follows these too).
+    Instance {
+        status: InstanceStatus,
     },
     /// Everyone following `doc` now.
     Presence {
@@ -157,6 +165,32 @@ mod tests {
         assert_eq!(
             decode(r#"{"type":"cursor","doc":"d1","position":{"line":3}}"#),
             Ok(ClientFrame::Cursor { doc: "d1".into(), position: serde_json::json!({"line": 3}) })
+        );
+    }
+
+    #[test]
+    fn an_instance_frame_carries_the_status_as_the_panel_manager_reports_it() {
+        use crate::instance::{InstanceMode, InstanceState, Isolation};
+        let status = InstanceStatus {
+            instance: "i1".into(),
+            panel: "p1".into(),
+            owner: "ada".into(),
+            mode: InstanceMode::Studio,
+            state: InstanceState::Failed,
+            isolation: Isolation::None,
+            reason: Some("crashed 5 times".into()),
+            log_tail: vec!["Traceback".into()],
+            restarts: 5,
+            since_ms: 1700000000000,
+        };
+        let frame: Value = serde_json::from_str(&ServerFrame::Instance { status }.encode()).unwrap();
+        assert_eq!(
+            frame,
+            serde_json::json!({"type": "instance", "status": {
+                "instance": "i1", "panel": "p1", "owner": "ada", "mode": "studio", "state": "failed",
+                "isolation": "none", "reason": "crashed 5 times", "log_tail": ["Traceback"], "restarts": 5,
+                "since_ms": 1700000000000u64,
+            }})
         );
     }
 }

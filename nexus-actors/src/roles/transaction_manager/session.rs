@@ -8,6 +8,10 @@
 //! `BusDown`/`BusUp`; a dropped message) triggers the same catch-up, so the
 //! client always ends with the server's state.
 //!
+//! It also follows the user's panels for the client (`subscribe_panels`):
+//! panel record changes and the instance states the panel manager announces
+//! on the same channel, each forwarded only to its owner.
+//!
 //! Outbound policy: frames go through a bounded queue
 //! ([`OUTBOUND_QUEUE`]); a client that stops reading until it is full is
 //! disconnected with close code 4008, never stalling others. It reconnects
@@ -27,6 +31,7 @@ use super::store::PRESENCE_TTL_SECS;
 use crate::bus::redis::{Publish, RedisBridge, Subscribe, Topic, Unsubscribe};
 use crate::bus::BusEvent;
 use crate::envelope::{Envelope, Payload};
+use crate::instance::InstanceChanged;
 use crate::kernel::{ActorRef, Behaviour, Ctx, Handler, Kernel, Link, Message, Reply};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -374,6 +379,21 @@ impl Handler<BusEvent> for Session {
                     if self.panels && owned && m.channel == panels_channel(&self.user) {
                         let panel = change.data.panel.and_then(|p| serde_json::to_value(p).ok());
                         self.send(&ServerFrame::Panel { id: change.data.id, panel }, ctx);
+                    }
+                }
+                InstanceChanged::TYPE => {
+                    // Only panel managers publish these; a malformed one is
+                    // their bug, not a reason to drop this client.
+                    let change = match m.envelope.typed::<InstanceChanged>() {
+                        Ok(change) => change.data,
+                        Err(error) => {
+                            tracing::warn!(channel = %m.channel, %error, "ignoring a malformed instance change");
+                            return Reply::Now(());
+                        }
+                    };
+                    let owned = change.status.owner == self.user;
+                    if self.panels && owned && m.channel == panels_channel(&self.user) {
+                        self.send(&ServerFrame::Instance { status: change.status }, ctx);
                     }
                 }
                 CursorMoved::TYPE => {

@@ -1,5 +1,7 @@
-// Nexus Studio: login, panels, the built-in Document Editor and the live
-// mailbox graph. Plain ES module; talks to /api and /ws of the node.
+// Nexus Studio: login, panels with their live instances (opened through the
+// traffic gateway), the built-in Document Editor and the live mailbox
+// graph. Plain ES module; talks to /api and /ws of the node, and to the
+// gateway for panels and Studio heartbeats.
 
 const $ = (selector) => document.querySelector(selector);
 const views = ["login", "panels", "editor", "graph"];
@@ -36,31 +38,223 @@ async function api(method, path, body) {
 function logout() {
   token = null;
   sessionStorage.removeItem("nexus-token");
+  followingPanels = false;
+  closePanel();
   if (socket) socket.close();
   socket = null;
   show("login");
 }
 
-// ---- panels -------------------------------------------------------------
+// ---- panels and their instances ---------------------------------------
+//
+// The list keeps what the server said: panel records, and per panel its
+// instances (as GET /api/panels/{id}/instances returned them, then updated
+// live by "instance" frames). Each panel's instance list is redrawn on its
+// own; the rest of the page stays as it is.
+
+const config = { gateway: null, heartbeat_secs: 300 };
+const panels = new Map(); // panel id -> record
+const instances = new Map(); // panel id -> Map(instance id -> status)
+const logs = new Map(); // panel id -> { instance, lines } shown under it
+const viewer = { panel: null, timer: null };
+let followingPanels = false;
+const FINAL = new Set(["stopped", "failed"]);
+const SERVING = new Set(["ready", "idle"]);
+
+async function loadConfig() {
+  try {
+    Object.assign(config, await api("GET", "/api/config"));
+  } catch (error) {
+    status("no node config: " + error.message);
+  }
+}
+
+// Keeps the newer of two reports about one instance.
+function applyInstance(s) {
+  if (!instances.has(s.panel)) instances.set(s.panel, new Map());
+  const known = instances.get(s.panel);
+  const old = known.get(s.instance);
+  if (old && old.since_ms > s.since_ms) return;
+  known.set(s.instance, s);
+  renderInstances(s.panel);
+}
+
+// Every live instance, and for a mode with none the last final one, so a
+// stopped Studio or a failed App (and why) stays visible.
+function shownInstances(panelId) {
+  const all = [...(instances.get(panelId) || new Map()).values()].sort((a, b) => a.since_ms - b.since_ms);
+  const shown = [];
+  for (const mode of ["studio", "app"]) {
+    const ofMode = all.filter((s) => s.mode === mode);
+    const live = ofMode.filter((s) => !FINAL.has(s.state));
+    shown.push(...(live.length ? live : ofMode.slice(-1)));
+  }
+  return shown;
+}
+
+function studioServing(panelId) {
+  return shownInstances(panelId).some((s) => s.mode === "studio" && SERVING.has(s.state));
+}
+
+function el(tag, props, ...children) {
+  const node = document.createElement(tag);
+  for (const [k, v] of Object.entries(props || {})) {
+    if (k === "dataset") Object.assign(node.dataset, v);
+    else node[k] = v;
+  }
+  node.append(...children.filter((c) => c !== null && c !== undefined));
+  return node;
+}
+
+function instanceItem(s) {
+  const since = new Date(s.since_ms).toLocaleTimeString();
+  const item = el(
+    "li",
+    { className: "instance", dataset: { instance: s.instance, mode: s.mode, state: s.state, isolation: s.isolation } },
+    el("span", { className: "badge state-" + s.state, textContent: s.state }),
+    ` ${s.mode === "studio" ? "Studio" : "App"} ${s.instance.slice(-8)} · isolation `,
+    el("span", { className: "isolation", textContent: s.isolation }),
+    ` · since ${since}` + (s.restarts ? ` · restarted ${s.restarts}×` : ""),
+  );
+  if (s.isolation === "none") {
+    item.append(el("div", { className: "isolation-warning", textContent: "⚠ not isolated: this panel's code runs as a plain process on the host network" }));
+  }
+  if (s.reason) item.append(el("div", { className: "reason", textContent: s.reason }));
+  if (s.state === "failed" && s.log_tail.length) item.append(el("pre", { className: "log-tail", textContent: s.log_tail.join("\n") }));
+  return item;
+}
+
+function renderInstances(panelId) {
+  const li = document.querySelector(`#panel-list li[data-panel="${CSS.escape(panelId)}"]`);
+  if (!li) return;
+  const shown = shownInstances(panelId);
+  li.querySelector(".instances").replaceChildren(...shown.map(instanceItem));
+  // The state of each mode at a glance, for people and for tests.
+  for (const mode of ["studio", "app"]) {
+    const latest = shown.filter((s) => s.mode === mode).pop();
+    if (latest) li.dataset[mode + "State"] = latest.state;
+    else delete li.dataset[mode + "State"];
+  }
+  const shownLogs = logs.get(panelId);
+  const pre = li.querySelector(".logs");
+  pre.hidden = !shownLogs;
+  pre.textContent = shownLogs ? `${shownLogs.instance}:\n${shownLogs.lines.join("\n")}` : "";
+}
+
+// Runs one panel action; errors show in the status line.
+function action(label, name, run) {
+  return el("button", {
+    textContent: label,
+    dataset: { action: name },
+    onclick: async () => {
+      status("");
+      try {
+        await run();
+      } catch (error) {
+        status(`${label}: ${error.message}`);
+      }
+    },
+  });
+}
+
+function panelItem(p) {
+  const path = "/api/panels/" + encodeURIComponent(p.id);
+  const open = action("Open", "open", async () => openPanel(p.id));
+  if (!config.gateway) {
+    open.disabled = true;
+    open.title = "this node runs no traffic gateway";
+  }
+  const li = el(
+    "li",
+    { className: "panel", dataset: { panel: p.id } },
+    el("div", {}, el("strong", { textContent: p.name }), ` (${p.mode}, ${p.source}) `),
+    el("ul", { className: "instances" }),
+    el(
+      "div",
+      { className: "actions" },
+      action("Start Studio", "start-studio", async () => applyInstance(await api("POST", path + "/studio"))),
+      action("Stop", "stop-studio", () => api("DELETE", path + "/studio")),
+      open,
+      action("Deploy as App", "deploy", async () => {
+        const deployed = await api("POST", path + "/deploy");
+        status(`deployed version ${deployed.version} with ${deployed.replicas} replica(s)`);
+      }),
+      action("Scale to 0", "scale-zero", () => api("PUT", path + "/scale", { replicas: 0 })),
+      action("Stop all", "stop-all", () => api("DELETE", path + "/instances")),
+      action("Logs", "logs", async () => {
+        if (logs.has(p.id)) logs.delete(p.id);
+        else logs.set(p.id, await api("GET", path + "/logs?lines=100"));
+        renderInstances(p.id);
+      }),
+      action("Delete", "delete", async () => {
+        await api("DELETE", path);
+        if (viewer.panel === p.id) closePanel();
+        showPanels();
+      }),
+    ),
+    el("pre", { className: "logs", hidden: true }),
+  );
+  return li;
+}
+
+async function loadInstances(panelId) {
+  try {
+    for (const s of await api("GET", `/api/panels/${encodeURIComponent(panelId)}/instances`)) applyInstance(s);
+  } catch (error) {
+    status(`instances of ${panels.get(panelId)?.name || panelId}: ${error.message}`);
+  }
+}
 
 async function showPanels() {
   show("panels");
-  const panels = await api("GET", "/api/panels");
-  const list = $("#panel-list");
-  list.replaceChildren(
-    ...panels.map((p) => {
-      const li = document.createElement("li");
-      li.textContent = `${p.name} (${p.mode}, ${p.source}) `;
-      const del = document.createElement("button");
-      del.textContent = "Delete";
-      del.onclick = async () => {
-        await api("DELETE", "/api/panels/" + p.id);
-        showPanels();
-      };
-      li.append(del);
-      return li;
-    }),
-  );
+  const list = await api("GET", "/api/panels");
+  panels.clear();
+  for (const p of list) panels.set(p.id, p);
+  $("#panel-list").replaceChildren(...list.map(panelItem));
+  for (const p of list) renderInstances(p.id);
+  await Promise.all(list.map((p) => loadInstances(p.id)));
+}
+
+// ---- a panel opened through the gateway --------------------------------------
+
+function openPanel(id) {
+  const url = `${config.gateway}/p/${encodeURIComponent(id)}/`;
+  viewer.panel = id;
+  $("#viewer").hidden = false;
+  $("#viewer").dataset.panel = id;
+  $("#viewer-name").textContent = panels.get(id)?.name || id;
+  $("#viewer-link").href = url;
+  $("#panel-frame").src = url;
+  clearInterval(viewer.timer);
+  viewer.timer = setInterval(heartbeat, config.heartbeat_secs * 1000);
+  heartbeat();
+}
+
+function closePanel() {
+  clearInterval(viewer.timer);
+  viewer.panel = null;
+  $("#panel-frame").src = "about:blank";
+  $("#viewer").hidden = true;
+  delete $("#viewer").dataset.panel;
+}
+
+// Tells the open Studio instance's watchdog that someone is using it; an
+// App or a stopped Studio has no watchdog to tell.
+async function heartbeat() {
+  const id = viewer.panel;
+  if (!id || !token || !config.gateway || !studioServing(id)) return;
+  let outcome;
+  try {
+    const response = await fetch(`${config.gateway}/heartbeat/${encodeURIComponent(id)}`, {
+      method: "POST",
+      headers: { authorization: "Bearer " + token },
+    });
+    outcome = response.ok ? "ok" : String(response.status);
+  } catch (error) {
+    outcome = "unreachable";
+  }
+  if (viewer.panel === id) $("#viewer").dataset.heartbeat = outcome;
+  if (outcome !== "ok") status(`heartbeat to the Studio instance: ${outcome}`);
 }
 
 async function listDocuments() {
@@ -100,10 +294,20 @@ function connect() {
     socket.onerror = () => reject(new Error("websocket failed"));
     socket.onmessage = (event) => onFrame(JSON.parse(event.data));
     socket.onclose = () => {
-      // Reconnect and catch up from the last version we have.
-      if (token && editor.id) setTimeout(() => openDocument(editor.id, true), 500);
+      if (token) setTimeout(() => resume().catch(() => {}), 500);
     };
   });
+}
+
+// After a reconnection: catch up from the last version we have, and
+// follow the panels again (instance states may have changed meanwhile).
+async function resume() {
+  const ws = await connect();
+  if (editor.id) ws.send(JSON.stringify({ type: "subscribe", doc: editor.id, version: editor.version || undefined }));
+  if (followingPanels) {
+    ws.send(JSON.stringify({ type: "subscribe_panels" }));
+    await Promise.all([...panels.keys()].map(loadInstances));
+  }
 }
 
 function render() {
@@ -150,12 +354,15 @@ function onFrame(frame) {
     case "panel":
       if (!$("#panels").hidden) showPanels();
       return;
+    case "instance":
+      applyInstance(frame.status);
+      return;
   }
   render();
 }
 
-async function openDocument(id, resume) {
-  if (!resume) Object.assign(editor, { id, version: 0, state: {}, pending: null, cursors: new Map(), present: [] });
+async function openDocument(id) {
+  Object.assign(editor, { id, version: 0, state: {}, pending: null, cursors: new Map(), present: [] });
   show("editor");
   $("#doc-id").textContent = id;
   const ws = await connect();
@@ -248,6 +455,7 @@ $("#login-form").onsubmit = async (event) => {
     token = result.token;
     sessionStorage.setItem("nexus-token", token);
     status("");
+    await configured;
     await showPanels();
     followPanels();
   } catch (error) {
@@ -257,13 +465,26 @@ $("#login-form").onsubmit = async (event) => {
 $("#panel-form").onsubmit = async (event) => {
   event.preventDefault();
   try {
-    await api("POST", "/api/panels", { name: $("#panel-name").value, mode: $("#panel-mode").value, source: $("#panel-source").value });
+    const source = $("#panel-template").value || $("#panel-source").value;
+    await api("POST", "/api/panels", { name: $("#panel-name").value, mode: $("#panel-mode").value, source });
     $("#panel-name").value = "";
     showPanels();
   } catch (error) {
     status(error.message);
   }
 };
+$("#panel-template").onchange = () => {
+  const custom = $("#panel-template").value === "";
+  $("#panel-source").hidden = !custom;
+  $("#panel-source").required = custom;
+};
+$("#viewer-reload").onclick = () => {
+  // Setting the same address navigates again: through the gateway, which
+  // wakes an App that scaled to zero.
+  $("#panel-frame").src = $("#panel-frame").src;
+  heartbeat();
+};
+$("#viewer-close").onclick = closePanel;
 $("#open-editor").onclick = () => listDocuments().catch((e) => status(e.message));
 $("#doc-new").onclick = async () => {
   const doc = await api("POST", "/api/documents", { state: { text: "" } });
@@ -281,7 +502,9 @@ $("#nav-logout").onclick = logout;
 async function followPanels() {
   const ws = await connect();
   ws.send(JSON.stringify({ type: "subscribe_panels" }));
+  followingPanels = true;
 }
 
-if (token) showPanels().then(followPanels).catch(() => logout());
+const configured = loadConfig();
+if (token) configured.then(showPanels).then(followPanels).catch(() => logout());
 else show("login");
