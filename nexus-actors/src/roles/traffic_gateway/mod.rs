@@ -199,7 +199,8 @@ async fn prepare(
 ) -> Result<(redis::aio::ConnectionManager, tokio::net::TcpListener), GatewayError> {
     let redis = client.get_connection_manager().await?;
     let addr = listener.local_addr().map_err(GatewayError::Runtime)?;
-    let listener = tokio::net::TcpListener::from_std(listener).map_err(|source| GatewayError::Listen { addr, source })?;
+    let listener =
+        tokio::net::TcpListener::from_std(listener).map_err(|source| GatewayError::Listen { addr, source })?;
     Ok((redis, listener))
 }
 

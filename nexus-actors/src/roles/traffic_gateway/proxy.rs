@@ -180,7 +180,8 @@ pub async fn handle(shared: Arc<Shared>, req: Request<Incoming>, peer: SocketAdd
 
 /// Bytes of the request line and headers, roughly as sent.
 fn header_bytes<B>(req: &Request<B>) -> usize {
-    let line = req.method().as_str().len() + req.uri().to_string().len() + 12;
+    let target = req.uri().path_and_query().map_or(1, |pq| pq.as_str().len());
+    let line = req.method().as_str().len() + target + 12;
     line + req.headers().iter().map(|(name, value)| name.as_str().len() + value.len() + 4).sum::<usize>()
 }
 
@@ -293,9 +294,9 @@ impl Forward {
             None => tail.to_owned(),
         };
         let mut headers = parts.headers;
-        let host = headers.remove(header::HOST).or_else(|| {
-            parts.uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-        });
+        let host = headers
+            .remove(header::HOST)
+            .or_else(|| parts.uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()));
         strip_hop_by_hop(&mut headers);
         let forwarded_for = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
             Some(earlier) => format!("{earlier}, {}", peer.ip()),
@@ -503,7 +504,7 @@ impl hyper::body::Body for Tracked {
 
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        if let Poll::Ready(_) = &polled {
+        if polled.is_ready() {
             self.traffic.touch(&self.panel);
         }
         polled
@@ -532,7 +533,7 @@ impl Outgoing {
             Outgoing::Streamed { slot, hint, end, limit, over } => OutBody::Stream {
                 slot: slot.clone(),
                 taken: None,
-                hint: hint.clone(),
+                hint: *hint,
                 end: *end,
                 seen: 0,
                 limit: *limit,
@@ -606,7 +607,7 @@ impl hyper::body::Body for OutBody {
     fn size_hint(&self) -> SizeHint {
         match self {
             OutBody::Bytes(bytes) => SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64)),
-            OutBody::Stream { hint, .. } => hint.clone(),
+            OutBody::Stream { hint, .. } => *hint,
         }
     }
 }
@@ -635,11 +636,8 @@ async fn heartbeat_answer(shared: &Arc<Shared>, req: Request<Incoming>, panel: &
         response.headers_mut().insert(header::ALLOW, HeaderValue::from_static("POST, OPTIONS"));
         return response;
     }
-    let token = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
+    let token =
+        req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
     let Some(user) = token.and_then(|t| shared.auth.verify(t)) else {
         shared.metrics.request("unauthorized", panel);
         return pages::error(StatusCode::UNAUTHORIZED, "a valid bearer token is required", html, None);

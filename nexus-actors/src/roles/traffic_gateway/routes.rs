@@ -164,6 +164,7 @@ impl RouteTable {
             reload: table.link("route-table-listener"),
             metrics: listener_metrics,
         };
+        actix::spawn(reload_every(table.link("route-table-timer"), stop.clone()));
         actix::spawn(listener.run(stop));
         table
     }
@@ -205,13 +206,6 @@ impl RouteTable {
 
 impl Behaviour for RouteTable {
     const KIND: &'static str = RouteTable::KIND;
-
-    fn started(&mut self, me: &ActorRef<Self>, ctx: &mut Ctx<Self>) {
-        let reload = me.link::<Reload>("route-table");
-        ctx.run_interval(RELOAD_EVERY, move |_, _| {
-            let _ = reload.try_tell(Reload);
-        });
-    }
 }
 
 impl Handler<Reload> for RouteTable {
@@ -238,6 +232,20 @@ impl Handler<RouteUpdated> for RouteTable {
             let route = json.and_then(|json| this.parse(&panel, &json));
             this.routes.set(&panel, route);
         })
+    }
+}
+
+/// Asks for a full reload every [`RELOAD_EVERY`] until `stop`. A timer
+/// outside the actor, so a restarted actor does not gain a second one.
+async fn reload_every(reload: Link<Reload>, mut stop: watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(RELOAD_EVERY) => {
+                // A full mailbox already has work queued; skipping one tick is fine.
+                let _ = reload.try_tell(Reload);
+            }
+            _ = stop.wait_for(|stopped| *stopped) => return,
+        }
     }
 }
 
@@ -289,9 +297,9 @@ impl Listener {
 
     fn deliver(&self, msg: &redis::Msg) {
         self.metrics.bus_received.with_label_values(&["redis", "nexus:routes"]).inc();
-        let changed = Envelope::decode(msg.get_payload_bytes()).map_err(|e| e.to_string()).and_then(|envelope| {
-            envelope.typed::<RouteChanged>().map(|e| e.data.panel).map_err(|e| e.to_string())
-        });
+        let changed = Envelope::decode(msg.get_payload_bytes())
+            .map_err(|e| e.to_string())
+            .and_then(|envelope| envelope.typed::<RouteChanged>().map(|e| e.data.panel).map_err(|e| e.to_string()));
         match changed {
             Ok(panel) => {
                 let _ = self.updated.tell(RouteUpdated { panel });
