@@ -196,6 +196,12 @@ impl Metrics {
         tracing::warn!(bus, kind, %detail, "nexus_bus_errors_total");
     }
 
+    /// The node's registry, for roles that register metric families of
+    /// their own (they then show on the node's `/metrics`).
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
         let mut buf = Vec::new();

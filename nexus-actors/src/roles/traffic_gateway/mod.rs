@@ -1,1 +1,241 @@
 //! The `traffic-gateway` role: the only way in to panels.
+//!
+//! [`start`] wires the parts: the [`routes::RouteTable`] actor (on the
+//! caller's arbiter) keeps the route snapshot in step with Redis; the
+//! [`proxy`] serves HTTP on a tokio runtime of its own, on a thread of its
+//! own, so that proxying uses every core and never waits behind actor
+//! mailboxes; the [`activator`] holds requests for Apps scaled to zero.
+//! Starting instances is the panel manager's job, not the gateway's.
+
+pub mod activator;
+pub mod metrics;
+pub mod pages;
+pub mod proxy;
+pub mod routes;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::sync::{oneshot, watch};
+
+use crate::kernel::{ActorRef, Kernel};
+use crate::roles::transaction_manager::auth::Auth;
+use crate::roles::transaction_manager::store::{Store, StoreError};
+use activator::Activator;
+use metrics::GatewayMetrics;
+use proxy::{Shared, Traffic};
+use routes::{Reload, RouteTable, Routes};
+
+/// Where `nexus dev` serves the gateway unless told otherwise.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:7071";
+
+/// How the gateway runs. [`GatewayConfig::new`] gives the defaults.
+#[derive(Debug, Clone)]
+pub struct GatewayConfig {
+    pub listen: SocketAddr,
+    pub redis_url: String,
+    /// Requests held per App while it cold-starts; more get 503 at once.
+    pub queue_per_panel: usize,
+    /// How long a held request waits for an instance before its 503.
+    pub activation_deadline: Duration,
+    /// Request line and headers larger than this get 431.
+    pub max_header_bytes: usize,
+    /// Request bodies larger than this get 413.
+    pub max_body_bytes: usize,
+    /// How long an instance may take to start answering (504 after).
+    pub upstream_timeout: Duration,
+    /// The `Retry-After` of 503 answers.
+    pub retry_after: Duration,
+    /// Threads of the proxy's runtime.
+    pub threads: usize,
+}
+
+impl GatewayConfig {
+    pub fn new(listen: SocketAddr, redis_url: impl Into<String>) -> Self {
+        GatewayConfig {
+            listen,
+            redis_url: redis_url.into(),
+            queue_per_panel: 100,
+            activation_deadline: Duration::from_secs(30),
+            max_header_bytes: 16 * 1024,
+            max_body_bytes: 10 * 1024 * 1024,
+            upstream_timeout: Duration::from_secs(60),
+            retry_after: Duration::from_secs(5),
+            threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    #[error("listening on {addr}: {source}")]
+    Listen { addr: SocketAddr, source: std::io::Error },
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    #[error("loading the token secret: {0}")]
+    Secret(#[from] StoreError),
+    #[error("registering the gateway's metrics (one gateway per node): {0}")]
+    Metrics(#[from] prometheus::Error),
+    #[error("starting the proxy's runtime: {0}")]
+    Runtime(std::io::Error),
+    #[error("the proxy thread ended before it was ready")]
+    ProxyGone,
+}
+
+/// A running gateway. Dropping it stops it too, without waiting.
+pub struct Gateway {
+    local_addr: SocketAddr,
+    routes: Routes,
+    table: ActorRef<RouteTable>,
+    stop: watch::Sender<bool>,
+    stopped: Option<oneshot::Receiver<()>>,
+}
+
+impl Gateway {
+    /// The address the proxy listens on (useful with port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// The routes as this gateway sees them.
+    pub fn routes(&self) -> &Routes {
+        &self.routes
+    }
+
+    pub fn route_table(&self) -> &ActorRef<RouteTable> {
+        &self.table
+    }
+
+    /// Stops accepting, drops open connections and the route table, and
+    /// waits until the proxy's runtime is gone.
+    pub async fn stop(mut self) {
+        self.signal_stop();
+        if let Some(stopped) = self.stopped.take() {
+            let _ = stopped.await;
+        }
+    }
+
+    fn signal_stop(&self) {
+        let _ = self.stop.send(true);
+        self.table.stop();
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        self.signal_stop();
+    }
+}
+
+/// Starts the gateway: loads the routes, then listens on `config.listen`.
+/// Call it inside the actix system; the route table runs on the current
+/// arbiter.
+pub async fn start(kernel: &Kernel, config: GatewayConfig) -> Result<Gateway, GatewayError> {
+    let metrics = GatewayMetrics::register(kernel.metrics().registry())?;
+    let client = redis::Client::open(config.redis_url.as_str())?;
+    let store = Store::connect(&config.redis_url).await?;
+    let auth = Auth::new(&store.signing_secret().await?);
+    let (stop, stop_rx) = watch::channel(false);
+    let routes = Routes::new();
+    let table_conn = client.get_connection_manager().await?;
+    let table = RouteTable::spawn(kernel, routes.clone(), client.clone(), table_conn, stop_rx.clone());
+    // Serve only once the table was read, so known panels never see a 404.
+    let _ = table.link::<Reload>("traffic-gateway").ask(Reload).await;
+
+    let listener = std::net::TcpListener::bind(config.listen)
+        .and_then(|l| l.set_nonblocking(true).map(|()| l))
+        .map_err(|source| GatewayError::Listen { addr: config.listen, source })?;
+    let local_addr = listener.local_addr().map_err(|source| GatewayError::Listen { addr: config.listen, source })?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(config.threads.max(1))
+        .thread_name("nexus-gateway")
+        .enable_all()
+        .build()
+        .map_err(GatewayError::Runtime)?;
+    let (ready, ready_rx) = oneshot::channel();
+    let (stopped_tx, stopped) = oneshot::channel();
+    let node = kernel.node().to_owned();
+    let parts = (routes.clone(), auth, metrics, config.clone(), client);
+    std::thread::Builder::new()
+        .name("nexus-gateway".into())
+        .spawn(move || {
+            let (routes, auth, metrics, config, client) = parts;
+            let handle = runtime.handle().clone();
+            runtime.block_on(async move {
+                let (redis, listener) = match prepare(&client, listener).await {
+                    Ok(both) => both,
+                    Err(error) => {
+                        let _ = ready.send(Err(error));
+                        return;
+                    }
+                };
+                let activator =
+                    Activator::new(config.queue_per_panel, routes.clone(), redis.clone(), node, metrics.clone());
+                let traffic = Traffic::new(redis, handle, metrics.clone());
+                let shared = Arc::new(Shared::new(routes, activator, traffic, auth, metrics, config));
+                let _ = ready.send(Ok(()));
+                serve(listener, shared, stop_rx).await;
+            });
+            runtime.shutdown_timeout(Duration::from_secs(1));
+            let _ = stopped_tx.send(());
+        })
+        .map_err(GatewayError::Runtime)?;
+    match ready_rx.await {
+        Ok(Ok(())) => {}
+        Ok(Err(error)) => return Err(error),
+        Err(_) => return Err(GatewayError::ProxyGone),
+    }
+    tracing::info!(listen = %local_addr, "traffic gateway listening: /p/<panel-id>/ /heartbeat/<panel-id> /healthz");
+    Ok(Gateway { local_addr, routes, table, stop, stopped: Some(stopped) })
+}
+
+/// What the proxy needs from inside its own runtime: a Redis connection
+/// whose driver runs there, and the listener registered with its reactor.
+async fn prepare(
+    client: &redis::Client,
+    listener: std::net::TcpListener,
+) -> Result<(redis::aio::ConnectionManager, tokio::net::TcpListener), GatewayError> {
+    let redis = client.get_connection_manager().await?;
+    let addr = listener.local_addr().map_err(GatewayError::Runtime)?;
+    let listener =
+        tokio::net::TcpListener::from_std(listener).map_err(|source| GatewayError::Listen { addr, source })?;
+    Ok((redis, listener))
+}
+
+/// Accepts connections until `stop` turns true.
+async fn serve(listener: tokio::net::TcpListener, shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+    let mut http = hyper::server::conn::http1::Builder::new();
+    // The buffer holds a request head; past it hyper answers a bare 431.
+    // Heads between the configured limit and the buffer get our own page.
+    http.max_buf_size(shared.config.max_header_bytes.saturating_mul(2).max(8192))
+        .timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(30));
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    // Out of file descriptors and the like: pause, not spin.
+                    tracing::warn!(%error, "gateway accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = stop.wait_for(|stopped| *stopped) => return,
+        };
+        let _ = stream.set_nodelay(true);
+        let shared = shared.clone();
+        let service = hyper::service::service_fn(move |req| {
+            let shared = shared.clone();
+            async move { Ok::<_, std::convert::Infallible>(proxy::handle(shared, req, peer).await) }
+        });
+        let connection = http.serve_connection(TokioIo::new(stream), service).with_upgrades();
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::debug!(%peer, %error, "gateway connection ended with an error");
+            }
+        });
+    }
+}

@@ -1,0 +1,152 @@
+//! The activator: holds requests for an App scaled to zero while a panel
+//! manager starts an instance, like Knative's activator.
+//!
+//! Each panel has a bounded queue ([`Activator::admit`] refuses past it).
+//! The first request admitted starts one driver task per panel that
+//! publishes [`Activate`] on `nexus:panel-manager:activate` and repeats it
+//! every [`REPUBLISH_EVERY`] until the route has endpoints (recording the
+//! cold start), the route is gone, or nobody waits any more. Every held
+//! request waits for the route on its own and is forwarded by its own
+//! handler, so each is sent exactly once. Starting instances is the panel
+//! manager's job; forwarding is the proxy's.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use redis::aio::ConnectionManager;
+
+use super::metrics::GatewayMetrics;
+use super::routes::Routes;
+use crate::envelope::Envelope;
+use crate::instance::{Activate, PanelRoute, ACTIVATE_CHANNEL};
+use crate::kernel::lock;
+
+/// How often a held panel's activation is announced again: panel managers
+/// may have missed it (pub/sub) or may have restarted.
+pub const REPUBLISH_EVERY: Duration = Duration::from_secs(2);
+
+/// Whether a held request can stop waiting: the route has endpoints, is
+/// gone, or is no longer activatable.
+pub fn settled(route: Option<&PanelRoute>) -> bool {
+    route.is_none_or(|r| !r.endpoints.is_empty() || !r.activatable)
+}
+
+pub struct Activator {
+    pending: Mutex<HashMap<String, Pending>>,
+    capacity: usize,
+    routes: Routes,
+    redis: ConnectionManager,
+    node: String,
+    metrics: GatewayMetrics,
+    next_id: std::sync::atomic::AtomicU64,
+}
+
+/// One panel's activation in progress.
+struct Pending {
+    id: u64,
+    queued: usize,
+}
+
+/// A place in a panel's queue, given back when dropped.
+pub struct Slot {
+    activator: Arc<Activator>,
+    panel: String,
+    id: u64,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.activator.metrics.queued.dec();
+        let mut pending = lock(&self.activator.pending);
+        // The activation this slot belonged to may have ended and a new one
+        // begun; only its own count is given back.
+        if let Some(p) = pending.get_mut(&self.panel).filter(|p| p.id == self.id) {
+            p.queued -= 1;
+        }
+    }
+}
+
+impl Activator {
+    pub fn new(
+        capacity: usize,
+        routes: Routes,
+        redis: ConnectionManager,
+        node: String,
+        metrics: GatewayMetrics,
+    ) -> Arc<Self> {
+        Arc::new(Activator {
+            pending: Mutex::default(),
+            capacity,
+            routes,
+            redis,
+            node,
+            metrics,
+            next_id: Default::default(),
+        })
+    }
+
+    /// A place in `panel`'s queue, or `None` when it is full. The first
+    /// place of an activation starts its driver (on the current runtime).
+    pub fn admit(self: &Arc<Self>, panel: &str) -> Option<Slot> {
+        let mut pending = lock(&self.pending);
+        let p = match pending.get_mut(panel) {
+            Some(p) => p,
+            None => {
+                let id = self.next_id.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let since = Instant::now();
+                tracing::info!(panel, "activating a panel scaled to zero");
+                tokio::spawn(self.clone().drive(panel.to_owned(), id, since));
+                pending.entry(panel.to_owned()).or_insert(Pending { id, queued: 0 })
+            }
+        };
+        if p.queued >= self.capacity {
+            return None;
+        }
+        p.queued += 1;
+        self.metrics.queued.inc();
+        Some(Slot { activator: self.clone(), panel: panel.to_owned(), id: p.id })
+    }
+
+    /// Announces the activation until it settles. See the module docs.
+    async fn drive(self: Arc<Self>, panel: String, id: u64, since: Instant) {
+        loop {
+            self.publish(&panel).await;
+            let until = tokio::time::Instant::now() + REPUBLISH_EVERY;
+            let route = self.routes.await_route(&panel, until, settled).await;
+            let mut pending = lock(&self.pending);
+            let waiting = pending.get(&panel).filter(|p| p.id == id).map_or(0, |p| p.queued);
+            let outcome = match route.as_deref() {
+                Some(r) if !r.endpoints.is_empty() => "ready",
+                None => "gone",
+                Some(r) if !r.activatable => "gone",
+                Some(_) if waiting == 0 => "abandoned",
+                Some(_) => continue,
+            };
+            if pending.get(&panel).is_some_and(|p| p.id == id) {
+                pending.remove(&panel);
+            }
+            drop(pending);
+            let seconds = since.elapsed().as_secs_f64();
+            if outcome == "ready" {
+                self.metrics.cold_start.observe(seconds);
+            }
+            self.metrics.activations.with_label_values(&[outcome]).inc();
+            tracing::info!(panel, outcome, seconds, "nexus_gateway_activations_total");
+            return;
+        }
+    }
+
+    async fn publish(&self, panel: &str) {
+        let envelope = Envelope::new(self.node.clone(), Activate { panel: panel.to_owned() });
+        let mut conn = self.redis.clone();
+        let sent: redis::RedisResult<u64> =
+            redis::cmd("PUBLISH").arg(ACTIVATE_CHANNEL).arg(envelope.encode()).query_async(&mut conn).await;
+        match sent {
+            Ok(0) => tracing::warn!(panel, "activation announced but no panel manager listens"),
+            Ok(_) => tracing::debug!(panel, "activation announced"),
+            // The next announcement retries; held requests keep waiting.
+            Err(error) => tracing::warn!(panel, %error, "could not announce an activation"),
+        }
+    }
+}
