@@ -631,7 +631,7 @@ async fn scale_runs_that_many_instances_and_refuses_bad_requests() {
 
 #[actix_rt::test]
 async fn the_watchdog_expires_a_studio_instance_and_shutdown_stops_the_rest() {
-    let node = node("pm-watchdog", |_| {}).await;
+    let node = node("pm-watchdog", |c| c.idle_mark = Duration::from_secs(1)).await;
     let ada = node.login("ada").await;
     let (one, two) = (ada.new_panel("template:ok").await, ada.new_panel("template:ok").await);
     let (_, a) = ada.post(&format!("/api/panels/{one}/studio")).await;
@@ -640,6 +640,17 @@ async fn the_watchdog_expires_a_studio_instance_and_shutdown_stops_the_rest() {
     node.state_of(&one, &a, InstanceState::Ready).await;
     node.state_of(&two, &b, InstanceState::Ready).await;
     node.wait_subscribed(&control_channel(&a)).await;
+
+    // Without requests a serving instance shows as idle; a request makes it ready again.
+    let idle = node.state_of(&two, &b, InstanceState::Idle).await;
+    assert!(idle.reason.unwrap().starts_with("no request for"));
+    node.until(10, "ready again after a request", || async {
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
+        let _: () = node.conn.clone().set(format!("nexus:panel:{two}:last-request"), now).await.unwrap();
+        node.status(&two, &b).await.filter(|s| s.state == InstanceState::Ready)
+    })
+    .await;
+    assert_eq!(node.endpoints(&two, 1).await.endpoints[0].instance, b, "idle instances keep serving");
 
     // A message naming another instance on a's channel is not obeyed.
     let forged = ExpireInstance { instance: b.clone(), reason: "forged".into() };

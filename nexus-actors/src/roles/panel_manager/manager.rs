@@ -97,6 +97,13 @@ impl Message for StopAll {
     type Reply = ();
 }
 
+/// Answers once every transition told to the manager before it is written.
+struct FlushReports;
+
+impl Message for FlushReports {
+    type Reply = ();
+}
+
 /// Spawns a Studio instance once its volume is ready.
 struct SpawnStudio {
     panel: Panel,
@@ -799,12 +806,23 @@ impl Handler<StopAll> for PanelManager {
                 }
             })
             .collect();
-        let reporter = self.deps.reporter.clone();
+        // Final transitions reach this mailbox before the lifecycles answer
+        // the stops, so a message sent after the answers comes after them.
+        let flush = self.me.as_ref().map(|me| me.link::<FlushReports>("node"));
         // A lifecycle that does not answer must not hold the shutdown forever.
         let bound = msg.grace + Duration::from_secs(2);
         Reply::later(async move {
             let _ = tokio::time::timeout(bound, join_all(stops)).await;
-            reporter.flush().await;
+            if let Some(flush) = flush {
+                let _ = flush.ask(FlushReports).await;
+            }
         })
+    }
+}
+
+impl Handler<FlushReports> for PanelManager {
+    fn handle(&mut self, _: FlushReports, _: &mut Ctx<Self>) -> Reply<()> {
+        let reporter = self.deps.reporter.clone();
+        Reply::later(async move { reporter.flush().await })
     }
 }
