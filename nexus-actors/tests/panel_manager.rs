@@ -62,6 +62,12 @@ print("boom: the panel cannot start", flush=True)
 sys.exit(3)
 "#;
 
+const DEAF: &str = r#"
+import time
+print("running, but never listening", flush=True)
+time.sleep(600)
+"#;
+
 /// One instance's processes as the test driver keeps them.
 struct Proc {
     script: &'static str,
@@ -94,8 +100,8 @@ impl ProcDriver {
     }
 
     fn remember(&self, panel: &str, source: &str) -> Result<(), DriverError> {
-        if !["template:ok", "template:crash"].contains(&source) {
-            return Err(DriverError::UnknownSource(source.to_owned(), "ok, crash".to_owned()));
+        if !["template:ok", "template:crash", "template:deaf"].contains(&source) {
+            return Err(DriverError::UnknownSource(source.to_owned(), "ok, crash, deaf".to_owned()));
         }
         self.sources.lock().unwrap().insert(panel.to_owned(), source.to_owned());
         Ok(())
@@ -158,6 +164,7 @@ impl RuntimeDriver for ProcDriver {
             let source = self.sources.lock().unwrap().get(&spec.panel).cloned();
             let script = match source.as_deref() {
                 Some("template:crash") => CRASH,
+                Some("template:deaf") => DEAF,
                 Some(_) => SERVER,
                 None => return Err(DriverError::NoCommand),
             };
@@ -531,6 +538,22 @@ async fn a_crashing_panel_is_restarted_with_backoff_then_fails_with_its_log_tail
     // A failed instance is final: a new Studio start is allowed.
     let (status, _) = ada.post(&format!("/api/panels/{panel}/studio")).await;
     assert_eq!(status, StatusCode::CREATED);
+}
+
+#[actix_rt::test]
+async fn a_panel_that_never_answers_fails_after_the_ready_timeout() {
+    let node = node("pm-deaf", |c| c.ready_timeout = Duration::from_secs(1)).await;
+    let ada = node.login("ada").await;
+    let panel = ada.new_panel("template:deaf").await;
+    let (_, created) = ada.post(&format!("/api/panels/{panel}/studio")).await;
+    let instance = created["instance"].as_str().unwrap();
+    let failed = node.state_of(&panel, instance, InstanceState::Failed).await;
+    let reason = failed.reason.unwrap();
+    assert!(reason.starts_with("not ready within 1s (GET /manifest failed"), "{reason}");
+    assert_eq!(failed.log_tail, ["running, but never listening"]);
+    assert_eq!(failed.restarts, 0);
+    assert!(!node.driver.is_running(instance), "what never got ready is stopped");
+    assert!(node.route(&panel).await.unwrap().endpoints.is_empty());
 }
 
 #[actix_rt::test]
