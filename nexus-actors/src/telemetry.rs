@@ -49,6 +49,14 @@ pub struct Metrics {
     pub watchdog_heartbeats: prometheus::IntCounter,
     /// `nexus_watchdog_expiries_total`: instances a watchdog found without heartbeats for too long.
     pub watchdog_expiries: prometheus::IntCounter,
+    /// `nexus_panel_instances{mode,state}`: live panel instances on this node.
+    pub panel_instances: IntGaugeVec,
+    /// `nexus_panel_instance_restarts_total`: user processes restarted after a crash.
+    pub panel_instance_restarts: prometheus::IntCounter,
+    /// `nexus_panel_instance_failures_total`: instances that ended in `failed`.
+    pub panel_instance_failures: prometheus::IntCounter,
+    /// `nexus_panel_instance_start_seconds{mode}`: from start to the first ready.
+    pub panel_instance_start_seconds: HistogramVec,
 }
 
 fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -100,7 +108,34 @@ impl Metrics {
         )
         .expect("valid metric definition");
         registry.register(Box::new(watchdog_expiries.clone())).expect("metric registered once");
+        let panel_instances = IntGaugeVec::new(
+            Opts::new("nexus_panel_instances", "Live panel instances on this node, by mode and state"),
+            &["mode", "state"],
+        )
+        .expect("valid metric definition");
+        registry.register(Box::new(panel_instances.clone())).expect("metric registered once");
+        let panel_instance_restarts = prometheus::IntCounter::new(
+            "nexus_panel_instance_restarts_total",
+            "Panel user processes restarted after they crashed",
+        )
+        .expect("valid metric definition");
+        registry.register(Box::new(panel_instance_restarts.clone())).expect("metric registered once");
+        let panel_instance_failures =
+            prometheus::IntCounter::new("nexus_panel_instance_failures_total", "Panel instances that ended failed")
+                .expect("valid metric definition");
+        registry.register(Box::new(panel_instance_failures.clone())).expect("metric registered once");
+        let panel_instance_start_seconds = HistogramVec::new(
+            HistogramOpts::new("nexus_panel_instance_start_seconds", "Panel instance start to first ready")
+                .buckets(vec![0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]),
+            &["mode"],
+        )
+        .expect("valid metric definition");
+        registry.register(Box::new(panel_instance_start_seconds.clone())).expect("metric registered once");
         Metrics {
+            panel_instances,
+            panel_instance_restarts,
+            panel_instance_failures,
+            panel_instance_start_seconds,
             mcp_exec: counter(
                 &registry,
                 "nexus_mcp_exec_total",

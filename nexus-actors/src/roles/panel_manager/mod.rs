@@ -1,4 +1,203 @@
-//! The `panel-manager` role: one `PodLifecycle` actor per panel instance
-//! over a [`driver::RuntimeDriver`].
+//! The `panel-manager` role: one [`lifecycle::PodLifecycle`] actor per
+//! panel instance over a [`driver::RuntimeDriver`], supervised by the
+//! node's [`manager::PanelManager`], and the owner-only HTTP API to start,
+//! stop, deploy, scale and read panel instances.
+//!
+//! The lead wires it with [`start`] (actors, stale-state cleanup),
+//! [`configure`] (routes) and [`PanelManagerHandle::stop_all`] (shutdown).
 
+pub mod api;
 pub mod driver;
+pub mod lifecycle;
+pub mod manager;
+pub mod reporter;
+pub mod store;
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix_web::web;
+
+use self::driver::{DriverError, RuntimeDriver};
+use self::lifecycle::{now_ms, LifecyclePolicy};
+use self::manager::{ManagerDeps, PanelManager, StopAll};
+use self::reporter::{Report, Reporter};
+use self::store::{PmStore, StoreError};
+use crate::bus::redis::{Publish, RedisBridge};
+use crate::instance::InstanceState;
+use crate::kernel::{ActorRef, Kernel};
+use crate::roles::transaction_manager::{Auth, Store};
+
+/// How long an activation claim holds when its holder never releases it.
+pub const ACTIVATION_CLAIM_TTL: Duration = Duration::from_secs(30);
+
+/// Settings of a node's panel manager. [`PanelManagerConfig::new`] gives
+/// the production defaults; tests shorten the timers.
+#[derive(Debug, Clone)]
+pub struct PanelManagerConfig {
+    /// This node's name: it marks the instances it runs.
+    pub node: String,
+    pub redis_url: String,
+    /// An App instance without a request for this long is stopped.
+    pub idle_timeout: Duration,
+    /// A serving instance without a request for this long shows as `idle`.
+    pub idle_mark: Duration,
+    /// Studio: the watchdog deletes the instance after this long without a heartbeat.
+    pub watchdog_timeout: Duration,
+    pub max_replicas: u32,
+    pub ready_timeout: Duration,
+    pub probe_interval: Duration,
+    pub restart_backoff: Duration,
+    pub max_restart_backoff: Duration,
+    pub max_crashes: usize,
+    pub crash_window: Duration,
+    /// SIGTERM to SIGKILL when an instance is stopped.
+    pub stop_grace: Duration,
+    /// How often the traffic signal is read (idle marks, scale to zero).
+    pub tick: Duration,
+    /// Final statuses kept per panel.
+    pub keep_final: usize,
+}
+
+impl PanelManagerConfig {
+    pub fn new(node: impl Into<String>, redis_url: impl Into<String>) -> Self {
+        PanelManagerConfig {
+            node: node.into(),
+            redis_url: redis_url.into(),
+            idle_timeout: Duration::from_secs(60),
+            idle_mark: Duration::from_secs(30),
+            watchdog_timeout: Duration::from_secs(30 * 60),
+            max_replicas: 4,
+            ready_timeout: Duration::from_secs(30),
+            probe_interval: Duration::from_millis(100),
+            restart_backoff: Duration::from_millis(500),
+            max_restart_backoff: Duration::from_secs(10),
+            max_crashes: 5,
+            crash_window: Duration::from_secs(60),
+            stop_grace: Duration::from_secs(5),
+            tick: Duration::from_secs(1),
+            keep_final: 5,
+        }
+    }
+
+    pub fn policy(&self) -> LifecyclePolicy {
+        LifecyclePolicy {
+            ready_timeout: self.ready_timeout,
+            probe_interval: self.probe_interval,
+            restart_backoff: self.restart_backoff,
+            max_restart_backoff: self.max_restart_backoff,
+            max_crashes: self.max_crashes,
+            crash_window: self.crash_window,
+            idle_mark: self.idle_mark,
+            log_tail_lines: 20,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PanelManagerError {
+    #[error("{0}")]
+    Conflict(String),
+    #[error("the panel is not deployed as an App")]
+    NotDeployed,
+    #[error("replicas must be 0 to {max}, not {replicas}")]
+    BadReplicas { replicas: u32, max: u32 },
+    #[error("runtime driver: {0}")]
+    Driver(#[from] DriverError),
+    #[error("{0}")]
+    Store(#[from] StoreError),
+    #[error("the panel manager has stopped")]
+    Stopped,
+    #[error("panel manager setup: {0}")]
+    Setup(String),
+}
+
+impl From<redis::RedisError> for PanelManagerError {
+    fn from(e: redis::RedisError) -> Self {
+        PanelManagerError::Store(StoreError::Redis(e))
+    }
+}
+
+/// A running panel manager. Cheap to clone.
+#[derive(Clone)]
+pub struct PanelManagerHandle {
+    pub actor: ActorRef<PanelManager>,
+    pub store: PmStore,
+    pub driver: Arc<dyn RuntimeDriver>,
+    pub config: PanelManagerConfig,
+}
+
+impl PanelManagerHandle {
+    /// Stops every instance of this node (SIGKILL after `grace`) and waits
+    /// until they ended and their statuses are written.
+    pub async fn stop_all(&self, grace: Duration) {
+        let _ = self.actor.link::<StopAll>("node").ask(StopAll { grace }).await;
+    }
+}
+
+/// Starts the node's panel manager on the current arbiter: marks instances
+/// a previous life of this node left behind as stopped (their endpoints
+/// leave the routes; an App's route stays activatable), then spawns the
+/// [`PanelManager`] actor, which subscribes through `redis`.
+pub async fn start(
+    kernel: &Kernel,
+    redis: ActorRef<RedisBridge>,
+    driver: Arc<dyn RuntimeDriver>,
+    config: PanelManagerConfig,
+) -> Result<PanelManagerHandle, PanelManagerError> {
+    let store = PmStore::connect(&config.redis_url).await?;
+    let id = format!("panel-manager-{}", config.node);
+    let reporter = Reporter::spawn(store.clone(), redis.link::<Publish>(&id), config.node.clone(), config.keep_final);
+    clear_stale(&store, &reporter, &config.node).await?;
+    let http = reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .map_err(|e| PanelManagerError::Setup(format!("http client: {e}")))?;
+    let deps = ManagerDeps {
+        kernel: kernel.clone(),
+        redis,
+        driver: driver.clone(),
+        store: store.clone(),
+        reporter,
+        config: config.clone(),
+        http,
+    };
+    let actor = PanelManager::spawn(deps);
+    tracing::info!(node = %config.node, driver = driver.name(), "panel manager started");
+    Ok(PanelManagerHandle { actor, store, driver, config })
+}
+
+/// Instances recorded as live by this node are gone after a restart.
+async fn clear_stale(store: &PmStore, reporter: &Reporter, node: &str) -> Result<(), StoreError> {
+    let stale = store.node_instances(node).await?;
+    let mut panels = HashSet::new();
+    for (instance, panel) in &stale {
+        let Some(mut status) = store.status(panel, instance).await? else { continue };
+        if !status.state.is_final() {
+            status.state = InstanceState::Stopped;
+            status.reason = Some("its panel manager restarted".to_owned());
+            status.since_ms = now_ms();
+            tracing::info!(%instance, %panel, "stale instance marked stopped");
+            reporter.send(Report::Status(status));
+        }
+        panels.insert(panel.clone());
+    }
+    for panel in panels {
+        if let Some(mut route) = store.route(&panel).await? {
+            let before = route.endpoints.len();
+            route.endpoints.retain(|e| !stale.contains_key(&e.instance));
+            if route.endpoints.len() != before {
+                reporter.send(Report::Route(route));
+            }
+        }
+    }
+    reporter.flush().await;
+    store.clear_node_instances(node).await
+}
+
+/// Registers the panel manager's routes under `/api/panels/{id}/...`.
+/// Register them before the transaction manager's `/api` fallback.
+pub fn configure(handle: PanelManagerHandle, panels: Store, auth: Auth) -> impl FnOnce(&mut web::ServiceConfig) {
+    move |cfg| api::routes(cfg, api::PmApi { handle, panels }, auth)
+}

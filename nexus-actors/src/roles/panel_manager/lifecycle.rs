@@ -1,0 +1,451 @@
+//! `PodLifecycle`: the life of one panel instance, as a kernel actor.
+//!
+//! pending → (driver started it) starting → (`GET /manifest` answered 200)
+//! ready ⇄ idle; a crash restarts the user process with exponential backoff
+//! and too many crashes in a window end in `failed` with the log tail; a
+//! stop goes through stopping to stopped. Every transition goes to the
+//! [`PanelManager`](super::manager::PanelManager) as a [`Transition`]; the
+//! manager records it, announces it and keeps the route. This actor decides
+//! *when*; the [`RuntimeDriver`] knows *how*; it never touches Redis.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix::{ActorContext, ActorFutureExt, AsyncContext};
+use tokio::sync::oneshot;
+
+use super::driver::{DriverError, InstanceEvent, InstanceSpec, RuntimeDriver, Started};
+use crate::instance::{Endpoint, InstanceState, InstanceStatus, Isolation};
+use crate::kernel::{ActorRef, Behaviour, Ctx, Handler, Link, Message, Reply, Supervised};
+use crate::telemetry::Metrics;
+
+/// Timing and crash policy of every lifecycle of one panel manager.
+#[derive(Debug, Clone)]
+pub struct LifecyclePolicy {
+    /// From started to `/manifest` answering 200; past it the instance fails.
+    pub ready_timeout: Duration,
+    pub probe_interval: Duration,
+    /// The first restart waits this long; every further crash doubles it.
+    pub restart_backoff: Duration,
+    pub max_restart_backoff: Duration,
+    /// More crashes than this within `crash_window` end in `failed`.
+    pub max_crashes: usize,
+    pub crash_window: Duration,
+    /// A serving instance without a request for this long is `idle`.
+    pub idle_mark: Duration,
+    /// Lines of the user process's log kept in a failed status.
+    pub log_tail_lines: usize,
+}
+
+/// Unix milliseconds now.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+/// A lifecycle's new state, for its manager.
+#[derive(Debug, Clone)]
+pub struct Transition {
+    pub status: InstanceStatus,
+    /// Where it serves, while it serves.
+    pub endpoint: Option<Endpoint>,
+}
+
+impl Message for Transition {
+    type Reply = ();
+}
+
+/// Stops the instance (SIGTERM, SIGKILL after `grace`); replies with its
+/// final status once it is stopped (at once when it already ended).
+pub struct Stop {
+    pub reason: String,
+    pub grace: Duration,
+}
+
+impl Message for Stop {
+    type Reply = InstanceStatus;
+}
+
+/// When the panel last had a request (unix ms, from the gateway), to tell
+/// `ready` from `idle`.
+pub struct Traffic {
+    pub last_request_ms: Option<u64>,
+}
+
+impl Message for Traffic {
+    type Reply = ();
+}
+
+/// The driver reported that the user process ended.
+struct Exited {
+    code: Option<i32>,
+}
+
+impl Message for Exited {
+    type Reply = ();
+}
+
+/// What a lifecycle needs besides its spec.
+#[derive(Clone)]
+pub struct LifecycleDeps {
+    pub driver: Arc<dyn RuntimeDriver>,
+    pub policy: LifecyclePolicy,
+    pub manager: Link<Transition>,
+    pub metrics: Metrics,
+    pub http: reqwest::Client,
+}
+
+pub struct PodLifecycle {
+    spec: InstanceSpec,
+    deps: LifecycleDeps,
+    /// Set once the driver was asked to start; shared with the factory, so
+    /// a lifecycle rebuilt after a panic knows not to start a second copy.
+    launched: Arc<AtomicBool>,
+    status: InstanceStatus,
+    endpoint: Option<Endpoint>,
+    warning: Option<String>,
+    created: Instant,
+    /// When it first served (unix ms): the idle clock starts there.
+    serving_since_ms: Option<u64>,
+    /// Grows with every (re)start, so a late probe or timer of an earlier
+    /// run is ignored.
+    attempt: u64,
+    crashes: VecDeque<Instant>,
+    /// A stop (or a failure) is under way; later stops only wait for it.
+    ending: bool,
+    /// A stop asked for while the driver was still starting the instance.
+    stop_when_started: Option<(String, Duration)>,
+    waiters: Vec<oneshot::Sender<InstanceStatus>>,
+    me: Option<ActorRef<PodLifecycle>>,
+}
+
+impl PodLifecycle {
+    pub const KIND: &'static str = "pod_lifecycle";
+
+    /// The status an instance has before its lifecycle runs.
+    pub fn pending_status(spec: &InstanceSpec) -> InstanceStatus {
+        InstanceStatus {
+            instance: spec.instance.clone(),
+            panel: spec.panel.clone(),
+            owner: spec.owner.clone(),
+            mode: spec.mode,
+            state: InstanceState::Pending,
+            isolation: Isolation::None,
+            reason: None,
+            log_tail: Vec::new(),
+            restarts: 0,
+            since_ms: now_ms(),
+        }
+    }
+
+    /// Spawns the lifecycle of `spec` on the current arbiter; it starts the
+    /// instance at once.
+    pub fn spawn(kernel: &crate::kernel::Kernel, spec: InstanceSpec, deps: LifecycleDeps) -> ActorRef<PodLifecycle> {
+        let launched = Arc::new(AtomicBool::new(false));
+        let id = format!("pod-{}", spec.instance);
+        kernel.spawn(id, move || PodLifecycle {
+            status: Self::pending_status(&spec),
+            spec: spec.clone(),
+            deps: deps.clone(),
+            launched: launched.clone(),
+            endpoint: None,
+            warning: None,
+            created: Instant::now(),
+            serving_since_ms: None,
+            attempt: 0,
+            crashes: VecDeque::new(),
+            ending: false,
+            stop_when_started: None,
+            waiters: Vec::new(),
+            me: None,
+        })
+    }
+
+    /// Moves to `state` and tells the manager. `reason` says why; the
+    /// isolation warning is kept next to it so the user always sees it.
+    fn set(&mut self, state: InstanceState, reason: Option<String>) {
+        self.status.state = state;
+        self.status.since_ms = now_ms();
+        self.status.reason = match (reason, &self.warning) {
+            (Some(r), Some(w)) => Some(format!("{r}; {w}")),
+            (Some(r), None) => Some(r),
+            (None, w) => w.clone(),
+        };
+        if state.serves() && self.serving_since_ms.is_none() {
+            self.serving_since_ms = Some(self.status.since_ms);
+        }
+        tracing::info!(
+            instance = %self.spec.instance,
+            panel = %self.spec.panel,
+            state = ?state,
+            reason = self.status.reason.as_deref().unwrap_or(""),
+            "panel instance state"
+        );
+        let endpoint = if state.serves() { self.endpoint.clone() } else { None };
+        let _ = self.deps.manager.tell(Transition { status: self.status.clone(), endpoint });
+    }
+
+    fn launch(&mut self, ctx: &mut Ctx<Self>) {
+        let (driver, spec) = (self.deps.driver.clone(), self.spec.clone());
+        let fut = async move { driver.start(spec).await };
+        ctx.spawn(actix::fut::wrap_future::<_, Supervised<Self>>(fut).map(|result, s, ctx| {
+            s.behaviour_mut().launched(result, ctx);
+        }));
+    }
+
+    fn launched(&mut self, result: Result<Started, DriverError>, ctx: &mut Ctx<Self>) {
+        let started = match result {
+            Ok(started) => started,
+            Err(error) => {
+                self.ending = true;
+                if let Some((reason, _)) = self.stop_when_started.take() {
+                    return self.finish(InstanceState::Stopped, Some(reason), ctx);
+                }
+                self.deps.metrics.panel_instance_failures.inc();
+                tracing::warn!(instance = %self.spec.instance, %error, "nexus_panel_instance_failures_total");
+                return self.finish(InstanceState::Failed, Some(format!("could not start: {error}")), ctx);
+            }
+        };
+        self.endpoint = Some(started.endpoint);
+        self.status.isolation = started.isolation;
+        self.warning = started.warning;
+        if let Some(me) = &self.me {
+            let exited = me.link::<Exited>("runtime-driver");
+            let mut events = started.events;
+            actix::spawn(async move {
+                while let Some(InstanceEvent::Exited { code }) = events.recv().await {
+                    if exited.tell(Exited { code }).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+        if let Some((reason, grace)) = self.stop_when_started.take() {
+            return self.stop_now(reason, grace, ctx);
+        }
+        self.set(InstanceState::Starting, None);
+        self.probe(ctx);
+    }
+
+    /// Polls `GET /manifest` until it answers 200 or the ready timeout passes.
+    fn probe(&mut self, ctx: &mut Ctx<Self>) {
+        let Some(endpoint) = &self.endpoint else { return };
+        let attempt = self.attempt;
+        let url = format!("http://{}/manifest", endpoint.addr);
+        let (http, policy) = (self.deps.http.clone(), self.deps.policy.clone());
+        let fut = async move {
+            let deadline = tokio::time::Instant::now() + policy.ready_timeout;
+            let mut last = "no answer yet".to_owned();
+            while tokio::time::Instant::now() < deadline {
+                match http.get(&url).timeout(policy.probe_interval.max(Duration::from_secs(1))).send().await {
+                    Ok(resp) if resp.status().is_success() => return Ok(()),
+                    Ok(resp) => last = format!("GET /manifest answered {}", resp.status()),
+                    Err(error) => last = format!("GET /manifest failed: {error}"),
+                }
+                tokio::time::sleep(policy.probe_interval).await;
+            }
+            Err(last)
+        };
+        ctx.spawn(actix::fut::wrap_future::<_, Supervised<Self>>(fut).map(move |result, s, ctx| {
+            s.behaviour_mut().probed(attempt, result, ctx);
+        }));
+    }
+
+    fn probed(&mut self, attempt: u64, result: Result<(), String>, ctx: &mut Ctx<Self>) {
+        if attempt != self.attempt || self.ending || self.status.state != InstanceState::Starting {
+            return;
+        }
+        match result {
+            Ok(()) => {
+                if self.serving_since_ms.is_none() {
+                    let mode = mode_label(self.spec.mode);
+                    let seconds = self.created.elapsed().as_secs_f64();
+                    self.deps.metrics.panel_instance_start_seconds.with_label_values(&[mode]).observe(seconds);
+                    tracing::info!(instance = %self.spec.instance, seconds, "nexus_panel_instance_start_seconds");
+                }
+                self.set(InstanceState::Ready, None);
+            }
+            Err(last) => {
+                let timeout = self.deps.policy.ready_timeout.as_secs_f64();
+                self.fail(format!("not ready within {timeout}s ({last})"), ctx);
+            }
+        }
+    }
+
+    fn exited(&mut self, code: Option<i32>, ctx: &mut Ctx<Self>) {
+        if self.ending
+            || !matches!(self.status.state, InstanceState::Starting | InstanceState::Ready | InstanceState::Idle)
+        {
+            return;
+        }
+        self.attempt += 1;
+        let now = Instant::now();
+        let window = self.deps.policy.crash_window;
+        self.crashes.push_back(now);
+        while self.crashes.front().is_some_and(|t| now.duration_since(*t) > window) {
+            self.crashes.pop_front();
+        }
+        let exit = match code {
+            Some(code) => format!("exit code {code}"),
+            None => "killed by a signal".to_owned(),
+        };
+        let crashes = self.crashes.len();
+        if crashes > self.deps.policy.max_crashes {
+            return self.fail(format!("crashed {crashes} times; last {exit}"), ctx);
+        }
+        let policy = &self.deps.policy;
+        let backoff = policy.restart_backoff.saturating_mul(1 << (crashes - 1).min(16)).min(policy.max_restart_backoff);
+        self.status.restarts += 1;
+        self.deps.metrics.panel_instance_restarts.inc();
+        tracing::warn!(
+            instance = %self.spec.instance,
+            %exit,
+            backoff_ms = backoff.as_millis() as u64,
+            "nexus_panel_instance_restarts_total"
+        );
+        let reason = format!("restarting after {exit} (restart {})", self.status.restarts);
+        self.set(InstanceState::Starting, Some(reason));
+        let attempt = self.attempt;
+        ctx.run_later(backoff, move |s, ctx| s.behaviour_mut().restart(attempt, ctx));
+    }
+
+    fn restart(&mut self, attempt: u64, ctx: &mut Ctx<Self>) {
+        if attempt != self.attempt || self.ending {
+            return;
+        }
+        let (driver, instance) = (self.deps.driver.clone(), self.spec.instance.clone());
+        let fut = async move { driver.restart(&instance).await };
+        ctx.spawn(actix::fut::wrap_future::<_, Supervised<Self>>(fut).map(move |result, s, ctx| {
+            let this = s.behaviour_mut();
+            if attempt != this.attempt || this.ending {
+                return;
+            }
+            match result {
+                Ok(()) => this.probe(ctx),
+                Err(error) => this.fail(format!("restart failed: {error}"), ctx),
+            }
+        }));
+    }
+
+    /// Ends in `failed`: keeps the log tail, then stops what is left.
+    fn fail(&mut self, reason: String, ctx: &mut Ctx<Self>) {
+        self.ending = true;
+        self.deps.metrics.panel_instance_failures.inc();
+        tracing::warn!(instance = %self.spec.instance, %reason, "nexus_panel_instance_failures_total");
+        let (driver, instance) = (self.deps.driver.clone(), self.spec.instance.clone());
+        let lines = self.deps.policy.log_tail_lines;
+        let fut = async move {
+            let tail = driver.logs(&instance, lines).await.unwrap_or_else(|e| vec![format!("(no log: {e})")]);
+            if let Err(error) = driver.stop(&instance, Duration::ZERO).await {
+                tracing::warn!(%instance, %error, "could not stop a failed instance");
+            }
+            tail
+        };
+        ctx.spawn(actix::fut::wrap_future::<_, Supervised<Self>>(fut).map(move |tail, s, ctx| {
+            let this = s.behaviour_mut();
+            this.status.log_tail = tail;
+            this.finish(InstanceState::Failed, Some(reason), ctx);
+        }));
+    }
+
+    fn stop_now(&mut self, reason: String, grace: Duration, ctx: &mut Ctx<Self>) {
+        self.ending = true;
+        self.set(InstanceState::Stopping, Some(reason.clone()));
+        let (driver, instance) = (self.deps.driver.clone(), self.spec.instance.clone());
+        let fut = async move { driver.stop(&instance, grace).await };
+        ctx.spawn(actix::fut::wrap_future::<_, Supervised<Self>>(fut).map(move |result, s, ctx| {
+            let this = s.behaviour_mut();
+            match result {
+                Ok(()) => this.finish(InstanceState::Stopped, Some(reason), ctx),
+                Err(error) => {
+                    this.deps.metrics.panel_instance_failures.inc();
+                    tracing::warn!(instance = %this.spec.instance, %error, "nexus_panel_instance_failures_total");
+                    this.finish(InstanceState::Failed, Some(format!("{reason}; stopping failed: {error}")), ctx);
+                }
+            }
+        }));
+    }
+
+    /// Reports the final state, answers everyone waiting for it and stops.
+    fn finish(&mut self, state: InstanceState, reason: Option<String>, ctx: &mut Ctx<Self>) {
+        self.set(state, reason);
+        for waiter in self.waiters.drain(..) {
+            let _ = waiter.send(self.status.clone());
+        }
+        ctx.stop();
+    }
+}
+
+pub fn mode_label(mode: crate::instance::InstanceMode) -> &'static str {
+    match mode {
+        crate::instance::InstanceMode::Studio => "studio",
+        crate::instance::InstanceMode::App => "app",
+    }
+}
+
+impl Behaviour for PodLifecycle {
+    const KIND: &'static str = PodLifecycle::KIND;
+
+    fn started(&mut self, me: &ActorRef<Self>, ctx: &mut Ctx<Self>) {
+        self.me = Some(me.clone());
+        if self.launched.swap(true, Ordering::SeqCst) {
+            // Rebuilt after a panic: the instance's run is unknown, so end
+            // it rather than guess (the user can start it again).
+            self.fail("the panel manager lost track of this instance".to_owned(), ctx);
+            return;
+        }
+        self.set(InstanceState::Pending, None);
+        self.launch(ctx);
+    }
+}
+
+impl Handler<Stop> for PodLifecycle {
+    fn handle(&mut self, msg: Stop, ctx: &mut Ctx<Self>) -> Reply<InstanceStatus> {
+        if self.status.state.is_final() {
+            return Reply::Now(self.status.clone());
+        }
+        let (tx, rx) = oneshot::channel();
+        self.waiters.push(tx);
+        if !self.ending {
+            if self.endpoint.is_none() {
+                // The driver is still starting it: stop once it has.
+                self.ending = true;
+                self.set(InstanceState::Stopping, Some(msg.reason.clone()));
+                self.stop_when_started = Some((msg.reason, msg.grace));
+            } else {
+                self.stop_now(msg.reason, msg.grace, ctx);
+            }
+        }
+        let current = self.status.clone();
+        Reply::later(async move { rx.await.unwrap_or(current) })
+    }
+}
+
+impl Handler<Traffic> for PodLifecycle {
+    fn handle(&mut self, msg: Traffic, _: &mut Ctx<Self>) -> Reply<()> {
+        if self.ending || !self.status.state.serves() {
+            return Reply::Now(());
+        }
+        let since = self.serving_since_ms.unwrap_or(self.status.since_ms);
+        let reference = msg.last_request_ms.unwrap_or(0).max(since);
+        let quiet = Duration::from_millis(now_ms().saturating_sub(reference));
+        let idle = quiet >= self.deps.policy.idle_mark;
+        match (self.status.state, idle) {
+            (InstanceState::Ready, true) => {
+                let reason = format!("no request for {}s", quiet.as_secs());
+                self.set(InstanceState::Idle, Some(reason));
+            }
+            (InstanceState::Idle, false) => self.set(InstanceState::Ready, None),
+            _ => {}
+        }
+        Reply::Now(())
+    }
+}
+
+impl Handler<Exited> for PodLifecycle {
+    fn handle(&mut self, msg: Exited, ctx: &mut Ctx<Self>) -> Reply<()> {
+        self.exited(msg.code, ctx);
+        Reply::Now(())
+    }
+}

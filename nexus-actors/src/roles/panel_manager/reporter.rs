@@ -1,0 +1,103 @@
+//! The reporter: writes instance statuses and routes to Redis and announces
+//! them, one write after the other in the order they were made.
+//!
+//! Order matters: a `ready` written before the `starting` it follows would
+//! leave the wrong state in Redis. One task drains a queue, so neither the
+//! manager nor a lifecycle waits for Redis. It decides nothing.
+
+use tokio::sync::{mpsc, oneshot};
+
+use super::store::PmStore;
+use crate::bus::redis::Publish;
+use crate::envelope::{Envelope, Payload};
+use crate::instance::{InstanceChanged, InstanceStatus, PanelRoute, RouteChanged, ROUTES_CHANNEL};
+use crate::kernel::Link;
+use crate::roles::transaction_manager::api::panels_channel;
+
+/// One write, with its announcement.
+#[derive(Debug)]
+pub enum Report {
+    /// HSET `nexus:instances:{panel}`, then [`InstanceChanged`] on `nexus:panels:{owner}`.
+    Status(InstanceStatus),
+    /// HSET `nexus:routes`, then [`RouteChanged`].
+    Route(PanelRoute),
+    /// Removes the panel's route, App record and statuses, then [`RouteChanged`].
+    ForgetPanel(String),
+    /// Answers once everything queued before it is written.
+    Flush(oneshot::Sender<()>),
+}
+
+/// Queues writes for the reporter task. Cheap to clone.
+#[derive(Clone)]
+pub struct Reporter {
+    tx: mpsc::UnboundedSender<Report>,
+}
+
+impl Reporter {
+    /// Starts the task on the current arbiter. `keep_final` final statuses
+    /// are kept per panel, so the UI can show why an instance ended.
+    pub fn spawn(store: PmStore, publish: Link<Publish>, node: String, keep_final: usize) -> Self {
+        let (tx, mut rx) = mpsc::unbounded_channel::<Report>();
+        actix::spawn(async move {
+            while let Some(report) = rx.recv().await {
+                write(&store, &publish, &node, keep_final, report).await;
+            }
+        });
+        Reporter { tx }
+    }
+
+    pub fn send(&self, report: Report) {
+        // The task lives as long as the arbiter; after that nothing is reported.
+        let _ = self.tx.send(report);
+    }
+
+    /// Waits until every report queued so far is written.
+    pub async fn flush(&self) {
+        let (tx, rx) = oneshot::channel();
+        self.send(Report::Flush(tx));
+        let _ = rx.await;
+    }
+}
+
+async fn announce<T: Payload>(publish: &Link<Publish>, node: &str, channel: String, payload: T) {
+    let envelope = Envelope::new(node.to_owned(), payload).into_untyped();
+    // Announcements are best effort: the state is in Redis, and readers
+    // resync from it when they miss one.
+    match publish.ask(Publish { channel, envelope }).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(error)) => tracing::warn!(%error, "panel manager could not announce a change"),
+        Err(error) => tracing::warn!(?error, "panel manager could not reach the redis bridge"),
+    }
+}
+
+async fn write(store: &PmStore, publish: &Link<Publish>, node: &str, keep_final: usize, report: Report) {
+    match report {
+        Report::Status(status) => {
+            if let Err(error) = store.put_status(node, &status).await {
+                tracing::warn!(instance = %status.instance, %error, "could not write an instance status");
+            }
+            if status.state.is_final() {
+                if let Err(error) = store.trim_final(&status.panel, keep_final).await {
+                    tracing::warn!(panel = %status.panel, %error, "could not trim old instance statuses");
+                }
+            }
+            let channel = panels_channel(&status.owner);
+            announce(publish, node, channel, InstanceChanged { status }).await;
+        }
+        Report::Route(route) => {
+            if let Err(error) = store.put_route(&route).await {
+                tracing::warn!(panel = %route.panel, %error, "could not write a route");
+            }
+            announce(publish, node, ROUTES_CHANNEL.to_owned(), RouteChanged { panel: route.panel }).await;
+        }
+        Report::ForgetPanel(panel) => {
+            if let Err(error) = store.forget_panel(&panel).await {
+                tracing::warn!(%panel, %error, "could not remove a deleted panel's state");
+            }
+            announce(publish, node, ROUTES_CHANNEL.to_owned(), RouteChanged { panel }).await;
+        }
+        Report::Flush(done) => {
+            let _ = done.send(());
+        }
+    }
+}
