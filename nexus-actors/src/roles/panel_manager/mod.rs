@@ -2,3 +2,4 @@
 //! over a [`driver::RuntimeDriver`].
 
 pub mod driver;
+pub mod local;
