@@ -35,11 +35,12 @@ use crate::infra::{find_program, free_port};
 use crate::instance::{Endpoint, InstanceMode, Isolation};
 use crate::netns::Netns;
 use files::{
-    blocking, check_id, chown_tree, copy_tree, fresh_copy, last_version, make_read_only, netns_name, open_log,
-    panel_uid, path_string, private_dir, read_command, remove_tree, set_mode,
+    blocking, check_id, chown_tree, copy_tree, fresh_copy, last_version, make_read_only, open_log, panel_uid,
+    path_string, private_dir, read_command, remove_tree, set_mode,
 };
 use procs::{OnExit, Supervised};
 
+pub use files::netns_name;
 pub use templates::names as template_names;
 
 /// Where the panel listens inside its namespace, and its sidecar's proxy.

@@ -179,7 +179,7 @@ pub(super) fn read_command(code: &Path) -> Result<Vec<String>, DriverError> {
 }
 
 /// The network namespace of an instance (`/run/netns/<name>`).
-pub(super) fn netns_name(instance: &str) -> String {
+pub fn netns_name(instance: &str) -> String {
     format!("nexus-{instance}")
 }
 
