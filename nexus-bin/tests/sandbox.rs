@@ -277,6 +277,8 @@ fn a_studio_instance_reaches_its_sidecar_and_nothing_else() {
         let sidecar = get_json(&addr, "/sidecar");
         assert_eq!(sidecar["status"], 200, "the panel's own sidecar answers /healthz: {sidecar}");
         assert_eq!(probe(&addr, "127.0.0.1", 3500)["connected"], true);
+        let watchdog = get_json(started.endpoint.watchdog.as_deref().unwrap(), "/healthz");
+        assert_eq!(watchdog["instance"], a.as_str(), "the watchdog answers through its forward: {watchdog}");
         let whoami = get_json(&addr, "/whoami");
         assert_ne!(whoami["uid"], 0, "panel code never runs as root: {whoami}");
 
@@ -322,6 +324,26 @@ fn a_plain_process_sandbox_isolates_too_and_stop_kills_what_escaped_its_group() 
         assert_eq!(probe(&addr, "127.0.0.1", env.redis_port)["connected"], false, "redis from a process sandbox");
         assert_eq!(get_json(&addr, "/sidecar")["status"], 200);
         assert_ne!(get_json(&addr, "/whoami")["uid"], 0);
+
+        // The sidecar is ours: when it dies the driver starts it again.
+        let sidecars: Vec<String> =
+            processes_mentioning(&instance).into_iter().filter(|p| p.contains(" sidecar ")).collect();
+        assert_eq!(sidecars.len(), 1, "{sidecars:?}");
+        let pid = sidecars[0].split(':').next().unwrap().to_owned();
+        assert!(std::process::Command::new("kill").args(["-9", &pid]).status().unwrap().success());
+        // Waits without blocking: the driver's supervisors run on this thread.
+        let port: u16 = addr.rsplit(':').next().unwrap().parse().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let restarted =
+                processes_mentioning(&instance).iter().any(|p| p.contains(" sidecar ") && !p.starts_with(&format!("{pid}:")));
+            let answer = common::get(port, "/sidecar").and_then(|(_, body)| serde_json::from_str::<Value>(&body).ok());
+            if restarted && answer.is_some_and(|a| a["status"] == 200) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "the sidecar was not restarted");
+            actix_rt::time::sleep(Duration::from_millis(200)).await;
+        }
 
         // A child in a new session leaves the process group; stop finds it
         // through the namespace.
