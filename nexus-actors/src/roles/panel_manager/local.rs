@@ -265,15 +265,10 @@ impl LocalDriver {
         let command = read_command(&code)?;
 
         let studio = spec.mode == InstanceMode::Studio;
-        let netns = if root {
-            Some(Netns::create(&netns_name(&spec.instance)).map_err(|e| DriverError::Sandbox(e.to_string()))?)
-        } else {
-            None
-        };
         let (panel_port, watchdog_port) = (free_port()?, free_port()?);
-        let (panel_inside, proxy_addr, watchdog_inside) = match &netns {
-            Some(_) => (PANEL_PORT, format!("127.0.0.1:{SIDECAR_PORT}"), format!("127.0.0.1:{WATCHDOG_PORT}")),
-            None => (panel_port, format!("127.0.0.1:{}", free_port()?), format!("127.0.0.1:{watchdog_port}")),
+        let (panel_inside, proxy_addr, watchdog_inside) = match root {
+            true => (PANEL_PORT, format!("127.0.0.1:{SIDECAR_PORT}"), format!("127.0.0.1:{WATCHDOG_PORT}")),
+            false => (panel_port, format!("127.0.0.1:{}", free_port()?), format!("127.0.0.1:{watchdog_port}")),
         };
         let env = vec![
             ("PATH".to_owned(), "/usr/local/bin:/usr/bin:/bin".to_owned()),
@@ -293,6 +288,12 @@ impl LocalDriver {
                 Some((runsc.clone(), bundle))
             }
             _ => None,
+        };
+        // Last before the processes: from here on a failure tears it down.
+        let netns = if root {
+            Some(Netns::create(&netns_name(&spec.instance)).map_err(|e| DriverError::Sandbox(e.to_string()))?)
+        } else {
+            None
         };
         let (events, events_rx) = mpsc::unbounded_channel();
         let instance = Arc::new(Instance {

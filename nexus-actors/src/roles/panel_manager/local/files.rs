@@ -9,7 +9,7 @@
 use std::fs;
 use std::io;
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use super::super::driver::DriverError;
 
@@ -188,7 +188,9 @@ pub(super) fn path_string(path: &Path) -> String {
 }
 
 /// Opens a log for appending: writers from several processes (and from
-/// inside gVisor, which writes at its own offsets) never overwrite.
-pub(super) fn open_log(path: &PathBuf) -> io::Result<fs::File> {
-    fs::OpenOptions::new().create(true).append(true).open(path)
+/// inside gVisor, which writes at its own offsets) never overwrite. Only
+/// root reads it: another panel's sandboxed uid must not.
+pub(super) fn open_log(path: &Path) -> io::Result<fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    fs::OpenOptions::new().create(true).append(true).mode(0o600).open(path)
 }
