@@ -335,8 +335,9 @@ fn a_plain_process_sandbox_isolates_too_and_stop_kills_what_escaped_its_group() 
         let port: u16 = addr.rsplit(':').next().unwrap().parse().unwrap();
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            let restarted =
-                processes_mentioning(&instance).iter().any(|p| p.contains(" sidecar ") && !p.starts_with(&format!("{pid}:")));
+            let restarted = processes_mentioning(&instance)
+                .iter()
+                .any(|p| p.contains(" sidecar ") && !p.starts_with(&format!("{pid}:")));
             let answer = common::get(port, "/sidecar").and_then(|(_, body)| serde_json::from_str::<Value>(&body).ok());
             if restarted && answer.is_some_and(|a| a["status"] == 200) {
                 break;
