@@ -3,12 +3,14 @@
 //! node's [`manager::PanelManager`], and the owner-only HTTP API to start,
 //! stop, deploy, scale and read panel instances.
 //!
-//! The lead wires it with [`start`] (actors, stale-state cleanup),
-//! [`configure`] (routes) and [`PanelManagerHandle::stop_all`] (shutdown).
+//! A node wires it with [`start`] (actors, stale-state cleanup),
+//! [`configure`] (routes) and [`PanelManagerHandle::stop_all`] (shutdown);
+//! [`local::LocalDriver`] is the driver for one machine.
 
 pub mod api;
 pub mod driver;
 pub mod lifecycle;
+pub mod local;
 pub mod manager;
 pub mod reporter;
 pub mod store;

@@ -1,0 +1,603 @@
+//! The `local` runtime driver: a panel instance as a Pod without
+//! Kubernetes, on this machine.
+//!
+//! One instance is a private network namespace with only loopback up, the
+//! user's server in it on 8080 (under gVisor when `runsc` works, else a
+//! plain process as its own uid), its `nexus sidecar` and, for Studio, its
+//! `nexus watchdog`. Those two stay on the host network (their Redis
+//! connections stay outside) and open their listeners inside; the sidecar's
+//! `--forward`s give the host the instance's 8080 and 9999, like a Pod IP.
+//!
+//! It owns the files under `data_dir` (`volumes/<panel>/`,
+//! `snapshots/<panel>/<version>/`, `instances/<instance>/` with the logs)
+//! and the processes it starts. It decides no policy: a user process that
+//! exits is reported ([`InstanceEvent::Exited`]) and restarted only when
+//! asked; the sidecar and watchdog are ours, so a dead one is restarted here
+//! with backoff (logged and counted), never reported as the panel's exit.
+
+mod files;
+mod procs;
+mod runsc;
+mod templates;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use futures::FutureExt;
+use prometheus::{IntCounterVec, Opts};
+use tokio::sync::{mpsc, OnceCell};
+
+use super::driver::{Code, DriverError, InstanceEvent, InstanceSpec, RuntimeDriver, Snapshot, Started, Volume};
+use crate::infra::{find_program, free_port};
+use crate::instance::{Endpoint, InstanceMode, Isolation};
+use crate::netns::Netns;
+use files::{
+    blocking, check_id, chown_tree, copy_tree, fresh_copy, last_version, make_read_only, open_log, panel_uid,
+    path_string, private_dir, read_command, remove_tree, set_mode,
+};
+use procs::{OnExit, Supervised};
+
+pub use files::netns_name;
+pub use templates::names as template_names;
+
+/// Where the panel listens inside its namespace, and its sidecar's proxy.
+const PANEL_PORT: u16 = 8080;
+const SIDECAR_PORT: u16 = 3500;
+const WATCHDOG_PORT: u16 = 9999;
+/// The watchdog's timeout when the spec names none (the issue's 30 min).
+const DEFAULT_WATCHDOG_TIMEOUT: Duration = Duration::from_secs(1800);
+/// How long `restart` lets a still-running user process end on SIGTERM.
+const RESTART_GRACE: Duration = Duration::from_secs(5);
+
+/// How user code is isolated; `Auto` takes the strongest that works here.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SandboxChoice {
+    /// gVisor if root and `runsc run` works, else a process in its own
+    /// namespace if root, else none (with a loud warning).
+    Auto,
+    Gvisor,
+    Process,
+    None,
+}
+
+#[derive(Debug, Clone)]
+pub struct LocalConfig {
+    pub data_dir: PathBuf,
+    /// The `nexus` binary, run as `nexus sidecar` and `nexus watchdog`.
+    pub nexus_bin: PathBuf,
+    /// Given to the sidecar and watchdog only, never to user code.
+    pub redis_url: String,
+    pub sandbox: SandboxChoice,
+}
+
+/// The driver's counters. Not registered anywhere by the driver: the node
+/// registers them in its registry ([`LocalMetrics::register`]).
+#[derive(Clone)]
+pub struct LocalMetrics {
+    /// `nexus_local_instances_started_total{isolation}`
+    pub started: IntCounterVec,
+    /// `nexus_local_panel_exits_total{mode}`: user processes that ended on their own.
+    pub panel_exits: IntCounterVec,
+    /// `nexus_local_helper_restarts_total{process}`: sidecars and watchdogs restarted after dying.
+    pub helper_restarts: IntCounterVec,
+}
+
+impl LocalMetrics {
+    fn new() -> LocalMetrics {
+        let counter = |name: &str, help: &str, label: &str| {
+            IntCounterVec::new(Opts::new(name, help), &[label]).expect("valid metric definition")
+        };
+        LocalMetrics {
+            started: counter("nexus_local_instances_started_total", "Instances started, by isolation", "isolation"),
+            panel_exits: counter("nexus_local_panel_exits_total", "User processes that ended on their own", "mode"),
+            helper_restarts: counter(
+                "nexus_local_helper_restarts_total",
+                "Sidecars and watchdogs restarted after dying",
+                "process",
+            ),
+        }
+    }
+
+    pub fn register(&self, registry: &prometheus::Registry) -> prometheus::Result<()> {
+        registry.register(Box::new(self.started.clone()))?;
+        registry.register(Box::new(self.panel_exits.clone()))?;
+        registry.register(Box::new(self.helper_restarts.clone()))
+    }
+}
+
+/// The isolation this driver gives, decided once (probing runsc costs ~1 s).
+#[derive(Debug, Clone)]
+struct Sandbox {
+    isolation: Isolation,
+    runsc: Option<PathBuf>,
+    warning: Option<String>,
+}
+
+pub struct LocalDriver {
+    config: LocalConfig,
+    metrics: LocalMetrics,
+    sandbox: OnceCell<Result<Sandbox, String>>,
+    instances: Mutex<HashMap<String, Arc<Instance>>>,
+    /// Serialises snapshot numbering per driver.
+    snapshots: tokio::sync::Mutex<()>,
+}
+
+/// One running instance and everything needed to stop or restart it.
+struct Instance {
+    panel: String,
+    mode: InstanceMode,
+    dir: PathBuf,
+    /// The directory the user process runs in.
+    code: PathBuf,
+    /// App: the snapshot `code` is copied from again on every (re)start.
+    snapshot: Option<PathBuf>,
+    netns: Option<Netns>,
+    /// The uid user code runs as (root only; none without root).
+    uid: Option<u32>,
+    command: Vec<String>,
+    env: Vec<(String, String)>,
+    gvisor: Option<(PathBuf, runsc::Bundle)>,
+    events: mpsc::UnboundedSender<InstanceEvent>,
+    user: tokio::sync::Mutex<Option<Supervised>>,
+    helpers: Mutex<Vec<Supervised>>,
+}
+
+impl LocalDriver {
+    pub fn new(config: LocalConfig) -> LocalDriver {
+        LocalDriver {
+            config,
+            metrics: LocalMetrics::new(),
+            sandbox: OnceCell::new(),
+            instances: Mutex::new(HashMap::new()),
+            snapshots: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    pub fn metrics(&self) -> &LocalMetrics {
+        &self.metrics
+    }
+
+    /// The isolation instances get, probing runsc the first time.
+    pub async fn isolation(&self) -> Result<(Isolation, Option<String>), DriverError> {
+        let sandbox = self.sandbox().await?;
+        Ok((sandbox.isolation, sandbox.warning))
+    }
+
+    async fn sandbox(&self) -> Result<Sandbox, DriverError> {
+        let resolved = self.sandbox.get_or_init(|| resolve(self.config.sandbox, &self.config.data_dir)).await;
+        resolved.clone().map_err(DriverError::Sandbox)
+    }
+
+    fn volumes(&self) -> PathBuf {
+        self.config.data_dir.join("volumes")
+    }
+
+    fn snapshots_of(&self, panel: &str) -> PathBuf {
+        self.config.data_dir.join("snapshots").join(panel)
+    }
+
+    fn instance(&self, id: &str) -> Result<Arc<Instance>, DriverError> {
+        let instances = self.instances.lock().unwrap_or_else(|p| p.into_inner());
+        instances.get(id).cloned().ok_or_else(|| DriverError::NoInstance(id.to_owned()))
+    }
+
+    async fn create_volume(&self, panel: &str, source: &str) -> Result<Volume, DriverError> {
+        check_id("panel", panel)?;
+        templates::files(source)?;
+        let location = self.volumes().join(panel);
+        if !location.exists() {
+            let fresh = self.volumes().join(format!(".{panel}.new-{}", rand::random::<u32>()));
+            private_dir(&self.volumes())?;
+            std::fs::create_dir_all(&fresh)?;
+            let written = templates::write(source, &fresh).and_then(|()| Ok(std::fs::rename(&fresh, &location)?));
+            if written.is_err() {
+                let _ = remove_tree(&fresh);
+            }
+            written?;
+            tracing::info!(panel, source, volume = %location.display(), "volume created");
+        }
+        Ok(Volume { panel: panel.to_owned(), location })
+    }
+
+    async fn create_snapshot(&self, panel: &str, source: &str) -> Result<Snapshot, DriverError> {
+        check_id("panel", panel)?;
+        templates::files(source)?;
+        let _numbering = self.snapshots.lock().await;
+        let dir = self.snapshots_of(panel);
+        private_dir(&self.config.data_dir.join("snapshots"))?;
+        std::fs::create_dir_all(&dir)?;
+        // Only root reads snapshots; instances get a copy.
+        set_mode(&dir, 0o700)?;
+        let version = last_version(&dir)? + 1;
+        let location = dir.join(version.to_string());
+        let fresh = dir.join(format!(".{version}.new"));
+        let _ = remove_tree(&fresh);
+        let volume = self.volumes().join(panel);
+        let made = if volume.is_dir() {
+            let (from, to) = (volume.clone(), fresh.clone());
+            blocking(move || copy_tree(&from, &to, false)).await
+        } else {
+            std::fs::create_dir_all(&fresh).map_err(DriverError::from).and_then(|()| templates::write(source, &fresh))
+        };
+        let made = made.and_then(|()| {
+            make_read_only(&fresh)?;
+            Ok(std::fs::rename(&fresh, &location)?)
+        });
+        if made.is_err() {
+            let _ = remove_tree(&fresh);
+        }
+        made?;
+        tracing::info!(panel, version, snapshot = %location.display(), "snapshot taken");
+        Ok(Snapshot { panel: panel.to_owned(), version, location })
+    }
+
+    async fn start_instance(&self, spec: InstanceSpec) -> Result<Started, DriverError> {
+        check_id("instance", &spec.instance)?;
+        check_id("panel", &spec.panel)?;
+        if self.instance(&spec.instance).is_ok() {
+            return Err(DriverError::Sandbox(format!("instance {} is already running", spec.instance)));
+        }
+        let sandbox = self.sandbox().await?;
+        let root = sandbox.isolation != Isolation::None;
+        let instances_dir = self.config.data_dir.join("instances");
+        private_dir(&instances_dir)?;
+        let dir = instances_dir.join(&spec.instance);
+        remove_tree(&dir)?;
+        std::fs::create_dir_all(&dir)?;
+        // Traversable (the sandboxed uid reaches its code dir), not listable.
+        set_mode(&dir, if root { 0o711 } else { 0o755 })?;
+        let uid = root.then(|| panel_uid(&spec.panel));
+
+        let (code, snapshot) = match &spec.code {
+            Code::Studio(volume) => (volume.location.clone(), None),
+            Code::App(snapshot) => (dir.join("code"), Some(snapshot.location.clone())),
+        };
+        if let Some(snapshot) = &snapshot {
+            fresh_copy(snapshot, &code).await?;
+        }
+        if let Some(uid) = uid {
+            let code = code.clone();
+            blocking(move || chown_tree(&code, uid)).await?;
+        }
+        let command = read_command(&code)?;
+
+        let studio = spec.mode == InstanceMode::Studio;
+        let (panel_port, watchdog_port) = (free_port()?, free_port()?);
+        let (panel_inside, proxy_addr, watchdog_inside) = match root {
+            true => (PANEL_PORT, format!("127.0.0.1:{SIDECAR_PORT}"), format!("127.0.0.1:{WATCHDOG_PORT}")),
+            false => (panel_port, format!("127.0.0.1:{}", free_port()?), format!("127.0.0.1:{watchdog_port}")),
+        };
+        let env = vec![
+            ("PATH".to_owned(), "/usr/local/bin:/usr/bin:/bin".to_owned()),
+            (
+                "HOME".to_owned(),
+                if sandbox.isolation == Isolation::Gvisor { runsc::CODE_MOUNT.into() } else { path_string(&code) },
+            ),
+            ("LANG".to_owned(), "C.UTF-8".to_owned()),
+            ("PYTHONUNBUFFERED".to_owned(), "1".to_owned()),
+            ("PORT".to_owned(), panel_inside.to_string()),
+            ("NEXUS_PROXY_URL".to_owned(), format!("http://{proxy_addr}/proxy")),
+        ];
+        let gvisor = match (&sandbox.runsc, sandbox.isolation) {
+            (Some(runsc), Isolation::Gvisor) => {
+                let process = runsc::Process { args: &command, env: &env, uid: uid.unwrap_or(0) };
+                let bundle = runsc::Bundle::write(&dir, &netns_name(&spec.instance), &code, &process)?;
+                Some((runsc.clone(), bundle))
+            }
+            _ => None,
+        };
+        // Last before the processes: from here on a failure tears it down.
+        let netns = if root {
+            Some(Netns::create(&netns_name(&spec.instance)).map_err(|e| DriverError::Sandbox(e.to_string()))?)
+        } else {
+            None
+        };
+        let (events, events_rx) = mpsc::unbounded_channel();
+        let instance = Arc::new(Instance {
+            panel: spec.panel.clone(),
+            mode: spec.mode,
+            dir: dir.clone(),
+            code,
+            snapshot,
+            netns,
+            uid,
+            command,
+            env,
+            gvisor,
+            events,
+            user: tokio::sync::Mutex::new(None),
+            helpers: Mutex::new(Vec::new()),
+        });
+
+        let started = self.start_processes(&spec, &instance, panel_port, watchdog_port, &proxy_addr, &watchdog_inside);
+        if let Err(error) = started.await {
+            self.tear_down(&spec.instance, &instance, Duration::ZERO).await;
+            return Err(error);
+        }
+        self.instances.lock().unwrap_or_else(|p| p.into_inner()).insert(spec.instance.clone(), instance);
+        self.metrics.started.with_label_values(&[isolation_label(sandbox.isolation)]).inc();
+        tracing::info!(
+            instance = %spec.instance, panel = %spec.panel, mode = ?spec.mode, isolation = ?sandbox.isolation,
+            panel_addr = %format!("127.0.0.1:{panel_port}"), "nexus_local_instances_started_total"
+        );
+        if let Some(warning) = &sandbox.warning {
+            tracing::warn!(instance = %spec.instance, panel = %spec.panel, "{warning}");
+        }
+        Ok(Started {
+            endpoint: Endpoint {
+                instance: spec.instance.clone(),
+                addr: format!("127.0.0.1:{panel_port}"),
+                watchdog: studio.then(|| format!("127.0.0.1:{watchdog_port}")),
+            },
+            isolation: sandbox.isolation,
+            warning: sandbox.warning.clone(),
+            events: events_rx,
+        })
+    }
+
+    /// Starts the sidecar, the watchdog (Studio) and the user process.
+    async fn start_processes(
+        &self,
+        spec: &InstanceSpec,
+        instance: &Arc<Instance>,
+        panel_port: u16,
+        watchdog_port: u16,
+        proxy_addr: &str,
+        watchdog_inside: &str,
+    ) -> Result<(), DriverError> {
+        let netns_path = instance.netns.as_ref().map(Netns::path);
+        let mut sidecar: Vec<String> = vec!["sidecar".into(), "--panel".into(), spec.panel.clone()];
+        sidecar.extend(["--redis-url".into(), self.config.redis_url.clone(), "--listen".into(), proxy_addr.into()]);
+        sidecar.extend(["--panel-url".into(), format!("http://127.0.0.1:{panel_port}")]);
+        if let Some(path) = &netns_path {
+            sidecar.extend(["--netns".into(), path_string(path)]);
+            sidecar.extend(["--forward".into(), format!("127.0.0.1:{panel_port}={PANEL_PORT}")]);
+            if spec.mode == InstanceMode::Studio {
+                sidecar.extend(["--forward".into(), format!("127.0.0.1:{watchdog_port}={WATCHDOG_PORT}")]);
+            }
+        }
+        self.spawn_helper("sidecar", &spec.instance, instance, sidecar)?;
+        if spec.mode == InstanceMode::Studio {
+            let timeout = spec.watchdog_timeout.unwrap_or(DEFAULT_WATCHDOG_TIMEOUT).as_secs().max(1);
+            let mut watchdog: Vec<String> = vec!["watchdog".into(), "--instance".into(), spec.instance.clone()];
+            watchdog.extend(["--panel".into(), spec.panel.clone(), "--listen".into(), watchdog_inside.into()]);
+            watchdog.extend(["--timeout-secs".into(), timeout.to_string()]);
+            watchdog.extend(["--redis-url".into(), self.config.redis_url.clone()]);
+            if let Some(path) = &netns_path {
+                watchdog.extend(["--netns".into(), path_string(path)]);
+            }
+            self.spawn_helper("watchdog", &spec.instance, instance, watchdog)?;
+        }
+        let user = spawn_user(&spec.instance, instance, &self.metrics)?;
+        *instance.user.lock().await = Some(user);
+        Ok(())
+    }
+
+    fn spawn_helper(
+        &self,
+        name: &'static str,
+        id: &str,
+        instance: &Instance,
+        args: Vec<String>,
+    ) -> Result<(), DriverError> {
+        let log = instance.dir.join(format!("{name}.log"));
+        let program = self.config.nexus_bin.clone();
+        let respawn = move || {
+            let log = open_log(&log)?;
+            let mut command = tokio::process::Command::new(&program);
+            command.args(&args).stdin(std::process::Stdio::null()).stdout(log.try_clone()?).stderr(log);
+            procs::prepare(&mut command, None, None)?;
+            Ok(command)
+        };
+        let first = respawn()?;
+        let restarts = self.metrics.helper_restarts.with_label_values(&[name]);
+        let on_exit = OnExit::Restart { respawn: Box::new(respawn), restarts };
+        let helper = Supervised::spawn(name, id, first, on_exit, false)?;
+        instance.helpers.lock().unwrap_or_else(|p| p.into_inner()).push(helper);
+        Ok(())
+    }
+
+    async fn restart_instance(&self, id: &str) -> Result<(), DriverError> {
+        let instance = self.instance(id)?;
+        let mut user = instance.user.lock().await;
+        if let Some(running) = user.take() {
+            running.stop(RESTART_GRACE).await;
+        }
+        if let Some((runsc, bundle)) = &instance.gvisor {
+            bundle.forget_container(runsc).await;
+        }
+        // An App starts from its snapshot again: nothing written survives.
+        if let Some(snapshot) = &instance.snapshot {
+            fresh_copy(snapshot, &instance.code).await?;
+            if let Some(uid) = instance.uid {
+                let code = instance.code.clone();
+                blocking(move || chown_tree(&code, uid)).await?;
+            }
+        }
+        *user = Some(spawn_user(id, &instance, &self.metrics)?);
+        tracing::info!(instance = id, panel = %instance.panel, "user process restarted");
+        Ok(())
+    }
+
+    async fn stop_instance(&self, id: &str, grace: Duration) -> Result<(), DriverError> {
+        let instance = self.instances.lock().unwrap_or_else(|p| p.into_inner()).remove(id);
+        let instance = instance.ok_or_else(|| DriverError::NoInstance(id.to_owned()))?;
+        self.tear_down(id, &instance, grace).await;
+        tracing::info!(instance = id, panel = %instance.panel, "instance stopped");
+        Ok(())
+    }
+
+    /// Ends every process of the instance and frees what it held; keeps
+    /// the logs. Never fails: whatever cannot be freed is logged.
+    async fn tear_down(&self, id: &str, instance: &Instance, grace: Duration) {
+        if let Some(user) = instance.user.lock().await.take() {
+            user.stop(grace).await;
+        }
+        let helpers = std::mem::take(&mut *instance.helpers.lock().unwrap_or_else(|p| p.into_inner()));
+        futures::future::join_all(helpers.into_iter().map(|h| h.stop(grace))).await;
+        if let Some(netns) = &instance.netns {
+            // What escaped the process groups (setsid) is still in the namespace.
+            procs::kill_namespace_members(&netns.path()).await;
+            if let Err(error) = netns.delete() {
+                tracing::warn!(instance = id, %error, "could not delete the network namespace");
+            }
+        }
+        if let Some((runsc, bundle)) = &instance.gvisor {
+            bundle.forget_container(runsc).await;
+            let _ = remove_tree(&bundle.dir);
+            let _ = remove_tree(&bundle.state);
+        }
+        if instance.snapshot.is_some() {
+            if let Err(error) = remove_tree(&instance.code) {
+                tracing::warn!(instance = id, %error, "could not delete the App's scratch copy");
+            }
+        }
+    }
+
+    async fn read_logs(&self, id: &str, lines: usize) -> Result<Vec<String>, DriverError> {
+        check_id("instance", id)?;
+        let path = self.config.data_dir.join("instances").join(id).join("panel.log");
+        if !path.exists() {
+            return Err(DriverError::NoInstance(id.to_owned()));
+        }
+        blocking(move || Ok(procs::tail(&path, lines)?)).await
+    }
+
+    async fn forget_panel(&self, panel: &str) -> Result<(), DriverError> {
+        check_id("panel", panel)?;
+        remove_tree(&self.volumes().join(panel))?;
+        remove_tree(&self.snapshots_of(panel))?;
+        tracing::info!(panel, "volume and snapshots deleted");
+        Ok(())
+    }
+}
+
+impl RuntimeDriver for LocalDriver {
+    fn name(&self) -> &'static str {
+        "local"
+    }
+
+    fn volume(&self, panel: &str, source: &str) -> BoxFuture<'_, Result<Volume, DriverError>> {
+        let (panel, source) = (panel.to_owned(), source.to_owned());
+        async move { self.create_volume(&panel, &source).await }.boxed()
+    }
+
+    fn snapshot(&self, panel: &str, source: &str) -> BoxFuture<'_, Result<Snapshot, DriverError>> {
+        let (panel, source) = (panel.to_owned(), source.to_owned());
+        async move { self.create_snapshot(&panel, &source).await }.boxed()
+    }
+
+    fn start(&self, spec: InstanceSpec) -> BoxFuture<'_, Result<Started, DriverError>> {
+        self.start_instance(spec).boxed()
+    }
+
+    fn restart(&self, instance: &str) -> BoxFuture<'_, Result<(), DriverError>> {
+        let instance = instance.to_owned();
+        async move { self.restart_instance(&instance).await }.boxed()
+    }
+
+    fn stop(&self, instance: &str, grace: Duration) -> BoxFuture<'_, Result<(), DriverError>> {
+        let instance = instance.to_owned();
+        async move { self.stop_instance(&instance, grace).await }.boxed()
+    }
+
+    fn logs(&self, instance: &str, lines: usize) -> BoxFuture<'_, Result<Vec<String>, DriverError>> {
+        let instance = instance.to_owned();
+        async move { self.read_logs(&instance, lines).await }.boxed()
+    }
+
+    fn forget(&self, panel: &str) -> BoxFuture<'_, Result<(), DriverError>> {
+        let panel = panel.to_owned();
+        async move { self.forget_panel(&panel).await }.boxed()
+    }
+}
+
+/// Decides the isolation for `choice` on this machine.
+async fn resolve(choice: SandboxChoice, data_dir: &Path) -> Result<Sandbox, String> {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let root = unsafe { libc::geteuid() } == 0;
+    let namespaces = crate::netns::supported();
+    let none = |why: &str| Sandbox {
+        isolation: Isolation::None,
+        runsc: None,
+        warning: Some(format!(
+            "NO ISOLATION: {why}; panel code runs as a plain process on the host network and can reach \
+             everything this machine can (Redis, the system plane, other panels)"
+        )),
+    };
+    let process = |why: String| Sandbox {
+        isolation: Isolation::Process,
+        runsc: None,
+        warning: Some(format!(
+            "weaker isolation: {why}; panel code runs as a plain process (its own uid and network namespace, \
+             the host's kernel and filesystem)"
+        )),
+    };
+    let gvisor = || async {
+        let runsc = find_program("runsc").ok_or_else(|| "runsc is not installed".to_owned())?;
+        runsc::probe(&runsc, &data_dir.join("runsc-probe")).await?;
+        Ok::<_, String>(Sandbox { isolation: Isolation::Gvisor, runsc: Some(runsc), warning: None })
+    };
+    let sandbox = match choice {
+        SandboxChoice::None => none("the sandbox is turned off"),
+        SandboxChoice::Auto if !root || !namespaces => {
+            none(if root { "iproute2's `ip` is missing" } else { "nexus is not running as root" })
+        }
+        SandboxChoice::Auto => gvisor().await.unwrap_or_else(|why| process(format!("gVisor is unavailable ({why})"))),
+        SandboxChoice::Process | SandboxChoice::Gvisor if !namespaces => {
+            return Err("network namespaces need root and iproute2's `ip`".into())
+        }
+        SandboxChoice::Process => process("the sandbox is set to `process`, not gVisor".into()),
+        SandboxChoice::Gvisor => gvisor().await?,
+    };
+    match &sandbox.warning {
+        Some(warning) => tracing::warn!(isolation = ?sandbox.isolation, "{warning}"),
+        None => tracing::info!(isolation = ?sandbox.isolation, "panels run under gVisor"),
+    }
+    Ok(sandbox)
+}
+
+/// Starts the user process of `instance` (under runsc or plain).
+fn spawn_user(id: &str, instance: &Instance, metrics: &LocalMetrics) -> Result<Supervised, DriverError> {
+    let log = open_log(&instance.dir.join("panel.log"))?;
+    let netns = instance.netns.as_ref().map(Netns::path);
+    let mut command = match &instance.gvisor {
+        // runsc itself needs root: the panel's uid is set in the bundle.
+        Some((runsc, bundle)) => {
+            let mut command = bundle.run_command(runsc);
+            procs::prepare(&mut command, netns.as_deref(), None)?;
+            command
+        }
+        None => {
+            let mut command = tokio::process::Command::new(&instance.command[0]);
+            command.args(&instance.command[1..]).current_dir(&instance.code).env_clear();
+            command.envs(instance.env.iter().map(|(k, v)| (k, v)));
+            procs::prepare(&mut command, netns.as_deref(), instance.uid)?;
+            command
+        }
+    };
+    command.stdin(std::process::Stdio::null()).stdout(log.try_clone()?).stderr(log);
+    let on_exit = OnExit::Report {
+        events: instance.events.clone(),
+        exits: metrics.panel_exits.with_label_values(&[mode_label(instance.mode)]),
+    };
+    Ok(Supervised::spawn("panel", id, command, on_exit, instance.gvisor.is_some())?)
+}
+
+fn isolation_label(isolation: Isolation) -> &'static str {
+    match isolation {
+        Isolation::Gvisor => "gvisor",
+        Isolation::Process => "process",
+        Isolation::None => "none",
+    }
+}
+
+fn mode_label(mode: InstanceMode) -> &'static str {
+    match mode {
+        InstanceMode::Studio => "studio",
+        InstanceMode::App => "app",
+    }
+}

@@ -1,0 +1,146 @@
+//! gVisor for the `local` driver: the OCI bundle a panel runs in and the
+//! `runsc` command lines that run, probe and clean it up.
+//!
+//! What works here (runsc 2022-12): `runsc --network=host run` started
+//! inside the instance's network namespace (`setns(2)` before exec, like
+//! `nsenter --net=`; never `ip netns exec`, which remounts /sys and breaks
+//! runsc's cgroup setup). gVisor's netstack then passes sockets through to
+//! that namespace, so the panel's 127.0.0.1 is the instance's loopback that
+//! its sidecar's listeners share. The sandbox sees a read-only root with
+//! the host's `/usr` (and the usual symlinks to it), the panel's code at
+//! `/home/panel` (read-write), a private `/tmp`, and nothing else of the
+//! host. It owns no process supervision: the caller spawns what it builds.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+
+use serde_json::json;
+
+/// Where the panel's code appears inside the sandbox (its cwd and `HOME`).
+pub(super) const CODE_MOUNT: &str = "/home/panel";
+
+/// An OCI bundle for one instance: `config.json` and an empty rootfs.
+pub(super) struct Bundle {
+    pub dir: PathBuf,
+    /// runsc's state directory, private to the instance.
+    pub state: PathBuf,
+    pub container: String,
+}
+
+/// Who the panel runs as and what it runs.
+pub(super) struct Process<'a> {
+    pub args: &'a [String],
+    pub env: &'a [(String, String)],
+    pub uid: u32,
+}
+
+impl Bundle {
+    /// Writes the bundle under `instance_dir` for the code at `code`.
+    pub fn write(instance_dir: &Path, container: &str, code: &Path, process: &Process) -> std::io::Result<Bundle> {
+        let dir = instance_dir.join("bundle");
+        let rootfs = dir.join("rootfs");
+        for sub in ["usr", "home/panel", "tmp", "proc", "dev", "sys"] {
+            std::fs::create_dir_all(rootfs.join(sub))?;
+        }
+        // Debian's merged /usr: these are symlinks into the read-only /usr.
+        for (link, target) in [("bin", "usr/bin"), ("sbin", "usr/sbin"), ("lib", "usr/lib"), ("lib64", "usr/lib64")] {
+            let path = rootfs.join(link);
+            if std::fs::symlink_metadata(&path).is_err() {
+                std::os::unix::fs::symlink(target, path)?;
+            }
+        }
+        let env: Vec<String> = process.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let config = json!({
+            "ociVersion": "1.0.0",
+            "process": {
+                "terminal": false,
+                "user": {"uid": process.uid, "gid": process.uid},
+                "args": process.args,
+                "env": env,
+                "cwd": CODE_MOUNT,
+                "capabilities": {"bounding": [], "effective": [], "inheritable": [], "permitted": []},
+                "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 4096, "soft": 4096}],
+                "noNewPrivileges": true
+            },
+            "root": {"path": "rootfs", "readonly": true},
+            "hostname": "panel",
+            "mounts": [
+                {"destination": "/proc", "type": "proc", "source": "proc"},
+                {"destination": "/dev", "type": "tmpfs", "source": "tmpfs"},
+                {"destination": "/sys", "type": "sysfs", "source": "sysfs",
+                 "options": ["nosuid", "noexec", "nodev", "ro"]},
+                {"destination": "/tmp", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "nodev"]},
+                {"destination": "/usr", "type": "bind", "source": "/usr", "options": ["rbind", "ro"]},
+                {"destination": CODE_MOUNT, "type": "bind", "source": code, "options": ["rbind", "rw"]}
+            ],
+            // No network namespace here: runsc joins the one it is started
+            // in (the instance's), see the module doc.
+            "linux": {"namespaces": [{"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"}]}
+        });
+        std::fs::write(dir.join("config.json"), serde_json::to_vec_pretty(&config)?)?;
+        let state = instance_dir.join("runsc");
+        std::fs::create_dir_all(&state)?;
+        Ok(Bundle { dir, state, container: container.to_owned() })
+    }
+
+    /// `runsc ... run`: the caller runs it inside the instance's namespace.
+    /// SIGTERM to this process reaches the panel; its exit status is the
+    /// panel's; the sandbox dies with it.
+    pub fn run_command(&self, runsc: &Path) -> tokio::process::Command {
+        let mut command = tokio::process::Command::new(runsc);
+        command
+            .arg("--root")
+            .arg(&self.state)
+            .arg("--network=host")
+            .arg("run")
+            .arg("--bundle")
+            .arg(&self.dir)
+            .arg(&self.container);
+        command
+    }
+
+    /// Removes what runsc keeps of the container after `run` ended, so
+    /// the same container can run again.
+    pub async fn forget_container(&self, runsc: &Path) {
+        let deleted = tokio::process::Command::new(runsc)
+            .arg("--root")
+            .arg(&self.state)
+            .args(["delete", "-force", &self.container])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .await;
+        if let Err(error) = deleted {
+            tracing::warn!(container = %self.container, %error, "runsc delete failed");
+        }
+        let _ = std::fs::remove_dir_all(&self.state);
+        if let Err(error) = std::fs::create_dir_all(&self.state) {
+            tracing::warn!(container = %self.container, %error, "could not recreate runsc's state dir");
+        }
+    }
+}
+
+/// Whether `runsc run` works here: runs `true` in a throwaway bundle under
+/// `scratch`. Err says why not (shown in the fallback warning).
+pub(super) async fn probe(runsc: &Path, scratch: &Path) -> Result<(), String> {
+    let _ = std::fs::remove_dir_all(scratch);
+    std::fs::create_dir_all(scratch.join("code")).map_err(|e| e.to_string())?;
+    let args = ["true".to_owned()];
+    let env = [("PATH".to_owned(), "/usr/bin:/bin".to_owned())];
+    let container = format!("nexus-probe-{}", std::process::id());
+    let bundle = Bundle::write(scratch, &container, &scratch.join("code"), &Process { args: &args, env: &env, uid: 0 })
+        .map_err(|e| e.to_string())?;
+    let output = bundle.run_command(runsc).stdin(Stdio::null()).kill_on_drop(true).output();
+    let result = match tokio::time::timeout(std::time::Duration::from_secs(30), output).await {
+        Ok(Ok(output)) if output.status.success() => Ok(()),
+        Ok(Ok(output)) => {
+            Err(format!("`runsc run` failed ({}): {}", output.status, String::from_utf8_lossy(&output.stderr).trim()))
+        }
+        Ok(Err(error)) => Err(format!("could not run {}: {error}", runsc.display())),
+        Err(_) => Err("`runsc run` of a probe did not finish within 30s".into()),
+    };
+    bundle.forget_container(runsc).await;
+    let _ = std::fs::remove_dir_all(scratch);
+    result
+}
