@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use futures::{SinkExt, StreamExt};
 use nexus_actors::bus::kafka::KafkaConfig;
 use nexus_actors::infra::{free_port, RedisServer, Tansu, TansuStorage};
-use nexus_actors::node::{self, NodeConfig, Role};
+use nexus_actors::node::{self, NodeConfig, PanelsConfig, Role};
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;
 
@@ -31,6 +31,9 @@ pub fn serve_node(args: &[String]) {
         kafka: KafkaConfig::new(brokers.clone()),
         roles: vec![Role::TransactionManager],
         first_user: Some((USER.to_owned(), PASSWORD.to_owned())),
+        gateway: "127.0.0.1:0".parse().expect("address"),
+        public_gateway_url: None,
+        panels: PanelsConfig::new(std::env::temp_dir()),
     };
     actix_rt::System::new().block_on(node::run(config)).expect("node runs");
 }

@@ -3,7 +3,10 @@
 //! brokers is not this module's job (see [`crate::infra`]).
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
 
 use actix::Arbiter;
 use actix_web::{web, App, HttpServer};
@@ -11,6 +14,9 @@ use actix_web::{web, App, HttpServer};
 use crate::bus::kafka::{KafkaBridge, KafkaConfig};
 use crate::bus::redis::RedisBridge;
 use crate::kernel::{ActorRef, Kernel};
+use crate::roles::panel_manager::local::{LocalConfig, LocalDriver, SandboxChoice};
+use crate::roles::panel_manager::{self as pm_role, PanelManagerConfig, PanelManagerError, PanelManagerHandle};
+use crate::roles::traffic_gateway::{self as gateway_role, Gateway, GatewayConfig, GatewayError};
 use crate::roles::transaction_manager::{self as tm_role, store::StoreError};
 use crate::tools::registry::{RegisterError, RegisterTool, RegistryDeps};
 use crate::tools::store::{ToolStore, ToolStoreError};
@@ -39,7 +45,7 @@ impl Role {
 
     /// Whether this build can run the role yet.
     pub fn is_available(self) -> bool {
-        matches!(self, Role::TransactionManager)
+        !matches!(self, Role::LlmManager)
     }
 
     /// The roles this build can run: what `nexus dev` starts.
@@ -80,6 +86,39 @@ pub struct NodeConfig {
     /// A user the transaction manager makes sure exists with this password
     /// at start (`nexus dev`'s first user; the password file wins).
     pub first_user: Option<(String, String)>,
+    /// Where the traffic gateway listens.
+    pub gateway: SocketAddr,
+    /// The gateway's URL as browsers reach it, for the Studio UI (default:
+    /// the address this node's gateway listens on).
+    pub public_gateway_url: Option<String>,
+    pub panels: PanelsConfig,
+}
+
+/// How the panel manager runs panel instances on this machine.
+#[derive(Debug, Clone)]
+pub struct PanelsConfig {
+    /// Studio volumes, App snapshots, instance logs.
+    pub data_dir: PathBuf,
+    /// The `nexus` binary, run as each instance's sidecar and watchdog.
+    pub nexus_bin: PathBuf,
+    pub sandbox: SandboxChoice,
+    /// An App instance without requests for this long is stopped.
+    pub app_idle: Duration,
+    /// A Studio instance without a heartbeat for this long is deleted.
+    pub watchdog_timeout: Duration,
+}
+
+impl PanelsConfig {
+    /// Defaults under `data_dir`, with this very binary as sidecar.
+    pub fn new(data_dir: PathBuf) -> Self {
+        PanelsConfig {
+            data_dir,
+            nexus_bin: std::env::current_exe().unwrap_or_else(|_| PathBuf::from("nexus")),
+            sandbox: SandboxChoice::Auto,
+            app_idle: Duration::from_secs(60),
+            watchdog_timeout: Duration::from_secs(30 * 60),
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -96,6 +135,10 @@ pub enum NodeError {
     Tools(#[from] ToolStoreError),
     #[error("registering a system tool: {0}")]
     Register(#[from] RegisterError),
+    #[error("traffic gateway: {0}")]
+    Gateway(#[from] GatewayError),
+    #[error("panel manager: {0}")]
+    PanelManager(#[from] PanelManagerError),
 }
 
 /// A started node's bridges, for wiring roles and for tests.
@@ -116,19 +159,34 @@ pub async fn start_bridges(kernel: &Kernel, config: &NodeConfig) -> Result<Bridg
     Ok(Bridges { redis, kafka, _arbiters: vec![redis_arbiter, kafka_arbiter] })
 }
 
-/// Runs a node until its HTTP server stops (Ctrl-C or SIGTERM).
+/// Runs a node until its HTTP server stops (Ctrl-C or SIGTERM); then a
+/// panel manager stops the instances it runs.
 pub async fn run(config: NodeConfig) -> Result<(), NodeError> {
     let kernel = Kernel::new(config.name.clone());
     let bridges = start_bridges(&kernel, &config).await?;
     let registry = start_registry(&kernel, &config, &bridges).await?;
+    let gateway = match config.roles.contains(&Role::TrafficGateway) {
+        true => Some(traffic_gateway(&kernel, &config).await?),
+        false => None,
+    };
+    let gateway_url =
+        config.public_gateway_url.clone().or(gateway.as_ref().map(|g| format!("http://{}", g.local_addr())));
     let tm = match config.roles.contains(&Role::TransactionManager) {
-        true => Some(web::Data::new(transaction_manager(&config, &bridges, &registry).await?)),
+        true => Some(web::Data::new(transaction_manager(&config, &bridges, &registry, gateway_url).await?)),
+        false => None,
+    };
+    let panels = match config.roles.contains(&Role::PanelManager) {
+        true => Some(panel_manager(&kernel, &config, &bridges).await?),
         false => None,
     };
     let tools = tm_role::tools_api::ToolsApi::new(&registry, "http");
     let sessions = tm_role::session::SessionDeps { kernel: kernel.clone(), bridge: bridges.redis.clone() };
     let roles: Vec<&str> = config.roles.iter().map(|r| r.name()).collect();
     let k = kernel.clone();
+    let pm_api = match &panels {
+        Some(handle) => Some((handle.clone(), tm_role::Store::connect(&config.redis_url).await?, auth(&config).await?)),
+        None => None,
+    };
     let server = HttpServer::new(move || {
         let mut app = App::new().wrap_fn(crate::http::traced);
         if let Some(tm) = &tm {
@@ -138,10 +196,13 @@ pub async fn run(config: NodeConfig) -> Result<(), NodeError> {
                 .configure(tm_role::tools_api::configure(tools.clone()))
                 .configure(tm_role::mcp::configure(tools.clone()));
         }
+        if let Some((handle, store, auth)) = &pm_api {
+            app = app.configure(pm_role::configure(handle.clone(), store.clone(), auth.clone()));
+        }
         let app = app.configure(crate::http::configure(k.clone()));
-        match tm {
-            Some(_) => app.configure(tm_role::configure_fallback),
-            None => app,
+        match tm.is_some() || pm_api.is_some() {
+            true => app.configure(tm_role::configure_fallback),
+            false => app,
         }
     })
     .workers(2)
@@ -149,7 +210,48 @@ pub async fn run(config: NodeConfig) -> Result<(), NodeError> {
     .bind(config.http)
     .map_err(|source| NodeError::Http { addr: config.http, source })?;
     tracing::info!(node = %config.name, http = %config.http, ?roles, "node listening: /healthz /metrics /api/graph");
-    server.run().await.map_err(|source| NodeError::Http { addr: config.http, source })
+    let served = server.run().await.map_err(|source| NodeError::Http { addr: config.http, source });
+    if let Some(handle) = panels {
+        handle.stop_all(Duration::from_secs(5)).await;
+    }
+    if let Some(gateway) = gateway {
+        gateway.stop().await;
+    }
+    served
+}
+
+async fn auth(config: &NodeConfig) -> Result<tm_role::Auth, NodeError> {
+    let store = tm_role::Store::connect(&config.redis_url).await?;
+    Ok(tm_role::Auth::new(&store.signing_secret().await?))
+}
+
+/// Starts the panel manager over the `local` driver, whose metrics join
+/// the node's.
+async fn panel_manager(
+    kernel: &Kernel,
+    config: &NodeConfig,
+    bridges: &Bridges,
+) -> Result<PanelManagerHandle, NodeError> {
+    let panels = &config.panels;
+    let driver = LocalDriver::new(LocalConfig {
+        data_dir: panels.data_dir.clone(),
+        nexus_bin: panels.nexus_bin.clone(),
+        redis_url: config.redis_url.clone(),
+        sandbox: panels.sandbox,
+    });
+    if let Err(error) = driver.metrics().register(kernel.metrics().registry()) {
+        tracing::warn!(%error, "local driver metrics not registered");
+    }
+    let mut pm = PanelManagerConfig::new(config.name.clone(), config.redis_url.clone());
+    pm.idle_timeout = panels.app_idle;
+    pm.watchdog_timeout = panels.watchdog_timeout;
+    Ok(pm_role::start(kernel, bridges.redis.clone(), Arc::new(driver), pm).await?)
+}
+
+async fn traffic_gateway(kernel: &Kernel, config: &NodeConfig) -> Result<Gateway, NodeError> {
+    let gateway = gateway_role::start(kernel, GatewayConfig::new(config.gateway, config.redis_url.clone())).await?;
+    tracing::info!(gateway = %gateway.local_addr(), "traffic gateway listening: /p/<panel-id>/");
+    Ok(gateway)
 }
 
 /// Starts the node's tool registry: every node can call tools, and
@@ -168,9 +270,11 @@ async fn transaction_manager(
     config: &NodeConfig,
     bridges: &Bridges,
     registry: &ActorRef<ToolRegistry>,
+    gateway_url: Option<String>,
 ) -> Result<tm_role::TmState, NodeError> {
     let publish = bridges.redis.link(Role::TransactionManager.name());
-    let state = tm_role::state(&config.redis_url, Some(publish), &config.name).await?;
+    let mut state = tm_role::state(&config.redis_url, Some(publish), &config.name).await?;
+    state.ui.gateway_url = gateway_url;
     if let Some((user, password)) = &config.first_user {
         state.store.set_user(user, &tm_role::auth::hash_password(password)).await?;
         tracing::info!(user, "first user ready");

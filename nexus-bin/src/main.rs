@@ -1,13 +1,14 @@
 //! `nexus`: the command-line entry point. Parsing and wiring only.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use nexus_actors::bus::kafka::KafkaConfig;
 use nexus_actors::infra;
-use nexus_actors::node::{self, NodeConfig, Role};
+use nexus_actors::node::{self, NodeConfig, PanelsConfig, Role};
+use nexus_actors::roles::panel_manager::local::SandboxChoice;
 use nexus_actors::sidecar::{self, Forward, SidecarConfig};
 use nexus_actors::watchdog::{self, WatchdogConfig};
 
@@ -23,7 +24,9 @@ enum Command {
     /// Run the whole platform in one process, with embedded defaults.
     ///
     /// Starts one node with every role this build has, HTTP on --http
-    /// (/healthz, /metrics, /api/graph). Redis: REDIS_URL if set, else
+    /// (/healthz, /metrics, /api/graph, the Studio at /), the traffic
+    /// gateway on --gateway, and panel instances on this machine (isolated
+    /// per --sandbox; files under --data-dir/panels). Redis: REDIS_URL if set, else
     /// redis://127.0.0.1:6379 if it answers, else a redis-server child with
     /// its data under --data-dir. Kafka: KAFKA_BROKERS if set, else a tansu
     /// child when tansu is installed, else librdkafka's in-process mock
@@ -33,9 +36,11 @@ enum Command {
         /// Address of the HTTP endpoints.
         #[arg(long, default_value = "127.0.0.1:7070", env = "NEXUS_HTTP")]
         http: SocketAddr,
-        /// Where embedded brokers keep data and logs.
+        /// Where embedded brokers keep data and logs, and panels their files.
         #[arg(long, default_value = ".nexus", env = "NEXUS_DATA_DIR")]
         data_dir: PathBuf,
+        #[command(flatten)]
+        panels: PanelArgs,
     },
     /// Run a node with selected roles against explicit brokers (operators).
     ///
@@ -127,6 +132,49 @@ struct WatchdogArgs {
     redis_url: String,
 }
 
+/// The panel manager's and the traffic gateway's settings.
+#[derive(Args)]
+struct PanelArgs {
+    /// Address of the traffic gateway, the only way in to panels (/p/<panel-id>/).
+    #[arg(long, default_value = "127.0.0.1:7071", env = "NEXUS_GATEWAY")]
+    gateway: SocketAddr,
+    /// The gateway's URL as browsers reach it (default: the address it listens on).
+    #[arg(long, env = "NEXUS_PUBLIC_GATEWAY_URL")]
+    public_gateway_url: Option<String>,
+    /// How panel code is isolated: auto (gVisor if root and runsc works, else
+    /// a process in its own network namespace if root, else none, loudly),
+    /// gvisor, process or none.
+    #[arg(long, default_value = "auto", env = "NEXUS_SANDBOX", value_parser = parse_sandbox)]
+    sandbox: SandboxChoice,
+    /// An App instance without requests for this long is stopped (scale to zero).
+    #[arg(long, default_value_t = 60, env = "NEXUS_APP_IDLE_SECS")]
+    app_idle_secs: u64,
+    /// A Studio instance without a heartbeat for this long deletes itself.
+    #[arg(long, default_value_t = 1800, env = "NEXUS_WATCHDOG_TIMEOUT_SECS")]
+    watchdog_timeout_secs: u64,
+}
+
+impl PanelArgs {
+    fn config(&self, data_dir: &Path) -> PanelsConfig {
+        PanelsConfig {
+            sandbox: self.sandbox,
+            app_idle: Duration::from_secs(self.app_idle_secs.max(1)),
+            watchdog_timeout: Duration::from_secs(self.watchdog_timeout_secs.max(1)),
+            ..PanelsConfig::new(data_dir.join("panels"))
+        }
+    }
+}
+
+fn parse_sandbox(s: &str) -> Result<SandboxChoice, String> {
+    match s {
+        "auto" => Ok(SandboxChoice::Auto),
+        "gvisor" => Ok(SandboxChoice::Gvisor),
+        "process" => Ok(SandboxChoice::Process),
+        "none" => Ok(SandboxChoice::None),
+        other => Err(format!("{other:?} is not one of auto, gvisor, process, none")),
+    }
+}
+
 #[derive(Args)]
 struct NodeArgs {
     /// Comma-separated roles to run.
@@ -148,13 +196,18 @@ struct NodeArgs {
     /// given this password) at start: how an operator gets a first user.
     #[arg(long, env = "NEXUS_ADMIN_PASSWORD_FILE")]
     admin_password_file: Option<PathBuf>,
+    /// Where the panel manager keeps Studio volumes, App snapshots and logs.
+    #[arg(long, default_value = ".nexus", env = "NEXUS_DATA_DIR")]
+    data_dir: PathBuf,
+    #[command(flatten)]
+    panels: PanelArgs,
 }
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let _telemetry = nexus_actors::telemetry::init("nexus");
     match cli.command {
-        Command::Dev { http, data_dir } => dev(http, data_dir),
+        Command::Dev { http, data_dir, panels } => dev(http, data_dir, panels),
         Command::Sidecar(args) => {
             let config = SidecarConfig {
                 panel_url: args.panel_url,
@@ -196,6 +249,9 @@ fn main() -> anyhow::Result<()> {
                 kafka: KafkaConfig::new(args.kafka_brokers),
                 roles: args.roles,
                 first_user,
+                gateway: args.panels.gateway,
+                public_gateway_url: args.panels.public_gateway_url.clone(),
+                panels: args.panels.config(&args.data_dir),
             };
             actix_rt::System::new().block_on(node::run(config))?;
             Ok(())
@@ -203,7 +259,7 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
-fn dev(http: SocketAddr, data_dir: PathBuf) -> anyhow::Result<()> {
+fn dev(http: SocketAddr, data_dir: PathBuf, panels: PanelArgs) -> anyhow::Result<()> {
     let redis = infra::dev::redis(&data_dir)?;
     let kafka = infra::dev::kafka(&data_dir)?;
     let password = infra::dev::admin_password(&data_dir)?;
@@ -214,10 +270,14 @@ fn dev(http: SocketAddr, data_dir: PathBuf) -> anyhow::Result<()> {
         kafka: KafkaConfig::new(kafka.brokers.clone()),
         roles: Role::available(),
         first_user: Some(("admin".to_owned(), password.clone())),
+        gateway: panels.gateway,
+        public_gateway_url: panels.public_gateway_url.clone(),
+        panels: panels.config(&data_dir),
     };
     println!("nexus dev: http://{http}/healthz  http://{http}/metrics  http://{http}/api/graph");
     println!("  redis: {} ({})", redis.url, redis.origin);
     println!("  kafka: {} ({})", kafka.brokers, kafka.origin);
+    println!("  panels: http://{}/p/<panel-id>/ (files under {})", panels.gateway, data_dir.join("panels").display());
     println!("  log in as admin (password kept in {}):", data_dir.join("admin-password").display());
     println!(
         "    curl -s -X POST http://{http}/api/login -H 'content-type: application/json' \\\n      -d '{{\"username\":\"admin\",\"password\":\"{password}\"}}'"

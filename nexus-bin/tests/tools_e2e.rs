@@ -33,7 +33,7 @@ fn python_minimal_tools_are_callable_through_a_sidecar_over_the_api_and_mcp() {
     let tansu = Tansu::start(&dir.join("tansu"), TansuStorage::Memory).unwrap();
     let port = free_port().unwrap();
     let node = Command::new(env!("CARGO_BIN_EXE_nexus"))
-        .args(["dev", "--http", &format!("127.0.0.1:{port}"), "--data-dir"])
+        .args(["dev", "--http", &format!("127.0.0.1:{port}"), "--gateway", "127.0.0.1:0", "--data-dir"])
         .arg(dir.join("data"))
         .env("REDIS_URL", redis.url())
         .env("KAFKA_BROKERS", tansu.brokers())

@@ -78,6 +78,13 @@ impl utoipa::Modify for BearerAuth {
     }
 }
 
+/// The API description: this role's routes and the panel manager's.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    let mut doc = ApiDoc::openapi();
+    doc.merge(crate::roles::panel_manager::api::PanelManagerApiDoc::openapi());
+    doc
+}
+
 /// Connects to Redis and loads the shared token secret. The UI settings are
 /// the defaults (no gateway); set `ui` on the result to change them.
 pub async fn state(redis_url: &str, publish: Option<Link<Publish>>, node: &str) -> Result<TmState, store::StoreError> {
@@ -105,7 +112,7 @@ pub fn configure(state: web::Data<TmState>) -> impl FnOnce(&mut web::ServiceConf
             .app_data(json)
             .app_data(path)
             .configure(ui::configure)
-            .route("/api/openapi.json", web::get().to(|| async { HttpResponse::Ok().json(ApiDoc::openapi()) }))
+            .route("/api/openapi.json", web::get().to(|| async { HttpResponse::Ok().json(openapi()) }))
             .route("/api/config", web::get().to(api::config))
             .route("/api/login", web::post().to(api::login))
             .route("/api/users", web::post().to(api::create_user))
