@@ -277,7 +277,11 @@ fn dev(http: SocketAddr, data_dir: PathBuf, panels: PanelArgs) -> anyhow::Result
     println!("nexus dev: http://{http}/healthz  http://{http}/metrics  http://{http}/api/graph");
     println!("  redis: {} ({})", redis.url, redis.origin);
     println!("  kafka: {} ({})", kafka.brokers, kafka.origin);
-    println!("  panels: http://{}/p/<panel-id>/ (files under {})", panels.gateway, data_dir.join("panels").display());
+    let gateway = match panels.gateway.port() {
+        0 => "the traffic gateway's port (chosen at start, logged)".to_owned(),
+        _ => format!("http://{}", panels.gateway),
+    };
+    println!("  panels: {gateway}/p/<panel-id>/ (files under {})", data_dir.join("panels").display());
     println!("  log in as admin (password kept in {}):", data_dir.join("admin-password").display());
     println!(
         "    curl -s -X POST http://{http}/api/login -H 'content-type: application/json' \\\n      -d '{{\"username\":\"admin\",\"password\":\"{password}\"}}'"

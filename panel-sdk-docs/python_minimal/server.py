@@ -3,6 +3,7 @@
 Copy this file and replace the tools. It implements the panel contract
 (../README.md):
 
+* GET  /             -> the panel's page (what the Studio shows through the gateway)
 * GET  /manifest     -> the tools this panel offers (name, desc, input_schema)
 * POST /mcp/execute  -> run one tool: {"result": ...} or {"error": "..."}
 * publishing goes through the sidecar: POST $NEXUS_PROXY_URL (default
@@ -87,11 +88,40 @@ def publish_note(arguments, deadline_s):
 
 TOOLS = {"word_count": word_count, "publish_note": publish_note}
 
+# The panel's page, opened through the traffic gateway at /p/<panel-id>/.
+# Links stay relative so they keep that prefix. It asks the server only when
+# the user clicks: a page that polled would keep an App from scaling to zero.
+PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>python_minimal</title>
+<style>body{font-family:system-ui,sans-serif;margin:1.5rem;max-width:40rem}
+textarea{width:100%;height:6rem}</style></head>
+<body><h1 id="title">python_minimal</h1>
+<p>A Nexus panel in plain Python. Its tools: <code>word_count</code>, <code>publish_note</code>.</p>
+<textarea id="text">Count these words, please.</textarea>
+<p><button id="count">Count words</button> <output id="result"></output></p>
+<script>
+document.getElementById("count").onclick = async () => {
+  const text = document.getElementById("text").value;
+  const response = await fetch("mcp/execute", {method: "POST", headers: {"Content-Type": "application/json"},
+    body: JSON.stringify({tool: "word_count", arguments: {text}})});
+  const answer = await response.json();
+  document.getElementById("result").textContent =
+    answer.error ? answer.error : answer.result.words + " words, " + answer.result.characters + " characters";
+};
+</script></body></html>
+""".encode()
+
 
 class Handler(BaseHTTPRequestHandler):
     def do_GET(self):
         if self.path == "/manifest":
             self.reply(200, MANIFEST)
+        elif self.path.split("?")[0] == "/":
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html; charset=utf-8")
+            self.send_header("Content-Length", str(len(PAGE)))
+            self.end_headers()
+            self.wfile.write(PAGE)
         else:
             self.reply(404, {"error": "not found"})
 
