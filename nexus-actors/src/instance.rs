@@ -93,6 +93,8 @@ pub struct InstanceStatus {
     pub owner: String,
     pub mode: InstanceMode,
     pub state: InstanceState,
+    /// Decided by the driver when it starts the instance: read it from
+    /// `starting` on (while `pending` it says `none`).
     pub isolation: Isolation,
     /// Why it failed or stopped, and any warning (e.g. no isolation).
     pub reason: Option<String>,

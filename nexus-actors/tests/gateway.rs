@@ -209,7 +209,7 @@ async fn unknown_panels_and_paths_get_404_pages_in_html_or_json() {
     assert_eq!(r.status(), 404);
     assert_eq!(r.headers()["content-type"], "application/json");
     let body: Value = r.json().await.unwrap();
-    assert_eq!(body["error"], 404);
+    assert_eq!(body["error"], "not_found");
     assert!(body["message"].as_str().unwrap().contains("nope"));
 
     let r = env.http.get(env.url("/p/nope/x")).header("accept", "text/html").send().await.unwrap();
@@ -321,7 +321,7 @@ async fn oversized_bodies_and_headers_are_refused_before_the_instance() {
 
     let r = env.http.post(env.url("/p/lim/up")).body(vec![b'x'; 2048]).send().await.unwrap();
     assert_eq!(r.status(), 413);
-    assert_eq!(r.json::<Value>().await.unwrap()["error"], 413);
+    assert_eq!(r.json::<Value>().await.unwrap()["error"], "payload_too_large");
     // Chunked, so no Content-Length tells in advance.
     let mut chunked = b"POST /p/lim/up HTTP/1.1\r\nhost: gw\r\ntransfer-encoding: chunked\r\n\r\n800\r\n".to_vec();
     chunked.extend_from_slice(&[b'y'; 2048]);
@@ -330,7 +330,7 @@ async fn oversized_bodies_and_headers_are_refused_before_the_instance() {
 
     let r = env.http.get(env.url("/p/lim/h")).header("x-big", "a".repeat(5000)).send().await.unwrap();
     assert_eq!(r.status(), 431);
-    assert_eq!(r.json::<Value>().await.unwrap()["error"], 431);
+    assert_eq!(r.json::<Value>().await.unwrap()["error"], "request_header_fields_too_large");
     // Past the read buffer hyper itself answers 431.
     let huge = format!("GET /p/lim/h HTTP/1.1\r\nhost: gw\r\nx-huge: {}\r\n\r\n", "b".repeat(40_000));
     assert_eq!(raw_status(env.gateway.local_addr(), huge.as_bytes()).await, 431);
@@ -346,7 +346,7 @@ async fn dead_endpoints_give_502_and_a_live_one_is_tried_next() {
     env.put_route(&route("dead", InstanceMode::Studio, &[&dead_addr()], false)).await;
     let r = env.http.get(env.url("/p/dead/")).send().await.unwrap();
     assert_eq!(r.status(), 502);
-    assert_eq!(r.json::<Value>().await.unwrap()["error"], 502);
+    assert_eq!(r.json::<Value>().await.unwrap()["error"], "bad_gateway");
     let r = env.http.get(env.url("/p/dead/")).header("accept", "text/html").send().await.unwrap();
     assert!(r.text().await.unwrap().contains("502 Bad Gateway"));
 
@@ -369,7 +369,7 @@ async fn a_slow_instance_gives_504() {
     env.put_route(&route("slow", InstanceMode::Studio, &[&addr], false)).await;
     let r = env.http.get(env.url("/p/slow/slow")).send().await.unwrap();
     assert_eq!(r.status(), 504);
-    assert_eq!(r.json::<Value>().await.unwrap()["error"], 504);
+    assert_eq!(r.json::<Value>().await.unwrap()["error"], "gateway_timeout");
     assert_eq!(env.metric("nexus_gateway_requests_total{outcome=\"timeout\"}"), 1.0);
 }
 

@@ -19,12 +19,18 @@ pub fn wants_html(headers: &HeaderMap) -> bool {
     headers.get(ACCEPT).and_then(|v| v.to_str().ok()).is_some_and(|v| v.contains("text/html"))
 }
 
+/// The stable `error` code of a status, as the API's: `not_found`,
+/// `bad_gateway`, `service_unavailable`, `gateway_timeout`, ….
+fn code(status: StatusCode) -> String {
+    status.canonical_reason().unwrap_or("error").to_ascii_lowercase().replace([' ', '-'], "_")
+}
+
 /// An error answer. `retry_after` (seconds) goes out as `Retry-After`.
 pub fn error(status: StatusCode, message: &str, html: bool, retry_after: Option<u64>) -> Response<Body> {
     let (content_type, body) = if html {
         ("text/html; charset=utf-8", html_page(status, message))
     } else {
-        let json = serde_json::json!({ "error": status.as_u16(), "message": message });
+        let json = serde_json::json!({ "error": code(status), "message": message });
         ("application/json", json.to_string())
     };
     let mut response = Response::new(full(body));

@@ -108,15 +108,17 @@ function el(tag, props, ...children) {
 
 function instanceItem(s) {
   const since = new Date(s.since_ms).toLocaleTimeString();
+  // The driver decides the isolation when it starts the instance.
+  const isolation = s.state === "pending" ? "…" : s.isolation;
   const item = el(
     "li",
     { className: "instance", dataset: { instance: s.instance, mode: s.mode, state: s.state, isolation: s.isolation } },
     el("span", { className: "badge state-" + s.state, textContent: s.state }),
     ` ${s.mode === "studio" ? "Studio" : "App"} ${s.instance.slice(-8)} · isolation `,
-    el("span", { className: "isolation", textContent: s.isolation }),
+    el("span", { className: "isolation", textContent: isolation }),
     ` · since ${since}` + (s.restarts ? ` · restarted ${s.restarts}×` : ""),
   );
-  if (s.isolation === "none") {
+  if (isolation === "none") {
     item.append(el("div", { className: "isolation-warning", textContent: "⚠ not isolated: this panel's code runs as a plain process on the host network" }));
   }
   if (s.reason) item.append(el("div", { className: "reason", textContent: s.reason }));
