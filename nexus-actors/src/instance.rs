@@ -114,6 +114,11 @@ pub struct Endpoint {
     pub addr: String,
     /// `host:port` of the Studio instance's watchdog.
     pub watchdog: Option<String>,
+    /// The secret the gateway sends the watchdog with each heartbeat
+    /// (`X-Nexus-Watchdog-Token`), so the panel's own code, which can reach
+    /// the watchdog on its loopback, cannot keep itself alive.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub watchdog_token: Option<String>,
 }
 
 /// Everything the gateway needs to route one panel.

@@ -275,6 +275,8 @@ async fn transaction_manager(
     let publish = bridges.redis.link(Role::TransactionManager.name());
     let mut state = tm_role::state(&config.redis_url, Some(publish), &config.name).await?;
     state.ui.gateway_url = gateway_url;
+    // Three heartbeats fit in the watchdog's timeout, however short it is set.
+    state.ui.heartbeat_secs = state.ui.heartbeat_secs.min(config.panels.watchdog_timeout.as_secs() / 3).max(1);
     if let Some((user, password)) = &config.first_user {
         state.store.set_user(user, &tm_role::auth::hash_password(password)).await?;
         tracing::info!(user, "first user ready");

@@ -172,7 +172,12 @@ fn route(panel: &str, mode: InstanceMode, addrs: &[&str], activatable: bool) -> 
     let endpoints = addrs
         .iter()
         .enumerate()
-        .map(|(i, addr)| Endpoint { instance: format!("{panel}-{i}"), addr: (*addr).into(), watchdog: None })
+        .map(|(i, addr)| Endpoint {
+            instance: format!("{panel}-{i}"),
+            addr: (*addr).into(),
+            watchdog: None,
+            watchdog_token: None,
+        })
         .collect();
     PanelRoute { panel: panel.into(), owner: "ada".into(), mode, endpoints, activatable }
 }

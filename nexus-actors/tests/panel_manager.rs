@@ -185,7 +185,12 @@ impl RuntimeDriver for ProcDriver {
             };
             Self::run(&p)?;
             self.procs.lock().unwrap().insert(spec.instance.clone(), p);
-            let endpoint = Endpoint { instance: spec.instance, addr: format!("127.0.0.1:{port}"), watchdog: None };
+            let endpoint = Endpoint {
+                instance: spec.instance,
+                addr: format!("127.0.0.1:{port}"),
+                watchdog: None,
+                watchdog_token: None,
+            };
             Ok(Started {
                 endpoint,
                 isolation: Isolation::None,
@@ -794,8 +799,10 @@ async fn a_restarted_panel_manager_marks_what_it_left_behind_stopped() {
         restarts: 0,
         since_ms: 1,
     };
-    let live_elsewhere = Endpoint { instance: "p1-other-node".into(), addr: "127.0.0.1:9".into(), watchdog: None };
-    let dead = Endpoint { instance: "p1-dead".into(), addr: "127.0.0.1:8".into(), watchdog: None };
+    let live_elsewhere =
+        Endpoint { instance: "p1-other-node".into(), addr: "127.0.0.1:9".into(), watchdog: None, watchdog_token: None };
+    let dead =
+        Endpoint { instance: "p1-dead".into(), addr: "127.0.0.1:8".into(), watchdog: None, watchdog_token: None };
     let route = PanelRoute {
         panel: "p1".into(),
         owner: "ada".into(),

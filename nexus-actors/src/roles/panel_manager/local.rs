@@ -331,6 +331,7 @@ impl LocalDriver {
                 instance: spec.instance.clone(),
                 addr: format!("127.0.0.1:{panel_port}"),
                 watchdog: studio.then(|| format!("127.0.0.1:{watchdog_port}")),
+                watchdog_token: None,
             },
             isolation: sandbox.isolation,
             warning: sandbox.warning.clone(),
