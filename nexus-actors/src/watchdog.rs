@@ -7,6 +7,11 @@
 //! manager — and asks again every few seconds until it is stopped with the
 //! instance. An expiry is final: a late heartbeat gets `410 Gone`.
 //!
+//! The panel's own code shares the loopback the watchdog listens on, so a
+//! heartbeat only counts when it carries the instance's secret in
+//! [`TOKEN_HEADER`] (which the gateway adds); without a configured token
+//! every heartbeat counts (development only).
+//!
 //! Like the sidecar it stays on the host network (its Redis connection stays
 //! outside) while its listener may be bound inside the instance's network
 //! namespace. It never stops anything itself and serves nothing but
@@ -17,7 +22,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use actix_web::{web, App, HttpResponse, HttpServer};
+use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer};
 use futures::future::BoxFuture;
 use serde_json::json;
 use tokio::time::Instant;
@@ -30,6 +35,13 @@ use crate::telemetry::Metrics;
 
 /// How often an expired watchdog asks again, in case nobody heard it.
 pub const DEFAULT_REPEAT: Duration = Duration::from_secs(3);
+
+/// The longest timeout accepted: far beyond any Studio session, and far
+/// below what would overflow the clock's `Instant` arithmetic.
+pub const MAX_TIMEOUT: Duration = Duration::from_secs(30 * 24 * 60 * 60);
+
+/// The header a heartbeat carries the instance's secret in.
+pub const TOKEN_HEADER: &str = "x-nexus-watchdog-token";
 
 /// Everything a watchdog needs to start.
 #[derive(Debug, Clone)]
@@ -46,6 +58,9 @@ pub struct WatchdogConfig {
     pub timeout: Duration,
     /// How often an expired watchdog asks again.
     pub repeat: Duration,
+    /// The secret a heartbeat must carry in [`TOKEN_HEADER`]; `None` accepts
+    /// every heartbeat.
+    pub token: Option<String>,
     pub redis_url: String,
 }
 
@@ -59,6 +74,7 @@ impl WatchdogConfig {
             netns: None,
             timeout: Duration::from_secs(30 * 60),
             repeat: DEFAULT_REPEAT,
+            token: None,
             redis_url: redis_url.into(),
         }
     }
@@ -70,6 +86,12 @@ pub enum WatchdogError {
     NotLoopback(SocketAddr),
     #[error("the timeout must be at least a second")]
     TimeoutTooShort,
+    #[error("the timeout must be at most {} s (30 days), not {} s", MAX_TIMEOUT.as_secs(), .0.as_secs())]
+    TimeoutTooLong(Duration),
+    #[error("the heartbeat token must not be empty")]
+    EmptyToken,
+    #[error("registering the watchdog's metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
     #[error(transparent)]
     Netns(#[from] NetnsError),
     #[error(transparent)]
@@ -133,8 +155,12 @@ struct Clock {
 struct Shared {
     instance: String,
     timeout: Duration,
+    token: Option<String>,
     clock: Mutex<Clock>,
     metrics: Metrics,
+    /// `nexus_watchdog_refused_heartbeats_total`: heartbeats without the
+    /// right token (the panel's own code, most likely).
+    refused: prometheus::IntCounter,
 }
 
 impl Shared {
@@ -158,6 +184,15 @@ impl Shared {
         }
         clock.last = now;
         Some(self.timeout)
+    }
+
+    /// Whether `presented` is the configured token, compared in constant
+    /// time so the panel's code cannot guess it byte by byte.
+    fn authorized(&self, presented: Option<&[u8]>) -> bool {
+        let Some(token) = &self.token else { return true };
+        let Some(presented) = presented else { return false };
+        let token = token.as_bytes();
+        presented.len() == token.len() && presented.iter().zip(token).fold(0u8, |diff, (a, b)| diff | (a ^ b)) == 0
     }
 
     fn answer(&self, left: Option<Duration>) -> serde_json::Value {
@@ -206,11 +241,25 @@ pub async fn start(config: WatchdogConfig, expiry: Arc<dyn Expiry>) -> Result<Wa
     if config.timeout < Duration::from_secs(1) {
         return Err(WatchdogError::TimeoutTooShort);
     }
+    if config.timeout > MAX_TIMEOUT {
+        return Err(WatchdogError::TimeoutTooLong(config.timeout));
+    }
+    if config.token.as_deref().is_some_and(str::is_empty) {
+        return Err(WatchdogError::EmptyToken);
+    }
+    let registry = Metrics::new();
+    let refused = prometheus::IntCounter::new(
+        "nexus_watchdog_refused_heartbeats_total",
+        "Heartbeats refused because they lacked the instance's watchdog token",
+    )?;
+    registry.registry().register(Box::new(refused.clone()))?;
     let shared = Arc::new(Shared {
         instance: config.instance.clone(),
         timeout: config.timeout,
+        token: config.token.clone(),
         clock: Mutex::new(Clock { last: Instant::now(), expired: false }),
-        metrics: Metrics::new(),
+        metrics: registry,
+        refused,
     });
     let data = web::Data::from(shared.clone());
     let server = HttpServer::new(move || {
@@ -244,6 +293,7 @@ pub async fn start(config: WatchdogConfig, expiry: Arc<dyn Expiry>) -> Result<Wa
         %listen,
         netns = ?config.netns,
         timeout_s = config.timeout.as_secs(),
+        token = config.token.is_some(),
         "watchdog running"
     );
     Ok(Watchdog { server: server.run(), timer, listen })
@@ -269,7 +319,16 @@ async fn watch(shared: Arc<Shared>, expiry: Arc<dyn Expiry>, repeat: Duration) {
     }
 }
 
-async fn heartbeat(shared: web::Data<Shared>) -> HttpResponse {
+async fn heartbeat(req: HttpRequest, shared: web::Data<Shared>) -> HttpResponse {
+    if !shared.authorized(req.headers().get(TOKEN_HEADER).map(|v| v.as_bytes())) {
+        shared.refused.inc();
+        tracing::warn!(instance = %shared.instance, "nexus_watchdog_refused_heartbeats_total");
+        return HttpResponse::Unauthorized().json(json!({
+            "error": "unauthorized",
+            "message": "a heartbeat must carry the instance's watchdog token",
+            "instance": shared.instance,
+        }));
+    }
     match shared.heartbeat() {
         Some(left) => {
             shared.metrics.watchdog_heartbeats.inc();

@@ -1,7 +1,9 @@
 //! The Studio watchdog against a real redis-server: heartbeats keep the
 //! instance, silence gets an `ExpireInstance` on the instance's control
-//! channel (repeated until the watchdog stops), bad requests are refused,
-//! and with a network namespace the listener exists only inside it.
+//! channel (repeated until the watchdog stops), heartbeats without the
+//! instance's token are refused and do not keep it, bad requests and
+//! configurations are refused, and with a network namespace the listener
+//! exists only inside it.
 
 mod common;
 mod raw_http;
@@ -16,7 +18,7 @@ use nexus_actors::bus::BusEvent;
 use nexus_actors::infra::{free_port, RedisServer};
 use nexus_actors::instance::{control_channel, ExpireInstance};
 use nexus_actors::netns::{self, Netns, NetnsThread};
-use nexus_actors::watchdog::{self, RedisExpiry, Watchdog, WatchdogConfig, WatchdogError};
+use nexus_actors::watchdog::{self, RedisExpiry, Watchdog, WatchdogConfig, WatchdogError, MAX_TIMEOUT, TOKEN_HEADER};
 use nexus_actors::Kernel;
 use serde_json::Value;
 
@@ -78,7 +80,15 @@ impl Harness {
 }
 
 async fn post(url: &str) -> (u16, Value) {
-    let response = reqwest::Client::new().post(url).send().await.unwrap();
+    post_with_token(url, None).await
+}
+
+async fn post_with_token(url: &str, token: Option<&str>) -> (u16, Value) {
+    let mut request = reqwest::Client::new().post(url);
+    if let Some(token) = token {
+        request = request.header(TOKEN_HEADER, token);
+    }
+    let response = request.send().await.unwrap();
     (response.status().as_u16(), response.json().await.unwrap_or(Value::Null))
 }
 
@@ -107,6 +117,49 @@ async fn heartbeats_keep_the_instance_and_silence_then_expires_it() {
     let metrics = reqwest::get(format!("{url}/metrics")).await.unwrap().text().await.unwrap();
     assert!(metrics.contains("nexus_watchdog_heartbeats_total 6"), "{metrics}");
     assert!(metrics.contains("nexus_watchdog_expiries_total 1"), "{metrics}");
+}
+
+#[actix_rt::test]
+async fn with_a_token_only_heartbeats_carrying_it_keep_the_instance() {
+    let h = Harness::new("watchdog-token", "inst-t").await;
+    let mut config = h.config("inst-t", 2);
+    config.token = Some("s3cret-token".into());
+    let (url, _handle) = h.start(config).await;
+    let heartbeat = format!("{url}/heartbeat");
+
+    // The right token keeps it past the 2 s timeout.
+    for _ in 0..6 {
+        let (status, body) = post_with_token(&heartbeat, Some("s3cret-token")).await;
+        assert_eq!(status, 200, "{body}");
+        actix::clock::sleep(Duration::from_millis(500)).await;
+    }
+    assert!(h.received().is_empty(), "expired despite heartbeats with the token: {:?}", h.received());
+
+    // Without it, with a wrong one of the same or another length, or an
+    // empty one (what the panel's own code can send): 401, and the clock
+    // runs on, so the instance expires although the heartbeats keep coming.
+    let wrong = [None, Some("s3cret-tokeN"), Some("s3cret"), Some("s3cret-token-and-more"), Some("")];
+    let mut refused = 0;
+    while h.received().is_empty() {
+        assert!(refused < 40, "no ExpireInstance after {refused} refused heartbeats");
+        for token in wrong {
+            let (status, body) = post_with_token(&heartbeat, token).await;
+            if status == 410 {
+                break;
+            }
+            assert_eq!(status, 401, "token {token:?}: {body}");
+            assert_eq!(body["error"], "unauthorized");
+            refused += 1;
+        }
+        actix::clock::sleep(Duration::from_millis(250)).await;
+    }
+    assert_eq!(h.received()[0].instance, "inst-t");
+    assert_eq!(h.received()[0].reason, "no heartbeat for 2 s");
+    let metrics = reqwest::get(format!("{url}/metrics")).await.unwrap().text().await.unwrap();
+    assert!(metrics.contains("nexus_watchdog_heartbeats_total 6"), "refused ones are not heartbeats: {metrics}");
+    assert!(metrics.contains(&format!("nexus_watchdog_refused_heartbeats_total {refused}")), "{metrics}");
+    // Once expired, even the right token is too late.
+    assert_eq!(post_with_token(&heartbeat, Some("s3cret-token")).await.0, 410);
 }
 
 #[actix_rt::test]
@@ -162,6 +215,20 @@ async fn bad_requests_and_bad_configurations_are_refused() {
     let mut instant = h.config("inst-c", 60);
     instant.timeout = Duration::from_millis(10);
     assert!(matches!(start(instant).await, Err(WatchdogError::TimeoutTooShort)));
+    // A timeout that would overflow the clock is refused, not a dead timer.
+    for huge in [Duration::from_secs(u64::MAX), MAX_TIMEOUT + Duration::from_secs(1)] {
+        let mut forever = h.config("inst-c", 60);
+        forever.timeout = huge;
+        match start(forever).await {
+            Err(error @ WatchdogError::TimeoutTooLong(_)) => {
+                assert!(error.to_string().contains("at most 2592000 s"), "{error}")
+            }
+            other => panic!("a {huge:?} timeout was not refused: {:?}", other.err()),
+        }
+    }
+    let mut empty_token = h.config("inst-c", 60);
+    empty_token.token = Some(String::new());
+    assert!(matches!(start(empty_token).await, Err(WatchdogError::EmptyToken)));
     let mut nowhere = h.config("inst-c", 60);
     nowhere.netns = Some("/run/netns/nexus-no-such-namespace".into());
     assert!(matches!(start(nowhere).await, Err(WatchdogError::Netns(_))));
@@ -171,6 +238,20 @@ async fn bad_requests_and_bad_configurations_are_refused() {
     let mut no_redis = h.config("inst-c", 60);
     no_redis.redis_url = closed;
     assert!(matches!(watchdog::run(no_redis).await, Err(WatchdogError::Expiry(_))));
+}
+
+#[actix_rt::test]
+async fn the_longest_timeout_runs_and_counts_down() {
+    let h = Harness::new("watchdog-longest", "inst-l").await;
+    let mut config = h.config("inst-l", 60);
+    config.timeout = MAX_TIMEOUT;
+    let (url, _handle) = h.start(config).await;
+    let (status, body) = post(&format!("{url}/heartbeat")).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["expires_in_s"], MAX_TIMEOUT.as_secs());
+    let health: Value = reqwest::get(format!("{url}/healthz")).await.unwrap().json().await.unwrap();
+    assert_eq!(health["expired"], false, "the timer is alive: {health}");
+    assert!(h.received().is_empty());
 }
 
 /// Deletes the namespace when the test ends, passed or not.

@@ -66,7 +66,8 @@ enum Command {
     Sidecar(SidecarArgs),
     /// Run beside a Studio instance: delete it after no heartbeat for --timeout-secs.
     ///
-    /// Serves POST /heartbeat (resets the clock; 410 once expired),
+    /// Serves POST /heartbeat (resets the clock; 401 without the --token
+    /// secret in X-Nexus-Watchdog-Token; 410 once expired),
     /// GET /healthz and GET /metrics on --listen (loopback only; inside
     /// --netns when given). Startup counts as a heartbeat. When the time is
     /// up it publishes nexus.instance.expire on
@@ -124,9 +125,13 @@ struct WatchdogArgs {
     /// The instance's network namespace (/run/netns/<name>): --listen is bound inside it.
     #[arg(long)]
     netns: Option<PathBuf>,
-    /// Seconds without a heartbeat before the instance is deleted (at least 1).
+    /// Seconds without a heartbeat before the instance is deleted (1 to 2592000, 30 days).
     #[arg(long, default_value_t = 1800)]
     timeout_secs: u64,
+    /// The secret a heartbeat must carry in X-Nexus-Watchdog-Token (the gateway adds it);
+    /// without it every heartbeat counts, including the panel's own.
+    #[arg(long, env = "NEXUS_WATCHDOG_TOKEN", hide_env_values = true)]
+    token: Option<String>,
     /// Redis URL (the watchdog's connection stays on the host network).
     #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
     redis_url: String,
@@ -228,6 +233,7 @@ fn main() -> anyhow::Result<()> {
                 listen: args.listen,
                 netns: args.netns,
                 timeout: Duration::from_secs(args.timeout_secs),
+                token: args.token,
                 ..WatchdogConfig::new(args.instance, args.panel, args.redis_url)
             };
             actix_rt::System::new().block_on(watchdog::run(config))?;
