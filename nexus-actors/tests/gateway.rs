@@ -1,7 +1,8 @@
 //! The traffic gateway over real sockets: a real redis-server per test,
 //! real upstream HTTP and WebSocket servers, real clients. The test plays
 //! the panel manager where one is needed: it writes routes into Redis,
-//! announces them, and answers activations by starting an upstream.
+//! announces them, and answers activations by starting an upstream. The
+//! heartbeat is forwarded to a real `nexus watchdog` that checks its token.
 
 mod common;
 
@@ -21,6 +22,7 @@ use nexus_actors::instance::{
 use nexus_actors::roles::traffic_gateway::routes::Reload;
 use nexus_actors::roles::traffic_gateway::{self as gateway, Gateway, GatewayConfig};
 use nexus_actors::roles::transaction_manager::{Auth, Store};
+use nexus_actors::watchdog::{self, RedisExpiry, WatchdogConfig, TOKEN_HEADER};
 use nexus_actors::{Envelope, Kernel};
 use redis::aio::ConnectionManager;
 use serde_json::{json, Value};
@@ -605,4 +607,122 @@ async fn heartbeats_are_checked_against_the_owner_and_forwarded_to_the_watchdog(
     // CORS is for the heartbeat only.
     let r = env.http.get(env.url("/p/studio/")).send().await.unwrap();
     assert!(!r.headers().contains_key("access-control-allow-origin"));
+}
+
+#[actix_rt::test]
+async fn heartbeats_carry_the_instances_watchdog_token_to_a_real_watchdog() {
+    let env = Env::start("heartbeat-token", |_| {}).await;
+    let store = Store::connect(&env.redis.url()).await.unwrap();
+    let (ada, _) = Auth::new(&store.signing_secret().await.unwrap()).issue("ada");
+    let config = WatchdogConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        token: Some("the-instance-secret".into()),
+        ..WatchdogConfig::new("studio-0", "studio", env.redis.url())
+    };
+    let expiry = RedisExpiry::connect(&env.redis.url()).await.unwrap();
+    let watchdog = watchdog::start(config, Arc::new(expiry)).await.unwrap();
+    let (watchdog_addr, _handle) = (watchdog.local_addr().to_string(), watchdog.handle());
+    actix::spawn(watchdog.run());
+    let upstream = Upstream::default();
+    let (addr, _server) = upstream.serve();
+    let beat = |panel: &'static str| env.http.post(env.url(&format!("/heartbeat/{panel}"))).bearer_auth(&ada).send();
+
+    // The panel's own code reaching the watchdog directly has no token.
+    let direct = env.http.post(format!("http://{watchdog_addr}/heartbeat")).send().await.unwrap();
+    assert_eq!(direct.status(), 401);
+
+    // Through the gateway, the route's token goes along.
+    let mut studio = route("studio", InstanceMode::Studio, &[&addr], false);
+    studio.endpoints[0].watchdog = Some(watchdog_addr.clone());
+    studio.endpoints[0].watchdog_token = Some("the-instance-secret".into());
+    env.put_route(&studio).await;
+    let r = beat("studio").await.unwrap();
+    assert_eq!(r.status(), 200);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!((body["instance"].as_str(), body["expired"].as_bool()), (Some("studio-0"), Some(false)));
+
+    // A route with another token, or none, is refused by the watchdog.
+    studio.endpoints[0].watchdog_token = Some("a-stale-secret".into());
+    env.put_route(&studio).await;
+    assert_eq!(beat("studio").await.unwrap().status(), 401);
+    studio.endpoints[0].watchdog_token = None;
+    env.put_route(&studio).await;
+    assert_eq!(beat("studio").await.unwrap().status(), 401);
+
+    let metrics = env.http.get(format!("http://{watchdog_addr}/metrics")).send().await.unwrap().text().await.unwrap();
+    assert!(metrics.contains("nexus_watchdog_heartbeats_total 1"), "{metrics}");
+    assert!(metrics.contains("nexus_watchdog_refused_heartbeats_total 3"), "{metrics}");
+    // The secret is for the watchdog only, never for the panel.
+    assert!(upstream.seen().is_empty());
+    let r = env.http.get(env.url("/p/studio/x")).header(TOKEN_HEADER, "x").send().await.unwrap();
+    assert_eq!(r.status(), 200);
+}
+
+/// Plays the panel manager for `panel`: once the gateway asks for it to be
+/// activated, writes `endpoints` as its route (an instance started).
+async fn on_activation(env: &Env, asked: Arc<Mutex<Vec<String>>>, panel: &'static str, endpoints: &[&str]) {
+    let a = asked.clone();
+    eventually(10, "an activation was announced", move || a.lock().unwrap().iter().any(|p| p == panel)).await;
+    put_route(&env.conn, &route(panel, InstanceMode::App, endpoints, true)).await;
+}
+
+#[actix_rt::test]
+async fn a_request_refused_by_an_app_scaled_to_zero_under_a_stale_route_is_held_and_sent_once() {
+    let env = Env::start("stale-route", |_| {}).await;
+    let asked = activations(&env.redis).await;
+    // The gateway still routes to an instance the panel manager has stopped.
+    env.put_route(&route("app", InstanceMode::App, &[&dead_addr()], true)).await;
+
+    let (http, url) = (env.http.clone(), env.url("/p/app/orders?n=1"));
+    let request = actix::spawn(async move {
+        let r = http.post(url).header("x-request-id", "only").body("the order").send().await.unwrap();
+        (r.status().as_u16(), r.json::<Value>().await.unwrap())
+    });
+    let kernel = env.kernel.clone();
+    eventually(10, "the refused request is held", move || metric(&kernel, "nexus_gateway_queued_requests") == 1.0)
+        .await;
+    let upstream = Upstream::default();
+    let (addr, _server) = upstream.serve();
+    on_activation(&env, asked.clone(), "app", &[&addr]).await;
+
+    let (status, body) = request.await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert_eq!((body["path"].as_str(), body["query"].as_str()), (Some("/orders"), Some("n=1")));
+    assert_eq!(body["body"], "the order", "the body was kept while the request was held");
+    let seen = upstream.seen();
+    assert_eq!(seen.len(), 1, "sent exactly once: {seen:?}");
+    assert_eq!(seen[0]["id"], "only");
+    assert_eq!(env.metric("nexus_gateway_reactivations_total"), 1.0);
+    assert_eq!(env.metric("nexus_gateway_requests_total{outcome=\"proxied\"}"), 1.0);
+    assert_eq!(env.metric("nexus_gateway_requests_total{outcome=\"bad_gateway\"}"), 0.0);
+    let kernel = env.kernel.clone();
+    eventually(10, "the activation ended ready", move || {
+        metric(&kernel, "nexus_gateway_activations_total{outcome=\"ready\"}") == 1.0
+    })
+    .await;
+    assert_eq!(env.metric("nexus_gateway_queued_requests"), 0.0);
+}
+
+#[actix_rt::test]
+async fn refused_connections_give_502_when_nothing_can_start_or_the_new_instance_refuses_too() {
+    let env = Env::start("stale-route-502", |_| {}).await;
+    let asked = activations(&env.redis).await;
+    // Not activatable (a Studio instance, an App without a snapshot): 502 at once.
+    env.put_route(&route("studio", InstanceMode::Studio, &[&dead_addr()], true)).await;
+    env.put_route(&route("fixed", InstanceMode::App, &[&dead_addr()], false)).await;
+    for panel in ["studio", "fixed"] {
+        let r = env.http.get(env.url(&format!("/p/{panel}/"))).send().await.unwrap();
+        assert_eq!(r.status(), 502, "{panel}");
+    }
+    assert_eq!(env.metric("nexus_gateway_reactivations_total"), 0.0);
+    assert!(asked.lock().unwrap().is_empty(), "nothing to activate: {:?}", asked.lock().unwrap());
+
+    // Held once; the new instance refuses as well: 502, not another round.
+    env.put_route(&route("flaky", InstanceMode::App, &[&dead_addr()], true)).await;
+    let (http, url) = (env.http.clone(), env.url("/p/flaky/"));
+    let request = actix::spawn(async move { http.get(url).send().await.unwrap().status().as_u16() });
+    on_activation(&env, asked.clone(), "flaky", &[&dead_addr()]).await;
+    assert_eq!(request.await.unwrap(), 502);
+    assert_eq!(env.metric("nexus_gateway_reactivations_total"), 1.0);
+    assert_eq!(env.metric("nexus_gateway_requests_total{outcome=\"bad_gateway\"}"), 3.0);
 }

@@ -4,8 +4,11 @@
 //! Each panel has a bounded queue ([`Activator::admit`] refuses past it).
 //! The first request admitted starts one driver task per panel that
 //! publishes [`Activate`] on `nexus:panel-manager:activate` and repeats it
-//! every [`REPUBLISH_EVERY`] until the route has endpoints (recording the
-//! cold start), the route is gone, or nobody waits any more. Every held
+//! every [`REPUBLISH_EVERY`] until the route has a usable endpoint
+//! (recording the cold start), the route is gone, or nobody waits any
+//! more. A request may also arrive with endpoints that refused it: the
+//! gateway's route still named an instance that was scaled to zero under
+//! it. Those addresses do not count as usable for that activation. Every held
 //! request waits for the route on its own and is forwarded by its own
 //! handler, so each is sent exactly once. Starting instances is the panel
 //! manager's job; forwarding is the proxy's.
@@ -26,10 +29,16 @@ use crate::kernel::lock;
 /// may have missed it (pub/sub) or may have restarted.
 pub const REPUBLISH_EVERY: Duration = Duration::from_secs(2);
 
-/// Whether a held request can stop waiting: the route has endpoints, is
-/// gone, or is no longer activatable.
-pub fn settled(route: Option<&PanelRoute>) -> bool {
-    route.is_none_or(|r| !r.endpoints.is_empty() || !r.activatable)
+/// Whether a held request can stop waiting: the route has an endpoint
+/// other than the ones that `refused` it, is gone, or is no longer
+/// activatable.
+pub fn settled(route: Option<&PanelRoute>, refused: &[String]) -> bool {
+    route.is_none_or(|r| usable(r, refused) || !r.activatable)
+}
+
+/// Whether `route` has an endpoint other than the `refused` addresses.
+pub fn usable(route: &PanelRoute, refused: &[String]) -> bool {
+    route.endpoints.iter().any(|e| !refused.contains(&e.addr))
 }
 
 pub struct Activator {
@@ -46,6 +55,8 @@ pub struct Activator {
 struct Pending {
     id: u64,
     queued: usize,
+    /// Endpoint addresses that refused a request of this activation.
+    refused: Vec<String>,
 }
 
 /// A place in a panel's queue, given back when dropped.
@@ -88,7 +99,9 @@ impl Activator {
 
     /// A place in `panel`'s queue, or `None` when it is full. The first
     /// place of an activation starts its driver (on the current runtime).
-    pub fn admit(self: &Arc<Self>, panel: &str) -> Option<Slot> {
+    /// `refused` are endpoint addresses that refused this request: the
+    /// activation is not over while the route names only those.
+    pub fn admit(self: &Arc<Self>, panel: &str, refused: &[String]) -> Option<Slot> {
         let mut pending = lock(&self.pending);
         let p = match pending.get_mut(panel) {
             Some(p) => p,
@@ -97,11 +110,16 @@ impl Activator {
                 let since = Instant::now();
                 tracing::info!(panel, "activating a panel scaled to zero");
                 tokio::spawn(self.clone().drive(panel.to_owned(), id, since));
-                pending.entry(panel.to_owned()).or_insert(Pending { id, queued: 0 })
+                pending.entry(panel.to_owned()).or_insert(Pending { id, queued: 0, refused: Vec::new() })
             }
         };
         if p.queued >= self.capacity {
             return None;
+        }
+        for addr in refused {
+            if !p.refused.contains(addr) {
+                p.refused.push(addr.clone());
+            }
         }
         p.queued += 1;
         self.metrics.queued.inc();
@@ -113,11 +131,13 @@ impl Activator {
         loop {
             self.publish(&panel).await;
             let until = tokio::time::Instant::now() + REPUBLISH_EVERY;
-            let route = self.routes.await_route(&panel, until, settled).await;
+            // Read live: a request refused meanwhile adds its addresses.
+            let route = self.routes.await_route(&panel, until, |r| settled(r, &self.refused(&panel, id))).await;
+            let refused = self.refused(&panel, id);
             let mut pending = lock(&self.pending);
             let waiting = pending.get(&panel).filter(|p| p.id == id).map_or(0, |p| p.queued);
             let outcome = match route.as_deref() {
-                Some(r) if !r.endpoints.is_empty() => "ready",
+                Some(r) if usable(r, &refused) => "ready",
                 None => "gone",
                 Some(r) if !r.activatable => "gone",
                 Some(_) if waiting == 0 => "abandoned",
@@ -135,6 +155,11 @@ impl Activator {
             tracing::info!(panel, outcome, seconds, "nexus_gateway_activations_total");
             return;
         }
+    }
+
+    /// The addresses that refused requests of activation `id` of `panel`.
+    fn refused(&self, panel: &str, id: u64) -> Vec<String> {
+        lock(&self.pending).get(panel).filter(|p| p.id == id).map(|p| p.refused.clone()).unwrap_or_default()
     }
 
     async fn publish(&self, panel: &str) {

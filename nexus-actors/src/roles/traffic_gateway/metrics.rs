@@ -1,7 +1,7 @@
 //! The gateway's metric families, registered in the node's registry so the
 //! node's `/metrics` shows them. Names are stable; this module only counts.
 
-use prometheus::{Histogram, HistogramOpts, IntCounterVec, IntGauge, Opts, Registry};
+use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 
 /// Outcomes of `nexus_gateway_requests_total{outcome}`.
 pub const REQUEST_OUTCOMES: [&str; 13] = [
@@ -36,6 +36,9 @@ pub struct GatewayMetrics {
     pub queued: IntGauge,
     /// `nexus_gateway_last_request_writes_total`: traffic signals written.
     pub last_request_writes: IntCounterVec,
+    /// `nexus_gateway_reactivations_total`: requests every instance of an
+    /// App refused (scaled to zero under a stale route), held for a new one.
+    pub reactivations: IntCounter,
 }
 
 impl GatewayMetrics {
@@ -66,7 +69,12 @@ impl GatewayMetrics {
         registry.register(Box::new(activations.clone()))?;
         registry.register(Box::new(cold_start.clone()))?;
         registry.register(Box::new(queued.clone()))?;
+        let reactivations = IntCounter::new(
+            "nexus_gateway_reactivations_total",
+            "Requests to an App whose every instance refused the connection, held for a new instance",
+        )?;
         registry.register(Box::new(last_request_writes.clone()))?;
+        registry.register(Box::new(reactivations.clone()))?;
         // Present from the start, so dashboards see zeros, not gaps.
         for outcome in REQUEST_OUTCOMES {
             requests.with_label_values(&[outcome]);
@@ -74,7 +82,7 @@ impl GatewayMetrics {
         for outcome in ACTIVATION_OUTCOMES {
             activations.with_label_values(&[outcome]);
         }
-        Ok(GatewayMetrics { requests, activations, cold_start, queued, last_request_writes })
+        Ok(GatewayMetrics { requests, activations, cold_start, queued, last_request_writes, reactivations })
     }
 
     /// Counts one finished request.

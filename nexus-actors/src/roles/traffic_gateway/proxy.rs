@@ -3,9 +3,12 @@
 //! `/p/<panel>/<rest>` goes to `http://<endpoint>/<rest>` (prefix stripped,
 //! `X-Forwarded-*` set, hop-by-hop headers dropped), round-robin over the
 //! route's endpoints, through one keep-alive pool. WebSocket upgrades are
-//! passed through; an App scaled to zero goes to the [`Activator`]; a
-//! Studio user's heartbeat goes to the instance's watchdog. Every request
-//! ends in exactly one outcome, counted in `nexus_gateway_requests_total`.
+//! passed through; an App scaled to zero goes to the [`Activator`], and so
+//! does a request every instance of an App refused (scaled to zero under a
+//! route this gateway had not yet seen change); a Studio user's heartbeat
+//! goes to the instance's watchdog, with the instance's watchdog token.
+//! Every request ends in exactly one outcome, counted in
+//! `nexus_gateway_requests_total`.
 //! Routes are read from the [`Routes`] snapshot, never through a mailbox.
 
 use std::collections::HashMap;
@@ -35,6 +38,7 @@ use super::GatewayConfig;
 use crate::instance::{last_request_key, InstanceMode, PanelRoute};
 use crate::kernel::lock;
 use crate::roles::transaction_manager::auth::Auth;
+use crate::watchdog::TOKEN_HEADER;
 
 /// What the gateway answers with.
 pub type Body = BoxBody<Bytes, hyper::Error>;
@@ -159,12 +163,15 @@ pub async fn handle(shared: Arc<Shared>, req: Request<Incoming>, peer: SocketAdd
         return too_large(&shared, &panel, html);
     }
     if !route.endpoints.is_empty() {
-        let request = Forward::new(&shared, req, &panel, &tail, peer, None);
+        let request = Forward::new(&shared, req, &panel, &tail, peer);
         return forward(&shared, &route, request).await;
     }
     let retry = Some(shared.config.retry_after.as_secs().max(1));
     match (route.mode, route.activatable) {
-        (InstanceMode::App, true) => activate(&shared, req, &panel, &tail, peer).await,
+        (InstanceMode::App, true) => {
+            let request = Forward::new(&shared, req, &panel, &tail, peer);
+            hold(&shared, request, Vec::new()).await
+        }
         (InstanceMode::Studio, _) => {
             shared.metrics.request("unavailable", &panel);
             let message = "this Studio instance is not running; start it in Studio";
@@ -208,49 +215,42 @@ fn redirect_to_slash(shared: &Shared, req: &Request<Incoming>, panel: &str, html
     }
 }
 
-/// An App scaled to zero: hold the request until an instance serves.
-async fn activate(
-    shared: &Arc<Shared>,
-    req: Request<Incoming>,
-    panel: &str,
-    tail: &str,
-    peer: SocketAddr,
-) -> Response<Body> {
-    let html = pages::wants_html(req.headers());
+/// An App without a usable instance: hold `request` until its route names
+/// an endpoint other than the `refused` ones, then send it, once.
+async fn hold(shared: &Arc<Shared>, mut request: Forward, refused: Vec<String>) -> Response<Body> {
+    let (panel, html) = (request.panel.clone(), request.html);
     let retry = Some(shared.config.retry_after.as_secs().max(1));
-    let Some(slot) = shared.activator.admit(panel) else {
-        shared.metrics.request("queue_full", panel);
+    let Some(slot) = shared.activator.admit(&panel, &refused) else {
+        shared.metrics.request("queue_full", &panel);
         let message = "this App is starting and too many requests are waiting for it; try again shortly";
         return pages::error(StatusCode::SERVICE_UNAVAILABLE, message, html, retry);
     };
     let deadline = tokio::time::Instant::now() + shared.config.activation_deadline;
-    // The parts keep the connection's upgrade handle for `Forward::new`.
-    let (parts, body) = req.into_parts();
-    let buffered = match Limited::new(body, shared.config.max_body_bytes).collect().await {
-        Ok(collected) => collected.to_bytes(),
-        Err(error) if error.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
-            return too_large(shared, panel, html)
-        }
-        Err(error) => {
+    match request.body.buffer().await {
+        Ok(()) => {}
+        Err(Unbuffered::TooLarge) => return too_large(shared, &panel, html),
+        Err(Unbuffered::Client(error)) => {
             tracing::debug!(panel, %error, "client went away while its request was held");
-            shared.metrics.request("client_error", panel);
+            shared.metrics.request("client_error", &panel);
             return pages::error(StatusCode::BAD_REQUEST, "the request body could not be read", html, None);
         }
-    };
-    let route = shared.routes.await_route(panel, deadline, settled).await;
+        Err(Unbuffered::Consumed) => return refused_page(shared, &panel, html),
+    }
+    let route = shared.routes.await_route(&panel, deadline, |r| settled(r, &refused)).await;
     drop(slot);
     match route {
-        Some(route) if !route.endpoints.is_empty() => {
-            let req = Request::from_parts(parts, ());
-            let request = Forward::new(shared, req, panel, tail, peer, Some(buffered));
-            forward(shared, &route, request).await
+        Some(route) if !route.endpoints.is_empty() && settled(Some(&route), &refused) => {
+            match send(shared, &route, &mut request).await {
+                Ok(response) => response,
+                Err(_) => refused_page(shared, &panel, html),
+            }
         }
         None => {
-            shared.metrics.request("not_found", panel);
+            shared.metrics.request("not_found", &panel);
             pages::error(StatusCode::NOT_FOUND, &format!("no panel {panel:?} here"), html, None)
         }
         Some(_) => {
-            shared.metrics.request("activation_timeout", panel);
+            shared.metrics.request("activation_timeout", &panel);
             let message = "this App did not start in time; try again shortly";
             pages::error(StatusCode::SERVICE_UNAVAILABLE, message, html, retry)
         }
@@ -270,16 +270,9 @@ struct Forward {
 }
 
 impl Forward {
-    /// Prepares `req` for `panel`'s instances; `buffered` is its body when
-    /// the activator already read it.
-    fn new<B: IntoOutgoing>(
-        shared: &Shared,
-        req: Request<B>,
-        panel: &str,
-        tail: &str,
-        peer: SocketAddr,
-        buffered: Option<Bytes>,
-    ) -> Self {
+    /// Prepares `req` for `panel`'s instances; its body stays streamed
+    /// until [`Outgoing::buffer`] reads it.
+    fn new(shared: &Shared, req: Request<Incoming>, panel: &str, tail: &str, peer: SocketAddr) -> Self {
         let (mut parts, body) = req.into_parts();
         let html = pages::wants_html(&parts.headers);
         let upgrade = match is_upgrade(&parts.headers) {
@@ -319,30 +312,10 @@ impl Forward {
             }
             on
         });
-        let body = match buffered {
-            Some(bytes) => Outgoing::Buffered(bytes),
-            None => body.into_outgoing(shared.config.max_body_bytes),
-        };
+        let (hint, end) = (hyper::body::Body::size_hint(&body), hyper::body::Body::is_end_stream(&body));
+        let (limit, over) = (shared.config.max_body_bytes, Arc::new(AtomicBool::new(false)));
+        let body = Outgoing::Streamed { slot: Arc::new(Mutex::new(Some(body))), hint, end, limit, over };
         Forward { panel: panel.to_owned(), method: parts.method, path_and_query, headers, body, upgrade, html }
-    }
-}
-
-/// A request body as received: streamed, or nothing (already buffered).
-trait IntoOutgoing {
-    fn into_outgoing(self, limit: usize) -> Outgoing;
-}
-
-impl IntoOutgoing for Incoming {
-    fn into_outgoing(self, limit: usize) -> Outgoing {
-        let (hint, end) = (hyper::body::Body::size_hint(&self), hyper::body::Body::is_end_stream(&self));
-        let over = Arc::new(AtomicBool::new(false));
-        Outgoing::Streamed { slot: Arc::new(Mutex::new(Some(self))), hint, end, limit, over }
-    }
-}
-
-impl IntoOutgoing for () {
-    fn into_outgoing(self, _: usize) -> Outgoing {
-        Outgoing::Buffered(Bytes::new())
     }
 }
 
@@ -382,24 +355,51 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
-/// Sends `request` to one of `route`'s endpoints. A refused connection
-/// (nothing was sent) moves on to the next endpoint once.
+/// Sends `request` to one of `route`'s endpoints. When every endpoint
+/// refuses the connection (nothing was sent) and the route is an
+/// activatable App, its instance was most likely scaled to zero under this
+/// gateway's route: the request is held for a new instance, like a cold
+/// start, instead of failing.
 async fn forward(shared: &Arc<Shared>, route: &PanelRoute, mut request: Forward) -> Response<Body> {
+    let refused = match send(shared, route, &mut request).await {
+        Ok(response) => return response,
+        Err(refused) => refused,
+    };
+    if route.mode != InstanceMode::App || !route.activatable {
+        return refused_page(shared, &request.panel, request.html);
+    }
+    shared.metrics.reactivations.inc();
+    tracing::info!(panel = %request.panel, ?refused, "nexus_gateway_reactivations_total");
+    hold(shared, request, refused).await
+}
+
+fn refused_page(shared: &Shared, panel: &str, html: bool) -> Response<Body> {
+    shared.metrics.request("bad_gateway", panel);
+    pages::error(StatusCode::BAD_GATEWAY, "the panel's instance refused the connection", html, None)
+}
+
+/// Sends `request` to one of `route`'s endpoints, round-robin, moving on
+/// to the next while connections are refused (nothing was sent, so each
+/// endpoint is tried at most once). Gives back the refused addresses when
+/// every endpoint refused; any other outcome is the answer.
+async fn send(shared: &Arc<Shared>, route: &PanelRoute, request: &mut Forward) -> Result<Response<Body>, Vec<String>> {
     let panel = request.panel.clone();
     let html = request.html;
     shared.traffic.touch(&panel);
     let endpoints = &route.endpoints;
     let first = shared.round_robin.fetch_add(1, Ordering::Relaxed);
-    let attempts = endpoints.len().min(2);
-    let mut attempt = 0;
+    let mut refused = Vec::new();
     let response = loop {
-        let endpoint = &endpoints[(first + attempt) % endpoints.len()];
+        if refused.len() == endpoints.len() {
+            return Err(refused);
+        }
+        let endpoint = &endpoints[(first + refused.len()) % endpoints.len()];
         let uri = match format!("http://{}{}", endpoint.addr, request.path_and_query).parse::<Uri>() {
             Ok(uri) => uri,
             Err(error) => {
                 tracing::warn!(panel, addr = %endpoint.addr, %error, "route has an unusable endpoint address");
                 shared.metrics.request("bad_gateway", &panel);
-                return pages::error(StatusCode::BAD_GATEWAY, "the panel's instance has a bad address", html, None);
+                return Ok(pages::error(StatusCode::BAD_GATEWAY, "the panel's instance has a bad address", html, None));
             }
         };
         let mut upstream = Request::new(request.body.body());
@@ -414,23 +414,20 @@ async fn forward(shared: &Arc<Shared>, route: &PanelRoute, mut request: Forward)
                     "the panel's instance did not answer within {} s",
                     shared.config.upstream_timeout.as_secs_f64()
                 );
-                return pages::error(StatusCode::GATEWAY_TIMEOUT, &message, html, None);
+                return Ok(pages::error(StatusCode::GATEWAY_TIMEOUT, &message, html, None));
             }
-            Ok(Err(error)) if error.is_connect() && attempt + 1 < attempts => {
-                tracing::info!(panel, addr = %endpoint.addr, %error, "instance refused; trying the next one");
-                attempt += 1;
+            Ok(Err(error)) if error.is_connect() => {
+                tracing::info!(panel, addr = %endpoint.addr, error = %error_chain(&error), "instance refused");
+                refused.push(endpoint.addr.clone());
             }
             Ok(Err(error)) => {
                 if request.body.over_limit() {
-                    return too_large(shared, &panel, html);
+                    return Ok(too_large(shared, &panel, html));
                 }
                 tracing::info!(panel, addr = %endpoint.addr, error = %error_chain(&error), "instance failed");
                 shared.metrics.request("bad_gateway", &panel);
-                let message = match error.is_connect() {
-                    true => "the panel's instance refused the connection",
-                    false => "the panel's instance closed the connection without a valid answer",
-                };
-                return pages::error(StatusCode::BAD_GATEWAY, message, html, None);
+                let message = "the panel's instance closed the connection without a valid answer";
+                return Ok(pages::error(StatusCode::BAD_GATEWAY, message, html, None));
             }
             Ok(Ok(response)) => break response,
         }
@@ -447,7 +444,7 @@ async fn forward(shared: &Arc<Shared>, route: &PanelRoute, mut request: Forward)
         strip_hop_by_hop(&mut parts.headers);
     }
     let body = Tracked { inner: body, traffic: shared.traffic.clone(), panel };
-    Response::from_parts(parts, body.boxed())
+    Ok(Response::from_parts(parts, body.boxed()))
 }
 
 fn error_chain(error: &dyn std::error::Error) -> String {
@@ -542,10 +539,38 @@ impl Outgoing {
         }
     }
 
+    /// Reads a streamed body whole, so that it can wait for an instance
+    /// and be sent later. Fails when it is over the limit, when the client
+    /// fails to send it, or when an attempt already read part of it.
+    async fn buffer(&mut self) -> Result<(), Unbuffered> {
+        let Outgoing::Streamed { slot, limit, .. } = self else { return Ok(()) };
+        let Some(incoming) = lock(slot).take() else { return Err(Unbuffered::Consumed) };
+        let bytes = match Limited::new(incoming, *limit).collect().await {
+            Ok(collected) => collected.to_bytes(),
+            Err(error) if error.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
+                return Err(Unbuffered::TooLarge)
+            }
+            Err(error) => return Err(Unbuffered::Client(error)),
+        };
+        *self = Outgoing::Buffered(bytes);
+        Ok(())
+    }
+
     /// Whether the client sent more than the body limit.
     fn over_limit(&self) -> bool {
         matches!(self, Outgoing::Streamed { over, .. } if over.load(Ordering::Relaxed))
     }
+}
+
+/// Why a request body could not be held.
+#[derive(Debug, thiserror::Error)]
+enum Unbuffered {
+    #[error("the request body is over the limit")]
+    TooLarge,
+    #[error("reading the request body: {0}")]
+    Client(BoxError),
+    #[error("the request body was already partly sent")]
+    Consumed,
 }
 
 /// The request body as the upstream client sends it.
@@ -650,7 +675,9 @@ async fn heartbeat_answer(shared: &Arc<Shared>, req: Request<Incoming>, panel: &
         shared.metrics.request("forbidden", panel);
         return pages::error(StatusCode::FORBIDDEN, "this panel belongs to someone else", html, None);
     }
-    let Some(watchdog) = route.endpoints.iter().find_map(|e| e.watchdog.as_deref()) else {
+    let Some((watchdog, secret)) =
+        route.endpoints.iter().find_map(|e| Some((e.watchdog.as_deref()?, e.watchdog_token.as_deref())))
+    else {
         shared.metrics.request("not_found", panel);
         return pages::error(StatusCode::NOT_FOUND, "this panel has no running Studio instance", html, None);
     };
@@ -661,6 +688,16 @@ async fn heartbeat_answer(shared: &Arc<Shared>, req: Request<Incoming>, panel: &
     let mut upstream = Request::new(OutBody::Bytes(None));
     *upstream.method_mut() = Method::POST;
     *upstream.uri_mut() = uri;
+    // Only the gateway knows the secret, so only heartbeats through it (from
+    // the owner) count, not the panel code's own on its loopback.
+    match secret.map(HeaderValue::from_str) {
+        Some(Ok(mut value)) => {
+            value.set_sensitive(true);
+            upstream.headers_mut().insert(TOKEN_HEADER, value);
+        }
+        Some(Err(_)) => tracing::warn!(panel, "the route's watchdog token is not a header value; sent without it"),
+        None => {}
+    }
     match tokio::time::timeout(shared.config.upstream_timeout, shared.client.request(upstream)).await {
         Ok(Ok(answer)) => {
             shared.metrics.request("heartbeat", panel);
