@@ -154,8 +154,10 @@ struct PanelArgs {
     /// An App instance without requests for this long is stopped (scale to zero).
     #[arg(long, default_value_t = 60, env = "NEXUS_APP_IDLE_SECS")]
     app_idle_secs: u64,
-    /// A Studio instance without a heartbeat for this long deletes itself.
-    #[arg(long, default_value_t = 1800, env = "NEXUS_WATCHDOG_TIMEOUT_SECS")]
+    /// A Studio instance without a heartbeat for this long deletes itself
+    /// (at most 30 days).
+    #[arg(long, default_value_t = 1800, env = "NEXUS_WATCHDOG_TIMEOUT_SECS",
+          value_parser = clap::value_parser!(u64).range(1..=30 * 24 * 3600))]
     watchdog_timeout_secs: u64,
 }
 
