@@ -199,8 +199,12 @@ fn machine() -> String {
         .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
         .unwrap_or_default();
+    // Recorded because the machine may be shared: other work running during
+    // the run shows up as noise in every row.
+    let load = read("/proc/loadavg").split_whitespace().take(3).collect::<Vec<_>>().join(" ");
     format!(
-        "- date: {}\n- machine: {cores} cores, {cpu}, {mem} RAM, Linux {kernel}\n- commit: {commit}\n",
+        "- date: {}\n- machine: {cores} cores, {cpu}, {mem} RAM, Linux {kernel}\n- load average (1/5/15 min) \
+         at the end of the run: {load}\n- commit: {commit}\n",
         chrono::Utc::now().format("%Y-%m-%d %H:%M UTC")
     )
 }

@@ -109,9 +109,10 @@ Upstream **hello**: a minimal actix-web server (this binary as
 HTTP/1.0 and closes every connection, so each request opens a new
 connection to it on every path; on the direct path that is wrk reconnecting
 after every answer, while the proxies keep wrk's connections open and do the
-connecting themselves. Direct came out slower than both proxies in every trial
-run, so read that column as wrk's reconnecting client rather than a floor, and
-compare the gateway with nginx there (same upstream work on both).
+connecting themselves. That direct column has varied most between trial runs
+(from half to 1.5 times the proxies' throughput), so read it as wrk's
+reconnecting client rather than a floor, and compare the gateway with nginx
+there (the same upstream work on both).
 Everything — wrk, the proxy, the upstream, redis-server — shares the
 machine's two cores, so a proxy's cost shows as CPU taken from the others;
 the single-connection rows show the added latency of one hop without that
