@@ -6,7 +6,9 @@
 //! bridge produce → acknowledging actor vs raw rdkafka producer → consumer on
 //! the same tansu broker. A second table times tool calls through a
 //! sidecar against direct HTTP calls to the same panel ([`tools`]), a third
-//! WebSocket fan-out ([`sessions`]). Timings are reported, never asserted.
+//! WebSocket fan-out ([`sessions`]), and two about panels ([`panels`]): the
+//! traffic gateway against direct requests and nginx, and an App's cold
+//! start. Timings are reported, never asserted.
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -34,6 +36,7 @@ struct Sizes {
     python_tools: u64,
 }
 
+mod panels;
 mod sessions;
 mod tools;
 
@@ -42,14 +45,30 @@ fn main() {
     if args.first().map(String::as_str) == Some("serve-node") {
         return sessions::serve_node(&args[1..]);
     }
+    if args.first().map(String::as_str) == Some("serve-hello") {
+        return panels::serve_hello(&args[1..]);
+    }
     let quick = args.iter().any(|a| a == "--quick");
     let write = args.iter().position(|a| a == "--write").and_then(|i| args.get(i + 1)).map(PathBuf::from);
+    // `--only panels`: just the panel tables, printed (a partial run never
+    // overwrites RESULTS.md).
+    let only_panels = args.windows(2).any(|w| w[0] == "--only" && w[1] == "panels");
+    if only_panels && write.is_some() {
+        eprintln!("--only panels prints its tables; --write needs the full run");
+        std::process::exit(2);
+    }
     let sizes = if quick {
         Sizes { kernel: 20_000, redis: 5_000, kafka: 2_000, tools: 2_000, python_tools: 500 }
     } else {
         Sizes { kernel: 200_000, redis: 50_000, kafka: 20_000, tools: 20_000, python_tools: 2_000 }
     };
     let dir = std::env::temp_dir().join(format!("nexus-bench-{}", std::process::id()));
+    if only_panels {
+        let (overhead, cold) = panel_tables(&dir, quick);
+        println!("{overhead}\n{cold}");
+        let _ = std::fs::remove_dir_all(&dir);
+        return;
+    }
     let rows = actix_rt::System::new().block_on(async {
         let mut rows = Vec::new();
         rows.extend(kernel_rows(sizes.kernel).await);
@@ -65,20 +84,36 @@ fn main() {
     println!("{tools_table}");
     let sessions_table = sessions::table(&dir, if quick { 500 } else { 5_000 });
     println!("{sessions_table}");
+    let (overhead_table, cold_table) = panel_tables(&dir, quick);
+    println!("{overhead_table}\n{cold_table}");
     let _ = std::fs::remove_dir_all(&dir);
     if let Some(path) = write {
-        let command = format!("cargo run --release -p nexus-benches --{}", if quick { " --quick" } else { "" });
+        // scripts/bench says how it was called; run directly, the cargo command.
+        let command = std::env::var("NEXUS_BENCH_COMMAND").map(|c| c.trim().to_owned()).unwrap_or_else(|_| {
+            let quick = if quick { " --quick" } else { "" };
+            format!("cargo run --release -p nexus-benches --{quick} --write {}", path.display())
+        });
         let doc = format!(
-            "# Benchmark results\n\nLatest run of `{command} --write {}`.\n\n{}\n{table}\n{}\n## Tool calls\n\n{tools_table}\n{}\n## WebSocket sessions\n\n{sessions_table}\n{}",
-            path.display(),
+            "# Benchmark results\n\nLatest run of `{command}`.\n\n{}\n{table}\n{}\n## Tool calls\n\n{tools_table}\n{}\n## WebSocket sessions\n\n{sessions_table}\n{}\n## Gateway overhead\n\n{overhead_table}\n{}\n## App cold start\n\n{cold_table}\n{}",
             machine(),
             NOTES,
             tools::NOTES,
-            SESSION_NOTES
+            SESSION_NOTES,
+            panels::OVERHEAD_NOTES,
+            panels::COLD_NOTES
         );
         std::fs::write(&path, doc).expect("write results");
         eprintln!("wrote {}", path.display());
     }
+}
+
+/// The gateway overhead and cold-start tables, each in an actix system of
+/// its own (the gateway's route table and the panel manager are actors).
+fn panel_tables(dir: &std::path::Path, quick: bool) -> (String, String) {
+    let sizes = panels::Sizes::new(quick);
+    let overhead = actix_rt::System::new().block_on(panels::overhead(dir, &sizes));
+    let cold = actix_rt::System::new().block_on(panels::cold_start(dir, &sizes));
+    (overhead, cold)
 }
 
 const NOTES: &str = "\
@@ -164,8 +199,12 @@ fn machine() -> String {
         .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
         .unwrap_or_default();
+    // Recorded because the machine may be shared: other work running during
+    // the run shows up as noise in every row.
+    let load = read("/proc/loadavg").split_whitespace().take(3).collect::<Vec<_>>().join(" ");
     format!(
-        "- date: {}\n- machine: {cores} cores, {cpu}, {mem} RAM, Linux {kernel}\n- commit: {commit}\n",
+        "- date: {}\n- machine: {cores} cores, {cpu}, {mem} RAM, Linux {kernel}\n- load average (1/5/15 min) \
+         at the end of the run: {load}\n- commit: {commit}\n",
         chrono::Utc::now().format("%Y-%m-%d %H:%M UTC")
     )
 }

@@ -166,13 +166,13 @@ async fn echo_execute(body: web::Json<Value>) -> HttpResponse {
 }
 
 /// The Python template panel as a child process; killed on drop.
-struct PythonPanel {
+pub(crate) struct PythonPanel {
     child: Child,
-    port: u16,
+    pub(crate) port: u16,
 }
 
 impl PythonPanel {
-    fn start(dir: &Path) -> Result<Self, String> {
+    pub(crate) fn start(dir: &Path) -> Result<Self, String> {
         let python = find_program("python3").ok_or("python3 is not installed")?;
         let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../panel-sdk-docs/python_minimal/server.py");
         if !script.exists() {
