@@ -4,7 +4,8 @@
 //! volume by the test) tries TCP connections from INSIDE the sandbox and
 //! reports what happened; the test decides what must fail.
 //!
-//! Needs root (CI runs as root); without it every test prints SKIPPED.
+//! Needs root (CI runs as root); without it every test prints SKIPPED, and
+//! fails when `CI` is set: a skip there would mean isolation went unchecked.
 
 use std::net::{TcpListener, TcpStream, UdpSocket};
 use std::os::unix::fs::PermissionsExt;
@@ -51,7 +52,15 @@ class Handler(BaseHTTPRequestHandler):
             n = ctypes.CDLL(None).klogctl(3, buf, len(buf))
             out = {"version": open("/proc/version").read(), "dmesg": buf.raw[:max(n, 0)].decode(errors="replace")}
         elif url.path == "/whoami":
-            out = {"uid": os.getuid(), "cwd": os.getcwd()}
+            out = {"uid": os.getuid(), "cwd": os.getcwd(), "env": dict(os.environ)}
+        elif url.path == "/pdeathsig":
+            out = {"signal": PDEATHSIG}
+        elif url.path == "/read":
+            try:
+                with open(q["name"]) as f:
+                    out = {"text": f.read()}
+            except OSError as e:
+                out = {"error": str(e)}
         elif url.path == "/write":
             with open(q["name"], "w") as f:
                 f.write("written by the panel")
@@ -70,6 +79,11 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
+# Per thread: read in the main thread, the one the driver started.
+_sig = ctypes.c_int(0)
+ctypes.CDLL(None).prctl(2, ctypes.byref(_sig))  # PR_GET_PDEATHSIG
+PDEATHSIG = _sig.value
+
 print("probe panel up", flush=True)
 ThreadingHTTPServer(("127.0.0.1", int(os.environ.get("PORT", "8080"))), Handler).serve_forever()
 "#;
@@ -85,6 +99,7 @@ fn skipped(test: &str) -> bool {
     if is_root() {
         return false;
     }
+    assert!(std::env::var_os("CI").is_none(), "{test}: CI is set but the sandbox tests are not running as root");
     eprintln!("\n\n*** SKIPPED {test}: the sandbox tests need root (network namespaces, runsc) ***\n\n");
     true
 }
@@ -323,7 +338,28 @@ fn a_plain_process_sandbox_isolates_too_and_stop_kills_what_escaped_its_group() 
         let addr = started.endpoint.addr.clone();
         assert_eq!(probe(&addr, "127.0.0.1", env.redis_port)["connected"], false, "redis from a process sandbox");
         assert_eq!(get_json(&addr, "/sidecar")["status"], 200);
-        assert_ne!(get_json(&addr, "/whoami")["uid"], 0);
+        let whoami = get_json(&addr, "/whoami");
+        assert_ne!(whoami["uid"], 0);
+        // Set after setuid (which clears it): the panel dies with nexus.
+        assert_eq!(get_json(&addr, "/pdeathsig")["signal"], 9, "PR_SET_PDEATHSIG survives the uid change");
+
+        // Secrets: the watchdog's token and the Redis URL are on no command
+        // line (any local uid reads those) and not in the panel's environment.
+        let token = started.endpoint.watchdog_token.clone().expect("a Studio instance has a watchdog token");
+        assert!(token.len() >= 32 && token.chars().all(|c| c.is_ascii_alphanumeric()), "{token}");
+        for secret in [token.as_str(), env.redis_url.as_str()] {
+            assert_eq!(processes_mentioning(secret), Vec::<String>::new(), "a command line holds a secret");
+            assert!(!whoami["env"].to_string().contains(secret), "the panel's environment holds a secret: {whoami}");
+        }
+        let helper_env = |name: &str| {
+            let helper = processes_mentioning(&instance).into_iter().find(|p| p.contains(&format!(" {name} ")));
+            let pid = helper.unwrap_or_else(|| panic!("no {name}")).split(':').next().unwrap().to_owned();
+            String::from_utf8_lossy(&std::fs::read(format!("/proc/{pid}/environ")).unwrap()).replace('\0', "\n")
+        };
+        let watchdog_env = helper_env("watchdog");
+        assert!(watchdog_env.lines().any(|l| l == format!("NEXUS_WATCHDOG_TOKEN={token}")), "the watchdog has it");
+        assert!(watchdog_env.lines().any(|l| l == format!("REDIS_URL={}", env.redis_url)));
+        assert!(helper_env("sidecar").lines().any(|l| l == format!("REDIS_URL={}", env.redis_url)));
 
         // The sidecar is ours: when it dies the driver starts it again.
         let sidecars: Vec<String> =
@@ -393,6 +429,7 @@ fn studio_files_persist_across_restarts_and_app_files_do_not() {
 
         let app = driver.start(spec(&a1, "storagepanel", Code::App(snapshot.clone()))).await.expect("start App");
         assert!(app.endpoint.watchdog.is_none(), "an App has no watchdog");
+        assert!(app.endpoint.watchdog_token.is_none(), "an App has no watchdog token");
         get_json(&app.endpoint.addr, "/write?name=scratch.txt");
         assert_eq!(get_json(&app.endpoint.addr, "/exists?name=scratch.txt")["exists"], true);
         driver.restart(&a1).await.expect("restart the App's process");
@@ -504,4 +541,157 @@ fn snapshots_copy_symlinks_without_following_them() {
         assert!(copied.file_type().is_symlink(), "the symlink was followed and its target copied");
     });
     let _ = std::fs::remove_dir_all(&env.dir);
+}
+
+/// Regular files under `root` (symlinks not followed) whose text holds `marker`.
+fn files_containing(root: &Path, marker: &str) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    let mut dirs = vec![root.to_owned()];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let path = entry.path();
+            let Ok(meta) = std::fs::symlink_metadata(&path) else { continue };
+            if meta.is_dir() {
+                dirs.push(path);
+            } else if meta.is_file() && std::fs::read_to_string(&path).is_ok_and(|t| t.contains(marker)) {
+                found.push(path);
+            }
+        }
+    }
+    found
+}
+
+/// The panel owns its volume and may swap any directory in it for a
+/// symlink to a host path at any moment. Root copies the volume (snapshots)
+/// and chowns it (every start) meanwhile: it must never read or chown
+/// through such a symlink. A thread keeps swapping 40 directories with
+/// symlinks to a root-only directory while the driver works; nothing of
+/// that directory may reach a snapshot or change owner. (A path-based walk
+/// loses this race within a few rounds.)
+#[test]
+fn root_never_copies_or_chowns_through_a_symlink_the_panel_swaps_in() {
+    use std::os::unix::fs::MetadataExt;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    if skipped("root_never_copies_or_chowns_through_a_symlink_the_panel_swaps_in") {
+        return;
+    }
+    let env = env("swap", SandboxChoice::Process);
+    let (studio, app) = (format!("swap-s-{}", std::process::id()), format!("swap-a-{}", std::process::id()));
+    let mut cleanup = Cleanup { instances: vec![studio.clone(), app.clone()] };
+    let marker = format!("ROOT-ONLY-{}", std::process::id());
+    let secret = env.dir.join("secret");
+    std::fs::create_dir_all(&secret).unwrap();
+    std::fs::write(secret.join("secret.txt"), &marker).unwrap();
+    std::fs::set_permissions(secret.join("secret.txt"), std::fs::Permissions::from_mode(0o600)).unwrap();
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let driver = env.driver.clone();
+    actix_rt::System::new().block_on(async move {
+        let code = volume_with_probe(&driver, &env.redis_url, "swappanel").await;
+        let Code::Studio(volume) = &code else { unreachable!() };
+        // A plain symlink to the root-only file: it stays a symlink the panel cannot read.
+        std::os::unix::fs::symlink(secret.join("secret.txt"), volume.location.join("leak")).unwrap();
+        let pairs = 40;
+        for i in 0..pairs {
+            let sub = volume.location.join(format!("sub{i}"));
+            std::fs::create_dir(&sub).unwrap();
+            std::fs::write(sub.join("plain.txt"), "the panel's own file").unwrap();
+        }
+        let stop = Arc::new(AtomicBool::new(false));
+        let swapper = {
+            let (stop, location, secret) = (stop.clone(), volume.location.clone(), secret.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    for i in 0..pairs {
+                        let (sub, real) = (location.join(format!("sub{i}")), location.join(format!(".real{i}")));
+                        if std::fs::rename(&sub, &real).is_ok() {
+                            let _ = std::os::unix::fs::symlink(&secret, &sub);
+                            std::thread::yield_now();
+                            let _ = std::fs::remove_file(&sub);
+                            let _ = std::fs::rename(&real, &sub);
+                        }
+                    }
+                }
+            })
+        };
+
+        for _ in 0..3 {
+            let started = driver.start(spec(&studio, "swappanel", code.clone())).await.expect("start Studio");
+            let read = get_json(&started.endpoint.addr, "/read?name=leak");
+            assert!(!read.to_string().contains(&marker), "the Studio panel read a root-only file: {read}");
+            driver.stop(&studio, Duration::from_secs(5)).await.unwrap();
+            for _ in 0..10 {
+                let snapshot = driver.snapshot("swappanel", "template:python_minimal").await.expect("snapshot");
+                let leaked = files_containing(&snapshot.location, &marker);
+                assert_eq!(leaked, Vec::<PathBuf>::new(), "root copied a file through a swapped symlink");
+            }
+        }
+        stop.store(true, Ordering::Relaxed);
+        swapper.join().unwrap();
+        for path in [secret.clone(), secret.join("secret.txt")] {
+            let meta = std::fs::metadata(&path).unwrap();
+            assert_eq!((meta.uid(), meta.gid()), (0, 0), "root chowned {} through a symlink", path.display());
+        }
+        assert_eq!(std::fs::metadata(&secret).unwrap().permissions().mode() & 0o7777, 0o700);
+
+        // The App's copy of a snapshot keeps the symlink, which its uid cannot follow.
+        let snapshot = driver.snapshot("swappanel", "template:python_minimal").await.expect("snapshot");
+        assert!(std::fs::symlink_metadata(snapshot.location.join("leak")).unwrap().file_type().is_symlink());
+        let started = driver.start(spec(&app, "swappanel", Code::App(snapshot))).await.expect("start App");
+        let read = get_json(&started.endpoint.addr, "/read?name=leak");
+        assert!(read["error"].as_str().is_some_and(|e| e.contains("Permission denied")), "{read}");
+        assert_eq!(get_json(&started.endpoint.addr, "/read?name=sub0/plain.txt")["text"], "the panel's own file");
+        driver.stop(&app, Duration::from_secs(5)).await.unwrap();
+    });
+    cleanup.instances.clear();
+    let _ = std::fs::remove_dir_all(&env.dir);
+}
+
+/// A driver that dies without stopping its instances leaves their
+/// namespaces and whatever escaped into them; the next driver on the same
+/// data dir deletes them, and leaves other nodes' namespaces alone.
+#[test]
+fn a_new_driver_sweeps_the_namespaces_a_crashed_one_left() {
+    if skipped("a_new_driver_sweeps_the_namespaces_a_crashed_one_left") {
+        return;
+    }
+    let env = env("sweep", SandboxChoice::Process);
+    let (instance, foreign) = (format!("sweep-{}", std::process::id()), format!("foreign-{}", std::process::id()));
+    // Also deletes the foreign namespace at the end.
+    let cleanup = Cleanup { instances: vec![instance.clone(), foreign.clone()] };
+    let Env { dir, _redis, redis_url, driver, .. } = env;
+    let data_dir = dir.join("data");
+    actix_rt::System::new().block_on(async move {
+        let code = volume_with_probe(&driver, &redis_url, "sweeppanel").await;
+        let started = driver.start(spec(&instance, "sweeppanel", code)).await.expect("start");
+        let marker = format!("4343.{}", std::process::id());
+        get_json(&started.endpoint.addr, &format!("/escape?seconds={marker}"));
+        assert_eq!(processes_mentioning(&marker).len(), 1, "the escaped sleep runs");
+        // Another node's instance: a namespace with no directory of ours.
+        let added = std::process::Command::new("ip").args(["netns", "add", &netns_name(&foreign)]).status();
+        assert!(added.unwrap().success());
+
+        // The "crash": the driver is gone without a stop; its process
+        // groups die with it, the namespace and the escaped sleep do not.
+        drop(driver);
+        actix_rt::time::sleep(Duration::from_secs(1)).await;
+        let stale = Path::new("/run/netns").join(netns_name(&instance));
+        assert!(stale.exists(), "the namespace outlived the driver");
+        assert_eq!(processes_mentioning(&marker).len(), 1, "the escaped sleep outlived the driver");
+
+        let next = LocalDriver::new(LocalConfig {
+            data_dir,
+            nexus_bin: PathBuf::from(env!("CARGO_BIN_EXE_nexus")),
+            redis_url: redis_url.clone(),
+            sandbox: SandboxChoice::Process,
+        });
+        assert_eq!(next.sweep_stale().await, 1, "exactly our stale namespace is swept");
+        assert!(!stale.exists(), "the stale namespace is deleted");
+        assert_eq!(processes_mentioning(&marker), Vec::<String>::new(), "what ran in it is killed");
+        assert!(Path::new("/run/netns").join(netns_name(&foreign)).exists(), "another node's namespace stays");
+        assert_eq!(next.metrics().stale_swept.get(), 1);
+        assert_eq!(next.sweep_stale().await, 1, "swept once per driver");
+    });
+    drop(cleanup);
+    drop(_redis);
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -19,6 +19,7 @@ mod files;
 mod procs;
 mod runsc;
 mod templates;
+mod tree;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -27,7 +28,7 @@ use std::time::Duration;
 
 use futures::future::BoxFuture;
 use futures::FutureExt;
-use prometheus::{IntCounterVec, Opts};
+use prometheus::{IntCounter, IntCounterVec, Opts};
 use tokio::sync::{mpsc, OnceCell};
 
 use super::driver::{Code, DriverError, InstanceEvent, InstanceSpec, RuntimeDriver, Snapshot, Started, Volume};
@@ -39,6 +40,7 @@ use files::{
     path_string, private_dir, read_command, remove_tree, set_mode,
 };
 use procs::{OnExit, Supervised};
+use tree::CopyAs;
 
 pub use files::netns_name;
 pub use templates::names as template_names;
@@ -83,6 +85,9 @@ pub struct LocalMetrics {
     pub panel_exits: IntCounterVec,
     /// `nexus_local_helper_restarts_total{process}`: sidecars and watchdogs restarted after dying.
     pub helper_restarts: IntCounterVec,
+    /// `nexus_local_stale_namespaces_swept_total`: namespaces of this driver's
+    /// instances left by a crash, deleted (with what ran in them) at start.
+    pub stale_swept: IntCounter,
 }
 
 impl LocalMetrics {
@@ -98,13 +103,19 @@ impl LocalMetrics {
                 "Sidecars and watchdogs restarted after dying",
                 "process",
             ),
+            stale_swept: IntCounter::new(
+                "nexus_local_stale_namespaces_swept_total",
+                "Namespaces of instances left by a crash, deleted at start",
+            )
+            .expect("valid metric definition"),
         }
     }
 
     pub fn register(&self, registry: &prometheus::Registry) -> prometheus::Result<()> {
         registry.register(Box::new(self.started.clone()))?;
         registry.register(Box::new(self.panel_exits.clone()))?;
-        registry.register(Box::new(self.helper_restarts.clone()))
+        registry.register(Box::new(self.helper_restarts.clone()))?;
+        registry.register(Box::new(self.stale_swept.clone()))
     }
 }
 
@@ -120,9 +131,23 @@ pub struct LocalDriver {
     config: LocalConfig,
     metrics: LocalMetrics,
     sandbox: OnceCell<Result<Sandbox, String>>,
+    /// Set once the namespaces a crashed run left behind are swept.
+    swept: OnceCell<usize>,
     instances: Mutex<HashMap<String, Arc<Instance>>>,
     /// Serialises snapshot numbering per driver.
     snapshots: tokio::sync::Mutex<()>,
+}
+
+/// Where an instance's processes listen and meet, decided before they start.
+struct Wiring<'a> {
+    /// Host ports of the panel's and the watchdog's forwards.
+    panel_port: u16,
+    watchdog_port: u16,
+    /// The sidecar's listener and the watchdog's, as the panel sees them.
+    proxy_addr: &'a str,
+    watchdog_inside: &'a str,
+    /// Studio only: the watchdog runs only when it has its secret.
+    watchdog_token: Option<&'a str>,
 }
 
 /// One running instance and everything needed to stop or restart it.
@@ -151,6 +176,7 @@ impl LocalDriver {
             config,
             metrics: LocalMetrics::new(),
             sandbox: OnceCell::new(),
+            swept: OnceCell::new(),
             instances: Mutex::new(HashMap::new()),
             snapshots: tokio::sync::Mutex::new(()),
         }
@@ -164,6 +190,51 @@ impl LocalDriver {
     pub async fn isolation(&self) -> Result<(Isolation, Option<String>), DriverError> {
         let sandbox = self.sandbox().await?;
         Ok((sandbox.isolation, sandbox.warning))
+    }
+
+    /// Once per driver (the first start does it; the node may call it
+    /// earlier): deletes the network namespaces that a previous run of this
+    /// driver left behind when it crashed, and kills whatever still runs in
+    /// them. A namespace is ours when its instance has a directory under
+    /// this driver's `data_dir/instances/`; other nodes' are left alone.
+    /// Returns how many it swept.
+    pub async fn sweep_stale(&self) -> usize {
+        *self.swept.get_or_init(|| self.sweep()).await
+    }
+
+    async fn sweep(&self) -> usize {
+        if !crate::netns::supported() {
+            return 0;
+        }
+        let instances = self.config.data_dir.join("instances");
+        let Ok(entries) = std::fs::read_dir("/run/netns") else { return 0 };
+        let names: Vec<String> = entries.filter_map(|e| e.ok()?.file_name().into_string().ok()).collect();
+        let mut swept = 0;
+        for name in names {
+            let Some(id) = name.strip_prefix("nexus-") else { continue };
+            let dir = instances.join(id);
+            let running = self.instances.lock().unwrap_or_else(|p| p.into_inner()).contains_key(id);
+            if check_id("instance", id).is_err() || running || !dir.is_dir() {
+                continue;
+            }
+            let state = dir.join("runsc");
+            if state.is_dir() {
+                if let Some(runsc) = find_program("runsc") {
+                    runsc::delete(&runsc, &state, &name).await;
+                }
+            }
+            let Some(netns) = Netns::existing(&name) else { continue };
+            procs::kill_namespace_members(&netns.path()).await;
+            match netns.delete() {
+                Ok(()) => {
+                    swept += 1;
+                    self.metrics.stale_swept.inc();
+                    tracing::warn!(instance = id, netns = %name, "nexus_local_stale_namespaces_swept_total: left by a crash");
+                }
+                Err(error) => tracing::error!(instance = id, %error, "could not delete a stale namespace"),
+            }
+        }
+        swept
     }
 
     async fn sandbox(&self) -> Result<Sandbox, DriverError> {
@@ -216,16 +287,18 @@ impl LocalDriver {
         let fresh = dir.join(format!(".{version}.new"));
         let _ = remove_tree(&fresh);
         let volume = self.volumes().join(panel);
+        // The volume is the panel's (its code may be changing it right now):
+        // copied by descriptor, root-owned and read-only as it is made.
         let made = if volume.is_dir() {
             let (from, to) = (volume.clone(), fresh.clone());
-            blocking(move || copy_tree(&from, &to, false)).await
+            blocking(move || copy_tree(&from, &to, CopyAs { owner: None, read_only: true })).await
         } else {
-            std::fs::create_dir_all(&fresh).map_err(DriverError::from).and_then(|()| templates::write(source, &fresh))
+            std::fs::create_dir_all(&fresh)
+                .map_err(DriverError::from)
+                .and_then(|()| templates::write(source, &fresh))
+                .and_then(|()| Ok(make_read_only(&fresh)?))
         };
-        let made = made.and_then(|()| {
-            make_read_only(&fresh)?;
-            Ok(std::fs::rename(&fresh, &location)?)
-        });
+        let made = made.and_then(|()| Ok(std::fs::rename(&fresh, &location)?));
         if made.is_err() {
             let _ = remove_tree(&fresh);
         }
@@ -241,6 +314,7 @@ impl LocalDriver {
             return Err(DriverError::Sandbox(format!("instance {} is already running", spec.instance)));
         }
         let sandbox = self.sandbox().await?;
+        self.sweep_stale().await;
         let root = sandbox.isolation != Isolation::None;
         let instances_dir = self.config.data_dir.join("instances");
         private_dir(&instances_dir)?;
@@ -255,12 +329,14 @@ impl LocalDriver {
             Code::Studio(volume) => (volume.location.clone(), None),
             Code::App(snapshot) => (dir.join("code"), Some(snapshot.location.clone())),
         };
-        if let Some(snapshot) = &snapshot {
-            fresh_copy(snapshot, &code).await?;
-        }
-        if let Some(uid) = uid {
-            let code = code.clone();
-            blocking(move || chown_tree(&code, uid)).await?;
+        match &snapshot {
+            Some(snapshot) => fresh_copy(snapshot, &code, uid).await?,
+            None => {
+                if let Some(uid) = uid {
+                    let code = code.clone();
+                    blocking(move || chown_tree(&code, uid)).await?;
+                }
+            }
         }
         let command = read_command(&code)?;
 
@@ -312,7 +388,17 @@ impl LocalDriver {
             helpers: Mutex::new(Vec::new()),
         });
 
-        let started = self.start_processes(&spec, &instance, panel_port, watchdog_port, &proxy_addr, &watchdog_inside);
+        // The heartbeat secret: only the watchdog (environment) and the
+        // gateway (the endpoint) know it, never the panel, never a log.
+        let watchdog_token = studio.then(watchdog_token);
+        let wiring = Wiring {
+            panel_port,
+            watchdog_port,
+            proxy_addr: &proxy_addr,
+            watchdog_inside: &watchdog_inside,
+            watchdog_token: watchdog_token.as_deref(),
+        };
+        let started = self.start_processes(&spec, &instance, wiring);
         if let Err(error) = started.await {
             self.tear_down(&spec.instance, &instance, Duration::ZERO).await;
             return Err(error);
@@ -331,7 +417,7 @@ impl LocalDriver {
                 instance: spec.instance.clone(),
                 addr: format!("127.0.0.1:{panel_port}"),
                 watchdog: studio.then(|| format!("127.0.0.1:{watchdog_port}")),
-                watchdog_token: None,
+                watchdog_token,
             },
             isolation: sandbox.isolation,
             warning: sandbox.warning.clone(),
@@ -339,19 +425,21 @@ impl LocalDriver {
         })
     }
 
-    /// Starts the sidecar, the watchdog (Studio) and the user process.
+    /// Starts the sidecar, the watchdog (Studio: when given its token) and
+    /// the user process.
     async fn start_processes(
         &self,
         spec: &InstanceSpec,
         instance: &Arc<Instance>,
-        panel_port: u16,
-        watchdog_port: u16,
-        proxy_addr: &str,
-        watchdog_inside: &str,
+        wiring: Wiring<'_>,
     ) -> Result<(), DriverError> {
+        let Wiring { panel_port, watchdog_port, proxy_addr, watchdog_inside, watchdog_token } = wiring;
         let netns_path = instance.netns.as_ref().map(Netns::path);
+        // Secrets go by environment, never argv: a process-mode panel can
+        // read every process's /proc/<pid>/cmdline, not a root process's environ.
+        let redis = ("REDIS_URL".to_owned(), self.config.redis_url.clone());
         let mut sidecar: Vec<String> = vec!["sidecar".into(), "--panel".into(), spec.panel.clone()];
-        sidecar.extend(["--redis-url".into(), self.config.redis_url.clone(), "--listen".into(), proxy_addr.into()]);
+        sidecar.extend(["--listen".into(), proxy_addr.into()]);
         sidecar.extend(["--panel-url".into(), format!("http://127.0.0.1:{panel_port}")]);
         if let Some(path) = &netns_path {
             sidecar.extend(["--netns".into(), path_string(path)]);
@@ -360,17 +448,17 @@ impl LocalDriver {
                 sidecar.extend(["--forward".into(), format!("127.0.0.1:{watchdog_port}={WATCHDOG_PORT}")]);
             }
         }
-        self.spawn_helper("sidecar", &spec.instance, instance, sidecar)?;
-        if spec.mode == InstanceMode::Studio {
+        self.spawn_helper("sidecar", &spec.instance, instance, sidecar, vec![redis.clone()])?;
+        if let Some(token) = watchdog_token {
             let timeout = spec.watchdog_timeout.unwrap_or(DEFAULT_WATCHDOG_TIMEOUT).as_secs().max(1);
             let mut watchdog: Vec<String> = vec!["watchdog".into(), "--instance".into(), spec.instance.clone()];
             watchdog.extend(["--panel".into(), spec.panel.clone(), "--listen".into(), watchdog_inside.into()]);
             watchdog.extend(["--timeout-secs".into(), timeout.to_string()]);
-            watchdog.extend(["--redis-url".into(), self.config.redis_url.clone()]);
             if let Some(path) = &netns_path {
                 watchdog.extend(["--netns".into(), path_string(path)]);
             }
-            self.spawn_helper("watchdog", &spec.instance, instance, watchdog)?;
+            let env = vec![redis, ("NEXUS_WATCHDOG_TOKEN".to_owned(), token.to_owned())];
+            self.spawn_helper("watchdog", &spec.instance, instance, watchdog, env)?;
         }
         let user = spawn_user(&spec.instance, instance, &self.metrics)?;
         *instance.user.lock().await = Some(user);
@@ -383,13 +471,15 @@ impl LocalDriver {
         id: &str,
         instance: &Instance,
         args: Vec<String>,
+        env: Vec<(String, String)>,
     ) -> Result<(), DriverError> {
         let log = instance.dir.join(format!("{name}.log"));
         let program = self.config.nexus_bin.clone();
         let respawn = move || {
             let log = open_log(&log)?;
             let mut command = tokio::process::Command::new(&program);
-            command.args(&args).stdin(std::process::Stdio::null()).stdout(log.try_clone()?).stderr(log);
+            command.args(&args).envs(env.iter().map(|(k, v)| (k, v)));
+            command.stdin(std::process::Stdio::null()).stdout(log.try_clone()?).stderr(log);
             procs::prepare(&mut command, None, None)?;
             Ok(command)
         };
@@ -412,11 +502,7 @@ impl LocalDriver {
         }
         // An App starts from its snapshot again: nothing written survives.
         if let Some(snapshot) = &instance.snapshot {
-            fresh_copy(snapshot, &instance.code).await?;
-            if let Some(uid) = instance.uid {
-                let code = instance.code.clone();
-                blocking(move || chown_tree(&code, uid)).await?;
-            }
+            fresh_copy(snapshot, &instance.code, instance.uid).await?;
         }
         *user = Some(spawn_user(id, &instance, &self.metrics)?);
         tracing::info!(instance = id, panel = %instance.panel, "user process restarted");
@@ -586,6 +672,12 @@ fn spawn_user(id: &str, instance: &Instance, metrics: &LocalMetrics) -> Result<S
         exits: metrics.panel_exits.with_label_values(&[mode_label(instance.mode)]),
     };
     Ok(Supervised::spawn("panel", id, command, on_exit, instance.gvisor.is_some())?)
+}
+
+/// A fresh heartbeat secret: 48 alphanumerics (~285 bits).
+fn watchdog_token() -> String {
+    use rand::distributions::{Alphanumeric, DistString};
+    Alphanumeric.sample_string(&mut rand::thread_rng(), 48)
 }
 
 fn isolation_label(isolation: Isolation) -> &'static str {

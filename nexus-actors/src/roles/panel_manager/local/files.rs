@@ -1,17 +1,22 @@
 //! The `local` driver's files: copying panel code without ever following
 //! a symlink (a user's symlink to a host file stays a symlink and is never
-//! read by us), making snapshots read-only, handing a code dir to the uid
-//! its panel runs as, and the names derived from ids.
+//! read by us; the walking itself is [`super::tree`]'s), making snapshots
+//! read-only, handing a code dir to the uid its panel runs as, reading the
+//! panel's command, and the names derived from ids.
 //!
 //! It owns no layout decision beyond the helpers' contracts below; the
 //! driver decides what lives where.
 
 use std::fs;
-use std::io;
-use std::os::unix::fs::PermissionsExt;
+use std::io::{self, Read};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 
 use super::super::driver::DriverError;
+use super::tree::{self, CopyAs};
+
+/// A `nexus-panel.json` larger than this is refused unread.
+const MAX_MANIFEST: u64 = 64 * 1024;
 
 /// Panel and instance ids become paths and namespace names: only
 /// `[A-Za-z0-9_-]`, 1 to 100 characters, so none can escape a directory.
@@ -55,92 +60,39 @@ pub(super) fn last_version(dir: &Path) -> io::Result<u64> {
     Ok(last)
 }
 
-/// Copies the tree at `from` to the new directory `to`: directories and
-/// regular files; symlinks are recreated as symlinks (not followed); other
-/// file types are skipped. `writable`: owner may write what is copied.
-pub(super) fn copy_tree(from: &Path, to: &Path, writable: bool) -> Result<(), DriverError> {
-    fs::create_dir(to)?;
-    set_mode(to, 0o755)?;
-    for entry in fs::read_dir(from)? {
-        let entry = entry?;
-        let (source, target) = (entry.path(), to.join(entry.file_name()));
-        let kind = entry.file_type()?;
-        if kind.is_dir() {
-            copy_tree(&source, &target, writable)?;
-        } else if kind.is_file() {
-            fs::copy(&source, &target)?;
-            if writable {
-                let mode = fs::metadata(&target)?.permissions().mode();
-                set_mode(&target, mode | 0o200)?;
-            }
-        } else if kind.is_symlink() {
-            std::os::unix::fs::symlink(fs::read_link(&source)?, &target)?;
-        }
-    }
-    Ok(())
+/// Copies the panel's tree at `from` to the new directory `to` (see
+/// [`tree::copy`]: symlinks stay symlinks, nothing is followed).
+pub(super) fn copy_tree(from: &Path, to: &Path, how: CopyAs) -> Result<(), DriverError> {
+    Ok(tree::copy(from, to, how)?)
 }
 
-/// Files `0444`, directories `0555`: nobody writes a snapshot, not even
-/// through a bug (root still could, which is why instances get a copy).
+/// Files lose their write bits, directories become `0555`: nobody writes
+/// a snapshot, not even through a bug (root still could, which is why
+/// instances get a copy).
 pub(super) fn make_read_only(dir: &Path) -> io::Result<()> {
-    for entry in fs::read_dir(dir)? {
-        let entry = entry?;
-        let kind = entry.file_type()?;
-        if kind.is_dir() {
-            make_read_only(&entry.path())?;
-        } else if kind.is_file() {
-            set_mode(&entry.path(), 0o444)?;
-        }
-    }
-    set_mode(dir, 0o555)
+    tree::make_read_only(dir)
 }
 
 /// Gives the tree at `dir` to `uid` (symlinks themselves, not their
 /// targets) and closes the top to everyone else.
 pub(super) fn chown_tree(dir: &Path, uid: u32) -> Result<(), DriverError> {
-    fn walk(path: &Path, uid: u32) -> io::Result<()> {
-        std::os::unix::fs::lchown(path, Some(uid), Some(uid))?;
-        if fs::symlink_metadata(path)?.is_dir() {
-            for entry in fs::read_dir(path)? {
-                walk(&entry?.path(), uid)?;
-            }
-        }
-        Ok(())
-    }
-    walk(dir, uid)?;
-    set_mode(dir, 0o700)?;
-    Ok(())
+    Ok(tree::chown(dir, uid, 0o700)?)
 }
 
-/// Removes the tree at `path` if it exists, read-only parts included.
+/// Removes the tree at `path` if it exists, read-only parts included,
+/// without following a symlink in it.
 pub(super) fn remove_tree(path: &Path) -> io::Result<()> {
-    fn writable(path: &Path) -> io::Result<()> {
-        let meta = fs::symlink_metadata(path)?;
-        if meta.is_dir() {
-            set_mode(path, meta.permissions().mode() | 0o700)?;
-            for entry in fs::read_dir(path)? {
-                writable(&entry?.path())?;
-            }
-        }
-        Ok(())
-    }
-    match fs::symlink_metadata(path) {
-        Err(error) if error.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(error) => Err(error),
-        Ok(meta) if meta.is_dir() => {
-            writable(path)?;
-            fs::remove_dir_all(path)
-        }
-        Ok(_) => fs::remove_file(path),
-    }
+    tree::remove(path)
 }
 
-/// Replaces `to` with a writable copy of `from` (an App's scratch code).
-pub(super) async fn fresh_copy(from: &Path, to: &Path) -> Result<(), DriverError> {
+/// Replaces `to` with a writable copy of `from` (an App's scratch code),
+/// owned by `owner` when given. The copy is made as root's and handed over
+/// only when complete, so no panel process can reach into it meanwhile.
+pub(super) async fn fresh_copy(from: &Path, to: &Path, owner: Option<u32>) -> Result<(), DriverError> {
     let (from, to) = (from.to_owned(), to.to_owned());
     blocking(move || {
         remove_tree(&to)?;
-        copy_tree(&from, &to, true)
+        copy_tree(&from, &to, CopyAs { owner, read_only: false })
     })
     .await
 }
@@ -155,22 +107,39 @@ pub(super) async fn blocking<T: Send + 'static>(
 /// The command in the code dir's `nexus-panel.json`, else `python3
 /// server.py` when there is a server.py.
 pub(super) fn read_command(code: &Path) -> Result<Vec<String>, DriverError> {
-    let manifest = code.join("nexus-panel.json");
-    // symlink_metadata: a symlink named nexus-panel.json is not followed.
-    if fs::symlink_metadata(&manifest).is_ok_and(|m| m.is_file()) {
-        #[derive(serde::Deserialize)]
-        struct PanelFile {
-            command: Vec<String>,
+    let bad = |why: String| DriverError::Io(io::Error::new(io::ErrorKind::InvalidData, why));
+    // O_NOFOLLOW, and the checks on what was opened: root reads this file
+    // from a directory the panel writes, so a symlink (or a FIFO) swapped
+    // in under this name is refused, never followed.
+    let opened = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(code.join("nexus-panel.json"));
+    match opened {
+        Ok(file) => {
+            #[derive(serde::Deserialize)]
+            struct PanelFile {
+                command: Vec<String>,
+            }
+            let meta = file.metadata()?;
+            if !meta.is_file() || meta.len() > MAX_MANIFEST {
+                return Err(bad(format!("nexus-panel.json must be a regular file of at most {MAX_MANIFEST} bytes")));
+            }
+            let mut text = String::new();
+            file.take(MAX_MANIFEST).read_to_string(&mut text)?;
+            let file: PanelFile = serde_json::from_str(&text).map_err(|e| {
+                bad(format!("nexus-panel.json: {e}; expected {{\"command\": [\"program\", \"arg\", ...]}}"))
+            })?;
+            if file.command.first().is_none_or(|program| program.is_empty()) {
+                return Err(bad("nexus-panel.json: \"command\" must name a program".into()));
+            }
+            return Ok(file.command);
         }
-        let bad = |why: String| DriverError::Io(io::Error::new(io::ErrorKind::InvalidData, why));
-        let text = fs::read_to_string(&manifest)?;
-        let file: PanelFile = serde_json::from_str(&text).map_err(|e| {
-            bad(format!("nexus-panel.json: {e}; expected {{\"command\": [\"program\", \"arg\", ...]}}"))
-        })?;
-        if file.command.first().is_none_or(|program| program.is_empty()) {
-            return Err(bad("nexus-panel.json: \"command\" must name a program".into()));
+        Err(error) if error.kind() == io::ErrorKind::NotFound => {}
+        Err(error) if error.raw_os_error() == Some(libc::ELOOP) => {
+            return Err(bad("nexus-panel.json is a symlink; it must be a regular file".into()))
         }
-        return Ok(file.command);
+        Err(error) => return Err(error.into()),
     }
     if fs::symlink_metadata(code.join("server.py")).is_ok_and(|m| m.is_file()) {
         return Ok(vec!["python3".into(), "server.py".into()]);
@@ -191,6 +160,5 @@ pub(super) fn path_string(path: &Path) -> String {
 /// inside gVisor, which writes at its own offsets) never overwrite. Only
 /// root reads it: another panel's sandboxed uid must not.
 pub(super) fn open_log(path: &Path) -> io::Result<fs::File> {
-    use std::os::unix::fs::OpenOptionsExt;
     fs::OpenOptions::new().create(true).append(true).mode(0o600).open(path)
 }

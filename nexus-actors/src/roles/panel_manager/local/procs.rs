@@ -42,6 +42,9 @@ pub(super) enum OnExit {
 /// as that uid and gid without supplementary groups or new privileges.
 pub(super) fn prepare(command: &mut Command, netns: Option<&Path>, uid: Option<u32>) -> io::Result<()> {
     let netns = netns.map(File::open).transpose()?;
+    // Read before the fork: in the child, a different parent means ours died.
+    // SAFETY: getpid has no preconditions and cannot fail.
+    let parent = unsafe { libc::getpid() };
     command.process_group(0).kill_on_drop(true);
     // SAFETY: between fork and exec the closure only makes raw syscalls
     // (no allocation, no locks), which is what pre_exec requires. PDEATHSIG
@@ -54,9 +57,6 @@ pub(super) fn prepare(command: &mut Command, netns: Option<&Path>, uid: Option<u
                     return Err(io::Error::last_os_error());
                 }
             }
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                return Err(io::Error::last_os_error());
-            }
             if let Some(uid) = uid {
                 if libc::setgroups(0, std::ptr::null()) != 0
                     || libc::setgid(uid) != 0
@@ -65,6 +65,14 @@ pub(super) fn prepare(command: &mut Command, netns: Option<&Path>, uid: Option<u
                 {
                     return Err(io::Error::last_os_error());
                 }
+            }
+            // After setuid: the kernel clears PDEATHSIG on a credential change.
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            // If we died before it was set, nothing will signal the child.
+            if libc::getppid() != parent {
+                return Err(io::Error::from_raw_os_error(libc::ESRCH));
             }
             Ok(())
         });

@@ -102,22 +102,28 @@ impl Bundle {
     /// Removes what runsc keeps of the container after `run` ended, so
     /// the same container can run again.
     pub async fn forget_container(&self, runsc: &Path) {
-        let deleted = tokio::process::Command::new(runsc)
-            .arg("--root")
-            .arg(&self.state)
-            .args(["delete", "-force", &self.container])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .await;
-        if let Err(error) = deleted {
-            tracing::warn!(container = %self.container, %error, "runsc delete failed");
-        }
+        delete(runsc, &self.state, &self.container).await;
         let _ = std::fs::remove_dir_all(&self.state);
         if let Err(error) = std::fs::create_dir_all(&self.state) {
             tracing::warn!(container = %self.container, %error, "could not recreate runsc's state dir");
         }
+    }
+}
+
+/// `runsc --root <state> delete -force <container>`: ends the sandbox if
+/// it still runs and forgets the container (failures are logged).
+pub(super) async fn delete(runsc: &Path, state: &Path, container: &str) {
+    let deleted = tokio::process::Command::new(runsc)
+        .arg("--root")
+        .arg(state)
+        .args(["delete", "-force", container])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .await;
+    if let Err(error) = deleted {
+        tracing::warn!(container, %error, "runsc delete failed");
     }
 }
 

@@ -1,0 +1,333 @@
+//! File trees walked by file descriptor, never by path: every entry is
+//! opened relative to its parent directory's descriptor with `O_NOFOLLOW`,
+//! so a directory that a panel swaps for a symlink between two steps is
+//! never followed out of its tree. Root uses this for everything it does in
+//! a tree a panel can write (its volume, an App's scratch copy): it must
+//! never read, chown, chmod or delete a host file through a panel's symlink.
+//!
+//! It copies, chowns, marks read-only and removes trees; it knows nothing
+//! about panels, snapshots or who may write where (the caller decides).
+
+use std::ffi::{CStr, CString};
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+
+/// Deeper trees are refused rather than walked: a panel must not be able
+/// to exhaust the walker's stack or file descriptors.
+const MAX_DEPTH: usize = 128;
+
+const DIR_FLAGS: libc::c_int = libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC;
+/// `O_NONBLOCK`: opening a FIFO the panel left must not hang the walk.
+const ENTRY_FLAGS: libc::c_int = libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC;
+
+/// How [`copy`] makes what it creates.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct CopyAs {
+    /// Owner (uid = gid) of everything created; `None` keeps the caller's.
+    pub owner: Option<u32>,
+    /// Nobody may write the copy (snapshots); else its owner may.
+    pub read_only: bool,
+}
+
+/// Copies the tree at `from` into the new directory `to`: directories,
+/// regular files (permission bits only: no setuid, setgid or sticky) and
+/// symlinks as symlinks (their targets are never opened); other file types
+/// are skipped. `to` stays `0700` and the caller's until everything in it
+/// is done, so nobody else can reach into the copy while it is made.
+pub(super) fn copy(from: &Path, to: &Path, how: CopyAs) -> io::Result<()> {
+    let source = Dir::open(from)?;
+    let target_path = c_path(to)?;
+    // SAFETY: a valid NUL-terminated path.
+    check(unsafe { libc::mkdir(target_path.as_ptr(), 0o700) })?;
+    let target = Dir::open(to)?;
+    copy_entries(&source, &target, how, 0)?;
+    let top = match (how.read_only, how.owner) {
+        (true, _) => 0o555,
+        (false, Some(_)) => 0o700,
+        (false, None) => 0o755,
+    };
+    finish(target.fd(), how.owner, top)
+}
+
+fn copy_entries(source: &Dir, target: &Dir, how: CopyAs, depth: usize) -> io::Result<()> {
+    if depth >= MAX_DEPTH {
+        return Err(too_deep());
+    }
+    for name in source.entries()? {
+        let entry = match source.open_entry(&name) {
+            Ok(entry) => entry,
+            // A symlink (now): copied as the link it is, never followed.
+            Err(error) if error.raw_os_error() == Some(libc::ELOOP) => {
+                copy_symlink(source, target, &name, how)?;
+                continue;
+            }
+            // Gone meanwhile, or a socket: nothing to copy.
+            Err(error) if matches!(error.raw_os_error(), Some(libc::ENOENT | libc::ENXIO)) => continue,
+            Err(error) => return Err(error),
+        };
+        let stat = fstat(entry.as_raw_fd())?;
+        let bits = stat.st_mode & 0o777;
+        match stat.st_mode & libc::S_IFMT {
+            libc::S_IFDIR => {
+                // SAFETY: valid descriptor and NUL-terminated name.
+                check(unsafe { libc::mkdirat(target.fd(), name.as_ptr(), 0o700) })?;
+                let child = target.child(&name)?;
+                copy_entries(&Dir(entry), &child, how, depth + 1)?;
+                finish(child.fd(), how.owner, if how.read_only { 0o555 } else { 0o755 })?;
+            }
+            libc::S_IFREG => {
+                let flags = libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW | libc::O_CLOEXEC;
+                // SAFETY: valid descriptor and NUL-terminated name.
+                let fd = check(unsafe { libc::openat(target.fd(), name.as_ptr(), flags, 0o600) })?;
+                // SAFETY: openat returned a fresh descriptor that nothing else owns.
+                let mut copied = unsafe { File::from_raw_fd(fd) };
+                io::copy(&mut File::from(entry), &mut copied)?;
+                let mode = if how.read_only { bits & 0o555 } else { bits | 0o200 };
+                finish(copied.as_raw_fd(), how.owner, mode)?;
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+fn copy_symlink(source: &Dir, target: &Dir, name: &CStr, how: CopyAs) -> io::Result<()> {
+    let mut buffer = vec![0u8; libc::PATH_MAX as usize];
+    // SAFETY: the buffer is as long as we say; readlinkat reads the link
+    // itself, never its target.
+    let len = unsafe { libc::readlinkat(source.fd(), name.as_ptr(), buffer.as_mut_ptr().cast(), buffer.len()) };
+    let Ok(len) = usize::try_from(len) else {
+        // No longer a symlink (swapped again): skipped, never followed.
+        return Ok(());
+    };
+    buffer.truncate(len);
+    let link = CString::new(buffer).map_err(|_| invalid("a symlink with a NUL"))?;
+    // SAFETY: valid descriptor and NUL-terminated strings.
+    check(unsafe { libc::symlinkat(link.as_ptr(), target.fd(), name.as_ptr()) })?;
+    if let Some(owner) = how.owner {
+        // SAFETY: as above; AT_SYMLINK_NOFOLLOW changes the link itself.
+        check(unsafe { libc::fchownat(target.fd(), name.as_ptr(), owner, owner, libc::AT_SYMLINK_NOFOLLOW) })?;
+    }
+    Ok(())
+}
+
+/// Gives the tree at `dir` to `uid` (uid = gid): every entry itself, never
+/// what a symlink points to; then `dir` gets `top_mode`.
+pub(super) fn chown(dir: &Path, uid: u32, top_mode: u32) -> io::Result<()> {
+    fn walk(dir: &Dir, uid: u32, depth: usize) -> io::Result<()> {
+        if depth >= MAX_DEPTH {
+            return Err(too_deep());
+        }
+        for name in dir.entries()? {
+            // SAFETY: valid descriptor and NUL-terminated name.
+            let changed = unsafe { libc::fchownat(dir.fd(), name.as_ptr(), uid, uid, libc::AT_SYMLINK_NOFOLLOW) };
+            if changed != 0 {
+                match io::Error::last_os_error() {
+                    error if error.raw_os_error() == Some(libc::ENOENT) => continue,
+                    error => return Err(error),
+                }
+            }
+            // Only a real directory is entered (O_NOFOLLOW | O_DIRECTORY).
+            match dir.child(&name) {
+                Ok(child) => walk(&child, uid, depth + 1)?,
+                Err(error) if matches!(error.raw_os_error(), Some(libc::ENOTDIR | libc::ELOOP | libc::ENOENT)) => {}
+                Err(error) => return Err(error),
+            }
+        }
+        Ok(())
+    }
+    let top = Dir::open(dir)?;
+    walk(&top, uid, 0)?;
+    finish(top.fd(), Some(uid), top_mode)
+}
+
+/// Files lose every write bit, directories become `0555`.
+pub(super) fn make_read_only(dir: &Path) -> io::Result<()> {
+    fn walk(dir: &Dir, depth: usize) -> io::Result<()> {
+        if depth >= MAX_DEPTH {
+            return Err(too_deep());
+        }
+        for name in dir.entries()? {
+            let entry = match dir.open_entry(&name) {
+                Ok(entry) => entry,
+                Err(error) if matches!(error.raw_os_error(), Some(libc::ELOOP | libc::ENOENT | libc::ENXIO)) => {
+                    continue
+                }
+                Err(error) => return Err(error),
+            };
+            let stat = fstat(entry.as_raw_fd())?;
+            match stat.st_mode & libc::S_IFMT {
+                libc::S_IFDIR => walk(&Dir(entry), depth + 1)?,
+                libc::S_IFREG => finish(entry.as_raw_fd(), None, stat.st_mode & 0o555)?,
+                _ => {}
+            }
+        }
+        finish(dir.fd(), None, 0o555)
+    }
+    walk(&Dir::open(dir)?, 0)
+}
+
+/// Removes the tree at `path` if it exists, read-only directories included
+/// (without root, a `0555` directory must be opened up before its entries
+/// can go).
+pub(super) fn remove(path: &Path) -> io::Result<()> {
+    fn remove_entry(parent: &Dir, name: &CStr, depth: usize) -> io::Result<()> {
+        if depth >= MAX_DEPTH {
+            return Err(too_deep());
+        }
+        match parent.child(name) {
+            Ok(dir) => {
+                let mode = fstat(dir.fd())?.st_mode & 0o777;
+                if mode & 0o700 != 0o700 {
+                    finish(dir.fd(), None, mode | 0o700)?;
+                }
+                for entry in dir.entries()? {
+                    remove_entry(&dir, &entry, depth + 1)?;
+                }
+                unlink(parent, name, libc::AT_REMOVEDIR)
+            }
+            // Not a directory (a symlink is removed, never followed).
+            Err(error) if matches!(error.raw_os_error(), Some(libc::ENOTDIR | libc::ELOOP)) => unlink(parent, name, 0),
+            Err(error) if error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+            Err(error) => Err(error),
+        }
+    }
+    let (Some(parent), Some(name)) = (path.parent(), path.file_name()) else {
+        return Err(invalid("cannot remove a root directory"));
+    };
+    let parent = if parent.as_os_str().is_empty() { Path::new(".") } else { parent };
+    // The parent is the driver's own directory, symlinked or not.
+    let parent = match Dir::open_with(parent, DIR_FLAGS & !libc::O_NOFOLLOW) {
+        Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(()),
+        opened => opened?,
+    };
+    remove_entry(&parent, &CString::new(name.as_bytes()).map_err(|_| invalid("a path with a NUL"))?, 0)
+}
+
+fn unlink(parent: &Dir, name: &CStr, flags: libc::c_int) -> io::Result<()> {
+    // SAFETY: valid descriptor and NUL-terminated name.
+    match check(unsafe { libc::unlinkat(parent.fd(), name.as_ptr(), flags) }) {
+        Err(error) if error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        done => done.map(drop),
+    }
+}
+
+/// An open directory (never a symlink to one).
+struct Dir(OwnedFd);
+
+impl Dir {
+    /// The directory at `path`. Only its last component is opened with
+    /// `O_NOFOLLOW`: the parents are the driver's own directories.
+    fn open(path: &Path) -> io::Result<Dir> {
+        Dir::open_with(path, DIR_FLAGS)
+    }
+
+    fn open_with(path: &Path, flags: libc::c_int) -> io::Result<Dir> {
+        let path = c_path(path)?;
+        // SAFETY: a valid NUL-terminated path.
+        let fd = check(unsafe { libc::open(path.as_ptr(), flags) })?;
+        // SAFETY: open returned a fresh descriptor that nothing else owns.
+        Ok(Dir(unsafe { OwnedFd::from_raw_fd(fd) }))
+    }
+
+    fn fd(&self) -> RawFd {
+        self.0.as_raw_fd()
+    }
+
+    /// The subdirectory `name`; ENOTDIR or ELOOP when it is not one.
+    fn child(&self, name: &CStr) -> io::Result<Dir> {
+        // SAFETY: valid descriptor and NUL-terminated name.
+        let fd = check(unsafe { libc::openat(self.fd(), name.as_ptr(), DIR_FLAGS) })?;
+        // SAFETY: openat returned a fresh descriptor that nothing else owns.
+        Ok(Dir(unsafe { OwnedFd::from_raw_fd(fd) }))
+    }
+
+    /// The entry `name` opened for reading; ELOOP when it is a symlink.
+    fn open_entry(&self, name: &CStr) -> io::Result<OwnedFd> {
+        // SAFETY: valid descriptor and NUL-terminated name.
+        let fd = check(unsafe { libc::openat(self.fd(), name.as_ptr(), ENTRY_FLAGS) })?;
+        // SAFETY: openat returned a fresh descriptor that nothing else owns.
+        Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    }
+
+    /// The names in the directory, without `.` and `..`.
+    fn entries(&self) -> io::Result<Vec<CString>> {
+        // SAFETY: fcntl on a valid descriptor; the duplicate is handed to
+        // fdopendir, which owns it from then on (closedir closes it).
+        let dup = check(unsafe { libc::fcntl(self.fd(), libc::F_DUPFD_CLOEXEC, 0) })?;
+        // SAFETY: dup is a valid directory descriptor.
+        let stream = unsafe { libc::fdopendir(dup) };
+        if stream.is_null() {
+            let error = io::Error::last_os_error();
+            // SAFETY: fdopendir failed, so dup is still ours to close.
+            unsafe { libc::close(dup) };
+            return Err(error);
+        }
+        let mut names = Vec::new();
+        // SAFETY: stream is a valid DIR*, used by this thread only and
+        // closed exactly once below; every dirent is read before the next
+        // readdir call. errno is cleared so an end and an error differ.
+        let result = unsafe {
+            // The duplicate shares the offset: start from the beginning.
+            libc::rewinddir(stream);
+            loop {
+                *libc::__errno_location() = 0;
+                let entry = libc::readdir(stream);
+                if entry.is_null() {
+                    let errno = *libc::__errno_location();
+                    break if errno == 0 { Ok(()) } else { Err(io::Error::from_raw_os_error(errno)) };
+                }
+                let name = CStr::from_ptr((*entry).d_name.as_ptr());
+                if name.to_bytes() != b"." && name.to_bytes() != b".." {
+                    names.push(name.to_owned());
+                }
+            }
+        };
+        // SAFETY: stream is valid and not used after this.
+        unsafe { libc::closedir(stream) };
+        result.map(|()| names)
+    }
+}
+
+/// Sets the owner (when given) and then the mode of an open file, so a
+/// chown cannot clear bits after they are set.
+fn finish(fd: RawFd, owner: Option<u32>, mode: libc::mode_t) -> io::Result<()> {
+    if let Some(owner) = owner {
+        // SAFETY: fchown on a valid descriptor.
+        check(unsafe { libc::fchown(fd, owner, owner) })?;
+    }
+    // SAFETY: fchmod on a valid descriptor.
+    check(unsafe { libc::fchmod(fd, mode) })?;
+    Ok(())
+}
+
+fn fstat(fd: RawFd) -> io::Result<libc::stat> {
+    // SAFETY: an all-zero stat is a valid value; fstat fills it.
+    let mut stat: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: valid descriptor and a stat to write to.
+    check(unsafe { libc::fstat(fd, &mut stat) })?;
+    Ok(stat)
+}
+
+fn check(ret: libc::c_int) -> io::Result<libc::c_int> {
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret)
+    }
+}
+
+fn c_path(path: &Path) -> io::Result<CString> {
+    CString::new(path.as_os_str().as_bytes()).map_err(|_| invalid("a path with a NUL"))
+}
+
+fn invalid(why: &str) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidInput, why.to_owned())
+}
+
+fn too_deep() -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, format!("the tree is more than {MAX_DEPTH} directories deep"))
+}
