@@ -242,6 +242,8 @@ async fn panel_manager(
     if let Err(error) = driver.metrics().register(kernel.metrics().registry()) {
         tracing::warn!(%error, "local driver metrics not registered");
     }
+    // What a crash of this node left behind goes before anything new starts.
+    driver.sweep_stale().await;
     let mut pm = PanelManagerConfig::new(config.name.clone(), config.redis_url.clone());
     pm.idle_timeout = panels.app_idle;
     pm.watchdog_timeout = panels.watchdog_timeout;
