@@ -555,7 +555,12 @@ async fn put_route(conn: &mut redis::aio::MultiplexedConnection, panel: &str, ad
         panel: panel.to_owned(),
         owner: OWNER.to_owned(),
         mode: InstanceMode::App,
-        endpoints: vec![Endpoint { instance: format!("{panel}-0"), addr: addr.to_owned(), watchdog: None }],
+        endpoints: vec![Endpoint {
+            instance: format!("{panel}-0"),
+            addr: addr.to_owned(),
+            watchdog: None,
+            watchdog_token: None,
+        }],
         activatable: false,
     };
     let json = serde_json::to_string(&route).expect("route json");
