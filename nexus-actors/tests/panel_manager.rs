@@ -25,8 +25,8 @@ use futures::StreamExt;
 use nexus_actors::bus::redis::RedisBridge;
 use nexus_actors::infra::{free_port, RedisServer};
 use nexus_actors::instance::{
-    control_channel, instances_key, Activate, Endpoint, ExpireInstance, InstanceMode, InstanceState, InstanceStatus,
-    Isolation, PanelRoute, ACTIVATE_CHANNEL, ROUTES_KEY,
+    control_channel, instances_key, last_request_key, Activate, Endpoint, ExpireInstance, InstanceMode, InstanceState,
+    InstanceStatus, Isolation, PanelRoute, ACTIVATE_CHANNEL, ROUTES_KEY,
 };
 use nexus_actors::roles::panel_manager::driver::{
     Code, DriverError, InstanceEvent, InstanceSpec, RuntimeDriver, Snapshot, Started, Volume,
@@ -62,6 +62,25 @@ print("boom: the panel cannot start", flush=True)
 sys.exit(3)
 "#;
 
+/// Serves like [`SERVER`] but ignores SIGTERM: it takes the whole stop
+/// grace (then SIGKILL) to stop.
+const SLOW_STOP: &str = r#"
+import http.server, signal, sys
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+port = int(sys.argv[1])
+class Handler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = b'{"tools": []}'
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *args):
+        pass
+print("panel serving on", port, "and ignoring SIGTERM", flush=True)
+http.server.HTTPServer(("127.0.0.1", port), Handler).serve_forever()
+"#;
+
 const DEAF: &str = r#"
 import time
 print("running, but never listening", flush=True)
@@ -70,6 +89,7 @@ time.sleep(600)
 
 /// One instance's processes as the test driver keeps them.
 struct Proc {
+    panel: String,
     script: &'static str,
     port: u16,
     log: PathBuf,
@@ -86,6 +106,8 @@ struct ProcDriver {
     versions: Mutex<HashMap<String, u64>>,
     procs: Mutex<HashMap<String, Proc>>,
     forgotten: Mutex<Vec<String>>,
+    /// Per snapshot taken: the panel, and whether a process of it still ran.
+    snapshots: Mutex<Vec<(String, bool)>>,
 }
 
 impl ProcDriver {
@@ -96,12 +118,13 @@ impl ProcDriver {
             versions: Mutex::default(),
             procs: Mutex::default(),
             forgotten: Mutex::default(),
+            snapshots: Mutex::default(),
         }
     }
 
     fn remember(&self, panel: &str, source: &str) -> Result<(), DriverError> {
-        if !["template:ok", "template:crash", "template:deaf"].contains(&source) {
-            return Err(DriverError::UnknownSource(source.to_owned(), "ok, crash, deaf".to_owned()));
+        if !["template:ok", "template:crash", "template:deaf", "template:slowstop"].contains(&source) {
+            return Err(DriverError::UnknownSource(source.to_owned(), "ok, crash, deaf, slowstop".to_owned()));
         }
         self.sources.lock().unwrap().insert(panel.to_owned(), source.to_owned());
         Ok(())
@@ -131,6 +154,15 @@ impl ProcDriver {
     fn is_running(&self, instance: &str) -> bool {
         self.procs.lock().unwrap().get(instance).is_some_and(|p| !p.exited.load(Ordering::SeqCst))
     }
+
+    fn any_running(&self, panel: &str) -> bool {
+        self.procs.lock().unwrap().values().any(|p| p.panel == panel && !p.exited.load(Ordering::SeqCst))
+    }
+
+    /// How many instances of `panel` were ever started.
+    fn started(&self, panel: &str) -> usize {
+        self.procs.lock().unwrap().values().filter(|p| p.panel == panel).count()
+    }
 }
 
 impl RuntimeDriver for ProcDriver {
@@ -146,6 +178,7 @@ impl RuntimeDriver for ProcDriver {
     }
 
     fn snapshot(&self, panel: &str, source: &str) -> BoxFuture<'_, Result<Snapshot, DriverError>> {
+        self.snapshots.lock().unwrap().push((panel.to_owned(), self.any_running(panel)));
         let result = self.remember(panel, source).map(|()| {
             let mut versions = self.versions.lock().unwrap();
             let version = versions.entry(panel.to_owned()).or_default();
@@ -165,6 +198,7 @@ impl RuntimeDriver for ProcDriver {
             let script = match source.as_deref() {
                 Some("template:crash") => CRASH,
                 Some("template:deaf") => DEAF,
+                Some("template:slowstop") => SLOW_STOP,
                 Some(_) => SERVER,
                 None => return Err(DriverError::NoCommand),
             };
@@ -175,6 +209,7 @@ impl RuntimeDriver for ProcDriver {
             let port = free_port()?;
             let (events, rx) = mpsc::unbounded_channel();
             let p = Proc {
+                panel: spec.panel.clone(),
                 script,
                 port,
                 log: self.dir.join(format!("{}.log", spec.instance)),
@@ -265,6 +300,7 @@ fn fast(config: &mut PanelManagerConfig) {
     config.restart_backoff = Duration::from_millis(50);
     config.max_restart_backoff = Duration::from_millis(200);
     config.stop_grace = Duration::from_secs(2);
+    config.drain = Duration::from_millis(200);
     config.tick = Duration::from_millis(200);
 }
 
@@ -381,6 +417,16 @@ impl Node {
         .await
     }
 
+    async fn last_request(&self, panel: &str) -> Option<String> {
+        self.conn.clone().get(last_request_key(panel)).await.unwrap()
+    }
+
+    /// The panel's App instances that have not ended.
+    async fn live_apps(&self, panel: &str) -> Vec<InstanceStatus> {
+        let all = self.statuses(panel).await;
+        all.into_iter().filter(|s| s.mode == InstanceMode::App && !s.state.is_final()).collect()
+    }
+
     async fn endpoints(&self, panel: &str, n: usize) -> PanelRoute {
         self.until(15, &format!("{n} endpoints for {panel}"), || async {
             self.route(panel).await.filter(|r| r.endpoints.len() == n)
@@ -447,6 +493,10 @@ async fn listen(url: &str, channel: &str) -> Arc<Mutex<Vec<Value>>> {
         }
     });
     seen
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64
 }
 
 fn metric(node: &Node, line_start: &str) -> Option<f64> {
@@ -768,6 +818,8 @@ async fn deleting_a_panel_stops_its_instances_and_removes_its_state() {
     })
     .await;
 
+    let _: () = node.conn.clone().set(last_request_key(&panel), now_ms()).await.unwrap();
+
     let (status, _) = ada.delete(&format!("/api/panels/{panel}")).await;
     assert_eq!(status, StatusCode::NO_CONTENT);
     node.until(10, "panel forgotten by the driver", || async {
@@ -780,6 +832,7 @@ async fn deleting_a_panel_stops_its_instances_and_removes_its_state() {
         gone.then_some(())
     })
     .await;
+    node.until(5, "traffic signal removed", || async { node.last_request(&panel).await.is_none().then_some(()) }).await;
 }
 
 #[actix_rt::test]
@@ -824,4 +877,194 @@ async fn a_restarted_panel_manager_marks_what_it_left_behind_stopped() {
     let left: HashMap<String, String> =
         node.conn.clone().hgetall("nexus:panel-manager:node-a:instances").await.unwrap();
     assert!(left.is_empty());
+}
+
+/// Waits until the route has no endpoint, then checks that `instance` still
+/// runs, serves and is not stopping: it left the route before its stop.
+async fn out_of_route_but_still_serving(node: &Node, panel: &str, instance: &str, addr: &str) {
+    node.endpoints(panel, 0).await;
+    let status = node.status(panel, instance).await.unwrap();
+    assert!(status.state.serves(), "not stopped before the drain: {status:?}");
+    assert!(node.driver.is_running(instance));
+    let manifest = reqwest::get(format!("http://{addr}/manifest")).await.unwrap();
+    assert_eq!(manifest.status(), StatusCode::OK, "a gateway holding the old route still gets answers");
+}
+
+#[actix_rt::test]
+async fn scale_to_zero_drains_before_stopping_and_a_request_meanwhile_keeps_the_instance() {
+    let node = node("pm-drain", |c| {
+        c.idle_timeout = Duration::from_secs(1);
+        c.drain = Duration::from_secs(3);
+    })
+    .await;
+    let ada = node.login("ada").await;
+    let panel = ada.new_panel("template:ok").await;
+    let (status, _) = ada.post(&format!("/api/panels/{panel}/deploy")).await;
+    assert_eq!(status, StatusCode::CREATED);
+
+    // Out of the route first, stopped only after the drain.
+    let first = node.endpoints(&panel, 1).await.endpoints[0].clone();
+    out_of_route_but_still_serving(&node, &panel, &first.instance, &first.addr).await;
+    let stopped = node.state_of(&panel, &first.instance, InstanceState::Stopped).await;
+    assert!(stopped.reason.unwrap().contains("scaled to zero"));
+    assert!(node.route(&panel).await.unwrap().activatable);
+
+    // A request during the drain (the gateway's signal, read again before
+    // the stop) keeps the instance, back in the route.
+    node.publish(ACTIVATE_CHANNEL, Activate { panel: panel.clone() }).await;
+    let second = node.endpoints(&panel, 1).await.endpoints[0].clone();
+    assert_ne!(second.instance, first.instance);
+    out_of_route_but_still_serving(&node, &panel, &second.instance, &second.addr).await;
+    let _: () = node.conn.clone().set(last_request_key(&panel), now_ms()).await.unwrap();
+    let back = node.endpoints(&panel, 1).await;
+    assert_eq!(back.endpoints[0].instance, second.instance, "the same instance serves again");
+    assert!(node.status(&panel, &second.instance).await.unwrap().state.serves());
+
+    // An activation during the drain keeps it too, without a cold start.
+    out_of_route_but_still_serving(&node, &panel, &second.instance, &second.addr).await;
+    node.publish(ACTIVATE_CHANNEL, Activate { panel: panel.clone() }).await;
+    let back = node.endpoints(&panel, 1).await;
+    assert_eq!(back.endpoints[0].instance, second.instance);
+    assert_eq!(node.driver.started(&panel), 2, "no new instance was started");
+
+    // Left alone, it is scaled to zero in the end.
+    let stopped = node.state_of(&panel, &second.instance, InstanceState::Stopped).await;
+    assert!(stopped.reason.unwrap().contains("scaled to zero"));
+    assert!(!node.driver.is_running(&second.instance));
+}
+
+#[actix_rt::test]
+async fn an_undeploy_racing_an_activation_leaves_no_instance_and_no_activatable_route() {
+    let node = node("pm-race", |_| {}).await;
+    let ada = node.login("ada").await;
+    let panel = ada.new_panel("template:ok").await;
+    let (status, _) = ada.post(&format!("/api/panels/{panel}/deploy")).await;
+    assert_eq!(status, StatusCode::CREATED);
+    node.endpoints(&panel, 1).await;
+    let (status, _) = ada.put(&format!("/api/panels/{panel}/scale"), r#"{"replicas": 0}"#).await;
+    assert_eq!(status, StatusCode::OK);
+    node.until(10, "scaled to zero", || async { node.live_apps(&panel).await.is_empty().then_some(()) }).await;
+    let started = node.driver.started(&panel);
+
+    // Writes wait while reads pass: the activation reads the App record and
+    // then waits on its claim, while the Undeploy is handled. (Shorter than
+    // the Redis client's 500 ms response timeout, so the claim succeeds.)
+    let mut conn = node.conn.clone();
+    redis::cmd("CLIENT").arg("PAUSE").arg(200).arg("WRITE").query_async::<()>(&mut conn).await.unwrap();
+    let activate = nexus_actors::bus::BusEvent::Message(nexus_actors::bus::BusMessage {
+        channel: ACTIVATE_CHANNEL.to_owned(),
+        pattern: None,
+        envelope: Envelope::new("test", Activate { panel: panel.clone() }).into_untyped(),
+    });
+    node.handle.actor.link::<nexus_actors::bus::BusEvent>("test").tell(activate).unwrap();
+    tokio::time::sleep(Duration::from_millis(80)).await;
+    let undeploy = pm::manager::Undeploy { panel: panel.clone() };
+    node.handle.actor.link::<pm::manager::Undeploy>("test").ask(undeploy).await.unwrap().unwrap();
+
+    let claim = format!("nexus:panel:{panel}:activating");
+    node.until(5, "the claim released", || async {
+        let held: Option<String> = node.conn.clone().get(&claim).await.unwrap();
+        held.is_none().then_some(())
+    })
+    .await;
+    // Whatever the claim started would be pending or serving by now.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(node.live_apps(&panel).await, vec![], "no instance remains");
+    assert_eq!(node.driver.started(&panel), started, "nothing was started");
+    let route = node.route(&panel).await.unwrap();
+    assert!(!route.activatable && route.endpoints.is_empty(), "{route:?}");
+    let app: Option<String> = node.conn.clone().get(format!("nexus:app:{panel}")).await.unwrap();
+    assert_eq!(app, None);
+}
+
+#[actix_rt::test]
+async fn an_activation_for_a_panel_whose_record_vanished_cleans_it_up_and_starts_nothing() {
+    let node = node("pm-vanished", |_| {}).await;
+    let ada = node.login("ada").await;
+    let panel = ada.new_panel("template:ok").await;
+    let (status, _) = ada.post(&format!("/api/panels/{panel}/deploy")).await;
+    assert_eq!(status, StatusCode::CREATED);
+    node.endpoints(&panel, 1).await;
+    let (status, _) = ada.put(&format!("/api/panels/{panel}/scale"), r#"{"replicas": 0}"#).await;
+    assert_eq!(status, StatusCode::OK);
+    node.until(10, "scaled to zero", || async { node.live_apps(&panel).await.is_empty().then_some(()) }).await;
+    assert!(node.route(&panel).await.unwrap().activatable);
+    let _: () = node.conn.clone().set(last_request_key(&panel), now_ms()).await.unwrap();
+
+    // Deleted behind the panel manager's back: no message.
+    let _: () = node.conn.clone().del(format!("nexus:panel:{panel}")).await.unwrap();
+    node.publish(ACTIVATE_CHANNEL, Activate { panel: panel.clone() }).await;
+    node.until(5, "route, statuses and App record removed", || async {
+        let app: Option<String> = node.conn.clone().get(format!("nexus:app:{panel}")).await.unwrap();
+        let gone = node.route(&panel).await.is_none() && node.statuses(&panel).await.is_empty() && app.is_none();
+        gone.then_some(())
+    })
+    .await;
+    assert!(node.driver.forgotten.lock().unwrap().contains(&panel));
+    assert_eq!(node.driver.started(&panel), 1, "the activation started nothing");
+    assert_eq!(node.last_request(&panel).await, None);
+}
+
+#[actix_rt::test]
+async fn the_sweep_stops_the_instances_of_a_panel_whose_record_vanished() {
+    let node = node("pm-sweep", |c| c.sweep = Duration::from_millis(300)).await;
+    let ada = node.login("ada").await;
+    let (kept, vanished) = (ada.new_panel("template:ok").await, ada.new_panel("template:ok").await);
+    let (_, a) = ada.post(&format!("/api/panels/{kept}/studio")).await;
+    let (_, b) = ada.post(&format!("/api/panels/{vanished}/studio")).await;
+    let (a, b) = (a["instance"].as_str().unwrap().to_owned(), b["instance"].as_str().unwrap().to_owned());
+    node.state_of(&kept, &a, InstanceState::Ready).await;
+    node.state_of(&vanished, &b, InstanceState::Ready).await;
+
+    let _: () = node.conn.clone().del(format!("nexus:panel:{vanished}")).await.unwrap();
+    node.until(10, "panel forgotten by the driver", || async {
+        node.driver.forgotten.lock().unwrap().contains(&vanished).then_some(())
+    })
+    .await;
+    assert!(!node.driver.is_running(&b));
+    node.until(5, "route and statuses removed", || async {
+        let gone = node.route(&vanished).await.is_none() && node.statuses(&vanished).await.is_empty();
+        gone.then_some(())
+    })
+    .await;
+    assert!(node.driver.is_running(&a), "a panel with its record is left alone");
+    assert_eq!(node.endpoints(&kept, 1).await.endpoints[0].instance, a);
+}
+
+#[actix_rt::test]
+async fn a_stopping_studio_instance_blocks_a_new_one_and_deploy_snapshots_after_it_stopped() {
+    let node = node("pm-slowstop", |c| c.stop_grace = Duration::from_secs(3)).await;
+    let ada = node.login("ada").await;
+    let panel = ada.new_panel("template:slowstop").await;
+    let studio = format!("/api/panels/{panel}/studio");
+    let (_, created) = ada.post(&studio).await;
+    let first = created["instance"].as_str().unwrap().to_owned();
+    node.state_of(&panel, &first, InstanceState::Ready).await;
+
+    // It ignores SIGTERM, so it stops only at the SIGKILL after the grace.
+    let (status, _) = ada.delete(&studio).await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    let (status, body) = ada.post(&studio).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    assert!(body["message"].as_str().unwrap().contains("still stopping"), "{body}");
+    assert!(node.driver.is_running(&first));
+    node.state_of(&panel, &first, InstanceState::Stopped).await;
+    let (status, created) = ada.post(&studio).await;
+    assert_eq!(status, StatusCode::CREATED, "{created}");
+    let second = created["instance"].as_str().unwrap().to_owned();
+    node.state_of(&panel, &second, InstanceState::Ready).await;
+
+    // Deploy stops it and snapshots the volume only once it has stopped.
+    let deployer = Client { base: ada.base.clone(), token: ada.token.clone() };
+    let deploy_path = format!("/api/panels/{panel}/deploy");
+    let deploy = actix_rt::spawn(async move { deployer.post(&deploy_path).await });
+    node.state_of(&panel, &second, InstanceState::Stopping).await;
+    let (status, body) = ada.post(&studio).await;
+    assert_eq!(status, StatusCode::CONFLICT, "no Studio start while the old one stops: {body}");
+    let (status, deployed) = deploy.await.unwrap();
+    assert_eq!(status, StatusCode::CREATED, "{deployed}");
+    assert_eq!(node.status(&panel, &second).await.unwrap().state, InstanceState::Stopped);
+    let snapshots = node.driver.snapshots.lock().unwrap().clone();
+    assert_eq!(snapshots, vec![(panel.clone(), false)], "nothing of the panel ran during the snapshot");
+    node.endpoints(&panel, 1).await;
 }

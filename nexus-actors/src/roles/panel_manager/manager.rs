@@ -12,6 +12,14 @@
 //! Routes are written by the node that runs a panel's instances; two panel
 //! managers running instances of the same panel at once would overwrite
 //! each other's endpoints. The activation claim keeps an App on one node.
+//!
+//! Races it closes: a serving App instance leaves the route and is stopped
+//! only after a drain (a scale to zero is cancelled when a request comes
+//! meanwhile); Deploy, Undeploy and deletion bump a per-panel generation so
+//! an activation or deploy decided before them is dropped; App records are
+//! written through the reporter in decision order; a panel whose record is
+//! gone (deletion announcement lost) is cleaned up on activation and by a
+//! slow sweep.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -20,11 +28,12 @@ use std::time::Duration;
 use actix::AsyncContext;
 use futures::future::join_all;
 use rand::Rng;
+use tokio::sync::oneshot;
 
 use super::driver::{Code, InstanceSpec, RuntimeDriver};
 use super::lifecycle::{mode_label, now_ms, LifecycleDeps, PodLifecycle, Stop, Traffic, Transition};
 use super::reporter::{Report, Reporter};
-use super::store::{AppRecord, PmStore};
+use super::store::{AppRecord, PmStore, StoreError};
 use super::{PanelManagerConfig, PanelManagerError};
 use crate::bus::redis::{RedisBridge, Subscribe, Topic, Unsubscribe};
 use crate::bus::BusEvent;
@@ -36,6 +45,7 @@ use crate::instance::{
 use crate::kernel::{lock, ActorRef, Behaviour, Ctx, Handler, Kernel, Message, Reply};
 use crate::roles::transaction_manager::api::PanelChanged;
 use crate::roles::transaction_manager::store::Panel;
+use crate::roles::transaction_manager::Store;
 
 /// Every panel record change of every user (the transaction manager's
 /// `nexus:panels:{owner}` channels): deleted panels are cleaned up.
@@ -114,24 +124,88 @@ impl Message for SpawnStudio {
     type Reply = Result<InstanceStatus, PanelManagerError>;
 }
 
-/// An App record was written: run what it asks for.
-struct AppChanged {
+/// A Deploy's snapshot is ready: make it the panel's App, unless a newer
+/// Deploy or an Undeploy came meanwhile. Replies once the record is queued.
+struct Deployed {
     app: AppRecord,
-    /// Stop instances of older versions (a new deploy).
-    replace: bool,
+    generation: u64,
 }
 
-impl Message for AppChanged {
+impl Message for Deployed {
+    type Reply = Result<oneshot::Receiver<Result<(), StoreError>>, PanelManagerError>;
+}
+
+/// A Scale read the App record: run `replicas` of it, unless a Deploy or
+/// Undeploy came meanwhile.
+struct Rescale {
+    stored: AppRecord,
+    replicas: u32,
+    generation: u64,
+}
+
+impl Message for Rescale {
+    type Reply = Result<(AppRecord, oneshot::Receiver<Result<(), StoreError>>), PanelManagerError>;
+}
+
+/// An Undeploy's deletion of the App record is written: undeploy once
+/// more, so an activation that read the record before it went is undone.
+struct Undeployed {
+    panel: String,
+}
+
+impl Message for Undeployed {
     type Reply = ();
 }
 
-/// The activation claim was decided: `Some` when this node won it.
+/// How an activation claim was decided.
+enum ClaimOutcome {
+    /// This node holds the claim for this App record.
+    Won(AppRecord),
+    /// Not deployed, another node holds the claim, or Redis failed.
+    Lost,
+    /// The panel's record is gone: clean up as for a deleted panel.
+    PanelGone,
+}
+
+/// The activation claim was decided for the panel as it was at `generation`.
 struct Claimed {
     panel: String,
-    app: Option<AppRecord>,
+    generation: u64,
+    outcome: ClaimOutcome,
 }
 
 impl Message for Claimed {
+    type Reply = ();
+}
+
+/// The drain of an instance that left the route is over: stop it, unless
+/// it was a scale to zero and a request came meanwhile.
+struct Drained {
+    panel: String,
+    instance: String,
+    /// Which drain of the instance this is; an older one is ignored.
+    seq: u64,
+    /// The gateway's last request, read after the drain (scale to zero only).
+    last_request_ms: Option<u64>,
+}
+
+impl Message for Drained {
+    type Reply = ();
+}
+
+/// Check the records of every panel this node knows.
+struct Sweep;
+
+impl Message for Sweep {
+    type Reply = ();
+}
+
+/// The panel's record is gone although no deletion was heard.
+struct PanelGone {
+    panel: String,
+}
+
+impl Message for PanelGone {
     type Reply = ();
 }
 
@@ -151,6 +225,16 @@ impl Message for TrafficSeen {
     type Reply = ();
 }
 
+/// An instance on its way out.
+enum Leaving {
+    /// Out of the route, stopped once the drain is over. `idle`: a scale to
+    /// zero decided on the gateway's last request `decided_on`, which a
+    /// newer request cancels.
+    Draining { seq: u64, reason: String, idle: bool, decided_on: Option<u64> },
+    /// Asked to stop.
+    Stopping,
+}
+
 /// One instance this node runs.
 struct Live {
     lifecycle: ActorRef<PodLifecycle>,
@@ -161,8 +245,15 @@ struct Live {
     endpoint: Option<Endpoint>,
     /// When it first served (unix ms), for scale to zero.
     serving_since_ms: Option<u64>,
-    /// A stop was asked for: it no longer counts as running.
-    stopping: bool,
+    /// Set once it is leaving: it no longer counts as running.
+    leaving: Option<Leaving>,
+}
+
+impl Live {
+    /// Not yet leaving for good: a scale to zero still gives way to a stop.
+    fn may_stop(&self) -> bool {
+        matches!(self.leaving, None | Some(Leaving::Draining { idle: true, .. }))
+    }
 }
 
 #[derive(Default)]
@@ -176,7 +267,7 @@ struct PanelEntry {
 
 impl PanelEntry {
     fn running(&self, mode: InstanceMode) -> impl Iterator<Item = (&String, &Live)> {
-        self.instances.iter().filter(move |(_, l)| l.mode == mode && !l.stopping)
+        self.instances.iter().filter(move |(_, l)| l.mode == mode && l.leaving.is_none())
     }
 
     fn wanted_route(&self, panel: &str) -> PanelRoute {
@@ -203,6 +294,24 @@ struct Table {
     claimed: HashSet<String>,
     /// Deleted panels waiting for their last instance to end.
     forgetting: HashSet<String>,
+    /// Per panel, bumped by every Deploy, Undeploy and deletion: a claim
+    /// or deploy decided at an older generation is dropped. Kept after a
+    /// panel is forgotten, so a late result still finds it newer.
+    generations: HashMap<String, u64>,
+    /// Numbers the drains, so a late drain timer cannot end a newer drain.
+    drains: u64,
+}
+
+impl Table {
+    fn generation(&self, panel: &str) -> u64 {
+        self.generations.get(panel).copied().unwrap_or(0)
+    }
+
+    fn bump(&mut self, panel: &str) -> u64 {
+        let generation = self.generations.entry(panel.to_owned()).or_default();
+        *generation += 1;
+        *generation
+    }
 }
 
 /// Wiring of a panel manager.
@@ -212,6 +321,8 @@ pub struct ManagerDeps {
     pub redis: ActorRef<RedisBridge>,
     pub driver: Arc<dyn RuntimeDriver>,
     pub store: PmStore,
+    /// The transaction manager's panel records: a panel without one is deleted.
+    pub panels: Store,
     pub reporter: Reporter,
     pub config: PanelManagerConfig,
     pub http: reqwest::Client,
@@ -294,27 +405,95 @@ impl PanelManager {
             state: InstanceState::Pending,
             endpoint: None,
             serving_since_ms: None,
-            stopping: false,
+            leaving: None,
         };
         entry.instances.insert(instance.clone(), live);
         tracing::info!(%instance, %panel, ?mode, "panel instance created");
         Some(status)
     }
 
-    /// Asks the instances `which` picks to stop, without waiting for them.
+    /// Stops the instances `which` picks, without waiting for them. A
+    /// serving App instance first leaves the route and is stopped after the
+    /// drain; anything else is stopped at once. Writes the route.
     fn stop_where(&self, table: &mut Table, panel: &str, reason: &str, which: impl Fn(&str, &Live) -> bool) -> usize {
-        let Some(entry) = table.panels.get_mut(panel) else { return 0 };
+        let Table { panels, drains, .. } = table;
+        let Some(entry) = panels.get_mut(panel) else { return 0 };
         let mut stopped = 0;
-        for (_, live) in entry.instances.iter_mut().filter(|(id, l)| !l.stopping && which(id, l)) {
-            live.stopping = true;
+        let mut drain = Vec::new();
+        for (id, live) in entry.instances.iter_mut().filter(|(id, l)| l.may_stop() && which(id, l)) {
             stopped += 1;
-            let stop = live.lifecycle.link::<Stop>(&format!("panel-manager-{}", self.deps.config.node));
-            let msg = Stop { reason: reason.to_owned(), grace: self.deps.config.stop_grace };
-            actix::spawn(async move {
-                let _ = stop.ask(msg).await;
-            });
+            let reason = reason.to_owned();
+            match live.leaving.take() {
+                // Already out of the route; its drain timer stops it.
+                Some(Leaving::Draining { seq, .. }) => {
+                    live.leaving = Some(Leaving::Draining { seq, reason, idle: false, decided_on: None });
+                }
+                _ if live.mode == InstanceMode::App && live.state.serves() => {
+                    *drains += 1;
+                    live.leaving = Some(Leaving::Draining { seq: *drains, reason, idle: false, decided_on: None });
+                    drain.push((id.clone(), *drains));
+                }
+                _ => {
+                    live.leaving = Some(Leaving::Stopping);
+                    self.send_stop(live, reason);
+                }
+            }
+        }
+        self.sync_route(table, panel);
+        for (instance, seq) in drain {
+            self.drain_then_stop(panel, instance, seq, false);
         }
         stopped
+    }
+
+    /// Scale to zero, decided on the gateway's last request `decided_on`:
+    /// the quiet App instances leave the route and are stopped after the
+    /// drain unless a newer request comes meanwhile.
+    fn drain_idle(&self, table: &mut Table, panel: &str, reason: &str, quiet: &[String], decided_on: Option<u64>) {
+        let Table { panels, drains, .. } = table;
+        let Some(entry) = panels.get_mut(panel) else { return };
+        let mut drain = Vec::new();
+        for (id, live) in entry.instances.iter_mut().filter(|(id, l)| l.leaving.is_none() && quiet.contains(id)) {
+            *drains += 1;
+            live.leaving = Some(Leaving::Draining { seq: *drains, reason: reason.to_owned(), idle: true, decided_on });
+            drain.push((id.clone(), *drains));
+        }
+        self.sync_route(table, panel);
+        for (instance, seq) in drain {
+            self.drain_then_stop(panel, instance, seq, true);
+        }
+    }
+
+    fn send_stop(&self, live: &Live, reason: String) {
+        let stop = live.lifecycle.link::<Stop>(&format!("panel-manager-{}", self.deps.config.node));
+        let msg = Stop { reason, grace: self.deps.config.stop_grace };
+        actix::spawn(async move {
+            let _ = stop.ask(msg).await;
+        });
+    }
+
+    /// Once the route without the instance is written and announced, waits
+    /// the drain, then tells the manager (with the gateway's last request
+    /// read afresh when it is a scale to zero).
+    fn drain_then_stop(&self, panel: &str, instance: String, seq: u64, idle: bool) {
+        let Some(me) = &self.me else { return };
+        let done = me.link::<Drained>("timer");
+        let (reporter, store, drain) = (self.deps.reporter.clone(), self.deps.store.clone(), self.deps.config.drain);
+        let panel = panel.to_owned();
+        tracing::info!(%panel, %instance, drain_ms = drain.as_millis() as u64, "instance left the route; draining");
+        actix::spawn(async move {
+            reporter.flush().await;
+            tokio::time::sleep(drain).await;
+            let last_request_ms = if idle {
+                store.last_request_ms(&panel).await.unwrap_or_else(|error| {
+                    tracing::warn!(%panel, %error, "could not read the panel's last request after the drain");
+                    None
+                })
+            } else {
+                None
+            };
+            let _ = done.tell(Drained { panel, instance, seq, last_request_ms });
+        });
     }
 
     /// Hands the panel's route to the reporter when it changed.
@@ -355,6 +534,7 @@ impl PanelManager {
     }
 
     fn forget_now(&self, table: &mut Table, panel: &str) {
+        table.bump(panel);
         table.forgetting.remove(panel);
         table.panels.remove(panel);
         table.claimed.remove(panel);
@@ -371,6 +551,10 @@ impl PanelManager {
 
     fn panel_deleted(&self, panel: &str) {
         let mut table = lock(&self.table);
+        if table.forgetting.contains(panel) {
+            return;
+        }
+        table.bump(panel);
         let has_instances = table.panels.get(panel).is_some_and(|e| !e.instances.is_empty());
         tracing::info!(%panel, "panel deleted: stopping its instances");
         if has_instances {
@@ -388,35 +572,40 @@ impl PanelManager {
 
     fn activate(&self, panel: String) {
         let mut table = lock(&self.table);
+        if table.forgetting.contains(&panel) {
+            return;
+        }
+        // A request came for an App whose instance drains for idleness: it
+        // still runs, so it takes the request back instead of a cold start.
+        let mut kept = 0;
+        if let Some(entry) = table.panels.get_mut(&panel) {
+            for live in entry.instances.values_mut() {
+                if matches!(live.leaving, Some(Leaving::Draining { idle: true, .. })) {
+                    live.leaving = None;
+                    kept += 1;
+                }
+            }
+        }
+        if kept > 0 {
+            tracing::info!(%panel, instances = kept, "scale to zero cancelled: an activation came during the drain");
+            self.sync_route(&mut table, &panel);
+            return;
+        }
         let busy = table.panels.get(&panel).is_some_and(|e| e.running(InstanceMode::App).next().is_some());
         if busy || table.claiming.contains(&panel) || table.claimed.contains(&panel) {
             return;
         }
         table.claiming.insert(panel.clone());
+        // Taken before anything is read: a Deploy or Undeploy after this
+        // point makes whatever the reads below find too old.
+        let generation = table.generation(&panel);
         drop(table);
-        let (store, node) = (self.deps.store.clone(), self.deps.config.node.clone());
+        let (store, panels, node) = (self.deps.store.clone(), self.deps.panels.clone(), self.deps.config.node.clone());
         let Some(me) = self.me.clone() else { return };
         let claimed = me.link::<Claimed>("activation");
         actix::spawn(async move {
-            let app = match store.app(&panel).await {
-                Ok(Some(app)) => match store.claim_activation(&panel, &node, super::ACTIVATION_CLAIM_TTL).await {
-                    Ok(true) => Some(app),
-                    Ok(false) => None,
-                    Err(error) => {
-                        tracing::warn!(%panel, %error, "activation claim failed");
-                        None
-                    }
-                },
-                Ok(None) => {
-                    tracing::info!(%panel, "activation for a panel that is not deployed; ignored");
-                    None
-                }
-                Err(error) => {
-                    tracing::warn!(%panel, %error, "could not read the App record to activate");
-                    None
-                }
-            };
-            let _ = claimed.tell(Claimed { panel, app });
+            let outcome = claim(&store, &panels, &panel, &node).await;
+            let _ = claimed.tell(Claimed { panel, generation, outcome });
         });
     }
 
@@ -492,6 +681,10 @@ impl Behaviour for PanelManager {
         ctx.run_interval(self.deps.config.tick, move |_, _| {
             let _ = tick.try_tell(Tick);
         });
+        let sweep = me.link::<Sweep>("timer");
+        ctx.run_interval(self.deps.config.sweep, move |_, _| {
+            let _ = sweep.try_tell(Sweep);
+        });
     }
 }
 
@@ -545,6 +738,51 @@ impl Handler<Transition> for PanelManager {
     }
 }
 
+/// Decides an activation: the panel must still have its record and a
+/// deployed App, and this node must win the claim.
+async fn claim(store: &PmStore, panels: &Store, panel: &str, node: &str) -> ClaimOutcome {
+    match panels.panel(panel).await {
+        Ok(None) => {
+            tracing::info!(%panel, "activation for a panel whose record is gone: cleaning it up");
+            return ClaimOutcome::PanelGone;
+        }
+        Ok(Some(_)) => {}
+        // Unknown is not gone: the App record decides below.
+        Err(error) => tracing::warn!(%panel, %error, "could not read the panel record to activate"),
+    }
+    match store.app(panel).await {
+        Ok(Some(app)) => match store.claim_activation(panel, node, super::ACTIVATION_CLAIM_TTL).await {
+            Ok(true) => ClaimOutcome::Won(app),
+            Ok(false) => ClaimOutcome::Lost,
+            Err(error) => {
+                tracing::warn!(%panel, %error, "activation claim failed");
+                // A timed-out SET may still have landed: a claim nobody
+                // knows it holds would block activations until it expires.
+                if let Err(error) = store.release_activation(panel, node).await {
+                    tracing::warn!(%panel, %error, "could not release an activation claim that failed");
+                }
+                ClaimOutcome::Lost
+            }
+        },
+        Ok(None) => {
+            tracing::info!(%panel, "activation for a panel that is not deployed; ignored");
+            ClaimOutcome::Lost
+        }
+        Err(error) => {
+            tracing::warn!(%panel, %error, "could not read the App record to activate");
+            ClaimOutcome::Lost
+        }
+    }
+}
+
+/// The newer of two records of the same panel's App (the table's when equal).
+fn newest(known: Option<AppRecord>, read: AppRecord) -> AppRecord {
+    match known {
+        Some(known) if known.version >= read.version => known,
+        _ => read,
+    }
+}
+
 fn state_label(state: InstanceState) -> &'static str {
     match state {
         InstanceState::Pending => "pending",
@@ -562,10 +800,12 @@ fn studio_conflict(entry: Option<&PanelEntry>) -> Option<PanelManagerError> {
     if entry.app.is_some() {
         return Some(PanelManagerError::Conflict("the panel is deployed as an App; undeploy it first".into()));
     }
-    entry
-        .running(InstanceMode::Studio)
-        .next()
-        .map(|(id, _)| PanelManagerError::Conflict(format!("a Studio instance of this panel is running ({id})")))
+    // One Studio instance per volume: one that is still stopping holds it too.
+    let (id, live) = entry.instances.iter().find(|(_, l)| l.mode == InstanceMode::Studio)?;
+    Some(PanelManagerError::Conflict(match live.leaving {
+        Some(_) => format!("the Studio instance of this panel is still stopping ({id}); try again"),
+        None => format!("a Studio instance of this panel is running ({id})"),
+    }))
 }
 
 impl Handler<StartStudio> for PanelManager {
@@ -581,16 +821,18 @@ impl Handler<StartStudio> for PanelManager {
             if store.app(&panel.id).await?.is_some() {
                 return Err(PanelManagerError::Conflict("the panel is deployed as an App; undeploy it first".into()));
             }
+            // Another node's Studio instance of this panel.
             if let Some(other) = store
                 .statuses(&panel.id)
                 .await?
                 .into_iter()
                 .find(|s| s.mode == InstanceMode::Studio && !s.state.is_final())
             {
-                return Err(PanelManagerError::Conflict(format!(
-                    "a Studio instance of this panel is running ({})",
-                    other.instance
-                )));
+                return Err(PanelManagerError::Conflict(if other.state == InstanceState::Stopping {
+                    format!("the Studio instance of this panel is still stopping ({}); try again", other.instance)
+                } else {
+                    format!("a Studio instance of this panel is running ({})", other.instance)
+                }));
             }
             let volume = driver.volume(&panel.id, &panel.source).await?;
             spawn
@@ -618,7 +860,6 @@ impl Handler<StopStudio> for PanelManager {
         let mut table = lock(&self.table);
         let stopped =
             self.stop_where(&mut table, &msg.panel, "stopped by its owner", |_, l| l.mode == InstanceMode::Studio);
-        self.sync_route(&mut table, &msg.panel);
         Reply::Now(if stopped == 0 {
             Err(PanelManagerError::Conflict("no Studio instance of this panel is running here".into()))
         } else {
@@ -627,18 +868,45 @@ impl Handler<StopStudio> for PanelManager {
     }
 }
 
+/// How long past its grace a Deploy waits for the Studio instance to stop.
+const STUDIO_STOP_MARGIN: Duration = Duration::from_secs(10);
+
 impl Handler<Deploy> for PanelManager {
     fn handle(&mut self, msg: Deploy, _: &mut Ctx<Self>) -> Reply<Result<AppRecord, PanelManagerError>> {
         let panel = msg.panel;
-        {
-            // One panel, one route: the Studio instance gives way to the App.
+        let reason = "deployed as an App";
+        let grace = self.deps.config.stop_grace;
+        let (generation, studios) = {
             let mut table = lock(&self.table);
-            self.stop_where(&mut table, &panel.id, "deployed as an App", |_, l| l.mode == InstanceMode::Studio);
-        }
-        let (store, driver) = (self.deps.store.clone(), self.deps.driver.clone());
+            let generation = table.bump(&panel.id);
+            // One panel, one route: the Studio instance gives way to the App.
+            self.stop_where(&mut table, &panel.id, reason, |_, l| l.mode == InstanceMode::Studio);
+            let from = format!("panel-manager-{}", self.deps.config.node);
+            let studios: Vec<_> = table
+                .panels
+                .get(&panel.id)
+                .map(|e| e.instances.values().filter(|l| l.mode == InstanceMode::Studio).collect::<Vec<_>>())
+                .unwrap_or_default()
+                .into_iter()
+                .map(|l| l.lifecycle.link::<Stop>(&from))
+                .collect();
+            (generation, studios)
+        };
+        let driver = self.deps.driver.clone();
         let Some(me) = self.me.clone() else { return Reply::Now(Err(PanelManagerError::Stopped)) };
-        let changed = me.link::<AppChanged>("panel-manager-api");
+        let deployed = me.link::<Deployed>("panel-manager-api");
         Reply::later(async move {
+            // The snapshot copies the Studio volume: nothing may write to it
+            // any more. A stop answers once the instance has ended (at once
+            // when it already has, or an error when its lifecycle is gone).
+            let stopped = join_all(studios.into_iter().map(|stop| async move {
+                let _ = stop.ask(Stop { reason: reason.to_owned(), grace }).await;
+            }));
+            if tokio::time::timeout(grace + STUDIO_STOP_MARGIN, stopped).await.is_err() {
+                return Err(PanelManagerError::Conflict(
+                    "the panel's Studio instance did not stop in time; try again".into(),
+                ));
+            }
             let snapshot = driver.snapshot(&panel.id, &panel.source).await?;
             let app = AppRecord {
                 panel: panel.id.clone(),
@@ -647,12 +915,12 @@ impl Handler<Deploy> for PanelManager {
                 location: snapshot.location,
                 replicas: 1,
             };
-            store.put_app(&app).await?;
-            tracing::info!(panel = %app.panel, version = app.version, "panel deployed as an App");
-            changed
-                .ask(AppChanged { app: app.clone(), replace: true })
+            let written = deployed
+                .ask(Deployed { app: app.clone(), generation })
                 .await
-                .map_err(|_| PanelManagerError::Stopped)?;
+                .map_err(|_| PanelManagerError::Stopped)??;
+            written.await.map_err(|_| PanelManagerError::Stopped)??;
+            tracing::info!(panel = %app.panel, version = app.version, "panel deployed as an App");
             Ok(app)
         })
     }
@@ -664,79 +932,149 @@ impl Handler<Scale> for PanelManager {
         if msg.replicas > max {
             return Reply::Now(Err(PanelManagerError::BadReplicas { replicas: msg.replicas, max }));
         }
+        let generation = lock(&self.table).generation(&msg.panel);
         let store = self.deps.store.clone();
         let Some(me) = self.me.clone() else { return Reply::Now(Err(PanelManagerError::Stopped)) };
-        let changed = me.link::<AppChanged>("panel-manager-api");
+        let rescale = me.link::<Rescale>("panel-manager-api");
         Reply::later(async move {
-            let mut app = store.app(&msg.panel).await?.ok_or(PanelManagerError::NotDeployed)?;
-            app.replicas = msg.replicas;
-            store.put_app(&app).await?;
-            tracing::info!(panel = %app.panel, replicas = app.replicas, "App scaled");
-            changed
-                .ask(AppChanged { app: app.clone(), replace: false })
+            let stored = store.app(&msg.panel).await?.ok_or(PanelManagerError::NotDeployed)?;
+            let (app, written) = rescale
+                .ask(Rescale { stored, replicas: msg.replicas, generation })
                 .await
-                .map_err(|_| PanelManagerError::Stopped)?;
+                .map_err(|_| PanelManagerError::Stopped)??;
+            written.await.map_err(|_| PanelManagerError::Stopped)??;
+            tracing::info!(panel = %app.panel, replicas = app.replicas, "App scaled");
             Ok(app)
         })
     }
 }
 
-impl Handler<AppChanged> for PanelManager {
-    fn handle(&mut self, msg: AppChanged, _: &mut Ctx<Self>) -> Reply<()> {
+fn superseded() -> PanelManagerError {
+    PanelManagerError::Conflict("the panel was deployed or undeployed meanwhile; try again".into())
+}
+
+impl Handler<Deployed> for PanelManager {
+    fn handle(&mut self, msg: Deployed, _: &mut Ctx<Self>) -> Reply<<Deployed as Message>::Reply> {
         let mut table = lock(&self.table);
         let panel = msg.app.panel.clone();
         if table.forgetting.contains(&panel) {
-            return Reply::Now(());
+            return Reply::Now(Err(PanelManagerError::Conflict("the panel was deleted".into())));
+        }
+        if table.generation(&panel) != msg.generation {
+            tracing::info!(%panel, version = msg.app.version, "a deploy superseded by a newer deploy or undeploy");
+            return Reply::Now(Err(superseded()));
         }
         let version = msg.app.version;
+        let (tx, rx) = oneshot::channel();
+        self.deps.reporter.send(Report::App(msg.app.clone(), tx));
         let entry = table.panels.entry(panel.clone()).or_default();
         entry.owner = msg.app.owner.clone();
         entry.app = Some(msg.app);
-        if msg.replace {
-            self.stop_where(&mut table, &panel, "replaced by a new version", |_, l| {
-                l.mode == InstanceMode::App && l.version != version
-            });
-        }
+        // A Studio instance started while the snapshot was taken goes too.
+        self.stop_where(&mut table, &panel, "deployed as an App", |_, l| l.mode == InstanceMode::Studio);
+        self.stop_where(&mut table, &panel, "replaced by a new version", |_, l| {
+            l.mode == InstanceMode::App && l.version != version
+        });
         self.reconcile(&mut table, &panel);
-        Reply::Now(())
+        Reply::Now(Ok(rx))
+    }
+}
+
+impl Handler<Rescale> for PanelManager {
+    fn handle(&mut self, msg: Rescale, _: &mut Ctx<Self>) -> Reply<<Rescale as Message>::Reply> {
+        let mut table = lock(&self.table);
+        let panel = msg.stored.panel.clone();
+        if table.forgetting.contains(&panel) {
+            return Reply::Now(Err(PanelManagerError::Conflict("the panel was deleted".into())));
+        }
+        if table.generation(&panel) != msg.generation {
+            return Reply::Now(Err(superseded()));
+        }
+        let entry = table.panels.entry(panel.clone()).or_default();
+        let mut app = newest(entry.app.take(), msg.stored);
+        app.replicas = msg.replicas;
+        entry.owner = app.owner.clone();
+        entry.app = Some(app.clone());
+        let (tx, rx) = oneshot::channel();
+        self.deps.reporter.send(Report::App(app.clone(), tx));
+        self.reconcile(&mut table, &panel);
+        Reply::Now(Ok((app, rx)))
+    }
+}
+
+impl PanelManager {
+    /// Takes the panel out of App mode here: every instance stops.
+    fn undeploy_now(&self, table: &mut Table, panel: &str) {
+        table.bump(panel);
+        let entry = table.panels.entry(panel.to_owned()).or_default();
+        entry.app = None;
+        self.stop_where(table, panel, "undeployed by its owner", |_, _| true);
     }
 }
 
 impl Handler<Undeploy> for PanelManager {
     fn handle(&mut self, msg: Undeploy, _: &mut Ctx<Self>) -> Reply<Result<(), PanelManagerError>> {
         let mut table = lock(&self.table);
-        let entry = table.panels.entry(msg.panel.clone()).or_default();
-        entry.app = None;
-        self.stop_where(&mut table, &msg.panel, "undeployed by its owner", |_, _| true);
-        self.sync_route(&mut table, &msg.panel);
-        let store = self.deps.store.clone();
+        self.undeploy_now(&mut table, &msg.panel);
+        let (tx, rx) = oneshot::channel();
+        self.deps.reporter.send(Report::DeleteApp(msg.panel.clone(), tx));
+        let Some(me) = self.me.clone() else { return Reply::Now(Err(PanelManagerError::Stopped)) };
+        let undeployed = me.link::<Undeployed>("panel-manager-api");
         Reply::later(async move {
-            store.delete_app(&msg.panel).await?;
+            rx.await.map_err(|_| PanelManagerError::Stopped)??;
+            undeployed.ask(Undeployed { panel: msg.panel }).await.map_err(|_| PanelManagerError::Stopped)?;
             Ok(())
         })
+    }
+}
+
+impl Handler<Undeployed> for PanelManager {
+    fn handle(&mut self, msg: Undeployed, _: &mut Ctx<Self>) -> Reply<()> {
+        let mut table = lock(&self.table);
+        if !table.forgetting.contains(&msg.panel) {
+            self.undeploy_now(&mut table, &msg.panel);
+        }
+        Reply::Now(())
     }
 }
 
 impl Handler<Claimed> for PanelManager {
     fn handle(&mut self, msg: Claimed, _: &mut Ctx<Self>) -> Reply<()> {
         let mut table = lock(&self.table);
-        table.claiming.remove(&msg.panel);
-        let Some(app) = msg.app else { return Reply::Now(()) };
-        table.claimed.insert(msg.panel.clone());
-        if table.forgetting.contains(&msg.panel) {
-            self.release_claim(&mut table, &msg.panel);
+        let panel = msg.panel;
+        table.claiming.remove(&panel);
+        let app = match msg.outcome {
+            ClaimOutcome::Won(app) => app,
+            ClaimOutcome::Lost => return Reply::Now(()),
+            ClaimOutcome::PanelGone => {
+                drop(table);
+                self.panel_deleted(&panel);
+                return Reply::Now(());
+            }
+        };
+        table.claimed.insert(panel.clone());
+        if table.forgetting.contains(&panel) {
+            self.release_claim(&mut table, &panel);
             return Reply::Now(());
         }
-        let entry = table.panels.entry(msg.panel.clone()).or_default();
+        if table.generation(&panel) != msg.generation {
+            tracing::info!(%panel, "activation dropped: the panel was deployed or undeployed meanwhile");
+            self.release_claim(&mut table, &panel);
+            return Reply::Now(());
+        }
+        let entry = table.panels.entry(panel.clone()).or_default();
+        // The record was read before the claim: one this node wrote since
+        // (same generation) may be newer.
+        let app = newest(entry.app.take(), app);
         entry.owner = app.owner.clone();
         entry.app = Some(app.clone());
         if entry.running(InstanceMode::App).next().is_none() {
-            tracing::info!(panel = %msg.panel, version = app.version, "activating a scaled-to-zero App");
-            self.spawn_instance(&mut table, &msg.panel, &app.owner, Code::App(app.snapshot()));
+            tracing::info!(%panel, version = app.version, "activating a scaled-to-zero App");
+            self.spawn_instance(&mut table, &panel, &app.owner, Code::App(app.snapshot()));
         } else {
-            self.release_claim(&mut table, &msg.panel);
+            self.release_claim(&mut table, &panel);
         }
-        self.sync_route(&mut table, &msg.panel);
+        self.sync_route(&mut table, &panel);
         Reply::Now(())
     }
 }
@@ -746,7 +1084,7 @@ impl Handler<Tick> for PanelManager {
         let serving: Vec<String> = lock(&self.table)
             .panels
             .iter()
-            .filter(|(_, e)| e.instances.values().any(|l| l.state.serves() && !l.stopping))
+            .filter(|(_, e)| e.instances.values().any(|l| l.state.serves() && l.leaving.is_none()))
             .map(|(panel, _)| panel.clone())
             .collect();
         let (Some(me), false) = (self.me.clone(), serving.is_empty()) else { return Reply::Now(()) };
@@ -765,27 +1103,90 @@ impl Handler<Tick> for PanelManager {
     }
 }
 
+/// Whether an instance that first served at `serving_since_ms` has had no
+/// request for `idle_timeout` now.
+fn quiet_for(last_request_ms: Option<u64>, serving_since_ms: Option<u64>, idle_timeout: Duration) -> bool {
+    let now = now_ms();
+    let reference = last_request_ms.unwrap_or(0).max(serving_since_ms.unwrap_or(now));
+    Duration::from_millis(now.saturating_sub(reference)) >= idle_timeout
+}
+
 impl Handler<TrafficSeen> for PanelManager {
     fn handle(&mut self, msg: TrafficSeen, _: &mut Ctx<Self>) -> Reply<()> {
         let mut table = lock(&self.table);
         let Some(entry) = table.panels.get(&msg.panel) else { return Reply::Now(()) };
-        let now = now_ms();
         let idle_timeout = self.deps.config.idle_timeout;
         let mut quiet_apps = Vec::new();
-        for (id, live) in entry.instances.iter().filter(|(_, l)| !l.stopping && l.state.serves()) {
+        for (id, live) in entry.instances.iter().filter(|(_, l)| l.leaving.is_none() && l.state.serves()) {
             let _ =
                 live.lifecycle.link::<Traffic>("panel-manager").tell(Traffic { last_request_ms: msg.last_request_ms });
-            let reference = msg.last_request_ms.unwrap_or(0).max(live.serving_since_ms.unwrap_or(now));
-            if live.mode == InstanceMode::App && Duration::from_millis(now.saturating_sub(reference)) >= idle_timeout {
+            if live.mode == InstanceMode::App && quiet_for(msg.last_request_ms, live.serving_since_ms, idle_timeout) {
                 quiet_apps.push(id.clone());
             }
         }
         if !quiet_apps.is_empty() {
             let reason = format!("scaled to zero after {}s without requests", idle_timeout.as_secs_f64());
             tracing::info!(panel = %msg.panel, instances = quiet_apps.len(), "{reason}");
-            self.stop_where(&mut table, &msg.panel, &reason, |id, _| quiet_apps.iter().any(|q| q == id));
-            self.sync_route(&mut table, &msg.panel);
+            self.drain_idle(&mut table, &msg.panel, &reason, &quiet_apps, msg.last_request_ms);
         }
+        Reply::Now(())
+    }
+}
+
+impl Handler<Drained> for PanelManager {
+    fn handle(&mut self, msg: Drained, _: &mut Ctx<Self>) -> Reply<()> {
+        let mut table = lock(&self.table);
+        let Some(live) = table.panels.get_mut(&msg.panel).and_then(|e| e.instances.get_mut(&msg.instance)) else {
+            return Reply::Now(());
+        };
+        let Some(Leaving::Draining { seq, reason, idle, decided_on }) = live.leaving.take() else {
+            return Reply::Now(());
+        };
+        if seq != msg.seq {
+            live.leaving = Some(Leaving::Draining { seq, reason, idle, decided_on });
+            return Reply::Now(());
+        }
+        // Gateways that still held the old route may have sent it requests
+        // (`None` is older than any request).
+        if idle && msg.last_request_ms > decided_on {
+            tracing::info!(panel = %msg.panel, instance = %msg.instance,
+                "scale to zero cancelled: a request came during the drain");
+            self.sync_route(&mut table, &msg.panel);
+            return Reply::Now(());
+        }
+        live.leaving = Some(Leaving::Stopping);
+        self.send_stop(live, reason);
+        Reply::Now(())
+    }
+}
+
+impl Handler<Sweep> for PanelManager {
+    fn handle(&mut self, _: Sweep, _: &mut Ctx<Self>) -> Reply<()> {
+        let known: Vec<String> = {
+            let table = lock(&self.table);
+            table.panels.keys().filter(|p| !table.forgetting.contains(*p)).cloned().collect()
+        };
+        let (Some(me), false) = (self.me.clone(), known.is_empty()) else { return Reply::Now(()) };
+        let panels = self.deps.panels.clone();
+        let gone = me.link::<PanelGone>("timer");
+        Reply::later(async move {
+            for panel in known {
+                match panels.panel(&panel).await {
+                    Ok(None) => {
+                        let _ = gone.tell(PanelGone { panel });
+                    }
+                    Ok(Some(_)) => {}
+                    Err(error) => tracing::warn!(%panel, %error, "could not check the panel record"),
+                }
+            }
+        })
+    }
+}
+
+impl Handler<PanelGone> for PanelManager {
+    fn handle(&mut self, msg: PanelGone, _: &mut Ctx<Self>) -> Reply<()> {
+        tracing::warn!(panel = %msg.panel, "the panel's record is gone but its deletion was not heard; cleaning up");
+        self.panel_deleted(&msg.panel);
         Reply::Now(())
     }
 }

@@ -56,6 +56,12 @@ pub struct PanelManagerConfig {
     pub crash_window: Duration,
     /// SIGTERM to SIGKILL when an instance is stopped.
     pub stop_grace: Duration,
+    /// A serving App instance leaves the route this long before it is
+    /// stopped, so gateways that still hold the old route finish with it.
+    pub drain: Duration,
+    /// How often the panels this node knows are checked against their
+    /// records: a deletion whose announcement was lost is cleaned up then.
+    pub sweep: Duration,
     /// How often the traffic signal is read (idle marks, scale to zero).
     pub tick: Duration,
     /// Final statuses kept per panel.
@@ -78,6 +84,8 @@ impl PanelManagerConfig {
             max_crashes: 5,
             crash_window: Duration::from_secs(60),
             stop_grace: Duration::from_secs(5),
+            drain: Duration::from_secs(1),
+            sweep: Duration::from_secs(30),
             tick: Duration::from_secs(1),
             keep_final: 5,
         }
@@ -149,6 +157,8 @@ pub async fn start(
     config: PanelManagerConfig,
 ) -> Result<PanelManagerHandle, PanelManagerError> {
     let store = PmStore::connect(&config.redis_url).await?;
+    let panels =
+        Store::connect(&config.redis_url).await.map_err(|e| PanelManagerError::Setup(format!("panel records: {e}")))?;
     let id = format!("panel-manager-{}", config.node);
     let reporter = Reporter::spawn(store.clone(), redis.link::<Publish>(&id), config.node.clone(), config.keep_final);
     clear_stale(&store, &reporter, &config.node).await?;
@@ -161,6 +171,7 @@ pub async fn start(
         redis,
         driver: driver.clone(),
         store: store.clone(),
+        panels,
         reporter,
         config: config.clone(),
         http,

@@ -1,5 +1,5 @@
-//! The reporter: writes instance statuses and routes to Redis and announces
-//! them, one write after the other in the order they were made.
+//! The reporter: writes instance statuses, routes and App records to Redis
+//! and announces them, one write after the other in the order they were made.
 //!
 //! Order matters: a `ready` written before the `starting` it follows would
 //! leave the wrong state in Redis. One task drains a queue, so neither the
@@ -7,7 +7,7 @@
 
 use tokio::sync::{mpsc, oneshot};
 
-use super::store::PmStore;
+use super::store::{AppRecord, PmStore, StoreError};
 use crate::bus::redis::Publish;
 use crate::envelope::{Envelope, Payload};
 use crate::instance::{InstanceChanged, InstanceStatus, PanelRoute, RouteChanged, ROUTES_CHANNEL};
@@ -21,11 +21,19 @@ pub enum Report {
     Status(InstanceStatus),
     /// HSET `nexus:routes`, then [`RouteChanged`].
     Route(PanelRoute),
-    /// Removes the panel's route, App record and statuses, then [`RouteChanged`].
+    /// SET `nexus:app:{panel}`: the deployed App record; `done` hears how it went.
+    App(AppRecord, Written),
+    /// DEL `nexus:app:{panel}`: the panel is no longer deployed.
+    DeleteApp(String, Written),
+    /// Removes the panel's route, App record, statuses and traffic signal,
+    /// then [`RouteChanged`].
     ForgetPanel(String),
     /// Answers once everything queued before it is written.
     Flush(oneshot::Sender<()>),
 }
+
+/// Where a write that its requester waits for reports how it went.
+pub type Written = oneshot::Sender<Result<(), StoreError>>;
 
 /// Queues writes for the reporter task. Cheap to clone.
 #[derive(Clone)]
@@ -89,6 +97,12 @@ async fn write(store: &PmStore, publish: &Link<Publish>, node: &str, keep_final:
                 tracing::warn!(panel = %route.panel, %error, "could not write a route");
             }
             announce(publish, node, ROUTES_CHANNEL.to_owned(), RouteChanged { panel: route.panel }).await;
+        }
+        Report::App(app, done) => {
+            let _ = done.send(store.put_app(&app).await);
+        }
+        Report::DeleteApp(panel, done) => {
+            let _ = done.send(store.delete_app(&panel).await);
         }
         Report::ForgetPanel(panel) => {
             if let Err(error) = store.forget_panel(&panel).await {

@@ -159,6 +159,8 @@ impl PmStore {
             .ignore()
             .del(activating_key(panel))
             .ignore()
+            .del(last_request_key(panel))
+            .ignore()
             .query_async::<()>(&mut c)
             .await?;
         Ok(())
