@@ -39,6 +39,9 @@ pub struct GatewayMetrics {
     /// `nexus_gateway_reactivations_total`: requests every instance of an
     /// App refused (scaled to zero under a stale route), held for a new one.
     pub reactivations: IntCounter,
+    /// `requests{outcome="proxied"}`, resolved once: it is counted on every
+    /// proxied request, where the label lookup (hash and lock) would cost.
+    proxied: IntCounter,
 }
 
 impl GatewayMetrics {
@@ -82,15 +85,21 @@ impl GatewayMetrics {
         for outcome in ACTIVATION_OUTCOMES {
             activations.with_label_values(&[outcome]);
         }
-        Ok(GatewayMetrics { requests, activations, cold_start, queued, last_request_writes, reactivations })
+        let proxied = requests.with_label_values(&["proxied"]);
+        Ok(GatewayMetrics { requests, activations, cold_start, queued, last_request_writes, reactivations, proxied })
     }
 
     /// Counts one finished request.
     pub fn request(&self, outcome: &'static str, panel: &str) {
-        self.requests.with_label_values(&[outcome]).inc();
         match outcome {
-            "proxied" => tracing::trace!(outcome, panel, "nexus_gateway_requests_total"),
-            _ => tracing::info!(outcome, panel, "nexus_gateway_requests_total"),
+            "proxied" => {
+                self.proxied.inc();
+                tracing::trace!(outcome, panel, "nexus_gateway_requests_total");
+            }
+            _ => {
+                self.requests.with_label_values(&[outcome]).inc();
+                tracing::info!(outcome, panel, "nexus_gateway_requests_total");
+            }
         }
     }
 }

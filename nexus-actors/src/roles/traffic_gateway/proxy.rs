@@ -99,12 +99,14 @@ impl Traffic {
     }
 
     /// Records traffic for `panel` now, unless it was recorded lately.
-    pub fn touch(&self, panel: &str) {
+    /// Returns when it was last recorded (now, or the recent time that
+    /// made this call skip it).
+    pub fn touch(&self, panel: &str) -> Instant {
         let now = Instant::now();
         {
             let mut last = lock(&self.last);
             match last.get_mut(panel) {
-                Some(at) if now.duration_since(*at) < TOUCH_EVERY => return,
+                Some(at) if now.duration_since(*at) < TOUCH_EVERY => return *at,
                 Some(at) => *at = now,
                 None => {
                     last.insert(panel.to_owned(), now);
@@ -124,6 +126,7 @@ impl Traffic {
                 tracing::warn!(panel, %error, "nexus_gateway_last_request_writes_total");
             }
         });
+        now
     }
 }
 
@@ -385,7 +388,7 @@ fn refused_page(shared: &Shared, panel: &str, html: bool) -> Response<Body> {
 async fn send(shared: &Arc<Shared>, route: &PanelRoute, request: &mut Forward) -> Result<Response<Body>, Vec<String>> {
     let panel = request.panel.clone();
     let html = request.html;
-    shared.traffic.touch(&panel);
+    let touched = shared.traffic.touch(&panel);
     let endpoints = &route.endpoints;
     let first = shared.round_robin.fetch_add(1, Ordering::Relaxed);
     let mut refused = Vec::new();
@@ -443,7 +446,7 @@ async fn send(shared: &Arc<Shared>, route: &PanelRoute, request: &mut Forward) -
     if !switching {
         strip_hop_by_hop(&mut parts.headers);
     }
-    let body = Tracked { inner: body, traffic: shared.traffic.clone(), panel };
+    let body = Tracked { inner: body, traffic: shared.traffic.clone(), panel, touched };
     Ok(Response::from_parts(parts, body.boxed()))
 }
 
@@ -481,7 +484,9 @@ async fn tunnel(
     loop {
         tokio::select! {
             _ = &mut copy => break,
-            _ = tick.tick() => traffic.touch(&panel),
+            _ = tick.tick() => {
+                traffic.touch(&panel);
+            }
         }
     }
     traffic.touch(&panel);
@@ -493,6 +498,10 @@ struct Tracked {
     inner: Incoming,
     traffic: Arc<Traffic>,
     panel: String,
+    /// When the panel's traffic was last recorded, as this body knows it.
+    /// [`Traffic::touch`] skips any call within [`TOUCH_EVERY`] of that;
+    /// checking here first keeps its shared lock off every frame.
+    touched: Instant,
 }
 
 impl hyper::body::Body for Tracked {
@@ -502,7 +511,10 @@ impl hyper::body::Body for Tracked {
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
         if polled.is_ready() {
-            self.traffic.touch(&self.panel);
+            let now = Instant::now();
+            if now.duration_since(self.touched) >= TOUCH_EVERY {
+                self.touched = self.traffic.touch(&self.panel);
+            }
         }
         polled
     }
