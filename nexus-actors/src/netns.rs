@@ -152,6 +152,15 @@ impl NetnsThread {
         self.run(move || TcpListener::bind(addr)).map_err(io::Error::other)?
     }
 
+    /// A listener bound inside the namespace when there is one, else on the
+    /// host: how the sidecar and the watchdog open their endpoints.
+    pub fn bind_in(inside: Option<&NetnsThread>, addr: SocketAddr) -> io::Result<TcpListener> {
+        match inside {
+            Some(inside) => inside.bind(addr),
+            None => TcpListener::bind(addr),
+        }
+    }
+
     /// A connection opened inside the namespace, ready for tokio
     /// (non-blocking). Loopback connects finish at once, so the blocking
     /// connect never holds the thread for long.

@@ -184,7 +184,11 @@ pub async fn run(config: NodeConfig) -> Result<(), NodeError> {
     let roles: Vec<&str> = config.roles.iter().map(|r| r.name()).collect();
     let k = kernel.clone();
     let pm_api = match &panels {
-        Some(handle) => Some((handle.clone(), tm_role::Store::connect(&config.redis_url).await?, auth(&config).await?)),
+        Some(handle) => {
+            let store = tm_role::Store::connect(&config.redis_url).await?;
+            let auth = tm_role::Auth::new(&store.signing_secret().await?);
+            Some((handle.clone(), store, auth))
+        }
         None => None,
     };
     let server = HttpServer::new(move || {
@@ -218,11 +222,6 @@ pub async fn run(config: NodeConfig) -> Result<(), NodeError> {
         gateway.stop().await;
     }
     served
-}
-
-async fn auth(config: &NodeConfig) -> Result<tm_role::Auth, NodeError> {
-    let store = tm_role::Store::connect(&config.redis_url).await?;
-    Ok(tm_role::Auth::new(&store.signing_secret().await?))
 }
 
 /// Starts the panel manager over the `local` driver, whose metrics join

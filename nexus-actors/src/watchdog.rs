@@ -272,20 +272,12 @@ pub async fn start(config: WatchdogConfig, expiry: Arc<dyn Expiry>) -> Result<Wa
     .workers(1)
     .shutdown_timeout(1);
     let http_error = |source| WatchdogError::Http { addr: config.listen, source };
-    let (server, listen) = match &config.netns {
-        // Bound by a thread inside the namespace, so it is reachable only
-        // there (and through the sidecar's forward).
-        Some(path) => {
-            let listener = NetnsThread::enter(path)?.bind(config.listen).map_err(http_error)?;
-            let listen = listener.local_addr().map_err(http_error)?;
-            (server.listen(listener).map_err(http_error)?, listen)
-        }
-        None => {
-            let server = server.bind(config.listen).map_err(http_error)?;
-            let listen = server.addrs().first().copied().unwrap_or(config.listen);
-            (server, listen)
-        }
-    };
+    // Bound by a thread inside the namespace, so it is reachable only there
+    // (and through the sidecar's forward).
+    let inside = config.netns.as_deref().map(NetnsThread::enter).transpose()?;
+    let listener = NetnsThread::bind_in(inside.as_ref(), config.listen).map_err(http_error)?;
+    let listen = listener.local_addr().map_err(http_error)?;
+    let server = server.listen(listener).map_err(http_error)?;
     let timer = tokio::spawn(watch(shared, expiry, config.repeat.max(Duration::from_millis(100))));
     tracing::info!(
         instance = %config.instance,

@@ -6,6 +6,8 @@
 //! packages; without them this test fails and says what is missing. It
 //! fails too when the browser test is skipped or runs no test at all.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
@@ -61,15 +63,7 @@ fn tap_count(tap: &str, name: &str) -> Option<u64> {
 
 #[test]
 fn a_panel_runs_in_studio_deploys_as_an_app_scales_to_zero_and_comes_back() {
-    let ui_tests = Path::new(env!("CARGO_MANIFEST_DIR")).join("../ui-tests");
-    assert!(
-        Path::new("/usr/bin/chromium").exists(),
-        "Chromium is missing: apt-get install chromium (scripts/test does)"
-    );
-    assert!(
-        ui_tests.join("node_modules/playwright-core").exists(),
-        "playwright-core is missing: npm ci --prefix ui-tests (scripts/test does)"
-    );
+    let ui_tests = common::ui_tests();
     let dir: PathBuf = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("nexus-panels-ui-{}", std::process::id()));
     let redis = RedisServer::start(&dir.join("redis"), false).unwrap();
     let (port, gateway_port) = (free_port().unwrap(), free_port().unwrap());

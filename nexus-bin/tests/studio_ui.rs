@@ -3,6 +3,8 @@
 //! (`ui-tests/studio.test.mjs`). `scripts/test` installs Chromium and the
 //! npm packages; without them this test fails and says what is missing.
 
+mod common;
+
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -11,15 +13,7 @@ use nexus_actors::infra::{free_port, RedisServer};
 
 #[test]
 fn two_browsers_edit_one_document_live_and_the_graph_renders() {
-    let ui_tests = Path::new(env!("CARGO_MANIFEST_DIR")).join("../ui-tests");
-    assert!(
-        Path::new("/usr/bin/chromium").exists(),
-        "Chromium is missing: apt-get install chromium (scripts/test does)"
-    );
-    assert!(
-        ui_tests.join("node_modules/playwright-core").exists(),
-        "playwright-core is missing: npm ci --prefix ui-tests (scripts/test does)"
-    );
+    let ui_tests = common::ui_tests();
     let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("nexus-studio-ui-{}", std::process::id()));
     let redis = RedisServer::start(&dir.join("redis"), false).unwrap();
     let port = free_port().unwrap();

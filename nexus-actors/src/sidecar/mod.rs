@@ -229,19 +229,10 @@ pub async fn start(config: SidecarConfig) -> Result<Sidecar, SidecarError> {
     let http_error = |source| SidecarError::Http { addr: config.listen, source };
     let server =
         HttpServer::new(move || App::new().configure(proxy::configure(state.clone()))).workers(1).shutdown_timeout(2);
-    let (server, listen) = match &inside {
-        // Bound by the namespace's thread, so the panel finds it on its own loopback.
-        Some(inside) => {
-            let listener = inside.bind(config.listen).map_err(http_error)?;
-            let listen = listener.local_addr().map_err(http_error)?;
-            (server.listen(listener).map_err(http_error)?, listen)
-        }
-        None => {
-            let server = server.bind(config.listen).map_err(http_error)?;
-            let listen = server.addrs().first().copied().unwrap_or(config.listen);
-            (server, listen)
-        }
-    };
+    // Bound by the namespace's thread, so the panel finds it on its own loopback.
+    let listener = NetnsThread::bind_in(inside.as_ref(), config.listen).map_err(http_error)?;
+    let listen = listener.local_addr().map_err(http_error)?;
+    let server = server.listen(listener).map_err(http_error)?;
 
     let target = inside.map_or(Inside::Host, Inside::Netns);
     let forward_addrs: Vec<SocketAddr> = forwards.iter().map(BoundForward::local_addr).collect();

@@ -8,6 +8,21 @@ use std::process::Child;
 use std::time::{Duration, Instant};
 
 /// A bare HTTP/1.0 GET; returns (status, body).
+/// `ui-tests/`, after checking what the browser tests need is installed;
+/// without it they fail and say what is missing.
+pub fn ui_tests() -> std::path::PathBuf {
+    let ui_tests = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../ui-tests");
+    assert!(
+        std::path::Path::new("/usr/bin/chromium").exists(),
+        "Chromium is missing: apt-get install chromium (scripts/test does)"
+    );
+    assert!(
+        ui_tests.join("node_modules/playwright-core").exists(),
+        "playwright-core is missing: npm ci --prefix ui-tests (scripts/test does)"
+    );
+    ui_tests
+}
+
 pub fn get(port: u16, path: &str) -> Option<(u16, String)> {
     request(port, "GET", path, None, None)
 }

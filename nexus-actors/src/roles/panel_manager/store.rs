@@ -21,13 +21,7 @@ use serde::{Deserialize, Serialize};
 use super::driver::Snapshot;
 use crate::instance::{instances_key, last_request_key, InstanceStatus, PanelRoute, ROUTES_KEY};
 
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    #[error("redis: {0}")]
-    Redis(#[from] redis::RedisError),
-    #[error("stored data is corrupt: {0}")]
-    Corrupt(String),
-}
+pub use crate::roles::transaction_manager::store::StoreError;
 
 /// A deployed App: which snapshot it runs and how many copies are wanted.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
