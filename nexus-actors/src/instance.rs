@@ -21,9 +21,17 @@ use utoipa::ToSchema;
 
 use crate::envelope::Payload;
 
+/// The header the sidecar sends the panel's instance-specific secret in,
+/// with every `/manifest` and `/mcp/*` request. The panel gets the secret
+/// in its environment (`NEXUS_SIDECAR_TOKEN`) and may refuse requests
+/// without it; the gateway never forwards this header from outside.
+pub const SIDECAR_TOKEN_HEADER: &str = "x-nexus-sidecar-token";
+
+/// The environment variable the panel and its sidecar find the secret of
+/// [`SIDECAR_TOKEN_HEADER`] in.
+pub const SIDECAR_TOKEN_ENV: &str = "NEXUS_SIDECAR_TOKEN";
+
 pub const ROUTES_KEY: &str = "nexus:routes";
-pub const ROUTES_CHANNEL: &str = "nexus:routes:changed";
-pub const ACTIVATE_CHANNEL: &str = "nexus:panel-manager:activate";
 
 pub fn instances_key(panel: &str) -> String {
     format!("nexus:instances:{panel}")
@@ -31,10 +39,6 @@ pub fn instances_key(panel: &str) -> String {
 
 pub fn last_request_key(panel: &str) -> String {
     format!("nexus:panel:{panel}:last-request")
-}
-
-pub fn control_channel(instance: &str) -> String {
-    format!("nexus:instance:{instance}:control")
 }
 
 /// Where an instance runs: developed in Studio (exactly one, state kept in

@@ -4,7 +4,8 @@
 //! * [`envelope`]: the CloudEvents-shaped envelope of every bus message.
 //! * [`bus`]: the Redis and Kafka bridges, as actors.
 //! * [`telemetry`]: metrics, tracing, OTLP and trace-context propagation.
-//! * [`http`]: the endpoints every node serves.
+//! * [`platform`]: what every role shares: accounts, panel records, auth,
+//!   API errors, channel names and the endpoints every node serves.
 //! * [`node`]: wiring a node from its configuration.
 //! * [`infra`]: brokers as child processes, for `nexus dev` and tests.
 //! * [`sidecar`]: `nexus sidecar`, beside each panel instance.
@@ -15,12 +16,12 @@
 
 pub mod bus;
 pub mod envelope;
-pub mod http;
 pub mod infra;
 pub mod instance;
 pub mod kernel;
 pub mod netns;
 pub mod node;
+pub mod platform;
 pub mod roles;
 pub mod sidecar;
 pub mod telemetry;

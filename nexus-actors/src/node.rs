@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use actix::Arbiter;
 use actix_web::{web, App, HttpServer};
+use utoipa::OpenApi;
 
 use crate::bus::kafka::{KafkaBridge, KafkaConfig};
 use crate::bus::redis::RedisBridge;
@@ -17,7 +18,12 @@ use crate::kernel::{ActorRef, Kernel};
 use crate::roles::panel_manager::local::{LocalConfig, LocalDriver, SandboxChoice};
 use crate::roles::panel_manager::{self as pm_role, PanelManagerConfig, PanelManagerError, PanelManagerHandle};
 use crate::roles::traffic_gateway::{self as gateway_role, Gateway, GatewayConfig, GatewayError};
-use crate::roles::transaction_manager::{self as tm_role, store::StoreError};
+use crate::bus::kafka::KafkaProbe;
+use crate::platform::auth::keys::{KeyError, KeyRing, KeySet};
+use crate::platform::auth::password::PasswordError;
+use crate::platform::http::Readiness;
+use crate::platform::{Platform, Quotas, StoreError, UserRole};
+use crate::roles::transaction_manager as tm_role;
 use crate::tools::registry::{RegisterError, RegisterTool, RegistryDeps};
 use crate::tools::store::{ToolStore, ToolStoreError};
 use crate::tools::ToolRegistry;
@@ -92,6 +98,11 @@ pub struct NodeConfig {
     /// the address this node's gateway listens on).
     pub public_gateway_url: Option<String>,
     pub panels: PanelsConfig,
+    /// The deployment's token-signing key file (watched for rotation).
+    /// Required by the roles that check tokens.
+    pub key_file: Option<PathBuf>,
+    /// What one user may hold at once.
+    pub quotas: Quotas,
 }
 
 /// How the panel manager runs panel instances on this machine.
@@ -127,10 +138,19 @@ pub enum NodeError {
     Redis(#[from] redis::RedisError),
     #[error("kafka at {brokers}: {source}")]
     Kafka { brokers: String, source: rdkafka::error::KafkaError },
-    #[error("http on {addr}: {source}")]
+    #[error("cannot serve HTTP on {addr}: {source}")]
     Http { addr: SocketAddr, source: std::io::Error },
-    #[error("transaction manager state: {0}")]
+    #[error("platform state: {0}")]
     State(#[from] StoreError),
+    #[error("token-signing keys: {0}")]
+    Keys(#[from] KeyError),
+    #[error(
+        "roles {0} check tokens and need the deployment's signing keys: give --jwt-key-file FILE \
+         (NEXUS_JWT_KEY_FILE); make one with `nexus keys generate FILE`"
+    )]
+    NoKeys(String),
+    #[error("hashing the first user's password: {0}")]
+    Password(#[from] PasswordError),
     #[error("tool listing: {0}")]
     Tools(#[from] ToolStoreError),
     #[error("registering a system tool: {0}")]
@@ -159,69 +179,145 @@ pub async fn start_bridges(kernel: &Kernel, config: &NodeConfig) -> Result<Bridg
     Ok(Bridges { redis, kafka, _arbiters: vec![redis_arbiter, kafka_arbiter] })
 }
 
+/// A node that is serving. [`RunningNode::wait`] serves until a signal
+/// (Ctrl-C, SIGTERM) or [`RunningNode::stop`]; both then stop the panel
+/// instances this node runs and the gateway.
+pub struct RunningNode {
+    /// Where its HTTP endpoints listen.
+    pub http: SocketAddr,
+    /// Where its traffic gateway listens, if it runs one.
+    pub gateway: Option<SocketAddr>,
+    /// The node's kernel (metrics, mailbox graph).
+    pub kernel: Kernel,
+    server: actix_web::dev::ServerHandle,
+    served: actix_rt::task::JoinHandle<std::io::Result<()>>,
+    panels: Option<PanelManagerHandle>,
+    gateway_role: Option<Gateway>,
+    _bridges: Bridges,
+}
+
+impl RunningNode {
+    /// Serves until the HTTP server stops, then stops the node's panel
+    /// instances and gateway.
+    pub async fn wait(self) -> Result<(), NodeError> {
+        let addr = self.http;
+        let served = match self.served.await {
+            Ok(result) => result.map_err(|source| NodeError::Http { addr, source }),
+            Err(join) => Err(NodeError::Http { addr, source: std::io::Error::other(join.to_string()) }),
+        };
+        if let Some(handle) = self.panels {
+            handle.stop_all(Duration::from_secs(5)).await;
+        }
+        if let Some(gateway) = self.gateway_role {
+            gateway.stop().await;
+        }
+        served
+    }
+
+    /// Stops serving (letting requests in flight finish) and cleans up.
+    pub async fn stop(self) -> Result<(), NodeError> {
+        self.server.stop(true).await;
+        self.wait().await
+    }
+}
+
 /// Runs a node until its HTTP server stops (Ctrl-C or SIGTERM); then a
 /// panel manager stops the instances it runs.
 pub async fn run(config: NodeConfig) -> Result<(), NodeError> {
+    start(config).await?.wait().await
+}
+
+/// The roles of `config` that check tokens.
+fn needs_keys(roles: &[Role]) -> Vec<&'static str> {
+    let checks = [Role::TransactionManager, Role::PanelManager, Role::TrafficGateway];
+    roles.iter().filter(|r| checks.contains(r)).map(|r| r.name()).collect()
+}
+
+/// The node's signing keys, watched for rotation, if it was given a file.
+fn keys(config: &NodeConfig) -> Result<KeyRing, NodeError> {
+    let Some(path) = &config.key_file else {
+        let roles = needs_keys(&config.roles);
+        if roles.is_empty() {
+            // Nothing here issues or checks a token; an empty ring refuses all.
+            return Ok(KeyRing::new(KeySet { keys: Vec::new() }));
+        }
+        return Err(NodeError::NoKeys(roles.join(", ")));
+    };
+    let ring = KeyRing::new(KeySet::load(path)?);
+    ring.watch(path.clone());
+    Ok(ring)
+}
+
+/// Starts a node: bridges, roles and HTTP endpoints, all listening when
+/// it returns.
+pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
+    let keys = keys(&config)?;
     let kernel = Kernel::new(config.name.clone());
     let bridges = start_bridges(&kernel, &config).await?;
+    let platform = Platform::connect(&config.redis_url, keys.clone(), config.quotas).await?;
     let registry = start_registry(&kernel, &config, &bridges).await?;
     let gateway = match config.roles.contains(&Role::TrafficGateway) {
-        true => Some(traffic_gateway(&kernel, &config).await?),
+        true => Some(traffic_gateway(&kernel, &config, keys.clone()).await?),
         false => None,
     };
-    let gateway_url =
-        config.public_gateway_url.clone().or(gateway.as_ref().map(|g| format!("http://{}", g.local_addr())));
+    let gateway_addr = gateway.as_ref().map(Gateway::local_addr);
+    let gateway_url = config.public_gateway_url.clone().or(gateway_addr.map(|a| format!("http://{a}")));
     let tm = match config.roles.contains(&Role::TransactionManager) {
-        true => Some(web::Data::new(transaction_manager(&config, &bridges, &registry, gateway_url).await?)),
+        true => Some(web::Data::new(
+            transaction_manager(&kernel, &config, &platform, &bridges, &registry, gateway_url).await?,
+        )),
         false => None,
     };
     let panels = match config.roles.contains(&Role::PanelManager) {
         true => Some(panel_manager(&kernel, &config, &bridges).await?),
         false => None,
     };
+    let readiness = Readiness {
+        redis: Some(platform.redis.clone()),
+        kafka: KafkaProbe::new(&config.kafka).ok(),
+    };
     let tools = tm_role::tools_api::ToolsApi::new(&registry, "http");
     let sessions = tm_role::session::SessionDeps { kernel: kernel.clone(), bridge: bridges.redis.clone() };
     let roles: Vec<&str> = config.roles.iter().map(|r| r.name()).collect();
+    let mut openapi = tm_role::openapi();
+    openapi.merge(pm_role::api::PanelManagerApiDoc::openapi());
     let k = kernel.clone();
-    let pm_api = match &panels {
-        Some(handle) => {
-            let store = tm_role::Store::connect(&config.redis_url).await?;
-            let auth = tm_role::Auth::new(&store.signing_secret().await?);
-            Some((handle.clone(), store, auth))
-        }
-        None => None,
-    };
+    let pm_api = panels.clone().map(|handle| (handle, platform.panels.clone()));
+    let auth = platform.auth.clone();
     let server = HttpServer::new(move || {
-        let mut app = App::new().wrap_fn(crate::http::traced);
+        let mut app = App::new().wrap_fn(crate::platform::http::traced).app_data(web::Data::new(auth.clone()));
         if let Some(tm) = &tm {
             app = app
-                .configure(tm_role::configure(tm.clone()))
+                .configure(tm_role::configure(tm.clone(), openapi.clone()))
                 .configure(tm_role::configure_sessions(sessions.clone()))
                 .configure(tm_role::tools_api::configure(tools.clone()))
                 .configure(tm_role::mcp::configure(tools.clone()));
         }
-        if let Some((handle, store, auth)) = &pm_api {
-            app = app.configure(pm_role::configure(handle.clone(), store.clone(), auth.clone()));
+        if let Some((handle, panels)) = &pm_api {
+            app = app.configure(pm_role::configure(handle.clone(), panels.clone()));
         }
-        let app = app.configure(crate::http::configure(k.clone()));
-        match tm.is_some() || pm_api.is_some() {
-            true => app.configure(tm_role::configure_fallback),
-            false => app,
-        }
+        app.configure(crate::platform::http::configure(k.clone(), readiness.clone()))
+            .configure(tm_role::configure_fallback)
     })
     .workers(2)
     .shutdown_timeout(5)
     .bind(config.http)
     .map_err(|source| NodeError::Http { addr: config.http, source })?;
-    tracing::info!(node = %config.name, http = %config.http, ?roles, "node listening: /healthz /metrics /api/graph");
-    let served = server.run().await.map_err(|source| NodeError::Http { addr: config.http, source });
-    if let Some(handle) = panels {
-        handle.stop_all(Duration::from_secs(5)).await;
-    }
-    if let Some(gateway) = gateway {
-        gateway.stop().await;
-    }
-    served
+    let http = server.addrs().first().copied().unwrap_or(config.http);
+    let server = server.run();
+    let handle = server.handle();
+    let served = actix_rt::spawn(server);
+    tracing::info!(node = %config.name, %http, ?roles, "node listening: /healthz /readyz /metrics /api/graph");
+    Ok(RunningNode {
+        http,
+        gateway: gateway_addr,
+        kernel,
+        server: handle,
+        served,
+        panels,
+        gateway_role: gateway,
+        _bridges: bridges,
+    })
 }
 
 /// Starts the panel manager over the `local` driver, whose metrics join
@@ -249,8 +345,8 @@ async fn panel_manager(
     Ok(pm_role::start(kernel, bridges.redis.clone(), Arc::new(driver), pm).await?)
 }
 
-async fn traffic_gateway(kernel: &Kernel, config: &NodeConfig) -> Result<Gateway, NodeError> {
-    let gateway = gateway_role::start(kernel, GatewayConfig::new(config.gateway, config.redis_url.clone())).await?;
+async fn traffic_gateway(kernel: &Kernel, config: &NodeConfig, keys: KeyRing) -> Result<Gateway, NodeError> {
+    let gateway = gateway_role::start(kernel, GatewayConfig::new(config.gateway, config.redis_url.clone(), keys)).await?;
     tracing::info!(gateway = %gateway.local_addr(), "traffic gateway listening: /p/<panel-id>/");
     Ok(gateway)
 }
@@ -268,22 +364,25 @@ pub async fn start_registry(
 }
 
 async fn transaction_manager(
+    kernel: &Kernel,
     config: &NodeConfig,
+    platform: &Platform,
     bridges: &Bridges,
     registry: &ActorRef<ToolRegistry>,
     gateway_url: Option<String>,
 ) -> Result<tm_role::TmState, NodeError> {
     let publish = bridges.redis.link(Role::TransactionManager.name());
-    let mut state = tm_role::state(&config.redis_url, Some(publish), &config.name).await?;
+    let mut state = tm_role::state(platform.clone(), Some(publish), &config.name, kernel.metrics().registry());
     state.ui.gateway_url = gateway_url;
     // Three heartbeats fit in the watchdog's timeout, however short it is set.
     state.ui.heartbeat_secs = state.ui.heartbeat_secs.min(config.panels.watchdog_timeout.as_secs() / 3).max(1);
     if let Some((user, password)) = &config.first_user {
-        state.store.set_user(user, &tm_role::auth::hash_password(password)).await?;
-        tracing::info!(user, "first user ready");
+        let hash = state.passwords.hash(password).await?;
+        state.platform.accounts.set(user, &hash, UserRole::Admin).await?;
+        tracing::info!(user, "first user ready (admin)");
     }
     let register = registry.link::<RegisterTool>(Role::TransactionManager.name());
-    for tool in tm_role::system_tools::tools(&state.store) {
+    for tool in tm_role::system_tools::tools(&state.documents) {
         let name = tool.spec.name.clone();
         match register.ask(RegisterTool(tool)).await {
             Ok(result) => result?,

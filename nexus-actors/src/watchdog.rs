@@ -28,7 +28,8 @@ use serde_json::json;
 use tokio::time::Instant;
 
 use crate::envelope::Envelope;
-use crate::instance::{control_channel, ExpireInstance};
+use crate::instance::ExpireInstance;
+use crate::platform::channels;
 use crate::kernel::lock;
 use crate::netns::{NetnsError, NetnsThread};
 use crate::telemetry::Metrics;
@@ -137,7 +138,7 @@ impl Expiry for RedisExpiry {
             let envelope = Envelope::new(format!("watchdog/{instance}"), payload);
             let mut conn = self.conn.clone();
             redis::cmd("PUBLISH")
-                .arg(control_channel(instance))
+                .arg(channels::instance_control(instance))
                 .arg(envelope.encode())
                 .query_async::<u64>(&mut conn)
                 .await?;

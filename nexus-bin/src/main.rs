@@ -2,12 +2,16 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use nexus_actors::bus::kafka::KafkaConfig;
 use nexus_actors::infra;
 use nexus_actors::node::{self, NodeConfig, PanelsConfig, Role};
+use nexus_actors::platform::auth::keys::{unix_now, KeySet};
+use nexus_actors::platform::auth::TOKEN_TTL;
+use nexus_actors::platform::Quotas;
 use nexus_actors::roles::panel_manager::local::SandboxChoice;
 use nexus_actors::sidecar::{self, Forward, SidecarConfig};
 use nexus_actors::watchdog::{self, WatchdogConfig};
@@ -41,6 +45,8 @@ enum Command {
         data_dir: PathBuf,
         #[command(flatten)]
         panels: PanelArgs,
+        #[command(flatten)]
+        quotas: QuotaArgs,
     },
     /// Run a node with selected roles against explicit brokers (operators).
     ///
@@ -74,6 +80,49 @@ enum Command {
     /// nexus:instance:<id>:control, and again every few seconds until it is
     /// stopped with the instance.
     Watchdog(WatchdogArgs),
+    /// Make or rotate the token-signing key file every node of a deployment reads.
+    ///
+    /// `generate FILE` writes a new key file (0600) and refuses to overwrite
+    /// one. `rotate FILE` adds a key that signs from one minute on (nodes
+    /// reload the file every few seconds, so all have it by then) and keeps
+    /// the old key verifying until the tokens it signed have expired (12 h);
+    /// keys past that are dropped.
+    Keys {
+        #[command(subcommand)]
+        action: KeysAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeysAction {
+    /// Write a new key file.
+    Generate { file: PathBuf },
+    /// Add a new signing key and retire the current one.
+    Rotate { file: PathBuf },
+}
+
+/// What one user may hold at once.
+#[derive(Args)]
+struct QuotaArgs {
+    /// Panel records per user.
+    #[arg(long, default_value_t = Quotas::default().panels, env = "NEXUS_MAX_PANELS_PER_USER")]
+    max_panels_per_user: usize,
+    /// Documents per user.
+    #[arg(long, default_value_t = Quotas::default().documents, env = "NEXUS_MAX_DOCUMENTS_PER_USER")]
+    max_documents_per_user: usize,
+    /// Panel instances running at once per user (Studio instances and App replicas).
+    #[arg(long, default_value_t = Quotas::default().instances, env = "NEXUS_MAX_INSTANCES_PER_USER")]
+    max_instances_per_user: usize,
+}
+
+impl QuotaArgs {
+    fn quotas(&self) -> Quotas {
+        Quotas {
+            panels: self.max_panels_per_user,
+            documents: self.max_documents_per_user,
+            instances: self.max_instances_per_user,
+        }
+    }
 }
 
 #[derive(Args)]
@@ -206,15 +255,35 @@ struct NodeArgs {
     /// Where the panel manager keeps Studio volumes, App snapshots and logs.
     #[arg(long, default_value = ".nexus", env = "NEXUS_DATA_DIR")]
     data_dir: PathBuf,
+    /// The deployment's token-signing key file (`nexus keys generate FILE`), the same on every
+    /// node; reloaded when it changes. Required by transaction-manager, panel-manager and
+    /// traffic-gateway.
+    #[arg(long, env = "NEXUS_JWT_KEY_FILE")]
+    jwt_key_file: Option<PathBuf>,
     #[command(flatten)]
     panels: PanelArgs,
+    #[command(flatten)]
+    quotas: QuotaArgs,
 }
 
-fn main() -> anyhow::Result<()> {
+/// Ordinary start-up failures (a port in use, a missing file) end in one
+/// line on stderr and exit status 1, never a backtrace.
+fn main() -> ExitCode {
     let cli = Cli::parse();
     let _telemetry = nexus_actors::telemetry::init("nexus");
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("nexus: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Dev { http, data_dir, panels } => dev(http, data_dir, panels),
+        Command::Dev { http, data_dir, panels, quotas } => dev(http, data_dir, panels, quotas),
+        Command::Keys { action } => keys(action),
         Command::Sidecar(args) => {
             let config = SidecarConfig {
                 panel_url: args.panel_url,
@@ -260,6 +329,8 @@ fn main() -> anyhow::Result<()> {
                 gateway: args.panels.gateway,
                 public_gateway_url: args.panels.public_gateway_url.clone(),
                 panels: args.panels.config(&args.data_dir),
+                key_file: args.jwt_key_file,
+                quotas: args.quotas.quotas(),
             };
             actix_rt::System::new().block_on(node::run(config))?;
             Ok(())
@@ -267,7 +338,31 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
-fn dev(http: SocketAddr, data_dir: PathBuf, panels: PanelArgs) -> anyhow::Result<()> {
+fn keys(action: KeysAction) -> anyhow::Result<()> {
+    match action {
+        KeysAction::Generate { file } => {
+            if file.exists() {
+                anyhow::bail!("{} exists; rotate it with `nexus keys rotate {}`", file.display(), file.display());
+            }
+            let set = KeySet::generate();
+            set.save(&file)?;
+            println!("wrote {} (key {})", file.display(), set.keys[0].kid);
+        }
+        KeysAction::Rotate { file } => {
+            let mut set = KeySet::load(&file)?;
+            set.rotate(unix_now(), TOKEN_TTL);
+            set.save(&file)?;
+            let kids: Vec<&str> = set.keys.iter().map(|k| k.kid.as_str()).collect();
+            println!("rotated {}: keys {kids:?}; the newest signs from one minute on", file.display());
+        }
+    }
+    Ok(())
+}
+
+fn dev(http: SocketAddr, data_dir: PathBuf, panels: PanelArgs, quotas: QuotaArgs) -> anyhow::Result<()> {
+    infra::dev::data_dir(&data_dir)?;
+    let key_file = data_dir.join("jwt-keys.json");
+    KeySet::load_or_generate(&key_file)?;
     let redis = infra::dev::redis(&data_dir)?;
     let kafka = infra::dev::kafka(&data_dir)?;
     let password = infra::dev::admin_password(&data_dir)?;
@@ -281,8 +376,10 @@ fn dev(http: SocketAddr, data_dir: PathBuf, panels: PanelArgs) -> anyhow::Result
         gateway: panels.gateway,
         public_gateway_url: panels.public_gateway_url.clone(),
         panels: panels.config(&data_dir),
+        key_file: Some(key_file.clone()),
+        quotas: quotas.quotas(),
     };
-    println!("nexus dev: http://{http}/healthz  http://{http}/metrics  http://{http}/api/graph");
+    println!("nexus dev: http://{http}/healthz  http://{http}/readyz  http://{http}/metrics  http://{http}/api/graph (admins)");
     println!("  redis: {} ({})", redis.url, redis.origin);
     println!("  kafka: {} ({})", kafka.brokers, kafka.origin);
     let gateway = match panels.gateway.port() {
@@ -290,10 +387,13 @@ fn dev(http: SocketAddr, data_dir: PathBuf, panels: PanelArgs) -> anyhow::Result
         _ => format!("http://{}", panels.gateway),
     };
     println!("  panels: {gateway}/p/<panel-id>/ (files under {})", data_dir.join("panels").display());
-    println!("  log in as admin (password kept in {}):", data_dir.join("admin-password").display());
+    let password_file = data_dir.join("admin-password");
+    println!("  log in as admin; the password is in {} (readable by you only):", password_file.display());
     println!(
-        "    curl -s -X POST http://{http}/api/login -H 'content-type: application/json' \\\n      -d '{{\"username\":\"admin\",\"password\":\"{password}\"}}'"
+        "    curl -s -X POST http://{http}/api/login -H 'content-type: application/json' \\\n      -d \"{{\\\"username\\\":\\\"admin\\\",\\\"password\\\":\\\"$(cat {})\\\"}}\"",
+        password_file.display()
     );
+    println!("  token-signing keys: {} (rotate: nexus keys rotate FILE)", key_file.display());
     println!(
         "  then send the token as 'Authorization: Bearer <token>'; API description: http://{http}/api/openapi.json"
     );

@@ -61,6 +61,30 @@ impl KafkaConfig {
     }
 }
 
+/// Asks the brokers for their metadata, to tell whether Kafka can be
+/// reached (the node's `/readyz`). One client, reused: it keeps its
+/// connections between probes.
+#[derive(Clone)]
+pub struct KafkaProbe {
+    client: Arc<rdkafka::consumer::BaseConsumer>,
+}
+
+impl KafkaProbe {
+    /// A probe of `config`'s brokers; connects lazily.
+    pub fn new(config: &KafkaConfig) -> Result<Self, KafkaError> {
+        Ok(KafkaProbe { client: Arc::new(config.client().create()?) })
+    }
+
+    /// Whether the brokers answered within `timeout`; why not otherwise.
+    pub async fn probe(&self, timeout: Duration) -> Result<(), String> {
+        let client = self.client.clone();
+        let asked = tokio::task::spawn_blocking(move || {
+            client.fetch_metadata(None, Timeout::After(timeout)).map(|_| ()).map_err(|e| e.to_string())
+        });
+        asked.await.map_err(|e| e.to_string())?
+    }
+}
+
 /// A record delivered to a subscriber. Reply `Ok(())` to acknowledge it.
 #[derive(Debug, Clone)]
 pub struct KafkaRecord {

@@ -81,22 +81,25 @@ pub fn kafka(data_dir: &Path) -> Result<DevKafka, InfraError> {
     })
 }
 
+/// Prepares `nexus dev`'s data directory: others may pass through it to
+/// a panel's own volume below, but not list or read it (`0711`).
+pub fn data_dir(data_dir: &Path) -> Result<(), InfraError> {
+    Ok(crate::platform::files::passable_dir(data_dir)?)
+}
+
 /// The first user's password: read from `data_dir/admin-password`, or
-/// generated and written there (readable by the owner only) on first start.
+/// generated and written there on first start, `0600` from its first byte.
 pub fn admin_password(data_dir: &Path) -> Result<String, InfraError> {
-    use std::os::unix::fs::PermissionsExt;
     let path = data_dir.join("admin-password");
     if let Ok(existing) = std::fs::read_to_string(&path) {
         if !existing.trim().is_empty() {
             return Ok(existing.trim().to_owned());
         }
     }
-    std::fs::create_dir_all(data_dir)?;
     let password: String = {
         use rand::Rng;
         rand::thread_rng().sample_iter(&rand::distributions::Alphanumeric).take(20).map(char::from).collect()
     };
-    std::fs::write(&path, &password)?;
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+    crate::platform::files::write_secret(&path, password.as_bytes())?;
     Ok(password)
 }

@@ -19,7 +19,8 @@ impl RedisServer {
             program: "redis-server",
             hint: "install it with `apt-get install redis-server`, or set REDIS_URL",
         })?;
-        std::fs::create_dir_all(dir)?;
+        // The append-only file holds every account and secret in Redis.
+        crate::platform::files::private_dir(dir)?;
         let port = free_port()?;
         let args = vec![
             "--port".into(),

@@ -39,7 +39,7 @@ impl Tansu {
             program: "tansu",
             hint: "install it with `cargo install tansu --locked --features dynostore,postgres,libsql`, or set KAFKA_BROKERS",
         })?;
-        std::fs::create_dir_all(dir)?;
+        crate::platform::files::private_dir(dir)?;
         let port = free_port()?;
         let listener = format!("tcp://127.0.0.1:{port}");
         let args = vec![

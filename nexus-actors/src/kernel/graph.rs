@@ -105,11 +105,12 @@ impl Graph {
         self.actors.lock().unwrap_or_else(|e| e.into_inner()).insert(cell.id.clone(), Arc::downgrade(cell));
     }
 
-    /// Forgets a stopped actor and the edges into it. Links that still
-    /// point at it keep their counter alive but it is no longer reported.
+    /// Forgets a stopped actor and the edges into and out of it. Links
+    /// that still point at it keep their counter alive but it is no longer
+    /// reported.
     pub(crate) fn remove(&self, id: &str) {
         self.actors.lock().unwrap_or_else(|e| e.into_inner()).remove(id);
-        self.edges.lock().unwrap_or_else(|e| e.into_inner()).retain(|(_, to), _| to != id);
+        self.edges.lock().unwrap_or_else(|e| e.into_inner()).retain(|(from, to), _| from != id && to != id);
     }
 
     /// The counter of messages from `from` to `to`, created on first use.

@@ -28,8 +28,8 @@ use actix_web::{web, App, HttpServer};
 use crate::bus::redis::{RedisBridge, Subscribe, Topic, Unsubscribe};
 use crate::kernel::{ActorRef, Kernel};
 use crate::netns::{NetnsError, NetnsThread};
-use crate::roles::transaction_manager::store::{Store, StoreError};
-use crate::tools::protocol::panel_calls_channel;
+use crate::platform::{PanelRecords, StoreError};
+use crate::platform::channels;
 use crate::tools::store::{ToolStore, ToolStoreError};
 use forward::{BoundForward, Inside};
 pub use forward::{Forward, ForwardError};
@@ -180,9 +180,9 @@ pub async fn start(config: SidecarConfig) -> Result<Sidecar, SidecarError> {
     for forward in &config.forwards {
         forwards.push(BoundForward::bind(*forward).await?);
     }
-    let panel_record = Store::connect(&config.redis_url)
+    let panel_record = PanelRecords::connect(&config.redis_url)
         .await?
-        .panel(&config.panel)
+        .get(&config.panel)
         .await?
         .ok_or_else(|| SidecarError::UnknownPanel(config.panel.clone()))?;
     let kernel = Kernel::new(format!("sidecar-{}", config.panel));
@@ -208,7 +208,7 @@ pub async fn start(config: SidecarConfig) -> Result<Sidecar, SidecarError> {
         })
     };
     let subscriber = forwarder.link("redis-bridge");
-    let calls = Topic::Channel(panel_calls_channel(&config.panel));
+    let calls = Topic::Channel(channels::panel_calls(&config.panel));
     match bridge.link::<Subscribe>("sidecar").ask(Subscribe { topic: calls.clone(), subscriber }).await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => return Err(SidecarError::Subscribe(e.to_string())),

@@ -18,18 +18,14 @@ use serde_json::{json, Value};
 use super::registration::{PanelState, Registrar};
 use crate::bus::redis::Publish;
 use crate::envelope::Envelope;
-use crate::http::{read_body, BodyError};
+use crate::platform::channels;
+use crate::platform::http::{read_body, BodyError};
 use crate::kernel::{lock, Kernel, Link};
 
 /// Largest body `/proxy` accepts.
 pub const MAX_PROXY_BODY: usize = 64 * 1024;
 /// The CloudEvents type of a panel message whose body names none.
 pub const DEFAULT_MESSAGE_TYPE: &str = "nexus.panel.message";
-
-/// The channel a panel's messages on sub-channel `channel` are published on.
-pub fn panel_out_channel(panel: &str, channel: &str) -> String {
-    format!("nexus:panel:{panel}:out:{channel}")
-}
 
 fn is_valid_channel(channel: &str) -> bool {
     (1..=64).contains(&channel.len()) && channel.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
@@ -140,7 +136,7 @@ async fn proxy(state: web::Data<ProxyState>, req: HttpRequest, payload: web::Pay
         }
         return response;
     }
-    let channel = panel_out_channel(&state.panel_id, &message.channel);
+    let channel = channels::panel_out(&state.panel_id, &message.channel);
     let envelope = Envelope::with_type(kind, format!("panel/{}", state.panel_id), message.data);
     let id = envelope.id.clone();
     match state.publish.ask(Publish { channel: channel.clone(), envelope }).await {
@@ -195,7 +191,7 @@ mod tests {
         for bad in ["", "a:b", "*", "nexus:doc:1", "a b", "ü", &"a".repeat(65)] {
             assert!(!is_valid_channel(bad), "{bad:?}");
         }
-        assert_eq!(panel_out_channel("p1", "notes"), "nexus:panel:p1:out:notes");
+        assert_eq!(channels::panel_out("p1", "notes"), "nexus:panel:p1:out:notes");
     }
 
     #[test]

@@ -48,21 +48,6 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 /// Longest deadline a caller may ask for.
 pub const MAX_TIMEOUT: Duration = Duration::from_secs(300);
 
-/// The channel a panel's sidecar receives calls on.
-pub fn panel_calls_channel(panel: &str) -> String {
-    format!("nexus:panel:{panel}:calls")
-}
-
-/// The channel nodes serving system tool `name` receive calls on.
-pub fn system_calls_channel(name: &str) -> String {
-    format!("nexus:tools:system:{name}")
-}
-
-/// The channel a node receives replies to its calls on.
-pub fn replies_channel(node: &str, instance: &str) -> String {
-    format!("nexus:tools:replies:{node}:{instance}")
-}
-
 /// A call to a tool: who calls what, with which arguments, until when.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ToolCall {

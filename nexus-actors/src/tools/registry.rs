@@ -24,7 +24,7 @@ use tokio::sync::oneshot;
 use tracing::Instrument;
 
 use super::protocol::{
-    encoded_len, outcome_label, panel_calls_channel, replies_channel, system_calls_channel, Outcome, ToolCall,
+    encoded_len, outcome_label, Outcome, ToolCall,
     ToolCalled, ToolError, ToolFinished, ToolRequest, ToolResponse, ToolResult, MAX_PAYLOAD_BYTES,
 };
 use super::store::ToolStore;
@@ -35,6 +35,7 @@ use crate::bus::redis::{Publish, Subscribe, Topic};
 use crate::bus::BusEvent;
 use crate::envelope::{Envelope, Payload};
 use crate::kernel::{lock, ActorRef, Behaviour, Ctx, Handler, Kernel, Link, Message, Reply};
+use crate::platform::channels;
 
 /// How long a resolved tool (its spec and compiled schema) is reused before
 /// the listing is read again.
@@ -118,7 +119,7 @@ impl ToolRegistry {
     /// Spawns the registry on the current arbiter.
     pub fn spawn(deps: RegistryDeps) -> ActorRef<ToolRegistry> {
         let shared = Arc::new(Shared::default());
-        let reply_channel = replies_channel(deps.kernel.node(), &uuid::Uuid::now_v7().simple().to_string());
+        let reply_channel = channels::tool_replies(deps.kernel.node(), &uuid::Uuid::now_v7().simple().to_string());
         let id = format!("tool-registry-{}", &reply_channel[reply_channel.len() - 8..]);
         let kernel = deps.kernel.clone();
         let (publish, subscribe) = (deps.redis.link(&id), deps.redis.link(&id));
@@ -214,7 +215,7 @@ impl Behaviour for ToolRegistry {
         let replies = self.subscribe_to(Topic::Channel(self.reply_channel.clone()));
         let systems: Vec<String> = lock(&self.shared.system).keys().cloned().collect();
         let resubscribe: Vec<_> =
-            systems.into_iter().map(|name| self.subscribe_to(Topic::Channel(system_calls_channel(&name)))).collect();
+            systems.into_iter().map(|name| self.subscribe_to(Topic::Channel(channels::system_tool(&name)))).collect();
         actix::spawn(async move {
             if let Err(error) = replies.await {
                 tracing::error!(%error, "tool registry could not subscribe to its replies");
@@ -236,7 +237,7 @@ impl Handler<RegisterTool> for ToolRegistry {
         lock(&self.shared.system).insert(name.clone(), tool);
         lock(&self.shared.resolved).remove(&name);
         let store = self.deps.store.clone();
-        let subscribed = self.subscribe_to(Topic::Channel(system_calls_channel(&name)));
+        let subscribed = self.subscribe_to(Topic::Channel(channels::system_tool(&name)));
         Reply::later(async move {
             store.put_system(&spec).await.map_err(|e| RegisterError::Store(e.to_string()))?;
             subscribed.await?;
@@ -408,9 +409,9 @@ impl Caller {
                     .await;
                     return rx.await.unwrap_or_else(|_| Err(ToolError::internal("the call was claimed twice")));
                 }
-                system_calls_channel(&request.tool)
+                channels::system_tool(&request.tool)
             }
-            ToolOwner::Panel { panel, .. } => panel_calls_channel(panel),
+            ToolOwner::Panel { panel, .. } => channels::panel_calls(panel),
         };
         let wait = call.remaining() + REPLY_GRACE;
         let (tx, rx) = oneshot::channel();

@@ -15,10 +15,7 @@ use super::store::AppRecord;
 use super::{PanelManagerError, PanelManagerHandle};
 use crate::instance::InstanceStatus;
 use crate::kernel::{AskError, Handler, Message};
-use crate::roles::transaction_manager::api::{ApiError, ErrorBody};
-use crate::roles::transaction_manager::auth::Caller;
-use crate::roles::transaction_manager::store::Panel;
-use crate::roles::transaction_manager::{Auth, Store};
+use crate::platform::{ApiError, Caller, ErrorBody, Panel, PanelRecords};
 
 /// Log lines returned when the request does not say.
 const DEFAULT_LOG_LINES: usize = 100;
@@ -27,8 +24,8 @@ const MAX_LOG_LINES: usize = 1000;
 /// Shared by the handlers of one node.
 pub struct PmApi {
     pub handle: PanelManagerHandle,
-    /// The transaction manager's records: who owns which panel.
-    pub panels: Store,
+    /// The panel records: who owns which panel.
+    pub panels: PanelRecords,
 }
 
 /// A deployed App, as the API reports it.
@@ -65,8 +62,8 @@ pub struct Logs {
 impl From<PanelManagerError> for ApiError {
     fn from(e: PanelManagerError) -> Self {
         match e {
-            PanelManagerError::Conflict(m) => ApiError::Conflict(m, None),
-            e @ PanelManagerError::NotDeployed => ApiError::Conflict(e.to_string(), None),
+            PanelManagerError::Conflict(m) => ApiError::Conflict(m),
+            e @ PanelManagerError::NotDeployed => ApiError::Conflict(e.to_string()),
             e @ PanelManagerError::BadReplicas { .. } => ApiError::BadRequest(e.to_string()),
             PanelManagerError::Driver(e @ (DriverError::UnknownSource(..) | DriverError::NoCommand)) => {
                 ApiError::BadRequest(e.to_string())
@@ -80,9 +77,9 @@ impl From<PanelManagerError> for ApiError {
 }
 
 async fn own_panel(api: &PmApi, caller: &Caller, id: &str) -> Result<Panel, ApiError> {
-    let panel = api.panels.panel(id).await?.ok_or(ApiError::NotFound("panel"))?;
-    if panel.owner != caller.0 {
-        return Err(ApiError::Forbidden);
+    let panel = api.panels.get(id).await?.ok_or(ApiError::NotFound("panel"))?;
+    if panel.owner != caller.user {
+        return Err(ApiError::NotOwner);
     }
     Ok(panel)
 }
@@ -227,9 +224,8 @@ pub async fn logs(
 )]
 pub struct PanelManagerApiDoc;
 
-pub(super) fn routes(cfg: &mut web::ServiceConfig, api: PmApi, auth: Auth) {
-    cfg.app_data(web::Data::new(auth))
-        .app_data(web::Data::new(api))
+pub(super) fn routes(cfg: &mut web::ServiceConfig, api: PmApi) {
+    cfg.app_data(web::Data::new(api))
         .route("/api/panels/{id}/instances", web::get().to(list_instances))
         .route("/api/panels/{id}/instances", web::delete().to(stop_everything))
         .route("/api/panels/{id}/studio", web::post().to(start_studio))

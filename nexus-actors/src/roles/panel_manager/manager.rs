@@ -39,17 +39,14 @@ use crate::bus::redis::{RedisBridge, Subscribe, Topic, Unsubscribe};
 use crate::bus::BusEvent;
 use crate::envelope::Envelope;
 use crate::instance::{
-    control_channel, Activate, Endpoint, ExpireInstance, InstanceMode, InstanceState, InstanceStatus, PanelRoute,
-    ACTIVATE_CHANNEL,
+    Activate, Endpoint, ExpireInstance, InstanceMode, InstanceState, InstanceStatus, PanelRoute,
 };
 use crate::kernel::{lock, ActorRef, Behaviour, Ctx, Handler, Kernel, Message, Reply};
-use crate::roles::transaction_manager::api::PanelChanged;
-use crate::roles::transaction_manager::store::Panel;
-use crate::roles::transaction_manager::Store;
+use crate::platform::channels::{self, PANELS_PATTERN};
+use crate::platform::{Panel, PanelChanged, PanelRecords};
 
 /// Every panel record change of every user (the transaction manager's
 /// `nexus:panels:{owner}` channels): deleted panels are cleaned up.
-const PANELS_PATTERN: &str = "nexus:panels:*";
 
 /// Starts the panel's Studio instance (409 when one runs or it is an App).
 pub struct StartStudio {
@@ -322,7 +319,7 @@ pub struct ManagerDeps {
     pub driver: Arc<dyn RuntimeDriver>,
     pub store: PmStore,
     /// The transaction manager's panel records: a panel without one is deleted.
-    pub panels: Store,
+    pub panels: PanelRecords,
     pub reporter: Reporter,
     pub config: PanelManagerConfig,
     pub http: reqwest::Client,
@@ -392,7 +389,7 @@ impl PanelManager {
             http: self.deps.http.clone(),
         };
         if mode == InstanceMode::Studio {
-            self.subscribe(Topic::Channel(control_channel(&instance)));
+            self.subscribe(Topic::Channel(channels::instance_control(&instance)));
         }
         let lifecycle = PodLifecycle::spawn(&self.deps.kernel, spec, deps);
         self.deps.kernel.metrics().panel_instances.with_label_values(&[mode_label(mode), "pending"]).inc();
@@ -622,7 +619,7 @@ impl PanelManager {
 
     fn on_bus(&self, event: BusEvent) {
         let BusEvent::Message(msg) = event else { return };
-        if msg.channel == ACTIVATE_CHANNEL {
+        if msg.channel == channels::ACTIVATE {
             match msg.envelope.typed::<Activate>() {
                 Ok(activate) => self.activate(activate.data.panel),
                 Err(error) => self.deps.kernel.metrics().bus_error("redis", "activate", &error),
@@ -638,7 +635,7 @@ impl PanelManager {
             }
         } else {
             match msg.envelope.typed::<ExpireInstance>() {
-                Ok(expire) if msg.channel == control_channel(&expire.data.instance) => self.expire(expire.data),
+                Ok(expire) if msg.channel == channels::instance_control(&expire.data.instance) => self.expire(expire.data),
                 Ok(expire) => tracing::warn!(channel = %msg.channel, instance = %expire.data.instance,
                     "ExpireInstance for another instance's channel; ignored"),
                 Err(error) => self.deps.kernel.metrics().bus_error("redis", "instance_control", &error),
@@ -667,7 +664,7 @@ impl Behaviour for PanelManager {
 
     fn started(&mut self, me: &ActorRef<Self>, ctx: &mut Ctx<Self>) {
         self.me = Some(me.clone());
-        self.subscribe(Topic::Channel(ACTIVATE_CHANNEL.to_owned()));
+        self.subscribe(Topic::Channel(channels::ACTIVATE.to_owned()));
         self.subscribe(Topic::Pattern(PANELS_PATTERN.to_owned()));
         let studios: Vec<String> = lock(&self.table)
             .panels
@@ -675,7 +672,7 @@ impl Behaviour for PanelManager {
             .flat_map(|e| e.instances.iter().filter(|(_, l)| l.mode == InstanceMode::Studio).map(|(id, _)| id.clone()))
             .collect();
         for instance in studios {
-            self.subscribe(Topic::Channel(control_channel(&instance)));
+            self.subscribe(Topic::Channel(channels::instance_control(&instance)));
         }
         let tick = me.link::<Tick>("timer");
         ctx.run_interval(self.deps.config.tick, move |_, _| {
@@ -725,7 +722,7 @@ impl Handler<Transition> for PanelManager {
                 entry.instances.remove(&instance);
             }
             if status.mode == InstanceMode::Studio {
-                self.unsubscribe(Topic::Channel(control_channel(&instance)));
+                self.unsubscribe(Topic::Channel(channels::instance_control(&instance)));
             }
             let empty = table.panels.get(&panel).is_none_or(|e| e.instances.is_empty());
             if empty && table.forgetting.contains(&panel) {
@@ -740,8 +737,8 @@ impl Handler<Transition> for PanelManager {
 
 /// Decides an activation: the panel must still have its record and a
 /// deployed App, and this node must win the claim.
-async fn claim(store: &PmStore, panels: &Store, panel: &str, node: &str) -> ClaimOutcome {
-    match panels.panel(panel).await {
+async fn claim(store: &PmStore, panels: &PanelRecords, panel: &str, node: &str) -> ClaimOutcome {
+    match panels.get(panel).await {
         Ok(None) => {
             tracing::info!(%panel, "activation for a panel whose record is gone: cleaning it up");
             return ClaimOutcome::PanelGone;
@@ -1171,7 +1168,7 @@ impl Handler<Sweep> for PanelManager {
         let gone = me.link::<PanelGone>("timer");
         Reply::later(async move {
             for panel in known {
-                match panels.panel(&panel).await {
+                match panels.get(&panel).await {
                     Ok(None) => {
                         let _ = gone.tell(PanelGone { panel });
                     }

@@ -29,7 +29,7 @@ use self::store::{PmStore, StoreError};
 use crate::bus::redis::{Publish, RedisBridge};
 use crate::instance::InstanceState;
 use crate::kernel::{ActorRef, Kernel};
-use crate::roles::transaction_manager::{Auth, Store};
+use crate::platform::PanelRecords;
 
 /// How long an activation claim holds when its holder never releases it.
 pub const ACTIVATION_CLAIM_TTL: Duration = Duration::from_secs(30);
@@ -157,8 +157,9 @@ pub async fn start(
     config: PanelManagerConfig,
 ) -> Result<PanelManagerHandle, PanelManagerError> {
     let store = PmStore::connect(&config.redis_url).await?;
-    let panels =
-        Store::connect(&config.redis_url).await.map_err(|e| PanelManagerError::Setup(format!("panel records: {e}")))?;
+    let panels = PanelRecords::connect(&config.redis_url)
+        .await
+        .map_err(|e| PanelManagerError::Setup(format!("panel records: {e}")))?;
     let id = format!("panel-manager-{}", config.node);
     let reporter = Reporter::spawn(store.clone(), redis.link::<Publish>(&id), config.node.clone(), config.keep_final);
     clear_stale(&store, &reporter, &config.node).await?;
@@ -210,7 +211,8 @@ async fn clear_stale(store: &PmStore, reporter: &Reporter, node: &str) -> Result
 }
 
 /// Registers the panel manager's routes under `/api/panels/{id}/...`.
-/// Register them before the transaction manager's `/api` fallback.
-pub fn configure(handle: PanelManagerHandle, panels: Store, auth: Auth) -> impl FnOnce(&mut web::ServiceConfig) {
-    move |cfg| api::routes(cfg, api::PmApi { handle, panels }, auth)
+/// Register them before the `/api` fallback; the app must hold the node's
+/// [`crate::platform::Auth`] as data.
+pub fn configure(handle: PanelManagerHandle, panels: PanelRecords) -> impl FnOnce(&mut web::ServiceConfig) {
+    move |cfg| api::routes(cfg, api::PmApi { handle, panels })
 }

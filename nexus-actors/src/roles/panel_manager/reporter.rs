@@ -10,9 +10,9 @@ use tokio::sync::{mpsc, oneshot};
 use super::store::{AppRecord, PmStore, StoreError};
 use crate::bus::redis::Publish;
 use crate::envelope::{Envelope, Payload};
-use crate::instance::{InstanceChanged, InstanceStatus, PanelRoute, RouteChanged, ROUTES_CHANNEL};
+use crate::instance::{InstanceChanged, InstanceStatus, PanelRoute, RouteChanged};
+use crate::platform::channels;
 use crate::kernel::Link;
-use crate::roles::transaction_manager::api::panels_channel;
 
 /// One write, with its announcement.
 #[derive(Debug)]
@@ -89,14 +89,14 @@ async fn write(store: &PmStore, publish: &Link<Publish>, node: &str, keep_final:
                     tracing::warn!(panel = %status.panel, %error, "could not trim old instance statuses");
                 }
             }
-            let channel = panels_channel(&status.owner);
+            let channel = channels::panels(&status.owner);
             announce(publish, node, channel, InstanceChanged { status }).await;
         }
         Report::Route(route) => {
             if let Err(error) = store.put_route(&route).await {
                 tracing::warn!(panel = %route.panel, %error, "could not write a route");
             }
-            announce(publish, node, ROUTES_CHANNEL.to_owned(), RouteChanged { panel: route.panel }).await;
+            announce(publish, node, channels::ROUTES_CHANGED.to_owned(), RouteChanged { panel: route.panel }).await;
         }
         Report::App(app, done) => {
             let _ = done.send(store.put_app(&app).await);
@@ -108,7 +108,7 @@ async fn write(store: &PmStore, publish: &Link<Publish>, node: &str, keep_final:
             if let Err(error) = store.forget_panel(&panel).await {
                 tracing::warn!(%panel, %error, "could not remove a deleted panel's state");
             }
-            announce(publish, node, ROUTES_CHANNEL.to_owned(), RouteChanged { panel }).await;
+            announce(publish, node, channels::ROUTES_CHANGED.to_owned(), RouteChanged { panel }).await;
         }
         Report::Flush(done) => {
             let _ = done.send(());

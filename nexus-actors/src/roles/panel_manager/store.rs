@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 use super::driver::Snapshot;
 use crate::instance::{instances_key, last_request_key, InstanceStatus, PanelRoute, ROUTES_KEY};
 
-pub use crate::roles::transaction_manager::store::StoreError;
+pub use crate::platform::StoreError;
 
 /// A deployed App: which snapshot it runs and how many copies are wanted.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -22,7 +22,8 @@ use redis::aio::ConnectionManager;
 use super::metrics::GatewayMetrics;
 use super::routes::Routes;
 use crate::envelope::Envelope;
-use crate::instance::{Activate, PanelRoute, ACTIVATE_CHANNEL};
+use crate::instance::{Activate, PanelRoute};
+use crate::platform::channels;
 use crate::kernel::lock;
 
 /// How often a held panel's activation is announced again: panel managers
@@ -166,7 +167,7 @@ impl Activator {
         let envelope = Envelope::new(self.node.clone(), Activate { panel: panel.to_owned() });
         let mut conn = self.redis.clone();
         let sent: redis::RedisResult<u64> =
-            redis::cmd("PUBLISH").arg(ACTIVATE_CHANNEL).arg(envelope.encode()).query_async(&mut conn).await;
+            redis::cmd("PUBLISH").arg(channels::ACTIVATE).arg(envelope.encode()).query_async(&mut conn).await;
         match sent {
             Ok(0) => tracing::warn!(panel, "activation announced but no panel manager listens"),
             Ok(_) => tracing::debug!(panel, "activation announced"),

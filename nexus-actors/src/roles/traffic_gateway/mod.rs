@@ -21,8 +21,8 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::sync::{oneshot, watch};
 
 use crate::kernel::{ActorRef, Kernel};
-use crate::roles::transaction_manager::auth::Auth;
-use crate::roles::transaction_manager::store::{Store, StoreError};
+use crate::platform::auth::keys::KeyRing;
+use crate::platform::{Accounts, Auth, Redis, StoreError};
 use activator::Activator;
 use metrics::GatewayMetrics;
 use proxy::{Shared, Traffic};
@@ -36,6 +36,9 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:7071";
 pub struct GatewayConfig {
     pub listen: SocketAddr,
     pub redis_url: String,
+    /// The token-signing keys: heartbeats and panel cookies are checked
+    /// against them.
+    pub keys: KeyRing,
     /// Requests held per App while it cold-starts; more get 503 at once.
     pub queue_per_panel: usize,
     /// How long a held request waits for an instance before its 503.
@@ -53,10 +56,11 @@ pub struct GatewayConfig {
 }
 
 impl GatewayConfig {
-    pub fn new(listen: SocketAddr, redis_url: impl Into<String>) -> Self {
+    pub fn new(listen: SocketAddr, redis_url: impl Into<String>, keys: KeyRing) -> Self {
         GatewayConfig {
             listen,
             redis_url: redis_url.into(),
+            keys,
             queue_per_panel: 100,
             activation_deadline: Duration::from_secs(30),
             max_header_bytes: 16 * 1024,
@@ -74,8 +78,8 @@ pub enum GatewayError {
     Listen { addr: SocketAddr, source: std::io::Error },
     #[error("redis: {0}")]
     Redis(#[from] redis::RedisError),
-    #[error("loading the token secret: {0}")]
-    Secret(#[from] StoreError),
+    #[error("connecting to the accounts: {0}")]
+    Accounts(#[from] StoreError),
     #[error("registering the gateway's metrics (one gateway per node): {0}")]
     Metrics(#[from] prometheus::Error),
     #[error("starting the proxy's runtime: {0}")]
@@ -135,8 +139,6 @@ impl Drop for Gateway {
 pub async fn start(kernel: &Kernel, config: GatewayConfig) -> Result<Gateway, GatewayError> {
     let metrics = GatewayMetrics::register(kernel.metrics().registry())?;
     let client = redis::Client::open(config.redis_url.as_str())?;
-    let store = Store::connect(&config.redis_url).await?;
-    let auth = Auth::new(&store.signing_secret().await?);
     let (stop, stop_rx) = watch::channel(false);
     let routes = Routes::new();
     let table_conn = client.get_connection_manager().await?;
@@ -157,15 +159,15 @@ pub async fn start(kernel: &Kernel, config: GatewayConfig) -> Result<Gateway, Ga
     let (ready, ready_rx) = oneshot::channel();
     let (stopped_tx, stopped) = oneshot::channel();
     let node = kernel.node().to_owned();
-    let parts = (routes.clone(), auth, metrics, config.clone(), client);
+    let parts = (routes.clone(), metrics, config.clone(), client);
     std::thread::Builder::new()
         .name("nexus-gateway".into())
         .spawn(move || {
-            let (routes, auth, metrics, config, client) = parts;
+            let (routes, metrics, config, client) = parts;
             let handle = runtime.handle().clone();
             runtime.block_on(async move {
-                let (redis, listener) = match prepare(&client, listener).await {
-                    Ok(both) => both,
+                let (redis, auth, listener) = match prepare(&client, &config, listener).await {
+                    Ok(all) => all,
                     Err(error) => {
                         let _ = ready.send(Err(error));
                         return;
@@ -191,17 +193,19 @@ pub async fn start(kernel: &Kernel, config: GatewayConfig) -> Result<Gateway, Ga
     Ok(Gateway { local_addr, routes, table, stop, stopped: Some(stopped) })
 }
 
-/// What the proxy needs from inside its own runtime: a Redis connection
-/// whose driver runs there, and the listener registered with its reactor.
+/// What the proxy needs from inside its own runtime: Redis connections
+/// whose drivers run there, and the listener registered with its reactor.
 async fn prepare(
     client: &redis::Client,
+    config: &GatewayConfig,
     listener: std::net::TcpListener,
-) -> Result<(redis::aio::ConnectionManager, tokio::net::TcpListener), GatewayError> {
+) -> Result<(redis::aio::ConnectionManager, Auth, tokio::net::TcpListener), GatewayError> {
     let redis = client.get_connection_manager().await?;
+    let auth = Auth::new(config.keys.clone(), Accounts::new(Redis::connect(&config.redis_url).await?));
     let addr = listener.local_addr().map_err(GatewayError::Runtime)?;
     let listener =
         tokio::net::TcpListener::from_std(listener).map_err(|source| GatewayError::Listen { addr, source })?;
-    Ok((redis, listener))
+    Ok((redis, auth, listener))
 }
 
 /// Accepts connections until `stop` turns true.

@@ -37,7 +37,7 @@ use super::routes::Routes;
 use super::GatewayConfig;
 use crate::instance::{last_request_key, InstanceMode, PanelRoute};
 use crate::kernel::lock;
-use crate::roles::transaction_manager::auth::Auth;
+use crate::platform::auth::{extract, Audience, Auth};
 use crate::watchdog::TOKEN_HEADER;
 
 /// What the gateway answers with.
@@ -673,9 +673,12 @@ async fn heartbeat_answer(shared: &Arc<Shared>, req: Request<Incoming>, panel: &
         response.headers_mut().insert(header::ALLOW, HeaderValue::from_static("POST, OPTIONS"));
         return response;
     }
-    let token =
-        req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
-    let Some(user) = token.and_then(|t| shared.auth.verify(t)) else {
+    let token = extract::bearer(req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()));
+    let verified = match token {
+        Some(token) => shared.auth.verify(token, &Audience::Api).await.ok(),
+        None => None,
+    };
+    let Some(user) = verified.map(|identity| identity.user) else {
         shared.metrics.request("unauthorized", panel);
         return pages::error(StatusCode::UNAUTHORIZED, "a valid bearer token is required", html, None);
     };

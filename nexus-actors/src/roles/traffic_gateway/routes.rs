@@ -24,7 +24,8 @@ use tokio::sync::{oneshot, watch};
 
 use crate::bus::Backoff;
 use crate::envelope::Envelope;
-use crate::instance::{PanelRoute, RouteChanged, ROUTES_CHANNEL, ROUTES_KEY};
+use crate::instance::{PanelRoute, RouteChanged, ROUTES_KEY};
+use crate::platform::channels;
 use crate::kernel::{ActorRef, Behaviour, Ctx, Handler, Kernel, Link, Message, Reply, Supervised};
 use crate::telemetry::Metrics;
 
@@ -291,7 +292,7 @@ impl Listener {
 
     async fn subscribe(&self) -> redis::RedisResult<redis::aio::PubSub> {
         let mut pubsub = self.client.get_async_pubsub().await?;
-        pubsub.subscribe(ROUTES_CHANNEL).await?;
+        pubsub.subscribe(channels::ROUTES_CHANGED).await?;
         Ok(pubsub)
     }
 

@@ -32,10 +32,9 @@ use rmcp::{ErrorData as McpError, RoleServer, ServerHandler};
 use serde_json::Value;
 use tower_service::Service as _;
 
-use super::api::ApiError;
-use super::auth::Caller;
+use crate::platform::http::{read_body, BodyError};
+use crate::platform::{ApiError, Caller};
 use super::tools_api::ToolsApi;
-use crate::http::{read_body, BodyError};
 use crate::tools::{ToolCall, ToolError, ToolSpec};
 
 /// The path of the endpoint.
@@ -95,10 +94,10 @@ async fn serve(
     endpoint: web::Data<Endpoint>,
 ) -> Result<HttpResponse, ApiError> {
     let body = read_body(&req, payload, MAX_BODY).await.map_err(|e| match e {
-        BodyError::TooLarge { .. } => ApiError::TooLarge,
+        BodyError::TooLarge { limit } => ApiError::BodyTooLarge { limit },
         BodyError::Unreadable(e) => ApiError::BadRequest(format!("reading the body: {e}")),
     })?;
-    let request = to_http_request(&req, body, McpUser(caller.0))?;
+    let request = to_http_request(&req, body, McpUser(caller.user))?;
     let response = match endpoint.get_ref().clone().call(request).await {
         Ok(response) => response,
         Err(never) => match never {},
@@ -249,8 +248,11 @@ mod tests {
     use serde_json::json;
 
     use super::*;
+    use crate::infra::RedisServer;
     use crate::kernel::{Behaviour, Ctx, Handler, Kernel, Reply};
-    use crate::roles::transaction_manager::Auth;
+    use crate::platform::auth::keys::{KeyRing, KeySet};
+    use crate::platform::auth::{Audience, Auth};
+    use crate::platform::{Accounts, UserRole};
     use crate::tools::registry::{CallTool, ListTools};
     use crate::tools::ToolOwner;
 
@@ -290,6 +292,17 @@ mod tests {
         ToolsApi { call: registry.link("mcp"), list: registry.link("mcp") }
     }
 
+    /// A Redis of the test's own with the user `ada`, and tokens over it.
+    async fn auth(name: &str) -> (RedisServer, Auth, String) {
+        let dir = std::env::temp_dir().join(format!("nexus-mcp-{name}-{}", std::process::id()));
+        let redis = RedisServer::start(&dir, false).expect("redis-server starts");
+        let accounts = Accounts::connect(&redis.url()).await.expect("redis answers");
+        accounts.set("ada", "no-login", UserRole::User).await.expect("stored");
+        let auth = Auth::new(KeyRing::new(KeySet::generate()), accounts);
+        let (token, _) = auth.issue("ada", &Audience::Api).await.expect("a token");
+        (redis, auth, token)
+    }
+
     fn rpc(token: Option<&str>, body: Value) -> web_test::TestRequest {
         let mut req = web_test::TestRequest::post()
             .uri(PATH)
@@ -306,8 +319,7 @@ mod tests {
 
     #[actix_rt::test]
     async fn serves_tools_to_the_authenticated_user() {
-        let auth = Auth::new(b"secret");
-        let (token, _) = auth.issue("ada");
+        let (_redis, auth, token) = auth("serves").await;
         let app =
             web_test::init_service(App::new().app_data(web::Data::new(auth)).configure(configure(tools_api()))).await;
 
@@ -369,8 +381,7 @@ mod tests {
 
     #[actix_rt::test]
     async fn refuses_bodies_over_the_limit() {
-        let auth = Auth::new(b"secret");
-        let (token, _) = auth.issue("ada");
+        let (_redis, auth, token) = auth("limit").await;
         let app =
             web_test::init_service(App::new().app_data(web::Data::new(auth)).configure(configure(tools_api()))).await;
         let big = json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call",

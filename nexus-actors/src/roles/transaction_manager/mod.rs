@@ -1,64 +1,76 @@
 //! The `transaction-manager` role: the HTTP API where users log in and
 //! keep their panels and documents (state in Redis, changes announced on
-//! the transactional bus). WebSocket sessions and the Studio UI build on it.
+//! the transactional bus). WebSocket sessions, the MCP endpoint and the
+//! Studio UI build on it. Accounts, tokens and panel records belong to the
+//! [platform](crate::platform); this role serves them over HTTP.
 
 pub mod api;
-pub mod auth;
+pub mod documents;
 pub mod mcp;
+pub mod metrics;
 pub mod protocol;
 pub mod session;
-pub mod store;
 pub mod system_tools;
 pub mod tools_api;
 pub mod ui;
 
-use actix_web::error::JsonPayloadError;
 use actix_web::{web, HttpResponse};
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::OpenApi;
 
 pub use api::{TmState, UiConfig};
-pub use auth::Auth;
-pub use store::Store;
+pub use documents::Documents;
 
 use crate::bus::redis::Publish;
 use crate::kernel::Link;
+use crate::platform::auth::limiter::{LoginLimiter, LoginLimits};
+use crate::platform::auth::password::Passwords;
+use crate::platform::error::{json_config, path_config, query_config};
+use crate::platform::Platform;
+use metrics::TmMetrics;
 
 #[derive(OpenApi)]
 #[openapi(
     info(title = "Nexus transaction manager", description = "Login, panels, versioned documents and tools."),
     paths(
-        api::login,
+        api::accounts::login,
+        api::accounts::logout,
+        api::accounts::me,
+        api::accounts::create_user,
+        api::accounts::revoke,
         api::config,
-        api::create_user,
-        api::list_panels,
-        api::create_panel,
-        api::get_panel,
-        api::update_panel,
-        api::delete_panel,
-        api::list_documents,
-        api::create_document,
-        api::get_document,
-        api::patch_document,
-        api::document_history,
-        api::delete_document,
+        api::panels::list_panels,
+        api::panels::create_panel,
+        api::panels::get_panel,
+        api::panels::update_panel,
+        api::panels::delete_panel,
+        api::panels::panel_access,
+        api::documents::list_documents,
+        api::documents::create_document,
+        api::documents::get_document,
+        api::documents::patch_document,
+        api::documents::document_history,
+        api::documents::delete_document,
         tools_api::list_tools,
         tools_api::call_tool,
     ),
     components(schemas(
-        api::Login,
-        api::Token,
+        api::accounts::Login,
+        api::accounts::Token,
+        api::accounts::NewUser,
+        api::accounts::Me,
         api::ClientConfig,
-        api::NewUser,
-        api::NewPanel,
-        api::PanelUpdate,
-        api::NewDocument,
-        api::DocumentPatch,
-        api::ErrorBody,
-        store::Panel,
-        store::PanelMode,
-        store::Document,
-        store::Change,
+        api::panels::NewPanel,
+        api::panels::PanelUpdate,
+        api::panels::PanelAccess,
+        api::documents::NewDocument,
+        api::documents::DocumentPatch,
+        crate::platform::ErrorBody,
+        crate::platform::UserRole,
+        crate::platform::Panel,
+        crate::platform::PanelMode,
+        documents::Document,
+        documents::Change,
         tools_api::CallRequest,
         tools_api::CallResponse,
         crate::tools::ToolSpec,
@@ -66,7 +78,7 @@ use crate::kernel::Link;
     )),
     modifiers(&BearerAuth)
 )]
-pub struct ApiDoc;
+struct ApiDoc;
 
 struct BearerAuth;
 
@@ -78,55 +90,71 @@ impl utoipa::Modify for BearerAuth {
     }
 }
 
-/// The API description: this role's routes and the panel manager's.
+/// This role's API description; the node merges the other roles' into it.
 pub fn openapi() -> utoipa::openapi::OpenApi {
-    let mut doc = ApiDoc::openapi();
-    doc.merge(crate::roles::panel_manager::api::PanelManagerApiDoc::openapi());
-    doc
+    ApiDoc::openapi()
 }
 
-/// Connects to Redis and loads the shared token secret. The UI settings are
-/// the defaults (no gateway); set `ui` on the result to change them.
-pub async fn state(redis_url: &str, publish: Option<Link<Publish>>, node: &str) -> Result<TmState, store::StoreError> {
-    let store = Store::connect(redis_url).await?;
-    let auth = Auth::new(&store.signing_secret().await?);
-    Ok(TmState { store, auth, publish, node: node.to_owned(), ui: UiConfig::default() })
+/// The role's state over the node's platform. The UI settings are the
+/// defaults (no gateway); set `ui` on the result to change them.
+pub fn state(
+    platform: Platform,
+    publish: Option<Link<Publish>>,
+    node: &str,
+    registry: &prometheus::Registry,
+) -> TmState {
+    TmState {
+        documents: Documents::new(platform.redis.clone()),
+        passwords: Passwords::for_this_machine(),
+        limiter: LoginLimiter::new(platform.redis.clone(), LoginLimits::default()),
+        platform,
+        publish,
+        node: node.to_owned(),
+        ui: UiConfig::default(),
+        metrics: TmMetrics::register(registry),
+    }
 }
 
-/// Registers the role's routes. `/api/openapi.json`, `/api/config` and
-/// `/api/login` are open; everything else under `/api` needs a token.
-pub fn configure(state: web::Data<TmState>) -> impl FnOnce(&mut web::ServiceConfig) {
+/// Registers the role's routes. `/api/openapi.json` (given whole, as
+/// `openapi`), `/api/config` and `/api/login` are open; everything else
+/// under `/api` needs a token.
+pub fn configure(
+    state: web::Data<TmState>,
+    openapi: utoipa::openapi::OpenApi,
+) -> impl FnOnce(&mut web::ServiceConfig) {
     move |cfg| {
-        let json = web::JsonConfig::default().limit(api::MAX_BODY).error_handler(|err, _| {
-            match err {
-                JsonPayloadError::Overflow { .. } | JsonPayloadError::OverflowKnownLength { .. } => {
-                    api::ApiError::TooLarge
-                }
-                err => api::ApiError::BadRequest(format!("invalid JSON body: {err}")),
-            }
-            .into()
-        });
-        let path = web::PathConfig::default().error_handler(|err, _| api::ApiError::BadRequest(err.to_string()).into());
-        cfg.app_data(web::Data::new(state.auth.clone()))
+        let openapi = web::Data::new(openapi);
+        cfg.app_data(web::Data::new(state.platform.auth.clone()))
             .app_data(state)
-            .app_data(json)
-            .app_data(path)
+            .app_data(json_config())
+            .app_data(path_config())
+            .app_data(query_config())
             .configure(ui::configure)
-            .route("/api/openapi.json", web::get().to(|| async { HttpResponse::Ok().json(openapi()) }))
+            .app_data(openapi)
+            .route(
+                "/api/openapi.json",
+                web::get().to(|doc: web::Data<utoipa::openapi::OpenApi>| async move {
+                    HttpResponse::Ok().json(doc.get_ref())
+                }),
+            )
             .route("/api/config", web::get().to(api::config))
-            .route("/api/login", web::post().to(api::login))
-            .route("/api/users", web::post().to(api::create_user))
-            .route("/api/panels", web::get().to(api::list_panels))
-            .route("/api/panels", web::post().to(api::create_panel))
-            .route("/api/panels/{id}", web::get().to(api::get_panel))
-            .route("/api/panels/{id}", web::put().to(api::update_panel))
-            .route("/api/panels/{id}", web::delete().to(api::delete_panel))
-            .route("/api/documents", web::get().to(api::list_documents))
-            .route("/api/documents", web::post().to(api::create_document))
-            .route("/api/documents/{id}", web::get().to(api::get_document))
-            .route("/api/documents/{id}", web::patch().to(api::patch_document))
-            .route("/api/documents/{id}", web::delete().to(api::delete_document))
-            .route("/api/documents/{id}/history", web::get().to(api::document_history));
+            .route("/api/login", web::post().to(api::accounts::login))
+            .route("/api/logout", web::post().to(api::accounts::logout))
+            .route("/api/me", web::get().to(api::accounts::me))
+            .route("/api/users", web::post().to(api::accounts::create_user))
+            .route("/api/users/{name}/revoke", web::post().to(api::accounts::revoke))
+            .route("/api/panels", web::get().to(api::panels::list_panels))
+            .route("/api/panels", web::post().to(api::panels::create_panel))
+            .route("/api/panels/{id}", web::get().to(api::panels::get_panel))
+            .route("/api/panels/{id}", web::put().to(api::panels::update_panel))
+            .route("/api/panels/{id}", web::delete().to(api::panels::delete_panel))
+            .route("/api/panels/{id}/access", web::post().to(api::panels::panel_access))
+            .route("/api/documents", web::get().to(api::documents::list_documents))
+            .route("/api/documents", web::post().to(api::documents::create_document))
+            .route("/api/documents/{id}", web::get().to(api::documents::get_document))
+            .route("/api/documents/{id}", web::patch().to(api::documents::patch_document))
+            .route("/api/documents/{id}", web::delete().to(api::documents::delete_document))
+            .route("/api/documents/{id}/history", web::get().to(api::documents::document_history));
     }
 }
 

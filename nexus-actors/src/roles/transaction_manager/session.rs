@@ -24,10 +24,13 @@ use actix_web::{web, HttpRequest, HttpResponse};
 use actix_ws::{CloseCode, CloseReason, Message as WsMessage};
 use tokio::sync::{mpsc, watch};
 
-use super::api::{panels_channel, ApiError, DocumentChanged, PanelChanged, TmState};
-use super::auth::Auth;
+use super::api::documents::DocumentChanged;
+use super::api::TmState;
 use super::protocol::{decode, ClientFrame, Participant, ServerFrame, MAX_CURSOR, MAX_FRAME};
-use super::store::PRESENCE_TTL_SECS;
+use super::documents::PRESENCE_TTL_SECS;
+use crate::platform::auth::{extract::bearer, Audience, Auth};
+use crate::platform::channels::{self, panels as panels_channel};
+use crate::platform::{ApiError, PanelChanged};
 use crate::bus::redis::{Publish, RedisBridge, Subscribe, Topic, Unsubscribe};
 use crate::bus::BusEvent;
 use crate::envelope::{Envelope, Payload};
@@ -116,7 +119,7 @@ pub struct Session {
 }
 
 fn channel(doc: &str) -> String {
-    format!("nexus:doc:{doc}")
+    channels::document(doc)
 }
 
 impl Session {
@@ -161,7 +164,7 @@ impl Session {
         }
         let (state, publish, doc) = (self.state.clone(), self.bus.publish.clone(), doc.to_owned());
         actix::spawn(async move {
-            if let Ok(present) = state.store.presence_leave(&doc, &session).await {
+            if let Ok(present) = state.documents.presence_leave(&doc, &session).await {
                 announce_presence(&state, &publish, doc, present);
             }
         });
@@ -174,7 +177,7 @@ impl Session {
         let (state, publish) = (self.state.clone(), self.bus.publish.clone());
         let (doc, session, user) = (doc.to_owned(), me.id().to_owned(), self.user.clone());
         actix::spawn(async move {
-            if let Ok(present) = state.store.presence_join(&doc, &session, &user).await {
+            if let Ok(present) = state.documents.presence_join(&doc, &session, &user).await {
                 announce_presence(&state, &publish, doc, present);
             }
         });
@@ -239,15 +242,15 @@ async fn fetch(
     doc: &str,
     since: Option<u64>,
 ) -> Result<(u64, Vec<ServerFrame>), (&'static str, String)> {
-    let internal = |e: super::store::StoreError| ("internal", e.to_string());
-    let Some(current) = state.store.document(doc).await.map_err(internal)? else {
+    let internal = |e: crate::platform::StoreError| ("internal", e.to_string());
+    let Some(current) = state.documents.get(doc).await.map_err(internal)? else {
         return Err(("not_found", format!("document {doc} not found")));
     };
     if current.owner != user {
         return Err(("forbidden", format!("document {doc} belongs to another user")));
     }
     if let Some(since) = since.filter(|s| *s <= current.version) {
-        let changes = state.store.history(doc, since).await.map_err(internal)?;
+        let changes = state.documents.history(doc, since, super::documents::HISTORY_LEN).await.map_err(internal)?;
         let contiguous = changes.iter().enumerate().all(|(i, c)| c.version == since + 1 + i as u64);
         if contiguous && changes.last().map_or(since, |c| c.version) == current.version {
             let frames = changes
@@ -276,7 +279,7 @@ impl Behaviour for Session {
             if let (false, Some(me)) = (this.joined.is_empty(), &this.me) {
                 let (state, session) = (this.state.clone(), me.id().to_owned());
                 actix::spawn(async move {
-                    let _ = state.store.presence_alive(&session).await;
+                    let _ = state.documents.presence_alive(&session).await;
                 });
             }
         });
@@ -454,11 +457,11 @@ pub async fn upgrade(
 ) -> Result<HttpResponse, actix_web::Error> {
     let auth = req.app_data::<web::Data<Auth>>().ok_or(ApiError::Unauthorized)?;
     let header = req.headers().get(actix_web::http::header::AUTHORIZATION).and_then(|v| v.to_str().ok());
-    let token = header
-        .and_then(|v| v.strip_prefix("Bearer "))
+    let token = bearer(header)
         .map(str::to_owned)
-        .or_else(|| web::Query::<HashMap<String, String>>::from_query(req.query_string()).ok()?.get("token").cloned());
-    let user = token.and_then(|t| auth.verify(&t)).ok_or(ApiError::Unauthorized)?;
+        .or_else(|| web::Query::<HashMap<String, String>>::from_query(req.query_string()).ok()?.get("token").cloned())
+        .ok_or(ApiError::Unauthorized)?;
+    let user = auth.verify(&token, &Audience::Api).await.map_err(ApiError::from)?.user;
 
     let (response, ws, stream) = actix_ws::handle(&req, body)?;
     let mut stream = stream.max_frame_size(MAX_FRAME);

@@ -7,7 +7,7 @@ use schemars::JsonSchema;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::store::Store;
+use super::documents::Documents;
 use crate::tools::protocol::ToolError;
 use crate::tools::SystemTool;
 
@@ -25,7 +25,7 @@ pub struct ReadDocument {
 }
 
 /// The role's tools, bound to its store.
-pub fn tools(store: &Store) -> Vec<SystemTool> {
+pub fn tools(store: &Documents) -> Vec<SystemTool> {
     let list_store = store.clone();
     let read_store = store.clone();
     vec![
@@ -35,7 +35,7 @@ pub fn tools(store: &Store) -> Vec<SystemTool> {
             move |_: NoArguments, cx| {
                 let store = list_store.clone();
                 async move {
-                    let docs = store.documents_of(&cx.caller).await.map_err(ToolError::internal)?;
+                    let docs = store.of(&cx.caller).await.map_err(ToolError::internal)?;
                     let docs: Vec<Value> = docs.iter().map(|d| json!({"id": d.id, "version": d.version})).collect();
                     Ok(json!({ "documents": docs }))
                 }
@@ -47,7 +47,7 @@ pub fn tools(store: &Store) -> Vec<SystemTool> {
             move |args: ReadDocument, cx| {
                 let store = read_store.clone();
                 async move {
-                    let doc = store.document(&args.id).await.map_err(ToolError::internal)?;
+                    let doc = store.get(&args.id).await.map_err(ToolError::internal)?;
                     match doc {
                         Some(doc) if doc.owner == cx.caller => {
                             Ok(json!({"id": doc.id, "version": doc.version, "state": doc.state}))

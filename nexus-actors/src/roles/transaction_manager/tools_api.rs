@@ -10,8 +10,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use utoipa::ToSchema;
 
-use super::api::{ApiError, ErrorBody};
-use super::auth::Caller;
+use crate::platform::{ApiError, Caller, ErrorBody};
 use crate::kernel::{ActorRef, Link};
 use crate::tools::protocol::ToolCall;
 use crate::tools::registry::{CallTool, ListTools};
@@ -102,7 +101,7 @@ pub fn configure(tools: ToolsApi) -> impl FnOnce(&mut web::ServiceConfig) {
 #[utoipa::path(get, path = "/api/tools", security(("bearer" = [])),
     responses((status = 200, body = [ToolSpec]), (status = 401, body = ErrorBody)))]
 pub async fn list_tools(caller: Caller, tools: web::Data<ToolsApi>) -> Result<HttpResponse, ApiError> {
-    let list = tools.list(&caller.0).await.map_err(|e| ApiError::Internal(e.to_string()))?;
+    let list = tools.list(&caller.user).await.map_err(|e| ApiError::Internal(e.to_string()))?;
     Ok(HttpResponse::Ok().json(list))
 }
 
@@ -123,7 +122,7 @@ pub async fn call_tool(
     body: web::Json<CallRequest>,
 ) -> Result<HttpResponse, ApiError> {
     let body = body.into_inner();
-    let mut call = ToolCall::new(name.into_inner(), body.arguments, caller.0);
+    let mut call = ToolCall::new(name.into_inner(), body.arguments, caller.user);
     if let Some(ms) = body.timeout_ms {
         call = call.with_timeout(Duration::from_millis(ms));
     }
