@@ -16,7 +16,7 @@ use futures::StreamExt;
 use nexus_actors::bus::kafka::{Consume, KafkaBridge, KafkaConfig, KafkaRecord, Nack, SEMANTIC_EVENTS};
 use nexus_actors::bus::redis::RedisBridge;
 use nexus_actors::infra::{free_port, RedisServer, Tansu, TansuStorage};
-use nexus_actors::roles::transaction_manager::store::{Panel, PanelMode, Store};
+use nexus_actors::platform::{Panel, PanelMode, PanelRecords};
 use nexus_actors::sidecar::{self, SidecarConfig, SidecarError};
 use nexus_actors::telemetry::Metrics;
 use nexus_actors::tools::protocol::Outcome;
@@ -217,13 +217,13 @@ async fn execute(panel: web::Data<FakePanel>, body: web::Json<Value>) -> HttpRes
 
 struct Harness {
     redis: RedisServer,
-    store: Store,
+    store: PanelRecords,
 }
 
 impl Harness {
     async fn new(name: &str) -> Self {
         let redis = RedisServer::start(&tempdir(name), false).unwrap();
-        let store = Store::connect(&redis.url()).await.unwrap();
+        let store = PanelRecords::connect(&redis.url()).await.unwrap();
         Harness { redis, store }
     }
 
@@ -235,8 +235,9 @@ impl Harness {
             owner: owner.into(),
             mode: PanelMode::Studio,
             source: "t".into(),
+            public: false,
         };
-        self.store.put_panel(&panel).await.unwrap();
+        self.store.put(&panel).await.unwrap();
         id
     }
 
@@ -583,15 +584,40 @@ async fn an_idempotency_key_runs_once_and_is_released_after_a_passing_failure() 
 
     // c1 timed out: a retry may run the tool again, c1 itself may not.
     let timeout = Outcome::Error(ToolError::Timeout { timeout_ms: 1 });
-    store.finish("p.t", "ada", "k", "c1", &timeout).await.unwrap();
+    store.finish("p.t", "ada", "k", "c1", &timeout, true).await.unwrap();
     assert_eq!(claim("c1").await, Claim::SameCall);
     assert_eq!(claim("c2").await, Claim::Won);
     // A late finish of c1 does not touch c2's claim.
-    store.finish("p.t", "ada", "k", "c1", &Outcome::Result(json!("stale"))).await.unwrap();
+    store.finish("p.t", "ada", "k", "c1", &Outcome::Result(json!("stale")), true).await.unwrap();
     assert_eq!(claim("c3").await, Claim::Running);
-    store.finish("p.t", "ada", "k", "c2", &Outcome::Result(json!(42))).await.unwrap();
+    store.finish("p.t", "ada", "k", "c2", &Outcome::Result(json!(42)), true).await.unwrap();
     assert_eq!(claim("c3").await, Claim::Done(Outcome::Result(json!(42))));
     assert_eq!(claim("c2").await, Claim::SameCall);
+}
+
+#[actix_rt::test]
+async fn a_call_without_an_idempotency_key_keeps_no_result() {
+    let redis = RedisServer::start(&tempdir("tools-nokey"), false).unwrap();
+    let (_kernel, registry) = registry("node", &redis, None).await;
+    let tool = SystemTool::new("answer", "Answers", |_: Nothing, _| async move { Ok(json!({"big": "x".repeat(10_000)})) });
+    registry.link::<RegisterTool>("test").ask(RegisterTool(tool)).await.unwrap().unwrap();
+    for _ in 0..20 {
+        call(&registry, ToolCall::new("answer", json!({}), "ada")).await.unwrap();
+    }
+    call(&registry, ToolCall::new("answer", json!({}), "ada").with_idempotency_key("mine")).await.unwrap();
+    let mut conn = redis::Client::open(redis.url()).unwrap().get_multiplexed_async_connection().await.unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS").arg("nexus:tool-call:*").query_async(&mut conn).await.unwrap();
+    let mut kept = Vec::new();
+    for key in &keys {
+        let result: Option<String> = redis::cmd("HGET").arg(key).arg("result").query_async(&mut conn).await.unwrap();
+        let ttl: i64 = redis::cmd("PTTL").arg(key).query_async(&mut conn).await.unwrap();
+        if result.is_some() {
+            kept.push(key.clone());
+        } else {
+            assert!(ttl <= 5_000, "a keyless call's claim outlives it only briefly: {key} {ttl} ms");
+        }
+    }
+    assert_eq!(kept, vec!["nexus:tool-call:answer:ada:mine".to_owned()], "only the caller's key keeps a result");
 }
 
 #[actix_rt::test]

@@ -148,22 +148,19 @@ impl TestNode {
     pub async fn start_with(name: &str, roles: &[Role], change: impl FnOnce(&mut NodeConfig)) -> TestNode {
         let brokers = Brokers::with_kafka(name);
         let keys = TestKeys::new(&brokers.dir);
-        let mut config = NodeConfig {
-            name: name.to_owned(),
-            http: "127.0.0.1:0".parse().expect("an address"),
-            redis_url: brokers.redis_url(),
-            kafka: KafkaConfig::new(brokers.kafka_brokers()),
-            roles: roles.to_vec(),
-            first_user: Some(("admin".to_owned(), ADMIN_PASSWORD.to_owned())),
-            gateway: "127.0.0.1:0".parse().expect("an address"),
-            public_gateway_url: None,
-            panels: PanelsConfig::new(brokers.dir.join("panels")),
-            key_file: Some(keys.file.clone()),
-            quotas: Quotas::default(),
-        };
+        let mut config = node_config(name, roles, &brokers, &keys);
         change(&mut config);
         let node = node::start(config).await.expect("the node starts");
         TestNode { node, keys, brokers }
+    }
+
+    /// Another node over the same brokers and key file (a second replica
+    /// of a deployment), its configuration changed by `change`.
+    pub async fn sibling(&self, name: &str, roles: &[Role], change: impl FnOnce(&mut NodeConfig)) -> RunningNode {
+        let mut config = node_config(name, roles, &self.brokers, &self.keys);
+        config.panels = PanelsConfig::new(self.brokers.dir.join(format!("panels-{name}")));
+        change(&mut config);
+        node::start(config).await.expect("the sibling node starts")
     }
 
     /// The node's base URL, `http://127.0.0.1:<port>`.
@@ -196,6 +193,24 @@ impl TestNode {
         let TestNode { node, brokers, .. } = self;
         node.stop().await.expect("the node stops cleanly");
         drop(brokers);
+    }
+}
+
+/// The configuration [`TestNode`] starts a node with: every port free, the
+/// admin's password [`ADMIN_PASSWORD`], the test's brokers and keys.
+pub fn node_config(name: &str, roles: &[Role], brokers: &Brokers, keys: &TestKeys) -> NodeConfig {
+    NodeConfig {
+        name: name.to_owned(),
+        http: "127.0.0.1:0".parse().expect("an address"),
+        redis_url: brokers.redis_url(),
+        kafka: KafkaConfig::new(brokers.kafka_brokers()),
+        roles: roles.to_vec(),
+        first_user: Some(("admin".to_owned(), ADMIN_PASSWORD.to_owned())),
+        gateway: "127.0.0.1:0".parse().expect("an address"),
+        public_gateway_url: None,
+        panels: PanelsConfig::new(brokers.dir.join("panels")),
+        key_file: Some(keys.file.clone()),
+        quotas: Quotas::default(),
     }
 }
 

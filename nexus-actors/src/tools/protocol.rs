@@ -58,8 +58,10 @@ pub struct ToolCall {
     /// The user on whose behalf the call is made.
     pub caller: String,
     pub deadline: DateTime<Utc>,
-    /// Calls with one key run at most once; a retry gets the first result.
-    pub idempotency_key: String,
+    /// Calls with one caller-supplied key run at most once, and a retry
+    /// gets the first result (kept a while for that). Without one the call
+    /// id stands in, and nothing is kept once the call is done.
+    pub idempotency_key: Option<String>,
     /// The conversation or chain the call belongs to (the Kafka key of its
     /// record); the call id when there is none.
     pub context: Option<String>,
@@ -70,7 +72,7 @@ impl ToolCall {
     pub fn new(tool: impl Into<String>, arguments: Value, caller: impl Into<String>) -> Self {
         let call_id = uuid::Uuid::now_v7().to_string();
         ToolCall {
-            idempotency_key: call_id.clone(),
+            idempotency_key: None,
             call_id,
             tool: tool.into(),
             arguments,
@@ -86,8 +88,9 @@ impl ToolCall {
         self
     }
 
+    /// Makes retries with `key` run the tool once and get its first outcome.
     pub fn with_idempotency_key(mut self, key: impl Into<String>) -> Self {
-        self.idempotency_key = key.into();
+        self.idempotency_key = Some(key.into());
         self
     }
 
@@ -175,7 +178,12 @@ pub struct ToolRequest {
     pub arguments: Value,
     pub caller: String,
     pub deadline: DateTime<Utc>,
+    /// The caller's idempotency key, or the call id.
     pub idempotency_key: String,
+    /// Whether the key came from the caller: only then is the outcome kept
+    /// to answer retries; otherwise nothing outlives the call.
+    #[serde(default)]
+    pub keep_result: bool,
     /// Where the [`ToolResponse`] goes.
     pub reply_to: String,
 }
@@ -296,6 +304,6 @@ mod tests {
     fn deadlines_are_capped() {
         let call = ToolCall::new("t", Value::Null, "ada").with_timeout(Duration::from_secs(10_000));
         assert!(call.remaining() <= MAX_TIMEOUT);
-        assert_eq!(call.idempotency_key, call.call_id);
+        assert_eq!(call.idempotency_key, None);
     }
 }

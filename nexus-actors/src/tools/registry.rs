@@ -394,7 +394,8 @@ impl Caller {
             arguments: call.arguments.clone(),
             caller: call.caller.clone(),
             deadline: call.deadline,
-            idempotency_key: call.idempotency_key.clone(),
+            idempotency_key: call.idempotency_key.clone().unwrap_or_else(|| call.call_id.clone()),
+            keep_result: call.idempotency_key.is_some(),
             reply_to: self.reply_channel.clone(),
         };
         let channel = match &resolved.spec.owner {

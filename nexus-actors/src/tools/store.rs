@@ -9,7 +9,10 @@
 //! * `nexus:tools:panels-of:{user}` — set of the user's panels with tools;
 //!   entries whose hash expired are pruned when listed.
 //! * `nexus:tool-call:{tool}:{caller}:{key}` — hash with the `call` id that
-//!   claimed an idempotency key and, once done, its `result`.
+//!   claimed an idempotency key and, once done, its `result` — kept only
+//!   when the caller chose the key; a call without one leaves a bare claim
+//!   that expires [`CLAIM_SLACK`] after it ends, long enough to silence a
+//!   second delivery of the same call.
 //!
 //! Who may see or call what is decided by [`ToolSpec::visible_to`], not here.
 
@@ -199,7 +202,8 @@ impl ToolStore {
     }
 
     /// Ends `call_id`'s claim (if it still holds the key): a final outcome
-    /// answers retries with its key for [`RESULT_TTL`]; after a passing
+    /// answers retries with its key for [`RESULT_TTL`] when `keep` (the
+    /// caller chose the key), else the claim just expires soon; after a passing
     /// failure (timeout, busy, a panel down) the key is released, so that a
     /// retry — a new call id — runs the tool again, while the same call
     /// delivered to another server still stays silent.
@@ -210,25 +214,32 @@ impl ToolStore {
         key: &str,
         call_id: &str,
         outcome: &Outcome,
+        keep: bool,
     ) -> Result<(), ToolStoreError> {
         let script = redis::Script::new(
             r"if redis.call('HGET', KEYS[1], 'call') ~= ARGV[1] then return 0 end
               if ARGV[2] == '1' then
                 redis.call('HSET', KEYS[1], 'result', ARGV[3])
                 redis.call('PEXPIRE', KEYS[1], ARGV[4])
+              elseif ARGV[2] == '2' then
+                redis.call('PEXPIRE', KEYS[1], ARGV[5])
               else
                 redis.call('HSET', KEYS[1], 'released', ARGV[1])
               end
               return 1",
         );
-        let final_outcome = outcome.is_final();
-        let json = if final_outcome { serde_json::to_string(outcome).unwrap_or_default() } else { String::new() };
+        let (mode, json) = match (outcome.is_final(), keep) {
+            (true, true) => ("1", serde_json::to_string(outcome).unwrap_or_default()),
+            (true, false) => ("2", String::new()),
+            (false, _) => ("0", String::new()),
+        };
         let _: i64 = script
             .key(call_key(tool, caller, key))
             .arg(call_id)
-            .arg(if final_outcome { "1" } else { "0" })
+            .arg(mode)
             .arg(json)
             .arg(RESULT_TTL.as_millis() as u64)
+            .arg(CLAIM_SLACK.as_millis() as u64)
             .invoke_async(&mut self.conn.clone())
             .await?;
         Ok(())
@@ -253,7 +264,7 @@ impl ToolStore {
             Ok(Claim::Won) => {
                 let outcome = Outcome::from(work.await);
                 let keep = async {
-                    if let Err(error) = self.finish(tool, caller, key, call_id, &outcome).await {
+                    if let Err(error) = self.finish(tool, caller, key, call_id, &outcome, request.keep_result).await {
                         tracing::warn!(%error, tool, "could not keep a tool call's outcome");
                     }
                 };

@@ -2,23 +2,13 @@
 #![allow(dead_code)]
 
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
 
 use nexus_actors::bus::kafka::{KafkaRecord, Nack};
 use nexus_actors::bus::BusEvent;
 use nexus_actors::{Behaviour, Ctx, Handler, Reply};
 
-/// Polls `cond` until it holds or `secs` pass; panics with `what` otherwise.
-pub async fn eventually(secs: u64, what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    while Instant::now() < deadline {
-        if cond() {
-            return;
-        }
-        actix::clock::sleep(Duration::from_millis(20)).await;
-    }
-    panic!("timed out after {secs}s waiting for: {what}");
-}
+#[allow(unused_imports)]
+pub use nexus_testkit::{eventually, tempdir};
 
 /// Records every bus event it receives.
 pub struct Collector {
@@ -83,13 +73,4 @@ impl Handler<KafkaRecord> for Recorder {
         seen.trace.push(record.trace.traceparent.clone());
         Reply::Now(Ok(()))
     }
-}
-
-/// A fresh directory under `target/tmp` for one test's brokers.
-pub fn tempdir(name: &str) -> std::path::PathBuf {
-    let dir =
-        std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("nexus-test-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
 }
