@@ -12,17 +12,18 @@ use actix::Arbiter;
 use actix_web::{web, App, HttpServer};
 use utoipa::OpenApi;
 
+use crate::bus::kafka::KafkaProbe;
 use crate::bus::kafka::{KafkaBridge, KafkaConfig};
 use crate::bus::redis::RedisBridge;
 use crate::kernel::{ActorRef, Kernel};
-use crate::roles::panel_manager::local::{LocalConfig, LocalDriver, SandboxChoice};
-use crate::roles::panel_manager::{self as pm_role, PanelManagerConfig, PanelManagerError, PanelManagerHandle};
-use crate::roles::traffic_gateway::{self as gateway_role, Gateway, GatewayConfig, GatewayError};
-use crate::bus::kafka::KafkaProbe;
 use crate::platform::auth::keys::{KeyError, KeyRing, KeySet};
 use crate::platform::auth::password::PasswordError;
 use crate::platform::http::Readiness;
+use crate::platform::origin::OriginPolicy;
 use crate::platform::{Platform, Quotas, StoreError, UserRole};
+use crate::roles::panel_manager::local::{LocalConfig, LocalDriver, SandboxChoice};
+use crate::roles::panel_manager::{self as pm_role, PanelManagerConfig, PanelManagerError, PanelManagerHandle};
+use crate::roles::traffic_gateway::{self as gateway_role, Gateway, GatewayConfig, GatewayError};
 use crate::roles::transaction_manager as tm_role;
 use crate::tools::registry::{RegisterError, RegisterTool, RegistryDeps};
 use crate::tools::store::{ToolStore, ToolStoreError};
@@ -103,6 +104,9 @@ pub struct NodeConfig {
     pub key_file: Option<PathBuf>,
     /// What one user may hold at once.
     pub quotas: Quotas,
+    /// Origins (`scheme://host[:port]`) besides the node's own whose pages
+    /// may call its MCP endpoint.
+    pub allowed_origins: Vec<String>,
 }
 
 /// How the panel manager runs panel instances on this machine.
@@ -272,10 +276,7 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
         true => Some(panel_manager(&kernel, &config, &bridges).await?),
         false => None,
     };
-    let readiness = Readiness {
-        redis: Some(platform.redis.clone()),
-        kafka: KafkaProbe::new(&config.kafka).ok(),
-    };
+    let readiness = Readiness { redis: Some(platform.redis.clone()), kafka: KafkaProbe::new(&config.kafka).ok() };
     let tools = tm_role::tools_api::ToolsApi::new(&registry, "http");
     let sessions = tm_role::session::SessionDeps { kernel: kernel.clone(), bridge: bridges.redis.clone() };
     let roles: Vec<&str> = config.roles.iter().map(|r| r.name()).collect();
@@ -284,6 +285,7 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
     let k = kernel.clone();
     let pm_api = panels.clone().map(|handle| (handle, platform.panels.clone()));
     let auth = platform.auth.clone();
+    let origins = OriginPolicy::for_listener(config.http, config.allowed_origins.clone());
     let server = HttpServer::new(move || {
         let mut app = App::new().wrap_fn(crate::platform::http::traced).app_data(web::Data::new(auth.clone()));
         if let Some(tm) = &tm {
@@ -291,7 +293,7 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
                 .configure(tm_role::configure(tm.clone(), openapi.clone()))
                 .configure(tm_role::configure_sessions(sessions.clone()))
                 .configure(tm_role::tools_api::configure(tools.clone()))
-                .configure(tm_role::mcp::configure(tools.clone()));
+                .configure(tm_role::mcp::configure(tools.clone(), origins.clone()));
         }
         if let Some((handle, panels)) = &pm_api {
             app = app.configure(pm_role::configure(handle.clone(), panels.clone()));
@@ -346,7 +348,8 @@ async fn panel_manager(
 }
 
 async fn traffic_gateway(kernel: &Kernel, config: &NodeConfig, keys: KeyRing) -> Result<Gateway, NodeError> {
-    let gateway = gateway_role::start(kernel, GatewayConfig::new(config.gateway, config.redis_url.clone(), keys)).await?;
+    let gateway =
+        gateway_role::start(kernel, GatewayConfig::new(config.gateway, config.redis_url.clone(), keys)).await?;
     tracing::info!(gateway = %gateway.local_addr(), "traffic gateway listening: /p/<panel-id>/");
     Ok(gateway)
 }

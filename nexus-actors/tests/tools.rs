@@ -599,7 +599,8 @@ async fn an_idempotency_key_runs_once_and_is_released_after_a_passing_failure() 
 async fn a_call_without_an_idempotency_key_keeps_no_result() {
     let redis = RedisServer::start(&tempdir("tools-nokey"), false).unwrap();
     let (_kernel, registry) = registry("node", &redis, None).await;
-    let tool = SystemTool::new("answer", "Answers", |_: Nothing, _| async move { Ok(json!({"big": "x".repeat(10_000)})) });
+    let tool =
+        SystemTool::new("answer", "Answers", |_: Nothing, _| async move { Ok(json!({"big": "x".repeat(10_000)})) });
     registry.link::<RegisterTool>("test").ask(RegisterTool(tool)).await.unwrap().unwrap();
     for _ in 0..20 {
         call(&registry, ToolCall::new("answer", json!({}), "ada")).await.unwrap();

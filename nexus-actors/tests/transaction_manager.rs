@@ -9,13 +9,13 @@ mod common;
 use std::sync::{Arc, Mutex};
 
 use actix::Arbiter;
+use common::Collector;
 use nexus_actors::bus::redis::{RedisBridge, Subscribe, Topic};
 use nexus_actors::bus::BusEvent;
 use nexus_actors::node::Role;
 use nexus_actors::platform::error::MAX_BODY;
 use nexus_actors::platform::Redis;
 use nexus_actors::roles::transaction_manager::documents::{Documents, HISTORY_LEN};
-use common::Collector;
 use nexus_actors::Kernel;
 use nexus_testkit::{eventually, ApiClient, TestNode};
 use redis::AsyncCommands;
@@ -77,11 +77,11 @@ async fn every_api_route_needs_a_token_and_admin_routes_an_admin() {
     assert_eq!(ada.get("/api/no-such-route").await.0, StatusCode::NOT_FOUND);
     let (status, body) = ada.post("/api/users", json!({"username": "mallory", "password": "mallory-password"})).await;
     assert_eq!((status, body["error"].as_str()), (StatusCode::FORBIDDEN, Some("forbidden")), "{body}");
-    let (status, _) = ada
-        .post("/api/users", json!({"username": "mallory", "password": "mallory-password", "role": "admin"}))
-        .await;
+    let (status, _) =
+        ada.post("/api/users", json!({"username": "mallory", "password": "mallory-password", "role": "admin"})).await;
     assert_eq!(status, StatusCode::FORBIDDEN, "nor can a user make an admin");
-    let (status, _) = anonymous.post("/api/login", json!({"username": "mallory", "password": "mallory-password"})).await;
+    let (status, _) =
+        anonymous.post("/api/login", json!({"username": "mallory", "password": "mallory-password"})).await;
     assert_eq!(status, StatusCode::UNAUTHORIZED, "refused creations created nothing");
 
     // The mailbox graph names every running instance: admins only.
@@ -119,7 +119,8 @@ async fn a_forged_token_or_one_for_another_audience_is_refused() {
     forged.token = Some(platform.auth.sign("ada", 0, &nexus_actors::platform::auth::Audience::Api).unwrap().0);
     assert_eq!(forged.get("/api/panels").await.0, StatusCode::UNAUTHORIZED);
     // A panel cookie's token opens that panel at the gateway, not the API.
-    let (_, panel) = ada.post("/api/panels", json!({"name": "p", "mode": "studio", "source": "template:python_minimal"})).await;
+    let (_, panel) =
+        ada.post("/api/panels", json!({"name": "p", "mode": "studio", "source": "template:python_minimal"})).await;
     let mine = node.keys.platform(&node.brokers.redis_url()).await;
     let audience = nexus_actors::platform::auth::Audience::Panel(panel["id"].as_str().unwrap().to_owned());
     let mut cookie_as_bearer = ApiClient::new(&node.url());
@@ -133,15 +134,11 @@ async fn the_access_cookie_is_path_scoped_http_only_and_strict_for_the_owner_onl
     let node = TestNode::start("tm-cookie", TM).await;
     let ada = node.user("ada").await;
     let bob = node.user("bob").await;
-    let (_, panel) = ada.post("/api/panels", json!({"name": "p", "mode": "studio", "source": "template:python_minimal"})).await;
+    let (_, panel) =
+        ada.post("/api/panels", json!({"name": "p", "mode": "studio", "source": "template:python_minimal"})).await;
     let id = panel["id"].as_str().unwrap();
-    let response = ada
-        .http
-        .post(format!("{}/api/panels/{id}/access", node.url()))
-        .bearer_auth(ada.token())
-        .send()
-        .await
-        .unwrap();
+    let response =
+        ada.http.post(format!("{}/api/panels/{id}/access", node.url())).bearer_auth(ada.token()).send().await.unwrap();
     assert_eq!(response.status(), StatusCode::OK);
     let cookie = response.headers()["set-cookie"].to_str().unwrap().to_owned();
     assert!(cookie.starts_with("nexus_panel="), "{cookie}");
@@ -234,7 +231,8 @@ async fn failed_logins_are_limited_per_username_from_anywhere() {
     for i in 0..12 {
         // Each attempt from "another address": clear the address counter.
         let () = redis.conn().del("nexus:login-failures:addr:127.0.0.1").await.unwrap();
-        statuses.push(anonymous.post("/api/login", json!({"username": "ada", "password": format!("guess{i}")})).await.0);
+        statuses
+            .push(anonymous.post("/api/login", json!({"username": "ada", "password": format!("guess{i}")})).await.0);
     }
     assert_eq!(statuses.iter().filter(|s| **s == StatusCode::UNAUTHORIZED).count(), 10, "{statuses:?}");
     assert_eq!(statuses.last(), Some(&StatusCode::TOO_MANY_REQUESTS));
@@ -253,7 +251,9 @@ async fn panels_belong_to_their_owner_and_bad_input_is_refused() {
     let ada = node.user("ada").await;
     let bob = node.user("bob").await;
 
-    let (status, panel) = ada.post("/api/panels", json!({"name": "Editor", "mode": "studio", "source": "templates/python_minimal"})).await;
+    let (status, panel) = ada
+        .post("/api/panels", json!({"name": "Editor", "mode": "studio", "source": "templates/python_minimal"}))
+        .await;
     assert_eq!(status, StatusCode::CREATED, "{panel}");
     assert_eq!((panel["owner"].as_str(), panel["public"].as_bool()), (Some("ada"), Some(false)), "private by default");
     let path = format!("/api/panels/{}", panel["id"].as_str().unwrap());
@@ -300,16 +300,25 @@ async fn panels_belong_to_their_owner_and_bad_input_is_refused() {
 
     // The quota: three panels, then a clear refusal that stores nothing.
     for name in ["two", "three"] {
-        assert_eq!(ada.post("/api/panels", json!({"name": name, "mode": "studio", "source": "s"})).await.0, StatusCode::CREATED);
+        assert_eq!(
+            ada.post("/api/panels", json!({"name": name, "mode": "studio", "source": "s"})).await.0,
+            StatusCode::CREATED
+        );
     }
     let (status, body) = ada.post("/api/panels", json!({"name": "four", "mode": "studio", "source": "s"})).await;
     assert_eq!((status, body["error"].as_str()), (StatusCode::FORBIDDEN, Some("quota_exceeded")), "{body}");
     assert_eq!(ada.get("/api/panels").await.1.as_array().unwrap().len(), 3);
-    assert_eq!(bob.post("/api/panels", json!({"name": "b", "mode": "studio", "source": "s"})).await.0, StatusCode::CREATED);
+    assert_eq!(
+        bob.post("/api/panels", json!({"name": "b", "mode": "studio", "source": "s"})).await.0,
+        StatusCode::CREATED
+    );
 
     assert_eq!(ada.delete(&path).await.0, StatusCode::NO_CONTENT);
     assert_eq!(ada.get(&path).await.0, StatusCode::NOT_FOUND);
-    assert_eq!(ada.post("/api/panels", json!({"name": "four", "mode": "studio", "source": "s"})).await.0, StatusCode::CREATED);
+    assert_eq!(
+        ada.post("/api/panels", json!({"name": "four", "mode": "studio", "source": "s"})).await.0,
+        StatusCode::CREATED
+    );
 }
 
 #[actix_rt::test]
@@ -389,7 +398,11 @@ async fn documents_are_versioned_survive_a_node_restart_and_announce_changes() {
     let before = ada.get(&path).await.1;
     let TestNode { node: first, keys, brokers } = node;
     first.stop().await.unwrap();
-    let node = TestNode { node: nexus_actors::node::start(nexus_testkit::node_config("tm-docs-2", TM, &brokers, &keys)).await.unwrap(), keys, brokers };
+    let node = TestNode {
+        node: nexus_actors::node::start(nexus_testkit::node_config("tm-docs-2", TM, &brokers, &keys)).await.unwrap(),
+        keys,
+        brokers,
+    };
     let ada = ApiClient::login(&node.url(), "ada", "ada-password").await;
     assert_eq!(ada.get(&path).await, (StatusCode::OK, before));
 
@@ -423,7 +436,8 @@ async fn a_document_stays_within_1_mib_and_a_patch_too_large_to_announce_still_r
     // (it would not fit an envelope), so followers fetch the version.
     let (_, small) = ada.post("/api/documents", json!({"state": {}})).await;
     let small_path = format!("/api/documents/{}", small["id"].as_str().unwrap());
-    let (status, body) = ada.patch(&small_path, json!({"version": 1, "patch": {"big": "z".repeat(MAX_BODY - 200)}})).await;
+    let (status, body) =
+        ada.patch(&small_path, json!({"version": 1, "patch": {"big": "z".repeat(MAX_BODY - 200)}})).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     eventually(10, "the large change is announced and decodes", || {
         events.lock().unwrap().iter().any(|e| {

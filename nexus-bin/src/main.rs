@@ -46,7 +46,7 @@ enum Command {
         #[command(flatten)]
         panels: PanelArgs,
         #[command(flatten)]
-        quotas: QuotaArgs,
+        quotas: LimitArgs,
     },
     /// Run a node with selected roles against explicit brokers (operators).
     ///
@@ -101,9 +101,14 @@ enum KeysAction {
     Rotate { file: PathBuf },
 }
 
-/// What one user may hold at once.
+/// What one user may hold at once, and which other sites' pages may call
+/// the node.
 #[derive(Args)]
-struct QuotaArgs {
+struct LimitArgs {
+    /// An origin (scheme://host[:port]) besides the node's own whose pages may call /mcp
+    /// (repeatable; comma-separated in the environment).
+    #[arg(long = "allowed-origin", value_name = "ORIGIN", env = "NEXUS_ALLOWED_ORIGINS", value_delimiter = ',')]
+    allowed_origins: Vec<String>,
     /// Panel records per user.
     #[arg(long, default_value_t = Quotas::default().panels, env = "NEXUS_MAX_PANELS_PER_USER")]
     max_panels_per_user: usize,
@@ -115,7 +120,7 @@ struct QuotaArgs {
     max_instances_per_user: usize,
 }
 
-impl QuotaArgs {
+impl LimitArgs {
     fn quotas(&self) -> Quotas {
         Quotas {
             panels: self.max_panels_per_user,
@@ -263,7 +268,7 @@ struct NodeArgs {
     #[command(flatten)]
     panels: PanelArgs,
     #[command(flatten)]
-    quotas: QuotaArgs,
+    quotas: LimitArgs,
 }
 
 /// Ordinary start-up failures (a port in use, a missing file) end in one
@@ -331,6 +336,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 panels: args.panels.config(&args.data_dir),
                 key_file: args.jwt_key_file,
                 quotas: args.quotas.quotas(),
+                allowed_origins: args.quotas.allowed_origins.clone(),
             };
             actix_rt::System::new().block_on(node::run(config))?;
             Ok(())
@@ -359,7 +365,7 @@ fn keys(action: KeysAction) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn dev(http: SocketAddr, data_dir: PathBuf, panels: PanelArgs, quotas: QuotaArgs) -> anyhow::Result<()> {
+fn dev(http: SocketAddr, data_dir: PathBuf, panels: PanelArgs, quotas: LimitArgs) -> anyhow::Result<()> {
     infra::dev::data_dir(&data_dir)?;
     let key_file = data_dir.join("jwt-keys.json");
     KeySet::load_or_generate(&key_file)?;
@@ -378,6 +384,7 @@ fn dev(http: SocketAddr, data_dir: PathBuf, panels: PanelArgs, quotas: QuotaArgs
         panels: panels.config(&data_dir),
         key_file: Some(key_file.clone()),
         quotas: quotas.quotas(),
+        allowed_origins: quotas.allowed_origins.clone(),
     };
     println!("nexus dev: http://{http}/healthz  http://{http}/readyz  http://{http}/metrics  http://{http}/api/graph (admins)");
     println!("  redis: {} ({})", redis.url, redis.origin);

@@ -72,7 +72,8 @@ impl Brokers {
     /// A `redis-server` only.
     pub fn redis(name: &str) -> Brokers {
         let dir = tempdir(name);
-        let redis = RedisServer::start(&dir.join("redis"), false).expect("redis-server starts (scripts/test installs it)");
+        let redis =
+            RedisServer::start(&dir.join("redis"), false).expect("redis-server starts (scripts/test installs it)");
         Brokers { redis, kafka: None, dir }
     }
 
@@ -211,6 +212,7 @@ pub fn node_config(name: &str, roles: &[Role], brokers: &Brokers, keys: &TestKey
         panels: PanelsConfig::new(brokers.dir.join("panels")),
         key_file: Some(keys.file.clone()),
         quotas: Quotas::default(),
+        allowed_origins: Vec::new(),
     }
 }
 

@@ -143,7 +143,13 @@ impl Accounts {
         let (hash, role, generation): (Option<String>, Option<String>, Option<u64>) = self
             .redis
             .read(|mut c| async move {
-                redis::cmd("HMGET").arg(user_key(name)).arg("password_hash").arg("role").arg("gen").query_async(&mut c).await
+                redis::cmd("HMGET")
+                    .arg(user_key(name))
+                    .arg("password_hash")
+                    .arg("role")
+                    .arg("gen")
+                    .query_async(&mut c)
+                    .await
             })
             .await?;
         Ok(hash.map(|_| Standing { role: UserRole::parse(role.as_deref()), generation: generation.unwrap_or(0) }))

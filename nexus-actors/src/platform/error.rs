@@ -31,6 +31,9 @@ pub enum ApiError {
     /// Only an admin may do this.
     #[error("only an admin may do this")]
     NotAdmin,
+    /// The request's `Host` or `Origin` is not this node's (DNS rebinding).
+    #[error(transparent)]
+    ForeignOrigin(#[from] super::origin::OriginError),
     /// No such thing (named).
     #[error("{0} not found")]
     NotFound(&'static str),
@@ -107,6 +110,7 @@ impl ApiError {
             ApiError::Unauthorized => "unauthorized",
             ApiError::BadCredentials => "bad_credentials",
             ApiError::NotOwner | ApiError::NotAdmin => "forbidden",
+            ApiError::ForeignOrigin(_) => "forbidden_origin",
             ApiError::NotFound(_) => "not_found",
             ApiError::BodyTooLarge { .. } | ApiError::DocumentTooLarge { .. } => "too_large",
             ApiError::StaleVersion { .. } => "stale_version",
@@ -133,7 +137,9 @@ impl ResponseError for ApiError {
         match self {
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::Unauthorized | ApiError::BadCredentials => StatusCode::UNAUTHORIZED,
-            ApiError::NotOwner | ApiError::NotAdmin | ApiError::Quota { .. } => StatusCode::FORBIDDEN,
+            ApiError::NotOwner | ApiError::NotAdmin | ApiError::ForeignOrigin(_) | ApiError::Quota { .. } => {
+                StatusCode::FORBIDDEN
+            }
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::BodyTooLarge { .. } | ApiError::DocumentTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::StaleVersion { .. } | ApiError::Conflict(_) => StatusCode::CONFLICT,

@@ -9,6 +9,7 @@
 //! * [`error`]: the typed errors of every API route.
 //! * [`http`]: the endpoints every node serves (`/healthz`, `/readyz`,
 //!   `/metrics`, `/api/graph`).
+//! * [`origin`]: the `Host`/`Origin` rules against DNS rebinding.
 //! * [`files`]: secret files and private directories.
 //! * [`quotas`]: what one user may hold at once.
 //!
@@ -21,6 +22,7 @@ pub mod channels;
 pub mod error;
 pub mod files;
 pub mod http;
+pub mod origin;
 pub mod panels;
 pub mod quotas;
 pub mod store;

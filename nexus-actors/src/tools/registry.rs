@@ -24,8 +24,8 @@ use tokio::sync::oneshot;
 use tracing::Instrument;
 
 use super::protocol::{
-    encoded_len, outcome_label, Outcome, ToolCall,
-    ToolCalled, ToolError, ToolFinished, ToolRequest, ToolResponse, ToolResult, MAX_PAYLOAD_BYTES,
+    encoded_len, outcome_label, Outcome, ToolCall, ToolCalled, ToolError, ToolFinished, ToolRequest, ToolResponse,
+    ToolResult, MAX_PAYLOAD_BYTES,
 };
 use super::store::ToolStore;
 use super::system::{CallContext, SystemTool};

@@ -81,11 +81,13 @@ impl LoginLimiter {
         if let Some(address) = &address {
             pipe.cmd("GET").arg(address).cmd("PTTL").arg(address);
         }
-        let replies: Vec<Option<i64>> = self.redis.read(|mut c| {
-            let pipe = pipe.clone();
-            async move { pipe.query_async(&mut c).await }
-        })
-        .await?;
+        let replies: Vec<Option<i64>> = self
+            .redis
+            .read(|mut c| {
+                let pipe = pipe.clone();
+                async move { pipe.query_async(&mut c).await }
+            })
+            .await?;
         let over = |count: Option<i64>, limit: u32| count.unwrap_or(0) >= i64::from(limit);
         let retry = |pttl: Option<i64>| Limited { retry_after: (pttl.unwrap_or(1000).max(1000) as u64).div_ceil(1000) };
         let (user_count, user_ttl) = (replies.first().copied().flatten(), replies.get(1).copied().flatten());

@@ -49,9 +49,10 @@ impl Drop for Waiting {
 /// Hashes `password` with a fresh salt (slow: run it off async workers).
 pub fn hash_blocking(password: &str) -> Result<String, PasswordError> {
     let salt = SaltString::generate(&mut OsRng);
-    Argon2::default().hash_password(password.as_bytes(), &salt).map(|h| h.to_string()).map_err(|e| {
-        PasswordError::Failed(e.to_string())
-    })
+    Argon2::default()
+        .hash_password(password.as_bytes(), &salt)
+        .map(|h| h.to_string())
+        .map_err(|e| PasswordError::Failed(e.to_string()))
 }
 
 fn matches_blocking(password: &str, hash: &str) -> bool {

@@ -38,9 +38,7 @@ use super::{PanelManagerConfig, PanelManagerError};
 use crate::bus::redis::{RedisBridge, Subscribe, Topic, Unsubscribe};
 use crate::bus::BusEvent;
 use crate::envelope::Envelope;
-use crate::instance::{
-    Activate, Endpoint, ExpireInstance, InstanceMode, InstanceState, InstanceStatus, PanelRoute,
-};
+use crate::instance::{Activate, Endpoint, ExpireInstance, InstanceMode, InstanceState, InstanceStatus, PanelRoute};
 use crate::kernel::{lock, ActorRef, Behaviour, Ctx, Handler, Kernel, Message, Reply};
 use crate::platform::channels::{self, PANELS_PATTERN};
 use crate::platform::{Panel, PanelChanged, PanelRecords};
@@ -635,7 +633,9 @@ impl PanelManager {
             }
         } else {
             match msg.envelope.typed::<ExpireInstance>() {
-                Ok(expire) if msg.channel == channels::instance_control(&expire.data.instance) => self.expire(expire.data),
+                Ok(expire) if msg.channel == channels::instance_control(&expire.data.instance) => {
+                    self.expire(expire.data)
+                }
                 Ok(expire) => tracing::warn!(channel = %msg.channel, instance = %expire.data.instance,
                     "ExpireInstance for another instance's channel; ignored"),
                 Err(error) => self.deps.kernel.metrics().bus_error("redis", "instance_control", &error),

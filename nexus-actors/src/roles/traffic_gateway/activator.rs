@@ -23,8 +23,8 @@ use super::metrics::GatewayMetrics;
 use super::routes::Routes;
 use crate::envelope::Envelope;
 use crate::instance::{Activate, PanelRoute};
-use crate::platform::channels;
 use crate::kernel::lock;
+use crate::platform::channels;
 
 /// How often a held panel's activation is announced again: panel managers
 /// may have missed it (pub/sub) or may have restarted.

@@ -25,8 +25,8 @@ use tokio::sync::{oneshot, watch};
 use crate::bus::Backoff;
 use crate::envelope::Envelope;
 use crate::instance::{PanelRoute, RouteChanged, ROUTES_KEY};
-use crate::platform::channels;
 use crate::kernel::{ActorRef, Behaviour, Ctx, Handler, Kernel, Link, Message, Reply, Supervised};
+use crate::platform::channels;
 use crate::telemetry::Metrics;
 
 /// How often the whole table is read again.

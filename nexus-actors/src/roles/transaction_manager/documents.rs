@@ -163,7 +163,12 @@ impl Documents {
             .invoke_async(&mut self.redis.conn())
             .await?;
         Ok(match created {
-            1 => Created::Document(Document { id: id.to_owned(), owner: owner.to_owned(), version: 1, state: state.clone() }),
+            1 => Created::Document(Document {
+                id: id.to_owned(),
+                owner: owner.to_owned(),
+                version: 1,
+                state: state.clone(),
+            }),
             _ => Created::OverQuota,
         })
     }

@@ -32,9 +32,11 @@ use rmcp::{ErrorData as McpError, RoleServer, ServerHandler};
 use serde_json::Value;
 use tower_service::Service as _;
 
-use crate::platform::http::{read_body, BodyError};
-use crate::platform::{ApiError, Caller};
 use super::tools_api::ToolsApi;
+use crate::platform::auth::extract::authenticate;
+use crate::platform::http::{read_body, BodyError};
+use crate::platform::origin::OriginPolicy;
+use crate::platform::ApiError;
 use crate::tools::{ToolCall, ToolError, ToolSpec};
 
 /// The path of the endpoint.
@@ -54,12 +56,14 @@ struct McpUser(String);
 type Endpoint = StreamableHttpService<NexusMcp, NeverSessionManager>;
 
 /// Registers `/mcp` (POST, GET and DELETE all reach the transport, which
-/// decides: in stateless mode GET and DELETE are answered 405).
-pub fn configure(tools: ToolsApi) -> impl FnOnce(&mut web::ServiceConfig) {
+/// decides: in stateless mode GET and DELETE are answered 405). Requests
+/// whose `Host` or `Origin` `policy` refuses get 403 before anything else.
+pub fn configure(tools: ToolsApi, policy: OriginPolicy) -> impl FnOnce(&mut web::ServiceConfig) {
     move |cfg| {
         cfg.service(
             web::resource(PATH)
                 .app_data(web::Data::new(endpoint(tools)))
+                .app_data(web::Data::new(policy))
                 .route(web::post().to(serve))
                 .route(web::get().to(serve))
                 .route(web::delete().to(serve)),
@@ -75,24 +79,26 @@ fn endpoint(tools: ToolsApi) -> Endpoint {
         // A plain JSON body for each answer (SSE only if a handler emitted
         // something before its result, which ours never do).
         .with_json_response(true)
-        // The Host allow-list guards unauthenticated local servers against
-        // DNS rebinding. Every request here carries an explicit bearer
-        // token (never an ambient cookie), and nodes are reached under
-        // whatever names a deployment gives them.
+        // Host and Origin are checked by the node's OriginPolicy before a
+        // request gets here, under the node's own rules (loopback names on
+        // a loopback listener, any name elsewhere).
         .disable_allowed_hosts()
         .with_max_request_body_bytes(MAX_BODY);
     let handler = NexusMcp { tools };
     StreamableHttpService::new(move || Ok(handler.clone()), Arc::new(NeverSessionManager::default()), config)
 }
 
-/// The actix-web handler: authenticates, hands the request to rmcp, and
-/// streams its answer back.
+/// The actix-web handler: checks `Host` and `Origin`, authenticates, hands
+/// the request to rmcp, and streams its answer back.
 async fn serve(
-    caller: Caller,
     req: HttpRequest,
     payload: web::Payload,
     endpoint: web::Data<Endpoint>,
+    policy: web::Data<OriginPolicy>,
 ) -> Result<HttpResponse, ApiError> {
+    let header = |name| req.headers().get(name).and_then(|v| v.to_str().ok());
+    policy.check(header(actix_web::http::header::HOST), header(actix_web::http::header::ORIGIN))?;
+    let caller = authenticate(&req).await?;
     let body = read_body(&req, payload, MAX_BODY).await.map_err(|e| match e {
         BodyError::TooLarge { limit } => ApiError::BodyTooLarge { limit },
         BodyError::Unreadable(e) => ApiError::BadRequest(format!("reading the body: {e}")),
@@ -303,6 +309,40 @@ mod tests {
         (redis, auth, token)
     }
 
+    /// The rules of a node listening on every address.
+    fn anywhere() -> OriginPolicy {
+        OriginPolicy::for_listener("0.0.0.0:7070".parse().expect("an address"), Vec::new())
+    }
+
+    #[actix_rt::test]
+    async fn a_rebound_name_or_a_foreign_page_is_refused_before_authentication() {
+        let (_redis, auth, token) = auth("rebinding").await;
+        let loopback = OriginPolicy::for_listener("127.0.0.1:7070".parse().expect("an address"), Vec::new());
+        let app = web_test::init_service(
+            App::new().app_data(web::Data::new(auth)).configure(configure(tools_api(), loopback)),
+        )
+        .await;
+        let init = json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+            "protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "t", "version": "0"}}});
+        for (host, origin) in [("evil.example.com", None), ("localhost:7070", Some("http://evil.example.com"))] {
+            let mut req = rpc(Some(&token), init.clone()).insert_header(("Host", host));
+            if let Some(origin) = origin {
+                req = req.insert_header(("Origin", origin));
+            }
+            let resp = web_test::call_service(&app, req.to_request()).await;
+            assert_eq!(resp.status(), StatusCode::FORBIDDEN, "{host} {origin:?}");
+            let body: Value = web_test::read_body_json(resp).await;
+            assert_eq!(body["error"], "forbidden_origin");
+        }
+        let anonymous = rpc(None, init.clone()).insert_header(("Host", "evil.example.com")).to_request();
+        assert_eq!(web_test::call_service(&app, anonymous).await.status(), StatusCode::FORBIDDEN, "before the token");
+        let own = rpc(Some(&token), init)
+            .insert_header(("Host", "localhost:7070"))
+            .insert_header(("Origin", "http://localhost:7070"))
+            .to_request();
+        assert_eq!(web_test::call_service(&app, own).await.status(), StatusCode::OK);
+    }
+
     fn rpc(token: Option<&str>, body: Value) -> web_test::TestRequest {
         let mut req = web_test::TestRequest::post()
             .uri(PATH)
@@ -320,8 +360,10 @@ mod tests {
     #[actix_rt::test]
     async fn serves_tools_to_the_authenticated_user() {
         let (_redis, auth, token) = auth("serves").await;
-        let app =
-            web_test::init_service(App::new().app_data(web::Data::new(auth)).configure(configure(tools_api()))).await;
+        let app = web_test::init_service(
+            App::new().app_data(web::Data::new(auth)).configure(configure(tools_api(), anywhere())),
+        )
+        .await;
 
         let init = json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
             "protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "t", "version": "0"}}});
@@ -382,8 +424,10 @@ mod tests {
     #[actix_rt::test]
     async fn refuses_bodies_over_the_limit() {
         let (_redis, auth, token) = auth("limit").await;
-        let app =
-            web_test::init_service(App::new().app_data(web::Data::new(auth)).configure(configure(tools_api()))).await;
+        let app = web_test::init_service(
+            App::new().app_data(web::Data::new(auth)).configure(configure(tools_api(), anywhere())),
+        )
+        .await;
         let big = json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call",
             "params": {"name": "echo", "arguments": {"text": "x".repeat(MAX_BODY)}}});
         let resp = web_test::call_service(&app, rpc(Some(&token), big).to_request()).await;

@@ -17,7 +17,8 @@ pub enum LoginOutcome {
 }
 
 impl LoginOutcome {
-    const ALL: [LoginOutcome; 4] = [LoginOutcome::Ok, LoginOutcome::Refused, LoginOutcome::RateLimited, LoginOutcome::Busy];
+    const ALL: [LoginOutcome; 4] =
+        [LoginOutcome::Ok, LoginOutcome::Refused, LoginOutcome::RateLimited, LoginOutcome::Busy];
 
     fn label(self) -> &'static str {
         match self {

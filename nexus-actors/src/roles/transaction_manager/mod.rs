@@ -118,10 +118,7 @@ pub fn state(
 /// Registers the role's routes. `/api/openapi.json` (given whole, as
 /// `openapi`), `/api/config` and `/api/login` are open; everything else
 /// under `/api` needs a token.
-pub fn configure(
-    state: web::Data<TmState>,
-    openapi: utoipa::openapi::OpenApi,
-) -> impl FnOnce(&mut web::ServiceConfig) {
+pub fn configure(state: web::Data<TmState>, openapi: utoipa::openapi::OpenApi) -> impl FnOnce(&mut web::ServiceConfig) {
     move |cfg| {
         let openapi = web::Data::new(openapi);
         cfg.app_data(web::Data::new(state.platform.auth.clone()))

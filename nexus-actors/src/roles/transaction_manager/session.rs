@@ -26,16 +26,16 @@ use tokio::sync::{mpsc, watch};
 
 use super::api::documents::DocumentChanged;
 use super::api::TmState;
-use super::protocol::{decode, ClientFrame, Participant, ServerFrame, MAX_CURSOR, MAX_FRAME};
 use super::documents::PRESENCE_TTL_SECS;
-use crate::platform::auth::{extract::bearer, Audience, Auth};
-use crate::platform::channels::{self, panels as panels_channel};
-use crate::platform::{ApiError, PanelChanged};
+use super::protocol::{decode, ClientFrame, Participant, ServerFrame, MAX_CURSOR, MAX_FRAME};
 use crate::bus::redis::{Publish, RedisBridge, Subscribe, Topic, Unsubscribe};
 use crate::bus::BusEvent;
 use crate::envelope::{Envelope, Payload};
 use crate::instance::InstanceChanged;
 use crate::kernel::{ActorRef, Behaviour, Ctx, Handler, Kernel, Link, Message, Reply};
+use crate::platform::auth::{extract::bearer, Audience, Auth};
+use crate::platform::channels::{self, panels as panels_channel};
+use crate::platform::{ApiError, PanelChanged};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 

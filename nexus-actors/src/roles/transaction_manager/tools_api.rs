@@ -10,8 +10,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use utoipa::ToSchema;
 
-use crate::platform::{ApiError, Caller, ErrorBody};
 use crate::kernel::{ActorRef, Link};
+use crate::platform::{ApiError, Caller, ErrorBody};
 use crate::tools::protocol::ToolCall;
 use crate::tools::registry::{CallTool, ListTools};
 use crate::tools::{ToolError, ToolRegistry, ToolSpec};

@@ -81,7 +81,11 @@ fn password_error(e: PasswordError) -> ApiError {
         (status = 429, description = "too many failed logins from this address or for this user", body = ErrorBody),
         (status = 503, description = "too many logins being checked", body = ErrorBody)))]
 /// Logs in: a token for the API.
-pub async fn login(req: HttpRequest, state: web::Data<TmState>, body: web::Json<Login>) -> Result<HttpResponse, ApiError> {
+pub async fn login(
+    req: HttpRequest,
+    state: web::Data<TmState>,
+    body: web::Json<Login>,
+) -> Result<HttpResponse, ApiError> {
     let Login { username, password } = body.into_inner();
     if password.len() > MAX_PASSWORD {
         return Err(ApiError::BadRequest(format!("a password is at most {MAX_PASSWORD} bytes")));
@@ -160,7 +164,11 @@ pub async fn create_user(
     responses((status = 204, description = "every token of the user is revoked"), (status = 401, body = ErrorBody),
         (status = 403, description = "not an admin", body = ErrorBody), (status = 404, body = ErrorBody)))]
 /// Revokes every token of a user (admins only).
-pub async fn revoke(admin: Admin, state: web::Data<TmState>, name: web::Path<String>) -> Result<HttpResponse, ApiError> {
+pub async fn revoke(
+    admin: Admin,
+    state: web::Data<TmState>,
+    name: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
     if check_username(&name).is_err() || !state.platform.auth.revoke(&name).await? {
         return Err(ApiError::NotFound("user"));
     }

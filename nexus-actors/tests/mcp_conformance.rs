@@ -1,0 +1,92 @@
+//! The official MCP conformance suite (`@modelcontextprotocol/conformance`,
+//! server mode) against a whole node's `/mcp`, through a proxy that adds
+//! the bearer token the suite does not know how to send, and leaves `Host`
+//! and `Origin` as the suite wrote them. Needs Node.js and
+//! `npm ci --prefix ui-tests` (`scripts/test` does both).
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::Path;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use nexus_actors::node::Role;
+use nexus_testkit::{prerequisite, TestNode};
+
+/// Forwards every request to `target` (`host:port`) with `token` added,
+/// on a free loopback port; returns the port.
+async fn token_proxy(target: SocketAddr, token: String) -> u16 {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let client = reqwest::Client::builder().no_proxy().build().unwrap();
+    actix_rt::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else { return };
+            let (client, token) = (client.clone(), token.clone());
+            let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+                let (client, token) = (client.clone(), token.clone());
+                async move { Ok::<_, Infallible>(forward(&client, target, &token, req).await) }
+            });
+            actix_rt::spawn(async move {
+                let _ =
+                    hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
+            });
+        }
+    });
+    port
+}
+
+async fn forward(
+    client: &reqwest::Client,
+    target: SocketAddr,
+    token: &str,
+    req: Request<Incoming>,
+) -> Response<Full<Bytes>> {
+    let (parts, body) = req.into_parts();
+    let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+    let url = format!("http://{target}{}", parts.uri.path_and_query().map_or("/", |p| p.as_str()));
+    let method = reqwest::Method::from_bytes(parts.method.as_str().as_bytes()).unwrap();
+    let mut request = client.request(method, url).body(body).bearer_auth(token);
+    for (name, value) in &parts.headers {
+        if name != "authorization" && name != "content-length" {
+            request = request.header(name.as_str(), value.as_bytes());
+        }
+    }
+    let answer = request.send().await.unwrap();
+    let mut response = Response::builder().status(answer.status().as_u16());
+    for (name, value) in answer.headers() {
+        response = response.header(name.as_str(), value.as_bytes());
+    }
+    response.body(Full::new(answer.bytes().await.unwrap())).unwrap()
+}
+
+#[actix_rt::test]
+async fn the_official_suite_finds_dns_rebinding_protection() {
+    let suite = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../ui-tests/node_modules/@modelcontextprotocol/conformance/dist/index.js");
+    let node_js = std::process::Command::new("node").arg("--version").output().is_ok_and(|o| o.status.success());
+    if !prerequisite(node_js && suite.exists(), "node and the MCP conformance suite (npm ci --prefix ui-tests)") {
+        return;
+    }
+    let node = TestNode::start("mcp-conformance", &[Role::TransactionManager]).await;
+    let admin = node.admin().await;
+    let port = token_proxy(node.node.http, admin.token().to_owned()).await;
+    let output = tokio::process::Command::new("node")
+        .arg(&suite)
+        .args(["server", "--url", &format!("http://localhost:{port}/mcp"), "--scenario", "dns-rebinding-protection"])
+        .output()
+        .await
+        .expect("the suite runs");
+    let report = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+    eprintln!("{report}");
+    assert!(output.status.success(), "the suite failed:\n{report}");
+    for check in ["localhost-host-rebinding-rejected", "localhost-host-valid-accepted"] {
+        let line =
+            report.lines().find(|l| l.contains(&format!("[{check}"))).unwrap_or_else(|| panic!("{check} not run"));
+        assert!(line.contains("SUCCESS"), "{check}: {line}");
+    }
+    assert!(report.contains("Passed: 2/2, 0 failed"), "{report}");
+}
