@@ -52,6 +52,18 @@ fn check_dev_node(name: &str, setup: impl FnOnce(&mut Command)) {
     assert_eq!(health.0, 200);
     assert!(health.1.contains("\"status\":\"ok\""), "{}", health.1);
 
+    // Secrets: the data directory only lets others pass through (to a
+    // panel's own volume); the password and the signing keys are the
+    // owner's alone, and the password was never printed.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &str| std::fs::metadata(dir.join(p)).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode("data"), 0o711);
+    assert_eq!(mode("data/admin-password"), 0o600);
+    assert_eq!(mode("data/jwt-keys.json"), 0o600);
+    if name == "tansu" {
+        assert_eq!(mode("data/tansu"), 0o700);
+    }
+
     // /api/* needs a token; log in as the first user `nexus dev` created.
     assert_eq!(get(port, "/api/graph").unwrap().0, 401);
     assert_eq!(get(port, "/api/openapi.json").unwrap().0, 200);
@@ -85,6 +97,8 @@ fn check_dev_node(name: &str, setup: impl FnOnce(&mut Command)) {
     let banner = banner.join().unwrap();
     let expected = if name == "mock" { "MOCK cluster" } else { "tansu child" };
     assert!(banner.contains(expected), "banner: {banner}");
+    assert!(banner.contains("admin-password"), "the banner names the password file: {banner}");
+    assert!(!banner.contains(password.trim()), "the banner never prints the password: {banner}");
 }
 
 #[test]
@@ -184,26 +198,94 @@ fn spans_are_exported_over_otlp_when_the_endpoint_is_set() {
 }
 
 #[test]
-fn nexus_node_runs_the_transaction_manager_with_an_operator_given_admin() {
+fn nexus_node_runs_the_transaction_manager_with_an_operator_given_admin_and_key_file() {
     let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("nexus-node-tm-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
     let redis = RedisServer::start(&dir.join("redis"), false).unwrap();
     let tansu =
         nexus_actors::infra::Tansu::start(&dir.join("tansu"), nexus_actors::infra::TansuStorage::Memory).unwrap();
     std::fs::write(dir.join("admin-password"), "operator-secret\n").unwrap();
+    let keys = dir.join("jwt-keys.json");
+    let generated = Command::new(env!("CARGO_BIN_EXE_nexus")).args(["keys", "generate"]).arg(&keys).output().unwrap();
+    assert!(generated.status.success(), "{}", String::from_utf8_lossy(&generated.stderr));
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(std::fs::metadata(&keys).unwrap().permissions().mode() & 0o777, 0o600);
+    let again = Command::new(env!("CARGO_BIN_EXE_nexus")).args(["keys", "generate"]).arg(&keys).output().unwrap();
+    assert!(!again.status.success(), "an existing key file is never overwritten");
     let port = free_port().unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_nexus"))
-        .args(["node", "--roles", "transaction-manager", "--http", &format!("127.0.0.1:{port}")])
-        .args(["--redis-url", &redis.url(), "--kafka-brokers", &tansu.brokers(), "--admin-password-file"])
-        .arg(dir.join("admin-password"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let node = |with_keys: bool| {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_nexus"));
+        command
+            .args(["node", "--roles", "transaction-manager", "--http", &format!("127.0.0.1:{port}")])
+            .args(["--redis-url", &redis.url(), "--kafka-brokers", &tansu.brokers(), "--admin-password-file"])
+            .arg(dir.join("admin-password"))
+            .env_remove("NEXUS_JWT_KEY_FILE");
+        if with_keys {
+            command.arg("--jwt-key-file").arg(&keys);
+        }
+        command
+    };
+    let refused = node(false).output().unwrap();
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("--jwt-key-file"), "{stderr}");
+    let child = node(true).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
     let _child = KillOnDrop(child);
     wait_for_health(port);
     let login = r#"{"username":"admin","password":"operator-secret"}"#;
-    assert_eq!(request(port, "POST", "/api/login", None, Some(login)).unwrap().0, 200);
+    let (status, token) = request(port, "POST", "/api/login", None, Some(login)).unwrap();
+    assert_eq!(status, 200);
+    let token: serde_json::Value = serde_json::from_str(&token).unwrap();
+    let (status, me) = request(port, "GET", "/api/me", token["token"].as_str(), None).unwrap();
+    assert_eq!(status, 200);
+    assert!(me.contains("\"role\":\"admin\""), "the operator's first user is an admin: {me}");
+    let rotated = Command::new(env!("CARGO_BIN_EXE_nexus")).args(["keys", "rotate"]).arg(&keys).output().unwrap();
+    assert!(rotated.status.success(), "{}", String::from_utf8_lossy(&rotated.stderr));
+    let set: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&keys).unwrap()).unwrap();
+    assert_eq!(set["keys"].as_array().unwrap().len(), 2, "{set}");
     let wrong = r#"{"username":"admin","password":"nope"}"#;
     assert_eq!(request(port, "POST", "/api/login", None, Some(wrong)).unwrap().0, 401);
     assert_eq!(get(port, "/").unwrap().0, 200, "the Studio is served");
+}
+
+#[test]
+fn ordinary_start_up_errors_are_one_clear_line() {
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = busy.local_addr().unwrap().port();
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("nexus-startup-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let redis = RedisServer::start(&dir.join("redis"), false).unwrap();
+    let tansu =
+        nexus_actors::infra::Tansu::start(&dir.join("tansu"), nexus_actors::infra::TansuStorage::Memory).unwrap();
+    let keys = dir.join("keys.json");
+    Command::new(env!("CARGO_BIN_EXE_nexus")).args(["keys", "generate"]).arg(&keys).output().unwrap();
+    let node = || {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_nexus"));
+        command
+            .args(["node", "--roles", "transaction-manager", "--redis-url", &redis.url()])
+            .args(["--kafka-brokers", &tansu.brokers()])
+            .env("RUST_LOG", "off")
+            .env("RUST_BACKTRACE", "1");
+        command
+    };
+    let cases: Vec<(&str, std::process::Output)> = vec![
+        (
+            "Address already in use",
+            node().arg("--http").arg(format!("127.0.0.1:{port}")).arg("--jwt-key-file").arg(&keys).output().unwrap(),
+        ),
+        ("missing.json", node().arg("--jwt-key-file").arg(dir.join("missing.json")).output().unwrap()),
+        (
+            "no-such-password",
+            node().arg("--jwt-key-file").arg(&keys).arg("--admin-password-file").arg(dir.join("no-such-password")).output().unwrap(),
+        ),
+    ];
+    for (expected, output) in cases {
+        assert!(!output.status.success(), "{expected}");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+        assert_eq!(lines.len(), 1, "one line, not a backtrace: {stderr}");
+        assert!(lines[0].starts_with("nexus: ") && lines[0].contains(expected), "{stderr}");
+        assert!(!stderr.contains("panicked") && !stderr.contains("backtrace"), "{stderr}");
+    }
+    drop(busy);
 }
