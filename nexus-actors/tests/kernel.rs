@@ -195,8 +195,12 @@ fn full_mailbox_refuses_hands_back_and_counts_and_keeps_what_it_accepted() {
 async fn graph_shows_actors_edges_and_counts() {
     let kernel = Kernel::new("test");
     let a = kernel.spawn("steady-a", || Steady { seen: 0 });
+    let b = kernel.spawn("steady-b", || Steady { seen: 0 });
     let from_x = a.link::<Work>("x");
     let from_y = a.link::<Work>("y");
+    // An actor that sends as well as receives: its outgoing edge goes with it.
+    let a_to_b = b.link::<Work>("steady-a");
+    a_to_b.ask(Work).await.unwrap();
     for _ in 0..3 {
         from_x.ask(Work).await.unwrap();
     }
@@ -211,6 +215,7 @@ async fn graph_shows_actors_edges_and_counts() {
     let edge = |from: &str| graph.edges.iter().find(|e| e.from == from && e.to == "steady-a").map(|e| e.count);
     assert_eq!(edge("x"), Some(3));
     assert_eq!(edge("y"), Some(2));
+    assert!(graph.edges.iter().any(|e| e.from == "steady-a" && e.to == "steady-b"));
     let json = serde_json::to_value(&graph).unwrap();
     assert_eq!(json["actors"][0]["id"], "steady-a");
 
@@ -221,6 +226,12 @@ async fn graph_shows_actors_edges_and_counts() {
         }
         actix::clock::sleep(Duration::from_millis(5)).await;
     }
-    assert!(kernel.graph().snapshot().actors.is_empty(), "stopped actors leave the graph");
+    let graph = kernel.graph().snapshot();
+    assert!(graph.actors.iter().all(|v| v.id != "steady-a"), "stopped actors leave the graph");
+    assert!(
+        graph.edges.iter().all(|e| e.from != "steady-a" && e.to != "steady-a"),
+        "and so do their edges, both ways: {:?}",
+        graph.edges.iter().map(|e| (&e.from, &e.to)).collect::<Vec<_>>()
+    );
     assert!(matches!(from_x.tell(Work), Err(SendError::Closed(Work))));
 }
