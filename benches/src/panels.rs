@@ -24,13 +24,15 @@ use actix_web::{web, App, HttpResponse, HttpServer};
 use nexus_actors::bus::redis::RedisBridge;
 use nexus_actors::infra::{find_program, free_port, RedisServer};
 use nexus_actors::instance::{
-    instances_key, Endpoint, InstanceMode, InstanceStatus, PanelRoute, ACTIVATE_CHANNEL, ROUTES_KEY,
+    instances_key, Endpoint, InstanceMode, InstanceStatus, PanelRoute, ROUTES_KEY,
 };
 use nexus_actors::roles::panel_manager::local::{LocalConfig, LocalDriver, SandboxChoice};
 use nexus_actors::roles::panel_manager::manager::{Deploy, Scale};
 use nexus_actors::roles::panel_manager::{self as pm, PanelManagerConfig, PanelManagerHandle};
 use nexus_actors::roles::traffic_gateway::{self as gateway, Gateway, GatewayConfig};
-use nexus_actors::roles::transaction_manager::store::{Panel, PanelMode, Store};
+use nexus_actors::platform::auth::keys::{KeyRing, KeySet};
+use nexus_actors::platform::channels::ACTIVATE as ACTIVATE_CHANNEL;
+use nexus_actors::platform::{Panel, PanelMode, PanelRecords};
 use nexus_actors::Kernel;
 use serde_json::Value;
 
@@ -40,10 +42,10 @@ use crate::tools::PythonPanel;
 /// The owner of every bench panel.
 const OWNER: &str = "bench";
 /// Route ids of the two upstreams of the overhead table.
-const HELLO_PANEL: &str = "bench-hello";
-const PYTHON_PANEL: &str = "bench-python";
+const HELLO_PANEL: &str = "0190a5a4-0000-7000-8000-00000000be01";
+const PYTHON_PANEL: &str = "0190a5a4-0000-7000-8000-00000000be02";
 /// The App of the cold-start table.
-const APP_PANEL: &str = "bench-app";
+const APP_PANEL: &str = "0190a5a4-0000-7000-8000-00000000be03";
 /// Threads of the gateway's runtime and nginx worker processes: the same.
 const PROXY_THREADS: usize = 2;
 /// How long any one wait for the panel manager may take before the run
@@ -396,7 +398,7 @@ pub async fn overhead(dir: &Path, sizes: &Sizes) -> String {
         put_route(&mut conn, PYTHON_PANEL, &format!("127.0.0.1:{port}")).await;
     }
     let kernel = Kernel::new("bench-gateway");
-    let mut config = GatewayConfig::new("127.0.0.1:0".parse().expect("address"), redis.url());
+    let mut config = GatewayConfig::new("127.0.0.1:0".parse().expect("address"), redis.url(), KeyRing::new(KeySet::generate()));
     config.threads = PROXY_THREADS;
     let gateway = gateway::start(&kernel, config).await.expect("gateway starts");
     let gw = gateway.local_addr();
@@ -680,7 +682,8 @@ async fn cold_starts(
     let bridge = RedisBridge::spawn(&kernel, &arbiter.handle(), &redis.url()).map_err(|e| e.to_string())?;
     let config = PanelManagerConfig::new("bench", redis.url());
     let handle = pm::start(&kernel, bridge, Arc::new(driver), config).await.map_err(|e| e.to_string())?;
-    let gateway = gateway::start(&kernel, GatewayConfig::new("127.0.0.1:0".parse().expect("address"), redis.url()))
+    let keys = KeyRing::new(KeySet::generate());
+    let gateway = gateway::start(&kernel, GatewayConfig::new("127.0.0.1:0".parse().expect("address"), redis.url(), keys))
         .await
         .map_err(|e| e.to_string())?;
     let conn = redis::Client::open(redis.url())
@@ -711,9 +714,10 @@ async fn measure_cold(node: &AppNode, kind: &'static str, isolation: String, siz
         owner: OWNER.to_owned(),
         mode: PanelMode::App,
         source: "template:python_minimal".to_owned(),
+        public: true,
     };
-    let store = Store::connect(&node.redis.url()).await.map_err(|e| e.to_string())?;
-    store.put_panel(&panel).await.map_err(|e| e.to_string())?;
+    let store = PanelRecords::connect(&node.redis.url()).await.map_err(|e| e.to_string())?;
+    store.put(&panel).await.map_err(|e| e.to_string())?;
     match node.handle.actor.link::<Deploy>("bench").ask(Deploy { panel }).await {
         Ok(Ok(_)) => {}
         Ok(Err(error)) => return Err(format!("deploy: {error}")),

@@ -13,6 +13,7 @@ use futures::{SinkExt, StreamExt};
 use nexus_actors::bus::kafka::KafkaConfig;
 use nexus_actors::infra::{free_port, RedisServer, Tansu, TansuStorage};
 use nexus_actors::node::{self, NodeConfig, PanelsConfig, Role};
+use nexus_actors::platform::auth::keys::KeySet;
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;
 
@@ -21,9 +22,9 @@ const PASSWORD: &str = "bench-password";
 /// Changes fanned out per setup.
 const CHANGES: u64 = 5;
 
-/// `nexus-bench serve-node REDIS_URL BROKERS PORT`: a transaction-manager node.
+/// `nexus-bench serve-node REDIS_URL BROKERS PORT KEY_FILE`: a transaction-manager node.
 pub fn serve_node(args: &[String]) {
-    let [redis_url, brokers, port] = args else { panic!("serve-node REDIS_URL BROKERS PORT") };
+    let [redis_url, brokers, port, key_file] = args else { panic!("serve-node REDIS_URL BROKERS PORT KEY_FILE") };
     let config = NodeConfig {
         name: format!("bench-{port}"),
         http: format!("127.0.0.1:{port}").parse().expect("port"),
@@ -34,6 +35,9 @@ pub fn serve_node(args: &[String]) {
         gateway: "127.0.0.1:0".parse().expect("address"),
         public_gateway_url: None,
         panels: PanelsConfig::new(std::env::temp_dir()),
+        key_file: Some(key_file.into()),
+        quotas: Default::default(),
+        allowed_origins: Vec::new(),
     };
     actix_rt::System::new().block_on(node::run(config)).expect("node runs");
 }
@@ -50,10 +54,11 @@ impl Drop for NodeProcess {
     }
 }
 
-fn start_node(redis_url: &str, brokers: &str) -> NodeProcess {
+fn start_node(redis_url: &str, brokers: &str, key_file: &Path) -> NodeProcess {
     let port = free_port().expect("port");
     let child = Command::new(std::env::current_exe().expect("own path"))
         .args(["serve-node", redis_url, brokers, &port.to_string()])
+        .arg(key_file)
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -91,10 +96,12 @@ pub struct Outcome {
 pub fn table(dir: &Path, n: usize) -> String {
     let redis = RedisServer::start(&dir.join("sessions-redis"), false).expect("redis-server");
     let tansu = Tansu::start(&dir.join("sessions-tansu"), TansuStorage::Memory).expect("tansu");
+    let key_file = dir.join("sessions-keys.json");
+    KeySet::generate().save(&key_file).expect("a key file");
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
     let mut outcomes = Vec::new();
     for (setup, nodes) in [("1 node", 1), ("2 nodes", 2)] {
-        let procs: Vec<NodeProcess> = (0..nodes).map(|_| start_node(&redis.url(), &tansu.brokers())).collect();
+        let procs: Vec<NodeProcess> = (0..nodes).map(|_| start_node(&redis.url(), &tansu.brokers(), &key_file)).collect();
         outcomes.push(runtime.block_on(measure(setup, &procs, n)));
     }
     let mut out = String::from(

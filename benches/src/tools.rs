@@ -15,7 +15,7 @@ use actix_web::{web, App, HttpResponse, HttpServer};
 use futures::StreamExt;
 use nexus_actors::bus::redis::RedisBridge;
 use nexus_actors::infra::{find_program, free_port, RedisServer};
-use nexus_actors::roles::transaction_manager::store::{Panel, PanelMode, Store};
+use nexus_actors::platform::{Panel, PanelMode, PanelRecords};
 use nexus_actors::sidecar::{self, SidecarConfig};
 use nexus_actors::tools::protocol::ToolCall;
 use nexus_actors::tools::registry::{CallTool, ListTools, RegistryDeps};
@@ -87,7 +87,7 @@ pub async fn rows(dir: &Path, n: u64, python_n: u64) -> Vec<Row> {
     let bridge = RedisBridge::spawn(&kernel, &bridge_arbiter.handle(), &redis.url()).expect("bridge");
     let store = ToolStore::connect(&redis.url()).await.expect("tool store");
     let registry = ToolRegistry::spawn(RegistryDeps { kernel: kernel.clone(), store, redis: bridge, kafka: None });
-    let panels = Store::connect(&redis.url()).await.expect("panel records");
+    let panels = PanelRecords::connect(&redis.url()).await.expect("panel records");
     let mut rows = Vec::new();
 
     let (url, panel_server) = serve_echo_panel();
@@ -97,7 +97,7 @@ pub async fn rows(dir: &Path, n: u64, python_n: u64) -> Vec<Row> {
             "tool call, Rust panel: sequential p99",
             "tool call, Rust panel: 32 in flight",
         ],
-        record: "bench-rust-panel",
+        record: "0190a5a4-0000-7000-8000-00000000be04",
         url,
         tool: "echo",
         arguments: json!({"text": "hello"}),
@@ -116,7 +116,7 @@ pub async fn rows(dir: &Path, n: u64, python_n: u64) -> Vec<Row> {
                     "tool call, Python panel: sequential p99",
                     "tool call, Python panel: 32 in flight",
                 ],
-                record: "bench-python-panel",
+                record: "0190a5a4-0000-7000-8000-00000000be05",
                 url: format!("http://127.0.0.1:{}", python.port),
                 tool: "word_count",
                 arguments: json!({"text": "one two three"}),
@@ -252,15 +252,16 @@ impl RunningSidecar {
 
 // ---- measuring ----------------------------------------------------------------
 
-async fn measure(target: &Target, redis: &RedisServer, panels: &Store, registry: &ActorRef<ToolRegistry>) -> Vec<Row> {
+async fn measure(target: &Target, redis: &RedisServer, panels: &PanelRecords, registry: &ActorRef<ToolRegistry>) -> Vec<Row> {
     let record = Panel {
         id: target.record.into(),
         name: target.record.into(),
         owner: OWNER.into(),
         mode: PanelMode::Studio,
         source: "nexus-bench".into(),
+        public: false,
     };
-    panels.put_panel(&record).await.expect("panel record");
+    panels.put(&record).await.expect("panel record");
     let mut config = SidecarConfig::new(target.record, redis.url());
     config.panel_url = target.url.clone();
     config.listen = format!("127.0.0.1:{}", free_port().expect("port")).parse().expect("address");
