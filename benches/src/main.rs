@@ -36,6 +36,7 @@ struct Sizes {
     python_tools: u64,
 }
 
+mod login;
 mod panels;
 mod sessions;
 mod tools;
@@ -53,8 +54,9 @@ fn main() {
     // `--only panels`: just the panel tables, printed (a partial run never
     // overwrites RESULTS.md).
     let only_panels = args.windows(2).any(|w| w[0] == "--only" && w[1] == "panels");
-    if only_panels && write.is_some() {
-        eprintln!("--only panels prints its tables; --write needs the full run");
+    let only_login = args.windows(2).any(|w| w[0] == "--only" && w[1] == "login");
+    if (only_panels || only_login) && write.is_some() {
+        eprintln!("--only prints its tables; --write needs the full run");
         std::process::exit(2);
     }
     let sizes = if quick {
@@ -63,6 +65,12 @@ fn main() {
         Sizes { kernel: 200_000, redis: 50_000, kafka: 20_000, tools: 20_000, python_tools: 2_000 }
     };
     let dir = std::env::temp_dir().join(format!("nexus-bench-{}", std::process::id()));
+    let _ = std::fs::create_dir_all(&dir);
+    if only_login {
+        println!("{}", login::table(&dir, quick));
+        let _ = std::fs::remove_dir_all(&dir);
+        return;
+    }
     if only_panels {
         let (overhead, cold) = panel_tables(&dir, quick);
         println!("{overhead}\n{cold}");
@@ -86,6 +94,8 @@ fn main() {
     println!("{sessions_table}");
     let (overhead_table, cold_table) = panel_tables(&dir, quick);
     println!("{overhead_table}\n{cold_table}");
+    let login_table = login::table(&dir, quick);
+    println!("{login_table}");
     let _ = std::fs::remove_dir_all(&dir);
     if let Some(path) = write {
         // scripts/bench says how it was called; run directly, the cargo command.
@@ -94,13 +104,14 @@ fn main() {
             format!("cargo run --release -p nexus-benches --{quick} --write {}", path.display())
         });
         let doc = format!(
-            "# Benchmark results\n\nLatest run of `{command}`.\n\n{}\n{table}\n{}\n## Tool calls\n\n{tools_table}\n{}\n## WebSocket sessions\n\n{sessions_table}\n{}\n## Gateway overhead\n\n{overhead_table}\n{}\n## App cold start\n\n{cold_table}\n{}",
+            "# Benchmark results\n\nLatest run of `{command}`.\n\n{}\n{table}\n{}\n## Tool calls\n\n{tools_table}\n{}\n## WebSocket sessions\n\n{sessions_table}\n{}\n## Gateway overhead\n\n{overhead_table}\n{}\n## App cold start\n\n{cold_table}\n{}\n## API latency during a login flood\n\n{login_table}\n{}",
             machine(),
             NOTES,
             tools::NOTES,
             SESSION_NOTES,
             panels::OVERHEAD_NOTES,
-            panels::COLD_NOTES
+            panels::COLD_NOTES,
+            login::NOTES
         );
         std::fs::write(&path, doc).expect("write results");
         eprintln!("wrote {}", path.display());

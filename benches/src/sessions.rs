@@ -38,6 +38,7 @@ pub fn serve_node(args: &[String]) {
         key_file: Some(key_file.into()),
         quotas: Default::default(),
         allowed_origins: Vec::new(),
+        login_limits: Default::default(),
     };
     actix_rt::System::new().block_on(node::run(config)).expect("node runs");
 }

@@ -17,6 +17,7 @@ use crate::bus::kafka::{KafkaBridge, KafkaConfig};
 use crate::bus::redis::RedisBridge;
 use crate::kernel::{ActorRef, Kernel};
 use crate::platform::auth::keys::{KeyError, KeyRing, KeySet};
+use crate::platform::auth::limiter::{LoginLimiter, LoginLimits};
 use crate::platform::auth::password::PasswordError;
 use crate::platform::http::Readiness;
 use crate::platform::origin::OriginPolicy;
@@ -107,6 +108,8 @@ pub struct NodeConfig {
     /// Origins (`scheme://host[:port]`) besides the node's own whose pages
     /// may call its MCP endpoint.
     pub allowed_origins: Vec<String>,
+    /// How many failed logins are taken per address and per username.
+    pub login_limits: LoginLimits,
 }
 
 /// How the panel manager runs panel instances on this machine.
@@ -376,6 +379,7 @@ async fn transaction_manager(
 ) -> Result<tm_role::TmState, NodeError> {
     let publish = bridges.redis.link(Role::TransactionManager.name());
     let mut state = tm_role::state(platform.clone(), Some(publish), &config.name, kernel.metrics().registry());
+    state.limiter = LoginLimiter::new(platform.redis.clone(), config.login_limits);
     state.ui.gateway_url = gateway_url;
     // Three heartbeats fit in the watchdog's timeout, however short it is set.
     state.ui.heartbeat_secs = state.ui.heartbeat_secs.min(config.panels.watchdog_timeout.as_secs() / 3).max(1);

@@ -10,6 +10,7 @@ use nexus_actors::bus::kafka::KafkaConfig;
 use nexus_actors::infra;
 use nexus_actors::node::{self, NodeConfig, PanelsConfig, Role};
 use nexus_actors::platform::auth::keys::{unix_now, KeySet};
+use nexus_actors::platform::auth::limiter::LoginLimits;
 use nexus_actors::platform::auth::TOKEN_TTL;
 use nexus_actors::platform::Quotas;
 use nexus_actors::roles::panel_manager::local::SandboxChoice;
@@ -46,7 +47,7 @@ enum Command {
         #[command(flatten)]
         panels: PanelArgs,
         #[command(flatten)]
-        quotas: LimitArgs,
+        limits: LimitArgs,
     },
     /// Run a node with selected roles against explicit brokers (operators).
     ///
@@ -109,6 +110,12 @@ struct LimitArgs {
     /// (repeatable; comma-separated in the environment).
     #[arg(long = "allowed-origin", value_name = "ORIGIN", env = "NEXUS_ALLOWED_ORIGINS", value_delimiter = ',')]
     allowed_origins: Vec<String>,
+    /// Failed logins taken from one client address per minute (then 429).
+    #[arg(long, default_value_t = LoginLimits::default().per_address, env = "NEXUS_LOGIN_FAILURES_PER_ADDRESS")]
+    login_failures_per_address: u32,
+    /// Failed logins taken for one username per minute, from anywhere (then 429).
+    #[arg(long, default_value_t = LoginLimits::default().per_user, env = "NEXUS_LOGIN_FAILURES_PER_USER")]
+    login_failures_per_user: u32,
     /// Panel records per user.
     #[arg(long, default_value_t = Quotas::default().panels, env = "NEXUS_MAX_PANELS_PER_USER")]
     max_panels_per_user: usize,
@@ -121,6 +128,14 @@ struct LimitArgs {
 }
 
 impl LimitArgs {
+    fn login_limits(&self) -> LoginLimits {
+        LoginLimits {
+            per_address: self.login_failures_per_address,
+            per_user: self.login_failures_per_user,
+            ..LoginLimits::default()
+        }
+    }
+
     fn quotas(&self) -> Quotas {
         Quotas {
             panels: self.max_panels_per_user,
@@ -268,7 +283,7 @@ struct NodeArgs {
     #[command(flatten)]
     panels: PanelArgs,
     #[command(flatten)]
-    quotas: LimitArgs,
+    limits: LimitArgs,
 }
 
 /// Ordinary start-up failures (a port in use, a missing file) end in one
@@ -287,7 +302,7 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Dev { http, data_dir, panels, quotas } => dev(http, data_dir, panels, quotas),
+        Command::Dev { http, data_dir, panels, limits } => dev(http, data_dir, panels, limits),
         Command::Keys { action } => keys(action),
         Command::Sidecar(args) => {
             let config = SidecarConfig {
@@ -335,8 +350,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 public_gateway_url: args.panels.public_gateway_url.clone(),
                 panels: args.panels.config(&args.data_dir),
                 key_file: args.jwt_key_file,
-                quotas: args.quotas.quotas(),
-                allowed_origins: args.quotas.allowed_origins.clone(),
+                quotas: args.limits.quotas(),
+                allowed_origins: args.limits.allowed_origins.clone(),
+                login_limits: args.limits.login_limits(),
             };
             actix_rt::System::new().block_on(node::run(config))?;
             Ok(())
@@ -365,7 +381,7 @@ fn keys(action: KeysAction) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn dev(http: SocketAddr, data_dir: PathBuf, panels: PanelArgs, quotas: LimitArgs) -> anyhow::Result<()> {
+fn dev(http: SocketAddr, data_dir: PathBuf, panels: PanelArgs, limits: LimitArgs) -> anyhow::Result<()> {
     infra::dev::data_dir(&data_dir)?;
     let key_file = data_dir.join("jwt-keys.json");
     KeySet::load_or_generate(&key_file)?;
@@ -383,8 +399,9 @@ fn dev(http: SocketAddr, data_dir: PathBuf, panels: PanelArgs, quotas: LimitArgs
         public_gateway_url: panels.public_gateway_url.clone(),
         panels: panels.config(&data_dir),
         key_file: Some(key_file.clone()),
-        quotas: quotas.quotas(),
-        allowed_origins: quotas.allowed_origins.clone(),
+        quotas: limits.quotas(),
+        allowed_origins: limits.allowed_origins.clone(),
+        login_limits: limits.login_limits(),
     };
     println!("nexus dev: http://{http}/healthz  http://{http}/readyz  http://{http}/metrics  http://{http}/api/graph (admins)");
     println!("  redis: {} ({})", redis.url, redis.origin);

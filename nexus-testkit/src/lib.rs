@@ -213,6 +213,7 @@ pub fn node_config(name: &str, roles: &[Role], brokers: &Brokers, keys: &TestKey
         key_file: Some(keys.file.clone()),
         quotas: Quotas::default(),
         allowed_origins: Vec::new(),
+        login_limits: Default::default(),
     }
 }
 
