@@ -209,10 +209,13 @@ pub(crate) fn strip_platform_secrets(headers: &mut HeaderMap) {
     headers.remove(HeaderName::from_static(WATCHDOG_TOKEN_HEADER));
 }
 
+/// A record as read (`None`: there is none), and when.
+type Entry = (Option<Arc<Panel>>, Instant);
+
 /// Panel records by id, each trusted for [`RECORD_TTL`].
 struct RecordCache {
     records: PanelRecords,
-    entries: Mutex<HashMap<String, (Option<Arc<Panel>>, Instant)>>,
+    entries: Mutex<HashMap<String, Entry>>,
 }
 
 impl RecordCache {
