@@ -157,6 +157,21 @@ test("a panel starts in Studio, opens through the gateway, deploys as an App, sc
     assert.ok(bobCookie, "bob got the cookie of his own panel");
     await bob.addCookies([{ ...bobCookie, path: `/p/${id}/` }]);
     assert.equal((await bobPage.goto(studioUrl)).status(), 403, "a cookie of another panel");
+    await bob.close();
+
+    // The Studio opened as localhost while the node names its gateway
+    // 127.0.0.1: cookies are per host, so the UI opens the gateway under the
+    // page's name, and the panel loads.
+    const local = await (await browser.newContext()).newPage();
+    await local.goto(base.replace("127.0.0.1", "localhost"));
+    await local.fill("#login-username", "admin");
+    await local.fill("#login-password", password);
+    await local.click("#login-submit");
+    const localUrl = `${gateway.replace("127.0.0.1", "localhost")}/p/${id}/`;
+    const localLoaded = local.waitForResponse((r) => r.url() === localUrl && r.request().method() === "GET", { timeout: START });
+    await local.locator(`#panel-list li[data-panel="${id}"] [data-action="open"]`).click();
+    await expectPanelPage(await localLoaded);
+    await local.context().close();
 
     // Stop it.
     await panel.locator('[data-action="stop-studio"]').click();
