@@ -1,9 +1,11 @@
 // A panel's life in the Studio UI, live: create it from the python_minimal
-// template, start a Studio instance, open it through the traffic gateway,
-// stop it, deploy it as an App, watch the App scale to zero and come back on
-// the next request. Run by nexus-bin/tests/panels_ui.rs against a real
-// `nexus dev` whose Apps scale to zero after a few seconds (NEXUS_URL,
-// NEXUS_PASSWORD, NEXUS_GATEWAY), in Debian's Chromium.
+// template, start a Studio instance, open it through the traffic gateway
+// (the UI first gets the panel's cookie), see another user refused it in a
+// browser of their own, stop it, deploy it as an App, watch the App scale to
+// zero and come back on the next request, make it public (anyone gets it,
+// sandboxed) and private again. Run by nexus-bin/tests/panels_ui.rs against
+// a real `nexus dev` whose Apps scale to zero after a few seconds
+// (NEXUS_URL, NEXUS_PASSWORD, NEXUS_GATEWAY), in Debian's Chromium.
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import { chromium } from "playwright-core";
@@ -41,6 +43,18 @@ function recordStates() {
 }
 
 const isPanelPage = (id) => (r) => r.url() === `${gateway}/p/${id}/` && r.request().method() === "GET";
+
+// Asks until `url` answers `want` (the gateway trusts a panel record for a
+// couple of seconds, so a change reaches it shortly after it is made).
+async function eventuallyStatus(request, url, want) {
+  let last;
+  for (let attempt = 0; attempt < 60; attempt++) {
+    last = await request.get(url, { maxRedirects: 0 });
+    if (last.status() === want) return last;
+    await new Promise((resolve) => setTimeout(resolve, 250));
+  }
+  assert.fail(`${url} answered ${last.status()}, not ${want}`);
+}
 
 test("a panel starts in Studio, opens through the gateway, deploys as an App, scales to zero and comes back", async () => {
   assert.ok(base && password && gateway, "NEXUS_URL, NEXUS_PASSWORD and NEXUS_GATEWAY must be set");
@@ -113,6 +127,51 @@ test("a panel starts in Studio, opens through the gateway, deploys as an App, sc
     assert.equal((await heartbeat).status(), 200, "the heartbeat reached the watchdog");
     await page.waitForSelector('#viewer[data-heartbeat="ok"]');
     assert.equal(page.frame({ url: `${gateway}/p/${id}/` }) !== null, true, "the frame shows the panel");
+    const cookies = await page.context().cookies(`${gateway}/p/${id}/`);
+    const cookie = cookies.find((c) => c.name === "nexus_panel");
+    assert.ok(cookie && cookie.httpOnly && cookie.path === `/p/${id}/` && cookie.sameSite === "Strict", JSON.stringify(cookies));
+
+    // Another user, in a browser of their own, cannot open it.
+    const studioUrl = `${gateway}/p/${id}/`;
+    const adminToken = await page.evaluate(() => sessionStorage.getItem("nexus-token"));
+    const created = await page.request.post(`${base}/api/users`, {
+      headers: { authorization: `Bearer ${adminToken}` },
+      data: { username: "bob", password: "bob-password" },
+    });
+    assert.equal(created.status(), 201);
+    const bob = await browser.newContext();
+    const bobPage = await bob.newPage();
+    assert.equal((await bobPage.goto(studioUrl)).status(), 401, "no credential");
+    const login = await bob.request.post(`${base}/api/login`, { data: { username: "bob", password: "bob-password" } });
+    const bobAuth = { authorization: `Bearer ${(await login.json()).token}` };
+    assert.equal((await bob.request.get(studioUrl, { headers: bobAuth })).status(), 403, "bob's token");
+    assert.equal((await bob.request.post(`${base}/api/panels/${id}/access`, { headers: bobAuth })).status(), 403);
+    // Bob's cookie for a panel of his own does not open the admin's.
+    const own = await bob.request.post(`${base}/api/panels`, {
+      headers: bobAuth,
+      data: { name: "bob's", mode: "studio", source: "template:python_minimal" },
+    });
+    const bobPanel = (await own.json()).id;
+    assert.equal((await bob.request.post(`${base}/api/panels/${bobPanel}/access`, { headers: bobAuth })).status(), 200);
+    const bobCookie = (await bob.cookies(`${gateway}/p/${bobPanel}/`)).find((c) => c.name === "nexus_panel");
+    assert.ok(bobCookie, "bob got the cookie of his own panel");
+    await bob.addCookies([{ ...bobCookie, path: `/p/${id}/` }]);
+    assert.equal((await bobPage.goto(studioUrl)).status(), 403, "a cookie of another panel");
+    await bob.close();
+
+    // The Studio opened as localhost while the node names its gateway
+    // 127.0.0.1: cookies are per host, so the UI opens the gateway under the
+    // page's name, and the panel loads.
+    const local = await (await browser.newContext()).newPage();
+    await local.goto(base.replace("127.0.0.1", "localhost"));
+    await local.fill("#login-username", "admin");
+    await local.fill("#login-password", password);
+    await local.click("#login-submit");
+    const localUrl = `${gateway.replace("127.0.0.1", "localhost")}/p/${id}/`;
+    const localLoaded = local.waitForResponse((r) => r.url() === localUrl && r.request().method() === "GET", { timeout: START });
+    await local.locator(`#panel-list li[data-panel="${id}"] [data-action="open"]`).click();
+    await expectPanelPage(await localLoaded);
+    await local.context().close();
 
     // Stop it.
     await panel.locator('[data-action="stop-studio"]').click();
@@ -141,6 +200,28 @@ test("a panel starts in Studio, opens through the gateway, deploys as an App, sc
     const appSeen = await page.evaluate(() => window.seenStates.app);
     assert.ok(appSeen.indexOf("stopped") < appSeen.lastIndexOf("ready"), `app states seen: ${appSeen}`);
     if (process.env.NEXUS_SCREENSHOT) await page.screenshot({ path: process.env.NEXUS_SCREENSHOT, fullPage: true });
+
+    // Public: the App is served to anyone, in a sandbox of its own origin.
+    await panel.locator('[data-action="public"]').check();
+    await page.waitForSelector(`#panel-list li[data-panel="${id}"][data-public="true"]`);
+    const anyone = await browser.newContext();
+    const shared = await eventuallyStatus(anyone.request, studioUrl, 200);
+    assert.match(shared.headers()["content-security-policy"] || "", /^sandbox allow-scripts /);
+    assert.doesNotMatch(shared.headers()["content-security-policy"], /allow-same-origin/);
+    const visitor = await anyone.newPage();
+    assert.equal((await visitor.goto(studioUrl)).status(), 200);
+    const origin = await visitor.evaluate(() => {
+      try {
+        return `storage of ${localStorage.length} items at ${location.origin}`;
+      } catch (error) {
+        return `sandboxed: ${error.name}`;
+      }
+    });
+    assert.match(origin, /^sandboxed/, "a stranger's public App does not run in the gateway's origin");
+    // Private again: strangers are refused.
+    await panel.locator('[data-action="public"]').uncheck();
+    await page.waitForSelector(`#panel-list li[data-panel="${id}"][data-public="false"]`);
+    await eventuallyStatus(anyone.request, studioUrl, 401);
 
     // Undeploy, so nothing is left running.
     await panel.locator('[data-action="stop-all"]').click();

@@ -1,6 +1,8 @@
 // Two browsers edit one document and see each other live; the mailbox
-// graph renders. Run by nexus-bin/tests/studio_ui.rs against a real
-// `nexus dev` (NEXUS_URL, NEXUS_PASSWORD), in Debian's Chromium.
+// graph renders for the admin and is not offered to anyone else; nobody can
+// frame the Studio; logging out revokes the token. Run by
+// nexus-bin/tests/studio_ui.rs against a real `nexus dev` (NEXUS_URL,
+// NEXUS_PASSWORD), in Debian's Chromium.
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import { chromium } from "playwright-core";
@@ -13,11 +15,11 @@ const launchArgs = [
   "--disable-background-networking", "--disable-component-update", "--disable-sync",
 ];
 
-async function loggedIn(browser) {
+async function loggedIn(browser, user = "admin", secret = password) {
   const page = await (await browser.newContext()).newPage();
   await page.goto(base);
-  await page.fill("#login-username", "admin");
-  await page.fill("#login-password", password);
+  await page.fill("#login-username", user);
+  await page.fill("#login-password", secret);
   await page.click("#login-submit");
   await page.waitForSelector("#panels:not([hidden])");
   return page;
@@ -70,6 +72,43 @@ test("two browsers edit one document live, see each other, and the graph renders
     assert.match(labels, /kafka-bridge/);
     assert.match(labels, /session\//);
     if (process.env.NEXUS_SCREENSHOT) await a.screenshot({ path: process.env.NEXUS_SCREENSHOT });
+
+    // A user who is not an admin is not offered the graph, and the node
+    // refuses it to them.
+    const adminToken = await a.evaluate(() => sessionStorage.getItem("nexus-token"));
+    const created = await a.request.post(`${base}/api/users`, {
+      headers: { authorization: `Bearer ${adminToken}` },
+      data: { username: "viewer", password: "viewer-password" },
+    });
+    assert.equal(created.status(), 201);
+    const viewer = await loggedIn(browser, "viewer", "viewer-password");
+    assert.equal(await viewer.isHidden("#nav-graph"), true, "the graph is for admins only");
+    assert.equal(await a.isVisible("#nav-graph"), true);
+    assert.match(await viewer.textContent("#whoami"), /viewer/);
+    const graph = await viewer.evaluate(async () => {
+      const r = await fetch("/api/graph", { headers: { authorization: "Bearer " + sessionStorage.getItem("nexus-token") } });
+      return r.status;
+    });
+    assert.equal(graph, 403);
+
+    // Nobody can frame the Studio: the page says so, and Chromium obeys.
+    const studio = await a.request.get(base);
+    assert.match(studio.headers()["content-security-policy"], /frame-ancestors 'none'/);
+    assert.equal(studio.headers()["x-frame-options"], "DENY");
+    const framer = await (await browser.newContext()).newPage();
+    await framer.setContent(`<iframe id="victim" src="${base}/"></iframe>`);
+    const framed = framer.frames().find((f) => f !== framer.mainFrame());
+    assert.ok(framed, "the frame exists");
+    assert.equal(await framed.$("#login-form"), null, "the Studio did not render inside another page");
+
+    // Log out: back to the login, and the token is revoked at the node.
+    const viewerToken = await viewer.evaluate(() => sessionStorage.getItem("nexus-token"));
+    const whoami = () => viewer.request.get(`${base}/api/me`, { headers: { authorization: `Bearer ${viewerToken}` } });
+    assert.equal((await whoami()).status(), 200);
+    await viewer.click("#nav-logout");
+    await viewer.waitForSelector("#login:not([hidden])");
+    assert.equal(await viewer.evaluate(() => sessionStorage.getItem("nexus-token")), null, "the page forgot its token");
+    assert.equal((await whoami()).status(), 401, "the node revoked it");
   } finally {
     await browser.close();
   }

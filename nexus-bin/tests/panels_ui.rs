@@ -5,6 +5,12 @@
 //! test sees it happen. `scripts/test` installs Chromium and the npm
 //! packages; without them this test fails and says what is missing. It
 //! fails too when the browser test is skipped or runs no test at all.
+//!
+//! First, with a plain HTTP client: a running Studio of the admin's is
+//! refused to anyone else at the gateway (401 without a credential, 403
+//! with another user's token), served to the admin by token or by the
+//! cookie the API hands out, and its tool interface is never reachable
+//! through the gateway.
 
 mod common;
 
@@ -13,6 +19,9 @@ use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use nexus_actors::infra::{free_port, RedisServer};
+use nexus_testkit::ApiClient;
+use reqwest::StatusCode;
+use serde_json::{json, Value};
 
 /// Stops `nexus dev` (and with it every panel instance it started) however
 /// the test ends.
@@ -83,6 +92,8 @@ fn a_panel_runs_in_studio_deploys_as_an_app_scales_to_zero_and_comes_back() {
     wait_for(&mut node, port, "HTTP API", &log);
     wait_for(&mut node, gateway_port, "traffic gateway", &log);
     let password = std::fs::read_to_string(dir.join("data/admin-password")).unwrap();
+    let (base, gateway) = (format!("http://127.0.0.1:{port}"), format!("http://127.0.0.1:{gateway_port}"));
+    actix_rt::System::new().block_on(strangers_are_refused_a_running_studio(&base, &gateway, password.trim()));
 
     let output = Command::new("node")
         .args(["--test", "--test-reporter=tap", "panels.test.mjs"])
@@ -103,5 +114,73 @@ fn a_panel_runs_in_studio_deploys_as_an_app_scales_to_zero_and_comes_back() {
     assert!(tests.is_some_and(|n| n > 0) && pass == tests, "not every browser test ran and passed:\n{report}");
     for name in ["skipped", "skip", "todo", "cancelled"] {
         assert!(tap_count(&tap, name).unwrap_or(0) == 0, "a browser test is {name}:\n{report}");
+    }
+}
+
+/// Starts a Studio of the admin's and tries it with a plain HTTP client:
+/// see the module docs.
+async fn strangers_are_refused_a_running_studio(base: &str, gateway: &str, password: &str) {
+    let admin = ApiClient::login(base, "admin", password).await;
+    let (status, body) = admin.post("/api/users", json!({"username": "mallory", "password": "mallory-password"})).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let mallory = ApiClient::login(base, "mallory", "mallory-password").await;
+    let (status, panel) = admin
+        .post("/api/panels", json!({"name": "private", "mode": "studio", "source": "template:python_minimal"}))
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{panel}");
+    let id = panel["id"].as_str().expect("a panel id").to_owned();
+    let (status, body) = admin.post(&format!("/api/panels/{id}/studio"), json!({})).await;
+    assert!(status.is_success(), "starting the Studio: {status} {body}");
+    until_states(&admin, &id, &["ready", "idle"]).await;
+
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    let url = format!("{gateway}/p/{id}/");
+    let get = |path: &str| http.get(format!("{url}{path}"));
+    let nobody = get("").send().await.unwrap();
+    assert_eq!(nobody.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(nobody.json::<Value>().await.unwrap()["error"], "unauthorized");
+    assert_eq!(get("").bearer_auth(mallory.token()).send().await.unwrap().status(), StatusCode::FORBIDDEN);
+    let (status, _) = mallory.post(&format!("/api/panels/{id}/access"), json!({})).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "no cookie for someone else's panel");
+
+    // The owner, by token and by the cookie the API sets.
+    let page = get("").bearer_auth(admin.token()).send().await.unwrap();
+    assert_eq!(page.status(), StatusCode::OK);
+    assert!(page.text().await.unwrap().contains("python_minimal"));
+    let access = admin.http.post(format!("{base}/api/panels/{id}/access")).bearer_auth(admin.token()).send().await;
+    let access = access.unwrap();
+    let set_cookie = access.headers()["set-cookie"].to_str().unwrap().to_owned();
+    assert!(set_cookie.contains(&format!("Path=/p/{id}/")) && set_cookie.contains("HttpOnly"), "{set_cookie}");
+    let cookie = set_cookie.split(';').next().unwrap().to_owned();
+    assert_eq!(get("").header("cookie", &cookie).send().await.unwrap().status(), StatusCode::OK);
+
+    // The panel really has a /manifest; nobody reaches it through the
+    // gateway (the gateway's own 404, not the panel's).
+    for path in ["manifest", "%6danifest", "MANIFEST", "mcp/execute"] {
+        let r = get(path).bearer_auth(admin.token()).send().await.unwrap();
+        assert_eq!(r.status(), StatusCode::NOT_FOUND, "{path}");
+        assert!(r.text().await.unwrap().contains("sidecar"), "{path} was refused by the gateway");
+    }
+
+    // Gone before the browser test, which watches the admin's panel list.
+    let (status, body) = admin.delete(&format!("/api/panels/{id}/studio")).await;
+    assert!(status.is_success(), "stopping the Studio: {status} {body}");
+    until_states(&admin, &id, &["stopped"]).await;
+    let (status, body) = admin.delete(&format!("/api/panels/{id}")).await;
+    assert!(status.is_success(), "deleting the panel: {status} {body}");
+}
+
+/// Waits (90 s at most) until an instance of panel `id` is in one of `states`.
+async fn until_states(client: &ApiClient, id: &str, states: &[&str]) {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let (_, instances) = client.get(&format!("/api/panels/{id}/instances")).await;
+        let now: Vec<&str> = instances.as_array().into_iter().flatten().filter_map(|s| s["state"].as_str()).collect();
+        if now.iter().any(|s| states.contains(s)) {
+            return;
+        }
+        assert!(!now.contains(&"failed"), "the instance failed: {instances}");
+        assert!(Instant::now() < deadline, "no instance became {states:?}: {instances}");
+        actix_rt::time::sleep(Duration::from_millis(250)).await;
     }
 }

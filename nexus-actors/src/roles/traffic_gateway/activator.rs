@@ -3,7 +3,7 @@
 //!
 //! Each panel has a bounded queue ([`Activator::admit`] refuses past it).
 //! The first request admitted starts one driver task per panel that
-//! publishes [`Activate`] on `nexus:panel-manager:activate` and repeats it
+//! publishes [`Activate`] on [`channels::ACTIVATE`] and repeats it
 //! every [`REPUBLISH_EVERY`] until the route has a usable endpoint
 //! (recording the cold start), the route is gone, or nobody waits any
 //! more. A request may also arrive with endpoints that refused it: the
@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use redis::aio::ConnectionManager;
 
-use super::metrics::GatewayMetrics;
+use super::metrics::{ActivationOutcome, GatewayMetrics};
 use super::routes::Routes;
 use crate::envelope::Envelope;
 use crate::instance::{Activate, PanelRoute};
@@ -28,21 +28,22 @@ use crate::platform::channels;
 
 /// How often a held panel's activation is announced again: panel managers
 /// may have missed it (pub/sub) or may have restarted.
-pub const REPUBLISH_EVERY: Duration = Duration::from_secs(2);
+pub(crate) const REPUBLISH_EVERY: Duration = Duration::from_secs(2);
 
 /// Whether a held request can stop waiting: the route has an endpoint
 /// other than the ones that `refused` it, is gone, or is no longer
 /// activatable.
-pub fn settled(route: Option<&PanelRoute>, refused: &[String]) -> bool {
+pub(crate) fn settled(route: Option<&PanelRoute>, refused: &[String]) -> bool {
     route.is_none_or(|r| usable(r, refused) || !r.activatable)
 }
 
 /// Whether `route` has an endpoint other than the `refused` addresses.
-pub fn usable(route: &PanelRoute, refused: &[String]) -> bool {
+pub(crate) fn usable(route: &PanelRoute, refused: &[String]) -> bool {
     route.endpoints.iter().any(|e| !refused.contains(&e.addr))
 }
 
-pub struct Activator {
+/// Holds requests for Apps scaled to zero and asks for their activation.
+pub(crate) struct Activator {
     pending: Mutex<HashMap<String, Pending>>,
     capacity: usize,
     routes: Routes,
@@ -61,7 +62,7 @@ struct Pending {
 }
 
 /// A place in a panel's queue, given back when dropped.
-pub struct Slot {
+pub(crate) struct Slot {
     activator: Arc<Activator>,
     panel: String,
     id: u64,
@@ -80,7 +81,8 @@ impl Drop for Slot {
 }
 
 impl Activator {
-    pub fn new(
+    /// An activator holding at most `capacity` requests per panel.
+    pub(crate) fn new(
         capacity: usize,
         routes: Routes,
         redis: ConnectionManager,
@@ -102,7 +104,7 @@ impl Activator {
     /// place of an activation starts its driver (on the current runtime).
     /// `refused` are endpoint addresses that refused this request: the
     /// activation is not over while the route names only those.
-    pub fn admit(self: &Arc<Self>, panel: &str, refused: &[String]) -> Option<Slot> {
+    pub(crate) fn admit(self: &Arc<Self>, panel: &str, refused: &[String]) -> Option<Slot> {
         let mut pending = lock(&self.pending);
         let p = match pending.get_mut(panel) {
             Some(p) => p,
@@ -138,22 +140,17 @@ impl Activator {
             let mut pending = lock(&self.pending);
             let waiting = pending.get(&panel).filter(|p| p.id == id).map_or(0, |p| p.queued);
             let outcome = match route.as_deref() {
-                Some(r) if usable(r, &refused) => "ready",
-                None => "gone",
-                Some(r) if !r.activatable => "gone",
-                Some(_) if waiting == 0 => "abandoned",
+                Some(r) if usable(r, &refused) => ActivationOutcome::Ready,
+                None => ActivationOutcome::Gone,
+                Some(r) if !r.activatable => ActivationOutcome::Gone,
+                Some(_) if waiting == 0 => ActivationOutcome::Abandoned,
                 Some(_) => continue,
             };
             if pending.get(&panel).is_some_and(|p| p.id == id) {
                 pending.remove(&panel);
             }
             drop(pending);
-            let seconds = since.elapsed().as_secs_f64();
-            if outcome == "ready" {
-                self.metrics.cold_start.observe(seconds);
-            }
-            self.metrics.activations.with_label_values(&[outcome]).inc();
-            tracing::info!(panel, outcome, seconds, "nexus_gateway_activations_total");
+            self.metrics.activation(outcome, &panel, since.elapsed().as_secs_f64());
             return;
         }
     }

@@ -2,31 +2,48 @@
 //!
 //! [`start`] wires the parts: the [`routes::RouteTable`] actor (on the
 //! caller's arbiter) keeps the route snapshot in step with Redis; the
-//! [`proxy`] serves HTTP on a tokio runtime of its own, on a thread of its
+//! proxy serves HTTP on a tokio runtime of its own, on a thread of its
 //! own, so that proxying uses every core and never waits behind actor
-//! mailboxes; the [`activator`] holds requests for Apps scaled to zero.
-//! Starting instances is the panel manager's job, not the gateway's.
+//! mailboxes. [`handle`] sends each request to its part: `/p/<id>/…` to
+//! the proxy (`proxy`), which asks `access` who may open the panel and
+//! `paths` whether the path is the panel's own, `/heartbeat/<id>` to
+//! `heartbeat`. The `activator` holds requests for Apps scaled to zero;
+//! `traffic` records that a panel is used; `body`, `cookies` and `pages`
+//! shape what goes through. Starting instances is the panel manager's
+//! job, not the gateway's.
 
-pub mod activator;
-pub mod metrics;
-pub mod pages;
-pub mod proxy;
+mod access;
+mod activator;
+mod body;
+mod cookies;
+mod heartbeat;
+mod metrics;
+mod pages;
+mod paths;
+mod proxy;
 pub mod routes;
+mod traffic;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use http::header::{self, HeaderValue};
+use http::{Request, Response, StatusCode};
+use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::sync::{oneshot, watch};
 
 use crate::kernel::{ActorRef, Kernel};
 use crate::platform::auth::keys::KeyRing;
-use crate::platform::{Accounts, Auth, Redis, StoreError};
+use crate::platform::{Accounts, Auth, PanelRecords, Redis, StoreError};
+use access::{strip_platform_secrets, Gatekeeper};
 use activator::Activator;
-use metrics::GatewayMetrics;
-use proxy::{Shared, Traffic};
+use body::{full, Body};
+use metrics::{GatewayMetrics, RequestOutcome};
+use proxy::Shared;
 use routes::{Reload, RouteTable, Routes};
+use traffic::Traffic;
 
 /// Where `nexus dev` serves the gateway unless told otherwise.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7071";
@@ -34,10 +51,12 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:7071";
 /// How the gateway runs. [`GatewayConfig::new`] gives the defaults.
 #[derive(Debug, Clone)]
 pub struct GatewayConfig {
+    /// Where the proxy listens (port 0: any free port).
     pub listen: SocketAddr,
+    /// Where routes, panel records and accounts live.
     pub redis_url: String,
-    /// The token-signing keys: heartbeats and panel cookies are checked
-    /// against them.
+    /// The token-signing keys: panel cookies, bearer tokens and heartbeats
+    /// are checked against them.
     pub keys: KeyRing,
     /// Requests held per App while it cold-starts; more get 503 at once.
     pub queue_per_panel: usize,
@@ -56,6 +75,8 @@ pub struct GatewayConfig {
 }
 
 impl GatewayConfig {
+    /// The defaults: listen on `listen`, read Redis at `redis_url`, check
+    /// tokens under `keys`.
     pub fn new(listen: SocketAddr, redis_url: impl Into<String>, keys: KeyRing) -> Self {
         GatewayConfig {
             listen,
@@ -72,18 +93,30 @@ impl GatewayConfig {
     }
 }
 
+/// Why the gateway did not start.
 #[derive(Debug, thiserror::Error)]
 pub enum GatewayError {
+    /// The listen address could not be bound.
     #[error("listening on {addr}: {source}")]
-    Listen { addr: SocketAddr, source: std::io::Error },
+    Listen {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Redis could not be reached for the routes.
     #[error("redis: {0}")]
     Redis(#[from] redis::RedisError),
-    #[error("connecting to the accounts: {0}")]
-    Accounts(#[from] StoreError),
+    /// Redis could not be reached for the accounts and panel records.
+    #[error("connecting to the accounts and panel records: {0}")]
+    Records(#[from] StoreError),
+    /// The metric families are registered already.
     #[error("registering the gateway's metrics (one gateway per node): {0}")]
     Metrics(#[from] prometheus::Error),
+    /// The proxy's runtime or thread could not start.
     #[error("starting the proxy's runtime: {0}")]
     Runtime(std::io::Error),
+    /// The proxy's thread ended before it listened.
     #[error("the proxy thread ended before it was ready")]
     ProxyGone,
 }
@@ -108,6 +141,7 @@ impl Gateway {
         &self.routes
     }
 
+    /// The actor that keeps [`Gateway::routes`] in step with Redis.
     pub fn route_table(&self) -> &ActorRef<RouteTable> {
         &self.table
     }
@@ -166,7 +200,7 @@ pub async fn start(kernel: &Kernel, config: GatewayConfig) -> Result<Gateway, Ga
             let (routes, metrics, config, client) = parts;
             let handle = runtime.handle().clone();
             runtime.block_on(async move {
-                let (redis, auth, listener) = match prepare(&client, &config, listener).await {
+                let (redis, auth, records, listener) = match prepare(&client, &config, listener).await {
                     Ok(all) => all,
                     Err(error) => {
                         let _ = ready.send(Err(error));
@@ -176,7 +210,8 @@ pub async fn start(kernel: &Kernel, config: GatewayConfig) -> Result<Gateway, Ga
                 let activator =
                     Activator::new(config.queue_per_panel, routes.clone(), redis.clone(), node, metrics.clone());
                 let traffic = Traffic::new(redis, handle, metrics.clone());
-                let shared = Arc::new(Shared::new(routes, activator, traffic, auth, metrics, config));
+                let gatekeeper = Gatekeeper::new(auth.clone(), records);
+                let shared = Arc::new(Shared::new(routes, activator, traffic, gatekeeper, auth, metrics, config));
                 let _ = ready.send(Ok(()));
                 serve(listener, shared, stop_rx).await;
             });
@@ -194,18 +229,21 @@ pub async fn start(kernel: &Kernel, config: GatewayConfig) -> Result<Gateway, Ga
 }
 
 /// What the proxy needs from inside its own runtime: Redis connections
-/// whose drivers run there, and the listener registered with its reactor.
+/// whose drivers run there (for traffic signals and activations, and for
+/// the accounts and panel records access is checked against), and the
+/// listener registered with its reactor.
 async fn prepare(
     client: &redis::Client,
     config: &GatewayConfig,
     listener: std::net::TcpListener,
-) -> Result<(redis::aio::ConnectionManager, Auth, tokio::net::TcpListener), GatewayError> {
+) -> Result<(redis::aio::ConnectionManager, Auth, PanelRecords, tokio::net::TcpListener), GatewayError> {
     let redis = client.get_connection_manager().await?;
-    let auth = Auth::new(config.keys.clone(), Accounts::new(Redis::connect(&config.redis_url).await?));
+    let records = Redis::connect(&config.redis_url).await?;
+    let auth = Auth::new(config.keys.clone(), Accounts::new(records.clone()));
     let addr = listener.local_addr().map_err(GatewayError::Runtime)?;
     let listener =
         tokio::net::TcpListener::from_std(listener).map_err(|source| GatewayError::Listen { addr, source })?;
-    Ok((redis, auth, listener))
+    Ok((redis, auth, PanelRecords::new(records), listener))
 }
 
 /// Accepts connections until `stop` turns true.
@@ -233,7 +271,7 @@ async fn serve(listener: tokio::net::TcpListener, shared: Arc<Shared>, mut stop:
         let shared = shared.clone();
         let service = hyper::service::service_fn(move |req| {
             let shared = shared.clone();
-            async move { Ok::<_, std::convert::Infallible>(proxy::handle(shared, req, peer).await) }
+            async move { Ok::<_, std::convert::Infallible>(handle(shared, req, peer).await) }
         });
         let connection = http.serve_connection(TokioIo::new(stream), service).with_upgrades();
         tokio::spawn(async move {
@@ -242,4 +280,41 @@ async fn serve(listener: tokio::net::TcpListener, shared: Arc<Shared>, mut stop:
             }
         });
     }
+}
+
+/// Handles one request from `peer`: the gateway's own paths, or a panel's.
+/// Never fails: every error is a page.
+async fn handle(shared: Arc<Shared>, mut req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+    let html = pages::wants_html(req.headers());
+    if header_bytes(&req) > shared.config.max_header_bytes {
+        shared.metrics.request(RequestOutcome::HeadersTooLarge, "");
+        let message = format!("the request's headers are larger than {} bytes", shared.config.max_header_bytes);
+        return pages::error(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, &message, html, None);
+    }
+    // Only the platform may send these, never a client, whatever the path.
+    strip_platform_secrets(req.headers_mut());
+    let path = req.uri().path().to_owned();
+    if path == "/healthz" {
+        let body = serde_json::json!({ "status": "ok", "routes": shared.routes.snapshot().len() }).to_string();
+        let mut response = Response::new(full(body));
+        response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        return response;
+    }
+    if let Some(panel) = path.strip_prefix("/heartbeat/").filter(|p| !p.is_empty() && !p.contains('/')) {
+        return heartbeat::heartbeat(&shared, req, panel).await;
+    }
+    match path.strip_prefix("/p/") {
+        Some(rest) => proxy::panel_request(&shared, req, rest, peer).await,
+        None => {
+            shared.metrics.request(RequestOutcome::NotFound, "");
+            pages::error(StatusCode::NOT_FOUND, "nothing here; panels are under /p/<panel-id>/", html, None)
+        }
+    }
+}
+
+/// Bytes of the request line and headers, roughly as sent.
+fn header_bytes<B>(req: &Request<B>) -> usize {
+    let target = req.uri().path_and_query().map_or(1, |pq| pq.as_str().len());
+    let line = req.method().as_str().len() + target + 12;
+    line + req.headers().iter().map(|(name, value)| name.as_str().len() + value.len() + 4).sum::<usize>()
 }

@@ -2,20 +2,13 @@
 //! JSON (`{"error": code, "message": ...}`) for everything else. It only
 //! renders; deciding which answer fits is the proxy's job.
 
-use bytes::Bytes;
 use http::header::{HeaderValue, ACCEPT, CACHE_CONTROL, CONTENT_TYPE, RETRY_AFTER};
 use http::{HeaderMap, Response, StatusCode};
-use http_body_util::{BodyExt, Full};
 
-use super::proxy::Body;
-
-/// Wraps bytes into the gateway's response body type.
-pub fn full(bytes: impl Into<Bytes>) -> Body {
-    Full::new(bytes.into()).map_err(|never| match never {}).boxed()
-}
+use super::body::{full, Body};
 
 /// Whether the client asked for HTML (a browser navigating).
-pub fn wants_html(headers: &HeaderMap) -> bool {
+pub(crate) fn wants_html(headers: &HeaderMap) -> bool {
     headers.get(ACCEPT).and_then(|v| v.to_str().ok()).is_some_and(|v| v.contains("text/html"))
 }
 
@@ -26,7 +19,7 @@ fn code(status: StatusCode) -> String {
 }
 
 /// An error answer. `retry_after` (seconds) goes out as `Retry-After`.
-pub fn error(status: StatusCode, message: &str, html: bool, retry_after: Option<u64>) -> Response<Body> {
+pub(crate) fn error(status: StatusCode, message: &str, html: bool, retry_after: Option<u64>) -> Response<Body> {
     let (content_type, body) = if html {
         ("text/html; charset=utf-8", html_page(status, message))
     } else {

@@ -54,6 +54,7 @@ impl Default for Routes {
 }
 
 impl Routes {
+    /// An empty table.
     pub fn new() -> Self {
         let (version, _) = watch::channel(0);
         Routes { inner: Arc::new(RoutesInner { snapshot: RwLock::new(Arc::default()), version }) }
@@ -64,6 +65,7 @@ impl Routes {
         self.inner.snapshot.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
+    /// `panel`'s route now, if it has one.
     pub fn get(&self, panel: &str) -> Option<Arc<PanelRoute>> {
         self.inner.snapshot.read().unwrap_or_else(|e| e.into_inner()).get(panel).cloned()
     }
@@ -119,6 +121,7 @@ impl Routes {
 
 /// Read `panel`'s field again. Replies once the snapshot reflects it.
 pub struct RouteUpdated {
+    /// The panel whose route changed.
     pub panel: String,
 }
 
@@ -141,6 +144,7 @@ pub struct RouteTable {
 }
 
 impl RouteTable {
+    /// The actor kind in the mailbox graph and metrics.
     pub const KIND: &'static str = "route_table";
 
     /// Spawns the table on the current arbiter and its channel listener;
@@ -299,8 +303,8 @@ impl Listener {
     fn deliver(&self, msg: &redis::Msg) {
         self.metrics.bus_received.with_label_values(&["redis", "nexus:routes"]).inc();
         let changed = Envelope::decode(msg.get_payload_bytes())
-            .map_err(|e| e.to_string())
-            .and_then(|envelope| envelope.typed::<RouteChanged>().map(|e| e.data.panel).map_err(|e| e.to_string()));
+            .and_then(|envelope| envelope.typed::<RouteChanged>())
+            .map(|changed| changed.data.panel);
         match changed {
             Ok(panel) => {
                 let _ = self.updated.tell(RouteUpdated { panel });

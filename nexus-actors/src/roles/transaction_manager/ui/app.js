@@ -1,16 +1,19 @@
 // Nexus Studio: login, panels with their live instances (opened through the
-// traffic gateway), the built-in Document Editor and the live mailbox
-// graph. Plain ES module; talks to /api and /ws of the node, and to the
-// gateway for panels and Studio heartbeats.
+// traffic gateway), the built-in Document Editor and, for admins, the live
+// mailbox graph. Plain ES module; talks to /api and /ws of the node, and to
+// the gateway for panels and Studio heartbeats.
 
 const $ = (selector) => document.querySelector(selector);
 const views = ["login", "panels", "editor", "graph"];
 let token = sessionStorage.getItem("nexus-token");
+let me = null; // { username, role } of the token's user
 let socket = null;
 let graphTimer = null;
 const editor = { id: null, version: 0, state: {}, pending: null, cursors: new Map(), present: [] };
 
 function show(view) {
+  // The graph is for admins (the node refuses it to anyone else).
+  if (view === "graph" && me?.role !== "admin") view = "panels";
   for (const v of views) $("#" + v).hidden = v !== view;
   $("#nav").hidden = view === "login";
   clearInterval(graphTimer);
@@ -30,19 +33,42 @@ async function api(method, path, body) {
   const response = await fetch(path, { method, headers, body: body === undefined ? undefined : JSON.stringify(body) });
   const text = await response.text();
   const data = text ? JSON.parse(text) : null;
-  if (response.status === 401 && path !== "/api/login") logout();
+  if (response.status === 401 && path !== "/api/login") forget();
   if (!response.ok) throw Object.assign(new Error((data && data.message) || response.statusText), { status: response.status, data });
   return data;
 }
 
-function logout() {
+// Forgets the session here and shows the login.
+function forget() {
   token = null;
+  me = null;
   sessionStorage.removeItem("nexus-token");
   followingPanels = false;
   closePanel();
   if (socket) socket.close();
   socket = null;
+  $("#whoami").textContent = "";
+  $("#nav-graph").hidden = true;
   show("login");
+}
+
+// Logs out everywhere: the node revokes every token of the user (other
+// tabs, panel cookies and WebSocket sessions included), then this page
+// forgets its own.
+async function logOut() {
+  try {
+    await api("POST", "/api/logout");
+  } catch (error) {
+    status("log out: " + error.message);
+  }
+  forget();
+}
+
+// Who the token belongs to; only admins see the mailbox graph.
+async function loadMe() {
+  me = await api("GET", "/api/me");
+  $("#whoami").textContent = me.role === "admin" ? `${me.username} (admin)` : me.username;
+  $("#nav-graph").hidden = me.role !== "admin";
 }
 
 // ---- panels and their instances ---------------------------------------
@@ -60,6 +86,20 @@ const viewer = { panel: null, timer: null };
 let followingPanels = false;
 const FINAL = new Set(["stopped", "failed"]);
 const SERVING = new Set(["ready", "idle"]);
+
+// Where this page reaches the gateway. Cookies are scoped by host, not
+// port: when the node names its gateway on loopback under another name than
+// this page uses (127.0.0.1 vs localhost), the page's name is used, so the
+// panel cookie the node sets for this host reaches the gateway.
+function gatewayBase() {
+  if (!config.gateway) return null;
+  const url = new URL(config.gateway);
+  const loopback = (host) => host === "localhost" || host.startsWith("127.") || host === "[::1]";
+  if (loopback(url.hostname) && loopback(location.hostname) && url.hostname !== location.hostname) {
+    url.hostname = location.hostname;
+  }
+  return url.href.replace(/\/$/, "");
+}
 
 async function loadConfig() {
   try {
@@ -159,6 +199,22 @@ function action(label, name, run) {
   });
 }
 
+// The owner decides whether the panel's App is served to anyone. A Studio
+// instance stays private either way.
+function publicToggle(p, path) {
+  const box = el("input", { type: "checkbox", checked: Boolean(p.public), dataset: { action: "public" } });
+  box.onchange = async () => {
+    status("");
+    try {
+      panels.set(p.id, await api("PUT", path, { public: box.checked }));
+    } catch (error) {
+      box.checked = !box.checked;
+      status(`Public: ${error.message}`);
+    }
+  };
+  return el("label", { className: "public", title: "serve the deployed App to anyone, not only you" }, box, " public App");
+}
+
 function panelItem(p) {
   const path = "/api/panels/" + encodeURIComponent(p.id);
   const open = action("Open", "open", async () => openPanel(p.id));
@@ -168,8 +224,8 @@ function panelItem(p) {
   }
   const li = el(
     "li",
-    { className: "panel", dataset: { panel: p.id } },
-    el("div", {}, el("strong", { textContent: p.name }), ` (${p.mode}, ${p.source}) `),
+    { className: "panel", dataset: { panel: p.id, public: String(Boolean(p.public)) } },
+    el("div", {}, el("strong", { textContent: p.name }), ` (${p.mode}, ${p.source}) `, publicToggle(p, path)),
     el("ul", { className: "instances" }),
     el(
       "div",
@@ -219,8 +275,15 @@ async function showPanels() {
 
 // ---- a panel opened through the gateway --------------------------------------
 
-function openPanel(id) {
-  const url = `${config.gateway}/p/${encodeURIComponent(id)}/`;
+// The gateway serves a panel to its owner only: first the node sets the
+// panel's cookie (HttpOnly, for /p/<id>/ only), then the frame opens it.
+async function panelAccess(id) {
+  await api("POST", `/api/panels/${encodeURIComponent(id)}/access`);
+}
+
+async function openPanel(id) {
+  await panelAccess(id);
+  const url = `${gatewayBase()}/p/${encodeURIComponent(id)}/`;
   viewer.panel = id;
   $("#viewer").hidden = false;
   $("#viewer").dataset.panel = id;
@@ -247,7 +310,7 @@ async function heartbeat() {
   if (!id || !token || !config.gateway || !studioServing(id)) return;
   let outcome;
   try {
-    const response = await fetch(`${config.gateway}/heartbeat/${encodeURIComponent(id)}`, {
+    const response = await fetch(`${gatewayBase()}/heartbeat/${encodeURIComponent(id)}`, {
       method: "POST",
       headers: { authorization: "Bearer " + token },
     });
@@ -458,6 +521,7 @@ $("#login-form").onsubmit = async (event) => {
     sessionStorage.setItem("nexus-token", token);
     status("");
     await configured;
+    await loadMe();
     await showPanels();
     followPanels();
   } catch (error) {
@@ -480,9 +544,15 @@ $("#panel-template").onchange = () => {
   $("#panel-source").hidden = !custom;
   $("#panel-source").required = custom;
 };
-$("#viewer-reload").onclick = () => {
+$("#viewer-reload").onclick = async () => {
   // Setting the same address navigates again: through the gateway, which
-  // wakes an App that scaled to zero.
+  // wakes an App that scaled to zero. The cookie is renewed first (it
+  // expires, and a logout elsewhere revokes it).
+  try {
+    if (viewer.panel) await panelAccess(viewer.panel);
+  } catch (error) {
+    return status("Reload: " + error.message);
+  }
   $("#panel-frame").src = $("#panel-frame").src;
   heartbeat();
 };
@@ -499,7 +569,7 @@ $("#doc-text").addEventListener("input", () => {
 for (const kind of ["keyup", "click", "select"]) $("#doc-text").addEventListener(kind, sendCursor);
 $("#nav-panels").onclick = () => showPanels();
 $("#nav-graph").onclick = () => show("graph");
-$("#nav-logout").onclick = logout;
+$("#nav-logout").onclick = logOut;
 
 async function followPanels() {
   const ws = await connect();
@@ -508,5 +578,5 @@ async function followPanels() {
 }
 
 const configured = loadConfig();
-if (token) configured.then(showPanels).then(followPanels).catch(() => logout());
+if (token) configured.then(loadMe).then(showPanels).then(followPanels).catch(() => forget());
 else show("login");
