@@ -32,7 +32,8 @@ use nexus_actors::roles::panel_manager::{self as pm, PanelManagerConfig, PanelMa
 use nexus_actors::roles::traffic_gateway::{self as gateway, Gateway, GatewayConfig};
 use nexus_actors::platform::auth::keys::{KeyRing, KeySet};
 use nexus_actors::platform::channels::ACTIVATE as ACTIVATE_CHANNEL;
-use nexus_actors::platform::{Panel, PanelMode, PanelRecords};
+use nexus_actors::platform::auth::{Audience, PANEL_COOKIE};
+use nexus_actors::platform::{Panel, PanelMode, PanelRecords, Platform, UserRole};
 use nexus_actors::Kernel;
 use serde_json::Value;
 
@@ -94,7 +95,10 @@ connections, fixed duration) to the same upstream three ways, one after the
 other in the same run: **direct** to the upstream, through the **Nexus
 gateway** (`traffic_gateway::start` in the harness process, its own tokio
 runtime with 2 threads; the route is a `PanelRoute` with one endpoint in the
-private redis-server's `nexus:routes`), and through **nginx** (the Debian
+private redis-server's `nexus:routes`, the panel a private App whose
+owner's `nexus_panel` cookie wrk sends on every request, so the gateway
+checks a token and the owner on each; the other paths get the same header
+and ignore it), and through **nginx** (the Debian
 package, `worker_processes 2`, an `upstream` block with `keepalive 64`,
 `proxy_http_version 1.1`, `proxy_set_header Connection \"\"`, access log off;
 its config and pid file live in the run's temp dir). A 1 s wrk run before each
@@ -107,7 +111,8 @@ load (wrk, not wrk2: no correction for coordinated omission).
 Upstream **hello**: a minimal actix-web server (this binary as
 `nexus-bench serve-hello`, one worker thread, a separate process) answering
 `hello` to `GET /`. Upstream **python_minimal**: the template
-`panel-sdk-docs/python_minimal/server.py` answering `GET /manifest`; it speaks
+`panel-sdk-docs/python_minimal/server.py` answering `GET /` (its page; the
+gateway never forwards `/manifest`); it speaks
 HTTP/1.0 and closes every connection, so each request opens a new
 connection to it on every path; on the direct path that is wrk reconnecting
 after every answer, while the proxies keep wrk's connections open and do the
@@ -130,7 +135,7 @@ readiness probe) and the traffic gateway, on a private redis-server. The
 python_minimal template is deployed once (`Deploy`), then each cold start:
 `Scale { replicas: 0 }` (what `PUT /api/panels/{id}/scale` sends), wait
 until the instance is stopped and its endpoint left the gateway's routes,
-then one `GET /p/<id>/manifest` through the gateway, timed from sending the
+then one `GET /p/<id>/` through the gateway, timed from sending the
 request to having the whole response: activator → `Activate` on Redis →
 activation claim → snapshot copied → namespace, sidecar and user process
 started → readiness probe answered → route published → request forwarded.
@@ -309,10 +314,11 @@ struct Load {
     errors: Option<String>,
 }
 
-fn wrk(url: &str, connections: usize, duration: Duration) -> Result<Load, String> {
+fn wrk(url: &str, cookie: &str, connections: usize, duration: Duration) -> Result<Load, String> {
     let wrk = find_program("wrk").ok_or("wrk is not installed (scripts/bench installs it)")?;
     let out = Command::new(wrk)
-        .args(["-t1", &format!("-c{connections}"), &format!("-d{}s", duration.as_secs().max(1)), "--latency", url])
+        .args(["-t1", &format!("-c{connections}"), &format!("-d{}s", duration.as_secs().max(1)), "--latency"])
+        .args(["-H", &format!("Cookie: {cookie}"), url])
         .stdin(Stdio::null())
         .output()
         .map_err(|e| format!("running wrk: {e}"))?;
@@ -374,6 +380,9 @@ struct Scenario {
     urls: [Option<String>; 3],
     /// What a good answer contains.
     expect: &'static str,
+    /// The owner's `Cookie` header, sent on every path (the gateway
+    /// checks it; the others ignore it), so each path gets the same bytes.
+    cookie: String,
 }
 
 const PATHS: [&str; 3] = ["direct", "Nexus gateway", "nginx"];
@@ -397,8 +406,27 @@ pub async fn overhead(dir: &Path, sizes: &Sizes) -> String {
     if let Some(port) = python_port {
         put_route(&mut conn, PYTHON_PANEL, &format!("127.0.0.1:{port}")).await;
     }
+    // Private panels, opened by their owner's cookie: the gateway checks it
+    // on every request, as it does for a Studio in the browser.
+    let keys = KeyRing::new(KeySet::generate());
+    let platform = Platform::connect(&redis.url(), keys.clone(), Default::default()).await.expect("records");
+    platform.accounts.set(OWNER, "not-for-login", UserRole::User).await.expect("owner");
+    let mut cookies = std::collections::HashMap::new();
+    for id in [HELLO_PANEL, PYTHON_PANEL] {
+        let record = Panel {
+            id: id.to_owned(),
+            name: id.to_owned(),
+            owner: OWNER.to_owned(),
+            mode: PanelMode::App,
+            source: "nexus-bench".to_owned(),
+            public: false,
+        };
+        platform.panels.put(&record).await.expect("panel record");
+        let (token, _) = platform.auth.issue(OWNER, &Audience::Panel(id.to_owned())).await.expect("cookie");
+        cookies.insert(id, format!("{PANEL_COOKIE}={token}"));
+    }
     let kernel = Kernel::new("bench-gateway");
-    let mut config = GatewayConfig::new("127.0.0.1:0".parse().expect("address"), redis.url(), KeyRing::new(KeySet::generate()));
+    let mut config = GatewayConfig::new("127.0.0.1:0".parse().expect("address"), redis.url(), keys);
     config.threads = PROXY_THREADS;
     let gateway = gateway::start(&kernel, config).await.expect("gateway starts");
     let gw = gateway.local_addr();
@@ -422,6 +450,7 @@ pub async fn overhead(dir: &Path, sizes: &Sizes) -> String {
                 nginx_port.map(|p| format!("http://127.0.0.1:{p}/hello/")),
             ],
             expect: "hello",
+            cookie: cookies[HELLO_PANEL].clone(),
         },
         Scenario {
             label: "hello, 1 connection",
@@ -433,19 +462,21 @@ pub async fn overhead(dir: &Path, sizes: &Sizes) -> String {
                 nginx_port.map(|p| format!("http://127.0.0.1:{p}/hello/")),
             ],
             expect: "hello",
+            cookie: cookies[HELLO_PANEL].clone(),
         },
     ];
     if let Some(port) = python_port {
         scenarios.push(Scenario {
-            label: "python_minimal /manifest, 8 connections",
+            label: "python_minimal page, 8 connections",
             connections: 8,
             duration: sizes.short,
             urls: [
-                Some(format!("http://127.0.0.1:{port}/manifest")),
-                Some(format!("http://{gw}/p/{PYTHON_PANEL}/manifest")),
-                nginx_port.map(|p| format!("http://127.0.0.1:{p}/python/manifest")),
+                Some(format!("http://127.0.0.1:{port}/")),
+                Some(format!("http://{gw}/p/{PYTHON_PANEL}/")),
+                nginx_port.map(|p| format!("http://127.0.0.1:{p}/python/")),
             ],
-            expect: "word_count",
+            expect: "python_minimal",
+            cookie: cookies[PYTHON_PANEL].clone(),
         });
     }
 
@@ -461,7 +492,7 @@ pub async fn overhead(dir: &Path, sizes: &Sizes) -> String {
             let Some(url) = url else { continue };
             // One checked answer first: a proxy that answers errors fast
             // must not pass for a fast proxy.
-            match http.get(url).send().await {
+            match http.get(url).header("cookie", &s.cookie).send().await {
                 Ok(r) if r.status().is_success() => {
                     let body = r.text().await.unwrap_or_default();
                     if !body.contains(s.expect) {
@@ -479,10 +510,10 @@ pub async fn overhead(dir: &Path, sizes: &Sizes) -> String {
                 }
             }
             let (url, connections, duration) = (url.clone(), s.connections, s.duration);
-            let warmup = sizes.warmup;
+            let (warmup, cookie) = (sizes.warmup, s.cookie.clone());
             let measured = tokio::task::spawn_blocking(move || {
-                wrk(&url, connections, warmup)?;
-                wrk(&url, connections, duration)
+                wrk(&url, &cookie, connections, warmup)?;
+                wrk(&url, &cookie, connections, duration)
             })
             .await
             .unwrap_or_else(|e| Err(format!("wrk thread: {e}")));
@@ -726,11 +757,11 @@ async fn measure_cold(node: &AppNode, kind: &'static str, isolation: String, siz
     wait_serving(node, true).await?;
 
     let http = reqwest::Client::builder().no_proxy().build().map_err(|e| e.to_string())?;
-    let url = format!("http://{}/p/{APP_PANEL}/manifest", node.gateway.local_addr());
+    let url = format!("http://{}/p/{APP_PANEL}/", node.gateway.local_addr());
     let mut warm = Vec::with_capacity(sizes.warm_requests);
     for _ in 0..sizes.warm_requests {
         let t = Instant::now();
-        manifest(&http, &url).await.map_err(|e| format!("warm request: {e}"))?;
+        page(&http, &url).await.map_err(|e| format!("warm request: {e}"))?;
         warm.push(t.elapsed().as_micros() as u64);
     }
     warm.sort_unstable();
@@ -741,7 +772,7 @@ async fn measure_cold(node: &AppNode, kind: &'static str, isolation: String, siz
         scale(node, 0).await?;
         wait_serving(node, false).await?;
         let t = Instant::now();
-        match manifest(&http, &url).await {
+        match page(&http, &url).await {
             Ok(()) => cold_ms.push(t.elapsed().as_secs_f64() * 1e3),
             Err(error) => failures.push(error),
         }
@@ -766,13 +797,12 @@ async fn measure_cold(node: &AppNode, kind: &'static str, isolation: String, siz
     })
 }
 
-/// One `GET /manifest` through the gateway, checked.
-async fn manifest(http: &reqwest::Client, url: &str) -> Result<(), String> {
+/// One `GET /` (the panel's page) through the gateway, checked.
+async fn page(http: &reqwest::Client, url: &str) -> Result<(), String> {
     let response = http.get(url).send().await.map_err(|e| e.to_string())?;
     let status = response.status();
     let body = response.text().await.map_err(|e| e.to_string())?;
-    let named = serde_json::from_str::<Value>(&body).ok().is_some_and(|m| m["name"] == "python_minimal");
-    if status.is_success() && named {
+    if status.is_success() && body.contains("<title>python_minimal</title>") {
         Ok(())
     } else {
         Err(format!("{status}: {}", body.chars().take(200).collect::<String>()))
