@@ -29,9 +29,9 @@ use tokio::time::Instant;
 
 use crate::envelope::Envelope;
 use crate::instance::ExpireInstance;
-use crate::platform::channels;
 use crate::kernel::lock;
 use crate::netns::{NetnsError, NetnsThread};
+use crate::platform::channels;
 use crate::telemetry::Metrics;
 
 /// How often an expired watchdog asks again, in case nobody heard it.

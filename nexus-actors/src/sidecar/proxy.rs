@@ -18,9 +18,9 @@ use serde_json::{json, Value};
 use super::registration::{PanelState, Registrar};
 use crate::bus::redis::Publish;
 use crate::envelope::Envelope;
+use crate::kernel::{lock, Kernel, Link};
 use crate::platform::channels;
 use crate::platform::http::{read_body, BodyError};
-use crate::kernel::{lock, Kernel, Link};
 
 /// Largest body `/proxy` accepts.
 pub const MAX_PROXY_BODY: usize = 64 * 1024;

@@ -11,8 +11,8 @@ use super::store::{AppRecord, PmStore, StoreError};
 use crate::bus::redis::Publish;
 use crate::envelope::{Envelope, Payload};
 use crate::instance::{InstanceChanged, InstanceStatus, PanelRoute, RouteChanged};
-use crate::platform::channels;
 use crate::kernel::Link;
+use crate::platform::channels;
 
 /// One write, with its announcement.
 #[derive(Debug)]
