@@ -109,10 +109,8 @@ impl Netns {
 }
 
 fn ip(args: &[&str]) -> Result<(), NetnsError> {
-    let output = Command::new("ip")
-        .args(args)
-        .output()
-        .map_err(|source| NetnsError::Spawn { args: args.join(" "), source })?;
+    let output =
+        Command::new("ip").args(args).output().map_err(|source| NetnsError::Spawn { args: args.join(" "), source })?;
     if output.status.success() {
         Ok(())
     } else {

@@ -145,16 +145,12 @@ pub fn configure(state: web::Data<ProxyState>) -> impl FnOnce(&mut web::ServiceC
 async fn proxy(state: web::Data<ProxyState>, req: HttpRequest, payload: web::Payload) -> HttpResponse {
     let body = match read_body(&req, payload, MAX_PROXY_BODY).await {
         Ok(body) => body,
-        Err(e @ BodyError::TooLarge { .. }) => {
-            return refuse(&state, Refusal::TooLarge, e.to_string())
-        }
+        Err(e @ BodyError::TooLarge { .. }) => return refuse(&state, Refusal::TooLarge, e.to_string()),
         Err(e @ BodyError::Unreadable(_)) => return refuse(&state, Refusal::BadBody, e.to_string()),
     };
     let message: PanelMessage = match serde_json::from_slice(&body) {
         Ok(m) => m,
-        Err(e) => {
-            return refuse(&state, Refusal::BadJson, format!("expected {{channel, type?, data}}: {e}"))
-        }
+        Err(e) => return refuse(&state, Refusal::BadJson, format!("expected {{channel, type?, data}}: {e}")),
     };
     if !is_valid_channel(&message.channel) {
         let text = "channel must match ^[A-Za-z0-9_-]{1,64}$ (it names a sub-channel of the panel's own namespace)";
@@ -167,8 +163,7 @@ async fn proxy(state: web::Data<ProxyState>, req: HttpRequest, payload: web::Pay
     }
     if let Err(wait) = state.limit.take() {
         let seconds = wait.as_secs_f64().ceil().max(1.0) as u64;
-        let mut response =
-            refuse(&state, Refusal::RateLimited, "too many messages; slow down");
+        let mut response = refuse(&state, Refusal::RateLimited, "too many messages; slow down");
         if let Ok(value) = actix_web::http::header::HeaderValue::from_str(&seconds.to_string()) {
             response.headers_mut().insert(actix_web::http::header::RETRY_AFTER, value);
         }

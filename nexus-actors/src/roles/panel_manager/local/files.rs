@@ -148,3 +148,47 @@ pub(super) fn path_string(path: &Path) -> String {
 pub(super) fn open_log(path: &Path) -> io::Result<fs::File> {
     fs::OpenOptions::new().create(true).append(true).mode(0o600).open(path)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scratch(name: &str) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("nexus-local-files-{name}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).expect("a scratch dir");
+        dir
+    }
+
+    #[test]
+    fn ids_that_could_leave_a_directory_are_refused() {
+        assert!(check_id("panel", "0191f3c2-7d1e-7a2b-9c1d-5e6f7a8b9c0d").is_ok());
+        for bad in ["", ".", "..", "../x", "a/b", "a b", "ü", &"a".repeat(101)] {
+            let refused = check_id("panel", bad);
+            assert!(matches!(refused, Err(DriverError::InvalidId { what: "panel", .. })), "{bad:?}: {refused:?}");
+        }
+    }
+
+    #[test]
+    fn a_panel_file_is_read_without_following_symlinks_and_its_faults_are_typed() {
+        let dir = scratch("command");
+        assert!(matches!(read_command(&dir), Err(DriverError::NoCommand)));
+        fs::write(dir.join("server.py"), "").expect("write");
+        assert_eq!(read_command(&dir).expect("the default"), ["python3", "server.py"]);
+        let file = dir.join("nexus-panel.json");
+        fs::write(&file, r#"{"command": ["node", "main.js"]}"#).expect("write");
+        assert_eq!(read_command(&dir).expect("the command"), ["node", "main.js"]);
+        fs::write(&file, r#"{"command": [""]}"#).expect("write");
+        assert!(matches!(read_command(&dir), Err(DriverError::PanelFile(PanelFileError::NoProgram))));
+        fs::write(&file, "not json").expect("write");
+        assert!(matches!(read_command(&dir), Err(DriverError::PanelFile(PanelFileError::Json(_)))));
+        fs::remove_file(&file).expect("remove");
+        std::os::unix::fs::symlink(dir.join("server.py"), &file).expect("symlink");
+        let followed = read_command(&dir);
+        assert!(
+            matches!(followed, Err(DriverError::PanelFile(PanelFileError::NotARegularFile { .. }))),
+            "{followed:?}"
+        );
+        let _ = fs::remove_dir_all(&dir);
+    }
+}
