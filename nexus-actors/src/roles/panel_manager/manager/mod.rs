@@ -8,9 +8,9 @@
 //! serve) and the `nexus_panel_instances` gauge, and hands every write to
 //! the [`Reporter`] in order. Running processes is the driver's job and
 //! the HTTP API is `api.rs`'s; neither lives here. By concern:
-//! [`studio`] (one Studio instance), [`app`] (deploy, scale, undeploy),
-//! [`activation`] (the gateway's cold starts), [`idle`] (idle marks, scale
-//! to zero, drains), [`sweep`] (deleted panels), [`table`] (the state).
+//! `studio` (one Studio instance), `app` (deploy, scale, undeploy),
+//! `activation` (the gateway's cold starts), `idle` (idle marks, scale to
+//! zero, drains), `sweep` (deleted panels), `table` (the state).
 //!
 //! Routes are written by the node that runs a panel's instances; two panel
 //! managers running instances of the same panel at once would overwrite
