@@ -38,6 +38,7 @@ mod metrics;
 mod procs;
 mod runsc;
 mod stale;
+mod storage;
 mod templates;
 mod tree;
 
@@ -57,15 +58,11 @@ use super::metrics::{isolation_label, mode_label};
 use crate::infra::free_port;
 use crate::instance::{Endpoint, InstanceMode, Isolation, SIDECAR_TOKEN_ENV};
 use crate::netns::Netns;
-use crate::platform::files::{passable_dir, private_dir};
-use files::{
-    blocking, check_id, chown_tree, copy_tree, fresh_copy, last_version, make_read_only, open_log, panel_uid,
-    path_string, read_command, remove_tree,
-};
+use crate::platform::files::private_dir;
+use files::{blocking, check_id, chown_tree, fresh_copy, open_log, panel_uid, path_string, read_command, remove_tree};
 use isolation::{resolve, Sandbox};
 use metrics::Helper;
 use procs::{OnExit, Supervised};
-use tree::CopyAs;
 
 pub use files::netns_name;
 pub use isolation::SandboxChoice;
@@ -189,92 +186,13 @@ impl LocalDriver {
         Ok(resolved.clone()?)
     }
 
-    /// Gives the data directories their modes (module documentation),
-    /// once per driver; an older layout's wider modes are narrowed.
-    async fn layout(&self) -> Result<(), DriverError> {
-        let data = self.config.data_dir.clone();
-        self.layout
-            .get_or_try_init(|| {
-                blocking(move || {
-                    passable_dir(&data)?;
-                    passable_dir(&data.join("volumes"))?;
-                    passable_dir(&data.join("scratch"))?;
-                    private_dir(&data.join("snapshots"))?;
-                    private_dir(&data.join("instances"))?;
-                    Ok(())
-                })
-            })
-            .await?;
-        Ok(())
-    }
-
-    fn volumes(&self) -> PathBuf {
-        self.config.data_dir.join("volumes")
-    }
-
     fn instances_dir(&self) -> PathBuf {
         self.config.data_dir.join("instances")
-    }
-
-    fn snapshots_of(&self, panel: &str) -> PathBuf {
-        self.config.data_dir.join("snapshots").join(panel)
     }
 
     fn instance(&self, id: &str) -> Result<Arc<Instance>, DriverError> {
         let instances = self.instances.lock().unwrap_or_else(|p| p.into_inner());
         instances.get(id).cloned().ok_or_else(|| DriverError::NoInstance(id.to_owned()))
-    }
-
-    async fn create_volume(&self, panel: &str, source: &str) -> Result<Volume, DriverError> {
-        check_id("panel", panel)?;
-        templates::files(source)?;
-        self.layout().await?;
-        let location = self.volumes().join(panel);
-        if !location.exists() {
-            let fresh = self.volumes().join(format!(".{panel}.new-{}", rand::random::<u32>()));
-            // Private from the start; a start hands it to the panel's uid.
-            private_dir(&fresh)?;
-            let written = templates::write(source, &fresh).and_then(|()| Ok(std::fs::rename(&fresh, &location)?));
-            if written.is_err() {
-                let _ = remove_tree(&fresh);
-            }
-            written?;
-            tracing::info!(panel, source, volume = %location.display(), "volume created");
-        }
-        Ok(Volume { panel: panel.to_owned(), location })
-    }
-
-    async fn create_snapshot(&self, panel: &str, source: &str) -> Result<Snapshot, DriverError> {
-        check_id("panel", panel)?;
-        templates::files(source)?;
-        self.layout().await?;
-        let _numbering = self.snapshots.lock().await;
-        let dir = self.snapshots_of(panel);
-        // Only root reads snapshots; instances get a copy.
-        private_dir(&dir)?;
-        let version = last_version(&dir)? + 1;
-        let location = dir.join(version.to_string());
-        let fresh = dir.join(format!(".{version}.new"));
-        let _ = remove_tree(&fresh);
-        let volume = self.volumes().join(panel);
-        // The volume is the panel's (its code may be changing it right now):
-        // copied by descriptor, root-owned and read-only as it is made.
-        let made = if volume.is_dir() {
-            let (from, to) = (volume.clone(), fresh.clone());
-            blocking(move || copy_tree(&from, &to, CopyAs { owner: None, read_only: true })).await
-        } else {
-            std::fs::create_dir_all(&fresh)
-                .map_err(DriverError::from)
-                .and_then(|()| templates::write(source, &fresh))
-                .and_then(|()| Ok(make_read_only(&fresh)?))
-        };
-        let made = made.and_then(|()| Ok(std::fs::rename(&fresh, &location)?));
-        if made.is_err() {
-            let _ = remove_tree(&fresh);
-        }
-        made?;
-        tracing::info!(panel, version, snapshot = %location.display(), "snapshot taken");
-        Ok(Snapshot { panel: panel.to_owned(), version, location })
     }
 
     async fn start_instance(&self, spec: InstanceSpec) -> Result<Started, DriverError> {
@@ -307,7 +225,12 @@ impl LocalDriver {
                 }
             }
         }
-        let command = read_command(&code)?;
+        let command = read_command(&code).inspect_err(|_| {
+            // An App's copy is this start's; a Studio volume stays.
+            if snapshot.is_some() {
+                let _ = remove_tree(&code);
+            }
+        })?;
 
         let studio = spec.mode == InstanceMode::Studio;
         let (panel_port, watchdog_port) = (free_port()?, free_port()?);
@@ -526,14 +449,6 @@ impl LocalDriver {
             return Err(DriverError::NoInstance(id.to_owned()));
         }
         blocking(move || Ok(procs::tail(&path, lines)?)).await
-    }
-
-    async fn forget_panel(&self, panel: &str) -> Result<(), DriverError> {
-        check_id("panel", panel)?;
-        remove_tree(&self.volumes().join(panel))?;
-        remove_tree(&self.snapshots_of(panel))?;
-        tracing::info!(panel, "volume and snapshots deleted");
-        Ok(())
     }
 }
 
