@@ -31,12 +31,15 @@ pub const SIDECAR_TOKEN_HEADER: &str = "x-nexus-sidecar-token";
 /// [`SIDECAR_TOKEN_HEADER`] in.
 pub const SIDECAR_TOKEN_ENV: &str = "NEXUS_SIDECAR_TOKEN";
 
+/// The hash of every panel's route.
 pub const ROUTES_KEY: &str = "nexus:routes";
 
+/// `nexus:instances:{panel}`.
 pub fn instances_key(panel: &str) -> String {
     format!("nexus:instances:{panel}")
 }
 
+/// `nexus:panel:{id}:last-request`.
 pub fn last_request_key(panel: &str) -> String {
     format!("nexus:panel:{panel}:last-request")
 }
@@ -47,7 +50,9 @@ pub fn last_request_key(panel: &str) -> String {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum InstanceMode {
+    /// Developed: one instance on the panel's volume.
     Studio,
+    /// Deployed: copies of a snapshot.
     App,
 }
 
@@ -56,12 +61,19 @@ pub enum InstanceMode {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum InstanceState {
+    /// The driver is starting it.
     Pending,
+    /// Running, not answering `/manifest` yet (or restarting after a crash).
     Starting,
+    /// Serving.
     Ready,
+    /// Serving, without a request lately.
     Idle,
+    /// Being stopped.
     Stopping,
+    /// Ended on request (final).
     Stopped,
+    /// Ended by a failure (final).
     Failed,
 }
 
@@ -71,6 +83,7 @@ impl InstanceState {
         matches!(self, InstanceState::Ready | InstanceState::Idle)
     }
 
+    /// Whether it has ended for good.
     pub fn is_final(self) -> bool {
         matches!(self, InstanceState::Stopped | InstanceState::Failed)
     }
@@ -92,10 +105,15 @@ pub enum Isolation {
 /// One instance as the panel manager reports it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct InstanceStatus {
+    /// The instance id (`<panel>-<random>`).
     pub instance: String,
+    /// The panel it serves.
     pub panel: String,
+    /// The panel's owner.
     pub owner: String,
+    /// Studio or App.
     pub mode: InstanceMode,
+    /// Its state now.
     pub state: InstanceState,
     /// Decided by the driver when it starts the instance: read it from
     /// `starting` on (while `pending` it says `none`).
@@ -113,6 +131,7 @@ pub struct InstanceStatus {
 /// Where the gateway reaches one serving instance (host addresses).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct Endpoint {
+    /// The instance.
     pub instance: String,
     /// `host:port` of the panel's HTTP server.
     pub addr: String,
@@ -128,8 +147,11 @@ pub struct Endpoint {
 /// Everything the gateway needs to route one panel.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct PanelRoute {
+    /// The panel.
     pub panel: String,
+    /// Its owner: the only user a Studio instance (or a private App) is served to.
     pub owner: String,
+    /// What serves it now.
     pub mode: InstanceMode,
     /// Instances that serve now; empty while stopped or scaled to zero.
     pub endpoints: Vec<Endpoint>,
@@ -141,6 +163,7 @@ pub struct PanelRoute {
 /// A route was written or removed: read `nexus:routes` again for `panel`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RouteChanged {
+    /// The panel whose route changed.
     pub panel: String,
 }
 
@@ -152,6 +175,7 @@ impl Payload for RouteChanged {
 /// Gateways repeat it while they wait; panel managers start at most one.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Activate {
+    /// The App to start.
     pub panel: String,
 }
 
@@ -162,7 +186,9 @@ impl Payload for Activate {
 /// From a Studio instance's watchdog: no heartbeat for too long, delete me.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ExpireInstance {
+    /// The instance to delete.
     pub instance: String,
+    /// Why (for its final status).
     pub reason: String,
 }
 
@@ -173,6 +199,7 @@ impl Payload for ExpireInstance {
 /// An instance changed state; announced on `nexus:panels:{owner}`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct InstanceChanged {
+    /// The instance's status now.
     pub status: InstanceStatus,
 }
 

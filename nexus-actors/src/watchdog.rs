@@ -62,6 +62,7 @@ pub struct WatchdogConfig {
     /// The secret a heartbeat must carry in [`TOKEN_HEADER`]; `None` accepts
     /// every heartbeat.
     pub token: Option<String>,
+    /// Where the expiry is published.
     pub redis_url: String,
 }
 
@@ -81,28 +82,44 @@ impl WatchdogConfig {
     }
 }
 
+/// Why a watchdog could not start or serve.
 #[derive(Debug, thiserror::Error)]
 pub enum WatchdogError {
+    /// `listen` is not a loopback address.
     #[error("the watchdog listens on loopback only; {0} is not a loopback address")]
     NotLoopback(SocketAddr),
+    /// A timeout under a second.
     #[error("the timeout must be at least a second")]
     TimeoutTooShort,
+    /// A timeout over [`MAX_TIMEOUT`].
     #[error("the timeout must be at most {} s (30 days), not {} s", MAX_TIMEOUT.as_secs(), .0.as_secs())]
     TimeoutTooLong(Duration),
+    /// An empty token would let everything through.
     #[error("the heartbeat token must not be empty")]
     EmptyToken,
+    /// The watchdog's own counters.
     #[error("registering the watchdog's metrics: {0}")]
     Metrics(#[from] prometheus::Error),
+    /// The instance's namespace could not be entered.
     #[error(transparent)]
     Netns(#[from] NetnsError),
+    /// The expiry channel could not be reached at start.
     #[error(transparent)]
     Expiry(#[from] ExpiryError),
+    /// The HTTP endpoints failed.
     #[error("http on {addr}: {source}")]
-    Http { addr: SocketAddr, source: std::io::Error },
+    Http {
+        /// Where they listen.
+        addr: SocketAddr,
+        /// What failed.
+        source: std::io::Error,
+    },
 }
 
+/// Why an expiry could not be asked for.
 #[derive(Debug, thiserror::Error)]
 pub enum ExpiryError {
+    /// Redis refused or was unreachable.
     #[error("redis: {0}")]
     Redis(#[from] redis::RedisError),
 }
@@ -111,6 +128,7 @@ pub enum ExpiryError {
 /// manager over Redis now, the Kubernetes API later. Asking twice must be
 /// harmless.
 pub trait Expiry: Send + Sync + 'static {
+    /// Asks for `instance` to be deleted, saying why.
     fn expire<'a>(&'a self, instance: &'a str, reason: &'a str) -> BoxFuture<'a, Result<(), ExpiryError>>;
 }
 

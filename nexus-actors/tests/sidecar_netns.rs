@@ -3,9 +3,9 @@
 //! connections in byte for byte (keep-alive included), the panel's tools are
 //! registered through the forward, and a forward to a port nothing listens
 //! on just closes the client's connection. Without a namespace the forwards
-//! reach the host's loopback, and bad forwards are refused at start.
+//! reach the host's loopback, and bad forwards are refused at start. The
+//! sidecar sends the instance's secret with every request to its panel.
 
-mod common;
 mod raw_http;
 
 use std::any::Any;
@@ -16,42 +16,48 @@ use std::time::Duration;
 
 use actix_web::dev::Extensions;
 use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer};
-use common::tempdir;
-use nexus_actors::infra::{free_port, RedisServer};
+use futures::StreamExt;
+use nexus_actors::infra::free_port;
+use nexus_actors::instance::SIDECAR_TOKEN_HEADER;
 use nexus_actors::netns::{self, Netns, NetnsThread};
-use nexus_actors::roles::transaction_manager::store::{Panel, PanelMode, Store};
+use nexus_actors::platform::{channels, Panel, PanelMode, PanelRecords};
 use nexus_actors::sidecar::{self, Forward, ForwardError, Sidecar, SidecarConfig, SidecarError};
+use nexus_actors::tools::protocol::{Outcome, ToolRequest, ToolResponse};
 use nexus_actors::tools::store::ToolStore;
+use nexus_actors::tools::ToolCall;
+use nexus_actors::Envelope;
+use nexus_testkit::{prerequisite, Brokers};
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 /// A redis-server with one panel record owned by `alice`.
 struct Harness {
-    redis: RedisServer,
+    brokers: Brokers,
     panel: String,
 }
 
 impl Harness {
     async fn new(name: &str) -> Harness {
-        let redis = RedisServer::start(&tempdir(name), false).unwrap();
+        let brokers = Brokers::redis(name);
         let panel = uuid::Uuid::now_v7().to_string();
         let record = Panel {
             id: panel.clone(),
             name: "p".into(),
             owner: "alice".into(),
             mode: PanelMode::Studio,
-            source: "t".into(),
+            source: "template:python_minimal".into(),
+            public: false,
         };
-        Store::connect(&redis.url()).await.unwrap().put_panel(&record).await.unwrap();
-        Harness { redis, panel }
+        PanelRecords::connect(&brokers.redis_url()).await.unwrap().put(&record).await.unwrap();
+        Harness { brokers, panel }
     }
 
     fn config(&self) -> SidecarConfig {
         SidecarConfig {
             listen: format!("127.0.0.1:{}", free_port().unwrap()).parse().unwrap(),
             poll_interval: Duration::from_millis(200),
-            ..SidecarConfig::new(&self.panel, self.redis.url())
+            ..SidecarConfig::new(&self.panel, self.brokers.redis_url())
         }
     }
 }
@@ -153,8 +159,7 @@ impl Drop for NetnsGuard {
 
 #[actix_rt::test]
 async fn in_a_namespace_endpoints_are_inside_and_forwards_carry_connections_in() {
-    if !netns::supported() {
-        eprintln!("\n\n*** SKIPPED: the sidecar-in-a-namespace test needs root and iproute2 ***\n");
+    if !prerequisite(netns::supported(), "the sidecar-in-a-namespace test needs root and iproute2") {
         return;
     }
     let guard = NetnsGuard(Netns::create(&format!("nexus-sc-{}", std::process::id())).unwrap());
@@ -199,7 +204,7 @@ async fn in_a_namespace_endpoints_are_inside_and_forwards_carry_connections_in()
     assert_eq!(published.status, 202, "{}", published.body);
 
     // The tools were registered through the forward.
-    let tools = ToolStore::connect(&h.redis.url()).await.unwrap().list_for("alice").await.unwrap();
+    let tools = ToolStore::connect(&h.brokers.redis_url()).await.unwrap().list_for("alice").await.unwrap();
     assert!(tools.iter().any(|t| t.name.ends_with("echo")), "{:?}", tools.iter().map(|t| &t.name).collect::<Vec<_>>());
 
     let metrics = raw_http::request(&mut stream, "GET", "/metrics", "").await.unwrap().body;
@@ -271,4 +276,117 @@ async fn bad_forwards_and_namespaces_are_refused_at_start() {
     public.netns = Some("/run/netns/nexus-no-such-namespace".into());
     public.listen = "0.0.0.0:3500".parse().unwrap();
     assert!(matches!(refused(public).await, SidecarError::NotLoopback(_)), "the loopback check comes first");
+}
+
+/// What a guarded panel saw: each request's path and secret header.
+type Seen = Arc<std::sync::Mutex<Vec<(String, Option<String>)>>>;
+
+/// A panel that answers `/manifest` and `/mcp/execute` only with `secret`
+/// in the sidecar header (401 otherwise), recording every request.
+fn serve_guarded_panel(
+    listener: std::net::TcpListener,
+    secret: &'static str,
+    seen: Seen,
+) -> actix_web::dev::ServerHandle {
+    let server = HttpServer::new(move || {
+        let seen = seen.clone();
+        App::new().default_service(web::to(move |req: HttpRequest, body: web::Bytes| {
+            let seen = seen.clone();
+            async move {
+                let presented =
+                    req.headers().get(SIDECAR_TOKEN_HEADER).and_then(|v| v.to_str().ok()).map(str::to_owned);
+                seen.lock().unwrap().push((req.path().to_owned(), presented.clone()));
+                if presented.as_deref() != Some(secret) {
+                    return HttpResponse::Unauthorized().json(json!({"error": "only my sidecar"}));
+                }
+                match req.path() {
+                    "/manifest" => HttpResponse::Ok().json(json!({"tools": [{"name": "echo", "desc": "Echoes"}]})),
+                    "/mcp/execute" => {
+                        let call: Value = serde_json::from_slice(&body).unwrap_or_default();
+                        HttpResponse::Ok().json(json!({"result": {"echoed": call["arguments"]}}))
+                    }
+                    _ => HttpResponse::NotFound().finish(),
+                }
+            }
+        }))
+    })
+    .workers(1)
+    .listen(listener)
+    .unwrap()
+    .run();
+    let handle = server.handle();
+    actix::spawn(server);
+    handle
+}
+
+/// The sidecar's `/healthz` once its panel is in `state`.
+async fn health_when(listen: SocketAddr, state: &str) -> Value {
+    let mut last = Value::Null;
+    for _ in 0..200 {
+        if let Ok(answer) = reqwest::get(format!("http://{listen}/healthz")).await {
+            last = answer.json().await.unwrap_or_default();
+            if last["panel"]["state"] == state {
+                return last;
+            }
+        }
+        actix::clock::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the panel never became {state}: {last}");
+}
+
+#[actix_rt::test]
+async fn the_sidecar_proves_itself_to_its_panel_with_the_instances_secret() {
+    let h = Harness::new("sidecar-secret").await;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let panel_url = format!("http://{}", listener.local_addr().unwrap());
+    let seen = Seen::default();
+    let _panel = serve_guarded_panel(listener, "s3cret", seen.clone());
+
+    let mut config = h.config();
+    config.panel_url = panel_url.clone();
+    config.token = Some("s3cret".into());
+    let listen = config.listen;
+    let (_, sidecar) = start(config).await;
+    let health = health_when(listen, "up").await;
+    assert_eq!(health["panel"]["tools"], json!(["echo"]), "{health}");
+
+    // A call from the bus reaches the panel with the secret too.
+    let url = h.brokers.redis_url();
+    let reply_to = format!("test:replies:{}", uuid::Uuid::new_v4());
+    let mut replies = redis::Client::open(url.as_str()).unwrap().get_async_pubsub().await.unwrap();
+    replies.subscribe(&reply_to).await.unwrap();
+    let call = ToolCall::new("echo", json!({"n": 7}), "alice");
+    let request = ToolRequest {
+        call_id: call.call_id.clone(),
+        tool: "echo".into(),
+        arguments: call.arguments.clone(),
+        caller: call.caller.clone(),
+        deadline: call.deadline,
+        idempotency_key: call.idempotency_key.clone(),
+        reply_to: reply_to.clone(),
+    };
+    let mut conn = redis::Client::open(url.as_str()).unwrap().get_multiplexed_async_connection().await.unwrap();
+    let envelope = Envelope::new("test", request).encode();
+    let _: u64 = redis::AsyncCommands::publish(&mut conn, channels::panel_calls(&h.panel), envelope).await.unwrap();
+    let mut messages = replies.on_message();
+    let message = tokio::time::timeout(Duration::from_secs(30), messages.next()).await.unwrap().unwrap();
+    let response = Envelope::<Value>::decode(message.get_payload_bytes()).unwrap().typed::<ToolResponse>().unwrap();
+    assert_eq!(response.data.outcome, Outcome::Result(json!({"echoed": {"n": 7}})));
+    let paths: Vec<String> = seen.lock().unwrap().iter().map(|(path, _)| path.clone()).collect();
+    assert!(paths.contains(&"/manifest".to_owned()) && paths.contains(&"/mcp/execute".to_owned()), "{paths:?}");
+    assert!(
+        seen.lock().unwrap().iter().all(|(_, token)| token.as_deref() == Some("s3cret")),
+        "{:?}",
+        seen.lock().unwrap()
+    );
+    sidecar.stop(true).await;
+
+    // A sidecar without the secret is refused: the panel stays down, unlisted.
+    let mut config = h.config();
+    config.panel_url = panel_url;
+    let listen = config.listen;
+    let (_, _sidecar) = start(config).await;
+    let health = health_when(listen, "down").await;
+    assert!(health["panel"]["reason"].as_str().unwrap().contains("401"), "{health}");
+    assert!(seen.lock().unwrap().iter().any(|(path, token)| path == "/manifest" && token.is_none()));
 }

@@ -5,46 +5,62 @@
 //! configurations are refused, and with a network namespace the listener
 //! exists only inside it.
 
-mod common;
 mod raw_http;
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use actix::Arbiter;
-use common::{eventually, tempdir, Collector};
 use nexus_actors::bus::redis::{RedisBridge, Subscribe, Topic};
 use nexus_actors::bus::BusEvent;
-use nexus_actors::infra::{free_port, RedisServer};
-use nexus_actors::instance::{control_channel, ExpireInstance};
+use nexus_actors::infra::free_port;
+use nexus_actors::instance::ExpireInstance;
 use nexus_actors::netns::{self, Netns, NetnsThread};
+use nexus_actors::platform::channels;
 use nexus_actors::watchdog::{self, RedisExpiry, Watchdog, WatchdogConfig, WatchdogError, MAX_TIMEOUT, TOKEN_HEADER};
-use nexus_actors::Kernel;
+use nexus_actors::{Behaviour, Ctx, Handler, Kernel, Reply};
+use nexus_testkit::{eventually, prerequisite, Brokers};
 use serde_json::Value;
+
+/// Records every bus event it receives.
+struct Collector {
+    events: Arc<Mutex<Vec<BusEvent>>>,
+}
+
+impl Behaviour for Collector {
+    const KIND: &'static str = "collector";
+}
+
+impl Handler<BusEvent> for Collector {
+    fn handle(&mut self, event: BusEvent, _: &mut Ctx<Self>) -> Reply<()> {
+        self.events.lock().unwrap().push(event);
+        Reply::Now(())
+    }
+}
 
 /// A redis-server and everything published on one instance's control channel.
 struct Harness {
-    redis: RedisServer,
+    brokers: Brokers,
     expiries: Arc<Mutex<Vec<BusEvent>>>,
     _kernel: Kernel,
 }
 
 impl Harness {
     async fn new(name: &str, instance: &str) -> Harness {
-        let redis = RedisServer::start(&tempdir(name), false).unwrap();
+        let brokers = Brokers::redis(name);
         let kernel = Kernel::new("watchdog-test");
-        let bridge = RedisBridge::spawn(&kernel, &Arbiter::new().handle(), &redis.url()).unwrap();
+        let bridge = RedisBridge::spawn(&kernel, &Arbiter::new().handle(), &brokers.redis_url()).unwrap();
         let expiries = Arc::new(Mutex::new(Vec::new()));
         let events = expiries.clone();
         let collector = kernel.spawn("collector", move || Collector { events: events.clone() });
-        let topic = Topic::Channel(control_channel(instance));
+        let topic = Topic::Channel(channels::instance_control(instance));
         bridge
             .link::<Subscribe>("test")
             .ask(Subscribe { topic, subscriber: collector.link("redis") })
             .await
             .unwrap()
             .unwrap();
-        Harness { redis, expiries, _kernel: kernel }
+        Harness { brokers, expiries, _kernel: kernel }
     }
 
     fn config(&self, instance: &str, timeout_s: u64) -> WatchdogConfig {
@@ -52,12 +68,12 @@ impl Harness {
             listen: format!("127.0.0.1:{}", free_port().unwrap()).parse().unwrap(),
             timeout: Duration::from_secs(timeout_s),
             repeat: Duration::from_millis(200),
-            ..WatchdogConfig::new(instance, "panel-1", self.redis.url())
+            ..WatchdogConfig::new(instance, "panel-1", self.brokers.redis_url())
         }
     }
 
     async fn start(&self, config: WatchdogConfig) -> (String, actix_web::dev::ServerHandle) {
-        let expiry = RedisExpiry::connect(&self.redis.url()).await.unwrap();
+        let expiry = RedisExpiry::connect(&self.brokers.redis_url()).await.unwrap();
         let watchdog = watchdog::start(config, Arc::new(expiry)).await.unwrap();
         let (url, handle) = (format!("http://{}", watchdog.local_addr()), watchdog.handle());
         actix::spawn(watchdog.run());
@@ -201,7 +217,7 @@ async fn bad_requests_and_bad_configurations_are_refused() {
     let health: Value = client.get(format!("{url}/healthz")).send().await.unwrap().json().await.unwrap();
     assert_eq!(health["expired"], false, "a refused request must not touch the clock");
 
-    let redis_url = h.redis.url();
+    let redis_url = h.brokers.redis_url();
     let start = |config: WatchdogConfig| {
         let redis_url = redis_url.clone();
         async move {
@@ -265,8 +281,7 @@ impl Drop for NetnsGuard {
 
 #[actix_rt::test]
 async fn in_a_namespace_the_listener_is_only_inside() {
-    if !netns::supported() {
-        eprintln!("\n\n*** SKIPPED: the watchdog-in-a-namespace test needs root and iproute2 ***\n");
+    if !prerequisite(netns::supported(), "the watchdog-in-a-namespace test needs root and iproute2") {
         return;
     }
     let guard = NetnsGuard(Netns::create(&format!("nexus-wd-{}", std::process::id())).unwrap());

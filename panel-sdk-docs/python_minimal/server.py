@@ -4,14 +4,21 @@ Copy this file and replace the tools. It implements the panel contract
 (../README.md):
 
 * GET  /             -> the panel's page (what the Studio shows through the gateway)
+* POST /count        -> the page's own word count (no tool call)
 * GET  /manifest     -> the tools this panel offers (name, desc, input_schema)
 * POST /mcp/execute  -> run one tool: {"result": ...} or {"error": "..."}
 * publishing goes through the sidecar: POST $NEXUS_PROXY_URL (default
   http://127.0.0.1:3500/proxy); the panel itself holds no credentials.
 
+/manifest and /mcp/* answer only the panel's own sidecar: the platform puts
+a secret in $NEXUS_SIDECAR_TOKEN and the sidecar sends it in the header
+X-Nexus-Sidecar-Token; anything else gets 401. Without the variable (the
+panel run by hand) they answer anyone, and the server says so at start.
+
 Run it with `python3 server.py` (listens on 127.0.0.1:$PORT, default 8080).
 """
 
+import hmac
 import json
 import os
 import signal
@@ -24,6 +31,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 PORT = int(os.environ.get("PORT", "8080"))
 PROXY_URL = os.environ.get("NEXUS_PROXY_URL", "http://127.0.0.1:3500/proxy")
+# The secret the sidecar proves itself with; unset when run by hand.
+SIDECAR_TOKEN = os.environ.get("NEXUS_SIDECAR_TOKEN", "").encode()
+SIDECAR_TOKEN_HEADER = "X-Nexus-Sidecar-Token"
 MAX_REQUEST = 2 * 1024 * 1024  # the platform sends at most 1 MiB of arguments
 
 MANIFEST = {
@@ -72,6 +82,20 @@ def word_count(arguments, deadline_s):
     return {"words": len(text.split()), "characters": len(text), "lines": len(text.splitlines())}
 
 
+def from_sidecar(headers):
+    """Whether a request to /manifest or /mcp/* comes from this panel's sidecar."""
+    if not SIDECAR_TOKEN:
+        return True
+    presented = headers.get(SIDECAR_TOKEN_HEADER, "").encode()
+    # Constant time: a guesser learns nothing from how long a refusal takes.
+    return hmac.compare_digest(presented, SIDECAR_TOKEN)
+
+
+def is_tool_path(path):
+    path = path.split("?")[0]
+    return path == "/manifest" or path == "/mcp" or path.startswith("/mcp/")
+
+
 def publish_note(arguments, deadline_s):
     body = {"channel": "notes", "type": "python_minimal.note", "data": {"text": text_argument(arguments)}}
     request = urllib.request.Request(
@@ -102,18 +126,27 @@ textarea{width:100%;height:6rem}</style></head>
 <script>
 document.getElementById("count").onclick = async () => {
   const text = document.getElementById("text").value;
-  const response = await fetch("mcp/execute", {method: "POST", headers: {"Content-Type": "application/json"},
-    body: JSON.stringify({tool: "word_count", arguments: {text}})});
+  const response = await fetch("count", {method: "POST", headers: {"Content-Type": "application/json"},
+    body: JSON.stringify({text})});
   const answer = await response.json();
   document.getElementById("result").textContent =
-    answer.error ? answer.error : answer.result.words + " words, " + answer.result.characters + " characters";
+    answer.error ? answer.error : answer.words + " words, " + answer.characters + " characters";
 };
 </script></body></html>
 """.encode()
 
 
 class Handler(BaseHTTPRequestHandler):
+    def refused(self):
+        """Answers 401 unless the request comes from the sidecar."""
+        if not is_tool_path(self.path) or from_sidecar(self.headers):
+            return False
+        self.reply(401, {"error": "only this panel's sidecar may call /manifest and /mcp/*"})
+        return True
+
     def do_GET(self):
+        if self.refused():
+            return
         if self.path == "/manifest":
             self.reply(200, MANIFEST)
         elif self.path.split("?")[0] == "/":
@@ -126,15 +159,14 @@ class Handler(BaseHTTPRequestHandler):
             self.reply(404, {"error": "not found"})
 
     def do_POST(self):
+        if self.refused():
+            return
+        if self.path == "/count":
+            return self.count()
         if self.path != "/mcp/execute":
             return self.reply(404, {"error": "not found"})
         try:
-            length = int(self.headers.get("Content-Length", "0"))
-            if not 0 < length <= MAX_REQUEST:
-                raise ValueError("missing, empty or too large body")
-            call = json.loads(self.rfile.read(length))
-            if not isinstance(call, dict):
-                raise ValueError("body must be a JSON object")
+            call = self.read_json()
             tool, arguments = call.get("tool"), call.get("arguments", {})
             if not isinstance(tool, str) or not isinstance(arguments, dict):
                 raise ValueError("'tool' must be a string and 'arguments' an object")
@@ -151,6 +183,24 @@ class Handler(BaseHTTPRequestHandler):
         except Exception:  # a bug in a tool: log it, answer 500 (the caller sees panel_status)
             traceback.print_exc()
             self.reply(500, {"error": "internal error"})
+
+    def read_json(self):
+        length = int(self.headers.get("Content-Length", "0"))
+        if not 0 < length <= MAX_REQUEST:
+            raise ValueError("missing, empty or too large body")
+        body = json.loads(self.rfile.read(length))
+        if not isinstance(body, dict):
+            raise ValueError("body must be a JSON object")
+        return body
+
+    def count(self):
+        """The page's button: the same count as the tool, for the page itself."""
+        try:
+            self.reply(200, word_count(self.read_json(), 1.0))
+        except (ValueError, TypeError) as e:
+            self.reply(400, {"error": f"bad request: {e}"})
+        except ToolError as e:
+            self.reply(400, {"error": str(e)})
 
     def reply(self, status, body):
         data = json.dumps(body).encode()
@@ -177,6 +227,9 @@ def main():
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     print(f"python_minimal panel on http://127.0.0.1:{PORT}", file=sys.stderr)
+    if not SIDECAR_TOKEN:
+        print("NEXUS_SIDECAR_TOKEN is not set: /manifest and /mcp/* answer anyone "
+              "(fine for a panel run by hand; the platform always sets it)", file=sys.stderr)
     server.serve_forever()
     server.server_close()
 

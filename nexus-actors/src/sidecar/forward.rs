@@ -23,14 +23,44 @@ pub struct Forward {
     pub port: u16,
 }
 
+/// Why a forward could not be set up.
 #[derive(Debug, thiserror::Error)]
 pub enum ForwardError {
+    /// Not `HOST_ADDR=PORT`.
     #[error("expected HOST_ADDR=PORT (e.g. 127.0.0.1:18080=8080), got {0:?}")]
     Syntax(String),
+    /// The host side is not a loopback address.
     #[error("a forward listens on loopback only; {0} is not a loopback address")]
     NotLoopback(SocketAddr),
+    /// The host side could not listen.
     #[error("listening on {addr} for the forward to port {port}: {source}")]
-    Bind { addr: SocketAddr, port: u16, source: io::Error },
+    Bind {
+        /// The host address.
+        addr: SocketAddr,
+        /// The port inside.
+        port: u16,
+        /// What failed.
+        source: io::Error,
+    },
+}
+
+/// Where a forwarded connection failed, the `stage` of
+/// `nexus_sidecar_forward_failures_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stage {
+    Accept,
+    Connect,
+    Copy,
+}
+
+impl Stage {
+    fn label(self) -> &'static str {
+        match self {
+            Stage::Accept => "accept",
+            Stage::Connect => "connect",
+            Stage::Copy => "copy",
+        }
+    }
 }
 
 impl std::str::FromStr for Forward {
@@ -113,7 +143,7 @@ impl BoundForward {
                 Ok((client, _)) => client,
                 Err(error) => {
                     // Out of file descriptors and the like: pause instead of spinning.
-                    fail(&metrics, &label, "accept", &error);
+                    fail(&metrics, &label, Stage::Accept, &error);
                     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
                     continue;
                 }
@@ -129,14 +159,14 @@ impl BoundForward {
                     Err(error) => {
                         // Usually the panel is still starting: the client's
                         // connection closes and it may try again.
-                        fail(&metrics, &label, "connect", &error);
+                        fail(&metrics, &label, Stage::Connect, &error);
                         return;
                     }
                 };
                 if let Err(error) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
                     // A peer resetting mid-stream is how connections often end.
                     if !matches!(error.kind(), io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe) {
-                        fail(&metrics, &label, "copy", &error);
+                        fail(&metrics, &label, Stage::Copy, &error);
                     }
                 }
             });
@@ -144,9 +174,9 @@ impl BoundForward {
     }
 }
 
-fn fail(metrics: &Metrics, port: &str, stage: &str, error: &io::Error) {
-    metrics.sidecar_forward_failures.with_label_values(&[port, stage]).inc();
-    tracing::debug!(port, stage, %error, "nexus_sidecar_forward_failures_total");
+fn fail(metrics: &Metrics, port: &str, stage: Stage, error: &io::Error) {
+    metrics.sidecar_forward_failures.with_label_values(&[port, stage.label()]).inc();
+    tracing::debug!(port, stage = stage.label(), %error, "nexus_sidecar_forward_failures_total");
 }
 
 #[cfg(test)]

@@ -33,6 +33,7 @@ pub struct CallForwarder {
 }
 
 impl CallForwarder {
+    /// The actor kind in the mailbox graph.
     pub const KIND: &'static str = "call_forwarder";
 
     fn forward(&self, envelope: Envelope<Value>) {

@@ -5,6 +5,10 @@
 //! `/proxy` inside the panel's own namespace ([`proxy`]). Its HTTP endpoints
 //! listen on loopback only. It runs no role and serves no user.
 //!
+//! Its requests to the panel (`GET /manifest`, `POST /mcp/execute`) carry
+//! the instance's secret in [`SIDECAR_TOKEN_HEADER`] when it has one, so a
+//! panel can answer its own sidecar only.
+//!
 //! Beside a panel instance in its own network namespace (`netns`), the
 //! sidecar stays on the host network, so its Redis connections stay outside,
 //! while its endpoints listen inside, on the loopback the panel sees; its
@@ -26,6 +30,7 @@ use actix::Arbiter;
 use actix_web::{web, App, HttpServer};
 
 use crate::bus::redis::{RedisBridge, Subscribe, Topic, Unsubscribe};
+use crate::instance::{SIDECAR_TOKEN_ENV, SIDECAR_TOKEN_HEADER};
 use crate::kernel::{ActorRef, Kernel};
 use crate::netns::{NetnsError, NetnsThread};
 use crate::platform::channels;
@@ -43,6 +48,7 @@ use registration::Registrar;
 pub struct SidecarConfig {
     /// The id of the panel record this instance serves.
     pub panel: String,
+    /// The bus (and the panel records and tool listing).
     pub redis_url: String,
     /// Where the panel listens (`http://127.0.0.1:8080`).
     pub panel_url: String,
@@ -56,14 +62,20 @@ pub struct SidecarConfig {
     pub forwards: Vec<Forward>,
     /// Most calls running in the panel at once.
     pub max_calls: usize,
-    /// Messages a second the panel may publish, and the burst it may save up.
+    /// Messages a second the panel may publish.
     pub publish_rate: u32,
+    /// The burst of messages it may save up.
     pub publish_burst: u32,
     /// How often the manifest is read again.
     pub poll_interval: Duration,
+    /// The instance's secret, sent in [`SIDECAR_TOKEN_HEADER`] with every
+    /// request to the panel; `None` sends none (a panel run by hand).
+    pub token: Option<String>,
 }
 
 impl SidecarConfig {
+    /// The defaults for `panel` over `redis_url`: the panel on
+    /// `127.0.0.1:8080`, the endpoints on `127.0.0.1:3500`, no secret.
     pub fn new(panel: impl Into<String>, redis_url: impl Into<String>) -> Self {
         SidecarConfig {
             panel: panel.into(),
@@ -76,36 +88,66 @@ impl SidecarConfig {
             publish_rate: 50,
             publish_burst: 100,
             poll_interval: Duration::from_secs(5),
+            token: None,
         }
+    }
+
+    /// This configuration with the secret from [`SIDECAR_TOKEN_ENV`] when it
+    /// has none: the local driver hands it over in the environment, never
+    /// on a command line.
+    pub fn token_from_env(mut self) -> Self {
+        if self.token.is_none() {
+            self.token = std::env::var(SIDECAR_TOKEN_ENV).ok().filter(|t| !t.is_empty());
+        }
+        self
     }
 }
 
+/// Why a sidecar could not start or serve.
 #[derive(Debug, thiserror::Error)]
 pub enum SidecarError {
+    /// `listen` is not a loopback address.
     #[error("the sidecar listens on loopback only; {0} is not a loopback address")]
     NotLoopback(SocketAddr),
+    /// No panel record has this id.
     #[error("no panel record has id {0:?}: create the panel first (POST /api/panels)")]
     UnknownPanel(String),
+    /// The secret is not a valid header value.
+    #[error("the sidecar secret must be visible ASCII")]
+    BadToken,
+    /// The bus could not be reached.
     #[error("redis: {0}")]
     Redis(#[from] redis::RedisError),
+    /// The panel records could not be read.
     #[error("panel records: {0}")]
     Store(#[from] StoreError),
+    /// The tool listing could not be reached.
     #[error("tool listing: {0}")]
     Tools(#[from] ToolStoreError),
+    /// The panel's call channel could not be subscribed to.
     #[error("subscribing to the panel's call channel failed: {0}")]
     Subscribe(String),
+    /// The instance's namespace could not be entered.
     #[error(transparent)]
     Netns(#[from] NetnsError),
+    /// A forward could not listen.
     #[error(transparent)]
     Forward(#[from] ForwardError),
+    /// The HTTP endpoints failed.
     #[error("http on {addr}: {source}")]
-    Http { addr: SocketAddr, source: std::io::Error },
+    Http {
+        /// Where they listen.
+        addr: SocketAddr,
+        /// What failed.
+        source: std::io::Error,
+    },
 }
 
 /// Runs the sidecar until it is stopped (Ctrl-C or SIGTERM); then the
-/// panel's tools leave the listing.
+/// panel's tools leave the listing. The secret, unless the configuration
+/// has one, comes from [`SIDECAR_TOKEN_ENV`].
 pub async fn run(config: SidecarConfig) -> Result<(), SidecarError> {
-    start(config).await?.run().await
+    start(config.token_from_env()).await?.run().await
 }
 
 /// How long a stopping sidecar lets the calls it runs finish.
@@ -189,7 +231,12 @@ pub async fn start(config: SidecarConfig) -> Result<Sidecar, SidecarError> {
     let tools = ToolStore::connect(&config.redis_url).await?;
     let bridge_arbiter = Arbiter::new();
     let bridge = RedisBridge::spawn(&kernel, &bridge_arbiter.handle(), &config.redis_url)?;
-    let client = PanelClient::new(&config.panel_url, &config.panel);
+    if let Some(token) = &config.token {
+        if http::HeaderValue::from_str(token).is_err() || token.is_empty() {
+            return Err(SidecarError::BadToken);
+        }
+    }
+    let client = PanelClient::new(&config.panel_url, &config.panel, config.token.clone());
 
     let in_flight: Arc<AtomicUsize> = Arc::default();
     let forwarder = {
@@ -248,6 +295,8 @@ pub async fn start(config: SidecarConfig) -> Result<Sidecar, SidecarError> {
         %listen,
         netns = ?config.netns,
         panel_url = %config.panel_url,
+        secret = config.token.is_some(),
+        header = SIDECAR_TOKEN_HEADER,
         "sidecar running"
     );
     Ok(Sidecar {

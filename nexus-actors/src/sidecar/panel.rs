@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
+use crate::instance::SIDECAR_TOKEN_HEADER;
 use crate::tools::manifest::{Manifest, ManifestError, MAX_MANIFEST_BYTES};
 use crate::tools::protocol::{encoded_len, remaining_until, ToolError, ToolRequest, ToolResult, MAX_PAYLOAD_BYTES};
 
@@ -21,10 +22,18 @@ const MANIFEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// Why a manifest could not be read.
 #[derive(Debug, thiserror::Error)]
 pub enum ManifestFetchError {
+    /// Nothing answered (or the answer broke off).
     #[error("the panel is not answering at {url}: {message}")]
-    Unreachable { url: String, message: String },
+    Unreachable {
+        /// What was asked.
+        url: String,
+        /// Why it failed.
+        message: String,
+    },
+    /// The panel answered with an error status (401: it refused the secret).
     #[error("GET /manifest answered HTTP {0}")]
     Status(u16),
+    /// The manifest breaks the contract.
     #[error(transparent)]
     Invalid(#[from] ManifestError),
 }
@@ -35,18 +44,29 @@ pub struct PanelClient {
     http: reqwest::Client,
     base: String,
     panel: String,
+    /// Sent in [`SIDECAR_TOKEN_HEADER`] with every request.
+    token: Option<String>,
 }
 
 impl PanelClient {
-    /// A client for the panel `panel` served at `base` (`http://127.0.0.1:8080`).
-    pub fn new(base: &str, panel: &str) -> Self {
+    /// A client for the panel `panel` served at `base` (`http://127.0.0.1:8080`),
+    /// proving itself with `token` when given.
+    pub fn new(base: &str, panel: &str, token: Option<String>) -> Self {
         let http = reqwest::Client::builder()
             .no_proxy()
             .pool_max_idle_per_host(64)
             .pool_idle_timeout(Duration::from_secs(30))
             .build()
             .unwrap_or_default();
-        PanelClient { http, base: base.trim_end_matches('/').to_owned(), panel: panel.to_owned() }
+        PanelClient { http, base: base.trim_end_matches('/').to_owned(), panel: panel.to_owned(), token }
+    }
+
+    /// Adds the instance's secret, when there is one.
+    fn authorized(&self, request: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        match &self.token {
+            Some(token) => request.header(SIDECAR_TOKEN_HEADER, token),
+            None => request,
+        }
     }
 
     /// Reads and validates `GET /manifest`.
@@ -54,7 +74,8 @@ impl PanelClient {
         let url = format!("{}/manifest", self.base);
         let unreachable =
             |e: &dyn std::fmt::Display| ManifestFetchError::Unreachable { url: url.clone(), message: e.to_string() };
-        let response = self.http.get(&url).timeout(MANIFEST_TIMEOUT).send().await.map_err(|e| unreachable(&e))?;
+        let request = self.authorized(self.http.get(&url)).timeout(MANIFEST_TIMEOUT);
+        let response = request.send().await.map_err(|e| unreachable(&e))?;
         if !response.status().is_success() {
             return Err(ManifestFetchError::Status(response.status().as_u16()));
         }
@@ -80,8 +101,7 @@ impl PanelClient {
             "deadline_ms": deadline_ms,
         });
         let sent = self
-            .http
-            .post(format!("{}/mcp/execute", self.base))
+            .authorized(self.http.post(format!("{}/mcp/execute", self.base)))
             .header("x-nexus-call-id", &request.call_id)
             .header("x-nexus-deadline-ms", deadline_ms)
             .json(&body)

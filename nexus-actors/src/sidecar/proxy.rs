@@ -43,6 +43,7 @@ pub struct RateLimit {
 }
 
 impl RateLimit {
+    /// `rate` tokens a second, at most `burst` saved up (each at least 1).
     pub fn new(rate: u32, burst: u32) -> Self {
         let burst = f64::from(burst.max(1));
         RateLimit { rate: f64::from(rate.max(1)), burst, state: Mutex::new((burst, Instant::now())) }
@@ -66,10 +67,15 @@ impl RateLimit {
 
 /// What the endpoints share.
 pub struct ProxyState {
+    /// The sidecar's kernel (metrics).
     pub kernel: Kernel,
+    /// The panel whose namespace it publishes in.
     pub panel_id: String,
+    /// The bus.
     pub publish: Link<Publish>,
+    /// The publish rate limit.
     pub limit: RateLimit,
+    /// The tool listing, for `/reload` and `/healthz`.
     pub registrar: Registrar,
 }
 
@@ -81,11 +87,48 @@ struct PanelMessage {
     data: Value,
 }
 
-fn refuse(state: &ProxyState, status: StatusCode, code: &str, message: impl Into<String>) -> HttpResponse {
+/// Why `/proxy` refused a message: the `error` code of the answer and the
+/// `reason` of `nexus_sidecar_refused_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Refusal {
+    TooLarge,
+    BadBody,
+    BadJson,
+    BadChannel,
+    BadType,
+    RateLimited,
+    BusUnavailable,
+}
+
+impl Refusal {
+    fn code(self) -> &'static str {
+        match self {
+            Refusal::TooLarge => "too_large",
+            Refusal::BadBody => "bad_body",
+            Refusal::BadJson => "bad_json",
+            Refusal::BadChannel => "bad_channel",
+            Refusal::BadType => "bad_type",
+            Refusal::RateLimited => "rate_limited",
+            Refusal::BusUnavailable => "bus_unavailable",
+        }
+    }
+
+    fn status(self) -> StatusCode {
+        match self {
+            Refusal::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Refusal::BadBody | Refusal::BadJson | Refusal::BadChannel | Refusal::BadType => StatusCode::BAD_REQUEST,
+            Refusal::RateLimited => StatusCode::TOO_MANY_REQUESTS,
+            Refusal::BusUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+}
+
+fn refuse(state: &ProxyState, why: Refusal, message: impl Into<String>) -> HttpResponse {
+    let code = why.code();
     state.kernel.metrics().sidecar_refused.with_label_values(&[code]).inc();
     let message = message.into();
     tracing::info!(panel = %state.panel_id, reason = code, %message, "nexus_sidecar_refused_total");
-    HttpResponse::build(status).json(json!({ "error": code, "message": message }))
+    HttpResponse::build(why.status()).json(json!({ "error": code, "message": message }))
 }
 
 /// Registers the sidecar's endpoints.
@@ -102,35 +145,25 @@ pub fn configure(state: web::Data<ProxyState>) -> impl FnOnce(&mut web::ServiceC
 async fn proxy(state: web::Data<ProxyState>, req: HttpRequest, payload: web::Payload) -> HttpResponse {
     let body = match read_body(&req, payload, MAX_PROXY_BODY).await {
         Ok(body) => body,
-        Err(e @ BodyError::TooLarge { .. }) => {
-            return refuse(&state, StatusCode::PAYLOAD_TOO_LARGE, "too_large", e.to_string())
-        }
-        Err(e @ BodyError::Unreadable(_)) => return refuse(&state, StatusCode::BAD_REQUEST, "bad_body", e.to_string()),
+        Err(e @ BodyError::TooLarge { .. }) => return refuse(&state, Refusal::TooLarge, e.to_string()),
+        Err(e @ BodyError::Unreadable(_)) => return refuse(&state, Refusal::BadBody, e.to_string()),
     };
     let message: PanelMessage = match serde_json::from_slice(&body) {
         Ok(m) => m,
-        Err(e) => {
-            return refuse(
-                &state,
-                StatusCode::BAD_REQUEST,
-                "bad_json",
-                format!("expected {{channel, type?, data}}: {e}"),
-            )
-        }
+        Err(e) => return refuse(&state, Refusal::BadJson, format!("expected {{channel, type?, data}}: {e}")),
     };
     if !is_valid_channel(&message.channel) {
         let text = "channel must match ^[A-Za-z0-9_-]{1,64}$ (it names a sub-channel of the panel's own namespace)";
-        return refuse(&state, StatusCode::BAD_REQUEST, "bad_channel", text);
+        return refuse(&state, Refusal::BadChannel, text);
     }
     let kind = message.kind.unwrap_or_else(|| DEFAULT_MESSAGE_TYPE.to_owned());
     if !is_valid_type(&kind) || (kind.starts_with("nexus.") && kind != DEFAULT_MESSAGE_TYPE) {
         let text = "type must match ^[A-Za-z0-9._-]{1,128}$ and not start with \"nexus.\" (the platform's own types)";
-        return refuse(&state, StatusCode::BAD_REQUEST, "bad_type", text);
+        return refuse(&state, Refusal::BadType, text);
     }
     if let Err(wait) = state.limit.take() {
         let seconds = wait.as_secs_f64().ceil().max(1.0) as u64;
-        let mut response =
-            refuse(&state, StatusCode::TOO_MANY_REQUESTS, "rate_limited", "too many messages; slow down");
+        let mut response = refuse(&state, Refusal::RateLimited, "too many messages; slow down");
         if let Ok(value) = actix_web::http::header::HeaderValue::from_str(&seconds.to_string()) {
             response.headers_mut().insert(actix_web::http::header::RETRY_AFTER, value);
         }
@@ -144,8 +177,8 @@ async fn proxy(state: web::Data<ProxyState>, req: HttpRequest, payload: web::Pay
             state.kernel.metrics().sidecar_published.inc();
             HttpResponse::Accepted().json(json!({ "channel": channel, "id": id }))
         }
-        Ok(Err(error)) => refuse(&state, StatusCode::SERVICE_UNAVAILABLE, "bus_unavailable", error.to_string()),
-        Err(error) => refuse(&state, StatusCode::SERVICE_UNAVAILABLE, "bus_unavailable", format!("{error:?}")),
+        Ok(Err(error)) => refuse(&state, Refusal::BusUnavailable, error.to_string()),
+        Err(error) => refuse(&state, Refusal::BusUnavailable, format!("{error:?}")),
     }
 }
 

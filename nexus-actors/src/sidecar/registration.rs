@@ -17,19 +17,56 @@ use crate::tools::store::{ToolStore, ToolStoreError};
 /// How often the manifest is read while the panel does not answer yet.
 const STARTUP_POLL: Duration = Duration::from_millis(250);
 
+/// How a manifest read went, the `outcome` of `nexus_sidecar_manifest_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ManifestOutcome {
+    /// A new or changed manifest was listed.
+    Registered,
+    /// The listed manifest was still served; its listing was extended.
+    Unchanged,
+    /// Nothing answered, or an error status (401: a refused secret).
+    Unreachable,
+    /// A manifest that breaks the contract.
+    Invalid,
+}
+
+impl ManifestOutcome {
+    fn label(self) -> &'static str {
+        match self {
+            ManifestOutcome::Registered => "registered",
+            ManifestOutcome::Unchanged => "unchanged",
+            ManifestOutcome::Unreachable => "unreachable",
+            ManifestOutcome::Invalid => "invalid",
+        }
+    }
+}
+
 /// The panel's state as the sidecar last saw it.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub enum PanelState {
+    /// Not read yet.
     #[default]
     Starting,
     /// Answering, with these tools (local names) listed.
-    Up { tools: Vec<String> },
+    Up {
+        /// The listed tools' local names.
+        tools: Vec<String>,
+    },
     /// Not answering `/manifest` (or answering it with an error status).
-    Down { reason: String },
+    Down {
+        /// Why.
+        reason: String,
+    },
     /// Answering with a manifest that breaks the contract.
-    Invalid { reason: String },
+    Invalid {
+        /// The broken rule.
+        reason: String,
+    },
     /// Answering, but the listing could not be written (Redis is down).
-    Unlisted { reason: String },
+    Unlisted {
+        /// Why.
+        reason: String,
+    },
 }
 
 /// Registers one panel's tools. Cheap to clone.
@@ -49,6 +86,7 @@ pub struct Registrar {
 }
 
 impl Registrar {
+    /// Lists `panel_id`'s tools (owned by `user`) for `ttl` at a time.
     pub fn new(
         panel_id: &str,
         user: &str,
@@ -69,6 +107,7 @@ impl Registrar {
         }
     }
 
+    /// The panel's state as last seen.
     pub fn state(&self) -> PanelState {
         lock(&self.state).clone()
     }
@@ -82,11 +121,11 @@ impl Registrar {
                 Err(error) => PanelState::Unlisted { reason: error.to_string() },
             },
             Err(error @ (ManifestFetchError::Unreachable { .. } | ManifestFetchError::Status(_))) => {
-                self.metrics.sidecar_manifest.with_label_values(&["unreachable"]).inc();
+                self.count(ManifestOutcome::Unreachable);
                 PanelState::Down { reason: error.to_string() }
             }
             Err(error) => {
-                self.metrics.sidecar_manifest.with_label_values(&["invalid"]).inc();
+                self.count(ManifestOutcome::Invalid);
                 if let Some(manifest) = registered.as_ref() {
                     if let Err(e) = self.keep(manifest).await {
                         tracing::warn!(error = %e, "could not refresh the panel's listing");
@@ -123,11 +162,14 @@ impl Registrar {
             self.put(&manifest).await?;
             false
         };
-        let outcome = if refreshed { "unchanged" } else { "registered" };
-        self.metrics.sidecar_manifest.with_label_values(&[outcome]).inc();
+        self.count(if refreshed { ManifestOutcome::Unchanged } else { ManifestOutcome::Registered });
         let tools = manifest.tools.iter().map(|t| t.name.clone()).collect();
         *registered = Some(manifest);
         Ok(PanelState::Up { tools })
+    }
+
+    fn count(&self, outcome: ManifestOutcome) {
+        self.metrics.sidecar_manifest.with_label_values(&[outcome.label()]).inc();
     }
 
     /// Keeps `manifest`'s listing alive (also while the panel serves a bad

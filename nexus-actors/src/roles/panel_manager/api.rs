@@ -23,6 +23,7 @@ const MAX_LOG_LINES: usize = 1000;
 
 /// Shared by the handlers of one node.
 pub struct PmApi {
+    /// The node's panel manager.
     pub handle: PanelManagerHandle,
     /// The panel records: who owns which panel.
     pub panels: PanelRecords,
@@ -31,8 +32,11 @@ pub struct PmApi {
 /// A deployed App, as the API reports it.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct Deployment {
+    /// The panel id.
     pub panel: String,
+    /// The snapshot version that runs.
     pub version: u64,
+    /// How many instances should run.
     pub replicas: u32,
 }
 
@@ -42,20 +46,28 @@ impl From<AppRecord> for Deployment {
     }
 }
 
+/// `PUT /api/panels/{id}/scale`.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct ScaleRequest {
+    /// How many instances should run.
     pub replicas: u32,
 }
 
+/// `GET /api/panels/{id}/logs?lines=N&instance=I`.
 #[derive(Debug, Deserialize)]
 pub struct LogsQuery {
+    /// How many of the last lines (default 100, at most 1000).
     pub lines: Option<usize>,
+    /// Which instance; the latest by default.
     pub instance: Option<String>,
 }
 
+/// An instance's last log lines.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct Logs {
+    /// The instance.
     pub instance: String,
+    /// Its last lines, oldest first.
     pub lines: Vec<String>,
 }
 
@@ -65,9 +77,10 @@ impl From<PanelManagerError> for ApiError {
             PanelManagerError::Conflict(m) => ApiError::Conflict(m),
             e @ PanelManagerError::NotDeployed => ApiError::Conflict(e.to_string()),
             e @ PanelManagerError::BadReplicas { .. } => ApiError::BadRequest(e.to_string()),
-            PanelManagerError::Driver(e @ (DriverError::UnknownSource(..) | DriverError::NoCommand)) => {
-                ApiError::BadRequest(e.to_string())
-            }
+            PanelManagerError::Quota { limit } => ApiError::Quota { what: "running instances", limit },
+            PanelManagerError::Driver(
+                e @ (DriverError::UnknownSource(..) | DriverError::NoCommand | DriverError::PanelFile(_)),
+            ) => ApiError::BadRequest(e.to_string()),
             e => {
                 tracing::error!(error = %e, "panel manager error");
                 ApiError::Internal(e.to_string())
@@ -95,6 +108,7 @@ where
     })
 }
 
+/// The panel's instance statuses (live and the last final ones).
 #[utoipa::path(get, path = "/api/panels/{id}/instances", security(("bearer" = [])), params(("id" = String, Path)),
     responses((status = 200, body = [InstanceStatus]), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
 pub async fn list_instances(
@@ -107,8 +121,9 @@ pub async fn list_instances(
     Ok(HttpResponse::Ok().json(statuses))
 }
 
+/// Starts the panel's Studio instance.
 #[utoipa::path(post, path = "/api/panels/{id}/studio", security(("bearer" = [])), params(("id" = String, Path)),
-    responses((status = 201, body = InstanceStatus), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+    responses((status = 201, body = InstanceStatus), (status = 401, body = ErrorBody), (status = 403, description = "not the owner, or quota_exceeded: the owner runs as many instances as allowed", body = ErrorBody),
         (status = 404, body = ErrorBody), (status = 409, description = "running, or deployed as an App", body = ErrorBody)))]
 pub async fn start_studio(
     caller: Caller,
@@ -120,6 +135,7 @@ pub async fn start_studio(
     Ok(HttpResponse::Created().json(status))
 }
 
+/// Stops the panel's Studio instance.
 #[utoipa::path(delete, path = "/api/panels/{id}/studio", security(("bearer" = [])), params(("id" = String, Path)),
     responses((status = 202), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody),
         (status = 409, description = "no Studio instance runs", body = ErrorBody)))]
@@ -133,18 +149,20 @@ pub async fn stop_studio(
     Ok(HttpResponse::Accepted().json(serde_json::json!({ "panel": panel.id })))
 }
 
+/// Snapshots the panel's code and runs it as an App.
 #[utoipa::path(post, path = "/api/panels/{id}/deploy", security(("bearer" = [])), params(("id" = String, Path)),
     responses((status = 201, body = Deployment), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
-        (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
+        (status = 403, description = "not the owner, or quota_exceeded: the owner runs as many instances as allowed", body = ErrorBody), (status = 404, body = ErrorBody)))]
 pub async fn deploy(caller: Caller, api: web::Data<PmApi>, id: web::Path<String>) -> Result<HttpResponse, ApiError> {
     let panel = own_panel(&api, &caller, &id).await?;
     let app = ask(&api, Deploy { panel }).await??;
     Ok(HttpResponse::Created().json(Deployment::from(app)))
 }
 
+/// Runs that many instances of the deployed App.
 #[utoipa::path(put, path = "/api/panels/{id}/scale", request_body = ScaleRequest, security(("bearer" = [])), params(("id" = String, Path)),
     responses((status = 200, body = Deployment), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
-        (status = 403, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, description = "not deployed", body = ErrorBody)))]
+        (status = 403, description = "not the owner, or quota_exceeded: the owner runs as many instances as allowed", body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, description = "not deployed", body = ErrorBody)))]
 pub async fn scale(
     caller: Caller,
     api: web::Data<PmApi>,
@@ -158,6 +176,7 @@ pub async fn scale(
     Ok(HttpResponse::Ok().json(Deployment::from(app)))
 }
 
+/// Stops every instance of the panel and undeploys it.
 #[utoipa::path(delete, path = "/api/panels/{id}/instances", security(("bearer" = [])), params(("id" = String, Path)),
     responses((status = 202), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
 pub async fn stop_everything(
@@ -170,6 +189,7 @@ pub async fn stop_everything(
     Ok(HttpResponse::Accepted().json(serde_json::json!({ "panel": panel.id })))
 }
 
+/// The last lines of an instance's log.
 #[utoipa::path(get, path = "/api/panels/{id}/logs", security(("bearer" = [])),
     params(("id" = String, Path), ("lines" = Option<usize>, Query, description = "how many of the last lines (default 100, at most 1000)"),
         ("instance" = Option<String>, Query, description = "which instance; the latest by default")),

@@ -16,6 +16,7 @@
 //! A driver never decides policy: no backoff, no idle timers, no routes.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
@@ -23,23 +24,91 @@ use tokio::sync::mpsc;
 
 use crate::instance::{Endpoint, InstanceMode, Isolation};
 
+/// Why a driver could not do what it was asked.
 #[derive(Debug, thiserror::Error)]
 pub enum DriverError {
+    /// The panel's `source` names no template (the user's mistake: 400).
     #[error("unknown panel source {0:?}; a panel's source is template:<name> (templates: {1})")]
     UnknownSource(String, String),
+    /// The panel's code says nothing to run (400).
     #[error("the panel's code has no command: add nexus-panel.json with {{\"command\": [...]}} or a server.py")]
     NoCommand,
+    /// The panel's `nexus-panel.json` is unusable (400).
+    #[error("nexus-panel.json: {0}")]
+    PanelFile(#[from] PanelFileError),
+    /// A panel or instance id that cannot name a file or namespace.
+    #[error("invalid {what} id {id:?}: only letters, digits, '-' and '_', 1 to 100 of them")]
+    InvalidId {
+        /// `panel` or `instance`.
+        what: &'static str,
+        /// The id as given.
+        id: String,
+    },
+    /// The driver runs no such instance.
     #[error("no instance {0}")]
     NoInstance(String),
+    /// The instance is already running.
+    #[error("instance {0} is already running")]
+    AlreadyRunning(String),
+    /// The isolation the driver needs is not there.
     #[error("sandbox: {0}")]
-    Sandbox(String),
+    Sandbox(#[from] SandboxError),
+    /// A file or process operation failed.
     #[error("io: {0}")]
     Io(#[from] std::io::Error),
+}
+
+/// What is wrong with a panel's `nexus-panel.json`.
+#[derive(Debug, thiserror::Error)]
+pub enum PanelFileError {
+    /// A symlink (never followed) or a special file, or too large.
+    #[error("must be a regular file of at most {max} bytes")]
+    NotARegularFile {
+        /// The size limit.
+        max: u64,
+    },
+    /// Not the JSON the contract asks for.
+    #[error("{0}; expected {{\"command\": [\"program\", \"arg\", ...]}}")]
+    Json(#[from] serde_json::Error),
+    /// `command` is empty or names an empty program.
+    #[error("\"command\" must name a program")]
+    NoProgram,
+}
+
+/// Why a driver cannot isolate panel code as it was told to. Cheap to
+/// clone: a driver decides its isolation once and reports the same
+/// failure to every start.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum SandboxError {
+    /// Network namespaces need root and iproute2's `ip`.
+    #[error("network namespaces need root and iproute2's `ip`")]
+    NoNamespaces,
+    /// `runsc` is not on the `PATH`.
+    #[error("runsc is not installed")]
+    NoRunsc,
+    /// `runsc run` of a probe container failed.
+    #[error("`runsc run` failed ({status}): {stderr}")]
+    RunscFailed {
+        /// How it exited.
+        status: String,
+        /// What it said.
+        stderr: String,
+    },
+    /// `runsc run` of a probe container did not end in time.
+    #[error("`runsc run` of a probe did not finish within {0:?}")]
+    RunscTimeout(Duration),
+    /// Preparing or running the probe failed.
+    #[error("probing runsc: {0}")]
+    Probe(Arc<std::io::Error>),
+    /// The instance's network namespace could not be made.
+    #[error("the instance's network namespace: {0}")]
+    Netns(Arc<crate::netns::NetnsError>),
 }
 
 /// A panel's persistent Studio storage.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Volume {
+    /// The panel it belongs to.
     pub panel: String,
     /// Where the driver keeps it (a directory; a PVC name in Kubernetes).
     pub location: PathBuf,
@@ -48,16 +117,20 @@ pub struct Volume {
 /// An immutable copy of a panel's code, what an App runs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Snapshot {
+    /// The panel it was taken of.
     pub panel: String,
     /// Grows by one with every deploy.
     pub version: u64,
+    /// Where the driver keeps it.
     pub location: PathBuf,
 }
 
 /// What a new instance runs.
 #[derive(Debug, Clone)]
 pub enum Code {
+    /// The panel's volume, read-write (a Studio instance).
     Studio(Volume),
+    /// A fresh copy of a snapshot (an App instance).
     App(Snapshot),
 }
 
@@ -66,9 +139,13 @@ pub enum Code {
 pub struct InstanceSpec {
     /// Unique among all instances ever started (`<panel>-<random>`).
     pub instance: String,
+    /// The panel it serves.
     pub panel: String,
+    /// The panel's owner.
     pub owner: String,
+    /// Studio or App.
     pub mode: InstanceMode,
+    /// What it runs.
     pub code: Code,
     /// Studio only: the watchdog deletes the instance after this long
     /// without a heartbeat.
@@ -79,16 +156,27 @@ pub struct InstanceSpec {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum InstanceEvent {
     /// The user process ended on its own (`code` None: killed by a signal).
-    Exited { code: Option<i32> },
+    Exited {
+        /// The exit code; `None` when a signal killed it.
+        code: Option<i32>,
+    },
 }
 
 /// A started instance.
 pub struct Started {
-    /// Where its panel (and watchdog) can be reached from the host.
+    /// Where its panel (and watchdog) can be reached from the host; the
+    /// route the gateway follows.
     pub endpoint: Endpoint,
+    /// The instance's sidecar secret ([`crate::instance::SIDECAR_TOKEN_HEADER`]),
+    /// for the readiness probe's `GET /manifest`. Kept in memory only: it is
+    /// not part of the endpoint, so it never reaches the route or Redis.
+    /// `None` when the driver gives the panel none.
+    pub sidecar_token: Option<String>,
+    /// How the user process is isolated.
     pub isolation: Isolation,
     /// Set when isolation is weaker than it should be: shown to the user.
     pub warning: Option<String>,
+    /// What happens to the instance from now on.
     pub events: mpsc::UnboundedReceiver<InstanceEvent>,
 }
 

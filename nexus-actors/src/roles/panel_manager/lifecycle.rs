@@ -17,7 +17,8 @@ use actix::{ActorContext, ActorFutureExt, AsyncContext};
 use tokio::sync::oneshot;
 
 use super::driver::{DriverError, InstanceEvent, InstanceSpec, RuntimeDriver, Started};
-use crate::instance::{Endpoint, InstanceState, InstanceStatus, Isolation};
+use super::metrics::mode_label;
+use crate::instance::{Endpoint, InstanceState, InstanceStatus, Isolation, SIDECAR_TOKEN_HEADER};
 use crate::kernel::{ActorRef, Behaviour, Ctx, Handler, Link, Message, Reply, Supervised};
 use crate::telemetry::Metrics;
 
@@ -26,12 +27,15 @@ use crate::telemetry::Metrics;
 pub struct LifecyclePolicy {
     /// From started to `/manifest` answering 200; past it the instance fails.
     pub ready_timeout: Duration,
+    /// How often `/manifest` is asked while starting.
     pub probe_interval: Duration,
     /// The first restart waits this long; every further crash doubles it.
     pub restart_backoff: Duration,
+    /// The longest wait before a restart.
     pub max_restart_backoff: Duration,
     /// More crashes than this within `crash_window` end in `failed`.
     pub max_crashes: usize,
+    /// See `max_crashes`.
     pub crash_window: Duration,
     /// A serving instance without a request for this long is `idle`.
     pub idle_mark: Duration,
@@ -47,6 +51,7 @@ pub fn now_ms() -> u64 {
 /// A lifecycle's new state, for its manager.
 #[derive(Debug, Clone)]
 pub struct Transition {
+    /// The instance's status now.
     pub status: InstanceStatus,
     /// Where it serves, while it serves.
     pub endpoint: Option<Endpoint>,
@@ -59,7 +64,9 @@ impl Message for Transition {
 /// Stops the instance (SIGTERM, SIGKILL after `grace`); replies with its
 /// final status once it is stopped (at once when it already ended).
 pub struct Stop {
+    /// Why, for the final status.
     pub reason: String,
+    /// SIGTERM to SIGKILL.
     pub grace: Duration,
 }
 
@@ -70,6 +77,7 @@ impl Message for Stop {
 /// When the panel last had a request (unix ms, from the gateway), to tell
 /// `ready` from `idle`.
 pub struct Traffic {
+    /// Unix ms; `None` when the gateway never forwarded a request.
     pub last_request_ms: Option<u64>,
 }
 
@@ -89,13 +97,31 @@ impl Message for Exited {
 /// What a lifecycle needs besides its spec.
 #[derive(Clone)]
 pub struct LifecycleDeps {
+    /// Starts, restarts and stops the instance.
     pub driver: Arc<dyn RuntimeDriver>,
+    /// Timers and the crash policy.
     pub policy: LifecyclePolicy,
+    /// Hears every transition.
     pub manager: Link<Transition>,
+    /// The node's metrics.
     pub metrics: Metrics,
+    /// The readiness probe's client.
     pub http: reqwest::Client,
 }
 
+/// Why an instance did not answer its readiness probe in time (the last
+/// attempt's failure).
+#[derive(Debug, thiserror::Error)]
+enum ProbeError {
+    #[error("no answer yet")]
+    NoAnswer,
+    #[error("GET /manifest answered {0}")]
+    Status(reqwest::StatusCode),
+    #[error("GET /manifest failed: {0}")]
+    Failed(#[from] reqwest::Error),
+}
+
+/// The life of one instance; see the module documentation.
 pub struct PodLifecycle {
     spec: InstanceSpec,
     deps: LifecycleDeps,
@@ -104,6 +130,8 @@ pub struct PodLifecycle {
     launched: Arc<AtomicBool>,
     status: InstanceStatus,
     endpoint: Option<Endpoint>,
+    /// The instance's sidecar secret, sent with every readiness probe.
+    sidecar_token: Option<String>,
     warning: Option<String>,
     created: Instant,
     /// When it first served (unix ms): the idle clock starts there.
@@ -121,6 +149,7 @@ pub struct PodLifecycle {
 }
 
 impl PodLifecycle {
+    /// The actor kind in the mailbox graph.
     pub const KIND: &'static str = "pod_lifecycle";
 
     /// The status an instance has before its lifecycle runs.
@@ -150,6 +179,7 @@ impl PodLifecycle {
             deps: deps.clone(),
             launched: launched.clone(),
             endpoint: None,
+            sidecar_token: None,
             warning: None,
             created: Instant::now(),
             serving_since_ms: None,
@@ -208,6 +238,7 @@ impl PodLifecycle {
             }
         };
         self.endpoint = Some(started.endpoint);
+        self.sidecar_token = started.sidecar_token;
         self.status.isolation = started.isolation;
         self.warning = started.warning;
         if let Some(me) = &self.me {
@@ -233,15 +264,20 @@ impl PodLifecycle {
         let Some(endpoint) = &self.endpoint else { return };
         let attempt = self.attempt;
         let url = format!("http://{}/manifest", endpoint.addr);
-        let (http, policy) = (self.deps.http.clone(), self.deps.policy.clone());
+        let (http, policy, token) = (self.deps.http.clone(), self.deps.policy.clone(), self.sidecar_token.clone());
         let fut = async move {
             let deadline = tokio::time::Instant::now() + policy.ready_timeout;
-            let mut last = "no answer yet".to_owned();
+            let mut last = ProbeError::NoAnswer;
             while tokio::time::Instant::now() < deadline {
-                match http.get(&url).timeout(policy.probe_interval.max(Duration::from_secs(1))).send().await {
+                let mut request = http.get(&url).timeout(policy.probe_interval.max(Duration::from_secs(1)));
+                // The panel answers `/manifest` to its sidecar's secret only.
+                if let Some(token) = &token {
+                    request = request.header(SIDECAR_TOKEN_HEADER, token);
+                }
+                match request.send().await {
                     Ok(resp) if resp.status().is_success() => return Ok(()),
-                    Ok(resp) => last = format!("GET /manifest answered {}", resp.status()),
-                    Err(error) => last = format!("GET /manifest failed: {error}"),
+                    Ok(resp) => last = ProbeError::Status(resp.status()),
+                    Err(error) => last = ProbeError::Failed(error),
                 }
                 tokio::time::sleep(policy.probe_interval).await;
             }
@@ -252,7 +288,7 @@ impl PodLifecycle {
         }));
     }
 
-    fn probed(&mut self, attempt: u64, result: Result<(), String>, ctx: &mut Ctx<Self>) {
+    fn probed(&mut self, attempt: u64, result: Result<(), ProbeError>, ctx: &mut Ctx<Self>) {
         if attempt != self.attempt || self.ending || self.status.state != InstanceState::Starting {
             return;
         }
@@ -374,13 +410,6 @@ impl PodLifecycle {
             let _ = waiter.send(self.status.clone());
         }
         ctx.stop();
-    }
-}
-
-pub fn mode_label(mode: crate::instance::InstanceMode) -> &'static str {
-    match mode {
-        crate::instance::InstanceMode::Studio => "studio",
-        crate::instance::InstanceMode::App => "app",
     }
 }
 

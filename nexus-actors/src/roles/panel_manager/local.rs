@@ -8,41 +8,65 @@
 //! connections stay outside) and open their listeners inside; the sidecar's
 //! `--forward`s give the host the instance's 8080 and 9999, like a Pod IP.
 //!
-//! It owns the files under `data_dir` (`volumes/<panel>/`,
-//! `snapshots/<panel>/<version>/`, `instances/<instance>/` with the logs)
-//! and the processes it starts. It decides no policy: a user process that
-//! exits is reported ([`InstanceEvent::Exited`]) and restarted only when
-//! asked; the sidecar and watchdog are ours, so a dead one is restarted here
-//! with backoff (logged and counted), never reported as the panel's exit.
+//! It owns the files under `data_dir` and the processes it starts. The
+//! layout keeps every panel uid to its own code:
+//!
+//! | path | mode | holds |
+//! |---|---|---|
+//! | `data_dir/` | `0711` root | passable, not listable |
+//! | `volumes/` | `0711` root | Studio volumes |
+//! | `volumes/<panel>/` | `0700` the panel's uid | its persistent code |
+//! | `scratch/` | `0711` root | App instances' code |
+//! | `scratch/<instance>/` | `0700` the panel's uid | a fresh copy of a snapshot |
+//! | `snapshots/` | `0700` root | read-only App snapshots |
+//! | `instances/` | `0700` root | logs, runsc bundles and state |
+//!
+//! It decides no policy: a user process that exits is reported
+//! ([`InstanceEvent::Exited`]) and restarted only when asked; the sidecar
+//! and watchdog are ours, so a dead one is restarted here with backoff
+//! (logged and counted), never reported as the panel's exit.
+//!
+//! Each instance gets two secrets, both handed over in environments, never
+//! on a command line, never written to Redis: the watchdog's (Studio: the
+//! watchdog and, through the endpoint, the gateway) and the sidecar's
+//! ([`SIDECAR_TOKEN_ENV`]: the panel, its sidecar and, through
+//! [`Started::sidecar_token`], the readiness probe).
 
 mod files;
+mod isolation;
+mod metrics;
 mod procs;
 mod runsc;
+mod stale;
+mod storage;
 mod templates;
 mod tree;
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::future::BoxFuture;
 use futures::FutureExt;
-use prometheus::{IntCounter, IntCounterVec, Opts};
 use tokio::sync::{mpsc, OnceCell};
 
-use super::driver::{Code, DriverError, InstanceEvent, InstanceSpec, RuntimeDriver, Snapshot, Started, Volume};
-use crate::infra::{find_program, free_port};
-use crate::instance::{Endpoint, InstanceMode, Isolation};
-use crate::netns::Netns;
-use files::{
-    blocking, check_id, chown_tree, copy_tree, fresh_copy, last_version, make_read_only, open_log, panel_uid,
-    path_string, private_dir, read_command, remove_tree, set_mode,
+use super::driver::{
+    Code, DriverError, InstanceEvent, InstanceSpec, RuntimeDriver, SandboxError, Snapshot, Started, Volume,
 };
+use super::metrics::{isolation_label, mode_label};
+use crate::infra::free_port;
+use crate::instance::{Endpoint, InstanceMode, Isolation, SIDECAR_TOKEN_ENV};
+use crate::netns::Netns;
+use crate::platform::files::private_dir;
+use files::{blocking, check_id, chown_tree, fresh_copy, open_log, panel_uid, path_string, read_command, remove_tree};
+use isolation::{resolve, Sandbox};
+use metrics::Helper;
 use procs::{OnExit, Supervised};
-use tree::CopyAs;
 
 pub use files::netns_name;
+pub use isolation::SandboxChoice;
+pub use metrics::LocalMetrics;
 pub use templates::names as template_names;
 
 /// Where the panel listens inside its namespace, and its sidecar's proxy.
@@ -54,83 +78,26 @@ const DEFAULT_WATCHDOG_TIMEOUT: Duration = Duration::from_secs(1800);
 /// How long `restart` lets a still-running user process end on SIGTERM.
 const RESTART_GRACE: Duration = Duration::from_secs(5);
 
-/// How user code is isolated; `Auto` takes the strongest that works here.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SandboxChoice {
-    /// gVisor if root and `runsc run` works, else a process in its own
-    /// namespace if root, else none (with a loud warning).
-    Auto,
-    Gvisor,
-    Process,
-    None,
-}
-
+/// Where and how the driver runs instances.
 #[derive(Debug, Clone)]
 pub struct LocalConfig {
+    /// Everything the driver keeps (see the module documentation).
     pub data_dir: PathBuf,
     /// The `nexus` binary, run as `nexus sidecar` and `nexus watchdog`.
     pub nexus_bin: PathBuf,
     /// Given to the sidecar and watchdog only, never to user code.
     pub redis_url: String,
+    /// The isolation asked for.
     pub sandbox: SandboxChoice,
 }
 
-/// The driver's counters. Not registered anywhere by the driver: the node
-/// registers them in its registry ([`LocalMetrics::register`]).
-#[derive(Clone)]
-pub struct LocalMetrics {
-    /// `nexus_local_instances_started_total{isolation}`
-    pub started: IntCounterVec,
-    /// `nexus_local_panel_exits_total{mode}`: user processes that ended on their own.
-    pub panel_exits: IntCounterVec,
-    /// `nexus_local_helper_restarts_total{process}`: sidecars and watchdogs restarted after dying.
-    pub helper_restarts: IntCounterVec,
-    /// `nexus_local_stale_namespaces_swept_total`: namespaces of this driver's
-    /// instances left by a crash, deleted (with what ran in them) at start.
-    pub stale_swept: IntCounter,
-}
-
-impl LocalMetrics {
-    fn new() -> LocalMetrics {
-        let counter = |name: &str, help: &str, label: &str| {
-            IntCounterVec::new(Opts::new(name, help), &[label]).expect("valid metric definition")
-        };
-        LocalMetrics {
-            started: counter("nexus_local_instances_started_total", "Instances started, by isolation", "isolation"),
-            panel_exits: counter("nexus_local_panel_exits_total", "User processes that ended on their own", "mode"),
-            helper_restarts: counter(
-                "nexus_local_helper_restarts_total",
-                "Sidecars and watchdogs restarted after dying",
-                "process",
-            ),
-            stale_swept: IntCounter::new(
-                "nexus_local_stale_namespaces_swept_total",
-                "Namespaces of instances left by a crash, deleted at start",
-            )
-            .expect("valid metric definition"),
-        }
-    }
-
-    pub fn register(&self, registry: &prometheus::Registry) -> prometheus::Result<()> {
-        registry.register(Box::new(self.started.clone()))?;
-        registry.register(Box::new(self.panel_exits.clone()))?;
-        registry.register(Box::new(self.helper_restarts.clone()))?;
-        registry.register(Box::new(self.stale_swept.clone()))
-    }
-}
-
-/// The isolation this driver gives, decided once (probing runsc costs ~1 s).
-#[derive(Debug, Clone)]
-struct Sandbox {
-    isolation: Isolation,
-    runsc: Option<PathBuf>,
-    warning: Option<String>,
-}
-
+/// Runs panel instances on this machine; see the module documentation.
 pub struct LocalDriver {
     config: LocalConfig,
     metrics: LocalMetrics,
-    sandbox: OnceCell<Result<Sandbox, String>>,
+    sandbox: OnceCell<Result<Sandbox, SandboxError>>,
+    /// Set once the data directories have their modes.
+    layout: OnceCell<()>,
     /// Set once the namespaces a crashed run left behind are swept.
     swept: OnceCell<usize>,
     instances: Mutex<HashMap<String, Arc<Instance>>>,
@@ -148,6 +115,8 @@ struct Wiring<'a> {
     watchdog_inside: &'a str,
     /// Studio only: the watchdog runs only when it has its secret.
     watchdog_token: Option<&'a str>,
+    /// The secret the panel expects from its sidecar.
+    sidecar_token: &'a str,
 }
 
 /// One running instance and everything needed to stop or restart it.
@@ -171,17 +140,20 @@ struct Instance {
 }
 
 impl LocalDriver {
+    /// A driver over `config`; it touches nothing until first used.
     pub fn new(config: LocalConfig) -> LocalDriver {
         LocalDriver {
             config,
             metrics: LocalMetrics::new(),
             sandbox: OnceCell::new(),
+            layout: OnceCell::new(),
             swept: OnceCell::new(),
             instances: Mutex::new(HashMap::new()),
             snapshots: tokio::sync::Mutex::new(()),
         }
     }
 
+    /// The driver's counters.
     pub fn metrics(&self) -> &LocalMetrics {
         &self.metrics
     }
@@ -203,51 +175,19 @@ impl LocalDriver {
     }
 
     async fn sweep(&self) -> usize {
-        if !crate::netns::supported() {
-            return 0;
-        }
-        let instances = self.config.data_dir.join("instances");
-        let Ok(entries) = std::fs::read_dir("/run/netns") else { return 0 };
-        let names: Vec<String> = entries.filter_map(|e| e.ok()?.file_name().into_string().ok()).collect();
-        let mut swept = 0;
-        for name in names {
-            let Some(id) = name.strip_prefix("nexus-") else { continue };
-            let dir = instances.join(id);
-            let running = self.instances.lock().unwrap_or_else(|p| p.into_inner()).contains_key(id);
-            if check_id("instance", id).is_err() || running || !dir.is_dir() {
-                continue;
-            }
-            let state = dir.join("runsc");
-            if state.is_dir() {
-                if let Some(runsc) = find_program("runsc") {
-                    runsc::delete(&runsc, &state, &name).await;
-                }
-            }
-            let Some(netns) = Netns::existing(&name) else { continue };
-            procs::kill_namespace_members(&netns.path()).await;
-            match netns.delete() {
-                Ok(()) => {
-                    swept += 1;
-                    self.metrics.stale_swept.inc();
-                    tracing::warn!(instance = id, netns = %name, "nexus_local_stale_namespaces_swept_total: left by a crash");
-                }
-                Err(error) => tracing::error!(instance = id, %error, "could not delete a stale namespace"),
-            }
-        }
-        swept
+        let running = |id: &str| self.instances.lock().unwrap_or_else(|p| p.into_inner()).contains_key(id);
+        stale::sweep(&self.config.data_dir, running, &self.metrics).await
     }
 
     async fn sandbox(&self) -> Result<Sandbox, DriverError> {
-        let resolved = self.sandbox.get_or_init(|| resolve(self.config.sandbox, &self.config.data_dir)).await;
-        resolved.clone().map_err(DriverError::Sandbox)
+        self.layout().await?;
+        let probe = self.instances_dir().join(".runsc-probe");
+        let resolved = self.sandbox.get_or_init(|| resolve(self.config.sandbox, &probe)).await;
+        Ok(resolved.clone()?)
     }
 
-    fn volumes(&self) -> PathBuf {
-        self.config.data_dir.join("volumes")
-    }
-
-    fn snapshots_of(&self, panel: &str) -> PathBuf {
-        self.config.data_dir.join("snapshots").join(panel)
+    fn instances_dir(&self) -> PathBuf {
+        self.config.data_dir.join("instances")
     }
 
     fn instance(&self, id: &str) -> Result<Arc<Instance>, DriverError> {
@@ -255,79 +195,26 @@ impl LocalDriver {
         instances.get(id).cloned().ok_or_else(|| DriverError::NoInstance(id.to_owned()))
     }
 
-    async fn create_volume(&self, panel: &str, source: &str) -> Result<Volume, DriverError> {
-        check_id("panel", panel)?;
-        templates::files(source)?;
-        let location = self.volumes().join(panel);
-        if !location.exists() {
-            let fresh = self.volumes().join(format!(".{panel}.new-{}", rand::random::<u32>()));
-            private_dir(&self.volumes())?;
-            std::fs::create_dir_all(&fresh)?;
-            let written = templates::write(source, &fresh).and_then(|()| Ok(std::fs::rename(&fresh, &location)?));
-            if written.is_err() {
-                let _ = remove_tree(&fresh);
-            }
-            written?;
-            tracing::info!(panel, source, volume = %location.display(), "volume created");
-        }
-        Ok(Volume { panel: panel.to_owned(), location })
-    }
-
-    async fn create_snapshot(&self, panel: &str, source: &str) -> Result<Snapshot, DriverError> {
-        check_id("panel", panel)?;
-        templates::files(source)?;
-        let _numbering = self.snapshots.lock().await;
-        let dir = self.snapshots_of(panel);
-        private_dir(&self.config.data_dir.join("snapshots"))?;
-        std::fs::create_dir_all(&dir)?;
-        // Only root reads snapshots; instances get a copy.
-        set_mode(&dir, 0o700)?;
-        let version = last_version(&dir)? + 1;
-        let location = dir.join(version.to_string());
-        let fresh = dir.join(format!(".{version}.new"));
-        let _ = remove_tree(&fresh);
-        let volume = self.volumes().join(panel);
-        // The volume is the panel's (its code may be changing it right now):
-        // copied by descriptor, root-owned and read-only as it is made.
-        let made = if volume.is_dir() {
-            let (from, to) = (volume.clone(), fresh.clone());
-            blocking(move || copy_tree(&from, &to, CopyAs { owner: None, read_only: true })).await
-        } else {
-            std::fs::create_dir_all(&fresh)
-                .map_err(DriverError::from)
-                .and_then(|()| templates::write(source, &fresh))
-                .and_then(|()| Ok(make_read_only(&fresh)?))
-        };
-        let made = made.and_then(|()| Ok(std::fs::rename(&fresh, &location)?));
-        if made.is_err() {
-            let _ = remove_tree(&fresh);
-        }
-        made?;
-        tracing::info!(panel, version, snapshot = %location.display(), "snapshot taken");
-        Ok(Snapshot { panel: panel.to_owned(), version, location })
-    }
-
     async fn start_instance(&self, spec: InstanceSpec) -> Result<Started, DriverError> {
         check_id("instance", &spec.instance)?;
         check_id("panel", &spec.panel)?;
         if self.instance(&spec.instance).is_ok() {
-            return Err(DriverError::Sandbox(format!("instance {} is already running", spec.instance)));
+            return Err(DriverError::AlreadyRunning(spec.instance.clone()));
         }
         let sandbox = self.sandbox().await?;
         self.sweep_stale().await;
         let root = sandbox.isolation != Isolation::None;
-        let instances_dir = self.config.data_dir.join("instances");
-        private_dir(&instances_dir)?;
-        let dir = instances_dir.join(&spec.instance);
+        // Logs and runsc's files: root's only.
+        let dir = self.instances_dir().join(&spec.instance);
         remove_tree(&dir)?;
-        std::fs::create_dir_all(&dir)?;
-        // Traversable (the sandboxed uid reaches its code dir), not listable.
-        set_mode(&dir, if root { 0o711 } else { 0o755 })?;
+        private_dir(&dir)?;
         let uid = root.then(|| panel_uid(&spec.panel));
 
         let (code, snapshot) = match &spec.code {
             Code::Studio(volume) => (volume.location.clone(), None),
-            Code::App(snapshot) => (dir.join("code"), Some(snapshot.location.clone())),
+            Code::App(snapshot) => {
+                (self.config.data_dir.join("scratch").join(&spec.instance), Some(snapshot.location.clone()))
+            }
         };
         match &snapshot {
             Some(snapshot) => fresh_copy(snapshot, &code, uid).await?,
@@ -338,7 +225,12 @@ impl LocalDriver {
                 }
             }
         }
-        let command = read_command(&code)?;
+        let command = read_command(&code).inspect_err(|_| {
+            // An App's copy is this start's; a Studio volume stays.
+            if snapshot.is_some() {
+                let _ = remove_tree(&code);
+            }
+        })?;
 
         let studio = spec.mode == InstanceMode::Studio;
         let (panel_port, watchdog_port) = (free_port()?, free_port()?);
@@ -346,6 +238,8 @@ impl LocalDriver {
             true => (PANEL_PORT, format!("127.0.0.1:{SIDECAR_PORT}"), format!("127.0.0.1:{WATCHDOG_PORT}")),
             false => (panel_port, format!("127.0.0.1:{}", free_port()?), format!("127.0.0.1:{watchdog_port}")),
         };
+        // What the panel checks its sidecar's requests against.
+        let sidecar_token = new_secret();
         let env = vec![
             ("PATH".to_owned(), "/usr/local/bin:/usr/bin:/bin".to_owned()),
             (
@@ -356,6 +250,7 @@ impl LocalDriver {
             ("PYTHONUNBUFFERED".to_owned(), "1".to_owned()),
             ("PORT".to_owned(), panel_inside.to_string()),
             ("NEXUS_PROXY_URL".to_owned(), format!("http://{proxy_addr}/proxy")),
+            (SIDECAR_TOKEN_ENV.to_owned(), sidecar_token.clone()),
         ];
         let gvisor = match (&sandbox.runsc, sandbox.isolation) {
             (Some(runsc), Isolation::Gvisor) => {
@@ -366,10 +261,9 @@ impl LocalDriver {
             _ => None,
         };
         // Last before the processes: from here on a failure tears it down.
-        let netns = if root {
-            Some(Netns::create(&netns_name(&spec.instance)).map_err(|e| DriverError::Sandbox(e.to_string()))?)
-        } else {
-            None
+        let netns = match root {
+            true => Some(Netns::create(&netns_name(&spec.instance)).map_err(|e| SandboxError::Netns(Arc::new(e)))?),
+            false => None,
         };
         let (events, events_rx) = mpsc::unbounded_channel();
         let instance = Arc::new(Instance {
@@ -390,13 +284,14 @@ impl LocalDriver {
 
         // The heartbeat secret: only the watchdog (environment) and the
         // gateway (the endpoint) know it, never the panel, never a log.
-        let watchdog_token = studio.then(watchdog_token);
+        let watchdog_token = studio.then(new_secret);
         let wiring = Wiring {
             panel_port,
             watchdog_port,
             proxy_addr: &proxy_addr,
             watchdog_inside: &watchdog_inside,
             watchdog_token: watchdog_token.as_deref(),
+            sidecar_token: &sidecar_token,
         };
         let started = self.start_processes(&spec, &instance, wiring);
         if let Err(error) = started.await {
@@ -419,6 +314,7 @@ impl LocalDriver {
                 watchdog: studio.then(|| format!("127.0.0.1:{watchdog_port}")),
                 watchdog_token,
             },
+            sidecar_token: Some(sidecar_token),
             isolation: sandbox.isolation,
             warning: sandbox.warning.clone(),
             events: events_rx,
@@ -433,7 +329,7 @@ impl LocalDriver {
         instance: &Arc<Instance>,
         wiring: Wiring<'_>,
     ) -> Result<(), DriverError> {
-        let Wiring { panel_port, watchdog_port, proxy_addr, watchdog_inside, watchdog_token } = wiring;
+        let Wiring { panel_port, watchdog_port, proxy_addr, watchdog_inside, watchdog_token, sidecar_token } = wiring;
         let netns_path = instance.netns.as_ref().map(Netns::path);
         // Secrets go by environment, never argv: a process-mode panel can
         // read every process's /proc/<pid>/cmdline, not a root process's environ.
@@ -448,7 +344,8 @@ impl LocalDriver {
                 sidecar.extend(["--forward".into(), format!("127.0.0.1:{watchdog_port}={WATCHDOG_PORT}")]);
             }
         }
-        self.spawn_helper("sidecar", &spec.instance, instance, sidecar, vec![redis.clone()])?;
+        let token = (SIDECAR_TOKEN_ENV.to_owned(), sidecar_token.to_owned());
+        self.spawn_helper(Helper::Sidecar, &spec.instance, instance, sidecar, vec![redis.clone(), token])?;
         if let Some(token) = watchdog_token {
             let timeout = spec.watchdog_timeout.unwrap_or(DEFAULT_WATCHDOG_TIMEOUT).as_secs().max(1);
             let mut watchdog: Vec<String> = vec!["watchdog".into(), "--instance".into(), spec.instance.clone()];
@@ -458,7 +355,7 @@ impl LocalDriver {
                 watchdog.extend(["--netns".into(), path_string(path)]);
             }
             let env = vec![redis, ("NEXUS_WATCHDOG_TOKEN".to_owned(), token.to_owned())];
-            self.spawn_helper("watchdog", &spec.instance, instance, watchdog, env)?;
+            self.spawn_helper(Helper::Watchdog, &spec.instance, instance, watchdog, env)?;
         }
         let user = spawn_user(&spec.instance, instance, &self.metrics)?;
         *instance.user.lock().await = Some(user);
@@ -467,12 +364,13 @@ impl LocalDriver {
 
     fn spawn_helper(
         &self,
-        name: &'static str,
+        helper: Helper,
         id: &str,
         instance: &Instance,
         args: Vec<String>,
         env: Vec<(String, String)>,
     ) -> Result<(), DriverError> {
+        let name = helper.name();
         let log = instance.dir.join(format!("{name}.log"));
         let program = self.config.nexus_bin.clone();
         let respawn = move || {
@@ -552,14 +450,6 @@ impl LocalDriver {
         }
         blocking(move || Ok(procs::tail(&path, lines)?)).await
     }
-
-    async fn forget_panel(&self, panel: &str) -> Result<(), DriverError> {
-        check_id("panel", panel)?;
-        remove_tree(&self.volumes().join(panel))?;
-        remove_tree(&self.snapshots_of(panel))?;
-        tracing::info!(panel, "volume and snapshots deleted");
-        Ok(())
-    }
 }
 
 impl RuntimeDriver for LocalDriver {
@@ -602,51 +492,6 @@ impl RuntimeDriver for LocalDriver {
     }
 }
 
-/// Decides the isolation for `choice` on this machine.
-async fn resolve(choice: SandboxChoice, data_dir: &Path) -> Result<Sandbox, String> {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    let root = unsafe { libc::geteuid() } == 0;
-    let namespaces = crate::netns::supported();
-    let none = |why: &str| Sandbox {
-        isolation: Isolation::None,
-        runsc: None,
-        warning: Some(format!(
-            "NO ISOLATION: {why}; panel code runs as a plain process on the host network and can reach \
-             everything this machine can (Redis, the system plane, other panels)"
-        )),
-    };
-    let process = |why: String| Sandbox {
-        isolation: Isolation::Process,
-        runsc: None,
-        warning: Some(format!(
-            "weaker isolation: {why}; panel code runs as a plain process (its own uid and network namespace, \
-             the host's kernel and filesystem)"
-        )),
-    };
-    let gvisor = || async {
-        let runsc = find_program("runsc").ok_or_else(|| "runsc is not installed".to_owned())?;
-        runsc::probe(&runsc, &data_dir.join("runsc-probe")).await?;
-        Ok::<_, String>(Sandbox { isolation: Isolation::Gvisor, runsc: Some(runsc), warning: None })
-    };
-    let sandbox = match choice {
-        SandboxChoice::None => none("the sandbox is turned off"),
-        SandboxChoice::Auto if !root || !namespaces => {
-            none(if root { "iproute2's `ip` is missing" } else { "nexus is not running as root" })
-        }
-        SandboxChoice::Auto => gvisor().await.unwrap_or_else(|why| process(format!("gVisor is unavailable ({why})"))),
-        SandboxChoice::Process | SandboxChoice::Gvisor if !namespaces => {
-            return Err("network namespaces need root and iproute2's `ip`".into())
-        }
-        SandboxChoice::Process => process("the sandbox is set to `process`, not gVisor".into()),
-        SandboxChoice::Gvisor => gvisor().await?,
-    };
-    match &sandbox.warning {
-        Some(warning) => tracing::warn!(isolation = ?sandbox.isolation, "{warning}"),
-        None => tracing::info!(isolation = ?sandbox.isolation, "panels run under gVisor"),
-    }
-    Ok(sandbox)
-}
-
 /// Starts the user process of `instance` (under runsc or plain).
 fn spawn_user(id: &str, instance: &Instance, metrics: &LocalMetrics) -> Result<Supervised, DriverError> {
     let log = open_log(&instance.dir.join("panel.log"))?;
@@ -674,23 +519,8 @@ fn spawn_user(id: &str, instance: &Instance, metrics: &LocalMetrics) -> Result<S
     Ok(Supervised::spawn("panel", id, command, on_exit, instance.gvisor.is_some())?)
 }
 
-/// A fresh heartbeat secret: 48 alphanumerics (~285 bits).
-fn watchdog_token() -> String {
+/// A fresh instance secret: 48 alphanumerics (~285 bits).
+fn new_secret() -> String {
     use rand::distributions::{Alphanumeric, DistString};
     Alphanumeric.sample_string(&mut rand::thread_rng(), 48)
-}
-
-fn isolation_label(isolation: Isolation) -> &'static str {
-    match isolation {
-        Isolation::Gvisor => "gvisor",
-        Isolation::Process => "process",
-        Isolation::None => "none",
-    }
-}
-
-fn mode_label(mode: InstanceMode) -> &'static str {
-    match mode {
-        InstanceMode::Studio => "studio",
-        InstanceMode::App => "app",
-    }
 }

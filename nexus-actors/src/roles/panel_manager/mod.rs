@@ -12,6 +12,7 @@ pub mod driver;
 pub mod lifecycle;
 pub mod local;
 pub mod manager;
+pub mod metrics;
 pub mod reporter;
 pub mod store;
 
@@ -24,12 +25,13 @@ use actix_web::web;
 use self::driver::{DriverError, RuntimeDriver};
 use self::lifecycle::{now_ms, LifecyclePolicy};
 use self::manager::{ManagerDeps, PanelManager, StopAll};
+use self::metrics::PmMetrics;
 use self::reporter::{Report, Reporter};
 use self::store::{PmStore, StoreError};
 use crate::bus::redis::{Publish, RedisBridge};
 use crate::instance::InstanceState;
 use crate::kernel::{ActorRef, Kernel};
-use crate::platform::PanelRecords;
+use crate::platform::{PanelRecords, Quotas};
 
 /// How long an activation claim holds when its holder never releases it.
 pub const ACTIVATION_CLAIM_TTL: Duration = Duration::from_secs(30);
@@ -40,6 +42,7 @@ pub const ACTIVATION_CLAIM_TTL: Duration = Duration::from_secs(30);
 pub struct PanelManagerConfig {
     /// This node's name: it marks the instances it runs.
     pub node: String,
+    /// Where statuses, routes and panel records live.
     pub redis_url: String,
     /// An App instance without a request for this long is stopped.
     pub idle_timeout: Duration,
@@ -47,12 +50,19 @@ pub struct PanelManagerConfig {
     pub idle_mark: Duration,
     /// Studio: the watchdog deletes the instance after this long without a heartbeat.
     pub watchdog_timeout: Duration,
+    /// The most instances an App may be scaled to.
     pub max_replicas: u32,
+    /// From started to `/manifest` answering; past it the instance fails.
     pub ready_timeout: Duration,
+    /// How often `/manifest` is asked while an instance starts.
     pub probe_interval: Duration,
+    /// The first restart of a crashed user process waits this long.
     pub restart_backoff: Duration,
+    /// Restart waits double up to this.
     pub max_restart_backoff: Duration,
+    /// More crashes than this within `crash_window` end in `failed`.
     pub max_crashes: usize,
+    /// See `max_crashes`.
     pub crash_window: Duration,
     /// SIGTERM to SIGKILL when an instance is stopped.
     pub stop_grace: Duration,
@@ -66,9 +76,13 @@ pub struct PanelManagerConfig {
     pub tick: Duration,
     /// Final statuses kept per panel.
     pub keep_final: usize,
+    /// Instances one user may run at once, across their panels and the
+    /// nodes (Studio instances and App replicas; those stopping aside).
+    pub instances_per_user: usize,
 }
 
 impl PanelManagerConfig {
+    /// The production defaults for the node `node`.
     pub fn new(node: impl Into<String>, redis_url: impl Into<String>) -> Self {
         PanelManagerConfig {
             node: node.into(),
@@ -88,9 +102,11 @@ impl PanelManagerConfig {
             sweep: Duration::from_secs(30),
             tick: Duration::from_secs(1),
             keep_final: 5,
+            instances_per_user: Quotas::default().instances,
         }
     }
 
+    /// The timing and crash policy of this manager's lifecycles.
     pub fn policy(&self) -> LifecyclePolicy {
         LifecyclePolicy {
             ready_timeout: self.ready_timeout,
@@ -105,22 +121,49 @@ impl PanelManagerConfig {
     }
 }
 
+/// Why a panel manager request failed.
 #[derive(Debug, thiserror::Error)]
 pub enum PanelManagerError {
+    /// The request conflicts with what runs; the message says how (409).
     #[error("{0}")]
     Conflict(String),
+    /// Scale of a panel that is not deployed (409).
     #[error("the panel is not deployed as an App")]
     NotDeployed,
+    /// Scale out of range (400).
     #[error("replicas must be 0 to {max}, not {replicas}")]
-    BadReplicas { replicas: u32, max: u32 },
+    BadReplicas {
+        /// Asked for.
+        replicas: u32,
+        /// The configured maximum.
+        max: u32,
+    },
+    /// The owner runs as many instances as they may (403 `quota_exceeded`).
+    #[error("you run {limit} panel instances already, the most allowed")]
+    Quota {
+        /// The owner's running-instance quota.
+        limit: usize,
+    },
+    /// The runtime driver failed.
     #[error("runtime driver: {0}")]
     Driver(#[from] DriverError),
+    /// Redis failed.
     #[error("{0}")]
     Store(#[from] StoreError),
+    /// The manager actor is gone (the node is shutting down).
     #[error("the panel manager has stopped")]
     Stopped,
+    /// The role could not start.
     #[error("panel manager setup: {0}")]
-    Setup(String),
+    Setup(#[from] SetupError),
+}
+
+/// Why the panel manager could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    /// The readiness probe's HTTP client.
+    #[error("http client: {0}")]
+    Http(#[from] reqwest::Error),
 }
 
 impl From<redis::RedisError> for PanelManagerError {
@@ -132,9 +175,13 @@ impl From<redis::RedisError> for PanelManagerError {
 /// A running panel manager. Cheap to clone.
 #[derive(Clone)]
 pub struct PanelManagerHandle {
+    /// The manager actor.
     pub actor: ActorRef<PanelManager>,
+    /// Its state in Redis.
     pub store: PmStore,
+    /// Its runtime driver.
     pub driver: Arc<dyn RuntimeDriver>,
+    /// How it was configured.
     pub config: PanelManagerConfig,
 }
 
@@ -157,16 +204,11 @@ pub async fn start(
     config: PanelManagerConfig,
 ) -> Result<PanelManagerHandle, PanelManagerError> {
     let store = PmStore::connect(&config.redis_url).await?;
-    let panels = PanelRecords::connect(&config.redis_url)
-        .await
-        .map_err(|e| PanelManagerError::Setup(format!("panel records: {e}")))?;
+    let panels = PanelRecords::connect(&config.redis_url).await?;
     let id = format!("panel-manager-{}", config.node);
     let reporter = Reporter::spawn(store.clone(), redis.link::<Publish>(&id), config.node.clone(), config.keep_final);
     clear_stale(&store, &reporter, &config.node).await?;
-    let http = reqwest::Client::builder()
-        .no_proxy()
-        .build()
-        .map_err(|e| PanelManagerError::Setup(format!("http client: {e}")))?;
+    let http = reqwest::Client::builder().no_proxy().build().map_err(SetupError::Http)?;
     let deps = ManagerDeps {
         kernel: kernel.clone(),
         redis,
@@ -176,6 +218,7 @@ pub async fn start(
         reporter,
         config: config.clone(),
         http,
+        metrics: PmMetrics::register(kernel.metrics().registry()),
     };
     let actor = PanelManager::spawn(deps);
     tracing::info!(node = %config.node, driver = driver.name(), "panel manager started");

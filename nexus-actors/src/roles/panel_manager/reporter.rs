@@ -54,6 +54,7 @@ impl Reporter {
         Reporter { tx }
     }
 
+    /// Queues a write; never waits.
     pub fn send(&self, report: Report) {
         // The task lives as long as the arbiter; after that nothing is reported.
         let _ = self.tx.send(report);

@@ -10,7 +10,7 @@
 //!
 //! This module reads and writes; it decides nothing and announces nothing.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -19,34 +19,43 @@ use redis::AsyncCommands;
 use serde::{Deserialize, Serialize};
 
 use super::driver::Snapshot;
-use crate::instance::{instances_key, last_request_key, InstanceStatus, PanelRoute, ROUTES_KEY};
+use crate::instance::{instances_key, last_request_key, InstanceState, InstanceStatus, PanelRoute, ROUTES_KEY};
 
 pub use crate::platform::StoreError;
 
 /// A deployed App: which snapshot it runs and how many copies are wanted.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AppRecord {
+    /// The panel id.
     pub panel: String,
+    /// The panel's owner.
     pub owner: String,
+    /// The snapshot's version.
     pub version: u64,
+    /// Where the driver keeps the snapshot.
     pub location: PathBuf,
+    /// How many instances should run.
     pub replicas: u32,
 }
 
 impl AppRecord {
+    /// The snapshot this App runs.
     pub fn snapshot(&self) -> Snapshot {
         Snapshot { panel: self.panel.clone(), version: self.version, location: self.location.clone() }
     }
 }
 
+/// `nexus:app:{panel}`.
 pub fn app_key(panel: &str) -> String {
     format!("nexus:app:{panel}")
 }
 
+/// `nexus:panel:{id}:activating`.
 pub fn activating_key(panel: &str) -> String {
     format!("nexus:panel:{panel}:activating")
 }
 
+/// `nexus:panel-manager:{node}:instances`.
 pub fn node_instances_key(node: &str) -> String {
     format!("nexus:panel-manager:{node}:instances")
 }
@@ -57,6 +66,7 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) 
 return 0
 ";
 
+/// The panel manager's keys. Cheap to clone.
 #[derive(Clone)]
 pub struct PmStore {
     conn: ConnectionManager,
@@ -72,6 +82,7 @@ fn encode<T: Serialize>(value: &T) -> String {
 }
 
 impl PmStore {
+    /// Connects to `url`.
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
         let client = redis::Client::open(url)?;
         Ok(PmStore { conn: client.get_connection_manager().await? })
@@ -81,8 +92,10 @@ impl PmStore {
     /// instances in step: listed while live, removed once final.
     pub async fn put_status(&self, node: &str, status: &InstanceStatus) -> Result<(), StoreError> {
         let mut c = self.conn.clone();
+        // Atomic: a status and the index move together, so that a reader
+        // telling this node's instances from others' never sees one alone.
         let mut pipe = redis::pipe();
-        pipe.hset(instances_key(&status.panel), &status.instance, encode(status)).ignore();
+        pipe.atomic().hset(instances_key(&status.panel), &status.instance, encode(status)).ignore();
         if status.state.is_final() {
             pipe.hdel(node_instances_key(node), &status.instance).ignore();
         } else {
@@ -110,6 +123,7 @@ impl PmStore {
         Ok(statuses)
     }
 
+    /// One instance's status.
     pub async fn status(&self, panel: &str, instance: &str) -> Result<Option<InstanceStatus>, StoreError> {
         let mut c = self.conn.clone();
         let raw: Option<String> = c.hget(instances_key(panel), instance).await?;
@@ -129,12 +143,14 @@ impl PmStore {
         Ok(())
     }
 
+    /// The panel's route.
     pub async fn route(&self, panel: &str) -> Result<Option<PanelRoute>, StoreError> {
         let mut c = self.conn.clone();
         let raw: Option<String> = c.hget(ROUTES_KEY, panel).await?;
         raw.map(|r| decode("route", &r)).transpose()
     }
 
+    /// Writes the panel's route.
     pub async fn put_route(&self, route: &PanelRoute) -> Result<(), StoreError> {
         let mut c = self.conn.clone();
         c.hset::<_, _, _, ()>(ROUTES_KEY, &route.panel, encode(route)).await?;
@@ -160,18 +176,21 @@ impl PmStore {
         Ok(())
     }
 
+    /// The panel's deployed App, if any.
     pub async fn app(&self, panel: &str) -> Result<Option<AppRecord>, StoreError> {
         let mut c = self.conn.clone();
         let raw: Option<String> = c.get(app_key(panel)).await?;
         raw.map(|r| decode("app record", &r)).transpose()
     }
 
+    /// Writes the panel's App record.
     pub async fn put_app(&self, app: &AppRecord) -> Result<(), StoreError> {
         let mut c = self.conn.clone();
         c.set::<_, _, ()>(app_key(&app.panel), encode(app)).await?;
         Ok(())
     }
 
+    /// Removes the panel's App record (undeployed).
     pub async fn delete_app(&self, panel: &str) -> Result<(), StoreError> {
         let mut c = self.conn.clone();
         c.del::<_, ()>(app_key(panel)).await?;
@@ -193,6 +212,7 @@ impl PmStore {
         Ok(set.is_some())
     }
 
+    /// Releases the activation claim of `panel` if `node` holds it.
     pub async fn release_activation(&self, panel: &str, node: &str) -> Result<(), StoreError> {
         let mut c = self.conn.clone();
         redis::Script::new(RELEASE_SCRIPT).key(activating_key(panel)).arg(node).invoke_async::<i64>(&mut c).await?;
@@ -205,6 +225,30 @@ impl PmStore {
         let mut c = self.conn.clone();
         let raw: Option<String> = c.get(last_request_key(panel)).await?;
         Ok(raw.and_then(|r| r.trim().parse().ok()))
+    }
+
+    /// How many instances of `panels` other nodes than `node` run: statuses
+    /// neither ended nor stopping, and not in `node`'s own index (this node
+    /// counts its own from memory, where they are exact).
+    pub async fn running_elsewhere(&self, panels: &[String], node: &str) -> Result<usize, StoreError> {
+        if panels.is_empty() {
+            return Ok(0);
+        }
+        let mut c = self.conn.clone();
+        let mine: HashSet<String> = c.hkeys(node_instances_key(node)).await?;
+        let mut pipe = redis::pipe();
+        for panel in panels {
+            pipe.hgetall(instances_key(panel));
+        }
+        let all: Vec<HashMap<String, String>> = pipe.query_async(&mut c).await?;
+        let running = all
+            .iter()
+            .flat_map(|statuses| statuses.iter())
+            .filter(|(instance, _)| !mine.contains(*instance))
+            .filter_map(|(_, raw)| decode::<InstanceStatus>("instance status", raw).ok())
+            .filter(|s| !s.state.is_final() && s.state != InstanceState::Stopping)
+            .count();
+        Ok(running)
     }
 
     /// The instances `node` recorded as live (instance → panel).

@@ -9,10 +9,10 @@
 
 use std::fs;
 use std::io::{self, Read};
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
-use super::super::driver::DriverError;
+use super::super::driver::{DriverError, PanelFileError};
 use super::tree::{self, CopyAs};
 
 /// A `nexus-panel.json` larger than this is refused unread.
@@ -20,13 +20,13 @@ const MAX_MANIFEST: u64 = 64 * 1024;
 
 /// Panel and instance ids become paths and namespace names: only
 /// `[A-Za-z0-9_-]`, 1 to 100 characters, so none can escape a directory.
-pub(super) fn check_id(what: &str, id: &str) -> Result<(), DriverError> {
+pub(super) fn check_id(what: &'static str, id: &str) -> Result<(), DriverError> {
     let valid =
         !id.is_empty() && id.len() <= 100 && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
     if valid {
         Ok(())
     } else {
-        Err(DriverError::Io(io::Error::new(io::ErrorKind::InvalidInput, format!("invalid {what} id {id:?}"))))
+        Err(DriverError::InvalidId { what, id: id.to_owned() })
     }
 }
 
@@ -36,17 +36,6 @@ pub(super) fn panel_uid(panel: &str) -> u32 {
     // FNV-1a: stable across builds, unlike std's hasher.
     let hash = panel.bytes().fold(0x811c_9dc5_u32, |h, b| (h ^ u32::from(b)).wrapping_mul(0x0100_0193));
     1_000_000_000 + hash % 100_000_000
-}
-
-/// Creates `dir` owned by root and traversable but not listable by others
-/// (a sandboxed uid reaches its own code dir but cannot list its neighbours).
-pub(super) fn private_dir(dir: &Path) -> io::Result<()> {
-    fs::create_dir_all(dir)?;
-    set_mode(dir, 0o711)
-}
-
-pub(super) fn set_mode(path: &Path, mode: u32) -> io::Result<()> {
-    fs::set_permissions(path, fs::Permissions::from_mode(mode))
 }
 
 /// The highest numbered entry of `dir` (0 when none).
@@ -107,7 +96,6 @@ pub(super) async fn blocking<T: Send + 'static>(
 /// The command in the code dir's `nexus-panel.json`, else `python3
 /// server.py` when there is a server.py.
 pub(super) fn read_command(code: &Path) -> Result<Vec<String>, DriverError> {
-    let bad = |why: String| DriverError::Io(io::Error::new(io::ErrorKind::InvalidData, why));
     // O_NOFOLLOW, and the checks on what was opened: root reads this file
     // from a directory the panel writes, so a symlink (or a FIFO) swapped
     // in under this name is refused, never followed.
@@ -123,21 +111,19 @@ pub(super) fn read_command(code: &Path) -> Result<Vec<String>, DriverError> {
             }
             let meta = file.metadata()?;
             if !meta.is_file() || meta.len() > MAX_MANIFEST {
-                return Err(bad(format!("nexus-panel.json must be a regular file of at most {MAX_MANIFEST} bytes")));
+                return Err(PanelFileError::NotARegularFile { max: MAX_MANIFEST }.into());
             }
             let mut text = String::new();
             file.take(MAX_MANIFEST).read_to_string(&mut text)?;
-            let file: PanelFile = serde_json::from_str(&text).map_err(|e| {
-                bad(format!("nexus-panel.json: {e}; expected {{\"command\": [\"program\", \"arg\", ...]}}"))
-            })?;
+            let file: PanelFile = serde_json::from_str(&text).map_err(PanelFileError::Json)?;
             if file.command.first().is_none_or(|program| program.is_empty()) {
-                return Err(bad("nexus-panel.json: \"command\" must name a program".into()));
+                return Err(PanelFileError::NoProgram.into());
             }
             return Ok(file.command);
         }
         Err(error) if error.kind() == io::ErrorKind::NotFound => {}
         Err(error) if error.raw_os_error() == Some(libc::ELOOP) => {
-            return Err(bad("nexus-panel.json is a symlink; it must be a regular file".into()))
+            return Err(PanelFileError::NotARegularFile { max: MAX_MANIFEST }.into())
         }
         Err(error) => return Err(error.into()),
     }
@@ -161,4 +147,48 @@ pub(super) fn path_string(path: &Path) -> String {
 /// root reads it: another panel's sandboxed uid must not.
 pub(super) fn open_log(path: &Path) -> io::Result<fs::File> {
     fs::OpenOptions::new().create(true).append(true).mode(0o600).open(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scratch(name: &str) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("nexus-local-files-{name}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).expect("a scratch dir");
+        dir
+    }
+
+    #[test]
+    fn ids_that_could_leave_a_directory_are_refused() {
+        assert!(check_id("panel", "0191f3c2-7d1e-7a2b-9c1d-5e6f7a8b9c0d").is_ok());
+        for bad in ["", ".", "..", "../x", "a/b", "a b", "ü", &"a".repeat(101)] {
+            let refused = check_id("panel", bad);
+            assert!(matches!(refused, Err(DriverError::InvalidId { what: "panel", .. })), "{bad:?}: {refused:?}");
+        }
+    }
+
+    #[test]
+    fn a_panel_file_is_read_without_following_symlinks_and_its_faults_are_typed() {
+        let dir = scratch("command");
+        assert!(matches!(read_command(&dir), Err(DriverError::NoCommand)));
+        fs::write(dir.join("server.py"), "").expect("write");
+        assert_eq!(read_command(&dir).expect("the default"), ["python3", "server.py"]);
+        let file = dir.join("nexus-panel.json");
+        fs::write(&file, r#"{"command": ["node", "main.js"]}"#).expect("write");
+        assert_eq!(read_command(&dir).expect("the command"), ["node", "main.js"]);
+        fs::write(&file, r#"{"command": [""]}"#).expect("write");
+        assert!(matches!(read_command(&dir), Err(DriverError::PanelFile(PanelFileError::NoProgram))));
+        fs::write(&file, "not json").expect("write");
+        assert!(matches!(read_command(&dir), Err(DriverError::PanelFile(PanelFileError::Json(_)))));
+        fs::remove_file(&file).expect("remove");
+        std::os::unix::fs::symlink(dir.join("server.py"), &file).expect("symlink");
+        let followed = read_command(&dir);
+        assert!(
+            matches!(followed, Err(DriverError::PanelFile(PanelFileError::NotARegularFile { .. }))),
+            "{followed:?}"
+        );
+        let _ = fs::remove_dir_all(&dir);
+    }
 }

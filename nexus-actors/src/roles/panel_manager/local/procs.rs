@@ -90,7 +90,7 @@ impl Supervised {
     /// Spawns `command` now (its error is the caller's) and supervises it.
     /// `signal_leader`: SIGTERM goes to the leader only (runsc forwards it
     /// into the sandbox), else to the whole group.
-    pub fn spawn(
+    pub(super) fn spawn(
         name: &'static str,
         instance: &str,
         mut command: Command,
@@ -106,7 +106,7 @@ impl Supervised {
 
     /// Ends the process: SIGTERM, up to `grace` to exit, then SIGKILL to
     /// its group. Returns once it is reaped.
-    pub async fn stop(self, grace: Duration) {
+    pub(super) async fn stop(self, grace: Duration) {
         let _ = self.stop.send(Some(grace));
         let _ = self.task.await;
     }

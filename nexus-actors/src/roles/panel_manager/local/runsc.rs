@@ -13,30 +13,45 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::Arc;
+use std::time::Duration;
 
 use serde_json::json;
+
+use super::super::driver::SandboxError;
+use crate::platform::files::{private_dir, write_secret};
+
+/// How long the probe container may take.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Where the panel's code appears inside the sandbox (its cwd and `HOME`).
 pub(super) const CODE_MOUNT: &str = "/home/panel";
 
 /// An OCI bundle for one instance: `config.json` and an empty rootfs.
 pub(super) struct Bundle {
-    pub dir: PathBuf,
+    pub(super) dir: PathBuf,
     /// runsc's state directory, private to the instance.
-    pub state: PathBuf,
-    pub container: String,
+    pub(super) state: PathBuf,
+    pub(super) container: String,
 }
 
 /// Who the panel runs as and what it runs.
 pub(super) struct Process<'a> {
-    pub args: &'a [String],
-    pub env: &'a [(String, String)],
-    pub uid: u32,
+    pub(super) args: &'a [String],
+    pub(super) env: &'a [(String, String)],
+    pub(super) uid: u32,
 }
 
 impl Bundle {
     /// Writes the bundle under `instance_dir` for the code at `code`.
-    pub fn write(instance_dir: &Path, container: &str, code: &Path, process: &Process) -> std::io::Result<Bundle> {
+    /// `config.json` holds the panel's environment, its sidecar secret
+    /// among it: it is written `0600`, for runsc (root) only.
+    pub(super) fn write(
+        instance_dir: &Path,
+        container: &str,
+        code: &Path,
+        process: &Process,
+    ) -> std::io::Result<Bundle> {
         let dir = instance_dir.join("bundle");
         let rootfs = dir.join("rootfs");
         for sub in ["usr", "home/panel", "tmp", "proc", "dev", "sys"] {
@@ -77,16 +92,16 @@ impl Bundle {
             // in (the instance's), see the module doc.
             "linux": {"namespaces": [{"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"}]}
         });
-        std::fs::write(dir.join("config.json"), serde_json::to_vec_pretty(&config)?)?;
+        write_secret(&dir.join("config.json"), &serde_json::to_vec_pretty(&config)?)?;
         let state = instance_dir.join("runsc");
-        std::fs::create_dir_all(&state)?;
+        private_dir(&state)?;
         Ok(Bundle { dir, state, container: container.to_owned() })
     }
 
     /// `runsc ... run`: the caller runs it inside the instance's namespace.
     /// SIGTERM to this process reaches the panel; its exit status is the
     /// panel's; the sandbox dies with it.
-    pub fn run_command(&self, runsc: &Path) -> tokio::process::Command {
+    pub(super) fn run_command(&self, runsc: &Path) -> tokio::process::Command {
         let mut command = tokio::process::Command::new(runsc);
         command
             .arg("--root")
@@ -101,10 +116,10 @@ impl Bundle {
 
     /// Removes what runsc keeps of the container after `run` ended, so
     /// the same container can run again.
-    pub async fn forget_container(&self, runsc: &Path) {
+    pub(super) async fn forget_container(&self, runsc: &Path) {
         delete(runsc, &self.state, &self.container).await;
         let _ = std::fs::remove_dir_all(&self.state);
-        if let Err(error) = std::fs::create_dir_all(&self.state) {
+        if let Err(error) = private_dir(&self.state) {
             tracing::warn!(container = %self.container, %error, "could not recreate runsc's state dir");
         }
     }
@@ -129,22 +144,24 @@ pub(super) async fn delete(runsc: &Path, state: &Path, container: &str) {
 
 /// Whether `runsc run` works here: runs `true` in a throwaway bundle under
 /// `scratch`. Err says why not (shown in the fallback warning).
-pub(super) async fn probe(runsc: &Path, scratch: &Path) -> Result<(), String> {
+pub(super) async fn probe(runsc: &Path, scratch: &Path) -> Result<(), SandboxError> {
+    let io = |error: std::io::Error| SandboxError::Probe(Arc::new(error));
     let _ = std::fs::remove_dir_all(scratch);
-    std::fs::create_dir_all(scratch.join("code")).map_err(|e| e.to_string())?;
+    std::fs::create_dir_all(scratch.join("code")).map_err(io)?;
     let args = ["true".to_owned()];
     let env = [("PATH".to_owned(), "/usr/bin:/bin".to_owned())];
     let container = format!("nexus-probe-{}", std::process::id());
     let bundle = Bundle::write(scratch, &container, &scratch.join("code"), &Process { args: &args, env: &env, uid: 0 })
-        .map_err(|e| e.to_string())?;
+        .map_err(io)?;
     let output = bundle.run_command(runsc).stdin(Stdio::null()).kill_on_drop(true).output();
-    let result = match tokio::time::timeout(std::time::Duration::from_secs(30), output).await {
+    let result = match tokio::time::timeout(PROBE_TIMEOUT, output).await {
         Ok(Ok(output)) if output.status.success() => Ok(()),
-        Ok(Ok(output)) => {
-            Err(format!("`runsc run` failed ({}): {}", output.status, String::from_utf8_lossy(&output.stderr).trim()))
-        }
-        Ok(Err(error)) => Err(format!("could not run {}: {error}", runsc.display())),
-        Err(_) => Err("`runsc run` of a probe did not finish within 30s".into()),
+        Ok(Ok(output)) => Err(SandboxError::RunscFailed {
+            status: output.status.to_string(),
+            stderr: String::from_utf8_lossy(&output.stderr).trim().to_owned(),
+        }),
+        Ok(Err(error)) => Err(io(error)),
+        Err(_) => Err(SandboxError::RunscTimeout(PROBE_TIMEOUT)),
     };
     bundle.forget_container(runsc).await;
     let _ = std::fs::remove_dir_all(scratch);

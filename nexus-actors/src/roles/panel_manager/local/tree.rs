@@ -47,7 +47,7 @@ pub(super) fn copy(from: &Path, to: &Path, how: CopyAs) -> io::Result<()> {
     let top = match (how.read_only, how.owner) {
         (true, _) => 0o555,
         (false, Some(_)) => 0o700,
-        (false, None) => 0o755,
+        (false, None) => 0o700,
     };
     finish(target.fd(), how.owner, top)
 }
