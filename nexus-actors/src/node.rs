@@ -347,6 +347,7 @@ async fn panel_manager(
     let mut pm = PanelManagerConfig::new(config.name.clone(), config.redis_url.clone());
     pm.idle_timeout = panels.app_idle;
     pm.watchdog_timeout = panels.watchdog_timeout;
+    pm.instances_per_user = config.quotas.instances;
     Ok(pm_role::start(kernel, bridges.redis.clone(), Arc::new(driver), pm).await?)
 }
 

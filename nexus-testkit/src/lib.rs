@@ -34,6 +34,11 @@ pub fn tempdir(name: &str) -> PathBuf {
     dir
 }
 
+/// A fresh panel (or document) id: a UUID, as the platform makes them.
+pub fn panel_id() -> String {
+    uuid::Uuid::now_v7().to_string()
+}
+
 /// Polls `cond` until it holds or `secs` pass; panics with `what` otherwise.
 pub async fn eventually(secs: u64, what: &str, mut cond: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(secs);

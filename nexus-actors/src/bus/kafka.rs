@@ -76,13 +76,22 @@ impl KafkaProbe {
     }
 
     /// Whether the brokers answered within `timeout`; why not otherwise.
-    pub async fn probe(&self, timeout: Duration) -> Result<(), String> {
+    pub async fn probe(&self, timeout: Duration) -> Result<(), ProbeError> {
         let client = self.client.clone();
-        let asked = tokio::task::spawn_blocking(move || {
-            client.fetch_metadata(None, Timeout::After(timeout)).map(|_| ()).map_err(|e| e.to_string())
-        });
-        asked.await.map_err(|e| e.to_string())?
+        let asked = tokio::task::spawn_blocking(move || client.fetch_metadata(None, Timeout::After(timeout)).map(|_| ()));
+        asked.await.map_err(|e| ProbeError::Stopped(e.to_string()))?.map_err(ProbeError::Kafka)
     }
+}
+
+/// Why the brokers did not answer a [`KafkaProbe`].
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    /// The brokers refused or did not answer in time.
+    #[error(transparent)]
+    Kafka(#[from] KafkaError),
+    /// The probe's thread ended before it had an answer (the node is stopping).
+    #[error("the probe stopped: {0}")]
+    Stopped(String),
 }
 
 /// A record delivered to a subscriber. Reply `Ok(())` to acknowledge it.

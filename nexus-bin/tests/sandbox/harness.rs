@@ -99,14 +99,7 @@ pub(crate) fn skipped(test: &str) -> bool {
 }
 
 /// A fresh panel id: panel records (which the sidecar reads) are UUIDs.
-pub(crate) fn panel_id() -> String {
-    let mut bytes = [0u8; 16];
-    std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom").unwrap(), &mut bytes).unwrap();
-    bytes[6] = (bytes[6] & 0x0f) | 0x40;
-    bytes[8] = (bytes[8] & 0x3f) | 0x80;
-    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-    format!("{}-{}-{}-{}-{}", &hex[..8], &hex[8..12], &hex[12..16], &hex[16..20], &hex[20..])
-}
+pub(crate) use nexus_testkit::panel_id;
 
 /// Deletes the namespaces of the instances a test started, and the
 /// processes in them, even when the test fails half-way.
