@@ -362,7 +362,8 @@ async fn the_sidecar_proves_itself_to_its_panel_with_the_instances_secret() {
         arguments: call.arguments.clone(),
         caller: call.caller.clone(),
         deadline: call.deadline,
-        idempotency_key: call.idempotency_key.clone(),
+        idempotency_key: call.call_id.clone(),
+        keep_result: false,
         reply_to: reply_to.clone(),
     };
     let mut conn = redis::Client::open(url.as_str()).unwrap().get_multiplexed_async_connection().await.unwrap();
