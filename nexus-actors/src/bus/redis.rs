@@ -389,11 +389,14 @@ impl RedisBridge {
         ctx.run_later(delay, |s, ctx| s.behaviour_mut().connect(ctx));
     }
 
-    /// Sends a control event to every subscriber. Control events ignore
-    /// mailbox capacity: a subscriber must learn it has to resync. Topics
-    /// whose subscribers all stopped are dropped.
+    /// Sends a control event to every subscriber, once however many
+    /// topics it follows. Control events ignore mailbox capacity: a
+    /// subscriber must learn it has to resync. Topics whose subscribers
+    /// all stopped are dropped.
     fn broadcast(&self, event: impl Fn() -> BusEvent) {
-        let emptied = lock(&self.subscriptions).retain(|link| link.tell(event()).is_ok());
+        let mut told: HashMap<String, bool> = HashMap::new();
+        let emptied = lock(&self.subscriptions)
+            .retain(|link| *told.entry(link.to().to_owned()).or_insert_with(|| link.tell(event()).is_ok()));
         self.unsubscribe_on_redis(emptied);
     }
 

@@ -23,6 +23,7 @@ pub enum ClientFrame {
     Subscribe {
         /// The document's id.
         doc: String,
+        /// The last version the client has; none for a snapshot.
         #[serde(default)]
         version: Option<u64>,
         /// Take part in presence and cursors (the default). Followers of a
