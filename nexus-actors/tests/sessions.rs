@@ -14,7 +14,7 @@ use nexus_actors::instance::{InstanceChanged, InstanceMode, InstanceState, Insta
 use nexus_actors::platform::UserRole;
 use nexus_actors::roles::transaction_manager::api::documents::DocumentChanged;
 use nexus_actors::roles::transaction_manager::documents::{merge_patch, Created, Write};
-use nexus_actors::roles::transaction_manager::session::{SessionDeps, CLOSE_TOKEN_ENDED, MAX_FOLLOWED};
+use nexus_actors::roles::transaction_manager::session::{SessionDeps, CLOSE_TOKEN_ENDED, MAX_FOLLOWED, MAX_PRESENT};
 use nexus_actors::roles::transaction_manager::{self as tm, TmState, UiConfig};
 use nexus_actors::Kernel;
 use nexus_testkit::{add_user, eventually, tempdir, ApiClient, Brokers, TestKeys};
@@ -669,6 +669,45 @@ async fn a_session_whose_user_logs_out_is_closed_with_4001() {
     // Bob's session carries on.
     send(&mut bob_ws, json!({"type": "subscribe", "doc": bobs})).await;
     assert_eq!(next(&mut bob_ws).await["type"], "snapshot");
+}
+
+#[actix_rt::test]
+async fn a_documents_presence_lists_at_most_64_sessions() {
+    let world = World::new("ws-presence-bound").await;
+    let node = world.node().await;
+    let ada = node.login("ada").await;
+    let id = new_doc(&ada, json!({})).await;
+    let conn = world.redis().await;
+    let listed = |conn: &MultiplexedConnection| {
+        let (mut conn, key) = (conn.clone(), format!("nexus:presence:{id}"));
+        async move { redis::cmd("HLEN").arg(key).query_async::<usize>(&mut conn).await.unwrap() }
+    };
+    let mut sessions = Vec::new();
+    for n in 1..=MAX_PRESENT {
+        let mut ws = connect(&node, &ada).await;
+        send(&mut ws, json!({"type": "subscribe", "doc": id})).await;
+        assert_eq!(next(&mut ws).await["type"], "snapshot");
+        for _ in 0..500 {
+            if listed(&conn).await == n {
+                break;
+            }
+            actix::clock::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(listed(&conn).await, n);
+        sessions.push(ws);
+    }
+
+    // One more follows the document, without presence.
+    let mut extra = connect(&node, &ada).await;
+    send(&mut extra, json!({"type": "subscribe", "doc": id})).await;
+    assert_eq!(next(&mut extra).await["type"], "snapshot");
+    assert_eq!(next(&mut extra).await["code"], "presence_full");
+    send(&mut extra, json!({"type": "cursor", "doc": id, "position": 1})).await;
+    assert_eq!(next(&mut extra).await["code"], "not_following");
+    assert_eq!(listed(&conn).await, MAX_PRESENT);
+    // It still follows the document's changes.
+    patch(&ada, &id, 1, json!({"a": 1})).await;
+    assert_eq!(next(&mut extra).await["version"], 2);
 }
 
 #[actix_rt::test]

@@ -16,7 +16,8 @@
 //! on Redis, so neither the node nor Redis keeps what nobody follows
 //! (`nexus_redis_subscriptions` counts the topics held). After a reconnect
 //! every topic comes back in chunks of [`RESUBSCRIBE_CHUNK`] per command,
-//! so ten thousand topics cost ten round trips, not ten thousand.
+//! all sent at once: ten thousand topics cost ten commands, not ten
+//! thousand round trips.
 //!
 //! Subscription commands are handed to the connection in the order the
 //! bridge handles the messages, so a `SUBSCRIBE` and the `UNSUBSCRIBE` that
@@ -272,9 +273,15 @@ enum Command {
     Unsubscribe,
 }
 
-/// Runs `command` for `topics` on `sink`: one command per
-/// [`RESUBSCRIBE_CHUNK`] channels and one per chunk of patterns.
-async fn run_command(mut sink: PubSubSink, command: Command, topics: Vec<Topic>) -> redis::RedisResult<()> {
+/// Hands `command` for `topics` to the connection now (see [`start`]):
+/// one command per [`RESUBSCRIBE_CHUNK`] channels and one per chunk of
+/// patterns, all sent before any confirmation comes back. The returned
+/// future waits for Redis to confirm every one.
+fn send_command(
+    sink: &PubSubSink,
+    command: Command,
+    topics: Vec<Topic>,
+) -> LocalBoxFuture<'static, redis::RedisResult<()>> {
     let (mut channels, mut patterns) = (Vec::new(), Vec::new());
     for topic in topics {
         match topic {
@@ -282,19 +289,26 @@ async fn run_command(mut sink: PubSubSink, command: Command, topics: Vec<Topic>)
             Topic::Pattern(p) => patterns.push(p),
         }
     }
-    for chunk in channels.chunks(RESUBSCRIBE_CHUNK) {
-        match command {
-            Command::Subscribe => sink.subscribe(chunk.to_vec()).await?,
-            Command::Unsubscribe => sink.unsubscribe(chunk.to_vec()).await?,
+    let mut sent = Vec::new();
+    for (names, pattern) in [(channels, false), (patterns, true)] {
+        for chunk in names.chunks(RESUBSCRIBE_CHUNK) {
+            let (mut sink, chunk) = (sink.clone(), chunk.to_vec());
+            sent.push(start(async move {
+                match (command, pattern) {
+                    (Command::Subscribe, false) => sink.subscribe(chunk).await,
+                    (Command::Subscribe, true) => sink.psubscribe(chunk).await,
+                    (Command::Unsubscribe, false) => sink.unsubscribe(chunk).await,
+                    (Command::Unsubscribe, true) => sink.punsubscribe(chunk).await,
+                }
+            }));
         }
     }
-    for chunk in patterns.chunks(RESUBSCRIBE_CHUNK) {
-        match command {
-            Command::Subscribe => sink.psubscribe(chunk.to_vec()).await?,
-            Command::Unsubscribe => sink.punsubscribe(chunk.to_vec()).await?,
+    FutureExt::boxed_local(async move {
+        for confirmed in futures::future::join_all(sent).await {
+            confirmed?;
         }
-    }
-    Ok(())
+        Ok(())
+    })
 }
 
 /// Starts `fut` now: its first poll hands its command to the connection,
@@ -347,7 +361,7 @@ impl RedisBridge {
         let publisher = self.publisher.clone();
         let fut = async move {
             let (sink, stream) = client.get_async_pubsub().await?.split();
-            run_command(sink.clone(), Command::Subscribe, topics).await?;
+            send_command(&sink, Command::Subscribe, topics).await?;
             let publisher = match publisher {
                 Some(p) => p,
                 None => client.get_connection_manager().await?,
@@ -409,7 +423,7 @@ impl RedisBridge {
             return;
         }
         let metrics = self.kernel.metrics().clone();
-        let done = start(run_command(sink.clone(), Command::Unsubscribe, topics));
+        let done = send_command(sink, Command::Unsubscribe, topics);
         actix::spawn(async move {
             if let Err(error) = done.await {
                 metrics.bus_error("redis", "unsubscribe", &error);
@@ -534,7 +548,7 @@ impl Handler<Subscribe> for RedisBridge {
         };
         // Also when others follow the topic already: their SUBSCRIBE may
         // still be on its way, and this one's confirmation comes after it.
-        let confirmed = start(run_command(sink.clone(), Command::Subscribe, vec![msg.topic]));
+        let confirmed = send_command(sink, Command::Subscribe, vec![msg.topic]);
         let metrics = self.kernel.metrics().clone();
         Reply::later(async move {
             confirmed.await.map_err(|e| {

@@ -122,12 +122,21 @@ impl Message for Synced {
     type Reply = ();
 }
 
-/// The session joined `doc`'s presence for follow `follow`; when the
-/// presence was `full` it left again.
+/// What became of joining `doc`'s presence for follow `follow`.
 struct PresenceJoined {
     doc: String,
     follow: u64,
-    full: bool,
+    outcome: Joining,
+}
+
+/// How a presence join ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Joining {
+    Joined,
+    /// [`MAX_PRESENT`] others were there: left again at once.
+    Full,
+    /// Redis failed: not listed; the catch-up after Redis is back joins again.
+    Failed,
 }
 impl Message for PresenceJoined {
     type Reply = ();
@@ -419,14 +428,21 @@ impl Session {
         let (state, publish, told) = (self.state.clone(), self.bus.publish.clone(), me.link("store"));
         let (doc, session, user) = (doc.to_owned(), me.id().to_owned(), self.user.clone());
         actix::spawn(async move {
-            let Ok(present) = state.documents.presence_join(&doc, &session, &user).await else { return };
-            let full = present.len() > MAX_PRESENT;
-            if full {
-                let _ = state.documents.presence_leave(&doc, &session).await;
-            } else {
-                announce_presence(&state, &publish, doc.clone(), present);
-            }
-            let _ = told.tell(PresenceJoined { doc, follow, full });
+            let outcome = match state.documents.presence_join(&doc, &session, &user).await {
+                Ok(present) if present.len() > MAX_PRESENT => {
+                    let _ = state.documents.presence_leave(&doc, &session).await;
+                    Joining::Full
+                }
+                Ok(present) => {
+                    announce_presence(&state, &publish, doc.clone(), present);
+                    Joining::Joined
+                }
+                Err(error) => {
+                    tracing::debug!(%doc, %error, "presence not joined");
+                    Joining::Failed
+                }
+            };
+            let _ = told.tell(PresenceJoined { doc, follow, outcome });
         });
     }
 
@@ -540,16 +556,17 @@ impl Handler<PresenceJoined> for Session {
     fn handle(&mut self, msg: PresenceJoined, ctx: &mut Ctx<Self>) -> Reply<()> {
         let joined = self.docs.get(&msg.doc).is_some_and(|f| f.joined);
         let current = self.docs.get_mut(&msg.doc).filter(|f| f.follow == msg.follow && f.joined);
-        match (current, msg.full) {
-            (Some(followed), true) => {
+        match (current, msg.outcome) {
+            (Some(followed), Joining::Full) => {
                 followed.joined = false;
                 followed.presence = false;
                 let message = format!("{} has {MAX_PRESENT} participants already; following without presence", msg.doc);
                 self.error(ErrorCode::PresenceFull, message, ctx);
             }
+            (Some(followed), Joining::Failed) => followed.joined = false,
             // Unfollowed (or presence turned off) while joining: the leave
             // may have run before the join.
-            (None, false) if !joined => self.leave_presence(&msg.doc),
+            (None, Joining::Joined) if !joined => self.leave_presence(&msg.doc),
             _ => {}
         }
         Reply::Now(())
