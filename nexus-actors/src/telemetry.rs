@@ -29,6 +29,8 @@ pub struct Metrics {
     pub bus_errors: IntCounterVec,
     pub bus_redelivered: IntCounterVec,
     pub sessions_too_slow: prometheus::IntCounter,
+    /// `nexus_redis_subscriptions`: channels and patterns the node's Redis bridge holds.
+    pub redis_subscriptions: prometheus::IntGauge,
     /// `nexus_mcp_exec_total{tool,outcome}`: tool calls by tool and outcome.
     pub mcp_exec: IntCounterVec,
     /// `nexus_tool_call_duration_seconds{tool}`: tool call latency, caller side.
@@ -80,6 +82,12 @@ impl Metrics {
         )
         .expect("valid metric definition");
         registry.register(Box::new(sessions_too_slow.clone())).expect("metric registered once");
+        let redis_subscriptions = prometheus::IntGauge::new(
+            "nexus_redis_subscriptions",
+            "Channels and patterns the node's Redis bridge subscribes to",
+        )
+        .expect("valid metric definition");
+        registry.register(Box::new(redis_subscriptions.clone())).expect("metric registered once");
         let mailbox_depth = IntGaugeVec::new(
             Opts::new("nexus_mailbox_depth", "Messages waiting in mailboxes, by actor kind"),
             &["actor"],
@@ -221,6 +229,7 @@ impl Metrics {
             ),
             mailbox_depth,
             sessions_too_slow,
+            redis_subscriptions,
             registry,
         }
     }

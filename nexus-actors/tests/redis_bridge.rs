@@ -3,14 +3,16 @@
 mod common;
 
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use actix::Arbiter;
-use common::{eventually, tempdir, Collector};
-use nexus_actors::bus::redis::{Publish, PublishError, RedisBridge, Subscribe, Topic, Unsubscribe};
+use common::Collector;
+use nexus_actors::bus::redis::{Publish, PublishError, RedisBridge, Subscribe, Topic, Unsubscribe, RESUBSCRIBE_CHUNK};
 use nexus_actors::bus::BusEvent;
-use nexus_actors::infra::RedisServer;
 use nexus_actors::telemetry::Metrics;
-use nexus_actors::{Envelope, Kernel};
+use nexus_actors::{ActorRef, Envelope, Kernel, Link};
+use nexus_testkit::{eventually, Brokers};
+use redis::aio::MultiplexedConnection;
 use serde_json::json;
 
 fn messages(events: &Mutex<Vec<BusEvent>>) -> Vec<(String, Option<String>, u64)> {
@@ -39,7 +41,8 @@ fn ping(n: u64) -> Envelope {
 
 #[actix_rt::test]
 async fn subscribers_receive_typed_messages_and_bad_bytes_are_counted() {
-    let server = RedisServer::start(&tempdir("redis-pubsub"), false).unwrap();
+    let brokers = Brokers::redis("redis-pubsub");
+    let server = &brokers.redis;
     let kernel = Kernel::new("test");
     let arbiter = Arbiter::new();
     let bridge = RedisBridge::spawn(&kernel, &arbiter.handle(), &server.url()).unwrap();
@@ -104,7 +107,8 @@ async fn subscribers_receive_typed_messages_and_bad_bytes_are_counted() {
 
 #[actix_rt::test]
 async fn reconnects_and_resubscribes_after_redis_restarts() {
-    let mut server = RedisServer::start(&tempdir("redis-restart"), false).unwrap();
+    let mut brokers = Brokers::redis("redis-restart");
+    let server = &mut brokers.redis;
     let kernel = Kernel::new("test");
     let arbiter = Arbiter::new();
     let bridge = RedisBridge::spawn(&kernel, &arbiter.handle(), &server.url()).unwrap();
@@ -167,7 +171,8 @@ impl nexus_actors::Handler<BusEvent> for Stuck {
 
 #[actix_rt::test]
 async fn a_stuck_subscriber_loses_messages_but_never_stalls_the_others() {
-    let server = RedisServer::start(&tempdir("redis-stuck"), false).unwrap();
+    let brokers = Brokers::redis("redis-stuck");
+    let server = &brokers.redis;
     let kernel = Kernel::new("test");
     let (bridge_arbiter, stuck_arbiter) = (Arbiter::new(), Arbiter::new());
     let bridge = RedisBridge::spawn(&kernel, &bridge_arbiter.handle(), &server.url()).unwrap();
@@ -207,4 +212,144 @@ async fn a_stuck_subscriber_loses_messages_but_never_stalls_the_others() {
     .await;
     let got: Vec<u64> = messages(&stuck_events).iter().map(|m| m.2).collect();
     assert!(got.windows(2).all(|w| w[0] < w[1]), "what it kept stays in order: {got:?}");
+}
+
+async fn redis_conn(brokers: &Brokers) -> MultiplexedConnection {
+    redis::Client::open(brokers.redis_url()).unwrap().get_multiplexed_async_connection().await.unwrap()
+}
+
+/// Subscribers of all `channels` together, as Redis counts them.
+async fn numsub(conn: &mut MultiplexedConnection, channels: &[String]) -> u64 {
+    let mut total = 0;
+    for chunk in channels.chunks(1000) {
+        let counts: Vec<(String, u64)> = redis::cmd("PUBSUB").arg("NUMSUB").arg(chunk).query_async(conn).await.unwrap();
+        total += counts.iter().map(|(_, n)| n).sum::<u64>();
+    }
+    total
+}
+
+/// Polls Redis until `channels` have `expected` subscribers together.
+async fn until_numsub(conn: &mut MultiplexedConnection, channels: &[String], expected: u64, what: &str) {
+    let mut seen = 0;
+    for _ in 0..1000 {
+        seen = numsub(conn, channels).await;
+        if seen == expected {
+            return;
+        }
+        actix::clock::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("{what}: {seen} subscribers, not {expected}");
+}
+
+/// `SUBSCRIBE` commands the server ran since it started.
+async fn subscribe_commands(conn: &mut MultiplexedConnection) -> u64 {
+    let info: String = redis::cmd("INFO").arg("commandstats").query_async(conn).await.unwrap();
+    let Some(line) = info.lines().find(|l| l.starts_with("cmdstat_subscribe:")) else { return 0 };
+    let calls = line.split(['=', ',']).nth(1).unwrap();
+    calls.parse().unwrap()
+}
+
+fn collector(kernel: &Kernel, id: &str) -> (ActorRef<Collector>, Arc<Mutex<Vec<BusEvent>>>) {
+    let events = Arc::new(Mutex::new(Vec::new()));
+    let e = events.clone();
+    (kernel.spawn(id, move || Collector { events: e.clone() }), events)
+}
+
+async fn subscribe(link: &Link<Subscribe>, topic: Topic, subscriber: &ActorRef<Collector>) {
+    link.ask(Subscribe { topic, subscriber: subscriber.link("redis-bridge") }).await.unwrap().unwrap();
+}
+
+#[actix_rt::test]
+async fn a_topic_goes_with_its_last_subscriber_in_the_node_and_in_redis() {
+    let brokers = Brokers::redis("redis-topic-lifetime");
+    let kernel = Kernel::new("test");
+    let arbiter = Arbiter::new();
+    let bridge = RedisBridge::spawn(&kernel, &arbiter.handle(), &brokers.redis_url()).unwrap();
+    let topics = || kernel.metrics().redis_subscriptions.get();
+    let mut conn = redis_conn(&brokers).await;
+    let (link, unsubscribe) = (bridge.link::<Subscribe>("test"), bridge.link::<Unsubscribe>("test"));
+    let (a, _) = collector(&kernel, "a");
+    let (b, _) = collector(&kernel, "b");
+    let channel = "nexus:doc:lifetime".to_owned();
+
+    subscribe(&link, Topic::Channel(channel.clone()), &a).await;
+    subscribe(&link, Topic::Channel(channel.clone()), &b).await;
+    subscribe(&link, Topic::Channel(channel.clone()), &b).await;
+    assert_eq!(topics(), 1);
+    assert_eq!(numsub(&mut conn, std::slice::from_ref(&channel)).await, 1, "one Redis subscription for the node");
+
+    unsubscribe.ask(Unsubscribe { topic: Topic::Channel(channel.clone()), subscriber: "a".into() }).await.unwrap();
+    assert_eq!((topics(), numsub(&mut conn, std::slice::from_ref(&channel)).await), (1, 1), "b still follows it");
+    unsubscribe.ask(Unsubscribe { topic: Topic::Channel(channel.clone()), subscriber: "b".into() }).await.unwrap();
+    assert_eq!(topics(), 0);
+    until_numsub(&mut conn, std::slice::from_ref(&channel), 0, "unsubscribed on Redis").await;
+    // Unsubscribing what nobody follows changes nothing.
+    unsubscribe.ask(Unsubscribe { topic: Topic::Channel(channel.clone()), subscriber: "b".into() }).await.unwrap();
+    assert_eq!(topics(), 0);
+
+    // Subscribers that stop without unsubscribing: the next delivery finds
+    // their links closed and the topic goes, channel and pattern alike.
+    let pattern = "nexus:gone:*".to_owned();
+    subscribe(&link, Topic::Channel(channel.clone()), &a).await;
+    subscribe(&link, Topic::Pattern(pattern.clone()), &b).await;
+    assert_eq!(topics(), 2);
+    a.stop();
+    b.stop();
+    eventually(10, "both stopped", || !a.is_alive() && !b.is_alive()).await;
+    let publish = bridge.link::<Publish>("test");
+    for target in [channel.clone(), "nexus:gone:1".to_owned()] {
+        publish.ask(Publish { channel: target, envelope: ping(0) }).await.unwrap().unwrap();
+    }
+    eventually(10, "both topics dropped", || topics() == 0).await;
+    until_numsub(&mut conn, &[channel], 0, "channel unsubscribed on Redis").await;
+    let patterns: u64 = redis::cmd("PUBSUB").arg("NUMPAT").query_async(&mut conn).await.unwrap();
+    let mut patterns = patterns;
+    for _ in 0..500 {
+        if patterns == 0 {
+            break;
+        }
+        actix::clock::sleep(Duration::from_millis(20)).await;
+        patterns = redis::cmd("PUBSUB").arg("NUMPAT").query_async(&mut conn).await.unwrap();
+    }
+    assert_eq!(patterns, 0, "pattern unsubscribed on Redis");
+}
+
+#[actix_rt::test]
+async fn ten_thousand_topics_come_back_after_a_restart_in_a_few_commands() {
+    let mut brokers = Brokers::redis("redis-many");
+    let kernel = Kernel::new("test");
+    let arbiter = Arbiter::new();
+    let bridge = RedisBridge::spawn(&kernel, &arbiter.handle(), &brokers.redis_url()).unwrap();
+    let (collector, events) = collector(&kernel, "collector");
+    let link = bridge.link::<Subscribe>("test");
+    let channels: Vec<String> = (0..10_000).map(|i| format!("nexus:many:{i}")).collect();
+    for channel in &channels {
+        subscribe(&link, Topic::Channel(channel.clone()), &collector).await;
+    }
+    subscribe(&link, Topic::Pattern("nexus:many:*".into()), &collector).await;
+    assert_eq!(kernel.metrics().redis_subscriptions.get(), 10_001);
+
+    brokers.redis.kill();
+    // Once, however many topics it follows.
+    eventually(10, "told the bus is down", || count_down(&events) == 1).await;
+    brokers.redis.restart().unwrap();
+    let ups = count_up(&events);
+    eventually(30, "told the bus is up again", || count_up(&events) > ups).await;
+    actix::clock::sleep(Duration::from_millis(200)).await;
+    assert_eq!(count_up(&events), ups + 1, "told once");
+    let mut conn = redis_conn(&brokers).await;
+    assert_eq!(numsub(&mut conn, &channels).await, 10_000, "every channel is back");
+    let patterns: u64 = redis::cmd("PUBSUB").arg("NUMPAT").query_async(&mut conn).await.unwrap();
+    assert_eq!(patterns, 1, "the pattern is back");
+    // The restarted server counted every command since it started.
+    let commands = subscribe_commands(&mut conn).await;
+    assert_eq!(commands, channels.len().div_ceil(RESUBSCRIBE_CHUNK) as u64, "one SUBSCRIBE per chunk");
+
+    let last = channels.last().unwrap().clone();
+    bridge.link::<Publish>("test").ask(Publish { channel: last.clone(), envelope: ping(7) }).await.unwrap().unwrap();
+    eventually(10, "the message after the restart, by channel and by pattern", || {
+        let seen = messages(&events);
+        seen.contains(&(last.clone(), None, 7)) && seen.contains(&(last.clone(), Some("nexus:many:*".into()), 7))
+    })
+    .await;
 }

@@ -1,105 +1,158 @@
-//! WebSocket sessions over real sockets: two transaction-manager nodes on
-//! one real redis-server, a real WebSocket client (tokio-tungstenite).
-
-mod common;
+//! WebSocket sessions over real sockets: transaction-manager nodes on one
+//! real redis-server of the test's own, a real WebSocket client
+//! (tokio-tungstenite).
 
 use std::time::Duration;
 
 use actix::Arbiter;
 use actix_web::{web, App, HttpServer};
-use common::tempdir;
 use futures::{SinkExt, StreamExt};
 use nexus_actors::bus::redis::RedisBridge;
 use nexus_actors::envelope::Envelope;
 use nexus_actors::infra::RedisServer;
 use nexus_actors::instance::{InstanceChanged, InstanceMode, InstanceState, InstanceStatus, Isolation};
-use nexus_actors::roles::transaction_manager::{
-    self as tm, auth::hash_password, session::SessionDeps, store::merge_patch, UiConfig,
-};
+use nexus_actors::platform::UserRole;
+use nexus_actors::roles::transaction_manager::api::documents::DocumentChanged;
+use nexus_actors::roles::transaction_manager::documents::{merge_patch, Created, Write};
+use nexus_actors::roles::transaction_manager::session::{SessionDeps, CLOSE_TOKEN_ENDED, MAX_FOLLOWED, MAX_PRESENT};
+use nexus_actors::roles::transaction_manager::{self as tm, TmState, UiConfig};
 use nexus_actors::Kernel;
+use nexus_testkit::{add_user, eventually, tempdir, ApiClient, Brokers, TestKeys};
+use redis::aio::MultiplexedConnection;
+use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::{self, Message};
 
 type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
+/// One transaction-manager node: its HTTP server, bridge and state.
 struct Node {
     addr: String,
     kernel: Kernel,
+    state: web::Data<TmState>,
     _arbiter: Arbiter,
     _server: actix_web::dev::ServerHandle,
 }
 
-async fn start_node(redis_url: &str) -> Node {
-    start_node_with(redis_url, UiConfig::default()).await
+impl Node {
+    fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Topics its Redis bridge holds.
+    fn topics(&self) -> i64 {
+        self.kernel.metrics().redis_subscriptions.get()
+    }
+
+    async fn login(&self, user: &str) -> ApiClient {
+        ApiClient::login(&self.url(), user, &format!("{user}-password")).await
+    }
 }
 
-async fn start_node_with(redis_url: &str, ui: UiConfig) -> Node {
-    let kernel = Kernel::new("tm");
-    let arbiter = Arbiter::new();
-    let bridge = RedisBridge::spawn(&kernel, &arbiter.handle(), redis_url).unwrap();
-    let mut state = tm::state(redis_url, Some(bridge.link("transaction-manager")), "tm").await.unwrap();
-    state.ui = ui;
-    let state = web::Data::new(state);
-    let deps = SessionDeps { kernel: kernel.clone(), bridge };
-    let server = HttpServer::new(move || {
-        App::new()
-            .configure(tm::configure(state.clone()))
-            .configure(tm::configure_sessions(deps.clone()))
-            .configure(tm::configure_fallback)
-    })
-    .workers(1)
-    .bind(("127.0.0.1", 0))
-    .unwrap();
-    let addr = server.addrs()[0].to_string();
-    let server = server.run();
-    let handle = server.handle();
-    actix_rt::spawn(server);
-    Node { addr, kernel, _arbiter: arbiter, _server: handle }
+/// A redis-server, the node's keys, and the users `ada` and `bob`.
+struct World {
+    brokers: Brokers,
+    keys: TestKeys,
 }
 
-async fn login(node: &Node, user: &str, password: &str) -> String {
-    let resp: Value = reqwest::Client::new()
-        .post(format!("http://{}/api/login", node.addr))
-        .json(&json!({"username": user, "password": password}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
+impl World {
+    async fn new(name: &str) -> World {
+        World::over(Brokers::redis(name)).await
+    }
+
+    /// Over a redis-server that keeps its data across a restart.
+    async fn persistent(name: &str) -> World {
+        let dir = tempdir(name);
+        let redis = RedisServer::start(&dir.join("redis"), true).expect("redis-server starts");
+        let world = World::over(Brokers { redis, kafka: None, dir }).await;
+        // What the test writes just before killing the server must survive.
+        let mut conn = world.redis().await;
+        let _: () =
+            redis::cmd("CONFIG").arg("SET").arg("appendfsync").arg("always").query_async(&mut conn).await.unwrap();
+        world
+    }
+
+    async fn over(brokers: Brokers) -> World {
+        let keys = TestKeys::new(&brokers.dir);
+        let platform = keys.platform(&brokers.redis_url()).await;
+        for user in ["ada", "bob"] {
+            add_user(&platform, user, &format!("{user}-password"), UserRole::User).await;
+        }
+        World { brokers, keys }
+    }
+
+    async fn node(&self) -> Node {
+        self.node_with(UiConfig::default()).await
+    }
+
+    async fn node_with(&self, ui: UiConfig) -> Node {
+        let url = self.brokers.redis_url();
+        let kernel = Kernel::new("tm");
+        let arbiter = Arbiter::new();
+        let bridge = RedisBridge::spawn(&kernel, &arbiter.handle(), &url).unwrap();
+        let platform = self.keys.platform(&url).await;
+        let mut state =
+            tm::state(platform, Some(bridge.link("transaction-manager")), "tm", kernel.metrics().registry());
+        state.ui = ui;
+        let state = web::Data::new(state);
+        let deps = SessionDeps { kernel: kernel.clone(), bridge };
+        let s = state.clone();
+        let server = HttpServer::new(move || {
+            App::new()
+                .configure(tm::configure(s.clone(), tm::openapi()))
+                .configure(tm::configure_sessions(deps.clone()))
+                .configure(tm::configure_fallback)
+        })
+        .workers(1)
+        .bind(("127.0.0.1", 0))
         .unwrap();
-    resp["token"].as_str().unwrap().to_owned()
+        let addr = server.addrs()[0].to_string();
+        let server = server.run();
+        let handle = server.handle();
+        actix_rt::spawn(server);
+        Node { addr, kernel, state, _arbiter: arbiter, _server: handle }
+    }
+
+    async fn redis(&self) -> MultiplexedConnection {
+        redis::Client::open(self.brokers.redis_url()).unwrap().get_multiplexed_async_connection().await.unwrap()
+    }
 }
 
-/// A REST call with a token; retries while the node answers 5xx (Redis restarting).
-async fn rest(node: &Node, token: &str, method: reqwest::Method, path: &str, body: Value) -> Value {
+/// A REST call; retried while the node answers 5xx (Redis restarting).
+async fn rest(client: &ApiClient, method: Method, path: &str, body: Option<Value>) -> Value {
     for _ in 0..100 {
-        let resp = reqwest::Client::new()
-            .request(method.clone(), format!("http://{}{path}", node.addr))
-            .bearer_auth(token)
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
-        if !resp.status().is_server_error() {
-            assert!(resp.status().is_success(), "{method} {path}: {}", resp.status());
-            return resp.json().await.unwrap();
+        let (status, value) = client.send(method.clone(), path, body.clone()).await;
+        if !status.is_server_error() {
+            assert!(status.is_success(), "{method} {path}: {status} {value}");
+            return value;
         }
         actix::clock::sleep(Duration::from_millis(100)).await;
     }
     panic!("{method} {path} kept failing");
 }
 
-async fn connect(node: &Node, token: &str) -> Ws {
-    tokio_tungstenite::connect_async(format!("ws://{}/ws?token={token}", node.addr)).await.unwrap().0
+async fn new_doc(client: &ApiClient, state: Value) -> String {
+    let doc = rest(client, Method::POST, "/api/documents", Some(json!({ "state": state }))).await;
+    doc["id"].as_str().unwrap().to_owned()
+}
+
+async fn patch(client: &ApiClient, id: &str, version: u64, patch: Value) -> Value {
+    rest(client, Method::PATCH, &format!("/api/documents/{id}"), Some(json!({"version": version, "patch": patch})))
+        .await
+}
+
+async fn connect(node: &Node, client: &ApiClient) -> Ws {
+    let url = format!("ws://{}/ws?token={}", node.addr, client.token());
+    tokio_tungstenite::connect_async(url).await.unwrap().0
 }
 
 /// Connects with a tiny receive buffer, so that a client that stops reading
 /// backs up into the server quickly.
-async fn connect_small_buffer(node: &Node, token: &str) -> Ws {
+async fn connect_small_buffer(node: &Node, client: &ApiClient) -> Ws {
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
     socket.set_recv_buffer_size(4096).unwrap();
     let stream = socket.connect(node.addr.parse().unwrap()).await.unwrap();
-    let url = format!("ws://{}/ws?token={token}", node.addr);
+    let url = format!("ws://{}/ws?token={}", node.addr, client.token());
     tokio_tungstenite::client_async(url, tokio_tungstenite::MaybeTlsStream::Plain(stream)).await.unwrap().0
 }
 
@@ -138,38 +191,90 @@ async fn next_any(ws: &mut Ws) -> Value {
     }
 }
 
-async fn users(redis_url: &str) {
-    let store = tm::Store::connect(redis_url).await.unwrap();
-    store.create_user("ada", &hash_password("ada-password")).await.unwrap();
-    store.create_user("bob", &hash_password("bob-password")).await.unwrap();
+/// A round trip through the session that touches no document: everything
+/// sent before it has been handled when its answer comes.
+async fn round_trip(ws: &mut Ws) {
+    send(ws, json!({"type": "dance"})).await;
+    assert_eq!(next(ws).await["code"], "unknown_type");
+}
+
+fn random_doc() -> String {
+    uuid::Uuid::now_v7().to_string()
+}
+
+/// Redis `PUBSUB CHANNELS nexus:doc:*`, sorted.
+async fn doc_channels(conn: &mut MultiplexedConnection) -> Vec<String> {
+    let mut channels: Vec<String> =
+        redis::cmd("PUBSUB").arg("CHANNELS").arg("nexus:doc:*").query_async(conn).await.unwrap();
+    channels.sort();
+    channels
+}
+
+/// Redis `PUBSUB NUMSUB channel`.
+async fn numsub(conn: &mut MultiplexedConnection, channel: &str) -> u64 {
+    numsub_all(conn, &[channel.to_owned()]).await
+}
+
+/// Subscribers of all `channels` together (`PUBSUB NUMSUB`).
+async fn numsub_all(conn: &mut MultiplexedConnection, channels: &[String]) -> u64 {
+    let counts: Vec<(String, u64)> = redis::cmd("PUBSUB").arg("NUMSUB").arg(channels).query_async(conn).await.unwrap();
+    counts.iter().map(|(_, n)| n).sum()
+}
+
+/// Calls of `command` Redis counted since it started (`INFO commandstats`),
+/// failed (counted in `calls` too) and rejected ones included.
+async fn command_calls(conn: &mut MultiplexedConnection, command: &str) -> u64 {
+    let info: String = redis::cmd("INFO").arg("commandstats").query_async(conn).await.unwrap();
+    let prefix = format!("cmdstat_{command}:");
+    let Some(line) = info.lines().find(|l| l.starts_with(&prefix)) else { return 0 };
+    line[prefix.len()..]
+        .split(',')
+        .filter_map(|field| field.split_once('='))
+        .filter(|(name, _)| ["calls", "rejected_calls"].contains(name))
+        .map(|(_, n)| n.parse::<u64>().unwrap())
+        .sum()
+}
+
+/// Applies frames to `state` (at version `from`) until it is at `to`.
+async fn follow_to(ws: &mut Ws, state: &mut Value, from: u64, to: u64) {
+    let mut at = from;
+    while at < to {
+        let frame = next(ws).await;
+        match frame["type"].as_str() {
+            Some("snapshot") => *state = frame["state"].clone(),
+            Some("change") => {
+                assert_eq!(frame["version"].as_u64(), Some(at + 1), "changes arrive without gaps");
+                merge_patch(state, &frame["patch"]);
+            }
+            _ => panic!("unexpected frame {frame}"),
+        }
+        at = frame["version"].as_u64().unwrap();
+    }
 }
 
 #[actix_rt::test]
 async fn the_websocket_handshake_needs_a_valid_token() {
-    let redis = RedisServer::start(&tempdir("ws-auth"), false).unwrap();
-    users(&redis.url()).await;
-    let node = start_node(&redis.url()).await;
+    let world = World::new("ws-auth").await;
+    let node = world.node().await;
     for url in [format!("ws://{}/ws", node.addr), format!("ws://{}/ws?token=forged", node.addr)] {
         match tokio_tungstenite::connect_async(url).await {
             Err(tungstenite::Error::Http(resp)) => assert_eq!(resp.status(), 401),
             other => panic!("expected 401, got {:?}", other.map(|(_, r)| r.status())),
         }
     }
-    let token = login(&node, "ada", "ada-password").await;
-    let mut ws = connect(&node, &token).await;
-    send(&mut ws, json!({"type": "subscribe", "doc": "nope"})).await;
+    let ada = node.login("ada").await;
+    let mut ws = connect(&node, &ada).await;
+    send(&mut ws, json!({"type": "subscribe", "doc": random_doc()})).await;
     assert_eq!(next(&mut ws).await["code"], "not_found");
 }
 
 #[actix_rt::test]
 async fn a_change_made_through_node_b_reaches_a_client_on_node_a() {
-    let redis = RedisServer::start(&tempdir("ws-two-nodes"), false).unwrap();
-    users(&redis.url()).await;
-    let (a, b) = (start_node(&redis.url()).await, start_node(&redis.url()).await);
-    let ada_a = login(&a, "ada", "ada-password").await;
-    let ada_b = login(&b, "ada", "ada-password").await;
-    let doc = rest(&a, &ada_a, reqwest::Method::POST, "/api/documents", json!({"state": {"text": "hello"}})).await;
-    let id = doc["id"].as_str().unwrap().to_owned();
+    let world = World::new("ws-two-nodes").await;
+    let (a, b) = (world.node().await, world.node().await);
+    let ada_a = a.login("ada").await;
+    let ada_b = b.login("ada").await;
+    let id = new_doc(&ada_a, json!({"text": "hello"})).await;
 
     let mut ws = connect(&a, &ada_a).await;
     send(&mut ws, json!({"type": "subscribe", "doc": id})).await;
@@ -177,45 +282,36 @@ async fn a_change_made_through_node_b_reaches_a_client_on_node_a() {
     assert_eq!((snapshot["type"].as_str(), snapshot["version"].as_u64()), (Some("snapshot"), Some(1)));
     assert_eq!(snapshot["state"], json!({"text": "hello"}));
 
-    rest(
-        &b,
-        &ada_b,
-        reqwest::Method::PATCH,
-        &format!("/api/documents/{id}"),
-        json!({"version": 1, "patch": {"text": "hello world"}}),
-    )
-    .await;
+    patch(&ada_b, &id, 1, json!({"text": "hello world"})).await;
     let change = next(&mut ws).await;
     assert_eq!(change, json!({"type": "change", "doc": id, "version": 2, "patch": {"text": "hello world"}}));
 
-    // Another user cannot follow it.
-    let bob = login(&a, "bob", "bob-password").await;
+    // Another user cannot follow it, and trying subscribes nothing.
+    let bob = a.login("bob").await;
     let mut bob_ws = connect(&b, &bob).await;
     send(&mut bob_ws, json!({"type": "subscribe", "doc": id})).await;
     assert_eq!(next(&mut bob_ws).await["code"], "forbidden");
+    assert_eq!(b.topics(), 0, "node b subscribed nothing for bob");
 }
 
 #[actix_rt::test]
 async fn a_reconnecting_client_catches_up_to_exactly_the_server_state() {
-    let redis = RedisServer::start(&tempdir("ws-recover"), false).unwrap();
-    users(&redis.url()).await;
-    let node = start_node(&redis.url()).await;
-    let token = login(&node, "ada", "ada-password").await;
-    let doc = rest(&node, &token, reqwest::Method::POST, "/api/documents", json!({"state": {"n": 0, "log": []}})).await;
-    let id = doc["id"].as_str().unwrap().to_owned();
+    let world = World::new("ws-recover").await;
+    let node = world.node().await;
+    let ada = node.login("ada").await;
+    let id = new_doc(&ada, json!({"n": 0, "log": []})).await;
 
-    let mut ws = connect(&node, &token).await;
+    let mut ws = connect(&node, &ada).await;
     send(&mut ws, json!({"type": "subscribe", "doc": id})).await;
     let snapshot = next(&mut ws).await;
     let (mut state, mut version) = (snapshot["state"].clone(), snapshot["version"].as_u64().unwrap());
     ws.close(None).await.unwrap();
 
     for n in 1..=3 {
-        let body = json!({"version": n, "patch": {"n": n, "log": [n]}});
-        rest(&node, &token, reqwest::Method::PATCH, &format!("/api/documents/{id}"), body).await;
+        patch(&ada, &id, n, json!({"n": n, "log": [n]})).await;
     }
 
-    let mut ws = connect(&node, &token).await;
+    let mut ws = connect(&node, &ada).await;
     send(&mut ws, json!({"type": "subscribe", "doc": id, "version": version})).await;
     for expected in 2..=4 {
         let change = next(&mut ws).await;
@@ -223,45 +319,144 @@ async fn a_reconnecting_client_catches_up_to_exactly_the_server_state() {
         merge_patch(&mut state, &change["patch"]);
         version = expected;
     }
-    let server = rest(&node, &token, reqwest::Method::GET, &format!("/api/documents/{id}"), Value::Null).await;
+    let server = rest(&ada, Method::GET, &format!("/api/documents/{id}"), None).await;
     assert_eq!((state, version), (server["state"].clone(), server["version"].as_u64().unwrap()));
 }
 
 #[actix_rt::test]
-async fn a_client_stays_in_sync_across_a_redis_restart() {
-    let mut redis = RedisServer::start(&tempdir("ws-redis-restart"), true).unwrap();
-    users(&redis.url()).await;
-    let node = start_node(&redis.url()).await;
-    let token = login(&node, "ada", "ada-password").await;
-    let doc = rest(&node, &token, reqwest::Method::POST, "/api/documents", json!({"state": {"v": 1}})).await;
-    let id = doc["id"].as_str().unwrap().to_owned();
-    let mut ws = connect(&node, &token).await;
-    send(&mut ws, json!({"type": "subscribe", "doc": id})).await;
-    assert_eq!(next(&mut ws).await["version"], 1);
+async fn a_client_far_behind_or_behind_the_trimmed_history_gets_a_snapshot() {
+    let world = World::new("ws-snapshot").await;
+    let node = world.node().await;
+    let ada = node.login("ada").await;
+    let documents = &node.state.documents;
+    // Written straight into the store: 1,100 changes over HTTP would only
+    // make the test slow.
+    let id = random_doc();
+    let Created::Document(mut doc) = documents.create(&id, "ada", &json!({"n": 0}), 10).await.unwrap() else {
+        panic!("created")
+    };
+    for n in 1..=1100u64 {
+        let version = doc.version;
+        doc = match documents.patch(doc, version, &json!({"n": n})).await.unwrap() {
+            Write::Applied(doc) => doc,
+            other => panic!("{other:?}"),
+        };
+    }
+    assert_eq!(doc.version, 1101);
 
-    redis.kill();
-    redis.restart().unwrap();
-    rest(
-        &node,
-        &token,
-        reqwest::Method::PATCH,
-        &format!("/api/documents/{id}"),
-        json!({"version": 1, "patch": {"v": 2}}),
-    )
-    .await;
-    // Live if the bridge was back in time, else from history on BusUp.
+    // Further behind than the catch-up bound: one snapshot, not a replay.
+    let mut ws = connect(&node, &ada).await;
+    send(&mut ws, json!({"type": "subscribe", "doc": id, "version": 1})).await;
+    let frame = next(&mut ws).await;
+    assert_eq!((frame["type"].as_str(), frame["version"].as_u64()), (Some("snapshot"), Some(1101)));
+    assert_eq!(frame["state"], json!({"n": 1100}));
+    // Within it: the changes.
+    send(&mut ws, json!({"type": "subscribe", "doc": id, "version": 1098})).await;
+    for version in 1099..=1101 {
+        let change = next(&mut ws).await;
+        assert_eq!((change["type"].as_str(), change["version"].as_u64()), (Some("change"), Some(version)));
+    }
+
+    // A history trimmed past the client's version: a snapshot.
+    let mut conn = world.redis().await;
+    let _: u64 = redis::cmd("XTRIM")
+        .arg(format!("nexus:doc:{id}:log"))
+        .arg("MINID")
+        .arg("1090")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    send(&mut ws, json!({"type": "subscribe", "doc": id, "version": 1085})).await;
+    let frame = next(&mut ws).await;
+    assert_eq!((frame["type"].as_str(), frame["version"].as_u64()), (Some("snapshot"), Some(1101)));
+    send(&mut ws, json!({"type": "subscribe", "doc": id, "version": 1089})).await;
     let change = next(&mut ws).await;
-    assert_eq!(change, json!({"type": "change", "doc": id, "version": 2, "patch": {"v": 2}}));
+    assert_eq!((change["type"].as_str(), change["version"].as_u64()), (Some("change"), Some(1090)));
+}
+
+#[actix_rt::test]
+async fn a_change_announced_without_its_patch_brings_followers_to_the_new_version() {
+    let world = World::new("ws-large-patch").await;
+    let node = world.node().await;
+    let ada = node.login("ada").await;
+    let id = new_doc(&ada, json!({"title": "t"})).await;
+    let mut ws = connect(&node, &ada).await;
+    send(&mut ws, json!({"type": "subscribe", "doc": id})).await;
+    let mut state = next(&mut ws).await["state"].clone();
+
+    // What the bridge hears: the announcement carries no patch.
+    let mut pubsub = redis::Client::open(world.brokers.redis_url()).unwrap().get_async_pubsub().await.unwrap();
+    pubsub.subscribe(format!("nexus:doc:{id}")).await.unwrap();
+
+    // A patch too large for an announcement, within the document's bound.
+    let big = "x".repeat(1_045_000);
+    patch(&ada, &id, 1, json!({"body": big})).await;
+    let message = tokio::time::timeout(Duration::from_secs(10), pubsub.on_message().next()).await.unwrap().unwrap();
+    let announced = Envelope::decode(message.get_payload_bytes()).unwrap().typed::<DocumentChanged>().unwrap().data;
+    assert_eq!((announced.version, &announced.patch), (2, &Value::Null));
+
+    follow_to(&mut ws, &mut state, 1, 2).await;
+    let server = rest(&ada, Method::GET, &format!("/api/documents/{id}"), None).await;
+    assert_eq!(state, server["state"], "the follower has the server's state, not null");
+    // And it follows on live.
+    patch(&ada, &id, 2, json!({"title": "u"})).await;
+    assert_eq!(next(&mut ws).await, json!({"type": "change", "doc": id, "version": 3, "patch": {"title": "u"}}));
+}
+
+#[actix_rt::test]
+async fn a_client_stays_in_sync_across_a_redis_restart() {
+    let mut world = World::persistent("ws-redis-restart").await;
+    let node = world.node().await;
+    let ada = node.login("ada").await;
+    // A session following as many documents as it may; the last one changes.
+    let mut ids = Vec::new();
+    for _ in 0..MAX_FOLLOWED {
+        let id = random_doc();
+        node.state.documents.create(&id, "ada", &json!({"v": 1}), 1000).await.unwrap();
+        ids.push(id);
+    }
+    let mut ws = connect(&node, &ada).await;
+    for id in &ids {
+        send(&mut ws, json!({"type": "subscribe", "doc": id, "presence": false})).await;
+    }
+    for _ in &ids {
+        assert_eq!(next(&mut ws).await["version"], 1);
+    }
+
+    world.brokers.redis.kill();
+    world.brokers.redis.restart().unwrap();
+    let mut conn = world.redis().await;
+    let channels: Vec<String> = ids.iter().map(|id| format!("nexus:doc:{id}")).collect();
+    let mut back = 0;
+    for _ in 0..1000 {
+        back = numsub_all(&mut conn, &channels).await;
+        if back == ids.len() as u64 {
+            break;
+        }
+        actix::clock::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(back, ids.len() as u64, "every channel is subscribed again");
+
+    let last = ids.last().unwrap();
+    patch(&ada, last, 1, json!({"v": 2})).await;
+    // Live if the session's catch-up had finished, else from history.
+    let change = loop {
+        let frame = next(&mut ws).await;
+        if frame["doc"] == json!(last) && frame["version"] == 2 {
+            break frame;
+        }
+        assert_eq!(frame["version"], 1, "only catch-ups of unchanged documents: {frame}");
+    };
+    assert_eq!(change, json!({"type": "change", "doc": last, "version": 2, "patch": {"v": 2}}));
 }
 
 #[actix_rt::test]
 async fn bad_frames_get_error_frames_and_oversized_ones_close_the_socket() {
-    let redis = RedisServer::start(&tempdir("ws-bad"), false).unwrap();
-    users(&redis.url()).await;
-    let node = start_node(&redis.url()).await;
-    let token = login(&node, "ada", "ada-password").await;
-    let doc = rest(&node, &token, reqwest::Method::POST, "/api/documents", json!({"state": {"ok": true}})).await;
-    let mut ws = connect(&node, &token).await;
+    let world = World::new("ws-bad").await;
+    let node = world.node().await;
+    let ada = node.login("ada").await;
+    let id = new_doc(&ada, json!({"ok": true})).await;
+    let mut ws = connect(&node, &ada).await;
 
     ws.send(Message::text("{oops")).await.unwrap();
     assert_eq!(next(&mut ws).await["code"], "bad_json");
@@ -270,7 +465,7 @@ async fn bad_frames_get_error_frames_and_oversized_ones_close_the_socket() {
     send(&mut ws, json!({"type": "subscribe", "doc": 42})).await;
     assert_eq!(next(&mut ws).await["code"], "bad_frame");
     // The session still works.
-    send(&mut ws, json!({"type": "subscribe", "doc": doc["id"]})).await;
+    send(&mut ws, json!({"type": "subscribe", "doc": id})).await;
     assert_eq!(next(&mut ws).await["state"], json!({"ok": true}));
 
     let huge = "x".repeat(tm::protocol::MAX_FRAME + 1);
@@ -285,23 +480,245 @@ async fn bad_frames_get_error_frames_and_oversized_ones_close_the_socket() {
     assert_eq!(close.map(|f| u16::from(f.code)), Some(1009));
 
     // The node keeps serving.
-    let mut again = connect(&node, &token).await;
-    send(&mut again, json!({"type": "subscribe", "doc": doc["id"]})).await;
+    let mut again = connect(&node, &ada).await;
+    send(&mut again, json!({"type": "subscribe", "doc": id})).await;
     assert_eq!(next(&mut again).await["type"], "snapshot");
 }
 
 #[actix_rt::test]
+async fn refused_subscribes_leave_nothing_subscribed_and_the_session_usable() {
+    let world = World::new("ws-refused").await;
+    let node = world.node().await;
+    let (ada, bob) = (node.login("ada").await, node.login("bob").await);
+    let mut bobs = Vec::new();
+    for _ in 0..20 {
+        bobs.push(new_doc(&bob, json!({"secret": 1})).await);
+    }
+    let adas = new_doc(&ada, json!({"mine": 1})).await;
+    let mut conn = world.redis().await;
+    let mut ws = connect(&node, &ada).await;
+    round_trip(&mut ws).await;
+    let (topics, channels) = (node.topics(), doc_channels(&mut conn).await);
+    assert_eq!((topics, channels.len()), (0, 0));
+
+    // 1,000 refused subscribes, in batches the session can hold at once.
+    let mut codes = std::collections::BTreeMap::<String, usize>::new();
+    for batch in 0..10 {
+        let mut frames = Vec::new();
+        for i in 0..100 {
+            let doc = match (batch * 100 + i) % 5 {
+                0 | 1 => json!(random_doc()),
+                2 => json!(bobs[i / 5]),
+                3 => json!(format!("{}:log", random_doc())),
+                _ => json!(["garbage", i]),
+            };
+            frames.push(json!({"type": "subscribe", "doc": doc, "version": i}));
+        }
+        for frame in frames {
+            send(&mut ws, frame).await;
+        }
+        for _ in 0..100 {
+            let frame = next(&mut ws).await;
+            assert_eq!(frame["type"], "error", "{frame}");
+            *codes.entry(frame["code"].as_str().unwrap().to_owned()).or_default() += 1;
+        }
+    }
+    let expected: std::collections::BTreeMap<String, usize> =
+        [("bad_frame", 400), ("forbidden", 200), ("not_found", 400)].map(|(c, n)| (c.to_owned(), n)).into();
+    assert_eq!(codes, expected);
+
+    // Back to the baseline, in the node and in Redis.
+    round_trip(&mut ws).await;
+    assert_eq!(node.topics(), topics, "the bridge holds no topic for a refused subscribe");
+    assert_eq!(doc_channels(&mut conn).await, channels);
+    let bob_channels: Vec<String> = bobs.iter().map(|id| format!("nexus:doc:{id}")).collect();
+    assert_eq!(numsub_all(&mut conn, &bob_channels).await, 0);
+
+    // The session is still usable.
+    send(&mut ws, json!({"type": "subscribe", "doc": adas})).await;
+    assert_eq!(next(&mut ws).await["state"], json!({"mine": 1}));
+    assert_eq!(node.topics(), topics + 1);
+    assert_eq!(doc_channels(&mut conn).await, vec![format!("nexus:doc:{adas}")]);
+    // Unsubscribing drops the topic in the node and in Redis.
+    send(&mut ws, json!({"type": "unsubscribe", "doc": adas})).await;
+    round_trip(&mut ws).await;
+    eventually(10, "the topic dropped", || node.topics() == topics).await;
+    for _ in 0..500 {
+        if doc_channels(&mut conn).await.is_empty() {
+            break;
+        }
+        actix::clock::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(doc_channels(&mut conn).await, channels, "unsubscribed on Redis");
+}
+
+#[actix_rt::test]
+async fn an_id_that_reaches_another_key_is_refused_once_and_a_refused_read_is_never_retried() {
+    let world = World::new("ws-wrongtype").await;
+    let node = world.node().await;
+    let ada = node.login("ada").await;
+    let id = new_doc(&ada, json!({"n": 0})).await;
+    for version in 1..=3 {
+        patch(&ada, &id, version, json!({"n": version})).await;
+    }
+    let mut conn = world.redis().await;
+    let mut ws = connect(&node, &ada).await;
+    round_trip(&mut ws).await;
+    let reads = |conn: &mut MultiplexedConnection| {
+        let mut conn = conn.clone();
+        async move {
+            let mut total = 0;
+            // Owner and history reads (the token checks read with HMGET).
+            for command in ["hget", "xrange"] {
+                total += command_calls(&mut conn, command).await;
+            }
+            total
+        }
+    };
+
+    // `<id>:log` names the history stream: refused before any Redis read.
+    let before = reads(&mut conn).await;
+    send(&mut ws, json!({"type": "subscribe", "doc": format!("{id}:log"), "version": 1})).await;
+    assert_eq!(next(&mut ws).await["code"], "bad_frame");
+    round_trip(&mut ws).await;
+    assert_eq!(reads(&mut conn).await, before, "nothing was read for it");
+
+    // A history Redis refuses to read (WRONGTYPE): one error, no retries.
+    let _: () =
+        redis::cmd("SET").arg(format!("nexus:doc:{id}:log")).arg("not a stream").query_async(&mut conn).await.unwrap();
+    let xranges = command_calls(&mut conn, "xrange").await;
+    send(&mut ws, json!({"type": "subscribe", "doc": id, "version": 1})).await;
+    let error = next(&mut ws).await;
+    assert_eq!(error["code"], "internal", "{error}");
+    assert_eq!(command_calls(&mut conn, "xrange").await, xranges + 1);
+    // Long enough for several retries of the old 250 ms loop.
+    actix::clock::sleep(Duration::from_secs(2)).await;
+    round_trip(&mut ws).await;
+    assert_eq!(command_calls(&mut conn, "xrange").await, xranges + 1, "the refused read was not retried");
+    eventually(10, "the document no longer followed", || node.topics() == 0).await;
+}
+
+#[actix_rt::test]
+async fn a_session_follows_at_most_256_documents() {
+    let world = World::new("ws-bound").await;
+    let node = world.node().await;
+    let ada = node.login("ada").await;
+    let mut ids = Vec::new();
+    for _ in 0..=MAX_FOLLOWED {
+        let id = random_doc();
+        node.state.documents.create(&id, "ada", &json!({}), 1000).await.unwrap();
+        ids.push(id);
+    }
+    let mut ws = connect(&node, &ada).await;
+    for id in &ids {
+        send(&mut ws, json!({"type": "subscribe", "doc": id, "presence": false})).await;
+    }
+    let mut snapshots = 0;
+    let mut refused = Vec::new();
+    for _ in &ids {
+        let frame = next(&mut ws).await;
+        match frame["type"].as_str() {
+            Some("snapshot") => snapshots += 1,
+            _ => refused.push(frame),
+        }
+    }
+    assert_eq!(snapshots, MAX_FOLLOWED);
+    assert_eq!(refused.len(), 1, "{refused:?}");
+    assert_eq!(refused[0]["code"], "too_many_documents");
+    let last = ids.last().unwrap();
+    let mut conn = world.redis().await;
+    assert_eq!(numsub(&mut conn, &format!("nexus:doc:{last}")).await, 0, "the 257th is not subscribed");
+    assert_eq!(node.topics(), MAX_FOLLOWED as i64);
+
+    // Room again after an unsubscribe.
+    send(&mut ws, json!({"type": "unsubscribe", "doc": ids[0]})).await;
+    send(&mut ws, json!({"type": "subscribe", "doc": last})).await;
+    let frame = next(&mut ws).await;
+    assert_eq!((frame["type"].as_str(), &frame["doc"]), (Some("snapshot"), &json!(last)));
+}
+
+#[actix_rt::test]
+async fn a_session_whose_user_logs_out_is_closed_with_4001() {
+    let world = World::new("ws-logout").await;
+    let node = world.node().await;
+    let (ada, bob) = (node.login("ada").await, node.login("bob").await);
+    let id = new_doc(&ada, json!({})).await;
+    let bobs = new_doc(&bob, json!({})).await;
+    let mut ws = connect(&node, &ada).await;
+    send(&mut ws, json!({"type": "subscribe", "doc": id})).await;
+    assert_eq!(next(&mut ws).await["type"], "snapshot");
+    let mut bob_ws = connect(&node, &bob).await;
+
+    let (status, _) = ada.post("/api/logout", json!({})).await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let close = tokio::time::timeout(Duration::from_secs(60), async {
+        while let Some(msg) = ws.next().await {
+            if let Ok(Message::Close(frame)) = msg {
+                return frame;
+            }
+        }
+        None
+    })
+    .await
+    .expect("the session was not closed after the logout");
+    let close = close.expect("a close frame with a code");
+    assert_eq!(u16::from(close.code), CLOSE_TOKEN_ENDED);
+    assert!(close.reason.contains("revoked"), "{:?}", close.reason);
+    eventually(10, "ada's subscription dropped", || node.topics() == 0).await;
+
+    // Bob's session carries on.
+    send(&mut bob_ws, json!({"type": "subscribe", "doc": bobs})).await;
+    assert_eq!(next(&mut bob_ws).await["type"], "snapshot");
+}
+
+#[actix_rt::test]
+async fn a_documents_presence_lists_at_most_64_sessions() {
+    let world = World::new("ws-presence-bound").await;
+    let node = world.node().await;
+    let ada = node.login("ada").await;
+    let id = new_doc(&ada, json!({})).await;
+    let conn = world.redis().await;
+    let listed = |conn: &MultiplexedConnection| {
+        let (mut conn, key) = (conn.clone(), format!("nexus:presence:{id}"));
+        async move { redis::cmd("HLEN").arg(key).query_async::<usize>(&mut conn).await.unwrap() }
+    };
+    let mut sessions = Vec::new();
+    for n in 1..=MAX_PRESENT {
+        let mut ws = connect(&node, &ada).await;
+        send(&mut ws, json!({"type": "subscribe", "doc": id})).await;
+        assert_eq!(next(&mut ws).await["type"], "snapshot");
+        for _ in 0..500 {
+            if listed(&conn).await == n {
+                break;
+            }
+            actix::clock::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(listed(&conn).await, n);
+        sessions.push(ws);
+    }
+
+    // One more follows the document, without presence.
+    let mut extra = connect(&node, &ada).await;
+    send(&mut extra, json!({"type": "subscribe", "doc": id})).await;
+    assert_eq!(next(&mut extra).await["type"], "snapshot");
+    assert_eq!(next(&mut extra).await["code"], "presence_full");
+    send(&mut extra, json!({"type": "cursor", "doc": id, "position": 1})).await;
+    assert_eq!(next(&mut extra).await["code"], "not_following");
+    assert_eq!(listed(&conn).await, MAX_PRESENT);
+    // It still follows the document's changes.
+    patch(&ada, &id, 1, json!({"a": 1})).await;
+    assert_eq!(next(&mut extra).await["version"], 2);
+}
+
+#[actix_rt::test]
 async fn participants_see_each_other_and_each_others_cursors_across_nodes() {
-    let redis = RedisServer::start(&tempdir("ws-presence"), false).unwrap();
-    users(&redis.url()).await;
-    let (a, b) = (start_node(&redis.url()).await, start_node(&redis.url()).await);
-    let token = login(&a, "ada", "ada-password").await;
-    let doc = rest(&a, &token, reqwest::Method::POST, "/api/documents", json!({"state": {"text": ""}})).await;
-    let id = doc["id"].as_str().unwrap().to_owned();
+    let world = World::new("ws-presence").await;
+    let (a, b) = (world.node().await, world.node().await);
+    let ada = a.login("ada").await;
+    let id = new_doc(&ada, json!({"text": ""})).await;
 
     // A participant whose node died: listed, but no longer kept alive.
-    let raw = redis::Client::open(redis.url()).unwrap();
-    let mut conn = raw.get_multiplexed_async_connection().await.unwrap();
+    let mut conn = world.redis().await;
     let _: () = redis::cmd("HSET")
         .arg(format!("nexus:presence:{id}"))
         .arg("session/ghost")
@@ -310,10 +727,10 @@ async fn participants_see_each_other_and_each_others_cursors_across_nodes() {
         .await
         .unwrap();
 
-    let mut first = connect(&a, &token).await;
+    let mut first = connect(&a, &ada).await;
     let first_session = next_of(&mut first, "welcome").await["session"].as_str().unwrap().to_owned();
     send(&mut first, json!({"type": "subscribe", "doc": id})).await;
-    let mut second = connect(&b, &token).await;
+    let mut second = connect(&b, &ada).await;
     let second_session = next_of(&mut second, "welcome").await["session"].as_str().unwrap().to_owned();
     send(&mut second, json!({"type": "subscribe", "doc": id})).await;
     assert_eq!(next(&mut second).await["type"], "snapshot");
@@ -341,10 +758,10 @@ async fn participants_see_each_other_and_each_others_cursors_across_nodes() {
     );
 
     // A cursor in a document not followed, or too large, is refused.
-    send(&mut second, json!({"type": "cursor", "doc": "other", "position": 1})).await;
+    send(&mut second, json!({"type": "cursor", "doc": random_doc(), "position": 1})).await;
     assert_eq!(next(&mut second).await["code"], "not_following");
     // A follower without presence is not listed and gets no cursors.
-    let mut viewer = connect(&a, &token).await;
+    let mut viewer = connect(&a, &ada).await;
     send(&mut viewer, json!({"type": "subscribe", "doc": id, "presence": false})).await;
     assert_eq!(next(&mut viewer).await["type"], "snapshot");
     send(&mut viewer, json!({"type": "cursor", "doc": id, "position": 1})).await;
@@ -363,16 +780,14 @@ async fn participants_see_each_other_and_each_others_cursors_across_nodes() {
 
 #[actix_rt::test]
 async fn a_client_that_stops_reading_is_disconnected_and_others_carry_on() {
-    let redis = RedisServer::start(&tempdir("ws-slow"), false).unwrap();
-    users(&redis.url()).await;
-    let node = start_node(&redis.url()).await;
-    let token = login(&node, "ada", "ada-password").await;
-    let doc = rest(&node, &token, reqwest::Method::POST, "/api/documents", json!({"state": {}})).await;
-    let id = doc["id"].as_str().unwrap().to_owned();
-    let mut stuck = connect_small_buffer(&node, &token).await;
+    let world = World::new("ws-slow").await;
+    let node = world.node().await;
+    let ada = node.login("ada").await;
+    let id = new_doc(&ada, json!({})).await;
+    let mut stuck = connect_small_buffer(&node, &ada).await;
     send(&mut stuck, json!({"type": "subscribe", "doc": id})).await;
     assert_eq!(next(&mut stuck).await["type"], "snapshot");
-    let mut busy = connect(&node, &token).await;
+    let mut busy = connect(&node, &ada).await;
     send(&mut busy, json!({"type": "subscribe", "doc": id})).await;
     assert_eq!(next(&mut busy).await["type"], "snapshot");
 
@@ -388,7 +803,7 @@ async fn a_client_that_stops_reading_is_disconnected_and_others_carry_on() {
         }
         send(&mut busy, json!({"type": "cursor", "doc": id, "position": position})).await;
     }
-    common::eventually(30, "the stuck client disconnected", || too_slow() == 1).await;
+    eventually(30, "the stuck client disconnected", || too_slow() == 1).await;
 
     // Its socket ends (after whatever was already on the wire).
     let ended = tokio::time::timeout(Duration::from_secs(30), async {
@@ -410,8 +825,7 @@ async fn a_client_that_stops_reading_is_disconnected_and_others_carry_on() {
     let mut version = 1;
     let change = loop {
         assert!(std::time::Instant::now() < deadline, "the busy client received no change");
-        let path = format!("/api/documents/{id}");
-        rest(&node, &token, reqwest::Method::PATCH, &path, json!({"version": version, "patch": {"a": version}})).await;
+        patch(&ada, &id, version, json!({"a": version})).await;
         version += 1;
         if let Ok(frame) = tokio::time::timeout(Duration::from_secs(3), next(&mut busy)).await {
             break frame;
@@ -422,11 +836,11 @@ async fn a_client_that_stops_reading_is_disconnected_and_others_carry_on() {
 
 #[actix_rt::test]
 async fn panel_changes_reach_the_owners_sessions_on_every_node() {
-    let redis = RedisServer::start(&tempdir("ws-panels"), false).unwrap();
-    users(&redis.url()).await;
-    let (a, b) = (start_node(&redis.url()).await, start_node(&redis.url()).await);
-    let ada = login(&a, "ada", "ada-password").await;
-    let bob = login(&a, "bob", "bob-password").await;
+    let world = World::new("ws-panels").await;
+    let (a, b) = (world.node().await, world.node().await);
+    let ada = a.login("ada").await;
+    let bob = a.login("bob").await;
+    let ada_b = ApiClient { base: b.url(), ..ada.clone() };
     let mut ada_ws = connect(&a, &ada).await;
     let mut bob_ws = connect(&a, &bob).await;
     for ws in [&mut ada_ws, &mut bob_ws] {
@@ -434,22 +848,20 @@ async fn panel_changes_reach_the_owners_sessions_on_every_node() {
     }
     // Subscribing is asynchronous; a round trip through the session orders it.
     for ws in [&mut ada_ws, &mut bob_ws] {
-        send(ws, json!({"type": "subscribe", "doc": "none"})).await;
+        send(ws, json!({"type": "subscribe", "doc": random_doc()})).await;
         assert_eq!(next(ws).await["code"], "not_found");
     }
 
     let panel =
-        rest(&b, &ada, reqwest::Method::POST, "/api/panels", json!({"name": "P", "mode": "app", "source": "s"})).await;
+        rest(&ada_b, Method::POST, "/api/panels", Some(json!({"name": "P", "mode": "app", "source": "s"}))).await;
     let frame = next(&mut ada_ws).await;
     assert_eq!((frame["type"].as_str(), &frame["panel"]), (Some("panel"), &panel));
-    let path = format!("/api/panels/{}", panel["id"].as_str().unwrap());
-    let deleted =
-        reqwest::Client::new().delete(format!("http://{}{path}", b.addr)).bearer_auth(&ada).send().await.unwrap();
-    assert_eq!(deleted.status(), 204);
+    let (status, _) = ada_b.delete(&format!("/api/panels/{}", panel["id"].as_str().unwrap())).await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
     assert_eq!(next(&mut ada_ws).await, json!({"type": "panel", "id": panel["id"], "panel": null}));
 
     // Bob hears nothing of Ada's panels.
-    send(&mut bob_ws, json!({"type": "subscribe", "doc": "none"})).await;
+    send(&mut bob_ws, json!({"type": "subscribe", "doc": random_doc()})).await;
     assert_eq!(next(&mut bob_ws).await["code"], "not_found");
 }
 
@@ -470,11 +882,9 @@ fn instance_status(owner: &str, state: InstanceState) -> InstanceStatus {
 
 #[actix_rt::test]
 async fn instance_states_reach_their_owners_session_and_bad_announcements_are_ignored() {
-    let redis = RedisServer::start(&tempdir("ws-instances"), false).unwrap();
-    users(&redis.url()).await;
-    let node = start_node(&redis.url()).await;
-    let ada = login(&node, "ada", "ada-password").await;
-    let bob = login(&node, "bob", "bob-password").await;
+    let world = World::new("ws-instances").await;
+    let node = world.node().await;
+    let (ada, bob) = (node.login("ada").await, node.login("bob").await);
     let mut ada_ws = connect(&node, &ada).await;
     let mut bob_ws = connect(&node, &bob).await;
     for ws in [&mut ada_ws, &mut bob_ws] {
@@ -482,7 +892,7 @@ async fn instance_states_reach_their_owners_session_and_bad_announcements_are_ig
     }
     // Subscribing is asynchronous; a round trip through the session orders it.
     for ws in [&mut ada_ws, &mut bob_ws] {
-        send(ws, json!({"type": "subscribe", "doc": "none"})).await;
+        send(ws, json!({"type": "subscribe", "doc": random_doc()})).await;
         assert_eq!(next(ws).await["code"], "not_found");
     }
 
@@ -490,8 +900,7 @@ async fn instance_states_reach_their_owners_session_and_bad_announcements_are_ig
     // must not reach Ada (bytes that are no envelope, an instance change
     // of the wrong shape, one about Bob's instance on Ada's channel), then
     // the real one.
-    let raw = redis::Client::open(redis.url()).unwrap();
-    let mut conn = raw.get_multiplexed_async_connection().await.unwrap();
+    let mut conn = world.redis().await;
     let channel = "nexus:panels:ada";
     let malformed = Envelope::with_type("nexus.instance.changed", "pm", json!({"status": {"state": "dancing"}}));
     let bobs = Envelope::new("pm", InstanceChanged { status: instance_status("bob", InstanceState::Ready) });
@@ -510,36 +919,35 @@ async fn instance_states_reach_their_owners_session_and_bad_announcements_are_ig
 
     // Bob heard nothing of Ada's channel; a session that did not ask for
     // panels hears nothing either.
-    send(&mut bob_ws, json!({"type": "subscribe", "doc": "none"})).await;
+    send(&mut bob_ws, json!({"type": "subscribe", "doc": random_doc()})).await;
     assert_eq!(next(&mut bob_ws).await["code"], "not_found");
     let mut quiet = connect(&node, &ada).await;
-    send(&mut quiet, json!({"type": "subscribe", "doc": "none"})).await;
-    assert_eq!(next(&mut quiet).await["code"], "not_found");
+    round_trip(&mut quiet).await;
     let _: i64 = redis::cmd("PUBLISH").arg(channel).arg(envelope.encode()).query_async(&mut conn).await.unwrap();
     assert_eq!(next(&mut ada_ws).await["type"], "instance");
-    send(&mut quiet, json!({"type": "subscribe", "doc": "none"})).await;
-    assert_eq!(next(&mut quiet).await["code"], "not_found");
+    round_trip(&mut quiet).await;
 }
 
 #[actix_rt::test]
 async fn the_ui_and_its_config_are_served_without_a_token() {
-    let redis = RedisServer::start(&tempdir("ui-config"), false).unwrap();
-    let plain = start_node(&redis.url()).await;
+    let world = World::new("ui-config").await;
+    let plain = world.node().await;
     let ui = UiConfig { gateway_url: Some("http://127.0.0.1:7071".into()), heartbeat_secs: 7 };
-    let wired = start_node_with(&redis.url(), ui).await;
-    let client = reqwest::Client::new();
+    let wired = world.node_with(ui).await;
 
-    let get = |node: &Node, path: &str| client.get(format!("http://{}{path}", node.addr)).send();
-    let config: Value = get(&plain, "/api/config").await.unwrap().json().await.unwrap();
-    assert_eq!(config, json!({"gateway": null, "heartbeat_secs": 300}));
-    let config: Value = get(&wired, "/api/config").await.unwrap().json().await.unwrap();
+    let (status, config) = ApiClient::new(&plain.url()).get("/api/config").await;
+    assert_eq!((status, config), (StatusCode::OK, json!({"gateway": null, "heartbeat_secs": 300})));
+    let wired_client = ApiClient::new(&wired.url());
+    let (_, config) = wired_client.get("/api/config").await;
     assert_eq!(config, json!({"gateway": "http://127.0.0.1:7071", "heartbeat_secs": 7}));
     // Only GET: the config is not writable through the API.
-    let post = client.post(format!("http://{}/api/config", wired.addr)).json(&json!({})).send().await.unwrap();
-    assert!(post.status().is_client_error(), "POST /api/config: {}", post.status());
+    let (status, _) = wired_client.post("/api/config", json!({})).await;
+    assert!(status.is_client_error(), "POST /api/config: {status}");
 
-    let page = get(&wired, "/").await.unwrap().text().await.unwrap();
+    let (_, page) = wired_client.get("/").await;
+    let page = page.as_str().unwrap_or_default().to_owned();
     assert!(page.contains(r#"id="panel-list""#) && page.contains(r#"id="panel-template""#), "{page}");
-    let script = get(&wired, "/static/app.js").await.unwrap().text().await.unwrap();
+    let (_, script) = wired_client.get("/static/app.js").await;
+    let script = script.as_str().unwrap_or_default().to_owned();
     assert!(script.contains("/api/config") && script.contains("/heartbeat/"), "the UI asks for its config");
 }

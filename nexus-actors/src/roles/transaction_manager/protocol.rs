@@ -1,10 +1,13 @@
 //! The WebSocket protocol between a browser and its `Session`: JSON text
 //! frames with a `type` field. Decoding never panics; every bad frame is a
 //! [`FrameError`] the session reports back without closing the connection.
+//! A frame that names a document names it by its id (a UUID): anything
+//! else is refused here, before it can reach a Redis key or channel.
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use super::documents::is_document_id;
 use crate::instance::InstanceStatus;
 
 /// Largest frame a client may send (64 KiB); larger ones close the
@@ -18,7 +21,9 @@ pub enum ClientFrame {
     /// Follow a document. `version` is the last one the client has: the
     /// session sends what came after it, or a snapshot.
     Subscribe {
+        /// The document's id.
         doc: String,
+        /// The last version the client has; none for a snapshot.
         #[serde(default)]
         version: Option<u64>,
         /// Take part in presence and cursors (the default). Followers of a
@@ -27,7 +32,9 @@ pub enum ClientFrame {
         #[serde(default = "default_presence")]
         presence: bool,
     },
+    /// Stop following a document.
     Unsubscribe {
+        /// The document's id.
         doc: String,
     },
     /// Follow changes to this user's panel records and the states of
@@ -36,9 +43,23 @@ pub enum ClientFrame {
     /// Where this user's cursor is in a followed document (any JSON up to
     /// [`MAX_CURSOR`] bytes; the editor decides its meaning).
     Cursor {
+        /// The document's id.
         doc: String,
+        /// Where the cursor is.
         position: Value,
     },
+}
+
+impl ClientFrame {
+    /// The document the frame is about, if any.
+    pub fn doc(&self) -> Option<&str> {
+        match self {
+            ClientFrame::Subscribe { doc, .. } | ClientFrame::Unsubscribe { doc } | ClientFrame::Cursor { doc, .. } => {
+                Some(doc)
+            }
+            ClientFrame::SubscribePanels => None,
+        }
+    }
 }
 
 fn default_presence() -> bool {
@@ -53,8 +74,39 @@ pub const MAX_CURSOR: usize = 1024;
 /// Someone following a document.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 pub struct Participant {
+    /// The participant's session id.
     pub session: String,
+    /// Its user.
     pub user: String,
+}
+
+/// What an error frame is about; its `code`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// The frame is not JSON.
+    BadJson,
+    /// The frame's `type` is none the server knows.
+    UnknownType,
+    /// The frame does not fit its type (a document id that is no UUID, a
+    /// cursor position too large).
+    BadFrame,
+    /// No such document.
+    NotFound,
+    /// The document belongs to another user.
+    Forbidden,
+    /// The session follows as many documents as it may already.
+    TooManyDocuments,
+    /// A cursor in a document not followed with presence.
+    NotFollowing,
+    /// The document has as many participants as its presence lists; the
+    /// session follows it without presence.
+    PresenceFull,
+    /// Redis is unreachable; the session resyncs when it is back.
+    Unavailable,
+    /// What Redis holds cannot be served (corrupt data, a refused
+    /// command); the document is no longer followed.
+    Internal,
 }
 
 /// What the server sends.
@@ -63,80 +115,121 @@ pub struct Participant {
 pub enum ServerFrame {
     /// First frame of a connection: who the client is.
     Welcome {
+        /// The session's id (as presence lists it).
         session: String,
+        /// The user.
         user: String,
     },
     /// The whole document at `version`.
     Snapshot {
+        /// The document's id.
         doc: String,
+        /// Its version.
         version: u64,
+        /// Its state.
         state: Value,
     },
     /// The merge patch that made `version`; versions arrive without gaps.
     Change {
+        /// The document's id.
         doc: String,
+        /// The version the patch made.
         version: u64,
+        /// The JSON merge patch.
         patch: Value,
     },
     /// A panel record was created or changed (`panel`), or deleted (null).
     Panel {
+        /// The panel's id.
         id: String,
+        /// The record, or null when it was deleted.
         panel: Option<Value>,
     },
     /// One of the user's panel instances changed state, as the panel
     /// manager announced it (`subscribe_panels` follows these too).
     Instance {
+        /// The instance's state.
         status: InstanceStatus,
     },
     /// Everyone following `doc` now.
     Presence {
+        /// The document's id.
         doc: String,
+        /// Who follows it.
         present: Vec<Participant>,
     },
     /// Another participant's cursor moved.
     Cursor {
+        /// The document's id.
         doc: String,
+        /// The participant's session.
         session: String,
+        /// Its user.
         user: String,
+        /// Where the cursor is.
         position: Value,
     },
+    /// Something the client asked for did not happen.
     Error {
-        code: String,
+        /// What kind of failure.
+        code: ErrorCode,
+        /// For people.
         message: String,
     },
 }
 
+/// Why a client frame was refused.
 #[derive(Debug, PartialEq, thiserror::Error)]
 pub enum FrameError {
+    /// Not JSON.
     #[error("frame is not valid JSON: {0}")]
     BadJson(String),
+    /// A `type` the server does not know.
     #[error("unknown frame type {0:?}")]
     UnknownType(String),
+    /// JSON of the wrong shape for its type.
     #[error("frame does not fit its type: {0}")]
     BadShape(String),
+    /// A document id that is not one (ids are UUIDs).
+    #[error("{0:?} is not a document id")]
+    BadDocument(String),
 }
 
 impl FrameError {
-    pub fn code(&self) -> &'static str {
+    /// The code of the error frame that reports it.
+    pub fn code(&self) -> ErrorCode {
         match self {
-            FrameError::BadJson(_) => "bad_json",
-            FrameError::UnknownType(_) => "unknown_type",
-            FrameError::BadShape(_) => "bad_frame",
+            FrameError::BadJson(_) => ErrorCode::BadJson,
+            FrameError::UnknownType(_) => ErrorCode::UnknownType,
+            FrameError::BadShape(_) | FrameError::BadDocument(_) => ErrorCode::BadFrame,
         }
     }
 }
+
+/// Longest piece of a client's text quoted back in an error.
+const QUOTED: usize = 64;
 
 /// Decodes one client text frame.
 pub fn decode(text: &str) -> Result<ClientFrame, FrameError> {
     let value: Value = serde_json::from_str(text).map_err(|e| FrameError::BadJson(e.to_string()))?;
     let kind = value.get("type").and_then(Value::as_str).ok_or_else(|| FrameError::BadShape("no \"type\"".into()))?;
     if !CLIENT_TYPES.contains(&kind) {
-        return Err(FrameError::UnknownType(kind.chars().take(64).collect()));
+        return Err(FrameError::UnknownType(kind.chars().take(QUOTED).collect()));
     }
-    serde_json::from_value(value).map_err(|e| FrameError::BadShape(e.to_string()))
+    let frame: ClientFrame = serde_json::from_value(value).map_err(|e| FrameError::BadShape(e.to_string()))?;
+    if let Some(doc) = frame.doc().filter(|doc| !is_document_id(doc)) {
+        return Err(FrameError::BadDocument(doc.chars().take(QUOTED).collect()));
+    }
+    if let ClientFrame::Cursor { position, .. } = &frame {
+        if position.to_string().len() > MAX_CURSOR {
+            return Err(FrameError::BadShape(format!("a cursor position is at most {MAX_CURSOR} bytes")));
+        }
+    }
+    Ok(frame)
 }
 
 impl ServerFrame {
+    /// The frame as the client receives it.
     pub fn encode(&self) -> String {
         serde_json::to_string(self).unwrap_or_default()
     }
@@ -146,26 +239,66 @@ impl ServerFrame {
 mod tests {
     use super::*;
 
+    const DOC: &str = "0190a5a4-7a3c-7cc2-8a55-6f0b7f2b1c11";
+
+    fn code(text: &str) -> ErrorCode {
+        decode(text).unwrap_err().code()
+    }
+
     #[test]
     fn decodes_known_frames_and_names_what_is_wrong() {
         assert_eq!(
-            decode(r#"{"type":"subscribe","doc":"d1","version":3}"#),
-            Ok(ClientFrame::Subscribe { doc: "d1".into(), version: Some(3), presence: true })
+            decode(&format!(r#"{{"type":"subscribe","doc":"{DOC}","version":3}}"#)),
+            Ok(ClientFrame::Subscribe { doc: DOC.into(), version: Some(3), presence: true })
         );
-        assert_eq!(decode(r#"{"type":"unsubscribe","doc":"d1"}"#), Ok(ClientFrame::Unsubscribe { doc: "d1".into() }));
         assert_eq!(
-            decode(r#"{"type":"subscribe","doc":"d1","presence":false}"#),
-            Ok(ClientFrame::Subscribe { doc: "d1".into(), version: None, presence: false })
+            decode(&format!(r#"{{"type":"unsubscribe","doc":"{DOC}"}}"#)),
+            Ok(ClientFrame::Unsubscribe { doc: DOC.into() })
         );
-        assert_eq!(decode("{nope").unwrap_err().code(), "bad_json");
-        assert_eq!(decode(r#"{"type":"dance"}"#).unwrap_err().code(), "unknown_type");
-        assert_eq!(decode(r#"{"doc":"d1"}"#).unwrap_err().code(), "bad_frame");
-        assert_eq!(decode(r#"{"type":"subscribe","doc":7}"#).unwrap_err().code(), "bad_frame");
-        assert_eq!(decode(r#"[1,2]"#).unwrap_err().code(), "bad_frame");
         assert_eq!(
-            decode(r#"{"type":"cursor","doc":"d1","position":{"line":3}}"#),
-            Ok(ClientFrame::Cursor { doc: "d1".into(), position: serde_json::json!({"line": 3}) })
+            decode(&format!(r#"{{"type":"subscribe","doc":"{DOC}","presence":false}}"#)),
+            Ok(ClientFrame::Subscribe { doc: DOC.into(), version: None, presence: false })
         );
+        assert_eq!(code("{nope"), ErrorCode::BadJson);
+        assert_eq!(code(r#"{"type":"dance"}"#), ErrorCode::UnknownType);
+        assert_eq!(code(&format!(r#"{{"doc":"{DOC}"}}"#)), ErrorCode::BadFrame);
+        assert_eq!(code(r#"{"type":"subscribe","doc":7}"#), ErrorCode::BadFrame);
+        assert_eq!(code(r#"[1,2]"#), ErrorCode::BadFrame);
+        assert_eq!(
+            decode(&format!(r#"{{"type":"cursor","doc":"{DOC}","position":{{"line":3}}}}"#)),
+            Ok(ClientFrame::Cursor { doc: DOC.into(), position: serde_json::json!({"line": 3}) })
+        );
+    }
+
+    #[test]
+    fn a_document_id_that_is_no_uuid_never_decodes() {
+        for doc in [format!("{DOC}:log"), "x:log".into(), "*".into(), "nexus:doc:*".into(), String::new(), "d1".into()]
+        {
+            for frame in [
+                serde_json::json!({"type": "subscribe", "doc": doc}),
+                serde_json::json!({"type": "unsubscribe", "doc": doc}),
+                serde_json::json!({"type": "cursor", "doc": doc, "position": 1}),
+            ] {
+                let error = decode(&frame.to_string()).unwrap_err();
+                assert_eq!((error.code(), &error), (ErrorCode::BadFrame, &FrameError::BadDocument(doc.clone())));
+            }
+        }
+        let long = "y".repeat(10_000);
+        let error = decode(&serde_json::json!({"type": "subscribe", "doc": long}).to_string()).unwrap_err();
+        assert!(error.to_string().len() < 200, "the id is not echoed whole: {error}");
+    }
+
+    #[test]
+    fn a_cursor_position_has_a_bound() {
+        let at = |n: usize| serde_json::json!({"type": "cursor", "doc": DOC, "position": "x".repeat(n)}).to_string();
+        assert!(decode(&at(MAX_CURSOR - 2)).is_ok(), "the quotes count");
+        assert_eq!(code(&at(MAX_CURSOR - 1)), ErrorCode::BadFrame);
+    }
+
+    #[test]
+    fn error_codes_are_snake_case_on_the_wire() {
+        let frame = ServerFrame::Error { code: ErrorCode::TooManyDocuments, message: "m".into() };
+        assert_eq!(frame.encode(), r#"{"type":"error","code":"too_many_documents","message":"m"}"#);
     }
 
     #[test]

@@ -1,76 +1,71 @@
 //! `Session`: one actor per WebSocket connection of a logged-in user.
 //!
-//! It follows documents for its client: it subscribes to their Redis
-//! channels through the `RedisBridge`, and sends each document's changes
-//! without gaps. The client says the last version it has when it
-//! subscribes; the session catches it up from the document's history, or
-//! with a snapshot. A gap in what arrives live (pub/sub is at-most-once; a
-//! `BusDown`/`BusUp`; a dropped message) triggers the same catch-up, so the
-//! client always ends with the server's state.
+//! It follows documents for its client and sends each document's changes
+//! without gaps. Following one goes in this order, so that a refused
+//! request leaves nothing behind and nothing published falls between:
+//! the id is a UUID (the decoder refuses anything else), the document
+//! exists and is the user's, the Redis subscription (through the node's
+//! `RedisBridge`) is confirmed, then what the client lacks after the
+//! version it says it has is fetched ([`sync`]: the changes from the
+//! history, or a snapshot when it is far behind or the history was
+//! trimmed). Any error ends the follow and unsubscribes; only an
+//! unreachable Redis is retried, with a bounded backoff.
+//!
+//! A gap in what arrives live (pub/sub is at-most-once; a `BusDown` then
+//! `BusUp`; a dropped message; a change announced without its patch because
+//! it was too large) triggers the same catch-up, so the client always ends
+//! with the server's state.
 //!
 //! It also follows the user's panels for the client (`subscribe_panels`):
 //! panel record changes and the instance states the panel manager announces
 //! on the same channel, each forwarded only to its owner.
 //!
-//! Outbound policy: frames go through a bounded queue
+//! Bounds: a session follows at most [`MAX_FOLLOWED`] documents and has at
+//! most one fetch under way per document; a document's presence lists at
+//! most [`MAX_PRESENT`] sessions. Frames go out through a bounded queue
 //! ([`OUTBOUND_QUEUE`]); a client that stops reading until it is full is
-//! disconnected with close code 4008, never stalling others. It reconnects
-//! with its last version and loses nothing.
+//! disconnected with close code 4008, never stalling others. The session
+//! re-checks its token every [`TOKEN_CHECK`] and after Redis comes back; a
+//! revoked (logged out) or expired one closes the socket with 4001.
 
-use std::collections::{HashMap, HashSet};
+mod presence;
+mod socket;
+mod sync;
+
+use std::collections::HashMap;
+use std::time::Duration;
 
 use actix::{ActorContext, AsyncContext};
-use actix_web::{web, HttpRequest, HttpResponse};
-use actix_ws::{CloseCode, CloseReason, Message as WsMessage};
+use actix_web::web;
 use tokio::sync::{mpsc, watch};
 
+pub use self::presence::{CursorMoved, PresenceChanged, MAX_PRESENT};
+use self::socket::Closing;
+pub use self::socket::{upgrade, SessionDeps, CLOSE_TOKEN_ENDED, CLOSE_TOO_SLOW, OUTBOUND_QUEUE};
+use self::sync::{Fetched, SyncError};
 use super::api::documents::DocumentChanged;
 use super::api::TmState;
 use super::documents::PRESENCE_TTL_SECS;
-use super::protocol::{decode, ClientFrame, Participant, ServerFrame, MAX_CURSOR, MAX_FRAME};
-use crate::bus::redis::{Publish, RedisBridge, Subscribe, Topic, Unsubscribe};
+use super::protocol::{decode, ClientFrame, ErrorCode, ServerFrame};
+use crate::bus::redis::{Publish, Subscribe, Topic, Unsubscribe};
 use crate::bus::BusEvent;
-use crate::envelope::{Envelope, Payload};
+use crate::envelope::Payload;
 use crate::instance::InstanceChanged;
-use crate::kernel::{ActorRef, Behaviour, Ctx, Handler, Kernel, Link, Message, Reply};
-use crate::platform::auth::{extract::bearer, Audience, Auth};
+use crate::kernel::{ActorRef, Behaviour, Ctx, Handler, Link, Message, Reply, SendError};
+use crate::platform::auth::{Audience, AuthError};
 use crate::platform::channels::{self, panels as panels_channel};
-use crate::platform::{ApiError, PanelChanged};
-use serde::{Deserialize, Serialize};
-use serde_json::Value;
+use crate::platform::PanelChanged;
 
-/// Frames waiting for a client before it is considered too slow.
-pub const OUTBOUND_QUEUE: usize = 1024;
-/// Pause before retrying a catch-up that failed on Redis.
-const CATCH_UP_RETRY: std::time::Duration = std::time::Duration::from_millis(250);
-/// Close code when the client went away.
-const CLOSE_NORMAL: u16 = 1000;
-/// Close code for a client too slow to read what it asked for.
-pub const CLOSE_TOO_SLOW: u16 = 4008;
-
-/// Announced on `nexus:doc:{id}` when someone starts or stops following it.
-#[derive(Debug, Serialize, Deserialize)]
-pub struct PresenceChanged {
-    pub doc: String,
-    pub present: Vec<Participant>,
-}
-
-impl Payload for PresenceChanged {
-    const TYPE: &'static str = "nexus.presence.changed";
-}
-
-/// Announced on `nexus:doc:{id}` when a participant's cursor moves.
-#[derive(Debug, Serialize, Deserialize)]
-pub struct CursorMoved {
-    pub doc: String,
-    pub session: String,
-    pub user: String,
-    pub position: Value,
-}
-
-impl Payload for CursorMoved {
-    const TYPE: &'static str = "nexus.cursor.moved";
-}
+/// Documents one session may follow at once.
+pub const MAX_FOLLOWED: usize = 256;
+/// How often a session checks that its token still holds.
+pub const TOKEN_CHECK: Duration = Duration::from_secs(15);
+/// First pause before retrying a fetch that found Redis unreachable; it
+/// doubles up to [`RETRY_MAX`], for at most [`RETRIES`] tries. Then the
+/// next `BusUp` or announced change tries again.
+const RETRY_FIRST: Duration = Duration::from_millis(250);
+const RETRY_MAX: Duration = Duration::from_secs(5);
+const RETRIES: u32 = 8;
 
 /// A text frame from the client.
 struct ClientText(String);
@@ -84,42 +79,83 @@ impl Message for Disconnected {
     type Reply = ();
 }
 
-/// What a catch-up of `doc` from `since` found: the version and the frames
-/// that bring the client there, or why not.
-struct CaughtUp {
+/// What a fetch of `doc` from `since`, started for follow `follow`, found.
+struct Synced {
     doc: String,
+    follow: u64,
     since: Option<u64>,
-    outcome: Result<(u64, Vec<ServerFrame>), (&'static str, String)>,
+    outcome: Result<Fetched, SyncError>,
 }
-impl Message for CaughtUp {
+impl Message for Synced {
     type Reply = ();
 }
 
+/// The session's token no longer holds, for this reason.
+struct TokenEnded(&'static str);
+impl Message for TokenEnded {
+    type Reply = ();
+}
+
+/// One followed document.
+#[derive(Debug)]
+struct Followed {
+    /// Which follow of the document this is: news about an earlier one
+    /// (unfollowed since) is recognised and dropped.
+    follow: u64,
+    /// The last version the client has.
+    sent: Option<u64>,
+    /// The Redis subscription is confirmed (the first fetch succeeded).
+    subscribed: bool,
+    /// A fetch (or its retry) is under way; changes wait for it.
+    fetching: bool,
+    /// Another fetch is wanted after the one under way.
+    again: bool,
+    /// The highest version announced while fetching.
+    announced: u64,
+    /// Fetches in a row that found Redis unreachable.
+    failures: u32,
+    /// The client takes part in presence and cursors.
+    presence: bool,
+    /// This session is in the document's presence.
+    joined: bool,
+}
+
+/// The links a session uses to reach the bridge.
+#[derive(Clone)]
+struct BridgeLinks {
+    subscribe: Link<Subscribe>,
+    unsubscribe: Link<Unsubscribe>,
+    publish: Link<Publish>,
+}
+
+/// The actor behind one WebSocket connection.
 pub struct Session {
     user: String,
+    /// The token the connection was opened with, checked again and again.
+    token: String,
     state: web::Data<TmState>,
     /// This session's links to the node's `RedisBridge`, made once: a link
     /// registers its graph edge when it is made.
     bus: BridgeLinks,
     out: mpsc::Sender<String>,
     /// Tells the connection's reader and writer to let go of the socket,
-    /// with the close code to send.
-    shutdown: watch::Sender<Option<u16>>,
+    /// and how to close it.
+    shutdown: watch::Sender<Option<Closing>>,
     too_slow: prometheus::IntCounter,
-    /// Followed documents and the last version the client was sent (None:
-    /// a catch-up is under way).
-    docs: HashMap<String, Option<u64>>,
+    /// Followed documents, at most [`MAX_FOLLOWED`].
+    docs: HashMap<String, Followed>,
+    /// Follows started so far (numbers them).
+    follows: u64,
     /// Whether the client follows its panel records.
     panels: bool,
-    /// Followed documents whose client asked for presence and cursors.
-    wants_presence: HashSet<String>,
-    /// Followed documents whose presence lists this session.
-    joined: HashSet<String>,
+    /// The bus went down since the last `BusUp`: what was published
+    /// meanwhile is lost from pub/sub.
+    bus_down: bool,
     me: Option<ActorRef<Session>>,
 }
 
-fn channel(doc: &str) -> String {
-    channels::document(doc)
+fn doc_topic(doc: &str) -> Topic {
+    Topic::Channel(channels::document(doc))
 }
 
 impl Session {
@@ -127,16 +163,16 @@ impl Session {
         if self.out.try_send(frame.encode()).is_err() && self.shutdown.borrow().is_none() {
             self.too_slow.inc();
             tracing::warn!(user = %self.user, "nexus_sessions_too_slow_total: outbound queue full; disconnecting");
-            self.leave(CLOSE_TOO_SLOW, ctx);
+            self.leave(Closing::TOO_SLOW, ctx);
         }
     }
 
-    fn error(&mut self, code: &str, message: String, ctx: &mut Ctx<Self>) {
-        self.send(&ServerFrame::Error { code: code.to_owned(), message }, ctx);
+    fn error(&mut self, code: ErrorCode, message: impl std::fmt::Display, ctx: &mut Ctx<Self>) {
+        self.send(&ServerFrame::Error { code, message: message.to_string() }, ctx);
     }
 
-    /// Unsubscribes everything, closes the socket with `code` and stops.
-    fn leave(&mut self, code: u16, ctx: &mut Ctx<Self>) {
+    /// Unsubscribes everything, closes the socket and stops.
+    fn leave(&mut self, closing: Closing, ctx: &mut Ctx<Self>) {
         let docs: Vec<String> = self.docs.keys().cloned().collect();
         for doc in docs {
             self.unfollow(&doc);
@@ -145,123 +181,214 @@ impl Session {
             let topic = Topic::Channel(panels_channel(&self.user));
             let _ = self.bus.unsubscribe.tell(Unsubscribe { topic, subscriber: me.id().to_owned() });
         }
-        let _ = self.shutdown.send(Some(code));
+        let _ = self.shutdown.send(Some(closing));
         ctx.stop();
     }
 
+    /// Starts following `doc` from `version`, or, when it is followed
+    /// already, catches the client up from `version` again.
+    fn follow(&mut self, doc: String, version: Option<u64>, presence: bool, ctx: &mut Ctx<Self>) {
+        if let Some(followed) = self.docs.get_mut(&doc) {
+            followed.sent = version;
+            let leave_presence = followed.joined && !presence;
+            followed.presence = presence;
+            followed.joined &= presence;
+            if leave_presence {
+                self.leave_presence(&doc);
+            }
+            self.request_sync(&doc);
+            return;
+        }
+        if self.docs.len() >= MAX_FOLLOWED {
+            let message = format!("a session follows at most {MAX_FOLLOWED} documents; unsubscribe from one first");
+            self.error(ErrorCode::TooManyDocuments, message, ctx);
+            return;
+        }
+        self.follows += 1;
+        let followed = Followed {
+            follow: self.follows,
+            sent: version,
+            subscribed: false,
+            fetching: false,
+            again: false,
+            announced: 0,
+            failures: 0,
+            presence,
+            joined: false,
+        };
+        self.docs.insert(doc.clone(), followed);
+        self.request_sync(&doc);
+    }
+
+    /// Stops following `doc`: unsubscribes and leaves its presence.
     fn unfollow(&mut self, doc: &str) {
-        self.wants_presence.remove(doc);
-        let was_present = self.joined.remove(doc);
-        if self.docs.remove(doc).is_none() {
+        let Some(followed) = self.docs.remove(doc) else { return };
+        self.unsubscribe(doc);
+        if followed.joined {
+            self.leave_presence(doc);
+        }
+    }
+
+    fn unsubscribe(&self, doc: &str) {
+        if let Some(me) = &self.me {
+            let _ = self.bus.unsubscribe.tell(Unsubscribe { topic: doc_topic(doc), subscriber: me.id().to_owned() });
+        }
+    }
+
+    /// Catches the client up on `doc`: now, or after the fetch under way.
+    fn request_sync(&mut self, doc: &str) {
+        let Some(followed) = self.docs.get_mut(doc) else { return };
+        if followed.fetching {
+            followed.again = true;
             return;
         }
-        let Some(me) = &self.me else { return };
-        let session = me.id().to_owned();
-        let unsubscribe = Unsubscribe { topic: Topic::Channel(channel(doc)), subscriber: session.clone() };
-        let _ = self.bus.unsubscribe.tell(unsubscribe);
-        if !was_present {
-            return;
-        }
-        let (state, publish, doc) = (self.state.clone(), self.bus.publish.clone(), doc.to_owned());
+        followed.fetching = true;
+        followed.failures = 0;
+        self.start_fetch(doc);
+    }
+
+    /// Fetches what the client lacks of `doc` in a task (checking access
+    /// and subscribing first if the subscription is not confirmed yet) and
+    /// tells this session the outcome.
+    fn start_fetch(&mut self, doc: &str) {
+        let (Some(followed), Some(me)) = (self.docs.get_mut(doc), &self.me) else { return };
+        followed.again = false;
+        followed.announced = 0;
+        let (follow, since, subscribe) = (followed.follow, followed.sent, !followed.subscribed);
+        let (state, user, doc) = (self.state.clone(), self.user.clone(), doc.to_owned());
+        let (bridge, unsubscribe, session) =
+            (self.bus.subscribe.clone(), self.bus.unsubscribe.clone(), me.id().to_owned());
+        let (told, subscriber) = (me.link::<Synced>("store"), me.link("redis-bridge"));
         actix::spawn(async move {
-            if let Ok(present) = state.documents.presence_leave(&doc, &session).await {
-                announce_presence(&state, &publish, doc, present);
+            let outcome = async {
+                if subscribe {
+                    // Before any side effect: a refused request subscribes nothing.
+                    sync::check_access(&state.documents, &user, &doc).await?;
+                    let request = Subscribe { topic: doc_topic(&doc), subscriber };
+                    // A failed SUBSCRIBE means the connection is going down:
+                    // the bridge subscribes the topic again on reconnection,
+                    // and the BusUp after the BusDown brings a catch-up.
+                    if let Ok(Err(error)) = bridge.ask(request).await {
+                        tracing::debug!(%doc, %error, "subscription not confirmed; it resumes with the bus");
+                    }
+                }
+                sync::fetch(&state.documents, &user, &doc, since).await
+            }
+            .await;
+            let done = Synced { doc, follow, since, outcome };
+            if let Err(SendError::Closed(done)) = told.tell(done) {
+                // The session ended while this ran: nobody unsubscribes
+                // for it but this task.
+                if subscribe {
+                    let _ = unsubscribe.tell(Unsubscribe { topic: doc_topic(&done.doc), subscriber: session });
+                }
             }
         });
     }
 
-    /// Adds this session to the document's presence and tells everyone.
-    fn join(&mut self, doc: &str) {
-        let Some(me) = &self.me else { return };
-        self.joined.insert(doc.to_owned());
-        let (state, publish) = (self.state.clone(), self.bus.publish.clone());
-        let (doc, session, user) = (doc.to_owned(), me.id().to_owned(), self.user.clone());
-        actix::spawn(async move {
-            if let Ok(present) = state.documents.presence_join(&doc, &session, &user).await {
-                announce_presence(&state, &publish, doc, present);
-            }
-        });
-    }
-
-    /// Publishes an ephemeral event about `doc` (a cursor move) on its
-    /// channel. When the bridge is saturated the event is dropped (counted
-    /// in `nexus_mailbox_dropped_total`): the next move supersedes it.
-    fn announce<P: Payload>(&self, doc: &str, payload: P) {
-        let envelope = Envelope::new(self.state.node.clone(), payload).into_untyped();
-        let _ = self.bus.publish.try_tell(Publish { channel: channel(doc), envelope });
-    }
-
-    /// Fetches what the client lacks after `since` (or a snapshot) and
-    /// tells this session when it has it. With `subscribe`, the Redis
-    /// subscription is confirmed first, so nothing published after the
-    /// fetch can be missed.
-    fn catch_up(&mut self, doc: String, since: Option<u64>, subscribe: bool) {
-        self.docs.insert(doc.clone(), None);
-        let (Some(me), state, user) = (self.me.clone(), self.state.clone(), self.user.clone()) else { return };
-        let link = me.link::<CaughtUp>("store");
-        let subscription = subscribe.then(|| {
-            let request = Subscribe { topic: Topic::Channel(channel(&doc)), subscriber: me.link("redis-bridge") };
-            (self.bus.subscribe.clone(), request)
-        });
-        actix::spawn(async move {
-            if let Some((bridge, request)) = subscription {
-                // While Redis is down the bridge subscribes on reconnection
-                // and the BusUp that follows triggers another catch-up.
-                let _ = bridge.ask(request).await;
-            }
-            let outcome = fetch(&state, &user, &doc, since).await;
-            let _ = link.tell(CaughtUp { doc, since, outcome });
-        });
-    }
-}
-
-fn announce_presence(state: &TmState, publish: &Link<Publish>, doc: String, present: Vec<(String, String)>) {
-    let present = present.into_iter().map(|(session, user)| Participant { session, user }).collect();
-    let envelope = Envelope::new(state.node.clone(), PresenceChanged { doc: doc.clone(), present }).into_untyped();
-    let _ = publish.tell(Publish { channel: channel(&doc), envelope });
-}
-
-impl Session {
+    /// A change announced on a followed document's channel.
     fn changed(&mut self, change: DocumentChanged, ctx: &mut Ctx<Self>) {
-        match self.docs.get(&change.id).copied() {
-            Some(Some(sent)) if change.version == sent + 1 => {
-                self.docs.insert(change.id.clone(), Some(change.version));
-                let frame = ServerFrame::Change { doc: change.id, version: change.version, patch: change.patch };
-                self.send(&frame, ctx);
-            }
-            Some(Some(sent)) if change.version > sent + 1 => self.catch_up(change.id, Some(sent), false),
-            _ => {}
+        let Some(followed) = self.docs.get_mut(&change.id) else { return };
+        if followed.fetching {
+            followed.announced = followed.announced.max(change.version);
+            return;
+        }
+        let Some(sent) = followed.sent else { return };
+        if change.version <= sent {
+            return;
+        }
+        // A change too large to announce comes without its patch: the
+        // history has it.
+        if change.version == sent + 1 && !change.patch.is_null() {
+            followed.sent = Some(change.version);
+            let frame = ServerFrame::Change { doc: change.id, version: change.version, patch: change.patch };
+            self.send(&frame, ctx);
+        } else {
+            self.request_sync(&change.id);
         }
     }
-}
 
-/// Changes after `since` when the history has all of them, else a snapshot.
-async fn fetch(
-    state: &TmState,
-    user: &str,
-    doc: &str,
-    since: Option<u64>,
-) -> Result<(u64, Vec<ServerFrame>), (&'static str, String)> {
-    let internal = |e: crate::platform::StoreError| ("internal", e.to_string());
-    let Some(current) = state.documents.get(doc).await.map_err(internal)? else {
-        return Err(("not_found", format!("document {doc} not found")));
-    };
-    if current.owner != user {
-        return Err(("forbidden", format!("document {doc} belongs to another user")));
-    }
-    if let Some(since) = since.filter(|s| *s <= current.version) {
-        let changes = state.documents.history(doc, since, super::documents::HISTORY_LEN).await.map_err(internal)?;
-        let contiguous = changes.iter().enumerate().all(|(i, c)| c.version == since + 1 + i as u64);
-        if contiguous && changes.last().map_or(since, |c| c.version) == current.version {
-            let frames = changes
-                .into_iter()
-                .map(|c| ServerFrame::Change { doc: doc.to_owned(), version: c.version, patch: c.patch })
-                .collect();
-            return Ok((current.version, frames));
+    fn synced(&mut self, msg: Synced, ctx: &mut Ctx<Self>) {
+        let Synced { doc, follow, since, outcome } = msg;
+        let Some(followed) = self.docs.get_mut(&doc).filter(|f| f.follow == follow) else {
+            // Unfollowed while the fetch ran, perhaps before its subscription
+            // reached the bridge.
+            if !self.docs.contains_key(&doc) {
+                self.unsubscribe(&doc);
+            }
+            return;
+        };
+        if followed.sent != since {
+            // The client said another version meanwhile.
+            self.start_fetch(&doc);
+            return;
+        }
+        match outcome {
+            Ok(fetched) => {
+                followed.subscribed = true;
+                followed.failures = 0;
+                followed.sent = Some(fetched.version);
+                let join = followed.presence && !followed.joined;
+                followed.joined |= join;
+                let again = followed.again || followed.announced > fetched.version;
+                followed.fetching = again;
+                if again {
+                    self.start_fetch(&doc);
+                }
+                if join {
+                    self.join_presence(&doc, follow);
+                }
+                for frame in &fetched.frames {
+                    self.send(frame, ctx);
+                }
+            }
+            Err(error) if error.is_unavailable() && followed.failures < RETRIES => {
+                followed.failures += 1;
+                let delay = RETRY_FIRST.saturating_mul(1 << (followed.failures - 1)).min(RETRY_MAX);
+                tracing::warn!(%doc, %error, attempt = followed.failures, "catch-up failed; retrying");
+                ctx.run_later(delay, move |s, _| {
+                    let this = s.behaviour_mut();
+                    if this.docs.get(&doc).is_some_and(|f| f.follow == follow && f.fetching) {
+                        this.start_fetch(&doc);
+                    }
+                });
+            }
+            Err(error) if error.is_unavailable() && followed.subscribed => {
+                // Still following: the next BusUp or change tries again.
+                followed.fetching = false;
+                tracing::warn!(%doc, %error, "catch-up failed; waiting for Redis");
+                self.error(error.code(), format_args!("{error}; resyncing when Redis is back"), ctx);
+            }
+            Err(error) => {
+                // Final (or never subscribed): no retry loop on what will
+                // fail again the same way.
+                tracing::warn!(%doc, %error, user = %self.user, "not following a document");
+                self.unfollow(&doc);
+                self.error(error.code(), error, ctx);
+            }
         }
     }
-    let frame = ServerFrame::Snapshot { doc: doc.to_owned(), version: current.version, state: current.state };
-    Ok((current.version, vec![frame]))
+
+    /// Checks the token in a task; one that no longer holds ends the session.
+    fn check_token(&self) {
+        let Some(me) = &self.me else { return };
+        let (auth, token, told) = (self.state.platform.auth.clone(), self.token.clone(), me.link("auth"));
+        actix::spawn(async move {
+            let reason = match auth.verify(&token, &Audience::Api).await {
+                Ok(_) => return,
+                Err(AuthError::Revoked) => "token revoked (logged out)",
+                Err(AuthError::UnknownUser) => "user removed",
+                // It verified when the socket opened: now expired, or its
+                // key retired.
+                Err(AuthError::Invalid) => "token expired",
+                Err(error) => {
+                    tracing::debug!(%error, "token not checked; trying again later");
+                    return;
+                }
+            };
+            let _ = told.tell(TokenEnded(reason));
+        });
+    }
 }
 
 impl Behaviour for Session {
@@ -273,30 +400,25 @@ impl Behaviour for Session {
         self.send(&ServerFrame::Welcome { session: me.id().to_owned(), user: self.user.clone() }, ctx);
         // Presence entries of a session whose node dies expire; a live one
         // keeps refreshing them.
-        let refresh = std::time::Duration::from_secs(PRESENCE_TTL_SECS / 3);
+        let refresh = Duration::from_secs(PRESENCE_TTL_SECS / 3);
         ctx.run_interval(refresh, |s, _| {
             let this = s.behaviour_mut();
-            if let (false, Some(me)) = (this.joined.is_empty(), &this.me) {
+            if let (true, Some(me)) = (this.docs.values().any(|f| f.joined), &this.me) {
                 let (state, session) = (this.state.clone(), me.id().to_owned());
                 actix::spawn(async move {
                     let _ = state.documents.presence_alive(&session).await;
                 });
             }
         });
+        ctx.run_interval(TOKEN_CHECK, |s, _| s.behaviour_mut().check_token());
     }
 }
 
 impl Handler<ClientText> for Session {
     fn handle(&mut self, ClientText(text): ClientText, ctx: &mut Ctx<Self>) -> Reply<()> {
         match decode(&text) {
-            Err(error) => self.error(error.code(), error.to_string(), ctx),
-            Ok(ClientFrame::Subscribe { doc, version, presence }) => {
-                let new = !self.docs.contains_key(&doc);
-                if presence {
-                    self.wants_presence.insert(doc.clone());
-                }
-                self.catch_up(doc, version, new);
-            }
+            Err(error) => self.error(error.code(), error, ctx),
+            Ok(ClientFrame::Subscribe { doc, version, presence }) => self.follow(doc, version, presence, ctx),
             Ok(ClientFrame::Unsubscribe { doc }) => self.unfollow(&doc),
             Ok(ClientFrame::SubscribePanels) => {
                 if let Some(me) = &self.me {
@@ -305,58 +427,23 @@ impl Handler<ClientText> for Session {
                     self.panels = true;
                 }
             }
-            Ok(ClientFrame::Cursor { doc, position }) => {
-                if !self.joined.contains(&doc) {
-                    self.error(
-                        "not_following",
-                        format!("subscribe to {doc} with presence before moving a cursor in it"),
-                        ctx,
-                    );
-                } else if position.to_string().len() > MAX_CURSOR {
-                    self.error("bad_frame", format!("cursor position is over {MAX_CURSOR} bytes"), ctx);
-                } else if let Some(me) = &self.me {
-                    let moved = CursorMoved {
-                        doc: doc.clone(),
-                        session: me.id().to_owned(),
-                        user: self.user.clone(),
-                        position,
-                    };
-                    self.announce(&doc, moved);
-                }
-            }
+            Ok(ClientFrame::Cursor { doc, position }) => self.cursor(doc, position, ctx),
         }
         Reply::Now(())
     }
 }
 
-impl Handler<CaughtUp> for Session {
-    fn handle(&mut self, msg: CaughtUp, ctx: &mut Ctx<Self>) -> Reply<()> {
-        let Some(entry) = self.docs.get(&msg.doc).copied() else { return Reply::Now(()) };
-        match msg.outcome {
-            Ok((version, frames)) => {
-                if entry.is_some_and(|sent| sent >= version) {
-                    return Reply::Now(());
-                }
-                if self.wants_presence.contains(&msg.doc) && !self.joined.contains(&msg.doc) {
-                    self.join(&msg.doc);
-                }
-                self.docs.insert(msg.doc, Some(version));
-                for frame in &frames {
-                    self.send(frame, ctx);
-                }
-            }
-            Err(("internal", message)) => {
-                // Redis is unreachable for now: try again; the client keeps
-                // what it has.
-                tracing::warn!(doc = %msg.doc, %message, "catch-up failed; retrying");
-                let (doc, since) = (msg.doc, msg.since);
-                ctx.run_later(CATCH_UP_RETRY, move |s, _| s.behaviour_mut().catch_up(doc, since, false));
-            }
-            Err((code, message)) => {
-                self.docs.remove(&msg.doc);
-                self.error(code, message, ctx);
-            }
-        }
+impl Handler<Synced> for Session {
+    fn handle(&mut self, msg: Synced, ctx: &mut Ctx<Self>) -> Reply<()> {
+        self.synced(msg, ctx);
+        Reply::Now(())
+    }
+}
+
+impl Handler<TokenEnded> for Session {
+    fn handle(&mut self, TokenEnded(reason): TokenEnded, ctx: &mut Ctx<Self>) -> Reply<()> {
+        tracing::info!(user = %self.user, reason, "closing a session whose token ended");
+        self.leave(Closing::token_ended(reason), ctx);
         Reply::Now(())
     }
 }
@@ -364,197 +451,78 @@ impl Handler<CaughtUp> for Session {
 impl Handler<BusEvent> for Session {
     fn handle(&mut self, event: BusEvent, ctx: &mut Ctx<Self>) -> Reply<()> {
         match event {
-            BusEvent::Message(m) => match m.envelope.kind.as_str() {
-                DocumentChanged::TYPE => {
-                    let Ok(change) = m.envelope.typed::<DocumentChanged>() else { return Reply::Now(()) };
-                    self.changed(change.data, ctx);
-                }
-                PresenceChanged::TYPE => {
-                    let Ok(presence) = m.envelope.typed::<PresenceChanged>() else { return Reply::Now(()) };
-                    let PresenceChanged { doc, present } = presence.data;
-                    if self.joined.contains(&doc) {
-                        self.send(&ServerFrame::Presence { doc, present }, ctx);
-                    }
-                }
-                PanelChanged::TYPE => {
-                    let Ok(change) = m.envelope.typed::<PanelChanged>() else { return Reply::Now(()) };
-                    let owned = change.data.panel.as_ref().is_none_or(|p| p.owner == self.user);
-                    if self.panels && owned && m.channel == panels_channel(&self.user) {
-                        let panel = change.data.panel.and_then(|p| serde_json::to_value(p).ok());
-                        self.send(&ServerFrame::Panel { id: change.data.id, panel }, ctx);
-                    }
-                }
-                InstanceChanged::TYPE => {
-                    // Only panel managers publish these; a malformed one is
-                    // their bug, not a reason to drop this client.
-                    let change = match m.envelope.typed::<InstanceChanged>() {
-                        Ok(change) => change.data,
-                        Err(error) => {
-                            tracing::warn!(channel = %m.channel, %error, "ignoring a malformed instance change");
-                            return Reply::Now(());
-                        }
-                    };
-                    let owned = change.status.owner == self.user;
-                    if self.panels && owned && m.channel == panels_channel(&self.user) {
-                        self.send(&ServerFrame::Instance { status: change.status }, ctx);
-                    }
-                }
-                CursorMoved::TYPE => {
-                    let Ok(cursor) = m.envelope.typed::<CursorMoved>() else { return Reply::Now(()) };
-                    let CursorMoved { doc, session, user, position } = cursor.data;
-                    let mine = self.me.as_ref().is_some_and(|me| me.id() == session);
-                    if !mine && self.joined.contains(&doc) {
-                        self.send(&ServerFrame::Cursor { doc, session, user, position }, ctx);
-                    }
-                }
-                _ => {}
-            },
-            BusEvent::Up(_) => {
+            BusEvent::Message(m) => self.bus_message(m, ctx),
+            BusEvent::Up(_) if self.bus_down => {
                 // Whatever was published while the bus was down is gone from
-                // pub/sub; the history has it.
-                let followed: Vec<(String, Option<u64>)> = self.docs.iter().map(|(d, v)| (d.clone(), *v)).collect();
-                for (doc, sent) in followed {
-                    if let Some(sent) = sent {
-                        self.catch_up(doc, Some(sent), false);
-                    }
+                // pub/sub; the history has it. (A BusUp without a BusDown
+                // before it only confirms a new subscription.)
+                self.bus_down = false;
+                let docs: Vec<String> = self.docs.keys().cloned().collect();
+                for doc in docs {
+                    self.request_sync(&doc);
                 }
+                self.check_token();
             }
-            BusEvent::Down(_) => {}
+            BusEvent::Up(_) => {}
+            BusEvent::Down(_) => self.bus_down = true,
         }
         Reply::Now(())
+    }
+}
+
+impl Session {
+    fn bus_message(&mut self, m: crate::bus::BusMessage, ctx: &mut Ctx<Self>) {
+        match m.envelope.kind.as_str() {
+            DocumentChanged::TYPE => {
+                let Ok(change) = m.envelope.typed::<DocumentChanged>() else { return };
+                self.changed(change.data, ctx);
+            }
+            PresenceChanged::TYPE => {
+                let Ok(presence) = m.envelope.typed::<PresenceChanged>() else { return };
+                let PresenceChanged { doc, present } = presence.data;
+                if self.docs.get(&doc).is_some_and(|f| f.joined) {
+                    self.send(&ServerFrame::Presence { doc, present }, ctx);
+                }
+            }
+            PanelChanged::TYPE => {
+                let Ok(change) = m.envelope.typed::<PanelChanged>() else { return };
+                let owned = change.data.panel.as_ref().is_none_or(|p| p.owner == self.user);
+                if self.panels && owned && m.channel == panels_channel(&self.user) {
+                    let panel = change.data.panel.and_then(|p| serde_json::to_value(p).ok());
+                    self.send(&ServerFrame::Panel { id: change.data.id, panel }, ctx);
+                }
+            }
+            InstanceChanged::TYPE => {
+                // Only panel managers publish these; a malformed one is
+                // their bug, not a reason to drop this client.
+                let change = match m.envelope.typed::<InstanceChanged>() {
+                    Ok(change) => change.data,
+                    Err(error) => {
+                        tracing::warn!(channel = %m.channel, %error, "ignoring a malformed instance change");
+                        return;
+                    }
+                };
+                let owned = change.status.owner == self.user;
+                if self.panels && owned && m.channel == panels_channel(&self.user) {
+                    self.send(&ServerFrame::Instance { status: change.status }, ctx);
+                }
+            }
+            CursorMoved::TYPE => {
+                let Ok(cursor) = m.envelope.typed::<CursorMoved>() else { return };
+                let CursorMoved { doc, session, user, position } = cursor.data;
+                let mine = self.me.as_ref().is_some_and(|me| me.id() == session);
+                if !mine && self.docs.get(&doc).is_some_and(|f| f.joined) {
+                    self.send(&ServerFrame::Cursor { doc, session, user, position }, ctx);
+                }
+            }
+            _ => {}
+        }
     }
 }
 
 impl Handler<Disconnected> for Session {
     fn handle(&mut self, _: Disconnected, ctx: &mut Ctx<Self>) -> Reply<()> {
-        self.leave(CLOSE_NORMAL, ctx);
+        self.leave(Closing::NORMAL, ctx);
         Reply::Now(())
     }
-}
-
-/// The links a session uses to reach the bridge.
-#[derive(Clone)]
-struct BridgeLinks {
-    subscribe: Link<Subscribe>,
-    unsubscribe: Link<Unsubscribe>,
-    publish: Link<Publish>,
-}
-
-/// What `/ws` needs besides the transaction manager's state.
-#[derive(Clone)]
-pub struct SessionDeps {
-    pub kernel: Kernel,
-    pub bridge: ActorRef<RedisBridge>,
-}
-
-/// `GET /ws`: authenticates the upgrade (bearer header, or `?token=` since
-/// browsers cannot set headers on a WebSocket), then starts a `Session`.
-pub async fn upgrade(
-    req: HttpRequest,
-    body: web::Payload,
-    state: web::Data<TmState>,
-    deps: web::Data<SessionDeps>,
-) -> Result<HttpResponse, actix_web::Error> {
-    let auth = req.app_data::<web::Data<Auth>>().ok_or(ApiError::Unauthorized)?;
-    let header = req.headers().get(actix_web::http::header::AUTHORIZATION).and_then(|v| v.to_str().ok());
-    let token = bearer(header)
-        .map(str::to_owned)
-        .or_else(|| web::Query::<HashMap<String, String>>::from_query(req.query_string()).ok()?.get("token").cloned())
-        .ok_or(ApiError::Unauthorized)?;
-    let user = auth.verify(&token, &Audience::Api).await.map_err(ApiError::from)?.user;
-
-    let (response, ws, stream) = actix_ws::handle(&req, body)?;
-    let mut stream = stream.max_frame_size(MAX_FRAME);
-    let (out, mut outbound) = mpsc::channel::<String>(OUTBOUND_QUEUE);
-    let (shutdown, mut writer_stop) = watch::channel(None);
-    let mut reader_stop = shutdown.subscribe();
-    let id = format!("session/{}", uuid::Uuid::now_v7());
-    let bus = BridgeLinks {
-        subscribe: deps.bridge.link("session"),
-        unsubscribe: deps.bridge.link("session"),
-        publish: deps.bridge.link("session"),
-    };
-    let (s, b, u) = (state.clone(), bus, user.clone());
-    let too_slow = deps.kernel.metrics().sessions_too_slow.clone();
-    let session = deps.kernel.spawn(id, move || Session {
-        user: u.clone(),
-        state: s.clone(),
-        bus: b.clone(),
-        out: out.clone(),
-        shutdown: shutdown.clone(),
-        too_slow: too_slow.clone(),
-        docs: HashMap::new(),
-        panels: false,
-        wants_presence: HashSet::new(),
-        joined: HashSet::new(),
-        me: None,
-    });
-    tracing::info!(%user, session = session.id(), "websocket session opened");
-
-    // Writer: the only place that awaits the client.
-    let mut writer = ws.clone();
-    actix::spawn(async move {
-        loop {
-            let text = tokio::select! {
-                _ = writer_stop.changed() => break,
-                text = outbound.recv() => match text {
-                    Some(text) => text,
-                    None => break,
-                },
-            };
-            tokio::select! {
-                _ = writer_stop.changed() => break,
-                sent = writer.text(text) => if sent.is_err() { return },
-            }
-        }
-        let code = writer_stop.borrow().unwrap_or(CLOSE_NORMAL);
-        let description = (code == CLOSE_TOO_SLOW).then(|| "client too slow".to_owned());
-        let reason = CloseReason { code: CloseCode::from(code), description };
-        // A client that does not read may never take the close frame either.
-        let _ = tokio::time::timeout(std::time::Duration::from_secs(1), writer.close(Some(reason))).await;
-    });
-
-    // Reader: hands text frames to the session, with backpressure.
-    let text: Link<ClientText> = session.link("client");
-    let gone: Link<Disconnected> = session.link("client");
-    let mut control = ws;
-    actix::spawn(async move {
-        loop {
-            let frame = tokio::select! {
-                // The session is gone: drop our handle so the socket closes.
-                _ = reader_stop.changed() => return,
-                frame = stream.recv() => match frame {
-                    Some(frame) => frame,
-                    None => break,
-                },
-            };
-            match frame {
-                Ok(WsMessage::Text(t)) => {
-                    if text.ask(ClientText(t.to_string())).await.is_err() {
-                        break;
-                    }
-                }
-                Ok(WsMessage::Ping(bytes)) => {
-                    let _ = control.pong(&bytes).await;
-                }
-                Ok(WsMessage::Close(_)) => break,
-                Ok(WsMessage::Binary(_)) => {
-                    let _ = text.ask(ClientText(String::from("{\"type\":\"binary frames are not supported\"}"))).await;
-                }
-                Ok(_) => {}
-                Err(error) => {
-                    let code = match error {
-                        actix_ws::ProtocolError::Overflow => CloseCode::Size,
-                        _ => CloseCode::Protocol,
-                    };
-                    tracing::info!(%error, "closing websocket on a bad frame");
-                    let _ = control.close(Some(CloseReason { code, description: Some(error.to_string()) })).await;
-                    let _ = gone.tell(Disconnected);
-                    return;
-                }
-            }
-        }
-        let _ = gone.tell(Disconnected);
-    });
-    Ok(response)
 }
