@@ -9,7 +9,6 @@ use actix_web::{web, App, HttpServer};
 use futures::{SinkExt, StreamExt};
 use nexus_actors::bus::redis::RedisBridge;
 use nexus_actors::envelope::Envelope;
-use nexus_actors::infra::RedisServer;
 use nexus_actors::instance::{InstanceChanged, InstanceMode, InstanceState, InstanceStatus, Isolation};
 use nexus_actors::platform::UserRole;
 use nexus_actors::roles::transaction_manager::api::documents::DocumentChanged;
@@ -17,7 +16,7 @@ use nexus_actors::roles::transaction_manager::documents::{merge_patch, Created, 
 use nexus_actors::roles::transaction_manager::session::{SessionDeps, CLOSE_TOKEN_ENDED, MAX_FOLLOWED, MAX_PRESENT};
 use nexus_actors::roles::transaction_manager::{self as tm, TmState, UiConfig};
 use nexus_actors::Kernel;
-use nexus_testkit::{add_user, eventually, tempdir, ApiClient, Brokers, TestKeys};
+use nexus_testkit::{add_user, eventually, ApiClient, Brokers, TestKeys};
 use redis::aio::MultiplexedConnection;
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
@@ -62,14 +61,7 @@ impl World {
 
     /// Over a redis-server that keeps its data across a restart.
     async fn persistent(name: &str) -> World {
-        let dir = tempdir(name);
-        let redis = RedisServer::start(&dir.join("redis"), true).expect("redis-server starts");
-        let world = World::over(Brokers { redis, kafka: None, dir }).await;
-        // What the test writes just before killing the server must survive.
-        let mut conn = world.redis().await;
-        let _: () =
-            redis::cmd("CONFIG").arg("SET").arg("appendfsync").arg("always").query_async(&mut conn).await.unwrap();
-        world
+        World::over(Brokers::redis_persistent(name)).await
     }
 
     async fn over(brokers: Brokers) -> World {

@@ -82,6 +82,18 @@ impl Brokers {
         Brokers { redis, kafka: None, dir }
     }
 
+    /// A `redis-server` that keeps its data across a restart (append-only
+    /// file, every write synced, so nothing written before a kill is lost).
+    pub fn redis_persistent(name: &str) -> Brokers {
+        let dir = tempdir(name);
+        let redis =
+            RedisServer::start(&dir.join("redis"), true).expect("redis-server starts (scripts/test installs it)");
+        let client = redis::Client::open(redis.url()).expect("a redis url");
+        let mut conn = client.get_connection().expect("redis answers");
+        let () = redis::cmd("CONFIG").arg("SET").arg("appendfsync").arg("always").query(&mut conn).expect("config");
+        Brokers { redis, kafka: None, dir }
+    }
+
     /// A `redis-server` and a `tansu` broker.
     pub fn with_kafka(name: &str) -> Brokers {
         let mut brokers = Brokers::redis(name);

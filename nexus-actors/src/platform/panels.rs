@@ -62,7 +62,9 @@ impl Payload for PanelChanged {
 /// Whether `id` has the shape of a panel id (a UUID), so that garbage
 /// never reaches a Redis key.
 pub fn is_panel_id(id: &str) -> bool {
-    uuid::Uuid::try_parse(id).is_ok()
+    // Only the form the platform writes: braced, URN and upper-case
+    // spellings of one UUID would each name keys of their own.
+    uuid::Uuid::try_parse(id).is_ok_and(|u| u.hyphenated().to_string() == id)
 }
 
 fn panel_key(id: &str) -> String {
@@ -175,6 +177,9 @@ mod tests {
     fn only_uuids_are_panel_ids() {
         assert!(is_panel_id("0190a5a4-7a3c-7cc2-8a55-6f0b7f2b1c11"));
         assert!(!is_panel_id("x:log"));
+        assert!(!is_panel_id("0190A5A4-7A3C-7CC2-8A55-6F0B7F2B1C11"), "upper case");
+        assert!(!is_panel_id("{0190a5a4-7a3c-7cc2-8a55-6f0b7f2b1c11}"), "braced");
+        assert!(!is_panel_id("urn:uuid:0190a5a4-7a3c-7cc2-8a55-6f0b7f2b1c11"));
         assert!(!is_panel_id(""));
     }
 }

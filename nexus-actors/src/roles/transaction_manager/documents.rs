@@ -33,7 +33,9 @@ pub const PRESENCE_TTL_SECS: u64 = 60;
 /// Whether `id` has the shape of a document id (a UUID), so that garbage
 /// such as `x:log` never reaches a Redis key.
 pub fn is_document_id(id: &str) -> bool {
-    uuid::Uuid::try_parse(id).is_ok()
+    // Only the form the platform writes: braced, URN and upper-case
+    // spellings of one UUID would each name keys of their own.
+    uuid::Uuid::try_parse(id).is_ok_and(|u| u.hyphenated().to_string() == id)
 }
 
 /// A versioned JSON document. `version` starts at 1 and grows by one with
@@ -367,5 +369,6 @@ mod tests {
         assert!(super::is_document_id("0190a5a4-7a3c-7cc2-8a55-6f0b7f2b1c11"));
         assert!(!super::is_document_id("0190a5a4-7a3c-7cc2-8a55-6f0b7f2b1c11:log"));
         assert!(!super::is_document_id("*"));
+        assert!(!super::is_document_id("0190a5a47a3c7cc28a556f0b7f2b1c11"), "simple form");
     }
 }

@@ -358,7 +358,15 @@ function connect() {
     socket.onopen = () => resolve(socket);
     socket.onerror = () => reject(new Error("websocket failed"));
     socket.onmessage = (event) => onFrame(JSON.parse(event.data));
-    socket.onclose = () => {
+    socket.onclose = (event) => {
+      // 4001: the token was revoked or expired; reconnecting would only
+      // be refused again.
+      if (event.code === 4001) {
+        token = null;
+        status("signed out: " + (event.reason || "the token ended"));
+        show("login");
+        return;
+      }
       if (token) setTimeout(() => resume().catch(() => {}), 500);
     };
   });
