@@ -33,6 +33,17 @@ ensure_build_tools() {
   fi
 }
 
+# rustfmt and clippy: scripts/test checks formatting and lints.
+ensure_rust_components() {
+  local missing=()
+  cargo fmt --version >/dev/null 2>&1 || missing+=(rustfmt)
+  cargo clippy --version >/dev/null 2>&1 || missing+=(clippy)
+  if [ ${#missing[@]} -gt 0 ]; then
+    echo "installing rust components: ${missing[*]}"
+    rustup component add "${missing[@]}"
+  fi
+}
+
 ensure_redis_server() {
   if ! command -v redis-server >/dev/null; then
     echo "installing redis-server"

@@ -14,6 +14,8 @@
 //! * [`netns`]: network namespaces, a panel instance's private network.
 //! * [`watchdog`]: `nexus watchdog`, deletes a Studio instance nobody works in.
 
+#![warn(clippy::unwrap_used)]
+
 pub mod bus;
 pub mod envelope;
 pub mod infra;

@@ -68,7 +68,8 @@ fn python_minimal_answers_its_own_sidecar_only() {
             arguments: call.arguments.clone(),
             caller: call.caller.clone(),
             deadline: call.deadline,
-            idempotency_key: call.idempotency_key.clone(),
+            idempotency_key: call.call_id.clone(),
+            keep_result: false,
             reply_to,
         };
         let mut publisher = client.get_connection().unwrap();
