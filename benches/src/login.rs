@@ -145,7 +145,7 @@ async fn measure(port: u16, flooding: bool, window: Duration) -> Result<Measured
 }
 
 /// The login flood table (markdown), or why it could not be measured.
-pub fn table(dir: &Path, quick: bool) -> String {
+pub(crate) fn table(dir: &Path, quick: bool) -> String {
     let window = Duration::from_secs(if quick { 3 } else { 10 });
     match run(dir, window) {
         Ok(table) => table,
@@ -192,7 +192,7 @@ fn run(dir: &Path, window: Duration) -> Result<String, String> {
 }
 
 /// What the login table measures.
-pub const NOTES: &str = "\
+pub(crate) const NOTES: &str = "\
 One `nexus node --roles transaction-manager` (the release binary, its own
 redis-server and tansu); the harness sends authenticated `GET /api/panels`
 one at a time for the window and records each latency, while a second task

@@ -35,7 +35,6 @@ use nexus_actors::platform::channels::ACTIVATE as ACTIVATE_CHANNEL;
 use nexus_actors::platform::auth::{Audience, PANEL_COOKIE};
 use nexus_actors::platform::{Panel, PanelMode, PanelRecords, Platform, UserRole};
 use nexus_actors::Kernel;
-use serde_json::Value;
 
 use super::percentile;
 use crate::tools::PythonPanel;
@@ -54,7 +53,7 @@ const PROXY_THREADS: usize = 2;
 const WAIT_LIMIT: Duration = Duration::from_secs(90);
 
 /// How much to measure.
-pub struct Sizes {
+pub(crate) struct Sizes {
     /// wrk duration of the main load (32 connections to the hello server).
     pub load: Duration,
     /// wrk duration of the single-connection and Python loads.
@@ -68,7 +67,7 @@ pub struct Sizes {
 }
 
 impl Sizes {
-    pub fn new(quick: bool) -> Sizes {
+    pub(crate) fn new(quick: bool) -> Sizes {
         if quick {
             Sizes {
                 load: Duration::from_secs(3),
@@ -89,7 +88,7 @@ impl Sizes {
     }
 }
 
-pub const OVERHEAD_NOTES: &str = "\
+pub(crate) const OVERHEAD_NOTES: &str = "\
 Each row group is one load, sent by `wrk` (one thread, keep-alive
 connections, fixed duration) to the same upstream three ways, one after the
 other in the same run: **direct** to the upstream, through the **Nexus
@@ -126,7 +125,7 @@ the single-connection rows show the added latency of one hop without that
 contention. One run per cell: expect noise of ±10 %.
 ";
 
-pub const COLD_NOTES: &str = "\
+pub(crate) const COLD_NOTES: &str = "\
 An App from zero to its first response, through the real parts in the
 harness process: the `LocalDriver` (network namespace per instance, the
 `nexus sidecar` from `target/release/nexus`, the user process as a plain
@@ -149,7 +148,7 @@ without root, without runsc, or without the `nexus` binary.
 // ---- the hello upstream -------------------------------------------------------
 
 /// `nexus-bench serve-hello PORT`: answers `hello` to every request.
-pub fn serve_hello(args: &[String]) {
+pub(crate) fn serve_hello(args: &[String]) {
     let [port] = args else { panic!("serve-hello PORT") };
     let port: u16 = port.parse().expect("serve-hello PORT: a port number");
     actix_rt::System::new().block_on(async move {
@@ -388,7 +387,7 @@ struct Scenario {
 const PATHS: [&str; 3] = ["direct", "Nexus gateway", "nginx"];
 
 /// Runs the overhead loads; returns the markdown table.
-pub async fn overhead(dir: &Path, sizes: &Sizes) -> String {
+pub(crate) async fn overhead(dir: &Path, sizes: &Sizes) -> String {
     let redis = RedisServer::start(&dir.join("panels-redis"), false).expect("redis-server");
     let (_hello, hello_port) = match start_hello() {
         Ok(both) => both,
@@ -614,7 +613,7 @@ struct Cold {
 }
 
 /// Runs the cold starts; returns the markdown table.
-pub async fn cold_start(dir: &Path, sizes: &Sizes) -> String {
+pub(crate) async fn cold_start(dir: &Path, sizes: &Sizes) -> String {
     let nexus_bin = std::env::var_os("NEXUS_BIN").map(PathBuf::from).or_else(|| {
         std::env::current_exe().ok().and_then(|exe| Some(exe.parent()?.join("nexus"))).filter(|p| p.is_file())
     });

@@ -23,7 +23,7 @@ const PASSWORD: &str = "bench-password";
 const CHANGES: u64 = 5;
 
 /// `nexus-bench serve-node REDIS_URL BROKERS PORT KEY_FILE`: a transaction-manager node.
-pub fn serve_node(args: &[String]) {
+pub(crate) fn serve_node(args: &[String]) {
     let [redis_url, brokers, port, key_file] = args else { panic!("serve-node REDIS_URL BROKERS PORT KEY_FILE") };
     let config = NodeConfig {
         name: format!("bench-{port}"),
@@ -83,7 +83,7 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
-pub struct Outcome {
+pub(crate) struct Outcome {
     pub setup: &'static str,
     pub sessions: usize,
     pub p50_ms: f64,
@@ -94,7 +94,7 @@ pub struct Outcome {
 }
 
 /// Runs both setups with `n` sessions; returns a markdown table.
-pub fn table(dir: &Path, n: usize) -> String {
+pub(crate) fn table(dir: &Path, n: usize) -> String {
     let redis = RedisServer::start(&dir.join("sessions-redis"), false).expect("redis-server");
     let tansu = Tansu::start(&dir.join("sessions-tansu"), TansuStorage::Memory).expect("tansu");
     let key_file = dir.join("sessions-keys.json");

@@ -34,7 +34,7 @@ const IN_FLIGHT: usize = 32;
 /// The sidecar's limit of calls running in the panel (at least `IN_FLIGHT`).
 const MAX_CALLS: usize = 64;
 
-pub const NOTES: &str = "\
+pub(crate) const NOTES: &str = "\
 Ratio as above: Nexus ÷ raw for throughput and raw ÷ Nexus for latency
 (higher is better). One tool call, end to end. Nexus side: `CallTool` to the
 caller node's `ToolRegistry` → `PUBLISH` on the panel's call channel → the
@@ -80,7 +80,7 @@ struct Target {
 
 /// Measures both panels on a private redis-server; `n` calls per side to
 /// the Rust panel, `python_n` to the Python one.
-pub async fn rows(dir: &Path, n: u64, python_n: u64) -> Vec<Row> {
+pub(crate) async fn rows(dir: &Path, n: u64, python_n: u64) -> Vec<Row> {
     let redis = RedisServer::start(&dir.join("tools-redis"), false).expect("redis-server");
     let kernel = Kernel::new("bench-tools");
     let bridge_arbiter = Arbiter::new();

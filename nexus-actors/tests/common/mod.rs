@@ -8,10 +8,10 @@ use nexus_actors::bus::BusEvent;
 use nexus_actors::{Behaviour, Ctx, Handler, Reply};
 
 #[allow(unused_imports)]
-pub use nexus_testkit::{eventually, tempdir};
+pub(crate) use nexus_testkit::{eventually, tempdir};
 
 /// Records every bus event it receives.
-pub struct Collector {
+pub(crate) struct Collector {
     pub events: Arc<Mutex<Vec<BusEvent>>>,
 }
 
@@ -28,7 +28,7 @@ impl Handler<BusEvent> for Collector {
 
 /// What a [`Recorder`] saw: every delivery attempt, and the acknowledged ones.
 #[derive(Default)]
-pub struct Seen {
+pub(crate) struct Seen {
     pub attempts: Vec<(i32, i64, u64)>,
     pub acked: Vec<(i32, i64, u64)>,
     pub keys: Vec<(Option<String>, u64)>,
@@ -37,14 +37,14 @@ pub struct Seen {
 
 /// Acknowledges Kafka records, except that it refuses `nack_once` and
 /// panics on `panic_once` the first time it sees them.
-pub struct Recorder {
+pub(crate) struct Recorder {
     pub seen: Arc<Mutex<Seen>>,
     pub nack_once: Arc<Mutex<Option<u64>>>,
     pub panic_once: Arc<Mutex<Option<u64>>>,
 }
 
 impl Recorder {
-    pub fn new(seen: Arc<Mutex<Seen>>) -> Self {
+    pub(crate) fn new(seen: Arc<Mutex<Seen>>) -> Self {
         Recorder { seen, nack_once: Arc::default(), panic_once: Arc::default() }
     }
 }
@@ -53,7 +53,7 @@ impl Behaviour for Recorder {
     const KIND: &'static str = "recorder";
 }
 
-pub fn seq_of(record: &KafkaRecord) -> u64 {
+pub(crate) fn seq_of(record: &KafkaRecord) -> u64 {
     record.envelope.data["seq"].as_u64().expect("seq in payload")
 }
 

@@ -40,14 +40,14 @@ const RECORDED: [&str; 12] = [
 /// A real HTTP server standing in for a panel instance: it echoes what it
 /// received, records it, and counts requests and connections.
 #[derive(Clone, Default)]
-pub struct Upstream {
+pub(crate) struct Upstream {
     pub seen: Arc<Mutex<Vec<Value>>>,
     pub connections: Arc<AtomicUsize>,
     pub heartbeats: Arc<AtomicUsize>,
 }
 
 impl Upstream {
-    pub fn serve(&self) -> (String, actix_web::dev::ServerHandle) {
+    pub(crate) fn serve(&self) -> (String, actix_web::dev::ServerHandle) {
         let state = self.clone();
         let connections = self.connections.clone();
         let server = HttpServer::new(move || {
@@ -70,7 +70,7 @@ impl Upstream {
         (addr.to_string(), handle)
     }
 
-    pub fn seen(&self) -> Vec<Value> {
+    pub(crate) fn seen(&self) -> Vec<Value> {
         self.seen.lock().unwrap().clone()
     }
 }
@@ -109,7 +109,7 @@ async fn heartbeat(state: web::Data<Upstream>) -> HttpResponse {
 }
 
 /// A WebSocket server that echoes every text and binary message.
-pub async fn ws_echo_server() -> String {
+pub(crate) async fn ws_echo_server() -> String {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap().to_string();
     actix::spawn(async move {
@@ -128,7 +128,7 @@ pub async fn ws_echo_server() -> String {
 }
 
 /// One test's gateway and everything around it.
-pub struct Env {
+pub(crate) struct Env {
     pub brokers: Brokers,
     pub keys: TestKeys,
     pub platform: Platform,
@@ -144,7 +144,7 @@ pub struct Env {
 }
 
 impl Env {
-    pub async fn start(name: &str, tweak: impl FnOnce(&mut GatewayConfig)) -> Env {
+    pub(crate) async fn start(name: &str, tweak: impl FnOnce(&mut GatewayConfig)) -> Env {
         let brokers = Brokers::redis(&format!("gateway-{name}"));
         let keys = TestKeys::new(&brokers.dir);
         let platform = keys.platform(&brokers.redis_url()).await;
@@ -159,12 +159,12 @@ impl Env {
         Env { brokers, keys, platform, conn, kernel, gateway, http, owner, ada }
     }
 
-    pub fn url(&self, path: &str) -> String {
+    pub(crate) fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.gateway.local_addr())
     }
 
     /// A new panel record owned by `ada`; its id.
-    pub async fn panel(&self, mode: PanelMode, public: bool) -> String {
+    pub(crate) async fn panel(&self, mode: PanelMode, public: bool) -> String {
         let id = uuid::Uuid::now_v7().to_string();
         let panel = Panel {
             id: id.clone(),
@@ -179,30 +179,30 @@ impl Env {
     }
 
     /// A token of `user` for `audience`.
-    pub async fn token(&self, user: &str, audience: Audience) -> String {
+    pub(crate) async fn token(&self, user: &str, audience: Audience) -> String {
         self.platform.auth.issue(user, &audience).await.unwrap().0
     }
 
     /// `ada`'s `nexus_panel` cookie for `panel`, as a `Cookie` header value.
-    pub async fn cookie(&self, panel: &str) -> String {
+    pub(crate) async fn cookie(&self, panel: &str) -> String {
         format!("nexus_panel={}", self.token("ada", Audience::Panel(panel.into())).await)
     }
 
     /// Writes `route` as a panel manager does, and waits until this
     /// gateway follows it.
-    pub async fn put_route(&self, route: &PanelRoute) {
+    pub(crate) async fn put_route(&self, route: &PanelRoute) {
         put_route(&self.conn, route).await;
         let (routes, panel, want) = (self.gateway.routes().clone(), route.panel.clone(), route.clone());
         eventually(5, "the gateway follows the route", move || routes.get(&panel).as_deref() == Some(&want)).await;
     }
 
-    pub fn metric(&self, line_prefix: &str) -> f64 {
+    pub(crate) fn metric(&self, line_prefix: &str) -> f64 {
         metric(&self.kernel, line_prefix)
     }
 }
 
 /// A client without redirects or proxies, sending `token` if given.
-pub fn client(token: Option<&str>) -> reqwest::Client {
+pub(crate) fn client(token: Option<&str>) -> reqwest::Client {
     let mut headers = reqwest::header::HeaderMap::new();
     if let Some(token) = token {
         headers.insert("authorization", format!("Bearer {token}").parse().unwrap());
@@ -215,7 +215,7 @@ pub fn client(token: Option<&str>) -> reqwest::Client {
         .unwrap()
 }
 
-pub async fn start_gateway(
+pub(crate) async fn start_gateway(
     brokers: &Brokers,
     keys: &TestKeys,
     node: &str,
@@ -229,14 +229,14 @@ pub async fn start_gateway(
     (kernel, gateway)
 }
 
-pub async fn put_route(conn: &ConnectionManager, route: &PanelRoute) {
+pub(crate) async fn put_route(conn: &ConnectionManager, route: &PanelRoute) {
     let mut conn = conn.clone();
     let json = serde_json::to_string(route).unwrap();
     let _: () = redis::cmd("HSET").arg(ROUTES_KEY).arg(&route.panel).arg(json).query_async(&mut conn).await.unwrap();
     announce(&conn, &route.panel).await;
 }
 
-pub async fn announce(conn: &ConnectionManager, panel: &str) {
+pub(crate) async fn announce(conn: &ConnectionManager, panel: &str) {
     let mut conn = conn.clone();
     let envelope = Envelope::new("test-panel-manager", RouteChanged { panel: panel.into() });
     let _: u64 = redis::cmd("PUBLISH")
@@ -248,7 +248,7 @@ pub async fn announce(conn: &ConnectionManager, panel: &str) {
 }
 
 /// `panel`'s route, owned by `ada`, with an instance at each of `addrs`.
-pub fn route(panel: &str, mode: InstanceMode, addrs: &[&str], activatable: bool) -> PanelRoute {
+pub(crate) fn route(panel: &str, mode: InstanceMode, addrs: &[&str], activatable: bool) -> PanelRoute {
     let endpoints = addrs
         .iter()
         .enumerate()
@@ -263,7 +263,7 @@ pub fn route(panel: &str, mode: InstanceMode, addrs: &[&str], activatable: bool)
 }
 
 /// The value of the first metric line starting with `line_prefix`.
-pub fn metric(kernel: &Kernel, line_prefix: &str) -> f64 {
+pub(crate) fn metric(kernel: &Kernel, line_prefix: &str) -> f64 {
     kernel
         .render_metrics()
         .lines()
@@ -273,17 +273,17 @@ pub fn metric(kernel: &Kernel, line_prefix: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
-pub fn outcome(outcome: &str) -> String {
+pub(crate) fn outcome(outcome: &str) -> String {
     format!("nexus_gateway_requests_total{{outcome=\"{outcome}\"}}")
 }
 
-pub fn dead_addr() -> String {
+pub(crate) fn dead_addr() -> String {
     format!("127.0.0.1:{}", free_port().unwrap())
 }
 
 /// Sends raw bytes on a fresh connection; the status code and the whole
 /// answer. Exactly these bytes go out: no client normalises the path.
-pub async fn raw(addr: std::net::SocketAddr, request: &[u8]) -> (u16, String) {
+pub(crate) async fn raw(addr: std::net::SocketAddr, request: &[u8]) -> (u16, String) {
     let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
     stream.write_all(request).await.unwrap();
     let mut answer = Vec::new();
@@ -313,7 +313,7 @@ fn complete(text: &str) -> bool {
 
 /// Listens on the activate channel like a panel manager; returns the
 /// panels it was asked to start, as they arrive.
-pub async fn activations(brokers: &Brokers) -> Arc<Mutex<Vec<String>>> {
+pub(crate) async fn activations(brokers: &Brokers) -> Arc<Mutex<Vec<String>>> {
     let mut pubsub = redis::Client::open(brokers.redis_url()).unwrap().get_async_pubsub().await.unwrap();
     pubsub.subscribe(channels::ACTIVATE).await.unwrap();
     let asked = Arc::new(Mutex::new(Vec::new()));

@@ -34,7 +34,7 @@ use tokio::sync::mpsc;
 
 /// Answers `GET` only with the instance's sidecar secret (401 otherwise),
 /// as the panel contract asks of `/manifest`.
-pub const SERVER: &str = r#"
+pub(crate) const SERVER: &str = r#"
 import hmac, http.server, os, sys
 port = int(sys.argv[1])
 token = os.environ.get("NEXUS_SIDECAR_TOKEN", "").encode()
@@ -104,7 +104,7 @@ struct Proc {
 }
 
 /// Runs each instance as one python3 process on a free host port.
-pub struct ProcDriver {
+pub(crate) struct ProcDriver {
     dir: PathBuf,
     sources: Mutex<HashMap<String, String>>,
     versions: Mutex<HashMap<String, u64>>,
@@ -162,7 +162,7 @@ impl ProcDriver {
     }
 
     /// Whether the process of `instance` runs.
-    pub fn is_running(&self, instance: &str) -> bool {
+    pub(crate) fn is_running(&self, instance: &str) -> bool {
         self.procs.lock().unwrap().get(instance).is_some_and(|p| !p.exited.load(Ordering::SeqCst))
     }
 
@@ -171,12 +171,12 @@ impl ProcDriver {
     }
 
     /// How many instances of `panel` were ever started.
-    pub fn started(&self, panel: &str) -> usize {
+    pub(crate) fn started(&self, panel: &str) -> usize {
         self.procs.lock().unwrap().values().filter(|p| p.panel == panel).count()
     }
 
     /// The sidecar secret `instance` was given.
-    pub fn token(&self, instance: &str) -> Option<String> {
+    pub(crate) fn token(&self, instance: &str) -> Option<String> {
         self.procs.lock().unwrap().get(instance).map(|p| p.token.clone())
     }
 }
@@ -304,7 +304,7 @@ impl RuntimeDriver for ProcDriver {
 }
 
 /// A node with a transaction manager and a panel manager over [`ProcDriver`].
-pub struct Node {
+pub(crate) struct Node {
     pub brokers: Brokers,
     pub base: String,
     pub kernel: Kernel,
@@ -328,12 +328,12 @@ fn fast(config: &mut PanelManagerConfig) {
 }
 
 /// A node over new brokers of its own, with the users `ada` and `bob`.
-pub async fn node(name: &str, tweak: impl FnOnce(&mut PanelManagerConfig)) -> Node {
+pub(crate) async fn node(name: &str, tweak: impl FnOnce(&mut PanelManagerConfig)) -> Node {
     node_on(Brokers::redis(name), name, tweak).await
 }
 
 /// A node over `brokers` (which may hold state already).
-pub async fn node_on(brokers: Brokers, name: &str, tweak: impl FnOnce(&mut PanelManagerConfig)) -> Node {
+pub(crate) async fn node_on(brokers: Brokers, name: &str, tweak: impl FnOnce(&mut PanelManagerConfig)) -> Node {
     let url = brokers.redis_url();
     let keys = TestKeys::new(&brokers.dir);
     let platform = keys.platform(&url).await;
@@ -372,7 +372,7 @@ pub async fn node_on(brokers: Brokers, name: &str, tweak: impl FnOnce(&mut Panel
 }
 
 impl Node {
-    pub async fn wait_subscribed(&self, channel: &str) {
+    pub(crate) async fn wait_subscribed(&self, channel: &str) {
         let mut conn = self.conn.clone();
         for _ in 0..250 {
             let (_, n): (String, u64) =
@@ -386,34 +386,34 @@ impl Node {
     }
 
     /// `user` logged in (`<user>-password`).
-    pub async fn login(&self, user: &str) -> ApiClient {
+    pub(crate) async fn login(&self, user: &str) -> ApiClient {
         ApiClient::login(&self.base, user, &format!("{user}-password")).await
     }
 
-    pub async fn statuses(&self, panel: &str) -> Vec<InstanceStatus> {
+    pub(crate) async fn statuses(&self, panel: &str) -> Vec<InstanceStatus> {
         let raw: HashMap<String, String> = self.conn.clone().hgetall(instances_key(panel)).await.unwrap();
         let mut all: Vec<InstanceStatus> = raw.values().map(|v| serde_json::from_str(v).unwrap()).collect();
         all.sort_by_key(|s| s.since_ms);
         all
     }
 
-    pub async fn status(&self, panel: &str, instance: &str) -> Option<InstanceStatus> {
+    pub(crate) async fn status(&self, panel: &str, instance: &str) -> Option<InstanceStatus> {
         let raw: Option<String> = self.conn.clone().hget(instances_key(panel), instance).await.unwrap();
         raw.map(|r| serde_json::from_str(&r).unwrap())
     }
 
-    pub async fn route(&self, panel: &str) -> Option<PanelRoute> {
+    pub(crate) async fn route(&self, panel: &str) -> Option<PanelRoute> {
         let raw: Option<String> = self.conn.clone().hget(ROUTES_KEY, panel).await.unwrap();
         raw.map(|r| serde_json::from_str(&r).unwrap())
     }
 
-    pub async fn publish<T: nexus_actors::Payload>(&self, channel: &str, payload: T) {
+    pub(crate) async fn publish<T: nexus_actors::Payload>(&self, channel: &str, payload: T) {
         let envelope = Envelope::new("test", payload);
         let _: u64 = self.conn.clone().publish(channel, envelope.encode()).await.unwrap();
     }
 
     /// Polls `what` until it returns `Some`; panics after `secs`.
-    pub async fn until<T, F, Fut>(&self, secs: u64, what: &str, mut f: F) -> T
+    pub(crate) async fn until<T, F, Fut>(&self, secs: u64, what: &str, mut f: F) -> T
     where
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = Option<T>>,
@@ -428,24 +428,24 @@ impl Node {
         panic!("timed out after {secs}s waiting for: {what}");
     }
 
-    pub async fn state_of(&self, panel: &str, instance: &str, state: InstanceState) -> InstanceStatus {
+    pub(crate) async fn state_of(&self, panel: &str, instance: &str, state: InstanceState) -> InstanceStatus {
         self.until(15, &format!("{instance} {state:?}"), || async {
             self.status(panel, instance).await.filter(|s| s.state == state)
         })
         .await
     }
 
-    pub async fn last_request(&self, panel: &str) -> Option<String> {
+    pub(crate) async fn last_request(&self, panel: &str) -> Option<String> {
         self.conn.clone().get(last_request_key(panel)).await.unwrap()
     }
 
     /// The panel's App instances that have not ended.
-    pub async fn live_apps(&self, panel: &str) -> Vec<InstanceStatus> {
+    pub(crate) async fn live_apps(&self, panel: &str) -> Vec<InstanceStatus> {
         let all = self.statuses(panel).await;
         all.into_iter().filter(|s| s.mode == InstanceMode::App && !s.state.is_final()).collect()
     }
 
-    pub async fn endpoints(&self, panel: &str, n: usize) -> PanelRoute {
+    pub(crate) async fn endpoints(&self, panel: &str, n: usize) -> PanelRoute {
         self.until(15, &format!("{n} endpoints for {panel}"), || async {
             self.route(panel).await.filter(|r| r.endpoints.len() == n)
         })
@@ -453,7 +453,7 @@ impl Node {
     }
 
     /// The value of the first metric line starting with `line_start`.
-    pub fn metric(&self, line_start: &str) -> Option<f64> {
+    pub(crate) fn metric(&self, line_start: &str) -> Option<f64> {
         self.kernel
             .render_metrics()
             .lines()
@@ -463,7 +463,7 @@ impl Node {
     }
 
     /// Every key and value in the test's Redis, as text.
-    pub async fn everything_in_redis(&self) -> Vec<String> {
+    pub(crate) async fn everything_in_redis(&self) -> Vec<String> {
         let mut conn = self.conn.clone();
         let keys: Vec<String> = conn.keys("*").await.unwrap();
         let mut all = Vec::new();
@@ -491,14 +491,14 @@ impl Node {
 }
 
 /// A new panel of `client`'s (a UUID id) with `source`.
-pub async fn new_panel(client: &ApiClient, source: &str) -> String {
+pub(crate) async fn new_panel(client: &ApiClient, source: &str) -> String {
     let (status, panel) = client.post("/api/panels", json!({"name": "p", "mode": "studio", "source": source})).await;
     assert_eq!(status, reqwest::StatusCode::CREATED, "{panel}");
     panel["id"].as_str().unwrap().to_owned()
 }
 
 /// A request with a raw body (or none), for bodies that are not JSON.
-pub async fn send_raw(
+pub(crate) async fn send_raw(
     client: &ApiClient,
     method: reqwest::Method,
     path: &str,
@@ -515,7 +515,7 @@ pub async fn send_raw(
 }
 
 /// Collects the `data` of every envelope on `channel`, from a raw connection.
-pub async fn listen(url: &str, channel: &str) -> Arc<Mutex<Vec<Value>>> {
+pub(crate) async fn listen(url: &str, channel: &str) -> Arc<Mutex<Vec<Value>>> {
     let mut pubsub = redis::Client::open(url).unwrap().get_async_pubsub().await.unwrap();
     pubsub.subscribe(channel).await.unwrap();
     let seen = Arc::new(Mutex::new(Vec::new()));
@@ -530,6 +530,6 @@ pub async fn listen(url: &str, channel: &str) -> Arc<Mutex<Vec<Value>>> {
     seen
 }
 
-pub fn now_ms() -> u64 {
+pub(crate) fn now_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64
 }

@@ -9,14 +9,14 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 /// One answer: status and body.
-pub struct Answer {
+pub(crate) struct Answer {
     pub status: u16,
     pub body: String,
 }
 
 /// Sends `method path` with `body` on `stream` (keeping it open) and reads
 /// one answer, which must carry a Content-Length.
-pub async fn request(stream: &mut TcpStream, method: &str, path: &str, body: &str) -> std::io::Result<Answer> {
+pub(crate) async fn request(stream: &mut TcpStream, method: &str, path: &str, body: &str) -> std::io::Result<Answer> {
     let head = format!(
         "{method} {path} HTTP/1.1\r\nhost: test\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
         body.len()
@@ -54,6 +54,6 @@ pub async fn request(stream: &mut TcpStream, method: &str, path: &str, body: &st
 }
 
 /// A connection opened inside the namespace of `inside`.
-pub fn connect_inside(inside: &nexus_actors::netns::NetnsThread, addr: SocketAddr) -> std::io::Result<TcpStream> {
+pub(crate) fn connect_inside(inside: &nexus_actors::netns::NetnsThread, addr: SocketAddr) -> std::io::Result<TcpStream> {
     TcpStream::from_std(inside.connect(addr)?)
 }

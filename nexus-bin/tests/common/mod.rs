@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 /// A bare HTTP/1.0 GET; returns (status, body).
 /// `ui-tests/`, after checking what the browser tests need is installed;
 /// without it they fail and say what is missing.
-pub fn ui_tests() -> std::path::PathBuf {
+pub(crate) fn ui_tests() -> std::path::PathBuf {
     let ui_tests = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../ui-tests");
     assert!(
         std::path::Path::new("/usr/bin/chromium").exists(),
@@ -23,12 +23,12 @@ pub fn ui_tests() -> std::path::PathBuf {
     ui_tests
 }
 
-pub fn get(port: u16, path: &str) -> Option<(u16, String)> {
+pub(crate) fn get(port: u16, path: &str) -> Option<(u16, String)> {
     request(port, "GET", path, None, None)
 }
 
 /// A bare HTTP/1.0 request with an optional bearer token and JSON body.
-pub fn request(port: u16, method: &str, path: &str, token: Option<&str>, body: Option<&str>) -> Option<(u16, String)> {
+pub(crate) fn request(port: u16, method: &str, path: &str, token: Option<&str>, body: Option<&str>) -> Option<(u16, String)> {
     let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
     stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
     let mut head = format!("{method} {path} HTTP/1.0\r\nHost: localhost\r\n");
@@ -46,7 +46,7 @@ pub fn request(port: u16, method: &str, path: &str, token: Option<&str>, body: O
 }
 
 /// Waits up to 60 s for the node on `port` to answer `/healthz`.
-pub fn wait_for_health(port: u16) -> (u16, String) {
+pub(crate) fn wait_for_health(port: u16) -> (u16, String) {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         if let Some(response) = get(port, "/healthz") {
@@ -57,7 +57,7 @@ pub fn wait_for_health(port: u16) -> (u16, String) {
     }
 }
 
-pub struct KillOnDrop(pub Child);
+pub(crate) struct KillOnDrop(pub Child);
 
 impl Drop for KillOnDrop {
     fn drop(&mut self) {
