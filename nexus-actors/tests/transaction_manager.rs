@@ -17,7 +17,7 @@ use nexus_actors::platform::error::MAX_BODY;
 use nexus_actors::platform::Redis;
 use nexus_actors::roles::transaction_manager::documents::{Documents, HISTORY_LEN};
 use nexus_actors::Kernel;
-use nexus_testkit::{eventually, ApiClient, TestNode};
+use nexus_testkit::{eventually, until, ApiClient, TestNode};
 use redis::AsyncCommands;
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
@@ -166,15 +166,10 @@ async fn logging_out_or_an_admin_revokes_every_token_on_every_node() {
     assert_eq!(ada.post("/api/logout", json!({})).await.0, StatusCode::NO_CONTENT);
     assert_eq!(ada.get("/api/panels").await.0, StatusCode::UNAUTHORIZED, "at once on the node that revoked");
     assert_eq!(second.get("/api/panels").await.0, StatusCode::UNAUTHORIZED, "every token of the user");
-    let mut refused = false;
-    for _ in 0..50 {
-        if on_sibling.get("/api/panels").await.0 == StatusCode::UNAUTHORIZED {
-            refused = true;
-            break;
-        }
-        actix::clock::sleep(std::time::Duration::from_millis(100)).await;
-    }
-    assert!(refused, "another node refuses it once its cached standing expires");
+    until(5, "another node refuses it once its cached standing expires", || async {
+        on_sibling.get("/api/panels").await.0 == StatusCode::UNAUTHORIZED
+    })
+    .await;
     let ada = ApiClient::login(&node.url(), "ada", "ada-password").await;
     assert_eq!(ada.get("/api/panels").await.0, StatusCode::OK, "a new login works");
 
@@ -321,22 +316,30 @@ async fn panels_belong_to_their_owner_and_bad_input_is_refused() {
     );
 }
 
-#[actix_rt::test]
-async fn documents_are_versioned_survive_a_node_restart_and_announce_changes() {
-    let node = TestNode::start("tm-docs", TM).await;
+/// Every event on the node's document channels, as a subscriber on the
+/// bus sees them (keep the second value alive while listening).
+async fn document_events(node: &TestNode) -> (Arc<Mutex<Vec<BusEvent>>>, (Kernel, Arbiter)) {
     let kernel = Kernel::new("test");
     let arbiter = Arbiter::new();
     let bridge = RedisBridge::spawn(&kernel, &arbiter.handle(), &node.brokers.redis_url()).unwrap();
     let events = Arc::new(Mutex::new(Vec::new()));
     let e = events.clone();
     let collector = kernel.spawn("collector", move || Collector { events: e.clone() });
+    let topic = Topic::Pattern("nexus:doc:*".into());
     bridge
         .link::<Subscribe>("test")
-        .ask(Subscribe { topic: Topic::Pattern("nexus:doc:*".into()), subscriber: collector.link("redis-bridge") })
+        .ask(Subscribe { topic, subscriber: collector.link("redis-bridge") })
         .await
         .unwrap()
         .unwrap();
     eventually(10, "subscription live", || events.lock().unwrap().iter().any(|e| matches!(e, BusEvent::Up(_)))).await;
+    (events, (kernel, arbiter))
+}
+
+#[actix_rt::test]
+async fn documents_are_versioned_survive_a_node_restart_and_announce_changes() {
+    let node = TestNode::start("tm-docs", TM).await;
+    let (events, _listening) = document_events(&node).await;
 
     let ada = node.user("ada").await;
     let bob = node.user("bob").await;
@@ -413,18 +416,7 @@ async fn documents_are_versioned_survive_a_node_restart_and_announce_changes() {
 #[actix_rt::test]
 async fn a_document_stays_within_1_mib_and_a_patch_too_large_to_announce_still_reaches_followers() {
     let node = TestNode::start_with("tm-doc-size", TM, |c| c.quotas.documents = 2).await;
-    let kernel = Kernel::new("test");
-    let arbiter = Arbiter::new();
-    let bridge = RedisBridge::spawn(&kernel, &arbiter.handle(), &node.brokers.redis_url()).unwrap();
-    let events = Arc::new(Mutex::new(Vec::new()));
-    let e = events.clone();
-    let collector = kernel.spawn("collector", move || Collector { events: e.clone() });
-    bridge
-        .link::<Subscribe>("test")
-        .ask(Subscribe { topic: Topic::Pattern("nexus:doc:*".into()), subscriber: collector.link("redis-bridge") })
-        .await
-        .unwrap()
-        .unwrap();
+    let (events, _listening) = document_events(&node).await;
     let ada = node.user("ada").await;
     let (_, doc) = ada.post("/api/documents", json!({"state": {"a": "x".repeat(600_000)}})).await;
     let path = format!("/api/documents/{}", doc["id"].as_str().unwrap());
@@ -508,15 +500,7 @@ async fn readyz_says_which_broker_is_missing_while_healthz_stays_cheap() {
     assert!(body["reasons"].as_array().unwrap().iter().any(|r| r.as_str().unwrap().starts_with("redis")), "{body}");
     assert_eq!(get("/healthz").await.0, StatusCode::OK, "alive all the same");
     node.brokers.redis.restart().unwrap();
-    let mut ready = false;
-    for _ in 0..50 {
-        if get("/readyz").await.0 == StatusCode::OK {
-            ready = true;
-            break;
-        }
-        actix::clock::sleep(std::time::Duration::from_millis(100)).await;
-    }
-    assert!(ready, "ready again once redis is back");
+    until(5, "ready again once redis is back", || async { get("/readyz").await.0 == StatusCode::OK }).await;
     node.brokers.kafka.as_mut().unwrap().kill();
     let (status, body) = get("/readyz").await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
@@ -554,27 +538,18 @@ async fn rotated_keys_reach_every_node_and_old_tokens_live_until_their_key_retir
     // As `nexus keys rotate` leaves it once its propagation minute is over.
     set.rotate(unix_now() - PROPAGATION.as_secs(), TOKEN_TTL);
     set.save(&node.keys.file).unwrap();
-    let mut fresh = None;
-    for _ in 0..150 {
+    let signs_with_new_key = || async {
         let client = ApiClient::login(&node.url(), "ada", "ada-password").await;
-        if kid_of(client.token()) != old_kid {
-            fresh = Some(client);
-            break;
-        }
-        actix::clock::sleep(std::time::Duration::from_millis(100)).await;
-    }
-    let fresh = fresh.expect("the node reloaded the key file and signs with the new key");
+        kid_of(client.token()) != old_kid
+    };
+    until(15, "the node reloaded the key file and signs with the new key", signs_with_new_key).await;
+    let fresh = ApiClient::login(&node.url(), "ada", "ada-password").await;
     let mut fresh_on_sibling = fresh.clone();
     fresh_on_sibling.base = format!("http://{}", sibling.http);
-    let mut accepted = false;
-    for _ in 0..150 {
-        if fresh_on_sibling.get("/api/panels").await.0 == StatusCode::OK {
-            accepted = true;
-            break;
-        }
-        actix::clock::sleep(std::time::Duration::from_millis(100)).await;
-    }
-    assert!(accepted, "the other node reloaded it too");
+    until(15, "the other node reloaded it too", || async {
+        fresh_on_sibling.get("/api/panels").await.0 == StatusCode::OK
+    })
+    .await;
     assert_eq!(ada.get("/api/panels").await.0, StatusCode::OK, "tokens of the old key live on");
 
     // The old key retires (its tokens have expired): they stop working everywhere.
@@ -587,20 +562,11 @@ async fn rotated_keys_reach_every_node_and_old_tokens_live_until_their_key_retir
     set.save(&node.keys.file).unwrap();
     let mut old_on_sibling = ada.clone();
     old_on_sibling.base = format!("http://{}", sibling.http);
-    let mut refused = 0;
-    for _ in 0..150 {
-        refused = 0;
-        for client in [&ada, &old_on_sibling] {
-            if client.get("/api/panels").await.0 == StatusCode::UNAUTHORIZED {
-                refused += 1;
-            }
-        }
-        if refused == 2 {
-            break;
-        }
-        actix::clock::sleep(std::time::Duration::from_millis(100)).await;
-    }
-    assert_eq!(refused, 2, "both nodes refuse a retired key's tokens");
+    until(15, "both nodes refuse a retired key's tokens", || async {
+        ada.get("/api/panels").await.0 == StatusCode::UNAUTHORIZED
+            && old_on_sibling.get("/api/panels").await.0 == StatusCode::UNAUTHORIZED
+    })
+    .await;
     assert_eq!(fresh.get("/api/panels").await.0, StatusCode::OK);
     sibling.stop().await.unwrap();
 }

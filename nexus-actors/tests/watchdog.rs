@@ -5,12 +5,14 @@
 //! configurations are refused, and with a network namespace the listener
 //! exists only inside it.
 
+mod common;
 mod raw_http;
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use actix::Arbiter;
+use common::Collector;
 use nexus_actors::bus::redis::{RedisBridge, Subscribe, Topic};
 use nexus_actors::bus::BusEvent;
 use nexus_actors::infra::free_port;
@@ -18,25 +20,9 @@ use nexus_actors::instance::ExpireInstance;
 use nexus_actors::netns::{self, Netns, NetnsThread};
 use nexus_actors::platform::channels;
 use nexus_actors::watchdog::{self, RedisExpiry, Watchdog, WatchdogConfig, WatchdogError, MAX_TIMEOUT, TOKEN_HEADER};
-use nexus_actors::{Behaviour, Ctx, Handler, Kernel, Reply};
+use nexus_actors::Kernel;
 use nexus_testkit::{eventually, prerequisite, Brokers};
 use serde_json::Value;
-
-/// Records every bus event it receives.
-struct Collector {
-    events: Arc<Mutex<Vec<BusEvent>>>,
-}
-
-impl Behaviour for Collector {
-    const KIND: &'static str = "collector";
-}
-
-impl Handler<BusEvent> for Collector {
-    fn handle(&mut self, event: BusEvent, _: &mut Ctx<Self>) -> Reply<()> {
-        self.events.lock().unwrap().push(event);
-        Reply::Now(())
-    }
-}
 
 /// A redis-server and everything published on one instance's control channel.
 struct Harness {

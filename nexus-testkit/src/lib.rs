@@ -51,6 +51,23 @@ pub async fn eventually(secs: u64, what: &str, mut cond: impl FnMut() -> bool) {
     panic!("timed out after {secs}s waiting for: {what}");
 }
 
+/// Polls the async `cond` until it holds or `secs` pass; panics with
+/// `what` otherwise.
+pub async fn until<F, Fut>(secs: u64, what: &str, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while Instant::now() < deadline {
+        if cond().await {
+            return;
+        }
+        actix::clock::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("timed out after {secs}s waiting for: {what}");
+}
+
 /// Whether a test's prerequisite (`what`) holds. When it does not, the
 /// test fails under `CI` (a missing prerequisite there is a broken
 /// machine, never a pass); elsewhere it prints why and the caller returns.

@@ -33,6 +33,7 @@ impl ActorCell {
         }
     }
 
+    /// The actor's id.
     pub fn id(&self) -> &str {
         &self.id
     }
@@ -61,10 +62,12 @@ impl ActorCell {
         self.enqueued.load(Ordering::Relaxed).saturating_sub(handled)
     }
 
+    /// Messages handled since the actor was spawned.
     pub fn handled_count(&self) -> u64 {
         self.handled.load(Ordering::Relaxed)
     }
 
+    /// Times the actor was restarted after a panic.
     pub fn restart_count(&self) -> u64 {
         self.restarts.load(Ordering::Relaxed)
     }
@@ -77,26 +80,38 @@ pub struct Graph {
     edges: Mutex<HashMap<(String, String), Arc<AtomicU64>>>,
 }
 
+/// One actor as `GET /api/graph` shows it.
 #[derive(Debug, Serialize)]
 pub struct ActorView {
+    /// Its id (unique in the node).
     pub id: String,
+    /// Its behaviour's `KIND`.
     pub kind: &'static str,
+    /// Messages sent to it and not yet handled.
     pub mailbox_depth: u64,
+    /// Messages it handled.
     pub handled: u64,
+    /// Restarts after a panic.
     pub restarts: u64,
 }
 
+/// Messages from one sender to one actor, as `GET /api/graph` shows them.
 #[derive(Debug, Serialize)]
 pub struct EdgeView {
+    /// The sender: an actor's id or the name a link was made with.
     pub from: String,
+    /// The receiving actor's id.
     pub to: String,
+    /// Messages sent along this edge.
     pub count: u64,
 }
 
 /// What `GET /api/graph` returns.
 #[derive(Debug, Serialize)]
 pub struct GraphSnapshot {
+    /// Live actors.
     pub actors: Vec<ActorView>,
+    /// Edges into live actors, sorted.
     pub edges: Vec<EdgeView>,
 }
 
@@ -125,6 +140,7 @@ impl Graph {
         actors.values().filter_map(Weak::upgrade).collect()
     }
 
+    /// The graph now: live actors and the edges between them.
     pub fn snapshot(&self) -> GraphSnapshot {
         let cells = self.cells();
         let live: std::collections::HashSet<&str> = cells.iter().map(|c| c.id.as_str()).collect();

@@ -24,13 +24,16 @@ use super::{ActorCell, Behaviour, Handler, Kernel, Message, Panicked, Supervised
 /// A send that did not happen; the message is handed back.
 #[derive(thiserror::Error)]
 pub enum SendError<M> {
+    /// The mailbox holds as many messages as it may (`try_tell` only).
     #[error("mailbox is full")]
     Full(M),
+    /// The actor has stopped.
     #[error("actor has stopped")]
     Closed(M),
 }
 
 impl<M> SendError<M> {
+    /// The message that was not sent.
     pub fn into_inner(self) -> M {
         match self {
             SendError::Full(m) | SendError::Closed(m) => m,
@@ -56,6 +59,7 @@ pub enum AskError<M> {
     /// The actor stopped after taking the message, before replying.
     #[error("actor stopped before replying")]
     Dropped,
+    /// The handler panicked on this message; the actor was restarted.
     #[error(transparent)]
     Panicked(#[from] Panicked),
 }
@@ -95,6 +99,7 @@ impl<M: Message> Link<M> {
         &self.cell.id
     }
 
+    /// Whether the actor still takes messages.
     pub fn is_alive(&self) -> bool {
         self.recipient.connected()
     }
@@ -164,14 +169,17 @@ impl<A: Behaviour> ActorRef<A> {
         ActorRef { addr, cell, kernel }
     }
 
+    /// The actor's id in the mailbox graph.
     pub fn id(&self) -> &str {
         &self.cell.id
     }
 
+    /// The actor's counters (mailbox depth, messages handled, restarts).
     pub fn cell(&self) -> &ActorCell {
         &self.cell
     }
 
+    /// Whether the actor is still running.
     pub fn is_alive(&self) -> bool {
         self.addr.connected()
     }

@@ -27,6 +27,7 @@ pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 /// A typed message. One type per intent; `Reply` is what the receiver answers.
 pub trait Message: Send + 'static {
+    /// What the receiver answers (`()` for a one-way message).
     type Reply: Send + 'static;
 
     /// Remote trace context this message carries, if any. The receiving
@@ -49,6 +50,7 @@ struct KernelInner {
 }
 
 impl Kernel {
+    /// A kernel for the node named `node`, with its own metrics and graph.
     pub fn new(node: impl Into<String>) -> Self {
         Kernel { inner: Arc::new(KernelInner { node: node.into(), graph: Graph::default(), metrics: Metrics::new() }) }
     }
@@ -58,10 +60,12 @@ impl Kernel {
         &self.inner.node
     }
 
+    /// The node's metric families.
     pub fn metrics(&self) -> &Metrics {
         &self.inner.metrics
     }
 
+    /// The node's live mailbox graph.
     pub fn graph(&self) -> &Graph {
         &self.inner.graph
     }

@@ -34,12 +34,15 @@ pub trait Behaviour: Sized + Unpin + 'static {
 
 /// How a behaviour handles message `M`.
 pub trait Handler<M: Message>: Behaviour {
+    /// Handles one message; a panic here restarts the actor (the caller gets `Panicked`).
     fn handle(&mut self, msg: M, ctx: &mut Ctx<Self>) -> Reply<M::Reply>;
 }
 
 /// A reply now, or a future that produces it without holding the actor.
 pub enum Reply<R> {
+    /// The answer, ready now.
     Now(R),
+    /// A future that produces the answer while the actor takes its next messages.
     Later(LocalBoxFuture<'static, R>),
 }
 
@@ -50,6 +53,7 @@ impl<R> From<R> for Reply<R> {
 }
 
 impl<R> Reply<R> {
+    /// An answer that `fut` produces later.
     pub fn later(fut: impl std::future::Future<Output = R> + 'static) -> Self {
         Reply::Later(Box::pin(fut))
     }
