@@ -71,7 +71,12 @@ async fn gets(client: &reqwest::Client, base: &str, token: &str, window: Duratio
     let end = Instant::now() + window;
     while Instant::now() < end {
         let started = Instant::now();
-        let ok = client.get(format!("{base}/api/panels")).bearer_auth(token).send().await.is_ok_and(|r| r.status().is_success());
+        let ok = client
+            .get(format!("{base}/api/panels"))
+            .bearer_auth(token)
+            .send()
+            .await
+            .is_ok_and(|r| r.status().is_success());
         if ok {
             latencies.push(started.elapsed());
         }
@@ -90,7 +95,8 @@ fn flood(client: reqwest::Client, base: String, stop: Arc<AtomicU64>, seen: Arc<
             let (client, base, seen) = (client.clone(), base.clone(), seen.clone());
             tokio::spawn(async move {
                 let body = json!({"username": format!("guess{}", n % 1000), "password": "wrong"});
-                let status = client.post(format!("{base}/api/login")).json(&body).send().await.map(|r| r.status().as_u16());
+                let status =
+                    client.post(format!("{base}/api/login")).json(&body).send().await.map(|r| r.status().as_u16());
                 let slot = match status {
                     Ok(401) => 0,
                     Ok(429) => 1,
@@ -141,7 +147,12 @@ async fn measure(port: u16, flooding: bool, window: Duration) -> Result<Measured
     stop.store(1, Ordering::Relaxed);
     latencies.sort();
     let answers = [0, 1, 2, 3].map(|i| seen[i].load(Ordering::Relaxed));
-    Ok(Measured { p50: percentile(&latencies, 0.5), p99: percentile(&latencies, 0.99), samples: latencies.len(), answers })
+    Ok(Measured {
+        p50: percentile(&latencies, 0.5),
+        p99: percentile(&latencies, 0.99),
+        samples: latencies.len(),
+        answers,
+    })
 }
 
 /// The login flood table (markdown), or why it could not be measured.
@@ -156,7 +167,11 @@ pub(crate) fn table(dir: &Path, quick: bool) -> String {
 fn run(dir: &Path, window: Duration) -> Result<String, String> {
     let redis = RedisServer::start(&dir.join("login-redis"), false).map_err(|e| e.to_string())?;
     let tansu = Tansu::start(&dir.join("login-tansu"), TansuStorage::Memory).map_err(|e| e.to_string())?;
-    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().map_err(|e| e.to_string())?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
     let mut out = String::from(
         "| load | GET p50 | GET p99 | p99 ÷ quiet p99 | GETs | bad logins answered 401 / 429 / 503 / other |\n|---|---:|---:|---:|---:|---|\n",
     );
@@ -167,11 +182,13 @@ fn run(dir: &Path, window: Duration) -> Result<String, String> {
         ("200 bad logins/s, limits lifted (every one hashed)", 1_000_000_000, true),
     ] {
         // A fresh node and Redis state for each load: counters start at zero.
-        let _: () = runtime.block_on(async {
-            let client = redis::Client::open(redis.url()).ok()?;
-            let mut conn = client.get_multiplexed_async_connection().await.ok()?;
-            redis::cmd("FLUSHALL").query_async::<()>(&mut conn).await.ok()
-        }).unwrap_or(());
+        let _: () = runtime
+            .block_on(async {
+                let client = redis::Client::open(redis.url()).ok()?;
+                let mut conn = client.get_multiplexed_async_connection().await.ok()?;
+                redis::cmd("FLUSHALL").query_async::<()>(&mut conn).await.ok()
+            })
+            .unwrap_or(());
         let (node, port) = start(dir, &redis, &tansu, per_address)?;
         let measured = runtime.block_on(measure(port, flooding, window))?;
         drop(node);

@@ -23,17 +23,15 @@ use actix::Arbiter;
 use actix_web::{web, App, HttpResponse, HttpServer};
 use nexus_actors::bus::redis::RedisBridge;
 use nexus_actors::infra::{find_program, free_port, RedisServer};
-use nexus_actors::instance::{
-    instances_key, Endpoint, InstanceMode, InstanceStatus, PanelRoute, ROUTES_KEY,
-};
+use nexus_actors::instance::{instances_key, Endpoint, InstanceMode, InstanceStatus, PanelRoute, ROUTES_KEY};
+use nexus_actors::platform::auth::keys::{KeyRing, KeySet};
+use nexus_actors::platform::auth::{Audience, PANEL_COOKIE};
+use nexus_actors::platform::channels::ACTIVATE as ACTIVATE_CHANNEL;
+use nexus_actors::platform::{Panel, PanelMode, PanelRecords, Platform, UserRole};
 use nexus_actors::roles::panel_manager::local::{LocalConfig, LocalDriver, SandboxChoice};
 use nexus_actors::roles::panel_manager::manager::{Deploy, Scale};
 use nexus_actors::roles::panel_manager::{self as pm, PanelManagerConfig, PanelManagerHandle};
 use nexus_actors::roles::traffic_gateway::{self as gateway, Gateway, GatewayConfig};
-use nexus_actors::platform::auth::keys::{KeyRing, KeySet};
-use nexus_actors::platform::channels::ACTIVATE as ACTIVATE_CHANNEL;
-use nexus_actors::platform::auth::{Audience, PANEL_COOKIE};
-use nexus_actors::platform::{Panel, PanelMode, PanelRecords, Platform, UserRole};
 use nexus_actors::Kernel;
 
 use super::percentile;
@@ -713,9 +711,10 @@ async fn cold_starts(
     let config = PanelManagerConfig::new("bench", redis.url());
     let handle = pm::start(&kernel, bridge, Arc::new(driver), config).await.map_err(|e| e.to_string())?;
     let keys = KeyRing::new(KeySet::generate());
-    let gateway = gateway::start(&kernel, GatewayConfig::new("127.0.0.1:0".parse().expect("address"), redis.url(), keys))
-        .await
-        .map_err(|e| e.to_string())?;
+    let gateway =
+        gateway::start(&kernel, GatewayConfig::new("127.0.0.1:0".parse().expect("address"), redis.url(), keys))
+            .await
+            .map_err(|e| e.to_string())?;
     let conn = redis::Client::open(redis.url())
         .map_err(|e| e.to_string())?
         .get_multiplexed_async_connection()

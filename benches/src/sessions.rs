@@ -102,7 +102,8 @@ pub(crate) fn table(dir: &Path, n: usize) -> String {
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
     let mut outcomes = Vec::new();
     for (setup, nodes) in [("1 node", 1), ("2 nodes", 2)] {
-        let procs: Vec<NodeProcess> = (0..nodes).map(|_| start_node(&redis.url(), &tansu.brokers(), &key_file)).collect();
+        let procs: Vec<NodeProcess> =
+            (0..nodes).map(|_| start_node(&redis.url(), &tansu.brokers(), &key_file)).collect();
         outcomes.push(runtime.block_on(measure(setup, &procs, n)));
     }
     let mut out = String::from(

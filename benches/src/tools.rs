@@ -252,7 +252,12 @@ impl RunningSidecar {
 
 // ---- measuring ----------------------------------------------------------------
 
-async fn measure(target: &Target, redis: &RedisServer, panels: &PanelRecords, registry: &ActorRef<ToolRegistry>) -> Vec<Row> {
+async fn measure(
+    target: &Target,
+    redis: &RedisServer,
+    panels: &PanelRecords,
+    registry: &ActorRef<ToolRegistry>,
+) -> Vec<Row> {
     let record = Panel {
         id: target.record.into(),
         name: target.record.into(),

@@ -28,33 +28,57 @@ pub trait Payload: Serialize + DeserializeOwned {
 /// Why bytes could not become an envelope or an envelope a payload.
 #[derive(Debug, thiserror::Error)]
 pub enum DecodeError {
+    /// The bytes exceed [`MAX_ENVELOPE_BYTES`]; nothing was parsed.
     #[error("envelope is {size} bytes, the limit is {limit}")]
-    TooLarge { size: usize, limit: usize },
+    TooLarge {
+        /// Bytes received.
+        size: usize,
+        /// Bytes accepted at most.
+        limit: usize,
+    },
+    /// Not JSON, a required attribute is missing, or `data` does not fit the payload type.
     #[error("envelope is not valid CloudEvents JSON: {0}")]
     Json(#[from] serde_json::Error),
+    /// A `specversion` other than [`SPEC_VERSION`] (the one received).
     #[error("unsupported specversion {0:?}, expected \"1.0\"")]
     SpecVersion(String),
+    /// The CloudEvents `type` is not the payload type's.
     #[error("envelope has type {found:?}, expected {expected:?}")]
-    WrongType { expected: &'static str, found: String },
+    WrongType {
+        /// The payload type's [`Payload::TYPE`].
+        expected: &'static str,
+        /// The envelope's `type`.
+        found: String,
+    },
 }
 
 /// A bus message: metadata plus a payload of type `T` (JSON by default).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Envelope<T = Value> {
+    /// The CloudEvents version, [`SPEC_VERSION`]; [`Envelope::decode`] refuses others.
     pub specversion: String,
+    /// A unique id: a UUIDv7 for envelopes made here.
     pub id: String,
+    /// The CloudEvents `type`, e.g. `nexus.bench.ping` (see [`Payload::TYPE`]).
     #[serde(rename = "type")]
     pub kind: String,
+    /// Who produced it: a node name, `panel/<id>` (a panel's sidecar) or `watchdog/<instance>`.
     pub source: String,
+    /// When it was made.
     pub time: DateTime<Utc>,
+    /// The W3C `traceparent` of the span that made it; `None`: not traced.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub traceparent: Option<String>,
+    /// The W3C `tracestate` that goes with `traceparent`, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tracestate: Option<String>,
+    /// The id of the envelope that caused this one (see [`Envelope::caused_by`]); `None` for a first cause.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub causationid: Option<String>,
+    /// The media type of `data`: `application/json` (also when absent on the wire).
     #[serde(default = "json_content_type")]
     pub datacontenttype: String,
+    /// The payload.
     pub data: T,
 }
 

@@ -33,15 +33,23 @@ use crate::tools::ToolRegistry;
 /// The roles of the design. A node runs any subset of them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Role {
+    /// `transaction-manager`: the HTTP API, accounts, WebSocket sync and
+    /// document state; serves the Studio UI.
     TransactionManager,
+    /// `llm-manager`: LLM contexts over `semantic.commands`; not part of this build yet.
     LlmManager,
+    /// `panel-manager`: runs panel instances (the `local` driver) with their sidecars and watchdogs.
     PanelManager,
+    /// `traffic-gateway`: the reverse proxy from `/p/<panel id>/` to the panel's instance,
+    /// the only ingress to panels.
     TrafficGateway,
 }
 
 impl Role {
+    /// Every role of the design, whether this build runs it or not.
     pub const ALL: [Role; 4] = [Role::TransactionManager, Role::LlmManager, Role::PanelManager, Role::TrafficGateway];
 
+    /// The role's name on the command line and in logs, e.g. `panel-manager`.
     pub fn name(self) -> &'static str {
         match self {
             Role::TransactionManager => "transaction-manager",
@@ -62,10 +70,13 @@ impl Role {
     }
 }
 
+/// Why a role name was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum RoleError {
+    /// No role has this name (the name given).
     #[error("unknown role {0:?}; roles are transaction-manager, llm-manager, panel-manager, traffic-gateway")]
     Unknown(String),
+    /// The role exists but this build cannot run it (its name).
     #[error("role {0} is not part of this build yet")]
     NotAvailable(&'static str),
 }
@@ -86,10 +97,15 @@ impl FromStr for Role {
 /// Everything a node needs to start.
 #[derive(Debug, Clone)]
 pub struct NodeConfig {
+    /// The node's name: its kernel's, and the `source` of the envelopes it makes.
     pub name: String,
+    /// Where its HTTP endpoints listen; port 0 takes a free one (see [`RunningNode::http`]).
     pub http: SocketAddr,
+    /// The deployment's Redis (`redis://host:port/`): the transactional bus and the platform's state.
     pub redis_url: String,
+    /// The deployment's Kafka brokers: the semantic bus.
     pub kafka: KafkaConfig,
+    /// The roles this node runs.
     pub roles: Vec<Role>,
     /// A user the transaction manager makes sure exists with this password
     /// at start (`nexus dev`'s first user; the password file wins).
@@ -99,6 +115,7 @@ pub struct NodeConfig {
     /// The gateway's URL as browsers reach it, for the Studio UI (default:
     /// the address this node's gateway listens on).
     pub public_gateway_url: Option<String>,
+    /// How panel instances run; used when the node runs [`Role::PanelManager`].
     pub panels: PanelsConfig,
     /// The deployment's token-signing key file (watched for rotation).
     /// Required by the roles that check tokens.
@@ -119,6 +136,7 @@ pub struct PanelsConfig {
     pub data_dir: PathBuf,
     /// The `nexus` binary, run as each instance's sidecar and watchdog.
     pub nexus_bin: PathBuf,
+    /// How user code is isolated (default [`SandboxChoice::Auto`]).
     pub sandbox: SandboxChoice,
     /// An App instance without requests for this long is stopped.
     pub app_idle: Duration,
@@ -139,38 +157,63 @@ impl PanelsConfig {
     }
 }
 
+/// Why a node did not start, or stopped serving with an error.
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
+    /// `redis_url` is not a URL the Redis client accepts.
     #[error("redis: {0}")]
     Redis(#[from] redis::RedisError),
+    /// The Kafka bridge did not start: the semantic topics could not be
+    /// made, or the producer could not be created.
     #[error("kafka at {brokers}: {source}")]
-    Kafka { brokers: String, source: rdkafka::error::KafkaError },
+    Kafka {
+        /// The brokers it tried.
+        brokers: String,
+        /// What Kafka said.
+        source: rdkafka::error::KafkaError,
+    },
+    /// The HTTP server could not bind, or ended with an error.
     #[error("cannot serve HTTP on {addr}: {source}")]
-    Http { addr: SocketAddr, source: std::io::Error },
+    Http {
+        /// Where it was to listen.
+        addr: SocketAddr,
+        /// What the OS (or the server task) said.
+        source: std::io::Error,
+    },
+    /// Reaching or writing the platform's state in Redis failed.
     #[error("platform state: {0}")]
     State(#[from] StoreError),
+    /// The signing key file could not be read.
     #[error("token-signing keys: {0}")]
     Keys(#[from] KeyError),
+    /// Roles that check tokens were asked for without a `key_file` (their names, comma-separated).
     #[error(
         "roles {0} check tokens and need the deployment's signing keys: give --jwt-key-file FILE \
          (NEXUS_JWT_KEY_FILE); make one with `nexus keys generate FILE`"
     )]
     NoKeys(String),
+    /// Hashing the first user's password failed.
     #[error("hashing the first user's password: {0}")]
     Password(#[from] PasswordError),
+    /// The tool registry could not reach its listing in Redis.
     #[error("tool listing: {0}")]
     Tools(#[from] ToolStoreError),
+    /// A transaction manager's system tool could not be registered.
     #[error("registering a system tool: {0}")]
     Register(#[from] RegisterError),
+    /// The traffic gateway did not start.
     #[error("traffic gateway: {0}")]
     Gateway(#[from] GatewayError),
+    /// The panel manager did not start.
     #[error("panel manager: {0}")]
     PanelManager(#[from] PanelManagerError),
 }
 
 /// A started node's bridges, for wiring roles and for tests.
 pub struct Bridges {
+    /// The transactional bus.
     pub redis: ActorRef<RedisBridge>,
+    /// The semantic bus.
     pub kafka: ActorRef<KafkaBridge>,
     _arbiters: Vec<Arbiter>,
 }

@@ -15,19 +15,33 @@ use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::EnvFilter;
 
+use crate::bus::{Bus, BusErrorKind};
+
 /// The metric families of one node. Cloning shares them.
 #[derive(Clone)]
 pub struct Metrics {
     registry: Registry,
+    /// `nexus_actor_messages_total{actor}`: messages handled, by actor kind.
     pub actor_messages: IntCounterVec,
+    /// `nexus_actor_restarts_total{actor}`: actor restarts after a panicking handler.
     pub actor_restarts: IntCounterVec,
+    /// `nexus_actor_panics_total{actor}`: panics in handlers and their reply futures.
     pub actor_panics: IntCounterVec,
+    /// `nexus_mailbox_depth{actor}`: messages waiting, summed by actor kind; set fresh on each
+    /// [`crate::kernel::Kernel::render_metrics`].
     pub mailbox_depth: IntGaugeVec,
+    /// `nexus_mailbox_dropped_total{actor}`: messages refused by a full mailbox.
     pub mailbox_dropped: IntCounterVec,
+    /// `nexus_bus_published_total{bus,topic}`: messages published; `bus` is [`Bus::as_str`],
+    /// `topic` a Kafka topic or a Redis channel cut to its first two segments.
     pub bus_published: IntCounterVec,
+    /// `nexus_bus_received_total{bus,topic}`: messages received, labelled as `bus_published`.
     pub bus_received: IntCounterVec,
+    /// `nexus_bus_errors_total{bus,kind}`: bus errors; count them with [`Metrics::bus_error`].
     pub bus_errors: IntCounterVec,
+    /// `nexus_bus_redelivered_total{bus,topic}`: deliveries retried after a subscriber did not acknowledge.
     pub bus_redelivered: IntCounterVec,
+    /// `nexus_sessions_too_slow_total`: WebSocket clients disconnected for not reading.
     pub sessions_too_slow: prometheus::IntCounter,
     /// `nexus_redis_subscriptions`: channels and patterns the node's Redis bridge holds.
     pub redis_subscriptions: prometheus::IntGauge,
@@ -74,6 +88,7 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// Every family, registered in a registry of their own (one per kernel).
     pub fn new() -> Self {
         let registry = Registry::new();
         let sessions_too_slow = prometheus::IntCounter::new(
@@ -234,8 +249,10 @@ impl Metrics {
         }
     }
 
-    /// Counts one bus error and emits the matching `tracing` event.
-    pub fn bus_error(&self, bus: &str, kind: &str, detail: &dyn std::fmt::Display) {
+    /// Counts one bus error in `nexus_bus_errors_total{bus,kind}` and emits
+    /// the matching `tracing` event, with `detail` saying what failed.
+    pub fn bus_error(&self, bus: Bus, kind: BusErrorKind, detail: &dyn std::fmt::Display) {
+        let (bus, kind) = (bus.as_str(), kind.as_str());
         self.bus_errors.with_label_values(&[bus, kind]).inc();
         tracing::warn!(bus, kind, %detail, "nexus_bus_errors_total");
     }
@@ -262,7 +279,9 @@ impl Metrics {
 /// W3C trace context as it travels in an envelope or in message headers.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct TraceContext {
+    /// The W3C `traceparent` (`00-<trace id>-<span id>-<flags>`); `None`: not traced.
     pub traceparent: Option<String>,
+    /// The W3C `tracestate` vendor data; `None` when absent or empty.
     pub tracestate: Option<String>,
 }
 
@@ -279,6 +298,7 @@ impl TraceContext {
         }
     }
 
+    /// Whether there is no context to continue (no `traceparent`).
     pub fn is_empty(&self) -> bool {
         self.traceparent.is_none()
     }

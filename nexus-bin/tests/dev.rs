@@ -276,7 +276,13 @@ fn ordinary_start_up_errors_are_one_clear_line() {
         ("missing.json", node().arg("--jwt-key-file").arg(dir.join("missing.json")).output().unwrap()),
         (
             "no-such-password",
-            node().arg("--jwt-key-file").arg(&keys).arg("--admin-password-file").arg(dir.join("no-such-password")).output().unwrap(),
+            node()
+                .arg("--jwt-key-file")
+                .arg(&keys)
+                .arg("--admin-password-file")
+                .arg(dir.join("no-such-password"))
+                .output()
+                .unwrap(),
         ),
     ];
     for (expected, output) in cases {

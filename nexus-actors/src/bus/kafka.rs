@@ -29,13 +29,16 @@ use rdkafka::{ClientConfig, Message as _, Offset, TopicPartitionList};
 use serde_json::Value;
 use tokio::sync::oneshot;
 
-use super::Backoff;
+use super::{Backoff, Bus, BusErrorKind};
 use crate::envelope::Envelope;
 use crate::kernel::{ActorRef, AskError, Behaviour, Ctx, Handler, Kernel, Link, Message, Reply};
 use crate::telemetry::{Metrics, TraceContext};
 
-/// Topics every node expects; created when missing.
+/// Commands for the LLM manager (keyed by context id). Every node expects
+/// it; [`KafkaBridge::spawn`] creates it when missing.
 pub const SEMANTIC_COMMANDS: &str = "semantic.commands";
+/// What happened, tool calls included (keyed by context id). Every node
+/// expects it; [`KafkaBridge::spawn`] creates it when missing.
 pub const SEMANTIC_EVENTS: &str = "semantic.events";
 
 /// How the bridge reaches the brokers.
@@ -50,6 +53,7 @@ pub struct KafkaConfig {
 }
 
 impl KafkaConfig {
+    /// `brokers` with 3 partitions per created topic and a 30 s produce timeout.
     pub fn new(brokers: impl Into<String>) -> Self {
         KafkaConfig { brokers: brokers.into(), partitions: 3, produce_timeout: Duration::from_secs(30) }
     }
@@ -78,7 +82,8 @@ impl KafkaProbe {
     /// Whether the brokers answered within `timeout`; why not otherwise.
     pub async fn probe(&self, timeout: Duration) -> Result<(), ProbeError> {
         let client = self.client.clone();
-        let asked = tokio::task::spawn_blocking(move || client.fetch_metadata(None, Timeout::After(timeout)).map(|_| ()));
+        let asked =
+            tokio::task::spawn_blocking(move || client.fetch_metadata(None, Timeout::After(timeout)).map(|_| ()));
         asked.await.map_err(|e| ProbeError::Stopped(e.to_string()))?.map_err(ProbeError::Kafka)
     }
 }
@@ -97,10 +102,15 @@ pub enum ProbeError {
 /// A record delivered to a subscriber. Reply `Ok(())` to acknowledge it.
 #[derive(Debug, Clone)]
 pub struct KafkaRecord {
+    /// The topic it was read from.
     pub topic: String,
+    /// Its partition in the topic.
     pub partition: i32,
+    /// Its offset in the partition.
     pub offset: i64,
+    /// The record key (the context id), UTF-8 lossily; `None` for an unkeyed record.
     pub key: Option<String>,
+    /// The decoded payload; records that do not decode are counted and skipped.
     pub envelope: Envelope<Value>,
     /// From the `traceparent`/`tracestate` headers.
     pub trace: TraceContext,
@@ -122,7 +132,9 @@ impl Message for KafkaRecord {
 /// Where a produced record landed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Delivered {
+    /// The partition the broker put it in.
     pub partition: i32,
+    /// Its offset in that partition.
     pub offset: i64,
 }
 
@@ -130,16 +142,22 @@ pub struct Delivered {
 #[derive(Debug, thiserror::Error)]
 #[error("kafka produce to {topic} failed: {source}")]
 pub struct ProduceError {
+    /// Where it was to go.
     pub topic: String,
+    /// What was not produced.
     pub envelope: Envelope,
+    /// Why: refused by the broker, or not acknowledged within the produce timeout.
     pub source: KafkaError,
 }
 
 /// Produces `envelope` to `topic`, keyed by `key` (the context id: records
 /// with one key keep their order).
 pub struct Produce {
+    /// Where.
     pub topic: String,
+    /// The record key: the context id.
     pub key: String,
+    /// What; its trace context also goes into the record's headers.
     pub envelope: Envelope,
 }
 
@@ -149,8 +167,11 @@ impl Message for Produce {
 
 /// Starts a consumer in group `group` on `topics`, delivering to `subscriber`.
 pub struct Consume {
+    /// The consumer group: its committed offsets say where consuming resumes.
     pub group: String,
+    /// The topics to consume.
     pub topics: Vec<String>,
+    /// Who receives the records and acknowledges each.
     pub subscriber: Link<KafkaRecord>,
 }
 
@@ -182,8 +203,11 @@ pub enum ReplayFrom {
 /// when the replay started; replies with how many were delivered. Group
 /// offsets are untouched.
 pub struct Replay {
+    /// The topic to read again, every partition of it.
     pub topic: String,
+    /// Where to start.
     pub from: ReplayFrom,
+    /// Who receives the records; each is delivered until acknowledged.
     pub subscriber: Link<KafkaRecord>,
 }
 
@@ -203,6 +227,7 @@ pub struct KafkaBridge {
 }
 
 impl KafkaBridge {
+    /// The actor kind of the bridge in the mailbox graph.
     pub const KIND: &'static str = "kafka_bridge";
 
     /// Creates the semantic topics if missing, then spawns the bridge.
@@ -222,10 +247,10 @@ impl KafkaBridge {
         let metrics = kernel.metrics();
         for topic in [SEMANTIC_COMMANDS, SEMANTIC_EVENTS] {
             // Present from the start, so dashboards see zeros, not gaps.
-            metrics.bus_published.with_label_values(&["kafka", topic]);
-            metrics.bus_received.with_label_values(&["kafka", topic]);
+            metrics.bus_published.with_label_values(&[Bus::Kafka.as_str(), topic]);
+            metrics.bus_received.with_label_values(&[Bus::Kafka.as_str(), topic]);
         }
-        metrics.bus_errors.with_label_values(&["kafka", "produce"]);
+        metrics.bus_errors.with_label_values(&[Bus::Kafka.as_str(), BusErrorKind::Produce.as_str()]);
         let consumers: Consumers = Arc::default();
         let k = kernel.clone();
         Ok(kernel.spawn_on(arbiter, "kafka-bridge", move || KafkaBridge {
@@ -289,11 +314,11 @@ impl Handler<Produce> for KafkaBridge {
             let record = FutureRecord::to(&msg.topic).key(&msg.key).payload(&payload).headers(headers);
             match producer.send(record, Timeout::After(timeout)).await {
                 Ok(delivery) => {
-                    metrics.bus_published.with_label_values(&["kafka", &msg.topic]).inc();
+                    metrics.bus_published.with_label_values(&[Bus::Kafka.as_str(), &msg.topic]).inc();
                     Ok(Delivered { partition: delivery.partition, offset: delivery.offset })
                 }
                 Err((source, _)) => {
-                    metrics.bus_error("kafka", "produce", &source);
+                    metrics.bus_error(Bus::Kafka, BusErrorKind::Produce, &source);
                     Err(ProduceError { topic: msg.topic, envelope: msg.envelope, source })
                 }
             }
@@ -442,7 +467,7 @@ impl Scheduler<'_> {
     fn store(&self, (topic, partition): &PartitionKey, offset: i64) {
         // librdkafka commits `offset + 1`, the next one to read.
         if let Err(error) = self.consumer.store_offset(topic, *partition, offset) {
-            self.metrics.bus_error("kafka", "store_offset", &error);
+            self.metrics.bus_error(Bus::Kafka, BusErrorKind::StoreOffset, &error);
         }
     }
 }
@@ -473,19 +498,19 @@ async fn run_consumer(
             }
             received = consumer.recv(), if s.buffered < MAX_BUFFERED => match received {
                 Ok(msg) => {
-                    metrics.bus_received.with_label_values(&["kafka", msg.topic()]).inc();
+                    metrics.bus_received.with_label_values(&[Bus::Kafka.as_str(), msg.topic()]).inc();
                     let record = to_record(&msg)
                         .map_err(|error| {
                             // A record that can never decode would block its
                             // partition forever: it is counted and skipped.
                             let at = format!("{}/{}@{}", msg.topic(), msg.partition(), msg.offset());
-                            metrics.bus_error("kafka", "decode", &format_args!("{at}: {error}"));
+                            metrics.bus_error(Bus::Kafka, BusErrorKind::Decode, &format_args!("{at}: {error}"));
                         })
                         .ok();
                     s.push(msg.topic(), msg.partition(), msg.offset(), record);
                 }
                 Err(error) => {
-                    metrics.bus_error("kafka", "consume", &error);
+                    metrics.bus_error(Bus::Kafka, BusErrorKind::Consume, &error);
                     actix::clock::sleep(Duration::from_millis(200)).await;
                 }
             },
@@ -504,7 +529,7 @@ async fn run_consumer(
     if let Err(error) = consumer.commit_consumer_state(CommitMode::Sync) {
         // Nothing stored since the last commit is not an error worth counting.
         if !matches!(error, KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) {
-            metrics.bus_error("kafka", "commit", &error);
+            metrics.bus_error(Bus::Kafka, BusErrorKind::Commit, &error);
         }
     }
 }
@@ -519,7 +544,7 @@ async fn deliver_until_acked(subscriber: &Link<KafkaRecord>, record: KafkaRecord
             Err(AskError::Panicked(p)) => p.to_string(),
             Err(AskError::Closed(_) | AskError::Dropped) => return false,
         };
-        metrics.bus_redelivered.with_label_values(&["kafka", &record.topic]).inc();
+        metrics.bus_redelivered.with_label_values(&[Bus::Kafka.as_str(), &record.topic]).inc();
         tracing::warn!(topic = %record.topic, partition = record.partition, offset = record.offset, %reason, "nexus_bus_redelivered_total");
         actix::clock::sleep(backoff.next_delay()).await;
     }
@@ -607,7 +632,7 @@ async fn replay(config: KafkaConfig, msg: Replay, metrics: Metrics) -> Result<u6
                 }
                 delivered += 1;
             }
-            Err(error) => metrics.bus_error("kafka", "decode", &error),
+            Err(error) => metrics.bus_error(Bus::Kafka, BusErrorKind::Decode, &error),
         }
         if m.offset() + 1 >= high {
             remaining.remove(&m.partition());

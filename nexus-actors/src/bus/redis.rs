@@ -37,7 +37,7 @@ use futures::future::LocalBoxFuture;
 use futures::{FutureExt, StreamExt};
 use redis::aio::{ConnectionManager, PubSubSink};
 
-use super::{Backoff, Bus, BusDown, BusEvent, BusMessage, BusUp};
+use super::{Backoff, Bus, BusDown, BusErrorKind, BusEvent, BusMessage, BusUp};
 use crate::envelope::Envelope;
 use crate::kernel::{lock, ActorRef, Behaviour, Ctx, Handler, Kernel, Link, Message, Reply, SendError, Supervised};
 use crate::telemetry::Metrics;
@@ -334,7 +334,7 @@ impl RedisBridge {
     ) -> Result<ActorRef<RedisBridge>, redis::RedisError> {
         let client = redis::Client::open(url)?;
         // Present from the start, so dashboards see zeros, not gaps.
-        kernel.metrics().bus_errors.with_label_values(&["redis", "disconnected"]);
+        kernel.metrics().bus_errors.with_label_values(&[Bus::Redis.as_str(), BusErrorKind::Disconnected.as_str()]);
         let gauge = kernel.metrics().redis_subscriptions.clone();
         let subscriptions: Subscriptions = Arc::new(Mutex::new(Table { topics: HashMap::new(), gauge }));
         let generation = Arc::new(AtomicU64::new(0));
@@ -394,7 +394,7 @@ impl RedisBridge {
     }
 
     fn connect_failed(&mut self, error: &dyn std::fmt::Display, ctx: &mut Ctx<Self>) {
-        self.kernel.metrics().bus_error("redis", "connect", error);
+        self.kernel.metrics().bus_error(Bus::Redis, BusErrorKind::Connect, error);
         self.schedule_reconnect(ctx);
     }
 
@@ -426,7 +426,7 @@ impl RedisBridge {
         let done = send_command(sink, Command::Unsubscribe, topics);
         actix::spawn(async move {
             if let Err(error) = done.await {
-                metrics.bus_error("redis", "unsubscribe", &error);
+                metrics.bus_error(Bus::Redis, BusErrorKind::Unsubscribe, &error);
             }
         });
     }
@@ -448,11 +448,11 @@ impl RedisBridge {
 fn deliver(subscriptions: &Subscriptions, metrics: &Metrics, msg: &redis::Msg) -> Option<Topic> {
     let channel = msg.get_channel_name();
     let pattern: Option<String> = if msg.from_pattern() { msg.get_pattern().ok() } else { None };
-    metrics.bus_received.with_label_values(&["redis", topic_label(channel)]).inc();
+    metrics.bus_received.with_label_values(&[Bus::Redis.as_str(), topic_label(channel)]).inc();
     let envelope = match Envelope::decode(msg.get_payload_bytes()) {
         Ok(envelope) => envelope,
         Err(error) => {
-            metrics.bus_error("redis", "decode", &format_args!("channel {channel}: {error}"));
+            metrics.bus_error(Bus::Redis, BusErrorKind::Decode, &format_args!("channel {channel}: {error}"));
             return None;
         }
     };
@@ -517,7 +517,7 @@ impl Handler<ConnectionLost> for RedisBridge {
             return Reply::Now(());
         }
         self.sink = None;
-        self.kernel.metrics().bus_error("redis", "disconnected", &msg.reason);
+        self.kernel.metrics().bus_error(Bus::Redis, BusErrorKind::Disconnected, &msg.reason);
         let reason = msg.reason;
         self.broadcast(|| BusEvent::Down(BusDown { bus: Bus::Redis, reason: reason.clone() }));
         self.schedule_reconnect(ctx);
@@ -552,7 +552,7 @@ impl Handler<Subscribe> for RedisBridge {
         let metrics = self.kernel.metrics().clone();
         Reply::later(async move {
             confirmed.await.map_err(|e| {
-                metrics.bus_error("redis", "subscribe", &e);
+                metrics.bus_error(Bus::Redis, BusErrorKind::Subscribe, &e);
                 SubscribeError::from(e)
             })?;
             let _ = subscriber.tell(BusEvent::Up(BusUp { bus: Bus::Redis }));
@@ -574,11 +574,11 @@ impl Handler<Publish> for RedisBridge {
     fn handle(&mut self, msg: Publish, _ctx: &mut Ctx<Self>) -> Reply<Result<u64, PublishError>> {
         let metrics = self.kernel.metrics().clone();
         let (Some(mut conn), true) = (self.publisher.clone(), self.sink.is_some()) else {
-            metrics.bus_error("redis", "publish_unavailable", &msg.channel);
+            metrics.bus_error(Bus::Redis, BusErrorKind::PublishUnavailable, &msg.channel);
             return Reply::Now(Err(PublishError::Unavailable(msg.envelope)));
         };
         if self.publishing.get() >= MAX_PUBLISHES_IN_FLIGHT {
-            metrics.bus_error("redis", "publish_busy", &msg.channel);
+            metrics.bus_error(Bus::Redis, BusErrorKind::PublishBusy, &msg.channel);
             return Reply::Now(Err(PublishError::Busy(msg.envelope)));
         }
         let in_flight = InFlight::enter(&self.publishing);
@@ -593,11 +593,11 @@ impl Handler<Publish> for RedisBridge {
             }
             match result {
                 Ok(receivers) => {
-                    metrics.bus_published.with_label_values(&["redis", topic_label(&msg.channel)]).inc();
+                    metrics.bus_published.with_label_values(&[Bus::Redis.as_str(), topic_label(&msg.channel)]).inc();
                     Ok(receivers)
                 }
                 Err(source) => {
-                    metrics.bus_error("redis", "publish", &source);
+                    metrics.bus_error(Bus::Redis, BusErrorKind::Publish, &source);
                     Err(PublishError::Redis { envelope: msg.envelope, source })
                 }
             }

@@ -12,7 +12,9 @@ use crate::bus::kafka::{SEMANTIC_COMMANDS, SEMANTIC_EVENTS};
 
 /// The Redis `nexus dev` uses, and the child serving it if it started one.
 pub struct DevRedis {
+    /// The URL to connect to.
     pub url: String,
+    /// Where it came from, for the start-up banner.
     pub origin: String,
     _server: Option<RedisServer>,
 }
@@ -41,7 +43,9 @@ pub fn redis(data_dir: &Path) -> Result<DevRedis, InfraError> {
 
 /// The Kafka brokers `nexus dev` uses, and what serves them.
 pub struct DevKafka {
+    /// The `bootstrap.servers` value.
     pub brokers: String,
+    /// Where they came from, for the start-up banner.
     pub origin: String,
     _tansu: Option<Tansu>,
     _mock: Option<MockCluster<'static, DefaultProducerContext>>,

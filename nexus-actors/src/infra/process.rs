@@ -6,14 +6,38 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// Why a broker child could not be had.
 #[derive(Debug, thiserror::Error)]
 pub enum InfraError {
+    /// The program is neither on `PATH` nor in `~/.cargo/bin`.
     #[error("{program} not found on PATH; {hint}")]
-    NotInstalled { program: &'static str, hint: &'static str },
+    NotInstalled {
+        /// The program looked for.
+        program: &'static str,
+        /// How to install it, or what to set instead.
+        hint: &'static str,
+    },
+    /// The program was found but could not be run.
     #[error("could not start {program}: {source}")]
-    Spawn { program: String, source: std::io::Error },
+    Spawn {
+        /// Its path.
+        program: String,
+        /// What the OS said.
+        source: std::io::Error,
+    },
+    /// The child did not answer in time, or exited first; it was killed.
     #[error("{program} did not become ready on port {port} within {secs}s; see {log}")]
-    NotReady { program: String, port: u16, secs: u64, log: String },
+    NotReady {
+        /// Its path.
+        program: String,
+        /// The loopback port it was to serve on.
+        port: u16,
+        /// How long it was given, in seconds.
+        secs: u64,
+        /// Its log file, which says why.
+        log: String,
+    },
+    /// Any other I/O failure: a directory, a log or secret file, a free port, the mock cluster.
     #[error("io: {0}")]
     Io(#[from] std::io::Error),
 }

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use super::process::{find_program, free_port, ChildProcess, InfraError};
 
+/// A `redis-server` child bound to 127.0.0.1; killed when dropped.
 pub struct RedisServer {
     process: ChildProcess,
 }
@@ -39,10 +40,12 @@ impl RedisServer {
         Ok(RedisServer { process })
     }
 
+    /// Its loopback port (the same across restarts).
     pub fn port(&self) -> u16 {
         self.process.port
     }
 
+    /// `redis://127.0.0.1:<port>/`.
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}/", self.process.port)
     }

@@ -28,6 +28,7 @@ impl TansuStorage {
     }
 }
 
+/// A `tansu` broker child bound to 127.0.0.1; killed when dropped.
 pub struct Tansu {
     process: ChildProcess,
 }
@@ -74,6 +75,7 @@ impl Tansu {
             .unwrap_or(false)
     }
 
+    /// Its loopback port (the same across restarts).
     pub fn port(&self) -> u16 {
         self.process.port
     }

@@ -13,7 +13,7 @@ use tracing::Instrument;
 
 use super::panel::PanelClient;
 use crate::bus::redis::Publish;
-use crate::bus::BusEvent;
+use crate::bus::{Bus, BusErrorKind, BusEvent};
 use crate::envelope::Envelope;
 use crate::kernel::{Behaviour, Ctx, Handler, Kernel, Link, Reply};
 use crate::tools::panel_tool_name;
@@ -41,7 +41,7 @@ impl CallForwarder {
         let request = match envelope.typed::<ToolRequest>() {
             Ok(request) => request.data,
             Err(error) => {
-                self.kernel.metrics().bus_error("redis", "tool_request", &error);
+                self.kernel.metrics().bus_error(Bus::Redis, BusErrorKind::ToolRequest, &error);
                 return;
             }
         };
@@ -75,8 +75,10 @@ impl CallForwarder {
                     let envelope = Envelope::new(source, response).into_untyped();
                     match publish.ask(Publish { channel: request.reply_to.clone(), envelope }).await {
                         Ok(Ok(_)) => {}
-                        Ok(Err(error)) => metrics.bus_error("redis", "tool_response", &error),
-                        Err(error) => metrics.bus_error("redis", "tool_response", &format_args!("{error:?}")),
+                        Ok(Err(error)) => metrics.bus_error(Bus::Redis, BusErrorKind::ToolResponse, &error),
+                        Err(error) => {
+                            metrics.bus_error(Bus::Redis, BusErrorKind::ToolResponse, &format_args!("{error:?}"))
+                        }
                     }
                 };
                 store.run_once(&tool, &request, work, answer).await;

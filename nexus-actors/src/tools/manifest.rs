@@ -20,20 +20,38 @@ pub const MAX_DESCRIPTION: usize = 1024;
 /// Why a manifest was refused.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum ManifestError {
+    /// The body is over [`MAX_MANIFEST_BYTES`].
     #[error("the manifest is {size} bytes; the limit is {MAX_MANIFEST_BYTES}")]
-    TooLarge { size: usize },
+    TooLarge {
+        /// The body's size in bytes.
+        size: usize,
+    },
+    /// The body is not JSON of the manifest's shape; holds the parser's message.
     #[error("the manifest is not valid JSON of the expected shape: {0}")]
     Json(String),
+    /// More than [`MAX_TOOLS`] tools.
     #[error("the manifest lists {count} tools; the limit is {MAX_TOOLS}")]
-    TooManyTools { count: usize },
+    TooManyTools {
+        /// How many tools the manifest lists.
+        count: usize,
+    },
+    /// A tool name that is not a valid local name (see [`is_valid_local_name`]).
     #[error("tool name {0:?} is not valid: it must match ^[A-Za-z][A-Za-z0-9_-]{{0,63}}$")]
     BadName(String),
+    /// The named tool appears more than once.
     #[error("tool {0:?} is listed twice")]
     DuplicateName(String),
+    /// The named tool's description is missing, blank or over [`MAX_DESCRIPTION`] characters.
     #[error("tool {0:?} needs a description (\"desc\") of 1 to {MAX_DESCRIPTION} characters")]
     BadDescription(String),
+    /// A tool's `input_schema` is not an object schema that compiles.
     #[error("input_schema of tool {tool:?} is not usable: {reason}")]
-    BadSchema { tool: String, reason: String },
+    BadSchema {
+        /// The tool's name.
+        tool: String,
+        /// What is wrong with the schema.
+        reason: String,
+    },
 }
 
 #[derive(Debug, Deserialize)]
@@ -57,14 +75,18 @@ struct RawTool {
 pub struct Manifest {
     /// The panel's display name, if it gave one.
     pub name: Option<String>,
+    /// Its tools, in the manifest's order (names unique).
     pub tools: Vec<ManifestTool>,
 }
 
 /// One tool of a valid manifest, with its schema (`{"type":"object"}` if none).
 #[derive(Debug, Clone, PartialEq)]
 pub struct ManifestTool {
+    /// The name inside the panel (a valid local name).
     pub name: String,
+    /// What the tool does, for people and the LLM (1 to [`MAX_DESCRIPTION`] characters).
     pub description: String,
+    /// JSON Schema of the arguments (an object schema that compiles).
     pub input_schema: Value,
 }
 

@@ -45,7 +45,12 @@ pub enum ToolOwner {
     /// Built into Nexus nodes; every logged-in user may call it.
     System,
     /// Exposed by a panel through its sidecar; only the panel's owner may call it.
-    Panel { panel: String, user: String },
+    Panel {
+        /// The panel's id.
+        panel: String,
+        /// The panel's owner, the only user who sees and may call the tool.
+        user: String,
+    },
 }
 
 /// A tool as the registry lists it.
@@ -54,10 +59,12 @@ pub struct ToolSpec {
     /// The name callers use: `resize_image` for a system tool,
     /// `<panel-id>.resize_image` for a panel's tool.
     pub name: String,
+    /// What the tool does, for people and the LLM.
     pub description: String,
     /// JSON Schema of the arguments (always an object schema).
     #[schema(value_type = Object)]
     pub input_schema: Value,
+    /// Who serves it, and so who may call it.
     pub owner: ToolOwner,
 }
 
@@ -70,6 +77,8 @@ impl ToolSpec {
         }
     }
 
+    /// Whether `user` may see and call it: anyone for a system tool, only
+    /// the panel's owner for a panel's tool.
     pub fn visible_to(&self, user: &str) -> bool {
         match &self.owner {
             ToolOwner::System => true,
@@ -90,8 +99,15 @@ impl ToolSpec {
 /// Where a tool name points: a system tool, or a tool of one panel.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ToolAddress<'a> {
+    /// A system tool, by name.
     System(&'a str),
-    Panel { panel: &'a str, tool: &'a str },
+    /// A tool of one panel (`<panel>.<tool>`).
+    Panel {
+        /// The panel part of the name (before the last dot), meant to be its id.
+        panel: &'a str,
+        /// The tool's name inside the panel.
+        tool: &'a str,
+    },
 }
 
 impl<'a> ToolAddress<'a> {

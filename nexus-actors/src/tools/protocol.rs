@@ -51,12 +51,15 @@ pub const MAX_TIMEOUT: Duration = Duration::from_secs(300);
 /// A call to a tool: who calls what, with which arguments, until when.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ToolCall {
+    /// Unique id of this call (a UUIDv7), set by [`ToolCall::new`].
     pub call_id: String,
     /// The callable (namespaced) tool name.
     pub tool: String,
+    /// The arguments, checked against the tool's `input_schema` before it runs.
     pub arguments: Value,
     /// The user on whose behalf the call is made.
     pub caller: String,
+    /// When the caller stops waiting; the tool's server stops there too.
     pub deadline: DateTime<Utc>,
     /// Calls with one caller-supplied key run at most once, and a retry
     /// gets the first result (kept a while for that). Without one the call
@@ -94,6 +97,7 @@ impl ToolCall {
         self
     }
 
+    /// Sets the conversation or chain the call belongs to.
     pub fn with_context(mut self, context: impl Into<String>) -> Self {
         self.context = Some(context.into());
         self
@@ -105,6 +109,7 @@ impl ToolCall {
     }
 }
 
+/// Time left until `deadline` (zero when past).
 pub fn remaining_until(deadline: DateTime<Utc>) -> Duration {
     (deadline - Utc::now()).to_std().unwrap_or(Duration::ZERO)
 }
@@ -113,29 +118,81 @@ pub fn remaining_until(deadline: DateTime<Utc>) -> Duration {
 #[derive(Debug, Clone, PartialEq, thiserror::Error, Serialize, Deserialize)]
 #[serde(tag = "code", rename_all = "snake_case")]
 pub enum ToolError {
+    /// No such tool, or one the caller may not use (the two look alike).
     #[error("no tool named {tool:?} is available to you")]
-    NotFound { tool: String },
+    NotFound {
+        /// The name as the caller gave it.
+        tool: String,
+    },
+    /// The arguments are not a JSON object or break the tool's schema.
     #[error("the arguments do not match the tool's schema: {message}")]
-    InvalidArguments { message: String },
+    InvalidArguments {
+        /// What is wrong with them, for people.
+        message: String,
+    },
+    /// The arguments or the result are over [`MAX_PAYLOAD_BYTES`].
     #[error("the {what} is {size} bytes; the limit is {limit}")]
-    TooLarge { what: String, size: usize, limit: usize },
+    TooLarge {
+        /// Which payload: `arguments` or `result`.
+        what: String,
+        /// Its encoded size in bytes.
+        size: usize,
+        /// The limit in bytes.
+        limit: usize,
+    },
+    /// No outcome before the deadline.
     #[error("no answer within the deadline of {timeout_ms} ms")]
-    Timeout { timeout_ms: u64 },
+    Timeout {
+        /// The time the call was allowed, in milliseconds.
+        timeout_ms: u64,
+    },
+    /// The panel answered `POST /mcp/execute` with a non-success status.
     #[error("the panel answered HTTP {status}: {body}")]
-    PanelStatus { status: u16, body: String },
+    PanelStatus {
+        /// The HTTP status code.
+        status: u16,
+        /// The start of the response body (lossy UTF-8, cut short by the sidecar).
+        body: String,
+    },
+    /// The panel's answer is not a valid tool response.
     #[error("the panel's answer is not valid: {message}")]
-    InvalidResponse { message: String },
+    InvalidResponse {
+        /// Why it was refused.
+        message: String,
+    },
+    /// Nothing serves the tool now: nobody listens on its channel, the bus failed,
+    /// or the panel refused or dropped the connection.
     #[error("nothing is serving {owner} now: {message}")]
-    PanelUnavailable { owner: String, message: String },
+    PanelUnavailable {
+        /// Who should serve it: `panel <id>` or `system tool <name>`.
+        owner: String,
+        /// What failed.
+        message: String,
+    },
+    /// The tool's server is at its limit of concurrent calls; retry shortly.
     #[error("the tool's server already has {limit} calls in flight")]
-    Busy { limit: usize },
+    Busy {
+        /// Its limit of calls in flight.
+        limit: usize,
+    },
+    /// Another call with the same idempotency key has not finished yet.
     #[error("a call with idempotency key {key:?} is still running")]
-    InProgress { key: String },
+    InProgress {
+        /// The idempotency key.
+        key: String,
+    },
     /// The tool ran and reported a failure of its own.
     #[error("{message}")]
-    ToolError { message: String },
+    ToolError {
+        /// The tool's own message.
+        message: String,
+    },
+    /// A fault of Nexus itself (store, bus, registry); logged where it happened.
     #[error("internal error: {message}")]
-    Internal { message: String },
+    Internal {
+        /// What failed.
+        message: String,
+    },
 }
 
 impl ToolError {
@@ -161,6 +218,7 @@ impl ToolError {
         ToolError::ToolError { message: message.into() }
     }
 
+    /// A [`ToolError::Internal`] with `message`.
     pub fn internal(message: impl std::fmt::Display) -> Self {
         ToolError::Internal { message: message.to_string() }
     }
@@ -172,11 +230,15 @@ pub type ToolResult = Result<Value, ToolError>;
 /// A call as delivered to the tool's server (`nexus.tool.request`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ToolRequest {
+    /// The [`ToolCall::call_id`]; the response carries it back.
     pub call_id: String,
     /// The tool's name inside its owner.
     pub tool: String,
+    /// The arguments, already checked against the tool's schema by the caller's registry.
     pub arguments: Value,
+    /// The user on whose behalf the call is made.
     pub caller: String,
+    /// When the caller stops waiting; the server gives up then and answers `timeout`.
     pub deadline: DateTime<Utc>,
     /// The caller's idempotency key, or the call id.
     pub idempotency_key: String,
@@ -195,7 +257,9 @@ impl Payload for ToolRequest {
 /// The reply to a [`ToolRequest`] (`nexus.tool.response`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ToolResponse {
+    /// The [`ToolRequest::call_id`] answered.
     pub call_id: String,
+    /// What the call produced.
     #[serde(flatten)]
     pub outcome: Outcome,
 }
@@ -208,7 +272,9 @@ impl Payload for ToolResponse {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Outcome {
+    /// The tool's result.
     Result(Value),
+    /// Why there is no result.
     Error(ToolError),
 }
 
@@ -249,6 +315,7 @@ impl From<Outcome> for ToolResult {
 /// Recorded on `semantic.events` when a call starts (`nexus.tool.called`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ToolCalled {
+    /// The call as the caller made it.
     pub call: ToolCall,
 }
 
@@ -260,10 +327,14 @@ impl Payload for ToolCalled {
 /// its causation id is the id of the [`ToolCalled`] record.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ToolFinished {
+    /// The [`ToolCall::call_id`] of the call.
     pub call_id: String,
+    /// The callable (namespaced) tool name, as the caller gave it.
     pub tool: String,
+    /// What the call produced.
     #[serde(flatten)]
     pub outcome: Outcome,
+    /// Time from the call's start in the registry to its outcome, in milliseconds.
     pub duration_ms: u64,
 }
 

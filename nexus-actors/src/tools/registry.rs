@@ -32,7 +32,7 @@ use super::system::{CallContext, SystemTool};
 use super::{is_valid_local_name, ToolAddress, ToolOwner, ToolSpec};
 use crate::bus::kafka::{Produce, SEMANTIC_EVENTS};
 use crate::bus::redis::{Publish, Subscribe, Topic};
-use crate::bus::BusEvent;
+use crate::bus::{Bus, BusErrorKind, BusEvent};
 use crate::envelope::{Envelope, Payload};
 use crate::kernel::{lock, ActorRef, Behaviour, Ctx, Handler, Kernel, Link, Message, Reply};
 use crate::platform::channels;
@@ -49,12 +49,16 @@ const REPLY_GRACE: Duration = Duration::from_millis(500);
 /// Makes a system tool served by this node.
 pub struct RegisterTool(pub SystemTool);
 
+/// Why a system tool could not be registered.
 #[derive(Debug, thiserror::Error)]
 pub enum RegisterError {
+    /// The name is not a valid local name, or the tool's owner is not [`ToolOwner::System`].
     #[error("tool name {0:?} is not valid: it must match ^[A-Za-z][A-Za-z0-9_-]{{0,63}}$")]
     BadName(String),
+    /// Writing the tool's spec to the Redis listing failed; holds the store's message.
     #[error("listing the tool failed: {0}")]
     Store(String),
+    /// Subscribing to the tool's call channel failed (or the registry has not started yet).
     #[error("subscribing to the tool's call channel failed: {0}")]
     Subscribe(String),
 }
@@ -72,6 +76,7 @@ impl Message for CallTool {
 
 /// The tools `user` may call.
 pub struct ListTools {
+    /// The user whose tools are listed.
     pub user: String,
 }
 
@@ -96,8 +101,11 @@ struct Shared {
 /// Wiring of a registry.
 #[derive(Clone)]
 pub struct RegistryDeps {
+    /// The node's kernel: spawns the actor, names the node, holds the metrics.
     pub kernel: Kernel,
+    /// The shared tool listing and idempotency claims.
     pub store: ToolStore,
+    /// The node's Redis bridge, which carries calls and replies.
     pub redis: ActorRef<crate::bus::redis::RedisBridge>,
     /// Where calls are recorded; `None` records nothing (no Kafka here).
     pub kafka: Option<Link<Produce>>,
@@ -114,6 +122,7 @@ pub struct ToolRegistry {
 }
 
 impl ToolRegistry {
+    /// Actor kind: the `actor` label of its metrics and its kind in the graph.
     pub const KIND: &'static str = "tool_registry";
 
     /// Spawns the registry on the current arbiter.
@@ -152,7 +161,7 @@ impl ToolRegistry {
         let request = match envelope.clone().typed::<ToolRequest>() {
             Ok(r) => r.data,
             Err(error) => {
-                self.deps.kernel.metrics().bus_error("redis", "tool_request", &error);
+                self.deps.kernel.metrics().bus_error(Bus::Redis, BusErrorKind::ToolRequest, &error);
                 return;
             }
         };
@@ -186,7 +195,7 @@ impl ToolRegistry {
                     let _ = waiter.send(response.outcome.into());
                 }
             }
-            Err(error) => self.deps.kernel.metrics().bus_error("redis", "tool_response", &error),
+            Err(error) => self.deps.kernel.metrics().bus_error(Bus::Redis, BusErrorKind::ToolResponse, &error),
         }
     }
 }
@@ -453,8 +462,8 @@ impl Caller {
             actix::spawn(async move {
                 match kafka.ask(produce).await {
                     Ok(Ok(_)) => {}
-                    Ok(Err(error)) => metrics.bus_error("kafka", "tool_record", &error),
-                    Err(error) => metrics.bus_error("kafka", "tool_record", &format_args!("{error:?}")),
+                    Ok(Err(error)) => metrics.bus_error(Bus::Kafka, BusErrorKind::ToolRecord, &error),
+                    Err(error) => metrics.bus_error(Bus::Kafka, BusErrorKind::ToolRecord, &format_args!("{error:?}")),
                 }
             });
         }

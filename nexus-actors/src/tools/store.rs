@@ -11,7 +11,7 @@
 //! * `nexus:tool-call:{tool}:{caller}:{key}` — hash with the `call` id that
 //!   claimed an idempotency key and, once done, its `result` — kept only
 //!   when the caller chose the key; a call without one leaves a bare claim
-//!   that expires [`CLAIM_SLACK`] after it ends, long enough to silence a
+//!   that expires `CLAIM_SLACK` (5 s) after it ends, long enough to silence a
 //!   second delivery of the same call.
 //!
 //! Who may see or call what is decided by [`ToolSpec::visible_to`], not here.
@@ -45,8 +45,10 @@ fn call_key(tool: &str, caller: &str, key: &str) -> String {
     format!("nexus:tool-call:{tool}:{caller}:{key}")
 }
 
+/// Why the tools' state in Redis could not be read or written.
 #[derive(Debug, thiserror::Error)]
 pub enum ToolStoreError {
+    /// Redis could not be reached or refused the command.
     #[error("redis: {0}")]
     Redis(#[from] redis::RedisError),
 }
@@ -71,6 +73,7 @@ pub struct ToolStore {
 }
 
 impl ToolStore {
+    /// Connects to the Redis at `url`; the connection reconnects by itself when it drops.
     pub async fn connect(url: &str) -> Result<Self, ToolStoreError> {
         let conn = redis::Client::open(url)?.get_connection_manager().await?;
         Ok(ToolStore { conn })

@@ -29,9 +29,11 @@ use super::{ToolOwner, ToolSpec};
 /// What a handler knows about the call it serves.
 #[derive(Debug, Clone)]
 pub struct CallContext {
+    /// The call's id (see [`ToolCall::call_id`](super::ToolCall::call_id)).
     pub call_id: String,
     /// The user on whose behalf the call is made.
     pub caller: String,
+    /// When the caller stops waiting; the handler is cancelled then.
     pub deadline: DateTime<Utc>,
 }
 
@@ -40,6 +42,7 @@ type Handler = Arc<dyn Fn(Value, CallContext) -> BoxFuture<'static, ToolResult> 
 /// A system tool: its listing and its handler.
 #[derive(Clone)]
 pub struct SystemTool {
+    /// How it is listed; its owner must be [`ToolOwner::System`] (the registry refuses others).
     pub spec: ToolSpec,
     handler: Handler,
 }

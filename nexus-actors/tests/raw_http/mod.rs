@@ -54,6 +54,9 @@ pub(crate) async fn request(stream: &mut TcpStream, method: &str, path: &str, bo
 }
 
 /// A connection opened inside the namespace of `inside`.
-pub(crate) fn connect_inside(inside: &nexus_actors::netns::NetnsThread, addr: SocketAddr) -> std::io::Result<TcpStream> {
+pub(crate) fn connect_inside(
+    inside: &nexus_actors::netns::NetnsThread,
+    addr: SocketAddr,
+) -> std::io::Result<TcpStream> {
     TcpStream::from_std(inside.connect(addr)?)
 }

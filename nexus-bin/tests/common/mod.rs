@@ -28,7 +28,13 @@ pub(crate) fn get(port: u16, path: &str) -> Option<(u16, String)> {
 }
 
 /// A bare HTTP/1.0 request with an optional bearer token and JSON body.
-pub(crate) fn request(port: u16, method: &str, path: &str, token: Option<&str>, body: Option<&str>) -> Option<(u16, String)> {
+pub(crate) fn request(
+    port: u16,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<&str>,
+) -> Option<(u16, String)> {
     let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
     stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
     let mut head = format!("{method} {path} HTTP/1.0\r\nHost: localhost\r\n");

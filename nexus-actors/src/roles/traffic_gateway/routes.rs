@@ -22,7 +22,7 @@ use redis::aio::ConnectionManager;
 use redis::AsyncCommands;
 use tokio::sync::{oneshot, watch};
 
-use crate::bus::Backoff;
+use crate::bus::{Backoff, Bus, BusErrorKind};
 use crate::envelope::Envelope;
 use crate::instance::{PanelRoute, RouteChanged, ROUTES_KEY};
 use crate::kernel::{ActorRef, Behaviour, Ctx, Handler, Kernel, Link, Message, Reply, Supervised};
@@ -188,7 +188,7 @@ impl RouteTable {
             match result {
                 Ok(value) => apply(this, value),
                 // The last snapshot keeps serving; the next reload repairs it.
-                Err(error) => this.metrics.bus_error("redis", "routes_read", &error),
+                Err(error) => this.metrics.bus_error(Bus::Redis, BusErrorKind::RoutesRead, &error),
             }
             let _ = done.send(());
         });
@@ -202,7 +202,7 @@ impl RouteTable {
         match serde_json::from_str::<PanelRoute>(json) {
             Ok(route) => Some(route),
             Err(error) => {
-                self.metrics.bus_error("redis", "route_decode", &format_args!("panel {panel}: {error}"));
+                self.metrics.bus_error(Bus::Redis, BusErrorKind::RouteDecode, &format_args!("panel {panel}: {error}"));
                 None
             }
         }
@@ -283,9 +283,9 @@ impl Listener {
                             _ = stop.wait_for(|stopped| *stopped) => return,
                         }
                     }
-                    self.metrics.bus_error("redis", "routes_disconnected", &"route channel closed");
+                    self.metrics.bus_error(Bus::Redis, BusErrorKind::RoutesDisconnected, &"route channel closed");
                 }
-                Err(error) => self.metrics.bus_error("redis", "routes_subscribe", &error),
+                Err(error) => self.metrics.bus_error(Bus::Redis, BusErrorKind::RoutesSubscribe, &error),
             }
             tokio::select! {
                 _ = tokio::time::sleep(backoff.next_delay()) => {}
@@ -301,7 +301,7 @@ impl Listener {
     }
 
     fn deliver(&self, msg: &redis::Msg) {
-        self.metrics.bus_received.with_label_values(&["redis", "nexus:routes"]).inc();
+        self.metrics.bus_received.with_label_values(&[Bus::Redis.as_str(), "nexus:routes"]).inc();
         let changed = Envelope::decode(msg.get_payload_bytes())
             .and_then(|envelope| envelope.typed::<RouteChanged>())
             .map(|changed| changed.data.panel);
@@ -309,7 +309,7 @@ impl Listener {
             Ok(panel) => {
                 let _ = self.updated.tell(RouteUpdated { panel });
             }
-            Err(error) => self.metrics.bus_error("redis", "route_changed_decode", &error),
+            Err(error) => self.metrics.bus_error(Bus::Redis, BusErrorKind::RouteChangedDecode, &error),
         }
     }
 }

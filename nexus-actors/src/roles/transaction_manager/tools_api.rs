@@ -22,11 +22,14 @@ const MAX_KEY: usize = 200;
 /// How the HTTP layers reach the node's tool registry.
 #[derive(Clone)]
 pub struct ToolsApi {
+    /// Sends [`CallTool`] to the registry.
     pub call: Link<CallTool>,
+    /// Sends [`ListTools`] to the registry.
     pub list: Link<ListTools>,
 }
 
 impl ToolsApi {
+    /// Links to `registry`, counted in the graph as coming from the actor named `from`.
     pub fn new(registry: &ActorRef<ToolRegistry>, from: &str) -> Self {
         ToolsApi { call: registry.link(from), list: registry.link(from) }
     }
@@ -70,7 +73,9 @@ fn empty_object() -> Value {
 /// A call's result.
 #[derive(Debug, Deserialize, Serialize, ToSchema)]
 pub struct CallResponse {
+    /// The id the call was given (a UUIDv7; also in its `semantic.events` records).
     pub call_id: String,
+    /// What the tool returned.
     #[schema(value_type = Object)]
     pub result: Value,
 }
@@ -100,6 +105,7 @@ pub fn configure(tools: ToolsApi) -> impl FnOnce(&mut web::ServiceConfig) {
 
 #[utoipa::path(get, path = "/api/tools", security(("bearer" = [])),
     responses((status = 200, body = [ToolSpec]), (status = 401, body = ErrorBody)))]
+/// The tools the caller may call: every system tool and the tools of the caller's panels.
 pub async fn list_tools(caller: Caller, tools: web::Data<ToolsApi>) -> Result<HttpResponse, ApiError> {
     let list = tools.list(&caller.user).await.map_err(|e| ApiError::Internal(e.to_string()))?;
     Ok(HttpResponse::Ok().json(list))
@@ -115,6 +121,9 @@ pub async fn list_tools(caller: Caller, tools: web::Data<ToolsApi>) -> Result<Ht
         (status = 502, description = "panel_status or invalid_response", body = ErrorBody),
         (status = 503, description = "panel_unavailable or busy", body = ErrorBody),
         (status = 504, description = "timeout", body = ErrorBody)))]
+/// Calls a tool on the caller's behalf. A failed call answers
+/// `{error, message, call_id, detail}`: the error's code, its text, the
+/// call's id and the typed error.
 pub async fn call_tool(
     caller: Caller,
     tools: web::Data<ToolsApi>,

@@ -50,7 +50,7 @@ use super::reporter::{Report, Reporter};
 use super::store::PmStore;
 use super::{PanelManagerConfig, PanelManagerError};
 use crate::bus::redis::{RedisBridge, Subscribe, Topic, Unsubscribe};
-use crate::bus::BusEvent;
+use crate::bus::{Bus, BusErrorKind, BusEvent};
 use crate::envelope::Envelope;
 use crate::instance::{Activate, ExpireInstance, InstanceMode, InstanceState, InstanceStatus};
 use crate::kernel::{lock, ActorRef, Behaviour, Ctx, Handler, Kernel, Message, Reply};
@@ -274,7 +274,7 @@ impl PanelManager {
         if msg.channel == channels::ACTIVATE {
             match msg.envelope.typed::<Activate>() {
                 Ok(activate) => self.activate(activate.data.panel),
-                Err(error) => self.deps.kernel.metrics().bus_error("redis", "activate", &error),
+                Err(error) => self.deps.kernel.metrics().bus_error(Bus::Redis, BusErrorKind::Activate, &error),
             }
         } else if msg.pattern.as_deref() == Some(PANELS_PATTERN) {
             if msg.envelope.kind != <PanelChanged as crate::envelope::Payload>::TYPE {
@@ -283,7 +283,7 @@ impl PanelManager {
             match msg.envelope.typed::<PanelChanged>() {
                 Ok(Envelope { data: PanelChanged { id, panel: None }, .. }) => self.panel_deleted(&id),
                 Ok(_) => {}
-                Err(error) => self.deps.kernel.metrics().bus_error("redis", "panel_changed", &error),
+                Err(error) => self.deps.kernel.metrics().bus_error(Bus::Redis, BusErrorKind::PanelChanged, &error),
             }
         } else {
             match msg.envelope.typed::<ExpireInstance>() {
@@ -292,7 +292,7 @@ impl PanelManager {
                 }
                 Ok(expire) => tracing::warn!(channel = %msg.channel, instance = %expire.data.instance,
                     "ExpireInstance for another instance's channel; ignored"),
-                Err(error) => self.deps.kernel.metrics().bus_error("redis", "instance_control", &error),
+                Err(error) => self.deps.kernel.metrics().bus_error(Bus::Redis, BusErrorKind::InstanceControl, &error),
             }
         }
     }
