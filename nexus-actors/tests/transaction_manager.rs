@@ -570,3 +570,21 @@ async fn rotated_keys_reach_every_node_and_old_tokens_live_until_their_key_retir
     assert_eq!(fresh.get("/api/panels").await.0, StatusCode::OK);
     sibling.stop().await.unwrap();
 }
+
+#[actix_rt::test]
+async fn a_burst_of_parallel_guesses_gets_no_more_tries_than_the_limit() {
+    let node = TestNode::start_with("tm-login-burst", TM, |c| c.login_limits.per_address = 5).await;
+    let admin = node.admin().await;
+    let anonymous = ApiClient::new(&node.url());
+    let guesses =
+        (0..30).map(|i| anonymous.post("/api/login", json!({"username": format!("guess{i}"), "password": "x"})));
+    let statuses: Vec<StatusCode> = futures::future::join_all(guesses).await.into_iter().map(|(s, _)| s).collect();
+    let tried = statuses.iter().filter(|s| **s != StatusCode::TOO_MANY_REQUESTS).count();
+    assert_eq!(tried, 5, "exactly the limit was checked, however many ran at once: {statuses:?}");
+    assert_eq!(admin.get("/api/panels").await.0, StatusCode::OK);
+    // A login that succeeds takes its attempt back from the address.
+    let node2 = TestNode::start_with("tm-login-ok", TM, |c| c.login_limits.per_address = 2).await;
+    for _ in 0..5 {
+        ApiClient::login(&node2.url(), "admin", nexus_testkit::ADMIN_PASSWORD).await;
+    }
+}

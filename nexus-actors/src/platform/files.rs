@@ -12,15 +12,28 @@ use std::path::Path;
 /// Creates `dir` (and its parents) if missing and makes it `0700`, so
 /// that other local users, panel uids among them, cannot read inside.
 pub fn private_dir(dir: &Path) -> std::io::Result<()> {
-    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+    dir_with_mode(dir, 0o700)
 }
 
 /// Creates `dir` if missing and makes it `0711`: others may pass through
 /// to what lies below (a panel's own volume) but not list or read it.
 pub fn passable_dir(dir: &Path) -> std::io::Result<()> {
-    std::fs::DirBuilder::new().recursive(true).mode(0o711).create(dir)?;
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711))
+    dir_with_mode(dir, 0o711)
+}
+
+/// Creates `dir` with `mode`, its missing parents as `create_dir_all`
+/// makes them: a private directory must not make its parents private
+/// too, or a panel's uid could no longer pass through to its volume
+/// beside it.
+fn dir_with_mode(dir: &Path, mode: u32) -> std::io::Result<()> {
+    if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent)?;
+    }
+    match std::fs::DirBuilder::new().mode(mode).create(dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        created => created?,
+    }
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode))
 }
 
 /// Writes `bytes` to `path`, readable and writable by the owner only,
@@ -61,6 +74,9 @@ mod tests {
         unsafe { libc::umask(old) };
         let mode = |p: &Path| std::fs::metadata(p).expect("metadata").permissions().mode() & 0o777;
         assert_eq!(mode(&dir.join("data")), 0o700);
+        private_dir(&dir.join("fresh/redis")).expect("nested");
+        assert_eq!(mode(&dir.join("fresh/redis")), 0o700);
+        assert_ne!(mode(&dir.join("fresh")), 0o700, "parents stay passable for a panel's volume beside");
         assert_eq!(mode(&dir.join("data/secret")), 0o600);
         assert_eq!(std::fs::read(dir.join("data/secret")).expect("read"), b"s3cret");
         write_secret(&dir.join("data/secret"), b"again").expect("overwrite");

@@ -9,7 +9,9 @@
 //! whole /64.
 //!
 //! The check runs before any password is hashed, so a refused attempt
-//! costs one Redis round trip and no hashing.
+//! costs one Redis round trip and no hashing; it counts the attempt at the
+//! same time (taken back when the login succeeds), so a burst of parallel
+//! attempts gets no more through than the limit.
 
 use std::net::IpAddr;
 use std::time::Duration;
@@ -72,56 +74,70 @@ impl LoginLimiter {
         LoginLimiter { redis, limits }
     }
 
-    /// Refuses an attempt from `addr` for `user` when either is over its limit.
-    pub async fn check(&self, addr: Option<IpAddr>, user: &str) -> Result<Result<(), Limited>, StoreError> {
-        let mut pipe = redis::pipe();
-        let address = addr.map(address_key);
-        let user = user_key(user);
-        pipe.cmd("GET").arg(&user).cmd("PTTL").arg(&user);
-        if let Some(address) = &address {
-            pipe.cmd("GET").arg(address).cmd("PTTL").arg(address);
-        }
-        let replies: Vec<Option<i64>> = self
-            .redis
-            .read(|mut c| {
-                let pipe = pipe.clone();
-                async move { pipe.query_async(&mut c).await }
-            })
-            .await?;
-        let over = |count: Option<i64>, limit: u32| count.unwrap_or(0) >= i64::from(limit);
-        let retry = |pttl: Option<i64>| Limited { retry_after: (pttl.unwrap_or(1000).max(1000) as u64).div_ceil(1000) };
-        let (user_count, user_ttl) = (replies.first().copied().flatten(), replies.get(1).copied().flatten());
-        if over(user_count, self.limits.per_user) {
-            return Ok(Err(retry(user_ttl)));
-        }
-        let (addr_count, addr_ttl) = (replies.get(2).copied().flatten(), replies.get(3).copied().flatten());
-        if over(addr_count, self.limits.per_address) {
-            return Ok(Err(retry(addr_ttl)));
-        }
-        Ok(Ok(()))
-    }
-
-    /// Counts a failed attempt.
-    pub async fn failed(&self, addr: Option<IpAddr>, user: &str) -> Result<(), StoreError> {
-        let window = self.limits.window.as_secs().max(1);
-        let mut pipe = redis::pipe();
-        let mut count = |key: String| {
-            pipe.cmd("INCR").arg(&key).ignore().cmd("EXPIRE").arg(&key).arg(window).arg("NX").ignore();
-        };
-        count(user_key(user));
+    /// Admits an attempt from `addr` for `user`, counting it as a failure
+    /// until [`LoginLimiter::succeeded`] says otherwise, or refuses it when
+    /// either is over its limit. Counting before the password is checked,
+    /// in one script, means a burst of concurrent attempts cannot all pass
+    /// the check while the first ones are still being hashed.
+    pub async fn admit(&self, addr: Option<IpAddr>, user: &str) -> Result<Result<(), Limited>, StoreError> {
+        let script = redis::Script::new(ADMIT_SCRIPT);
+        let mut invocation = script.prepare_invoke();
+        invocation.key(user_key(user));
         if let Some(addr) = addr {
-            count(address_key(addr));
+            invocation.key(address_key(addr));
         }
-        let () = pipe.query_async(&mut self.redis.conn()).await?;
-        Ok(())
+        let (admitted, pttl): (i64, i64) = invocation
+            .arg(self.limits.per_user)
+            .arg(self.limits.per_address)
+            .arg(self.limits.window.as_secs().max(1))
+            .invoke_async(&mut self.redis.conn())
+            .await?;
+        if admitted == 1 {
+            return Ok(Ok(()));
+        }
+        Ok(Err(Limited { retry_after: (pttl.max(1000) as u64).div_ceil(1000) }))
     }
 
-    /// Forgets the failures of `user` after they logged in.
-    pub async fn succeeded(&self, user: &str) -> Result<(), StoreError> {
-        let () = redis::cmd("DEL").arg(user_key(user)).query_async(&mut self.redis.conn()).await?;
+    /// Takes back the attempt of a user who logged in: their failures are
+    /// forgotten, and the attempt does not count against the address.
+    pub async fn succeeded(&self, addr: Option<IpAddr>, user: &str) -> Result<(), StoreError> {
+        let script = redis::Script::new(SUCCEEDED_SCRIPT);
+        let mut invocation = script.prepare_invoke();
+        invocation.key(user_key(user));
+        if let Some(addr) = addr {
+            invocation.key(address_key(addr));
+        }
+        let () = invocation.invoke_async(&mut self.redis.conn()).await?;
         Ok(())
     }
 }
+
+/// KEYS: the user's counter, then the address's (optional). ARGV: the
+/// user limit, the address limit, the window in seconds. Returns
+/// `{1, 0}` and counts the attempt, or `{0, pttl}` of the counter that is
+/// over its limit and counts nothing.
+const ADMIT_SCRIPT: &str = r"
+local limits = {tonumber(ARGV[1]), tonumber(ARGV[2])}
+for i, key in ipairs(KEYS) do
+  if tonumber(redis.call('GET', key) or '0') >= limits[i] then
+    return {0, redis.call('PTTL', key)}
+  end
+end
+for _, key in ipairs(KEYS) do
+  redis.call('INCR', key)
+  redis.call('EXPIRE', key, ARGV[3], 'NX')
+end
+return {1, 0}
+";
+
+/// KEYS: the user's counter, then the address's (optional).
+const SUCCEEDED_SCRIPT: &str = r"
+redis.call('DEL', KEYS[1])
+if KEYS[2] and tonumber(redis.call('GET', KEYS[2]) or '0') > 0 then
+  redis.call('DECR', KEYS[2])
+end
+return 0
+";
 
 #[cfg(test)]
 mod tests {

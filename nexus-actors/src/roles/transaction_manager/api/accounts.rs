@@ -94,7 +94,7 @@ pub async fn login(
     // Failures of names that cannot exist still count, under one name.
     let valid = check_username(&username).is_ok();
     let counted = if valid { username.as_str() } else { INVALID_NAMES };
-    if let Err(limited) = state.limiter.check(addr, counted).await? {
+    if let Err(limited) = state.limiter.admit(addr, counted).await? {
         state.metrics.login(LoginOutcome::RateLimited);
         tracing::info!(user = counted, ?addr, "nexus_logins_total: rate limited");
         return Err(ApiError::RateLimited { retry_after: limited.retry_after });
@@ -111,12 +111,11 @@ pub async fn login(
         }
     };
     if !matched {
-        state.limiter.failed(addr, counted).await?;
         state.metrics.login(LoginOutcome::Refused);
         tracing::info!(user = counted, ?addr, "nexus_logins_total: refused");
         return Err(ApiError::BadCredentials);
     }
-    state.limiter.succeeded(counted).await?;
+    state.limiter.succeeded(addr, counted).await?;
     let (token, expires_at) = state.platform.auth.issue(&username, &Audience::Api).await?;
     state.metrics.login(LoginOutcome::Ok);
     Ok(HttpResponse::Ok().json(Token { token, expires_at }))
