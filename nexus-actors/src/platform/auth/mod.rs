@@ -72,11 +72,22 @@ pub enum Audience {
 impl Audience {
     fn claim(&self) -> String {
         match self {
-            Audience::Api => "nexus-api".to_owned(),
-            Audience::Panel(id) => format!("nexus-panel:{id}"),
+            Audience::Api => API_AUDIENCE.to_owned(),
+            Audience::Panel(id) => format!("{PANEL_AUDIENCE}{id}"),
+        }
+    }
+
+    /// The audience a token's `aud` claim names, if it is one of ours.
+    fn from_claim(claim: &str) -> Option<Audience> {
+        match claim.strip_prefix(PANEL_AUDIENCE) {
+            Some(id) => Some(Audience::Panel(id.to_owned())),
+            None => (claim == API_AUDIENCE).then_some(Audience::Api),
         }
     }
 }
+
+const API_AUDIENCE: &str = "nexus-api";
+const PANEL_AUDIENCE: &str = "nexus-panel:";
 
 #[derive(Debug, Serialize, Deserialize)]
 struct Claims {
@@ -163,7 +174,22 @@ impl Auth {
     /// The user a token was issued to, if it is valid for `audience`,
     /// unexpired, signed by a key still in use and not revoked.
     pub async fn verify(&self, token: &str, audience: &Audience) -> Result<Identity, AuthError> {
-        let claims = self.decode(token, audience)?;
+        let claims = self.decode(token, Some(audience))?;
+        self.identity(claims).await
+    }
+
+    /// The panel a panel token opens and who holds it, whichever panel it
+    /// was issued for, checked like [`Auth::verify`]: the gateway tells a
+    /// valid cookie of another panel (403) from garbage (401).
+    pub async fn verify_panel(&self, token: &str) -> Result<(String, Identity), AuthError> {
+        let claims = self.decode(token, None)?;
+        let Some(Audience::Panel(panel)) = Audience::from_claim(&claims.aud) else { return Err(AuthError::Invalid) };
+        Ok((panel, self.identity(claims).await?))
+    }
+
+    /// Who the verified `claims` name, if their token generation is still
+    /// the user's.
+    async fn identity(&self, claims: Claims) -> Result<Identity, AuthError> {
         let standing = self.standing(&claims.sub, false).await?.ok_or(AuthError::UnknownUser)?;
         if standing.generation != claims.generation {
             return Err(AuthError::Revoked);
@@ -171,11 +197,16 @@ impl Auth {
         Ok(Identity { user: claims.sub, role: standing.role })
     }
 
-    fn decode(&self, token: &str, audience: &Audience) -> Result<Claims, AuthError> {
+    /// The claims of a token signed by a key in use, unexpired, for
+    /// `audience` (or any audience, left to the caller to check).
+    fn decode(&self, token: &str, audience: Option<&Audience>) -> Result<Claims, AuthError> {
         let kid = jsonwebtoken::decode_header(token).map_err(|_| AuthError::Invalid)?.kid.ok_or(AuthError::Invalid)?;
         let mut validation = Validation::new(Algorithm::HS256);
         validation.leeway = 5;
-        validation.set_audience(&[audience.claim()]);
+        match audience {
+            Some(audience) => validation.set_audience(&[audience.claim()]),
+            None => validation.validate_aud = false,
+        }
         validation.set_required_spec_claims(&["exp", "sub", "aud"]);
         self.keys.with(|set| {
             let key = set.verifying(&kid, unix_now()).ok_or(AuthError::Invalid)?;
@@ -219,5 +250,19 @@ impl Auth {
             }
         }
         Ok(standing)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn audiences_round_trip_through_their_claims() {
+        for audience in [Audience::Api, Audience::Panel("0190a5a4-7a3c-7cc2-8a55-6f0b7f2b1c11".into())] {
+            assert_eq!(Audience::from_claim(&audience.claim()), Some(audience));
+        }
+        assert_eq!(Audience::from_claim("nexus-apix"), None);
+        assert_eq!(Audience::from_claim("someone-else"), None);
     }
 }
