@@ -17,7 +17,7 @@ use crate::bus::kafka::{KafkaBridge, KafkaConfig};
 use crate::bus::redis::RedisBridge;
 use crate::kernel::{ActorRef, Kernel};
 use crate::platform::auth::keys::{KeyError, KeyRing, KeySet};
-use crate::platform::auth::limiter::{LoginLimiter, LoginLimits};
+use crate::platform::auth::limiter::LoginLimits;
 use crate::platform::auth::password::PasswordError;
 use crate::platform::http::Readiness;
 use crate::platform::origin::OriginPolicy;
@@ -422,8 +422,8 @@ async fn transaction_manager(
     gateway_url: Option<String>,
 ) -> Result<tm_role::TmState, NodeError> {
     let publish = bridges.redis.link(Role::TransactionManager.name());
-    let mut state = tm_role::state(platform.clone(), Some(publish), &config.name, kernel.metrics().registry());
-    state.limiter = LoginLimiter::new(platform.redis.clone(), config.login_limits);
+    let mut state =
+        tm_role::state(platform.clone(), config.login_limits, Some(publish), &config.name, kernel.metrics().registry());
     state.ui.gateway_url = gateway_url;
     // Three heartbeats fit in the watchdog's timeout, however short it is set.
     state.ui.heartbeat_secs = state.ui.heartbeat_secs.min(config.panels.watchdog_timeout.as_secs() / 3).max(1);

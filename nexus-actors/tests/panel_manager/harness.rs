@@ -348,7 +348,13 @@ pub(crate) async fn node_on(brokers: Brokers, name: &str, tweak: impl FnOnce(&mu
     tweak(&mut config);
     let handle = pm::start(&kernel, bridge.clone(), driver.clone(), config).await.unwrap();
     let publish = Some(bridge.link::<Publish>("tm"));
-    let tm_state = web::Data::new(tm::state(platform.clone(), publish, "pm-test", kernel.metrics().registry()));
+    let tm_state = web::Data::new(tm::state(
+        platform.clone(),
+        Default::default(),
+        publish,
+        "pm-test",
+        kernel.metrics().registry(),
+    ));
     let (h, panels, openapi) = (handle.clone(), platform.panels.clone(), tm::openapi());
     let server = HttpServer::new(move || {
         App::new()

@@ -95,10 +95,12 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
     ApiDoc::openapi()
 }
 
-/// The role's state over the node's platform. The UI settings are the
-/// defaults (no gateway); set `ui` on the result to change them.
+/// The role's state over the node's platform, failed logins limited by
+/// `login_limits`. The UI settings are the defaults (no gateway); set `ui`
+/// on the result to change them.
 pub fn state(
     platform: Platform,
+    login_limits: LoginLimits,
     publish: Option<Link<Publish>>,
     node: &str,
     registry: &prometheus::Registry,
@@ -106,7 +108,7 @@ pub fn state(
     TmState {
         documents: Documents::new(platform.redis.clone()),
         passwords: Passwords::for_this_machine(),
-        limiter: LoginLimiter::new(platform.redis.clone(), LoginLimits::default()),
+        limiter: LoginLimiter::new(platform.redis.clone(), login_limits),
         platform,
         publish,
         node: node.to_owned(),
