@@ -522,6 +522,7 @@ async fn kafka_rows(dir: &std::path::Path, n: u64) -> Vec<Row> {
         .set("enable.idempotence", "true")
         .set("acks", "all")
         .set("linger.ms", "1")
+        .set("batch.num.messages", "1")
         .create()
         .expect("producer");
     let consumer: StreamConsumer = ClientConfig::new()

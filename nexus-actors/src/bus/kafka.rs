@@ -1,7 +1,8 @@
 //! `KafkaBridge`: the semantic bus (Kafka) as an actor.
 //!
-//! Producing is a message ([`Produce`]); the producer is idempotent and
-//! waits for all in-sync replicas. Consuming is a subscription
+//! Producing is a message ([`Produce`]); the producer is idempotent,
+//! waits for all in-sync replicas, and puts each record in a batch of its
+//! own (see [`KafkaBridge::spawn`]). Consuming is a subscription
 //! ([`Consume`]): records reach the subscriber with [`Link::ask`], one
 //! record in flight per partition (so per key, in order), and an offset is
 //! stored for commit only after the subscriber acknowledged its record and
@@ -58,7 +59,8 @@ impl KafkaConfig {
         KafkaConfig { brokers: brokers.into(), partitions: 3, produce_timeout: Duration::from_secs(30) }
     }
 
-    fn client(&self) -> ClientConfig {
+    /// A client configuration for these brokers.
+    pub fn client(&self) -> ClientConfig {
         let mut c = ClientConfig::new();
         c.set("bootstrap.servers", &self.brokers).set("broker.address.family", "v4").set("log_level", "4");
         c
@@ -242,6 +244,12 @@ impl KafkaBridge {
             .set("enable.idempotence", "true")
             .set("acks", "all")
             .set("linger.ms", "1")
+            // One record per batch: tansu 0.6 answers a fetch that starts inside
+            // a batch with nothing (the consumer then stalls at that offset) and
+            // reports a partition's end as its last batch's base offset. With
+            // single-record batches every offset is a batch start and the
+            // watermark is exact; in-flight requests still pipeline.
+            .set("batch.num.messages", "1")
             .set("message.timeout.ms", config.produce_timeout.as_millis().to_string())
             .create()?;
         let metrics = kernel.metrics();
