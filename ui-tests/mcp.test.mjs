@@ -2,7 +2,8 @@
 // connects to `/mcp` over Streamable HTTP, lists and calls tools. Run by
 // nexus-bin/tests/tools_e2e.rs against a real `nexus dev` (NEXUS_URL,
 // NEXUS_PASSWORD; NEXUS_PANEL_TOOL names a panel's `word_count` tool, as
-// `<panel-id>.word_count`, when a panel and its sidecar are running).
+// `<panel-id>.word_count`, when a panel and its sidecar are running;
+// NEXUS_LLM=1 when the node has a model, for `llm_ask`).
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import { Client } from "@modelcontextprotocol/sdk/client/index.js";
@@ -11,6 +12,8 @@ import { StreamableHTTPClientTransport } from "@modelcontextprotocol/sdk/client/
 const base = process.env.NEXUS_URL;
 const password = process.env.NEXUS_PASSWORD;
 const panelTool = process.env.NEXUS_PANEL_TOOL;
+// Set when the node has a (scripted) model: it answers "The answer is 42."
+const withModel = process.env.NEXUS_LLM === "1";
 
 async function api(path, { token, body } = {}) {
   const headers = { "Content-Type": "application/json" };
@@ -73,6 +76,20 @@ test("the tool registry is an MCP server at /mcp", async (t) => {
       const result = await client.callTool({ name: panelTool, arguments: { text: "one two three" } });
       assert.notEqual(result.isError, true, textOf(result));
       assert.deepEqual(result.structuredContent, { words: 3, characters: 13, lines: 1 });
+    });
+
+    await t.test("llm_ask asks the LLM manager, in a new context and then in the same one", { skip: !withModel && "NEXUS_LLM not set" }, async () => {
+      const first = await client.callTool({ name: "llm_ask", arguments: { message: "What is the answer?" } });
+      assert.notEqual(first.isError, true, textOf(first));
+      assert.equal(first.structuredContent.outcome, "completed", textOf(first));
+      assert.match(first.structuredContent.answer, /42/);
+      const context = first.structuredContent.context;
+      assert.match(context, /^[0-9a-f-]{36}$/);
+      const again = await client.callTool({ name: "llm_ask", arguments: { context, message: "Sure?" } });
+      assert.notEqual(again.isError, true, textOf(again));
+      assert.equal(again.structuredContent.context, context, "the same context goes on");
+      const foreign = await client.callTool({ name: "llm_ask", arguments: { context: "00000000-0000-7000-8000-000000000000", message: "hi" } });
+      assert.equal(foreign.isError, true, "a context that is not the caller's is refused");
     });
 
     await t.test("failures are tool errors, with a message", async () => {

@@ -39,6 +39,7 @@ pub(crate) fn serve_node(args: &[String]) {
         quotas: Default::default(),
         allowed_origins: Vec::new(),
         login_limits: Default::default(),
+        llm: Default::default(),
     };
     actix_rt::System::new().block_on(node::run(config)).expect("node runs");
 }

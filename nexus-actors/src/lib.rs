@@ -25,6 +25,7 @@ pub mod netns;
 pub mod node;
 pub mod platform;
 pub mod roles;
+pub mod semantic;
 pub mod sidecar;
 pub mod telemetry;
 pub mod tools;

@@ -22,6 +22,9 @@ use crate::platform::auth::password::PasswordError;
 use crate::platform::http::Readiness;
 use crate::platform::origin::OriginPolicy;
 use crate::platform::{Platform, Quotas, StoreError, UserRole};
+use crate::roles::llm_manager::{
+    self as llm_role, LlmManagerConfig, LlmManagerDeps, LlmManagerError, LlmManagerHandle,
+};
 use crate::roles::panel_manager::local::{LocalConfig, LocalDriver, SandboxChoice};
 use crate::roles::panel_manager::{self as pm_role, PanelManagerConfig, PanelManagerError, PanelManagerHandle};
 use crate::roles::traffic_gateway::{self as gateway_role, Gateway, GatewayConfig, GatewayError};
@@ -36,7 +39,7 @@ pub enum Role {
     /// `transaction-manager`: the HTTP API, accounts, WebSocket sync and
     /// document state; serves the Studio UI.
     TransactionManager,
-    /// `llm-manager`: LLM contexts over `semantic.commands`; not part of this build yet.
+    /// `llm-manager`: LLM contexts sharded over the partitions of `semantic.commands`.
     LlmManager,
     /// `panel-manager`: runs panel instances (the `local` driver) with their sidecars and watchdogs.
     PanelManager,
@@ -59,14 +62,9 @@ impl Role {
         }
     }
 
-    /// Whether this build can run the role yet.
-    pub fn is_available(self) -> bool {
-        !matches!(self, Role::LlmManager)
-    }
-
-    /// The roles this build can run: what `nexus dev` starts.
+    /// Every role: what `nexus dev` starts.
     pub fn available() -> Vec<Role> {
-        Role::ALL.into_iter().filter(|r| r.is_available()).collect()
+        Role::ALL.to_vec()
     }
 }
 
@@ -76,21 +74,13 @@ pub enum RoleError {
     /// No role has this name (the name given).
     #[error("unknown role {0:?}; roles are transaction-manager, llm-manager, panel-manager, traffic-gateway")]
     Unknown(String),
-    /// The role exists but this build cannot run it (its name).
-    #[error("role {0} is not part of this build yet")]
-    NotAvailable(&'static str),
 }
 
 impl FromStr for Role {
     type Err = RoleError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let role = Role::ALL.into_iter().find(|r| r.name() == s).ok_or_else(|| RoleError::Unknown(s.to_owned()))?;
-        if role.is_available() {
-            Ok(role)
-        } else {
-            Err(RoleError::NotAvailable(role.name()))
-        }
+        Role::ALL.into_iter().find(|r| r.name() == s).ok_or_else(|| RoleError::Unknown(s.to_owned()))
     }
 }
 
@@ -127,6 +117,9 @@ pub struct NodeConfig {
     pub allowed_origins: Vec<String>,
     /// How many failed logins are taken per address and per username.
     pub login_limits: LoginLimits,
+    /// The LLM manager's model endpoints and limits; with no endpoint the
+    /// role does not start and the LLM routes answer 503.
+    pub llm: LlmManagerConfig,
 }
 
 /// How the panel manager runs panel instances on this machine.
@@ -207,6 +200,12 @@ pub enum NodeError {
     /// The panel manager did not start.
     #[error("panel manager: {0}")]
     PanelManager(#[from] PanelManagerError),
+    /// A metric could not be registered (its name taken twice).
+    #[error("metrics: {0}")]
+    Metrics(String),
+    /// The LLM manager did not start.
+    #[error("llm manager: {0}")]
+    LlmManager(#[from] LlmManagerError),
 }
 
 /// A started node's bridges, for wiring roles and for tests.
@@ -243,6 +242,7 @@ pub struct RunningNode {
     served: actix_rt::task::JoinHandle<std::io::Result<()>>,
     panels: Option<PanelManagerHandle>,
     gateway_role: Option<Gateway>,
+    llm: Option<LlmManagerHandle>,
     _bridges: Bridges,
 }
 
@@ -260,6 +260,9 @@ impl RunningNode {
         }
         if let Some(gateway) = self.gateway_role {
             gateway.stop().await;
+        }
+        if let Some(llm) = self.llm {
+            llm.stop().await;
         }
         served
     }
@@ -322,6 +325,13 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
         true => Some(panel_manager(&kernel, &config, &bridges).await?),
         false => None,
     };
+    if tm.is_some() {
+        agent_messages(&kernel, &config, &platform, &bridges)?;
+    }
+    let llm = match config.roles.contains(&Role::LlmManager) {
+        true => llm_manager(&kernel, &config, &platform, &bridges, &registry).await?,
+        false => None,
+    };
     let readiness = Readiness { redis: Some(platform.redis.clone()), kafka: KafkaProbe::new(&config.kafka).ok() };
     let tools = tm_role::tools_api::ToolsApi::new(&registry, "http");
     let sessions = tm_role::session::SessionDeps { kernel: kernel.clone(), bridge: bridges.redis.clone() };
@@ -364,8 +374,63 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
         served,
         panels,
         gateway_role: gateway,
+        llm,
         _bridges: bridges,
     })
+}
+
+/// Starts passing panels' agent messages on to their owners' contexts.
+fn agent_messages(
+    kernel: &Kernel,
+    config: &NodeConfig,
+    platform: &Platform,
+    bridges: &Bridges,
+) -> Result<(), NodeError> {
+    use tm_role::agent_messages::{AgentMessages, AgentMessagesDeps};
+    let counter = prometheus::IntCounterVec::new(
+        prometheus::Opts::new("nexus_agent_messages_total", "Panel agents' messages to contexts, by outcome"),
+        &["outcome"],
+    )
+    .map_err(|e| NodeError::Metrics(e.to_string()))?;
+    kernel.metrics().registry().register(Box::new(counter.clone())).map_err(|e| NodeError::Metrics(e.to_string()))?;
+    let id = AgentMessages::KIND;
+    AgentMessages::spawn(
+        kernel,
+        AgentMessagesDeps {
+            source: config.name.clone(),
+            subscribe: bridges.redis.link(id),
+            produce: bridges.kafka.link(id),
+            redis: platform.redis.clone(),
+            panels: platform.panels.clone(),
+            directory: crate::semantic::directory::ContextDirectory::new(platform.redis.clone()),
+            counter,
+        },
+    );
+    Ok(())
+}
+
+/// Starts the LLM manager, unless no model endpoint is configured: then
+/// it says so and the LLM routes answer 503.
+async fn llm_manager(
+    kernel: &Kernel,
+    config: &NodeConfig,
+    platform: &Platform,
+    bridges: &Bridges,
+    registry: &ActorRef<ToolRegistry>,
+) -> Result<Option<LlmManagerHandle>, NodeError> {
+    if config.llm.model.endpoints.is_empty() {
+        tracing::warn!("llm-manager: no model endpoint is configured; it does not start and LLM routes answer 503");
+        return Ok(None);
+    }
+    let deps = LlmManagerDeps {
+        kernel: kernel.clone(),
+        kafka_config: config.kafka.clone(),
+        kafka: bridges.kafka.clone(),
+        redis: bridges.redis.clone(),
+        store: platform.redis.clone(),
+        registry: registry.clone(),
+    };
+    Ok(Some(llm_role::start(deps, config.llm.clone()).await?))
 }
 
 /// Starts the panel manager over the `local` driver, whose metrics join
@@ -427,13 +492,20 @@ async fn transaction_manager(
     state.ui.gateway_url = gateway_url;
     // Three heartbeats fit in the watchdog's timeout, however short it is set.
     state.ui.heartbeat_secs = state.ui.heartbeat_secs.min(config.panels.watchdog_timeout.as_secs() / 3).max(1);
+    let produce = bridges.kafka.link(Role::TransactionManager.name());
+    let (url, metrics) = (&config.redis_url, kernel.metrics().registry());
+    let mut contexts =
+        tm_role::contexts::ContextsApi::new(platform, url, config.kafka.clone(), produce, &config.name, metrics)?;
+    // The model is the deployment's: a node configured without one answers 503 on the routes that need it.
+    contexts.llm_available = !config.llm.model.endpoints.is_empty();
+    state.contexts = Some(contexts);
     if let Some((user, password)) = &config.first_user {
         let hash = state.passwords.hash(password).await?;
         state.platform.accounts.set(user, &hash, UserRole::Admin).await?;
         tracing::info!(user, "first user ready (admin)");
     }
     let register = registry.link::<RegisterTool>(Role::TransactionManager.name());
-    for tool in tm_role::system_tools::tools(&state.documents) {
+    for tool in tm_role::system_tools::tools(&state.documents, state.contexts.as_ref()) {
         let name = tool.spec.name.clone();
         match register.ask(RegisterTool(tool)).await {
             Ok(result) => result?,

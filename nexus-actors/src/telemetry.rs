@@ -330,18 +330,22 @@ impl Drop for TelemetryGuard {
 }
 
 /// Installs the process-wide `tracing` subscriber: human-readable logs
-/// filtered by `RUST_LOG` (default `info`), plus OTLP/HTTP span export when
-/// `OTEL_EXPORTER_OTLP_ENDPOINT` is set.
+/// filtered by `RUST_LOG` (default `info`), span ids for trace propagation
+/// always, and OTLP/HTTP span export when `OTEL_EXPORTER_OTLP_ENDPOINT` is set.
 pub fn init(service_name: &str) -> TelemetryGuard {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let fmt = tracing_subscriber::fmt::layer().with_target(false);
-    let provider = std::env::var_os("OTEL_EXPORTER_OTLP_ENDPOINT").and_then(|_| otlp_provider(service_name));
-    let otel = provider.as_ref().map(|p| tracing_opentelemetry::layer().with_tracer(p.tracer("nexus")));
+    let exported = std::env::var_os("OTEL_EXPORTER_OTLP_ENDPOINT").and_then(|_| otlp_provider(service_name));
+    let exporting = exported.is_some();
+    // Without an exporter spans still get ids, so every record on the buses
+    // carries a `traceparent` and logs and records correlate.
+    let provider = exported.unwrap_or_else(|| opentelemetry_sdk::trace::SdkTracerProvider::builder().build());
+    let otel = tracing_opentelemetry::layer().with_tracer(provider.tracer("nexus"));
     let _ = tracing_subscriber::registry().with(filter).with(fmt).with(otel).try_init();
-    if provider.is_some() {
+    if exporting {
         tracing::info!("exporting spans over OTLP");
     }
-    TelemetryGuard { provider }
+    TelemetryGuard { provider: Some(provider) }
 }
 
 fn otlp_provider(service_name: &str) -> Option<opentelemetry_sdk::trace::SdkTracerProvider> {

@@ -1,5 +1,7 @@
 //! `nexus`: the command-line entry point. Parsing and wiring only.
 
+mod context;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -13,6 +15,8 @@ use nexus_actors::platform::auth::keys::{unix_now, KeySet};
 use nexus_actors::platform::auth::limiter::LoginLimits;
 use nexus_actors::platform::auth::TOKEN_TTL;
 use nexus_actors::platform::Quotas;
+use nexus_actors::roles::llm_manager::model::{EndpointConfig, ModelConfig};
+use nexus_actors::roles::llm_manager::LlmManagerConfig;
 use nexus_actors::roles::panel_manager::local::SandboxChoice;
 use nexus_actors::sidecar::{self, Forward, SidecarConfig};
 use nexus_actors::watchdog::{self, WatchdogConfig};
@@ -48,6 +52,8 @@ enum Command {
         panels: PanelArgs,
         #[command(flatten)]
         limits: LimitArgs,
+        #[command(flatten)]
+        llm: LlmArgs,
     },
     /// Run a node with selected roles against explicit brokers (operators).
     ///
@@ -92,6 +98,18 @@ enum Command {
         #[command(subcommand)]
         action: KeysAction,
     },
+    /// Look at an LLM context straight from the buses (operators).
+    ///
+    /// `tail ID` prints its journal records, one JSON line each, from the
+    /// first (or --from OFFSET), then follows new ones (--follow=false stops
+    /// at the end). `transcript ID [--at OFFSET]` prints the conversation as
+    /// it stood at OFFSET, with every step's timing, rebuilt from the records
+    /// alone. Reads the directory in Redis (--redis-url, REDIS_URL) and the
+    /// journal on Kafka (--kafka-brokers, KAFKA_BROKERS); needs no node.
+    Context {
+        #[command(subcommand)]
+        action: context::ContextAction,
+    },
 }
 
 #[derive(Subcommand)]
@@ -125,6 +143,9 @@ struct LimitArgs {
     /// Panel instances running at once per user (Studio instances and App replicas).
     #[arg(long, default_value_t = Quotas::default().instances, env = "NEXUS_MAX_INSTANCES_PER_USER")]
     max_instances_per_user: usize,
+    /// LLM contexts per user (forks included).
+    #[arg(long, default_value_t = Quotas::default().contexts, env = "NEXUS_MAX_CONTEXTS_PER_USER")]
+    max_contexts_per_user: usize,
 }
 
 impl LimitArgs {
@@ -141,6 +162,7 @@ impl LimitArgs {
             panels: self.max_panels_per_user,
             documents: self.max_documents_per_user,
             instances: self.max_instances_per_user,
+            contexts: self.max_contexts_per_user,
         }
     }
 }
@@ -284,6 +306,45 @@ struct NodeArgs {
     panels: PanelArgs,
     #[command(flatten)]
     limits: LimitArgs,
+    #[command(flatten)]
+    llm: LlmArgs,
+}
+
+/// The LLM manager's model endpoints and limits.
+#[derive(Args)]
+struct LlmArgs {
+    /// A model endpoint: `url=http://host:port/v1,model=NAME[,name=N][,key-file=F][,concurrency=4]`
+    /// (repeatable, tried in order; semicolon-separated in the environment). `nexus dev`
+    /// without one starts the local model server when it is installed.
+    #[arg(long = "llm-endpoint", value_name = "SPEC", env = "NEXUS_LLM_ENDPOINTS", value_delimiter = ';')]
+    endpoints: Vec<String>,
+    /// Model calls one turn may make.
+    #[arg(long, default_value_t = 8, env = "NEXUS_LLM_MAX_STEPS")]
+    llm_max_steps: u32,
+    /// Longest a turn may take, in seconds.
+    #[arg(long, default_value_t = 300, env = "NEXUS_LLM_TURN_TIMEOUT_SECS")]
+    llm_turn_timeout_secs: u64,
+    /// A context without work for this long is stopped (and rebuilt from its journal when needed), in seconds.
+    #[arg(long, default_value_t = 300, env = "NEXUS_LLM_IDLE_SECS")]
+    llm_idle_secs: u64,
+}
+
+impl LlmArgs {
+    /// The role's configuration: the endpoints given, else `fallback`.
+    fn config(&self, fallback: Option<EndpointConfig>) -> anyhow::Result<LlmManagerConfig> {
+        let mut endpoints = Vec::new();
+        for spec in &self.endpoints {
+            endpoints.push(EndpointConfig::parse(spec).map_err(|e| anyhow::anyhow!("--llm-endpoint {spec:?}: {e}"))?);
+        }
+        if endpoints.is_empty() {
+            endpoints.extend(fallback);
+        }
+        let mut config = LlmManagerConfig { model: ModelConfig::new(endpoints), ..LlmManagerConfig::default() };
+        config.limits.max_steps = self.llm_max_steps;
+        config.limits.deadline = Duration::from_secs(self.llm_turn_timeout_secs);
+        config.idle = Duration::from_secs(self.llm_idle_secs);
+        Ok(config)
+    }
 }
 
 /// Ordinary start-up failures (a port in use, a missing file) end in one
@@ -302,8 +363,9 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Dev { http, data_dir, panels, limits } => dev(http, data_dir, panels, limits),
+        Command::Dev { http, data_dir, panels, limits, llm } => dev(http, data_dir, panels, limits, llm),
         Command::Keys { action } => keys(action),
+        Command::Context { action } => context::run(action),
         Command::Sidecar(args) => {
             let config = SidecarConfig {
                 panel_url: args.panel_url,
@@ -339,6 +401,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 }
                 None => None,
             };
+            let llm = args.llm.config(None)?;
+            if args.roles.contains(&Role::LlmManager) && llm.model.endpoints.is_empty() {
+                anyhow::bail!(
+                    "role llm-manager needs a model endpoint: give --llm-endpoint url=http://HOST:PORT/v1,model=NAME"
+                );
+            }
             let config = NodeConfig {
                 name: args.name,
                 http: args.http,
@@ -353,6 +421,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 quotas: args.limits.quotas(),
                 allowed_origins: args.limits.allowed_origins.clone(),
                 login_limits: args.limits.login_limits(),
+                llm,
             };
             actix_rt::System::new().block_on(node::run(config))?;
             Ok(())
@@ -381,13 +450,32 @@ fn keys(action: KeysAction) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn dev(http: SocketAddr, data_dir: PathBuf, panels: PanelArgs, limits: LimitArgs) -> anyhow::Result<()> {
+fn dev(http: SocketAddr, data_dir: PathBuf, panels: PanelArgs, limits: LimitArgs, llm: LlmArgs) -> anyhow::Result<()> {
     infra::dev::data_dir(&data_dir)?;
     let key_file = data_dir.join("jwt-keys.json");
     KeySet::load_or_generate(&key_file)?;
     let redis = infra::dev::redis(&data_dir)?;
     let kafka = infra::dev::kafka(&data_dir)?;
     let password = infra::dev::admin_password(&data_dir)?;
+    // Kept alive as long as the node: it owns the local model server, if one started.
+    let model = match llm.endpoints.is_empty() {
+        true => Some(infra::dev::model(&data_dir)?),
+        false => None,
+    };
+    let local = match model.as_ref().map(|m| (&m.base_url, &m.model, m.concurrency)) {
+        Some((Some(url), Some(name), concurrency)) => {
+            let mut endpoint = EndpointConfig::new(url, name)?;
+            endpoint.name = "local".into();
+            endpoint.concurrency = concurrency;
+            Some(endpoint)
+        }
+        _ => None,
+    };
+    let llm = llm.config(local)?;
+    let llm_origin = match &model {
+        Some(model) => model.origin.clone(),
+        None => llm.model.endpoints.iter().map(|e| e.base_url.as_str()).collect::<Vec<_>>().join(", "),
+    };
     let config = NodeConfig {
         name: "nexus-dev".to_owned(),
         http,
@@ -402,10 +490,12 @@ fn dev(http: SocketAddr, data_dir: PathBuf, panels: PanelArgs, limits: LimitArgs
         quotas: limits.quotas(),
         allowed_origins: limits.allowed_origins.clone(),
         login_limits: limits.login_limits(),
+        llm,
     };
     println!("nexus dev: http://{http}/healthz  http://{http}/readyz  http://{http}/metrics  http://{http}/api/graph (admins)");
     println!("  redis: {} ({})", redis.url, redis.origin);
     println!("  kafka: {} ({})", kafka.brokers, kafka.origin);
+    println!("  llm: {llm_origin}");
     let gateway = match panels.gateway.port() {
         0 => "the traffic gateway's port (chosen at start, logged)".to_owned(),
         _ => format!("http://{}", panels.gateway),

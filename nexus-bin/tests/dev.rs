@@ -102,13 +102,13 @@ fn check_dev_node(name: &str, setup: impl FnOnce(&mut Command)) {
 }
 
 #[test]
-fn nexus_node_refuses_unknown_and_unavailable_roles_clearly() {
+fn nexus_node_refuses_unknown_roles_and_an_llm_manager_without_a_model_clearly() {
     let out = Command::new(env!("CARGO_BIN_EXE_nexus")).args(["node", "--roles", "teapot"]).output().unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown role \"teapot\""));
     let out = Command::new(env!("CARGO_BIN_EXE_nexus")).args(["node", "--roles", "llm-manager"]).output().unwrap();
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("not part of this build yet"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("role llm-manager needs a model endpoint"));
 }
 
 #[test]

@@ -2,7 +2,8 @@
 //! real redis-server and tansu, the zero-dependency `python_minimal` panel
 //! behind a real `nexus sidecar` process, its tools called over
 //! `/api/tools` and over `/mcp` by the official MCP SDK client (Node,
-//! `ui-tests/mcp.test.mjs`), and its outbound message seen on Redis.
+//! `ui-tests/mcp.test.mjs`, `llm_ask` included, answered by a scripted
+//! model), and its outbound message seen on Redis.
 
 mod common;
 
@@ -12,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use common::{get, request, wait_for_health, KillOnDrop};
 use nexus_actors::infra::{free_port, RedisServer, Tansu, TansuStorage};
+use nexus_testkit::scripted_model::{Reply, ScriptedModel};
 use serde_json::{json, Value};
 
 fn json_request(port: u16, method: &str, path: &str, token: &str, body: Option<Value>) -> (u16, Value) {
@@ -31,10 +33,12 @@ fn python_minimal_tools_are_callable_through_a_sidecar_over_the_api_and_mcp() {
     let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("nexus-tools-e2e-{}", std::process::id()));
     let redis = RedisServer::start(&dir.join("redis"), false).unwrap();
     let tansu = Tansu::start(&dir.join("tansu"), TansuStorage::Memory).unwrap();
+    let model = ScriptedModel::start(|_| Reply::text("The answer is 42."));
     let port = free_port().unwrap();
     let node = Command::new(env!("CARGO_BIN_EXE_nexus"))
         .args(["dev", "--http", &format!("127.0.0.1:{port}"), "--gateway", "127.0.0.1:0", "--data-dir"])
         .arg(dir.join("data"))
+        .args(["--llm-endpoint", &format!("url={},model=scripted", model.url())])
         .env("REDIS_URL", redis.url())
         .env("KAFKA_BROKERS", tansu.brokers())
         .stdout(Stdio::null())
@@ -137,6 +141,7 @@ fn python_minimal_tools_are_callable_through_a_sidecar_over_the_api_and_mcp() {
         .env("NEXUS_URL", format!("http://127.0.0.1:{port}"))
         .env("NEXUS_PASSWORD", password.trim())
         .env("NEXUS_PANEL_TOOL", &word_count)
+        .env("NEXUS_LLM", "1")
         .output()
         .expect("node is installed");
     let report = String::from_utf8_lossy(&output.stdout);

@@ -10,6 +10,8 @@
 //!   fails, elsewhere it says so and passes over the test;
 //! * [`eventually`] and [`tempdir`].
 
+pub mod scripted_model;
+
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -248,6 +250,7 @@ pub fn node_config(name: &str, roles: &[Role], brokers: &Brokers, keys: &TestKey
         quotas: Quotas::default(),
         allowed_origins: Vec::new(),
         login_limits: Default::default(),
+        llm: Default::default(),
     }
 }
 

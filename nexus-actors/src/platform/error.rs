@@ -51,6 +51,14 @@ pub enum ApiError {
         /// The limit in bytes.
         limit: usize,
     },
+    /// A message larger than a context takes.
+    #[error("the message is {bytes} bytes, over the limit of {limit}")]
+    MessageTooLarge {
+        /// What it is.
+        bytes: usize,
+        /// The limit in bytes.
+        limit: usize,
+    },
     /// A versioned write against a version that is no longer current.
     #[error("document is at version {current}, the patch was made against {seen}")]
     StaleVersion {
@@ -82,6 +90,10 @@ pub enum ApiError {
         /// Seconds to wait.
         retry_after: u64,
     },
+    /// No model can answer: none is configured, or this node serves no
+    /// contexts; the message says which. Not worth retrying as is.
+    #[error("{0}")]
+    LlmUnavailable(&'static str),
     /// A store the request needs cannot be reached.
     #[error("{0} is unavailable; try again shortly")]
     Unavailable(&'static str),
@@ -112,12 +124,15 @@ impl ApiError {
             ApiError::NotOwner | ApiError::NotAdmin => "forbidden",
             ApiError::ForeignOrigin(_) => "forbidden_origin",
             ApiError::NotFound(_) => "not_found",
-            ApiError::BodyTooLarge { .. } | ApiError::DocumentTooLarge { .. } => "too_large",
+            ApiError::BodyTooLarge { .. } | ApiError::DocumentTooLarge { .. } | ApiError::MessageTooLarge { .. } => {
+                "too_large"
+            }
             ApiError::StaleVersion { .. } => "stale_version",
             ApiError::Conflict(_) => "conflict",
             ApiError::Quota { .. } => "quota_exceeded",
             ApiError::RateLimited { .. } => "rate_limited",
             ApiError::Busy { .. } => "busy",
+            ApiError::LlmUnavailable(_) => "llm_unavailable",
             ApiError::Unavailable(_) => "unavailable",
             ApiError::Internal(_) => "internal",
         }
@@ -141,10 +156,14 @@ impl ResponseError for ApiError {
                 StatusCode::FORBIDDEN
             }
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
-            ApiError::BodyTooLarge { .. } | ApiError::DocumentTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::BodyTooLarge { .. } | ApiError::DocumentTooLarge { .. } | ApiError::MessageTooLarge { .. } => {
+                StatusCode::PAYLOAD_TOO_LARGE
+            }
             ApiError::StaleVersion { .. } | ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
-            ApiError::Busy { .. } | ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Busy { .. } | ApiError::Unavailable(_) | ApiError::LlmUnavailable(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -212,6 +231,8 @@ mod tests {
             (ApiError::StaleVersion { current: 4, seen: 3 }, 409, "stale_version"),
             (ApiError::DocumentTooLarge { bytes: 2, limit: 1 }, 413, "too_large"),
             (ApiError::Unavailable("redis"), 503, "unavailable"),
+            (ApiError::LlmUnavailable("no model"), 503, "llm_unavailable"),
+            (ApiError::MessageTooLarge { bytes: 2, limit: 1 }, 413, "too_large"),
         ];
         for (error, status, code) in cases {
             assert_eq!(error.status_code().as_u16(), status, "{error}");

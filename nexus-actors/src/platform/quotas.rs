@@ -11,10 +11,12 @@ pub struct Quotas {
     pub documents: usize,
     /// Panel instances running at once (Studio instances and App replicas).
     pub instances: usize,
+    /// LLM contexts (forks included).
+    pub contexts: usize,
 }
 
 impl Default for Quotas {
     fn default() -> Self {
-        Quotas { panels: 50, documents: 1000, instances: 8 }
+        Quotas { panels: 50, documents: 1000, instances: 8, contexts: 1000 }
     }
 }

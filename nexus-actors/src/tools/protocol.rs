@@ -68,6 +68,10 @@ pub struct ToolCall {
     /// The conversation or chain the call belongs to (the Kafka key of its
     /// record); the call id when there is none.
     pub context: Option<String>,
+    /// The caller journals the call itself (the LLM manager, in call
+    /// order, before it relies on the outcome); the registry then does not.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub journaled_by_caller: bool,
 }
 
 impl ToolCall {
@@ -82,6 +86,7 @@ impl ToolCall {
             caller: caller.into(),
             deadline: Utc::now() + DEFAULT_TIMEOUT,
             context: None,
+            journaled_by_caller: false,
         }
     }
 

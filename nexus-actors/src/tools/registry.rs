@@ -455,7 +455,7 @@ impl Caller {
 
     /// Records an event of this call on `semantic.events`, without waiting.
     fn record<T: Payload + Clone + 'static>(&self, call: &ToolCall, envelope: Envelope<T>) -> Envelope<T> {
-        if let Some(kafka) = &self.deps.kafka {
+        if let Some(kafka) = self.deps.kafka.as_ref().filter(|_| !call.journaled_by_caller) {
             let key = call.context.clone().unwrap_or_else(|| call.call_id.clone());
             let produce = Produce { topic: SEMANTIC_EVENTS.to_owned(), key, envelope: envelope.clone().into_untyped() };
             let (kafka, metrics) = (kafka.clone(), self.deps.kernel.metrics().clone());

@@ -4,7 +4,9 @@
 //! Studio UI build on it. Accounts, tokens and panel records belong to the
 //! [platform](crate::platform); this role serves them over HTTP.
 
+pub mod agent_messages;
 pub mod api;
+pub mod contexts;
 pub mod documents;
 pub mod mcp;
 pub mod metrics;
@@ -31,7 +33,7 @@ use metrics::TmMetrics;
 
 #[derive(OpenApi)]
 #[openapi(
-    info(title = "Nexus transaction manager", description = "Login, panels, versioned documents and tools."),
+    info(title = "Nexus transaction manager", description = "Login, panels, versioned documents, tools and LLM contexts."),
     paths(
         api::accounts::login,
         api::accounts::logout,
@@ -51,6 +53,14 @@ use metrics::TmMetrics;
         api::documents::patch_document,
         api::documents::document_history,
         api::documents::delete_document,
+        api::contexts::create_context,
+        api::contexts::list_contexts,
+        api::contexts::get_context,
+        api::contexts::post_message,
+        api::contexts::cancel_context,
+        api::contexts::context_events,
+        api::contexts::context_transcript,
+        api::contexts::fork_context,
         tools_api::list_tools,
         tools_api::call_tool,
     ),
@@ -65,6 +75,24 @@ use metrics::TmMetrics;
         api::panels::PanelAccess,
         api::documents::NewDocument,
         api::documents::DocumentPatch,
+        api::contexts::NewMessage,
+        api::contexts::ForkRequest,
+        api::contexts::ContextEvent,
+        api::contexts::EventsPage,
+        contexts::NewContext,
+        contexts::Accepted,
+        crate::semantic::directory::ContextInfo,
+        crate::semantic::records::ForkPoint,
+        crate::semantic::records::RequestedCall,
+        crate::semantic::records::Usage,
+        crate::semantic::records::TurnOutcome,
+        crate::semantic::chat::ChatMessage,
+        crate::semantic::chat::Role,
+        crate::semantic::chat::MessageToolCall,
+        crate::semantic::fold::Transcript,
+        crate::semantic::fold::TranscriptMessage,
+        crate::semantic::fold::StepTiming,
+        crate::semantic::fold::OpenTurn,
         crate::platform::ErrorBody,
         crate::platform::UserRole,
         crate::platform::Panel,
@@ -96,8 +124,8 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
 }
 
 /// The role's state over the node's platform, failed logins limited by
-/// `login_limits`. The UI settings are the defaults (no gateway); set `ui`
-/// on the result to change them.
+/// `login_limits`. The UI settings are the defaults (no gateway) and it
+/// serves no contexts; set `ui` and `contexts` on the result to change them.
 pub fn state(
     platform: Platform,
     login_limits: LoginLimits,
@@ -114,6 +142,7 @@ pub fn state(
         node: node.to_owned(),
         ui: UiConfig::default(),
         metrics: TmMetrics::register(registry),
+        contexts: None,
     }
 }
 
@@ -153,7 +182,15 @@ pub fn configure(state: web::Data<TmState>, openapi: utoipa::openapi::OpenApi) -
             .route("/api/documents/{id}", web::get().to(api::documents::get_document))
             .route("/api/documents/{id}", web::patch().to(api::documents::patch_document))
             .route("/api/documents/{id}", web::delete().to(api::documents::delete_document))
-            .route("/api/documents/{id}/history", web::get().to(api::documents::document_history));
+            .route("/api/documents/{id}/history", web::get().to(api::documents::document_history))
+            .route("/api/contexts", web::get().to(api::contexts::list_contexts))
+            .route("/api/contexts", web::post().to(api::contexts::create_context))
+            .route("/api/contexts/{id}", web::get().to(api::contexts::get_context))
+            .route("/api/contexts/{id}/messages", web::post().to(api::contexts::post_message))
+            .route("/api/contexts/{id}/cancel", web::post().to(api::contexts::cancel_context))
+            .route("/api/contexts/{id}/events", web::get().to(api::contexts::context_events))
+            .route("/api/contexts/{id}/transcript", web::get().to(api::contexts::context_transcript))
+            .route("/api/contexts/{id}/fork", web::post().to(api::contexts::fork_context));
     }
 }
 

@@ -1,14 +1,16 @@
 //! The WebSocket protocol between a browser and its `Session`: JSON text
 //! frames with a `type` field. Decoding never panics; every bad frame is a
 //! [`FrameError`] the session reports back without closing the connection.
-//! A frame that names a document names it by its id (a UUID): anything
-//! else is refused here, before it can reach a Redis key or channel.
+//! A frame that names a document or a context names it by its id (a
+//! UUID): anything else is refused here, before it can reach a Redis key
+//! or channel.
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::documents::is_document_id;
 use crate::instance::InstanceStatus;
+use crate::semantic::records::is_context_id;
 
 /// Largest frame a client may send (64 KiB); larger ones close the
 /// connection with code 1009.
@@ -48,6 +50,17 @@ pub enum ClientFrame {
         /// Where the cursor is.
         position: Value,
     },
+    /// Receive a context's records as they are journaled (`context_record`
+    /// frames, after a `context_followed`).
+    FollowContext {
+        /// The context's id.
+        context: String,
+    },
+    /// Stop receiving a context's records.
+    UnfollowContext {
+        /// The context's id.
+        context: String,
+    },
 }
 
 impl ClientFrame {
@@ -57,7 +70,17 @@ impl ClientFrame {
             ClientFrame::Subscribe { doc, .. } | ClientFrame::Unsubscribe { doc } | ClientFrame::Cursor { doc, .. } => {
                 Some(doc)
             }
-            ClientFrame::SubscribePanels => None,
+            ClientFrame::SubscribePanels | ClientFrame::FollowContext { .. } | ClientFrame::UnfollowContext { .. } => {
+                None
+            }
+        }
+    }
+
+    /// The context the frame is about, if any.
+    pub fn context(&self) -> Option<&str> {
+        match self {
+            ClientFrame::FollowContext { context } | ClientFrame::UnfollowContext { context } => Some(context),
+            _ => None,
         }
     }
 }
@@ -66,7 +89,8 @@ fn default_presence() -> bool {
     true
 }
 
-const CLIENT_TYPES: [&str; 4] = ["subscribe", "unsubscribe", "cursor", "subscribe_panels"];
+const CLIENT_TYPES: [&str; 6] =
+    ["subscribe", "unsubscribe", "cursor", "subscribe_panels", "follow_context", "unfollow_context"];
 
 /// Largest cursor position, encoded.
 pub const MAX_CURSOR: usize = 1024;
@@ -97,6 +121,8 @@ pub enum ErrorCode {
     Forbidden,
     /// The session follows as many documents as it may already.
     TooManyDocuments,
+    /// The session follows as many contexts as it may already.
+    TooManyContexts,
     /// A cursor in a document not followed with presence.
     NotFollowing,
     /// The document has as many participants as its presence lists; the
@@ -169,6 +195,22 @@ pub enum ServerFrame {
         /// Where the cursor is.
         position: Value,
     },
+    /// The session now receives `context`'s records as they are journaled
+    /// (sent again after the bus was down): the client reads what it lacks
+    /// from `GET /api/contexts/{id}/events?from=` and drops what it has by offset.
+    ContextFollowed {
+        /// The context's id.
+        context: String,
+    },
+    /// A record journaled for a followed context.
+    ContextRecord {
+        /// The context's id.
+        context: String,
+        /// The record's offset in the context's partition of `semantic.events`.
+        offset: i64,
+        /// The record's envelope.
+        record: Value,
+    },
     /// Something the client asked for did not happen.
     Error {
         /// What kind of failure.
@@ -193,6 +235,9 @@ pub enum FrameError {
     /// A document id that is not one (ids are UUIDs).
     #[error("{0:?} is not a document id")]
     BadDocument(String),
+    /// A context id that is not one (ids are UUIDs).
+    #[error("{0:?} is not a context id")]
+    BadContext(String),
 }
 
 impl FrameError {
@@ -201,7 +246,7 @@ impl FrameError {
         match self {
             FrameError::BadJson(_) => ErrorCode::BadJson,
             FrameError::UnknownType(_) => ErrorCode::UnknownType,
-            FrameError::BadShape(_) | FrameError::BadDocument(_) => ErrorCode::BadFrame,
+            FrameError::BadShape(_) | FrameError::BadDocument(_) | FrameError::BadContext(_) => ErrorCode::BadFrame,
         }
     }
 }
@@ -219,6 +264,9 @@ pub fn decode(text: &str) -> Result<ClientFrame, FrameError> {
     let frame: ClientFrame = serde_json::from_value(value).map_err(|e| FrameError::BadShape(e.to_string()))?;
     if let Some(doc) = frame.doc().filter(|doc| !is_document_id(doc)) {
         return Err(FrameError::BadDocument(doc.chars().take(QUOTED).collect()));
+    }
+    if let Some(context) = frame.context().filter(|context| !is_context_id(context)) {
+        return Err(FrameError::BadContext(context.chars().take(QUOTED).collect()));
     }
     if let ClientFrame::Cursor { position, .. } = &frame {
         if position.to_string().len() > MAX_CURSOR {
@@ -286,6 +334,29 @@ mod tests {
         let long = "y".repeat(10_000);
         let error = decode(&serde_json::json!({"type": "subscribe", "doc": long}).to_string()).unwrap_err();
         assert!(error.to_string().len() < 200, "the id is not echoed whole: {error}");
+    }
+
+    #[test]
+    fn a_context_frame_names_a_context_by_its_uuid() {
+        assert_eq!(
+            decode(&format!(r#"{{"type":"follow_context","context":"{DOC}"}}"#)),
+            Ok(ClientFrame::FollowContext { context: DOC.into() })
+        );
+        assert_eq!(
+            decode(&format!(r#"{{"type":"unfollow_context","context":"{DOC}"}}"#)),
+            Ok(ClientFrame::UnfollowContext { context: DOC.into() })
+        );
+        for context in ["nexus:context:*", "*", "", "c1"] {
+            let frame = serde_json::json!({"type": "follow_context", "context": context}).to_string();
+            assert_eq!(decode(&frame), Err(FrameError::BadContext(context.into())));
+        }
+        assert_eq!(code(r#"{"type":"follow_context"}"#), ErrorCode::BadFrame);
+        let record =
+            ServerFrame::ContextRecord { context: DOC.into(), offset: 7, record: serde_json::json!({"id": "e"}) };
+        assert_eq!(
+            record.encode(),
+            format!(r#"{{"type":"context_record","context":"{DOC}","offset":7,"record":{{"id":"e"}}}}"#)
+        );
     }
 
     #[test]

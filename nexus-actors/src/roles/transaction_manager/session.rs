@@ -18,7 +18,9 @@
 //!
 //! It also follows the user's panels for the client (`subscribe_panels`):
 //! panel record changes and the instance states the panel manager announces
-//! on the same channel, each forwarded only to its owner.
+//! on the same channel, each forwarded only to its owner. And it follows
+//! LLM contexts (`follow_context`, see [`contexts`]): their records as the
+//! LLM manager journals them, for the context's owner or an admin.
 //!
 //! Bounds: a session follows at most [`MAX_FOLLOWED`] documents and has at
 //! most one fetch under way per document; a document's presence lists at
@@ -28,6 +30,7 @@
 //! re-checks its token every [`TOKEN_CHECK`] and after Redis comes back; a
 //! revoked (logged out) or expired one closes the socket with 4001.
 
+mod contexts;
 mod presence;
 mod socket;
 mod sync;
@@ -39,6 +42,8 @@ use actix::{ActorContext, AsyncContext};
 use actix_web::web;
 use tokio::sync::{mpsc, watch};
 
+use self::contexts::FollowedContexts;
+pub use self::contexts::MAX_FOLLOWED_CONTEXTS;
 pub use self::presence::{CursorMoved, PresenceChanged, MAX_PRESENT};
 use self::socket::Closing;
 pub use self::socket::{upgrade, SessionDeps, CLOSE_TOKEN_ENDED, CLOSE_TOO_SLOW, OUTBOUND_QUEUE};
@@ -55,6 +60,7 @@ use crate::kernel::{ActorRef, Behaviour, Ctx, Handler, Link, Message, Reply, Sen
 use crate::platform::auth::{Audience, AuthError};
 use crate::platform::channels::{self, panels as panels_channel};
 use crate::platform::PanelChanged;
+use crate::semantic::records::Journaled;
 
 /// Documents one session may follow at once.
 pub const MAX_FOLLOWED: usize = 256;
@@ -131,6 +137,8 @@ struct BridgeLinks {
 /// The actor behind one WebSocket connection.
 pub struct Session {
     user: String,
+    /// Whether the user is an admin (who may follow anyone's context).
+    admin: bool,
     /// The token the connection was opened with, checked again and again.
     token: String,
     state: web::Data<TmState>,
@@ -148,6 +156,8 @@ pub struct Session {
     follows: u64,
     /// Whether the client follows its panel records.
     panels: bool,
+    /// Followed contexts, at most [`MAX_FOLLOWED_CONTEXTS`].
+    contexts: FollowedContexts,
     /// The bus went down since the last `BusUp`: what was published
     /// meanwhile is lost from pub/sub.
     bus_down: bool,
@@ -177,6 +187,7 @@ impl Session {
         for doc in docs {
             self.unfollow(&doc);
         }
+        self.unfollow_contexts();
         if let (true, Some(me)) = (self.panels, &self.me) {
             let topic = Topic::Channel(panels_channel(&self.user));
             let _ = self.bus.unsubscribe.tell(Unsubscribe { topic, subscriber: me.id().to_owned() });
@@ -428,6 +439,8 @@ impl Handler<ClientText> for Session {
                 }
             }
             Ok(ClientFrame::Cursor { doc, position }) => self.cursor(doc, position, ctx),
+            Ok(ClientFrame::FollowContext { context }) => self.follow_context(context, ctx),
+            Ok(ClientFrame::UnfollowContext { context }) => self.unfollow_context(&context),
         }
         Reply::Now(())
     }
@@ -461,6 +474,7 @@ impl Handler<BusEvent> for Session {
                 for doc in docs {
                     self.request_sync(&doc);
                 }
+                self.contexts_resumed(ctx);
                 self.check_token();
             }
             BusEvent::Up(_) => {}
@@ -473,6 +487,7 @@ impl Handler<BusEvent> for Session {
 impl Session {
     fn bus_message(&mut self, m: crate::bus::BusMessage, ctx: &mut Ctx<Self>) {
         match m.envelope.kind.as_str() {
+            Journaled::TYPE => self.context_record(m, ctx),
             DocumentChanged::TYPE => {
                 let Ok(change) = m.envelope.typed::<DocumentChanged>() else { return };
                 self.changed(change.data, ctx);

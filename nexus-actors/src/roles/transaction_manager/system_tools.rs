@@ -1,15 +1,37 @@
 //! The transaction manager's system tools: what the LLM (or any caller)
-//! may do with the caller's own documents. Registered on every node that
+//! may do with the caller's own documents, and `llm_ask`, which makes the
+//! LLM manager usable from any MCP client. Registered on every node that
 //! runs the role; each call runs as the calling user, who reaches only
-//! their own documents.
+//! their own documents and contexts.
+//!
+//! `llm_ask` posts a message and waits for its turn's
+//! `nexus.context.turn_completed`: live on the context's Redis channel
+//! (subscribed before the message is produced, so the answer cannot come
+//! first), and, since pub/sub may drop a message, by reading the journal
+//! every [`ASK_POLL`] as well.
 
+use std::time::Duration;
+
+use futures::StreamExt;
 use schemars::JsonSchema;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
+use super::contexts::{check_message, ContextError, ContextsApi, NewContext};
 use super::documents::Documents;
-use crate::tools::protocol::ToolError;
+use crate::envelope::Envelope;
+use crate::platform::channels;
+use crate::semantic::records::{Journaled, TurnCompleted, TurnOutcome, UserMessage};
+use crate::tools::protocol::{remaining_until, ToolError};
+use crate::tools::system::CallContext;
 use crate::tools::SystemTool;
+
+/// How often `llm_ask` reads the journal in case the live record was dropped.
+pub const ASK_POLL: Duration = Duration::from_secs(2);
+/// Time `llm_ask` keeps before its call's deadline to say where the turn goes on.
+const ASK_MARGIN: Duration = Duration::from_millis(250);
+/// Records one journal read of `llm_ask` looks at.
+const ASK_SCAN: usize = 1000;
 
 /// `list_documents` takes no arguments.
 #[derive(Debug, Deserialize, JsonSchema)]
@@ -24,8 +46,142 @@ pub struct ReadDocument {
     pub id: String,
 }
 
-/// The role's tools, bound to its store.
-pub fn tools(store: &Documents) -> Vec<SystemTool> {
+/// Arguments of `llm_ask`.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LlmAsk {
+    /// One of your contexts to continue; omitted: a new context.
+    #[serde(default)]
+    pub context: Option<String>,
+    /// What to say to the model.
+    pub message: String,
+    /// For a new context: the model to ask (default: the first configured endpoint's).
+    #[serde(default)]
+    pub model: Option<String>,
+}
+
+/// What `llm_ask` answers.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+pub struct LlmAnswer {
+    /// The context the turn ran in (new or given).
+    pub context: String,
+    /// The model's final text, if any.
+    pub answer: Option<String>,
+    /// How the turn ended.
+    pub outcome: TurnOutcome,
+    /// Model calls the turn made.
+    pub steps: u32,
+}
+
+/// The role's tools, bound to its stores; `llm_ask` when the node serves contexts.
+pub fn tools(store: &Documents, contexts: Option<&ContextsApi>) -> Vec<SystemTool> {
+    let mut tools = document_tools(store);
+    if let Some(contexts) = contexts {
+        let contexts = contexts.clone();
+        tools.push(SystemTool::new(
+            "llm_ask",
+            "Asks the LLM: posts a message into one of the caller's contexts (or a new one) and returns the \
+             model's answer when its turn completes: {context, answer, outcome, steps}.",
+            move |args: LlmAsk, cx| ask(contexts.clone(), args, cx),
+        ));
+    }
+    tools
+}
+
+async fn ask(contexts: ContextsApi, args: LlmAsk, cx: CallContext) -> Result<LlmAnswer, ToolError> {
+    contexts.need_model()?;
+    check_message(&args.message)?;
+    let info = match args.context {
+        Some(id) => {
+            if args.model.is_some() {
+                let message = "model applies to a new context only: a context keeps the model it was made with";
+                return Err(ToolError::InvalidArguments { message: message.into() });
+            }
+            // A turn of this very context calling the tool would wait for itself.
+            if cx.call_id.starts_with(&format!("{id}/")) {
+                return Err(ToolError::failed("a context cannot ask itself: its turn would wait for its own answer"));
+            }
+            contexts.visible(&id, &cx.caller, false).await?
+        }
+        None => contexts.create(&cx.caller, NewContext { model: args.model, ..NewContext::default() }, None).await?,
+    };
+    // The turn's records come after everything journaled so far (a read starts at the first record at least).
+    let scan_from = info.last_offset.map_or(0, |o| o + 1);
+    let context = info.id;
+    let mut live = contexts.redis.get_async_pubsub().await.map_err(ToolError::internal)?;
+    live.subscribe(channels::context(&context)).await.map_err(ToolError::internal)?;
+    let message =
+        UserMessage { context: context.clone(), user: cx.caller.clone(), content: args.message, command_offset: None };
+    let accepted = contexts.command(&context, message).await?;
+    let wait = remaining_until(cx.deadline).saturating_sub(ASK_MARGIN);
+    let turn = tokio::time::timeout(wait, completion(&contexts, &context, accepted.offset, live, scan_from)).await;
+    match turn {
+        Ok(done) => {
+            let done = done?;
+            Ok(LlmAnswer { context, answer: done.answer, outcome: done.outcome, steps: done.steps })
+        }
+        Err(_) => Err(ToolError::failed(format!(
+            "no answer within the call's deadline; the turn goes on in context {context}: \
+             read it at GET /api/contexts/{context}/transcript"
+        ))),
+    }
+}
+
+/// Waits for the `turn_completed` of the command at `command_offset`.
+async fn completion(
+    contexts: &ContextsApi,
+    context: &str,
+    command_offset: i64,
+    live: redis::aio::PubSub,
+    mut scan_from: i64,
+) -> Result<TurnCompleted, ContextError> {
+    let mut live = Some(live.into_on_message());
+    let mut poll = tokio::time::interval_at(tokio::time::Instant::now() + ASK_POLL, ASK_POLL);
+    loop {
+        let next = async {
+            match live.as_mut() {
+                Some(messages) => messages.next().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            message = next => match message {
+                Some(message) => {
+                    let record = Envelope::decode(message.get_payload_bytes()).ok()
+                        .and_then(|e| e.typed::<Journaled>().ok())
+                        .map(|e| e.data.record);
+                    if let Some(done) = record.and_then(|r| completed(r, command_offset)) {
+                        return Ok(done);
+                    }
+                }
+                // The connection dropped: the journal still has it.
+                None => live = None,
+            },
+            _ = poll.tick() => {
+                let Some(info) = contexts.directory.get(context).await? else { return Err(ContextError::NotFound) };
+                match contexts.events(&info, scan_from, ASK_SCAN).await {
+                    Ok(entries) => {
+                        for entry in entries {
+                            scan_from = entry.offset + 1;
+                            if let Some(done) = completed(entry.envelope, command_offset) {
+                                return Ok(done);
+                            }
+                        }
+                    }
+                    Err(error) => tracing::debug!(context, %error, "journal not read; trying again"),
+                }
+            }
+        }
+    }
+}
+
+/// The record as the answer to `command_offset`, if it is that.
+fn completed(record: Envelope<Value>, command_offset: i64) -> Option<TurnCompleted> {
+    let done = record.typed::<TurnCompleted>().ok()?.data;
+    (done.command_offset == command_offset).then_some(done)
+}
+
+fn document_tools(store: &Documents) -> Vec<SystemTool> {
     let list_store = store.clone();
     let read_store = store.clone();
     vec![

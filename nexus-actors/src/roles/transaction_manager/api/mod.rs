@@ -1,10 +1,11 @@
 //! The transaction manager's HTTP API: accounts and login
-//! ([`accounts`]), panel records ([`panels`]) and versioned documents
-//! ([`documents`]). Every route but login and the UI's config needs a
+//! ([`accounts`]), panel records ([`panels`]), versioned documents
+//! ([`documents`]) and LLM contexts ([`contexts`]). Every route but login and the UI's config needs a
 //! valid token ([`Caller`]); a user reaches only their own panels and
 //! documents (403 otherwise); admins manage users.
 
 pub mod accounts;
+pub mod contexts;
 pub mod documents;
 pub mod panels;
 
@@ -12,6 +13,7 @@ use actix_web::{web, HttpResponse};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
+use super::contexts::ContextsApi;
 use super::documents::{Document, Documents};
 use super::metrics::TmMetrics;
 use crate::bus::redis::Publish;
@@ -39,6 +41,9 @@ pub struct TmState {
     pub ui: UiConfig,
     /// The role's metric families.
     pub metrics: TmMetrics,
+    /// LLM contexts; `None` on a node without the semantic bus (only in
+    /// tests: every node has Kafka), where the context routes answer 503.
+    pub contexts: Option<ContextsApi>,
 }
 
 /// Settings of the node that the Studio UI needs to know.

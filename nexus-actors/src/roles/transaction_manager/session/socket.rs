@@ -14,7 +14,7 @@ use super::{BridgeLinks, ClientText, Disconnected, Session};
 use crate::bus::redis::RedisBridge;
 use crate::kernel::{ActorRef, Kernel, Link};
 use crate::platform::auth::{extract::bearer, Audience, Auth};
-use crate::platform::ApiError;
+use crate::platform::{ApiError, UserRole};
 use crate::roles::transaction_manager::api::TmState;
 use crate::roles::transaction_manager::protocol::MAX_FRAME;
 
@@ -70,7 +70,8 @@ pub async fn upgrade(
         .map(str::to_owned)
         .or_else(|| web::Query::<HashMap<String, String>>::from_query(req.query_string()).ok()?.get("token").cloned())
         .ok_or(ApiError::Unauthorized)?;
-    let user = auth.verify(&token, &Audience::Api).await.map_err(ApiError::from)?.user;
+    let identity = auth.verify(&token, &Audience::Api).await.map_err(ApiError::from)?;
+    let (user, admin) = (identity.user, identity.role == UserRole::Admin);
 
     let (response, ws, stream) = actix_ws::handle(&req, body)?;
     let stream = stream.max_frame_size(MAX_FRAME);
@@ -87,6 +88,7 @@ pub async fn upgrade(
     let too_slow = deps.kernel.metrics().sessions_too_slow.clone();
     let session = deps.kernel.spawn(id, move || Session {
         user: u.clone(),
+        admin,
         token: token.clone(),
         state: s.clone(),
         bus: bus.clone(),
@@ -96,6 +98,7 @@ pub async fn upgrade(
         docs: HashMap::new(),
         follows: 0,
         panels: false,
+        contexts: Default::default(),
         bus_down: false,
         me: None,
     });

@@ -1,0 +1,288 @@
+//! `LlmContext`: one context's mailbox. Commands queue for its worker,
+//! which folds the journal once (from the latest snapshot) and then takes
+//! them in order: a creation is journaled once; a message starts a turn,
+//! or resumes the one the journal shows open, or is acknowledged at once
+//! when the journal already holds its `turn_completed`. A cancel stops the
+//! turn under way without waiting in the queue. Turns themselves are
+//! [`super::turn`]'s.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::Deserialize as _;
+use tokio::sync::{mpsc, oneshot, watch};
+use tracing::Instrument;
+
+use super::inbox::{dead_letter, DeadLetter, DeadLettered};
+use super::manager::Command;
+use super::metrics::LlmMetrics;
+use super::model::ModelClient;
+use super::turn::{self, TurnLimits};
+use super::writer::JournalWriter;
+use crate::bus::kafka::{Nack, Produce, SEMANTIC_COMMANDS};
+use crate::envelope::Payload;
+use crate::kernel::{ActorRef, Behaviour, Ctx, Handler, Kernel, Link, Reply};
+use crate::semantic::fold::Transcript;
+use crate::semantic::journal::{Journal, JournalError};
+use crate::semantic::records::{AgentMessage, Cancel, ContextCreated, Snapshot, UserMessage};
+use crate::tools::registry::{CallTool, ListTools};
+
+/// Everything a context needs. Cheap to clone.
+#[derive(Clone)]
+pub struct ContextDeps {
+    /// The node's kernel.
+    pub kernel: Kernel,
+    /// Reads journals back.
+    pub journal: Journal,
+    /// Appends to them.
+    pub writer: JournalWriter,
+    /// Calls models.
+    pub model: ModelClient,
+    /// Calls tools as the context's owner.
+    pub tools: Link<CallTool>,
+    /// Lists the owner's tools.
+    pub list_tools: Link<ListTools>,
+    /// For the dead-letter topic.
+    pub produce: Link<Produce>,
+    /// Step limit, deadline and the like.
+    pub limits: TurnLimits,
+    /// The role's metrics.
+    pub metrics: LlmMetrics,
+}
+
+/// When a context last had work, and whether it has some now.
+#[derive(Debug)]
+pub struct Activity {
+    since: Instant,
+    last: AtomicU64,
+    busy: AtomicBool,
+}
+
+impl Default for Activity {
+    fn default() -> Self {
+        Activity { since: Instant::now(), last: AtomicU64::new(0), busy: AtomicBool::new(false) }
+    }
+}
+
+impl Activity {
+    /// Notes work now.
+    pub fn touch(&self) {
+        self.last.store(self.since.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+
+    /// How long it has been without work (zero while busy).
+    pub fn idle_for(&self) -> Duration {
+        if self.busy.load(Ordering::Relaxed) {
+            return Duration::ZERO;
+        }
+        let now = self.since.elapsed().as_millis() as u64;
+        Duration::from_millis(now.saturating_sub(self.last.load(Ordering::Relaxed)))
+    }
+}
+
+type Queued = (Command, oneshot::Sender<Result<(), Nack>>);
+
+/// The actor of one context. See the module documentation.
+pub struct LlmContext {
+    id: String,
+    deps: ContextDeps,
+    activity: Arc<Activity>,
+    queue: Option<mpsc::UnboundedSender<Queued>>,
+    cancel: watch::Sender<u64>,
+}
+
+impl LlmContext {
+    /// Actor kind in the mailbox graph.
+    pub const KIND: &'static str = "llm_context";
+
+    /// The actor of context `id`.
+    pub fn new(id: String, deps: ContextDeps, activity: Arc<Activity>) -> Self {
+        LlmContext { id, deps, activity, queue: None, cancel: watch::channel(0).0 }
+    }
+}
+
+impl Behaviour for LlmContext {
+    const KIND: &'static str = LlmContext::KIND;
+
+    fn started(&mut self, _me: &ActorRef<Self>, _ctx: &mut Ctx<Self>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        self.queue = Some(tx);
+        let worker = Worker {
+            id: self.id.clone(),
+            deps: self.deps.clone(),
+            activity: self.activity.clone(),
+            cancel: self.cancel.subscribe(),
+            transcript: None,
+        };
+        actix::spawn(worker.run(rx));
+    }
+}
+
+impl Handler<Command> for LlmContext {
+    fn handle(&mut self, command: Command, _ctx: &mut Ctx<Self>) -> Reply<Result<(), Nack>> {
+        if command.envelope.kind == Cancel::TYPE {
+            self.cancel.send_modify(|generation| *generation += 1);
+            tracing::info!(context = %self.id, "turn cancel asked");
+            return Reply::Now(Ok(()));
+        }
+        let (tx, rx) = oneshot::channel();
+        let Some(queue) = &self.queue else { return Reply::Now(Err(Nack("context not started".into()))) };
+        if queue.send((command, tx)).is_err() {
+            return Reply::Now(Err(Nack("context stopped".into())));
+        }
+        Reply::later(async move { rx.await.unwrap_or_else(|_| Err(Nack("context stopped".into()))) })
+    }
+}
+
+/// Runs one context's commands in order; ends when its actor stops.
+struct Worker {
+    id: String,
+    deps: ContextDeps,
+    activity: Arc<Activity>,
+    cancel: watch::Receiver<u64>,
+    transcript: Option<Transcript>,
+}
+
+impl Worker {
+    async fn run(mut self, mut queue: mpsc::UnboundedReceiver<Queued>) {
+        while let Some((command, reply)) = queue.recv().await {
+            self.activity.busy.store(true, Ordering::Relaxed);
+            let span = tracing::info_span!("nexus.llm.command", context = %self.id, kind = %command.envelope.kind, offset = command.offset);
+            command.envelope.trace_context().set_as_parent_of(&span);
+            let result = self.handle(&command).instrument(span).await;
+            self.activity.touch();
+            self.activity.busy.store(false, Ordering::Relaxed);
+            let _ = reply.send(result);
+        }
+    }
+
+    async fn handle(&mut self, command: &Command) -> Result<(), Nack> {
+        let transcript = match self.transcript.take() {
+            Some(t) => t,
+            None => match self.rebuild().await {
+                Ok(Some(t)) => t,
+                Ok(None) => return self.refuse(command, "no such context").await,
+                Err(error) => return Err(Nack(format!("rebuilding the context: {error}"))),
+            },
+        };
+        let mut transcript = transcript;
+        let result = self.take(command, &mut transcript).await;
+        self.transcript = Some(transcript);
+        result
+    }
+
+    /// The context folded from its journal; `None` when it was never created.
+    async fn rebuild(&self) -> Result<Option<Transcript>, JournalError> {
+        self.deps.metrics.replays.inc();
+        match self.deps.journal.transcript(&self.id, None).await {
+            Ok(t) => Ok(Some(t)),
+            Err(JournalError::NotJournaled(_)) => Ok(Some(Transcript::default())),
+            Err(JournalError::NotFound(_)) => Ok(None),
+            Err(error) => Err(error),
+        }
+    }
+
+    async fn take(&mut self, command: &Command, t: &mut Transcript) -> Result<(), Nack> {
+        let data = &command.envelope.data;
+        match command.envelope.kind.as_str() {
+            ContextCreated::TYPE => {
+                if !t.context.is_empty() {
+                    return Ok(());
+                }
+                let Ok(mut created) = ContextCreated::deserialize(data) else {
+                    return self.refuse(command, "not a creation").await;
+                };
+                let known = self.deps.journal.directory().get(&self.id).await.map_err(|e| Nack(e.to_string()))?;
+                if known.is_none_or(|info| info.owner != created.owner) {
+                    return self.refuse(command, "the directory has no such context for this owner").await;
+                }
+                created.command_offset = Some(command.offset);
+                let entry = self.deps.writer.append(&self.id, created, Some(&command.envelope.id)).await;
+                let entry = entry.map_err(|e| Nack(e.to_string()))?;
+                t.apply(&entry);
+                Ok(())
+            }
+            UserMessage::TYPE | AgentMessage::TYPE => {
+                if t.context.is_empty() {
+                    return self.refuse(command, "message for a context that was never created").await;
+                }
+                if t.is_answered(command.offset) {
+                    return Ok(());
+                }
+                if let Some(open) = t.open.clone().filter(|o| o.command_offset != command.offset) {
+                    // An earlier turn left open (its command was redelivered out of
+                    // order of its journal): it ends before this one starts.
+                    self.run_turn(t, open.command_offset).await?;
+                }
+                if !t.has_started(command.offset) {
+                    let entry = match command.envelope.kind.as_str() {
+                        UserMessage::TYPE => {
+                            let Ok(mut m) = UserMessage::deserialize(data) else {
+                                return self.refuse(command, "not a user message").await;
+                            };
+                            m.command_offset = Some(command.offset);
+                            self.deps.writer.append(&self.id, m, Some(&command.envelope.id)).await
+                        }
+                        _ => {
+                            let Ok(mut m) = AgentMessage::deserialize(data) else {
+                                return self.refuse(command, "not an agent message").await;
+                            };
+                            m.command_offset = Some(command.offset);
+                            self.deps.writer.append(&self.id, m, Some(&command.envelope.id)).await
+                        }
+                    };
+                    t.apply(&entry.map_err(|e| Nack(e.to_string()))?);
+                }
+                self.run_turn(t, command.offset).await?;
+                self.snapshot(t).await;
+                Ok(())
+            }
+            _ => self.refuse(command, "not a command").await,
+        }
+    }
+
+    async fn run_turn(&mut self, t: &mut Transcript, command_offset: i64) -> Result<(), Nack> {
+        self.cancel.mark_unchanged();
+        turn::run(&self.deps, t, command_offset, self.cancel.clone()).await.map_err(|e| Nack(e.to_string()))
+    }
+
+    /// Journals a snapshot when the context has doubled since the last one.
+    async fn snapshot(&self, t: &mut Transcript) {
+        const FIRST: u64 = 256;
+        const MAX_BYTES: usize = 900 * 1024;
+        if t.records < FIRST || t.records < 2 * t.snapshot_records.max(FIRST / 2) {
+            return;
+        }
+        let Ok(state) = serde_json::to_value(&*t) else { return };
+        if crate::tools::protocol::encoded_len(&state) > MAX_BYTES {
+            return;
+        }
+        let snapshot = Snapshot { context: self.id.clone(), at: t.last_offset, records: t.records, state };
+        match self.deps.writer.append(&self.id, snapshot, None).await {
+            Ok(entry) => {
+                let directory = self.deps.journal.directory();
+                if let Err(error) = directory.snapshot(&self.id, t.last_offset, entry.offset).await {
+                    tracing::warn!(context = %self.id, %error, "snapshot not indexed");
+                }
+                t.apply(&entry);
+            }
+            Err(error) => tracing::warn!(context = %self.id, %error, "snapshot not journaled"),
+        }
+    }
+
+    /// Counts and dead-letters a command that cannot be taken, and acknowledges it.
+    async fn refuse(&self, command: &Command, detail: &str) -> Result<(), Nack> {
+        let letter = DeadLettered {
+            reason: DeadLetter::UnknownContext.as_str().to_owned(),
+            detail: format!("{}: {detail}", command.envelope.kind),
+            topic: SEMANTIC_COMMANDS.to_owned(),
+            partition: command.partition,
+            offset: command.offset,
+            key: Some(command.context.clone()),
+            payload: command.envelope.data.to_string(),
+        };
+        dead_letter(&self.deps.produce, &self.deps.metrics, self.deps.kernel.node(), letter).await;
+        Ok(())
+    }
+}

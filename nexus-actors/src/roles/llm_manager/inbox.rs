@@ -1,0 +1,387 @@
+//! The LLM manager's inbox: a consumer of the partitions of
+//! `semantic.commands` this node owns (see [`super::lease`]). Each owned
+//! partition's commands go to the manager as they arrive, so one context's
+//! long turn never holds up another's; a partition's next offset is stored
+//! only up to its first command not yet acknowledged (its turn journaled
+//! to the end). Garbage (bytes
+//! that are not an envelope, unknown types, oversized records, records
+//! without a context key) is counted, copied to `semantic.dlq` with the
+//! reason, and skipped: it never blocks its partition.
+//!
+//! When a partition moves away the manager is told to stop its contexts;
+//! acknowledgements that arrive after it are ignored, and the partition's
+//! next owner starts from the stored offset and finishes any turn left
+//! open (the journal says how far it got).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::stream::{FuturesUnordered, StreamExt};
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::error::KafkaError;
+use rdkafka::message::BorrowedMessage;
+use rdkafka::{Message as _, Offset, TopicPartitionList};
+use serde::Deserialize as _;
+use serde_json::Value;
+use tokio::sync::oneshot;
+
+use super::lease::{self, Lease};
+use super::manager::{Command, PartitionsRevoked};
+use super::metrics::LlmMetrics;
+use crate::bus::kafka::{KafkaConfig, Nack, Produce, SEMANTIC_COMMANDS};
+use crate::bus::Backoff;
+use crate::envelope::{DecodeError, Envelope, Payload, MAX_ENVELOPE_BYTES};
+use crate::kernel::{lock, AskError, Link};
+use crate::semantic::records::{is_context_id, AgentMessage, Cancel, ContextCreated, UserMessage};
+
+/// The group id the inbox's consumer names itself by (it commits nothing to Kafka).
+pub const GROUP: &str = "nexus-llm-manager";
+/// Where refused commands go, with the reason.
+pub const DLQ: &str = "semantic.dlq";
+/// Commands read but not yet acknowledged, across partitions; past it the inbox stops reading.
+const MAX_IN_FLIGHT: usize = 4096;
+/// The start of a refused record that is copied to the dead-letter topic.
+const DLQ_PAYLOAD_BYTES: usize = 64 * 1024;
+
+/// Why a command was refused: the `reason` label of `nexus_semantic_dead_letters_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeadLetter {
+    /// `not_an_envelope`: the bytes are not a CloudEvents envelope.
+    NotAnEnvelope,
+    /// `oversized`: the record is over the envelope limit.
+    Oversized,
+    /// `unknown_type`: an envelope of a type the manager does not take.
+    UnknownType,
+    /// `bad_key`: no record key, or one that is not a context id.
+    BadKey,
+    /// `unknown_context`: a command for a context that was never created.
+    UnknownContext,
+    /// `bad_command`: the payload does not fit its type, or names another context than its key.
+    BadCommand,
+}
+
+impl DeadLetter {
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeadLetter::NotAnEnvelope => "not_an_envelope",
+            DeadLetter::Oversized => "oversized",
+            DeadLetter::UnknownType => "unknown_type",
+            DeadLetter::BadKey => "bad_key",
+            DeadLetter::UnknownContext => "unknown_context",
+            DeadLetter::BadCommand => "bad_command",
+        }
+    }
+}
+
+/// A refused command as it is copied to [`DLQ`].
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct DeadLettered {
+    /// Why (a [`DeadLetter`] label value).
+    pub reason: String,
+    /// More detail, for people.
+    pub detail: String,
+    /// Where it was read.
+    pub topic: String,
+    /// Its partition.
+    pub partition: i32,
+    /// Its offset.
+    pub offset: i64,
+    /// Its key, lossily UTF-8.
+    pub key: Option<String>,
+    /// The start of its payload, lossily UTF-8.
+    pub payload: String,
+}
+
+impl Payload for DeadLettered {
+    const TYPE: &'static str = "nexus.semantic.dead_letter";
+}
+
+/// Counts and copies a refused record to [`DLQ`]; never fails the caller.
+pub async fn dead_letter(kafka: &Link<Produce>, metrics: &LlmMetrics, source: &str, letter: DeadLettered) {
+    metrics.dead_letters.with_label_values(&[&letter.reason]).inc();
+    tracing::warn!(reason = %letter.reason, detail = %letter.detail, partition = letter.partition, offset = letter.offset, "nexus_semantic_dead_letters_total");
+    let key = letter.key.clone().unwrap_or_default();
+    let envelope = Envelope::new(source.to_owned(), letter).into_untyped();
+    match kafka.ask(Produce { topic: DLQ.to_owned(), key, envelope }).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(error)) => tracing::error!(%error, "could not copy a refused command to the dead-letter topic"),
+        Err(error) => tracing::error!(?error, "could not copy a refused command to the dead-letter topic"),
+    }
+}
+
+/// What the inbox needs.
+pub struct InboxDeps {
+    /// The brokers.
+    pub kafka: KafkaConfig,
+    /// Where commands go.
+    pub manager: Link<Command>,
+    /// Where revokes go.
+    pub revoked: Link<PartitionsRevoked>,
+    /// For the dead-letter topic.
+    pub produce: Link<Produce>,
+    /// Counters.
+    pub metrics: LlmMetrics,
+    /// The node's name.
+    pub source: String,
+    /// Which partitions are this node's, and how far they are done.
+    pub lease: Lease,
+}
+
+/// A running inbox; stops (committing what is done) when told.
+pub struct Inbox {
+    stop: Option<oneshot::Sender<()>>,
+    done: Option<oneshot::Receiver<()>>,
+}
+
+impl Inbox {
+    /// Starts taking this node's share of the partitions, on the current arbiter.
+    pub fn start(deps: InboxDeps) -> Result<Inbox, KafkaError> {
+        let consumer: StreamConsumer = deps
+            .kafka
+            .client()
+            .set("group.id", GROUP)
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("fetch.wait.max.ms", crate::bus::kafka::FETCH_WAIT_MS)
+            .create()?;
+        let metadata = consumer.fetch_metadata(Some(SEMANTIC_COMMANDS), Duration::from_secs(10))?;
+        let partitions = metadata.topics().iter().map(|t| t.partitions().len()).sum::<usize>() as i32;
+        let (stop_tx, stop_rx) = oneshot::channel();
+        let (done_tx, done_rx) = oneshot::channel();
+        actix::spawn(async move {
+            run(consumer, deps, partitions, stop_rx).await;
+            let _ = done_tx.send(());
+        });
+        Ok(Inbox { stop: Some(stop_tx), done: Some(done_rx) })
+    }
+
+    /// Stops consuming and gives the lease up.
+    pub async fn stop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(done) = self.done.take() {
+            let _ = done.await;
+        }
+    }
+}
+
+type Delivery = futures::future::LocalBoxFuture<'static, (i32, u64, i64)>;
+
+/// Offsets of one owned partition read and not yet stored.
+#[derive(Default)]
+struct Pending {
+    /// Offset → acknowledged.
+    offsets: BTreeMap<i64, bool>,
+}
+
+/// The partitions a node consumes and the generation of each one's ownership.
+struct Owned {
+    partitions: HashMap<i32, Pending>,
+    generations: Arc<Mutex<HashMap<i32, u64>>>,
+}
+
+impl Owned {
+    fn generation(&self, partition: i32) -> u64 {
+        lock(&self.generations).get(&partition).copied().unwrap_or(0)
+    }
+}
+
+async fn run(consumer: StreamConsumer, deps: InboxDeps, partitions: i32, mut stop: oneshot::Receiver<()>) {
+    let mut owned = Owned { partitions: HashMap::new(), generations: Arc::default() };
+    let mut in_flight: FuturesUnordered<Delivery> = FuturesUnordered::new();
+    let mut renew = tokio::time::interval(lease::RENEW);
+    let mut renewed = tokio::time::Instant::now();
+    loop {
+        tokio::select! {
+            _ = &mut stop => break,
+            _ = renew.tick() => {
+                let want = match deps.lease.renew().await {
+                    Ok(members) => {
+                        renewed = tokio::time::Instant::now();
+                        lease::owned(&members, deps.lease.member(), partitions)
+                    }
+                    // Without a lease for longer than others wait, this node
+                    // owns nothing: they may be taking its partitions over.
+                    Err(_) if renewed.elapsed() >= lease::TTL - lease::RENEW => Vec::new(),
+                    Err(error) => {
+                        tracing::warn!(%error, "llm manager: lease not renewed");
+                        continue;
+                    }
+                };
+                reconcile(&consumer, &deps, &mut owned, want).await;
+            }
+            Some((partition, gen, offset)) = in_flight.next(), if !in_flight.is_empty() => {
+                if owned.generation(partition) == gen {
+                    if let Some(p) = owned.partitions.get_mut(&partition) {
+                        p.offsets.insert(offset, true);
+                        store_done(&deps, partition, p).await;
+                    }
+                }
+            }
+            received = consumer.recv(), if in_flight.len() < MAX_IN_FLIGHT => match received {
+                Ok(message) => {
+                    let partition = message.partition();
+                    let gen = owned.generation(partition);
+                    let Some(p) = owned.partitions.get_mut(&partition) else { continue };
+                    let offset = message.offset();
+                    p.offsets.insert(offset, false);
+                    match parse(&message) {
+                        Ok((context, envelope)) => {
+                            let command = Command { context, partition, offset, envelope };
+                            let generations = owned.generations.clone();
+                            in_flight.push(Box::pin(deliver(deps.manager.clone(), command, gen, generations)));
+                        }
+                        Err(letter) => {
+                            dead_letter(&deps.produce, &deps.metrics, &deps.source, *letter).await;
+                            p.offsets.insert(offset, true);
+                            store_done(&deps, partition, p).await;
+                        }
+                    }
+                }
+                Err(error) => {
+                    deps.metrics.consume_errors.inc();
+                    tracing::warn!(%error, "llm manager inbox: poll failed");
+                    actix::clock::sleep(Duration::from_millis(200)).await;
+                }
+            },
+        }
+    }
+    reconcile(&consumer, &deps, &mut owned, Vec::new()).await;
+    deps.lease.leave().await;
+}
+
+/// Makes `want` the partitions this node consumes: the ones it loses stop
+/// (their contexts too), the ones it gains start from their stored offsets.
+async fn reconcile(consumer: &StreamConsumer, deps: &InboxDeps, owned: &mut Owned, want: Vec<i32>) {
+    let lost: Vec<i32> = owned.partitions.keys().filter(|p| !want.contains(p)).copied().collect();
+    let gained: Vec<i32> = want.iter().filter(|p| !owned.partitions.contains_key(p)).copied().collect();
+    if !lost.is_empty() {
+        let mut list = TopicPartitionList::new();
+        for p in &lost {
+            owned.partitions.remove(p);
+            *lock(&owned.generations).entry(*p).or_default() += 1;
+            list.add_partition(SEMANTIC_COMMANDS, *p);
+        }
+        if let Err(error) = consumer.incremental_unassign(&list) {
+            tracing::warn!(%error, "llm manager inbox: unassign failed");
+        }
+        tracing::info!(partitions = ?lost, "llm manager: partitions moved away; their contexts stop");
+        let _ = deps.revoked.ask(PartitionsRevoked(lost)).await;
+    }
+    if gained.is_empty() {
+        return;
+    }
+    let offsets = match deps.lease.offsets(&gained).await {
+        Ok(offsets) => offsets,
+        Err(error) => {
+            // Tried again at the next renewal.
+            tracing::warn!(%error, "llm manager inbox: stored offsets unreadable");
+            return;
+        }
+    };
+    let mut list = TopicPartitionList::new();
+    for p in &gained {
+        let from = offsets.get(p).map_or(Offset::Beginning, |o| Offset::Offset(*o));
+        if list.add_partition_offset(SEMANTIC_COMMANDS, *p, from).is_err() {
+            return;
+        }
+    }
+    match consumer.incremental_assign(&list) {
+        Ok(()) => {
+            for p in &gained {
+                owned.partitions.insert(*p, Pending::default());
+            }
+            tracing::info!(partitions = ?gained, "llm manager: partitions taken");
+        }
+        Err(error) => tracing::warn!(%error, "llm manager inbox: assign failed; tried again at the next renewal"),
+    }
+}
+
+/// Stores the offset after the acknowledged prefix of `p`.
+async fn store_done(deps: &InboxDeps, partition: i32, p: &mut Pending) {
+    let mut last = None;
+    while let Some((&offset, &done)) = p.offsets.first_key_value() {
+        if !done {
+            break;
+        }
+        p.offsets.pop_first();
+        last = Some(offset);
+    }
+    if let Some(offset) = last {
+        if let Err(error) = deps.lease.done(partition, offset + 1).await {
+            deps.metrics.consume_errors.inc();
+            tracing::warn!(%error, partition, offset, "llm manager inbox: offset not stored; the command may be seen again");
+        }
+    }
+}
+
+/// Delivers a command until the manager acknowledges it (its turn is on
+/// the journal), the manager is gone, or the partition moved (its next
+/// owner takes the command; nothing is stored here).
+async fn deliver(
+    manager: Link<Command>,
+    command: Command,
+    generation: u64,
+    generations: Arc<Mutex<HashMap<i32, u64>>>,
+) -> (i32, u64, i64) {
+    let (partition, offset) = (command.partition, command.offset);
+    let mut backoff = Backoff::new();
+    loop {
+        let reason = match manager.ask(command.clone()).await {
+            Ok(Ok(())) => break,
+            Ok(Err(Nack(reason))) => reason,
+            Err(AskError::Panicked(p)) => p.to_string(),
+            Err(AskError::Closed(_) | AskError::Dropped) => break,
+        };
+        if lock(&generations).get(&partition).copied().unwrap_or(0) != generation {
+            break;
+        }
+        tracing::warn!(partition, offset, %reason, "llm manager: command not done; retrying");
+        actix::clock::sleep(backoff.next_delay()).await;
+    }
+    (partition, generation, offset)
+}
+
+/// The context id and envelope of a command, or why it is refused.
+fn parse(message: &BorrowedMessage<'_>) -> Result<(String, Envelope<Value>), Box<DeadLettered>> {
+    let payload = message.payload().unwrap_or_default();
+    let key = message.key().map(|k| String::from_utf8_lossy(k).into_owned());
+    let letter = |reason: DeadLetter, detail: String| -> Box<DeadLettered> {
+        Box::new(DeadLettered {
+            reason: reason.as_str().to_owned(),
+            detail,
+            topic: message.topic().to_owned(),
+            partition: message.partition(),
+            offset: message.offset(),
+            key: key.clone(),
+            payload: String::from_utf8_lossy(&payload[..payload.len().min(DLQ_PAYLOAD_BYTES)]).into_owned(),
+        })
+    };
+    let envelope = match Envelope::decode(payload) {
+        Ok(envelope) => envelope,
+        Err(e @ DecodeError::TooLarge { .. }) => return Err(letter(DeadLetter::Oversized, e.to_string())),
+        Err(e) => return Err(letter(DeadLetter::NotAnEnvelope, e.to_string())),
+    };
+    let Some(context) = key.clone().filter(|k| is_context_id(k)) else {
+        return Err(letter(DeadLetter::BadKey, "the record key must be the context id".into()));
+    };
+    let named = match envelope.kind.as_str() {
+        ContextCreated::TYPE => ContextCreated::deserialize(&envelope.data).map(|c| c.context),
+        UserMessage::TYPE => UserMessage::deserialize(&envelope.data).map(|c| c.context),
+        AgentMessage::TYPE => AgentMessage::deserialize(&envelope.data).map(|c| c.context),
+        Cancel::TYPE => Cancel::deserialize(&envelope.data).map(|c| c.context),
+        other => return Err(letter(DeadLetter::UnknownType, format!("commands do not include {other:?}"))),
+    };
+    match named {
+        Ok(named) if named == context => {}
+        Ok(named) => return Err(letter(DeadLetter::BadCommand, format!("names context {named} under key {context}"))),
+        Err(e) => return Err(letter(DeadLetter::BadCommand, e.to_string())),
+    }
+    if payload.len() > MAX_ENVELOPE_BYTES {
+        return Err(letter(DeadLetter::Oversized, format!("{} bytes", payload.len())));
+    }
+    Ok((context, envelope))
+}

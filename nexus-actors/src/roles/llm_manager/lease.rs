@@ -1,0 +1,127 @@
+//! Which LLM manager owns which partition of `semantic.commands`, leased
+//! in Redis, and how far each partition's commands are done.
+//!
+//! Every node renews its lease each [`RENEW`]; a lease not renewed for
+//! [`TTL`] lapses and its node drops out. Partitions go round-robin over
+//! the live nodes in name order, so every node computes the same
+//! assignment, and a killed node's partitions move once its lease lapses.
+//! (Tansu 0.6's group coordinator keeps a killed member in its group, so
+//! a Kafka consumer group never hands its partitions to anyone; leases
+//! do not depend on the broker for this.) A node whose own renewals fail
+//! for [`TTL`] gives up every partition before anyone else may take them.
+//!
+//! The next offset to read of each partition is kept here too, written
+//! only once every command before it has its turn on the journal.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use redis::AsyncCommands;
+
+use crate::platform::store::{Redis, StoreError};
+
+/// How often a node renews its lease.
+pub const RENEW: Duration = Duration::from_millis(1000);
+/// How long a lease lasts without renewal.
+pub const TTL: Duration = Duration::from_millis(5000);
+
+const MEMBERS: &str = "nexus:llm-managers:members";
+const OFFSETS: &str = "nexus:llm-managers:offsets";
+
+/// Renews `ARGV[1]` until Redis's now + `ARGV[2]` ms, drops lapsed members,
+/// returns the live ones in name order.
+const RENEW_SCRIPT: &str = r"
+local now = redis.call('TIME')
+local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+redis.call('ZADD', KEYS[1], ms + tonumber(ARGV[2]), ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ms)
+local members = redis.call('ZRANGE', KEYS[1], 0, -1)
+table.sort(members)
+return members
+";
+
+/// One node's lease. Cheap to clone.
+#[derive(Clone)]
+pub struct Lease {
+    redis: Redis,
+    member: String,
+}
+
+impl Lease {
+    /// The lease of a new member named after `node` (unique per process).
+    pub fn new(redis: Redis, node: &str) -> Self {
+        Lease { redis, member: format!("{node}/{}", uuid::Uuid::now_v7().simple()) }
+    }
+
+    /// This member's name.
+    pub fn member(&self) -> &str {
+        &self.member
+    }
+
+    /// Renews the lease; the live members, in name order.
+    pub async fn renew(&self) -> Result<Vec<String>, StoreError> {
+        Ok(redis::Script::new(RENEW_SCRIPT)
+            .key(MEMBERS)
+            .arg(&self.member)
+            .arg(TTL.as_millis() as u64)
+            .invoke_async(&mut self.redis.conn())
+            .await?)
+    }
+
+    /// Gives the lease up now (an orderly stop), so others need not wait for it to lapse.
+    pub async fn leave(&self) {
+        let _: Result<(), _> = self.redis.conn().zrem(MEMBERS, &self.member).await;
+    }
+
+    /// The next offset to read of each of `partitions` that has one.
+    pub async fn offsets(&self, partitions: &[i32]) -> Result<HashMap<i32, i64>, StoreError> {
+        let fields: Vec<String> = partitions.iter().map(i32::to_string).collect();
+        if fields.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let values: Vec<Option<i64>> = self
+            .redis
+            .read(|mut c| {
+                let fields = fields.clone();
+                async move { redis::cmd("HMGET").arg(OFFSETS).arg(fields).query_async(&mut c).await }
+            })
+            .await?;
+        Ok(partitions.iter().zip(values).filter_map(|(p, v)| Some((*p, v?))).collect())
+    }
+
+    /// Notes that every command of `partition` before `next` is done.
+    pub async fn done(&self, partition: i32, next: i64) -> Result<(), StoreError> {
+        const RAISE: &str = r"
+local current = tonumber(redis.call('HGET', KEYS[1], ARGV[1]))
+if current == nil or tonumber(ARGV[2]) > current then redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) end
+return 1
+";
+        redis::Script::new(RAISE)
+            .key(OFFSETS)
+            .arg(partition)
+            .arg(next)
+            .invoke_async::<i64>(&mut self.redis.conn())
+            .await?;
+        Ok(())
+    }
+}
+
+/// The partitions of `partitions` that `member` owns among `members` (in name order).
+pub fn owned(members: &[String], member: &str, partitions: i32) -> Vec<i32> {
+    let Some(me) = members.iter().position(|m| m == member) else { return Vec::new() };
+    (0..partitions).filter(|p| *p as usize % members.len() == me).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::owned;
+
+    #[test]
+    fn partitions_go_round_robin_and_every_one_has_one_owner() {
+        let members: Vec<String> = ["a", "b"].map(String::from).to_vec();
+        assert_eq!(owned(&members, "a", 3), [0, 2]);
+        assert_eq!(owned(&members, "b", 3), [1]);
+        assert_eq!(owned(&members, "gone", 3), Vec::<i32>::new());
+        assert_eq!(owned(&members[..1], "a", 3), [0, 1, 2], "alone, a member owns them all");
+    }
+}

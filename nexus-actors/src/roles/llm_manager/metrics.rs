@@ -1,0 +1,172 @@
+//! The LLM manager's metric families, registered in the node's registry so
+//! the node's `/metrics` shows them. Names are stable. This module only
+//! counts (and logs what it counts); deciding outcomes is the model
+//! client's and the contexts' job.
+
+use std::time::Duration;
+
+use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+
+use crate::semantic::records::Usage;
+
+/// The `outcome` of a model request that succeeded; a failed one is
+/// labelled with its [`ModelError::code`](super::model::ModelError::code).
+pub const OUTCOME_OK: &str = "ok";
+
+/// The LLM manager's metric families. Cloning shares them.
+#[derive(Clone)]
+pub struct LlmMetrics {
+    /// `nexus_llm_requests_total{endpoint,outcome}`: model requests by endpoint and how they ended.
+    requests: IntCounterVec,
+    /// `nexus_llm_tokens_total{kind}`: tokens the endpoints reported, `input` or `output`.
+    tokens: IntCounterVec,
+    /// `nexus_llm_time_to_first_token_seconds`: from the call to the first text or tool-call delta.
+    ttft: Histogram,
+    /// `nexus_llm_request_seconds`: from the call to the whole answer, retries included.
+    request_seconds: Histogram,
+    /// `nexus_llm_contexts`: context actors alive on this node.
+    pub contexts: IntGauge,
+    /// `nexus_llm_replays_total`: transcripts rebuilt from the journal.
+    pub replays: IntCounter,
+    /// `nexus_semantic_dead_letters_total{reason}`: commands copied to `semantic.dlq`.
+    pub dead_letters: IntCounterVec,
+    /// `nexus_llm_consume_errors_total`: failed polls of `semantic.commands` and offset stores.
+    pub consume_errors: IntCounter,
+    /// `nexus_llm_journal_append_seconds`: from handing a record to the Kafka bridge to its acknowledgement.
+    pub journal_append_seconds: Histogram,
+}
+
+impl LlmMetrics {
+    /// Registers the families in `registry`; fails if they are registered
+    /// there already (one LLM manager per node).
+    pub fn new(registry: &Registry) -> Result<Self, prometheus::Error> {
+        let requests = IntCounterVec::new(
+            Opts::new("nexus_llm_requests_total", "Model requests, by endpoint and outcome"),
+            &["endpoint", "outcome"],
+        )?;
+        let tokens = IntCounterVec::new(
+            Opts::new("nexus_llm_tokens_total", "Tokens the model endpoints reported, by kind (input, output)"),
+            &["kind"],
+        )?;
+        // Local models on a few cores answer in seconds, remote ones in fractions.
+        let buckets = vec![0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0];
+        let ttft = Histogram::with_opts(
+            HistogramOpts::new(
+                "nexus_llm_time_to_first_token_seconds",
+                "From a model call to its first streamed text or tool-call delta",
+            )
+            .buckets(buckets.clone()),
+        )?;
+        let request_seconds = Histogram::with_opts(
+            HistogramOpts::new("nexus_llm_request_seconds", "From a model call to its whole answer, retries included")
+                .buckets(buckets),
+        )?;
+        let contexts = IntGauge::new("nexus_llm_contexts", "LLM context actors alive on this node")?;
+        let replays = IntCounter::new("nexus_llm_replays_total", "Transcripts rebuilt by folding the journal")?;
+        let dead_letters = IntCounterVec::new(
+            Opts::new(
+                "nexus_semantic_dead_letters_total",
+                "Semantic commands copied to the dead-letter topic, by reason",
+            ),
+            &["reason"],
+        )?;
+        let consume_errors = IntCounter::new(
+            "nexus_llm_consume_errors_total",
+            "Failed polls of semantic.commands and failed offset stores",
+        )?;
+        let journal_append_seconds = Histogram::with_opts(
+            HistogramOpts::new(
+                "nexus_llm_journal_append_seconds",
+                "From handing a record to the Kafka bridge to the broker's acknowledgement",
+            )
+            .buckets(vec![0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0]),
+        )?;
+        registry.register(Box::new(requests.clone()))?;
+        registry.register(Box::new(tokens.clone()))?;
+        registry.register(Box::new(ttft.clone()))?;
+        registry.register(Box::new(request_seconds.clone()))?;
+        registry.register(Box::new(contexts.clone()))?;
+        registry.register(Box::new(replays.clone()))?;
+        registry.register(Box::new(dead_letters.clone()))?;
+        registry.register(Box::new(consume_errors.clone()))?;
+        registry.register(Box::new(journal_append_seconds.clone()))?;
+        // Present from the start, so dashboards see zeros, not gaps.
+        for kind in ["input", "output"] {
+            tokens.with_label_values(&[kind]);
+        }
+        Ok(LlmMetrics {
+            requests,
+            tokens,
+            ttft,
+            request_seconds,
+            contexts,
+            replays,
+            dead_letters,
+            consume_errors,
+            journal_append_seconds,
+        })
+    }
+
+    /// Makes the `endpoint`'s series with `outcomes` exist before its first request.
+    pub fn endpoint(&self, endpoint: &str, outcomes: &[&str]) {
+        for outcome in outcomes {
+            self.requests.with_label_values(&[endpoint, outcome]);
+        }
+    }
+
+    /// Counts one model request to `endpoint` that ended with `outcome`
+    /// ([`OUTCOME_OK`] or an error code).
+    pub fn request(&self, endpoint: &str, outcome: &str) {
+        self.requests.with_label_values(&[endpoint, outcome]).inc();
+        if outcome == OUTCOME_OK {
+            tracing::debug!(endpoint, outcome, "nexus_llm_requests_total");
+        } else {
+            tracing::info!(endpoint, outcome, "nexus_llm_requests_total");
+        }
+    }
+
+    /// Records a finished model call: its tokens, time to first token and latency.
+    pub fn answered(&self, usage: Usage, ttft: Duration, latency: Duration) {
+        self.tokens.with_label_values(&["input"]).inc_by(usage.input_tokens);
+        self.tokens.with_label_values(&["output"]).inc_by(usage.output_tokens);
+        self.ttft.observe(ttft.as_secs_f64());
+        self.request_seconds.observe(latency.as_secs_f64());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn registers_every_family_once() {
+        let registry = Registry::new();
+        let metrics = LlmMetrics::new(&registry).unwrap();
+        metrics.request("local", OUTCOME_OK);
+        metrics.answered(
+            Usage { input_tokens: 3, output_tokens: 5 },
+            Duration::from_millis(1),
+            Duration::from_millis(2),
+        );
+        metrics.contexts.inc();
+        metrics.replays.inc();
+        metrics.dead_letters.with_label_values(&["not_an_envelope"]).inc();
+        metrics.consume_errors.inc();
+        metrics.journal_append_seconds.observe(0.001);
+        let names: Vec<String> = registry.gather().iter().map(|f| f.name().to_owned()).collect();
+        for name in [
+            "nexus_llm_requests_total",
+            "nexus_llm_tokens_total",
+            "nexus_llm_time_to_first_token_seconds",
+            "nexus_llm_request_seconds",
+            "nexus_llm_contexts",
+            "nexus_llm_replays_total",
+            "nexus_semantic_dead_letters_total",
+            "nexus_llm_consume_errors_total",
+            "nexus_llm_journal_append_seconds",
+        ] {
+            assert!(names.iter().any(|n| n == name), "{name} missing from {names:?}");
+        }
+        assert!(LlmMetrics::new(&registry).is_err(), "a second registration is refused");
+    }
+}

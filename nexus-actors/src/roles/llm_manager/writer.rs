@@ -1,0 +1,85 @@
+//! Appending to a context's journal: a record is produced to
+//! `semantic.events` (keyed by the context id) and acknowledged before the
+//! next step relies on it; then the directory learns its offset and the
+//! sessions following the context get it on Redis. Only the journal write
+//! can fail a step: the directory and the live fan-out are best effort.
+
+use std::time::Instant;
+
+use serde_json::Value;
+
+use crate::bus::kafka::{Produce, ProduceError, SEMANTIC_EVENTS};
+use crate::bus::redis::Publish;
+use crate::envelope::{Envelope, Payload};
+use crate::kernel::{AskError, Link};
+use crate::platform::channels;
+use crate::semantic::directory::ContextDirectory;
+use crate::semantic::fold::Entry;
+use crate::semantic::records::Journaled;
+
+use super::metrics::LlmMetrics;
+
+/// Why a record is not on the journal.
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    /// Kafka refused it or did not acknowledge it in time.
+    #[error(transparent)]
+    Produce(#[from] Box<ProduceError>),
+    /// The Kafka bridge is gone (the node is stopping).
+    #[error("the kafka bridge is not reachable: {0}")]
+    Bridge(String),
+}
+
+/// Writes journals. Cheap to clone.
+#[derive(Clone)]
+pub struct JournalWriter {
+    /// The node's name: the `source` of the records.
+    pub source: String,
+    /// The Kafka bridge.
+    pub kafka: Link<Produce>,
+    /// The Redis bridge, for the live fan-out.
+    pub redis: Link<Publish>,
+    /// The context directory.
+    pub directory: ContextDirectory,
+    /// Where journal append latency is observed.
+    pub metrics: LlmMetrics,
+}
+
+impl JournalWriter {
+    /// Appends `data` to `context`'s journal, caused by `cause` if given;
+    /// returns the record as journaled.
+    pub async fn append<T: Payload>(&self, context: &str, data: T, cause: Option<&str>) -> Result<Entry, WriteError> {
+        let mut envelope = Envelope::new(self.source.clone(), data).into_untyped();
+        envelope.causationid = cause.map(str::to_owned);
+        self.append_envelope(context, envelope).await
+    }
+
+    /// Appends a ready envelope.
+    pub async fn append_envelope(&self, context: &str, envelope: Envelope<Value>) -> Result<Entry, WriteError> {
+        let started = Instant::now();
+        let produce =
+            Produce { topic: SEMANTIC_EVENTS.to_owned(), key: context.to_owned(), envelope: envelope.clone() };
+        let delivered = match self.kafka.ask(produce).await {
+            Ok(result) => result.map_err(Box::new)?,
+            Err(AskError::Closed(_) | AskError::Dropped) => return Err(WriteError::Bridge("closed".into())),
+            Err(AskError::Panicked(p)) => return Err(WriteError::Bridge(p.to_string())),
+        };
+        self.metrics.journal_append_seconds.observe(started.elapsed().as_secs_f64());
+        if let Err(error) = self.directory.journaled(context, delivered.partition, delivered.offset).await {
+            tracing::warn!(context, %error, "context directory not updated; readers fall back to the journal's end");
+        }
+        let entry = Entry { offset: delivered.offset, envelope };
+        self.fan_out(context, &entry);
+        Ok(entry)
+    }
+
+    /// Publishes a journaled record to the sessions following the context, without waiting.
+    fn fan_out(&self, context: &str, entry: &Entry) {
+        let journaled = Journaled { context: context.to_owned(), offset: entry.offset, record: entry.envelope.clone() };
+        let envelope = Envelope::new(self.source.clone(), journaled).into_untyped();
+        let publish = Publish { channel: channels::context(context), envelope };
+        if let Err(error) = self.redis.try_tell(publish) {
+            tracing::debug!(context, ?error, "live fan-out dropped; followers catch up from /events");
+        }
+    }
+}

@@ -1,0 +1,219 @@
+//! The context directory in Redis: which contexts exist, who owns them,
+//! and where each one's journal is (partition, first and last offsets,
+//! snapshots). It is an index: the journal on Kafka is the truth, and
+//! nothing here is needed to fold it except where to start reading.
+//!
+//! Keys: `nexus:context:{id}` (JSON [`ContextInfo`] as created),
+//! `nexus:context:{id}:journal` (hash: `partition`, `first`, `last`),
+//! `nexus:contexts:{owner}`
+//! (sorted set of the owner's context ids by creation time) and
+//! `nexus:context:{id}:snapshots` (sorted set: score the offset a snapshot
+//! folds up to, member the snapshot record's own offset).
+
+use chrono::{DateTime, Utc};
+use redis::AsyncCommands;
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use super::records::{is_context_id, ForkPoint};
+use crate::platform::store::{Redis, StoreError};
+
+/// A context as the directory knows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ContextInfo {
+    /// The context id (a UUID).
+    pub id: String,
+    /// Its owner.
+    pub owner: String,
+    /// The model asked for, if any.
+    pub model: Option<String>,
+    /// The tools its model is offered.
+    pub tools: Vec<String>,
+    /// Where it was forked from.
+    pub parent: Option<ForkPoint>,
+    /// When it was created.
+    #[schema(value_type = String, format = DateTime)]
+    pub created_at: DateTime<Utc>,
+    /// Its partition of `semantic.events`, once its first record is journaled.
+    pub partition: Option<i32>,
+    /// The offset of its first journal record.
+    pub first_offset: Option<i64>,
+    /// The offset of its last journal record the LLM manager reported.
+    pub last_offset: Option<i64>,
+}
+
+const CREATE_SCRIPT: &str = r"
+if redis.call('EXISTS', KEYS[1]) == 1 then return -1 end
+if redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[3]) then return 0 end
+redis.call('SET', KEYS[1], ARGV[2])
+redis.call('ZADD', KEYS[2], ARGV[4], ARGV[1])
+return 1
+";
+
+/// Sets the partition once, lowers the first offset and raises the last.
+const JOURNALED_SCRIPT: &str = r"
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+local offset = tonumber(ARGV[2])
+redis.call('HSETNX', KEYS[2], 'partition', ARGV[1])
+local first = tonumber(redis.call('HGET', KEYS[2], 'first'))
+if first == nil or offset < first then redis.call('HSET', KEYS[2], 'first', offset) end
+local last = tonumber(redis.call('HGET', KEYS[2], 'last'))
+if last == nil or offset > last then redis.call('HSET', KEYS[2], 'last', offset) end
+return 1
+";
+
+/// Where a context's journal is: partition, first and last offsets.
+type JournalAt = (Option<i32>, Option<i64>, Option<i64>);
+
+/// Why a context could not be created.
+#[derive(Debug, thiserror::Error)]
+pub enum CreateError {
+    /// The owner already has this many contexts.
+    #[error("you already have {0} contexts")]
+    Quota(usize),
+    /// A context with this id exists.
+    #[error("context exists")]
+    Exists,
+    /// Redis failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// The directory. Cheap to clone.
+#[derive(Clone)]
+pub struct ContextDirectory {
+    redis: Redis,
+}
+
+fn info_key(id: &str) -> String {
+    format!("nexus:context:{id}")
+}
+
+fn owner_key(owner: &str) -> String {
+    format!("nexus:contexts:{owner}")
+}
+
+fn journal_key(id: &str) -> String {
+    format!("nexus:context:{id}:journal")
+}
+
+fn snapshots_key(id: &str) -> String {
+    format!("nexus:context:{id}:snapshots")
+}
+
+impl ContextDirectory {
+    /// The directory over an existing connection.
+    pub fn new(redis: Redis) -> Self {
+        ContextDirectory { redis }
+    }
+
+    /// Records a new context unless its owner already has `max`.
+    pub async fn create(&self, info: &ContextInfo, max: usize) -> Result<(), CreateError> {
+        let json = serde_json::to_string(info).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let created: i64 = redis::Script::new(CREATE_SCRIPT)
+            .key(info_key(&info.id))
+            .key(owner_key(&info.owner))
+            .arg(&info.id)
+            .arg(json)
+            .arg(max)
+            .arg(info.created_at.timestamp_millis())
+            .invoke_async(&mut self.redis.conn())
+            .await
+            .map_err(StoreError::from)?;
+        match created {
+            1 => Ok(()),
+            0 => Err(CreateError::Quota(max)),
+            _ => Err(CreateError::Exists),
+        }
+    }
+
+    /// The context `id`, if it exists. An id that is not a UUID is never looked up.
+    pub async fn get(&self, id: &str) -> Result<Option<ContextInfo>, StoreError> {
+        if !is_context_id(id) {
+            return Ok(None);
+        }
+        let (json, at): (Option<String>, JournalAt) = self
+            .redis
+            .read(|mut c| async move {
+                redis::pipe()
+                    .get(info_key(id))
+                    .cmd("HMGET")
+                    .arg(journal_key(id))
+                    .arg(&["partition", "first", "last"])
+                    .query_async(&mut c)
+                    .await
+            })
+            .await?;
+        let Some(json) = json else { return Ok(None) };
+        let mut info: ContextInfo =
+            serde_json::from_str(&json).map_err(|e| StoreError::Corrupt(format!("context {id}: {e}")))?;
+        (info.partition, info.first_offset, info.last_offset) = at;
+        Ok(Some(info))
+    }
+
+    /// The contexts of `owner`, newest first, at most `limit`.
+    pub async fn list(&self, owner: &str, limit: usize) -> Result<Vec<ContextInfo>, StoreError> {
+        let key = owner_key(owner);
+        let stop = limit.saturating_sub(1) as isize;
+        let ids: Vec<String> = self
+            .redis
+            .read(|mut c| {
+                let key = key.clone();
+                async move { c.zrevrange(key, 0, stop).await }
+            })
+            .await?;
+        let mut found = Vec::with_capacity(ids.len());
+        for id in ids {
+            if let Some(info) = self.get(&id).await? {
+                found.push(info);
+            }
+        }
+        Ok(found)
+    }
+
+    /// Forgets a context that never reached the journal (its creation
+    /// command could not be produced).
+    pub async fn remove(&self, info: &ContextInfo) -> Result<(), StoreError> {
+        redis::pipe()
+            .atomic()
+            .del(info_key(&info.id))
+            .del(journal_key(&info.id))
+            .del(snapshots_key(&info.id))
+            .zrem(owner_key(&info.owner), &info.id)
+            .query_async::<()>(&mut self.redis.conn())
+            .await?;
+        Ok(())
+    }
+
+    /// Notes that a record of `id` landed at `offset` of `partition`.
+    pub async fn journaled(&self, id: &str, partition: i32, offset: i64) -> Result<(), StoreError> {
+        redis::Script::new(JOURNALED_SCRIPT)
+            .key(info_key(id))
+            .key(journal_key(id))
+            .arg(partition)
+            .arg(offset)
+            .invoke_async::<i64>(&mut self.redis.conn())
+            .await?;
+        Ok(())
+    }
+
+    /// Notes a snapshot of `id` folding up to `at`, stored at `record`.
+    pub async fn snapshot(&self, id: &str, at: i64, record: i64) -> Result<(), StoreError> {
+        self.redis.conn().zadd::<_, _, _, ()>(snapshots_key(id), record, at).await?;
+        Ok(())
+    }
+
+    /// The latest snapshot of `id` folding up to `at` or before: `(at, record offset)`.
+    pub async fn snapshot_before(&self, id: &str, at: Option<i64>) -> Result<Option<(i64, i64)>, StoreError> {
+        let key = snapshots_key(id);
+        let max = at.map_or("+inf".to_owned(), |a| a.to_string());
+        let found: Vec<(String, f64)> = self
+            .redis
+            .read(|mut c| {
+                let (key, max) = (key.clone(), max.clone());
+                async move { c.zrevrangebyscore_limit_withscores(key, max, "-inf", 0, 1).await }
+            })
+            .await?;
+        Ok(found.into_iter().next().and_then(|(record, at)| Some((at as i64, record.parse().ok()?))))
+    }
+}

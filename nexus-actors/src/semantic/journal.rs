@@ -1,0 +1,194 @@
+//! Reading a context's journal back from `semantic.events`, and folding it
+//! into a [`Transcript`] at any offset: from the latest snapshot at or
+//! before it, or from the parent's history for a fork. Reading never calls
+//! a model and never moves a consumer group's offsets.
+//!
+//! Where the journal ends: a partition's high watermark is not enough,
+//! since tansu 0.6 reports the base offset of the last batch there (the
+//! Kafka bridge writes one record per batch, which makes it exact, but
+//! other writers may not). A read goes on past it until no record has
+//! arrived for [`END_GRACE`], and never stops before the last offset the
+//! directory knows of.
+
+use std::time::Duration;
+
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::error::KafkaError;
+use rdkafka::{Message as _, Offset, TopicPartitionList};
+use serde::Deserialize as _;
+
+use super::directory::{ContextDirectory, ContextInfo};
+use super::fold::{Entry, Transcript};
+use super::records::Snapshot;
+use crate::bus::kafka::{KafkaConfig, SEMANTIC_EVENTS};
+use crate::envelope::{Envelope, Payload};
+use crate::platform::store::StoreError;
+
+/// How long a read waits for more records once past the high watermark.
+pub const END_GRACE: Duration = Duration::from_millis(150);
+/// How long a read waits for a record it knows exists before giving up.
+const STALL: Duration = Duration::from_secs(10);
+/// Deepest chain of forks folded.
+pub const MAX_FORK_DEPTH: usize = 16;
+
+/// Why a journal could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum JournalError {
+    /// No such context.
+    #[error("no context {0}")]
+    NotFound(String),
+    /// The context has no journal yet (the LLM manager has not taken its creation).
+    #[error("context {0} has no journal yet")]
+    NotJournaled(String),
+    /// Kafka refused or did not answer.
+    #[error("kafka: {0}")]
+    Kafka(#[from] KafkaError),
+    /// The directory could not be read.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A record the directory promises did not arrive.
+    #[error("the journal of {context} stalled at offset {offset}")]
+    Stalled {
+        /// The context.
+        context: String,
+        /// The next offset expected.
+        offset: i64,
+    },
+    /// Forks nest deeper than [`MAX_FORK_DEPTH`].
+    #[error("forks nest deeper than {MAX_FORK_DEPTH}")]
+    TooDeep,
+}
+
+/// What to read of one context's journal.
+#[derive(Debug, Clone, Copy)]
+pub struct Range {
+    /// The first offset to read.
+    pub from: i64,
+    /// The last offset to read; `None`: to the end.
+    pub until: Option<i64>,
+    /// Most records of the context to return.
+    pub limit: usize,
+}
+
+/// Reads journals. Cheap to clone.
+#[derive(Clone)]
+pub struct Journal {
+    config: KafkaConfig,
+    directory: ContextDirectory,
+}
+
+impl Journal {
+    /// A reader of the journals on `config`'s brokers, indexed by `directory`.
+    pub fn new(config: KafkaConfig, directory: ContextDirectory) -> Self {
+        Journal { config, directory }
+    }
+
+    /// The directory it reads through.
+    pub fn directory(&self) -> &ContextDirectory {
+        &self.directory
+    }
+
+    /// The records of `info` in `range`, in offset order.
+    pub async fn read(&self, info: &ContextInfo, range: Range) -> Result<Vec<Entry>, JournalError> {
+        let (Some(partition), Some(first)) = (info.partition, info.first_offset) else {
+            return Err(JournalError::NotJournaled(info.id.clone()));
+        };
+        let from = range.from.max(first);
+        if range.until.is_some_and(|u| u < from) || range.limit == 0 {
+            return Ok(Vec::new());
+        }
+        let consumer: StreamConsumer = self
+            .config
+            .client()
+            .set("group.id", "nexus-journal-reader")
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("fetch.wait.max.ms", "20")
+            .create()?;
+        let (_, high) = consumer.fetch_watermarks(SEMANTIC_EVENTS, partition, Duration::from_secs(10))?;
+        // Past the watermark only while records keep coming (see the module doc),
+        // but never short of what the directory knows is there.
+        let known_end = info.last_offset.map_or(high, |last| high.max(last + 1));
+        let mut assignment = TopicPartitionList::new();
+        assignment.add_partition_offset(SEMANTIC_EVENTS, partition, Offset::Offset(from))?;
+        consumer.assign(&assignment)?;
+        let mut entries = Vec::new();
+        let mut next = from;
+        loop {
+            let wait = if next >= known_end { END_GRACE } else { STALL };
+            let message = match tokio::time::timeout(wait, consumer.recv()).await {
+                Err(_) if next >= known_end => break,
+                Err(_) => return Err(JournalError::Stalled { context: info.id.clone(), offset: next }),
+                Ok(received) => received?,
+            };
+            if message.offset() < next {
+                // A record seen already (a broker that answers a fetch with a
+                // whole batch again): each record is returned once.
+                continue;
+            }
+            next = message.offset() + 1;
+            if range.until.is_some_and(|u| message.offset() > u) {
+                break;
+            }
+            if message.key() != Some(info.id.as_bytes()) {
+                continue;
+            }
+            // A record that does not decode is not the context's to fold; it was counted where it was written.
+            if let Ok(envelope) = Envelope::decode(message.payload().unwrap_or_default()) {
+                entries.push(Entry { offset: message.offset(), envelope });
+                if entries.len() >= range.limit {
+                    break;
+                }
+            }
+            if range.until.is_some_and(|u| next > u) {
+                break;
+            }
+        }
+        Ok(entries)
+    }
+
+    /// The context `id` folded up to `at` (every record when `None`).
+    pub async fn transcript(&self, id: &str, at: Option<i64>) -> Result<Transcript, JournalError> {
+        let info = self.directory.get(id).await?.ok_or_else(|| JournalError::NotFound(id.to_owned()))?;
+        self.fold(&info, at, 0).await
+    }
+
+    /// Folds `info` up to `at`, starting from its latest usable snapshot.
+    pub async fn fold(&self, info: &ContextInfo, at: Option<i64>, depth: usize) -> Result<Transcript, JournalError> {
+        if depth > MAX_FORK_DEPTH {
+            return Err(JournalError::TooDeep);
+        }
+        let (Some(_), Some(first)) = (info.partition, info.first_offset) else {
+            return Err(JournalError::NotJournaled(info.id.clone()));
+        };
+        let (mut transcript, from) = match self.snapshot(info, at).await? {
+            Some((state, snapshot_at)) => (state, snapshot_at + 1),
+            None => (self.inherited(info, depth).await?, first),
+        };
+        for entry in self.read(info, Range { from, until: at, limit: usize::MAX }).await? {
+            transcript.apply(&entry);
+        }
+        Ok(transcript)
+    }
+
+    /// A fork's parent history, closed; an empty transcript for a root context.
+    async fn inherited(&self, info: &ContextInfo, depth: usize) -> Result<Transcript, JournalError> {
+        let Some(parent) = &info.parent else { return Ok(Transcript::default()) };
+        let parent_info =
+            self.directory.get(&parent.context).await?.ok_or_else(|| JournalError::NotFound(parent.context.clone()))?;
+        let history = Box::pin(self.fold(&parent_info, Some(parent.offset), depth + 1)).await?;
+        Ok(history.inherit())
+    }
+
+    /// The latest snapshot at or before `at` and the offset it folds up to.
+    async fn snapshot(&self, info: &ContextInfo, at: Option<i64>) -> Result<Option<(Transcript, i64)>, JournalError> {
+        let Some((snapshot_at, record)) = self.directory.snapshot_before(&info.id, at).await? else { return Ok(None) };
+        let found = self.read(info, Range { from: record, until: Some(record), limit: 1 }).await?;
+        let state = found
+            .into_iter()
+            .filter(|e| e.envelope.kind == Snapshot::TYPE)
+            .find_map(|e| Snapshot::deserialize(&e.envelope.data).ok())
+            .and_then(|s| serde_json::from_value::<Transcript>(s.state).ok());
+        Ok(state.map(|s| (s, snapshot_at)))
+    }
+}

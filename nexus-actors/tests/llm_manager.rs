@@ -1,0 +1,233 @@
+//! The LLM manager end to end: a node with the transaction manager and the
+//! llm-manager over its own brokers, a scripted OpenAI-compatible server
+//! that counts requests, contexts driven through the HTTP API.
+
+use std::time::Duration;
+
+use nexus_actors::node::Role;
+use nexus_actors::roles::llm_manager::model::{EndpointConfig, ModelConfig};
+use nexus_testkit::scripted_model::{ModelCall, Reply, ScriptedModel};
+use nexus_testkit::{ApiClient, TestNode};
+use serde_json::{json, Value};
+
+const ROLES: &[Role] = &[Role::TransactionManager, Role::LlmManager];
+
+async fn node_with(name: &str, model: &ScriptedModel) -> TestNode {
+    let endpoint = EndpointConfig::new(&model.url(), "scripted").unwrap();
+    TestNode::start_with(name, ROLES, |c| {
+        c.llm.model = ModelConfig::new(vec![endpoint]);
+        c.llm.model.backoff = Duration::from_millis(20);
+    })
+    .await
+}
+
+/// Polls `GET path` until `done` holds for its body; the body then.
+async fn poll(client: &ApiClient, path: &str, what: &str, done: impl Fn(u16, &Value) -> bool) -> Value {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let (status, body) = client.get(path).await;
+        if done(status.as_u16(), &body) {
+            return body;
+        }
+        assert!(std::time::Instant::now() < deadline, "timed out waiting for {what}: {status} {body:#}");
+        actix::clock::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Waits for the turn of `command_offset` to be answered; the transcript then.
+async fn answered(client: &ApiClient, context: &str, command_offset: i64) -> Value {
+    let path = format!("/api/contexts/{context}/transcript");
+    let key = command_offset.to_string();
+    poll(client, &path, "the turn's answer", |status, body| status == 200 && body["answered"].get(&key).is_some()).await
+}
+
+async fn context(client: &ApiClient, tools: &[&str]) -> String {
+    let (status, body) = client.post("/api/contexts", json!({ "system": "You are terse.", "tools": tools })).await;
+    assert_eq!(status, 201, "{body}");
+    body["id"].as_str().unwrap().to_owned()
+}
+
+async fn say(client: &ApiClient, context: &str, content: &str) -> i64 {
+    let (status, body) = client.post(&format!("/api/contexts/{context}/messages"), json!({ "content": content })).await;
+    assert_eq!(status, 202, "{body}");
+    body["offset"].as_i64().unwrap()
+}
+
+fn roles(transcript: &Value) -> Vec<String> {
+    transcript["messages"].as_array().unwrap().iter().map(|m| m["role"].as_str().unwrap().to_owned()).collect()
+}
+
+/// The model asks for two tools at once (arguments split across chunks),
+/// then answers from their results.
+fn two_tools_then_answer(call: &ModelCall) -> Reply {
+    if call.tool_results() == 0 {
+        Reply::tool_calls(&[("list_documents", "{}"), ("list_documents", "{}")])
+    } else {
+        Reply::text("You have no documents.")
+    }
+}
+
+#[actix_rt::test]
+async fn a_turn_runs_parallel_tools_and_replay_and_fork_call_no_model() {
+    let model = ScriptedModel::start(two_tools_then_answer);
+    let node = node_with("llm-turn", &model).await;
+    let ada = node.user("ada").await;
+    let id = context(&ada, &["list_documents"]).await;
+    let offset = say(&ada, &id, "What documents do I have?").await;
+    let transcript = answered(&ada, &id, offset).await;
+    assert_eq!(roles(&transcript), ["user", "assistant", "tool", "tool", "assistant"], "{transcript:#}");
+    let messages = transcript["messages"].as_array().unwrap();
+    assert_eq!(messages[4]["content"], "You have no documents.");
+    assert!(messages[2]["content"].as_str().unwrap().contains("documents"), "the tool's result reached the model");
+    assert_eq!(transcript["answered"][offset.to_string()], "completed");
+    assert_eq!(model.requests(), 2, "one model call per step");
+    let second = model.received()[1].clone();
+    let sent_roles: Vec<&str> =
+        second["messages"].as_array().unwrap().iter().map(|m| m["role"].as_str().unwrap()).collect();
+    assert_eq!(sent_roles, ["system", "user", "assistant", "tool", "tool"], "the prompt is rebuilt by folding");
+
+    // Mid-turn: after the model asked for the tools, before their results.
+    let asked = messages[1]["offset"].as_i64().unwrap();
+    let (status, mid) = ada.get(&format!("/api/contexts/{id}/transcript?at={asked}")).await;
+    assert_eq!(status, 200, "{mid}");
+    assert_eq!(roles(&mid), ["user", "assistant"]);
+    assert!(mid["open"]["calls"].as_array().unwrap().len() == 2, "the open turn shows the calls under way: {mid:#}");
+    assert!(transcript["steps"].as_array().unwrap().iter().any(|s| s["kind"] == "model" && s["duration_ms"].is_u64()));
+
+    // A fork at that point references the parent's records and starts from there.
+    let (status, fork) = ada.post(&format!("/api/contexts/{id}/fork"), json!({ "at": asked })).await;
+    assert_eq!(status, 201, "{fork}");
+    let child = fork["id"].as_str().unwrap().to_owned();
+    assert_eq!(fork["parent"], json!({ "context": id, "offset": asked }));
+    let child_transcript = until_transcript(&ada, &child).await;
+    assert_eq!(roles(&child_transcript), ["user", "assistant"], "{child_transcript:#}");
+    assert_eq!(model.requests(), 2, "replay and fork made no model call");
+
+    // The fork goes its own way from there.
+    let child_offset = say(&ada, &child, "And now?").await;
+    let child_done = answered(&ada, &child, child_offset).await;
+    assert_eq!(roles(&child_done).first().map(String::as_str), Some("user"));
+    let (_, parent_again) = ada.get(&format!("/api/contexts/{id}/transcript")).await;
+    assert_eq!(roles(&parent_again).len(), 5, "the parent is untouched by its fork");
+    node.stop().await;
+}
+
+async fn until_transcript(client: &ApiClient, id: &str) -> Value {
+    poll(client, &format!("/api/contexts/{id}/transcript"), "a transcript", |status, _| status == 200).await
+}
+
+#[actix_rt::test]
+async fn invented_tools_and_invalid_arguments_go_back_to_the_model() {
+    let model = ScriptedModel::start(|call: &ModelCall| match call.tool_results() {
+        0 => Reply::tool_calls(&[("delete_everything", "{}"), ("list_documents", "{\"nope\": ")]),
+        _ => Reply::text("Sorry."),
+    });
+    let node = node_with("llm-bad-tools", &model).await;
+    let ada = node.user("ada").await;
+    let id = context(&ada, &["list_documents"]).await;
+    let offset = say(&ada, &id, "Clean up.").await;
+    let transcript = answered(&ada, &id, offset).await;
+    assert_eq!(transcript["answered"][offset.to_string()], "completed", "{transcript:#}");
+    let messages = transcript["messages"].as_array().unwrap();
+    assert!(messages[2]["content"].as_str().unwrap().contains("not_found"), "{:#}", messages[2]);
+    assert!(messages[3]["content"].as_str().unwrap().contains("invalid_arguments"), "{:#}", messages[3]);
+    assert_eq!(model.requests(), 2);
+    node.stop().await;
+}
+
+#[actix_rt::test]
+async fn rate_limits_are_retried_and_server_errors_fail_the_turn_with_a_reason() {
+    let model = ScriptedModel::scripted(vec![
+        Reply::rate_limited(0),
+        Reply::text("Fine."),
+        Reply::status(500),
+        Reply::status(500),
+        Reply::status(500),
+        Reply::status(500),
+        Reply::status(500),
+        Reply::status(500),
+        Reply::status(500),
+        Reply::status(500),
+    ]);
+    let node = node_with("llm-failures", &model).await;
+    let ada = node.user("ada").await;
+    let id = context(&ada, &[]).await;
+    let first = say(&ada, &id, "Hello?").await;
+    let transcript = answered(&ada, &id, first).await;
+    assert_eq!(transcript["answered"][first.to_string()], "completed");
+    assert_eq!(model.requests(), 2, "the 429 was retried once");
+    let second = say(&ada, &id, "Again?").await;
+    let transcript = answered(&ada, &id, second).await;
+    assert_eq!(transcript["answered"][second.to_string()], "failed", "{transcript:#}");
+    let failed: Vec<&Value> =
+        transcript["steps"].as_array().unwrap().iter().filter(|s| s["kind"] == "failed").collect();
+    assert!(failed.iter().any(|s| s["outcome"] == "model_http"), "{failed:#?}");
+    node.stop().await;
+}
+
+#[actix_rt::test]
+async fn another_users_context_is_out_of_reach() {
+    let model = ScriptedModel::start(|_: &ModelCall| Reply::text("hi"));
+    let node = node_with("llm-access", &model).await;
+    let ada = node.user("ada").await;
+    let bob = node.user("bob").await;
+    let id = context(&ada, &[]).await;
+    for (status, body) in [
+        bob.get(&format!("/api/contexts/{id}")).await,
+        bob.get(&format!("/api/contexts/{id}/transcript")).await,
+        bob.post(&format!("/api/contexts/{id}/messages"), json!({ "content": "mine now" })).await,
+        bob.post(&format!("/api/contexts/{id}/fork"), json!({ "at": 0 })).await,
+    ] {
+        assert_eq!(status, 404, "{body}");
+    }
+    assert_eq!(model.requests(), 0, "nothing reached the model");
+    node.stop().await;
+}
+
+#[actix_rt::test]
+async fn a_panels_agent_talks_to_its_owners_context_and_no_one_elses() {
+    let model =
+        ScriptedModel::start(|call: &ModelCall| Reply::text(&format!("heard: {}", call.last_content().unwrap_or(""))));
+    let node = node_with("llm-agent", &model).await;
+    let ada = node.user("ada").await;
+    let bob = node.user("bob").await;
+    let panel = |client: &ApiClient| {
+        let client = client.clone();
+        async move {
+            let (status, body) = client
+                .post("/api/panels", json!({ "name": "agent", "mode": "studio", "source": "template:python_minimal" }))
+                .await;
+            assert_eq!(status, 201, "{body}");
+            body["id"].as_str().unwrap().to_owned()
+        }
+    };
+    let (adas_panel, bobs_panel) = (panel(&ada).await, panel(&bob).await);
+    let id = context(&ada, &[]).await;
+    let redis = redis::Client::open(node.brokers.redis_url()).unwrap();
+    let mut conn = redis.get_multiplexed_async_connection().await.unwrap();
+    // What a sidecar publishes for `POST :3500/proxy {"channel": "context", ...}`.
+    let publish_as = |panel: &str, content: &str| {
+        let envelope = nexus_actors::Envelope::with_type(
+            "nexus.panel.message",
+            format!("panel/{panel}"),
+            json!({ "context": id, "content": content }),
+        );
+        (format!("nexus:panel:{panel}:out:context"), String::from_utf8(envelope.encode()).unwrap())
+    };
+    let (channel, message) = publish_as(&bobs_panel, "bob's panel speaking");
+    let _: i64 = redis::cmd("PUBLISH").arg(&channel).arg(&message).query_async(&mut conn).await.unwrap();
+    let (channel, message) = publish_as(&adas_panel, "ada's panel speaking");
+    let _: i64 = redis::cmd("PUBLISH").arg(&channel).arg(&message).query_async(&mut conn).await.unwrap();
+    let transcript = poll(&ada, &format!("/api/contexts/{id}/transcript"), "the agent's turn", |status, body| {
+        status == 200 && body["answered"].as_object().is_some_and(|a| !a.is_empty())
+    })
+    .await;
+    let messages = transcript["messages"].as_array().unwrap();
+    assert_eq!(messages[0]["panel"], adas_panel.as_str(), "{transcript:#}");
+    assert_eq!(messages[1]["content"], "heard: ada's panel speaking");
+    assert!(!transcript.to_string().contains("bob's panel"), "another user's panel cannot post into the context");
+    let metrics = reqwest::get(format!("{}/metrics", node.url())).await.unwrap().text().await.unwrap();
+    assert!(metrics.contains("nexus_agent_messages_total{outcome=\"not_owner\"} 1"), "{metrics}");
+    assert_eq!(model.requests(), 1);
+    node.stop().await;
+}
