@@ -1,4 +1,4 @@
-//! The Studio web UI: three static files built into the binary and served
+//! The Studio web UI: four static files built into the binary and served
 //! at `/`. No build step; the browser talks to `/api` and `/ws` like any
 //! other client and holds no privileges of its own.
 //!
@@ -15,14 +15,20 @@ use super::TmState;
 
 const INDEX: &str = include_str!("ui/index.html");
 const APP: &str = include_str!("ui/app.js");
+const CONTEXTS: &str = include_str!("ui/contexts.js");
 const STYLE: &str = include_str!("ui/style.css");
 
-/// Registers `/`, `/static/app.js` and `/static/style.css`.
+/// Registers `/`, `/static/app.js`, `/static/contexts.js` (the Contexts
+/// view, a module `app.js` imports) and `/static/style.css`.
 pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.route("/", web::get().to(|req: HttpRequest| async move { asset(&req, INDEX, "text/html; charset=utf-8") }))
         .route(
             "/static/app.js",
             web::get().to(|req: HttpRequest| async move { asset(&req, APP, "text/javascript; charset=utf-8") }),
+        )
+        .route(
+            "/static/contexts.js",
+            web::get().to(|req: HttpRequest| async move { asset(&req, CONTEXTS, "text/javascript; charset=utf-8") }),
         )
         .route(
             "/static/style.css",

@@ -1,10 +1,12 @@
 // Nexus Studio: login, panels with their live instances (opened through the
-// traffic gateway), the built-in Document Editor and, for admins, the live
-// mailbox graph. Plain ES module; talks to /api and /ws of the node, and to
-// the gateway for panels and Studio heartbeats.
+// traffic gateway), the built-in Document Editor, LLM contexts (contexts.js)
+// and, for admins, the live mailbox graph. Plain ES module; talks to /api
+// and /ws of the node, and to the gateway for panels and Studio heartbeats.
+
+import { contextsView } from "./contexts.js";
 
 const $ = (selector) => document.querySelector(selector);
-const views = ["login", "panels", "editor", "graph"];
+const views = ["login", "panels", "editor", "contexts", "graph"];
 let token = sessionStorage.getItem("nexus-token");
 let me = null; // { username, role } of the token's user
 let socket = null;
@@ -45,6 +47,7 @@ function forget() {
   sessionStorage.removeItem("nexus-token");
   followingPanels = false;
   closePanel();
+  contexts.close();
   if (socket) socket.close();
   socket = null;
   $("#whoami").textContent = "";
@@ -381,6 +384,7 @@ async function resume() {
     ws.send(JSON.stringify({ type: "subscribe_panels" }));
     await Promise.all([...panels.keys()].map(loadInstances));
   }
+  contexts.resume(ws);
 }
 
 function render() {
@@ -404,6 +408,7 @@ function render() {
 }
 
 function onFrame(frame) {
+  if (frame.type === "context_followed" || frame.type === "context_record") return contexts.onFrame(frame);
   if (frame.doc && frame.doc !== editor.id) return;
   switch (frame.type) {
     case "snapshot":
@@ -576,6 +581,7 @@ $("#doc-text").addEventListener("input", () => {
 });
 for (const kind of ["keyup", "click", "select"]) $("#doc-text").addEventListener(kind, sendCursor);
 $("#nav-panels").onclick = () => showPanels();
+$("#nav-contexts").onclick = () => contexts.open();
 $("#nav-graph").onclick = () => show("graph");
 $("#nav-logout").onclick = logOut;
 
@@ -585,6 +591,7 @@ async function followPanels() {
   followingPanels = true;
 }
 
+const contexts = contextsView({ api, el, connect, show });
 const configured = loadConfig();
 if (token) configured.then(loadMe).then(showPanels).then(followPanels).catch(() => forget());
 else show("login");
