@@ -41,6 +41,8 @@ pub const GROUP: &str = "nexus-llm-manager";
 pub const DLQ: &str = "semantic.dlq";
 /// Commands read but not yet acknowledged, across partitions; past it the inbox stops reading.
 const MAX_IN_FLIGHT: usize = 4096;
+/// Renewals in a row a node's share must hold before it takes new partitions.
+const STEADY: u32 = 3;
 /// The start of a refused record that is copied to the dead-letter topic.
 const DLQ_PAYLOAD_BYTES: usize = 64 * 1024;
 
@@ -194,6 +196,8 @@ async fn run(consumer: StreamConsumer, deps: InboxDeps, partitions: i32, mut sto
     let mut in_flight: FuturesUnordered<Delivery> = FuturesUnordered::new();
     let mut renew = tokio::time::interval(lease::RENEW);
     let mut renewed = tokio::time::Instant::now();
+    // The share last computed and for how many renewals in a row.
+    let mut steady: (Vec<i32>, u32) = (Vec::new(), 0);
     loop {
         tokio::select! {
             _ = &mut stop => break,
@@ -211,7 +215,12 @@ async fn run(consumer: StreamConsumer, deps: InboxDeps, partitions: i32, mut sto
                         continue;
                     }
                 };
-                reconcile(&consumer, &deps, &mut owned, want).await;
+                steady = if steady.0 == want { (want, steady.1 + 1) } else { (want, 1) };
+                // Partitions are given up at once but taken only once the share has
+                // held for STEADY renewals: by then their previous owner has renewed
+                // too, seen the same members and let them go.
+                let take = steady.1 >= STEADY;
+                reconcile(&consumer, &deps, &mut owned, &steady.0, take).await;
             }
             Some((partition, gen, offset)) = in_flight.next(), if !in_flight.is_empty() => {
                 if owned.generation(partition) == gen {
@@ -249,13 +258,14 @@ async fn run(consumer: StreamConsumer, deps: InboxDeps, partitions: i32, mut sto
             },
         }
     }
-    reconcile(&consumer, &deps, &mut owned, Vec::new()).await;
+    reconcile(&consumer, &deps, &mut owned, &[], false).await;
     deps.lease.leave().await;
 }
 
 /// Makes `want` the partitions this node consumes: the ones it loses stop
-/// (their contexts too), the ones it gains start from their stored offsets.
-async fn reconcile(consumer: &StreamConsumer, deps: &InboxDeps, owned: &mut Owned, want: Vec<i32>) {
+/// (their contexts too); the ones it gains, if `take`, start from their
+/// stored offsets.
+async fn reconcile(consumer: &StreamConsumer, deps: &InboxDeps, owned: &mut Owned, want: &[i32], take: bool) {
     let lost: Vec<i32> = owned.partitions.keys().filter(|p| !want.contains(p)).copied().collect();
     let gained: Vec<i32> = want.iter().filter(|p| !owned.partitions.contains_key(p)).copied().collect();
     if !lost.is_empty() {
@@ -271,7 +281,7 @@ async fn reconcile(consumer: &StreamConsumer, deps: &InboxDeps, owned: &mut Owne
         tracing::info!(partitions = ?lost, "llm manager: partitions moved away; their contexts stop");
         let _ = deps.revoked.ask(PartitionsRevoked(lost)).await;
     }
-    if gained.is_empty() {
+    if gained.is_empty() || !take {
         return;
     }
     let offsets = match deps.lease.offsets(&gained).await {

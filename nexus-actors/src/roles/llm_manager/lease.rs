@@ -5,6 +5,9 @@
 //! [`TTL`] lapses and its node drops out. Partitions go round-robin over
 //! the live nodes in name order, so every node computes the same
 //! assignment, and a killed node's partitions move once its lease lapses.
+//! (The inbox gives partitions up at once and takes new ones only once the
+//! assignment has held for a few renewals, so that the previous owner has
+//! seen it too and let them go.)
 //! (Tansu 0.6's group coordinator keeps a killed member in its group, so
 //! a Kafka consumer group never hands its partitions to anyone; leases
 //! do not depend on the broker for this.) A node whose own renewals fail
