@@ -231,3 +231,69 @@ async fn a_panels_agent_talks_to_its_owners_context_and_no_one_elses() {
     assert_eq!(model.requests(), 1);
     node.stop().await;
 }
+
+#[actix_rt::test]
+async fn garbage_on_the_command_topic_is_dead_lettered_and_never_blocks_a_partition() {
+    use rdkafka::consumer::{Consumer, StreamConsumer};
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    use rdkafka::Message as _;
+
+    let model = ScriptedModel::start(|_: &ModelCall| Reply::text("still here"));
+    let node = node_with("llm-garbage", &model).await;
+    let ada = node.user("ada").await;
+    let id = context(&ada, &[]).await;
+    let (status, info) = ada.get(&format!("/api/contexts/{id}")).await;
+    assert_eq!(status, 200, "{info}");
+    let kafka = nexus_actors::bus::kafka::KafkaConfig::new(node.brokers.kafka_brokers());
+    let producer: FutureProducer = kafka.client().create().unwrap();
+    let unknown = "01a20000-0000-7000-8000-000000000000";
+    let envelope = |kind: &str, context: &str| {
+        nexus_actors::Envelope::with_type(
+            kind,
+            "attacker",
+            json!({ "context": context, "user": "ada", "content": "x" }),
+        )
+        .encode()
+    };
+    let oversized = vec![b'x'; 300_000];
+    let garbage: Vec<(&str, Vec<u8>, &str)> = vec![
+        (id.as_str(), b"not json at all".to_vec(), "not_an_envelope"),
+        (id.as_str(), envelope("nexus.context.teapot", &id), "unknown_type"),
+        (id.as_str(), envelope("nexus.context.user_message", unknown), "bad_command"),
+        ("not-a-context", envelope("nexus.context.user_message", &id), "bad_key"),
+        (unknown, envelope("nexus.context.user_message", unknown), "unknown_context"),
+        (id.as_str(), oversized, "oversized"),
+    ];
+    for (key, payload, _) in &garbage {
+        // Ahead of the real message (in its partition, for the records keyed by its id).
+        let record = FutureRecord::to("semantic.commands").key(*key).payload(payload);
+        producer.send(record, Duration::from_secs(10)).await.unwrap();
+    }
+    let offset = say(&ada, &id, "Are you there?").await;
+    let transcript = answered(&ada, &id, offset).await;
+    assert_eq!(transcript["messages"][1]["content"], "still here", "the partition went on past the garbage");
+
+    let dlq: StreamConsumer =
+        kafka.client().set("group.id", "test-dlq").set("auto.offset.reset", "earliest").create().unwrap();
+    let mut partitions = rdkafka::TopicPartitionList::new();
+    for p in 0..3 {
+        partitions.add_partition_offset("semantic.dlq", p, rdkafka::Offset::Beginning).unwrap();
+    }
+    dlq.assign(&partitions).unwrap();
+    let mut reasons = Vec::new();
+    while reasons.len() < garbage.len() {
+        let message = tokio::time::timeout(Duration::from_secs(20), dlq.recv()).await.expect("dead letters").unwrap();
+        let letter: Value = serde_json::from_slice(message.payload().unwrap()).unwrap();
+        reasons.push(letter["data"]["reason"].as_str().unwrap().to_owned());
+    }
+    reasons.sort();
+    let mut expected: Vec<&str> = garbage.iter().map(|(_, _, reason)| *reason).collect();
+    expected.sort();
+    assert_eq!(reasons, expected);
+    let metrics = reqwest::get(format!("{}/metrics", node.url())).await.unwrap().text().await.unwrap();
+    assert!(metrics.contains("nexus_semantic_dead_letters_total{reason=\"not_an_envelope\"} 1"), "{metrics}");
+    // Clients of the test's broker close before it goes (a consumer closing
+    // against a stopped broker waits for it).
+    drop((dlq, producer));
+    node.stop().await;
+}

@@ -31,7 +31,7 @@ use super::manager::{Command, PartitionsRevoked};
 use super::metrics::LlmMetrics;
 use crate::bus::kafka::{KafkaConfig, Nack, Produce, SEMANTIC_COMMANDS};
 use crate::bus::Backoff;
-use crate::envelope::{DecodeError, Envelope, Payload, MAX_ENVELOPE_BYTES};
+use crate::envelope::{DecodeError, Envelope, Payload};
 use crate::kernel::{lock, AskError, Link};
 use crate::semantic::records::{is_context_id, AgentMessage, Cancel, ContextCreated, UserMessage};
 
@@ -43,6 +43,9 @@ pub const DLQ: &str = "semantic.dlq";
 const MAX_IN_FLIGHT: usize = 4096;
 /// Renewals in a row a node's share must hold before it takes new partitions.
 const STEADY: u32 = 3;
+/// Largest command taken: a message of the largest size, escaped, with room
+/// for its envelope. Larger records are refused before they are parsed.
+pub const MAX_COMMAND_BYTES: usize = 256 * 1024;
 /// The start of a refused record that is copied to the dead-letter topic.
 const DLQ_PAYLOAD_BYTES: usize = 64 * 1024;
 
@@ -370,6 +373,12 @@ fn parse(message: &BorrowedMessage<'_>) -> Result<(String, Envelope<Value>), Box
             payload: String::from_utf8_lossy(&payload[..payload.len().min(DLQ_PAYLOAD_BYTES)]).into_owned(),
         })
     };
+    if payload.len() > MAX_COMMAND_BYTES {
+        return Err(letter(
+            DeadLetter::Oversized,
+            format!("{} bytes; commands are at most {MAX_COMMAND_BYTES}", payload.len()),
+        ));
+    }
     let envelope = match Envelope::decode(payload) {
         Ok(envelope) => envelope,
         Err(e @ DecodeError::TooLarge { .. }) => return Err(letter(DeadLetter::Oversized, e.to_string())),
@@ -389,9 +398,6 @@ fn parse(message: &BorrowedMessage<'_>) -> Result<(String, Envelope<Value>), Box
         Ok(named) if named == context => {}
         Ok(named) => return Err(letter(DeadLetter::BadCommand, format!("names context {named} under key {context}"))),
         Err(e) => return Err(letter(DeadLetter::BadCommand, e.to_string())),
-    }
-    if payload.len() > MAX_ENVELOPE_BYTES {
-        return Err(letter(DeadLetter::Oversized, format!("{} bytes", payload.len())));
     }
     Ok((context, envelope))
 }
