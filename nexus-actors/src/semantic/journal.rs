@@ -25,7 +25,7 @@ use crate::envelope::{Envelope, Payload};
 use crate::platform::store::StoreError;
 
 /// How long a read waits for more records once past the high watermark.
-pub const END_GRACE: Duration = Duration::from_millis(150);
+pub const END_GRACE: Duration = Duration::from_millis(50);
 /// How long a read waits for a record it knows exists before giving up.
 const STALL: Duration = Duration::from_secs(10);
 /// Deepest chain of forks folded.
