@@ -8,7 +8,8 @@
 //! sidecar against direct HTTP calls to the same panel ([`tools`]), a third
 //! WebSocket fan-out ([`sessions`]), and two about panels ([`panels`]): the
 //! traffic gateway against direct requests and nginx, and an App's cold
-//! start. Timings are reported, never asserted.
+//! start, and two about the LLM manager ([`llm`]): against direct model
+//! calls, and beside LangGraph. Timings are reported, never asserted.
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -36,6 +37,7 @@ struct Sizes {
     python_tools: u64,
 }
 
+mod llm;
 mod login;
 mod panels;
 mod sessions;
@@ -46,6 +48,9 @@ fn main() {
     if args.first().map(String::as_str) == Some("serve-node") {
         return sessions::serve_node(&args[1..]);
     }
+    if args.first().map(String::as_str) == Some("serve-llm-node") {
+        return llm::serve_node(&args[1..]);
+    }
     if args.first().map(String::as_str) == Some("serve-hello") {
         return panels::serve_hello(&args[1..]);
     }
@@ -55,7 +60,8 @@ fn main() {
     // overwrites RESULTS.md).
     let only_panels = args.windows(2).any(|w| w[0] == "--only" && w[1] == "panels");
     let only_login = args.windows(2).any(|w| w[0] == "--only" && w[1] == "login");
-    if (only_panels || only_login) && write.is_some() {
+    let only_llm = args.windows(2).any(|w| w[0] == "--only" && w[1] == "llm");
+    if (only_panels || only_login || only_llm) && write.is_some() {
         eprintln!("--only prints its tables; --write needs the full run");
         std::process::exit(2);
     }
@@ -68,6 +74,12 @@ fn main() {
     let _ = std::fs::create_dir_all(&dir);
     if only_login {
         println!("{}", login::table(&dir, quick));
+        let _ = std::fs::remove_dir_all(&dir);
+        return;
+    }
+    if only_llm {
+        let (manager, peer) = llm::tables(&dir, quick);
+        println!("{manager}\n{peer}");
         let _ = std::fs::remove_dir_all(&dir);
         return;
     }
@@ -96,6 +108,8 @@ fn main() {
     println!("{overhead_table}\n{cold_table}");
     let login_table = login::table(&dir, quick);
     println!("{login_table}");
+    let (llm_table, peer_table) = llm::tables(&dir, quick);
+    println!("{llm_table}\n{peer_table}");
     let _ = std::fs::remove_dir_all(&dir);
     if let Some(path) = write {
         // scripts/bench says how it was called; run directly, the cargo command.
@@ -104,14 +118,16 @@ fn main() {
             format!("cargo run --release -p nexus-benches --{quick} --write {}", path.display())
         });
         let doc = format!(
-            "# Benchmark results\n\nLatest run of `{command}`.\n\n{}\n{table}\n{}\n## Tool calls\n\n{tools_table}\n{}\n## WebSocket sessions\n\n{sessions_table}\n{}\n## Gateway overhead\n\n{overhead_table}\n{}\n## App cold start\n\n{cold_table}\n{}\n## API latency during a login flood\n\n{login_table}\n{}",
+            "# Benchmark results\n\nLatest run of `{command}`.\n\n{}\n{table}\n{}\n## Tool calls\n\n{tools_table}\n{}\n## WebSocket sessions\n\n{sessions_table}\n{}\n## Gateway overhead\n\n{overhead_table}\n{}\n## App cold start\n\n{cold_table}\n{}\n## API latency during a login flood\n\n{login_table}\n{}\n## LLM manager\n\n{llm_table}\n{}\n## LLM manager and LangGraph, side by side\n\n{peer_table}\n{}",
             machine(),
             NOTES,
             tools::NOTES,
             SESSION_NOTES,
             panels::OVERHEAD_NOTES,
             panels::COLD_NOTES,
-            login::NOTES
+            login::NOTES,
+            llm::NOTES,
+            llm::PEER_NOTES
         );
         std::fs::write(&path, doc).expect("write results");
         eprintln!("wrote {}", path.display());

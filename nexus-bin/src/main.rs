@@ -313,7 +313,7 @@ struct NodeArgs {
 /// The LLM manager's model endpoints and limits.
 #[derive(Args)]
 struct LlmArgs {
-    /// A model endpoint: `url=http://host:port/v1,model=NAME[,name=N][,key-file=F][,concurrency=4]`
+    /// A model endpoint: `url=http://host:port/v1,model=NAME[,name=N][,key-file=F][,concurrency=4][,max-tokens=N]`
     /// (repeatable, tried in order; semicolon-separated in the environment). `nexus dev`
     /// without one starts the local model server when it is installed.
     #[arg(long = "llm-endpoint", value_name = "SPEC", env = "NEXUS_LLM_ENDPOINTS", value_delimiter = ';')]
@@ -467,6 +467,8 @@ fn dev(http: SocketAddr, data_dir: PathBuf, panels: PanelArgs, limits: LimitArgs
             let mut endpoint = EndpointConfig::new(url, name)?;
             endpoint.name = "local".into();
             endpoint.concurrency = concurrency;
+            // A small model can ramble until the turn's deadline, holding its only slot.
+            endpoint.max_tokens = Some(1024);
             Some(endpoint)
         }
         _ => None,

@@ -12,7 +12,7 @@
 
 use std::time::Duration;
 
-use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
 use rdkafka::{Message as _, Offset, TopicPartitionList};
 use serde::Deserialize as _;
@@ -25,7 +25,7 @@ use crate::envelope::{Envelope, Payload};
 use crate::platform::store::StoreError;
 
 /// How long a read waits for more records once past the high watermark.
-pub const END_GRACE: Duration = Duration::from_millis(50);
+pub const END_GRACE: Duration = Duration::from_millis(20);
 /// How long a read waits for a record it knows exists before giving up.
 const STALL: Duration = Duration::from_secs(10);
 /// Deepest chain of forks folded.
@@ -54,6 +54,9 @@ pub enum JournalError {
         /// The next offset expected.
         offset: i64,
     },
+    /// The reading thread ended without an answer (the node is stopping).
+    #[error("the journal read stopped: {0}")]
+    Stopped(String),
     /// Forks nest deeper than [`MAX_FORK_DEPTH`].
     #[error("forks nest deeper than {MAX_FORK_DEPTH}")]
     TooDeep,
@@ -88,7 +91,9 @@ impl Journal {
         &self.directory
     }
 
-    /// The records of `info` in `range`, in offset order.
+    /// The records of `info` in `range`, in offset order. The read runs on
+    /// a blocking thread: a Kafka consumer's metadata calls and its close
+    /// block, and must not hold up the actors and requests of this thread.
     pub async fn read(&self, info: &ContextInfo, range: Range) -> Result<Vec<Entry>, JournalError> {
         let (Some(partition), Some(first)) = (info.partition, info.first_offset) else {
             return Err(JournalError::NotJournaled(info.id.clone()));
@@ -97,54 +102,9 @@ impl Journal {
         if range.until.is_some_and(|u| u < from) || range.limit == 0 {
             return Ok(Vec::new());
         }
-        let consumer: StreamConsumer = self
-            .config
-            .client()
-            .set("group.id", "nexus-journal-reader")
-            .set("enable.auto.commit", "false")
-            .set("enable.auto.offset.store", "false")
-            .set("fetch.wait.max.ms", "20")
-            .create()?;
-        let (_, high) = consumer.fetch_watermarks(SEMANTIC_EVENTS, partition, Duration::from_secs(10))?;
-        // Past the watermark only while records keep coming (see the module doc),
-        // but never short of what the directory knows is there.
-        let known_end = info.last_offset.map_or(high, |last| high.max(last + 1));
-        let mut assignment = TopicPartitionList::new();
-        assignment.add_partition_offset(SEMANTIC_EVENTS, partition, Offset::Offset(from))?;
-        consumer.assign(&assignment)?;
-        let mut entries = Vec::new();
-        let mut next = from;
-        loop {
-            let wait = if next >= known_end { END_GRACE } else { STALL };
-            let message = match tokio::time::timeout(wait, consumer.recv()).await {
-                Err(_) if next >= known_end => break,
-                Err(_) => return Err(JournalError::Stalled { context: info.id.clone(), offset: next }),
-                Ok(received) => received?,
-            };
-            if message.offset() < next {
-                // A record seen already (a broker that answers a fetch with a
-                // whole batch again): each record is returned once.
-                continue;
-            }
-            next = message.offset() + 1;
-            if range.until.is_some_and(|u| message.offset() > u) {
-                break;
-            }
-            if message.key() != Some(info.id.as_bytes()) {
-                continue;
-            }
-            // A record that does not decode is not the context's to fold; it was counted where it was written.
-            if let Ok(envelope) = Envelope::decode(message.payload().unwrap_or_default()) {
-                entries.push(Entry { offset: message.offset(), envelope });
-                if entries.len() >= range.limit {
-                    break;
-                }
-            }
-            if range.until.is_some_and(|u| next > u) {
-                break;
-            }
-        }
-        Ok(entries)
+        let (config, info) = (self.config.clone(), info.clone());
+        let read = tokio::task::spawn_blocking(move || read_blocking(&config, &info, partition, from, range));
+        read.await.map_err(|e| JournalError::Stopped(e.to_string()))?
     }
 
     /// The context `id` folded up to `at` (every record when `None`).
@@ -191,4 +151,61 @@ impl Journal {
             .and_then(|s| serde_json::from_value::<Transcript>(s.state).ok());
         Ok(state.map(|s| (s, snapshot_at)))
     }
+}
+
+/// [`Journal::read`] on the calling thread.
+fn read_blocking(
+    config: &KafkaConfig,
+    info: &ContextInfo,
+    partition: i32,
+    from: i64,
+    range: Range,
+) -> Result<Vec<Entry>, JournalError> {
+    let consumer: BaseConsumer = config
+        .client()
+        .set("group.id", "nexus-journal-reader")
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("fetch.wait.max.ms", "5")
+        .create()?;
+    let (_, high) = consumer.fetch_watermarks(SEMANTIC_EVENTS, partition, Duration::from_secs(10))?;
+    // Past the watermark only while records keep coming (see the module doc),
+    // but never short of what the directory knows is there.
+    let known_end = info.last_offset.map_or(high, |last| high.max(last + 1));
+    let mut assignment = TopicPartitionList::new();
+    assignment.add_partition_offset(SEMANTIC_EVENTS, partition, Offset::Offset(from))?;
+    consumer.assign(&assignment)?;
+    let mut entries = Vec::new();
+    let mut next = from;
+    loop {
+        let wait = if next >= known_end { END_GRACE } else { STALL };
+        let message = match consumer.poll(wait) {
+            None if next >= known_end => break,
+            None => return Err(JournalError::Stalled { context: info.id.clone(), offset: next }),
+            Some(received) => received?,
+        };
+        if message.offset() < next {
+            // A record seen already (a broker that answers a fetch with a
+            // whole batch again): each record is returned once.
+            continue;
+        }
+        next = message.offset() + 1;
+        if range.until.is_some_and(|u| message.offset() > u) {
+            break;
+        }
+        if message.key() != Some(info.id.as_bytes()) {
+            continue;
+        }
+        // A record that does not decode is not the context's to fold; it was counted where it was written.
+        if let Ok(envelope) = Envelope::decode(message.payload().unwrap_or_default()) {
+            entries.push(Entry { offset: message.offset(), envelope });
+            if entries.len() >= range.limit {
+                break;
+            }
+        }
+        if range.until.is_some_and(|u| next > u) {
+            break;
+        }
+    }
+    Ok(entries)
 }

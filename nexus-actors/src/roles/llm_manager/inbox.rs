@@ -149,7 +149,10 @@ impl Inbox {
             .set("group.id", GROUP)
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
-            .set("fetch.wait.max.ms", crate::bus::kafka::FETCH_WAIT_MS)
+            // Tansu holds a fetch for the whole wait even when records are
+            // there: every command would wait that long before its turn starts.
+            // 1 ms costs idle fetches and keeps the hop to about a millisecond.
+            .set("fetch.wait.max.ms", "1")
             .create()?;
         let metadata = consumer.fetch_metadata(Some(SEMANTIC_COMMANDS), Duration::from_secs(10))?;
         let partitions = metadata.topics().iter().map(|t| t.partitions().len()).sum::<usize>() as i32;

@@ -194,7 +194,7 @@ impl ModelClient {
         let mut failed = Vec::new();
         for (rank, &i) in candidates.iter().enumerate() {
             let (config, endpoint) = (&inner.config.endpoints[i], &inner.endpoints[i]);
-            let body = Bytes::from(wire::body(&config.model, &shared));
+            let body = Bytes::from(wire::body(&config.model, config.max_tokens, &shared));
             span.record("gen_ai.request.model", config.model.as_str());
             span.record("server.address", endpoint.host.as_str());
             if let Some(port) = endpoint.port {

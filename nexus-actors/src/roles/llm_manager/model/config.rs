@@ -63,6 +63,8 @@ pub struct EndpointConfig {
     pub key_file: Option<PathBuf>,
     /// Requests in flight to it at most; more wait for a turn.
     pub concurrency: usize,
+    /// Most tokens one answer may have (`max_tokens`); `None`: the endpoint's own limit.
+    pub max_tokens: Option<u32>,
 }
 
 impl EndpointConfig {
@@ -81,14 +83,16 @@ impl EndpointConfig {
             model: model.to_owned(),
             key_file: None,
             concurrency: DEFAULT_CONCURRENCY,
+            max_tokens: None,
         })
     }
 
     /// Parses the command line's form:
-    /// `url=http://host:port/v1,model=NAME[,name=N][,key-file=FILE][,concurrency=N]`.
+    /// `url=http://host:port/v1,model=NAME[,name=N][,key-file=FILE][,concurrency=N][,max-tokens=N]`.
     pub fn parse(spec: &str) -> Result<Self, ConfigError> {
         let error = |reason: String| ConfigError::Spec { spec: spec.to_owned(), reason };
-        let (mut url, mut model, mut name, mut key_file, mut concurrency) = (None, None, None, None, None);
+        let (mut url, mut model, mut name, mut key_file, mut concurrency, mut max_tokens) =
+            (None, None, None, None, None, None);
         for part in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
             let (key, value) = part.split_once('=').ok_or_else(|| error(format!("{part:?} is not key=value")))?;
             let value = value.trim();
@@ -101,6 +105,7 @@ impl EndpointConfig {
                 "name" => &mut name,
                 "key-file" | "key_file" => &mut key_file,
                 "concurrency" => &mut concurrency,
+                "max-tokens" | "max_tokens" => &mut max_tokens,
                 other => return Err(error(format!("unknown key {other:?}"))),
             };
             if slot.replace(value).is_some() {
@@ -118,6 +123,12 @@ impl EndpointConfig {
             endpoint.concurrency = match concurrency.parse() {
                 Ok(n) if n > 0 => n,
                 _ => return Err(error(format!("concurrency {concurrency:?} is not a positive number"))),
+            };
+        }
+        if let Some(max_tokens) = max_tokens {
+            endpoint.max_tokens = match max_tokens.parse() {
+                Ok(n) if n > 0 => Some(n),
+                _ => return Err(error(format!("max-tokens {max_tokens:?} is not a positive number"))),
             };
         }
         Ok(endpoint)

@@ -5,10 +5,14 @@ use serde_json::{json, Map, Value};
 
 use crate::semantic::chat::{ChatMessage, Role, ToolOffer};
 
-/// The body for one endpoint: `model` plus the fields every endpoint shares.
-pub(super) fn body(model: &str, shared: &Map<String, Value>) -> Vec<u8> {
+/// The body for one endpoint: its `model` (and `max_tokens`) plus the
+/// fields every endpoint shares.
+pub(super) fn body(model: &str, max_tokens: Option<u32>, shared: &Map<String, Value>) -> Vec<u8> {
     let mut body = shared.clone();
     body.insert("model".to_owned(), Value::String(model.to_owned()));
+    if let Some(max_tokens) = max_tokens {
+        body.insert("max_tokens".to_owned(), json!(max_tokens));
+    }
     Value::Object(body).to_string().into_bytes()
 }
 
@@ -92,7 +96,7 @@ mod tests {
             description: "search".into(),
             parameters: json!({"type": "object"}),
         }];
-        let sent: Value = serde_json::from_slice(&body("m", &shared(&messages, &tools))).unwrap();
+        let sent: Value = serde_json::from_slice(&body("m", None, &shared(&messages, &tools))).unwrap();
         assert_eq!(sent["model"], "m");
         assert_eq!(sent["stream"], true);
         assert_eq!(sent["stream_options"]["include_usage"], true);
@@ -107,7 +111,7 @@ mod tests {
             sent["tools"],
             json!([{"type": "function", "function": {"name": "p_search", "description": "search", "parameters": {"type": "object"}}}])
         );
-        let bare: Value = serde_json::from_slice(&body("m", &shared(&messages, &[]))).unwrap();
+        let bare: Value = serde_json::from_slice(&body("m", None, &shared(&messages, &[]))).unwrap();
         assert!(bare.get("tools").is_none());
     }
 }
