@@ -395,9 +395,10 @@ context doubles); `GET …/transcript` folds all of it,
 `?at=` the first half; the baseline reads the same records with an
 rdkafka consumer assigned to the partition, without decoding them, created
 and closed per run as the journal reader's is (closing an rdkafka consumer
-takes about 100 ms here; the note says how much). A whole-journal read
-also waits 150 ms past the last record (tansu's high watermark is the base
-offset of the last batch, so the reader cannot trust it to end).
+takes about 100 ms here; the note says how much; the journal reader closes
+its consumer on a thread of its own and does not wait for it). A whole-journal read also waits 20 ms past the
+last record (tansu's high watermark is the base offset of the last batch,
+so the reader does not trust it alone to end).
 Memory per idle context: the node's resident memory before and after that
 many contexts were created through the API and each had one turn answered
 (one word), all still alive (`nexus_llm_contexts`), divided by their number.

@@ -205,7 +205,7 @@ pub(super) async fn rows(h: &Harness, runs: usize) -> Result<Vec<Line>, String> 
             &whole,
             &raw,
             format!(
-                "{} messages folded, median of {runs}; Nexus includes the journal reader's 150 ms wait past the last \
+                "{} messages folded, median of {runs}; Nexus includes the journal reader's 20 ms wait past the last \
                  record; baseline: the records read raw by a one-shot consumer, {closing} of it closing the consumer",
                 2 * TURNS
             ),

@@ -207,5 +207,7 @@ fn read_blocking(
             break;
         }
     }
+    // Closing a consumer takes about 100 ms; the reader need not wait for it.
+    std::thread::spawn(move || drop(consumer));
     Ok(entries)
 }
