@@ -318,6 +318,10 @@ struct LlmArgs {
     /// without one starts the local model server when it is installed.
     #[arg(long = "llm-endpoint", value_name = "SPEC", env = "NEXUS_LLM_ENDPOINTS", value_delimiter = ';')]
     endpoints: Vec<String>,
+    /// `nexus dev`: do not start the local model server when no endpoint is given
+    /// (the LLM routes then answer 503).
+    #[arg(long, env = "NEXUS_NO_LOCAL_MODEL")]
+    no_local_model: bool,
     /// Model calls one turn may make.
     #[arg(long, default_value_t = 8, env = "NEXUS_LLM_MAX_STEPS")]
     llm_max_steps: u32,
@@ -458,7 +462,7 @@ fn dev(http: SocketAddr, data_dir: PathBuf, panels: PanelArgs, limits: LimitArgs
     let kafka = infra::dev::kafka(&data_dir)?;
     let password = infra::dev::admin_password(&data_dir)?;
     // Kept alive as long as the node: it owns the local model server, if one started.
-    let model = match llm.endpoints.is_empty() {
+    let model = match llm.endpoints.is_empty() && !llm.no_local_model {
         true => Some(infra::dev::model(&data_dir)?),
         false => None,
     };

@@ -32,7 +32,15 @@ fn check_dev_node(name: &str, setup: impl FnOnce(&mut Command)) {
     let port = free_port().unwrap();
     let mut command = Command::new(env!("CARGO_BIN_EXE_nexus"));
     command
-        .args(["dev", "--http", &format!("127.0.0.1:{port}"), "--gateway", "127.0.0.1:0", "--data-dir"])
+        .args([
+            "dev",
+            "--no-local-model",
+            "--http",
+            &format!("127.0.0.1:{port}"),
+            "--gateway",
+            "127.0.0.1:0",
+            "--data-dir",
+        ])
         .arg(dir.join("data"))
         .env("REDIS_URL", redis.url())
         .env_remove("KAFKA_BROKERS")
@@ -179,7 +187,15 @@ fn spans_are_exported_over_otlp_when_the_endpoint_is_set() {
     let redis = RedisServer::start(&dir.join("redis"), false).unwrap();
     let port = free_port().unwrap();
     let child = Command::new(env!("CARGO_BIN_EXE_nexus"))
-        .args(["dev", "--http", &format!("127.0.0.1:{port}"), "--gateway", "127.0.0.1:0", "--data-dir"])
+        .args([
+            "dev",
+            "--no-local-model",
+            "--http",
+            &format!("127.0.0.1:{port}"),
+            "--gateway",
+            "127.0.0.1:0",
+            "--data-dir",
+        ])
         .arg(dir.join("data"))
         .env("REDIS_URL", redis.url())
         .env("OTEL_EXPORTER_OTLP_ENDPOINT", format!("http://127.0.0.1:{otlp_port}"))

@@ -18,7 +18,15 @@ fn two_browsers_edit_one_document_live_and_the_graph_renders() {
     let redis = RedisServer::start(&dir.join("redis"), false).unwrap();
     let port = free_port().unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_nexus"))
-        .args(["dev", "--http", &format!("127.0.0.1:{port}"), "--gateway", "127.0.0.1:0", "--data-dir"])
+        .args([
+            "dev",
+            "--no-local-model",
+            "--http",
+            &format!("127.0.0.1:{port}"),
+            "--gateway",
+            "127.0.0.1:0",
+            "--data-dir",
+        ])
         .arg(dir.join("data"))
         .env("REDIS_URL", redis.url())
         .env_remove("KAFKA_BROKERS")

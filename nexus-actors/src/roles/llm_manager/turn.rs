@@ -359,7 +359,9 @@ async fn run_tools(
             .with_timeout(deps.limits.tool_timeout)
             .with_idempotency_key(call.call_id.clone())
             .with_context(t.context.clone());
-        tool_call.call_id = call.call_id.clone();
+        // A fresh call id per attempt, the same idempotency key: a tool's
+        // server takes a second delivery of one call id for a duplicate and
+        // stays silent, but answers a retry with the first outcome.
         tool_call.journaled_by_caller = true;
         let called = Envelope::new(deps.writer.source.clone(), ToolCalled { call: tool_call.clone() }).into_untyped();
         if deps.writer.append_envelope(&t.context, called).await.is_err() {
