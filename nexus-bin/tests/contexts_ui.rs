@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use common::{wait_for_health, KillOnDrop};
+use common::{nexus_dev, wait_for_health, KillOnDrop};
 use nexus_actors::infra::{free_port, ModelServer};
 use nexus_actors::node::Role;
 use nexus_actors::roles::llm_manager::model::{EndpointConfig, ModelConfig};
@@ -142,12 +142,9 @@ async fn nexus_dev_answers_with_the_real_model_and_replays_without_it() {
     let data = brokers.dir.join("data");
     let port = free_port().unwrap();
     let log = std::fs::File::create(brokers.dir.join("nexus-dev.log")).unwrap();
-    let dev = Command::new(env!("CARGO_BIN_EXE_nexus"))
-        .args(["dev", "--http", &format!("127.0.0.1:{port}"), "--gateway", "127.0.0.1:0", "--data-dir"])
-        .arg(&data)
+    let dev = nexus_dev(port, 0, &data)
         .env("REDIS_URL", brokers.redis_url())
         .env("KAFKA_BROKERS", brokers.kafka_brokers())
-        .env_remove("NEXUS_LLM_ENDPOINTS")
         .stdout(log.try_clone().unwrap())
         .stderr(log)
         .spawn()

@@ -6,7 +6,7 @@ use std::io::{Read, Write};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::{get, request, wait_for_health, KillOnDrop};
+use common::{get, nexus_dev, request, wait_for_health, KillOnDrop};
 use nexus_actors::infra::{free_port, RedisServer};
 
 #[test]
@@ -30,18 +30,9 @@ fn check_dev_node(name: &str, setup: impl FnOnce(&mut Command)) {
         std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("nexus-dev-test-{name}-{}", std::process::id()));
     let redis = RedisServer::start(&dir.join("redis"), false).unwrap();
     let port = free_port().unwrap();
-    let mut command = Command::new(env!("CARGO_BIN_EXE_nexus"));
+    let mut command = nexus_dev(port, 0, &dir.join("data"));
     command
-        .args([
-            "dev",
-            "--no-local-model",
-            "--http",
-            &format!("127.0.0.1:{port}"),
-            "--gateway",
-            "127.0.0.1:0",
-            "--data-dir",
-        ])
-        .arg(dir.join("data"))
+        .arg("--no-local-model")
         .env("REDIS_URL", redis.url())
         .env_remove("KAFKA_BROKERS")
         .stdout(Stdio::piped())
@@ -186,17 +177,8 @@ fn spans_are_exported_over_otlp_when_the_endpoint_is_set() {
     let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("nexus-otlp-test-{}", std::process::id()));
     let redis = RedisServer::start(&dir.join("redis"), false).unwrap();
     let port = free_port().unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_nexus"))
-        .args([
-            "dev",
-            "--no-local-model",
-            "--http",
-            &format!("127.0.0.1:{port}"),
-            "--gateway",
-            "127.0.0.1:0",
-            "--data-dir",
-        ])
-        .arg(dir.join("data"))
+    let child = nexus_dev(port, 0, &dir.join("data"))
+        .arg("--no-local-model")
         .env("REDIS_URL", redis.url())
         .env("OTEL_EXPORTER_OTLP_ENDPOINT", format!("http://127.0.0.1:{otlp_port}"))
         .env("OTEL_BSP_SCHEDULE_DELAY", "100")

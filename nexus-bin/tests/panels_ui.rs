@@ -78,16 +78,8 @@ fn a_panel_runs_in_studio_deploys_as_an_app_scales_to_zero_and_comes_back() {
     let (port, gateway_port) = (free_port().unwrap(), free_port().unwrap());
     let log = dir.join("nexus-dev.log");
     let out = std::fs::File::create(&log).unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_nexus"))
-        .args([
-            "dev",
-            "--no-local-model",
-            "--http",
-            &format!("127.0.0.1:{port}"),
-            "--gateway",
-            &format!("127.0.0.1:{gateway_port}"),
-        ])
-        .env("NEXUS_DATA_DIR", dir.join("data"))
+    let child = common::nexus_dev(port, gateway_port, &dir.join("data"))
+        .arg("--no-local-model")
         .env("NEXUS_APP_IDLE_SECS", "3")
         .env("REDIS_URL", redis.url())
         .env_remove("KAFKA_BROKERS")

@@ -17,17 +17,8 @@ fn two_browsers_edit_one_document_live_and_the_graph_renders() {
     let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("nexus-studio-ui-{}", std::process::id()));
     let redis = RedisServer::start(&dir.join("redis"), false).unwrap();
     let port = free_port().unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_nexus"))
-        .args([
-            "dev",
-            "--no-local-model",
-            "--http",
-            &format!("127.0.0.1:{port}"),
-            "--gateway",
-            "127.0.0.1:0",
-            "--data-dir",
-        ])
-        .arg(dir.join("data"))
+    let mut child = common::nexus_dev(port, 0, &dir.join("data"))
+        .arg("--no-local-model")
         .env("REDIS_URL", redis.url())
         .env_remove("KAFKA_BROKERS")
         .stdout(Stdio::null())

@@ -11,7 +11,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{get, request, wait_for_health, KillOnDrop};
+use common::{get, nexus_dev, request, wait_for_health, KillOnDrop};
 use nexus_actors::infra::{free_port, RedisServer, Tansu, TansuStorage};
 use nexus_testkit::scripted_model::{Reply, ScriptedModel};
 use serde_json::{json, Value};
@@ -35,9 +35,7 @@ fn python_minimal_tools_are_callable_through_a_sidecar_over_the_api_and_mcp() {
     let tansu = Tansu::start(&dir.join("tansu"), TansuStorage::Memory).unwrap();
     let model = ScriptedModel::start(|_| Reply::text("The answer is 42."));
     let port = free_port().unwrap();
-    let node = Command::new(env!("CARGO_BIN_EXE_nexus"))
-        .args(["dev", "--http", &format!("127.0.0.1:{port}"), "--gateway", "127.0.0.1:0", "--data-dir"])
-        .arg(dir.join("data"))
+    let node = nexus_dev(port, 0, &dir.join("data"))
         .args(["--llm-endpoint", &format!("url={},model=scripted", model.url())])
         .env("REDIS_URL", redis.url())
         .env("KAFKA_BROKERS", tansu.brokers())

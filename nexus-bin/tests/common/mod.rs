@@ -4,10 +4,10 @@
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::process::Child;
+use std::path::Path;
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
-/// A bare HTTP/1.0 GET; returns (status, body).
 /// `ui-tests/`, after checking what the browser tests need is installed;
 /// without it they fail and say what is missing.
 pub(crate) fn ui_tests() -> std::path::PathBuf {
@@ -23,6 +23,7 @@ pub(crate) fn ui_tests() -> std::path::PathBuf {
     ui_tests
 }
 
+/// A bare HTTP/1.0 GET; returns (status, body).
 pub(crate) fn get(port: u16, path: &str) -> Option<(u16, String)> {
     request(port, "GET", path, None, None)
 }
@@ -72,4 +73,17 @@ impl Drop for KillOnDrop {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
+}
+
+/// `nexus dev` serving on 127.0.0.1:`port`, its gateway on `gateway` (0:
+/// any free port), its data in `data`, and no model endpoints from the
+/// test's environment; the caller adds the rest and spawns it.
+pub(crate) fn nexus_dev(port: u16, gateway: u16, data: &Path) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_nexus"));
+    command
+        .args(["dev", "--http", &format!("127.0.0.1:{port}"), "--gateway", &format!("127.0.0.1:{gateway}")])
+        .arg("--data-dir")
+        .arg(data)
+        .env_remove("NEXUS_LLM_ENDPOINTS");
+    command
 }
