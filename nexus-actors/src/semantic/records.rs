@@ -27,6 +27,26 @@ pub const MAX_SYSTEM_BYTES: usize = 32 * 1024;
 /// Most tools one context may offer its model.
 pub const MAX_TOOLS: usize = 128;
 
+/// A command that is copied to the journal once accepted, stamped with
+/// its offset on `semantic.commands`.
+pub trait JournaledCommand: Payload + for<'de> Deserialize<'de> {
+    /// The journal copy of the command read at `offset`.
+    fn at_offset(self, offset: i64) -> Self;
+}
+
+macro_rules! journaled_command {
+    ($($t:ty),*) => {$(
+        impl JournaledCommand for $t {
+            fn at_offset(mut self, offset: i64) -> Self {
+                self.command_offset = Some(offset);
+                self
+            }
+        }
+    )*};
+}
+
+journaled_command!(ContextCreated, UserMessage, AgentMessage);
+
 /// Where a forked context branches off its parent.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct ForkPoint {

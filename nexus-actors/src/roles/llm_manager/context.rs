@@ -20,12 +20,12 @@ use super::metrics::LlmMetrics;
 use super::model::ModelClient;
 use super::turn::{self, TurnLimits};
 use super::writer::JournalWriter;
-use crate::bus::kafka::{Nack, Produce, SEMANTIC_COMMANDS};
+use crate::bus::kafka::{Nack, Produce};
 use crate::envelope::Payload;
 use crate::kernel::{ActorRef, Behaviour, Ctx, Handler, Kernel, Link, Reply};
 use crate::semantic::fold::Transcript;
 use crate::semantic::journal::{Journal, JournalError};
-use crate::semantic::records::{AgentMessage, Cancel, ContextCreated, Snapshot, UserMessage};
+use crate::semantic::records::{AgentMessage, Cancel, ContextCreated, JournaledCommand, Snapshot, UserMessage};
 use crate::tools::registry::{CallTool, ListTools};
 
 /// Everything a context needs. Cheap to clone.
@@ -190,18 +190,14 @@ impl Worker {
                 if !t.context.is_empty() {
                     return Ok(());
                 }
-                let Ok(mut created) = ContextCreated::deserialize(data) else {
+                let Ok(created) = ContextCreated::deserialize(data) else {
                     return self.refuse(command, "not a creation").await;
                 };
                 let known = self.deps.journal.directory().get(&self.id).await.map_err(|e| Nack(e.to_string()))?;
                 if known.is_none_or(|info| info.owner != created.owner) {
                     return self.refuse(command, "the directory has no such context for this owner").await;
                 }
-                created.command_offset = Some(command.offset);
-                let entry = self.deps.writer.append(&self.id, created, Some(&command.envelope.id)).await;
-                let entry = entry.map_err(|e| Nack(e.to_string()))?;
-                t.apply(&entry);
-                Ok(())
+                self.copy(command, created, t).await
             }
             UserMessage::TYPE | AgentMessage::TYPE => {
                 if t.context.is_empty() {
@@ -216,23 +212,17 @@ impl Worker {
                     self.run_turn(t, open.command_offset).await?;
                 }
                 if !t.has_started(command.offset) {
-                    let entry = match command.envelope.kind.as_str() {
-                        UserMessage::TYPE => {
-                            let Ok(mut m) = UserMessage::deserialize(data) else {
-                                return self.refuse(command, "not a user message").await;
-                            };
-                            m.command_offset = Some(command.offset);
-                            self.deps.writer.append(&self.id, m, Some(&command.envelope.id)).await
-                        }
-                        _ => {
-                            let Ok(mut m) = AgentMessage::deserialize(data) else {
-                                return self.refuse(command, "not an agent message").await;
-                            };
-                            m.command_offset = Some(command.offset);
-                            self.deps.writer.append(&self.id, m, Some(&command.envelope.id)).await
-                        }
-                    };
-                    t.apply(&entry.map_err(|e| Nack(e.to_string()))?);
+                    if command.envelope.kind == UserMessage::TYPE {
+                        let Ok(m) = UserMessage::deserialize(data) else {
+                            return self.refuse(command, "not a user message").await;
+                        };
+                        self.copy(command, m, t).await?;
+                    } else {
+                        let Ok(m) = AgentMessage::deserialize(data) else {
+                            return self.refuse(command, "not an agent message").await;
+                        };
+                        self.copy(command, m, t).await?;
+                    }
                 }
                 self.run_turn(t, command.offset).await?;
                 self.snapshot(t).await;
@@ -240,6 +230,14 @@ impl Worker {
             }
             _ => self.refuse(command, "not a command").await,
         }
+    }
+
+    /// Journals the accepted command `record` and folds it in.
+    async fn copy<T: JournaledCommand>(&self, command: &Command, record: T, t: &mut Transcript) -> Result<(), Nack> {
+        let record = record.at_offset(command.offset);
+        let entry = self.deps.writer.append(&self.id, record, Some(&command.envelope.id)).await;
+        t.apply(&entry.map_err(|e| Nack(e.to_string()))?);
+        Ok(())
     }
 
     async fn run_turn(&mut self, t: &mut Transcript, command_offset: i64) -> Result<(), Nack> {
@@ -273,15 +271,13 @@ impl Worker {
 
     /// Counts and dead-letters a command that cannot be taken, and acknowledges it.
     async fn refuse(&self, command: &Command, detail: &str) -> Result<(), Nack> {
-        let letter = DeadLettered {
-            reason: DeadLetter::UnknownContext.as_str().to_owned(),
-            detail: format!("{}: {detail}", command.envelope.kind),
-            topic: SEMANTIC_COMMANDS.to_owned(),
-            partition: command.partition,
-            offset: command.offset,
-            key: Some(command.context.clone()),
-            payload: command.envelope.data.to_string(),
-        };
+        let letter = DeadLettered::new(
+            DeadLetter::UnknownContext,
+            format!("{}: {detail}", command.envelope.kind),
+            (command.partition, command.offset),
+            Some(command.context.clone()),
+            command.envelope.data.to_string().as_bytes(),
+        );
         dead_letter(&self.deps.produce, &self.deps.metrics, self.deps.kernel.node(), letter).await;
         Ok(())
     }

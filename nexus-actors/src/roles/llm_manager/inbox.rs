@@ -99,6 +99,21 @@ pub struct DeadLettered {
     pub payload: String,
 }
 
+impl DeadLettered {
+    /// The letter for the `semantic.commands` record at `partition`/`offset`.
+    pub fn new(reason: DeadLetter, detail: String, at: (i32, i64), key: Option<String>, payload: &[u8]) -> Self {
+        DeadLettered {
+            reason: reason.as_str().to_owned(),
+            detail,
+            topic: SEMANTIC_COMMANDS.to_owned(),
+            partition: at.0,
+            offset: at.1,
+            key,
+            payload: String::from_utf8_lossy(&payload[..payload.len().min(DLQ_PAYLOAD_BYTES)]).into_owned(),
+        }
+    }
+}
+
 impl Payload for DeadLettered {
     const TYPE: &'static str = "nexus.semantic.dead_letter";
 }
@@ -365,17 +380,8 @@ async fn deliver(
 fn parse(message: &BorrowedMessage<'_>) -> Result<(String, Envelope<Value>), Box<DeadLettered>> {
     let payload = message.payload().unwrap_or_default();
     let key = message.key().map(|k| String::from_utf8_lossy(k).into_owned());
-    let letter = |reason: DeadLetter, detail: String| -> Box<DeadLettered> {
-        Box::new(DeadLettered {
-            reason: reason.as_str().to_owned(),
-            detail,
-            topic: message.topic().to_owned(),
-            partition: message.partition(),
-            offset: message.offset(),
-            key: key.clone(),
-            payload: String::from_utf8_lossy(&payload[..payload.len().min(DLQ_PAYLOAD_BYTES)]).into_owned(),
-        })
-    };
+    let at = (message.partition(), message.offset());
+    let letter = |reason, detail| Box::new(DeadLettered::new(reason, detail, at, key.clone(), payload));
     if payload.len() > MAX_COMMAND_BYTES {
         return Err(letter(
             DeadLetter::Oversized,
