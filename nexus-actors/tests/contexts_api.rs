@@ -61,11 +61,17 @@ impl World {
 
     /// Appends `data` to `context`'s journal; its offset.
     async fn journal<T: Payload>(&self, context: &str, data: T) -> i64 {
+        let (partition, offset) = self.produce(context, data).await;
+        self.directory.journaled(context, partition, offset).await.unwrap();
+        offset
+    }
+
+    /// Appends `data` without telling the directory, as streamed text is; its partition and offset.
+    async fn produce<T: Payload>(&self, context: &str, data: T) -> (i32, i64) {
         let payload = Envelope::new("test", data).encode();
         let record = FutureRecord::to(SEMANTIC_EVENTS).key(context).payload(&payload);
         let delivery = self.producer.send(record, Duration::from_secs(10)).await.unwrap();
-        self.directory.journaled(context, delivery.partition, delivery.offset).await.unwrap();
-        delivery.offset
+        (delivery.partition, delivery.offset)
     }
 
     /// Publishes a journaled record on the context's channel, as the LLM manager does.
@@ -339,6 +345,29 @@ async fn events_and_transcripts_are_read_from_the_journal_at_any_offset() {
     }
     let metrics = reqwest::get(format!("{}/metrics", world.node.url())).await.unwrap().text().await.unwrap();
     assert!(metrics.contains("nexus_context_transcripts_total 2"), "two transcripts were rebuilt");
+
+    // Streamed text reaches the directory only with its step's response;
+    // until then it is within the context all the same, and other
+    // contexts' records past the directory's end are not.
+    world.journal(&context, user_message(&context, 2)).await;
+    let text = ThoughtDelta { context: context.clone(), command_offset: 2, step: 0, text: "wor".into() };
+    let (partition, streaming) = world.produce(&context, text).await;
+    let (status, mid) = ada.get(&format!("{transcript}?at={streaming}")).await;
+    assert_eq!(status, StatusCode::OK, "{mid}");
+    assert_eq!(mid["open"]["streaming"], "wor");
+    let (status, fork) = ada.post(&format!("/api/contexts/{context}/fork"), json!({"at": streaming})).await;
+    assert_eq!(status, StatusCode::CREATED, "{fork}");
+    let other = loop {
+        let other = uuid::Uuid::now_v7().to_string();
+        if world.produce(&other, user_message(&other, 9)).await.0 == partition {
+            break other;
+        }
+    };
+    let foreign = world.produce(&other, user_message(&other, 10)).await.1;
+    for at in [foreign, foreign + 1_000_000] {
+        let (status, body) = ada.get(&format!("{transcript}?at={at}")).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{at}: {body}");
+    }
 }
 
 #[actix_rt::test]

@@ -286,7 +286,7 @@ async fn call_model(
             if !pending.is_empty() {
                 let text = std::mem::take(&mut pending);
                 let delta = ThoughtDelta { context: context.clone(), command_offset, step, text };
-                deps.writer.append(&context, delta, None).await?;
+                deps.writer.append_delta(&context, delta).await?;
             }
             flush_at = None;
             if matches!(received, Ok(None)) {

@@ -1,8 +1,9 @@
 //! Appending to a context's journal: a record is produced to
 //! `semantic.events` (keyed by the context id) and acknowledged before the
-//! next step relies on it; then the directory learns its offset and the
-//! sessions following the context get it on Redis. Only the journal write
-//! can fail a step: the directory and the live fan-out are best effort.
+//! next step relies on it; then the sessions following the context get it
+//! on Redis and the directory learns its offset (except for streamed text,
+//! see [`JournalWriter::append_delta`]). Only the journal write can fail a
+//! step: the live fan-out and the directory are best effort.
 
 use std::time::Instant;
 
@@ -15,7 +16,7 @@ use crate::kernel::{AskError, Link};
 use crate::platform::channels;
 use crate::semantic::directory::ContextDirectory;
 use crate::semantic::fold::Entry;
-use crate::semantic::records::Journaled;
+use crate::semantic::records::{Journaled, ThoughtDelta};
 
 use super::metrics::LlmMetrics;
 
@@ -54,8 +55,22 @@ impl JournalWriter {
         self.append_envelope(context, envelope).await
     }
 
+    /// Appends streamed text without noting it in the directory: a step's
+    /// deltas are followed by its response or failure, which moves the
+    /// directory's last offset past them, and a reader reads on past that
+    /// offset until the journal goes quiet. One Redis round trip fewer per
+    /// delta, on the path of every token.
+    pub async fn append_delta(&self, context: &str, delta: ThoughtDelta) -> Result<Entry, WriteError> {
+        let envelope = Envelope::new(self.source.clone(), delta).into_untyped();
+        self.produce(context, envelope, false).await
+    }
+
     /// Appends a ready envelope.
     pub async fn append_envelope(&self, context: &str, envelope: Envelope<Value>) -> Result<Entry, WriteError> {
+        self.produce(context, envelope, true).await
+    }
+
+    async fn produce(&self, context: &str, envelope: Envelope<Value>, index: bool) -> Result<Entry, WriteError> {
         let started = Instant::now();
         let produce =
             Produce { topic: SEMANTIC_EVENTS.to_owned(), key: context.to_owned(), envelope: envelope.clone() };
@@ -65,11 +80,14 @@ impl JournalWriter {
             Err(AskError::Panicked(p)) => return Err(WriteError::Bridge(p.to_string())),
         };
         self.metrics.journal_append_seconds.observe(started.elapsed().as_secs_f64());
-        if let Err(error) = self.directory.journaled(context, delivered.partition, delivered.offset).await {
-            tracing::warn!(context, %error, "context directory not updated; readers fall back to the journal's end");
-        }
         let entry = Entry { offset: delivered.offset, envelope };
+        // Followers first: the directory is for readers, who read past it anyway.
         self.fan_out(context, &entry);
+        if index {
+            if let Err(error) = self.directory.journaled(context, delivered.partition, delivered.offset).await {
+                tracing::warn!(context, %error, "context directory not updated; readers fall back to the journal's end");
+            }
+        }
         Ok(entry)
     }
 

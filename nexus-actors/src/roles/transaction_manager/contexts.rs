@@ -289,7 +289,7 @@ impl ContextsApi {
     /// `info` folded up to `at` (everything when `None`), which must be within its journal.
     pub async fn transcript(&self, info: &ContextInfo, at: Option<i64>) -> Result<Transcript, ContextError> {
         if let Some(at) = at {
-            check_offset(info, at)?;
+            self.check_offset(info, at).await?;
         }
         let transcript = self.journal.fold(info, at, 0).await?;
         self.transcripts.inc();
@@ -300,13 +300,30 @@ impl ContextsApi {
     /// model, system prompt and tools, whose history is the parent's
     /// records up to `at`. Nothing is copied.
     pub async fn fork(&self, parent: &ContextInfo, at: i64, owner: &str) -> Result<ContextInfo, ContextError> {
-        check_offset(parent, at)?;
+        self.check_offset(parent, at).await?;
         if self.ancestors(parent).await? >= MAX_FORK_DEPTH {
             return Err(ContextError::Invalid(format!("forks nest at most {MAX_FORK_DEPTH} deep")));
         }
         let created = self.creation(parent).await?;
         let spec = NewContext { model: created.model, system: created.system, tools: created.tools };
         self.create(owner, spec, Some(ForkPoint { context: parent.id.clone(), offset: at })).await
+    }
+
+    /// Whether `at` is within `info`'s journal: within what the directory
+    /// knows, or past it, a record of the context's own (the directory is
+    /// not told of streamed text until its step's response).
+    async fn check_offset(&self, info: &ContextInfo, at: i64) -> Result<(), ContextError> {
+        match check_offset(info, at) {
+            Err(ContextError::Invalid(reason)) if info.last_offset.is_some_and(|last| at > last) => {
+                let found = self.journal.read(info, Range { from: at, until: Some(at), limit: 1 }).await?;
+                if found.first().is_some_and(|e| e.offset == at) {
+                    Ok(())
+                } else {
+                    Err(ContextError::Invalid(reason))
+                }
+            }
+            checked => checked,
+        }
     }
 
     /// How many forks up `info`'s root is.
