@@ -10,6 +10,7 @@
 //! arrived for [`END_GRACE`], and never stops before the last offset the
 //! directory knows of.
 
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -22,6 +23,7 @@ use super::fold::{Entry, Transcript};
 use super::records::Snapshot;
 use crate::bus::kafka::{KafkaConfig, SEMANTIC_EVENTS};
 use crate::envelope::{Envelope, Payload};
+use crate::kernel::lock;
 use crate::platform::store::StoreError;
 
 /// How long a read waits for more records once past the high watermark.
@@ -73,17 +75,23 @@ pub struct Range {
     pub limit: usize,
 }
 
+/// Idle consumers kept for the next reads.
+const IDLE_READERS: usize = 4;
+
 /// Reads journals. Cheap to clone.
 #[derive(Clone)]
 pub struct Journal {
     config: KafkaConfig,
     directory: ContextDirectory,
+    /// Consumers between reads: making one costs a connection and closing
+    /// one about 100 ms, so reads reuse them.
+    idle: Arc<Mutex<Vec<BaseConsumer>>>,
 }
 
 impl Journal {
     /// A reader of the journals on `config`'s brokers, indexed by `directory`.
     pub fn new(config: KafkaConfig, directory: ContextDirectory) -> Self {
-        Journal { config, directory }
+        Journal { config, directory, idle: Arc::default() }
     }
 
     /// The directory it reads through.
@@ -102,8 +110,26 @@ impl Journal {
         if range.until.is_some_and(|u| u < from) || range.limit == 0 {
             return Ok(Vec::new());
         }
-        let (config, info) = (self.config.clone(), info.clone());
-        let read = tokio::task::spawn_blocking(move || read_blocking(&config, &info, partition, from, range));
+        let (config, info, idle) = (self.config.clone(), info.clone(), self.idle.clone());
+        let read = tokio::task::spawn_blocking(move || {
+            let reused = lock(&idle).pop();
+            let consumer = match reused {
+                Some(consumer) => consumer,
+                None => reader(&config)?,
+            };
+            let read = read_blocking(&consumer, &info, partition, from, range);
+            // A consumer whose read failed may be in any state: it is not reused.
+            if read.is_ok() && consumer.unassign().is_ok() {
+                let mut idle = lock(&idle);
+                if idle.len() < IDLE_READERS {
+                    idle.push(consumer);
+                    return read;
+                }
+            }
+            // Closing one takes about 100 ms; the reader need not wait for it.
+            std::thread::spawn(move || drop(consumer));
+            read
+        });
         read.await.map_err(|e| JournalError::Stopped(e.to_string()))?
     }
 
@@ -153,25 +179,33 @@ impl Journal {
     }
 }
 
-/// [`Journal::read`] on the calling thread.
-fn read_blocking(
-    config: &KafkaConfig,
-    info: &ContextInfo,
-    partition: i32,
-    from: i64,
-    range: Range,
-) -> Result<Vec<Entry>, JournalError> {
-    let consumer: BaseConsumer = config
+/// A consumer for reads, in no group's offsets.
+fn reader(config: &KafkaConfig) -> Result<BaseConsumer, KafkaError> {
+    config
         .client()
         .set("group.id", "nexus-journal-reader")
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
         .set("fetch.wait.max.ms", "5")
-        .create()?;
+        .create()
+}
+
+/// [`Journal::read`] on the calling thread, with `consumer`.
+fn read_blocking(
+    consumer: &BaseConsumer,
+    info: &ContextInfo,
+    partition: i32,
+    from: i64,
+    range: Range,
+) -> Result<Vec<Entry>, JournalError> {
     let (_, high) = consumer.fetch_watermarks(SEMANTIC_EVENTS, partition, Duration::from_secs(10))?;
     // Past the watermark only while records keep coming (see the module doc),
     // but never short of what the directory knows is there.
     let known_end = info.last_offset.map_or(high, |last| high.max(last + 1));
+    if from > known_end {
+        // Nothing is there yet; asking the broker would be an out-of-range error.
+        return Ok(Vec::new());
+    }
     let mut assignment = TopicPartitionList::new();
     assignment.add_partition_offset(SEMANTIC_EVENTS, partition, Offset::Offset(from))?;
     consumer.assign(&assignment)?;
@@ -207,7 +241,5 @@ fn read_blocking(
             break;
         }
     }
-    // Closing a consumer takes about 100 ms; the reader need not wait for it.
-    std::thread::spawn(move || drop(consumer));
     Ok(entries)
 }
