@@ -292,6 +292,11 @@ async fn garbage_on_the_command_topic_is_dead_lettered_and_never_blocks_a_partit
     assert_eq!(reasons, expected);
     let metrics = reqwest::get(format!("{}/metrics", node.url())).await.unwrap().text().await.unwrap();
     assert!(metrics.contains("nexus_semantic_dead_letters_total{reason=\"not_an_envelope\"} 1"), "{metrics}");
+    let taken = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("nexus_llm_command_delay_seconds_count "))
+        .and_then(|n| n.parse::<u64>().ok());
+    assert!(taken.is_some_and(|n| n >= 1), "the commands taken had their delay observed: {taken:?}");
     // Clients of the test's broker close before it goes (a consumer closing
     // against a stopped broker waits for it).
     drop((dlq, producer));

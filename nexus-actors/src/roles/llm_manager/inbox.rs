@@ -260,6 +260,8 @@ async fn run(consumer: StreamConsumer, deps: InboxDeps, partitions: i32, mut sto
                     p.offsets.insert(offset, false);
                     match parse(&message) {
                         Ok((context, envelope)) => {
+                            let delay = (chrono::Utc::now() - envelope.time).to_std().unwrap_or_default();
+                            deps.metrics.command_delay_seconds.observe(delay.as_secs_f64());
                             let command = Command { context, partition, offset, envelope };
                             let generations = owned.generations.clone();
                             in_flight.push(Box::pin(deliver(deps.manager.clone(), command, gen, generations)));

@@ -34,6 +34,8 @@ pub struct LlmMetrics {
     pub consume_errors: IntCounter,
     /// `nexus_llm_journal_append_seconds`: from handing a record to the Kafka bridge to its acknowledgement.
     pub journal_append_seconds: Histogram,
+    /// `nexus_llm_command_delay_seconds`: from a command's making (its envelope's time) to the inbox taking it.
+    pub command_delay_seconds: Histogram,
 }
 
 impl LlmMetrics {
@@ -81,6 +83,13 @@ impl LlmMetrics {
             )
             .buckets(vec![0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0]),
         )?;
+        let command_delay_seconds = Histogram::with_opts(
+            HistogramOpts::new(
+                "nexus_llm_command_delay_seconds",
+                "From a command's making (its envelope's time) to the LLM manager's inbox taking it",
+            )
+            .buckets(vec![0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0]),
+        )?;
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(tokens.clone()))?;
         registry.register(Box::new(ttft.clone()))?;
@@ -90,6 +99,7 @@ impl LlmMetrics {
         registry.register(Box::new(dead_letters.clone()))?;
         registry.register(Box::new(consume_errors.clone()))?;
         registry.register(Box::new(journal_append_seconds.clone()))?;
+        registry.register(Box::new(command_delay_seconds.clone()))?;
         // Present from the start, so dashboards see zeros, not gaps.
         for kind in ["input", "output"] {
             tokens.with_label_values(&[kind]);
@@ -104,6 +114,7 @@ impl LlmMetrics {
             dead_letters,
             consume_errors,
             journal_append_seconds,
+            command_delay_seconds,
         })
     }
 
@@ -153,6 +164,7 @@ mod tests {
         metrics.dead_letters.with_label_values(&["not_an_envelope"]).inc();
         metrics.consume_errors.inc();
         metrics.journal_append_seconds.observe(0.001);
+        metrics.command_delay_seconds.observe(0.001);
         let names: Vec<String> = registry.gather().iter().map(|f| f.name().to_owned()).collect();
         for name in [
             "nexus_llm_requests_total",
@@ -164,6 +176,7 @@ mod tests {
             "nexus_semantic_dead_letters_total",
             "nexus_llm_consume_errors_total",
             "nexus_llm_journal_append_seconds",
+            "nexus_llm_command_delay_seconds",
         ] {
             assert!(names.iter().any(|n| n == name), "{name} missing from {names:?}");
         }
