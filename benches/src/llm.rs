@@ -224,7 +224,7 @@ impl Harness {
         let dir = dir.join("llm");
         std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
         let redis = RedisServer::start(&dir.join("redis"), false).map_err(|e| format!("redis-server: {e}"))?;
-        let tansu = Tansu::start(&dir.join("tansu"), TansuStorage::Memory).map_err(|e| format!("tansu: {e}"))?;
+        let tansu = Tansu::start(&dir.join("tansu"), storage()?).map_err(|e| format!("tansu: {e}"))?;
         let (tool_url, tool_server) = serve_tool()?;
         let marks = Arc::new(Marks::default());
         let model = scripted(tool_url.clone(), marks.clone());
@@ -281,6 +281,20 @@ impl Harness {
     /// The node's `/metrics` value of `name`.
     async fn metric(&self, name: &str) -> Option<f64> {
         node::metric(&self.api.metrics().await.ok()?, name)
+    }
+}
+
+/// The broker's storage: `NEXUS_BENCH_TANSU_STORAGE` (`memory`, the
+/// default, or `sqlite`, what `nexus dev` uses when tansu has it). Tansu
+/// 0.6's SQLite engine reads about a record per millisecond and acknowledges
+/// a produce in milliseconds, for Nexus and its baselines alike; its memory
+/// engine is the fastest it has, though it lists a partition's every record
+/// on each fetch that returns some, so fetches slow as a partition grows.
+pub(crate) fn storage() -> Result<TansuStorage, String> {
+    match std::env::var("NEXUS_BENCH_TANSU_STORAGE").as_deref() {
+        Ok("memory") | Err(_) => Ok(TansuStorage::Memory),
+        Ok("sqlite") => Ok(TansuStorage::Sqlite),
+        Ok(other) => Err(format!("NEXUS_BENCH_TANSU_STORAGE={other:?}: memory or sqlite")),
     }
 }
 
@@ -354,7 +368,7 @@ async fn serve_registry(redis_url: &str, marks: Arc<Marks>) -> Result<Arbiter, S
 pub(crate) const NOTES: &str = "\
 One node with the transaction manager and the llm-manager runs as a process
 of its own (`nexus-bench serve-llm-node`) over a private redis-server and
-tansu (memory storage); its model endpoint is the scripted OpenAI-compatible
+tansu (memory storage; `NEXUS_BENCH_TANSU_STORAGE=sqlite` for SQLite); its model endpoint is the scripted OpenAI-compatible
 server of `nexus-testkit` (deterministic, zero think time) in the harness
 process. Every baseline is a direct streaming call from the harness to the
 same scripted server (reqwest, keep-alive, `eventsource-stream`, each chunk

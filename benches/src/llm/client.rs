@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use eventsource_stream::Eventsource;
 use futures::{SinkExt, StreamExt};
 use nexus_actors::platform::channels;
-use nexus_actors::semantic::records::{Journaled, ThoughtDelta, TurnCompleted};
+use nexus_actors::semantic::records::{Journaled, ThoughtDelta, TurnCompleted, UserMessage};
 use nexus_actors::{Envelope, Payload};
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, oneshot};
@@ -103,8 +103,31 @@ pub(crate) struct Frame {
     pub(crate) kind: String,
     /// The command whose turn it belongs to, if it says.
     pub(crate) command_offset: Option<i64>,
+    /// When the node made it (its envelope's `time`), on this clock.
+    pub(crate) made: Option<Instant>,
     /// When it arrived.
     pub(crate) at: Instant,
+}
+
+/// What a followed turn's records say of its timing.
+pub(crate) struct TurnTimes {
+    /// When the node made the journal copy of the turn's message: the
+    /// context had taken the command.
+    pub(crate) taken: Option<Instant>,
+    /// When the first streamed text arrived, if any.
+    pub(crate) first: Option<Instant>,
+    /// When the node made that text's record.
+    pub(crate) first_made: Option<Instant>,
+    /// When the `turn_completed` arrived.
+    pub(crate) done: Instant,
+}
+
+/// Wall-clock times of records made by another process on this machine, on this process's `Instant` clock.
+fn on_this_clock(time: &Value) -> Option<Instant> {
+    let time = chrono::DateTime::parse_from_rfc3339(time.as_str()?).ok()?;
+    let (now, wall) = (Instant::now(), chrono::Utc::now());
+    let ago = (wall - time.to_utc()).to_std().unwrap_or_default();
+    now.checked_sub(ago)
 }
 
 /// A WebSocket session following one context; closed when dropped.
@@ -151,7 +174,8 @@ pub(crate) async fn follow(port: u16, token: &str, context: &str) -> Result<Foll
             let record = &value["record"];
             let kind = record["type"].as_str().unwrap_or_default().to_owned();
             let command_offset = record["data"]["command_offset"].as_i64();
-            if tx.send(Frame { kind, command_offset, at }).is_err() {
+            let made = on_this_clock(&record["time"]);
+            if tx.send(Frame { kind, command_offset, made, at }).is_err() {
                 break;
             }
         }
@@ -160,14 +184,9 @@ pub(crate) async fn follow(port: u16, token: &str, context: &str) -> Result<Foll
 }
 
 impl Follower {
-    /// Waits for the turn of `command_offset`: when its first streamed text
-    /// arrived (if any) and when its `turn_completed` did.
-    pub(crate) async fn turn(
-        &mut self,
-        command_offset: i64,
-        limit: Duration,
-    ) -> Result<(Option<Instant>, Instant), String> {
-        let mut first_delta = None;
+    /// Waits for the turn of `command_offset` to complete.
+    pub(crate) async fn turn(&mut self, command_offset: i64, limit: Duration) -> Result<TurnTimes, String> {
+        let (mut first, mut first_made, mut taken) = (None, None, None);
         let deadline = tokio::time::Instant::now() + limit;
         loop {
             let frame = match tokio::time::timeout_at(deadline, self.frames.recv()).await {
@@ -178,10 +197,11 @@ impl Follower {
             if frame.command_offset != Some(command_offset) {
                 continue;
             }
-            if frame.kind == ThoughtDelta::TYPE {
-                first_delta.get_or_insert(frame.at);
-            } else if frame.kind == TurnCompleted::TYPE {
-                return Ok((first_delta, frame.at));
+            match frame.kind.as_str() {
+                ThoughtDelta::TYPE if first.is_none() => (first, first_made) = (Some(frame.at), frame.made),
+                UserMessage::TYPE => taken = frame.made,
+                TurnCompleted::TYPE => return Ok(TurnTimes { taken, first, first_made, done: frame.at }),
+                _ => {}
             }
         }
     }

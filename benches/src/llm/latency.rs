@@ -42,6 +42,8 @@ pub(super) async fn first_token(h: &Harness, n: usize) -> Result<Vec<Line>, Stri
     let mut follower = follow(h.node.port, &h.api.token, &id).await?;
     let mut history: Vec<Value> = Vec::new();
     let (mut n_first, mut n_whole, mut d_first, mut d_whole) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    // The model hop: from the context taking the command to its first text at the browser.
+    let (mut delivered, mut hop, mut to_text, mut to_browser) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for i in 0..WARM_UP + n {
         history.push(json!({"role": "user", "content": HELLO}));
         let d = direct(&h.http, &h.model.url(), &body(SCRIPTED, &history, &[])).await?;
@@ -51,17 +53,31 @@ pub(super) async fn first_token(h: &Harness, n: usize) -> Result<Vec<Line>, Stri
         history.push(json!({"role": "assistant", "content": d.text}));
         let sent = Instant::now();
         let offset = h.api.say(&id, HELLO).await?;
-        let (first, done) = follower.turn(offset, TURN_LIMIT).await?;
-        let first = first.ok_or("a turn completed without a nexus.thought.delta")?;
+        let times = follower.turn(offset, TURN_LIMIT).await?;
+        let first = times.first.ok_or("a turn completed without a nexus.thought.delta")?;
+        let taken = times.taken.ok_or("a turn completed without the journal copy of its message")?;
         if i >= WARM_UP {
             n_first.push(first - sent);
-            n_whole.push(done - sent);
+            n_whole.push(times.done - sent);
             d_first.push(d.ttft);
             d_whole.push(d.total);
+            delivered.push(taken.saturating_duration_since(sent));
+            hop.push(first.saturating_duration_since(taken));
+            let made = times.first_made.unwrap_or(first);
+            to_text.push(made.saturating_duration_since(taken));
+            to_browser.push(first.saturating_duration_since(made));
         }
     }
     let mut lines = pair("time to first token", &n_first, &d_first, &format!("{n} turns, one at a time"));
     lines.extend(pair("time to the whole answer", &n_whole, &d_whole, "23 chunks"));
+    let p50_p99 = |d: &[Duration]| format!("p50 {}, p99 {}", ms(pct_ms(d, 0.5)), ms(pct_ms(d, 0.99)));
+    let note = format!(
+        "from the context taking the command to the first text at the browser: to the text's record {}, from there to the browser {}; before it, the POST to the context taking the command: {}",
+        p50_p99(&to_text),
+        p50_p99(&to_browser),
+        p50_p99(&delivered)
+    );
+    lines.extend(pair("model hop: time to first token", &hop, &d_first, &note));
     Ok(lines)
 }
 

@@ -42,7 +42,7 @@ pub(super) async fn rows(h: &Harness, n: usize) -> Result<Vec<Line>, String> {
         let mut follower = follow(h.node.port, &h.api.token, &id).await?;
         let sent = Instant::now();
         let offset = h.api.say(&id, PROMPT).await?;
-        let (first, done) = follower.turn(offset, TURN_LIMIT).await?;
+        let times = follower.turn(offset, TURN_LIMIT).await?;
         let events = h.api.events(&id).await?;
         let completed = events
             .iter()
@@ -53,8 +53,8 @@ pub(super) async fn rows(h: &Harness, n: usize) -> Result<Vec<Line>, String> {
         }
         let tokens = completed["data"]["usage"]["output_tokens"].as_u64().unwrap_or(0);
         n_tokens += tokens;
-        n_time += done - sent;
-        n_first.push(first.unwrap_or(done) - sent);
+        n_time += times.done - sent;
+        n_first.push(times.first.unwrap_or(times.done) - sent);
         d_tokens += d.output_tokens;
         d_time += d.total;
         d_first.push(d.ttft);
