@@ -114,7 +114,11 @@ impl Journal {
         let read = tokio::task::spawn_blocking(move || {
             let reused = lock(&idle).pop();
             let consumer = match reused {
-                Some(consumer) => consumer,
+                Some(consumer) => {
+                    // What it heard while idle (a broker's restart, say) is not this read's error.
+                    while consumer.poll(Duration::ZERO).is_some() {}
+                    consumer
+                }
                 None => reader(&config)?,
             };
             let read = read_blocking(&consumer, &info, partition, from, range);
