@@ -532,15 +532,7 @@ async fn kafka_rows(dir: &std::path::Path, n: u64) -> Vec<Row> {
     let end = wait_for(&latencies, n, Duration::from_secs(120)).await;
     let nexus = run_of(n, end - t, &latencies);
 
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", tansu.brokers())
-        .set("broker.address.family", "v4")
-        .set("enable.idempotence", "true")
-        .set("acks", "all")
-        .set("linger.ms", "1")
-        .set("batch.num.messages", "1")
-        .create()
-        .expect("producer");
+    let producer: FutureProducer = config.producer().create().expect("producer");
     let consumer: StreamConsumer = ClientConfig::new()
         .set("bootstrap.servers", tansu.brokers())
         .set("broker.address.family", "v4")

@@ -135,14 +135,7 @@ pub(super) async fn append(h: &Harness, n: usize, before: &[(f64, u64)]) -> Resu
         }
     }
     arbiter.stop();
-    let producer: FutureProducer = config
-        .client()
-        .set("enable.idempotence", "true")
-        .set("acks", "all")
-        .set("linger.ms", "1")
-        .set("batch.num.messages", "1")
-        .create()
-        .map_err(|e| e.to_string())?;
+    let producer: FutureProducer = config.producer().create().map_err(|e| e.to_string())?;
     let mut raw = Vec::with_capacity(n);
     for i in 0..n + 50 {
         let started = Instant::now();

@@ -67,15 +67,8 @@ fn turn(context: &str, command_offset: i64) -> [Envelope<Value>; 4] {
 
 /// Writes the context's journal; its (partition, first offset, last offset, records).
 async fn write(config: &KafkaConfig, id: &str) -> Result<(i32, i64, i64, usize), String> {
-    let producer: FutureProducer = config
-        .client()
-        .set("enable.idempotence", "true")
-        .set("acks", "all")
-        .set("linger.ms", "1")
-        // One record per batch, as the node's bridge writes them (see its producer).
-        .set("batch.num.messages", "1")
-        .create()
-        .map_err(|e| e.to_string())?;
+    // As the node's bridge writes them: one record per batch.
+    let producer: FutureProducer = config.producer().create().map_err(|e| e.to_string())?;
     let created = ContextCreated {
         context: id.to_owned(),
         owner: node::USER.to_owned(),

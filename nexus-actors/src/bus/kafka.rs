@@ -65,6 +65,22 @@ impl KafkaConfig {
         c.set("bootstrap.servers", &self.brokers).set("broker.address.family", "v4").set("log_level", "4");
         c
     }
+
+    /// The producer settings of the Kafka bridge (and of the benchmarks'
+    /// raw baselines, so that they compare like with like).
+    pub fn producer(&self) -> ClientConfig {
+        let mut c = self.client();
+        c.set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("linger.ms", "1")
+            // One record per batch: tansu 0.6 answers a fetch that starts inside
+            // a batch with nothing (the consumer then stalls at that offset) and
+            // reports a partition's end as its last batch's base offset. With
+            // single-record batches every offset is a batch start and the
+            // watermark is exact; in-flight requests still pipeline.
+            .set("batch.num.messages", "1");
+        c
+    }
 }
 
 /// Asks the brokers for their metadata, to tell whether Kafka can be
@@ -239,19 +255,8 @@ impl KafkaBridge {
         config: KafkaConfig,
     ) -> Result<ActorRef<KafkaBridge>, KafkaError> {
         ensure_topics(&config, &[SEMANTIC_COMMANDS, SEMANTIC_EVENTS]).await?;
-        let producer: FutureProducer = config
-            .client()
-            .set("enable.idempotence", "true")
-            .set("acks", "all")
-            .set("linger.ms", "1")
-            // One record per batch: tansu 0.6 answers a fetch that starts inside
-            // a batch with nothing (the consumer then stalls at that offset) and
-            // reports a partition's end as its last batch's base offset. With
-            // single-record batches every offset is a batch start and the
-            // watermark is exact; in-flight requests still pipeline.
-            .set("batch.num.messages", "1")
-            .set("message.timeout.ms", config.produce_timeout.as_millis().to_string())
-            .create()?;
+        let producer: FutureProducer =
+            config.producer().set("message.timeout.ms", config.produce_timeout.as_millis().to_string()).create()?;
         let metrics = kernel.metrics();
         for topic in [SEMANTIC_COMMANDS, SEMANTIC_EVENTS] {
             // Present from the start, so dashboards see zeros, not gaps.
