@@ -55,13 +55,7 @@ fn start(dir: &Path, redis: &RedisServer, tansu: &Tansu, per_address: u32) -> Re
         .spawn()
         .map_err(|e| e.to_string())?;
     let node = Node(child);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        if Instant::now() > deadline {
-            return Err("the node did not start".into());
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    crate::wait_listening(port, "the node", Duration::from_secs(60))?;
     Ok((node, port))
 }
 

@@ -236,6 +236,18 @@ fn machine() -> String {
     )
 }
 
+/// Waits until something listens on 127.0.0.1:`port`, for at most `within`.
+fn wait_listening(port: u16, what: &str, within: Duration) -> Result<(), String> {
+    let deadline = Instant::now() + within;
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if Instant::now() > deadline {
+            return Err(format!("{what} did not start listening on {port}"));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
 fn now_us() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_micros() as u64).unwrap_or(0)
 }

@@ -34,7 +34,7 @@ use nexus_actors::roles::panel_manager::{self as pm, PanelManagerConfig, PanelMa
 use nexus_actors::roles::traffic_gateway::{self as gateway, Gateway, GatewayConfig};
 use nexus_actors::Kernel;
 
-use super::percentile;
+use super::{percentile, wait_listening};
 use crate::tools::PythonPanel;
 
 /// The owner of every bench panel.
@@ -176,17 +176,6 @@ impl Drop for Running {
     }
 }
 
-fn wait_listening(port: u16, what: &str) -> Result<(), String> {
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        if Instant::now() > deadline {
-            return Err(format!("{what} did not start listening on {port}"));
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Ok(())
-}
-
 fn start_hello() -> Result<(Running, u16), String> {
     let port = free_port().map_err(|e| e.to_string())?;
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
@@ -198,7 +187,7 @@ fn start_hello() -> Result<(Running, u16), String> {
         .spawn()
         .map_err(|e| format!("starting the hello upstream: {e}"))?;
     let running = Running { child };
-    wait_listening(port, "the hello upstream")?;
+    wait_listening(port, "the hello upstream", Duration::from_secs(15))?;
     Ok((running, port))
 }
 
@@ -253,7 +242,7 @@ http {{
     let child =
         nginx_command(&nginx, &dir).args(["-g", "daemon off;"]).spawn().map_err(|e| format!("starting nginx: {e}"))?;
     let running = Nginx { program: nginx, dir: dir.clone(), child };
-    wait_listening(port, "nginx").map_err(|e| format!("{e}; see {d}/error.log"))?;
+    wait_listening(port, "nginx", Duration::from_secs(15)).map_err(|e| format!("{e}; see {d}/error.log"))?;
     Ok((running, port))
 }
 

@@ -66,11 +66,7 @@ fn start_node(redis_url: &str, brokers: &str, key_file: &Path) -> NodeProcess {
         .stderr(Stdio::null())
         .spawn()
         .expect("node process");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "bench node did not start");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    crate::wait_listening(port, "the bench node", Duration::from_secs(60)).expect("bench node");
     NodeProcess { child, port }
 }
 

@@ -190,13 +190,7 @@ impl PythonPanel {
             .spawn()
             .map_err(|e| e.to_string())?;
         let panel = PythonPanel { child, port };
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            if Instant::now() > deadline {
-                return Err("the Python panel did not start listening".into());
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        crate::wait_listening(port, "the Python panel", Duration::from_secs(15))?;
         Ok(panel)
     }
 }

@@ -85,13 +85,8 @@ impl NodeProcess {
             .spawn()
             .map_err(|e| e.to_string())?;
         let node = NodeProcess { child, port };
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            if Instant::now() > deadline {
-                return Err("the llm node did not start listening (see llm-node.log)".into());
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        crate::wait_listening(port, "the llm node", Duration::from_secs(60))
+            .map_err(|e| format!("{e} (see llm-node.log)"))?;
         Ok(node)
     }
 
