@@ -165,6 +165,41 @@ async fn rate_limits_are_retried_and_server_errors_fail_the_turn_with_a_reason()
     node.stop().await;
 }
 
+/// The first model call runs while the turn's message is journaled, yet
+/// the journal reads message, text, response; and a cancel ends a turn
+/// even while that first call is under way.
+#[actix_rt::test]
+async fn a_turns_message_is_journaled_before_its_text_and_a_cancel_ends_a_first_step() {
+    let model = ScriptedModel::start(|call: &ModelCall| match call.last_content() {
+        Some("Wait forever.") => Reply::Hang,
+        _ => Reply::text("Hello there, friend."),
+    });
+    let node = node_with("llm-first-step", &model).await;
+    let ada = node.user("ada").await;
+    let id = context(&ada, &[]).await;
+    let first = say(&ada, &id, "Hi.").await;
+    answered(&ada, &id, first).await;
+    let (status, page) = ada.get(&format!("/api/contexts/{id}/events")).await;
+    assert_eq!(status, 200, "{page}");
+    let kinds: Vec<&str> = page["records"].as_array().unwrap().iter().map(|r| r["type"].as_str().unwrap()).collect();
+    let text = kinds.iter().position(|k| *k == "nexus.thought.delta").expect("the answer was streamed");
+    assert_eq!(kinds[..text], ["nexus.context.created", "nexus.context.user_message"], "{kinds:?}");
+    assert_eq!(kinds[kinds.len() - 2..], ["nexus.llm.response", "nexus.context.turn_completed"], "{kinds:?}");
+
+    let hanging = say(&ada, &id, "Wait forever.").await;
+    poll(&ada, "/healthz", "the model to be asked", |_, _| model.requests() == 2).await;
+    let (status, body) = ada.post(&format!("/api/contexts/{id}/cancel"), json!({})).await;
+    assert_eq!(status, 202, "{body}");
+    let transcript = answered(&ada, &id, hanging).await;
+    assert_eq!(transcript["answered"][hanging.to_string()], "cancelled", "{transcript:#}");
+    assert_eq!(roles(&transcript), ["user", "assistant", "user"], "the cancelled turn's message is on the journal");
+    let after = say(&ada, &id, "Still there?").await;
+    let transcript = answered(&ada, &id, after).await;
+    assert_eq!(transcript["answered"][after.to_string()], "completed", "{transcript:#}");
+    assert_eq!(model.requests(), 3);
+    node.stop().await;
+}
+
 #[actix_rt::test]
 async fn another_users_context_is_out_of_reach() {
     let model = ScriptedModel::start(|_: &ModelCall| Reply::text("hi"));

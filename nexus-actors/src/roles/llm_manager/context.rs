@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::Deserialize as _;
+use serde_json::Value;
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::Instrument;
 
@@ -18,11 +19,12 @@ use super::inbox::{dead_letter, DeadLetter, DeadLettered};
 use super::manager::Command;
 use super::metrics::LlmMetrics;
 use super::model::ModelClient;
-use super::turn::{self, TurnLimits};
+use super::turn::{self, Start, TurnLimits};
 use super::writer::JournalWriter;
 use crate::bus::kafka::{Nack, Produce};
-use crate::envelope::Payload;
+use crate::envelope::{Envelope, Payload};
 use crate::kernel::{ActorRef, Behaviour, Ctx, Handler, Kernel, Link, Reply};
+use crate::semantic::chat::{ChatMessage, Role};
 use crate::semantic::fold::Transcript;
 use crate::semantic::journal::{Journal, JournalError};
 use crate::semantic::records::{AgentMessage, Cancel, ContextCreated, JournaledCommand, Snapshot, UserMessage};
@@ -209,22 +211,24 @@ impl Worker {
                 if let Some(open) = t.open.clone().filter(|o| o.command_offset != command.offset) {
                     // An earlier turn left open (its command was redelivered out of
                     // order of its journal): it ends before this one starts.
-                    self.run_turn(t, open.command_offset).await?;
+                    self.run_turn(t, open.command_offset, None).await?;
                 }
-                if !t.has_started(command.offset) {
-                    if command.envelope.kind == UserMessage::TYPE {
-                        let Ok(m) = UserMessage::deserialize(data) else {
-                            return self.refuse(command, "not a user message").await;
-                        };
-                        self.copy(command, m, t).await?;
-                    } else {
-                        let Ok(m) = AgentMessage::deserialize(data) else {
-                            return self.refuse(command, "not an agent message").await;
-                        };
-                        self.copy(command, m, t).await?;
-                    }
-                }
-                self.run_turn(t, command.offset).await?;
+                let start = if t.has_started(command.offset) {
+                    None
+                } else if command.envelope.kind == UserMessage::TYPE {
+                    let Ok(m) = UserMessage::deserialize(data) else {
+                        return self.refuse(command, "not a user message").await;
+                    };
+                    let message = ChatMessage::text(Role::User, m.content.clone());
+                    Some(Start { copy: self.copy_of(command, m), message })
+                } else {
+                    let Ok(m) = AgentMessage::deserialize(data) else {
+                        return self.refuse(command, "not an agent message").await;
+                    };
+                    let message = ChatMessage::text(Role::User, m.content.clone());
+                    Some(Start { copy: self.copy_of(command, m), message })
+                };
+                self.run_turn(t, command.offset, start).await?;
                 self.snapshot(t).await;
                 Ok(())
             }
@@ -232,17 +236,23 @@ impl Worker {
         }
     }
 
+    /// The journal copy of the accepted command `record`.
+    fn copy_of<T: JournaledCommand>(&self, command: &Command, record: T) -> Envelope<Value> {
+        let mut copy = Envelope::new(self.deps.writer.source.clone(), record.at_offset(command.offset)).into_untyped();
+        copy.causationid = Some(command.envelope.id.clone());
+        copy
+    }
+
     /// Journals the accepted command `record` and folds it in.
     async fn copy<T: JournaledCommand>(&self, command: &Command, record: T, t: &mut Transcript) -> Result<(), Nack> {
-        let record = record.at_offset(command.offset);
-        let entry = self.deps.writer.append(&self.id, record, Some(&command.envelope.id)).await;
+        let entry = self.deps.writer.append_envelope(&self.id, self.copy_of(command, record)).await;
         t.apply(&entry.map_err(|e| Nack(e.to_string()))?);
         Ok(())
     }
 
-    async fn run_turn(&mut self, t: &mut Transcript, command_offset: i64) -> Result<(), Nack> {
+    async fn run_turn(&mut self, t: &mut Transcript, command_offset: i64, start: Option<Start>) -> Result<(), Nack> {
         self.cancel.mark_unchanged();
-        turn::run(&self.deps, t, command_offset, self.cancel.clone()).await.map_err(|e| Nack(e.to_string()))
+        turn::run(&self.deps, t, command_offset, self.cancel.clone(), start).await.map_err(|e| Nack(e.to_string()))
     }
 
     /// Journals a snapshot when the context has doubled since the last one.

@@ -124,13 +124,8 @@ pub async fn start(deps: LlmManagerDeps, config: LlmManagerConfig) -> Result<Llm
     let lease = lease::Lease::new(store.clone(), kernel.node());
     let directory = ContextDirectory::new(store);
     let id = LlmManager::KIND;
-    let writer = JournalWriter {
-        source: kernel.node().to_owned(),
-        kafka: kafka.link(id),
-        redis: redis.link(id),
-        directory: directory.clone(),
-        metrics: metrics.clone(),
-    };
+    let writer =
+        JournalWriter::new(kernel.node().to_owned(), kafka.link(id), redis.link(id), directory.clone(), metrics.clone());
     let context_deps = ContextDeps {
         kernel: kernel.clone(),
         journal: Journal::new(kafka_config.clone(), directory),

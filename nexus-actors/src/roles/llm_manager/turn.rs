@@ -6,12 +6,17 @@
 //! one that was running when the turn was cut off runs again under the
 //! same idempotency key, which the tool's server honours). Every turn ends
 //! with exactly one `nexus.context.turn_completed`.
+//!
+//! A new turn's message is journaled while its first model call starts
+//! (see [`Start`]): the call's text waits for the message's record, so the
+//! journal order is the same as if the call had waited, but the model's
+//! time to first token and the append overlap.
 
 use std::time::Duration;
 
 use futures::future::join_all;
 use serde_json::Value;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
 use super::context::ContextDeps;
@@ -19,7 +24,7 @@ use super::model::{Aliases, Completion, ModelError, ModelRequest};
 use super::writer::WriteError;
 use crate::envelope::Envelope;
 use crate::semantic::chat::{ChatMessage, ToolOffer};
-use crate::semantic::fold::Transcript;
+use crate::semantic::fold::{Entry, Transcript};
 use crate::semantic::records::{
     call_id, LlmResponse, RequestedCall, StepFailed, ThoughtDelta, TurnCompleted, TurnOutcome,
 };
@@ -53,15 +58,34 @@ impl Default for TurnLimits {
     }
 }
 
-/// Runs or resumes the turn of `command_offset`, whose start is already
-/// folded into `t`, until its `turn_completed` is journaled. Fails only
-/// when the journal cannot be written (the command is then delivered again
-/// and the turn resumes from what was recorded).
+/// A new turn's message, not journaled yet.
+#[derive(Debug)]
+pub struct Start {
+    /// Its journal copy.
+    pub copy: Envelope<Value>,
+    /// The message as the model is sent it.
+    pub message: ChatMessage,
+}
+
+/// Which model call a step is.
+#[derive(Clone, Copy)]
+struct StepAt<'a> {
+    context: &'a str,
+    command_offset: i64,
+    step: u32,
+}
+
+/// Runs or resumes the turn of `command_offset` until its `turn_completed`
+/// is journaled: a new turn from `start`, one already started from what is
+/// folded into `t`. Fails only when the journal cannot be written (the
+/// command is then delivered again and the turn resumes from what was
+/// recorded).
 pub async fn run(
     deps: &ContextDeps,
     t: &mut Transcript,
     command_offset: i64,
     mut cancel: watch::Receiver<u64>,
+    start: Option<Start>,
 ) -> Result<(), WriteError> {
     let deadline = Instant::now() + deps.limits.deadline;
     let offers = offers(deps, t).await;
@@ -71,8 +95,22 @@ pub async fn run(
         .map(|o| ToolOffer { alias: aliases.alias_of(&o.tool).unwrap_or(&o.tool).to_owned(), ..o })
         .collect();
     let mut cancelled = false;
+    // The first model call's outcome, when it ran beside the message's append.
+    let mut first = None;
+    if let Some(Start { copy, message }) = start {
+        let (model, messages) = (t.model.clone(), chat(t, &aliases, Some(message)));
+        let request = ModelRequest { model: model.as_deref(), messages: &messages, tools: &offers, deadline };
+        first = first_step(deps, t, command_offset, copy, request, &mut cancel).await?;
+        cancelled = first.is_none();
+    }
     loop {
         let Some(open) = t.open.clone().filter(|o| o.command_offset == command_offset) else { return Ok(()) };
+        if let Some(outcome) = first.take() {
+            if record(deps, t, command_offset, open.next_step, outcome, &aliases).await? {
+                return finish(deps, t, command_offset, TurnOutcome::Failed, "", "").await;
+            }
+            continue;
+        }
         if cancelled || cancel.has_changed().unwrap_or(false) {
             return finish(deps, t, command_offset, TurnOutcome::Cancelled, "cancelled", "the turn was cancelled")
                 .await;
@@ -119,7 +157,9 @@ pub async fn run(
             return finish(deps, t, command_offset, TurnOutcome::Failed, "", "").await;
         }
         let step = open.next_step;
-        let call = call_model(deps, t, command_offset, step, &offers, &aliases, deadline);
+        let messages = chat(t, &aliases, None);
+        let request = ModelRequest { model: t.model.as_deref(), messages: &messages, tools: &offers, deadline };
+        let call = call_model(deps, request, StepAt { context: &t.context, command_offset, step }, None);
         let outcome = tokio::select! {
             outcome = call => outcome?,
             _ = cancel.changed() => {
@@ -127,26 +167,81 @@ pub async fn run(
                 continue;
             }
         };
-        match outcome {
-            Ok(completion) => {
-                for error in &completion.failed_attempts {
-                    let failed = failed_step(t, command_offset, step, error);
-                    let entry = deps.writer.append(&t.context.clone(), failed, None).await?;
-                    t.apply(&entry);
-                }
-                let response = response(t, command_offset, step, completion, &aliases);
-                let entry = deps.writer.append(&t.context.clone(), response, None).await?;
-                t.apply(&entry);
+        if record(deps, t, command_offset, step, outcome, &aliases).await? {
+            return finish(deps, t, command_offset, TurnOutcome::Failed, "", "").await;
+        }
+    }
+}
+
+/// Journals the turn's message while its first model call runs, and folds
+/// it in: the call's text is journaled only after the message, and its
+/// outcome is returned to be recorded after it. `None` when the turn was
+/// cancelled meanwhile.
+async fn first_step(
+    deps: &ContextDeps,
+    t: &mut Transcript,
+    command_offset: i64,
+    copy: Envelope<Value>,
+    request: ModelRequest<'_>,
+    cancel: &mut watch::Receiver<u64>,
+) -> Result<Option<Result<Completion, ModelError>>, WriteError> {
+    let (entry, outcome) = {
+        let (journaled, gate) = oneshot::channel();
+        let copy = async {
+            let entry = deps.writer.append_envelope(&t.context, copy).await;
+            if entry.is_ok() {
+                let _ = journaled.send(());
             }
-            Err(error) => {
-                let failed = failed_step(t, command_offset, step, &error);
-                tracing::warn!(context = %t.context, step, code = error.code(), %error, "model step failed");
+            entry
+        };
+        let call = call_model(deps, request, StepAt { context: &t.context, command_offset, step: 0 }, Some(gate));
+        tokio::pin!(copy, call);
+        let mut entry: Option<Entry> = None;
+        let outcome = loop {
+            tokio::select! {
+                copied = &mut copy, if entry.is_none() => entry = Some(copied?),
+                outcome = &mut call => break Some(outcome?),
+                _ = cancel.changed() => break None,
+            }
+        };
+        let entry = match entry {
+            Some(entry) => entry,
+            None => copy.await?,
+        };
+        (entry, outcome)
+    };
+    t.apply(&entry);
+    Ok(outcome)
+}
+
+/// Journals the outcome of model call `step`; true when the turn cannot go
+/// on (no endpoint, or past its deadline).
+async fn record(
+    deps: &ContextDeps,
+    t: &mut Transcript,
+    command_offset: i64,
+    step: u32,
+    outcome: Result<Completion, ModelError>,
+    aliases: &Aliases,
+) -> Result<bool, WriteError> {
+    match outcome {
+        Ok(completion) => {
+            for error in &completion.failed_attempts {
+                let failed = failed_step(t, command_offset, step, error);
                 let entry = deps.writer.append(&t.context.clone(), failed, None).await?;
                 t.apply(&entry);
-                if matches!(error, ModelError::Deadline | ModelError::NoEndpoint) {
-                    return finish(deps, t, command_offset, TurnOutcome::Failed, "", "").await;
-                }
             }
+            let response = response(t, command_offset, step, completion, aliases);
+            let entry = deps.writer.append(&t.context.clone(), response, None).await?;
+            t.apply(&entry);
+            Ok(false)
+        }
+        Err(error) => {
+            let failed = failed_step(t, command_offset, step, &error);
+            tracing::warn!(context = %t.context, step, code = error.code(), %error, "model step failed");
+            let entry = deps.writer.append(&t.context.clone(), failed, None).await?;
+            t.apply(&entry);
+            Ok(matches!(error, ModelError::Deadline | ModelError::NoEndpoint))
         }
     }
 }
@@ -233,19 +328,12 @@ async fn offers(deps: &ContextDeps, t: &Transcript) -> Vec<ToolOffer> {
         .collect()
 }
 
-/// One model call, its streamed text journaled as coalesced deltas.
-async fn call_model(
-    deps: &ContextDeps,
-    t: &Transcript,
-    command_offset: i64,
-    step: u32,
-    offers: &[ToolOffer],
-    aliases: &Aliases,
-    deadline: Instant,
-) -> Result<Result<Completion, ModelError>, WriteError> {
-    let messages: Vec<ChatMessage> = t
-        .chat()
+/// The conversation as the model is sent it, with `next` (a message not
+/// folded in yet) last, tool names as aliases.
+fn chat(t: &Transcript, aliases: &Aliases, next: Option<ChatMessage>) -> Vec<ChatMessage> {
+    t.chat()
         .into_iter()
+        .chain(next)
         .map(|mut m| {
             for call in &mut m.tool_calls {
                 if let Some(alias) = aliases.alias_of(&call.name) {
@@ -254,16 +342,25 @@ async fn call_model(
             }
             m
         })
-        .collect();
+        .collect()
+}
+
+/// One model call, its streamed text journaled as coalesced deltas; with
+/// a `gate`, none before it opens (and none at all if it closes).
+async fn call_model(
+    deps: &ContextDeps,
+    request: ModelRequest<'_>,
+    at: StepAt<'_>,
+    mut gate: Option<oneshot::Receiver<()>>,
+) -> Result<Result<Completion, ModelError>, WriteError> {
     let (tx, mut rx) = mpsc::unbounded_channel::<String>();
-    let request = ModelRequest { model: t.model.as_deref(), messages: &messages, tools: offers, deadline };
     let model = async move {
         let mut on_text = |text: &str| {
             let _ = tx.send(text.to_owned());
         };
         deps.model.complete(request, &mut on_text).await
     };
-    let context = t.context.clone();
+    let StepAt { context, command_offset, step } = at;
     let pump = async {
         let mut pending = String::new();
         let mut flush_at: Option<Instant> = None;
@@ -284,9 +381,14 @@ async fn call_model(
             }
             first = false;
             if !pending.is_empty() {
+                if let Some(gate) = gate.take() {
+                    if gate.await.is_err() {
+                        return Ok(());
+                    }
+                }
                 let text = std::mem::take(&mut pending);
-                let delta = ThoughtDelta { context: context.clone(), command_offset, step, text };
-                deps.writer.append_delta(&context, delta).await?;
+                let delta = ThoughtDelta { context: context.to_owned(), command_offset, step, text };
+                deps.writer.append_delta(context, delta).await?;
             }
             flush_at = None;
             if matches!(received, Ok(None)) {

@@ -3,11 +3,17 @@
 //! next step relies on it; then the sessions following the context get it
 //! on Redis and the directory learns its offset (except for streamed text,
 //! see [`JournalWriter::append_delta`]). Only the journal write can fail a
-//! step: the live fan-out and the directory are best effort.
+//! step: the live fan-out and the directory are best effort, and only a
+//! context's creation waits for its directory note (it tells readers the
+//! partition); later notes go out beside the next step, a bounded number
+//! at a time, in any order (the directory keeps the lowest first and the
+//! highest last offset).
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use serde_json::Value;
+use tokio::sync::Semaphore;
 
 use crate::bus::kafka::{Produce, ProduceError, SEMANTIC_EVENTS};
 use crate::bus::redis::Publish;
@@ -16,7 +22,7 @@ use crate::kernel::{AskError, Link};
 use crate::platform::channels;
 use crate::semantic::directory::ContextDirectory;
 use crate::semantic::fold::Entry;
-use crate::semantic::records::{Journaled, ThoughtDelta};
+use crate::semantic::records::{ContextCreated, Journaled, ThoughtDelta};
 
 use super::metrics::LlmMetrics;
 
@@ -44,9 +50,26 @@ pub struct JournalWriter {
     pub directory: ContextDirectory,
     /// Where journal append latency is observed.
     pub metrics: LlmMetrics,
+    /// Directory notes that may be under way without a step waiting for them.
+    notes: Arc<Semaphore>,
 }
 
+/// Directory notes under way at once before appends wait for theirs.
+const NOTES_IN_FLIGHT: usize = 256;
+
 impl JournalWriter {
+    /// A writer producing through `kafka`, fanning out through `redis`,
+    /// noting offsets in `directory`; `source` names the records' maker.
+    pub fn new(
+        source: String,
+        kafka: Link<Produce>,
+        redis: Link<Publish>,
+        directory: ContextDirectory,
+        metrics: LlmMetrics,
+    ) -> Self {
+        JournalWriter { source, kafka, redis, directory, metrics, notes: Arc::new(Semaphore::new(NOTES_IN_FLIGHT)) }
+    }
+
     /// Appends `data` to `context`'s journal, caused by `cause` if given;
     /// returns the record as journaled.
     pub async fn append<T: Payload>(&self, context: &str, data: T, cause: Option<&str>) -> Result<Entry, WriteError> {
@@ -84,8 +107,16 @@ impl JournalWriter {
         // Followers first: the directory is for readers, who read past it anyway.
         self.fan_out(context, &entry);
         if index {
-            if let Err(error) = self.directory.journaled(context, delivered.partition, delivered.offset).await {
-                tracing::warn!(context, %error, "context directory not updated; readers fall back to the journal's end");
+            let first = entry.envelope.kind == ContextCreated::TYPE;
+            match self.notes.clone().try_acquire_owned() {
+                Ok(permit) if !first => {
+                    let (directory, context) = (self.directory.clone(), context.to_owned());
+                    actix::spawn(async move {
+                        note(&directory, &context, delivered.partition, delivered.offset).await;
+                        drop(permit);
+                    });
+                }
+                _ => note(&self.directory, context, delivered.partition, delivered.offset).await,
             }
         }
         Ok(entry)
@@ -99,5 +130,12 @@ impl JournalWriter {
         if let Err(error) = self.redis.try_tell(publish) {
             tracing::debug!(context, ?error, "live fan-out dropped; followers catch up from /events");
         }
+    }
+}
+
+/// Tells the directory of a journaled record.
+async fn note(directory: &ContextDirectory, context: &str, partition: i32, offset: i64) {
+    if let Err(error) = directory.journaled(context, partition, offset).await {
+        tracing::warn!(context, %error, "context directory not updated; readers fall back to the journal's end");
     }
 }
