@@ -166,8 +166,9 @@ async fn rate_limits_are_retried_and_server_errors_fail_the_turn_with_a_reason()
 }
 
 /// The first model call runs while the turn's message is journaled, yet
-/// the journal reads message, text, response; and a cancel ends a turn
-/// even while that first call is under way.
+/// the journal reads message, text, response; a cancel ends a turn even
+/// while that first call is under way; and commands the node's own API
+/// produced reach its inbox by the tap, each answered once.
 #[actix_rt::test]
 async fn a_turns_message_is_journaled_before_its_text_and_a_cancel_ends_a_first_step() {
     let model = ScriptedModel::start(|call: &ModelCall| match call.last_content() {
@@ -197,6 +198,26 @@ async fn a_turns_message_is_journaled_before_its_text_and_a_cancel_ends_a_first_
     let transcript = answered(&ada, &id, after).await;
     assert_eq!(transcript["answered"][after.to_string()], "completed", "{transcript:#}");
     assert_eq!(model.requests(), 3);
+
+    // Commands this node produced were handed to its inbox as the broker
+    // acknowledged them, and each was still answered exactly once.
+    let metrics = reqwest::get(format!("{}/metrics", node.url())).await.unwrap().text().await.unwrap();
+    let tapped: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("nexus_llm_commands_tapped_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("nexus_llm_commands_tapped_total");
+    assert!(tapped >= 2.0, "messages after the first command came by the tap: {tapped}");
+    let (_, page) = ada.get(&format!("/api/contexts/{id}/events")).await;
+    let mut completed: Vec<i64> = page["records"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["type"] == "nexus.context.turn_completed")
+        .map(|r| r["data"]["command_offset"].as_i64().unwrap())
+        .collect();
+    completed.sort_unstable();
+    assert_eq!(completed, [first, hanging, after], "one turn_completed per command");
     node.stop().await;
 }
 

@@ -11,7 +11,9 @@
 //! before anything after it in its partition, until it is. [`Replay`]
 //! reads a topic again from an offset or a timestamp without touching the
 //! group's offsets. The trace context rides in the `traceparent` header.
-//! This module does not interpret payloads.
+//! What the bridge produces is also offered to this node's own reader of
+//! the topic, if it asked ([`super::tap`]). This module does not interpret
+//! payloads.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -30,6 +32,7 @@ use rdkafka::{ClientConfig, Message as _, Offset, TopicPartitionList};
 use serde_json::Value;
 use tokio::sync::oneshot;
 
+use super::tap::{Produced, Tap, Taps};
 use super::{Backoff, Bus, BusErrorKind};
 use crate::envelope::Envelope;
 use crate::kernel::{ActorRef, AskError, Behaviour, Ctx, Handler, Kernel, Link, Message, Reply};
@@ -242,6 +245,7 @@ pub struct KafkaBridge {
     producer: FutureProducer,
     consumers: Consumers,
     next_consumer: u64,
+    taps: Taps,
 }
 
 impl KafkaBridge {
@@ -265,6 +269,7 @@ impl KafkaBridge {
         }
         metrics.bus_errors.with_label_values(&[Bus::Kafka.as_str(), BusErrorKind::Produce.as_str()]);
         let consumers: Consumers = Arc::default();
+        let taps = Taps::default();
         let k = kernel.clone();
         Ok(kernel.spawn_on(arbiter, "kafka-bridge", move || KafkaBridge {
             kernel: k.clone(),
@@ -272,6 +277,7 @@ impl KafkaBridge {
             producer: producer.clone(),
             consumers: consumers.clone(),
             next_consumer: 0,
+            taps: taps.clone(),
         }))
     }
 }
@@ -314,6 +320,7 @@ impl Handler<Produce> for KafkaBridge {
         let producer = self.producer.clone();
         let metrics = self.kernel.metrics().clone();
         let timeout = self.config.produce_timeout;
+        let taps = self.taps.clone();
         Reply::later(async move {
             let payload = msg.envelope.encode();
             let mut headers =
@@ -328,6 +335,16 @@ impl Handler<Produce> for KafkaBridge {
             match producer.send(record, Timeout::After(timeout)).await {
                 Ok(delivery) => {
                     metrics.bus_published.with_label_values(&[Bus::Kafka.as_str(), &msg.topic]).inc();
+                    if taps.wants(&msg.topic) {
+                        taps.offer(Produced {
+                            topic: msg.topic,
+                            partition: delivery.partition,
+                            offset: delivery.offset,
+                            key: msg.key,
+                            bytes: payload.len(),
+                            envelope: msg.envelope,
+                        });
+                    }
                     Ok(Delivered { partition: delivery.partition, offset: delivery.offset })
                 }
                 Err((source, _)) => {
@@ -336,6 +353,12 @@ impl Handler<Produce> for KafkaBridge {
                 }
             }
         })
+    }
+}
+
+impl Handler<Tap> for KafkaBridge {
+    fn handle(&mut self, msg: Tap, _ctx: &mut Ctx<Self>) -> Reply<tokio::sync::mpsc::Receiver<Produced>> {
+        Reply::Now(self.taps.open(msg.topic))
     }
 }
 

@@ -8,6 +8,7 @@
 
 pub mod kafka;
 pub mod redis;
+pub mod tap;
 
 use std::time::Duration;
 

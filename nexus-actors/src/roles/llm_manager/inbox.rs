@@ -8,12 +8,19 @@
 //! without a context key) is counted, copied to `semantic.dlq` with the
 //! reason, and skipped: it never blocks its partition.
 //!
+//! Commands this node's own API produced come sooner: the Kafka bridge
+//! hands them over as the broker acknowledges them ([`crate::bus::tap`]),
+//! and the inbox takes one at once when it is its partition's next offset
+//! (every earlier one already read), so the order is the broker's; the
+//! fetch that brings it back later is skipped. Any other is left to the
+//! fetch.
+//!
 //! When a partition moves away the manager is told to stop its contexts;
 //! acknowledgements that arrive after it are ignored, and the partition's
 //! next owner starts from the stored offset and finishes any turn left
 //! open (the journal says how far it got).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -24,12 +31,13 @@ use rdkafka::message::BorrowedMessage;
 use rdkafka::{Message as _, Offset, TopicPartitionList};
 use serde::Deserialize as _;
 use serde_json::Value;
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
 
 use super::lease::{self, Lease};
 use super::manager::{Command, PartitionsRevoked};
 use super::metrics::LlmMetrics;
 use crate::bus::kafka::{KafkaConfig, Nack, Produce, SEMANTIC_COMMANDS};
+use crate::bus::tap::Produced;
 use crate::bus::Backoff;
 use crate::envelope::{DecodeError, Envelope, Payload};
 use crate::kernel::{lock, AskError, Link};
@@ -147,6 +155,8 @@ pub struct InboxDeps {
     pub source: String,
     /// Which partitions are this node's, and how far they are done.
     pub lease: Lease,
+    /// Commands this node produced, as the broker acknowledged them.
+    pub tap: Option<mpsc::Receiver<Produced>>,
 }
 
 /// A running inbox; stops (committing what is done) when told.
@@ -198,6 +208,36 @@ type Delivery = futures::future::LocalBoxFuture<'static, (i32, u64, i64)>;
 struct Pending {
     /// Offset → acknowledged.
     offsets: BTreeMap<i64, bool>,
+    /// The offset after the last one read, once known.
+    next: Option<i64>,
+    /// Offsets taken from the tap that the consumer has not brought yet.
+    tapped: BTreeSet<i64>,
+}
+
+impl Pending {
+    /// Starting at `next`, when the stored offset says.
+    fn from(next: Option<i64>) -> Self {
+        Pending { next, ..Pending::default() }
+    }
+
+    /// Notes that the consumer brought `offset`; false when it was tapped (and taken) already.
+    fn fetched(&mut self, offset: i64) -> bool {
+        if self.tapped.remove(&offset) {
+            return false;
+        }
+        self.next = Some(self.next.map_or(offset + 1, |next| next.max(offset + 1)));
+        true
+    }
+
+    /// Takes `offset` from the tap if it is the partition's next one.
+    fn tap(&mut self, offset: i64) -> bool {
+        if self.next != Some(offset) || self.tapped.len() >= MAX_IN_FLIGHT {
+            return false;
+        }
+        self.next = Some(offset + 1);
+        self.tapped.insert(offset);
+        true
+    }
 }
 
 /// The partitions a node consumes and the generation of each one's ownership.
@@ -212,8 +252,9 @@ impl Owned {
     }
 }
 
-async fn run(consumer: StreamConsumer, deps: InboxDeps, partitions: i32, mut stop: oneshot::Receiver<()>) {
+async fn run(consumer: StreamConsumer, mut deps: InboxDeps, partitions: i32, mut stop: oneshot::Receiver<()>) {
     let mut owned = Owned { partitions: HashMap::new(), generations: Arc::default() };
+    let mut tap = deps.tap.take();
     let mut in_flight: FuturesUnordered<Delivery> = FuturesUnordered::new();
     let mut renew = tokio::time::interval(lease::RENEW);
     let mut renewed = tokio::time::Instant::now();
@@ -251,26 +292,22 @@ async fn run(consumer: StreamConsumer, deps: InboxDeps, partitions: i32, mut sto
                     }
                 }
             }
+            produced = recv(&mut tap), if in_flight.len() < MAX_IN_FLIGHT => match produced {
+                Some(produced) => {
+                    let Some(p) = owned.partitions.get_mut(&produced.partition) else { continue };
+                    let Ok(command) = check(Some(produced.key), produced.envelope, produced.bytes, (produced.partition, produced.offset)) else { continue };
+                    if p.tap(produced.offset) {
+                        deps.metrics.commands_tapped.inc();
+                        take(&deps, &mut owned, &mut in_flight, Ok(command)).await;
+                    }
+                }
+                None => tap = None,
+            },
             received = consumer.recv(), if in_flight.len() < MAX_IN_FLIGHT => match received {
                 Ok(message) => {
-                    let partition = message.partition();
-                    let gen = owned.generation(partition);
-                    let Some(p) = owned.partitions.get_mut(&partition) else { continue };
-                    let offset = message.offset();
-                    p.offsets.insert(offset, false);
-                    match parse(&message) {
-                        Ok((context, envelope)) => {
-                            let delay = (chrono::Utc::now() - envelope.time).to_std().unwrap_or_default();
-                            deps.metrics.command_delay_seconds.observe(delay.as_secs_f64());
-                            let command = Command { context, partition, offset, envelope };
-                            let generations = owned.generations.clone();
-                            in_flight.push(Box::pin(deliver(deps.manager.clone(), command, gen, generations)));
-                        }
-                        Err(letter) => {
-                            dead_letter(&deps.produce, &deps.metrics, &deps.source, *letter).await;
-                            p.offsets.insert(offset, true);
-                            store_done(&deps, partition, p).await;
-                        }
+                    let Some(p) = owned.partitions.get_mut(&message.partition()) else { continue };
+                    if p.fetched(message.offset()) {
+                        take(&deps, &mut owned, &mut in_flight, parse(&message)).await;
                     }
                 }
                 Err(error) => {
@@ -283,6 +320,44 @@ async fn run(consumer: StreamConsumer, deps: InboxDeps, partitions: i32, mut sto
     }
     reconcile(&consumer, &deps, &mut owned, &[], false).await;
     deps.lease.leave().await;
+}
+
+/// The next record of `tap`; never, without one.
+async fn recv(tap: &mut Option<mpsc::Receiver<Produced>>) -> Option<Produced> {
+    match tap {
+        Some(tap) => tap.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Sends a command read from an owned partition on to the manager, or
+/// dead-letters what cannot be one.
+async fn take(
+    deps: &InboxDeps,
+    owned: &mut Owned,
+    in_flight: &mut FuturesUnordered<Delivery>,
+    parsed: Result<Command, Box<DeadLettered>>,
+) {
+    let (partition, offset) = match &parsed {
+        Ok(command) => (command.partition, command.offset),
+        Err(letter) => (letter.partition, letter.offset),
+    };
+    let gen = owned.generation(partition);
+    let Some(p) = owned.partitions.get_mut(&partition) else { return };
+    p.offsets.insert(offset, false);
+    match parsed {
+        Ok(command) => {
+            let delay = (chrono::Utc::now() - command.envelope.time).to_std().unwrap_or_default();
+            deps.metrics.command_delay_seconds.observe(delay.as_secs_f64());
+            let generations = owned.generations.clone();
+            in_flight.push(Box::pin(deliver(deps.manager.clone(), command, gen, generations)));
+        }
+        Err(letter) => {
+            dead_letter(&deps.produce, &deps.metrics, &deps.source, *letter).await;
+            p.offsets.insert(offset, true);
+            store_done(deps, partition, p).await;
+        }
+    }
 }
 
 /// Makes `want` the partitions this node consumes: the ones it loses stop
@@ -325,7 +400,7 @@ async fn reconcile(consumer: &StreamConsumer, deps: &InboxDeps, owned: &mut Owne
     match consumer.incremental_assign(&list) {
         Ok(()) => {
             for p in &gained {
-                owned.partitions.insert(*p, Pending::default());
+                owned.partitions.insert(*p, Pending::from(offsets.get(p).copied()));
             }
             tracing::info!(partitions = ?gained, "llm manager: partitions taken");
         }
@@ -378,37 +453,49 @@ async fn deliver(
     (partition, generation, offset)
 }
 
-/// The context id and envelope of a command, or why it is refused.
-fn parse(message: &BorrowedMessage<'_>) -> Result<(String, Envelope<Value>), Box<DeadLettered>> {
+/// The command a record holds, or why it is refused.
+fn parse(message: &BorrowedMessage<'_>) -> Result<Command, Box<DeadLettered>> {
     let payload = message.payload().unwrap_or_default();
     let key = message.key().map(|k| String::from_utf8_lossy(k).into_owned());
     let at = (message.partition(), message.offset());
     let letter = |reason, detail| Box::new(DeadLettered::new(reason, detail, at, key.clone(), payload));
     if payload.len() > MAX_COMMAND_BYTES {
-        return Err(letter(
-            DeadLetter::Oversized,
-            format!("{} bytes; commands are at most {MAX_COMMAND_BYTES}", payload.len()),
-        ));
+        let detail = format!("{} bytes; commands are at most {MAX_COMMAND_BYTES}", payload.len());
+        return Err(letter(DeadLetter::Oversized, detail));
     }
     let envelope = match Envelope::decode(payload) {
         Ok(envelope) => envelope,
         Err(e @ DecodeError::TooLarge { .. }) => return Err(letter(DeadLetter::Oversized, e.to_string())),
         Err(e) => return Err(letter(DeadLetter::NotAnEnvelope, e.to_string())),
     };
-    let Some(context) = key.clone().filter(|k| is_context_id(k)) else {
-        return Err(letter(DeadLetter::BadKey, "the record key must be the context id".into()));
+    check(key.clone(), envelope, payload.len(), at).map_err(|(reason, detail)| letter(reason, detail))
+}
+
+/// The command of a decoded record of `bytes` at `at` (partition, offset), or why it is refused.
+fn check(
+    key: Option<String>,
+    envelope: Envelope<Value>,
+    bytes: usize,
+    at: (i32, i64),
+) -> Result<Command, (DeadLetter, String)> {
+    let letter = |reason, detail| Err((reason, detail));
+    if bytes > MAX_COMMAND_BYTES {
+        return letter(DeadLetter::Oversized, format!("{bytes} bytes; commands are at most {MAX_COMMAND_BYTES}"));
+    }
+    let Some(context) = key.filter(|k| is_context_id(k)) else {
+        return letter(DeadLetter::BadKey, "the record key must be the context id".into());
     };
     let named = match envelope.kind.as_str() {
         ContextCreated::TYPE => ContextCreated::deserialize(&envelope.data).map(|c| c.context),
         UserMessage::TYPE => UserMessage::deserialize(&envelope.data).map(|c| c.context),
         AgentMessage::TYPE => AgentMessage::deserialize(&envelope.data).map(|c| c.context),
         Cancel::TYPE => Cancel::deserialize(&envelope.data).map(|c| c.context),
-        other => return Err(letter(DeadLetter::UnknownType, format!("commands do not include {other:?}"))),
+        other => return letter(DeadLetter::UnknownType, format!("commands do not include {other:?}")),
     };
     match named {
         Ok(named) if named == context => {}
-        Ok(named) => return Err(letter(DeadLetter::BadCommand, format!("names context {named} under key {context}"))),
-        Err(e) => return Err(letter(DeadLetter::BadCommand, e.to_string())),
+        Ok(named) => return letter(DeadLetter::BadCommand, format!("names context {named} under key {context}")),
+        Err(e) => return letter(DeadLetter::BadCommand, e.to_string()),
     }
-    Ok((context, envelope))
+    Ok(Command { context, partition: at.0, offset: at.1, envelope })
 }

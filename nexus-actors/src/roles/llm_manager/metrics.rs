@@ -36,6 +36,9 @@ pub struct LlmMetrics {
     pub journal_append_seconds: Histogram,
     /// `nexus_llm_command_delay_seconds`: from a command's making (its envelope's time) to the inbox taking it.
     pub command_delay_seconds: Histogram,
+    /// `nexus_llm_commands_tapped_total`: commands taken from this node's own
+    /// producer as the broker acknowledged them, before a fetch brought them.
+    pub commands_tapped: IntCounter,
 }
 
 impl LlmMetrics {
@@ -90,6 +93,10 @@ impl LlmMetrics {
             )
             .buckets(vec![0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0]),
         )?;
+        let commands_tapped = IntCounter::new(
+            "nexus_llm_commands_tapped_total",
+            "Commands taken from this node's own producer as the broker acknowledged them, before a fetch brought them",
+        )?;
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(tokens.clone()))?;
         registry.register(Box::new(ttft.clone()))?;
@@ -100,6 +107,7 @@ impl LlmMetrics {
         registry.register(Box::new(consume_errors.clone()))?;
         registry.register(Box::new(journal_append_seconds.clone()))?;
         registry.register(Box::new(command_delay_seconds.clone()))?;
+        registry.register(Box::new(commands_tapped.clone()))?;
         // Present from the start, so dashboards see zeros, not gaps.
         for kind in ["input", "output"] {
             tokens.with_label_values(&[kind]);
@@ -115,6 +123,7 @@ impl LlmMetrics {
             consume_errors,
             journal_append_seconds,
             command_delay_seconds,
+            commands_tapped,
         })
     }
 
@@ -165,6 +174,7 @@ mod tests {
         metrics.consume_errors.inc();
         metrics.journal_append_seconds.observe(0.001);
         metrics.command_delay_seconds.observe(0.001);
+        metrics.commands_tapped.inc();
         let names: Vec<String> = registry.gather().iter().map(|f| f.name().to_owned()).collect();
         for name in [
             "nexus_llm_requests_total",
@@ -177,6 +187,7 @@ mod tests {
             "nexus_llm_consume_errors_total",
             "nexus_llm_journal_append_seconds",
             "nexus_llm_command_delay_seconds",
+            "nexus_llm_commands_tapped_total",
         ] {
             assert!(names.iter().any(|n| n == name), "{name} missing from {names:?}");
         }

@@ -28,8 +28,9 @@ use std::time::Duration;
 
 use rdkafka::error::KafkaError;
 
-use crate::bus::kafka::{ensure_topics, KafkaBridge, KafkaConfig};
+use crate::bus::kafka::{ensure_topics, KafkaBridge, KafkaConfig, SEMANTIC_COMMANDS};
 use crate::bus::redis::RedisBridge;
+use crate::bus::tap::Tap;
 use crate::kernel::{ActorRef, Kernel};
 use crate::platform::store::Redis;
 use crate::semantic::directory::ContextDirectory;
@@ -124,8 +125,13 @@ pub async fn start(deps: LlmManagerDeps, config: LlmManagerConfig) -> Result<Llm
     let lease = lease::Lease::new(store.clone(), kernel.node());
     let directory = ContextDirectory::new(store);
     let id = LlmManager::KIND;
-    let writer =
-        JournalWriter::new(kernel.node().to_owned(), kafka.link(id), redis.link(id), directory.clone(), metrics.clone());
+    let writer = JournalWriter::new(
+        kernel.node().to_owned(),
+        kafka.link(id),
+        redis.link(id),
+        directory.clone(),
+        metrics.clone(),
+    );
     let context_deps = ContextDeps {
         kernel: kernel.clone(),
         journal: Journal::new(kafka_config.clone(), directory),
@@ -139,6 +145,13 @@ pub async fn start(deps: LlmManagerDeps, config: LlmManagerConfig) -> Result<Llm
     };
     let idle = config.idle;
     let manager = kernel.spawn("llm-manager", move || LlmManager::new(context_deps.clone(), idle));
+    let tap = match kafka.link::<Tap>(id).ask(Tap { topic: SEMANTIC_COMMANDS.to_owned() }).await {
+        Ok(tap) => Some(tap),
+        Err(error) => {
+            tracing::warn!(?error, "llm manager: no tap on the kafka bridge; commands come by the broker only");
+            None
+        }
+    };
     let inbox = Inbox::start(InboxDeps {
         kafka: kafka_config,
         manager: manager.link("llm-inbox"),
@@ -147,6 +160,7 @@ pub async fn start(deps: LlmManagerDeps, config: LlmManagerConfig) -> Result<Llm
         metrics,
         source: kernel.node().to_owned(),
         lease,
+        tap,
     })?;
     tracing::info!("llm manager taking its share of semantic.commands");
     Ok(LlmManagerHandle { inbox, manager })
