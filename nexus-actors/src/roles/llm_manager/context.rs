@@ -116,6 +116,7 @@ impl Behaviour for LlmContext {
             activity: self.activity.clone(),
             cancel: self.cancel.subscribe(),
             transcript: None,
+            failed: None,
         };
         actix::spawn(worker.run(rx));
     }
@@ -144,6 +145,8 @@ struct Worker {
     activity: Arc<Activity>,
     cancel: watch::Receiver<u64>,
     transcript: Option<Transcript>,
+    /// The command whose handling failed last, if the last one did.
+    failed: Option<i64>,
 }
 
 impl Worker {
@@ -170,7 +173,11 @@ impl Worker {
         };
         let mut transcript = transcript;
         let result = self.take(command, &mut transcript).await;
-        self.transcript = Some(transcript);
+        // After a failure the journal may hold more than was folded (an
+        // append the broker took but did not acknowledge in time): the next
+        // command starts from the journal again.
+        self.failed = result.as_ref().err().map(|_| command.offset);
+        self.transcript = result.is_ok().then_some(transcript);
         result
     }
 
@@ -227,6 +234,17 @@ impl Worker {
                     };
                     let message = ChatMessage::text(Role::User, m.content.clone());
                     Some(Start { copy: self.copy_of(command, m), message })
+                };
+                let start = match start {
+                    // Again after a failure (the journal down, most likely): the
+                    // message first, so that no model call is paid for while it
+                    // cannot be recorded.
+                    Some(start) if self.failed == Some(command.offset) => {
+                        let entry = self.deps.writer.append_envelope(&self.id, start.copy).await;
+                        t.apply(&entry.map_err(|e| Nack(e.to_string()))?);
+                        None
+                    }
+                    start => start,
                 };
                 self.run_turn(t, command.offset, start).await?;
                 self.snapshot(t).await;

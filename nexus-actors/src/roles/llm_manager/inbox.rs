@@ -8,7 +8,7 @@
 //! without a context key) is counted, copied to `semantic.dlq` with the
 //! reason, and skipped: it never blocks its partition.
 //!
-//! Commands this node's own API produced come sooner: the Kafka bridge
+//! Commands this node produced (its API's, its panel agents') come sooner: the Kafka bridge
 //! hands them over as the broker acknowledges them ([`crate::bus::tap`]),
 //! and the inbox takes one at once when it is its partition's next offset
 //! (every earlier one already read), so the order is the broker's; the
@@ -210,18 +210,17 @@ struct Pending {
     offsets: BTreeMap<i64, bool>,
     /// The offset after the last one read, once known.
     next: Option<i64>,
-    /// Offsets taken from the tap that the consumer has not brought yet.
+    /// Offsets taken from the tap that the consumer has not brought yet
+    /// (bounded: should the consumer stop bringing them, the tap stops).
     tapped: BTreeSet<i64>,
 }
 
 impl Pending {
-    /// Starting at `next`, when the stored offset says.
-    fn from(next: Option<i64>) -> Self {
-        Pending { next, ..Pending::default() }
-    }
-
     /// Notes that the consumer brought `offset`; false when it was tapped (and taken) already.
     fn fetched(&mut self, offset: i64) -> bool {
+        // A partition is fetched in offset order: tapped offsets below this
+        // one will not be brought (the log was cut under them).
+        self.tapped = self.tapped.split_off(&offset);
         if self.tapped.remove(&offset) {
             return false;
         }
@@ -295,10 +294,14 @@ async fn run(consumer: StreamConsumer, mut deps: InboxDeps, partitions: i32, mut
             produced = recv(&mut tap), if in_flight.len() < MAX_IN_FLIGHT => match produced {
                 Some(produced) => {
                     let Some(p) = owned.partitions.get_mut(&produced.partition) else { continue };
-                    let Ok(command) = check(Some(produced.key), produced.envelope, produced.bytes, (produced.partition, produced.offset)) else { continue };
-                    if p.tap(produced.offset) {
+                    let at = (produced.partition, produced.offset);
+                    // The envelope is the one this node encoded, so only the
+                    // command checks apply; one that fails them is left to the
+                    // fetch, which dead-letters it.
+                    let Ok(command) = check(Some(produced.key), produced.envelope, at) else { continue };
+                    if produced.bytes <= MAX_COMMAND_BYTES && p.tap(produced.offset) {
                         deps.metrics.commands_tapped.inc();
-                        take(&deps, &mut owned, &mut in_flight, Ok(command)).await;
+                        dispatch(&deps, &mut owned, &mut in_flight, Ok(command)).await;
                     }
                 }
                 None => tap = None,
@@ -307,7 +310,7 @@ async fn run(consumer: StreamConsumer, mut deps: InboxDeps, partitions: i32, mut
                 Ok(message) => {
                     let Some(p) = owned.partitions.get_mut(&message.partition()) else { continue };
                     if p.fetched(message.offset()) {
-                        take(&deps, &mut owned, &mut in_flight, parse(&message)).await;
+                        dispatch(&deps, &mut owned, &mut in_flight, parse(&message)).await;
                     }
                 }
                 Err(error) => {
@@ -332,7 +335,7 @@ async fn recv(tap: &mut Option<mpsc::Receiver<Produced>>) -> Option<Produced> {
 
 /// Sends a command read from an owned partition on to the manager, or
 /// dead-letters what cannot be one.
-async fn take(
+async fn dispatch(
     deps: &InboxDeps,
     owned: &mut Owned,
     in_flight: &mut FuturesUnordered<Delivery>,
@@ -400,7 +403,9 @@ async fn reconcile(consumer: &StreamConsumer, deps: &InboxDeps, owned: &mut Owne
     match consumer.incremental_assign(&list) {
         Ok(()) => {
             for p in &gained {
-                owned.partitions.insert(*p, Pending::from(offsets.get(p).copied()));
+                // Where the consumer starts is learnt from its first record, not
+                // from the stored offset: the broker may start it elsewhere.
+                owned.partitions.insert(*p, Pending::default());
             }
             tracing::info!(partitions = ?gained, "llm manager: partitions taken");
         }
@@ -468,20 +473,12 @@ fn parse(message: &BorrowedMessage<'_>) -> Result<Command, Box<DeadLettered>> {
         Err(e @ DecodeError::TooLarge { .. }) => return Err(letter(DeadLetter::Oversized, e.to_string())),
         Err(e) => return Err(letter(DeadLetter::NotAnEnvelope, e.to_string())),
     };
-    check(key.clone(), envelope, payload.len(), at).map_err(|(reason, detail)| letter(reason, detail))
+    check(key.clone(), envelope, at).map_err(|(reason, detail)| letter(reason, detail))
 }
 
-/// The command of a decoded record of `bytes` at `at` (partition, offset), or why it is refused.
-fn check(
-    key: Option<String>,
-    envelope: Envelope<Value>,
-    bytes: usize,
-    at: (i32, i64),
-) -> Result<Command, (DeadLetter, String)> {
+/// The command of a decoded record at `at` (partition, offset), or why it is refused.
+fn check(key: Option<String>, envelope: Envelope<Value>, at: (i32, i64)) -> Result<Command, (DeadLetter, String)> {
     let letter = |reason, detail| Err((reason, detail));
-    if bytes > MAX_COMMAND_BYTES {
-        return letter(DeadLetter::Oversized, format!("{bytes} bytes; commands are at most {MAX_COMMAND_BYTES}"));
-    }
     let Some(context) = key.filter(|k| is_context_id(k)) else {
         return letter(DeadLetter::BadKey, "the record key must be the context id".into());
     };
@@ -498,4 +495,35 @@ fn check(
         Err(e) => return letter(DeadLetter::BadCommand, e.to_string()),
     }
     Ok(Command { context, partition: at.0, offset: at.1, envelope })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Pending;
+
+    #[test]
+    fn the_tap_takes_only_a_partitions_next_offset_and_the_fetch_skips_what_it_took() {
+        let mut p = Pending::default();
+        assert!(!p.tap(5), "where the consumer starts is not known yet");
+        assert!(p.fetched(5));
+        assert!(!p.tap(7), "6 is not read yet");
+        assert!(p.tap(6));
+        assert!(p.tap(7));
+        assert!(!p.tap(7), "taken once");
+        assert!(!p.fetched(6), "the fetch of a tapped offset is skipped");
+        assert!(!p.fetched(7));
+        assert!(p.fetched(8), "an offset that was not tapped is taken from the fetch");
+        assert!(!p.tap(8), "the fetch took it first");
+        assert!(p.tap(9));
+    }
+
+    #[test]
+    fn tapped_offsets_the_fetch_passes_over_are_forgotten() {
+        let mut p = Pending::default();
+        assert!(p.fetched(0));
+        assert!(p.tap(1) && p.tap(2));
+        assert!(p.fetched(5), "the log was cut under 1 and 2");
+        assert!(p.tapped.is_empty());
+        assert!(p.tap(6));
+    }
 }

@@ -24,7 +24,7 @@ use super::model::{Aliases, Completion, ModelError, ModelRequest};
 use super::writer::WriteError;
 use crate::envelope::Envelope;
 use crate::semantic::chat::{ChatMessage, ToolOffer};
-use crate::semantic::fold::{Entry, Transcript};
+use crate::semantic::fold::Transcript;
 use crate::semantic::records::{
     call_id, LlmResponse, RequestedCall, StepFailed, ThoughtDelta, TurnCompleted, TurnOutcome,
 };
@@ -77,9 +77,10 @@ struct StepAt<'a> {
 
 /// Runs or resumes the turn of `command_offset` until its `turn_completed`
 /// is journaled: a new turn from `start`, one already started from what is
-/// folded into `t`. Fails only when the journal cannot be written (the
-/// command is then delivered again and the turn resumes from what was
-/// recorded).
+/// folded into `t`. Fails only when the journal cannot be written, or the
+/// context's actor stopped under it (its partition moved, or the node is
+/// stopping); the command is then delivered again and the turn resumes
+/// from what was recorded.
 pub async fn run(
     deps: &ContextDeps,
     t: &mut Transcript,
@@ -124,7 +125,8 @@ pub async fn run(
             let run = run_tools(deps, t, &unfinished, &offers);
             let results = tokio::select! {
                 results = run => results,
-                _ = cancel.changed() => {
+                changed = cancel.changed() => {
+                    changed.map_err(|_| WriteError::Stopped)?;
                     cancelled = true;
                     None
                 }
@@ -162,7 +164,8 @@ pub async fn run(
         let call = call_model(deps, request, StepAt { context: &t.context, command_offset, step }, None);
         let outcome = tokio::select! {
             outcome = call => outcome?,
-            _ = cancel.changed() => {
+            changed = cancel.changed() => {
+                changed.map_err(|_| WriteError::Stopped)?;
                 cancelled = true;
                 continue;
             }
@@ -185,32 +188,36 @@ async fn first_step(
     request: ModelRequest<'_>,
     cancel: &mut watch::Receiver<u64>,
 ) -> Result<Option<Result<Completion, ModelError>>, WriteError> {
-    let (entry, outcome) = {
-        let (journaled, gate) = oneshot::channel();
-        let copy = async {
-            let entry = deps.writer.append_envelope(&t.context, copy).await;
-            if entry.is_ok() {
-                let _ = journaled.send(());
-            }
-            entry
-        };
-        let call = call_model(deps, request, StepAt { context: &t.context, command_offset, step: 0 }, Some(gate));
-        tokio::pin!(copy, call);
-        let mut entry: Option<Entry> = None;
-        let outcome = loop {
-            tokio::select! {
-                copied = &mut copy, if entry.is_none() => entry = Some(copied?),
-                outcome = &mut call => break Some(outcome?),
-                _ = cancel.changed() => break None,
-            }
-        };
-        let entry = match entry {
-            Some(entry) => entry,
-            None => copy.await?,
-        };
-        (entry, outcome)
+    let context = t.context.clone();
+    let (journaled, gate) = oneshot::channel();
+    let copy = async {
+        let entry = deps.writer.append_envelope(&context, copy).await;
+        if entry.is_ok() {
+            let _ = journaled.send(());
+        }
+        entry
     };
-    t.apply(&entry);
+    let call = call_model(deps, request, StepAt { context: &context, command_offset, step: 0 }, Some(gate));
+    tokio::pin!(copy, call);
+    // The message is folded in as soon as it is journaled: whatever happens
+    // to the call after that, the transcript holds what the journal does.
+    let mut copied = false;
+    let outcome = loop {
+        tokio::select! {
+            entry = &mut copy, if !copied => {
+                t.apply(&entry?);
+                copied = true;
+            }
+            outcome = &mut call => break Some(outcome?),
+            changed = cancel.changed() => {
+                changed.map_err(|_| WriteError::Stopped)?;
+                break None;
+            }
+        }
+    };
+    if !copied {
+        t.apply(&copy.await?);
+    }
     Ok(outcome)
 }
 

@@ -35,6 +35,11 @@ pub enum WriteError {
     /// The Kafka bridge is gone (the node is stopping).
     #[error("the kafka bridge is not reachable: {0}")]
     Bridge(String),
+    /// The context's actor stopped (its partition moved, or the node is
+    /// stopping) before the turn ended: nothing more is written, and the
+    /// command's next owner resumes the turn.
+    #[error("the context stopped before its turn ended")]
+    Stopped,
 }
 
 /// Writes journals. Cheap to clone.
