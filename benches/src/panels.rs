@@ -692,6 +692,7 @@ async fn cold_starts(
         nexus_bin,
         redis_url: redis.url(),
         sandbox: choice,
+        reprobe_after: LocalConfig::REPROBE_AFTER,
     });
     let (isolation, _) = driver.isolation().await.map_err(|e| e.to_string())?;
     let kernel = Kernel::new("bench-cold");

@@ -446,6 +446,7 @@ async fn panel_manager(
         nexus_bin: panels.nexus_bin.clone(),
         redis_url: config.redis_url.clone(),
         sandbox: panels.sandbox,
+        reprobe_after: LocalConfig::REPROBE_AFTER,
     });
     if let Err(error) = driver.metrics().register(kernel.metrics().registry()) {
         tracing::warn!(%error, "local driver metrics not registered");

@@ -14,6 +14,8 @@
 mod files;
 #[path = "sandbox/harness.rs"]
 mod harness;
+#[path = "sandbox/probe.rs"]
+mod probe;
 #[path = "sandbox/secret.rs"]
 mod secret;
 
@@ -323,6 +325,7 @@ fn a_new_driver_sweeps_the_namespaces_a_crashed_one_left() {
             nexus_bin: PathBuf::from(env!("CARGO_BIN_EXE_nexus")),
             redis_url: redis_url.clone(),
             sandbox: SandboxChoice::Process,
+            reprobe_after: LocalConfig::REPROBE_AFTER,
         });
         assert_eq!(next.sweep_stale().await, 1, "exactly our stale namespace is swept");
         assert!(!stale.exists(), "the stale namespace is deleted");

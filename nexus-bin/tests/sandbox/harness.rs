@@ -165,6 +165,7 @@ pub(crate) fn env(test: &str, sandbox: SandboxChoice) -> Env {
         nexus_bin: PathBuf::from(env!("CARGO_BIN_EXE_nexus")),
         redis_url: brokers.redis_url(),
         sandbox,
+        reprobe_after: LocalConfig::REPROBE_AFTER,
     });
     let (redis_port, redis_url) = (brokers.redis.port(), brokers.redis_url());
     Env { dir, redis_port, redis_url, _brokers: brokers, driver: Arc::new(driver) }

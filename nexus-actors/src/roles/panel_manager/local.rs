@@ -45,7 +45,7 @@ mod tree;
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::future::BoxFuture;
 use futures::FutureExt;
@@ -89,13 +89,22 @@ pub struct LocalConfig {
     pub redis_url: String,
     /// The isolation asked for.
     pub sandbox: SandboxChoice,
+    /// How long a choice weaker than gVisor, made because `runsc` did not
+    /// work, stands before the next instance start probes again.
+    pub reprobe_after: Duration,
+}
+
+impl LocalConfig {
+    /// The default of [`LocalConfig::reprobe_after`].
+    pub const REPROBE_AFTER: Duration = Duration::from_secs(60);
 }
 
 /// Runs panel instances on this machine; see the module documentation.
 pub struct LocalDriver {
     config: LocalConfig,
     metrics: LocalMetrics,
-    sandbox: OnceCell<Result<Sandbox, SandboxError>>,
+    /// The isolation decided, and when.
+    sandbox: tokio::sync::Mutex<Option<(Result<Sandbox, SandboxError>, Instant)>>,
     /// Set once the data directories have their modes.
     layout: OnceCell<()>,
     /// Set once the namespaces a crashed run left behind are swept.
@@ -145,7 +154,7 @@ impl LocalDriver {
         LocalDriver {
             config,
             metrics: LocalMetrics::new(),
-            sandbox: OnceCell::new(),
+            sandbox: tokio::sync::Mutex::new(None),
             layout: OnceCell::new(),
             swept: OnceCell::new(),
             instances: Mutex::new(HashMap::new()),
@@ -179,11 +188,31 @@ impl LocalDriver {
         stale::sweep(&self.config.data_dir, running, &self.metrics).await
     }
 
+    /// The isolation for the next instance: decided at first use, and again
+    /// after [`LocalConfig::reprobe_after`] when gVisor was wanted and did
+    /// not work (instances already running keep theirs).
     async fn sandbox(&self) -> Result<Sandbox, DriverError> {
         self.layout().await?;
-        let probe = self.instances_dir().join(".runsc-probe");
-        let resolved = self.sandbox.get_or_init(|| resolve(self.config.sandbox, &probe)).await;
-        Ok(resolved.clone()?)
+        let mut decided = self.sandbox.lock().await;
+        let due = |(resolved, at): &(Result<Sandbox, SandboxError>, Instant)| {
+            resolved.as_ref().map_or(true, |s| s.reprobe) && at.elapsed() >= self.config.reprobe_after
+        };
+        let current = match decided.take() {
+            Some(current) if !due(&current) => current,
+            before => {
+                let probe = self.instances_dir().join(".runsc-probe");
+                let resolved = resolve(self.config.sandbox, &probe, &self.metrics).await;
+                if let (Some((Ok(before), _)), Ok(now)) = (&before, &resolved) {
+                    if before.isolation != now.isolation {
+                        tracing::info!(before = ?before.isolation, now = ?now.isolation, "isolation re-probed");
+                    }
+                }
+                (resolved, Instant::now())
+            }
+        };
+        let sandbox = current.0.clone();
+        *decided = Some(current);
+        Ok(sandbox?)
     }
 
     fn instances_dir(&self) -> PathBuf {

@@ -33,6 +33,8 @@ pub struct LocalMetrics {
     /// `nexus_local_stale_namespaces_swept_total`: namespaces of this driver's
     /// instances left by a crash, deleted (with what ran in them) at start.
     pub stale_swept: IntCounter,
+    /// `nexus_local_sandbox_probes_total{outcome}`: `runsc` probe runs, `ok` or `failed`.
+    pub sandbox_probes: IntCounterVec,
 }
 
 impl LocalMetrics {
@@ -53,6 +55,7 @@ impl LocalMetrics {
                 "Namespaces of instances left by a crash, deleted at start",
             )
             .expect("valid metric definition"),
+            sandbox_probes: counter("nexus_local_sandbox_probes_total", "runsc probe runs, by outcome", "outcome"),
         }
     }
 
@@ -61,6 +64,7 @@ impl LocalMetrics {
         registry.register(Box::new(self.started.clone()))?;
         registry.register(Box::new(self.panel_exits.clone()))?;
         registry.register(Box::new(self.helper_restarts.clone()))?;
+        registry.register(Box::new(self.sandbox_probes.clone()))?;
         registry.register(Box::new(self.stale_swept.clone()))
     }
 }
