@@ -18,6 +18,8 @@ mod harness;
 mod probe;
 #[path = "sandbox/secret.rs"]
 mod secret;
+#[path = "sandbox/start_order.rs"]
+mod start_order;
 
 mod common;
 

@@ -43,6 +43,7 @@ mod templates;
 mod tree;
 
 use std::collections::HashMap;
+use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -57,7 +58,7 @@ use super::driver::{
 use super::metrics::{isolation_label, mode_label};
 use crate::infra::free_port;
 use crate::instance::{Endpoint, InstanceMode, Isolation, SIDECAR_TOKEN_ENV};
-use crate::netns::Netns;
+use crate::netns::{Netns, NetnsThread};
 use crate::platform::files::private_dir;
 use files::{blocking, check_id, chown_tree, fresh_copy, open_log, panel_uid, path_string, read_command, remove_tree};
 use isolation::{resolve, Sandbox};
@@ -386,6 +387,11 @@ impl LocalDriver {
             let env = vec![redis, ("NEXUS_WATCHDOG_TOKEN".to_owned(), token.to_owned())];
             self.spawn_helper(Helper::Watchdog, &spec.instance, instance, watchdog, env)?;
         }
+        // The helpers' ports are theirs before any user code runs: a panel
+        // that binds the watchdog's port first would silence its own watchdog.
+        let mut helpers = vec![proxy_addr];
+        helpers.extend(watchdog_token.map(|_| watchdog_inside));
+        listening(netns_path, &helpers).await?;
         let user = spawn_user(&spec.instance, instance, &self.metrics)?;
         *instance.user.lock().await = Some(user);
         Ok(())
@@ -552,4 +558,39 @@ fn spawn_user(id: &str, instance: &Instance, metrics: &LocalMetrics) -> Result<S
 fn new_secret() -> String {
     use rand::distributions::{Alphanumeric, DistString};
     Alphanumeric.sample_string(&mut rand::thread_rng(), 48)
+}
+
+/// How long the sidecar and the watchdog may take to listen.
+const HELPERS_LISTEN_WITHIN: Duration = Duration::from_secs(15);
+
+/// Waits until something listens on each of `addrs`, inside the namespace
+/// at `netns` if there is one (then only the helpers can, as no user code
+/// runs there yet).
+async fn listening(netns: Option<PathBuf>, addrs: &[&str]) -> Result<(), DriverError> {
+    let addrs: Vec<SocketAddr> = addrs
+        .iter()
+        .map(|a| a.parse().map_err(|e| DriverError::Io(std::io::Error::other(format!("{a}: {e}")))))
+        .collect::<Result<_, _>>()?;
+    blocking(move || {
+        let inside = netns.as_deref().map(NetnsThread::enter).transpose().map_err(std::io::Error::other)?;
+        let deadline = Instant::now() + HELPERS_LISTEN_WITHIN;
+        for addr in addrs {
+            loop {
+                let connected = match &inside {
+                    Some(inside) => inside.run(move || TcpStream::connect(addr)).map_err(std::io::Error::other)?,
+                    None => TcpStream::connect(addr),
+                };
+                match connected {
+                    Ok(_) => break,
+                    Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(5)),
+                    Err(error) => {
+                        let why = format!("nothing listens on {addr} after {HELPERS_LISTEN_WITHIN:?}: {error}");
+                        return Err(DriverError::Io(std::io::Error::other(why)));
+                    }
+                }
+            }
+        }
+        Ok(())
+    })
+    .await
 }

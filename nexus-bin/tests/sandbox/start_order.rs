@@ -1,0 +1,82 @@
+//! The sidecar and the watchdog listen before user code runs: a panel
+//! that tries to take their ports as its first act finds them taken, and
+//! its watchdog still answers, even when the helpers are slow to start.
+
+use nexus_actors::roles::panel_manager::driver::{Code, RuntimeDriver};
+use nexus_actors::roles::panel_manager::local::{LocalConfig, LocalDriver, SandboxChoice};
+
+use super::harness::{env, get_json, panel_id, register, skipped, spec, Cleanup};
+
+/// Binds the watchdog's port and its sidecar's as its first act (perl:
+/// it starts in milliseconds, sooner than the helpers would without the
+/// driver waiting for them), notes how that went, and becomes a server
+/// that reports it.
+const GRAB: &str = r#"
+use Socket;
+my ($sidecar) = $ENV{NEXUS_PROXY_URL} =~ /:(\d+)\//;
+my (%grabs, @held);
+for my $p (["watchdog", 9999], ["sidecar", $sidecar]) {
+    socket(my $s, PF_INET, SOCK_STREAM, 0) or die "socket: $!";
+    $grabs{$p->[0]} = (bind($s, sockaddr_in($p->[1], inet_aton("127.0.0.1"))) && listen($s, 1)) ? "bound" : "$!";
+    push @held, $s;
+}
+open(my $f, ">", "grabs.json") or die "grabs.json: $!";
+print $f "{" . join(",", map { "\"$_\": \"$grabs{$_}\"" } sort keys %grabs) . "}";
+close $f;
+exec("python3", "server.py") or die "exec: $!";
+"#;
+
+const SERVE: &str = r#"
+import os
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+class Handler(BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = open("grabs.json", "rb").read()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+ThreadingHTTPServer(("127.0.0.1", int(os.environ.get("PORT", "8080"))), Handler).serve_forever()
+"#;
+
+#[test]
+fn a_panel_cannot_take_its_helpers_ports_before_they_listen() {
+    if skipped("a_panel_cannot_take_its_helpers_ports_before_they_listen") {
+        return;
+    }
+    for (name, sandbox) in [("order-process", SandboxChoice::Process), ("order-auto", SandboxChoice::Auto)] {
+        let env = env(name, sandbox);
+        let panel = panel_id();
+        let instance = format!("{name}-{}", std::process::id());
+        let cleanup = Cleanup { instances: vec![instance.clone()] };
+        // Helpers slow to start, as on a loaded machine: without the driver
+        // waiting for them, the panel would be first.
+        let slow = env.dir.join("slow-nexus");
+        let script = format!("#!/bin/sh\nsleep 0.5\nexec '{}' \"$@\"\n", env!("CARGO_BIN_EXE_nexus"));
+        std::fs::write(&slow, script).unwrap();
+        std::process::Command::new("chmod").arg("755").arg(&slow).status().unwrap();
+        let driver = LocalDriver::new(LocalConfig {
+            data_dir: env.dir.join("slow-data"),
+            nexus_bin: slow,
+            redis_url: env.redis_url.clone(),
+            sandbox,
+            reprobe_after: LocalConfig::REPROBE_AFTER,
+        });
+        actix_rt::System::new().block_on(async {
+            register(&env.redis_url, &panel).await;
+            let volume = driver.volume(&panel, "template:python_minimal").await.expect("volume");
+            std::fs::write(volume.location.join("grab.pl"), GRAB).unwrap();
+            std::fs::write(volume.location.join("server.py"), SERVE).unwrap();
+            std::fs::write(volume.location.join("nexus-panel.json"), r#"{"command": ["perl", "grab.pl"]}"#).unwrap();
+            let started = driver.start(spec(&instance, &panel, Code::Studio(volume))).await.expect("start");
+            let grabs = get_json(&started.endpoint.addr, "/");
+            assert_ne!(grabs["watchdog"], "bound", "{name}: the panel took the watchdog's port: {grabs}");
+            assert_ne!(grabs["sidecar"], "bound", "{name}: the panel took its sidecar's port: {grabs}");
+            let watchdog = get_json(started.endpoint.watchdog.as_deref().expect("a watchdog"), "/healthz");
+            assert_eq!(watchdog["instance"], instance.as_str(), "{name}: the watchdog answers: {watchdog}");
+            driver.stop(&instance, std::time::Duration::from_secs(5)).await.expect("stop");
+        });
+        drop(cleanup);
+    }
+}
