@@ -86,6 +86,44 @@ fn snapshots_copy_symlinks_without_following_them() {
     let _ = std::fs::remove_dir_all(&env.dir);
 }
 
+/// A hard link in a volume to a file from elsewhere (a panel can make one
+/// to any file it can reach; root makes it here): starting the Studio does
+/// not give that file to the panel, and a snapshot refuses it with a clear
+/// error instead of copying the host file in; without it, both work.
+#[test]
+fn hard_links_to_files_from_elsewhere_are_neither_chowned_nor_copied() {
+    if skipped("hard_links_to_files_from_elsewhere_are_neither_chowned_nor_copied") {
+        return;
+    }
+    let env = env("hardlinks", SandboxChoice::Process);
+    let panel = panel_id();
+    let studio = format!("hardlink-{}", std::process::id());
+    let cleanup = Cleanup { instances: vec![studio.clone()] };
+    let marker = format!("HOST-FILE-{}", std::process::id());
+    let outside = env.dir.join("host-file.txt");
+    std::fs::write(&outside, &marker).unwrap();
+    std::fs::set_permissions(&outside, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let driver = env.driver.clone();
+    actix_rt::System::new().block_on(async move {
+        let code = volume_with_probe(&driver, &env.redis_url, &panel).await;
+        let Code::Studio(volume) = &code else { unreachable!() };
+        std::fs::hard_link(&outside, volume.location.join("linked.txt")).unwrap();
+        driver.start(spec(&studio, &panel, code.clone())).await.expect("start Studio");
+        driver.stop(&studio, Duration::from_secs(5)).await.unwrap();
+        let meta = std::fs::metadata(&outside).unwrap();
+        assert_eq!((meta.uid(), meta.gid()), (0, 0), "the host file was given to the panel");
+        assert_ne!(std::fs::metadata(volume.location.join("server.py")).unwrap().uid(), 0, "its own files are");
+
+        let refused = driver.snapshot(&panel, "template:python_minimal").await.expect_err("a snapshot with the link");
+        assert!(refused.to_string().contains("linked.txt: a hard link"), "{refused}");
+        std::fs::remove_file(volume.location.join("linked.txt")).unwrap();
+        let snapshot = driver.snapshot(&panel, "template:python_minimal").await.expect("a snapshot without it");
+        assert_eq!(files_containing(&snapshot.location, &marker), Vec::<PathBuf>::new());
+    });
+    drop(cleanup);
+    let _ = std::fs::remove_dir_all(&env.dir);
+}
+
 /// Regular files under `root` (symlinks not followed) whose text holds `marker`.
 fn files_containing(root: &Path, marker: &str) -> Vec<PathBuf> {
     let mut found = Vec::new();

@@ -79,7 +79,10 @@ impl From<PanelManagerError> for ApiError {
             e @ PanelManagerError::BadReplicas { .. } => ApiError::BadRequest(e.to_string()),
             PanelManagerError::Quota { limit } => ApiError::Quota { what: "running instances", limit },
             PanelManagerError::Driver(
-                e @ (DriverError::UnknownSource(..) | DriverError::NoCommand | DriverError::PanelFile(_)),
+                e @ (DriverError::UnknownSource(..)
+                | DriverError::NoCommand
+                | DriverError::PanelFile(_)
+                | DriverError::ForeignLink(_)),
             ) => ApiError::BadRequest(e.to_string()),
             e => {
                 tracing::error!(error = %e, "panel manager error");

@@ -44,6 +44,9 @@ pub enum DriverError {
         /// The id as given.
         id: String,
     },
+    /// The panel's files hold a hard link to a file from elsewhere (400).
+    #[error("{0}")]
+    ForeignLink(String),
     /// The driver runs no such instance.
     #[error("no instance {0}")]
     NoInstance(String),

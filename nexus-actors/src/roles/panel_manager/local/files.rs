@@ -52,7 +52,12 @@ pub(super) fn last_version(dir: &Path) -> io::Result<u64> {
 /// Copies the panel's tree at `from` to the new directory `to` (see
 /// [`tree::copy`]: symlinks stay symlinks, nothing is followed).
 pub(super) fn copy_tree(from: &Path, to: &Path, how: CopyAs) -> Result<(), DriverError> {
-    Ok(tree::copy(from, to, how)?)
+    tree::copy(from, to, how).map_err(|error| {
+        match error.get_ref().and_then(|inner| inner.downcast_ref::<tree::ForeignLink>()) {
+            Some(link) => DriverError::ForeignLink(link.to_string()),
+            None => DriverError::Io(error),
+        }
+    })
 }
 
 /// Files lose their write bits, directories become `0555`: nobody writes

@@ -5,6 +5,11 @@
 //! a tree a panel can write (its volume, an App's scratch copy): it must
 //! never read, chown, chmod or delete a host file through a panel's symlink.
 //!
+//! A regular file with more than one link that the tree's owner does not
+//! own is a hard link into the tree of a file from elsewhere: copies refuse
+//! it ([`ForeignLink`]) and chowns leave it alone, so a host file never
+//! ends up in a snapshot or owned by a panel.
+//!
 //! It copies, chowns, marks read-only and removes trees; it knows nothing
 //! about panels, snapshots or who may write where (the caller decides).
 
@@ -22,6 +27,16 @@ const MAX_DEPTH: usize = 128;
 const DIR_FLAGS: libc::c_int = libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC;
 /// `O_NONBLOCK`: opening a FIFO the panel left must not hang the walk.
 const ENTRY_FLAGS: libc::c_int = libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC;
+
+/// A hard link in a tree to a file its owner does not own.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}: a hard link to a file from outside the panel's files, which is neither copied nor given to the panel; remove it")]
+pub(super) struct ForeignLink(pub(super) String);
+
+/// Whether `stat` is of a regular file linked from elsewhere too and not `owner`'s.
+fn foreign_link(stat: &libc::stat, owner: u32) -> bool {
+    stat.st_mode & libc::S_IFMT == libc::S_IFREG && stat.st_nlink > 1 && stat.st_uid != owner
+}
 
 /// How [`copy`] makes what it creates.
 #[derive(Debug, Clone, Copy)]
@@ -43,7 +58,8 @@ pub(super) fn copy(from: &Path, to: &Path, how: CopyAs) -> io::Result<()> {
     // SAFETY: a valid NUL-terminated path.
     check(unsafe { libc::mkdir(target_path.as_ptr(), 0o700) })?;
     let target = Dir::open(to)?;
-    copy_entries(&source, &target, how, 0)?;
+    let owner = fstat(source.fd())?.st_uid;
+    copy_entries(&source, &target, how, owner, 0)?;
     let top = match (how.read_only, how.owner) {
         (true, _) => 0o555,
         (false, Some(_)) => 0o700,
@@ -52,7 +68,7 @@ pub(super) fn copy(from: &Path, to: &Path, how: CopyAs) -> io::Result<()> {
     finish(target.fd(), how.owner, top)
 }
 
-fn copy_entries(source: &Dir, target: &Dir, how: CopyAs, depth: usize) -> io::Result<()> {
+fn copy_entries(source: &Dir, target: &Dir, how: CopyAs, owner: u32, depth: usize) -> io::Result<()> {
     if depth >= MAX_DEPTH {
         return Err(too_deep());
     }
@@ -75,8 +91,12 @@ fn copy_entries(source: &Dir, target: &Dir, how: CopyAs, depth: usize) -> io::Re
                 // SAFETY: valid descriptor and NUL-terminated name.
                 check(unsafe { libc::mkdirat(target.fd(), name.as_ptr(), 0o700) })?;
                 let child = target.child(&name)?;
-                copy_entries(&Dir(entry), &child, how, depth + 1)?;
+                copy_entries(&Dir(entry), &child, how, owner, depth + 1)?;
                 finish(child.fd(), how.owner, if how.read_only { 0o555 } else { 0o755 })?;
+            }
+            libc::S_IFREG if foreign_link(&stat, owner) => {
+                let name = String::from_utf8_lossy(name.to_bytes()).into_owned();
+                return Err(io::Error::new(io::ErrorKind::PermissionDenied, ForeignLink(name)));
             }
             libc::S_IFREG => {
                 let flags = libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW | libc::O_CLOEXEC;
@@ -122,19 +142,32 @@ pub(super) fn chown(dir: &Path, uid: u32, top_mode: u32) -> io::Result<()> {
             return Err(too_deep());
         }
         for name in dir.entries()? {
-            // SAFETY: valid descriptor and NUL-terminated name.
-            let changed = unsafe { libc::fchownat(dir.fd(), name.as_ptr(), uid, uid, libc::AT_SYMLINK_NOFOLLOW) };
-            if changed != 0 {
-                match io::Error::last_os_error() {
-                    error if error.raw_os_error() == Some(libc::ENOENT) => continue,
-                    error => return Err(error),
+            // What is checked is what is changed: the entry is opened (never
+            // through a symlink) and changed by its descriptor.
+            let entry = match dir.open_entry(&name) {
+                Ok(entry) => entry,
+                Err(error) if error.raw_os_error() == Some(libc::ELOOP) => {
+                    // A symlink: the link itself (AT_SYMLINK_NOFOLLOW), never its target.
+                    // SAFETY: valid descriptor and NUL-terminated name.
+                    let changed =
+                        unsafe { libc::fchownat(dir.fd(), name.as_ptr(), uid, uid, libc::AT_SYMLINK_NOFOLLOW) };
+                    match check(changed) {
+                        Err(error) if error.raw_os_error() != Some(libc::ENOENT) => return Err(error),
+                        _ => continue,
+                    }
                 }
-            }
-            // Only a real directory is entered (O_NOFOLLOW | O_DIRECTORY).
-            match dir.child(&name) {
-                Ok(child) => walk(&child, uid, depth + 1)?,
-                Err(error) if matches!(error.raw_os_error(), Some(libc::ENOTDIR | libc::ELOOP | libc::ENOENT)) => {}
+                Err(error) if matches!(error.raw_os_error(), Some(libc::ENOENT | libc::ENXIO)) => continue,
                 Err(error) => return Err(error),
+            };
+            let stat = fstat(entry.as_raw_fd())?;
+            if foreign_link(&stat, uid) {
+                tracing::warn!(name = %name.to_string_lossy(), "a hard link to a file from elsewhere is left to its owner");
+                continue;
+            }
+            // SAFETY: fchown on a valid descriptor.
+            check(unsafe { libc::fchown(entry.as_raw_fd(), uid, uid) })?;
+            if stat.st_mode & libc::S_IFMT == libc::S_IFDIR {
+                walk(&Dir(entry), uid, depth + 1)?;
             }
         }
         Ok(())
