@@ -639,3 +639,37 @@ async fn a_stopping_sidecar_lets_running_calls_answer() {
     sidecar.stop(true).await;
     assert_eq!(running.await.unwrap(), Ok(json!("rested")));
 }
+
+/// Two replicas of a panel keep its tools listed: one stopping leaves them
+/// listed for the other, the last live one stopping takes them down, and a
+/// replica whose share expired (it died without a word) keeps nothing.
+#[actix_rt::test]
+async fn a_replica_that_stops_unlists_only_itself() {
+    use nexus_actors::tools::{ToolAddress, ToolOwner, ToolSpec};
+    let redis = RedisServer::start(&tempdir("tools-replicas"), false).unwrap();
+    let store = ToolStore::connect(&redis.url()).await.unwrap();
+    let panel = "replicated";
+    let spec = ToolSpec {
+        name: format!("{panel}.echo"),
+        description: "Echoes".into(),
+        input_schema: json!({"type": "object"}),
+        owner: ToolOwner::Panel { panel: panel.into(), user: "ada".into() },
+    };
+    let listed = |store: ToolStore| async move {
+        store.find(&ToolAddress::Panel { panel, tool: "echo" }).await.unwrap().is_some()
+            && store.list_for("ada").await.unwrap().iter().any(|s| s.name == "replicated.echo")
+    };
+    let long = Duration::from_secs(30);
+    store.put_panel(panel, "ada", "replica-a", std::slice::from_ref(&spec), long).await.unwrap();
+    store.put_panel(panel, "ada", "replica-b", std::slice::from_ref(&spec), long).await.unwrap();
+    assert!(!store.remove_panel(panel, "ada", "replica-a").await.unwrap(), "b still keeps the listing");
+    assert!(listed(store.clone()).await, "one replica stopping leaves the tools listed for the other");
+    assert!(store.remove_panel(panel, "ada", "replica-b").await.unwrap());
+    assert!(!listed(store.clone()).await, "the last replica stopping unlists them");
+
+    store.put_panel(panel, "ada", "replica-c", std::slice::from_ref(&spec), Duration::from_millis(200)).await.unwrap();
+    store.put_panel(panel, "ada", "replica-d", std::slice::from_ref(&spec), long).await.unwrap();
+    actix_rt::time::sleep(Duration::from_millis(400)).await;
+    assert!(store.remove_panel(panel, "ada", "replica-d").await.unwrap(), "c's share expired: d was the last");
+    assert!(!listed(store.clone()).await);
+}

@@ -78,6 +78,8 @@ pub struct Registrar {
     store: ToolStore,
     metrics: Metrics,
     ttl: Duration,
+    /// This replica's name among the panel's listers (one per sidecar run).
+    lister: String,
     /// The last manifest listed; held across a whole sync, so syncs run one
     /// at a time.
     registered: Arc<tokio::sync::Mutex<Option<Manifest>>>,
@@ -102,6 +104,7 @@ impl Registrar {
             store,
             metrics,
             ttl,
+            lister: uuid::Uuid::now_v7().to_string(),
             registered: Arc::default(),
             state: Arc::default(),
         }
@@ -176,7 +179,7 @@ impl Registrar {
     /// manifest), writing it again if it expired; `true` when extending it
     /// was enough.
     async fn keep(&self, manifest: &Manifest) -> Result<bool, ToolStoreError> {
-        if self.store.refresh_panel(&self.panel_id, &self.user, self.ttl).await? {
+        if self.store.refresh_panel(&self.panel_id, &self.user, &self.lister, self.ttl).await? {
             return Ok(true);
         }
         self.put(manifest).await?;
@@ -185,7 +188,7 @@ impl Registrar {
 
     async fn put(&self, manifest: &Manifest) -> Result<(), ToolStoreError> {
         let specs = manifest.specs(&self.panel_id, &self.user);
-        self.store.put_panel(&self.panel_id, &self.user, &specs, self.ttl).await
+        self.store.put_panel(&self.panel_id, &self.user, &self.lister, &specs, self.ttl).await
     }
 
     /// Syncs forever: quickly until the panel first answers, then every
@@ -201,10 +204,13 @@ impl Registrar {
         }
     }
 
-    /// Takes the panel's tools out of the listing (the sidecar is stopping).
+    /// Stops keeping the panel's tools listed (the sidecar is stopping):
+    /// they leave the listing unless another replica of the panel keeps them.
     pub async fn unlist(&self) {
-        if let Err(error) = self.store.remove_panel(&self.panel_id, &self.user).await {
-            tracing::warn!(%error, "could not unlist the panel's tools");
+        match self.store.remove_panel(&self.panel_id, &self.user, &self.lister).await {
+            Ok(true) => tracing::info!(panel = %self.panel_id, "the panel's tools left the listing"),
+            Ok(false) => tracing::info!(panel = %self.panel_id, "other replicas keep the panel's tools listed"),
+            Err(error) => tracing::warn!(%error, "could not unlist the panel's tools"),
         }
     }
 }

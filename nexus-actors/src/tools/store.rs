@@ -6,6 +6,10 @@
 //! * `nexus:tools:panel:{panel}` — hash, local tool name → spec; it expires
 //!   unless the panel's sidecar keeps refreshing it, so the tools of a panel
 //!   whose sidecar died leave the listing.
+//! * `nexus:tools:listers:{panel}` — sorted set of the replicas (sidecars)
+//!   keeping that listing alive, scored by when each one's share expires
+//!   (Redis time): a replica that stops takes the listing down only when it
+//!   was the last live one.
 //! * `nexus:tools:panels-of:{user}` — set of the user's panels with tools;
 //!   entries whose hash expired are pruned when listed.
 //! * `nexus:tool-call:{tool}:{caller}:{key}` — hash with the `call` id that
@@ -36,6 +40,31 @@ const CLAIM_SLACK: Duration = Duration::from_secs(5);
 fn panel_key(panel: &str) -> String {
     format!("nexus:tools:panel:{panel}")
 }
+
+fn listers_key(panel: &str) -> String {
+    format!("nexus:tools:listers:{panel}")
+}
+
+/// Notes that `ARGV[1]` keeps the listing alive for `ARGV[2]` ms from now.
+const LISTER_SCRIPT: &str = r"
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return 1
+";
+
+/// `ARGV[1]` stops keeping the listing; it goes when no live replica keeps it.
+const UNLIST_SCRIPT: &str = r"
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+redis.call('ZREM', KEYS[1], ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if redis.call('ZCARD', KEYS[1]) > 0 then return 0 end
+redis.call('DEL', KEYS[1], KEYS[2])
+redis.call('SREM', KEYS[3], ARGV[2])
+return 1
+";
 
 fn panels_of_key(user: &str) -> String {
     format!("nexus:tools:panels-of:{user}")
@@ -86,48 +115,60 @@ impl ToolStore {
         Ok(())
     }
 
-    /// Replaces the listed tools of `panel` (owned by `user`) with `specs`;
-    /// they leave the listing after `ttl` unless refreshed.
+    /// Replaces the listed tools of `panel` (owned by `user`) with `specs`,
+    /// kept by the replica `lister`; they leave the listing after `ttl`
+    /// unless refreshed.
     pub async fn put_panel(
         &self,
         panel: &str,
         user: &str,
+        lister: &str,
         specs: &[ToolSpec],
         ttl: Duration,
     ) -> Result<(), ToolStoreError> {
-        let key = panel_key(panel);
+        let (key, ttl_ms) = (panel_key(panel), ttl.as_millis() as i64);
         let mut pipe = redis::pipe();
         pipe.atomic().del(&key);
         for spec in specs {
             pipe.hset(&key, spec.local_name(), serde_json::to_string(spec).unwrap_or_default());
         }
-        pipe.pexpire(&key, ttl.as_millis() as i64).sadd(panels_of_key(user), panel);
+        pipe.pexpire(&key, ttl_ms).sadd(panels_of_key(user), panel);
+        pipe.cmd("EVAL").arg(LISTER_SCRIPT).arg(1).arg(listers_key(panel)).arg(lister).arg(ttl_ms);
         let () = pipe.query_async(&mut self.conn.clone()).await?;
         Ok(())
     }
 
-    /// Extends the listing of `panel` (owned by `user`); `false` when it had
-    /// already expired. It also lists the panel among the user's again, in
-    /// case a reader pruned it in the moment it was expired.
-    pub async fn refresh_panel(&self, panel: &str, user: &str, ttl: Duration) -> Result<bool, ToolStoreError> {
-        let (alive,): (bool,) = redis::pipe()
-            .pexpire(panel_key(panel), ttl.as_millis() as i64)
-            .sadd(panels_of_key(user), panel)
-            .ignore()
-            .query_async(&mut self.conn.clone())
-            .await?;
+    /// Extends the listing of `panel` (owned by `user`) by the replica
+    /// `lister`; `false` when it had already expired. It also lists the
+    /// panel among the user's again, in case a reader pruned it in the
+    /// moment it was expired.
+    pub async fn refresh_panel(
+        &self,
+        panel: &str,
+        user: &str,
+        lister: &str,
+        ttl: Duration,
+    ) -> Result<bool, ToolStoreError> {
+        let ttl_ms = ttl.as_millis() as i64;
+        let mut pipe = redis::pipe();
+        pipe.pexpire(panel_key(panel), ttl_ms).sadd(panels_of_key(user), panel).ignore();
+        pipe.cmd("EVAL").arg(LISTER_SCRIPT).arg(1).arg(listers_key(panel)).arg(lister).arg(ttl_ms).ignore();
+        let (alive,): (bool,) = pipe.query_async(&mut self.conn.clone()).await?;
         Ok(alive)
     }
 
-    /// Removes the tools of `panel` from the listing.
-    pub async fn remove_panel(&self, panel: &str, user: &str) -> Result<(), ToolStoreError> {
-        let () = redis::pipe()
-            .atomic()
-            .del(panel_key(panel))
-            .srem(panels_of_key(user), panel)
-            .query_async(&mut self.conn.clone())
+    /// The replica `lister` stops keeping the tools of `panel` listed; they
+    /// leave the listing if no other live replica keeps them. True when they left.
+    pub async fn remove_panel(&self, panel: &str, user: &str, lister: &str) -> Result<bool, ToolStoreError> {
+        let left: i64 = redis::Script::new(UNLIST_SCRIPT)
+            .key(listers_key(panel))
+            .key(panel_key(panel))
+            .key(panels_of_key(user))
+            .arg(lister)
+            .arg(panel)
+            .invoke_async(&mut self.conn.clone())
             .await?;
-        Ok(())
+        Ok(left == 1)
     }
 
     /// The listed tool at `address`, if any.
