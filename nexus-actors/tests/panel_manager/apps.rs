@@ -239,3 +239,32 @@ async fn an_activation_for_a_panel_whose_record_vanished_cleans_it_up_and_starts
     assert_eq!(node.driver.started(&panel), 1, "the activation started nothing");
     assert_eq!(node.last_request(&panel).await, None);
 }
+
+/// A crashed App instance is not restarted in place (with a backoff that
+/// held requests would wait out): it stops at once, and the next
+/// activation starts a new instance.
+#[actix_rt::test]
+async fn a_crashed_app_instance_leaves_at_once_and_the_next_activation_starts_another() {
+    let node = node("pm-app-crash", |c| c.max_crashes = 5).await;
+    let ada = node.login("ada").await;
+    let panel = new_panel(&ada, "template:crash").await;
+    let (status, deployed) = ada.post(&format!("/api/panels/{panel}/deploy"), json!({})).await;
+    assert_eq!(status, StatusCode::CREATED, "{deployed}");
+    let apps = |all: Vec<InstanceStatus>| all.into_iter().filter(|s| s.mode == InstanceMode::App).collect::<Vec<_>>();
+    let first = node
+        .until(10, "the first App instance to crash and stop", || async {
+            apps(node.statuses(&panel).await).into_iter().find(|s| s.state == InstanceState::Stopped)
+        })
+        .await;
+    let reason = first.reason.clone().unwrap_or_default();
+    assert!(reason.contains("replaced on the next request"), "{reason}");
+    assert_eq!(first.restarts, 1, "stopped at its first crash, not restarted with backoff");
+
+    node.publish(channels::ACTIVATE, Activate { panel: panel.clone() }).await;
+    let second = node
+        .until(10, "a new App instance", || async {
+            apps(node.statuses(&panel).await).into_iter().find(|s| s.instance != first.instance)
+        })
+        .await;
+    assert_ne!(second.instance, first.instance);
+}

@@ -379,6 +379,16 @@ impl Handler<Transition> for PanelManager {
             } else {
                 gauge.with_label_values(&[mode, state_label(status.state)]).inc();
             }
+            // An App instance is replaced, not nursed: one that crashed
+            // leaves the running set at once, so the next activation (the
+            // gateway repeats it while it holds requests) starts a new one
+            // instead of waiting on this one's restart backoff.
+            if status.mode == InstanceMode::App && status.restarts > 0 && !ended && live.leaving.is_none() {
+                let why = status.reason.clone().unwrap_or_else(|| "crashed".to_owned());
+                tracing::info!(%panel, %instance, %why, "a crashed App instance is stopped; the next request starts another");
+                live.leaving = Some(Leaving::Stopping);
+                self.send_stop(live, format!("{why}; a crashed App instance is replaced on the next request"));
+            }
         }
         self.deps.reporter.send(Report::Status(status.clone()));
         if status.state.serves() || status.state.is_final() {
