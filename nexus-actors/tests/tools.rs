@@ -667,8 +667,9 @@ async fn a_replica_that_stops_unlists_only_itself() {
     assert!(store.remove_panel(panel, "ada", "replica-b").await.unwrap());
     assert!(!listed(store.clone()).await, "the last replica stopping unlists them");
 
-    store.put_panel(panel, "ada", "replica-c", std::slice::from_ref(&spec), Duration::from_millis(200)).await.unwrap();
+    // d's longer share lists first: c's shorter one must not cut the set's life short.
     store.put_panel(panel, "ada", "replica-d", std::slice::from_ref(&spec), long).await.unwrap();
+    store.put_panel(panel, "ada", "replica-c", std::slice::from_ref(&spec), Duration::from_millis(200)).await.unwrap();
     actix_rt::time::sleep(Duration::from_millis(400)).await;
     assert!(store.remove_panel(panel, "ada", "replica-d").await.unwrap(), "c's share expired: d was the last");
     assert!(!listed(store.clone()).await);

@@ -45,12 +45,16 @@ fn listers_key(panel: &str) -> String {
     format!("nexus:tools:listers:{panel}")
 }
 
-/// Notes that `ARGV[1]` keeps the listing alive for `ARGV[2]` ms from now.
+/// Notes that `ARGV[1]` keeps the listing alive for `ARGV[2]` ms from now,
+/// forgets the shares that ran out, and keeps the set as long as its
+/// longest share.
 const LISTER_SCRIPT: &str = r"
 local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
-redis.call('PEXPIRE', KEYS[1], ARGV[2])
+local last = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')
+redis.call('PEXPIREAT', KEYS[1], last[2])
 return 1
 ";
 

@@ -257,7 +257,7 @@ async fn a_crashed_app_instance_leaves_at_once_and_the_next_activation_starts_an
         })
         .await;
     let reason = first.reason.clone().unwrap_or_default();
-    assert!(reason.contains("replaced on the next request"), "{reason}");
+    assert!(reason.starts_with("crashed, replaced on the next request"), "{reason}");
     assert_eq!(first.restarts, 1, "stopped at its first crash, not restarted with backoff");
 
     node.publish(channels::ACTIVATE, Activate { panel: panel.clone() }).await;

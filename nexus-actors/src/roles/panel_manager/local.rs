@@ -95,6 +95,12 @@ pub struct LocalConfig {
     pub reprobe_after: Duration,
 }
 
+/// An isolation decided, and when.
+type Decision = (Result<Sandbox, SandboxError>, Instant);
+
+/// More than a probe's tries can take, with their timeouts.
+const PROBE_BUDGET: Duration = Duration::from_secs(180);
+
 impl LocalConfig {
     /// The default of [`LocalConfig::reprobe_after`].
     pub const REPROBE_AFTER: Duration = Duration::from_secs(60);
@@ -105,7 +111,7 @@ pub struct LocalDriver {
     config: LocalConfig,
     metrics: LocalMetrics,
     /// The isolation decided, and when.
-    sandbox: tokio::sync::Mutex<Option<(Result<Sandbox, SandboxError>, Instant)>>,
+    sandbox: Arc<tokio::sync::Mutex<Option<Decision>>>,
     /// Set once the data directories have their modes.
     layout: OnceCell<()>,
     /// Set once the namespaces a crashed run left behind are swept.
@@ -155,7 +161,7 @@ impl LocalDriver {
         LocalDriver {
             config,
             metrics: LocalMetrics::new(),
-            sandbox: tokio::sync::Mutex::new(None),
+            sandbox: Arc::default(),
             layout: OnceCell::new(),
             swept: OnceCell::new(),
             instances: Mutex::new(HashMap::new()),
@@ -191,29 +197,36 @@ impl LocalDriver {
 
     /// The isolation for the next instance: decided at first use, and again
     /// after [`LocalConfig::reprobe_after`] when gVisor was wanted and did
-    /// not work (instances already running keep theirs).
+    /// not work. A second probe runs beside the starts, which go on with
+    /// what was decided until it is done (instances already running keep
+    /// theirs).
     async fn sandbox(&self) -> Result<Sandbox, DriverError> {
         self.layout().await?;
+        let probe = self.instances_dir().join(".runsc-probe");
         let mut decided = self.sandbox.lock().await;
-        let due = |(resolved, at): &(Result<Sandbox, SandboxError>, Instant)| {
-            resolved.as_ref().map_or(true, |s| s.reprobe) && at.elapsed() >= self.config.reprobe_after
+        let Some((current, at)) = decided.as_mut() else {
+            let resolved = resolve(self.config.sandbox, &probe, &self.metrics).await;
+            let serve = resolved.clone();
+            *decided = Some((resolved, Instant::now()));
+            return Ok(serve?);
         };
-        let current = match decided.take() {
-            Some(current) if !due(&current) => current,
-            before => {
-                let probe = self.instances_dir().join(".runsc-probe");
-                let resolved = resolve(self.config.sandbox, &probe, &self.metrics).await;
-                if let (Some((Ok(before), _)), Ok(now)) = (&before, &resolved) {
-                    if before.isolation != now.isolation {
-                        tracing::info!(before = ?before.isolation, now = ?now.isolation, "isolation re-probed");
+        let serve = current.clone();
+        if current.as_ref().map_or(true, |s| s.reprobe) && at.elapsed() >= self.config.reprobe_after {
+            // Not due again while this probe runs (it overwrites the time when done).
+            *at = Instant::now() + PROBE_BUDGET;
+            let (slot, choice, metrics) = (self.sandbox.clone(), self.config.sandbox, self.metrics.clone());
+            let before = serve.as_ref().ok().map(|s| s.isolation);
+            tokio::spawn(async move {
+                let resolved = resolve(choice, &probe, &metrics).await;
+                if let Ok(now) = &resolved {
+                    if Some(now.isolation) != before {
+                        tracing::info!(?before, now = ?now.isolation, "isolation re-probed");
                     }
                 }
-                (resolved, Instant::now())
-            }
-        };
-        let sandbox = current.0.clone();
-        *decided = Some(current);
-        Ok(sandbox?)
+                *slot.lock().await = Some((resolved, Instant::now()));
+            });
+        }
+        Ok(serve?)
     }
 
     fn instances_dir(&self) -> PathBuf {
@@ -576,9 +589,10 @@ async fn listening(netns: Option<PathBuf>, addrs: &[&str]) -> Result<(), DriverE
         let deadline = Instant::now() + HELPERS_LISTEN_WITHIN;
         for addr in addrs {
             loop {
+                let connect = move || TcpStream::connect_timeout(&addr, Duration::from_millis(500));
                 let connected = match &inside {
-                    Some(inside) => inside.run(move || TcpStream::connect(addr)).map_err(std::io::Error::other)?,
-                    None => TcpStream::connect(addr),
+                    Some(inside) => inside.run(connect).map_err(std::io::Error::other)?,
+                    None => connect(),
                 };
                 match connected {
                     Ok(_) => break,

@@ -33,9 +33,12 @@ const ENTRY_FLAGS: libc::c_int = libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_NON
 #[error("{0}: a hard link to a file from outside the panel's files, which is neither copied nor given to the panel; remove it")]
 pub(super) struct ForeignLink(pub(super) String);
 
-/// Whether `stat` is of a regular file linked from elsewhere too and not `owner`'s.
+/// Whether `stat` is of a file (not a directory or symlink) linked from
+/// elsewhere too and not `owner`'s. It relies on the kernel's
+/// `fs.protected_hardlinks` for links whose other names are gone.
 fn foreign_link(stat: &libc::stat, owner: u32) -> bool {
-    stat.st_mode & libc::S_IFMT == libc::S_IFREG && stat.st_nlink > 1 && stat.st_uid != owner
+    let kind = stat.st_mode & libc::S_IFMT;
+    kind != libc::S_IFDIR && kind != libc::S_IFLNK && stat.st_nlink > 1 && stat.st_uid != owner
 }
 
 /// How [`copy`] makes what it creates.
@@ -142,32 +145,30 @@ pub(super) fn chown(dir: &Path, uid: u32, top_mode: u32) -> io::Result<()> {
             return Err(too_deep());
         }
         for name in dir.entries()? {
-            // What is checked is what is changed: the entry is opened (never
-            // through a symlink) and changed by its descriptor.
-            let entry = match dir.open_entry(&name) {
-                Ok(entry) => entry,
-                Err(error) if error.raw_os_error() == Some(libc::ELOOP) => {
-                    // A symlink: the link itself (AT_SYMLINK_NOFOLLOW), never its target.
-                    // SAFETY: valid descriptor and NUL-terminated name.
-                    let changed =
-                        unsafe { libc::fchownat(dir.fd(), name.as_ptr(), uid, uid, libc::AT_SYMLINK_NOFOLLOW) };
-                    match check(changed) {
-                        Err(error) if error.raw_os_error() != Some(libc::ENOENT) => return Err(error),
-                        _ => continue,
-                    }
-                }
-                Err(error) if matches!(error.raw_os_error(), Some(libc::ENOENT | libc::ENXIO)) => continue,
+            // What is checked is what is changed: the entry itself is opened
+            // (O_PATH: never followed, never opened for reading, so a FIFO or
+            // device is not touched), checked and changed by its descriptor.
+            let flags = libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC;
+            // SAFETY: valid descriptor and NUL-terminated name.
+            let fd = match check(unsafe { libc::openat(dir.fd(), name.as_ptr(), flags) }) {
+                // SAFETY: openat returned a fresh descriptor that nothing else owns.
+                Ok(fd) => unsafe { OwnedFd::from_raw_fd(fd) },
+                Err(error) if error.raw_os_error() == Some(libc::ENOENT) => continue,
                 Err(error) => return Err(error),
             };
-            let stat = fstat(entry.as_raw_fd())?;
+            let stat = fstat(fd.as_raw_fd())?;
             if foreign_link(&stat, uid) {
                 tracing::warn!(name = %name.to_string_lossy(), "a hard link to a file from elsewhere is left to its owner");
                 continue;
             }
-            // SAFETY: fchown on a valid descriptor.
-            check(unsafe { libc::fchown(entry.as_raw_fd(), uid, uid) })?;
+            let flags = libc::AT_EMPTY_PATH | libc::AT_SYMLINK_NOFOLLOW;
+            // SAFETY: a valid descriptor and the empty path AT_EMPTY_PATH asks for.
+            check(unsafe { libc::fchownat(fd.as_raw_fd(), c"".as_ptr(), uid, uid, flags) })?;
             if stat.st_mode & libc::S_IFMT == libc::S_IFDIR {
-                walk(&Dir(entry), uid, depth + 1)?;
+                // SAFETY: valid descriptor and NUL-terminated name.
+                let child = check(unsafe { libc::openat(fd.as_raw_fd(), c".".as_ptr(), DIR_FLAGS) })?;
+                // SAFETY: openat returned a fresh descriptor that nothing else owns.
+                walk(&Dir(unsafe { OwnedFd::from_raw_fd(child) }), uid, depth + 1)?;
             }
         }
         Ok(())

@@ -367,6 +367,12 @@ impl Handler<Transition> for PanelManager {
         let gauge = &self.deps.kernel.metrics().panel_instances;
         let mode = mode_label(status.mode);
         let mut ended = false;
+        // Other App instances of the panel that serve: with one, a crashed
+        // instance may restart in place, as held requests have somewhere to go.
+        let others_serve = table
+            .panels
+            .get(&panel)
+            .is_some_and(|e| e.running(InstanceMode::App).any(|(id, l)| *id != instance && l.state.serves()));
         if let Some(live) = table.panels.get_mut(&panel).and_then(|e| e.instances.get_mut(&instance)) {
             gauge.with_label_values(&[mode, state_label(live.state)]).dec();
             live.state = status.state;
@@ -379,15 +385,16 @@ impl Handler<Transition> for PanelManager {
             } else {
                 gauge.with_label_values(&[mode, state_label(status.state)]).inc();
             }
-            // An App instance is replaced, not nursed: one that crashed
-            // leaves the running set at once, so the next activation (the
+            // The only App instance is replaced, not nursed: when it crashed
+            // it leaves the running set at once, so the next activation (the
             // gateway repeats it while it holds requests) starts a new one
             // instead of waiting on this one's restart backoff.
-            if status.mode == InstanceMode::App && status.restarts > 0 && !ended && live.leaving.is_none() {
-                let why = status.reason.clone().unwrap_or_else(|| "crashed".to_owned());
+            let crashed = status.mode == InstanceMode::App && status.restarts > 0 && !ended;
+            if crashed && !others_serve && live.leaving.is_none() {
+                let why = status.reason.clone().unwrap_or_default();
                 tracing::info!(%panel, %instance, %why, "a crashed App instance is stopped; the next request starts another");
                 live.leaving = Some(Leaving::Stopping);
-                self.send_stop(live, format!("{why}; a crashed App instance is replaced on the next request"));
+                self.send_stop(live, format!("crashed, replaced on the next request ({why})"));
             }
         }
         self.deps.reporter.send(Report::Status(status.clone()));
