@@ -335,16 +335,14 @@ impl Handler<Produce> for KafkaBridge {
             match producer.send(record, Timeout::After(timeout)).await {
                 Ok(delivery) => {
                     metrics.bus_published.with_label_values(&[Bus::Kafka.as_str(), &msg.topic]).inc();
-                    if taps.wants(&msg.topic) {
-                        taps.offer(Produced {
-                            topic: msg.topic,
-                            partition: delivery.partition,
-                            offset: delivery.offset,
-                            key: msg.key,
-                            bytes: payload.len(),
-                            envelope: msg.envelope,
-                        });
-                    }
+                    taps.offer(Produced {
+                        topic: msg.topic,
+                        partition: delivery.partition,
+                        offset: delivery.offset,
+                        key: msg.key,
+                        bytes: payload.len(),
+                        envelope: msg.envelope,
+                    });
                     Ok(Delivered { partition: delivery.partition, offset: delivery.offset })
                 }
                 Err((source, _)) => {

@@ -61,11 +61,6 @@ impl Taps {
         rx
     }
 
-    /// Whether `topic` has a tap worth building a [`Produced`] for.
-    pub fn wants(&self, topic: &str) -> bool {
-        lock(&self.by_topic).get(topic).is_some_and(|tx| !tx.is_closed())
-    }
-
     /// Hands `produced` to its topic's tap, if there is room; it comes by the broker all the same.
     pub fn offer(&self, produced: Produced) {
         let mut taps = lock(&self.by_topic);

@@ -206,7 +206,7 @@ impl Worker {
                 if known.is_none_or(|info| info.owner != created.owner) {
                     return self.refuse(command, "the directory has no such context for this owner").await;
                 }
-                self.copy(command, created, t).await
+                self.journal(self.copy_of(command, created), t).await
             }
             UserMessage::TYPE | AgentMessage::TYPE => {
                 if t.context.is_empty() {
@@ -226,22 +226,19 @@ impl Worker {
                     let Ok(m) = UserMessage::deserialize(data) else {
                         return self.refuse(command, "not a user message").await;
                     };
-                    let message = ChatMessage::text(Role::User, m.content.clone());
-                    Some(Start { copy: self.copy_of(command, m), message })
+                    Some(self.start(command, m.content.clone(), m))
                 } else {
                     let Ok(m) = AgentMessage::deserialize(data) else {
                         return self.refuse(command, "not an agent message").await;
                     };
-                    let message = ChatMessage::text(Role::User, m.content.clone());
-                    Some(Start { copy: self.copy_of(command, m), message })
+                    Some(self.start(command, m.content.clone(), m))
                 };
                 let start = match start {
                     // Again after a failure (the journal down, most likely): the
                     // message first, so that no model call is paid for while it
                     // cannot be recorded.
                     Some(start) if self.failed == Some(command.offset) => {
-                        let entry = self.deps.writer.append_envelope(&self.id, start.copy).await;
-                        t.apply(&entry.map_err(|e| Nack(e.to_string()))?);
+                        self.journal(start.copy, t).await?;
                         None
                     }
                     start => start,
@@ -256,14 +253,18 @@ impl Worker {
 
     /// The journal copy of the accepted command `record`.
     fn copy_of<T: JournaledCommand>(&self, command: &Command, record: T) -> Envelope<Value> {
-        let mut copy = Envelope::new(self.deps.writer.source.clone(), record.at_offset(command.offset)).into_untyped();
-        copy.causationid = Some(command.envelope.id.clone());
-        copy
+        let source = self.deps.writer.source.clone();
+        Envelope::new(source, record.at_offset(command.offset)).caused_by(&command.envelope).into_untyped()
     }
 
-    /// Journals the accepted command `record` and folds it in.
-    async fn copy<T: JournaledCommand>(&self, command: &Command, record: T, t: &mut Transcript) -> Result<(), Nack> {
-        let entry = self.deps.writer.append_envelope(&self.id, self.copy_of(command, record)).await;
+    /// The turn a message `record` with `content` starts, its journal copy not written yet.
+    fn start<T: JournaledCommand>(&self, command: &Command, content: String, record: T) -> Start {
+        Start { copy: self.copy_of(command, record), message: ChatMessage::text(Role::User, content) }
+    }
+
+    /// Journals `copy` and folds it in.
+    async fn journal(&self, copy: Envelope<Value>, t: &mut Transcript) -> Result<(), Nack> {
+        let entry = self.deps.writer.append_envelope(&self.id, copy).await;
         t.apply(&entry.map_err(|e| Nack(e.to_string()))?);
         Ok(())
     }
@@ -285,7 +286,7 @@ impl Worker {
             return;
         }
         let snapshot = Snapshot { context: self.id.clone(), at: t.last_offset, records: t.records, state };
-        match self.deps.writer.append(&self.id, snapshot, None).await {
+        match self.deps.writer.append(&self.id, snapshot).await {
             Ok(entry) => {
                 let directory = self.deps.journal.directory();
                 if let Err(error) = directory.snapshot(&self.id, t.last_offset, entry.offset).await {

@@ -292,18 +292,19 @@ async fn run(consumer: StreamConsumer, mut deps: InboxDeps, partitions: i32, mut
                 }
             }
             produced = recv(&mut tap), if in_flight.len() < MAX_IN_FLIGHT => match produced {
-                Some(produced) => {
+                Some(produced) if produced.bytes <= MAX_COMMAND_BYTES => {
                     let Some(p) = owned.partitions.get_mut(&produced.partition) else { continue };
                     let at = (produced.partition, produced.offset);
                     // The envelope is the one this node encoded, so only the
-                    // command checks apply; one that fails them is left to the
-                    // fetch, which dead-letters it.
+                    // command checks apply; one that fails them (or is too
+                    // large) is left to the fetch, which dead-letters it.
                     let Ok(command) = check(Some(produced.key), produced.envelope, at) else { continue };
-                    if produced.bytes <= MAX_COMMAND_BYTES && p.tap(produced.offset) {
+                    if p.tap(produced.offset) {
                         deps.metrics.commands_tapped.inc();
                         dispatch(&deps, &mut owned, &mut in_flight, Ok(command)).await;
                     }
                 }
+                Some(_) => {}
                 None => tap = None,
             },
             received = consumer.recv(), if in_flight.len() < MAX_IN_FLIGHT => match received {

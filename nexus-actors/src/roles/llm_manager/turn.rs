@@ -140,7 +140,7 @@ pub async fn run(
                             outcome,
                             duration_ms,
                         };
-                        let entry = deps.writer.append(&t.context, finished, None).await?;
+                        let entry = deps.writer.append(&t.context, finished).await?;
                         t.apply(&entry);
                     }
                 }
@@ -235,18 +235,18 @@ async fn record(
         Ok(completion) => {
             for error in &completion.failed_attempts {
                 let failed = failed_step(t, command_offset, step, error);
-                let entry = deps.writer.append(&t.context.clone(), failed, None).await?;
+                let entry = deps.writer.append(&t.context.clone(), failed).await?;
                 t.apply(&entry);
             }
             let response = response(t, command_offset, step, completion, aliases);
-            let entry = deps.writer.append(&t.context.clone(), response, None).await?;
+            let entry = deps.writer.append(&t.context.clone(), response).await?;
             t.apply(&entry);
             Ok(false)
         }
         Err(error) => {
             let failed = failed_step(t, command_offset, step, &error);
             tracing::warn!(context = %t.context, step, code = error.code(), %error, "model step failed");
-            let entry = deps.writer.append(&t.context.clone(), failed, None).await?;
+            let entry = deps.writer.append(&t.context.clone(), failed).await?;
             t.apply(&entry);
             Ok(matches!(error, ModelError::Deadline | ModelError::NoEndpoint))
         }
@@ -293,7 +293,7 @@ async fn finish(
             reason: reason.to_owned(),
             endpoint: None,
         };
-        let entry = deps.writer.append(&t.context.clone(), failed, None).await?;
+        let entry = deps.writer.append(&t.context.clone(), failed).await?;
         t.apply(&entry);
     }
     let answer = if outcome == TurnOutcome::Completed { open.last_text.clone() } else { None };
@@ -305,7 +305,7 @@ async fn finish(
         steps: open.next_step,
         usage: open.usage,
     };
-    let entry = deps.writer.append(&t.context.clone(), completed, None).await?;
+    let entry = deps.writer.append(&t.context.clone(), completed).await?;
     t.apply(&entry);
     tracing::info!(context = %t.context, command_offset, ?outcome, steps = open.next_step, "turn completed");
     Ok(())

@@ -75,12 +75,9 @@ impl JournalWriter {
         JournalWriter { source, kafka, redis, directory, metrics, notes: Arc::new(Semaphore::new(NOTES_IN_FLIGHT)) }
     }
 
-    /// Appends `data` to `context`'s journal, caused by `cause` if given;
-    /// returns the record as journaled.
-    pub async fn append<T: Payload>(&self, context: &str, data: T, cause: Option<&str>) -> Result<Entry, WriteError> {
-        let mut envelope = Envelope::new(self.source.clone(), data).into_untyped();
-        envelope.causationid = cause.map(str::to_owned);
-        self.append_envelope(context, envelope).await
+    /// Appends `data` to `context`'s journal; returns the record as journaled.
+    pub async fn append<T: Payload>(&self, context: &str, data: T) -> Result<Entry, WriteError> {
+        self.append_envelope(context, Envelope::new(self.source.clone(), data).into_untyped()).await
     }
 
     /// Appends streamed text without noting it in the directory: a step's

@@ -60,12 +60,6 @@ pub(super) async fn resolve(
     // SAFETY: geteuid has no preconditions and cannot fail.
     let root = unsafe { libc::geteuid() } == 0;
     let namespaces = crate::netns::supported();
-    if root && std::fs::read_to_string("/proc/sys/fs/protected_hardlinks").is_ok_and(|v| v.trim() != "1") {
-        tracing::warn!(
-            "fs.protected_hardlinks is off: a panel may hard-link files it does not own into its tree; \
-             set it to 1 (sysctl -w fs.protected_hardlinks=1)"
-        );
-    }
     let none = |why: &str| Sandbox {
         isolation: Isolation::None,
         runsc: None,

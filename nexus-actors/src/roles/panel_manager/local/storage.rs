@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use super::super::driver::{DriverError, Snapshot, Volume};
 use super::files::{blocking, check_id, copy_tree, last_version, make_read_only, remove_tree};
 use super::templates;
-use super::tree::CopyAs;
+use super::tree::{self, CopyAs};
 use super::LocalDriver;
 use crate::platform::files::{passable_dir, private_dir};
 
@@ -26,6 +26,7 @@ impl LocalDriver {
                     passable_dir(&data.join("scratch"))?;
                     private_dir(&data.join("snapshots"))?;
                     private_dir(&data.join("instances"))?;
+                    tree::warn_if_hard_links_unprotected();
                     Ok(())
                 })
             })

@@ -5,10 +5,10 @@
 //! a tree a panel can write (its volume, an App's scratch copy): it must
 //! never read, chown, chmod or delete a host file through a panel's symlink.
 //!
-//! A regular file with more than one link that the tree's owner does not
-//! own is a hard link into the tree of a file from elsewhere: copies refuse
-//! it ([`ForeignLink`]) and chowns leave it alone, so a host file never
-//! ends up in a snapshot or owned by a panel.
+//! A file (not a directory or symlink) with more than one link that the
+//! tree's owner does not own is a hard link into the tree of a file from
+//! elsewhere: copies refuse it ([`ForeignLink`]) and chowns leave it alone,
+//! so a host file never ends up in a snapshot or owned by a panel.
 //!
 //! It copies, chowns, marks read-only and removes trees; it knows nothing
 //! about panels, snapshots or who may write where (the caller decides).
@@ -39,6 +39,20 @@ pub(super) struct ForeignLink(pub(super) String);
 fn foreign_link(stat: &libc::stat, owner: u32) -> bool {
     let kind = stat.st_mode & libc::S_IFMT;
     kind != libc::S_IFDIR && kind != libc::S_IFLNK && stat.st_nlink > 1 && stat.st_uid != owner
+}
+
+/// Warns (as root) when the kernel lets users hard-link files they do not
+/// own: [`foreign_link`] cannot see such a link once the file's other names
+/// are gone.
+pub(super) fn warn_if_hard_links_unprotected() {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let root = unsafe { libc::geteuid() } == 0;
+    if root && std::fs::read_to_string("/proc/sys/fs/protected_hardlinks").is_ok_and(|v| v.trim() != "1") {
+        tracing::warn!(
+            "fs.protected_hardlinks is off: a panel may hard-link files it does not own into its tree; \
+             set it to 1 (sysctl -w fs.protected_hardlinks=1)"
+        );
+    }
 }
 
 /// How [`copy`] makes what it creates.

@@ -367,12 +367,16 @@ impl Handler<Transition> for PanelManager {
         let gauge = &self.deps.kernel.metrics().panel_instances;
         let mode = mode_label(status.mode);
         let mut ended = false;
-        // Other App instances of the panel that serve: with one, a crashed
-        // instance may restart in place, as held requests have somewhere to go.
-        let others_serve = table
-            .panels
-            .get(&panel)
-            .is_some_and(|e| e.running(InstanceMode::App).any(|(id, l)| *id != instance && l.state.serves()));
+        // An App instance that crashed while no other instance of the panel
+        // serves (with one, it may restart in place: held requests have
+        // somewhere to go).
+        let sole_crashed = status.mode == InstanceMode::App
+            && status.restarts > 0
+            && !status.state.is_final()
+            && !table
+                .panels
+                .get(&panel)
+                .is_some_and(|e| e.running(InstanceMode::App).any(|(id, l)| *id != instance && l.state.serves()));
         if let Some(live) = table.panels.get_mut(&panel).and_then(|e| e.instances.get_mut(&instance)) {
             gauge.with_label_values(&[mode, state_label(live.state)]).dec();
             live.state = status.state;
@@ -389,8 +393,7 @@ impl Handler<Transition> for PanelManager {
             // it leaves the running set at once, so the next activation (the
             // gateway repeats it while it holds requests) starts a new one
             // instead of waiting on this one's restart backoff.
-            let crashed = status.mode == InstanceMode::App && status.restarts > 0 && !ended;
-            if crashed && !others_serve && live.leaving.is_none() {
+            if sole_crashed && live.leaving.is_none() {
                 let why = status.reason.clone().unwrap_or_default();
                 tracing::info!(%panel, %instance, %why, "a crashed App instance is stopped; the next request starts another");
                 live.leaving = Some(Leaving::Stopping);
