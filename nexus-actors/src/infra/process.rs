@@ -26,7 +26,7 @@ pub enum InfraError {
         source: std::io::Error,
     },
     /// The child did not answer in time, or exited first; it was killed.
-    #[error("{program} did not become ready on port {port} within {secs}s; see {log}")]
+    #[error("{program} did not become ready on port {port} within {secs}s; see {log}, which ends:\n{tail}")]
     NotReady {
         /// Its path.
         program: String,
@@ -36,6 +36,8 @@ pub enum InfraError {
         secs: u64,
         /// Its log file, which says why.
         log: String,
+        /// The log's last lines, so a failure far from the machine says why too.
+        tail: String,
     },
     /// Any other I/O failure: a directory, a log or secret file, a free port, the mock cluster.
     #[error("io: {0}")]
@@ -128,6 +130,7 @@ impl ChildProcess {
             port: self.port,
             secs: timeout.as_secs(),
             log: self.log.display().to_string(),
+            tail: log_tail(&self.log),
         })
     }
 
@@ -150,4 +153,47 @@ impl Drop for ChildProcess {
 pub(crate) fn accepts(port: u16) -> bool {
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
     TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
+}
+
+/// How much of a child's log an error carries.
+const TAIL_BYTES: u64 = 2048;
+
+/// The last [`TAIL_BYTES`] of `log` (from a line start where one falls inside
+/// them), or a note saying why there are none.
+fn log_tail(log: &Path) -> String {
+    use std::io::{Read, Seek, SeekFrom};
+    let read = || -> std::io::Result<String> {
+        let mut file = std::fs::File::open(log)?;
+        let len = file.metadata()?.len();
+        file.seek(SeekFrom::Start(len.saturating_sub(TAIL_BYTES)))?;
+        let mut bytes = Vec::new();
+        file.read_to_end(&mut bytes)?;
+        let text = String::from_utf8_lossy(&bytes);
+        let start = if len > TAIL_BYTES { text.find('\n').map_or(0, |i| i + 1) } else { 0 };
+        Ok(text[start..].to_string())
+    };
+    match read() {
+        Ok(tail) if tail.trim().is_empty() => "(the log is empty)".into(),
+        Ok(tail) => tail,
+        Err(e) => format!("(the log could not be read: {e})"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_child_that_exits_before_it_is_ready_is_reported_with_its_log_tail() {
+        let dir = std::env::temp_dir().join(format!("nexus-process-tail-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let log = dir.join("child.log");
+        let noise = "x".repeat(TAIL_BYTES as usize);
+        let script = format!("echo {noise}; echo 'cannot bind: address in use'; exit 3");
+        let mut child =
+            ChildProcess::new("/bin/sh".into(), vec!["-c".into(), script], Vec::new(), log, free_port().unwrap());
+        let error = child.start(Duration::from_secs(10), |_| false).unwrap_err().to_string();
+        assert!(error.ends_with("which ends:\ncannot bind: address in use\n"), "{error}");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
 }
