@@ -36,7 +36,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::lease::{self, Lease};
 use super::manager::{Command, PartitionsRevoked};
 use super::metrics::LlmMetrics;
-use crate::bus::kafka::{KafkaConfig, Nack, Produce, SEMANTIC_COMMANDS};
+use crate::bus::kafka::{KafkaConfig, Nack, Produce, FETCH_WAIT_MS, SEMANTIC_COMMANDS};
 use crate::bus::tap::Produced;
 use crate::bus::Backoff;
 use crate::envelope::{DecodeError, Envelope, Payload};
@@ -174,10 +174,13 @@ impl Inbox {
             .set("group.id", GROUP)
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
-            // Tansu holds a fetch for the whole wait even when records are
-            // there: every command would wait that long before its turn starts.
-            // 1 ms costs idle fetches and keeps the hop to about a millisecond.
-            .set("fetch.wait.max.ms", "1")
+            // Commands produced on this node come through the tap, so only
+            // another node's commands wait for a fetch (tansu holds one for
+            // the whole wait). A 1 ms wait made them quicker but kept tansu
+            // listing its partitions a thousand times a second: with 10,000
+            // contexts journaled, that took most of its CPU and put ~9 ms on
+            // every journal append (benches/RESULTS.md, "LLM manager").
+            .set("fetch.wait.max.ms", FETCH_WAIT_MS)
             .create()?;
         let metadata = consumer.fetch_metadata(Some(SEMANTIC_COMMANDS), Duration::from_secs(10))?;
         let partitions = metadata.topics().iter().map(|t| t.partitions().len()).sum::<usize>() as i32;

@@ -190,11 +190,10 @@ impl ModelClient {
             inner.metrics.request("none", ModelError::NoEndpoint.code());
             return Err(ModelError::NoEndpoint);
         }
-        let shared = wire::shared(req.messages, req.tools);
         let mut failed = Vec::new();
         for (rank, &i) in candidates.iter().enumerate() {
             let (config, endpoint) = (&inner.config.endpoints[i], &inner.endpoints[i]);
-            let body = Bytes::from(wire::body(&config.model, config.max_tokens, &shared));
+            let body = Bytes::from(wire::body(&config.model, config.max_tokens, req.messages, req.tools));
             span.record("gen_ai.request.model", config.model.as_str());
             span.record("server.address", endpoint.host.as_str());
             if let Some(port) = endpoint.port {
@@ -369,7 +368,12 @@ async fn read_stream(
         answer.push(chunk).map_err(|fault| fail(fault.to_string(), streamed))?;
         if answer.content().len() > before {
             on_text(&answer.content()[before..]);
-            streamed = true;
+            // The caller journals the first text while this task reads on;
+            // a stream that arrived whole would otherwise be parsed to its
+            // end before the caller's side of the task ran.
+            if !std::mem::replace(&mut streamed, true) {
+                tokio::task::yield_now().await;
+            }
         }
         if ttft.is_none() && answer.has_token() {
             ttft = Some(started.elapsed());

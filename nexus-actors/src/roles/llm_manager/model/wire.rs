@@ -1,76 +1,136 @@
 //! The request body of an OpenAI-compatible streamed chat completion,
 //! built from our messages and tool offers. Shapes only; no I/O.
+//!
+//! The body is written straight from borrowed messages: a long context's
+//! history is serialized once per endpoint and never copied into
+//! intermediate JSON values on the way.
 
-use serde_json::{json, Map, Value};
+use serde::ser::{SerializeMap, Serializer};
+use serde::Serialize;
+use serde_json::Value;
 
-use crate::semantic::chat::{ChatMessage, Role, ToolOffer};
+use crate::semantic::chat::{ChatMessage, MessageToolCall, Role, ToolOffer};
 
-/// The body for one endpoint: its `model` (and `max_tokens`) plus the
-/// fields every endpoint shares.
-pub(super) fn body(model: &str, max_tokens: Option<u32>, shared: &Map<String, Value>) -> Vec<u8> {
-    let mut body = shared.clone();
-    body.insert("model".to_owned(), Value::String(model.to_owned()));
-    if let Some(max_tokens) = max_tokens {
-        body.insert("max_tokens".to_owned(), json!(max_tokens));
-    }
-    Value::Object(body).to_string().into_bytes()
-}
-
-/// The fields of the body that do not depend on the endpoint.
-pub(super) fn shared(messages: &[ChatMessage], tools: &[ToolOffer]) -> Map<String, Value> {
-    let mut body = Map::new();
-    body.insert("stream".to_owned(), Value::Bool(true));
-    body.insert("stream_options".to_owned(), json!({"include_usage": true}));
-    body.insert("messages".to_owned(), messages.iter().map(message).collect());
-    // Some servers refuse an empty `tools` array.
-    if !tools.is_empty() {
-        body.insert("tools".to_owned(), tools.iter().map(tool).collect());
-    }
-    body
-}
-
-fn message(message: &ChatMessage) -> Value {
-    let role = match message.role {
-        Role::System => "system",
-        Role::User => "user",
-        Role::Assistant => "assistant",
-        Role::Tool => "tool",
+/// The body for one endpoint: its `model` (and `max_tokens`), the
+/// streaming options, the messages and, when there are any, the tools.
+pub(super) fn body(model: &str, max_tokens: Option<u32>, messages: &[ChatMessage], tools: &[ToolOffer]) -> Vec<u8> {
+    let body = Body {
+        model,
+        max_tokens,
+        stream: true,
+        stream_options: StreamOptions { include_usage: true },
+        messages: Messages(messages),
+        // Some servers refuse an empty `tools` array.
+        tools: (!tools.is_empty()).then_some(Tools(tools)),
     };
-    let mut out = Map::new();
-    out.insert("role".to_owned(), json!(role));
-    // An assistant message that only calls tools has `content: null`;
-    // elsewhere some servers insist on a string.
-    let content = match (&message.content, message.role) {
-        (Some(text), _) => json!(text),
-        (None, Role::Assistant) if !message.tool_calls.is_empty() => Value::Null,
-        (None, _) => json!(""),
-    };
-    out.insert("content".to_owned(), content);
-    if !message.tool_calls.is_empty() {
-        let calls = message
-            .tool_calls
-            .iter()
-            .map(|call| json!({"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}))
-            .collect();
-        out.insert("tool_calls".to_owned(), Value::Array(calls));
-    }
-    if let Some(id) = &message.tool_call_id {
-        out.insert("tool_call_id".to_owned(), json!(id));
-    }
-    Value::Object(out)
+    serde_json::to_vec(&body).expect("a chat body of strings and JSON values always serializes")
 }
 
-fn tool(offer: &ToolOffer) -> Value {
-    json!({
-        "type": "function",
-        "function": {"name": offer.alias, "description": offer.description, "parameters": offer.parameters},
-    })
+#[derive(Serialize)]
+struct Body<'a> {
+    model: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_tokens: Option<u32>,
+    stream: bool,
+    stream_options: StreamOptions,
+    messages: Messages<'a>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tools: Option<Tools<'a>>,
+}
+
+#[derive(Serialize)]
+struct StreamOptions {
+    include_usage: bool,
+}
+
+struct Messages<'a>(&'a [ChatMessage]);
+
+impl Serialize for Messages<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_seq(self.0.iter().map(WireMessage))
+    }
+}
+
+struct WireMessage<'a>(&'a ChatMessage);
+
+impl Serialize for WireMessage<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let m = self.0;
+        let role = match m.role {
+            Role::System => "system",
+            Role::User => "user",
+            Role::Assistant => "assistant",
+            Role::Tool => "tool",
+        };
+        let mut out = serializer.serialize_map(None)?;
+        out.serialize_entry("role", role)?;
+        // An assistant message that only calls tools has `content: null`;
+        // elsewhere some servers insist on a string.
+        match (&m.content, m.role) {
+            (Some(text), _) => out.serialize_entry("content", text)?,
+            (None, Role::Assistant) if !m.tool_calls.is_empty() => out.serialize_entry("content", &())?,
+            (None, _) => out.serialize_entry("content", "")?,
+        }
+        if !m.tool_calls.is_empty() {
+            out.serialize_entry("tool_calls", &ToolCalls(&m.tool_calls))?;
+        }
+        if let Some(id) = &m.tool_call_id {
+            out.serialize_entry("tool_call_id", id)?;
+        }
+        out.end()
+    }
+}
+
+struct ToolCalls<'a>(&'a [MessageToolCall]);
+
+impl Serialize for ToolCalls<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        #[derive(Serialize)]
+        struct Call<'a> {
+            id: &'a str,
+            r#type: &'static str,
+            function: Function<'a>,
+        }
+        #[derive(Serialize)]
+        struct Function<'a> {
+            name: &'a str,
+            arguments: &'a str,
+        }
+        serializer.collect_seq(self.0.iter().map(|c| Call {
+            id: &c.id,
+            r#type: "function",
+            function: Function { name: &c.name, arguments: &c.arguments },
+        }))
+    }
+}
+
+struct Tools<'a>(&'a [ToolOffer]);
+
+impl Serialize for Tools<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        #[derive(Serialize)]
+        struct Tool<'a> {
+            r#type: &'static str,
+            function: Function<'a>,
+        }
+        #[derive(Serialize)]
+        struct Function<'a> {
+            name: &'a str,
+            description: &'a str,
+            parameters: &'a Value,
+        }
+        serializer.collect_seq(self.0.iter().map(|o| Tool {
+            r#type: "function",
+            function: Function { name: &o.alias, description: &o.description, parameters: &o.parameters },
+        }))
+    }
 }
 
 #[cfg(test)]
 mod tests {
+    use serde_json::json;
+
     use super::*;
-    use crate::semantic::chat::MessageToolCall;
 
     #[test]
     fn messages_and_tools_take_the_openai_shape() {
@@ -96,8 +156,9 @@ mod tests {
             description: "search".into(),
             parameters: json!({"type": "object"}),
         }];
-        let sent: Value = serde_json::from_slice(&body("m", None, &shared(&messages, &tools))).unwrap();
+        let sent: Value = serde_json::from_slice(&body("m", Some(64), &messages, &tools)).unwrap();
         assert_eq!(sent["model"], "m");
+        assert_eq!(sent["max_tokens"], 64);
         assert_eq!(sent["stream"], true);
         assert_eq!(sent["stream_options"]["include_usage"], true);
         assert_eq!(sent["messages"][0], json!({"role": "system", "content": "be brief"}));
@@ -111,7 +172,9 @@ mod tests {
             sent["tools"],
             json!([{"type": "function", "function": {"name": "p_search", "description": "search", "parameters": {"type": "object"}}}])
         );
-        let bare: Value = serde_json::from_slice(&body("m", None, &shared(&messages, &[]))).unwrap();
+        let bare: Value = serde_json::from_slice(&body("m", None, &messages, &[])).unwrap();
         assert!(bare.get("tools").is_none());
+        assert!(bare.get("max_tokens").is_none());
+        assert_eq!(bare["messages"], sent["messages"]);
     }
 }
