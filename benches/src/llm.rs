@@ -194,9 +194,16 @@ pub(crate) fn tables(dir: &Path, quick: bool) -> (String, String) {
             }
         };
         let mut manager = Vec::new();
+        // The model hop twice: on a journal holding nothing else, and after
+        // the memory row has journaled its contexts (tansu's fetches list
+        // a partition's records, so its appends slow as the journal grows).
+        let fresh = latency::first_token(&harness, sizes.turns, "fresh journal", false);
+        manager.extend(timed("model hop on a fresh journal", fresh).await);
         manager.extend(timed("memory per idle context", memory::rows(&harness, sizes.contexts)).await);
         let appends = latency::append_buckets(&harness).await.unwrap_or_default();
-        manager.extend(timed("time to first token", latency::first_token(&harness, sizes.turns)).await);
+        let journaled = format!("{} contexts journaled", sizes.contexts);
+        let after = latency::first_token(&harness, sizes.turns, &journaled, true);
+        manager.extend(timed("time to first token", after).await);
         manager.extend(timed("journal append", latency::append(&harness, sizes.appends, &appends)).await);
         for contexts in sizes.concurrent {
             manager.extend(timed("turns per second", latency::throughput(&harness, contexts, sizes.window)).await);

@@ -36,7 +36,9 @@ fn pair(what: &str, nexus: &[Duration], direct: &[Duration], note: &str) -> Vec<
 
 /// Time to first token and to the answer: `n` turns in one context,
 /// followed on a WebSocket, each after a direct call with the same history.
-pub(super) async fn first_token(h: &Harness, n: usize) -> Result<Vec<Line>, String> {
+/// `journaled` says what the journal held before them, for the row names;
+/// `all` asks for every row, otherwise only the model hop's.
+pub(super) async fn first_token(h: &Harness, n: usize, journaled: &str, all: bool) -> Result<Vec<Line>, String> {
     let id = h.api.create(SCRIPTED, &[]).await?;
     h.api.journaled(&id).await?;
     let mut follower = follow(h.node.port, &h.api.token, &id).await?;
@@ -68,8 +70,11 @@ pub(super) async fn first_token(h: &Harness, n: usize) -> Result<Vec<Line>, Stri
             to_browser.push(first.saturating_duration_since(made));
         }
     }
-    let mut lines = pair("time to first token", &n_first, &d_first, &format!("{n} turns, one at a time"));
-    lines.extend(pair("time to the whole answer", &n_whole, &d_whole, "23 chunks"));
+    let mut lines = Vec::new();
+    if all {
+        lines.extend(pair("time to first token", &n_first, &d_first, &format!("{n} turns, one at a time")));
+        lines.extend(pair("time to the whole answer", &n_whole, &d_whole, "23 chunks"));
+    }
     let p50_p99 = |d: &[Duration]| format!("p50 {}, p99 {}", ms(pct_ms(d, 0.5)), ms(pct_ms(d, 0.99)));
     let note = format!(
         "from the context taking the command to the first text at the browser: to the text's record {}, from there to the browser {}; before it, the POST to the context taking the command: {}",
@@ -77,7 +82,7 @@ pub(super) async fn first_token(h: &Harness, n: usize) -> Result<Vec<Line>, Stri
         p50_p99(&to_browser),
         p50_p99(&delivered)
     );
-    lines.extend(pair("model hop: time to first token", &hop, &d_first, &note));
+    lines.extend(pair(&format!("model hop, {journaled}: time to first token"), &hop, &d_first, &note));
     Ok(lines)
 }
 
