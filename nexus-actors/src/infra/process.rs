@@ -169,7 +169,9 @@ fn log_tail(log: &Path) -> String {
         let mut bytes = Vec::new();
         file.read_to_end(&mut bytes)?;
         let text = String::from_utf8_lossy(&bytes);
-        let start = if len > TAIL_BYTES { text.find('\n').map_or(0, |i| i + 1) } else { 0 };
+        // Drop the cut-off first line, unless it is the only one.
+        let body = text.strip_suffix('\n').unwrap_or(&text);
+        let start = if len > TAIL_BYTES { body.find('\n').map_or(0, |i| i + 1) } else { 0 };
         Ok(text[start..].to_string())
     };
     match read() {
@@ -194,6 +196,18 @@ mod tests {
             ChildProcess::new("/bin/sh".into(), vec!["-c".into(), script], Vec::new(), log, free_port().unwrap());
         let error = child.start(Duration::from_secs(10), |_| false).unwrap_err().to_string();
         assert!(error.ends_with("which ends:\ncannot bind: address in use\n"), "{error}");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_log_whose_last_line_is_longer_than_the_tail_still_shows_it() {
+        let dir = std::env::temp_dir().join(format!("nexus-process-long-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let log = dir.join("child.log");
+        std::fs::write(&log, format!("first\n{}\n", "y".repeat(2 * TAIL_BYTES as usize))).unwrap();
+        let tail = log_tail(&log);
+        assert_eq!(tail.len(), TAIL_BYTES as usize, "{tail}");
+        assert!(tail.trim_end().chars().all(|c| c == 'y'), "{tail}");
         std::fs::remove_dir_all(dir).unwrap();
     }
 }

@@ -175,8 +175,9 @@ impl Inbox {
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
             // Commands produced on this node come through the tap, so only
-            // another node's commands wait for a fetch (tansu holds one for
-            // the whole wait). A 1 ms wait made them quicker but kept tansu
+            // another node's commands, and a partition's first command after
+            // this node takes it, wait for a fetch (tansu holds one for the
+            // whole wait). A 1 ms wait made them quicker but kept tansu
             // listing its partitions a thousand times a second: with 10,000
             // contexts journaled, that took most of its CPU and put ~9 ms on
             // every journal append (benches/RESULTS.md, "LLM manager").

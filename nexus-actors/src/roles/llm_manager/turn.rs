@@ -204,8 +204,8 @@ async fn first_step(
     let mut copied = false;
     let outcome = loop {
         tokio::select! {
-            // The copy first: its produce goes out before the request is
-            // serialized, and the text waits for its acknowledgement.
+            // The copy first: its produce is handed to the bridge before the
+            // request is built, and the text waits for its acknowledgement.
             biased;
             entry = &mut copy, if !copied => {
                 t.apply(&entry?);

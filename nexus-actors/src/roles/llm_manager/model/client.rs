@@ -366,6 +366,9 @@ async fn read_stream(
             .map_err(|error| fail(format!("a chunk is not JSON ({error}): {}", cut(data, 200)), streamed))?;
         let before = answer.content().len();
         answer.push(chunk).map_err(|fault| fail(fault.to_string(), streamed))?;
+        if ttft.is_none() && answer.has_token() {
+            ttft = Some(started.elapsed());
+        }
         if answer.content().len() > before {
             on_text(&answer.content()[before..]);
             // The caller journals the first text while this task reads on;
@@ -374,9 +377,6 @@ async fn read_stream(
             if !std::mem::replace(&mut streamed, true) {
                 tokio::task::yield_now().await;
             }
-        }
-        if ttft.is_none() && answer.has_token() {
-            ttft = Some(started.elapsed());
         }
     }
     if answer.finished() {

@@ -149,6 +149,7 @@ mod tests {
                 tool_calls: vec![],
                 tool_call_id: Some("c1".into()),
             },
+            ChatMessage { role: Role::User, content: None, tool_calls: vec![], tool_call_id: None },
         ];
         let tools = vec![ToolOffer {
             alias: "p_search".into(),
@@ -168,6 +169,7 @@ mod tests {
                    "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "p_search", "arguments": "{}"}}]})
         );
         assert_eq!(sent["messages"][3], json!({"role": "tool", "content": "found", "tool_call_id": "c1"}));
+        assert_eq!(sent["messages"][4], json!({"role": "user", "content": ""}));
         assert_eq!(
             sent["tools"],
             json!([{"type": "function", "function": {"name": "p_search", "description": "search", "parameters": {"type": "object"}}}])
