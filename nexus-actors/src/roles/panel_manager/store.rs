@@ -235,12 +235,22 @@ impl PmStore {
             return Ok(0);
         }
         let mut c = self.conn.clone();
-        let mine: HashSet<String> = c.hkeys(node_instances_key(node)).await?;
+        // One transaction: read apart, an instance of this node whose first
+        // status lands between the two reads would be among the statuses
+        // but not yet in the index, and be counted twice (here and by the
+        // caller's table).
         let mut pipe = redis::pipe();
+        pipe.atomic().hkeys(node_instances_key(node));
         for panel in panels {
             pipe.hgetall(instances_key(panel));
         }
-        let all: Vec<HashMap<String, String>> = pipe.query_async(&mut c).await?;
+        let mut replies = pipe.query_async::<Vec<redis::Value>>(&mut c).await?.into_iter();
+        let mine: HashSet<String> =
+            redis::from_redis_value(replies.next().unwrap_or(redis::Value::Nil)).map_err(redis::RedisError::from)?;
+        let all = replies
+            .map(redis::from_redis_value::<HashMap<String, String>>)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(redis::RedisError::from)?;
         let running = all
             .iter()
             .flat_map(|statuses| statuses.iter())
