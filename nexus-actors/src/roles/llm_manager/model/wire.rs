@@ -19,9 +19,9 @@ pub(super) fn body(model: &str, max_tokens: Option<u32>, messages: &[ChatMessage
         max_tokens,
         stream: true,
         stream_options: StreamOptions { include_usage: true },
-        messages: Messages(messages),
+        messages: Each(messages, WireMessage),
         // Some servers refuse an empty `tools` array.
-        tools: (!tools.is_empty()).then_some(Tools(tools)),
+        tools: (!tools.is_empty()).then_some(Each(tools, tool)),
     };
     serde_json::to_vec(&body).expect("a chat body of strings and JSON values always serializes")
 }
@@ -33,9 +33,9 @@ struct Body<'a> {
     max_tokens: Option<u32>,
     stream: bool,
     stream_options: StreamOptions,
-    messages: Messages<'a>,
+    messages: Each<'a, ChatMessage, WireMessage<'a>>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    tools: Option<Tools<'a>>,
+    tools: Option<Each<'a, ToolOffer, Tool<'a>>>,
 }
 
 #[derive(Serialize)]
@@ -43,11 +43,12 @@ struct StreamOptions {
     include_usage: bool,
 }
 
-struct Messages<'a>(&'a [ChatMessage]);
+/// A slice written as a JSON array of its items' wire shapes.
+struct Each<'a, T, W>(&'a [T], fn(&'a T) -> W);
 
-impl Serialize for Messages<'_> {
+impl<'a, T, W: Serialize> Serialize for Each<'a, T, W> {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.collect_seq(self.0.iter().map(WireMessage))
+        serializer.collect_seq(self.0.iter().map(self.1))
     }
 }
 
@@ -72,7 +73,7 @@ impl Serialize for WireMessage<'_> {
             (None, _) => out.serialize_entry("content", "")?,
         }
         if !m.tool_calls.is_empty() {
-            out.serialize_entry("tool_calls", &ToolCalls(&m.tool_calls))?;
+            out.serialize_entry("tool_calls", &Each(&m.tool_calls, call))?;
         }
         if let Some(id) = &m.tool_call_id {
             out.serialize_entry("tool_call_id", id)?;
@@ -81,49 +82,39 @@ impl Serialize for WireMessage<'_> {
     }
 }
 
-struct ToolCalls<'a>(&'a [MessageToolCall]);
-
-impl Serialize for ToolCalls<'_> {
-    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        #[derive(Serialize)]
-        struct Call<'a> {
-            id: &'a str,
-            r#type: &'static str,
-            function: Function<'a>,
-        }
-        #[derive(Serialize)]
-        struct Function<'a> {
-            name: &'a str,
-            arguments: &'a str,
-        }
-        serializer.collect_seq(self.0.iter().map(|c| Call {
-            id: &c.id,
-            r#type: "function",
-            function: Function { name: &c.name, arguments: &c.arguments },
-        }))
-    }
+#[derive(Serialize)]
+struct Call<'a> {
+    id: &'a str,
+    r#type: &'static str,
+    function: CalledFunction<'a>,
 }
 
-struct Tools<'a>(&'a [ToolOffer]);
+#[derive(Serialize)]
+struct CalledFunction<'a> {
+    name: &'a str,
+    arguments: &'a str,
+}
 
-impl Serialize for Tools<'_> {
-    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        #[derive(Serialize)]
-        struct Tool<'a> {
-            r#type: &'static str,
-            function: Function<'a>,
-        }
-        #[derive(Serialize)]
-        struct Function<'a> {
-            name: &'a str,
-            description: &'a str,
-            parameters: &'a Value,
-        }
-        serializer.collect_seq(self.0.iter().map(|o| Tool {
-            r#type: "function",
-            function: Function { name: &o.alias, description: &o.description, parameters: &o.parameters },
-        }))
-    }
+fn call(c: &MessageToolCall) -> Call<'_> {
+    Call { id: &c.id, r#type: "function", function: CalledFunction { name: &c.name, arguments: &c.arguments } }
+}
+
+#[derive(Serialize)]
+struct Tool<'a> {
+    r#type: &'static str,
+    function: OfferedFunction<'a>,
+}
+
+#[derive(Serialize)]
+struct OfferedFunction<'a> {
+    name: &'a str,
+    description: &'a str,
+    parameters: &'a Value,
+}
+
+fn tool(o: &ToolOffer) -> Tool<'_> {
+    let function = OfferedFunction { name: &o.alias, description: &o.description, parameters: &o.parameters };
+    Tool { r#type: "function", function }
 }
 
 #[cfg(test)]
