@@ -185,10 +185,16 @@ fn log_tail(log: &Path) -> String {
 mod tests {
     use super::*;
 
+    fn scratch(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("nexus-process-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
     #[test]
     fn a_child_that_exits_before_it_is_ready_is_reported_with_its_log_tail() {
-        let dir = std::env::temp_dir().join(format!("nexus-process-tail-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = scratch("tail");
         let log = dir.join("child.log");
         let noise = "x".repeat(TAIL_BYTES as usize);
         let script = format!("echo {noise}; echo 'cannot bind: address in use'; exit 3");
@@ -201,8 +207,7 @@ mod tests {
 
     #[test]
     fn a_log_whose_last_line_is_longer_than_the_tail_still_shows_it() {
-        let dir = std::env::temp_dir().join(format!("nexus-process-long-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = scratch("long");
         let log = dir.join("child.log");
         std::fs::write(&log, format!("first\n{}\n", "y".repeat(2 * TAIL_BYTES as usize))).unwrap();
         let tail = log_tail(&log);
