@@ -338,6 +338,7 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
     let roles: Vec<&str> = config.roles.iter().map(|r| r.name()).collect();
     let mut openapi = tm_role::openapi();
     openapi.merge(pm_role::api::PanelManagerApiDoc::openapi());
+    openapi.merge(pm_role::files_api::FilesApiDoc::openapi());
     let k = kernel.clone();
     let pm_api = panels.clone().map(|handle| (handle, platform.panels.clone()));
     let auth = platform.auth.clone();

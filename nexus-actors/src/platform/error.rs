@@ -67,6 +67,12 @@ pub enum ApiError {
         /// The version the writer saw.
         seen: u64,
     },
+    /// Something in the request is larger than allowed; the message says what.
+    #[error("{0}")]
+    TooLarge(String),
+    /// A write would take the user past a limit; the message says which.
+    #[error("{0}")]
+    OverQuota(String),
     /// The request conflicts with the current state; the message says how.
     #[error("{0}")]
     Conflict(String),
@@ -124,12 +130,13 @@ impl ApiError {
             ApiError::NotOwner | ApiError::NotAdmin => "forbidden",
             ApiError::ForeignOrigin(_) => "forbidden_origin",
             ApiError::NotFound(_) => "not_found",
-            ApiError::BodyTooLarge { .. } | ApiError::DocumentTooLarge { .. } | ApiError::MessageTooLarge { .. } => {
-                "too_large"
-            }
+            ApiError::BodyTooLarge { .. }
+            | ApiError::DocumentTooLarge { .. }
+            | ApiError::MessageTooLarge { .. }
+            | ApiError::TooLarge(_) => "too_large",
             ApiError::StaleVersion { .. } => "stale_version",
             ApiError::Conflict(_) => "conflict",
-            ApiError::Quota { .. } => "quota_exceeded",
+            ApiError::Quota { .. } | ApiError::OverQuota(_) => "quota_exceeded",
             ApiError::RateLimited { .. } => "rate_limited",
             ApiError::Busy { .. } => "busy",
             ApiError::LlmUnavailable(_) => "llm_unavailable",
@@ -152,13 +159,16 @@ impl ResponseError for ApiError {
         match self {
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::Unauthorized | ApiError::BadCredentials => StatusCode::UNAUTHORIZED,
-            ApiError::NotOwner | ApiError::NotAdmin | ApiError::ForeignOrigin(_) | ApiError::Quota { .. } => {
-                StatusCode::FORBIDDEN
-            }
+            ApiError::NotOwner
+            | ApiError::NotAdmin
+            | ApiError::ForeignOrigin(_)
+            | ApiError::Quota { .. }
+            | ApiError::OverQuota(_) => StatusCode::FORBIDDEN,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
-            ApiError::BodyTooLarge { .. } | ApiError::DocumentTooLarge { .. } | ApiError::MessageTooLarge { .. } => {
-                StatusCode::PAYLOAD_TOO_LARGE
-            }
+            ApiError::BodyTooLarge { .. }
+            | ApiError::DocumentTooLarge { .. }
+            | ApiError::MessageTooLarge { .. }
+            | ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::StaleVersion { .. } | ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Busy { .. } | ApiError::Unavailable(_) | ApiError::LlmUnavailable(_) => {

@@ -87,3 +87,42 @@ pub(crate) fn nexus_dev(port: u16, gateway: u16, data: &Path) -> Command {
         .env_remove("NEXUS_LLM_ENDPOINTS");
     command
 }
+
+/// What [`raw_request`] got back.
+pub(crate) struct RawResponse {
+    pub(crate) status: u16,
+    /// The head, lower-cased, for header checks.
+    pub(crate) head: String,
+    pub(crate) body: Vec<u8>,
+}
+
+/// A bare HTTP/1.0 request with any body bytes; `content_length`
+/// overrides the declared length (to claim more than is sent).
+pub(crate) fn raw_request(
+    port: u16,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: &[u8],
+    content_length: Option<usize>,
+) -> RawResponse {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("the node listens");
+    stream.set_read_timeout(Some(Duration::from_secs(30))).expect("a timeout");
+    let mut head = format!("{method} {path} HTTP/1.0\r\nHost: localhost\r\n");
+    if let Some(token) = token {
+        head += &format!("Authorization: Bearer {token}\r\n");
+    }
+    head += &format!(
+        "Content-Type: application/octet-stream\r\nContent-Length: {}\r\n\r\n",
+        content_length.unwrap_or(body.len())
+    );
+    stream.write_all(head.as_bytes()).expect("the request is sent");
+    // A refusal may come before the whole body is read.
+    let _ = stream.write_all(body);
+    let mut response = Vec::new();
+    let _ = stream.read_to_end(&mut response);
+    let split = response.windows(4).position(|w| w == b"\r\n\r\n").expect("a response head");
+    let head = String::from_utf8_lossy(&response[..split]).to_lowercase();
+    let status = head.split(' ').nth(1).and_then(|s| s.parse().ok()).expect("a status");
+    RawResponse { status, head, body: response[split + 4..].to_vec() }
+}

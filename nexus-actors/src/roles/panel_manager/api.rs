@@ -92,7 +92,7 @@ impl From<PanelManagerError> for ApiError {
     }
 }
 
-async fn own_panel(api: &PmApi, caller: &Caller, id: &str) -> Result<Panel, ApiError> {
+pub(super) async fn own_panel(api: &PmApi, caller: &Caller, id: &str) -> Result<Panel, ApiError> {
     let panel = api.panels.get(id).await?.ok_or(ApiError::NotFound("panel"))?;
     if panel.owner != caller.user {
         return Err(ApiError::NotOwner);
@@ -256,4 +256,5 @@ pub(super) fn routes(cfg: &mut web::ServiceConfig, api: PmApi) {
         .route("/api/panels/{id}/deploy", web::post().to(deploy))
         .route("/api/panels/{id}/scale", web::put().to(scale))
         .route("/api/panels/{id}/logs", web::get().to(logs));
+    super::files_api::routes(cfg);
 }

@@ -22,6 +22,7 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 use tokio::sync::mpsc;
 
+use super::volume_files::{FileError, FileList, FilePath, VolumeLimits};
 use crate::instance::{Endpoint, InstanceMode, Isolation};
 
 /// Why a driver could not do what it was asked.
@@ -47,6 +48,12 @@ pub enum DriverError {
     /// The panel's files hold a hard link to a file from elsewhere (400).
     #[error("{0}")]
     ForeignLink(String),
+    /// A file operation on a volume was refused (the user's request: 4xx).
+    #[error(transparent)]
+    File(#[from] FileError),
+    /// The driver cannot reach its volumes' files from this node.
+    #[error("the {0} driver does not edit panel files")]
+    NoFileAccess(&'static str),
     /// The driver runs no such instance.
     #[error("no instance {0}")]
     NoInstance(String),
@@ -213,4 +220,52 @@ pub trait RuntimeDriver: Send + Sync + 'static {
 
     /// Deletes the panel's volume and snapshots (the panel is gone).
     fn forget(&self, panel: &str) -> BoxFuture<'_, Result<(), DriverError>>;
+
+    /// What a volume may hold through the file methods below.
+    fn file_limits(&self) -> VolumeLimits {
+        VolumeLimits::default()
+    }
+
+    /// Every entry of the panel's volume (made from `source` the first time,
+    /// as [`RuntimeDriver::volume`]).
+    fn list_files(&self, _panel: &str, _source: &str) -> BoxFuture<'_, Result<FileList, DriverError>> {
+        let name = self.name();
+        Box::pin(async move { Err(DriverError::NoFileAccess(name)) })
+    }
+
+    /// One file of the panel's volume.
+    fn read_file(&self, _panel: &str, _source: &str, _path: FilePath) -> BoxFuture<'_, Result<Vec<u8>, DriverError>> {
+        let name = self.name();
+        Box::pin(async move { Err(DriverError::NoFileAccess(name)) })
+    }
+
+    /// Saves one file of the panel's volume; true when it is new.
+    fn write_file(
+        &self,
+        _panel: &str,
+        _source: &str,
+        _path: FilePath,
+        _bytes: bytes::Bytes,
+    ) -> BoxFuture<'_, Result<bool, DriverError>> {
+        let name = self.name();
+        Box::pin(async move { Err(DriverError::NoFileAccess(name)) })
+    }
+
+    /// Deletes a file, symlink or directory of the panel's volume.
+    fn delete_file(&self, _panel: &str, _source: &str, _path: FilePath) -> BoxFuture<'_, Result<(), DriverError>> {
+        let name = self.name();
+        Box::pin(async move { Err(DriverError::NoFileAccess(name)) })
+    }
+
+    /// Replaces the panel's volume's tree with the one in a tar.gz or zip
+    /// `archive`; a refused archive changes nothing.
+    fn replace_files(
+        &self,
+        _panel: &str,
+        _source: &str,
+        _archive: bytes::Bytes,
+    ) -> BoxFuture<'_, Result<FileList, DriverError>> {
+        let name = self.name();
+        Box::pin(async move { Err(DriverError::NoFileAccess(name)) })
+    }
 }

@@ -32,7 +32,10 @@
 //! ([`SIDECAR_TOKEN_ENV`]: the panel, its sidecar and, through
 //! [`Started::sidecar_token`], the readiness probe).
 
+mod archive;
 mod files;
+#[cfg(test)]
+mod files_tests;
 mod isolation;
 mod metrics;
 mod procs;
@@ -41,8 +44,9 @@ mod stale;
 mod storage;
 mod templates;
 mod tree;
+mod workspace;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -56,6 +60,7 @@ use super::driver::{
     Code, DriverError, InstanceEvent, InstanceSpec, RuntimeDriver, SandboxError, Snapshot, Started, Volume,
 };
 use super::metrics::{isolation_label, mode_label};
+use super::volume_files::{FileList, FilePath, VolumeLimits};
 use crate::infra::free_port;
 use crate::instance::{Endpoint, InstanceMode, Isolation, SIDECAR_TOKEN_ENV};
 use crate::netns::{Netns, NetnsThread};
@@ -119,6 +124,10 @@ pub struct LocalDriver {
     instances: Mutex<HashMap<String, Arc<Instance>>>,
     /// Serialises snapshot numbering per driver.
     snapshots: tokio::sync::Mutex<()>,
+    /// What a volume may hold through the API.
+    file_limits: VolumeLimits,
+    /// The panels whose files an API request is changing right now.
+    editing: Mutex<HashSet<String>>,
 }
 
 /// Where an instance's processes listen and meet, decided before they start.
@@ -166,7 +175,15 @@ impl LocalDriver {
             swept: OnceCell::new(),
             instances: Mutex::new(HashMap::new()),
             snapshots: tokio::sync::Mutex::new(()),
+            file_limits: VolumeLimits::default(),
+            editing: Mutex::default(),
         }
+    }
+
+    /// Holds volumes edited through the API to `limits`.
+    pub fn with_file_limits(mut self, limits: VolumeLimits) -> LocalDriver {
+        self.file_limits = limits;
+        self
     }
 
     /// The driver's counters.
@@ -537,6 +554,46 @@ impl RuntimeDriver for LocalDriver {
     fn forget(&self, panel: &str) -> BoxFuture<'_, Result<(), DriverError>> {
         let panel = panel.to_owned();
         async move { self.forget_panel(&panel).await }.boxed()
+    }
+
+    fn file_limits(&self) -> VolumeLimits {
+        self.file_limits
+    }
+
+    fn list_files(&self, panel: &str, source: &str) -> BoxFuture<'_, Result<FileList, DriverError>> {
+        let (panel, source) = (panel.to_owned(), source.to_owned());
+        async move { self.list_volume(&panel, &source).await }.boxed()
+    }
+
+    fn read_file(&self, panel: &str, source: &str, path: FilePath) -> BoxFuture<'_, Result<Vec<u8>, DriverError>> {
+        let (panel, source) = (panel.to_owned(), source.to_owned());
+        async move { self.read_volume_file(&panel, &source, path).await }.boxed()
+    }
+
+    fn write_file(
+        &self,
+        panel: &str,
+        source: &str,
+        path: FilePath,
+        bytes: bytes::Bytes,
+    ) -> BoxFuture<'_, Result<bool, DriverError>> {
+        let (panel, source) = (panel.to_owned(), source.to_owned());
+        async move { self.write_volume_file(&panel, &source, path, bytes).await }.boxed()
+    }
+
+    fn delete_file(&self, panel: &str, source: &str, path: FilePath) -> BoxFuture<'_, Result<(), DriverError>> {
+        let (panel, source) = (panel.to_owned(), source.to_owned());
+        async move { self.delete_volume_file(&panel, &source, path).await }.boxed()
+    }
+
+    fn replace_files(
+        &self,
+        panel: &str,
+        source: &str,
+        archive: bytes::Bytes,
+    ) -> BoxFuture<'_, Result<FileList, DriverError>> {
+        let (panel, source) = (panel.to_owned(), source.to_owned());
+        async move { self.replace_volume(&panel, &source, archive).await }.boxed()
     }
 }
 

@@ -64,12 +64,38 @@ impl QuotaAction {
     }
 }
 
+/// A change to a panel's files through the API.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FileChange {
+    /// `PUT /api/panels/{id}/files/{path}`.
+    Write,
+    /// `DELETE /api/panels/{id}/files/{path}`.
+    Delete,
+    /// `PUT /api/panels/{id}/files` with an archive.
+    Upload,
+}
+
+impl FileChange {
+    /// The `op` label.
+    pub fn label(self) -> &'static str {
+        match self {
+            FileChange::Write => "write",
+            FileChange::Delete => "delete",
+            FileChange::Upload => "upload",
+        }
+    }
+}
+
 /// The panel manager's counters. Cheap to clone.
 #[derive(Clone)]
 pub struct PmMetrics {
     /// `nexus_panel_quota_refusals_total{action}`: starts refused because
     /// the owner ran as many instances as the quota allows.
     pub quota_refusals: IntCounterVec,
+    /// `nexus_panel_file_changes_total{op,result}`: changes to panel files
+    /// through the API; `result` is `ok`, `refused` (the request's fault)
+    /// or `failed`.
+    pub file_changes: IntCounterVec,
 }
 
 impl PmMetrics {
@@ -82,10 +108,20 @@ impl PmMetrics {
             "Instance starts refused over the owner's running-instance quota, by action",
         );
         let quota_refusals = IntCounterVec::new(opts, &["action"]).expect("valid metric definition");
-        if let Err(error) = registry.register(Box::new(quota_refusals.clone())) {
-            tracing::warn!(%error, "panel manager metrics not registered");
+        let opts =
+            Opts::new("nexus_panel_file_changes_total", "Changes to panel files through the API, by op and result");
+        let file_changes = IntCounterVec::new(opts, &["op", "result"]).expect("valid metric definition");
+        for counter in [&quota_refusals, &file_changes] {
+            if let Err(error) = registry.register(Box::new(counter.clone())) {
+                tracing::warn!(%error, "panel manager metrics not registered");
+            }
         }
-        PmMetrics { quota_refusals }
+        PmMetrics { quota_refusals, file_changes }
+    }
+
+    /// Counts one change to a panel's files.
+    pub fn file_changed(&self, op: FileChange, result: &'static str) {
+        self.file_changes.with_label_values(&[op.label(), result]).inc();
     }
 
     /// Counts one refusal.

@@ -9,12 +9,14 @@
 
 pub mod api;
 pub mod driver;
+pub mod files_api;
 pub mod lifecycle;
 pub mod local;
 pub mod manager;
 pub mod metrics;
 pub mod reporter;
 pub mod store;
+pub mod volume_files;
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -183,6 +185,8 @@ pub struct PanelManagerHandle {
     pub driver: Arc<dyn RuntimeDriver>,
     /// How it was configured.
     pub config: PanelManagerConfig,
+    /// Its counters.
+    pub metrics: PmMetrics,
 }
 
 impl PanelManagerHandle {
@@ -209,6 +213,7 @@ pub async fn start(
     let reporter = Reporter::spawn(store.clone(), redis.link::<Publish>(&id), config.node.clone(), config.keep_final);
     clear_stale(&store, &reporter, &config.node).await?;
     let http = reqwest::Client::builder().no_proxy().build().map_err(SetupError::Http)?;
+    let metrics = PmMetrics::register(kernel.metrics().registry());
     let deps = ManagerDeps {
         kernel: kernel.clone(),
         redis,
@@ -218,11 +223,11 @@ pub async fn start(
         reporter,
         config: config.clone(),
         http,
-        metrics: PmMetrics::register(kernel.metrics().registry()),
+        metrics: metrics.clone(),
     };
     let actor = PanelManager::spawn(deps);
     tracing::info!(node = %config.node, driver = driver.name(), "panel manager started");
-    Ok(PanelManagerHandle { actor, store, driver, config })
+    Ok(PanelManagerHandle { actor, store, driver, config, metrics })
 }
 
 /// Instances recorded as live by this node are gone after a restart.

@@ -1,17 +1,34 @@
 //! The `local` driver's data directory: its layout and modes (see the
-//! driver's documentation), Studio volumes made from templates, read-only
+//! driver's documentation), Studio volumes made from templates and edited
+//! through the API ([`super::workspace`], [`super::archive`]), read-only
 //! snapshots taken by descriptor from a volume, and their deletion.
 //!
-//! It runs nothing; the driver decides when these are made.
+//! It runs nothing; the driver decides when these are made. Changes to one
+//! panel's files through the API go one at a time: a second is refused
+//! ([`FileError::Busy`]) rather than queued, so no request waits behind
+//! another user's upload.
 
 use std::path::PathBuf;
 
 use super::super::driver::{DriverError, Snapshot, Volume};
+use super::super::volume_files::{FileError, FileList, FilePath};
 use super::files::{blocking, check_id, copy_tree, last_version, make_read_only, remove_tree};
-use super::templates;
 use super::tree::{self, CopyAs};
 use super::LocalDriver;
+use super::{archive, templates, workspace};
 use crate::platform::files::{passable_dir, private_dir};
+
+/// One panel's files being changed through the API; dropped, they are free.
+pub(super) struct Editing<'a> {
+    driver: &'a LocalDriver,
+    panel: String,
+}
+
+impl Drop for Editing<'_> {
+    fn drop(&mut self) {
+        self.driver.editing.lock().unwrap_or_else(|e| e.into_inner()).remove(&self.panel);
+    }
+}
 
 impl LocalDriver {
     /// Gives the data directories their modes (module documentation),
@@ -92,6 +109,80 @@ impl LocalDriver {
         made?;
         tracing::info!(panel, version, snapshot = %location.display(), "snapshot taken");
         Ok(Snapshot { panel: panel.to_owned(), version, location })
+    }
+
+    /// Every entry of the panel's volume.
+    pub(super) async fn list_volume(&self, panel: &str, source: &str) -> Result<FileList, DriverError> {
+        let volume = self.create_volume(panel, source).await?.location;
+        let limits = self.file_limits;
+        blocking(move || workspace::list(&volume, limits)).await
+    }
+
+    /// One file of the panel's volume.
+    pub(super) async fn read_volume_file(
+        &self,
+        panel: &str,
+        source: &str,
+        path: FilePath,
+    ) -> Result<Vec<u8>, DriverError> {
+        let volume = self.create_volume(panel, source).await?.location;
+        let limits = self.file_limits;
+        blocking(move || workspace::read(&volume, &path, limits)).await
+    }
+
+    /// Saves one file of the panel's volume; true when it is new.
+    pub(super) async fn write_volume_file(
+        &self,
+        panel: &str,
+        source: &str,
+        path: FilePath,
+        bytes: bytes::Bytes,
+    ) -> Result<bool, DriverError> {
+        let volume = self.create_volume(panel, source).await?.location;
+        let _editing = self.edit(panel)?;
+        let limits = self.file_limits;
+        let created = blocking(move || workspace::write(&volume, &path, &bytes, limits)).await?;
+        Ok(created)
+    }
+
+    /// Deletes a file, symlink or directory of the panel's volume.
+    pub(super) async fn delete_volume_file(
+        &self,
+        panel: &str,
+        source: &str,
+        path: FilePath,
+    ) -> Result<(), DriverError> {
+        let volume = self.create_volume(panel, source).await?.location;
+        let _editing = self.edit(panel)?;
+        blocking(move || workspace::delete(&volume, &path)).await
+    }
+
+    /// Replaces the panel's volume's tree with the archive's.
+    pub(super) async fn replace_volume(
+        &self,
+        panel: &str,
+        source: &str,
+        archive: bytes::Bytes,
+    ) -> Result<FileList, DriverError> {
+        let volume = self.create_volume(panel, source).await?.location;
+        let _editing = self.edit(panel)?;
+        let staging = self.volumes().join(format!(".{panel}.upload-{:08x}", rand::random::<u32>()));
+        let limits = self.file_limits;
+        let usage = {
+            let volume = volume.clone();
+            blocking(move || archive::replace(&volume, &staging, &archive, limits)).await?
+        };
+        tracing::info!(panel, entries = usage.entries, bytes = usage.bytes, "volume replaced by an upload");
+        blocking(move || workspace::list(&volume, limits)).await
+    }
+
+    /// Marks the panel's files as being changed, or says they already are.
+    pub(super) fn edit(&self, panel: &str) -> Result<Editing<'_>, DriverError> {
+        let mut editing = self.editing.lock().unwrap_or_else(|e| e.into_inner());
+        if !editing.insert(panel.to_owned()) {
+            return Err(FileError::Busy.into());
+        }
+        Ok(Editing { driver: self, panel: panel.to_owned() })
     }
 
     pub(super) async fn forget_panel(&self, panel: &str) -> Result<(), DriverError> {

@@ -17,7 +17,17 @@ const PYTHON_MINIMAL: &[TemplateFile] = &[
     ("nexus-panel.json", include_str!("../../../../../panel-sdk-docs/python_minimal/nexus-panel.json")),
 ];
 
-const TEMPLATES: &[(&str, &[TemplateFile])] = &[("python_minimal", PYTHON_MINIMAL)];
+const NODE_MINIMAL: &[TemplateFile] = &[
+    ("server.js", include_str!("../../../../../panel-sdk-docs/node_minimal/server.js")),
+    ("README.md", include_str!("../../../../../panel-sdk-docs/node_minimal/README.md")),
+    ("nexus-panel.json", include_str!("../../../../../panel-sdk-docs/node_minimal/nexus-panel.json")),
+];
+
+/// No files: the owner writes or uploads them.
+const EMPTY: &[TemplateFile] = &[];
+
+const TEMPLATES: &[(&str, &[TemplateFile])] =
+    &[("python_minimal", PYTHON_MINIMAL), ("node_minimal", NODE_MINIMAL), ("empty", EMPTY)];
 
 /// The template names, for error messages and the UI.
 pub fn names() -> String {

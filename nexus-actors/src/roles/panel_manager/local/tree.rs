@@ -36,7 +36,7 @@ pub(super) struct ForeignLink(pub(super) String);
 /// Whether `stat` is of a file (not a directory or symlink) linked from
 /// elsewhere too and not `owner`'s. It relies on the kernel's
 /// `fs.protected_hardlinks` for links whose other names are gone.
-fn foreign_link(stat: &libc::stat, owner: u32) -> bool {
+pub(super) fn foreign_link(stat: &libc::stat, owner: u32) -> bool {
     let kind = stat.st_mode & libc::S_IFMT;
     kind != libc::S_IFDIR && kind != libc::S_IFLNK && stat.st_nlink > 1 && stat.st_uid != owner
 }
@@ -222,27 +222,6 @@ pub(super) fn make_read_only(dir: &Path) -> io::Result<()> {
 /// (without root, a `0555` directory must be opened up before its entries
 /// can go).
 pub(super) fn remove(path: &Path) -> io::Result<()> {
-    fn remove_entry(parent: &Dir, name: &CStr, depth: usize) -> io::Result<()> {
-        if depth >= MAX_DEPTH {
-            return Err(too_deep());
-        }
-        match parent.child(name) {
-            Ok(dir) => {
-                let mode = fstat(dir.fd())?.st_mode & 0o777;
-                if mode & 0o700 != 0o700 {
-                    finish(dir.fd(), None, mode | 0o700)?;
-                }
-                for entry in dir.entries()? {
-                    remove_entry(&dir, &entry, depth + 1)?;
-                }
-                unlink(parent, name, libc::AT_REMOVEDIR)
-            }
-            // Not a directory (a symlink is removed, never followed).
-            Err(error) if matches!(error.raw_os_error(), Some(libc::ENOTDIR | libc::ELOOP)) => unlink(parent, name, 0),
-            Err(error) if error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
-            Err(error) => Err(error),
-        }
-    }
     let (Some(parent), Some(name)) = (path.parent(), path.file_name()) else {
         return Err(invalid("cannot remove a root directory"));
     };
@@ -255,7 +234,31 @@ pub(super) fn remove(path: &Path) -> io::Result<()> {
     remove_entry(&parent, &CString::new(name.as_bytes()).map_err(|_| invalid("a path with a NUL"))?, 0)
 }
 
-fn unlink(parent: &Dir, name: &CStr, flags: libc::c_int) -> io::Result<()> {
+/// Removes the entry `name` of `parent` and, when it is a directory,
+/// everything in it; a symlink is removed, never followed.
+pub(super) fn remove_entry(parent: &Dir, name: &CStr, depth: usize) -> io::Result<()> {
+    if depth >= MAX_DEPTH {
+        return Err(too_deep());
+    }
+    match parent.child(name) {
+        Ok(dir) => {
+            let mode = fstat(dir.fd())?.st_mode & 0o777;
+            if mode & 0o700 != 0o700 {
+                finish(dir.fd(), None, mode | 0o700)?;
+            }
+            for entry in dir.entries()? {
+                remove_entry(&dir, &entry, depth + 1)?;
+            }
+            unlink(parent, name, libc::AT_REMOVEDIR)
+        }
+        // Not a directory (a symlink is removed, never followed).
+        Err(error) if matches!(error.raw_os_error(), Some(libc::ENOTDIR | libc::ELOOP)) => unlink(parent, name, 0),
+        Err(error) if error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        Err(error) => Err(error),
+    }
+}
+
+pub(super) fn unlink(parent: &Dir, name: &CStr, flags: libc::c_int) -> io::Result<()> {
     // SAFETY: valid descriptor and NUL-terminated name.
     match check(unsafe { libc::unlinkat(parent.fd(), name.as_ptr(), flags) }) {
         Err(error) if error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
@@ -264,12 +267,12 @@ fn unlink(parent: &Dir, name: &CStr, flags: libc::c_int) -> io::Result<()> {
 }
 
 /// An open directory (never a symlink to one).
-struct Dir(OwnedFd);
+pub(super) struct Dir(pub(super) OwnedFd);
 
 impl Dir {
     /// The directory at `path`. Only its last component is opened with
     /// `O_NOFOLLOW`: the parents are the driver's own directories.
-    fn open(path: &Path) -> io::Result<Dir> {
+    pub(super) fn open(path: &Path) -> io::Result<Dir> {
         Dir::open_with(path, DIR_FLAGS)
     }
 
@@ -281,12 +284,12 @@ impl Dir {
         Ok(Dir(unsafe { OwnedFd::from_raw_fd(fd) }))
     }
 
-    fn fd(&self) -> RawFd {
+    pub(super) fn fd(&self) -> RawFd {
         self.0.as_raw_fd()
     }
 
     /// The subdirectory `name`; ENOTDIR or ELOOP when it is not one.
-    fn child(&self, name: &CStr) -> io::Result<Dir> {
+    pub(super) fn child(&self, name: &CStr) -> io::Result<Dir> {
         // SAFETY: valid descriptor and NUL-terminated name.
         let fd = check(unsafe { libc::openat(self.fd(), name.as_ptr(), DIR_FLAGS) })?;
         // SAFETY: openat returned a fresh descriptor that nothing else owns.
@@ -294,7 +297,7 @@ impl Dir {
     }
 
     /// The entry `name` opened for reading; ELOOP when it is a symlink.
-    fn open_entry(&self, name: &CStr) -> io::Result<OwnedFd> {
+    pub(super) fn open_entry(&self, name: &CStr) -> io::Result<OwnedFd> {
         // SAFETY: valid descriptor and NUL-terminated name.
         let fd = check(unsafe { libc::openat(self.fd(), name.as_ptr(), ENTRY_FLAGS) })?;
         // SAFETY: openat returned a fresh descriptor that nothing else owns.
@@ -302,7 +305,7 @@ impl Dir {
     }
 
     /// The names in the directory, without `.` and `..`.
-    fn entries(&self) -> io::Result<Vec<CString>> {
+    pub(super) fn entries(&self) -> io::Result<Vec<CString>> {
         // SAFETY: fcntl on a valid descriptor; the duplicate is handed to
         // fdopendir, which owns it from then on (closedir closes it).
         let dup = check(unsafe { libc::fcntl(self.fd(), libc::F_DUPFD_CLOEXEC, 0) })?;
@@ -342,7 +345,7 @@ impl Dir {
 
 /// Sets the owner (when given) and then the mode of an open file, so a
 /// chown cannot clear bits after they are set.
-fn finish(fd: RawFd, owner: Option<u32>, mode: libc::mode_t) -> io::Result<()> {
+pub(super) fn finish(fd: RawFd, owner: Option<u32>, mode: libc::mode_t) -> io::Result<()> {
     if let Some(owner) = owner {
         // SAFETY: fchown on a valid descriptor.
         check(unsafe { libc::fchown(fd, owner, owner) })?;
@@ -352,7 +355,7 @@ fn finish(fd: RawFd, owner: Option<u32>, mode: libc::mode_t) -> io::Result<()> {
     Ok(())
 }
 
-fn fstat(fd: RawFd) -> io::Result<libc::stat> {
+pub(super) fn fstat(fd: RawFd) -> io::Result<libc::stat> {
     // SAFETY: an all-zero stat is a valid value; fstat fills it.
     let mut stat: libc::stat = unsafe { std::mem::zeroed() };
     // SAFETY: valid descriptor and a stat to write to.
@@ -360,7 +363,7 @@ fn fstat(fd: RawFd) -> io::Result<libc::stat> {
     Ok(stat)
 }
 
-fn check(ret: libc::c_int) -> io::Result<libc::c_int> {
+pub(super) fn check(ret: libc::c_int) -> io::Result<libc::c_int> {
     if ret < 0 {
         Err(io::Error::last_os_error())
     } else {

@@ -1,0 +1,313 @@
+//! The `local` driver's file methods on a real directory: what the API's
+//! routes do to a Studio volume, and every refusal leaving it as it was.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use super::super::driver::{DriverError, RuntimeDriver};
+use super::super::volume_files::{FileError, FileKind, FilePath, VolumeLimits};
+use super::{LocalConfig, LocalDriver, SandboxChoice};
+
+const SOURCE: &str = "template:empty";
+
+struct Scratch {
+    dir: PathBuf,
+    driver: LocalDriver,
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = super::tree::remove(&self.dir);
+    }
+}
+
+fn scratch(name: &str, limits: VolumeLimits) -> Scratch {
+    let dir = std::env::temp_dir().join(format!("nexus-volume-files-{name}-{}", std::process::id()));
+    let _ = super::tree::remove(&dir);
+    let driver = LocalDriver::new(LocalConfig {
+        data_dir: dir.join("data"),
+        nexus_bin: PathBuf::from("/nonexistent"),
+        redis_url: "redis://127.0.0.1:1".into(),
+        sandbox: SandboxChoice::Process,
+        reprobe_after: LocalConfig::REPROBE_AFTER,
+    })
+    .with_file_limits(limits);
+    Scratch { dir, driver }
+}
+
+fn path(p: &str) -> FilePath {
+    FilePath::parse(p).expect("a valid path")
+}
+
+fn volume(s: &Scratch) -> PathBuf {
+    s.dir.join("data/volumes/p")
+}
+
+/// The volume's tree as `path kind size`, to compare before and after.
+async fn tree(s: &Scratch) -> Vec<String> {
+    let list = s.driver.list_files("p", SOURCE).await;
+    list.expect("a listing").entries.iter().map(|e| format!("{} {:?} {}", e.path, e.kind, e.size)).collect()
+}
+
+fn small() -> VolumeLimits {
+    VolumeLimits { max_bytes: 1000, max_entries: 6, max_file_bytes: 400 }
+}
+
+#[actix_rt::test]
+async fn files_are_saved_read_listed_and_deleted() {
+    let s = scratch("roundtrip", VolumeLimits::default());
+    let d = &s.driver;
+    assert!(d.list_files("p", SOURCE).await.expect("an empty volume").entries.is_empty());
+    assert!(d.write_file("p", SOURCE, path("src/app/main.py"), "print(1)\n".into()).await.expect("saved"));
+    assert!(!d.write_file("p", SOURCE, path("src/app/main.py"), "print(2)\n".into()).await.expect("replaced"));
+    assert_eq!(d.read_file("p", SOURCE, path("src/app/main.py")).await.expect("read"), b"print(2)\n");
+    d.write_file("p", SOURCE, path("a.txt"), "a".into()).await.expect("saved");
+    let list = d.list_files("p", SOURCE).await.expect("a listing");
+    let seen: Vec<_> = list.entries.iter().map(|e| (e.path.as_str(), e.kind, e.size)).collect();
+    assert_eq!(
+        seen,
+        [
+            ("a.txt", FileKind::File, 1),
+            ("src", FileKind::Dir, 0),
+            ("src/app", FileKind::Dir, 0),
+            ("src/app/main.py", FileKind::File, 9)
+        ]
+    );
+    assert_eq!(list.bytes, 10);
+    assert!(!list.truncated);
+    d.delete_file("p", SOURCE, path("src")).await.expect("a directory deleted with its content");
+    assert_eq!(tree(&s).await, ["a.txt File 1"]);
+    let missing = d.read_file("p", SOURCE, path("src/app/main.py")).await;
+    assert!(matches!(missing, Err(DriverError::File(FileError::NotFound(_)))), "{missing:?}");
+    let missing = d.delete_file("p", SOURCE, path("nothing")).await;
+    assert!(matches!(missing, Err(DriverError::File(FileError::NotFound(_)))), "{missing:?}");
+}
+
+#[actix_rt::test]
+async fn an_existing_file_keeps_its_mode_and_a_template_fills_a_new_volume() {
+    use std::os::unix::fs::PermissionsExt;
+    let s = scratch("mode", VolumeLimits::default());
+    let d = &s.driver;
+    let list = d.list_files("q", "template:node_minimal").await.expect("the template's volume");
+    let names: Vec<_> = list.entries.iter().map(|e| e.path.as_str()).collect();
+    assert_eq!(names, ["README.md", "nexus-panel.json", "server.js"]);
+    let file = s.dir.join("data/volumes/q/run.sh");
+    d.write_file("q", "template:node_minimal", path("run.sh"), "#!/bin/sh\n".into()).await.expect("saved");
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    d.write_file("q", "template:node_minimal", path("run.sh"), "#!/bin/sh\necho\n".into()).await.expect("saved");
+    assert_eq!(std::fs::metadata(&file).expect("stat").permissions().mode() & 0o777, 0o755);
+    let list = d.list_files("q", "template:node_minimal").await.expect("a listing");
+    assert!(list.entries.iter().any(|e| e.path == "run.sh" && e.executable));
+}
+
+#[actix_rt::test]
+async fn symlinks_are_never_followed_by_a_read_a_write_or_a_delete() {
+    let s = scratch("symlinks", VolumeLimits::default());
+    let d = &s.driver;
+    d.write_file("p", SOURCE, path("keep.txt"), "kept".into()).await.expect("saved");
+    let outside = s.dir.join("outside");
+    std::fs::create_dir_all(&outside).expect("mkdir");
+    std::fs::write(outside.join("secret"), "host secret").expect("write");
+    std::os::unix::fs::symlink(&outside, volume(&s).join("out")).expect("symlink");
+    std::os::unix::fs::symlink(outside.join("secret"), volume(&s).join("link")).expect("symlink");
+
+    for p in ["out/secret", "link"] {
+        let read = d.read_file("p", SOURCE, path(p)).await;
+        assert!(matches!(read, Err(DriverError::File(FileError::WrongKind { .. }))), "{p}: {read:?}");
+        let written = d.write_file("p", SOURCE, path(p), "overwritten".into()).await;
+        assert!(matches!(written, Err(DriverError::File(FileError::WrongKind { .. }))), "{p}: {written:?}");
+    }
+    let written = d.write_file("p", SOURCE, path("out/new"), "x".into()).await;
+    assert!(matches!(written, Err(DriverError::File(FileError::WrongKind { .. }))), "{written:?}");
+    assert!(!outside.join("new").exists(), "nothing was written through the symlink");
+    d.delete_file("p", SOURCE, path("out")).await.expect("the link itself is deleted");
+    assert_eq!(std::fs::read_to_string(outside.join("secret")).expect("read"), "host secret");
+    let listed = d.list_files("p", SOURCE).await.expect("a listing").entries;
+    let seen: Vec<_> = listed.iter().map(|e| (e.path.as_str(), e.kind, e.target.as_deref())).collect();
+    let target = outside.join("secret").to_string_lossy().into_owned();
+    assert_eq!(seen, [("keep.txt", FileKind::File, None), ("link", FileKind::Symlink, Some(target.as_str()))]);
+}
+
+#[actix_rt::test]
+async fn a_save_replaces_a_planted_hard_link_instead_of_writing_through_it() {
+    let s = scratch("hardlink", VolumeLimits::default());
+    let d = &s.driver;
+    d.list_files("p", SOURCE).await.expect("the volume exists");
+    let outside = s.dir.join("host-file");
+    std::fs::write(&outside, "host content").expect("write");
+    std::fs::hard_link(&outside, volume(&s).join("linked")).expect("hard link");
+    d.write_file("p", SOURCE, path("linked"), "panel content".into()).await.expect("saved");
+    assert_eq!(std::fs::read_to_string(&outside).expect("read"), "host content", "the host file is untouched");
+    assert_eq!(d.read_file("p", SOURCE, path("linked")).await.expect("read"), b"panel content");
+}
+
+#[actix_rt::test]
+async fn a_hard_link_to_a_file_of_another_owner_is_not_read() {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    if !nexus_testkit::prerequisite(root, "reading a foreign hard link needs root (files of two owners)") {
+        return;
+    }
+    let s = scratch("foreign", VolumeLimits::default());
+    let d = &s.driver;
+    d.list_files("p", SOURCE).await.expect("the volume exists");
+    let outside = s.dir.join("root-secret");
+    std::fs::write(&outside, "root's secret").expect("write");
+    std::fs::hard_link(&outside, volume(&s).join("shadow")).expect("hard link");
+    // The volume is the panel's, as after its first start.
+    std::os::unix::fs::chown(volume(&s), Some(1_234_567), Some(1_234_567)).expect("chown");
+    let read = d.read_file("p", SOURCE, path("shadow")).await;
+    assert!(matches!(read, Err(DriverError::File(FileError::WrongKind { .. }))), "{read:?}");
+    d.write_file("p", SOURCE, path("made.txt"), "x".into()).await.expect("saved");
+    let owner = std::os::unix::fs::MetadataExt::uid(&std::fs::metadata(volume(&s).join("made.txt")).expect("stat"));
+    assert_eq!(owner, 1_234_567, "what the API makes is the volume owner's");
+}
+
+#[actix_rt::test]
+async fn limits_refuse_a_write_and_change_nothing() {
+    let s = scratch("limits", small());
+    let d = &s.driver;
+    d.write_file("p", SOURCE, path("a"), vec![b'a'; 400].into()).await.expect("at the file limit");
+    let before = tree(&s).await;
+    let too_large = d.write_file("p", SOURCE, path("b"), vec![b'b'; 401].into()).await;
+    assert!(matches!(too_large, Err(DriverError::File(FileError::FileTooLarge { bytes: 401, .. }))), "{too_large:?}");
+    d.write_file("p", SOURCE, path("b"), vec![b'b'; 400].into()).await.expect("800 bytes in all");
+    let over = d.write_file("p", SOURCE, path("c"), vec![b'c'; 201].into()).await;
+    assert!(matches!(over, Err(DriverError::File(FileError::Quota { what: "bytes", .. }))), "{over:?}");
+    d.write_file("p", SOURCE, path("a"), vec![b'a'; 300].into()).await.expect("a smaller replacement fits");
+    let deep = d.write_file("p", SOURCE, path("d1/d2/d3/d4/f"), "x".into()).await;
+    assert!(matches!(deep, Err(DriverError::File(FileError::Quota { what: "entries", .. }))), "{deep:?}");
+    assert!(!volume(&s).join("d1").exists(), "no directory is left from a refused write");
+    assert_eq!(tree(&s).await.len(), before.len() + 1);
+}
+
+#[actix_rt::test]
+async fn a_second_change_while_one_runs_is_refused_as_busy() {
+    let s = scratch("busy", VolumeLimits::default());
+    let d = &s.driver;
+    d.list_files("p", SOURCE).await.expect("the volume exists");
+    let editing = d.edit("p").expect("free");
+    let busy = d.write_file("p", SOURCE, path("a"), "a".into()).await;
+    assert!(matches!(busy, Err(DriverError::File(FileError::Busy))), "{busy:?}");
+    d.write_file("other", SOURCE, path("a"), "a".into()).await.expect("another panel is not held up");
+    drop(editing);
+    d.write_file("p", SOURCE, path("a"), "a".into()).await.expect("free again");
+}
+
+fn tar_gz(entries: &[(&str, tar::EntryType, &[u8], &str)]) -> Vec<u8> {
+    let mut builder = tar::Builder::new(flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast()));
+    for (name, kind, data, link) in entries {
+        let mut header = tar::Header::new_gnu();
+        // Written raw: the builder refuses `..` and absolute names, which
+        // are exactly what an attacker's archive holds.
+        header.as_old_mut().name[..name.len()].copy_from_slice(name.as_bytes());
+        header.set_entry_type(*kind);
+        header.set_size(data.len() as u64);
+        header.set_mode(if name.ends_with(".sh") { 0o755 } else { 0o644 });
+        header.as_old_mut().linkname[..link.len()].copy_from_slice(link.as_bytes());
+        header.set_cksum();
+        builder.append(&header, *data).expect("append");
+    }
+    builder.into_inner().expect("tar").finish().expect("gzip")
+}
+
+fn zip(entries: &[(&str, &[u8])]) -> Vec<u8> {
+    let mut writer = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+    let options = zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Deflated);
+    for (name, data) in entries {
+        writer.start_file(*name, options).expect("start");
+        writer.write_all(data).expect("write");
+    }
+    writer.finish().expect("zip").into_inner()
+}
+
+#[actix_rt::test]
+async fn a_tar_gz_or_zip_upload_replaces_the_tree() {
+    use tar::EntryType as T;
+    let s = scratch("upload", VolumeLimits::default());
+    let d = &s.driver;
+    d.write_file("p", SOURCE, path("old.txt"), "old".into()).await.expect("saved");
+    let archive = tar_gz(&[
+        ("./", T::Directory, b"", ""),
+        ("./server.py", T::Regular, b"print()", ""),
+        ("./bin/run.sh", T::Regular, b"#!/bin/sh", ""),
+        ("./lib/", T::Directory, b"", ""),
+        ("./lib/current", T::Symlink, b"", "../bin/run.sh"),
+    ]);
+    let list = d.replace_files("p", SOURCE, archive.into()).await.expect("uploaded");
+    let seen: Vec<_> = list.entries.iter().map(|e| (e.path.as_str(), e.kind, e.executable)).collect();
+    assert_eq!(
+        seen,
+        [
+            ("bin", FileKind::Dir, false),
+            ("bin/run.sh", FileKind::File, true),
+            ("lib", FileKind::Dir, false),
+            ("lib/current", FileKind::Symlink, false),
+            ("server.py", FileKind::File, false)
+        ]
+    );
+    assert_eq!(d.read_file("p", SOURCE, path("server.py")).await.expect("read"), b"print()");
+
+    // A folder zipped as is: its content is the tree.
+    let archive = zip(&[("my-panel/server.js", b"// js"), ("my-panel/lib/a.js", b"a")]);
+    d.replace_files("p", SOURCE, archive.into()).await.expect("uploaded");
+    assert_eq!(tree(&s).await, ["lib Dir 0", "lib/a.js File 1", "server.js File 5"]);
+    assert!(!s
+        .dir
+        .join("data/volumes")
+        .read_dir()
+        .expect("ls")
+        .any(|e| { e.expect("entry").file_name().to_string_lossy().contains("upload") }));
+}
+
+#[actix_rt::test]
+async fn a_bad_archive_is_refused_and_changes_nothing() {
+    use tar::EntryType as T;
+    let s = scratch("bad-archive", small());
+    let d = &s.driver;
+    d.write_file("p", SOURCE, path("server.py"), "kept".into()).await.expect("saved");
+    let before = tree(&s).await;
+    let mut truncated = tar_gz(&[("a", T::Regular, &[b'a'; 300], "")]);
+    truncated.truncate(truncated.len() / 2);
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("not an archive", b"{\"json\": true}".to_vec()),
+        ("a truncated gzip", truncated),
+        ("a climbing path", tar_gz(&[("../escaped", T::Regular, b"x", "")])),
+        ("an absolute path", tar_gz(&[("/etc/escaped", T::Regular, b"x", "")])),
+        ("a symlink out", tar_gz(&[("out", T::Symlink, b"", "/etc/passwd")])),
+        ("a symlink up", tar_gz(&[("d/out", T::Symlink, b"", "../../x")])),
+        ("a hard link", tar_gz(&[("a", T::Regular, b"x", ""), ("b", T::Link, b"", "a")])),
+        ("a device", tar_gz(&[("dev", T::Char, b"", "")])),
+        ("a write through its own symlink", tar_gz(&[("d", T::Symlink, b"", "."), ("d/x", T::Regular, b"x", "")])),
+        ("a name twice", tar_gz(&[("a", T::Regular, b"x", ""), ("a", T::Regular, b"y", "")])),
+        ("a file over the limit", tar_gz(&[("a", T::Regular, &[b'a'; 401], "")])),
+        (
+            "bytes over the limit",
+            tar_gz(&[
+                ("a", T::Regular, &[b'a'; 400], ""),
+                ("b", T::Regular, &[b'b'; 400], ""),
+                ("c", T::Regular, &[b'c'; 400], ""),
+            ]),
+        ),
+        (
+            "entries over the limit",
+            zip(&[("1", b""), ("2", b""), ("3", b""), ("4", b""), ("5", b""), ("6", b""), ("7", b"")]),
+        ),
+        ("a zip bomb", zip(&[("zeros", &[0u8; 100_000])])),
+        ("a zip climbing", zip(&[("../escaped", b"x")])),
+    ];
+    for (what, archive) in cases {
+        let refused = d.replace_files("p", SOURCE, archive.into()).await;
+        assert!(
+            matches!(
+                refused,
+                Err(DriverError::File(
+                    FileError::BadArchive(_) | FileError::Quota { .. } | FileError::FileTooLarge { .. }
+                ))
+            ),
+            "{what}: {refused:?}"
+        );
+        assert_eq!(tree(&s).await, before, "{what} changed the volume");
+    }
+    assert!(!s.dir.join("escaped").exists() && !Path::new("/etc/escaped").exists());
+}
