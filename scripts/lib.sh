@@ -73,6 +73,20 @@ ensure_nextest() {
   fi
 }
 
+# The Studio's code editor (CodeMirror 6) is bundled into the binary by
+# nexus-actors/build.rs with esbuild; both come from npm, pinned by
+# nexus-actors/ui-editor/package-lock.json.
+ensure_ui_build() {
+  local missing=()
+  command -v node >/dev/null || missing+=(nodejs)
+  command -v npm >/dev/null || missing+=(npm)
+  if [ ${#missing[@]} -gt 0 ]; then
+    echo "installing to build the Studio's code editor: ${missing[*]}"
+    apt_install "${missing[@]}"
+  fi
+  npm ci --prefix nexus-actors/ui-editor --no-audit --no-fund --loglevel=error
+}
+
 ensure_browser_tests() {
   local missing=()
   command -v python3 >/dev/null || missing+=(python3)

@@ -1,7 +1,8 @@
-//! Panels in the Studio UI end to end (issue 5 §5): a real `nexus dev` with
-//! its panel manager, local driver and traffic gateway, real redis-server,
-//! and headless Chromium driven by playwright-core
-//! (`ui-tests/panels.test.mjs`). Apps scale to zero after 3 s here so the
+//! Panels in the Studio UI end to end (issue 5 §5, issue 12): a real `nexus
+//! dev` with its panel manager, local driver and traffic gateway, real
+//! redis-server, and headless Chromium driven by playwright-core
+//! (`ui-tests/panels.test.mjs`; `ui-tests/workspace.test.mjs`, a panel
+//! written in the code editor). Apps scale to zero after 3 s here so the
 //! test sees it happen. `scripts/test` installs Chromium and the npm
 //! packages; without them this test fails and says what is missing. It
 //! fails too when the browser test is skipped or runs no test at all.
@@ -72,8 +73,22 @@ fn tap_count(tap: &str, name: &str) -> Option<u64> {
 
 #[test]
 fn a_panel_runs_in_studio_deploys_as_an_app_scales_to_zero_and_comes_back() {
+    browser_test("panels", |base, gateway, password| {
+        actix_rt::System::new().block_on(strangers_are_refused_a_running_studio(base, gateway, password));
+    });
+}
+
+/// `ui-tests/workspace.test.mjs`: a panel written in the Studio's editor.
+#[test]
+fn a_panel_is_written_in_the_editor_and_runs_restarts_and_deploys() {
+    browser_test("workspace", |_, _, _| {});
+}
+
+/// Runs `ui-tests/<script>.test.mjs` against a fresh `nexus dev` whose Apps
+/// scale to zero after 3 s, after `before(api, gateway, admin password)`.
+fn browser_test(script: &str, before: impl FnOnce(&str, &str, &str)) {
     let ui_tests = common::ui_tests();
-    let dir: PathBuf = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("nexus-panels-ui-{}", std::process::id()));
+    let dir: PathBuf = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("nexus-{script}-ui-{}", std::process::id()));
     let redis = RedisServer::start(&dir.join("redis"), false).unwrap();
     let (port, gateway_port) = (free_port().unwrap(), free_port().unwrap());
     let log = dir.join("nexus-dev.log");
@@ -92,15 +107,15 @@ fn a_panel_runs_in_studio_deploys_as_an_app_scales_to_zero_and_comes_back() {
     wait_for(&mut node, gateway_port, "traffic gateway", &log);
     let password = std::fs::read_to_string(dir.join("data/admin-password")).unwrap();
     let (base, gateway) = (format!("http://127.0.0.1:{port}"), format!("http://127.0.0.1:{gateway_port}"));
-    actix_rt::System::new().block_on(strangers_are_refused_a_running_studio(&base, &gateway, password.trim()));
+    before(&base, &gateway, password.trim());
 
     let output = Command::new("node")
-        .args(["--test", "--test-reporter=tap", "panels.test.mjs"])
+        .args(["--test", "--test-reporter=tap", &format!("{script}.test.mjs")])
         .current_dir(&ui_tests)
-        .env("NEXUS_URL", format!("http://127.0.0.1:{port}"))
-        .env("NEXUS_GATEWAY", format!("http://127.0.0.1:{gateway_port}"))
+        .env("NEXUS_URL", &base)
+        .env("NEXUS_GATEWAY", &gateway)
         .env("NEXUS_PASSWORD", password.trim())
-        .env("NEXUS_SCREENSHOT", dir.join("panels.png"))
+        .env("NEXUS_SCREENSHOT", dir.join(format!("{script}.png")))
         .output()
         .expect("node is installed");
     drop(node);

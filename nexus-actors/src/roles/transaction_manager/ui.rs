@@ -1,6 +1,9 @@
-//! The Studio web UI: four static files built into the binary and served
-//! at `/`. No build step; the browser talks to `/api` and `/ws` like any
-//! other client and holds no privileges of its own.
+//! The Studio web UI: static files built into the binary and served at
+//! `/`. The page's own modules are plain files; the code editor
+//! (`/static/editor.js`, CodeMirror 6) is a bundle `build.rs` makes with
+//! esbuild from `nexus-actors/ui-editor/`, loaded only when a panel's code
+//! is opened. The browser talks to `/api` and `/ws` like any other client
+//! and holds no privileges of its own.
 //!
 //! Every answer forbids framing (`frame-ancestors 'none'`, `X-Frame-Options:
 //! DENY`), so no other page can lay the Studio under its own and trick a
@@ -17,19 +20,20 @@ const INDEX: &str = include_str!("ui/index.html");
 const APP: &str = include_str!("ui/app.js");
 const CONTEXTS: &str = include_str!("ui/contexts.js");
 const STYLE: &str = include_str!("ui/style.css");
+const WORKSPACE: &str = include_str!("ui/workspace.js");
+const EDITOR: &str = include_str!(concat!(env!("OUT_DIR"), "/editor.js"));
 
-/// Registers `/`, `/static/app.js`, `/static/contexts.js` (the Contexts
-/// view, a module `app.js` imports) and `/static/style.css`.
+/// Registers `/`, `/static/app.js`, the modules it imports
+/// (`/static/contexts.js`: the Contexts view; `/static/workspace.js`: a
+/// panel's code; `/static/editor.js`: the editor bundle) and
+/// `/static/style.css`.
 pub fn configure(cfg: &mut web::ServiceConfig) {
+    const JS: &str = "text/javascript; charset=utf-8";
     cfg.route("/", web::get().to(|req: HttpRequest| async move { asset(&req, INDEX, "text/html; charset=utf-8") }))
-        .route(
-            "/static/app.js",
-            web::get().to(|req: HttpRequest| async move { asset(&req, APP, "text/javascript; charset=utf-8") }),
-        )
-        .route(
-            "/static/contexts.js",
-            web::get().to(|req: HttpRequest| async move { asset(&req, CONTEXTS, "text/javascript; charset=utf-8") }),
-        )
+        .route("/static/app.js", web::get().to(|req: HttpRequest| async move { asset(&req, APP, JS) }))
+        .route("/static/contexts.js", web::get().to(|req: HttpRequest| async move { asset(&req, CONTEXTS, JS) }))
+        .route("/static/workspace.js", web::get().to(|req: HttpRequest| async move { asset(&req, WORKSPACE, JS) }))
+        .route("/static/editor.js", web::get().to(|req: HttpRequest| async move { asset(&req, EDITOR, JS) }))
         .route(
             "/static/style.css",
             web::get().to(|req: HttpRequest| async move { asset(&req, STYLE, "text/css; charset=utf-8") }),

@@ -1,12 +1,14 @@
 // Nexus Studio: login, panels with their live instances (opened through the
-// traffic gateway), the built-in Document Editor, LLM contexts (contexts.js)
+// traffic gateway) and their code (workspace.js), the built-in Document
+// Editor, LLM contexts (contexts.js)
 // and, for admins, the live mailbox graph. Plain ES module; talks to /api
 // and /ws of the node, and to the gateway for panels and Studio heartbeats.
 
 import { contextsView } from "./contexts.js";
+import { workspaceView } from "./workspace.js";
 
 const $ = (selector) => document.querySelector(selector);
-const views = ["login", "panels", "editor", "contexts", "graph"];
+const views = ["login", "panels", "code", "editor", "contexts", "graph"];
 let token = sessionStorage.getItem("nexus-token");
 let me = null; // { username, role } of the token's user
 let socket = null;
@@ -16,6 +18,7 @@ const editor = { id: null, version: 0, state: {}, pending: null, cursors: new Ma
 function show(view) {
   // The graph is for admins (the node refuses it to anyone else).
   if (view === "graph" && me?.role !== "admin") view = "panels";
+  if (view !== "code") workspace.close();
   for (const v of views) $("#" + v).hidden = v !== view;
   $("#nav").hidden = view === "login";
   clearInterval(graphTimer);
@@ -27,6 +30,11 @@ function show(view) {
 
 function status(message) {
   $("#status").textContent = message || "";
+}
+
+// The headers that carry the session's token, for requests that are not JSON.
+function authorization() {
+  return token ? { authorization: "Bearer " + token } : {};
 }
 
 async function api(method, path, body) {
@@ -48,6 +56,7 @@ function forget() {
   followingPanels = false;
   closePanel();
   contexts.close();
+  workspace.close();
   if (socket) socket.close();
   socket = null;
   $("#whoami").textContent = "";
@@ -236,6 +245,7 @@ function panelItem(p) {
       action("Start Studio", "start-studio", async () => applyInstance(await api("POST", path + "/studio"))),
       action("Stop", "stop-studio", () => api("DELETE", path + "/studio")),
       open,
+      action("Code", "code", () => workspace.open(p)),
       action("Deploy as App", "deploy", async () => {
         const deployed = await api("POST", path + "/deploy");
         status(`deployed version ${deployed.version} with ${deployed.replicas} replica(s)`);
@@ -592,6 +602,7 @@ async function followPanels() {
 }
 
 const contexts = contextsView({ api, el, connect, show });
+const workspace = workspaceView({ api, el, show, authorization, panelAccess, gatewayBase, config, back: showPanels });
 const configured = loadConfig();
 if (token) configured.then(loadMe).then(showPanels).then(followPanels).catch(() => forget());
 else show("login");
