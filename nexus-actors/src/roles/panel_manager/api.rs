@@ -27,6 +27,8 @@ pub struct PmApi {
     pub handle: PanelManagerHandle,
     /// The panel records: who owns which panel.
     pub panels: PanelRecords,
+    /// Bytes of file and archive bodies held in memory at once, node-wide.
+    pub file_bodies: tokio::sync::Semaphore,
 }
 
 /// A deployed App, as the API reports it.

@@ -18,6 +18,7 @@
 use actix_web::http::header;
 use actix_web::{web, HttpRequest, HttpResponse};
 use serde::{Deserialize, Serialize};
+use tokio::sync::SemaphorePermit;
 use utoipa::ToSchema;
 
 use super::api::{own_panel, PmApi};
@@ -27,6 +28,11 @@ use super::volume_files::{FileEntry, FileError, FileKind, FileList, FilePath, Vo
 use super::PanelManagerError;
 use crate::platform::http::{read_body, BodyError};
 use crate::platform::{ApiError, Caller, ErrorBody};
+
+/// Bytes of request bodies the files API holds in memory at once, all
+/// panels together; past it a save or upload is 503 `busy`, so many large
+/// uploads at once cannot exhaust the node's memory.
+pub const MAX_BUFFERED: usize = 256 << 20;
 
 /// What `PUT /api/panels/{id}/files/{path}` saved.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
@@ -73,12 +79,25 @@ fn counted<T>(api: &PmApi, op: FileChange, result: Result<T, ApiError>) -> Resul
     result
 }
 
-async fn body(req: &HttpRequest, payload: web::Payload, limit: u64) -> Result<web::Bytes, ApiError> {
-    let limit = usize::try_from(limit).unwrap_or(usize::MAX);
-    read_body(req, payload, limit).await.map_err(|e| match e {
+/// The body, up to `limit` bytes, read once room for that many is taken
+/// from the node's budget; the room is given back when the permit drops.
+async fn body<'a>(
+    api: &'a PmApi,
+    req: &HttpRequest,
+    payload: web::Payload,
+    limit: u64,
+) -> Result<(web::Bytes, SemaphorePermit<'a>), ApiError> {
+    let limit = usize::try_from(limit).unwrap_or(usize::MAX).min(MAX_BUFFERED);
+    let room = u32::try_from(limit).unwrap_or(u32::MAX);
+    let permit = api.file_bodies.try_acquire_many(room).map_err(|_| {
+        tracing::warn!(limit, "nexus_panel_file_changes_total: bodies over the node's budget, refused");
+        ApiError::Busy { retry_after: 1 }
+    })?;
+    let bytes = read_body(req, payload, limit).await.map_err(|e| match e {
         BodyError::TooLarge { limit } => ApiError::BodyTooLarge { limit },
         BodyError::Unreadable(why) => ApiError::BadRequest(format!("unreadable body: {why}")),
-    })
+    })?;
+    Ok((bytes, permit))
 }
 
 /// Every entry of the panel's files.
@@ -109,7 +128,7 @@ pub async fn upload(
 ) -> Result<HttpResponse, ApiError> {
     let panel = own_panel(&api, &caller, &id).await?;
     let replaced = async {
-        let archive = body(&req, payload, api.handle.driver.file_limits().max_bytes).await?;
+        let (archive, _room) = body(&api, &req, payload, api.handle.driver.file_limits().max_bytes).await?;
         api.handle.driver.replace_files(&panel.id, &panel.source, archive).await.map_err(api_error)
     };
     let list = counted(&api, FileChange::Upload, replaced.await)?;
@@ -186,7 +205,7 @@ pub async fn write_file(
     let panel = own_panel(&api, &caller, req.match_info().query("id")).await?;
     let saved = async {
         let path = file_path(&req)?;
-        let bytes = body(&req, payload, api.handle.driver.file_limits().max_file_bytes).await?;
+        let (bytes, _room) = body(&api, &req, payload, api.handle.driver.file_limits().max_file_bytes).await?;
         let size = bytes.len() as u64;
         let created =
             api.handle.driver.write_file(&panel.id, &panel.source, path.clone(), bytes).await.map_err(api_error)?;

@@ -42,12 +42,12 @@ mod procs;
 mod runsc;
 mod stale;
 mod storage;
+mod swap;
 mod templates;
 mod tree;
 mod workspace;
 
 use std::collections::{HashMap, HashSet};
-use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -63,12 +63,12 @@ use super::metrics::{isolation_label, mode_label};
 use super::volume_files::{FileList, FilePath, VolumeLimits};
 use crate::infra::free_port;
 use crate::instance::{Endpoint, InstanceMode, Isolation, SIDECAR_TOKEN_ENV};
-use crate::netns::{Netns, NetnsThread};
+use crate::netns::Netns;
 use crate::platform::files::private_dir;
 use files::{blocking, check_id, chown_tree, fresh_copy, open_log, panel_uid, path_string, read_command, remove_tree};
 use isolation::{resolve, Sandbox};
 use metrics::Helper;
-use procs::{OnExit, Supervised};
+use procs::{listening, OnExit, Supervised};
 
 pub use files::netns_name;
 pub use isolation::SandboxChoice;
@@ -127,7 +127,9 @@ pub struct LocalDriver {
     /// What a volume may hold through the API.
     file_limits: VolumeLimits,
     /// The panels whose files an API request is changing right now.
-    editing: Mutex<HashSet<String>>,
+    editing: Arc<Mutex<HashSet<String>>>,
+    /// Turns to unpack an upload, node-wide.
+    unpacking: tokio::sync::Semaphore,
 }
 
 /// Where an instance's processes listen and meet, decided before they start.
@@ -176,7 +178,8 @@ impl LocalDriver {
             instances: Mutex::new(HashMap::new()),
             snapshots: tokio::sync::Mutex::new(()),
             file_limits: VolumeLimits::default(),
-            editing: Mutex::default(),
+            editing: Arc::default(),
+            unpacking: tokio::sync::Semaphore::new(2),
         }
     }
 
@@ -628,40 +631,4 @@ fn spawn_user(id: &str, instance: &Instance, metrics: &LocalMetrics) -> Result<S
 fn new_secret() -> String {
     use rand::distributions::{Alphanumeric, DistString};
     Alphanumeric.sample_string(&mut rand::thread_rng(), 48)
-}
-
-/// How long the sidecar and the watchdog may take to listen.
-const HELPERS_LISTEN_WITHIN: Duration = Duration::from_secs(15);
-
-/// Waits until something listens on each of `addrs`, inside the namespace
-/// at `netns` if there is one (then only the helpers can, as no user code
-/// runs there yet).
-async fn listening(netns: Option<PathBuf>, addrs: &[&str]) -> Result<(), DriverError> {
-    let addrs: Vec<SocketAddr> = addrs
-        .iter()
-        .map(|a| a.parse().map_err(|e| DriverError::Io(std::io::Error::other(format!("{a}: {e}")))))
-        .collect::<Result<_, _>>()?;
-    blocking(move || {
-        let inside = netns.as_deref().map(NetnsThread::enter).transpose().map_err(std::io::Error::other)?;
-        let deadline = Instant::now() + HELPERS_LISTEN_WITHIN;
-        for addr in addrs {
-            loop {
-                let connect = move || TcpStream::connect_timeout(&addr, Duration::from_millis(500));
-                let connected = match &inside {
-                    Some(inside) => inside.run(connect).map_err(std::io::Error::other)?,
-                    None => connect(),
-                };
-                match connected {
-                    Ok(_) => break,
-                    Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(5)),
-                    Err(error) => {
-                        let why = format!("nothing listens on {addr} after {HELPERS_LISTEN_WITHIN:?}: {error}");
-                        return Err(DriverError::Io(std::io::Error::other(why)));
-                    }
-                }
-            }
-        }
-        Ok(())
-    })
-    .await
 }

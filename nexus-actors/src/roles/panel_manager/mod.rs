@@ -262,5 +262,6 @@ async fn clear_stale(store: &PmStore, reporter: &Reporter, node: &str) -> Result
 /// Register them before the `/api` fallback; the app must hold the node's
 /// [`crate::platform::Auth`] as data.
 pub fn configure(handle: PanelManagerHandle, panels: PanelRecords) -> impl FnOnce(&mut web::ServiceConfig) {
-    move |cfg| api::routes(cfg, api::PmApi { handle, panels })
+    let file_bodies = tokio::sync::Semaphore::new(files_api::MAX_BUFFERED);
+    move |cfg| api::routes(cfg, api::PmApi { handle, panels, file_bodies })
 }

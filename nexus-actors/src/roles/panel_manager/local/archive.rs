@@ -10,6 +10,8 @@
 //!
 //! When everything in the archive lies in one top directory (a folder
 //! zipped as is, a GitHub download), that directory's content is the tree.
+//! Symlinks are checked once that tree is known: resolved from where they
+//! sit, through real directories only, they must stay inside it.
 
 use std::ffi::{CStr, CString};
 use std::fs::File;
@@ -19,12 +21,14 @@ use std::path::Path;
 
 use super::super::driver::DriverError;
 use super::super::volume_files::{FileError, FilePath, VolumeLimits};
-use super::tree::{check, finish, fstat, remove_entry, Dir};
+use super::tree::{check, finish, fstat, Dir};
 use super::workspace::{descend, make_dir, Usage};
 use crate::platform::files::private_dir;
 
 /// Longest symlink target an archive may hold.
 const MAX_LINK: usize = 1024;
+/// Longest path an archive may name (a request's limit).
+const MAX_PATH: usize = super::super::volume_files::MAX_PATH;
 
 /// The archive formats taken, told by their first bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -57,32 +61,35 @@ pub(super) fn replace(
     let top = Dir::open(volume)?;
     let owner = fstat(top.fd())?.st_uid;
     private_dir(staging)?;
-    let unpacked = Dir::open(staging).map_err(DriverError::from).and_then(|stage| {
-        let mut unpacker = Unpacker { top: stage, owner, limits, usage: Usage::default() };
+    let replaced = Dir::open(staging).map_err(DriverError::from).and_then(|stage| {
+        if fstat(stage.fd())?.st_dev != fstat(top.fd())?.st_dev {
+            return Err(io::Error::other("the volume is not on the file system of its staging directory").into());
+        }
+        make_dir(&stage, c"new", 0)?;
+        make_dir(&stage, c"old", 0)?;
+        let mut unpacker =
+            Unpacker { top: stage.child(c"new")?, owner, limits, usage: Usage::default(), links: Vec::new() };
         match format {
             Format::TarGz => unpacker.tar_gz(archive)?,
             Format::Zip => unpacker.zip(archive)?,
         }
-        let root = unpacker.single_top_dir()?;
-        swap(&root, &top)?;
+        if unpacker.usage.entries == 0 {
+            return Err(FileError::BadArchive("it holds no files; delete files one by one instead".into()).into());
+        }
+        let (root, prefix) = unpacker.single_top_dir()?;
+        unpacker.check_links(&root, prefix.as_deref())?;
+        super::swap::replace_entries(&top, &root, &stage.child(c"old")?)?;
+        // A start may have given the volume to the panel meanwhile.
+        let now = fstat(top.fd())?.st_uid;
+        if now != owner {
+            super::tree::chown(volume, now, 0o700)?;
+        }
         Ok(unpacker.usage)
     });
     let cleaned = super::tree::remove(staging);
-    let usage = unpacked?;
+    let usage = replaced?;
     cleaned?;
     Ok(usage)
-}
-
-/// Moves every entry of `from` into `to`, after removing `to`'s own.
-fn swap(from: &Dir, to: &Dir) -> io::Result<()> {
-    for name in to.entries()? {
-        remove_entry(to, &name, 0)?;
-    }
-    for name in from.entries()? {
-        // SAFETY: valid descriptors and NUL-terminated names.
-        check(unsafe { libc::renameat(from.fd(), name.as_ptr(), to.fd(), name.as_ptr()) })?;
-    }
-    Ok(())
 }
 
 /// Writes checked entries into a staging tree and counts them.
@@ -91,25 +98,29 @@ struct Unpacker {
     owner: u32,
     limits: VolumeLimits,
     usage: Usage,
+    /// Every symlink made (its path and target), checked once the tree's
+    /// top is known.
+    links: Vec<(String, String)>,
 }
 
 impl Unpacker {
     fn tar_gz(&mut self, archive: &[u8]) -> Result<(), DriverError> {
         // Headers and long names are unpacked too: capped with the rest, so
         // a small archive cannot make this read gigabytes of zeros.
-        let cap = self.limits.max_bytes + self.limits.max_entries as u64 * 4096;
+        let cap = self.limits.max_bytes.saturating_add(self.limits.max_entries as u64 * 1024);
         let mut tar = tar::Archive::new(flate2::read::GzDecoder::new(archive).take(cap));
         for entry in tar.entries().map_err(bad)? {
             let entry = entry.map_err(bad)?;
-            let name = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
+            let name = checked_name(&entry.path_bytes(), MAX_PATH)?;
             let mode = entry.header().mode().unwrap_or(0o644);
             use tar::EntryType as T;
             match entry.header().entry_type() {
                 T::Regular | T::Continuous => self.file(&name, entry, mode)?,
                 T::Directory => self.dir(&name)?,
                 T::Symlink => {
-                    let target = entry.link_name_bytes().map(|t| String::from_utf8_lossy(&t).into_owned());
-                    self.symlink(&name, &target.unwrap_or_default())?
+                    let target = entry.link_name_bytes().unwrap_or_default();
+                    let target = checked_name(&target, MAX_LINK)?;
+                    self.symlink(&name, &target)?
                 }
                 T::XGlobalHeader | T::XHeader => {}
                 T::Link => return Err(refused(&name, "a hard link; archive the file itself")),
@@ -118,22 +129,34 @@ impl Unpacker {
                 }
             }
         }
+        // To its end: the gzip trailer's checksum is checked there, and an
+        // archive cut at the cap is not taken for a whole one.
+        let mut rest = tar.into_inner();
+        io::copy(&mut rest, &mut io::sink()).map_err(bad)?;
+        if rest.limit() == 0 {
+            return Err(FileError::Quota { what: "bytes", limit: self.limits.max_bytes }.into());
+        }
         Ok(())
     }
 
     fn zip(&mut self, archive: &[u8]) -> Result<(), DriverError> {
+        // Counted before the central directory is parsed (and held in memory).
+        if zip_entries(archive).is_some_and(|n| n > self.limits.max_entries) {
+            return Err(FileError::Quota { what: "entries", limit: self.limits.max_entries as u64 }.into());
+        }
         let mut zip = zip::ZipArchive::new(io::Cursor::new(archive)).map_err(bad)?;
         if zip.len() > self.limits.max_entries {
             return Err(FileError::Quota { what: "entries", limit: self.limits.max_entries as u64 }.into());
         }
         for index in 0..zip.len() {
             let mut entry = zip.by_index(index).map_err(bad)?;
-            let name = String::from_utf8_lossy(entry.name_raw()).into_owned();
+            let name = checked_name(entry.name_raw(), MAX_PATH)?;
             if entry.is_dir() {
                 self.dir(&name)?;
             } else if entry.is_symlink() {
                 let mut target = String::new();
                 (&mut entry).take(MAX_LINK as u64 + 1).read_to_string(&mut target).map_err(bad)?;
+                let target = checked_name(target.as_bytes(), MAX_LINK)?;
                 self.symlink(&name, &target)?;
             } else {
                 let mode = entry.unix_mode().unwrap_or(0o644);
@@ -200,18 +223,35 @@ impl Unpacker {
 
     fn symlink(&mut self, name: &str, target: &str) -> Result<(), DriverError> {
         let Some(path) = Self::path(name)? else { return Err(refused(name, "a symlink at the archive's top")) };
-        if !stays_inside(&path, target) {
+        if target.is_empty() || target.starts_with('/') {
             return Err(refused(name, &format!("a symlink to {target:?}, outside the panel's files")));
         }
         self.count()?;
         let (parent, last) = self.parent_of(name, &path)?;
-        let target = CString::new(target).map_err(|_| refused(name, "a symlink target with a NUL"))?;
+        let c_target = CString::new(target).map_err(|_| refused(name, "a symlink target with a NUL"))?;
         // SAFETY: valid descriptor and NUL-terminated strings.
-        check(unsafe { libc::symlinkat(target.as_ptr(), parent.fd(), last.as_ptr()) })
+        check(unsafe { libc::symlinkat(c_target.as_ptr(), parent.fd(), last.as_ptr()) })
             .map_err(|e| in_archive(name, e))?;
         let flags = libc::AT_SYMLINK_NOFOLLOW;
         // SAFETY: as above; AT_SYMLINK_NOFOLLOW changes the link itself.
         check(unsafe { libc::fchownat(parent.fd(), last.as_ptr(), self.owner, self.owner, flags) })?;
+        self.links.push((path.to_string(), target.to_owned()));
+        Ok(())
+    }
+
+    /// Refuses any symlink that, resolved from where it sits below `root`
+    /// (`prefix` is the top directory stripped off the archive's paths),
+    /// leaves the tree or passes through another symlink.
+    fn check_links(&self, root: &Dir, prefix: Option<&str>) -> Result<(), DriverError> {
+        for (path, target) in &self.links {
+            let inside = match prefix {
+                Some(prefix) => path.strip_prefix(prefix).and_then(|p| p.strip_prefix('/')),
+                None => Some(path.as_str()),
+            };
+            if !inside.is_some_and(|inside| resolves_inside(root, inside, target)) {
+                return Err(refused(path, &format!("a symlink to {target:?}, outside the panel's files")));
+            }
+        }
         Ok(())
     }
 
@@ -232,37 +272,94 @@ impl Unpacker {
         descend(&self.top, path, None).map_err(|e| in_tree(name, e))
     }
 
-    /// The directory whose content is the tree: the only entry at the top
-    /// when that is a directory, else the top itself.
-    fn single_top_dir(&self) -> io::Result<Dir> {
+    /// The directory whose content is the tree, and the name it strips:
+    /// the only entry at the top when that is a directory, else the top.
+    fn single_top_dir(&self) -> io::Result<(Dir, Option<String>)> {
         let names = self.top.entries()?;
         if let [only] = names.as_slice() {
             if let Ok(dir) = self.top.child(only) {
-                return Ok(dir);
+                return Ok((dir, Some(only.to_string_lossy().into_owned())));
             }
         }
-        Ok(Dir(self.top.0.try_clone()?))
+        Ok((Dir(self.top.0.try_clone()?), None))
     }
 }
 
-/// Whether `target`, a symlink at `path`, names something inside the tree
-/// (relative, never climbing above the top).
-fn stays_inside(path: &FilePath, target: &str) -> bool {
-    if target.is_empty() || target.starts_with('/') || target.len() > MAX_LINK || target.contains('\0') {
-        return false;
-    }
-    let mut depth = path.names().count() as i64 - 1;
-    for name in target.split('/') {
-        match name {
-            "" | "." => {}
-            ".." => depth -= 1,
-            _ => depth += 1,
+/// Whether `target`, a symlink at `path` below `root`, resolves inside
+/// the tree, followed step by step as the kernel would: `..` never climbs
+/// above `root`, and every directory passed through is a real one, not
+/// another symlink (whose target this walk would not see). A target that
+/// meets a missing name or a file on the way resolves to nothing: harmless.
+fn resolves_inside(root: &Dir, path: &str, target: &str) -> bool {
+    let Ok(top) = root.0.try_clone() else { return false };
+    let mut dirs = vec![Dir(top)];
+    let child = |dirs: &[Dir], name: &str| {
+        let name = CString::new(name).map_err(io::Error::other)?;
+        dirs.last().ok_or_else(|| io::Error::other("no directory"))?.child(&name)
+    };
+    // The link's parents: real directories, made by the unpacking.
+    let mut parents: Vec<&str> = path.split('/').collect();
+    parents.pop();
+    for name in parents {
+        match child(&dirs, name) {
+            Ok(dir) => dirs.push(dir),
+            Err(_) => return false,
         }
-        if depth < 0 {
-            return false;
+    }
+    let names: Vec<&str> = target.split('/').filter(|n| !n.is_empty() && *n != ".").collect();
+    let Some((last, through)) = names.split_last() else { return true };
+    for name in through {
+        if *name == ".." {
+            if dirs.len() == 1 {
+                return false;
+            }
+            dirs.pop();
+            continue;
+        }
+        match child(&dirs, name) {
+            Ok(dir) => dirs.push(dir),
+            Err(error) if error.raw_os_error() == Some(libc::ENOENT) => return true,
+            // Not a directory: a file ends the resolution (harmlessly), a
+            // symlink (ENOTDIR too, under O_DIRECTORY) is refused.
+            Err(error) if error.raw_os_error() == Some(libc::ENOTDIR) => {
+                let Ok(name) = CString::new(*name) else { return false };
+                return dirs.last().is_some_and(|dir| is_file(dir, &name));
+            }
+            Err(_) => return false,
         }
     }
-    true
+    // The last name may be anything (a file, a directory, a symlink that is
+    // checked on its own, nothing), but `..` must not climb out either.
+    *last != ".." || dirs.len() > 1
+}
+
+/// How many entries a zip's end-of-central-directory record says it
+/// holds; `None` when the record is not found (the parser then refuses it).
+fn zip_entries(archive: &[u8]) -> Option<usize> {
+    const RECORD: usize = 22;
+    let earliest = archive.len().saturating_sub(RECORD + u16::MAX as usize);
+    let at =
+        (earliest..=archive.len().checked_sub(RECORD)?).rev().find(|&at| archive[at..].starts_with(b"PK\x05\x06"))?;
+    Some(u16::from_le_bytes([archive[at + 10], archive[at + 11]]) as usize)
+}
+
+/// An archive's name or link target as text, refused unread past `max`
+/// bytes so a long name cannot grow in memory or in the error message.
+fn checked_name(bytes: &[u8], max: usize) -> Result<String, DriverError> {
+    if bytes.len() > max {
+        let start = String::from_utf8_lossy(&bytes[..64.min(bytes.len())]).into_owned();
+        return Err(refused(&format!("{start}…"), &format!("a name or link of {} bytes; at most {max}", bytes.len())));
+    }
+    Ok(String::from_utf8_lossy(bytes).into_owned())
+}
+
+/// Whether `name` in `dir` is a regular file (a symlink is not followed).
+fn is_file(dir: &Dir, name: &CStr) -> bool {
+    // SAFETY: an all-zero stat is a valid value; fstatat fills it.
+    let mut stat: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: valid descriptor, NUL-terminated name and a stat to write to.
+    let found = unsafe { libc::fstatat(dir.fd(), name.as_ptr(), &mut stat, libc::AT_SYMLINK_NOFOLLOW) } == 0;
+    found && stat.st_mode & libc::S_IFMT == libc::S_IFREG
 }
 
 fn exists(dir: &Dir, name: &CStr) -> io::Result<bool> {
@@ -281,7 +378,8 @@ fn bad(error: impl std::fmt::Display) -> DriverError {
 }
 
 fn refused(name: &str, why: &str) -> DriverError {
-    FileError::BadArchive(format!("{name:?}: {why}")).into()
+    let shown: String = name.chars().take(200).collect();
+    FileError::BadArchive(format!("{shown:?}: {why}")).into()
 }
 
 /// A staging write that failed because of what the archive holds.
@@ -308,16 +406,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn symlinks_may_point_within_the_tree_only() {
-        let at = |p: &str| FilePath::parse(p).expect("a path");
-        assert!(stays_inside(&at("a"), "b"));
-        assert!(stays_inside(&at("d/a"), "../b"));
-        assert!(stays_inside(&at("d/e/a"), "../../b/./c"));
-        for (path, target) in
-            [("a", "../b"), ("d/a", "../../b"), ("a", "/etc/passwd"), ("a", ""), ("d/a", "x/../../..")]
-        {
-            assert!(!stays_inside(&at(path), target), "{path} -> {target}");
-        }
+    fn a_zip_is_counted_from_its_end_record() {
+        let mut archive = b"PK\x03\x04 entries".to_vec();
+        archive.extend_from_slice(b"PK\x05\x06\0\0\0\0\x07\0\x07\0\0\0\0\0\0\0\0\0\0\0");
+        assert_eq!(zip_entries(&archive), Some(7));
+        assert_eq!(zip_entries(b"PK\x03\x04 no end record"), None);
     }
 
     #[test]

@@ -211,6 +211,17 @@ fn tar_gz(entries: &[(&str, tar::EntryType, &[u8], &str)]) -> Vec<u8> {
     builder.into_inner().expect("tar").finish().expect("gzip")
 }
 
+/// A tar.gz whose one entry has a GNU long name of 100,000 bytes.
+fn long_name() -> Vec<u8> {
+    let mut builder = tar::Builder::new(flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast()));
+    let mut header = tar::Header::new_gnu();
+    header.set_size(1);
+    header.set_mode(0o644);
+    let name = format!("{}x", "\u{1}/".repeat(50_000));
+    builder.append_data(&mut header, name, &b"x"[..]).expect("append");
+    builder.into_inner().expect("tar").finish().expect("gzip")
+}
+
 fn zip(entries: &[(&str, &[u8])]) -> Vec<u8> {
     let mut writer = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
     let options = zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Deflated);
@@ -269,6 +280,9 @@ async fn a_bad_archive_is_refused_and_changes_nothing() {
     let before = tree(&s).await;
     let mut truncated = tar_gz(&[("a", T::Regular, &[b'a'; 300], "")]);
     truncated.truncate(truncated.len() / 2);
+    let mut corrupted = tar_gz(&[("a", T::Regular, &[b'a'; 300], "")]);
+    let crc = corrupted.len() - 8;
+    corrupted[crc] ^= 0xff;
     let cases: Vec<(&str, Vec<u8>)> = vec![
         ("not an archive", b"{\"json\": true}".to_vec()),
         ("a truncated gzip", truncated),
@@ -295,6 +309,20 @@ async fn a_bad_archive_is_refused_and_changes_nothing() {
         ),
         ("a zip bomb", zip(&[("zeros", &[0u8; 100_000])])),
         ("a zip climbing", zip(&[("../escaped", b"x")])),
+        (
+            "a symlink through a symlink",
+            tar_gz(&[
+                ("d/l", T::Symlink, b"", ".."),
+                ("x", T::Symlink, b"", "d/l/d/l/../../../../etc/shadow"),
+                ("y", T::Regular, b"", ""),
+            ]),
+        ),
+        (
+            "a symlink out of the stripped top",
+            tar_gz(&[("top/a", T::Symlink, b"", "../x"), ("top/b", T::Regular, b"", "")]),
+        ),
+        ("no files at all", tar_gz(&[("./", T::Directory, b"", "")])),
+        ("a corrupted checksum", corrupted),
     ];
     for (what, archive) in cases {
         let refused = d.replace_files("p", SOURCE, archive.into()).await;
@@ -308,6 +336,44 @@ async fn a_bad_archive_is_refused_and_changes_nothing() {
             "{what}: {refused:?}"
         );
         assert_eq!(tree(&s).await, before, "{what} changed the volume");
+        let message = format!("{refused:?}");
+        assert!(message.len() < 600, "{what}: a message of {} bytes", message.len());
     }
     assert!(!s.dir.join("escaped").exists() && !Path::new("/etc/escaped").exists());
+}
+
+#[test]
+fn a_swap_that_fails_midway_puts_everything_back() {
+    let s = scratch("swap", VolumeLimits::default());
+    let volume = s.dir.join("volume");
+    let (new, old) = (s.dir.join("new"), s.dir.join("old"));
+    for dir in [&volume, &new, &old] {
+        std::fs::create_dir_all(dir).expect("mkdir");
+    }
+    for name in ["a", "b", "c"] {
+        std::fs::write(volume.join(name), name).expect("write");
+    }
+    std::fs::write(new.join("n"), "new").expect("write");
+    // A name the old entries cannot move to: the swap stops there.
+    std::fs::write(old.join("b"), "in the way").expect("write");
+    let open = |p: &Path| super::tree::Dir::open(p).expect("open");
+    let refused = super::swap::replace_entries(&open(&volume), &open(&new), &open(&old));
+    assert!(matches!(refused, Err(DriverError::File(FileError::Busy))), "{refused:?}");
+    let mut names: Vec<_> = std::fs::read_dir(&volume).expect("ls").map(|e| e.expect("entry").file_name()).collect();
+    names.sort();
+    assert_eq!(names, ["a", "b", "c"], "the volume is as it was");
+    assert_eq!(std::fs::read_to_string(volume.join("b")).expect("read"), "b");
+    assert!(new.join("n").exists(), "nothing new moved in");
+}
+
+#[actix_rt::test]
+async fn a_long_name_is_refused_unread_with_a_short_message() {
+    let s = scratch("long-name", VolumeLimits::default());
+    let refused = s.driver.replace_files("p", SOURCE, long_name().into()).await;
+    let message = match refused {
+        Err(DriverError::File(FileError::BadArchive(message))) => message,
+        other => panic!("{other:?}"),
+    };
+    assert!(message.contains("a name or link of 100001 bytes"), "{message}");
+    assert!(message.len() < 300, "a message of {} bytes", message.len());
 }

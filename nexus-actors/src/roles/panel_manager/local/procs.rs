@@ -3,21 +3,26 @@
 //! uid), supervised (an exit is reported or, for our helpers, restarted
 //! with backoff) and ended (SIGTERM, grace, SIGKILL to the whole group).
 //!
-//! It knows nothing about panels, sandboxes or files beyond logs.
+//! It also waits until an instance's helpers listen (inside its namespace),
+//! before the user process may start. It knows nothing about panels,
+//! sandboxes or files beyond logs.
 
 use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom};
+use std::net::{SocketAddr, TcpStream};
 use std::os::fd::AsRawFd;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use prometheus::IntCounter;
 use tokio::process::{Child, Command};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
-use super::super::driver::InstanceEvent;
+use super::super::driver::{DriverError, InstanceEvent};
+use super::files::blocking;
+use crate::netns::NetnsThread;
 
 /// How long a helper that died waits before its first restart; doubles up
 /// to [`MAX_BACKOFF`] while it keeps dying.
@@ -252,4 +257,40 @@ pub(super) fn tail(path: &Path, lines: usize) -> io::Result<Vec<String>> {
     let text = String::from_utf8_lossy(&bytes);
     let all: Vec<&str> = text.lines().collect();
     Ok(all[all.len().saturating_sub(lines)..].iter().map(|l| (*l).to_owned()).collect())
+}
+
+/// How long the sidecar and the watchdog may take to listen.
+const HELPERS_LISTEN_WITHIN: Duration = Duration::from_secs(15);
+
+/// Waits until something listens on each of `addrs`, inside the namespace
+/// at `netns` if there is one (then only the helpers can, as no user code
+/// runs there yet).
+pub(super) async fn listening(netns: Option<PathBuf>, addrs: &[&str]) -> Result<(), DriverError> {
+    let addrs: Vec<SocketAddr> = addrs
+        .iter()
+        .map(|a| a.parse().map_err(|e| DriverError::Io(std::io::Error::other(format!("{a}: {e}")))))
+        .collect::<Result<_, _>>()?;
+    blocking(move || {
+        let inside = netns.as_deref().map(NetnsThread::enter).transpose().map_err(std::io::Error::other)?;
+        let deadline = Instant::now() + HELPERS_LISTEN_WITHIN;
+        for addr in addrs {
+            loop {
+                let connect = move || TcpStream::connect_timeout(&addr, Duration::from_millis(500));
+                let connected = match &inside {
+                    Some(inside) => inside.run(connect).map_err(std::io::Error::other)?,
+                    None => connect(),
+                };
+                match connected {
+                    Ok(_) => break,
+                    Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(5)),
+                    Err(error) => {
+                        let why = format!("nothing listens on {addr} after {HELPERS_LISTEN_WITHIN:?}: {error}");
+                        return Err(DriverError::Io(std::io::Error::other(why)));
+                    }
+                }
+            }
+        }
+        Ok(())
+    })
+    .await
 }

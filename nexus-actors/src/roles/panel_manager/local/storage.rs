@@ -5,10 +5,15 @@
 //!
 //! It runs nothing; the driver decides when these are made. Changes to one
 //! panel's files through the API go one at a time: a second is refused
-//! ([`FileError::Busy`]) rather than queued, so no request waits behind
-//! another user's upload.
+//! ([`FileError::Busy`]) rather than queued. Uploads unpack two at a time
+//! node-wide (an unpacking holds a buffer or a long name in memory); the
+//! rest wait their turn. What a crash left of uploads and volumes being made
+//! is swept when the driver first lays out its directories.
 
+use std::collections::HashSet;
+use std::io;
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 
 use super::super::driver::{DriverError, Snapshot, Volume};
 use super::super::volume_files::{FileError, FileList, FilePath};
@@ -18,15 +23,36 @@ use super::LocalDriver;
 use super::{archive, templates, workspace};
 use crate::platform::files::{passable_dir, private_dir};
 
-/// One panel's files being changed through the API; dropped, they are free.
-pub(super) struct Editing<'a> {
-    driver: &'a LocalDriver,
+/// Infixes of the dot names beside the volumes: an upload's staging
+/// directory, a volume being made.
+const STAGING: &str = ".upload-";
+const MAKING: &str = ".new-";
+
+/// Removes what a crash left of uploads and volumes being made.
+fn sweep_unfinished(volumes: &std::path::Path) {
+    let Ok(entries) = std::fs::read_dir(volumes) else { return };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with('.') && (name.contains(STAGING) || name.contains(MAKING)) {
+            match remove_tree(&entry.path()) {
+                Ok(()) => tracing::info!(name, "an unfinished upload or volume removed"),
+                Err(error) => tracing::warn!(name, %error, "an unfinished upload or volume could not be removed"),
+            }
+        }
+    }
+}
+
+/// One panel's files being changed through the API; dropped, they are
+/// free. It moves into the blocking work, so a request dropped midway (its
+/// client gone) keeps the panel held until the work is done.
+pub(super) struct Editing {
+    editing: Arc<Mutex<HashSet<String>>>,
     panel: String,
 }
 
-impl Drop for Editing<'_> {
+impl Drop for Editing {
     fn drop(&mut self) {
-        self.driver.editing.lock().unwrap_or_else(|e| e.into_inner()).remove(&self.panel);
+        self.editing.lock().unwrap_or_else(|e| e.into_inner()).remove(&self.panel);
     }
 }
 
@@ -43,6 +69,7 @@ impl LocalDriver {
                     passable_dir(&data.join("scratch"))?;
                     private_dir(&data.join("snapshots"))?;
                     private_dir(&data.join("instances"))?;
+                    sweep_unfinished(&data.join("volumes"));
                     tree::warn_if_hard_links_unprotected();
                     Ok(())
                 })
@@ -51,6 +78,8 @@ impl LocalDriver {
         Ok(())
     }
 
+    /// Where volumes live; the staging directories of uploads and the
+    /// volumes being made from templates sit beside them (dot names).
     pub(super) fn volumes(&self) -> PathBuf {
         self.config.data_dir.join("volumes")
     }
@@ -65,15 +94,21 @@ impl LocalDriver {
         self.layout().await?;
         let location = self.volumes().join(panel);
         if !location.exists() {
-            let fresh = self.volumes().join(format!(".{panel}.new-{}", rand::random::<u32>()));
+            let fresh = self.volumes().join(format!(".{panel}{MAKING}{}", rand::random::<u32>()));
             // Private from the start; a start hands it to the panel's uid.
             private_dir(&fresh)?;
             let written = templates::write(source, &fresh).and_then(|()| Ok(std::fs::rename(&fresh, &location)?));
             if written.is_err() {
                 let _ = remove_tree(&fresh);
             }
-            written?;
-            tracing::info!(panel, source, volume = %location.display(), "volume created");
+            match written {
+                // Another request made it first: that one is the volume.
+                Err(_) if location.is_dir() => {}
+                written => {
+                    written?;
+                    tracing::info!(panel, source, volume = %location.display(), "volume created");
+                }
+            }
         }
         Ok(Volume { panel: panel.to_owned(), location })
     }
@@ -139,10 +174,13 @@ impl LocalDriver {
         bytes: bytes::Bytes,
     ) -> Result<bool, DriverError> {
         let volume = self.create_volume(panel, source).await?.location;
-        let _editing = self.edit(panel)?;
+        let editing = self.edit(panel)?;
         let limits = self.file_limits;
-        let created = blocking(move || workspace::write(&volume, &path, &bytes, limits)).await?;
-        Ok(created)
+        blocking(move || {
+            let _editing = editing;
+            workspace::write(&volume, &path, &bytes, limits)
+        })
+        .await
     }
 
     /// Deletes a file, symlink or directory of the panel's volume.
@@ -153,8 +191,12 @@ impl LocalDriver {
         path: FilePath,
     ) -> Result<(), DriverError> {
         let volume = self.create_volume(panel, source).await?.location;
-        let _editing = self.edit(panel)?;
-        blocking(move || workspace::delete(&volume, &path)).await
+        let editing = self.edit(panel)?;
+        blocking(move || {
+            let _editing = editing;
+            workspace::delete(&volume, &path)
+        })
+        .await
     }
 
     /// Replaces the panel's volume's tree with the archive's.
@@ -165,24 +207,31 @@ impl LocalDriver {
         archive: bytes::Bytes,
     ) -> Result<FileList, DriverError> {
         let volume = self.create_volume(panel, source).await?.location;
-        let _editing = self.edit(panel)?;
-        let staging = self.volumes().join(format!(".{panel}.upload-{:08x}", rand::random::<u32>()));
+        let editing = self.edit(panel)?;
+        let staging = self.volumes().join(format!(".{panel}{STAGING}{:08x}", rand::random::<u32>()));
         let limits = self.file_limits;
+        // Unpacking holds a long name or a file's buffer in memory: a few at
+        // a time node-wide, the rest wait their turn.
+        let _turn = self.unpacking.acquire().await.map_err(io::Error::other)?;
         let usage = {
             let volume = volume.clone();
-            blocking(move || archive::replace(&volume, &staging, &archive, limits)).await?
+            blocking(move || {
+                let _editing = editing;
+                archive::replace(&volume, &staging, &archive, limits)
+            })
+            .await?
         };
         tracing::info!(panel, entries = usage.entries, bytes = usage.bytes, "volume replaced by an upload");
         blocking(move || workspace::list(&volume, limits)).await
     }
 
     /// Marks the panel's files as being changed, or says they already are.
-    pub(super) fn edit(&self, panel: &str) -> Result<Editing<'_>, DriverError> {
+    pub(super) fn edit(&self, panel: &str) -> Result<Editing, DriverError> {
         let mut editing = self.editing.lock().unwrap_or_else(|e| e.into_inner());
         if !editing.insert(panel.to_owned()) {
             return Err(FileError::Busy.into());
         }
-        Ok(Editing { driver: self, panel: panel.to_owned() })
+        Ok(Editing { editing: self.editing.clone(), panel: panel.to_owned() })
     }
 
     pub(super) async fn forget_panel(&self, panel: &str) -> Result<(), DriverError> {

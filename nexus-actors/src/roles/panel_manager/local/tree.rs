@@ -306,6 +306,12 @@ impl Dir {
 
     /// The names in the directory, without `.` and `..`.
     pub(super) fn entries(&self) -> io::Result<Vec<CString>> {
+        self.entries_up_to(usize::MAX).map(|(names, _)| names)
+    }
+
+    /// At most `max` of the names in the directory, and whether they are
+    /// all: a directory of millions of names is not read to its end.
+    pub(super) fn entries_up_to(&self, max: usize) -> io::Result<(Vec<CString>, bool)> {
         // SAFETY: fcntl on a valid descriptor; the duplicate is handed to
         // fdopendir, which owns it from then on (closedir closes it).
         let dup = check(unsafe { libc::fcntl(self.fd(), libc::F_DUPFD_CLOEXEC, 0) })?;
@@ -318,6 +324,7 @@ impl Dir {
             return Err(error);
         }
         let mut names = Vec::new();
+        let mut complete = true;
         // SAFETY: stream is a valid DIR*, used by this thread only and
         // closed exactly once below; every dirent is read before the next
         // readdir call. errno is cleared so an end and an error differ.
@@ -333,13 +340,17 @@ impl Dir {
                 }
                 let name = CStr::from_ptr((*entry).d_name.as_ptr());
                 if name.to_bytes() != b"." && name.to_bytes() != b".." {
+                    if names.len() == max {
+                        complete = false;
+                        break Ok(());
+                    }
                     names.push(name.to_owned());
                 }
             }
         };
         // SAFETY: stream is valid and not used after this.
         unsafe { libc::closedir(stream) };
-        result.map(|()| names)
+        result.map(|()| (names, complete))
     }
 }
 

@@ -55,7 +55,9 @@ pub(super) fn usage(top: &Dir, max_entries: usize) -> io::Result<Usage> {
 
 /// Visits the entries below `dir` (named from `prefix`), parents before
 /// children, in name order, until `max` were seen: false when it stopped
-/// there.
+/// there. Every name counts, sockets and FIFOs the panel made included
+/// (they are not shown), and no directory is read past the budget, so a
+/// panel cannot make a listing or a save's count arbitrarily expensive.
 fn walk(
     dir: &Dir,
     prefix: &str,
@@ -65,15 +67,13 @@ fn walk(
     visit: &mut dyn FnMut(FileEntry),
 ) -> io::Result<bool> {
     if depth > super::super::volume_files::MAX_DEPTH {
-        return Ok(true);
+        return Ok(false);
     }
-    let mut names = dir.entries()?;
+    let (mut names, complete) = dir.entries_up_to(max.saturating_sub(usage.entries))?;
     names.sort();
     for name in names {
-        if usage.entries >= max {
-            return Ok(false);
-        }
         let Some(stat) = stat_at(dir, &name)? else { continue };
+        usage.entries += 1;
         let path = format!("{prefix}{}", name.to_string_lossy());
         let (kind, size, target) = match stat.st_mode & libc::S_IFMT {
             libc::S_IFDIR => (FileKind::Dir, 0, None),
@@ -85,8 +85,7 @@ fn walk(
             // Sockets and FIFOs the panel made: nothing to edit.
             _ => continue,
         };
-        usage.entries += 1;
-        usage.bytes += if kind == FileKind::File { size } else { 0 };
+        usage.bytes = usage.bytes.saturating_add(if kind == FileKind::File { size } else { 0 });
         let executable = kind == FileKind::File && stat.st_mode & 0o100 != 0;
         visit(FileEntry { path: path.clone(), kind, size, executable, target });
         if kind == FileKind::Dir {
@@ -97,7 +96,7 @@ fn walk(
             }
         }
     }
-    Ok(true)
+    Ok(complete)
 }
 
 /// The file at `path`, at most `limits.max_file_bytes` of it.
@@ -162,7 +161,7 @@ pub(super) fn write(volume: &Path, path: &FilePath, bytes: &[u8], limits: Volume
     if used.entries + new_entries > limits.max_entries {
         return Err(FileError::Quota { what: "entries", limit: limits.max_entries as u64 }.into());
     }
-    if used.bytes - old_size.unwrap_or(0).min(used.bytes) + size > limits.max_bytes {
+    if (used.bytes - old_size.unwrap_or(0).min(used.bytes)).saturating_add(size) > limits.max_bytes {
         return Err(FileError::Quota { what: "bytes", limit: limits.max_bytes }.into());
     }
     let (parent, name) = descend(&top, path, Some(owner))?;
