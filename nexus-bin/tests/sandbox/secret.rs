@@ -1,4 +1,5 @@
-//! The instance's sidecar secret end to end with the python_minimal template.
+//! The instance's sidecar secret end to end with the templates
+//! (python_minimal, node_minimal), each run as the platform runs it.
 
 use std::time::{Duration, Instant};
 
@@ -26,15 +27,26 @@ fn next_message(pubsub: &mut redis::PubSub<'_>) -> Vec<u8> {
 /// `/mcp/execute` without it, or with a wrong one, get 401.
 #[test]
 fn python_minimal_answers_its_own_sidecar_only() {
+    answers_its_own_sidecar_only("python_minimal");
+}
+
+/// The same for the Node.js template, under the same sandbox.
+#[test]
+fn node_minimal_answers_its_own_sidecar_only() {
+    answers_its_own_sidecar_only("node_minimal");
+}
+
+fn answers_its_own_sidecar_only(template: &str) {
     // Runs without root too (no isolation then): the secret does not depend on the sandbox.
-    let env = env("secret", SandboxChoice::Auto);
+    let env = env(&format!("secret-{template}"), SandboxChoice::Auto);
     let panel = panel_id();
-    let instance = format!("secret-{}", std::process::id());
+    let instance = format!("secret-{template}-{}", std::process::id());
+    let source = format!("template:{template}");
     let mut cleanup = Cleanup { instances: vec![instance.clone()] };
     let driver = env.driver.clone();
     actix_rt::System::new().block_on(async move {
         register(&env.redis_url, &panel).await;
-        let volume = driver.volume(&panel, "template:python_minimal").await.unwrap();
+        let volume = driver.volume(&panel, &source).await.unwrap();
         let started = driver.start(spec(&instance, &panel, Code::Studio(volume))).await.expect("start");
         let token = started.sidecar_token.clone().expect("the driver hands back the sidecar secret");
         let base = format!("http://{}", started.endpoint.addr);
