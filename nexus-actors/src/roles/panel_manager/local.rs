@@ -45,6 +45,7 @@ mod storage;
 mod swap;
 mod templates;
 mod tree;
+mod uids;
 mod workspace;
 
 use std::collections::{HashMap, HashSet};
@@ -65,7 +66,7 @@ use crate::infra::free_port;
 use crate::instance::{Endpoint, InstanceMode, Isolation, SIDECAR_TOKEN_ENV};
 use crate::netns::Netns;
 use crate::platform::files::private_dir;
-use files::{blocking, check_id, chown_tree, fresh_copy, open_log, panel_uid, path_string, read_command, remove_tree};
+use files::{blocking, check_id, chown_tree, fresh_copy, open_log, path_string, read_command, remove_tree};
 use isolation::{resolve, Sandbox};
 use metrics::Helper;
 use procs::{listening, OnExit, Supervised};
@@ -130,6 +131,8 @@ pub struct LocalDriver {
     editing: Arc<Mutex<HashSet<String>>>,
     /// Turns to unpack an upload, node-wide.
     unpacking: tokio::sync::Semaphore,
+    /// The uids panel code runs as.
+    uids: uids::Uids,
 }
 
 /// Where an instance's processes listen and meet, decided before they start.
@@ -170,6 +173,7 @@ impl LocalDriver {
     /// A driver over `config`; it touches nothing until first used.
     pub fn new(config: LocalConfig) -> LocalDriver {
         LocalDriver {
+            uids: uids::Uids::new(&config.redis_url),
             config,
             metrics: LocalMetrics::new(),
             sandbox: Arc::default(),
@@ -271,7 +275,10 @@ impl LocalDriver {
         let dir = self.instances_dir().join(&spec.instance);
         remove_tree(&dir)?;
         private_dir(&dir)?;
-        let uid = root.then(|| panel_uid(&spec.panel));
+        let uid = match root {
+            true => Some(self.uids.of(&spec.panel).await?),
+            false => None,
+        };
 
         let (code, snapshot) = match &spec.code {
             Code::Studio(volume) => (volume.location.clone(), None),

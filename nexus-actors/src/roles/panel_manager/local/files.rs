@@ -30,14 +30,6 @@ pub(super) fn check_id(what: &'static str, id: &str) -> Result<(), DriverError> 
     }
 }
 
-/// The uid a panel's code runs as (root only): stable per panel so its
-/// volume keeps its owner, far above any system or human uid.
-pub(super) fn panel_uid(panel: &str) -> u32 {
-    // FNV-1a: stable across builds, unlike std's hasher.
-    let hash = panel.bytes().fold(0x811c_9dc5_u32, |h, b| (h ^ u32::from(b)).wrapping_mul(0x0100_0193));
-    1_000_000_000 + hash % 100_000_000
-}
-
 /// The highest numbered entry of `dir` (0 when none).
 pub(super) fn last_version(dir: &Path) -> io::Result<u64> {
     let mut last = 0;

@@ -238,6 +238,10 @@ impl LocalDriver {
         check_id("panel", panel)?;
         remove_tree(&self.volumes().join(panel))?;
         remove_tree(&self.snapshots_of(panel))?;
+        if let Err(error) = self.uids.forget(panel).await {
+            // Harmless: the uid is never handed to another panel anyway.
+            tracing::warn!(panel, %error, "the panel's uid could not be forgotten");
+        }
         tracing::info!(panel, "volume and snapshots deleted");
         Ok(())
     }
