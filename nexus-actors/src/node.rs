@@ -20,6 +20,7 @@ use crate::platform::auth::keys::{KeyError, KeyRing, KeySet};
 use crate::platform::auth::limiter::LoginLimits;
 use crate::platform::auth::password::PasswordError;
 use crate::platform::http::Readiness;
+use crate::platform::node_lease::{LeaseError, LeaseTimes, NodeLease};
 use crate::platform::origin::OriginPolicy;
 use crate::platform::{Platform, Quotas, StoreError, UserRole};
 use crate::roles::llm_manager::{
@@ -206,6 +207,9 @@ pub enum NodeError {
     /// The LLM manager did not start.
     #[error("llm manager: {0}")]
     LlmManager(#[from] LlmManagerError),
+    /// The node's name is another live node's, or could not be leased.
+    #[error(transparent)]
+    Name(#[from] LeaseError),
 }
 
 /// A started node's bridges, for wiring roles and for tests.
@@ -243,6 +247,7 @@ pub struct RunningNode {
     panels: Option<PanelManagerHandle>,
     gateway_role: Option<Gateway>,
     llm: Option<LlmManagerHandle>,
+    lease: NodeLease,
     _bridges: Bridges,
 }
 
@@ -264,6 +269,7 @@ impl RunningNode {
         if let Some(llm) = self.llm {
             llm.stop().await;
         }
+        self.lease.release().await;
         served
     }
 
@@ -308,6 +314,7 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
     let kernel = Kernel::new(config.name.clone());
     let bridges = start_bridges(&kernel, &config).await?;
     let platform = Platform::connect(&config.redis_url, keys.clone(), config.quotas).await?;
+    let lease = lease_name(&kernel, &config, &platform).await?;
     let registry = start_registry(&kernel, &config, &bridges).await?;
     let gateway = match config.roles.contains(&Role::TrafficGateway) {
         true => Some(traffic_gateway(&kernel, &config, keys.clone()).await?),
@@ -376,8 +383,21 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
         panels,
         gateway_role: gateway,
         llm,
+        lease,
         _bridges: bridges,
     })
+}
+
+/// Takes the node's name for as long as it runs: before any role can treat
+/// what another node of the same name owns as its own.
+async fn lease_name(kernel: &Kernel, config: &NodeConfig, platform: &Platform) -> Result<NodeLease, NodeError> {
+    let lost = prometheus::IntCounter::new(
+        "nexus_node_lease_lost_total",
+        "Renewals of this node's name lease that found it gone or another node's",
+    )
+    .map_err(|e| NodeError::Metrics(e.to_string()))?;
+    kernel.metrics().registry().register(Box::new(lost.clone())).map_err(|e| NodeError::Metrics(e.to_string()))?;
+    Ok(NodeLease::acquire(&platform.redis, &config.name, LeaseTimes::default(), lost).await?)
 }
 
 /// Starts passing panels' agent messages on to their owners' contexts.

@@ -287,9 +287,11 @@ struct NodeArgs {
     /// Kafka bootstrap servers, host:port[,host:port].
     #[arg(long, env = "KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
     kafka_brokers: String,
-    /// Name of this node in logs, metrics and envelopes.
-    #[arg(long, env = "NEXUS_NODE_NAME", default_value = "nexus-node")]
-    name: String,
+    /// Name of this node in logs, metrics and envelopes; what it owns is
+    /// kept under it, and no two live nodes may share it. Default:
+    /// `nexus-<host>-<random>`, made once and kept in `<data-dir>/node-name`.
+    #[arg(long, env = "NEXUS_NODE_NAME")]
+    name: Option<String>,
     /// File holding the password of the user `admin`, who is created (or
     /// given this password) at start: how an operator gets a first user.
     #[arg(long, env = "NEXUS_ADMIN_PASSWORD_FILE")]
@@ -411,8 +413,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     "role llm-manager needs a model endpoint: give --llm-endpoint url=http://HOST:PORT/v1,model=NAME"
                 );
             }
+            let name = match args.name {
+                Some(name) => name,
+                None => nexus_actors::platform::node_lease::default_name(&args.data_dir)?,
+            };
             let config = NodeConfig {
-                name: args.name,
+                name,
                 http: args.http,
                 redis_url: args.redis_url,
                 kafka: KafkaConfig::new(args.kafka_brokers),
@@ -483,7 +489,7 @@ fn dev(http: SocketAddr, data_dir: PathBuf, panels: PanelArgs, limits: LimitArgs
         None => llm.model.endpoints.iter().map(|e| e.base_url.as_str()).collect::<Vec<_>>().join(", "),
     };
     let config = NodeConfig {
-        name: "nexus-dev".to_owned(),
+        name: nexus_actors::platform::node_lease::default_name(&data_dir)?,
         http,
         redis_url: redis.url.clone(),
         kafka: KafkaConfig::new(kafka.brokers.clone()),

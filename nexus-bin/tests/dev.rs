@@ -293,3 +293,43 @@ fn ordinary_start_up_errors_are_one_clear_line() {
     }
     drop(busy);
 }
+
+/// Two nodes of one name on one Redis would each take the other's instances
+/// for a previous life's: the second refuses to start and says why, and
+/// the name is free again once the first stops.
+#[test]
+fn a_second_node_of_the_same_name_refuses_to_start() {
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("nexus-same-name-{}", std::process::id()));
+    let redis = RedisServer::start(&dir.join("redis"), false).unwrap();
+    let data = dir.join("data");
+    let start = |port: u16| {
+        nexus_dev(port, 0, &data)
+            .arg("--no-local-model")
+            .env("REDIS_URL", redis.url())
+            .env_remove("KAFKA_BROKERS")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let first_port = free_port().unwrap();
+    let first = KillOnDrop(start(first_port));
+    wait_for_health(first_port);
+    let name = std::fs::read_to_string(data.join("node-name")).unwrap();
+    let name = name.trim();
+    assert!(name.starts_with("nexus-"), "a default name with the host: {name}");
+
+    let second = start(free_port().unwrap()).wait_with_output().unwrap();
+    assert!(!second.status.success(), "the second node started");
+    let said = String::from_utf8_lossy(&second.stderr);
+    assert!(said.contains(&format!("node name \"{name}\" is held by a live node")), "{said}");
+
+    // SIGTERM: a graceful stop gives the name back at once.
+    let pid = first.0.id().to_string();
+    assert!(Command::new("kill").arg(&pid).status().unwrap().success());
+    let mut first = first;
+    let _ = first.0.wait();
+    let again_port = free_port().unwrap();
+    let _again = KillOnDrop(start(again_port));
+    wait_for_health(again_port);
+}

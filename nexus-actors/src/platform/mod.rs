@@ -22,6 +22,7 @@ pub mod channels;
 pub mod error;
 pub mod files;
 pub mod http;
+pub mod node_lease;
 pub mod origin;
 pub mod panels;
 pub mod quotas;

@@ -1,0 +1,284 @@
+//! A node's hold on its name: one live node per name, cluster-wide. Roles
+//! key what a node owns by its name (the panel manager's instances, the
+//! LLM manager's leases), so two live nodes of one name would take each
+//! other's state for a previous life's and remove it.
+//!
+//! The lease is `nexus:node:{name}` in Redis, holding who holds it (host,
+//! pid, process start time, a random tag), set only if absent, renewed
+//! every [`LeaseTimes::renew`] and gone [`LeaseTimes::ttl`] after the last
+//! renewal. A node that finds its name held refuses to start, unless the
+//! holder is a process of this host that is gone (a crashed previous life
+//! here): that lease is taken over at once instead of after its TTL.
+//!
+//! It also names a node that is given no name: `nexus-<host>-<random>`,
+//! kept in the data directory so the same node keeps its name across
+//! restarts (and with it what it owns).
+
+use std::path::Path;
+use std::time::Duration;
+
+use prometheus::IntCounter;
+
+use super::store::{Redis, StoreError};
+
+/// How long a lease lives, and how often its holder renews it.
+#[derive(Debug, Clone, Copy)]
+pub struct LeaseTimes {
+    /// Gone this long after the last renewal.
+    pub ttl: Duration,
+    /// How often the holder renews it.
+    pub renew: Duration,
+}
+
+impl Default for LeaseTimes {
+    fn default() -> Self {
+        LeaseTimes { ttl: Duration::from_secs(15), renew: Duration::from_secs(5) }
+    }
+}
+
+/// Why a node may not have its name.
+#[derive(Debug, thiserror::Error)]
+pub enum LeaseError {
+    /// A live node holds it.
+    #[error(
+        "node name {name:?} is held by a live node ({holder}; its lease ends {expires_in_ms} ms after its last \
+         renewal): give this node another name (--name, NEXUS_NODE_NAME)"
+    )]
+    Held {
+        /// The name.
+        name: String,
+        /// Who holds it.
+        holder: String,
+        /// When the holder's lease ends unless renewed.
+        expires_in_ms: i64,
+    },
+    /// Redis could not be asked.
+    #[error("node name lease: {0}")]
+    Store(#[from] StoreError),
+}
+
+/// Renews the lease only while it is still the caller's.
+const RENEW: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 0
+";
+
+/// Deletes the lease only while it is the caller's (or the given stale holder's).
+const RELEASE: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+";
+
+/// A held name; renewed until [`NodeLease::release`] (or the process ends).
+pub struct NodeLease {
+    redis: Redis,
+    key: String,
+    holder: String,
+    renewing: tokio::task::JoinHandle<()>,
+}
+
+impl NodeLease {
+    /// Takes `name` for this process, or says who holds it. `lost` counts
+    /// renewals that found the lease taken by another holder.
+    pub async fn acquire(
+        redis: &Redis,
+        name: &str,
+        times: LeaseTimes,
+        lost: IntCounter,
+    ) -> Result<NodeLease, LeaseError> {
+        let key = format!("nexus:node:{name}");
+        let holder = this_holder();
+        let ttl_ms = times.ttl.as_millis() as u64;
+        // At most twice: once more after taking over a dead holder's lease.
+        for _ in 0..2 {
+            let mut conn = redis.conn();
+            let set: Option<String> = redis::cmd("SET")
+                .arg(&key)
+                .arg(&holder)
+                .arg("NX")
+                .arg("PX")
+                .arg(ttl_ms)
+                .query_async(&mut conn)
+                .await
+                .map_err(StoreError::from)?;
+            if set.is_some() {
+                tracing::info!(name, %holder, "node name leased");
+                let renewing = tokio::spawn(renew(redis.clone(), key.clone(), holder.clone(), times, lost));
+                return Ok(NodeLease { redis: redis.clone(), key, holder, renewing });
+            }
+            let current: Option<String> =
+                redis::cmd("GET").arg(&key).query_async(&mut conn).await.map_err(StoreError::from)?;
+            let Some(current) = current else { continue };
+            if !is_dead_here(&current) {
+                let expires_in_ms: i64 =
+                    redis::cmd("PTTL").arg(&key).query_async(&mut conn).await.map_err(StoreError::from)?;
+                return Err(LeaseError::Held { name: name.to_owned(), holder: current, expires_in_ms });
+            }
+            tracing::info!(name, previous = %current, "node name taken over from a process of this host that is gone");
+            let _: i64 = redis::Script::new(RELEASE)
+                .key(&key)
+                .arg(&current)
+                .invoke_async(&mut conn)
+                .await
+                .map_err(StoreError::from)?;
+        }
+        let current: Option<String> =
+            redis::cmd("GET").arg(&key).query_async(&mut redis.conn()).await.map_err(StoreError::from)?;
+        Err(LeaseError::Held { name: name.to_owned(), holder: current.unwrap_or_default(), expires_in_ms: 0 })
+    }
+
+    /// Gives the name back (a graceful stop): the next node of this name
+    /// need not wait for the lease to end.
+    pub async fn release(self) {
+        self.renewing.abort();
+        let released: Result<i64, _> =
+            redis::Script::new(RELEASE).key(&self.key).arg(&self.holder).invoke_async(&mut self.redis.conn()).await;
+        if let Err(error) = released {
+            tracing::warn!(key = %self.key, %error, "node name lease not released; it ends on its own");
+        }
+    }
+}
+
+impl Drop for NodeLease {
+    /// Dropped unreleased (a start that failed later): no longer renewed,
+    /// the lease ends on its own.
+    fn drop(&mut self) {
+        self.renewing.abort();
+    }
+}
+
+async fn renew(redis: Redis, key: String, holder: String, times: LeaseTimes, lost: IntCounter) {
+    let ttl_ms = times.ttl.as_millis() as u64;
+    let mut ticks = tokio::time::interval(times.renew);
+    ticks.tick().await;
+    loop {
+        ticks.tick().await;
+        let renewed: Result<i64, _> =
+            redis::Script::new(RENEW).key(&key).arg(&holder).arg(ttl_ms).invoke_async(&mut redis.conn()).await;
+        match renewed {
+            Ok(1) => {}
+            Ok(_) => {
+                lost.inc();
+                tracing::error!(%key, "nexus_node_lease_lost_total: this node's name lease is gone or another node's");
+            }
+            Err(error) => tracing::warn!(%key, %error, "node name lease not renewed; trying again"),
+        }
+    }
+}
+
+/// Who this process is: `<host> pid <pid> started <ticks> <tag>`.
+fn this_holder() -> String {
+    let pid = std::process::id();
+    let started = process_start(pid).unwrap_or(0);
+    format!("{} pid {pid} started {started} {:08x}", host_name(), rand::random::<u32>())
+}
+
+/// Whether `holder` names a process of this host that no longer runs (its
+/// pid gone, or reused by a process that started at another time).
+fn is_dead_here(holder: &str) -> bool {
+    let parts: Vec<&str> = holder.split(' ').collect();
+    let [host, "pid", pid, "started", started, _tag] = parts.as_slice() else { return false };
+    if *host != host_name() {
+        return false;
+    }
+    let (Ok(pid), Ok(started)) = (pid.parse::<u32>(), started.parse::<u64>()) else { return false };
+    process_start(pid) != Some(started)
+}
+
+/// When process `pid` started, in clock ticks after boot (`/proc/<pid>/stat`
+/// field 22); `None` when there is no such process.
+fn process_start(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces: count after its ')'.
+    stat.rsplit_once(')')?.1.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// This host's name.
+pub fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|name| name.trim().to_owned())
+        .ok()
+        .filter(|name| !name.is_empty())
+        .unwrap_or_else(|| "localhost".to_owned())
+}
+
+/// The name of a node given none: `nexus-<host>-<random>`, made on first
+/// use and kept in `data_dir/node-name` from then on.
+pub fn default_name(data_dir: &Path) -> std::io::Result<String> {
+    let file = data_dir.join("node-name");
+    if let Ok(name) = std::fs::read_to_string(&file) {
+        let name = name.trim();
+        if !name.is_empty() {
+            return Ok(name.to_owned());
+        }
+    }
+    let host: String =
+        host_name().chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '-' }).take(40).collect();
+    let name = format!("nexus-{host}-{:06x}", rand::random::<u32>() & 0xff_ffff);
+    std::fs::create_dir_all(data_dir)?;
+    std::fs::write(&file, format!("{name}\n"))?;
+    Ok(name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn times() -> LeaseTimes {
+        LeaseTimes { ttl: Duration::from_secs(5), renew: Duration::from_millis(100) }
+    }
+
+    #[actix_rt::test]
+    async fn a_live_holder_keeps_its_name_and_a_released_name_is_free_again() {
+        let brokers = nexus_testkit::Brokers::redis("node-lease");
+        let redis = Redis::connect(&brokers.redis_url()).await.expect("redis");
+        let lost = IntCounter::new("lost", "lost").expect("a counter");
+        let first = NodeLease::acquire(&redis, "n1", times(), lost.clone()).await.expect("a free name");
+        let refused = NodeLease::acquire(&redis, "n1", times(), lost.clone()).await;
+        let Err(LeaseError::Held { holder, .. }) = refused else { panic!("a held name was taken twice") };
+        assert!(holder.contains(&format!("pid {}", std::process::id())), "{holder}");
+        assert!(NodeLease::acquire(&redis, "n2", times(), lost.clone()).await.is_ok(), "other names are free");
+        // Renewed past its TTL while held.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        first.release().await;
+        NodeLease::acquire(&redis, "n1", times(), lost.clone()).await.expect("free again once released");
+        assert_eq!(lost.get(), 0);
+    }
+
+    #[actix_rt::test]
+    async fn a_gone_process_of_this_host_is_taken_over_and_a_lost_lease_is_counted() {
+        let brokers = nexus_testkit::Brokers::redis("node-lease-gone");
+        let redis = Redis::connect(&brokers.redis_url()).await.expect("redis");
+        let lost = IntCounter::new("lost", "lost").expect("a counter");
+        let mut conn = redis.conn();
+        // A previous life on this host: a pid that runs no process.
+        let dead = format!("{} pid 4000000 started 1 00000000", host_name());
+        let _: () = redis::cmd("SET").arg("nexus:node:n").arg(&dead).query_async(&mut conn).await.expect("set");
+        let lease = NodeLease::acquire(&redis, "n", times(), lost.clone()).await.expect("taken over");
+        // Another host's holder is never taken for dead.
+        let elsewhere = "another-host pid 4000000 started 1 00000000";
+        let _: () = redis::cmd("SET").arg("nexus:node:m").arg(elsewhere).query_async(&mut conn).await.expect("set");
+        assert!(matches!(NodeLease::acquire(&redis, "m", times(), lost.clone()).await, Err(LeaseError::Held { .. })));
+        // Someone else's now: the next renewal counts the loss.
+        let _: () = redis::cmd("SET").arg("nexus:node:n").arg("thief").query_async(&mut conn).await.expect("set");
+        tokio::time::sleep(Duration::from_millis(350)).await;
+        assert!(lost.get() >= 1, "the lost lease was counted");
+        lease.release().await;
+        let kept: String = redis::cmd("GET").arg("nexus:node:n").query_async(&mut conn).await.expect("get");
+        assert_eq!(kept, "thief", "a release never deletes another holder's lease");
+    }
+
+    #[test]
+    fn a_node_without_a_name_gets_one_with_its_host_and_keeps_it() {
+        let dir = std::env::temp_dir().join(format!("nexus-node-name-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let name = default_name(&dir).expect("a name");
+        assert!(name.starts_with("nexus-") && name.len() > "nexus-".len() + 7, "{name}");
+        assert_eq!(default_name(&dir).expect("the same name"), name);
+        let other = std::env::temp_dir().join(format!("nexus-node-name-other-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&other);
+        assert_ne!(default_name(&other).expect("a name"), name, "another data directory, another name");
+        let _ = std::fs::remove_dir_all(&dir);
+        let _ = std::fs::remove_dir_all(&other);
+    }
+}
