@@ -37,6 +37,7 @@ struct Sizes {
     python_tools: u64,
 }
 
+mod deploy;
 mod llm;
 mod login;
 mod panels;
@@ -61,7 +62,8 @@ fn main() {
     let only_panels = args.windows(2).any(|w| w[0] == "--only" && w[1] == "panels");
     let only_login = args.windows(2).any(|w| w[0] == "--only" && w[1] == "login");
     let only_llm = args.windows(2).any(|w| w[0] == "--only" && w[1] == "llm");
-    if (only_panels || only_login || only_llm) && write.is_some() {
+    let only_deploy = args.windows(2).any(|w| w[0] == "--only" && w[1] == "deploy");
+    if (only_panels || only_login || only_llm || only_deploy) && write.is_some() {
         eprintln!("--only prints its tables; --write needs the full run");
         std::process::exit(2);
     }
@@ -80,6 +82,11 @@ fn main() {
     if only_llm {
         let (manager, peer) = llm::tables(&dir, quick);
         println!("{manager}\n{peer}");
+        let _ = std::fs::remove_dir_all(&dir);
+        return;
+    }
+    if only_deploy {
+        println!("{}", actix_rt::System::new().block_on(deploy::table(&dir)));
         let _ = std::fs::remove_dir_all(&dir);
         return;
     }
@@ -106,6 +113,8 @@ fn main() {
     println!("{sessions_table}");
     let (overhead_table, cold_table) = panel_tables(&dir, quick);
     println!("{overhead_table}\n{cold_table}");
+    let deploy_table = actix_rt::System::new().block_on(deploy::table(&dir));
+    println!("{deploy_table}");
     let login_table = login::table(&dir, quick);
     println!("{login_table}");
     let (llm_table, peer_table) = llm::tables(&dir, quick);
@@ -118,13 +127,14 @@ fn main() {
             format!("cargo run --release -p nexus-benches --{quick} --write {}", path.display())
         });
         let doc = format!(
-            "# Benchmark results\n\nLatest run of `{command}`.\n\n{}\n{table}\n{}\n## Tool calls\n\n{tools_table}\n{}\n## WebSocket sessions\n\n{sessions_table}\n{}\n## Gateway overhead\n\n{overhead_table}\n{}\n## App cold start\n\n{cold_table}\n{}\n## API latency during a login flood\n\n{login_table}\n{}\n## LLM manager\n\n{llm_table}\n{}\n## LLM manager and LangGraph, side by side\n\n{peer_table}\n{}",
+            "# Benchmark results\n\nLatest run of `{command}`.\n\n{}\n{table}\n{}\n## Tool calls\n\n{tools_table}\n{}\n## WebSocket sessions\n\n{sessions_table}\n{}\n## Gateway overhead\n\n{overhead_table}\n{}\n## App cold start\n\n{cold_table}\n{}\n## Deploy\n\n{deploy_table}\n{}\n## API latency during a login flood\n\n{login_table}\n{}\n## LLM manager\n\n{llm_table}\n{}\n## LLM manager and LangGraph, side by side\n\n{peer_table}\n{}",
             machine(),
             NOTES,
             tools::NOTES,
             SESSION_NOTES,
             panels::OVERHEAD_NOTES,
             panels::COLD_NOTES,
+            deploy::NOTES,
             login::NOTES,
             llm::NOTES,
             llm::PEER_NOTES

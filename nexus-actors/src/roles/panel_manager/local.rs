@@ -38,6 +38,7 @@ mod files;
 mod files_tests;
 mod isolation;
 mod metrics;
+mod objects;
 mod procs;
 mod runsc;
 mod stale;

@@ -43,7 +43,7 @@ pub(super) fn last_version(dir: &Path) -> io::Result<u64> {
 
 /// Copies the panel's tree at `from` to the new directory `to` (see
 /// [`tree::copy`]: symlinks stay symlinks, nothing is followed).
-pub(super) fn copy_tree(from: &Path, to: &Path, how: CopyAs) -> Result<(), DriverError> {
+pub(super) fn copy_tree(from: &Path, to: &Path, how: CopyAs<'_>) -> Result<(), DriverError> {
     tree::copy(from, to, how).map_err(|error| {
         match error.get_ref().and_then(|inner| inner.downcast_ref::<tree::ForeignLink>()) {
             Some(link) => DriverError::ForeignLink(link.to_string()),
@@ -78,7 +78,7 @@ pub(super) async fn fresh_copy(from: &Path, to: &Path, owner: Option<u32>) -> Re
     let (from, to) = (from.to_owned(), to.to_owned());
     blocking(move || {
         remove_tree(&to)?;
-        copy_tree(&from, &to, CopyAs { owner, read_only: false })
+        copy_tree(&from, &to, CopyAs { owner, read_only: false, store: None })
     })
     .await
 }

@@ -377,3 +377,67 @@ async fn a_long_name_is_refused_unread_with_a_short_message() {
     assert!(message.contains("a name or link of 100001 bytes"), "{message}");
     assert!(message.len() < 300, "a message of {} bytes", message.len());
 }
+
+fn inode(path: &Path) -> u64 {
+    std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(path).expect("stat"))
+}
+
+fn objects(s: &Scratch) -> usize {
+    std::fs::read_dir(s.dir.join("data/snapshots/.objects")).expect("the store").count()
+}
+
+#[actix_rt::test]
+async fn snapshots_store_each_content_once_and_old_ones_are_pruned() {
+    let s = scratch("snapshots", VolumeLimits::default());
+    let d = &s.driver;
+    d.write_file("p", SOURCE, path("server.py"), "v1".into()).await.expect("saved");
+    d.write_file("p", SOURCE, path("assets/big.bin"), vec![7u8; 1 << 20].into()).await.expect("saved");
+    let one = d.snapshot("p", SOURCE).await.expect("v1");
+    let two = d.snapshot("p", SOURCE).await.expect("v2, unchanged");
+    assert_eq!(inode(&one.location.join("server.py")), inode(&two.location.join("server.py")), "stored once");
+    assert_eq!(objects(&s), 2);
+    d.write_file("p", SOURCE, path("server.py"), "v3".into()).await.expect("saved");
+    let three = d.snapshot("p", SOURCE).await.expect("v3");
+    assert_ne!(inode(&two.location.join("server.py")), inode(&three.location.join("server.py")));
+    assert_eq!(inode(&one.location.join("assets/big.bin")), inode(&three.location.join("assets/big.bin")));
+    assert_eq!(std::fs::read_to_string(three.location.join("server.py")).expect("read"), "v3");
+    assert_eq!(std::fs::read_to_string(one.location.join("server.py")).expect("read"), "v1", "v1 is as it was");
+
+    // An App's copy is its own: writing it changes no snapshot.
+    let scratch_copy = s.dir.join("app-copy");
+    super::files::fresh_copy(&three.location, &scratch_copy, None).await.expect("a fresh copy");
+    std::fs::write(scratch_copy.join("server.py"), "changed by the App").expect("the copy is writable");
+    assert_eq!(std::fs::read_to_string(three.location.join("server.py")).expect("read"), "v3");
+
+    // Five kept: v1 and its own object go once five newer ones exist.
+    for version in 4..=8 {
+        d.write_file("p", SOURCE, path("server.py"), format!("v{version}").into()).await.expect("saved");
+        d.snapshot("p", SOURCE).await.expect("a snapshot");
+    }
+    let kept: Vec<u64> = {
+        let mut kept: Vec<u64> = std::fs::read_dir(s.dir.join("data/snapshots/p"))
+            .expect("ls")
+            .filter_map(|e| e.expect("entry").file_name().to_str()?.parse().ok())
+            .collect();
+        kept.sort();
+        kept
+    };
+    assert_eq!(kept, [4, 5, 6, 7, 8]);
+    // big.bin once, and server.py v4..v8.
+    assert_eq!(objects(&s), 6, "objects of pruned snapshots are collected");
+}
+
+#[actix_rt::test]
+async fn a_deploy_waits_for_a_change_in_progress_and_holds_off_the_next() {
+    let s = std::sync::Arc::new(scratch("deploy-waits", VolumeLimits::default()));
+    s.driver.write_file("p", SOURCE, path("server.py"), "v1".into()).await.expect("saved");
+    let editing = s.driver.edit("p").expect("free");
+    let deploying = {
+        let s = s.clone();
+        tokio::spawn(async move { s.driver.snapshot("p", SOURCE).await.map(|snapshot| snapshot.version) })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert!(!deploying.is_finished(), "the deploy waits while the files change");
+    drop(editing);
+    assert_eq!(deploying.await.expect("joined").expect("the snapshot"), 1);
+}

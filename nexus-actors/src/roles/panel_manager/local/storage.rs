@@ -20,8 +20,33 @@ use super::super::volume_files::{FileError, FileList, FilePath};
 use super::files::{blocking, check_id, copy_tree, last_version, make_read_only, remove_tree};
 use super::tree::{self, CopyAs};
 use super::LocalDriver;
-use super::{archive, templates, workspace};
+use super::{archive, objects, templates, workspace};
 use crate::platform::files::{passable_dir, private_dir};
+
+/// The snapshots' object store, beside the panels' snapshot directories
+/// (a dot name: never a panel id).
+const OBJECTS: &str = ".objects";
+/// How long a deploy waits for a change to the panel's files to finish.
+const EDIT_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Snapshots kept per panel: the newest, for a restarting App instance of
+/// an earlier deploy still draining, and to look back.
+const KEEP_SNAPSHOTS: u64 = 5;
+
+/// Deletes a panel's snapshots older than the last [`KEEP_SNAPSHOTS`] up
+/// to `newest` in `dir`, then the objects no snapshot links to any more.
+fn prune(dir: &std::path::Path, newest: u64, store: &std::path::Path) -> io::Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let version = entry.file_name().to_str().and_then(|n| n.parse::<u64>().ok());
+        if version.is_some_and(|v| v + KEEP_SNAPSHOTS <= newest) {
+            remove_tree(&entry.path())?;
+        }
+    }
+    let deleted = objects::collect(&tree::Dir::open(store)?)?;
+    tracing::debug!(deleted, "snapshot objects collected");
+    Ok(())
+}
 
 /// Infixes of the dot names beside the volumes: an upload's staging
 /// directory, a volume being made.
@@ -117,6 +142,9 @@ impl LocalDriver {
         check_id("panel", panel)?;
         templates::files(source)?;
         self.layout().await?;
+        // A change through the API finishes first (an upload halfway through
+        // its swap would give a mixed snapshot), and none starts meanwhile.
+        let _editing = self.edit_when_free(panel).await?;
         let _numbering = self.snapshots.lock().await;
         let dir = self.snapshots_of(panel);
         // Only root reads snapshots; instances get a copy.
@@ -126,11 +154,18 @@ impl LocalDriver {
         let fresh = dir.join(format!(".{version}.new"));
         let _ = remove_tree(&fresh);
         let volume = self.volumes().join(panel);
+        let store = self.config.data_dir.join("snapshots").join(OBJECTS);
+        private_dir(&store)?;
         // The volume is the panel's (its code may be changing it right now):
-        // copied by descriptor, root-owned and read-only as it is made.
+        // copied by descriptor, root-owned and read-only as it is made, its
+        // files linked to the objects of their content.
         let made = if volume.is_dir() {
-            let (from, to) = (volume.clone(), fresh.clone());
-            blocking(move || copy_tree(&from, &to, CopyAs { owner: None, read_only: true })).await
+            let (from, to, store) = (volume.clone(), fresh.clone(), store.clone());
+            blocking(move || {
+                let store = tree::Dir::open(&store)?;
+                copy_tree(&from, &to, CopyAs { owner: None, read_only: true, store: Some(&store) })
+            })
+            .await
         } else {
             std::fs::create_dir_all(&fresh)
                 .map_err(DriverError::from)
@@ -143,6 +178,10 @@ impl LocalDriver {
         }
         made?;
         tracing::info!(panel, version, snapshot = %location.display(), "snapshot taken");
+        let pruned = blocking(move || Ok(prune(&dir, version, &store)?)).await;
+        if let Err(error) = pruned {
+            tracing::warn!(panel, %error, "old snapshots not pruned; the next deploy tries again");
+        }
         Ok(Snapshot { panel: panel.to_owned(), version, location })
     }
 
@@ -225,6 +264,20 @@ impl LocalDriver {
         blocking(move || workspace::list(&volume, limits)).await
     }
 
+    /// Marks the panel's files as being changed once no other change is
+    /// (waiting [`EDIT_WAIT`] at most).
+    async fn edit_when_free(&self, panel: &str) -> Result<Editing, DriverError> {
+        let deadline = tokio::time::Instant::now() + EDIT_WAIT;
+        loop {
+            match self.edit(panel) {
+                Err(DriverError::File(FileError::Busy)) if tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+                held => return held,
+            }
+        }
+    }
+
     /// Marks the panel's files as being changed, or says they already are.
     pub(super) fn edit(&self, panel: &str) -> Result<Editing, DriverError> {
         let mut editing = self.editing.lock().unwrap_or_else(|e| e.into_inner());
@@ -238,6 +291,10 @@ impl LocalDriver {
         check_id("panel", panel)?;
         remove_tree(&self.volumes().join(panel))?;
         remove_tree(&self.snapshots_of(panel))?;
+        let store = self.config.data_dir.join("snapshots").join(OBJECTS);
+        if let Err(error) = tree::Dir::open(&store).and_then(|store| objects::collect(&store)) {
+            tracing::warn!(panel, %error, "the panel's snapshot objects not collected; the next deploy does");
+        }
         if let Err(error) = self.uids.forget(panel).await {
             // Harmless: the uid is never handed to another panel anyway.
             tracing::warn!(panel, %error, "the panel's uid could not be forgotten");

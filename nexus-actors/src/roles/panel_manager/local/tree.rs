@@ -57,11 +57,14 @@ pub(super) fn warn_if_hard_links_unprotected() {
 
 /// How [`copy`] makes what it creates.
 #[derive(Debug, Clone, Copy)]
-pub(super) struct CopyAs {
+pub(super) struct CopyAs<'a> {
     /// Owner (uid = gid) of everything created; `None` keeps the caller's.
     pub owner: Option<u32>,
     /// Nobody may write the copy (snapshots); else its owner may.
     pub read_only: bool,
+    /// Files become hard links to objects of this store
+    /// ([`super::objects`]), made read-only; else they are copied.
+    pub store: Option<&'a Dir>,
 }
 
 /// Copies the tree at `from` into the new directory `to`: directories,
@@ -69,7 +72,7 @@ pub(super) struct CopyAs {
 /// symlinks as symlinks (their targets are never opened); other file types
 /// are skipped. `to` stays `0700` and the caller's until everything in it
 /// is done, so nobody else can reach into the copy while it is made.
-pub(super) fn copy(from: &Path, to: &Path, how: CopyAs) -> io::Result<()> {
+pub(super) fn copy(from: &Path, to: &Path, how: CopyAs<'_>) -> io::Result<()> {
     let source = Dir::open(from)?;
     let target_path = c_path(to)?;
     // SAFETY: a valid NUL-terminated path.
@@ -85,7 +88,7 @@ pub(super) fn copy(from: &Path, to: &Path, how: CopyAs) -> io::Result<()> {
     finish(target.fd(), how.owner, top)
 }
 
-fn copy_entries(source: &Dir, target: &Dir, how: CopyAs, owner: u32, depth: usize) -> io::Result<()> {
+fn copy_entries(source: &Dir, target: &Dir, how: CopyAs<'_>, owner: u32, depth: usize) -> io::Result<()> {
     if depth >= MAX_DEPTH {
         return Err(too_deep());
     }
@@ -115,6 +118,10 @@ fn copy_entries(source: &Dir, target: &Dir, how: CopyAs, owner: u32, depth: usiz
                 let name = String::from_utf8_lossy(name.to_bytes()).into_owned();
                 return Err(io::Error::new(io::ErrorKind::PermissionDenied, ForeignLink(name)));
             }
+            libc::S_IFREG if how.store.is_some() => {
+                let store = how.store.ok_or_else(|| invalid("no store"))?;
+                super::objects::link(store, File::from(entry), target, &name, bits & 0o555)?;
+            }
             libc::S_IFREG => {
                 let flags = libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW | libc::O_CLOEXEC;
                 // SAFETY: valid descriptor and NUL-terminated name.
@@ -131,7 +138,7 @@ fn copy_entries(source: &Dir, target: &Dir, how: CopyAs, owner: u32, depth: usiz
     Ok(())
 }
 
-fn copy_symlink(source: &Dir, target: &Dir, name: &CStr, how: CopyAs) -> io::Result<()> {
+fn copy_symlink(source: &Dir, target: &Dir, name: &CStr, how: CopyAs<'_>) -> io::Result<()> {
     let mut buffer = vec![0u8; libc::PATH_MAX as usize];
     // SAFETY: the buffer is as long as we say; readlinkat reads the link
     // itself, never its target.
@@ -267,6 +274,7 @@ pub(super) fn unlink(parent: &Dir, name: &CStr, flags: libc::c_int) -> io::Resul
 }
 
 /// An open directory (never a symlink to one).
+#[derive(Debug)]
 pub(super) struct Dir(pub(super) OwnedFd);
 
 impl Dir {
