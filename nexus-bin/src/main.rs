@@ -415,7 +415,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             let name = match args.name {
                 Some(name) => name,
-                None => nexus_actors::platform::node_lease::default_name(&args.data_dir)?,
+                None => nexus_actors::platform::node_lease::default_name(&args.data_dir, "nexus-node")?,
             };
             let config = NodeConfig {
                 name,
@@ -461,6 +461,9 @@ fn keys(action: KeysAction) -> anyhow::Result<()> {
 }
 
 fn dev(http: SocketAddr, data_dir: PathBuf, panels: PanelArgs, limits: LimitArgs, llm: LlmArgs) -> anyhow::Result<()> {
+    // Before anything else lands in the data directory: one that holds files
+    // but no name yet is an earlier version's, which keeps its fixed name.
+    let name = nexus_actors::platform::node_lease::default_name(&data_dir, "nexus-dev")?;
     infra::dev::data_dir(&data_dir)?;
     let key_file = data_dir.join("jwt-keys.json");
     KeySet::load_or_generate(&key_file)?;
@@ -489,7 +492,7 @@ fn dev(http: SocketAddr, data_dir: PathBuf, panels: PanelArgs, limits: LimitArgs
         None => llm.model.endpoints.iter().map(|e| e.base_url.as_str()).collect::<Vec<_>>().join(", "),
     };
     let config = NodeConfig {
-        name: nexus_actors::platform::node_lease::default_name(&data_dir)?,
+        name,
         http,
         redis_url: redis.url.clone(),
         kafka: KafkaConfig::new(kafka.brokers.clone()),

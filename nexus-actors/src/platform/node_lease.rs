@@ -158,31 +158,62 @@ async fn renew(redis: Redis, key: String, holder: String, times: LeaseTimes, los
         match renewed {
             Ok(1) => {}
             Ok(_) => {
+                // Gone (Redis was away past the TTL, or lost its data): taken
+                // again if nobody else holds it; else another node runs
+                // under this name, which the operator must know.
+                let retaken: Result<Option<String>, _> = redis::cmd("SET")
+                    .arg(&key)
+                    .arg(&holder)
+                    .arg("NX")
+                    .arg("PX")
+                    .arg(ttl_ms)
+                    .query_async(&mut redis.conn())
+                    .await;
+                if let Ok(Some(_)) = retaken {
+                    tracing::warn!(%key, "this node's name lease had ended; taken again");
+                    continue;
+                }
                 lost.inc();
-                tracing::error!(%key, "nexus_node_lease_lost_total: this node's name lease is gone or another node's");
+                tracing::error!(%key, "nexus_node_lease_lost_total: another node holds this node's name");
             }
             Err(error) => tracing::warn!(%key, %error, "node name lease not renewed; trying again"),
         }
     }
 }
 
-/// Who this process is: `<host> pid <pid> started <ticks> <tag>`.
+/// Who this process is: `<host> boot <boot id> ns <pid namespace> pid
+/// <pid> started <ticks> <tag>`; the boot and the namespace tell two hosts
+/// (or containers) of one name apart.
 fn this_holder() -> String {
     let pid = std::process::id();
     let started = process_start(pid).unwrap_or(0);
-    format!("{} pid {pid} started {started} {:08x}", host_name(), rand::random::<u32>())
+    let (boot, ns) = (boot_id(), pid_namespace());
+    format!("{} boot {boot} ns {ns} pid {pid} started {started} {:08x}", host_name(), rand::random::<u32>())
 }
 
-/// Whether `holder` names a process of this host that no longer runs (its
-/// pid gone, or reused by a process that started at another time).
+/// Whether `holder` names a process that no longer runs on this very host,
+/// boot and pid namespace (its pid gone, or reused by a process that started
+/// at another time). Anything it cannot tell is taken for alive.
 fn is_dead_here(holder: &str) -> bool {
     let parts: Vec<&str> = holder.split(' ').collect();
-    let [host, "pid", pid, "started", started, _tag] = parts.as_slice() else { return false };
-    if *host != host_name() {
+    let [host, "boot", boot, "ns", ns, "pid", pid, "started", started, _tag] = parts.as_slice() else { return false };
+    if *host != host_name() || *boot != boot_id() || *ns != pid_namespace() || *boot == "?" || *ns == "?" {
         return false;
     }
     let (Ok(pid), Ok(started)) = (pid.parse::<u32>(), started.parse::<u64>()) else { return false };
-    process_start(pid) != Some(started)
+    started != 0 && process_start(pid) != Some(started)
+}
+
+fn boot_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|id| id.trim().to_owned())
+        .unwrap_or_else(|_| "?".into())
+}
+
+fn pid_namespace() -> String {
+    std::fs::read_link("/proc/self/ns/pid")
+        .map(|ns| ns.to_string_lossy().replace(' ', ""))
+        .unwrap_or_else(|_| "?".into())
 }
 
 /// When process `pid` started, in clock ticks after boot (`/proc/<pid>/stat`
@@ -203,8 +234,11 @@ pub fn host_name() -> String {
 }
 
 /// The name of a node given none: `nexus-<host>-<random>`, made on first
-/// use and kept in `data_dir/node-name` from then on.
-pub fn default_name(data_dir: &Path) -> std::io::Result<String> {
+/// use and kept in `data_dir/node-name` from then on. A data directory an
+/// earlier version used already (it holds files, but no name yet) keeps
+/// that version's fixed name, `legacy`, so the node still owns what it
+/// recorded under it.
+pub fn default_name(data_dir: &Path, legacy: &str) -> std::io::Result<String> {
     let file = data_dir.join("node-name");
     if let Ok(name) = std::fs::read_to_string(&file) {
         let name = name.trim();
@@ -212,11 +246,18 @@ pub fn default_name(data_dir: &Path) -> std::io::Result<String> {
             return Ok(name.to_owned());
         }
     }
-    let host: String =
-        host_name().chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '-' }).take(40).collect();
-    let name = format!("nexus-{host}-{:06x}", rand::random::<u32>() & 0xff_ffff);
+    let used_before = std::fs::read_dir(data_dir).is_ok_and(|mut entries| entries.next().is_some());
+    let name = if used_before {
+        legacy.to_owned()
+    } else {
+        let host: String =
+            host_name().chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '-' }).take(40).collect();
+        format!("nexus-{host}-{:06x}", rand::random::<u32>() & 0xff_ffff)
+    };
     std::fs::create_dir_all(data_dir)?;
-    std::fs::write(&file, format!("{name}\n"))?;
+    let temporary = data_dir.join(format!(".node-name.{:08x}", rand::random::<u32>()));
+    std::fs::write(&temporary, format!("{name}\n"))?;
+    std::fs::rename(&temporary, &file)?;
     Ok(name)
 }
 
@@ -252,12 +293,12 @@ mod tests {
         let lost = IntCounter::new("lost", "lost").expect("a counter");
         let mut conn = redis.conn();
         // A previous life on this host: a pid that runs no process.
-        let dead = format!("{} pid 4000000 started 1 00000000", host_name());
+        let dead = format!("{} boot {} ns {} pid 4000000 started 1 00000000", host_name(), boot_id(), pid_namespace());
         let _: () = redis::cmd("SET").arg("nexus:node:n").arg(&dead).query_async(&mut conn).await.expect("set");
         let lease = NodeLease::acquire(&redis, "n", times(), lost.clone()).await.expect("taken over");
-        // Another host's holder is never taken for dead.
-        let elsewhere = "another-host pid 4000000 started 1 00000000";
-        let _: () = redis::cmd("SET").arg("nexus:node:m").arg(elsewhere).query_async(&mut conn).await.expect("set");
+        // A holder of another boot (another host of this name) is never taken for dead.
+        let elsewhere = format!("{} boot another-boot ns {} pid 4000000 started 1 0", host_name(), pid_namespace());
+        let _: () = redis::cmd("SET").arg("nexus:node:m").arg(&elsewhere).query_async(&mut conn).await.expect("set");
         assert!(matches!(NodeLease::acquire(&redis, "m", times(), lost.clone()).await, Err(LeaseError::Held { .. })));
         // Someone else's now: the next renewal counts the loss.
         let _: () = redis::cmd("SET").arg("nexus:node:n").arg("thief").query_async(&mut conn).await.expect("set");
@@ -268,17 +309,38 @@ mod tests {
         assert_eq!(kept, "thief", "a release never deletes another holder's lease");
     }
 
+    #[actix_rt::test]
+    async fn a_lease_that_ended_while_held_is_taken_again() {
+        let brokers = nexus_testkit::Brokers::redis("node-lease-ended");
+        let redis = Redis::connect(&brokers.redis_url()).await.expect("redis");
+        let lost = IntCounter::new("lost", "lost").expect("a counter");
+        let _lease = NodeLease::acquire(&redis, "r", times(), lost.clone()).await.expect("a free name");
+        // As if Redis had been away past the TTL, or lost its data.
+        let _: () = redis::cmd("DEL").arg("nexus:node:r").query_async(&mut redis.conn()).await.expect("del");
+        tokio::time::sleep(Duration::from_millis(350)).await;
+        let holder: String = redis::cmd("GET").arg("nexus:node:r").query_async(&mut redis.conn()).await.expect("get");
+        assert!(holder.contains(&format!("pid {}", std::process::id())), "taken again: {holder}");
+        assert_eq!(lost.get(), 0, "not lost: nobody else held it");
+    }
+
     #[test]
     fn a_node_without_a_name_gets_one_with_its_host_and_keeps_it() {
         let dir = std::env::temp_dir().join(format!("nexus-node-name-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
-        let name = default_name(&dir).expect("a name");
+        let name = default_name(&dir, "legacy").expect("a name");
         assert!(name.starts_with("nexus-") && name.len() > "nexus-".len() + 7, "{name}");
-        assert_eq!(default_name(&dir).expect("the same name"), name);
+        assert_eq!(default_name(&dir, "legacy").expect("the same name"), name);
         let other = std::env::temp_dir().join(format!("nexus-node-name-other-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&other);
-        assert_ne!(default_name(&other).expect("a name"), name, "another data directory, another name");
-        let _ = std::fs::remove_dir_all(&dir);
-        let _ = std::fs::remove_dir_all(&other);
+        assert_ne!(default_name(&other, "legacy").expect("a name"), name, "another data directory, another name");
+        // A data directory an earlier version used keeps its fixed name.
+        let earlier = std::env::temp_dir().join(format!("nexus-node-name-earlier-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&earlier);
+        std::fs::create_dir_all(earlier.join("panels")).expect("mkdir");
+        assert_eq!(default_name(&earlier, "nexus-node").expect("a name"), "nexus-node");
+        assert_eq!(default_name(&earlier, "other").expect("kept"), "nexus-node");
+        for d in [dir, other, earlier] {
+            let _ = std::fs::remove_dir_all(d);
+        }
     }
 }

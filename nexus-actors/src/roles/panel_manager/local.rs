@@ -272,14 +272,14 @@ impl LocalDriver {
         let sandbox = self.sandbox().await?;
         self.sweep_stale().await;
         let root = sandbox.isolation != Isolation::None;
-        // Logs and runsc's files: root's only.
-        let dir = self.instances_dir().join(&spec.instance);
-        remove_tree(&dir)?;
-        private_dir(&dir)?;
         let uid = match root {
             true => Some(self.uids.of(&spec.panel).await?),
             false => None,
         };
+        // Logs and runsc's files: root's only.
+        let dir = self.instances_dir().join(&spec.instance);
+        remove_tree(&dir)?;
+        private_dir(&dir)?;
 
         let (code, snapshot) = match &spec.code {
             Code::Studio(volume) => (volume.location.clone(), None),

@@ -13,7 +13,7 @@ use std::os::fd::{AsRawFd, FromRawFd};
 
 use sha2::{Digest, Sha256};
 
-use super::tree::{check, finish, fstat, unlink, Dir};
+use super::tree::{check, finish, unlink, Dir};
 
 /// Links `file` (open for reading, with permission bits `mode`) as `name`
 /// in `target`, through the object of its content and mode, stored first
@@ -26,15 +26,40 @@ pub(super) fn link(store: &Dir, mut file: File, target: &Dir, name: &CStr, mode:
         // by what was read while storing it.
         key = store_object(store, &mut file, mode)?;
     }
-    link_at(store, &key, target, name)
+    match link_at(store, &key, target, name) {
+        // The object has as many links as the file system allows (one
+        // content in very many files): this file is a copy of its own, so
+        // no panel can use the limit up for another.
+        Err(error) if error.raw_os_error() == Some(libc::EMLINK) => copy_object(store, &key, target, name, mode),
+        linked => linked,
+    }
+}
+
+fn copy_object(store: &Dir, key: &CStr, target: &Dir, name: &CStr, mode: libc::mode_t) -> io::Result<()> {
+    let flags = libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_CLOEXEC;
+    // SAFETY: valid descriptor and NUL-terminated name.
+    let fd = check(unsafe { libc::openat(store.fd(), key.as_ptr(), flags) })?;
+    // SAFETY: openat returned a fresh descriptor that nothing else owns.
+    let mut object = unsafe { File::from_raw_fd(fd) };
+    let flags = libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW | libc::O_CLOEXEC;
+    // SAFETY: valid descriptor and NUL-terminated name.
+    let fd = check(unsafe { libc::openat(target.fd(), name.as_ptr(), flags, 0o600) })?;
+    // SAFETY: openat returned a fresh descriptor that nothing else owns.
+    let mut copy = unsafe { File::from_raw_fd(fd) };
+    io::copy(&mut object, &mut copy)?;
+    finish(copy.as_raw_fd(), None, mode)
 }
 
 /// Deletes the objects no snapshot links to; how many went.
 pub(super) fn collect(store: &Dir) -> io::Result<usize> {
     let mut deleted = 0;
     for name in store.entries()? {
-        let Ok(entry) = store.open_entry(&name) else { continue };
-        let stat = fstat(entry.as_raw_fd())?;
+        // SAFETY: an all-zero stat is a valid value; fstatat fills it.
+        let mut stat: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: valid descriptor, NUL-terminated name and a stat to write to.
+        if unsafe { libc::fstatat(store.fd(), name.as_ptr(), &mut stat, libc::AT_SYMLINK_NOFOLLOW) } != 0 {
+            continue;
+        }
         if stat.st_nlink <= 1 {
             unlink(store, &name, 0)?;
             deleted += 1;

@@ -290,6 +290,8 @@ impl LocalDriver {
     pub(super) async fn forget_panel(&self, panel: &str) -> Result<(), DriverError> {
         check_id("panel", panel)?;
         remove_tree(&self.volumes().join(panel))?;
+        // A deploy of another panel may be linking objects right now.
+        let _numbering = self.snapshots.lock().await;
         remove_tree(&self.snapshots_of(panel))?;
         let store = self.config.data_dir.join("snapshots").join(OBJECTS);
         if let Err(error) = tree::Dir::open(&store).and_then(|store| objects::collect(&store)) {

@@ -12,10 +12,13 @@ use tokio::sync::OnceCell;
 use super::super::driver::DriverError;
 use crate::platform::store::{Redis, StoreError};
 
-/// The first uid handed out: far above any system or human uid.
-const FIRST: u32 = 1_000_000_000;
-/// How many there are: up to `FIRST + COUNT` stays a valid 32-bit uid.
-const COUNT: u32 = 2_000_000_000;
+/// The first uid handed out: far above any system or human uid, and above
+/// the range panel uids were once hashed into (1,000,000,000 to
+/// 1,099,999,999), whose files an older volume may still hold.
+const FIRST: u32 = 1_100_000_000;
+/// How many there are: `FIRST + COUNT` stays below 2^31, which some tools
+/// take for negative.
+const COUNT: u32 = 1_000_000_000;
 
 const UIDS: &str = "nexus:panel-uids";
 const NEXT: &str = "nexus:panel-uids:next";
@@ -29,15 +32,17 @@ redis.call('HSET', KEYS[1], ARGV[1], offset)
 return offset
 ";
 
-/// Panel uids, over a connection made on first use.
+/// Panel uids, over a connection made on first use. A panel's uid never
+/// changes, so it is kept here once known: a restart needs no Redis.
 pub(super) struct Uids {
     redis_url: String,
     redis: OnceCell<Redis>,
+    known: std::sync::Mutex<std::collections::HashMap<String, u32>>,
 }
 
 impl Uids {
     pub(super) fn new(redis_url: &str) -> Uids {
-        Uids { redis_url: redis_url.to_owned(), redis: OnceCell::new() }
+        Uids { redis_url: redis_url.to_owned(), redis: OnceCell::new(), known: Default::default() }
     }
 
     async fn redis(&self) -> Result<&Redis, DriverError> {
@@ -46,6 +51,9 @@ impl Uids {
 
     /// The uid `panel`'s code runs as: the same on every call and node.
     pub(super) async fn of(&self, panel: &str) -> Result<u32, DriverError> {
+        if let Some(uid) = self.known.lock().unwrap_or_else(|e| e.into_inner()).get(panel) {
+            return Ok(*uid);
+        }
         let script = &redis::Script::new(ALLOCATE);
         // Allocating is idempotent, so a retry after a dropped connection is safe.
         let offset: u64 = self
@@ -54,14 +62,17 @@ impl Uids {
             .read(|mut conn| async move { script.key(UIDS).key(NEXT).arg(panel).invoke_async(&mut conn).await })
             .await
             .map_err(store_error)?;
-        match u32::try_from(offset) {
-            Ok(offset) if offset < COUNT => Ok(FIRST + offset),
-            _ => Err(DriverError::Io(std::io::Error::other("every panel uid is allocated"))),
-        }
+        let uid = match u32::try_from(offset) {
+            Ok(offset) if offset < COUNT => FIRST + offset,
+            _ => return Err(DriverError::Io(std::io::Error::other("every panel uid is allocated"))),
+        };
+        self.known.lock().unwrap_or_else(|e| e.into_inner()).insert(panel.to_owned(), uid);
+        Ok(uid)
     }
 
     /// Forgets `panel`'s uid (the panel is gone); it is never handed out again.
     pub(super) async fn forget(&self, panel: &str) -> Result<(), DriverError> {
+        self.known.lock().unwrap_or_else(|e| e.into_inner()).remove(panel);
         let mut conn = self.redis().await?.conn();
         redis::AsyncCommands::hdel::<_, _, ()>(&mut conn, UIDS, panel).await.map_err(|e| store_error(e.into()))
     }
@@ -90,7 +101,8 @@ mod tests {
         for (panel, uid) in panels.iter().zip(&uids) {
             assert_eq!(two.of(panel).await.expect("a uid"), *uid, "the same on every node");
         }
-        two.forget(&panels[0]).await.expect("forgotten");
+        // Panel ids are never reused; were one asked for again, it gets a new uid.
+        one.forget(&panels[0]).await.expect("forgotten");
         let again = one.of(&panels[0]).await.expect("a uid");
         assert!(!uids.contains(&again), "a uid once held is never handed out again");
     }
