@@ -37,6 +37,7 @@ mod files;
 #[cfg(test)]
 mod files_tests;
 mod isolation;
+mod logs;
 mod metrics;
 mod objects;
 mod procs;
@@ -369,6 +370,7 @@ impl LocalDriver {
             self.tear_down(&spec.instance, &instance, Duration::ZERO).await;
             return Err(error);
         }
+        logs::keep_capped(dir.join("panel.log"), Arc::downgrade(&instance), self.metrics.log_rotations.clone());
         self.instances.lock().unwrap_or_else(|p| p.into_inner()).insert(spec.instance.clone(), instance);
         self.metrics.started.with_label_values(&[isolation_label(sandbox.isolation)]).inc();
         tracing::info!(
@@ -524,7 +526,7 @@ impl LocalDriver {
         if !path.exists() {
             return Err(DriverError::NoInstance(id.to_owned()));
         }
-        blocking(move || Ok(procs::tail(&path, lines)?)).await
+        blocking(move || Ok(logs::tail(&path, lines)?)).await
     }
 }
 

@@ -35,6 +35,8 @@ pub struct LocalMetrics {
     pub stale_swept: IntCounter,
     /// `nexus_local_sandbox_probes_total{outcome}`: `runsc` probe runs, `ok` or `failed`.
     pub sandbox_probes: IntCounterVec,
+    /// `nexus_local_log_rotations_total`: instance logs rotated past their cap.
+    pub log_rotations: IntCounter,
 }
 
 impl LocalMetrics {
@@ -56,6 +58,8 @@ impl LocalMetrics {
             )
             .expect("valid metric definition"),
             sandbox_probes: counter("nexus_local_sandbox_probes_total", "runsc probe runs, by outcome", "outcome"),
+            log_rotations: IntCounter::new("nexus_local_log_rotations_total", "Instance logs rotated past their cap")
+                .expect("valid metric definition"),
         }
     }
 
@@ -65,6 +69,7 @@ impl LocalMetrics {
         registry.register(Box::new(self.panel_exits.clone()))?;
         registry.register(Box::new(self.helper_restarts.clone()))?;
         registry.register(Box::new(self.sandbox_probes.clone()))?;
+        registry.register(Box::new(self.log_rotations.clone()))?;
         registry.register(Box::new(self.stale_swept.clone()))
     }
 }

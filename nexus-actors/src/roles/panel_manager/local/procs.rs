@@ -8,7 +8,7 @@
 //! sandboxes or files beyond logs.
 
 use std::fs::File;
-use std::io::{self, Read, Seek, SeekFrom};
+use std::io;
 use std::net::{SocketAddr, TcpStream};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
@@ -243,20 +243,6 @@ fn namespace_members(wanted: &str) -> Vec<i32> {
         .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<i32>().ok())
         .filter(|pid| std::fs::read_link(format!("/proc/{pid}/ns/net")).is_ok_and(|link| link.as_os_str() == wanted))
         .collect()
-}
-
-/// The last `lines` lines of the log at `path` (reads at most its last
-/// 1 MiB, so a huge log costs no more than that).
-pub(super) fn tail(path: &Path, lines: usize) -> io::Result<Vec<String>> {
-    const WINDOW: u64 = 1 << 20;
-    let mut file = File::open(path)?;
-    let len = file.metadata()?.len();
-    file.seek(SeekFrom::Start(len.saturating_sub(WINDOW)))?;
-    let mut bytes = Vec::new();
-    file.read_to_end(&mut bytes)?;
-    let text = String::from_utf8_lossy(&bytes);
-    let all: Vec<&str> = text.lines().collect();
-    Ok(all[all.len().saturating_sub(lines)..].iter().map(|l| (*l).to_owned()).collect())
 }
 
 /// How long the sidecar and the watchdog may take to listen.
