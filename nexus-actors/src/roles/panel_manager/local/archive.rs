@@ -13,10 +13,9 @@
 //! Symlinks are checked once that tree is known: resolved from where they
 //! sit, through real directories only, they must stay inside it.
 
-use std::ffi::{CStr, CString};
-use std::fs::File;
+use std::ffi::CString;
 use std::io::{self, Read};
-use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::fd::AsRawFd;
 use std::path::Path;
 
 use super::super::driver::DriverError;
@@ -189,7 +188,7 @@ impl Unpacker {
     fn dir(&mut self, name: &str) -> Result<(), DriverError> {
         let Some(path) = Self::path(name)? else { return Ok(()) };
         let (parent, last) = self.parent_of(name, &path)?;
-        if !exists(&parent, &last)? {
+        if parent.stat_at(&last)?.is_none() {
             self.count()?;
             make_dir(&parent, &last, self.owner).map_err(|e| in_archive(name, e))?;
         }
@@ -200,12 +199,7 @@ impl Unpacker {
         let Some(path) = Self::path(name)? else { return Err(refused(name, "a file at the archive's top")) };
         self.count()?;
         let (parent, last) = self.parent_of(name, &path)?;
-        let flags = libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW | libc::O_CLOEXEC;
-        // SAFETY: valid descriptor and NUL-terminated name.
-        let fd = check(unsafe { libc::openat(parent.fd(), last.as_ptr(), flags, 0o600) })
-            .map_err(|e| in_archive(name, e))?;
-        // SAFETY: openat returned a fresh descriptor that nothing else owns.
-        let mut file = unsafe { File::from_raw_fd(fd) };
+        let mut file = parent.create_file(&last).map_err(|e| in_archive(name, e))?;
         let room = self.limits.max_file_bytes.min(self.limits.max_bytes - self.usage.bytes);
         let copied = io::copy(&mut (&mut content).take(room + 1), &mut file).map_err(bad)?;
         if copied > self.limits.max_file_bytes {
@@ -264,7 +258,7 @@ impl Unpacker {
             so_far = if so_far.is_empty() { (*parent).to_owned() } else { format!("{so_far}/{parent}") };
             let dir_path = FilePath::parse(&so_far).map_err(|e| refused(name, &e.to_string()))?;
             let (holder, last) = descend(&self.top, &dir_path, None).map_err(|e| in_tree(name, e))?;
-            if !exists(&holder, &last)? {
+            if holder.stat_at(&last)?.is_none() {
                 self.count()?;
                 make_dir(&holder, &last, self.owner).map_err(|e| in_archive(name, e))?;
             }
@@ -323,7 +317,8 @@ fn resolves_inside(root: &Dir, path: &str, target: &str) -> bool {
             // symlink (ENOTDIR too, under O_DIRECTORY) is refused.
             Err(error) if error.raw_os_error() == Some(libc::ENOTDIR) => {
                 let Ok(name) = CString::new(*name) else { return false };
-                return dirs.last().is_some_and(|dir| is_file(dir, &name));
+                let stat = dirs.last().and_then(|dir| dir.stat_at(&name).ok().flatten());
+                return stat.is_some_and(|stat| stat.st_mode & libc::S_IFMT == libc::S_IFREG);
             }
             Err(_) => return false,
         }
@@ -351,26 +346,6 @@ fn checked_name(bytes: &[u8], max: usize) -> Result<String, DriverError> {
         return Err(refused(&format!("{start}…"), &format!("a name or link of {} bytes; at most {max}", bytes.len())));
     }
     Ok(String::from_utf8_lossy(bytes).into_owned())
-}
-
-/// Whether `name` in `dir` is a regular file (a symlink is not followed).
-fn is_file(dir: &Dir, name: &CStr) -> bool {
-    // SAFETY: an all-zero stat is a valid value; fstatat fills it.
-    let mut stat: libc::stat = unsafe { std::mem::zeroed() };
-    // SAFETY: valid descriptor, NUL-terminated name and a stat to write to.
-    let found = unsafe { libc::fstatat(dir.fd(), name.as_ptr(), &mut stat, libc::AT_SYMLINK_NOFOLLOW) } == 0;
-    found && stat.st_mode & libc::S_IFMT == libc::S_IFREG
-}
-
-fn exists(dir: &Dir, name: &CStr) -> io::Result<bool> {
-    // SAFETY: an all-zero stat is a valid value; fstatat fills it.
-    let mut stat: libc::stat = unsafe { std::mem::zeroed() };
-    // SAFETY: valid descriptor, NUL-terminated name and a stat to write to.
-    match check(unsafe { libc::fstatat(dir.fd(), name.as_ptr(), &mut stat, libc::AT_SYMLINK_NOFOLLOW) }) {
-        Ok(_) => Ok(true),
-        Err(error) if error.raw_os_error() == Some(libc::ENOENT) => Ok(false),
-        Err(error) => Err(error),
-    }
 }
 
 fn bad(error: impl std::fmt::Display) -> DriverError {

@@ -19,8 +19,8 @@ use super::tree::{check, finish, unlink, Dir};
 /// in `target`, through the object of its content and mode, stored first
 /// when it is new.
 pub(super) fn link(store: &Dir, mut file: File, target: &Dir, name: &CStr, mode: libc::mode_t) -> io::Result<()> {
-    let mut key = object_name(&hash(&mut file)?, mode)?;
-    if !exists(store, &key)? {
+    let mut key = object_name(&hash(&mut file, None)?, mode)?;
+    if store.stat_at(&key)?.is_none() {
         file.rewind()?;
         // The panel may change the file meanwhile: what is stored is named
         // by what was read while storing it.
@@ -41,11 +41,7 @@ fn copy_object(store: &Dir, key: &CStr, target: &Dir, name: &CStr, mode: libc::m
     let fd = check(unsafe { libc::openat(store.fd(), key.as_ptr(), flags) })?;
     // SAFETY: openat returned a fresh descriptor that nothing else owns.
     let mut object = unsafe { File::from_raw_fd(fd) };
-    let flags = libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW | libc::O_CLOEXEC;
-    // SAFETY: valid descriptor and NUL-terminated name.
-    let fd = check(unsafe { libc::openat(target.fd(), name.as_ptr(), flags, 0o600) })?;
-    // SAFETY: openat returned a fresh descriptor that nothing else owns.
-    let mut copy = unsafe { File::from_raw_fd(fd) };
+    let mut copy = target.create_file(name)?;
     io::copy(&mut object, &mut copy)?;
     finish(copy.as_raw_fd(), None, mode)
 }
@@ -54,12 +50,7 @@ fn copy_object(store: &Dir, key: &CStr, target: &Dir, name: &CStr, mode: libc::m
 pub(super) fn collect(store: &Dir) -> io::Result<usize> {
     let mut deleted = 0;
     for name in store.entries()? {
-        // SAFETY: an all-zero stat is a valid value; fstatat fills it.
-        let mut stat: libc::stat = unsafe { std::mem::zeroed() };
-        // SAFETY: valid descriptor, NUL-terminated name and a stat to write to.
-        if unsafe { libc::fstatat(store.fd(), name.as_ptr(), &mut stat, libc::AT_SYMLINK_NOFOLLOW) } != 0 {
-            continue;
-        }
+        let Ok(Some(stat)) = store.stat_at(&name) else { continue };
         if stat.st_nlink <= 1 {
             unlink(store, &name, 0)?;
             deleted += 1;
@@ -68,7 +59,9 @@ pub(super) fn collect(store: &Dir) -> io::Result<usize> {
     Ok(deleted)
 }
 
-fn hash(file: &mut File) -> io::Result<Vec<u8>> {
+/// The SHA-256 of what is read from `file` to its end, written to `copy`
+/// on the way when given.
+fn hash(file: &mut File, mut copy: Option<&mut File>) -> io::Result<Vec<u8>> {
     let mut hasher = Sha256::new();
     let mut buffer = vec![0u8; 64 * 1024];
     loop {
@@ -77,31 +70,21 @@ fn hash(file: &mut File) -> io::Result<Vec<u8>> {
             return Ok(hasher.finalize().to_vec());
         }
         hasher.update(&buffer[..read]);
+        if let Some(copy) = copy.as_deref_mut() {
+            copy.write_all(&buffer[..read])?;
+        }
     }
 }
 
 /// Copies `file` into a new object and names it by what was copied.
 fn store_object(store: &Dir, file: &mut File, mode: libc::mode_t) -> io::Result<CString> {
     let temporary = CString::new(format!(".in-{:016x}", rand::random::<u64>())).map_err(io::Error::other)?;
-    let flags = libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW | libc::O_CLOEXEC;
-    // SAFETY: valid descriptor and NUL-terminated name.
-    let fd = check(unsafe { libc::openat(store.fd(), temporary.as_ptr(), flags, 0o600) })?;
-    // SAFETY: openat returned a fresh descriptor that nothing else owns.
-    let mut object = unsafe { File::from_raw_fd(fd) };
+    let mut object = store.create_file(&temporary)?;
     let stored = (|| {
-        let mut hasher = Sha256::new();
-        let mut buffer = vec![0u8; 64 * 1024];
-        loop {
-            let read = file.read(&mut buffer)?;
-            if read == 0 {
-                break;
-            }
-            hasher.update(&buffer[..read]);
-            object.write_all(&buffer[..read])?;
-        }
+        let digest = hash(file, Some(&mut object))?;
         finish(object.as_raw_fd(), None, mode)?;
-        let key = object_name(&hasher.finalize(), mode)?;
-        if exists(store, &key)? {
+        let key = object_name(&digest, mode)?;
+        if store.stat_at(&key)?.is_some() {
             unlink(store, &temporary, 0)?;
         } else {
             // SAFETY: valid descriptors and NUL-terminated names.
@@ -124,15 +107,4 @@ fn link_at(store: &Dir, key: &CStr, target: &Dir, name: &CStr) -> io::Result<()>
     // SAFETY: valid descriptors and NUL-terminated names; no flags: the
     // object itself is linked (it is never a symlink).
     check(unsafe { libc::linkat(store.fd(), key.as_ptr(), target.fd(), name.as_ptr(), 0) }).map(drop)
-}
-
-fn exists(dir: &Dir, name: &CStr) -> io::Result<bool> {
-    // SAFETY: an all-zero stat is a valid value; fstatat fills it.
-    let mut stat: libc::stat = unsafe { std::mem::zeroed() };
-    // SAFETY: valid descriptor, NUL-terminated name and a stat to write to.
-    match check(unsafe { libc::fstatat(dir.fd(), name.as_ptr(), &mut stat, libc::AT_SYMLINK_NOFOLLOW) }) {
-        Ok(_) => Ok(true),
-        Err(error) if error.raw_os_error() == Some(libc::ENOENT) => Ok(false),
-        Err(error) => Err(error),
-    }
 }

@@ -109,6 +109,11 @@ impl LocalDriver {
         self.config.data_dir.join("volumes")
     }
 
+    /// The snapshots' object store ([`objects`]).
+    fn object_store(&self) -> PathBuf {
+        self.config.data_dir.join("snapshots").join(OBJECTS)
+    }
+
     pub(super) fn snapshots_of(&self, panel: &str) -> PathBuf {
         self.config.data_dir.join("snapshots").join(panel)
     }
@@ -154,7 +159,7 @@ impl LocalDriver {
         let fresh = dir.join(format!(".{version}.new"));
         let _ = remove_tree(&fresh);
         let volume = self.volumes().join(panel);
-        let store = self.config.data_dir.join("snapshots").join(OBJECTS);
+        let store = self.object_store();
         private_dir(&store)?;
         // The volume is the panel's (its code may be changing it right now):
         // copied by descriptor, root-owned and read-only as it is made, its
@@ -293,7 +298,7 @@ impl LocalDriver {
         // A deploy of another panel may be linking objects right now.
         let _numbering = self.snapshots.lock().await;
         remove_tree(&self.snapshots_of(panel))?;
-        let store = self.config.data_dir.join("snapshots").join(OBJECTS);
+        let store = self.object_store();
         if let Err(error) = tree::Dir::open(&store).and_then(|store| objects::collect(&store)) {
             tracing::warn!(panel, %error, "the panel's snapshot objects not collected; the next deploy does");
         }

@@ -123,11 +123,7 @@ fn copy_entries(source: &Dir, target: &Dir, how: CopyAs<'_>, owner: u32, depth: 
                 super::objects::link(store, File::from(entry), target, &name, bits & 0o555)?;
             }
             libc::S_IFREG => {
-                let flags = libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW | libc::O_CLOEXEC;
-                // SAFETY: valid descriptor and NUL-terminated name.
-                let fd = check(unsafe { libc::openat(target.fd(), name.as_ptr(), flags, 0o600) })?;
-                // SAFETY: openat returned a fresh descriptor that nothing else owns.
-                let mut copied = unsafe { File::from_raw_fd(fd) };
+                let mut copied = target.create_file(&name)?;
                 io::copy(&mut File::from(entry), &mut copied)?;
                 let mode = if how.read_only { bits & 0o555 } else { bits | 0o200 };
                 finish(copied.as_raw_fd(), how.owner, mode)?;
@@ -139,15 +135,10 @@ fn copy_entries(source: &Dir, target: &Dir, how: CopyAs<'_>, owner: u32, depth: 
 }
 
 fn copy_symlink(source: &Dir, target: &Dir, name: &CStr, how: CopyAs<'_>) -> io::Result<()> {
-    let mut buffer = vec![0u8; libc::PATH_MAX as usize];
-    // SAFETY: the buffer is as long as we say; readlinkat reads the link
-    // itself, never its target.
-    let len = unsafe { libc::readlinkat(source.fd(), name.as_ptr(), buffer.as_mut_ptr().cast(), buffer.len()) };
-    let Ok(len) = usize::try_from(len) else {
+    let Ok(buffer) = source.read_link(name) else {
         // No longer a symlink (swapped again): skipped, never followed.
         return Ok(());
     };
-    buffer.truncate(len);
     let link = CString::new(buffer).map_err(|_| invalid("a symlink with a NUL"))?;
     // SAFETY: valid descriptor and NUL-terminated strings.
     check(unsafe { libc::symlinkat(link.as_ptr(), target.fd(), name.as_ptr()) })?;
@@ -310,6 +301,40 @@ impl Dir {
         let fd = check(unsafe { libc::openat(self.fd(), name.as_ptr(), ENTRY_FLAGS) })?;
         // SAFETY: openat returned a fresh descriptor that nothing else owns.
         Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    }
+
+    /// The entry `name` itself (a symlink is not followed); `None` when
+    /// there is none.
+    pub(super) fn stat_at(&self, name: &CStr) -> io::Result<Option<libc::stat>> {
+        // SAFETY: an all-zero stat is a valid value; fstatat fills it.
+        let mut stat: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: valid descriptor, NUL-terminated name and a stat to write to.
+        match check(unsafe { libc::fstatat(self.fd(), name.as_ptr(), &mut stat, libc::AT_SYMLINK_NOFOLLOW) }) {
+            Ok(_) => Ok(Some(stat)),
+            Err(error) if error.raw_os_error() == Some(libc::ENOENT) => Ok(None),
+            Err(error) => Err(error),
+        }
+    }
+
+    /// A new file `name`, opened for writing: never over an entry, never
+    /// through a symlink, `0600` until its maker gives it its mode.
+    pub(super) fn create_file(&self, name: &CStr) -> io::Result<File> {
+        let flags = libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW | libc::O_CLOEXEC;
+        // SAFETY: valid descriptor and NUL-terminated name.
+        let fd = check(unsafe { libc::openat(self.fd(), name.as_ptr(), flags, 0o600) })?;
+        // SAFETY: openat returned a fresh descriptor that nothing else owns.
+        Ok(unsafe { File::from_raw_fd(fd) })
+    }
+
+    /// What the symlink `name` holds, as written (its target is never opened).
+    pub(super) fn read_link(&self, name: &CStr) -> io::Result<Vec<u8>> {
+        let mut buffer = vec![0u8; libc::PATH_MAX as usize];
+        // SAFETY: the buffer is as long as we say; readlinkat reads the
+        // link itself, never its target.
+        let len = unsafe { libc::readlinkat(self.fd(), name.as_ptr(), buffer.as_mut_ptr().cast(), buffer.len()) };
+        let len = usize::try_from(len).map_err(|_| io::Error::last_os_error())?;
+        buffer.truncate(len);
+        Ok(buffer)
     }
 
     /// The names in the directory, without `.` and `..`.

@@ -15,7 +15,7 @@
 use std::ffi::{CStr, CString};
 use std::fs::File;
 use std::io::{self, Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::fd::AsRawFd;
 use std::path::Path;
 
 use super::super::driver::DriverError;
@@ -72,14 +72,14 @@ fn walk(
     let (mut names, complete) = dir.entries_up_to(max.saturating_sub(usage.entries))?;
     names.sort();
     for name in names {
-        let Some(stat) = stat_at(dir, &name)? else { continue };
+        let Some(stat) = dir.stat_at(&name)? else { continue };
         usage.entries += 1;
         let path = format!("{prefix}{}", name.to_string_lossy());
         let (kind, size, target) = match stat.st_mode & libc::S_IFMT {
             libc::S_IFDIR => (FileKind::Dir, 0, None),
             libc::S_IFREG => (FileKind::File, stat.st_size as u64, None),
             libc::S_IFLNK => {
-                let target = read_link(dir, &name).unwrap_or_default();
+                let target = dir.read_link(&name).map(|t| String::from_utf8_lossy(&t).into_owned()).unwrap_or_default();
                 (FileKind::Symlink, target.len() as u64, Some(target))
             }
             // Sockets and FIFOs the panel made: nothing to edit.
@@ -145,7 +145,7 @@ pub(super) fn write(volume: &Path, path: &FilePath, bytes: &[u8], limits: Volume
     let (old_size, old_mode) = match missing {
         0 => {
             let (parent, name) = descend(&top, path, None)?;
-            match stat_at(&parent, &name)? {
+            match parent.stat_at(&name)? {
                 None => (None, FILE_MODE),
                 Some(stat) => match stat.st_mode & libc::S_IFMT {
                     libc::S_IFREG => (Some(stat.st_size as u64), stat.st_mode & 0o777),
@@ -173,7 +173,7 @@ pub(super) fn write(volume: &Path, path: &FilePath, bytes: &[u8], limits: Volume
 pub(super) fn delete(volume: &Path, path: &FilePath) -> Result<(), DriverError> {
     let top = Dir::open(volume)?;
     let (parent, name) = descend(&top, path, None)?;
-    if stat_at(&parent, &name)?.is_none() {
+    if parent.stat_at(&name)?.is_none() {
         return Err(FileError::NotFound(path.to_string()).into());
     }
     remove_entry(&parent, &name, 0)?;
@@ -183,11 +183,7 @@ pub(super) fn delete(volume: &Path, path: &FilePath) -> Result<(), DriverError> 
 /// Writes a new file beside `name` in `parent` and renames it over `name`.
 pub(super) fn save(parent: &Dir, name: &CStr, bytes: &[u8], owner: u32, mode: libc::mode_t) -> io::Result<()> {
     let temporary = CString::new(format!(".nexus-save-{:016x}", rand::random::<u64>())).map_err(io::Error::other)?;
-    let flags = libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW | libc::O_CLOEXEC;
-    // SAFETY: valid descriptor and NUL-terminated name.
-    let fd = check(unsafe { libc::openat(parent.fd(), temporary.as_ptr(), flags, 0o600) })?;
-    // SAFETY: openat returned a fresh descriptor that nothing else owns.
-    let mut file = unsafe { File::from_raw_fd(fd) };
+    let mut file = parent.create_file(&temporary)?;
     let written = file
         .write_all(bytes)
         .and_then(|()| finish(file.as_raw_fd(), Some(owner), mode & 0o777))
@@ -247,28 +243,6 @@ fn missing_parents(top: &Dir, path: &FilePath, names: &[&str]) -> Result<usize, 
         };
     }
     Ok(0)
-}
-
-/// The entry `name` of `dir` itself (a symlink is not followed); `None`
-/// when there is none.
-fn stat_at(dir: &Dir, name: &CStr) -> io::Result<Option<libc::stat>> {
-    // SAFETY: an all-zero stat is a valid value; fstatat fills it.
-    let mut stat: libc::stat = unsafe { std::mem::zeroed() };
-    // SAFETY: valid descriptor, NUL-terminated name and a stat to write to.
-    match check(unsafe { libc::fstatat(dir.fd(), name.as_ptr(), &mut stat, libc::AT_SYMLINK_NOFOLLOW) }) {
-        Ok(_) => Ok(Some(stat)),
-        Err(error) if error.raw_os_error() == Some(libc::ENOENT) => Ok(None),
-        Err(error) => Err(error),
-    }
-}
-
-fn read_link(dir: &Dir, name: &CStr) -> io::Result<String> {
-    let mut buffer = vec![0u8; libc::PATH_MAX as usize];
-    // SAFETY: the buffer is as long as we say; readlinkat reads the link itself.
-    let len = unsafe { libc::readlinkat(dir.fd(), name.as_ptr(), buffer.as_mut_ptr().cast(), buffer.len()) };
-    let len = usize::try_from(len).map_err(|_| io::Error::last_os_error())?;
-    buffer.truncate(len);
-    Ok(String::from_utf8_lossy(&buffer).into_owned())
 }
 
 fn c_name(name: &str) -> Result<CString, DriverError> {
