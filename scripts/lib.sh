@@ -101,8 +101,9 @@ ensure_browser_tests() {
 }
 
 # Panel instances run in their own network namespace (iproute2's `ip`,
-# util-linux's `nsenter`) under gVisor (`runsc`) when the user is root; the
-# local driver falls back to a plain process, loudly, when they are missing.
+# util-linux's `nsenter`, nftables' `nft` for the egress policy) under gVisor
+# (`runsc`) when the user is root, else under bubblewrap (`bwrap`); with
+# neither the local driver refuses to start instances.
 ensure_sandbox() {
   local missing=()
   command -v python3 >/dev/null || missing+=(python3)  # the python_minimal template
@@ -114,6 +115,8 @@ ensure_sandbox() {
   command -v ip >/dev/null || missing+=(iproute2)
   command -v nsenter >/dev/null || missing+=(util-linux)
   command -v runsc >/dev/null || missing+=(runsc)
+  command -v bwrap >/dev/null || missing+=(bubblewrap)  # the sandbox when gVisor does not work
+  command -v nft >/dev/null || missing+=(nftables)     # the instances' egress policy
   if [ ${#missing[@]} -gt 0 ]; then
     echo "installing the panel sandbox: ${missing[*]}"
     apt_install "${missing[@]}"

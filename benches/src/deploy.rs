@@ -37,13 +37,12 @@ pub(crate) async fn table(dir: &Path) -> String {
 
 async fn measure(work: &Path) -> Result<String, String> {
     let _ = std::fs::remove_dir_all(work);
-    let driver = LocalDriver::new(LocalConfig {
-        data_dir: work.join("data"),
-        nexus_bin: PathBuf::from("nexus"),
-        redis_url: "redis://127.0.0.1:1".into(),
-        sandbox: SandboxChoice::Process,
-        reprobe_after: LocalConfig::REPROBE_AFTER,
-    });
+    let driver = LocalDriver::new(LocalConfig::new(
+        work.join("data"),
+        PathBuf::from("nexus"),
+        "redis://127.0.0.1:1".into(),
+        SandboxChoice::Process,
+    ));
     let volume = driver.volume(PANEL, "template:empty").await.map_err(|e| e.to_string())?.location;
     for i in 0..FILES {
         let file = volume.join(format!("dir{}/file{i}.bin", i % 10));

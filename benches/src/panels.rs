@@ -687,13 +687,7 @@ async fn cold_starts(
 ) -> Result<Cold, String> {
     let _ = std::fs::remove_dir_all(work);
     let redis = RedisServer::start(&work.join("redis"), false).map_err(|e| e.to_string())?;
-    let driver = LocalDriver::new(LocalConfig {
-        data_dir: work.join("data"),
-        nexus_bin,
-        redis_url: redis.url(),
-        sandbox: choice,
-        reprobe_after: LocalConfig::REPROBE_AFTER,
-    });
+    let driver = LocalDriver::new(LocalConfig::new(work.join("data"), nexus_bin, redis.url(), choice));
     let (isolation, _) = driver.isolation().await.map_err(|e| e.to_string())?;
     let kernel = Kernel::new("bench-cold");
     let arbiter = Arbiter::new();

@@ -96,7 +96,11 @@ impl InstanceState {
 pub enum Isolation {
     /// gVisor (`runsc`) in the instance's network namespace.
     Gvisor,
-    /// A plain process in the instance's network namespace.
+    /// A process in new user, mount, PID, IPC and UTS namespaces
+    /// (bubblewrap), in the instance's network namespace.
+    Namespaces,
+    /// A plain process in the instance's network namespace, as its own
+    /// uid: it shares the host's filesystem and processes. Unisolated.
     Process,
     /// A plain process on the host network: no isolation at all.
     None,

@@ -26,7 +26,7 @@ use crate::platform::{Platform, Quotas, StoreError, UserRole};
 use crate::roles::llm_manager::{
     self as llm_role, LlmManagerConfig, LlmManagerDeps, LlmManagerError, LlmManagerHandle,
 };
-use crate::roles::panel_manager::local::{LocalConfig, LocalDriver, SandboxChoice};
+use crate::roles::panel_manager::local::{LocalConfig, LocalDriver, NetworkConfig, SandboxChoice};
 use crate::roles::panel_manager::{self as pm_role, PanelManagerConfig, PanelManagerError, PanelManagerHandle};
 use crate::roles::traffic_gateway::{self as gateway_role, Gateway, GatewayConfig, GatewayError};
 use crate::roles::transaction_manager as tm_role;
@@ -132,6 +132,8 @@ pub struct PanelsConfig {
     pub nexus_bin: PathBuf,
     /// How user code is isolated (default [`SandboxChoice::Auto`]).
     pub sandbox: SandboxChoice,
+    /// The instances' addresses and egress policy.
+    pub network: NetworkConfig,
     /// An App instance without requests for this long is stopped.
     pub app_idle: Duration,
     /// A Studio instance without a heartbeat for this long is deleted.
@@ -145,6 +147,7 @@ impl PanelsConfig {
             data_dir,
             nexus_bin: std::env::current_exe().unwrap_or_else(|_| PathBuf::from("nexus")),
             sandbox: SandboxChoice::Auto,
+            network: NetworkConfig::default(),
             app_idle: Duration::from_secs(60),
             watchdog_timeout: Duration::from_secs(30 * 60),
         }
@@ -463,11 +466,8 @@ async fn panel_manager(
 ) -> Result<PanelManagerHandle, NodeError> {
     let panels = &config.panels;
     let driver = LocalDriver::new(LocalConfig {
-        data_dir: panels.data_dir.clone(),
-        nexus_bin: panels.nexus_bin.clone(),
-        redis_url: config.redis_url.clone(),
-        sandbox: panels.sandbox,
-        reprobe_after: LocalConfig::REPROBE_AFTER,
+        network: panels.network.clone(),
+        ..LocalConfig::new(panels.data_dir.clone(), panels.nexus_bin.clone(), config.redis_url.clone(), panels.sandbox)
     });
     if let Err(error) = driver.metrics().register(kernel.metrics().registry()) {
         tracing::warn!(%error, "local driver metrics not registered");

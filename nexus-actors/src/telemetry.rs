@@ -57,10 +57,6 @@ pub struct Metrics {
     pub sidecar_published: prometheus::IntCounter,
     /// `nexus_sidecar_refused_total{reason}`: panel messages the proxy refused.
     pub sidecar_refused: IntCounterVec,
-    /// `nexus_sidecar_forward_connections_total{port}`: connections a sidecar forwarded, by inner port.
-    pub sidecar_forward_connections: IntCounterVec,
-    /// `nexus_sidecar_forward_failures_total{port,stage}`: forwards that failed (accept, connect, copy).
-    pub sidecar_forward_failures: IntCounterVec,
     /// `nexus_watchdog_heartbeats_total`: heartbeats a watchdog received.
     pub watchdog_heartbeats: prometheus::IntCounter,
     /// `nexus_watchdog_expiries_total`: instances a watchdog found without heartbeats for too long.
@@ -182,18 +178,6 @@ impl Metrics {
                 "nexus_sidecar_refused_total",
                 "Panel messages the sidecar's proxy refused, by reason",
                 &["reason"],
-            ),
-            sidecar_forward_connections: counter(
-                &registry,
-                "nexus_sidecar_forward_connections_total",
-                "Connections a sidecar forwarded into its instance, by inner port",
-                &["port"],
-            ),
-            sidecar_forward_failures: counter(
-                &registry,
-                "nexus_sidecar_forward_failures_total",
-                "Forwarded connections that failed, by inner port and stage",
-                &["port", "stage"],
             ),
             watchdog_heartbeats,
             watchdog_expiries,

@@ -2,7 +2,7 @@
 
 mod context;
 
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
@@ -17,8 +17,8 @@ use nexus_actors::platform::auth::TOKEN_TTL;
 use nexus_actors::platform::Quotas;
 use nexus_actors::roles::llm_manager::model::{EndpointConfig, ModelConfig};
 use nexus_actors::roles::llm_manager::LlmManagerConfig;
-use nexus_actors::roles::panel_manager::local::SandboxChoice;
-use nexus_actors::sidecar::{self, Forward, SidecarConfig};
+use nexus_actors::roles::panel_manager::local::{Egress, NetworkConfig, SandboxChoice};
+use nexus_actors::sidecar::{self, SidecarConfig};
 use nexus_actors::watchdog::{self, WatchdogConfig};
 
 #[derive(Parser)]
@@ -73,9 +73,8 @@ enum Command {
     ///
     /// With --netns the sidecar stays on the host network (its Redis
     /// connections stay outside) while --listen is bound inside the
-    /// instance's network namespace; each --forward HOST_ADDR=PORT listens on
-    /// the host and carries connections, byte for byte, to 127.0.0.1:PORT
-    /// inside (on the host without --netns).
+    /// instance's network namespace, where the panel finds it on its own
+    /// loopback.
     Sidecar(SidecarArgs),
     /// Run beside a Studio instance: delete it after no heartbeat for --timeout-secs.
     ///
@@ -196,10 +195,6 @@ struct SidecarArgs {
     /// The instance's network namespace (/run/netns/<name>): --listen is bound inside it.
     #[arg(long, env = "NEXUS_NETNS")]
     netns: Option<PathBuf>,
-    /// HOST_ADDR=PORT: listen on HOST_ADDR (loopback) and forward to 127.0.0.1:PORT inside
-    /// --netns. Repeatable.
-    #[arg(long = "forward", value_name = "HOST_ADDR=PORT")]
-    forwards: Vec<Forward>,
 }
 
 #[derive(Args)]
@@ -237,11 +232,21 @@ struct PanelArgs {
     /// The gateway's URL as browsers reach it (default: the address it listens on).
     #[arg(long, env = "NEXUS_PUBLIC_GATEWAY_URL")]
     public_gateway_url: Option<String>,
-    /// How panel code is isolated: auto (gVisor if root and runsc works, else
-    /// a process in its own network namespace if root, else none, loudly),
-    /// gvisor, process or none.
+    /// How panel code is isolated: auto (as root: gVisor if runsc works, else
+    /// bubblewrap's user, mount, PID and network namespaces, else refuse;
+    /// not root: none, loudly), gvisor, namespaces, process (a plain process
+    /// in its own network namespace: unisolated) or none.
     #[arg(long, default_value = "auto", env = "NEXUS_SANDBOX", value_parser = parse_sandbox)]
     sandbox: SandboxChoice,
+    /// Where panel instances may connect: internet (the public internet and
+    /// DNS; never private ranges, the metadata address, the host or another
+    /// instance) or off.
+    #[arg(long, default_value = "internet", env = "NEXUS_EGRESS", value_parser = parse_egress)]
+    egress: Egress,
+    /// The IPv4 pool instances' addresses come from, a /30 each; the same
+    /// for every node of a machine.
+    #[arg(long, default_value = "10.251.0.0/16", env = "NEXUS_INSTANCE_NET", value_parser = parse_pool)]
+    instance_net: (Ipv4Addr, u8),
     /// An App instance without requests for this long is stopped (scale to zero).
     #[arg(long, default_value_t = 60, env = "NEXUS_APP_IDLE_SECS")]
     app_idle_secs: u64,
@@ -256,6 +261,12 @@ impl PanelArgs {
     fn config(&self, data_dir: &Path) -> PanelsConfig {
         PanelsConfig {
             sandbox: self.sandbox,
+            network: NetworkConfig {
+                pool: self.instance_net.0,
+                prefix: self.instance_net.1,
+                egress: self.egress,
+                dns: None,
+            },
             app_idle: Duration::from_secs(self.app_idle_secs.max(1)),
             watchdog_timeout: Duration::from_secs(self.watchdog_timeout_secs.max(1)),
             ..PanelsConfig::new(data_dir.join("panels"))
@@ -267,9 +278,28 @@ fn parse_sandbox(s: &str) -> Result<SandboxChoice, String> {
     match s {
         "auto" => Ok(SandboxChoice::Auto),
         "gvisor" => Ok(SandboxChoice::Gvisor),
+        "namespaces" => Ok(SandboxChoice::Namespaces),
         "process" => Ok(SandboxChoice::Process),
         "none" => Ok(SandboxChoice::None),
-        other => Err(format!("{other:?} is not one of auto, gvisor, process, none")),
+        other => Err(format!("{other:?} is not one of auto, gvisor, namespaces, process, none")),
+    }
+}
+
+fn parse_egress(s: &str) -> Result<Egress, String> {
+    match s {
+        "internet" => Ok(Egress::Internet),
+        "off" => Ok(Egress::Off),
+        other => Err(format!("{other:?} is not one of internet, off")),
+    }
+}
+
+fn parse_pool(s: &str) -> Result<(Ipv4Addr, u8), String> {
+    let bad = || format!("{s:?} is not an IPv4 prefix such as 10.251.0.0/16");
+    let (addr, prefix) = s.split_once('/').ok_or_else(bad)?;
+    let (addr, prefix): (Ipv4Addr, u8) = (addr.parse().map_err(|_| bad())?, prefix.parse().map_err(|_| bad())?);
+    match (8..=28).contains(&prefix) && u32::from(addr) & !(u32::MAX << (32 - prefix)) == 0 {
+        true => Ok((addr, prefix)),
+        false => Err(format!("{s:?}: the pool must be a prefix of length 8 to 28 with no host bits set")),
     }
 }
 
@@ -381,7 +411,6 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 publish_burst: args.publish_burst,
                 poll_interval: Duration::from_millis(args.poll_interval_ms.max(100)),
                 netns: args.netns,
-                forwards: args.forwards,
                 ..SidecarConfig::new(args.panel, args.redis_url)
             };
             actix_rt::System::new().block_on(sidecar::run(config))?;

@@ -10,6 +10,8 @@
 //! the data directory's modes keep a panel's uid to its own files, and the
 //! instance's sidecar secret reaches the panel, its sidecar and nothing else.
 
+#[path = "sandbox/egress.rs"]
+mod egress;
 #[path = "sandbox/files.rs"]
 mod files;
 #[path = "sandbox/harness.rs"]
@@ -64,12 +66,13 @@ fn a_studio_instance_reaches_its_sidecar_and_nothing_else() {
         assert!(started.endpoint.watchdog.is_some(), "a Studio instance has a watchdog endpoint");
 
         // What the probe must not reach, each first shown reachable from the host.
-        let other_port: u16 = other.endpoint.addr.rsplit(':').next().unwrap().parse().unwrap();
+        let (other_host, other_port) = other.endpoint.addr.rsplit_once(':').unwrap();
+        let other_port: u16 = other_port.parse().unwrap();
         get_json(&other.endpoint.addr, "/whoami");
         let mut forbidden = vec![
             ("127.0.0.1".to_owned(), env.redis_port, "the test's redis"),
             ("127.0.0.1".to_owned(), system_port, "the system plane on loopback"),
-            ("127.0.0.1".to_owned(), other_port, "another panel's endpoint"),
+            (other_host.to_owned(), other_port, "another panel's address"),
         ];
         if TcpStream::connect(("127.0.0.1", 6379)).is_ok() {
             forbidden.push(("127.0.0.1".to_owned(), 6379, "the shared redis"));
@@ -96,7 +99,7 @@ fn a_studio_instance_reaches_its_sidecar_and_nothing_else() {
         assert_eq!(sidecar["status"], 200, "the panel's own sidecar answers /healthz: {sidecar}");
         assert_eq!(probe(&addr, "127.0.0.1", 3500)["connected"], true);
         let watchdog = get_json(started.endpoint.watchdog.as_deref().unwrap(), "/healthz");
-        assert_eq!(watchdog["instance"], a.as_str(), "the watchdog answers through its forward: {watchdog}");
+        assert_eq!(watchdog["instance"], a.as_str(), "the watchdog answers at the instance's address: {watchdog}");
         let whoami = get_json(&addr, "/whoami");
         assert_ne!(whoami["uid"], 0, "panel code never runs as root: {whoami}");
 
@@ -107,8 +110,8 @@ fn a_studio_instance_reaches_its_sidecar_and_nothing_else() {
             let dmesg = kernel["dmesg"].as_str().unwrap_or_default();
             assert!(dmesg.contains("Starting gVisor"), "the panel runs under gVisor: {kernel}");
         } else {
-            assert_eq!(started.isolation, Isolation::Process);
-            assert!(started.warning.is_some(), "a fallback to a plain process is announced");
+            assert_eq!(started.isolation, Isolation::Namespaces, "without gVisor, Auto takes bubblewrap");
+            assert!(started.warning.is_some(), "a fallback to namespaces is announced");
         }
 
         for instance in [&a, &b] {
@@ -137,7 +140,7 @@ fn a_plain_process_sandbox_isolates_too_and_stop_kills_what_escaped_its_group() 
         let code = volume_with_probe(&driver, &env.redis_url, &panel).await;
         let started = driver.start(spec(&instance, &panel, code)).await.expect("start");
         assert_eq!(started.isolation, Isolation::Process);
-        assert!(started.warning.as_deref().is_some_and(|w| w.contains("weaker")), "{:?}", started.warning);
+        assert!(started.warning.as_deref().is_some_and(|w| w.contains("UNISOLATED")), "{:?}", started.warning);
         let addr = started.endpoint.addr.clone();
         assert_eq!(probe(&addr, "127.0.0.1", env.redis_port)["connected"], false, "redis from a process sandbox");
         assert_eq!(get_json(&addr, "/sidecar")["status"], 200);
@@ -181,13 +184,13 @@ fn a_plain_process_sandbox_isolates_too_and_stop_kills_what_escaped_its_group() 
         let pid = sidecars[0].split(':').next().unwrap().to_owned();
         assert!(std::process::Command::new("kill").args(["-9", &pid]).status().unwrap().success());
         // Waits without blocking: the driver's supervisors run on this thread.
-        let port: u16 = addr.rsplit(':').next().unwrap().parse().unwrap();
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             let restarted = processes_mentioning(&instance)
                 .iter()
                 .any(|p| p.contains(" sidecar ") && !p.starts_with(&format!("{pid}:")));
-            let answer = common::get(port, "/sidecar").and_then(|(_, body)| serde_json::from_str::<Value>(&body).ok());
+            let answer =
+                common::get_at(&addr, "/sidecar").and_then(|(_, body)| serde_json::from_str::<Value>(&body).ok());
             if restarted && answer.is_some_and(|a| a["status"] == 200) {
                 break;
             }
@@ -322,13 +325,12 @@ fn a_new_driver_sweeps_the_namespaces_a_crashed_one_left() {
         assert!(stale.exists(), "the namespace outlived the driver");
         assert_eq!(processes_mentioning(&marker).len(), 1, "the escaped sleep outlived the driver");
 
-        let next = LocalDriver::new(LocalConfig {
+        let next = LocalDriver::new(LocalConfig::new(
             data_dir,
-            nexus_bin: PathBuf::from(env!("CARGO_BIN_EXE_nexus")),
-            redis_url: redis_url.clone(),
-            sandbox: SandboxChoice::Process,
-            reprobe_after: LocalConfig::REPROBE_AFTER,
-        });
+            PathBuf::from(env!("CARGO_BIN_EXE_nexus")),
+            redis_url.clone(),
+            SandboxChoice::Process,
+        ));
         assert_eq!(next.sweep_stale().await, 1, "exactly our stale namespace is swept");
         assert!(!stale.exists(), "the stale namespace is deleted");
         assert_eq!(processes_mentioning(&marker), Vec::<String>::new(), "what ran in it is killed");
@@ -339,4 +341,14 @@ fn a_new_driver_sweeps_the_namespaces_a_crashed_one_left() {
     drop(cleanup);
     drop(_brokers);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn under_gvisor_a_panel_reaches_the_internet_and_dns_and_nothing_private() {
+    egress::egress_policy("egress-gvisor", SandboxChoice::Gvisor);
+}
+
+#[test]
+fn under_namespaces_a_panel_reaches_the_internet_and_dns_and_nothing_private() {
+    egress::egress_policy("egress-namespaces", SandboxChoice::Namespaces);
 }

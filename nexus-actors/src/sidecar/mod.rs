@@ -11,10 +11,9 @@
 //!
 //! Beside a panel instance in its own network namespace (`netns`), the
 //! sidecar stays on the host network, so its Redis connections stay outside,
-//! while its endpoints listen inside, on the loopback the panel sees; its
-//! [`forward`]s carry the host's connections in to the panel and watchdog.
+//! while its endpoints listen inside, on the loopback the panel sees. It
+//! reaches the panel at the instance's address (`--panel-url`).
 
-pub mod forward;
 pub mod inbound;
 pub mod panel;
 pub mod proxy;
@@ -36,8 +35,6 @@ use crate::netns::{NetnsError, NetnsThread};
 use crate::platform::channels;
 use crate::platform::{PanelRecords, StoreError};
 use crate::tools::store::{ToolStore, ToolStoreError};
-use forward::{BoundForward, Inside};
-pub use forward::{Forward, ForwardError};
 use inbound::CallForwarder;
 use panel::PanelClient;
 use proxy::{ProxyState, RateLimit};
@@ -57,9 +54,6 @@ pub struct SidecarConfig {
     pub listen: SocketAddr,
     /// The panel instance's network namespace (`/run/netns/<name>`).
     pub netns: Option<PathBuf>,
-    /// Host loopback addresses forwarded to ports on `127.0.0.1` inside
-    /// `netns` (on the host without one).
-    pub forwards: Vec<Forward>,
     /// Most calls running in the panel at once.
     pub max_calls: usize,
     /// Messages a second the panel may publish.
@@ -83,7 +77,6 @@ impl SidecarConfig {
             panel_url: "http://127.0.0.1:8080".into(),
             listen: SocketAddr::from(([127, 0, 0, 1], 3500)),
             netns: None,
-            forwards: Vec::new(),
             max_calls: 64,
             publish_rate: 50,
             publish_burst: 100,
@@ -130,9 +123,6 @@ pub enum SidecarError {
     /// The instance's namespace could not be entered.
     #[error(transparent)]
     Netns(#[from] NetnsError),
-    /// A forward could not listen.
-    #[error(transparent)]
-    Forward(#[from] ForwardError),
     /// The HTTP endpoints failed.
     #[error("http on {addr}: {source}")]
     Http {
@@ -158,8 +148,6 @@ pub struct Sidecar {
     server: actix_web::dev::Server,
     registrar: Registrar,
     polling_task: tokio::task::JoinHandle<()>,
-    forward_tasks: Vec<tokio::task::JoinHandle<()>>,
-    forward_addrs: Vec<SocketAddr>,
     listen: SocketAddr,
     bridge: ActorRef<RedisBridge>,
     bridge_arbiter: Arbiter,
@@ -180,17 +168,11 @@ impl Sidecar {
         self.listen
     }
 
-    /// The host addresses the forwards listen on, in `--forward` order.
-    pub fn forward_addrs(&self) -> &[SocketAddr] {
-        &self.forward_addrs
-    }
-
     /// Serves until stopped; then takes no more calls, lets the running
     /// ones answer (for up to 10 s) and takes the tools out of the listing.
     pub async fn run(self) -> Result<(), SidecarError> {
         let served = self.server.await;
         self.polling_task.abort();
-        self.forward_tasks.iter().for_each(|task| task.abort());
         let unsubscribe = Unsubscribe { topic: self.calls, subscriber: self.forwarder };
         let _ = self.bridge.link::<Unsubscribe>("sidecar").ask(unsubscribe).await;
         let drained = tokio::time::timeout(DRAIN_TIMEOUT, async {
@@ -218,10 +200,6 @@ pub async fn start(config: SidecarConfig) -> Result<Sidecar, SidecarError> {
         Some(path) => Some(NetnsThread::enter(path)?),
         None => None,
     };
-    let mut forwards = Vec::new();
-    for forward in &config.forwards {
-        forwards.push(BoundForward::bind(*forward).await?);
-    }
     let panel_record = PanelRecords::connect(&config.redis_url)
         .await?
         .get(&config.panel)
@@ -281,15 +259,6 @@ pub async fn start(config: SidecarConfig) -> Result<Sidecar, SidecarError> {
     let listen = listener.local_addr().map_err(http_error)?;
     let server = server.listen(listener).map_err(http_error)?;
 
-    let target = inside.map_or(Inside::Host, Inside::Netns);
-    let forward_addrs: Vec<SocketAddr> = forwards.iter().map(BoundForward::local_addr).collect();
-    let forward_tasks = forwards
-        .into_iter()
-        .map(|bound| {
-            tracing::info!(host = %bound.local_addr(), port = bound.port(), "forwarding into the instance");
-            tokio::spawn(bound.serve(target.clone(), kernel.metrics().clone()))
-        })
-        .collect();
     tracing::info!(
         panel = %config.panel,
         %listen,
@@ -303,8 +272,6 @@ pub async fn start(config: SidecarConfig) -> Result<Sidecar, SidecarError> {
         server: server.run(),
         registrar,
         polling_task,
-        forward_tasks,
-        forward_addrs,
         listen,
         bridge,
         bridge_arbiter,

@@ -28,6 +28,11 @@ pub(crate) fn get(port: u16, path: &str) -> Option<(u16, String)> {
     request(port, "GET", path, None, None)
 }
 
+/// A bare HTTP/1.0 GET to `addr` (`host:port`); returns (status, body).
+pub(crate) fn get_at(addr: &str, path: &str) -> Option<(u16, String)> {
+    request_at(addr, "GET", path, None, None)
+}
+
 /// A bare HTTP/1.0 request with an optional bearer token and JSON body.
 pub(crate) fn request(
     port: u16,
@@ -36,7 +41,11 @@ pub(crate) fn request(
     token: Option<&str>,
     body: Option<&str>,
 ) -> Option<(u16, String)> {
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    request_at(&format!("127.0.0.1:{port}"), method, path, token, body)
+}
+
+fn request_at(addr: &str, method: &str, path: &str, token: Option<&str>, body: Option<&str>) -> Option<(u16, String)> {
+    let mut stream = TcpStream::connect(addr).ok()?;
     stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
     let mut head = format!("{method} {path} HTTP/1.0\r\nHost: localhost\r\n");
     if let Some(token) = token {

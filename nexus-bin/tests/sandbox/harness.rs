@@ -158,17 +158,32 @@ pub(crate) struct Env {
 }
 
 pub(crate) fn env(test: &str, sandbox: SandboxChoice) -> Env {
+    env_with(test, sandbox, |_| {})
+}
+
+/// [`env`] with the driver's configuration changed by `change`.
+pub(crate) fn env_with(test: &str, sandbox: SandboxChoice, change: impl FnOnce(&mut LocalConfig)) -> Env {
     let brokers = Brokers::redis(&format!("sandbox-{test}"));
     let dir = brokers.dir.clone();
-    let driver = LocalDriver::new(LocalConfig {
-        data_dir: dir.join("data"),
-        nexus_bin: PathBuf::from(env!("CARGO_BIN_EXE_nexus")),
-        redis_url: brokers.redis_url(),
-        sandbox,
-        reprobe_after: LocalConfig::REPROBE_AFTER,
-    });
+    let nexus = PathBuf::from(env!("CARGO_BIN_EXE_nexus"));
+    let mut config = LocalConfig::new(dir.join("data"), nexus, brokers.redis_url(), sandbox);
+    change(&mut config);
     let (redis_port, redis_url) = (brokers.redis.port(), brokers.redis_url());
-    Env { dir, redis_port, redis_url, _brokers: brokers, driver: Arc::new(driver) }
+    Env { dir, redis_port, redis_url, _brokers: brokers, driver: Arc::new(LocalDriver::new(config)) }
+}
+
+/// Whether what `choice` needs is installed (under `CI` its absence fails
+/// the test): runsc for gVisor, bwrap for namespaces, nft for the rules.
+pub(crate) fn sandbox_available(choice: SandboxChoice) -> bool {
+    let tool = match choice {
+        SandboxChoice::Gvisor => Some("runsc"),
+        SandboxChoice::Namespaces => Some("bwrap"),
+        _ => None,
+    };
+    tool.into_iter().chain(["nft"]).all(|tool| {
+        let what = format!("{tool} for the sandbox tests (scripts/test installs it)");
+        prerequisite(nexus_actors::infra::find_program(tool).is_some(), &what)
+    })
 }
 
 pub(crate) fn spec(instance: &str, panel: &str, code: Code) -> InstanceSpec {
@@ -188,10 +203,9 @@ pub(crate) fn spec(instance: &str, panel: &str, code: Code) -> InstanceSpec {
 
 /// A GET to the panel through its host endpoint, retried while it starts.
 pub(crate) fn get_json(addr: &str, path: &str) -> Value {
-    let port: u16 = addr.rsplit(':').next().and_then(|p| p.parse().ok()).expect("host:port");
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        if let Some((200, body)) = common::get(port, path) {
+        if let Some((200, body)) = common::get_at(addr, path) {
             return serde_json::from_str(&body).unwrap_or_else(|e| panic!("{path}: {e}: {body}"));
         }
         assert!(Instant::now() < deadline, "the panel at {addr} did not answer {path} within 60s");

@@ -29,13 +29,9 @@ fn flaky_runsc(bin: &Path, real: &Path, failures: u32) {
 }
 
 fn driver(dir: &Path, reprobe_after: Duration) -> LocalDriver {
-    LocalDriver::new(LocalConfig {
-        data_dir: dir.to_owned(),
-        nexus_bin: PathBuf::from(env!("CARGO_BIN_EXE_nexus")),
-        redis_url: "redis://127.0.0.1:1".into(),
-        sandbox: SandboxChoice::Auto,
-        reprobe_after,
-    })
+    let nexus = PathBuf::from(env!("CARGO_BIN_EXE_nexus"));
+    let config = LocalConfig::new(dir.to_owned(), nexus, "redis://127.0.0.1:1".into(), SandboxChoice::Auto);
+    LocalDriver::new(LocalConfig { reprobe_after, ..config })
 }
 
 #[test]
@@ -64,17 +60,17 @@ fn a_failed_runsc_probe_is_tried_again_and_a_downgrade_is_probed_again_later() {
         flaky_runsc(&bin, &real, 3);
         let later = driver(&dir.join("later"), Duration::from_millis(500));
         let (isolation, warning) = later.isolation().await.unwrap();
-        assert_eq!(isolation, Isolation::Process, "every try failed");
+        assert_eq!(isolation, Isolation::Namespaces, "every try failed");
         assert!(warning.unwrap_or_default().contains("gVisor is unavailable"));
-        assert_eq!(later.isolation().await.unwrap().0, Isolation::Process, "decided for a while");
+        assert_eq!(later.isolation().await.unwrap().0, Isolation::Namespaces, "decided for a while");
         assert_eq!((probes(&later, "failed"), probes(&later, "ok")), (3, 0), "not probed again yet");
         actix_rt::time::sleep(Duration::from_millis(600)).await;
         let (isolation, _) = later.isolation().await.unwrap();
-        assert_eq!(isolation, Isolation::Process, "starts go on with the decision while it is probed again");
+        assert_eq!(isolation, Isolation::Namespaces, "starts go on with the decision while it is probed again");
         let deadline = std::time::Instant::now() + Duration::from_secs(60);
         let (isolation, warning) = loop {
             let decided = later.isolation().await.unwrap();
-            if decided.0 != Isolation::Process || std::time::Instant::now() > deadline {
+            if decided.0 != Isolation::Namespaces || std::time::Instant::now() > deadline {
                 break decided;
             }
             actix_rt::time::sleep(Duration::from_millis(50)).await;

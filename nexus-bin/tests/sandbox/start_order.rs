@@ -56,13 +56,8 @@ fn a_panel_cannot_take_its_helpers_ports_before_they_listen() {
         let script = format!("#!/bin/sh\nsleep 0.5\nexec '{}' \"$@\"\n", env!("CARGO_BIN_EXE_nexus"));
         std::fs::write(&slow, script).unwrap();
         std::process::Command::new("chmod").arg("755").arg(&slow).status().unwrap();
-        let driver = LocalDriver::new(LocalConfig {
-            data_dir: env.dir.join("slow-data"),
-            nexus_bin: slow,
-            redis_url: env.redis_url.clone(),
-            sandbox,
-            reprobe_after: LocalConfig::REPROBE_AFTER,
-        });
+        let driver =
+            LocalDriver::new(LocalConfig::new(env.dir.join("slow-data"), slow, env.redis_url.clone(), sandbox));
         actix_rt::System::new().block_on(async {
             register(&env.redis_url, &panel).await;
             let volume = driver.volume(&panel, "template:python_minimal").await.expect("volume");

@@ -113,6 +113,26 @@ pub enum SandboxError {
     /// The instance's network namespace could not be made.
     #[error("the instance's network namespace: {0}")]
     Netns(Arc<crate::netns::NetnsError>),
+    /// The instance's link, address or rules could not be set up.
+    #[error("the instance's network: {0}")]
+    Network(Arc<super::local::NetworkError>),
+    /// `bwrap` (Debian's bubblewrap) is not on the `PATH`.
+    #[error("bubblewrap (bwrap) is not installed")]
+    NoBubblewrap,
+    /// `bwrap` of a probe failed.
+    #[error("`bwrap` failed ({status}): {stderr}")]
+    BubblewrapFailed {
+        /// How it exited.
+        status: String,
+        /// What it said.
+        stderr: String,
+    },
+    /// `auto` found no sandbox that works here, and runs no panel
+    /// unisolated unless asked to (`--sandbox process`).
+    #[error(
+        "no sandbox works here: {0}; install runsc or bubblewrap, or choose --sandbox process to run panels unisolated"
+    )]
+    NoIsolation(String),
 }
 
 /// A panel's persistent Studio storage.

@@ -1,12 +1,14 @@
 //! The `local` runtime driver: a panel instance as a Pod without
 //! Kubernetes, on this machine.
 //!
-//! One instance is a private network namespace with only loopback up, the
-//! user's server in it on 8080 (under gVisor when `runsc` works, else a
-//! plain process as its own uid), its `nexus sidecar` and, for Studio, its
-//! `nexus watchdog`. Those two stay on the host network (their Redis
-//! connections stay outside) and open their listeners inside; the sidecar's
-//! `--forward`s give the host the instance's 8080 and 9999, like a Pod IP.
+//! One instance is a private network namespace with an address of its own
+//! ([`network`]: a veth pair, NAT out, the egress policy), the user's
+//! server in it on 8080 (under gVisor when `runsc` works, else in
+//! bubblewrap's namespaces, see [`isolation`]), its `nexus sidecar` and, for
+//! Studio, its `nexus watchdog`. Those two stay on the host network (their
+//! Redis connections stay outside) and open their listeners inside, on the
+//! loopback the panel sees. The gateway reaches the instance's 8080 and
+//! 9999 at its address, like a Pod IP; no host port is opened for it.
 //!
 //! It owns the files under `data_dir` and the processes it starts. The
 //! layout keeps every panel uid to its own code:
@@ -33,12 +35,14 @@
 //! [`Started::sidecar_token`], the readiness probe).
 
 mod archive;
+mod bubblewrap;
 mod files;
 #[cfg(test)]
 mod files_tests;
 mod isolation;
 mod logs;
 mod metrics;
+mod network;
 mod objects;
 mod procs;
 mod runsc;
@@ -76,6 +80,7 @@ use procs::{listening, OnExit, Supervised};
 pub use files::netns_name;
 pub use isolation::SandboxChoice;
 pub use metrics::LocalMetrics;
+pub use network::{Egress, NetworkConfig, NetworkError};
 pub use templates::names as template_names;
 
 /// Where the panel listens inside its namespace, and its sidecar's proxy.
@@ -101,6 +106,8 @@ pub struct LocalConfig {
     /// How long a choice weaker than gVisor, made because `runsc` did not
     /// work, stands before the next instance start probes again.
     pub reprobe_after: Duration,
+    /// The instances' addresses and egress policy.
+    pub network: NetworkConfig,
 }
 
 /// An isolation decided, and when.
@@ -112,6 +119,18 @@ const PROBE_BUDGET: Duration = Duration::from_secs(180);
 impl LocalConfig {
     /// The default of [`LocalConfig::reprobe_after`].
     pub const REPROBE_AFTER: Duration = Duration::from_secs(60);
+
+    /// A driver's configuration with the default re-probe time and network.
+    pub fn new(data_dir: PathBuf, nexus_bin: PathBuf, redis_url: String, sandbox: SandboxChoice) -> LocalConfig {
+        LocalConfig {
+            data_dir,
+            nexus_bin,
+            redis_url,
+            sandbox,
+            reprobe_after: LocalConfig::REPROBE_AFTER,
+            network: NetworkConfig::default(),
+        }
+    }
 }
 
 /// Runs panel instances on this machine; see the module documentation.
@@ -122,6 +141,10 @@ pub struct LocalDriver {
     sandbox: Arc<tokio::sync::Mutex<Option<Decision>>>,
     /// Set once the data directories have their modes.
     layout: OnceCell<()>,
+    /// The instances' addresses; its rules are installed once, before the
+    /// first instance with a network starts.
+    network: Arc<network::Network>,
+    rules: OnceCell<()>,
     /// Set once the namespaces a crashed run left behind are swept.
     swept: OnceCell<usize>,
     instances: Mutex<HashMap<String, Arc<Instance>>>,
@@ -139,9 +162,8 @@ pub struct LocalDriver {
 
 /// Where an instance's processes listen and meet, decided before they start.
 struct Wiring<'a> {
-    /// Host ports of the panel's and the watchdog's forwards.
-    panel_port: u16,
-    watchdog_port: u16,
+    /// Where the panel listens, as the sidecar reaches it.
+    panel_url: &'a str,
     /// The sidecar's listener and the watchdog's, as the panel sees them.
     proxy_addr: &'a str,
     watchdog_inside: &'a str,
@@ -166,6 +188,8 @@ struct Instance {
     command: Vec<String>,
     env: Vec<(String, String)>,
     gvisor: Option<(PathBuf, runsc::Bundle)>,
+    /// Namespaces: `bwrap`.
+    bwrap: Option<PathBuf>,
     events: mpsc::UnboundedSender<InstanceEvent>,
     user: tokio::sync::Mutex<Option<Supervised>>,
     helpers: Mutex<Vec<Supervised>>,
@@ -176,6 +200,8 @@ impl LocalDriver {
     pub fn new(config: LocalConfig) -> LocalDriver {
         LocalDriver {
             uids: uids::Uids::new(&config.redis_url),
+            network: Arc::new(network::Network::new(config.network.clone())),
+            rules: OnceCell::new(),
             config,
             metrics: LocalMetrics::new(),
             sandbox: Arc::default(),
@@ -228,10 +254,11 @@ impl LocalDriver {
     /// theirs).
     async fn sandbox(&self) -> Result<Sandbox, DriverError> {
         self.layout().await?;
-        let probe = self.instances_dir().join(".runsc-probe");
+        let probe = self.instances_dir();
+        let bwrap_probe = self.config.data_dir.join("scratch").join(".bwrap-probe");
         let mut decided = self.sandbox.lock().await;
         let Some((current, at)) = decided.as_mut() else {
-            let resolved = resolve(self.config.sandbox, &probe, &self.metrics).await;
+            let resolved = resolve(self.config.sandbox, &probe, &bwrap_probe, &self.metrics).await;
             let serve = resolved.clone();
             *decided = Some((resolved, Instant::now()));
             return Ok(serve?);
@@ -243,7 +270,7 @@ impl LocalDriver {
             let (slot, choice, metrics) = (self.sandbox.clone(), self.config.sandbox, self.metrics.clone());
             let before = serve.as_ref().ok().map(|s| s.isolation);
             tokio::spawn(async move {
-                let resolved = resolve(choice, &probe, &metrics).await;
+                let resolved = resolve(choice, &probe, &bwrap_probe, &metrics).await;
                 if let Ok(now) = &resolved {
                     if Some(now.isolation) != before {
                         tracing::info!(?before, now = ?now.isolation, "isolation re-probed");
@@ -305,37 +332,63 @@ impl LocalDriver {
         })?;
 
         let studio = spec.mode == InstanceMode::Studio;
-        let (panel_port, watchdog_port) = (free_port()?, free_port()?);
-        let (panel_inside, proxy_addr, watchdog_inside) = match root {
-            true => (PANEL_PORT, format!("127.0.0.1:{SIDECAR_PORT}"), format!("127.0.0.1:{WATCHDOG_PORT}")),
-            false => (panel_port, format!("127.0.0.1:{}", free_port()?), format!("127.0.0.1:{watchdog_port}")),
+        // Last before the processes: from here on a failure tears it down.
+        let (netns, link) = match root {
+            true => {
+                let (netns, link) = self.instance_network(&spec.instance).await.inspect_err(|_| {
+                    if snapshot.is_some() {
+                        let _ = remove_tree(&code);
+                    }
+                })?;
+                (Some(netns), Some(link))
+            }
+            false => (None, None),
+        };
+        // Unisolated, without root: the panel and its helpers share the
+        // host's loopback, on ports picked here.
+        let (panel_inside, proxy_addr, watchdog_inside, panel_addr, watchdog_addr) = match link {
+            Some(link) => (
+                PANEL_PORT,
+                format!("127.0.0.1:{SIDECAR_PORT}"),
+                format!("127.0.0.1:{WATCHDOG_PORT}"),
+                format!("{}:{PANEL_PORT}", link.addr),
+                format!("{}:{WATCHDOG_PORT}", link.addr),
+            ),
+            None => {
+                let (panel, watchdog) = (free_port()?, free_port()?);
+                let (panel_addr, watchdog_addr) = (format!("127.0.0.1:{panel}"), format!("127.0.0.1:{watchdog}"));
+                (panel, format!("127.0.0.1:{}", free_port()?), watchdog_addr.clone(), panel_addr, watchdog_addr)
+            }
         };
         // What the panel checks its sidecar's requests against.
         let sidecar_token = new_secret();
+        let sandboxed = matches!(sandbox.isolation, Isolation::Gvisor | Isolation::Namespaces);
         let env = vec![
             ("PATH".to_owned(), "/usr/local/bin:/usr/bin:/bin".to_owned()),
-            (
-                "HOME".to_owned(),
-                if sandbox.isolation == Isolation::Gvisor { runsc::CODE_MOUNT.into() } else { path_string(&code) },
-            ),
+            ("HOME".to_owned(), if sandboxed { runsc::CODE_MOUNT.into() } else { path_string(&code) }),
             ("LANG".to_owned(), "C.UTF-8".to_owned()),
             ("PYTHONUNBUFFERED".to_owned(), "1".to_owned()),
             ("PORT".to_owned(), panel_inside.to_string()),
             ("NEXUS_PROXY_URL".to_owned(), format!("http://{proxy_addr}/proxy")),
             (SIDECAR_TOKEN_ENV.to_owned(), sidecar_token.clone()),
         ];
-        let gvisor = match (&sandbox.runsc, sandbox.isolation) {
+        let gvisor = match (&sandbox.tool, sandbox.isolation) {
             (Some(runsc), Isolation::Gvisor) => {
                 let process = runsc::Process { args: &command, env: &env, uid: uid.unwrap_or(0) };
-                let bundle = runsc::Bundle::write(&dir, &netns_name(&spec.instance), &code, &process)?;
-                Some((runsc.clone(), bundle))
+                let bundle = runsc::Bundle::write(&dir, &netns_name(&spec.instance), &code, &process);
+                match bundle {
+                    Ok(bundle) => Some((runsc.clone(), bundle)),
+                    Err(error) => {
+                        self.release_network(&spec.instance, netns.as_ref(), snapshot.as_ref().map(|_| &code)).await;
+                        return Err(error.into());
+                    }
+                }
             }
             _ => None,
         };
-        // Last before the processes: from here on a failure tears it down.
-        let netns = match root {
-            true => Some(Netns::create(&netns_name(&spec.instance)).map_err(|e| SandboxError::Netns(Arc::new(e)))?),
-            false => None,
+        let bwrap = match sandbox.isolation {
+            Isolation::Namespaces => sandbox.tool.clone(),
+            _ => None,
         };
         let (events, events_rx) = mpsc::unbounded_channel();
         let instance = Arc::new(Instance {
@@ -349,6 +402,7 @@ impl LocalDriver {
             command,
             env,
             gvisor,
+            bwrap,
             events,
             user: tokio::sync::Mutex::new(None),
             helpers: Mutex::new(Vec::new()),
@@ -357,9 +411,9 @@ impl LocalDriver {
         // The heartbeat secret: only the watchdog (environment) and the
         // gateway (the endpoint) know it, never the panel, never a log.
         let watchdog_token = studio.then(new_secret);
+        let panel_url = format!("http://{panel_addr}");
         let wiring = Wiring {
-            panel_port,
-            watchdog_port,
+            panel_url: &panel_url,
             proxy_addr: &proxy_addr,
             watchdog_inside: &watchdog_inside,
             watchdog_token: watchdog_token.as_deref(),
@@ -375,7 +429,7 @@ impl LocalDriver {
         self.metrics.started.with_label_values(&[isolation_label(sandbox.isolation)]).inc();
         tracing::info!(
             instance = %spec.instance, panel = %spec.panel, mode = ?spec.mode, isolation = ?sandbox.isolation,
-            panel_addr = %format!("127.0.0.1:{panel_port}"), "nexus_local_instances_started_total"
+            %panel_addr, "nexus_local_instances_started_total"
         );
         if let Some(warning) = &sandbox.warning {
             tracing::warn!(instance = %spec.instance, panel = %spec.panel, "{warning}");
@@ -383,8 +437,8 @@ impl LocalDriver {
         Ok(Started {
             endpoint: Endpoint {
                 instance: spec.instance.clone(),
-                addr: format!("127.0.0.1:{panel_port}"),
-                watchdog: studio.then(|| format!("127.0.0.1:{watchdog_port}")),
+                addr: panel_addr,
+                watchdog: studio.then_some(watchdog_addr),
                 watchdog_token,
             },
             sidecar_token: Some(sidecar_token),
@@ -402,20 +456,16 @@ impl LocalDriver {
         instance: &Arc<Instance>,
         wiring: Wiring<'_>,
     ) -> Result<(), DriverError> {
-        let Wiring { panel_port, watchdog_port, proxy_addr, watchdog_inside, watchdog_token, sidecar_token } = wiring;
+        let Wiring { panel_url, proxy_addr, watchdog_inside, watchdog_token, sidecar_token } = wiring;
         let netns_path = instance.netns.as_ref().map(Netns::path);
         // Secrets go by environment, never argv: a process-mode panel can
         // read every process's /proc/<pid>/cmdline, not a root process's environ.
         let redis = ("REDIS_URL".to_owned(), self.config.redis_url.clone());
         let mut sidecar: Vec<String> = vec!["sidecar".into(), "--panel".into(), spec.panel.clone()];
         sidecar.extend(["--listen".into(), proxy_addr.into()]);
-        sidecar.extend(["--panel-url".into(), format!("http://127.0.0.1:{panel_port}")]);
+        sidecar.extend(["--panel-url".into(), panel_url.into()]);
         if let Some(path) = &netns_path {
             sidecar.extend(["--netns".into(), path_string(path)]);
-            sidecar.extend(["--forward".into(), format!("127.0.0.1:{panel_port}={PANEL_PORT}")]);
-            if spec.mode == InstanceMode::Studio {
-                sidecar.extend(["--forward".into(), format!("127.0.0.1:{watchdog_port}={WATCHDOG_PORT}")]);
-            }
         }
         let token = (SIDECAR_TOKEN_ENV.to_owned(), sidecar_token.to_owned());
         self.spawn_helper(Helper::Sidecar, &spec.instance, instance, sidecar, vec![redis.clone(), token])?;
@@ -465,6 +515,35 @@ impl LocalDriver {
         let helper = Supervised::spawn(name, id, first, on_exit, false)?;
         instance.helpers.lock().unwrap_or_else(|p| p.into_inner()).push(helper);
         Ok(())
+    }
+
+    /// The instance's namespace with its link: the node's rules first, once.
+    async fn instance_network(&self, id: &str) -> Result<(Netns, network::Link), DriverError> {
+        let network_error = |e| DriverError::Sandbox(SandboxError::Network(Arc::new(e)));
+        let network = self.network.clone();
+        self.rules.get_or_try_init(|| blocking(move || network.install().map_err(network_error))).await?;
+        let netns = Netns::create(&netns_name(id)).map_err(|e| SandboxError::Netns(Arc::new(e)))?;
+        let (network, inside) = (self.network.clone(), netns.clone());
+        match blocking(move || network.attach(&inside).map_err(network_error)).await {
+            Ok(link) => Ok((netns, link)),
+            Err(error) => {
+                self.release_network(id, Some(&netns), None).await;
+                Err(error)
+            }
+        }
+    }
+
+    /// Undoes [`Self::instance_network`] (and an App's copy) when a start
+    /// fails before its processes.
+    async fn release_network(&self, id: &str, netns: Option<&Netns>, copy: Option<&PathBuf>) {
+        if let Some(netns) = netns {
+            if let Err(error) = netns.delete() {
+                tracing::warn!(instance = id, %error, "could not delete the network namespace");
+            }
+        }
+        if let Some(copy) = copy {
+            let _ = remove_tree(copy);
+        }
     }
 
     async fn restart_instance(&self, id: &str) -> Result<(), DriverError> {
@@ -622,9 +701,15 @@ fn spawn_user(id: &str, instance: &Instance, metrics: &LocalMetrics) -> Result<S
             command
         }
         None => {
-            let mut command = tokio::process::Command::new(&instance.command[0]);
-            command.args(&instance.command[1..]).current_dir(&instance.code).env_clear();
-            command.envs(instance.env.iter().map(|(k, v)| (k, v)));
+            let mut command = match &instance.bwrap {
+                Some(bwrap) => bubblewrap::command(bwrap, &instance.code, &instance.command),
+                None => {
+                    let mut command = tokio::process::Command::new(&instance.command[0]);
+                    command.args(&instance.command[1..]).current_dir(&instance.code);
+                    command
+                }
+            };
+            command.env_clear().envs(instance.env.iter().map(|(k, v)| (k, v)));
             procs::prepare(&mut command, netns.as_deref(), instance.uid)?;
             command
         }

@@ -34,6 +34,7 @@ pub fn state_label(state: InstanceState) -> &'static str {
 pub fn isolation_label(isolation: Isolation) -> &'static str {
     match isolation {
         Isolation::Gvisor => "gvisor",
+        Isolation::Namespaces => "namespaces",
         Isolation::Process => "process",
         Isolation::None => "none",
     }

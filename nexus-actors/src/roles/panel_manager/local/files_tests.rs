@@ -24,13 +24,12 @@ impl Drop for Scratch {
 fn scratch(name: &str, limits: VolumeLimits) -> Scratch {
     let dir = std::env::temp_dir().join(format!("nexus-volume-files-{name}-{}", std::process::id()));
     let _ = super::tree::remove(&dir);
-    let driver = LocalDriver::new(LocalConfig {
-        data_dir: dir.join("data"),
-        nexus_bin: PathBuf::from("/nonexistent"),
-        redis_url: "redis://127.0.0.1:1".into(),
-        sandbox: SandboxChoice::Process,
-        reprobe_after: LocalConfig::REPROBE_AFTER,
-    })
+    let driver = LocalDriver::new(LocalConfig::new(
+        dir.join("data"),
+        PathBuf::from("/nonexistent"),
+        "redis://127.0.0.1:1".into(),
+        SandboxChoice::Process,
+    ))
     .with_file_limits(limits);
     Scratch { dir, driver }
 }

@@ -8,8 +8,8 @@
 //! that namespace, so the panel's 127.0.0.1 is the instance's loopback that
 //! its sidecar's listeners share. The sandbox sees a read-only root with
 //! the host's `/usr` (and the usual symlinks to it), the panel's code at
-//! `/home/panel` (read-write), a private `/tmp`, and nothing else of the
-//! host. It owns no process supervision: the caller spawns what it builds.
+//! `/home/panel` (read-write), a private `/tmp`, from `/etc` only what name
+//! resolution and TLS need, and nothing else of the host. It owns no process supervision: the caller spawns what it builds.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -26,6 +26,9 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Where the panel's code appears inside the sandbox (its cwd and `HOME`).
 pub(super) const CODE_MOUNT: &str = "/home/panel";
+
+/// What of the host's `/etc` a sandboxed panel sees, read-only, when present.
+pub(super) const SHARED_ETC: [&str; 4] = ["/etc/resolv.conf", "/etc/hosts", "/etc/ssl", "/etc/ca-certificates"];
 
 /// An OCI bundle for one instance: `config.json` and an empty rootfs.
 pub(super) struct Bundle {
@@ -54,7 +57,7 @@ impl Bundle {
     ) -> std::io::Result<Bundle> {
         let dir = instance_dir.join("bundle");
         let rootfs = dir.join("rootfs");
-        for sub in ["usr", "home/panel", "tmp", "proc", "dev", "sys"] {
+        for sub in ["usr", "home/panel", "tmp", "proc", "dev", "sys", "etc"] {
             std::fs::create_dir_all(rootfs.join(sub))?;
         }
         // Debian's merged /usr: these are symlinks into the read-only /usr.
@@ -65,6 +68,24 @@ impl Bundle {
             }
         }
         let env: Vec<String> = process.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let mut mounts = vec![
+            json!({"destination": "/proc", "type": "proc", "source": "proc"}),
+            json!({"destination": "/dev", "type": "tmpfs", "source": "tmpfs"}),
+            json!({"destination": "/sys", "type": "sysfs", "source": "sysfs",
+                   "options": ["nosuid", "noexec", "nodev", "ro"]}),
+            json!({"destination": "/tmp", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "nodev"]}),
+            json!({"destination": "/usr", "type": "bind", "source": "/usr", "options": ["rbind", "ro"]}),
+            json!({"destination": CODE_MOUNT, "type": "bind", "source": code, "options": ["rbind", "rw"]}),
+        ];
+        for shared in SHARED_ETC.iter().filter(|path| Path::new(path).exists()) {
+            // A file is mounted on a file: runsc wants the target to exist.
+            let target = rootfs.join(shared.trim_start_matches('/'));
+            match Path::new(shared).is_dir() {
+                true => std::fs::create_dir_all(&target)?,
+                false => drop(std::fs::File::create(&target)?),
+            }
+            mounts.push(json!({"destination": shared, "type": "bind", "source": shared, "options": ["rbind", "ro"]}));
+        }
         let config = json!({
             "ociVersion": "1.0.0",
             "process": {
@@ -79,15 +100,7 @@ impl Bundle {
             },
             "root": {"path": "rootfs", "readonly": true},
             "hostname": "panel",
-            "mounts": [
-                {"destination": "/proc", "type": "proc", "source": "proc"},
-                {"destination": "/dev", "type": "tmpfs", "source": "tmpfs"},
-                {"destination": "/sys", "type": "sysfs", "source": "sysfs",
-                 "options": ["nosuid", "noexec", "nodev", "ro"]},
-                {"destination": "/tmp", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "nodev"]},
-                {"destination": "/usr", "type": "bind", "source": "/usr", "options": ["rbind", "ro"]},
-                {"destination": CODE_MOUNT, "type": "bind", "source": code, "options": ["rbind", "rw"]}
-            ],
+            "mounts": mounts,
             // No network namespace here: runsc joins the one it is started
             // in (the instance's), see the module doc.
             "linux": {"namespaces": [{"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"}]}
