@@ -108,7 +108,7 @@ ensure_sandbox() {
   local missing=()
   command -v python3 >/dev/null || missing+=(python3)  # the python_minimal template
   if [ "$(id -u)" != 0 ]; then
-    echo "not root: panels will run without isolation (see README)"
+    echo "not root: no sandbox works; nexus dev refuses to start panels unless run with --sandbox none (unisolated, see README)"
     [ ${#missing[@]} -eq 0 ] || apt_install "${missing[@]}"
     return 0
   fi

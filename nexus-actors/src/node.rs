@@ -26,7 +26,7 @@ use crate::platform::{Platform, Quotas, StoreError, UserRole};
 use crate::roles::llm_manager::{
     self as llm_role, LlmManagerConfig, LlmManagerDeps, LlmManagerError, LlmManagerHandle,
 };
-use crate::roles::panel_manager::local::{LocalConfig, LocalDriver, NetworkConfig, SandboxChoice};
+use crate::roles::panel_manager::local::{Limits, LocalConfig, LocalDriver, NetworkConfig, SandboxChoice};
 use crate::roles::panel_manager::{self as pm_role, PanelManagerConfig, PanelManagerError, PanelManagerHandle};
 use crate::roles::traffic_gateway::{self as gateway_role, Gateway, GatewayConfig, GatewayError};
 use crate::roles::transaction_manager as tm_role;
@@ -134,6 +134,8 @@ pub struct PanelsConfig {
     pub sandbox: SandboxChoice,
     /// The instances' addresses and egress policy.
     pub network: NetworkConfig,
+    /// What each instance may use.
+    pub limits: Limits,
     /// An App instance without requests for this long is stopped.
     pub app_idle: Duration,
     /// A Studio instance without a heartbeat for this long is deleted.
@@ -148,6 +150,7 @@ impl PanelsConfig {
             nexus_bin: std::env::current_exe().unwrap_or_else(|_| PathBuf::from("nexus")),
             sandbox: SandboxChoice::Auto,
             network: NetworkConfig::default(),
+            limits: Limits::default(),
             app_idle: Duration::from_secs(60),
             watchdog_timeout: Duration::from_secs(30 * 60),
         }
@@ -467,6 +470,7 @@ async fn panel_manager(
     let panels = &config.panels;
     let driver = LocalDriver::new(LocalConfig {
         network: panels.network.clone(),
+        limits: panels.limits,
         ..LocalConfig::new(panels.data_dir.clone(), panels.nexus_bin.clone(), config.redis_url.clone(), panels.sandbox)
     });
     if let Err(error) = driver.metrics().register(kernel.metrics().registry()) {

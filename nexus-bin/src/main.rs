@@ -17,7 +17,7 @@ use nexus_actors::platform::auth::TOKEN_TTL;
 use nexus_actors::platform::Quotas;
 use nexus_actors::roles::llm_manager::model::{EndpointConfig, ModelConfig};
 use nexus_actors::roles::llm_manager::LlmManagerConfig;
-use nexus_actors::roles::panel_manager::local::{Egress, NetworkConfig, SandboxChoice};
+use nexus_actors::roles::panel_manager::local::{Egress, Limits, NetworkConfig, SandboxChoice};
 use nexus_actors::sidecar::{self, SidecarConfig};
 use nexus_actors::watchdog::{self, WatchdogConfig};
 
@@ -247,6 +247,19 @@ struct PanelArgs {
     /// for every node of a machine.
     #[arg(long, default_value = "10.251.0.0/16", env = "NEXUS_INSTANCE_NET", value_parser = parse_pool)]
     instance_net: (Ipv4Addr, u8),
+    /// Memory each panel instance may use, MiB; past it the panel is killed
+    /// ("killed: memory limit").
+    #[arg(long, default_value_t = 512, env = "NEXUS_INSTANCE_MEMORY_MIB",
+          value_parser = clap::value_parser!(u64).range(16..=1 << 20))]
+    instance_memory_mib: u64,
+    /// CPU each panel instance may use, thousandths of a core.
+    #[arg(long, default_value_t = 1000, env = "NEXUS_INSTANCE_CPU_MILLIS",
+          value_parser = clap::value_parser!(u32).range(10..=1_000_000))]
+    instance_cpu_millis: u32,
+    /// Processes and threads each panel instance may have at once.
+    #[arg(long, default_value_t = 256, env = "NEXUS_INSTANCE_PIDS",
+          value_parser = clap::value_parser!(u32).range(8..=1_000_000))]
+    instance_pids: u32,
     /// An App instance without requests for this long is stopped (scale to zero).
     #[arg(long, default_value_t = 60, env = "NEXUS_APP_IDLE_SECS")]
     app_idle_secs: u64,
@@ -266,6 +279,11 @@ impl PanelArgs {
                 prefix: self.instance_net.1,
                 egress: self.egress,
                 dns: None,
+            },
+            limits: Limits {
+                memory: self.instance_memory_mib << 20,
+                cpu_millis: self.instance_cpu_millis,
+                pids: self.instance_pids,
             },
             app_idle: Duration::from_secs(self.app_idle_secs.max(1)),
             watchdog_timeout: Duration::from_secs(self.watchdog_timeout_secs.max(1)),

@@ -16,6 +16,8 @@ mod egress;
 mod files;
 #[path = "sandbox/harness.rs"]
 mod harness;
+#[path = "sandbox/limits.rs"]
+mod limits;
 #[path = "sandbox/probe.rs"]
 mod probe;
 #[path = "sandbox/secret.rs"]
@@ -229,13 +231,17 @@ fn a_user_process_that_exits_is_reported_and_its_output_is_in_the_logs() {
         std::fs::write(volume.location.join("nexus-panel.json"), command).unwrap();
         let mut started = driver.start(spec(&instance, &panel, Code::Studio(volume))).await.expect("start");
         let event = actix_rt::time::timeout(Duration::from_secs(60), started.events.recv()).await.expect("an event");
-        assert_eq!(event, Some(InstanceEvent::Exited { code: Some(7) }));
+        assert_eq!(event, Some(InstanceEvent::Exited { code: Some(7), limit: None }));
         let logs = driver.logs(&instance, 10).await.unwrap();
         assert!(logs.iter().any(|l| l == "hello from the panel"), "{logs:?}");
 
         driver.restart(&instance).await.expect("restart");
         let event = actix_rt::time::timeout(Duration::from_secs(60), started.events.recv()).await.expect("an event");
-        assert_eq!(event, Some(InstanceEvent::Exited { code: Some(7) }), "a restarted process is watched too");
+        assert_eq!(
+            event,
+            Some(InstanceEvent::Exited { code: Some(7), limit: None }),
+            "a restarted process is watched too"
+        );
         let logs = driver.logs(&instance, 10).await.unwrap();
         assert_eq!(logs.iter().filter(|l| *l == "hello from the panel").count(), 2, "{logs:?}");
         assert_eq!(driver.logs(&instance, 1).await.unwrap().len(), 1, "at most the lines asked for");
@@ -351,4 +357,14 @@ fn under_gvisor_a_panel_reaches_the_internet_and_dns_and_nothing_private() {
 #[test]
 fn under_namespaces_a_panel_reaches_the_internet_and_dns_and_nothing_private() {
     egress::egress_policy("egress-namespaces", SandboxChoice::Namespaces);
+}
+
+#[test]
+fn under_gvisor_memory_and_process_limits_are_enforced_and_reported() {
+    limits::limits_are_enforced_and_reported("limits-gvisor", SandboxChoice::Gvisor);
+}
+
+#[test]
+fn under_namespaces_memory_and_process_limits_are_enforced_and_reported() {
+    limits::limits_are_enforced_and_reported("limits-namespaces", SandboxChoice::Namespaces);
 }

@@ -155,7 +155,7 @@ impl ProcDriver {
             let code = child.wait().ok().and_then(|s| s.code());
             exited.store(true, Ordering::SeqCst);
             if !stopping.load(Ordering::SeqCst) {
-                let _ = events.send(InstanceEvent::Exited { code });
+                let _ = events.send(InstanceEvent::Exited { code, limit: None });
             }
         });
         Ok(())

@@ -85,6 +85,11 @@ impl Site {
             ip.push(format!("-n {ns} link set {dev} up"));
         }
         ip.push(format!("-n {s} route add default via 198.51.100.10"));
+        // Every host can answer anything the site sends it: a connection
+        // that fails, fails for the policy, not for want of a route back.
+        ip.push(format!("-n {inet} route add default via 198.51.100.1"));
+        ip.push(format!("-n {private} route add default via 192.168.77.1"));
+        ip.push(format!("-n {meta} route add default via 169.254.0.1"));
         for args in ip {
             let status = std::process::Command::new("ip").args(args.split(' ')).status().unwrap();
             assert!(status.success(), "ip {args}");
@@ -191,6 +196,14 @@ pub(crate) fn egress_policy(test: &str, choice: SandboxChoice) {
                 // sidecar), no other local user.
                 assert!(connects_as(0, &addr), "root (the gateway) reaches the instance");
                 assert!(!connects_as(65534, &addr), "another local user reached the instance at {addr}");
+
+                // The instance's own rules hold when the host's are gone
+                // (an operator's `nft flush ruleset`).
+                let flushed = std::process::Command::new("nft").args(["delete", "table", "inet", "nexus"]).status();
+                assert!(flushed.unwrap().success(), "the node's table is there to delete");
+                let answer = probe(&addr, "192.168.77.10", 80);
+                assert_eq!(answer["connected"], false, "without the node's rules the panel reached a private host");
+                assert_eq!(private.accepted.load(Ordering::SeqCst), 0);
 
                 for instance in [&a, &b] {
                     driver.stop(instance, Duration::from_secs(5)).await.expect("stop");

@@ -128,9 +128,10 @@ pub enum SandboxError {
         stderr: String,
     },
     /// `auto` found no sandbox that works here, and runs no panel
-    /// unisolated unless asked to (`--sandbox process`).
+    /// unisolated unless asked to.
     #[error(
-        "no sandbox works here: {0}; install runsc or bubblewrap, or choose --sandbox process to run panels unisolated"
+        "no sandbox works here: {0}; run as root with runsc or bubblewrap installed, or choose \
+         --sandbox process (root) or none to run panels unisolated"
     )]
     NoIsolation(String),
 }
@@ -189,7 +190,27 @@ pub enum InstanceEvent {
     Exited {
         /// The exit code; `None` when a signal killed it.
         code: Option<i32>,
+        /// The resource limit it ran into, when it did.
+        limit: Option<LimitHit>,
     },
+}
+
+/// A resource limit an instance ran into.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LimitHit {
+    /// Killed for using more memory than it may.
+    Memory,
+    /// A fork or thread refused: as many processes as it may have.
+    Pids,
+}
+
+impl std::fmt::Display for LimitHit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            LimitHit::Memory => "memory limit",
+            LimitHit::Pids => "process limit",
+        })
+    }
 }
 
 /// A started instance.

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use actix::{ActorContext, ActorFutureExt, AsyncContext};
 use tokio::sync::oneshot;
 
-use super::driver::{DriverError, InstanceEvent, InstanceSpec, RuntimeDriver, Started};
+use super::driver::{DriverError, InstanceEvent, InstanceSpec, LimitHit, RuntimeDriver, Started};
 use super::metrics::mode_label;
 use crate::instance::{Endpoint, InstanceState, InstanceStatus, Isolation, SIDECAR_TOKEN_HEADER};
 use crate::kernel::{ActorRef, Behaviour, Ctx, Handler, Link, Message, Reply, Supervised};
@@ -88,6 +88,7 @@ impl Message for Traffic {
 /// The driver reported that the user process ended.
 struct Exited {
     code: Option<i32>,
+    limit: Option<LimitHit>,
 }
 
 impl Message for Exited {
@@ -245,8 +246,8 @@ impl PodLifecycle {
             let exited = me.link::<Exited>("runtime-driver");
             let mut events = started.events;
             actix::spawn(async move {
-                while let Some(InstanceEvent::Exited { code }) = events.recv().await {
-                    if exited.tell(Exited { code }).is_err() {
+                while let Some(InstanceEvent::Exited { code, limit }) = events.recv().await {
+                    if exited.tell(Exited { code, limit }).is_err() {
                         return;
                     }
                 }
@@ -309,7 +310,7 @@ impl PodLifecycle {
         }
     }
 
-    fn exited(&mut self, code: Option<i32>, ctx: &mut Ctx<Self>) {
+    fn exited(&mut self, code: Option<i32>, limit: Option<LimitHit>, ctx: &mut Ctx<Self>) {
         if self.ending
             || !matches!(self.status.state, InstanceState::Starting | InstanceState::Ready | InstanceState::Idle)
         {
@@ -322,9 +323,12 @@ impl PodLifecycle {
         while self.crashes.front().is_some_and(|t| now.duration_since(*t) > window) {
             self.crashes.pop_front();
         }
-        let exit = match code {
-            Some(code) => format!("exit code {code}"),
-            None => "killed by a signal".to_owned(),
+        let exit = match (code, limit) {
+            (_, Some(LimitHit::Memory)) => format!("killed: {}", LimitHit::Memory),
+            (Some(code), Some(limit)) => format!("exit code {code} ({limit} reached)"),
+            (None, Some(limit)) => format!("killed by a signal ({limit} reached)"),
+            (Some(code), None) => format!("exit code {code}"),
+            (None, None) => "killed by a signal".to_owned(),
         };
         let crashes = self.crashes.len();
         if crashes > self.deps.policy.max_crashes {
@@ -474,7 +478,7 @@ impl Handler<Traffic> for PodLifecycle {
 
 impl Handler<Exited> for PodLifecycle {
     fn handle(&mut self, msg: Exited, ctx: &mut Ctx<Self>) -> Reply<()> {
-        self.exited(msg.code, ctx);
+        self.exited(msg.code, msg.limit, ctx);
         Reply::Now(())
     }
 }

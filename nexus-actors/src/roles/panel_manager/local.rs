@@ -36,6 +36,7 @@
 
 mod archive;
 mod bubblewrap;
+mod cgroups;
 mod files;
 #[cfg(test)]
 mod files_tests;
@@ -77,6 +78,7 @@ use isolation::{resolve, Sandbox};
 use metrics::Helper;
 use procs::{listening, OnExit, Supervised};
 
+pub use cgroups::Limits;
 pub use files::netns_name;
 pub use isolation::SandboxChoice;
 pub use metrics::LocalMetrics;
@@ -108,6 +110,8 @@ pub struct LocalConfig {
     pub reprobe_after: Duration,
     /// The instances' addresses and egress policy.
     pub network: NetworkConfig,
+    /// What each instance may use (root only: cgroups).
+    pub limits: Limits,
 }
 
 /// An isolation decided, and when.
@@ -129,6 +133,7 @@ impl LocalConfig {
             sandbox,
             reprobe_after: LocalConfig::REPROBE_AFTER,
             network: NetworkConfig::default(),
+            limits: Limits::default(),
         }
     }
 }
@@ -145,6 +150,8 @@ pub struct LocalDriver {
     /// first instance with a network starts.
     network: Arc<network::Network>,
     rules: OnceCell<()>,
+    /// The host's cgroups, found at the first start (`None`: no limits).
+    cgroups: OnceCell<Option<cgroups::Hierarchy>>,
     /// Set once the namespaces a crashed run left behind are swept.
     swept: OnceCell<usize>,
     instances: Mutex<HashMap<String, Arc<Instance>>>,
@@ -190,6 +197,8 @@ struct Instance {
     gvisor: Option<(PathBuf, runsc::Bundle)>,
     /// Namespaces: `bwrap`.
     bwrap: Option<PathBuf>,
+    /// Its limits (root only).
+    cgroup: Option<Arc<cgroups::Cgroup>>,
     events: mpsc::UnboundedSender<InstanceEvent>,
     user: tokio::sync::Mutex<Option<Supervised>>,
     helpers: Mutex<Vec<Supervised>>,
@@ -202,6 +211,7 @@ impl LocalDriver {
             uids: uids::Uids::new(&config.redis_url),
             network: Arc::new(network::Network::new(config.network.clone())),
             rules: OnceCell::new(),
+            cgroups: OnceCell::new(),
             config,
             metrics: LocalMetrics::new(),
             sandbox: Arc::default(),
@@ -372,6 +382,10 @@ impl LocalDriver {
             ("NEXUS_PROXY_URL".to_owned(), format!("http://{proxy_addr}/proxy")),
             (SIDECAR_TOKEN_ENV.to_owned(), sidecar_token.clone()),
         ];
+        let cgroup = match root {
+            true => self.instance_cgroup(&spec.instance).await,
+            false => None,
+        };
         let gvisor = match (&sandbox.tool, sandbox.isolation) {
             (Some(runsc), Isolation::Gvisor) => {
                 let process = runsc::Process { args: &command, env: &env, uid: uid.unwrap_or(0) };
@@ -380,6 +394,9 @@ impl LocalDriver {
                     Ok(bundle) => Some((runsc.clone(), bundle)),
                     Err(error) => {
                         self.release_network(&spec.instance, netns.as_ref(), snapshot.as_ref().map(|_| &code)).await;
+                        if let Some(cgroup) = &cgroup {
+                            cgroup.remove().await;
+                        }
                         return Err(error.into());
                     }
                 }
@@ -403,6 +420,7 @@ impl LocalDriver {
             env,
             gvisor,
             bwrap,
+            cgroup,
             events,
             user: tokio::sync::Mutex::new(None),
             helpers: Mutex::new(Vec::new()),
@@ -506,7 +524,7 @@ impl LocalDriver {
             let mut command = tokio::process::Command::new(&program);
             command.args(&args).envs(env.iter().map(|(k, v)| (k, v)));
             command.stdin(std::process::Stdio::null()).stdout(log.try_clone()?).stderr(log);
-            procs::prepare(&mut command, None, None)?;
+            procs::prepare(&mut command, None, None, Vec::new())?;
             Ok(command)
         };
         let first = respawn()?;
@@ -529,6 +547,27 @@ impl LocalDriver {
             Err(error) => {
                 self.release_network(id, Some(&netns), None).await;
                 Err(error)
+            }
+        }
+    }
+
+    /// The instance's cgroup with the configured limits; `None` (warned,
+    /// counted) when the host has no usable cgroups or making it failed.
+    async fn instance_cgroup(&self, id: &str) -> Option<Arc<cgroups::Cgroup>> {
+        let hierarchy =
+            self.cgroups.get_or_init(|| async { blocking(|| Ok(cgroups::Hierarchy::detect())).await.ok().flatten() });
+        let Some(hierarchy) = hierarchy.await else {
+            self.metrics.unlimited.inc();
+            tracing::warn!(instance = id, "nexus_local_unlimited_instances_total: no usable cgroups; the instance runs without memory, CPU or process limits");
+            return None;
+        };
+        let (hierarchy, id_owned, limits) = (hierarchy.clone(), id.to_owned(), self.config.limits);
+        match blocking(move || Ok(hierarchy.create(&id_owned, limits)?)).await {
+            Ok(cgroup) => Some(Arc::new(cgroup)),
+            Err(error) => {
+                self.metrics.unlimited.inc();
+                tracing::warn!(instance = id, %error, "nexus_local_unlimited_instances_total: the instance's cgroup could not be made; it runs without limits");
+                None
             }
         }
     }
@@ -591,6 +630,9 @@ impl LocalDriver {
             bundle.forget_container(runsc).await;
             let _ = remove_tree(&bundle.dir);
             let _ = remove_tree(&bundle.state);
+        }
+        if let Some(cgroup) = &instance.cgroup {
+            cgroup.remove().await;
         }
         if instance.snapshot.is_some() {
             if let Err(error) = remove_tree(&instance.code) {
@@ -697,7 +739,7 @@ fn spawn_user(id: &str, instance: &Instance, metrics: &LocalMetrics) -> Result<S
         // runsc itself needs root: the panel's uid is set in the bundle.
         Some((runsc, bundle)) => {
             let mut command = bundle.run_command(runsc);
-            procs::prepare(&mut command, netns.as_deref(), None)?;
+            procs::prepare(&mut command, netns.as_deref(), None, join_cgroup(instance)?)?;
             command
         }
         None => {
@@ -710,7 +752,7 @@ fn spawn_user(id: &str, instance: &Instance, metrics: &LocalMetrics) -> Result<S
                 }
             };
             command.env_clear().envs(instance.env.iter().map(|(k, v)| (k, v)));
-            procs::prepare(&mut command, netns.as_deref(), instance.uid)?;
+            procs::prepare(&mut command, netns.as_deref(), instance.uid, join_cgroup(instance)?)?;
             command
         }
     };
@@ -718,8 +760,14 @@ fn spawn_user(id: &str, instance: &Instance, metrics: &LocalMetrics) -> Result<S
     let on_exit = OnExit::Report {
         events: instance.events.clone(),
         exits: metrics.panel_exits.with_label_values(&[mode_label(instance.mode)]),
+        cgroup: instance.cgroup.clone(),
     };
     Ok(Supervised::spawn("panel", id, command, on_exit, instance.gvisor.is_some())?)
+}
+
+/// What the user process writes to, to join the instance's cgroup.
+fn join_cgroup(instance: &Instance) -> std::io::Result<Vec<std::fs::File>> {
+    Ok(instance.cgroup.as_ref().map(|c| c.procs_files()).transpose()?.unwrap_or_default())
 }
 
 /// A fresh instance secret: 48 alphanumerics (~285 bits).

@@ -78,7 +78,7 @@ pub(super) async fn probe(bwrap: &Path, scratch: &Path) -> Result<(), SandboxErr
     std::fs::create_dir_all(scratch).map_err(io)?;
     let mut command = command(bwrap, scratch, &["/usr/bin/true".to_owned()]);
     command.env_clear().stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped()).kill_on_drop(true);
-    super::procs::prepare(&mut command, None, Some(PROBE_UID)).map_err(io)?;
+    super::procs::prepare(&mut command, None, Some(PROBE_UID), Vec::new()).map_err(io)?;
     let output = tokio::time::timeout(PROBE_TIMEOUT, command.output()).await;
     let _ = std::fs::remove_dir_all(scratch);
     match output {

@@ -2,12 +2,11 @@
 //!
 //! `auto` (the default) takes gVisor when root and a probe container runs
 //! under `runsc`; else bubblewrap's namespaces when a probe runs under
-//! `bwrap`; else it refuses to start instances: it never silently falls
-//! back to a plain host process, which shares the host's files and
-//! processes with every other panel. Without root nothing can be isolated:
-//! `auto` then runs panels unisolated, as one user's local tool, with a
-//! loud warning. A plain `process` runs only when asked for, and is shown
-//! as unisolated.
+//! `bwrap`; else (and without root, which every sandbox here needs) it
+//! refuses to start instances: it never falls back to a plain host
+//! process, which shares the host's files and processes with every other
+//! panel. A plain `process`, or `none` (one user's local tool, not root),
+//! runs only when asked for, and is shown as unisolated.
 //!
 //! A failed runsc probe is tried again at once, a few times, and a choice
 //! weaker than gVisor for want of a working `runsc` is only for a while
@@ -30,7 +29,7 @@ use crate::instance::Isolation;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SandboxChoice {
     /// gVisor if root and `runsc run` works, else bubblewrap's namespaces,
-    /// else refuse; without root, none (with a loud warning).
+    /// else (or without root) refuse.
     Auto,
     /// gVisor or refuse to start instances.
     Gvisor,
@@ -125,7 +124,8 @@ pub(super) async fn resolve(
     let sandbox = match choice {
         SandboxChoice::None => none("the sandbox is turned off"),
         SandboxChoice::Auto if !root || !namespaces => {
-            none(if root { "iproute2's `ip` is missing" } else { "nexus is not running as root" })
+            let why = if root { "iproute2's `ip` is missing" } else { "nexus is not running as root" };
+            return Err(SandboxError::NoIsolation(why.into()));
         }
         SandboxChoice::Auto => match gvisor().await {
             Ok(sandbox) => sandbox,

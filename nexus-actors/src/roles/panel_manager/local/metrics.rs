@@ -37,6 +37,9 @@ pub struct LocalMetrics {
     pub sandbox_probes: IntCounterVec,
     /// `nexus_local_log_rotations_total`: instance logs rotated past their cap.
     pub log_rotations: IntCounter,
+    /// `nexus_local_unlimited_instances_total`: instances started without
+    /// memory, CPU and process limits, for want of usable cgroups.
+    pub unlimited: IntCounter,
 }
 
 impl LocalMetrics {
@@ -60,6 +63,11 @@ impl LocalMetrics {
             sandbox_probes: counter("nexus_local_sandbox_probes_total", "runsc probe runs, by outcome", "outcome"),
             log_rotations: IntCounter::new("nexus_local_log_rotations_total", "Instance logs rotated past their cap")
                 .expect("valid metric definition"),
+            unlimited: IntCounter::new(
+                "nexus_local_unlimited_instances_total",
+                "Instances started without resource limits, for want of usable cgroups",
+            )
+            .expect("valid metric definition"),
         }
     }
 
@@ -70,6 +78,7 @@ impl LocalMetrics {
         registry.register(Box::new(self.helper_restarts.clone()))?;
         registry.register(Box::new(self.sandbox_probes.clone()))?;
         registry.register(Box::new(self.log_rotations.clone()))?;
+        registry.register(Box::new(self.unlimited.clone()))?;
         registry.register(Box::new(self.stale_swept.clone()))
     }
 }

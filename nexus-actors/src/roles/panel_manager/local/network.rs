@@ -10,10 +10,12 @@
 //! connections into an instance come only from processes of the node's own
 //! uid (the gateway, the sidecar), never from another local user.
 //!
-//! The instance's side (table `ip nexus` in its namespace) turns
+//! The instance's side (table `inet nexus` in its namespace, which the
+//! panel cannot change: it has no capability over that namespace) turns
 //! connections to its address on 8080 and 9999 into connections to its
-//! loopback, where the panel and the watchdog listen: the panel may bind
-//! `127.0.0.1` as it would on a laptop.
+//! loopback, where the panel and the watchdog listen, so the panel may
+//! bind `127.0.0.1` as it would on a laptop; and it applies the same
+//! egress policy again, so a flushed host ruleset does not open it.
 //!
 //! An instance's address is claimed by the name of its host-side interface
 //! (`nxp<index>`): the kernel refuses a second interface of the same name,
@@ -65,8 +67,10 @@ impl Default for NetworkConfig {
 /// Where the panel listens and the watchdog, reached at the instance's address.
 const FORWARDED_PORTS: [u16; 2] = [8080, 9999];
 /// Destinations no instance reaches (DNS servers excepted).
+/// 168.63.129.16 is Azure's platform endpoint (metadata and DNS there).
 const PRIVATE: &str = "0.0.0.0/8, 10.0.0.0/8, 100.64.0.0/10, 127.0.0.0/8, 169.254.0.0/16, \
-                       172.16.0.0/12, 192.0.0.0/24, 192.168.0.0/16, 198.18.0.0/15, 224.0.0.0/3";
+                       172.16.0.0/12, 192.0.0.0/24, 192.168.0.0/16, 198.18.0.0/15, 224.0.0.0/3, \
+                       168.63.129.16";
 /// The prefix of host-side interface names.
 const LINK_PREFIX: &str = "nxp";
 
@@ -121,10 +125,9 @@ impl Network {
         if !(8..=28).contains(&prefix) || u32::from(pool) & !(u32::MAX << (32 - prefix)) != 0 {
             return Err(NetworkError::BadPool(pool, prefix));
         }
-        let dns = match &self.config.dns {
-            Some(dns) => dns.clone(),
-            None => resolv_conf_nameservers(&std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default()),
-        };
+        let dns = self.dns();
+        // Forwarding that was off stays off for everything but instances.
+        let forwarding_was_on = std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward").is_ok_and(|v| v.trim() == "1");
         if egress == Egress::Internet {
             if dns.iter().any(Ipv4Addr::is_loopback) {
                 tracing::warn!(?dns, "a DNS server on loopback is not reachable from panel instances");
@@ -136,7 +139,7 @@ impl Network {
         }
         // SAFETY: geteuid has no preconditions and cannot fail.
         let uid = unsafe { libc::geteuid() };
-        nft(None, &node_rules(pool, prefix, egress, &dns, uid))?;
+        nft(None, &node_rules(pool, prefix, egress, &dns, uid, forwarding_was_on))?;
         tracing::info!(%pool, prefix, ?egress, ?dns, "instance network rules installed");
         Ok(())
     }
@@ -171,13 +174,23 @@ impl Network {
             run(None, "ip", &["-n", netns.name(), "-batch", "-"], Some(&inside))?;
             let path = netns.path();
             route_localnet(&path)?;
-            nft(Some(&path), &instance_rules())
+            let NetworkConfig { pool, prefix, egress, .. } = self.config;
+            nft(Some(&path), &instance_rules(&outward(pool, prefix, egress, &self.dns())))
         })();
         if let Err(error) = configured {
             let _ = run(None, "ip", &["link", "delete", name], None);
             return Err(error);
         }
         Ok(Link { addr })
+    }
+}
+
+impl Network {
+    fn dns(&self) -> Vec<Ipv4Addr> {
+        match &self.config.dns {
+            Some(dns) => dns.clone(),
+            None => resolv_conf_nameservers(&std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default()),
+        }
     }
 }
 
@@ -195,21 +208,44 @@ fn route_localnet(netns: &Path) -> Result<(), NetworkError> {
         .map_err(|e| failed(e.to_string()))
 }
 
-/// The node's table: see the module documentation.
-fn node_rules(pool: Ipv4Addr, prefix: u8, egress: Egress, dns: &[Ipv4Addr], uid: u32) -> String {
-    let links = format!("\"{LINK_PREFIX}*\"");
-    let mut outward = vec![format!("oifname {links} drop"), "meta nfproto ipv6 drop".to_owned()];
+/// The rules for what leaves an instance, after what it may always do
+/// (answer connections made to it); `nft` statements, one a line.
+fn outward(pool: Ipv4Addr, prefix: u8, egress: Egress, dns: &[Ipv4Addr]) -> String {
+    let mut rules = vec![
+        "ct state established,related accept".to_owned(),
+        "meta nfproto ipv6 drop".to_owned(),
+        // Only its own address: no loopback or spoofed source goes out.
+        format!("ip saddr != {pool}/{prefix} drop"),
+    ];
     if egress == Egress::Internet {
         if !dns.is_empty() {
             let servers = dns.iter().map(Ipv4Addr::to_string).collect::<Vec<_>>().join(", ");
-            outward.push(format!("ip daddr {{ {servers} }} meta l4proto {{ tcp, udp }} th dport 53 accept"));
+            rules.push(format!("ip daddr {{ {servers} }} meta l4proto {{ tcp, udp }} th dport 53 accept"));
         }
-        outward.push(format!("ip daddr {{ {PRIVATE} }} drop"));
-        outward.push("accept".to_owned());
+        rules.push(format!("ip daddr {{ {PRIVATE} }} drop"));
+        rules.push(format!("ip daddr {pool}/{prefix} drop"));
+        rules.push("accept".to_owned());
     } else {
-        outward.push("drop".to_owned());
+        rules.push("drop".to_owned());
     }
-    let outward = outward.join("\n\t\t");
+    rules.join("\n\t\t")
+}
+
+/// The node's table: see the module documentation.
+fn node_rules(
+    pool: Ipv4Addr,
+    prefix: u8,
+    egress: Egress,
+    dns: &[Ipv4Addr],
+    uid: u32,
+    forwarding_was_on: bool,
+) -> String {
+    let links = format!("\"{LINK_PREFIX}*\"");
+    let outward = format!("oifname {links} drop\n\t\t{}", outward(pool, prefix, egress, dns));
+    let others = match forwarding_was_on {
+        true => String::new(),
+        false => format!("\t\tiifname != {links} oifname != {links} drop\n"),
+    };
     format!(
         "table inet nexus\n\
          delete table inet nexus\n\
@@ -219,6 +255,7 @@ fn node_rules(pool: Ipv4Addr, prefix: u8, egress: Egress, dns: &[Ipv4Addr], uid:
          \t\tiifname {links} jump from_instance\n\
          \t\toifname {links} ct state established,related accept\n\
          \t\toifname {links} drop\n\
+         {others}\
          \t}}\n\
          \tchain from_instance {{\n\
          \t\t{outward}\n\
@@ -240,14 +277,24 @@ fn node_rules(pool: Ipv4Addr, prefix: u8, egress: Egress, dns: &[Ipv4Addr], uid:
     )
 }
 
-/// The instance's table: its address's 8080 and 9999 lead to its loopback.
-fn instance_rules() -> String {
+/// The instance's table: its address's 8080 and 9999 lead to its
+/// loopback, and `outward` filters what leaves by `eth0`.
+fn instance_rules(outward: &str) -> String {
     let ports = FORWARDED_PORTS.map(|p| p.to_string()).join(", ");
     format!(
-        "table ip nexus {{\n\
+        "table inet nexus {{\n\
          \tchain prerouting {{\n\
          \t\ttype nat hook prerouting priority dstnat; policy accept;\n\
-         \t\tiifname \"eth0\" tcp dport {{ {ports} }} dnat to 127.0.0.1\n\
+         \t\tiifname \"eth0\" tcp dport {{ {ports} }} dnat ip to 127.0.0.1\n\
+         \t}}\n\
+         \tchain input {{\n\
+         \t\ttype filter hook input priority filter; policy accept;\n\
+         \t\tiifname \"eth0\" ip daddr 127.0.0.0/8 ct status ! dnat drop\n\
+         \t}}\n\
+         \tchain output {{\n\
+         \t\ttype filter hook output priority filter; policy accept;\n\
+         \t\toifname != \"eth0\" accept\n\
+         \t\t{outward}\n\
          \t}}\n\
          }}\n"
     )
@@ -270,7 +317,8 @@ fn run(netns: Option<&Path>, program: &str, args: &[&str], stdin: Option<&str>) 
     let command_line = format!("{program} {}", args.join(" "));
     let failed = |why: String| NetworkError::Command { command: command_line.clone(), why };
     let mut command = Command::new(program);
-    command.args(args).stdin(Stdio::piped()).stdout(Stdio::null()).stderr(Stdio::piped());
+    // Errors are matched on ("File exists"): never translated.
+    command.args(args).env("LC_ALL", "C").stdin(Stdio::piped()).stdout(Stdio::null()).stderr(Stdio::piped());
     if let Some(netns) = netns {
         let file = Arc::new(std::fs::File::open(netns).map_err(|e| failed(e.to_string()))?);
         // SAFETY: between fork and exec only setns(2), a raw syscall.
@@ -305,10 +353,13 @@ mod tests {
     #[test]
     fn egress_off_drops_everything_outward_and_dns_is_allowed_before_the_private_ranges() {
         let dns = [Ipv4Addr::new(10, 255, 255, 53)];
-        let on = node_rules(Ipv4Addr::new(10, 251, 0, 0), 16, Egress::Internet, &dns, 0);
+        let on = node_rules(Ipv4Addr::new(10, 251, 0, 0), 16, Egress::Internet, &dns, 0, true);
         let (dns_at, private_at) = (on.find("th dport 53 accept").unwrap(), on.find("ip daddr { 0.0.0.0/8").unwrap());
         assert!(dns_at < private_at, "{on}");
-        let off = node_rules(Ipv4Addr::new(10, 251, 0, 0), 16, Egress::Off, &dns, 0);
+        let off = node_rules(Ipv4Addr::new(10, 251, 0, 0), 16, Egress::Off, &dns, 0, true);
+        assert!(!on.contains("iifname != \"nxp*\" oifname != \"nxp*\" drop"), "forwarding was on: left alone");
+        let was_off = node_rules(Ipv4Addr::new(10, 251, 0, 0), 16, Egress::Internet, &dns, 0, false);
+        assert!(was_off.contains("iifname != \"nxp*\" oifname != \"nxp*\" drop"), "{was_off}");
         assert!(!off.contains("dport 53") && !off.contains("\t\taccept\n\t}\n\tchain input"), "{off}");
     }
 

@@ -13,6 +13,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use prometheus::IntCounter;
@@ -21,6 +22,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 use super::super::driver::{DriverError, InstanceEvent};
+use super::cgroups::Cgroup;
 use super::files::blocking;
 use crate::netns::NetnsThread;
 
@@ -37,26 +39,46 @@ pub(super) type Respawn = Box<dyn FnMut() -> io::Result<Command> + Send>;
 /// What happens when the process ends on its own.
 pub(super) enum OnExit {
     /// The user's process: report it once, never restart here.
-    Report { events: mpsc::UnboundedSender<InstanceEvent>, exits: IntCounter },
+    Report { events: mpsc::UnboundedSender<InstanceEvent>, exits: IntCounter, cgroup: Option<Arc<Cgroup>> },
     /// Our helper (sidecar, watchdog): log, count and start it again.
     Restart { respawn: Respawn, restarts: IntCounter },
 }
 
-/// Prepares `command` to run in its own process group, killed when this
-/// process dies; with `netns`, inside that network namespace; with `uid`,
-/// as that uid and gid without supplementary groups or new privileges.
-pub(super) fn prepare(command: &mut Command, netns: Option<&Path>, uid: Option<u32>) -> io::Result<()> {
+/// Prepares `command` to run in its own session and process group, without
+/// a controlling terminal, killed when this
+/// process dies; in the cgroup whose `cgroup.procs` files are `cgroup`
+/// (opened by root); with `netns`, inside that network namespace; with
+/// `uid`, as that uid and gid without supplementary groups or new
+/// privileges.
+pub(super) fn prepare(
+    command: &mut Command,
+    netns: Option<&Path>,
+    uid: Option<u32>,
+    cgroup: Vec<File>,
+) -> io::Result<()> {
     let netns = netns.map(File::open).transpose()?;
     // Read before the fork: in the child, a different parent means ours died.
     // SAFETY: getpid has no preconditions and cannot fail.
     let parent = unsafe { libc::getpid() };
-    command.process_group(0).kill_on_drop(true);
+    command.kill_on_drop(true);
     // SAFETY: between fork and exec the closure only makes raw syscalls
     // (no allocation, no locks), which is what pre_exec requires. PDEATHSIG
     // fires when the spawning thread ends: spawns happen on runtime threads,
     // which live as long as the node.
     unsafe {
         command.pre_exec(move || {
+            // A session of its own is a group of its own (killed as one) and
+            // no controlling terminal: a panel must not reach the tty the
+            // node was started from (TIOCSTI would type into it).
+            if libc::setsid() < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            // "0" moves the writer: the child joins before it runs anything.
+            for procs in &cgroup {
+                if libc::write(procs.as_raw_fd(), b"0".as_ptr().cast(), 1) != 1 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
             if let Some(netns) = &netns {
                 if libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
                     return Err(io::Error::last_os_error());
@@ -155,11 +177,12 @@ impl Watch {
                         return;
                     }
                     match &mut on_exit {
-                        OnExit::Report { events, exits } => {
+                        OnExit::Report { events, exits, cgroup } => {
                             let code = status.as_ref().ok().and_then(ExitStatus::code);
+                            let limit = cgroup.as_ref().and_then(|c| c.limit_hit());
                             exits.inc();
-                            tracing::warn!(instance = %self.instance, ?code, "nexus_local_panel_exits_total");
-                            let _ = events.send(InstanceEvent::Exited { code });
+                            tracing::warn!(instance = %self.instance, ?code, ?limit, "nexus_local_panel_exits_total");
+                            let _ = events.send(InstanceEvent::Exited { code, limit });
                             return;
                         }
                         OnExit::Restart { restarts, .. } => {
@@ -212,7 +235,7 @@ impl Watch {
 
 fn kill_group(pgid: i32, signal: i32) {
     // SAFETY: killpg has no memory-safety preconditions; the group is ours
-    // (the leader was spawned with process_group(0)).
+    // (the leader was spawned in a session, so a group, of its own).
     unsafe { libc::killpg(pgid, signal) };
 }
 

@@ -68,6 +68,7 @@ impl Bundle {
             }
         }
         let env: Vec<String> = process.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+
         let mut mounts = vec![
             json!({"destination": "/proc", "type": "proc", "source": "proc"}),
             json!({"destination": "/dev", "type": "tmpfs", "source": "tmpfs"}),
@@ -120,6 +121,9 @@ impl Bundle {
             .arg("--root")
             .arg(&self.state)
             .arg("--network=host")
+            // The sandbox stays in the cgroup runsc is started in: the
+            // instance's, with its limits (see cgroups.rs).
+            .arg("--ignore-cgroups")
             .arg("run")
             .arg("--bundle")
             .arg(&self.dir)
@@ -164,8 +168,8 @@ pub(super) async fn probe(runsc: &Path, scratch: &Path) -> Result<(), SandboxErr
     let args = ["true".to_owned()];
     let env = [("PATH".to_owned(), "/usr/bin:/bin".to_owned())];
     let container = format!("nexus-probe-{}", std::process::id());
-    let bundle = Bundle::write(scratch, &container, &scratch.join("code"), &Process { args: &args, env: &env, uid: 0 })
-        .map_err(io)?;
+    let process = Process { args: &args, env: &env, uid: 0 };
+    let bundle = Bundle::write(scratch, &container, &scratch.join("code"), &process).map_err(io)?;
     let output = bundle.run_command(runsc).stdin(Stdio::null()).kill_on_drop(true).output();
     let result = match tokio::time::timeout(PROBE_TIMEOUT, output).await {
         Ok(Ok(output)) if output.status.success() => Ok(()),

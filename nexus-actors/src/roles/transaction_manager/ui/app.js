@@ -170,9 +170,11 @@ function instanceItem(s) {
     el("span", { className: "isolation", textContent: isolation }),
     ` · since ${since}` + (s.restarts ? ` · restarted ${s.restarts}×` : ""),
   );
-  if (isolation === "none") {
-    item.append(el("div", { className: "isolation-warning", textContent: "⚠ not isolated: this panel's code runs as a plain process on the host network" }));
-  }
+  const unisolated = {
+    none: "⚠ not isolated: this panel's code runs as a plain process on the host network",
+    process: "⚠ UNISOLATED: this panel's code runs as a plain process sharing the host's files and processes",
+  }[isolation];
+  if (unisolated) item.append(el("div", { className: "isolation-warning", textContent: unisolated }));
   if (s.reason) item.append(el("div", { className: "reason", textContent: s.reason }));
   if (s.state === "failed" && s.log_tail.length) item.append(el("pre", { className: "log-tail", textContent: s.log_tail.join("\n") }));
   return item;

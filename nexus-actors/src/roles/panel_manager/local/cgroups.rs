@@ -1,0 +1,213 @@
+//! Per-instance resource limits: memory, CPU and process count, through
+//! cgroups v1 or v2, whichever the host mounts, for the panel's processes
+//! only (under gVisor the whole sandbox), never the node's own helpers.
+//!
+//! An instance's cgroup (`nexus-<instance>`) is made below the node's own,
+//! so whatever bounds the node bounds its panels too. The user process (a
+//! plain or bubblewrap'd panel, or `runsc run`, told to leave cgroups
+//! alone so its sandbox stays there) joins it between fork and exec. When the user
+//! process ends, the cgroup's counters say whether a limit was hit, which
+//! the instance's status shows ("killed: memory limit"). It removes the
+//! cgroups it made; it never touches another.
+
+use std::fs::File;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use super::super::driver::LimitHit;
+
+/// What one instance may use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Memory (and swap), bytes.
+    pub memory: u64,
+    /// CPU time, thousandths of a core.
+    pub cpu_millis: u32,
+    /// Processes and threads at once.
+    pub pids: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits { memory: 512 << 20, cpu_millis: 1000, pids: 256 }
+    }
+}
+
+/// The CPU period the quota is a share of, microseconds.
+const CPU_PERIOD: u64 = 100_000;
+
+/// The cgroup mounts, and the node's place in them.
+#[derive(Debug, Clone)]
+pub(super) enum Hierarchy {
+    /// One directory per controller: `(controller, mount/own-path)`.
+    V1(Vec<(&'static str, PathBuf)>),
+    /// The unified hierarchy: the directory instances are made in.
+    V2(PathBuf),
+}
+
+impl Hierarchy {
+    /// The host's cgroups as this process sees them; `None` when neither
+    /// version is usable (the driver warns, and runs without limits).
+    pub(super) fn detect() -> Option<Hierarchy> {
+        let own = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+        let root = Path::new("/sys/fs/cgroup");
+        if root.join("cgroup.controllers").exists() {
+            let path = own.lines().find_map(|l| l.strip_prefix("0::"))?;
+            return v2_prepare(&root.join(path.trim_start_matches('/'))).ok();
+        }
+        let mut dirs = Vec::new();
+        for controller in ["memory", "pids", "cpu"] {
+            let path = own.lines().find_map(|line| {
+                let mut fields = line.splitn(3, ':');
+                let (_, names, path) = (fields.next()?, fields.next()?, fields.next()?);
+                names.split(',').any(|n| n == controller).then(|| path.trim_start_matches('/').to_owned())
+            })?;
+            let dir = root.join(controller).join(path);
+            dir.is_dir().then_some(())?;
+            dirs.push((controller, dir));
+        }
+        Some(Hierarchy::V1(dirs))
+    }
+
+    /// Makes the instance's cgroup with `limits`.
+    pub(super) fn create(&self, instance: &str, limits: Limits) -> io::Result<Cgroup> {
+        let quota = u64::from(limits.cpu_millis) * CPU_PERIOD / 1000;
+        let settings: Vec<(PathBuf, Vec<(&str, String)>)> = match self {
+            Hierarchy::V1(dirs) => dirs
+                .iter()
+                .map(|(controller, dir)| {
+                    let values = match *controller {
+                        "memory" => vec![
+                            ("memory.limit_in_bytes", limits.memory.to_string()),
+                            ("memory.memsw.limit_in_bytes", limits.memory.to_string()),
+                        ],
+                        "pids" => vec![("pids.max", limits.pids.to_string())],
+                        _ => {
+                            vec![("cpu.cfs_period_us", CPU_PERIOD.to_string()), ("cpu.cfs_quota_us", quota.to_string())]
+                        }
+                    };
+                    (dir.join(name(instance)), values)
+                })
+                .collect(),
+            Hierarchy::V2(base) => vec![(
+                base.join(name(instance)),
+                vec![
+                    ("memory.max", limits.memory.to_string()),
+                    ("memory.swap.max", "0".to_owned()),
+                    ("pids.max", limits.pids.to_string()),
+                    ("cpu.max", format!("{quota} {CPU_PERIOD}")),
+                ],
+            )],
+        };
+        let mut cgroup =
+            Cgroup { dirs: Vec::new(), version2: matches!(self, Hierarchy::V2(_)), seen: [0, 0].map(AtomicU64::new) };
+        for (dir, values) in settings {
+            // A crashed run's cgroup of the same instance is taken over.
+            if let Err(error) = std::fs::create_dir(&dir) {
+                if error.kind() != io::ErrorKind::AlreadyExists {
+                    return Err(error);
+                }
+            }
+            cgroup.dirs.push(dir.clone());
+            for (file, value) in values {
+                match std::fs::write(dir.join(file), &value) {
+                    Ok(()) => {}
+                    // memsw exists only with swap accounting; swap.max only with swap.
+                    Err(_) if file == "memory.memsw.limit_in_bytes" || file == "memory.swap.max" => {}
+                    Err(error) => return Err(io::Error::new(error.kind(), format!("{file}: {error}"))),
+                }
+            }
+        }
+        cgroup.seen = [AtomicU64::new(cgroup.count(Counter::OomKills)), AtomicU64::new(cgroup.count(Counter::PidsMax))];
+        Ok(cgroup)
+    }
+}
+
+/// v2: the node's processes move to a leaf of their own (`nexus-node`), so
+/// its cgroup may hand controllers down to instances' cgroups beside it.
+fn v2_prepare(own: &Path) -> io::Result<Hierarchy> {
+    let leaf = own.join("nexus-node");
+    if !leaf.is_dir() {
+        std::fs::create_dir(&leaf)?;
+    }
+    for pid in std::fs::read_to_string(own.join("cgroup.procs"))?.lines() {
+        // A process that has exited meanwhile cannot be moved: no matter.
+        let _ = std::fs::write(leaf.join("cgroup.procs"), pid);
+    }
+    std::fs::write(own.join("cgroup.subtree_control"), "+memory +pids +cpu")?;
+    Ok(Hierarchy::V2(own.to_owned()))
+}
+
+fn name(instance: &str) -> String {
+    format!("nexus-{instance}")
+}
+
+enum Counter {
+    OomKills,
+    PidsMax,
+}
+
+/// One instance's cgroup (a directory per v1 controller).
+#[derive(Debug)]
+pub(super) struct Cgroup {
+    dirs: Vec<PathBuf>,
+    version2: bool,
+    /// The counters as last read: a hit is a rise.
+    seen: [AtomicU64; 2],
+}
+
+impl Cgroup {
+    /// Its `cgroup.procs` files, opened by root before a fork; the child
+    /// writes `0` to each to join (see `procs::prepare`).
+    pub(super) fn procs_files(&self) -> io::Result<Vec<File>> {
+        self.dirs.iter().map(|d| std::fs::OpenOptions::new().write(true).open(d.join("cgroup.procs"))).collect()
+    }
+
+    /// The limit hit since the last call, if any: a kill by the memory
+    /// limit first, else a refused fork.
+    pub(super) fn limit_hit(&self) -> Option<LimitHit> {
+        let rose = |index: usize, counter: Counter| {
+            let now = self.count(counter);
+            self.seen[index].swap(now, Ordering::SeqCst) < now
+        };
+        let (oom, pids) = (rose(0, Counter::OomKills), rose(1, Counter::PidsMax));
+        match (oom, pids) {
+            (true, _) => Some(LimitHit::Memory),
+            (false, true) => Some(LimitHit::Pids),
+            _ => None,
+        }
+    }
+
+    fn count(&self, counter: Counter) -> u64 {
+        let (file, key) = match (counter, self.version2) {
+            (Counter::OomKills, false) => ("memory.oom_control", "oom_kill"),
+            (Counter::OomKills, true) => ("memory.events", "oom_kill"),
+            (Counter::PidsMax, _) => ("pids.events", "max"),
+        };
+        self.dirs
+            .iter()
+            .filter_map(|dir| std::fs::read_to_string(dir.join(file)).ok())
+            .flat_map(|text| {
+                text.lines().filter_map(|l| l.strip_prefix(key)?.trim().parse::<u64>().ok()).collect::<Vec<_>>()
+            })
+            .sum()
+    }
+
+    /// Removes the cgroup once its processes are gone (they are killed
+    /// first); a busy one is tried again for a moment, then left, logged.
+    pub(super) async fn remove(&self) {
+        for dir in &self.dirs {
+            for attempt in 0..20 {
+                match std::fs::remove_dir(dir) {
+                    Ok(()) => break,
+                    Err(error) if error.kind() == io::ErrorKind::NotFound => break,
+                    Err(error) if attempt == 19 => {
+                        tracing::warn!(cgroup = %dir.display(), %error, "could not remove an instance's cgroup");
+                    }
+                    Err(_) => tokio::time::sleep(std::time::Duration::from_millis(50)).await,
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,74 @@
+//! Resource limits, under gVisor and under bubblewrap: a panel that takes
+//! more memory than it may is killed, and (bubblewrap) one that forks past
+//! its process limit is refused, each reported with the limit it ran into
+//! (the status then reads "killed: memory limit"). Under gVisor a panel's
+//! processes are the sandbox's, not the host's: the process limit bounds
+//! the sandbox's own threads, and its memory limit everything.
+
+use std::time::Duration;
+
+use nexus_actors::roles::panel_manager::driver::{Code, InstanceEvent, LimitHit, RuntimeDriver};
+use nexus_actors::roles::panel_manager::local::{Limits, SandboxChoice};
+
+use super::harness::{env_with, panel_id, register, sandbox_available, skipped, spec, Cleanup};
+
+/// Touches 300 MiB (a `bytes` of that size is written, not merely reserved).
+const MEMORY_HOG: &str = "x = b'x' * (300 << 20); print('survived', flush=True)";
+/// Forks children that wait, until a fork is refused (exit 3) or 200 ran (exit 0).
+const FORKER: &str = "
+import os, sys, time
+n = 0
+try:
+    while n < 200:
+        if os.fork() == 0:
+            time.sleep(60)
+            os._exit(0)
+        n += 1
+except OSError as e:
+    print('fork refused after', n, e, flush=True)
+    sys.exit(3)
+print('forked', n, flush=True)
+";
+
+pub(crate) fn limits_are_enforced_and_reported(test: &str, choice: SandboxChoice) {
+    if skipped(test) || !sandbox_available(choice) {
+        return;
+    }
+    let gvisor = choice == SandboxChoice::Gvisor;
+    let limits = Limits { memory: 64 << 20, cpu_millis: 500, pids: if gvisor { 512 } else { 48 } };
+    let env = env_with(test, choice, |config| config.limits = limits);
+    let id = std::process::id();
+    let (hog, forker) = (format!("{test}-hog-{id}"), format!("{test}-fork-{id}"));
+    let cleanup = Cleanup { instances: vec![hog.clone(), forker.clone()] };
+    let driver = env.driver.clone();
+    actix_rt::System::new().block_on(async {
+        let cases = [
+            (&hog, MEMORY_HOG, InstanceEvent::Exited { code: None, limit: Some(LimitHit::Memory) }),
+            (&forker, FORKER, InstanceEvent::Exited { code: Some(3), limit: Some(LimitHit::Pids) }),
+        ];
+        for (instance, script, expected) in cases.into_iter().take(if gvisor { 1 } else { 2 }) {
+            let panel = panel_id();
+            register(&env.redis_url, &panel).await;
+            let volume = driver.volume(&panel, "template:python_minimal").await.unwrap();
+            let command = serde_json::json!({"command": ["python3", "-c", script]}).to_string();
+            std::fs::write(volume.location.join("nexus-panel.json"), command).unwrap();
+            let mut started = driver.start(spec(instance, &panel, Code::Studio(volume))).await.expect("start");
+            let event = actix_rt::time::timeout(Duration::from_secs(90), started.events.recv()).await;
+            let logs = driver.logs(instance, 20).await.unwrap_or_default();
+            let event = event.unwrap_or_else(|_| panic!("{instance} did not end: {logs:?}"));
+            // A kill's status depends on who reports it (bwrap's and runsc's
+            // init exit 137): the limit is what must be right.
+            let event = match event {
+                Some(InstanceEvent::Exited { limit: Some(LimitHit::Memory), .. }) => {
+                    Some(InstanceEvent::Exited { code: None, limit: Some(LimitHit::Memory) })
+                }
+                event => event,
+            };
+            assert_eq!(event, Some(expected), "{instance}: {logs:?}");
+            assert!(!logs.iter().any(|l| l.contains("survived")), "the hog got its memory: {logs:?}");
+            driver.stop(instance, Duration::from_secs(5)).await.expect("stop");
+        }
+    });
+    drop(cleanup);
+    let _ = std::fs::remove_dir_all(&env.dir);
+}
