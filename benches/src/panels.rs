@@ -608,7 +608,12 @@ pub(crate) async fn cold_start(dir: &Path, sizes: &Sizes) -> String {
         "| sandbox | isolation | cold starts | p50 ms | max ms | warm p50 ms | cold p50 ÷ warm p50 | note |\n\
          |---|---|---:|---:|---:|---:|---:|---|\n",
     );
-    for (kind, choice) in [("plain process", SandboxChoice::Process), ("gVisor (runsc)", SandboxChoice::Gvisor)] {
+    let kinds = [
+        ("plain process", SandboxChoice::Process, "process"),
+        ("bubblewrap namespaces", SandboxChoice::Namespaces, "namespaces"),
+        ("gVisor (runsc)", SandboxChoice::Gvisor, "gvisor"),
+    ];
+    for (kind, choice, dir_name) in kinds {
         let skip = |why: String| format!("| {kind} | — | 0 | — | — | — | — | skipped: {why} |\n");
         if !is_root() {
             out += &skip("needs root (network namespaces, runsc)".into());
@@ -619,7 +624,7 @@ pub(crate) async fn cold_start(dir: &Path, sizes: &Sizes) -> String {
                 &skip("no `nexus` binary next to this one (cargo build --release -p nexus-bin) nor NEXUS_BIN".into());
             continue;
         };
-        let work = dir.join(format!("cold-{}", if choice == SandboxChoice::Gvisor { "gvisor" } else { "process" }));
+        let work = dir.join(format!("cold-{dir_name}"));
         match cold_starts(&work, bin, kind, choice, sizes).await {
             Ok(cold) => out += &cold_row(&cold),
             Err(why) => out += &skip(why),

@@ -67,6 +67,9 @@ pub struct Metrics {
     pub panel_instance_restarts: prometheus::IntCounter,
     /// `nexus_panel_instance_failures_total`: instances that ended in `failed`.
     pub panel_instance_failures: prometheus::IntCounter,
+    /// `nexus_panel_resyncs_total`: times a panel manager wrote its routes
+    /// and statuses to Redis again.
+    pub panel_resyncs: prometheus::IntCounter,
     /// `nexus_panel_instance_start_seconds{mode}`: from start to the first ready.
     pub panel_instance_start_seconds: HistogramVec,
 }
@@ -143,6 +146,12 @@ impl Metrics {
             prometheus::IntCounter::new("nexus_panel_instance_failures_total", "Panel instances that ended failed")
                 .expect("valid metric definition");
         registry.register(Box::new(panel_instance_failures.clone())).expect("metric registered once");
+        let panel_resyncs = prometheus::IntCounter::new(
+            "nexus_panel_resyncs_total",
+            "Times a panel manager wrote its routes and instance statuses to Redis again",
+        )
+        .expect("valid metric definition");
+        registry.register(Box::new(panel_resyncs.clone())).expect("metric registered once");
         let panel_instance_start_seconds = HistogramVec::new(
             HistogramOpts::new("nexus_panel_instance_start_seconds", "Panel instance start to first ready")
                 .buckets(vec![0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]),
@@ -154,6 +163,7 @@ impl Metrics {
             panel_instances,
             panel_instance_restarts,
             panel_instance_failures,
+            panel_resyncs,
             panel_instance_start_seconds,
             mcp_exec: counter(
                 &registry,

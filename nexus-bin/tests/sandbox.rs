@@ -175,7 +175,12 @@ fn a_plain_process_sandbox_isolates_too_and_stop_kills_what_escaped_its_group() 
         assert!(watchdog_env.lines().any(|l| l == format!("NEXUS_WATCHDOG_TOKEN={token}")), "the watchdog has it");
         assert!(watchdog_env.lines().any(|l| l == format!("REDIS_URL={}", env.redis_url)));
         let sidecar_env = helper_env("sidecar");
-        assert!(sidecar_env.lines().any(|l| l == format!("REDIS_URL={}", env.redis_url)));
+        // The sidecar logs in as its own user, which holds its panel's share
+        // of the bus only.
+        let login = sidecar_env.lines().find_map(|l| l.strip_prefix("REDIS_URL=")).expect("the sidecar's REDIS_URL");
+        let login = login.to_owned();
+        assert!(login.contains(&format!("nexus-sidecar-{instance}:")), "{login}");
+        sidecar_acl_holds_it_to_its_panel(&login, &panel);
         assert!(sidecar_env.lines().any(|l| l == format!("NEXUS_SIDECAR_TOKEN={sidecar_token}")), "the sidecar has it");
         assert!(!watchdog_env.contains(&sidecar_token), "the watchdog has no use for it");
 
@@ -206,6 +211,8 @@ fn a_plain_process_sandbox_isolates_too_and_stop_kills_what_escaped_its_group() 
         get_json(&addr, &format!("/escape?seconds={marker}"));
         assert_eq!(processes_mentioning(&marker).len(), 1, "the escaped sleep runs");
         driver.stop(&instance, Duration::from_secs(5)).await.expect("stop");
+        let gone = redis::Client::open(login.as_str()).unwrap().get_connection();
+        assert!(gone.is_err(), "the sidecar's user outlived its instance");
         assert_eq!(processes_mentioning(&marker), Vec::<String>::new(), "the escaped process is gone");
         assert_eq!(processes_mentioning(&instance), Vec::<String>::new());
         assert!(!Path::new("/run/netns").join(netns_name(&instance)).exists());
@@ -367,4 +374,38 @@ fn under_gvisor_memory_and_process_limits_are_enforced_and_reported() {
 #[test]
 fn under_namespaces_memory_and_process_limits_are_enforced_and_reported() {
     limits::limits_are_enforced_and_reported("limits-namespaces", SandboxChoice::Namespaces);
+}
+
+/// What a sidecar's Redis user may do: its own panel's channels and keys,
+/// nothing of another panel's or the platform's.
+fn sidecar_acl_holds_it_to_its_panel(login: &str, panel: &str) {
+    let mut conn = redis::Client::open(login).unwrap().get_connection().expect("the sidecar's user logs in");
+    let other = harness::panel_id();
+    let publish = |conn: &mut redis::Connection, channel: &str| {
+        redis::cmd("PUBLISH").arg(channel).arg("x").query::<i64>(conn).map(|_| ())
+    };
+    publish(&mut conn, &format!("nexus:panel:{panel}:out:notes")).expect("its own outbound channel");
+    publish(&mut conn, "nexus:tools:replies:node:registry").expect("tool-call replies");
+    for channel in
+        [&format!("nexus:panel:{other}:out:notes"), "nexus:routes:changed", &format!("nexus:panel:{other}:calls")]
+    {
+        let refused = publish(&mut conn, channel).expect_err(channel);
+        assert_eq!(refused.code(), Some("NOPERM"), "{channel}: {refused}");
+    }
+    let read: Option<String> =
+        redis::cmd("GET").arg(format!("nexus:panel:{panel}")).query(&mut conn).expect("its record");
+    assert!(read.is_some(), "its own record is readable");
+    let refused = [
+        redis::cmd("SET").arg(format!("nexus:panel:{panel}")).arg("{}").query::<()>(&mut conn),
+        redis::cmd("GET").arg(format!("nexus:panel:{other}")).query::<()>(&mut conn),
+        redis::cmd("HSET").arg("nexus:routes").arg(panel).arg("127.0.0.1:1").query::<()>(&mut conn),
+        redis::cmd("FLUSHALL").query::<()>(&mut conn),
+        redis::cmd("ACL").arg("SETUSER").arg("x").query::<()>(&mut conn),
+        redis::cmd("KEYS").arg("*").query::<()>(&mut conn),
+    ];
+    for refused in refused {
+        assert_eq!(refused.as_ref().err().and_then(|e| e.code()), Some("NOPERM"), "{refused:?}");
+    }
+    let foreign = redis::cmd("SUBSCRIBE").arg(format!("nexus:panel:{other}:calls")).query::<redis::Value>(&mut conn);
+    assert_eq!(foreign.as_ref().err().and_then(|e| e.code()), Some("NOPERM"), "{foreign:?}");
 }

@@ -67,7 +67,8 @@ pub fn is_panel_id(id: &str) -> bool {
     uuid::Uuid::try_parse(id).is_ok_and(|u| u.hyphenated().to_string() == id)
 }
 
-fn panel_key(id: &str) -> String {
+/// The key of panel `id`'s record.
+pub fn panel_key(id: &str) -> String {
     format!("nexus:panel:{id}")
 }
 

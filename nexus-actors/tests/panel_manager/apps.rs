@@ -1,5 +1,5 @@
 //! Apps: deploy, scale, scale to zero with its drain, activation and its
-//! races with undeploy and deletion.
+//! races with undeploy and deletion, and a Redis restart during a deploy.
 
 use std::time::Duration;
 
@@ -11,7 +11,7 @@ use redis::AsyncCommands;
 use reqwest::StatusCode;
 use serde_json::json;
 
-use super::harness::{new_panel, node, now_ms, send_raw, Node};
+use super::harness::{new_panel, node, node_on, now_ms, send_raw, Node};
 use super::manifest;
 
 #[actix_rt::test]
@@ -267,4 +267,42 @@ async fn a_crashed_app_instance_leaves_at_once_and_the_next_activation_starts_an
         })
         .await;
     assert_ne!(second.instance, first.instance);
+}
+
+#[actix_rt::test]
+async fn redis_restarted_during_a_deploy_and_the_app_still_starts_on_the_next_request() {
+    let brokers = nexus_testkit::Brokers::redis_persistent("pm-app-redis-restart");
+    let mut node = node_on(brokers, "pm-app-redis-restart", |c| {
+        c.idle_timeout = Duration::from_secs(2);
+        c.resync = Duration::from_millis(500);
+    })
+    .await;
+    let ada = node.login("ada").await;
+    let panel = new_panel(&ada, "template:ok").await;
+    *node.driver.snapshot_takes.lock().unwrap() = Duration::from_secs(2);
+    let deploy = actix::spawn({
+        let (ada, path) = (ada.clone(), format!("/api/panels/{panel}/deploy"));
+        async move { ada.post(&path, json!({})).await }
+    });
+    // The deploy is taking its snapshot when Redis goes, and writes its
+    // App record while Redis is down.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    node.brokers.redis.kill();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    node.brokers.redis.restart().expect("redis-server starts again");
+    let url = node.brokers.redis_url();
+    node.conn = redis::Client::open(url).unwrap().get_multiplexed_async_connection().await.unwrap();
+
+    let (status, deployed) = deploy.await.unwrap();
+    assert_eq!(status, StatusCode::CREATED, "the deploy's writes are retried until Redis is back: {deployed}");
+    let stored: Option<String> = node.conn.clone().get(format!("nexus:app:{panel}")).await.unwrap();
+    assert!(stored.is_some_and(|s| s.contains("\"version\":1")), "the App record was written");
+    let first = node.endpoints(&panel, 1).await.endpoints[0].instance.clone();
+
+    // Scaled to zero, the next request starts it again.
+    node.state_of(&panel, &first, InstanceState::Stopped).await;
+    assert!(node.endpoints(&panel, 0).await.activatable);
+    node.publish(channels::ACTIVATE, Activate { panel: panel.clone() }).await;
+    let route = node.endpoints(&panel, 1).await;
+    assert_ne!(route.endpoints[0].instance, first, "a new instance serves the next request");
 }

@@ -116,6 +116,8 @@ pub(crate) struct ProcDriver {
     /// When set, the panel still gets its secret but `Started` does not
     /// hand it back (a driver that forgot to).
     pub keep_token: AtomicBool,
+    /// How long a snapshot takes.
+    pub snapshot_takes: Mutex<Duration>,
 }
 
 impl ProcDriver {
@@ -128,6 +130,7 @@ impl ProcDriver {
             forgotten: Mutex::default(),
             snapshots: Mutex::default(),
             keep_token: AtomicBool::new(false),
+            snapshot_takes: Mutex::default(),
         }
     }
 
@@ -205,7 +208,11 @@ impl RuntimeDriver for ProcDriver {
                 location: self.dir.join(format!("snapshot-{panel}-{version}")),
             }
         });
-        Box::pin(async move { result })
+        let takes = *self.snapshot_takes.lock().unwrap();
+        Box::pin(async move {
+            tokio::time::sleep(takes).await;
+            result
+        })
     }
 
     fn start(&self, spec: InstanceSpec) -> BoxFuture<'_, Result<Started, DriverError>> {

@@ -71,7 +71,8 @@ fn answers_its_own_sidecar_only(template: &str) {
         let client = redis::Client::open(env.redis_url.as_str()).unwrap();
         let mut subscriber = client.get_connection().unwrap();
         let mut replies = subscriber.as_pubsub();
-        let reply_to = format!("test:replies:{}", panel_id());
+        // Where the platform's registries hear replies: all a sidecar may answer on.
+        let reply_to = channels::tool_replies("test", &panel_id());
         replies.subscribe(&reply_to).unwrap();
         let call = ToolCall::new("word_count", serde_json::json!({"text": "one two three"}), "owner");
         let request = ToolRequest {

@@ -55,6 +55,17 @@ pub struct Transition {
     pub status: InstanceStatus,
     /// Where it serves, while it serves.
     pub endpoint: Option<Endpoint>,
+    /// The state it was already in, told again for the manager's resync:
+    /// written again, nothing decided. (It goes the way transitions go, so
+    /// it is never written after a newer one.)
+    pub again: bool,
+}
+
+/// Tell the current state again ([`Transition::again`]).
+pub struct TellAgain;
+
+impl Message for TellAgain {
+    type Reply = ();
 }
 
 impl Message for Transition {
@@ -214,7 +225,7 @@ impl PodLifecycle {
             "panel instance state"
         );
         let endpoint = if state.serves() { self.endpoint.clone() } else { None };
-        let _ = self.deps.manager.tell(Transition { status: self.status.clone(), endpoint });
+        let _ = self.deps.manager.tell(Transition { status: self.status.clone(), endpoint, again: false });
     }
 
     fn launch(&mut self, ctx: &mut Ctx<Self>) {
@@ -471,6 +482,16 @@ impl Handler<Traffic> for PodLifecycle {
             }
             (InstanceState::Idle, false) => self.set(InstanceState::Ready, None),
             _ => {}
+        }
+        Reply::Now(())
+    }
+}
+
+impl Handler<TellAgain> for PodLifecycle {
+    fn handle(&mut self, _: TellAgain, _: &mut Ctx<Self>) -> Reply<()> {
+        if !self.status.state.is_final() {
+            let endpoint = if self.status.state.serves() { self.endpoint.clone() } else { None };
+            let _ = self.deps.manager.tell(Transition { status: self.status.clone(), endpoint, again: true });
         }
         Reply::Now(())
     }

@@ -34,6 +34,7 @@
 //! ([`SIDECAR_TOKEN_ENV`]: the panel, its sidecar and, through
 //! [`Started::sidecar_token`], the readiness probe).
 
+mod acl;
 mod archive;
 mod bubblewrap;
 mod cgroups;
@@ -165,6 +166,8 @@ pub struct LocalDriver {
     unpacking: tokio::sync::Semaphore,
     /// The uids panel code runs as.
     uids: uids::Uids,
+    /// The sidecars' own Redis users.
+    sidecar_users: acl::SidecarUsers,
 }
 
 /// Where an instance's processes listen and meet, decided before they start.
@@ -178,6 +181,8 @@ struct Wiring<'a> {
     watchdog_token: Option<&'a str>,
     /// The secret the panel expects from its sidecar.
     sidecar_token: &'a str,
+    /// How the sidecar logs in to Redis: as its own user.
+    sidecar_redis_url: &'a str,
 }
 
 /// One running instance and everything needed to stop or restart it.
@@ -209,6 +214,7 @@ impl LocalDriver {
     pub fn new(config: LocalConfig) -> LocalDriver {
         LocalDriver {
             uids: uids::Uids::new(&config.redis_url),
+            sidecar_users: acl::SidecarUsers::new(&config.redis_url),
             network: Arc::new(network::Network::new(config.network.clone())),
             rules: OnceCell::new(),
             cgroups: OnceCell::new(),
@@ -254,7 +260,12 @@ impl LocalDriver {
 
     async fn sweep(&self) -> usize {
         let running = |id: &str| self.instances.lock().unwrap_or_else(|p| p.into_inner()).contains_key(id);
-        stale::sweep(&self.config.data_dir, running, &self.metrics).await
+        let swept = stale::sweep(&self.config.data_dir, running, &self.metrics).await;
+        let instances = self.instances_dir();
+        let ours_and_gone =
+            |id: &str| files::check_id("instance", id).is_ok() && instances.join(id).is_dir() && !running(id);
+        self.sidecar_users.sweep(ours_and_gone).await;
+        swept
     }
 
     /// The isolation for the next instance: decided at first use, and again
@@ -436,8 +447,12 @@ impl LocalDriver {
             watchdog_inside: &watchdog_inside,
             watchdog_token: watchdog_token.as_deref(),
             sidecar_token: &sidecar_token,
+            sidecar_redis_url: "",
         };
-        let started = self.start_processes(&spec, &instance, wiring);
+        let started = async {
+            let login = self.sidecar_users.create(&spec.instance, &spec.panel, &spec.owner).await?;
+            self.start_processes(&spec, &instance, Wiring { sidecar_redis_url: &login, ..wiring }).await
+        };
         if let Err(error) = started.await {
             self.tear_down(&spec.instance, &instance, Duration::ZERO).await;
             return Err(error);
@@ -474,7 +489,8 @@ impl LocalDriver {
         instance: &Arc<Instance>,
         wiring: Wiring<'_>,
     ) -> Result<(), DriverError> {
-        let Wiring { panel_url, proxy_addr, watchdog_inside, watchdog_token, sidecar_token } = wiring;
+        let Wiring { panel_url, proxy_addr, watchdog_inside, watchdog_token, sidecar_token, sidecar_redis_url } =
+            wiring;
         let netns_path = instance.netns.as_ref().map(Netns::path);
         // Secrets go by environment, never argv: a process-mode panel can
         // read every process's /proc/<pid>/cmdline, not a root process's environ.
@@ -486,7 +502,8 @@ impl LocalDriver {
             sidecar.extend(["--netns".into(), path_string(path)]);
         }
         let token = (SIDECAR_TOKEN_ENV.to_owned(), sidecar_token.to_owned());
-        self.spawn_helper(Helper::Sidecar, &spec.instance, instance, sidecar, vec![redis.clone(), token])?;
+        let sidecar_redis = ("REDIS_URL".to_owned(), sidecar_redis_url.to_owned());
+        self.spawn_helper(Helper::Sidecar, &spec.instance, instance, sidecar, vec![sidecar_redis, token])?;
         if let Some(token) = watchdog_token {
             let timeout = spec.watchdog_timeout.unwrap_or(DEFAULT_WATCHDOG_TIMEOUT).as_secs().max(1);
             let mut watchdog: Vec<String> = vec!["watchdog".into(), "--instance".into(), spec.instance.clone()];
@@ -619,6 +636,7 @@ impl LocalDriver {
         }
         let helpers = std::mem::take(&mut *instance.helpers.lock().unwrap_or_else(|p| p.into_inner()));
         futures::future::join_all(helpers.into_iter().map(|h| h.stop(grace))).await;
+        self.sidecar_users.delete(&acl::user_name(id)).await;
         if let Some(netns) = &instance.netns {
             // What escaped the process groups (setsid) is still in the namespace.
             procs::kill_namespace_members(&netns.path()).await;

@@ -76,6 +76,10 @@ pub struct PanelManagerConfig {
     pub sweep: Duration,
     /// How often the traffic signal is read (idle marks, scale to zero).
     pub tick: Duration,
+    /// How often this node's routes and instance statuses are written to
+    /// Redis again (and whenever the bus comes back), repairing writes lost
+    /// to a Redis blip.
+    pub resync: Duration,
     /// Final statuses kept per panel.
     pub keep_final: usize,
     /// Instances one user may run at once, across their panels and the
@@ -102,6 +106,7 @@ impl PanelManagerConfig {
             stop_grace: Duration::from_secs(5),
             drain: Duration::from_secs(1),
             sweep: Duration::from_secs(30),
+            resync: Duration::from_secs(10),
             tick: Duration::from_secs(1),
             keep_final: 5,
             instances_per_user: Quotas::default().instances,

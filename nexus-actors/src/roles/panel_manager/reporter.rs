@@ -3,7 +3,15 @@
 //!
 //! Order matters: a `ready` written before the `starting` it follows would
 //! leave the wrong state in Redis. One task drains a queue, so neither the
-//! manager nor a lifecycle waits for Redis. It decides nothing.
+//! manager nor a lifecycle waits for Redis. A write that fails is tried
+//! again with backoff for up to [`RETRY_FOR`] (a Redis restart) before it
+//! is given up (the manager's resync writes the state again later); after
+//! one is given up, the next ones are tried once each until one succeeds,
+//! so a long outage does not hold the queue for 30 s a write. It decides
+//! nothing.
+
+use std::future::Future;
+use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
 
@@ -19,6 +27,8 @@ use crate::platform::channels;
 pub enum Report {
     /// HSET `nexus:instances:{panel}`, then [`InstanceChanged`] on `nexus:panels:{owner}`.
     Status(InstanceStatus),
+    /// The same state written again (resync): HSET only, no announcement.
+    StatusAgain(InstanceStatus),
     /// HSET `nexus:routes`, then [`RouteChanged`].
     Route(PanelRoute),
     /// SET `nexus:app:{panel}`: the deployed App record; `done` hears how it went.
@@ -47,8 +57,9 @@ impl Reporter {
     pub fn spawn(store: PmStore, publish: Link<Publish>, node: String, keep_final: usize) -> Self {
         let (tx, mut rx) = mpsc::unbounded_channel::<Report>();
         actix::spawn(async move {
+            let mut budget = RETRY_FOR;
             while let Some(report) = rx.recv().await {
-                write(&store, &publish, &node, keep_final, report).await;
+                write(&store, &publish, &node, keep_final, &mut budget, report).await;
             }
         });
         Reporter { tx }
@@ -79,10 +90,51 @@ async fn announce<T: Payload>(publish: &Link<Publish>, node: &str, channel: Stri
     }
 }
 
-async fn write(store: &PmStore, publish: &Link<Publish>, node: &str, keep_final: usize, report: Report) {
+/// How long a failed write is tried again before it is given up.
+pub const RETRY_FOR: Duration = Duration::from_secs(30);
+const FIRST_PAUSE: Duration = Duration::from_millis(50);
+const MAX_PAUSE: Duration = Duration::from_secs(2);
+
+/// `attempt` until it succeeds or `budget` has passed, pausing with
+/// backoff between tries. A success restores the budget to [`RETRY_FOR`];
+/// giving up spends it, so the next writes are tried once each.
+async fn retrying<F, Fut>(what: &str, budget: &mut Duration, mut attempt: F) -> Result<(), StoreError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<(), StoreError>>,
+{
+    let deadline = tokio::time::Instant::now() + *budget;
+    let mut pause = FIRST_PAUSE;
+    loop {
+        match attempt().await {
+            Ok(()) => {
+                *budget = RETRY_FOR;
+                return Ok(());
+            }
+            Err(error) if tokio::time::Instant::now() + pause < deadline => {
+                tracing::debug!(what, %error, ?pause, "a panel manager write failed; trying again");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(MAX_PAUSE);
+            }
+            Err(error) => {
+                *budget = Duration::ZERO;
+                return Err(error);
+            }
+        }
+    }
+}
+
+async fn write(
+    store: &PmStore,
+    publish: &Link<Publish>,
+    node: &str,
+    keep_final: usize,
+    budget: &mut Duration,
+    report: Report,
+) {
     match report {
         Report::Status(status) => {
-            if let Err(error) = store.put_status(node, &status).await {
+            if let Err(error) = retrying("status", budget, || store.put_status(node, &status)).await {
                 tracing::warn!(instance = %status.instance, %error, "could not write an instance status");
             }
             if status.state.is_final() {
@@ -93,20 +145,25 @@ async fn write(store: &PmStore, publish: &Link<Publish>, node: &str, keep_final:
             let channel = channels::panels(&status.owner);
             announce(publish, node, channel, InstanceChanged { status }).await;
         }
+        Report::StatusAgain(status) => {
+            if let Err(error) = retrying("status", budget, || store.put_status(node, &status)).await {
+                tracing::warn!(instance = %status.instance, %error, "could not write an instance status again");
+            }
+        }
         Report::Route(route) => {
-            if let Err(error) = store.put_route(&route).await {
+            if let Err(error) = retrying("route", budget, || store.put_route(&route)).await {
                 tracing::warn!(panel = %route.panel, %error, "could not write a route");
             }
             announce(publish, node, channels::ROUTES_CHANGED.to_owned(), RouteChanged { panel: route.panel }).await;
         }
         Report::App(app, done) => {
-            let _ = done.send(store.put_app(&app).await);
+            let _ = done.send(retrying("app record", budget, || store.put_app(&app)).await);
         }
         Report::DeleteApp(panel, done) => {
-            let _ = done.send(store.delete_app(&panel).await);
+            let _ = done.send(retrying("app record", budget, || store.delete_app(&panel)).await);
         }
         Report::ForgetPanel(panel) => {
-            if let Err(error) = store.forget_panel(&panel).await {
+            if let Err(error) = retrying("forget", budget, || store.forget_panel(&panel)).await {
                 tracing::warn!(%panel, %error, "could not remove a deleted panel's state");
             }
             announce(publish, node, channels::ROUTES_CHANGED.to_owned(), RouteChanged { panel }).await;

@@ -45,6 +45,20 @@ impl AppRecord {
     }
 }
 
+/// Sets the App record `ARGV[1]` unless the stored one is of a newer
+/// version than `ARGV[2]`.
+const PUT_APP_SCRIPT: &str = r"
+local stored = redis.call('GET', KEYS[1])
+if stored then
+  local ok, record = pcall(cjson.decode, stored)
+  if ok and type(record) == 'table' and tonumber(record.version) and tonumber(record.version) > tonumber(ARGV[2]) then
+    return 0
+  end
+end
+redis.call('SET', KEYS[1], ARGV[1])
+return 1
+";
+
 /// `nexus:app:{panel}`.
 pub fn app_key(panel: &str) -> String {
     format!("nexus:app:{panel}")
@@ -186,7 +200,10 @@ impl PmStore {
     /// Writes the panel's App record.
     pub async fn put_app(&self, app: &AppRecord) -> Result<(), StoreError> {
         let mut c = self.conn.clone();
-        c.set::<_, _, ()>(app_key(&app.panel), encode(app)).await?;
+        // Never over a newer version: a write retried after a Redis blip may
+        // land after the next deploy's.
+        let script = redis::Script::new(PUT_APP_SCRIPT);
+        script.key(app_key(&app.panel)).arg(encode(app)).arg(app.version).invoke_async::<i64>(&mut c).await?;
         Ok(())
     }
 

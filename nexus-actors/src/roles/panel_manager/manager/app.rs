@@ -70,8 +70,9 @@ impl Message for BeginDeploy {
     type Reply = Result<(u64, Vec<Link<Stop>>), PanelManagerError>;
 }
 
-/// A Deploy's snapshot is ready: make it the panel's App, unless a newer
-/// Deploy or an Undeploy came meanwhile. Replies once the record is queued.
+/// A Deploy's snapshot is ready: write it as the panel's App record, unless
+/// a newer Deploy or an Undeploy came meanwhile. Replies once the record is
+/// queued; [`ApplyDeployed`] follows once it is written.
 pub(super) struct Deployed {
     app: AppRecord,
     generation: u64,
@@ -80,6 +81,17 @@ pub(super) struct Deployed {
 
 impl Message for Deployed {
     type Reply = Result<oneshot::Receiver<Result<(), StoreError>>, PanelManagerError>;
+}
+
+/// A Deploy's record is written: run the new version, unless a newer Deploy
+/// or an Undeploy came meanwhile (whose own writes come after this one's).
+pub(super) struct ApplyDeployed {
+    app: AppRecord,
+    generation: u64,
+}
+
+impl Message for ApplyDeployed {
+    type Reply = Result<(), PanelManagerError>;
 }
 
 /// A Scale read the App record: run `replicas` of it, unless a Deploy or
@@ -159,6 +171,7 @@ impl Handler<Deploy> for PanelManager {
         let node = self.deps.config.node.clone();
         let Some(me) = self.me.clone() else { return Reply::Now(Err(PanelManagerError::Stopped)) };
         let (begin, deployed) = (me.link::<BeginDeploy>("panel-manager-api"), me.link::<Deployed>("panel-manager-api"));
+        let apply = me.link::<ApplyDeployed>("panel-manager-api");
         Reply::later(async move {
             let elsewhere = running_elsewhere(&store, &panels, &panel.owner, &node).await?;
             let (generation, studios) = begin
@@ -189,6 +202,12 @@ impl Handler<Deploy> for PanelManager {
                 .await
                 .map_err(|_| PanelManagerError::Stopped)??;
             written.await.map_err(|_| PanelManagerError::Stopped)??;
+            // Written before it is applied: an App never runs that its record
+            // does not name, and activation finds what runs.
+            apply
+                .ask(ApplyDeployed { app: app.clone(), generation })
+                .await
+                .map_err(|_| PanelManagerError::Stopped)??;
             tracing::info!(panel = %app.panel, version = app.version, "panel deployed as an App");
             Ok(app)
         })
@@ -222,7 +241,7 @@ impl Handler<BeginDeploy> for PanelManager {
 
 impl Handler<Deployed> for PanelManager {
     fn handle(&mut self, msg: Deployed, _: &mut Ctx<Self>) -> Reply<<Deployed as Message>::Reply> {
-        let mut table = lock(&self.table);
+        let table = lock(&self.table);
         let panel = msg.app.panel.clone();
         if table.forgetting.contains(&panel) {
             return Reply::Now(Err(PanelManagerError::Conflict("the panel was deleted".into())));
@@ -236,9 +255,24 @@ impl Handler<Deployed> for PanelManager {
         if let Err(quota) = self.within_quota(&table, owner, Some(&panel), msg.elsewhere, 1, QuotaAction::Deploy) {
             return Reply::Now(Err(quota));
         }
-        let version = msg.app.version;
         let (tx, rx) = oneshot::channel();
-        self.deps.reporter.send(Report::App(msg.app.clone(), tx));
+        self.deps.reporter.send(Report::App(msg.app, tx));
+        Reply::Now(Ok(rx))
+    }
+}
+
+impl Handler<ApplyDeployed> for PanelManager {
+    fn handle(&mut self, msg: ApplyDeployed, _: &mut Ctx<Self>) -> Reply<Result<(), PanelManagerError>> {
+        let mut table = lock(&self.table);
+        let panel = msg.app.panel.clone();
+        if table.forgetting.contains(&panel) {
+            return Reply::Now(Err(PanelManagerError::Conflict("the panel was deleted".into())));
+        }
+        if table.generation(&panel) != msg.generation {
+            tracing::info!(%panel, version = msg.app.version, "a deploy superseded while its record was written");
+            return Reply::Now(Err(superseded()));
+        }
+        let version = msg.app.version;
         let entry = table.panels.entry(panel.clone()).or_default();
         entry.owner = msg.app.owner.clone();
         entry.app = Some(msg.app);
@@ -248,7 +282,7 @@ impl Handler<Deployed> for PanelManager {
             l.mode == InstanceMode::App && l.version != version
         });
         self.reconcile(&mut table, &panel);
-        Reply::Now(Ok(rx))
+        Reply::Now(Ok(()))
     }
 }
 

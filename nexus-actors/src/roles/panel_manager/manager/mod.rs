@@ -32,6 +32,7 @@
 mod activation;
 mod app;
 mod idle;
+mod resync;
 mod studio;
 mod sweep;
 mod table;
@@ -270,7 +271,12 @@ impl PanelManager {
     }
 
     fn on_bus(&self, event: BusEvent) {
-        let BusEvent::Message(msg) = event else { return };
+        let msg = match event {
+            BusEvent::Message(msg) => msg,
+            // Writes may have been lost while it was down.
+            BusEvent::Up(_) => return self.resync(),
+            BusEvent::Down(_) => return,
+        };
         if msg.channel == channels::ACTIVATE {
             match msg.envelope.typed::<Activate>() {
                 Ok(activate) => self.activate(activate.data.panel),
@@ -349,6 +355,10 @@ impl Behaviour for PanelManager {
         ctx.run_interval(self.deps.config.sweep, move |_, _| {
             let _ = sweep.try_tell(sweep::Sweep);
         });
+        let resync = me.link::<resync::Resync>("timer");
+        ctx.run_interval(self.deps.config.resync, move |_, _| {
+            let _ = resync.try_tell(resync::Resync);
+        });
     }
 }
 
@@ -361,6 +371,10 @@ impl Handler<BusEvent> for PanelManager {
 
 impl Handler<Transition> for PanelManager {
     fn handle(&mut self, msg: Transition, _: &mut Ctx<Self>) -> Reply<()> {
+        if msg.again {
+            self.deps.reporter.send(Report::StatusAgain(msg.status));
+            return Reply::Now(());
+        }
         let status = msg.status;
         let (panel, instance) = (status.panel.clone(), status.instance.clone());
         let mut table = lock(&self.table);
