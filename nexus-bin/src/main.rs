@@ -256,6 +256,11 @@ struct PanelArgs {
     #[arg(long, default_value_t = 1000, env = "NEXUS_INSTANCE_CPU_MILLIS",
           value_parser = clap::value_parser!(u32).range(10..=1_000_000))]
     instance_cpu_millis: u32,
+    /// What each App instance may write to its scratch space (its copy of the
+    /// snapshot, on a tmpfs of its own), MiB.
+    #[arg(long, default_value_t = 256, env = "NEXUS_INSTANCE_DISK_MIB",
+          value_parser = clap::value_parser!(u64).range(1..=1 << 20))]
+    instance_disk_mib: u64,
     /// Processes and threads each panel instance may have at once.
     #[arg(long, default_value_t = 256, env = "NEXUS_INSTANCE_PIDS",
           value_parser = clap::value_parser!(u32).range(8..=1_000_000))]
@@ -284,6 +289,7 @@ impl PanelArgs {
                 memory: self.instance_memory_mib << 20,
                 cpu_millis: self.instance_cpu_millis,
                 pids: self.instance_pids,
+                disk: self.instance_disk_mib << 20,
             },
             app_idle: Duration::from_secs(self.app_idle_secs.max(1)),
             watchdog_timeout: Duration::from_secs(self.watchdog_timeout_secs.max(1)),

@@ -409,3 +409,36 @@ fn sidecar_acl_holds_it_to_its_panel(login: &str, panel: &str) {
     let foreign = redis::cmd("SUBSCRIBE").arg(format!("nexus:panel:{other}:calls")).query::<redis::Value>(&mut conn);
     assert_eq!(foreign.as_ref().err().and_then(|e| e.code()), Some("NOPERM"), "{foreign:?}");
 }
+
+/// Redis keeps no ACL users across a restart: the driver sets its running
+/// sidecars' users again, so a sidecar logs in again by itself.
+#[test]
+fn a_sidecars_redis_user_is_back_after_redis_restarts() {
+    if skipped("a_sidecars_redis_user_is_back_after_redis_restarts") {
+        return;
+    }
+    let mut env = env("acl-restart", SandboxChoice::Process);
+    let panel = panel_id();
+    let instance = format!("acl-restart-{}", std::process::id());
+    let mut cleanup = Cleanup { instances: vec![instance.clone()] };
+    let driver = env.driver.clone();
+    actix_rt::System::new().block_on(async {
+        let code = volume_with_probe(&driver, &env.redis_url, &panel).await;
+        driver.start(spec(&instance, &panel, code)).await.expect("start");
+        let sidecar = processes_mentioning(&instance).into_iter().find(|p| p.contains(" sidecar ")).expect("a sidecar");
+        let pid = sidecar.split(':').next().unwrap().to_owned();
+        let environ = String::from_utf8_lossy(&std::fs::read(format!("/proc/{pid}/environ")).unwrap()).into_owned();
+        let login = environ.split('\0').find_map(|l| l.strip_prefix("REDIS_URL=")).unwrap().to_owned();
+        assert!(redis::Client::open(login.as_str()).unwrap().get_connection().is_ok(), "it logs in");
+
+        env._brokers.redis.restart().expect("redis-server starts again");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while redis::Client::open(login.as_str()).unwrap().get_connection().is_err() {
+            assert!(Instant::now() < deadline, "the sidecar's user never came back");
+            actix_rt::time::sleep(Duration::from_millis(200)).await;
+        }
+        driver.stop(&instance, Duration::from_secs(5)).await.expect("stop");
+    });
+    cleanup.instances.clear();
+    let _ = std::fs::remove_dir_all(&env.dir);
+}

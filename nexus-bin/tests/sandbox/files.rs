@@ -277,7 +277,7 @@ fn a_panel_reaches_only_its_own_files() {
 
         let forbidden = [
             data.join("volumes").join(&other).join("server.py"),
-            data.join("scratch").join(&their_app).join("server.py"),
+            data.join("scratch").join(&their_app).join("code/server.py"),
             data.join("snapshots").join(&panel).join("1/server.py"),
             data.join("snapshots/marker.txt"),
             data.join("instances").join(&mine).join("panel.log"),

@@ -1,7 +1,8 @@
 //! Resource limits, under gVisor and under bubblewrap: a panel that takes
 //! more memory than it may is killed, and (bubblewrap) one that forks past
 //! its process limit is refused, each reported with the limit it ran into
-//! (the status then reads "killed: memory limit"). Under gVisor a panel's
+//! (the status then reads "killed: memory limit"); an App that fills its
+//! scratch space is refused more and reported too. Under gVisor a panel's
 //! processes are the sandbox's, not the host's: the process limit bounds
 //! the sandbox's own threads, and its memory limit everything.
 
@@ -29,17 +30,30 @@ except OSError as e:
     sys.exit(3)
 print('forked', n, flush=True)
 ";
+/// Writes 64 MiB into its working directory, 1 MiB at a time, until refused (exit 4).
+const FILLER: &str = "
+import sys
+try:
+    with open('filler.bin', 'wb') as f:
+        for i in range(64):
+            f.write(b'x' * (1 << 20))
+            f.flush()
+except OSError as e:
+    print('write refused:', e, flush=True)
+    sys.exit(4)
+print('wrote 64 MiB', flush=True)
+";
 
 pub(crate) fn limits_are_enforced_and_reported(test: &str, choice: SandboxChoice) {
     if skipped(test) || !sandbox_available(choice) {
         return;
     }
     let gvisor = choice == SandboxChoice::Gvisor;
-    let limits = Limits { memory: 64 << 20, cpu_millis: 500, pids: if gvisor { 512 } else { 48 } };
+    let limits = Limits { memory: 64 << 20, cpu_millis: 500, pids: if gvisor { 512 } else { 48 }, disk: 16 << 20 };
     let env = env_with(test, choice, |config| config.limits = limits);
     let id = std::process::id();
-    let (hog, forker) = (format!("{test}-hog-{id}"), format!("{test}-fork-{id}"));
-    let cleanup = Cleanup { instances: vec![hog.clone(), forker.clone()] };
+    let (hog, forker, filler) = (format!("{test}-hog-{id}"), format!("{test}-fork-{id}"), format!("{test}-fill-{id}"));
+    let cleanup = Cleanup { instances: vec![hog.clone(), forker.clone(), filler.clone()] };
     let driver = env.driver.clone();
     actix_rt::System::new().block_on(async {
         let cases = [
@@ -68,6 +82,23 @@ pub(crate) fn limits_are_enforced_and_reported(test: &str, choice: SandboxChoice
             assert!(!logs.iter().any(|l| l.contains("survived")), "the hog got its memory: {logs:?}");
             driver.stop(instance, Duration::from_secs(5)).await.expect("stop");
         }
+
+        // An App writes into its copy of the snapshot: 16 MiB at most here.
+        let panel = panel_id();
+        register(&env.redis_url, &panel).await;
+        let volume = driver.volume(&panel, "template:python_minimal").await.unwrap();
+        let command = serde_json::json!({"command": ["python3", "-c", FILLER]}).to_string();
+        std::fs::write(volume.location.join("nexus-panel.json"), command).unwrap();
+        let snapshot = driver.snapshot(&panel, "template:python_minimal").await.expect("snapshot");
+        let mut started = driver.start(spec(&filler, &panel, Code::App(snapshot))).await.expect("start the App");
+        let event = actix_rt::time::timeout(Duration::from_secs(90), started.events.recv()).await;
+        let logs = driver.logs(&filler, 20).await.unwrap_or_default();
+        let event = event.unwrap_or_else(|_| panic!("{filler} did not end: {logs:?}"));
+        assert_eq!(event, Some(InstanceEvent::Exited { code: Some(4), limit: Some(LimitHit::Disk) }), "{logs:?}");
+        assert!(logs.iter().any(|l| l.contains("write refused")), "{logs:?}");
+        driver.stop(&filler, Duration::from_secs(5)).await.expect("stop");
+        let scratch = env.dir.join("data/scratch").join(&filler);
+        assert!(!scratch.exists(), "the App's scratch space outlived it");
     });
     drop(cleanup);
     let _ = std::fs::remove_dir_all(&env.dir);

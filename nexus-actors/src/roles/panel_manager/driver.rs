@@ -202,6 +202,8 @@ pub enum LimitHit {
     Memory,
     /// A fork or thread refused: as many processes as it may have.
     Pids,
+    /// Its scratch space (an App's) was full.
+    Disk,
 }
 
 impl std::fmt::Display for LimitHit {
@@ -209,6 +211,7 @@ impl std::fmt::Display for LimitHit {
         f.write_str(match self {
             LimitHit::Memory => "memory limit",
             LimitHit::Pids => "process limit",
+            LimitHit::Disk => "disk limit",
         })
     }
 }

@@ -48,6 +48,7 @@ mod network;
 mod objects;
 mod procs;
 mod runsc;
+mod scratch;
 mod stale;
 mod storage;
 mod swap;
@@ -92,6 +93,8 @@ const SIDECAR_PORT: u16 = 3500;
 const WATCHDOG_PORT: u16 = 9999;
 /// The watchdog's timeout when the spec names none (the 30 min).
 const DEFAULT_WATCHDOG_TIMEOUT: Duration = Duration::from_secs(1800);
+/// How often the running sidecars' Redis users are set again.
+const SIDECAR_USERS_EVERY: Duration = Duration::from_secs(5);
 /// How long `restart` lets a still-running user process end on SIGTERM.
 const RESTART_GRACE: Duration = Duration::from_secs(5);
 
@@ -155,7 +158,7 @@ pub struct LocalDriver {
     cgroups: OnceCell<Option<cgroups::Hierarchy>>,
     /// Set once the namespaces a crashed run left behind are swept.
     swept: OnceCell<usize>,
-    instances: Mutex<HashMap<String, Arc<Instance>>>,
+    instances: Arc<Mutex<HashMap<String, Arc<Instance>>>>,
     /// Serialises snapshot numbering per driver.
     snapshots: tokio::sync::Mutex<()>,
     /// What a volume may hold through the API.
@@ -167,7 +170,9 @@ pub struct LocalDriver {
     /// The uids panel code runs as.
     uids: uids::Uids,
     /// The sidecars' own Redis users.
-    sidecar_users: acl::SidecarUsers,
+    sidecar_users: Arc<acl::SidecarUsers>,
+    /// Set once the task that keeps sidecar users in Redis runs.
+    keeping_users: std::sync::Once,
 }
 
 /// Where an instance's processes listen and meet, decided before they start.
@@ -194,6 +199,8 @@ struct Instance {
     code: PathBuf,
     /// App: the snapshot `code` is copied from again on every (re)start.
     snapshot: Option<PathBuf>,
+    /// App: the capped space `code` is in (see scratch.rs).
+    scratch: Option<PathBuf>,
     netns: Option<Netns>,
     /// The uid user code runs as (root only; none without root).
     uid: Option<u32>,
@@ -204,6 +211,8 @@ struct Instance {
     bwrap: Option<PathBuf>,
     /// Its limits (root only).
     cgroup: Option<Arc<cgroups::Cgroup>>,
+    /// Who its sidecar logs in to Redis as.
+    sidecar_login: acl::SidecarLogin,
     events: mpsc::UnboundedSender<InstanceEvent>,
     user: tokio::sync::Mutex<Option<Supervised>>,
     helpers: Mutex<Vec<Supervised>>,
@@ -214,7 +223,8 @@ impl LocalDriver {
     pub fn new(config: LocalConfig) -> LocalDriver {
         LocalDriver {
             uids: uids::Uids::new(&config.redis_url),
-            sidecar_users: acl::SidecarUsers::new(&config.redis_url),
+            sidecar_users: Arc::new(acl::SidecarUsers::new(&config.redis_url)),
+            keeping_users: std::sync::Once::new(),
             network: Arc::new(network::Network::new(config.network.clone())),
             rules: OnceCell::new(),
             cgroups: OnceCell::new(),
@@ -223,7 +233,7 @@ impl LocalDriver {
             sandbox: Arc::default(),
             layout: OnceCell::new(),
             swept: OnceCell::new(),
-            instances: Mutex::new(HashMap::new()),
+            instances: Arc::default(),
             snapshots: tokio::sync::Mutex::new(()),
             file_limits: VolumeLimits::default(),
             editing: Arc::default(),
@@ -330,14 +340,23 @@ impl LocalDriver {
         remove_tree(&dir)?;
         private_dir(&dir)?;
 
-        let (code, snapshot) = match &spec.code {
-            Code::Studio(volume) => (volume.location.clone(), None),
+        let (code, snapshot, scratch_dir) = match &spec.code {
+            Code::Studio(volume) => (volume.location.clone(), None, None),
             Code::App(snapshot) => {
-                (self.config.data_dir.join("scratch").join(&spec.instance), Some(snapshot.location.clone()))
+                let dir = self.config.data_dir.join("scratch").join(&spec.instance);
+                let (at, cap) = (dir.clone(), root.then_some(self.config.limits.disk));
+                let code = blocking(move || Ok(scratch::prepare(&at, cap)?)).await?;
+                (code, Some(snapshot.location.clone()), Some(dir))
+            }
+        };
+        // An App's copy is this start's; a Studio volume stays.
+        let discard = || {
+            if let Some(dir) = &scratch_dir {
+                let _ = scratch::release(dir);
             }
         };
         match &snapshot {
-            Some(snapshot) => fresh_copy(snapshot, &code, uid).await?,
+            Some(snapshot) => fresh_copy(snapshot, &code, uid).await.inspect_err(|_| discard())?,
             None => {
                 if let Some(uid) = uid {
                     let code = code.clone();
@@ -345,22 +364,13 @@ impl LocalDriver {
                 }
             }
         }
-        let command = read_command(&code).inspect_err(|_| {
-            // An App's copy is this start's; a Studio volume stays.
-            if snapshot.is_some() {
-                let _ = remove_tree(&code);
-            }
-        })?;
+        let command = read_command(&code).inspect_err(|_| discard())?;
 
         let studio = spec.mode == InstanceMode::Studio;
         // Last before the processes: from here on a failure tears it down.
         let (netns, link) = match root {
             true => {
-                let (netns, link) = self.instance_network(&spec.instance).await.inspect_err(|_| {
-                    if snapshot.is_some() {
-                        let _ = remove_tree(&code);
-                    }
-                })?;
+                let (netns, link) = self.instance_network(&spec.instance).await.inspect_err(|_| discard())?;
                 (Some(netns), Some(link))
             }
             false => (None, None),
@@ -404,7 +414,7 @@ impl LocalDriver {
                 match bundle {
                     Ok(bundle) => Some((runsc.clone(), bundle)),
                     Err(error) => {
-                        self.release_network(&spec.instance, netns.as_ref(), snapshot.as_ref().map(|_| &code)).await;
+                        self.release_network(&spec.instance, netns.as_ref(), scratch_dir.as_ref()).await;
                         if let Some(cgroup) = &cgroup {
                             cgroup.remove().await;
                         }
@@ -425,6 +435,7 @@ impl LocalDriver {
             dir: dir.clone(),
             code,
             snapshot,
+            scratch: scratch_dir.clone(),
             netns,
             uid,
             command,
@@ -432,6 +443,7 @@ impl LocalDriver {
             gvisor,
             bwrap,
             cgroup,
+            sidecar_login: acl::SidecarLogin::new(&spec.instance, &spec.panel, &spec.owner),
             events,
             user: tokio::sync::Mutex::new(None),
             helpers: Mutex::new(Vec::new()),
@@ -450,7 +462,8 @@ impl LocalDriver {
             sidecar_redis_url: "",
         };
         let started = async {
-            let login = self.sidecar_users.create(&spec.instance, &spec.panel, &spec.owner).await?;
+            let login = self.sidecar_users.set(&instance.sidecar_login).await?;
+            self.keep_sidecar_users();
             self.start_processes(&spec, &instance, Wiring { sidecar_redis_url: &login, ..wiring }).await
         };
         if let Err(error) = started.await {
@@ -568,6 +581,33 @@ impl LocalDriver {
         }
     }
 
+    /// From the first start on, every few seconds: the running sidecars'
+    /// Redis users set again, so that a restarted Redis (which keeps no ACL
+    /// users) lets them back in. Ends with the driver.
+    fn keep_sidecar_users(&self) {
+        self.keeping_users.call_once(|| {
+            let (instances, users) = (Arc::downgrade(&self.instances), Arc::downgrade(&self.sidecar_users));
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(SIDECAR_USERS_EVERY).await;
+                    let (Some(instances), Some(users)) = (instances.upgrade(), users.upgrade()) else { return };
+                    let logins: Vec<acl::SidecarLogin> = instances
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .values()
+                        .map(|i| i.sidecar_login.clone())
+                        .collect();
+                    for login in logins {
+                        if let Err(error) = users.set(&login).await {
+                            tracing::debug!(instance = %login.instance, %error, "a sidecar's redis user not set again yet");
+                            break;
+                        }
+                    }
+                }
+            });
+        });
+    }
+
     /// The instance's cgroup with the configured limits; `None` (warned,
     /// counted) when the host has no usable cgroups or making it failed.
     async fn instance_cgroup(&self, id: &str) -> Option<Arc<cgroups::Cgroup>> {
@@ -589,16 +629,16 @@ impl LocalDriver {
         }
     }
 
-    /// Undoes [`Self::instance_network`] (and an App's copy) when a start
-    /// fails before its processes.
-    async fn release_network(&self, id: &str, netns: Option<&Netns>, copy: Option<&PathBuf>) {
+    /// Undoes [`Self::instance_network`] (and an App's scratch space) when a
+    /// start fails before its processes.
+    async fn release_network(&self, id: &str, netns: Option<&Netns>, scratch_dir: Option<&PathBuf>) {
         if let Some(netns) = netns {
             if let Err(error) = netns.delete() {
                 tracing::warn!(instance = id, %error, "could not delete the network namespace");
             }
         }
-        if let Some(copy) = copy {
-            let _ = remove_tree(copy);
+        if let Some(dir) = scratch_dir {
+            let _ = scratch::release(dir);
         }
     }
 
@@ -652,9 +692,9 @@ impl LocalDriver {
         if let Some(cgroup) = &instance.cgroup {
             cgroup.remove().await;
         }
-        if instance.snapshot.is_some() {
-            if let Err(error) = remove_tree(&instance.code) {
-                tracing::warn!(instance = id, %error, "could not delete the App's scratch copy");
+        if let Some(dir) = &instance.scratch {
+            if let Err(error) = scratch::release(dir) {
+                tracing::warn!(instance = id, %error, "could not delete the App's scratch space");
             }
         }
     }
@@ -779,6 +819,7 @@ fn spawn_user(id: &str, instance: &Instance, metrics: &LocalMetrics) -> Result<S
         events: instance.events.clone(),
         exits: metrics.panel_exits.with_label_values(&[mode_label(instance.mode)]),
         cgroup: instance.cgroup.clone(),
+        scratch: instance.scratch.clone(),
     };
     Ok(Supervised::spawn("panel", id, command, on_exit, instance.gvisor.is_some())?)
 }

@@ -7,7 +7,12 @@
 //! another panel's keys, and runs no admin or dangerous command.
 //!
 //! It makes and deletes users named `nexus-sidecar-<instance>`; the node's
-//! own credentials never reach a sidecar.
+//! own credentials never reach a sidecar. Redis keeps ACL users in memory
+//! only, so the driver sets its running sidecars' users again every few
+//! seconds ([`SidecarLogin`]): after a Redis restart they log in again.
+//! The user contains the sidecar's connection only where Redis's `default`
+//! user is protected (`requirepass` or `ACL SETUSER default off`); a
+//! Redis open to every local process holds nothing back from anyone.
 
 use redis::{ConnectionAddr, IntoConnectionInfo};
 use tokio::sync::OnceCell;
@@ -18,6 +23,23 @@ use crate::platform::{channels, panels};
 
 /// The users this module makes start so.
 const PREFIX: &str = "nexus-sidecar-";
+
+/// Who one sidecar logs in as.
+#[derive(Debug, Clone)]
+pub(super) struct SidecarLogin {
+    pub(super) instance: String,
+    pub(super) panel: String,
+    pub(super) owner: String,
+    pub(super) password: String,
+}
+
+impl SidecarLogin {
+    /// A login with a fresh password.
+    pub(super) fn new(instance: &str, panel: &str, owner: &str) -> SidecarLogin {
+        let (instance, panel, owner) = (instance.to_owned(), panel.to_owned(), owner.to_owned());
+        SidecarLogin { instance, panel, owner, password: super::new_secret() }
+    }
+}
 
 /// Makes and deletes sidecar users over the node's own connection.
 pub(super) struct SidecarUsers {
@@ -34,18 +56,23 @@ impl SidecarUsers {
         self.redis.get_or_try_init(|| Redis::connect(&self.redis_url)).await.map_err(store_error)
     }
 
-    /// Makes the user of `instance`'s sidecar, for `panel` of `owner`, with a
-    /// fresh password (a user left by a crash is replaced); returns the URL
-    /// that logs in as it.
-    pub(super) async fn create(&self, instance: &str, panel: &str, owner: &str) -> Result<String, DriverError> {
+    /// Sets the user of a sidecar (a user left by a crash is replaced);
+    /// returns the URL that logs in as it.
+    pub(super) async fn set(&self, login: &SidecarLogin) -> Result<String, DriverError> {
+        let SidecarLogin { instance, panel, owner, password } = login;
         let name = user_name(instance);
-        let password = super::new_secret();
         let mut setuser = redis::cmd("ACL");
         setuser.arg("SETUSER").arg(&name).arg("reset").arg("on").arg(format!(">{password}"));
         setuser.arg("-@all").arg("+@connection").arg("+@read").arg("+@write").arg("+@pubsub");
         // redis-rs runs scripts by EVALSHA, loading them on a miss.
         setuser.arg("+@transaction").arg("+eval").arg("+evalsha").arg("+script|load");
         setuser.arg("-@dangerous").arg("-@admin");
+        // What would name other panels' keys and channels, run code of its
+        // own making beyond a script, or switch databases.
+        for denied in ["-scan", "-randomkey", "-pubsub", "-psubscribe", "-punsubscribe", "-client|tracking"] {
+            setuser.arg(denied);
+        }
+        setuser.arg("-function").arg("-fcall").arg("-fcall_ro").arg("-select").arg("-swapdb").arg("-move");
         // (selector, literal, then any suffix?)
         let keys = [
             ("%R~", panels::panel_key(panel), false),
@@ -63,7 +90,7 @@ impl SidecarUsers {
         let redis = self.redis().await?;
         let setuser = &setuser;
         redis.read(|mut conn| async move { setuser.query_async::<()>(&mut conn).await }).await.map_err(store_error)?;
-        login_url(&self.redis_url, &name, &password)
+        login_url(&self.redis_url, &name, password)
     }
 
     /// Deletes `name` (gone already is fine); failures are logged.

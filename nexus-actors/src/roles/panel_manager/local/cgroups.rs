@@ -26,11 +26,13 @@ pub struct Limits {
     pub cpu_millis: u32,
     /// Processes and threads at once.
     pub pids: u32,
+    /// What an App may write to its scratch space, bytes.
+    pub disk: u64,
 }
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { memory: 512 << 20, cpu_millis: 1000, pids: 256 }
+        Limits { memory: 512 << 20, cpu_millis: 1000, pids: 256, disk: 256 << 20 }
     }
 }
 
@@ -124,16 +126,19 @@ impl Hierarchy {
     }
 }
 
-/// v2: the node's processes move to a leaf of their own (`nexus-node`), so
-/// its cgroup may hand controllers down to instances' cgroups beside it.
+/// v2: a cgroup that holds processes cannot hand controllers down, except
+/// the root. At the root, instances' cgroups go right below it; elsewhere
+/// this process moves to a leaf of its own (`nexus-node`) first, and only
+/// this one: when the cgroup holds anyone else's processes, the write
+/// fails and instances run without limits (warned), rather than moving
+/// processes that are not ours.
 fn v2_prepare(own: &Path) -> io::Result<Hierarchy> {
-    let leaf = own.join("nexus-node");
-    if !leaf.is_dir() {
-        std::fs::create_dir(&leaf)?;
-    }
-    for pid in std::fs::read_to_string(own.join("cgroup.procs"))?.lines() {
-        // A process that has exited meanwhile cannot be moved: no matter.
-        let _ = std::fs::write(leaf.join("cgroup.procs"), pid);
+    if own != Path::new("/sys/fs/cgroup") {
+        let leaf = own.join("nexus-node");
+        if !leaf.is_dir() {
+            std::fs::create_dir(&leaf)?;
+        }
+        std::fs::write(leaf.join("cgroup.procs"), std::process::id().to_string())?;
     }
     std::fs::write(own.join("cgroup.subtree_control"), "+memory +pids +cpu")?;
     Ok(Hierarchy::V2(own.to_owned()))
@@ -194,9 +199,22 @@ impl Cgroup {
             .sum()
     }
 
-    /// Removes the cgroup once its processes are gone (they are killed
-    /// first); a busy one is tried again for a moment, then left, logged.
+    /// Kills whatever still runs in the cgroup (what escaped the instance's
+    /// process group and namespace), then removes it; a busy one is tried
+    /// again for a moment, then left, logged.
     pub(super) async fn remove(&self) {
+        for dir in &self.dirs {
+            if self.version2 && std::fs::write(dir.join("cgroup.kill"), "1").is_ok() {
+                continue;
+            }
+            for pid in std::fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default().lines() {
+                if let Ok(pid) = pid.trim().parse::<i32>() {
+                    // SAFETY: kill has no memory-safety preconditions; the
+                    // process is in the instance's cgroup, so the panel's.
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                }
+            }
+        }
         for dir in &self.dirs {
             for attempt in 0..20 {
                 match std::fs::remove_dir(dir) {

@@ -21,7 +21,7 @@ use tokio::process::{Child, Command};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
-use super::super::driver::{DriverError, InstanceEvent};
+use super::super::driver::{DriverError, InstanceEvent, LimitHit};
 use super::cgroups::Cgroup;
 use super::files::blocking;
 use crate::netns::NetnsThread;
@@ -39,7 +39,13 @@ pub(super) type Respawn = Box<dyn FnMut() -> io::Result<Command> + Send>;
 /// What happens when the process ends on its own.
 pub(super) enum OnExit {
     /// The user's process: report it once, never restart here.
-    Report { events: mpsc::UnboundedSender<InstanceEvent>, exits: IntCounter, cgroup: Option<Arc<Cgroup>> },
+    Report {
+        events: mpsc::UnboundedSender<InstanceEvent>,
+        exits: IntCounter,
+        cgroup: Option<Arc<Cgroup>>,
+        /// An App's scratch space: full when the panel ended is a limit hit.
+        scratch: Option<PathBuf>,
+    },
     /// Our helper (sidecar, watchdog): log, count and start it again.
     Restart { respawn: Respawn, restarts: IntCounter },
 }
@@ -177,9 +183,10 @@ impl Watch {
                         return;
                     }
                     match &mut on_exit {
-                        OnExit::Report { events, exits, cgroup } => {
+                        OnExit::Report { events, exits, cgroup, scratch } => {
                             let code = status.as_ref().ok().and_then(ExitStatus::code);
-                            let limit = cgroup.as_ref().and_then(|c| c.limit_hit());
+                            let full = scratch.as_deref().is_some_and(super::scratch::is_full);
+                            let limit = cgroup.as_ref().and_then(|c| c.limit_hit()).or(full.then_some(LimitHit::Disk));
                             exits.inc();
                             tracing::warn!(instance = %self.instance, ?code, ?limit, "nexus_local_panel_exits_total");
                             let _ = events.send(InstanceEvent::Exited { code, limit });

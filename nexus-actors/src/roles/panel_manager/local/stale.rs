@@ -8,7 +8,7 @@
 
 use std::path::Path;
 
-use super::files::{check_id, remove_tree};
+use super::files::check_id;
 use super::metrics::LocalMetrics;
 use super::{procs, runsc};
 use crate::infra::find_program;
@@ -37,7 +37,7 @@ pub(super) async fn sweep(data_dir: &Path, running: impl Fn(&str) -> bool, metri
             }
         }
         // An App instance's copy of its snapshot dies with it.
-        if let Err(error) = remove_tree(&data_dir.join("scratch").join(id)) {
+        if let Err(error) = super::scratch::release(&data_dir.join("scratch").join(id)) {
             tracing::warn!(instance = id, %error, "could not delete a stale App copy");
         }
         let Some(netns) = Netns::existing(&name) else { continue };

@@ -1,4 +1,5 @@
-//! Resync: this node's routes and the statuses of its live instances are
+//! Resync: the routes of the panels this node runs instances of, and the
+//! statuses of those instances, are
 //! written to Redis again, every `resync` interval and whenever the bus
 //! comes back, so a write lost to a Redis blip (or given up after its
 //! retries) is repaired without waiting for the next state change. Each
@@ -23,7 +24,10 @@ impl PanelManager {
         let table = lock(&self.table);
         let mut told = 0;
         for (panel, entry) in &table.panels {
-            if table.forgetting.contains(panel) {
+            // Only what runs here: a panel that moved to another node has
+            // its route written there, never over from here.
+            let runs_here = entry.instances.values().any(|l| !l.state.is_final());
+            if table.forgetting.contains(panel) || !runs_here {
                 continue;
             }
             if let Some(route) = &entry.route {
