@@ -292,7 +292,7 @@ pub async fn start(config: WatchdogConfig, expiry: Arc<dyn Expiry>) -> Result<Wa
     .shutdown_timeout(1);
     let http_error = |source| WatchdogError::Http { addr: config.listen, source };
     // Bound by a thread inside the namespace, so it is reachable only there
-    // (and through the sidecar's forward).
+    // (and at the instance's address, which the namespace leads to it).
     let inside = config.netns.as_deref().map(NetnsThread::enter).transpose()?;
     let listener = NetnsThread::bind_in(inside.as_ref(), config.listen).map_err(http_error)?;
     let listen = listener.local_addr().map_err(http_error)?;

@@ -336,6 +336,8 @@ fn a_new_driver_sweeps_the_namespaces_a_crashed_one_left() {
         actix_rt::time::sleep(Duration::from_secs(1)).await;
         let stale = Path::new("/run/netns").join(netns_name(&instance));
         assert!(stale.exists(), "the namespace outlived the driver");
+        let cgroup = instance_cgroup(&instance);
+        assert!(cgroup.is_dir(), "the cgroup {} outlived the driver", cgroup.display());
         assert_eq!(processes_mentioning(&marker).len(), 1, "the escaped sleep outlived the driver");
 
         let next = LocalDriver::new(LocalConfig::new(
@@ -346,6 +348,7 @@ fn a_new_driver_sweeps_the_namespaces_a_crashed_one_left() {
         ));
         assert_eq!(next.sweep_stale().await, 1, "exactly our stale namespace is swept");
         assert!(!stale.exists(), "the stale namespace is deleted");
+        assert!(!cgroup.exists(), "the stale cgroup {} is removed", cgroup.display());
         assert_eq!(processes_mentioning(&marker), Vec::<String>::new(), "what ran in it is killed");
         assert!(Path::new("/run/netns").join(netns_name(&foreign)).exists(), "another node's namespace stays");
         assert_eq!(next.metrics().stale_swept.get(), 1);
@@ -441,4 +444,20 @@ fn a_sidecars_redis_user_is_back_after_redis_restarts() {
     });
     cleanup.instances.clear();
     let _ = std::fs::remove_dir_all(&env.dir);
+}
+
+/// Where the driver makes `instance`'s cgroup (its memory controller's on
+/// cgroups v1): below this process's own.
+fn instance_cgroup(instance: &str) -> PathBuf {
+    let own = std::fs::read_to_string("/proc/self/cgroup").unwrap();
+    let root = Path::new("/sys/fs/cgroup");
+    let (base, path) = match root.join("cgroup.controllers").exists() {
+        true => (root.to_owned(), own.lines().find_map(|l| l.strip_prefix("0::")).unwrap().to_owned()),
+        false => {
+            let line = own.lines().find(|l| l.split(':').nth(1).is_some_and(|c| c.split(',').any(|c| c == "memory")));
+            (root.join("memory"), line.unwrap().splitn(3, ':').nth(2).unwrap().to_owned())
+        }
+    };
+    // On v2 the driver's process has moved to a leaf beside its instances.
+    base.join(path.trim_start_matches('/').trim_end_matches("nexus-node")).join(format!("nexus-{instance}"))
 }

@@ -274,8 +274,22 @@ impl LocalDriver {
         let instances = self.instances_dir();
         let ours_and_gone =
             |id: &str| files::check_id("instance", id).is_ok() && instances.join(id).is_dir() && !running(id);
-        self.sidecar_users.sweep(ours_and_gone).await;
+        self.sidecar_users.sweep(&ours_and_gone).await;
+        if crate::netns::supported() {
+            if let Some(hierarchy) = self.hierarchy().await {
+                for id in hierarchy.instances().into_iter().filter(|id| ours_and_gone(id)) {
+                    hierarchy.existing(&id).remove().await;
+                    tracing::warn!(instance = %id, "a cgroup left by a crash removed");
+                }
+            }
+        }
         swept
+    }
+
+    /// The host's cgroups, found once.
+    async fn hierarchy(&self) -> Option<&cgroups::Hierarchy> {
+        let detect = || async { blocking(|| Ok(cgroups::Hierarchy::detect())).await.ok().flatten() };
+        self.cgroups.get_or_init(detect).await.as_ref()
     }
 
     /// The isolation for the next instance: decided at first use, and again
@@ -611,9 +625,7 @@ impl LocalDriver {
     /// The instance's cgroup with the configured limits; `None` (warned,
     /// counted) when the host has no usable cgroups or making it failed.
     async fn instance_cgroup(&self, id: &str) -> Option<Arc<cgroups::Cgroup>> {
-        let hierarchy =
-            self.cgroups.get_or_init(|| async { blocking(|| Ok(cgroups::Hierarchy::detect())).await.ok().flatten() });
-        let Some(hierarchy) = hierarchy.await else {
+        let Some(hierarchy) = self.hierarchy().await else {
             self.metrics.unlimited.inc();
             tracing::warn!(instance = id, "nexus_local_unlimited_instances_total: no usable cgroups; the instance runs without memory, CPU or process limits");
             return None;

@@ -72,6 +72,33 @@ impl Hierarchy {
         Some(Hierarchy::V1(dirs))
     }
 
+    /// The instances whose cgroups are here, by the names this module gives.
+    pub(super) fn instances(&self) -> Vec<String> {
+        let bases: Vec<&PathBuf> = match self {
+            Hierarchy::V1(dirs) => dirs.iter().map(|(_, d)| d).collect(),
+            Hierarchy::V2(base) => vec![base],
+        };
+        let mut found: Vec<String> = bases
+            .iter()
+            .filter_map(|base| std::fs::read_dir(base).ok())
+            .flatten()
+            .filter_map(|e| e.ok()?.file_name().into_string().ok()?.strip_prefix("nexus-").map(str::to_owned))
+            .filter(|id| id != "node")
+            .collect();
+        found.sort();
+        found.dedup();
+        found
+    }
+
+    /// The existing cgroup of `instance` (left by a crash), to remove.
+    pub(super) fn existing(&self, instance: &str) -> Cgroup {
+        let dirs = match self {
+            Hierarchy::V1(dirs) => dirs.iter().map(|(_, d)| d.join(name(instance))).filter(|d| d.is_dir()).collect(),
+            Hierarchy::V2(base) => vec![base.join(name(instance))],
+        };
+        Cgroup { dirs, version2: matches!(self, Hierarchy::V2(_)), seen: [0, 0].map(AtomicU64::new) }
+    }
+
     /// Makes the instance's cgroup with `limits`.
     pub(super) fn create(&self, instance: &str, limits: Limits) -> io::Result<Cgroup> {
         let quota = u64::from(limits.cpu_millis) * CPU_PERIOD / 1000;
