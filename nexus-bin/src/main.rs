@@ -17,7 +17,7 @@ use nexus_actors::platform::auth::TOKEN_TTL;
 use nexus_actors::platform::Quotas;
 use nexus_actors::roles::llm_manager::model::{EndpointConfig, ModelConfig};
 use nexus_actors::roles::llm_manager::LlmManagerConfig;
-use nexus_actors::roles::panel_manager::local::{Egress, Limits, NetworkConfig, SandboxChoice};
+use nexus_actors::roles::panel_manager::local::{is_pool, Egress, Limits, NetworkConfig, SandboxChoice};
 use nexus_actors::sidecar::{self, SidecarConfig};
 use nexus_actors::watchdog::{self, WatchdogConfig};
 
@@ -321,7 +321,7 @@ fn parse_pool(s: &str) -> Result<(Ipv4Addr, u8), String> {
     let bad = || format!("{s:?} is not an IPv4 prefix such as 10.251.0.0/16");
     let (addr, prefix) = s.split_once('/').ok_or_else(bad)?;
     let (addr, prefix): (Ipv4Addr, u8) = (addr.parse().map_err(|_| bad())?, prefix.parse().map_err(|_| bad())?);
-    match (8..=28).contains(&prefix) && u32::from(addr) & !(u32::MAX << (32 - prefix)) == 0 {
+    match is_pool(addr, prefix) {
         true => Ok((addr, prefix)),
         false => Err(format!("{s:?}: the pool must be a prefix of length 8 to 28 with no host bits set")),
     }

@@ -166,11 +166,7 @@ fn a_plain_process_sandbox_isolates_too_and_stop_kills_what_escaped_its_group() 
         assert_eq!(whoami["env"]["NEXUS_SIDECAR_TOKEN"], sidecar_token.as_str(), "the panel has it: {whoami}");
         assert_eq!(processes_mentioning(&sidecar_token), Vec::<String>::new(), "a command line holds it");
         assert!(!serde_json::to_string(&started.endpoint).unwrap().contains(&sidecar_token), "the route holds it");
-        let helper_env = |name: &str| {
-            let helper = processes_mentioning(&instance).into_iter().find(|p| p.contains(&format!(" {name} ")));
-            let pid = helper.unwrap_or_else(|| panic!("no {name}")).split(':').next().unwrap().to_owned();
-            String::from_utf8_lossy(&std::fs::read(format!("/proc/{pid}/environ")).unwrap()).replace('\0', "\n")
-        };
+        let helper_env = |name: &str| helper_environment(&instance, name);
         let watchdog_env = helper_env("watchdog");
         assert!(watchdog_env.lines().any(|l| l == format!("NEXUS_WATCHDOG_TOKEN={token}")), "the watchdog has it");
         assert!(watchdog_env.lines().any(|l| l == format!("REDIS_URL={}", env.redis_url)));
@@ -428,10 +424,8 @@ fn a_sidecars_redis_user_is_back_after_redis_restarts() {
     actix_rt::System::new().block_on(async {
         let code = volume_with_probe(&driver, &env.redis_url, &panel).await;
         driver.start(spec(&instance, &panel, code)).await.expect("start");
-        let sidecar = processes_mentioning(&instance).into_iter().find(|p| p.contains(" sidecar ")).expect("a sidecar");
-        let pid = sidecar.split(':').next().unwrap().to_owned();
-        let environ = String::from_utf8_lossy(&std::fs::read(format!("/proc/{pid}/environ")).unwrap()).into_owned();
-        let login = environ.split('\0').find_map(|l| l.strip_prefix("REDIS_URL=")).unwrap().to_owned();
+        let environ = helper_environment(&instance, "sidecar");
+        let login = environ.lines().find_map(|l| l.strip_prefix("REDIS_URL=")).unwrap().to_owned();
         assert!(redis::Client::open(login.as_str()).unwrap().get_connection().is_ok(), "it logs in");
 
         env._brokers.redis.restart().expect("redis-server starts again");
@@ -460,4 +454,12 @@ fn instance_cgroup(instance: &str) -> PathBuf {
     };
     // On v2 the driver's process has moved to a leaf beside its instances.
     base.join(path.trim_start_matches('/').trim_end_matches("nexus-node")).join(format!("nexus-{instance}"))
+}
+
+/// The environment of `instance`'s helper `name` (sidecar, watchdog), a
+/// variable a line.
+fn helper_environment(instance: &str, name: &str) -> String {
+    let helper = processes_mentioning(instance).into_iter().find(|p| p.contains(&format!(" {name} ")));
+    let pid = helper.unwrap_or_else(|| panic!("no {name}")).split(':').next().unwrap().to_owned();
+    String::from_utf8_lossy(&std::fs::read(format!("/proc/{pid}/environ")).unwrap()).replace('\0', "\n")
 }

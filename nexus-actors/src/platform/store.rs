@@ -19,11 +19,14 @@ pub enum StoreError {
 }
 
 impl StoreError {
-    /// Whether the error is Redis being unreachable (worth retrying), as
-    /// opposed to a refused command or corrupt data (final).
+    /// Whether the error is Redis being unreachable or still loading its
+    /// data after a restart (worth retrying), as opposed to a refused
+    /// command or corrupt data (final).
     pub fn is_unavailable(&self) -> bool {
         match self {
-            StoreError::Redis(e) => e.is_io_error() || e.is_connection_dropped() || e.is_timeout(),
+            StoreError::Redis(e) => {
+                e.is_io_error() || e.is_connection_dropped() || e.is_timeout() || e.code() == Some("LOADING")
+            }
             StoreError::Corrupt(_) => false,
         }
     }

@@ -104,14 +104,7 @@ impl Site {
 
 impl Drop for Site {
     fn drop(&mut self) {
-        for name in &self.names {
-            if let Some(netns) = Netns::existing(name) {
-                for pid in super::harness::namespace_members(&netns.path()) {
-                    let _ = std::process::Command::new("kill").args(["-9", &pid.to_string()]).status();
-                }
-                let _ = netns.delete();
-            }
-        }
+        self.names.iter().for_each(|name| super::harness::delete_namespace(name));
     }
 }
 

@@ -110,17 +110,21 @@ pub(crate) struct Cleanup {
 impl Drop for Cleanup {
     fn drop(&mut self) {
         for instance in &self.instances {
-            let name = netns_name(instance);
-            let path = Path::new("/run/netns").join(&name);
-            if !path.exists() {
-                continue;
-            }
-            for pid in namespace_members(&path) {
-                let _ = std::process::Command::new("kill").args(["-9", &pid.to_string()]).status();
-            }
-            let _ = std::process::Command::new("ip").args(["netns", "delete", &name]).status();
+            delete_namespace(&netns_name(instance));
         }
     }
+}
+
+/// Kills whatever runs in the namespace `name` and deletes it, if it exists.
+pub(crate) fn delete_namespace(name: &str) {
+    let path = Path::new("/run/netns").join(name);
+    if !path.exists() {
+        return;
+    }
+    for pid in namespace_members(&path) {
+        let _ = std::process::Command::new("kill").args(["-9", &pid.to_string()]).status();
+    }
+    let _ = std::process::Command::new("ip").args(["netns", "delete", name]).status();
 }
 
 pub(crate) fn namespace_members(netns: &Path) -> Vec<i32> {

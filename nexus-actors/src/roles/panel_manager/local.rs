@@ -84,7 +84,7 @@ pub use cgroups::Limits;
 pub use files::netns_name;
 pub use isolation::SandboxChoice;
 pub use metrics::LocalMetrics;
-pub use network::{Egress, NetworkConfig, NetworkError};
+pub use network::{is_pool, Egress, NetworkConfig, NetworkError};
 pub use templates::names as template_names;
 
 /// Where the panel listens inside its namespace, and its sidecar's proxy.
@@ -417,10 +417,6 @@ impl LocalDriver {
             ("NEXUS_PROXY_URL".to_owned(), format!("http://{proxy_addr}/proxy")),
             (SIDECAR_TOKEN_ENV.to_owned(), sidecar_token.clone()),
         ];
-        let cgroup = match root {
-            true => self.instance_cgroup(&spec.instance).await,
-            false => None,
-        };
         let gvisor = match (&sandbox.tool, sandbox.isolation) {
             (Some(runsc), Isolation::Gvisor) => {
                 let process = runsc::Process { args: &command, env: &env, uid: uid.unwrap_or(0) };
@@ -428,10 +424,7 @@ impl LocalDriver {
                 match bundle {
                     Ok(bundle) => Some((runsc.clone(), bundle)),
                     Err(error) => {
-                        self.release_network(&spec.instance, netns.as_ref(), scratch_dir.as_ref()).await;
-                        if let Some(cgroup) = &cgroup {
-                            cgroup.remove().await;
-                        }
+                        self.undo_start(&spec.instance, netns.as_ref(), scratch_dir.as_ref()).await;
                         return Err(error.into());
                     }
                 }
@@ -441,6 +434,11 @@ impl LocalDriver {
         let bwrap = match sandbox.isolation {
             Isolation::Namespaces => sandbox.tool.clone(),
             _ => None,
+        };
+        // runsc leaves cgroups alone: the bundle does not name this one.
+        let cgroup = match root {
+            true => self.instance_cgroup(&spec.instance).await,
+            false => None,
         };
         let (events, events_rx) = mpsc::unbounded_channel();
         let instance = Arc::new(Instance {
@@ -467,18 +465,18 @@ impl LocalDriver {
         // gateway (the endpoint) know it, never the panel, never a log.
         let watchdog_token = studio.then(new_secret);
         let panel_url = format!("http://{panel_addr}");
-        let wiring = Wiring {
-            panel_url: &panel_url,
-            proxy_addr: &proxy_addr,
-            watchdog_inside: &watchdog_inside,
-            watchdog_token: watchdog_token.as_deref(),
-            sidecar_token: &sidecar_token,
-            sidecar_redis_url: "",
-        };
         let started = async {
             let login = self.sidecar_users.set(&instance.sidecar_login).await?;
             self.keep_sidecar_users();
-            self.start_processes(&spec, &instance, Wiring { sidecar_redis_url: &login, ..wiring }).await
+            let wiring = Wiring {
+                panel_url: &panel_url,
+                proxy_addr: &proxy_addr,
+                watchdog_inside: &watchdog_inside,
+                watchdog_token: watchdog_token.as_deref(),
+                sidecar_token: &sidecar_token,
+                sidecar_redis_url: &login,
+            };
+            self.start_processes(&spec, &instance, wiring).await
         };
         if let Err(error) = started.await {
             self.tear_down(&spec.instance, &instance, Duration::ZERO).await;
@@ -589,7 +587,7 @@ impl LocalDriver {
         match blocking(move || network.attach(&inside).map_err(network_error)).await {
             Ok(link) => Ok((netns, link)),
             Err(error) => {
-                self.release_network(id, Some(&netns), None).await;
+                self.undo_start(id, Some(&netns), None).await;
                 Err(error)
             }
         }
@@ -641,9 +639,9 @@ impl LocalDriver {
         }
     }
 
-    /// Undoes [`Self::instance_network`] (and an App's scratch space) when a
-    /// start fails before its processes.
-    async fn release_network(&self, id: &str, netns: Option<&Netns>, scratch_dir: Option<&PathBuf>) {
+    /// Undoes [`Self::instance_network`] and an App's scratch space when a
+    /// start fails before its instance exists.
+    async fn undo_start(&self, id: &str, netns: Option<&Netns>, scratch_dir: Option<&PathBuf>) {
         if let Some(netns) = netns {
             if let Err(error) = netns.delete() {
                 tracing::warn!(instance = id, %error, "could not delete the network namespace");

@@ -95,15 +95,6 @@ pub const RETRY_FOR: Duration = Duration::from_secs(30);
 const FIRST_PAUSE: Duration = Duration::from_millis(50);
 const MAX_PAUSE: Duration = Duration::from_secs(2);
 
-/// Whether `error` may pass (Redis unreachable, or loading its data after
-/// a restart), as opposed to a refused command, which a retry repeats.
-fn passing(error: &StoreError) -> bool {
-    match error {
-        StoreError::Redis(e) => error.is_unavailable() || e.code() == Some("LOADING"),
-        StoreError::Corrupt(_) => false,
-    }
-}
-
 /// `attempt` until it succeeds or `budget` has passed, pausing with
 /// backoff between tries. A success restores the budget to [`RETRY_FOR`];
 /// giving up spends it, so the next writes are tried once each.
@@ -120,7 +111,7 @@ where
                 *budget = RETRY_FOR;
                 return Ok(());
             }
-            Err(error) if passing(&error) && tokio::time::Instant::now() + pause < deadline => {
+            Err(error) if error.is_unavailable() && tokio::time::Instant::now() + pause < deadline => {
                 tracing::debug!(what, %error, ?pause, "a panel manager write failed; trying again");
                 tokio::time::sleep(pause).await;
                 pause = (pause * 2).min(MAX_PAUSE);

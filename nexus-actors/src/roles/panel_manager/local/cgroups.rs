@@ -96,7 +96,7 @@ impl Hierarchy {
             Hierarchy::V1(dirs) => dirs.iter().map(|(_, d)| d.join(name(instance))).filter(|d| d.is_dir()).collect(),
             Hierarchy::V2(base) => vec![base.join(name(instance))],
         };
-        Cgroup { dirs, version2: matches!(self, Hierarchy::V2(_)), seen: [0, 0].map(AtomicU64::new) }
+        self.cgroup(dirs)
     }
 
     /// Makes the instance's cgroup with `limits`.
@@ -129,16 +129,14 @@ impl Hierarchy {
                 ],
             )],
         };
-        let mut cgroup =
-            Cgroup { dirs: Vec::new(), version2: matches!(self, Hierarchy::V2(_)), seen: [0, 0].map(AtomicU64::new) };
-        for (dir, values) in settings {
+        let mut made = Vec::new();
+        let set = |dir: &Path, values: Vec<(&str, String)>| -> io::Result<()> {
             // A crashed run's cgroup of the same instance is taken over.
-            if let Err(error) = std::fs::create_dir(&dir) {
+            if let Err(error) = std::fs::create_dir(dir) {
                 if error.kind() != io::ErrorKind::AlreadyExists {
                     return Err(error);
                 }
             }
-            cgroup.dirs.push(dir.clone());
             for (file, value) in values {
                 match std::fs::write(dir.join(file), &value) {
                     Ok(()) => {}
@@ -147,9 +145,24 @@ impl Hierarchy {
                     Err(error) => return Err(io::Error::new(error.kind(), format!("{file}: {error}"))),
                 }
             }
+            Ok(())
+        };
+        for (dir, values) in settings {
+            let result = set(&dir, values);
+            made.push(dir);
+            if let Err(error) = result {
+                made.iter().for_each(|dir| drop(std::fs::remove_dir(dir)));
+                return Err(error);
+            }
         }
+        Ok(self.cgroup(made))
+    }
+
+    /// A cgroup over `dirs`, its counters read as they stand.
+    fn cgroup(&self, dirs: Vec<PathBuf>) -> Cgroup {
+        let mut cgroup = Cgroup { dirs, version2: matches!(self, Hierarchy::V2(_)), seen: [0, 0].map(AtomicU64::new) };
         cgroup.seen = [AtomicU64::new(cgroup.count(Counter::OomKills)), AtomicU64::new(cgroup.count(Counter::PidsMax))];
-        Ok(cgroup)
+        cgroup
     }
 }
 

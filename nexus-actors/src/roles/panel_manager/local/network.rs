@@ -78,6 +78,8 @@ const LINK_PREFIX: &str = "nxp";
 #[derive(Debug)]
 pub(super) struct Network {
     config: NetworkConfig,
+    /// The DNS servers instances may ask, read once.
+    dns: Vec<Ipv4Addr>,
     /// The next index to try: it moves on, so a freed address is not
     /// handed out again before the pool has gone round.
     next: AtomicU32,
@@ -111,7 +113,16 @@ pub enum NetworkError {
 
 impl Network {
     pub(super) fn new(config: NetworkConfig) -> Network {
-        Network { next: AtomicU32::new(rand::random::<u32>()), config }
+        let dns = match &config.dns {
+            Some(dns) => dns.clone(),
+            None => resolv_conf_nameservers(&std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default()),
+        };
+        Network { next: AtomicU32::new(rand::random::<u32>()), config, dns }
+    }
+
+    /// What leaves an instance, as [`outward`] says for this network.
+    fn outward(&self) -> String {
+        outward(self.config.pool, self.config.prefix, self.config.egress, &self.dns)
     }
 
     fn slots(&self) -> u32 {
@@ -122,10 +133,10 @@ impl Network {
     /// run before the first instance starts (blocking).
     pub(super) fn install(&self) -> Result<(), NetworkError> {
         let NetworkConfig { pool, prefix, egress, .. } = self.config;
-        if !(8..=28).contains(&prefix) || u32::from(pool) & !(u32::MAX << (32 - prefix)) != 0 {
+        if !is_pool(pool, prefix) {
             return Err(NetworkError::BadPool(pool, prefix));
         }
-        let dns = self.dns();
+        let dns = &self.dns;
         // Forwarding that was off stays off for everything but instances.
         let forwarding_was_on = std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward").is_ok_and(|v| v.trim() == "1");
         if egress == Egress::Internet {
@@ -139,7 +150,7 @@ impl Network {
         }
         // SAFETY: geteuid has no preconditions and cannot fail.
         let uid = unsafe { libc::geteuid() };
-        nft(None, &node_rules(pool, prefix, egress, &dns, uid, forwarding_was_on))?;
+        nft(None, &node_rules(&self.outward(), pool, prefix, uid, forwarding_was_on))?;
         tracing::info!(%pool, prefix, ?egress, ?dns, "instance network rules installed");
         Ok(())
     }
@@ -174,8 +185,7 @@ impl Network {
             run(None, "ip", &["-n", netns.name(), "-batch", "-"], Some(&inside))?;
             let path = netns.path();
             route_localnet(&path)?;
-            let NetworkConfig { pool, prefix, egress, .. } = self.config;
-            nft(Some(&path), &instance_rules(&outward(pool, prefix, egress, &self.dns())))
+            nft(Some(&path), &instance_rules(&self.outward()))
         })();
         if let Err(error) = configured {
             let _ = run(None, "ip", &["link", "delete", name], None);
@@ -185,13 +195,9 @@ impl Network {
     }
 }
 
-impl Network {
-    fn dns(&self) -> Vec<Ipv4Addr> {
-        match &self.config.dns {
-            Some(dns) => dns.clone(),
-            None => resolv_conf_nameservers(&std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default()),
-        }
-    }
+/// Whether `pool`/`prefix` is a prefix of length 8 to 28 with no host bits set.
+pub fn is_pool(pool: Ipv4Addr, prefix: u8) -> bool {
+    (8..=28).contains(&prefix) && u32::from(pool) & !(u32::MAX << (32 - prefix)) == 0
 }
 
 /// Lets the instance's loopback take connections that arrive on `eth0`.
@@ -231,17 +237,11 @@ fn outward(pool: Ipv4Addr, prefix: u8, egress: Egress, dns: &[Ipv4Addr]) -> Stri
     rules.join("\n\t\t")
 }
 
-/// The node's table: see the module documentation.
-fn node_rules(
-    pool: Ipv4Addr,
-    prefix: u8,
-    egress: Egress,
-    dns: &[Ipv4Addr],
-    uid: u32,
-    forwarding_was_on: bool,
-) -> String {
+/// The node's table, `outward` filtering what instances send out: see the
+/// module documentation.
+fn node_rules(outward: &str, pool: Ipv4Addr, prefix: u8, uid: u32, forwarding_was_on: bool) -> String {
     let links = format!("\"{LINK_PREFIX}*\"");
-    let outward = format!("oifname {links} drop\n\t\t{}", outward(pool, prefix, egress, dns));
+    let outward = format!("oifname {links} drop\n\t\t{outward}");
     let others = match forwarding_was_on {
         true => String::new(),
         false => format!("\t\tiifname != {links} oifname != {links} drop\n"),
@@ -353,12 +353,15 @@ mod tests {
     #[test]
     fn egress_off_drops_everything_outward_and_dns_is_allowed_before_the_private_ranges() {
         let dns = [Ipv4Addr::new(10, 255, 255, 53)];
-        let on = node_rules(Ipv4Addr::new(10, 251, 0, 0), 16, Egress::Internet, &dns, 0, true);
+        let pool = Ipv4Addr::new(10, 251, 0, 0);
+        let rules =
+            |egress, forwarding_was_on| node_rules(&outward(pool, 16, egress, &dns), pool, 16, 0, forwarding_was_on);
+        let on = rules(Egress::Internet, true);
         let (dns_at, private_at) = (on.find("th dport 53 accept").unwrap(), on.find("ip daddr { 0.0.0.0/8").unwrap());
         assert!(dns_at < private_at, "{on}");
-        let off = node_rules(Ipv4Addr::new(10, 251, 0, 0), 16, Egress::Off, &dns, 0, true);
+        let off = rules(Egress::Off, true);
         assert!(!on.contains("iifname != \"nxp*\" oifname != \"nxp*\" drop"), "forwarding was on: left alone");
-        let was_off = node_rules(Ipv4Addr::new(10, 251, 0, 0), 16, Egress::Internet, &dns, 0, false);
+        let was_off = rules(Egress::Internet, false);
         assert!(was_off.contains("iifname != \"nxp*\" oifname != \"nxp*\" drop"), "{was_off}");
         assert!(!off.contains("dport 53") && !off.contains("\t\taccept\n\t}\n\tchain input"), "{off}");
     }

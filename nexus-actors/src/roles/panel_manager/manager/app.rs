@@ -121,6 +121,18 @@ fn superseded() -> PanelManagerError {
     PanelManagerError::Conflict("the panel was deployed or undeployed meanwhile; try again".into())
 }
 
+/// Whether a change decided at `generation` may still be made: the panel
+/// is not being deleted, and no Deploy or Undeploy came meanwhile.
+fn still_current(table: &Table, panel: &str, generation: u64) -> Result<(), PanelManagerError> {
+    if table.forgetting.contains(panel) {
+        return Err(PanelManagerError::Conflict("the panel was deleted".into()));
+    }
+    match table.generation(panel) == generation {
+        true => Ok(()),
+        false => Err(superseded()),
+    }
+}
+
 /// The newer of two records of the same panel's App (the table's when equal).
 pub(super) fn newest(known: Option<AppRecord>, read: AppRecord) -> AppRecord {
     match known {
@@ -243,12 +255,9 @@ impl Handler<Deployed> for PanelManager {
     fn handle(&mut self, msg: Deployed, _: &mut Ctx<Self>) -> Reply<<Deployed as Message>::Reply> {
         let table = lock(&self.table);
         let panel = msg.app.panel.clone();
-        if table.forgetting.contains(&panel) {
-            return Reply::Now(Err(PanelManagerError::Conflict("the panel was deleted".into())));
-        }
-        if table.generation(&panel) != msg.generation {
-            tracing::info!(%panel, version = msg.app.version, "a deploy superseded by a newer deploy or undeploy");
-            return Reply::Now(Err(superseded()));
+        if let Err(error) = still_current(&table, &panel, msg.generation) {
+            tracing::info!(%panel, version = msg.app.version, %error, "a deploy dropped before its record was written");
+            return Reply::Now(Err(error));
         }
         // Checked again: the owner may have started instances during the snapshot.
         let owner = &msg.app.owner;
@@ -265,12 +274,9 @@ impl Handler<ApplyDeployed> for PanelManager {
     fn handle(&mut self, msg: ApplyDeployed, _: &mut Ctx<Self>) -> Reply<Result<(), PanelManagerError>> {
         let mut table = lock(&self.table);
         let panel = msg.app.panel.clone();
-        if table.forgetting.contains(&panel) {
-            return Reply::Now(Err(PanelManagerError::Conflict("the panel was deleted".into())));
-        }
-        if table.generation(&panel) != msg.generation {
-            tracing::info!(%panel, version = msg.app.version, "a deploy superseded while its record was written");
-            return Reply::Now(Err(superseded()));
+        if let Err(error) = still_current(&table, &panel, msg.generation) {
+            tracing::info!(%panel, version = msg.app.version, %error, "a deploy dropped while its record was written");
+            return Reply::Now(Err(error));
         }
         let version = msg.app.version;
         let entry = table.panels.entry(panel.clone()).or_default();
@@ -314,11 +320,8 @@ impl Handler<Rescale> for PanelManager {
     fn handle(&mut self, msg: Rescale, _: &mut Ctx<Self>) -> Reply<<Rescale as Message>::Reply> {
         let mut table = lock(&self.table);
         let panel = msg.stored.panel.clone();
-        if table.forgetting.contains(&panel) {
-            return Reply::Now(Err(PanelManagerError::Conflict("the panel was deleted".into())));
-        }
-        if table.generation(&panel) != msg.generation {
-            return Reply::Now(Err(superseded()));
+        if let Err(error) = still_current(&table, &panel, msg.generation) {
+            return Reply::Now(Err(error));
         }
         let entry = table.panels.get(&panel);
         let mut app = newest(entry.and_then(|e| e.app.clone()), msg.stored);
