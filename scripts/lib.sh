@@ -117,6 +117,8 @@ ensure_sandbox() {
   command -v runsc >/dev/null || missing+=(runsc)
   command -v bwrap >/dev/null || missing+=(bubblewrap)  # the sandbox when gVisor does not work
   command -v nft >/dev/null || missing+=(nftables)     # the instances' egress policy
+  command -v mkfs.ext4 >/dev/null || missing+=(e2fsprogs)  # Studio volumes' own file systems
+  command -v mount >/dev/null || missing+=(mount)
   if [ ${#missing[@]} -gt 0 ]; then
     echo "installing the panel sandbox: ${missing[*]}"
     apt_install "${missing[@]}"

@@ -261,6 +261,12 @@ struct PanelArgs {
     #[arg(long, default_value_t = 256, env = "NEXUS_INSTANCE_DISK_MIB",
           value_parser = clap::value_parser!(u64).range(1..=1 << 20))]
     instance_disk_mib: u64,
+    /// The size of each Studio volume's own file system (its code and what
+    /// the panel installs and writes there), MiB; volumes already made keep
+    /// theirs.
+    #[arg(long, default_value_t = 1024, env = "NEXUS_VOLUME_MIB",
+          value_parser = clap::value_parser!(u64).range(16..=1 << 20))]
+    volume_mib: u64,
     /// Processes and threads each panel instance may have at once.
     #[arg(long, default_value_t = 256, env = "NEXUS_INSTANCE_PIDS",
           value_parser = clap::value_parser!(u32).range(8..=1_000_000))]
@@ -290,6 +296,7 @@ impl PanelArgs {
                 cpu_millis: self.instance_cpu_millis,
                 pids: self.instance_pids,
                 disk: self.instance_disk_mib << 20,
+                volume: self.volume_mib << 20,
             },
             app_idle: Duration::from_secs(self.app_idle_secs.max(1)),
             watchdog_timeout: Duration::from_secs(self.watchdog_timeout_secs.max(1)),

@@ -77,8 +77,18 @@ pub(crate) fn wait_for_health(port: u16) -> (u16, String) {
 
 pub(crate) struct KillOnDrop(pub Child);
 
+/// SIGTERM first: a node stops its instances and unmounts its panels'
+/// volumes on a graceful shutdown; SIGKILL after 20 s.
 impl Drop for KillOnDrop {
     fn drop(&mut self) {
+        let _ = Command::new("kill").arg(self.0.id().to_string()).status();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
         let _ = self.0.kill();
         let _ = self.0.wait();
     }

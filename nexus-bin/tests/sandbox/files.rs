@@ -100,13 +100,15 @@ fn hard_links_to_files_from_elsewhere_are_neither_chowned_nor_copied() {
     let studio = format!("hardlink-{}", std::process::id());
     let cleanup = Cleanup { instances: vec![studio.clone()] };
     let marker = format!("HOST-FILE-{}", std::process::id());
-    let outside = env.dir.join("host-file.txt");
-    std::fs::write(&outside, &marker).unwrap();
-    std::fs::set_permissions(&outside, std::fs::Permissions::from_mode(0o644)).unwrap();
     let driver = env.driver.clone();
     actix_rt::System::new().block_on(async move {
         let code = volume_with_probe(&driver, &env.redis_url, &panel).await;
         let Code::Studio(volume) = &code else { unreachable!() };
+        // Root's file beside the tree: on the volume's own file system, the
+        // only one a hard link in it can reach.
+        let outside = volume.location.parent().unwrap().join("host-file.txt");
+        std::fs::write(&outside, &marker).unwrap();
+        std::fs::set_permissions(&outside, std::fs::Permissions::from_mode(0o644)).unwrap();
         std::fs::hard_link(&outside, volume.location.join("linked.txt")).unwrap();
         driver.start(spec(&studio, &panel, code.clone())).await.expect("start Studio");
         driver.stop(&studio, Duration::from_secs(5)).await.unwrap();
@@ -266,8 +268,10 @@ fn a_panel_reaches_only_its_own_files() {
         {
             assert_eq!(mode(&data.join(dir)), (wanted, 0), "data/{dir}");
         }
-        assert_eq!(mode(&data.join("volumes").join(&panel)), (0o700, uid), "the volume is the panel's alone");
-        assert_ne!(mode(&data.join("volumes").join(&other)).1, uid, "another panel has another uid");
+        assert_eq!(mode(&data.join("volumes").join(&panel)), (0o711, 0), "a volume's file system is root's");
+        assert_eq!(mode(&data.join("volumes").join(&panel).join("home")), (0o700, uid), "its tree the panel's alone");
+        assert_ne!(mode(&data.join("volumes").join(&other).join("home")).1, uid, "another panel has another uid");
+        assert_eq!(mode(&data.join("volumes/.disks")), (0o700, 0), "the volumes' disks are root's");
         // World-readable files inside the private directories stay out of reach.
         for dir in ["instances", "snapshots"] {
             std::fs::write(data.join(dir).join("marker.txt"), "root's").unwrap();
@@ -276,7 +280,8 @@ fn a_panel_reaches_only_its_own_files() {
         }
 
         let forbidden = [
-            data.join("volumes").join(&other).join("server.py"),
+            data.join("volumes").join(&other).join("home/server.py"),
+            data.join("volumes/.disks").join(format!("{other}.ext4")),
             data.join("scratch").join(&their_app).join("code/server.py"),
             data.join("snapshots").join(&panel).join("1/server.py"),
             data.join("snapshots/marker.txt"),
@@ -290,8 +295,10 @@ fn a_panel_reaches_only_its_own_files() {
             let denied = read["error"].as_str().is_some_and(|e| e.contains("Permission denied"));
             assert!(denied, "the panel read {}: {read}", path.display());
         }
-        for dir in [data.clone(), data.join("volumes"), data.join("scratch"), data.join("instances")] {
-            let listed = get_json(&addr, &format!("/list?name={}", dir.display()));
+        let lost_found = data.join("volumes").join(&panel).join("lost+found");
+        for dir in [data.clone(), data.join("volumes"), data.join("scratch"), data.join("instances"), lost_found] {
+            let query = dir.display().to_string().replace('+', "%2B");
+            let listed = get_json(&addr, &format!("/list?name={query}"));
             assert!(
                 listed["error"].as_str().is_some_and(|e| e.contains("Permission denied")),
                 "{}: {listed}",
@@ -299,8 +306,10 @@ fn a_panel_reaches_only_its_own_files() {
             );
         }
         // What is its own it reads: the test can fail.
-        let own =
-            get_json(&addr, &format!("/read?name={}", data.join("volumes").join(&panel).join("server.py").display()));
+        let own = get_json(
+            &addr,
+            &format!("/read?name={}", data.join("volumes").join(&panel).join("home/server.py").display()),
+        );
         assert!(own["text"].as_str().is_some_and(|t| t.contains("probe panel up")), "{own}");
 
         for instance in [&mine, &theirs, &their_app] {

@@ -154,11 +154,34 @@ pub(crate) fn processes_mentioning(needle: &str) -> Vec<String> {
 }
 
 pub(crate) struct Env {
+    pub(crate) _unmount: Unmount,
     pub(crate) dir: PathBuf,
     pub(crate) _brokers: Brokers,
     pub(crate) redis_port: u16,
     pub(crate) redis_url: String,
     pub(crate) driver: Arc<LocalDriver>,
+}
+
+/// A driver mounts volumes under its data directory: dropped, this
+/// unmounts them and deletes the directory, even when the test fails
+/// half-way.
+pub(crate) struct Unmount(PathBuf);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        unmount_under(&self.0);
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Detaches every mount below `dir`.
+pub(crate) fn unmount_under(dir: &Path) {
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    for point in mounts.lines().filter_map(|l| l.split(' ').nth(4)) {
+        if Path::new(point).starts_with(dir) {
+            let _ = std::process::Command::new("umount").args(["-l", point]).status();
+        }
+    }
 }
 
 pub(crate) fn env(test: &str, sandbox: SandboxChoice) -> Env {
@@ -173,7 +196,14 @@ pub(crate) fn env_with(test: &str, sandbox: SandboxChoice, change: impl FnOnce(&
     let mut config = LocalConfig::new(dir.join("data"), nexus, brokers.redis_url(), sandbox);
     change(&mut config);
     let (redis_port, redis_url) = (brokers.redis.port(), brokers.redis_url());
-    Env { dir, redis_port, redis_url, _brokers: brokers, driver: Arc::new(LocalDriver::new(config)) }
+    Env {
+        _unmount: Unmount(dir.clone()),
+        dir,
+        redis_port,
+        redis_url,
+        _brokers: brokers,
+        driver: Arc::new(LocalDriver::new(config)),
+    }
 }
 
 /// Whether what `choice` needs is installed (under `CI` its absence fails

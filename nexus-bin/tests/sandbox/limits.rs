@@ -2,14 +2,17 @@
 //! more memory than it may is killed, and (bubblewrap) one that forks past
 //! its process limit is refused, each reported with the limit it ran into
 //! (the status then reads "killed: memory limit"); an App that fills its
-//! scratch space is refused more and reported too. Under gVisor a panel's
+//! scratch space is refused more and reported too, and so is a Studio
+//! panel that fills its volume (a file system of its own, whatever room the
+//! host has), where the files API then refuses a save as over quota. Under gVisor a panel's
 //! processes are the sandbox's, not the host's: the process limit bounds
 //! the sandbox's own threads, and its memory limit everything.
 
 use std::time::Duration;
 
-use nexus_actors::roles::panel_manager::driver::{Code, InstanceEvent, LimitHit, RuntimeDriver};
+use nexus_actors::roles::panel_manager::driver::{Code, DriverError, InstanceEvent, LimitHit, RuntimeDriver};
 use nexus_actors::roles::panel_manager::local::{Limits, SandboxChoice};
+use nexus_actors::roles::panel_manager::volume_files::{FileError, FilePath};
 
 use super::harness::{env_with, panel_id, register, sandbox_available, skipped, spec, Cleanup};
 
@@ -49,11 +52,18 @@ pub(crate) fn limits_are_enforced_and_reported(test: &str, choice: SandboxChoice
         return;
     }
     let gvisor = choice == SandboxChoice::Gvisor;
-    let limits = Limits { memory: 64 << 20, cpu_millis: 500, pids: if gvisor { 512 } else { 48 }, disk: 16 << 20 };
+    let limits = Limits {
+        memory: 64 << 20,
+        cpu_millis: 500,
+        pids: if gvisor { 512 } else { 48 },
+        disk: 16 << 20,
+        volume: 32 << 20,
+    };
     let env = env_with(test, choice, |config| config.limits = limits);
     let id = std::process::id();
     let (hog, forker, filler) = (format!("{test}-hog-{id}"), format!("{test}-fork-{id}"), format!("{test}-fill-{id}"));
-    let cleanup = Cleanup { instances: vec![hog.clone(), forker.clone(), filler.clone()] };
+    let studio_filler = format!("{test}-vol-{id}");
+    let cleanup = Cleanup { instances: vec![hog.clone(), forker.clone(), filler.clone(), studio_filler.clone()] };
     let driver = env.driver.clone();
     actix_rt::System::new().block_on(async {
         let cases = [
@@ -99,6 +109,32 @@ pub(crate) fn limits_are_enforced_and_reported(test: &str, choice: SandboxChoice
         driver.stop(&filler, Duration::from_secs(5)).await.expect("stop");
         let scratch = env.dir.join("data/scratch").join(&filler);
         assert!(!scratch.exists(), "the App's scratch space outlived it");
+
+        // A Studio panel writes into its volume: 32 MiB at most here.
+        let panel = panel_id();
+        register(&env.redis_url, &panel).await;
+        let volume = driver.volume(&panel, "template:python_minimal").await.unwrap();
+        let command = serde_json::json!({"command": ["python3", "-c", FILLER]}).to_string();
+        std::fs::write(volume.location.join("nexus-panel.json"), command).unwrap();
+        let mut started = driver.start(spec(&studio_filler, &panel, Code::Studio(volume))).await.expect("start");
+        let event = actix_rt::time::timeout(Duration::from_secs(90), started.events.recv()).await;
+        let logs = driver.logs(&studio_filler, 20).await.unwrap_or_default();
+        let event = event.unwrap_or_else(|_| panic!("{studio_filler} did not end: {logs:?}"));
+        assert_eq!(event, Some(InstanceEvent::Exited { code: Some(4), limit: Some(LimitHit::Disk) }), "{logs:?}");
+        driver.stop(&studio_filler, Duration::from_secs(5)).await.expect("stop");
+        let path = |p: &str| FilePath::parse(p).unwrap();
+        let refused =
+            driver.write_file(&panel, "template:python_minimal", path("more.bin"), vec![0; 1 << 20].into()).await;
+        assert!(matches!(refused, Err(DriverError::File(FileError::Quota { .. }))), "{refused:?}");
+        // Deleting what filled it makes room again.
+        driver.delete_file(&panel, "template:python_minimal", path("filler.bin")).await.expect("delete");
+        driver
+            .write_file(&panel, "template:python_minimal", path("more.bin"), vec![0; 1 << 20].into())
+            .await
+            .expect("saved");
+        driver.release().await;
+        let root = env.dir.join("data/volumes").join(&panel);
+        assert!(!root.join("home").join("more.bin").exists(), "released, the volume is no longer mounted");
     });
     drop(cleanup);
     let _ = std::fs::remove_dir_all(&env.dir);

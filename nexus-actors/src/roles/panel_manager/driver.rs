@@ -265,6 +265,13 @@ pub trait RuntimeDriver: Send + Sync + 'static {
     /// Deletes the panel's volume and snapshots (the panel is gone).
     fn forget(&self, panel: &str) -> BoxFuture<'_, Result<(), DriverError>>;
 
+    /// Lets go of what the driver holds on this machine beside its
+    /// instances (the local driver's mounted volumes), once they are
+    /// stopped, as the node stops. Used again, the driver takes it back.
+    fn release(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async {})
+    }
+
     /// What a volume may hold through the file methods below.
     fn file_limits(&self) -> VolumeLimits {
         VolumeLimits::default()

@@ -17,7 +17,9 @@
 //! |---|---|---|
 //! | `data_dir/` | `0711` root | passable, not listable |
 //! | `volumes/` | `0711` root | Studio volumes |
-//! | `volumes/<panel>/` | `0700` the panel's uid | its persistent code |
+//! | `volumes/.disks/` | `0700` root | their file systems' images (as root) |
+//! | `volumes/<panel>/` | `0711` root | one volume (its own file system, as root) |
+//! | `volumes/<panel>/home/` | `0700` the panel's uid | its persistent code |
 //! | `scratch/` | `0711` root | App instances' code |
 //! | `scratch/<instance>/` | `0700` the panel's uid | a fresh copy of a snapshot |
 //! | `snapshots/` | `0700` root | read-only App snapshots |
@@ -38,6 +40,7 @@ mod acl;
 mod archive;
 mod bubblewrap;
 mod cgroups;
+mod disks;
 mod files;
 #[cfg(test)]
 mod files_tests;
@@ -163,6 +166,10 @@ pub struct LocalDriver {
     snapshots: tokio::sync::Mutex<()>,
     /// What a volume may hold through the API.
     file_limits: VolumeLimits,
+    /// The panels whose volumes this driver has opened (mounted, swept).
+    opened: Mutex<HashSet<String>>,
+    /// Held while a volume is opened or let go of.
+    opening: tokio::sync::Mutex<()>,
     /// The panels whose files an API request is changing right now.
     editing: Arc<Mutex<HashSet<String>>>,
     /// Turns to unpack an upload, node-wide.
@@ -201,6 +208,9 @@ struct Instance {
     snapshot: Option<PathBuf>,
     /// App: the capped space `code` is in (see scratch.rs).
     scratch: Option<PathBuf>,
+    /// Where a full file system is the panel's disk limit: an App's
+    /// scratch space, a Studio volume's disk.
+    disk: Option<PathBuf>,
     netns: Option<Netns>,
     /// The uid user code runs as (root only; none without root).
     uid: Option<u32>,
@@ -236,6 +246,8 @@ impl LocalDriver {
             instances: Arc::default(),
             snapshots: tokio::sync::Mutex::new(()),
             file_limits: VolumeLimits::default(),
+            opened: Mutex::default(),
+            opening: tokio::sync::Mutex::new(()),
             editing: Arc::default(),
             unpacking: tokio::sync::Semaphore::new(2),
         }
@@ -440,6 +452,11 @@ impl LocalDriver {
             true => self.instance_cgroup(&spec.instance).await,
             false => None,
         };
+        // Only as root is either a file system of its own.
+        let disk = match studio {
+            true => root.then(|| code.clone()),
+            false => scratch_dir.clone().filter(|_| root),
+        };
         let (events, events_rx) = mpsc::unbounded_channel();
         let instance = Arc::new(Instance {
             panel: spec.panel.clone(),
@@ -448,6 +465,7 @@ impl LocalDriver {
             code,
             snapshot,
             scratch: scratch_dir.clone(),
+            disk,
             netns,
             uid,
             command,
@@ -758,6 +776,10 @@ impl RuntimeDriver for LocalDriver {
         async move { self.forget_panel(&panel).await }.boxed()
     }
 
+    fn release(&self) -> BoxFuture<'_, ()> {
+        self.release_volumes().boxed()
+    }
+
     fn file_limits(&self) -> VolumeLimits {
         self.file_limits
     }
@@ -829,7 +851,7 @@ fn spawn_user(id: &str, instance: &Instance, metrics: &LocalMetrics) -> Result<S
         events: instance.events.clone(),
         exits: metrics.panel_exits.with_label_values(&[mode_label(instance.mode)]),
         cgroup: instance.cgroup.clone(),
-        scratch: instance.scratch.clone(),
+        disk: instance.disk.clone(),
     };
     Ok(Supervised::spawn("panel", id, command, on_exit, instance.gvisor.is_some())?)
 }

@@ -199,6 +199,7 @@ impl PanelManagerHandle {
     /// until they ended and their statuses are written.
     pub async fn stop_all(&self, grace: Duration) {
         let _ = self.actor.link::<StopAll>("node").ask(StopAll { grace }).await;
+        self.driver.release().await;
     }
 }
 

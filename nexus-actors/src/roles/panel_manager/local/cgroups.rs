@@ -28,11 +28,14 @@ pub struct Limits {
     pub pids: u32,
     /// What an App may write to its scratch space, bytes.
     pub disk: u64,
+    /// The size of a Studio volume's file system (its code, what it
+    /// installs and writes), bytes; applies to volumes made from then on.
+    pub volume: u64,
 }
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { memory: 512 << 20, cpu_millis: 1000, pids: 256, disk: 256 << 20 }
+        Limits { memory: 512 << 20, cpu_millis: 1000, pids: 256, disk: 256 << 20, volume: 1 << 30 }
     }
 }
 

@@ -17,21 +17,36 @@ struct Scratch {
 
 impl Drop for Scratch {
     fn drop(&mut self) {
+        // As root the volumes are mounted file systems.
+        for volume in std::fs::read_dir(self.dir.join("data/volumes")).into_iter().flatten().flatten() {
+            let _ = super::disks::unmount(&volume.path());
+        }
         let _ = super::tree::remove(&self.dir);
     }
 }
 
 fn scratch(name: &str, limits: VolumeLimits) -> Scratch {
+    scratch_with(name, limits, |_| {})
+}
+
+/// [`scratch`] with the driver's configuration changed by `change`.
+fn scratch_with(name: &str, limits: VolumeLimits, change: impl FnOnce(&mut LocalConfig)) -> Scratch {
     let dir = std::env::temp_dir().join(format!("nexus-volume-files-{name}-{}", std::process::id()));
     let _ = super::tree::remove(&dir);
-    let driver = LocalDriver::new(LocalConfig::new(
+    let mut config = LocalConfig::new(
         dir.join("data"),
         PathBuf::from("/nonexistent"),
         "redis://127.0.0.1:1".into(),
         SandboxChoice::Process,
-    ))
-    .with_file_limits(limits);
+    );
+    change(&mut config);
+    let driver = LocalDriver::new(config).with_file_limits(limits);
     Scratch { dir, driver }
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    (unsafe { libc::geteuid() }) == 0
 }
 
 fn path(p: &str) -> FilePath {
@@ -39,7 +54,13 @@ fn path(p: &str) -> FilePath {
 }
 
 fn volume(s: &Scratch) -> PathBuf {
-    s.dir.join("data/volumes/p")
+    s.dir.join("data/volumes/p/home")
+}
+
+/// A file beside the volume's tree, on its file system (a hard link can
+/// reach no other).
+fn beside(s: &Scratch, name: &str) -> PathBuf {
+    s.dir.join("data/volumes/p").join(name)
 }
 
 /// The volume's tree as `path kind size`, to compare before and after.
@@ -90,7 +111,7 @@ async fn an_existing_file_keeps_its_mode_and_a_template_fills_a_new_volume() {
     let list = d.list_files("q", "template:node_minimal").await.expect("the template's volume");
     let names: Vec<_> = list.entries.iter().map(|e| e.path.as_str()).collect();
     assert_eq!(names, ["README.md", "nexus-panel.json", "server.js"]);
-    let file = s.dir.join("data/volumes/q/run.sh");
+    let file = s.dir.join("data/volumes/q/home/run.sh");
     d.write_file("q", "template:node_minimal", path("run.sh"), "#!/bin/sh\n".into()).await.expect("saved");
     std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o755)).expect("chmod");
     d.write_file("q", "template:node_minimal", path("run.sh"), "#!/bin/sh\necho\n".into()).await.expect("saved");
@@ -132,7 +153,7 @@ async fn a_save_replaces_a_planted_hard_link_instead_of_writing_through_it() {
     let s = scratch("hardlink", VolumeLimits::default());
     let d = &s.driver;
     d.list_files("p", SOURCE).await.expect("the volume exists");
-    let outside = s.dir.join("host-file");
+    let outside = beside(&s, "host-file");
     std::fs::write(&outside, "host content").expect("write");
     std::fs::hard_link(&outside, volume(&s).join("linked")).expect("hard link");
     d.write_file("p", SOURCE, path("linked"), "panel content".into()).await.expect("saved");
@@ -141,16 +162,66 @@ async fn a_save_replaces_a_planted_hard_link_instead_of_writing_through_it() {
 }
 
 #[actix_rt::test]
+async fn as_root_a_volume_is_a_capped_file_system_of_its_own_kept_across_drivers() {
+    if !nexus_testkit::prerequisite(is_root(), "mounting a volume's disk needs root") {
+        return;
+    }
+    let big = VolumeLimits { max_bytes: 1 << 30, max_entries: 4096, max_file_bytes: 1 << 30 };
+    let s = scratch_with("disk", big, |c| c.limits.volume = 16 << 20);
+    let d = &s.driver;
+    d.write_file("p", SOURCE, path("a.txt"), "kept".into()).await.expect("saved");
+    let root = s.dir.join("data/volumes/p");
+    assert!(super::disks::is_mounted(&root).expect("stat"), "the volume is a mount");
+    // 20 MiB do not fit in 16: a quota, the volume as it was but for the
+    // files that did fit.
+    let mut refused = None;
+    for i in 0..20 {
+        if let Err(error) = d.write_file("p", SOURCE, path(&format!("big{i}")), vec![7; 1 << 20].into()).await {
+            refused = Some(error);
+            break;
+        }
+    }
+    assert!(matches!(refused, Some(DriverError::File(FileError::Quota { .. }))), "{refused:?}");
+    let image = s.dir.join("data/volumes/.disks/p.ext4");
+    assert_eq!(std::fs::metadata(&image).expect("the image").len(), 16 << 20);
+    // Stopped, the node unmounts; the next driver mounts the same disk.
+    d.release().await;
+    assert!(!super::disks::is_mounted(&root).expect("stat"), "released");
+    let mut config = LocalConfig::new(
+        s.dir.join("data"),
+        PathBuf::from("/nonexistent"),
+        "redis://127.0.0.1:1".into(),
+        SandboxChoice::Process,
+    );
+    config.limits.volume = 16 << 20;
+    let next = LocalDriver::new(config).with_file_limits(big);
+    assert_eq!(next.read_file("p", SOURCE, path("a.txt")).await.expect("read"), b"kept");
+    next.forget("p").await.expect("forget");
+    assert!(!image.exists() && !root.exists(), "a forgotten panel leaves no disk");
+}
+
+#[actix_rt::test]
+async fn a_volume_of_the_earlier_layout_moves_into_home() {
+    use std::os::unix::fs::DirBuilderExt;
+    let s = scratch("legacy", VolumeLimits::default());
+    let old = s.dir.join("data/volumes/p");
+    std::fs::create_dir_all(s.dir.join("data/volumes")).expect("mkdir");
+    std::fs::DirBuilder::new().mode(0o700).create(&old).expect("the old volume");
+    std::fs::write(old.join("server.py"), "print('mine')").expect("write");
+    assert_eq!(s.driver.read_file("p", SOURCE, path("server.py")).await.expect("read"), b"print('mine')");
+    assert!(volume(&s).join("server.py").exists(), "the tree is in home/");
+    assert!(!s.dir.join("data/volumes/.p.legacy").exists(), "nothing left aside");
+}
+
+#[actix_rt::test]
 async fn a_hard_link_to_a_file_of_another_owner_is_not_read() {
-    // SAFETY: geteuid has no preconditions.
-    let root = unsafe { libc::geteuid() } == 0;
-    if !nexus_testkit::prerequisite(root, "reading a foreign hard link needs root (files of two owners)") {
+    if !nexus_testkit::prerequisite(is_root(), "reading a foreign hard link needs root (files of two owners)") {
         return;
     }
     let s = scratch("foreign", VolumeLimits::default());
     let d = &s.driver;
     d.list_files("p", SOURCE).await.expect("the volume exists");
-    let outside = s.dir.join("root-secret");
+    let outside = beside(&s, "root-secret");
     std::fs::write(&outside, "root's secret").expect("write");
     std::fs::hard_link(&outside, volume(&s).join("shadow")).expect("hard link");
     // The volume is the panel's, as after its first start.
@@ -264,7 +335,7 @@ async fn a_tar_gz_or_zip_upload_replaces_the_tree() {
     assert_eq!(tree(&s).await, ["lib Dir 0", "lib/a.js File 1", "server.js File 5"]);
     assert!(!s
         .dir
-        .join("data/volumes")
+        .join("data/volumes/p")
         .read_dir()
         .expect("ls")
         .any(|e| { e.expect("entry").file_name().to_string_lossy().contains("upload") }));

@@ -43,8 +43,8 @@ pub(super) enum OnExit {
         events: mpsc::UnboundedSender<InstanceEvent>,
         exits: IntCounter,
         cgroup: Option<Arc<Cgroup>>,
-        /// An App's scratch space: full when the panel ended is a limit hit.
-        scratch: Option<PathBuf>,
+        /// The space the panel writes to: full when it ended is a limit hit.
+        disk: Option<PathBuf>,
     },
     /// Our helper (sidecar, watchdog): log, count and start it again.
     Restart { respawn: Respawn, restarts: IntCounter },
@@ -183,9 +183,9 @@ impl Watch {
                         return;
                     }
                     match &mut on_exit {
-                        OnExit::Report { events, exits, cgroup, scratch } => {
+                        OnExit::Report { events, exits, cgroup, disk } => {
                             let code = status.as_ref().ok().and_then(ExitStatus::code);
-                            let full = scratch.as_deref().is_some_and(super::scratch::is_full);
+                            let full = disk.as_deref().is_some_and(super::disks::is_full);
                             let limit = cgroup.as_ref().and_then(|c| c.limit_hit()).or(full.then_some(LimitHit::Disk));
                             exits.inc();
                             tracing::warn!(instance = %self.instance, ?code, ?limit, "nexus_local_panel_exits_total");

@@ -4,7 +4,7 @@
 //! against that cap (and, being memory, against its memory limit), never
 //! against the host's disk, and is gone with the instance.
 //!
-//! It mounts, measures and unmounts; what goes in `code/` is the caller's.
+//! It mounts and unmounts; what goes in `code/` is the caller's.
 
 use std::ffi::CString;
 use std::io;
@@ -45,16 +45,6 @@ pub(super) fn release(dir: &Path) -> io::Result<()> {
     // SAFETY: `target` is a valid NUL-terminated string.
     let _ = unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH | libc::UMOUNT_NOFOLLOW) };
     remove_tree(dir)
-}
-
-/// Whether the tmpfs at `dir` is full: what the App ran into when it ended.
-pub(super) fn is_full(dir: &Path) -> bool {
-    let Ok(target) = c(dir.as_os_str().as_bytes()) else { return false };
-    // SAFETY: statvfs is plain data, for which all zeroes is a valid value.
-    let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
-    // SAFETY: `target` is a valid path string and `stat` a valid out-pointer.
-    let ok = unsafe { libc::statvfs(target.as_ptr(), &mut stat) } == 0;
-    ok && stat.f_bavail == 0
 }
 
 fn c(bytes: impl Into<Vec<u8>>) -> io::Result<CString> {

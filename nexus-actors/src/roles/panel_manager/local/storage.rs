@@ -3,6 +3,12 @@
 //! through the API ([`super::workspace`], [`super::archive`]), read-only
 //! snapshots taken by descriptor from a volume, and their deletion.
 //!
+//! A volume is the directory `volumes/<panel>/`: as root, the mount point
+//! of its own capped file system ([`disks`]); its tree is `home/` in it,
+//! beside (on the same file system) the staging directories of uploads.
+//! A volume of the layout before that (its tree the directory itself) is
+//! moved into `home/` when first opened.
+//!
 //! It runs nothing; the driver decides when these are made. Changes to one
 //! panel's files through the API go one at a time: a second is refused
 //! ([`FileError::Busy`]) rather than queued. Uploads unpack two at a time
@@ -12,15 +18,16 @@
 
 use std::collections::HashSet;
 use std::io;
-use std::path::PathBuf;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use super::super::driver::{DriverError, Snapshot, Volume};
 use super::super::volume_files::{FileError, FileList, FilePath};
-use super::files::{blocking, check_id, copy_tree, last_version, make_read_only, remove_tree};
+use super::files::{blocking, check_id, copy_tree, last_version, remove_tree};
 use super::tree::{self, CopyAs};
 use super::LocalDriver;
-use super::{archive, objects, templates, workspace};
+use super::{archive, disks, objects, templates, workspace};
 use crate::platform::files::{passable_dir, private_dir};
 
 /// The snapshots' object store, beside the panels' snapshot directories
@@ -48,14 +55,18 @@ fn prune(dir: &std::path::Path, newest: u64, store: &std::path::Path) -> io::Res
     Ok(())
 }
 
-/// Infixes of the dot names beside the volumes: an upload's staging
-/// directory, a volume being made.
+/// Infixes of the dot names beside a volume's tree: an upload's staging
+/// directory, a tree being made.
 const STAGING: &str = ".upload-";
 const MAKING: &str = ".new-";
+/// A volume's tree, in its directory.
+const HOME: &str = "home";
+/// The volumes' disk images, beside them (a dot name: never a panel id).
+const DISKS: &str = ".disks";
 
-/// Removes what a crash left of uploads and volumes being made.
-fn sweep_unfinished(volumes: &std::path::Path) {
-    let Ok(entries) = std::fs::read_dir(volumes) else { return };
+/// Removes what a crash left of uploads and trees being made in `dir`.
+fn sweep_unfinished(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
         if name.starts_with('.') && (name.contains(STAGING) || name.contains(MAKING)) {
@@ -91,6 +102,7 @@ impl LocalDriver {
                 blocking(move || {
                     passable_dir(&data)?;
                     passable_dir(&data.join("volumes"))?;
+                    private_dir(&data.join("volumes").join(DISKS))?;
                     passable_dir(&data.join("scratch"))?;
                     private_dir(&data.join("snapshots"))?;
                     private_dir(&data.join("instances"))?;
@@ -118,29 +130,55 @@ impl LocalDriver {
         self.config.data_dir.join("snapshots").join(panel)
     }
 
+    /// The panel's volume, made from `source` when it has none, and ready
+    /// to use: mounted, and swept of what a crash left in it, the first
+    /// time this driver uses it.
     pub(super) async fn create_volume(&self, panel: &str, source: &str) -> Result<Volume, DriverError> {
         check_id("panel", panel)?;
         templates::files(source)?;
         self.layout().await?;
-        let location = self.volumes().join(panel);
-        if !location.exists() {
-            let fresh = self.volumes().join(format!(".{panel}{MAKING}{}", rand::random::<u32>()));
-            // Private from the start; a start hands it to the panel's uid.
-            private_dir(&fresh)?;
-            let written = templates::write(source, &fresh).and_then(|()| Ok(std::fs::rename(&fresh, &location)?));
-            if written.is_err() {
-                let _ = remove_tree(&fresh);
-            }
-            match written {
-                // Another request made it first: that one is the volume.
-                Err(_) if location.is_dir() => {}
-                written => {
-                    written?;
-                    tracing::info!(panel, source, volume = %location.display(), "volume created");
+        let root = self.volumes().join(panel);
+        let volume = Volume { panel: panel.to_owned(), location: root.join(HOME) };
+        if self.opened.lock().unwrap_or_else(|e| e.into_inner()).contains(panel) {
+            return Ok(volume);
+        }
+        // One opening at a time: two would mount one disk twice.
+        let _opening = self.opening.lock().await;
+        if self.opened.lock().unwrap_or_else(|e| e.into_inner()).contains(panel) {
+            return Ok(volume);
+        }
+        let legacy = self.volumes().join(format!(".{panel}.legacy"));
+        let disk = self.disk_size().map(|bytes| (self.volumes().join(DISKS).join(format!("{panel}.ext4")), bytes));
+        let source = source.to_owned();
+        blocking(move || open_volume(&root, &legacy, disk, |tree| templates::write(&source, tree))).await?;
+        self.opened.lock().unwrap_or_else(|e| e.into_inner()).insert(panel.to_owned());
+        tracing::debug!(panel, volume = %volume.location.display(), "volume open");
+        Ok(volume)
+    }
+
+    /// The size of a volume's own file system: as root, the configured
+    /// one; without root there is no mounting, and a volume is a plain
+    /// directory (only the API's limits hold it).
+    fn disk_size(&self) -> Option<u64> {
+        // SAFETY: geteuid has no preconditions.
+        (unsafe { libc::geteuid() } == 0).then_some(self.config.limits.volume)
+    }
+
+    /// Unmounts the volumes this driver opened (their disks stay): once its
+    /// instances are stopped, as the node stops.
+    pub(super) async fn release_volumes(&self) {
+        let _opening = self.opening.lock().await;
+        let opened: Vec<String> = self.opened.lock().unwrap_or_else(|e| e.into_inner()).drain().collect();
+        let volumes = self.volumes();
+        let _ = blocking(move || {
+            for panel in opened {
+                if let Err(error) = disks::unmount(&volumes.join(&panel)) {
+                    tracing::warn!(panel, %error, "a volume could not be unmounted");
                 }
             }
-        }
-        Ok(Volume { panel: panel.to_owned(), location })
+            Ok(())
+        })
+        .await;
     }
 
     pub(super) async fn create_snapshot(&self, panel: &str, source: &str) -> Result<Snapshot, DriverError> {
@@ -158,25 +196,18 @@ impl LocalDriver {
         let location = dir.join(version.to_string());
         let fresh = dir.join(format!(".{version}.new"));
         let _ = remove_tree(&fresh);
-        let volume = self.volumes().join(panel);
+        let volume = self.create_volume(panel, source).await?.location;
         let store = self.object_store();
         private_dir(&store)?;
         // The volume is the panel's (its code may be changing it right now):
         // copied by descriptor, root-owned and read-only as it is made, its
         // files linked to the objects of their content.
-        let made = if volume.is_dir() {
-            let (from, to, store) = (volume.clone(), fresh.clone(), store.clone());
-            blocking(move || {
-                let store = tree::Dir::open(&store)?;
-                copy_tree(&from, &to, CopyAs { owner: None, read_only: true, store: Some(&store) })
-            })
-            .await
-        } else {
-            std::fs::create_dir_all(&fresh)
-                .map_err(DriverError::from)
-                .and_then(|()| templates::write(source, &fresh))
-                .and_then(|()| Ok(make_read_only(&fresh)?))
-        };
+        let (to, objects) = (fresh.clone(), store.clone());
+        let made = blocking(move || {
+            let objects = tree::Dir::open(&objects)?;
+            copy_tree(&volume, &to, CopyAs { owner: None, read_only: true, store: Some(&objects) })
+        })
+        .await;
         let made = made.and_then(|()| Ok(std::fs::rename(&fresh, &location)?));
         if made.is_err() {
             let _ = remove_tree(&fresh);
@@ -220,11 +251,12 @@ impl LocalDriver {
         let volume = self.create_volume(panel, source).await?.location;
         let editing = self.edit(panel)?;
         let limits = self.file_limits;
-        blocking(move || {
+        let written = blocking(move || {
             let _editing = editing;
             workspace::write(&volume, &path, &bytes, limits)
         })
-        .await
+        .await;
+        written.map_err(|e| self.full_volume(e))
     }
 
     /// Deletes a file, symlink or directory of the panel's volume.
@@ -252,7 +284,7 @@ impl LocalDriver {
     ) -> Result<FileList, DriverError> {
         let volume = self.create_volume(panel, source).await?.location;
         let editing = self.edit(panel)?;
-        let staging = self.volumes().join(format!(".{panel}{STAGING}{:08x}", rand::random::<u32>()));
+        let staging = self.volumes().join(panel).join(format!("{STAGING}{:08x}", rand::random::<u32>()));
         let limits = self.file_limits;
         // Unpacking holds a long name or a file's buffer in memory: a few at
         // a time node-wide, the rest wait their turn.
@@ -263,10 +295,22 @@ impl LocalDriver {
                 let _editing = editing;
                 archive::replace(&volume, &staging, &archive, limits)
             })
-            .await?
+            .await
+            .map_err(|e| self.full_volume(e))?
         };
         tracing::info!(panel, entries = usage.entries, bytes = usage.bytes, "volume replaced by an upload");
         blocking(move || workspace::list(&volume, limits)).await
+    }
+
+    /// A write that found the volume's disk full, as the quota it is.
+    fn full_volume(&self, error: DriverError) -> DriverError {
+        match error {
+            DriverError::Io(e) if disks::is_no_space(&e) => {
+                let limit = self.disk_size().unwrap_or(self.file_limits.max_bytes);
+                FileError::Quota { what: "bytes: its volume is full", limit }.into()
+            }
+            other => other,
+        }
     }
 
     /// Marks the panel's files as being changed once no other change is
@@ -294,7 +338,21 @@ impl LocalDriver {
 
     pub(super) async fn forget_panel(&self, panel: &str) -> Result<(), DriverError> {
         check_id("panel", panel)?;
-        remove_tree(&self.volumes().join(panel))?;
+        {
+            let _opening = self.opening.lock().await;
+            self.opened.lock().unwrap_or_else(|e| e.into_inner()).remove(panel);
+            let root = self.volumes().join(panel);
+            let image = self.volumes().join(DISKS).join(format!("{panel}.ext4"));
+            blocking(move || {
+                disks::unmount(&root)?;
+                remove_tree(&root)?;
+                match std::fs::remove_file(&image) {
+                    Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e.into()),
+                    _ => Ok(()),
+                }
+            })
+            .await?;
+        }
         // A deploy of another panel may be linking objects right now.
         let _numbering = self.snapshots.lock().await;
         remove_tree(&self.snapshots_of(panel))?;
@@ -309,4 +367,56 @@ impl LocalDriver {
         tracing::info!(panel, "volume and snapshots deleted");
         Ok(())
     }
+}
+
+/// Makes the volume at `root` ready to use: its disk made and mounted when
+/// `disk` (image, size) is given, what a crash left in it swept, and its
+/// tree made when missing, from the layout before disks (moved aside to
+/// `legacy` first) or by `fill`.
+fn open_volume(
+    root: &Path,
+    legacy: &Path,
+    disk: Option<(PathBuf, u64)>,
+    fill: impl FnOnce(&Path) -> Result<(), DriverError>,
+) -> Result<(), DriverError> {
+    // The old layout's volume was the panel's tree, private; a volume
+    // directory now is passable (0711) from the moment it exists.
+    let old = std::fs::symlink_metadata(root).ok().filter(|m| m.is_dir() && m.mode() & 0o777 == 0o700);
+    if old.is_some() && !root.join(HOME).exists() && !disks::is_mounted(root)? {
+        std::fs::rename(root, legacy)?;
+        tracing::info!(volume = %root.display(), "a volume of the earlier layout is moved into home/");
+    }
+    passable_dir(root)?;
+    if let Some((image, bytes)) = disk {
+        if !disks::is_mounted(root)? {
+            if !image.exists() {
+                disks::make(&image, bytes)?;
+            }
+            disks::mount(&image, root)?;
+        }
+        // The file system's root is root's; the panel's uid passes through.
+        std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o711))?;
+    }
+    sweep_unfinished(root);
+    let home = root.join(HOME);
+    if std::fs::symlink_metadata(&home).is_err() {
+        let fresh = root.join(format!("{MAKING}{:08x}", rand::random::<u32>()));
+        // Private from the start (root's until a start hands it to the
+        // panel's uid).
+        let filled = match legacy.exists() {
+            true => copy_tree(legacy, &fresh, CopyAs { owner: None, read_only: false, store: None })
+                .and_then(|()| Ok(private_dir(&fresh)?)),
+            false => private_dir(&fresh).map_err(DriverError::from).and_then(|()| fill(&fresh)),
+        };
+        let filled = filled.and_then(|()| Ok(std::fs::rename(&fresh, &home)?));
+        if filled.is_err() {
+            let _ = remove_tree(&fresh);
+        }
+        filled?;
+        tracing::info!(volume = %home.display(), "volume created");
+    }
+    if legacy.exists() {
+        remove_tree(legacy)?;
+    }
+    Ok(())
 }
