@@ -1,5 +1,6 @@
 // Two browsers edit one document and see each other live; the mailbox
-// graph renders for the admin and is not offered to anyone else; nobody can
+// graph lays the actors out in layers, with arrows and live rates, for the
+// admin and is not offered to anyone else; nobody can
 // frame the Studio; logging out revokes the token. Run by
 // nexus-bin/tests/studio_ui.rs against a real `nexus dev` (NEXUS_URL,
 // NEXUS_PASSWORD), in Debian's Chromium.
@@ -64,14 +65,39 @@ test("two browsers edit one document live, see each other, and the graph renders
     await a.waitForFunction(() => document.querySelectorAll("#presence li").length === 2, null, { timeout: 15000 });
     await a.waitForFunction(() => [...document.querySelectorAll("#presence li")].some((li) => li.textContent.includes(" at ")), null, { timeout: 15000 });
 
-    // The mailbox graph draws actors as a picture.
+    // The mailbox graph: actors in layers, bridges left of the sessions
+    // they deliver to, every flow an arrow.
     await a.click("#nav-graph");
-    await a.waitForFunction(() => document.querySelectorAll("#graph-svg circle").length >= 3, null, { timeout: 15000 });
-    const labels = await a.$$eval("#graph-svg text", (ts) => ts.map((t) => t.textContent).join(" "));
-    assert.match(labels, /redis-bridge/);
-    assert.match(labels, /kafka-bridge/);
-    assert.match(labels, /session\//);
-    if (process.env.NEXUS_SCREENSHOT) await a.screenshot({ path: process.env.NEXUS_SCREENSHOT });
+    await a.waitForFunction(() => document.querySelectorAll("#graph-svg g.node").length >= 3, null, { timeout: 15000 });
+    const placed = await a.$$eval("#graph-svg g.node", (gs) =>
+      gs.map((g) => ({ id: g.dataset.id, layer: g.dataset.layer, x: g.transform.baseVal[0].matrix.e })));
+    const ids = placed.map((p) => p.id).join(" ");
+    assert.match(ids, /redis-bridge/);
+    assert.match(ids, /kafka-bridge/);
+    assert.match(ids, /session\//);
+    const xs = (layer) => placed.filter((p) => p.layer === layer).map((p) => p.x);
+    assert.ok(xs("bridges").length >= 2 && xs("sessions").length >= 2, JSON.stringify(placed));
+    assert.ok(Math.max(...xs("bridges")) < Math.min(...xs("sessions")), `bridges left of sessions: ${JSON.stringify(placed)}`);
+    const arrows = await a.$$eval("#graph-svg path.edge", (ps) => ps.map((p) => p.getAttribute("marker-end")));
+    assert.ok(arrows.length > 0 && arrows.every((m) => /^url\(#arrow/.test(m)), `every flow has a direction: ${arrows}`);
+    // Live rates: while B types, the bridge's flow into a session shows one.
+    let typing = true;
+    const typed = (async () => {
+      for (let i = 0; typing && i < 60; i++) {
+        await b.keyboard.type("!");
+        await b.waitForTimeout(150);
+      }
+    })();
+    try {
+      await a.waitForFunction(() => [...document.querySelectorAll("#graph-svg path.edge")].some((p) =>
+        p.dataset.to.startsWith("session/") && Number(p.dataset.rate) > 0), null, { timeout: 15000 });
+      await a.waitForFunction(() => [...document.querySelectorAll("#graph-svg text.rate")].some((t) => /\/s$/.test(t.textContent)),
+        null, { timeout: 5000 });
+      if (process.env.NEXUS_SCREENSHOT) await a.screenshot({ path: process.env.NEXUS_SCREENSHOT, fullPage: true });
+    } finally {
+      typing = false;
+      await typed;
+    }
 
     // A user who is not an admin is not offered the graph, and the node
     // refuses it to them.

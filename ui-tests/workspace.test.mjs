@@ -2,7 +2,9 @@
 // add server.py and write a small server in the code editor (CodeMirror),
 // save it, start the Studio instance and see it answer in the frame beside
 // the editor, edit it and restart (Ctrl+Enter), see the change and the log,
-// deploy it, call the App through the gateway and its tool through MCP with
+// open a second panel from the sidebar in a tab of its own, switch between
+// the tabs by keyboard with each keeping its unsaved text, close one,
+// deploy, call the App through the gateway and its tool through MCP with
 // the official SDK client. Run by nexus-bin/tests/panels_ui.rs against a
 // real `nexus dev` (NEXUS_URL, NEXUS_PASSWORD, NEXUS_GATEWAY), in Debian's
 // Chromium; the workspace is photographed to NEXUS_SCREENSHOT.
@@ -138,7 +140,44 @@ test("a panel is written in the editor, runs beside it, restarts on an edit, dep
     await frame.locator("#hello").filter({ hasText: "hello v2" }).waitFor({ timeout: START });
     assert.equal(await fileText("server.py"), server("v2"));
     await page.locator("#code-log", { hasText: "serving v2" }).waitFor({ timeout: START });
+
+    // A second panel, made elsewhere, appears in the sidebar and opens in
+    // a tab of its own; Alt+1 and Alt+2 switch, each tab keeping its state.
+    const made = await page.request.post(`${base}/api/panels`, {
+      headers: { authorization: `Bearer ${token}` },
+      data: { name: "Second one", mode: "studio", source: "template:node_minimal" },
+    });
+    assert.equal(made.status(), 201);
+    const second = (await made.json()).id;
+    await page.locator(`#ws-panel-list li[data-panel="${second}"] button`).click({ timeout: 15000 });
+    await page.waitForSelector(`#code[data-panel="${second}"][data-file="server.js"]`);
+    assert.equal(await page.locator("#ws-tabs .ws-tab").count(), 2);
+    await page.click("#code-editor .cm-content");
+    await page.keyboard.press("Control+End");
+    await paste(page, "\n// unsaved in the second tab\n");
+    await page.waitForSelector(`#ws-tabs .ws-tab[data-panel="${second}"][data-dirty="true"]`);
+    await page.keyboard.press("Alt+1");
+    await page.waitForSelector(`#code[data-panel="${id}"][data-file="server.py"][data-dirty="false"]`);
+    await frame.locator("#hello").filter({ hasText: "hello v2" }).waitFor({ timeout: START });
+    const editorText = () => page.locator("#code-editor .cm-content").innerText();
+    assert.match(await editorText(), /VERSION = "v2"/);
     await page.screenshot({ path: process.env.NEXUS_SCREENSHOT || "/tmp/nexus-workspace.png" });
+    await page.keyboard.press("Alt+2");
+    await page.waitForSelector(`#code[data-panel="${second}"][data-dirty="true"]`);
+    // The editor draws only the lines in view: go to the end, as a user would.
+    await page.click("#code-editor .cm-content");
+    await page.keyboard.press("Control+End");
+    await page.locator("#code-editor .cm-content", { hasText: "unsaved in the second tab" }).waitFor({ timeout: 5000 });
+    // The shortcuts are listed (Alt+/), and Alt+W closes the tab, asking
+    // first because of the unsaved change.
+    await page.keyboard.press("Alt+/");
+    await page.locator("#code-shortcuts", { hasText: "Alt+W" }).waitFor();
+    await page.keyboard.press("Escape");
+    page.once("dialog", (dialog) => dialog.accept());
+    await page.keyboard.press("Alt+w");
+    await page.waitForSelector(`#code[data-panel="${id}"]`);
+    assert.equal(await page.locator("#ws-tabs .ws-tab").count(), 1);
+    assert.equal(await fileText("server.py"), server("v2"));
 
     // Deploy: the App serves v2 through the gateway (the owner's cookie
     // came with the frame), and its tool is callable through MCP.

@@ -29,10 +29,10 @@ const THEME = EditorView.theme({
   ".cm-scroller": { fontFamily: "ui-monospace, SFMono-Regular, Menlo, monospace" },
 });
 
-// `onSave()` runs on Mod-s, `onRun()` on Mod-Enter (ahead of the default
-// keymap's binding); `onChange(dirty)` whenever the text differs (or no
+// `onSave()` runs on Mod-s, `onRun()` on Mod-Enter, `onDeploy()` on
+// Shift-Mod-Enter (ahead of the default keymap's bindings); `onChange(dirty)` whenever the text differs (or no
 // longer differs) from what was last loaded or saved.
-export function createEditor(parent, { onSave = () => {}, onRun = () => {}, onChange = () => {} } = {}) {
+export function createEditor(parent, { onSave = () => {}, onRun = () => {}, onDeploy = () => {}, onChange = () => {} } = {}) {
   const language = new Compartment();
   let saved = "";
   const root = parent.shadowRoot || parent.attachShadow({ mode: "open" });
@@ -50,6 +50,7 @@ export function createEditor(parent, { onSave = () => {}, onRun = () => {}, onCh
         Prec.highest(keymap.of([
           { key: "Mod-s", preventDefault: true, run: () => { onSave(); return true; } },
           { key: "Mod-Enter", preventDefault: true, run: () => { onRun(); return true; } },
+          { key: "Shift-Mod-Enter", preventDefault: true, run: () => { onDeploy(); return true; } },
         ])),
         keymap.of([indentWithTab]),
         language.of([]),
@@ -78,5 +79,13 @@ export function createEditor(parent, { onSave = () => {}, onRun = () => {}, onCh
       onChange(view.state.doc.toString() !== saved);
     },
     focus: () => view.focus(),
+    // The whole editing state (text, selection, undo history) and the text
+    // last saved, to put back with restore() when a tab comes back.
+    snapshot: () => ({ state: view.state, saved }),
+    restore(snapshot) {
+      saved = snapshot.saved;
+      view.setState(snapshot.state);
+      onChange(view.state.doc.toString() !== saved);
+    },
   };
 }

@@ -19,19 +19,22 @@ use super::TmState;
 const INDEX: &str = include_str!("ui/index.html");
 const APP: &str = include_str!("ui/app.js");
 const CONTEXTS: &str = include_str!("ui/contexts.js");
+const GRAPH: &str = include_str!("ui/graph.js");
 const STYLE: &str = include_str!("ui/style.css");
 const WORKSPACE: &str = include_str!("ui/workspace.js");
 const EDITOR: &str = include_str!(concat!(env!("OUT_DIR"), "/editor.js"));
 
 /// Registers `/`, `/static/app.js`, the modules it imports
-/// (`/static/contexts.js`: the Contexts view; `/static/workspace.js`: a
-/// panel's code; `/static/editor.js`: the editor bundle) and
+/// (`/static/contexts.js`: the Contexts view; `/static/graph.js`: the
+/// mailbox graph; `/static/workspace.js`: the panels' code;
+/// `/static/editor.js`: the editor bundle) and
 /// `/static/style.css`.
 pub fn configure(cfg: &mut web::ServiceConfig) {
     const JS: &str = "text/javascript; charset=utf-8";
     cfg.route("/", web::get().to(|req: HttpRequest| async move { asset(&req, INDEX, "text/html; charset=utf-8") }))
         .route("/static/app.js", web::get().to(|req: HttpRequest| async move { asset(&req, APP, JS) }))
         .route("/static/contexts.js", web::get().to(|req: HttpRequest| async move { asset(&req, CONTEXTS, JS) }))
+        .route("/static/graph.js", web::get().to(|req: HttpRequest| async move { asset(&req, GRAPH, JS) }))
         .route("/static/workspace.js", web::get().to(|req: HttpRequest| async move { asset(&req, WORKSPACE, JS) }))
         .route("/static/editor.js", web::get().to(|req: HttpRequest| async move { asset(&req, EDITOR, JS) }))
         .route(

@@ -1,10 +1,11 @@
 // Nexus Studio: login, panels with their live instances (opened through the
 // traffic gateway) and their code (workspace.js), the built-in Document
 // Editor, LLM contexts (contexts.js)
-// and, for admins, the live mailbox graph. Plain ES module; talks to /api
+// and, for admins, the live mailbox graph (graph.js). Plain ES module; talks to /api
 // and /ws of the node, and to the gateway for panels and Studio heartbeats.
 
 import { contextsView } from "./contexts.js";
+import { graphView } from "./graph.js";
 import { workspaceView } from "./workspace.js";
 
 const $ = (selector) => document.querySelector(selector);
@@ -12,7 +13,6 @@ const views = ["login", "panels", "code", "editor", "contexts", "graph"];
 let token = sessionStorage.getItem("nexus-token");
 let me = null; // { username, role } of the token's user
 let socket = null;
-let graphTimer = null;
 const editor = { id: null, version: 0, state: {}, pending: null, cursors: new Map(), present: [] };
 
 function show(view) {
@@ -21,11 +21,8 @@ function show(view) {
   if (view !== "code") workspace.close();
   for (const v of views) $("#" + v).hidden = v !== view;
   $("#nav").hidden = view === "login";
-  clearInterval(graphTimer);
-  if (view === "graph") {
-    drawGraph();
-    graphTimer = setInterval(drawGraph, 1000);
-  }
+  if (view === "graph") graph.open();
+  else graph.close();
 }
 
 function status(message) {
@@ -56,7 +53,7 @@ function forget() {
   followingPanels = false;
   closePanel();
   contexts.close();
-  workspace.close();
+  workspace.forget();
   if (socket) socket.close();
   socket = null;
   $("#whoami").textContent = "";
@@ -262,6 +259,7 @@ function panelItem(p) {
       action("Delete", "delete", async () => {
         await api("DELETE", path);
         if (viewer.panel === p.id) closePanel();
+        workspace.forgetPanel(p.id);
         showPanels();
       }),
     ),
@@ -443,6 +441,7 @@ function onFrame(frame) {
       break;
     case "panel":
       if (!$("#panels").hidden) showPanels();
+      if (!$("#code").hidden) workspace.refresh();
       return;
     case "instance":
       applyInstance(frame.status);
@@ -485,55 +484,6 @@ function sendCursor() {
   if (socket && socket.readyState === 1 && editor.id) {
     socket.send(JSON.stringify({ type: "cursor", doc: editor.id, position: { offset: $("#doc-text").selectionStart } }));
   }
-}
-
-// ---- the mailbox graph -------------------------------------------------------
-
-const SVG = "http://www.w3.org/2000/svg";
-
-function svg(tag, attrs, text) {
-  const el = document.createElementNS(SVG, tag);
-  for (const [k, v] of Object.entries(attrs)) el.setAttribute(k, v);
-  if (text !== undefined) el.textContent = text;
-  return el;
-}
-
-async function drawGraph() {
-  let graph;
-  try {
-    graph = await api("GET", "/api/graph");
-  } catch (error) {
-    return status(error.message);
-  }
-  const { actors, edges } = graph;
-  const pos = new Map();
-  const [cx, cy, r] = [400, 260, 200];
-  const outside = new Set(edges.map((e) => e.from).filter((f) => !actors.some((a) => a.id === f)));
-  const points = [...actors.map((a) => a.id), ...outside];
-  points.forEach((id, i) => {
-    const angle = (2 * Math.PI * i) / Math.max(points.length, 1) - Math.PI / 2;
-    pos.set(id, [cx + r * Math.cos(angle), cy + r * Math.sin(angle)]);
-  });
-  const children = [];
-  for (const e of edges) {
-    const [a, b] = [pos.get(e.from), pos.get(e.to)];
-    if (!a || !b) continue;
-    const line = svg("line", { x1: a[0], y1: a[1], x2: b[0], y2: b[1], "stroke-width": 1 + Math.log10(1 + e.count) });
-    line.append(svg("title", {}, `${e.from} → ${e.to}: ${e.count}`));
-    children.push(line);
-  }
-  for (const a of actors) {
-    const [x, y] = pos.get(a.id);
-    const circle = svg("circle", { cx: x, cy: y, r: 8 + 2 * Math.log10(1 + a.handled), class: a.restarts ? "restarted" : "" });
-    circle.append(svg("title", {}, `${a.kind} ${a.id}: handled ${a.handled}, mailbox ${a.mailbox_depth}, restarts ${a.restarts}`));
-    const label = a.id.length > 24 ? a.id.slice(0, 8) + "…" + a.id.slice(-6) : a.id;
-    children.push(circle, svg("text", { x: x + 12, y: y + 4 }, `${label} (${a.handled})`));
-  }
-  for (const id of outside) {
-    const [x, y] = pos.get(id);
-    children.push(svg("rect", { x: x - 6, y: y - 6, width: 12, height: 12, fill: "#8a93a6" }), svg("text", { x: x + 10, y: y + 4 }, id));
-  }
-  $("#graph-svg").replaceChildren(...children);
 }
 
 // ---- wiring ----------------------------------------------------------------------
@@ -604,6 +554,7 @@ async function followPanels() {
 }
 
 const contexts = contextsView({ api, el, connect, show });
+const graph = graphView({ api, status });
 const workspace = workspaceView({ api, el, show, authorization, panelAccess, gatewayBase, config, back: showPanels });
 const configured = loadConfig();
 if (token) configured.then(loadMe).then(showPanels).then(followPanels).catch(() => forget());
