@@ -168,8 +168,8 @@ pub struct LocalDriver {
     file_limits: VolumeLimits,
     /// The panels whose volumes this driver has opened (mounted, swept).
     opened: Mutex<HashSet<String>>,
-    /// Held while a volume is opened or let go of.
-    opening: tokio::sync::Mutex<()>,
+    /// Per panel, held while its volume is opened or let go of.
+    opening: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// The panels whose files an API request is changing right now.
     editing: Arc<Mutex<HashSet<String>>>,
     /// Turns to unpack an upload, node-wide.
@@ -247,7 +247,7 @@ impl LocalDriver {
             snapshots: tokio::sync::Mutex::new(()),
             file_limits: VolumeLimits::default(),
             opened: Mutex::default(),
-            opening: tokio::sync::Mutex::new(()),
+            opening: Mutex::default(),
             editing: Arc::default(),
             unpacking: tokio::sync::Semaphore::new(2),
         }

@@ -201,7 +201,14 @@ impl Unpacker {
         let (parent, last) = self.parent_of(name, &path)?;
         let mut file = parent.create_file(&last).map_err(|e| in_archive(name, e))?;
         let room = self.limits.max_file_bytes.min(self.limits.max_bytes - self.usage.bytes);
-        let copied = io::copy(&mut (&mut content).take(room + 1), &mut file).map_err(bad)?;
+        // A full volume is not a bad archive (the caller says what it is).
+        let copied = io::copy(&mut (&mut content).take(room + 1), &mut file).map_err(|e| {
+            if super::disks::is_no_space(&e) {
+                e.into()
+            } else {
+                bad(e)
+            }
+        })?;
         if copied > self.limits.max_file_bytes {
             let limit = self.limits.max_file_bytes;
             return Err(FileError::FileTooLarge { path: path.to_string(), bytes: copied, limit }.into());

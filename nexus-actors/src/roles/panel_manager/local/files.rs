@@ -52,6 +52,13 @@ pub(super) fn copy_tree(from: &Path, to: &Path, how: CopyAs<'_>) -> Result<(), D
     })
 }
 
+/// Files lose their write bits, directories become `0555`: nobody writes
+/// a snapshot, not even through a bug (root still could, which is why
+/// instances get a copy).
+pub(super) fn make_read_only(dir: &Path) -> io::Result<()> {
+    tree::make_read_only(dir)
+}
+
 /// Gives the tree at `dir` to `uid` (symlinks themselves, not their
 /// targets) and closes the top to everyone else.
 pub(super) fn chown_tree(dir: &Path, uid: u32) -> Result<(), DriverError> {

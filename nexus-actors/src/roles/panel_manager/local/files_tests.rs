@@ -171,7 +171,8 @@ async fn as_root_a_volume_is_a_capped_file_system_of_its_own_kept_across_drivers
     let d = &s.driver;
     d.write_file("p", SOURCE, path("a.txt"), "kept".into()).await.expect("saved");
     let root = s.dir.join("data/volumes/p");
-    assert!(super::disks::is_mounted(&root).expect("stat"), "the volume is a mount");
+    let image = s.dir.join("data/volumes/.disks/p.ext4");
+    assert!(super::disks::is_mounted(&root, &image).expect("mountinfo"), "the volume is its disk's mount");
     // 20 MiB do not fit in 16: a quota, the volume as it was but for the
     // files that did fit.
     let mut refused = None;
@@ -182,11 +183,10 @@ async fn as_root_a_volume_is_a_capped_file_system_of_its_own_kept_across_drivers
         }
     }
     assert!(matches!(refused, Some(DriverError::File(FileError::Quota { .. }))), "{refused:?}");
-    let image = s.dir.join("data/volumes/.disks/p.ext4");
     assert_eq!(std::fs::metadata(&image).expect("the image").len(), 16 << 20);
     // Stopped, the node unmounts; the next driver mounts the same disk.
     d.release().await;
-    assert!(!super::disks::is_mounted(&root).expect("stat"), "released");
+    assert!(!super::disks::is_mounted(&root, &image).expect("mountinfo"), "released");
     let mut config = LocalConfig::new(
         s.dir.join("data"),
         PathBuf::from("/nonexistent"),
@@ -202,15 +202,31 @@ async fn as_root_a_volume_is_a_capped_file_system_of_its_own_kept_across_drivers
 
 #[actix_rt::test]
 async fn a_volume_of_the_earlier_layout_moves_into_home() {
-    use std::os::unix::fs::DirBuilderExt;
     let s = scratch("legacy", VolumeLimits::default());
     let old = s.dir.join("data/volumes/p");
-    std::fs::create_dir_all(s.dir.join("data/volumes")).expect("mkdir");
-    std::fs::DirBuilder::new().mode(0o700).create(&old).expect("the old volume");
+    // The panel's own tree, with a home/ of its own and any mode it chose.
+    std::fs::create_dir_all(old.join("home")).expect("the old volume");
     std::fs::write(old.join("server.py"), "print('mine')").expect("write");
+    std::fs::write(old.join("home/notes.txt"), "kept").expect("write");
+    std::fs::set_permissions(&old, std::os::unix::fs::PermissionsExt::from_mode(0o755)).expect("chmod");
     assert_eq!(s.driver.read_file("p", SOURCE, path("server.py")).await.expect("read"), b"print('mine')");
+    assert_eq!(s.driver.read_file("p", SOURCE, path("home/notes.txt")).await.expect("read"), b"kept");
     assert!(volume(&s).join("server.py").exists(), "the tree is in home/");
     assert!(!s.dir.join("data/volumes/.p.legacy").exists(), "nothing left aside");
+    if is_root() {
+        let image = s.dir.join("data/volumes/.disks/p.ext4");
+        assert!(super::disks::is_mounted(&old, &image).expect("mountinfo"), "moved onto its disk");
+    }
+    // Opened again by another driver, it stays as it is.
+    let again = LocalDriver::new(LocalConfig::new(
+        s.dir.join("data"),
+        PathBuf::from("/nonexistent"),
+        "redis://127.0.0.1:1".into(),
+        SandboxChoice::Process,
+    ));
+    let names: Vec<_> =
+        again.list_files("p", SOURCE).await.expect("a listing").entries.into_iter().map(|e| e.path).collect();
+    assert_eq!(names, ["home", "home/notes.txt", "server.py"]);
 }
 
 #[actix_rt::test]

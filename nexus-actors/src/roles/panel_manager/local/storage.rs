@@ -18,13 +18,13 @@
 
 use std::collections::HashSet;
 use std::io;
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use super::super::driver::{DriverError, Snapshot, Volume};
 use super::super::volume_files::{FileError, FileList, FilePath};
-use super::files::{blocking, check_id, copy_tree, last_version, remove_tree};
+use super::files::{blocking, check_id, copy_tree, last_version, make_read_only, remove_tree};
 use super::tree::{self, CopyAs};
 use super::LocalDriver;
 use super::{archive, disks, objects, templates, workspace};
@@ -61,6 +61,8 @@ const STAGING: &str = ".upload-";
 const MAKING: &str = ".new-";
 /// A volume's tree, in its directory.
 const HOME: &str = "home";
+/// Beside it: says the directory is a volume of this layout.
+const MARKER: &str = ".nexus-volume";
 /// The volumes' disk images, beside them (a dot name: never a panel id).
 const DISKS: &str = ".disks";
 
@@ -142,18 +144,39 @@ impl LocalDriver {
         if self.opened.lock().unwrap_or_else(|e| e.into_inner()).contains(panel) {
             return Ok(volume);
         }
-        // One opening at a time: two would mount one disk twice.
-        let _opening = self.opening.lock().await;
+        // One opening of a volume at a time: two would mount its disk twice.
+        let lock = self.opening_lock(panel);
+        let _opening = lock.lock().await;
         if self.opened.lock().unwrap_or_else(|e| e.into_inner()).contains(panel) {
             return Ok(volume);
         }
         let legacy = self.volumes().join(format!(".{panel}.legacy"));
-        let disk = self.disk_size().map(|bytes| (self.volumes().join(DISKS).join(format!("{panel}.ext4")), bytes));
+        let disk = self.disk_size().map(|bytes| (self.image_of(panel), bytes));
         let source = source.to_owned();
         blocking(move || open_volume(&root, &legacy, disk, |tree| templates::write(&source, tree))).await?;
         self.opened.lock().unwrap_or_else(|e| e.into_inner()).insert(panel.to_owned());
         tracing::debug!(panel, volume = %volume.location.display(), "volume open");
         Ok(volume)
+    }
+
+    /// The lock held while the panel's volume is opened or let go of.
+    fn opening_lock(&self, panel: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut locks = self.opening.lock().unwrap_or_else(|e| e.into_inner());
+        // Locks nobody holds or waits for go, so the map stays small.
+        locks.retain(|_, lock| Arc::strong_count(lock) > 1);
+        locks.entry(panel.to_owned()).or_default().clone()
+    }
+
+    /// Where the panel's volume's disk image is.
+    fn image_of(&self, panel: &str) -> PathBuf {
+        self.volumes().join(DISKS).join(format!("{panel}.ext4"))
+    }
+
+    /// Whether the panel has a volume (made, not necessarily open).
+    fn has_volume(&self, panel: &str) -> bool {
+        self.opened.lock().unwrap_or_else(|e| e.into_inner()).contains(panel)
+            || self.image_of(panel).exists()
+            || self.volumes().join(panel).exists()
     }
 
     /// The size of a volume's own file system: as root, the configured
@@ -167,18 +190,16 @@ impl LocalDriver {
     /// Unmounts the volumes this driver opened (their disks stay): once its
     /// instances are stopped, as the node stops.
     pub(super) async fn release_volumes(&self) {
-        let _opening = self.opening.lock().await;
-        let opened: Vec<String> = self.opened.lock().unwrap_or_else(|e| e.into_inner()).drain().collect();
-        let volumes = self.volumes();
-        let _ = blocking(move || {
-            for panel in opened {
-                if let Err(error) = disks::unmount(&volumes.join(&panel)) {
-                    tracing::warn!(panel, %error, "a volume could not be unmounted");
-                }
+        let opened: Vec<String> = self.opened.lock().unwrap_or_else(|e| e.into_inner()).iter().cloned().collect();
+        for panel in opened {
+            let lock = self.opening_lock(&panel);
+            let _opening = lock.lock().await;
+            self.opened.lock().unwrap_or_else(|e| e.into_inner()).remove(&panel);
+            let root = self.volumes().join(&panel);
+            if let Err(error) = blocking(move || Ok(disks::unmount(&root)?)).await {
+                tracing::warn!(panel, %error, "a volume could not be unmounted");
             }
-            Ok(())
-        })
-        .await;
+        }
     }
 
     pub(super) async fn create_snapshot(&self, panel: &str, source: &str) -> Result<Snapshot, DriverError> {
@@ -188,6 +209,11 @@ impl LocalDriver {
         // A change through the API finishes first (an upload halfway through
         // its swap would give a mixed snapshot), and none starts meanwhile.
         let _editing = self.edit_when_free(panel).await?;
+        // A panel without a volume (an App never edited) deploys its template.
+        let volume = match self.has_volume(panel) {
+            true => Some(self.create_volume(panel, source).await?.location),
+            false => None,
+        };
         let _numbering = self.snapshots.lock().await;
         let dir = self.snapshots_of(panel);
         // Only root reads snapshots; instances get a copy.
@@ -196,18 +222,25 @@ impl LocalDriver {
         let location = dir.join(version.to_string());
         let fresh = dir.join(format!(".{version}.new"));
         let _ = remove_tree(&fresh);
-        let volume = self.create_volume(panel, source).await?.location;
         let store = self.object_store();
         private_dir(&store)?;
         // The volume is the panel's (its code may be changing it right now):
         // copied by descriptor, root-owned and read-only as it is made, its
         // files linked to the objects of their content.
-        let (to, objects) = (fresh.clone(), store.clone());
-        let made = blocking(move || {
-            let objects = tree::Dir::open(&objects)?;
-            copy_tree(&volume, &to, CopyAs { owner: None, read_only: true, store: Some(&objects) })
-        })
-        .await;
+        let made = match volume {
+            Some(volume) => {
+                let (to, objects) = (fresh.clone(), store.clone());
+                blocking(move || {
+                    let objects = tree::Dir::open(&objects)?;
+                    copy_tree(&volume, &to, CopyAs { owner: None, read_only: true, store: Some(&objects) })
+                })
+                .await
+            }
+            None => std::fs::create_dir_all(&fresh)
+                .map_err(DriverError::from)
+                .and_then(|()| templates::write(source, &fresh))
+                .and_then(|()| Ok(make_read_only(&fresh)?)),
+        };
         let made = made.and_then(|()| Ok(std::fs::rename(&fresh, &location)?));
         if made.is_err() {
             let _ = remove_tree(&fresh);
@@ -256,7 +289,7 @@ impl LocalDriver {
             workspace::write(&volume, &path, &bytes, limits)
         })
         .await;
-        written.map_err(|e| self.full_volume(e))
+        written.map_err(|e| self.full_volume(panel, e))
     }
 
     /// Deletes a file, symlink or directory of the panel's volume.
@@ -296,17 +329,18 @@ impl LocalDriver {
                 archive::replace(&volume, &staging, &archive, limits)
             })
             .await
-            .map_err(|e| self.full_volume(e))?
+            .map_err(|e| self.full_volume(panel, e))?
         };
         tracing::info!(panel, entries = usage.entries, bytes = usage.bytes, "volume replaced by an upload");
         blocking(move || workspace::list(&volume, limits)).await
     }
 
-    /// A write that found the volume's disk full, as the quota it is.
-    fn full_volume(&self, error: DriverError) -> DriverError {
+    /// A write that found the volume's own disk full, as the quota it is
+    /// (without a disk, a full host is a fault, not the user's quota).
+    fn full_volume(&self, panel: &str, error: DriverError) -> DriverError {
         match error {
-            DriverError::Io(e) if disks::is_no_space(&e) => {
-                let limit = self.disk_size().unwrap_or(self.file_limits.max_bytes);
+            DriverError::Io(e) if disks::is_no_space(&e) && self.disk_size().is_some() => {
+                let limit = std::fs::metadata(self.image_of(panel)).map_or(0, |m| m.len());
                 FileError::Quota { what: "bytes: its volume is full", limit }.into()
             }
             other => other,
@@ -339,10 +373,11 @@ impl LocalDriver {
     pub(super) async fn forget_panel(&self, panel: &str) -> Result<(), DriverError> {
         check_id("panel", panel)?;
         {
-            let _opening = self.opening.lock().await;
+            let lock = self.opening_lock(panel);
+            let _opening = lock.lock().await;
             self.opened.lock().unwrap_or_else(|e| e.into_inner()).remove(panel);
             let root = self.volumes().join(panel);
-            let image = self.volumes().join(DISKS).join(format!("{panel}.ext4"));
+            let image = self.image_of(panel);
             blocking(move || {
                 disks::unmount(&root)?;
                 remove_tree(&root)?;
@@ -371,40 +406,61 @@ impl LocalDriver {
 
 /// Makes the volume at `root` ready to use: its disk made and mounted when
 /// `disk` (image, size) is given, what a crash left in it swept, and its
-/// tree made when missing, from the layout before disks (moved aside to
-/// `legacy` first) or by `fill`.
+/// tree made when missing, from a volume of an earlier layout (moved aside
+/// to `legacy` first) or by `fill`.
 fn open_volume(
     root: &Path,
     legacy: &Path,
     disk: Option<(PathBuf, u64)>,
     fill: impl FnOnce(&Path) -> Result<(), DriverError>,
 ) -> Result<(), DriverError> {
-    // The old layout's volume was the panel's tree, private; a volume
-    // directory now is passable (0711) from the moment it exists.
-    let old = std::fs::symlink_metadata(root).ok().filter(|m| m.is_dir() && m.mode() & 0o777 == 0o700);
-    if old.is_some() && !root.join(HOME).exists() && !disks::is_mounted(root)? {
-        std::fs::rename(root, legacy)?;
-        tracing::info!(volume = %root.display(), "a volume of the earlier layout is moved into home/");
+    let mounted = match &disk {
+        Some((image, _)) => disks::is_mounted(root, image)?,
+        None => false,
+    };
+    // A volume of an earlier layout: its tree is the directory itself, or
+    // (a plain directory made without root) in home/ beside the marker.
+    // A disk's unmounted mount point is empty.
+    if !mounted && !is_empty_dir(root)? {
+        let plain = std::fs::symlink_metadata(root.join(MARKER)).is_ok();
+        match &disk {
+            Some((image, _)) if image.exists() => {
+                let why = format!("{} is not empty: its disk is not mounted over it", root.display());
+                return Err(io::Error::other(why).into());
+            }
+            None if plain => {}
+            _ => {
+                std::fs::rename(root, legacy)?;
+                tracing::info!(volume = %root.display(), "a volume of an earlier layout is moved into its own");
+            }
+        }
     }
     passable_dir(root)?;
-    if let Some((image, bytes)) = disk {
-        if !disks::is_mounted(root)? {
+    if let Some((image, bytes)) = &disk {
+        if !mounted {
             if !image.exists() {
-                disks::make(&image, bytes)?;
+                disks::make(image, *bytes)?;
             }
-            disks::mount(&image, root)?;
+            disks::mount(image, root)?;
         }
         // The file system's root is root's; the panel's uid passes through.
         std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o711))?;
+    }
+    if std::fs::symlink_metadata(root.join(MARKER)).is_err() {
+        std::fs::write(root.join(MARKER), b"")?;
     }
     sweep_unfinished(root);
     let home = root.join(HOME);
     if std::fs::symlink_metadata(&home).is_err() {
         let fresh = root.join(format!("{MAKING}{:08x}", rand::random::<u32>()));
+        let old_tree = match std::fs::symlink_metadata(legacy.join(MARKER)) {
+            Ok(_) => legacy.join(HOME),
+            Err(_) => legacy.to_owned(),
+        };
         // Private from the start (root's until a start hands it to the
         // panel's uid).
         let filled = match legacy.exists() {
-            true => copy_tree(legacy, &fresh, CopyAs { owner: None, read_only: false, store: None })
+            true => copy_tree(&old_tree, &fresh, CopyAs { owner: None, read_only: false, store: None })
                 .and_then(|()| Ok(private_dir(&fresh)?)),
             false => private_dir(&fresh).map_err(DriverError::from).and_then(|()| fill(&fresh)),
         };
@@ -419,4 +475,13 @@ fn open_volume(
         remove_tree(legacy)?;
     }
     Ok(())
+}
+
+/// Whether `dir` is missing or holds nothing.
+fn is_empty_dir(dir: &Path) -> io::Result<bool> {
+    match std::fs::read_dir(dir) {
+        Ok(mut entries) => Ok(entries.next().is_none()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(true),
+        Err(e) => Err(e),
+    }
 }

@@ -190,6 +190,32 @@ pub(super) fn chown(dir: &Path, uid: u32, top_mode: u32) -> io::Result<()> {
     finish(top.fd(), Some(uid), top_mode)
 }
 
+/// Files lose every write bit, directories become `0555`.
+pub(super) fn make_read_only(dir: &Path) -> io::Result<()> {
+    fn walk(dir: &Dir, depth: usize) -> io::Result<()> {
+        if depth >= MAX_DEPTH {
+            return Err(too_deep());
+        }
+        for name in dir.entries()? {
+            let entry = match dir.open_entry(&name) {
+                Ok(entry) => entry,
+                Err(error) if matches!(error.raw_os_error(), Some(libc::ELOOP | libc::ENOENT | libc::ENXIO)) => {
+                    continue
+                }
+                Err(error) => return Err(error),
+            };
+            let stat = fstat(entry.as_raw_fd())?;
+            match stat.st_mode & libc::S_IFMT {
+                libc::S_IFDIR => walk(&Dir(entry), depth + 1)?,
+                libc::S_IFREG => finish(entry.as_raw_fd(), None, stat.st_mode & 0o555)?,
+                _ => {}
+            }
+        }
+        finish(dir.fd(), None, 0o555)
+    }
+    walk(&Dir::open(dir)?, 0)
+}
+
 /// Removes the tree at `path` if it exists, read-only directories included
 /// (without root, a `0555` directory must be opened up before its entries
 /// can go).
