@@ -183,6 +183,27 @@ impl NetnsThread {
         }
     }
 
+    /// The listener the process was handed as descriptor `fd` (bound, where
+    /// it was bound, by whoever started it), checked to listen on `addr`.
+    /// How the sidecar and the watchdog take the endpoints the local driver
+    /// bound for them before any panel code ran.
+    pub fn handed_over(fd: i32, addr: SocketAddr) -> io::Result<TcpListener> {
+        use std::os::fd::FromRawFd;
+        // SAFETY: fstat only reads into a plain struct; a bad fd is EBADF.
+        let mut stat: libc::stat = unsafe { std::mem::zeroed() };
+        if fd < 3 || unsafe { libc::fstat(fd, &mut stat) } != 0 || stat.st_mode & libc::S_IFMT != libc::S_IFSOCK {
+            return Err(io::Error::other(format!("descriptor {fd} is not a handed-over socket")));
+        }
+        // SAFETY: the descriptor is open, a socket, and taken once: the
+        // listener owns it from here on.
+        let listener = unsafe { TcpListener::from_raw_fd(fd) };
+        let bound = listener.local_addr()?;
+        if bound != addr {
+            return Err(io::Error::other(format!("the handed-over socket listens on {bound}, not {addr}")));
+        }
+        Ok(listener)
+    }
+
     /// A connection opened inside the namespace, ready for tokio
     /// (non-blocking). Loopback connects finish at once, so the blocking
     /// connect never holds the thread for long.
@@ -222,5 +243,23 @@ mod tests {
         netns.delete().expect("delete");
         assert!(!reached_from_outside, "a listener inside the namespace answered from outside");
         assert!(from_inside.is_ok(), "connecting inside failed: {from_inside:?}");
+    }
+
+    #[test]
+    fn only_a_listener_on_the_named_address_is_taken_as_handed_over() {
+        use std::os::fd::IntoRawFd;
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().unwrap();
+        let other: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let fd = listener.into_raw_fd();
+        let refused = NetnsThread::handed_over(fd, other);
+        assert!(refused.is_err_and(|e| e.to_string().contains("not 127.0.0.1:1")), "another address is refused");
+        let file = File::open("/dev/null").expect("a file");
+        let refused = NetnsThread::handed_over(file.as_raw_fd(), addr);
+        assert!(refused.is_err_and(|e| e.to_string().contains("not a handed-over socket")), "a file is refused");
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().unwrap();
+        let taken = NetnsThread::handed_over(listener.into_raw_fd(), addr).expect("its own address");
+        assert_eq!(taken.local_addr().unwrap(), addr);
     }
 }

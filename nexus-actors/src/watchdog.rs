@@ -55,6 +55,9 @@ pub struct WatchdogConfig {
     pub listen: SocketAddr,
     /// The instance's network namespace (`/run/netns/<name>`).
     pub netns: Option<PathBuf>,
+    /// A listener on `listen` handed over as this descriptor, bound by the
+    /// process that started this one; `None` binds `listen` here.
+    pub listen_fd: Option<i32>,
     /// How long without a heartbeat before the instance is deleted.
     pub timeout: Duration,
     /// How often an expired watchdog asks again.
@@ -74,6 +77,7 @@ impl WatchdogConfig {
             panel: panel.into(),
             listen: SocketAddr::from(([127, 0, 0, 1], 9999)),
             netns: None,
+            listen_fd: None,
             timeout: Duration::from_secs(30 * 60),
             repeat: DEFAULT_REPEAT,
             token: None,
@@ -294,7 +298,11 @@ pub async fn start(config: WatchdogConfig, expiry: Arc<dyn Expiry>) -> Result<Wa
     // Bound by a thread inside the namespace, so it is reachable only there
     // (and at the instance's address, which the namespace leads to it).
     let inside = config.netns.as_deref().map(NetnsThread::enter).transpose()?;
-    let listener = NetnsThread::bind_in(inside.as_ref(), config.listen).map_err(http_error)?;
+    let listener = match config.listen_fd {
+        Some(fd) => NetnsThread::handed_over(fd, config.listen),
+        None => NetnsThread::bind_in(inside.as_ref(), config.listen),
+    }
+    .map_err(http_error)?;
     let listen = listener.local_addr().map_err(http_error)?;
     let server = server.listen(listener).map_err(http_error)?;
     let timer = tokio::spawn(watch(shared, expiry, config.repeat.max(Duration::from_millis(100))));

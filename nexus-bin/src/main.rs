@@ -195,6 +195,11 @@ struct SidecarArgs {
     /// The instance's network namespace (/run/netns/<name>): --listen is bound inside it.
     #[arg(long, env = "NEXUS_NETNS")]
     netns: Option<PathBuf>,
+    /// A listener on --listen already bound by whoever started the sidecar
+    /// (the local driver, before the panel runs), handed over as this
+    /// descriptor.
+    #[arg(long, value_parser = clap::value_parser!(i32).range(3..))]
+    listen_fd: Option<i32>,
 }
 
 #[derive(Args)]
@@ -211,6 +216,10 @@ struct WatchdogArgs {
     /// The instance's network namespace (/run/netns/<name>): --listen is bound inside it.
     #[arg(long)]
     netns: Option<PathBuf>,
+    /// A listener on --listen already bound by whoever started the watchdog,
+    /// handed over as this descriptor.
+    #[arg(long, value_parser = clap::value_parser!(i32).range(3..))]
+    listen_fd: Option<i32>,
     /// Seconds without a heartbeat before the instance is deleted (1 to 2592000, 30 days).
     #[arg(long, default_value_t = 1800)]
     timeout_secs: u64,
@@ -442,6 +451,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 publish_burst: args.publish_burst,
                 poll_interval: Duration::from_millis(args.poll_interval_ms.max(100)),
                 netns: args.netns,
+                listen_fd: args.listen_fd,
                 ..SidecarConfig::new(args.panel, args.redis_url)
             };
             actix_rt::System::new().block_on(sidecar::run(config))?;
@@ -451,6 +461,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let config = WatchdogConfig {
                 listen: args.listen,
                 netns: args.netns,
+                listen_fd: args.listen_fd,
                 timeout: Duration::from_secs(args.timeout_secs),
                 token: args.token,
                 ..WatchdogConfig::new(args.instance, args.panel, args.redis_url)

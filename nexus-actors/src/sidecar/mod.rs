@@ -54,6 +54,9 @@ pub struct SidecarConfig {
     pub listen: SocketAddr,
     /// The panel instance's network namespace (`/run/netns/<name>`).
     pub netns: Option<PathBuf>,
+    /// A listener on `listen` handed over as this descriptor, bound by the
+    /// process that started this one; `None` binds `listen` here.
+    pub listen_fd: Option<i32>,
     /// Most calls running in the panel at once.
     pub max_calls: usize,
     /// Messages a second the panel may publish.
@@ -77,6 +80,7 @@ impl SidecarConfig {
             panel_url: "http://127.0.0.1:8080".into(),
             listen: SocketAddr::from(([127, 0, 0, 1], 3500)),
             netns: None,
+            listen_fd: None,
             max_calls: 64,
             publish_rate: 50,
             publish_burst: 100,
@@ -254,8 +258,13 @@ pub async fn start(config: SidecarConfig) -> Result<Sidecar, SidecarError> {
     let http_error = |source| SidecarError::Http { addr: config.listen, source };
     let server =
         HttpServer::new(move || App::new().configure(proxy::configure(state.clone()))).workers(1).shutdown_timeout(2);
-    // Bound by the namespace's thread, so the panel finds it on its own loopback.
-    let listener = NetnsThread::bind_in(inside.as_ref(), config.listen).map_err(http_error)?;
+    // Bound by the namespace's thread (or by the driver, before the panel
+    // ran), so the panel finds it on its own loopback.
+    let listener = match config.listen_fd {
+        Some(fd) => NetnsThread::handed_over(fd, config.listen),
+        None => NetnsThread::bind_in(inside.as_ref(), config.listen),
+    }
+    .map_err(http_error)?;
     let listen = listener.local_addr().map_err(http_error)?;
     let server = server.listen(listener).map_err(http_error)?;
 

@@ -1,11 +1,13 @@
-//! The sidecar and the watchdog listen before user code runs: a panel
-//! that tries to take their ports as its first act finds them taken, and
-//! its watchdog still answers, even when the helpers are slow to start.
+//! The sidecar's and the watchdog's ports are bound (by the driver, then
+//! handed over) before user code runs: a panel that tries to take them as
+//! its first act finds them taken, and its watchdog still answers, even
+//! when the helpers are slow to start; a panel that tries again while its
+//! sidecar restarts finds the port taken too.
 
 use nexus_actors::roles::panel_manager::driver::{Code, RuntimeDriver};
 use nexus_actors::roles::panel_manager::local::{LocalConfig, LocalDriver, SandboxChoice};
 
-use super::harness::{env, get_json, panel_id, register, skipped, spec, Cleanup};
+use super::harness::{env, get_json, panel_id, processes_mentioning, register, skipped, spec, Cleanup};
 
 /// Binds the watchdog's port and its sidecar's as its first act (perl:
 /// it starts in milliseconds, sooner than the helpers would without the
@@ -27,11 +29,20 @@ exec("python3", "server.py") or die "exec: $!";
 "#;
 
 const SERVE: &str = r#"
-import os
+import json, os, re, socket
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 class Handler(BaseHTTPRequestHandler):
     def do_GET(self):
         body = open("grabs.json", "rb").read()
+        if self.path == "/grab-sidecar":
+            port = int(re.search(r":(\d+)/", os.environ["NEXUS_PROXY_URL"]).group(1))
+            s = socket.socket()
+            try:
+                s.bind(("127.0.0.1", port))
+                s.listen(1)
+                body = json.dumps({"sidecar": "bound"}).encode()
+            except OSError as e:
+                body = json.dumps({"sidecar": str(e)}).encode()
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
@@ -70,6 +81,13 @@ fn a_panel_cannot_take_its_helpers_ports_before_they_listen() {
             assert_ne!(grabs["sidecar"], "bound", "{name}: the panel took its sidecar's port: {grabs}");
             let watchdog = get_json(started.endpoint.watchdog.as_deref().expect("a watchdog"), "/healthz");
             assert_eq!(watchdog["instance"], instance.as_str(), "{name}: the watchdog answers: {watchdog}");
+            // The sidecar dies; while it restarts (slowly), its port stays taken.
+            let sidecars: Vec<String> = processes_mentioning(&format!("sidecar --panel {panel}"));
+            assert_eq!(sidecars.len(), 1, "{name}: one sidecar runs: {sidecars:?}");
+            let pid = sidecars[0].split(':').next().unwrap().to_owned();
+            assert!(std::process::Command::new("kill").args(["-9", &pid]).status().unwrap().success());
+            let regrab = get_json(&started.endpoint.addr, "/grab-sidecar");
+            assert_ne!(regrab["sidecar"], "bound", "{name}: the panel took its restarting sidecar's port: {regrab}");
             driver.stop(&instance, std::time::Duration::from_secs(5)).await.expect("stop");
         });
         drop(cleanup);

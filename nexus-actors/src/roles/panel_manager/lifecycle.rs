@@ -22,12 +22,18 @@ use crate::instance::{Endpoint, InstanceState, InstanceStatus, Isolation, SIDECA
 use crate::kernel::{ActorRef, Behaviour, Ctx, Handler, Link, Message, Reply, Supervised};
 use crate::telemetry::Metrics;
 
+/// How long after a start `/manifest` is asked every
+/// [`EAGER_PROBE_INTERVAL`] rather than every `probe_interval`.
+pub const EAGER_PROBES: Duration = Duration::from_secs(3);
+const EAGER_PROBE_INTERVAL: Duration = Duration::from_millis(20);
+
 /// Timing and crash policy of every lifecycle of one panel manager.
 #[derive(Debug, Clone)]
 pub struct LifecyclePolicy {
     /// From started to `/manifest` answering 200; past it the instance fails.
     pub ready_timeout: Duration,
-    /// How often `/manifest` is asked while starting.
+    /// How often `/manifest` is asked while starting, after the first
+    /// [`EAGER_PROBES`] (when most panels come up) asked every 20 ms at most.
     pub probe_interval: Duration,
     /// The first restart waits this long; every further crash doubles it.
     pub restart_backoff: Duration,
@@ -278,7 +284,8 @@ impl PodLifecycle {
         let url = format!("http://{}/manifest", endpoint.addr);
         let (http, policy, token) = (self.deps.http.clone(), self.deps.policy.clone(), self.sidecar_token.clone());
         let fut = async move {
-            let deadline = tokio::time::Instant::now() + policy.ready_timeout;
+            let started = tokio::time::Instant::now();
+            let deadline = started + policy.ready_timeout;
             let mut last = ProbeError::NoAnswer;
             while tokio::time::Instant::now() < deadline {
                 let mut request = http.get(&url).timeout(policy.probe_interval.max(Duration::from_secs(1)));
@@ -291,7 +298,12 @@ impl PodLifecycle {
                     Ok(resp) => last = ProbeError::Status(resp.status()),
                     Err(error) => last = ProbeError::Failed(error),
                 }
-                tokio::time::sleep(policy.probe_interval).await;
+                // A refused connection costs nothing: ask often while a
+                // cold start is likely to finish, so none waits a whole
+                // interval for its answer to be seen.
+                let eager = started.elapsed() < EAGER_PROBES;
+                let wait = if eager { policy.probe_interval.min(EAGER_PROBE_INTERVAL) } else { policy.probe_interval };
+                tokio::time::sleep(wait).await;
             }
             Err(last)
         };

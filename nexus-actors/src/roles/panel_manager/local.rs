@@ -6,8 +6,8 @@
 //! server in it on 8080 (under gVisor when `runsc` works, else in
 //! bubblewrap's namespaces, see [`isolation`]), its `nexus sidecar` and, for
 //! Studio, its `nexus watchdog`. Those two stay on the host network (their
-//! Redis connections stay outside) and open their listeners inside, on the
-//! loopback the panel sees. The gateway reaches the instance's 8080 and
+//! Redis connections stay outside); their listeners, on the loopback the
+//! panel sees, are bound here before the panel runs and handed over. The gateway reaches the instance's 8080 and
 //! 9999 at its address, like a Pod IP; no host port is opened for it.
 //!
 //! It owns the files under `data_dir` and the processes it starts. The
@@ -61,6 +61,7 @@ mod uids;
 mod workspace;
 
 use std::collections::{HashMap, HashSet};
+use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -76,12 +77,12 @@ use super::metrics::{isolation_label, mode_label};
 use super::volume_files::{FileList, FilePath, VolumeLimits};
 use crate::infra::free_port;
 use crate::instance::{Endpoint, InstanceMode, Isolation, SIDECAR_TOKEN_ENV};
-use crate::netns::Netns;
+use crate::netns::{Netns, NetnsThread};
 use crate::platform::files::private_dir;
 use files::{blocking, check_id, chown_tree, fresh_copy, open_log, path_string, read_command, remove_tree};
 use isolation::{resolve, Sandbox};
 use metrics::Helper;
-use procs::{listening, OnExit, Supervised};
+use procs::{OnExit, Supervised};
 
 pub use cgroups::Limits;
 pub use files::netns_name;
@@ -186,9 +187,12 @@ pub struct LocalDriver {
 struct Wiring<'a> {
     /// Where the panel listens, as the sidecar reaches it.
     panel_url: &'a str,
-    /// The sidecar's listener and the watchdog's, as the panel sees them.
+    /// The sidecar's listener and the watchdog's, as the panel sees them,
+    /// bound by the driver, to hand over.
     proxy_addr: &'a str,
+    sidecar_listener: Arc<std::net::TcpListener>,
     watchdog_inside: &'a str,
+    watchdog_listener: Option<Arc<std::net::TcpListener>>,
     /// Studio only: the watchdog runs only when it has its secret.
     watchdog_token: Option<&'a str>,
     /// The secret the panel expects from its sidecar.
@@ -401,20 +405,33 @@ impl LocalDriver {
             }
             false => (None, None),
         };
-        // Unisolated, without root: the panel and its helpers share the
-        // host's loopback, on ports picked here.
-        let (panel_inside, proxy_addr, watchdog_inside, panel_addr, watchdog_addr) = match link {
-            Some(link) => (
-                PANEL_PORT,
-                format!("127.0.0.1:{SIDECAR_PORT}"),
-                format!("127.0.0.1:{WATCHDOG_PORT}"),
-                format!("{}:{PANEL_PORT}", link.addr),
-                format!("{}:{WATCHDOG_PORT}", link.addr),
-            ),
+        // The helpers' endpoints, bound here before any panel code runs and
+        // handed over to them, so no panel can take their ports, not even
+        // while a helper restarts; and the panel need not wait for them.
+        let helper_ports = match link {
+            Some(_) => (SIDECAR_PORT, WATCHDOG_PORT),
+            None => (0, 0),
+        };
+        let bound = helper_listeners(netns.as_ref().map(Netns::path), helper_ports, studio).await;
+        let (sidecar_listener, watchdog_listener) = match bound {
+            Ok(bound) => bound,
+            Err(error) => {
+                self.undo_start(&spec.instance, netns.as_ref(), scratch_dir.as_ref()).await;
+                return Err(error);
+            }
+        };
+        let proxy_addr = sidecar_listener.local_addr()?.to_string();
+        let watchdog_inside = match &watchdog_listener {
+            Some(listener) => listener.local_addr()?.to_string(),
+            None => String::new(),
+        };
+        // Unisolated, without root: the panel shares the host's loopback,
+        // on a port picked here (it binds it itself).
+        let (panel_inside, panel_addr, watchdog_addr) = match link {
+            Some(link) => (PANEL_PORT, format!("{}:{PANEL_PORT}", link.addr), format!("{}:{WATCHDOG_PORT}", link.addr)),
             None => {
-                let (panel, watchdog) = (free_port()?, free_port()?);
-                let (panel_addr, watchdog_addr) = (format!("127.0.0.1:{panel}"), format!("127.0.0.1:{watchdog}"));
-                (panel, format!("127.0.0.1:{}", free_port()?), watchdog_addr.clone(), panel_addr, watchdog_addr)
+                let panel = free_port()?;
+                (panel, format!("127.0.0.1:{panel}"), watchdog_inside.clone())
             }
         };
         // What the panel checks its sidecar's requests against.
@@ -489,7 +506,9 @@ impl LocalDriver {
             let wiring = Wiring {
                 panel_url: &panel_url,
                 proxy_addr: &proxy_addr,
+                sidecar_listener,
                 watchdog_inside: &watchdog_inside,
+                watchdog_listener,
                 watchdog_token: watchdog_token.as_deref(),
                 sidecar_token: &sidecar_token,
                 sidecar_redis_url: &login,
@@ -532,8 +551,16 @@ impl LocalDriver {
         instance: &Arc<Instance>,
         wiring: Wiring<'_>,
     ) -> Result<(), DriverError> {
-        let Wiring { panel_url, proxy_addr, watchdog_inside, watchdog_token, sidecar_token, sidecar_redis_url } =
-            wiring;
+        let Wiring {
+            panel_url,
+            proxy_addr,
+            sidecar_listener,
+            watchdog_inside,
+            watchdog_listener,
+            watchdog_token,
+            sidecar_token,
+            sidecar_redis_url,
+        } = wiring;
         let netns_path = instance.netns.as_ref().map(Netns::path);
         // Secrets go by environment, never argv: a process-mode panel can
         // read every process's /proc/<pid>/cmdline, not a root process's environ.
@@ -546,8 +573,9 @@ impl LocalDriver {
         }
         let token = (SIDECAR_TOKEN_ENV.to_owned(), sidecar_token.to_owned());
         let sidecar_redis = ("REDIS_URL".to_owned(), sidecar_redis_url.to_owned());
-        self.spawn_helper(Helper::Sidecar, &spec.instance, instance, sidecar, vec![sidecar_redis, token])?;
-        if let Some(token) = watchdog_token {
+        let sidecar_env = vec![sidecar_redis, token];
+        self.spawn_helper(Helper::Sidecar, &spec.instance, instance, sidecar, sidecar_env, sidecar_listener)?;
+        if let (Some(token), Some(listener)) = (watchdog_token, watchdog_listener) {
             let timeout = spec.watchdog_timeout.unwrap_or(DEFAULT_WATCHDOG_TIMEOUT).as_secs().max(1);
             let mut watchdog: Vec<String> = vec!["watchdog".into(), "--instance".into(), spec.instance.clone()];
             watchdog.extend(["--panel".into(), spec.panel.clone(), "--listen".into(), watchdog_inside.into()]);
@@ -556,13 +584,9 @@ impl LocalDriver {
                 watchdog.extend(["--netns".into(), path_string(path)]);
             }
             let env = vec![redis, ("NEXUS_WATCHDOG_TOKEN".to_owned(), token.to_owned())];
-            self.spawn_helper(Helper::Watchdog, &spec.instance, instance, watchdog, env)?;
+            self.spawn_helper(Helper::Watchdog, &spec.instance, instance, watchdog, env, listener)?;
         }
-        // The helpers' ports are theirs before any user code runs: a panel
-        // that binds the watchdog's port first would silence its own watchdog.
-        let mut helpers = vec![proxy_addr];
-        helpers.extend(watchdog_token.map(|_| watchdog_inside));
-        listening(netns_path, &helpers).await?;
+        // The helpers' ports were bound before: the panel starts beside them.
         let user = spawn_user(&spec.instance, instance, &self.metrics)?;
         *instance.user.lock().await = Some(user);
         Ok(())
@@ -573,18 +597,22 @@ impl LocalDriver {
         helper: Helper,
         id: &str,
         instance: &Instance,
-        args: Vec<String>,
+        mut args: Vec<String>,
         env: Vec<(String, String)>,
+        listener: Arc<std::net::TcpListener>,
     ) -> Result<(), DriverError> {
         let name = helper.name();
         let log = instance.dir.join(format!("{name}.log"));
         let program = self.config.nexus_bin.clone();
+        args.extend(["--listen-fd".into(), procs::HANDED_FD.to_string()]);
+        // Every (re)start gets the same listener, which this closure keeps open.
         let respawn = move || {
             let log = open_log(&log)?;
             let mut command = tokio::process::Command::new(&program);
             command.args(&args).envs(env.iter().map(|(k, v)| (k, v)));
             command.stdin(std::process::Stdio::null()).stdout(log.try_clone()?).stderr(log);
             procs::prepare(&mut command, None, None, Vec::new())?;
+            procs::hand_over(&mut command, listener.as_raw_fd());
             Ok(command)
         };
         let first = respawn()?;
@@ -854,6 +882,24 @@ fn spawn_user(id: &str, instance: &Instance, metrics: &LocalMetrics) -> Result<S
         disk: instance.disk.clone(),
     };
     Ok(Supervised::spawn("panel", id, command, on_exit, instance.gvisor.is_some())?)
+}
+
+/// Binds the sidecar's listener and (Studio) the watchdog's on loopback
+/// ports `(sidecar, watchdog)`, inside the namespace at `netns` when there
+/// is one.
+async fn helper_listeners(
+    netns: Option<PathBuf>,
+    (sidecar, watchdog): (u16, u16),
+    studio: bool,
+) -> Result<(Arc<std::net::TcpListener>, Option<Arc<std::net::TcpListener>>), DriverError> {
+    blocking(move || {
+        let inside = netns.as_deref().map(NetnsThread::enter).transpose().map_err(std::io::Error::other)?;
+        let bind = |port: u16| NetnsThread::bind_in(inside.as_ref(), (std::net::Ipv4Addr::LOCALHOST, port).into());
+        let sidecar = Arc::new(bind(sidecar)?);
+        let watchdog = studio.then(|| bind(watchdog)).transpose()?.map(Arc::new);
+        Ok((sidecar, watchdog))
+    })
+    .await
 }
 
 /// What the user process writes to, to join the instance's cgroup.

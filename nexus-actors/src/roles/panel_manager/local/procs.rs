@@ -9,22 +9,19 @@
 
 use std::fs::File;
 use std::io;
-use std::net::{SocketAddr, TcpStream};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use prometheus::IntCounter;
 use tokio::process::{Child, Command};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
-use super::super::driver::{DriverError, InstanceEvent, LimitHit};
+use super::super::driver::{InstanceEvent, LimitHit};
 use super::cgroups::Cgroup;
-use super::files::blocking;
-use crate::netns::NetnsThread;
 
 /// How long a helper that died waits before its first restart; doubles up
 /// to [`MAX_BACKOFF`] while it keeps dying.
@@ -56,6 +53,28 @@ pub(super) enum OnExit {
 /// (opened by root); with `netns`, inside that network namespace; with
 /// `uid`, as that uid and gid without supplementary groups or new
 /// privileges.
+/// The descriptor a helper finds its handed-over listener on.
+pub(super) const HANDED_FD: i32 = 3;
+
+/// Gives the child `fd` as its descriptor [`HANDED_FD`], open across exec;
+/// the caller's own stays as it was.
+pub(super) fn hand_over(command: &mut Command, fd: RawFd) {
+    // SAFETY: between fork and exec the closure only makes raw syscalls.
+    unsafe {
+        command.pre_exec(move || {
+            let handed = match fd == HANDED_FD {
+                // dup2 onto itself would keep close-on-exec.
+                true => libc::fcntl(fd, libc::F_SETFD, 0),
+                false => libc::dup2(fd, HANDED_FD),
+            };
+            match handed < 0 {
+                true => Err(io::Error::last_os_error()),
+                false => Ok(()),
+            }
+        });
+    }
+}
+
 pub(super) fn prepare(
     command: &mut Command,
     netns: Option<&Path>,
@@ -273,40 +292,4 @@ fn namespace_members(wanted: &str) -> Vec<i32> {
         .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<i32>().ok())
         .filter(|pid| std::fs::read_link(format!("/proc/{pid}/ns/net")).is_ok_and(|link| link.as_os_str() == wanted))
         .collect()
-}
-
-/// How long the sidecar and the watchdog may take to listen.
-const HELPERS_LISTEN_WITHIN: Duration = Duration::from_secs(15);
-
-/// Waits until something listens on each of `addrs`, inside the namespace
-/// at `netns` if there is one (then only the helpers can, as no user code
-/// runs there yet).
-pub(super) async fn listening(netns: Option<PathBuf>, addrs: &[&str]) -> Result<(), DriverError> {
-    let addrs: Vec<SocketAddr> = addrs
-        .iter()
-        .map(|a| a.parse().map_err(|e| DriverError::Io(std::io::Error::other(format!("{a}: {e}")))))
-        .collect::<Result<_, _>>()?;
-    blocking(move || {
-        let inside = netns.as_deref().map(NetnsThread::enter).transpose().map_err(std::io::Error::other)?;
-        let deadline = Instant::now() + HELPERS_LISTEN_WITHIN;
-        for addr in addrs {
-            loop {
-                let connect = move || TcpStream::connect_timeout(&addr, Duration::from_millis(500));
-                let connected = match &inside {
-                    Some(inside) => inside.run(connect).map_err(std::io::Error::other)?,
-                    None => connect(),
-                };
-                match connected {
-                    Ok(_) => break,
-                    Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(5)),
-                    Err(error) => {
-                        let why = format!("nothing listens on {addr} after {HELPERS_LISTEN_WITHIN:?}: {error}");
-                        return Err(DriverError::Io(std::io::Error::other(why)));
-                    }
-                }
-            }
-        }
-        Ok(())
-    })
-    .await
 }
