@@ -110,6 +110,30 @@ async fn scale_runs_that_many_instances_and_refuses_bad_requests() {
     assert_eq!(status, StatusCode::CREATED, "a Studio instance may run again");
 }
 
+#[actix_rt::test]
+async fn a_scale_runs_its_replicas_only_once_its_record_is_written() {
+    let node = node("pm-scale-written", |_| {}).await;
+    let ada = node.login("ada").await;
+    let panel = new_panel(&ada, "template:ok").await;
+    let (status, _) = ada.post(&format!("/api/panels/{panel}/deploy"), json!({})).await;
+    assert_eq!(status, StatusCode::CREATED);
+    node.endpoints(&panel, 1).await;
+    let before = node.driver.started(&panel);
+    // Redis takes no writes for 2 s: the scale's record waits, and its
+    // replicas with it.
+    let _: () =
+        redis::cmd("CLIENT").arg("PAUSE").arg(2000).arg("WRITE").query_async(&mut node.conn.clone()).await.unwrap();
+    let scaling = actix::spawn({
+        let (ada, path) = (ada.clone(), format!("/api/panels/{panel}/scale"));
+        async move { ada.put(&path, json!({"replicas": 3})).await }
+    });
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert_eq!(node.driver.started(&panel), before, "a replica started before the scale's record was written");
+    let (status, body) = scaling.await.unwrap();
+    assert_eq!((status, body["replicas"].as_u64()), (StatusCode::OK, Some(3)), "{body}");
+    node.endpoints(&panel, 3).await;
+}
+
 /// Waits until the route has no endpoint, then checks that `instance` still
 /// runs, serves and is not stopping: it left the route before its stop.
 async fn out_of_route_but_still_serving(node: &Node, panel: &str, instance: &str, addr: &str) {

@@ -94,8 +94,9 @@ impl Message for ApplyDeployed {
     type Reply = Result<(), PanelManagerError>;
 }
 
-/// A Scale read the App record: run `replicas` of it, unless a Deploy or
-/// Undeploy came meanwhile.
+/// A Scale read the App record: write it with `replicas` (the quota
+/// allowing), unless a Deploy or Undeploy came meanwhile. Replies once the
+/// record is queued; [`ApplyRescaled`] follows once it is written.
 pub(super) struct Rescale {
     stored: AppRecord,
     replicas: u32,
@@ -105,6 +106,17 @@ pub(super) struct Rescale {
 
 impl Message for Rescale {
     type Reply = Result<(AppRecord, oneshot::Receiver<Result<(), StoreError>>), PanelManagerError>;
+}
+
+/// A Scale's record is written: run its replicas, unless a Deploy or
+/// Undeploy came meanwhile.
+pub(super) struct ApplyRescaled {
+    app: AppRecord,
+    generation: u64,
+}
+
+impl Message for ApplyRescaled {
+    type Reply = Result<(), PanelManagerError>;
 }
 
 /// An Undeploy's deletion of the App record is written: undeploy once
@@ -302,6 +314,7 @@ impl Handler<Scale> for PanelManager {
         let (store, panels, node) = (self.deps.store.clone(), self.deps.panels.clone(), self.deps.config.node.clone());
         let Some(me) = self.me.clone() else { return Reply::Now(Err(PanelManagerError::Stopped)) };
         let rescale = me.link::<Rescale>("panel-manager-api");
+        let apply = me.link::<ApplyRescaled>("panel-manager-api");
         Reply::later(async move {
             let stored = store.app(&msg.panel).await?.ok_or(PanelManagerError::NotDeployed)?;
             let elsewhere = running_elsewhere(&store, &panels, &stored.owner, &node).await?;
@@ -309,7 +322,13 @@ impl Handler<Scale> for PanelManager {
                 .ask(Rescale { stored, replicas: msg.replicas, generation, elsewhere })
                 .await
                 .map_err(|_| PanelManagerError::Stopped)??;
+            // Written first: a record that failed to be written is never
+            // what runs here.
             written.await.map_err(|_| PanelManagerError::Stopped)??;
+            apply
+                .ask(ApplyRescaled { app: app.clone(), generation })
+                .await
+                .map_err(|_| PanelManagerError::Stopped)??;
             tracing::info!(panel = %app.panel, replicas = app.replicas, "App scaled");
             Ok(app)
         })
@@ -334,13 +353,25 @@ impl Handler<Rescale> for PanelManager {
                 return Reply::Now(Err(quota));
             }
         }
-        let entry = table.panels.entry(panel.clone()).or_default();
-        entry.owner = app.owner.clone();
-        entry.app = Some(app.clone());
         let (tx, rx) = oneshot::channel();
         self.deps.reporter.send(Report::App(app.clone(), tx));
-        self.reconcile(&mut table, &panel);
         Reply::Now(Ok((app, rx)))
+    }
+}
+
+impl Handler<ApplyRescaled> for PanelManager {
+    fn handle(&mut self, msg: ApplyRescaled, _: &mut Ctx<Self>) -> Reply<Result<(), PanelManagerError>> {
+        let mut table = lock(&self.table);
+        let panel = msg.app.panel.clone();
+        if let Err(error) = still_current(&table, &panel, msg.generation) {
+            tracing::info!(%panel, replicas = msg.app.replicas, %error, "a scale dropped while its record was written");
+            return Reply::Now(Err(error));
+        }
+        let entry = table.panels.entry(panel.clone()).or_default();
+        entry.owner = msg.app.owner.clone();
+        entry.app = Some(msg.app);
+        self.reconcile(&mut table, &panel);
+        Reply::Now(Ok(()))
     }
 }
 
