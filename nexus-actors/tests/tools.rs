@@ -655,6 +655,7 @@ async fn a_replica_that_stops_unlists_only_itself() {
         input_schema: json!({"type": "object"}),
         owner: ToolOwner::Panel { panel: panel.into(), user: "ada".into() },
     };
+    record_panel(&redis.url(), panel, "ada").await;
     let listed = |store: ToolStore| async move {
         store.find(&ToolAddress::Panel { panel, tool: "echo" }).await.unwrap().is_some()
             && store.list_for("ada").await.unwrap().iter().any(|s| s.name == "replicated.echo")
@@ -673,4 +674,61 @@ async fn a_replica_that_stops_unlists_only_itself() {
     actix_rt::time::sleep(Duration::from_millis(400)).await;
     assert!(store.remove_panel(panel, "ada", "replica-d").await.unwrap(), "c's share expired: d was the last");
     assert!(!listed(store.clone()).await);
+}
+
+/// Writes the record of `panel`, owned by `owner`, as the API would.
+async fn record_panel(url: &str, panel: &str, owner: &str) {
+    use nexus_actors::platform::{Panel, PanelMode};
+    let record = Panel {
+        id: panel.into(),
+        name: panel.into(),
+        owner: owner.into(),
+        mode: PanelMode::Studio,
+        source: "template:empty".into(),
+        public: false,
+    };
+    let mut conn = redis::Client::open(url).unwrap().get_multiplexed_async_connection().await.unwrap();
+    let () =
+        redis::AsyncCommands::set(&mut conn, format!("nexus:panel:{panel}"), serde_json::to_string(&record).unwrap())
+            .await
+            .unwrap();
+}
+
+/// A panel's listing is written by its sidecar: one that claims another
+/// owner, another panel or another name lists nothing, to anyone.
+#[actix_rt::test]
+async fn a_panel_listing_counts_only_as_its_own_panels_tools() {
+    use nexus_actors::tools::{ToolAddress, ToolOwner, ToolSpec};
+    let redis = RedisServer::start(&tempdir("tools-forged"), false).unwrap();
+    let store = ToolStore::connect(&redis.url()).await.unwrap();
+    record_panel(&redis.url(), "mallorys", "mallory").await;
+    record_panel(&redis.url(), "adas", "ada").await;
+    let spec = |name: &str, panel: &str, user: &str| ToolSpec {
+        name: name.into(),
+        description: "Looks harmless".into(),
+        input_schema: json!({"type": "object"}),
+        owner: ToolOwner::Panel { panel: panel.into(), user: user.into() },
+    };
+    let long = Duration::from_secs(30);
+    let forged = [
+        spec("mallorys.for_ada", "mallorys", "ada"),
+        spec("mallorys.as_adas", "adas", "ada"),
+        spec("adas.renamed", "mallorys", "mallory"),
+    ];
+    store.put_panel("mallorys", "mallory", "replica", &forged, long).await.unwrap();
+    for tool in ["for_ada", "as_adas", "renamed"] {
+        let found = store.find(&ToolAddress::Panel { panel: "mallorys", tool }).await.unwrap();
+        assert_eq!(found, None, "{tool}: a forged listing is found");
+    }
+    for user in ["ada", "mallory"] {
+        let listed = store.list_for(user).await.unwrap();
+        assert!(
+            !listed.iter().any(|s| s.name.starts_with("mallorys.") || s.name == "adas.renamed"),
+            "{user}: {listed:?}"
+        );
+    }
+    // Its own tool, honestly listed, is found.
+    let honest = spec("mallorys.ok", "mallorys", "mallory");
+    store.put_panel("mallorys", "mallory", "replica", std::slice::from_ref(&honest), long).await.unwrap();
+    assert_eq!(store.find(&ToolAddress::Panel { panel: "mallorys", tool: "ok" }).await.unwrap(), Some(honest));
 }

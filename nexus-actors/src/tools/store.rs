@@ -28,7 +28,7 @@ use redis::AsyncCommands;
 use std::future::Future;
 
 use super::protocol::{remaining_until, Outcome, ToolError, ToolRequest, ToolResult};
-use super::{ToolAddress, ToolSpec};
+use super::{ToolAddress, ToolOwner, ToolSpec};
 
 const SYSTEM_KEY: &str = "nexus:tools:system";
 /// How long a finished call's result answers retries with its key.
@@ -175,13 +175,35 @@ impl ToolStore {
         Ok(left == 1)
     }
 
-    /// The listed tool at `address`, if any.
+    /// The listed tool at `address`, if any. A panel's listing is written
+    /// by its sidecar, which could claim anything: its tool counts only as
+    /// the panel's own, and owned by whom the panel's record says.
     pub async fn find(&self, address: &ToolAddress<'_>) -> Result<Option<ToolSpec>, ToolStoreError> {
-        let json: Option<String> = match address {
-            ToolAddress::System(name) => self.conn.clone().hget(SYSTEM_KEY, name).await?,
-            ToolAddress::Panel { panel, tool } => self.conn.clone().hget(panel_key(panel), tool).await?,
+        let (panel, tool) = match address {
+            ToolAddress::System(name) => {
+                let json: Option<String> = self.conn.clone().hget(SYSTEM_KEY, name).await?;
+                return Ok(json.and_then(|j| serde_json::from_str(&j).ok()));
+            }
+            ToolAddress::Panel { panel, tool } => (*panel, *tool),
         };
-        Ok(json.and_then(|j| serde_json::from_str(&j).ok()))
+        let (json, record): (Option<String>, Option<String>) = redis::pipe()
+            .hget(panel_key(panel), tool)
+            .get(crate::platform::panels::panel_key(panel))
+            .query_async(&mut self.conn.clone())
+            .await?;
+        let Some(spec) = json.and_then(|j| serde_json::from_str::<ToolSpec>(&j).ok()) else { return Ok(None) };
+        let owner = record.and_then(|r| serde_json::from_str::<crate::platform::Panel>(&r).ok()).map(|p| p.owner);
+        let honest = match (&spec.owner, owner) {
+            (ToolOwner::Panel { panel: listed, user }, Some(owner)) => {
+                listed == panel && *user == owner && spec.name == format!("{panel}.{tool}")
+            }
+            _ => false,
+        };
+        if !honest {
+            tracing::warn!(panel, tool, "a panel's listing names another panel, owner or name; ignored");
+            return Ok(None);
+        }
+        Ok(Some(spec))
     }
 
     /// Every system tool and every tool of `user`'s panels, sorted by name.
@@ -199,12 +221,18 @@ impl ToolStore {
         if !gone.is_empty() {
             let () = conn.srem(panels_of_key(user), gone).await?;
         }
-        let mut specs: Vec<ToolSpec> = system
-            .iter()
-            .chain(per_panel.iter().flatten())
-            .filter_map(|json| serde_json::from_str::<ToolSpec>(json).ok())
-            .filter(|spec| spec.visible_to(user))
-            .collect();
+        let parse = |json: &String| serde_json::from_str::<ToolSpec>(json).ok();
+        // A panel's tools only as its own: its sidecar writes the listing.
+        let own = panels.iter().zip(&per_panel).flat_map(|(panel, tools)| {
+            tools.iter().filter_map(parse).filter(move |spec| match &spec.owner {
+                ToolOwner::Panel { panel: listed, .. } => {
+                    listed == panel && spec.name.strip_prefix(panel.as_str()).is_some_and(|t| t.starts_with('.'))
+                }
+                ToolOwner::System => false,
+            })
+        });
+        let mut specs: Vec<ToolSpec> =
+            system.iter().filter_map(parse).chain(own).filter(|spec| spec.visible_to(user)).collect();
         specs.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(specs)
     }

@@ -337,7 +337,7 @@ impl Handler<Scale> for PanelManager {
 
 impl Handler<Rescale> for PanelManager {
     fn handle(&mut self, msg: Rescale, _: &mut Ctx<Self>) -> Reply<<Rescale as Message>::Reply> {
-        let mut table = lock(&self.table);
+        let table = lock(&self.table);
         let panel = msg.stored.panel.clone();
         if let Err(error) = still_current(&table, &panel, msg.generation) {
             return Reply::Now(Err(error));
