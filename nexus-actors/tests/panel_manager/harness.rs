@@ -144,13 +144,20 @@ impl ProcDriver {
 
     /// Starts the process of `p`; a thread reports its exit unless stopped.
     fn run(p: &Proc) -> Result<(), DriverError> {
+        use std::os::unix::process::CommandExt;
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&p.log)?;
-        let mut child = std::process::Command::new("python3")
-            .args(["-u", "-c", p.script, &p.port.to_string()])
-            .env(SIDECAR_TOKEN_ENV, &p.token)
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()?;
+        let mut command = std::process::Command::new("python3");
+        command.args(["-u", "-c", p.script, &p.port.to_string()]).env(SIDECAR_TOKEN_ENV, &p.token);
+        // Gone with the test's process (its runtime's threads spawn these),
+        // even when a test fails before stopping what it started.
+        // SAFETY: only a raw syscall between fork and exec.
+        unsafe {
+            command.pre_exec(|| match libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) {
+                0 => Ok(()),
+                _ => Err(std::io::Error::last_os_error()),
+            });
+        }
+        let mut child = command.stdout(log.try_clone()?).stderr(log).spawn()?;
         p.pid.store(child.id(), Ordering::SeqCst);
         p.exited.store(false, Ordering::SeqCst);
         let (exited, stopping, events) = (p.exited.clone(), p.stopping.clone(), p.events.clone());
