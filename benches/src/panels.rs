@@ -127,15 +127,16 @@ pub(crate) const COLD_NOTES: &str = "\
 An App from zero to its first response, through the real parts in the
 harness process: the `LocalDriver` (network namespace per instance, the
 `nexus sidecar` from `target/release/nexus`, the user process as a plain
-process or under `runsc run`), the `PanelManager` (default timers: 100 ms
-readiness probe) and the traffic gateway, on a private redis-server. The
+process, under `bwrap` or under `runsc run`), the `PanelManager` (default
+timers) and the traffic gateway, on a private redis-server. The
 python_minimal template is deployed once (`Deploy`), then each cold start:
 `Scale { replicas: 0 }` (what `PUT /api/panels/{id}/scale` sends), wait
 until the instance is stopped and its endpoint left the gateway's routes,
 then one `GET /p/<id>/` through the gateway, timed from sending the
 request to having the whole response: activator → `Activate` on Redis →
-activation claim → snapshot copied → namespace, sidecar and user process
-started → readiness probe answered → route published → request forwarded.
+activation claim → snapshot copied → namespace, helpers' listeners bound,
+sidecar and user process started → readiness probe answered → route
+published → request forwarded.
 \"warm p50\" is the same GET to the running instance (one at a time, after
 the deploy); the ratio says how many warm requests one cold start costs. The
 gateway's own `nexus_gateway_cold_start_seconds` histogram (first queued
