@@ -852,10 +852,9 @@ async fn panel_changes_reach_the_owners_sessions_on_every_node() {
     for ws in [&mut ada_ws, &mut bob_ws] {
         send(ws, json!({"type": "subscribe_panels"})).await;
     }
-    // Subscribing is asynchronous; a round trip through the session orders it.
+    // Subscribing is asynchronous; the session says when it is done.
     for ws in [&mut ada_ws, &mut bob_ws] {
-        send(ws, json!({"type": "subscribe", "doc": random_doc()})).await;
-        assert_eq!(next(ws).await["code"], "not_found");
+        assert_eq!(next(ws).await, json!({"type": "panels_followed"}));
     }
 
     let panel =
@@ -865,6 +864,10 @@ async fn panel_changes_reach_the_owners_sessions_on_every_node() {
     let (status, _) = ada_b.delete(&format!("/api/panels/{}", panel["id"].as_str().unwrap())).await;
     assert_eq!(status, StatusCode::NO_CONTENT);
     assert_eq!(next(&mut ada_ws).await, json!({"type": "panel", "id": panel["id"], "panel": null}));
+
+    // Asked again, the session says so again (a client reads its list again).
+    send(&mut ada_ws, json!({"type": "subscribe_panels"})).await;
+    assert_eq!(next(&mut ada_ws).await, json!({"type": "panels_followed"}));
 
     // Bob hears nothing of Ada's panels.
     send(&mut bob_ws, json!({"type": "subscribe", "doc": random_doc()})).await;
@@ -896,10 +899,9 @@ async fn instance_states_reach_their_owners_session_and_bad_announcements_are_ig
     for ws in [&mut ada_ws, &mut bob_ws] {
         send(ws, json!({"type": "subscribe_panels"})).await;
     }
-    // Subscribing is asynchronous; a round trip through the session orders it.
+    // Subscribing is asynchronous; the session says when it is done.
     for ws in [&mut ada_ws, &mut bob_ws] {
-        send(ws, json!({"type": "subscribe", "doc": random_doc()})).await;
-        assert_eq!(next(ws).await["code"], "not_found");
+        assert_eq!(next(ws).await, json!({"type": "panels_followed"}));
     }
 
     // What a panel manager would publish, straight into Redis: first what

@@ -727,6 +727,12 @@ async fn a_panel_listing_counts_only_as_its_own_panels_tools() {
             "{user}: {listed:?}"
         );
     }
+    // A spec put in by hand under a name it does not carry is not found either.
+    let mut conn = redis::Client::open(redis.url()).unwrap().get_multiplexed_async_connection().await.unwrap();
+    let misnamed = serde_json::to_string(&spec("mallorys.other", "mallorys", "mallory")).unwrap();
+    let () = redis::AsyncCommands::hset(&mut conn, "nexus:tools:panel:mallorys", "misnamed", misnamed).await.unwrap();
+    let found = store.find(&ToolAddress::Panel { panel: "mallorys", tool: "misnamed" }).await.unwrap();
+    assert_eq!(found, None, "a spec under another name is found");
     // Its own tool, honestly listed, is found.
     let honest = spec("mallorys.ok", "mallorys", "mallory");
     store.put_panel("mallorys", "mallory", "replica", std::slice::from_ref(&honest), long).await.unwrap();

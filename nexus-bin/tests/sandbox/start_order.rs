@@ -29,11 +29,19 @@ exec("python3", "server.py") or die "exec: $!";
 "#;
 
 const SERVE: &str = r#"
-import json, os, re, socket
+import json, os, re, socket, urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 class Handler(BaseHTTPRequestHandler):
     def do_GET(self):
         body = open("grabs.json", "rb").read()
+        if self.path == "/sidecar":
+            health = os.environ["NEXUS_PROXY_URL"].rsplit("/", 1)[0] + "/healthz"
+            try:
+                opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+                with opener.open(health, timeout=2) as r:
+                    body = json.dumps({"status": r.status}).encode()
+            except OSError as e:
+                body = json.dumps({"status": 0, "error": str(e)}).encode()
         if self.path == "/grab-sidecar":
             port = int(re.search(r":(\d+)/", os.environ["NEXUS_PROXY_URL"]).group(1))
             s = socket.socket()
@@ -88,6 +96,22 @@ fn a_panel_cannot_take_its_helpers_ports_before_they_listen() {
             assert!(std::process::Command::new("kill").args(["-9", &pid]).status().unwrap().success());
             let regrab = get_json(&started.endpoint.addr, "/grab-sidecar");
             assert_ne!(regrab["sidecar"], "bound", "{name}: the panel took its restarting sidecar's port: {regrab}");
+            // The restarted sidecar serves on the same handed-over listener.
+            // (Off this thread, which the driver's supervisor shares.)
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+            loop {
+                let addr = started.endpoint.addr.clone();
+                let health = actix_rt::task::spawn_blocking(move || get_json(&addr, "/sidecar")).await.unwrap();
+                if health["status"] == 200 {
+                    break;
+                }
+                if std::time::Instant::now() > deadline {
+                    let log = env.dir.join("slow-data/instances").join(&instance).join("sidecar.log");
+                    let log = std::fs::read_to_string(log).unwrap_or_default();
+                    panic!("{name}: the sidecar never served again: {health}\nsidecar.log:\n{log}");
+                }
+                actix_rt::time::sleep(std::time::Duration::from_millis(200)).await;
+            }
             driver.stop(&instance, std::time::Duration::from_secs(5)).await.expect("stop");
         });
         drop(cleanup);

@@ -413,17 +413,12 @@ impl LocalDriver {
             None => (0, 0),
         };
         let bound = helper_listeners(netns.as_ref().map(Netns::path), helper_ports, studio).await;
-        let (sidecar_listener, watchdog_listener) = match bound {
+        let (sidecar_listener, proxy_addr, watchdog_listener, watchdog_inside) = match bound {
             Ok(bound) => bound,
             Err(error) => {
                 self.undo_start(&spec.instance, netns.as_ref(), scratch_dir.as_ref()).await;
                 return Err(error);
             }
-        };
-        let proxy_addr = sidecar_listener.local_addr()?.to_string();
-        let watchdog_inside = match &watchdog_listener {
-            Some(listener) => listener.local_addr()?.to_string(),
-            None => String::new(),
         };
         // Unisolated, without root: the panel shares the host's loopback,
         // on a port picked here (it binds it itself).
@@ -574,8 +569,10 @@ impl LocalDriver {
         let token = (SIDECAR_TOKEN_ENV.to_owned(), sidecar_token.to_owned());
         let sidecar_redis = ("REDIS_URL".to_owned(), sidecar_redis_url.to_owned());
         let sidecar_env = vec![sidecar_redis, token];
+        let mut helpers = vec![sidecar_listener.local_addr()?];
         self.spawn_helper(Helper::Sidecar, &spec.instance, instance, sidecar, sidecar_env, sidecar_listener)?;
         if let (Some(token), Some(listener)) = (watchdog_token, watchdog_listener) {
+            helpers.push(listener.local_addr()?);
             let timeout = spec.watchdog_timeout.unwrap_or(DEFAULT_WATCHDOG_TIMEOUT).as_secs().max(1);
             let mut watchdog: Vec<String> = vec!["watchdog".into(), "--instance".into(), spec.instance.clone()];
             watchdog.extend(["--panel".into(), spec.panel.clone(), "--listen".into(), watchdog_inside.into()]);
@@ -586,10 +583,11 @@ impl LocalDriver {
             let env = vec![redis, ("NEXUS_WATCHDOG_TOKEN".to_owned(), token.to_owned())];
             self.spawn_helper(Helper::Watchdog, &spec.instance, instance, watchdog, env, listener)?;
         }
-        // The helpers' ports were bound before: the panel starts beside them.
+        // The helpers' ports were bound before: the panel starts beside them,
+        // and the start ends once they serve too.
         let user = spawn_user(&spec.instance, instance, &self.metrics)?;
         *instance.user.lock().await = Some(user);
-        Ok(())
+        procs::helpers_serving(netns_path, helpers).await
     }
 
     fn spawn_helper(
@@ -884,6 +882,9 @@ fn spawn_user(id: &str, instance: &Instance, metrics: &LocalMetrics) -> Result<S
     Ok(Supervised::spawn("panel", id, command, on_exit, instance.gvisor.is_some())?)
 }
 
+/// The sidecar's listener and the watchdog's, with their addresses.
+type HelperListeners = (Arc<std::net::TcpListener>, String, Option<Arc<std::net::TcpListener>>, String);
+
 /// Binds the sidecar's listener and (Studio) the watchdog's on loopback
 /// ports `(sidecar, watchdog)`, inside the namespace at `netns` when there
 /// is one.
@@ -891,13 +892,15 @@ async fn helper_listeners(
     netns: Option<PathBuf>,
     (sidecar, watchdog): (u16, u16),
     studio: bool,
-) -> Result<(Arc<std::net::TcpListener>, Option<Arc<std::net::TcpListener>>), DriverError> {
+) -> Result<HelperListeners, DriverError> {
     blocking(move || {
         let inside = netns.as_deref().map(NetnsThread::enter).transpose().map_err(std::io::Error::other)?;
         let bind = |port: u16| NetnsThread::bind_in(inside.as_ref(), (std::net::Ipv4Addr::LOCALHOST, port).into());
-        let sidecar = Arc::new(bind(sidecar)?);
-        let watchdog = studio.then(|| bind(watchdog)).transpose()?.map(Arc::new);
-        Ok((sidecar, watchdog))
+        let sidecar = bind(sidecar)?;
+        let sidecar_addr = sidecar.local_addr()?.to_string();
+        let watchdog = studio.then(|| bind(watchdog)).transpose()?;
+        let watchdog_addr = watchdog.as_ref().map(|w| w.local_addr()).transpose()?.map(|a| a.to_string());
+        Ok((Arc::new(sidecar), sidecar_addr, watchdog.map(Arc::new), watchdog_addr.unwrap_or_default()))
     })
     .await
 }

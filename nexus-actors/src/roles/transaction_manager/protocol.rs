@@ -171,6 +171,10 @@ pub enum ServerFrame {
         /// The record, or null when it was deleted.
         panel: Option<Value>,
     },
+    /// The session now receives `panel` and `instance` frames (sent again
+    /// after the bus was down): what changed before is read again with
+    /// `GET /api/panels`, so nothing between that read and this is missed.
+    PanelsFollowed,
     /// One of the user's panel instances changed state, as the panel
     /// manager announced it (`subscribe_panels` follows these too).
     Instance {

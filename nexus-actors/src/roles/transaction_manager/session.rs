@@ -102,6 +102,13 @@ impl Message for TokenEnded {
     type Reply = ();
 }
 
+/// The subscription to the user's panels is confirmed (or failed: it
+/// resumes with the bus).
+struct PanelsSubscribed;
+impl Message for PanelsSubscribed {
+    type Reply = ();
+}
+
 /// One followed document.
 #[derive(Debug)]
 struct Followed {
@@ -431,10 +438,18 @@ impl Handler<ClientText> for Session {
             Err(error) => self.error(error.code(), error, ctx),
             Ok(ClientFrame::Subscribe { doc, version, presence }) => self.follow(doc, version, presence, ctx),
             Ok(ClientFrame::Unsubscribe { doc }) => self.unfollow(&doc),
+            Ok(ClientFrame::SubscribePanels) if self.panels => self.send(&ServerFrame::PanelsFollowed, ctx),
             Ok(ClientFrame::SubscribePanels) => {
                 if let Some(me) = &self.me {
                     let topic = Topic::Channel(panels_channel(&self.user));
-                    let _ = self.bus.subscribe.tell(Subscribe { topic, subscriber: me.link("redis-bridge") });
+                    let (bridge, subscriber) = (self.bus.subscribe.clone(), me.link("redis-bridge"));
+                    let told = me.link::<PanelsSubscribed>("redis-bridge");
+                    actix::spawn(async move {
+                        if let Ok(Err(error)) = bridge.ask(Subscribe { topic, subscriber }).await {
+                            tracing::debug!(%error, "panels subscription not confirmed; it resumes with the bus");
+                        }
+                        let _ = told.tell(PanelsSubscribed);
+                    });
                     self.panels = true;
                 }
             }
@@ -461,6 +476,13 @@ impl Handler<TokenEnded> for Session {
     }
 }
 
+impl Handler<PanelsSubscribed> for Session {
+    fn handle(&mut self, _: PanelsSubscribed, ctx: &mut Ctx<Self>) -> Reply<()> {
+        self.send(&ServerFrame::PanelsFollowed, ctx);
+        Reply::Now(())
+    }
+}
+
 impl Handler<BusEvent> for Session {
     fn handle(&mut self, event: BusEvent, ctx: &mut Ctx<Self>) -> Reply<()> {
         match event {
@@ -475,6 +497,9 @@ impl Handler<BusEvent> for Session {
                     self.request_sync(&doc);
                 }
                 self.contexts_resumed(ctx);
+                if self.panels {
+                    self.send(&ServerFrame::PanelsFollowed, ctx);
+                }
                 self.check_token();
             }
             BusEvent::Up(_) => {}

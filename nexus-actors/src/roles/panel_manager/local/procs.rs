@@ -3,25 +3,73 @@
 //! uid), supervised (an exit is reported or, for our helpers, restarted
 //! with backoff) and ended (SIGTERM, grace, SIGKILL to the whole group).
 //!
-//! It also waits until an instance's helpers listen (inside its namespace),
-//! before the user process may start. It knows nothing about panels,
-//! sandboxes or files beyond logs.
+//! It also hands a helper the listener the driver bound for it, and waits
+//! until an instance's helpers serve on theirs (inside its namespace). It
+//! knows nothing about panels, sandboxes or files beyond logs.
 
 use std::fs::File;
-use std::io;
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, TcpStream};
 use std::os::fd::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use prometheus::IntCounter;
 use tokio::process::{Child, Command};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
-use super::super::driver::{InstanceEvent, LimitHit};
+use super::super::driver::{DriverError, InstanceEvent, LimitHit};
 use super::cgroups::Cgroup;
+use super::files::blocking;
+use crate::netns::NetnsThread;
+
+/// How long the sidecar and the watchdog may take to serve.
+const HELPERS_SERVE_WITHIN: Duration = Duration::from_secs(15);
+
+/// Waits until each helper answers `GET /healthz` on its address (inside
+/// the namespace at `netns` when there is one). Its port was bound before
+/// it ran, so a connection alone says nothing; a helper that cannot start
+/// fails the instance's start, which the panel's own readiness could not
+/// tell.
+pub(super) async fn helpers_serving(netns: Option<PathBuf>, addrs: Vec<SocketAddr>) -> Result<(), DriverError> {
+    blocking(move || {
+        let inside = netns.as_deref().map(NetnsThread::enter).transpose().map_err(io::Error::other)?;
+        let deadline = Instant::now() + HELPERS_SERVE_WITHIN;
+        for addr in addrs {
+            loop {
+                let error = match ask_healthz(inside.as_ref(), addr) {
+                    Ok(true) => break,
+                    Ok(false) => "it answered, not 200".to_owned(),
+                    Err(error) => error.to_string(),
+                };
+                if Instant::now() >= deadline {
+                    let why = format!("the helper on {addr} did not serve within {HELPERS_SERVE_WITHIN:?}: {error}");
+                    return Err(DriverError::Io(io::Error::other(why)));
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+        Ok(())
+    })
+    .await
+}
+
+/// Whether `GET /healthz` at `addr` answers 200.
+fn ask_healthz(inside: Option<&NetnsThread>, addr: SocketAddr) -> io::Result<bool> {
+    let connect = move || TcpStream::connect_timeout(&addr, Duration::from_millis(500));
+    let mut stream = match inside {
+        Some(inside) => inside.run(connect).map_err(io::Error::other)??,
+        None => connect()?,
+    };
+    stream.set_read_timeout(Some(Duration::from_millis(500)))?;
+    stream.write_all(format!("GET /healthz HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())?;
+    let mut head = [0u8; 12];
+    stream.read_exact(&mut head)?;
+    Ok(head.starts_with(b"HTTP/1.1 200") || head.starts_with(b"HTTP/1.0 200"))
+}
 
 /// How long a helper that died waits before its first restart; doubles up
 /// to [`MAX_BACKOFF`] while it keeps dying.
@@ -47,12 +95,6 @@ pub(super) enum OnExit {
     Restart { respawn: Respawn, restarts: IntCounter },
 }
 
-/// Prepares `command` to run in its own session and process group, without
-/// a controlling terminal, killed when this
-/// process dies; in the cgroup whose `cgroup.procs` files are `cgroup`
-/// (opened by root); with `netns`, inside that network namespace; with
-/// `uid`, as that uid and gid without supplementary groups or new
-/// privileges.
 /// The descriptor a helper finds its handed-over listener on.
 pub(super) const HANDED_FD: i32 = 3;
 
@@ -75,6 +117,12 @@ pub(super) fn hand_over(command: &mut Command, fd: RawFd) {
     }
 }
 
+/// Prepares `command` to run in its own session and process group, without
+/// a controlling terminal, killed when this
+/// process dies; in the cgroup whose `cgroup.procs` files are `cgroup`
+/// (opened by root); with `netns`, inside that network namespace; with
+/// `uid`, as that uid and gid without supplementary groups or new
+/// privileges.
 pub(super) fn prepare(
     command: &mut Command,
     netns: Option<&Path>,

@@ -105,14 +105,18 @@ pub(super) struct Rescale {
 }
 
 impl Message for Rescale {
-    type Reply = Result<(AppRecord, oneshot::Receiver<Result<(), StoreError>>), PanelManagerError>;
+    /// The record, the Scale's number, and when its write is done.
+    type Reply = Result<(AppRecord, u64, oneshot::Receiver<Result<(), StoreError>>), PanelManagerError>;
 }
 
-/// A Scale's record is written: run its replicas, unless a Deploy or
-/// Undeploy came meanwhile.
+/// A Scale's record write is done: when `written`, run its replicas,
+/// unless a Deploy or Undeploy came meanwhile. Either way its hold on the
+/// quota ends.
 pub(super) struct ApplyRescaled {
     app: AppRecord,
     generation: u64,
+    scale: u64,
+    written: bool,
 }
 
 impl Message for ApplyRescaled {
@@ -318,17 +322,19 @@ impl Handler<Scale> for PanelManager {
         Reply::later(async move {
             let stored = store.app(&msg.panel).await?.ok_or(PanelManagerError::NotDeployed)?;
             let elsewhere = running_elsewhere(&store, &panels, &stored.owner, &node).await?;
-            let (app, written) = rescale
+            let (app, scale, written) = rescale
                 .ask(Rescale { stored, replicas: msg.replicas, generation, elsewhere })
                 .await
                 .map_err(|_| PanelManagerError::Stopped)??;
             // Written first: a record that failed to be written is never
             // what runs here.
-            written.await.map_err(|_| PanelManagerError::Stopped)??;
+            let written = written.await.map_err(|_| PanelManagerError::Stopped);
+            let ok = matches!(written, Ok(Ok(())));
             apply
-                .ask(ApplyRescaled { app: app.clone(), generation })
+                .ask(ApplyRescaled { app: app.clone(), generation, scale, written: ok })
                 .await
                 .map_err(|_| PanelManagerError::Stopped)??;
+            written??;
             tracing::info!(panel = %app.panel, replicas = app.replicas, "App scaled");
             Ok(app)
         })
@@ -337,7 +343,7 @@ impl Handler<Scale> for PanelManager {
 
 impl Handler<Rescale> for PanelManager {
     fn handle(&mut self, msg: Rescale, _: &mut Ctx<Self>) -> Reply<<Rescale as Message>::Reply> {
-        let table = lock(&self.table);
+        let mut table = lock(&self.table);
         let panel = msg.stored.panel.clone();
         if let Err(error) = still_current(&table, &panel, msg.generation) {
             return Reply::Now(Err(error));
@@ -348,14 +354,21 @@ impl Handler<Rescale> for PanelManager {
         let running =
             entry.map_or(0, |e| e.running(InstanceMode::App).filter(|(_, l)| l.version == app.version).count());
         let adding = (app.replicas as usize).saturating_sub(running);
+        // An earlier Scale of this panel not yet applied is replaced by this one.
+        table.scaling.remove(&panel);
         if adding > 0 {
             if let Err(quota) = self.within_quota(&table, &app.owner, None, msg.elsewhere, adding, QuotaAction::Scale) {
                 return Reply::Now(Err(quota));
             }
         }
+        // Held against the quota until applied: a second Scale meanwhile
+        // (of another panel) must not count on the same room.
+        table.scales += 1;
+        let scale = table.scales;
+        table.scaling.insert(panel, (scale, app.owner.clone(), adding));
         let (tx, rx) = oneshot::channel();
         self.deps.reporter.send(Report::App(app.clone(), tx));
-        Reply::Now(Ok((app, rx)))
+        Reply::Now(Ok((app, scale, rx)))
     }
 }
 
@@ -363,6 +376,12 @@ impl Handler<ApplyRescaled> for PanelManager {
     fn handle(&mut self, msg: ApplyRescaled, _: &mut Ctx<Self>) -> Reply<Result<(), PanelManagerError>> {
         let mut table = lock(&self.table);
         let panel = msg.app.panel.clone();
+        if table.scaling.get(&panel).is_some_and(|(scale, _, _)| *scale == msg.scale) {
+            table.scaling.remove(&panel);
+        }
+        if !msg.written {
+            return Reply::Now(Ok(()));
+        }
         if let Err(error) = still_current(&table, &panel, msg.generation) {
             tracing::info!(%panel, replicas = msg.app.replicas, %error, "a scale dropped while its record was written");
             return Reply::Now(Err(error));

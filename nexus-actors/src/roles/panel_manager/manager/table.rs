@@ -91,6 +91,12 @@ pub(super) struct Table {
     pub(super) generations: HashMap<String, u64>,
     /// Numbers the drains, so a late drain timer cannot end a newer drain.
     pub(super) drains: u64,
+    /// Per panel, the replicas a Scale adds while its record is written
+    /// (numbered, owner, how many): they count against the owner's quota
+    /// until the Scale is applied or given up.
+    pub(super) scaling: HashMap<String, (u64, String, usize)>,
+    /// Numbers the Scales.
+    pub(super) scales: u64,
 }
 
 impl Table {
@@ -107,11 +113,20 @@ impl Table {
     /// How many instances `owner` runs on this node, leaving ones aside
     /// (they end within a drain and a stop grace), and the panel `except`
     /// aside when given (a deploy replaces all of its instances).
+    /// The owner's instances here, and those a Scale is about to add.
     pub(super) fn running_of(&self, owner: &str, except: Option<&str>) -> usize {
-        self.panels
+        let running: usize = self
+            .panels
             .iter()
             .filter(|(panel, entry)| entry.owner == owner && Some(panel.as_str()) != except)
             .map(|(_, entry)| entry.instances.values().filter(|l| l.leaving.is_none()).count())
-            .sum()
+            .sum();
+        let scaling: usize = self
+            .scaling
+            .iter()
+            .filter(|(panel, (_, of, _))| of == owner && Some(panel.as_str()) != except)
+            .map(|(_, (_, _, adding))| adding)
+            .sum();
+        running + scaling
     }
 }

@@ -439,6 +439,11 @@ function onFrame(frame) {
     case "error":
       status(frame.message);
       break;
+    case "panels_followed":
+      // Followed from now on: read again what changed before.
+      if (!$("#panels").hidden) showPanels();
+      if (!$("#code").hidden) workspace.refresh();
+      return;
     case "panel":
       if (!$("#panels").hidden) showPanels();
       if (!$("#code").hidden) workspace.refresh();
