@@ -4,7 +4,7 @@
 //! when the helpers are slow to start; a panel that tries again while its
 //! sidecar restarts finds the port taken too.
 
-use nexus_actors::roles::panel_manager::driver::{Code, RuntimeDriver};
+use nexus_actors::roles::panel_manager::driver::{Code, InstanceEvent, RuntimeDriver};
 use nexus_actors::roles::panel_manager::local::{LocalConfig, LocalDriver, SandboxChoice};
 
 use super::harness::{env, get_json, panel_id, processes_mentioning, register, skipped, spec, Cleanup};
@@ -116,4 +116,37 @@ fn a_panel_cannot_take_its_helpers_ports_before_they_listen() {
         });
         drop(cleanup);
     }
+}
+
+/// A sidecar that never serves (here: one that hangs) ends its instance
+/// as a crash would, with the reason in the panel's log.
+#[test]
+fn an_instance_whose_sidecar_never_serves_ends_with_the_reason_in_its_log() {
+    if skipped("an_instance_whose_sidecar_never_serves_ends_with_the_reason_in_its_log") {
+        return;
+    }
+    let env = env("order-hung", SandboxChoice::Process);
+    let panel = panel_id();
+    let instance = format!("order-hung-{}", std::process::id());
+    let cleanup = Cleanup { instances: vec![instance.clone()] };
+    let hung = env.dir.join("hung-nexus");
+    std::fs::write(&hung, "#!/bin/sh\nexec sleep 600\n").unwrap();
+    std::process::Command::new("chmod").arg("755").arg(&hung).status().unwrap();
+    let driver = LocalDriver::new(LocalConfig::new(
+        env.dir.join("hung-data"),
+        hung,
+        env.redis_url.clone(),
+        SandboxChoice::Process,
+    ));
+    actix_rt::System::new().block_on(async {
+        register(&env.redis_url, &panel).await;
+        let volume = driver.volume(&panel, "template:python_minimal").await.expect("volume");
+        let mut started = driver.start(spec(&instance, &panel, Code::Studio(volume))).await.expect("start");
+        let event = actix_rt::time::timeout(std::time::Duration::from_secs(40), started.events.recv()).await;
+        let logs = driver.logs(&instance, 20).await.unwrap_or_default();
+        assert_eq!(event, Ok(Some(InstanceEvent::Exited { code: None, limit: None })), "{logs:?}");
+        assert!(logs.iter().any(|l| l.contains("did not serve")), "the reason is in the log: {logs:?}");
+        driver.stop(&instance, std::time::Duration::from_secs(5)).await.expect("stop");
+    });
+    drop(cleanup);
 }

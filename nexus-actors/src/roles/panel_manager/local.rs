@@ -61,6 +61,7 @@ mod uids;
 mod workspace;
 
 use std::collections::{HashMap, HashSet};
+use std::io::Write;
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -583,11 +584,24 @@ impl LocalDriver {
             let env = vec![redis, ("NEXUS_WATCHDOG_TOKEN".to_owned(), token.to_owned())];
             self.spawn_helper(Helper::Watchdog, &spec.instance, instance, watchdog, env, listener)?;
         }
-        // The helpers' ports were bound before: the panel starts beside them,
-        // and the start ends once they serve too.
+        // The helpers' ports were bound before: the panel starts beside them.
         let user = spawn_user(&spec.instance, instance, &self.metrics)?;
         *instance.user.lock().await = Some(user);
-        procs::helpers_serving(netns_path, helpers).await
+        // Their port answers before they run, so whether they came up is
+        // checked apart from the start (which it would only slow down): a
+        // helper that never serves ends the instance as a crash would, its
+        // reason in the panel's log.
+        let (id, events, log) = (spec.instance.clone(), instance.events.clone(), instance.dir.join("panel.log"));
+        tokio::spawn(async move {
+            if let Err(error) = procs::helpers_serving(netns_path, helpers).await {
+                tracing::error!(instance = %id, %error, "a helper of the instance never served; it ends");
+                let said = format!("nexus: {error}; the instance ends\n");
+                let _ =
+                    std::fs::OpenOptions::new().append(true).open(&log).and_then(|mut f| f.write_all(said.as_bytes()));
+                let _ = events.send(InstanceEvent::Exited { code: None, limit: None });
+            }
+        });
+        Ok(())
     }
 
     fn spawn_helper(

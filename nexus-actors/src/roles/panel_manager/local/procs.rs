@@ -31,9 +31,7 @@ const HELPERS_SERVE_WITHIN: Duration = Duration::from_secs(15);
 
 /// Waits until each helper answers `GET /healthz` on its address (inside
 /// the namespace at `netns` when there is one). Its port was bound before
-/// it ran, so a connection alone says nothing; a helper that cannot start
-/// fails the instance's start, which the panel's own readiness could not
-/// tell.
+/// it ran, so a connection alone says nothing.
 pub(super) async fn helpers_serving(netns: Option<PathBuf>, addrs: Vec<SocketAddr>) -> Result<(), DriverError> {
     blocking(move || {
         let inside = netns.as_deref().map(NetnsThread::enter).transpose().map_err(io::Error::other)?;
