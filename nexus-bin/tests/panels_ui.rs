@@ -16,7 +16,7 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use nexus_actors::infra::{free_port, RedisServer};
@@ -24,29 +24,7 @@ use nexus_testkit::ApiClient;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 
-/// Stops `nexus dev` (and with it every panel instance it started) however
-/// the test ends.
-struct Node(Child);
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        if let Ok(Some(_)) = self.0.try_wait() {
-            return;
-        }
-        // SIGTERM first: the node stops its instances (and their network
-        // namespaces) on a graceful shutdown.
-        let _ = Command::new("kill").arg(self.0.id().to_string()).status();
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.0.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+use common::KillOnDrop;
 
 fn log_tail(path: &Path) -> String {
     let log = std::fs::read_to_string(path).unwrap_or_default();
@@ -55,7 +33,7 @@ fn log_tail(path: &Path) -> String {
 }
 
 /// Waits until `port` accepts connections, or fails with the node's log.
-fn wait_for(node: &mut Node, port: u16, what: &str, log: &Path) {
+fn wait_for(node: &mut KillOnDrop, port: u16, what: &str, log: &Path) {
     let deadline = Instant::now() + Duration::from_secs(60);
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
         if let Ok(Some(status)) = node.0.try_wait() {
@@ -102,7 +80,8 @@ fn browser_test(script: &str, before: impl FnOnce(&str, &str, &str)) {
         .stderr(out)
         .spawn()
         .unwrap();
-    let mut node = Node(child);
+    // Stopped (SIGTERM first: the node stops its instances) however the test ends.
+    let mut node = KillOnDrop(child);
     wait_for(&mut node, port, "HTTP API", &log);
     wait_for(&mut node, gateway_port, "traffic gateway", &log);
     let password = std::fs::read_to_string(dir.join("data/admin-password")).unwrap();
