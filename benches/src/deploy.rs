@@ -43,7 +43,7 @@ async fn measure(work: &Path) -> Result<String, String> {
         "redis://127.0.0.1:1".into(),
         SandboxChoice::Process,
     ));
-    let volume = driver.volume(PANEL, "template:empty").await.map_err(|e| e.to_string())?.location;
+    let volume = driver.volume(PANEL, "template:empty").await.map_err(|e| e.to_string())?.location.path().to_owned();
     for i in 0..FILES {
         let file = volume.join(format!("dir{}/file{i}.bin", i % 10));
         std::fs::create_dir_all(file.parent().ok_or("a parent")?).map_err(|e| e.to_string())?;

@@ -26,6 +26,8 @@ use crate::platform::{Platform, Quotas, StoreError, UserRole};
 use crate::roles::llm_manager::{
     self as llm_role, LlmManagerConfig, LlmManagerDeps, LlmManagerError, LlmManagerHandle,
 };
+use crate::roles::panel_manager::driver::RuntimeDriver;
+use crate::roles::panel_manager::kubernetes::{KubeConfig, KubeDriver, KubeError, Templates};
 use crate::roles::panel_manager::local::{Limits, LocalConfig, LocalDriver, NetworkConfig, SandboxChoice};
 use crate::roles::panel_manager::{self as pm_role, PanelManagerConfig, PanelManagerError, PanelManagerHandle};
 use crate::roles::traffic_gateway::{self as gateway_role, Gateway, GatewayConfig, GatewayError};
@@ -140,6 +142,20 @@ pub struct PanelsConfig {
     pub app_idle: Duration,
     /// A Studio instance without a heartbeat for this long is deleted.
     pub watchdog_timeout: Duration,
+    /// Run instances on Kubernetes (`--driver kubernetes`) rather than on
+    /// this machine; `limits` and `watchdog_timeout` still apply.
+    pub kubernetes: Option<KubernetesPanels>,
+}
+
+/// The `kubernetes` driver's settings.
+#[derive(Debug, Clone)]
+pub struct KubernetesPanels {
+    /// Namespace, images, timeouts (its `limits` are replaced by the
+    /// panels' own).
+    pub config: KubeConfig,
+    /// The operator's `dev_pod.yaml` and `prod_service.yaml`; the ones
+    /// built in when `None`.
+    pub templates: Option<PathBuf>,
 }
 
 impl PanelsConfig {
@@ -153,6 +169,7 @@ impl PanelsConfig {
             limits: Limits::default(),
             app_idle: Duration::from_secs(60),
             watchdog_timeout: Duration::from_secs(30 * 60),
+            kubernetes: None,
         }
     }
 }
@@ -207,6 +224,10 @@ pub enum NodeError {
     /// The panel manager did not start.
     #[error("panel manager: {0}")]
     PanelManager(#[from] PanelManagerError),
+    /// The `kubernetes` driver could not start (no cluster configuration,
+    /// an invalid setting, a broken template).
+    #[error("kubernetes driver: {0}")]
+    Kubernetes(#[from] KubeError),
     /// A metric could not be registered (its name taken twice).
     #[error("metrics: {0}")]
     Metrics(String),
@@ -460,14 +481,20 @@ async fn llm_manager(
     Ok(Some(llm_role::start(deps, config.llm.clone()).await?))
 }
 
-/// Starts the panel manager over the `local` driver, whose metrics join
-/// the node's.
-async fn panel_manager(
-    kernel: &Kernel,
-    config: &NodeConfig,
-    bridges: &Bridges,
-) -> Result<PanelManagerHandle, NodeError> {
+/// The panel manager's driver: `kubernetes` when configured, else
+/// `local`, whose metrics join the node's.
+async fn panel_driver(kernel: &Kernel, config: &NodeConfig) -> Result<Arc<dyn RuntimeDriver>, NodeError> {
     let panels = &config.panels;
+    if let Some(kube) = &panels.kubernetes {
+        let templates = match &kube.templates {
+            Some(dir) => Templates::load(dir)?,
+            None => Templates::embedded(),
+        };
+        let settings = KubeConfig { limits: panels.limits, ..kube.config.clone() };
+        let driver = KubeDriver::infer(settings, templates, kernel.metrics().clone()).await?;
+        tracing::info!(namespace = %kube.config.namespace, "panel instances run on Kubernetes");
+        return Ok(Arc::new(driver));
+    }
     let driver = LocalDriver::new(LocalConfig {
         network: panels.network.clone(),
         limits: panels.limits,
@@ -478,11 +505,22 @@ async fn panel_manager(
     }
     // What a crash of this node left behind goes before anything new starts.
     driver.sweep_stale().await;
+    Ok(Arc::new(driver))
+}
+
+/// Starts the panel manager over its driver.
+async fn panel_manager(
+    kernel: &Kernel,
+    config: &NodeConfig,
+    bridges: &Bridges,
+) -> Result<PanelManagerHandle, NodeError> {
+    let panels = &config.panels;
+    let driver = panel_driver(kernel, config).await?;
     let mut pm = PanelManagerConfig::new(config.name.clone(), config.redis_url.clone());
     pm.idle_timeout = panels.app_idle;
     pm.watchdog_timeout = panels.watchdog_timeout;
     pm.instances_per_user = config.quotas.instances;
-    Ok(pm_role::start(kernel, bridges.redis.clone(), Arc::new(driver), pm).await?)
+    Ok(pm_role::start(kernel, bridges.redis.clone(), driver, pm).await?)
 }
 
 async fn traffic_gateway(kernel: &Kernel, config: &NodeConfig, keys: KeyRing) -> Result<Gateway, NodeError> {

@@ -70,6 +70,12 @@ pub struct Metrics {
     /// `nexus_panel_resyncs_total`: times a panel manager wrote its routes
     /// and statuses to Redis again.
     pub panel_resyncs: prometheus::IntCounter,
+    /// `nexus_kube_api_retries_total`: Kubernetes API calls of the
+    /// `kubernetes` driver tried again (5xx, 429, timeouts, quota).
+    pub kube_api_retries: prometheus::IntCounter,
+    /// `nexus_kube_watch_events_total{kind}`: Pod and Knative Service
+    /// changes the `kubernetes` driver's watches saw.
+    pub kube_watch_events: prometheus::IntCounterVec,
     /// `nexus_panel_instance_start_seconds{mode}`: from start to the first ready.
     pub panel_instance_start_seconds: HistogramVec,
 }
@@ -152,6 +158,12 @@ impl Metrics {
         )
         .expect("valid metric definition");
         registry.register(Box::new(panel_resyncs.clone())).expect("metric registered once");
+        let kube_api_retries = prometheus::IntCounter::new(
+            "nexus_kube_api_retries_total",
+            "Kubernetes API calls of the kubernetes driver tried again",
+        )
+        .expect("valid metric definition");
+        registry.register(Box::new(kube_api_retries.clone())).expect("metric registered once");
         let panel_instance_start_seconds = HistogramVec::new(
             HistogramOpts::new("nexus_panel_instance_start_seconds", "Panel instance start to first ready")
                 .buckets(vec![0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]),
@@ -165,6 +177,13 @@ impl Metrics {
             panel_instance_failures,
             panel_resyncs,
             panel_instance_start_seconds,
+            kube_api_retries,
+            kube_watch_events: counter(
+                &registry,
+                "nexus_kube_watch_events_total",
+                "Pod and Knative Service changes seen by the kubernetes driver's watches",
+                &["kind"],
+            ),
             mcp_exec: counter(
                 &registry,
                 "nexus_mcp_exec_total",

@@ -16,6 +16,12 @@
 //! outside) while its listener may be bound inside the instance's network
 //! namespace. It never stops anything itself and serves nothing but
 //! `POST /heartbeat`, `GET /healthz` and `GET /metrics`.
+//!
+//! In a Kubernetes Pod ([`KubeExpiry`]) it deletes its own Pod through the
+//! API, as the only thing its ServiceAccount may do (a Role naming that
+//! one Pod, and an admission policy on its instance label: see
+//! `deploy/k8s/03-security.yaml`); it listens on the Pod's address there,
+//! which only a token-carrying heartbeat may use.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -67,6 +73,9 @@ pub struct WatchdogConfig {
     pub token: Option<String>,
     /// Where the expiry is published.
     pub redis_url: String,
+    /// In a Kubernetes Pod: `listen` may be the Pod's address (the gateway
+    /// comes from outside the Pod), when a `token` guards it.
+    pub pod_network: bool,
 }
 
 impl WatchdogConfig {
@@ -82,6 +91,7 @@ impl WatchdogConfig {
             repeat: DEFAULT_REPEAT,
             token: None,
             redis_url: redis_url.into(),
+            pod_network: false,
         }
     }
 }
@@ -89,8 +99,11 @@ impl WatchdogConfig {
 /// Why a watchdog could not start or serve.
 #[derive(Debug, thiserror::Error)]
 pub enum WatchdogError {
-    /// `listen` is not a loopback address.
-    #[error("the watchdog listens on loopback only; {0} is not a loopback address")]
+    /// `listen` is not a loopback address (and not a Pod's with a token).
+    #[error(
+        "the watchdog listens on loopback only, or in a Kubernetes Pod with a heartbeat token; {0} is not a \
+         loopback address"
+    )]
     NotLoopback(SocketAddr),
     /// A timeout under a second.
     #[error("the timeout must be at least a second")]
@@ -126,6 +139,9 @@ pub enum ExpiryError {
     /// Redis refused or was unreachable.
     #[error("redis: {0}")]
     Redis(#[from] redis::RedisError),
+    /// The Kubernetes API refused, or no cluster configuration was found.
+    #[error("kubernetes: {0}")]
+    Kube(String),
 }
 
 /// How a watchdog asks for its instance to be deleted: the local panel
@@ -165,6 +181,35 @@ impl Expiry for RedisExpiry {
                 .query_async::<u64>(&mut conn)
                 .await?;
             Ok(())
+        })
+    }
+}
+
+/// Deletes the watchdog's own Pod through the Kubernetes API (in-cluster
+/// config, or `KUBECONFIG`), in the config's namespace. A Pod already gone
+/// counts as deleted.
+pub struct KubeExpiry {
+    pods: kube::Api<k8s_openapi::api::core::v1::Pod>,
+    pod: String,
+}
+
+impl KubeExpiry {
+    /// Finds the cluster now, so a missing configuration fails the start.
+    pub async fn infer(pod: impl Into<String>) -> Result<KubeExpiry, ExpiryError> {
+        let client = kube::Client::try_default().await.map_err(|e| ExpiryError::Kube(e.to_string()))?;
+        Ok(KubeExpiry { pods: kube::Api::default_namespaced(client), pod: pod.into() })
+    }
+}
+
+impl Expiry for KubeExpiry {
+    fn expire<'a>(&'a self, instance: &'a str, reason: &'a str) -> BoxFuture<'a, Result<(), ExpiryError>> {
+        Box::pin(async move {
+            tracing::info!(%instance, pod = %self.pod, %reason, "deleting this instance's pod");
+            match self.pods.delete(&self.pod, &kube::api::DeleteParams::default()).await {
+                Ok(_) => Ok(()),
+                Err(kube::Error::Api(status)) if status.code == 404 => Ok(()),
+                Err(error) => Err(ExpiryError::Kube(error.to_string())),
+            }
         })
     }
 }
@@ -258,7 +303,8 @@ pub async fn run(config: WatchdogConfig) -> Result<(), WatchdogError> {
 
 /// Binds the listener and starts the clock; [`Watchdog::run`] serves.
 pub async fn start(config: WatchdogConfig, expiry: Arc<dyn Expiry>) -> Result<Watchdog, WatchdogError> {
-    if !config.listen.ip().is_loopback() {
+    let guarded_pod = config.pod_network && config.token.is_some();
+    if !config.listen.ip().is_loopback() && !guarded_pod {
         return Err(WatchdogError::NotLoopback(config.listen));
     }
     if config.timeout < Duration::from_secs(1) {

@@ -6,7 +6,9 @@
 //! the readiness probe.
 //!
 //! The driver is [`harness::ProcDriver`]: each instance a real `python3`
-//! process on a host port that answers `/manifest` to its secret only.
+//! process on a host port that answers `/manifest` to its secret only;
+//! [`kubernetes`] runs the manager over the `kubernetes` driver and a mock
+//! Kubernetes API server.
 
 #[path = "panel_manager/apps.rs"]
 mod apps;
@@ -14,6 +16,10 @@ mod apps;
 mod guards;
 #[path = "panel_manager/harness.rs"]
 mod harness;
+#[path = "kubernetes/common.rs"]
+mod kube_common;
+#[path = "panel_manager/kubernetes.rs"]
+mod kubernetes;
 
 use std::collections::HashMap;
 use std::time::Duration;

@@ -5,19 +5,22 @@ mod context;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use nexus_actors::bus::kafka::KafkaConfig;
 use nexus_actors::infra;
-use nexus_actors::node::{self, NodeConfig, PanelsConfig, Role};
+use nexus_actors::node::{self, KubernetesPanels, NodeConfig, PanelsConfig, Role};
 use nexus_actors::platform::auth::keys::{unix_now, KeySet};
 use nexus_actors::platform::auth::limiter::LoginLimits;
 use nexus_actors::platform::auth::TOKEN_TTL;
 use nexus_actors::platform::Quotas;
 use nexus_actors::roles::llm_manager::model::{EndpointConfig, ModelConfig};
 use nexus_actors::roles::llm_manager::LlmManagerConfig;
+use nexus_actors::roles::panel_manager::kubernetes::KubeConfig;
 use nexus_actors::roles::panel_manager::local::{is_pool, Egress, Limits, NetworkConfig, SandboxChoice};
+use nexus_actors::roles::panel_manager::templates;
 use nexus_actors::sidecar::{self, SidecarConfig};
 use nexus_actors::watchdog::{self, WatchdogConfig};
 
@@ -84,8 +87,23 @@ enum Command {
     /// --netns when given). Startup counts as a heartbeat. When the time is
     /// up it publishes nexus.instance.expire on
     /// nexus:instance:<id>:control, and again every few seconds until it is
-    /// stopped with the instance.
+    /// stopped with the instance. With --expire-via kubernetes it deletes
+    /// its own Pod (--pod-name) through the Kubernetes API instead.
     Watchdog(WatchdogArgs),
+    /// Seed a Studio volume with the panel's template, once (the Kubernetes
+    /// Studio Pod's init container).
+    ///
+    /// Writes the template --source (template:<name>) into --dir unless the
+    /// directory already holds anything (lost+found aside): the owner's
+    /// work is never overwritten.
+    SeedVolume {
+        /// The panel's source, template:<name>.
+        #[arg(long)]
+        source: String,
+        /// The volume's mount point.
+        #[arg(long, default_value = "/home")]
+        dir: PathBuf,
+    },
     /// Make or rotate the token-signing key file every node of a deployment reads.
     ///
     /// `generate FILE` writes a new key file (0600) and refuses to overwrite
@@ -230,6 +248,14 @@ struct WatchdogArgs {
     /// Redis URL (the watchdog's connection stays on the host network).
     #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
     redis_url: String,
+    /// How the instance is deleted: redis (ask the panel manager) or
+    /// kubernetes (delete this Pod, --pod-name, through the API: in-cluster
+    /// config or KUBECONFIG; --listen may then be the Pod's address).
+    #[arg(long, default_value = "redis", value_parser = ["redis", "kubernetes"])]
+    expire_via: String,
+    /// The Pod to delete with --expire-via kubernetes (the downward API's metadata.name).
+    #[arg(long, env = "POD_NAME")]
+    pod_name: Option<String>,
 }
 
 /// The panel manager's and the traffic gateway's settings.
@@ -283,6 +309,29 @@ struct PanelArgs {
     /// An App instance without requests for this long is stopped (scale to zero).
     #[arg(long, default_value_t = 60, env = "NEXUS_APP_IDLE_SECS")]
     app_idle_secs: u64,
+    /// Where panel instances run: local (this machine) or kubernetes (Pods
+    /// and Knative Services in --kube-namespace; in-cluster config or KUBECONFIG).
+    #[arg(long, default_value = "local", env = "NEXUS_DRIVER", value_parser = ["local", "kubernetes"])]
+    driver: String,
+    /// The panels' namespace (kubernetes driver).
+    #[arg(long, default_value = "nexus-panels", env = "NEXUS_KUBE_NAMESPACE")]
+    kube_namespace: String,
+    /// The nexus image: the Pods' seed, sidecar and watchdog containers.
+    #[arg(long, default_value = "ghcr.io/nexus-graph/nexus:latest", env = "NEXUS_KUBE_IMAGE")]
+    kube_image: String,
+    /// The image user code runs in (python3 and node; the Dockerfile's panel-runtime target).
+    #[arg(long, default_value = "ghcr.io/nexus-graph/panel-runtime:latest", env = "NEXUS_KUBE_PANEL_IMAGE")]
+    kube_panel_image: String,
+    /// A directory with the operator's dev_pod.yaml and prod_service.yaml
+    /// (default: the ones in deploy/k8s/templates, built in).
+    #[arg(long, env = "NEXUS_KUBE_TEMPLATES")]
+    kube_templates: Option<PathBuf>,
+    /// The StorageClass of volumes and snapshots (default: the cluster's).
+    #[arg(long, env = "NEXUS_KUBE_STORAGE_CLASS")]
+    kube_storage_class: Option<String>,
+    /// The Secret (key url) with the sidecars' Redis URL.
+    #[arg(long, default_value = "nexus-sidecar-redis", env = "NEXUS_KUBE_REDIS_SECRET")]
+    kube_redis_secret: String,
     /// A Studio instance without a heartbeat for this long deletes itself
     /// (at most 30 days).
     #[arg(long, default_value_t = 1800, env = "NEXUS_WATCHDOG_TIMEOUT_SECS",
@@ -309,6 +358,16 @@ impl PanelArgs {
             },
             app_idle: Duration::from_secs(self.app_idle_secs.max(1)),
             watchdog_timeout: Duration::from_secs(self.watchdog_timeout_secs.max(1)),
+            kubernetes: (self.driver == "kubernetes").then(|| KubernetesPanels {
+                config: KubeConfig {
+                    nexus_image: self.kube_image.clone(),
+                    panel_image: self.kube_panel_image.clone(),
+                    storage_class: self.kube_storage_class.clone(),
+                    redis_secret: self.kube_redis_secret.clone(),
+                    ..KubeConfig::new(self.kube_namespace.clone())
+                },
+                templates: self.kube_templates.clone(),
+            }),
             ..PanelsConfig::new(data_dir.join("panels"))
         }
     }
@@ -441,6 +500,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Dev { http, data_dir, panels, limits, llm } => dev(http, data_dir, panels, limits, llm),
         Command::Keys { action } => keys(action),
+        Command::SeedVolume { source, dir } => {
+            let wrote = templates::seed(&source, &dir)?;
+            println!("{}", if wrote { "seeded" } else { "already holds files; left as it is" });
+            Ok(())
+        }
         Command::Context { action } => context::run(action),
         Command::Sidecar(args) => {
             let config = SidecarConfig {
@@ -464,9 +528,20 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 listen_fd: args.listen_fd,
                 timeout: Duration::from_secs(args.timeout_secs),
                 token: args.token,
+                pod_network: args.expire_via == "kubernetes",
                 ..WatchdogConfig::new(args.instance, args.panel, args.redis_url)
             };
-            actix_rt::System::new().block_on(watchdog::run(config))?;
+            if args.expire_via == "kubernetes" {
+                let pod = args
+                    .pod_name
+                    .ok_or_else(|| anyhow::anyhow!("--expire-via kubernetes needs --pod-name (POD_NAME)"))?;
+                actix_rt::System::new().block_on(async move {
+                    let expiry = watchdog::KubeExpiry::infer(pod).await?;
+                    watchdog::start(config, Arc::new(expiry)).await?.run().await
+                })?;
+            } else {
+                actix_rt::System::new().block_on(watchdog::run(config))?;
+            }
             Ok(())
         }
         Command::Node(args) => {

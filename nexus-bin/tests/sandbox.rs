@@ -231,10 +231,10 @@ fn a_user_process_that_exits_is_reported_and_its_output_is_in_the_logs() {
         register(&env.redis_url, &panel).await;
         let volume = driver.volume(&panel, "template:python_minimal").await.unwrap();
         let command = r#"{"command": ["python3", "-c", "print('hello from the panel'); raise SystemExit(7)"]}"#;
-        std::fs::write(volume.location.join("nexus-panel.json"), command).unwrap();
+        std::fs::write(volume.location.path().join("nexus-panel.json"), command).unwrap();
         let mut started = driver.start(spec(&instance, &panel, Code::Studio(volume))).await.expect("start");
         let event = actix_rt::time::timeout(Duration::from_secs(60), started.events.recv()).await.expect("an event");
-        assert_eq!(event, Some(InstanceEvent::Exited { code: Some(7), limit: None }));
+        assert_eq!(event, Some(InstanceEvent::Exited { code: Some(7), limit: None, restarted: false }));
         let logs = driver.logs(&instance, 10).await.unwrap();
         assert!(logs.iter().any(|l| l == "hello from the panel"), "{logs:?}");
 
@@ -242,7 +242,7 @@ fn a_user_process_that_exits_is_reported_and_its_output_is_in_the_logs() {
         let event = actix_rt::time::timeout(Duration::from_secs(60), started.events.recv()).await.expect("an event");
         assert_eq!(
             event,
-            Some(InstanceEvent::Exited { code: Some(7), limit: None }),
+            Some(InstanceEvent::Exited { code: Some(7), limit: None, restarted: false }),
             "a restarted process is watched too"
         );
         let logs = driver.logs(&instance, 10).await.unwrap();
@@ -279,18 +279,18 @@ fn unknown_sources_bad_ids_and_panels_without_a_command_are_refused() {
         assert!(!data.join("escape").exists());
 
         let volume = driver.volume("nocommand", "template:python_minimal").await.unwrap();
-        std::fs::remove_file(volume.location.join("nexus-panel.json")).unwrap();
-        std::fs::remove_file(volume.location.join("server.py")).unwrap();
+        std::fs::remove_file(volume.location.path().join("nexus-panel.json")).unwrap();
+        std::fs::remove_file(volume.location.path().join("server.py")).unwrap();
         let started = driver.start(spec("nocommand-1", "nocommand", Code::Studio(volume.clone()))).await;
         assert!(matches!(started, Err(DriverError::NoCommand)), "{:?}", started.err());
-        std::fs::write(volume.location.join("nexus-panel.json"), r#"{"command": []}"#).unwrap();
+        std::fs::write(volume.location.path().join("nexus-panel.json"), r#"{"command": []}"#).unwrap();
         let started = driver.start(spec("nocommand-2", "nocommand", Code::Studio(volume.clone()))).await;
         assert!(matches!(started, Err(DriverError::PanelFile(PanelFileError::NoProgram))), "{:?}", started.err());
-        std::fs::write(volume.location.join("nexus-panel.json"), "not json").unwrap();
+        std::fs::write(volume.location.path().join("nexus-panel.json"), "not json").unwrap();
         let started = driver.start(spec("nocommand-3", "nocommand", Code::Studio(volume.clone()))).await;
         assert!(matches!(started, Err(DriverError::PanelFile(PanelFileError::Json(_)))), "{:?}", started.err());
-        std::fs::remove_file(volume.location.join("nexus-panel.json")).unwrap();
-        std::os::unix::fs::symlink("/etc/hostname", volume.location.join("nexus-panel.json")).unwrap();
+        std::fs::remove_file(volume.location.path().join("nexus-panel.json")).unwrap();
+        std::os::unix::fs::symlink("/etc/hostname", volume.location.path().join("nexus-panel.json")).unwrap();
         let started = driver.start(spec("nocommand-4", "nocommand", Code::Studio(volume))).await;
         let refused = matches!(started, Err(DriverError::PanelFile(PanelFileError::NotARegularFile { .. })));
         assert!(refused, "a symlinked nexus-panel.json is refused, not followed: {:?}", started.err());

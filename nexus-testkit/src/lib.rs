@@ -8,8 +8,12 @@
 //! * [`ApiClient`]: an HTTP client that logs in and speaks JSON;
 //! * [`prerequisite`]: how a test says it cannot run here: under `CI` it
 //!   fails, elsewhere it says so and passes over the test;
-//! * [`eventually`] and [`tempdir`].
+//! * [`eventually`] and [`tempdir`];
+//! * [`kube_api::MockKube`], a mock Kubernetes API server, and
+//!   [`scripted_model::ScriptedModel`], a scripted OpenAI-compatible server.
 
+pub mod kube_api;
+mod loopback;
 pub mod scripted_model;
 
 use std::path::{Path, PathBuf};

@@ -10,19 +10,17 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::convert::Infallible;
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::combinators::UnsyncBoxBody;
-use http_body_util::{BodyExt, Full, StreamBody};
+use http_body_util::{BodyExt, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
 use serde_json::{json, Value};
+
+use crate::loopback::{full, Body, Loopback};
 
 /// The model name the server reports.
 pub const MODEL: &str = "scripted";
@@ -234,30 +232,21 @@ struct State {
 
 /// A running scripted server; stops when dropped.
 pub struct ScriptedModel {
-    addr: SocketAddr,
+    server: Loopback,
     state: Arc<State>,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<JoinHandle<()>>,
 }
 
 impl ScriptedModel {
     /// A server answering each request with what `responder` makes of it.
     pub fn start(responder: impl Fn(&ModelCall) -> Reply + Send + Sync + 'static) -> ScriptedModel {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("a free loopback port");
-        listener.set_nonblocking(true).expect("a non-blocking listener");
-        let addr = listener.local_addr().expect("the listener's address");
         let state = Arc::new(State {
             responder: Box::new(responder),
             received: Mutex::new(Vec::new()),
             count: AtomicUsize::new(0),
         });
-        let (stop, stopped) = tokio::sync::oneshot::channel();
         let served = state.clone();
-        let thread = std::thread::Builder::new()
-            .name("scripted-model".to_owned())
-            .spawn(move || serve(listener, served, stopped))
-            .expect("a thread for the scripted model");
-        ScriptedModel { addr, state, stop: Some(stop), thread: Some(thread) }
+        let server = Loopback::start("scripted-model", move |request| handle(served.clone(), request));
+        ScriptedModel { server, state }
     }
 
     /// A server answering with `replies` in order, then
@@ -271,7 +260,7 @@ impl ScriptedModel {
 
     /// The base URL, `http://127.0.0.1:<port>/v1`.
     pub fn url(&self) -> String {
-        format!("http://{}/v1", self.addr)
+        format!("http://{}/v1", self.server.addr)
     }
 
     /// The `chat/completions` requests received so far, failed ones included.
@@ -285,65 +274,20 @@ impl ScriptedModel {
     }
 }
 
-impl Drop for ScriptedModel {
-    fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-    }
-}
-
-/// Accepts connections until told to stop; dropping the runtime then ends
-/// every connection, hanging ones included.
-fn serve(listener: std::net::TcpListener, state: Arc<State>, mut stopped: tokio::sync::oneshot::Receiver<()>) {
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a runtime");
-    runtime.block_on(async move {
-        let listener = tokio::net::TcpListener::from_std(listener).expect("a tokio listener");
-        loop {
-            tokio::select! {
-                _ = &mut stopped => break,
-                accepted = listener.accept() => {
-                    let Ok((stream, _)) = accepted else { continue };
-                    let _ = stream.set_nodelay(true);
-                    let state = state.clone();
-                    tokio::spawn(async move {
-                        let service = hyper::service::service_fn(move |request| handle(state.clone(), request));
-                        let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
-                    });
-                }
-            }
-        }
-    });
-}
-
-type Body = UnsyncBoxBody<Bytes, Infallible>;
-
-fn full(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Response<Body> {
-    let mut response = Response::new(Full::new(body.into()).boxed_unsync());
-    *response.status_mut() = status;
-    if let Ok(value) = content_type.parse() {
-        response.headers_mut().insert(hyper::header::CONTENT_TYPE, value);
-    }
-    response
-}
-
-async fn handle(state: Arc<State>, request: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+async fn handle(state: Arc<State>, request: Request<Incoming>) -> Response<Body> {
     let path = request.uri().path().to_owned();
     match (request.method().clone(), path.as_str()) {
         (Method::GET, "/v1/models" | "/models") => {
             let models =
                 json!({"object": "list", "data": [{"id": MODEL, "object": "model", "owned_by": "nexus-testkit"}]});
-            Ok(full(StatusCode::OK, "application/json", models.to_string()))
+            full(StatusCode::OK, "application/json", models.to_string())
         }
         (Method::GET, "/_requests") => {
             let count = json!({"requests": state.count.load(Ordering::SeqCst)});
-            Ok(full(StatusCode::OK, "application/json", count.to_string()))
+            full(StatusCode::OK, "application/json", count.to_string())
         }
-        (Method::POST, path) if path.ends_with("/chat/completions") => Ok(complete(state, request).await),
-        _ => Ok(full(StatusCode::NOT_FOUND, "text/plain", "not found")),
+        (Method::POST, path) if path.ends_with("/chat/completions") => complete(state, request).await,
+        _ => full(StatusCode::NOT_FOUND, "text/plain", "not found"),
     }
 }
 

@@ -165,7 +165,7 @@ impl ProcDriver {
             let code = child.wait().ok().and_then(|s| s.code());
             exited.store(true, Ordering::SeqCst);
             if !stopping.load(Ordering::SeqCst) {
-                let _ = events.send(InstanceEvent::Exited { code, limit: None });
+                let _ = events.send(InstanceEvent::Exited { code, limit: None, restarted: false });
             }
         });
         Ok(())
@@ -199,7 +199,7 @@ impl RuntimeDriver for ProcDriver {
     fn volume(&self, panel: &str, source: &str) -> BoxFuture<'_, Result<Volume, DriverError>> {
         let result = self
             .remember(panel, source)
-            .map(|()| Volume { panel: panel.to_owned(), location: self.dir.join(format!("volume-{panel}")) });
+            .map(|()| Volume { panel: panel.to_owned(), location: self.dir.join(format!("volume-{panel}")).into() });
         Box::pin(async move { result })
     }
 
@@ -212,7 +212,7 @@ impl RuntimeDriver for ProcDriver {
             Snapshot {
                 panel: panel.to_owned(),
                 version: *version,
-                location: self.dir.join(format!("snapshot-{panel}-{version}")),
+                location: self.dir.join(format!("snapshot-{panel}-{version}")).into(),
             }
         });
         let takes = *self.snapshot_takes.lock().unwrap();
@@ -317,13 +317,14 @@ impl RuntimeDriver for ProcDriver {
     }
 }
 
-/// A node with a transaction manager and a panel manager over [`ProcDriver`].
-pub(crate) struct Node {
+/// A node with a transaction manager and a panel manager over [`ProcDriver`]
+/// (or another driver).
+pub(crate) struct Node<D = ProcDriver> {
     pub brokers: Brokers,
     pub base: String,
     pub kernel: Kernel,
     pub handle: PanelManagerHandle,
-    pub driver: Arc<ProcDriver>,
+    pub driver: Arc<D>,
     pub conn: redis::aio::MultiplexedConnection,
     _keys: TestKeys,
     _arbiter: Arbiter,
@@ -348,6 +349,16 @@ pub(crate) async fn node(name: &str, tweak: impl FnOnce(&mut PanelManagerConfig)
 
 /// A node over `brokers` (which may hold state already).
 pub(crate) async fn node_on(brokers: Brokers, name: &str, tweak: impl FnOnce(&mut PanelManagerConfig)) -> Node {
+    let driver = Arc::new(ProcDriver::new(tempdir(&format!("{name}-driver"))));
+    node_over(brokers, driver, tweak).await
+}
+
+/// A node over `brokers` and `driver`.
+pub(crate) async fn node_over<D: RuntimeDriver>(
+    brokers: Brokers,
+    driver: Arc<D>,
+    tweak: impl FnOnce(&mut PanelManagerConfig),
+) -> Node<D> {
     let url = brokers.redis_url();
     let keys = TestKeys::new(&brokers.dir);
     let platform = keys.platform(&url).await;
@@ -356,7 +367,6 @@ pub(crate) async fn node_on(brokers: Brokers, name: &str, tweak: impl FnOnce(&mu
     let kernel = Kernel::new("pm-test");
     let arbiter = Arbiter::new();
     let bridge = RedisBridge::spawn(&kernel, &arbiter.handle(), &url).unwrap();
-    let driver = Arc::new(ProcDriver::new(tempdir(&format!("{name}-driver"))));
     let mut config = PanelManagerConfig::new("node-a", url.clone());
     fast(&mut config);
     tweak(&mut config);
@@ -391,7 +401,7 @@ pub(crate) async fn node_on(brokers: Brokers, name: &str, tweak: impl FnOnce(&mu
     node
 }
 
-impl Node {
+impl<D> Node<D> {
     pub(crate) async fn wait_subscribed(&self, channel: &str) {
         let mut conn = self.conn.clone();
         for _ in 0..250 {

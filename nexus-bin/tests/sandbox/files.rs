@@ -35,8 +35,8 @@ fn studio_files_persist_across_restarts_and_app_files_do_not() {
         // and is read-only.
         let snapshot = driver.snapshot(&panel, "template:python_minimal").await.expect("snapshot");
         assert_eq!(snapshot.version, 1);
-        assert!(snapshot.location.join("kept.txt").exists());
-        for path in [snapshot.location.clone(), snapshot.location.join("server.py")] {
+        assert!(snapshot.location.path().join("kept.txt").exists());
+        for path in [snapshot.location.path().to_owned(), snapshot.location.path().join("server.py")] {
             let mode = std::fs::metadata(&path).unwrap().permissions().mode();
             assert_eq!(mode & 0o222, 0, "{} is writable: {mode:o}", path.display());
         }
@@ -58,13 +58,13 @@ fn studio_files_persist_across_restarts_and_app_files_do_not() {
         driver.stop(&a1, Duration::from_secs(5)).await.unwrap();
         let app = driver.start(spec(&a2, &panel, Code::App(snapshot.clone()))).await.unwrap();
         assert_eq!(get_json(&app.endpoint.addr, "/exists?name=scratch.txt")["exists"], false);
-        assert!(!snapshot.location.join("scratch.txt").exists(), "nothing reached the snapshot");
+        assert!(!snapshot.location.path().join("scratch.txt").exists(), "nothing reached the snapshot");
         driver.stop(&a2, Duration::from_secs(5)).await.unwrap();
 
         driver.forget(&panel).await.expect("forget");
-        assert!(!snapshot.location.exists(), "forget deletes the snapshots");
+        assert!(!snapshot.location.path().exists(), "forget deletes the snapshots");
         let fresh = driver.volume(&panel, "template:python_minimal").await.unwrap();
-        assert!(!fresh.location.join("kept.txt").exists(), "forget deleted the volume");
+        assert!(!fresh.location.path().join("kept.txt").exists(), "forget deleted the volume");
     });
     cleanup.instances.clear();
     let _ = std::fs::remove_dir_all(&env.dir);
@@ -78,9 +78,9 @@ fn snapshots_copy_symlinks_without_following_them() {
     let driver = env.driver.clone();
     actix_rt::System::new().block_on(async move {
         let volume = driver.volume("linkpanel", "template:python_minimal").await.unwrap();
-        std::os::unix::fs::symlink("/etc/hostname", volume.location.join("host-file")).unwrap();
+        std::os::unix::fs::symlink("/etc/hostname", volume.location.path().join("host-file")).unwrap();
         let snapshot = driver.snapshot("linkpanel", "template:python_minimal").await.unwrap();
-        let copied = std::fs::symlink_metadata(snapshot.location.join("host-file")).unwrap();
+        let copied = std::fs::symlink_metadata(snapshot.location.path().join("host-file")).unwrap();
         assert!(copied.file_type().is_symlink(), "the symlink was followed and its target copied");
     });
     let _ = std::fs::remove_dir_all(&env.dir);
@@ -106,21 +106,21 @@ fn hard_links_to_files_from_elsewhere_are_neither_chowned_nor_copied() {
         let Code::Studio(volume) = &code else { unreachable!() };
         // Root's file beside the tree: on the volume's own file system, the
         // only one a hard link in it can reach.
-        let outside = volume.location.parent().unwrap().join("host-file.txt");
+        let outside = volume.location.path().parent().unwrap().join("host-file.txt");
         std::fs::write(&outside, &marker).unwrap();
         std::fs::set_permissions(&outside, std::fs::Permissions::from_mode(0o644)).unwrap();
-        std::fs::hard_link(&outside, volume.location.join("linked.txt")).unwrap();
+        std::fs::hard_link(&outside, volume.location.path().join("linked.txt")).unwrap();
         driver.start(spec(&studio, &panel, code.clone())).await.expect("start Studio");
         driver.stop(&studio, Duration::from_secs(5)).await.unwrap();
         let meta = std::fs::metadata(&outside).unwrap();
         assert_eq!((meta.uid(), meta.gid()), (0, 0), "the host file was given to the panel");
-        assert_ne!(std::fs::metadata(volume.location.join("server.py")).unwrap().uid(), 0, "its own files are");
+        assert_ne!(std::fs::metadata(volume.location.path().join("server.py")).unwrap().uid(), 0, "its own files are");
 
         let refused = driver.snapshot(&panel, "template:python_minimal").await.expect_err("a snapshot with the link");
         assert!(refused.to_string().contains("linked.txt: a hard link"), "{refused}");
-        std::fs::remove_file(volume.location.join("linked.txt")).unwrap();
+        std::fs::remove_file(volume.location.path().join("linked.txt")).unwrap();
         let snapshot = driver.snapshot(&panel, "template:python_minimal").await.expect("a snapshot without it");
-        assert_eq!(files_containing(&snapshot.location, &marker), Vec::<PathBuf>::new());
+        assert_eq!(files_containing(snapshot.location.path(), &marker), Vec::<PathBuf>::new());
     });
     drop(cleanup);
     let _ = std::fs::remove_dir_all(&env.dir);
@@ -173,16 +173,16 @@ fn root_never_copies_or_chowns_through_a_symlink_the_panel_swaps_in() {
         let code = volume_with_probe(&driver, &env.redis_url, &panel).await;
         let Code::Studio(volume) = &code else { unreachable!() };
         // A plain symlink to the root-only file: it stays a symlink the panel cannot read.
-        std::os::unix::fs::symlink(secret.join("secret.txt"), volume.location.join("leak")).unwrap();
+        std::os::unix::fs::symlink(secret.join("secret.txt"), volume.location.path().join("leak")).unwrap();
         let pairs = 40;
         for i in 0..pairs {
-            let sub = volume.location.join(format!("sub{i}"));
+            let sub = volume.location.path().join(format!("sub{i}"));
             std::fs::create_dir(&sub).unwrap();
             std::fs::write(sub.join("plain.txt"), "the panel's own file").unwrap();
         }
         let stop = Arc::new(AtomicBool::new(false));
         let swapper = {
-            let (stop, location, secret) = (stop.clone(), volume.location.clone(), secret.clone());
+            let (stop, location, secret) = (stop.clone(), volume.location.path().to_owned(), secret.clone());
             std::thread::spawn(move || {
                 while !stop.load(Ordering::Relaxed) {
                     for i in 0..pairs {
@@ -205,7 +205,7 @@ fn root_never_copies_or_chowns_through_a_symlink_the_panel_swaps_in() {
             driver.stop(&studio, Duration::from_secs(5)).await.unwrap();
             for _ in 0..10 {
                 let snapshot = driver.snapshot(&panel, "template:python_minimal").await.expect("snapshot");
-                let leaked = files_containing(&snapshot.location, &marker);
+                let leaked = files_containing(snapshot.location.path(), &marker);
                 assert_eq!(leaked, Vec::<PathBuf>::new(), "root copied a file through a swapped symlink");
             }
         }
@@ -219,7 +219,7 @@ fn root_never_copies_or_chowns_through_a_symlink_the_panel_swaps_in() {
 
         // The App's copy of a snapshot keeps the symlink, which its uid cannot follow.
         let snapshot = driver.snapshot(&panel, "template:python_minimal").await.expect("snapshot");
-        assert!(std::fs::symlink_metadata(snapshot.location.join("leak")).unwrap().file_type().is_symlink());
+        assert!(std::fs::symlink_metadata(snapshot.location.path().join("leak")).unwrap().file_type().is_symlink());
         let started = driver.start(spec(&app, &panel, Code::App(snapshot))).await.expect("start App");
         let read = get_json(&started.endpoint.addr, "/read?name=leak");
         assert!(read["error"].as_str().is_some_and(|e| e.contains("Permission denied")), "{read}");

@@ -280,6 +280,6 @@ pub(crate) async fn register(redis_url: &str, panel: &str) {
 pub(crate) async fn volume_with_probe(driver: &LocalDriver, redis_url: &str, panel: &str) -> Code {
     register(redis_url, panel).await;
     let volume = driver.volume(panel, "template:python_minimal").await.expect("volume");
-    write_probe_panel(&volume.location);
+    write_probe_panel(volume.location.path());
     Code::Studio(volume)
 }

@@ -67,15 +67,15 @@ pub(crate) fn limits_are_enforced_and_reported(test: &str, choice: SandboxChoice
     let driver = env.driver.clone();
     actix_rt::System::new().block_on(async {
         let cases = [
-            (&hog, MEMORY_HOG, InstanceEvent::Exited { code: None, limit: Some(LimitHit::Memory) }),
-            (&forker, FORKER, InstanceEvent::Exited { code: Some(3), limit: Some(LimitHit::Pids) }),
+            (&hog, MEMORY_HOG, InstanceEvent::Exited { code: None, limit: Some(LimitHit::Memory), restarted: false }),
+            (&forker, FORKER, InstanceEvent::Exited { code: Some(3), limit: Some(LimitHit::Pids), restarted: false }),
         ];
         for (instance, script, expected) in cases.into_iter().take(if gvisor { 1 } else { 2 }) {
             let panel = panel_id();
             register(&env.redis_url, &panel).await;
             let volume = driver.volume(&panel, "template:python_minimal").await.unwrap();
             let command = serde_json::json!({"command": ["python3", "-c", script]}).to_string();
-            std::fs::write(volume.location.join("nexus-panel.json"), command).unwrap();
+            std::fs::write(volume.location.path().join("nexus-panel.json"), command).unwrap();
             let mut started = driver.start(spec(instance, &panel, Code::Studio(volume))).await.expect("start");
             let event = actix_rt::time::timeout(Duration::from_secs(90), started.events.recv()).await;
             let logs = driver.logs(instance, 20).await.unwrap_or_default();
@@ -84,7 +84,7 @@ pub(crate) fn limits_are_enforced_and_reported(test: &str, choice: SandboxChoice
             // init exit 137): the limit is what must be right.
             let event = match event {
                 Some(InstanceEvent::Exited { limit: Some(LimitHit::Memory), .. }) => {
-                    Some(InstanceEvent::Exited { code: None, limit: Some(LimitHit::Memory) })
+                    Some(InstanceEvent::Exited { code: None, limit: Some(LimitHit::Memory), restarted: false })
                 }
                 event => event,
             };
@@ -98,13 +98,17 @@ pub(crate) fn limits_are_enforced_and_reported(test: &str, choice: SandboxChoice
         register(&env.redis_url, &panel).await;
         let volume = driver.volume(&panel, "template:python_minimal").await.unwrap();
         let command = serde_json::json!({"command": ["python3", "-c", FILLER]}).to_string();
-        std::fs::write(volume.location.join("nexus-panel.json"), command).unwrap();
+        std::fs::write(volume.location.path().join("nexus-panel.json"), command).unwrap();
         let snapshot = driver.snapshot(&panel, "template:python_minimal").await.expect("snapshot");
         let mut started = driver.start(spec(&filler, &panel, Code::App(snapshot))).await.expect("start the App");
         let event = actix_rt::time::timeout(Duration::from_secs(90), started.events.recv()).await;
         let logs = driver.logs(&filler, 20).await.unwrap_or_default();
         let event = event.unwrap_or_else(|_| panic!("{filler} did not end: {logs:?}"));
-        assert_eq!(event, Some(InstanceEvent::Exited { code: Some(4), limit: Some(LimitHit::Disk) }), "{logs:?}");
+        assert_eq!(
+            event,
+            Some(InstanceEvent::Exited { code: Some(4), limit: Some(LimitHit::Disk), restarted: false }),
+            "{logs:?}"
+        );
         assert!(logs.iter().any(|l| l.contains("write refused")), "{logs:?}");
         driver.stop(&filler, Duration::from_secs(5)).await.expect("stop");
         let scratch = env.dir.join("data/scratch").join(&filler);
@@ -115,12 +119,16 @@ pub(crate) fn limits_are_enforced_and_reported(test: &str, choice: SandboxChoice
         register(&env.redis_url, &panel).await;
         let volume = driver.volume(&panel, "template:python_minimal").await.unwrap();
         let command = serde_json::json!({"command": ["python3", "-c", FILLER]}).to_string();
-        std::fs::write(volume.location.join("nexus-panel.json"), command).unwrap();
+        std::fs::write(volume.location.path().join("nexus-panel.json"), command).unwrap();
         let mut started = driver.start(spec(&studio_filler, &panel, Code::Studio(volume))).await.expect("start");
         let event = actix_rt::time::timeout(Duration::from_secs(90), started.events.recv()).await;
         let logs = driver.logs(&studio_filler, 20).await.unwrap_or_default();
         let event = event.unwrap_or_else(|_| panic!("{studio_filler} did not end: {logs:?}"));
-        assert_eq!(event, Some(InstanceEvent::Exited { code: Some(4), limit: Some(LimitHit::Disk) }), "{logs:?}");
+        assert_eq!(
+            event,
+            Some(InstanceEvent::Exited { code: Some(4), limit: Some(LimitHit::Disk), restarted: false }),
+            "{logs:?}"
+        );
         driver.stop(&studio_filler, Duration::from_secs(5)).await.expect("stop");
         let path = |p: &str| FilePath::parse(p).unwrap();
         let refused =

@@ -80,9 +80,10 @@ fn a_panel_cannot_take_its_helpers_ports_before_they_listen() {
         actix_rt::System::new().block_on(async {
             register(&env.redis_url, &panel).await;
             let volume = driver.volume(&panel, "template:python_minimal").await.expect("volume");
-            std::fs::write(volume.location.join("grab.pl"), GRAB).unwrap();
-            std::fs::write(volume.location.join("server.py"), SERVE).unwrap();
-            std::fs::write(volume.location.join("nexus-panel.json"), r#"{"command": ["perl", "grab.pl"]}"#).unwrap();
+            std::fs::write(volume.location.path().join("grab.pl"), GRAB).unwrap();
+            std::fs::write(volume.location.path().join("server.py"), SERVE).unwrap();
+            std::fs::write(volume.location.path().join("nexus-panel.json"), r#"{"command": ["perl", "grab.pl"]}"#)
+                .unwrap();
             let started = driver.start(spec(&instance, &panel, Code::Studio(volume))).await.expect("start");
             let grabs = get_json(&started.endpoint.addr, "/");
             assert_ne!(grabs["watchdog"], "bound", "{name}: the panel took the watchdog's port: {grabs}");
@@ -144,7 +145,7 @@ fn an_instance_whose_sidecar_never_serves_ends_with_the_reason_in_its_log() {
         let mut started = driver.start(spec(&instance, &panel, Code::Studio(volume))).await.expect("start");
         let event = actix_rt::time::timeout(std::time::Duration::from_secs(40), started.events.recv()).await;
         let logs = driver.logs(&instance, 20).await.unwrap_or_default();
-        assert_eq!(event, Ok(Some(InstanceEvent::Exited { code: None, limit: None })), "{logs:?}");
+        assert_eq!(event, Ok(Some(InstanceEvent::Exited { code: None, limit: None, restarted: false })), "{logs:?}");
         assert!(logs.iter().any(|l| l.contains("did not serve")), "the reason is in the log: {logs:?}");
         driver.stop(&instance, std::time::Duration::from_secs(5)).await.expect("stop");
     });

@@ -10,12 +10,16 @@
 //! | [`Volume`] | a persistent work dir | a PVC mounted at `/home` |
 //! | [`Snapshot`] | a read-only copy of the code | a container image / Knative revision |
 //! | [`RuntimeDriver::start`] | a network namespace with the user process, its sidecar (and watchdog) | a Pod (Studio) or a Knative revision's Pod (App) |
-//! | [`InstanceEvent::Exited`] | the user process ended | the container terminated |
+//! | [`InstanceEvent::Exited`] | the user process ended | the container terminated (`restarted`: the kubelet started it again) |
+//! | [`InstanceEvent::Gone`] | — | the Pod or Knative Service was deleted or evicted |
 //! | [`RuntimeDriver::restart`] | start the user process again | nothing: the kubelet restarts it |
+//!
+//! Locations are opaque to everyone but their driver: a path for `local`,
+//! a PersistentVolumeClaim's name for `kubernetes`.
 //!
 //! A driver never decides policy: no backoff, no idle timers, no routes.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -63,9 +67,24 @@ pub enum DriverError {
     /// The isolation the driver needs is not there.
     #[error("sandbox: {0}")]
     Sandbox(#[from] SandboxError),
+    /// The Kubernetes driver's cluster refused or failed.
+    #[error("kubernetes: {0}")]
+    Kubernetes(#[from] super::kubernetes::KubeError),
     /// A file or process operation failed.
     #[error("io: {0}")]
     Io(#[from] std::io::Error),
+}
+
+/// Refuses a panel or instance id that could not name a file, a namespace
+/// or a Kubernetes object's source: letters, digits, `-` and `_`, 1 to 100.
+pub fn check_id(what: &'static str, id: &str) -> Result<(), DriverError> {
+    let valid =
+        !id.is_empty() && id.len() <= 100 && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    if valid {
+        Ok(())
+    } else {
+        Err(DriverError::InvalidId { what, id: id.to_owned() })
+    }
 }
 
 /// What is wrong with a panel's `nexus-panel.json`.
@@ -136,13 +155,49 @@ pub enum SandboxError {
     NoIsolation(String),
 }
 
+/// Where a driver keeps a volume or snapshot, in its own terms; stored
+/// with the App record, so it is plain text.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(transparent)]
+pub struct Location(String);
+
+impl Location {
+    /// The location as the driver wrote it.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The location as a path (the `local` driver's).
+    pub fn path(&self) -> &Path {
+        Path::new(&self.0)
+    }
+}
+
+impl From<PathBuf> for Location {
+    fn from(path: PathBuf) -> Self {
+        Location(path.to_string_lossy().into_owned())
+    }
+}
+
+impl From<String> for Location {
+    fn from(name: String) -> Self {
+        Location(name)
+    }
+}
+
+impl std::fmt::Display for Location {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
 /// A panel's persistent Studio storage.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Volume {
     /// The panel it belongs to.
     pub panel: String,
     /// Where the driver keeps it (a directory; a PVC name in Kubernetes).
-    pub location: PathBuf,
+    pub location: Location,
 }
 
 /// An immutable copy of a panel's code, what an App runs.
@@ -152,8 +207,8 @@ pub struct Snapshot {
     pub panel: String,
     /// Grows by one with every deploy.
     pub version: u64,
-    /// Where the driver keeps it.
-    pub location: PathBuf,
+    /// Where the driver keeps it (a directory; a PVC name in Kubernetes).
+    pub location: Location,
 }
 
 /// What a new instance runs.
@@ -192,6 +247,18 @@ pub enum InstanceEvent {
         code: Option<i32>,
         /// The resource limit it ran into, when it did.
         limit: Option<LimitHit>,
+        /// The runtime already started it again (Kubernetes' kubelet): the
+        /// lifecycle counts the crash and probes, it does not ask for a
+        /// restart.
+        restarted: bool,
+    },
+    /// The instance is gone from under the driver (deleted or evicted by
+    /// someone else): final, nothing is left to stop.
+    Gone {
+        /// What the runtime said.
+        reason: String,
+        /// Ended by a failure (evicted) rather than deleted.
+        failed: bool,
     },
 }
 

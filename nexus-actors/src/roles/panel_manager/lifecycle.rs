@@ -102,13 +102,10 @@ impl Message for Traffic {
     type Reply = ();
 }
 
-/// The driver reported that the user process ended.
-struct Exited {
-    code: Option<i32>,
-    limit: Option<LimitHit>,
-}
+/// The driver reported what happened to the instance.
+struct Happened(InstanceEvent);
 
-impl Message for Exited {
+impl Message for Happened {
     type Reply = ();
 }
 
@@ -260,11 +257,11 @@ impl PodLifecycle {
         self.status.isolation = started.isolation;
         self.warning = started.warning;
         if let Some(me) = &self.me {
-            let exited = me.link::<Exited>("runtime-driver");
+            let happened = me.link::<Happened>("runtime-driver");
             let mut events = started.events;
             actix::spawn(async move {
-                while let Some(InstanceEvent::Exited { code, limit }) = events.recv().await {
-                    if exited.tell(Exited { code, limit }).is_err() {
+                while let Some(event) = events.recv().await {
+                    if happened.tell(Happened(event)).is_err() {
                         return;
                     }
                 }
@@ -333,7 +330,7 @@ impl PodLifecycle {
         }
     }
 
-    fn exited(&mut self, code: Option<i32>, limit: Option<LimitHit>, ctx: &mut Ctx<Self>) {
+    fn exited(&mut self, code: Option<i32>, limit: Option<LimitHit>, restarted: bool, ctx: &mut Ctx<Self>) {
         if self.ending
             || !matches!(self.status.state, InstanceState::Starting | InstanceState::Ready | InstanceState::Idle)
         {
@@ -369,8 +366,45 @@ impl PodLifecycle {
         );
         let reason = format!("restarting after {exit} (restart {})", self.status.restarts);
         self.set(InstanceState::Starting, Some(reason));
+        if restarted {
+            // The runtime restarts it with a backoff of its own.
+            return self.probe(ctx);
+        }
         let attempt = self.attempt;
         ctx.run_later(backoff, move |s, ctx| s.behaviour_mut().restart(attempt, ctx));
+    }
+
+    /// The instance is gone from under the driver (deleted or evicted):
+    /// ends, keeping the log tail of a failure, once the driver has freed
+    /// what it still held for it.
+    fn gone(&mut self, reason: String, failed: bool, ctx: &mut Ctx<Self>) {
+        if self.ending {
+            return;
+        }
+        self.ending = true;
+        self.attempt += 1;
+        if failed {
+            self.deps.metrics.panel_instance_failures.inc();
+            tracing::warn!(instance = %self.spec.instance, %reason, "nexus_panel_instance_failures_total");
+        }
+        let (driver, instance) = (self.deps.driver.clone(), self.spec.instance.clone());
+        let lines = self.deps.policy.log_tail_lines;
+        let fut = async move {
+            let tail = match failed {
+                true => driver.logs(&instance, lines).await.unwrap_or_else(|e| vec![format!("(no log: {e})")]),
+                false => Vec::new(),
+            };
+            if let Err(error) = driver.stop(&instance, Duration::ZERO).await {
+                tracing::warn!(%instance, %error, "could not free what a gone instance held");
+            }
+            tail
+        };
+        ctx.spawn(actix::fut::wrap_future::<_, Supervised<Self>>(fut).map(move |tail, s, ctx| {
+            let this = s.behaviour_mut();
+            this.status.log_tail = tail;
+            let state = if failed { InstanceState::Failed } else { InstanceState::Stopped };
+            this.finish(state, Some(reason), ctx);
+        }));
     }
 
     fn restart(&mut self, attempt: u64, ctx: &mut Ctx<Self>) {
@@ -509,9 +543,12 @@ impl Handler<TellAgain> for PodLifecycle {
     }
 }
 
-impl Handler<Exited> for PodLifecycle {
-    fn handle(&mut self, msg: Exited, ctx: &mut Ctx<Self>) -> Reply<()> {
-        self.exited(msg.code, msg.limit, ctx);
+impl Handler<Happened> for PodLifecycle {
+    fn handle(&mut self, Happened(event): Happened, ctx: &mut Ctx<Self>) -> Reply<()> {
+        match event {
+            InstanceEvent::Exited { code, limit, restarted } => self.exited(code, limit, restarted, ctx),
+            InstanceEvent::Gone { reason, failed } => self.gone(reason, failed, ctx),
+        }
         Reply::Now(())
     }
 }

@@ -55,7 +55,6 @@ mod scratch;
 mod stale;
 mod storage;
 mod swap;
-mod templates;
 mod tree;
 mod uids;
 mod workspace;
@@ -85,12 +84,12 @@ use isolation::{resolve, Sandbox};
 use metrics::Helper;
 use procs::{OnExit, Supervised};
 
+pub use super::templates::names as template_names;
 pub use cgroups::Limits;
 pub use files::netns_name;
 pub use isolation::SandboxChoice;
 pub use metrics::LocalMetrics;
 pub use network::{is_pool, Egress, NetworkConfig, NetworkError};
-pub use templates::names as template_names;
 
 /// Where the panel listens inside its namespace, and its sidecar's proxy.
 const PANEL_PORT: u16 = 8080;
@@ -372,12 +371,12 @@ impl LocalDriver {
         private_dir(&dir)?;
 
         let (code, snapshot, scratch_dir) = match &spec.code {
-            Code::Studio(volume) => (volume.location.clone(), None, None),
+            Code::Studio(volume) => (volume.location.path().to_owned(), None, None),
             Code::App(snapshot) => {
                 let dir = self.config.data_dir.join("scratch").join(&spec.instance);
                 let (at, cap) = (dir.clone(), root.then_some(self.config.limits.disk));
                 let code = blocking(move || Ok(scratch::prepare(&at, cap)?)).await?;
-                (code, Some(snapshot.location.clone()), Some(dir))
+                (code, Some(snapshot.location.path().to_owned()), Some(dir))
             }
         };
         // An App's copy is this start's; a Studio volume stays.
@@ -598,7 +597,7 @@ impl LocalDriver {
                 let said = format!("nexus: {error}; the instance ends\n");
                 let _ =
                     std::fs::OpenOptions::new().append(true).open(&log).and_then(|mut f| f.write_all(said.as_bytes()));
-                let _ = events.send(InstanceEvent::Exited { code: None, limit: None });
+                let _ = events.send(InstanceEvent::Exited { code: None, limit: None, restarted: false });
             }
         });
         Ok(())

@@ -10,12 +10,14 @@
 pub mod api;
 pub mod driver;
 pub mod files_api;
+pub mod kubernetes;
 pub mod lifecycle;
 pub mod local;
 pub mod manager;
 pub mod metrics;
 pub mod reporter;
 pub mod store;
+pub mod templates;
 pub mod volume_files;
 
 use std::collections::HashSet;

@@ -11,14 +11,13 @@
 //! This module reads and writes; it decides nothing and announces nothing.
 
 use std::collections::{HashMap, HashSet};
-use std::path::PathBuf;
 use std::time::Duration;
 
 use redis::aio::ConnectionManager;
 use redis::AsyncCommands;
 use serde::{Deserialize, Serialize};
 
-use super::driver::Snapshot;
+use super::driver::{Location, Snapshot};
 use crate::instance::{instances_key, last_request_key, InstanceState, InstanceStatus, PanelRoute, ROUTES_KEY};
 
 pub use crate::platform::StoreError;
@@ -33,7 +32,7 @@ pub struct AppRecord {
     /// The snapshot's version.
     pub version: u64,
     /// Where the driver keeps the snapshot.
-    pub location: PathBuf,
+    pub location: Location,
     /// How many instances should run.
     pub replicas: u32,
 }

@@ -20,15 +20,7 @@ const MAX_MANIFEST: u64 = 64 * 1024;
 
 /// Panel and instance ids become paths and namespace names: only
 /// `[A-Za-z0-9_-]`, 1 to 100 characters, so none can escape a directory.
-pub(super) fn check_id(what: &'static str, id: &str) -> Result<(), DriverError> {
-    let valid =
-        !id.is_empty() && id.len() <= 100 && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
-    if valid {
-        Ok(())
-    } else {
-        Err(DriverError::InvalidId { what, id: id.to_owned() })
-    }
-}
+pub(super) use super::super::driver::check_id;
 
 /// The highest numbered entry of `dir` (0 when none).
 pub(super) fn last_version(dir: &Path) -> io::Result<u64> {

@@ -480,20 +480,27 @@ async fn snapshots_store_each_content_once_and_old_ones_are_pruned() {
     d.write_file("p", SOURCE, path("assets/big.bin"), vec![7u8; 1 << 20].into()).await.expect("saved");
     let one = d.snapshot("p", SOURCE).await.expect("v1");
     let two = d.snapshot("p", SOURCE).await.expect("v2, unchanged");
-    assert_eq!(inode(&one.location.join("server.py")), inode(&two.location.join("server.py")), "stored once");
+    assert_eq!(
+        inode(&one.location.path().join("server.py")),
+        inode(&two.location.path().join("server.py")),
+        "stored once"
+    );
     assert_eq!(objects(&s), 2);
     d.write_file("p", SOURCE, path("server.py"), "v3".into()).await.expect("saved");
     let three = d.snapshot("p", SOURCE).await.expect("v3");
-    assert_ne!(inode(&two.location.join("server.py")), inode(&three.location.join("server.py")));
-    assert_eq!(inode(&one.location.join("assets/big.bin")), inode(&three.location.join("assets/big.bin")));
-    assert_eq!(std::fs::read_to_string(three.location.join("server.py")).expect("read"), "v3");
-    assert_eq!(std::fs::read_to_string(one.location.join("server.py")).expect("read"), "v1", "v1 is as it was");
+    assert_ne!(inode(&two.location.path().join("server.py")), inode(&three.location.path().join("server.py")));
+    assert_eq!(
+        inode(&one.location.path().join("assets/big.bin")),
+        inode(&three.location.path().join("assets/big.bin"))
+    );
+    assert_eq!(std::fs::read_to_string(three.location.path().join("server.py")).expect("read"), "v3");
+    assert_eq!(std::fs::read_to_string(one.location.path().join("server.py")).expect("read"), "v1", "v1 is as it was");
 
     // An App's copy is its own: writing it changes no snapshot.
     let scratch_copy = s.dir.join("app-copy");
-    super::files::fresh_copy(&three.location, &scratch_copy, None).await.expect("a fresh copy");
+    super::files::fresh_copy(three.location.path(), &scratch_copy, None).await.expect("a fresh copy");
     std::fs::write(scratch_copy.join("server.py"), "changed by the App").expect("the copy is writable");
-    assert_eq!(std::fs::read_to_string(three.location.join("server.py")).expect("read"), "v3");
+    assert_eq!(std::fs::read_to_string(three.location.path().join("server.py")).expect("read"), "v3");
 
     // Five kept: v1 and its own object go once five newer ones exist.
     for version in 4..=8 {

@@ -254,7 +254,7 @@ impl Watch {
                             let limit = cgroup.as_ref().and_then(|c| c.limit_hit()).or(full.then_some(LimitHit::Disk));
                             exits.inc();
                             tracing::warn!(instance = %self.instance, ?code, ?limit, "nexus_local_panel_exits_total");
-                            let _ = events.send(InstanceEvent::Exited { code, limit });
+                            let _ = events.send(InstanceEvent::Exited { code, limit, restarted: false });
                             return;
                         }
                         OnExit::Restart { restarts, .. } => {

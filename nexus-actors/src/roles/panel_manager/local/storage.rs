@@ -23,11 +23,12 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use super::super::driver::{DriverError, Snapshot, Volume};
+use super::super::templates;
 use super::super::volume_files::{FileError, FileList, FilePath};
 use super::files::{blocking, check_id, copy_tree, last_version, make_read_only, remove_tree};
 use super::tree::{self, CopyAs};
 use super::LocalDriver;
-use super::{archive, disks, objects, templates, workspace};
+use super::{archive, disks, objects, workspace};
 use crate::platform::files::{passable_dir, private_dir};
 
 /// The snapshots' object store, beside the panels' snapshot directories
@@ -140,7 +141,7 @@ impl LocalDriver {
         templates::files(source)?;
         self.layout().await?;
         let root = self.volumes().join(panel);
-        let volume = Volume { panel: panel.to_owned(), location: root.join(HOME) };
+        let volume = Volume { panel: panel.to_owned(), location: root.join(HOME).into() };
         if self.opened.lock().unwrap_or_else(|e| e.into_inner()).contains(panel) {
             return Ok(volume);
         }
@@ -155,7 +156,7 @@ impl LocalDriver {
         let source = source.to_owned();
         blocking(move || open_volume(&root, &legacy, disk, |tree| templates::write(&source, tree))).await?;
         self.opened.lock().unwrap_or_else(|e| e.into_inner()).insert(panel.to_owned());
-        tracing::debug!(panel, volume = %volume.location.display(), "volume open");
+        tracing::debug!(panel, volume = %volume.location, "volume open");
         Ok(volume)
     }
 
@@ -211,7 +212,7 @@ impl LocalDriver {
         let _editing = self.edit_when_free(panel).await?;
         // A panel without a volume (an App never edited) deploys its template.
         let volume = match self.has_volume(panel) {
-            true => Some(self.create_volume(panel, source).await?.location),
+            true => Some(self.create_volume(panel, source).await?.location.path().to_owned()),
             false => None,
         };
         let _numbering = self.snapshots.lock().await;
@@ -251,12 +252,12 @@ impl LocalDriver {
         if let Err(error) = pruned {
             tracing::warn!(panel, %error, "old snapshots not pruned; the next deploy tries again");
         }
-        Ok(Snapshot { panel: panel.to_owned(), version, location })
+        Ok(Snapshot { panel: panel.to_owned(), version, location: location.into() })
     }
 
     /// Every entry of the panel's volume.
     pub(super) async fn list_volume(&self, panel: &str, source: &str) -> Result<FileList, DriverError> {
-        let volume = self.create_volume(panel, source).await?.location;
+        let volume = self.create_volume(panel, source).await?.location.path().to_owned();
         let limits = self.file_limits;
         blocking(move || workspace::list(&volume, limits)).await
     }
@@ -268,7 +269,7 @@ impl LocalDriver {
         source: &str,
         path: FilePath,
     ) -> Result<Vec<u8>, DriverError> {
-        let volume = self.create_volume(panel, source).await?.location;
+        let volume = self.create_volume(panel, source).await?.location.path().to_owned();
         let limits = self.file_limits;
         blocking(move || workspace::read(&volume, &path, limits)).await
     }
@@ -281,7 +282,7 @@ impl LocalDriver {
         path: FilePath,
         bytes: bytes::Bytes,
     ) -> Result<bool, DriverError> {
-        let volume = self.create_volume(panel, source).await?.location;
+        let volume = self.create_volume(panel, source).await?.location.path().to_owned();
         let editing = self.edit(panel)?;
         let limits = self.file_limits;
         let written = blocking(move || {
@@ -299,7 +300,7 @@ impl LocalDriver {
         source: &str,
         path: FilePath,
     ) -> Result<(), DriverError> {
-        let volume = self.create_volume(panel, source).await?.location;
+        let volume = self.create_volume(panel, source).await?.location.path().to_owned();
         let editing = self.edit(panel)?;
         blocking(move || {
             let _editing = editing;
@@ -315,7 +316,7 @@ impl LocalDriver {
         source: &str,
         archive: bytes::Bytes,
     ) -> Result<FileList, DriverError> {
-        let volume = self.create_volume(panel, source).await?.location;
+        let volume = self.create_volume(panel, source).await?.location.path().to_owned();
         let editing = self.edit(panel)?;
         let staging = self.volumes().join(panel).join(format!("{STAGING}{:08x}", rand::random::<u32>()));
         let limits = self.file_limits;

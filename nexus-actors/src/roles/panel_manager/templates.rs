@@ -6,21 +6,21 @@
 
 use std::path::Path;
 
-use super::super::driver::DriverError;
+use super::driver::DriverError;
 
 /// One file of a template: its name in the panel's code dir and its text.
 type TemplateFile = (&'static str, &'static str);
 
 const PYTHON_MINIMAL: &[TemplateFile] = &[
-    ("server.py", include_str!("../../../../../panel-sdk-docs/python_minimal/server.py")),
-    ("README.md", include_str!("../../../../../panel-sdk-docs/python_minimal/README.md")),
-    ("nexus-panel.json", include_str!("../../../../../panel-sdk-docs/python_minimal/nexus-panel.json")),
+    ("server.py", include_str!("../../../../panel-sdk-docs/python_minimal/server.py")),
+    ("README.md", include_str!("../../../../panel-sdk-docs/python_minimal/README.md")),
+    ("nexus-panel.json", include_str!("../../../../panel-sdk-docs/python_minimal/nexus-panel.json")),
 ];
 
 const NODE_MINIMAL: &[TemplateFile] = &[
-    ("server.js", include_str!("../../../../../panel-sdk-docs/node_minimal/server.js")),
-    ("README.md", include_str!("../../../../../panel-sdk-docs/node_minimal/README.md")),
-    ("nexus-panel.json", include_str!("../../../../../panel-sdk-docs/node_minimal/nexus-panel.json")),
+    ("server.js", include_str!("../../../../panel-sdk-docs/node_minimal/server.js")),
+    ("README.md", include_str!("../../../../panel-sdk-docs/node_minimal/README.md")),
+    ("nexus-panel.json", include_str!("../../../../panel-sdk-docs/node_minimal/nexus-panel.json")),
 ];
 
 /// No files: the owner writes or uploads them.
@@ -35,7 +35,7 @@ pub fn names() -> String {
 }
 
 /// The files of `source` (`template:<name>`), or `UnknownSource`.
-pub(super) fn files(source: &str) -> Result<&'static [TemplateFile], DriverError> {
+pub(crate) fn files(source: &str) -> Result<&'static [TemplateFile], DriverError> {
     source
         .strip_prefix("template:")
         .and_then(|name| TEMPLATES.iter().find(|(n, _)| *n == name))
@@ -43,8 +43,25 @@ pub(super) fn files(source: &str) -> Result<&'static [TemplateFile], DriverError
         .ok_or_else(|| DriverError::UnknownSource(source.to_owned(), names()))
 }
 
+/// Seeds a fresh volume (the Kubernetes Studio Pod's `nexus seed-volume`
+/// init container): writes `source` into `dir` unless `dir` already holds
+/// anything besides `lost+found`, so a volume is seeded once and its
+/// owner's work is never overwritten. True when it wrote.
+pub fn seed(source: &str, dir: &Path) -> Result<bool, DriverError> {
+    let files = files(source)?;
+    for entry in std::fs::read_dir(dir)? {
+        if entry?.file_name() != "lost+found" {
+            return Ok(false);
+        }
+    }
+    for (name, text) in files {
+        std::fs::write(dir.join(name), text)?;
+    }
+    Ok(true)
+}
+
 /// Writes the template `source` into the existing empty directory `dir`.
-pub(super) fn write(source: &str, dir: &Path) -> Result<(), DriverError> {
+pub(crate) fn write(source: &str, dir: &Path) -> Result<(), DriverError> {
     for (name, text) in files(source)? {
         std::fs::write(dir.join(name), text)?;
     }

@@ -1,0 +1,569 @@
+//! The `kubernetes` runtime driver: panel instances as Pods (Studio) and
+//! Knative Services (App) in one namespace, through kube-rs.
+//!
+//! | trait | here |
+//! |---|---|
+//! | [`Volume`] | a PersistentVolumeClaim mounted on `/home`, seeded from the panel's template by an init container |
+//! | [`Snapshot`] | a read-only clone of that claim (`dataSource`), one per deploy |
+//! | Studio start | a Pod: the user's code, `nexus sidecar`, `nexus watchdog` (with a Secret of the instance's tokens and the watchdog's ServiceAccount, Role and RoleBinding) |
+//! | App start | a Knative Service (min-scale 0, a 60 s window) of the user's code and the sidecar, on a fresh copy of a snapshot |
+//! | status | two watches ([`watch`]): Pod IPs and Service URLs become endpoints, restarts and deletions become [`InstanceEvent`]s |
+//! | restart | nothing: the kubelet restarts the container |
+//!
+//! Every object comes from the operator's templates ([`render`]) and is
+//! checked before it is sent. API calls are retried with backoff
+//! ([`calls`]). It decides no policy, like every driver.
+
+mod calls;
+mod manifests;
+mod names;
+mod render;
+mod watch;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod, Secret, ServiceAccount};
+use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+use kube::api::{Api, ApiResource, DynamicObject, ListParams, LogParams};
+use kube::core::GroupVersionKind;
+use kube::{Client, ResourceExt};
+use tokio::sync::OnceCell;
+
+use super::driver::{check_id, Code, DriverError, InstanceSpec, Location, RuntimeDriver, Snapshot, Started, Volume};
+use super::local::Limits;
+use super::templates;
+use crate::instance::{Endpoint, InstanceMode, Isolation};
+use crate::telemetry::Metrics;
+pub use calls::Retry;
+use render::Object;
+pub use render::Templates;
+use watch::{Seen, Tracker, Watched, INSTANCE_LABEL, PANEL_CONTAINER};
+
+/// What went wrong between the driver and the cluster. Each says what an
+/// owner or operator can do about it.
+#[derive(Debug, thiserror::Error)]
+pub enum KubeError {
+    /// No cluster to talk to (neither in-cluster config nor `KUBECONFIG`).
+    #[error("no Kubernetes configuration: {0}")]
+    Config(String),
+    /// An operator setting that cannot go into a manifest.
+    #[error("invalid {what} {value:?}")]
+    Setting {
+        /// Which setting.
+        what: &'static str,
+        /// Its value.
+        value: String,
+    },
+    /// A template did not render, or rendered something else than asked.
+    #[error("template: {0}")]
+    Template(String),
+    /// The API kept failing (5xx, 429, timeouts, quota) through every retry.
+    #[error("the Kubernetes API did not succeed after {attempts} attempts: {last}")]
+    Unavailable {
+        /// Calls made.
+        attempts: u32,
+        /// The last failure.
+        last: String,
+    },
+    /// An object of that name exists and is not this instance's.
+    #[error("conflict: {0}")]
+    Conflict(String),
+    /// The driver's account may not do this.
+    #[error("forbidden: {0}")]
+    Forbidden(String),
+    /// The object is not there.
+    #[error("not found: {0}")]
+    NotFound(String),
+    /// The API refused the request (400, 422: an invalid object).
+    #[error("refused: {0}")]
+    Refused(String),
+    /// The instance cannot run (its image does not pull, it was evicted,
+    /// its revision failed).
+    #[error("the instance cannot run: {0}")]
+    CannotRun(String),
+    /// It was not running (Studio) or ready (App) in time.
+    #[error("not running within {0:?}: {1}")]
+    StartTimeout(Duration, String),
+}
+
+/// The driver's settings; [`KubeConfig::new`] gives the defaults.
+#[derive(Debug, Clone)]
+pub struct KubeConfig {
+    /// The panels' namespace (`--kube-namespace`).
+    pub namespace: String,
+    /// The `nexus` image: seed, sidecar and watchdog containers.
+    pub nexus_image: String,
+    /// The image the user's code runs in (python3 and node).
+    pub panel_image: String,
+    /// The gVisor RuntimeClass.
+    pub runtime_class: String,
+    /// The volumes' StorageClass; the cluster's default when `None`.
+    pub storage_class: Option<String>,
+    /// The Secret (key `url`) holding the sidecars' Redis URL.
+    pub redis_secret: String,
+    /// Requests and limits of the user's container, and volume sizes.
+    pub limits: Limits,
+    /// Where the user's code listens.
+    pub panel_port: u16,
+    /// Where the watchdog listens.
+    pub watchdog_port: u16,
+    /// How long a start waits for the Pod to run or the Service to be ready.
+    pub start_timeout: Duration,
+    /// How API calls are retried.
+    pub retry: Retry,
+}
+
+impl KubeConfig {
+    /// The defaults, in `namespace`.
+    pub fn new(namespace: impl Into<String>) -> KubeConfig {
+        KubeConfig {
+            namespace: namespace.into(),
+            nexus_image: "ghcr.io/nexus-graph/nexus:latest".to_owned(),
+            panel_image: "ghcr.io/nexus-graph/panel-runtime:latest".to_owned(),
+            runtime_class: "gvisor".to_owned(),
+            storage_class: None,
+            redis_secret: "nexus-sidecar-redis".to_owned(),
+            limits: Limits::default(),
+            panel_port: 8080,
+            watchdog_port: 9999,
+            start_timeout: Duration::from_secs(300),
+            retry: Retry::default(),
+        }
+    }
+
+    fn check(&self) -> Result<(), KubeError> {
+        names::check_label("namespace", &self.namespace)?;
+        names::check_label("runtime class", &self.runtime_class)?;
+        names::check_subdomain("redis secret", &self.redis_secret)?;
+        if let Some(class) = &self.storage_class {
+            names::check_subdomain("storage class", class)?;
+        }
+        names::check_image("nexus image", &self.nexus_image)?;
+        names::check_image("panel image", &self.panel_image)
+    }
+}
+
+/// An instance's objects, by name, so stop deletes what start made.
+#[derive(Debug, Clone)]
+struct Made {
+    name: String,
+    mode: InstanceMode,
+}
+
+/// Runs panel instances on a Kubernetes cluster; see the module documentation.
+pub struct KubeDriver {
+    config: KubeConfig,
+    templates: Templates,
+    client: Client,
+    tracker: Arc<Tracker>,
+    watching: OnceCell<()>,
+    knative: ApiResource,
+    metrics: Metrics,
+    made: std::sync::Mutex<std::collections::HashMap<String, Made>>,
+}
+
+impl KubeDriver {
+    /// A driver on the cluster of the in-cluster config or `KUBECONFIG`.
+    pub async fn infer(config: KubeConfig, templates: Templates, metrics: Metrics) -> Result<KubeDriver, KubeError> {
+        let client = Client::try_default().await.map_err(|e| KubeError::Config(e.to_string()))?;
+        KubeDriver::with_client(config, templates, client, metrics)
+    }
+
+    /// A driver on `client`'s cluster. Checks the settings and that the
+    /// templates render for them.
+    pub fn with_client(
+        config: KubeConfig,
+        templates: Templates,
+        client: Client,
+        metrics: Metrics,
+    ) -> Result<KubeDriver, KubeError> {
+        config.check()?;
+        let gvk = GroupVersionKind::gvk("serving.knative.dev", "v1", "Service");
+        let driver = KubeDriver {
+            tracker: Arc::new(Tracker::new(config.panel_port, metrics.clone())),
+            knative: ApiResource::from_gvk_with_plural(&gvk, "services"),
+            config,
+            templates,
+            client,
+            watching: OnceCell::new(),
+            metrics,
+            made: std::sync::Mutex::new(std::collections::HashMap::new()),
+        };
+        driver.check_templates()?;
+        Ok(driver)
+    }
+
+    /// Renders every part once with sample values, so a broken template
+    /// fails the node's start rather than the first instance.
+    fn check_templates(&self) -> Result<(), KubeError> {
+        let spec = InstanceSpec {
+            instance: "check-1".to_owned(),
+            panel: "check".to_owned(),
+            owner: "check".to_owned(),
+            mode: InstanceMode::Studio,
+            code: Code::Studio(Volume { panel: "check".to_owned(), location: names::claim("check").into() }),
+            watchdog_timeout: None,
+        };
+        self.volume_objects("check", "template:empty")?;
+        self.snapshot_objects("check", 1)?;
+        self.instance_objects(&spec)?;
+        let app = InstanceSpec {
+            mode: InstanceMode::App,
+            code: Code::App(Snapshot {
+                panel: "check".to_owned(),
+                version: 1,
+                location: names::snapshot("check", 1).into(),
+            }),
+            ..spec
+        };
+        self.instance_objects(&app)?;
+        Ok(())
+    }
+
+    fn pods(&self) -> Api<Pod> {
+        Api::namespaced(self.client.clone(), &self.config.namespace)
+    }
+
+    fn claims(&self) -> Api<PersistentVolumeClaim> {
+        Api::namespaced(self.client.clone(), &self.config.namespace)
+    }
+
+    fn services(&self) -> Api<DynamicObject> {
+        Api::namespaced_with(self.client.clone(), &self.config.namespace, &self.knative)
+    }
+
+    fn api<K>(&self) -> Api<K>
+    where
+        K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>,
+        K::DynamicType: Default,
+    {
+        Api::namespaced(self.client.clone(), &self.config.namespace)
+    }
+
+    /// Starts both watches once, on the runtime of the first start.
+    async fn watch(&self) {
+        self.watching
+            .get_or_init(|| async {
+                tokio::spawn(watch::follow(self.pods(), self.tracker.clone(), Watched::Pod));
+                tokio::spawn(watch::follow(self.services(), self.tracker.clone(), Watched::Knative));
+            })
+            .await;
+    }
+
+    /// Creates `objects` in order (a Pod's account and secret before it).
+    async fn create(&self, objects: Vec<Object>, instance: &str) -> Result<(), KubeError> {
+        let (retry, metrics) = (&self.config.retry, &self.metrics);
+        // An object left by an earlier attempt of this very instance is
+        // ours; one of the same name without its label is someone else's.
+        let name = names::instance(instance);
+        let owned = |labels: &std::collections::BTreeMap<String, String>,
+                     annotations: &std::collections::BTreeMap<String, String>| {
+            labels.get(INSTANCE_LABEL) == Some(&name)
+                && annotations.get("nexus.dev/instance").is_none_or(|i| i == instance)
+        };
+        for object in objects {
+            match object {
+                Object::Claim(claim) => {
+                    let key = claim.labels().get("nexus.dev/panel-key").cloned();
+                    calls::create(&self.claims(), retry, metrics, "PersistentVolumeClaim", &*claim, |c| {
+                        c.labels().get("nexus.dev/panel-key") == key.as_ref()
+                    })
+                    .await?;
+                }
+                Object::Secret(secret) => {
+                    calls::create(&self.api::<Secret>(), retry, metrics, "Secret", &*secret, |s| {
+                        owned(s.labels(), s.annotations())
+                    })
+                    .await?;
+                }
+                Object::ServiceAccount(account) => {
+                    calls::create(&self.api::<ServiceAccount>(), retry, metrics, "ServiceAccount", &*account, |a| {
+                        owned(a.labels(), a.annotations())
+                    })
+                    .await?;
+                }
+                Object::Role(role) => {
+                    calls::create(&self.api::<Role>(), retry, metrics, "Role", &*role, |r| {
+                        owned(r.labels(), r.annotations())
+                    })
+                    .await?;
+                }
+                Object::RoleBinding(binding) => {
+                    calls::create(&self.api::<RoleBinding>(), retry, metrics, "RoleBinding", &*binding, |b| {
+                        owned(b.labels(), b.annotations())
+                    })
+                    .await?;
+                }
+                Object::Pod(pod) => {
+                    calls::create(&self.pods(), retry, metrics, "Pod", &*pod, |p| owned(p.labels(), p.annotations()))
+                        .await?;
+                }
+                Object::Knative(service) => {
+                    calls::create(&self.services(), retry, metrics, "Knative Service", &*service, |s| {
+                        owned(s.labels(), s.annotations())
+                    })
+                    .await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Deletes everything of the instance named `name` (404s count as done).
+    async fn delete_instance(&self, name: &str, mode: InstanceMode, grace: Duration) -> Result<(), KubeError> {
+        let (retry, metrics) = (&self.config.retry, &self.metrics);
+        let account = names::watchdog_account(name);
+        match mode {
+            InstanceMode::Studio => {
+                calls::delete(&self.pods(), retry, metrics, "Pod", name, Some(grace)).await?;
+                calls::delete(&self.api::<RoleBinding>(), retry, metrics, "RoleBinding", &account, None).await?;
+                calls::delete(&self.api::<Role>(), retry, metrics, "Role", &account, None).await?;
+                calls::delete(&self.api::<ServiceAccount>(), retry, metrics, "ServiceAccount", &account, None).await?;
+            }
+            InstanceMode::App => {
+                calls::delete(&self.services(), retry, metrics, "Knative Service", name, None).await?;
+            }
+        }
+        calls::delete(&self.api::<Secret>(), retry, metrics, "Secret", &names::secret(name), None).await
+    }
+
+    /// Waits until the instance serves, or cannot.
+    async fn running(&self, name: &str) -> Result<String, KubeError> {
+        let Some(mut seen) = self.tracker.seen(name) else {
+            return Err(KubeError::CannotRun("no longer followed".to_owned()));
+        };
+        let mut last = Seen::Nothing;
+        let waited = tokio::time::timeout(self.config.start_timeout, async {
+            loop {
+                last = seen.borrow_and_update().clone();
+                match &last {
+                    Seen::Serving(addr) => return Ok(addr.clone()),
+                    Seen::Failed(reason) => return Err(KubeError::CannotRun(reason.clone())),
+                    Seen::Deleted => return Err(KubeError::CannotRun("deleted while starting".to_owned())),
+                    Seen::Nothing | Seen::Pending(_) => {}
+                }
+                if seen.changed().await.is_err() {
+                    return Err(KubeError::CannotRun("no longer followed".to_owned()));
+                }
+            }
+        })
+        .await;
+        waited.unwrap_or_else(|_| Err(KubeError::StartTimeout(self.config.start_timeout, format!("{last:?}"))))
+    }
+
+    async fn start_instance(&self, spec: InstanceSpec) -> Result<Started, DriverError> {
+        check_id("instance", &spec.instance)?;
+        check_id("panel", &spec.panel)?;
+        let name = names::instance(&spec.instance);
+        let objects = self.instance_objects(&spec)?;
+        let watchdog_token = objects.iter().find_map(|o| match o {
+            Object::Secret(s) => s.string_data.as_ref().and_then(|d| d.get("watchdog-token").cloned()),
+            _ => None,
+        });
+        let sidecar_token = objects.iter().find_map(|o| match o {
+            Object::Secret(s) => s.string_data.as_ref().and_then(|d| d.get("sidecar-token").cloned()),
+            _ => None,
+        });
+        let watched = match spec.mode {
+            InstanceMode::Studio => Watched::Pod,
+            InstanceMode::App => Watched::Knative,
+        };
+        self.watch().await;
+        self.tracker.track(&name, watched);
+        self.made_lock().insert(spec.instance.clone(), Made { name: name.clone(), mode: spec.mode });
+        let started = async {
+            self.create(objects, &spec.instance).await?;
+            self.running(&name).await
+        }
+        .await;
+        let addr = match started {
+            Ok(addr) => addr,
+            Err(error) => {
+                tracing::warn!(instance = %spec.instance, %error, "kubernetes instance did not start; deleting what was made");
+                if let Err(cleanup) = self.delete_instance(&name, spec.mode, Duration::ZERO).await {
+                    tracing::warn!(instance = %spec.instance, error = %cleanup, "could not delete a failed start's objects");
+                }
+                self.tracker.forget(&name);
+                self.made_lock().remove(&spec.instance);
+                return Err(error.into());
+            }
+        };
+        let watchdog = match spec.mode {
+            InstanceMode::Studio => {
+                let host = addr.rsplit_once(':').map_or(addr.as_str(), |(host, _)| host);
+                Some(format!("{host}:{}", self.config.watchdog_port))
+            }
+            InstanceMode::App => None,
+        };
+        let endpoint = Endpoint {
+            instance: spec.instance.clone(),
+            addr,
+            watchdog_token: watchdog.as_ref().and(watchdog_token),
+            watchdog,
+        };
+        tracing::info!(instance = %spec.instance, object = %name, addr = %endpoint.addr, "kubernetes instance running");
+        Ok(Started {
+            endpoint,
+            sidecar_token,
+            isolation: Isolation::Gvisor,
+            warning: None,
+            events: self.tracker.attach(&name),
+        })
+    }
+
+    fn made_lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, Made>> {
+        self.made.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    async fn stop_instance(&self, instance: &str, grace: Duration) -> Result<(), DriverError> {
+        let Some(made) = self.made_lock().get(instance).cloned() else {
+            return Err(DriverError::NoInstance(instance.to_owned()));
+        };
+        let seen = self.tracker.seen(&made.name);
+        self.delete_instance(&made.name, made.mode, grace).await?;
+        // Gone once the watch says so (or after the grace and a margin).
+        if let Some(mut seen) = seen {
+            let deleted = seen.wait_for(|s| *s == Seen::Deleted);
+            let _ = tokio::time::timeout(grace + Duration::from_secs(10), deleted).await;
+        }
+        self.tracker.forget(&made.name);
+        self.made_lock().remove(instance);
+        Ok(())
+    }
+
+    async fn instance_logs(&self, instance: &str, lines: usize) -> Result<Vec<String>, DriverError> {
+        let Some(made) = self.made_lock().get(instance).cloned() else {
+            return Err(DriverError::NoInstance(instance.to_owned()));
+        };
+        let pod = match made.mode {
+            InstanceMode::Studio => made.name.clone(),
+            InstanceMode::App => {
+                let params = ListParams::default().labels(&format!("{INSTANCE_LABEL}={}", made.name));
+                let api = self.pods();
+                let pods =
+                    calls::retried(&self.config.retry, &self.metrics, "listing the App's pods", || api.list(&params))
+                        .await?;
+                match pods.items.first() {
+                    Some(pod) => pod.name_any(),
+                    None => return Ok(vec!["(no pod: the App is scaled to zero)".to_owned()]),
+                }
+            }
+        };
+        let tail = i64::try_from(lines).unwrap_or(i64::MAX);
+        let mut params =
+            LogParams { container: Some(PANEL_CONTAINER.to_owned()), tail_lines: Some(tail), ..LogParams::default() };
+        let what = format!("reading the log of {pod}");
+        let api = self.pods();
+        let text = match calls::retried(&self.config.retry, &self.metrics, &what, || api.logs(&pod, &params)).await {
+            Ok(text) => text,
+            // A container waiting to restart has no log; its last run has.
+            Err(KubeError::Refused(_)) => {
+                params.previous = true;
+                calls::retried(&self.config.retry, &self.metrics, &what, || api.logs(&pod, &params)).await?
+            }
+            Err(error) => return Err(error.into()),
+        };
+        Ok(text.lines().map(str::to_owned).collect())
+    }
+
+    async fn next_version(&self, panel: &str) -> Result<u64, KubeError> {
+        let selector =
+            format!("nexus.dev/panel-key={},app.kubernetes.io/component=panel-snapshot", names::panel_key(panel));
+        let params = ListParams::default().labels(&selector);
+        let api = self.claims();
+        let claims =
+            calls::retried(&self.config.retry, &self.metrics, "listing snapshots", || api.list(&params)).await?;
+        let last = claims
+            .items
+            .iter()
+            .filter_map(|c| c.annotations().get("nexus.dev/version").and_then(|v| v.parse::<u64>().ok()))
+            .max()
+            .unwrap_or(0);
+        Ok(last + 1)
+    }
+}
+
+/// The name of `instance`'s Pod (Studio) or Knative Service (App), as
+/// `kubectl` shows it.
+pub fn object_name(instance: &str) -> String {
+    names::instance(instance)
+}
+
+/// The name of `panel`'s Studio volume claim.
+pub fn claim_name(panel: &str) -> String {
+    names::claim(panel)
+}
+
+impl RuntimeDriver for KubeDriver {
+    fn name(&self) -> &'static str {
+        "kubernetes"
+    }
+
+    fn volume(&self, panel: &str, source: &str) -> BoxFuture<'_, Result<Volume, DriverError>> {
+        let (panel, source) = (panel.to_owned(), source.to_owned());
+        Box::pin(async move {
+            check_id("panel", &panel)?;
+            templates::files(&source)?;
+            let objects = self.volume_objects(&panel, &source)?;
+            self.create(objects, "").await?;
+            Ok(Volume { location: Location::from(names::claim(&panel)), panel })
+        })
+    }
+
+    fn snapshot(&self, panel: &str, source: &str) -> BoxFuture<'_, Result<Snapshot, DriverError>> {
+        let (panel, source) = (panel.to_owned(), source.to_owned());
+        Box::pin(async move {
+            self.volume(&panel, &source).await?;
+            let version = self.next_version(&panel).await?;
+            let objects = self.snapshot_objects(&panel, version)?;
+            self.create(objects, "").await?;
+            tracing::info!(%panel, version, "snapshot claim made");
+            Ok(Snapshot { location: Location::from(names::snapshot(&panel, version)), panel, version })
+        })
+    }
+
+    fn start(&self, spec: InstanceSpec) -> BoxFuture<'_, Result<Started, DriverError>> {
+        Box::pin(self.start_instance(spec))
+    }
+
+    fn restart(&self, instance: &str) -> BoxFuture<'_, Result<(), DriverError>> {
+        let known = self.made_lock().contains_key(instance);
+        let instance = instance.to_owned();
+        Box::pin(async move {
+            if known {
+                Ok(())
+            } else {
+                Err(DriverError::NoInstance(instance))
+            }
+        })
+    }
+
+    fn stop(&self, instance: &str, grace: Duration) -> BoxFuture<'_, Result<(), DriverError>> {
+        let instance = instance.to_owned();
+        Box::pin(async move { self.stop_instance(&instance, grace).await })
+    }
+
+    fn logs(&self, instance: &str, lines: usize) -> BoxFuture<'_, Result<Vec<String>, DriverError>> {
+        let instance = instance.to_owned();
+        Box::pin(async move { self.instance_logs(&instance, lines).await })
+    }
+
+    fn forget(&self, panel: &str) -> BoxFuture<'_, Result<(), DriverError>> {
+        let panel = panel.to_owned();
+        Box::pin(async move {
+            check_id("panel", &panel)?;
+            let selector = format!("nexus.dev/panel-key={}", names::panel_key(&panel));
+            let params = ListParams::default().labels(&selector);
+            let (retry, metrics) = (&self.config.retry, &self.metrics);
+            let api = self.claims();
+            let claims = calls::retried(retry, metrics, "listing the panel's claims", || api.list(&params)).await?;
+            for claim in claims.items {
+                calls::delete(&self.claims(), retry, metrics, "PersistentVolumeClaim", &claim.name_any(), None).await?;
+            }
+            tracing::info!(%panel, "panel's claims deleted");
+            Ok(())
+        })
+    }
+}
