@@ -59,6 +59,46 @@ ensure_redis_server() {
   fi
 }
 
+# What checks the deployment files (scripts/check-deploy) and the
+# manifests the kubernetes driver sends (its tests): PyPI's
+# kubernetes-validate in a virtualenv, Debian's docker-compose (its `config`
+# needs no daemon) and Prometheus' promtool, taken out of Debian's package
+# rather than installed, so no Prometheus server is set up.
+KUBERNETES_VALIDATE_VERSION=1.37.0
+export NEXUS_DEPLOY_VENV="${NEXUS_DEPLOY_VENV:-$HOME/.cache/nexus/deploy-venv}"
+export NEXUS_PROMTOOL="${NEXUS_PROMTOOL:-$HOME/.cache/nexus/promtool/usr/bin/promtool}"
+
+ensure_deploy_checks() {
+  local venv="$NEXUS_DEPLOY_VENV"
+  if ! "$venv/bin/kubernetes-validate" --version 2>/dev/null | grep -q "$KUBERNETES_VALIDATE_VERSION"; then
+    echo "installing kubernetes-validate $KUBERNETES_VALIDATE_VERSION into $venv (once)"
+    command -v python3 >/dev/null || apt_install python3
+    rm -rf "$venv"
+    if ! python3 -m venv "$venv" >/dev/null 2>&1; then
+      rm -rf "$venv"
+      apt_install python3-venv
+      python3 -m venv "$venv"
+    fi
+    "$venv/bin/python3" -m pip -q --disable-pip-version-check install "kubernetes-validate==$KUBERNETES_VALIDATE_VERSION"
+  fi
+  command -v docker-compose >/dev/null || apt_install docker-compose
+  if [ ! -x "$NEXUS_PROMTOOL" ]; then
+    echo "taking promtool out of Debian's prometheus package (once)"
+    local debs
+    debs=$(mktemp -d)
+    if [ -z "$apt_updated" ]; then
+      as_root apt-get update -qq
+      apt_updated=1
+    fi
+    (cd "$debs" && apt-get download -qq prometheus)
+    local root="${NEXUS_PROMTOOL%/usr/bin/promtool}"
+    mkdir -p "$root"
+    dpkg-deb -x "$debs"/prometheus_*.deb "$debs/extracted"
+    install -D -m 0755 "$debs/extracted/usr/bin/promtool" "$NEXUS_PROMTOOL"
+    rm -rf "$debs"
+  fi
+}
+
 ensure_tansu() {
   if ! command -v tansu >/dev/null || ! tansu --help 2>/dev/null | grep -q 'Storage engines:.*libsql'; then
     echo "installing tansu $TANSU_VERSION into ~/.cargo/bin (about 10 minutes on 2 cores, once)"
