@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use nexus_actors::bus::kafka::KafkaConfig;
 use nexus_actors::infra;
 use nexus_actors::node::{self, KubernetesPanels, NodeConfig, PanelsConfig, Role};
@@ -220,6 +220,24 @@ struct SidecarArgs {
     listen_fd: Option<i32>,
 }
 
+/// How a watchdog has its instance deleted.
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum ExpireVia {
+    /// Ask the panel manager over Redis.
+    Redis,
+    /// Delete its own Pod through the Kubernetes API.
+    Kubernetes,
+}
+
+/// Where panel instances run.
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Driver {
+    /// On this machine.
+    Local,
+    /// On a Kubernetes cluster.
+    Kubernetes,
+}
+
 #[derive(Args)]
 struct WatchdogArgs {
     /// Id of the instance to delete when no heartbeat comes.
@@ -251,8 +269,8 @@ struct WatchdogArgs {
     /// How the instance is deleted: redis (ask the panel manager) or
     /// kubernetes (delete this Pod, --pod-name, through the API: in-cluster
     /// config or KUBECONFIG; --listen may then be the Pod's address).
-    #[arg(long, default_value = "redis", value_parser = ["redis", "kubernetes"])]
-    expire_via: String,
+    #[arg(long, value_enum, default_value_t = ExpireVia::Redis)]
+    expire_via: ExpireVia,
     /// The Pod to delete with --expire-via kubernetes (the downward API's metadata.name).
     #[arg(long, env = "POD_NAME")]
     pod_name: Option<String>,
@@ -311,8 +329,8 @@ struct PanelArgs {
     app_idle_secs: u64,
     /// Where panel instances run: local (this machine) or kubernetes (Pods
     /// and Knative Services in --kube-namespace; in-cluster config or KUBECONFIG).
-    #[arg(long, default_value = "local", env = "NEXUS_DRIVER", value_parser = ["local", "kubernetes"])]
-    driver: String,
+    #[arg(long, value_enum, default_value_t = Driver::Local, env = "NEXUS_DRIVER")]
+    driver: Driver,
     /// The panels' namespace (kubernetes driver).
     #[arg(long, default_value = "nexus-panels", env = "NEXUS_KUBE_NAMESPACE")]
     kube_namespace: String,
@@ -358,7 +376,7 @@ impl PanelArgs {
             },
             app_idle: Duration::from_secs(self.app_idle_secs.max(1)),
             watchdog_timeout: Duration::from_secs(self.watchdog_timeout_secs.max(1)),
-            kubernetes: (self.driver == "kubernetes").then(|| KubernetesPanels {
+            kubernetes: (self.driver == Driver::Kubernetes).then(|| KubernetesPanels {
                 config: KubeConfig {
                     nexus_image: self.kube_image.clone(),
                     panel_image: self.kube_panel_image.clone(),
@@ -528,10 +546,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 listen_fd: args.listen_fd,
                 timeout: Duration::from_secs(args.timeout_secs),
                 token: args.token,
-                pod_network: args.expire_via == "kubernetes",
+                pod_network: args.expire_via == ExpireVia::Kubernetes,
                 ..WatchdogConfig::new(args.instance, args.panel, args.redis_url)
             };
-            if args.expire_via == "kubernetes" {
+            if args.expire_via == ExpireVia::Kubernetes {
                 let pod = args
                     .pod_name
                     .ok_or_else(|| anyhow::anyhow!("--expire-via kubernetes needs --pod-name (POD_NAME)"))?;

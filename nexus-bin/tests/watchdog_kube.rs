@@ -61,10 +61,15 @@ fn an_expired_watchdog_deletes_its_own_pod_and_nothing_else() {
         std::thread::sleep(Duration::from_millis(50));
     }
     // It asks again every few seconds; a gone pod is no error.
-    std::thread::sleep(Duration::from_secs(4));
-    let writes: Vec<String> =
-        mock.requests().iter().skip(before).filter(|r| r.method != "GET").map(|r| r.line()).collect();
-    assert!(writes.len() >= 2, "it asks again: {writes:?}");
+    let writes = || -> Vec<String> {
+        mock.requests().iter().skip(before).filter(|r| r.method != "GET").map(|r| r.line()).collect()
+    };
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while writes().len() < 2 {
+        assert!(Instant::now() < deadline, "it does not ask again: {:?}", writes());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let writes = writes();
     let own = format!("DELETE /api/v1/namespaces/{NS}/pods/p-demo-1");
     assert!(writes.iter().all(|w| *w == own), "only its own pod: {writes:?}");
     assert!(mock.object("pods", "p-other").is_some());

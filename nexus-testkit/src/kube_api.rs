@@ -171,6 +171,27 @@ impl MockKube {
         true
     }
 
+    /// Marks a stored object as being deleted, as the API server does before
+    /// its finalizers and the kubelet are done: a `deletionTimestamp` and,
+    /// for a Pod, the terminal phase `Failed` (`MODIFIED` to the watches).
+    pub fn mark_deleting(&self, plural: &str, name: &str) -> bool {
+        let mut inner = self.state.lock();
+        let Some(collection) = inner.objects.keys().find(|c| c.ends_with(&format!("/{plural}"))).cloned() else {
+            return false;
+        };
+        inner.version += 1;
+        let version = inner.version;
+        let Some(object) = inner.objects.get_mut(&collection).and_then(|o| o.get_mut(name)) else { return false };
+        object["metadata"]["deletionTimestamp"] = json!("2026-01-01T00:00:00Z");
+        object["metadata"]["resourceVersion"] = json!(version.to_string());
+        if plural == "pods" {
+            object["status"]["phase"] = json!("Failed");
+        }
+        let object = object.clone();
+        self.state.record(&mut inner, &collection, "MODIFIED", object);
+        true
+    }
+
     /// Deletes a stored object as someone else would (`DELETED` to the
     /// watches, nothing recorded as a request).
     pub fn remove(&self, plural: &str, name: &str) -> bool {
@@ -228,11 +249,17 @@ fn decode(text: &str) -> String {
     while i < bytes.len() {
         match bytes[i] {
             b'%' if i + 2 < bytes.len() => {
-                match u8::from_str_radix(&text[i + 1..i + 3], 16) {
-                    Ok(b) => out.push(b),
-                    Err(_) => out.extend_from_slice(&bytes[i..i + 3]),
+                let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).ok().and_then(|h| u8::from_str_radix(h, 16).ok());
+                match hex {
+                    Some(b) => {
+                        out.push(b);
+                        i += 3;
+                    }
+                    None => {
+                        out.push(b'%');
+                        i += 1;
+                    }
                 }
-                i += 3;
             }
             b'+' => {
                 out.push(b' ');

@@ -76,6 +76,8 @@ async fn a_studio_instance_is_a_pod_on_its_volume_followed_by_the_watch() {
     assert_eq!(spec["securityContext"]["runAsNonRoot"], true);
     assert_eq!(containers(spec), ["panel", "sidecar", "watchdog"]);
     assert_eq!(spec["volumes"][0]["persistentVolumeClaim"]["claimName"], claim);
+    let seed = &spec["initContainers"][0];
+    assert_eq!(seed["args"], json!(["seed-volume", "--source", "template:python_minimal", "--dir", "/home"]));
     let panel = &spec["containers"][0];
     assert_eq!(panel["volumeMounts"][0]["mountPath"], "/home");
     assert!(
@@ -89,7 +91,7 @@ async fn a_studio_instance_is_a_pod_on_its_volume_followed_by_the_watch() {
     let role = mock.object("roles", &format!("watchdog-{name}")).expect("the watchdog's role");
     assert_eq!(
         role["rules"],
-        json!([{"apiGroups": [""], "resources": ["pods"], "resourceNames": [name], "verbs": ["get", "delete"]}])
+        json!([{"apiGroups": [""], "resources": ["pods"], "resourceNames": [name], "verbs": ["delete"]}])
     );
     let secret = mock.object("secrets", &format!("{name}-tokens")).expect("the tokens");
     let watchdog_token = secret["stringData"]["watchdog-token"].as_str().expect("a token").to_owned();
@@ -129,7 +131,9 @@ async fn a_studio_instance_is_a_pod_on_its_volume_followed_by_the_watch() {
     assert_eq!(log_reads[1].query.get("tailLines").map(String::as_str), Some("20"));
     assert_eq!(log_reads[1].query.get("container").map(String::as_str), Some("panel"));
 
-    // Deleted outside the driver (its watchdog did it): gone.
+    // Deleted outside the driver (its watchdog did it): the terminal phase
+    // a deleted Pod passes through is no failure; its removal is gone.
+    assert!(mock.mark_deleting("pods", &name));
     assert!(mock.remove("pods", &name));
     let event = tokio::time::timeout(Duration::from_secs(5), started.events.recv()).await.expect("an event");
     assert!(matches!(event, Some(InstanceEvent::Gone { failed: false, .. })), "{event:?}");
@@ -177,6 +181,14 @@ async fn an_app_instance_is_a_knative_service_on_a_snapshot_and_routes_to_its_ur
     let service = mock.object("services", &name).expect("the service");
     assert_eq!(service["apiVersion"], "serving.knative.dev/v1");
     let template = &service["spec"]["template"];
+    let inits: Vec<&str> = template["spec"]["initContainers"]
+        .as_array()
+        .expect("init")
+        .iter()
+        .filter_map(|c| c["name"].as_str())
+        .collect();
+    assert_eq!(inits, ["copy", "seed"], "a snapshot never edited is seeded from its template");
+    assert_eq!(template["spec"]["initContainers"][1]["args"][2], "template:node_minimal");
     let annotations = &template["metadata"]["annotations"];
     assert_eq!(annotations["autoscaling.knative.dev/min-scale"], "0");
     assert_eq!(annotations["autoscaling.knative.dev/window"], "60s");
@@ -185,6 +197,16 @@ async fn an_app_instance_is_a_knative_service_on_a_snapshot_and_routes_to_its_ur
     assert_eq!(template["spec"]["volumes"][0]["persistentVolumeClaim"]["claimName"], second.location.as_str());
     assert_eq!(service["metadata"]["labels"]["networking.knative.dev/visibility"], "cluster-local");
 
+    // The revision's Pod runs before the Service is ready; it is Knative's,
+    // not a route: the start waits for the Service.
+    let revision_pod = json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": format!("{name}-00001-deployment-x"), "namespace": NS, "labels": template["metadata"]["labels"]},
+        "status": {"phase": "Running", "podIP": "10.9.9.9"},
+    });
+    mock.put(&format!("/api/v1/namespaces/{NS}/pods"), revision_pod);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!start.is_finished(), "a revision's pod is no endpoint");
     let ready = json!({
         "conditions": [{"type": "Ready", "status": "True"}],
         "url": "http://shop.example.com",
@@ -198,6 +220,9 @@ async fn an_app_instance_is_a_knative_service_on_a_snapshot_and_routes_to_its_ur
         .expect("the start");
     assert_eq!(started.endpoint.addr, format!("{name}.{NS}.svc.cluster.local:80"), "the cluster-local URL");
     assert_eq!(started.endpoint.watchdog, None);
+    assert!(mock.remove("pods", &format!("{name}-00001-deployment-x")), "scaled to zero");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(started.events.try_recv().is_err(), "a revision's pod going is no news of the App");
 
     let failed = json!({"conditions": [{"type": "Ready", "status": "False", "reason": "RevisionFailed", "message": "exec format error"}]});
     assert!(mock.set_status("services", &name, failed));
@@ -215,4 +240,37 @@ async fn an_app_instance_is_a_knative_service_on_a_snapshot_and_routes_to_its_ur
 
     driver.forget("shop").await.expect("forgotten");
     assert!(mock.names("persistentvolumeclaims").is_empty(), "volume and snapshots deleted");
+}
+
+#[tokio::test]
+async fn snapshots_are_numbered_once_pruned_and_only_a_panels_own_claims_run() {
+    let mock = MockKube::start();
+    let driver = std::sync::Arc::new(driver(&mock));
+    // Two deploys at once take two numbers.
+    let (one, two) = tokio::join!(driver.snapshot("shop", "template:empty"), driver.snapshot("shop", "template:empty"));
+    let mut versions = [one.expect("one").version, two.expect("two").version];
+    versions.sort();
+    assert_eq!(versions, [1, 2]);
+    // A number taken by someone else is skipped, not shared.
+    let third = driver.snapshot("shop", "template:empty").await.expect("three");
+    let foreign = json!({
+        "apiVersion": "v1", "kind": "PersistentVolumeClaim",
+        "metadata": {"name": third.location.as_str().replace("-v3", "-v4"), "namespace": NS},
+    });
+    mock.put(&format!("/api/v1/namespaces/{NS}/persistentvolumeclaims"), foreign);
+    let fifth = driver.snapshot("shop", "template:empty").await.expect("five");
+    assert_eq!(fifth.version, 5, "v4 is someone else's");
+    // Those three numbers below the newest are kept, and nobody else's is touched.
+    let left: Vec<String> =
+        mock.names("persistentvolumeclaims").into_iter().filter(|n| n.starts_with("snap-")).collect();
+    assert_eq!(left.len(), 3, "v3 and v5, and someone else's v4: {left:?}");
+    assert!(!left.iter().any(|n| n.ends_with("-v1") || n.ends_with("-v2")), "{left:?}");
+
+    // Another panel's claim is never mounted, whatever the record says.
+    let mut stolen = app(fifth.clone(), "thief-1");
+    stolen.panel = "thief".to_owned();
+    let before = mock.writes().len();
+    let error = driver.start(stolen).await.err().expect("refused");
+    assert!(error.to_string().contains("claim of the panel"), "{error}");
+    assert_eq!(mock.writes().len(), before, "nothing made");
 }

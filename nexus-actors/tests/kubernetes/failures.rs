@@ -3,8 +3,6 @@
 //! and images that never pull reported at once; a failed start leaves
 //! nothing behind.
 
-use std::time::Duration;
-
 use hyper::Method;
 use nexus_actors::roles::panel_manager::driver::RuntimeDriver;
 use nexus_actors::roles::panel_manager::kubernetes::object_name;
@@ -28,6 +26,7 @@ async fn run_when_made(mock: &MockKube, name: &str) {
 async fn server_errors_and_timeouts_are_retried() {
     let mock = MockKube::start();
     let driver = driver(&mock);
+    driver.volume("demo", "template:empty").await.expect("the volume");
     mock.fail(Method::POST, "/pods", 503, "etcdserver: leader changed", 2);
     mock.hang(Method::POST, "/secrets", 1);
     let name = object_name("demo-r1");
@@ -41,6 +40,7 @@ async fn server_errors_and_timeouts_are_retried() {
 async fn a_quota_refusal_is_retried_then_reported_and_nothing_is_left() {
     let mock = MockKube::start();
     let driver = driver(&mock);
+    driver.volume("demo", "template:empty").await.expect("the volume");
     let quota = "pods \"p-x\" is forbidden: exceeded quota: compute, requested: memory=512Mi";
     mock.fail(Method::POST, "/pods", 403, quota, 10);
     let error = driver.start(studio("demo", "demo-q1", "alice")).await.err().expect("refused");
@@ -56,6 +56,7 @@ async fn a_quota_refusal_is_retried_then_reported_and_nothing_is_left() {
 async fn a_name_taken_by_someone_else_is_a_conflict_but_our_own_is_ours() {
     let mock = MockKube::start();
     let driver = driver(&mock);
+    driver.volume("demo", "template:empty").await.expect("the volume");
     let name = object_name("demo-c1");
     // Someone else's secret with the instance's secret's name.
     let foreign =
@@ -66,6 +67,7 @@ async fn a_name_taken_by_someone_else_is_a_conflict_but_our_own_is_ours() {
     let error = driver.start(studio("demo", "demo-c1", "alice")).await.err().expect("a conflict");
     assert!(error.to_string().contains("conflict") && error.to_string().contains("not this instance's"), "{error}");
     assert!(mock.names("pods").is_empty(), "no pod for a conflicting instance");
+    assert!(mock.object("secrets", &format!("{name}-tokens")).is_some(), "someone else's secret is left alone");
 
     // A create the server carried out but whose answer was lost: the
     // retry's 409 finds the instance's own object and goes on.
@@ -73,7 +75,8 @@ async fn a_name_taken_by_someone_else_is_a_conflict_but_our_own_is_ours() {
     let ours = json!({
         "apiVersion": "v1", "kind": "Secret",
         "metadata": {"name": format!("{name}-tokens"), "namespace": NS,
-                     "labels": {"nexus.dev/instance-key": name}},
+                     "labels": {"nexus.dev/instance-key": name},
+                     "annotations": {"nexus.dev/instance": "demo-c2"}},
     });
     assert_eq!(http.post(&url).json(&ours).send().await.expect("posted").status(), 201);
     let (started, ()) = tokio::join!(driver.start(studio("demo", "demo-c2", "alice")), run_when_made(&mock, &name));
@@ -84,6 +87,7 @@ async fn a_name_taken_by_someone_else_is_a_conflict_but_our_own_is_ours() {
 async fn an_invalid_object_and_an_image_that_never_pulls_fail_at_once() {
     let mock = MockKube::start();
     let driver = driver(&mock);
+    driver.volume("demo", "template:empty").await.expect("the volume");
     mock.fail(Method::POST, "/pods", 422, "spec.containers[0].image: Required value", 1);
     let error = driver.start(studio("demo", "demo-i1", "alice")).await.err().expect("refused");
     assert!(error.to_string().contains("Required value"), "{error}");
@@ -102,5 +106,18 @@ async fn an_invalid_object_and_an_image_that_never_pulls_fail_at_once() {
     let error = started.err().expect("cannot run");
     assert!(error.to_string().contains("ImagePullBackOff"), "{error}");
     until("the failed pod deleted", || mock.names("pods").is_empty()).await;
-    tokio::time::sleep(Duration::from_millis(10)).await;
+
+    // A seed that keeps failing: the volume cannot be made ready.
+    let name = object_name("demo-i3");
+    let seed = async {
+        until("the pod", || mock.object("pods", &name).is_some()).await;
+        let status = json!({"phase": "Pending", "initContainerStatuses": [{
+            "name": "seed", "image": "nexus", "imageID": "", "ready": false, "restartCount": 3,
+            "state": {"waiting": {"reason": "CrashLoopBackOff", "message": "back-off 40s restarting failed container"}},
+        }]});
+        assert!(mock.set_status("pods", &name, status));
+    };
+    let (started, ()) = tokio::join!(driver.start(studio("demo", "demo-i3", "alice")), seed);
+    let error = started.err().expect("cannot run");
+    assert!(error.to_string().contains("init container seed: CrashLoopBackOff"), "{error}");
 }

@@ -64,6 +64,7 @@ async fn values_are_escaped_so_they_cannot_add_fields() {
         until("the pod", || mock.object("pods", &name).is_some()).await;
         assert!(mock.set_status("pods", &name, running("10.8.0.3", 0, None)));
     };
+    driver.volume("Panel_X", "template:empty").await.expect("the volume");
     let (started, ()) = tokio::join!(driver.start(studio("Panel_X", &instance, owner)), run);
     started.expect("started");
     let pod = mock.object("pods", &name).expect("the pod");
@@ -76,7 +77,7 @@ async fn values_are_escaped_so_they_cannot_add_fields() {
 async fn an_operator_template_that_renders_the_wrong_manifest_fails_the_start() {
     let mock = MockKube::start();
     with_templates(&mock, |_, _| {}).expect("the shipped templates load from a directory");
-    let cases: [(&str, &Edit); 6] = [
+    let cases: [(&str, &Edit); 11] = [
         ("automountServiceAccountToken", &|dev, _| {
             *dev = dev.replace(
                 "automountServiceAccountToken: false\n  enableServiceLinks",
@@ -102,6 +103,24 @@ async fn an_operator_template_that_renders_the_wrong_manifest_fails_the_start() 
             )
         }),
         ("prod_service.yaml", &|_, prod| prod.push_str("{% if %}")),
+        ("may not set shareProcessNamespace", &|dev, _| {
+            *dev = dev.replace(
+                "  enableServiceLinks: false\n  restartPolicy",
+                "  enableServiceLinks: false\n  shareProcessNamespace: true\n  restartPolicy",
+            )
+        }),
+        ("container panel may not read key \"url\"", &|dev, _| {
+            *dev = dev.replace("        - {name: HOME, value: /home}", "        - name: STOLEN\n          valueFrom: {secretKeyRef: {name: {{ redis_secret }}, key: url}}\n        - {name: HOME, value: /home}")
+        }),
+        ("may only get and delete the pod", &|dev, _| {
+            *dev = dev.replace("    verbs: [\"delete\"]", "    verbs: [\"delete\", \"patch\"]")
+        }),
+        ("must bind Role", &|dev, _| {
+            *dev = dev.replace("  kind: Role\n  name: {{ service_account }}", "  kind: ClusterRole\n  name: \"admin\"")
+        }),
+        ("exactly the tokens", &|dev, _| {
+            *dev = dev.replace("  watchdog-token: {{ watchdog_token }}", "  watchdog-token: \"chosen-by-the-template\"")
+        }),
     ];
     for (expected, edit) in cases {
         let error = with_templates(&mock, edit).err().unwrap_or_else(|| panic!("{expected:?}: not refused at start"));

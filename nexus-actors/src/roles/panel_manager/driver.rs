@@ -8,7 +8,7 @@
 //! | trait | `local` driver | Kubernetes |
 //! |---|---|---|
 //! | [`Volume`] | a persistent work dir | a PVC mounted at `/home` |
-//! | [`Snapshot`] | a read-only copy of the code | a container image / Knative revision |
+//! | [`Snapshot`] | a read-only copy of the code | a read-only clone of the volume's claim |
 //! | [`RuntimeDriver::start`] | a network namespace with the user process, its sidecar (and watchdog) | a Pod (Studio) or a Knative revision's Pod (App) |
 //! | [`InstanceEvent::Exited`] | the user process ended | the container terminated (`restarted`: the kubelet started it again) |
 //! | [`InstanceEvent::Gone`] | — | the Pod or Knative Service was deleted or evicted |

@@ -155,6 +155,8 @@ pub struct PodLifecycle {
     /// run is ignored.
     attempt: u64,
     crashes: VecDeque<Instant>,
+    /// How the user process last ended, for a crash loop's reason.
+    last_exit: Option<String>,
     /// A stop (or a failure) is under way; later stops only wait for it.
     ending: bool,
     /// A stop asked for while the driver was still starting the instance.
@@ -200,6 +202,7 @@ impl PodLifecycle {
             serving_since_ms: None,
             attempt: 0,
             crashes: VecDeque::new(),
+            last_exit: None,
             ending: false,
             stop_when_started: None,
             waiters: Vec::new(),
@@ -325,7 +328,16 @@ impl PodLifecycle {
             }
             Err(last) => {
                 let timeout = self.deps.policy.ready_timeout.as_secs_f64();
-                self.fail(format!("not ready within {timeout}s ({last})"), ctx);
+                let reason = match &self.last_exit {
+                    // A runtime that restarts by itself backs off longer
+                    // and longer: this is where its crash loop ends.
+                    Some(exit) => format!(
+                        "crash loop: not serving within {timeout}s of restart {} (last {exit}; {last})",
+                        self.status.restarts
+                    ),
+                    None => format!("not ready within {timeout}s ({last})"),
+                };
+                self.fail(reason, ctx);
             }
         }
     }
@@ -365,6 +377,7 @@ impl PodLifecycle {
             "nexus_panel_instance_restarts_total"
         );
         let reason = format!("restarting after {exit} (restart {})", self.status.restarts);
+        self.last_exit = Some(exit);
         self.set(InstanceState::Starting, Some(reason));
         if restarted {
             // The runtime restarts it with a backoff of its own.

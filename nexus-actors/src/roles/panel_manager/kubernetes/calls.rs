@@ -57,7 +57,11 @@ fn classify(what: &str, error: kube::Error) -> Failure {
                 _ => Failure::Final(KubeError::Refused(message)),
             }
         }
-        other => Failure::Again(format!("{what}: {other}")),
+        // The connection or the deadline: the server may answer next time.
+        error @ (kube::Error::HyperError(_) | kube::Error::Service(_)) => Failure::Again(format!("{what}: {error}")),
+        // A body that does not decode, a request that cannot be built, no
+        // credentials: no retry changes that.
+        other => Failure::Final(KubeError::Refused(format!("{what}: {other}"))),
     }
 }
 

@@ -25,6 +25,7 @@ impl KubeDriver {
             memory: format!("{}Mi", (limits.memory >> 20).max(1)),
             cpu: format!("{}m", limits.cpu_millis.max(1)),
             disk: format!("{}Mi", (limits.disk >> 20).max(1)),
+            app_disk: format!("{}Mi", ((limits.disk + limits.volume) >> 20).max(1)),
             volume_size: format!("{}Mi", (limits.volume >> 20).max(1)),
             panel_port: self.config.panel_port,
             watchdog_port: self.config.watchdog_port,
@@ -38,20 +39,26 @@ impl KubeDriver {
         self.templates.render(render::DEV_POD, &values, &[(Kind::Claim, &claim)])
     }
 
-    pub(super) fn snapshot_objects(&self, panel: &str, version: u64) -> Result<Vec<Object>, KubeError> {
-        let values = Values { snapshot: names::snapshot(panel, version), version, ..self.values("snapshot", panel) };
+    pub(super) fn snapshot_objects(&self, panel: &str, source: &str, version: u64) -> Result<Vec<Object>, KubeError> {
+        let values = Values {
+            snapshot: names::snapshot(panel, version),
+            version,
+            source: source.to_owned(),
+            ..self.values("snapshot", panel)
+        };
         let snapshot = values.snapshot.clone();
         self.templates.render(render::PROD_SERVICE, &values, &[(Kind::Claim, &snapshot)])
     }
 
     /// The objects of one instance, with fresh secrets.
-    pub(super) fn instance_objects(&self, spec: &InstanceSpec) -> Result<Vec<Object>, KubeError> {
+    pub(super) fn instance_objects(&self, spec: &InstanceSpec, source: &str) -> Result<Vec<Object>, KubeError> {
         let name = names::instance(&spec.instance);
         let timeout = spec.watchdog_timeout.unwrap_or(Duration::from_secs(1800));
         let mut values = Values {
             name: name.clone(),
             instance: spec.instance.clone(),
             owner: spec.owner.clone(),
+            source: source.to_owned(),
             secret: names::secret(&name),
             service_account: names::watchdog_account(&name),
             sidecar_token: token(),

@@ -17,9 +17,12 @@
 mod calls;
 mod manifests;
 mod names;
+mod policy;
 mod render;
+mod storage;
 mod watch;
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -31,15 +34,21 @@ use kube::core::GroupVersionKind;
 use kube::{Client, ResourceExt};
 use tokio::sync::OnceCell;
 
-use super::driver::{check_id, Code, DriverError, InstanceSpec, Location, RuntimeDriver, Snapshot, Started, Volume};
+use super::driver::{check_id, Code, DriverError, InstanceSpec, RuntimeDriver, Snapshot, Started, Volume};
 use super::local::Limits;
-use super::templates;
 use crate::instance::{Endpoint, InstanceMode, Isolation};
 use crate::telemetry::Metrics;
 pub use calls::Retry;
-use render::Object;
 pub use render::Templates;
+use render::{Kind, Object};
 use watch::{Seen, Tracker, Watched, INSTANCE_LABEL, PANEL_CONTAINER};
+
+/// The annotation naming the instance an object is made for.
+const INSTANCE_ANNOTATION: &str = "nexus.dev/instance";
+/// The label of every object of one panel.
+const PANEL_KEY_LABEL: &str = "nexus.dev/panel-key";
+/// The most of a log tail read from the API.
+const LOG_TAIL_BYTES: i64 = 256 * 1024;
 
 /// What went wrong between the driver and the cluster. Each says what an
 /// owner or operator can do about it.
@@ -162,6 +171,8 @@ pub struct KubeDriver {
     knative: ApiResource,
     metrics: Metrics,
     made: std::sync::Mutex<std::collections::HashMap<String, Made>>,
+    /// Held while a snapshot is numbered and made.
+    snapshots: tokio::sync::Mutex<()>,
 }
 
 impl KubeDriver {
@@ -190,6 +201,7 @@ impl KubeDriver {
             watching: OnceCell::new(),
             metrics,
             made: std::sync::Mutex::new(std::collections::HashMap::new()),
+            snapshots: tokio::sync::Mutex::new(()),
         };
         driver.check_templates()?;
         Ok(driver)
@@ -207,8 +219,8 @@ impl KubeDriver {
             watchdog_timeout: None,
         };
         self.volume_objects("check", "template:empty")?;
-        self.snapshot_objects("check", 1)?;
-        self.instance_objects(&spec)?;
+        self.snapshot_objects("check", "template:empty", 1)?;
+        self.instance_objects(&spec, "template:empty")?;
         let app = InstanceSpec {
             mode: InstanceMode::App,
             code: Code::App(Snapshot {
@@ -218,7 +230,7 @@ impl KubeDriver {
             }),
             ..spec
         };
-        self.instance_objects(&app)?;
+        self.instance_objects(&app, "template:empty")?;
         Ok(())
     }
 
@@ -252,81 +264,110 @@ impl KubeDriver {
             .await;
     }
 
-    /// Creates `objects` in order (a Pod's account and secret before it).
-    async fn create(&self, objects: Vec<Object>, instance: &str) -> Result<(), KubeError> {
-        let (retry, metrics) = (&self.config.retry, &self.metrics);
-        // An object left by an earlier attempt of this very instance is
-        // ours; one of the same name without its label is someone else's.
+    /// Creates `objects` in order (a Pod's account and secret before it),
+    /// adding each that is this instance's (made now, or by an earlier
+    /// attempt of it) to `made`: a failed start deletes those, never an
+    /// object of the same name that is someone else's.
+    async fn create(
+        &self,
+        objects: Vec<Object>,
+        instance: &str,
+        made: &mut Vec<(Kind, String)>,
+    ) -> Result<(), KubeError> {
         let name = names::instance(instance);
-        let owned = |labels: &std::collections::BTreeMap<String, String>,
-                     annotations: &std::collections::BTreeMap<String, String>| {
+        let owned = |labels: &BTreeMap<String, String>, annotations: &BTreeMap<String, String>| {
             labels.get(INSTANCE_LABEL) == Some(&name)
-                && annotations.get("nexus.dev/instance").is_none_or(|i| i == instance)
+                && annotations.get(INSTANCE_ANNOTATION).map(String::as_str) == Some(instance)
         };
         for object in objects {
-            match object {
+            let made_one = match object {
                 Object::Claim(claim) => {
-                    let key = claim.labels().get("nexus.dev/panel-key").cloned();
-                    calls::create(&self.claims(), retry, metrics, "PersistentVolumeClaim", &*claim, |c| {
-                        c.labels().get("nexus.dev/panel-key") == key.as_ref()
-                    })
-                    .await?;
+                    let key = claim.labels().get(PANEL_KEY_LABEL).cloned();
+                    let ours = |c: &PersistentVolumeClaim| c.labels().get(PANEL_KEY_LABEL) == key.as_ref();
+                    self.create_one(&self.claims(), Kind::Claim, &*claim, ours).await?
                 }
                 Object::Secret(secret) => {
-                    calls::create(&self.api::<Secret>(), retry, metrics, "Secret", &*secret, |s| {
-                        owned(s.labels(), s.annotations())
-                    })
-                    .await?;
+                    let ours = |o: &Secret| owned(o.labels(), o.annotations());
+                    self.create_one(&self.api(), Kind::Secret, &*secret, ours).await?
                 }
                 Object::ServiceAccount(account) => {
-                    calls::create(&self.api::<ServiceAccount>(), retry, metrics, "ServiceAccount", &*account, |a| {
-                        owned(a.labels(), a.annotations())
-                    })
-                    .await?;
+                    let ours = |o: &ServiceAccount| owned(o.labels(), o.annotations());
+                    self.create_one(&self.api(), Kind::ServiceAccount, &*account, ours).await?
                 }
                 Object::Role(role) => {
-                    calls::create(&self.api::<Role>(), retry, metrics, "Role", &*role, |r| {
-                        owned(r.labels(), r.annotations())
-                    })
-                    .await?;
+                    let ours = |o: &Role| owned(o.labels(), o.annotations());
+                    self.create_one(&self.api(), Kind::Role, &*role, ours).await?
                 }
                 Object::RoleBinding(binding) => {
-                    calls::create(&self.api::<RoleBinding>(), retry, metrics, "RoleBinding", &*binding, |b| {
-                        owned(b.labels(), b.annotations())
-                    })
-                    .await?;
+                    let ours = |o: &RoleBinding| owned(o.labels(), o.annotations());
+                    self.create_one(&self.api(), Kind::RoleBinding, &*binding, ours).await?
                 }
                 Object::Pod(pod) => {
-                    calls::create(&self.pods(), retry, metrics, "Pod", &*pod, |p| owned(p.labels(), p.annotations()))
-                        .await?;
+                    let ours = |o: &Pod| owned(o.labels(), o.annotations());
+                    self.create_one(&self.pods(), Kind::Pod, &*pod, ours).await?
                 }
                 Object::Knative(service) => {
-                    calls::create(&self.services(), retry, metrics, "Knative Service", &*service, |s| {
-                        owned(s.labels(), s.annotations())
-                    })
-                    .await?;
+                    let ours = |o: &DynamicObject| owned(o.labels(), o.annotations());
+                    self.create_one(&self.services(), Kind::Knative, &*service, ours).await?
                 }
+            };
+            made.push(made_one);
+        }
+        Ok(())
+    }
+
+    async fn create_one<K>(
+        &self,
+        api: &Api<K>,
+        kind: Kind,
+        object: &K,
+        ours: impl Fn(&K) -> bool,
+    ) -> Result<(Kind, String), KubeError>
+    where
+        K: kube::Resource + Clone + serde::de::DeserializeOwned + serde::Serialize + std::fmt::Debug,
+    {
+        calls::create(api, &self.config.retry, &self.metrics, kind.label(), object, ours).await?;
+        Ok((kind, object.meta().name.clone().unwrap_or_default()))
+    }
+
+    /// Deletes `objects` in the reverse order of their making (404s count
+    /// as done); a Pod gets `grace`, at least a second, so its containers
+    /// end before its object goes and its volume is let go.
+    async fn delete_objects(&self, objects: &[(Kind, String)], grace: Duration) -> Result<(), KubeError> {
+        let (retry, metrics) = (&self.config.retry, &self.metrics);
+        let grace = grace.max(Duration::from_secs(1));
+        for (kind, name) in objects.iter().rev() {
+            let label = kind.label();
+            match kind {
+                Kind::Claim => calls::delete(&self.claims(), retry, metrics, label, name, None).await?,
+                Kind::Secret => calls::delete(&self.api::<Secret>(), retry, metrics, label, name, None).await?,
+                Kind::ServiceAccount => {
+                    calls::delete(&self.api::<ServiceAccount>(), retry, metrics, label, name, None).await?
+                }
+                Kind::Role => calls::delete(&self.api::<Role>(), retry, metrics, label, name, None).await?,
+                Kind::RoleBinding => {
+                    calls::delete(&self.api::<RoleBinding>(), retry, metrics, label, name, None).await?
+                }
+                Kind::Pod => calls::delete(&self.pods(), retry, metrics, label, name, Some(grace)).await?,
+                Kind::Knative => calls::delete(&self.services(), retry, metrics, label, name, None).await?,
             }
         }
         Ok(())
     }
 
-    /// Deletes everything of the instance named `name` (404s count as done).
-    async fn delete_instance(&self, name: &str, mode: InstanceMode, grace: Duration) -> Result<(), KubeError> {
-        let (retry, metrics) = (&self.config.retry, &self.metrics);
+    /// Everything a started instance named `name` has, in the order made.
+    fn instance_parts(name: &str, mode: InstanceMode) -> Vec<(Kind, String)> {
         let account = names::watchdog_account(name);
         match mode {
-            InstanceMode::Studio => {
-                calls::delete(&self.pods(), retry, metrics, "Pod", name, Some(grace)).await?;
-                calls::delete(&self.api::<RoleBinding>(), retry, metrics, "RoleBinding", &account, None).await?;
-                calls::delete(&self.api::<Role>(), retry, metrics, "Role", &account, None).await?;
-                calls::delete(&self.api::<ServiceAccount>(), retry, metrics, "ServiceAccount", &account, None).await?;
-            }
-            InstanceMode::App => {
-                calls::delete(&self.services(), retry, metrics, "Knative Service", name, None).await?;
-            }
+            InstanceMode::Studio => vec![
+                (Kind::Secret, names::secret(name)),
+                (Kind::ServiceAccount, account.clone()),
+                (Kind::Role, account.clone()),
+                (Kind::RoleBinding, account),
+                (Kind::Pod, name.to_owned()),
+            ],
+            InstanceMode::App => vec![(Kind::Secret, names::secret(name)), (Kind::Knative, name.to_owned())],
         }
-        calls::delete(&self.api::<Secret>(), retry, metrics, "Secret", &names::secret(name), None).await
     }
 
     /// Waits until the instance serves, or cannot.
@@ -357,7 +398,8 @@ impl KubeDriver {
         check_id("instance", &spec.instance)?;
         check_id("panel", &spec.panel)?;
         let name = names::instance(&spec.instance);
-        let objects = self.instance_objects(&spec)?;
+        let source = self.source_of(&spec).await?;
+        let objects = self.instance_objects(&spec, &source)?;
         let watchdog_token = objects.iter().find_map(|o| match o {
             Object::Secret(s) => s.string_data.as_ref().and_then(|d| d.get("watchdog-token").cloned()),
             _ => None,
@@ -373,8 +415,9 @@ impl KubeDriver {
         self.watch().await;
         self.tracker.track(&name, watched);
         self.made_lock().insert(spec.instance.clone(), Made { name: name.clone(), mode: spec.mode });
+        let mut made = Vec::new();
         let started = async {
-            self.create(objects, &spec.instance).await?;
+            self.create(objects, &spec.instance, &mut made).await?;
             self.running(&name).await
         }
         .await;
@@ -382,7 +425,7 @@ impl KubeDriver {
             Ok(addr) => addr,
             Err(error) => {
                 tracing::warn!(instance = %spec.instance, %error, "kubernetes instance did not start; deleting what was made");
-                if let Err(cleanup) = self.delete_instance(&name, spec.mode, Duration::ZERO).await {
+                if let Err(cleanup) = self.delete_objects(&made, Duration::ZERO).await {
                     tracing::warn!(instance = %spec.instance, error = %cleanup, "could not delete a failed start's objects");
                 }
                 self.tracker.forget(&name);
@@ -422,15 +465,17 @@ impl KubeDriver {
             return Err(DriverError::NoInstance(instance.to_owned()));
         };
         let seen = self.tracker.seen(&made.name);
-        self.delete_instance(&made.name, made.mode, grace).await?;
+        let deleted = self.delete_objects(&Self::instance_parts(&made.name, made.mode), grace).await;
         // Gone once the watch says so (or after the grace and a margin).
-        if let Some(mut seen) = seen {
-            let deleted = seen.wait_for(|s| *s == Seen::Deleted);
-            let _ = tokio::time::timeout(grace + Duration::from_secs(10), deleted).await;
+        if let (Some(mut seen), Ok(())) = (seen, &deleted) {
+            let gone = seen.wait_for(|s| *s == Seen::Deleted);
+            let _ = tokio::time::timeout(grace + Duration::from_secs(10), gone).await;
         }
+        // Forgotten either way: the lifecycle that asked ends now, and an
+        // object a failed delete left is the operator's (the log says so).
         self.tracker.forget(&made.name);
         self.made_lock().remove(instance);
-        Ok(())
+        Ok(deleted?)
     }
 
     async fn instance_logs(&self, instance: &str, lines: usize) -> Result<Vec<String>, DriverError> {
@@ -452,36 +497,28 @@ impl KubeDriver {
             }
         };
         let tail = i64::try_from(lines).unwrap_or(i64::MAX);
-        let mut params =
-            LogParams { container: Some(PANEL_CONTAINER.to_owned()), tail_lines: Some(tail), ..LogParams::default() };
+        // The user's code writes the log: a line without end must not be
+        // read whole into the panel manager.
+        let mut params = LogParams {
+            container: Some(PANEL_CONTAINER.to_owned()),
+            tail_lines: Some(tail),
+            limit_bytes: Some(LOG_TAIL_BYTES),
+            ..LogParams::default()
+        };
         let what = format!("reading the log of {pod}");
         let api = self.pods();
-        let text = match calls::retried(&self.config.retry, &self.metrics, &what, || api.logs(&pod, &params)).await {
-            Ok(text) => text,
-            // A container waiting to restart has no log; its last run has.
-            Err(KubeError::Refused(_)) => {
+        let current = calls::retried(&self.config.retry, &self.metrics, &what, || api.logs(&pod, &params)).await;
+        let text = match current {
+            Ok(text) if !text.is_empty() => text,
+            // A container waiting to restart has no log, nor one just
+            // restarted: the crash is in the last run's.
+            Ok(_) | Err(KubeError::Refused(_)) => {
                 params.previous = true;
                 calls::retried(&self.config.retry, &self.metrics, &what, || api.logs(&pod, &params)).await?
             }
             Err(error) => return Err(error.into()),
         };
         Ok(text.lines().map(str::to_owned).collect())
-    }
-
-    async fn next_version(&self, panel: &str) -> Result<u64, KubeError> {
-        let selector =
-            format!("nexus.dev/panel-key={},app.kubernetes.io/component=panel-snapshot", names::panel_key(panel));
-        let params = ListParams::default().labels(&selector);
-        let api = self.claims();
-        let claims =
-            calls::retried(&self.config.retry, &self.metrics, "listing snapshots", || api.list(&params)).await?;
-        let last = claims
-            .items
-            .iter()
-            .filter_map(|c| c.annotations().get("nexus.dev/version").and_then(|v| v.parse::<u64>().ok()))
-            .max()
-            .unwrap_or(0);
-        Ok(last + 1)
     }
 }
 
@@ -503,25 +540,12 @@ impl RuntimeDriver for KubeDriver {
 
     fn volume(&self, panel: &str, source: &str) -> BoxFuture<'_, Result<Volume, DriverError>> {
         let (panel, source) = (panel.to_owned(), source.to_owned());
-        Box::pin(async move {
-            check_id("panel", &panel)?;
-            templates::files(&source)?;
-            let objects = self.volume_objects(&panel, &source)?;
-            self.create(objects, "").await?;
-            Ok(Volume { location: Location::from(names::claim(&panel)), panel })
-        })
+        Box::pin(async move { self.create_volume(&panel, &source).await })
     }
 
     fn snapshot(&self, panel: &str, source: &str) -> BoxFuture<'_, Result<Snapshot, DriverError>> {
         let (panel, source) = (panel.to_owned(), source.to_owned());
-        Box::pin(async move {
-            self.volume(&panel, &source).await?;
-            let version = self.next_version(&panel).await?;
-            let objects = self.snapshot_objects(&panel, version)?;
-            self.create(objects, "").await?;
-            tracing::info!(%panel, version, "snapshot claim made");
-            Ok(Snapshot { location: Location::from(names::snapshot(&panel, version)), panel, version })
-        })
+        Box::pin(async move { self.take_snapshot(&panel, &source).await })
     }
 
     fn start(&self, spec: InstanceSpec) -> BoxFuture<'_, Result<Started, DriverError>> {

@@ -3,9 +3,11 @@
 //! Panel and instance ids may hold upper case and `_` and run to 100
 //! characters; Kubernetes wants lower-case DNS labels (63 at most, and a
 //! Knative Service's name short enough for its revisions' names). Every
-//! name is a readable slug of the id plus a hash of the whole id, so two
-//! ids never share a name and a name never grows past its limit. The raw
-//! ids travel in annotations, which take any text.
+//! name is a readable slug of the id plus 64 bits of a hash of the whole
+//! id, so ids that differ only in case or `_` get different names and a
+//! name never grows past its limit. The raw ids travel in annotations,
+//! which take any text, and an object is only taken for an instance's when
+//! its annotation names that instance.
 
 use sha2::{Digest, Sha256};
 
@@ -25,7 +27,7 @@ fn hash(id: &str, chars: usize) -> String {
 
 /// `<prefix>-<slug of id>-<hash>`, at most `max` characters, a DNS label.
 fn name(prefix: &str, id: &str, max: usize) -> String {
-    let tail = hash(id, 10);
+    let tail = hash(id, 16);
     let room = max.saturating_sub(prefix.len() + tail.len() + 2);
     let slug: String = id
         .chars()

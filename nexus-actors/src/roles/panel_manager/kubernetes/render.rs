@@ -6,8 +6,8 @@
 //! Every value is written as JSON (auto-escaping is JSON for every
 //! template), so no value can add a field or end a string; and a rendered
 //! manifest is refused unless it holds exactly the objects asked for, by
-//! kind, name and namespace, with the instance's label, and no
-//! service-account token within the user's container's reach.
+//! kind, name and namespace, with the instance's label, and asks for
+//! nothing [`super::policy`] forbids.
 
 use std::path::Path;
 
@@ -18,7 +18,7 @@ use minijinja::{AutoEscape, Environment, UndefinedBehavior};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::KubeError;
+use super::{policy, KubeError};
 
 /// The Studio template's file name.
 pub(super) const DEV_POD: &str = "dev_pod.yaml";
@@ -27,9 +27,6 @@ pub(super) const PROD_SERVICE: &str = "prod_service.yaml";
 
 const EMBEDDED_DEV_POD: &str = include_str!("../../../../../deploy/k8s/templates/dev_pod.yaml");
 const EMBEDDED_PROD_SERVICE: &str = include_str!("../../../../../deploy/k8s/templates/prod_service.yaml");
-
-/// Where the service-account token would be mounted.
-const TOKEN_DIR: &str = "/var/run/secrets";
 
 /// Everything a template may use. Strings the driver made or checked; all
 /// of them are written as JSON.
@@ -63,6 +60,8 @@ pub(super) struct Values {
     pub memory: String,
     pub cpu: String,
     pub disk: String,
+    /// An App's ephemeral storage: its copy of the code and its scratch.
+    pub app_disk: String,
     pub volume_size: String,
     pub panel_port: u16,
     pub watchdog_port: u16,
@@ -95,6 +94,19 @@ pub(super) enum Kind {
 }
 
 impl Kind {
+    /// The kind's name, for logs and errors.
+    pub(super) fn label(self) -> &'static str {
+        match self {
+            Kind::Claim => "PersistentVolumeClaim",
+            Kind::Secret => "Secret",
+            Kind::ServiceAccount => "ServiceAccount",
+            Kind::Role => "Role",
+            Kind::RoleBinding => "RoleBinding",
+            Kind::Pod => "Pod",
+            Kind::Knative => "Knative Service",
+        }
+    }
+
     fn of(api_version: &str, kind: &str) -> Option<Kind> {
         Some(match (api_version, kind) {
             ("v1", "PersistentVolumeClaim") => Kind::Claim,
@@ -191,13 +203,11 @@ impl Templates {
                     )));
                 }
             }
+            policy::check(kind, &doc, values).map_err(|why| refuse(format!("{kind:?} {name}: {why}")))?;
             objects.push(typed(kind, doc).map_err(|e| refuse(format!("{kind:?} {name}: {e}")))?);
         }
         if let Some((kind, name)) = wanted.first() {
             return Err(refuse(format!("no {kind:?} named {name:?}")));
-        }
-        for object in &objects {
-            check_tokens(object).map_err(refuse)?;
         }
         Ok(objects)
     }
@@ -213,27 +223,4 @@ fn typed(kind: Kind, doc: Value) -> Result<Object, serde_json::Error> {
         Kind::Pod => Object::Pod(Box::new(serde_json::from_value(doc)?)),
         Kind::Knative => Object::Knative(Box::new(serde_json::from_value(doc)?)),
     })
-}
-
-/// No token is mounted into the user's container: the Pod mounts none by
-/// itself, and only the watchdog may mount one.
-fn check_tokens(object: &Object) -> Result<(), String> {
-    let (spec, helpers): (Value, &[&str]) = match object {
-        Object::Pod(pod) => (serde_json::to_value(&pod.spec).unwrap_or_default(), &["watchdog"]),
-        Object::Knative(service) => (service.data["spec"]["template"]["spec"].clone(), &[]),
-        _ => return Ok(()),
-    };
-    if spec["automountServiceAccountToken"] != Value::Bool(false) {
-        return Err("the pod must set automountServiceAccountToken: false".to_owned());
-    }
-    let containers = spec["containers"].as_array().into_iter().chain(spec["initContainers"].as_array()).flatten();
-    for container in containers {
-        let name = container["name"].as_str().unwrap_or("");
-        let mounts = container["volumeMounts"].as_array().into_iter().flatten();
-        let token = mounts.filter_map(|m| m["mountPath"].as_str()).any(|p| p.starts_with(TOKEN_DIR));
-        if token && !helpers.contains(&name) {
-            return Err(format!("container {name} may not mount {TOKEN_DIR}"));
-        }
-    }
-    Ok(())
 }

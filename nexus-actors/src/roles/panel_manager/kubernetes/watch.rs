@@ -25,16 +25,20 @@ use tokio::sync::{mpsc, watch};
 use super::super::driver::{InstanceEvent, LimitHit};
 use crate::telemetry::Metrics;
 
-/// The label every object of the driver carries; the watches select on it.
-pub(super) const SELECTOR: &str = "app.kubernetes.io/managed-by=nexus,app.kubernetes.io/component=panel";
+/// The labels the watches select on: Studio Pods (never the Pods of App
+/// revisions, which carry the App's labels), and App Services.
+const STUDIO_PODS: &str = "app.kubernetes.io/managed-by=nexus,app.kubernetes.io/component=panel,nexus.dev/mode=studio";
+const APP_SERVICES: &str = "app.kubernetes.io/managed-by=nexus,app.kubernetes.io/component=panel,nexus.dev/mode=app";
 /// The label naming an object's instance (its Pod's or Service's name).
 pub(super) const INSTANCE_LABEL: &str = "nexus.dev/instance-key";
 /// The user's container in every instance.
 pub(super) const PANEL_CONTAINER: &str = "panel";
 
-/// Waiting reasons that no wait will cure: the start fails with them.
+/// Waiting reasons that no wait will cure: the start fails with them (and
+/// with an init container's crash loop: the volume cannot be made ready).
 const HOPELESS: &[&str] =
     &["ErrImagePull", "ImagePullBackOff", "InvalidImageName", "CreateContainerConfigError", "CreateContainerError"];
+const INIT_HOPELESS: &str = "CrashLoopBackOff";
 
 /// The latest word on one instance.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -62,7 +66,10 @@ pub(super) enum Watched {
 struct Tracked {
     watched: Watched,
     seen: watch::Sender<Seen>,
-    events: Option<mpsc::UnboundedSender<InstanceEvent>>,
+    /// Buffered from the first change on, so nothing between the start's
+    /// end and the lifecycle's reading is lost.
+    events: mpsc::UnboundedSender<InstanceEvent>,
+    receiver: Option<mpsc::UnboundedReceiver<InstanceEvent>>,
     restarts: i32,
 }
 
@@ -85,7 +92,8 @@ impl Tracker {
     /// Starts following `name` (before it is created, so no change is missed).
     pub(super) fn track(&self, name: &str, watched: Watched) -> watch::Receiver<Seen> {
         let (seen, rx) = watch::channel(Seen::Nothing);
-        self.lock().insert(name.to_owned(), Tracked { watched, seen, events: None, restarts: 0 });
+        let (events, receiver) = mpsc::unbounded_channel();
+        self.lock().insert(name.to_owned(), Tracked { watched, seen, events, receiver: Some(receiver), restarts: 0 });
         rx
     }
 
@@ -94,13 +102,12 @@ impl Tracker {
         self.lock().get(name).map(|t| t.seen.subscribe())
     }
 
-    /// From now on, changes of the started instance `name` are reported.
+    /// The changes of the started instance `name`, from its first on.
     pub(super) fn attach(&self, name: &str) -> mpsc::UnboundedReceiver<InstanceEvent> {
-        let (tx, rx) = mpsc::unbounded_channel();
-        if let Some(tracked) = self.lock().get_mut(name) {
-            tracked.events = Some(tx);
+        match self.lock().get_mut(name).and_then(|t| t.receiver.take()) {
+            Some(receiver) => receiver,
+            None => mpsc::unbounded_channel().1,
         }
-        rx
     }
 
     /// Stops following `name`.
@@ -111,8 +118,20 @@ impl Tracker {
     fn pod(&self, pod: &Pod) {
         let Some(name) = pod.labels().get(INSTANCE_LABEL).cloned() else { return };
         let mut instances = self.lock();
-        let Some(tracked) = instances.get_mut(&name) else { return };
+        let Some(tracked) = instances.get_mut(&name).filter(|t| t.watched == Watched::Pod) else { return };
+        // A Pod being deleted reaches a terminal phase first: that is its
+        // deletion, reported as such once it is gone, not a failure.
+        if pod.metadata.deletion_timestamp.is_some() {
+            return;
+        }
         let status = pod.status.clone().unwrap_or_default();
+        let init_failed = status.init_container_statuses.iter().flatten().find_map(|c| {
+            let waiting = c.state.as_ref()?.waiting.as_ref()?;
+            let reason = waiting.reason.as_deref()?;
+            (reason == INIT_HOPELESS || HOPELESS.contains(&reason)).then(|| {
+                format!("init container {}: {reason}: {}", c.name, waiting.message.clone().unwrap_or_default())
+            })
+        });
         let panel = status.container_statuses.unwrap_or_default().into_iter().find(|c| c.name == PANEL_CONTAINER);
         if let Some(panel) = &panel {
             if panel.restart_count > tracked.restarts {
@@ -121,15 +140,15 @@ impl Tracker {
                 let code = terminated.map(|t| t.exit_code);
                 let oom = terminated.and_then(|t| t.reason.as_deref()) == Some("OOMKilled");
                 let limit = oom.then_some(LimitHit::Memory);
-                if let Some(events) = &tracked.events {
-                    let _ = events.send(InstanceEvent::Exited { code, limit, restarted: true });
-                }
+                let _ = tracked.events.send(InstanceEvent::Exited { code, limit, restarted: true });
             }
         }
         let waiting = panel.as_ref().and_then(|c| c.state.as_ref()).and_then(|s| s.waiting.as_ref());
         let hopeless = waiting.filter(|w| w.reason.as_deref().is_some_and(|r| HOPELESS.contains(&r)));
         let phase = status.phase.as_deref().unwrap_or("Pending");
-        let seen = if let Some(waiting) = hopeless {
+        let seen = if let Some(reason) = init_failed {
+            Seen::Failed(reason)
+        } else if let Some(waiting) = hopeless {
             let reason = waiting.reason.clone().unwrap_or_default();
             Seen::Failed(format!("{reason}: {}", waiting.message.clone().unwrap_or_default()))
         } else if matches!(phase, "Failed" | "Succeeded") {
@@ -151,7 +170,10 @@ impl Tracker {
     fn knative(&self, service: &DynamicObject) {
         let Some(name) = service.labels().get(INSTANCE_LABEL).cloned() else { return };
         let mut instances = self.lock();
-        let Some(tracked) = instances.get_mut(&name) else { return };
+        let Some(tracked) = instances.get_mut(&name).filter(|t| t.watched == Watched::Knative) else { return };
+        if service.metadata.deletion_timestamp.is_some() {
+            return;
+        }
         let status = &service.data["status"];
         let ready = status["conditions"].as_array().into_iter().flatten().find(|c| c["type"] == "Ready");
         let text = |v: &Value| v.as_str().unwrap_or("").to_owned();
@@ -170,26 +192,27 @@ impl Tracker {
         self.see(&name, tracked, seen);
     }
 
-    /// Records `seen`; a started instance that fails after serving is gone.
+    /// Records `seen`; an instance that comes to fail is gone (a start
+    /// still under way fails on the same word, and drops the report).
     fn see(&self, name: &str, tracked: &mut Tracked, seen: Seen) {
-        let was_serving = matches!(*tracked.seen.borrow(), Seen::Serving(_));
-        if let (Seen::Failed(reason), true, Some(events)) = (&seen, was_serving, &tracked.events) {
-            let _ = events.send(InstanceEvent::Gone { reason: reason.clone(), failed: true });
+        let was_failed = matches!(*tracked.seen.borrow(), Seen::Failed(_));
+        if let (Seen::Failed(reason), false) = (&seen, was_failed) {
+            let _ = tracked.events.send(InstanceEvent::Gone { reason: reason.clone(), failed: true });
         }
         tracing::debug!(instance = name, ?seen, "kubernetes instance seen");
         tracked.seen.send_replace(seen);
     }
 
-    fn deleted(&self, name: &str) {
+    fn deleted(&self, name: &str, watched: Watched) {
         let mut instances = self.lock();
-        let Some(tracked) = instances.get_mut(name) else { return };
-        if let Some(events) = &tracked.events {
+        let Some(tracked) = instances.get_mut(name).filter(|t| t.watched == watched) else { return };
+        if *tracked.seen.borrow() != Seen::Deleted {
             let what = match tracked.watched {
                 Watched::Pod => "pod",
                 Watched::Knative => "Knative Service",
             };
             let reason = format!("the instance's {what} was deleted (by its watchdog, or outside Nexus)");
-            let _ = events.send(InstanceEvent::Gone { reason, failed: false });
+            let _ = tracked.events.send(InstanceEvent::Gone { reason, failed: false });
         }
         tracked.seen.send_replace(Seen::Deleted);
     }
@@ -207,7 +230,7 @@ impl Tracker {
             .map(|(name, _)| name.clone())
             .collect();
         for name in missing {
-            self.deleted(&name);
+            self.deleted(&name, watched);
         }
     }
 }
@@ -238,15 +261,16 @@ pub(super) async fn follow<K>(api: Api<K>, tracker: Arc<Tracker>, watched: Watch
 where
     K: Resource + Clone + DeserializeOwned + Debug + Send + AsObserved + 'static,
 {
-    let label = match watched {
-        Watched::Pod => "pod",
-        Watched::Knative => "knative_service",
+    let (label, selector) = match watched {
+        Watched::Pod => ("pod", STUDIO_PODS),
+        Watched::Knative => ("knative_service", APP_SERVICES),
     };
-    let events = watcher::watcher(api, watcher::Config::default().labels(SELECTOR)).default_backoff();
+    let events = watcher::watcher(api, watcher::Config::default().labels(selector)).default_backoff();
     let mut events = std::pin::pin!(events.into_stream());
     let mut listing: Option<HashSet<String>> = None;
     while let Some(event) = events.next().await {
         tracker.metrics.kube_watch_events.with_label_values(&[label]).inc();
+        tracing::trace!(watch = label, "nexus_kube_watch_events_total");
         match event {
             Ok(Event::Init) => listing = Some(HashSet::new()),
             Ok(Event::InitApply(object)) => {
@@ -263,7 +287,7 @@ where
             Ok(Event::Apply(object)) => object.observe(&tracker),
             Ok(Event::Delete(object)) => {
                 if let Some(name) = object.labels().get(INSTANCE_LABEL) {
-                    tracker.deleted(name);
+                    tracker.deleted(name, watched);
                 }
             }
             Err(error) => tracing::warn!(watch = label, %error, "kubernetes watch interrupted; it reconnects"),
