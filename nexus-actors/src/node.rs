@@ -490,8 +490,12 @@ async fn panel_driver(kernel: &Kernel, config: &NodeConfig) -> Result<Arc<dyn Ru
             Some(dir) => Templates::load(dir)?,
             None => Templates::embedded(),
         };
-        let settings = KubeConfig { limits: panels.limits, ..kube.config.clone() };
+        let settings = KubeConfig { limits: panels.limits, node: config.name.clone(), ..kube.config.clone() };
         let driver = KubeDriver::infer(settings, templates, kernel.metrics().clone()).await?;
+        // What this node's last run left goes before anything new starts.
+        if let Err(error) = driver.sweep_stale().await {
+            tracing::warn!(%error, "could not sweep what this node's last run left in the cluster");
+        }
         tracing::info!(namespace = %kube.config.namespace, "panel instances run on Kubernetes");
         return Ok(Arc::new(driver));
     }

@@ -5,10 +5,11 @@
 
 use hyper::Method;
 use nexus_actors::roles::panel_manager::driver::RuntimeDriver;
-use nexus_actors::roles::panel_manager::kubernetes::object_name;
+use nexus_actors::roles::panel_manager::kubernetes::{object_name, KubeConfig, KubeDriver, Templates};
+use nexus_actors::telemetry::Metrics;
 use serde_json::json;
 
-use super::common::{driver, studio, until, NS};
+use super::common::{client, driver, settings, studio, until, NS};
 use super::driver::running;
 use nexus_testkit::kube_api::MockKube;
 
@@ -120,4 +121,36 @@ async fn an_invalid_object_and_an_image_that_never_pulls_fail_at_once() {
     let (started, ()) = tokio::join!(driver.start(studio("demo", "demo-i3", "alice")), seed);
     let error = started.err().expect("cannot run");
     assert!(error.to_string().contains("init container seed: CrashLoopBackOff"), "{error}");
+}
+
+#[tokio::test]
+async fn a_node_that_starts_again_sweeps_what_its_last_run_left_and_nothing_else() {
+    let mock = MockKube::start();
+    let config = || KubeConfig { node: "node-a".to_owned(), ..settings() };
+    let first =
+        KubeDriver::with_client(config(), Templates::embedded(), client(&mock), Metrics::new()).expect("driver");
+    first.volume("demo", "template:empty").await.expect("the volume");
+    let name = object_name("demo-s1");
+    let (started, ()) = tokio::join!(first.start(studio("demo", "demo-s1", "alice")), run_when_made(&mock, &name));
+    started.expect("started");
+    drop(first);
+    // Another node's instance, and a pod that is not Nexus's.
+    let mut other = mock.object("pods", &name).expect("the pod");
+    other["metadata"]["name"] = json!("p-other-node");
+    other["metadata"]["labels"]["nexus.dev/node"] = json!("another-node");
+    mock.put(&format!("/api/v1/namespaces/{NS}/pods"), other);
+    let foreign = json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "not-nexus", "namespace": NS}});
+    mock.put(&format!("/api/v1/namespaces/{NS}/pods"), foreign);
+
+    let again =
+        KubeDriver::with_client(config(), Templates::embedded(), client(&mock), Metrics::new()).expect("driver");
+    assert_eq!(again.sweep_stale().await.expect("swept"), 5, "pod, secret, account, role and binding");
+    let mut pods = mock.names("pods");
+    pods.sort();
+    assert_eq!(pods, ["not-nexus", "p-other-node"]);
+    for plural in ["secrets", "serviceaccounts", "roles", "rolebindings"] {
+        assert!(mock.names(plural).is_empty(), "{plural} swept");
+    }
+    assert_eq!(mock.names("persistentvolumeclaims").len(), 1, "the panel's volume stays");
+    assert_eq!(again.sweep_stale().await.expect("swept"), 0);
 }

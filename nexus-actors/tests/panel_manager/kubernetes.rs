@@ -94,3 +94,35 @@ async fn the_route_follows_the_watch_and_a_deleted_pod_ends_the_instance() {
     .await;
     assert_eq!(mock.names("persistentvolumeclaims").len(), 1, "the volume stays");
 }
+
+#[actix_rt::test]
+async fn a_crash_loop_ends_failed_with_the_containers_last_log_lines() {
+    let mock = MockKube::start();
+    let (port, panel_server) = panel_server();
+    let config = KubeConfig { panel_port: port, ..settings() };
+    let driver = KubeDriver::with_client(config, Templates::embedded(), client(&mock), Metrics::new()).expect("driver");
+    let node = node_over(Brokers::redis("pm-kube-loop"), Arc::new(driver), |c| {
+        c.ready_timeout = std::time::Duration::from_secs(2);
+    })
+    .await;
+    let ada = node.login("ada").await;
+    let panel = new_panel(&ada, "template:python_minimal").await;
+    let (status, created) = ada.post(&format!("/api/panels/{panel}/studio"), json!({})).await;
+    assert_eq!(status, 201, "{created}");
+    let instance = created["instance"].as_str().expect("an instance").to_owned();
+    let pod = object_name(&instance);
+    node.until(10, "the pod", || async { mock.object("pods", &pod) }).await;
+    assert!(mock.set_status("pods", &pod, pod_status(0)));
+    node.state_of(&panel, &instance, InstanceState::Ready).await;
+
+    // The code now crashes at every start: the kubelet restarts it and
+    // backs off, and it never serves again.
+    panel_server.stop(false).await;
+    mock.set_log(&pod, "", "Traceback (most recent call last):\nImportError: no module named numpy");
+    assert!(mock.set_status("pods", &pod, pod_status(1)));
+    let failed = node.state_of(&panel, &instance, InstanceState::Failed).await;
+    let reason = failed.reason.clone().unwrap_or_default();
+    assert!(reason.starts_with("crash loop: not serving within 2s of restart 1 (last exit code 1"), "{reason}");
+    assert_eq!(failed.log_tail.last().map(String::as_str), Some("ImportError: no module named numpy"), "{failed:?}");
+    node.until(10, "the pod deleted", || async { mock.names("pods").is_empty().then_some(()) }).await;
+}

@@ -16,6 +16,7 @@ impl KubeDriver {
             namespace: self.config.namespace.clone(),
             panel: panel.to_owned(),
             panel_key: names::panel_key(panel),
+            node_key: names::node_key(&self.config.node),
             claim: names::claim(panel),
             nexus_image: self.config.nexus_image.clone(),
             panel_image: self.config.panel_image.clone(),

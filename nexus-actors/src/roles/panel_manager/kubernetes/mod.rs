@@ -20,6 +20,7 @@ mod names;
 mod policy;
 mod render;
 mod storage;
+mod sweep;
 mod watch;
 
 use std::collections::BTreeMap;
@@ -102,6 +103,9 @@ pub enum KubeError {
 pub struct KubeConfig {
     /// The panels' namespace (`--kube-namespace`).
     pub namespace: String,
+    /// The node's name: its instances' objects carry a label of it, so a
+    /// node that starts again sweeps what it left and nothing of another's.
+    pub node: String,
     /// The `nexus` image: seed, sidecar and watchdog containers.
     pub nexus_image: String,
     /// The image the user's code runs in (python3 and node).
@@ -129,6 +133,7 @@ impl KubeConfig {
     pub fn new(namespace: impl Into<String>) -> KubeConfig {
         KubeConfig {
             namespace: namespace.into(),
+            node: "nexus".to_owned(),
             nexus_image: "ghcr.io/nexus-graph/nexus:latest".to_owned(),
             panel_image: "ghcr.io/nexus-graph/panel-runtime:latest".to_owned(),
             runtime_class: "gvisor".to_owned(),

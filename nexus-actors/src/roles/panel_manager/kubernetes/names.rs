@@ -64,6 +64,11 @@ pub(super) fn panel_key(panel: &str) -> String {
     hash(panel, 16)
 }
 
+/// The `nexus.dev/node` label of a node's instances.
+pub(super) fn node_key(node: &str) -> String {
+    hash(node, 16)
+}
+
 /// The Secret of an instance's tokens.
 pub(super) fn secret(instance_name: &str) -> String {
     format!("{instance_name}-tokens")

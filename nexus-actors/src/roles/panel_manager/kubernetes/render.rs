@@ -40,6 +40,7 @@ pub(super) struct Values {
     pub instance: String,
     pub panel: String,
     pub panel_key: String,
+    pub node_key: String,
     pub owner: String,
     pub source: String,
     /// The Studio volume's claim.
