@@ -258,13 +258,22 @@ async fn snapshots_are_numbered_once_pruned_and_only_a_panels_own_claims_run() {
         "metadata": {"name": third.location.as_str().replace("-v3", "-v4"), "namespace": NS},
     });
     mock.put(&format!("/api/v1/namespaces/{NS}/persistentvolumeclaims"), foreign);
+    // An App still runs v2 (its deploy was the last to succeed).
+    let v2 = third.location.as_str().replace("-v3", "-v2");
+    let running = json!({
+        "apiVersion": "serving.knative.dev/v1", "kind": "Service",
+        "metadata": {"name": "p-shop-app", "namespace": NS, "labels": {"nexus.dev/panel-key": mock.object("persistentvolumeclaims", &v2).expect("v2")["metadata"]["labels"]["nexus.dev/panel-key"]}},
+        "spec": {"template": {"spec": {"volumes": [{"name": "snapshot", "persistentVolumeClaim": {"claimName": v2}}]}}},
+    });
+    mock.put(&format!("/apis/serving.knative.dev/v1/namespaces/{NS}/services"), running);
     let fifth = driver.snapshot("shop", "template:empty").await.expect("five");
     assert_eq!(fifth.version, 5, "v4 is someone else's");
-    // Those three numbers below the newest are kept, and nobody else's is touched.
+    // Three numbers from the newest are kept, and one an App runs, and
+    // nobody else's is touched.
     let left: Vec<String> =
         mock.names("persistentvolumeclaims").into_iter().filter(|n| n.starts_with("snap-")).collect();
-    assert_eq!(left.len(), 3, "v3 and v5, and someone else's v4: {left:?}");
-    assert!(!left.iter().any(|n| n.ends_with("-v1") || n.ends_with("-v2")), "{left:?}");
+    assert_eq!(left.len(), 4, "v2 (running), v3 and v5, and someone else's v4: {left:?}");
+    assert!(!left.iter().any(|n| n.ends_with("-v1")), "{left:?}");
 
     // Another panel's claim is never mounted, whatever the record says.
     let mut stolen = app(fifth.clone(), "thief-1");

@@ -77,7 +77,7 @@ async fn values_are_escaped_so_they_cannot_add_fields() {
 async fn an_operator_template_that_renders_the_wrong_manifest_fails_the_start() {
     let mock = MockKube::start();
     with_templates(&mock, |_, _| {}).expect("the shipped templates load from a directory");
-    let cases: [(&str, &Edit); 11] = [
+    let cases: [(&str, &Edit); 15] = [
         ("automountServiceAccountToken", &|dev, _| {
             *dev = dev.replace(
                 "automountServiceAccountToken: false\n  enableServiceLinks",
@@ -120,6 +120,21 @@ async fn an_operator_template_that_renders_the_wrong_manifest_fails_the_start() 
         }),
         ("exactly the tokens", &|dev, _| {
             *dev = dev.replace("  watchdog-token: {{ watchdog_token }}", "  watchdog-token: \"chosen-by-the-template\"")
+        }),
+        ("runtimeClassName must be gvisor", &|dev, _| {
+            *dev = dev.replace("  runtimeClassName: {{ runtime_class }}\n", "")
+        }),
+        ("volume host: only emptyDir", &|dev, _| {
+            *dev = dev.replace(
+                "    - name: tmp\n      emptyDir:",
+                "    - name: host\n      hostPath: {path: /}\n    - name: tmp\n      emptyDir:",
+            )
+        }),
+        ("may not add capabilities", &|dev, _| {
+            *dev = dev.replace("          drop: [\"ALL\"]", "          drop: [\"ALL\"]\n          add: [\"NET_ADMIN\"]")
+        }),
+        ("must be of type Opaque", &|dev, _| {
+            *dev = dev.replace("type: Opaque", "type: kubernetes.io/service-account-token")
         }),
     ];
     for (expected, edit) in cases {

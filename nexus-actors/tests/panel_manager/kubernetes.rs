@@ -120,9 +120,12 @@ async fn a_crash_loop_ends_failed_with_the_containers_last_log_lines() {
     panel_server.stop(false).await;
     mock.set_log(&pod, "", "Traceback (most recent call last):\nImportError: no module named numpy");
     assert!(mock.set_status("pods", &pod, pod_status(1)));
+    node.until(10, "the first restart", || async { node.status(&panel, &instance).await.filter(|s| s.restarts == 1) })
+        .await;
+    assert!(mock.set_status("pods", &pod, pod_status(2)));
     let failed = node.state_of(&panel, &instance, InstanceState::Failed).await;
     let reason = failed.reason.clone().unwrap_or_default();
-    assert!(reason.starts_with("crash loop: not serving within 2s of restart 1 (last exit code 1"), "{reason}");
+    assert!(reason.starts_with("crash loop: not serving within 2s of restart 2 (last exit code 1"), "{reason}");
     assert_eq!(failed.log_tail.last().map(String::as_str), Some("ImportError: no module named numpy"), "{failed:?}");
     node.until(10, "the pod deleted", || async { mock.names("pods").is_empty().then_some(()) }).await;
 }

@@ -155,8 +155,9 @@ pub struct PodLifecycle {
     /// run is ignored.
     attempt: u64,
     crashes: VecDeque<Instant>,
-    /// How the user process last ended, for a crash loop's reason.
-    last_exit: Option<String>,
+    /// How the user process last ended, and whether the runtime restarted
+    /// it by itself, for the reason of a restart that never serves.
+    last_exit: Option<(String, bool)>,
     /// A stop (or a failure) is under way; later stops only wait for it.
     ending: bool,
     /// A stop asked for while the driver was still starting the instance.
@@ -318,6 +319,7 @@ impl PodLifecycle {
         }
         match result {
             Ok(()) => {
+                self.last_exit = None;
                 if self.serving_since_ms.is_none() {
                     let mode = mode_label(self.spec.mode);
                     let seconds = self.created.elapsed().as_secs_f64();
@@ -328,13 +330,16 @@ impl PodLifecycle {
             }
             Err(last) => {
                 let timeout = self.deps.policy.ready_timeout.as_secs_f64();
+                let restarts = self.status.restarts;
                 let reason = match &self.last_exit {
                     // A runtime that restarts by itself backs off longer
                     // and longer: this is where its crash loop ends.
-                    Some(exit) => format!(
-                        "crash loop: not serving within {timeout}s of restart {} (last {exit}; {last})",
-                        self.status.restarts
-                    ),
+                    Some((exit, true)) if self.crashes.len() >= 2 => {
+                        format!("crash loop: not serving within {timeout}s of restart {restarts} (last {exit}; {last})")
+                    }
+                    Some((exit, _)) => {
+                        format!("not ready within {timeout}s after restart {restarts} (last {exit}; {last})")
+                    }
                     None => format!("not ready within {timeout}s ({last})"),
                 };
                 self.fail(reason, ctx);
@@ -377,7 +382,7 @@ impl PodLifecycle {
             "nexus_panel_instance_restarts_total"
         );
         let reason = format!("restarting after {exit} (restart {})", self.status.restarts);
-        self.last_exit = Some(exit);
+        self.last_exit = Some((exit, restarted));
         self.set(InstanceState::Starting, Some(reason));
         if restarted {
             // The runtime restarts it with a backoff of its own.

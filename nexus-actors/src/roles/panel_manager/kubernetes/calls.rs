@@ -126,24 +126,20 @@ where
     }
 }
 
-/// Deletes `name`; one already gone counts as deleted.
+/// Deletes `name` with `params`; one already gone counts as deleted.
 pub(super) async fn delete<K>(
     api: &Api<K>,
     retry: &Retry,
     metrics: &Metrics,
     kind: &str,
     name: &str,
-    grace: Option<Duration>,
+    params: &DeleteParams,
 ) -> Result<(), KubeError>
 where
     K: Resource + Clone + DeserializeOwned + std::fmt::Debug,
 {
-    let mut params = DeleteParams::background();
-    if let Some(grace) = grace {
-        params = params.grace_period(grace.as_secs().min(u64::from(u32::MAX)) as u32);
-    }
     let what = format!("deleting {kind} {name}");
-    match retried(retry, metrics, &what, || api.delete(name, &params)).await {
+    match retried(retry, metrics, &what, || api.delete(name, params)).await {
         Ok(_) | Err(KubeError::NotFound(_)) => Ok(()),
         Err(error) => Err(error),
     }

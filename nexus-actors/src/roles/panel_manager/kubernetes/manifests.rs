@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use super::render::{self, Kind, Object, Values};
 use super::{names, KubeDriver, KubeError};
+use crate::instance::InstanceMode;
 use crate::roles::panel_manager::driver::{Code, InstanceSpec};
 
 impl KubeDriver {
@@ -65,6 +66,10 @@ impl KubeDriver {
             sidecar_token: token(),
             watchdog_token: token(),
             watchdog_timeout_secs: timeout.as_secs().max(1),
+            mode: match spec.mode {
+                InstanceMode::Studio => "studio",
+                InstanceMode::App => "app",
+            },
             ..self.values("instance", &spec.panel)
         };
         let (secret, account) = (values.secret.clone(), values.service_account.clone());

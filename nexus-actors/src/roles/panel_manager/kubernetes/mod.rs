@@ -30,7 +30,7 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod, Secret, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
-use kube::api::{Api, ApiResource, DynamicObject, ListParams, LogParams};
+use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, ListParams, LogParams};
 use kube::core::GroupVersionKind;
 use kube::{Client, ResourceExt};
 use tokio::sync::OnceCell;
@@ -340,24 +340,33 @@ impl KubeDriver {
     /// end before its object goes and its volume is let go.
     async fn delete_objects(&self, objects: &[(Kind, String)], grace: Duration) -> Result<(), KubeError> {
         let (retry, metrics) = (&self.config.retry, &self.metrics);
-        let grace = grace.max(Duration::from_secs(1));
+        let background = DeleteParams::background();
+        let pod = DeleteParams::background().grace_period(grace.as_secs().clamp(1, u64::from(u32::MAX)) as u32);
+        // A Service's deletion is seen once its revisions' Pods are gone.
+        let service = DeleteParams::foreground();
+        let mut first_error = None;
+        // Every object is tried: one that cannot go leaves the rest going.
         for (kind, name) in objects.iter().rev() {
             let label = kind.label();
-            match kind {
-                Kind::Claim => calls::delete(&self.claims(), retry, metrics, label, name, None).await?,
-                Kind::Secret => calls::delete(&self.api::<Secret>(), retry, metrics, label, name, None).await?,
+            let deleted = match kind {
+                Kind::Claim => calls::delete(&self.claims(), retry, metrics, label, name, &background).await,
+                Kind::Secret => calls::delete(&self.api::<Secret>(), retry, metrics, label, name, &background).await,
                 Kind::ServiceAccount => {
-                    calls::delete(&self.api::<ServiceAccount>(), retry, metrics, label, name, None).await?
+                    calls::delete(&self.api::<ServiceAccount>(), retry, metrics, label, name, &background).await
                 }
-                Kind::Role => calls::delete(&self.api::<Role>(), retry, metrics, label, name, None).await?,
+                Kind::Role => calls::delete(&self.api::<Role>(), retry, metrics, label, name, &background).await,
                 Kind::RoleBinding => {
-                    calls::delete(&self.api::<RoleBinding>(), retry, metrics, label, name, None).await?
+                    calls::delete(&self.api::<RoleBinding>(), retry, metrics, label, name, &background).await
                 }
-                Kind::Pod => calls::delete(&self.pods(), retry, metrics, label, name, Some(grace)).await?,
-                Kind::Knative => calls::delete(&self.services(), retry, metrics, label, name, None).await?,
+                Kind::Pod => calls::delete(&self.pods(), retry, metrics, label, name, &pod).await,
+                Kind::Knative => calls::delete(&self.services(), retry, metrics, label, name, &service).await,
+            };
+            if let Err(error) = deleted {
+                tracing::warn!(kind = label, %name, %error, "could not delete; the next start of this node sweeps it");
+                first_error.get_or_insert(error);
             }
         }
-        Ok(())
+        first_error.map_or(Ok(()), Err)
     }
 
     /// Everything a started instance named `name` has, in the order made.
@@ -588,9 +597,8 @@ impl RuntimeDriver for KubeDriver {
             let (retry, metrics) = (&self.config.retry, &self.metrics);
             let api = self.claims();
             let claims = calls::retried(retry, metrics, "listing the panel's claims", || api.list(&params)).await?;
-            for claim in claims.items {
-                calls::delete(&self.claims(), retry, metrics, "PersistentVolumeClaim", &claim.name_any(), None).await?;
-            }
+            let claims: Vec<(Kind, String)> = claims.items.iter().map(|c| (Kind::Claim, c.name_any())).collect();
+            self.delete_objects(&claims, Duration::ZERO).await?;
             tracing::info!(%panel, "panel's claims deleted");
             Ok(())
         })

@@ -6,9 +6,12 @@
 //! * The user's containers get no service-account token, no Secret but
 //!   their own sidecar token, no `envFrom`; only the watchdog mounts a
 //!   token, only the sidecar reads the Redis URL.
-//! * No host namespaces, no shared process namespace (every container runs
-//!   as the same uid: a shared one would let user code read the watchdog's
-//!   environment), no privilege escalation, a non-root pod.
+//! * Volumes from an allow-list: `emptyDir`, the instance's own claim, the
+//!   watchdog's projected token (Studio). No host namespaces, no shared
+//!   process namespace (every container runs as the same uid: a shared one
+//!   would let user code read the watchdog's environment), no ephemeral
+//!   containers, no privilege, no root, no added capabilities, no lifted
+//!   seccomp; the RuntimeClass the driver reports.
 //! * The watchdog's Role deletes (and may get) its own Pod and nothing
 //!   else; its binding names its own account; the account mounts nothing
 //!   by itself; the Secret holds exactly the tokens the driver made.
@@ -44,40 +47,54 @@ fn check_pod(spec: &Value, values: &Values, account: Option<&str>) -> Result<(),
     if spec["serviceAccountName"].as_str() != account {
         return Err(format!("the pod's serviceAccountName must be {account:?}"));
     }
+    // The driver reports gVisor isolation: the pod must ask for it.
+    if spec["runtimeClassName"].as_str() != Some(values.runtime_class.as_str()) {
+        return Err(format!("the pod's runtimeClassName must be {}", values.runtime_class));
+    }
     for field in ["hostNetwork", "hostPID", "hostIPC", "shareProcessNamespace"] {
         if spec[field] == Value::Bool(true) {
             return Err(format!("the pod may not set {field}"));
         }
     }
+    if spec.get("ephemeralContainers").is_some() {
+        return Err("the pod may not have ephemeral containers".to_owned());
+    }
+    check_context(&spec["securityContext"]).map_err(|why| format!("the pod {why}"))?;
     if spec["securityContext"]["runAsNonRoot"] != Value::Bool(true) {
         return Err("the pod must set securityContext.runAsNonRoot: true".to_owned());
     }
-    let credentials: Vec<&str> = spec["volumes"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter(|v| v.get("secret").is_some() || v["projected"]["sources"].as_array().is_some_and(|s| !s.is_empty()))
-        .filter_map(|v| v["name"].as_str())
-        .collect();
+    let mut token_volumes = Vec::new();
+    for volume in spec["volumes"].as_array().into_iter().flatten() {
+        let name = volume["name"].as_str().unwrap_or("");
+        match volume_kind(volume, values, account.is_some()) {
+            Some(VolumeKind::Plain) => {}
+            Some(VolumeKind::Token) => token_volumes.push(name),
+            None => {
+                return Err(format!("volume {name}: only emptyDir, the instance's own claim and the watchdog's token"))
+            }
+        }
+    }
     let containers = spec["containers"].as_array().into_iter().chain(spec["initContainers"].as_array()).flatten();
     for container in containers {
         let name = container["name"].as_str().unwrap_or("");
         let context = &container["securityContext"];
-        if context["allowPrivilegeEscalation"] != Value::Bool(false) || context["privileged"] == Value::Bool(true) {
-            return Err(format!("container {name} must set allowPrivilegeEscalation: false and not be privileged"));
+        if context["allowPrivilegeEscalation"] != Value::Bool(false) {
+            return Err(format!("container {name} must set allowPrivilegeEscalation: false"));
         }
+        check_context(context).map_err(|why| format!("container {name} {why}"))?;
         if container.get("envFrom").is_some() {
             return Err(format!("container {name} may not use envFrom"));
         }
         for mount in container["volumeMounts"].as_array().into_iter().flatten() {
             let volume = mount["name"].as_str().unwrap_or("");
-            let path = mount["mountPath"].as_str().unwrap_or("");
-            let secret = credentials.contains(&volume) || path.starts_with("/var/run/secrets");
-            if secret && !(name == WATCHDOG && account.is_some()) {
-                return Err(format!("container {name} may not mount the credentials of volume {volume} at {path}"));
+            if token_volumes.contains(&volume) && name != WATCHDOG {
+                return Err(format!("container {name} may not mount the credentials of volume {volume}"));
             }
         }
         for env in container["env"].as_array().into_iter().flatten() {
+            if env["valueFrom"].get("configMapKeyRef").is_some() {
+                return Err(format!("container {name} may not read a ConfigMap"));
+            }
             let Some(reference) = env["valueFrom"].get("secretKeyRef") else { continue };
             let (secret, key) = (reference["name"].as_str().unwrap_or(""), reference["key"].as_str().unwrap_or(""));
             if !may_read(name, secret, key, values) {
@@ -86,6 +103,61 @@ fn check_pod(spec: &Value, values: &Values, account: Option<&str>) -> Result<(),
         }
     }
     Ok(())
+}
+
+/// What a pod's or container's security context may not say.
+fn check_context(context: &Value) -> Result<(), String> {
+    if context["privileged"] == Value::Bool(true) {
+        return Err("may not be privileged".to_owned());
+    }
+    if context["runAsNonRoot"] == Value::Bool(false) || context["runAsUser"] == json!(0) {
+        return Err("may not run as root".to_owned());
+    }
+    if context["capabilities"]["add"].as_array().is_some_and(|a| !a.is_empty()) {
+        return Err("may not add capabilities".to_owned());
+    }
+    if context["seccompProfile"]["type"] == "Unconfined" || context.get("procMount").is_some_and(|p| p != "Default") {
+        return Err("may not lift seccomp or /proc masking".to_owned());
+    }
+    Ok(())
+}
+
+enum VolumeKind {
+    /// Scratch space or the instance's own code.
+    Plain,
+    /// The watchdog's service-account token.
+    Token,
+}
+
+/// An allowed volume's kind: `emptyDir`; the instance's own claim (the
+/// Studio volume, or the App's snapshot, read-only); for a Studio pod, the
+/// one projected volume of the watchdog's token, the cluster's CA and the
+/// namespace. Anything else (a Secret, a host path, a CSI driver, another
+/// panel's claim) is `None`.
+fn volume_kind(volume: &Value, values: &Values, studio: bool) -> Option<VolumeKind> {
+    let object = volume.as_object()?;
+    let source: Vec<&String> = object.keys().filter(|k| *k != "name").collect();
+    let [source] = source.as_slice() else { return None };
+    let spec = &volume[source.as_str()];
+    match source.as_str() {
+        "emptyDir" => Some(VolumeKind::Plain),
+        "persistentVolumeClaim" => {
+            let claim = spec["claimName"].as_str();
+            let own =
+                if studio { claim == Some(values.claim.as_str()) } else { claim == Some(values.snapshot.as_str()) };
+            own.then_some(VolumeKind::Plain)
+        }
+        "projected" if studio => {
+            let sources = spec["sources"].as_array()?;
+            let allowed = sources.iter().all(|s| {
+                s.get("serviceAccountToken").is_some()
+                    || s.get("downwardAPI").is_some()
+                    || s["configMap"]["name"] == "kube-root-ca.crt"
+            });
+            allowed.then_some(VolumeKind::Token)
+        }
+        _ => None,
+    }
 }
 
 /// Which Secret keys a container may read: its instance's sidecar token
@@ -124,6 +196,11 @@ fn check_binding(doc: &Value, values: &Values) -> Result<(), String> {
 }
 
 fn check_secret(doc: &Value, values: &Values) -> Result<(), String> {
+    // Another type (a service-account token's) would have the cluster
+    // write a credential into it.
+    if doc["type"] != "Opaque" {
+        return Err("the instance's Secret must be of type Opaque".to_owned());
+    }
     let mut expected = json!({"sidecar-token": values.sidecar_token});
     if doc["stringData"].get("watchdog-token").is_some() {
         expected["watchdog-token"] = json!(values.watchdog_token);

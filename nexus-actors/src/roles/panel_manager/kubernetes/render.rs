@@ -34,6 +34,8 @@ const EMBEDDED_PROD_SERVICE: &str = include_str!("../../../../../deploy/k8s/temp
 pub(super) struct Values {
     /// `volume` / `instance` (Studio), `snapshot` / `instance` (App).
     pub part: &'static str,
+    /// `studio` or `app`.
+    pub mode: &'static str,
     pub namespace: String,
     /// The instance's Pod or Knative Service, and its label.
     pub name: String,
@@ -196,11 +198,23 @@ impl Templates {
                 return Err(refuse(format!("{kind:?} {name}: not in namespace {}", values.namespace)));
             }
             if values.part == "instance" {
-                let label = doc["metadata"]["labels"]["nexus.dev/instance-key"].as_str();
-                if label != Some(values.name.as_str()) {
+                // What the watches, the sweep and the ownership checks find
+                // an instance's objects by.
+                let labels = &doc["metadata"]["labels"];
+                let expected = [
+                    ("app.kubernetes.io/managed-by", "nexus"),
+                    ("app.kubernetes.io/component", "panel"),
+                    ("nexus.dev/instance-key", values.name.as_str()),
+                    ("nexus.dev/mode", values.mode),
+                    ("nexus.dev/node", values.node_key.as_str()),
+                ];
+                if let Some((label, value)) = expected.iter().find(|(l, v)| labels[*l].as_str() != Some(*v)) {
+                    return Err(refuse(format!("{kind:?} {name}: label {label} is not {value:?}")));
+                }
+                if doc["metadata"]["annotations"]["nexus.dev/instance"].as_str() != Some(values.instance.as_str()) {
                     return Err(refuse(format!(
-                        "{kind:?} {name}: label nexus.dev/instance-key is not {}",
-                        values.name
+                        "{kind:?} {name}: annotation nexus.dev/instance is not {:?}",
+                        values.instance
                     )));
                 }
             }

@@ -21,6 +21,7 @@ const SOURCE_ANNOTATION: &str = "nexus.dev/source";
 const VERSION_ANNOTATION: &str = "nexus.dev/version";
 /// How many taken numbers a deploy skips before it gives up.
 const VERSION_TRIES: u64 = 5;
+const NONCE_ANNOTATION: &str = "nexus.dev/made-by";
 
 impl KubeDriver {
     /// The panel's Studio claim, made from `source` the first time.
@@ -41,14 +42,16 @@ impl KubeDriver {
         let mut version = self.last_version(panel).await? + 1;
         for _ in 0..VERSION_TRIES {
             let mut objects = self.snapshot_objects(panel, source, version)?;
-            let Some(super::render::Object::Claim(claim)) = objects.pop() else {
+            let Some(super::render::Object::Claim(mut claim)) = objects.pop() else {
                 return Err(KubeError::Template("the snapshot part must render one claim".to_owned()).into());
             };
-            let taken =
-                calls::create(&self.claims(), &self.config.retry, &self.metrics, Kind::Claim.label(), &*claim, |_| {
-                    false
-                })
-                .await;
+            // This attempt's mark: a create whose answer was lost is found
+            // again as ours, not taken for someone else's number.
+            let nonce = uuid::Uuid::now_v7().to_string();
+            claim.annotations_mut().insert(NONCE_ANNOTATION.to_owned(), nonce.clone());
+            let ours = |c: &PersistentVolumeClaim| c.annotations().get(NONCE_ANNOTATION) == Some(&nonce);
+            let (retry, metrics) = (&self.config.retry, &self.metrics);
+            let taken = calls::create(&self.claims(), retry, metrics, Kind::Claim.label(), &*claim, ours).await;
             match taken {
                 Ok(_) => {
                     tracing::info!(%panel, version, "snapshot claim made");
@@ -60,6 +63,8 @@ impl KubeDriver {
                     });
                 }
                 Err(KubeError::Conflict(_)) => version += 1,
+                // Taken, then gone before it could be read: try it again.
+                Err(KubeError::NotFound(_)) => {}
                 Err(error) => return Err(error.into()),
             }
         }
@@ -86,20 +91,38 @@ impl KubeDriver {
         Ok(self.snapshot_claims(panel).await?.into_iter().map(|(v, _)| v).max().unwrap_or(0))
     }
 
-    /// Deletes the snapshots older than the newest [`SNAPSHOTS_KEPT`];
-    /// a failure only waits for the next deploy.
+    /// Deletes the snapshots older than the newest [`SNAPSHOTS_KEPT`]
+    /// that no App of the panel runs (deploys that failed after taking
+    /// theirs must not cost the running one its code); a failure only
+    /// waits for the next deploy.
     async fn prune(&self, panel: &str, newest: u64) {
-        let old = match self.snapshot_claims(panel).await {
-            Ok(claims) => {
-                claims.into_iter().filter(|(v, _)| *v + SNAPSHOTS_KEPT <= newest).map(|(_, name)| (Kind::Claim, name))
-            }
-            Err(error) => {
-                return tracing::warn!(%panel, %error, "old snapshots not pruned; the next deploy tries again")
-            }
-        };
-        if let Err(error) = self.delete_objects(&old.collect::<Vec<_>>(), std::time::Duration::ZERO).await {
+        if let Err(error) = self.prune_unused(panel, newest).await {
             tracing::warn!(%panel, %error, "old snapshots not pruned; the next deploy tries again");
         }
+    }
+
+    async fn prune_unused(&self, panel: &str, newest: u64) -> Result<(), KubeError> {
+        let claims = self.snapshot_claims(panel).await?;
+        let params = ListParams::default().labels(&format!("{PANEL_KEY_LABEL}={}", names::panel_key(panel)));
+        let api = self.services();
+        let listed =
+            calls::retried(&self.config.retry, &self.metrics, "listing the panel's Apps", || api.list(&params));
+        let services = match listed.await {
+            Ok(list) => list.items,
+            Err(KubeError::NotFound(_)) => Vec::new(),
+            Err(error) => return Err(error),
+        };
+        let mounted: Vec<&str> = services
+            .iter()
+            .flat_map(|s| s.data["spec"]["template"]["spec"]["volumes"].as_array().into_iter().flatten())
+            .filter_map(|v| v["persistentVolumeClaim"]["claimName"].as_str())
+            .collect();
+        let old: Vec<(Kind, String)> = claims
+            .into_iter()
+            .filter(|(version, name)| *version + SNAPSHOTS_KEPT <= newest && !mounted.contains(&name.as_str()))
+            .map(|(_, name)| (Kind::Claim, name))
+            .collect();
+        self.delete_objects(&old, std::time::Duration::ZERO).await
     }
 
     /// The template an instance's code comes from, as its claim says (a

@@ -34,10 +34,12 @@ pub(super) const INSTANCE_LABEL: &str = "nexus.dev/instance-key";
 /// The user's container in every instance.
 pub(super) const PANEL_CONTAINER: &str = "panel";
 
-/// Waiting reasons that no wait will cure: the start fails with them (and
-/// with an init container's crash loop: the volume cannot be made ready).
-const HOPELESS: &[&str] =
-    &["ErrImagePull", "ImagePullBackOff", "InvalidImageName", "CreateContainerConfigError", "CreateContainerError"];
+/// Waiting reasons that no wait will cure, in any container: the start
+/// fails with them (and with an init container's crash loop: the volume
+/// cannot be made ready). `ErrImagePull` and `CreateContainer*` are often
+/// passing (a registry's 429, a Secret not yet in the kubelet's cache):
+/// the kubelet tries again and says `ImagePullBackOff` when it gives up.
+const HOPELESS: &[&str] = &["ImagePullBackOff", "InvalidImageName"];
 const INIT_HOPELESS: &str = "CrashLoopBackOff";
 
 /// The latest word on one instance.
@@ -71,6 +73,8 @@ struct Tracked {
     events: mpsc::UnboundedSender<InstanceEvent>,
     receiver: Option<mpsc::UnboundedReceiver<InstanceEvent>>,
     restarts: i32,
+    /// Its deletion was reported (it may stay Terminating a long while).
+    deleting: bool,
 }
 
 /// The instances the driver runs, by object name, and what was seen of them.
@@ -93,7 +97,8 @@ impl Tracker {
     pub(super) fn track(&self, name: &str, watched: Watched) -> watch::Receiver<Seen> {
         let (seen, rx) = watch::channel(Seen::Nothing);
         let (events, receiver) = mpsc::unbounded_channel();
-        self.lock().insert(name.to_owned(), Tracked { watched, seen, events, receiver: Some(receiver), restarts: 0 });
+        let tracked = Tracked { watched, seen, events, receiver: Some(receiver), restarts: 0, deleting: false };
+        self.lock().insert(name.to_owned(), tracked);
         rx
     }
 
@@ -120,9 +125,10 @@ impl Tracker {
         let mut instances = self.lock();
         let Some(tracked) = instances.get_mut(&name).filter(|t| t.watched == Watched::Pod) else { return };
         // A Pod being deleted reaches a terminal phase first: that is its
-        // deletion, reported as such once it is gone, not a failure.
+        // deletion, not a failure; and one stuck Terminating (its node gone)
+        // must not be left routed, so the deletion is reported at once.
         if pod.metadata.deletion_timestamp.is_some() {
-            return;
+            return Self::deleting(tracked, "pod");
         }
         let status = pod.status.clone().unwrap_or_default();
         let init_failed = status.init_container_statuses.iter().flatten().find_map(|c| {
@@ -132,7 +138,7 @@ impl Tracker {
                 format!("init container {}: {reason}: {}", c.name, waiting.message.clone().unwrap_or_default())
             })
         });
-        let panel = status.container_statuses.unwrap_or_default().into_iter().find(|c| c.name == PANEL_CONTAINER);
+        let panel = status.container_statuses.iter().flatten().find(|c| c.name == PANEL_CONTAINER).cloned();
         if let Some(panel) = &panel {
             if panel.restart_count > tracked.restarts {
                 tracked.restarts = panel.restart_count;
@@ -143,14 +149,16 @@ impl Tracker {
                 let _ = tracked.events.send(InstanceEvent::Exited { code, limit, restarted: true });
             }
         }
-        let waiting = panel.as_ref().and_then(|c| c.state.as_ref()).and_then(|s| s.waiting.as_ref());
-        let hopeless = waiting.filter(|w| w.reason.as_deref().is_some_and(|r| HOPELESS.contains(&r)));
+        let hopeless = status.container_statuses.iter().flatten().find_map(|c| {
+            let waiting = c.state.as_ref()?.waiting.as_ref()?;
+            waiting.reason.as_deref().is_some_and(|r| HOPELESS.contains(&r)).then(|| (c.name.clone(), waiting.clone()))
+        });
         let phase = status.phase.as_deref().unwrap_or("Pending");
         let seen = if let Some(reason) = init_failed {
             Seen::Failed(reason)
-        } else if let Some(waiting) = hopeless {
+        } else if let Some((container, waiting)) = hopeless {
             let reason = waiting.reason.clone().unwrap_or_default();
-            Seen::Failed(format!("{reason}: {}", waiting.message.clone().unwrap_or_default()))
+            Seen::Failed(format!("container {container}: {reason}: {}", waiting.message.clone().unwrap_or_default()))
         } else if matches!(phase, "Failed" | "Succeeded") {
             let why = status.reason.clone().unwrap_or_else(|| phase.to_owned());
             Seen::Failed(format!("the pod ended: {why}: {}", status.message.clone().unwrap_or_default()))
@@ -172,7 +180,7 @@ impl Tracker {
         let mut instances = self.lock();
         let Some(tracked) = instances.get_mut(&name).filter(|t| t.watched == Watched::Knative) else { return };
         if service.metadata.deletion_timestamp.is_some() {
-            return;
+            return Self::deleting(tracked, "Knative Service");
         }
         let status = &service.data["status"];
         let ready = status["conditions"].as_array().into_iter().flatten().find(|c| c["type"] == "Ready");
@@ -203,17 +211,24 @@ impl Tracker {
         tracked.seen.send_replace(seen);
     }
 
-    fn deleted(&self, name: &str, watched: Watched) {
-        let mut instances = self.lock();
-        let Some(tracked) = instances.get_mut(name).filter(|t| t.watched == watched) else { return };
-        if *tracked.seen.borrow() != Seen::Deleted {
-            let what = match tracked.watched {
-                Watched::Pod => "pod",
-                Watched::Knative => "Knative Service",
-            };
+    /// Reports the deletion once (`Seen` stays, so a stop still waits for
+    /// the object to go).
+    fn deleting(tracked: &mut Tracked, what: &str) {
+        if !tracked.deleting {
+            tracked.deleting = true;
             let reason = format!("the instance's {what} was deleted (by its watchdog, or outside Nexus)");
             let _ = tracked.events.send(InstanceEvent::Gone { reason, failed: false });
         }
+    }
+
+    fn deleted(&self, name: &str, watched: Watched) {
+        let mut instances = self.lock();
+        let Some(tracked) = instances.get_mut(name).filter(|t| t.watched == watched) else { return };
+        let what = match tracked.watched {
+            Watched::Pod => "pod",
+            Watched::Knative => "Knative Service",
+        };
+        Self::deleting(tracked, what);
         tracked.seen.send_replace(Seen::Deleted);
     }
 
