@@ -47,9 +47,20 @@ impl Recorded {
 struct Fault {
     method: Method,
     path_contains: String,
-    /// `None`: never answer.
-    status: Option<(u16, String)>,
+    /// Only requests whose body holds this.
+    body_contains: String,
+    answer: Answer,
     times: usize,
+}
+
+#[derive(Clone)]
+enum Answer {
+    /// This status, and nothing done.
+    Status(u16, String),
+    /// Nothing done, no answer.
+    Hang,
+    /// Done, but no answer (a connection lost after the server acted).
+    Lost,
 }
 
 #[derive(Default)]
@@ -208,18 +219,24 @@ impl MockKube {
     /// The next `times` requests of `method` on a path containing
     /// `path_contains` are answered `status` with a `Status` saying `message`.
     pub fn fail(&self, method: Method, path_contains: &str, status: u16, message: &str, times: usize) {
-        let fault = Fault {
-            method,
-            path_contains: path_contains.to_owned(),
-            status: Some((status, message.to_owned())),
-            times,
-        };
+        let answer = Answer::Status(status, message.to_owned());
+        let fault =
+            Fault { method, path_contains: path_contains.to_owned(), body_contains: String::new(), answer, times };
         self.state.lock().faults.push(fault);
     }
 
     /// The next `times` such requests get no answer at all.
     pub fn hang(&self, method: Method, path_contains: &str, times: usize) {
-        let fault = Fault { method, path_contains: path_contains.to_owned(), status: None, times };
+        let (path_contains, body_contains) = (path_contains.to_owned(), String::new());
+        let fault = Fault { method, path_contains, body_contains, answer: Answer::Hang, times };
+        self.state.lock().faults.push(fault);
+    }
+
+    /// The next `times` such requests whose body holds `body_contains`
+    /// are carried out, and their answers never sent.
+    pub fn lose_answer(&self, method: Method, path_contains: &str, body_contains: &str, times: usize) {
+        let (path_contains, body_contains) = (path_contains.to_owned(), body_contains.to_owned());
+        let fault = Fault { method, path_contains, body_contains, answer: Answer::Lost, times };
         self.state.lock().faults.push(fault);
     }
 
@@ -240,6 +257,10 @@ fn status(code: u16, reason: &str, message: &str) -> Response<Body> {
         "message": message, "reason": reason, "code": code,
     });
     respond(code, "application/json", body.to_string())
+}
+
+fn bytes_contain(bytes: &[u8], needle: &str) -> bool {
+    needle.is_empty() || bytes.windows(needle.len()).any(|w| w == needle.as_bytes())
 }
 
 fn decode(text: &str) -> String {
@@ -337,17 +358,18 @@ async fn handle(state: Arc<State>, request: Request<Incoming>) -> Response<Body>
             body: body.clone(),
         });
         let watch = query.get("watch").is_some_and(|w| w == "true");
-        let fault = inner
-            .faults
-            .iter_mut()
-            .find(|f| f.times > 0 && f.method == method && path.contains(&f.path_contains) && !watch);
+        let fault = inner.faults.iter_mut().find(|f| {
+            let matches =
+                f.method == method && path.contains(&f.path_contains) && bytes_contain(&bytes, &f.body_contains);
+            f.times > 0 && matches && !watch
+        });
         fault.map(|f| {
             f.times -= 1;
-            f.status.clone()
+            f.answer.clone()
         })
     };
     match fault {
-        Some(Some((code, message))) => {
+        Some(Answer::Status(code, message)) => {
             let reason = match code {
                 409 => "AlreadyExists",
                 403 => "Forbidden",
@@ -356,16 +378,29 @@ async fn handle(state: Arc<State>, request: Request<Incoming>) -> Response<Body>
             };
             return status(code, reason, &message);
         }
-        Some(None) => std::future::pending::<()>().await,
+        Some(Answer::Hang) => std::future::pending::<()>().await,
+        Some(Answer::Lost) => {
+            drop(answer(state, method, &path, &query, body));
+            return std::future::pending::<Response<Body>>().await;
+        }
         None => {}
     }
-    let Some((collection, name, sub)) = parse(&path) else {
+    answer(state, method, &path, &query, body)
+}
+
+/// What the API server does and says for a request.
+fn answer(
+    state: Arc<State>,
+    method: Method,
+    path: &str,
+    query: &HashMap<String, String>,
+    body: Value,
+) -> Response<Body> {
+    let Some((collection, name, sub)) = parse(path) else {
         return status(404, "NotFound", "the mock serves namespaced objects only");
     };
     match (method, name, sub) {
-        (Method::GET, None, None) if query.get("watch").is_some_and(|w| w == "true") => {
-            watch(state, collection, &query)
-        }
+        (Method::GET, None, None) if query.get("watch").is_some_and(|w| w == "true") => watch(state, collection, query),
         (Method::GET, None, None) => {
             let inner = state.lock();
             let items: Vec<Value> = inner

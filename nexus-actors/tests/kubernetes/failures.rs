@@ -154,3 +154,22 @@ async fn a_node_that_starts_again_sweeps_what_its_last_run_left_and_nothing_else
     assert_eq!(mock.names("persistentvolumeclaims").len(), 1, "the panel's volume stays");
     assert_eq!(again.sweep_stale().await.expect("swept"), 0);
 }
+
+#[tokio::test]
+async fn a_create_whose_answer_was_lost_is_found_again_as_the_instances_own() {
+    let mock = MockKube::start();
+    let driver = driver(&mock);
+    driver.volume("demo", "template:empty").await.expect("the volume");
+    // The server makes the pod, and the answer never comes: the retry's
+    // 409 finds the instance's own pod.
+    mock.lose_answer(Method::POST, "/pods", "", 1);
+    let name = object_name("demo-l1");
+    let (started, ()) = tokio::join!(driver.start(studio("demo", "demo-l1", "alice")), run_when_made(&mock, &name));
+    started.expect("started over its own pod");
+    assert_eq!(posts(&mock, "pods"), 2, "one lost answer, one conflict");
+    assert_eq!(mock.names("pods"), [name]);
+    // The same for a snapshot: its mark tells it from someone else's.
+    mock.lose_answer(Method::POST, "/persistentvolumeclaims", "\"snap-", 1);
+    let snapshot = driver.snapshot("demo", "template:empty").await.expect("a snapshot");
+    assert_eq!(snapshot.version, 1, "the lost create is this deploy's, not a taken number");
+}
