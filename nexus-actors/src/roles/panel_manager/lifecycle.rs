@@ -393,36 +393,16 @@ impl PodLifecycle {
     }
 
     /// The instance is gone from under the driver (deleted or evicted):
-    /// ends, keeping the log tail of a failure, once the driver has freed
-    /// what it still held for it.
+    /// ends, `failed` (evicted) as any failure, else `stopped`.
     fn gone(&mut self, reason: String, failed: bool, ctx: &mut Ctx<Self>) {
         if self.ending {
             return;
         }
-        self.ending = true;
         self.attempt += 1;
         if failed {
-            self.deps.metrics.panel_instance_failures.inc();
-            tracing::warn!(instance = %self.spec.instance, %reason, "nexus_panel_instance_failures_total");
+            return self.fail(reason, ctx);
         }
-        let (driver, instance) = (self.deps.driver.clone(), self.spec.instance.clone());
-        let lines = self.deps.policy.log_tail_lines;
-        let fut = async move {
-            let tail = match failed {
-                true => driver.logs(&instance, lines).await.unwrap_or_else(|e| vec![format!("(no log: {e})")]),
-                false => Vec::new(),
-            };
-            if let Err(error) = driver.stop(&instance, Duration::ZERO).await {
-                tracing::warn!(%instance, %error, "could not free what a gone instance held");
-            }
-            tail
-        };
-        ctx.spawn(actix::fut::wrap_future::<_, Supervised<Self>>(fut).map(move |tail, s, ctx| {
-            let this = s.behaviour_mut();
-            this.status.log_tail = tail;
-            let state = if failed { InstanceState::Failed } else { InstanceState::Stopped };
-            this.finish(state, Some(reason), ctx);
-        }));
+        self.wind_up(InstanceState::Stopped, reason, ctx);
     }
 
     fn restart(&mut self, attempt: u64, ctx: &mut Ctx<Self>) {
@@ -445,22 +425,31 @@ impl PodLifecycle {
 
     /// Ends in `failed`: keeps the log tail, then stops what is left.
     fn fail(&mut self, reason: String, ctx: &mut Ctx<Self>) {
-        self.ending = true;
         self.deps.metrics.panel_instance_failures.inc();
         tracing::warn!(instance = %self.spec.instance, %reason, "nexus_panel_instance_failures_total");
+        self.wind_up(InstanceState::Failed, reason, ctx);
+    }
+
+    /// Ends in `state` without a grace: keeps the log tail of a failure,
+    /// has the driver free what is left of the instance, then finishes.
+    fn wind_up(&mut self, state: InstanceState, reason: String, ctx: &mut Ctx<Self>) {
+        self.ending = true;
         let (driver, instance) = (self.deps.driver.clone(), self.spec.instance.clone());
-        let lines = self.deps.policy.log_tail_lines;
+        let lines = (state == InstanceState::Failed).then_some(self.deps.policy.log_tail_lines);
         let fut = async move {
-            let tail = driver.logs(&instance, lines).await.unwrap_or_else(|e| vec![format!("(no log: {e})")]);
+            let tail = match lines {
+                Some(lines) => driver.logs(&instance, lines).await.unwrap_or_else(|e| vec![format!("(no log: {e})")]),
+                None => Vec::new(),
+            };
             if let Err(error) = driver.stop(&instance, Duration::ZERO).await {
-                tracing::warn!(%instance, %error, "could not stop a failed instance");
+                tracing::warn!(%instance, %error, "could not free what an ended instance held");
             }
             tail
         };
         ctx.spawn(actix::fut::wrap_future::<_, Supervised<Self>>(fut).map(move |tail, s, ctx| {
             let this = s.behaviour_mut();
             this.status.log_tail = tail;
-            this.finish(InstanceState::Failed, Some(reason), ctx);
+            this.finish(state, Some(reason), ctx);
         }));
     }
 
