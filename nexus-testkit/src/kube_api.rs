@@ -75,6 +75,13 @@ struct Inner {
     logs: HashMap<String, (String, String)>,
 }
 
+impl Inner {
+    /// The stored collection whose path ends in `plural`.
+    fn collection(&self, plural: &str) -> Option<String> {
+        self.objects.keys().find(|c| c.ends_with(&format!("/{plural}"))).cloned()
+    }
+}
+
 struct State {
     inner: Mutex<Inner>,
     changed: tokio::sync::watch::Sender<u64>,
@@ -138,8 +145,7 @@ impl MockKube {
     /// The stored object `name` of the collection ending in `plural`.
     pub fn object(&self, plural: &str, name: &str) -> Option<Value> {
         let inner = self.state.lock();
-        let (_, objects) = inner.objects.iter().find(|(c, _)| c.ends_with(&format!("/{plural}")))?;
-        objects.get(name).cloned()
+        inner.objects.get(&inner.collection(plural)?)?.get(name).cloned()
     }
 
     /// The names stored in the collection ending in `plural`.
@@ -168,37 +174,32 @@ impl MockKube {
     /// Sets the `status` of a stored object, as the cluster would, and
     /// tells the watches (`MODIFIED`). False when there is no such object.
     pub fn set_status(&self, plural: &str, name: &str, status: Value) -> bool {
-        let mut inner = self.state.lock();
-        let Some(collection) = inner.objects.keys().find(|c| c.ends_with(&format!("/{plural}"))).cloned() else {
-            return false;
-        };
-        inner.version += 1;
-        let version = inner.version;
-        let Some(object) = inner.objects.get_mut(&collection).and_then(|o| o.get_mut(name)) else { return false };
-        object["status"] = status;
-        object["metadata"]["resourceVersion"] = json!(version.to_string());
-        let object = object.clone();
-        self.state.record(&mut inner, &collection, "MODIFIED", object);
-        true
+        self.modify(plural, name, |object| object["status"] = status)
     }
 
     /// Marks a stored object as being deleted, as the API server does before
     /// its finalizers and the kubelet are done: a `deletionTimestamp` and,
     /// for a Pod, the terminal phase `Failed` (`MODIFIED` to the watches).
     pub fn mark_deleting(&self, plural: &str, name: &str) -> bool {
+        self.modify(plural, name, |object| {
+            object["metadata"]["deletionTimestamp"] = json!("2026-01-01T00:00:00Z");
+            if plural == "pods" {
+                object["status"]["phase"] = json!("Failed");
+            }
+        })
+    }
+
+    /// Changes a stored object with a new resourceVersion and tells the
+    /// watches (`MODIFIED`). False when there is no such object.
+    fn modify(&self, plural: &str, name: &str, change: impl FnOnce(&mut Value)) -> bool {
         let mut inner = self.state.lock();
-        let Some(collection) = inner.objects.keys().find(|c| c.ends_with(&format!("/{plural}"))).cloned() else {
-            return false;
-        };
-        inner.version += 1;
-        let version = inner.version;
+        let Some(collection) = inner.collection(plural) else { return false };
+        let version = inner.version + 1;
         let Some(object) = inner.objects.get_mut(&collection).and_then(|o| o.get_mut(name)) else { return false };
-        object["metadata"]["deletionTimestamp"] = json!("2026-01-01T00:00:00Z");
+        change(object);
         object["metadata"]["resourceVersion"] = json!(version.to_string());
-        if plural == "pods" {
-            object["status"]["phase"] = json!("Failed");
-        }
         let object = object.clone();
+        inner.version = version;
         self.state.record(&mut inner, &collection, "MODIFIED", object);
         true
     }
@@ -207,9 +208,7 @@ impl MockKube {
     /// watches, nothing recorded as a request).
     pub fn remove(&self, plural: &str, name: &str) -> bool {
         let mut inner = self.state.lock();
-        let Some(collection) = inner.objects.keys().find(|c| c.ends_with(&format!("/{plural}"))).cloned() else {
-            return false;
-        };
+        let Some(collection) = inner.collection(plural) else { return false };
         let Some(object) = inner.objects.get_mut(&collection).and_then(|o| o.remove(name)) else { return false };
         inner.version += 1;
         self.state.record(&mut inner, &collection, "DELETED", object);
