@@ -9,13 +9,13 @@ use std::time::Duration;
 use actix::Arbiter;
 use common::{eventually, tempdir, Recorder, Seen};
 use nexus_actors::bus::kafka::{
-    ensure_topics, Consume, ConsumerId, Delivered, KafkaBridge, KafkaConfig, Produce, Replay, ReplayFrom, StopConsumer,
-    SEMANTIC_COMMANDS, SEMANTIC_EVENTS,
+    ensure_topics, Consume, ConsumerId, Delivered, KafkaBridge, KafkaConfig, KafkaRecord, Nack, Produce, Replay,
+    ReplayFrom, StopConsumer, SEMANTIC_COMMANDS, SEMANTIC_EVENTS,
 };
 use nexus_actors::infra::{Tansu, TansuStorage};
 
 use nexus_actors::telemetry::Metrics;
-use nexus_actors::{ActorRef, Envelope, Kernel};
+use nexus_actors::{ActorRef, Behaviour, Ctx, Envelope, Handler, Kernel, Reply};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::util::Timeout;
@@ -260,4 +260,90 @@ async fn broker_restart_mid_stream_loses_nothing_and_repeats_nothing_committed()
 
 fn acked_seqs_of(seen: &Seen) -> BTreeSet<u64> {
     seen.acked.iter().map(|a| a.2).collect()
+}
+
+/// Acknowledges every record at once, except the first of key `slow`,
+/// which it holds until the test adds a permit to `gate`.
+struct Gated {
+    seen: Arc<Mutex<Seen>>,
+    gate: Arc<tokio::sync::Semaphore>,
+    held: bool,
+}
+
+impl Behaviour for Gated {
+    const KIND: &'static str = "gated";
+}
+
+impl Handler<KafkaRecord> for Gated {
+    fn handle(&mut self, record: KafkaRecord, _: &mut Ctx<Self>) -> Reply<Result<(), Nack>> {
+        let seq = common::seq_of(&record);
+        self.seen.lock().unwrap().attempts.push((record.partition, record.offset, seq));
+        let slow = record.key.as_deref() == Some("slow");
+        let ack = {
+            let seen = self.seen.clone();
+            move || {
+                let mut seen = seen.lock().unwrap();
+                seen.acked.push((record.partition, record.offset, seq));
+                seen.keys.push((record.key, seq));
+            }
+        };
+        if self.held || !slow {
+            ack();
+            return Reply::Now(Ok(()));
+        }
+        self.held = true;
+        let gate = self.gate.clone();
+        Reply::later(async move {
+            gate.acquire().await.expect("gate open").forget();
+            ack();
+            Ok(())
+        })
+    }
+}
+
+#[actix_rt::test]
+async fn a_slow_key_holds_up_only_itself_and_the_commit_stays_below_it() {
+    let tansu = Tansu::start(&tempdir("kafka-lanes"), TansuStorage::Memory).unwrap();
+    let config = KafkaConfig::new(tansu.brokers());
+    let kernel = Kernel::new("test");
+    let arbiter = Arbiter::new();
+    let bridge = KafkaBridge::spawn(&kernel, &arbiter.handle(), config.clone()).await.unwrap();
+    // One partition, so that every key shares it.
+    ensure_topics(&KafkaConfig { partitions: 1, ..config.clone() }, &["test.lanes"]).await.unwrap();
+    let link = bridge.link::<Produce>("test");
+    for seq in 0..22u64 {
+        let key = if seq == 0 || seq == 21 { "slow".to_owned() } else { format!("ctx-{}", seq % 4) };
+        link.ask(Produce { topic: "test.lanes".into(), key, envelope: event(seq) }).await.unwrap().unwrap();
+    }
+
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let (s, g) = (seen.clone(), gate.clone());
+    let gated = kernel.spawn("gated", move || Gated { seen: s.clone(), gate: g.clone(), held: false });
+    let consume =
+        Consume { group: "g-lanes".into(), topics: vec!["test.lanes".into()], subscriber: gated.link("kafka-bridge") };
+    let id = bridge.link::<Consume>("test").ask(consume).await.unwrap().unwrap();
+
+    eventually(60, "every other key's records acknowledged past the held one", || {
+        acked_seqs(&seen) == (1..21).collect()
+    })
+    .await;
+    // Two auto-commit intervals: whatever is stored has been committed.
+    actix::clock::sleep(Duration::from_millis(1200)).await;
+    let attempted: BTreeSet<u64> = seen.lock().unwrap().attempts.iter().map(|a| a.2).collect();
+    assert!(!attempted.contains(&21), "the held key's next record waits for the held one");
+    let committed_while_held = committed(&tansu.brokers(), "g-lanes", "test.lanes");
+    assert_eq!(
+        committed_while_held.get(&0).copied().unwrap_or(0),
+        0,
+        "nothing at or above the unacknowledged offset 0 is committed"
+    );
+
+    gate.add_permits(1);
+    eventually(30, "the held key finishes, in order", || acked_seqs(&seen).len() == 22).await;
+    let slow: Vec<u64> =
+        seen.lock().unwrap().keys.iter().filter(|(k, _)| k.as_deref() == Some("slow")).map(|(_, s)| *s).collect();
+    assert_eq!(slow, vec![0, 21]);
+    bridge.link::<StopConsumer>("test").ask(StopConsumer(id)).await.unwrap();
+    assert_eq!(committed(&tansu.brokers(), "g-lanes", "test.lanes").get(&0), Some(&22), "all 22 committed");
 }

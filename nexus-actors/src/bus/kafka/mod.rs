@@ -4,39 +4,41 @@
 //! waits for all in-sync replicas, and puts each record in a batch of its
 //! own (see [`KafkaBridge::spawn`]). Consuming is a subscription
 //! ([`Consume`]): records reach the subscriber with [`Link::ask`], one
-//! record in flight per partition (so per key, in order), and an offset is
-//! stored for commit only after the subscriber acknowledged its record and
-//! every earlier one of its partition (at-least-once). A record that is not
-//! acknowledged (a [`Nack`] or a panicking handler) is delivered again,
-//! before anything after it in its partition, until it is. [`Replay`]
+//! record in flight per key (so per context, in order) while different keys
+//! proceed side by side, and a partition's offset is stored for commit only
+//! below its lowest record not yet acknowledged (at-least-once; see
+//! [`consumer`]). A record that is not acknowledged (a [`Nack`] or a
+//! panicking handler) is delivered again, before anything after it of its
+//! key, until it is. [`Replay`]
 //! reads a topic again from an offset or a timestamp without touching the
 //! group's offsets. The trace context rides in the `traceparent` header.
 //! What the bridge produces is also offered to this node's own reader of
 //! the topic, if it asked ([`super::tap`]). This module does not interpret
 //! payloads.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+mod consumer;
+mod replay;
+
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures::future::LocalBoxFuture;
-use futures::stream::{FuturesUnordered, StreamExt};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
-use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{BorrowedMessage, Header, Headers, OwnedHeaders};
+use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::util::Timeout;
-use rdkafka::{ClientConfig, Message as _, Offset, TopicPartitionList};
+use rdkafka::ClientConfig;
 use serde_json::Value;
 use tokio::sync::oneshot;
 
 use super::tap::{Produced, Tap, Taps};
-use super::{Backoff, Bus, BusErrorKind};
+use super::{Bus, BusErrorKind};
 use crate::envelope::Envelope;
-use crate::kernel::{ActorRef, AskError, Behaviour, Ctx, Handler, Kernel, Link, Message, Reply};
-use crate::telemetry::{Metrics, TraceContext};
+use crate::kernel::{ActorRef, Behaviour, Ctx, Handler, Kernel, Link, Message, Reply};
+use crate::telemetry::TraceContext;
 
 /// Commands for the LLM manager (keyed by context id). Every node expects
 /// it; [`KafkaBridge::spawn`] creates it when missing.
@@ -391,7 +393,7 @@ impl Handler<Consume> for KafkaBridge {
         let metrics = self.kernel.metrics().clone();
         let consumers = self.consumers.clone();
         actix::spawn(async move {
-            run_consumer(consumer, msg.subscriber, stop_rx, metrics).await;
+            consumer::run_consumer(consumer, msg.subscriber, stop_rx, metrics).await;
             consumers.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
             let _ = done_tx.send(());
         });
@@ -418,259 +420,9 @@ impl Handler<Replay> for KafkaBridge {
     fn handle(&mut self, msg: Replay, _ctx: &mut Ctx<Self>) -> Reply<Result<u64, KafkaError>> {
         let config = self.config.clone();
         let metrics = self.kernel.metrics().clone();
-        Reply::later(replay(config, msg, metrics))
+        Reply::later(replay::replay(config, msg, metrics))
     }
 }
 
 /// Longest time a fetch waits at the broker for records.
 pub const FETCH_WAIT_MS: &str = "100";
-
-/// Records read ahead of their partition's turn, across all partitions.
-const MAX_BUFFERED: usize = 1024;
-/// How long a stopping consumer waits for the records already in flight.
-const STOP_DRAIN: Duration = Duration::from_secs(10);
-
-/// A record waiting for its turn; `None` is a record that cannot be decoded
-/// and is only skipped (its offset stored) when its turn comes.
-type Queued = (i64, Option<KafkaRecord>);
-
-/// A topic partition.
-type PartitionKey = (String, i32);
-
-/// A delivery in flight: its partition, offset, and whether it was acknowledged.
-type Delivery = LocalBoxFuture<'static, (PartitionKey, i64, bool)>;
-
-/// Delivers records with one record in flight per partition: records of one
-/// partition (so of one key, one context) reach the subscriber in order and
-/// each only after the one before it was acknowledged, while partitions
-/// proceed in parallel. An offset is stored for commit only once its record
-/// and every record before it in its partition are acknowledged.
-struct Scheduler<'c> {
-    consumer: &'c StreamConsumer,
-    subscriber: Link<KafkaRecord>,
-    metrics: Metrics,
-    waiting: HashMap<PartitionKey, VecDeque<Queued>>,
-    in_flight: FuturesUnordered<Delivery>,
-    busy: HashSet<PartitionKey>,
-    buffered: usize,
-}
-
-impl Scheduler<'_> {
-    fn push(&mut self, topic: &str, partition: i32, offset: i64, record: Option<KafkaRecord>) {
-        let key = (topic.to_owned(), partition);
-        self.waiting.entry(key.clone()).or_default().push_back((offset, record));
-        self.buffered += 1;
-        if !self.busy.contains(&key) {
-            self.start_next(key);
-        }
-    }
-
-    /// Starts the next record of `key`, storing the offsets of skipped ones.
-    fn start_next(&mut self, key: PartitionKey) {
-        while let Some((offset, record)) = self.waiting.get_mut(&key).and_then(VecDeque::pop_front) {
-            match record {
-                None => {
-                    self.buffered -= 1;
-                    self.store(&key, offset);
-                }
-                Some(record) => {
-                    let (subscriber, metrics) = (self.subscriber.clone(), self.metrics.clone());
-                    self.busy.insert(key.clone());
-                    self.in_flight.push(Box::pin(async move {
-                        let acked = deliver_until_acked(&subscriber, record, &metrics).await;
-                        (key, offset, acked)
-                    }));
-                    return;
-                }
-            }
-        }
-    }
-
-    /// Handles a finished delivery; false when the subscriber is gone.
-    fn finished(&mut self, key: PartitionKey, offset: i64, acked: bool) -> bool {
-        self.busy.remove(&key);
-        self.buffered -= 1;
-        if !acked {
-            return false;
-        }
-        self.store(&key, offset);
-        self.start_next(key);
-        true
-    }
-
-    fn store(&self, (topic, partition): &PartitionKey, offset: i64) {
-        // librdkafka commits `offset + 1`, the next one to read.
-        if let Err(error) = self.consumer.store_offset(topic, *partition, offset) {
-            self.metrics.bus_error(Bus::Kafka, BusErrorKind::StoreOffset, &error);
-        }
-    }
-}
-
-async fn run_consumer(
-    consumer: StreamConsumer,
-    subscriber: Link<KafkaRecord>,
-    mut stop: oneshot::Receiver<()>,
-    metrics: Metrics,
-) {
-    let mut s = Scheduler {
-        consumer: &consumer,
-        subscriber,
-        metrics: metrics.clone(),
-        waiting: HashMap::new(),
-        in_flight: FuturesUnordered::new(),
-        busy: HashSet::new(),
-        buffered: 0,
-    };
-    loop {
-        tokio::select! {
-            _ = &mut stop => break,
-            Some((key, offset, acked)) = s.in_flight.next(), if !s.in_flight.is_empty() => {
-                if !s.finished(key, offset, acked) {
-                    tracing::warn!(subscriber = s.subscriber.to(), "kafka subscriber stopped; consumer stops");
-                    break;
-                }
-            }
-            received = consumer.recv(), if s.buffered < MAX_BUFFERED => match received {
-                Ok(msg) => {
-                    metrics.bus_received.with_label_values(&[Bus::Kafka.as_str(), msg.topic()]).inc();
-                    let record = to_record(&msg)
-                        .map_err(|error| {
-                            // A record that can never decode would block its
-                            // partition forever: it is counted and skipped.
-                            let at = format!("{}/{}@{}", msg.topic(), msg.partition(), msg.offset());
-                            metrics.bus_error(Bus::Kafka, BusErrorKind::Decode, &format_args!("{at}: {error}"));
-                        })
-                        .ok();
-                    s.push(msg.topic(), msg.partition(), msg.offset(), record);
-                }
-                Err(error) => {
-                    metrics.bus_error(Bus::Kafka, BusErrorKind::Consume, &error);
-                    actix::clock::sleep(Duration::from_millis(200)).await;
-                }
-            },
-        }
-    }
-    // Let the records in flight finish so their offsets are committed too.
-    let drain = async {
-        while let Some((key, offset, acked)) = s.in_flight.next().await {
-            if acked {
-                s.store(&key, offset);
-            }
-        }
-    };
-    let _ = tokio::time::timeout(STOP_DRAIN, drain).await;
-    drop(s);
-    if let Err(error) = consumer.commit_consumer_state(CommitMode::Sync) {
-        // Nothing stored since the last commit is not an error worth counting.
-        if !matches!(error, KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) {
-            metrics.bus_error(Bus::Kafka, BusErrorKind::Commit, &error);
-        }
-    }
-}
-
-/// Delivers until the subscriber acknowledges; false when it is gone.
-async fn deliver_until_acked(subscriber: &Link<KafkaRecord>, record: KafkaRecord, metrics: &Metrics) -> bool {
-    let mut backoff = Backoff::new();
-    loop {
-        let reason = match subscriber.ask(record.clone()).await {
-            Ok(Ok(())) => return true,
-            Ok(Err(nack)) => nack.0,
-            Err(AskError::Panicked(p)) => p.to_string(),
-            Err(AskError::Closed(_) | AskError::Dropped) => return false,
-        };
-        metrics.bus_redelivered.with_label_values(&[Bus::Kafka.as_str(), &record.topic]).inc();
-        tracing::warn!(topic = %record.topic, partition = record.partition, offset = record.offset, %reason, "nexus_bus_redelivered_total");
-        actix::clock::sleep(backoff.next_delay()).await;
-    }
-}
-
-fn to_record(msg: &BorrowedMessage<'_>) -> Result<KafkaRecord, crate::envelope::DecodeError> {
-    let envelope = Envelope::decode(msg.payload().unwrap_or_default())?;
-    let mut trace = envelope.trace_context();
-    if let Some(headers) = msg.headers() {
-        for header in headers.iter() {
-            let value = header.value.and_then(|v| std::str::from_utf8(v).ok()).map(str::to_owned);
-            match header.key {
-                "traceparent" => trace.traceparent = value,
-                "tracestate" => trace.tracestate = value,
-                _ => {}
-            }
-        }
-    }
-    Ok(KafkaRecord {
-        topic: msg.topic().to_owned(),
-        partition: msg.partition(),
-        offset: msg.offset(),
-        key: msg.key().map(|k| String::from_utf8_lossy(k).into_owned()),
-        envelope,
-        trace,
-    })
-}
-
-async fn replay(config: KafkaConfig, msg: Replay, metrics: Metrics) -> Result<u64, KafkaError> {
-    let consumer: StreamConsumer = config
-        .client()
-        .set("group.id", format!("nexus-replay-{}", uuid::Uuid::now_v7()))
-        .set("enable.auto.commit", "false")
-        .set("enable.auto.offset.store", "false")
-        .create()?;
-    let timeout = Duration::from_secs(10);
-    let metadata = consumer.fetch_metadata(Some(&msg.topic), timeout)?;
-    let partitions: Vec<i32> = metadata.topics().iter().flat_map(|t| t.partitions().iter().map(|p| p.id())).collect();
-    let mut start = TopicPartitionList::new();
-    let mut end: HashMap<i32, i64> = HashMap::new();
-    for &p in &partitions {
-        let (low, high) = consumer.fetch_watermarks(&msg.topic, p, timeout)?;
-        end.insert(p, high);
-        let from = match msg.from {
-            ReplayFrom::Offset(o) => o.clamp(low, high),
-            ReplayFrom::Timestamp(_) => low,
-        };
-        start.add_partition_offset(&msg.topic, p, Offset::Offset(from))?;
-    }
-    if let ReplayFrom::Timestamp(ts) = msg.from {
-        let mut query = TopicPartitionList::new();
-        for &p in &partitions {
-            query.add_partition_offset(&msg.topic, p, Offset::Offset(ts))?;
-        }
-        let found = consumer.offsets_for_times(query, timeout)?;
-        for elem in found.elements() {
-            let offset = match elem.offset() {
-                Offset::Offset(o) => o,
-                _ => end.get(&elem.partition()).copied().unwrap_or(0),
-            };
-            start.set_partition_offset(&msg.topic, elem.partition(), Offset::Offset(offset))?;
-        }
-    }
-    let mut remaining: HashMap<i32, i64> = HashMap::new();
-    for elem in start.elements() {
-        if let (Offset::Offset(from), Some(&high)) = (elem.offset(), end.get(&elem.partition())) {
-            if from < high {
-                remaining.insert(elem.partition(), high);
-            }
-        }
-    }
-    consumer.assign(&start)?;
-    let mut delivered = 0;
-    while !remaining.is_empty() {
-        let m = consumer.recv().await?;
-        let Some(&high) = remaining.get(&m.partition()) else { continue };
-        if m.offset() >= high {
-            remaining.remove(&m.partition());
-            continue;
-        }
-        match to_record(&m) {
-            Ok(record) => {
-                if !deliver_until_acked(&msg.subscriber, record, &metrics).await {
-                    break;
-                }
-                delivered += 1;
-            }
-            Err(error) => metrics.bus_error(Bus::Kafka, BusErrorKind::Decode, &error),
-        }
-        if m.offset() + 1 >= high {
-            remaining.remove(&m.partition());
-        }
-    }
-    Ok(delivered)
-}
