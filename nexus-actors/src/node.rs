@@ -14,7 +14,7 @@ use utoipa::OpenApi;
 
 use crate::bus::kafka::KafkaProbe;
 use crate::bus::kafka::{KafkaBridge, KafkaConfig};
-use crate::bus::redis::RedisBridge;
+use crate::bus::redis::{RedisBridge, RedisBus};
 use crate::kernel::{ActorRef, Kernel};
 use crate::platform::auth::keys::{KeyError, KeyRing, KeySet};
 use crate::platform::auth::limiter::LoginLimits;
@@ -242,7 +242,7 @@ pub enum NodeError {
 /// A started node's bridges, for wiring roles and for tests.
 pub struct Bridges {
     /// The transactional bus.
-    pub redis: ActorRef<RedisBridge>,
+    pub redis: RedisBus,
     /// The semantic bus.
     pub kafka: ActorRef<KafkaBridge>,
     _arbiters: Vec<Arbiter>,
@@ -554,7 +554,7 @@ async fn transaction_manager(
     registry: &ActorRef<ToolRegistry>,
     gateway_url: Option<String>,
 ) -> Result<tm_role::TmState, NodeError> {
-    let publish = bridges.redis.link(Role::TransactionManager.name());
+    let publish = bridges.redis.publisher.clone();
     let mut state =
         tm_role::state(platform.clone(), config.login_limits, Some(publish), &config.name, kernel.metrics().registry());
     state.ui.gateway_url = gateway_url;

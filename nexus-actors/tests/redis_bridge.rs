@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use actix::Arbiter;
 use common::Collector;
-use nexus_actors::bus::redis::{Publish, PublishError, RedisBridge, Subscribe, Topic, Unsubscribe, RESUBSCRIBE_CHUNK};
+use nexus_actors::bus::redis::{
+    PublishError, RedisBridge, Subscribe, Topic, Unsubscribe, MAX_PUBLISHES_IN_FLIGHT, RESUBSCRIBE_CHUNK,
+};
 use nexus_actors::bus::BusEvent;
 use nexus_actors::telemetry::Metrics;
 use nexus_actors::{ActorRef, Envelope, Kernel, Link};
@@ -66,10 +68,9 @@ async fn subscribers_receive_typed_messages_and_bad_bytes_are_counted() {
     eventually(10, "both subscribers told the bus is up", || count_up(&exact_events) + count_up(&pattern_events) >= 2)
         .await;
 
-    let publish = bridge.link::<Publish>("test");
+    let publish = bridge.publisher.clone();
     for n in 0..10 {
-        let receivers =
-            publish.ask(Publish { channel: "nexus:doc:1".into(), envelope: ping(n) }).await.unwrap().unwrap();
+        let receivers = publish.publish("nexus:doc:1", ping(n)).await.unwrap();
         assert_eq!(receivers, 2, "one connection subscribed twice (channel and pattern)");
     }
     eventually(10, "ten messages each", || {
@@ -84,7 +85,7 @@ async fn subscribers_receive_typed_messages_and_bad_bytes_are_counted() {
     let raw = redis::Client::open(server.url()).unwrap();
     let mut conn = raw.get_multiplexed_async_connection().await.unwrap();
     let _: i64 = redis::cmd("PUBLISH").arg("nexus:doc:1").arg(b"{not json").query_async(&mut conn).await.unwrap();
-    publish.ask(Publish { channel: "nexus:doc:1".into(), envelope: ping(10) }).await.unwrap().unwrap();
+    publish.publish("nexus:doc:1", ping(10)).await.unwrap();
     eventually(10, "message after garbage", || messages(&exact_events).len() == 11).await;
     // Redis delivers the garbage once per matching subscription: channel and pattern.
     assert_eq!(Metrics::counter_value(&kernel.metrics().bus_errors, &["redis", "decode"]), 2);
@@ -95,7 +96,7 @@ async fn subscribers_receive_typed_messages_and_bad_bytes_are_counted() {
         .ask(Unsubscribe { topic: Topic::Channel("nexus:doc:1".into()), subscriber: "exact".into() })
         .await
         .unwrap();
-    publish.ask(Publish { channel: "nexus:doc:1".into(), envelope: ping(11) }).await.unwrap().unwrap();
+    publish.publish("nexus:doc:1", ping(11)).await.unwrap();
     eventually(10, "pattern subscriber got 12", || messages(&pattern_events).len() == 12).await;
     assert_eq!(messages(&exact_events).len(), 11);
 
@@ -122,13 +123,13 @@ async fn reconnects_and_resubscribes_after_redis_restarts() {
         .unwrap()
         .unwrap();
     eventually(10, "bus up", || count_up(&events) >= 1).await;
-    let publish = bridge.link::<Publish>("test");
-    publish.ask(Publish { channel: "nexus:panel:p1".into(), envelope: ping(1) }).await.unwrap().unwrap();
+    let publish = bridge.publisher.clone();
+    publish.publish("nexus:panel:p1", ping(1)).await.unwrap();
     eventually(10, "first message", || messages(&events).len() == 1).await;
 
     server.kill();
     eventually(10, "subscriber told the bus is down", || count_down(&events) == 1).await;
-    let failed = publish.ask(Publish { channel: "nexus:panel:p1".into(), envelope: ping(2) }).await.unwrap();
+    let failed = publish.publish("nexus:panel:p1", ping(2)).await;
     let handed_back = match failed {
         Err(err @ PublishError::Unavailable(_)) | Err(err @ PublishError::Redis { .. }) => err.into_envelope(),
         Err(PublishError::Busy(_)) => panic!("one publish cannot be too many"),
@@ -139,7 +140,7 @@ async fn reconnects_and_resubscribes_after_redis_restarts() {
     server.restart().unwrap();
     let ups_before = count_up(&events);
     eventually(15, "subscriber told the bus is up again", || count_up(&events) > ups_before).await;
-    publish.ask(Publish { channel: "nexus:panel:p1".into(), envelope: handed_back }).await.unwrap().unwrap();
+    publish.publish("nexus:panel:p1", handed_back).await.unwrap();
     eventually(10, "message after restart", || messages(&events).len() == 2).await;
     assert_eq!(messages(&events).last().unwrap().2, 2);
     assert!(Metrics::counter_value(&kernel.metrics().bus_errors, &["redis", "disconnected"]) >= 1);
@@ -194,9 +195,9 @@ async fn a_stuck_subscriber_loses_messages_but_never_stalls_the_others() {
     eventually(10, "healthy subscriber live", || count_up(&healthy_events) >= 1).await;
     eventually(10, "stuck subscriber live", || count_up(&stuck_events) >= 1).await;
 
-    let publish = bridge.link::<Publish>("test");
+    let publish = bridge.publisher.clone();
     for n in 0..200 {
-        publish.ask(Publish { channel: "nexus:doc:slow".into(), envelope: ping(n) }).await.unwrap().unwrap();
+        publish.publish("nexus:doc:slow", ping(n)).await.unwrap();
     }
     eventually(10, "healthy subscriber got all 200 while the other is stuck", || {
         messages(&healthy_events).len() == 200
@@ -296,9 +297,9 @@ async fn a_topic_goes_with_its_last_subscriber_in_the_node_and_in_redis() {
     a.stop();
     b.stop();
     eventually(10, "both stopped", || !a.is_alive() && !b.is_alive()).await;
-    let publish = bridge.link::<Publish>("test");
+    let publish = bridge.publisher.clone();
     for target in [channel.clone(), "nexus:gone:1".to_owned()] {
-        publish.ask(Publish { channel: target, envelope: ping(0) }).await.unwrap().unwrap();
+        publish.publish(target, ping(0)).await.unwrap();
     }
     eventually(10, "both topics dropped", || topics() == 0).await;
     until_numsub(&mut conn, &[channel], 0, "channel unsubscribed on Redis").await;
@@ -346,10 +347,60 @@ async fn ten_thousand_topics_come_back_after_a_restart_in_a_few_commands() {
     assert_eq!(commands, channels.len().div_ceil(RESUBSCRIBE_CHUNK) as u64, "one SUBSCRIBE per chunk");
 
     let last = channels.last().unwrap().clone();
-    bridge.link::<Publish>("test").ask(Publish { channel: last.clone(), envelope: ping(7) }).await.unwrap().unwrap();
+    bridge.publisher.clone().publish(last.clone(), ping(7)).await.unwrap();
     eventually(10, "the message after the restart, by channel and by pattern", || {
         let seen = messages(&events);
         seen.contains(&(last.clone(), None, 7)) && seen.contains(&(last.clone(), Some("nexus:many:*".into()), 7))
     })
     .await;
+}
+
+#[actix_rt::test]
+async fn publishes_from_many_callers_share_one_bound_and_local_fan_out_shares_one_message() {
+    let brokers = Brokers::redis("redis-bound");
+    let kernel = Kernel::new("test");
+    let arbiter = Arbiter::new();
+    let bus = RedisBridge::spawn(&kernel, &arbiter.handle(), &brokers.redis_url()).unwrap();
+    let (a, a_events) = collector(&kernel, "a");
+    let (b, b_events) = collector(&kernel, "b");
+    let link = bus.link::<Subscribe>("test");
+    subscribe(&link, Topic::Channel("nexus:bound".into()), &a).await;
+    subscribe(&link, Topic::Channel("nexus:bound".into()), &b).await;
+    eventually(10, "both subscribers live", || count_up(&a_events) >= 1 && count_up(&b_events) >= 1).await;
+
+    // Every publish takes its place in the bound on its first poll, before
+    // any answer can free one: the ones past it are refused at once.
+    let over = 50;
+    let publishes = (0..(MAX_PUBLISHES_IN_FLIGHT + over) as u64).map(|n| {
+        let publisher = bus.publisher.clone();
+        async move { publisher.publish("nexus:bound", ping(n)).await }
+    });
+    let results = futures::future::join_all(publishes).await;
+    let busy: Vec<u64> = results
+        .into_iter()
+        .filter_map(|r| match r {
+            Ok(receivers) => {
+                assert_eq!(receivers, 1, "one Redis client (the bridge's) receives each");
+                None
+            }
+            Err(PublishError::Busy(envelope)) => Some(envelope.data["n"].as_u64().unwrap()),
+            Err(other) => panic!("publish failed: {other}"),
+        })
+        .collect();
+    let expected: Vec<u64> = (MAX_PUBLISHES_IN_FLIGHT as u64..(MAX_PUBLISHES_IN_FLIGHT + over) as u64).collect();
+    assert_eq!(busy, expected, "the publishes past the bound are handed back, nothing else");
+    assert_eq!(Metrics::counter_value(&kernel.metrics().bus_errors, &["redis", "publish_busy"]), over as u64);
+    eventually(10, "every accepted publish delivered to both", || {
+        messages(&a_events).len() == MAX_PUBLISHES_IN_FLIGHT && messages(&b_events).len() == MAX_PUBLISHES_IN_FLIGHT
+    })
+    .await;
+
+    // With the bound free again, publishing works as before.
+    bus.publisher.publish("nexus:bound", ping(9999)).await.unwrap();
+    eventually(10, "the last one delivered", || messages(&b_events).len() == MAX_PUBLISHES_IN_FLIGHT + 1).await;
+    let last = |events: &Mutex<Vec<BusEvent>>| match events.lock().unwrap().last() {
+        Some(BusEvent::Message(m)) => m.clone(),
+        other => panic!("expected a message, got {other:?}"),
+    };
+    assert!(Arc::ptr_eq(&last(&a_events), &last(&b_events)), "both subscribers hold the one decoded message");
 }

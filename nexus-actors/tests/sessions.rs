@@ -83,13 +83,8 @@ impl World {
         let arbiter = Arbiter::new();
         let bridge = RedisBridge::spawn(&kernel, &arbiter.handle(), &url).unwrap();
         let platform = self.keys.platform(&url).await;
-        let mut state = tm::state(
-            platform,
-            Default::default(),
-            Some(bridge.link("transaction-manager")),
-            "tm",
-            kernel.metrics().registry(),
-        );
+        let mut state =
+            tm::state(platform, Default::default(), Some(bridge.publisher.clone()), "tm", kernel.metrics().registry());
         state.ui = ui;
         let state = web::Data::new(state);
         let deps = SessionDeps { kernel: kernel.clone(), bridge };

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use actix::Arbiter;
 use common::{eventually, tempdir, Collector, Recorder, Seen};
 use nexus_actors::bus::kafka::{ensure_topics, Consume, KafkaBridge, KafkaConfig, Produce};
-use nexus_actors::bus::redis::{Publish, RedisBridge, Subscribe, Topic};
+use nexus_actors::bus::redis::{RedisBridge, Subscribe, Topic};
 use nexus_actors::bus::BusEvent;
 use nexus_actors::infra::{RedisServer, Tansu, TansuStorage};
 use nexus_actors::{Envelope, Kernel};
@@ -65,12 +65,7 @@ async fn publish_trace_parents_the_receiving_actor_span_over_redis_and_kafka() {
     let (redis_root, redis_cx) = root_span("redis");
     let envelope = redis_root.in_scope(|| Envelope::with_type("nexus.test.traced", "test", json!({ "seq": 0 })));
     assert!(envelope.traceparent.as_deref().is_some_and(|tp| tp.contains(&redis_cx.trace_id().to_string())));
-    redis_bridge
-        .link::<Publish>("test")
-        .ask(Publish { channel: "nexus:trace".into(), envelope })
-        .await
-        .unwrap()
-        .unwrap();
+    redis_bridge.publisher.publish("nexus:trace", envelope).await.unwrap();
     eventually(10, "traced redis message", || events.lock().unwrap().iter().any(|e| matches!(e, BusEvent::Message(_))))
         .await;
 

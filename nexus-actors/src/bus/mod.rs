@@ -10,6 +10,7 @@ pub mod kafka;
 pub mod redis;
 pub mod tap;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::Value;
@@ -150,12 +151,12 @@ pub struct BusMessage {
 }
 
 /// What a Redis subscriber receives.
-// Messages are the common case; boxing them would cost an allocation each.
-#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone)]
 pub enum BusEvent {
-    /// A message on a subscribed channel or pattern.
-    Message(BusMessage),
+    /// A message on a subscribed channel or pattern, decoded once and
+    /// shared by every local subscriber of it (`Arc::unwrap_or_clone`
+    /// takes it without a copy when there is only one).
+    Message(Arc<BusMessage>),
     /// The bus went down: resync once [`BusEvent::Up`] follows.
     Down(BusDown),
     /// The subscriptions are live (again).

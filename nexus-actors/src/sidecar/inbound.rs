@@ -12,10 +12,10 @@ use serde_json::Value;
 use tracing::Instrument;
 
 use super::panel::PanelClient;
-use crate::bus::redis::Publish;
+use crate::bus::redis::Publisher;
 use crate::bus::{Bus, BusErrorKind, BusEvent};
 use crate::envelope::Envelope;
-use crate::kernel::{Behaviour, Ctx, Handler, Kernel, Link, Reply};
+use crate::kernel::{Behaviour, Ctx, Handler, Kernel, Reply};
 use crate::tools::panel_tool_name;
 use crate::tools::protocol::{outcome_label, ToolError, ToolRequest, ToolResponse, ToolResult};
 use crate::tools::store::ToolStore;
@@ -26,7 +26,7 @@ pub struct CallForwarder {
     pub(super) panel_id: String,
     pub(super) panel: PanelClient,
     pub(super) store: ToolStore,
-    pub(super) publish: Link<Publish>,
+    pub(super) publish: Publisher,
     /// Calls now running; shared so a restart of this actor keeps the count.
     pub(super) in_flight: Arc<AtomicUsize>,
     pub(super) max_calls: usize,
@@ -73,12 +73,8 @@ impl CallForwarder {
                     }
                     let response = ToolResponse { call_id: request.call_id.clone(), outcome: result.into() };
                     let envelope = Envelope::new(source, response).into_untyped();
-                    match publish.ask(Publish { channel: request.reply_to.clone(), envelope }).await {
-                        Ok(Ok(_)) => {}
-                        Ok(Err(error)) => metrics.bus_error(Bus::Redis, BusErrorKind::ToolResponse, &error),
-                        Err(error) => {
-                            metrics.bus_error(Bus::Redis, BusErrorKind::ToolResponse, &format_args!("{error:?}"))
-                        }
+                    if let Err(error) = publish.publish(request.reply_to.clone(), envelope).await {
+                        metrics.bus_error(Bus::Redis, BusErrorKind::ToolResponse, &error);
                     }
                 };
                 store.run_once(&tool, &request, work, answer).await;
@@ -104,7 +100,7 @@ impl Behaviour for CallForwarder {
 impl Handler<BusEvent> for CallForwarder {
     fn handle(&mut self, event: BusEvent, _: &mut Ctx<Self>) -> Reply<()> {
         if let BusEvent::Message(message) = event {
-            self.forward(message.envelope);
+            self.forward(std::sync::Arc::unwrap_or_clone(message).envelope);
         }
         Reply::Now(())
     }

@@ -28,9 +28,9 @@ use std::time::Duration;
 use actix::Arbiter;
 use actix_web::{web, App, HttpServer};
 
-use crate::bus::redis::{RedisBridge, Subscribe, Topic, Unsubscribe};
+use crate::bus::redis::{RedisBridge, RedisBus, Subscribe, Topic, Unsubscribe};
 use crate::instance::{SIDECAR_TOKEN_ENV, SIDECAR_TOKEN_HEADER};
-use crate::kernel::{ActorRef, Kernel};
+use crate::kernel::Kernel;
 use crate::netns::{NetnsError, NetnsThread};
 use crate::platform::channels;
 use crate::platform::{PanelRecords, StoreError};
@@ -153,7 +153,7 @@ pub struct Sidecar {
     registrar: Registrar,
     polling_task: tokio::task::JoinHandle<()>,
     listen: SocketAddr,
-    bridge: ActorRef<RedisBridge>,
+    bridge: RedisBus,
     bridge_arbiter: Arbiter,
     calls: Topic,
     forwarder: String,
@@ -223,7 +223,7 @@ pub async fn start(config: SidecarConfig) -> Result<Sidecar, SidecarError> {
     let in_flight: Arc<AtomicUsize> = Arc::default();
     let forwarder = {
         let (kernel, client, tools) = (kernel.clone(), client.clone(), tools.clone());
-        let (panel_id, publish) = (config.panel.clone(), bridge.link(CallForwarder::KIND));
+        let (panel_id, publish) = (config.panel.clone(), bridge.publisher.clone());
         let in_flight = in_flight.clone();
         let max_calls = config.max_calls.max(1);
         kernel.clone().spawn(CallForwarder::KIND, move || CallForwarder {
@@ -251,7 +251,7 @@ pub async fn start(config: SidecarConfig) -> Result<Sidecar, SidecarError> {
     let state = web::Data::new(ProxyState {
         kernel: kernel.clone(),
         panel_id: config.panel.clone(),
-        publish: bridge.link("sidecar-proxy"),
+        publish: bridge.publisher.clone(),
         limit: RateLimit::new(config.publish_rate, config.publish_burst),
         registrar: registrar.clone(),
     });

@@ -16,9 +16,9 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::registration::{PanelState, Registrar};
-use crate::bus::redis::Publish;
+use crate::bus::redis::Publisher;
 use crate::envelope::Envelope;
-use crate::kernel::{lock, Kernel, Link};
+use crate::kernel::{lock, Kernel};
 use crate::platform::channels;
 use crate::platform::http::{read_body, BodyError};
 
@@ -72,7 +72,7 @@ pub struct ProxyState {
     /// The panel whose namespace it publishes in.
     pub panel_id: String,
     /// The bus.
-    pub publish: Link<Publish>,
+    pub publish: Publisher,
     /// The publish rate limit.
     pub limit: RateLimit,
     /// The tool listing, for `/reload` and `/healthz`.
@@ -172,13 +172,12 @@ async fn proxy(state: web::Data<ProxyState>, req: HttpRequest, payload: web::Pay
     let channel = channels::panel_out(&state.panel_id, &message.channel);
     let envelope = Envelope::with_type(kind, format!("panel/{}", state.panel_id), message.data);
     let id = envelope.id.clone();
-    match state.publish.ask(Publish { channel: channel.clone(), envelope }).await {
-        Ok(Ok(_)) => {
+    match state.publish.publish(channel.clone(), envelope).await {
+        Ok(_) => {
             state.kernel.metrics().sidecar_published.inc();
             HttpResponse::Accepted().json(json!({ "channel": channel, "id": id }))
         }
-        Ok(Err(error)) => refuse(&state, Refusal::BusUnavailable, error.to_string()),
-        Err(error) => refuse(&state, Refusal::BusUnavailable, format!("{error:?}")),
+        Err(error) => refuse(&state, Refusal::BusUnavailable, error.to_string()),
     }
 }
 

@@ -31,7 +31,7 @@ use super::store::ToolStore;
 use super::system::{CallContext, SystemTool};
 use super::{is_valid_local_name, ToolAddress, ToolOwner, ToolSpec};
 use crate::bus::kafka::{Produce, SEMANTIC_EVENTS};
-use crate::bus::redis::{Publish, Subscribe, Topic};
+use crate::bus::redis::{Publisher, Subscribe, Topic};
 use crate::bus::{Bus, BusErrorKind, BusEvent};
 use crate::envelope::{Envelope, Payload};
 use crate::kernel::{lock, ActorRef, Behaviour, Ctx, Handler, Kernel, Link, Message, Reply};
@@ -106,7 +106,7 @@ pub struct RegistryDeps {
     /// The shared tool listing and idempotency claims.
     pub store: ToolStore,
     /// The node's Redis bridge, which carries calls and replies.
-    pub redis: ActorRef<crate::bus::redis::RedisBridge>,
+    pub redis: crate::bus::redis::RedisBus,
     /// Where calls are recorded; `None` records nothing (no Kafka here).
     pub kafka: Option<Link<Produce>>,
 }
@@ -115,7 +115,7 @@ pub struct RegistryDeps {
 pub struct ToolRegistry {
     deps: RegistryDeps,
     shared: Arc<Shared>,
-    publish: Link<Publish>,
+    publish: Publisher,
     subscribe: Link<Subscribe>,
     reply_channel: String,
     me: Option<ActorRef<ToolRegistry>>,
@@ -131,7 +131,7 @@ impl ToolRegistry {
         let reply_channel = channels::tool_replies(deps.kernel.node(), &uuid::Uuid::now_v7().simple().to_string());
         let id = format!("tool-registry-{}", &reply_channel[reply_channel.len() - 8..]);
         let kernel = deps.kernel.clone();
-        let (publish, subscribe) = (deps.redis.link(&id), deps.redis.link(&id));
+        let (publish, subscribe) = (deps.redis.publisher.clone(), deps.redis.link(&id));
         kernel.spawn(id, move || ToolRegistry {
             deps: deps.clone(),
             shared: shared.clone(),
@@ -176,8 +176,8 @@ impl ToolRegistry {
                     let response = ToolResponse { call_id: request.call_id.clone(), outcome: result.into() };
                     let envelope = Envelope::new(source, response).into_untyped();
                     let channel = request.reply_to.clone();
-                    if let Err(error) = publish.ask(Publish { channel, envelope }).await {
-                        tracing::warn!(?error, "could not send a tool response");
+                    if let Err(error) = publish.publish(channel, envelope).await {
+                        tracing::warn!(%error, "could not send a tool response");
                     }
                 };
                 run_system(&store, &tool, &request, answer).await;
@@ -266,8 +266,10 @@ impl Handler<ListTools> for ToolRegistry {
 impl Handler<BusEvent> for ToolRegistry {
     fn handle(&mut self, event: BusEvent, _: &mut Ctx<Self>) -> Reply<()> {
         match event {
-            BusEvent::Message(m) if m.channel == self.reply_channel => self.complete(m.envelope),
-            BusEvent::Message(m) => self.serve_request(m.envelope),
+            BusEvent::Message(m) if m.channel == self.reply_channel => {
+                self.complete(std::sync::Arc::unwrap_or_clone(m).envelope)
+            }
+            BusEvent::Message(m) => self.serve_request(std::sync::Arc::unwrap_or_clone(m).envelope),
             BusEvent::Up(_) => {
                 // Redis may have come back empty: list our system tools again.
                 let specs: Vec<ToolSpec> = lock(&self.shared.system).values().map(|t| t.spec.clone()).collect();
@@ -307,7 +309,7 @@ impl Handler<CallTool> for ToolRegistry {
 struct Caller {
     deps: RegistryDeps,
     shared: Arc<Shared>,
-    publish: Link<Publish>,
+    publish: Publisher,
     reply_channel: String,
 }
 
@@ -432,11 +434,10 @@ impl Caller {
             ToolOwner::System => format!("system tool {}", call.tool),
             ToolOwner::Panel { panel, .. } => format!("panel {panel}"),
         };
-        let published = match tokio::time::timeout(wait, self.publish.ask(Publish { channel, envelope })).await {
-            Ok(Ok(Ok(0))) => Err(ToolError::PanelUnavailable { owner, message: "no sidecar is listening".into() }),
-            Ok(Ok(Ok(_))) => Ok(()),
-            Ok(Ok(Err(error))) => Err(ToolError::PanelUnavailable { owner, message: format!("bus: {error}") }),
-            Ok(Err(error)) => Err(ToolError::internal(format_args!("redis bridge: {error}"))),
+        let published = match tokio::time::timeout(wait, self.publish.publish(channel, envelope)).await {
+            Ok(Ok(0)) => Err(ToolError::PanelUnavailable { owner, message: "no sidecar is listening".into() }),
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(error)) => Err(ToolError::PanelUnavailable { owner, message: format!("bus: {error}") }),
             Err(_) => Err(ToolError::Timeout { timeout_ms: wait.as_millis() as u64 }),
         };
         if let Err(error) = published {

@@ -210,11 +210,11 @@ async fn an_undeploy_racing_an_activation_leaves_no_instance_and_no_activatable_
     // the Redis client's 500 ms response timeout, so the claim succeeds.)
     let mut conn = node.conn.clone();
     redis::cmd("CLIENT").arg("PAUSE").arg(200).arg("WRITE").query_async::<()>(&mut conn).await.unwrap();
-    let activate = nexus_actors::bus::BusEvent::Message(nexus_actors::bus::BusMessage {
+    let activate = nexus_actors::bus::BusEvent::Message(std::sync::Arc::new(nexus_actors::bus::BusMessage {
         channel: channels::ACTIVATE.to_owned(),
         pattern: None,
         envelope: Envelope::new("test", Activate { panel: panel.clone() }).into_untyped(),
-    });
+    }));
     node.handle.actor.link::<nexus_actors::bus::BusEvent>("test").tell(activate).unwrap();
     tokio::time::sleep(Duration::from_millis(80)).await;
     let undeploy = pm::manager::Undeploy { panel: panel.clone() };

@@ -14,7 +14,7 @@ use actix::Arbiter;
 use actix_web::{web, App, HttpServer};
 use futures::future::BoxFuture;
 use futures::StreamExt;
-use nexus_actors::bus::redis::{Publish, RedisBridge};
+use nexus_actors::bus::redis::RedisBridge;
 use nexus_actors::infra::free_port;
 use nexus_actors::instance::{
     instances_key, last_request_key, Endpoint, InstanceMode, InstanceState, InstanceStatus, Isolation, PanelRoute,
@@ -371,7 +371,7 @@ pub(crate) async fn node_over<D: RuntimeDriver>(
     fast(&mut config);
     tweak(&mut config);
     let handle = pm::start(&kernel, bridge.clone(), driver.clone(), config).await.unwrap();
-    let publish = Some(bridge.link::<Publish>("tm"));
+    let publish = Some(bridge.publisher.clone());
     let tm_state = web::Data::new(tm::state(
         platform.clone(),
         Default::default(),

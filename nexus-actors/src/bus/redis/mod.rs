@@ -1,8 +1,10 @@
 //! `RedisBridge`: the transactional bus (Redis pub/sub) as an actor.
 //!
 //! Actors subscribe to a channel or a pattern by message and receive
-//! [`BusEvent`]s in their mailbox; publishing is a message too. The bridge
-//! owns one pub/sub connection and one publishing connection. When the
+//! [`BusEvent`]s in their mailbox. Publishing goes through the
+//! [`Publisher`] handed out at spawn, from the caller's own task (see
+//! [`publisher`]). The bridge owns one pub/sub connection and the one
+//! publishing connection that every publisher shares. When the
 //! pub/sub connection drops it tells every subscriber [`BusDown`],
 //! reconnects with backoff, re-subscribes everything and tells them
 //! [`BusUp`] so they can resync from state. Delivery is at-most-once and uses
@@ -23,10 +25,13 @@
 //! bridge handles the messages, so a `SUBSCRIBE` and the `UNSUBSCRIBE` that
 //! follows it cannot swap places on the wire.
 
-use std::cell::Cell;
+mod publisher;
+mod table;
+
+pub use publisher::{PublishError, Publisher, MAX_PUBLISHES_IN_FLIGHT};
+
 use std::collections::HashMap;
 use std::future::Future;
-use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -39,8 +44,9 @@ use redis::aio::{ConnectionManager, PubSubSink};
 
 use super::{Backoff, Bus, BusDown, BusErrorKind, BusEvent, BusMessage, BusUp};
 use crate::envelope::Envelope;
-use crate::kernel::{lock, ActorRef, Behaviour, Ctx, Handler, Kernel, Link, Message, Reply, SendError, Supervised};
+use crate::kernel::{lock, ActorRef, Behaviour, Ctx, Handler, Kernel, Link, Message, Reply, Supervised};
 use crate::telemetry::Metrics;
+use table::Table;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -52,11 +58,6 @@ pub const RESUBSCRIBE_CHUNK: usize = 1000;
 /// unsubscribing (a crashed actor, a task that outlived its session).
 const SWEEP_EVERY: Duration = Duration::from_secs(30);
 
-/// Publishes waiting for Redis at once. Past this a publish is refused at
-/// once (handed back, counted) rather than queued without bound until the
-/// connection's response timeout fails them all.
-pub const MAX_PUBLISHES_IN_FLIGHT: usize = 1024;
-
 /// What to subscribe to.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Topic {
@@ -64,34 +65,6 @@ pub enum Topic {
     Channel(String),
     /// A glob pattern, as Redis `PSUBSCRIBE` takes it.
     Pattern(String),
-}
-
-/// Why a publish did not happen. The envelope is handed back.
-#[derive(Debug, thiserror::Error)]
-pub enum PublishError {
-    /// The bridge is not connected to Redis.
-    #[error("redis is unavailable")]
-    Unavailable(Envelope),
-    /// [`MAX_PUBLISHES_IN_FLIGHT`] publishes are already waiting for Redis.
-    #[error("too many publishes in flight")]
-    Busy(Envelope),
-    /// Redis refused the publish, or the connection failed during it.
-    #[error("redis publish failed: {source}")]
-    Redis {
-        /// What was not published.
-        envelope: Envelope,
-        /// Why.
-        source: redis::RedisError,
-    },
-}
-
-impl PublishError {
-    /// The envelope that was not published.
-    pub fn into_envelope(self) -> Envelope {
-        match self {
-            PublishError::Unavailable(e) | PublishError::Busy(e) | PublishError::Redis { envelope: e, .. } => e,
-        }
-    }
 }
 
 /// Why Redis did not confirm a subscription. The topic stays in the
@@ -132,19 +105,6 @@ impl Message for Unsubscribe {
     type Reply = ();
 }
 
-/// Publishes an envelope on a channel; replies with the number of Redis
-/// clients that received it.
-pub struct Publish {
-    /// Where.
-    pub channel: String,
-    /// What.
-    pub envelope: Envelope,
-}
-
-impl Message for Publish {
-    type Reply = Result<u64, PublishError>;
-}
-
 /// The pub/sub connection of `generation` ended.
 struct ConnectionLost {
     generation: u64,
@@ -163,72 +123,28 @@ impl Message for Emptied {
     type Reply = ();
 }
 
-/// Who follows what, and the gauge that counts the topics.
-struct Table {
-    topics: HashMap<Topic, Vec<Link<BusEvent>>>,
-    gauge: prometheus::IntGauge,
-}
-
-impl Table {
-    fn count(&self) {
-        self.gauge.set(self.topics.len() as i64);
-    }
-
-    /// Adds (or replaces) `link` on `topic`.
-    fn add(&mut self, topic: Topic, link: Link<BusEvent>) {
-        let links = self.topics.entry(topic).or_default();
-        links.retain(|l| l.to() != link.to());
-        links.push(link);
-        self.count();
-    }
-
-    /// Removes `subscriber` from `topic`; whether that dropped the topic.
-    fn remove(&mut self, topic: &Topic, subscriber: &str) -> bool {
-        let Some(links) = self.topics.get_mut(topic) else { return false };
-        links.retain(|l| l.to() != subscriber);
-        let emptied = links.is_empty();
-        if emptied {
-            self.topics.remove(topic);
-            self.count();
-        }
-        emptied
-    }
-
-    /// Keeps, on every topic, the links for which `keep` holds; the
-    /// topics left without any are dropped and returned.
-    fn retain(&mut self, mut keep: impl FnMut(&Link<BusEvent>) -> bool) -> Vec<Topic> {
-        let mut emptied = Vec::new();
-        self.topics.retain(|topic, links| {
-            links.retain(&mut keep);
-            if links.is_empty() {
-                emptied.push(topic.clone());
-            }
-            !links.is_empty()
-        });
-        if !emptied.is_empty() {
-            self.count();
-        }
-        emptied
-    }
-
-    /// Offers `event` to every live link of `topic`; true when the topic
-    /// was dropped because all of them were closed.
-    fn offer(&mut self, topic: &Topic, event: &BusMessage) -> bool {
-        let Some(links) = self.topics.get_mut(topic) else { return false };
-        links.retain(|link| match link.try_tell(BusEvent::Message(event.clone())) {
-            Ok(()) | Err(SendError::Full(_)) => true,
-            Err(SendError::Closed(_)) => false,
-        });
-        let emptied = links.is_empty();
-        if emptied {
-            self.topics.remove(topic);
-            self.count();
-        }
-        emptied
-    }
-}
-
 type Subscriptions = Arc<Mutex<Table>>;
+
+/// A spawned bridge: the actor to subscribe with, and the handle to
+/// publish with.
+#[derive(Clone)]
+pub struct RedisBus {
+    /// The bridge: send it [`Subscribe`] and [`Unsubscribe`].
+    pub bridge: ActorRef<RedisBridge>,
+    /// Publishes on the bridge's connection; clone it for every publisher.
+    pub publisher: Publisher,
+}
+
+impl RedisBus {
+    /// A sender of `M` ([`Subscribe`], [`Unsubscribe`]) to the bridge,
+    /// counted on the edge `from → bridge`.
+    pub fn link<M: Message>(&self, from: &str) -> Link<M>
+    where
+        RedisBridge: Handler<M>,
+    {
+        self.bridge.link(from)
+    }
+}
 
 /// The bridge between Redis pub/sub and the mailbox graph.
 pub struct RedisBridge {
@@ -236,7 +152,10 @@ pub struct RedisBridge {
     client: redis::Client,
     subscriptions: Subscriptions,
     sink: Option<PubSubSink>,
-    publisher: Option<ConnectionManager>,
+    /// The publishing connection, kept across reconnections of pub/sub.
+    connection: Option<ConnectionManager>,
+    /// Told whether the bus is up, and on which connection to publish.
+    publisher: Publisher,
     /// Increases with every pub/sub connection, so that an old connection's
     /// reader stops and news about it is ignored. Shared with the readers and
     /// kept across restarts of the bridge.
@@ -246,24 +165,6 @@ pub struct RedisBridge {
     sweeping: Arc<AtomicBool>,
     backoff: Backoff,
     me: Option<ActorRef<RedisBridge>>,
-    /// Publishes waiting for Redis; replies run on this actor's thread.
-    publishing: Rc<Cell<usize>>,
-}
-
-/// Counts one publish in flight for as long as it lives.
-struct InFlight(Rc<Cell<usize>>);
-
-impl InFlight {
-    fn enter(counter: &Rc<Cell<usize>>) -> Self {
-        counter.set(counter.get() + 1);
-        InFlight(counter.clone())
-    }
-}
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        self.0.set(self.0.get() - 1);
-    }
 }
 
 /// Which subscription command.
@@ -327,11 +228,7 @@ impl RedisBridge {
     pub const KIND: &'static str = "redis_bridge";
 
     /// Spawns the bridge on `arbiter`; it connects to `url` by itself.
-    pub fn spawn(
-        kernel: &Kernel,
-        arbiter: &actix::ArbiterHandle,
-        url: &str,
-    ) -> Result<ActorRef<RedisBridge>, redis::RedisError> {
+    pub fn spawn(kernel: &Kernel, arbiter: &actix::ArbiterHandle, url: &str) -> Result<RedisBus, redis::RedisError> {
         let client = redis::Client::open(url)?;
         // Present from the start, so dashboards see zeros, not gaps.
         kernel.metrics().bus_errors.with_label_values(&[Bus::Redis.as_str(), BusErrorKind::Disconnected.as_str()]);
@@ -339,41 +236,44 @@ impl RedisBridge {
         let subscriptions: Subscriptions = Arc::new(Mutex::new(Table { topics: HashMap::new(), gauge }));
         let generation = Arc::new(AtomicU64::new(0));
         let sweeping = Arc::new(AtomicBool::new(false));
-        let k = kernel.clone();
-        Ok(kernel.spawn_on(arbiter, "redis-bridge", move || RedisBridge {
+        let publisher = Publisher::new(kernel.metrics().clone());
+        let (k, p) = (kernel.clone(), publisher.clone());
+        let bridge = kernel.spawn_on(arbiter, "redis-bridge", move || RedisBridge {
             kernel: k.clone(),
             client: client.clone(),
             subscriptions: subscriptions.clone(),
             sink: None,
-            publisher: None,
+            connection: None,
+            publisher: p.clone(),
             generation: generation.clone(),
             sweeping: sweeping.clone(),
             backoff: Backoff::new(),
             me: None,
-            publishing: Rc::default(),
-        }))
+        });
+        Ok(RedisBus { bridge, publisher })
     }
 
     fn connect(&mut self, ctx: &mut Ctx<Self>) {
         let generation = self.generation.fetch_add(1, Ordering::SeqCst) + 1;
         let client = self.client.clone();
         let topics: Vec<Topic> = lock(&self.subscriptions).topics.keys().cloned().collect();
-        let publisher = self.publisher.clone();
+        let connection = self.connection.clone();
         let fut = async move {
             let (sink, stream) = client.get_async_pubsub().await?.split();
             send_command(&sink, Command::Subscribe, topics).await?;
-            let publisher = match publisher {
-                Some(p) => p,
+            let connection = match connection {
+                Some(c) => c,
                 None => client.get_connection_manager().await?,
             };
-            Ok::<_, redis::RedisError>((sink, stream, publisher))
+            Ok::<_, redis::RedisError>((sink, stream, connection))
         };
         let fut = tokio::time::timeout(CONNECT_TIMEOUT, fut);
         ctx.wait(actix::fut::wrap_future::<_, Supervised<Self>>(fut).map(move |result, s, ctx| match result {
-            Ok(Ok((sink, stream, publisher))) => {
+            Ok(Ok((sink, stream, connection))) => {
                 let this = s.behaviour_mut();
                 this.sink = Some(sink);
-                this.publisher = Some(publisher);
+                this.publisher.set_connection(Some(connection.clone()));
+                this.connection = Some(connection);
                 this.backoff.reset();
                 if let Some(me) = &this.me {
                     let reader = Reader {
@@ -460,7 +360,7 @@ fn deliver(subscriptions: &Subscriptions, metrics: &Metrics, msg: &redis::Msg) -
         Some(p) => Topic::Pattern(p.clone()),
         None => Topic::Channel(channel.to_owned()),
     };
-    let event = BusMessage { channel: channel.to_owned(), pattern, envelope };
+    let event = Arc::new(BusMessage { channel: channel.to_owned(), pattern, envelope });
     lock(subscriptions).offer(&topic, &event).then_some(topic)
 }
 
@@ -517,6 +417,7 @@ impl Handler<ConnectionLost> for RedisBridge {
             return Reply::Now(());
         }
         self.sink = None;
+        self.publisher.set_connection(None);
         self.kernel.metrics().bus_error(Bus::Redis, BusErrorKind::Disconnected, &msg.reason);
         let reason = msg.reason;
         self.broadcast(|| BusEvent::Down(BusDown { bus: Bus::Redis, reason: reason.clone() }));
@@ -570,97 +471,12 @@ impl Handler<Unsubscribe> for RedisBridge {
     }
 }
 
-impl Handler<Publish> for RedisBridge {
-    fn handle(&mut self, msg: Publish, _ctx: &mut Ctx<Self>) -> Reply<Result<u64, PublishError>> {
-        let metrics = self.kernel.metrics().clone();
-        let (Some(mut conn), true) = (self.publisher.clone(), self.sink.is_some()) else {
-            metrics.bus_error(Bus::Redis, BusErrorKind::PublishUnavailable, &msg.channel);
-            return Reply::Now(Err(PublishError::Unavailable(msg.envelope)));
-        };
-        if self.publishing.get() >= MAX_PUBLISHES_IN_FLIGHT {
-            metrics.bus_error(Bus::Redis, BusErrorKind::PublishBusy, &msg.channel);
-            return Reply::Now(Err(PublishError::Busy(msg.envelope)));
-        }
-        let in_flight = InFlight::enter(&self.publishing);
-        Reply::later(async move {
-            let _in_flight = in_flight;
-            let cmd = redis::cmd("PUBLISH").arg(&msg.channel).arg(msg.envelope.encode()).clone();
-            let mut result: redis::RedisResult<u64> = cmd.query_async(&mut conn).await;
-            // The connection manager reports a connection that died since
-            // the last command once, then reconnects: one retry covers it.
-            if result.as_ref().is_err_and(|e| e.is_io_error() || e.is_connection_dropped()) {
-                result = cmd.query_async(&mut conn).await;
-            }
-            match result {
-                Ok(receivers) => {
-                    metrics.bus_published.with_label_values(&[Bus::Redis.as_str(), topic_label(&msg.channel)]).inc();
-                    Ok(receivers)
-                }
-                Err(source) => {
-                    metrics.bus_error(Bus::Redis, BusErrorKind::Publish, &source);
-                    Err(PublishError::Redis { envelope: msg.envelope, source })
-                }
-            }
-        })
-    }
-}
-
 #[cfg(test)]
 mod tests {
-    use super::*;
-    use crate::kernel::{Behaviour, Handler};
-
     #[test]
     fn topic_label_keeps_two_segments() {
         assert_eq!(super::topic_label("nexus:doc:42"), "nexus:doc");
         assert_eq!(super::topic_label("nexus:doc"), "nexus:doc");
         assert_eq!(super::topic_label("plain"), "plain");
-    }
-
-    struct Sink;
-    impl Behaviour for Sink {
-        const KIND: &'static str = "sink";
-    }
-    impl Handler<BusEvent> for Sink {
-        fn handle(&mut self, _: BusEvent, _: &mut Ctx<Self>) -> Reply<()> {
-            Reply::Now(())
-        }
-    }
-
-    #[actix_rt::test]
-    async fn the_table_drops_a_topic_with_its_last_link_and_counts_what_it_holds() {
-        let kernel = Kernel::new("test");
-        let gauge = kernel.metrics().redis_subscriptions.clone();
-        let mut table = Table { topics: HashMap::new(), gauge: gauge.clone() };
-        let (a, b) = (kernel.spawn("a", || Sink), kernel.spawn("b", || Sink));
-        let doc = Topic::Channel("nexus:doc:1".into());
-        let all = Topic::Pattern("nexus:doc:*".into());
-        table.add(doc.clone(), a.link("redis-bridge"));
-        table.add(doc.clone(), a.link("redis-bridge"));
-        table.add(doc.clone(), b.link("redis-bridge"));
-        table.add(all.clone(), b.link("redis-bridge"));
-        assert_eq!((table.topics[&doc].len(), gauge.get()), (2, 2), "a subscriber counts once per topic");
-
-        assert!(!table.remove(&doc, "a"), "b still follows it");
-        assert!(!table.remove(&Topic::Channel("nexus:doc:2".into()), "a"), "nothing to drop");
-        assert!(table.remove(&doc, "b"));
-        assert_eq!(gauge.get(), 1);
-
-        // A subscriber that stopped without unsubscribing goes with the
-        // next delivery, and its topic with it.
-        b.stop();
-        for _ in 0..500 {
-            if !b.is_alive() {
-                break;
-            }
-            actix::clock::sleep(Duration::from_millis(10)).await;
-        }
-        let event = BusMessage { channel: "nexus:doc:1".into(), pattern: Some("nexus:doc:*".into()), envelope: ping() };
-        assert!(table.offer(&all, &event));
-        assert_eq!((table.topics.len(), gauge.get()), (0, 0));
-    }
-
-    fn ping() -> Envelope {
-        Envelope::with_type("nexus.test.ping", "test", serde_json::json!({}))
     }
 }

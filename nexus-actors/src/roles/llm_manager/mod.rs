@@ -29,7 +29,7 @@ use std::time::Duration;
 use rdkafka::error::KafkaError;
 
 use crate::bus::kafka::{ensure_topics, KafkaBridge, KafkaConfig, SEMANTIC_COMMANDS};
-use crate::bus::redis::RedisBridge;
+use crate::bus::redis::RedisBus;
 use crate::bus::tap::Tap;
 use crate::kernel::{ActorRef, Kernel};
 use crate::platform::store::Redis;
@@ -89,7 +89,7 @@ pub struct LlmManagerDeps {
     /// The node's Kafka bridge (journal writes, dead letters).
     pub kafka: ActorRef<KafkaBridge>,
     /// The node's Redis bridge (live fan-out).
-    pub redis: ActorRef<RedisBridge>,
+    pub redis: RedisBus,
     /// The node's Redis connection for records (the context directory).
     pub store: Redis,
     /// The node's tool registry.
@@ -128,7 +128,7 @@ pub async fn start(deps: LlmManagerDeps, config: LlmManagerConfig) -> Result<Llm
     let writer = JournalWriter::new(
         kernel.node().to_owned(),
         kafka.link(id),
-        redis.link(id),
+        redis.publisher.clone(),
         directory.clone(),
         metrics.clone(),
     );

@@ -16,7 +16,7 @@ use serde_json::Value;
 use tokio::sync::Semaphore;
 
 use crate::bus::kafka::{Produce, ProduceError, SEMANTIC_EVENTS};
-use crate::bus::redis::Publish;
+use crate::bus::redis::Publisher;
 use crate::envelope::{Envelope, Payload};
 use crate::kernel::{AskError, Link};
 use crate::platform::channels;
@@ -50,7 +50,7 @@ pub struct JournalWriter {
     /// The Kafka bridge.
     pub kafka: Link<Produce>,
     /// The Redis bridge, for the live fan-out.
-    pub redis: Link<Publish>,
+    pub redis: Publisher,
     /// The context directory.
     pub directory: ContextDirectory,
     /// Where journal append latency is observed.
@@ -68,7 +68,7 @@ impl JournalWriter {
     pub fn new(
         source: String,
         kafka: Link<Produce>,
-        redis: Link<Publish>,
+        redis: Publisher,
         directory: ContextDirectory,
         metrics: LlmMetrics,
     ) -> Self {
@@ -128,10 +128,9 @@ impl JournalWriter {
     fn fan_out(&self, context: &str, entry: &Entry) {
         let journaled = Journaled { context: context.to_owned(), offset: entry.offset, record: entry.envelope.clone() };
         let envelope = Envelope::new(self.source.clone(), journaled).into_untyped();
-        let publish = Publish { channel: channels::context(context), envelope };
-        if let Err(error) = self.redis.try_tell(publish) {
-            tracing::debug!(context, ?error, "live fan-out dropped; followers catch up from /events");
-        }
+        // A fan-out that fails is counted by the publisher; followers
+        // catch up from /events.
+        self.redis.publish_detached(channels::context(context), envelope);
     }
 }
 

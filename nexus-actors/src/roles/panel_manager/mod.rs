@@ -32,7 +32,7 @@ use self::manager::{ManagerDeps, PanelManager, StopAll};
 use self::metrics::PmMetrics;
 use self::reporter::{Report, Reporter};
 use self::store::{PmStore, StoreError};
-use crate::bus::redis::{Publish, RedisBridge};
+use crate::bus::redis::RedisBus;
 use crate::instance::InstanceState;
 use crate::kernel::{ActorRef, Kernel};
 use crate::platform::{PanelRecords, Quotas};
@@ -211,14 +211,13 @@ impl PanelManagerHandle {
 /// [`PanelManager`] actor, which subscribes through `redis`.
 pub async fn start(
     kernel: &Kernel,
-    redis: ActorRef<RedisBridge>,
+    redis: RedisBus,
     driver: Arc<dyn RuntimeDriver>,
     config: PanelManagerConfig,
 ) -> Result<PanelManagerHandle, PanelManagerError> {
     let store = PmStore::connect(&config.redis_url).await?;
     let panels = PanelRecords::connect(&config.redis_url).await?;
-    let id = format!("panel-manager-{}", config.node);
-    let reporter = Reporter::spawn(store.clone(), redis.link::<Publish>(&id), config.node.clone(), config.keep_final);
+    let reporter = Reporter::spawn(store.clone(), redis.publisher.clone(), config.node.clone(), config.keep_final);
     clear_stale(&store, &reporter, &config.node).await?;
     let http = reqwest::Client::builder().no_proxy().build().map_err(SetupError::Http)?;
     let metrics = PmMetrics::register(kernel.metrics().registry());

@@ -16,10 +16,9 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 
 use super::store::{AppRecord, PmStore, StoreError};
-use crate::bus::redis::Publish;
+use crate::bus::redis::Publisher;
 use crate::envelope::{Envelope, Payload};
 use crate::instance::{InstanceChanged, InstanceStatus, PanelRoute, RouteChanged};
-use crate::kernel::Link;
 use crate::platform::channels;
 
 /// One write, with its announcement.
@@ -54,7 +53,7 @@ pub struct Reporter {
 impl Reporter {
     /// Starts the task on the current arbiter. `keep_final` final statuses
     /// are kept per panel, so the UI can show why an instance ended.
-    pub fn spawn(store: PmStore, publish: Link<Publish>, node: String, keep_final: usize) -> Self {
+    pub fn spawn(store: PmStore, publish: Publisher, node: String, keep_final: usize) -> Self {
         let (tx, mut rx) = mpsc::unbounded_channel::<Report>();
         actix::spawn(async move {
             let mut budget = RETRY_FOR;
@@ -79,14 +78,12 @@ impl Reporter {
     }
 }
 
-async fn announce<T: Payload>(publish: &Link<Publish>, node: &str, channel: String, payload: T) {
+async fn announce<T: Payload>(publish: &Publisher, node: &str, channel: String, payload: T) {
     let envelope = Envelope::new(node.to_owned(), payload).into_untyped();
     // Announcements are best effort: the state is in Redis, and readers
     // resync from it when they miss one.
-    match publish.ask(Publish { channel, envelope }).await {
-        Ok(Ok(_)) => {}
-        Ok(Err(error)) => tracing::warn!(%error, "panel manager could not announce a change"),
-        Err(error) => tracing::warn!(?error, "panel manager could not reach the redis bridge"),
+    if let Err(error) = publish.publish(channel, envelope).await {
+        tracing::warn!(%error, "panel manager could not announce a change");
     }
 }
 
@@ -126,7 +123,7 @@ where
 
 async fn write(
     store: &PmStore,
-    publish: &Link<Publish>,
+    publish: &Publisher,
     node: &str,
     keep_final: usize,
     budget: &mut Duration,

@@ -180,7 +180,7 @@ impl Handler<BusEvent> for AgentMessages {
     fn handle(&mut self, event: BusEvent, _ctx: &mut Ctx<Self>) -> Reply<()> {
         let BusEvent::Message(message) = event else { return Reply::Now(()) };
         let (counter, channel) = (self.counter.clone(), message.channel.clone());
-        let taken = self.take(message);
+        let taken = self.take(std::sync::Arc::unwrap_or_clone(message));
         Reply::later(async move {
             let outcome = taken.await;
             counter.with_label_values(&[outcome.as_str()]).inc();

@@ -23,8 +23,7 @@ use utoipa::OpenApi;
 pub use api::{TmState, UiConfig};
 pub use documents::Documents;
 
-use crate::bus::redis::Publish;
-use crate::kernel::Link;
+use crate::bus::redis::Publisher;
 use crate::platform::auth::limiter::{LoginLimiter, LoginLimits};
 use crate::platform::auth::password::Passwords;
 use crate::platform::error::{json_config, path_config, query_config};
@@ -129,7 +128,7 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
 pub fn state(
     platform: Platform,
     login_limits: LoginLimits,
-    publish: Option<Link<Publish>>,
+    publish: Option<Publisher>,
     node: &str,
     registry: &prometheus::Registry,
 ) -> TmState {

@@ -52,7 +52,7 @@ use super::api::documents::DocumentChanged;
 use super::api::TmState;
 use super::documents::PRESENCE_TTL_SECS;
 use super::protocol::{decode, ClientFrame, ErrorCode, ServerFrame};
-use crate::bus::redis::{Publish, Subscribe, Topic, Unsubscribe};
+use crate::bus::redis::{Publisher, Subscribe, Topic, Unsubscribe};
 use crate::bus::BusEvent;
 use crate::envelope::Payload;
 use crate::instance::InstanceChanged;
@@ -138,7 +138,7 @@ struct Followed {
 struct BridgeLinks {
     subscribe: Link<Subscribe>,
     unsubscribe: Link<Unsubscribe>,
-    publish: Link<Publish>,
+    publish: Publisher,
 }
 
 /// The actor behind one WebSocket connection.
@@ -486,7 +486,7 @@ impl Handler<PanelsSubscribed> for Session {
 impl Handler<BusEvent> for Session {
     fn handle(&mut self, event: BusEvent, ctx: &mut Ctx<Self>) -> Reply<()> {
         match event {
-            BusEvent::Message(m) => self.bus_message(m, ctx),
+            BusEvent::Message(m) => self.bus_message(std::sync::Arc::unwrap_or_clone(m), ctx),
             BusEvent::Up(_) if self.bus_down => {
                 // Whatever was published while the bus was down is gone from
                 // pub/sub; the history has it. (A BusUp without a BusDown

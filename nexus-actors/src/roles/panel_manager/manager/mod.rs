@@ -50,7 +50,7 @@ use super::metrics::{mode_label, state_label, PmMetrics, QuotaAction};
 use super::reporter::{Report, Reporter};
 use super::store::PmStore;
 use super::{PanelManagerConfig, PanelManagerError};
-use crate::bus::redis::{RedisBridge, Subscribe, Topic, Unsubscribe};
+use crate::bus::redis::{RedisBus, Subscribe, Topic, Unsubscribe};
 use crate::bus::{Bus, BusErrorKind, BusEvent};
 use crate::envelope::Envelope;
 use crate::instance::{Activate, ExpireInstance, InstanceMode, InstanceState, InstanceStatus};
@@ -84,7 +84,7 @@ pub struct ManagerDeps {
     /// The node's kernel: lifecycles are spawned on it.
     pub kernel: Kernel,
     /// The node's Redis bridge, for subscriptions.
-    pub redis: ActorRef<RedisBridge>,
+    pub redis: RedisBus,
     /// Runs the instances.
     pub driver: Arc<dyn RuntimeDriver>,
     /// Statuses, routes, App records, claims.
@@ -272,7 +272,7 @@ impl PanelManager {
 
     fn on_bus(&self, event: BusEvent) {
         let msg = match event {
-            BusEvent::Message(msg) => msg,
+            BusEvent::Message(msg) => std::sync::Arc::unwrap_or_clone(msg),
             // Writes may have been lost while it was down.
             BusEvent::Up(_) => return self.resync(),
             BusEvent::Down(_) => return,

@@ -16,9 +16,8 @@ use utoipa::ToSchema;
 use super::contexts::ContextsApi;
 use super::documents::{Document, Documents};
 use super::metrics::TmMetrics;
-use crate::bus::redis::Publish;
+use crate::bus::redis::Publisher;
 use crate::envelope::{Envelope, Payload};
-use crate::kernel::Link;
 use crate::platform::auth::limiter::LoginLimiter;
 use crate::platform::auth::password::Passwords;
 use crate::platform::{ApiError, Caller, Panel, Platform};
@@ -34,7 +33,7 @@ pub struct TmState {
     /// Failed-login limits.
     pub limiter: LoginLimiter,
     /// Where changes are announced, if wired.
-    pub publish: Option<Link<Publish>>,
+    pub publish: Option<Publisher>,
     /// This node's name, the source of its announcements.
     pub node: String,
     /// What the Studio UI is told at `GET /api/config`.
@@ -111,10 +110,8 @@ impl TmState {
     pub async fn announce<P: Payload>(&self, channel: String, payload: P) {
         if let Some(publish) = &self.publish {
             let envelope = Envelope::new(self.node.clone(), payload).into_untyped();
-            match publish.ask(Publish { channel, envelope }).await {
-                Ok(Ok(_)) => {}
-                Ok(Err(error)) => tracing::warn!(%error, "announcement not published"),
-                Err(error) => tracing::warn!(%error, "announcement not published"),
+            if let Err(error) = publish.publish(channel, envelope).await {
+                tracing::warn!(%error, "announcement not published");
             }
         }
     }

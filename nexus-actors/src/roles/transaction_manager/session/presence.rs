@@ -8,9 +8,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::Session;
-use crate::bus::redis::Publish;
+use crate::bus::redis::Publisher;
 use crate::envelope::{Envelope, Payload};
-use crate::kernel::{Ctx, Handler, Link, Message, Reply};
+use crate::kernel::{Ctx, Handler, Message, Reply};
 use crate::platform::channels;
 use crate::roles::transaction_manager::api::TmState;
 use crate::roles::transaction_manager::protocol::{ErrorCode, Participant};
@@ -109,11 +109,12 @@ impl Session {
     }
 
     /// Publishes an ephemeral event about `doc` (a cursor move) on its
-    /// channel. When the bridge is saturated the event is dropped (counted
-    /// in `nexus_mailbox_dropped_total`): the next move supersedes it.
+    /// channel. When too many publishes wait for Redis the event is dropped
+    /// (counted in `nexus_bus_errors_total{kind="publish_busy"}`): the next
+    /// move supersedes it.
     fn announce<P: Payload>(&self, doc: &str, payload: P) {
         let envelope = Envelope::new(self.state.node.clone(), payload).into_untyped();
-        let _ = self.bus.publish.try_tell(Publish { channel: channels::document(doc), envelope });
+        self.bus.publish.publish_detached(channels::document(doc), envelope);
     }
 
     /// Announces the client's cursor in `doc`, which it must follow with
@@ -129,10 +130,10 @@ impl Session {
     }
 }
 
-fn announce_presence(state: &TmState, publish: &Link<Publish>, doc: String, present: Vec<(String, String)>) {
+fn announce_presence(state: &TmState, publish: &Publisher, doc: String, present: Vec<(String, String)>) {
     let present = present.into_iter().map(|(session, user)| Participant { session, user }).collect();
     let envelope = Envelope::new(state.node.clone(), PresenceChanged { doc: doc.clone(), present }).into_untyped();
-    let _ = publish.tell(Publish { channel: channels::document(&doc), envelope });
+    publish.publish_detached(channels::document(&doc), envelope);
 }
 
 impl Handler<PresenceJoined> for Session {

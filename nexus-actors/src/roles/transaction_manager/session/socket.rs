@@ -11,8 +11,8 @@ use actix_ws::{CloseCode, CloseReason, Message as WsMessage};
 use tokio::sync::{mpsc, watch};
 
 use super::{BridgeLinks, ClientText, Disconnected, Session};
-use crate::bus::redis::RedisBridge;
-use crate::kernel::{ActorRef, Kernel, Link};
+use crate::bus::redis::RedisBus;
+use crate::kernel::{Kernel, Link};
 use crate::platform::auth::{extract::bearer, Audience, Auth};
 use crate::platform::{ApiError, UserRole};
 use crate::roles::transaction_manager::api::TmState;
@@ -53,7 +53,7 @@ pub struct SessionDeps {
     /// The node's kernel: sessions are its actors.
     pub kernel: Kernel,
     /// The node's Redis bridge, which sessions subscribe through.
-    pub bridge: ActorRef<RedisBridge>,
+    pub bridge: RedisBus,
 }
 
 /// `GET /ws`: authenticates the upgrade (bearer header, or `?token=` since
@@ -82,7 +82,7 @@ pub async fn upgrade(
     let bus = BridgeLinks {
         subscribe: deps.bridge.link("session"),
         unsubscribe: deps.bridge.link("session"),
-        publish: deps.bridge.link("session"),
+        publish: deps.bridge.publisher.clone(),
     };
     let (s, u) = (state.clone(), user.clone());
     let too_slow = deps.kernel.metrics().sessions_too_slow.clone();

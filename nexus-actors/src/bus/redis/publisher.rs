@@ -1,0 +1,134 @@
+//! `Publisher`: publishing on the transactional bus from the caller's own
+//! task.
+//!
+//! A publish goes straight onto the bridge's publishing connection, a
+//! multiplexed one that writes the commands of every caller waiting at that
+//! moment in one batch and matches the replies in order (pipelining), with
+//! no hop through the bridge's mailbox. The bridge only says whether the
+//! bus is up: while its pub/sub connection is down a publish is refused at
+//! once, as before. This module does not subscribe or deliver.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use redis::aio::ConnectionManager;
+
+use super::topic_label;
+use crate::bus::{Bus, BusErrorKind};
+use crate::envelope::Envelope;
+use crate::kernel::lock;
+use crate::telemetry::Metrics;
+
+/// Publishes waiting for Redis at once, across every clone of a
+/// [`Publisher`]. Past this a publish is refused at once (handed back,
+/// counted) rather than queued without bound until the connection's
+/// response timeout fails them all.
+pub const MAX_PUBLISHES_IN_FLIGHT: usize = 1024;
+
+/// Why a publish did not happen. The envelope is handed back.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    /// The bridge is not connected to Redis.
+    #[error("redis is unavailable")]
+    Unavailable(Envelope),
+    /// [`MAX_PUBLISHES_IN_FLIGHT`] publishes are already waiting for Redis.
+    #[error("too many publishes in flight")]
+    Busy(Envelope),
+    /// Redis refused the publish, or the connection failed during it.
+    #[error("redis publish failed: {source}")]
+    Redis {
+        /// What was not published.
+        envelope: Envelope,
+        /// Why.
+        source: redis::RedisError,
+    },
+}
+
+impl PublishError {
+    /// The envelope that was not published.
+    pub fn into_envelope(self) -> Envelope {
+        match self {
+            PublishError::Unavailable(e) | PublishError::Busy(e) | PublishError::Redis { envelope: e, .. } => e,
+        }
+    }
+}
+
+/// The handle every publisher on a node shares with its Redis bridge.
+/// Cheap to clone; all clones share one connection and one bound.
+#[derive(Clone)]
+pub struct Publisher {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    /// The publishing connection while the bus is up.
+    conn: Mutex<Option<ConnectionManager>>,
+    in_flight: AtomicUsize,
+    metrics: Metrics,
+}
+
+/// Counts one publish in flight for as long as it lives.
+struct InFlight<'a>(&'a AtomicUsize);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Publisher {
+    pub(super) fn new(metrics: Metrics) -> Self {
+        Publisher { shared: Arc::new(Shared { conn: Mutex::new(None), in_flight: AtomicUsize::new(0), metrics }) }
+    }
+
+    /// The bridge's word on the bus: publish on `conn` from now on, or
+    /// refuse while `None`.
+    pub(super) fn set_connection(&self, conn: Option<ConnectionManager>) {
+        *lock(&self.shared.conn) = conn;
+    }
+
+    /// Publishes `envelope` on `channel`; the number of Redis clients that
+    /// received it.
+    pub async fn publish(&self, channel: impl Into<String>, envelope: Envelope) -> Result<u64, PublishError> {
+        let channel = channel.into();
+        let shared = &*self.shared;
+        let Some(mut conn) = lock(&shared.conn).clone() else {
+            shared.metrics.bus_error(Bus::Redis, BusErrorKind::PublishUnavailable, &channel);
+            return Err(PublishError::Unavailable(envelope));
+        };
+        if shared.in_flight.fetch_add(1, Ordering::Relaxed) >= MAX_PUBLISHES_IN_FLIGHT {
+            shared.in_flight.fetch_sub(1, Ordering::Relaxed);
+            shared.metrics.bus_error(Bus::Redis, BusErrorKind::PublishBusy, &channel);
+            return Err(PublishError::Busy(envelope));
+        }
+        let _in_flight = InFlight(&shared.in_flight);
+        let cmd = redis::cmd("PUBLISH").arg(&channel).arg(envelope.encode()).clone();
+        let mut result: redis::RedisResult<u64> = cmd.query_async(&mut conn).await;
+        // The connection manager reports a connection that died since the
+        // last command once, then reconnects: one retry covers it.
+        if result.as_ref().is_err_and(|e| e.is_io_error() || e.is_connection_dropped()) {
+            result = cmd.query_async(&mut conn).await;
+        }
+        match result {
+            Ok(receivers) => {
+                shared.metrics.bus_published.with_label_values(&[Bus::Redis.as_str(), topic_label(&channel)]).inc();
+                Ok(receivers)
+            }
+            Err(source) => {
+                shared.metrics.bus_error(Bus::Redis, BusErrorKind::Publish, &source);
+                Err(PublishError::Redis { envelope, source })
+            }
+        }
+    }
+
+    /// Publishes without waiting for the outcome, for announcements nobody
+    /// retries (presence): a failure is counted in
+    /// `nexus_bus_errors_total` and logged, nothing else. Needs an actix
+    /// arbiter's thread (the caller's).
+    pub fn publish_detached(&self, channel: impl Into<String>, envelope: Envelope) {
+        let (publisher, channel) = (self.clone(), channel.into());
+        actix::spawn(async move {
+            let _ = publisher.publish(channel, envelope).await;
+        });
+    }
+}

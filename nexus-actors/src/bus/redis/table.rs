@@ -1,0 +1,137 @@
+//! The subscription table: which links follow which channel or pattern.
+//! Shared by the bridge (which changes it) and its reader task (which
+//! delivers through it); it does no I/O, the bridge tells Redis.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use super::Topic;
+use crate::bus::{BusEvent, BusMessage};
+use crate::kernel::{Link, SendError};
+
+/// Who follows what, and the gauge that counts the topics.
+pub(super) struct Table {
+    pub(super) topics: HashMap<Topic, Vec<Link<BusEvent>>>,
+    pub(super) gauge: prometheus::IntGauge,
+}
+
+impl Table {
+    fn count(&self) {
+        self.gauge.set(self.topics.len() as i64);
+    }
+
+    /// Adds (or replaces) `link` on `topic`.
+    pub(super) fn add(&mut self, topic: Topic, link: Link<BusEvent>) {
+        let links = self.topics.entry(topic).or_default();
+        links.retain(|l| l.to() != link.to());
+        links.push(link);
+        self.count();
+    }
+
+    /// Removes `subscriber` from `topic`; whether that dropped the topic.
+    pub(super) fn remove(&mut self, topic: &Topic, subscriber: &str) -> bool {
+        let Some(links) = self.topics.get_mut(topic) else { return false };
+        links.retain(|l| l.to() != subscriber);
+        let emptied = links.is_empty();
+        if emptied {
+            self.topics.remove(topic);
+            self.count();
+        }
+        emptied
+    }
+
+    /// Keeps, on every topic, the links for which `keep` holds; the
+    /// topics left without any are dropped and returned.
+    pub(super) fn retain(&mut self, mut keep: impl FnMut(&Link<BusEvent>) -> bool) -> Vec<Topic> {
+        let mut emptied = Vec::new();
+        self.topics.retain(|topic, links| {
+            links.retain(&mut keep);
+            if links.is_empty() {
+                emptied.push(topic.clone());
+            }
+            !links.is_empty()
+        });
+        if !emptied.is_empty() {
+            self.count();
+        }
+        emptied
+    }
+
+    /// Offers `event` to every live link of `topic`; true when the topic
+    /// was dropped because all of them were closed.
+    /// Every link gets the same shared message: fan-out copies a pointer,
+    /// not the envelope.
+    pub(super) fn offer(&mut self, topic: &Topic, event: &Arc<BusMessage>) -> bool {
+        let Some(links) = self.topics.get_mut(topic) else { return false };
+        links.retain(|link| match link.try_tell(BusEvent::Message(event.clone())) {
+            Ok(()) | Err(SendError::Full(_)) => true,
+            Err(SendError::Closed(_)) => false,
+        });
+        let emptied = links.is_empty();
+        if emptied {
+            self.topics.remove(topic);
+            self.count();
+        }
+        emptied
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::envelope::Envelope;
+    use crate::kernel::{Behaviour, Ctx, Handler, Kernel, Reply};
+
+    struct Sink;
+    impl Behaviour for Sink {
+        const KIND: &'static str = "sink";
+    }
+    impl Handler<BusEvent> for Sink {
+        fn handle(&mut self, _: BusEvent, _: &mut Ctx<Self>) -> Reply<()> {
+            Reply::Now(())
+        }
+    }
+
+    #[actix_rt::test]
+    async fn the_table_drops_a_topic_with_its_last_link_and_counts_what_it_holds() {
+        let kernel = Kernel::new("test");
+        let gauge = kernel.metrics().redis_subscriptions.clone();
+        let mut table = Table { topics: HashMap::new(), gauge: gauge.clone() };
+        let (a, b) = (kernel.spawn("a", || Sink), kernel.spawn("b", || Sink));
+        let doc = Topic::Channel("nexus:doc:1".into());
+        let all = Topic::Pattern("nexus:doc:*".into());
+        table.add(doc.clone(), a.link("redis-bridge"));
+        table.add(doc.clone(), a.link("redis-bridge"));
+        table.add(doc.clone(), b.link("redis-bridge"));
+        table.add(all.clone(), b.link("redis-bridge"));
+        assert_eq!((table.topics[&doc].len(), gauge.get()), (2, 2), "a subscriber counts once per topic");
+
+        assert!(!table.remove(&doc, "a"), "b still follows it");
+        assert!(!table.remove(&Topic::Channel("nexus:doc:2".into()), "a"), "nothing to drop");
+        assert!(table.remove(&doc, "b"));
+        assert_eq!(gauge.get(), 1);
+
+        // A subscriber that stopped without unsubscribing goes with the
+        // next delivery, and its topic with it.
+        b.stop();
+        for _ in 0..500 {
+            if !b.is_alive() {
+                break;
+            }
+            actix::clock::sleep(Duration::from_millis(10)).await;
+        }
+        let event = Arc::new(BusMessage {
+            channel: "nexus:doc:1".into(),
+            pattern: Some("nexus:doc:*".into()),
+            envelope: ping(),
+        });
+        assert!(table.offer(&all, &event));
+        assert_eq!((table.topics.len(), gauge.get()), (0, 0));
+    }
+
+    fn ping() -> Envelope {
+        Envelope::with_type("nexus.test.ping", "test", serde_json::json!({}))
+    }
+}
