@@ -63,7 +63,8 @@ fn main() {
     let only_login = args.windows(2).any(|w| w[0] == "--only" && w[1] == "login");
     let only_llm = args.windows(2).any(|w| w[0] == "--only" && w[1] == "llm");
     let only_deploy = args.windows(2).any(|w| w[0] == "--only" && w[1] == "deploy");
-    if (only_panels || only_login || only_llm || only_deploy) && write.is_some() {
+    let only_bus = args.windows(2).any(|w| w[0] == "--only" && w[1] == "bus");
+    if (only_panels || only_login || only_llm || only_deploy || only_bus) && write.is_some() {
         eprintln!("--only prints its tables; --write needs the full run");
         std::process::exit(2);
     }
@@ -105,6 +106,10 @@ fn main() {
     });
     let table = render(&rows);
     println!("{table}");
+    if only_bus {
+        let _ = std::fs::remove_dir_all(&dir);
+        return;
+    }
     // A system of its own: the raw consumers of the rows above are gone.
     let tool_rows = actix_rt::System::new().block_on(tools::rows(&dir, sizes.tools, sizes.python_tools));
     let tools_table = render(&tool_rows);

@@ -13,10 +13,12 @@ use std::time::{Duration, Instant};
 use actix::Arbiter;
 use actix_web::{web, App, HttpResponse, HttpServer};
 use futures::StreamExt;
+use nexus_actors::bus::kafka::{KafkaBridge, KafkaConfig, SEMANTIC_EVENTS};
 use nexus_actors::bus::redis::RedisBridge;
-use nexus_actors::infra::{find_program, free_port, RedisServer};
+use nexus_actors::infra::{find_program, free_port, RedisServer, Tansu, TansuStorage};
 use nexus_actors::platform::{Panel, PanelMode, PanelRecords};
 use nexus_actors::sidecar::{self, SidecarConfig};
+use nexus_actors::telemetry::Metrics;
 use nexus_actors::tools::protocol::ToolCall;
 use nexus_actors::tools::registry::{CallTool, ListTools, RegistryDeps};
 use nexus_actors::tools::store::ToolStore;
@@ -49,8 +51,12 @@ through Nexus makes one Redis round trip for its idempotency claim (a fresh
 key per call: the call id) and one to store its result, and resolves the
 tool through the shared listing, which the registry caches for 2 s (so about
 one call in every 2 s reads it from Redis again) and checks the arguments
-against the tool's schema. Kafka recording is off in this run (`kafka:
-None`): no `nexus.tool.called`/`finished` records are produced. Sequential
+against the tool's schema. Kafka recording is on: every call's
+`nexus.tool.called` and `nexus.tool.finished` go to `semantic.events` on a
+private `tansu` (memory storage) through the caller node's Kafka bridge,
+off the call's path (a bounded queue, `nexus_actors::tools::recorder`); the
+last row's note counts what was produced, dropped and failed (all
+produced, none dropped, is expected). Sequential
 rows make one call at a time (p50/p99 per call); throughput rows keep 32
 calls in flight (the sidecar's `max_calls` is 64, so none is refused as
 busy). Rust panel: a minimal actix-web app in the harness process (one
@@ -86,7 +92,12 @@ pub(crate) async fn rows(dir: &Path, n: u64, python_n: u64) -> Vec<Row> {
     let bridge_arbiter = Arbiter::new();
     let bridge = RedisBridge::spawn(&kernel, &bridge_arbiter.handle(), &redis.url()).expect("bridge");
     let store = ToolStore::connect(&redis.url()).await.expect("tool store");
-    let registry = ToolRegistry::spawn(RegistryDeps { kernel: kernel.clone(), store, redis: bridge, kafka: None });
+    let tansu = Tansu::start(&dir.join("tools-tansu"), TansuStorage::Memory).expect("tansu");
+    let kafka_arbiter = Arbiter::new();
+    let kafka =
+        KafkaBridge::spawn(&kernel, &kafka_arbiter.handle(), KafkaConfig::new(tansu.brokers())).await.expect("kafka");
+    let kafka = Some(kafka.link(ToolRegistry::KIND));
+    let registry = ToolRegistry::spawn(RegistryDeps { kernel: kernel.clone(), store, redis: bridge, kafka });
     let panels = PanelRecords::connect(&redis.url()).await.expect("panel records");
     let mut rows = Vec::new();
 
@@ -129,8 +140,34 @@ pub(crate) async fn rows(dir: &Path, n: u64, python_n: u64) -> Vec<Row> {
         }
         Err(error) => eprintln!("tool calls: skipping the Python panel: {error}"),
     }
+    if let Some(last) = rows.last_mut() {
+        last.note += &recorded(&kernel).await;
+    }
     bridge_arbiter.stop();
+    kafka_arbiter.stop();
     rows
+}
+
+/// What the run recorded on Kafka, once the recorder's queue has drained:
+/// two records per call made (warm-up calls too).
+async fn recorded(kernel: &Kernel) -> String {
+    let m = kernel.metrics();
+    // Every call of the run answers `ok` (the rows' notes count the answers).
+    let calls = || Metrics::counter_value(&m.mcp_exec, &["panel", "ok"]);
+    let produced = || Metrics::counter_value(&m.bus_published, &["kafka", SEMANTIC_EVENTS]);
+    let dropped = || m.tool_records_dropped.get();
+    let failed = || Metrics::counter_value(&m.bus_errors, &["kafka", "tool_record"]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while produced() + dropped() < 2 * calls() && Instant::now() < deadline {
+        actix::clock::sleep(Duration::from_millis(50)).await;
+    }
+    format!(
+        "; Kafka recording on: {} records produced for {} calls, {} dropped, {} produce failures",
+        produced(),
+        calls(),
+        dropped(),
+        failed()
+    )
 }
 
 // ---- the panels -------------------------------------------------------------

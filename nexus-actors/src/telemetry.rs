@@ -55,6 +55,9 @@ pub struct Metrics {
     pub sidecar_manifest: IntCounterVec,
     /// `nexus_sidecar_published_total`: panel messages published through the proxy.
     pub sidecar_published: prometheus::IntCounter,
+    /// `nexus_tool_records_dropped_total`: tool call records not produced to
+    /// Kafka because the recorder's queue was full (none expected).
+    pub tool_records_dropped: prometheus::IntCounter,
     /// `nexus_sidecar_refused_total{reason}`: panel messages the proxy refused.
     pub sidecar_refused: IntCounterVec,
     /// `nexus_watchdog_heartbeats_total`: heartbeats a watchdog received.
@@ -122,6 +125,12 @@ impl Metrics {
         )
         .expect("valid metric definition");
         registry.register(Box::new(tool_call_seconds.clone())).expect("metric registered once");
+        let tool_records_dropped = prometheus::IntCounter::new(
+            "nexus_tool_records_dropped_total",
+            "Tool call records dropped because the queue to Kafka was full",
+        )
+        .expect("valid metric definition");
+        registry.register(Box::new(tool_records_dropped.clone())).expect("metric registered once");
         let sidecar_published =
             prometheus::IntCounter::new("nexus_sidecar_published_total", "Panel messages published through the proxy")
                 .expect("valid metric definition");
@@ -212,6 +221,7 @@ impl Metrics {
             watchdog_expiries,
             tool_call_seconds,
             sidecar_published,
+            tool_records_dropped,
             actor_messages: counter(
                 &registry,
                 "nexus_actor_messages_total",

@@ -738,3 +738,70 @@ async fn a_panel_listing_counts_only_as_its_own_panels_tools() {
     store.put_panel("mallorys", "mallory", "replica", std::slice::from_ref(&honest), long).await.unwrap();
     assert_eq!(store.find(&ToolAddress::Panel { panel: "mallorys", tool: "ok" }).await.unwrap(), Some(honest));
 }
+
+#[actix_rt::test]
+async fn records_of_calls_made_while_the_broker_is_down_reach_it_once_it_is_back() {
+    assert!(Tansu::supports_sqlite(), "this test needs tansu with the libsql feature (scripts/test installs it)");
+    let redis = RedisServer::start(&tempdir("tools-outage-redis"), false).unwrap();
+    let mut tansu = Tansu::start(&tempdir("tools-outage"), TansuStorage::Sqlite).unwrap();
+    let kernel = Kernel::new("recorder");
+    // A short produce timeout, so that produces fail during the outage and
+    // the recorder has to try them again.
+    let config = KafkaConfig { produce_timeout: Duration::from_secs(2), ..KafkaConfig::new(tansu.brokers()) };
+    let kafka = KafkaBridge::spawn(&kernel, &Arbiter::new().handle(), config).await.unwrap();
+    let (k, registry) = registry("node", &redis, Some(&kafka)).await;
+    let tool = SystemTool::new("resize_image", "Resizes", |a: Resize, _| async move { Ok(json!(a.width * a.height)) });
+    registry.link::<RegisterTool>("test").ask(RegisterTool(tool)).await.unwrap().unwrap();
+
+    tansu.kill();
+    let mut ids = Vec::new();
+    for n in 1..=5 {
+        let c = ToolCall::new("resize_image", json!({"width": n, "height": 1}), "ada").with_context("outage");
+        ids.push(c.call_id.clone());
+        // The call does not wait for Kafka.
+        let answered = tokio::time::timeout(Duration::from_secs(2), call(&registry, c)).await;
+        assert_eq!(answered.expect("answered while the broker is down"), Ok(json!(n)));
+    }
+    eventually(30, "a produce failed and is being tried again", || {
+        Metrics::counter_value(&k.metrics().bus_errors, &["kafka", "tool_record"]) >= 1
+    })
+    .await;
+    tansu.restart().unwrap();
+
+    let records: Arc<Mutex<Vec<KafkaRecord>>> = Arc::default();
+    let sink = records.clone();
+    let reader = kernel.spawn("reader", move || Records(sink.clone()));
+    let consume = Consume {
+        group: "tools-outage".into(),
+        topics: vec![SEMANTIC_EVENTS.into()],
+        subscriber: reader.link("kafka"),
+    };
+    kafka.link::<Consume>("test").ask(consume).await.unwrap().unwrap();
+    let finished = |records: &[KafkaRecord]| -> Vec<String> {
+        let mut ids: Vec<String> = records
+            .iter()
+            .filter(|r| r.envelope.kind == "nexus.tool.finished")
+            .filter_map(|r| r.envelope.data["call_id"].as_str().map(str::to_owned))
+            .collect();
+        ids.sort();
+        ids.dedup();
+        ids
+    };
+    let mut expected = ids.clone();
+    expected.sort();
+    eventually(90, "every call's outcome recorded after the outage", || finished(&records.lock().unwrap()) == expected)
+        .await;
+    let records = records.lock().unwrap();
+    let called = records.iter().filter(|r| r.envelope.kind == "nexus.tool.called").count();
+    assert!(called >= 5, "every call recorded too, {called} seen");
+    // One context, one partition: in the order the calls were made.
+    let mut order: Vec<String> = Vec::new();
+    for id in records.iter().filter(|r| r.envelope.kind == "nexus.tool.finished") {
+        let id = id.envelope.data["call_id"].as_str().unwrap_or_default().to_owned();
+        if !order.contains(&id) {
+            order.push(id);
+        }
+    }
+    assert_eq!(order, ids, "in call order");
+    assert_eq!(k.metrics().tool_records_dropped.get(), 0, "nothing dropped");
+}

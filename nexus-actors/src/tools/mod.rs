@@ -14,6 +14,7 @@
 
 pub mod manifest;
 pub mod protocol;
+pub mod recorder;
 pub mod registry;
 pub mod store;
 pub mod system;

@@ -30,12 +30,13 @@ use super::protocol::{
 use super::store::ToolStore;
 use super::system::{CallContext, SystemTool};
 use super::{is_valid_local_name, ToolAddress, ToolOwner, ToolSpec};
-use crate::bus::kafka::{Produce, SEMANTIC_EVENTS};
+use crate::bus::kafka::Produce;
 use crate::bus::redis::{Publisher, Subscribe, Topic};
 use crate::bus::{Bus, BusErrorKind, BusEvent};
 use crate::envelope::{Envelope, Payload};
 use crate::kernel::{lock, ActorRef, Behaviour, Ctx, Handler, Kernel, Link, Message, Reply};
 use crate::platform::channels;
+use crate::tools::recorder::Recorder;
 
 /// How long a resolved tool (its spec and compiled schema) is reused before
 /// the listing is read again.
@@ -107,7 +108,8 @@ pub struct RegistryDeps {
     pub store: ToolStore,
     /// The node's Redis bridge, which carries calls and replies.
     pub redis: crate::bus::redis::RedisBus,
-    /// Where calls are recorded; `None` records nothing (no Kafka here).
+    /// Where calls are recorded (through a [`Recorder`]); `None` records
+    /// nothing (no Kafka here).
     pub kafka: Option<Link<Produce>>,
 }
 
@@ -118,6 +120,7 @@ pub struct ToolRegistry {
     publish: Publisher,
     subscribe: Link<Subscribe>,
     reply_channel: String,
+    recorder: Option<Recorder>,
     me: Option<ActorRef<ToolRegistry>>,
 }
 
@@ -132,12 +135,14 @@ impl ToolRegistry {
         let id = format!("tool-registry-{}", &reply_channel[reply_channel.len() - 8..]);
         let kernel = deps.kernel.clone();
         let (publish, subscribe) = (deps.redis.publisher.clone(), deps.redis.link(&id));
+        let recorder = deps.kafka.clone().map(|kafka| Recorder::spawn(kafka, kernel.metrics()));
         kernel.spawn(id, move || ToolRegistry {
             deps: deps.clone(),
             shared: shared.clone(),
             publish: publish.clone(),
             subscribe: subscribe.clone(),
             reply_channel: reply_channel.clone(),
+            recorder: recorder.clone(),
             me: None,
         })
     }
@@ -300,6 +305,7 @@ impl Handler<CallTool> for ToolRegistry {
             shared: self.shared.clone(),
             publish: self.publish.clone(),
             reply_channel: self.reply_channel.clone(),
+            recorder: self.recorder.clone(),
         };
         Reply::later(caller.call(call, span.clone()).instrument(span))
     }
@@ -311,6 +317,7 @@ struct Caller {
     shared: Arc<Shared>,
     publish: Publisher,
     reply_channel: String,
+    recorder: Option<Recorder>,
 }
 
 impl Caller {
@@ -456,17 +463,9 @@ impl Caller {
 
     /// Records an event of this call on `semantic.events`, without waiting.
     fn record<T: Payload + Clone + 'static>(&self, call: &ToolCall, envelope: Envelope<T>) -> Envelope<T> {
-        if let Some(kafka) = self.deps.kafka.as_ref().filter(|_| !call.journaled_by_caller) {
+        if let Some(recorder) = self.recorder.as_ref().filter(|_| !call.journaled_by_caller) {
             let key = call.context.clone().unwrap_or_else(|| call.call_id.clone());
-            let produce = Produce { topic: SEMANTIC_EVENTS.to_owned(), key, envelope: envelope.clone().into_untyped() };
-            let (kafka, metrics) = (kafka.clone(), self.deps.kernel.metrics().clone());
-            actix::spawn(async move {
-                match kafka.ask(produce).await {
-                    Ok(Ok(_)) => {}
-                    Ok(Err(error)) => metrics.bus_error(Bus::Kafka, BusErrorKind::ToolRecord, &error),
-                    Err(error) => metrics.bus_error(Bus::Kafka, BusErrorKind::ToolRecord, &format_args!("{error:?}")),
-                }
-            });
+            recorder.record(key, envelope.clone().into_untyped());
         }
         envelope
     }
