@@ -96,6 +96,10 @@ async fn subscribers_receive_typed_messages_and_bad_bytes_are_counted() {
         .ask(Unsubscribe { topic: Topic::Channel("nexus:doc:1".into()), subscriber: "exact".into() })
         .await
         .unwrap();
+    // Publishes travel on connections of their own, not behind the
+    // bridge's UNSUBSCRIBE: wait for Redis to have dropped the channel.
+    let mut conn = redis_conn(&brokers).await;
+    until_numsub(&mut conn, &["nexus:doc:1".to_owned()], 0, "exact channel unsubscribed").await;
     publish.publish("nexus:doc:1", ping(11)).await.unwrap();
     eventually(10, "pattern subscriber got 12", || messages(&pattern_events).len() == 12).await;
     assert_eq!(messages(&exact_events).len(), 11);

@@ -3,8 +3,8 @@
 //! Actors subscribe to a channel or a pattern by message and receive
 //! [`BusEvent`]s in their mailbox. Publishing goes through the
 //! [`Publisher`] handed out at spawn, from the caller's own task (see
-//! [`publisher`]). The bridge owns one pub/sub connection and the one
-//! publishing connection that every publisher shares. When the
+//! [`publisher`]). The bridge owns the pub/sub connection; publishers hold
+//! connections of their own, one per thread. When the
 //! pub/sub connection drops it tells every subscriber [`BusDown`],
 //! reconnects with backoff, re-subscribes everything and tells them
 //! [`BusUp`] so they can resync from state. Delivery is at-most-once and uses
@@ -40,7 +40,7 @@ use std::time::Duration;
 use actix::{ActorFutureExt, AsyncContext};
 use futures::future::LocalBoxFuture;
 use futures::{FutureExt, StreamExt};
-use redis::aio::{ConnectionManager, PubSubSink};
+use redis::aio::PubSubSink;
 
 use super::{Backoff, Bus, BusDown, BusErrorKind, BusEvent, BusMessage, BusUp};
 use crate::envelope::Envelope;
@@ -152,9 +152,7 @@ pub struct RedisBridge {
     client: redis::Client,
     subscriptions: Subscriptions,
     sink: Option<PubSubSink>,
-    /// The publishing connection, kept across reconnections of pub/sub.
-    connection: Option<ConnectionManager>,
-    /// Told whether the bus is up, and on which connection to publish.
+    /// Told whether the bus is up.
     publisher: Publisher,
     /// Increases with every pub/sub connection, so that an old connection's
     /// reader stops and news about it is ignored. Shared with the readers and
@@ -236,14 +234,13 @@ impl RedisBridge {
         let subscriptions: Subscriptions = Arc::new(Mutex::new(Table { topics: HashMap::new(), gauge }));
         let generation = Arc::new(AtomicU64::new(0));
         let sweeping = Arc::new(AtomicBool::new(false));
-        let publisher = Publisher::new(kernel.metrics().clone());
+        let publisher = Publisher::new(client.clone(), kernel.metrics().clone());
         let (k, p) = (kernel.clone(), publisher.clone());
         let bridge = kernel.spawn_on(arbiter, "redis-bridge", move || RedisBridge {
             kernel: k.clone(),
             client: client.clone(),
             subscriptions: subscriptions.clone(),
             sink: None,
-            connection: None,
             publisher: p.clone(),
             generation: generation.clone(),
             sweeping: sweeping.clone(),
@@ -257,23 +254,17 @@ impl RedisBridge {
         let generation = self.generation.fetch_add(1, Ordering::SeqCst) + 1;
         let client = self.client.clone();
         let topics: Vec<Topic> = lock(&self.subscriptions).topics.keys().cloned().collect();
-        let connection = self.connection.clone();
         let fut = async move {
             let (sink, stream) = client.get_async_pubsub().await?.split();
             send_command(&sink, Command::Subscribe, topics).await?;
-            let connection = match connection {
-                Some(c) => c,
-                None => client.get_connection_manager().await?,
-            };
-            Ok::<_, redis::RedisError>((sink, stream, connection))
+            Ok::<_, redis::RedisError>((sink, stream))
         };
         let fut = tokio::time::timeout(CONNECT_TIMEOUT, fut);
         ctx.wait(actix::fut::wrap_future::<_, Supervised<Self>>(fut).map(move |result, s, ctx| match result {
-            Ok(Ok((sink, stream, connection))) => {
+            Ok(Ok((sink, stream))) => {
                 let this = s.behaviour_mut();
                 this.sink = Some(sink);
-                this.publisher.set_connection(Some(connection.clone()));
-                this.connection = Some(connection);
+                this.publisher.set_up(true);
                 this.backoff.reset();
                 if let Some(me) = &this.me {
                     let reader = Reader {
@@ -417,7 +408,7 @@ impl Handler<ConnectionLost> for RedisBridge {
             return Reply::Now(());
         }
         self.sink = None;
-        self.publisher.set_connection(None);
+        self.publisher.set_up(false);
         self.kernel.metrics().bus_error(Bus::Redis, BusErrorKind::Disconnected, &msg.reason);
         let reason = msg.reason;
         self.broadcast(|| BusEvent::Down(BusDown { bus: Bus::Redis, reason: reason.clone() }));
