@@ -168,11 +168,17 @@ impl Envelope<Value> {
 
     /// Converts the payload to `T`, checking the CloudEvents `type` first.
     pub fn typed<T: Payload>(self) -> Result<Envelope<T>, DecodeError> {
-        if self.kind != T::TYPE {
-            return Err(DecodeError::WrongType { expected: T::TYPE, found: self.kind });
-        }
-        let data = T::deserialize(&self.data)?;
+        let data = self.payload()?;
         Ok(self.map_data(|_| data))
+    }
+
+    /// The payload as `T`, checking the CloudEvents `type` first; for a
+    /// shared envelope, read without a copy of it.
+    pub fn payload<T: Payload>(&self) -> Result<T, DecodeError> {
+        if self.kind != T::TYPE {
+            return Err(DecodeError::WrongType { expected: T::TYPE, found: self.kind.clone() });
+        }
+        Ok(T::deserialize(&self.data)?)
     }
 }
 

@@ -368,7 +368,7 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
     };
     let readiness = Readiness { redis: Some(platform.redis.clone()), kafka: KafkaProbe::new(&config.kafka).ok() };
     let tools = tm_role::tools_api::ToolsApi::new(&registry, "http");
-    let sessions = tm_role::session::SessionDeps { kernel: kernel.clone(), bridge: bridges.redis.clone() };
+    let sessions = tm_role::session::SessionDeps::new(kernel.clone(), bridges.redis.clone());
     let roles: Vec<&str> = config.roles.iter().map(|r| r.name()).collect();
     let mut openapi = tm_role::openapi();
     openapi.merge(pm_role::api::PanelManagerApiDoc::openapi());

@@ -31,6 +31,7 @@
 //! revoked (logged out) or expired one closes the socket with 4001.
 
 mod contexts;
+mod frames;
 mod presence;
 mod socket;
 mod sync;
@@ -40,10 +41,12 @@ use std::time::Duration;
 
 use actix::{ActorContext, AsyncContext};
 use actix_web::web;
+use bytestring::ByteString;
 use tokio::sync::{mpsc, watch};
 
 use self::contexts::FollowedContexts;
 pub use self::contexts::MAX_FOLLOWED_CONTEXTS;
+use self::frames::{ChangeFrames, EncodedChange};
 pub use self::presence::{CursorMoved, PresenceChanged, MAX_PRESENT};
 use self::socket::Closing;
 pub use self::socket::{upgrade, SessionDeps, CLOSE_TOKEN_ENDED, CLOSE_TOO_SLOW, OUTBOUND_QUEUE};
@@ -152,7 +155,9 @@ pub struct Session {
     /// This session's links to the node's `RedisBridge`, made once: a link
     /// registers its graph edge when it is made.
     bus: BridgeLinks,
-    out: mpsc::Sender<String>,
+    out: mpsc::Sender<ByteString>,
+    /// The node's shared change frames.
+    frames: ChangeFrames,
     /// Tells the connection's reader and writer to let go of the socket,
     /// and how to close it.
     shutdown: watch::Sender<Option<Closing>>,
@@ -177,7 +182,12 @@ fn doc_topic(doc: &str) -> Topic {
 
 impl Session {
     fn send(&mut self, frame: &ServerFrame, ctx: &mut Ctx<Self>) {
-        if self.out.try_send(frame.encode()).is_err() && self.shutdown.borrow().is_none() {
+        self.send_encoded(ByteString::from(frame.encode()), ctx);
+    }
+
+    /// Queues a frame already serialised (perhaps shared with other sessions).
+    fn send_encoded(&mut self, frame: ByteString, ctx: &mut Ctx<Self>) {
+        if self.out.try_send(frame).is_err() && self.shutdown.borrow().is_none() {
             self.too_slow.inc();
             tracing::warn!(user = %self.user, "nexus_sessions_too_slow_total: outbound queue full; disconnecting");
             self.leave(Closing::TOO_SLOW, ctx);
@@ -305,8 +315,8 @@ impl Session {
     }
 
     /// A change announced on a followed document's channel.
-    fn changed(&mut self, change: DocumentChanged, ctx: &mut Ctx<Self>) {
-        let Some(followed) = self.docs.get_mut(&change.id) else { return };
+    fn changed(&mut self, change: &EncodedChange, ctx: &mut Ctx<Self>) {
+        let Some(followed) = self.docs.get_mut(&change.doc) else { return };
         if followed.fetching {
             followed.announced = followed.announced.max(change.version);
             return;
@@ -317,12 +327,11 @@ impl Session {
         }
         // A change too large to announce comes without its patch: the
         // history has it.
-        if change.version == sent + 1 && !change.patch.is_null() {
+        if change.version == sent + 1 && change.has_patch {
             followed.sent = Some(change.version);
-            let frame = ServerFrame::Change { doc: change.id, version: change.version, patch: change.patch };
-            self.send(&frame, ctx);
+            self.send_encoded(change.frame.clone(), ctx);
         } else {
-            self.request_sync(&change.id);
+            self.request_sync(&change.doc);
         }
     }
 
@@ -486,7 +495,7 @@ impl Handler<PanelsSubscribed> for Session {
 impl Handler<BusEvent> for Session {
     fn handle(&mut self, event: BusEvent, ctx: &mut Ctx<Self>) -> Reply<()> {
         match event {
-            BusEvent::Message(m) => self.bus_message(std::sync::Arc::unwrap_or_clone(m), ctx),
+            BusEvent::Message(m) => self.bus_message(&m, ctx),
             BusEvent::Up(_) if self.bus_down => {
                 // Whatever was published while the bus was down is gone from
                 // pub/sub; the history has it. (A BusUp without a BusDown
@@ -510,33 +519,32 @@ impl Handler<BusEvent> for Session {
 }
 
 impl Session {
-    fn bus_message(&mut self, m: crate::bus::BusMessage, ctx: &mut Ctx<Self>) {
+    fn bus_message(&mut self, m: &crate::bus::BusMessage, ctx: &mut Ctx<Self>) {
         match m.envelope.kind.as_str() {
             Journaled::TYPE => self.context_record(m, ctx),
             DocumentChanged::TYPE => {
-                let Ok(change) = m.envelope.typed::<DocumentChanged>() else { return };
-                self.changed(change.data, ctx);
+                let Some(change) = self.frames.change(&m.envelope) else { return };
+                self.changed(&change, ctx);
             }
             PresenceChanged::TYPE => {
-                let Ok(presence) = m.envelope.typed::<PresenceChanged>() else { return };
-                let PresenceChanged { doc, present } = presence.data;
+                let Ok(PresenceChanged { doc, present }) = m.envelope.payload() else { return };
                 if self.docs.get(&doc).is_some_and(|f| f.joined) {
                     self.send(&ServerFrame::Presence { doc, present }, ctx);
                 }
             }
             PanelChanged::TYPE => {
-                let Ok(change) = m.envelope.typed::<PanelChanged>() else { return };
-                let owned = change.data.panel.as_ref().is_none_or(|p| p.owner == self.user);
+                let Ok(change) = m.envelope.payload::<PanelChanged>() else { return };
+                let owned = change.panel.as_ref().is_none_or(|p| p.owner == self.user);
                 if self.panels && owned && m.channel == panels_channel(&self.user) {
-                    let panel = change.data.panel.and_then(|p| serde_json::to_value(p).ok());
-                    self.send(&ServerFrame::Panel { id: change.data.id, panel }, ctx);
+                    let panel = change.panel.and_then(|p| serde_json::to_value(p).ok());
+                    self.send(&ServerFrame::Panel { id: change.id, panel }, ctx);
                 }
             }
             InstanceChanged::TYPE => {
                 // Only panel managers publish these; a malformed one is
                 // their bug, not a reason to drop this client.
-                let change = match m.envelope.typed::<InstanceChanged>() {
-                    Ok(change) => change.data,
+                let change = match m.envelope.payload::<InstanceChanged>() {
+                    Ok(change) => change,
                     Err(error) => {
                         tracing::warn!(channel = %m.channel, %error, "ignoring a malformed instance change");
                         return;
@@ -548,8 +556,7 @@ impl Session {
                 }
             }
             CursorMoved::TYPE => {
-                let Ok(cursor) = m.envelope.typed::<CursorMoved>() else { return };
-                let CursorMoved { doc, session, user, position } = cursor.data;
+                let Ok(CursorMoved { doc, session, user, position }) = m.envelope.payload() else { return };
                 let mine = self.me.as_ref().is_some_and(|me| me.id() == session);
                 if !mine && self.docs.get(&doc).is_some_and(|f| f.joined) {
                     self.send(&ServerFrame::Cursor { doc, session, user, position }, ctx);

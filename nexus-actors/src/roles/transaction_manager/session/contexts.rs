@@ -130,9 +130,8 @@ impl Session {
     }
 
     /// A record published on a context's channel: forwarded if the context is followed and subscribed.
-    pub(super) fn context_record(&mut self, m: BusMessage, ctx: &mut Ctx<Self>) {
-        let Ok(journaled) = m.envelope.typed::<Journaled>() else { return };
-        let Journaled { context, offset, record } = journaled.data;
+    pub(super) fn context_record(&mut self, m: &BusMessage, ctx: &mut Ctx<Self>) {
+        let Ok(Journaled { context, offset, record }) = m.envelope.payload() else { return };
         let subscribed = self.contexts.followed.get(&context).is_some_and(|&(_, s)| s);
         if !subscribed || m.channel != channels::context(&context) {
             return;

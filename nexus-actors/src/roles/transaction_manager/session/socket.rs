@@ -10,6 +10,9 @@ use actix_web::{web, HttpRequest, HttpResponse};
 use actix_ws::{CloseCode, CloseReason, Message as WsMessage};
 use tokio::sync::{mpsc, watch};
 
+use bytestring::ByteString;
+
+use super::frames::ChangeFrames;
 use super::{BridgeLinks, ClientText, Disconnected, Session};
 use crate::bus::redis::RedisBus;
 use crate::kernel::{Kernel, Link};
@@ -54,6 +57,15 @@ pub struct SessionDeps {
     pub kernel: Kernel,
     /// The node's Redis bridge, which sessions subscribe through.
     pub bridge: RedisBus,
+    /// Change frames shared by the node's sessions.
+    frames: ChangeFrames,
+}
+
+impl SessionDeps {
+    /// Sessions of `kernel` over `bridge`.
+    pub fn new(kernel: Kernel, bridge: RedisBus) -> Self {
+        SessionDeps { kernel, bridge, frames: ChangeFrames::default() }
+    }
 }
 
 /// `GET /ws`: authenticates the upgrade (bearer header, or `?token=` since
@@ -75,7 +87,7 @@ pub async fn upgrade(
 
     let (response, ws, stream) = actix_ws::handle(&req, body)?;
     let stream = stream.max_frame_size(MAX_FRAME);
-    let (out, outbound) = mpsc::channel::<String>(OUTBOUND_QUEUE);
+    let (out, outbound) = mpsc::channel::<ByteString>(OUTBOUND_QUEUE);
     let (shutdown, writer_stop) = watch::channel(None);
     let reader_stop = shutdown.subscribe();
     let id = format!("session/{}", uuid::Uuid::now_v7());
@@ -86,6 +98,7 @@ pub async fn upgrade(
     };
     let (s, u) = (state.clone(), user.clone());
     let too_slow = deps.kernel.metrics().sessions_too_slow.clone();
+    let frames = deps.frames.clone();
     let session = deps.kernel.spawn(id, move || Session {
         user: u.clone(),
         admin,
@@ -93,6 +106,7 @@ pub async fn upgrade(
         state: s.clone(),
         bus: bus.clone(),
         out: out.clone(),
+        frames: frames.clone(),
         shutdown: shutdown.clone(),
         too_slow: too_slow.clone(),
         docs: HashMap::new(),
@@ -111,7 +125,7 @@ pub async fn upgrade(
 /// Writer: the only place that awaits the client.
 fn write(
     mut writer: actix_ws::Session,
-    mut outbound: mpsc::Receiver<String>,
+    mut outbound: mpsc::Receiver<ByteString>,
     mut stop: watch::Receiver<Option<Closing>>,
 ) {
     actix::spawn(async move {
