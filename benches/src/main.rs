@@ -456,7 +456,7 @@ fn run_of(n: u64, elapsed: Duration, latencies: &Mutex<Vec<u64>>) -> Run {
     }
 }
 
-fn latency_rows(prefix: &'static [&'static str; 3], n: u64, nexus: &Run, raw: &Run) -> Vec<Row> {
+fn latency_rows(prefix: &[&'static str; 3], n: u64, nexus: &Run, raw: &Run) -> Vec<Row> {
     let delivered = format!("delivered {}/{n}, raw {}/{n}", nexus.delivered, raw.delivered);
     vec![
         Row {
@@ -511,7 +511,16 @@ async fn redis_rows(dir: &std::path::Path, n: u64) -> Vec<Row> {
         })
         .await;
     let end = wait_for(&latencies, n, Duration::from_secs(30)).await;
-    let nexus = run_of(n, end - t, &latencies);
+    let mut nexus = run_of(n, end - t, &latencies);
+    let p = publish.clone();
+    let (p50, p99) = paced(&latencies, n / 5, move |seq| {
+        let p = p.clone();
+        async move {
+            p.publish("nexus:bench:nexus", ping(seq)).await.expect("publish");
+        }
+    })
+    .await;
+    (nexus.p50, nexus.p99) = (p50, p99);
 
     let client = redis::Client::open(server.url()).expect("client");
     let conn = client.get_multiplexed_async_connection().await.expect("connection");
@@ -540,8 +549,50 @@ async fn redis_rows(dir: &std::path::Path, n: u64) -> Vec<Row> {
         .await
         .expect("raw publish");
     let end = wait_for(&raw_latencies, n, Duration::from_secs(30)).await;
-    let raw = run_of(n, end - t, &raw_latencies);
-    latency_rows(&["redis publish → subscriber", "redis latency p50", "redis latency p99"], n, &nexus, &raw)
+    let mut raw = run_of(n, end - t, &raw_latencies);
+    let (p50, p99) = paced(&raw_latencies, n / 5, move |seq| {
+        let mut conn = conn.clone();
+        async move {
+            let bytes = ping(seq).encode();
+            redis::cmd("PUBLISH")
+                .arg("nexus:bench:raw")
+                .arg(bytes)
+                .query_async::<u64>(&mut conn)
+                .await
+                .expect("publish");
+        }
+    })
+    .await;
+    (raw.p50, raw.p99) = (p50, p99);
+    let names = ["redis publish → subscriber", "redis latency p50 (paced)", "redis latency p99 (paced)"];
+    latency_rows(&names, n, &nexus, &raw)
+}
+
+/// Messages per millisecond of a paced run: 10,000 per second.
+const PACED_PER_MS: u64 = 10;
+
+/// Sends `n` messages at [`PACED_PER_MS`] per millisecond, each by its own
+/// task (`send(seq)`), waits for all to arrive and returns the p50 and p99
+/// of their latencies: latency without a burst's queueing.
+async fn paced<F, Fut>(latencies: &Mutex<Vec<u64>>, n: u64, send: F) -> (f64, f64)
+where
+    F: Fn(u64) -> Fut,
+    Fut: std::future::Future<Output = ()> + 'static,
+{
+    latencies.lock().unwrap().clear();
+    let mut tick = tokio::time::interval(Duration::from_millis(1));
+    let mut seq = 0;
+    while seq < n {
+        tick.tick().await;
+        for _ in 0..PACED_PER_MS.min(n - seq) {
+            actix::spawn(send(seq));
+            seq += 1;
+        }
+    }
+    wait_for(latencies, n, Duration::from_secs(30)).await;
+    let mut l = latencies.lock().unwrap().clone();
+    l.sort_unstable();
+    (percentile(&l, 0.5), percentile(&l, 0.99))
 }
 
 // ---- (c) Kafka bridge vs raw rdkafka ----------------------------------------
