@@ -64,7 +64,8 @@ fn main() {
     let only_llm = args.windows(2).any(|w| w[0] == "--only" && w[1] == "llm");
     let only_deploy = args.windows(2).any(|w| w[0] == "--only" && w[1] == "deploy");
     let only_bus = args.windows(2).any(|w| w[0] == "--only" && w[1] == "bus");
-    if (only_panels || only_login || only_llm || only_deploy || only_bus) && write.is_some() {
+    let only_sessions = args.windows(2).any(|w| w[0] == "--only" && w[1] == "sessions");
+    if (only_panels || only_login || only_llm || only_deploy || only_bus || only_sessions) && write.is_some() {
         eprintln!("--only prints its tables; --write needs the full run");
         std::process::exit(2);
     }
@@ -88,6 +89,11 @@ fn main() {
     }
     if only_deploy {
         println!("{}", actix_rt::System::new().block_on(deploy::table(&dir)));
+        let _ = std::fs::remove_dir_all(&dir);
+        return;
+    }
+    if only_sessions {
+        println!("{}", sessions::table(&dir, if quick { 500 } else { 5_000 }));
         let _ = std::fs::remove_dir_all(&dir);
         return;
     }
