@@ -52,6 +52,9 @@ fn main() {
     if args.first().map(String::as_str) == Some("serve-llm-node") {
         return llm::serve_node(&args[1..]);
     }
+    if args.first().map(String::as_str) == Some("serve-raw-ws") {
+        return sessions::serve_raw(&args[1..]);
+    }
     if args.first().map(String::as_str) == Some("serve-hello") {
         return panels::serve_hello(&args[1..]);
     }
@@ -200,7 +203,20 @@ arrival at every client. With two nodes the clients are split between them
 and every change crosses Redis pub/sub to the second node. Nodes run as
 separate processes (`nexus-bench serve-node`); memory per idle session is the
 growth of their resident memory, after every client subscribed, divided by N.
-Clients, nodes, Redis and the broker share the machine's two cores.
+The **raw broadcast server** is the baseline, measured in the same run with
+the same clients: `nexus-bench serve-raw-ws`, a tokio-tungstenite server on
+two worker threads (4 KiB read buffers, unbuffered writes) that answers a
+client's first frame with a snapshot and sends every change, serialised
+once, to every connection; a change is triggered by a line on a local TCP
+port instead of a PATCH (no authentication, no storage, no Redis). The last
+column is raw ÷ this row for p50, p99 and memory per session (1.00 = as
+good as the raw server, lower = costlier). A Nexus node serialises a change
+once per node and every session queues the same bytes; its sessions cost
+more memory than the raw server's connections: each has an actix-web HTTP/1
+connection (its buffers), an actor, a bounded outbound queue and a reader
+and a writer task. Clients, servers, Redis and the broker share the
+machine's two cores, so much of every row's latency is the clients' own
+work of reading N sockets.
 ";
 
 struct Row {

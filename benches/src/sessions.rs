@@ -1,20 +1,24 @@
 //! WebSocket fan-out: N sessions follow one document; each change reaches
 //! all of them. Measures delivery latency (p50/p99/max) and server memory
-//! per idle session, on one transaction-manager node and on two nodes
-//! sharing Redis. The nodes run as separate processes (this binary in
-//! `serve-node` mode) so their memory can be read from /proc.
+//! per idle session, on one transaction-manager node, on two nodes
+//! sharing Redis, and on a raw baseline: a minimal tokio-tungstenite
+//! broadcast server that sends each change to every connection. Servers
+//! run as separate processes (this binary in `serve-node` or
+//! `serve-raw-ws` mode) so their memory can be read from /proc.
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use futures::{SinkExt, StreamExt};
+use futures::{Future, SinkExt, StreamExt};
 use nexus_actors::bus::kafka::KafkaConfig;
 use nexus_actors::infra::{free_port, RedisServer, Tansu, TansuStorage};
 use nexus_actors::node::{self, NodeConfig, PanelsConfig, Role};
 use nexus_actors::platform::auth::keys::KeySet;
 use serde_json::{json, Value};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message;
 
 const USER: &str = "bench";
@@ -42,6 +46,60 @@ pub(crate) fn serve_node(args: &[String]) {
         llm: Default::default(),
     };
     actix_rt::System::new().block_on(node::run(config)).expect("node runs");
+}
+
+/// `nexus-bench serve-raw-ws PORT TRIGGER_PORT`: the raw baseline. Each
+/// WebSocket client sends one frame (its subscription) and gets a snapshot
+/// frame back; then every line `VERSION` written to the trigger port sends
+/// one change frame, serialised once, to every connection. Two worker
+/// threads, as the nodes' HTTP servers have on this machine.
+pub(crate) fn serve_raw(args: &[String]) {
+    let [port, trigger] = args else { panic!("serve-raw-ws PORT TRIGGER_PORT") };
+    let (port, trigger): (u16, u16) = (port.parse().expect("port"), trigger.parse().expect("trigger port"));
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+    runtime.block_on(async move {
+        let (changes, _) = tokio::sync::broadcast::channel::<tokio_tungstenite::tungstenite::Utf8Bytes>(64);
+        let triggers = tokio::net::TcpListener::bind(("127.0.0.1", trigger)).await.expect("bind the trigger port");
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await.expect("bind the raw port");
+        let send = changes.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = triggers.accept().await {
+                let mut lines = BufReader::new(stream).lines();
+                while let Ok(Some(line)) = lines.next_line().await {
+                    let version: u64 = line.trim().parse().unwrap_or(0);
+                    let frame = json!({"type": "change", "doc": "raw", "version": version, "patch": {"n": version}});
+                    let _ = send.send(frame.to_string().into());
+                }
+            }
+        });
+        while let Ok((stream, _)) = listener.accept().await {
+            let mut changes = changes.subscribe();
+            tokio::spawn(async move {
+                // Buffers sized for many small frames, not tungstenite's 128 KiB defaults.
+                let config = WebSocketConfig::default().read_buffer_size(4096).write_buffer_size(0);
+                let Ok(mut ws) = tokio_tungstenite::accept_async_with_config(stream, Some(config)).await else {
+                    return;
+                };
+                if !matches!(ws.next().await, Some(Ok(Message::Text(_)))) {
+                    return;
+                }
+                let snapshot = json!({"type": "snapshot", "doc": "raw", "version": 1, "state": {"n": 0}});
+                if ws.send(Message::text(snapshot.to_string())).await.is_err() {
+                    return;
+                }
+                loop {
+                    tokio::select! {
+                        change = changes.recv() => match change {
+                            Ok(frame) => if ws.send(Message::Text(frame)).await.is_err() { return },
+                            Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                            Err(_) => return,
+                        },
+                        incoming = ws.next() => if !matches!(incoming, Some(Ok(_))) { return },
+                    }
+                }
+            });
+        }
+    });
 }
 
 struct NodeProcess {
@@ -80,6 +138,19 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
+fn start_raw() -> (NodeProcess, u16) {
+    let (port, trigger) = (free_port().expect("port"), free_port().expect("port"));
+    let child = Command::new(std::env::current_exe().expect("own path"))
+        .args(["serve-raw-ws", &port.to_string(), &trigger.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("raw server process");
+    crate::wait_listening(port, "the raw WebSocket server", Duration::from_secs(30)).expect("raw server");
+    crate::wait_listening(trigger, "the raw server's trigger", Duration::from_secs(30)).expect("raw server");
+    (NodeProcess { child, port }, trigger)
+}
+
 pub(crate) struct Outcome {
     pub setup: &'static str,
     pub sessions: usize,
@@ -103,12 +174,21 @@ pub(crate) fn table(dir: &Path, n: usize) -> String {
             (0..nodes).map(|_| start_node(&redis.url(), &tansu.brokers(), &key_file)).collect();
         outcomes.push(runtime.block_on(measure(setup, &procs, n)));
     }
+    let (raw_server, trigger) = start_raw();
+    let raw = runtime.block_on(measure_raw(&raw_server, trigger, n));
+    drop(raw_server);
     let mut out = String::from(
-        "| setup | sessions | p50 ms | p99 ms | max ms | server memory per idle session | delivered |\n|---|---:|---:|---:|---:|---:|---:|\n",
+        "| setup | sessions | p50 ms | p99 ms | max ms | server memory per idle session | delivered | raw ÷ this: p50 / p99 / memory |\n|---|---:|---:|---:|---:|---:|---:|---|\n",
     );
-    for o in outcomes {
+    for o in outcomes.iter().chain([&raw]) {
+        let ratios = format!(
+            "{:.2} / {:.2} / {:.2}",
+            raw.p50_ms / o.p50_ms,
+            raw.p99_ms / o.p99_ms,
+            raw.kib_per_session / o.kib_per_session
+        );
         out += &format!(
-            "| {} | {} | {:.1} | {:.1} | {:.1} | {:.1} KiB | {}/{} |\n",
+            "| {} | {} | {:.1} | {:.1} | {:.1} | {:.1} KiB | {}/{} | {} |\n",
             o.setup,
             o.sessions,
             o.p50_ms,
@@ -116,10 +196,27 @@ pub(crate) fn table(dir: &Path, n: usize) -> String {
             o.max_ms,
             o.kib_per_session,
             o.delivered,
-            o.sessions * CHANGES as usize
+            o.sessions * CHANGES as usize,
+            ratios
         );
     }
     out
+}
+
+/// The raw baseline: the same clients and changes against `serve-raw-ws`.
+async fn measure_raw(server: &NodeProcess, trigger: u16, n: usize) -> Outcome {
+    let trigger = tokio::net::TcpStream::connect(("127.0.0.1", trigger)).await.expect("trigger");
+    let trigger = Arc::new(tokio::sync::Mutex::new(trigger));
+    let url = format!("ws://127.0.0.1:{}/", server.port);
+    let subscribe = json!({"type": "subscribe", "doc": "raw", "presence": false}).to_string();
+    fan_out("raw broadcast server", &[server.child.id()], vec![url], subscribe, n, |version| {
+        let trigger = trigger.clone();
+        async move {
+            let line = format!("{}\n", version + 1);
+            trigger.lock().await.write_all(line.as_bytes()).await.expect("trigger a change");
+        }
+    })
+    .await
 }
 
 async fn measure(setup: &'static str, nodes: &[NodeProcess], n: usize) -> Outcome {
@@ -146,14 +243,45 @@ async fn measure(setup: &'static str, nodes: &[NodeProcess], n: usize) -> Outcom
         .await
         .expect("doc");
     let id = doc["id"].as_str().expect("id").to_owned();
+    let pids: Vec<u32> = nodes.iter().map(|p| p.child.id()).collect();
+    let urls = nodes.iter().map(|p| format!("ws://127.0.0.1:{}/ws?token={token}", p.port)).collect();
+    let subscribe = json!({"type": "subscribe", "doc": id, "presence": false}).to_string();
+    fan_out(setup, &pids, urls, subscribe, n, |version| {
+        let patch = http
+            .patch(format!("{base}/api/documents/{id}"))
+            .bearer_auth(&token)
+            .json(&json!({"version": version, "patch": {"n": version}}))
+            .send();
+        async move {
+            patch.await.expect("patch").error_for_status().expect("patch accepted");
+        }
+    })
+    .await
+}
 
-    let rss_before: u64 = nodes.iter().map(|p| rss_kib(p.child.id())).sum();
+/// Opens `n` clients (round robin over `urls`), each subscribing with
+/// `subscribe` until its snapshot comes; then makes [`CHANGES`] changes
+/// with `change(version)` (the change that makes `version + 1`) and times
+/// each from the call to its arrival at every client. Memory per session
+/// is the growth of the servers' (`pids`) resident memory over the clients.
+async fn fan_out<F, Fut>(
+    setup: &'static str,
+    pids: &[u32],
+    urls: Vec<String>,
+    subscribe: String,
+    n: usize,
+    mut change: F,
+) -> Outcome
+where
+    F: FnMut(u64) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    let rss_before: u64 = pids.iter().map(|&pid| rss_kib(pid)).sum();
     let received: Arc<Mutex<Vec<(u64, Instant)>>> = Arc::default();
-    let ports: Vec<u16> = nodes.iter().map(|p| p.port).collect();
     let clients = futures::stream::iter(0..n)
         .map(|i| {
-            let url = format!("ws://127.0.0.1:{}/ws?token={token}", ports[i % ports.len()]);
-            let subscribe = json!({"type": "subscribe", "doc": id, "presence": false}).to_string();
+            let url = urls[i % urls.len()].clone();
+            let subscribe = subscribe.clone();
             async move {
                 let (mut ws, _) = tokio_tungstenite::connect_async(url).await.expect("connect");
                 ws.send(Message::text(subscribe)).await.expect("subscribe");
@@ -171,7 +299,7 @@ async fn measure(setup: &'static str, nodes: &[NodeProcess], n: usize) -> Outcom
         .collect::<Vec<_>>()
         .await;
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let rss_after: u64 = nodes.iter().map(|p| rss_kib(p.child.id())).sum();
+    let rss_after: u64 = pids.iter().map(|&pid| rss_kib(pid)).sum();
 
     let mut readers = Vec::new();
     for ws in clients {
@@ -194,14 +322,7 @@ async fn measure(setup: &'static str, nodes: &[NodeProcess], n: usize) -> Outcom
     let mut latencies = Vec::new();
     for version in 1..=CHANGES {
         let sent = Instant::now();
-        http.patch(format!("{base}/api/documents/{id}"))
-            .bearer_auth(&token)
-            .json(&json!({"version": version, "patch": {"n": version}}))
-            .send()
-            .await
-            .expect("patch")
-            .error_for_status()
-            .expect("patch accepted");
+        change(version).await;
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let got = received.lock().unwrap().iter().filter(|(v, _)| *v == version + 1).count();
