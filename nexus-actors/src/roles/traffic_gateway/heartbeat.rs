@@ -93,7 +93,7 @@ async fn answer(shared: &Arc<Shared>, req: Request<Incoming>, panel: &str) -> Re
         Some(Err(_)) => tracing::warn!(panel, "the route's watchdog token is not a header value; sent without it"),
         None => {}
     }
-    match tokio::time::timeout(shared.config.upstream_timeout, shared.client.request(upstream)).await {
+    match tokio::time::timeout(shared.config.upstream_timeout, shared.client().request(upstream)).await {
         Ok(Ok(answer)) => {
             shared.metrics.request(RequestOutcome::Heartbeat, panel);
             let (mut parts, body) = answer.into_parts();

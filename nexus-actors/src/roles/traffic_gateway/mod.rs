@@ -2,9 +2,9 @@
 //!
 //! [`start`] wires the parts: the [`routes::RouteTable`] actor (on the
 //! caller's arbiter) keeps the route snapshot in step with Redis; the
-//! proxy serves HTTP on a tokio runtime of its own, on a thread of its
-//! own, so that proxying uses every core and never waits behind actor
-//! mailboxes. [`handle`] sends each request to its part: `/p/<id>/…` to
+//! proxy serves HTTP on threads of its own, one runtime and one listener
+//! per core (`workers`), so that proxying uses every core, never hands a
+//! request between threads and never waits behind actor mailboxes. [`handle`] sends each request to its part: `/p/<id>/…` to
 //! the proxy (`proxy`), which asks `access` who may open the panel and
 //! `paths` whether the path is the panel's own, `/heartbeat/<id>` to
 //! `heartbeat`. The `activator` holds requests for Apps scaled to zero;
@@ -23,6 +23,7 @@ mod paths;
 mod proxy;
 pub mod routes;
 mod traffic;
+mod workers;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -70,7 +71,7 @@ pub struct GatewayConfig {
     pub upstream_timeout: Duration,
     /// The `Retry-After` of 503 answers.
     pub retry_after: Duration,
-    /// Threads of the proxy's runtime.
+    /// Threads of the proxy, each with its own runtime and listener.
     pub threads: usize,
 }
 
@@ -180,45 +181,24 @@ pub async fn start(kernel: &Kernel, config: GatewayConfig) -> Result<Gateway, Ga
     // Serve only once the table was read, so known panels never see a 404.
     let _ = table.link::<Reload>("traffic-gateway").ask(Reload).await;
 
-    let listener = std::net::TcpListener::bind(config.listen)
-        .and_then(|l| l.set_nonblocking(true).map(|()| l))
+    let listeners = workers::bind(config.listen, config.threads)
         .map_err(|source| GatewayError::Listen { addr: config.listen, source })?;
-    let local_addr = listener.local_addr().map_err(|source| GatewayError::Listen { addr: config.listen, source })?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(config.threads.max(1))
-        .thread_name("nexus-gateway")
-        .enable_all()
-        .build()
-        .map_err(GatewayError::Runtime)?;
+    let local_addr =
+        listeners[0].local_addr().map_err(|source| GatewayError::Listen { addr: config.listen, source })?;
     let (ready, ready_rx) = oneshot::channel();
     let (stopped_tx, stopped) = oneshot::channel();
     let node = kernel.node().to_owned();
     let parts = (routes.clone(), metrics, config.clone(), client);
-    std::thread::Builder::new()
-        .name("nexus-gateway".into())
-        .spawn(move || {
-            let (routes, metrics, config, client) = parts;
-            let handle = runtime.handle().clone();
-            runtime.block_on(async move {
-                let (redis, auth, records, listener) = match prepare(&client, &config, listener).await {
-                    Ok(all) => all,
-                    Err(error) => {
-                        let _ = ready.send(Err(error));
-                        return;
-                    }
-                };
-                let activator =
-                    Activator::new(config.queue_per_panel, routes.clone(), redis.clone(), node, metrics.clone());
-                let traffic = Traffic::new(redis, handle, metrics.clone());
-                let gatekeeper = Gatekeeper::new(auth.clone(), records);
-                let shared = Arc::new(Shared::new(routes, activator, traffic, gatekeeper, auth, metrics, config));
-                let _ = ready.send(Ok(()));
-                serve(listener, shared, stop_rx).await;
-            });
-            runtime.shutdown_timeout(Duration::from_secs(1));
-            let _ = stopped_tx.send(());
-        })
-        .map_err(GatewayError::Runtime)?;
+    let prepare = move |handle| async move {
+        let (routes, metrics, config, client) = parts;
+        let (redis, auth, records) = prepare(&client, &config).await?;
+        let activator = Activator::new(config.queue_per_panel, routes.clone(), redis.clone(), node, metrics.clone());
+        let traffic = Traffic::new(redis, handle, metrics.clone());
+        let gatekeeper = Gatekeeper::new(auth.clone(), records);
+        Ok(Arc::new(Shared::new(routes, activator, traffic, gatekeeper, auth, metrics, config)))
+    };
+    let serve = move |listener, shared| serve(listener, shared, stop_rx.clone());
+    workers::spawn(listeners, prepare, serve, ready, stopped_tx)?;
     match ready_rx.await {
         Ok(Ok(())) => {}
         Ok(Err(error)) => return Err(error),
@@ -230,20 +210,15 @@ pub async fn start(kernel: &Kernel, config: GatewayConfig) -> Result<Gateway, Ga
 
 /// What the proxy needs from inside its own runtime: Redis connections
 /// whose drivers run there (for traffic signals and activations, and for
-/// the accounts and panel records access is checked against), and the
-/// listener registered with its reactor.
+/// the accounts and panel records access is checked against).
 async fn prepare(
     client: &redis::Client,
     config: &GatewayConfig,
-    listener: std::net::TcpListener,
-) -> Result<(redis::aio::ConnectionManager, Auth, PanelRecords, tokio::net::TcpListener), GatewayError> {
+) -> Result<(redis::aio::ConnectionManager, Auth, PanelRecords), GatewayError> {
     let redis = client.get_connection_manager().await?;
     let records = Redis::connect(&config.redis_url).await?;
     let auth = Auth::new(config.keys.clone(), Accounts::new(records.clone()));
-    let addr = listener.local_addr().map_err(GatewayError::Runtime)?;
-    let listener =
-        tokio::net::TcpListener::from_std(listener).map_err(|source| GatewayError::Listen { addr, source })?;
-    Ok((redis, auth, PanelRecords::new(records), listener))
+    Ok((redis, auth, PanelRecords::new(records)))
 }
 
 /// Accepts connections until `stop` turns true.

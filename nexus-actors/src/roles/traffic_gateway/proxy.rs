@@ -48,12 +48,15 @@ const POOL_IDLE: Duration = Duration::from_secs(60);
 /// How long connecting to an instance may take before it counts as refused.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
+thread_local! {
+    static CLIENT: std::cell::OnceCell<Client<HttpConnector, OutBody>> = const { std::cell::OnceCell::new() };
+}
+
 /// Everything a request needs, shared by all connections.
 pub(crate) struct Shared {
     pub(crate) routes: Routes,
     pub(crate) activator: Arc<Activator>,
     pub(crate) traffic: Arc<Traffic>,
-    pub(crate) client: Client<HttpConnector, OutBody>,
     pub(crate) gatekeeper: Gatekeeper,
     /// Checks heartbeats' API tokens.
     pub(crate) auth: Auth,
@@ -63,7 +66,7 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
-    /// The parts, and a client pool to instances.
+    /// The parts.
     pub(crate) fn new(
         routes: Routes,
         activator: Arc<Activator>,
@@ -73,24 +76,26 @@ impl Shared {
         metrics: GatewayMetrics,
         config: GatewayConfig,
     ) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(POOL_IDLE)
-            .pool_timer(TokioTimer::new())
-            .build(connector);
-        Shared {
-            routes,
-            activator,
-            traffic,
-            client,
-            gatekeeper,
-            auth,
-            metrics,
-            config,
-            round_robin: AtomicUsize::new(0),
-        }
+        Shared { routes, activator, traffic, gatekeeper, auth, metrics, config, round_robin: AtomicUsize::new(0) }
+    }
+
+    /// This thread's pool of connections to instances. Each gateway thread
+    /// has its own: a pooled connection is driven by the runtime that
+    /// opened it, so sharing one pool would hand requests between threads.
+    pub(crate) fn client(&self) -> Client<HttpConnector, OutBody> {
+        CLIENT.with(|client| {
+            client
+                .get_or_init(|| {
+                    let mut connector = HttpConnector::new();
+                    connector.set_nodelay(true);
+                    connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
+                    Client::builder(TokioExecutor::new())
+                        .pool_idle_timeout(POOL_IDLE)
+                        .pool_timer(TokioTimer::new())
+                        .build(connector)
+                })
+                .clone()
+        })
     }
 
     /// The `Retry-After` of 503 answers, in seconds.
@@ -409,7 +414,7 @@ async fn send(shared: &Arc<Shared>, route: &PanelRoute, request: &mut Forward) -
         *upstream.uri_mut() = uri;
         *upstream.version_mut() = Version::HTTP_11;
         *upstream.headers_mut() = request.headers.clone();
-        match tokio::time::timeout(shared.config.upstream_timeout, shared.client.request(upstream)).await {
+        match tokio::time::timeout(shared.config.upstream_timeout, shared.client().request(upstream)).await {
             Err(_) => {
                 shared.metrics.request(RequestOutcome::Timeout, &panel);
                 let message = format!(
