@@ -19,6 +19,7 @@ use crate::kernel::{ActorRef, Kernel};
 use crate::platform::auth::keys::{KeyError, KeyRing, KeySet};
 use crate::platform::auth::limiter::LoginLimits;
 use crate::platform::auth::password::PasswordError;
+use crate::platform::drain::Drain;
 use crate::platform::http::Readiness;
 use crate::platform::node_lease::{LeaseError, LeaseTimes, NodeLease};
 use crate::platform::origin::OriginPolicy;
@@ -123,7 +124,17 @@ pub struct NodeConfig {
     /// The LLM manager's model endpoints and limits; with no endpoint the
     /// role does not start and the LLM routes answer 503.
     pub llm: LlmManagerConfig,
+    /// How long a draining node (SIGTERM) lets requests in flight finish,
+    /// tool calls included, before it stops them ([`DEFAULT_DRAIN_TIMEOUT`]).
+    pub drain_timeout: Duration,
 }
+
+/// How long a draining node waits for requests in flight unless told otherwise.
+pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long a draining node keeps accepting connections while `/readyz`
+/// says it is not ready (a load balancer's next probe takes it out first).
+pub const DRAIN_NOTICE: Duration = Duration::from_secs(2);
 
 /// How the panel manager runs panel instances on this machine.
 #[derive(Debug, Clone)]
@@ -260,8 +271,9 @@ pub async fn start_bridges(kernel: &Kernel, config: &NodeConfig) -> Result<Bridg
 }
 
 /// A node that is serving. [`RunningNode::wait`] serves until a signal
-/// (Ctrl-C, SIGTERM) or [`RunningNode::stop`]; both then stop the panel
-/// instances this node runs and the gateway.
+/// (Ctrl-C, SIGTERM), then drains ([`RunningNode::drain`]);
+/// [`RunningNode::stop`] stops at once. All then stop the panel instances
+/// this node runs and the gateway.
 pub struct RunningNode {
     /// Where its HTTP endpoints listen.
     pub http: SocketAddr,
@@ -271,6 +283,8 @@ pub struct RunningNode {
     pub kernel: Kernel,
     server: actix_web::dev::ServerHandle,
     served: actix_rt::task::JoinHandle<std::io::Result<()>>,
+    drain: Drain,
+    drain_timeout: Duration,
     panels: Option<PanelManagerHandle>,
     gateway_role: Option<Gateway>,
     llm: Option<LlmManagerHandle>,
@@ -279,14 +293,49 @@ pub struct RunningNode {
 }
 
 impl RunningNode {
-    /// Serves until the HTTP server stops, then stops the node's panel
-    /// instances and gateway.
-    pub async fn wait(self) -> Result<(), NodeError> {
+    /// Serves until Ctrl-C or SIGTERM, then drains; or until the HTTP
+    /// server stops by itself, then cleans up.
+    pub async fn wait(mut self) -> Result<(), NodeError> {
+        tokio::select! {
+            served = &mut self.served => {
+                let served = self.served_result(served);
+                self.finish(served).await
+            }
+            () = shutdown_signal() => self.drain().await,
+        }
+    }
+
+    /// Drains, for a rolling restart: takes no new work (`/readyz` answers
+    /// 503, `/ws` refuses new sessions, the LLM manager leaves its consumer
+    /// group after committing what is done) and tells WebSocket clients to
+    /// reconnect elsewhere (close code 1012); keeps answering for
+    /// [`DRAIN_NOTICE`] so that load balancers see it is not ready; then
+    /// stops accepting HTTP connections and lets the requests in flight,
+    /// tool calls included, finish within the drain timeout; then stops
+    /// like [`RunningNode::stop`].
+    pub async fn drain(mut self) -> Result<(), NodeError> {
+        tracing::info!(node = %self.kernel.node(), "draining: no new work; requests in flight may finish");
+        self.drain.start();
+        if let Some(llm) = self.llm.take() {
+            llm.stop().await;
+        }
+        tokio::time::sleep(DRAIN_NOTICE.min(self.drain_timeout)).await;
+        self.server.stop(true).await;
+        let served = (&mut self.served).await;
+        let served = self.served_result(served);
+        self.finish(served).await
+    }
+
+    fn served_result(&self, served: Result<std::io::Result<()>, actix_rt::task::JoinError>) -> Result<(), NodeError> {
         let addr = self.http;
-        let served = match self.served.await {
+        match served {
             Ok(result) => result.map_err(|source| NodeError::Http { addr, source }),
             Err(join) => Err(NodeError::Http { addr, source: std::io::Error::other(join.to_string()) }),
-        };
+        }
+    }
+
+    /// Stops what runs beside the HTTP server, once it has stopped.
+    async fn finish(self, served: Result<(), NodeError>) -> Result<(), NodeError> {
         if let Some(handle) = self.panels {
             handle.stop_all(Duration::from_secs(5)).await;
         }
@@ -301,9 +350,30 @@ impl RunningNode {
     }
 
     /// Stops serving (letting requests in flight finish) and cleans up.
-    pub async fn stop(self) -> Result<(), NodeError> {
+    pub async fn stop(mut self) -> Result<(), NodeError> {
         self.server.stop(true).await;
-        self.wait().await
+        let served = (&mut self.served).await;
+        let served = self.served_result(served);
+        self.finish(served).await
+    }
+}
+
+/// Resolves on Ctrl-C or SIGTERM; never when neither can be watched.
+async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut term) => {
+                term.recv().await;
+            }
+            Err(error) => {
+                tracing::warn!(%error, "cannot watch SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = term => {}
     }
 }
 
@@ -366,9 +436,14 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
         true => llm_manager(&kernel, &config, &platform, &bridges, &registry).await?,
         false => None,
     };
-    let readiness = Readiness { redis: Some(platform.redis.clone()), kafka: KafkaProbe::new(&config.kafka).ok() };
+    let drain = Drain::default();
+    let readiness = Readiness {
+        redis: Some(platform.redis.clone()),
+        kafka: KafkaProbe::new(&config.kafka).ok(),
+        drain: drain.clone(),
+    };
     let tools = tm_role::tools_api::ToolsApi::new(&registry, "http");
-    let sessions = tm_role::session::SessionDeps::new(kernel.clone(), bridges.redis.clone());
+    let sessions = tm_role::session::SessionDeps::new(kernel.clone(), bridges.redis.clone(), drain.clone());
     let roles: Vec<&str> = config.roles.iter().map(|r| r.name()).collect();
     let mut openapi = tm_role::openapi();
     openapi.merge(pm_role::api::PanelManagerApiDoc::openapi());
@@ -393,7 +468,9 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
             .configure(tm_role::configure_fallback)
     })
     .workers(2)
-    .shutdown_timeout(5)
+    // The node handles the signals itself: it drains before it stops.
+    .disable_signals()
+    .shutdown_timeout(config.drain_timeout.as_secs().max(1))
     .bind(config.http)
     .map_err(|source| NodeError::Http { addr: config.http, source })?;
     let http = server.addrs().first().copied().unwrap_or(config.http);
@@ -407,6 +484,8 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
         kernel,
         server: handle,
         served,
+        drain,
+        drain_timeout: config.drain_timeout,
         panels,
         gateway_role: gateway,
         llm,

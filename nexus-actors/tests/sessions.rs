@@ -87,7 +87,7 @@ impl World {
             tm::state(platform, Default::default(), Some(bridge.publisher.clone()), "tm", kernel.metrics().registry());
         state.ui = ui;
         let state = web::Data::new(state);
-        let deps = SessionDeps::new(kernel.clone(), bridge);
+        let deps = SessionDeps::new(kernel.clone(), bridge, Default::default());
         let s = state.clone();
         let server = HttpServer::new(move || {
             App::new()

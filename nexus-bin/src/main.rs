@@ -434,6 +434,10 @@ struct NodeArgs {
     /// Kafka bootstrap servers, host:port[,host:port].
     #[arg(long, env = "KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
     kafka_brokers: String,
+    /// Seconds a draining node (SIGTERM) gives requests in flight, tool
+    /// calls included, before it stops them.
+    #[arg(long, env = "NEXUS_DRAIN_TIMEOUT", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    drain_timeout: u64,
     /// Name of this node in logs, metrics and envelopes; what it owns is
     /// kept under it, and no two live nodes may share it. Default:
     /// `nexus-<host>-<random>`, made once and kept in `<data-dir>/node-name`.
@@ -596,6 +600,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 allowed_origins: args.limits.allowed_origins.clone(),
                 login_limits: args.limits.login_limits(),
                 llm,
+                drain_timeout: Duration::from_secs(args.drain_timeout),
             };
             actix_rt::System::new().block_on(node::run(config))?;
             Ok(())
@@ -670,6 +675,7 @@ fn dev(http: SocketAddr, data_dir: PathBuf, panels: PanelArgs, limits: LimitArgs
         allowed_origins: limits.allowed_origins.clone(),
         login_limits: limits.login_limits(),
         llm,
+        drain_timeout: node::DEFAULT_DRAIN_TIMEOUT,
     };
     println!("nexus dev: http://{http}/healthz  http://{http}/readyz  http://{http}/metrics  http://{http}/api/graph (admins)");
     println!("  redis: {} ({})", redis.url, redis.origin);

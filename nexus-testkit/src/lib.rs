@@ -255,6 +255,7 @@ pub fn node_config(name: &str, roles: &[Role], brokers: &Brokers, keys: &TestKey
         allowed_origins: Vec::new(),
         login_limits: Default::default(),
         llm: Default::default(),
+        drain_timeout: nexus_actors::node::DEFAULT_DRAIN_TIMEOUT,
     }
 }
 

@@ -46,6 +46,7 @@ pub(crate) fn serve(args: &[String]) {
         allowed_origins: Vec::new(),
         login_limits: Default::default(),
         llm,
+        drain_timeout: nexus_actors::node::DEFAULT_DRAIN_TIMEOUT,
     };
     actix_rt::System::new().block_on(node::run(config)).expect("node runs");
 }

@@ -10,6 +10,7 @@
 //! Also the request span every route runs in, and a bounded body reader.
 //! Roles add their own routes elsewhere.
 
+use crate::platform::drain::Drain;
 use std::time::Duration;
 
 use actix_web::dev::{Service, ServiceRequest, ServiceResponse};
@@ -33,11 +34,16 @@ pub struct Readiness {
     pub redis: Option<Redis>,
     /// The node's Kafka brokers, when it uses them.
     pub kafka: Option<KafkaProbe>,
+    /// Whether the node is going away: then it is not ready, whatever the brokers say.
+    pub drain: Drain,
 }
 
 impl Readiness {
     /// Why the node is not ready, broker by broker; empty when it is.
     pub async fn problems(&self) -> Vec<String> {
+        if self.drain.is_draining() {
+            return vec!["draining: the node is shutting down".into()];
+        }
         let redis = async {
             let redis = self.redis.as_ref()?;
             let mut conn = redis.conn();

@@ -19,6 +19,7 @@
 pub mod accounts;
 pub mod auth;
 pub mod channels;
+pub mod drain;
 pub mod error;
 pub mod files;
 pub mod http;

@@ -49,7 +49,9 @@ pub use self::contexts::MAX_FOLLOWED_CONTEXTS;
 use self::frames::{ChangeFrames, EncodedChange};
 pub use self::presence::{CursorMoved, PresenceChanged, MAX_PRESENT};
 use self::socket::Closing;
-pub use self::socket::{upgrade, SessionDeps, CLOSE_TOKEN_ENDED, CLOSE_TOO_SLOW, OUTBOUND_QUEUE};
+pub use self::socket::{
+    upgrade, SessionDeps, CLOSE_SERVICE_RESTART, CLOSE_TOKEN_ENDED, CLOSE_TOO_SLOW, OUTBOUND_QUEUE,
+};
 use self::sync::{Fetched, SyncError};
 use super::api::documents::DocumentChanged;
 use super::api::TmState;

@@ -17,6 +17,7 @@ use super::{BridgeLinks, ClientText, Disconnected, Session};
 use crate::bus::redis::RedisBus;
 use crate::kernel::{Kernel, Link};
 use crate::platform::auth::{extract::bearer, Audience, Auth};
+use crate::platform::drain::Drain;
 use crate::platform::{ApiError, UserRole};
 use crate::roles::transaction_manager::api::TmState;
 use crate::roles::transaction_manager::protocol::MAX_FRAME;
@@ -30,6 +31,8 @@ pub const CLOSE_TOO_SLOW: u16 = 4008;
 pub const CLOSE_TOKEN_ENDED: u16 = 4001;
 /// Close code when the client went away.
 const CLOSE_NORMAL: u16 = 1000;
+/// Close code when the node drains (a restart): reconnect, to another node.
+pub const CLOSE_SERVICE_RESTART: u16 = 1012;
 /// How long a client that does not read gets to take the close frame.
 const CLOSE_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
 
@@ -43,6 +46,7 @@ pub(super) struct Closing {
 impl Closing {
     pub(super) const NORMAL: Closing = Closing { code: CLOSE_NORMAL, reason: "" };
     pub(super) const TOO_SLOW: Closing = Closing { code: CLOSE_TOO_SLOW, reason: "client too slow" };
+    pub(super) const RESTART: Closing = Closing { code: CLOSE_SERVICE_RESTART, reason: "node restarting; reconnect" };
 
     /// The token ended for `reason`.
     pub(super) fn token_ended(reason: &'static str) -> Closing {
@@ -59,12 +63,14 @@ pub struct SessionDeps {
     pub bridge: RedisBus,
     /// Change frames shared by the node's sessions.
     frames: ChangeFrames,
+    /// The node's drain: no new sessions then, and open ones close with 1012.
+    drain: Drain,
 }
 
 impl SessionDeps {
-    /// Sessions of `kernel` over `bridge`.
-    pub fn new(kernel: Kernel, bridge: RedisBus) -> Self {
-        SessionDeps { kernel, bridge, frames: ChangeFrames::default() }
+    /// Sessions of `kernel` over `bridge`, until `drain`.
+    pub fn new(kernel: Kernel, bridge: RedisBus, drain: Drain) -> Self {
+        SessionDeps { kernel, bridge, frames: ChangeFrames::default(), drain }
     }
 }
 
@@ -76,6 +82,9 @@ pub async fn upgrade(
     state: web::Data<TmState>,
     deps: web::Data<SessionDeps>,
 ) -> Result<HttpResponse, actix_web::Error> {
+    if deps.drain.is_draining() {
+        return Err(ApiError::Unavailable("this node (draining)").into());
+    }
     let auth = req.app_data::<web::Data<Auth>>().ok_or(ApiError::Unauthorized)?;
     let header = req.headers().get(actix_web::http::header::AUTHORIZATION).and_then(|v| v.to_str().ok());
     let token = bearer(header)
@@ -117,7 +126,7 @@ pub async fn upgrade(
         me: None,
     });
     tracing::info!(%user, session = session.id(), "websocket session opened");
-    write(ws.clone(), outbound, writer_stop);
+    write(ws.clone(), outbound, writer_stop, deps.drain.started());
     read(ws, stream, session.link("client"), session.link("client"), reader_stop);
     Ok(response)
 }
@@ -127,11 +136,18 @@ fn write(
     mut writer: actix_ws::Session,
     mut outbound: mpsc::Receiver<ByteString>,
     mut stop: watch::Receiver<Option<Closing>>,
+    drain: impl std::future::Future<Output = ()> + 'static,
 ) {
     actix::spawn(async move {
+        let mut drain = std::pin::pin!(drain);
+        let mut restart = false;
         loop {
             let text = tokio::select! {
                 _ = stop.changed() => break,
+                () = &mut drain => {
+                    restart = true;
+                    break;
+                }
                 text = outbound.recv() => match text {
                     Some(text) => text,
                     None => break,
@@ -142,7 +158,10 @@ fn write(
                 sent = writer.text(text) => if sent.is_err() { return },
             }
         }
-        let closing = stop.borrow().unwrap_or(Closing::NORMAL);
+        let closing = match restart {
+            true => Closing::RESTART,
+            false => stop.borrow().unwrap_or(Closing::NORMAL),
+        };
         let description = (!closing.reason.is_empty()).then(|| closing.reason.to_owned());
         let reason = CloseReason { code: CloseCode::from(closing.code), description };
         // A client that does not read may never take the close frame either.
