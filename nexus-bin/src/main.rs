@@ -189,6 +189,10 @@ struct SidecarArgs {
     /// Id of the panel record this instance serves.
     #[arg(long, env = "NEXUS_PANEL_ID")]
     panel: String,
+    /// Seconds a stopping sidecar (SIGTERM) lets running tool calls answer;
+    /// the default is the longest deadline a call may have.
+    #[arg(long, env = "NEXUS_DRAIN_TIMEOUT", default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    drain_timeout: u64,
     /// Redis URL (the sidecar holds the bus credentials; the panel holds none).
     #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
     redis_url: String,
@@ -538,6 +542,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 poll_interval: Duration::from_millis(args.poll_interval_ms.max(100)),
                 netns: args.netns,
                 listen_fd: args.listen_fd,
+                drain_timeout: Duration::from_secs(args.drain_timeout),
                 ..SidecarConfig::new(args.panel, args.redis_url)
             };
             actix_rt::System::new().block_on(sidecar::run(config))?;

@@ -68,6 +68,10 @@ pub struct SidecarConfig {
     /// The instance's secret, sent in [`SIDECAR_TOKEN_HEADER`] with every
     /// request to the panel; `None` sends none (a panel run by hand).
     pub token: Option<String>,
+    /// How long a stopping sidecar (SIGTERM) lets running calls answer:
+    /// by default the longest deadline a call may have, so a rolling
+    /// restart cuts none short.
+    pub drain_timeout: Duration,
 }
 
 impl SidecarConfig {
@@ -86,6 +90,7 @@ impl SidecarConfig {
             publish_burst: 100,
             poll_interval: Duration::from_secs(5),
             token: None,
+            drain_timeout: crate::tools::protocol::MAX_TIMEOUT,
         }
     }
 
@@ -144,9 +149,6 @@ pub async fn run(config: SidecarConfig) -> Result<(), SidecarError> {
     start(config.token_from_env()).await?.run().await
 }
 
-/// How long a stopping sidecar lets the calls it runs finish.
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
-
 /// A started sidecar: connected, subscribed, listening.
 pub struct Sidecar {
     server: actix_web::dev::Server,
@@ -158,6 +160,7 @@ pub struct Sidecar {
     calls: Topic,
     forwarder: String,
     in_flight: Arc<AtomicUsize>,
+    drain_timeout: Duration,
 }
 
 impl Sidecar {
@@ -173,13 +176,14 @@ impl Sidecar {
     }
 
     /// Serves until stopped; then takes no more calls, lets the running
-    /// ones answer (for up to 10 s) and takes the tools out of the listing.
+    /// ones answer (for up to the drain timeout) and takes the tools out of
+    /// the listing.
     pub async fn run(self) -> Result<(), SidecarError> {
         let served = self.server.await;
         self.polling_task.abort();
         let unsubscribe = Unsubscribe { topic: self.calls, subscriber: self.forwarder };
         let _ = self.bridge.link::<Unsubscribe>("sidecar").ask(unsubscribe).await;
-        let drained = tokio::time::timeout(DRAIN_TIMEOUT, async {
+        let drained = tokio::time::timeout(self.drain_timeout, async {
             while self.in_flight.load(Ordering::SeqCst) > 0 {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
@@ -287,5 +291,6 @@ pub async fn start(config: SidecarConfig) -> Result<Sidecar, SidecarError> {
         calls,
         forwarder: forwarder.id().to_owned(),
         in_flight,
+        drain_timeout: config.drain_timeout,
     })
 }
