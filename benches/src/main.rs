@@ -176,23 +176,27 @@ Nexus and raw sides use the same broker, payload (a CloudEvents envelope of
 about 250 bytes) and concurrency (64 publishes / 256 produces in flight);
 both Kafka consumers use the bridge's `fetch.wait.max.ms`.
 Latency is from creating a message to the receiving actor (or raw consumer
-loop) handling it; all N messages are sent in one burst, so the bus
-latencies include queueing behind the burst (for Kafka, p50 is roughly half
-the run). Bus rows are one run per side, one after the other: expect noise of
+loop) handling it. Kafka latencies come from the burst: all N records are
+sent at once, so they include queueing behind it (p50 is roughly half the
+run). Redis latencies come from a paced run of N/5 messages at 10,000 a
+second, below what either side can carry, so they show the path, not a
+queue. Bus rows are one run per side, one after the other: expect noise of
 tens of percent between runs. Threads: the raw Redis and Kafka sides run
 entirely on the harness's thread; the Nexus sides also use a bridge thread
-and a subscriber thread, on two cores shared with the broker. Targets for later issues: kernel within 10% of raw actix,
-bridges within 20% of the raw clients.
+(the Redis bridge reads pub/sub there) and a subscriber thread, on two
+cores shared with the broker. Goals: kernel within 10% of raw actix,
+bridges at 0.8 of the raw clients or better.
 
-Where the gaps come from (structure, not this run's numbers): the Kafka
-bridge delivers each record with an `ask` and waits for its acknowledgement
-before the next record of the same partition, so it pays one cross-thread
-round trip per record (the kernel request/reply row) with at most one record
-per partition in flight, on a machine whose two cores also run the broker;
-the raw consumer acknowledges nothing. Batching acknowledgements while
-keeping per-key order is the next step. The Redis bridge adds a hop
-through the bridge's arbiter for every publish and a `try_tell` into the
-subscriber's mailbox for every message.
+Where the time goes (structure; profiles in `benches/profiles/`): on this
+machine a thread wakeup costs more than a publish (the kernel request/reply
+row is one cross-thread round trip per message), so the paths are measured
+by the hops they make. A Redis publish runs in the caller's task on a
+connection of the caller's thread, with no hop; the remaining cost against
+raw is delivery, read on the bridge's thread and handed to the subscriber's
+(one `try_tell` per subscriber, of one shared decoded message). A Kafka
+record reaches its subscriber with an `ask` (one cross-thread round trip);
+records of different keys are in flight together, so the round trips
+overlap, and acknowledgements fold into one stored offset per partition.
 ";
 
 const SESSION_NOTES: &str = "\
