@@ -8,34 +8,70 @@
 //! stored offset per partition: the offset below the partition's lowest
 //! record not yet acknowledged, which auto-commit sends to the broker
 //! (at-least-once: a restart delivers again what was acknowledged above
-//! it, never skips what was not). This module does not interpret payloads.
+//! it, never skips what was not). When the group takes a partition away,
+//! what the consumer holds of it is forgotten (records not yet started are
+//! not delivered, late acknowledgements store nothing): its next owner
+//! starts from the committed offset. This module does not interpret
+//! payloads.
 
 use std::collections::hash_map::Entry;
 use std::collections::{HashMap, VecDeque};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use futures::future::LocalBoxFuture;
 use futures::stream::{FuturesUnordered, StreamExt};
-use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{BorrowedMessage, Headers};
-use rdkafka::Message as _;
+use rdkafka::{ClientContext, Message as _};
 use tokio::sync::oneshot;
 
 use super::KafkaRecord;
 use crate::bus::{Backoff, Bus, BusErrorKind};
 use crate::envelope::Envelope;
-use crate::kernel::{AskError, Link};
+use crate::kernel::{lock, AskError, Link};
 use crate::telemetry::Metrics;
 
-/// Records read and not yet acknowledged, across all partitions and keys.
-/// Past it the consumer stops reading until acknowledgements catch up.
+/// Records read and not yet stored, across all partitions and keys: those
+/// waiting or in flight, and those acknowledged above a partition's lowest
+/// open record. Past it the consumer stops reading until that record is
+/// done, so one stuck record cannot make the window grow without bound.
 pub(super) const MAX_HELD: usize = 1024;
 /// How long a stopping consumer waits for the records already in flight.
 const STOP_DRAIN: Duration = Duration::from_secs(10);
 
 /// A topic partition.
 type PartitionKey = (String, i32);
+
+/// The consumer's client context: notes the partitions a rebalance takes
+/// away, for the consumer's task to forget (librdkafka calls it from the
+/// task's own poll).
+#[derive(Default)]
+pub(super) struct Revocations {
+    revoked: Mutex<Vec<PartitionKey>>,
+}
+
+impl Revocations {
+    fn take(&self) -> Vec<PartitionKey> {
+        std::mem::take(&mut *lock(&self.revoked))
+    }
+}
+
+impl ClientContext for Revocations {}
+
+impl ConsumerContext for Revocations {
+    fn pre_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Revoke(partitions) = rebalance {
+            let revoked =
+                partitions.elements().iter().map(|p| (p.topic().to_owned(), p.partition())).collect::<Vec<_>>();
+            lock(&self.revoked).extend(revoked);
+        }
+    }
+}
+
+/// The bridge's group consumer.
+pub(super) type GroupConsumer = StreamConsumer<Revocations>;
 
 /// The records that must keep their order: one key in one partition. The
 /// unkeyed records of a partition share one lane.
@@ -60,12 +96,14 @@ pub(super) struct Lanes {
     /// with whether it is done (acknowledged, or skipped as undecodable).
     windows: HashMap<PartitionKey, VecDeque<(i64, bool)>>,
     /// Per partition: the highest offset read. A fetch that starts lower
-    /// again (a rebalance that gave the partition back) brings records
-    /// this consumer already holds or handed over; they are not taken twice.
+    /// again while the partition's window holds records (a rebalance that
+    /// gave the partition back) brings records this consumer holds or
+    /// handed over; they are not taken twice. With nothing held, a lower
+    /// offset is taken as a rewind (a topic made anew).
     read: HashMap<PartitionKey, i64>,
     /// Per lane with a record in flight: the records waiting behind it.
     lanes: HashMap<Lane, VecDeque<KafkaRecord>>,
-    /// Records read and not yet done.
+    /// Records in the windows: read and not yet stored.
     held: usize,
 }
 
@@ -83,7 +121,7 @@ pub(super) enum Taken {
 }
 
 impl Lanes {
-    /// Records read and not yet done.
+    /// Records read and not yet stored.
     pub(super) fn held(&self) -> usize {
         self.held
     }
@@ -112,7 +150,6 @@ impl Lanes {
         if !self.read_next(topic, partition, offset, true) {
             return None;
         }
-        self.held -= 1;
         self.advance(&(topic.to_owned(), partition))
     }
 
@@ -123,10 +160,7 @@ impl Lanes {
         let partition = (lane.topic.clone(), lane.partition);
         if let Some(window) = self.windows.get_mut(&partition) {
             if let Ok(i) = window.binary_search_by_key(&offset, |(o, _)| *o) {
-                if !window[i].1 {
-                    window[i].1 = true;
-                    self.held -= 1;
-                }
+                window[i].1 = true;
             }
         }
         let store = self.advance(&partition);
@@ -141,14 +175,26 @@ impl Lanes {
     /// read before.
     fn read_next(&mut self, topic: &str, partition: i32, offset: i64, done: bool) -> bool {
         let key = (topic.to_owned(), partition);
+        let holding = self.windows.get(&key).is_some_and(|w| !w.is_empty());
         let read = self.read.entry(key.clone()).or_insert(i64::MIN);
-        if offset <= *read {
+        if offset <= *read && holding {
             return false;
         }
         *read = offset;
         self.windows.entry(key).or_default().push_back((offset, done));
         self.held += 1;
         true
+    }
+
+    /// Forgets what is held of a partition the group took away: its window,
+    /// its highest offset read and its records not yet started. Records in
+    /// flight finish, but their acknowledgements store nothing.
+    pub(super) fn forget(&mut self, partition: &PartitionKey) {
+        if let Some(window) = self.windows.remove(partition) {
+            self.held -= window.len();
+        }
+        self.read.remove(partition);
+        self.lanes.retain(|lane, _| (lane.topic.as_str(), lane.partition) != (partition.0.as_str(), partition.1));
     }
 
     /// Drops the done prefix of a partition's window; the last offset in
@@ -158,6 +204,7 @@ impl Lanes {
         let mut last = None;
         while let Some(&(offset, true)) = window.front() {
             window.pop_front();
+            self.held -= 1;
             last = Some(offset);
         }
         if window.is_empty() {
@@ -171,7 +218,7 @@ impl Lanes {
 type Delivery = LocalBoxFuture<'static, (Lane, i64, bool)>;
 
 struct Deliveries<'c> {
-    consumer: &'c StreamConsumer,
+    consumer: &'c GroupConsumer,
     subscriber: Link<KafkaRecord>,
     metrics: Metrics,
     lanes: Lanes,
@@ -232,7 +279,7 @@ impl Deliveries<'_> {
 }
 
 pub(super) async fn run_consumer(
-    consumer: StreamConsumer,
+    consumer: GroupConsumer,
     subscriber: Link<KafkaRecord>,
     mut stop: oneshot::Receiver<()>,
     metrics: Metrics,
@@ -255,7 +302,12 @@ pub(super) async fn run_consumer(
                 d.finished(lane, offset, false);
             }
             received = consumer.recv(), if d.lanes.held() < MAX_HELD => match received {
-                Ok(msg) => d.read(&msg),
+                Ok(msg) => {
+                    for partition in consumer.context().take() {
+                        d.lanes.forget(&partition);
+                    }
+                    d.read(&msg);
+                }
                 Err(error) => {
                     metrics.bus_error(Bus::Kafka, BusErrorKind::Consume, &error);
                     actix::clock::sleep(Duration::from_millis(200)).await;
@@ -377,10 +429,28 @@ mod tests {
         let lane = |k: &str| Lane::of(&record(0, 0, k));
         assert_eq!(lanes.acked(&lane("d"), 3).0, None);
         assert_eq!(lanes.acked(&lane("b"), 1).0, None);
+        assert_eq!(lanes.held(), 4, "acknowledged above an open record still counts against the bound");
         assert_eq!(lanes.acked(&lane("a"), 0).0, Some(1), "2 is still open");
         assert_eq!(lanes.acked(&lane("c"), 2).0, Some(3));
         assert_eq!(lanes.held(), 0);
         assert!(lanes.windows.is_empty() && lanes.lanes.is_empty(), "nothing is kept once done");
+    }
+
+    #[test]
+    fn a_partition_taken_away_is_forgotten_and_its_late_acknowledgements_store_nothing() {
+        let mut lanes = Lanes::default();
+        delivered(lanes.push(record(0, 10, "a")));
+        assert!(matches!(lanes.push(record(0, 11, "a")), Taken::Queued));
+        delivered(lanes.push(record(1, 3, "a")));
+        lanes.forget(&("t".to_owned(), 0));
+        assert_eq!(lanes.held(), 1, "only partition 1's record is held");
+        let (stored, next) = lanes.acked(&Lane::of(&record(0, 0, "a")), 10);
+        assert_eq!((stored, next.map(|r| r.offset)), (None, None), "nothing stored, the queued record is not started");
+        assert_eq!(
+            delivered(lanes.push(record(0, 10, "a"))),
+            10,
+            "given back, it is read from the committed offset again"
+        );
     }
 
     #[test]
@@ -390,9 +460,11 @@ mod tests {
         assert_eq!(lanes.skip("t", 0, 6), None, "5 is still open");
         assert!(matches!(lanes.push(record(0, 5, "a")), Taken::Repeated));
         assert_eq!(lanes.skip("t", 0, 6), None, "a repeated garbage record is not counted again");
-        assert_eq!(lanes.held(), 1);
+        assert_eq!(lanes.held(), 2);
         assert_eq!(lanes.acked(&Lane::of(&record(0, 0, "a")), 5).0, Some(6), "the skipped record is done too");
         assert_eq!(lanes.skip("t", 0, 7), Some(7));
         assert_eq!(lanes.held(), 0);
+        // Nothing held: a lower offset is a rewind (the topic was made anew), not a repeat.
+        assert_eq!(delivered(lanes.push(record(0, 0, "a"))), 0);
     }
 }

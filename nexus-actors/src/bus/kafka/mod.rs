@@ -25,7 +25,7 @@ use std::time::Duration;
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
-use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::consumer::Consumer;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -364,7 +364,7 @@ impl Handler<Tap> for KafkaBridge {
 
 impl Handler<Consume> for KafkaBridge {
     fn handle(&mut self, msg: Consume, _ctx: &mut Ctx<Self>) -> Reply<Result<ConsumerId, KafkaError>> {
-        let consumer: StreamConsumer = match self
+        let consumer: consumer::GroupConsumer = match self
             .config
             .client()
             .set("group.id", &msg.group)
@@ -376,7 +376,7 @@ impl Handler<Consume> for KafkaBridge {
             // A broker may hold a fetch for the whole wait even when records
             // are there (tansu does): a short wait keeps delivery latency low.
             .set("fetch.wait.max.ms", FETCH_WAIT_MS)
-            .create()
+            .create_with_context(consumer::Revocations::default())
         {
             Ok(c) => c,
             Err(e) => return Reply::Now(Err(e)),
