@@ -99,26 +99,23 @@ impl Publisher {
         self.shared.up.store(up, Ordering::SeqCst);
     }
 
-    /// This thread's connection for this publisher, made on first use (its
-    /// driver task then runs on this thread's runtime).
-    async fn connection(&self) -> redis::RedisResult<ConnectionManager> {
-        let mine = |(owner, conn): &(Weak<Shared>, ConnectionManager)| {
-            std::ptr::eq(owner.as_ptr(), Arc::as_ptr(&self.shared)).then(|| conn.clone())
-        };
-        if let Some(conn) = CONNECTIONS.with(|c| c.borrow().iter().find_map(mine)) {
-            return Ok(conn);
-        }
-        let conn = self.shared.client.get_connection_manager().await?;
-        Ok(CONNECTIONS.with(|c| {
+    /// This thread's connection for this publisher, made on first use
+    /// without waiting (it connects with its first command, and its driver
+    /// task runs on this thread's runtime): publishes that start together
+    /// share it instead of each opening one, and keep their order.
+    fn connection(&self) -> redis::RedisResult<ConnectionManager> {
+        CONNECTIONS.with(|c| {
             let mut c = c.borrow_mut();
-            // Another publish of this thread may have connected meanwhile.
-            if let Some(existing) = c.iter().find_map(mine) {
-                return existing;
+            let mine = c.iter().find(|(owner, _)| std::ptr::eq(owner.as_ptr(), Arc::as_ptr(&self.shared)));
+            if let Some((_, conn)) = mine {
+                return Ok(conn.clone());
             }
+            let config = redis::aio::ConnectionManagerConfig::new();
+            let conn = ConnectionManager::new_lazy_with_config(self.shared.client.clone(), config)?;
             c.retain(|(owner, _)| owner.strong_count() > 0);
             c.push((Arc::downgrade(&self.shared), conn.clone()));
-            conn
-        }))
+            Ok(conn)
+        })
     }
 
     /// Publishes `envelope` on `channel`; the number of Redis clients that
@@ -136,7 +133,7 @@ impl Publisher {
             return Err(PublishError::Busy(envelope));
         }
         let _in_flight = InFlight(&shared.in_flight);
-        let mut conn = match self.connection().await {
+        let mut conn = match self.connection() {
             Ok(conn) => conn,
             Err(source) => {
                 shared.metrics.bus_error(Bus::Redis, BusErrorKind::Publish, &source);
@@ -146,8 +143,9 @@ impl Publisher {
         let cmd = redis::cmd("PUBLISH").arg(&channel).arg(envelope.encode()).clone();
         let mut result: redis::RedisResult<u64> = cmd.query_async(&mut conn).await;
         // The connection manager reports a connection that died since the
-        // last command once, then reconnects: one retry covers it.
-        if result.as_ref().is_err_and(|e| e.is_io_error() || e.is_connection_dropped()) {
+        // last command once, then reconnects: one retry covers it. Not after
+        // a timeout: that publish may have gone out, and would go twice.
+        if result.as_ref().is_err_and(|e| (e.is_io_error() || e.is_connection_dropped()) && !e.is_timeout()) {
             result = cmd.query_async(&mut conn).await;
         }
         match result {
