@@ -8,15 +8,19 @@
 //! idempotent producer keeps their order per partition. A produce that
 //! fails (the broker is away for longer than the produce timeout) is tried
 //! again, with backoff, until the broker takes it: a broker restart delays
-//! records, it does not lose them. Only when the queue is full are new
-//! records dropped, counted in `nexus_tool_records_dropped_total` (none is
-//! expected: the queue holds minutes of calls). This module does not build
-//! the records.
+//! records, it does not lose them. A record the broker can never take (too
+//! large, refused as invalid or unauthorised) is dropped at once, so it
+//! cannot hold up the records behind it; so are new records when the queue
+//! is full. Both are counted in `nexus_tool_records_dropped_total` (none is
+//! expected: the queue holds minutes of calls). Order per context holds
+//! unless a produce fails: its retry may land after later records. This
+//! module does not build the records.
 
 use std::time::Duration;
 
 use futures::future::LocalBoxFuture;
 use futures::stream::{FuturesOrdered, StreamExt};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use tokio::sync::mpsc;
 
 use crate::bus::kafka::{Produce, SEMANTIC_EVENTS};
@@ -97,6 +101,12 @@ fn produce_until_taken(
             let produce = Produce { topic: SEMANTIC_EVENTS.to_owned(), key: key.clone(), envelope: envelope.clone() };
             match kafka.ask(produce).await {
                 Ok(Ok(_)) => return true,
+                Ok(Err(error)) if never_taken(&error.source) => {
+                    metrics.bus_error(Bus::Kafka, BusErrorKind::ToolRecord, &error);
+                    metrics.tool_records_dropped.inc();
+                    tracing::warn!(reason = %error.source, "nexus_tool_records_dropped_total");
+                    return true;
+                }
                 Ok(Err(error)) => metrics.bus_error(Bus::Kafka, BusErrorKind::ToolRecord, &error),
                 Err(AskError::Panicked(panicked)) => metrics.bus_error(Bus::Kafka, BusErrorKind::ToolRecord, &panicked),
                 Err(AskError::Closed(_) | AskError::Dropped) => return false,
@@ -104,4 +114,22 @@ fn produce_until_taken(
             actix::clock::sleep(backoff.next_delay().max(Duration::from_millis(100))).await;
         }
     }
+}
+
+/// Whether the broker (or the producer) will refuse the record however
+/// often it is sent.
+fn never_taken(error: &KafkaError) -> bool {
+    use RDKafkaErrorCode::*;
+    matches!(
+        error.rdkafka_error_code(),
+        Some(
+            MessageSizeTooLarge
+                | InvalidMessageSize
+                | InvalidMessage
+                | InvalidRecord
+                | InvalidTopic
+                | TopicAuthorizationFailed
+                | ClusterAuthorizationFailed
+        )
+    )
 }
