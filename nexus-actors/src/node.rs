@@ -349,8 +349,10 @@ impl RunningNode {
         served
     }
 
-    /// Stops serving (letting requests in flight finish) and cleans up.
+    /// Stops serving (letting requests in flight finish, closing
+    /// WebSocket sessions with 1012 at once) and cleans up.
     pub async fn stop(mut self) -> Result<(), NodeError> {
+        self.drain.start();
         self.server.stop(true).await;
         let served = (&mut self.served).await;
         let served = self.served_result(served);

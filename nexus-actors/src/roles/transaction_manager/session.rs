@@ -189,10 +189,14 @@ impl Session {
 
     /// Queues a frame already serialised (perhaps shared with other sessions).
     fn send_encoded(&mut self, frame: ByteString, ctx: &mut Ctx<Self>) {
-        if self.out.try_send(frame).is_err() && self.shutdown.borrow().is_none() {
-            self.too_slow.inc();
-            tracing::warn!(user = %self.user, "nexus_sessions_too_slow_total: outbound queue full; disconnecting");
-            self.leave(Closing::TOO_SLOW, ctx);
+        // A closed queue is a writer that let go (the node drains, the
+        // client left): the reader tells the session; nothing to count.
+        if let Err(mpsc::error::TrySendError::Full(_)) = self.out.try_send(frame) {
+            if self.shutdown.borrow().is_none() {
+                self.too_slow.inc();
+                tracing::warn!(user = %self.user, "nexus_sessions_too_slow_total: outbound queue full; disconnecting");
+                self.leave(Closing::TOO_SLOW, ctx);
+            }
         }
     }
 
