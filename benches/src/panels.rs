@@ -90,8 +90,9 @@ pub(crate) const OVERHEAD_NOTES: &str = "\
 Each row group is one load, sent by `wrk` (one thread, keep-alive
 connections, fixed duration) to the same upstream three ways, one after the
 other in the same run: **direct** to the upstream, through the **Nexus
-gateway** (`traffic_gateway::start` in the harness process, its own tokio
-runtime with 2 threads; the route is a `PanelRoute` with one endpoint in the
+gateway** (`traffic_gateway::start` in the harness process: 2 threads, each
+a current-thread tokio runtime with its own `SO_REUSEPORT` listener and its
+own pool of upstream connections; the route is a `PanelRoute` with one endpoint in the
 private redis-server's `nexus:routes`, the panel a private App whose
 owner's `nexus_panel` cookie wrk sends on every request, so the gateway
 checks a token and the owner on each; the other paths get the same header
