@@ -609,8 +609,11 @@ async fn panel_manager(
 }
 
 async fn traffic_gateway(kernel: &Kernel, config: &NodeConfig, keys: KeyRing) -> Result<Gateway, NodeError> {
-    let gateway =
-        gateway_role::start(kernel, GatewayConfig::new(config.gateway, config.redis_url.clone(), keys)).await?;
+    let gateway_config = GatewayConfig {
+        drain_timeout: config.drain_timeout,
+        ..GatewayConfig::new(config.gateway, config.redis_url.clone(), keys)
+    };
+    let gateway = gateway_role::start(kernel, gateway_config).await?;
     tracing::info!(gateway = %gateway.local_addr(), "traffic gateway listening: /p/<panel-id>/");
     Ok(gateway)
 }

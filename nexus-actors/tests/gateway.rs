@@ -571,3 +571,31 @@ async fn heartbeats_carry_the_instances_watchdog_token_to_a_real_watchdog() {
     assert_eq!(r.status(), 200);
     assert_eq!(r.json::<Value>().await.unwrap()[TOKEN_HEADER], Value::Null);
 }
+
+#[actix_rt::test]
+async fn a_stopping_gateway_finishes_the_request_in_flight_and_takes_no_new_one() {
+    let env = Env::start("drain", |_| {}).await;
+    let upstream = Upstream::default();
+    let (addr, _server) = upstream.serve();
+    let id = env.panel(PanelMode::Studio, false).await;
+    env.put_route(&route(&id, InstanceMode::Studio, &[&addr], false)).await;
+    let gateway_addr = env.gateway.local_addr();
+    // An idle keep-alive connection must not hold the stop up.
+    let idle = env.owner.get(env.url("/healthz")).send().await.unwrap();
+    assert_eq!(idle.status(), 200);
+    let in_flight = {
+        let (owner, url) = (env.owner.clone(), env.url(&format!("/p/{id}/slow")));
+        actix_rt::spawn(async move { owner.get(url).send().await })
+    };
+    actix::clock::sleep(Duration::from_millis(500)).await;
+    let Env { gateway, .. } = env;
+    let started = std::time::Instant::now();
+    let stopped = actix_rt::spawn(gateway.stop());
+    actix::clock::sleep(Duration::from_millis(300)).await;
+    assert!(std::net::TcpStream::connect(gateway_addr).is_err(), "a stopping gateway takes no new connection");
+    let answer = in_flight.await.unwrap().expect("the request in flight is answered");
+    assert_eq!(answer.status(), 200);
+    assert_eq!(answer.text().await.unwrap(), "finally");
+    stopped.await.unwrap();
+    assert!(started.elapsed() < Duration::from_secs(20), "the stop ends once the request is done");
+}

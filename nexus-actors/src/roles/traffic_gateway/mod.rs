@@ -73,6 +73,8 @@ pub struct GatewayConfig {
     pub retry_after: Duration,
     /// Threads of the proxy, each with its own runtime and listener.
     pub threads: usize,
+    /// How long a stopping gateway lets the requests in flight finish.
+    pub drain_timeout: Duration,
 }
 
 impl GatewayConfig {
@@ -90,6 +92,7 @@ impl GatewayConfig {
             upstream_timeout: Duration::from_secs(60),
             retry_after: Duration::from_secs(5),
             threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
+            drain_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -147,8 +150,9 @@ impl Gateway {
         &self.table
     }
 
-    /// Stops accepting, drops open connections and the route table, and
-    /// waits until the proxy's runtime is gone.
+    /// Stops accepting, lets the requests in flight finish (for up to the
+    /// drain timeout; idle connections close at once), drops the route
+    /// table, and waits until the proxy's threads are gone.
     pub async fn stop(mut self) {
         self.signal_stop();
         if let Some(stopped) = self.stopped.take() {
@@ -221,7 +225,10 @@ async fn prepare(
     Ok((redis, auth, PanelRecords::new(records)))
 }
 
-/// Accepts connections until `stop` turns true.
+/// Accepts connections until `stop` turns true; then asks each open
+/// connection to close after its request in flight and waits for them, for
+/// up to the drain timeout. (Upgraded connections, WebSockets, are tunnels
+/// of their own and end with the runtime.)
 async fn serve(listener: tokio::net::TcpListener, shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
     let mut http = hyper::server::conn::http1::Builder::new();
     // The buffer holds a request head; past it hyper answers a bare 431.
@@ -229,7 +236,10 @@ async fn serve(listener: tokio::net::TcpListener, shared: Arc<Shared>, mut stop:
     http.max_buf_size(shared.config.max_header_bytes.saturating_mul(2).max(8192))
         .timer(TokioTimer::new())
         .header_read_timeout(Duration::from_secs(30));
+    let mut connections = tokio::task::JoinSet::new();
     loop {
+        // Reap the connections that ended, so the set holds only open ones.
+        while connections.try_join_next().is_some() {}
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
@@ -240,7 +250,7 @@ async fn serve(listener: tokio::net::TcpListener, shared: Arc<Shared>, mut stop:
                     continue;
                 }
             },
-            _ = stop.wait_for(|stopped| *stopped) => return,
+            _ = stop.wait_for(|stopped| *stopped) => break,
         };
         let _ = stream.set_nodelay(true);
         let shared = shared.clone();
@@ -249,11 +259,29 @@ async fn serve(listener: tokio::net::TcpListener, shared: Arc<Shared>, mut stop:
             async move { Ok::<_, std::convert::Infallible>(handle(shared, req, peer).await) }
         });
         let connection = http.serve_connection(TokioIo::new(stream), service).with_upgrades();
-        tokio::spawn(async move {
-            if let Err(error) = connection.await {
+        let mut stopping = stop.clone();
+        connections.spawn(async move {
+            let mut connection = std::pin::pin!(connection);
+            let ended = tokio::select! {
+                ended = connection.as_mut() => Some(ended),
+                _ = stopping.wait_for(|stopped| *stopped) => None,
+            };
+            let ended = match ended {
+                Some(ended) => ended,
+                None => {
+                    connection.as_mut().graceful_shutdown();
+                    connection.await
+                }
+            };
+            if let Err(error) = ended {
                 tracing::debug!(%peer, %error, "gateway connection ended with an error");
             }
         });
+    }
+    drop(listener);
+    let drained = async { while connections.join_next().await.is_some() {} };
+    if tokio::time::timeout(shared.config.drain_timeout, drained).await.is_err() {
+        tracing::warn!(left = connections.len(), "gateway stopping with requests still in flight");
     }
 }
 
