@@ -131,7 +131,7 @@ type Subscriptions = Arc<Mutex<Table>>;
 pub struct RedisBus {
     /// The bridge: send it [`Subscribe`] and [`Unsubscribe`].
     pub bridge: ActorRef<RedisBridge>,
-    /// Publishes on the bridge's connection; clone it for every publisher.
+    /// Publishes while the bridge says the bus is up; clone it for every publisher.
     pub publisher: Publisher,
 }
 

@@ -58,7 +58,8 @@ impl PublishError {
 }
 
 /// The handle every publisher on a node shares with its Redis bridge.
-/// Cheap to clone; all clones share one connection and one bound.
+/// Cheap to clone; all clones share the bridge's word on the bus, one
+/// in-flight bound, and one connection per thread.
 #[derive(Clone)]
 pub struct Publisher {
     shared: Arc<Shared>,
@@ -140,7 +141,8 @@ impl Publisher {
                 return Err(PublishError::Redis { envelope, source });
             }
         };
-        let cmd = redis::cmd("PUBLISH").arg(&channel).arg(envelope.encode()).clone();
+        let mut cmd = redis::cmd("PUBLISH");
+        cmd.arg(&channel).arg(envelope.encode());
         let mut result: redis::RedisResult<u64> = cmd.query_async(&mut conn).await;
         // The connection manager reports a connection that died since the
         // last command once, then reconnects: one retry covers it. Not after
