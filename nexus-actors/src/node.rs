@@ -297,10 +297,7 @@ impl RunningNode {
     /// server stops by itself, then cleans up.
     pub async fn wait(mut self) -> Result<(), NodeError> {
         tokio::select! {
-            served = &mut self.served => {
-                let served = self.served_result(served);
-                self.finish(served).await
-            }
+            served = &mut self.served => self.finish(served).await,
             () = shutdown_signal() => self.drain().await,
         }
     }
@@ -320,22 +317,32 @@ impl RunningNode {
             llm.stop().await;
         }
         tokio::time::sleep(DRAIN_NOTICE.min(self.drain_timeout)).await;
+        self.stop_serving().await
+    }
+
+    /// Stops serving (letting requests in flight finish, closing
+    /// WebSocket sessions with 1012 at once) and cleans up.
+    pub async fn stop(self) -> Result<(), NodeError> {
+        self.drain.start();
+        self.stop_serving().await
+    }
+
+    /// Stops the HTTP server, letting the requests in flight finish, then
+    /// what runs beside it.
+    async fn stop_serving(mut self) -> Result<(), NodeError> {
         self.server.stop(true).await;
         let served = (&mut self.served).await;
-        let served = self.served_result(served);
         self.finish(served).await
     }
 
-    fn served_result(&self, served: Result<std::io::Result<()>, actix_rt::task::JoinError>) -> Result<(), NodeError> {
+    /// Stops what runs beside the HTTP server, once it has stopped with
+    /// `served`.
+    async fn finish(self, served: Result<std::io::Result<()>, actix_rt::task::JoinError>) -> Result<(), NodeError> {
         let addr = self.http;
-        match served {
+        let served = match served {
             Ok(result) => result.map_err(|source| NodeError::Http { addr, source }),
             Err(join) => Err(NodeError::Http { addr, source: std::io::Error::other(join.to_string()) }),
-        }
-    }
-
-    /// Stops what runs beside the HTTP server, once it has stopped.
-    async fn finish(self, served: Result<(), NodeError>) -> Result<(), NodeError> {
+        };
         if let Some(handle) = self.panels {
             handle.stop_all(Duration::from_secs(5)).await;
         }
@@ -347,16 +354,6 @@ impl RunningNode {
         }
         self.lease.release().await;
         served
-    }
-
-    /// Stops serving (letting requests in flight finish, closing
-    /// WebSocket sessions with 1012 at once) and cleans up.
-    pub async fn stop(mut self) -> Result<(), NodeError> {
-        self.drain.start();
-        self.server.stop(true).await;
-        let served = (&mut self.served).await;
-        let served = self.served_result(served);
-        self.finish(served).await
     }
 }
 
