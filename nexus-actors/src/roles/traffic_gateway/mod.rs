@@ -4,7 +4,8 @@
 //! caller's arbiter) keeps the route snapshot in step with Redis; the
 //! proxy serves HTTP on threads of its own, one runtime and one listener
 //! per core (`workers`), so that proxying uses every core, never hands a
-//! request between threads and never waits behind actor mailboxes. [`handle`] sends each request to its part: `/p/<id>/…` to
+//! request between threads and never waits behind actor mailboxes.
+//! [`handle`] sends each request to its part: `/p/<id>/…` to
 //! the proxy (`proxy`), which asks `access` who may open the panel and
 //! `paths` whether the path is the panel's own, `/heartbeat/<id>` to
 //! `heartbeat`. The `activator` holds requests for Apps scaled to zero;
@@ -192,17 +193,17 @@ pub async fn start(kernel: &Kernel, config: GatewayConfig) -> Result<Gateway, Ga
     let (ready, ready_rx) = oneshot::channel();
     let (stopped_tx, stopped) = oneshot::channel();
     let node = kernel.node().to_owned();
-    let parts = (routes.clone(), metrics, config.clone(), client);
-    let prepare = move |handle| async move {
-        let (routes, metrics, config, client) = parts;
-        let (redis, auth, records) = prepare(&client, &config).await?;
-        let activator = Activator::new(config.queue_per_panel, routes.clone(), redis.clone(), node, metrics.clone());
+    let (shared_routes, shared_config) = (routes.clone(), config.clone());
+    let make_shared = move |handle| async move {
+        let (redis, auth, records) = prepare(&client, &shared_config).await?;
+        let activator =
+            Activator::new(shared_config.queue_per_panel, shared_routes.clone(), redis.clone(), node, metrics.clone());
         let traffic = Traffic::new(redis, handle, metrics.clone());
         let gatekeeper = Gatekeeper::new(auth.clone(), records);
-        Ok(Arc::new(Shared::new(routes, activator, traffic, gatekeeper, auth, metrics, config)))
+        Ok(Arc::new(Shared::new(shared_routes, activator, traffic, gatekeeper, auth, metrics, shared_config)))
     };
     let serve = move |listener, shared| serve(listener, shared, stop_rx.clone());
-    workers::spawn(listeners, prepare, serve, ready, stopped_tx)?;
+    workers::spawn(listeners, make_shared, serve, ready, stopped_tx)?;
     match ready_rx.await {
         Ok(Ok(())) => {}
         Ok(Err(error)) => return Err(error),
