@@ -226,10 +226,10 @@ struct Deliveries<'c> {
 }
 
 impl Deliveries<'_> {
-    fn start(&mut self, record: KafkaRecord) {
+    fn start(&mut self, lane: Lane, record: KafkaRecord) {
         let (subscriber, metrics) = (self.subscriber.clone(), self.metrics.clone());
         self.in_flight.push(Box::pin(async move {
-            let (lane, offset) = (Lane::of(&record), record.offset);
+            let offset = record.offset;
             let acked = deliver_until_acked(&subscriber, record, &metrics).await;
             (lane, offset, acked)
         }));
@@ -239,7 +239,7 @@ impl Deliveries<'_> {
         self.metrics.bus_received.with_label_values(&[Bus::Kafka.as_str(), msg.topic()]).inc();
         match to_record(msg) {
             Ok(record) => match self.lanes.push(record) {
-                Taken::Deliver(record) => self.start(record),
+                Taken::Deliver(record) => self.start(Lane::of(&record), record),
                 Taken::Queued => {}
                 Taken::Repeated => {
                     tracing::debug!(
@@ -265,7 +265,7 @@ impl Deliveries<'_> {
         let (stored, next) = self.lanes.acked(&lane, offset);
         self.store(&lane.topic, lane.partition, stored);
         if let (Some(next), false) = (next, draining) {
-            self.start(next);
+            self.start(lane, next);
         }
     }
 
