@@ -10,7 +10,6 @@
 //! Also the request span every route runs in, and a bounded body reader.
 //! Roles add their own routes elsewhere.
 
-use crate::platform::drain::Drain;
 use std::time::Duration;
 
 use actix_web::dev::{Service, ServiceRequest, ServiceResponse};
@@ -19,6 +18,7 @@ use futures::StreamExt;
 use tracing::Instrument;
 
 use super::auth::Admin;
+use super::drain::Drain;
 use super::error::ApiError;
 use super::store::Redis;
 use crate::bus::kafka::KafkaProbe;

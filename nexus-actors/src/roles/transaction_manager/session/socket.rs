@@ -8,9 +8,8 @@ use std::collections::HashMap;
 
 use actix_web::{web, HttpRequest, HttpResponse};
 use actix_ws::{CloseCode, CloseReason, Message as WsMessage};
-use tokio::sync::{mpsc, watch};
-
 use bytestring::ByteString;
+use tokio::sync::{mpsc, watch};
 
 use super::frames::ChangeFrames;
 use super::{BridgeLinks, ClientText, Disconnected, Session};
