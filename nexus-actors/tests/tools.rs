@@ -20,7 +20,7 @@ use nexus_actors::platform::{Panel, PanelMode, PanelRecords};
 use nexus_actors::sidecar::{self, SidecarConfig, SidecarError};
 use nexus_actors::telemetry::Metrics;
 use nexus_actors::tools::protocol::Outcome;
-use nexus_actors::tools::protocol::{ToolCall, ToolError};
+use nexus_actors::tools::protocol::{ToolCall, ToolError, ToolRequest};
 use nexus_actors::tools::registry::{CallTool, ListTools, RegisterTool, RegistryDeps};
 use nexus_actors::tools::store::{Claim, ToolStore};
 use nexus_actors::tools::system::SystemTool;
@@ -593,6 +593,60 @@ async fn an_idempotency_key_runs_once_and_is_released_after_a_passing_failure() 
     store.finish("p.t", "ada", "k", "c2", &Outcome::Result(json!(42)), true).await.unwrap();
     assert_eq!(claim("c3").await, Claim::Done(Outcome::Result(json!(42))));
     assert_eq!(claim("c2").await, Claim::SameCall);
+}
+
+/// Redis goes away while a call runs and comes back after it ended: the
+/// outcome is kept once Redis is back, so a retry with the same key gets it
+/// instead of finding the key taken until its claim runs out and then
+/// running the tool a second time.
+#[actix_rt::test]
+async fn an_outcome_reached_while_redis_is_away_is_kept_when_it_is_back() {
+    let brokers = nexus_testkit::Brokers::redis_persistent("tools-keep");
+    let url = brokers.redis_url();
+    let redis = Arc::new(Mutex::new(brokers.redis));
+    let store = ToolStore::connect(&url).await.unwrap();
+    let request = |call_id: &str| ToolRequest {
+        call_id: call_id.into(),
+        tool: "t".into(),
+        arguments: json!({}),
+        caller: "ada".into(),
+        deadline: chrono::Utc::now() + chrono::Duration::seconds(10),
+        idempotency_key: "k".into(),
+        keep_result: true,
+        reply_to: "nowhere".into(),
+    };
+    let runs = AtomicUsize::new(0);
+    let work = || async {
+        runs.fetch_add(1, Ordering::SeqCst);
+        let redis = redis.clone();
+        redis.lock().unwrap().kill();
+        // Restarted from this thread: a child started by a thread that
+        // ends is killed with it (PR_SET_PDEATHSIG).
+        actix::spawn(async move {
+            actix::clock::sleep(Duration::from_millis(500)).await;
+            redis.lock().unwrap().restart().unwrap();
+        });
+        Ok(json!(7))
+    };
+    let first = Arc::new(Mutex::new(None));
+    let answered = first.clone();
+    store
+        .run_once("p.t", &request("c1"), work(), |result| async move {
+            *answered.lock().unwrap() = Some(result);
+        })
+        .await;
+    assert_eq!(first.lock().unwrap().take().unwrap().unwrap(), json!(7));
+
+    let second = Arc::new(Mutex::new(None));
+    let answered = second.clone();
+    store
+        .run_once("p.t", &request("c2"), work(), |result| async move {
+            *answered.lock().unwrap() = Some(result);
+        })
+        .await;
+    let retry = second.lock().unwrap().take().unwrap();
+    assert_eq!(retry.unwrap(), json!(7), "the retry gets the first outcome");
+    assert_eq!(runs.load(Ordering::SeqCst), 1, "the tool ran once");
 }
 
 #[actix_rt::test]

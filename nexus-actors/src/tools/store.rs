@@ -36,6 +36,10 @@ pub const RESULT_TTL: Duration = Duration::from_secs(600);
 /// How long a claim outlives its call's deadline, so a claimant that died
 /// mid-call frees the key soon after.
 const CLAIM_SLACK: Duration = Duration::from_secs(5);
+/// The first and the longest pause between tries to keep an outcome
+/// while Redis is away: short, since callers are retrying meanwhile.
+const KEEP_RETRY_FIRST: Duration = Duration::from_millis(50);
+const KEEP_RETRY_MAX: Duration = Duration::from_millis(500);
 
 fn panel_key(panel: &str) -> String {
     format!("nexus:tools:panel:{panel}")
@@ -321,6 +325,27 @@ impl ToolStore {
         Ok(())
     }
 
+    /// [`ToolStore::finish`] for `request`, tried again while Redis is
+    /// away for as long as the claim holds (`held_until`): a retry with the
+    /// same key must find this outcome, not a key that frees itself later
+    /// and lets the tool run a second time.
+    async fn keep(&self, tool: &str, request: &ToolRequest, outcome: &Outcome, held_until: tokio::time::Instant) {
+        let (caller, key, call_id) = (&request.caller, &request.idempotency_key, &request.call_id);
+        let mut delay = KEEP_RETRY_FIRST;
+        loop {
+            let Err(error) = self.finish(tool, caller, key, call_id, outcome, request.keep_result).await else {
+                return;
+            };
+            if tokio::time::Instant::now() + delay >= held_until {
+                tracing::warn!(%error, tool, "could not keep a tool call's outcome before its claim ran out");
+                return;
+            }
+            tracing::info!(%error, tool, "could not keep a tool call's outcome yet; trying again");
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(KEEP_RETRY_MAX);
+        }
+    }
+
     /// Runs `work` for `request` (to tool `tool`, by its full name) unless
     /// a call with the same idempotency key ran or runs, and hands the
     /// answer to `answer`: the result, that earlier call's outcome, or
@@ -338,12 +363,9 @@ impl ToolStore {
         let (caller, key, call_id) = (&request.caller, &request.idempotency_key, &request.call_id);
         let result = match self.claim(tool, caller, key, call_id, hold).await {
             Ok(Claim::Won) => {
+                let held_until = tokio::time::Instant::now() + hold;
                 let outcome = Outcome::from(work.await);
-                let keep = async {
-                    if let Err(error) = self.finish(tool, caller, key, call_id, &outcome, request.keep_result).await {
-                        tracing::warn!(%error, tool, "could not keep a tool call's outcome");
-                    }
-                };
+                let keep = self.keep(tool, request, &outcome, held_until);
                 futures::join!(keep, answer(outcome.clone().into()));
                 return;
             }
