@@ -68,6 +68,10 @@ impl KafkaConfig {
     pub fn client(&self) -> ClientConfig {
         let mut c = ClientConfig::new();
         c.set("bootstrap.servers", &self.brokers).set("broker.address.family", "v4").set("log_level", "4");
+        // librdkafka waits up to 10 s between tries to reach a broker that
+        // went away; records and commands would wait that long after it is
+        // back. A second at most.
+        c.set("reconnect.backoff.max.ms", "1000");
         c
     }
 
