@@ -37,6 +37,7 @@ struct Sizes {
     python_tools: u64,
 }
 
+mod chaos;
 mod deploy;
 mod llm;
 mod login;
@@ -46,6 +47,12 @@ mod tools;
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("chaos") {
+        if !chaos::run(&args[1..]) {
+            std::process::exit(1);
+        }
+        return;
+    }
     if args.first().map(String::as_str) == Some("serve-node") {
         return sessions::serve_node(&args[1..]);
     }
@@ -153,6 +160,13 @@ fn main() {
             llm::NOTES,
             llm::PEER_NOTES
         );
+        // The chaos section is written by `scripts/chaos`; a bench run keeps it.
+        let kept =
+            std::fs::read_to_string(&path).ok().and_then(|old| Some(old[old.find(chaos::HEADING)?..].to_owned()));
+        let doc = match kept {
+            Some(chaos) => format!("{}\n{chaos}", doc.trim_end()),
+            None => doc,
+        };
         std::fs::write(&path, doc).expect("write results");
         eprintln!("wrote {}", path.display());
     }

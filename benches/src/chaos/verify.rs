@@ -1,0 +1,221 @@
+//! The verdict of a chaos run, once the load has stopped: reads what the
+//! system kept (documents, the panel's run counts, `semantic.events`) and
+//! counts it against what the clients were told.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use nexus_actors::bus::kafka::SEMANTIC_EVENTS;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+use serde_json::Value;
+
+use super::load::{key, read, Answered, Caller, Follower, Shared, Writer};
+use super::panel::Runs;
+
+/// A record lost with a node killed with -9 is excused only when its call
+/// was answered this shortly before the kill.
+pub(super) const HELD_WINDOW_MS: u64 = 10_000;
+
+/// How long followers have to converge once the load stops.
+pub(super) const CONVERGE_WITHIN: Duration = Duration::from_secs(5);
+
+/// What the run counts; every field but the totals must be zero.
+#[derive(Debug, Default)]
+pub(super) struct Verdict {
+    pub(super) writes_acked: u64,
+    /// Acknowledged writes missing from their document.
+    pub(super) writes_lost: u64,
+    /// Versions a document moved by that no distinct write explains.
+    pub(super) writes_applied_twice: u64,
+    pub(super) calls_answered: u64,
+    /// Tool calls (one idempotency key each) whose tool ran more than once.
+    pub(super) calls_ran_twice: u64,
+    /// Answered calls the tool never ran, or whose answer was another call's.
+    pub(super) calls_wrong: u64,
+    /// Answered calls without their `nexus.tool.called` or `nexus.tool.finished` record.
+    pub(super) records_lost: u64,
+    /// Of those, calls answered by a node shortly ([`HELD_WINDOW_MS`]) before
+    /// it was killed with `kill -9`: records it held in memory, not yet
+    /// handed to Kafka (the recorder produces off the call's path).
+    pub(super) records_lost_with_killed_node: u64,
+    /// Calls with a record written more than once.
+    pub(super) records_twice: u64,
+    pub(super) followers: u64,
+    /// Followers not at their document's last version and state in time.
+    pub(super) followers_not_converged: u64,
+    /// Changes a follower got out of order (a gap or a repeat).
+    pub(super) follower_gaps: u64,
+}
+
+impl Verdict {
+    /// The counts that must be zero, named.
+    pub(super) fn failures(&self) -> Vec<(&'static str, u64)> {
+        [
+            ("acknowledged writes lost", self.writes_lost),
+            ("writes applied twice", self.writes_applied_twice),
+            ("tool calls that ran twice", self.calls_ran_twice),
+            ("tool calls answered wrongly", self.calls_wrong),
+            (
+                "tool call records lost (besides those a killed node held)",
+                self.records_lost - self.records_lost_with_killed_node,
+            ),
+            ("tool call records written twice", self.records_twice),
+            ("WebSocket followers that never converged", self.followers_not_converged),
+            ("changes out of order at a follower", self.follower_gaps),
+        ]
+        .into_iter()
+        .filter(|(_, n)| *n > 0)
+        .collect()
+    }
+}
+
+/// The documents against their writers' acknowledgements; then the
+/// followers against the documents.
+pub(super) async fn documents(
+    shared: &Shared,
+    writers: &[Arc<Writer>],
+    followers: &[(usize, Arc<Follower>)],
+    verdict: &mut Verdict,
+) {
+    let mut finals = Vec::new();
+    for writer in writers {
+        let (version, state) = read_anywhere(shared, &writer.doc).await;
+        let acked = writer.acked.lock().expect("acked").clone();
+        verdict.writes_acked += acked.len() as u64;
+        verdict.writes_lost += acked.iter().filter(|&&i| state.get(key(i)).is_none()).count() as u64;
+        let keys = state.as_object().map_or(0, |o| o.len()) as u64;
+        verdict.writes_applied_twice += (version - writer.initial_version).abs_diff(keys);
+        finals.push((version, state));
+    }
+    verdict.followers = followers.len() as u64;
+    let deadline = Instant::now() + CONVERGE_WITHIN;
+    let converged = |f: &Follower, (version, state): &(u64, Value)| {
+        let want: HashSet<&String> = state.as_object().map(|o| o.keys().collect()).unwrap_or_default();
+        f.version.load(Ordering::Relaxed) == *version
+            && f.keys.lock().expect("keys").iter().collect::<HashSet<_>>() == want
+    };
+    while Instant::now() < deadline && !followers.iter().all(|(doc, f)| converged(f, &finals[*doc])) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    verdict.followers_not_converged = followers.iter().filter(|(doc, f)| !converged(f, &finals[*doc])).count() as u64;
+    verdict.follower_gaps = followers.iter().map(|(_, f)| f.gaps.load(Ordering::Relaxed)).sum();
+}
+
+async fn read_anywhere(shared: &Shared, doc: &str) -> (u64, Value) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        for url in &shared.urls {
+            if let Some(read) = read(shared, url, doc).await {
+                return read;
+            }
+        }
+        assert!(Instant::now() < deadline, "document {doc} could not be read after the run");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// The panel's runs and the calls' records against the answers.
+pub(super) fn tool_calls(
+    callers: &[Arc<Caller>],
+    runs: &Runs,
+    brokers: &str,
+    kills: &[(usize, u64)],
+    verdict: &mut Verdict,
+) {
+    let answered: Vec<Answered> = callers.iter().flat_map(|c| c.answered.lock().expect("answered").clone()).collect();
+    verdict.calls_answered = answered.len() as u64;
+    verdict.calls_wrong = callers.iter().map(|c| c.wrong.load(Ordering::Relaxed)).sum();
+    let runs = runs.lock().expect("runs").clone();
+    let twice: Vec<&Answered> = answered.iter().filter(|a| runs.get(&a.n).is_some_and(|&r| r > 1)).collect();
+    verdict.calls_ran_twice = twice.len() as u64;
+    report("ran twice", &twice);
+    verdict.calls_wrong += answered.iter().filter(|a| !runs.contains_key(&a.n)).count() as u64;
+
+    // Records leave a node off the call's path: give its queue time to drain.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut records = tool_records(brokers);
+    let complete = |records: &HashMap<String, (u32, u32)>| {
+        answered.iter().all(|a| records.get(&a.call_id).is_some_and(|&(called, finished)| called > 0 && finished > 0))
+    };
+    while !complete(&records) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_secs(2));
+        records = tool_records(brokers);
+    }
+    let record_of = |a: &Answered| records.get(&a.call_id).copied().unwrap_or_default();
+    let lost: Vec<&Answered> = answered.iter().filter(|a| matches!(record_of(a), (0, _) | (_, 0))).collect();
+    let twice: Vec<&Answered> = answered.iter().filter(|a| record_of(a).0 > 1 || record_of(a).1 > 1).collect();
+    verdict.records_lost = lost.len() as u64;
+    let held = |a: &&&Answered| {
+        kills.iter().any(|&(node, at)| node == a.node && a.at_ms <= at && at - a.at_ms <= HELD_WINDOW_MS)
+    };
+    verdict.records_lost_with_killed_node = lost.iter().filter(held).count() as u64;
+    verdict.records_twice = twice.len() as u64;
+    report("lost a record", &lost);
+    report("recorded twice", &twice);
+}
+
+/// Says on stderr which calls went wrong and when they were answered, to
+/// match against the faults' times.
+fn report(what: &str, calls: &[&Answered]) {
+    for call in calls.iter().take(20) {
+        eprintln!(
+            "chaos: tool call n={} ({}), answered at {:.2} s: {what}",
+            call.n,
+            call.call_id,
+            call.at_ms as f64 / 1e3
+        );
+    }
+    if calls.len() > 20 {
+        eprintln!("chaos: ... and {} more calls that {what}", calls.len() - 20);
+    }
+}
+
+/// `(nexus.tool.called, nexus.tool.finished)` records on `semantic.events`, by call id.
+fn tool_records(brokers: &str) -> HashMap<String, (u32, u32)> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", "nexus-chaos-verdict")
+        .set("enable.auto.commit", "false")
+        .set("fetch.wait.max.ms", "5")
+        .create()
+        .expect("a Kafka consumer");
+    let timeout = Duration::from_secs(10);
+    let metadata = consumer.fetch_metadata(Some(SEMANTIC_EVENTS), timeout).expect("semantic.events metadata");
+    let partitions: Vec<i32> = metadata.topics().iter().flat_map(|t| t.partitions().iter().map(|p| p.id())).collect();
+    let mut records = HashMap::new();
+    for partition in partitions {
+        let (low, high) = consumer.fetch_watermarks(SEMANTIC_EVENTS, partition, timeout).expect("watermarks");
+        let mut assignment = TopicPartitionList::new();
+        assignment.add_partition_offset(SEMANTIC_EVENTS, partition, Offset::Offset(low)).expect("a partition");
+        consumer.assign(&assignment).expect("assigned");
+        let mut next = low;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while next < high {
+            assert!(Instant::now() < deadline, "semantic.events partition {partition} stalled at {next} of {high}");
+            let Some(message) = consumer.poll(Duration::from_secs(1)) else { continue };
+            let message = message.expect("a record");
+            // A broker may answer a fetch with a batch seen already.
+            if message.offset() < next {
+                continue;
+            }
+            next = message.offset() + 1;
+            let Ok(envelope) = serde_json::from_slice::<Value>(message.payload().unwrap_or_default()) else { continue };
+            let (id, slot) = match envelope["type"].as_str() {
+                Some("nexus.tool.called") => (&envelope["data"]["call"]["call_id"], 0),
+                Some("nexus.tool.finished") => (&envelope["data"]["call_id"], 1),
+                _ => continue,
+            };
+            let Some(id) = id.as_str() else { continue };
+            let entry: &mut (u32, u32) = records.entry(id.to_owned()).or_default();
+            if slot == 0 {
+                entry.0 += 1;
+            } else {
+                entry.1 += 1;
+            }
+        }
+    }
+    records
+}
