@@ -5,6 +5,8 @@
 use std::time::Duration;
 
 use nexus_actors::node::Role;
+use nexus_actors::platform::store::Redis;
+use nexus_actors::roles::llm_manager::lease::{self, Lease};
 use nexus_actors::roles::llm_manager::model::{EndpointConfig, ModelConfig};
 use nexus_testkit::scripted_model::{ModelCall, Reply, ScriptedModel};
 use nexus_testkit::{ApiClient, TestNode};
@@ -357,4 +359,33 @@ async fn garbage_on_the_command_topic_is_dead_lettered_and_never_blocks_a_partit
     // against a stopped broker waits for it).
     drop((dlq, producer));
     node.stop().await;
+}
+
+/// A node paused past its lease learns at its next renewal that the lease
+/// lapsed (and holds nothing until then), and a node started again under
+/// its name drops its dead predecessor's lease instead of waiting for it.
+#[actix_rt::test]
+async fn a_lapsed_lease_is_noticed_and_a_restarted_node_evicts_its_predecessor() {
+    let brokers = nexus_testkit::Brokers::redis("llm-lease");
+    let store = Redis::connect(&brokers.redis_url()).await.unwrap();
+    let first = Lease::new(store.clone(), "node-a");
+    let other = Lease::new(store.clone(), "node-b");
+    assert!(!first.held(), "not held before its first renewal");
+    let (_, lapsed) = first.renew().await.unwrap();
+    assert!(lapsed, "a first renewal comes after no lease");
+    other.renew().await.unwrap();
+    let (members, lapsed) = first.renew().await.unwrap();
+    assert!(first.held() && !lapsed);
+    assert_eq!(members.len(), 2);
+
+    actix_rt::time::sleep(lease::TTL - lease::RENEW + Duration::from_millis(100)).await;
+    assert!(!first.held(), "unrenewed for TTL - RENEW: no longer held");
+    let (_, lapsed) = first.renew().await.unwrap();
+    assert!(lapsed, "the renewal after the gap says the lease had lapsed");
+
+    // node-a killed and started again: a new member under the same name.
+    let again = Lease::new(store.clone(), "node-a");
+    again.evict_predecessors().await.unwrap();
+    let (members, _) = again.renew().await.unwrap();
+    assert_eq!(members, vec![again.member().to_owned(), other.member().to_owned()], "the old node-a is gone");
 }

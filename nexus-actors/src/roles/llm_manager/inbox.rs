@@ -259,8 +259,10 @@ async fn run(consumer: StreamConsumer, mut deps: InboxDeps, partitions: i32, mut
     let mut owned = Owned { partitions: HashMap::new(), generations: Arc::default() };
     let mut tap = deps.tap.take();
     let mut in_flight: FuturesUnordered<Delivery> = FuturesUnordered::new();
+    if let Err(error) = deps.lease.evict_predecessors().await {
+        tracing::warn!(%error, "llm manager: an earlier process's lease is left to lapse");
+    }
     let mut renew = tokio::time::interval(lease::RENEW);
-    let mut renewed = tokio::time::Instant::now();
     // The share last computed and for how many renewals in a row.
     let mut steady: (Vec<i32>, u32) = (Vec::new(), 0);
     loop {
@@ -268,13 +270,22 @@ async fn run(consumer: StreamConsumer, mut deps: InboxDeps, partitions: i32, mut
             _ = &mut stop => break,
             _ = renew.tick() => {
                 let want = match deps.lease.renew().await {
-                    Ok(members) => {
-                        renewed = tokio::time::Instant::now();
+                    Ok((members, lapsed)) => {
+                        if lapsed {
+                            // Paused or cut off past the lease: others may own
+                            // these partitions now. Give them up and take a
+                            // share again only as a newcomer would.
+                            if !owned.partitions.is_empty() {
+                                tracing::warn!("llm manager: lease had lapsed; partitions given up");
+                                reconcile(&consumer, &deps, &mut owned, &[], false).await;
+                            }
+                            steady = (Vec::new(), 0);
+                        }
                         lease::owned(&members, deps.lease.member(), partitions)
                     }
                     // Without a lease for longer than others wait, this node
                     // owns nothing: they may be taking its partitions over.
-                    Err(_) if renewed.elapsed() >= lease::TTL - lease::RENEW => Vec::new(),
+                    Err(_) if !deps.lease.held() => Vec::new(),
                     Err(error) => {
                         tracing::warn!(%error, "llm manager: lease not renewed");
                         continue;
@@ -297,6 +308,10 @@ async fn run(consumer: StreamConsumer, mut deps: InboxDeps, partitions: i32, mut
             }
             produced = recv(&mut tap), if in_flight.len() < MAX_IN_FLIGHT => match produced {
                 Some(produced) if produced.bytes <= MAX_COMMAND_BYTES => {
+                    if !deps.lease.held() {
+                        // Not this node's to take now; the next owner fetches it.
+                        continue;
+                    }
                     let Some(p) = owned.partitions.get_mut(&produced.partition) else { continue };
                     let at = (produced.partition, produced.offset);
                     // The envelope is the one this node encoded, so only the
@@ -313,6 +328,13 @@ async fn run(consumer: StreamConsumer, mut deps: InboxDeps, partitions: i32, mut
             },
             received = consumer.recv(), if in_flight.len() < MAX_IN_FLIGHT => match received {
                 Ok(message) => {
+                    if !deps.lease.held() && !owned.partitions.is_empty() {
+                        // Woken after a lapse, before the renewal that says
+                        // so: nothing is taken, and the partitions go now.
+                        steady = (Vec::new(), 0);
+                        reconcile(&consumer, &deps, &mut owned, &[], false).await;
+                        continue;
+                    }
                     let Some(p) = owned.partitions.get_mut(&message.partition()) else { continue };
                     if p.fetched(message.offset()) {
                         dispatch(&deps, &mut owned, &mut in_flight, parse(&message)).await;

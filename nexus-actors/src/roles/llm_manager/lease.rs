@@ -10,14 +10,27 @@
 //! seen it too and let them go.)
 //! (Tansu 0.6's group coordinator keeps a killed member in its group, so
 //! a Kafka consumer group never hands its partitions to anyone; leases
-//! do not depend on the broker for this.) A node whose own renewals fail
+//! do not depend on the broker for this.) A node started again under its
+//! name drops its dead predecessor's lease at once
+//! ([`Lease::evict_predecessors`]). A node whose own renewals fail
 //! for [`TTL`] gives up every partition before anyone else may take them.
+//!
+//! A node can also be paused (SIGSTOP, a frozen VM) past its lease and
+//! then go on as if nothing happened, while another node has taken its
+//! partitions. So it acts on its lease only while the lease is
+//! [`Lease::held`]: renewed within the last `TTL - RENEW` by its own clock.
+//! Its inbox takes no command and its journal writer writes nothing
+//! otherwise, and after such a gap it gives its partitions up and takes
+//! them again only as a newcomer would.
 //!
 //! The next offset to read of each partition is kept here too, written
 //! only once every command before it has its turn on the journal.
 
 use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+use tokio::time::Instant;
 
 use redis::AsyncCommands;
 
@@ -43,17 +56,31 @@ table.sort(members)
 return members
 ";
 
+/// Removes the members named `ARGV[1]…` other than `ARGV[2]`.
+const EVICT_SCRIPT: &str = r"
+local gone = 0
+for _, m in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+  if string.sub(m, 1, #ARGV[1]) == ARGV[1] and m ~= ARGV[2] then
+    redis.call('ZREM', KEYS[1], m)
+    gone = gone + 1
+  end
+end
+return gone
+";
+
 /// One node's lease. Cheap to clone.
 #[derive(Clone)]
 pub struct Lease {
     redis: Redis,
     member: String,
+    /// When the last renewal succeeded (none yet: not held).
+    renewed: Arc<Mutex<Option<Instant>>>,
 }
 
 impl Lease {
     /// The lease of a new member named after `node` (unique per process).
     pub fn new(redis: Redis, node: &str) -> Self {
-        Lease { redis, member: format!("{node}/{}", uuid::Uuid::now_v7().simple()) }
+        Lease { redis, member: format!("{node}/{}", uuid::Uuid::now_v7().simple()), renewed: Arc::default() }
     }
 
     /// This member's name.
@@ -61,14 +88,41 @@ impl Lease {
         &self.member
     }
 
-    /// Renews the lease; the live members, in name order.
-    pub async fn renew(&self) -> Result<Vec<String>, StoreError> {
-        Ok(redis::Script::new(RENEW_SCRIPT)
+    /// Renews the lease; the live members, in name order, and whether the
+    /// lease had lapsed before this renewal (it was not [`Lease::held`]).
+    pub async fn renew(&self) -> Result<(Vec<String>, bool), StoreError> {
+        let asked = Instant::now();
+        let members = redis::Script::new(RENEW_SCRIPT)
             .key(MEMBERS)
             .arg(&self.member)
             .arg(TTL.as_millis() as u64)
             .invoke_async(&mut self.redis.conn())
-            .await?)
+            .await?;
+        let lapsed = !self.held();
+        // Counted from when it was asked for: Redis's TTL runs from then at the latest.
+        *crate::kernel::lock(&self.renewed) = Some(asked);
+        Ok((members, lapsed))
+    }
+
+    /// Whether this node may act on its lease: renewed within the last
+    /// `TTL - RENEW`, before others may count it gone.
+    pub fn held(&self) -> bool {
+        crate::kernel::lock(&self.renewed).is_some_and(|at| at.elapsed() < TTL - RENEW)
+    }
+
+    /// Drops the leases of this node's earlier processes (a node killed and
+    /// started again under its name): its name is its own while it runs
+    /// (the node name lease), so any other member under it is dead, and its
+    /// partitions need not wait for its lease to lapse.
+    pub async fn evict_predecessors(&self) -> Result<(), StoreError> {
+        let prefix = self.member.split_once('/').map_or(self.member.as_str(), |(node, _)| node);
+        redis::Script::new(EVICT_SCRIPT)
+            .key(MEMBERS)
+            .arg(format!("{prefix}/"))
+            .arg(&self.member)
+            .invoke_async::<i64>(&mut self.redis.conn())
+            .await?;
+        Ok(())
     }
 
     /// Gives the lease up now (an orderly stop), so others need not wait for it to lapse.

@@ -131,6 +131,7 @@ pub async fn start(deps: LlmManagerDeps, config: LlmManagerConfig) -> Result<Llm
         redis.publisher.clone(),
         directory.clone(),
         metrics.clone(),
+        lease.clone(),
     );
     let context_deps = ContextDeps {
         kernel: kernel.clone(),

@@ -24,6 +24,7 @@ use crate::semantic::directory::ContextDirectory;
 use crate::semantic::fold::Entry;
 use crate::semantic::records::{ContextCreated, Journaled, ThoughtDelta};
 
+use super::lease::Lease;
 use super::metrics::LlmMetrics;
 
 /// Why a record is not on the journal.
@@ -40,6 +41,10 @@ pub enum WriteError {
     /// command's next owner resumes the turn.
     #[error("the context stopped before its turn ended")]
     Stopped,
+    /// The broker took the record but its offset is unknown (a produce
+    /// retried across a broker restart, confirmed as a duplicate).
+    #[error("the record was journaled at an unknown offset")]
+    OffsetUnknown,
 }
 
 /// Writes journals. Cheap to clone.
@@ -57,6 +62,8 @@ pub struct JournalWriter {
     pub metrics: LlmMetrics,
     /// Directory notes that may be under way without a step waiting for them.
     notes: Arc<Semaphore>,
+    /// The node's lease: nothing is written while it is not held.
+    lease: Lease,
 }
 
 /// Directory notes under way at once before appends wait for theirs.
@@ -64,15 +71,18 @@ const NOTES_IN_FLIGHT: usize = 256;
 
 impl JournalWriter {
     /// A writer producing through `kafka`, fanning out through `redis`,
-    /// noting offsets in `directory`; `source` names the records' maker.
+    /// noting offsets in `directory`, while `lease` is held; `source` names
+    /// the records' maker.
     pub fn new(
         source: String,
         kafka: Link<Produce>,
         redis: Publisher,
         directory: ContextDirectory,
         metrics: LlmMetrics,
+        lease: Lease,
     ) -> Self {
-        JournalWriter { source, kafka, redis, directory, metrics, notes: Arc::new(Semaphore::new(NOTES_IN_FLIGHT)) }
+        let notes = Arc::new(Semaphore::new(NOTES_IN_FLIGHT));
+        JournalWriter { source, kafka, redis, directory, metrics, notes, lease }
     }
 
     /// Appends `data` to `context`'s journal; returns the record as journaled.
@@ -96,6 +106,10 @@ impl JournalWriter {
     }
 
     async fn produce(&self, context: &str, envelope: Envelope<Value>, index: bool) -> Result<Entry, WriteError> {
+        if !self.lease.held() {
+            // Paused past the lease: another node may be resuming this turn.
+            return Err(WriteError::Stopped);
+        }
         let started = Instant::now();
         let produce =
             Produce { topic: SEMANTIC_EVENTS.to_owned(), key: context.to_owned(), envelope: envelope.clone() };
@@ -105,6 +119,12 @@ impl JournalWriter {
             Err(AskError::Panicked(p)) => return Err(WriteError::Bridge(p.to_string())),
         };
         self.metrics.journal_append_seconds.observe(started.elapsed().as_secs_f64());
+        if delivered.offset < 0 {
+            // A retry the broker recognised as a duplicate: the record is on
+            // the journal, but librdkafka does not say where. The step fails
+            // and the turn goes on from the journal, which has it.
+            return Err(WriteError::OffsetUnknown);
+        }
         let entry = Entry { offset: delivered.offset, envelope };
         // Followers first: the directory is for readers, who read past it anyway.
         self.fan_out(context, &entry);
