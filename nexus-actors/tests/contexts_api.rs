@@ -563,3 +563,43 @@ async fn llm_ask_posts_a_message_and_returns_the_answer_of_its_turn() {
     let (status, answer) = ada.post("/api/tools/llm_ask/call", json!({"arguments": arguments})).await;
     assert_eq!((status, answer["error"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("invalid_arguments")));
 }
+
+/// A record the broker took without saying where (a produce retried
+/// across a broker restart, confirmed as a duplicate, has offset -1) is not
+/// noted as the journal's start; and a directory that noted one before
+/// still reads, from the partition's start.
+#[actix_rt::test]
+async fn an_unknown_offset_is_never_noted_and_one_noted_before_still_reads() {
+    let world = World::start("ctx-unknown-offset", with_model).await;
+    let ada = world.node.user("ada").await;
+    let info = ContextInfo {
+        id: uuid::Uuid::now_v7().to_string(),
+        owner: "ada".into(),
+        model: None,
+        tools: Vec::new(),
+        parent: None,
+        created_at: chrono::Utc::now(),
+        partition: None,
+        first_offset: None,
+        last_offset: None,
+    };
+    world.directory.create(&info, 10).await.unwrap();
+    let context = info.id.clone();
+    let first = world.journal(&context, created(&context, None)).await;
+    let partition = world.directory.get(&context).await.unwrap().unwrap().partition.unwrap();
+    world.directory.journaled(&context, partition, -1).await.unwrap();
+    assert_eq!(world.directory.get(&context).await.unwrap().unwrap().first_offset, Some(first));
+
+    let client = redis::Client::open(world.node.brokers.redis_url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let key = format!("nexus:context:{context}:journal");
+    let () = redis::cmd("HSET").arg(&key).arg("first").arg(-1).query_async(&mut conn).await.unwrap();
+    // Folding the context reads its journal from its first offset.
+    let (status, transcript) = ada.get(&format!("/api/contexts/{context}/transcript")).await;
+    assert_eq!(status, StatusCode::OK, "{transcript}");
+    let (status, page) = ada.get(&format!("/api/contexts/{context}/events")).await;
+    assert_eq!(status, StatusCode::OK, "{page}");
+    let records = page["records"].as_array().unwrap();
+    assert_eq!(records.len(), 1, "{page}");
+    assert_eq!(records[0]["offset"].as_i64(), Some(first));
+}

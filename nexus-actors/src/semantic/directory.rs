@@ -51,9 +51,12 @@ return 1
 ";
 
 /// Sets the partition once, lowers the first offset and raises the last.
+/// An unknown offset (negative: a delivery the broker confirmed without
+/// one) notes nothing: as the first, it would make the journal unreadable.
 const JOURNALED_SCRIPT: &str = r"
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 local offset = tonumber(ARGV[2])
+if offset < 0 then return 0 end
 redis.call('HSETNX', KEYS[2], 'partition', ARGV[1])
 local first = tonumber(redis.call('HGET', KEYS[2], 'first'))
 if first == nil or offset < first then redis.call('HSET', KEYS[2], 'first', offset) end

@@ -106,7 +106,9 @@ impl Journal {
         let (Some(partition), Some(first)) = (info.partition, info.first_offset) else {
             return Err(JournalError::NotJournaled(info.id.clone()));
         };
-        let from = range.from.max(first);
+        // Never below 0: a directory may hold an unknown offset (-1) noted
+        // before such notes were refused; the read then scans from the start.
+        let from = range.from.max(first).max(0);
         if range.until.is_some_and(|u| u < from) || range.limit == 0 {
             return Ok(Vec::new());
         }
