@@ -1,17 +1,18 @@
 //! The system under fault: a persistent `redis-server` (append-only file,
 //! every write synced), a `tansu` broker with durable (SQLite) storage, two
-//! `nexus node` processes (transaction manager) over both, and one panel
+//! `nexus node` processes (transaction and LLM manager) over both, a
+//! scripted model for their turns, and one panel
 //! behind a `nexus sidecar` process. It owns the processes and the faults
 //! done to them; it never looks at what the load saw.
 
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use nexus_actors::infra::{free_port, RedisServer, Tansu, TansuStorage};
 use nexus_actors::platform::{Panel, PanelMode, PanelRecords, UserRole};
+use nexus_testkit::scripted_model::{Reply, ScriptedModel};
 use nexus_testkit::TestKeys;
 
 use super::panel::CountingPanel;
@@ -39,9 +40,19 @@ pub(super) struct Proc {
 impl Proc {
     fn start(&mut self) {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).expect("a log file");
-        let child = Command::new(&self.program)
+        let mut command = Command::new(&self.program);
+        // The child dies with the harness, even one stopped with Ctrl-C
+        // while it pauses a node.
+        // SAFETY: prctl is async-signal-safe and touches no parent state.
+        unsafe {
+            command.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        let child = command
             .args(&self.args)
-            .env("RUST_LOG", "warn")
+            .env("RUST_LOG", "warn,nexus_actors::roles::llm_manager=info")
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
@@ -83,10 +94,6 @@ impl Proc {
 
 impl Drop for Proc {
     fn drop(&mut self) {
-        if let Some(child) = &self.child {
-            // A stopped process would not die of SIGKILL until continued.
-            let _ = Command::new("kill").args(["-CONT", &child.id().to_string()]).status();
-        }
         self.kill();
     }
 }
@@ -98,10 +105,12 @@ pub(super) struct Cluster {
     pub(super) nodes: Vec<Proc>,
     sidecar: Proc,
     pub(super) panel: CountingPanel,
+    /// The model the LLM managers ask.
+    _model: ScriptedModel,
     /// Faults done so far (numbers the node logs' markers).
-    faults: AtomicU32,
+    faults: u32,
     /// Node base URLs, in the order of `nodes`.
-    pub(super) urls: Arc<Mutex<Vec<String>>>,
+    pub(super) urls: Vec<String>,
 }
 
 impl Cluster {
@@ -125,13 +134,18 @@ impl Cluster {
         };
         PanelRecords::connect(&redis.url()).await.expect("panel records").put(&record).await.expect("panel record");
 
+        // Each answer streams for a while, so that faults land mid-turn.
+        let model =
+            ScriptedModel::start(|_| Reply::text("an answer in a few words").with_delay(Duration::from_millis(5)));
         let mut nodes = Vec::new();
         for name in ["chaos-a", "chaos-b"] {
             let port = free_port().expect("a port");
             let args = vec![
                 "node".into(),
                 "--roles".into(),
-                "transaction-manager".into(),
+                "transaction-manager,llm-manager".into(),
+                "--llm-endpoint".into(),
+                format!("url={},model=scripted", model.url()),
                 "--name".into(),
                 name.into(),
                 "--http".into(),
@@ -173,15 +187,7 @@ impl Cluster {
             port: sidecar_port,
         };
         let urls = nodes.iter().map(|n| format!("http://127.0.0.1:{}", n.port)).collect();
-        let mut cluster = Cluster {
-            redis,
-            kafka,
-            nodes,
-            sidecar,
-            panel,
-            faults: AtomicU32::new(0),
-            urls: Arc::new(Mutex::new(urls)),
-        };
+        let mut cluster = Cluster { redis, kafka, nodes, sidecar, panel, _model: model, faults: 0, urls };
         for i in 0..cluster.nodes.len() {
             cluster.nodes[i].start();
         }
@@ -214,8 +220,9 @@ impl Cluster {
     }
 
     /// Writes a marker into every node's log, so a log reads fault by fault.
-    pub(super) fn mark(&self, fault: &str) {
-        let n = self.faults.fetch_add(1, Ordering::Relaxed) + 1;
+    pub(super) fn mark(&mut self, fault: &str) {
+        self.faults += 1;
+        let n = self.faults;
         for node in &self.nodes {
             if let Ok(mut log) = std::fs::OpenOptions::new().append(true).open(&node.log) {
                 use std::io::Write;
@@ -241,11 +248,14 @@ impl Cluster {
         self.kafka.restart().expect("tansu restarts");
     }
 
-    /// `kill -9` node `i`, waits `down`, starts it again.
-    pub(super) async fn kill_node(&mut self, i: usize, down: Duration) {
+    /// `kill -9` node `i`; returns once it is gone.
+    pub(super) fn kill_node(&mut self, i: usize) {
         self.nodes[i].signal("-KILL");
         assert!(self.nodes[i].wait_exit(Duration::from_secs(5)), "a killed node exits");
-        tokio::time::sleep(down).await;
+    }
+
+    /// Starts node `i` again (after [`Cluster::kill_node`]) and waits until it is ready.
+    pub(super) async fn start_node(&mut self, i: usize) {
         self.nodes[i].start();
         self.wait_ready(i).await;
     }

@@ -1,8 +1,10 @@
 //! `nexus-bench chaos` (run by `scripts/chaos`): zero loss under faults.
 //!
 //! Under steady load — documents patched over HTTP, tool calls to a panel
-//! behind its sidecar (recorded on Kafka), WebSocket clients following the
-//! documents — it does each fault in turn to a system of two `nexus node`
+//! behind its sidecar (recorded on Kafka), messages to LLM contexts
+//! (commands on Kafka, turns answered by the nodes' LLM managers through a
+//! scripted model, [`turns`]), WebSocket clients following the documents —
+//! it does each fault in turn to a system of two `nexus node`
 //! processes over one Redis and one Kafka broker ([`cluster`]): restarts
 //! redis-server, restarts the Kafka broker (durable storage), `kill -9`s a
 //! node and starts it again, pauses a node (SIGSTOP) past its clients'
@@ -17,9 +19,12 @@
 //! steady stretches. `--write FILE`: records the tables in FILE's chaos
 //! section (`benches/RESULTS.md`).
 
+mod calls;
 mod cluster;
+mod followers;
 mod load;
 mod panel;
+mod turns;
 mod verify;
 
 use std::path::{Path, PathBuf};
@@ -29,9 +34,12 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
+use calls::{Answered, Caller};
 use cluster::Cluster;
-use load::{Caller, Follower, Shared, Writer};
-use verify::Verdict;
+use followers::Follower;
+use load::{Progress, Shared, Writer};
+use turns::Asker;
+use verify::{Kill, Verdict};
 
 /// Where `benches/RESULTS.md` keeps the chaos tables; a full benchmark
 /// run keeps this section as it was.
@@ -43,10 +51,14 @@ const RECOVERY_GOAL: Duration = Duration::from_secs(5);
 const PAUSE: Duration = Duration::from_secs(8);
 /// How long a killed broker or node stays down.
 const DOWN: Duration = Duration::from_secs(1);
+/// How long, before a `kill -9`, the harness waits for the calls answered
+/// so far to have their records on Kafka.
+const SETTLE: Duration = Duration::from_secs(15);
 
 const WRITERS: usize = 4;
 const FOLLOWERS_PER_DOC: usize = 4;
 const CALLERS: usize = 4;
+const ASKERS: usize = 2;
 
 #[derive(Clone, Copy)]
 enum Fault {
@@ -68,11 +80,19 @@ impl Fault {
         }
     }
 
-    async fn inflict(self, cluster: &mut Cluster) {
+    /// Does the fault and waits until it is over; for a `kill -9`, returns
+    /// when the node died.
+    async fn inflict(self, cluster: &mut Cluster) -> Option<Instant> {
         match self {
             Fault::RestartRedis => cluster.restart_redis(DOWN).await,
             Fault::RestartKafka => cluster.restart_kafka(DOWN).await,
-            Fault::KillNode(i) => cluster.kill_node(i, DOWN).await,
+            Fault::KillNode(i) => {
+                cluster.kill_node(i);
+                let killed = Instant::now();
+                tokio::time::sleep(DOWN).await;
+                cluster.start_node(i).await;
+                return Some(killed);
+            }
             Fault::PauseNode(i) => cluster.pause_node(i, PAUSE).await,
             Fault::RollingRestart => {
                 for i in 0..cluster.nodes.len() {
@@ -80,6 +100,7 @@ impl Fault {
                 }
             }
         }
+        None
     }
 }
 
@@ -136,10 +157,17 @@ pub(crate) fn run(args: &[String]) -> bool {
 
 async fn chaos(dir: &Path, nexus: &Path, short: bool) -> (Vec<FaultRow>, Verdict) {
     let mut cluster = Cluster::start(dir, nexus).await;
-    let urls = cluster.urls.lock().expect("urls").clone();
+    let urls = cluster.urls.clone();
     let http = reqwest::Client::builder().no_proxy().build().expect("an HTTP client");
     let token = login(&http, &urls[0]).await;
-    let shared = Arc::new(Shared { urls, token, http, origin: Instant::now(), stop: Default::default() });
+    let shared = Arc::new(Shared {
+        urls,
+        token,
+        http,
+        origin: Instant::now(),
+        stop: Default::default(),
+        stop_following: Default::default(),
+    });
 
     let mut writers = Vec::new();
     for _ in 0..WRITERS {
@@ -153,20 +181,25 @@ async fn chaos(dir: &Path, nexus: &Path, short: bool) -> (Vec<FaultRow>, Verdict
         tasks.push(tokio::spawn(load::write(shared.clone(), writer.clone())));
     }
     for (i, caller) in callers.iter().enumerate() {
-        tasks.push(tokio::spawn(load::call(shared.clone(), caller.clone(), i as u64 * 1_000_000_000)));
+        tasks.push(tokio::spawn(calls::call(shared.clone(), caller.clone(), i as u64 * 1_000_000_000)));
     }
+    let askers: Vec<Arc<Asker>> = (0..ASKERS).map(|_| Arc::default()).collect();
+    for asker in &askers {
+        tasks.push(tokio::spawn(turns::ask(shared.clone(), asker.clone())));
+    }
+    let clients = Load { writers: &writers, callers: &callers, askers: &askers, followers: &followers };
+    let mut following = Vec::new();
     for (i, (doc, follower)) in followers.iter().enumerate() {
-        tasks.push(tokio::spawn(load::follow(shared.clone(), follower.clone(), writers[*doc].doc.clone(), i)));
+        following.push(tokio::spawn(followers::follow(shared.clone(), follower.clone(), writers[*doc].doc.clone(), i)));
     }
     let steady = if short { Duration::from_secs(2) } else { Duration::from_secs(10) };
-    let warm = recovery(&shared, &writers, &callers, &followers, 0).await;
+    let warm = recovery(&shared, &clients, shared.now_ms()).await;
     assert!(warm.all().is_some(), "the load never got going (logs in {})", dir.display());
     tokio::time::sleep(steady).await;
 
     let rounds = if short { 1 } else { 3 };
     let mut rows = Vec::new();
-    // (node, when) of every `kill -9`.
-    let mut kills = Vec::new();
+    let mut kills: Vec<Kill> = Vec::new();
     for round in 0..rounds {
         let faults = [
             Fault::RestartRedis,
@@ -179,21 +212,25 @@ async fn chaos(dir: &Path, nexus: &Path, short: bool) -> (Vec<FaultRow>, Verdict
             let name = fault.name();
             eprintln!("chaos: at {:.2} s: {name}", shared.now_ms() as f64 / 1e3);
             cluster.mark(&name);
-            let acked_before = acked(&writers, &callers);
-            let failed_before = failed(&writers, &callers);
-            let began = Instant::now();
-            if let Fault::KillNode(i) = fault {
-                kills.push((i, shared.now_ms()));
+            let acked_before = clients.acked();
+            let failed_before = clients.failed();
+            let settled_ms = shared.now_ms();
+            if let Fault::KillNode(_) = fault {
+                settle(&callers, &cluster).await;
             }
-            fault.inflict(&mut cluster).await;
+            let began = Instant::now();
+            if let (Some(killed), Fault::KillNode(node)) = (fault.inflict(&mut cluster).await, fault) {
+                let killed_ms = killed.duration_since(shared.origin).as_millis() as u64;
+                kills.push(Kill { node, settled_ms, killed_ms });
+            }
             let lasted = began.elapsed();
             eprintln!("chaos: at {:.2} s: the fault ended", shared.now_ms() as f64 / 1e3);
-            let recovery = recovery(&shared, &writers, &callers, &followers, shared.now_ms()).await;
+            let recovery = recovery(&shared, &clients, shared.now_ms()).await;
             rows.push(FaultRow {
                 fault: name,
                 lasted,
-                acked: acked(&writers, &callers) - acked_before,
-                failed: failed(&writers, &callers) - failed_before,
+                acked: clients.acked() - acked_before,
+                failed: clients.failed() - failed_before,
                 recovery,
             });
             tokio::time::sleep(steady).await;
@@ -204,8 +241,14 @@ async fn chaos(dir: &Path, nexus: &Path, short: bool) -> (Vec<FaultRow>, Verdict
     for task in tasks {
         let _ = tokio::time::timeout(Duration::from_secs(15), task).await;
     }
+    // Followers run on while the verdict waits for them to converge.
     let mut verdict = Verdict::default();
     verify::documents(&shared, &writers, &followers, &mut verdict).await;
+    shared.stop_following.store(true, Ordering::Relaxed);
+    for task in following {
+        let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+    }
+    turns::verify(&shared, &askers, &mut verdict).await;
     let brokers = cluster.kafka.brokers();
     let runs = cluster.panel.runs.clone();
     let verdict = tokio::task::spawn_blocking(move || {
@@ -215,6 +258,18 @@ async fn chaos(dir: &Path, nexus: &Path, short: bool) -> (Vec<FaultRow>, Verdict
     .await
     .expect("the verdict");
     (rows, verdict)
+}
+
+/// Waits (up to [`SETTLE`]) until every call answered so far has its
+/// records on Kafka, so that a record lost to the coming `kill -9` is one
+/// the node held, not one an earlier fault lost.
+async fn settle(callers: &[Arc<Caller>], cluster: &Cluster) {
+    let answered: Vec<Answered> = callers.iter().flat_map(|c| c.answered.lock().expect("answered").clone()).collect();
+    let brokers = cluster.kafka.brokers();
+    let missing = tokio::task::spawn_blocking(move || verify::unrecorded(&answered, &brokers, SETTLE)).await;
+    if let Ok(missing @ 1..) = missing {
+        eprintln!("chaos: {missing} answered calls still lack their records before the kill");
+    }
 }
 
 async fn login(http: &reqwest::Client, url: &str) -> String {
@@ -232,14 +287,27 @@ async fn login(http: &reqwest::Client, url: &str) -> String {
     answer["token"].as_str().expect("a token").to_owned()
 }
 
-fn acked(writers: &[Arc<Writer>], callers: &[Arc<Caller>]) -> u64 {
-    let progress = writers.iter().map(|w| &w.progress).chain(callers.iter().map(|c| &c.progress));
-    progress.map(|p| p.acked.load(Ordering::Relaxed)).sum()
+/// The clients of a run, as the recovery and the table see them.
+struct Load<'a> {
+    writers: &'a [Arc<Writer>],
+    callers: &'a [Arc<Caller>],
+    askers: &'a [Arc<Asker>],
+    followers: &'a [(usize, Arc<Follower>)],
 }
 
-fn failed(writers: &[Arc<Writer>], callers: &[Arc<Caller>]) -> u64 {
-    let progress = writers.iter().map(|w| &w.progress).chain(callers.iter().map(|c| &c.progress));
-    progress.map(|p| p.failed.load(Ordering::Relaxed)).sum()
+impl Load<'_> {
+    fn progress(&self) -> impl Iterator<Item = &Progress> {
+        let writes = self.writers.iter().map(|w| &w.progress);
+        writes.chain(self.callers.iter().map(|c| &c.progress)).chain(self.askers.iter().map(|a| &a.progress))
+    }
+
+    fn acked(&self) -> u64 {
+        self.progress().map(|p| p.acked.load(Ordering::Relaxed)).sum()
+    }
+
+    fn failed(&self) -> u64 {
+        self.progress().map(|p| p.failed.load(Ordering::Relaxed)).sum()
+    }
 }
 
 /// How long each kind of client took to recover from a fault; none when
@@ -247,38 +315,37 @@ fn failed(writers: &[Arc<Writer>], callers: &[Arc<Caller>]) -> u64 {
 struct Recovery {
     writes: Option<Duration>,
     calls: Option<Duration>,
+    turns: Option<Duration>,
     followers: Option<Duration>,
 }
 
 impl Recovery {
     fn all(&self) -> Option<Duration> {
-        Some(self.writes?.max(self.calls?).max(self.followers?))
+        Some(self.writes?.max(self.calls?).max(self.turns?).max(self.followers?))
     }
 }
 
-/// Times from `since_ms` until every writer, and every caller, has
-/// succeeded with an operation begun at or after it, and until every
+/// Times from `since_ms` until every writer, every caller and every asker
+/// has succeeded with an operation begun at or after it, and until every
 /// follower has its document's version as acknowledged at `since_ms`.
-async fn recovery(
-    shared: &Shared,
-    writers: &[Arc<Writer>],
-    callers: &[Arc<Caller>],
-    followers: &[(usize, Arc<Follower>)],
-    since_ms: u64,
-) -> Recovery {
-    let targets: Vec<u64> = writers.iter().map(|w| w.acked_version.load(Ordering::Relaxed)).collect();
+async fn recovery(shared: &Shared, load: &Load<'_>, since_ms: u64) -> Recovery {
+    let targets: Vec<u64> = load.writers.iter().map(|w| w.acked_version.load(Ordering::Relaxed)).collect();
     let deadline = Duration::from_millis(since_ms) + Duration::from_secs(60);
-    let mut recovery = Recovery { writes: None, calls: None, followers: None };
+    let mut recovery = Recovery { writes: None, calls: None, turns: None, followers: None };
+    let since = |p: &Progress| p.recovered_since(since_ms);
     loop {
         let after = Some(Duration::from_millis(shared.now_ms().saturating_sub(since_ms)));
-        if recovery.writes.is_none() && writers.iter().all(|w| w.progress.recovered_since(since_ms)) {
+        if recovery.writes.is_none() && load.writers.iter().all(|w| since(&w.progress)) {
             recovery.writes = after;
         }
-        if recovery.calls.is_none() && callers.iter().all(|c| c.progress.recovered_since(since_ms)) {
+        if recovery.calls.is_none() && load.callers.iter().all(|c| since(&c.progress)) {
             recovery.calls = after;
         }
+        if recovery.turns.is_none() && load.askers.iter().all(|a| since(&a.progress)) {
+            recovery.turns = after;
+        }
         if recovery.followers.is_none()
-            && followers.iter().all(|(doc, f)| f.version.load(Ordering::Relaxed) >= targets[*doc].max(1))
+            && load.followers.iter().all(|(doc, f)| f.version.load(Ordering::Relaxed) >= targets[*doc].max(1))
         {
             recovery.followers = after;
         }
@@ -291,8 +358,8 @@ async fn recovery(
 
 fn report(rows: &[FaultRow], v: &Verdict, short: bool) -> String {
     let mut out = format!(
-        "{} run (`scripts/chaos{}`): {WRITERS} writers, {} WebSocket followers, {CALLERS} tool callers over two nodes.\n\n\
-         | fault | fault lasted | operations acknowledged meanwhile | attempts that failed meanwhile | recovered after | writes / tool calls / followers |\n\
+        "{} run (`scripts/chaos{}`): {WRITERS} writers, {} WebSocket followers, {CALLERS} tool callers, {ASKERS} LLM askers over two nodes.\n\n\
+         | fault | fault lasted | operations acknowledged meanwhile | attempts that failed meanwhile | recovered after | writes / tool calls / turns / followers |\n\
          |---|---:|---:|---:|---:|---|\n",
         if short { "Short" } else { "Long" },
         if short { " --short" } else { "" },
@@ -300,7 +367,8 @@ fn report(rows: &[FaultRow], v: &Verdict, short: bool) -> String {
     );
     for r in rows {
         let secs = |d: Option<Duration>| d.map_or("not within 60 s".into(), |d| format!("{:.2} s", d.as_secs_f64()));
-        let (all, each) = (r.recovery.all(), [r.recovery.writes, r.recovery.calls, r.recovery.followers]);
+        let (all, each) =
+            (r.recovery.all(), [r.recovery.writes, r.recovery.calls, r.recovery.turns, r.recovery.followers]);
         let each = each.map(secs).join(" / ");
         out += &format!(
             "| {} | {:.1} s | {} | {} | {} | {each} |\n",
@@ -317,8 +385,11 @@ fn report(rows: &[FaultRow], v: &Verdict, short: bool) -> String {
          | tool calls answered | {} |\n| tool calls that ran twice | {} |\n| tool calls answered wrongly | {} |\n\
          | tool call records lost (`semantic.events`) | {} |\n\
          | of which a node held in memory when it was killed with -9 | {} |\n| tool call records written twice | {} |\n\
+         | calls whose record was produced again after a failed produce (the same record) | {} |\n\
          | WebSocket followers | {} |\n| followers that never converged (within {} s of the end) | {} |\n\
-         | changes out of order at a follower | {} |\n",
+         | changes out of order at a follower | {} |\n\
+         | messages posted to contexts and acknowledged | {} |\n| acknowledged messages never answered | {} |\n\
+         | messages answered twice | {} |\n| model steps answered twice | {} |\n| turns that ended in a failure (answered) | {} |\n",
         v.writes_acked,
         v.writes_lost,
         v.writes_applied_twice,
@@ -328,10 +399,16 @@ fn report(rows: &[FaultRow], v: &Verdict, short: bool) -> String {
         v.records_lost,
         v.records_lost_with_killed_node,
         v.records_twice,
+        v.records_produced_again,
         v.followers,
         verify::CONVERGE_WITHIN.as_secs(),
         v.followers_not_converged,
         v.follower_gaps,
+        v.turns_acked,
+        v.turns_lost,
+        v.turns_twice,
+        v.model_steps_twice,
+        v.turns_failed,
     );
     out
 }

@@ -12,12 +12,10 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 use serde_json::Value;
 
-use super::load::{key, read, Answered, Caller, Follower, Shared, Writer};
+use super::calls::{Answered, Caller};
+use super::followers::Follower;
+use super::load::{key, read, Shared, Writer};
 use super::panel::Runs;
-
-/// A record lost with a node killed with -9 is excused only when its call
-/// was answered this shortly before the kill.
-pub(super) const HELD_WINDOW_MS: u64 = 10_000;
 
 /// How long followers have to converge once the load stops.
 pub(super) const CONVERGE_WITHIN: Duration = Duration::from_secs(5);
@@ -37,17 +35,30 @@ pub(super) struct Verdict {
     pub(super) calls_wrong: u64,
     /// Answered calls without their `nexus.tool.called` or `nexus.tool.finished` record.
     pub(super) records_lost: u64,
-    /// Of those, calls answered by a node shortly ([`HELD_WINDOW_MS`]) before
-    /// it was killed with `kill -9`: records it held in memory, not yet
+    /// Of those, calls answered by a node in the moments before it was
+    /// killed with `kill -9` ([`Kill`]): records it held in memory, not yet
     /// handed to Kafka (the recorder produces off the call's path).
     pub(super) records_lost_with_killed_node: u64,
-    /// Calls with a record written more than once.
+    /// Calls with a record produced again after a failed produce (the same
+    /// record twice: the recorder delivers at least once).
+    pub(super) records_produced_again: u64,
+    /// Calls with two different records of one kind (called or finished).
     pub(super) records_twice: u64,
     pub(super) followers: u64,
     /// Followers not at their document's last version and state in time.
     pub(super) followers_not_converged: u64,
     /// Changes a follower got out of order (a gap or a repeat).
     pub(super) follower_gaps: u64,
+    /// Messages posted to a context and acknowledged (`202`).
+    pub(super) turns_acked: u64,
+    /// Acknowledged messages whose turn never completed.
+    pub(super) turns_lost: u64,
+    /// Messages answered by more than one `turn_completed`.
+    pub(super) turns_twice: u64,
+    /// Model steps with more than one recorded response.
+    pub(super) model_steps_twice: u64,
+    /// Turns that completed with a failure (an answer, not a loss).
+    pub(super) turns_failed: u64,
 }
 
 impl Verdict {
@@ -65,6 +76,9 @@ impl Verdict {
             ("tool call records written twice", self.records_twice),
             ("WebSocket followers that never converged", self.followers_not_converged),
             ("changes out of order at a follower", self.follower_gaps),
+            ("acknowledged messages never answered", self.turns_lost),
+            ("messages answered twice", self.turns_twice),
+            ("model steps answered twice", self.model_steps_twice),
         ]
         .into_iter()
         .filter(|(_, n)| *n > 0)
@@ -87,7 +101,11 @@ pub(super) async fn documents(
         verdict.writes_acked += acked.len() as u64;
         verdict.writes_lost += acked.iter().filter(|&&i| state.get(key(i)).is_none()).count() as u64;
         let keys = state.as_object().map_or(0, |o| o.len()) as u64;
-        verdict.writes_applied_twice += (version - writer.initial_version).abs_diff(keys);
+        match version.checked_sub(writer.initial_version) {
+            Some(moved) => verdict.writes_applied_twice += moved.abs_diff(keys),
+            // The document went back: whatever it held since is lost.
+            None => verdict.writes_lost += acked.len() as u64,
+        }
         finals.push((version, state));
     }
     verdict.followers = followers.len() as u64;
@@ -118,39 +136,28 @@ async fn read_anywhere(shared: &Shared, doc: &str) -> (u64, Value) {
 }
 
 /// The panel's runs and the calls' records against the answers.
-pub(super) fn tool_calls(
-    callers: &[Arc<Caller>],
-    runs: &Runs,
-    brokers: &str,
-    kills: &[(usize, u64)],
-    verdict: &mut Verdict,
-) {
+pub(super) fn tool_calls(callers: &[Arc<Caller>], runs: &Runs, brokers: &str, kills: &[Kill], verdict: &mut Verdict) {
     let answered: Vec<Answered> = callers.iter().flat_map(|c| c.answered.lock().expect("answered").clone()).collect();
     verdict.calls_answered = answered.len() as u64;
     verdict.calls_wrong = callers.iter().map(|c| c.wrong.load(Ordering::Relaxed)).sum();
     let runs = runs.lock().expect("runs").clone();
-    let twice: Vec<&Answered> = answered.iter().filter(|a| runs.get(&a.n).is_some_and(|&r| r > 1)).collect();
+    let twice: Vec<(&u64, &u32)> = runs.iter().filter(|(_, &r)| r > 1).collect();
     verdict.calls_ran_twice = twice.len() as u64;
-    report("ran twice", &twice);
+    for (n, runs) in twice.iter().take(20) {
+        eprintln!("chaos: tool call n={n} ran {runs} times");
+    }
     verdict.calls_wrong += answered.iter().filter(|a| !runs.contains_key(&a.n)).count() as u64;
 
     // Records leave a node off the call's path: give its queue time to drain.
     let deadline = Instant::now() + Duration::from_secs(20);
-    let mut records = tool_records(brokers);
-    let complete = |records: &HashMap<String, (u32, u32)>| {
-        answered.iter().all(|a| records.get(&a.call_id).is_some_and(|&(called, finished)| called > 0 && finished > 0))
-    };
-    while !complete(&records) && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_secs(2));
-        records = tool_records(brokers);
-    }
-    let record_of = |a: &Answered| records.get(&a.call_id).copied().unwrap_or_default();
-    let lost: Vec<&Answered> = answered.iter().filter(|a| matches!(record_of(a), (0, _) | (_, 0))).collect();
-    let twice: Vec<&Answered> = answered.iter().filter(|a| record_of(a).0 > 1 || record_of(a).1 > 1).collect();
+    let records = records_of(&answered, brokers, deadline);
+    let record_of = |a: &Answered| records.get(&a.call_id).cloned().unwrap_or_default();
+    let lost: Vec<&Answered> = answered.iter().filter(|a| !record_of(a).complete()).collect();
+    let twice: Vec<&Answered> = answered.iter().filter(|a| record_of(a).distinct() > 2).collect();
     verdict.records_lost = lost.len() as u64;
-    let held = |a: &&&Answered| {
-        kills.iter().any(|&(node, at)| node == a.node && a.at_ms <= at && at - a.at_ms <= HELD_WINDOW_MS)
-    };
+    verdict.records_produced_again = answered.iter().filter(|a| record_of(a).produced_again()).count() as u64;
+    let held =
+        |a: &&&Answered| kills.iter().any(|k| k.node == a.node && (k.settled_ms..=k.killed_ms).contains(&a.at_ms));
     verdict.records_lost_with_killed_node = lost.iter().filter(held).count() as u64;
     verdict.records_twice = twice.len() as u64;
     report("lost a record", &lost);
@@ -173,8 +180,58 @@ fn report(what: &str, calls: &[&Answered]) {
     }
 }
 
-/// `(nexus.tool.called, nexus.tool.finished)` records on `semantic.events`, by call id.
-fn tool_records(brokers: &str) -> HashMap<String, (u32, u32)> {
+/// A `kill -9` of a node: before it, the harness waited until every call
+/// answered before `settled_ms` had its records on Kafka; calls the node
+/// answered between then and `killed_ms` may have had theirs in its memory.
+pub(super) struct Kill {
+    pub(super) node: usize,
+    pub(super) settled_ms: u64,
+    pub(super) killed_ms: u64,
+}
+
+/// The envelope ids of one call's records, by kind.
+#[derive(Clone, Default)]
+struct CallRecords {
+    called: Vec<String>,
+    finished: Vec<String>,
+}
+
+impl CallRecords {
+    fn complete(&self) -> bool {
+        !self.called.is_empty() && !self.finished.is_empty()
+    }
+
+    /// Different records, of both kinds (two when all is well).
+    fn distinct(&self) -> usize {
+        let distinct = |ids: &[String]| ids.iter().collect::<HashSet<_>>().len();
+        distinct(&self.called) + distinct(&self.finished)
+    }
+
+    fn produced_again(&self) -> bool {
+        self.called.len() + self.finished.len() > self.distinct()
+    }
+}
+
+/// The records of `answered` calls, read until all are there or `deadline`.
+fn records_of(answered: &[Answered], brokers: &str, deadline: Instant) -> HashMap<String, CallRecords> {
+    loop {
+        let records = tool_records(brokers);
+        let complete = answered.iter().all(|a| records.get(&a.call_id).is_some_and(CallRecords::complete));
+        if complete || Instant::now() >= deadline {
+            return records;
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
+/// How many of `answered` lack a record on Kafka after waiting up to `within`.
+pub(super) fn unrecorded(answered: &[Answered], brokers: &str, within: Duration) -> usize {
+    let records = records_of(answered, brokers, Instant::now() + within);
+    answered.iter().filter(|a| !records.get(&a.call_id).is_some_and(CallRecords::complete)).count()
+}
+
+/// The `nexus.tool.called` and `nexus.tool.finished` records on `semantic.events`, by call id.
+fn tool_records(brokers: &str) -> HashMap<String, CallRecords> {
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("group.id", "nexus-chaos-verdict")
@@ -195,25 +252,24 @@ fn tool_records(brokers: &str) -> HashMap<String, (u32, u32)> {
         let deadline = Instant::now() + Duration::from_secs(60);
         while next < high {
             assert!(Instant::now() < deadline, "semantic.events partition {partition} stalled at {next} of {high}");
-            let Some(message) = consumer.poll(Duration::from_secs(1)) else { continue };
-            let message = message.expect("a record");
+            let Some(Ok(message)) = consumer.poll(Duration::from_secs(1)) else { continue };
             // A broker may answer a fetch with a batch seen already.
-            if message.offset() < next {
+            if message.partition() != partition || message.offset() < next {
                 continue;
             }
             next = message.offset() + 1;
             let Ok(envelope) = serde_json::from_slice::<Value>(message.payload().unwrap_or_default()) else { continue };
-            let (id, slot) = match envelope["type"].as_str() {
-                Some("nexus.tool.called") => (&envelope["data"]["call"]["call_id"], 0),
-                Some("nexus.tool.finished") => (&envelope["data"]["call_id"], 1),
+            let (call, called) = match envelope["type"].as_str() {
+                Some("nexus.tool.called") => (&envelope["data"]["call"]["call_id"], true),
+                Some("nexus.tool.finished") => (&envelope["data"]["call_id"], false),
                 _ => continue,
             };
-            let Some(id) = id.as_str() else { continue };
-            let entry: &mut (u32, u32) = records.entry(id.to_owned()).or_default();
-            if slot == 0 {
-                entry.0 += 1;
+            let (Some(call), Some(id)) = (call.as_str(), envelope["id"].as_str()) else { continue };
+            let entry: &mut CallRecords = records.entry(call.to_owned()).or_default();
+            if called {
+                entry.called.push(id.to_owned());
             } else {
-                entry.1 += 1;
+                entry.finished.push(id.to_owned());
             }
         }
     }
