@@ -263,6 +263,9 @@ async fn run(consumer: StreamConsumer, mut deps: InboxDeps, partitions: i32, mut
         tracing::warn!(%error, "llm manager: an earlier process's lease is left to lapse");
     }
     let mut renew = tokio::time::interval(lease::RENEW);
+    // After a pause, one renewal and then the usual pace: a burst of the
+    // ticks missed would count as STEADY renewals in a few milliseconds.
+    renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // The share last computed and for how many renewals in a row.
     let mut steady: (Vec<i32>, u32) = (Vec::new(), 0);
     loop {
