@@ -193,24 +193,26 @@ impl Cluster {
         }
         cluster.sidecar.start();
         for i in 0..cluster.nodes.len() {
-            cluster.wait_ready(i).await;
+            cluster.wait_ready(i).await.expect("the nodes start");
         }
         crate::wait_listening(sidecar_port, "the sidecar", Duration::from_secs(60)).expect("the sidecar listens");
         cluster
     }
 
-    /// Waits until node `i` says it is ready.
-    pub(super) async fn wait_ready(&self, i: usize) {
+    /// Waits (up to two minutes) until node `i` says it is ready; says why not.
+    pub(super) async fn wait_ready(&self, i: usize) -> Result<(), String> {
         let url = format!("http://127.0.0.1:{}/readyz", self.nodes[i].port);
         let http = reqwest::Client::new();
         let deadline = Instant::now() + Duration::from_secs(120);
         loop {
             if let Ok(answer) = http.get(&url).timeout(Duration::from_secs(1)).send().await {
                 if answer.status().is_success() {
-                    return;
+                    return Ok(());
                 }
             }
-            assert!(Instant::now() < deadline, "{} never became ready (log: {})", self.nodes[i].what, self.log(i));
+            if Instant::now() > deadline {
+                return Err(format!("{} never became ready again (log: {})", self.nodes[i].what, self.log(i)));
+            }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -255,9 +257,9 @@ impl Cluster {
     }
 
     /// Starts node `i` again (after [`Cluster::kill_node`]) and waits until it is ready.
-    pub(super) async fn start_node(&mut self, i: usize) {
+    pub(super) async fn start_node(&mut self, i: usize) -> Result<(), String> {
         self.nodes[i].start();
-        self.wait_ready(i).await;
+        self.wait_ready(i).await
     }
 
     /// SIGSTOP node `i` for `paused`, then SIGCONT.
@@ -269,7 +271,7 @@ impl Cluster {
 
     /// SIGTERM node `i`, waits for its drain and exit, starts it again and
     /// waits until it is ready.
-    pub(super) async fn roll_node(&mut self, i: usize) {
+    pub(super) async fn roll_node(&mut self, i: usize) -> Result<(), String> {
         self.nodes[i].signal("-TERM");
         let within = Duration::from_secs(DRAIN_TIMEOUT_SECS + 10);
         assert!(
@@ -279,7 +281,7 @@ impl Cluster {
             self.log(i)
         );
         self.nodes[i].start();
-        self.wait_ready(i).await;
+        self.wait_ready(i).await
     }
 }
 

@@ -81,8 +81,9 @@ impl Fault {
     }
 
     /// Does the fault and waits until it is over; for a `kill -9`, returns
-    /// when the node died.
-    async fn inflict(self, cluster: &mut Cluster) -> Option<Instant> {
+    /// when the node died. An error: the system did not come back (a node
+    /// never became ready again).
+    async fn inflict(self, cluster: &mut Cluster) -> Result<Option<Instant>, String> {
         match self {
             Fault::RestartRedis => cluster.restart_redis(DOWN).await,
             Fault::RestartKafka => cluster.restart_kafka(DOWN).await,
@@ -90,17 +91,17 @@ impl Fault {
                 cluster.kill_node(i);
                 let killed = Instant::now();
                 tokio::time::sleep(DOWN).await;
-                cluster.start_node(i).await;
-                return Some(killed);
+                cluster.start_node(i).await?;
+                return Ok(Some(killed));
             }
             Fault::PauseNode(i) => cluster.pause_node(i, PAUSE).await,
             Fault::RollingRestart => {
                 for i in 0..cluster.nodes.len() {
-                    cluster.roll_node(i).await;
+                    cluster.roll_node(i).await?;
                 }
             }
         }
-        None
+        Ok(None)
     }
 }
 
@@ -132,8 +133,14 @@ pub(crate) fn run(args: &[String]) -> bool {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("a directory for the run");
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
-    let (rows, verdict) = runtime.block_on(chaos(&dir, &nexus, short));
-    let report = report(&rows, &verdict, short);
+    let (rows, verdict, stopped) = runtime.block_on(chaos(&dir, &nexus, short));
+    let mut report = report(&rows, &verdict, short);
+    if let Some(stopped) = &stopped {
+        report += &format!("\n{stopped}\n");
+    }
+    for panic in broker_panics(&dir) {
+        report += &format!("\nThe Kafka broker itself failed during this run (tansu's log): `{panic}`\n");
+    }
     println!("{report}");
     let recovered = rows.iter().all(|r| r.recovery.all().is_some_and(|d| d <= RECOVERY_GOAL));
     let failures = verdict.failures();
@@ -143,7 +150,7 @@ pub(crate) fn run(args: &[String]) -> bool {
     if !recovered {
         eprintln!("chaos: FAILED: a recovery took longer than {} s", RECOVERY_GOAL.as_secs());
     }
-    let passed = failures.is_empty() && recovered;
+    let passed = failures.is_empty() && recovered && stopped.is_none();
     if passed {
         let _ = std::fs::remove_dir_all(&dir);
     } else {
@@ -155,7 +162,8 @@ pub(crate) fn run(args: &[String]) -> bool {
     passed
 }
 
-async fn chaos(dir: &Path, nexus: &Path, short: bool) -> (Vec<FaultRow>, Verdict) {
+/// The faults' rows, the verdict, and why the run stopped early, if it did.
+async fn chaos(dir: &Path, nexus: &Path, short: bool) -> (Vec<FaultRow>, Verdict, Option<String>) {
     let mut cluster = Cluster::start(dir, nexus).await;
     let urls = cluster.urls.clone();
     let http = reqwest::Client::builder().no_proxy().build().expect("an HTTP client");
@@ -200,7 +208,8 @@ async fn chaos(dir: &Path, nexus: &Path, short: bool) -> (Vec<FaultRow>, Verdict
     let rounds = if short { 1 } else { 3 };
     let mut rows = Vec::new();
     let mut kills: Vec<Kill> = Vec::new();
-    for round in 0..rounds {
+    let mut stopped = None;
+    'rounds: for round in 0..rounds {
         let faults = [
             Fault::RestartRedis,
             Fault::RestartKafka,
@@ -219,9 +228,17 @@ async fn chaos(dir: &Path, nexus: &Path, short: bool) -> (Vec<FaultRow>, Verdict
                 settle(&callers, &cluster).await;
             }
             let began = Instant::now();
-            if let (Some(killed), Fault::KillNode(node)) = (fault.inflict(&mut cluster).await, fault) {
-                let killed_ms = killed.duration_since(shared.origin).as_millis() as u64;
-                kills.push(Kill { node, settled_ms, killed_ms });
+            match (fault.inflict(&mut cluster).await, fault) {
+                (Ok(Some(killed)), Fault::KillNode(node)) => {
+                    let killed_ms = killed.duration_since(shared.origin).as_millis() as u64;
+                    kills.push(Kill { node, settled_ms, killed_ms });
+                }
+                (Ok(_), _) => {}
+                (Err(why), _) => {
+                    eprintln!("chaos: the run stops: {why}");
+                    stopped = Some(format!("The run stopped during \"{name}\": {why}."));
+                    break 'rounds;
+                }
             }
             let lasted = began.elapsed();
             eprintln!("chaos: at {:.2} s: the fault ended", shared.now_ms() as f64 / 1e3);
@@ -257,7 +274,7 @@ async fn chaos(dir: &Path, nexus: &Path, short: bool) -> (Vec<FaultRow>, Verdict
     })
     .await
     .expect("the verdict");
-    (rows, verdict)
+    (rows, verdict, stopped)
 }
 
 /// Waits (up to [`SETTLE`]) until every call answered so far has its
@@ -411,6 +428,19 @@ fn report(rows: &[FaultRow], v: &Verdict, short: bool) -> String {
         v.turns_failed,
     );
     out
+}
+
+/// Panics in the Kafka broker's log (with the message after each): a
+/// fault of the broker itself, which every count after it reflects.
+fn broker_panics(dir: &Path) -> Vec<String> {
+    let log = std::fs::read_to_string(dir.join("tansu").join("tansu.log")).unwrap_or_default();
+    let lines: Vec<&str> = log.lines().collect();
+    lines
+        .iter()
+        .enumerate()
+        .filter(|(_, l)| l.contains("panicked at"))
+        .map(|(i, l)| format!("{} {}", l.trim(), lines.get(i + 1).map_or("", |next| next.trim())))
+        .collect()
 }
 
 /// Replaces the chaos section of `path` (from [`HEADING`] to the end).
