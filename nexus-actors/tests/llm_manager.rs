@@ -362,8 +362,9 @@ async fn garbage_on_the_command_topic_is_dead_lettered_and_never_blocks_a_partit
 }
 
 /// A node paused past its lease learns at its next renewal that the lease
-/// lapsed (and holds nothing until then), and a node started again under
-/// its name drops its dead predecessor's lease instead of waiting for it.
+/// lapsed (and holds nothing until then), a node started again under its
+/// name drops its dead predecessor's lease instead of waiting for it, and
+/// a lease Redis dropped is reported lapsed whatever the node's clock says.
 #[actix_rt::test]
 async fn a_lapsed_lease_is_noticed_and_a_restarted_node_evicts_its_predecessor() {
     let brokers = nexus_testkit::Brokers::redis("llm-lease");
@@ -388,4 +389,10 @@ async fn a_lapsed_lease_is_noticed_and_a_restarted_node_evicts_its_predecessor()
     again.evict_predecessors().await.unwrap();
     let (members, _) = again.renew().await.unwrap();
     assert_eq!(members, vec![again.member().to_owned(), other.member().to_owned()], "the old node-a is gone");
+
+    // The old process, held by its own clock, learns from Redis that it was
+    // removed: a clock that stood still (a frozen machine) cannot vouch.
+    assert!(first.held());
+    let (_, lapsed) = first.renew().await.unwrap();
+    assert!(lapsed, "a lease Redis no longer had is reported lapsed");
 }

@@ -360,10 +360,11 @@ impl ToolStore {
         answer: impl FnOnce(ToolResult) -> A,
     ) {
         let hold = remaining_until(request.deadline) + CLAIM_SLACK;
+        // Taken before the claim is asked for: Redis's hold ends no sooner.
+        let held_until = tokio::time::Instant::now() + hold;
         let (caller, key, call_id) = (&request.caller, &request.idempotency_key, &request.call_id);
         let result = match self.claim(tool, caller, key, call_id, hold).await {
             Ok(Claim::Won) => {
-                let held_until = tokio::time::Instant::now() + hold;
                 let outcome = Outcome::from(work.await);
                 let keep = self.keep(tool, request, &outcome, held_until);
                 futures::join!(keep, answer(outcome.clone().into()));

@@ -13,15 +13,17 @@
 //! do not depend on the broker for this.) A node started again under its
 //! name drops its dead predecessor's lease at once
 //! ([`Lease::evict_predecessors`]). A node whose own renewals fail
-//! for [`TTL`] gives up every partition before anyone else may take them.
+//! for `TTL - RENEW` gives up every partition before anyone else may take them.
 //!
 //! A node can also be paused (SIGSTOP, a frozen VM) past its lease and
 //! then go on as if nothing happened, while another node has taken its
 //! partitions. So it acts on its lease only while the lease is
 //! [`Lease::held`]: renewed within the last `TTL - RENEW` by its own clock.
-//! Its inbox takes no command and its journal writer writes nothing
-//! otherwise, and after such a gap it gives its partitions up and takes
-//! them again only as a newcomer would.
+//! Its inbox takes no command and its journal writer starts no write
+//! otherwise (a write already handed to the broker may still land: records
+//! carry no owner's generation), and after a gap — by its own clock, or by
+//! Redis's, which a frozen machine's clock cannot vouch for — it gives its
+//! partitions up and takes them again only as a newcomer would.
 //!
 //! The next offset to read of each partition is kept here too, written
 //! only once every command before it has its turn on the journal.
@@ -45,14 +47,20 @@ const MEMBERS: &str = "nexus:llm-managers:members";
 const OFFSETS: &str = "nexus:llm-managers:offsets";
 
 /// Renews `ARGV[1]` until Redis's now + `ARGV[2]` ms, drops lapsed members,
-/// returns the live ones in name order.
+/// returns `1` when `ARGV[1]`'s lease had run out or was gone (by Redis's
+/// clock, which a frozen machine's own clock cannot vouch for), else `0`,
+/// then the live members in name order.
 const RENEW_SCRIPT: &str = r"
 local now = redis.call('TIME')
 local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+local before = redis.call('ZSCORE', KEYS[1], ARGV[1])
+local lapsed = '0'
+if not before or tonumber(before) <= ms then lapsed = '1' end
 redis.call('ZADD', KEYS[1], ms + tonumber(ARGV[2]), ARGV[1])
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ms)
 local members = redis.call('ZRANGE', KEYS[1], 0, -1)
 table.sort(members)
+table.insert(members, 1, lapsed)
 return members
 ";
 
@@ -72,15 +80,22 @@ return gone
 #[derive(Clone)]
 pub struct Lease {
     redis: Redis,
+    /// The node's name; the member is `{node}/{a process's id}`.
+    node: String,
     member: String,
-    /// When the last renewal succeeded (none yet: not held).
+    /// When the last successful renewal was asked for (none: not held).
     renewed: Arc<Mutex<Option<Instant>>>,
 }
 
 impl Lease {
     /// The lease of a new member named after `node` (unique per process).
     pub fn new(redis: Redis, node: &str) -> Self {
-        Lease { redis, member: format!("{node}/{}", uuid::Uuid::now_v7().simple()), renewed: Arc::default() }
+        Lease {
+            redis,
+            node: node.to_owned(),
+            member: format!("{node}/{}", uuid::Uuid::now_v7().simple()),
+            renewed: Arc::default(),
+        }
     }
 
     /// This member's name.
@@ -89,17 +104,20 @@ impl Lease {
     }
 
     /// Renews the lease; the live members, in name order, and whether the
-    /// lease had lapsed before this renewal (it was not [`Lease::held`]).
+    /// lease had lapsed before this renewal: it was not [`Lease::held`], or
+    /// Redis had let it run out or seen it removed.
     pub async fn renew(&self) -> Result<(Vec<String>, bool), StoreError> {
         let asked = Instant::now();
-        let members = redis::Script::new(RENEW_SCRIPT)
+        let mut members: Vec<String> = redis::Script::new(RENEW_SCRIPT)
             .key(MEMBERS)
             .arg(&self.member)
             .arg(TTL.as_millis() as u64)
             .invoke_async(&mut self.redis.conn())
             .await?;
-        let lapsed = !self.held();
-        // Counted from when it was asked for: Redis's TTL runs from then at the latest.
+        let ran_out = !members.is_empty() && members.remove(0) == "1";
+        let lapsed = ran_out || !self.held();
+        // Counted from when it was asked for: Redis's TTL starts then at the
+        // earliest, so the node gives up no later than others may take over.
         *crate::kernel::lock(&self.renewed) = Some(asked);
         Ok((members, lapsed))
     }
@@ -115,10 +133,9 @@ impl Lease {
     /// (the node name lease), so any other member under it is dead, and its
     /// partitions need not wait for its lease to lapse.
     pub async fn evict_predecessors(&self) -> Result<(), StoreError> {
-        let prefix = self.member.split_once('/').map_or(self.member.as_str(), |(node, _)| node);
         redis::Script::new(EVICT_SCRIPT)
             .key(MEMBERS)
-            .arg(format!("{prefix}/"))
+            .arg(format!("{}/", self.node))
             .arg(&self.member)
             .invoke_async::<i64>(&mut self.redis.conn())
             .await?;
@@ -127,6 +144,8 @@ impl Lease {
 
     /// Gives the lease up now (an orderly stop), so others need not wait for it to lapse.
     pub async fn leave(&self) {
+        // Contexts still stopping write nothing more.
+        *crate::kernel::lock(&self.renewed) = None;
         let _: Result<(), _> = self.redis.conn().zrem(MEMBERS, &self.member).await;
     }
 

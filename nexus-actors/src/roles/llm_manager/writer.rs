@@ -119,6 +119,11 @@ impl JournalWriter {
             Err(AskError::Panicked(p)) => return Err(WriteError::Bridge(p.to_string())),
         };
         self.metrics.journal_append_seconds.observe(started.elapsed().as_secs_f64());
+        if !self.lease.held() {
+            // Paused while it was under way: it is on the journal, but the
+            // turn may have moved to another node; this one goes no further.
+            return Err(WriteError::Stopped);
+        }
         if delivered.offset < 0 {
             // A retry the broker recognised as a duplicate: the record is on
             // the journal, but librdkafka does not say where. The step fails
