@@ -146,6 +146,21 @@ fn user_message(context: &str, command_offset: i64) -> UserMessage {
     }
 }
 
+/// A new root context of `owner`, not yet journaled, as the directory holds it.
+fn root_context(owner: &str) -> ContextInfo {
+    ContextInfo {
+        id: uuid::Uuid::now_v7().to_string(),
+        owner: owner.into(),
+        model: None,
+        tools: Vec::new(),
+        parent: None,
+        created_at: chrono::Utc::now(),
+        partition: None,
+        first_offset: None,
+        last_offset: None,
+    }
+}
+
 fn created(context: &str, parent: Option<ForkPoint>) -> ContextCreated {
     ContextCreated {
         context: context.into(),
@@ -424,17 +439,7 @@ async fn without_a_model_llm_routes_answer_503_and_reading_still_works() {
     assert_eq!((status, body["error"].as_str()), (StatusCode::SERVICE_UNAVAILABLE, Some("llm_unavailable")));
     assert!(body["message"].as_str().unwrap().contains("no model endpoint is configured"), "{body}");
     // A context made while a model was configured.
-    let info = ContextInfo {
-        id: uuid::Uuid::now_v7().to_string(),
-        owner: "ada".into(),
-        model: None,
-        tools: Vec::new(),
-        parent: None,
-        created_at: chrono::Utc::now(),
-        partition: None,
-        first_offset: None,
-        last_offset: None,
-    };
+    let info = root_context("ada");
     world.directory.create(&info, 10).await.unwrap();
     let context = info.id.clone();
     let first = world.journal(&context, created(&context, None)).await;
@@ -572,17 +577,7 @@ async fn llm_ask_posts_a_message_and_returns_the_answer_of_its_turn() {
 async fn an_unknown_offset_is_never_noted_and_one_noted_before_still_reads() {
     let world = World::start("ctx-unknown-offset", with_model).await;
     let ada = world.node.user("ada").await;
-    let info = ContextInfo {
-        id: uuid::Uuid::now_v7().to_string(),
-        owner: "ada".into(),
-        model: None,
-        tools: Vec::new(),
-        parent: None,
-        created_at: chrono::Utc::now(),
-        partition: None,
-        first_offset: None,
-        last_offset: None,
-    };
+    let info = root_context("ada");
     world.directory.create(&info, 10).await.unwrap();
     let context = info.id.clone();
     let first = world.journal(&context, created(&context, None)).await;

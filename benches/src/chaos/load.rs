@@ -42,6 +42,21 @@ impl Shared {
     pub(super) fn stopped_following(&self) -> bool {
         self.stop_following.load(Ordering::Relaxed)
     }
+
+    /// `GET url` as the user; its JSON when it answers with success in time.
+    pub(super) async fn get(&self, url: &str) -> Option<Value> {
+        self.json(self.http.get(url)).await
+    }
+
+    /// `POST url` with `body` as the user; its JSON when it answers with success in time.
+    pub(super) async fn post(&self, url: &str, body: &Value) -> Option<Value> {
+        self.json(self.http.post(url).json(body)).await
+    }
+
+    async fn json(&self, request: reqwest::RequestBuilder) -> Option<Value> {
+        let answer = request.bearer_auth(&self.token).timeout(REQUEST_TIMEOUT).send().await.ok()?;
+        answer.error_for_status().ok()?.json().await.ok()
+    }
 }
 
 /// When a client's last successful operation started (ms since the run
@@ -176,16 +191,6 @@ async fn patch(shared: &Shared, url: &str, doc: &str, version: u64, i: u64) -> P
 
 /// A document's version and state, read from `url`.
 pub(super) async fn read(shared: &Shared, url: &str, doc: &str) -> Option<(u64, Value)> {
-    let answer = shared
-        .http
-        .get(format!("{url}/api/documents/{doc}"))
-        .bearer_auth(&shared.token)
-        .timeout(REQUEST_TIMEOUT)
-        .send()
-        .await
-        .ok()?
-        .error_for_status()
-        .ok()?;
-    let doc: Value = answer.json().await.ok()?;
+    let doc = shared.get(&format!("{url}/api/documents/{doc}")).await?;
     Some((doc["version"].as_u64()?, doc["state"].clone()))
 }

@@ -100,18 +100,7 @@ pub(super) async fn ask(shared: Arc<Shared>, asker: Arc<Asker>) {
 }
 
 async fn create(shared: &Shared, url: &str) -> Option<String> {
-    let answer = shared
-        .http
-        .post(format!("{url}/api/contexts"))
-        .bearer_auth(&shared.token)
-        .timeout(REQUEST_TIMEOUT)
-        .json(&json!({}))
-        .send()
-        .await
-        .ok()?
-        .error_for_status()
-        .ok()?;
-    Some(answer.json::<Value>().await.ok()?["id"].as_str()?.to_owned())
+    Some(shared.post(&format!("{url}/api/contexts"), &json!({})).await?["id"].as_str()?.to_owned())
 }
 
 /// Reads the context's journal from `from` (moving it on) until the turn
@@ -140,17 +129,8 @@ fn completes(record: &Value) -> Option<i64> {
 }
 
 async fn events(shared: &Shared, url: &str, id: &str, from: i64) -> Option<Vec<Value>> {
-    let answer = shared
-        .http
-        .get(format!("{url}/api/contexts/{id}/events?from={from}&limit={READ_LIMIT}"))
-        .bearer_auth(&shared.token)
-        .timeout(REQUEST_TIMEOUT)
-        .send()
-        .await
-        .ok()?
-        .error_for_status()
-        .ok()?;
-    answer.json::<Value>().await.ok()?["records"].as_array().cloned()
+    let page = shared.get(&format!("{url}/api/contexts/{id}/events?from={from}&limit={READ_LIMIT}")).await?;
+    page["records"].as_array().cloned()
 }
 
 /// Reads every context's journal back (waiting up to [`TURN_WAIT`] for
