@@ -75,7 +75,9 @@ fn main() {
     let only_deploy = args.windows(2).any(|w| w[0] == "--only" && w[1] == "deploy");
     let only_bus = args.windows(2).any(|w| w[0] == "--only" && w[1] == "bus");
     let only_sessions = args.windows(2).any(|w| w[0] == "--only" && w[1] == "sessions");
-    if (only_panels || only_login || only_llm || only_deploy || only_bus || only_sessions) && write.is_some() {
+    let only_cold = args.windows(2).any(|w| w[0] == "--only" && w[1] == "cold");
+    let partial = only_panels || only_login || only_llm || only_deploy || only_bus || only_sessions || only_cold;
+    if partial && write.is_some() {
         eprintln!("--only prints its tables; --write needs the full run");
         std::process::exit(2);
     }
@@ -104,6 +106,12 @@ fn main() {
     }
     if only_sessions {
         println!("{}", sessions::table(&dir, if quick { 500 } else { 5_000 }));
+        let _ = std::fs::remove_dir_all(&dir);
+        return;
+    }
+    if only_cold {
+        let sizes = panels::Sizes::new(quick);
+        println!("{}", actix_rt::System::new().block_on(panels::cold_start(&dir, &sizes)));
         let _ = std::fs::remove_dir_all(&dir);
         return;
     }

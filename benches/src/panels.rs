@@ -143,6 +143,16 @@ the deploy); the ratio says how many warm requests one cold start costs. The
 gateway's own `nexus_gateway_cold_start_seconds` histogram (first queued
 request → endpoints) is shown as its mean. Rows are skipped, with the reason,
 without root, without runsc, or without the `nexus` binary.
+The time split is made of means over the cold starts alone (the deploy's
+start left out) of the driver's `nexus_local_start_phase_seconds{phase}`: prepare
+(sandbox resolved, instance dir), copy (scratch tmpfs and the snapshot's
+copy), network (namespace and link), sandbox (helpers' listeners, runsc
+bundle, cgroup), credentials (the sidecar's Redis user), spawn (sidecar,
+watchdog, user process); then boot: the panel manager's
+`nexus_panel_instance_start_seconds{mode=\"app\"}` less the driver's steps
+(processes spawned → readiness probe answered); activation and route: the
+gateway's cold-start mean less that (Activate published, claimed, route
+seen); request through: the mean cold start less the gateway's mean.
 ";
 
 // ---- the hello upstream -------------------------------------------------------
@@ -598,8 +608,13 @@ struct Cold {
     cold_ms: Vec<f64>,
     warm_p50_ms: f64,
     gateway_mean_ms: Option<f64>,
+    /// Where the time went: (step, mean ms), in order.
+    split: Vec<(&'static str, f64)>,
     note: String,
 }
+
+/// The driver's phases, as `nexus_local_start_phase_seconds` labels them, in order.
+const PHASES: [&str; 6] = ["prepare", "copy", "network", "sandbox", "credentials", "spawn"];
 
 /// Runs the cold starts; returns the markdown table.
 pub(crate) async fn cold_start(dir: &Path, sizes: &Sizes) -> String {
@@ -610,6 +625,7 @@ pub(crate) async fn cold_start(dir: &Path, sizes: &Sizes) -> String {
         "| sandbox | isolation | cold starts | p50 ms | max ms | warm p50 ms | cold p50 ÷ warm p50 | note |\n\
          |---|---|---:|---:|---:|---:|---:|---|\n",
     );
+    let mut splits = Vec::new();
     let kinds = [
         ("plain process", SandboxChoice::Process, "process"),
         ("bubblewrap namespaces", SandboxChoice::Namespaces, "namespaces"),
@@ -628,9 +644,15 @@ pub(crate) async fn cold_start(dir: &Path, sizes: &Sizes) -> String {
         };
         let work = dir.join(format!("cold-{dir_name}"));
         match cold_starts(&work, bin, kind, choice, sizes).await {
-            Ok(cold) => out += &cold_row(&cold),
+            Ok(cold) => {
+                out += &cold_row(&cold);
+                splits.push(cold);
+            }
             Err(why) => out += &skip(why),
         }
+    }
+    if !splits.is_empty() {
+        out += &split_table(&splits);
     }
     if let Some(runsc) = version_of("runsc", "--version") {
         let _ = writeln!(out, "\nTools: {runsc}.");
@@ -653,6 +675,56 @@ fn is_root() -> bool {
         .ok()
         .and_then(|s| s.lines().find(|l| l.starts_with("Uid:")).map(|l| l.split_whitespace().nth(2) == Some("0")))
         .unwrap_or(false)
+}
+
+/// Where each sandbox's cold start goes, in mean milliseconds.
+fn split_table(colds: &[Cold]) -> String {
+    let steps: Vec<&str> = colds[0].split.iter().map(|(step, _)| *step).collect();
+    let mut out = format!("\n| time split, mean ms | {} |\n|---|{}\n", steps.join(" | "), "---:|".repeat(steps.len()));
+    for c in colds {
+        let cells: Vec<String> = c.split.iter().map(|(_, ms)| format!("{ms:.1}")).collect();
+        let _ = writeln!(out, "| {} | {} |", c.kind, cells.join(" | "));
+    }
+    out
+}
+
+/// The split of the cold starts from the node's histograms: their means
+/// over the cold starts alone (`before` is the rendering taken after the
+/// deploy), beside the measured mean.
+fn cold_split(before: &str, after: &str, cold_mean_ms: f64) -> Vec<(&'static str, f64)> {
+    let mean = |name: &str, label: Option<&str>| {
+        let (sum, count) = (totals(after, name, label), totals(before, name, label));
+        let (sum, count) = (sum.0 - count.0, sum.1 - count.1);
+        if count > 0.0 {
+            sum / count * 1e3
+        } else {
+            f64::NAN
+        }
+    };
+    let mut split: Vec<(&'static str, f64)> =
+        PHASES.iter().map(|phase| (*phase, mean("nexus_local_start_phase_seconds", Some(phase)))).collect();
+    let driver: f64 = split.iter().map(|(_, ms)| ms).sum();
+    let ready = mean("nexus_panel_instance_start_seconds", Some("app"));
+    let gateway = mean("nexus_gateway_cold_start_seconds", None);
+    split.push(("boot (spawned → ready)", ready - driver));
+    split.push(("activation and route", gateway - ready));
+    split.push(("request through", cold_mean_ms - gateway));
+    split
+}
+
+/// `(sum, count)` of the histogram `name` (with `label` as its one label's
+/// value, if given) in a Prometheus text rendering; zeros when absent.
+fn totals(metrics: &str, name: &str, label: Option<&str>) -> (f64, f64) {
+    let value = |suffix: &str| {
+        let series = format!("{name}_{suffix}");
+        metrics
+            .lines()
+            .filter(|l| l.split([' ', '{']).next() == Some(series.as_str()))
+            .find(|l| label.is_none_or(|label| l.contains(&format!("=\"{label}\""))))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (value("sum"), value("count"))
 }
 
 fn cold_row(c: &Cold) -> String {
@@ -697,6 +769,7 @@ async fn cold_starts(
     let driver = LocalDriver::new(LocalConfig::new(work.join("data"), nexus_bin, redis.url(), choice));
     let (isolation, _) = driver.isolation().await.map_err(|e| e.to_string())?;
     let kernel = Kernel::new("bench-cold");
+    driver.metrics().register(kernel.metrics().registry()).map_err(|e| e.to_string())?;
     let arbiter = Arbiter::new();
     let bridge = RedisBridge::spawn(&kernel, &arbiter.handle(), &redis.url()).map_err(|e| e.to_string())?;
     let config = PanelManagerConfig::new("bench", redis.url());
@@ -755,6 +828,7 @@ async fn measure_cold(node: &AppNode, kind: &'static str, isolation: String, siz
     }
     warm.sort_unstable();
 
+    let before = node.kernel.render_metrics();
     let mut cold_ms = Vec::new();
     let mut failures = Vec::new();
     for _ in 0..sizes.cold_starts {
@@ -776,12 +850,14 @@ async fn measure_cold(node: &AppNode, kind: &'static str, isolation: String, siz
     if !failures.is_empty() {
         let _ = write!(note, "; {} failed: {}", failures.len(), failures.join(" / "));
     }
+    let cold_mean = cold_ms.iter().sum::<f64>() / cold_ms.len() as f64;
     Ok(Cold {
         kind,
         isolation,
         cold_ms,
         warm_p50_ms: percentile(&warm, 0.5) / 1e3,
         gateway_mean_ms: gateway_cold_mean_ms(&node.kernel),
+        split: cold_split(&before, &node.kernel.render_metrics(), cold_mean),
         note,
     })
 }
@@ -852,12 +928,7 @@ where
 
 /// Mean of `nexus_gateway_cold_start_seconds`, in ms.
 fn gateway_cold_mean_ms(kernel: &Kernel) -> Option<f64> {
-    let metrics = kernel.render_metrics();
-    let value = |name: &str| {
-        metrics.lines().find(|l| l.starts_with(name)).and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-    };
-    let (sum, count) =
-        (value("nexus_gateway_cold_start_seconds_sum")?, value("nexus_gateway_cold_start_seconds_count")?);
+    let (sum, count) = totals(&kernel.render_metrics(), "nexus_gateway_cold_start_seconds", None);
     (count > 0.0).then(|| sum / count * 1e3)
 }
 
@@ -885,6 +956,38 @@ Transfer/sec:      8.00MB
         assert!((load.p50_us - 312.0).abs() < 1e-6);
         assert!((load.p99_us - 1230.0).abs() < 1e-6);
         assert_eq!(load.errors.as_deref(), Some("Non-2xx or 3xx responses: 5"));
+    }
+
+    #[test]
+    fn a_cold_split_counts_only_what_came_after_the_deploy() {
+        let render = |copy: f64, count: u32, gateway: f64, ready: f64| {
+            let mut text = String::new();
+            for phase in PHASES {
+                let sum = if phase == "copy" { copy } else { 0.001 * f64::from(count) };
+                text += &format!("nexus_local_start_phase_seconds_sum{{phase=\"{phase}\"}} {sum}\n");
+                text += &format!("nexus_local_start_phase_seconds_count{{phase=\"{phase}\"}} {count}\n");
+            }
+            text += &format!("nexus_panel_instance_start_seconds_sum{{mode=\"app\"}} {ready}\n");
+            text += &format!("nexus_panel_instance_start_seconds_count{{mode=\"app\"}} {count}\n");
+            text += "nexus_panel_instance_start_seconds_sum{mode=\"studio\"} 99\n";
+            text += "nexus_panel_instance_start_seconds_count{mode=\"studio\"} 1\n";
+            if count > 1 {
+                text += &format!(
+                    "nexus_gateway_cold_start_seconds_sum {gateway}\nnexus_gateway_cold_start_seconds_count 2\n"
+                );
+            }
+            text
+        };
+        // The deploy's start (1 s copy) then two cold starts of 10 ms copies.
+        let before = render(1.0, 1, 0.0, 1.1);
+        let after = render(1.02, 3, 0.3, 1.38);
+        let split = cold_split(&before, &after, 160.0);
+        let ms = |step: &str| split.iter().find(|(s, _)| *s == step).expect(step).1;
+        assert!((ms("copy") - 10.0).abs() < 1e-6, "{split:?}");
+        assert!((ms("network") - 1.0).abs() < 1e-6, "{split:?}");
+        assert!((ms("boot (spawned → ready)") - (140.0 - 15.0)).abs() < 1e-6, "{split:?}");
+        assert!((ms("activation and route") - 10.0).abs() < 1e-6, "{split:?}");
+        assert!((ms("request through") - 10.0).abs() < 1e-6, "{split:?}");
     }
 
     #[test]

@@ -237,6 +237,11 @@ fn a_user_process_that_exits_is_reported_and_its_output_is_in_the_logs() {
         assert_eq!(event, Some(InstanceEvent::Exited { code: Some(7), limit: None, restarted: false }));
         let logs = driver.logs(&instance, 10).await.unwrap();
         assert!(logs.iter().any(|l| l == "hello from the panel"), "{logs:?}");
+        // Each step of the start was timed once (the cold-start split).
+        let phases = &driver.metrics().start_phases;
+        for phase in ["prepare", "copy", "network", "sandbox", "credentials", "spawn"] {
+            assert_eq!(phases.with_label_values(&[phase]).get_sample_count(), 1, "{phase}");
+        }
 
         driver.restart(&instance).await.expect("restart");
         let event = actix_rt::time::timeout(Duration::from_secs(60), started.events.recv()).await.expect("an event");

@@ -81,7 +81,7 @@ use crate::netns::{Netns, NetnsThread};
 use crate::platform::files::private_dir;
 use files::{blocking, check_id, chown_tree, fresh_copy, open_log, path_string, read_command, remove_tree};
 use isolation::{resolve, Sandbox};
-use metrics::Helper;
+use metrics::{Helper, StartPhase};
 use procs::{OnExit, Supervised};
 
 pub use super::templates::names as template_names;
@@ -358,6 +358,7 @@ impl LocalDriver {
         if self.instance(&spec.instance).is_ok() {
             return Err(DriverError::AlreadyRunning(spec.instance.clone()));
         }
+        let mut clock = self.metrics.start_clock();
         let sandbox = self.sandbox().await?;
         self.sweep_stale().await;
         let root = sandbox.isolation != Isolation::None;
@@ -369,6 +370,7 @@ impl LocalDriver {
         let dir = self.instances_dir().join(&spec.instance);
         remove_tree(&dir)?;
         private_dir(&dir)?;
+        clock.lap(StartPhase::Prepare);
 
         let (code, snapshot, scratch_dir) = match &spec.code {
             Code::Studio(volume) => (volume.location.path().to_owned(), None, None),
@@ -395,6 +397,7 @@ impl LocalDriver {
             }
         }
         let command = read_command(&code).inspect_err(|_| discard())?;
+        clock.lap(StartPhase::Copy);
 
         let studio = spec.mode == InstanceMode::Studio;
         // Last before the processes: from here on a failure tears it down.
@@ -405,6 +408,7 @@ impl LocalDriver {
             }
             false => (None, None),
         };
+        clock.lap(StartPhase::Network);
         // The helpers' endpoints, bound here before any panel code runs and
         // handed over to them, so no panel can take their ports, not even
         // while a helper restarts; and the panel need not wait for them.
@@ -495,9 +499,11 @@ impl LocalDriver {
         // gateway (the endpoint) know it, never the panel, never a log.
         let watchdog_token = studio.then(new_secret);
         let panel_url = format!("http://{panel_addr}");
+        clock.lap(StartPhase::Sandbox);
         let started = async {
             let login = self.sidecar_users.set(&instance.sidecar_login).await?;
             self.keep_sidecar_users();
+            clock.lap(StartPhase::Credentials);
             let wiring = Wiring {
                 panel_url: &panel_url,
                 proxy_addr: &proxy_addr,
@@ -508,7 +514,9 @@ impl LocalDriver {
                 sidecar_token: &sidecar_token,
                 sidecar_redis_url: &login,
             };
-            self.start_processes(&spec, &instance, wiring).await
+            self.start_processes(&spec, &instance, wiring).await?;
+            clock.lap(StartPhase::Spawn);
+            Ok(())
         };
         if let Err(error) = started.await {
             self.tear_down(&spec.instance, &instance, Duration::ZERO).await;

@@ -2,7 +2,9 @@
 //! node registers them in its registry ([`LocalMetrics::register`]).
 //! Labels come from enums.
 
-use prometheus::{IntCounter, IntCounterVec, Opts};
+use std::time::Instant;
+
+use prometheus::{HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts};
 
 /// One of the trusted processes beside a panel, for the `process` label.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -18,6 +20,53 @@ impl Helper {
             Helper::Sidecar => "sidecar",
             Helper::Watchdog => "watchdog",
         }
+    }
+}
+
+/// A step of an instance's start in the driver, for the `phase` label of
+/// `nexus_local_start_phase_seconds`: where a cold start's time goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum StartPhase {
+    /// Sandbox resolved, stale namespaces swept, uid and instance dir.
+    Prepare,
+    /// The App's scratch space and its copy of the snapshot (or the
+    /// Studio volume's chown), and the start command read.
+    Copy,
+    /// The network namespace and its link.
+    Network,
+    /// The helpers' listeners bound, the runsc bundle written, the cgroup made.
+    Sandbox,
+    /// The sidecar's Redis user set.
+    Credentials,
+    /// Sidecar, watchdog and user process spawned.
+    Spawn,
+}
+
+impl StartPhase {
+    fn label(self) -> &'static str {
+        match self {
+            StartPhase::Prepare => "prepare",
+            StartPhase::Copy => "copy",
+            StartPhase::Network => "network",
+            StartPhase::Sandbox => "sandbox",
+            StartPhase::Credentials => "credentials",
+            StartPhase::Spawn => "spawn",
+        }
+    }
+}
+
+/// Times one start's phases, each from the end of the one before.
+pub(super) struct StartClock {
+    phases: HistogramVec,
+    since: Instant,
+}
+
+impl StartClock {
+    /// Records `phase` as ended now.
+    pub(super) fn lap(&mut self, phase: StartPhase) {
+        let now = Instant::now();
+        self.phases.with_label_values(&[phase.label()]).observe((now - self.since).as_secs_f64());
+        self.since = now;
     }
 }
 
@@ -40,6 +89,8 @@ pub struct LocalMetrics {
     /// `nexus_local_unlimited_instances_total`: instances started without
     /// memory, CPU and process limits, for want of usable cgroups.
     pub unlimited: IntCounter,
+    /// `nexus_local_start_phase_seconds{phase}`: each step of a start.
+    pub start_phases: HistogramVec,
 }
 
 impl LocalMetrics {
@@ -68,7 +119,18 @@ impl LocalMetrics {
                 "Instances started without resource limits, for want of usable cgroups",
             )
             .expect("valid metric definition"),
+            start_phases: HistogramVec::new(
+                HistogramOpts::new("nexus_local_start_phase_seconds", "Each step of an instance's start, by phase")
+                    .buckets(vec![0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0]),
+                &["phase"],
+            )
+            .expect("valid metric definition"),
         }
+    }
+
+    /// A clock for one start's phases, running from now.
+    pub(super) fn start_clock(&self) -> StartClock {
+        StartClock { phases: self.start_phases.clone(), since: Instant::now() }
     }
 
     /// Registers the counters in `registry`.
@@ -79,6 +141,7 @@ impl LocalMetrics {
         registry.register(Box::new(self.sandbox_probes.clone()))?;
         registry.register(Box::new(self.log_rotations.clone()))?;
         registry.register(Box::new(self.unlimited.clone()))?;
+        registry.register(Box::new(self.start_phases.clone()))?;
         registry.register(Box::new(self.stale_swept.clone()))
     }
 }
