@@ -443,7 +443,8 @@ struct NodeArgs {
     #[arg(long, env = "NEXUS_DRAIN_TIMEOUT", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
     drain_timeout: u64,
     /// Name of this node in logs, metrics and envelopes; what it owns is
-    /// kept under it, and no two live nodes may share it. Default:
+    /// kept under it, and no two live nodes may share it: 1 to 63 ASCII
+    /// letters, digits, `-`, `_` and `.`, first a letter or a digit. Default:
     /// `nexus-<host>-<random>`, made once and kept in `<data-dir>/node-name`.
     #[arg(long, env = "NEXUS_NODE_NAME")]
     name: Option<String>,

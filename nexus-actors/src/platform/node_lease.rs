@@ -52,6 +52,14 @@ pub enum LeaseError {
         /// When the holder's lease ends unless renewed.
         expires_in_ms: i64,
     },
+    /// The name is not one a node may have (see [`check_name`]).
+    #[error("node name {name:?} refused: {why}")]
+    BadName {
+        /// The name.
+        name: String,
+        /// What is wrong with it.
+        why: &'static str,
+    },
     /// Redis could not be asked.
     #[error("node name lease: {0}")]
     Store(#[from] StoreError),
@@ -86,6 +94,7 @@ impl NodeLease {
         times: LeaseTimes,
         lost: IntCounter,
     ) -> Result<NodeLease, LeaseError> {
+        check_name(name).map_err(|why| LeaseError::BadName { name: name.to_owned(), why })?;
         let key = format!("nexus:node:{name}");
         let holder = this_holder();
         let ttl_ms = times.ttl.as_millis() as u64;
@@ -224,6 +233,28 @@ fn process_start(pid: u32) -> Option<u64> {
     stat.rsplit_once(')')?.1.split_whitespace().nth(19)?.parse().ok()
 }
 
+/// The longest node name: a DNS label's length, as Kubernetes Pod names go.
+const MAX_NAME: usize = 63;
+
+/// Whether `name` may name a node: 1 to 63 ASCII letters, digits, `-`,
+/// `_` and `.`, starting with a letter or a digit. Names key what a node
+/// owns and are joined with `/` and `:` into keys (the LLM manager's
+/// members are `<node>/<process>`, evicted by that prefix), so a `/` in one
+/// would let a node named `a` take `a/b`'s leases for its own.
+pub fn check_name(name: &str) -> Result<(), &'static str> {
+    let first = name.chars().next().ok_or("it is empty")?;
+    if name.len() > MAX_NAME {
+        return Err("it is longer than 63 characters");
+    }
+    if !first.is_ascii_alphanumeric() {
+        return Err("it must start with a letter or a digit");
+    }
+    if !name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')) {
+        return Err("only ASCII letters, digits, '-', '_' and '.' are allowed");
+    }
+    Ok(())
+}
+
 /// This host's name.
 pub fn host_name() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
@@ -267,6 +298,28 @@ mod tests {
 
     fn times() -> LeaseTimes {
         LeaseTimes { ttl: Duration::from_secs(5), renew: Duration::from_millis(100) }
+    }
+
+    #[test]
+    fn names_that_could_pass_for_another_nodes_keys_are_refused() {
+        for good in ["n1", "nexus-node", "nexus-host-0a1b2c", "node_2.eu", &"a".repeat(63)] {
+            assert_eq!(check_name(good), Ok(()), "{good}");
+        }
+        for bad in ["", "a/b", "a:b", "-a", ".a", "a b", "nöde", "a*", &"a".repeat(64)] {
+            assert!(check_name(bad).is_err(), "{bad:?} was taken");
+        }
+    }
+
+    #[actix_rt::test]
+    async fn a_name_with_a_slash_is_refused_before_redis_is_asked() {
+        let brokers = nexus_testkit::Brokers::redis("node-lease-names");
+        let redis = Redis::connect(&brokers.redis_url()).await.expect("redis");
+        let lost = IntCounter::new("lost", "lost").expect("a counter");
+        let refused = NodeLease::acquire(&redis, "n1/x", times(), lost).await;
+        assert!(matches!(refused, Err(LeaseError::BadName { .. })), "a name with a slash was leased");
+        let key: Option<String> =
+            redis::cmd("GET").arg("nexus:node:n1/x").query_async(&mut redis.conn()).await.expect("get");
+        assert_eq!(key, None);
     }
 
     #[actix_rt::test]
@@ -329,6 +382,7 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         let name = default_name(&dir, "legacy").expect("a name");
         assert!(name.starts_with("nexus-") && name.len() > "nexus-".len() + 7, "{name}");
+        assert_eq!(check_name(&name), Ok(()), "a made name is a valid one: {name}");
         assert_eq!(default_name(&dir, "legacy").expect("the same name"), name);
         let other = std::env::temp_dir().join(format!("nexus-node-name-other-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&other);
