@@ -290,8 +290,10 @@ async fn settle(callers: &[Arc<Caller>], cluster: &Cluster) {
     let answered: Vec<Answered> = callers.iter().flat_map(|c| c.answered.lock().expect("answered").clone()).collect();
     let brokers = cluster.kafka.brokers();
     let missing = tokio::task::spawn_blocking(move || verify::unrecorded(&answered, &brokers, SETTLE)).await;
-    if let Ok(missing @ 1..) = missing {
-        eprintln!("chaos: {missing} answered calls still lack their records before the kill");
+    match missing {
+        Ok(Ok(missing @ 1..)) => eprintln!("chaos: {missing} answered calls still lack their records before the kill"),
+        Ok(Err(why)) => eprintln!("chaos: the records could not be read before the kill: {why}"),
+        _ => {}
     }
 }
 
@@ -434,6 +436,9 @@ fn report(rows: &[FaultRow], v: &Verdict, short: bool) -> String {
         v.model_steps_twice,
         v.turns_failed,
     );
+    if !v.unreadable.is_empty() {
+        out += &format!("\nCould not be read back after the run (not judged): {}.\n", v.unreadable.join("; "));
+    }
     out
 }
 

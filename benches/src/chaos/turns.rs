@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use super::load::{Progress, Shared, BACKOFF, REQUEST_TIMEOUT};
-use super::verify::Verdict;
+use super::verify::{from_any_node, Verdict};
 
 /// Messages per context before an asker starts another (a journal is read
 /// back whole, 5,000 records at most).
@@ -138,10 +138,14 @@ async fn events(shared: &Shared, url: &str, id: &str, from: i64) -> Option<Vec<V
 pub(super) async fn verify(shared: &Shared, askers: &[Arc<Asker>], verdict: &mut Verdict) {
     let contexts: Vec<Asked> = askers.iter().flat_map(|a| a.contexts.lock().expect("contexts").clone()).collect();
     let deadline = Instant::now() + TURN_WAIT;
-    for context in &contexts {
+    'contexts: for context in &contexts {
         verdict.turns_acked += context.offsets.len() as u64;
         let records = loop {
-            let records = read_all(shared, &context.id).await;
+            let read = from_any_node(shared, |url| async move { events(shared, &url, &context.id, 0).await }).await;
+            let Some(records) = read else {
+                verdict.unreadable.push(format!("the journal of context {}", context.id));
+                continue 'contexts;
+            };
             let answered: HashSet<i64> = records.iter().filter_map(completes).collect();
             if context.offsets.iter().all(|o| answered.contains(o)) || Instant::now() > deadline {
                 break records;
@@ -175,18 +179,5 @@ pub(super) async fn verify(shared: &Shared, askers: &[Arc<Asker>], verdict: &mut
                 verdict.model_steps_twice += 1;
             }
         }
-    }
-}
-
-async fn read_all(shared: &Shared, id: &str) -> Vec<Value> {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        for url in &shared.urls {
-            if let Some(records) = events(shared, url, id, 0).await {
-                return records;
-            }
-        }
-        assert!(Instant::now() < deadline, "the journal of context {id} could not be read after the run");
-        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }

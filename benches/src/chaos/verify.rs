@@ -3,6 +3,7 @@
 //! counts it against what the clients were told.
 
 use std::collections::{HashMap, HashSet};
+use std::future::Future;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -19,6 +20,9 @@ use super::panel::Runs;
 
 /// How long followers have to converge once the load stops.
 pub(super) const CONVERGE_WITHIN: Duration = Duration::from_secs(5);
+
+/// How long what the system kept may take to be read back after the run.
+const READ_BACK_WITHIN: Duration = Duration::from_secs(30);
 
 /// What the run counts; every field but the totals must be zero.
 #[derive(Debug, Default)]
@@ -59,6 +63,9 @@ pub(super) struct Verdict {
     pub(super) model_steps_twice: u64,
     /// Turns that completed with a failure (an answer, not a loss).
     pub(super) turns_failed: u64,
+    /// What could not be read back after the run (a broker or node that
+    /// stayed down): nothing can be said of it, so the run fails.
+    pub(super) unreadable: Vec<String>,
 }
 
 impl Verdict {
@@ -79,6 +86,7 @@ impl Verdict {
             ("acknowledged messages never answered", self.turns_lost),
             ("messages answered twice", self.turns_twice),
             ("model steps answered twice", self.model_steps_twice),
+            ("results that could not be read back after the run", self.unreadable.len() as u64),
         ]
         .into_iter()
         .filter(|(_, n)| *n > 0)
@@ -96,7 +104,13 @@ pub(super) async fn documents(
 ) {
     let mut finals = Vec::new();
     for writer in writers {
-        let (version, state) = read_anywhere(shared, &writer.doc).await;
+        let Some((version, state)) =
+            from_any_node(shared, |url| async move { read(shared, &url, &writer.doc).await }).await
+        else {
+            verdict.unreadable.push(format!("document {}", writer.doc));
+            finals.push(None);
+            continue;
+        };
         let acked = writer.acked.lock().expect("acked").clone();
         verdict.writes_acked += acked.len() as u64;
         verdict.writes_lost += acked.iter().filter(|&&i| state.get(key(i)).is_none()).count() as u64;
@@ -106,8 +120,11 @@ pub(super) async fn documents(
             // The document went back: whatever it held since is lost.
             None => verdict.writes_lost += acked.len() as u64,
         }
-        finals.push((version, state));
+        finals.push(Some((version, state)));
     }
+    // Followers of a document that could not be read cannot be judged.
+    let followers: Vec<(&Follower, &(u64, Value))> =
+        followers.iter().filter_map(|(doc, f)| Some((f.as_ref(), finals[*doc].as_ref()?))).collect();
     verdict.followers = followers.len() as u64;
     let deadline = Instant::now() + CONVERGE_WITHIN;
     let converged = |f: &Follower, (version, state): &(u64, Value)| {
@@ -115,22 +132,29 @@ pub(super) async fn documents(
         f.version.load(Ordering::Relaxed) == *version
             && f.keys.lock().expect("keys").iter().collect::<HashSet<_>>() == want
     };
-    while Instant::now() < deadline && !followers.iter().all(|(doc, f)| converged(f, &finals[*doc])) {
+    while Instant::now() < deadline && !followers.iter().all(|(f, last)| converged(f, last)) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    verdict.followers_not_converged = followers.iter().filter(|(doc, f)| !converged(f, &finals[*doc])).count() as u64;
-    verdict.follower_gaps = followers.iter().map(|(_, f)| f.gaps.load(Ordering::Relaxed)).sum();
+    verdict.followers_not_converged = followers.iter().filter(|(f, last)| !converged(f, last)).count() as u64;
+    verdict.follower_gaps = followers.iter().map(|(f, _)| f.gaps.load(Ordering::Relaxed)).sum();
 }
 
-async fn read_anywhere(shared: &Shared, doc: &str) -> (u64, Value) {
-    let deadline = Instant::now() + Duration::from_secs(30);
+/// The first answer a node gives to `ask` (each asked in turn, again
+/// until [`READ_BACK_WITHIN`]); None when none did.
+pub(super) async fn from_any_node<T, Fut>(shared: &Shared, ask: impl Fn(String) -> Fut) -> Option<T>
+where
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + READ_BACK_WITHIN;
     loop {
         for url in &shared.urls {
-            if let Some(read) = read(shared, url, doc).await {
-                return read;
+            if let Some(answer) = ask(url.clone()).await {
+                return Some(answer);
             }
         }
-        assert!(Instant::now() < deadline, "document {doc} could not be read after the run");
+        if Instant::now() >= deadline {
+            return None;
+        }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
@@ -150,7 +174,14 @@ pub(super) fn tool_calls(callers: &[Arc<Caller>], runs: &Runs, brokers: &str, ki
 
     // Records leave a node off the call's path: give its queue time to drain.
     let deadline = Instant::now() + Duration::from_secs(20);
-    let records = records_of(&answered, brokers, deadline);
+    let records = match records_of(&answered, brokers, deadline) {
+        Ok(records) => records,
+        Err(why) => {
+            eprintln!("chaos: the tool call records could not be read back: {why}");
+            verdict.unreadable.push(format!("the tool call records on {SEMANTIC_EVENTS}: {why}"));
+            return;
+        }
+    };
     let record_of = |a: &Answered| records.get(&a.call_id).cloned().unwrap_or_default();
     let lost: Vec<&Answered> = answered.iter().filter(|a| !record_of(a).complete()).collect();
     let twice: Vec<&Answered> = answered.iter().filter(|a| record_of(a).distinct() > 2).collect();
@@ -213,45 +244,51 @@ impl CallRecords {
 }
 
 /// The records of `answered` calls, read until all are there or `deadline`.
-fn records_of(answered: &[Answered], brokers: &str, deadline: Instant) -> HashMap<String, CallRecords> {
+fn records_of(answered: &[Answered], brokers: &str, deadline: Instant) -> Result<HashMap<String, CallRecords>, String> {
     loop {
-        let records = tool_records(brokers);
+        let records = tool_records(brokers)?;
         let complete = answered.iter().all(|a| records.get(&a.call_id).is_some_and(CallRecords::complete));
         if complete || Instant::now() >= deadline {
-            return records;
+            return Ok(records);
         }
         std::thread::sleep(Duration::from_secs(1));
     }
 }
 
 /// How many of `answered` lack a record on Kafka after waiting up to `within`.
-pub(super) fn unrecorded(answered: &[Answered], brokers: &str, within: Duration) -> usize {
-    let records = records_of(answered, brokers, Instant::now() + within);
-    answered.iter().filter(|a| !records.get(&a.call_id).is_some_and(CallRecords::complete)).count()
+pub(super) fn unrecorded(answered: &[Answered], brokers: &str, within: Duration) -> Result<usize, String> {
+    let records = records_of(answered, brokers, Instant::now() + within)?;
+    Ok(answered.iter().filter(|a| !records.get(&a.call_id).is_some_and(CallRecords::complete)).count())
 }
 
 /// The `nexus.tool.called` and `nexus.tool.finished` records on `semantic.events`, by call id.
-fn tool_records(brokers: &str) -> HashMap<String, CallRecords> {
+fn tool_records(brokers: &str) -> Result<HashMap<String, CallRecords>, String> {
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("group.id", "nexus-chaos-verdict")
         .set("enable.auto.commit", "false")
         .set("fetch.wait.max.ms", "5")
         .create()
-        .expect("a Kafka consumer");
+        .map_err(|e| format!("a Kafka consumer: {e}"))?;
     let timeout = Duration::from_secs(10);
-    let metadata = consumer.fetch_metadata(Some(SEMANTIC_EVENTS), timeout).expect("semantic.events metadata");
+    let metadata = consumer.fetch_metadata(Some(SEMANTIC_EVENTS), timeout).map_err(|e| format!("metadata: {e}"))?;
     let partitions: Vec<i32> = metadata.topics().iter().flat_map(|t| t.partitions().iter().map(|p| p.id())).collect();
     let mut records = HashMap::new();
     for partition in partitions {
-        let (low, high) = consumer.fetch_watermarks(SEMANTIC_EVENTS, partition, timeout).expect("watermarks");
+        let (low, high) = consumer
+            .fetch_watermarks(SEMANTIC_EVENTS, partition, timeout)
+            .map_err(|e| format!("partition {partition}'s watermarks: {e}"))?;
         let mut assignment = TopicPartitionList::new();
-        assignment.add_partition_offset(SEMANTIC_EVENTS, partition, Offset::Offset(low)).expect("a partition");
-        consumer.assign(&assignment).expect("assigned");
+        assignment
+            .add_partition_offset(SEMANTIC_EVENTS, partition, Offset::Offset(low))
+            .map_err(|e| format!("partition {partition}: {e}"))?;
+        consumer.assign(&assignment).map_err(|e| format!("partition {partition}: {e}"))?;
         let mut next = low;
         let deadline = Instant::now() + Duration::from_secs(60);
         while next < high {
-            assert!(Instant::now() < deadline, "semantic.events partition {partition} stalled at {next} of {high}");
+            if Instant::now() >= deadline {
+                return Err(format!("partition {partition} stalled at {next} of {high}"));
+            }
             let Some(Ok(message)) = consumer.poll(Duration::from_secs(1)) else { continue };
             // A broker may answer a fetch with a batch seen already.
             if message.partition() != partition || message.offset() < next {
@@ -273,5 +310,5 @@ fn tool_records(brokers: &str) -> HashMap<String, CallRecords> {
             }
         }
     }
-    records
+    Ok(records)
 }
