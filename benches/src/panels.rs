@@ -153,6 +153,30 @@ watchdog, user process); then boot: the panel manager's
 (processes spawned → readiness probe answered); activation and route: the
 gateway's cold-start mean less that (Activate published, claimed, route
 seen); request through: the mean cold start less the gateway's mean.
+
+Where the time goes, and what would close the goals (plain ≤ 80 ms, gVisor
+≤ 250 ms). The driver's own steps take about 40 ms (namespace and link
+about 20 ms: four `ip`/`nft` processes; spawn about 15 ms: the fork of the
+node for the sidecar and the user process); activation, route and the
+forwarded request take under 10 ms. The rest is the panel's boot, and the
+panel is Python: on this machine `python3 -c 'import http.server,
+urllib.request'` alone takes 200–290 ms from one hour to the next (its
+`site` step loads a certifi `.pth` from `/usr/local`, which sandboxed panels
+see too, as part of `/usr`), which is also why these rows move by ±50 %
+between runs. Under gVisor (ptrace platform, the only one here), by hand on
+this machine (2026-12-03): `runsc create` about 106 ms, `start` 41 ms,
+`exec true` 37 ms, and the same Python imports 220–260 ms inside the
+sandbox. Tried and dropped: `runsc checkpoint` (refused: \"checkpoint not
+supported when using hostinet\", and panels need the namespace's loopback
+shared with their sidecar), `--platform=kvm` (the sandbox spun at full CPU
+and never started, nested virtualisation), `--lisafs=true` and
+`--overlay2=root:memory` (no difference beyond the noise in six interleaved
+runs of each). What would close them: sandboxes created ahead, one per
+future instance, with the panel started by `runsc exec` at activation
+(saves create and start, about 150 ms), and for Python panels an interpreter
+started ahead that has imported the standard modules a panel server uses
+and runs the panel's file at activation (saves most of the boot); the
+namespace and its link made ahead would save the next 20 ms.
 ";
 
 // ---- the hello upstream -------------------------------------------------------
