@@ -303,21 +303,32 @@ impl RunningNode {
     }
 
     /// Drains, for a rolling restart: takes no new work (`/readyz` answers
-    /// 503, `/ws` refuses new sessions, the LLM manager leaves its consumer
-    /// group after committing what is done) and tells WebSocket clients to
-    /// reconnect elsewhere (close code 1012); keeps answering for
-    /// [`DRAIN_NOTICE`] so that load balancers see it is not ready; then
-    /// stops accepting HTTP connections and lets the requests in flight,
-    /// tool calls included, finish within the drain timeout; then stops
-    /// like [`RunningNode::stop`].
+    /// 503, `/ws` refuses new sessions, the LLM manager takes no new
+    /// commands) and tells WebSocket clients to reconnect elsewhere (close
+    /// code 1012); keeps answering for [`DRAIN_NOTICE`] so that load
+    /// balancers see it is not ready; then stops accepting HTTP connections
+    /// and lets the requests in flight, tool calls included, finish within
+    /// the drain timeout; then stops like [`RunningNode::stop`]. Meanwhile
+    /// the LLM turns in flight finish on this node within the same timeout,
+    /// and the LLM manager leaves its partitions with what is done committed.
     pub async fn drain(mut self) -> Result<(), NodeError> {
         tracing::info!(node = %self.kernel.node(), "draining: no new work; requests in flight may finish");
         self.drain.start();
-        if let Some(llm) = self.llm.take() {
-            llm.stop().await;
-        }
-        tokio::time::sleep(DRAIN_NOTICE.min(self.drain_timeout)).await;
-        self.stop_serving().await
+        let within = self.drain_timeout;
+        let llm = self.llm.take();
+        let turns = async move {
+            if let Some(llm) = llm {
+                llm.drain(within).await;
+            }
+        };
+        let requests = async {
+            tokio::time::sleep(DRAIN_NOTICE.min(within)).await;
+            self.server.stop(true).await;
+            (&mut self.served).await
+        };
+        let ((), served) = tokio::join!(turns, requests);
+        // The name is given back only once the turns are done or left.
+        self.finish(served).await
     }
 
     /// Stops serving (letting requests in flight finish, closing

@@ -396,3 +396,42 @@ async fn a_lapsed_lease_is_noticed_and_a_restarted_node_evicts_its_predecessor()
     let (_, lapsed) = first.renew().await.unwrap();
     assert!(lapsed, "a lease Redis no longer had is reported lapsed");
 }
+
+/// A draining node (a rolling restart's SIGTERM) takes no new commands but
+/// finishes the turn in flight itself, past its HTTP drain, before it
+/// stops: the turn is answered once, by it, not left to another node.
+#[actix_rt::test]
+async fn a_draining_node_finishes_the_turn_in_flight_itself() {
+    const SLOWLY: Duration = Duration::from_millis(500);
+    let model = ScriptedModel::start(|call: &ModelCall| match call.last_content() {
+        Some("Take your time.") => Reply::text("Slowly, but surely, done.").with_delay(SLOWLY),
+        _ => Reply::text("Hi."),
+    });
+    let node = node_with("llm-drain", &model).await;
+    let ada = node.user("ada").await;
+    let id = context(&ada, &[]).await;
+    // A node that reads journals but runs no turns (no other node does):
+    // whatever answers the turn is the draining node.
+    let reader = node.sibling("llm-drain-reader", &[Role::TransactionManager], |_| {}).await;
+    let slow = say(&ada, &id, "Take your time.").await;
+    poll(&ada, "/healthz", "the model to be asked", |_, _| model.requests() == 1).await;
+
+    let TestNode { node: running, brokers, keys: _keys } = node;
+    running.drain().await.expect("the node drains cleanly");
+
+    let ada = ApiClient::login(&format!("http://{}", reader.http), "ada", "ada-password").await;
+    let transcript = answered(&ada, &id, slow).await;
+    assert_eq!(transcript["answered"][slow.to_string()], "completed", "{transcript:#}");
+    let (status, page) = ada.get(&format!("/api/contexts/{id}/events")).await;
+    assert_eq!(status, 200, "{page}");
+    let completed: Vec<&Value> = page["records"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["type"] == "nexus.context.turn_completed" && r["data"]["command_offset"] == slow)
+        .collect();
+    assert_eq!(completed.len(), 1, "answered once: {page:#}");
+    assert_eq!(model.requests(), 1, "the model was asked once");
+    reader.stop().await.expect("the reader stops");
+    drop(brokers);
+}

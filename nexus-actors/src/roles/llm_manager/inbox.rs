@@ -161,7 +161,8 @@ pub struct InboxDeps {
 
 /// A running inbox; stops (committing what is done) when told.
 pub struct Inbox {
-    stop: Option<oneshot::Sender<()>>,
+    /// Carries how long the commands in flight may take to finish.
+    stop: Option<oneshot::Sender<Duration>>,
     done: Option<oneshot::Receiver<()>>,
 }
 
@@ -194,10 +195,12 @@ impl Inbox {
         Ok(Inbox { stop: Some(stop_tx), done: Some(done_rx) })
     }
 
-    /// Stops consuming and gives the lease up.
-    pub async fn stop(&mut self) {
+    /// Stops taking commands, lets those in flight finish for up to
+    /// `grace` (a drain; zero: none), then gives the partitions and the
+    /// lease up.
+    pub async fn stop(&mut self, grace: Duration) {
         if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
+            let _ = stop.send(grace);
         }
         if let Some(done) = self.done.take() {
             let _ = done.await;
@@ -255,7 +258,7 @@ impl Owned {
     }
 }
 
-async fn run(consumer: StreamConsumer, mut deps: InboxDeps, partitions: i32, mut stop: oneshot::Receiver<()>) {
+async fn run(consumer: StreamConsumer, mut deps: InboxDeps, partitions: i32, mut stop: oneshot::Receiver<Duration>) {
     let mut owned = Owned { partitions: HashMap::new(), generations: Arc::default() };
     let mut tap = deps.tap.take();
     let mut in_flight: FuturesUnordered<Delivery> = FuturesUnordered::new();
@@ -270,7 +273,10 @@ async fn run(consumer: StreamConsumer, mut deps: InboxDeps, partitions: i32, mut
     let mut steady: (Vec<i32>, u32) = (Vec::new(), 0);
     loop {
         tokio::select! {
-            _ = &mut stop => break,
+            grace = &mut stop => {
+                finish_in_flight(&deps, &mut owned, &mut in_flight, &mut renew, grace.unwrap_or_default()).await;
+                break;
+            }
             _ = renew.tick() => {
                 let want = match deps.lease.renew().await {
                     Ok((members, lapsed)) => {
@@ -302,12 +308,7 @@ async fn run(consumer: StreamConsumer, mut deps: InboxDeps, partitions: i32, mut
                 reconcile(&consumer, &deps, &mut owned, &steady.0, take).await;
             }
             Some((partition, gen, offset)) = in_flight.next(), if !in_flight.is_empty() => {
-                if owned.generation(partition) == gen {
-                    if let Some(p) = owned.partitions.get_mut(&partition) {
-                        p.offsets.insert(offset, true);
-                        store_done(&deps, partition, p).await;
-                    }
-                }
+                delivered(&deps, &mut owned, partition, gen, offset).await;
             }
             produced = recv(&mut tap), if in_flight.len() < MAX_IN_FLIGHT => match produced {
                 Some(produced) if produced.bytes <= MAX_COMMAND_BYTES => {
@@ -353,6 +354,54 @@ async fn run(consumer: StreamConsumer, mut deps: InboxDeps, partitions: i32, mut
     }
     reconcile(&consumer, &deps, &mut owned, &[], false).await;
     deps.lease.leave().await;
+}
+
+/// Notes that the command at `offset` of `partition` is done, if the
+/// partition is still this node's as it was when the command was taken.
+async fn delivered(deps: &InboxDeps, owned: &mut Owned, partition: i32, generation: u64, offset: i64) {
+    if owned.generation(partition) == generation {
+        if let Some(p) = owned.partitions.get_mut(&partition) {
+            p.offsets.insert(offset, true);
+            store_done(deps, partition, p).await;
+        }
+    }
+}
+
+/// A drain: takes nothing new and lets the commands in flight (their turns)
+/// finish on this node for up to `grace`, renewing the lease meanwhile so
+/// that no other node takes their partitions over. What still runs after
+/// it, or once the lease lapsed, is left to the partitions' next owner,
+/// which resumes it from the journal.
+async fn finish_in_flight(
+    deps: &InboxDeps,
+    owned: &mut Owned,
+    in_flight: &mut FuturesUnordered<Delivery>,
+    renew: &mut tokio::time::Interval,
+    grace: Duration,
+) {
+    let deadline = tokio::time::Instant::now() + grace;
+    let mut finished = 0u64;
+    while !in_flight.is_empty() {
+        tokio::select! {
+            () = tokio::time::sleep_until(deadline) => break,
+            _ = renew.tick() => match deps.lease.renew().await {
+                Ok((_, false)) => {}
+                Ok((_, true)) => break,
+                Err(_) if !deps.lease.held() => break,
+                Err(error) => tracing::warn!(%error, "llm manager: lease not renewed while draining"),
+            },
+            Some((partition, gen, offset)) = in_flight.next() => {
+                delivered(deps, owned, partition, gen, offset).await;
+                finished += 1;
+            }
+        }
+    }
+    let left = in_flight.len() as u64;
+    if finished + left > 0 {
+        deps.metrics.drain_commands.with_label_values(&["finished"]).inc_by(finished);
+        deps.metrics.drain_commands.with_label_values(&["left"]).inc_by(left);
+        tracing::info!(finished, left, "nexus_llm_drain_commands_total");
+    }
 }
 
 /// The next record of `tap`; never, without one.

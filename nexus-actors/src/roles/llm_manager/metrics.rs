@@ -39,6 +39,9 @@ pub struct LlmMetrics {
     /// `nexus_llm_commands_tapped_total`: commands taken from this node's own
     /// producer as the broker acknowledged them, before a fetch brought them.
     pub commands_tapped: IntCounter,
+    /// `nexus_llm_drain_commands_total{outcome}`: commands in flight when the
+    /// node drained, `finished` on it or `left` to the partition's next owner.
+    pub drain_commands: IntCounterVec,
 }
 
 impl LlmMetrics {
@@ -107,7 +110,15 @@ impl LlmMetrics {
         registry.register(Box::new(consume_errors.clone()))?;
         registry.register(Box::new(journal_append_seconds.clone()))?;
         registry.register(Box::new(command_delay_seconds.clone()))?;
+        let drain_commands = IntCounterVec::new(
+            Opts::new(
+                "nexus_llm_drain_commands_total",
+                "Commands in flight when the node drained: finished on it, or left to the partition's next owner",
+            ),
+            &["outcome"],
+        )?;
         registry.register(Box::new(commands_tapped.clone()))?;
+        registry.register(Box::new(drain_commands.clone()))?;
         // Present from the start, so dashboards see zeros, not gaps.
         for kind in ["input", "output"] {
             tokens.with_label_values(&[kind]);
@@ -124,6 +135,7 @@ impl LlmMetrics {
             journal_append_seconds,
             command_delay_seconds,
             commands_tapped,
+            drain_commands,
         })
     }
 

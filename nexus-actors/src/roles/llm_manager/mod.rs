@@ -109,8 +109,15 @@ impl LlmManagerHandle {
     }
 
     /// Leaves the consumer group (committing what is done) and stops every context.
-    pub async fn stop(mut self) {
-        self.inbox.stop().await;
+    pub async fn stop(self) {
+        self.drain(Duration::ZERO).await;
+    }
+
+    /// Takes no new commands, lets the turns in flight finish for up to
+    /// `within`, then stops as [`LlmManagerHandle::stop`] does: a turn still
+    /// running then is resumed from its journal by the partition's next owner.
+    pub async fn drain(mut self, within: Duration) {
+        self.inbox.stop(within).await;
         let _ = self.manager.link::<manager::StopContexts>("llm-manager-handle").ask(manager::StopContexts).await;
         self.manager.stop();
     }
