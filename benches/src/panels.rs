@@ -150,7 +150,8 @@ copy), network (namespace and link), sandbox (helpers' listeners, runsc
 bundle, cgroup), credentials (the sidecar's Redis user), spawn (sidecar,
 watchdog, user process); then boot: the panel manager's
 `nexus_panel_instance_start_seconds{mode=\"app\"}` less the driver's steps
-(processes spawned → readiness probe answered); activation and route: the
+(processes spawned → readiness probe answered, with the instance actor's
+own start before the driver's); activation and route: the
 gateway's cold-start mean less that (Activate published, claimed, route
 seen); request through: the mean cold start less the gateway's mean.
 
@@ -159,11 +160,11 @@ Where the time goes, and what would close the goals (plain ≤ 80 ms, gVisor
 about 20 ms: four `ip`/`nft` processes; spawn about 15 ms: the fork of the
 node for the sidecar and the user process); activation, route and the
 forwarded request take under 10 ms. The rest is the panel's boot, and the
-panel is Python: on this machine `python3 -c 'import http.server,
-urllib.request'` alone takes 200–290 ms from one hour to the next (its
-`site` step loads a certifi `.pth` from `/usr/local`, which sandboxed panels
-see too, as part of `/usr`), which is also why these rows move by ±50 %
-between runs. Under gVisor (ptrace platform, the only one here), by hand on
+panel is Python: on this machine `env -i PATH=/usr/bin:/bin python3 -c
+'import http.server, urllib.request'` (the panel's environment is as bare)
+takes about 70 ms, and the readiness probe that sees it listening is asked
+every 20 ms. The machine's speed varies from one hour to the next, which
+is why these rows move by up to ±50 % between runs. Under gVisor (ptrace platform, the only one here), by hand on
 this machine (2026-12-03): `runsc create` about 106 ms, `start` 41 ms,
 `exec true` 37 ms, and the same Python imports 220–260 ms inside the
 sandbox. Tried and dropped: `runsc checkpoint` (refused: \"checkpoint not
@@ -717,8 +718,8 @@ fn split_table(colds: &[Cold]) -> String {
 /// deploy), beside the measured mean.
 fn cold_split(before: &str, after: &str, cold_mean_ms: f64) -> Vec<(&'static str, f64)> {
     let mean = |name: &str, label: Option<&str>| {
-        let (sum, count) = (totals(after, name, label), totals(before, name, label));
-        let (sum, count) = (sum.0 - count.0, sum.1 - count.1);
+        let (then, now) = (totals(before, name, label), totals(after, name, label));
+        let (sum, count) = (now.0 - then.0, now.1 - then.1);
         if count > 0.0 {
             sum / count * 1e3
         } else {

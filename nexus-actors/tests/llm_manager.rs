@@ -398,11 +398,14 @@ async fn a_lapsed_lease_is_noticed_and_a_restarted_node_evicts_its_predecessor()
 }
 
 /// A draining node (a rolling restart's SIGTERM) takes no new commands but
-/// finishes the turn in flight itself, past its HTTP drain, before it
-/// stops: the turn is answered once, by it, not left to another node.
+/// finishes the turn in flight itself, past its HTTP drain and past the
+/// time its lease holds without renewal, before it stops: the turn is
+/// answered once, by it.
 #[actix_rt::test]
 async fn a_draining_node_finishes_the_turn_in_flight_itself() {
-    const SLOWLY: Duration = Duration::from_millis(500);
+    // Seven chunks a second apart: longer than the 2 s notice and than the
+    // lease's TTL - RENEW (4 s), so the drain must wait and keep renewing.
+    const SLOWLY: Duration = Duration::from_secs(1);
     let model = ScriptedModel::start(|call: &ModelCall| match call.last_content() {
         Some("Take your time.") => Reply::text("Slowly, but surely, done.").with_delay(SLOWLY),
         _ => Reply::text("Hi."),

@@ -274,7 +274,11 @@ async fn run(consumer: StreamConsumer, mut deps: InboxDeps, partitions: i32, mut
     loop {
         tokio::select! {
             grace = &mut stop => {
-                finish_in_flight(&deps, &mut owned, &mut in_flight, &mut renew, grace.unwrap_or_default()).await;
+                let grace = grace.unwrap_or_default();
+                if !grace.is_zero() {
+                    let draining = Draining { consumer: &consumer, partitions, renew: &mut renew, grace };
+                    finish_in_flight(&deps, &mut owned, &mut in_flight, draining).await;
+                }
                 break;
             }
             _ = renew.tick() => {
@@ -357,51 +361,67 @@ async fn run(consumer: StreamConsumer, mut deps: InboxDeps, partitions: i32, mut
 }
 
 /// Notes that the command at `offset` of `partition` is done, if the
-/// partition is still this node's as it was when the command was taken.
-async fn delivered(deps: &InboxDeps, owned: &mut Owned, partition: i32, generation: u64, offset: i64) {
-    if owned.generation(partition) == generation {
-        if let Some(p) = owned.partitions.get_mut(&partition) {
-            p.offsets.insert(offset, true);
-            store_done(deps, partition, p).await;
-        }
+/// partition is still this node's as it was when the command was taken;
+/// whether it was.
+async fn delivered(deps: &InboxDeps, owned: &mut Owned, partition: i32, generation: u64, offset: i64) -> bool {
+    if owned.generation(partition) != generation {
+        return false;
     }
+    let Some(p) = owned.partitions.get_mut(&partition) else { return false };
+    p.offsets.insert(offset, true);
+    store_done(deps, partition, p).await;
+    true
+}
+
+/// What a drain works with besides the inbox's state.
+struct Draining<'a> {
+    consumer: &'a StreamConsumer,
+    partitions: i32,
+    renew: &'a mut tokio::time::Interval,
+    grace: Duration,
 }
 
 /// A drain: takes nothing new and lets the commands in flight (their turns)
 /// finish on this node for up to `grace`, renewing the lease meanwhile so
-/// that no other node takes their partitions over. What still runs after
-/// it, or once the lease lapsed, is left to the partitions' next owner,
-/// which resumes it from the journal.
+/// that no other node takes its partitions over. A partition the share
+/// moves to another member meanwhile (a node joined) is given up at once,
+/// as at any renewal, and its contexts stop: the new owner resumes them.
+/// What still runs after the grace, or once the lease lapsed, is left to
+/// the partitions' next owner, which resumes it from the journal.
 async fn finish_in_flight(
     deps: &InboxDeps,
     owned: &mut Owned,
     in_flight: &mut FuturesUnordered<Delivery>,
-    renew: &mut tokio::time::Interval,
-    grace: Duration,
+    draining: Draining<'_>,
 ) {
+    let Draining { consumer, partitions, renew, grace } = draining;
     let deadline = tokio::time::Instant::now() + grace;
-    let mut finished = 0u64;
+    let (mut finished, mut moved) = (0u64, 0u64);
     while !in_flight.is_empty() {
         tokio::select! {
             () = tokio::time::sleep_until(deadline) => break,
             _ = renew.tick() => match deps.lease.renew().await {
-                Ok((_, false)) => {}
+                Ok((members, false)) => {
+                    let mine = lease::owned(&members, deps.lease.member(), partitions);
+                    let keep: Vec<i32> = owned.partitions.keys().filter(|p| mine.contains(p)).copied().collect();
+                    reconcile(consumer, deps, owned, &keep, false).await;
+                }
                 Ok((_, true)) => break,
                 Err(_) if !deps.lease.held() => break,
                 Err(error) => tracing::warn!(%error, "llm manager: lease not renewed while draining"),
             },
             Some((partition, gen, offset)) = in_flight.next() => {
-                delivered(deps, owned, partition, gen, offset).await;
-                finished += 1;
+                match delivered(deps, owned, partition, gen, offset).await {
+                    true => finished += 1,
+                    false => moved += 1,
+                }
             }
         }
     }
-    let left = in_flight.len() as u64;
-    if finished + left > 0 {
-        deps.metrics.drain_commands.with_label_values(&["finished"]).inc_by(finished);
-        deps.metrics.drain_commands.with_label_values(&["left"]).inc_by(left);
-        tracing::info!(finished, left, "nexus_llm_drain_commands_total");
-    }
+    let left = in_flight.len() as u64 + moved;
+    deps.metrics.drain_commands.with_label_values(&["finished"]).inc_by(finished);
+    deps.metrics.drain_commands.with_label_values(&["left"]).inc_by(left);
+    tracing::info!(finished, left, "nexus_llm_drain_commands_total");
 }
 
 /// The next record of `tap`; never, without one.

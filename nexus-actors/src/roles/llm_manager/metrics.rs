@@ -123,6 +123,9 @@ impl LlmMetrics {
         for kind in ["input", "output"] {
             tokens.with_label_values(&[kind]);
         }
+        for outcome in ["finished", "left"] {
+            drain_commands.with_label_values(&[outcome]);
+        }
         Ok(LlmMetrics {
             requests,
             tokens,

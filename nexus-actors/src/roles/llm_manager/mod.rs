@@ -108,7 +108,7 @@ impl LlmManagerHandle {
         &self.manager
     }
 
-    /// Leaves the consumer group (committing what is done) and stops every context.
+    /// Gives its partitions and lease up (what is done committed) and stops every context.
     pub async fn stop(self) {
         self.drain(Duration::ZERO).await;
     }
