@@ -323,8 +323,7 @@ impl RunningNode {
         };
         let requests = async {
             tokio::time::sleep(DRAIN_NOTICE.min(within)).await;
-            self.server.stop(true).await;
-            (&mut self.served).await
+            self.stop_http().await
         };
         let ((), served) = tokio::join!(turns, requests);
         // The name is given back only once the turns are done or left.
@@ -341,14 +340,19 @@ impl RunningNode {
     /// Stops the HTTP server, letting the requests in flight finish, then
     /// what runs beside it.
     async fn stop_serving(mut self) -> Result<(), NodeError> {
-        self.server.stop(true).await;
-        let served = (&mut self.served).await;
+        let served = self.stop_http().await;
         self.finish(served).await
+    }
+
+    /// Stops the HTTP server, letting the requests in flight finish; how it ended.
+    async fn stop_http(&mut self) -> Served {
+        self.server.stop(true).await;
+        (&mut self.served).await
     }
 
     /// Stops what runs beside the HTTP server, once it has stopped with
     /// `served`.
-    async fn finish(self, served: Result<std::io::Result<()>, actix_rt::task::JoinError>) -> Result<(), NodeError> {
+    async fn finish(self, served: Served) -> Result<(), NodeError> {
         let addr = self.http;
         let served = match served {
             Ok(result) => result.map_err(|source| NodeError::Http { addr, source }),
@@ -367,6 +371,9 @@ impl RunningNode {
         served
     }
 }
+
+/// How the HTTP server's task ended.
+type Served = Result<std::io::Result<()>, actix_rt::task::JoinError>;
 
 /// Resolves on Ctrl-C or SIGTERM; never when neither can be watched.
 async fn shutdown_signal() {

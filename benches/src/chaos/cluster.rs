@@ -270,16 +270,13 @@ impl Cluster {
     }
 
     /// SIGTERM node `i`, waits for its drain and exit, starts it again and
-    /// waits until it is ready.
+    /// waits until it is ready; says why not.
     pub(super) async fn roll_node(&mut self, i: usize) -> Result<(), String> {
         self.nodes[i].signal("-TERM");
         let within = Duration::from_secs(DRAIN_TIMEOUT_SECS + 10);
-        assert!(
-            self.nodes[i].wait_exit(within),
-            "{} did not exit after SIGTERM (log: {})",
-            self.nodes[i].what,
-            self.log(i)
-        );
+        if !self.nodes[i].wait_exit(within) {
+            return Err(format!("{} did not exit after SIGTERM (log: {})", self.nodes[i].what, self.log(i)));
+        }
         self.nodes[i].start();
         self.wait_ready(i).await
     }

@@ -276,8 +276,7 @@ async fn run(consumer: StreamConsumer, mut deps: InboxDeps, partitions: i32, mut
             grace = &mut stop => {
                 let grace = grace.unwrap_or_default();
                 if !grace.is_zero() {
-                    let draining = Draining { consumer: &consumer, partitions, renew: &mut renew, grace };
-                    finish_in_flight(&deps, &mut owned, &mut in_flight, draining).await;
+                    finish_in_flight(&consumer, &deps, &mut owned, &mut in_flight, partitions, &mut renew, grace).await;
                 }
                 break;
             }
@@ -373,14 +372,6 @@ async fn delivered(deps: &InboxDeps, owned: &mut Owned, partition: i32, generati
     true
 }
 
-/// What a drain works with besides the inbox's state.
-struct Draining<'a> {
-    consumer: &'a StreamConsumer,
-    partitions: i32,
-    renew: &'a mut tokio::time::Interval,
-    grace: Duration,
-}
-
 /// A drain: takes nothing new and lets the commands in flight (their turns)
 /// finish on this node for up to `grace`, renewing the lease meanwhile so
 /// that no other node takes its partitions over. A partition the share
@@ -389,22 +380,24 @@ struct Draining<'a> {
 /// What still runs after the grace, or once the lease lapsed, is left to
 /// the partitions' next owner, which resumes it from the journal.
 async fn finish_in_flight(
+    consumer: &StreamConsumer,
     deps: &InboxDeps,
     owned: &mut Owned,
     in_flight: &mut FuturesUnordered<Delivery>,
-    draining: Draining<'_>,
+    partitions: i32,
+    renew: &mut tokio::time::Interval,
+    grace: Duration,
 ) {
-    let Draining { consumer, partitions, renew, grace } = draining;
     let deadline = tokio::time::Instant::now() + grace;
     let (mut finished, mut moved) = (0u64, 0u64);
     while !in_flight.is_empty() {
         tokio::select! {
             () = tokio::time::sleep_until(deadline) => break,
             _ = renew.tick() => match deps.lease.renew().await {
+                // Gives up what the share moved away; takes nothing (`false`).
                 Ok((members, false)) => {
                     let mine = lease::owned(&members, deps.lease.member(), partitions);
-                    let keep: Vec<i32> = owned.partitions.keys().filter(|p| mine.contains(p)).copied().collect();
-                    reconcile(consumer, deps, owned, &keep, false).await;
+                    reconcile(consumer, deps, owned, &mine, false).await;
                 }
                 Ok((_, true)) => break,
                 Err(_) if !deps.lease.held() => break,
