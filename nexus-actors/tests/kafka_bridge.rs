@@ -9,8 +9,8 @@ use std::time::Duration;
 use actix::Arbiter;
 use common::{eventually, tempdir, Recorder, Seen};
 use nexus_actors::bus::kafka::{
-    ensure_topics, Consume, ConsumerId, Delivered, KafkaBridge, KafkaConfig, KafkaRecord, Nack, Produce, Replay,
-    ReplayFrom, StopConsumer, SEMANTIC_COMMANDS, SEMANTIC_EVENTS,
+    ensure_topics, locate, Consume, ConsumerId, Delivered, KafkaBridge, KafkaConfig, KafkaRecord, Nack, Produce,
+    Replay, ReplayFrom, Sought, StopConsumer, SEMANTIC_COMMANDS, SEMANTIC_EVENTS,
 };
 use nexus_actors::infra::{Tansu, TansuStorage};
 
@@ -346,4 +346,35 @@ async fn a_slow_key_holds_up_only_itself_and_the_commit_stays_below_it() {
     assert_eq!(slow, vec![0, 21]);
     bridge.link::<StopConsumer>("test").ask(StopConsumer(id)).await.unwrap();
     assert_eq!(committed(&tansu.brokers(), "g-lanes", "test.lanes").get(&0), Some(&22), "all 22 committed");
+}
+
+#[actix_rt::test]
+async fn a_record_acknowledged_without_its_offset_is_found_by_its_envelope_id() {
+    let tansu = Tansu::start(&tempdir("kafka-locate"), TansuStorage::Memory).unwrap();
+    let config = KafkaConfig::new(tansu.brokers());
+    let kernel = Kernel::new("test");
+    let arbiter = Arbiter::new();
+    let bridge = KafkaBridge::spawn(&kernel, &arbiter.handle(), config.clone()).await.unwrap();
+    ensure_topics(&config, &["test.locate"]).await.unwrap();
+    let link = bridge.link::<Produce>("test");
+    let mut sent = Vec::new();
+    for seq in 0..40 {
+        let envelope = event(seq);
+        let id = envelope.id.clone();
+        // Two keys, so a key alone does not find a record.
+        let key = format!("ctx-{}", seq % 2);
+        let produce = Produce { topic: "test.locate".into(), key: key.clone(), envelope };
+        let delivered = link.ask(produce).await.unwrap().unwrap();
+        sent.push((Sought { topic: "test.locate".into(), partition: delivered.partition, key, id }, delivered.offset));
+    }
+    for (sought, offset) in [&sent[0], &sent[17], &sent[39]] {
+        assert_eq!(locate(&config, sought.clone()).await.unwrap(), Some(*offset), "{sought:?}");
+    }
+    // An id that is not there, and a real id under another key, are not found.
+    let (sought, _) = &sent[17];
+    let missing = Sought { id: uuid::Uuid::now_v7().to_string(), ..sought.clone() };
+    assert_eq!(locate(&config, missing).await.unwrap(), None);
+    let other_key = Sought { key: "ctx-9".into(), ..sought.clone() };
+    assert_eq!(locate(&config, other_key).await.unwrap(), None);
+    arbiter.stop();
 }

@@ -76,10 +76,11 @@ pub(super) async fn ask(shared: Arc<Shared>, asker: Arc<Asker>) {
             .send()
             .await;
         let offset = match posted {
-            // A negative offset: accepted, but where is unknown (a produce
-            // retried across a broker restart); it cannot be looked for.
+            // A null offset: accepted, but where is unknown (a produce
+            // retried across a broker restart that the bridge could not
+            // find again); counted as failed.
             Ok(answer) if answer.status().as_u16() == 202 => {
-                answer.json::<Value>().await.ok().and_then(|body| body["offset"].as_i64()).filter(|o| *o >= 0)
+                answer.json::<Value>().await.ok().and_then(|body| body["offset"].as_i64())
             }
             _ => None,
         };

@@ -89,6 +89,10 @@ pub enum BusErrorKind {
     ToolResponse,
     /// `tool_record`: recording a tool call's event on `semantic.events` failed.
     ToolRecord,
+    /// `offset_unknown`: Kafka acknowledged a record without its offset (a
+    /// retry of one the broker had written already) and it was not found on
+    /// the partition's tail; the producer is told offset -1.
+    OffsetUnknown,
 }
 
 impl BusErrorKind {
@@ -118,6 +122,7 @@ impl BusErrorKind {
             BusErrorKind::ToolRequest => "tool_request",
             BusErrorKind::ToolResponse => "tool_response",
             BusErrorKind::ToolRecord => "tool_record",
+            BusErrorKind::OffsetUnknown => "offset_unknown",
         }
     }
 }

@@ -17,6 +17,7 @@
 //! payloads.
 
 mod consumer;
+mod locate;
 mod replay;
 
 use std::collections::HashMap;
@@ -33,6 +34,8 @@ use rdkafka::util::Timeout;
 use rdkafka::ClientConfig;
 use serde_json::Value;
 use tokio::sync::oneshot;
+
+pub use locate::{locate, Sought, LOOKBACK};
 
 use super::tap::{Produced, Tap, Taps};
 use super::{Bus, BusErrorKind};
@@ -247,7 +250,8 @@ type Consumers = Arc<Mutex<HashMap<ConsumerId, (oneshot::Sender<()>, oneshot::Re
 /// The bridge between Kafka and the mailbox graph.
 pub struct KafkaBridge {
     kernel: Kernel,
-    config: KafkaConfig,
+    /// Shared with each produce, which needs it only to look a record up.
+    config: Arc<KafkaConfig>,
     producer: FutureProducer,
     consumers: Consumers,
     next_consumer: u64,
@@ -273,9 +277,12 @@ impl KafkaBridge {
             metrics.bus_published.with_label_values(&[Bus::Kafka.as_str(), topic]);
             metrics.bus_received.with_label_values(&[Bus::Kafka.as_str(), topic]);
         }
-        metrics.bus_errors.with_label_values(&[Bus::Kafka.as_str(), BusErrorKind::Produce.as_str()]);
+        for kind in [BusErrorKind::Produce, BusErrorKind::OffsetUnknown] {
+            metrics.bus_errors.with_label_values(&[Bus::Kafka.as_str(), kind.as_str()]);
+        }
         let consumers: Consumers = Arc::default();
         let taps = Taps::default();
+        let config = Arc::new(config);
         let k = kernel.clone();
         Ok(kernel.spawn_on(arbiter, "kafka-bridge", move || KafkaBridge {
             kernel: k.clone(),
@@ -327,6 +334,7 @@ impl Handler<Produce> for KafkaBridge {
         let metrics = self.kernel.metrics().clone();
         let timeout = self.config.produce_timeout;
         let taps = self.taps.clone();
+        let config = self.config.clone();
         Reply::later(async move {
             let payload = msg.envelope.encode();
             let mut headers =
@@ -341,15 +349,27 @@ impl Handler<Produce> for KafkaBridge {
             match producer.send(record, Timeout::After(timeout)).await {
                 Ok(delivery) => {
                     metrics.bus_published.with_label_values(&[Bus::Kafka.as_str(), &msg.topic]).inc();
+                    let offset = match delivery.offset {
+                        unknown if unknown < 0 => {
+                            let sought = Sought {
+                                topic: msg.topic.clone(),
+                                partition: delivery.partition,
+                                key: msg.key.clone(),
+                                id: msg.envelope.id.clone(),
+                            };
+                            located(&config, sought, &metrics).await
+                        }
+                        offset => offset,
+                    };
                     taps.offer(Produced {
                         topic: msg.topic,
                         partition: delivery.partition,
-                        offset: delivery.offset,
+                        offset,
                         key: msg.key,
                         bytes: payload.len(),
                         envelope: msg.envelope,
                     });
-                    Ok(Delivered { partition: delivery.partition, offset: delivery.offset })
+                    Ok(Delivered { partition: delivery.partition, offset })
                 }
                 Err((source, _)) => {
                     metrics.bus_error(Bus::Kafka, BusErrorKind::Produce, &source);
@@ -357,6 +377,27 @@ impl Handler<Produce> for KafkaBridge {
                 }
             }
         })
+    }
+}
+
+/// The offset of a record the broker acknowledged without one, looked
+/// for on its partition's tail; -1 (and counted) when it is not found.
+async fn located(config: &KafkaConfig, sought: Sought, metrics: &crate::telemetry::Metrics) -> i64 {
+    let (topic, partition, id) = (sought.topic.clone(), sought.partition, sought.id.clone());
+    match locate(config, sought).await {
+        Ok(Some(offset)) => {
+            tracing::info!(topic, partition, offset, id, "kafka: a record acknowledged without its offset was found");
+            offset
+        }
+        Ok(None) => {
+            let error = format!("{topic}/{partition}: record {id} acknowledged without an offset and not found");
+            metrics.bus_error(Bus::Kafka, BusErrorKind::OffsetUnknown, &error);
+            -1
+        }
+        Err(error) => {
+            metrics.bus_error(Bus::Kafka, BusErrorKind::OffsetUnknown, &error);
+            -1
+        }
     }
 }
 
@@ -422,7 +463,7 @@ impl Handler<StopConsumer> for KafkaBridge {
 
 impl Handler<Replay> for KafkaBridge {
     fn handle(&mut self, msg: Replay, _ctx: &mut Ctx<Self>) -> Reply<Result<u64, KafkaError>> {
-        let config = self.config.clone();
+        let config = KafkaConfig::clone(&self.config);
         let metrics = self.kernel.metrics().clone();
         Reply::later(replay::replay(config, msg, metrics))
     }

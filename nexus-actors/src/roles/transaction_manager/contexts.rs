@@ -54,8 +54,12 @@ pub struct Accepted {
     pub id: String,
     /// Its partition.
     pub partition: i32,
-    /// Its offset: its turn's records carry it as `command_offset`.
-    pub offset: i64,
+    /// Its offset: its turn's records carry it as `command_offset`. `None`
+    /// when the broker acknowledged it without one (a retry across a broker
+    /// restart) and the Kafka bridge could not find it: the command is on
+    /// the log all the same, and the journal copy of a message carries its
+    /// `id` as `causationid`.
+    pub offset: Option<i64>,
 }
 
 /// Why a context request was refused or failed.
@@ -271,7 +275,10 @@ impl ContextsApi {
         let id = envelope.id.clone();
         let produce = Produce { topic: SEMANTIC_COMMANDS.to_owned(), key: context.to_owned(), envelope };
         match self.produce.ask(produce).await {
-            Ok(Ok(delivered)) => Ok(Accepted { id, partition: delivered.partition, offset: delivered.offset }),
+            Ok(Ok(delivered)) => {
+                let offset = (delivered.offset >= 0).then_some(delivered.offset);
+                Ok(Accepted { id, partition: delivered.partition, offset })
+            }
             Ok(Err(error)) => Err(ContextError::Bus(error.source.to_string())),
             Err(AskError::Closed(_) | AskError::Dropped) => Err(ContextError::Bus("the kafka bridge stopped".into())),
             Err(AskError::Panicked(p)) => Err(ContextError::Bus(p.to_string())),

@@ -114,7 +114,8 @@ async fn ask(contexts: ContextsApi, args: LlmAsk, cx: CallContext) -> Result<Llm
         UserMessage { context: context.clone(), user: cx.caller.clone(), content: args.message, command_offset: None };
     let accepted = contexts.command(&context, message).await?;
     let wait = remaining_until(cx.deadline).saturating_sub(ASK_MARGIN);
-    let turn = tokio::time::timeout(wait, completion(&contexts, &context, accepted.offset, live, scan_from)).await;
+    let target = TurnOf { command: accepted.id, offset: accepted.offset };
+    let turn = tokio::time::timeout(wait, completion(&contexts, &context, target, live, scan_from)).await;
     match turn {
         Ok(done) => {
             let done = done?;
@@ -127,11 +128,11 @@ async fn ask(contexts: ContextsApi, args: LlmAsk, cx: CallContext) -> Result<Llm
     }
 }
 
-/// Waits for the `turn_completed` of the command at `command_offset`.
+/// Waits for the `turn_completed` of the command `target`.
 async fn completion(
     contexts: &ContextsApi,
     context: &str,
-    command_offset: i64,
+    mut target: TurnOf,
     live: redis::aio::PubSub,
     mut scan_from: i64,
 ) -> Result<TurnCompleted, ContextError> {
@@ -150,7 +151,7 @@ async fn completion(
                     let record = Envelope::decode(message.get_payload_bytes()).ok()
                         .and_then(|e| e.typed::<Journaled>().ok())
                         .map(|e| e.data.record);
-                    if let Some(done) = record.and_then(|r| completed(r, command_offset)) {
+                    if let Some(done) = record.and_then(|r| target.completed_by(r)) {
                         return Ok(done);
                     }
                 }
@@ -163,7 +164,7 @@ async fn completion(
                     Ok(entries) => {
                         for entry in entries {
                             scan_from = entry.offset + 1;
-                            if let Some(done) = completed(entry.envelope, command_offset) {
+                            if let Some(done) = target.completed_by(entry.envelope) {
                                 return Ok(done);
                             }
                         }
@@ -175,10 +176,25 @@ async fn completion(
     }
 }
 
-/// The record as the answer to `command_offset`, if it is that.
-fn completed(record: Envelope<Value>, command_offset: i64) -> Option<TurnCompleted> {
-    let done = record.typed::<TurnCompleted>().ok()?.data;
-    (done.command_offset == command_offset).then_some(done)
+/// The turn `llm_ask` waits for: its command's offset, or, when the broker
+/// acknowledged the command without one, the command's id, which the
+/// journal copy of the message carries as its cause (with the offset).
+#[derive(Debug)]
+struct TurnOf {
+    command: String,
+    offset: Option<i64>,
+}
+
+impl TurnOf {
+    /// `record` as the answer to the command, if it is that; learns the
+    /// command's offset from the message's journal copy when needed.
+    fn completed_by(&mut self, record: Envelope<Value>) -> Option<TurnCompleted> {
+        if self.offset.is_none() && record.causationid.as_deref() == Some(self.command.as_str()) {
+            self.offset = record.data.get("command_offset").and_then(Value::as_i64);
+        }
+        let done = record.typed::<TurnCompleted>().ok()?.data;
+        (Some(done.command_offset) == self.offset).then_some(done)
+    }
 }
 
 fn document_tools(store: &Documents) -> Vec<SystemTool> {
@@ -214,4 +230,48 @@ fn document_tools(store: &Documents) -> Vec<SystemTool> {
             },
         ),
     ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::semantic::records::Usage;
+
+    fn completed(command_offset: i64) -> Envelope<Value> {
+        let done = TurnCompleted {
+            context: "c".into(),
+            command_offset,
+            outcome: TurnOutcome::Completed,
+            answer: Some("yes".into()),
+            steps: 1,
+            usage: Usage::default(),
+        };
+        Envelope::new("llm", done).into_untyped()
+    }
+
+    fn message(command_offset: Option<i64>) -> UserMessage {
+        UserMessage { context: "c".into(), user: "ada".into(), content: "hi".into(), command_offset }
+    }
+
+    #[test]
+    fn a_turn_is_found_by_its_command_offset() {
+        let mut turn = TurnOf { command: "cmd".into(), offset: Some(7) };
+        assert!(turn.completed_by(completed(6)).is_none());
+        assert_eq!(turn.completed_by(completed(7)).map(|d| d.command_offset), Some(7));
+    }
+
+    #[test]
+    fn without_an_offset_the_turn_is_found_through_the_copy_of_its_message() {
+        let command = Envelope::new("node", message(None)).into_untyped();
+        let mut turn = TurnOf { command: command.id.clone(), offset: None };
+        // Another message's turn, ending before ours is known, is not ours.
+        assert!(turn.completed_by(completed(3)).is_none());
+        let other = Envelope::new("node", message(None)).into_untyped();
+        let theirs = message(Some(3));
+        assert!(turn.completed_by(Envelope::new("llm", theirs).caused_by(&other).into_untyped()).is_none());
+        let ours = message(Some(9));
+        assert!(turn.completed_by(Envelope::new("llm", ours).caused_by(&command).into_untyped()).is_none());
+        assert!(turn.completed_by(completed(3)).is_none());
+        assert_eq!(turn.completed_by(completed(9)).map(|d| d.command_offset), Some(9));
+    }
 }

@@ -80,12 +80,24 @@ pub struct ContextEvent {
     pub data: Value,
     /// Its envelope id.
     pub id: String,
+    /// The id of the envelope that caused it: the command, for the journal
+    /// copy of a message (how a client whose message was accepted with
+    /// `"offset": null` finds its turn).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub causationid: Option<String>,
 }
 
 impl From<Entry> for ContextEvent {
     fn from(entry: Entry) -> Self {
         let Entry { offset, envelope } = entry;
-        ContextEvent { offset, kind: envelope.kind, time: envelope.time, data: envelope.data, id: envelope.id }
+        ContextEvent {
+            offset,
+            kind: envelope.kind,
+            time: envelope.time,
+            data: envelope.data,
+            id: envelope.id,
+            causationid: envelope.causationid,
+        }
     }
 }
 
@@ -158,7 +170,7 @@ pub async fn get_context(
 
 #[utoipa::path(post, path = "/api/contexts/{id}/messages", request_body = NewMessage, security(("bearer" = [])),
     params(("id" = String, Path)),
-    responses((status = 202, body = Accepted, description = "the command is on semantic.commands; its turn's records carry its offset"),
+    responses((status = 202, body = Accepted, description = "the command is on semantic.commands; its turn's records carry its offset (null in the rare case the broker acknowledged it without one and it could not be found: the journal copy of the message names the command's id as its causationid)"),
         (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody),
         (status = 413, description = "the message is over 64 KiB", body = ErrorBody), (status = 503, body = ErrorBody)))]
 /// Says something in a context; the model answers in a turn.

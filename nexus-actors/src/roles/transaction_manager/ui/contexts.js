@@ -358,7 +358,8 @@ export function contextsView({ api, el, connect, show }) {
     if (!accepted) return;
     input.value = "";
     // Its turn runs from now (the offset is the command's); the journal's records end it.
-    if (live === state && !state.ended.has(accepted.offset)) {
+    // Without an offset (the broker did not say it) the journal copy of the message starts it.
+    if (live === state && accepted.offset != null && !state.ended.has(accepted.offset)) {
       state.running.add(accepted.offset);
       renderRunning();
     }
