@@ -210,6 +210,13 @@ async fn a_turns_message_is_journaled_before_its_text_and_a_cancel_ends_a_first_
         .and_then(|v| v.trim().parse().ok())
         .expect("nexus_llm_commands_tapped_total");
     assert!(tapped >= 2.0, "messages after the first command came by the tap: {tapped}");
+    // The consumer was moved past each, so the broker was not asked for them again.
+    let refetched: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("nexus_llm_commands_refetched_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("nexus_llm_commands_refetched_total");
+    assert_eq!(refetched, 0.0, "tapped commands fetched again: {refetched} of {tapped}");
     let (_, page) = ada.get(&format!("/api/contexts/{id}/events")).await;
     let mut completed: Vec<i64> = page["records"]
         .as_array()

@@ -12,8 +12,8 @@
 //! hands them over as the broker acknowledges them ([`crate::bus::tap`]),
 //! and the inbox takes one at once when it is its partition's next offset
 //! (every earlier one already read), so the order is the broker's; the
-//! fetch that brings it back later is skipped. Any other is left to the
-//! fetch.
+//! consumer is moved past it, and a fetch that brings it back all the same
+//! is skipped. Any other is left to the fetch.
 //!
 //! When a partition moves away the manager is told to stop its contexts;
 //! acknowledgements that arrive after it are ignored, and the partition's
@@ -210,6 +210,18 @@ impl Inbox {
 
 type Delivery = futures::future::LocalBoxFuture<'static, (i32, u64, i64)>;
 
+/// Moves the consumer past a command taken from the tap, every earlier
+/// offset of its partition read already, so the broker is not asked for it
+/// again: a fetch that finds records costs a broker (tansu's memory engine
+/// lists the partition's every batch for it), a fetch at the end nothing.
+/// Should the seek fail, the fetch brings the command and it is skipped.
+fn skip_fetch(consumer: &StreamConsumer, partition: i32, offset: i64) {
+    // Asynchronous (no wait): an error would show in the consumer's poll.
+    if let Err(error) = consumer.seek(SEMANTIC_COMMANDS, partition, Offset::Offset(offset + 1), Duration::ZERO) {
+        tracing::debug!(partition, offset, %error, "llm manager inbox: the fetch will bring a tapped command back");
+    }
+}
+
 /// Offsets of one owned partition read and not yet stored.
 #[derive(Default)]
 struct Pending {
@@ -217,8 +229,9 @@ struct Pending {
     offsets: BTreeMap<i64, bool>,
     /// The offset after the last one read, once known.
     next: Option<i64>,
-    /// Offsets taken from the tap that the consumer has not brought yet
-    /// (bounded: should the consumer stop bringing them, the tap stops).
+    /// Offsets taken from the tap that a fetch may still bring (the
+    /// consumer was moved past them, but a seek is asynchronous). Bounded:
+    /// the oldest are forgotten, long fetched past or skipped.
     tapped: BTreeSet<i64>,
 }
 
@@ -237,8 +250,11 @@ impl Pending {
 
     /// Takes `offset` from the tap if it is the partition's next one.
     fn tap(&mut self, offset: i64) -> bool {
-        if self.next != Some(offset) || self.tapped.len() >= MAX_IN_FLIGHT {
+        if self.next != Some(offset) {
             return false;
+        }
+        if self.tapped.len() >= MAX_IN_FLIGHT {
+            self.tapped.pop_first();
         }
         self.next = Some(offset + 1);
         self.tapped.insert(offset);
@@ -327,6 +343,7 @@ async fn run(consumer: StreamConsumer, mut deps: InboxDeps, partitions: i32, mut
                     let Ok(command) = check(Some(produced.key), produced.envelope, at) else { continue };
                     if p.tap(produced.offset) {
                         deps.metrics.commands_tapped.inc();
+                        skip_fetch(&consumer, produced.partition, produced.offset);
                         dispatch(&deps, &mut owned, &mut in_flight, Ok(command)).await;
                     }
                 }
@@ -345,6 +362,8 @@ async fn run(consumer: StreamConsumer, mut deps: InboxDeps, partitions: i32, mut
                     let Some(p) = owned.partitions.get_mut(&message.partition()) else { continue };
                     if p.fetched(message.offset()) {
                         dispatch(&deps, &mut owned, &mut in_flight, parse(&message)).await;
+                    } else {
+                        deps.metrics.commands_refetched.inc();
                     }
                 }
                 Err(error) => {
@@ -607,6 +626,19 @@ mod tests {
         assert!(p.fetched(8), "an offset that was not tapped is taken from the fetch");
         assert!(!p.tap(8), "the fetch took it first");
         assert!(p.tap(9));
+    }
+
+    #[test]
+    fn the_tap_keeps_taking_when_no_fetch_comes_between() {
+        // The consumer is moved past each tapped command, so a run of them
+        // may see no fetch at all: the oldest are forgotten, none refused.
+        let mut p = Pending::default();
+        assert!(p.fetched(0));
+        let many = super::MAX_IN_FLIGHT as i64 + 10;
+        assert!((1..=many).all(|o| p.tap(o)));
+        assert_eq!(p.tapped.len(), super::MAX_IN_FLIGHT);
+        assert!(!p.fetched(many), "a recent tapped offset is still known");
+        assert!(p.tap(many + 1));
     }
 
     #[test]

@@ -39,6 +39,9 @@ pub struct LlmMetrics {
     /// `nexus_llm_commands_tapped_total`: commands taken from this node's own
     /// producer as the broker acknowledged them, before a fetch brought them.
     pub commands_tapped: IntCounter,
+    /// `nexus_llm_commands_refetched_total`: tapped commands a fetch brought
+    /// again all the same (skipped); the consumer is moved past each one.
+    pub commands_refetched: IntCounter,
     /// `nexus_llm_drain_commands_total{outcome}`: commands in flight when the
     /// node drained, `finished` on it or `left` to the partition's next owner.
     pub drain_commands: IntCounterVec,
@@ -117,7 +120,12 @@ impl LlmMetrics {
             ),
             &["outcome"],
         )?;
+        let commands_refetched = IntCounter::new(
+            "nexus_llm_commands_refetched_total",
+            "Commands taken from the tap that a fetch brought again all the same (skipped)",
+        )?;
         registry.register(Box::new(commands_tapped.clone()))?;
+        registry.register(Box::new(commands_refetched.clone()))?;
         registry.register(Box::new(drain_commands.clone()))?;
         // Present from the start, so dashboards see zeros, not gaps.
         for kind in ["input", "output"] {
@@ -138,6 +146,7 @@ impl LlmMetrics {
             journal_append_seconds,
             command_delay_seconds,
             commands_tapped,
+            commands_refetched,
             drain_commands,
         })
     }
