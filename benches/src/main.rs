@@ -28,6 +28,38 @@ use rdkafka::util::Timeout;
 use rdkafka::{ClientConfig, Message as _};
 use serde_json::json;
 
+/// What `--only` can run by itself.
+const PARTS: [&str; 7] = ["panels", "login", "llm", "deploy", "bus", "sessions", "cold"];
+
+const USAGE: &str = "\
+usage: nexus-bench [--quick] [--write FILE]     every table (--write records them)
+       nexus-bench [--quick] --only PART        one part, printed
+         PART: panels, login, llm, deploy, bus, sessions, cold
+       nexus-bench chaos [--short]              the chaos harness (scripts/chaos)
+";
+
+/// Refuses what a run would not understand, before anything starts: an
+/// unknown flag must not start the whole hour-long run.
+fn check_args(args: &[String]) -> Result<(), String> {
+    let mut rest = args.iter();
+    while let Some(arg) = rest.next() {
+        match arg.as_str() {
+            "--quick" => {}
+            "--write" => {
+                rest.next().ok_or("--write needs a file")?;
+            }
+            "--only" => {
+                let part = rest.next().ok_or("--only needs a part")?;
+                if !PARTS.contains(&part.as_str()) {
+                    return Err(format!("--only {part}: no such part"));
+                }
+            }
+            other => return Err(format!("unknown argument {other:?}")),
+        }
+    }
+    Ok(())
+}
+
 struct Sizes {
     kernel: u64,
     redis: u64,
@@ -64,6 +96,14 @@ fn main() {
     }
     if args.first().map(String::as_str) == Some("serve-hello") {
         return panels::serve_hello(&args[1..]);
+    }
+    if args.iter().any(|a| a == "--help" || a == "-h") {
+        print!("{USAGE}");
+        return;
+    }
+    if let Err(error) = check_args(&args) {
+        eprint!("nexus-bench: {error}\n{USAGE}");
+        std::process::exit(2);
     }
     let quick = args.iter().any(|a| a == "--quick");
     let write = args.iter().position(|a| a == "--write").and_then(|i| args.get(i + 1)).map(PathBuf::from);
@@ -742,4 +782,23 @@ async fn kafka_rows(dir: &std::path::Path, n: u64) -> Vec<Row> {
     raw_consumer.abort();
     let _ = raw_consumer.await;
     latency_rows(&["kafka produce → acknowledging actor", "kafka latency p50", "kafka latency p99"], n, &nexus, &raw)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::check_args;
+
+    fn args(line: &str) -> Vec<String> {
+        line.split_whitespace().map(str::to_owned).collect()
+    }
+
+    #[test]
+    fn only_known_arguments_start_a_run() {
+        for ok in ["", "--quick", "--write benches/RESULTS.md", "--only llm", "--quick --only cold"] {
+            assert_eq!(check_args(&args(ok)), Ok(()), "{ok:?}");
+        }
+        for bad in ["--halp", "--only", "--only everything", "--write", "llm"] {
+            assert!(check_args(&args(bad)).is_err(), "{bad:?} was taken");
+        }
+    }
 }
