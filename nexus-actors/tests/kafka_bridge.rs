@@ -378,3 +378,42 @@ async fn a_record_acknowledged_without_its_offset_is_found_by_its_envelope_id() 
     assert_eq!(locate(&config, other_key).await.unwrap(), None);
     arbiter.stop();
 }
+
+#[actix_rt::test]
+async fn a_second_member_joining_the_group_takes_partitions_and_nothing_is_lost_or_handled_twice() {
+    let tansu = Tansu::start(&tempdir("kafka-rebalance"), TansuStorage::Memory).unwrap();
+    let config = KafkaConfig::new(tansu.brokers());
+    let kernel = Kernel::new("test");
+    let arbiter = Arbiter::new();
+    let bridge = KafkaBridge::spawn(&kernel, &arbiter.handle(), config.clone()).await.unwrap();
+    ensure_topics(&config, &["test.rebalance"]).await.unwrap();
+    produce(&bridge, "test.rebalance", 0..100).await;
+
+    let (first, first_seen) = recorder(&kernel, "first");
+    consume(&bridge, "g-rebalance", "test.rebalance", &first).await;
+    eventually(60, "the first member acknowledged the first hundred", || acked_seqs(&first_seen).len() == 100).await;
+
+    // A second member of the same group: the group rebalances under load.
+    let (second, second_seen) = recorder(&kernel, "second");
+    consume(&bridge, "g-rebalance", "test.rebalance", &second).await;
+    let mut next = 100;
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while acked_seqs(&second_seen).is_empty() {
+        assert!(std::time::Instant::now() < deadline, "the second member never got a partition");
+        produce(&bridge, "test.rebalance", next..next + 10).await;
+        next += 10;
+        actix::clock::sleep(Duration::from_millis(100)).await;
+    }
+    produce(&bridge, "test.rebalance", next..next + 100).await;
+    next += 100;
+    eventually(60, "every record acknowledged by one of the two", || {
+        acked_seqs(&first_seen).union(&acked_seqs(&second_seen)).count() == next as usize
+    })
+    .await;
+    let (by_first, by_second) = (acked_seqs(&first_seen), acked_seqs(&second_seen));
+    // Offsets are stored only once acknowledged and committed as the
+    // partitions are revoked: what the first handled, the second never gets.
+    let twice: Vec<&u64> = by_first.intersection(&by_second).collect();
+    assert!(twice.is_empty(), "handled by both members ({} and {}): {twice:?}", by_first.len(), by_second.len());
+    arbiter.stop();
+}
