@@ -145,7 +145,7 @@ fn main() {
         return;
     }
     if only_sessions {
-        println!("{}", sessions::table(&dir, if quick { 500 } else { 5_000 }));
+        println!("{}", sessions::table(&dir, if quick { &[500] } else { &[5_000, sessions::LARGE] }));
         let _ = std::fs::remove_dir_all(&dir);
         return;
     }
@@ -178,7 +178,7 @@ fn main() {
     let tool_rows = actix_rt::System::new().block_on(tools::rows(&dir, sizes.tools, sizes.python_tools));
     let tools_table = render(&tool_rows);
     println!("{tools_table}");
-    let sessions_table = sessions::table(&dir, if quick { 500 } else { 5_000 });
+    let sessions_table = sessions::table(&dir, if quick { &[500] } else { &[5_000, sessions::LARGE] });
     println!("{sessions_table}");
     let (overhead_table, cold_table) = panel_tables(&dir, quick);
     println!("{overhead_table}\n{cold_table}");

@@ -162,46 +162,86 @@ pub(crate) struct Outcome {
     pub delivered: usize,
 }
 
-/// Runs both setups with `n` sessions; returns a markdown table.
-pub(crate) fn table(dir: &Path, n: usize) -> String {
+/// Sessions of the large row: more sockets than a process may open by
+/// default here (the harness holds every client, a node every session).
+pub(crate) const LARGE: usize = 20_000;
+/// Descriptors a process needs beyond its sockets (files, Redis, Kafka).
+const SPARE_FDS: u64 = 1_024;
+
+/// Runs the setups with each of `sizes` sessions (one node, two nodes and
+/// the raw server; at [`LARGE`] and above one node and the raw server);
+/// returns a markdown table.
+pub(crate) fn table(dir: &Path, sizes: &[usize]) -> String {
     let redis = RedisServer::start(&dir.join("sessions-redis"), false).expect("redis-server");
     let tansu = Tansu::start(&dir.join("sessions-tansu"), TansuStorage::Memory).expect("tansu");
     let key_file = dir.join("sessions-keys.json");
     KeySet::generate().save(&key_file).expect("a key file");
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
-    let mut outcomes = Vec::new();
-    for (setup, nodes) in [("1 node", 1), ("2 nodes", 2)] {
-        let procs: Vec<NodeProcess> =
-            (0..nodes).map(|_| start_node(&redis.url(), &tansu.brokers(), &key_file)).collect();
-        outcomes.push(runtime.block_on(measure(setup, &procs, n)));
-    }
-    let (raw_server, trigger) = start_raw();
-    let raw = runtime.block_on(measure_raw(&raw_server, trigger, n));
-    drop(raw_server);
     let mut out = String::from(
         "| setup | sessions | p50 ms | p99 ms | max ms | server memory per idle session | delivered | raw ÷ this: p50 / p99 / memory |\n|---|---:|---:|---:|---:|---:|---:|---|\n",
     );
-    for o in outcomes.iter().chain([&raw]) {
-        let ratios = format!(
-            "{:.2} / {:.2} / {:.2}",
-            raw.p50_ms / o.p50_ms,
-            raw.p99_ms / o.p99_ms,
-            raw.kib_per_session / o.kib_per_session
-        );
-        out += &format!(
-            "| {} | {} | {:.1} | {:.1} | {:.1} | {:.1} KiB | {}/{} | {} |\n",
-            o.setup,
-            o.sessions,
-            o.p50_ms,
-            o.p99_ms,
-            o.max_ms,
-            o.kib_per_session,
-            o.delivered,
-            o.sessions * CHANGES as usize,
-            ratios
-        );
+    for &n in sizes {
+        // Servers are started after this, so they inherit it.
+        let fds = raise_open_files(n as u64 + SPARE_FDS);
+        if fds < n as u64 + SPARE_FDS {
+            out += &format!(
+                "| every setup | {n} | — | — | — | — | — | not run: {fds} open files allowed, {n} sockets needed |\n"
+            );
+            continue;
+        }
+        let setups: &[(&'static str, usize)] =
+            if n >= LARGE { &[("1 node", 1)] } else { &[("1 node", 1), ("2 nodes", 2)] };
+        let mut outcomes = Vec::new();
+        for &(setup, nodes) in setups {
+            let procs: Vec<NodeProcess> =
+                (0..nodes).map(|_| start_node(&redis.url(), &tansu.brokers(), &key_file)).collect();
+            outcomes.push(runtime.block_on(measure(setup, &procs, n)));
+        }
+        let (raw_server, trigger) = start_raw();
+        let raw = runtime.block_on(measure_raw(&raw_server, trigger, n));
+        drop(raw_server);
+        for o in outcomes.iter().chain([&raw]) {
+            let ratios = format!(
+                "{:.2} / {:.2} / {:.2}",
+                raw.p50_ms / o.p50_ms,
+                raw.p99_ms / o.p99_ms,
+                raw.kib_per_session / o.kib_per_session
+            );
+            out += &format!(
+                "| {} | {} | {:.1} | {:.1} | {:.1} | {:.1} KiB | {}/{} | {} |\n",
+                o.setup,
+                o.sessions,
+                o.p50_ms,
+                o.p99_ms,
+                o.max_ms,
+                o.kib_per_session,
+                o.delivered,
+                o.sessions * CHANGES as usize,
+                ratios
+            );
+        }
     }
     out
+}
+
+/// Raises this process's open-file limit to at least `want` where it may
+/// (root raises the hard limit too); returns the soft limit it ends with.
+fn raise_open_files(want: u64) -> u64 {
+    let mut now = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit and setrlimit only read and write the struct given.
+    unsafe {
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut now);
+        if now.rlim_cur >= want {
+            return now.rlim_cur;
+        }
+        let raised = libc::rlimit { rlim_cur: want, rlim_max: now.rlim_max.max(want) };
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) != 0 {
+            let up_to_hard = libc::rlimit { rlim_cur: now.rlim_max, rlim_max: now.rlim_max };
+            libc::setrlimit(libc::RLIMIT_NOFILE, &up_to_hard);
+        }
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut now);
+    }
+    now.rlim_cur
 }
 
 /// The raw baseline: the same clients and changes against `serve-raw-ws`.
