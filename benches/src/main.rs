@@ -94,6 +94,9 @@ fn main() {
     if args.first().map(String::as_str) == Some("serve-raw-ws") {
         return sessions::serve_raw(&args[1..]);
     }
+    if args.first().map(String::as_str) == Some("serve-clients") {
+        return sessions::serve_clients(&args[1..]);
+    }
     if args.first().map(String::as_str) == Some("serve-hello") {
         return panels::serve_hello(&args[1..]);
     }

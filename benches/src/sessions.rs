@@ -21,6 +21,9 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message;
 
+mod split;
+pub(crate) use split::serve_clients;
+
 const USER: &str = "bench";
 const PASSWORD: &str = "bench-password";
 /// Changes fanned out per setup.
@@ -181,25 +184,31 @@ pub(crate) fn table(dir: &Path, sizes: &[usize]) -> String {
         "| setup | sessions | p50 ms | p99 ms | max ms | server memory per idle session | delivered | raw ÷ this: p50 / p99 / memory |\n|---|---:|---:|---:|---:|---:|---:|---|\n",
     );
     for &n in sizes {
+        // From LARGE on, clients and sessions are split over two processes each.
+        let per_process = if n >= LARGE { n / 2 } else { n } as u64 + SPARE_FDS;
         // Servers are started after this, so they inherit it.
-        let fds = raise_open_files(n as u64 + SPARE_FDS);
-        if fds < n as u64 + SPARE_FDS {
+        let fds = raise_open_files(per_process);
+        if fds < per_process {
             out += &format!(
-                "| every setup | {n} | — | — | — | — | — | not run: {fds} open files allowed, {n} sockets needed |\n"
+                "| every setup | {n} | — | — | — | — | — | not run: {fds} open files allowed, {per_process} needed |\n"
             );
             continue;
         }
-        let setups: &[(&'static str, usize)] =
-            if n >= LARGE { &[("1 node", 1)] } else { &[("1 node", 1), ("2 nodes", 2)] };
         let mut outcomes = Vec::new();
-        for &(setup, nodes) in setups {
+        let raw = if n >= LARGE {
             let procs: Vec<NodeProcess> =
-                (0..nodes).map(|_| start_node(&redis.url(), &tansu.brokers(), &key_file)).collect();
-            outcomes.push(runtime.block_on(measure(setup, &procs, n)));
-        }
-        let (raw_server, trigger) = start_raw();
-        let raw = runtime.block_on(measure_raw(&raw_server, trigger, n));
-        drop(raw_server);
+                (0..2).map(|_| start_node(&redis.url(), &tansu.brokers(), &key_file)).collect();
+            outcomes.push(runtime.block_on(measure("2 nodes, clients in 2 processes", &procs, n, true)));
+            drop(procs);
+            runtime.block_on(measure_raw(&[start_raw(), start_raw()], n))
+        } else {
+            for (setup, nodes) in [("1 node", 1), ("2 nodes", 2)] {
+                let procs: Vec<NodeProcess> =
+                    (0..nodes).map(|_| start_node(&redis.url(), &tansu.brokers(), &key_file)).collect();
+                outcomes.push(runtime.block_on(measure(setup, &procs, n, false)));
+            }
+            runtime.block_on(measure_raw(&[start_raw()], n))
+        };
         for o in outcomes.iter().chain([&raw]) {
             let ratios = format!(
                 "{:.2} / {:.2} / {:.2}",
@@ -244,23 +253,36 @@ fn raise_open_files(want: u64) -> u64 {
     now.rlim_cur
 }
 
-/// The raw baseline: the same clients and changes against `serve-raw-ws`.
-async fn measure_raw(server: &NodeProcess, trigger: u16, n: usize) -> Outcome {
-    let trigger = tokio::net::TcpStream::connect(("127.0.0.1", trigger)).await.expect("trigger");
-    let trigger = Arc::new(tokio::sync::Mutex::new(trigger));
-    let url = format!("ws://127.0.0.1:{}/", server.port);
+/// The raw baseline: the same clients and changes against `serve-raw-ws`;
+/// with two servers, half the clients each, in a process of their own.
+async fn measure_raw(servers: &[(NodeProcess, u16)], n: usize) -> Outcome {
+    let mut triggers = Vec::new();
+    for (_, trigger) in servers {
+        triggers.push(tokio::net::TcpStream::connect(("127.0.0.1", *trigger)).await.expect("trigger"));
+    }
+    let triggers = Arc::new(tokio::sync::Mutex::new(triggers));
+    let urls: Vec<String> = servers.iter().map(|(s, _)| format!("ws://127.0.0.1:{}/", s.port)).collect();
+    let pids: Vec<u32> = servers.iter().map(|(s, _)| s.child.id()).collect();
     let subscribe = json!({"type": "subscribe", "doc": "raw", "presence": false}).to_string();
-    fan_out("raw broadcast server", &[server.child.id()], vec![url], subscribe, n, |version| {
-        let trigger = trigger.clone();
+    let change = |version: u64| {
+        let triggers = triggers.clone();
         async move {
             let line = format!("{}\n", version + 1);
-            trigger.lock().await.write_all(line.as_bytes()).await.expect("trigger a change");
+            for trigger in triggers.lock().await.iter_mut() {
+                trigger.write_all(line.as_bytes()).await.expect("trigger a change");
+            }
         }
-    })
-    .await
+    };
+    if servers.len() > 1 {
+        split::fan_out("2 raw broadcast servers, clients in 2 processes", &pids, &urls, &subscribe, n, change).await
+    } else {
+        fan_out("raw broadcast server", &pids, urls, subscribe, n, change).await
+    }
 }
 
-async fn measure(setup: &'static str, nodes: &[NodeProcess], n: usize) -> Outcome {
+/// One or more nodes, the clients split over them; with `split`, each
+/// node's clients in a process of their own.
+async fn measure(setup: &'static str, nodes: &[NodeProcess], n: usize, split: bool) -> Outcome {
     let http = reqwest::Client::new();
     let base = format!("http://127.0.0.1:{}", nodes[0].port);
     let login: Value = http
@@ -285,9 +307,9 @@ async fn measure(setup: &'static str, nodes: &[NodeProcess], n: usize) -> Outcom
         .expect("doc");
     let id = doc["id"].as_str().expect("id").to_owned();
     let pids: Vec<u32> = nodes.iter().map(|p| p.child.id()).collect();
-    let urls = nodes.iter().map(|p| format!("ws://127.0.0.1:{}/ws?token={token}", p.port)).collect();
+    let urls: Vec<String> = nodes.iter().map(|p| format!("ws://127.0.0.1:{}/ws?token={token}", p.port)).collect();
     let subscribe = json!({"type": "subscribe", "doc": id, "presence": false}).to_string();
-    fan_out(setup, &pids, urls, subscribe, n, |version| {
+    let change = |version: u64| {
         let patch = http
             .patch(format!("{base}/api/documents/{id}"))
             .bearer_auth(&token)
@@ -296,8 +318,12 @@ async fn measure(setup: &'static str, nodes: &[NodeProcess], n: usize) -> Outcom
         async move {
             patch.await.expect("patch").error_for_status().expect("patch accepted");
         }
-    })
-    .await
+    };
+    if split {
+        split::fan_out(setup, &pids, &urls, &subscribe, n, change).await
+    } else {
+        fan_out(setup, &pids, urls, subscribe, n, change).await
+    }
 }
 
 /// Opens `n` clients (round robin over `urls`), each subscribing with
@@ -379,6 +405,12 @@ where
     for reader in readers {
         reader.abort();
     }
+    outcome(setup, n, latencies, rss_after.saturating_sub(rss_before))
+}
+
+/// The row of `n` sessions whose changes arrived after `latencies` (ms),
+/// the servers having grown by `grown_kib` with them.
+fn outcome(setup: &'static str, n: usize, mut latencies: Vec<f64>, grown_kib: u64) -> Outcome {
     latencies.sort_by(|a, b| a.total_cmp(b));
     let pick =
         |p: f64| latencies.get(((latencies.len().max(1) - 1) as f64 * p).round() as usize).copied().unwrap_or(f64::NAN);
@@ -388,7 +420,7 @@ where
         p50_ms: pick(0.5),
         p99_ms: pick(0.99),
         max_ms: latencies.last().copied().unwrap_or(f64::NAN),
-        kib_per_session: rss_after.saturating_sub(rss_before) as f64 / n as f64,
+        kib_per_session: grown_kib as f64 / n as f64,
         delivered: latencies.len(),
     }
 }
