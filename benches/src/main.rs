@@ -42,12 +42,18 @@ usage: nexus-bench [--quick] [--write FILE]     every table (--write records the
 /// unknown flag must not start the whole hour-long run.
 fn check_args(args: &[String]) -> Result<(), String> {
     let mut rest = args.iter();
+    let mut seen = Vec::new();
     while let Some(arg) = rest.next() {
+        if seen.contains(&arg.as_str()) {
+            return Err(format!("{arg} given twice"));
+        }
+        seen.push(arg.as_str());
         match arg.as_str() {
             "--quick" => {}
-            "--write" => {
-                rest.next().ok_or("--write needs a file")?;
-            }
+            "--write" => match rest.next() {
+                Some(file) if !file.starts_with("--") => {}
+                _ => return Err("--write needs a file".into()),
+            },
             "--only" => {
                 let part = rest.next().ok_or("--only needs a part")?;
                 if !PARTS.contains(&part.as_str()) {
@@ -800,7 +806,9 @@ mod tests {
         for ok in ["", "--quick", "--write benches/RESULTS.md", "--only llm", "--quick --only cold"] {
             assert_eq!(check_args(&args(ok)), Ok(()), "{ok:?}");
         }
-        for bad in ["--halp", "--only", "--only everything", "--write", "llm"] {
+        for bad in
+            ["--halp", "--only", "--only everything", "--write", "--write --quick", "--only llm --only bus", "llm"]
+        {
             assert!(check_args(&args(bad)).is_err(), "{bad:?} was taken");
         }
     }

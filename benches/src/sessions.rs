@@ -165,15 +165,15 @@ pub(crate) struct Outcome {
     pub delivered: usize,
 }
 
-/// Sessions of the large row: more sockets than a process may open by
-/// default here (the harness holds every client, a node every session).
+/// Sessions of the large rows: more sockets than a process may open here,
+/// so they are split over two nodes, two raw servers and two client processes.
 pub(crate) const LARGE: usize = 20_000;
 /// Descriptors a process needs beyond its sockets (files, Redis, Kafka).
 const SPARE_FDS: u64 = 1_024;
 
 /// Runs the setups with each of `sizes` sessions (one node, two nodes and
-/// the raw server; at [`LARGE`] and above one node and the raw server);
-/// returns a markdown table.
+/// the raw server; from [`LARGE`] on, two nodes and two raw servers with
+/// the clients in two processes); returns a markdown table.
 pub(crate) fn table(dir: &Path, sizes: &[usize]) -> String {
     let redis = RedisServer::start(&dir.join("sessions-redis"), false).expect("redis-server");
     let tansu = Tansu::start(&dir.join("sessions-tansu"), TansuStorage::Memory).expect("tansu");

@@ -380,7 +380,7 @@ async fn a_record_acknowledged_without_its_offset_is_found_by_its_envelope_id() 
 }
 
 #[actix_rt::test]
-async fn a_second_member_joining_the_group_takes_partitions_and_nothing_is_lost_or_handled_twice() {
+async fn a_second_member_joining_the_group_takes_partitions_loses_nothing_and_repeats_only_what_was_in_flight() {
     let tansu = Tansu::start(&tempdir("kafka-rebalance"), TansuStorage::Memory).unwrap();
     let config = KafkaConfig::new(tansu.brokers());
     let kernel = Kernel::new("test");
@@ -411,9 +411,12 @@ async fn a_second_member_joining_the_group_takes_partitions_and_nothing_is_lost_
     })
     .await;
     let (by_first, by_second) = (acked_seqs(&first_seen), acked_seqs(&second_seen));
-    // Offsets are stored only once acknowledged and committed as the
-    // partitions are revoked: what the first handled, the second never gets.
+    // Offsets are stored once acknowledged and committed as the partitions
+    // are revoked, so the second member starts where the first stopped: only
+    // a record in flight at the revoke (at most one per key, the lanes'
+    // order) may be handled by both. Without the commit at the revoke, every
+    // record acknowledged since the last timed commit would be.
     let twice: Vec<&u64> = by_first.intersection(&by_second).collect();
-    assert!(twice.is_empty(), "handled by both members ({} and {}): {twice:?}", by_first.len(), by_second.len());
+    assert!(twice.len() <= 5, "handled by both members ({} and {}): {twice:?}", by_first.len(), by_second.len());
     arbiter.stop();
 }

@@ -113,7 +113,7 @@ where
             .args(["serve-clients", url, &(n / urls.len()).to_string(), subscribe])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(Stdio::inherit())
             .spawn()
             .expect("a client process");
         let (stdin, stdout) = (child.stdin.take().expect("stdin"), child.stdout.take().expect("stdout"));
@@ -131,6 +131,8 @@ where
         });
         processes.push(Clients { child, _stdin: stdin });
     }
+    // Only the readers hold senders now: a process that dies unready ends the wait.
+    drop(ready);
     let deadline = Instant::now() + Duration::from_secs(600);
     for _ in urls {
         let left = deadline.saturating_duration_since(Instant::now());

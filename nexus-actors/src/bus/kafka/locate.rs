@@ -3,7 +3,7 @@
 //! that the broker recognised as one it had written already (a broker
 //! that restarted between writing the first try and acknowledging it).
 //! The record is on the log, so this reads the partition's tail for its
-//! envelope id. It only reads: no group, no committed offsets.
+//! envelope id. It only reads: assigned partitions, no offsets committed.
 
 use std::time::{Duration, Instant};
 
@@ -17,12 +17,13 @@ use crate::envelope::Envelope;
 /// How far back from the partition's end a record is looked for: a
 /// duplicate is one of the records in flight when the broker went away,
 /// far fewer than this.
-pub const LOOKBACK: i64 = 1024;
+const LOOKBACK: i64 = 1024;
 /// How long a lookup may take in all.
 const LIMIT: Duration = Duration::from_secs(10);
-/// How long to wait past the high watermark for more records (tansu 0.6
-/// reports a partition's end as its last batch's base offset).
-const END_GRACE: Duration = Duration::from_millis(50);
+/// How long to wait, once every record below the high watermark has come,
+/// for one at it: tansu 0.6 reports a partition's end as its last batch's
+/// base offset, so its last record is at the watermark, not below.
+const END_GRACE: Duration = Duration::from_millis(500);
 
 /// What identifies the record looked for.
 #[derive(Debug, Clone)]
@@ -37,8 +38,10 @@ pub struct Sought {
     pub id: String,
 }
 
-/// The offset of `sought` among the last [`LOOKBACK`] records of its
-/// partition; `None` when it is not there. Runs on a blocking thread.
+/// The offset of `sought` among the last 1,024 records of its
+/// partition (the latest, should the same envelope be there twice: the
+/// acknowledgement is the last send's); `None` when it is not there. The
+/// reading runs on a blocking thread.
 pub async fn locate(config: &KafkaConfig, sought: Sought) -> Result<Option<i64>, KafkaError> {
     let consumer: BaseConsumer = config
         .client()
@@ -58,18 +61,31 @@ pub async fn locate(config: &KafkaConfig, sought: Sought) -> Result<Option<i64>,
 
 fn scan(consumer: &BaseConsumer, sought: &Sought) -> Result<Option<i64>, KafkaError> {
     let started = Instant::now();
+    let left = || LIMIT.saturating_sub(started.elapsed());
     let (low, high) = consumer.fetch_watermarks(&sought.topic, sought.partition, LIMIT)?;
     let from = (high - LOOKBACK).max(low);
     let mut assignment = TopicPartitionList::new();
     assignment.add_partition_offset(&sought.topic, sought.partition, Offset::Offset(from))?;
     consumer.assign(&assignment)?;
-    let mut next = from;
-    while started.elapsed() < LIMIT {
-        let wait = if next >= high { END_GRACE } else { LIMIT.saturating_sub(started.elapsed()) };
+    let (mut next, mut found) = (from, None);
+    while !left().is_zero() {
+        // The record was acknowledged before the watermark was read, so it
+        // is below it (or at it, on tansu): nothing past it is read.
+        if next > high {
+            break;
+        }
+        let wait = if next == high { END_GRACE.min(left()) } else { left() };
         let message = match consumer.poll(wait) {
-            None if next >= high => return Ok(None),
+            None if next == high => break,
             None => continue,
-            Some(received) => received?,
+            // A broker that restarted a moment ago may still refuse; try
+            // again until the time is up.
+            Some(Err(error)) => {
+                tracing::debug!(%error, "kafka: looking a record up; polling again");
+                std::thread::sleep(Duration::from_millis(50).min(left()));
+                continue;
+            }
+            Some(Ok(message)) => message,
         };
         next = next.max(message.offset() + 1);
         if message.key() != Some(sought.key.as_bytes()) {
@@ -77,8 +93,8 @@ fn scan(consumer: &BaseConsumer, sought: &Sought) -> Result<Option<i64>, KafkaEr
         }
         let Ok(envelope) = Envelope::decode(message.payload().unwrap_or_default()) else { continue };
         if envelope.id == sought.id {
-            return Ok(Some(message.offset()));
+            found = Some(message.offset());
         }
     }
-    Ok(None)
+    Ok(found)
 }

@@ -35,7 +35,7 @@ use rdkafka::ClientConfig;
 use serde_json::Value;
 use tokio::sync::oneshot;
 
-pub use locate::{locate, Sought, LOOKBACK};
+pub use locate::{locate, Sought};
 
 use super::tap::{Produced, Tap, Taps};
 use super::{Bus, BusErrorKind};

@@ -20,7 +20,7 @@
 //! next owner starts from the stored offset and finishes any turn left
 //! open (the journal says how far it got).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -214,9 +214,12 @@ type Delivery = futures::future::LocalBoxFuture<'static, (i32, u64, i64)>;
 /// offset of its partition read already, so the broker is not asked for it
 /// again: a fetch that finds records costs a broker (tansu's memory engine
 /// lists the partition's every batch for it), a fetch at the end nothing.
-/// Should the seek fail, the fetch brings the command and it is skipped.
+/// Records of the partition fetched ahead are dropped by the seek and
+/// fetched again. Should the seek fail, a fetch brings the command back
+/// and it is skipped.
 fn skip_fetch(consumer: &StreamConsumer, partition: i32, offset: i64) {
-    // Asynchronous (no wait): an error would show in the consumer's poll.
+    // Without a wait librdkafka reports only an unknown partition or a bad
+    // argument; anything later goes unreported, hence the skip in `fetched`.
     if let Err(error) = consumer.seek(SEMANTIC_COMMANDS, partition, Offset::Offset(offset + 1), Duration::ZERO) {
         tracing::debug!(partition, offset, %error, "llm manager inbox: the fetch will bring a tapped command back");
     }
@@ -227,24 +230,22 @@ fn skip_fetch(consumer: &StreamConsumer, partition: i32, offset: i64) {
 struct Pending {
     /// Offset → acknowledged.
     offsets: BTreeMap<i64, bool>,
-    /// The offset after the last one read, once known.
+    /// The offset after the last one taken, by the fetch or the tap, once
+    /// known. Every offset below it was taken (a tap only takes a
+    /// partition's next offset), so a fetch that brings one again (a tapped
+    /// command whose seek failed, a batch a broker sends again) is skipped.
+    /// A partition's offsets only grow: a partition taken anew starts a
+    /// new `Pending`.
     next: Option<i64>,
-    /// Offsets taken from the tap that a fetch may still bring (the
-    /// consumer was moved past them, but a seek is asynchronous). Bounded:
-    /// the oldest are forgotten, long fetched past or skipped.
-    tapped: BTreeSet<i64>,
 }
 
 impl Pending {
-    /// Notes that the consumer brought `offset`; false when it was tapped (and taken) already.
+    /// Notes that the consumer brought `offset`; false when it was taken already.
     fn fetched(&mut self, offset: i64) -> bool {
-        // A partition is fetched in offset order: tapped offsets below this
-        // one will not be brought (the log was cut under them).
-        self.tapped = self.tapped.split_off(&offset);
-        if self.tapped.remove(&offset) {
+        if self.next.is_some_and(|next| offset < next) {
             return false;
         }
-        self.next = Some(self.next.map_or(offset + 1, |next| next.max(offset + 1)));
+        self.next = Some(offset + 1);
         true
     }
 
@@ -253,11 +254,7 @@ impl Pending {
         if self.next != Some(offset) {
             return false;
         }
-        if self.tapped.len() >= MAX_IN_FLIGHT {
-            self.tapped.pop_first();
-        }
         self.next = Some(offset + 1);
-        self.tapped.insert(offset);
         true
     }
 }
@@ -629,25 +626,26 @@ mod tests {
     }
 
     #[test]
-    fn the_tap_keeps_taking_when_no_fetch_comes_between() {
-        // The consumer is moved past each tapped command, so a run of them
-        // may see no fetch at all: the oldest are forgotten, none refused.
+    fn the_tap_keeps_taking_when_no_fetch_comes_between_and_nothing_is_taken_twice() {
+        // The consumer is moved past each tapped command, so a long run of
+        // them may see no fetch at all.
         let mut p = Pending::default();
         assert!(p.fetched(0));
-        let many = super::MAX_IN_FLIGHT as i64 + 10;
+        let many = 10_000;
         assert!((1..=many).all(|o| p.tap(o)));
-        assert_eq!(p.tapped.len(), super::MAX_IN_FLIGHT);
-        assert!(!p.fetched(many), "a recent tapped offset is still known");
+        assert!(!p.fetched(1), "the oldest tapped command, brought back by a failed seek");
+        assert!(!p.fetched(many));
+        assert!(!p.fetched(0), "a batch sent again");
         assert!(p.tap(many + 1));
     }
 
     #[test]
-    fn tapped_offsets_the_fetch_passes_over_are_forgotten() {
+    fn offsets_the_fetch_passes_over_are_not_waited_for() {
         let mut p = Pending::default();
         assert!(p.fetched(0));
         assert!(p.tap(1) && p.tap(2));
-        assert!(p.fetched(5), "the log was cut under 1 and 2");
-        assert!(p.tapped.is_empty());
+        assert!(p.fetched(5), "the log was cut under 3 and 4");
+        assert!(!p.tap(4));
         assert!(p.tap(6));
     }
 }

@@ -39,8 +39,9 @@ pub struct LlmMetrics {
     /// `nexus_llm_commands_tapped_total`: commands taken from this node's own
     /// producer as the broker acknowledged them, before a fetch brought them.
     pub commands_tapped: IntCounter,
-    /// `nexus_llm_commands_refetched_total`: tapped commands a fetch brought
-    /// again all the same (skipped); the consumer is moved past each one.
+    /// `nexus_llm_commands_refetched_total`: commands a fetch brought that
+    /// were taken already (tapped, or sent again), skipped; the consumer is
+    /// moved past each tapped one, so few are expected.
     pub commands_refetched: IntCounter,
     /// `nexus_llm_drain_commands_total{outcome}`: commands in flight when the
     /// node drained, `finished` on it or `left` to the partition's next owner.
@@ -122,7 +123,7 @@ impl LlmMetrics {
         )?;
         let commands_refetched = IntCounter::new(
             "nexus_llm_commands_refetched_total",
-            "Commands taken from the tap that a fetch brought again all the same (skipped)",
+            "Commands a fetch brought that were taken already (from the tap, or sent again), skipped",
         )?;
         registry.register(Box::new(commands_tapped.clone()))?;
         registry.register(Box::new(commands_refetched.clone()))?;
