@@ -424,6 +424,10 @@ fn keys(config: &NodeConfig) -> Result<KeyRing, NodeError> {
 /// Starts a node: bridges, roles and HTTP endpoints, all listening when
 /// it returns.
 pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
+    match crate::platform::open_files::raise_to_hard() {
+        Ok((before, after)) => tracing::info!(before, after, "open-file limit (soft) raised to the hard limit"),
+        Err(error) => tracing::warn!(%error, "open-file limit left as it is"),
+    }
     let keys = keys(&config)?;
     let kernel = Kernel::new(config.name.clone());
     let bridges = start_bridges(&kernel, &config).await?;

@@ -12,6 +12,7 @@
 //! * [`origin`]: the `Host`/`Origin` rules against DNS rebinding.
 //! * [`files`]: secret files and private directories.
 //! * [`quotas`]: what one user may hold at once.
+//! * [`open_files`]: the node's open-file limit, raised at start.
 //!
 //! Roles depend on this module and never on each other; this module
 //! depends on no role.
@@ -24,6 +25,7 @@ pub mod error;
 pub mod files;
 pub mod http;
 pub mod node_lease;
+pub mod open_files;
 pub mod origin;
 pub mod panels;
 pub mod quotas;
