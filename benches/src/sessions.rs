@@ -106,16 +106,25 @@ pub(crate) fn serve_raw(args: &[String]) {
     });
 }
 
-struct NodeProcess {
-    child: Child,
-    port: u16,
+/// A child process of the harness, killed when dropped.
+struct Killed(Child);
+
+impl Killed {
+    fn id(&self) -> u32 {
+        self.0.id()
+    }
 }
 
-impl Drop for NodeProcess {
+impl Drop for Killed {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
+}
+
+struct NodeProcess {
+    child: Killed,
+    port: u16,
 }
 
 fn start_node(redis_url: &str, brokers: &str, key_file: &Path) -> NodeProcess {
@@ -129,7 +138,7 @@ fn start_node(redis_url: &str, brokers: &str, key_file: &Path) -> NodeProcess {
         .spawn()
         .expect("node process");
     crate::wait_listening(port, "the bench node", Duration::from_secs(60)).expect("bench node");
-    NodeProcess { child, port }
+    NodeProcess { child: Killed(child), port }
 }
 
 fn rss_kib(pid: u32) -> u64 {
@@ -152,7 +161,7 @@ fn start_raw() -> (NodeProcess, u16) {
         .expect("raw server process");
     crate::wait_listening(port, "the raw WebSocket server", Duration::from_secs(30)).expect("raw server");
     crate::wait_listening(trigger, "the raw server's trigger", Duration::from_secs(30)).expect("raw server");
-    (NodeProcess { child, port }, trigger)
+    (NodeProcess { child: Killed(child), port }, trigger)
 }
 
 pub(crate) struct Outcome {
@@ -234,23 +243,21 @@ pub(crate) fn table(dir: &Path, sizes: &[usize]) -> String {
 }
 
 /// Raises this process's open-file limit to at least `want` where it may
-/// (root raises the hard limit too); returns the soft limit it ends with.
+/// (root with `CAP_SYS_RESOURCE` raises the hard limit too, anyone else up
+/// to the hard limit, as a node does); returns the soft limit it ends with.
 fn raise_open_files(want: u64) -> u64 {
+    let raised = libc::rlimit { rlim_cur: want, rlim_max: want };
     let mut now = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
     // SAFETY: getrlimit and setrlimit only read and write the struct given.
-    unsafe {
-        libc::getrlimit(libc::RLIMIT_NOFILE, &mut now);
-        if now.rlim_cur >= want {
-            return now.rlim_cur;
-        }
-        let raised = libc::rlimit { rlim_cur: want, rlim_max: now.rlim_max.max(want) };
-        if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) != 0 {
-            let up_to_hard = libc::rlimit { rlim_cur: now.rlim_max, rlim_max: now.rlim_max };
-            libc::setrlimit(libc::RLIMIT_NOFILE, &up_to_hard);
-        }
-        libc::getrlimit(libc::RLIMIT_NOFILE, &mut now);
+    unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut now) };
+    if now.rlim_cur >= want {
+        return now.rlim_cur;
     }
-    now.rlim_cur
+    // SAFETY: as above.
+    if now.rlim_max >= want || unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } != 0 {
+        return nexus_actors::platform::open_files::raise_to_hard().map_or(now.rlim_cur, |(_, hard)| hard);
+    }
+    want
 }
 
 /// The raw baseline: the same clients and changes against `serve-raw-ws`;
@@ -345,26 +352,7 @@ where
 {
     let rss_before: u64 = pids.iter().map(|&pid| rss_kib(pid)).sum();
     let received: Arc<Mutex<Vec<(u64, Instant)>>> = Arc::default();
-    let clients = futures::stream::iter(0..n)
-        .map(|i| {
-            let url = urls[i % urls.len()].clone();
-            let subscribe = subscribe.clone();
-            async move {
-                let (mut ws, _) = tokio_tungstenite::connect_async(url).await.expect("connect");
-                ws.send(Message::text(subscribe)).await.expect("subscribe");
-                loop {
-                    let frame = ws.next().await.expect("open").expect("frame");
-                    if let Message::Text(t) = frame {
-                        if t.as_str().contains("\"snapshot\"") {
-                            return ws;
-                        }
-                    }
-                }
-            }
-        })
-        .buffer_unordered(128)
-        .collect::<Vec<_>>()
-        .await;
+    let clients = connect(&urls, &subscribe, n).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     let rss_after: u64 = pids.iter().map(|&pid| rss_kib(pid)).sum();
 
@@ -374,13 +362,8 @@ where
         readers.push(tokio::spawn(async move {
             let (_sink, mut stream) = ws.split();
             while let Some(Ok(frame)) = stream.next().await {
-                if let Message::Text(t) = frame {
-                    if let Ok(v) = serde_json::from_str::<Value>(t.as_str()) {
-                        if v["type"] == "change" {
-                            let version = v["version"].as_u64().unwrap_or(0);
-                            received.lock().unwrap().push((version, Instant::now()));
-                        }
-                    }
+                if let Some(version) = change_version(&frame) {
+                    received.lock().unwrap().push((version, Instant::now()));
                 }
             }
         }));
@@ -406,6 +389,35 @@ where
         reader.abort();
     }
     outcome(setup, n, latencies, rss_after.saturating_sub(rss_before))
+}
+
+type Client = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// `n` clients, round robin over `urls`, each subscribed with `subscribe`
+/// and past its snapshot; 128 connecting at once.
+async fn connect(urls: &[String], subscribe: &str, n: usize) -> Vec<Client> {
+    futures::stream::iter(0..n)
+        .map(|i| async move {
+            let (mut ws, _) = tokio_tungstenite::connect_async(urls[i % urls.len()].as_str()).await.expect("connect");
+            ws.send(Message::text(subscribe)).await.expect("subscribe");
+            loop {
+                if let Message::Text(t) = ws.next().await.expect("open").expect("frame") {
+                    if t.as_str().contains("\"snapshot\"") {
+                        return ws;
+                    }
+                }
+            }
+        })
+        .buffer_unordered(128)
+        .collect()
+        .await
+}
+
+/// The version a `change` frame brings; `None` for any other frame.
+fn change_version(frame: &Message) -> Option<u64> {
+    let Message::Text(t) = frame else { return None };
+    let v = serde_json::from_str::<Value>(t.as_str()).ok()?;
+    (v["type"] == "change").then(|| v["version"].as_u64().unwrap_or(0))
 }
 
 /// The row of `n` sessions whose changes arrived after `latencies` (ms),

@@ -5,14 +5,13 @@
 //! the machine's monotonic clock, which every process shares.
 
 use std::io::{BufRead, BufReader, Write};
-use std::process::{Child, ChildStdin, Command, Stdio};
+use std::process::{ChildStdin, Command, Stdio};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use futures::{Future, SinkExt, StreamExt};
-use tokio_tungstenite::tungstenite::Message;
+use futures::{Future, StreamExt};
 
-use super::{rss_kib, Outcome, CHANGES};
+use super::{change_version, connect, rss_kib, Killed, Outcome, CHANGES};
 
 /// The machine's monotonic clock, in nanoseconds: the same in every process.
 fn monotonic_ns() -> u64 {
@@ -35,32 +34,16 @@ pub(crate) fn serve_clients(args: &[String]) {
     });
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().expect("runtime");
     runtime.block_on(async move {
-        let clients = futures::stream::iter(0..n)
-            .map(|_| async {
-                let (mut ws, _) = tokio_tungstenite::connect_async(url.as_str()).await.expect("connect");
-                ws.send(Message::text(subscribe.clone())).await.expect("subscribe");
-                loop {
-                    if let Message::Text(t) = ws.next().await.expect("open").expect("frame") {
-                        if t.as_str().contains("\"snapshot\"") {
-                            return ws;
-                        }
-                    }
-                }
-            })
-            .buffer_unordered(128)
-            .collect::<Vec<_>>()
-            .await;
+        let clients = connect(std::slice::from_ref(url), subscribe, n).await;
         let (arrived, lines) = tokio::sync::mpsc::unbounded_channel::<(u64, u64)>();
         for ws in clients {
             let arrived = arrived.clone();
             tokio::spawn(async move {
                 let (_sink, mut stream) = ws.split();
-                while let Some(Ok(Message::Text(t))) = stream.next().await {
+                while let Some(Ok(frame)) = stream.next().await {
                     let at = monotonic_ns();
-                    if let Ok(v) = serde_json::from_str::<serde_json::Value>(t.as_str()) {
-                        if v["type"] == "change" {
-                            let _ = arrived.send((v["version"].as_u64().unwrap_or(0), at));
-                        }
+                    if let Some(version) = change_version(&frame) {
+                        let _ = arrived.send((version, at));
                     }
                 }
             });
@@ -79,15 +62,8 @@ pub(crate) fn serve_clients(args: &[String]) {
 
 /// A client process; killed when dropped.
 struct Clients {
-    child: Child,
+    _child: Killed,
     _stdin: ChildStdin,
-}
-
-impl Drop for Clients {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// Like [`super::fan_out`], with the `n` clients split evenly over one
@@ -129,7 +105,7 @@ where
                 }
             }
         });
-        processes.push(Clients { child, _stdin: stdin });
+        processes.push(Clients { _child: Killed(child), _stdin: stdin });
     }
     // Only the readers hold senders now: a process that dies unready ends the wait.
     drop(ready);
