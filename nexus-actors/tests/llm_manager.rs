@@ -204,18 +204,10 @@ async fn a_turns_message_is_journaled_before_its_text_and_a_cancel_ends_a_first_
     // Commands this node produced were handed to its inbox as the broker
     // acknowledged them, and each was still answered exactly once.
     let metrics = reqwest::get(format!("{}/metrics", node.url())).await.unwrap().text().await.unwrap();
-    let tapped: f64 = metrics
-        .lines()
-        .find_map(|l| l.strip_prefix("nexus_llm_commands_tapped_total "))
-        .and_then(|v| v.trim().parse().ok())
-        .expect("nexus_llm_commands_tapped_total");
+    let tapped = metric(&metrics, "nexus_llm_commands_tapped_total").expect("nexus_llm_commands_tapped_total");
     assert!(tapped >= 2.0, "messages after the first command came by the tap: {tapped}");
     // The consumer was moved past each, so the broker was not asked for them again.
-    let refetched: f64 = metrics
-        .lines()
-        .find_map(|l| l.strip_prefix("nexus_llm_commands_refetched_total "))
-        .and_then(|v| v.trim().parse().ok())
-        .expect("nexus_llm_commands_refetched_total");
+    let refetched = metric(&metrics, "nexus_llm_commands_refetched_total").expect("nexus_llm_commands_refetched_total");
     assert_eq!(refetched, 0.0, "tapped commands fetched again: {refetched} of {tapped}");
     let (_, page) = ada.get(&format!("/api/contexts/{id}/events")).await;
     let mut completed: Vec<i64> = page["records"]
@@ -357,11 +349,8 @@ async fn garbage_on_the_command_topic_is_dead_lettered_and_never_blocks_a_partit
     assert_eq!(reasons, expected);
     let metrics = reqwest::get(format!("{}/metrics", node.url())).await.unwrap().text().await.unwrap();
     assert!(metrics.contains("nexus_semantic_dead_letters_total{reason=\"not_an_envelope\"} 1"), "{metrics}");
-    let taken = metrics
-        .lines()
-        .find_map(|l| l.strip_prefix("nexus_llm_command_delay_seconds_count "))
-        .and_then(|n| n.parse::<u64>().ok());
-    assert!(taken.is_some_and(|n| n >= 1), "the commands taken had their delay observed: {taken:?}");
+    let taken = metric(&metrics, "nexus_llm_command_delay_seconds_count");
+    assert!(taken.is_some_and(|n| n >= 1.0), "the commands taken had their delay observed: {taken:?}");
     // Clients of the test's broker close before it goes (a consumer closing
     // against a stopped broker waits for it).
     drop((dlq, producer));
@@ -444,4 +433,9 @@ async fn a_draining_node_finishes_the_turn_in_flight_itself() {
     assert_eq!(model.requests(), 1, "the model was asked once");
     reader.stop().await.expect("the reader stops");
     drop(brokers);
+}
+
+/// The value of the unlabelled series `name` in a `/metrics` rendering.
+fn metric(metrics: &str, name: &str) -> Option<f64> {
+    metrics.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
 }

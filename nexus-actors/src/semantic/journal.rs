@@ -187,13 +187,7 @@ impl Journal {
 
 /// A consumer for reads, in no group's offsets.
 fn reader(config: &KafkaConfig) -> Result<BaseConsumer, KafkaError> {
-    config
-        .client()
-        .set("group.id", "nexus-journal-reader")
-        .set("enable.auto.commit", "false")
-        .set("enable.auto.offset.store", "false")
-        .set("fetch.wait.max.ms", "5")
-        .create()
+    config.reader("nexus-journal-reader").create()
 }
 
 /// [`Journal::read`] on the calling thread, with `consumer`.

@@ -43,13 +43,7 @@ pub struct Sought {
 /// acknowledgement is the last send's); `None` when it is not there. The
 /// reading runs on a blocking thread.
 pub async fn locate(config: &KafkaConfig, sought: Sought) -> Result<Option<i64>, KafkaError> {
-    let consumer: BaseConsumer = config
-        .client()
-        .set("group.id", "nexus-offset-lookup")
-        .set("enable.auto.commit", "false")
-        .set("enable.auto.offset.store", "false")
-        .set("fetch.wait.max.ms", "5")
-        .create()?;
+    let consumer: BaseConsumer = config.reader("nexus-offset-lookup").create()?;
     let found = tokio::task::spawn_blocking(move || {
         let found = scan(&consumer, &sought);
         // Closing a consumer takes about 100 ms; the caller need not wait for it.

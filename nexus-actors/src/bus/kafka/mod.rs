@@ -78,6 +78,18 @@ impl KafkaConfig {
         c
     }
 
+    /// A consumer of assigned partitions that commits nothing, under
+    /// `group` (journal reads, offset lookups): short fetch waits, since
+    /// its reads end at the partition's end.
+    pub fn reader(&self, group: &str) -> ClientConfig {
+        let mut c = self.client();
+        c.set("group.id", group)
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("fetch.wait.max.ms", "5");
+        c
+    }
+
     /// The producer settings of the Kafka bridge (and of the benchmarks'
     /// raw baselines, so that they compare like with like).
     pub fn producer(&self) -> ClientConfig {
