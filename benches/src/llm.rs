@@ -2,8 +2,8 @@
 //! llm-manager (a process of its own, `serve-llm-node`) over a private
 //! redis-server and tansu, answered by the scripted OpenAI-compatible
 //! server of `nexus-testkit`, against direct streaming calls to that same
-//! server in the same run; then LangGraph (`benches/langgraph/agent.py`)
-//! side by side on the same scripted server and tool, and the local model.
+//! server in the same run; LangGraph (`benches/langgraph/agent.py`) side
+//! by side on the same scripted server and tool; and the local model.
 //!
 //! * [`node`]: the node process and its HTTP API;
 //! * [`client`]: the direct call, a WebSocket follower, turn completions;
@@ -195,10 +195,16 @@ pub(crate) fn tables(dir: &Path, quick: bool) -> (String, String) {
         };
         let mut manager = Vec::new();
         // The model hop twice: on a journal holding nothing else, and after
-        // the memory row has journaled its contexts (tansu's fetches list
-        // a partition's records, so its appends slow as the journal grows).
+        // the memory row has journaled its contexts (tansu's memory engine
+        // lists a partition's records for each fetch that finds some, so
+        // every append waits longer as the journal grows).
         let fresh = latency::first_token(&harness, sizes.turns, "fresh journal", false);
         manager.extend(timed("model hop on a fresh journal", fresh).await);
+        // LangGraph starts on a database of its own, created for the run, so
+        // Nexus's side runs before the rows below fill the journal with
+        // 10,000 contexts and thousands of turns: each store holds only its
+        // own side's records.
+        let peer = timed("LangGraph", langgraph::rows(&harness, sizes.agent_turns, &sizes.thread_steps, quick)).await;
         manager.extend(timed("memory per idle context", memory::rows(&harness, sizes.contexts)).await);
         let appends = latency::append_buckets(&harness).await.unwrap_or_default();
         let journaled = format!("{} contexts journaled", sizes.contexts);
@@ -210,7 +216,6 @@ pub(crate) fn tables(dir: &Path, quick: bool) -> (String, String) {
         }
         manager.extend(timed("rebuild", rebuild::rows(&harness, sizes.rebuilds)).await);
         manager.extend(timed("local model", real::rows(&harness, sizes.real_turns)).await);
-        let peer = timed("LangGraph", langgraph::rows(&harness, sizes.agent_turns, &sizes.thread_steps, quick)).await;
         (render("direct", &manager), render("LangGraph", &peer))
     })
 }
