@@ -15,7 +15,7 @@ use serde_json::Value;
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::Instrument;
 
-use super::inbox::{dead_letter, DeadLetter, DeadLettered};
+use super::dead_letter::{dead_letter, DeadLetter, DeadLettered};
 use super::manager::Command;
 use super::metrics::LlmMetrics;
 use super::model::ModelClient;

@@ -5,7 +5,8 @@
 //! turns to its next owner through that journal.
 //!
 //! * [`lease`]: which node owns which partition (leases in Redis), and how far each is done.
-//! * [`inbox`]: the owned partitions' commands, offsets stored after turns, the dead-letter topic.
+//! * [`inbox`]: the owned partitions' commands, offsets stored after turns.
+//! * [`dead_letter`]: refused commands, counted and copied to `semantic.dlq`.
 //! * [`manager`]: routes commands to context actors; idle and revoked contexts stop.
 //! * [`context`]: one context's queue of commands.
 //! * [`turn`]: model calls and tool runs until the answer.
@@ -16,6 +17,7 @@
 //! [`crate::semantic`]'s, shared with the transaction manager's API.
 
 pub mod context;
+pub mod dead_letter;
 pub mod inbox;
 pub mod lease;
 pub mod manager;
@@ -37,7 +39,8 @@ use crate::semantic::directory::ContextDirectory;
 use crate::semantic::journal::Journal;
 use crate::tools::ToolRegistry;
 use context::ContextDeps;
-use inbox::{Inbox, InboxDeps, DLQ};
+use dead_letter::DLQ;
+use inbox::{Inbox, InboxDeps};
 use manager::LlmManager;
 use metrics::LlmMetrics;
 use model::{ModelClient, ModelConfig};
