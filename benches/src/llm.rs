@@ -292,7 +292,7 @@ impl Harness {
 
     /// The node's `/metrics` value of `name`.
     async fn metric(&self, name: &str) -> Option<f64> {
-        node::metric(&self.api.metrics().await.ok()?, name)
+        nexus_testkit::metric(&self.api.metrics().await.ok()?, name)
     }
 }
 

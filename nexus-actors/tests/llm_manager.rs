@@ -9,7 +9,7 @@ use nexus_actors::platform::store::Redis;
 use nexus_actors::roles::llm_manager::lease::{self, Lease};
 use nexus_actors::roles::llm_manager::model::{EndpointConfig, ModelConfig};
 use nexus_testkit::scripted_model::{ModelCall, Reply, ScriptedModel};
-use nexus_testkit::{ApiClient, TestNode};
+use nexus_testkit::{metric, ApiClient, TestNode};
 use serde_json::{json, Value};
 
 const ROLES: &[Role] = &[Role::TransactionManager, Role::LlmManager];
@@ -433,9 +433,4 @@ async fn a_draining_node_finishes_the_turn_in_flight_itself() {
     assert_eq!(model.requests(), 1, "the model was asked once");
     reader.stop().await.expect("the reader stops");
     drop(brokers);
-}
-
-/// The value of the unlabelled series `name` in a `/metrics` rendering.
-fn metric(metrics: &str, name: &str) -> Option<f64> {
-    metrics.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
 }

@@ -9,6 +9,7 @@
 //! * [`prerequisite`]: how a test says it cannot run here: under `CI` it
 //!   fails, elsewhere it says so and passes over the test;
 //! * [`eventually`] and [`tempdir`];
+//! * [`metric`]: one series' value in a `/metrics` text;
 //! * [`kube_api::MockKube`], a mock Kubernetes API server, and
 //!   [`scripted_model::ScriptedModel`], a scripted OpenAI-compatible server.
 
@@ -331,4 +332,10 @@ impl ApiClient {
     pub async fn delete(&self, path: &str) -> (StatusCode, Value) {
         self.send(Method::DELETE, path, None).await
     }
+}
+
+/// The value of the unlabelled series `name` (a counter or gauge) in a
+/// `/metrics` text; `None` when the text has no such series.
+pub fn metric(text: &str, name: &str) -> Option<f64> {
+    text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
 }

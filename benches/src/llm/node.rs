@@ -200,11 +200,6 @@ impl Api {
     }
 }
 
-/// The value of an unlabelled gauge or counter in a `/metrics` text.
-pub(crate) fn metric(text: &str, name: &str) -> Option<f64> {
-    text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
-}
-
 /// A histogram's buckets in a `/metrics` text: `(upper bound, cumulative count)`.
 pub(crate) fn buckets(text: &str, name: &str) -> Vec<(f64, u64)> {
     let prefix = format!("{name}_bucket{{le=\"");
