@@ -33,6 +33,7 @@ use crate::roles::panel_manager::local::{Limits, LocalConfig, LocalDriver, Netwo
 use crate::roles::panel_manager::{self as pm_role, PanelManagerConfig, PanelManagerError, PanelManagerHandle};
 use crate::roles::traffic_gateway::{self as gateway_role, Gateway, GatewayConfig, GatewayError};
 use crate::roles::transaction_manager as tm_role;
+use crate::semantic::commands::CommandSender;
 use crate::tools::registry::{RegisterError, RegisterTool, RegistryDeps};
 use crate::tools::store::{ToolStore, ToolStoreError};
 use crate::tools::ToolRegistry;
@@ -547,7 +548,7 @@ fn agent_messages(
         AgentMessagesDeps {
             source: config.name.clone(),
             subscribe: bridges.redis.link(id),
-            produce: bridges.kafka.link(id),
+            commands: CommandSender::new(&config.name, bridges.kafka.link(id), Some(bridges.redis.publisher.clone())),
             redis: platform.redis.clone(),
             panels: platform.panels.clone(),
             directory: crate::semantic::directory::ContextDirectory::new(platform.redis.clone()),
@@ -664,9 +665,10 @@ async fn transaction_manager(
     // Three heartbeats fit in the watchdog's timeout, however short it is set.
     state.ui.heartbeat_secs = state.ui.heartbeat_secs.min(config.panels.watchdog_timeout.as_secs() / 3).max(1);
     let produce = bridges.kafka.link(Role::TransactionManager.name());
+    let commands = CommandSender::new(&config.name, produce, Some(bridges.redis.publisher.clone()));
     let (url, metrics) = (&config.redis_url, kernel.metrics().registry());
     let mut contexts =
-        tm_role::contexts::ContextsApi::new(platform, url, config.kafka.clone(), produce, &config.name, metrics)?;
+        tm_role::contexts::ContextsApi::new(platform, url, config.kafka.clone(), commands, &config.name, metrics)?;
     // The model is the deployment's: a node configured without one answers 503 on the routes that need it.
     contexts.llm_available = !config.llm.model.endpoints.is_empty();
     state.contexts = Some(contexts);

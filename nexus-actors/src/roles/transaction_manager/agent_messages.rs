@@ -13,13 +13,13 @@
 use redis::AsyncCommands;
 use serde::Deserialize;
 
-use crate::bus::kafka::{Produce, SEMANTIC_COMMANDS};
 use crate::bus::redis::{Subscribe, Topic};
 use crate::bus::{BusEvent, BusMessage};
 use crate::envelope::Envelope;
 use crate::kernel::{ActorRef, Behaviour, Ctx, Handler, Link, Reply};
 use crate::platform::store::Redis;
 use crate::platform::PanelRecords;
+use crate::semantic::commands::CommandSender;
 use crate::semantic::directory::ContextDirectory;
 use crate::semantic::records::{AgentMessage, MAX_MESSAGE_BYTES};
 
@@ -63,7 +63,7 @@ impl Outcome {
 pub struct AgentMessages {
     source: String,
     subscribe: Link<Subscribe>,
-    produce: Link<Produce>,
+    commands: CommandSender,
     redis: Redis,
     panels: PanelRecords,
     directory: ContextDirectory,
@@ -76,8 +76,8 @@ pub struct AgentMessagesDeps {
     pub source: String,
     /// The Redis bridge's subscriptions.
     pub subscribe: Link<Subscribe>,
-    /// The Kafka bridge.
-    pub produce: Link<Produce>,
+    /// Produces and announces commands.
+    pub commands: CommandSender,
     /// For claims.
     pub redis: Redis,
     /// Panel owners.
@@ -94,11 +94,11 @@ impl AgentMessages {
 
     /// Starts following every panel's context channel.
     pub fn spawn(kernel: &crate::kernel::Kernel, deps: AgentMessagesDeps) -> ActorRef<AgentMessages> {
-        let AgentMessagesDeps { source, subscribe, produce, redis, panels, directory, counter } = deps;
+        let AgentMessagesDeps { source, subscribe, commands, redis, panels, directory, counter } = deps;
         kernel.spawn("agent-messages", move || AgentMessages {
             source: source.clone(),
             subscribe: subscribe.clone(),
-            produce: produce.clone(),
+            commands: commands.clone(),
             redis: redis.clone(),
             panels: panels.clone(),
             directory: directory.clone(),
@@ -107,8 +107,8 @@ impl AgentMessages {
     }
 
     fn take(&self, message: BusMessage) -> impl std::future::Future<Output = Outcome> + 'static {
-        let (produce, redis, panels, directory, source) = (
-            self.produce.clone(),
+        let (commands, redis, panels, directory, source) = (
+            self.commands.clone(),
             self.redis.clone(),
             self.panels.clone(),
             self.directory.clone(),
@@ -147,9 +147,9 @@ impl AgentMessages {
             let command =
                 AgentMessage { context: context.id.clone(), panel, content: says.content, command_offset: None };
             let envelope = Envelope::new(source, command).caused_by(&message.envelope).into_untyped();
-            match produce.ask(Produce { topic: SEMANTIC_COMMANDS.to_owned(), key: context.id, envelope }).await {
-                Ok(Ok(_)) => Outcome::Accepted,
-                _ => Outcome::Failed,
+            match commands.send(&context.id, envelope).await {
+                Ok(_) => Outcome::Accepted,
+                Err(_) => Outcome::Failed,
             }
         }
     }

@@ -9,10 +9,10 @@ use chrono::Utc;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use crate::bus::kafka::{KafkaConfig, Produce, SEMANTIC_COMMANDS};
+use crate::bus::kafka::KafkaConfig;
 use crate::envelope::{Envelope, Payload};
-use crate::kernel::{AskError, Link};
 use crate::platform::{ApiError, Platform, StoreError};
+use crate::semantic::commands::CommandSender;
 use crate::semantic::directory::{ContextDirectory, ContextInfo, CreateError};
 use crate::semantic::fold::{Entry, Transcript};
 use crate::semantic::journal::{Journal, JournalError, Range, MAX_FORK_DEPTH};
@@ -154,8 +154,8 @@ pub struct ContextsApi {
     pub directory: ContextDirectory,
     /// Reads journals.
     pub journal: Journal,
-    /// The node's Kafka bridge, for commands.
-    pub produce: Link<Produce>,
+    /// Produces and announces commands.
+    pub commands: CommandSender,
     /// For `llm_ask`'s own subscriptions to a context's live records.
     pub redis: redis::Client,
     /// The `source` of the commands: the node's name.
@@ -170,15 +170,15 @@ pub struct ContextsApi {
 }
 
 impl ContextsApi {
-    /// The contexts of `platform`'s directory over `kafka`, commands produced
-    /// through `produce`, `llm_ask` subscribing on `redis_url`. No model is
+    /// The contexts of `platform`'s directory over `kafka`, commands sent
+    /// through `commands`, `llm_ask` subscribing on `redis_url`. No model is
     /// available until `llm_available` is set. Its counter joins `registry`
     /// (or counts apart when one is there already, as with two nodes in one test).
     pub fn new(
         platform: &Platform,
         redis_url: &str,
         kafka: KafkaConfig,
-        produce: Link<Produce>,
+        commands: CommandSender,
         node: &str,
         registry: &prometheus::Registry,
     ) -> Result<ContextsApi, redis::RedisError> {
@@ -194,7 +194,7 @@ impl ContextsApi {
         Ok(ContextsApi {
             journal: Journal::new(kafka, directory.clone()),
             directory,
-            produce,
+            commands,
             redis: redis::Client::open(redis_url)?,
             node: node.to_owned(),
             max_contexts: platform.quotas.contexts,
@@ -273,15 +273,12 @@ impl ContextsApi {
     pub async fn command<T: Payload>(&self, context: &str, data: T) -> Result<Accepted, ContextError> {
         let envelope = Envelope::new(self.node.clone(), data).into_untyped();
         let id = envelope.id.clone();
-        let produce = Produce { topic: SEMANTIC_COMMANDS.to_owned(), key: context.to_owned(), envelope };
-        match self.produce.ask(produce).await {
-            Ok(Ok(delivered)) => {
+        match self.commands.send(context, envelope).await {
+            Ok(delivered) => {
                 let offset = (delivered.offset >= 0).then_some(delivered.offset);
                 Ok(Accepted { id, partition: delivered.partition, offset })
             }
-            Ok(Err(error)) => Err(ContextError::Bus(error.source.to_string())),
-            Err(AskError::Closed(_) | AskError::Dropped) => Err(ContextError::Bus("the kafka bridge stopped".into())),
-            Err(AskError::Panicked(p)) => Err(ContextError::Bus(p.to_string())),
+            Err(error) => Err(ContextError::Bus(error.to_string())),
         }
     }
 
