@@ -434,3 +434,106 @@ async fn a_draining_node_finishes_the_turn_in_flight_itself() {
     reader.stop().await.expect("the reader stops");
     drop(brokers);
 }
+
+/// The llm-manager's `/metrics` value of `series` (0 when absent).
+async fn series(node: &TestNode, series: &str) -> f64 {
+    let text = reqwest::get(format!("{}/metrics", node.url())).await.unwrap().text().await.unwrap();
+    metric(&text, series).unwrap_or(0.0)
+}
+
+async fn until_all_paused(node: &TestNode, what: &str) {
+    let all = |text: String| metric(&text, "nexus_llm_inbox_paused_partitions") == Some(3.0);
+    nexus_testkit::until(30, what, || async {
+        all(reqwest::get(format!("{}/metrics", node.url())).await.unwrap().text().await.unwrap())
+    })
+    .await;
+}
+
+/// Partitions read to their end are not fetched, and every command still
+/// gets its answer: one produced on another node wakes its partition by its
+/// hint, one produced with no hint (another producer; a hint lost) by the
+/// check of the partition's end, and garbage or forged hints cost a wake at most.
+#[actix_rt::test]
+async fn partitions_read_to_their_end_sleep_and_every_command_wakes_them() {
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+
+    let model = ScriptedModel::start(|_: &ModelCall| Reply::text("awake"));
+    let node = node_with("llm-wake", &model).await;
+    let endpoint = EndpointConfig::new(&model.url(), "scripted").unwrap();
+    // The API of another node: its commands reach this one's inbox by the broker, announced by hints.
+    let api = node
+        .sibling("llm-wake-api", &[Role::TransactionManager], |c| c.llm.model = ModelConfig::new(vec![endpoint]))
+        .await;
+    node.user("ada").await;
+    let ada = nexus_testkit::ApiClient::login(&format!("http://{}", api.http), "ada", "ada-password").await;
+
+    // A partition is paused only once read, so every one gets a command first.
+    let mut seen = std::collections::BTreeSet::new();
+    let mut last = None;
+    while seen.len() < 3 {
+        let id = context(&ada, &[]).await;
+        let (status, body) = ada.post(&format!("/api/contexts/{id}/messages"), json!({ "content": "hi" })).await;
+        assert_eq!(status, 202, "{body}");
+        seen.insert(body["partition"].as_i64().unwrap());
+        answered(&ada, &id, body["offset"].as_i64().unwrap()).await;
+        last = Some(id);
+    }
+    let id = last.unwrap();
+    until_all_paused(&node, "every partition read to its end and paused").await;
+
+    let hinted = series(&node, "nexus_llm_inbox_wakes_total{cause=\"hint\"}").await;
+    for _ in 0..3 {
+        let offset = say(&ada, &id, "again").await;
+        answered(&ada, &id, offset).await;
+    }
+    assert!(
+        series(&node, "nexus_llm_inbox_wakes_total{cause=\"hint\"}").await > hinted,
+        "another node's command woke its partition"
+    );
+    assert!(series(&node, "nexus_llm_command_hints_total{outcome=\"relayed\"}").await >= 9.0);
+
+    // A command no hint announces.
+    until_all_paused(&node, "paused again").await;
+    let checked = series(&node, "nexus_llm_inbox_wakes_total{cause=\"check\"}").await;
+    let kafka = nexus_actors::bus::kafka::KafkaConfig::new(node.brokers.kafka_brokers());
+    let producer: FutureProducer = kafka.client().create().unwrap();
+    let command = nexus_actors::Envelope::with_type(
+        "nexus.context.user_message",
+        "another-producer",
+        json!({ "context": id, "user": "ada", "content": "unannounced" }),
+    )
+    .encode();
+    let record = FutureRecord::to("semantic.commands").key(&id).payload(&command);
+    let offset = producer.send(record, Duration::from_secs(10)).await.unwrap().offset;
+    answered(&ada, &id, offset).await;
+    assert!(series(&node, "nexus_llm_inbox_wakes_total{cause=\"check\"}").await > checked, "found by the check");
+
+    // Garbage and forged hints: counted, and at most a wake.
+    until_all_paused(&node, "paused after the unannounced command").await;
+    let redis = redis::Client::open(node.brokers.redis_url()).unwrap();
+    let mut conn = redis.get_multiplexed_async_connection().await.unwrap();
+    let forged =
+        |data: Value| nexus_actors::Envelope::with_type("nexus.semantic.command_produced", "attacker", data).encode();
+    let hints = [
+        b"not an envelope".to_vec(),
+        forged(json!({ "partition": 0, "offset": -1 })),
+        forged(json!({ "partition": "0", "offset": 1 })),
+        forged(json!({ "partition": 0, "offset": 1_000_000_000_000i64 })),
+        forged(json!({ "partition": 99, "offset": 5 })),
+    ];
+    for hint in hints {
+        let _: i64 =
+            redis::cmd("PUBLISH").arg("nexus:semantic:commands").arg(hint).query_async(&mut conn).await.unwrap();
+    }
+    nexus_testkit::until(10, "the malformed hints counted", || async {
+        series(&node, "nexus_llm_command_hints_total{outcome=\"malformed\"}").await >= 2.0
+    })
+    .await;
+    until_all_paused(&node, "the partition a forged hint woke paused again").await;
+    let offset = say(&ada, &id, "still fine?").await;
+    let transcript = answered(&ada, &id, offset).await;
+    assert_eq!(transcript["answered"][offset.to_string()], "completed");
+    drop(producer);
+    api.stop().await.unwrap();
+    node.stop().await;
+}

@@ -46,6 +46,14 @@ pub struct LlmMetrics {
     /// `nexus_llm_drain_commands_total{outcome}`: commands in flight when the
     /// node drained, `finished` on it or `left` to the partition's next owner.
     pub drain_commands: IntCounterVec,
+    /// `nexus_llm_inbox_wakes_total{cause}`: paused partitions fetched again,
+    /// for a `hint`, the `tap` or a `check` of their ends.
+    pub inbox_wakes: IntCounterVec,
+    /// `nexus_llm_inbox_paused_partitions`: owned partitions read to their end, not fetched.
+    pub inbox_paused: IntGauge,
+    /// `nexus_llm_command_hints_total{outcome}`: command hints from Redis,
+    /// `relayed` to the inbox, `dropped` (its queue full) or `malformed`.
+    pub command_hints: IntCounterVec,
 }
 
 impl LlmMetrics {
@@ -128,12 +136,33 @@ impl LlmMetrics {
         registry.register(Box::new(commands_tapped.clone()))?;
         registry.register(Box::new(commands_refetched.clone()))?;
         registry.register(Box::new(drain_commands.clone()))?;
+        let inbox_wakes = IntCounterVec::new(
+            Opts::new("nexus_llm_inbox_wakes_total", "Paused partitions of semantic.commands fetched again, by cause"),
+            &["cause"],
+        )?;
+        let inbox_paused = IntGauge::new(
+            "nexus_llm_inbox_paused_partitions",
+            "Owned partitions of semantic.commands read to their end and not fetched until a command may wait",
+        )?;
+        let command_hints = IntCounterVec::new(
+            Opts::new("nexus_llm_command_hints_total", "Command hints received from Redis, by outcome"),
+            &["outcome"],
+        )?;
+        registry.register(Box::new(inbox_wakes.clone()))?;
+        registry.register(Box::new(inbox_paused.clone()))?;
+        registry.register(Box::new(command_hints.clone()))?;
         // Present from the start, so dashboards see zeros, not gaps.
         for kind in ["input", "output"] {
             tokens.with_label_values(&[kind]);
         }
         for outcome in ["finished", "left"] {
             drain_commands.with_label_values(&[outcome]);
+        }
+        for cause in ["hint", "tap", "check"] {
+            inbox_wakes.with_label_values(&[cause]);
+        }
+        for outcome in ["relayed", "dropped", "malformed"] {
+            command_hints.with_label_values(&[outcome]);
         }
         Ok(LlmMetrics {
             requests,
@@ -149,6 +178,9 @@ impl LlmMetrics {
             commands_tapped,
             commands_refetched,
             drain_commands,
+            inbox_wakes,
+            inbox_paused,
+            command_hints,
         })
     }
 
@@ -213,6 +245,9 @@ mod tests {
             "nexus_llm_journal_append_seconds",
             "nexus_llm_command_delay_seconds",
             "nexus_llm_commands_tapped_total",
+            "nexus_llm_inbox_wakes_total",
+            "nexus_llm_inbox_paused_partitions",
+            "nexus_llm_command_hints_total",
         ] {
             assert!(names.iter().any(|n| n == name), "{name} missing from {names:?}");
         }

@@ -5,7 +5,8 @@
 //! turns to its next owner through that journal.
 //!
 //! * [`lease`]: which node owns which partition (leases in Redis), and how far each is done.
-//! * [`inbox`]: the owned partitions' commands, offsets stored after turns.
+//! * [`inbox`]: the owned partitions' commands, offsets stored after turns;
+//!   a partition read to its end is fetched again when a command may wait ([`inbox::wake`]).
 //! * [`dead_letter`]: refused commands, counted and copied to `semantic.dlq`.
 //! * [`manager`]: routes commands to context actors; idle and revoked contexts stop.
 //! * [`context`]: one context's queue of commands.
@@ -40,6 +41,7 @@ use crate::semantic::journal::Journal;
 use crate::tools::ToolRegistry;
 use context::ContextDeps;
 use dead_letter::DLQ;
+use inbox::wake::HintRelay;
 use inbox::{Inbox, InboxDeps};
 use manager::LlmManager;
 use metrics::LlmMetrics;
@@ -103,6 +105,7 @@ pub struct LlmManagerDeps {
 pub struct LlmManagerHandle {
     inbox: Inbox,
     manager: ActorRef<LlmManager>,
+    hints: ActorRef<HintRelay>,
 }
 
 impl LlmManagerHandle {
@@ -121,6 +124,7 @@ impl LlmManagerHandle {
     /// running then is resumed from its journal by the partition's next owner.
     pub async fn drain(mut self, within: Duration) {
         self.inbox.stop(within).await;
+        self.hints.stop();
         let _ = self.manager.link::<manager::StopContexts>("llm-manager-handle").ask(manager::StopContexts).await;
         self.manager.stop();
     }
@@ -163,6 +167,7 @@ pub async fn start(deps: LlmManagerDeps, config: LlmManagerConfig) -> Result<Llm
             None
         }
     };
+    let (hints, hinted) = HintRelay::spawn(&kernel, redis.link(HintRelay::KIND), metrics.clone());
     let inbox = Inbox::start(InboxDeps {
         kafka: kafka_config,
         manager: manager.link("llm-inbox"),
@@ -172,7 +177,9 @@ pub async fn start(deps: LlmManagerDeps, config: LlmManagerConfig) -> Result<Llm
         source: kernel.node().to_owned(),
         lease,
         tap,
-    })?;
+        hints: Some(hinted),
+    })
+    .inspect_err(|_| hints.stop())?;
     tracing::info!("llm manager taking its share of semantic.commands");
-    Ok(LlmManagerHandle { inbox, manager })
+    Ok(LlmManagerHandle { inbox, manager, hints })
 }

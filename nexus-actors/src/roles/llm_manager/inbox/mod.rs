@@ -14,14 +14,18 @@
 //! (every earlier one already read), so the order is the broker's; the
 //! consumer is moved past it, and a fetch that brings it back all the same
 //! is skipped. Any other is left to the fetch. Refused records go to
-//! [`super::dead_letter`].
+//! [`super::dead_letter`]. A partition read to its end is not fetched
+//! until a command may be waiting in it ([`wake`]).
 //!
 //! When a partition moves away the manager is told to stop its contexts;
 //! acknowledgements that arrive after it are ignored, and the partition's
 //! next owner starts from the stored offset and finishes any turn left
 //! open (the journal says how far it got).
 
-use std::collections::{BTreeMap, HashMap};
+mod pending;
+pub mod wake;
+
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -33,6 +37,7 @@ use rdkafka::{Message as _, Offset, TopicPartitionList};
 use serde::Deserialize as _;
 use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
 
 use super::dead_letter::{dead_letter, DeadLetter, DeadLettered};
 use super::lease::{self, Lease};
@@ -43,7 +48,10 @@ use crate::bus::tap::Produced;
 use crate::bus::Backoff;
 use crate::envelope::{DecodeError, Envelope, Payload};
 use crate::kernel::{lock, AskError, Link};
+use crate::semantic::commands::CommandProduced;
 use crate::semantic::records::{is_context_id, AgentMessage, Cancel, ContextCreated, UserMessage};
+use pending::Pending;
+use wake::Cause;
 
 /// The group id the inbox's consumer names itself by (it commits nothing to Kafka).
 pub const GROUP: &str = "nexus-llm-manager";
@@ -73,6 +81,8 @@ pub struct InboxDeps {
     pub lease: Lease,
     /// Commands this node produced, as the broker acknowledged them.
     pub tap: Option<mpsc::Receiver<Produced>>,
+    /// Commands produced on any node, announced ([`wake::HintRelay`]).
+    pub hints: Option<mpsc::Receiver<CommandProduced>>,
 }
 
 /// A running inbox; stops (committing what is done) when told.
@@ -94,10 +104,12 @@ impl Inbox {
             // Commands produced on this node come through the tap, so only
             // another node's commands, and a partition's first command after
             // this node takes it, wait for a fetch (tansu holds one for the
-            // whole wait). A 1 ms wait made them quicker but kept tansu
-            // listing its partitions a thousand times a second: with 10,000
-            // contexts journaled, that took most of its CPU and put ~9 ms on
-            // every journal append (benches/RESULTS.md, "LLM manager").
+            // whole wait, records found or not). A 1 ms wait made them
+            // quicker but kept tansu listing its partitions a thousand times
+            // a second: with 10,000 contexts journaled, that took most of its
+            // CPU and put ~9 ms on every journal append (benches/RESULTS.md,
+            // "LLM manager"). Partitions read to their end are not fetched
+            // at all until a command may wait in them (`wake`).
             .set("fetch.wait.max.ms", FETCH_WAIT_MS)
             .create()?;
         let metadata = consumer.fetch_metadata(Some(SEMANTIC_COMMANDS), Duration::from_secs(10))?;
@@ -105,7 +117,7 @@ impl Inbox {
         let (stop_tx, stop_rx) = oneshot::channel();
         let (done_tx, done_rx) = oneshot::channel();
         actix::spawn(async move {
-            run(consumer, deps, partitions, stop_rx).await;
+            run(Arc::new(consumer), deps, partitions, stop_rx).await;
             let _ = done_tx.send(());
         });
         Ok(Inbox { stop: Some(stop_tx), done: Some(done_rx) })
@@ -141,40 +153,6 @@ fn skip_fetch(consumer: &StreamConsumer, partition: i32, offset: i64) {
     }
 }
 
-/// Offsets of one owned partition read and not yet stored.
-#[derive(Default)]
-struct Pending {
-    /// Offset → acknowledged.
-    offsets: BTreeMap<i64, bool>,
-    /// The offset after the last one taken, by the fetch or the tap, once
-    /// known. Every offset below it was taken (a tap only takes a
-    /// partition's next offset), so a fetch that brings one again (a tapped
-    /// command whose seek failed, a batch a broker sends again) is skipped.
-    /// A partition's offsets only grow: a partition taken anew starts a
-    /// new `Pending`.
-    next: Option<i64>,
-}
-
-impl Pending {
-    /// Notes that the consumer brought `offset`; false when it was taken already.
-    fn fetched(&mut self, offset: i64) -> bool {
-        if self.next.is_some_and(|next| offset < next) {
-            return false;
-        }
-        self.next = Some(offset + 1);
-        true
-    }
-
-    /// Takes `offset` from the tap if it is the partition's next one.
-    fn tap(&mut self, offset: i64) -> bool {
-        if self.next != Some(offset) {
-            return false;
-        }
-        self.next = Some(offset + 1);
-        true
-    }
-}
-
 /// The partitions a node consumes and the generation of each one's ownership.
 struct Owned {
     partitions: HashMap<i32, Pending>,
@@ -187,9 +165,22 @@ impl Owned {
     }
 }
 
-async fn run(consumer: StreamConsumer, mut deps: InboxDeps, partitions: i32, mut stop: oneshot::Receiver<Duration>) {
+async fn run(
+    consumer: Arc<StreamConsumer>,
+    mut deps: InboxDeps,
+    partitions: i32,
+    mut stop: oneshot::Receiver<Duration>,
+) {
     let mut owned = Owned { partitions: HashMap::new(), generations: Arc::default() };
     let mut tap = deps.tap.take();
+    let mut hints = deps.hints.take();
+    let mut settle = tokio::time::interval(wake::AWAKE / 3);
+    settle.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut check_ends = tokio::time::interval(wake::CHECK_EVERY);
+    check_ends.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // One check at a time: the ends learnt come back here.
+    let (ends_tx, mut ends_rx) = mpsc::channel(1);
+    let mut checking = false;
     let mut in_flight: FuturesUnordered<Delivery> = FuturesUnordered::new();
     if let Err(error) = deps.lease.evict_predecessors().await {
         tracing::warn!(%error, "llm manager: an earlier process's lease is left to lapse");
@@ -253,16 +244,53 @@ async fn run(consumer: StreamConsumer, mut deps: InboxDeps, partitions: i32, mut
                     // The envelope is the one this node encoded, so only the
                     // command checks apply; one that fails them (or is too
                     // large) is left to the fetch, which dead-letters it.
-                    let Ok(command) = check(Some(produced.key), produced.envelope, at) else { continue };
-                    if p.tap(produced.offset) {
-                        deps.metrics.commands_tapped.inc();
-                        skip_fetch(&consumer, produced.partition, produced.offset);
-                        dispatch(&deps, &mut owned, &mut in_flight, Ok(command)).await;
+                    match check(Some(produced.key), produced.envelope, at) {
+                        Ok(command) if p.tap(produced.offset) => {
+                            deps.metrics.commands_tapped.inc();
+                            skip_fetch(&consumer, produced.partition, produced.offset);
+                            dispatch(&deps, &mut owned, &mut in_flight, Ok(command)).await;
+                        }
+                        // Not to be taken before others are read: the fetch brings them all.
+                        _ if p.behind(produced.offset) => {
+                            wake::wake(&consumer, &deps.metrics, produced.partition, p, Cause::Tap);
+                        }
+                        _ => {}
                     }
                 }
-                Some(_) => {}
+                Some(produced) => {
+                    if let Some(p) = owned.partitions.get_mut(&produced.partition).filter(|p| p.behind(produced.offset)) {
+                        wake::wake(&consumer, &deps.metrics, produced.partition, p, Cause::Tap);
+                    }
+                }
                 None => tap = None,
             },
+            hint = recv(&mut hints) => match hint {
+                Some(hint) => {
+                    if let Some(p) = owned.partitions.get_mut(&hint.partition).filter(|p| p.behind(hint.offset)) {
+                        wake::wake(&consumer, &deps.metrics, hint.partition, p, Cause::Hint);
+                    }
+                }
+                None => hints = None,
+            },
+            // Not while the consumer goes unread: records it holds would look like none.
+            _ = settle.tick(), if in_flight.len() < MAX_IN_FLIGHT => {
+                wake::settle(&consumer, &deps.metrics, &mut owned.partitions);
+            }
+            _ = check_ends.tick(), if !checking => {
+                let paused = wake::paused(&owned.partitions);
+                if !paused.is_empty() {
+                    checking = true;
+                    wake::check_ends(consumer.clone(), paused, ends_tx.clone());
+                }
+            }
+            Some(ends) = ends_rx.recv() => {
+                checking = false;
+                for (partition, end) in ends {
+                    if let Some(p) = owned.partitions.get_mut(&partition).filter(|p| p.paused() && p.behind_end(end)) {
+                        wake::wake(&consumer, &deps.metrics, partition, p, Cause::Check);
+                    }
+                }
+            }
             received = consumer.recv(), if in_flight.len() < MAX_IN_FLIGHT => match received {
                 Ok(message) => {
                     if !deps.lease.held() && !owned.partitions.is_empty() {
@@ -273,7 +301,7 @@ async fn run(consumer: StreamConsumer, mut deps: InboxDeps, partitions: i32, mut
                         continue;
                     }
                     let Some(p) = owned.partitions.get_mut(&message.partition()) else { continue };
-                    if p.fetched(message.offset()) {
+                    if p.fetched(message.offset(), Instant::now()) {
                         dispatch(&deps, &mut owned, &mut in_flight, parse(&message)).await;
                     } else {
                         deps.metrics.commands_refetched.inc();
@@ -349,10 +377,10 @@ async fn finish_in_flight(
     tracing::info!(finished, left, "nexus_llm_drain_commands_total");
 }
 
-/// The next record of `tap`; never, without one.
-async fn recv(tap: &mut Option<mpsc::Receiver<Produced>>) -> Option<Produced> {
-    match tap {
-        Some(tap) => tap.recv().await,
+/// The next item of `from`; never, without a receiver.
+async fn recv<T>(from: &mut Option<mpsc::Receiver<T>>) -> Option<T> {
+    match from {
+        Some(from) => from.recv().await,
         None => std::future::pending().await,
     }
 }
@@ -396,7 +424,9 @@ async fn reconcile(consumer: &StreamConsumer, deps: &InboxDeps, owned: &mut Owne
     if !lost.is_empty() {
         let mut list = TopicPartitionList::new();
         for p in &lost {
-            owned.partitions.remove(p);
+            if owned.partitions.remove(p).is_some_and(|p| p.paused()) {
+                deps.metrics.inbox_paused.dec();
+            }
             *lock(&owned.generations).entry(*p).or_default() += 1;
             list.add_partition(SEMANTIC_COMMANDS, *p);
         }
@@ -426,10 +456,11 @@ async fn reconcile(consumer: &StreamConsumer, deps: &InboxDeps, owned: &mut Owne
     }
     match consumer.incremental_assign(&list) {
         Ok(()) => {
+            wake::fetch_taken(consumer, &gained);
             for p in &gained {
                 // Where the consumer starts is learnt from its first record, not
                 // from the stored offset: the broker may start it elsewhere.
-                owned.partitions.insert(*p, Pending::default());
+                owned.partitions.insert(*p, Pending::new(Instant::now()));
             }
             tracing::info!(partitions = ?gained, "llm manager: partitions taken");
         }
@@ -519,49 +550,4 @@ fn check(key: Option<String>, envelope: Envelope<Value>, at: (i32, i64)) -> Resu
         Err(e) => return letter(DeadLetter::BadCommand, e.to_string()),
     }
     Ok(Command { context, partition: at.0, offset: at.1, envelope })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::Pending;
-
-    #[test]
-    fn the_tap_takes_only_a_partitions_next_offset_and_the_fetch_skips_what_it_took() {
-        let mut p = Pending::default();
-        assert!(!p.tap(5), "where the consumer starts is not known yet");
-        assert!(p.fetched(5));
-        assert!(!p.tap(7), "6 is not read yet");
-        assert!(p.tap(6));
-        assert!(p.tap(7));
-        assert!(!p.tap(7), "taken once");
-        assert!(!p.fetched(6), "the fetch of a tapped offset is skipped");
-        assert!(!p.fetched(7));
-        assert!(p.fetched(8), "an offset that was not tapped is taken from the fetch");
-        assert!(!p.tap(8), "the fetch took it first");
-        assert!(p.tap(9));
-    }
-
-    #[test]
-    fn the_tap_keeps_taking_when_no_fetch_comes_between_and_nothing_is_taken_twice() {
-        // The consumer is moved past each tapped command, so a long run of
-        // them may see no fetch at all.
-        let mut p = Pending::default();
-        assert!(p.fetched(0));
-        let many = 10_000;
-        assert!((1..=many).all(|o| p.tap(o)));
-        assert!(!p.fetched(1), "the oldest tapped command, brought back by a failed seek");
-        assert!(!p.fetched(many));
-        assert!(!p.fetched(0), "a batch sent again");
-        assert!(p.tap(many + 1));
-    }
-
-    #[test]
-    fn offsets_the_fetch_passes_over_are_not_waited_for() {
-        let mut p = Pending::default();
-        assert!(p.fetched(0));
-        assert!(p.tap(1) && p.tap(2));
-        assert!(p.fetched(5), "the log was cut under 3 and 4");
-        assert!(!p.tap(4));
-        assert!(p.tap(6));
-    }
 }
