@@ -548,7 +548,7 @@ fn agent_messages(
         AgentMessagesDeps {
             source: config.name.clone(),
             subscribe: bridges.redis.link(id),
-            commands: CommandSender::new(&config.name, bridges.kafka.link(id), Some(bridges.redis.publisher.clone())),
+            commands: CommandSender::new(&config.name, bridges.kafka.link(id), bridges.redis.publisher.clone()),
             redis: platform.redis.clone(),
             panels: platform.panels.clone(),
             directory: crate::semantic::directory::ContextDirectory::new(platform.redis.clone()),
@@ -665,7 +665,7 @@ async fn transaction_manager(
     // Three heartbeats fit in the watchdog's timeout, however short it is set.
     state.ui.heartbeat_secs = state.ui.heartbeat_secs.min(config.panels.watchdog_timeout.as_secs() / 3).max(1);
     let produce = bridges.kafka.link(Role::TransactionManager.name());
-    let commands = CommandSender::new(&config.name, produce, Some(bridges.redis.publisher.clone()));
+    let commands = CommandSender::new(&config.name, produce, bridges.redis.publisher.clone());
     let (url, metrics) = (&config.redis_url, kernel.metrics().registry());
     let mut contexts =
         tm_role::contexts::ContextsApi::new(platform, url, config.kafka.clone(), commands, &config.name, metrics)?;

@@ -470,7 +470,10 @@ async fn partitions_read_to_their_end_sleep_and_every_command_wakes_them() {
     // A partition is paused only once read, so every one gets a command first.
     let mut seen = std::collections::BTreeSet::new();
     let mut last = None;
-    while seen.len() < 3 {
+    for _ in 0..60 {
+        if seen.len() == 3 {
+            break;
+        }
         let id = context(&ada, &[]).await;
         let (status, body) = ada.post(&format!("/api/contexts/{id}/messages"), json!({ "content": "hi" })).await;
         assert_eq!(status, 202, "{body}");
@@ -478,19 +481,28 @@ async fn partitions_read_to_their_end_sleep_and_every_command_wakes_them() {
         answered(&ada, &id, body["offset"].as_i64().unwrap()).await;
         last = Some(id);
     }
+    assert_eq!(seen.len(), 3, "60 contexts fell in every partition of three");
     let id = last.unwrap();
-    until_all_paused(&node, "every partition read to its end and paused").await;
 
+    // The check of the ends may wake a partition before the hint arrives,
+    // once in a long while: a few tries, each on a paused partition.
     let hinted = series(&node, "nexus_llm_inbox_wakes_total{cause=\"hint\"}").await;
-    for _ in 0..3 {
+    for _ in 0..5 {
+        until_all_paused(&node, "every partition read to its end and paused").await;
         let offset = say(&ada, &id, "again").await;
         answered(&ada, &id, offset).await;
+        if series(&node, "nexus_llm_inbox_wakes_total{cause=\"hint\"}").await > hinted {
+            break;
+        }
     }
     assert!(
         series(&node, "nexus_llm_inbox_wakes_total{cause=\"hint\"}").await > hinted,
         "another node's command woke its partition"
     );
-    assert!(series(&node, "nexus_llm_command_hints_total{outcome=\"relayed\"}").await >= 9.0);
+    nexus_testkit::until(10, "a hint relayed for every command", || async {
+        series(&node, "nexus_llm_command_hints_total{outcome=\"relayed\"}").await >= 7.0
+    })
+    .await;
 
     // A command no hint announces.
     until_all_paused(&node, "paused again").await;
@@ -508,8 +520,11 @@ async fn partitions_read_to_their_end_sleep_and_every_command_wakes_them() {
     answered(&ada, &id, offset).await;
     assert!(series(&node, "nexus_llm_inbox_wakes_total{cause=\"check\"}").await > checked, "found by the check");
 
-    // Garbage and forged hints: counted, and at most a wake.
+    // Garbage and forged hints: counted, and at most a wake; no turn runs.
     until_all_paused(&node, "paused after the unannounced command").await;
+    let relayed = series(&node, "nexus_llm_command_hints_total{outcome=\"relayed\"}").await;
+    let malformed = series(&node, "nexus_llm_command_hints_total{outcome=\"malformed\"}").await;
+    let calls = model.requests();
     let redis = redis::Client::open(node.brokers.redis_url()).unwrap();
     let mut conn = redis.get_multiplexed_async_connection().await.unwrap();
     let forged =
@@ -525,11 +540,13 @@ async fn partitions_read_to_their_end_sleep_and_every_command_wakes_them() {
         let _: i64 =
             redis::cmd("PUBLISH").arg("nexus:semantic:commands").arg(hint).query_async(&mut conn).await.unwrap();
     }
-    nexus_testkit::until(10, "the malformed hints counted", || async {
-        series(&node, "nexus_llm_command_hints_total{outcome=\"malformed\"}").await >= 2.0
+    nexus_testkit::until(10, "the forged hints relayed and the malformed ones counted", || async {
+        series(&node, "nexus_llm_command_hints_total{outcome=\"relayed\"}").await >= relayed + 2.0
+            && series(&node, "nexus_llm_command_hints_total{outcome=\"malformed\"}").await >= malformed + 2.0
     })
     .await;
     until_all_paused(&node, "the partition a forged hint woke paused again").await;
+    assert_eq!(model.requests(), calls, "a forged hint made no turn run");
     let offset = say(&ada, &id, "still fine?").await;
     let transcript = answered(&ada, &id, offset).await;
     assert_eq!(transcript["answered"][offset.to_string()], "completed");

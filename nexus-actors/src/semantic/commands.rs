@@ -22,8 +22,9 @@ use crate::kernel::{AskError, Link};
 pub const HINTS: &str = "nexus:semantic:commands";
 
 /// A hint: the broker acknowledged a command at `offset` of `partition`.
+/// Fields a later version adds are ignored, so nodes of two versions
+/// understand each other's hints during a rolling upgrade.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct CommandProduced {
     /// Its partition of `semantic.commands`.
     pub partition: i32,
@@ -66,13 +67,12 @@ pub enum CommandError {
 pub struct CommandSender {
     source: String,
     produce: Link<Produce>,
-    hints: Option<Publisher>,
+    hints: Publisher,
 }
 
 impl CommandSender {
-    /// Commands through `produce`, hinted through `hints` (none: the owner
-    /// finds them by its own checks, within seconds) as from node `source`.
-    pub fn new(source: impl Into<String>, produce: Link<Produce>, hints: Option<Publisher>) -> Self {
+    /// Commands through `produce`, hinted through `hints`, as from node `source`.
+    pub fn new(source: impl Into<String>, produce: Link<Produce>, hints: Publisher) -> Self {
         CommandSender { source: source.into(), produce, hints }
     }
 
@@ -87,9 +87,9 @@ impl CommandSender {
         };
         // A broker that acknowledged without an offset (a retry across its
         // restart) leaves the owner to find the command by its own checks.
-        if let (Some(hints), true) = (&self.hints, delivered.offset >= 0) {
+        if delivered.offset >= 0 {
             let hint = CommandProduced { partition: delivered.partition, offset: delivered.offset };
-            hints.publish_detached(HINTS, Envelope::new(self.source.clone(), hint).into_untyped());
+            self.hints.publish_detached(HINTS, Envelope::new(self.source.clone(), hint).into_untyped());
         }
         Ok(delivered)
     }
@@ -110,13 +110,14 @@ mod tests {
     fn only_well_formed_hints_are_read() {
         let ok = envelope(CommandProduced::TYPE, serde_json::json!({"partition": 2, "offset": 41}));
         assert_eq!(CommandProduced::from_envelope(&ok), Some(CommandProduced { partition: 2, offset: 41 }));
+        let newer = envelope(CommandProduced::TYPE, serde_json::json!({"partition": 2, "offset": 41, "epoch": 3}));
+        assert_eq!(CommandProduced::from_envelope(&newer), Some(CommandProduced { partition: 2, offset: 41 }));
         for (kind, data) in [
             ("nexus.other", serde_json::json!({"partition": 2, "offset": 41})),
             (CommandProduced::TYPE, serde_json::json!({"partition": -1, "offset": 41})),
             (CommandProduced::TYPE, serde_json::json!({"partition": 1, "offset": -5})),
             (CommandProduced::TYPE, serde_json::json!({"partition": "1", "offset": 5})),
             (CommandProduced::TYPE, serde_json::json!({"partition": 1})),
-            (CommandProduced::TYPE, serde_json::json!({"partition": 1, "offset": 5, "command": "x"})),
             (CommandProduced::TYPE, serde_json::json!([1, 5])),
         ] {
             assert_eq!(CommandProduced::from_envelope(&envelope(kind, data.clone())), None, "{kind} {data}");

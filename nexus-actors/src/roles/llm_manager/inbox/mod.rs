@@ -57,6 +57,8 @@ use wake::Cause;
 pub const GROUP: &str = "nexus-llm-manager";
 /// Commands read but not yet acknowledged, across partitions; past it the inbox stops reading.
 const MAX_IN_FLIGHT: usize = 4096;
+/// How often partitions read to their end are paused.
+const SETTLE_EVERY: Duration = Duration::from_millis(100);
 /// Renewals in a row a node's share must hold before it takes new partitions.
 const STEADY: u32 = 3;
 /// Largest command taken: a message of the largest size, escaped, with room
@@ -174,8 +176,9 @@ async fn run(
     let mut owned = Owned { partitions: HashMap::new(), generations: Arc::default() };
     let mut tap = deps.tap.take();
     let mut hints = deps.hints.take();
-    let mut settle = tokio::time::interval(wake::AWAKE / 3);
+    let mut settle = tokio::time::interval(SETTLE_EVERY);
     settle.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut settled = Instant::now();
     let mut check_ends = tokio::time::interval(wake::CHECK_EVERY);
     check_ends.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // One check at a time: the ends learnt come back here.
@@ -252,6 +255,7 @@ async fn run(
                         }
                         // Not to be taken before others are read: the fetch brings them all.
                         _ if p.behind(produced.offset) => {
+                            p.expect(produced.offset + 1);
                             wake::wake(&consumer, &deps.metrics, produced.partition, p, Cause::Tap);
                         }
                         _ => {}
@@ -259,6 +263,7 @@ async fn run(
                 }
                 Some(produced) => {
                     if let Some(p) = owned.partitions.get_mut(&produced.partition).filter(|p| p.behind(produced.offset)) {
+                        p.expect(produced.offset + 1);
                         wake::wake(&consumer, &deps.metrics, produced.partition, p, Cause::Tap);
                     }
                 }
@@ -272,9 +277,13 @@ async fn run(
                 }
                 None => hints = None,
             },
-            // Not while the consumer goes unread: records it holds would look like none.
+            // Not while the consumer goes unread (too much in flight, or a
+            // branch that took long): records it holds would look like none.
             _ = settle.tick(), if in_flight.len() < MAX_IN_FLIGHT => {
-                wake::settle(&consumer, &deps.metrics, &mut owned.partitions);
+                let now = Instant::now();
+                let stalled = now.duration_since(settled) > SETTLE_EVERY * 2;
+                settled = now;
+                wake::settle(&consumer, &deps.metrics, &mut owned.partitions, stalled);
             }
             _ = check_ends.tick(), if !checking => {
                 let paused = wake::paused(&owned.partitions);
@@ -287,6 +296,7 @@ async fn run(
                 checking = false;
                 for (partition, end) in ends {
                     if let Some(p) = owned.partitions.get_mut(&partition).filter(|p| p.paused() && p.behind_end(end)) {
+                        p.expect(end);
                         wake::wake(&consumer, &deps.metrics, partition, p, Cause::Check);
                     }
                 }

@@ -13,9 +13,9 @@ use tokio::time::Instant;
 pub const AWAKE: Duration = Duration::from_millis(300);
 
 /// Offsets of one owned partition read and not yet stored.
-pub struct Pending {
+pub(super) struct Pending {
     /// Offset → acknowledged.
-    pub offsets: BTreeMap<i64, bool>,
+    pub(super) offsets: BTreeMap<i64, bool>,
     /// The offset after the last one taken, by the fetch or the tap, once
     /// known. Every offset below it was taken (a tap only takes a
     /// partition's next offset), so a fetch that brings one again (a tapped
@@ -23,6 +23,11 @@ pub struct Pending {
     /// A partition's offsets only grow: a partition taken anew starts a
     /// new `Pending`.
     next: Option<i64>,
+    /// An offset known to exist and not taken yet (the offset after it):
+    /// from the broker's report of the end or from the tap, never from a
+    /// hint, which anyone may forge. The partition is not paused before
+    /// it is read that far: a slow fetch is not thrown away by a pause.
+    want: Option<i64>,
     /// Whether the consumer's fetch of the partition is paused.
     paused: bool,
     /// When an awake partition may be paused, if no record comes first.
@@ -31,12 +36,12 @@ pub struct Pending {
 
 impl Pending {
     /// A partition just taken: fetched, since where it starts is not known yet.
-    pub fn new(now: Instant) -> Self {
-        Pending { offsets: BTreeMap::new(), next: None, paused: false, awake_until: now + AWAKE }
+    pub(super) fn new(now: Instant) -> Self {
+        Pending { offsets: BTreeMap::new(), next: None, want: None, paused: false, awake_until: now + AWAKE }
     }
 
     /// Notes that the consumer brought `offset`; false when it was taken already.
-    pub fn fetched(&mut self, offset: i64, now: Instant) -> bool {
+    pub(super) fn fetched(&mut self, offset: i64, now: Instant) -> bool {
         self.awake_until = now + AWAKE;
         if self.next.is_some_and(|next| offset < next) {
             return false;
@@ -46,7 +51,7 @@ impl Pending {
     }
 
     /// Takes `offset` from the tap if it is the partition's next one.
-    pub fn tap(&mut self, offset: i64) -> bool {
+    pub(super) fn tap(&mut self, offset: i64) -> bool {
         if self.next != Some(offset) {
             return false;
         }
@@ -56,28 +61,49 @@ impl Pending {
 
     /// Whether a command at `offset` may not be taken yet: at or past the
     /// next offset, or anywhere while that is unknown.
-    pub fn behind(&self, offset: i64) -> bool {
+    pub(super) fn behind(&self, offset: i64) -> bool {
         self.next.is_none_or(|next| offset >= next)
     }
 
     /// Whether a broker reporting `end` for the partition (the offset after
     /// its last record) holds a command not taken yet.
-    pub fn behind_end(&self, end: i64) -> bool {
+    pub(super) fn behind_end(&self, end: i64) -> bool {
         self.next.is_some_and(|next| end > next)
+    }
+
+    /// Notes that records exist up to `end` (the offset after them): the
+    /// partition is fetched until it has read them.
+    pub(super) fn expect(&mut self, end: i64) {
+        self.want = self.want.max(Some(end));
     }
 
     /// Keeps the partition fetched for [`AWAKE`] from `now`; true when it
     /// was paused, so its fetch is to be resumed.
-    pub fn wake(&mut self, now: Instant) -> bool {
+    pub(super) fn wake(&mut self, now: Instant) -> bool {
         self.awake_until = self.awake_until.max(now + AWAKE);
         std::mem::replace(&mut self.paused, false)
     }
 
+    /// Marks it paused again: its fetch could not be resumed.
+    pub(super) fn not_resumed(&mut self) {
+        self.paused = true;
+    }
+
+    /// Gives an awake partition [`AWAKE`] more from `now`: the consumer
+    /// went unread for a while, so no record coming says nothing.
+    pub(super) fn stay_awake(&mut self, now: Instant) {
+        if !self.paused {
+            self.awake_until = self.awake_until.max(now + AWAKE);
+        }
+    }
+
     /// Pauses the partition if it has been fetched to its end for [`AWAKE`]
-    /// (no record since) and where it stands is known; true when it is
-    /// paused now, so its fetch is to be paused.
-    pub fn settle(&mut self, now: Instant) -> bool {
-        if self.paused || self.next.is_none() || now < self.awake_until {
+    /// (no record since), where it stands is known and no record known to
+    /// exist is left to read; true when it is paused now, so its fetch is
+    /// to be paused.
+    pub(super) fn settle(&mut self, now: Instant) -> bool {
+        let Some(next) = self.next else { return false };
+        if self.paused || now < self.awake_until || self.want.is_some_and(|want| next < want) {
             return false;
         }
         self.paused = true;
@@ -85,12 +111,12 @@ impl Pending {
     }
 
     /// The offset it takes next, once known.
-    pub fn next(&self) -> Option<i64> {
+    pub(super) fn next(&self) -> Option<i64> {
         self.next
     }
 
     /// Whether its fetch is paused.
-    pub fn paused(&self) -> bool {
+    pub(super) fn paused(&self) -> bool {
         self.paused
     }
 }
@@ -164,5 +190,23 @@ mod tests {
         assert!(!p.wake(t1), "awake already");
         assert!(!p.settle(t1 + AWAKE - Duration::from_millis(1)));
         assert!(p.settle(t1 + AWAKE));
+    }
+
+    #[test]
+    fn a_partition_with_records_known_to_wait_stays_awake_until_it_reads_them() {
+        let t0 = Instant::now();
+        let mut p = Pending::new(t0);
+        assert!(p.fetched(3, t0));
+        p.expect(7);
+        assert!(!p.settle(t0 + AWAKE * 10), "4 to 6 are known to exist");
+        assert!(p.fetched(5, t0 + AWAKE * 10));
+        assert!(!p.settle(t0 + AWAKE * 20), "6 is still to come");
+        assert!(p.tap(6));
+        assert!(p.settle(t0 + AWAKE * 20));
+        p.expect(2);
+        assert!(p.wake(t0 + AWAKE * 21));
+        assert!(p.settle(t0 + AWAKE * 22), "an end already read keeps nothing awake");
+        p.stay_awake(t0 + AWAKE * 23);
+        assert!(p.paused(), "a paused partition stays paused");
     }
 }

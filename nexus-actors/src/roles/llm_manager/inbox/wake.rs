@@ -41,7 +41,7 @@ pub use super::pending::AWAKE;
 
 /// How often the ends of paused partitions are checked with the broker.
 pub const CHECK_EVERY: Duration = Duration::from_secs(2);
-/// How long one partition's end is waited for.
+/// How long one check waits for the broker, all partitions together.
 const CHECK_TIMEOUT: Duration = Duration::from_secs(1);
 /// Hints held for the inbox; past it they are dropped (and counted): the
 /// checks find what they announced.
@@ -78,14 +78,16 @@ fn list(partitions: &[i32]) -> TopicPartitionList {
 }
 
 /// Wakes `partition` for `cause`, resuming its fetch if it was paused.
-pub fn wake(consumer: &StreamConsumer, metrics: &LlmMetrics, partition: i32, p: &mut Pending, cause: Cause) {
+pub(super) fn wake(consumer: &StreamConsumer, metrics: &LlmMetrics, partition: i32, p: &mut Pending, cause: Cause) {
     if !p.wake(Instant::now()) {
         return;
     }
     metrics.inbox_wakes.with_label_values(&[cause.as_str()]).inc();
     metrics.inbox_paused.dec();
     if let Err(error) = consumer.resume(&list(&[partition])) {
-        // The fetch stays paused; the next check wakes it again.
+        // Still paused: the next check or hint wakes it again.
+        p.not_resumed();
+        metrics.inbox_paused.inc();
         tracing::warn!(partition, %error, "llm manager inbox: fetch not resumed");
         return;
     }
@@ -100,9 +102,20 @@ pub fn wake(consumer: &StreamConsumer, metrics: &LlmMetrics, partition: i32, p: 
     }
 }
 
-/// Pauses the fetch of every partition read to its end for [`AWAKE`].
-pub fn settle(consumer: &StreamConsumer, metrics: &LlmMetrics, partitions: &mut HashMap<i32, Pending>) {
+/// Pauses the fetch of every partition read to its end for [`AWAKE`];
+/// after the consumer went unread for a while (`stalled`), gives the awake
+/// ones [`AWAKE`] more instead, as records it holds would look like none.
+pub(super) fn settle(
+    consumer: &StreamConsumer,
+    metrics: &LlmMetrics,
+    partitions: &mut HashMap<i32, Pending>,
+    stalled: bool,
+) {
     let now = Instant::now();
+    if stalled {
+        partitions.values_mut().for_each(|p| p.stay_awake(now));
+        return;
+    }
     let settled: Vec<i32> = partitions.iter_mut().filter_map(|(id, p)| p.settle(now).then_some(*id)).collect();
     if settled.is_empty() {
         return;
@@ -116,32 +129,35 @@ pub fn settle(consumer: &StreamConsumer, metrics: &LlmMetrics, partitions: &mut 
 
 /// Makes sure `partitions`, just taken, are fetched: a partition this
 /// consumer paused before it lost it may come back paused.
-pub fn fetch_taken(consumer: &StreamConsumer, partitions: &[i32]) {
+pub(super) fn fetch_taken(consumer: &StreamConsumer, partitions: &[i32]) {
     if let Err(error) = consumer.resume(&list(partitions)) {
         tracing::warn!(?partitions, %error, "llm manager inbox: fetch of taken partitions not resumed");
     }
 }
 
 /// The paused partitions among `partitions`.
-pub fn paused(partitions: &HashMap<i32, Pending>) -> Vec<i32> {
+pub(super) fn paused(partitions: &HashMap<i32, Pending>) -> Vec<i32> {
     partitions.iter().filter(|(_, p)| p.paused()).map(|(id, _)| *id).collect()
 }
 
 /// Asks the broker for the ends of `partitions` (the offset after each
-/// one's last record) off the inbox's thread, and sends what it learnt to
-/// `ends`. A partition it could not learn is left out.
-pub fn check_ends(consumer: Arc<StreamConsumer>, partitions: Vec<i32>, ends: mpsc::Sender<Vec<(i32, i64)>>) {
+/// one's last record) off the inbox's thread, within [`CHECK_TIMEOUT`] in
+/// all, and sends what it learnt to `ends`. A partition it could not learn
+/// in time is left to the next check.
+pub(super) fn check_ends(consumer: Arc<StreamConsumer>, partitions: Vec<i32>, ends: mpsc::Sender<Vec<(i32, i64)>>) {
     tokio::task::spawn_blocking(move || {
-        let found = partitions
-            .into_iter()
-            .filter_map(|p| match consumer.fetch_watermarks(SEMANTIC_COMMANDS, p, CHECK_TIMEOUT) {
-                Ok((_, end)) => Some((p, end)),
-                Err(error) => {
-                    tracing::debug!(partition = p, %error, "llm manager inbox: partition end not learnt");
-                    None
-                }
-            })
-            .collect();
+        let deadline = std::time::Instant::now() + CHECK_TIMEOUT;
+        let mut found = Vec::with_capacity(partitions.len());
+        for p in partitions {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            match consumer.fetch_watermarks(SEMANTIC_COMMANDS, p, left) {
+                Ok((_, end)) => found.push((p, end)),
+                Err(error) => tracing::debug!(partition = p, %error, "llm manager inbox: partition end not learnt"),
+            }
+        }
         let _ = ends.blocking_send(found);
     });
 }
