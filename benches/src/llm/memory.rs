@@ -1,7 +1,7 @@
 //! Memory per idle context: the node process's resident memory before and
 //! after N contexts were created through the API and each had one turn
-//! answered, all of them still alive (the node stops idle contexts only
-//! after 300 s).
+//! answered, all of them still alive (the bench's node stops idle contexts
+//! only after an hour).
 
 use std::time::{Duration, Instant};
 

@@ -29,7 +29,11 @@ pub(crate) fn serve(args: &[String]) {
         panic!("serve-llm-node REDIS_URL BROKERS PORT KEY_FILE ENDPOINT...")
     };
     let endpoints = endpoints.iter().map(|spec| EndpointConfig::parse(spec).expect("an endpoint spec")).collect();
-    let llm = LlmManagerConfig { model: ModelConfig::new(endpoints), ..LlmManagerConfig::default() };
+    // No context goes idle within a run: the memory row counts the contexts
+    // alive, and the rows before it (the LangGraph side's among them) take
+    // longer than the default 5 minutes.
+    let idle = std::time::Duration::from_secs(3600);
+    let llm = LlmManagerConfig { model: ModelConfig::new(endpoints), idle, ..LlmManagerConfig::default() };
     let config = NodeConfig {
         name: format!("bench-llm-{port}"),
         http: format!("127.0.0.1:{port}").parse().expect("port"),
