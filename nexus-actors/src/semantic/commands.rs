@@ -40,10 +40,10 @@ impl CommandProduced {
     /// The hint a bus message holds, if it is one.
     pub fn from_envelope(envelope: &Envelope<Value>) -> Option<CommandProduced> {
         // Serde would read a struct from an array too; a hint is an object.
-        if envelope.kind != Self::TYPE || !envelope.data.is_object() {
+        if !envelope.data.is_object() {
             return None;
         }
-        let hint = CommandProduced::deserialize(&envelope.data).ok()?;
+        let hint: CommandProduced = envelope.payload().ok()?;
         (hint.partition >= 0 && hint.offset >= 0).then_some(hint)
     }
 }

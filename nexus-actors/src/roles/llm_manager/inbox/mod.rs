@@ -237,34 +237,31 @@ async fn run(
                 delivered(&deps, &mut owned, partition, gen, offset).await;
             }
             produced = recv(&mut tap), if in_flight.len() < MAX_IN_FLIGHT => match produced {
-                Some(produced) if produced.bytes <= MAX_COMMAND_BYTES => {
+                Some(produced) => {
                     if !deps.lease.held() {
                         // Not this node's to take now; the next owner fetches it.
                         continue;
                     }
                     let Some(p) = owned.partitions.get_mut(&produced.partition) else { continue };
-                    let at = (produced.partition, produced.offset);
+                    let (partition, offset) = (produced.partition, produced.offset);
                     // The envelope is the one this node encoded, so only the
                     // command checks apply; one that fails them (or is too
                     // large) is left to the fetch, which dead-letters it.
-                    match check(Some(produced.key), produced.envelope, at) {
-                        Ok(command) if p.tap(produced.offset) => {
+                    let command = (produced.bytes <= MAX_COMMAND_BYTES)
+                        .then(|| check(Some(produced.key), produced.envelope, (partition, offset)).ok())
+                        .flatten();
+                    match command {
+                        Some(command) if p.tap(offset) => {
                             deps.metrics.commands_tapped.inc();
-                            skip_fetch(&consumer, produced.partition, produced.offset);
+                            skip_fetch(&consumer, partition, offset);
                             dispatch(&deps, &mut owned, &mut in_flight, Ok(command)).await;
                         }
-                        // Not to be taken before others are read: the fetch brings them all.
-                        _ if p.behind(produced.offset) => {
-                            p.expect(produced.offset + 1);
-                            wake::wake(&consumer, &deps.metrics, produced.partition, p, Cause::Tap);
+                        // Left to the fetch, which brings every record before it too.
+                        _ if p.behind(offset) => {
+                            p.expect(offset + 1);
+                            wake::wake(&consumer, &deps.metrics, partition, p, Cause::Tap);
                         }
                         _ => {}
-                    }
-                }
-                Some(produced) => {
-                    if let Some(p) = owned.partitions.get_mut(&produced.partition).filter(|p| p.behind(produced.offset)) {
-                        p.expect(produced.offset + 1);
-                        wake::wake(&consumer, &deps.metrics, produced.partition, p, Cause::Tap);
                     }
                 }
                 None => tap = None,
@@ -432,15 +429,13 @@ async fn reconcile(consumer: &StreamConsumer, deps: &InboxDeps, owned: &mut Owne
     let lost: Vec<i32> = owned.partitions.keys().filter(|p| !want.contains(p)).copied().collect();
     let gained: Vec<i32> = want.iter().filter(|p| !owned.partitions.contains_key(p)).copied().collect();
     if !lost.is_empty() {
-        let mut list = TopicPartitionList::new();
         for p in &lost {
             if owned.partitions.remove(p).is_some_and(|p| p.paused()) {
                 deps.metrics.inbox_paused.dec();
             }
             *lock(&owned.generations).entry(*p).or_default() += 1;
-            list.add_partition(SEMANTIC_COMMANDS, *p);
         }
-        if let Err(error) = consumer.incremental_unassign(&list) {
+        if let Err(error) = consumer.incremental_unassign(&partition_list(&lost)) {
             tracing::warn!(%error, "llm manager inbox: unassign failed");
         }
         tracing::info!(partitions = ?lost, "llm manager: partitions moved away; their contexts stop");
@@ -476,6 +471,15 @@ async fn reconcile(consumer: &StreamConsumer, deps: &InboxDeps, owned: &mut Owne
         }
         Err(error) => tracing::warn!(%error, "llm manager inbox: assign failed; tried again at the next renewal"),
     }
+}
+
+/// `partitions` of `semantic.commands`, for the consumer's calls.
+fn partition_list(partitions: &[i32]) -> TopicPartitionList {
+    let mut list = TopicPartitionList::new();
+    for p in partitions {
+        list.add_partition(SEMANTIC_COMMANDS, *p);
+    }
+    list
 }
 
 /// Stores the offset after the acknowledged prefix of `p`.

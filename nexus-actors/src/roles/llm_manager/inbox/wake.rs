@@ -25,10 +25,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rdkafka::consumer::{Consumer, StreamConsumer};
-use rdkafka::{Offset, TopicPartitionList};
+use rdkafka::Offset;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
+use super::partition_list as list;
 use super::pending::Pending;
 use crate::bus::kafka::SEMANTIC_COMMANDS;
 use crate::bus::redis::{Subscribe, Topic};
@@ -67,14 +68,6 @@ impl Cause {
             Cause::Check => "check",
         }
     }
-}
-
-fn list(partitions: &[i32]) -> TopicPartitionList {
-    let mut list = TopicPartitionList::new();
-    for p in partitions {
-        list.add_partition(SEMANTIC_COMMANDS, *p);
-    }
-    list
 }
 
 /// Wakes `partition` for `cause`, resuming its fetch if it was paused.
