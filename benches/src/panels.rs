@@ -28,6 +28,7 @@ use nexus_actors::platform::auth::keys::{KeyRing, KeySet};
 use nexus_actors::platform::auth::{Audience, PANEL_COOKIE};
 use nexus_actors::platform::channels::ACTIVATE as ACTIVATE_CHANNEL;
 use nexus_actors::platform::{Panel, PanelMode, PanelRecords, Platform, UserRole};
+use nexus_actors::roles::panel_manager::driver::RuntimeDriver;
 use nexus_actors::roles::panel_manager::local::{LocalConfig, LocalDriver, SandboxChoice};
 use nexus_actors::roles::panel_manager::manager::{Deploy, Scale};
 use nexus_actors::roles::panel_manager::{self as pm, PanelManagerConfig, PanelManagerHandle};
@@ -652,11 +653,12 @@ pub(crate) async fn cold_start(dir: &Path, sizes: &Sizes) -> String {
     );
     let mut splits = Vec::new();
     let kinds = [
-        ("plain process", SandboxChoice::Process, "process"),
-        ("bubblewrap namespaces", SandboxChoice::Namespaces, "namespaces"),
-        ("gVisor (runsc)", SandboxChoice::Gvisor, "gvisor"),
+        ("plain process", SandboxChoice::Process, "process", 0),
+        ("bubblewrap namespaces", SandboxChoice::Namespaces, "namespaces", 0),
+        ("gVisor (runsc)", SandboxChoice::Gvisor, "gvisor", 0),
+        ("gVisor, 2 warm sandboxes", SandboxChoice::Gvisor, "gvisor-warm", 2),
     ];
-    for (kind, choice, dir_name) in kinds {
+    for (kind, choice, dir_name, warm) in kinds {
         let skip = |why: String| format!("| {kind} | — | 0 | — | — | — | — | skipped: {why} |\n");
         if !is_root() {
             out += &skip("needs root (network namespaces, runsc)".into());
@@ -668,7 +670,7 @@ pub(crate) async fn cold_start(dir: &Path, sizes: &Sizes) -> String {
             continue;
         };
         let work = dir.join(format!("cold-{dir_name}"));
-        match cold_starts(&work, bin, kind, choice, sizes).await {
+        match cold_starts(&work, bin, (kind, choice, warm), sizes).await {
             Ok(cold) => {
                 out += &cold_row(&cold);
                 splits.push(cold);
@@ -782,23 +784,27 @@ struct AppNode {
     arbiter: Arbiter,
 }
 
+/// `(kind, choice, warm)`: the row's name, the sandbox asked for, and how
+/// many warm sandboxes the driver keeps.
 async fn cold_starts(
     work: &Path,
     nexus_bin: PathBuf,
-    kind: &'static str,
-    choice: SandboxChoice,
+    (kind, choice, warm): (&'static str, SandboxChoice, usize),
     sizes: &Sizes,
 ) -> Result<Cold, String> {
     let _ = std::fs::remove_dir_all(work);
     let redis = RedisServer::start(&work.join("redis"), false).map_err(|e| e.to_string())?;
-    let driver = LocalDriver::new(LocalConfig::new(work.join("data"), nexus_bin, redis.url(), choice));
+    let config =
+        LocalConfig { warm_sandboxes: warm, ..LocalConfig::new(work.join("data"), nexus_bin, redis.url(), choice) };
+    let driver = Arc::new(LocalDriver::new(config));
     let (isolation, _) = driver.isolation().await.map_err(|e| e.to_string())?;
+    driver.warm_up().await;
     let kernel = Kernel::new("bench-cold");
     driver.metrics().register(kernel.metrics().registry()).map_err(|e| e.to_string())?;
     let arbiter = Arbiter::new();
     let bridge = RedisBridge::spawn(&kernel, &arbiter.handle(), &redis.url()).map_err(|e| e.to_string())?;
     let config = PanelManagerConfig::new("bench", redis.url());
-    let handle = pm::start(&kernel, bridge, Arc::new(driver), config).await.map_err(|e| e.to_string())?;
+    let handle = pm::start(&kernel, bridge, driver.clone(), config).await.map_err(|e| e.to_string())?;
     let keys = KeyRing::new(KeySet::generate());
     let gateway =
         gateway::start(&kernel, GatewayConfig::new("127.0.0.1:0".parse().expect("address"), redis.url(), keys))
@@ -810,16 +816,22 @@ async fn cold_starts(
         .await
         .map_err(|e| e.to_string())?;
     let node = AppNode { redis, kernel, handle, gateway, conn, arbiter };
-    let result = measure_cold(&node, kind, format!("{isolation:?}").to_lowercase(), sizes).await;
+    let result = measure_cold(&node, (kind, &driver, warm), format!("{isolation:?}").to_lowercase(), sizes).await;
     // Scaled to zero again whatever happened, then everything stops.
     let _ = scale(&node, 0).await;
     node.handle.stop_all(Duration::from_secs(5)).await;
     node.gateway.stop().await;
     node.arbiter.stop();
+    driver.release().await;
     result
 }
 
-async fn measure_cold(node: &AppNode, kind: &'static str, isolation: String, sizes: &Sizes) -> Result<Cold, String> {
+async fn measure_cold(
+    node: &AppNode,
+    (kind, driver, pool): (&'static str, &LocalDriver, usize),
+    isolation: String,
+    sizes: &Sizes,
+) -> Result<Cold, String> {
     wait_until("the panel manager subscribes to activations", || async {
         let (_, n): (String, u64) =
             redis::cmd("PUBSUB").arg("NUMSUB").arg(ACTIVATE_CHANNEL).query_async(&mut node.conn.clone()).await.ok()?;
@@ -856,9 +868,14 @@ async fn measure_cold(node: &AppNode, kind: &'static str, isolation: String, siz
     let before = node.kernel.render_metrics();
     let mut cold_ms = Vec::new();
     let mut failures = Vec::new();
+    let ready = &driver.metrics().warm_ready;
     for _ in 0..sizes.cold_starts {
         scale(node, 0).await?;
         wait_serving(node, false).await?;
+        // Cold starts come one at a time here: each finds the pool full.
+        if pool > 0 {
+            wait_until("the warm sandboxes are ready", || async { (ready.get() >= pool as i64).then_some(()) }).await?;
+        }
         let t = Instant::now();
         match page(&http, &url).await {
             Ok(()) => cold_ms.push(t.elapsed().as_secs_f64() * 1e3),
@@ -872,6 +889,11 @@ async fn measure_cold(node: &AppNode, kind: &'static str, isolation: String, siz
     let isolation = started.iter().map(|s| format!("{:?}", s.isolation).to_lowercase()).next().unwrap_or(isolation);
     eprintln!("cold start, {kind}: {cold_ms:.0?} ms; warm p50 {:.1} ms", percentile(&warm, 0.5) / 1e3);
     let mut note = format!("{} instances over the run (the deploy's, then one per cold start)", started.len());
+    if pool > 0 {
+        let takes = &driver.metrics().warm_takes;
+        let taken = takes.with_label_values(&["taken"]).get();
+        let _ = write!(note, "; {taken} of {} starts took a warm sandbox", started.len());
+    }
     if !failures.is_empty() {
         let _ = write!(note, "; {} failed: {}", failures.len(), failures.join(" / "));
     }

@@ -315,6 +315,12 @@ pub(crate) struct PanelArgs {
     #[arg(long, default_value_t = 1024, env = "NEXUS_VOLUME_MIB",
           value_parser = clap::value_parser!(u64).range(16..=1 << 20))]
     pub(crate) volume_mib: u64,
+    /// gVisor sandboxes kept ready, each waiting with a Python interpreter
+    /// started, so that an App's cold start skips the sandbox's and the
+    /// interpreter's boot (local driver, under gVisor; 0: none).
+    #[arg(long, default_value_t = 2, env = "NEXUS_WARM_SANDBOXES",
+          value_parser = clap::value_parser!(u64).range(0..=64))]
+    pub(crate) warm_sandboxes: u64,
     /// Processes and threads each panel instance may have at once.
     #[arg(long, default_value_t = 256, env = "NEXUS_INSTANCE_PIDS",
           value_parser = clap::value_parser!(u32).range(8..=1_000_000))]
@@ -369,6 +375,7 @@ impl PanelArgs {
                 disk: self.instance_disk_mib << 20,
                 volume: self.volume_mib << 20,
             },
+            warm_sandboxes: self.warm_sandboxes as usize,
             app_idle: Duration::from_secs(self.app_idle_secs.max(1)),
             watchdog_timeout: Duration::from_secs(self.watchdog_timeout_secs.max(1)),
             kubernetes: (self.driver == Driver::Kubernetes).then(|| KubernetesPanels {

@@ -24,6 +24,8 @@ mod probe;
 mod secret;
 #[path = "sandbox/start_order.rs"]
 mod start_order;
+#[path = "sandbox/warm.rs"]
+mod warm;
 
 mod common;
 

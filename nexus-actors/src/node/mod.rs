@@ -150,6 +150,9 @@ pub struct PanelsConfig {
     pub network: NetworkConfig,
     /// What each instance may use.
     pub limits: Limits,
+    /// gVisor sandboxes kept ready for App starts (local driver, under
+    /// gVisor); none by default here, `nexus node` keeps 2.
+    pub warm_sandboxes: usize,
     /// An App instance without requests for this long is stopped.
     pub app_idle: Duration,
     /// A Studio instance without a heartbeat for this long is deleted.
@@ -179,6 +182,7 @@ impl PanelsConfig {
             sandbox: SandboxChoice::Auto,
             network: NetworkConfig::default(),
             limits: Limits::default(),
+            warm_sandboxes: 0,
             app_idle: Duration::from_secs(60),
             watchdog_timeout: Duration::from_secs(30 * 60),
             kubernetes: None,

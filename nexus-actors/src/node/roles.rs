@@ -114,6 +114,7 @@ pub(super) async fn panel_driver(kernel: &Kernel, config: &NodeConfig) -> Result
     let driver = LocalDriver::new(LocalConfig {
         network: panels.network.clone(),
         limits: panels.limits,
+        warm_sandboxes: panels.warm_sandboxes,
         ..LocalConfig::new(panels.data_dir.clone(), panels.nexus_bin.clone(), config.redis_url.clone(), panels.sandbox)
     });
     if let Err(error) = driver.metrics().register(kernel.metrics().registry()) {
@@ -121,7 +122,13 @@ pub(super) async fn panel_driver(kernel: &Kernel, config: &NodeConfig) -> Result
     }
     // What a crash of this node left behind goes before anything new starts.
     driver.sweep_stale().await;
-    Ok(Arc::new(driver))
+    let driver = Arc::new(driver);
+    // The first App start after the node's finds its warm sandbox ready.
+    if panels.warm_sandboxes > 0 {
+        let warming = driver.clone();
+        tokio::spawn(async move { warming.warm_up().await });
+    }
+    Ok(driver)
 }
 
 /// Starts the panel manager over its driver.

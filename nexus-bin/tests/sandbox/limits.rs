@@ -14,6 +14,8 @@ use nexus_actors::roles::panel_manager::driver::{Code, DriverError, InstanceEven
 use nexus_actors::roles::panel_manager::local::{Limits, SandboxChoice};
 use nexus_actors::roles::panel_manager::volume_files::{FileError, FilePath};
 
+use nexus_testkit::eventually;
+
 use super::harness::{env_with, panel_id, register, sandbox_available, skipped, spec, Cleanup};
 
 /// Touches 300 MiB (a `bytes` of that size is written, not merely reserved).
@@ -59,11 +61,18 @@ pub(crate) fn limits_are_enforced_and_reported(test: &str, choice: SandboxChoice
         disk: 16 << 20,
         volume: 32 << 20,
     };
-    let env = env_with(test, choice, |config| config.limits = limits);
+    // Under gVisor Apps start in warm sandboxes: their limits are checked there.
+    let env = env_with(test, choice, |config| {
+        config.limits = limits;
+        config.warm_sandboxes = usize::from(gvisor);
+    });
     let id = std::process::id();
     let (hog, forker, filler) = (format!("{test}-hog-{id}"), format!("{test}-fork-{id}"), format!("{test}-fill-{id}"));
+    let app_hog = format!("{test}-apphog-{id}");
     let studio_filler = format!("{test}-vol-{id}");
-    let cleanup = Cleanup { instances: vec![hog.clone(), forker.clone(), filler.clone(), studio_filler.clone()] };
+    let cleanup = Cleanup {
+        instances: vec![hog.clone(), forker.clone(), filler.clone(), studio_filler.clone(), app_hog.clone()],
+    };
     let driver = env.driver.clone();
     actix_rt::System::new().block_on(async {
         let cases = [
@@ -100,6 +109,11 @@ pub(crate) fn limits_are_enforced_and_reported(test: &str, choice: SandboxChoice
         let command = serde_json::json!({"command": ["python3", "-c", FILLER]}).to_string();
         std::fs::write(volume.location.path().join("nexus-panel.json"), command).unwrap();
         let snapshot = driver.snapshot(&panel, "template:python_minimal").await.expect("snapshot");
+        let warm = driver.metrics().clone();
+        if gvisor {
+            driver.warm_up().await;
+            eventually(60, "a warm sandbox is ready", || warm.warm_ready.get() == 1).await;
+        }
         let mut started = driver.start(spec(&filler, &panel, Code::App(snapshot))).await.expect("start the App");
         let event = actix_rt::time::timeout(Duration::from_secs(90), started.events.recv()).await;
         let logs = driver.logs(&filler, 20).await.unwrap_or_default();
@@ -113,6 +127,25 @@ pub(crate) fn limits_are_enforced_and_reported(test: &str, choice: SandboxChoice
         driver.stop(&filler, Duration::from_secs(5)).await.expect("stop");
         let scratch = env.dir.join("data/scratch").join(&filler);
         assert!(!scratch.exists(), "the App's scratch space outlived it");
+        if gvisor {
+            // And one that takes more memory than it may, in the next one.
+            assert_eq!(warm.warm_takes.with_label_values(&["taken"]).get(), 1, "the App took a warm sandbox");
+            let command = serde_json::json!({"command": ["python3", "-c", MEMORY_HOG]}).to_string();
+            std::fs::write(volume.location.path().join("nexus-panel.json"), command).unwrap();
+            let snapshot = driver.snapshot(&panel, "template:python_minimal").await.expect("snapshot");
+            eventually(60, "the pool refilled", || warm.warm_ready.get() == 1).await;
+            let mut started = driver.start(spec(&app_hog, &panel, Code::App(snapshot))).await.expect("start");
+            assert_eq!(warm.warm_takes.with_label_values(&["taken"]).get(), 2, "the App took a warm sandbox");
+            let event = actix_rt::time::timeout(Duration::from_secs(90), started.events.recv()).await;
+            let logs = driver.logs(&app_hog, 20).await.unwrap_or_default();
+            let event = event.unwrap_or_else(|_| panic!("{app_hog} did not end: {logs:?}"));
+            assert!(
+                matches!(event, Some(InstanceEvent::Exited { limit: Some(LimitHit::Memory), .. })),
+                "{event:?}: {logs:?}"
+            );
+            assert!(!logs.iter().any(|l| l.contains("survived")), "the hog got its memory: {logs:?}");
+            driver.stop(&app_hog, Duration::from_secs(5)).await.expect("stop");
+        }
 
         // A Studio panel writes into its volume: 32 MiB at most here.
         let panel = panel_id();

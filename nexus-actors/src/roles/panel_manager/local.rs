@@ -10,6 +10,9 @@
 //! panel sees, are bound here before the panel runs and handed over. The gateway reaches the instance's 8080 and
 //! 9999 at its address, like a Pod IP; no host port is opened for it.
 //!
+//! An App under gVisor starts in a sandbox made ahead when one is ready
+//! ([`warm`]); how an instance starts is [`start`]'s.
+//!
 //! It owns the files under `data_dir` and the processes it starts. The
 //! layout keeps every panel uid to its own code:
 //!
@@ -53,15 +56,15 @@ mod procs;
 mod runsc;
 mod scratch;
 mod stale;
+mod start;
 mod storage;
 mod swap;
 mod tree;
 mod uids;
+mod warm;
 mod workspace;
 
 use std::collections::{HashMap, HashSet};
-use std::io::Write;
-use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -70,19 +73,14 @@ use futures::future::BoxFuture;
 use futures::FutureExt;
 use tokio::sync::{mpsc, OnceCell};
 
-use super::driver::{
-    Code, DriverError, InstanceEvent, InstanceSpec, RuntimeDriver, SandboxError, Snapshot, Started, Volume,
-};
-use super::metrics::{isolation_label, mode_label};
+use super::driver::{DriverError, InstanceEvent, InstanceSpec, RuntimeDriver, SandboxError, Snapshot, Started, Volume};
 use super::volume_files::{FileList, FilePath, VolumeLimits};
-use crate::infra::free_port;
-use crate::instance::{Endpoint, InstanceMode, Isolation, SIDECAR_TOKEN_ENV};
-use crate::netns::{Netns, NetnsThread};
-use crate::platform::files::private_dir;
-use files::{blocking, check_id, chown_tree, fresh_copy, open_log, path_string, read_command, remove_tree};
+use crate::instance::{InstanceMode, Isolation};
+use crate::netns::Netns;
+use files::{blocking, check_id, fresh_copy, remove_tree};
 use isolation::{resolve, Sandbox};
-use metrics::{Helper, StartPhase};
-use procs::{OnExit, Supervised};
+use procs::Supervised;
+use start::{new_secret, spawn_user};
 
 pub use super::templates::names as template_names;
 pub use cgroups::Limits;
@@ -120,6 +118,9 @@ pub struct LocalConfig {
     pub network: NetworkConfig,
     /// What each instance may use (root only: cgroups).
     pub limits: Limits,
+    /// How many gVisor sandboxes are kept ready for App starts (see
+    /// [`warm`]); none when 0 or when instances do not run under gVisor.
+    pub warm_sandboxes: usize,
 }
 
 /// An isolation decided, and when.
@@ -142,6 +143,7 @@ impl LocalConfig {
             reprobe_after: LocalConfig::REPROBE_AFTER,
             network: NetworkConfig::default(),
             limits: Limits::default(),
+            warm_sandboxes: 0,
         }
     }
 }
@@ -181,24 +183,8 @@ pub struct LocalDriver {
     sidecar_users: Arc<acl::SidecarUsers>,
     /// Set once the task that keeps sidecar users in Redis runs.
     keeping_users: std::sync::Once,
-}
-
-/// Where an instance's processes listen and meet, decided before they start.
-struct Wiring<'a> {
-    /// Where the panel listens, as the sidecar reaches it.
-    panel_url: &'a str,
-    /// The sidecar's listener and the watchdog's, as the panel sees them,
-    /// bound by the driver, to hand over.
-    proxy_addr: &'a str,
-    sidecar_listener: Arc<std::net::TcpListener>,
-    watchdog_inside: &'a str,
-    watchdog_listener: Option<Arc<std::net::TcpListener>>,
-    /// Studio only: the watchdog runs only when it has its secret.
-    watchdog_token: Option<&'a str>,
-    /// The secret the panel expects from its sidecar.
-    sidecar_token: &'a str,
-    /// How the sidecar logs in to Redis: as its own user.
-    sidecar_redis_url: &'a str,
+    /// gVisor sandboxes made ahead for App starts.
+    warm: warm::Pool,
 }
 
 /// One running instance and everything needed to stop or restart it.
@@ -221,6 +207,9 @@ struct Instance {
     command: Vec<String>,
     env: Vec<(String, String)>,
     gvisor: Option<(PathBuf, runsc::Bundle)>,
+    /// Started in a warm sandbox: the slot's directory (its bundle, which
+    /// runs the zygote until a restart rewrites it), gone with the instance.
+    warm_dir: Option<PathBuf>,
     /// Namespaces: `bwrap`.
     bwrap: Option<PathBuf>,
     /// Its limits (root only).
@@ -254,6 +243,7 @@ impl LocalDriver {
             opening: Mutex::default(),
             editing: Arc::default(),
             unpacking: tokio::sync::Semaphore::new(2),
+            warm: warm::Pool::default(),
         }
     }
 
@@ -285,7 +275,13 @@ impl LocalDriver {
     }
 
     async fn sweep(&self) -> usize {
-        let running = |id: &str| self.instances.lock().unwrap_or_else(|p| p.into_inner()).contains_key(id);
+        // A warm sandbox's parts are named for its slot, taken or not.
+        let running = |id: &str| {
+            let instances = self.instances.lock().unwrap_or_else(|p| p.into_inner());
+            instances.contains_key(id)
+                || instances.values().any(|i| i.warm_dir.as_ref().is_some_and(|d| d.ends_with(id)))
+                || self.warm.holds(id)
+        };
         let swept = stale::sweep(&self.config.data_dir, running, &self.metrics).await;
         let instances = self.instances_dir();
         let ours_and_gone =
@@ -298,6 +294,12 @@ impl LocalDriver {
                     tracing::warn!(instance = %id, "a cgroup left by a crash removed");
                 }
             }
+        }
+        // A warm sandbox never served an instance: nothing of it is kept.
+        let names =
+            std::fs::read_dir(&instances).into_iter().flatten().filter_map(|e| e.ok()?.file_name().into_string().ok());
+        for slot in names.filter(|name| warm::is_slot(name) && ours_and_gone(name)) {
+            let _ = remove_tree(&instances.join(slot));
         }
         swept
     }
@@ -352,310 +354,17 @@ impl LocalDriver {
         instances.get(id).cloned().ok_or_else(|| DriverError::NoInstance(id.to_owned()))
     }
 
-    async fn start_instance(&self, spec: InstanceSpec) -> Result<Started, DriverError> {
-        check_id("instance", &spec.instance)?;
-        check_id("panel", &spec.panel)?;
-        if self.instance(&spec.instance).is_ok() {
-            return Err(DriverError::AlreadyRunning(spec.instance.clone()));
-        }
-        let mut clock = self.metrics.start_clock();
-        let sandbox = self.sandbox().await?;
-        self.sweep_stale().await;
-        let root = sandbox.isolation != Isolation::None;
-        let uid = match root {
-            true => Some(self.uids.of(&spec.panel).await?),
-            false => None,
-        };
-        // Logs and runsc's files: root's only.
-        let dir = self.instances_dir().join(&spec.instance);
-        remove_tree(&dir)?;
-        private_dir(&dir)?;
-        clock.lap(StartPhase::Prepare);
-
-        let (code, snapshot, scratch_dir) = match &spec.code {
-            Code::Studio(volume) => (volume.location.path().to_owned(), None, None),
-            Code::App(snapshot) => {
-                let dir = self.config.data_dir.join("scratch").join(&spec.instance);
-                let (at, cap) = (dir.clone(), root.then_some(self.config.limits.disk));
-                let code = blocking(move || Ok(scratch::prepare(&at, cap)?)).await?;
-                (code, Some(snapshot.location.path().to_owned()), Some(dir))
-            }
-        };
-        // An App's copy is this start's; a Studio volume stays.
-        let discard = || {
-            if let Some(dir) = &scratch_dir {
-                let _ = scratch::release(dir);
-            }
-        };
-        match &snapshot {
-            Some(snapshot) => fresh_copy(snapshot, &code, uid).await.inspect_err(|_| discard())?,
-            None => {
-                if let Some(uid) = uid {
-                    let code = code.clone();
-                    blocking(move || chown_tree(&code, uid)).await?;
-                }
-            }
-        }
-        let command = read_command(&code).inspect_err(|_| discard())?;
-        clock.lap(StartPhase::Copy);
-
-        let studio = spec.mode == InstanceMode::Studio;
-        // Last before the processes: from here on a failure tears it down.
-        let (netns, link) = match root {
-            true => {
-                let (netns, link) = self.instance_network(&spec.instance).await.inspect_err(|_| discard())?;
-                (Some(netns), Some(link))
-            }
-            false => (None, None),
-        };
-        clock.lap(StartPhase::Network);
-        // The helpers' endpoints, bound here before any panel code runs and
-        // handed over to them, so no panel can take their ports, not even
-        // while a helper restarts; and the panel need not wait for them.
-        let helper_ports = match link {
-            Some(_) => (SIDECAR_PORT, WATCHDOG_PORT),
-            None => (0, 0),
-        };
-        let bound = helper_listeners(netns.as_ref().map(Netns::path), helper_ports, studio).await;
-        let (sidecar_listener, proxy_addr, watchdog_listener, watchdog_inside) = match bound {
-            Ok(bound) => bound,
-            Err(error) => {
-                self.undo_start(&spec.instance, netns.as_ref(), scratch_dir.as_ref()).await;
-                return Err(error);
-            }
-        };
-        // Unisolated, without root: the panel shares the host's loopback,
-        // on a port picked here (it binds it itself).
-        let (panel_inside, panel_addr, watchdog_addr) = match link {
-            Some(link) => (PANEL_PORT, format!("{}:{PANEL_PORT}", link.addr), format!("{}:{WATCHDOG_PORT}", link.addr)),
-            None => {
-                let panel = free_port()?;
-                (panel, format!("127.0.0.1:{panel}"), watchdog_inside.clone())
-            }
-        };
-        // What the panel checks its sidecar's requests against.
-        let sidecar_token = new_secret();
-        let sandboxed = matches!(sandbox.isolation, Isolation::Gvisor | Isolation::Namespaces);
-        let env = vec![
-            ("PATH".to_owned(), "/usr/local/bin:/usr/bin:/bin".to_owned()),
-            ("HOME".to_owned(), if sandboxed { runsc::CODE_MOUNT.into() } else { path_string(&code) }),
-            ("LANG".to_owned(), "C.UTF-8".to_owned()),
-            ("PYTHONUNBUFFERED".to_owned(), "1".to_owned()),
-            ("PORT".to_owned(), panel_inside.to_string()),
-            ("NEXUS_PROXY_URL".to_owned(), format!("http://{proxy_addr}/proxy")),
-            (SIDECAR_TOKEN_ENV.to_owned(), sidecar_token.clone()),
-        ];
-        let gvisor = match (&sandbox.tool, sandbox.isolation) {
-            (Some(runsc), Isolation::Gvisor) => {
-                let process = runsc::Process { args: &command, env: &env, uid: uid.unwrap_or(0) };
-                let bundle = runsc::Bundle::write(&dir, &netns_name(&spec.instance), &code, &process);
-                match bundle {
-                    Ok(bundle) => Some((runsc.clone(), bundle)),
-                    Err(error) => {
-                        self.undo_start(&spec.instance, netns.as_ref(), scratch_dir.as_ref()).await;
-                        return Err(error.into());
-                    }
-                }
-            }
-            _ => None,
-        };
-        let bwrap = match sandbox.isolation {
-            Isolation::Namespaces => sandbox.tool.clone(),
-            _ => None,
-        };
-        // runsc leaves cgroups alone: the bundle does not name this one.
-        let cgroup = match root {
-            true => self.instance_cgroup(&spec.instance).await,
-            false => None,
-        };
-        // Only as root is either a file system of its own.
-        let disk = match studio {
-            true => root.then(|| code.clone()),
-            false => scratch_dir.clone().filter(|_| root),
-        };
-        let (events, events_rx) = mpsc::unbounded_channel();
-        let instance = Arc::new(Instance {
-            panel: spec.panel.clone(),
-            mode: spec.mode,
-            dir: dir.clone(),
-            code,
-            snapshot,
-            scratch: scratch_dir.clone(),
-            disk,
-            netns,
-            uid,
-            command,
-            env,
-            gvisor,
-            bwrap,
-            cgroup,
-            sidecar_login: acl::SidecarLogin::new(&spec.instance, &spec.panel, &spec.owner),
-            events,
-            user: tokio::sync::Mutex::new(None),
-            helpers: Mutex::new(Vec::new()),
-        });
-
-        // The heartbeat secret: only the watchdog (environment) and the
-        // gateway (the endpoint) know it, never the panel, never a log.
-        let watchdog_token = studio.then(new_secret);
-        let panel_url = format!("http://{panel_addr}");
-        clock.lap(StartPhase::Sandbox);
-        let started = async {
-            let login = self.sidecar_users.set(&instance.sidecar_login).await?;
-            self.keep_sidecar_users();
-            clock.lap(StartPhase::Credentials);
-            let wiring = Wiring {
-                panel_url: &panel_url,
-                proxy_addr: &proxy_addr,
-                sidecar_listener,
-                watchdog_inside: &watchdog_inside,
-                watchdog_listener,
-                watchdog_token: watchdog_token.as_deref(),
-                sidecar_token: &sidecar_token,
-                sidecar_redis_url: &login,
-            };
-            self.start_processes(&spec, &instance, wiring).await?;
-            clock.lap(StartPhase::Spawn);
-            Ok(())
-        };
-        if let Err(error) = started.await {
-            self.tear_down(&spec.instance, &instance, Duration::ZERO).await;
-            return Err(error);
-        }
-        logs::keep_capped(dir.join("panel.log"), Arc::downgrade(&instance), self.metrics.log_rotations.clone());
-        self.instances.lock().unwrap_or_else(|p| p.into_inner()).insert(spec.instance.clone(), instance);
-        self.metrics.started.with_label_values(&[isolation_label(sandbox.isolation)]).inc();
-        tracing::info!(
-            instance = %spec.instance, panel = %spec.panel, mode = ?spec.mode, isolation = ?sandbox.isolation,
-            %panel_addr, "nexus_local_instances_started_total"
-        );
-        if let Some(warning) = &sandbox.warning {
-            tracing::warn!(instance = %spec.instance, panel = %spec.panel, "{warning}");
-        }
-        Ok(Started {
-            endpoint: Endpoint {
-                instance: spec.instance.clone(),
-                addr: panel_addr,
-                watchdog: studio.then_some(watchdog_addr),
-                watchdog_token,
-            },
-            sidecar_token: Some(sidecar_token),
-            isolation: sandbox.isolation,
-            warning: sandbox.warning.clone(),
-            events: events_rx,
-        })
-    }
-
-    /// Starts the sidecar, the watchdog (Studio: when given its token) and
-    /// the user process.
-    async fn start_processes(
-        &self,
-        spec: &InstanceSpec,
-        instance: &Arc<Instance>,
-        wiring: Wiring<'_>,
-    ) -> Result<(), DriverError> {
-        let Wiring {
-            panel_url,
-            proxy_addr,
-            sidecar_listener,
-            watchdog_inside,
-            watchdog_listener,
-            watchdog_token,
-            sidecar_token,
-            sidecar_redis_url,
-        } = wiring;
-        let netns_path = instance.netns.as_ref().map(Netns::path);
-        // Secrets go by environment, never argv: a process-mode panel can
-        // read every process's /proc/<pid>/cmdline, not a root process's environ.
-        let redis = ("REDIS_URL".to_owned(), self.config.redis_url.clone());
-        let mut sidecar: Vec<String> = vec!["sidecar".into(), "--panel".into(), spec.panel.clone()];
-        sidecar.extend(["--listen".into(), proxy_addr.into()]);
-        sidecar.extend(["--panel-url".into(), panel_url.into()]);
-        if let Some(path) = &netns_path {
-            sidecar.extend(["--netns".into(), path_string(path)]);
-        }
-        let token = (SIDECAR_TOKEN_ENV.to_owned(), sidecar_token.to_owned());
-        let sidecar_redis = ("REDIS_URL".to_owned(), sidecar_redis_url.to_owned());
-        let sidecar_env = vec![sidecar_redis, token];
-        let mut helpers = vec![sidecar_listener.local_addr()?];
-        self.spawn_helper(Helper::Sidecar, &spec.instance, instance, sidecar, sidecar_env, sidecar_listener)?;
-        if let (Some(token), Some(listener)) = (watchdog_token, watchdog_listener) {
-            helpers.push(listener.local_addr()?);
-            let timeout = spec.watchdog_timeout.unwrap_or(DEFAULT_WATCHDOG_TIMEOUT).as_secs().max(1);
-            let mut watchdog: Vec<String> = vec!["watchdog".into(), "--instance".into(), spec.instance.clone()];
-            watchdog.extend(["--panel".into(), spec.panel.clone(), "--listen".into(), watchdog_inside.into()]);
-            watchdog.extend(["--timeout-secs".into(), timeout.to_string()]);
-            if let Some(path) = &netns_path {
-                watchdog.extend(["--netns".into(), path_string(path)]);
-            }
-            let env = vec![redis, ("NEXUS_WATCHDOG_TOKEN".to_owned(), token.to_owned())];
-            self.spawn_helper(Helper::Watchdog, &spec.instance, instance, watchdog, env, listener)?;
-        }
-        // The helpers' ports were bound before: the panel starts beside them.
-        let user = spawn_user(&spec.instance, instance, &self.metrics)?;
-        *instance.user.lock().await = Some(user);
-        // Their port answers before they run, so whether they came up is
-        // checked apart from the start (which it would only slow down): a
-        // helper that never serves ends the instance as a crash would, its
-        // reason in the panel's log.
-        let (id, events, log) = (spec.instance.clone(), instance.events.clone(), instance.dir.join("panel.log"));
-        tokio::spawn(async move {
-            if let Err(error) = procs::helpers_serving(netns_path, helpers).await {
-                tracing::error!(instance = %id, %error, "a helper of the instance never served; it ends");
-                let said = format!("nexus: {error}; the instance ends\n");
-                let _ =
-                    std::fs::OpenOptions::new().append(true).open(&log).and_then(|mut f| f.write_all(said.as_bytes()));
-                let _ = events.send(InstanceEvent::Exited { code: None, limit: None, restarted: false });
-            }
-        });
-        Ok(())
-    }
-
-    fn spawn_helper(
-        &self,
-        helper: Helper,
-        id: &str,
-        instance: &Instance,
-        mut args: Vec<String>,
-        env: Vec<(String, String)>,
-        listener: Arc<std::net::TcpListener>,
-    ) -> Result<(), DriverError> {
-        let name = helper.name();
-        let log = instance.dir.join(format!("{name}.log"));
-        let program = self.config.nexus_bin.clone();
-        args.extend(["--listen-fd".into(), procs::HANDED_FD.to_string()]);
-        // Every (re)start gets the same listener, which this closure keeps open.
-        let respawn = move || {
-            let log = open_log(&log)?;
-            let mut command = tokio::process::Command::new(&program);
-            command.args(&args).envs(env.iter().map(|(k, v)| (k, v)));
-            command.stdin(std::process::Stdio::null()).stdout(log.try_clone()?).stderr(log);
-            procs::prepare(&mut command, None, None, Vec::new())?;
-            procs::hand_over(&mut command, listener.as_raw_fd());
-            Ok(command)
-        };
-        let first = respawn()?;
-        let restarts = self.metrics.helper_restarts.with_label_values(&[name]);
-        let on_exit = OnExit::Restart { respawn: Box::new(respawn), restarts };
-        let helper = Supervised::spawn(name, id, first, on_exit, false)?;
-        instance.helpers.lock().unwrap_or_else(|p| p.into_inner()).push(helper);
-        Ok(())
-    }
-
     /// The instance's namespace with its link: the node's rules first, once.
     async fn instance_network(&self, id: &str) -> Result<(Netns, network::Link), DriverError> {
-        let network_error = |e| DriverError::Sandbox(SandboxError::Network(Arc::new(e)));
+        self.install_rules().await?;
+        network::new_namespace(self.network.clone(), id).await
+    }
+
+    /// The node's network rules, installed once.
+    async fn install_rules(&self) -> Result<(), DriverError> {
         let network = self.network.clone();
-        self.rules.get_or_try_init(|| blocking(move || network.install().map_err(network_error))).await?;
-        let netns = Netns::create(&netns_name(id)).map_err(|e| SandboxError::Netns(Arc::new(e)))?;
-        let (network, inside) = (self.network.clone(), netns.clone());
-        match blocking(move || network.attach(&inside).map_err(network_error)).await {
-            Ok(link) => Ok((netns, link)),
-            Err(error) => {
-                self.undo_start(id, Some(&netns), None).await;
-                Err(error)
-            }
-        }
+        let install = || blocking(move || network.install().map_err(network::network_error));
+        self.rules.get_or_try_init(install).await.map(|_| ())
     }
 
     /// From the first start on, every few seconds: the running sidecars'
@@ -688,29 +397,14 @@ impl LocalDriver {
     /// The instance's cgroup with the configured limits; `None` (warned,
     /// counted) when the host has no usable cgroups or making it failed.
     async fn instance_cgroup(&self, id: &str) -> Option<Arc<cgroups::Cgroup>> {
-        let Some(hierarchy) = self.hierarchy().await else {
-            self.metrics.unlimited.inc();
-            tracing::warn!(instance = id, "nexus_local_unlimited_instances_total: no usable cgroups; the instance runs without memory, CPU or process limits");
-            return None;
-        };
-        let (hierarchy, id_owned, limits) = (hierarchy.clone(), id.to_owned(), self.config.limits);
-        match blocking(move || Ok(hierarchy.create(&id_owned, limits)?)).await {
-            Ok(cgroup) => Some(Arc::new(cgroup)),
-            Err(error) => {
-                self.metrics.unlimited.inc();
-                tracing::warn!(instance = id, %error, "nexus_local_unlimited_instances_total: the instance's cgroup could not be made; it runs without limits");
-                None
-            }
-        }
+        cgroups::new_cgroup(self.hierarchy().await, id, self.config.limits, &self.metrics).await
     }
 
     /// Undoes [`Self::instance_network`] and an App's scratch space when a
     /// start fails before its instance exists.
     async fn undo_start(&self, id: &str, netns: Option<&Netns>, scratch_dir: Option<&PathBuf>) {
         if let Some(netns) = netns {
-            if let Err(error) = netns.delete() {
-                tracing::warn!(instance = id, %error, "could not delete the network namespace");
-            }
+            network::drop_namespace(id, netns).await;
         }
         if let Some(dir) = scratch_dir {
             let _ = scratch::release(dir);
@@ -725,6 +419,16 @@ impl LocalDriver {
         }
         if let Some((runsc, bundle)) = &instance.gvisor {
             bundle.forget_container(runsc).await;
+            // The zygote's bundle becomes the panel's own (the cold start's).
+            if let Some(dir) = &instance.warm_dir {
+                let process = runsc::Process {
+                    args: &instance.command,
+                    env: &instance.env,
+                    uid: instance.uid.unwrap_or(0),
+                    caps: &[],
+                };
+                runsc::Bundle::write(dir, &bundle.container, &instance.code, &process)?;
+            }
         }
         // An App starts from its snapshot again: nothing written survives.
         if let Some(snapshot) = &instance.snapshot {
@@ -763,6 +467,9 @@ impl LocalDriver {
             bundle.forget_container(runsc).await;
             let _ = remove_tree(&bundle.dir);
             let _ = remove_tree(&bundle.state);
+        }
+        if let Some(dir) = &instance.warm_dir {
+            let _ = remove_tree(dir);
         }
         if let Some(cgroup) = &instance.cgroup {
             cgroup.remove().await;
@@ -824,7 +531,11 @@ impl RuntimeDriver for LocalDriver {
     }
 
     fn release(&self) -> BoxFuture<'_, ()> {
-        self.release_volumes().boxed()
+        async move {
+            self.warm.drain(&self.metrics).await;
+            self.release_volumes().await
+        }
+        .boxed()
     }
 
     fn file_limits(&self) -> VolumeLimits {
@@ -866,73 +577,4 @@ impl RuntimeDriver for LocalDriver {
         let (panel, source) = (panel.to_owned(), source.to_owned());
         async move { self.replace_volume(&panel, &source, archive).await }.boxed()
     }
-}
-
-/// Starts the user process of `instance` (under runsc or plain).
-fn spawn_user(id: &str, instance: &Instance, metrics: &LocalMetrics) -> Result<Supervised, DriverError> {
-    let log = open_log(&instance.dir.join("panel.log"))?;
-    let netns = instance.netns.as_ref().map(Netns::path);
-    let mut command = match &instance.gvisor {
-        // runsc itself needs root: the panel's uid is set in the bundle.
-        Some((runsc, bundle)) => {
-            let mut command = bundle.run_command(runsc);
-            procs::prepare(&mut command, netns.as_deref(), None, join_cgroup(instance)?)?;
-            command
-        }
-        None => {
-            let mut command = match &instance.bwrap {
-                Some(bwrap) => bubblewrap::command(bwrap, &instance.code, &instance.command),
-                None => {
-                    let mut command = tokio::process::Command::new(&instance.command[0]);
-                    command.args(&instance.command[1..]).current_dir(&instance.code);
-                    command
-                }
-            };
-            command.env_clear().envs(instance.env.iter().map(|(k, v)| (k, v)));
-            procs::prepare(&mut command, netns.as_deref(), instance.uid, join_cgroup(instance)?)?;
-            command
-        }
-    };
-    command.stdin(std::process::Stdio::null()).stdout(log.try_clone()?).stderr(log);
-    let on_exit = OnExit::Report {
-        events: instance.events.clone(),
-        exits: metrics.panel_exits.with_label_values(&[mode_label(instance.mode)]),
-        cgroup: instance.cgroup.clone(),
-        disk: instance.disk.clone(),
-    };
-    Ok(Supervised::spawn("panel", id, command, on_exit, instance.gvisor.is_some())?)
-}
-
-/// The sidecar's listener and the watchdog's, with their addresses.
-type HelperListeners = (Arc<std::net::TcpListener>, String, Option<Arc<std::net::TcpListener>>, String);
-
-/// Binds the sidecar's listener and (Studio) the watchdog's on loopback
-/// ports `(sidecar, watchdog)`, inside the namespace at `netns` when there
-/// is one.
-async fn helper_listeners(
-    netns: Option<PathBuf>,
-    (sidecar, watchdog): (u16, u16),
-    studio: bool,
-) -> Result<HelperListeners, DriverError> {
-    blocking(move || {
-        let inside = netns.as_deref().map(NetnsThread::enter).transpose().map_err(std::io::Error::other)?;
-        let bind = |port: u16| NetnsThread::bind_in(inside.as_ref(), (std::net::Ipv4Addr::LOCALHOST, port).into());
-        let sidecar = bind(sidecar)?;
-        let sidecar_addr = sidecar.local_addr()?.to_string();
-        let watchdog = studio.then(|| bind(watchdog)).transpose()?;
-        let watchdog_addr = watchdog.as_ref().map(|w| w.local_addr()).transpose()?.map(|a| a.to_string());
-        Ok((Arc::new(sidecar), sidecar_addr, watchdog.map(Arc::new), watchdog_addr.unwrap_or_default()))
-    })
-    .await
-}
-
-/// What the user process writes to, to join the instance's cgroup.
-fn join_cgroup(instance: &Instance) -> std::io::Result<Vec<std::fs::File>> {
-    Ok(instance.cgroup.as_ref().map(|c| c.procs_files()).transpose()?.unwrap_or_default())
-}
-
-/// A fresh instance secret: 48 alphanumerics (~285 bits).
-fn new_secret() -> String {
-    use rand::distributions::{Alphanumeric, DistString};
-    Alphanumeric.sample_string(&mut rand::thread_rng(), 48)
 }

@@ -15,7 +15,11 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use std::sync::Arc;
+
 use super::super::driver::LimitHit;
+use super::files::blocking;
+use super::metrics::LocalMetrics;
 
 /// What one instance may use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -269,6 +273,30 @@ impl Cgroup {
                     Err(_) => tokio::time::sleep(std::time::Duration::from_millis(50)).await,
                 }
             }
+        }
+    }
+}
+
+/// A cgroup named for `id` with `limits`; `None` (warned, counted) when
+/// the host has no usable cgroups or making it failed.
+pub(super) async fn new_cgroup(
+    hierarchy: Option<&Hierarchy>,
+    id: &str,
+    limits: Limits,
+    metrics: &LocalMetrics,
+) -> Option<Arc<Cgroup>> {
+    let Some(hierarchy) = hierarchy else {
+        metrics.unlimited.inc();
+        tracing::warn!(instance = id, "nexus_local_unlimited_instances_total: no usable cgroups; the instance runs without memory, CPU or process limits");
+        return None;
+    };
+    let (hierarchy, id_owned) = (hierarchy.clone(), id.to_owned());
+    match blocking(move || Ok(hierarchy.create(&id_owned, limits)?)).await {
+        Ok(cgroup) => Some(Arc::new(cgroup)),
+        Err(error) => {
+            metrics.unlimited.inc();
+            tracing::warn!(instance = id, %error, "nexus_local_unlimited_instances_total: the instance's cgroup could not be made; it runs without limits");
+            None
         }
     }
 }

@@ -36,12 +36,15 @@ pub(super) fn last_version(dir: &Path) -> io::Result<u64> {
 /// Copies the panel's tree at `from` to the new directory `to` (see
 /// [`tree::copy`]: symlinks stay symlinks, nothing is followed).
 pub(super) fn copy_tree(from: &Path, to: &Path, how: CopyAs<'_>) -> Result<(), DriverError> {
-    tree::copy(from, to, how).map_err(|error| {
-        match error.get_ref().and_then(|inner| inner.downcast_ref::<tree::ForeignLink>()) {
-            Some(link) => DriverError::ForeignLink(link.to_string()),
-            None => DriverError::Io(error),
-        }
-    })
+    tree::copy(from, to, how).map_err(copy_error)
+}
+
+/// A refused hard link is its own error; anything else is I/O.
+fn copy_error(error: io::Error) -> DriverError {
+    match error.get_ref().and_then(|inner| inner.downcast_ref::<tree::ForeignLink>()) {
+        Some(link) => DriverError::ForeignLink(link.to_string()),
+        None => DriverError::Io(error),
+    }
 }
 
 /// Files lose their write bits, directories become `0555`: nobody writes
@@ -71,6 +74,17 @@ pub(super) async fn fresh_copy(from: &Path, to: &Path, owner: Option<u32>) -> Re
     blocking(move || {
         remove_tree(&to)?;
         copy_tree(&from, &to, CopyAs { owner, read_only: false, store: None })
+    })
+    .await
+}
+
+/// Copies `from` into `to`, an empty `0700` directory of root's that a
+/// warm sandbox already has mounted (so it must stay the same directory),
+/// handed to `owner` when complete.
+pub(super) async fn copy_into_mounted(from: &Path, to: &Path, owner: u32) -> Result<(), DriverError> {
+    let (from, to) = (from.to_owned(), to.to_owned());
+    blocking(move || {
+        tree::copy_into(&from, &to, CopyAs { owner: Some(owner), read_only: false, store: None }).map_err(copy_error)
     })
     .await
 }

@@ -4,7 +4,7 @@
 
 use std::time::Instant;
 
-use prometheus::{HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts};
+use prometheus::{HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts};
 
 /// One of the trusted processes beside a panel, for the `process` label.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -91,6 +91,14 @@ pub struct LocalMetrics {
     pub unlimited: IntCounter,
     /// `nexus_local_start_phase_seconds{phase}`: each step of a start.
     pub start_phases: HistogramVec,
+    /// `nexus_local_warm_sandboxes`: warm gVisor sandboxes ready to be taken.
+    pub warm_ready: IntGauge,
+    /// `nexus_local_warm_sandbox_takes_total{outcome}`: App starts under
+    /// gVisor that took a warm sandbox (`taken`), found none (`empty`), or
+    /// found one whose zygote had died (`dead`, discarded).
+    pub warm_takes: IntCounterVec,
+    /// `nexus_local_warm_sandboxes_made_total{outcome}`: `ready` or `failed`.
+    pub warm_made: IntCounterVec,
 }
 
 impl LocalMetrics {
@@ -125,6 +133,14 @@ impl LocalMetrics {
                 &["phase"],
             )
             .expect("valid metric definition"),
+            warm_ready: IntGauge::new("nexus_local_warm_sandboxes", "Warm gVisor sandboxes ready to be taken")
+                .expect("valid metric definition"),
+            warm_takes: counter(
+                "nexus_local_warm_sandbox_takes_total",
+                "App starts under gVisor, by whether they took a warm sandbox",
+                "outcome",
+            ),
+            warm_made: counter("nexus_local_warm_sandboxes_made_total", "Warm sandboxes made, by outcome", "outcome"),
         }
     }
 
@@ -142,6 +158,9 @@ impl LocalMetrics {
         registry.register(Box::new(self.log_rotations.clone()))?;
         registry.register(Box::new(self.unlimited.clone()))?;
         registry.register(Box::new(self.start_phases.clone()))?;
+        registry.register(Box::new(self.warm_ready.clone()))?;
+        registry.register(Box::new(self.warm_takes.clone()))?;
+        registry.register(Box::new(self.warm_made.clone()))?;
         registry.register(Box::new(self.stale_swept.clone()))
     }
 }

@@ -32,6 +32,8 @@ use std::sync::Arc;
 
 use std::io::Write;
 
+use super::super::driver::{DriverError, SandboxError};
+use super::files::{blocking, netns_name};
 use crate::netns::{Netns, NetnsThread};
 
 /// Where an instance may connect beyond its own namespace.
@@ -337,6 +339,31 @@ fn run(netns: Option<&Path>, program: &str, args: &[&str], stdin: Option<&str>) 
     match output.status.success() {
         true => Ok(()),
         false => Err(failed(String::from_utf8_lossy(&output.stderr).trim().to_owned())),
+    }
+}
+
+pub(super) fn network_error(error: NetworkError) -> DriverError {
+    DriverError::Sandbox(SandboxError::Network(Arc::new(error)))
+}
+
+/// A new network namespace named for `id`, with its link (the node's
+/// rules installed before); nothing is left on failure.
+pub(super) async fn new_namespace(network: Arc<Network>, id: &str) -> Result<(Netns, Link), DriverError> {
+    let netns = Netns::create(&netns_name(id)).map_err(|e| SandboxError::Netns(Arc::new(e)))?;
+    let inside = netns.clone();
+    match blocking(move || network.attach(&inside).map_err(network_error)).await {
+        Ok(link) => Ok((netns, link)),
+        Err(error) => {
+            drop_namespace(id, &netns).await;
+            Err(error)
+        }
+    }
+}
+
+/// Deletes a namespace of this driver's (failures are logged).
+pub(super) async fn drop_namespace(id: &str, netns: &Netns) {
+    if let Err(error) = netns.delete() {
+        tracing::warn!(instance = id, %error, "could not delete the network namespace");
     }
 }
 

@@ -195,11 +195,21 @@ impl Supervised {
         on_exit: OnExit,
         signal_leader: bool,
     ) -> io::Result<Supervised> {
-        let child = command.spawn()?;
+        Ok(Supervised::adopt(name, instance, command.spawn()?, on_exit, signal_leader))
+    }
+
+    /// Supervises `child`, spawned earlier (a warm sandbox), as [`Supervised::spawn`] would.
+    pub(super) fn adopt(
+        name: &'static str,
+        instance: &str,
+        child: Child,
+        on_exit: OnExit,
+        signal_leader: bool,
+    ) -> Supervised {
         let (stop, stop_rx) = watch::channel(None);
         let watch = Watch { name, instance: instance.to_owned(), signal_leader };
         let task = tokio::spawn(watch.run(child, stop_rx, on_exit));
-        Ok(Supervised { stop, task })
+        Supervised { stop, task }
     }
 
     /// Ends the process: SIGTERM, up to `grace` to exit, then SIGKILL to

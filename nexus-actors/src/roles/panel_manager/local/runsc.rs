@@ -31,6 +31,7 @@ pub(super) const CODE_MOUNT: &str = "/home/panel";
 pub(super) const SHARED_ETC: [&str; 4] = ["/etc/resolv.conf", "/etc/hosts", "/etc/ssl", "/etc/ca-certificates"];
 
 /// An OCI bundle for one instance: `config.json` and an empty rootfs.
+#[derive(Clone)]
 pub(super) struct Bundle {
     pub(super) dir: PathBuf,
     /// runsc's state directory, private to the instance.
@@ -43,6 +44,9 @@ pub(super) struct Process<'a> {
     pub(super) args: &'a [String],
     pub(super) env: &'a [(String, String)],
     pub(super) uid: u32,
+    /// Capabilities it starts with: none for panel code (a warm sandbox's
+    /// zygote gets the few it needs to become the panel's uid, then drops them).
+    pub(super) caps: &'a [&'a str],
 }
 
 impl Bundle {
@@ -95,7 +99,8 @@ impl Bundle {
                 "args": process.args,
                 "env": env,
                 "cwd": CODE_MOUNT,
-                "capabilities": {"bounding": [], "effective": [], "inheritable": [], "permitted": []},
+                "capabilities": {"bounding": process.caps, "effective": process.caps, "inheritable": [],
+                                 "permitted": process.caps},
                 "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 4096, "soft": 4096}],
                 "noNewPrivileges": true
             },
@@ -168,7 +173,7 @@ pub(super) async fn probe(runsc: &Path, scratch: &Path) -> Result<(), SandboxErr
     let args = ["true".to_owned()];
     let env = [("PATH".to_owned(), "/usr/bin:/bin".to_owned())];
     let container = format!("nexus-probe-{}", std::process::id());
-    let process = Process { args: &args, env: &env, uid: 0 };
+    let process = Process { args: &args, env: &env, uid: 0, caps: &[] };
     let bundle = Bundle::write(scratch, &container, &scratch.join("code"), &process).map_err(io)?;
     let output = bundle.run_command(runsc).stdin(Stdio::null()).kill_on_drop(true).output();
     let result = match tokio::time::timeout(PROBE_TIMEOUT, output).await {

@@ -2,8 +2,9 @@
 //! namespaces of its instances (and whatever still runs in them, runsc
 //! sandboxes included) and the scratch copies of its App instances.
 //!
-//! A namespace is the driver's when its instance has a directory under the
-//! driver's `instances/`; other nodes' namespaces are left alone. It never
+//! A namespace is the driver's when its instance (or warm sandbox) has a
+//! directory under the driver's `instances/`; other nodes' namespaces are
+//! left alone. It never
 //! touches an instance the running driver knows.
 
 use std::path::Path;

@@ -73,10 +73,16 @@ pub(super) struct CopyAs<'a> {
 /// are skipped. `to` stays `0700` and the caller's until everything in it
 /// is done, so nobody else can reach into the copy while it is made.
 pub(super) fn copy(from: &Path, to: &Path, how: CopyAs<'_>) -> io::Result<()> {
-    let source = Dir::open(from)?;
     let target_path = c_path(to)?;
     // SAFETY: a valid NUL-terminated path.
     check(unsafe { libc::mkdir(target_path.as_ptr(), 0o700) })?;
+    copy_into(from, to, how)
+}
+
+/// [`copy`] into `to`, an empty directory that already exists and is
+/// `0700` the caller's (one a sandbox has mounted before it had code).
+pub(super) fn copy_into(from: &Path, to: &Path, how: CopyAs<'_>) -> io::Result<()> {
+    let source = Dir::open(from)?;
     let target = Dir::open(to)?;
     let owner = fstat(source.fd())?.st_uid;
     copy_entries(&source, &target, how, owner, 0)?;
