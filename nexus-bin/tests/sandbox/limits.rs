@@ -110,9 +110,16 @@ pub(crate) fn limits_are_enforced_and_reported(test: &str, choice: SandboxChoice
         std::fs::write(volume.location.path().join("nexus-panel.json"), command).unwrap();
         let snapshot = driver.snapshot(&panel, "template:python_minimal").await.expect("snapshot");
         let warm = driver.metrics().clone();
+        let scratch_dir = env.dir.join("data/scratch");
+        let mut scratch = scratch_dir.join(&filler);
         if gvisor {
             driver.warm_up().await;
             eventually(60, "a warm sandbox is ready", || warm.warm_ready.get() == 1).await;
+            // Its copy goes in the warm sandbox's scratch space.
+            let slots = std::fs::read_dir(&scratch_dir).unwrap().filter_map(|e| e.ok()).map(|e| e.path());
+            let slots: Vec<_> = slots.filter(|p| p.to_string_lossy().contains("_warm_")).collect();
+            assert_eq!(slots.len(), 1, "{slots:?}");
+            scratch = slots[0].clone();
         }
         let mut started = driver.start(spec(&filler, &panel, Code::App(snapshot))).await.expect("start the App");
         let event = actix_rt::time::timeout(Duration::from_secs(90), started.events.recv()).await;
@@ -125,7 +132,6 @@ pub(crate) fn limits_are_enforced_and_reported(test: &str, choice: SandboxChoice
         );
         assert!(logs.iter().any(|l| l.contains("write refused")), "{logs:?}");
         driver.stop(&filler, Duration::from_secs(5)).await.expect("stop");
-        let scratch = env.dir.join("data/scratch").join(&filler);
         assert!(!scratch.exists(), "the App's scratch space outlived it");
         if gvisor {
             // And one that takes more memory than it may, in the next one.

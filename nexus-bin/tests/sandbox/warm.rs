@@ -5,17 +5,18 @@
 //! leave nothing behind.
 
 use std::os::unix::fs::MetadataExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use nexus_actors::roles::panel_manager::driver::{Code, RuntimeDriver};
-use nexus_actors::roles::panel_manager::local::SandboxChoice;
+use nexus_actors::roles::panel_manager::local::{LocalConfig, LocalDriver, SandboxChoice};
 use nexus_testkit::eventually;
 
 use super::harness::{
     env_with, get_json, host_ip, panel_id, probe, processes_mentioning, sandbox_available, skipped, spec,
-    volume_with_probe, Cleanup,
+    volume_with_probe, Cleanup, Env,
 };
+use super::instance_cgroup;
 
 /// The warm sandboxes' directories under the driver's `instances/`.
 fn slots(instances: &Path) -> Vec<String> {
@@ -135,8 +136,53 @@ fn under_gvisor_an_app_starts_in_a_warm_sandbox_contained_as_a_cold_one() {
         assert_eq!(metrics.warm_ready.get(), 0);
         assert_eq!(slots(&instances), Vec::<String>::new(), "no slot's files are left");
         assert_eq!(processes_mentioning(&last[0]), Vec::<String>::new(), "no warm sandbox runs");
+        assert!(!scratch.join(&last[0]).exists(), "nor its scratch space");
         assert!(!Path::new("/run/netns").join(format!("nexus-{}", last[0])).exists());
     });
     cleanup.instances.clear();
     let _ = std::fs::remove_dir_all(&env.dir);
+}
+
+/// A driver that crashed leaves its warm sandboxes: the next one on the
+/// same data dir ends them and frees their namespace, cgroup, scratch space
+/// and files.
+#[test]
+fn a_new_driver_sweeps_the_warm_sandboxes_a_crashed_one_left() {
+    if skipped("a_new_driver_sweeps_the_warm_sandboxes_a_crashed_one_left") || !sandbox_available(SandboxChoice::Gvisor)
+    {
+        return;
+    }
+    let env = env_with("warm-crash", SandboxChoice::Gvisor, |config| config.warm_sandboxes = 1);
+    let Env { dir, _brokers, redis_url, driver, .. } = env;
+    let data_dir = dir.join("data");
+    actix_rt::System::new().block_on(async move {
+        let metrics = driver.metrics().clone();
+        driver.warm_up().await;
+        eventually(60, "a warm sandbox is ready", || metrics.warm_ready.get() == 1).await;
+        let made = slots(&data_dir.join("instances"));
+        assert_eq!(made.len(), 1, "{made:?}");
+        let slot = made[0].clone();
+        let netns = Path::new("/run/netns").join(format!("nexus-{slot}"));
+        let (scratch, cgroup) = (data_dir.join("scratch").join(&slot), instance_cgroup(&slot));
+
+        // The "crash": gone without a release.
+        drop(driver);
+        actix_rt::time::sleep(Duration::from_secs(1)).await;
+        assert!(netns.exists() && scratch.is_dir() && cgroup.is_dir(), "the slot outlived its driver");
+
+        let next = LocalDriver::new(LocalConfig::new(
+            data_dir.clone(),
+            PathBuf::from(env!("CARGO_BIN_EXE_nexus")),
+            redis_url.clone(),
+            SandboxChoice::Gvisor,
+        ));
+        assert_eq!(next.sweep_stale().await, 1, "the slot's namespace is swept");
+        assert!(!netns.exists(), "its namespace is deleted");
+        assert_eq!(processes_mentioning(&slot), Vec::<String>::new(), "its sandbox is ended");
+        assert!(!scratch.exists(), "its scratch space is gone");
+        assert!(!cgroup.exists(), "its cgroup {} is removed", cgroup.display());
+        assert_eq!(slots(&data_dir.join("instances")), Vec::<String>::new(), "its files are gone");
+    });
+    drop(_brokers);
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -275,7 +275,9 @@ impl LocalDriver {
     }
 
     async fn sweep(&self) -> usize {
-        // A warm sandbox's parts are named for its slot, taken or not.
+        // A warm sandbox's parts are named for its slot, taken or not. The
+        // sweep runs before the first start makes any, so this guards only
+        // against a sweep that some day runs later.
         let running = |id: &str| {
             let instances = self.instances.lock().unwrap_or_else(|p| p.into_inner());
             instances.contains_key(id)
@@ -299,6 +301,7 @@ impl LocalDriver {
         let names =
             std::fs::read_dir(&instances).into_iter().flatten().filter_map(|e| e.ok()?.file_name().into_string().ok());
         for slot in names.filter(|name| warm::is_slot(name) && ours_and_gone(name)) {
+            let _ = scratch::release(&self.config.data_dir.join("scratch").join(&slot));
             let _ = remove_tree(&instances.join(slot));
         }
         swept

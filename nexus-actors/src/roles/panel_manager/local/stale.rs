@@ -4,8 +4,7 @@
 //!
 //! A namespace is the driver's when its instance (or warm sandbox) has a
 //! directory under the driver's `instances/`; other nodes' namespaces are
-//! left alone. It never
-//! touches an instance the running driver knows.
+//! left alone. It never touches an instance the running driver knows.
 
 use std::path::Path;
 

@@ -24,11 +24,12 @@ use std::io::{self, Read};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use tokio::io::AsyncWriteExt;
 use tokio::process::{Child, ChildStdin};
+use tokio::task::JoinHandle;
 
 use super::super::driver::DriverError;
 use super::cgroups::{self, Cgroup, Hierarchy, Limits};
@@ -42,7 +43,7 @@ use crate::platform::files::private_dir;
 /// The zygote, run as `python3 -c`.
 const ZYGOTE: &str = include_str!("zygote.py");
 /// What the zygote may do as the sandbox's root: become another uid, and
-/// drop these from its bounding set first.
+/// drop these from its bounding set first (zygote.py's GIVEN_CAPS, by number).
 const ZYGOTE_CAPS: [&str; 3] = ["CAP_SETUID", "CAP_SETGID", "CAP_SETPCAP"];
 /// The line the zygote writes once it waits for its job.
 const READY_LINE: &[u8] = b"nexus-warm: ready\n";
@@ -53,12 +54,11 @@ const READY_TIMEOUT: Duration = Duration::from_secs(30);
 /// After a take the refill waits this long: the instance that took the slot
 /// has the CPU to itself while it boots.
 pub(super) const REFILL_AFTER: Duration = Duration::from_secs(1);
-/// After a slot could not be made, the pause before the next try.
-const RETRY_AFTER: Duration = Duration::from_secs(30);
 
-/// Whether `id` (an instance directory's or a namespace's) is a slot's.
+/// Whether `id` (an instance directory's or a namespace's) is a slot's:
+/// its prefix and no `-`, which every instance id has.
 pub(super) fn is_slot(id: &str) -> bool {
-    id.starts_with(SLOT_PREFIX)
+    id.starts_with(SLOT_PREFIX) && !id.contains('-')
 }
 
 /// What slots are made with: the driver's parts.
@@ -207,12 +207,13 @@ impl Parts {
         let mut zygote = Zygote { child, stdin };
         let deadline = Instant::now() + READY_TIMEOUT;
         loop {
-            let said = read_start(&log_path, READY_LINE.len());
-            if said.starts_with(READY_LINE) {
+            // runsc may have its say first.
+            let said = read_start(&log_path, 4096);
+            if said.windows(READY_LINE.len()).any(|line| line == READY_LINE) {
                 return Ok(zygote);
             }
-            if !zygote.alive() || said.len() >= READY_LINE.len() || Instant::now() > deadline {
-                let said = String::from_utf8_lossy(&read_start(&log_path, 4096)).trim().to_owned();
+            if !zygote.alive() || Instant::now() > deadline {
+                let said = String::from_utf8_lossy(&said).trim().to_owned();
                 return Err(DriverError::Io(io::Error::other(format!("a warm sandbox did not start: {said}"))));
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
@@ -254,7 +255,7 @@ struct State {
     ready: VecDeque<Slot>,
     /// The slot being made, so that a sweep leaves it alone.
     making: Option<String>,
-    filling: bool,
+    filler: Option<JoinHandle<()>>,
     /// Set at the driver's release: no slot is made or kept from then on.
     closed: bool,
 }
@@ -295,78 +296,82 @@ impl Pool {
         taken
     }
 
-    /// Makes slots until `size` are ready, in a task of its own that starts
-    /// after `after` (unless one already runs).
+    /// Makes slots until `size` are ready, one at a time, in a task of its
+    /// own that starts after `after` (unless one already runs). A slot that
+    /// cannot be made ends the task: the next call tries again.
     pub(super) fn fill(&self, maker: Maker, size: usize, after: Duration) {
-        {
-            let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-            if state.filling || state.closed || state.ready.len() >= size {
-                return;
-            }
-            state.filling = true;
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let running = state.filler.as_ref().is_some_and(|task| !task.is_finished());
+        if running || state.closed || state.ready.len() >= size {
+            return;
         }
-        let state = Arc::downgrade(&self.state);
-        tokio::spawn(async move {
+        let shared = Arc::downgrade(&self.state);
+        state.filler = Some(tokio::spawn(async move {
             tokio::time::sleep(after).await;
-            loop {
-                let Some(shared) = state.upgrade() else { return };
-                let id = format!("{SLOT_PREFIX}{:012x}", rand::random::<u64>() >> 16);
-                {
-                    let mut state = shared.lock().unwrap_or_else(|p| p.into_inner());
-                    if state.closed || state.ready.len() >= size {
-                        state.filling = false;
-                        return;
-                    }
-                    state.making = Some(id.clone());
-                }
-                drop(shared);
+            while let Some(id) = next_slot(&shared, size) {
                 let made = Slot::make(&maker, id).await;
-                let Some(shared) = state.upgrade() else {
+                let Some(state) = shared.upgrade() else {
                     if let Ok(slot) = made {
                         slot.discard().await;
                     }
                     return;
                 };
-                match made {
-                    Ok(slot) => {
-                        maker.metrics.warm_made.with_label_values(&["ready"]).inc();
-                        let refused = {
-                            let mut state = shared.lock().unwrap_or_else(|p| p.into_inner());
-                            state.making = None;
-                            match state.closed {
-                                true => Some(slot),
-                                false => {
-                                    tracing::debug!(slot = %slot.parts.id, "warm sandbox ready");
-                                    state.ready.push_back(slot);
-                                    maker.metrics.warm_ready.set(state.ready.len() as i64);
-                                    None
-                                }
-                            }
-                        };
-                        if let Some(slot) = refused {
-                            slot.discard().await;
+                let slot = match made {
+                    Ok(slot) => slot,
+                    Err(error) => {
+                        state.lock().unwrap_or_else(|p| p.into_inner()).making = None;
+                        maker.metrics.warm_made.with_label_values(&["failed"]).inc();
+                        tracing::warn!(%error, "nexus_local_warm_sandboxes_made_total: a warm sandbox could not be made");
+                        return;
+                    }
+                };
+                maker.metrics.warm_made.with_label_values(&["ready"]).inc();
+                let refused = {
+                    let mut state = state.lock().unwrap_or_else(|p| p.into_inner());
+                    state.making = None;
+                    match state.closed {
+                        true => Some(slot),
+                        false => {
+                            tracing::debug!(slot = %slot.parts.id, "warm sandbox ready");
+                            state.ready.push_back(slot);
+                            maker.metrics.warm_ready.set(state.ready.len() as i64);
+                            None
                         }
                     }
-                    Err(error) => {
-                        shared.lock().unwrap_or_else(|p| p.into_inner()).making = None;
-                        maker.metrics.warm_made.with_label_values(&["failed"]).inc();
-                        tracing::warn!(%error, retry_in = ?RETRY_AFTER, "nexus_local_warm_sandboxes_made_total: a warm sandbox could not be made");
-                        drop(shared);
-                        tokio::time::sleep(RETRY_AFTER).await;
-                    }
+                };
+                if let Some(slot) = refused {
+                    slot.discard().await;
                 }
             }
-        });
+        }));
     }
 
-    /// Closes the pool and discards its slots (the driver's release).
+    /// Closes the pool and discards its slots, the one being made included
+    /// (the driver's release).
     pub(super) async fn drain(&self, metrics: &LocalMetrics) {
-        let slots: Vec<Slot> = {
+        let (slots, filler) = {
             let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
             state.closed = true;
-            state.ready.drain(..).collect()
+            (state.ready.drain(..).collect::<Vec<Slot>>(), state.filler.take())
         };
         metrics.warm_ready.set(0);
         futures::future::join_all(slots.into_iter().map(Slot::discard)).await;
+        // It finds the pool closed and discards what it was making.
+        if let Some(filler) = filler {
+            let _ = filler.await;
+        }
     }
+}
+
+/// The id of the next slot to make, marked as being made; `None` when the
+/// pool is full, closed or gone.
+fn next_slot(shared: &Weak<Mutex<State>>, size: usize) -> Option<String> {
+    let state = shared.upgrade()?;
+    let mut state = state.lock().unwrap_or_else(|p| p.into_inner());
+    if state.closed || state.ready.len() >= size {
+        return None;
+    }
+    let id = format!("{SLOT_PREFIX}{:012x}", rand::random::<u64>() >> 16);
+    state.making = Some(id.clone());
+    Some(id)
 }

@@ -4,27 +4,35 @@
 # It then becomes that uid for good and runs argv in /home/panel: a
 # `python3 script.py ...` in this very interpreter, its imports already
 # done; anything else by exec. It never runs a second job.
-import ctypes
-import json
-import os
 import sys
 
-import hmac  # noqa: F401  (loaded ahead for the panel; see above)
-import http.client  # noqa: F401
-import http.server  # noqa: F401
-import signal  # noqa: F401
-import socketserver  # noqa: F401
-import threading  # noqa: F401
-import traceback  # noqa: F401
-import urllib.error  # noqa: F401
-import urllib.parse  # noqa: F401
-import urllib.request  # noqa: F401
-import runpy
-import site
+# Nothing is ever imported from the working directory (`-c` puts it first):
+# the panel's code lands there while this is still root.
+sys.path[:] = [p for p in sys.path if p]
+
+import ctypes  # noqa: E402
+import importlib  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import runpy  # noqa: E402
+import signal  # noqa: E402
+import site  # noqa: E402
+
+# Loaded ahead for the panel: what a standard-library web panel imports.
+import hmac  # noqa: E402,F401
+import http.client  # noqa: E402,F401
+import http.server  # noqa: E402,F401
+import socketserver  # noqa: E402,F401
+import threading  # noqa: E402,F401
+import traceback  # noqa: E402,F401
+import urllib.error  # noqa: E402,F401
+import urllib.parse  # noqa: E402,F401
+import urllib.request  # noqa: E402,F401
 
 CODE = "/home/panel"
+PR_SET_DUMPABLE = 4
 PR_CAPBSET_DROP = 24
-# CAP_SETGID, CAP_SETUID, CAP_SETPCAP: all the zygote was given.
+# CAP_SETGID, CAP_SETUID, CAP_SETPCAP: what warm.rs's ZYGOTE_CAPS gives.
 GIVEN_CAPS = (6, 7, 8)
 
 sys.stderr.write("nexus-warm: ready\n")
@@ -52,14 +60,12 @@ for cap in GIVEN_CAPS:
 os.setgroups([])
 os.setgid(uid)
 os.setuid(uid)
+# The uid change made it undumpable, root's /proc entries; a panel started
+# cold as this uid owns its own.
+libc.prctl(PR_SET_DUMPABLE, 1, 0, 0, 0)
 # As the panel: the code is its own, 0700, and root here may not pass.
 os.chdir(CODE)
 
-# `python3` resolves as the zygote's own name did: this interpreter is the
-# one the command asks for.
-args = argv[1:]
-if argv[0] == "python3" and args[:1] == ["-u"]:
-    args = args[1:]
 
 def shadowed(directory):
     """Whether the panel has a module of the name of one loaded here: a
@@ -69,14 +75,24 @@ def shadowed(directory):
         names = os.listdir(directory)
     except OSError:
         return True
-    return any(n.removesuffix(".py") in loaded for n in names if n.endswith(".py") or "." not in n)
+    for name in names:
+        module = name.endswith((".py", ".pyc", ".so")) or os.path.isdir(os.path.join(directory, name))
+        if module and name.partition(".")[0] in loaded:
+            return True
+    return False
 
 
+# `python3` resolves as the zygote's own name did: this interpreter is the
+# one the command asks for. `-u` changes nothing here: PYTHONUNBUFFERED is
+# in every panel's environment (start.rs's base_env) and in this one's.
+args = argv[1:]
+if argv[0] == "python3" and args[:1] == ["-u"]:
+    args = args[1:]
 script = args[0] if argv[0] == "python3" and args and not args[0].startswith("-") else None
-home = os.path.dirname(os.path.abspath(script)) if script else None
+home = os.path.dirname(os.path.realpath(script)) if script else None
 if script and os.path.isfile(script) and not shadowed(home):
     sys.argv = args
-    sys.path[0] = home
+    sys.path.insert(0, home)
     # What `site` adds at a start, had the code been there: the user's
     # site-packages (`pip install --user` in a Studio), before the system's.
     if site.ENABLE_USER_SITE and os.path.isdir(site.getusersitepackages()):
@@ -86,8 +102,12 @@ if script and os.path.isfile(script) and not shadowed(home):
         rest = [p for p in before if p not in added]
         at = next((i for i, p in enumerate(rest) if p.endswith("-packages")), len(rest))
         sys.path[:] = rest[:at] + added + rest[at:]
-    runpy.run_path(script, run_name="__main__")
+    importlib.invalidate_caches()
+    runpy.run_path(os.path.abspath(script), run_name="__main__")
 else:
+    # Python ignores these two; what it execs must start as it would.
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    signal.signal(signal.SIGXFSZ, signal.SIG_DFL)
     try:
         os.execvpe(argv[0], argv, os.environ)
     except OSError as error:
