@@ -142,7 +142,8 @@ published → request forwarded.
 \"warm p50\" is the same GET to the running instance (one at a time, after
 the deploy); the ratio says how many warm requests one cold start costs. The
 gateway's own `nexus_gateway_cold_start_seconds` histogram (first queued
-request → endpoints) is shown as its mean. Rows are skipped, with the reason,
+request → endpoints) is shown as its mean. The last row keeps 2 warm
+sandboxes and waits, before each cold start, until both are ready. Rows are skipped, with the reason,
 without root, without runsc, or without the `nexus` binary.
 The time split is made of means over the cold starts alone (the deploy's
 start left out) of the driver's `nexus_local_start_phase_seconds{phase}`: prepare

@@ -424,7 +424,7 @@ impl LocalDriver {
                 self.sweep_stale().await;
                 self.keep_warm(&sandbox, Duration::ZERO).await;
             }
-            Err(error) => tracing::warn!(%error, "no isolation decided yet; instances will try again"),
+            Err(error) => tracing::warn!(%error, "no warm sandboxes: no sandbox works here (yet); each start tries again"),
         }
     }
 }

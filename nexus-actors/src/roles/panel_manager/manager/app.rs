@@ -196,7 +196,7 @@ impl Handler<Deploy> for PanelManager {
         let panel = msg.panel;
         let grace = self.deps.config.stop_grace;
         let (store, panels, driver) = (self.deps.store.clone(), self.deps.panels.clone(), self.deps.driver.clone());
-        let node = self.deps.config.node.clone();
+        let (node, reporter) = (self.deps.config.node.clone(), self.deps.reporter.clone());
         let Some(me) = self.me.clone() else { return Reply::Now(Err(PanelManagerError::Stopped)) };
         let (begin, deployed) = (me.link::<BeginDeploy>("panel-manager-api"), me.link::<Deployed>("panel-manager-api"));
         let apply = me.link::<ApplyDeployed>("panel-manager-api");
@@ -236,6 +236,10 @@ impl Handler<Deploy> for PanelManager {
                 .ask(ApplyDeployed { app: app.clone(), generation })
                 .await
                 .map_err(|_| PanelManagerError::Stopped)??;
+            // The App's route (activatable) is in Redis and announced before
+            // the answer: a request sent on it is held for the App, never
+            // answered as a stopped Studio's.
+            reporter.flush().await;
             tracing::info!(panel = %app.panel, version = app.version, "panel deployed as an App");
             Ok(app)
         })
