@@ -424,7 +424,9 @@ impl LocalDriver {
                 self.sweep_stale().await;
                 self.keep_warm(&sandbox, Duration::ZERO).await;
             }
-            Err(error) => tracing::warn!(%error, "no warm sandboxes: no sandbox works here (yet); each start tries again"),
+            Err(error) => {
+                tracing::warn!(%error, "no warm sandboxes: no sandbox works here (yet); each start tries again")
+            }
         }
     }
 }
