@@ -142,8 +142,8 @@ published → request forwarded.
 \"warm p50\" is the same GET to the running instance (one at a time, after
 the deploy); the ratio says how many warm requests one cold start costs. The
 gateway's own `nexus_gateway_cold_start_seconds` histogram (first queued
-request → endpoints) is shown as its mean. The last row keeps 2 warm
-sandboxes and waits, before each cold start, until both are ready. Rows are skipped, with the reason,
+request → endpoints) is shown as its mean. The \"warm sandboxes\" rows keep 2
+and wait, before each cold start, until both are ready. Rows are skipped, with the reason,
 without root, without runsc, or without the `nexus` binary.
 The time split is made of means over the cold starts alone (the deploy's
 start left out) of the driver's `nexus_local_start_phase_seconds{phase}`: prepare
@@ -157,29 +157,11 @@ own start before the driver's); activation and route: the
 gateway's cold-start mean less that (Activate published, claimed, route
 seen); request through: the mean cold start less the gateway's mean.
 
-Where the time goes, and what would close the goals (plain ≤ 80 ms, gVisor
-≤ 250 ms). The driver's own steps take about 40 ms (namespace and link
-about 20 ms: four `ip`/`nft` processes; spawn about 15 ms: the fork of the
-node for the sidecar and the user process); activation, route and the
-forwarded request take under 10 ms. The rest is the panel's boot, and the
-panel is Python: on this machine `env -i PATH=/usr/bin:/bin python3 -c
-'import http.server, urllib.request'` (the panel's environment is as bare)
-takes about 70 ms, and the readiness probe that sees it listening is asked
-every 20 ms. The machine's speed varies from one hour to the next, which
-is why these rows move by up to ±50 % between runs. Under gVisor (ptrace platform, the only one here), by hand on
-this machine (2026-12-03): `runsc create` about 106 ms, `start` 41 ms,
-`exec true` 37 ms, and the same Python imports 220–260 ms inside the
-sandbox. Tried and dropped: `runsc checkpoint` (refused: \"checkpoint not
-supported when using hostinet\", and panels need the namespace's loopback
-shared with their sidecar), `--platform=kvm` (the sandbox spun at full CPU
-and never started, nested virtualisation), `--lisafs=true` and
-`--overlay2=root:memory` (no difference beyond the noise in six interleaved
-runs of each). What would close them: sandboxes created ahead, one per
-future instance, with the panel started by `runsc exec` at activation
-(saves create and start, about 150 ms), and for Python panels an interpreter
-started ahead that has imported the standard modules a panel server uses
-and runs the panel's file at activation (saves most of the boot); the
-namespace and its link made ahead would save the next 20 ms.
+A warm row's time split says what its sandbox made ahead saves: the
+namespace (network), the fork of the user process (spawn) and, in boot,
+`runsc create`/`start` and the interpreter's start and imports; what is left
+is the job sent, the uid change, the panel's file run and the readiness
+probe (every 20 ms) seeing it listen.
 ";
 
 // ---- the hello upstream -------------------------------------------------------
@@ -655,6 +637,7 @@ pub(crate) async fn cold_start(dir: &Path, sizes: &Sizes) -> String {
     let mut splits = Vec::new();
     let kinds = [
         ("plain process", SandboxChoice::Process, "process", 0),
+        ("plain process, 2 warm sandboxes", SandboxChoice::Process, "process-warm", 2),
         ("bubblewrap namespaces", SandboxChoice::Namespaces, "namespaces", 0),
         ("gVisor (runsc)", SandboxChoice::Gvisor, "gvisor", 0),
         ("gVisor, 2 warm sandboxes", SandboxChoice::Gvisor, "gvisor-warm", 2),

@@ -13,8 +13,8 @@ use nexus_actors::roles::panel_manager::local::{LocalConfig, LocalDriver, Sandbo
 use nexus_testkit::eventually;
 
 use super::harness::{
-    env_with, get_json, host_ip, panel_id, probe, processes_mentioning, sandbox_available, skipped, spec,
-    volume_with_probe, Cleanup, Env,
+    env_with, get_json, host_ip, namespace_members, panel_id, probe, processes_mentioning, sandbox_available, skipped,
+    spec, volume_with_probe, Cleanup, Env,
 };
 use super::instance_cgroup;
 
@@ -28,14 +28,33 @@ fn capability_sets(status: &str) -> Vec<String> {
     status.lines().filter(|l| l.starts_with("Cap")).map(str::to_owned).collect()
 }
 
+/// The processes in the namespace of the slot `slot`.
+fn slot_members(slot: &str) -> Vec<i32> {
+    namespace_members(&Path::new("/run/netns").join(format!("nexus-{slot}")))
+}
+
 #[test]
 fn under_gvisor_an_app_starts_in_a_warm_sandbox_contained_as_a_cold_one() {
-    if skipped("under_gvisor_an_app_starts_in_a_warm_sandbox_contained_as_a_cold_one")
-        || !sandbox_available(SandboxChoice::Gvisor)
-    {
+    starts_in_a_warm_sandbox(
+        "under_gvisor_an_app_starts_in_a_warm_sandbox_contained_as_a_cold_one",
+        SandboxChoice::Gvisor,
+    );
+}
+
+#[test]
+fn as_a_process_an_app_starts_in_a_warm_sandbox_contained_as_a_cold_one() {
+    starts_in_a_warm_sandbox(
+        "as_a_process_an_app_starts_in_a_warm_sandbox_contained_as_a_cold_one",
+        SandboxChoice::Process,
+    );
+}
+
+fn starts_in_a_warm_sandbox(test: &str, choice: SandboxChoice) {
+    if skipped(test) || !sandbox_available(choice) {
         return;
     }
-    let env = env_with("warm", SandboxChoice::Gvisor, |config| config.warm_sandboxes = 1);
+    let gvisor = choice == SandboxChoice::Gvisor;
+    let env = env_with(if gvisor { "warm" } else { "warm-process" }, choice, |config| config.warm_sandboxes = 1);
     let panel = panel_id();
     let id = std::process::id();
     let (a1, a2, a3) = (format!("w1-{id}"), format!("w2-{id}"), format!("w3-{id}"));
@@ -59,11 +78,12 @@ fn under_gvisor_an_app_starts_in_a_warm_sandbox_contained_as_a_cold_one() {
         let who = get_json(&addr, "/whoami");
         let panel_uid = who["uid"].as_u64().expect("a uid");
         assert_ne!(panel_uid, 0, "the panel runs as its own uid, not the sandbox's root: {who}");
-        let copy = scratch.join(&first[0]).join("code").join("server.py");
-        assert_eq!(u64::from(std::fs::metadata(copy).unwrap().uid()), panel_uid, "its code is its own");
-        assert_eq!(who["cwd"], "/home/panel");
+        let code = scratch.join(&first[0]).join("code");
+        assert_eq!(u64::from(std::fs::metadata(code.join("server.py")).unwrap().uid()), panel_uid, "its code");
+        let home = if gvisor { "/home/panel".to_owned() } else { code.display().to_string() };
+        assert_eq!(who["cwd"], home.as_str());
         assert_eq!(who["env"]["PORT"], "8080");
-        assert_eq!(who["env"]["HOME"], "/home/panel");
+        assert_eq!(who["env"]["HOME"], home.as_str());
         assert!(who["env"]["NEXUS_SIDECAR_TOKEN"].as_str().is_some_and(|t| t.len() == 48), "{who}");
         let status = get_json(&addr, "/read?name=/proc/self/status");
         let caps = capability_sets(status["text"].as_str().unwrap_or_default());
@@ -72,8 +92,14 @@ fn under_gvisor_an_app_starts_in_a_warm_sandbox_contained_as_a_cold_one() {
             caps.iter().all(|l| l.ends_with("0000000000000000")),
             "no capability is left, bounding set included: {caps:?}"
         );
-        let kernel = get_json(&addr, "/kernel");
-        assert!(kernel["dmesg"].as_str().unwrap_or_default().contains("Starting gVisor"), "under gVisor: {kernel}");
+        if gvisor {
+            let kernel = get_json(&addr, "/kernel");
+            assert!(kernel["dmesg"].as_str().unwrap_or_default().contains("Starting gVisor"), "{kernel}");
+        } else {
+            let status = status["text"].as_str().unwrap_or_default();
+            assert!(status.contains("NoNewPrivs:\t1"), "no new privileges, as a cold start: {status}");
+            assert_eq!(get_json(&addr, "/pdeathsig")["signal"], 9, "it dies with its node, as a cold start");
+        }
         assert_eq!(get_json(&addr, "/sidecar")["status"], 200, "its own sidecar answers");
         if let Some(host) = host_ip() {
             assert_eq!(probe(&addr, &host, env.redis_port)["connected"], false, "the host stays out of reach");
@@ -91,13 +117,13 @@ fn under_gvisor_an_app_starts_in_a_warm_sandbox_contained_as_a_cold_one() {
         assert!(!instances.join(&first[0]).exists(), "the slot's files go with its instance");
         assert!(!Path::new("/run/netns").join(format!("nexus-{}", first[0])).exists());
         assert_eq!(processes_mentioning(&first[0]), Vec::<String>::new());
+        assert!(!code.exists(), "nor its copy");
 
         // The pool fills again; a sandbox that died meanwhile is not taken.
         eventually(60, "the pool refilled", || metrics.warm_ready.get() == 1).await;
         let second = slots(&instances);
         assert_eq!(second.len(), 1, "{second:?}");
-        let killed: Vec<String> =
-            processes_mentioning(&second[0]).iter().filter_map(|p| p.split(':').next().map(str::to_owned)).collect();
+        let killed: Vec<String> = slot_members(&second[0]).iter().map(i32::to_string).collect();
         assert!(!killed.is_empty(), "the ready sandbox runs");
         for pid in &killed {
             let _ = std::process::Command::new("kill").args(["-9", pid]).status();
@@ -131,11 +157,12 @@ fn under_gvisor_an_app_starts_in_a_warm_sandbox_contained_as_a_cold_one() {
         eventually(60, "the pool refilled", || metrics.warm_ready.get() == 1).await;
         let last = slots(&instances);
         assert_eq!(last.len(), 1, "{last:?}");
-        assert!(!processes_mentioning(&last[0]).is_empty(), "the ready sandbox runs");
+        let running: Vec<String> = slot_members(&last[0]).iter().map(i32::to_string).collect();
+        assert!(!running.is_empty(), "the ready sandbox runs");
         driver.release().await;
         assert_eq!(metrics.warm_ready.get(), 0);
         assert_eq!(slots(&instances), Vec::<String>::new(), "no slot's files are left");
-        assert_eq!(processes_mentioning(&last[0]), Vec::<String>::new(), "no warm sandbox runs");
+        eventually(10, "no warm sandbox runs", || running.iter().all(dead)).await;
         assert!(!scratch.join(&last[0]).exists(), "nor its scratch space");
         assert!(!Path::new("/run/netns").join(format!("nexus-{}", last[0])).exists());
     });

@@ -67,10 +67,12 @@ impl LocalDriver {
         let dir = self.instances_dir().join(&spec.instance);
         remove_tree(&dir)?;
         private_dir(&dir)?;
-        // An App under gVisor starts in a warm sandbox when one is ready.
+        // An App under gVisor or as a process starts in a warm sandbox
+        // when one of its kind is ready.
         let mut warm = match (&spec.code, sandbox.isolation, uid) {
-            (Code::App(_), Isolation::Gvisor, Some(_)) => {
-                let slot = self.warm.take(&self.metrics);
+            (Code::App(_), Isolation::Gvisor | Isolation::Process, Some(_)) => {
+                let gvisor = sandbox.isolation == Isolation::Gvisor;
+                let slot = self.warm.take(&self.metrics, gvisor);
                 self.keep_warm(&sandbox, warm::REFILL_AFTER).await;
                 slot
             }
@@ -157,7 +159,7 @@ impl LocalDriver {
         ]);
         // A warm sandbox's bundle stays the zygote's until a restart.
         let gvisor = match (&sandbox.tool, sandbox.isolation, &warm) {
-            (Some(runsc), Isolation::Gvisor, Some(slot)) => Some((runsc.clone(), slot.parts.bundle.clone())),
+            (Some(_), Isolation::Gvisor, Some(slot)) => slot.parts.gvisor.clone(),
             (Some(runsc), Isolation::Gvisor, None) => {
                 let process = runsc::Process { args: &command, env: &env, uid: uid.unwrap_or(0), caps: &[] };
                 match runsc::Bundle::write(&dir, &netns_name(&spec.instance), &code, &process) {
@@ -336,9 +338,15 @@ impl LocalDriver {
         // The helpers' ports were bound before: the panel starts beside them.
         let user = match zygote {
             Some(zygote) => {
-                let job = warm::Job { uid: instance.uid.unwrap_or(0), env: &instance.env, argv: &instance.command };
+                let cwd = match instance.gvisor {
+                    Some(_) => runsc::CODE_MOUNT.to_owned(),
+                    None => path_string(&instance.code),
+                };
+                let uid = instance.uid.unwrap_or(0);
+                let job = warm::Job { uid, cwd: &cwd, env: &instance.env, argv: &instance.command };
                 let child = zygote.run(&job).await?;
-                Supervised::adopt("panel", &spec.instance, child, user_on_exit(instance, &self.metrics), true)
+                let on_exit = user_on_exit(instance, &self.metrics);
+                Supervised::adopt("panel", &spec.instance, child, on_exit, instance.gvisor.is_some())
             }
             None => spawn_user(&spec.instance, instance, &self.metrics)?,
         };
@@ -393,13 +401,20 @@ impl LocalDriver {
 }
 
 impl LocalDriver {
-    /// Keeps [`LocalConfig::warm_sandboxes`] gVisor sandboxes ready, from
-    /// `after` on, when instances run under gVisor here.
+    /// Keeps [`LocalConfig::warm_sandboxes`] sandboxes ready, from `after`
+    /// on, when instances run under gVisor or as plain processes in their
+    /// namespaces here (bubblewrap fixes the uid as it starts: no zygote).
     async fn keep_warm(&self, sandbox: &Sandbox, after: Duration) {
         let size = self.config.warm_sandboxes;
-        let Some(runsc) = sandbox.tool.clone().filter(|_| sandbox.isolation == Isolation::Gvisor && size > 0) else {
-            return;
+        let runsc = match sandbox.isolation {
+            Isolation::Gvisor => sandbox.tool.clone(),
+            Isolation::Process => None,
+            Isolation::Namespaces | Isolation::None => return,
         };
+        if size == 0 || (sandbox.isolation == Isolation::Gvisor && runsc.is_none()) {
+            return;
+        }
+        let home = runsc.as_ref().map(|_| ("HOME".to_owned(), runsc::CODE_MOUNT.to_owned()));
         if let Err(error) = self.install_rules().await {
             tracing::warn!(%error, "no warm sandboxes: the instance network's rules could not be installed");
             return;
@@ -411,7 +426,7 @@ impl LocalDriver {
             hierarchy: self.hierarchy().await.cloned(),
             limits: self.config.limits,
             metrics: self.metrics.clone(),
-            env: [base_env(), vec![("HOME".to_owned(), runsc::CODE_MOUNT.to_owned())]].concat(),
+            env: base_env().into_iter().chain(home).collect(),
         };
         self.warm.fill(maker, size, after);
     }

@@ -1,7 +1,10 @@
-//! Warm sandboxes: gVisor sandboxes made ahead for App instances, so that a
-//! cold start skips `runsc`'s create and start and, for a Python panel, the
-//! interpreter's boot (together about 400 ms of a 550 ms cold start on the
-//! ptrace platform; benches/RESULTS.md "App cold start").
+//! Warm sandboxes: sandboxes made ahead for App instances, so that a cold
+//! start skips `runsc`'s create and start and, for a Python panel, the
+//! interpreter's boot (together about 500 ms of a 600 ms cold start on the
+//! ptrace platform; benches/RESULTS.md "App cold start"). Under `--sandbox
+//! process` the same zygote runs as the host's root in the slot's namespace
+//! and cgroup, without gVisor; bubblewrap fixes the uid as it starts, so it
+//! has none.
 //!
 //! A [`Slot`] is what an App instance needs that does not depend on its
 //! panel: a network namespace with its link and egress rules, a cgroup with
@@ -43,7 +46,7 @@ use crate::platform::files::private_dir;
 /// The zygote, run as `python3 -c`.
 const ZYGOTE: &str = include_str!("zygote.py");
 /// What the zygote may do as the sandbox's root: become another uid, and
-/// drop these from its bounding set first (zygote.py's GIVEN_CAPS, by number).
+/// first empty its bounding set (zygote.py).
 const ZYGOTE_CAPS: [&str; 3] = ["CAP_SETUID", "CAP_SETGID", "CAP_SETPCAP"];
 /// The line the zygote writes once it waits for its job.
 const READY_LINE: &[u8] = b"nexus-warm: ready\n";
@@ -64,7 +67,9 @@ pub(super) fn is_slot(id: &str) -> bool {
 /// What slots are made with: the driver's parts.
 #[derive(Clone)]
 pub(super) struct Maker {
-    pub(super) runsc: PathBuf,
+    /// gVisor's `runsc`; `None`: the zygote runs as a plain process in the
+    /// slot's namespace (`--sandbox process`).
+    pub(super) runsc: Option<PathBuf>,
     pub(super) data_dir: PathBuf,
     pub(super) network: Arc<Network>,
     pub(super) hierarchy: Option<Hierarchy>,
@@ -92,8 +97,8 @@ pub(super) struct Parts {
     /// `scratch/<id>/`, capped, and in it the code directory the sandbox mounts.
     pub(super) scratch: PathBuf,
     pub(super) code: PathBuf,
-    pub(super) runsc: PathBuf,
-    pub(super) bundle: runsc::Bundle,
+    /// Under gVisor: `runsc` and the bundle (the zygote's until a restart).
+    pub(super) gvisor: Option<(PathBuf, runsc::Bundle)>,
 }
 
 /// The sandbox's `runsc run`, its first process waiting for its job.
@@ -105,6 +110,8 @@ pub(super) struct Zygote {
 /// What the zygote runs.
 pub(super) struct Job<'a> {
     pub(super) uid: u32,
+    /// The code, where the zygote sees it.
+    pub(super) cwd: &'a str,
     pub(super) env: &'a [(String, String)],
     pub(super) argv: &'a [String],
 }
@@ -112,7 +119,7 @@ pub(super) struct Job<'a> {
 impl Zygote {
     /// Sends `job`; returns `runsc run`, whose exit is now the panel's.
     pub(super) async fn run(mut self, job: &Job<'_>) -> io::Result<Child> {
-        let job = serde_json::json!({"uid": job.uid, "env": job.env, "argv": job.argv});
+        let job = serde_json::json!({"uid": job.uid, "cwd": job.cwd, "env": job.env, "argv": job.argv});
         let mut line = serde_json::to_vec(&job)?;
         line.push(b'\n');
         self.stdin.write_all(&line).await?;
@@ -154,10 +161,12 @@ impl Slot {
             network::new_namespace(maker.network.clone(), &id).await.inspect_err(|_| undo(&dir, &scratch_dir))?;
         let cgroup = cgroups::new_cgroup(maker.hierarchy.as_ref(), &id, maker.limits, &maker.metrics).await;
         let args = ["python3".to_owned(), "-c".to_owned(), ZYGOTE.to_owned()];
-        let process = runsc::Process { args: &args, env: &maker.env, uid: 0, caps: &ZYGOTE_CAPS };
-        let bundle = runsc::Bundle::write(&dir, &netns_name(&id), &code, &process);
-        let bundle = match bundle {
-            Ok(bundle) => bundle,
+        let gvisor = maker.runsc.as_ref().map(|runsc| {
+            let process = runsc::Process { args: &args, env: &maker.env, uid: 0, caps: &ZYGOTE_CAPS };
+            runsc::Bundle::write(&dir, &netns_name(&id), &code, &process).map(|bundle| (runsc.clone(), bundle))
+        });
+        let gvisor = match gvisor.transpose() {
+            Ok(gvisor) => gvisor,
             Err(error) => {
                 network::drop_namespace(&id, &netns).await;
                 if let Some(cgroup) = &cgroup {
@@ -167,9 +176,8 @@ impl Slot {
                 return Err(error.into());
             }
         };
-        let runsc = maker.runsc.clone();
-        let parts = Parts { id, dir, netns, link, cgroup, scratch: scratch_dir, code, runsc, bundle };
-        match parts.start().await {
+        let parts = Parts { id, dir, netns, link, cgroup, scratch: scratch_dir, code, gvisor };
+        match parts.start(&args, &maker.env).await {
             Ok(zygote) => Ok(Slot { parts, zygote }),
             Err(error) => {
                 parts.discard().await;
@@ -194,16 +202,26 @@ impl Slot {
 }
 
 impl Parts {
-    /// Starts the sandbox and waits for its zygote's ready line.
-    async fn start(&self) -> Result<Zygote, DriverError> {
+    /// Starts the sandbox (or, without gVisor, the zygote as root in the
+    /// namespace: it drops to the panel's uid as it would in gVisor) and
+    /// waits for its zygote's ready line.
+    async fn start(&self, zygote: &[String], env: &[(String, String)]) -> Result<Zygote, DriverError> {
         let log_path = self.dir.join("panel.log");
         let log = open_log(&log_path)?;
-        let mut command = self.bundle.run_command(&self.runsc);
+        let mut command = match &self.gvisor {
+            Some((runsc, bundle)) => bundle.run_command(runsc),
+            None => {
+                let mut command = tokio::process::Command::new(&zygote[0]);
+                command.args(&zygote[1..]).current_dir(&self.code).env_clear();
+                command.envs(env.iter().map(|(k, v)| (k, v))).env("HOME", &self.code);
+                command
+            }
+        };
         let cgroup = self.cgroup.as_ref().map(|c| c.procs_files()).transpose()?.unwrap_or_default();
         procs::prepare(&mut command, Some(&self.netns.path()), None, cgroup)?;
         command.stdin(Stdio::piped()).stdout(log.try_clone()?).stderr(log);
         let mut child = command.spawn()?;
-        let stdin = child.stdin.take().ok_or_else(|| io::Error::other("runsc's stdin was not piped"))?;
+        let stdin = child.stdin.take().ok_or_else(|| io::Error::other("the zygote's stdin was not piped"))?;
         let mut zygote = Zygote { child, stdin };
         let deadline = Instant::now() + READY_TIMEOUT;
         loop {
@@ -224,7 +242,9 @@ impl Parts {
     pub(super) async fn discard(self) {
         procs::kill_namespace_members(&self.netns.path()).await;
         network::drop_namespace(&self.id, &self.netns).await;
-        self.bundle.forget_container(&self.runsc).await;
+        if let Some((runsc, bundle)) = &self.gvisor {
+            bundle.forget_container(runsc).await;
+        }
         if let Some(cgroup) = &self.cgroup {
             cgroup.remove().await;
         }
@@ -267,15 +287,16 @@ impl Pool {
         state.making.as_deref() == Some(id) || state.ready.iter().any(|s| s.parts.id == id)
     }
 
-    /// Takes a ready slot whose zygote still runs (counted in
-    /// `nexus_local_warm_sandbox_takes_total{outcome}`).
-    pub(super) fn take(&self, metrics: &LocalMetrics) -> Option<Slot> {
+    /// Takes a ready slot of the kind asked for (`gvisor` or not) whose
+    /// zygote still runs (counted in `nexus_local_warm_sandbox_takes_total{outcome}`).
+    pub(super) fn take(&self, metrics: &LocalMetrics, gvisor: bool) -> Option<Slot> {
         let mut dead = Vec::new();
         let taken = {
             let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
             let mut taken = None;
             while let Some(mut slot) = state.ready.pop_front() {
-                match slot.zygote.alive() {
+                // Made before the isolation changed (a re-probe): of no use.
+                match slot.parts.gvisor.is_some() == gvisor && slot.zygote.alive() {
                     true => {
                         taken = Some(slot);
                         break;

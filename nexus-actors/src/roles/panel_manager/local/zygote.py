@@ -1,7 +1,9 @@
-# The first process of a warm gVisor sandbox (see warm.rs). It starts as the
-# sandbox's root, loads what Python web panels load, says so on stderr and
-# waits on stdin for its one job: {"uid": N, "env": [[k, v], ...], "argv": [...]}.
-# It then becomes that uid for good and runs argv in /home/panel: a
+# The first process of a warm sandbox (see warm.rs). It starts as root (the
+# gVisor sandbox's, with only the capabilities to change uid; or, for
+# `--sandbox process`, the host's, in the instance's namespace and cgroup),
+# loads what Python web panels load, says so on stderr and waits on stdin
+# for its one job: {"uid": N, "cwd": "...", "env": [[k, v], ...], "argv": [...]}.
+# It then becomes that uid for good and runs argv in cwd: a
 # `python3 script.py ...` in this very interpreter, its imports already
 # done; anything else by exec. It never runs a second job.
 import sys
@@ -29,17 +31,21 @@ import urllib.error  # noqa: E402,F401
 import urllib.parse  # noqa: E402,F401
 import urllib.request  # noqa: E402,F401
 
-CODE = "/home/panel"
+PR_SET_PDEATHSIG = 1
 PR_SET_DUMPABLE = 4
 PR_CAPBSET_DROP = 24
-# CAP_SETGID, CAP_SETUID, CAP_SETPCAP: what warm.rs's ZYGOTE_CAPS gives.
-GIVEN_CAPS = (6, 7, 8)
+PR_SET_NO_NEW_PRIVS = 38
+CAP_SETPCAP = 8
+SIGKILL = 9
+# Its parent now: the driver (or, in gVisor, nobody: 0).
+PARENT = os.getppid()
 
 sys.stderr.write("nexus-warm: ready\n")
 line = sys.stdin.readline()
 try:
     job = json.loads(line)
-    uid, env, argv = int(job["uid"]), dict(job["env"]), [str(a) for a in job["argv"]]
+    uid, cwd, env = int(job["uid"]), str(job["cwd"]), dict(job["env"])
+    argv = [str(a) for a in job["argv"]]
     if uid <= 0 or not argv:
         raise ValueError("no uid or no argv")
 except (ValueError, KeyError, TypeError) as error:
@@ -51,20 +57,33 @@ os.dup2(null, 0)
 os.close(null)
 os.environ.clear()
 os.environ.update(env)
-# Out of the bounding set too: nothing it runs can take them back.
+# Every capability out of the bounding set (CAP_SETPCAP, which allows it,
+# last): nothing it runs can take one back.
 libc = ctypes.CDLL(None, use_errno=True)
-for cap in GIVEN_CAPS:
-    if libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) != 0:
+try:
+    with open("/proc/sys/kernel/cap_last_cap") as f:
+        last = int(f.read())
+except (OSError, ValueError):
+    last = 40
+for cap in [c for c in range(last + 1) if c != CAP_SETPCAP] + [CAP_SETPCAP]:
+    if libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) != 0 and ctypes.get_errno() != 22:
         sys.stderr.write(f"nexus-warm: could not drop capability {cap}\n")
         sys.exit(71)
 os.setgroups([])
 os.setgid(uid)
 os.setuid(uid)
+# What a cold start's process gets (procs.rs's prepare): no new privileges,
+# and killed with its parent (a uid change clears that).
+if libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 or libc.prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0) != 0:
+    sys.stderr.write("nexus-warm: could not set no_new_privs or the parent-death signal\n")
+    sys.exit(72)
+if os.getppid() != PARENT:
+    sys.exit(73)
 # The uid change made it undumpable, root's /proc entries; a panel started
 # cold as this uid owns its own.
 libc.prctl(PR_SET_DUMPABLE, 1, 0, 0, 0)
-# As the panel: the code is its own, 0700, and root here may not pass.
-os.chdir(CODE)
+# As the panel: the code is its own, 0700, and root may not pass here.
+os.chdir(cwd)
 
 
 def shadowed(directory):
