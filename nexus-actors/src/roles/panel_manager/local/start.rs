@@ -115,11 +115,13 @@ impl LocalDriver {
         // Last before the processes: from here on a failure tears it down.
         let (netns, link) = match (&warm, root) {
             (Some(slot), _) => (Some(slot.parts.netns.clone()), Some(slot.parts.link)),
-            (None, true) => {
-                let made = self.instance_network(&spec.instance).await;
-                let (netns, link) = made.inspect_err(|_| self.discard_scratch(scratch_dir.as_ref()))?;
-                (Some(netns), Some(link))
-            }
+            (None, true) => match self.instance_network(&spec.instance).await {
+                Ok((netns, link)) => (Some(netns), Some(link)),
+                Err(error) => {
+                    self.undo_start(&spec.instance, None, scratch_dir.as_ref()).await;
+                    return Err(error);
+                }
+            },
             (None, false) => (None, None),
         };
         clock.lap(StartPhase::Network);
@@ -280,12 +282,6 @@ impl LocalDriver {
         match warm {
             Some(slot) => slot.discard().await,
             None => self.undo_start(id, netns, scratch).await,
-        }
-    }
-
-    fn discard_scratch(&self, scratch: Option<&PathBuf>) {
-        if let Some(dir) = scratch {
-            let _ = scratch::release(dir);
         }
     }
 

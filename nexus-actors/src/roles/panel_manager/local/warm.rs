@@ -101,7 +101,8 @@ pub(super) struct Parts {
     pub(super) gvisor: Option<(PathBuf, runsc::Bundle)>,
 }
 
-/// The sandbox's `runsc run`, its first process waiting for its job.
+/// The zygote waiting for its job: under gVisor, the `runsc run` whose
+/// sandbox's first process it is; else the zygote's own process.
 pub(super) struct Zygote {
     child: Child,
     stdin: ChildStdin,
@@ -157,25 +158,15 @@ impl Slot {
             Ok(code)
         });
         let code = made.await.inspect_err(|_| undo(&dir, &scratch_dir))?;
-        let (netns, link) =
-            network::new_namespace(maker.network.clone(), &id).await.inspect_err(|_| undo(&dir, &scratch_dir))?;
-        let cgroup = cgroups::new_cgroup(maker.hierarchy.as_ref(), &id, maker.limits, &maker.metrics).await;
         let args = ["python3".to_owned(), "-c".to_owned(), ZYGOTE.to_owned()];
         let gvisor = maker.runsc.as_ref().map(|runsc| {
             let process = runsc::Process { args: &args, env: &maker.env, uid: 0, caps: &ZYGOTE_CAPS };
             runsc::Bundle::write(&dir, &netns_name(&id), &code, &process).map(|bundle| (runsc.clone(), bundle))
         });
-        let gvisor = match gvisor.transpose() {
-            Ok(gvisor) => gvisor,
-            Err(error) => {
-                network::drop_namespace(&id, &netns).await;
-                if let Some(cgroup) = &cgroup {
-                    cgroup.remove().await;
-                }
-                undo(&dir, &scratch_dir);
-                return Err(error.into());
-            }
-        };
+        let gvisor = gvisor.transpose().inspect_err(|_| undo(&dir, &scratch_dir))?;
+        let (netns, link) =
+            network::new_namespace(maker.network.clone(), &id).await.inspect_err(|_| undo(&dir, &scratch_dir))?;
+        let cgroup = cgroups::new_cgroup(maker.hierarchy.as_ref(), &id, maker.limits, &maker.metrics).await;
         let parts = Parts { id, dir, netns, link, cgroup, scratch: scratch_dir, code, gvisor };
         match parts.start(&args, &maker.env).await {
             Ok(zygote) => Ok(Slot { parts, zygote }),
