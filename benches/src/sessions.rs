@@ -36,6 +36,7 @@ pub(crate) fn serve_node(args: &[String]) {
         name: format!("bench-{port}"),
         http: format!("127.0.0.1:{port}").parse().expect("port"),
         redis_url: redis_url.clone(),
+        redis_cluster: Vec::new(),
         kafka: KafkaConfig::new(brokers.clone()),
         roles: vec![Role::TransactionManager],
         first_user: Some((USER.to_owned(), PASSWORD.to_owned())),

@@ -1,248 +1,28 @@
 //! WebSocket sessions over real sockets: transaction-manager nodes on one
-//! real redis-server of the test's own, a real WebSocket client
-//! (tokio-tungstenite).
+//! real redis-server of the test's own (and, in `cluster`, a Redis Cluster
+//! for the documents), a real WebSocket client (tokio-tungstenite).
+
+#[path = "sessions/cluster.rs"]
+mod cluster;
+#[path = "sessions/harness.rs"]
+mod harness;
+
+use harness::*;
 
 use std::time::Duration;
 
-use actix::Arbiter;
-use actix_web::{web, App, HttpServer};
 use futures::{SinkExt, StreamExt};
-use nexus_actors::bus::redis::RedisBridge;
 use nexus_actors::envelope::Envelope;
 use nexus_actors::instance::{InstanceChanged, InstanceMode, InstanceState, InstanceStatus, Isolation};
-use nexus_actors::platform::UserRole;
 use nexus_actors::roles::transaction_manager::api::documents::DocumentChanged;
 use nexus_actors::roles::transaction_manager::documents::{merge_patch, Created, Write};
-use nexus_actors::roles::transaction_manager::session::{SessionDeps, CLOSE_TOKEN_ENDED, MAX_FOLLOWED, MAX_PRESENT};
-use nexus_actors::roles::transaction_manager::{self as tm, TmState, UiConfig};
-use nexus_actors::Kernel;
-use nexus_testkit::{add_user, eventually, ApiClient, Brokers, TestKeys};
+use nexus_actors::roles::transaction_manager::session::{CLOSE_TOKEN_ENDED, MAX_FOLLOWED, MAX_PRESENT};
+use nexus_actors::roles::transaction_manager::{self as tm, UiConfig};
+use nexus_testkit::{eventually, ApiClient};
 use redis::aio::MultiplexedConnection;
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::{self, Message};
-
-type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
-
-/// One transaction-manager node: its HTTP server, bridge and state.
-struct Node {
-    addr: String,
-    kernel: Kernel,
-    state: web::Data<TmState>,
-    _arbiter: Arbiter,
-    _server: actix_web::dev::ServerHandle,
-}
-
-impl Node {
-    fn url(&self) -> String {
-        format!("http://{}", self.addr)
-    }
-
-    /// Topics its Redis bridge holds.
-    fn topics(&self) -> i64 {
-        self.kernel.metrics().redis_subscriptions.get()
-    }
-
-    async fn login(&self, user: &str) -> ApiClient {
-        ApiClient::login(&self.url(), user, &format!("{user}-password")).await
-    }
-}
-
-/// A redis-server, the node's keys, and the users `ada` and `bob`.
-struct World {
-    brokers: Brokers,
-    keys: TestKeys,
-}
-
-impl World {
-    async fn new(name: &str) -> World {
-        World::over(Brokers::redis(name)).await
-    }
-
-    /// Over a redis-server that keeps its data across a restart.
-    async fn persistent(name: &str) -> World {
-        World::over(Brokers::redis_persistent(name)).await
-    }
-
-    async fn over(brokers: Brokers) -> World {
-        let keys = TestKeys::new(&brokers.dir);
-        let platform = keys.platform(&brokers.redis_url()).await;
-        for user in ["ada", "bob"] {
-            add_user(&platform, user, &format!("{user}-password"), UserRole::User).await;
-        }
-        World { brokers, keys }
-    }
-
-    async fn node(&self) -> Node {
-        self.node_with(UiConfig::default()).await
-    }
-
-    async fn node_with(&self, ui: UiConfig) -> Node {
-        let url = self.brokers.redis_url();
-        let kernel = Kernel::new("tm");
-        let arbiter = Arbiter::new();
-        let bridge = RedisBridge::spawn(&kernel, &arbiter.handle(), &url).unwrap();
-        let platform = self.keys.platform(&url).await;
-        let mut state =
-            tm::state(platform, Default::default(), Some(bridge.publisher.clone()), "tm", kernel.metrics().registry());
-        state.ui = ui;
-        let state = web::Data::new(state);
-        let deps = SessionDeps::new(kernel.clone(), bridge, Default::default());
-        let s = state.clone();
-        let server = HttpServer::new(move || {
-            App::new()
-                .configure(tm::configure(s.clone(), tm::openapi()))
-                .configure(tm::configure_sessions(deps.clone()))
-                .configure(tm::configure_fallback)
-        })
-        .workers(1)
-        .bind(("127.0.0.1", 0))
-        .unwrap();
-        let addr = server.addrs()[0].to_string();
-        let server = server.run();
-        let handle = server.handle();
-        actix_rt::spawn(server);
-        Node { addr, kernel, state, _arbiter: arbiter, _server: handle }
-    }
-
-    async fn redis(&self) -> MultiplexedConnection {
-        redis::Client::open(self.brokers.redis_url()).unwrap().get_multiplexed_async_connection().await.unwrap()
-    }
-}
-
-/// A REST call; retried while the node answers 5xx (Redis restarting).
-async fn rest(client: &ApiClient, method: Method, path: &str, body: Option<Value>) -> Value {
-    for _ in 0..100 {
-        let (status, value) = client.send(method.clone(), path, body.clone()).await;
-        if !status.is_server_error() {
-            assert!(status.is_success(), "{method} {path}: {status} {value}");
-            return value;
-        }
-        actix::clock::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("{method} {path} kept failing");
-}
-
-async fn new_doc(client: &ApiClient, state: Value) -> String {
-    let doc = rest(client, Method::POST, "/api/documents", Some(json!({ "state": state }))).await;
-    doc["id"].as_str().unwrap().to_owned()
-}
-
-async fn patch(client: &ApiClient, id: &str, version: u64, patch: Value) -> Value {
-    rest(client, Method::PATCH, &format!("/api/documents/{id}"), Some(json!({"version": version, "patch": patch})))
-        .await
-}
-
-async fn connect(node: &Node, client: &ApiClient) -> Ws {
-    let url = format!("ws://{}/ws?token={}", node.addr, client.token());
-    tokio_tungstenite::connect_async(url).await.unwrap().0
-}
-
-/// Connects with a tiny receive buffer, so that a client that stops reading
-/// backs up into the server quickly.
-async fn connect_small_buffer(node: &Node, client: &ApiClient) -> Ws {
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket.set_recv_buffer_size(4096).unwrap();
-    let stream = socket.connect(node.addr.parse().unwrap()).await.unwrap();
-    let url = format!("ws://{}/ws?token={}", node.addr, client.token());
-    tokio_tungstenite::client_async(url, tokio_tungstenite::MaybeTlsStream::Plain(stream)).await.unwrap().0
-}
-
-async fn send(ws: &mut Ws, frame: Value) {
-    ws.send(Message::text(frame.to_string())).await.unwrap();
-}
-
-/// The next text frame as JSON, skipping welcome, presence and cursor frames.
-async fn next(ws: &mut Ws) -> Value {
-    loop {
-        let frame = next_any(ws).await;
-        if !matches!(frame["type"].as_str(), Some("welcome" | "presence" | "cursor")) {
-            return frame;
-        }
-    }
-}
-
-/// The next frame of type `kind`, skipping others.
-async fn next_of(ws: &mut Ws, kind: &str) -> Value {
-    loop {
-        let frame = next_any(ws).await;
-        if frame["type"] == kind {
-            return frame;
-        }
-    }
-}
-
-async fn next_any(ws: &mut Ws) -> Value {
-    loop {
-        let msg = tokio::time::timeout(Duration::from_secs(15), ws.next()).await.expect("no frame within 15s");
-        match msg.expect("socket closed").expect("socket error") {
-            Message::Text(t) => return serde_json::from_str(t.as_str()).unwrap(),
-            Message::Close(c) => panic!("closed: {c:?}"),
-            _ => continue,
-        }
-    }
-}
-
-/// A round trip through the session that touches no document: everything
-/// sent before it has been handled when its answer comes.
-async fn round_trip(ws: &mut Ws) {
-    send(ws, json!({"type": "dance"})).await;
-    assert_eq!(next(ws).await["code"], "unknown_type");
-}
-
-fn random_doc() -> String {
-    uuid::Uuid::now_v7().to_string()
-}
-
-/// Redis `PUBSUB CHANNELS nexus:doc:*`, sorted.
-async fn doc_channels(conn: &mut MultiplexedConnection) -> Vec<String> {
-    let mut channels: Vec<String> =
-        redis::cmd("PUBSUB").arg("CHANNELS").arg("nexus:doc:*").query_async(conn).await.unwrap();
-    channels.sort();
-    channels
-}
-
-/// Redis `PUBSUB NUMSUB channel`.
-async fn numsub(conn: &mut MultiplexedConnection, channel: &str) -> u64 {
-    numsub_all(conn, &[channel.to_owned()]).await
-}
-
-/// Subscribers of all `channels` together (`PUBSUB NUMSUB`).
-async fn numsub_all(conn: &mut MultiplexedConnection, channels: &[String]) -> u64 {
-    let counts: Vec<(String, u64)> = redis::cmd("PUBSUB").arg("NUMSUB").arg(channels).query_async(conn).await.unwrap();
-    counts.iter().map(|(_, n)| n).sum()
-}
-
-/// Calls of `command` Redis counted since it started (`INFO commandstats`),
-/// failed (counted in `calls` too) and rejected ones included.
-async fn command_calls(conn: &mut MultiplexedConnection, command: &str) -> u64 {
-    let info: String = redis::cmd("INFO").arg("commandstats").query_async(conn).await.unwrap();
-    let prefix = format!("cmdstat_{command}:");
-    let Some(line) = info.lines().find(|l| l.starts_with(&prefix)) else { return 0 };
-    line[prefix.len()..]
-        .split(',')
-        .filter_map(|field| field.split_once('='))
-        .filter(|(name, _)| ["calls", "rejected_calls"].contains(name))
-        .map(|(_, n)| n.parse::<u64>().unwrap())
-        .sum()
-}
-
-/// Applies frames to `state` (at version `from`) until it is at `to`.
-async fn follow_to(ws: &mut Ws, state: &mut Value, from: u64, to: u64) {
-    let mut at = from;
-    while at < to {
-        let frame = next(ws).await;
-        match frame["type"].as_str() {
-            Some("snapshot") => *state = frame["state"].clone(),
-            Some("change") => {
-                assert_eq!(frame["version"].as_u64(), Some(at + 1), "changes arrive without gaps");
-                merge_patch(state, &frame["patch"]);
-            }
-            _ => panic!("unexpected frame {frame}"),
-        }
-        at = frame["version"].as_u64().unwrap();
-    }
-}
 
 #[actix_rt::test]
 async fn the_websocket_handshake_needs_a_valid_token() {
@@ -352,7 +132,7 @@ async fn a_client_far_behind_or_behind_the_trimmed_history_gets_a_snapshot() {
     // A history trimmed past the client's version: a snapshot.
     let mut conn = world.redis().await;
     let _: u64 = redis::cmd("XTRIM")
-        .arg(format!("nexus:doc:{id}:log"))
+        .arg(format!("nexus:doc:{{{id}}}:log"))
         .arg("MINID")
         .arg("1090")
         .query_async(&mut conn)
@@ -378,7 +158,7 @@ async fn a_change_announced_without_its_patch_brings_followers_to_the_new_versio
 
     // What the bridge hears: the announcement carries no patch.
     let mut pubsub = redis::Client::open(world.brokers.redis_url()).unwrap().get_async_pubsub().await.unwrap();
-    pubsub.subscribe(format!("nexus:doc:{id}")).await.unwrap();
+    pubsub.subscribe(format!("nexus:doc:{{{id}}}")).await.unwrap();
 
     // A patch too large for an announcement, within the document's bound.
     let big = "x".repeat(1_045_000);
@@ -427,7 +207,7 @@ async fn a_client_stays_in_sync_across_a_redis_restart() {
     world.brokers.redis.kill();
     world.brokers.redis.restart().unwrap();
     let mut conn = world.redis().await;
-    let channels: Vec<String> = ids.iter().map(|id| format!("nexus:doc:{id}")).collect();
+    let channels: Vec<String> = ids.iter().map(|id| format!("nexus:doc:{{{id}}}")).collect();
     let mut back = 0;
     for _ in 0..1000 {
         back = numsub_all(&mut conn, &channels).await;
@@ -532,14 +312,14 @@ async fn refused_subscribes_leave_nothing_subscribed_and_the_session_usable() {
     round_trip(&mut ws).await;
     assert_eq!(node.topics(), topics, "the bridge holds no topic for a refused subscribe");
     assert_eq!(doc_channels(&mut conn).await, channels);
-    let bob_channels: Vec<String> = bobs.iter().map(|id| format!("nexus:doc:{id}")).collect();
+    let bob_channels: Vec<String> = bobs.iter().map(|id| format!("nexus:doc:{{{id}}}")).collect();
     assert_eq!(numsub_all(&mut conn, &bob_channels).await, 0);
 
     // The session is still usable.
     send(&mut ws, json!({"type": "subscribe", "doc": adas})).await;
     assert_eq!(next(&mut ws).await["state"], json!({"mine": 1}));
     assert_eq!(node.topics(), topics + 1);
-    assert_eq!(doc_channels(&mut conn).await, vec![format!("nexus:doc:{adas}")]);
+    assert_eq!(doc_channels(&mut conn).await, vec![format!("nexus:doc:{{{adas}}}")]);
     // Unsubscribing drops the topic in the node and in Redis.
     send(&mut ws, json!({"type": "unsubscribe", "doc": adas})).await;
     round_trip(&mut ws).await;
@@ -585,8 +365,12 @@ async fn an_id_that_reaches_another_key_is_refused_once_and_a_refused_read_is_ne
     assert_eq!(reads(&mut conn).await, before, "nothing was read for it");
 
     // A history Redis refuses to read (WRONGTYPE): one error, no retries.
-    let _: () =
-        redis::cmd("SET").arg(format!("nexus:doc:{id}:log")).arg("not a stream").query_async(&mut conn).await.unwrap();
+    let _: () = redis::cmd("SET")
+        .arg(format!("nexus:doc:{{{id}}}:log"))
+        .arg("not a stream")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
     let xranges = command_calls(&mut conn, "xrange").await;
     send(&mut ws, json!({"type": "subscribe", "doc": id, "version": 1})).await;
     let error = next(&mut ws).await;
@@ -628,7 +412,7 @@ async fn a_session_follows_at_most_256_documents() {
     assert_eq!(refused[0]["code"], "too_many_documents");
     let last = ids.last().unwrap();
     let mut conn = world.redis().await;
-    assert_eq!(numsub(&mut conn, &format!("nexus:doc:{last}")).await, 0, "the 257th is not subscribed");
+    assert_eq!(numsub(&mut conn, &format!("nexus:doc:{{{last}}}")).await, 0, "the 257th is not subscribed");
     assert_eq!(node.topics(), MAX_FOLLOWED as i64);
 
     // Room again after an unsubscribe.
@@ -680,7 +464,7 @@ async fn a_documents_presence_lists_at_most_64_sessions() {
     let id = new_doc(&ada, json!({})).await;
     let conn = world.redis().await;
     let listed = |conn: &MultiplexedConnection| {
-        let (mut conn, key) = (conn.clone(), format!("nexus:presence:{id}"));
+        let (mut conn, key) = (conn.clone(), format!("nexus:presence:{{{id}}}"));
         async move { redis::cmd("HLEN").arg(key).query_async::<usize>(&mut conn).await.unwrap() }
     };
     let mut sessions = Vec::new();
@@ -721,7 +505,7 @@ async fn participants_see_each_other_and_each_others_cursors_across_nodes() {
     // A participant whose node died: listed, but no longer kept alive.
     let mut conn = world.redis().await;
     let _: () = redis::cmd("HSET")
-        .arg(format!("nexus:presence:{id}"))
+        .arg(format!("nexus:presence:{{{id}}}"))
         .arg("session/ghost")
         .arg("ada")
         .query_async(&mut conn)

@@ -455,7 +455,7 @@ async fn history_is_capped_and_read_from_since() {
     let documents = Documents::new(redis.clone());
     // A log as an older node wrote it (time-based ids): replaced, not fatal.
     let () = redis::cmd("XADD")
-        .arg(format!("nexus:doc:{id}:log"))
+        .arg(format!("nexus:doc:{{{id}}}:log"))
         .arg("*")
         .arg("version")
         .arg(1)
@@ -471,7 +471,7 @@ async fn history_is_capped_and_read_from_since() {
         let written = documents.patch(current, version, &json!({"n": version})).await.unwrap();
         assert!(matches!(written, nexus_actors::roles::transaction_manager::documents::Write::Applied(_)));
     }
-    let length: usize = redis.conn().xlen(format!("nexus:doc:{id}:log")).await.unwrap();
+    let length: usize = redis.conn().xlen(format!("nexus:doc:{{{id}}}:log")).await.unwrap();
     assert!(length < HISTORY_LEN + 200, "the history is trimmed near {HISTORY_LEN}: {length}");
     let last = writes as u64 + 1;
     let (_, tail) = ada.get(&format!("/api/documents/{id}/history?since={}", last - 3)).await;

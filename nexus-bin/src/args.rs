@@ -433,6 +433,11 @@ pub(crate) struct NodeArgs {
     /// Redis URL.
     #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
     pub(crate) redis_url: String,
+    /// A Redis Cluster for the documents and their live changes: URLs of
+    /// some of its nodes, comma-separated (redis://host:port). Without it
+    /// they stay on --redis-url.
+    #[arg(long, value_delimiter = ',', env = "NEXUS_REDIS_CLUSTER")]
+    pub(crate) redis_cluster: Vec<String>,
     /// Kafka bootstrap servers, host:port[,host:port].
     #[arg(long, env = "KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
     pub(crate) kafka_brokers: String,

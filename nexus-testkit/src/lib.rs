@@ -245,6 +245,7 @@ pub fn node_config(name: &str, roles: &[Role], brokers: &Brokers, keys: &TestKey
         name: name.to_owned(),
         http: "127.0.0.1:0".parse().expect("an address"),
         redis_url: brokers.redis_url(),
+        redis_cluster: Vec::new(),
         kafka: KafkaConfig::new(brokers.kafka_brokers()),
         roles: roles.to_vec(),
         first_user: Some(("admin".to_owned(), ADMIN_PASSWORD.to_owned())),

@@ -38,6 +38,7 @@ pub(crate) fn serve(args: &[String]) {
         name: format!("bench-llm-{port}"),
         http: format!("127.0.0.1:{port}").parse().expect("port"),
         redis_url: redis_url.clone(),
+        redis_cluster: Vec::new(),
         kafka: KafkaConfig::new(brokers.clone()),
         roles: vec![Role::TransactionManager, Role::LlmManager],
         first_user: Some((USER.to_owned(), PASSWORD.to_owned())),

@@ -24,6 +24,9 @@ use crate::telemetry::TraceContext;
 pub enum Bus {
     /// The transactional bus: Redis pub/sub.
     Redis,
+    /// The transactional bus's sharded channels on a Redis Cluster
+    /// (sharded pub/sub), when the node has one.
+    RedisCluster,
     /// The semantic bus: Kafka.
     Kafka,
 }
@@ -33,6 +36,7 @@ impl Bus {
     pub fn as_str(self) -> &'static str {
         match self {
             Bus::Redis => "redis",
+            Bus::RedisCluster => "redis_cluster",
             Bus::Kafka => "kafka",
         }
     }

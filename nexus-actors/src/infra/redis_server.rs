@@ -16,14 +16,19 @@ impl RedisServer {
     /// Starts `redis-server` with its data and log in `dir`. With `persist`,
     /// it keeps an append-only file there so data survives a restart.
     pub fn start(dir: &Path, persist: bool) -> Result<Self, InfraError> {
+        Self::start_on(dir, persist, free_port()?, Vec::new())
+    }
+
+    /// Starts `redis-server` on `port` with `extra` arguments after the
+    /// usual ones.
+    pub(crate) fn start_on(dir: &Path, persist: bool, port: u16, extra: Vec<String>) -> Result<Self, InfraError> {
         let program = find_program("redis-server").ok_or(InfraError::NotInstalled {
             program: "redis-server",
             hint: "install it with `apt-get install redis-server`, or set REDIS_URL",
         })?;
         // The append-only file holds every account and secret in Redis.
         crate::platform::files::private_dir(dir)?;
-        let port = free_port()?;
-        let args = vec![
+        let mut args = vec![
             "--port".into(),
             port.to_string(),
             "--bind".into(),
@@ -35,6 +40,7 @@ impl RedisServer {
             "--appendonly".into(),
             if persist { "yes" } else { "no" }.into(),
         ];
+        args.extend(extra);
         let mut process = ChildProcess::new(program, args, vec![], dir.join("redis.log"), port);
         process.start(Duration::from_secs(10), pings)?;
         Ok(RedisServer { process })

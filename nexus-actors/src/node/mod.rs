@@ -98,6 +98,10 @@ pub struct NodeConfig {
     pub http: SocketAddr,
     /// The deployment's Redis (`redis://host:port/`): the transactional bus and the platform's state.
     pub redis_url: String,
+    /// URLs of some nodes of a Redis Cluster that holds the documents and
+    /// carries their live changes (sharded pub/sub); empty: both stay on
+    /// `redis_url`.
+    pub redis_cluster: Vec<String>,
     /// The deployment's Kafka brokers: the semantic bus.
     pub kafka: KafkaConfig,
     /// The roles this node runs.
@@ -267,7 +271,8 @@ pub struct Bridges {
 /// Starts both bridges, each on its own arbiter (thread).
 pub async fn start_bridges(kernel: &Kernel, config: &NodeConfig) -> Result<Bridges, NodeError> {
     let redis_arbiter = Arbiter::new();
-    let redis = RedisBridge::spawn(kernel, &redis_arbiter.handle(), &config.redis_url)?;
+    let redis =
+        RedisBridge::spawn_with_cluster(kernel, &redis_arbiter.handle(), &config.redis_url, &config.redis_cluster)?;
     let kafka_arbiter = Arbiter::new();
     let kafka = KafkaBridge::spawn(kernel, &kafka_arbiter.handle(), config.kafka.clone())
         .await

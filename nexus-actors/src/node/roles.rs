@@ -10,7 +10,7 @@ use super::{Bridges, NodeConfig, NodeError, Role};
 use crate::kernel::{ActorRef, Kernel};
 use crate::platform::auth::keys::KeyRing;
 use crate::platform::node_lease::{LeaseTimes, NodeLease};
-use crate::platform::{Platform, UserRole};
+use crate::platform::{Platform, Redis, UserRole};
 use crate::roles::llm_manager::{self as llm_role, LlmManagerDeps, LlmManagerHandle};
 use crate::roles::panel_manager::driver::RuntimeDriver;
 use crate::roles::panel_manager::kubernetes::{KubeConfig, KubeDriver, Templates};
@@ -180,6 +180,9 @@ pub(super) async fn transaction_manager(
     let mut state =
         tm_role::state(platform.clone(), config.login_limits, Some(publish), &config.name, kernel.metrics().registry());
     state.ui.gateway_url = gateway_url;
+    if !config.redis_cluster.is_empty() {
+        state.documents = tm_role::Documents::new(Redis::connect_cluster(&config.redis_cluster).await?);
+    }
     // Three heartbeats fit in the watchdog's timeout, however short it is set.
     state.ui.heartbeat_secs = state.ui.heartbeat_secs.min(config.panels.watchdog_timeout.as_secs() / 3).max(1);
     let produce = bridges.kafka.link(Role::TransactionManager.name());

@@ -11,9 +11,11 @@ pub fn panels(owner: &str) -> String {
 /// Every user's panel channel, for panel managers.
 pub const PANELS_PATTERN: &str = "nexus:panels:*";
 
-/// A document's changes, presence and cursors.
+/// A document's changes, presence and cursors: a sharded channel on a
+/// Redis Cluster, tagged `{<id>}` like the document's keys so that it lives
+/// on their shard.
 pub fn document(id: &str) -> String {
-    format!("nexus:doc:{id}")
+    format!("nexus:doc:{{{id}}}")
 }
 
 /// Announces that the route table changed.

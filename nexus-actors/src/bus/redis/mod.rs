@@ -24,8 +24,13 @@
 //! Subscription commands are handed to the connection in the order the
 //! bridge handles the messages, so a `SUBSCRIBE` and the `UNSUBSCRIBE` that
 //! follows it cannot swap places on the wire.
+//!
+//! A bridge given a Redis Cluster ([`RedisBridge::spawn_with_cluster`])
+//! carries [`Topic::Shard`] channels there with sharded pub/sub
+//! ([`shards`]); everything else stays on the one Redis of `url`.
 
 mod publisher;
+mod shards;
 mod table;
 
 pub use publisher::{PublishError, Publisher, MAX_PUBLISHES_IN_FLIGHT};
@@ -65,6 +70,26 @@ pub enum Topic {
     Channel(String),
     /// A glob pattern, as Redis `PSUBSCRIBE` takes it.
     Pattern(String),
+    /// A channel whose traffic should stay on one shard (a document's):
+    /// with a Redis Cluster it is subscribed with `SSUBSCRIBE` on the
+    /// master of its hash slot and published with
+    /// [`Publisher::publish_shard`] (`SPUBLISH`); on one Redis it is a
+    /// plain [`Topic::Channel`].
+    Shard(String),
+}
+
+impl Topic {
+    /// Whether this is a [`Topic::Shard`].
+    pub fn is_shard(&self) -> bool {
+        matches!(self, Topic::Shard(_))
+    }
+
+    fn shard_channel(&self) -> Option<&str> {
+        match self {
+            Topic::Shard(c) => Some(c),
+            _ => None,
+        }
+    }
 }
 
 /// Why Redis did not confirm a subscription. The topic stays in the
@@ -163,6 +188,8 @@ pub struct RedisBridge {
     sweeping: Arc<AtomicBool>,
     backoff: Backoff,
     me: Option<ActorRef<RedisBridge>>,
+    /// The Redis Cluster of [`Topic::Shard`] channels, when there is one.
+    shards: Option<shards::Shards>,
 }
 
 /// Which subscription command.
@@ -184,7 +211,8 @@ fn send_command(
     let (mut channels, mut patterns) = (Vec::new(), Vec::new());
     for topic in topics {
         match topic {
-            Topic::Channel(c) => channels.push(c),
+            // Shard topics reach this connection only as plain channels.
+            Topic::Channel(c) | Topic::Shard(c) => channels.push(c),
             Topic::Pattern(p) => patterns.push(p),
         }
     }
@@ -227,14 +255,33 @@ impl RedisBridge {
 
     /// Spawns the bridge on `arbiter`; it connects to `url` by itself.
     pub fn spawn(kernel: &Kernel, arbiter: &actix::ArbiterHandle, url: &str) -> Result<RedisBus, redis::RedisError> {
+        Self::spawn_with_cluster(kernel, arbiter, url, &[])
+    }
+
+    /// Spawns the bridge on `arbiter` with [`Topic::Shard`] channels on the
+    /// Redis Cluster that `cluster` (URLs of some of its nodes) belong to,
+    /// or on `url` when `cluster` is empty.
+    pub fn spawn_with_cluster(
+        kernel: &Kernel,
+        arbiter: &actix::ArbiterHandle,
+        url: &str,
+        cluster: &[String],
+    ) -> Result<RedisBus, redis::RedisError> {
         let client = redis::Client::open(url)?;
+        let cluster = cluster.to_vec();
         // Present from the start, so dashboards see zeros, not gaps.
         kernel.metrics().bus_errors.with_label_values(&[Bus::Redis.as_str(), BusErrorKind::Disconnected.as_str()]);
+        if !cluster.is_empty() {
+            kernel
+                .metrics()
+                .bus_errors
+                .with_label_values(&[Bus::RedisCluster.as_str(), BusErrorKind::Disconnected.as_str()]);
+        }
         let gauge = kernel.metrics().redis_subscriptions.clone();
         let subscriptions: Subscriptions = Arc::new(Mutex::new(Table { topics: HashMap::new(), gauge }));
         let generation = Arc::new(AtomicU64::new(0));
         let sweeping = Arc::new(AtomicBool::new(false));
-        let publisher = Publisher::new(client.clone(), kernel.metrics().clone());
+        let publisher = Publisher::new(client.clone(), kernel.metrics().clone(), !cluster.is_empty());
         let (k, p) = (kernel.clone(), publisher.clone());
         let bridge = kernel.spawn_on(arbiter, "redis-bridge", move || RedisBridge {
             kernel: k.clone(),
@@ -246,6 +293,7 @@ impl RedisBridge {
             sweeping: sweeping.clone(),
             backoff: Backoff::new(),
             me: None,
+            shards: (!cluster.is_empty()).then(|| shards::Shards::new(cluster.clone())),
         });
         Ok(RedisBus { bridge, publisher })
     }
@@ -253,7 +301,7 @@ impl RedisBridge {
     fn connect(&mut self, ctx: &mut Ctx<Self>) {
         let generation = self.generation.fetch_add(1, Ordering::SeqCst) + 1;
         let client = self.client.clone();
-        let topics: Vec<Topic> = lock(&self.subscriptions).topics.keys().cloned().collect();
+        let topics = self.plain_topics();
         let fut = async move {
             let (sink, stream) = client.get_async_pubsub().await?.split();
             send_command(&sink, Command::Subscribe, topics).await?;
@@ -277,7 +325,7 @@ impl RedisBridge {
                     reader.spawn(stream, me.link("redis"));
                 }
                 tracing::info!(bus = "redis", "bus up");
-                this.broadcast(|| BusEvent::Up(BusUp { bus: Bus::Redis }));
+                this.broadcast_on(this.on_plain(), || BusEvent::Up(BusUp { bus: Bus::Redis }));
             }
             Ok(Err(error)) => s.behaviour_mut().connect_failed(&error, ctx),
             Err(elapsed) => s.behaviour_mut().connect_failed(&elapsed, ctx),
@@ -294,14 +342,39 @@ impl RedisBridge {
         ctx.run_later(delay, |s, ctx| s.behaviour_mut().connect(ctx));
     }
 
-    /// Sends a control event to every subscriber, once however many
-    /// topics it follows. Control events ignore mailbox capacity: a
-    /// subscriber must learn it has to resync. Topics whose subscribers
-    /// all stopped are dropped.
-    fn broadcast(&self, event: impl Fn() -> BusEvent) {
+    /// `topic` as this bridge holds it: a shard topic is a plain channel
+    /// when there is no cluster.
+    fn placed(&self, topic: Topic) -> Topic {
+        match topic {
+            Topic::Shard(c) if self.shards.is_none() => Topic::Channel(c),
+            topic => topic,
+        }
+    }
+
+    /// Which topics the plain connection carries: all of them, or all
+    /// but the shard topics when those are on a cluster.
+    fn on_plain(&self) -> fn(&Topic) -> bool {
+        if self.shards.is_some() {
+            |t| !t.is_shard()
+        } else {
+            |_| true
+        }
+    }
+
+    /// The table's topics that the plain connection carries.
+    fn plain_topics(&self) -> Vec<Topic> {
+        let on_plain = self.on_plain();
+        lock(&self.subscriptions).topics.keys().filter(|t| on_plain(t)).cloned().collect()
+    }
+
+    /// Sends a control event to every subscriber of a topic that `on`
+    /// picks, once however many topics it follows. Control events ignore
+    /// mailbox capacity: a subscriber must learn it has to resync. Topics
+    /// whose subscribers all stopped are dropped.
+    fn broadcast_on(&self, on: impl Fn(&Topic) -> bool, event: impl Fn() -> BusEvent) {
         let mut told: HashMap<String, bool> = HashMap::new();
         let emptied = lock(&self.subscriptions)
-            .retain(|link| *told.entry(link.to().to_owned()).or_insert_with(|| link.tell(event()).is_ok()));
+            .retain_on(on, |link| *told.entry(link.to().to_owned()).or_insert_with(|| link.tell(event()).is_ok()));
         self.unsubscribe_on_redis(emptied);
     }
 
@@ -309,6 +382,9 @@ impl RedisBridge {
     /// as possible. Nothing to do while disconnected: the next connection
     /// subscribes only what the table holds.
     fn unsubscribe_on_redis(&self, topics: Vec<Topic>) {
+        let (shard, topics): (Vec<Topic>, Vec<Topic>) =
+            topics.into_iter().partition(|t| t.is_shard() && self.shards.is_some());
+        self.unsubscribe_shards(&shard);
         let Some(sink) = &self.sink else { return };
         if topics.is_empty() {
             return;
@@ -324,7 +400,7 @@ impl RedisBridge {
 
     /// Drops links to actors that stopped without unsubscribing.
     fn sweep(&self) {
-        let emptied = lock(&self.subscriptions).retain(Link::is_alive);
+        let emptied = lock(&self.subscriptions).retain_on(|_| true, Link::is_alive);
         if !emptied.is_empty() {
             tracing::debug!(topics = emptied.len(), "dropping topics of stopped subscribers");
         }
@@ -332,26 +408,33 @@ impl RedisBridge {
     }
 }
 
-/// Decodes one pub/sub message and offers it to every subscriber of its
-/// channel or pattern. Runs in the reader task, on the bridge's thread: a
-/// hop through the bridge's own mailbox would add latency and nothing else.
-/// Returns the topic when every subscriber had stopped and it was dropped.
-fn deliver(subscriptions: &Subscriptions, metrics: &Metrics, msg: &redis::Msg) -> Option<Topic> {
-    let channel = msg.get_channel_name();
-    let pattern: Option<String> = if msg.from_pattern() { msg.get_pattern().ok() } else { None };
-    metrics.bus_received.with_label_values(&[Bus::Redis.as_str(), topic_label(channel)]).inc();
-    let envelope = match Envelope::decode(msg.get_payload_bytes()) {
+/// Decodes one pub/sub message of `channel`, which came for `topic`
+/// (the channel itself, or the pattern it matched), and offers it to every
+/// subscriber of the topic. Runs where the message is read (the reader
+/// task, the cluster's push handler): a hop through the bridge's own
+/// mailbox would add latency and nothing else. Returns the topic when every
+/// subscriber had stopped and it was dropped.
+fn deliver(
+    subscriptions: &Subscriptions,
+    metrics: &Metrics,
+    bus: Bus,
+    channel: String,
+    topic: Topic,
+    payload: &[u8],
+) -> Option<Topic> {
+    metrics.bus_received.with_label_values(&[bus.as_str(), topic_label(&channel)]).inc();
+    let envelope = match Envelope::decode(payload) {
         Ok(envelope) => envelope,
         Err(error) => {
-            metrics.bus_error(Bus::Redis, BusErrorKind::Decode, &format_args!("channel {channel}: {error}"));
+            metrics.bus_error(bus, BusErrorKind::Decode, &format_args!("channel {channel}: {error}"));
             return None;
         }
     };
-    let topic = match &pattern {
-        Some(p) => Topic::Pattern(p.clone()),
-        None => Topic::Channel(channel.to_owned()),
+    let pattern = match &topic {
+        Topic::Pattern(p) => Some(p.clone()),
+        Topic::Channel(_) | Topic::Shard(_) => None,
     };
-    let event = Arc::new(BusMessage { channel: channel.to_owned(), pattern, envelope });
+    let event = Arc::new(BusMessage { channel, pattern, envelope });
     lock(subscriptions).offer(&topic, &event).then_some(topic)
 }
 
@@ -379,7 +462,14 @@ impl Reader {
                 if self.current.load(Ordering::SeqCst) != self.generation {
                     return;
                 }
-                if let Some(topic) = deliver(&self.subscriptions, &self.metrics, &msg) {
+                let channel = msg.get_channel_name().to_owned();
+                let topic = match msg.from_pattern().then(|| msg.get_pattern::<String>().ok()).flatten() {
+                    Some(pattern) => Topic::Pattern(pattern),
+                    None => Topic::Channel(channel.clone()),
+                };
+                let delivered =
+                    deliver(&self.subscriptions, &self.metrics, Bus::Redis, channel, topic, msg.get_payload_bytes());
+                if let Some(topic) = delivered {
                     let _ = self.emptied.tell(Emptied(vec![topic]));
                 }
             }
@@ -399,6 +489,7 @@ impl Behaviour for RedisBridge {
             ctx.run_interval(SWEEP_EVERY, |s, _| s.behaviour_mut().sweep());
         }
         self.connect(ctx);
+        self.subscribe_shards(ctx);
     }
 }
 
@@ -411,7 +502,7 @@ impl Handler<ConnectionLost> for RedisBridge {
         self.publisher.set_up(false);
         self.kernel.metrics().bus_error(Bus::Redis, BusErrorKind::Disconnected, &msg.reason);
         let reason = msg.reason;
-        self.broadcast(|| BusEvent::Down(BusDown { bus: Bus::Redis, reason: reason.clone() }));
+        self.broadcast_on(self.on_plain(), || BusEvent::Down(BusDown { bus: Bus::Redis, reason: reason.clone() }));
         self.schedule_reconnect(ctx);
         Reply::Now(())
     }
@@ -430,9 +521,13 @@ impl Handler<Emptied> for RedisBridge {
 }
 
 impl Handler<Subscribe> for RedisBridge {
-    fn handle(&mut self, msg: Subscribe, _ctx: &mut Ctx<Self>) -> Reply<Result<(), SubscribeError>> {
+    fn handle(&mut self, mut msg: Subscribe, _ctx: &mut Ctx<Self>) -> Reply<Result<(), SubscribeError>> {
         let subscriber = msg.subscriber.clone();
+        msg.topic = self.placed(msg.topic);
         lock(&self.subscriptions).add(msg.topic.clone(), msg.subscriber);
+        if msg.topic.is_shard() {
+            return self.subscribe_shard(msg.topic, subscriber);
+        }
         let Some(sink) = &self.sink else {
             // Told so that it resyncs on the BusUp of the reconnection.
             let _ = subscriber.tell(BusEvent::Down(BusDown { bus: Bus::Redis, reason: "not connected".into() }));
@@ -455,8 +550,9 @@ impl Handler<Subscribe> for RedisBridge {
 
 impl Handler<Unsubscribe> for RedisBridge {
     fn handle(&mut self, msg: Unsubscribe, _ctx: &mut Ctx<Self>) -> Reply<()> {
-        if lock(&self.subscriptions).remove(&msg.topic, &msg.subscriber) {
-            self.unsubscribe_on_redis(vec![msg.topic]);
+        let topic = self.placed(msg.topic);
+        if lock(&self.subscriptions).remove(&topic, &msg.subscriber) {
+            self.unsubscribe_on_redis(vec![topic]);
         }
         Reply::Now(())
     }

@@ -11,12 +11,18 @@
 //! (its arbiters and HTTP workers). The bridge only says whether the bus is
 //! up: while its pub/sub connection is down a publish is refused at once.
 //! This module does not subscribe or deliver.
+//!
+//! A [`Topic::Shard`](super::Topic::Shard) channel is published with
+//! [`Publisher::publish_shard`]: on the bridge's Redis Cluster connection
+//! (`SPUBLISH`, to the master of the channel's slot) when it has one, else
+//! as any other channel.
 
 use std::cell::RefCell;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, Mutex, Weak};
 
-use redis::aio::ConnectionManager;
+use redis::aio::{ConnectionLike, ConnectionManager};
+use redis::cluster_async::ClusterConnection;
 
 use super::topic_label;
 use crate::bus::{Bus, BusErrorKind};
@@ -71,6 +77,11 @@ struct Shared {
     up: AtomicBool,
     in_flight: AtomicUsize,
     metrics: Metrics,
+    /// The bridge's Redis Cluster connection, once it has made one; for
+    /// shard channels.
+    cluster: Mutex<Option<ClusterConnection>>,
+    /// Whether the bridge has a cluster at all.
+    clustered: bool,
 }
 
 thread_local! {
@@ -89,9 +100,21 @@ impl Drop for InFlight<'_> {
 }
 
 impl Publisher {
-    pub(super) fn new(client: redis::Client, metrics: Metrics) -> Self {
-        let shared = Shared { client, up: AtomicBool::new(false), in_flight: AtomicUsize::new(0), metrics };
+    pub(super) fn new(client: redis::Client, metrics: Metrics, clustered: bool) -> Self {
+        let shared = Shared {
+            client,
+            up: AtomicBool::new(false),
+            in_flight: AtomicUsize::new(0),
+            metrics,
+            cluster: Mutex::new(None),
+            clustered,
+        };
         Publisher { shared: Arc::new(shared) }
+    }
+
+    /// The bridge's cluster connection, for shard channels.
+    pub(super) fn set_cluster(&self, conn: Option<ClusterConnection>) {
+        *crate::kernel::lock(&self.shared.cluster) = conn;
     }
 
     /// The bridge's word on the bus: publish while it is up, refuse while
@@ -128,35 +151,66 @@ impl Publisher {
             shared.metrics.bus_error(Bus::Redis, BusErrorKind::PublishUnavailable, &channel);
             return Err(PublishError::Unavailable(envelope));
         }
+        let conn = self.connection();
+        self.send(Bus::Redis, "PUBLISH", channel, envelope, conn).await
+    }
+
+    /// Publishes `envelope` on the shard channel `channel` (a
+    /// [`Topic::Shard`](super::Topic::Shard)'s): with `SPUBLISH` on the
+    /// bridge's Redis Cluster, or as [`Publisher::publish`] when it has
+    /// none. The number of clients that received it.
+    pub async fn publish_shard(&self, channel: impl Into<String>, envelope: Envelope) -> Result<u64, PublishError> {
+        if !self.shared.clustered {
+            return self.publish(channel, envelope).await;
+        }
+        let channel = channel.into();
+        let Some(conn) = crate::kernel::lock(&self.shared.cluster).clone() else {
+            self.shared.metrics.bus_error(Bus::RedisCluster, BusErrorKind::PublishUnavailable, &channel);
+            return Err(PublishError::Unavailable(envelope));
+        };
+        self.send(Bus::RedisCluster, "SPUBLISH", channel, envelope, Ok(conn)).await
+    }
+
+    /// Sends `command` (a publish) of `envelope` on `channel` over `conn`,
+    /// within the in-flight bound.
+    async fn send<C: ConnectionLike>(
+        &self,
+        bus: Bus,
+        command: &str,
+        channel: String,
+        envelope: Envelope,
+        conn: redis::RedisResult<C>,
+    ) -> Result<u64, PublishError> {
+        let shared = &*self.shared;
         if shared.in_flight.fetch_add(1, Ordering::Relaxed) >= MAX_PUBLISHES_IN_FLIGHT {
             shared.in_flight.fetch_sub(1, Ordering::Relaxed);
-            shared.metrics.bus_error(Bus::Redis, BusErrorKind::PublishBusy, &channel);
+            shared.metrics.bus_error(bus, BusErrorKind::PublishBusy, &channel);
             return Err(PublishError::Busy(envelope));
         }
         let _in_flight = InFlight(&shared.in_flight);
-        let mut conn = match self.connection() {
+        let mut conn = match conn {
             Ok(conn) => conn,
             Err(source) => {
-                shared.metrics.bus_error(Bus::Redis, BusErrorKind::Publish, &source);
+                shared.metrics.bus_error(bus, BusErrorKind::Publish, &source);
                 return Err(PublishError::Redis { envelope, source });
             }
         };
-        let mut cmd = redis::cmd("PUBLISH");
+        let mut cmd = redis::cmd(command);
         cmd.arg(&channel).arg(envelope.encode());
         let mut result: redis::RedisResult<u64> = cmd.query_async(&mut conn).await;
-        // The connection manager reports a connection that died since the
-        // last command once, then reconnects: one retry covers it. Not after
-        // a timeout: that publish may have gone out, and would go twice.
+        // A connection that died since the last command is reported once,
+        // then replaced: one retry covers it. Not after a timeout: that
+        // publish may have gone out, and would go twice.
         if result.as_ref().is_err_and(|e| (e.is_io_error() || e.is_connection_dropped()) && !e.is_timeout()) {
             result = cmd.query_async(&mut conn).await;
         }
         match result {
             Ok(receivers) => {
-                shared.metrics.bus_published.with_label_values(&[Bus::Redis.as_str(), topic_label(&channel)]).inc();
+                shared.metrics.bus_published.with_label_values(&[bus.as_str(), topic_label(&channel)]).inc();
                 Ok(receivers)
             }
             Err(source) => {
-                shared.metrics.bus_error(Bus::Redis, BusErrorKind::Publish, &source);
+                shared.metrics.bus_error(bus, BusErrorKind::Publish, &source);
                 Err(PublishError::Redis { envelope, source })
             }
         }
@@ -170,6 +224,15 @@ impl Publisher {
         let (publisher, channel) = (self.clone(), channel.into());
         actix::spawn(async move {
             let _ = publisher.publish(channel, envelope).await;
+        });
+    }
+
+    /// [`Publisher::publish_shard`] without waiting for the outcome, as
+    /// [`Publisher::publish_detached`].
+    pub fn publish_shard_detached(&self, channel: impl Into<String>, envelope: Envelope) {
+        let (publisher, channel) = (self.clone(), channel.into());
+        actix::spawn(async move {
+            let _ = publisher.publish_shard(channel, envelope).await;
         });
     }
 }

@@ -40,11 +40,18 @@ impl Table {
         emptied
     }
 
-    /// Keeps, on every topic, the links for which `keep` holds; the
-    /// topics left without any are dropped and returned.
-    pub(super) fn retain(&mut self, mut keep: impl FnMut(&Link<BusEvent>) -> bool) -> Vec<Topic> {
+    /// Keeps, on every topic that `on` picks, the links for which `keep`
+    /// holds; the topics left without any are dropped and returned.
+    pub(super) fn retain_on(
+        &mut self,
+        on: impl Fn(&Topic) -> bool,
+        mut keep: impl FnMut(&Link<BusEvent>) -> bool,
+    ) -> Vec<Topic> {
         let mut emptied = Vec::new();
         self.topics.retain(|topic, links| {
+            if !on(topic) {
+                return true;
+            }
             links.retain(&mut keep);
             if links.is_empty() {
                 emptied.push(topic.clone());

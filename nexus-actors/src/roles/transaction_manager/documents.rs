@@ -2,11 +2,21 @@
 //! user saved is in Redis before the API answers, so nothing is lost when
 //! a node restarts.
 //!
-//! Keys: `nexus:doc:{id}` (hash: owner, version, state),
-//! `nexus:docs:{owner}` (set), `nexus:doc:{id}:log` (stream of applied
-//! patches, entry id `{version}-1`, capped near [`HISTORY_LEN`]),
-//! `nexus:presence:{doc}` (hash session → user) and
-//! `nexus:presence-alive:{session}` (expiring marker).
+//! Keys: `nexus:doc:{<id>}` (hash: owner, version, state),
+//! `nexus:docs:<owner>` (set), `nexus:doc:{<id>}:log` (stream of applied
+//! patches, entry id `<version>-1`, capped near [`HISTORY_LEN`]),
+//! `nexus:presence:{<doc>}` (hash session → user) and
+//! `nexus:presence-alive:<session>` (expiring marker).
+//!
+//! The store may be a Redis Cluster: no command or script spans two hash
+//! slots. A document's keys share its id as their hash tag (`{<id>}`, the
+//! tag its channel [`crate::platform::channels::document`] has too), so a patch is one
+//! script on one shard and its announcement stays on that shard. What joins
+//! a document to its owner's set takes two steps, each on its own slot:
+//! creating reserves the id in the set (within the quota) before writing
+//! the document, deleting removes the document before the id. A node that
+//! dies between the two leaves an id without a document in the set, which
+//! listings skip.
 //!
 //! Bounds: a document's state is at most [`MAX_DOCUMENT`] bytes; its
 //! history keeps about the last [`HISTORY_LEN`] changes (a client further
@@ -99,11 +109,10 @@ end
 return {0, next}
 ";
 
-/// Creates a document unless the owner holds ARGV[4] already.
-const CREATE_SCRIPT: &str = r"
-if redis.call('SCARD', KEYS[2]) >= tonumber(ARGV[4]) then return 0 end
-redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'version', 1, 'state', ARGV[3])
-redis.call('SADD', KEYS[2], ARGV[2])
+/// Adds the id ARGV[1] to an owner's set unless they hold ARGV[2] already.
+const RESERVE_SCRIPT: &str = r"
+if redis.call('SCARD', KEYS[1]) >= tonumber(ARGV[2]) then return 0 end
+redis.call('SADD', KEYS[1], ARGV[1])
 return 1
 ";
 
@@ -111,13 +120,13 @@ fn docs_key(owner: &str) -> String {
     format!("nexus:docs:{owner}")
 }
 fn doc_key(id: &str) -> String {
-    format!("nexus:doc:{id}")
+    format!("nexus:doc:{{{id}}}")
 }
 fn doc_log_key(id: &str) -> String {
-    format!("nexus:doc:{id}:log")
+    format!("nexus:doc:{{{id}}}:log")
 }
 fn presence_key(doc: &str) -> String {
-    format!("nexus:presence:{doc}")
+    format!("nexus:presence:{{{doc}}}")
 }
 fn alive_key(session: &str) -> String {
     format!("nexus:presence-alive:{session}")
@@ -155,24 +164,31 @@ impl Documents {
         if encoded.len() > MAX_DOCUMENT {
             return Ok(Created::TooLarge { bytes: encoded.len() });
         }
-        let created: i64 = redis::Script::new(CREATE_SCRIPT)
-            .key(doc_key(id))
+        let reserved: i64 = redis::Script::new(RESERVE_SCRIPT)
             .key(docs_key(owner))
-            .arg(owner)
             .arg(id)
-            .arg(encoded)
             .arg(max)
             .invoke_async(&mut self.redis.conn())
             .await?;
-        Ok(match created {
-            1 => Created::Document(Document {
-                id: id.to_owned(),
-                owner: owner.to_owned(),
-                version: 1,
-                state: state.clone(),
-            }),
-            _ => Created::OverQuota,
-        })
+        if reserved != 1 {
+            return Ok(Created::OverQuota);
+        }
+        let written: redis::RedisResult<()> = redis::cmd("HSET")
+            .arg(doc_key(id))
+            .arg("owner")
+            .arg(owner)
+            .arg("version")
+            .arg(1)
+            .arg("state")
+            .arg(encoded)
+            .query_async(&mut self.redis.conn())
+            .await;
+        if let Err(error) = written {
+            // Gives the quota back; if this fails too, listings skip the id.
+            let _: redis::RedisResult<()> = self.redis.conn().srem(docs_key(owner), id).await;
+            return Err(error.into());
+        }
+        Ok(Created::Document(Document { id: id.to_owned(), owner: owner.to_owned(), version: 1, state: state.clone() }))
     }
 
     /// The document `id`, if there is one. An id that is not a UUID is
@@ -266,15 +282,11 @@ impl Documents {
         Ok(changes)
     }
 
-    /// Deletes a document and its history.
+    /// Deletes a document and its history, then its id from its owner's set.
     pub async fn delete(&self, doc: &Document) -> Result<(), StoreError> {
-        redis::pipe()
-            .atomic()
-            .del(doc_key(&doc.id))
-            .del(doc_log_key(&doc.id))
-            .srem(docs_key(&doc.owner), &doc.id)
-            .query_async::<()>(&mut self.redis.conn())
-            .await?;
+        let mut conn = self.redis.conn();
+        let _: () = conn.del(&[doc_key(&doc.id), doc_log_key(&doc.id)]).await?;
+        let _: () = conn.srem(docs_key(&doc.owner), &doc.id).await?;
         Ok(())
     }
 
@@ -285,12 +297,10 @@ impl Documents {
         session: &str,
         user: &str,
     ) -> Result<Vec<(String, String)>, StoreError> {
-        redis::pipe()
-            .atomic()
-            .hset(presence_key(doc), session, user)
-            .set_ex(alive_key(session), 1, PRESENCE_TTL_SECS)
-            .query_async::<()>(&mut self.redis.conn())
-            .await?;
+        // Marked alive first: an entry without its marker counts as left.
+        let mut conn = self.redis.conn();
+        let _: () = conn.set_ex(alive_key(session), 1, PRESENCE_TTL_SECS).await?;
+        let _: () = conn.hset(presence_key(doc), session, user).await?;
         self.present(&presence_key(doc)).await
     }
 

@@ -58,7 +58,7 @@ use super::api::TmState;
 use super::documents::PRESENCE_TTL_SECS;
 use super::protocol::{decode, ClientFrame, ErrorCode, ServerFrame};
 use crate::bus::redis::{Publisher, Subscribe, Topic, Unsubscribe};
-use crate::bus::BusEvent;
+use crate::bus::{Bus, BusEvent};
 use crate::envelope::Payload;
 use crate::instance::InstanceChanged;
 use crate::kernel::{ActorRef, Behaviour, Ctx, Handler, Link, Message, Reply, SendError};
@@ -172,14 +172,14 @@ pub struct Session {
     panels: bool,
     /// Followed contexts, at most [`MAX_FOLLOWED_CONTEXTS`].
     contexts: FollowedContexts,
-    /// The bus went down since the last `BusUp`: what was published
-    /// meanwhile is lost from pub/sub.
-    bus_down: bool,
+    /// The buses (plain Redis, its cluster) that went down since their
+    /// last `BusUp`: what was published there meanwhile is lost from pub/sub.
+    buses_down: Vec<Bus>,
     me: Option<ActorRef<Session>>,
 }
 
 fn doc_topic(doc: &str) -> Topic {
-    Topic::Channel(channels::document(doc))
+    Topic::Shard(channels::document(doc))
 }
 
 impl Session {
@@ -502,11 +502,11 @@ impl Handler<BusEvent> for Session {
     fn handle(&mut self, event: BusEvent, ctx: &mut Ctx<Self>) -> Reply<()> {
         match event {
             BusEvent::Message(m) => self.bus_message(&m, ctx),
-            BusEvent::Up(_) if self.bus_down => {
+            BusEvent::Up(up) if self.buses_down.contains(&up.bus) => {
                 // Whatever was published while the bus was down is gone from
                 // pub/sub; the history has it. (A BusUp without a BusDown
                 // before it only confirms a new subscription.)
-                self.bus_down = false;
+                self.buses_down.retain(|b| *b != up.bus);
                 let docs: Vec<String> = self.docs.keys().cloned().collect();
                 for doc in docs {
                     self.request_sync(&doc);
@@ -518,7 +518,11 @@ impl Handler<BusEvent> for Session {
                 self.check_token();
             }
             BusEvent::Up(_) => {}
-            BusEvent::Down(_) => self.bus_down = true,
+            BusEvent::Down(down) => {
+                if !self.buses_down.contains(&down.bus) {
+                    self.buses_down.push(down.bus);
+                }
+            }
         }
         Reply::Now(())
     }

@@ -10,7 +10,6 @@ use utoipa::ToSchema;
 
 use super::{own_document, TmState};
 use crate::envelope::{Payload, MAX_ENVELOPE_BYTES};
-use crate::platform::channels;
 use crate::platform::error::ErrorBody;
 use crate::platform::{ApiError, Caller};
 use crate::roles::transaction_manager::documents::{Change, Created, Document, Write, MAX_DOCUMENT};
@@ -123,7 +122,7 @@ pub async fn patch_document(
     // see the new version and fetch it, instead of missing the change.
     let patch = if patch.to_string().len() + ENVELOPE_OVERHEAD > MAX_ENVELOPE_BYTES { Value::Null } else { patch };
     let change = DocumentChanged { id: doc.id.clone(), version: doc.version, patch };
-    state.announce(channels::document(&doc.id), change).await;
+    state.announce_document(&doc.id, change).await;
     Ok(HttpResponse::Ok().json(doc))
 }
 

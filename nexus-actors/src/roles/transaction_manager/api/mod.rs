@@ -115,4 +115,15 @@ impl TmState {
             }
         }
     }
+
+    /// Announces `payload` on document `id`'s (shard) channel, as
+    /// [`TmState::announce`].
+    pub async fn announce_document<P: Payload>(&self, id: &str, payload: P) {
+        if let Some(publish) = &self.publish {
+            let envelope = Envelope::new(self.node.clone(), payload).into_untyped();
+            if let Err(error) = publish.publish_shard(crate::platform::channels::document(id), envelope).await {
+                tracing::warn!(%error, "announcement not published");
+            }
+        }
+    }
 }

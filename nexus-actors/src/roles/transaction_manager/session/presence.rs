@@ -114,7 +114,7 @@ impl Session {
     /// move supersedes it.
     fn announce<P: Payload>(&self, doc: &str, payload: P) {
         let envelope = Envelope::new(self.state.node.clone(), payload).into_untyped();
-        self.bus.publish.publish_detached(channels::document(doc), envelope);
+        self.bus.publish.publish_shard_detached(channels::document(doc), envelope);
     }
 
     /// Announces the client's cursor in `doc`, which it must follow with
@@ -133,7 +133,7 @@ impl Session {
 fn announce_presence(state: &TmState, publish: &Publisher, doc: String, present: Vec<(String, String)>) {
     let present = present.into_iter().map(|(session, user)| Participant { session, user }).collect();
     let envelope = Envelope::new(state.node.clone(), PresenceChanged { doc: doc.clone(), present }).into_untyped();
-    publish.publish_detached(channels::document(&doc), envelope);
+    publish.publish_shard_detached(channels::document(&doc), envelope);
 }
 
 impl Handler<PresenceJoined> for Session {

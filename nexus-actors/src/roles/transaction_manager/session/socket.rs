@@ -121,7 +121,7 @@ pub async fn upgrade(
         follows: 0,
         panels: false,
         contexts: Default::default(),
-        bus_down: false,
+        buses_down: Vec::new(),
         me: None,
     });
     tracing::info!(%user, session = session.id(), "websocket session opened");

@@ -1,0 +1,138 @@
+//! Documents on a Redis Cluster (three masters, a replica each, started by
+//! the test on loopback): each document's keys and its live changes stay
+//! on the master of its hash slot, followers on two nodes get every change,
+//! and a follower stays in sync when that master dies and its replica
+//! takes over.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use redis::aio::MultiplexedConnection;
+use serde_json::json;
+
+use super::harness::*;
+
+/// A plain connection to one node of the cluster (no redirects followed).
+async fn node_conn(port: u16) -> MultiplexedConnection {
+    let url = format!("redis://127.0.0.1:{port}/");
+    redis::Client::open(url).unwrap().get_multiplexed_async_connection().await.unwrap()
+}
+
+/// `PUBSUB SHARDCHANNELS nexus:doc:*` on one node: its own shard channels.
+async fn shard_channels(port: u16) -> Vec<String> {
+    let mut conn = node_conn(port).await;
+    redis::cmd("PUBSUB").arg("SHARDCHANNELS").arg("nexus:doc:*").query_async(&mut conn).await.unwrap()
+}
+
+#[actix_rt::test]
+async fn documents_and_their_changes_stay_on_the_shard_of_their_slot() {
+    let world = World::clustered("cluster-shards").await;
+    let (a, b) = (world.node().await, world.node().await);
+    let (ada_a, ada_b) = (a.login("ada").await, b.login("ada").await);
+    let (mut ws_a, mut ws_b) = (connect(&a, &ada_a).await, connect(&b, &ada_b).await);
+    let mut docs = Vec::new();
+    for n in 0..12 {
+        let id = new_doc(&ada_a, json!({ "n": n })).await;
+        for ws in [&mut ws_a, &mut ws_b] {
+            send(ws, json!({"type": "subscribe", "doc": id})).await;
+            let snapshot = next(ws).await;
+            assert_eq!((snapshot["type"].as_str(), snapshot["state"].clone()), (Some("snapshot"), json!({ "n": n })));
+        }
+        patch(&ada_b, &id, 1, json!({ "n": n + 100 })).await;
+        for ws in [&mut ws_a, &mut ws_b] {
+            let change = next(ws).await;
+            assert_eq!(change, json!({"type": "change", "doc": id, "version": 2, "patch": { "n": n + 100 }}));
+        }
+        docs.push(id);
+    }
+
+    let cluster = world.cluster.as_ref().unwrap();
+    let masters = cluster.masters().unwrap();
+    assert_eq!(masters.len(), 3);
+    let mut homes = HashSet::new();
+    let mut published = std::collections::HashMap::<u16, u64>::new();
+    for id in &docs {
+        // The document's hash, its history and its channel share one name
+        // tag, so one master holds and carries all of it.
+        let (key, log, channel) = (format!("nexus:doc:{{{id}}}"), format!("nexus:doc:{{{id}}}:log"), key_channel(id));
+        let home = cluster.master_of(&key).unwrap();
+        assert_eq!(cluster.master_of(&log).unwrap(), home);
+        homes.insert(home);
+        // Two presence joins (one per follower) and the change.
+        *published.entry(home).or_default() += 3;
+        let mut conn = node_conn(home).await;
+        let version: u64 = redis::cmd("HGET").arg(&key).arg("version").query_async(&mut conn).await.unwrap();
+        assert_eq!(version, 2, "{key} lives on master {home}");
+        for port in &masters {
+            let here = shard_channels(*port).await.contains(&channel);
+            assert_eq!(here, *port == home, "{channel} is subscribed on master {port}: {here}; its home is {home}");
+        }
+    }
+    assert!(homes.len() >= 2, "twelve documents spread over more than one master: {homes:?}");
+    // Each change was published once, on its document's master only.
+    for port in &masters {
+        let spublish = command_calls(&mut node_conn(*port).await, "spublish").await;
+        assert_eq!(spublish, published.get(port).copied().unwrap_or(0), "SPUBLISH calls on master {port}");
+    }
+    // The plain Redis holds no document and carried none of their changes.
+    let mut plain = world.redis().await;
+    let keys: Vec<String> = redis::cmd("KEYS").arg("nexus:doc*").query_async(&mut plain).await.unwrap();
+    assert!(keys.is_empty(), "documents on the plain redis: {keys:?}");
+    assert_eq!(command_calls(&mut plain, "publish").await, 0);
+    assert!(doc_channels(&mut plain).await.is_empty());
+
+    // Unfollowing everywhere unsubscribes the channel on its master.
+    let (id, channel) = (&docs[0], key_channel(&docs[0]));
+    let home = cluster.master_of(&channel).unwrap();
+    for ws in [&mut ws_a, &mut ws_b] {
+        send(ws, json!({"type": "unsubscribe", "doc": id})).await;
+        round_trip(ws).await;
+    }
+    for _ in 0..50 {
+        if !shard_channels(home).await.contains(&channel) {
+            break;
+        }
+        actix::clock::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(!shard_channels(home).await.contains(&channel), "{channel} is still subscribed after every follower left");
+}
+
+#[actix_rt::test]
+async fn a_follower_stays_in_sync_when_its_documents_master_dies_and_its_replica_takes_over() {
+    let mut world = World::clustered("cluster-failover").await;
+    let (a, b) = (world.node().await, world.node().await);
+    let (ada_a, ada_b) = (a.login("ada").await, b.login("ada").await);
+    let id = new_doc(&ada_a, json!({"log": []})).await;
+    let mut ws = connect(&a, &ada_a).await;
+    send(&mut ws, json!({"type": "subscribe", "doc": id})).await;
+    let snapshot = next(&mut ws).await;
+    let mut state = snapshot["state"].clone();
+    patch(&ada_b, &id, 1, json!({"log": ["before"]})).await;
+    follow_to(&mut ws, &mut state, 1, 2).await;
+
+    let mut cluster = world.cluster.take().unwrap();
+    let home = cluster.master_of(&key_channel(&id)).unwrap();
+    cluster.wait_replicated(home, Duration::from_secs(10)).unwrap();
+    let cluster =
+        tokio::task::spawn_blocking(move || cluster.fail_over(home, Duration::from_secs(30)).map(|()| cluster))
+            .await
+            .unwrap()
+            .expect("the replica takes over");
+    assert_ne!(cluster.master_of(&key_channel(&id)).unwrap(), home, "another master serves the document now");
+
+    // What was saved before survives, and a change made through the other
+    // node after the failover reaches the follower.
+    let saved = rest(&ada_b, reqwest::Method::GET, &format!("/api/documents/{id}"), None).await;
+    assert_eq!((saved["version"].as_u64(), saved["state"].clone()), (Some(2), json!({"log": ["before"]})));
+    patch(&ada_b, &id, 2, json!({"log": ["before", "after"]})).await;
+    follow_to(&mut ws, &mut state, 2, 3).await;
+    assert_eq!(state, json!({"log": ["before", "after"]}));
+    let dropped = a.kernel.metrics().bus_errors.with_label_values(&["redis_cluster", "disconnected"]).get();
+    assert!(dropped > 0, "node a saw its connection to the dead master drop");
+    drop(cluster);
+}
+
+/// Document `id`'s channel; the same name as its hash key.
+fn key_channel(id: &str) -> String {
+    nexus_actors::platform::channels::document(id)
+}
