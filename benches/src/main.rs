@@ -81,6 +81,7 @@ mod llm;
 mod login;
 mod panels;
 mod sessions;
+mod shards;
 mod tools;
 
 fn main() {
@@ -174,6 +175,7 @@ fn main() {
         let mut rows = Vec::new();
         rows.extend(kernel_rows(sizes.kernel).await);
         rows.extend(redis_rows(&dir, sizes.redis).await);
+        rows.extend(shards::rows(&dir, sizes.redis).await);
         rows.extend(kafka_rows(&dir, sizes.kafka).await);
         rows
     });

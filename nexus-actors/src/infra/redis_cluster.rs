@@ -22,6 +22,9 @@ pub struct RedisCluster {
 impl RedisCluster {
     /// Starts `masters` masters with `replicas` replicas each, their data
     /// and logs under `dir`, and waits until the cluster serves every slot.
+    /// The servers die with the thread that calls this (as every child of
+    /// [`super::process`] does): not a blocking pool's thread, which exits
+    /// when idle.
     pub fn start(dir: &Path, masters: usize, replicas: usize) -> Result<Self, InfraError> {
         let cli = find_program("redis-cli").ok_or(InfraError::NotInstalled {
             program: "redis-cli",
@@ -107,6 +110,35 @@ impl RedisCluster {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
+    }
+
+    /// Moves the hash slot of `key`, with its keys, to the master on `to`,
+    /// as resharding does (`SETSLOT IMPORTING`/`MIGRATING`, `MIGRATE`,
+    /// `SETSLOT NODE`).
+    pub fn move_slot_of(&self, key: &str, to: u16) -> Result<(), InfraError> {
+        let from = self.master_of(key)?;
+        let slot = self.query(&["CLUSTER", "KEYSLOT", key])?.trim().to_owned();
+        let id = |port| cli(port, &["CLUSTER", "MYID"]).map(|id| id.trim().to_owned());
+        let (from_id, to_id) = (id(from)?, id(to)?);
+        cli(to, &["CLUSTER", "SETSLOT", &slot, "IMPORTING", &from_id])?;
+        cli(from, &["CLUSTER", "SETSLOT", &slot, "MIGRATING", &to_id])?;
+        loop {
+            let keys = cli(from, &["CLUSTER", "GETKEYSINSLOT", &slot, "100"])?;
+            let keys: Vec<&str> = keys.lines().map(str::trim).filter(|k| !k.is_empty()).collect();
+            if keys.is_empty() {
+                break;
+            }
+            let port = to.to_string();
+            let mut migrate = vec!["MIGRATE", "127.0.0.1", &port, "", "0", "5000", "KEYS"];
+            migrate.extend(keys);
+            cli(from, &migrate)?;
+        }
+        let mut masters = self.masters()?;
+        masters.sort_by_key(|port| (*port != to, *port != from));
+        for port in masters {
+            cli(port, &["CLUSTER", "SETSLOT", &slot, "NODE", &to_id])?;
+        }
+        Ok(())
     }
 
     /// Waits until every replica of the master on `port` has all that the

@@ -2,7 +2,7 @@
 //! the test on loopback): each document's keys and its live changes stay
 //! on the master of its hash slot, followers on two nodes get every change,
 //! and a follower stays in sync when that master dies and its replica
-//! takes over.
+//! takes over, or when the slot moves to another master.
 
 use std::collections::HashSet;
 use std::time::Duration;
@@ -19,9 +19,20 @@ async fn node_conn(port: u16) -> MultiplexedConnection {
 }
 
 /// `PUBSUB SHARDCHANNELS nexus:doc:*` on one node: its own shard channels.
-async fn shard_channels(port: u16) -> Vec<String> {
-    let mut conn = node_conn(port).await;
-    redis::cmd("PUBSUB").arg("SHARDCHANNELS").arg("nexus:doc:*").query_async(&mut conn).await.unwrap()
+async fn shard_channels(conn: &mut MultiplexedConnection) -> Vec<String> {
+    redis::cmd("PUBSUB").arg("SHARDCHANNELS").arg("nexus:doc:*").query_async(conn).await.unwrap()
+}
+
+/// Polls `conn`'s shard channels for up to 10 s until `channel` is there
+/// (or, with `present` false, gone); whether it is at the end.
+async fn until_shard_channel(conn: &mut MultiplexedConnection, channel: &str, present: bool) -> bool {
+    for _ in 0..100 {
+        if shard_channels(conn).await.iter().any(|c| c == channel) == present {
+            break;
+        }
+        actix::clock::sleep(Duration::from_millis(100)).await;
+    }
+    shard_channels(conn).await.iter().any(|c| c == channel)
 }
 
 #[actix_rt::test]
@@ -64,7 +75,7 @@ async fn documents_and_their_changes_stay_on_the_shard_of_their_slot() {
         let version: u64 = redis::cmd("HGET").arg(&key).arg("version").query_async(&mut conn).await.unwrap();
         assert_eq!(version, 2, "{key} lives on master {home}");
         for port in &masters {
-            let here = shard_channels(*port).await.contains(&channel);
+            let here = shard_channels(&mut node_conn(*port).await).await.contains(&channel);
             assert_eq!(here, *port == home, "{channel} is subscribed on master {port}: {here}; its home is {home}");
         }
     }
@@ -83,18 +94,13 @@ async fn documents_and_their_changes_stay_on_the_shard_of_their_slot() {
 
     // Unfollowing everywhere unsubscribes the channel on its master.
     let (id, channel) = (&docs[0], key_channel(&docs[0]));
-    let home = cluster.master_of(&channel).unwrap();
+    let mut home = node_conn(cluster.master_of(&channel).unwrap()).await;
     for ws in [&mut ws_a, &mut ws_b] {
         send(ws, json!({"type": "unsubscribe", "doc": id})).await;
         round_trip(ws).await;
     }
-    for _ in 0..50 {
-        if !shard_channels(home).await.contains(&channel) {
-            break;
-        }
-        actix::clock::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(!shard_channels(home).await.contains(&channel), "{channel} is still subscribed after every follower left");
+    let left = !until_shard_channel(&mut home, &channel, false).await;
+    assert!(left, "{channel} is still subscribed after every follower left");
 }
 
 #[actix_rt::test]
@@ -130,6 +136,34 @@ async fn a_follower_stays_in_sync_when_its_documents_master_dies_and_its_replica
     let dropped = a.kernel.metrics().bus_errors.with_label_values(&["redis_cluster", "disconnected"]).get();
     assert!(dropped > 0, "node a saw its connection to the dead master drop");
     drop(cluster);
+}
+
+#[actix_rt::test]
+async fn a_follower_stays_in_sync_when_its_documents_slot_moves_to_another_master() {
+    let world = World::clustered("cluster-reshard").await;
+    let (a, b) = (world.node().await, world.node().await);
+    let (ada_a, ada_b) = (a.login("ada").await, b.login("ada").await);
+    let id = new_doc(&ada_a, json!({"log": []})).await;
+    let mut ws = connect(&a, &ada_a).await;
+    send(&mut ws, json!({"type": "subscribe", "doc": id})).await;
+    let mut state = next(&mut ws).await["state"].clone();
+    patch(&ada_b, &id, 1, json!({"log": ["before"]})).await;
+    follow_to(&mut ws, &mut state, 1, 2).await;
+
+    // The master unsubscribes the channel when its slot leaves: node a
+    // must follow it to the new master.
+    let cluster = world.cluster.as_ref().unwrap();
+    let (channel, from) = (key_channel(&id), cluster.master_of(&key_channel(&id)).unwrap());
+    let to = cluster.masters().unwrap().into_iter().find(|port| *port != from).unwrap();
+    cluster.move_slot_of(&channel, to).unwrap();
+    assert_eq!(cluster.master_of(&channel).unwrap(), to);
+    let moved = until_shard_channel(&mut node_conn(to).await, &channel, true).await;
+    assert!(moved, "{channel} is subscribed on its new master");
+    assert!(!shard_channels(&mut node_conn(from).await).await.contains(&channel));
+
+    patch(&ada_b, &id, 2, json!({"log": ["before", "after"]})).await;
+    follow_to(&mut ws, &mut state, 2, 3).await;
+    assert_eq!(state, json!({"log": ["before", "after"]}));
 }
 
 /// Document `id`'s channel; the same name as its hash key.

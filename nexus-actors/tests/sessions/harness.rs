@@ -78,7 +78,10 @@ impl World {
     pub(crate) async fn clustered(name: &str) -> World {
         let mut world = World::new(name).await;
         let dir = world.brokers.dir.join("cluster");
-        let cluster = tokio::task::spawn_blocking(move || RedisCluster::start(&dir, 3, 1)).await.unwrap();
+        // Started on this thread, not a blocking pool's: the servers die
+        // with the thread that started them (PR_SET_PDEATHSIG), and an
+        // idle pool thread exits after a while.
+        let cluster = RedisCluster::start(&dir, 3, 1);
         world.cluster = Some(cluster.expect("a redis cluster starts (scripts/test installs redis-server)"));
         world
     }

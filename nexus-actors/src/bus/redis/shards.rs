@@ -94,6 +94,18 @@ fn on_push(
         PushKind::Disconnection => {
             let _ = bridge.tell(ShardsLost { reason: "a cluster node's connection dropped".into() });
         }
+        // A master unsubscribes a shard channel by itself when the
+        // channel's slot moves to another master (resharding). One the
+        // table still holds (not one the bridge let go) must be subscribed
+        // again where its slot lives now, and what was published meanwhile
+        // is lost to its followers.
+        PushKind::SUnsubscribe => {
+            let Some(Value::BulkString(channel)) = push.data.first() else { return };
+            let topic = Topic::Shard(String::from_utf8_lossy(channel).into_owned());
+            if lock(subscriptions).topics.contains_key(&topic) {
+                let _ = bridge.tell(ShardsLost { reason: "a followed channel's slot moved to another master".into() });
+            }
+        }
         _ => {}
     }
 }
