@@ -106,6 +106,19 @@ ensure_tansu() {
   fi
 }
 
+# The sessions benchmark's peer: Sockudo, a Rust Pusher-protocol WebSocket
+# server, without its OpenTelemetry exporter (it runs with the local adapter:
+# no Redis). Kept apart from ~/.cargo/bin; the harness looks here.
+SOCKUDO_VERSION=5.2.0
+ensure_sockudo() {
+  local root="$HOME/.cache/nexus/sockudo"
+  if ! "$root/bin/sockudo" --version 2>/dev/null | grep -q "$SOCKUDO_VERSION"; then
+    echo "installing sockudo $SOCKUDO_VERSION into $root (about 15 minutes on 2 cores, once)"
+    command -v protoc >/dev/null || apt_install protobuf-compiler
+    cargo install sockudo --version "$SOCKUDO_VERSION" --locked --no-default-features --features local --root "$root"
+  fi
+}
+
 ensure_nextest() {
   if ! cargo nextest --version >/dev/null 2>&1; then
     echo "installing cargo-nextest into ~/.cargo/bin (once)"

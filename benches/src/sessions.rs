@@ -1,10 +1,11 @@
 //! WebSocket fan-out: N sessions follow one document; each change reaches
 //! all of them. Measures delivery latency (p50/p99/max) and server memory
 //! per idle session, on one transaction-manager node, on two nodes
-//! sharing Redis, and on a raw baseline: a minimal tokio-tungstenite
-//! broadcast server that sends each change to every connection. Servers
-//! run as separate processes (this binary in `serve-node` or
-//! `serve-raw-ws` mode) so their memory can be read from /proc.
+//! sharing Redis, on a raw baseline: a minimal tokio-tungstenite
+//! broadcast server that sends each change to every connection, and on a
+//! peer, Sockudo ([`sockudo`]). Servers run as separate processes (this
+//! binary in `serve-node` or `serve-raw-ws` mode, and `sockudo`) so their
+//! memory can be read from /proc.
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -21,6 +22,7 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message;
 
+mod sockudo;
 mod split;
 pub(crate) use split::serve_clients;
 
@@ -191,7 +193,7 @@ pub(crate) fn table(dir: &Path, sizes: &[usize]) -> String {
     KeySet::generate().save(&key_file).expect("a key file");
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
     let mut out = String::from(
-        "| setup | sessions | p50 ms | p99 ms | max ms | server memory per idle session | delivered | raw ÷ this: p50 / p99 / memory |\n|---|---:|---:|---:|---:|---:|---:|---|\n",
+        "| setup | sessions | p50 ms | p99 ms | max ms | server memory per idle session | delivered | raw ÷ this: p50 / p99 / memory | Sockudo ÷ this: p50 / p99 / memory |\n|---|---:|---:|---:|---:|---:|---:|---|---|\n",
     );
     for &n in sizes {
         // From LARGE on, clients and sessions are split over two processes each.
@@ -200,11 +202,12 @@ pub(crate) fn table(dir: &Path, sizes: &[usize]) -> String {
         let fds = raise_open_files(per_process);
         if fds < per_process {
             out += &format!(
-                "| every setup | {n} | — | — | — | — | — | not run: {fds} open files allowed, {per_process} needed |\n"
+                "| every setup | {n} | — | — | — | — | — | not run: {fds} open files allowed, {per_process} needed | — |\n"
             );
             continue;
         }
         let mut outcomes = Vec::new();
+        let servers = if n >= LARGE { 2 } else { 1 };
         let raw = if n >= LARGE {
             let procs: Vec<NodeProcess> =
                 (0..2).map(|_| start_node(&redis.url(), &tansu.brokers(), &key_file)).collect();
@@ -219,15 +222,20 @@ pub(crate) fn table(dir: &Path, sizes: &[usize]) -> String {
             }
             runtime.block_on(measure_raw(&[start_raw()], n))
         };
-        for o in outcomes.iter().chain([&raw]) {
-            let ratios = format!(
+        let peer = sockudo::program().map(|program| runtime.block_on(measure_sockudo(&program, dir, servers, n)));
+        outcomes.push(raw);
+        let raw = outcomes.last().expect("the raw row");
+        let ratios = |to: &Outcome, o: &Outcome| {
+            format!(
                 "{:.2} / {:.2} / {:.2}",
-                raw.p50_ms / o.p50_ms,
-                raw.p99_ms / o.p99_ms,
-                raw.kib_per_session / o.kib_per_session
-            );
+                to.p50_ms / o.p50_ms,
+                to.p99_ms / o.p99_ms,
+                to.kib_per_session / o.kib_per_session
+            )
+        };
+        for o in outcomes.iter().chain(&peer) {
             out += &format!(
-                "| {} | {} | {:.1} | {:.1} | {:.1} | {:.1} KiB | {}/{} | {} |\n",
+                "| {} | {} | {:.1} | {:.1} | {:.1} | {:.1} KiB | {}/{} | {} | {} |\n",
                 o.setup,
                 o.sessions,
                 o.p50_ms,
@@ -236,8 +244,12 @@ pub(crate) fn table(dir: &Path, sizes: &[usize]) -> String {
                 o.kib_per_session,
                 o.delivered,
                 o.sessions * CHANGES as usize,
-                ratios
+                ratios(raw, o),
+                peer.as_ref().map_or("—".to_owned(), |peer| ratios(peer, o)),
             );
+        }
+        if peer.is_none() {
+            out += &format!("| Sockudo | {n} | — | — | — | — | — | not run: sockudo is not installed (`scripts/bench` installs it) | — |\n");
         }
     }
     out
@@ -285,6 +297,32 @@ async fn measure_raw(servers: &[(NodeProcess, u16)], n: usize) -> Outcome {
         split::fan_out("2 raw broadcast servers, clients in 2 processes", &pids, &urls, &subscribe, n, change).await
     } else {
         fan_out("raw broadcast server", &pids, urls, subscribe, n, change).await
+    }
+}
+
+/// The peer: `servers` Sockudo processes, the clients split over them (in
+/// a process of their own per server when there are two), every change
+/// triggered on each.
+async fn measure_sockudo(program: &Path, dir: &Path, servers: usize, n: usize) -> Outcome {
+    let mut procs = Vec::new();
+    for i in 0..servers {
+        procs.push(sockudo::start(program, &dir.join(format!("sockudo-{i}"))).await);
+    }
+    let pids: Vec<u32> = procs.iter().map(|p| p.child.id()).collect();
+    let urls: Vec<String> = procs.iter().map(|p| sockudo::url(p.port)).collect();
+    let (http, ports) = (reqwest::Client::new(), procs.iter().map(|p| p.port).collect::<Vec<_>>());
+    let change = |version: u64| {
+        let (http, ports) = (http.clone(), ports.clone());
+        async move {
+            for port in ports {
+                sockudo::trigger(&http, port, version).await;
+            }
+        }
+    };
+    if servers > 1 {
+        split::fan_out("2 Sockudo servers, clients in 2 processes", &pids, &urls, sockudo::SUBSCRIBE, n, change).await
+    } else {
+        fan_out("Sockudo", &pids, urls, sockudo::SUBSCRIBE.to_owned(), n, change).await
     }
 }
 
@@ -403,7 +441,9 @@ async fn connect(urls: &[String], subscribe: &str, n: usize) -> Vec<Client> {
             ws.send(Message::text(subscribe)).await.expect("subscribe");
             loop {
                 if let Message::Text(t) = ws.next().await.expect("open").expect("frame") {
-                    if t.as_str().contains("\"snapshot\"") {
+                    // A snapshot (Nexus, the raw server), or Pusher's confirmation.
+                    let t = t.as_str();
+                    if t.contains("\"snapshot\"") || t.contains("pusher_internal:subscription_succeeded") {
                         return ws;
                     }
                 }
@@ -414,10 +454,16 @@ async fn connect(urls: &[String], subscribe: &str, n: usize) -> Vec<Client> {
         .await
 }
 
-/// The version a `change` frame brings; `None` for any other frame.
+/// The version a `change` frame brings (Nexus's and the raw server's, or
+/// a Pusher `change` event, whose data is a string of JSON); `None` for any
+/// other frame.
 fn change_version(frame: &Message) -> Option<u64> {
     let Message::Text(t) = frame else { return None };
     let v = serde_json::from_str::<Value>(t.as_str()).ok()?;
+    if v["event"] == "change" {
+        let data: Value = serde_json::from_str(v["data"].as_str()?).ok()?;
+        return data["version"].as_u64();
+    }
     (v["type"] == "change").then(|| v["version"].as_u64().unwrap_or(0))
 }
 

@@ -56,7 +56,8 @@ impl Shards {
     }
 }
 
-/// A connection to a node of the cluster dropped.
+/// A connection to a node of the cluster dropped, or a followed channel
+/// was unsubscribed by the cluster: every shard topic is subscribed again.
 pub(super) struct ShardsLost {
     reason: String,
 }
@@ -66,7 +67,8 @@ impl Message for ShardsLost {
 }
 
 /// The push handler: sharded messages go to their subscribers; a dropped
-/// node connection goes to the bridge. Runs in the cluster connection's
+/// node connection, or a followed channel whose slot moved, goes to the
+/// bridge. Runs in the cluster connection's
 /// task, so it never blocks: `try_tell` and `tell` only queue.
 fn on_push(
     subscriptions: &Subscriptions,
