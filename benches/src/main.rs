@@ -270,6 +270,18 @@ raw is delivery, read on the bridge's thread and handed to the subscriber's
 record reaches its subscriber with an `ask` (one cross-thread round trip);
 records of different keys are in flight together, so the round trips
 overlap, and acknowledgements fold into one stored offset per partition.
+
+The **document fan-out** rows ([`shards`]) compare Nexus with Nexus: the
+Nexus column is a bridge whose document channels are on a Redis Cluster of
+three masters (no replicas; `SPUBLISH`/`SSUBSCRIBE` on the master of each
+channel's slot, through one cluster connection), the baseline column the
+same bridge on one Redis (`PUBLISH`/`SUBSCRIBE` on the per-thread
+publishing connections and the pub/sub connection). Both carry N changes
+spread over 256 document channels, 64 publishes in flight, to one
+subscriber of every channel, and N/5 paced. All three masters share the
+machine's two cores with the harness, so this row shows what sharding
+costs a node, not what it buys: a cluster's gain is more cores and
+machines, each master carrying only its slots' writes and changes.
 ";
 
 const SESSION_NOTES: &str = "\
@@ -294,6 +306,32 @@ connection (its buffers), an actor, a bounded outbound queue and a reader
 and a writer task. Clients, servers, Redis and the broker share the
 machine's two cores, so much of every row's latency is the clients' own
 work of reading N sockets.
+The 20,000-session rows split the sockets: a process may open at most
+20,000 files on this machine (the hard limit, which root lacks
+`CAP_SYS_RESOURCE` to raise), so two nodes hold 10,000 sessions each, the
+clients run in two child processes of 10,000 (`nexus-bench serve-clients`,
+one per server, reporting arrival times as readings of the machine's
+monotonic clock), and the baselines are two raw servers and two Sockudo
+servers with the same two client processes. The client processes run one
+worker thread each, the harness two, so these rows compare with each
+other, not with the 5,000 rows. What keeps a node's sessions above the
+raw server's memory is mostly actix-http's HTTP/1 dispatcher, which keeps
+its 8 KiB read and 8 KiB write buffers for the life of an upgraded
+connection (`HW_BUFFER_SIZE`, not configurable); what would close the gap
+(goal: 8 KiB a session) is handing the upgraded socket to a WebSocket
+codec with buffers sized to need, through actix-http's upgrade handler.
+The **peer** is Sockudo 5.2 (crates.io `sockudo`, a Rust server of the
+Pusher protocol; `scripts/bench` installs it without its OpenTelemetry
+exporter), run with the local adapter (no Redis), memory app manager and
+cache, no queue, no rate or connection limits: the same clients subscribe
+to one public channel with Pusher's `pusher:subscribe`, and each change is
+an event triggered through its signed HTTP API (`POST /apps/<id>/events`),
+timed like a PATCH from the request to its arrival at every client. Its
+last column is Sockudo ÷ this row for p50, p99 and memory per connection
+(1.00 = as good as Sockudo). Sockudo does less per change than a node
+(no authentication of the trigger's user, no storage, no version), as the
+raw server does; at 20,000 there are two Sockudo servers (their channels
+are not shared: each trigger goes to both), like the two raw servers.
 ";
 
 struct Row {

@@ -7,6 +7,9 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
+use nexus_actors::infra::RedisCluster;
+use nexus_actors::node::Role;
+use nexus_testkit::TestNode;
 use redis::aio::MultiplexedConnection;
 use serde_json::json;
 
@@ -164,6 +167,32 @@ async fn a_follower_stays_in_sync_when_its_documents_slot_moves_to_another_maste
     patch(&ada_b, &id, 2, json!({"log": ["before", "after"]})).await;
     follow_to(&mut ws, &mut state, 2, 3).await;
     assert_eq!(state, json!({"log": ["before", "after"]}));
+}
+
+#[actix_rt::test]
+async fn a_node_given_a_cluster_keeps_its_documents_and_their_changes_there() {
+    let dir = nexus_testkit::tempdir("cluster-node");
+    let cluster = RedisCluster::start(&dir, 3, 0).expect("a redis cluster starts");
+    let urls = cluster.urls();
+    let node = TestNode::start_with("cluster-node", &[Role::TransactionManager], |c| c.redis_cluster = urls).await;
+    let ada = node.user("ada").await;
+    let id = new_doc(&ada, json!({"n": 1})).await;
+    let url = format!("ws://{}/ws?token={}", node.node.http, ada.token());
+    let mut ws = tokio_tungstenite::connect_async(url).await.unwrap().0;
+    send(&mut ws, json!({"type": "subscribe", "doc": id})).await;
+    assert_eq!(next(&mut ws).await["type"], "snapshot");
+    patch(&ada, &id, 1, json!({"n": 2})).await;
+    assert_eq!(next(&mut ws).await, json!({"type": "change", "doc": id, "version": 2, "patch": {"n": 2}}));
+
+    let key = format!("nexus:doc:{{{id}}}");
+    let mut home = node_conn(cluster.master_of(&key).unwrap()).await;
+    let version: u64 = redis::cmd("HGET").arg(&key).arg("version").query_async(&mut home).await.unwrap();
+    assert_eq!(version, 2);
+    assert!(shard_channels(&mut home).await.contains(&key_channel(&id)));
+    let client = redis::Client::open(node.brokers.redis_url()).unwrap();
+    let mut plain = client.get_multiplexed_async_connection().await.unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS").arg("nexus:doc*").query_async(&mut plain).await.unwrap();
+    assert!(keys.is_empty(), "documents on the node's plain redis: {keys:?}");
 }
 
 /// Document `id`'s channel; the same name as its hash key.
