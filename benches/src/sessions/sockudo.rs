@@ -54,7 +54,6 @@ pub(super) async fn start(program: &Path, dir: &Path) -> NodeProcess {
         "queue": {"driver": "none"},
         "rate_limiter": {"enabled": false},
         "metrics": {"enabled": false},
-        "websocket": {"max_messages": 10_000},
         "app_manager": {"driver": "memory", "array": {"apps": [
             {"id": APP_ID, "key": APP_KEY, "secret": APP_SECRET, "enabled": true, "max_connections": 0}
         ]}}
