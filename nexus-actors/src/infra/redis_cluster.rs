@@ -122,7 +122,11 @@ impl RedisCluster {
         let (from_id, to_id) = (id(from)?, id(to)?);
         cli(to, &["CLUSTER", "SETSLOT", &slot, "IMPORTING", &from_id])?;
         cli(from, &["CLUSTER", "SETSLOT", &slot, "MIGRATING", &to_id])?;
+        let deadline = Instant::now() + Duration::from_secs(30);
         loop {
+            if Instant::now() > deadline {
+                return Err(std::io::Error::other(format!("the keys of slot {slot} did not move in 30 s")).into());
+            }
             let keys = cli(from, &["CLUSTER", "GETKEYSINSLOT", &slot, "100"])?;
             let keys: Vec<&str> = keys.lines().map(str::trim).filter(|k| !k.is_empty()).collect();
             if keys.is_empty() {

@@ -93,7 +93,9 @@ impl Redis {
     /// Connects to the Redis Cluster that `nodes` (URLs of some of its
     /// nodes) belong to.
     pub async fn connect_cluster(nodes: &[String]) -> Result<Self, StoreError> {
-        let client = redis::cluster::ClusterClient::new(nodes.to_vec())?;
+        let client = redis::cluster::ClusterClientBuilder::new(nodes.to_vec())
+            .response_timeout(crate::bus::redis::CLUSTER_RESPONSE_TIMEOUT)
+            .build()?;
         Ok(Redis { conn: Conn::Cluster(client.get_async_connection().await?) })
     }
 

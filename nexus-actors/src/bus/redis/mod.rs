@@ -34,6 +34,7 @@ mod shards;
 mod table;
 
 pub use publisher::{PublishError, Publisher, MAX_PUBLISHES_IN_FLIGHT};
+pub(crate) use shards::RESPONSE_TIMEOUT as CLUSTER_RESPONSE_TIMEOUT;
 
 use std::collections::HashMap;
 use std::future::Future;

@@ -31,6 +31,10 @@ use crate::telemetry::Metrics;
 /// How long one round of (re)subscribing may take before it is retried.
 const ROUND_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// How long a command waits for a master's answer: a hung master must not
+/// hold publishes (and the in-flight budget they share) for ever.
+pub(crate) const RESPONSE_TIMEOUT: Duration = Duration::from_secs(3);
+
 /// The cluster side of a bridge.
 pub(super) struct Shards {
     nodes: Vec<String>,
@@ -89,6 +93,12 @@ fn on_push(
             };
             let channel = String::from_utf8_lossy(channel).into_owned();
             let topic = Topic::Shard(channel.clone());
+            // A channel nobody here follows (its unsubscribe failed, or
+            // redis-rs subscribed it again after a reconnect): dropped.
+            if !lock(subscriptions).topics.contains_key(&topic) {
+                let _ = emptied.tell(Emptied(vec![topic]));
+                return;
+            }
             if let Some(topic) = deliver(subscriptions, metrics, Bus::RedisCluster, channel, topic, payload) {
                 let _ = emptied.tell(Emptied(vec![topic]));
             }
@@ -136,6 +146,7 @@ impl RedisBridge {
                 let (lost, emptied) = (me.link::<ShardsLost>("redis_cluster"), me.link::<Emptied>("redis_cluster"));
                 Err(ClusterClientBuilder::new(shards.nodes.clone())
                     .use_protocol(ProtocolVersion::RESP3)
+                    .response_timeout(RESPONSE_TIMEOUT)
                     .push_sender(move |push: PushInfo| {
                         on_push(&subscriptions, &metrics, &lost, &emptied, push);
                         Ok::<(), std::convert::Infallible>(())
@@ -202,24 +213,33 @@ impl RedisBridge {
     /// Subscribes one shard topic (the table holds it already) and replies
     /// once the cluster confirmed it; while the cluster side is down the
     /// subscriber is told so and the round that brings it up subscribes it.
+    ///
+    /// The command goes out whenever there is a connection, also while a
+    /// round runs: a round's `SSUBSCRIBE` of the topic may be undone by an
+    /// `SUNSUBSCRIBE` sent after it. A failed one starts a round, whose
+    /// `BusDown`/`BusUp` tell the subscriber to resync. No `BusUp` comes
+    /// from here: one confirmed late could clear a `BusDown` of the round.
     pub(super) fn subscribe_shard(
         &mut self,
         topic: Topic,
         subscriber: Link<BusEvent>,
     ) -> Reply<Result<(), super::SubscribeError>> {
-        let conn = self.shards.as_ref().filter(|s| s.up).and_then(Shards::connection);
-        let (Some(mut conn), Some(channel)) = (conn, topic.shard_channel().map(str::to_owned)) else {
+        let up = self.shards.as_ref().is_some_and(|s| s.up);
+        if !up {
             let _ = subscriber.tell(BusEvent::Down(BusDown { bus: Bus::RedisCluster, reason: "not connected".into() }));
+        }
+        let conn = self.shards.as_ref().and_then(Shards::connection);
+        let (Some(mut conn), Some(channel), Some(me)) = (conn, topic.shard_channel().map(str::to_owned), &self.me)
+        else {
             return Reply::Now(Ok(()));
         };
-        let metrics = self.kernel.metrics().clone();
+        let (metrics, lost) = (self.kernel.metrics().clone(), me.link::<ShardsLost>("redis_cluster"));
         Reply::later(async move {
             conn.ssubscribe(&channel).await.map_err(|e| {
                 metrics.bus_error(Bus::RedisCluster, BusErrorKind::Subscribe, &e);
+                let _ = lost.tell(ShardsLost { reason: format!("subscribing {channel} failed: {e}") });
                 super::SubscribeError::from(e)
-            })?;
-            let _ = subscriber.tell(BusEvent::Up(BusUp { bus: Bus::RedisCluster }));
-            Ok(())
+            })
         })
     }
 
