@@ -72,8 +72,8 @@ impl Message for ShardsLost {
 
 /// The push handler: sharded messages go to their subscribers; a dropped
 /// node connection, or a followed channel whose slot moved, goes to the
-/// bridge. Runs in the cluster connection's
-/// task, so it never blocks: `try_tell` and `tell` only queue.
+/// bridge. Runs in the cluster connection's task, so it never blocks:
+/// `try_tell` and `tell` only queue.
 fn on_push(
     subscriptions: &Subscriptions,
     metrics: &Metrics,
