@@ -18,7 +18,7 @@ use super::common;
 
 /// A panel that reports, from where it runs, what it can reach.
 pub(crate) const PROBE_PANEL: &str = r#"
-import ctypes, json, os, socket, subprocess, sys, urllib.request
+import ctypes, json, os, socket, subprocess, sys, time, urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlparse
 
@@ -65,7 +65,14 @@ class Handler(BaseHTTPRequestHandler):
             except OSError as e:
                 out = {"error": str(e)}
         elif url.path == "/escape":
-            subprocess.Popen(["sleep", q["seconds"]], start_new_session=True)
+            child = subprocess.Popen(["sleep", q["seconds"]], start_new_session=True)
+            # Popen returns once exec has begun, before the kernel has set
+            # the new command line; answer only once others can see it.
+            for _ in range(500):
+                with open(f"/proc/{child.pid}/cmdline", "rb") as f:
+                    if q["seconds"].encode() in f.read():
+                        break
+                time.sleep(0.01)
             out = {"spawned": True}
         else:
             out = {"error": "not found"}
