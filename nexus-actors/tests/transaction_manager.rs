@@ -481,6 +481,56 @@ async fn history_is_capped_and_read_from_since() {
     assert!(from_start[0]["version"].as_u64().unwrap() > 2, "the oldest changes were trimmed: {from_start}");
 }
 
+/// Documents an older node wrote under untagged keys are moved to the
+/// tagged ones when a node starts, history and all; ids in an owner's set
+/// without a document stop holding quota once the owner reaches it.
+#[actix_rt::test]
+async fn documents_older_nodes_wrote_are_adopted_and_ids_without_one_hold_no_quota() {
+    let node = TestNode::start_with("tm-adopt", TM, |c| c.quotas.documents = 2).await;
+    let ada = node.user("ada").await;
+    let mut redis = Redis::connect(&node.brokers.redis_url()).await.unwrap().conn();
+    let (old, orphan) = (uuid::Uuid::now_v7().to_string(), uuid::Uuid::now_v7().to_string());
+    let () = redis
+        .hset_multiple(format!("nexus:doc:{old}"), &[("owner", "ada"), ("version", "3"), ("state", r#"{"n":3}"#)])
+        .await
+        .unwrap();
+    for version in [2, 3] {
+        let () = redis::cmd("XADD")
+            .arg(format!("nexus:doc:{old}:log"))
+            .arg(format!("{version}-1"))
+            .arg("version")
+            .arg(version)
+            .arg("patch")
+            .arg(format!(r#"{{"n":{version}}}"#))
+            .query_async::<String>(&mut redis)
+            .await
+            .map(|_| ())
+            .unwrap();
+    }
+    let () = redis.sadd("nexus:docs:ada", &[&old, &orphan]).await.unwrap();
+    assert_eq!(ada.get("/api/documents").await.1, json!([]), "not seen before a node adopts it");
+
+    let _sibling = node.sibling("tm-adopt-2", TM, |c| c.quotas.documents = 2).await;
+    let (_, listed) = ada.get("/api/documents").await;
+    assert_eq!(listed, json!([{"id": old, "owner": "ada", "version": 3, "state": {"n": 3}}]));
+    let (_, history) = ada.get(&format!("/api/documents/{old}/history?since=1")).await;
+    assert_eq!(history, json!([{"version": 2, "patch": {"n": 2}}, {"version": 3, "patch": {"n": 3}}]));
+    let left: usize = redis.exists(&[format!("nexus:doc:{old}"), format!("nexus:doc:{old}:log")]).await.unwrap();
+    assert_eq!(left, 0, "the old keys are gone");
+    let (status, body) = ada.patch(&format!("/api/documents/{old}"), json!({"version": 3, "patch": {"n": 4}})).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+
+    // The quota is two: the adopted document and an id without one.
+    let (status, body) = ada.post("/api/documents", json!({"state": {}})).await;
+    assert_eq!(status, StatusCode::CREATED, "the id without a document held the quota: {body}");
+    let members: Vec<String> = redis.smembers("nexus:docs:ada").await.unwrap();
+    assert!(!members.contains(&orphan), "{members:?}");
+    let (status, body) = ada.post("/api/documents", json!({"state": {"refused": true}})).await;
+    assert_eq!((status, body["error"].as_str()), (StatusCode::FORBIDDEN, Some("quota_exceeded")));
+    let docs: Vec<String> = redis::cmd("KEYS").arg("nexus:doc:{*}").query_async(&mut redis).await.unwrap();
+    assert_eq!(docs.len(), 2, "a refused document is not kept: {docs:?}");
+}
+
 #[actix_rt::test]
 async fn readyz_says_which_broker_is_missing_while_healthz_stays_cheap() {
     let mut node = TestNode::start("tm-ready", TM).await;

@@ -183,6 +183,8 @@ pub(super) async fn transaction_manager(
     if !config.redis_cluster.is_empty() {
         state.documents = tm_role::Documents::new(Redis::connect_cluster(&config.redis_cluster).await?);
     }
+    let plain = (!config.redis_cluster.is_empty()).then_some(&platform.redis);
+    state.documents.adopt(plain).await?;
     // Three heartbeats fit in the watchdog's timeout, however short it is set.
     state.ui.heartbeat_secs = state.ui.heartbeat_secs.min(config.panels.watchdog_timeout.as_secs() / 3).max(1);
     let produce = bridges.kafka.link(Role::TransactionManager.name());

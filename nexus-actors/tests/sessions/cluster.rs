@@ -2,10 +2,13 @@
 //! the test on loopback): each document's keys and its live changes stay
 //! on the master of its hash slot, followers on two nodes get every change,
 //! and a follower stays in sync when that master dies and its replica
-//! takes over, or when the slot moves to another master.
+//! takes over, or when the slot moves to another master. A node given the
+//! cluster moves documents kept on its plain Redis there.
 
 use std::collections::HashSet;
 use std::time::Duration;
+
+use futures::StreamExt;
 
 use nexus_actors::infra::RedisCluster;
 use nexus_actors::node::Role;
@@ -94,6 +97,30 @@ async fn documents_and_their_changes_stay_on_the_shard_of_their_slot() {
     assert!(keys.is_empty(), "documents on the plain redis: {keys:?}");
     assert_eq!(command_calls(&mut plain, "publish").await, 0);
     assert!(doc_channels(&mut plain).await.is_empty());
+
+    // Unfollowed and followed again at once, twenty times: node a's bridge
+    // unsubscribes and subscribes the channel in turn, and the late
+    // confirmations of its own unsubscribes are not taken for the cluster
+    // dropping a followed channel (which would resync every follower).
+    let id = &docs[1];
+    for _ in 0..20 {
+        send(&mut ws_a, json!({"type": "unsubscribe", "doc": id})).await;
+        send(&mut ws_a, json!({"type": "subscribe", "doc": id})).await;
+    }
+    // A follow whose snapshot was still being fetched when the next
+    // unfollow came sends none: take what came until the frames stop.
+    let mut snapshots = 0;
+    while let Ok(Some(Ok(frame))) = tokio::time::timeout(Duration::from_millis(500), ws_a.next()).await {
+        snapshots += frame.to_text().unwrap().contains(r#""type":"snapshot""#) as usize;
+    }
+    assert!(snapshots >= 1, "the last follow was answered");
+    patch(&ada_b, id, 2, json!({"n": 0})).await;
+    for ws in [&mut ws_a, &mut ws_b] {
+        assert_eq!(next(ws).await, json!({"type": "change", "doc": id, "version": 3, "patch": {"n": 0}}));
+    }
+    round_trip(&mut ws_a).await;
+    let resyncs = a.kernel.metrics().bus_errors.with_label_values(&["redis_cluster", "disconnected"]).get();
+    assert_eq!(resyncs, 0, "node a resubscribed its shard channels");
 
     // Unfollowing everywhere unsubscribes the channel on its master.
     let (id, channel) = (&docs[0], key_channel(&docs[0]));
@@ -193,6 +220,50 @@ async fn a_node_given_a_cluster_keeps_its_documents_and_their_changes_there() {
     let mut plain = client.get_multiplexed_async_connection().await.unwrap();
     let keys: Vec<String> = redis::cmd("KEYS").arg("nexus:doc*").query_async(&mut plain).await.unwrap();
     assert!(keys.is_empty(), "documents on the node's plain redis: {keys:?}");
+
+    // Documents kept on the plain Redis before the cluster, as this version
+    // (tagged) and an older one (untagged) wrote them, move to the cluster
+    // when a node starts.
+    let (tagged, untagged) = (uuid::Uuid::now_v7().to_string(), uuid::Uuid::now_v7().to_string());
+    for (key, n) in [(format!("nexus:doc:{{{tagged}}}"), 5), (format!("nexus:doc:{untagged}"), 7)] {
+        let state = format!(r#"{{"n":{n}}}"#);
+        let fields = [("owner", "ada".to_owned()), ("version", n.to_string()), ("state", state.clone())];
+        let () = redis::AsyncCommands::hset_multiple(&mut plain, &key, &fields).await.unwrap();
+        let entry: String = redis::cmd("XADD")
+            .arg(format!("{key}:log"))
+            .arg(format!("{n}-1"))
+            .arg("version")
+            .arg(n)
+            .arg("patch")
+            .arg(&state)
+            .query_async(&mut plain)
+            .await
+            .unwrap();
+        assert_eq!(entry, format!("{n}-1"));
+    }
+    let cluster_urls = cluster.urls();
+    let _sibling =
+        node.sibling("cluster-node-2", &[Role::TransactionManager], |c| c.redis_cluster = cluster_urls).await;
+    let ids: HashSet<String> = ada
+        .get("/api/documents")
+        .await
+        .1
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["id"].as_str().unwrap().into())
+        .collect();
+    assert_eq!(ids, HashSet::from([id.clone(), tagged.clone(), untagged.clone()]));
+    for (doc, n) in [(&tagged, 5), (&untagged, 7)] {
+        let (_, history) = ada.get(&format!("/api/documents/{doc}/history?since={}", n - 1)).await;
+        assert_eq!(history, json!([{"version": n, "patch": {"n": n}}]));
+        let key = format!("nexus:doc:{{{doc}}}");
+        let mut home = node_conn(cluster.master_of(&key).unwrap()).await;
+        let version: u64 = redis::cmd("HGET").arg(&key).arg("version").query_async(&mut home).await.unwrap();
+        assert_eq!(version, n);
+    }
+    let keys: Vec<String> = redis::cmd("KEYS").arg("nexus:doc*").query_async(&mut plain).await.unwrap();
+    assert!(keys.is_empty(), "documents left on the plain redis: {keys:?}");
 }
 
 /// Document `id`'s channel; the same name as its hash key.

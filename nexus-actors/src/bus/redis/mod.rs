@@ -279,7 +279,7 @@ impl RedisBridge {
                 .with_label_values(&[Bus::RedisCluster.as_str(), BusErrorKind::Disconnected.as_str()]);
         }
         let gauge = kernel.metrics().redis_subscriptions.clone();
-        let subscriptions: Subscriptions = Arc::new(Mutex::new(Table { topics: HashMap::new(), gauge }));
+        let subscriptions: Subscriptions = Arc::new(Mutex::new(Table::new(gauge)));
         let generation = Arc::new(AtomicU64::new(0));
         let sweeping = Arc::new(AtomicBool::new(false));
         let publisher = Publisher::new(client.clone(), kernel.metrics().clone(), !cluster.is_empty());

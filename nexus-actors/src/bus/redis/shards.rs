@@ -104,17 +104,20 @@ fn on_push(
             }
         }
         PushKind::Disconnection => {
+            lock(subscriptions).forget_unsubscribing();
             let _ = bridge.tell(ShardsLost { reason: "a cluster node's connection dropped".into() });
         }
         // A master unsubscribes a shard channel by itself when the
         // channel's slot moves to another master (resharding). One the
         // table still holds (not one the bridge let go) must be subscribed
         // again where its slot lives now, and what was published meanwhile
-        // is lost to its followers.
+        // is lost to its followers. The confirmation of one the bridge sent
+        // is not that, even when the topic is followed again by now.
         PushKind::SUnsubscribe => {
             let Some(Value::BulkString(channel)) = push.data.first() else { return };
             let topic = Topic::Shard(String::from_utf8_lossy(channel).into_owned());
-            if lock(subscriptions).topics.contains_key(&topic) {
+            let mut table = lock(subscriptions);
+            if !table.unsubscribed(&topic) && table.topics.contains_key(&topic) {
                 let _ = bridge.tell(ShardsLost { reason: "a followed channel's slot moved to another master".into() });
             }
         }
@@ -247,15 +250,22 @@ impl RedisBridge {
     /// that subscribes again takes only what the table holds.
     pub(super) fn unsubscribe_shards(&self, topics: &[Topic]) {
         let Some(conn) = self.shards.as_ref().and_then(Shards::connection) else { return };
-        let channels: Vec<String> = topics.iter().filter_map(|t| t.shard_channel().map(str::to_owned)).collect();
-        if channels.is_empty() {
+        let topics: Vec<Topic> = topics.iter().filter(|t| t.is_shard()).cloned().collect();
+        if topics.is_empty() {
             return;
         }
-        let metrics = self.kernel.metrics().clone();
+        let mut table = lock(&self.subscriptions);
+        for topic in &topics {
+            table.unsubscribing(topic.clone());
+        }
+        drop(table);
+        let (metrics, subscriptions) = (self.kernel.metrics().clone(), self.subscriptions.clone());
         actix::spawn(async move {
-            for channel in channels {
-                if let Err(error) = conn.clone().sunsubscribe(&channel).await {
+            for topic in topics {
+                let Some(channel) = topic.shard_channel() else { continue };
+                if let Err(error) = conn.clone().sunsubscribe(channel).await {
                     metrics.bus_error(Bus::RedisCluster, BusErrorKind::Unsubscribe, &error);
+                    lock(&subscriptions).unsubscribed(&topic);
                 }
             }
         });

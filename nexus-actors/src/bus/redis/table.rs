@@ -12,10 +12,41 @@ use crate::kernel::{Link, SendError};
 /// Who follows what, and the gauge that counts the topics.
 pub(super) struct Table {
     pub(super) topics: HashMap<Topic, Vec<Link<BusEvent>>>,
-    pub(super) gauge: prometheus::IntGauge,
+    gauge: prometheus::IntGauge,
+    /// Unsubscribes the bridge sent and Redis has not confirmed yet, per
+    /// topic: a confirmation is told apart from the server unsubscribing
+    /// by itself. At most one entry per topic the bridge let go.
+    unsubscribing: HashMap<Topic, u32>,
 }
 
 impl Table {
+    pub(super) fn new(gauge: prometheus::IntGauge) -> Self {
+        Table { topics: HashMap::new(), gauge, unsubscribing: HashMap::new() }
+    }
+
+    /// Notes an unsubscribe of `topic` sent to Redis.
+    pub(super) fn unsubscribing(&mut self, topic: Topic) {
+        *self.unsubscribing.entry(topic).or_default() += 1;
+    }
+
+    /// Notes an unsubscribe of `topic` confirmed by Redis, or failed;
+    /// whether it was one the bridge sent (false: Redis dropped the topic
+    /// by itself).
+    pub(super) fn unsubscribed(&mut self, topic: &Topic) -> bool {
+        let Some(pending) = self.unsubscribing.get_mut(topic) else { return false };
+        *pending -= 1;
+        if *pending == 0 {
+            self.unsubscribing.remove(topic);
+        }
+        true
+    }
+
+    /// Forgets every unsubscribe in flight: their connection is gone, and
+    /// their confirmations with it.
+    pub(super) fn forget_unsubscribing(&mut self) {
+        self.unsubscribing.clear();
+    }
+
     fn count(&self) {
         self.gauge.set(self.topics.len() as i64);
     }
@@ -105,7 +136,7 @@ mod tests {
     async fn the_table_drops_a_topic_with_its_last_link_and_counts_what_it_holds() {
         let kernel = Kernel::new("test");
         let gauge = kernel.metrics().redis_subscriptions.clone();
-        let mut table = Table { topics: HashMap::new(), gauge: gauge.clone() };
+        let mut table = Table::new(gauge.clone());
         let (a, b) = (kernel.spawn("a", || Sink), kernel.spawn("b", || Sink));
         let doc = Topic::Channel("nexus:doc:1".into());
         let all = Topic::Pattern("nexus:doc:*".into());
@@ -136,6 +167,21 @@ mod tests {
         });
         assert!(table.offer(&all, &event));
         assert_eq!((table.topics.len(), gauge.get()), (0, 0));
+    }
+
+    #[test]
+    fn a_confirmed_unsubscribe_is_told_from_one_the_server_made() {
+        let mut table = Table::new(prometheus::IntGauge::new("g", "g").unwrap());
+        let topic = Topic::Shard("nexus:doc:{1}".into());
+        assert!(!table.unsubscribed(&topic), "none sent: the server's own");
+        table.unsubscribing(topic.clone());
+        table.unsubscribing(topic.clone());
+        assert!(table.unsubscribed(&topic));
+        assert!(table.unsubscribed(&topic));
+        assert!(!table.unsubscribed(&topic), "two sent, two confirmed, the third is the server's");
+        table.unsubscribing(topic.clone());
+        table.forget_unsubscribing();
+        assert!(!table.unsubscribed(&topic));
     }
 
     fn ping() -> Envelope {

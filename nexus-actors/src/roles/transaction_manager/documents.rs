@@ -13,10 +13,13 @@
 //! tag its channel [`crate::platform::channels::document`] has too), so a patch is one
 //! script on one shard and its announcement stays on that shard. What joins
 //! a document to its owner's set takes two steps, each on its own slot:
-//! creating reserves the id in the set (within the quota) before writing
-//! the document, deleting removes the document before the id. A node that
-//! dies between the two leaves an id without a document in the set, which
-//! listings skip.
+//! creating writes the document before its id joins the set (within the
+//! quota), deleting takes the id out of the set before the document goes.
+//! A node that dies between the two leaves a document that no listing
+//! shows and no quota counts, never an id that holds quota without a
+//! document; ids like that (left by older nodes) are pruned when an owner
+//! reaches their quota. Documents older nodes wrote under untagged keys are
+//! moved by [`Documents::adopt`] when a node starts.
 //!
 //! Bounds: a document's state is at most [`MAX_DOCUMENT`] bytes; its
 //! history keeps about the last [`HISTORY_LEN`] changes (a client further
@@ -30,6 +33,8 @@ use serde_json::Value;
 use utoipa::ToSchema;
 
 use crate::platform::{Redis, StoreError};
+
+mod adopt;
 
 /// Largest document state, encoded as JSON.
 pub const MAX_DOCUMENT: usize = 1 << 20;
@@ -164,16 +169,7 @@ impl Documents {
         if encoded.len() > MAX_DOCUMENT {
             return Ok(Created::TooLarge { bytes: encoded.len() });
         }
-        let reserved: i64 = redis::Script::new(RESERVE_SCRIPT)
-            .key(docs_key(owner))
-            .arg(id)
-            .arg(max)
-            .invoke_async(&mut self.redis.conn())
-            .await?;
-        if reserved != 1 {
-            return Ok(Created::OverQuota);
-        }
-        let written: redis::RedisResult<()> = redis::cmd("HSET")
+        let () = redis::cmd("HSET")
             .arg(doc_key(id))
             .arg("owner")
             .arg(owner)
@@ -182,13 +178,62 @@ impl Documents {
             .arg("state")
             .arg(encoded)
             .query_async(&mut self.redis.conn())
-            .await;
-        if let Err(error) = written {
-            // Gives the quota back; if this fails too, listings skip the id.
-            let _: redis::RedisResult<()> = self.redis.conn().srem(docs_key(owner), id).await;
-            return Err(error.into());
+            .await?;
+        let reserved = match self.reserve(id, owner, max).await {
+            Ok(false) => match self.prune(owner).await {
+                Ok(0) => Ok(false),
+                Ok(_) => self.reserve(id, owner, max).await,
+                Err(error) => Err(error),
+            },
+            reserved => reserved,
+        };
+        if !matches!(reserved, Ok(true)) {
+            // If this fails too, the document is one no listing shows.
+            let _: redis::RedisResult<()> = self.redis.conn().del(&[doc_key(id), doc_log_key(id)]).await;
         }
-        Ok(Created::Document(Document { id: id.to_owned(), owner: owner.to_owned(), version: 1, state: state.clone() }))
+        Ok(match reserved? {
+            true => Created::Document(Document {
+                id: id.to_owned(),
+                owner: owner.to_owned(),
+                version: 1,
+                state: state.clone(),
+            }),
+            false => Created::OverQuota,
+        })
+    }
+
+    /// Adds `id` to `owner`'s set unless they hold `max` documents already.
+    async fn reserve(&self, id: &str, owner: &str, max: usize) -> Result<bool, StoreError> {
+        let reserved: i64 = redis::Script::new(RESERVE_SCRIPT)
+            .key(docs_key(owner))
+            .arg(id)
+            .arg(max)
+            .invoke_async(&mut self.redis.conn())
+            .await?;
+        Ok(reserved == 1)
+    }
+
+    /// Removes from `owner`'s set the ids that have no document; returns
+    /// how many. Safe while others create: an id joins the set only once
+    /// its document is written.
+    async fn prune(&self, owner: &str) -> Result<usize, StoreError> {
+        let ids: Vec<String> = self.redis.read(|mut c| async move { c.smembers(docs_key(owner)).await }).await?;
+        let mut pruned = 0;
+        for id in ids {
+            let exists: bool = self
+                .redis
+                .read(|mut c| {
+                    let key = doc_key(&id);
+                    async move { c.exists(key).await }
+                })
+                .await?;
+            if !exists {
+                let () = self.redis.conn().srem(docs_key(owner), &id).await?;
+                tracing::info!(owner, document = %id, "an id without a document left its owner's set");
+                pruned += 1;
+            }
+        }
+        Ok(pruned)
     }
 
     /// The document `id`, if there is one. An id that is not a UUID is
@@ -282,11 +327,12 @@ impl Documents {
         Ok(changes)
     }
 
-    /// Deletes a document and its history, then its id from its owner's set.
+    /// Takes a document's id out of its owner's set, then deletes the
+    /// document and its history.
     pub async fn delete(&self, doc: &Document) -> Result<(), StoreError> {
         let mut conn = self.redis.conn();
-        let _: () = conn.del(&[doc_key(&doc.id), doc_log_key(&doc.id)]).await?;
         let _: () = conn.srem(docs_key(&doc.owner), &doc.id).await?;
+        let _: () = conn.del(&[doc_key(&doc.id), doc_log_key(&doc.id)]).await?;
         Ok(())
     }
 

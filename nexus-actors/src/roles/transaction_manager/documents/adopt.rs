@@ -1,0 +1,147 @@
+//! Moving documents that older nodes wrote to the keys this version reads.
+//! Before documents could live on a Redis Cluster their keys had no hash
+//! tag (`nexus:doc:<id>`, `nexus:doc:<id>:log`); in one Redis they are
+//! renamed in place. A node given a cluster for documents copies those its
+//! plain Redis holds, tagged or not, onto the cluster and deletes them
+//! there. Runs as a node starts; reads and writes never look at old keys.
+
+use redis::AsyncCommands;
+
+use super::{doc_key, doc_log_key, docs_key, is_document_id, Documents};
+use crate::platform::{Redis, StoreError};
+
+/// Renames an untagged document (KEYS[1], its log KEYS[2]) to its tagged
+/// keys (KEYS[3], KEYS[4]), unless there is a tagged one already. One
+/// Redis only: the keys are in different slots.
+const RENAME_SCRIPT: &str = r"
+if redis.call('EXISTS', KEYS[1]) == 0 or redis.call('EXISTS', KEYS[3]) == 1 then return 0 end
+if redis.call('EXISTS', KEYS[2]) == 1 then redis.call('RENAME', KEYS[2], KEYS[4]) end
+redis.call('RENAME', KEYS[1], KEYS[3])
+return 1
+";
+
+/// Held on the plain Redis while a node copies documents to the cluster,
+/// so that two starting nodes do not copy one document at once; renewed
+/// after each document.
+const COPY_LOCK: &str = "nexus:documents:copying";
+const COPY_LOCK_MS: u64 = 300_000;
+
+/// History entries read from the old log per round trip.
+const LOG_PAGE: usize = 500;
+
+/// The id an old document key names, if it is a document (not its log);
+/// tagged keys only when `tagged` is set.
+fn old_document(key: &str, tagged: bool) -> Option<&str> {
+    let rest = key.strip_prefix("nexus:doc:")?;
+    let id = match rest.strip_prefix('{').and_then(|r| r.strip_suffix('}')) {
+        Some(id) if tagged => id,
+        Some(_) => return None,
+        None => rest,
+    };
+    is_document_id(id).then_some(id)
+}
+
+impl Documents {
+    /// Moves the documents older nodes left where this version does not
+    /// look: those under untagged keys in this store when `plain` is
+    /// `None` (this store is that Redis), or every document in `plain`
+    /// when this store is a cluster. Returns how many moved.
+    pub async fn adopt(&self, plain: Option<&Redis>) -> Result<usize, StoreError> {
+        let source = plain.unwrap_or(&self.redis);
+        let mut scan = source.conn();
+        let mut keys = scan.scan_match::<_, String>("nexus:doc:*").await?;
+        let mut moved = 0;
+        if plain.is_none() {
+            while let Some(key) = keys.next_item().await.transpose()? {
+                let Some(id) = old_document(&key, false) else { continue };
+                let renamed: i64 = redis::Script::new(RENAME_SCRIPT)
+                    .key(&key)
+                    .key(format!("{key}:log"))
+                    .key(doc_key(id))
+                    .key(doc_log_key(id))
+                    .invoke_async(&mut self.redis.conn())
+                    .await?;
+                moved += renamed as usize;
+            }
+        } else {
+            let locked: Option<String> = redis::cmd("SET")
+                .arg(COPY_LOCK)
+                .arg(1)
+                .arg("NX")
+                .arg("PX")
+                .arg(COPY_LOCK_MS)
+                .query_async(&mut source.conn())
+                .await?;
+            if locked.is_none() {
+                tracing::info!("another node is copying documents to the cluster");
+                return Ok(0);
+            }
+            while let Some(key) = keys.next_item().await.transpose()? {
+                let Some(id) = old_document(&key, true) else { continue };
+                moved += self.copy(source, &key, id).await? as usize;
+                let _: bool = source.conn().pexpire(COPY_LOCK, COPY_LOCK_MS as i64).await?;
+            }
+            let () = source.conn().del(COPY_LOCK).await?;
+        }
+        if moved > 0 {
+            tracing::info!(moved, "documents written by older nodes moved to their keys");
+        }
+        Ok(moved)
+    }
+
+    /// Copies the document at `key` in `source`, with its history, to this
+    /// store and deletes it from `source`. A copy made already (by a node
+    /// that died before deleting) stands: it may have changed since.
+    async fn copy(&self, source: &Redis, key: &str, id: &str) -> Result<bool, StoreError> {
+        let mut from = source.conn();
+        let mut to = self.redis.conn();
+        let old_log = format!("{key}:log");
+        let exists: bool = to.exists(doc_key(id)).await?;
+        if !exists {
+            let fields: Vec<(String, String)> = from.hgetall(key).await?;
+            if fields.is_empty() {
+                return Ok(false);
+            }
+            let () = to.del(doc_log_key(id)).await?;
+            let mut start = "-".to_owned();
+            loop {
+                let page: redis::streams::StreamRangeReply = from.xrange_count(&old_log, &start, "+", LOG_PAGE).await?;
+                let Some(last) = page.ids.last() else { break };
+                start = format!("({}", last.id);
+                let mut pipe = redis::pipe();
+                for entry in &page.ids {
+                    let (Some(version), Some(patch)) = (entry.get::<String>("version"), entry.get::<String>("patch"))
+                    else {
+                        continue;
+                    };
+                    pipe.cmd("XADD").arg(doc_log_key(id)).arg(&entry.id).arg("version").arg(version);
+                    pipe.arg("patch").arg(patch).ignore();
+                }
+                let () = pipe.query_async(&mut to).await?;
+            }
+            let () = to.hset_multiple(doc_key(id), &fields).await?;
+        }
+        // Joined to its owner's set even when the copy was there: the node
+        // that made it may have died before this step.
+        let owner: Option<String> = to.hget(doc_key(id), "owner").await?;
+        if let Some(owner) = owner {
+            let () = to.sadd(docs_key(&owner), id).await?;
+        }
+        let () = from.del(&[key, old_log.as_str()]).await?;
+        Ok(!exists)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn only_document_keys_are_adopted() {
+        let id = "0190a5a4-7a3c-7cc2-8a55-6f0b7f2b1c11";
+        assert_eq!(super::old_document(&format!("nexus:doc:{id}"), false), Some(id));
+        assert_eq!(super::old_document(&format!("nexus:doc:{{{id}}}"), false), None, "tagged stays in one store");
+        assert_eq!(super::old_document(&format!("nexus:doc:{{{id}}}"), true), Some(id));
+        assert_eq!(super::old_document(&format!("nexus:doc:{id}:log"), true), None);
+        assert_eq!(super::old_document("nexus:doc:x", true), None);
+        assert_eq!(super::old_document(&format!("nexus:docs:{id}"), true), None);
+    }
+}
