@@ -131,8 +131,9 @@ async fn reconnects_and_resubscribes_after_redis_restarts() {
     publish.publish("nexus:panel:p1", ping(1)).await.unwrap();
     eventually(10, "first message", || messages(&events).len() == 1).await;
 
+    let downs = count_down(&events);
     server.kill();
-    eventually(10, "subscriber told the bus is down", || count_down(&events) == 1).await;
+    eventually(10, "subscriber told the bus is down", || count_down(&events) == downs + 1).await;
     let failed = publish.publish("nexus:panel:p1", ping(2)).await;
     let handed_back = match failed {
         Err(err @ PublishError::Unavailable(_)) | Err(err @ PublishError::Redis { .. }) => err.into_envelope(),
@@ -334,9 +335,12 @@ async fn ten_thousand_topics_come_back_after_a_restart_in_a_few_commands() {
     subscribe(&link, Topic::Pattern("nexus:many:*".into()), &collector).await;
     assert_eq!(kernel.metrics().redis_subscriptions.get(), 10_001);
 
+    // Those that came while the bridge was still connecting were told
+    // the bus is down (and up again once they were subscribed).
+    let downs = count_down(&events);
     brokers.redis.kill();
     // Once, however many topics it follows.
-    eventually(10, "told the bus is down", || count_down(&events) == 1).await;
+    eventually(10, "told the bus is down", || count_down(&events) == downs + 1).await;
     brokers.redis.restart().unwrap();
     let ups = count_up(&events);
     eventually(30, "told the bus is up again", || count_up(&events) > ups).await;
@@ -407,4 +411,36 @@ async fn publishes_from_many_callers_share_one_bound_and_local_fan_out_shares_on
         other => panic!("expected a message, got {other:?}"),
     };
     assert!(Arc::ptr_eq(&last(&a_events), &last(&b_events)), "both subscribers hold the one decoded message");
+}
+
+/// A bridge whose plain Redis takes connections and never answers still
+/// subscribes and delivers the shard topics it has on a cluster: the plain
+/// side connects beside the bridge's mailbox, not in front of it.
+#[actix_rt::test]
+async fn a_plain_redis_that_hangs_does_not_hold_the_cluster_side() {
+    let dir = nexus_testkit::tempdir("redis-hung-plain");
+    let cluster = nexus_actors::infra::RedisCluster::start(&dir, 3, 0).expect("a redis cluster starts");
+    // The kernel completes the handshakes; nobody reads or answers.
+    let hung = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("redis://{}/", hung.local_addr().unwrap());
+    let kernel = Kernel::new("test");
+    let arbiter = Arbiter::new();
+    let bridge = RedisBridge::spawn_with_cluster(&kernel, &arbiter.handle(), &url, &cluster.urls()).unwrap();
+    let events = Arc::new(Mutex::new(Vec::new()));
+    let e = events.clone();
+    let collector = kernel.spawn("collector", move || Collector { events: e.clone() });
+    let (plain, shard) = (Topic::Channel("nexus:panel:p1".into()), Topic::Shard("nexus:doc:{d1}".into()));
+    for topic in [plain, shard] {
+        let subscribe = Subscribe { topic, subscriber: collector.link("redis-bridge") };
+        // Within the 5 s that one plain connection attempt may take.
+        let asked = tokio::time::timeout(Duration::from_secs(3), bridge.link::<Subscribe>("test").ask(subscribe)).await;
+        assert!(matches!(asked, Ok(Ok(Ok(())))), "{asked:?}");
+    }
+    eventually(10, "the cluster side is up", || count_up(&events) >= 1).await;
+    bridge.publisher.publish_shard("nexus:doc:{d1}", ping(7)).await.unwrap();
+    eventually(10, "the shard message arrives", || messages(&events) == [("nexus:doc:{d1}".into(), None, 7)]).await;
+    let downs =
+        events.lock().unwrap().iter().filter(|e| matches!(e, BusEvent::Down(d) if d.bus.as_str() == "redis")).count();
+    assert!(downs >= 1, "the plain topic's subscriber is told its bus is down");
+    drop(hung);
 }

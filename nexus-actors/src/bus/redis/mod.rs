@@ -7,7 +7,10 @@
 //! connections of their own, one per thread. When the
 //! pub/sub connection drops it tells every subscriber [`BusDown`],
 //! reconnects with backoff, re-subscribes everything and tells them
-//! [`BusUp`] so they can resync from state. Delivery is at-most-once and uses
+//! [`BusUp`] so they can resync from state. A subscriber that comes while
+//! the bridge is connecting is told [`BusDown`] at once and [`BusUp`] once
+//! its topic is subscribed too: connecting never holds the mailbox.
+//! Delivery is at-most-once and uses
 //! `try_tell`: a subscriber with a full mailbox loses the message (counted
 //! in `nexus_mailbox_dropped_total`) and must resync, never stalling others.
 //! The subscription table outlives restarts of the bridge itself.
@@ -299,38 +302,79 @@ impl RedisBridge {
         Ok(RedisBus { bridge, publisher })
     }
 
+    /// Connects the plain side and subscribes what the table holds. Runs
+    /// beside the mailbox (not in `ctx.wait`): a plain Redis that hangs must
+    /// not hold the cluster side's subscriptions and resyncs. What changed
+    /// in the table meanwhile is subscribed or unsubscribed once connected,
+    /// and followers are told `BusUp` only when that is confirmed.
     fn connect(&mut self, ctx: &mut Ctx<Self>) {
         let generation = self.generation.fetch_add(1, Ordering::SeqCst) + 1;
         let client = self.client.clone();
         let topics = self.plain_topics();
+        let asked = topics.clone();
         let fut = async move {
             let (sink, stream) = client.get_async_pubsub().await?.split();
             send_command(&sink, Command::Subscribe, topics).await?;
             Ok::<_, redis::RedisError>((sink, stream))
         };
         let fut = tokio::time::timeout(CONNECT_TIMEOUT, fut);
-        ctx.wait(actix::fut::wrap_future::<_, Supervised<Self>>(fut).map(move |result, s, ctx| match result {
-            Ok(Ok((sink, stream))) => {
-                let this = s.behaviour_mut();
-                this.sink = Some(sink);
-                this.publisher.set_up(true);
-                this.backoff.reset();
-                if let Some(me) = &this.me {
-                    let reader = Reader {
-                        subscriptions: this.subscriptions.clone(),
-                        metrics: this.kernel.metrics().clone(),
-                        current: this.generation.clone(),
-                        generation,
-                        emptied: me.link("redis"),
-                    };
-                    reader.spawn(stream, me.link("redis"));
-                }
-                tracing::info!(bus = "redis", "bus up");
-                this.broadcast_on(this.on_plain(), || BusEvent::Up(BusUp { bus: Bus::Redis }));
+        ctx.spawn(actix::fut::wrap_future::<_, Supervised<Self>>(fut).map(move |result, s, ctx| {
+            let this = s.behaviour_mut();
+            if this.generation.load(Ordering::SeqCst) != generation {
+                return;
             }
-            Ok(Err(error)) => s.behaviour_mut().connect_failed(&error, ctx),
-            Err(elapsed) => s.behaviour_mut().connect_failed(&elapsed, ctx),
+            match result {
+                Ok(Ok((sink, stream))) => this.connected(sink, stream, generation, asked, ctx),
+                Ok(Err(error)) => this.connect_failed(&error, ctx),
+                Err(elapsed) => this.connect_failed(&elapsed, ctx),
+            }
         }));
+    }
+
+    fn connected(
+        &mut self,
+        sink: PubSubSink,
+        stream: redis::aio::PubSubStream,
+        generation: u64,
+        asked: Vec<Topic>,
+        ctx: &mut Ctx<Self>,
+    ) {
+        let now = self.plain_topics();
+        let added: Vec<Topic> = now.iter().filter(|t| !asked.contains(t)).cloned().collect();
+        let dropped: Vec<Topic> = asked.into_iter().filter(|t| !now.contains(t)).collect();
+        let caught_up = (!added.is_empty()).then(|| send_command(&sink, Command::Subscribe, added));
+        self.sink = Some(sink);
+        self.unsubscribe_on_redis(dropped);
+        self.publisher.set_up(true);
+        self.backoff.reset();
+        if let Some(me) = &self.me {
+            let reader = Reader {
+                subscriptions: self.subscriptions.clone(),
+                metrics: self.kernel.metrics().clone(),
+                current: self.generation.clone(),
+                generation,
+                emptied: me.link("redis"),
+            };
+            reader.spawn(stream, me.link("redis"));
+        }
+        let Some(caught_up) = caught_up else {
+            self.up();
+            return;
+        };
+        ctx.spawn(actix::fut::wrap_future::<_, Supervised<Self>>(caught_up).map(move |result, s, _| {
+            let this = s.behaviour_mut();
+            match result {
+                Ok(()) if this.generation.load(Ordering::SeqCst) == generation => this.up(),
+                Ok(()) => {}
+                // The connection is going: its reader's end reconnects.
+                Err(error) => this.kernel.metrics().bus_error(Bus::Redis, BusErrorKind::Subscribe, &error),
+            }
+        }));
+    }
+
+    fn up(&self) {
+        tracing::info!(bus = "redis", "bus up");
+        self.broadcast_on(self.on_plain(), || BusEvent::Up(BusUp { bus: Bus::Redis }));
     }
 
     fn connect_failed(&mut self, error: &dyn std::fmt::Display, ctx: &mut Ctx<Self>) {
