@@ -29,12 +29,12 @@ use rdkafka::{ClientConfig, Message as _};
 use serde_json::json;
 
 /// What `--only` can run by itself.
-const PARTS: [&str; 7] = ["panels", "login", "llm", "deploy", "bus", "sessions", "cold"];
+const PARTS: [&str; 8] = ["panels", "login", "llm", "deploy", "bus", "tools", "sessions", "cold"];
 
 const USAGE: &str = "\
 usage: nexus-bench [--quick] [--write FILE]     every table (--write records them)
        nexus-bench [--quick] --only PART        one part, printed
-         PART: panels, login, llm, deploy, bus, sessions, cold
+         PART: panels, login, llm, deploy, bus, tools, sessions, cold
        nexus-bench chaos [--short]              the chaos harness (scripts/chaos)
 ";
 
@@ -124,9 +124,11 @@ fn main() {
     let only_llm = args.windows(2).any(|w| w[0] == "--only" && w[1] == "llm");
     let only_deploy = args.windows(2).any(|w| w[0] == "--only" && w[1] == "deploy");
     let only_bus = args.windows(2).any(|w| w[0] == "--only" && w[1] == "bus");
+    let only_tools = args.windows(2).any(|w| w[0] == "--only" && w[1] == "tools");
     let only_sessions = args.windows(2).any(|w| w[0] == "--only" && w[1] == "sessions");
     let only_cold = args.windows(2).any(|w| w[0] == "--only" && w[1] == "cold");
-    let partial = only_panels || only_login || only_llm || only_deploy || only_bus || only_sessions || only_cold;
+    let partial =
+        only_panels || only_login || only_llm || only_deploy || only_bus || only_tools || only_sessions || only_cold;
     if partial && write.is_some() {
         eprintln!("--only prints its tables; --write needs the full run");
         std::process::exit(2);
@@ -151,6 +153,12 @@ fn main() {
     }
     if only_deploy {
         println!("{}", actix_rt::System::new().block_on(deploy::table(&dir)));
+        let _ = std::fs::remove_dir_all(&dir);
+        return;
+    }
+    if only_tools {
+        let rows = actix_rt::System::new().block_on(tools::rows(&dir, sizes.tools, sizes.python_tools));
+        println!("{}", render(&rows));
         let _ = std::fs::remove_dir_all(&dir);
         return;
     }

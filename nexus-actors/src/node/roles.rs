@@ -184,7 +184,10 @@ pub(super) async fn transaction_manager(
         state.documents = tm_role::Documents::new(Redis::connect_cluster(&config.redis_cluster).await?);
     }
     let plain = (!config.redis_cluster.is_empty()).then_some(&platform.redis);
-    state.documents.adopt(plain).await?;
+    if let Err(error) = state.documents.adopt(plain).await {
+        // What was not moved stays where it was, for the next start.
+        tracing::warn!(%error, "documents under older keys were not looked for");
+    }
     // Three heartbeats fit in the watchdog's timeout, however short it is set.
     state.ui.heartbeat_secs = state.ui.heartbeat_secs.min(config.panels.watchdog_timeout.as_secs() / 3).max(1);
     let produce = bridges.kafka.link(Role::TransactionManager.name());

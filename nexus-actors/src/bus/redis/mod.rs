@@ -39,7 +39,7 @@ mod table;
 pub use publisher::{PublishError, Publisher, MAX_PUBLISHES_IN_FLIGHT};
 pub(crate) use shards::RESPONSE_TIMEOUT as CLUSTER_RESPONSE_TIMEOUT;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -339,9 +339,10 @@ impl RedisBridge {
         asked: Vec<Topic>,
         ctx: &mut Ctx<Self>,
     ) {
-        let now = self.plain_topics();
-        let added: Vec<Topic> = now.iter().filter(|t| !asked.contains(t)).cloned().collect();
-        let dropped: Vec<Topic> = asked.into_iter().filter(|t| !now.contains(t)).collect();
+        let now: HashSet<Topic> = self.plain_topics().into_iter().collect();
+        let asked: HashSet<Topic> = asked.into_iter().collect();
+        let added: Vec<Topic> = now.difference(&asked).cloned().collect();
+        let dropped: Vec<Topic> = asked.difference(&now).cloned().collect();
         let caught_up = (!added.is_empty()).then(|| send_command(&sink, Command::Subscribe, added));
         self.sink = Some(sink);
         self.unsubscribe_on_redis(dropped);
@@ -361,15 +362,30 @@ impl RedisBridge {
             self.up();
             return;
         };
-        ctx.spawn(actix::fut::wrap_future::<_, Supervised<Self>>(caught_up).map(move |result, s, _| {
+        ctx.spawn(actix::fut::wrap_future::<_, Supervised<Self>>(caught_up).map(move |result, s, ctx| {
             let this = s.behaviour_mut();
+            // Lost meanwhile: the reconnection brings the BusUp.
+            if this.generation.load(Ordering::SeqCst) != generation || this.sink.is_none() {
+                return;
+            }
             match result {
-                Ok(()) if this.generation.load(Ordering::SeqCst) == generation => this.up(),
-                Ok(()) => {}
-                // The connection is going: its reader's end reconnects.
-                Err(error) => this.kernel.metrics().bus_error(Bus::Redis, BusErrorKind::Subscribe, &error),
+                Ok(()) => this.up(),
+                // Like the connection's end: what it carries is incomplete.
+                Err(error) => {
+                    this.kernel.metrics().bus_error(Bus::Redis, BusErrorKind::Subscribe, &error);
+                    this.lost(format!("subscribing failed: {error}"), ctx);
+                }
             }
         }));
+    }
+
+    /// The plain connection is no longer whole: subscribers are told and
+    /// a new one is made.
+    fn lost(&mut self, reason: String, ctx: &mut Ctx<Self>) {
+        self.sink = None;
+        self.publisher.set_up(false);
+        self.broadcast_on(self.on_plain(), || BusEvent::Down(BusDown { bus: Bus::Redis, reason: reason.clone() }));
+        self.schedule_reconnect(ctx);
     }
 
     fn up(&self) {
@@ -543,12 +559,8 @@ impl Handler<ConnectionLost> for RedisBridge {
         if msg.generation != self.generation.load(Ordering::SeqCst) {
             return Reply::Now(());
         }
-        self.sink = None;
-        self.publisher.set_up(false);
         self.kernel.metrics().bus_error(Bus::Redis, BusErrorKind::Disconnected, &msg.reason);
-        let reason = msg.reason;
-        self.broadcast_on(self.on_plain(), || BusEvent::Down(BusDown { bus: Bus::Redis, reason: reason.clone() }));
-        self.schedule_reconnect(ctx);
+        self.lost(msg.reason, ctx);
         Reply::Now(())
     }
 }

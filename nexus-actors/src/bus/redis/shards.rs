@@ -104,22 +104,25 @@ fn on_push(
             }
         }
         PushKind::Disconnection => {
-            lock(subscriptions).forget_unsubscribing();
             let _ = bridge.tell(ShardsLost { reason: "a cluster node's connection dropped".into() });
         }
         // A master unsubscribes a shard channel by itself when the
         // channel's slot moves to another master (resharding). One the
         // table still holds (not one the bridge let go) must be subscribed
         // again where its slot lives now, and what was published meanwhile
-        // is lost to its followers. The confirmation of one the bridge sent
-        // is not that, even when the topic is followed again by now.
+        // is lost to its followers. So is the bridge's own unsubscribe of a
+        // topic followed again since, if its subscribe went out first; when
+        // the subscribe went out after it, it undoes it.
         PushKind::SUnsubscribe => {
             let Some(Value::BulkString(channel)) = push.data.first() else { return };
             let topic = Topic::Shard(String::from_utf8_lossy(channel).into_owned());
-            let mut table = lock(subscriptions);
-            if !table.unsubscribed(&topic) && table.topics.contains_key(&topic) {
+            if lock(subscriptions).dropped_while_followed(&topic) {
                 let _ = bridge.tell(ShardsLost { reason: "a followed channel's slot moved to another master".into() });
             }
+        }
+        PushKind::SSubscribe => {
+            let Some(Value::BulkString(channel)) = push.data.first() else { return };
+            lock(subscriptions).subscribed(&Topic::Shard(String::from_utf8_lossy(channel).into_owned()));
         }
         _ => {}
     }
@@ -136,6 +139,7 @@ impl RedisBridge {
     /// else tries again after a backoff.
     pub(super) fn subscribe_shards(&mut self, ctx: &mut Ctx<Self>) {
         let topics = self.shard_topics();
+        let table = self.subscriptions.clone();
         let (subscriptions, metrics) = (self.subscriptions.clone(), self.kernel.metrics().clone());
         let (Some(shards), Some(me)) = (self.shards.as_mut(), self.me.as_ref()) else { return };
         if shards.subscribing {
@@ -143,6 +147,9 @@ impl RedisBridge {
         }
         shards.subscribing = true;
         shards.lost_during_round = false;
+        for topic in &topics {
+            lock(&table).subscribing(topic.clone());
+        }
         let connect = match shards.conn.clone() {
             Some(conn) => Ok(conn),
             None => {
@@ -159,12 +166,19 @@ impl RedisBridge {
         };
         let round = async move {
             let conn = match connect {
-                Ok(conn) => conn,
-                Err(client) => client?.get_async_connection().await?,
+                Ok(conn) => Ok(conn),
+                Err(client) => match client {
+                    Ok(client) => client.get_async_connection().await,
+                    Err(error) => Err(error),
+                },
             };
-            let subscribed = futures::future::join_all(topics.iter().filter_map(Topic::shard_channel).map(|channel| {
-                let mut conn = conn.clone();
-                async move { conn.ssubscribe(channel).await }
+            let conn = conn.inspect_err(|_| topics.iter().for_each(|t| lock(&table).subscribed(t)))?;
+            let subscribed = futures::future::join_all(topics.iter().map(|topic| {
+                let (mut conn, table) = (conn.clone(), table.clone());
+                async move {
+                    let channel = topic.shard_channel().unwrap_or_default();
+                    conn.ssubscribe(channel).await.inspect_err(|_| lock(&table).subscribed(topic))
+                }
             }))
             .await;
             subscribed.into_iter().collect::<redis::RedisResult<Vec<()>>>()?;
@@ -207,6 +221,10 @@ impl RedisBridge {
             Err(elapsed) => Box::new(elapsed),
         };
         self.kernel.metrics().bus_error(Bus::RedisCluster, BusErrorKind::Connect, &error);
+        // A round that timed out dropped its subscribes unconfirmed. (At
+        // worst a subscribe of another caller is forgotten too, and a
+        // confirmed unsubscribe of its topic brings a needless resync.)
+        lock(&self.subscriptions).forget_subscribing();
         let Some(shards) = self.shards.as_mut() else { return };
         shards.subscribing = false;
         let delay = shards.backoff.next_delay();
@@ -237,8 +255,11 @@ impl RedisBridge {
             return Reply::Now(Ok(()));
         };
         let (metrics, lost) = (self.kernel.metrics().clone(), me.link::<ShardsLost>("redis_cluster"));
+        lock(&self.subscriptions).subscribing(topic.clone());
+        let table = self.subscriptions.clone();
         Reply::later(async move {
             conn.ssubscribe(&channel).await.map_err(|e| {
+                lock(&table).subscribed(&topic);
                 metrics.bus_error(Bus::RedisCluster, BusErrorKind::Subscribe, &e);
                 let _ = lost.tell(ShardsLost { reason: format!("subscribing {channel} failed: {e}") });
                 super::SubscribeError::from(e)
@@ -250,23 +271,18 @@ impl RedisBridge {
     /// that subscribes again takes only what the table holds.
     pub(super) fn unsubscribe_shards(&self, topics: &[Topic]) {
         let Some(conn) = self.shards.as_ref().and_then(Shards::connection) else { return };
-        let topics: Vec<Topic> = topics.iter().filter(|t| t.is_shard()).cloned().collect();
-        if topics.is_empty() {
+        let channels: Vec<String> = topics.iter().filter_map(|t| t.shard_channel().map(str::to_owned)).collect();
+        if channels.is_empty() {
             return;
         }
-        let mut table = lock(&self.subscriptions);
-        for topic in &topics {
-            table.unsubscribing(topic.clone());
-        }
-        drop(table);
-        let (metrics, subscriptions) = (self.kernel.metrics().clone(), self.subscriptions.clone());
+        let metrics = self.kernel.metrics().clone();
         actix::spawn(async move {
-            for topic in topics {
-                let Some(channel) = topic.shard_channel() else { continue };
-                if let Err(error) = conn.clone().sunsubscribe(channel).await {
-                    metrics.bus_error(Bus::RedisCluster, BusErrorKind::Unsubscribe, &error);
-                    lock(&subscriptions).unsubscribed(&topic);
-                }
+            let unsubscribed = futures::future::join_all(channels.iter().map(|channel| {
+                let mut conn = conn.clone();
+                async move { conn.sunsubscribe(channel).await }
+            }));
+            for error in unsubscribed.await.into_iter().filter_map(Result::err) {
+                metrics.bus_error(Bus::RedisCluster, BusErrorKind::Unsubscribe, &error);
             }
         });
     }

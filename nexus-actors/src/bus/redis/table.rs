@@ -13,38 +13,48 @@ use crate::kernel::{Link, SendError};
 pub(super) struct Table {
     pub(super) topics: HashMap<Topic, Vec<Link<BusEvent>>>,
     gauge: prometheus::IntGauge,
-    /// Unsubscribes the bridge sent and Redis has not confirmed yet, per
-    /// topic: a confirmation is told apart from the server unsubscribing
-    /// by itself. At most one entry per topic the bridge let go.
-    unsubscribing: HashMap<Topic, u32>,
+    /// Subscribes the bridge sent and Redis has not confirmed yet, per
+    /// topic: when Redis confirms an unsubscribe of a topic the table holds
+    /// and none is pending, nothing will subscribe it again (see
+    /// [`Table::dropped_while_followed`]). An entry lives while its command is in flight.
+    subscribing: HashMap<Topic, u32>,
 }
 
 impl Table {
     pub(super) fn new(gauge: prometheus::IntGauge) -> Self {
-        Table { topics: HashMap::new(), gauge, unsubscribing: HashMap::new() }
+        Table { topics: HashMap::new(), gauge, subscribing: HashMap::new() }
     }
 
-    /// Notes an unsubscribe of `topic` sent to Redis.
-    pub(super) fn unsubscribing(&mut self, topic: Topic) {
-        *self.unsubscribing.entry(topic).or_default() += 1;
+    /// Notes a subscribe of `topic` handed to Redis.
+    pub(super) fn subscribing(&mut self, topic: Topic) {
+        *self.subscribing.entry(topic).or_default() += 1;
     }
 
-    /// Notes an unsubscribe of `topic` confirmed by Redis, or failed;
-    /// whether it was one the bridge sent (false: Redis dropped the topic
-    /// by itself).
-    pub(super) fn unsubscribed(&mut self, topic: &Topic) -> bool {
-        let Some(pending) = self.unsubscribing.get_mut(topic) else { return false };
+    /// Notes a subscribe of `topic` confirmed by Redis, or failed. (Redis
+    /// also confirms those a client makes again by itself after a
+    /// reconnection: the count stops at zero.)
+    pub(super) fn subscribed(&mut self, topic: &Topic) {
+        let Some(pending) = self.subscribing.get_mut(topic) else { return };
         *pending -= 1;
         if *pending == 0 {
-            self.unsubscribing.remove(topic);
+            self.subscribing.remove(topic);
         }
-        true
     }
 
-    /// Forgets every unsubscribe in flight: their connection is gone, and
-    /// their confirmations with it.
-    pub(super) fn forget_unsubscribing(&mut self) {
-        self.unsubscribing.clear();
+    /// Forgets every subscribe in flight, once the commands that sent them
+    /// were dropped unfinished (their confirmations may never come).
+    pub(super) fn forget_subscribing(&mut self) {
+        self.subscribing.clear();
+    }
+
+    /// Given that Redis just confirmed `topic` unsubscribed (the bridge's
+    /// own unsubscribe, or Redis's: a slot that moved): whether the topic
+    /// is still followed here with no subscribe on its way, so that it is
+    /// not subscribed on Redis and nothing will subscribe it. Replies come
+    /// in the order the commands went out, so a subscribe pending now went
+    /// out after this unsubscribe and will undo it.
+    pub(super) fn dropped_while_followed(&self, topic: &Topic) -> bool {
+        self.topics.contains_key(topic) && !self.subscribing.contains_key(topic)
     }
 
     fn count(&self) {
@@ -169,19 +179,22 @@ mod tests {
         assert_eq!((table.topics.len(), gauge.get()), (0, 0));
     }
 
-    #[test]
-    fn a_confirmed_unsubscribe_is_told_from_one_the_server_made() {
+    #[actix_rt::test]
+    async fn an_unsubscribe_drops_a_followed_topic_unless_a_subscribe_comes_after_it() {
+        let kernel = Kernel::new("test");
         let mut table = Table::new(prometheus::IntGauge::new("g", "g").unwrap());
         let topic = Topic::Shard("nexus:doc:{1}".into());
-        assert!(!table.unsubscribed(&topic), "none sent: the server's own");
-        table.unsubscribing(topic.clone());
-        table.unsubscribing(topic.clone());
-        assert!(table.unsubscribed(&topic));
-        assert!(table.unsubscribed(&topic));
-        assert!(!table.unsubscribed(&topic), "two sent, two confirmed, the third is the server's");
-        table.unsubscribing(topic.clone());
-        table.forget_unsubscribing();
-        assert!(!table.unsubscribed(&topic));
+        assert!(!table.dropped_while_followed(&topic), "not followed");
+        table.add(topic.clone(), kernel.spawn("a", || Sink).link("redis-bridge"));
+        assert!(table.dropped_while_followed(&topic), "followed, and nothing subscribes it again");
+        table.subscribing(topic.clone());
+        table.subscribing(topic.clone());
+        assert!(!table.dropped_while_followed(&topic), "a subscribe went out after it");
+        table.subscribed(&topic);
+        assert!(!table.dropped_while_followed(&topic), "one is still on its way");
+        table.subscribed(&topic);
+        table.subscribed(&topic);
+        assert!(table.dropped_while_followed(&topic), "both confirmed (and one more from a reconnection)");
     }
 
     fn ping() -> Envelope {

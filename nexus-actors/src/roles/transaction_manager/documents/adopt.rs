@@ -3,7 +3,10 @@
 //! tag (`nexus:doc:<id>`, `nexus:doc:<id>:log`); in one Redis they are
 //! renamed in place. A node given a cluster for documents copies those its
 //! plain Redis holds, tagged or not, onto the cluster and deletes them
-//! there. Runs as a node starts; reads and writes never look at old keys.
+//! there unless they changed meanwhile. Runs as a node starts; reads and
+//! writes never look at old keys. Nothing is deleted before it is copied,
+//! so a node that dies halfway loses nothing (a document deleted on the
+//! cluster before the next start can come back from its old copy).
 
 use redis::AsyncCommands;
 
@@ -22,12 +25,28 @@ return 1
 
 /// Held on the plain Redis while a node copies documents to the cluster,
 /// so that two starting nodes do not copy one document at once; renewed
-/// after each document.
+/// after each document, released only by the node holding it.
 const COPY_LOCK: &str = "nexus:documents:copying";
 const COPY_LOCK_MS: u64 = 300_000;
 
-/// History entries read from the old log per round trip.
-const LOG_PAGE: usize = 500;
+/// Deletes KEYS[1] (a lock) if it still holds ARGV[1] (its holder's token).
+const RELEASE_SCRIPT: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+";
+
+/// Deletes a copied document (KEYS[1], its log KEYS[2]) if it is still at
+/// version ARGV[1] or older: one changed after it was copied is kept.
+const DELETE_COPIED_SCRIPT: &str = r"
+local v = tonumber(redis.call('HGET', KEYS[1], 'version') or '0')
+if v > tonumber(ARGV[1]) then return 0 end
+redis.call('DEL', KEYS[1], KEYS[2])
+return 1
+";
+
+/// History entries read from the old log per round trip: at most this
+/// many patches (each within the API's body limit) are held at once.
+const LOG_PAGE: usize = 16;
 
 /// The id an old document key names, if it is a document (not its log);
 /// tagged keys only when `tagged` is set.
@@ -45,63 +64,90 @@ impl Documents {
     /// Moves the documents older nodes left where this version does not
     /// look: those under untagged keys in this store when `plain` is
     /// `None` (this store is that Redis), or every document in `plain`
-    /// when this store is a cluster. Returns how many moved.
+    /// when this store is a cluster. Returns how many moved. A document
+    /// that cannot be moved is left where it is (logged, tried again at
+    /// the next start); only a failed scan is an error.
     pub async fn adopt(&self, plain: Option<&Redis>) -> Result<usize, StoreError> {
-        let source = plain.unwrap_or(&self.redis);
+        let Some(source) = plain else { return self.rename_untagged().await };
+        let token = uuid::Uuid::new_v4().to_string();
+        let locked: Option<String> = redis::cmd("SET")
+            .arg(COPY_LOCK)
+            .arg(&token)
+            .arg("NX")
+            .arg("PX")
+            .arg(COPY_LOCK_MS)
+            .query_async(&mut source.conn())
+            .await?;
+        if locked.is_none() {
+            tracing::info!("another node is copying documents to the cluster");
+            return Ok(0);
+        }
+        let copied = self.copy_all(source).await;
+        let released: redis::RedisResult<i64> =
+            redis::Script::new(RELEASE_SCRIPT).key(COPY_LOCK).arg(&token).invoke_async(&mut source.conn()).await;
+        if let Err(error) = released {
+            tracing::warn!(%error, "the lock of the copy to the cluster is left to expire");
+        }
+        copied
+    }
+
+    async fn rename_untagged(&self) -> Result<usize, StoreError> {
+        let mut scan = self.redis.conn();
+        let mut keys = scan.scan_match::<_, String>("nexus:doc:*").await?;
+        let mut moved = 0;
+        while let Some(key) = keys.next_item().await.transpose()? {
+            let Some(id) = old_document(&key, false) else { continue };
+            let renamed: redis::RedisResult<i64> = redis::Script::new(RENAME_SCRIPT)
+                .key(&key)
+                .key(format!("{key}:log"))
+                .key(doc_key(id))
+                .key(doc_log_key(id))
+                .invoke_async(&mut self.redis.conn())
+                .await;
+            match renamed {
+                Ok(renamed) => moved += renamed as usize,
+                Err(error) => tracing::warn!(%error, document = id, "a document under an old key was not moved"),
+            }
+        }
+        if moved > 0 {
+            tracing::info!(moved, "documents under older nodes' keys moved to this version's");
+        }
+        Ok(moved)
+    }
+
+    async fn copy_all(&self, source: &Redis) -> Result<usize, StoreError> {
         let mut scan = source.conn();
         let mut keys = scan.scan_match::<_, String>("nexus:doc:*").await?;
         let mut moved = 0;
-        if plain.is_none() {
-            while let Some(key) = keys.next_item().await.transpose()? {
-                let Some(id) = old_document(&key, false) else { continue };
-                let renamed: i64 = redis::Script::new(RENAME_SCRIPT)
-                    .key(&key)
-                    .key(format!("{key}:log"))
-                    .key(doc_key(id))
-                    .key(doc_log_key(id))
-                    .invoke_async(&mut self.redis.conn())
-                    .await?;
-                moved += renamed as usize;
+        while let Some(key) = keys.next_item().await.transpose()? {
+            let Some(id) = old_document(&key, true) else { continue };
+            match self.copy(source, &key, id).await {
+                Ok(copied) => moved += copied as usize,
+                Err(error) => tracing::warn!(%error, document = id, "a document was not copied to the cluster"),
             }
-        } else {
-            let locked: Option<String> = redis::cmd("SET")
-                .arg(COPY_LOCK)
-                .arg(1)
-                .arg("NX")
-                .arg("PX")
-                .arg(COPY_LOCK_MS)
-                .query_async(&mut source.conn())
-                .await?;
-            if locked.is_none() {
-                tracing::info!("another node is copying documents to the cluster");
-                return Ok(0);
-            }
-            while let Some(key) = keys.next_item().await.transpose()? {
-                let Some(id) = old_document(&key, true) else { continue };
-                moved += self.copy(source, &key, id).await? as usize;
-                let _: bool = source.conn().pexpire(COPY_LOCK, COPY_LOCK_MS as i64).await?;
-            }
-            let () = source.conn().del(COPY_LOCK).await?;
+            let _: redis::RedisResult<bool> = source.conn().pexpire(COPY_LOCK, COPY_LOCK_MS as i64).await;
         }
         if moved > 0 {
-            tracing::info!(moved, "documents written by older nodes moved to their keys");
+            tracing::info!(moved, "documents copied from the plain redis to the cluster");
         }
         Ok(moved)
     }
 
     /// Copies the document at `key` in `source`, with its history, to this
-    /// store and deletes it from `source`. A copy made already (by a node
-    /// that died before deleting) stands: it may have changed since.
+    /// store and deletes it from `source` unless it changed meanwhile. A
+    /// copy made already (by a node that died before deleting) stands: it
+    /// may have changed since; the source goes only if it is not newer.
     async fn copy(&self, source: &Redis, key: &str, id: &str) -> Result<bool, StoreError> {
         let mut from = source.conn();
         let mut to = self.redis.conn();
         let old_log = format!("{key}:log");
         let exists: bool = to.exists(doc_key(id)).await?;
-        if !exists {
+        let copied_version: u64 = if exists {
+            to.hget::<_, _, Option<u64>>(doc_key(id), "version").await?.unwrap_or(0)
+        } else {
             let fields: Vec<(String, String)> = from.hgetall(key).await?;
-            if fields.is_empty() {
-                return Ok(false);
-            }
+            let version = fields.iter().find(|(f, _)| f == "version").and_then(|(_, v)| v.parse().ok());
+            let Some(version) = version else { return Ok(false) };
             let () = to.del(doc_log_key(id)).await?;
             let mut start = "-".to_owned();
             loop {
@@ -120,14 +166,23 @@ impl Documents {
                 let () = pipe.query_async(&mut to).await?;
             }
             let () = to.hset_multiple(doc_key(id), &fields).await?;
-        }
+            version
+        };
         // Joined to its owner's set even when the copy was there: the node
         // that made it may have died before this step.
         let owner: Option<String> = to.hget(doc_key(id), "owner").await?;
         if let Some(owner) = owner {
             let () = to.sadd(docs_key(&owner), id).await?;
         }
-        let () = from.del(&[key, old_log.as_str()]).await?;
+        let deleted: i64 = redis::Script::new(DELETE_COPIED_SCRIPT)
+            .key(key)
+            .key(&old_log)
+            .arg(copied_version)
+            .invoke_async(&mut from)
+            .await?;
+        if deleted == 0 {
+            tracing::warn!(document = id, "changed on the plain redis after its copy to the cluster: both are kept");
+        }
         Ok(!exists)
     }
 }
