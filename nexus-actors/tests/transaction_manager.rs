@@ -525,8 +525,18 @@ async fn documents_older_nodes_wrote_are_adopted_and_ids_without_one_hold_no_quo
     assert_eq!(status, StatusCode::CREATED, "the id without a document held the quota: {body}");
     let members: Vec<String> = redis.smembers("nexus:docs:ada").await.unwrap();
     assert!(!members.contains(&orphan), "{members:?}");
+    // Refused again, without reading the whole set once more: pruning
+    // runs at most hourly per owner.
+    let exists_calls = |info: String| {
+        info.lines().find_map(|l| l.strip_prefix("cmdstat_exists:calls=")?.split(',').next()?.parse::<u64>().ok())
+    };
+    let info = |mut c: nexus_actors::platform::store::Conn| async move {
+        redis::cmd("INFO").arg("commandstats").query_async::<String>(&mut c).await.unwrap()
+    };
+    let before = exists_calls(info(redis.clone()).await);
     let (status, body) = ada.post("/api/documents", json!({"state": {"refused": true}})).await;
     assert_eq!((status, body["error"].as_str()), (StatusCode::FORBIDDEN, Some("quota_exceeded")));
+    assert_eq!(exists_calls(info(redis.clone()).await), before, "no id was looked up");
     let docs: Vec<String> = redis::cmd("KEYS").arg("nexus:doc:{*}").query_async(&mut redis).await.unwrap();
     assert_eq!(docs.len(), 2, "a refused document is not kept: {docs:?}");
 }

@@ -18,8 +18,9 @@
 //! A node that dies between the two leaves a document that no listing
 //! shows and no quota counts, never an id that holds quota without a
 //! document; ids like that (left by older nodes) are pruned when an owner
-//! reaches their quota. Documents older nodes wrote under untagged keys are
-//! moved by [`Documents::adopt`] when a node starts.
+//! reaches their quota (at most hourly: `nexus:docs-pruned:<owner>`).
+//! Documents older nodes wrote under untagged keys are moved by
+//! [`Documents::adopt`] when a node starts.
 //!
 //! Bounds: a document's state is at most [`MAX_DOCUMENT`] bytes; its
 //! history keeps about the last [`HISTORY_LEN`] changes (a client further
@@ -121,6 +122,12 @@ redis.call('SADD', KEYS[1], ARGV[1])
 return 1
 ";
 
+/// How often an owner's set of ids is checked for ids without a document.
+const PRUNE_EVERY: std::time::Duration = std::time::Duration::from_secs(3600);
+
+fn pruned_key(owner: &str) -> String {
+    format!("nexus:docs-pruned:{owner}")
+}
 fn docs_key(owner: &str) -> String {
     format!("nexus:docs:{owner}")
 }
@@ -215,8 +222,21 @@ impl Documents {
 
     /// Removes from `owner`'s set the ids that have no document; returns
     /// how many. Safe while others create: an id joins the set only once
-    /// its document is written.
+    /// its document is written. At most once per [`PRUNE_EVERY`] per
+    /// owner: it reads every id of the set, and an owner at their quota
+    /// could otherwise make each refused create cost that much.
     async fn prune(&self, owner: &str) -> Result<usize, StoreError> {
+        let due: Option<String> = redis::cmd("SET")
+            .arg(pruned_key(owner))
+            .arg(1)
+            .arg("NX")
+            .arg("EX")
+            .arg(PRUNE_EVERY.as_secs())
+            .query_async(&mut self.redis.conn())
+            .await?;
+        if due.is_none() {
+            return Ok(0);
+        }
         let ids: Vec<String> = self.redis.read(|mut c| async move { c.smembers(docs_key(owner)).await }).await?;
         let mut pruned = 0;
         for id in ids {
