@@ -30,8 +30,10 @@
 //!
 //! A bridge given a Redis Cluster ([`RedisBridge::spawn_with_cluster`])
 //! carries [`Topic::Shard`] channels there with sharded pub/sub
-//! ([`shards`]); everything else stays on the one Redis of `url`.
+//! ([`shards`]); everything else stays on the one Redis of `url`, whose
+//! connection is [`plain`]'s.
 
+mod plain;
 mod publisher;
 mod shards;
 mod table;
@@ -39,21 +41,21 @@ mod table;
 pub use publisher::{PublishError, Publisher, MAX_PUBLISHES_IN_FLIGHT};
 pub(crate) use shards::RESPONSE_TIMEOUT as CLUSTER_RESPONSE_TIMEOUT;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use std::time::Duration;
 
-use actix::{ActorFutureExt, AsyncContext};
+use actix::AsyncContext;
 use futures::future::LocalBoxFuture;
-use futures::{FutureExt, StreamExt};
+use futures::FutureExt;
 use redis::aio::PubSubSink;
 
 use super::{Backoff, Bus, BusDown, BusErrorKind, BusEvent, BusMessage, BusUp};
 use crate::envelope::Envelope;
-use crate::kernel::{lock, ActorRef, Behaviour, Ctx, Handler, Kernel, Link, Message, Reply, Supervised};
+use crate::kernel::{lock, ActorRef, Behaviour, Ctx, Handler, Kernel, Link, Message, Reply};
 use crate::telemetry::Metrics;
 use table::Table;
 
@@ -131,16 +133,6 @@ pub struct Unsubscribe {
 }
 
 impl Message for Unsubscribe {
-    type Reply = ();
-}
-
-/// The pub/sub connection of `generation` ended.
-struct ConnectionLost {
-    generation: u64,
-    reason: String,
-}
-
-impl Message for ConnectionLost {
     type Reply = ();
 }
 
@@ -302,107 +294,6 @@ impl RedisBridge {
         Ok(RedisBus { bridge, publisher })
     }
 
-    /// Connects the plain side and subscribes what the table holds. Runs
-    /// beside the mailbox (not in `ctx.wait`): a plain Redis that hangs must
-    /// not hold the cluster side's subscriptions and resyncs. What changed
-    /// in the table meanwhile is subscribed or unsubscribed once connected,
-    /// and followers are told `BusUp` only when that is confirmed.
-    fn connect(&mut self, ctx: &mut Ctx<Self>) {
-        let generation = self.generation.fetch_add(1, Ordering::SeqCst) + 1;
-        let client = self.client.clone();
-        let topics = self.plain_topics();
-        let asked = topics.clone();
-        let fut = async move {
-            let (sink, stream) = client.get_async_pubsub().await?.split();
-            send_command(&sink, Command::Subscribe, topics).await?;
-            Ok::<_, redis::RedisError>((sink, stream))
-        };
-        let fut = tokio::time::timeout(CONNECT_TIMEOUT, fut);
-        ctx.spawn(actix::fut::wrap_future::<_, Supervised<Self>>(fut).map(move |result, s, ctx| {
-            let this = s.behaviour_mut();
-            if this.generation.load(Ordering::SeqCst) != generation {
-                return;
-            }
-            match result {
-                Ok(Ok((sink, stream))) => this.connected(sink, stream, generation, asked, ctx),
-                Ok(Err(error)) => this.connect_failed(&error, ctx),
-                Err(elapsed) => this.connect_failed(&elapsed, ctx),
-            }
-        }));
-    }
-
-    fn connected(
-        &mut self,
-        sink: PubSubSink,
-        stream: redis::aio::PubSubStream,
-        generation: u64,
-        asked: Vec<Topic>,
-        ctx: &mut Ctx<Self>,
-    ) {
-        let now: HashSet<Topic> = self.plain_topics().into_iter().collect();
-        let asked: HashSet<Topic> = asked.into_iter().collect();
-        let added: Vec<Topic> = now.difference(&asked).cloned().collect();
-        let dropped: Vec<Topic> = asked.difference(&now).cloned().collect();
-        let caught_up = (!added.is_empty()).then(|| send_command(&sink, Command::Subscribe, added));
-        self.sink = Some(sink);
-        self.unsubscribe_on_redis(dropped);
-        self.publisher.set_up(true);
-        self.backoff.reset();
-        if let Some(me) = &self.me {
-            let reader = Reader {
-                subscriptions: self.subscriptions.clone(),
-                metrics: self.kernel.metrics().clone(),
-                current: self.generation.clone(),
-                generation,
-                emptied: me.link("redis"),
-            };
-            reader.spawn(stream, me.link("redis"));
-        }
-        let Some(caught_up) = caught_up else {
-            self.up();
-            return;
-        };
-        ctx.spawn(actix::fut::wrap_future::<_, Supervised<Self>>(caught_up).map(move |result, s, ctx| {
-            let this = s.behaviour_mut();
-            // Lost meanwhile: the reconnection brings the BusUp.
-            if this.generation.load(Ordering::SeqCst) != generation || this.sink.is_none() {
-                return;
-            }
-            match result {
-                Ok(()) => this.up(),
-                // Like the connection's end: what it carries is incomplete.
-                Err(error) => {
-                    this.kernel.metrics().bus_error(Bus::Redis, BusErrorKind::Subscribe, &error);
-                    this.lost(format!("subscribing failed: {error}"), ctx);
-                }
-            }
-        }));
-    }
-
-    /// The plain connection is no longer whole: subscribers are told and
-    /// a new one is made.
-    fn lost(&mut self, reason: String, ctx: &mut Ctx<Self>) {
-        self.sink = None;
-        self.publisher.set_up(false);
-        self.broadcast_on(self.on_plain(), || BusEvent::Down(BusDown { bus: Bus::Redis, reason: reason.clone() }));
-        self.schedule_reconnect(ctx);
-    }
-
-    fn up(&self) {
-        tracing::info!(bus = "redis", "bus up");
-        self.broadcast_on(self.on_plain(), || BusEvent::Up(BusUp { bus: Bus::Redis }));
-    }
-
-    fn connect_failed(&mut self, error: &dyn std::fmt::Display, ctx: &mut Ctx<Self>) {
-        self.kernel.metrics().bus_error(Bus::Redis, BusErrorKind::Connect, error);
-        self.schedule_reconnect(ctx);
-    }
-
-    fn schedule_reconnect(&mut self, ctx: &mut Ctx<Self>) {
-        let delay = self.backoff.next_delay();
-        ctx.run_later(delay, |s, ctx| s.behaviour_mut().connect(ctx));
-    }
-
     /// `topic` as this bridge holds it: a shard topic is a plain channel
     /// when there is no cluster.
     fn placed(&self, topic: Topic) -> Topic {
@@ -507,39 +398,6 @@ fn topic_label(channel: &str) -> &str {
     }
 }
 
-/// Reads one pub/sub connection until it closes or a newer one replaces it.
-struct Reader {
-    subscriptions: Subscriptions,
-    metrics: Metrics,
-    current: Arc<AtomicU64>,
-    generation: u64,
-    emptied: Link<Emptied>,
-}
-
-impl Reader {
-    fn spawn(self, mut stream: redis::aio::PubSubStream, lost: Link<ConnectionLost>) {
-        actix::spawn(async move {
-            while let Some(msg) = stream.next().await {
-                if self.current.load(Ordering::SeqCst) != self.generation {
-                    return;
-                }
-                let channel = msg.get_channel_name().to_owned();
-                let topic = match msg.from_pattern().then(|| msg.get_pattern::<String>().ok()).flatten() {
-                    Some(pattern) => Topic::Pattern(pattern),
-                    None => Topic::Channel(channel.clone()),
-                };
-                let delivered =
-                    deliver(&self.subscriptions, &self.metrics, Bus::Redis, channel, topic, msg.get_payload_bytes());
-                if let Some(topic) = delivered {
-                    let _ = self.emptied.tell(Emptied(vec![topic]));
-                }
-            }
-            let reason = "pub/sub connection closed".into();
-            let _ = lost.tell(ConnectionLost { generation: self.generation, reason });
-        });
-    }
-}
-
 impl Behaviour for RedisBridge {
     const KIND: &'static str = RedisBridge::KIND;
     const MAILBOX: usize = 4096;
@@ -551,17 +409,6 @@ impl Behaviour for RedisBridge {
         }
         self.connect(ctx);
         self.subscribe_shards(ctx);
-    }
-}
-
-impl Handler<ConnectionLost> for RedisBridge {
-    fn handle(&mut self, msg: ConnectionLost, ctx: &mut Ctx<Self>) -> Reply<()> {
-        if msg.generation != self.generation.load(Ordering::SeqCst) {
-            return Reply::Now(());
-        }
-        self.kernel.metrics().bus_error(Bus::Redis, BusErrorKind::Disconnected, &msg.reason);
-        self.lost(msg.reason, ctx);
-        Reply::Now(())
     }
 }
 
