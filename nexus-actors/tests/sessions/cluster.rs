@@ -224,8 +224,18 @@ async fn a_node_given_a_cluster_keeps_its_documents_and_their_changes_there() {
     // Documents kept on the plain Redis before the cluster, as this version
     // (tagged) and an older one (untagged) wrote them, move to the cluster
     // when a node starts.
-    let (tagged, untagged) = (uuid::Uuid::now_v7().to_string(), uuid::Uuid::now_v7().to_string());
-    for (key, n) in [(format!("nexus:doc:{{{tagged}}}"), 5), (format!("nexus:doc:{untagged}"), 7)] {
+    // A third was copied at version 5 by a node that died before deleting
+    // it, then edited on both sides: the copy stands and the source, newer
+    // than what was copied, is kept.
+    let (tagged, untagged, edited) =
+        (uuid::Uuid::now_v7().to_string(), uuid::Uuid::now_v7().to_string(), uuid::Uuid::now_v7().to_string());
+    let edited_key = format!("nexus:doc:{{{edited}}}");
+    let fields = [("owner", "ada"), ("version", "9"), ("state", r#"{"n":9}"#), ("copied_version", "5")];
+    let mut edited_home = node_conn(cluster.master_of(&edited_key).unwrap()).await;
+    let () = redis::AsyncCommands::hset_multiple(&mut edited_home, &edited_key, &fields).await.unwrap();
+    let sources =
+        [(format!("nexus:doc:{{{tagged}}}"), 5), (format!("nexus:doc:{untagged}"), 7), (edited_key.clone(), 6)];
+    for (key, n) in sources {
         let state = format!(r#"{{"n":{n}}}"#);
         let fields = [("owner", "ada".to_owned()), ("version", n.to_string()), ("state", state.clone())];
         let () = redis::AsyncCommands::hset_multiple(&mut plain, &key, &fields).await.unwrap();
@@ -253,7 +263,7 @@ async fn a_node_given_a_cluster_keeps_its_documents_and_their_changes_there() {
         .iter()
         .map(|d| d["id"].as_str().unwrap().into())
         .collect();
-    assert_eq!(ids, HashSet::from([id.clone(), tagged.clone(), untagged.clone()]));
+    assert_eq!(ids, HashSet::from([id.clone(), tagged.clone(), untagged.clone(), edited.clone()]));
     for (doc, n) in [(&tagged, 5), (&untagged, 7)] {
         let (_, history) = ada.get(&format!("/api/documents/{doc}/history?since={}", n - 1)).await;
         assert_eq!(history, json!([{"version": n, "patch": {"n": n}}]));
@@ -262,8 +272,15 @@ async fn a_node_given_a_cluster_keeps_its_documents_and_their_changes_there() {
         let version: u64 = redis::cmd("HGET").arg(&key).arg("version").query_async(&mut home).await.unwrap();
         assert_eq!(version, n);
     }
-    let keys: Vec<String> = redis::cmd("KEYS").arg("nexus:doc*").query_async(&mut plain).await.unwrap();
-    assert!(keys.is_empty(), "documents left on the plain redis: {keys:?}");
+    let version: u64 = redis::cmd("HGET").arg(&edited_key).arg("version").query_async(&mut edited_home).await.unwrap();
+    assert_eq!(version, 9, "the copy on the cluster stands");
+    let mut keys: Vec<String> = redis::cmd("KEYS").arg("nexus:doc*").query_async(&mut plain).await.unwrap();
+    keys.sort();
+    assert_eq!(
+        keys,
+        [edited_key.clone(), format!("{edited_key}:log")],
+        "only the source edited after its copy is left"
+    );
 }
 
 /// Document `id`'s channel; the same name as its hash key.

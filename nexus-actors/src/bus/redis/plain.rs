@@ -162,6 +162,7 @@ impl Reader {
         });
     }
 }
+
 impl Handler<ConnectionLost> for RedisBridge {
     fn handle(&mut self, msg: ConnectionLost, ctx: &mut Ctx<Self>) -> Reply<()> {
         if msg.generation != self.generation.load(Ordering::SeqCst) {

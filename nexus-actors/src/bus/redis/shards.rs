@@ -147,9 +147,15 @@ impl RedisBridge {
         }
         shards.subscribing = true;
         shards.lost_during_round = false;
+        // A round subscribes every topic: counts left from before (a reply
+        // redis-rs matched to the wrong command) go, so none sticks for longer
+        // than until the next round. Too low a count costs a needless resync.
+        let mut pending = lock(&table);
+        pending.forget_subscribing();
         for topic in &topics {
-            lock(&table).subscribing(topic.clone());
+            pending.subscribing(topic.clone());
         }
+        drop(pending);
         let connect = match shards.conn.clone() {
             Some(conn) => Ok(conn),
             None => {

@@ -237,6 +237,15 @@ impl Documents {
         if due.is_none() {
             return Ok(0);
         }
+        let pruned = self.prune_now(owner).await;
+        if pruned.is_err() {
+            // Tried again at the next refusal, not in an hour.
+            let _: redis::RedisResult<()> = self.redis.conn().del(pruned_key(owner)).await;
+        }
+        pruned
+    }
+
+    async fn prune_now(&self, owner: &str) -> Result<usize, StoreError> {
         let ids: Vec<String> = self.redis.read(|mut c| async move { c.smembers(docs_key(owner)).await }).await?;
         let mut pruned = 0;
         for id in ids {

@@ -35,6 +35,16 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) 
 return 0
 ";
 
+/// Renews KEYS[1] (a lock) for ARGV[2] ms if it still holds ARGV[1].
+const RENEW_SCRIPT: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 0
+";
+
+/// The field of a copied document that says which version was copied:
+/// the source may go only if it is not newer than that.
+const COPIED_VERSION: &str = "copied_version";
+
 /// Deletes a copied document (KEYS[1], its log KEYS[2]) if it is still at
 /// version ARGV[1] or older: one changed after it was copied is kept.
 const DELETE_COPIED_SCRIPT: &str = r"
@@ -82,7 +92,7 @@ impl Documents {
             tracing::info!("another node is copying documents to the cluster");
             return Ok(0);
         }
-        let copied = self.copy_all(source).await;
+        let copied = self.copy_all(source, &token).await;
         let released: redis::RedisResult<i64> =
             redis::Script::new(RELEASE_SCRIPT).key(COPY_LOCK).arg(&token).invoke_async(&mut source.conn()).await;
         if let Err(error) = released {
@@ -115,7 +125,7 @@ impl Documents {
         Ok(moved)
     }
 
-    async fn copy_all(&self, source: &Redis) -> Result<usize, StoreError> {
+    async fn copy_all(&self, source: &Redis, token: &str) -> Result<usize, StoreError> {
         let mut scan = source.conn();
         let mut keys = scan.scan_match::<_, String>("nexus:doc:*").await?;
         let mut moved = 0;
@@ -125,7 +135,16 @@ impl Documents {
                 Ok(copied) => moved += copied as usize,
                 Err(error) => tracing::warn!(%error, document = id, "a document was not copied to the cluster"),
             }
-            let _: redis::RedisResult<bool> = source.conn().pexpire(COPY_LOCK, COPY_LOCK_MS as i64).await;
+            let renewed: i64 = redis::Script::new(RENEW_SCRIPT)
+                .key(COPY_LOCK)
+                .arg(token)
+                .arg(COPY_LOCK_MS)
+                .invoke_async(&mut source.conn())
+                .await?;
+            if renewed == 0 {
+                tracing::warn!("the lock of the copy to the cluster was lost; the rest is left to the next start");
+                break;
+            }
         }
         if moved > 0 {
             tracing::info!(moved, "documents copied from the plain redis to the cluster");
@@ -143,10 +162,12 @@ impl Documents {
         let old_log = format!("{key}:log");
         let exists: bool = to.exists(doc_key(id)).await?;
         let copied_version: u64 = if exists {
-            to.hget::<_, _, Option<u64>>(doc_key(id), "version").await?.unwrap_or(0)
+            // Not its version now: it may have been edited further than
+            // the source, whose edits would then be lost with it.
+            to.hget::<_, _, Option<u64>>(doc_key(id), COPIED_VERSION).await?.unwrap_or(0)
         } else {
-            let fields: Vec<(String, String)> = from.hgetall(key).await?;
-            let version = fields.iter().find(|(f, _)| f == "version").and_then(|(_, v)| v.parse().ok());
+            let mut fields: Vec<(String, String)> = from.hgetall(key).await?;
+            let version = fields.iter().find(|(f, _)| f == "version").and_then(|(_, v)| v.parse::<u64>().ok());
             let Some(version) = version else { return Ok(false) };
             let () = to.del(doc_log_key(id)).await?;
             let mut start = "-".to_owned();
@@ -165,6 +186,7 @@ impl Documents {
                 }
                 let () = pipe.query_async(&mut to).await?;
             }
+            fields.push((COPIED_VERSION.to_owned(), version.to_string()));
             let () = to.hset_multiple(doc_key(id), &fields).await?;
             version
         };
