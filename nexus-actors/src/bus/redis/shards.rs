@@ -139,7 +139,6 @@ impl RedisBridge {
     /// else tries again after a backoff.
     pub(super) fn subscribe_shards(&mut self, ctx: &mut Ctx<Self>) {
         let topics = self.shard_topics();
-        let table = self.subscriptions.clone();
         let (subscriptions, metrics) = (self.subscriptions.clone(), self.kernel.metrics().clone());
         let (Some(shards), Some(me)) = (self.shards.as_mut(), self.me.as_ref()) else { return };
         if shards.subscribing {
@@ -150,7 +149,7 @@ impl RedisBridge {
         // A round subscribes every topic: counts left from before (a reply
         // redis-rs matched to the wrong command) go, so none sticks for longer
         // than until the next round. Too low a count costs a needless resync.
-        let mut pending = lock(&table);
+        let mut pending = lock(&subscriptions);
         pending.forget_subscribing();
         for topic in &topics {
             pending.subscribing(topic.clone());
@@ -171,20 +170,15 @@ impl RedisBridge {
             }
         };
         let round = async move {
+            // A failed round forgets the counts of its subscribes (see
+            // `round_done`), so a failure here takes nothing back.
             let conn = match connect {
-                Ok(conn) => Ok(conn),
-                Err(client) => match client {
-                    Ok(client) => client.get_async_connection().await,
-                    Err(error) => Err(error),
-                },
+                Ok(conn) => conn,
+                Err(client) => client?.get_async_connection().await?,
             };
-            let conn = conn.inspect_err(|_| topics.iter().for_each(|t| lock(&table).subscribed(t)))?;
-            let subscribed = futures::future::join_all(topics.iter().map(|topic| {
-                let (mut conn, table) = (conn.clone(), table.clone());
-                async move {
-                    let channel = topic.shard_channel().unwrap_or_default();
-                    conn.ssubscribe(channel).await.inspect_err(|_| lock(&table).subscribed(topic))
-                }
+            let subscribed = futures::future::join_all(topics.iter().filter_map(Topic::shard_channel).map(|channel| {
+                let mut conn = conn.clone();
+                async move { conn.ssubscribe(channel).await }
             }))
             .await;
             subscribed.into_iter().collect::<redis::RedisResult<Vec<()>>>()?;
