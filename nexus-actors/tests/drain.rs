@@ -1,6 +1,8 @@
-//! A draining node (a rolling restart's SIGTERM) against real brokers:
-//! it says it is not ready, refuses new sessions, tells open ones to
-//! reconnect elsewhere (1012), finishes the request in flight and stops.
+//! How a node's HTTP connections end, against real brokers. A draining
+//! node (a rolling restart's SIGTERM) says it is not ready, refuses new
+//! sessions, tells open ones to reconnect elsewhere (1012), finishes the
+//! request in flight and stops; an idle client's connection is not closed
+//! under it.
 
 use std::time::Duration;
 
@@ -12,6 +14,8 @@ use reqwest::StatusCode;
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::Message;
+
+mod raw_http;
 
 #[actix_rt::test]
 async fn a_draining_node_sends_clients_elsewhere_and_finishes_the_write_in_flight() {
@@ -91,4 +95,18 @@ async fn a_draining_node_sends_clients_elsewhere_and_finishes_the_write_in_fligh
     let next = TestNode { node: nexus_actors::node::start(config).await.unwrap(), brokers, keys };
     let (status, doc) = next.admin().await.get(&format!("/api/documents/{id}")).await;
     assert_eq!((status, doc["version"].as_u64()), (StatusCode::OK, Some(version + 1)), "{doc}");
+}
+
+/// A client that reuses its pooled connection after a few idle seconds (the
+/// browser test's request context did, after 5 s) must find it still open:
+/// had the node closed it, the request would fail with a reset.
+#[actix_rt::test]
+async fn an_idle_keep_alive_connection_stays_open_for_the_next_request() {
+    let node = TestNode::start("keep-alive", &[Role::TransactionManager]).await;
+    let mut stream = tokio::net::TcpStream::connect(node.node.http).await.unwrap();
+    let first = raw_http::request(&mut stream, "GET", "/healthz", "").await.unwrap();
+    assert_eq!(first.status, 200, "{}", first.body);
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    let second = raw_http::request(&mut stream, "GET", "/healthz", "").await;
+    assert_eq!(second.map(|a| a.status).ok(), Some(200), "the connection idle for 7 s still serves");
 }

@@ -141,6 +141,12 @@ pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// says it is not ready (a load balancer's next probe takes it out first).
 pub const DRAIN_NOTICE: Duration = Duration::from_secs(2);
 
+/// How long the node keeps an idle keep-alive connection open. It must
+/// outlast the idle time of the pools in front of it (a load balancer's 60 s,
+/// reqwest's 90 s, Node's 5 s): a server that closes first races the
+/// client's next request on that socket, and the request fails with a reset.
+pub const HTTP_KEEP_ALIVE: Duration = Duration::from_secs(120);
+
 /// How the panel manager runs panel instances on this machine.
 #[derive(Debug, Clone)]
 pub struct PanelsConfig {
@@ -307,7 +313,7 @@ impl RunningNode {
     /// server stops by itself, then cleans up.
     pub async fn wait(mut self) -> Result<(), NodeError> {
         tokio::select! {
-            served = &mut self.served => self.finish(served).await,
+            served = &mut self.served => self.finish(served, INSTANCE_STOP_GRACE).await,
             () = shutdown_signal() => self.drain().await,
         }
     }
@@ -325,6 +331,7 @@ impl RunningNode {
         tracing::info!(node = %self.kernel.node(), "draining: no new work; requests in flight may finish");
         self.drain.start();
         let within = self.drain_timeout;
+        let until = tokio::time::Instant::now() + DRAIN_NOTICE.min(within) + within;
         let llm = self.llm.take();
         let turns = async move {
             if let Some(llm) = llm {
@@ -336,8 +343,12 @@ impl RunningNode {
             self.stop_http().await
         };
         let ((), served) = tokio::join!(turns, requests);
+        // Calls that other nodes sent to this node's sidecars may still be
+        // running: each sidecar drains as on its own SIGTERM, within what is
+        // left of the drain.
+        let grace = instances_grace(until, tokio::time::Instant::now());
         // The name is given back only once the turns are done or left.
-        self.finish(served).await
+        self.finish(served, grace).await
     }
 
     /// Stops serving (letting requests in flight finish, closing
@@ -351,7 +362,7 @@ impl RunningNode {
     /// what runs beside it.
     async fn stop_serving(mut self) -> Result<(), NodeError> {
         let served = self.stop_http().await;
-        self.finish(served).await
+        self.finish(served, INSTANCE_STOP_GRACE).await
     }
 
     /// Stops the HTTP server, letting the requests in flight finish; how it ended.
@@ -361,15 +372,15 @@ impl RunningNode {
     }
 
     /// Stops what runs beside the HTTP server, once it has stopped with
-    /// `served`.
-    async fn finish(self, served: Served) -> Result<(), NodeError> {
+    /// `served`; panel instances get `grace` before SIGKILL.
+    async fn finish(self, served: Served, grace: Duration) -> Result<(), NodeError> {
         let addr = self.http;
         let served = match served {
             Ok(result) => result.map_err(|source| NodeError::Http { addr, source }),
             Err(join) => Err(NodeError::Http { addr, source: std::io::Error::other(join.to_string()) }),
         };
         if let Some(handle) = self.panels {
-            handle.stop_all(Duration::from_secs(5)).await;
+            handle.stop_all(grace).await;
         }
         if let Some(gateway) = self.gateway_role {
             gateway.stop().await;
@@ -380,6 +391,16 @@ impl RunningNode {
         self.lease.release().await;
         served
     }
+}
+
+/// How long panel instances have from SIGTERM to SIGKILL on a stop that
+/// is not a drain.
+const INSTANCE_STOP_GRACE: Duration = Duration::from_secs(5);
+
+/// What a drain due to end `until` leaves its panel instances at `now`:
+/// the rest of the drain, and at least a second for SIGTERM to be seen.
+fn instances_grace(until: tokio::time::Instant, now: tokio::time::Instant) -> Duration {
+    until.saturating_duration_since(now).max(Duration::from_secs(1))
 }
 
 /// How the HTTP server's task ended.
@@ -499,6 +520,7 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
             .configure(tm_role::configure_fallback)
     })
     .workers(2)
+    .keep_alive(HTTP_KEEP_ALIVE)
     // The node handles the signals itself: it drains before it stops.
     .disable_signals()
     .shutdown_timeout(config.drain_timeout.as_secs().max(1))
@@ -523,4 +545,20 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
         lease,
         _bridges: bridges,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tokio::time::Instant;
+
+    use super::instances_grace;
+
+    #[test]
+    fn instances_get_what_is_left_of_the_drain_and_never_nothing() {
+        let now = Instant::now();
+        assert_eq!(instances_grace(now + Duration::from_secs(20), now), Duration::from_secs(20));
+        assert_eq!(instances_grace(now, now + Duration::from_secs(3)), Duration::from_secs(1));
+    }
 }
