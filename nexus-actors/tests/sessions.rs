@@ -245,6 +245,19 @@ async fn bad_frames_get_error_frames_and_oversized_ones_close_the_socket() {
     assert_eq!(next(&mut ws).await["code"], "unknown_type");
     send(&mut ws, json!({"type": "subscribe", "doc": 42})).await;
     assert_eq!(next(&mut ws).await["code"], "bad_frame");
+    ws.send(Message::binary(vec![1u8, 2, 3])).await.unwrap();
+    let refused = next(&mut ws).await;
+    assert_eq!(refused["code"], "unknown_type", "{refused}");
+    assert!(refused["message"].as_str().is_some_and(|m| m.contains("binary frames are not supported")), "{refused}");
+    ws.send(Message::Ping(b"are you there".to_vec().into())).await.unwrap();
+    let pong = loop {
+        match tokio::time::timeout(Duration::from_secs(10), ws.next()).await.expect("no pong within 10s") {
+            Some(Ok(Message::Pong(bytes))) => break bytes,
+            Some(Ok(Message::Text(_))) => continue,
+            other => panic!("expected a pong, got {other:?}"),
+        }
+    };
+    assert_eq!(&pong[..], b"are you there");
     // The session still works.
     send(&mut ws, json!({"type": "subscribe", "doc": id})).await;
     assert_eq!(next(&mut ws).await["state"], json!({"ok": true}));

@@ -32,6 +32,7 @@
 
 mod contexts;
 mod frames;
+mod outbound;
 mod presence;
 mod socket;
 mod sync;

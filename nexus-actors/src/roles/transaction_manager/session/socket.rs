@@ -1,17 +1,22 @@
 //! The WebSocket side of a session: `GET /ws` authenticates the upgrade and
-//! starts a [`Session`], a reader task hands the client's text frames to
-//! it with backpressure, and a writer task is the only place that awaits
-//! the client, draining a bounded queue. Neither decides anything about
+//! starts a [`Session`]; a reader task hands the client's text frames to it
+//! with backpressure, and the response's body ([`Outbound`]) writes what the
+//! session queues (a bounded queue). Neither decides anything about
 //! documents; the session does.
 
 use std::collections::HashMap;
 
+use actix_codec::Decoder;
+use actix_http::body::{BodyStream, MessageBody};
+use actix_http::ws::{CloseCode, CloseReason, Codec, Frame, ProtocolError};
 use actix_web::{web, HttpRequest, HttpResponse};
-use actix_ws::{CloseCode, CloseReason, Message as WsMessage};
+use bytes::BytesMut;
 use bytestring::ByteString;
-use tokio::sync::{mpsc, watch};
+use futures::StreamExt;
+use tokio::sync::{mpsc, oneshot, watch};
 
 use super::frames::ChangeFrames;
+use super::outbound::{Control, Outbound};
 use super::{BridgeLinks, ClientText, Disconnected, Session};
 use crate::bus::redis::RedisBus;
 use crate::kernel::{Kernel, Link};
@@ -32,8 +37,12 @@ pub const CLOSE_TOKEN_ENDED: u16 = 4001;
 const CLOSE_NORMAL: u16 = 1000;
 /// Close code when the node drains (a restart): reconnect, to another node.
 pub const CLOSE_SERVICE_RESTART: u16 = 1012;
-/// How long a client that does not read gets to take the close frame.
-const CLOSE_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
+/// Control frames the reader may have waiting for the writer; past that a
+/// ping goes unanswered (a client flooding pings gets no queue of pongs).
+const CONTROL_QUEUE: usize = 4;
+/// The longest close reason a close frame carries (RFC 6455: 125 bytes of
+/// payload, 2 of them the code).
+const MAX_CLOSE_REASON: usize = 123;
 
 /// How a session ends its socket: the close code and its reason.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -93,11 +102,12 @@ pub async fn upgrade(
     let identity = auth.verify(&token, &Audience::Api).await.map_err(ApiError::from)?;
     let (user, admin) = (identity.user, identity.role == UserRole::Admin);
 
-    let (response, ws, stream) = actix_ws::handle(&req, body)?;
-    let stream = stream.max_frame_size(MAX_FRAME);
-    let (out, outbound) = mpsc::channel::<ByteString>(OUTBOUND_QUEUE);
+    let mut handshake = actix_http::ws::handshake(req.head())?;
+    let (out, queued) = mpsc::channel::<ByteString>(OUTBOUND_QUEUE);
+    let (control_tx, control) = mpsc::channel(CONTROL_QUEUE);
     let (shutdown, writer_stop) = watch::channel(None);
     let reader_stop = shutdown.subscribe();
+    let (gone_tx, gone_rx) = oneshot::channel();
     let id = format!("session/{}", uuid::Uuid::now_v7());
     let bus = BridgeLinks {
         subscribe: deps.bridge.link("session"),
@@ -125,93 +135,100 @@ pub async fn upgrade(
         me: None,
     });
     tracing::info!(%user, session = session.id(), "websocket session opened");
-    write(ws.clone(), outbound, writer_stop, deps.drain.started());
-    read(ws, stream, session.link("client"), session.link("client"), reader_stop);
-    Ok(response)
+    let drain = Box::pin(deps.drain.started());
+    let outbound = Outbound { frames: queued, control, stop: writer_stop, drain, _gone: gone_tx };
+    let client = Client { text: session.link("client"), gone: session.link("client") };
+    read(body, control_tx, client, reader_stop, gone_rx);
+    Ok(handshake.message_body(BodyStream::new(outbound.into_body()).boxed())?.into())
 }
 
-/// Writer: the only place that awaits the client.
-fn write(
-    mut writer: actix_ws::Session,
-    mut outbound: mpsc::Receiver<ByteString>,
-    mut stop: watch::Receiver<Option<Closing>>,
-    drain: impl std::future::Future<Output = ()> + 'static,
-) {
-    actix::spawn(async move {
-        let mut drain = std::pin::pin!(drain);
-        let mut restart = false;
-        loop {
-            let text = tokio::select! {
-                _ = stop.changed() => break,
-                () = &mut drain => {
-                    restart = true;
-                    break;
-                }
-                text = outbound.recv() => match text {
-                    Some(text) => text,
-                    None => break,
-                },
-            };
-            tokio::select! {
-                _ = stop.changed() => break,
-                sent = writer.text(text) => if sent.is_err() { return },
-            }
-        }
-        let closing = match restart {
-            true => Closing::RESTART,
-            false => stop.borrow().unwrap_or(Closing::NORMAL),
-        };
-        let description = (!closing.reason.is_empty()).then(|| closing.reason.to_owned());
-        let reason = CloseReason { code: CloseCode::from(closing.code), description };
-        // A client that does not read may never take the close frame either.
-        let _ = tokio::time::timeout(CLOSE_GRACE, writer.close(Some(reason))).await;
-    });
-}
-
-/// Reader: hands text frames to the session, with backpressure.
-fn read(
-    mut control: actix_ws::Session,
-    mut stream: actix_ws::MessageStream,
+/// Where the reader hands what the client sent.
+struct Client {
     text: Link<ClientText>,
     gone: Link<Disconnected>,
+}
+
+/// Reader: decodes the client's frames and hands the text ones to the
+/// session, one at a time (backpressure), until the client leaves, breaks
+/// the protocol, or the session or the connection is gone.
+fn read(
+    mut body: web::Payload,
+    control: mpsc::Sender<Control>,
+    client: Client,
     mut stop: watch::Receiver<Option<Closing>>,
+    mut connection_gone: oneshot::Receiver<()>,
 ) {
     actix::spawn(async move {
+        let mut codec = Codec::new().max_size(MAX_FRAME);
+        let mut buf = BytesMut::new();
         loop {
-            let frame = tokio::select! {
-                // The session is gone: drop our handle so the socket closes.
-                _ = stop.changed() => return,
-                frame = stream.recv() => match frame {
-                    Some(frame) => frame,
-                    None => break,
-                },
+            let frame = match codec.decode(&mut buf) {
+                Ok(Some(frame)) => frame,
+                Ok(None) => {
+                    if buf.is_empty() {
+                        // An idle session keeps no read buffer.
+                        buf = BytesMut::new();
+                    }
+                    let chunk = tokio::select! {
+                        // The session is gone: it closes the socket.
+                        _ = stop.changed() => return,
+                        _ = &mut connection_gone => break,
+                        chunk = body.next() => chunk,
+                    };
+                    match chunk {
+                        Some(Ok(bytes)) => buf.extend_from_slice(&bytes),
+                        // The connection ended, cleanly or not.
+                        Some(Err(_)) | None => break,
+                    }
+                    continue;
+                }
+                Err(error) => {
+                    refuse(&control, &error);
+                    let _ = client.gone.tell(Disconnected);
+                    return;
+                }
             };
             match frame {
-                Ok(WsMessage::Text(t)) => {
-                    if text.ask(ClientText(t.to_string())).await.is_err() {
+                Frame::Text(bytes) => {
+                    let Ok(text) = std::str::from_utf8(&bytes) else {
+                        let error = ProtocolError::Io(std::io::Error::other("a text frame that is not UTF-8"));
+                        refuse(&control, &error);
+                        let _ = client.gone.tell(Disconnected);
+                        return;
+                    };
+                    if client.text.ask(ClientText(text.to_owned())).await.is_err() {
                         break;
                     }
                 }
-                Ok(WsMessage::Ping(bytes)) => {
-                    let _ = control.pong(&bytes).await;
+                Frame::Ping(bytes) => {
+                    let _ = control.try_send(Control::Pong(bytes));
                 }
-                Ok(WsMessage::Close(_)) => break,
-                Ok(WsMessage::Binary(_)) => {
-                    let _ = text.ask(ClientText(String::from("{\"type\":\"binary frames are not supported\"}"))).await;
+                Frame::Close(_) => break,
+                Frame::Binary(_) => {
+                    let refusal = String::from("{\"type\":\"binary frames are not supported\"}");
+                    if client.text.ask(ClientText(refusal)).await.is_err() {
+                        break;
+                    }
                 }
-                Ok(_) => {}
-                Err(error) => {
-                    let code = match error {
-                        actix_ws::ProtocolError::Overflow => CloseCode::Size,
-                        _ => CloseCode::Protocol,
-                    };
-                    tracing::info!(%error, "closing websocket on a bad frame");
-                    let _ = control.close(Some(CloseReason { code, description: Some(error.to_string()) })).await;
-                    let _ = gone.tell(Disconnected);
-                    return;
-                }
+                Frame::Pong(_) | Frame::Continuation(_) => {}
             }
         }
-        let _ = gone.tell(Disconnected);
+        let _ = client.gone.tell(Disconnected);
     });
+}
+
+/// Closes the socket on a frame that breaks the protocol.
+fn refuse(control: &mpsc::Sender<Control>, error: &ProtocolError) {
+    let code = match error {
+        ProtocolError::Overflow => CloseCode::Size,
+        _ => CloseCode::Protocol,
+    };
+    tracing::info!(%error, "closing websocket on a bad frame");
+    let mut description = error.to_string();
+    let mut end = description.len().min(MAX_CLOSE_REASON);
+    while !description.is_char_boundary(end) {
+        end -= 1;
+    }
+    description.truncate(end);
+    let _ = control.try_send(Control::Close(CloseReason { code, description: Some(description) }));
 }
