@@ -279,6 +279,18 @@ record reaches its subscriber with an `ask` (one cross-thread round trip);
 records of different keys are in flight together, so the round trips
 overlap, and acknowledgements fold into one stored offset per partition.
 
+**Kafka throughput, one record per batch.** Both Kafka sides produce with
+`batch.num.messages=1` (`KafkaConfig::producer`): tansu 0.6 answers a
+fetch that starts inside a batch with nothing, and reports a partition's
+end as its last batch's base offset, so every record is a batch of its
+own. That is why both columns carry about 3,000 records a second here,
+where earlier runs with batching carried 30,000–60,000: each record is a
+produce request that tansu decodes and stores alone, on the same two
+cores. The ratio is what the goal is about; the absolute rate is the broker's.
+What would bring it back: batching again once the broker serves fetches
+inside batches (a Kafka or a later tansu; the setting is one line), with
+the bridge's consumer unchanged.
+
 The **document fan-out** rows ([`shards`]) compare Nexus with Nexus: the
 Nexus column is a bridge whose document channels are on a Redis Cluster of
 three masters (no replicas; `SPUBLISH`/`SSUBSCRIBE` on the master of each
@@ -311,7 +323,8 @@ good as the raw server, lower = costlier). A Nexus node serialises a change
 once per node and every session queues the same bytes; its sessions cost
 more memory than the raw server's connections: each has an actix-web HTTP/1
 connection (its buffers), an actor, a bounded outbound queue and a reader
-and a writer task. Clients, servers, Redis and the broker share the
+task (the connection's own task writes the queued frames as the response
+body). Clients, servers, Redis and the broker share the
 machine's two cores, so much of every row's latency is the clients' own
 work of reading N sockets.
 The 20,000-session rows split the sockets: a process may open at most
