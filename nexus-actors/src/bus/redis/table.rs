@@ -5,13 +5,20 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use indexmap::IndexMap;
+
 use super::Topic;
 use crate::bus::{BusEvent, BusMessage};
 use crate::kernel::{Link, SendError};
 
+/// The links following one topic, by subscriber id: adding or removing
+/// one costs the same with ten or ten thousand followers (thousands of
+/// sessions on one document), and delivery walks them in a vector.
+pub(super) type Followers = IndexMap<String, Link<BusEvent>>;
+
 /// Who follows what, and the gauge that counts the topics.
 pub(super) struct Table {
-    pub(super) topics: HashMap<Topic, Vec<Link<BusEvent>>>,
+    pub(super) topics: HashMap<Topic, Followers>,
     gauge: prometheus::IntGauge,
     /// Subscribes the bridge sent and Redis has not confirmed yet, per
     /// topic: when Redis confirms an unsubscribe of a topic the table holds
@@ -63,16 +70,14 @@ impl Table {
 
     /// Adds (or replaces) `link` on `topic`.
     pub(super) fn add(&mut self, topic: Topic, link: Link<BusEvent>) {
-        let links = self.topics.entry(topic).or_default();
-        links.retain(|l| l.to() != link.to());
-        links.push(link);
+        self.topics.entry(topic).or_default().insert(link.to().to_owned(), link);
         self.count();
     }
 
     /// Removes `subscriber` from `topic`; whether that dropped the topic.
     pub(super) fn remove(&mut self, topic: &Topic, subscriber: &str) -> bool {
         let Some(links) = self.topics.get_mut(topic) else { return false };
-        links.retain(|l| l.to() != subscriber);
+        links.swap_remove(subscriber);
         let emptied = links.is_empty();
         if emptied {
             self.topics.remove(topic);
@@ -93,7 +98,7 @@ impl Table {
             if !on(topic) {
                 return true;
             }
-            links.retain(&mut keep);
+            links.retain(|_, link| keep(link));
             if links.is_empty() {
                 emptied.push(topic.clone());
             }
@@ -111,7 +116,7 @@ impl Table {
     /// not the envelope.
     pub(super) fn offer(&mut self, topic: &Topic, event: &Arc<BusMessage>) -> bool {
         let Some(links) = self.topics.get_mut(topic) else { return false };
-        links.retain(|link| match link.try_tell(BusEvent::Message(event.clone())) {
+        links.retain(|_, link| match link.try_tell(BusEvent::Message(event.clone())) {
             Ok(()) | Err(SendError::Full(_)) => true,
             Err(SendError::Closed(_)) => false,
         });
@@ -177,6 +182,27 @@ mod tests {
         });
         assert!(table.offer(&all, &event));
         assert_eq!((table.topics.len(), gauge.get()), (0, 0));
+    }
+
+    #[actix_rt::test]
+    async fn thousands_of_followers_of_one_topic_are_added_and_removed_one_by_one() {
+        let kernel = Kernel::new("test");
+        let mut table = Table::new(prometheus::IntGauge::new("g", "g").unwrap());
+        let doc = Topic::Shard("nexus:doc:{1}".into());
+        let sessions: Vec<_> = (0..2_000).map(|i| kernel.spawn(format!("session/{i}"), || Sink)).collect();
+        for session in &sessions {
+            table.add(doc.clone(), session.link("redis-bridge"));
+        }
+        table.add(doc.clone(), sessions[7].link("redis-bridge"));
+        assert_eq!(table.topics[&doc].len(), 2_000, "a follower added again is held once");
+        assert!(!table.remove(&doc, "session/7"));
+        assert!(!table.remove(&doc, "session/7"), "gone already");
+        assert_eq!(table.topics[&doc].len(), 1_999);
+        assert!(!table.topics[&doc].contains_key("session/7"));
+        for i in (0..2_000).filter(|i| *i != 7) {
+            assert_eq!(table.remove(&doc, &format!("session/{i}")), i == 1_999, "the last one drops the topic");
+        }
+        assert!(table.topics.is_empty());
     }
 
     #[actix_rt::test]
