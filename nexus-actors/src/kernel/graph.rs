@@ -4,7 +4,7 @@
 //! Counters are plain atomics updated on the message path; the graph only
 //! reads them when someone asks for a snapshot. It does not send messages.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
@@ -77,7 +77,52 @@ impl ActorCell {
 #[derive(Default)]
 pub struct Graph {
     actors: Mutex<BTreeMap<String, Weak<ActorCell>>>,
-    edges: Mutex<HashMap<(String, String), Arc<AtomicU64>>>,
+    edges: Mutex<Edges>,
+}
+
+/// The message counters, reachable from both ends: an actor that stops
+/// takes its own edges away, at a cost that does not grow with the other
+/// actors' (thousands of sessions come and go on one node).
+#[derive(Default)]
+struct Edges {
+    /// Receiver → sender → counter.
+    into: HashMap<String, HashMap<String, Arc<AtomicU64>>>,
+    /// Sender → the receivers it has an edge to.
+    out_of: HashMap<String, HashSet<String>>,
+}
+
+impl Edges {
+    fn counter(&mut self, from: &str, to: &str) -> Arc<AtomicU64> {
+        let senders = self.into.entry(to.to_owned()).or_default();
+        if let Some(counter) = senders.get(from) {
+            return counter.clone();
+        }
+        self.out_of.entry(from.to_owned()).or_default().insert(to.to_owned());
+        senders.entry(from.to_owned()).or_default().clone()
+    }
+
+    fn remove(&mut self, id: &str) {
+        for from in self.into.remove(id).into_iter().flat_map(HashMap::into_keys) {
+            self.forget_out(&from, id);
+        }
+        for to in self.out_of.remove(id).into_iter().flatten() {
+            if let Some(senders) = self.into.get_mut(&to) {
+                senders.remove(id);
+                if senders.is_empty() {
+                    self.into.remove(&to);
+                }
+            }
+        }
+    }
+
+    fn forget_out(&mut self, from: &str, to: &str) {
+        if let Some(receivers) = self.out_of.get_mut(from) {
+            receivers.remove(to);
+            if receivers.is_empty() {
+                self.out_of.remove(from);
+            }
+        }
+    }
 }
 
 /// One actor as `GET /api/graph` shows it.
@@ -125,13 +170,12 @@ impl Graph {
     /// reported.
     pub(crate) fn remove(&self, id: &str) {
         self.actors.lock().unwrap_or_else(|e| e.into_inner()).remove(id);
-        self.edges.lock().unwrap_or_else(|e| e.into_inner()).retain(|(from, to), _| from != id && to != id);
+        self.edges.lock().unwrap_or_else(|e| e.into_inner()).remove(id);
     }
 
     /// The counter of messages from `from` to `to`, created on first use.
     pub(crate) fn edge(&self, from: &str, to: &str) -> Arc<AtomicU64> {
-        let mut edges = self.edges.lock().unwrap_or_else(|e| e.into_inner());
-        edges.entry((from.to_owned(), to.to_owned())).or_default().clone()
+        self.edges.lock().unwrap_or_else(|e| e.into_inner()).counter(from, to)
     }
 
     /// Live actors, for metrics that are read rather than counted.
@@ -158,15 +202,52 @@ impl Graph {
         // An actor spawned under the id of a stopped one may race with the
         // stop's removal; report only edges into live actors.
         let mut edges: Vec<EdgeView> = edges
+            .into
             .iter()
-            .filter(|((_, to), _)| live.contains(to.as_str()))
-            .map(|((from, to), count)| EdgeView {
-                from: from.clone(),
-                to: to.clone(),
-                count: count.load(Ordering::Relaxed),
+            .filter(|(to, _)| live.contains(to.as_str()))
+            .flat_map(|(to, senders)| {
+                senders.iter().map(move |(from, count)| EdgeView {
+                    from: from.clone(),
+                    to: to.clone(),
+                    count: count.load(Ordering::Relaxed),
+                })
             })
             .collect();
         edges.sort_by(|a, b| (&a.from, &a.to).cmp(&(&b.from, &b.to)));
         GraphSnapshot { actors, edges }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Edges;
+
+    fn pairs(edges: &Edges) -> Vec<(String, String)> {
+        let mut pairs: Vec<_> = edges
+            .into
+            .iter()
+            .flat_map(|(to, senders)| senders.keys().map(move |from| (from.clone(), to.clone())))
+            .collect();
+        pairs.sort();
+        pairs
+    }
+
+    #[test]
+    fn a_removed_actor_takes_its_edges_both_ways_and_no_others() {
+        let mut edges = Edges::default();
+        let counter = edges.counter("client", "session/1");
+        counter.fetch_add(3, std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(edges.counter("client", "session/1").load(std::sync::atomic::Ordering::Relaxed), 3, "one counter");
+        edges.counter("client", "session/2");
+        edges.counter("session/1", "bridge");
+        edges.counter("session/2", "bridge");
+        edges.counter("session/1", "session/1");
+        edges.remove("session/1");
+        let expected = [("client", "session/2"), ("session/2", "bridge")];
+        assert_eq!(pairs(&edges), expected.map(|(f, t)| (f.to_owned(), t.to_owned())));
+        assert_eq!(edges.out_of.get("client").map(|to| to.len()), Some(1));
+        assert!(!edges.out_of.contains_key("session/1"));
+        edges.remove("session/2");
+        assert!(edges.into.is_empty() && edges.out_of.is_empty(), "nothing is left behind");
     }
 }
