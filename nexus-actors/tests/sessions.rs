@@ -4,6 +4,8 @@
 
 #[path = "sessions/cluster.rs"]
 mod cluster;
+#[path = "sessions/frames.rs"]
+mod frames;
 #[path = "sessions/harness.rs"]
 mod harness;
 

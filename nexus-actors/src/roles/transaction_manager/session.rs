@@ -43,11 +43,12 @@ use std::time::Duration;
 use actix::{ActorContext, AsyncContext};
 use actix_web::web;
 use bytestring::ByteString;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 
 use self::contexts::FollowedContexts;
 pub use self::contexts::MAX_FOLLOWED_CONTEXTS;
 use self::frames::{ChangeFrames, EncodedChange};
+use self::outbound::{FrameQueue, Refused};
 pub use self::presence::{CursorMoved, PresenceChanged, MAX_PRESENT};
 use self::socket::Closing;
 pub use self::socket::{
@@ -158,7 +159,7 @@ pub struct Session {
     /// This session's links to the node's `RedisBridge`, made once: a link
     /// registers its graph edge when it is made.
     bus: BridgeLinks,
-    out: mpsc::Sender<ByteString>,
+    out: FrameQueue,
     /// The node's shared change frames.
     frames: ChangeFrames,
     /// Tells the connection's reader and writer to let go of the socket,
@@ -192,7 +193,7 @@ impl Session {
     fn send_encoded(&mut self, frame: ByteString, ctx: &mut Ctx<Self>) {
         // A closed queue is a writer that let go (the node drains, the
         // client left): the reader tells the session; nothing to count.
-        if let Err(mpsc::error::TrySendError::Full(_)) = self.out.try_send(frame) {
+        if let Err(Refused::Full) = self.out.push(frame) {
             if self.shutdown.borrow().is_none() {
                 self.too_slow.inc();
                 tracing::warn!(user = %self.user, "nexus_sessions_too_slow_total: outbound queue full; disconnecting");
@@ -217,6 +218,8 @@ impl Session {
             let _ = self.bus.unsubscribe.tell(Unsubscribe { topic, subscriber: me.id().to_owned() });
         }
         let _ = self.shutdown.send(Some(closing));
+        // A client that does not read may never take them: they go now.
+        self.out.clear();
         ctx.stop();
     }
 

@@ -11,12 +11,11 @@ use actix_http::body::{BodyStream, MessageBody};
 use actix_http::ws::{CloseCode, CloseReason, Codec, Frame, ProtocolError};
 use actix_web::{web, HttpRequest, HttpResponse};
 use bytes::BytesMut;
-use bytestring::ByteString;
 use futures::StreamExt;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::frames::ChangeFrames;
-use super::outbound::{Control, Outbound};
+use super::outbound::{Control, FrameQueue, Outbound};
 use super::{BridgeLinks, ClientText, Disconnected, Session};
 use crate::bus::redis::RedisBus;
 use crate::kernel::{Kernel, Link};
@@ -39,7 +38,11 @@ const CLOSE_NORMAL: u16 = 1000;
 pub const CLOSE_SERVICE_RESTART: u16 = 1012;
 /// Control frames the reader may have waiting for the writer; past that a
 /// ping goes unanswered (a client flooding pings gets no queue of pongs).
+/// The last slot is kept for a close.
 const CONTROL_QUEUE: usize = 4;
+/// The longest a frame's header is: what a frame of [`MAX_FRAME`] may take
+/// in the read buffer beyond its payload.
+const MAX_FRAME_HEADER: usize = 14;
 /// The longest close reason a close frame carries (RFC 6455: 125 bytes of
 /// payload, 2 of them the code).
 const MAX_CLOSE_REASON: usize = 123;
@@ -103,7 +106,8 @@ pub async fn upgrade(
     let (user, admin) = (identity.user, identity.role == UserRole::Admin);
 
     let mut handshake = actix_http::ws::handshake(req.head())?;
-    let (out, queued) = mpsc::channel::<ByteString>(OUTBOUND_QUEUE);
+    let out = FrameQueue::new(OUTBOUND_QUEUE);
+    let queue = out.clone();
     let (control_tx, control) = mpsc::channel(CONTROL_QUEUE);
     let (shutdown, writer_stop) = watch::channel(None);
     let reader_stop = shutdown.subscribe();
@@ -136,7 +140,7 @@ pub async fn upgrade(
     });
     tracing::info!(%user, session = session.id(), "websocket session opened");
     let drain = Box::pin(deps.drain.started());
-    let outbound = Outbound { frames: queued, control, stop: writer_stop, drain, _gone: gone_tx };
+    let outbound = Outbound { frames: queue, control, stop: writer_stop, drain, _gone: gone_tx };
     let client = Client { text: session.link("client"), gone: session.link("client") };
     read(body, control_tx, client, reader_stop, gone_rx);
     Ok(handshake.message_body(BodyStream::new(outbound.into_body()).boxed())?.into())
@@ -165,6 +169,14 @@ fn read(
             let frame = match codec.decode(&mut buf) {
                 Ok(Some(frame)) => frame,
                 Ok(None) => {
+                    // The codec checks a frame's size only once it is all
+                    // in: a client announcing a huge one must not make the
+                    // buffer grow until it has sent it.
+                    if buf.len() > MAX_FRAME + MAX_FRAME_HEADER {
+                        refuse(&control, &ProtocolError::Overflow);
+                        let _ = client.gone.tell(Disconnected);
+                        return;
+                    }
                     if buf.is_empty() {
                         // An idle session keeps no read buffer.
                         buf = BytesMut::new();
@@ -191,8 +203,7 @@ fn read(
             match frame {
                 Frame::Text(bytes) => {
                     let Ok(text) = std::str::from_utf8(&bytes) else {
-                        let error = ProtocolError::Io(std::io::Error::other("a text frame that is not UTF-8"));
-                        refuse(&control, &error);
+                        close(&control, CloseCode::Invalid, "a text frame that is not UTF-8".to_owned());
                         let _ = client.gone.tell(Disconnected);
                         return;
                     };
@@ -201,7 +212,9 @@ fn read(
                     }
                 }
                 Frame::Ping(bytes) => {
-                    let _ = control.try_send(Control::Pong(bytes));
+                    if control.capacity() > 1 {
+                        let _ = control.try_send(Control::Pong(bytes));
+                    }
                 }
                 Frame::Close(_) => break,
                 Frame::Binary(_) => {
@@ -210,7 +223,14 @@ fn read(
                         break;
                     }
                 }
-                Frame::Pong(_) | Frame::Continuation(_) => {}
+                // Browsers send every message whole; nothing here would
+                // put fragments together, so they are refused, not dropped.
+                Frame::Continuation(_) => {
+                    close(&control, CloseCode::Unsupported, "fragmented messages are not supported".to_owned());
+                    let _ = client.gone.tell(Disconnected);
+                    return;
+                }
+                Frame::Pong(_) => {}
             }
         }
         let _ = client.gone.tell(Disconnected);
@@ -223,8 +243,12 @@ fn refuse(control: &mpsc::Sender<Control>, error: &ProtocolError) {
         ProtocolError::Overflow => CloseCode::Size,
         _ => CloseCode::Protocol,
     };
-    tracing::info!(%error, "closing websocket on a bad frame");
-    let mut description = error.to_string();
+    close(control, code, error.to_string());
+}
+
+/// Closes the socket with `code`, saying why.
+fn close(control: &mpsc::Sender<Control>, code: CloseCode, mut description: String) {
+    tracing::info!(error = %description, "closing websocket on a bad frame");
     let mut end = description.len().min(MAX_CLOSE_REASON);
     while !description.is_char_boundary(end) {
         end -= 1;
