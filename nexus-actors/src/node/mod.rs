@@ -379,12 +379,19 @@ impl RunningNode {
             Ok(result) => result.map_err(|source| NodeError::Http { addr, source }),
             Err(join) => Err(NodeError::Http { addr, source: std::io::Error::other(join.to_string()) }),
         };
-        if let Some(handle) = self.panels {
-            handle.stop_all(grace).await;
-        }
-        if let Some(gateway) = self.gateway_role {
-            gateway.stop().await;
-        }
+        // Together: the gateway must not take new traffic while the
+        // instances finish what they hold, nor add its own drain after theirs.
+        let instances = async {
+            if let Some(handle) = self.panels {
+                handle.stop_all(grace).await;
+            }
+        };
+        let gateway = async {
+            if let Some(gateway) = self.gateway_role {
+                gateway.stop().await;
+            }
+        };
+        tokio::join!(instances, gateway);
         if let Some(llm) = self.llm {
             llm.stop().await;
         }
