@@ -322,9 +322,10 @@ impl RunningNode {
     /// 503, `/ws` refuses new sessions, the LLM manager takes no new
     /// commands) and tells WebSocket clients to reconnect elsewhere (close
     /// code 1012); keeps answering for [`DRAIN_NOTICE`] so that load
-    /// balancers see it is not ready; then stops accepting HTTP connections
-    /// and lets the requests in flight, tool calls included, finish within
-    /// the drain timeout; then stops like [`RunningNode::stop`]. Meanwhile
+    /// balancers see it is not ready; then stops accepting HTTP connections,
+    /// and the gateway its own, and lets the requests in flight, tool calls
+    /// and proxied requests included, finish within the drain timeout; then
+    /// gives panel instances what is left of it and stops. Meanwhile
     /// the LLM turns in flight finish on this node within the same timeout,
     /// and the LLM manager leaves its partitions with what is done committed.
     pub async fn drain(mut self) -> Result<(), NodeError> {
@@ -333,6 +334,7 @@ impl RunningNode {
         let within = self.drain_timeout;
         let until = tokio::time::Instant::now() + DRAIN_NOTICE.min(within) + within;
         let llm = self.llm.take();
+        let gateway = self.gateway_role.take();
         let turns = async move {
             if let Some(llm) = llm {
                 llm.drain(within).await;
@@ -340,7 +342,12 @@ impl RunningNode {
         };
         let requests = async {
             tokio::time::sleep(DRAIN_NOTICE.min(within)).await;
-            self.stop_http().await
+            let gateway = async {
+                if let Some(gateway) = gateway {
+                    gateway.stop().await;
+                }
+            };
+            tokio::join!(self.stop_http(), gateway).0
         };
         let ((), served) = tokio::join!(turns, requests);
         // Calls that other nodes sent to this node's sidecars may still be

@@ -10,6 +10,8 @@ use tokio::io::AsyncWriteExt;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::MaybeTlsStream;
 
+use nexus_actors::roles::transaction_manager as tm;
+
 use super::harness::*;
 
 /// A client frame (masked) of `opcode`, with FIN set when `fin`, whose
@@ -58,9 +60,11 @@ async fn frames_a_client_library_would_not_send_close_the_socket_with_their_own_
     let ada = node.login("ada").await;
 
     // A frame that announces a terabyte: refused once one frame's worth
-    // is in, not when the terabyte would be.
+    // is in, not when the terabyte would be. (Exactly one byte more is
+    // sent, so that nothing unread makes the close a reset.)
     let mut ws = connect(&node, &ada).await;
-    write_raw(&mut ws, &raw_frame(0x1, true, 1 << 40, &vec![b'x'; 200 * 1024])).await;
+    let payload = vec![b'x'; tm::protocol::MAX_FRAME + 1];
+    write_raw(&mut ws, &raw_frame(0x1, true, 1 << 40, &payload)).await;
     assert_eq!(close_code(&mut ws).await, Some(1009));
 
     // Text that is not UTF-8.

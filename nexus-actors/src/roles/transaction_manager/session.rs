@@ -218,8 +218,9 @@ impl Session {
             let _ = self.bus.unsubscribe.tell(Unsubscribe { topic, subscriber: me.id().to_owned() });
         }
         let _ = self.shutdown.send(Some(closing));
-        // A client that does not read may never take them: they go now.
-        self.out.clear();
+        // A client that does not read may never take them: they go now, and
+        // frames sent after this (the rest of a catch-up) are not queued.
+        self.out.close();
         ctx.stop();
     }
 

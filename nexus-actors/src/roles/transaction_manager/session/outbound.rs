@@ -85,13 +85,9 @@ impl FrameQueue {
         Ok(())
     }
 
-    /// Drops every frame waiting: the session let go.
-    pub(crate) fn clear(&self) {
-        let dropped = std::mem::take(&mut self.lock().frames);
-        drop(dropped);
-    }
-
-    fn close(&self) {
+    /// Drops every frame waiting and refuses those to come: the session
+    /// let go, or the connection is gone.
+    pub(crate) fn close(&self) {
         let mut waiting = self.lock();
         waiting.closed = true;
         waiting.frames = VecDeque::new();
@@ -230,22 +226,21 @@ mod tests {
     use super::{FrameQueue, Refused};
 
     #[test]
-    fn a_queue_is_bounded_emptied_when_the_session_lets_go_and_refuses_once_closed() {
+    fn a_queue_is_bounded_and_emptied_and_closed_when_the_session_lets_go() {
         let queue = FrameQueue::new(3);
         for i in 0..3 {
             queue.push(format!("{i}").into()).unwrap();
         }
         assert_eq!(queue.push("3".into()), Err(Refused::Full));
         assert_eq!(queue.pop().as_deref(), Some("0"), "in order");
-        queue.clear();
+        queue.close();
         assert_eq!(queue.pop(), None, "nothing is kept for a client that does not read");
+        assert_eq!(queue.push("after".into()), Err(Refused::Closed), "nor queued after it let go");
         let big = FrameQueue::new(1024);
         for i in 0..1024 {
             big.push(format!("{i}").into()).unwrap();
         }
         while big.pop().is_some() {}
         assert!(big.lock().frames.capacity() <= super::KEPT_EMPTY, "an emptied queue gives its memory back");
-        big.close();
-        assert_eq!(big.push("late".into()), Err(Refused::Closed));
     }
 }
