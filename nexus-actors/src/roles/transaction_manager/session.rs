@@ -191,8 +191,8 @@ impl Session {
 
     /// Queues a frame already serialised (perhaps shared with other sessions).
     fn send_encoded(&mut self, frame: ByteString, ctx: &mut Ctx<Self>) {
-        // A closed queue is a writer that let go (the node drains, the
-        // client left): the reader tells the session; nothing to count.
+        // A closed queue is a session that let go or a connection that is
+        // gone (the reader tells the session): nothing to count.
         if let Err(Refused::Full) = self.out.push(frame) {
             if self.shutdown.borrow().is_none() {
                 self.too_slow.inc();

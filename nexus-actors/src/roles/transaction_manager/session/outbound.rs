@@ -47,7 +47,7 @@ struct Queue {
 #[derive(Default)]
 struct Waiting {
     frames: VecDeque<ByteString>,
-    /// The body is gone: the connection closed.
+    /// The session let go, or the body is gone (the connection closed).
     closed: bool,
 }
 

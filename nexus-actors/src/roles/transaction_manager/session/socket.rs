@@ -165,18 +165,15 @@ fn read(
     actix::spawn(async move {
         let mut codec = Codec::new().max_size(MAX_FRAME);
         let mut buf = BytesMut::new();
-        loop {
+        // How the socket closes when the client broke the protocol.
+        let broken: Option<(CloseCode, String)> = loop {
             let frame = match codec.decode(&mut buf) {
                 Ok(Some(frame)) => frame,
+                // The codec checks a frame's size only once it is all in: a
+                // client announcing a huge one must not make the buffer grow
+                // until it has sent it.
+                Ok(None) if buf.len() > MAX_FRAME + MAX_FRAME_HEADER => break Some(refusal(&ProtocolError::Overflow)),
                 Ok(None) => {
-                    // The codec checks a frame's size only once it is all
-                    // in: a client announcing a huge one must not make the
-                    // buffer grow until it has sent it.
-                    if buf.len() > MAX_FRAME + MAX_FRAME_HEADER {
-                        refuse(&control, &ProtocolError::Overflow);
-                        let _ = client.gone.tell(Disconnected);
-                        return;
-                    }
                     if buf.is_empty() {
                         // An idle session keeps no read buffer.
                         buf = BytesMut::new();
@@ -184,66 +181,56 @@ fn read(
                     let chunk = tokio::select! {
                         // The session is gone: it closes the socket.
                         _ = stop.changed() => return,
-                        _ = &mut connection_gone => break,
+                        _ = &mut connection_gone => break None,
                         chunk = body.next() => chunk,
                     };
                     match chunk {
                         Some(Ok(bytes)) => buf.extend_from_slice(&bytes),
                         // The connection ended, cleanly or not.
-                        Some(Err(_)) | None => break,
+                        Some(Err(_)) | None => break None,
                     }
                     continue;
                 }
-                Err(error) => {
-                    refuse(&control, &error);
-                    let _ = client.gone.tell(Disconnected);
-                    return;
-                }
+                Err(error) => break Some(refusal(&error)),
             };
-            match frame {
-                Frame::Text(bytes) => {
-                    let Ok(text) = std::str::from_utf8(&bytes) else {
-                        close(&control, CloseCode::Invalid, "a text frame that is not UTF-8".to_owned());
-                        let _ = client.gone.tell(Disconnected);
-                        return;
-                    };
-                    if client.text.ask(ClientText(text.to_owned())).await.is_err() {
-                        break;
-                    }
-                }
+            let text = match frame {
+                Frame::Text(bytes) => match std::str::from_utf8(&bytes) {
+                    Ok(text) => text.to_owned(),
+                    Err(_) => break Some((CloseCode::Invalid, "a text frame that is not UTF-8".to_owned())),
+                },
+                Frame::Binary(_) => String::from("{\"type\":\"binary frames are not supported\"}"),
                 Frame::Ping(bytes) => {
                     if control.capacity() > 1 {
                         let _ = control.try_send(Control::Pong(bytes));
                     }
+                    continue;
                 }
-                Frame::Close(_) => break,
-                Frame::Binary(_) => {
-                    let refusal = String::from("{\"type\":\"binary frames are not supported\"}");
-                    if client.text.ask(ClientText(refusal)).await.is_err() {
-                        break;
-                    }
-                }
+                Frame::Close(_) => break None,
                 // Browsers send every message whole; nothing here would
                 // put fragments together, so they are refused, not dropped.
                 Frame::Continuation(_) => {
-                    close(&control, CloseCode::Unsupported, "fragmented messages are not supported".to_owned());
-                    let _ = client.gone.tell(Disconnected);
-                    return;
+                    break Some((CloseCode::Unsupported, "fragmented messages are not supported".to_owned()))
                 }
-                Frame::Pong(_) => {}
+                Frame::Pong(_) => continue,
+            };
+            if client.text.ask(ClientText(text)).await.is_err() {
+                break None;
             }
+        };
+        if let Some((code, description)) = broken {
+            close(&control, code, description);
         }
         let _ = client.gone.tell(Disconnected);
     });
 }
 
-/// Closes the socket on a frame that breaks the protocol.
-fn refuse(control: &mpsc::Sender<Control>, error: &ProtocolError) {
+/// How the socket closes on a frame the codec refused.
+fn refusal(error: &ProtocolError) -> (CloseCode, String) {
     let code = match error {
         ProtocolError::Overflow => CloseCode::Size,
         _ => CloseCode::Protocol,
     };
-    close(control, code, error.to_string());
+    (code, error.to_string())
 }
 
 /// Closes the socket with `code`, saying why.
