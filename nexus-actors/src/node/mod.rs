@@ -9,7 +9,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use actix::Arbiter;
-use actix_web::{web, App, HttpServer};
+use actix_web::{web, App};
 use utoipa::OpenApi;
 
 use crate::bus::kafka::KafkaProbe;
@@ -23,6 +23,7 @@ use crate::platform::drain::Drain;
 use crate::platform::http::Readiness;
 use crate::platform::node_lease::{LeaseError, NodeLease};
 use crate::platform::origin::OriginPolicy;
+use crate::platform::server::{self, Bound, ServerOptions};
 use crate::platform::{Platform, Quotas, StoreError};
 use crate::roles::llm_manager::{LlmManagerConfig, LlmManagerError, LlmManagerHandle};
 use crate::roles::panel_manager::kubernetes::{KubeConfig, KubeError};
@@ -518,12 +519,13 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
     let pm_api = panels.clone().map(|handle| (handle, platform.panels.clone()));
     let auth = platform.auth.clone();
     let origins = OriginPolicy::for_listener(config.http, config.allowed_origins.clone());
-    let server = HttpServer::new(move || {
+    let upgrades = tm.clone().map(|state| tm_role::session::upgrades(state, sessions));
+    let options = ServerOptions { workers: 2, keep_alive: HTTP_KEEP_ALIVE, shutdown_timeout: config.drain_timeout };
+    let app = move || {
         let mut app = App::new().wrap_fn(crate::platform::http::traced).app_data(web::Data::new(auth.clone()));
         if let Some(tm) = &tm {
             app = app
                 .configure(tm_role::configure(tm.clone(), openapi.clone()))
-                .configure(tm_role::configure_sessions(sessions.clone()))
                 .configure(tm_role::tools_api::configure(tools.clone()))
                 .configure(tm_role::mcp::configure(tools.clone(), origins.clone()));
         }
@@ -532,16 +534,10 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
         }
         app.configure(crate::platform::http::configure(k.clone(), readiness.clone()))
             .configure(tm_role::configure_fallback)
-    })
-    .workers(2)
-    .keep_alive(HTTP_KEEP_ALIVE)
+    };
     // The node handles the signals itself: it drains before it stops.
-    .disable_signals()
-    .shutdown_timeout(config.drain_timeout.as_secs().max(1))
-    .bind(config.http)
-    .map_err(|source| NodeError::Http { addr: config.http, source })?;
-    let http = server.addrs().first().copied().unwrap_or(config.http);
-    let server = server.run();
+    let Bound { server, addr: http } = server::bind(config.http, &options, app, upgrades)
+        .map_err(|source| NodeError::Http { addr: config.http, source })?;
     let handle = server.handle();
     let served = actix_rt::spawn(server);
     tracing::info!(node = %config.name, %http, ?roles, "node listening: /healthz /readyz /metrics /api/graph");

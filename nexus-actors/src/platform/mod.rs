@@ -13,6 +13,8 @@
 //! * [`files`]: secret files and private directories.
 //! * [`quotas`]: what one user may hold at once.
 //! * [`open_files`]: the node's open-file limit, raised at start.
+//! * [`server`]: the HTTP server a node listens with, WebSocket upgrades
+//!   handed their connection.
 //!
 //! Roles depend on this module and never on each other; this module
 //! depends on no role.
@@ -29,6 +31,7 @@ pub mod open_files;
 pub mod origin;
 pub mod panels;
 pub mod quotas;
+pub mod server;
 pub mod store;
 
 pub use accounts::{Accounts, UserRole};

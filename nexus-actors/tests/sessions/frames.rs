@@ -87,3 +87,85 @@ async fn frames_a_client_library_would_not_send_close_the_socket_with_their_own_
     ws.send(Message::text(json!({"type": "subscribe", "doc": 42}).to_string())).await.unwrap();
     assert_eq!(next(&mut ws).await["code"], "bad_frame");
 }
+
+/// A WebSocket upgrade request for `path`, with `token` if any.
+fn upgrade_request(path: &str, token: Option<&str>) -> Vec<u8> {
+    let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
+    format!(
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{auth}\r\n"
+    )
+    .into_bytes()
+}
+
+/// Writes `bytes` on a new connection to `node` and returns the response's
+/// status line and what follows its head, once `enough` says it is enough.
+async fn raw_exchange(node: &Node, bytes: &[u8], enough: impl Fn(&[u8]) -> bool) -> (String, Vec<u8>) {
+    use tokio::io::AsyncReadExt;
+    let mut socket = tokio::net::TcpStream::connect(&node.addr).await.unwrap();
+    socket.write_all(bytes).await.unwrap();
+    let mut got = Vec::new();
+    let read = async {
+        let mut buf = [0u8; 4096];
+        loop {
+            if let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+                if enough(&got[end + 4..]) {
+                    break end;
+                }
+            }
+            let n = socket.read(&mut buf).await.unwrap();
+            assert!(n > 0, "the connection ended: {:?}", String::from_utf8_lossy(&got));
+            got.extend_from_slice(&buf[..n]);
+        }
+    };
+    let end = tokio::time::timeout(Duration::from_secs(10), read).await.expect("no answer within 10 s");
+    let status = String::from_utf8_lossy(&got[..got.iter().position(|&b| b == b'\r').unwrap()]).into_owned();
+    (status, got[end + 4..].to_vec())
+}
+
+/// The whole server text frames (unmasked, shorter than 64 KiB) at the
+/// start of `bytes`, as JSON.
+fn text_frames(mut bytes: &[u8]) -> Vec<serde_json::Value> {
+    let mut frames = Vec::new();
+    while bytes.len() >= 2 {
+        assert_eq!(bytes[0], 0x81, "a whole text frame");
+        let (len, header) = match bytes[1] {
+            126 if bytes.len() >= 4 => (usize::from(u16::from_be_bytes([bytes[2], bytes[3]])), 4),
+            126 => break,
+            len => (usize::from(len), 2),
+        };
+        let Some(payload) = bytes.get(header..header + len) else { break };
+        frames.push(serde_json::from_slice(payload).unwrap());
+        bytes = &bytes[header + len..];
+    }
+    frames
+}
+
+#[actix_rt::test]
+async fn only_ws_upgrades_and_a_first_frame_riding_with_the_request_is_served() {
+    let world = World::new("ws-upgrade").await;
+    let node = world.node().await;
+    let ada = node.login("ada").await;
+
+    // The client's first frame in the same write as its request: it is
+    // what the server read past the request's head, and must not be lost.
+    let payload = br#"{"type":"subscribe","doc":42}"#;
+    let mut bytes = upgrade_request("/ws", Some(ada.token()));
+    bytes.extend_from_slice(&raw_frame(0x1, true, payload.len() as u64, payload));
+    let (status, rest) = raw_exchange(&node, &bytes, |rest| text_frames(rest).len() >= 2).await;
+    assert!(status.starts_with("HTTP/1.1 101"), "{status}");
+    let frames = text_frames(&rest);
+    assert_eq!(frames[0]["type"], "welcome", "{frames:?}");
+    assert_eq!(frames[1]["code"], "bad_frame", "the first frame was answered: {frames:?}");
+
+    // An upgrade is checked before anything happens: no token, no session.
+    let (status, body) = raw_exchange(&node, &upgrade_request("/ws", None), |_| true).await;
+    assert!(status.starts_with("HTTP/1.1 401"), "{status} {:?}", String::from_utf8_lossy(&body));
+    // Upgrades elsewhere are not a way around the routes.
+    let (status, _) = raw_exchange(&node, &upgrade_request("/api/graph", Some(ada.token())), |_| true).await;
+    assert!(status.starts_with("HTTP/1.1 404"), "{status}");
+
+    // `/ws` without the upgrade says what it lacks.
+    let plain = reqwest::get(format!("http://{}/ws", node.addr)).await.unwrap();
+    assert_eq!(plain.status(), 426);
+}

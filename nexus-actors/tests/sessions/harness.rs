@@ -5,10 +5,11 @@
 use std::time::Duration;
 
 use actix::Arbiter;
-use actix_web::{web, App, HttpServer};
+use actix_web::{web, App};
 use futures::{SinkExt, StreamExt};
 use nexus_actors::bus::redis::RedisBridge;
 use nexus_actors::infra::RedisCluster;
+use nexus_actors::platform::server::{self, Bound, ServerOptions};
 use nexus_actors::platform::{Redis, UserRole};
 use nexus_actors::roles::transaction_manager::documents::merge_patch;
 use nexus_actors::roles::transaction_manager::session::SessionDeps;
@@ -111,17 +112,13 @@ impl World {
         let state = web::Data::new(state);
         let deps = SessionDeps::new(kernel.clone(), bridge, Default::default());
         let s = state.clone();
-        let server = HttpServer::new(move || {
-            App::new()
-                .configure(tm::configure(s.clone(), tm::openapi()))
-                .configure(tm::configure_sessions(deps.clone()))
-                .configure(tm::configure_fallback)
-        })
-        .workers(1)
-        .bind(("127.0.0.1", 0))
-        .unwrap();
-        let addr = server.addrs()[0].to_string();
-        let server = server.run();
+        let options =
+            ServerOptions { workers: 1, keep_alive: Duration::from_secs(5), shutdown_timeout: Duration::from_secs(1) };
+        let app =
+            move || App::new().configure(tm::configure(s.clone(), tm::openapi())).configure(tm::configure_fallback);
+        let upgrades = tm::session::upgrades(state.clone(), deps);
+        let Bound { server, addr } = server::bind(([127, 0, 0, 1], 0).into(), &options, app, Some(upgrades)).unwrap();
+        let addr = addr.to_string();
         let handle = server.handle();
         actix_rt::spawn(server);
         Node { addr, kernel, state, _arbiter: arbiter, _server: handle }

@@ -164,6 +164,8 @@ pub fn configure(state: web::Data<TmState>, openapi: utoipa::openapi::OpenApi) -
                     HttpResponse::Ok().json(doc.get_ref())
                 }),
             )
+            // The upgrade itself goes to `session::upgrades`, on the server's side.
+            .route("/ws", web::get().to(session::not_upgraded))
             .route("/api/config", web::get().to(api::config))
             .route("/api/login", web::post().to(api::accounts::login))
             .route("/api/logout", web::post().to(api::accounts::logout))
@@ -190,13 +192,6 @@ pub fn configure(state: web::Data<TmState>, openapi: utoipa::openapi::OpenApi) -
             .route("/api/contexts/{id}/events", web::get().to(api::contexts::context_events))
             .route("/api/contexts/{id}/transcript", web::get().to(api::contexts::context_transcript))
             .route("/api/contexts/{id}/fork", web::post().to(api::contexts::fork_context));
-    }
-}
-
-/// Registers `GET /ws`, the WebSocket endpoint of [`session::Session`]s.
-pub fn configure_sessions(deps: session::SessionDeps) -> impl FnOnce(&mut web::ServiceConfig) {
-    move |cfg| {
-        cfg.app_data(web::Data::new(deps)).route("/ws", web::get().to(session::upgrade));
     }
 }
 

@@ -30,6 +30,7 @@
 //! re-checks its token every [`TOKEN_CHECK`] and after Redis comes back; a
 //! revoked (logged out) or expired one closes the socket with 4001.
 
+mod connection;
 mod contexts;
 mod frames;
 mod outbound;
@@ -52,7 +53,7 @@ use self::outbound::{FrameQueue, Refused};
 pub use self::presence::{CursorMoved, PresenceChanged, MAX_PRESENT};
 use self::socket::Closing;
 pub use self::socket::{
-    upgrade, SessionDeps, CLOSE_SERVICE_RESTART, CLOSE_TOKEN_ENDED, CLOSE_TOO_SLOW, OUTBOUND_QUEUE,
+    not_upgraded, upgrades, SessionDeps, CLOSE_SERVICE_RESTART, CLOSE_TOKEN_ENDED, CLOSE_TOO_SLOW, OUTBOUND_QUEUE,
 };
 use self::sync::{Fetched, SyncError};
 use super::api::documents::DocumentChanged;
