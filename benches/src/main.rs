@@ -321,11 +321,11 @@ port instead of a PATCH (no authentication, no storage, no Redis). The last
 column is raw ÷ this row for p50, p99 and memory per session (1.00 = as
 good as the raw server, lower = costlier). A Nexus node serialises a change
 once per node and every session queues the same bytes; its sessions cost
-more memory than the raw server's connections: each has an actix-web HTTP/1
-connection (its buffers), an actor, a bounded outbound queue and a reader
-task (the connection's own task writes the queued frames as the response
-body). Clients, servers, Redis and the broker share the
-machine's two cores, so much of every row's latency is the clients' own
+more memory than the raw server's connections: each has an actor, a
+bounded outbound queue and the connection's task, which the node's server
+hands the upgraded socket (actix-http's upgrade handler): it reads the
+client's frames and writes the queued ones, with buffers sized to need.
+Clients, servers, Redis and the broker share the machine's two cores, so much of every row's latency is the clients' own
 work of reading N sockets.
 The 20,000-session rows split the sockets: a process may open at most
 20,000 files on this machine (the hard limit, which root lacks
@@ -335,12 +335,7 @@ one per server, reporting arrival times as readings of the machine's
 monotonic clock), and the baselines are two raw servers and two Sockudo
 servers with the same two client processes. The client processes run one
 worker thread each, the harness two, so these rows compare with each
-other, not with the 5,000 rows. What keeps a node's sessions above the
-raw server's memory is mostly actix-http's HTTP/1 dispatcher, which keeps
-its 8 KiB read and 8 KiB write buffers for the life of an upgraded
-connection (`HW_BUFFER_SIZE`, not configurable); what would close the gap
-(goal: 8 KiB a session) is handing the upgraded socket to a WebSocket
-codec with buffers sized to need, through actix-http's upgrade handler.
+other, not with the 5,000 rows.
 The **peer** is Sockudo 5.2 (crates.io `sockudo`, a Rust server of the
 Pusher protocol; `scripts/bench` installs it without its OpenTelemetry
 exporter), run with the local adapter (no Redis), memory app manager and

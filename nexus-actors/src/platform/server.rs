@@ -22,6 +22,7 @@ use actix_web::dev::AppConfig;
 use futures::future::LocalBoxFuture;
 use futures::SinkExt;
 use socket2::{Domain, Protocol, Socket, Type};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 /// A connection whose request asked to upgrade, with what the dispatcher
@@ -35,6 +36,8 @@ pub type Upgrades = Arc<dyn Fn(Request, Upgraded) -> LocalBoxFuture<'static, ()>
 
 /// Connections waiting to be accepted, per listener; actix-web's default.
 const BACKLOG: i32 = 1024;
+/// How long a refused upgrade's connection is read after its answer.
+const LINGER: Duration = Duration::from_secs(1);
 
 /// How a server listens.
 #[derive(Debug, Clone)]
@@ -56,8 +59,8 @@ pub struct Bound {
 }
 
 /// Binds `addr` and builds a server answering requests with `app` (one per
-/// worker) and upgrades with `upgrades`: without it, an upgrade is a plain
-/// request to `app`. Signals are left to the caller, which drains first.
+/// worker) and upgrades with `upgrades`; without it, every upgrade is
+/// answered 404. Signals are left to the caller, which drains first.
 pub fn bind<F, I, S, B>(
     addr: SocketAddr,
     options: &ServerOptions,
@@ -92,6 +95,11 @@ where
                     async move { shutdown.notified().await }
                 })
                 .keep_alive(keep_alive)
+                // actix-web's: a request's head within 5 s (slow clients are
+                // cut off), and 1 s for a client to take an early answer
+                // before its unread body turns the close into a reset.
+                .client_request_timeout(Duration::from_secs(5))
+                .client_disconnect_timeout(Duration::from_secs(1))
                 .local_addr(addr)
                 .upgrade(fn_service(move |(req, io): (Request, Upgraded)| {
                     let upgrades = upgrades.clone();
@@ -104,9 +112,11 @@ where
                     }
                 }));
             let app = app().into_factory().map_err(|error| error.into().error_response());
-            // `AppConfig` feeds `ConnectionInfo` only for a request without
-            // a `Host` header; actix-web keeps its real constructor private.
-            service.finish(map_config(app, |_| AppConfig::default())).tcp()
+            // `ConnectionInfo` falls back on this host for a request without
+            // `Host` (HTTP/1.0), as under actix-web's server, which builds it
+            // the same way (the constructor is hidden, not meant for use
+            // outside actix; its default would say `localhost:8080`).
+            service.finish(map_config(app, move |_| AppConfig::__priv_test_new(false, addr.to_string(), addr))).tcp()
         })?
         .run();
     Ok(Bound { server, addr })
@@ -122,13 +132,13 @@ fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
 }
 
 /// Answers an upgrade on a server that upgrades nothing.
-async fn refuse(mut io: Upgraded) {
-    answer(&mut io, Response::not_found()).await;
+async fn refuse(io: Upgraded) {
+    answer(io, Response::not_found()).await;
 }
 
 /// Answers an upgrade's request with `res` instead (a refusal) and ends
 /// the connection after it.
-pub async fn answer(io: &mut Upgraded, res: Response<BoxBody>) {
+pub async fn answer(mut io: Upgraded, res: Response<BoxBody>) {
     let (mut head, body) = res.into_parts();
     head.head_mut().set_connection_type(ConnectionType::Close);
     // Refusals carry a short JSON error; one that cannot be read goes without.
@@ -142,5 +152,17 @@ pub async fn answer(io: &mut Upgraded, res: Response<BoxBody>) {
     };
     if let Err(error) = sent.await {
         tracing::debug!(%error, "an upgrade's refusal could not be sent");
+        return;
     }
+    // What the client sent after its request (early frames) is read and
+    // dropped for a moment: closing on unread bytes would reset the
+    // connection, and the client might lose the answer.
+    let mut socket = io.into_parts().io;
+    let linger = async {
+        socket.shutdown().await?;
+        let mut rest = vec![0u8; 4096];
+        while socket.read(&mut rest).await? > 0 {}
+        Ok::<_, std::io::Error>(())
+    };
+    let _ = tokio::time::timeout(LINGER, linger).await;
 }

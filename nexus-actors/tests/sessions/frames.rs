@@ -169,3 +169,24 @@ async fn only_ws_upgrades_and_a_first_frame_riding_with_the_request_is_served() 
     let plain = reqwest::get(format!("http://{}/ws", node.addr)).await.unwrap();
     assert_eq!(plain.status(), 426);
 }
+
+#[actix_rt::test]
+async fn a_frame_begun_and_never_finished_closes_the_socket_in_time() {
+    let world = World::new("ws-partial").await;
+    let node = world.node().await;
+    let ada = node.login("ada").await;
+    let mut ws = connect(&node, &ada).await;
+    // A header announcing 60 KiB (the server makes room for all of it),
+    // ten bytes of it, then silence.
+    write_raw(&mut ws, &raw_frame(0x1, true, 60 * 1024, b"{\"type\":\"x")).await;
+    let started = std::time::Instant::now();
+    let code = loop {
+        match tokio::time::timeout(Duration::from_secs(40), ws.next()).await.expect("still open after 40 s") {
+            Some(Ok(Message::Close(frame))) => break frame.map(|f| u16::from(f.code)),
+            Some(Ok(_)) => continue,
+            other => panic!("expected a close frame, got {other:?}"),
+        }
+    };
+    assert_eq!(code, Some(1008));
+    assert!(started.elapsed() >= Duration::from_secs(15), "closed before its deadline: {:?}", started.elapsed());
+}

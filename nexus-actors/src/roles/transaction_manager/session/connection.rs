@@ -18,11 +18,12 @@ use futures::future::{Fuse, FusedFuture, FutureExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
+use tokio::time::{sleep_until, Instant};
 
 use super::outbound::FrameQueue;
 use super::socket::Closing;
 use super::{ClientText, Disconnected};
-use crate::kernel::Link;
+use crate::kernel::{AskError, Link};
 use crate::platform::drain::Drain;
 use crate::roles::transaction_manager::protocol::MAX_FRAME;
 
@@ -30,8 +31,12 @@ use crate::roles::transaction_manager::protocol::MAX_FRAME;
 /// out in writes of a useful size, never in one buffer as large as itself.
 /// Also the most a client that reads nothing can make its pongs pile up.
 const CHUNK: usize = 16 * 1024;
-/// What one read takes from the socket at most.
+/// Room made in the read buffer before a read, at least (the codec makes
+/// room for a whole frame once its header is in).
 const READ_SIZE: usize = 4 * 1024;
+/// How long a frame may take to arrive whole once it began: a client that
+/// announces a large frame and goes quiet does not hold its buffer.
+const FRAME_DEADLINE: Duration = Duration::from_secs(20);
 /// The longest a frame's header is: what a frame of [`MAX_FRAME`] may take
 /// in the read buffer beyond its payload.
 const MAX_FRAME_HEADER: usize = 14;
@@ -125,17 +130,27 @@ impl Connection {
         let mut out = BytesMut::new();
         let mut asking = pin!(Fuse::terminated());
         let mut draining = pin!(drain.started());
+        // When the frame now in the read buffer began to arrive.
+        let mut partial_since: Option<Instant> = None;
         let ending = 'serve: loop {
             while asking.is_terminated() {
                 let frame = match codec.decode(&mut read) {
-                    Ok(Some(frame)) => frame,
+                    Ok(Some(frame)) => {
+                        partial_since = None;
+                        frame
+                    }
                     // The codec checks a frame's size only once it is all
                     // in: a client announcing a huge one must not make the
                     // buffer grow until it has sent it.
                     Ok(None) if read.len() > MAX_FRAME + MAX_FRAME_HEADER => {
                         break 'serve Ending::codec_refused(&ProtocolError::Overflow)
                     }
-                    Ok(None) => break,
+                    Ok(None) => {
+                        if !read.is_empty() {
+                            partial_since.get_or_insert_with(Instant::now);
+                        }
+                        break;
+                    }
                     Err(error) => break 'serve Ending::codec_refused(&error),
                 };
                 let text = match frame {
@@ -167,6 +182,8 @@ impl Connection {
                 };
                 asking.set(client.text.ask(ClientText(text)).fuse());
             }
+            // An idle session keeps no read buffer; a frame that stays
+            // partial holds one only until its deadline.
             if read.is_empty() {
                 read = BytesMut::new();
             }
@@ -189,17 +206,21 @@ impl Connection {
                 // A sender dropped without a word is a session that stopped.
                 _ = stop.changed() => break Ending::close(stop.borrow().unwrap_or(Closing::NORMAL)),
                 () = &mut draining => break Ending::close(Closing::RESTART),
-                taken = &mut asking, if !asking.is_terminated() => {
-                    if taken.is_err() {
-                        break Ending::close(Closing::NORMAL);
-                    }
-                }
+                taken = &mut asking, if !asking.is_terminated() => match taken {
+                    Ok(()) => {}
+                    // A session that stopped has said how (`stop`, above).
+                    Err(AskError::Closed(_)) => break Ending::close(Closing::NORMAL),
+                    Err(_) => break Ending::close(Closing::INTERNAL),
+                },
                 ready = io.writable(), if !out.is_empty() => {
                     if ready.is_err() {
                         break Ending::Gone;
                     }
                 }
                 () = frames.ready(), if out.len() < CHUNK => {}
+                () = sleep_until(partial_since.unwrap_or_else(Instant::now) + FRAME_DEADLINE), if partial_since.is_some() => {
+                    break Ending::refused(CloseCode::Policy, "a frame that did not arrive in time".into())
+                }
                 ready = io.readable(), if asking.is_terminated() => {
                     if ready.is_err() {
                         break Ending::Gone;
@@ -232,7 +253,7 @@ async fn close(mut io: TcpStream, out: BytesMut) {
     let closed = async {
         io.write_all(&out).await?;
         io.shutdown().await?;
-        let mut rest = [0u8; 256];
+        let mut rest = vec![0u8; READ_SIZE];
         while io.read(&mut rest).await? > 0 {}
         Ok::<_, std::io::Error>(())
     };

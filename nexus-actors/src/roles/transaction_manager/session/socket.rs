@@ -6,12 +6,15 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use actix_http::body::{BodySize, BoxBody};
 use actix_http::{Method, Request, Response, StatusCode};
 use actix_web::{web, HttpResponse};
 use bytes::BytesMut;
 use futures::SinkExt;
+use socket2::{SockRef, TcpKeepalive};
+use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tracing::Instrument;
 
@@ -36,8 +39,15 @@ pub const CLOSE_TOO_SLOW: u16 = 4008;
 pub const CLOSE_TOKEN_ENDED: u16 = 4001;
 /// Close code when the client went away.
 const CLOSE_NORMAL: u16 = 1000;
+/// Close code when the session failed (a bug): the client may reconnect.
+const CLOSE_INTERNAL: u16 = 1011;
 /// Close code when the node drains (a restart): reconnect, to another node.
 pub const CLOSE_SERVICE_RESTART: u16 = 1012;
+
+/// How long a session's socket is quiet before TCP checks its peer is there.
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(60);
+/// Between those checks; three unanswered end the connection.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
 
 /// How a session ends its socket: the close code and its reason.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -50,6 +60,7 @@ impl Closing {
     pub(super) const NORMAL: Closing = Closing { code: CLOSE_NORMAL, reason: "" };
     pub(super) const TOO_SLOW: Closing = Closing { code: CLOSE_TOO_SLOW, reason: "client too slow" };
     pub(super) const RESTART: Closing = Closing { code: CLOSE_SERVICE_RESTART, reason: "node restarting; reconnect" };
+    pub(super) const INTERNAL: Closing = Closing { code: CLOSE_INTERNAL, reason: "internal error" };
 
     /// The token ended for `reason`.
     pub(super) fn token_ended(reason: &'static str) -> Closing {
@@ -84,7 +95,18 @@ pub fn upgrades(state: web::Data<TmState>, deps: SessionDeps) -> Upgrades {
 }
 
 /// Answers the upgrade and serves the session it opens until it ends.
-async fn serve(req: Request, mut io: Upgraded, state: web::Data<TmState>, deps: SessionDeps) {
+async fn serve(req: Request, io: Upgraded, state: web::Data<TmState>, deps: SessionDeps) {
+    // Boxed: what answering takes (the token's check, the request) is freed
+    // once answered, not kept in the session's task for its life.
+    if let Some(connection) = Box::pin(open(req, io, state, deps)).await {
+        connection.run().await;
+    }
+}
+
+/// Answers the upgrade; the connection of the session it opened, if it
+/// did. The request, its span and the dispatcher's buffers end here: a
+/// session keeps only its socket.
+async fn open(req: Request, mut io: Upgraded, state: web::Data<TmState>, deps: SessionDeps) -> Option<Connection> {
     let span =
         tracing::info_span!("http.request", method = %req.method(), path = %req.path(), status = tracing::field::Empty);
     let accepted = accept(&req, &state, &deps).instrument(span.clone()).await;
@@ -92,19 +114,22 @@ async fn serve(req: Request, mut io: Upgraded, state: web::Data<TmState>, deps: 
         Ok(accepted) => accepted,
         Err(refusal) => {
             span.record("status", refusal.status().as_u16());
-            answer(&mut io, refusal).await;
-            return;
+            answer(io, refusal).await;
+            return None;
         }
     };
     span.record("status", handshake.status().as_u16());
     if let Err(error) = io.send((handshake, BodySize::None).into()).await {
         tracing::debug!(%error, "the websocket handshake could not be sent");
-        return;
+        return None;
     }
     let parts = io.into_parts();
-    // The dispatcher's buffers (8 KiB each) go; what it read past the
-    // request, the client's first frames perhaps, does not.
+    // What the dispatcher read past the request (the client's first frames
+    // perhaps) is kept, in a buffer of its size.
     let read = BytesMut::from(&parts.read_buf[..]);
+    if let Err(error) = keep_alive(&parts.io) {
+        tracing::debug!(%error, "a websocket's socket options could not be set");
+    }
     let out = FrameQueue::new(OUTBOUND_QUEUE);
     let (shutdown, stop) = watch::channel(None);
     let id = format!("session/{}", uuid::Uuid::now_v7());
@@ -134,7 +159,16 @@ async fn serve(req: Request, mut io: Upgraded, state: web::Data<TmState>, deps: 
     });
     tracing::info!(%user, session = session.id(), "websocket session opened");
     let client = Client { text: session.link("client"), gone: session.link("client") };
-    Connection { io: parts.io, read, frames: out, stop, drain: deps.drain.clone(), client }.run().await;
+    Some(Connection { io: parts.io, read, frames: out, stop, drain: deps.drain.clone(), client })
+}
+
+/// A session's socket sends each frame at once (no Nagle delay behind the
+/// last one), and finds a peer that vanished without a word (TCP keepalive)
+/// instead of keeping its session forever.
+fn keep_alive(io: &TcpStream) -> std::io::Result<()> {
+    io.set_nodelay(true)?;
+    let probes = TcpKeepalive::new().with_time(KEEPALIVE_IDLE).with_interval(KEEPALIVE_INTERVAL).with_retries(3);
+    SockRef::from(io).set_tcp_keepalive(&probes)
 }
 
 /// The user, whether an admin, the token and the handshake's response, or
@@ -160,6 +194,10 @@ async fn accept(
         })
         .ok_or_else(|| refuse(ApiError::Unauthorized))?;
     let identity = state.platform.auth.verify(&token, &Audience::Api).await.map_err(|e| refuse(ApiError::from(e)))?;
+    // The drain may have begun while the token was checked.
+    if deps.drain.is_draining() {
+        return Err(refuse(ApiError::Unavailable("this node (draining)")));
+    }
     let mut handshake = actix_http::ws::handshake(req.head()).map_err(|e| Response::from(actix_web::Error::from(e)))?;
     Ok((identity.user, identity.role == UserRole::Admin, token, handshake.finish().drop_body()))
 }
