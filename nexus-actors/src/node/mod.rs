@@ -301,6 +301,8 @@ pub struct RunningNode {
     server: actix_web::dev::ServerHandle,
     served: actix_rt::task::JoinHandle<std::io::Result<()>>,
     drain: Drain,
+    /// WebSocket sessions open, waited for (their close frames) on a stop.
+    sessions: tm_role::session::OpenSessions,
     drain_timeout: Duration,
     panels: Option<PanelManagerHandle>,
     gateway_role: Option<Gateway>,
@@ -375,6 +377,14 @@ impl RunningNode {
 
     /// Stops the HTTP server, letting the requests in flight finish; how it ended.
     async fn stop_http(&mut self) -> Served {
+        // No new connections from here. Sessions run beside the server's
+        // connections: their close frames (sent when the drain began) go
+        // out before its workers stop.
+        self.server.pause().await;
+        let closed = tokio::time::timeout(tm_role::session::CLOSE_GRACE, self.sessions.closed()).await;
+        if closed.is_err() {
+            tracing::warn!(open = self.sessions.count(), "sessions still closing when the HTTP server stops");
+        }
         self.server.stop(true).await;
         (&mut self.served).await
     }
@@ -519,6 +529,7 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
     let pm_api = panels.clone().map(|handle| (handle, platform.panels.clone()));
     let auth = platform.auth.clone();
     let origins = OriginPolicy::for_listener(config.http, config.allowed_origins.clone());
+    let open_sessions = sessions.open();
     let upgrades = tm.clone().map(|state| tm_role::session::upgrades(state, sessions));
     let options = ServerOptions { workers: 2, keep_alive: HTTP_KEEP_ALIVE, shutdown_timeout: config.drain_timeout };
     let app = move || {
@@ -548,6 +559,7 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
         server: handle,
         served,
         drain,
+        sessions: open_sessions,
         drain_timeout: config.drain_timeout,
         panels,
         gateway_role: gateway,

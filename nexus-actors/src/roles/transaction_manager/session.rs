@@ -44,8 +44,8 @@ use std::time::Duration;
 use actix::{ActorContext, AsyncContext};
 use actix_web::web;
 use bytestring::ByteString;
-use tokio::sync::watch;
 
+pub use self::connection::CLOSE_GRACE;
 use self::contexts::FollowedContexts;
 pub use self::contexts::MAX_FOLLOWED_CONTEXTS;
 use self::frames::{ChangeFrames, EncodedChange};
@@ -53,7 +53,8 @@ use self::outbound::{FrameQueue, Refused};
 pub use self::presence::{CursorMoved, PresenceChanged, MAX_PRESENT};
 use self::socket::Closing;
 pub use self::socket::{
-    not_upgraded, upgrades, SessionDeps, CLOSE_SERVICE_RESTART, CLOSE_TOKEN_ENDED, CLOSE_TOO_SLOW, OUTBOUND_QUEUE,
+    not_upgraded, upgrades, OpenSessions, SessionDeps, CLOSE_SERVICE_RESTART, CLOSE_TOKEN_ENDED, CLOSE_TOO_SLOW,
+    OUTBOUND_QUEUE,
 };
 use self::sync::{Fetched, SyncError};
 use super::api::documents::DocumentChanged;
@@ -163,9 +164,6 @@ pub struct Session {
     out: FrameQueue,
     /// The node's shared change frames.
     frames: ChangeFrames,
-    /// Tells the connection's reader and writer to let go of the socket,
-    /// and how to close it.
-    shutdown: watch::Sender<Option<Closing>>,
     too_slow: prometheus::IntCounter,
     /// Followed documents, at most [`MAX_FOLLOWED`].
     docs: HashMap<String, Followed>,
@@ -185,6 +183,16 @@ fn doc_topic(doc: &str) -> Topic {
     Topic::Shard(channels::document(doc))
 }
 
+impl Drop for Session {
+    /// A session that stops without letting go (it failed, and its
+    /// supervisor restarts it with nothing followed) ends its socket: the
+    /// client reconnects and follows again, instead of waiting on changes
+    /// that would never come.
+    fn drop(&mut self) {
+        self.out.close(Closing::INTERNAL);
+    }
+}
+
 impl Session {
     fn send(&mut self, frame: &ServerFrame, ctx: &mut Ctx<Self>) {
         self.send_encoded(ByteString::from(frame.encode()), ctx);
@@ -195,7 +203,7 @@ impl Session {
         // A closed queue is a session that let go or a connection that is
         // gone (the reader tells the session): nothing to count.
         if let Err(Refused::Full) = self.out.push(frame) {
-            if self.shutdown.borrow().is_none() {
+            if !self.out.is_closed() {
                 self.too_slow.inc();
                 tracing::warn!(user = %self.user, "nexus_sessions_too_slow_total: outbound queue full; disconnecting");
                 self.leave(Closing::TOO_SLOW, ctx);
@@ -218,10 +226,10 @@ impl Session {
             let topic = Topic::Channel(panels_channel(&self.user));
             let _ = self.bus.unsubscribe.tell(Unsubscribe { topic, subscriber: me.id().to_owned() });
         }
-        let _ = self.shutdown.send(Some(closing));
-        // A client that does not read may never take them: they go now, and
-        // frames sent after this (the rest of a catch-up) are not queued.
-        self.out.close();
+        // Frames waiting go now (a client that does not read may never take
+        // them), and those sent after this (the rest of a catch-up) are not
+        // queued.
+        self.out.close(closing);
         ctx.stop();
     }
 

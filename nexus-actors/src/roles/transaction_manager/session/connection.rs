@@ -17,11 +17,10 @@ use bytes::{Buf, BytesMut};
 use futures::future::{Fuse, FusedFuture, FutureExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::watch;
 use tokio::time::{sleep_until, Instant};
 
 use super::outbound::FrameQueue;
-use super::socket::Closing;
+use super::socket::{Closing, OpenSession};
 use super::{ClientText, Disconnected};
 use crate::kernel::{AskError, Link};
 use crate::platform::drain::Drain;
@@ -45,7 +44,10 @@ const MAX_FRAME_HEADER: usize = 14;
 const MAX_CLOSE_REASON: usize = 123;
 /// How long the close frame has to go out and the client to close in turn;
 /// a client that reads nothing (one too slow) is dropped after it.
-const CLOSE_GRACE: Duration = Duration::from_secs(5);
+pub const CLOSE_GRACE: Duration = Duration::from_secs(5);
+/// Of that, how long the client has to close in turn once the close frame
+/// is out.
+const CLOSE_LINGER: Duration = Duration::from_secs(1);
 /// What the session is told for a binary frame: it answers with an error.
 const BINARY: &str = "{\"type\":\"binary frames are not supported\"}";
 
@@ -61,13 +63,13 @@ pub(super) struct Connection {
     /// What was read past the upgrade's request, not yet decoded.
     pub(super) read: BytesMut,
     /// The session's frames (a full queue is a client too slow, which the
-    /// session handles).
+    /// session handles), and how to close once it lets go.
     pub(super) frames: FrameQueue,
-    /// Set by the session when it lets go, with how to close.
-    pub(super) stop: watch::Receiver<Option<Closing>>,
     /// Open sessions close with 1012 when the node drains.
     pub(super) drain: Drain,
     pub(super) client: Client,
+    /// Counts it among the node's open sessions while it runs.
+    pub(super) open: OpenSession,
 }
 
 /// How the socket ends.
@@ -114,7 +116,7 @@ struct Leaving {
 
 impl Drop for Leaving {
     fn drop(&mut self) {
-        self.frames.close();
+        self.frames.disconnect();
         let _ = self.gone.tell(Disconnected);
     }
 }
@@ -123,7 +125,7 @@ impl Connection {
     /// Serves the socket until the client or the session lets go, or the
     /// node drains.
     pub(super) async fn run(self) {
-        let Connection { io, mut read, frames, mut stop, drain, client } = self;
+        let Connection { io, mut read, frames, drain, client, open } = self;
         let leaving = Leaving { frames: frames.clone(), gone: client.gone };
         let mut codec = Codec::new().max_size(MAX_FRAME);
         // Encoded frames not yet written.
@@ -187,6 +189,9 @@ impl Connection {
             if read.is_empty() {
                 read = BytesMut::new();
             }
+            if let Some(closing) = frames.closing() {
+                break Ending::close(closing);
+            }
             while out.len() < CHUNK {
                 let Some(text) = frames.pop() else { break };
                 encode(&mut codec, Message::Text(text), &mut out);
@@ -203,12 +208,13 @@ impl Connection {
             }
             tokio::select! {
                 biased;
-                // A sender dropped without a word is a session that stopped.
-                _ = stop.changed() => break Ending::close(stop.borrow().unwrap_or(Closing::NORMAL)),
+                // Frames, or the session letting go, even while `out` is
+                // full (a client too slow is closed then).
+                () = frames.ready() => {}
                 () = &mut draining => break Ending::close(Closing::RESTART),
                 taken = &mut asking, if !asking.is_terminated() => match taken {
                     Ok(()) => {}
-                    // A session that stopped has said how (`stop`, above).
+                    // A session that stopped has said how (`frames`, above).
                     Err(AskError::Closed(_)) => break Ending::close(Closing::NORMAL),
                     Err(_) => break Ending::close(Closing::INTERNAL),
                 },
@@ -217,7 +223,6 @@ impl Connection {
                         break Ending::Gone;
                     }
                 }
-                () = frames.ready(), if out.len() < CHUNK => {}
                 () = sleep_until(partial_since.unwrap_or_else(Instant::now) + FRAME_DEADLINE), if partial_since.is_some() => {
                     break Ending::refused(CloseCode::Policy, "a frame that did not arrive in time".into())
                 }
@@ -243,23 +248,30 @@ impl Connection {
                 tracing::debug!("a websocket client did not take its close frame in time; dropped");
             }
         }
+        drop(open);
     }
 }
 
 /// Writes the rest of `out` (a close frame last), ends the write side and
-/// reads what the client still sends until it closes too: a byte left
-/// unread would turn the close into a reset, which may lose the frame.
+/// reads what the client still sends until it closes too (for at most
+/// [`CLOSE_LINGER`]): a byte left unread would turn the close into a reset,
+/// which may lose the frame.
 async fn close(mut io: TcpStream, out: BytesMut) {
-    let closed = async {
+    if let Err(error) = async {
         io.write_all(&out).await?;
-        io.shutdown().await?;
+        io.shutdown().await
+    }
+    .await
+    {
+        tracing::debug!(%error, "a websocket's close frame could not be sent");
+        return;
+    }
+    let linger = async {
         let mut rest = vec![0u8; READ_SIZE];
         while io.read(&mut rest).await? > 0 {}
         Ok::<_, std::io::Error>(())
     };
-    if let Err(error) = closed.await {
-        tracing::debug!(%error, "a websocket ended without a clean close");
-    }
+    let _ = tokio::time::timeout(CLOSE_LINGER, linger).await;
 }
 
 fn encode(codec: &mut Codec, message: Message, out: &mut BytesMut) {

@@ -1,12 +1,15 @@
-//! The frames a session has for its client, on their way out: a bounded
-//! queue the session pushes to and the connection's task takes from
-//! ([`super::connection`]). It decides nothing about documents.
+//! The frames a session has for its client, on their way out, and how the
+//! socket is to close: a bounded queue the session pushes to and the
+//! connection's task takes from ([`super::connection`]). It decides
+//! nothing about documents.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytestring::ByteString;
 use tokio::sync::Notify;
+
+use super::socket::Closing;
 
 /// Frames kept in a queue's buffer when it runs empty; past that its
 /// memory goes back (a queue that once held many keeps none idle).
@@ -30,6 +33,8 @@ struct Waiting {
     frames: VecDeque<ByteString>,
     /// The session let go, or the connection is gone.
     closed: bool,
+    /// How the session let go, for the connection to close with.
+    closing: Option<Closing>,
 }
 
 /// Why a frame was not queued.
@@ -66,15 +71,39 @@ impl FrameQueue {
         Ok(())
     }
 
-    /// Drops every frame waiting and refuses those to come: the session
-    /// let go, or the connection is gone.
-    pub(crate) fn close(&self) {
+    /// The session lets go: the socket closes with `closing`, every frame
+    /// waiting is dropped and those to come are refused. Only the first
+    /// word counts.
+    pub(crate) fn close(&self, closing: Closing) {
+        let mut waiting = self.lock();
+        if !waiting.closed {
+            waiting.closing = Some(closing);
+        }
+        waiting.closed = true;
+        waiting.frames = VecDeque::new();
+        drop(waiting);
+        self.0.ready.notify_one();
+    }
+
+    /// The connection is gone: frames are refused from now on.
+    pub(super) fn disconnect(&self) {
         let mut waiting = self.lock();
         waiting.closed = true;
         waiting.frames = VecDeque::new();
     }
 
-    /// Resolves once a frame is pushed (perhaps one already taken).
+    /// Whether the session let go or the connection is gone.
+    pub(crate) fn is_closed(&self) -> bool {
+        self.lock().closed
+    }
+
+    /// How the session let go, once it has.
+    pub(super) fn closing(&self) -> Option<Closing> {
+        self.lock().closing
+    }
+
+    /// Resolves once a frame is pushed (perhaps one already taken) or the
+    /// session lets go.
     pub(super) fn ready(&self) -> impl std::future::Future<Output = ()> + '_ {
         self.0.ready.notified()
     }
@@ -92,7 +121,7 @@ impl FrameQueue {
 
 #[cfg(test)]
 mod tests {
-    use super::{FrameQueue, Refused};
+    use super::{Closing, FrameQueue, Refused};
 
     #[test]
     fn a_queue_is_bounded_and_emptied_and_closed_when_the_session_lets_go() {
@@ -102,9 +131,14 @@ mod tests {
         }
         assert_eq!(queue.push("3".into()), Err(Refused::Full));
         assert_eq!(queue.pop().as_deref(), Some("0"), "in order");
-        queue.close();
+        queue.close(Closing::TOO_SLOW);
         assert_eq!(queue.pop(), None, "nothing is kept for a client that does not read");
         assert_eq!(queue.push("after".into()), Err(Refused::Closed), "nor queued after it let go");
+        queue.close(Closing::NORMAL);
+        assert_eq!(queue.closing(), Some(Closing::TOO_SLOW), "the first word counts");
+        let gone = FrameQueue::new(1);
+        gone.disconnect();
+        assert_eq!((gone.push("x".into()), gone.closing()), (Err(Refused::Closed), None));
         let big = FrameQueue::new(1024);
         for i in 0..1024 {
             big.push(format!("{i}").into()).unwrap();

@@ -5,6 +5,7 @@
 //! anything about documents; the session does.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,7 +16,7 @@ use bytes::BytesMut;
 use futures::SinkExt;
 use socket2::{SockRef, TcpKeepalive};
 use tokio::net::TcpStream;
-use tokio::sync::watch;
+use tokio::sync::Notify;
 use tracing::Instrument;
 
 use super::connection::{Client, Connection};
@@ -79,12 +80,65 @@ pub struct SessionDeps {
     frames: ChangeFrames,
     /// The node's drain: no new sessions then, and open ones close with 1012.
     drain: Drain,
+    /// The sessions open on the node.
+    open: OpenSessions,
 }
 
 impl SessionDeps {
     /// Sessions of `kernel` over `bridge`, until `drain`.
     pub fn new(kernel: Kernel, bridge: RedisBus, drain: Drain) -> Self {
-        SessionDeps { kernel, bridge, frames: ChangeFrames::default(), drain }
+        SessionDeps { kernel, bridge, frames: ChangeFrames::default(), drain, open: OpenSessions::default() }
+    }
+
+    /// The sessions open on the node, for a drain to wait on.
+    pub fn open(&self) -> OpenSessions {
+        self.open.clone()
+    }
+}
+
+/// How many sessions a node has open. A session's task runs beside the HTTP
+/// server's connections, not as one of them, so a drain waits here for
+/// their close frames to go out before the server stops.
+#[derive(Clone, Default)]
+pub struct OpenSessions(Arc<Open>);
+
+#[derive(Default)]
+struct Open {
+    count: AtomicUsize,
+    none: Notify,
+}
+
+impl OpenSessions {
+    fn enter(&self) -> OpenSession {
+        self.0.count.fetch_add(1, Ordering::AcqRel);
+        OpenSession(self.0.clone())
+    }
+
+    /// Sessions open now.
+    pub fn count(&self) -> usize {
+        self.0.count.load(Ordering::Acquire)
+    }
+
+    /// Resolves once no session is open.
+    pub async fn closed(&self) {
+        loop {
+            let none = self.0.none.notified();
+            if self.count() == 0 {
+                return;
+            }
+            none.await;
+        }
+    }
+}
+
+/// One open session, counted until dropped.
+pub(super) struct OpenSession(Arc<Open>);
+
+impl Drop for OpenSession {
+    fn drop(&mut self) {
+        if self.0.count.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.none.notify_waiters();
+        }
     }
 }
 
@@ -94,12 +148,12 @@ pub fn upgrades(state: web::Data<TmState>, deps: SessionDeps) -> Upgrades {
     Arc::new(move |req, io| Box::pin(serve(req, io, state.clone(), deps.clone())))
 }
 
-/// Answers the upgrade and serves the session it opens until it ends.
+/// Answers the upgrade, and starts the session it opens on a task of its
+/// own: the HTTP connection's task (actix-http's dispatcher, 2.5 KiB) and
+/// what answering took (the request, the token's check) end here.
 async fn serve(req: Request, io: Upgraded, state: web::Data<TmState>, deps: SessionDeps) {
-    // Boxed: what answering takes (the token's check, the request) is freed
-    // once answered, not kept in the session's task for its life.
-    if let Some(connection) = Box::pin(open(req, io, state, deps)).await {
-        connection.run().await;
+    if let Some(connection) = open(req, io, state, deps).await {
+        actix_rt::spawn(connection.run());
     }
 }
 
@@ -131,7 +185,6 @@ async fn open(req: Request, mut io: Upgraded, state: web::Data<TmState>, deps: S
         tracing::debug!(%error, "a websocket's socket options could not be set");
     }
     let out = FrameQueue::new(OUTBOUND_QUEUE);
-    let (shutdown, stop) = watch::channel(None);
     let id = format!("session/{}", uuid::Uuid::now_v7());
     let bus = BridgeLinks {
         subscribe: deps.bridge.link("session"),
@@ -148,7 +201,6 @@ async fn open(req: Request, mut io: Upgraded, state: web::Data<TmState>, deps: S
         bus: bus.clone(),
         out: queue.clone(),
         frames: frames.clone(),
-        shutdown: shutdown.clone(),
         too_slow: too_slow.clone(),
         docs: HashMap::new(),
         follows: 0,
@@ -159,7 +211,8 @@ async fn open(req: Request, mut io: Upgraded, state: web::Data<TmState>, deps: S
     });
     tracing::info!(%user, session = session.id(), "websocket session opened");
     let client = Client { text: session.link("client"), gone: session.link("client") };
-    Some(Connection { io: parts.io, read, frames: out, stop, drain: deps.drain.clone(), client })
+    let counted = deps.open.enter();
+    Some(Connection { io: parts.io, read, frames: out, drain: deps.drain.clone(), client, open: counted })
 }
 
 /// A session's socket sends each frame at once (no Nagle delay behind the
