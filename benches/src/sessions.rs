@@ -130,9 +130,22 @@ struct NodeProcess {
     port: u16,
 }
 
+/// This binary, or, with `NEXUS_BENCH_NODE_WRAPPER` set (e.g. `heaptrack -o
+/// /tmp/node`), this binary run by that command: how the profiles in
+/// `benches/profiles/` look inside a node.
+fn node_command() -> Command {
+    let own = std::env::current_exe().expect("own path");
+    let wrapper = std::env::var("NEXUS_BENCH_NODE_WRAPPER").unwrap_or_default();
+    let mut words = wrapper.split_whitespace();
+    let Some(program) = words.next() else { return Command::new(own) };
+    let mut command = Command::new(program);
+    command.args(words).arg(own);
+    command
+}
+
 fn start_node(redis_url: &str, brokers: &str, key_file: &Path) -> NodeProcess {
     let port = free_port().expect("port");
-    let child = Command::new(std::env::current_exe().expect("own path"))
+    let child = node_command()
         .args(["serve-node", redis_url, brokers, &port.to_string()])
         .arg(key_file)
         .env("RUST_LOG", "warn")
