@@ -381,7 +381,9 @@ impl RunningNode {
         // connections: their close frames (sent when the drain began) go
         // out before its workers stop.
         self.server.pause().await;
-        let closed = tokio::time::timeout(tm_role::session::CLOSE_GRACE, self.sessions.closed()).await;
+        // A second past the sessions' own close deadline, which ends them.
+        let wait = tm_role::session::CLOSE_GRACE + Duration::from_secs(1);
+        let closed = tokio::time::timeout(wait, self.sessions.closed()).await;
         if closed.is_err() {
             tracing::warn!(open = self.sessions.count(), "sessions still closing when the HTTP server stops");
         }

@@ -190,3 +190,47 @@ async fn a_frame_begun_and_never_finished_closes_the_socket_in_time() {
     assert_eq!(code, Some(1008));
     assert!(started.elapsed() >= Duration::from_secs(15), "closed before its deadline: {:?}", started.elapsed());
 }
+
+#[actix_rt::test]
+async fn a_catch_up_larger_than_one_write_arrives_whole_on_a_quiet_document() {
+    let world = World::new("ws-burst").await;
+    let node = world.node().await;
+    let ada = node.login("ada").await;
+    let id = new_doc(&ada, json!({})).await;
+    // 60 changes of about 1 KiB each: the catch-up queues them all in one
+    // turn of the session, far more than one write takes.
+    let filler = "x".repeat(1000);
+    for n in 1..=60u64 {
+        patch(&ada, &id, n, json!({"n": n, "filler": format!("{n}{filler}")})).await;
+    }
+    let mut ws = connect(&node, &ada).await;
+    send(&mut ws, json!({"type": "subscribe", "doc": id, "version": 1})).await;
+    // Nothing else happens on the document or the socket from here.
+    for expected in 2..=61u64 {
+        let change = next(&mut ws).await;
+        assert_eq!((change["type"].as_str(), change["version"].as_u64()), (Some("change"), Some(expected)));
+    }
+}
+
+#[actix_rt::test]
+async fn a_node_takes_no_more_sessions_than_its_limit_and_takes_one_again_when_one_leaves() {
+    let world = World::new("ws-limit").await;
+    let node = world.node_with_max_sessions(2).await;
+    let ada = node.login("ada").await;
+    let first = connect(&node, &ada).await;
+    let _second = connect(&node, &ada).await;
+    let url = format!("ws://{}/ws?token={}", node.addr, ada.token());
+    match tokio_tungstenite::connect_async(&url).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => assert_eq!(resp.status(), 503),
+        other => panic!("expected 503 past the limit, got {:?}", other.map(|(_, r)| r.status())),
+    }
+    drop(first);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match tokio_tungstenite::connect_async(&url).await {
+            Ok(_) => break,
+            Err(_) if std::time::Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(100)).await,
+            Err(error) => panic!("no session after one left: {error}"),
+        }
+    }
+}

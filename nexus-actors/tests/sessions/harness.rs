@@ -97,6 +97,15 @@ impl World {
     }
 
     pub(crate) async fn node_with(&self, ui: UiConfig) -> Node {
+        self.node_built(ui, tm::session::MAX_SESSIONS).await
+    }
+
+    /// A node that holds at most `max` sessions at once.
+    pub(crate) async fn node_with_max_sessions(&self, max: usize) -> Node {
+        self.node_built(UiConfig::default(), max).await
+    }
+
+    async fn node_built(&self, ui: UiConfig, max_sessions: usize) -> Node {
         let url = self.brokers.redis_url();
         let kernel = Kernel::new("tm");
         let arbiter = Arbiter::new();
@@ -110,7 +119,7 @@ impl World {
             state.documents = tm::Documents::new(Redis::connect_cluster(&cluster).await.unwrap());
         }
         let state = web::Data::new(state);
-        let deps = SessionDeps::new(kernel.clone(), bridge, Default::default());
+        let deps = SessionDeps::new(kernel.clone(), bridge, Default::default()).with_max_sessions(max_sessions);
         let s = state.clone();
         let options =
             ServerOptions { workers: 1, keep_alive: Duration::from_secs(5), shutdown_timeout: Duration::from_secs(1) };

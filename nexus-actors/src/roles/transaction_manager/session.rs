@@ -54,7 +54,7 @@ pub use self::presence::{CursorMoved, PresenceChanged, MAX_PRESENT};
 use self::socket::Closing;
 pub use self::socket::{
     not_upgraded, upgrades, OpenSessions, SessionDeps, CLOSE_SERVICE_RESTART, CLOSE_TOKEN_ENDED, CLOSE_TOO_SLOW,
-    OUTBOUND_QUEUE,
+    MAX_SESSIONS, OUTBOUND_QUEUE,
 };
 use self::sync::{Fetched, SyncError};
 use super::api::documents::DocumentChanged;
@@ -203,11 +203,9 @@ impl Session {
         // A closed queue is a session that let go or a connection that is
         // gone (the reader tells the session): nothing to count.
         if let Err(Refused::Full) = self.out.push(frame) {
-            if !self.out.is_closed() {
-                self.too_slow.inc();
-                tracing::warn!(user = %self.user, "nexus_sessions_too_slow_total: outbound queue full; disconnecting");
-                self.leave(Closing::TOO_SLOW, ctx);
-            }
+            self.too_slow.inc();
+            tracing::warn!(user = %self.user, "nexus_sessions_too_slow_total: outbound queue full; disconnecting");
+            self.leave(Closing::TOO_SLOW, ctx);
         }
     }
 
@@ -443,6 +441,12 @@ impl Behaviour for Session {
     const MAILBOX: usize = 256;
 
     fn started(&mut self, me: &ActorRef<Self>, ctx: &mut Ctx<Self>) {
+        // Restarted after a failure (whose drop closed the socket), or its
+        // connection already gone: nothing to serve.
+        if self.out.is_closed() {
+            ctx.stop();
+            return;
+        }
         self.me = Some(me.clone());
         self.send(&ServerFrame::Welcome { session: me.id().to_owned(), user: self.user.clone() }, ctx);
         // Presence entries of a session whose node dies expire; a live one

@@ -192,18 +192,26 @@ impl Connection {
             if let Some(closing) = frames.closing() {
                 break Ending::close(closing);
             }
-            while out.len() < CHUNK {
-                let Some(text) = frames.pop() else { break };
-                encode(&mut codec, Message::Text(text), &mut out);
-            }
-            if !out.is_empty() {
-                match io.try_write(&out) {
-                    Ok(written) => out.advance(written),
-                    Err(error) if error.kind() == ErrorKind::WouldBlock => {}
-                    Err(_) => break Ending::Gone,
+            // Write until the queue is empty or the socket full: frames
+            // pushed in one burst wake this task once, so none may be left
+            // behind waiting for a wakeup that will not come.
+            loop {
+                while out.len() < CHUNK {
+                    let Some(text) = frames.pop() else { break };
+                    encode(&mut codec, Message::Text(text), &mut out);
                 }
                 if out.is_empty() {
+                    // Nothing waits: no write buffer kept either.
                     out = BytesMut::new();
+                    break;
+                }
+                match io.try_write(&out) {
+                    Ok(written) => out.advance(written),
+                    Err(error) if error.kind() == ErrorKind::WouldBlock => break,
+                    Err(_) => break 'serve Ending::Gone,
+                }
+                if !out.is_empty() {
+                    break;
                 }
             }
             tokio::select! {

@@ -31,6 +31,10 @@ use crate::platform::server::{answer, Upgraded, Upgrades};
 use crate::platform::{ApiError, ErrorBody, UserRole};
 use crate::roles::transaction_manager::api::TmState;
 
+/// Sessions a node holds at once, unless told otherwise: about what
+/// actix-server's connection limit allowed two workers before sessions left
+/// the server's connections. Each is an open file too (README, "Open files").
+pub const MAX_SESSIONS: usize = 50_000;
 /// Frames waiting for a client before it is considered too slow.
 pub const OUTBOUND_QUEUE: usize = 1024;
 /// Close code for a client too slow to read what it asked for.
@@ -85,9 +89,18 @@ pub struct SessionDeps {
 }
 
 impl SessionDeps {
-    /// Sessions of `kernel` over `bridge`, until `drain`.
+    /// Sessions of `kernel` over `bridge`, until `drain`, at most
+    /// [`MAX_SESSIONS`] at once.
     pub fn new(kernel: Kernel, bridge: RedisBus, drain: Drain) -> Self {
-        SessionDeps { kernel, bridge, frames: ChangeFrames::default(), drain, open: OpenSessions::default() }
+        let open = OpenSessions::with_limit(MAX_SESSIONS);
+        SessionDeps { kernel, bridge, frames: ChangeFrames::default(), drain, open }
+    }
+
+    /// At most `limit` sessions at once; past that an upgrade is refused
+    /// with 503 (another node takes it).
+    pub fn with_max_sessions(mut self, limit: usize) -> Self {
+        self.open = OpenSessions::with_limit(limit);
+        self
     }
 
     /// The sessions open on the node, for a drain to wait on.
@@ -96,22 +109,33 @@ impl SessionDeps {
     }
 }
 
-/// How many sessions a node has open. A session's task runs beside the HTTP
-/// server's connections, not as one of them, so a drain waits here for
-/// their close frames to go out before the server stops.
-#[derive(Clone, Default)]
+/// How many sessions a node has open (upgrades being answered included),
+/// and how many it takes. A session's task runs beside the HTTP server's
+/// connections, not as one of them: the server's own connection limit does
+/// not count it, and a drain waits here for the close frames to go out
+/// before the server stops.
+#[derive(Clone)]
 pub struct OpenSessions(Arc<Open>);
 
-#[derive(Default)]
 struct Open {
     count: AtomicUsize,
+    limit: usize,
     none: Notify,
 }
 
 impl OpenSessions {
-    fn enter(&self) -> OpenSession {
-        self.0.count.fetch_add(1, Ordering::AcqRel);
-        OpenSession(self.0.clone())
+    fn with_limit(limit: usize) -> Self {
+        OpenSessions(Arc::new(Open { count: AtomicUsize::new(0), limit, none: Notify::new() }))
+    }
+
+    /// One more session, unless the node has as many as it takes.
+    fn enter(&self) -> Option<OpenSession> {
+        let session = OpenSession(self.0.clone());
+        if self.0.count.fetch_add(1, Ordering::AcqRel) >= self.0.limit {
+            // Dropping it counts it out again.
+            return None;
+        }
+        Some(session)
     }
 
     /// Sessions open now.
@@ -131,7 +155,8 @@ impl OpenSessions {
     }
 }
 
-/// One open session, counted until dropped.
+/// One open session, counted until dropped (the count goes up before it
+/// exists).
 pub(super) struct OpenSession(Arc<Open>);
 
 impl Drop for OpenSession {
@@ -163,6 +188,16 @@ async fn serve(req: Request, io: Upgraded, state: web::Data<TmState>, deps: Sess
 async fn open(req: Request, mut io: Upgraded, state: web::Data<TmState>, deps: SessionDeps) -> Option<Connection> {
     let span =
         tracing::info_span!("http.request", method = %req.method(), path = %req.path(), status = tracing::field::Empty);
+    // Counted from here, so that a drain also waits for one being answered.
+    let Some(counted) = deps.open.enter() else {
+        tracing::warn!(
+            limit = deps.open.0.limit,
+            "websocket upgrade refused: the node has as many sessions as it takes"
+        );
+        span.record("status", 503);
+        answer(io, Response::from(actix_web::Error::from(ApiError::Unavailable("this node (session limit)")))).await;
+        return None;
+    };
     let accepted = accept(&req, &state, &deps).instrument(span.clone()).await;
     let (user, admin, token, handshake) = match accepted {
         Ok(accepted) => accepted,
@@ -211,7 +246,6 @@ async fn open(req: Request, mut io: Upgraded, state: web::Data<TmState>, deps: S
     });
     tracing::info!(%user, session = session.id(), "websocket session opened");
     let client = Client { text: session.link("client"), gone: session.link("client") };
-    let counted = deps.open.enter();
     Some(Connection { io: parts.io, read, frames: out, drain: deps.drain.clone(), client, open: counted })
 }
 
