@@ -115,6 +115,8 @@ ensure_sockudo() {
   if ! "$root/bin/sockudo" --version 2>/dev/null | grep -q "$SOCKUDO_VERSION"; then
     echo "installing sockudo $SOCKUDO_VERSION into $root (about 15 minutes on 2 cores, once)"
     command -v protoc >/dev/null || apt_install protobuf-compiler
+    # Its metrics exporter's build imports protobuf's well-known types.
+    [ -f /usr/include/google/protobuf/timestamp.proto ] || apt_install libprotobuf-dev
     cargo install sockudo --version "$SOCKUDO_VERSION" --locked --no-default-features --features local --root "$root"
   fi
 }
