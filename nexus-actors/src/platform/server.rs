@@ -154,15 +154,23 @@ pub async fn answer(mut io: Upgraded, res: Response<BoxBody>) {
         tracing::debug!(%error, "an upgrade's refusal could not be sent");
         return;
     }
-    // What the client sent after its request (early frames) is read and
-    // dropped for a moment: closing on unread bytes would reset the
-    // connection, and the client might lose the answer.
-    let mut socket = io.into_parts().io;
-    let linger = async {
+    // What the client sent after its request (early frames) must not be
+    // left unread.
+    linger(&mut io.into_parts().io, LINGER).await;
+}
+
+/// Ends the write side of `socket` and reads what the peer still sends
+/// until it closes too, for at most `within`: closing on unread bytes
+/// would reset the connection, and the peer might lose what was last
+/// written to it.
+pub async fn linger(socket: &mut TcpStream, within: Duration) {
+    let drained = async {
         socket.shutdown().await?;
         let mut rest = vec![0u8; 4096];
         while socket.read(&mut rest).await? > 0 {}
         Ok::<_, std::io::Error>(())
     };
-    let _ = tokio::time::timeout(LINGER, linger).await;
+    if let Ok(Err(error)) = tokio::time::timeout(within, drained).await {
+        tracing::debug!(%error, "a connection ended without a clean close");
+    }
 }

@@ -44,8 +44,13 @@ async fn write_raw(ws: &mut Ws, bytes: &[u8]) {
 
 /// The close code the server ends with, skipping what comes before it.
 async fn close_code(ws: &mut Ws) -> Option<u16> {
+    close_code_within(ws, Duration::from_secs(10)).await
+}
+
+/// The close code the server ends with, which must come within `limit`.
+async fn close_code_within(ws: &mut Ws, limit: Duration) -> Option<u16> {
     loop {
-        match tokio::time::timeout(Duration::from_secs(10), ws.next()).await.expect("no close within 10 s") {
+        match tokio::time::timeout(limit, ws.next()).await.unwrap_or_else(|_| panic!("no close within {limit:?}")) {
             Some(Ok(Message::Close(frame))) => return frame.map(|f| u16::from(f.code)),
             Some(Ok(_)) => continue,
             other => panic!("expected a close frame, got {other:?}"),
@@ -180,14 +185,7 @@ async fn a_frame_begun_and_never_finished_closes_the_socket_in_time() {
     // ten bytes of it, then silence.
     write_raw(&mut ws, &raw_frame(0x1, true, 60 * 1024, b"{\"type\":\"x")).await;
     let started = std::time::Instant::now();
-    let code = loop {
-        match tokio::time::timeout(Duration::from_secs(40), ws.next()).await.expect("still open after 40 s") {
-            Some(Ok(Message::Close(frame))) => break frame.map(|f| u16::from(f.code)),
-            Some(Ok(_)) => continue,
-            other => panic!("expected a close frame, got {other:?}"),
-        }
-    };
-    assert_eq!(code, Some(1008));
+    assert_eq!(close_code_within(&mut ws, Duration::from_secs(40)).await, Some(1008));
     assert!(started.elapsed() >= Duration::from_secs(15), "closed before its deadline: {:?}", started.elapsed());
 }
 

@@ -15,7 +15,7 @@ use actix_codec::{Decoder, Encoder};
 use actix_http::ws::{CloseCode, CloseReason, Codec, Frame, Message, ProtocolError};
 use bytes::{Buf, BytesMut};
 use futures::future::{Fuse, FusedFuture, FutureExt};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::time::{sleep_until, Instant};
 
@@ -24,6 +24,7 @@ use super::socket::{Closing, OpenSession};
 use super::{ClientText, Disconnected};
 use crate::kernel::{AskError, Link};
 use crate::platform::drain::Drain;
+use crate::platform::server::linger;
 use crate::roles::transaction_manager::protocol::MAX_FRAME;
 
 /// Bytes of frames gathered for one write, at most about: a long queue goes
@@ -260,26 +261,14 @@ impl Connection {
     }
 }
 
-/// Writes the rest of `out` (a close frame last), ends the write side and
-/// reads what the client still sends until it closes too (for at most
-/// [`CLOSE_LINGER`]): a byte left unread would turn the close into a reset,
-/// which may lose the frame.
+/// Writes the rest of `out` (a close frame last), then lingers for the
+/// client's own close.
 async fn close(mut io: TcpStream, out: BytesMut) {
-    if let Err(error) = async {
-        io.write_all(&out).await?;
-        io.shutdown().await
-    }
-    .await
-    {
+    if let Err(error) = io.write_all(&out).await {
         tracing::debug!(%error, "a websocket's close frame could not be sent");
         return;
     }
-    let linger = async {
-        let mut rest = vec![0u8; READ_SIZE];
-        while io.read(&mut rest).await? > 0 {}
-        Ok::<_, std::io::Error>(())
-    };
-    let _ = tokio::time::timeout(CLOSE_LINGER, linger).await;
+    linger(&mut io, CLOSE_LINGER).await;
 }
 
 fn encode(codec: &mut Codec, message: Message, out: &mut BytesMut) {

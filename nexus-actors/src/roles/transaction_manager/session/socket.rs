@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use actix_http::body::{BodySize, BoxBody};
+use actix_http::body::BodySize;
 use actix_http::{Method, Request, Response, StatusCode};
 use actix_web::{web, HttpResponse};
 use bytes::BytesMut;
@@ -188,25 +188,16 @@ async fn serve(req: Request, io: Upgraded, state: web::Data<TmState>, deps: Sess
 async fn open(req: Request, mut io: Upgraded, state: web::Data<TmState>, deps: SessionDeps) -> Option<Connection> {
     let span =
         tracing::info_span!("http.request", method = %req.method(), path = %req.path(), status = tracing::field::Empty);
-    // Counted from here, so that a drain also waits for one being answered.
-    let Some(counted) = deps.open.enter() else {
-        tracing::warn!(
-            limit = deps.open.0.limit,
-            "websocket upgrade refused: the node has as many sessions as it takes"
-        );
-        span.record("status", 503);
-        answer(io, Response::from(actix_web::Error::from(ApiError::Unavailable("this node (session limit)")))).await;
-        return None;
-    };
-    let accepted = accept(&req, &state, &deps).instrument(span.clone()).await;
-    let (user, admin, token, handshake) = match accepted {
-        Ok(accepted) => accepted,
-        Err(refusal) => {
-            span.record("status", refusal.status().as_u16());
-            answer(io, refusal).await;
-            return None;
-        }
-    };
+    let Accepted { user, admin, token, handshake, counted } =
+        match accept(&req, &state, &deps).instrument(span.clone()).await {
+            Ok(accepted) => accepted,
+            Err(error) => {
+                let refusal = Response::from(error);
+                span.record("status", refusal.status().as_u16());
+                answer(io, refusal).await;
+                return None;
+            }
+        };
     span.record("status", handshake.status().as_u16());
     if let Err(error) = io.send((handshake, BodySize::None).into()).await {
         tracing::debug!(%error, "the websocket handshake could not be sent");
@@ -258,19 +249,33 @@ fn keep_alive(io: &TcpStream) -> std::io::Result<()> {
     SockRef::from(io).set_tcp_keepalive(&probes)
 }
 
-/// The user, whether an admin, the token and the handshake's response, or
-/// the response refusing the upgrade.
-async fn accept(
-    req: &Request,
-    state: &TmState,
-    deps: &SessionDeps,
-) -> Result<(String, bool, String, Response<()>), Response<BoxBody>> {
-    let refuse = |error: ApiError| Response::from(actix_web::Error::from(error));
+/// An upgrade that passed every check, not answered yet.
+struct Accepted {
+    user: String,
+    admin: bool,
+    token: String,
+    /// The handshake's response.
+    handshake: Response<()>,
+    /// The session, counted from its first step, so that a drain also
+    /// waits for one being answered.
+    counted: OpenSession,
+}
+
+/// Checks an upgrade before anything is done for it: the node's room for
+/// one more session, the route, the drain, the token.
+async fn accept(req: &Request, state: &TmState, deps: &SessionDeps) -> Result<Accepted, actix_web::Error> {
+    let Some(counted) = deps.open.enter() else {
+        tracing::warn!(
+            limit = deps.open.0.limit,
+            "websocket upgrade refused: the node has as many sessions as it takes"
+        );
+        return Err(ApiError::Unavailable("this node (session limit)").into());
+    };
     if req.path() != "/ws" || req.method() != Method::GET {
-        return Err(refuse(ApiError::NotFound("route")));
+        return Err(ApiError::NotFound("route").into());
     }
     if deps.drain.is_draining() {
-        return Err(refuse(ApiError::Unavailable("this node (draining)")));
+        return Err(ApiError::Unavailable("this node (draining)").into());
     }
     let header = req.head().headers().get(actix_web::http::header::AUTHORIZATION).and_then(|v| v.to_str().ok());
     let token = bearer(header)
@@ -279,14 +284,14 @@ async fn accept(
             let query = web::Query::<HashMap<String, String>>::from_query(req.uri().query().unwrap_or_default());
             query.ok()?.get("token").cloned()
         })
-        .ok_or_else(|| refuse(ApiError::Unauthorized))?;
-    let identity = state.platform.auth.verify(&token, &Audience::Api).await.map_err(|e| refuse(ApiError::from(e)))?;
+        .ok_or(ApiError::Unauthorized)?;
+    let identity = state.platform.auth.verify(&token, &Audience::Api).await.map_err(ApiError::from)?;
     // The drain may have begun while the token was checked.
     if deps.drain.is_draining() {
-        return Err(refuse(ApiError::Unavailable("this node (draining)")));
+        return Err(ApiError::Unavailable("this node (draining)").into());
     }
-    let mut handshake = actix_http::ws::handshake(req.head()).map_err(|e| Response::from(actix_web::Error::from(e)))?;
-    Ok((identity.user, identity.role == UserRole::Admin, token, handshake.finish().drop_body()))
+    let handshake = actix_http::ws::handshake(req.head())?.finish().drop_body();
+    Ok(Accepted { user: identity.user, admin: identity.role == UserRole::Admin, token, handshake, counted })
 }
 
 /// `GET /ws` without `Upgrade: websocket`: the client is told what it lacks.
