@@ -9,12 +9,14 @@
 //!
 //! [`extract`] turns this into actix-web extractors ([`Caller`],
 //! [`Admin`]) and header helpers for hyper. Who may touch what is decided
-//! by the handlers, not here.
+//! by the handlers, not here. A token's signature is checked once per node
+//! ([`verified`]); its expiry, key and user are checked on every use.
 
 pub mod extract;
 pub mod keys;
 pub mod limiter;
 pub mod password;
+mod verified;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -25,11 +27,15 @@ use serde::{Deserialize, Serialize};
 
 pub use self::extract::{Admin, Caller};
 use self::keys::{unix_now, KeyRing};
+use self::verified::Verified;
 use super::accounts::{Accounts, Standing, UserRole};
 use super::store::StoreError;
 
 /// How long a token is valid.
 pub const TOKEN_TTL: Duration = Duration::from_secs(12 * 3600);
+
+/// Seconds a token is still taken past its expiry (clocks differ).
+const LEEWAY: u64 = 5;
 
 /// How long a node trusts what it last read of a user's standing. A
 /// revocation made through another node takes this long to reach it; one
@@ -89,7 +95,7 @@ impl Audience {
 const API_AUDIENCE: &str = "nexus-api";
 const PANEL_AUDIENCE: &str = "nexus-panel:";
 
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 struct Claims {
     sub: String,
     aud: String,
@@ -136,12 +142,13 @@ pub struct Auth {
     keys: KeyRing,
     accounts: Accounts,
     standing: Arc<Mutex<HashMap<String, (Standing, Instant)>>>,
+    verified: Arc<Verified>,
 }
 
 impl Auth {
     /// Tokens under `keys`, checked against `accounts`.
     pub fn new(keys: KeyRing, accounts: Accounts) -> Self {
-        Auth { keys, accounts, standing: Arc::default() }
+        Auth { keys, accounts, standing: Arc::default(), verified: Arc::default() }
     }
 
     /// The accounts tokens are checked against.
@@ -200,19 +207,25 @@ impl Auth {
     /// The claims of a token signed by a key in use, unexpired, for
     /// `audience` (or any audience, left to the caller to check).
     fn decode(&self, token: &str, audience: Option<&Audience>) -> Result<Claims, AuthError> {
+        let now = unix_now();
+        if let Some(claims) = self.keys.with(|set| self.verified.claims(token, audience, set, now)) {
+            return Ok(claims);
+        }
         let kid = jsonwebtoken::decode_header(token).map_err(|_| AuthError::Invalid)?.kid.ok_or(AuthError::Invalid)?;
         let mut validation = Validation::new(Algorithm::HS256);
-        validation.leeway = 5;
+        validation.leeway = LEEWAY;
         match audience {
             Some(audience) => validation.set_audience(&[audience.claim()]),
             None => validation.validate_aud = false,
         }
         validation.set_required_spec_claims(&["exp", "sub", "aud"]);
         self.keys.with(|set| {
-            let key = set.verifying(&kid, unix_now()).ok_or(AuthError::Invalid)?;
-            jsonwebtoken::decode::<Claims>(token, &DecodingKey::from_secret(&key.secret), &validation)
+            let key = set.verifying(&kid, now).ok_or(AuthError::Invalid)?;
+            let claims = jsonwebtoken::decode::<Claims>(token, &DecodingKey::from_secret(&key.secret), &validation)
                 .map(|data| data.claims)
-                .map_err(|_| AuthError::Invalid)
+                .map_err(|_| AuthError::Invalid)?;
+            self.verified.insert(token, &claims, &kid, &key.secret, now);
+            Ok(claims)
         })
     }
 
