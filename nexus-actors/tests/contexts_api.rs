@@ -17,10 +17,10 @@ use nexus_actors::platform::{channels, Redis};
 use nexus_actors::roles::llm_manager::model::EndpointConfig;
 use nexus_actors::semantic::directory::{ContextDirectory, ContextInfo};
 use nexus_actors::semantic::records::{
-    call_id, ContextCreated, ForkPoint, Journaled, LlmResponse, RequestedCall, ThoughtDelta, TurnCompleted,
-    TurnOutcome, Usage, UserMessage, MAX_MESSAGE_BYTES,
+    call_id, ContextCreated, ContextFenced, ForkPoint, Journaled, LlmResponse, RequestedCall, ThoughtDelta,
+    TurnCompleted, TurnOutcome, Usage, UserMessage, MAX_MESSAGE_BYTES,
 };
-use nexus_actors::tools::protocol::{Outcome, ToolFinished};
+use nexus_actors::tools::protocol::{Outcome, ToolCalled, ToolFinished};
 use nexus_testkit::{ApiClient, TestNode};
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -61,14 +61,30 @@ impl World {
 
     /// Appends `data` to `context`'s journal; its offset.
     async fn journal<T: Payload>(&self, context: &str, data: T) -> i64 {
-        let (partition, offset) = self.produce(context, data).await;
+        self.journal_as("test", context, data).await
+    }
+
+    /// Appends `data` to `context`'s journal as the writer `source`; its offset.
+    async fn journal_as<T: Payload>(&self, source: &str, context: &str, data: T) -> i64 {
+        let (partition, offset) = self.produce_as(source, context, data).await;
         self.directory.journaled(context, partition, offset).await.unwrap();
+        offset
+    }
+
+    /// Fences `context` for `writer`, as an LLM manager taking it up does; the fence's offset.
+    async fn fence(&self, writer: &str, context: &str) -> i64 {
+        let (partition, offset) = self.produce_as(writer, context, ContextFenced { writer: writer.into() }).await;
+        self.directory.fenced(context, partition, offset, writer).await.unwrap();
         offset
     }
 
     /// Appends `data` without telling the directory, as streamed text is; its partition and offset.
     async fn produce<T: Payload>(&self, context: &str, data: T) -> (i32, i64) {
-        let payload = Envelope::new("test", data).encode();
+        self.produce_as("test", context, data).await
+    }
+
+    async fn produce_as<T: Payload>(&self, source: &str, context: &str, data: T) -> (i32, i64) {
+        let payload = Envelope::new(source, data).encode();
         let record = FutureRecord::to(SEMANTIC_EVENTS).key(context).payload(&payload);
         let delivery = self.producer.send(record, Duration::from_secs(10)).await.unwrap();
         (delivery.partition, delivery.offset)
@@ -92,11 +108,16 @@ impl World {
 
 /// The first `n` commands keyed by `context` on `semantic.commands`, in order, with their offsets.
 async fn commands(brokers: &str, context: &str, n: usize) -> Vec<(i64, Envelope)> {
+    records(brokers, SEMANTIC_COMMANDS, context, n).await
+}
+
+/// The first `n` records keyed by `context` on `topic`, in order, with their offsets.
+async fn records(brokers: &str, topic: &str, context: &str, n: usize) -> Vec<(i64, Envelope)> {
     let consumer: StreamConsumer =
         KafkaConfig::new(brokers).client().set("group.id", "contexts-api-test").create().unwrap();
     let mut partitions = TopicPartitionList::new();
     for p in 0..KafkaConfig::new(brokers).partitions {
-        partitions.add_partition_offset(SEMANTIC_COMMANDS, p, Offset::Beginning).unwrap();
+        partitions.add_partition_offset(topic, p, Offset::Beginning).unwrap();
     }
     consumer.assign(&partitions).unwrap();
     let mut found = Vec::new();
@@ -258,6 +279,38 @@ async fn contexts_are_created_listed_and_reached_by_their_owner_or_an_admin_only
 }
 
 #[actix_rt::test]
+async fn a_tool_call_names_only_a_context_of_its_caller() {
+    let world = World::start("ctx-tool-calls", with_model).await;
+    let (ada, bob, admin) = (world.node.user("ada").await, world.node.user("bob").await, world.node.admin().await);
+    let context = id(&create(&ada, json!({})).await);
+    let call = |context: &str| json!({"arguments": {}, "context": context});
+    let tool = "/api/tools/list_documents/call";
+    // Someone else's context, or a context id that is no context: as for a missing tool, before any call.
+    for named in [context.clone(), uuid::Uuid::now_v7().to_string()] {
+        let (status, body) = bob.post(tool, call(&named)).await;
+        assert_eq!((status, body["error"].as_str()), (StatusCode::NOT_FOUND, Some("not_found")), "{body}");
+        assert!(body.get("call_id").is_none(), "no call was made: {body}");
+    }
+    let mut made = Vec::new();
+    for (client, named) in [(&ada, context.as_str()), (&admin, context.as_str()), (&bob, "bobs-own-chain")] {
+        let (status, body) = client.post(tool, call(named)).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        made.push(body["call_id"].as_str().unwrap().to_owned());
+    }
+    // The context's journal holds the owner's and the admin's calls, and nothing of bob's.
+    let journal = records(&world.brokers(), SEMANTIC_EVENTS, &context, 4).await;
+    let calls: Vec<(String, String)> = journal
+        .iter()
+        .filter(|(_, e)| e.kind == ToolCalled::TYPE)
+        .map(|(_, e)| {
+            let called: ToolCalled = e.clone().typed().unwrap().data;
+            (called.call.call_id, called.call.caller)
+        })
+        .collect();
+    assert_eq!(calls, [(made[0].clone(), "ada".to_owned()), (made[1].clone(), "admin".to_owned())]);
+}
+
+#[actix_rt::test]
 async fn bad_input_gets_a_clear_4xx() {
     let world = World::start("ctx-input", with_model).await;
     let ada = world.node.user("ada").await;
@@ -285,6 +338,57 @@ async fn bad_input_gets_a_clear_4xx() {
         let (status, _) = ada.get(&format!("/api/contexts/{context}/events?{query}")).await;
         assert_eq!(status, StatusCode::BAD_REQUEST, "{query}");
     }
+}
+
+/// A node paused past its lease (writer a) may get a record onto the
+/// journal after the context's next writer (b) fenced it and answered:
+/// every reader leaves a's late records out, and b's and others' stand.
+#[actix_rt::test]
+async fn records_a_fenced_off_writer_lands_late_are_left_out_by_every_reader() {
+    let world = World::start("ctx-fences", with_model).await;
+    let ada = world.node.user("ada").await;
+    let context = id(&create(&ada, json!({"model": "scripted"})).await);
+    let (a, b) = ("node-a/1", "node-b/2");
+    let recorded = ToolFinished {
+        call_id: "a call of the tools api".into(),
+        tool: "list_documents".into(),
+        outcome: Outcome::Result(json!({"documents": []})),
+        duration_ms: 1,
+    };
+    let o = [
+        world.fence(a, &context).await,
+        world.journal_as(a, &context, created(&context, None)).await,
+        world.journal_as(a, &context, user_message(&context, 1)).await,
+        world.fence(b, &context).await,
+        world.journal_as(b, &context, response(&context, 0, Some("b's answer"), Vec::new())).await,
+        // a, resumed: its answer, written before the pause, lands now.
+        world.journal_as(a, &context, response(&context, 0, Some("a's late answer"), Vec::new())).await,
+        world.journal_as(b, &context, completed(&context, 1, "b's answer")).await,
+        // The tool registry's records name a node, never a writer: they stand.
+        world.journal(&context, recorded).await,
+    ];
+    let (status, page) = ada.get(&format!("/api/contexts/{context}/events")).await;
+    assert_eq!(status, StatusCode::OK, "{page}");
+    let offsets: Vec<i64> = page["records"].as_array().unwrap().iter().map(|r| r["offset"].as_i64().unwrap()).collect();
+    assert_eq!(offsets, [o[0], o[1], o[2], o[3], o[4], o[6], o[7]], "a's late answer is left out: {page:#}");
+    let (_, page) = ada.get(&format!("/api/contexts/{context}/events?from={}", o[5])).await;
+    let offsets: Vec<i64> = page["records"].as_array().unwrap().iter().map(|r| r["offset"].as_i64().unwrap()).collect();
+    assert_eq!(offsets, [o[6], o[7]], "also when reading from the late record on");
+    let (status, transcript) = ada.get(&format!("/api/contexts/{context}/transcript")).await;
+    assert_eq!(status, StatusCode::OK, "{transcript}");
+    let said: Vec<&str> =
+        transcript["messages"].as_array().unwrap().iter().map(|m| m["content"].as_str().unwrap()).collect();
+    assert_eq!(said, ["hi", "b's answer"], "{transcript:#}");
+
+    // a takes the context back: from its new fence on, b is the one fenced off.
+    let back = [
+        world.fence(a, &context).await,
+        world.journal_as(b, &context, user_message(&context, 2)).await,
+        world.journal_as(a, &context, user_message(&context, 3)).await,
+    ];
+    let (_, page) = ada.get(&format!("/api/contexts/{context}/events?from={}", back[0])).await;
+    let offsets: Vec<i64> = page["records"].as_array().unwrap().iter().map(|r| r["offset"].as_i64().unwrap()).collect();
+    assert_eq!(offsets, [back[0], back[2]], "{page:#}");
 }
 
 #[actix_rt::test]

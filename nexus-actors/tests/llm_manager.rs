@@ -186,7 +186,13 @@ async fn a_turns_message_is_journaled_before_its_text_and_a_cancel_ends_a_first_
     assert_eq!(status, 200, "{page}");
     let kinds: Vec<&str> = page["records"].as_array().unwrap().iter().map(|r| r["type"].as_str().unwrap()).collect();
     let text = kinds.iter().position(|k| *k == "nexus.thought.delta").expect("the answer was streamed");
-    assert_eq!(kinds[..text], ["nexus.context.created", "nexus.context.user_message"], "{kinds:?}");
+    let journal_start = ["nexus.context.fenced", "nexus.context.created", "nexus.context.user_message"];
+    assert_eq!(kinds[..text], journal_start, "{kinds:?}");
+    // The context's writer fenced it before anything else: this node's LLM manager, one process of it.
+    let records = page["records"].as_array().unwrap();
+    let writer = records[0]["data"]["writer"].as_str().unwrap();
+    assert!(writer.starts_with("llm-first-step/"), "{writer}");
+    assert!(records.iter().all(|r| r["source"] == writer), "every record is the writer's: {page:#}");
     assert_eq!(kinds[kinds.len() - 2..], ["nexus.llm.response", "nexus.context.turn_completed"], "{kinds:?}");
 
     let hanging = say(&ada, &id, "Wait forever.").await;
@@ -358,9 +364,10 @@ async fn garbage_on_the_command_topic_is_dead_lettered_and_never_blocks_a_partit
 }
 
 /// A node paused past its lease learns at its next renewal that the lease
-/// lapsed (and holds nothing until then), a node started again under its
-/// name drops its dead predecessor's lease instead of waiting for it, and
-/// a lease Redis dropped is reported lapsed whatever the node's clock says.
+/// lapsed (and holds nothing until then, nor after, until it has let go
+/// and re-arms it), a node started again under its name drops its dead
+/// predecessor's lease instead of waiting for it, and a lease Redis dropped
+/// is reported lapsed whatever the node's clock says.
 #[actix_rt::test]
 async fn a_lapsed_lease_is_noticed_and_a_restarted_node_evicts_its_predecessor() {
     let brokers = nexus_testkit::Brokers::redis("llm-lease");
@@ -370,7 +377,11 @@ async fn a_lapsed_lease_is_noticed_and_a_restarted_node_evicts_its_predecessor()
     assert!(!first.held(), "not held before its first renewal");
     let (_, lapsed) = first.renew().await.unwrap();
     assert!(lapsed, "a first renewal comes after no lease");
+    assert!(!first.held(), "a renewal that found no lease arms nothing by itself");
+    first.rearm();
+    assert!(first.held());
     other.renew().await.unwrap();
+    other.rearm();
     let (members, lapsed) = first.renew().await.unwrap();
     assert!(first.held() && !lapsed);
     assert_eq!(members.len(), 2);
@@ -379,6 +390,9 @@ async fn a_lapsed_lease_is_noticed_and_a_restarted_node_evicts_its_predecessor()
     assert!(!first.held(), "unrenewed for TTL - RENEW: no longer held");
     let (_, lapsed) = first.renew().await.unwrap();
     assert!(lapsed, "the renewal after the gap says the lease had lapsed");
+    assert!(!first.held(), "nothing begun under the lapsed lease writes before the node has let go");
+    first.rearm();
+    assert!(first.held(), "re-armed from that renewal");
 
     // node-a killed and started again: a new member under the same name.
     let again = Lease::new(store.clone(), "node-a");
@@ -391,6 +405,7 @@ async fn a_lapsed_lease_is_noticed_and_a_restarted_node_evicts_its_predecessor()
     assert!(first.held());
     let (_, lapsed) = first.renew().await.unwrap();
     assert!(lapsed, "a lease Redis no longer had is reported lapsed");
+    assert!(!first.held());
 }
 
 /// A draining node (a rolling restart's SIGTERM) takes no new commands but

@@ -8,7 +8,9 @@
 //! `nexus:contexts:{owner}`
 //! (sorted set of the owner's context ids by creation time) and
 //! `nexus:context:{id}:snapshots` (sorted set: score the offset a snapshot
-//! folds up to, member the snapshot record's own offset).
+//! folds up to, member the snapshot record's own offset) and
+//! `nexus:context:{id}:fences` (sorted set: score a fence record's offset,
+//! member `<offset> <writer>`; the latest [`MAX_FENCES`]).
 
 use chrono::{DateTime, Utc};
 use redis::AsyncCommands;
@@ -104,6 +106,39 @@ fn snapshots_key(id: &str) -> String {
     format!("nexus:context:{id}:snapshots")
 }
 
+fn fences_key(id: &str) -> String {
+    format!("nexus:context:{id}:fences")
+}
+
+/// Fences kept per context: a writer fenced off further back than this many
+/// take-overs has long stopped writing.
+pub const MAX_FENCES: isize = 256;
+
+/// A context's fences, in offset order: `(offset, writer)` of each
+/// [`ContextFenced`](super::records::ContextFenced) a writer noted.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Fences(Vec<(i64, String)>);
+
+impl Fences {
+    /// Fences at these offsets, by these writers, in any order.
+    pub fn new(mut fences: Vec<(i64, String)>) -> Self {
+        fences.sort();
+        Fences(fences)
+    }
+
+    /// Whether a record at `offset` made by `source` is a fenced-off
+    /// writer's: `source` fenced the context before it, and someone else
+    /// has fenced it since. Records of a source that never fenced (a test,
+    /// the tool registry's records) always stand.
+    pub fn stale(&self, offset: i64, source: &str) -> bool {
+        let before = &self.0[..self.0.partition_point(|(at, _)| *at <= offset)];
+        match before.last() {
+            Some((_, current)) => current != source && before.iter().any(|(_, writer)| writer == source),
+            None => false,
+        }
+    }
+}
+
 impl ContextDirectory {
     /// The directory over an existing connection.
     pub fn new(redis: Redis) -> Self {
@@ -182,6 +217,7 @@ impl ContextDirectory {
             .del(info_key(&info.id))
             .del(journal_key(&info.id))
             .del(snapshots_key(&info.id))
+            .del(fences_key(&info.id))
             .zrem(owner_key(&info.owner), &info.id)
             .query_async::<()>(&mut self.redis.conn())
             .await?;
@@ -198,6 +234,37 @@ impl ContextDirectory {
             .invoke_async::<i64>(&mut self.redis.conn())
             .await?;
         Ok(())
+    }
+
+    /// Notes that `writer` fenced `id` with the record at `offset` of
+    /// `partition` (noted as journaled too).
+    pub async fn fenced(&self, id: &str, partition: i32, offset: i64, writer: &str) -> Result<(), StoreError> {
+        self.journaled(id, partition, offset).await?;
+        let key = fences_key(id);
+        redis::pipe()
+            .atomic()
+            .zadd(&key, format!("{offset} {writer}"), offset)
+            .zremrangebyrank(&key, 0, -(MAX_FENCES + 1))
+            .query_async::<()>(&mut self.redis.conn())
+            .await?;
+        Ok(())
+    }
+
+    /// The fences of `id`.
+    pub async fn fences(&self, id: &str) -> Result<Fences, StoreError> {
+        let key = fences_key(id);
+        let members: Vec<String> = self
+            .redis
+            .read(|mut c| {
+                let key = key.clone();
+                async move { c.zrange(key, 0, -1).await }
+            })
+            .await?;
+        let parsed = members.iter().filter_map(|m| {
+            let (offset, writer) = m.split_once(' ')?;
+            Some((offset.parse().ok()?, writer.to_owned()))
+        });
+        Ok(Fences::new(parsed.collect()))
     }
 
     /// Notes a snapshot of `id` folding up to `at`, stored at `record`.
@@ -218,5 +285,24 @@ impl ContextDirectory {
             })
             .await?;
         Ok(found.into_iter().next().and_then(|(record, at)| Some((at as i64, record.parse().ok()?))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Fences;
+
+    #[test]
+    fn a_writer_fenced_off_is_stale_until_it_fences_again_and_others_always_stand() {
+        let fences = Fences::new(vec![(30, "a".into()), (10, "a".into()), (20, "b".into())]);
+        assert!(!fences.stale(5, "a"), "before any fence everything stands");
+        assert!(!fences.stale(15, "a"), "a's, after its own fence");
+        assert!(!fences.stale(20, "b"), "b's fence itself");
+        assert!(fences.stale(21, "a"), "a's record landing after b took over");
+        assert!(!fences.stale(21, "b"));
+        assert!(!fences.stale(21, "recorder"), "a source that never fenced stands");
+        assert!(!fences.stale(30, "a"), "a's fence taking it back");
+        assert!(fences.stale(31, "b"), "now b is the one fenced off");
+        assert!(!Fences::default().stale(1, "a"), "a journal without fences: everything stands");
     }
 }

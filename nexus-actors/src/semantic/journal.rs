@@ -9,6 +9,10 @@
 //! other writers may not). A read goes on past it until no record has
 //! arrived for [`END_GRACE`], and never stops before the last offset the
 //! directory knows of.
+//!
+//! What a read returns is the context's: records of a writer that another
+//! writer fenced off before they landed ([`Fences::stale`]) are left out,
+//! for the fold and for every reader of `/events` alike.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -18,7 +22,7 @@ use rdkafka::error::KafkaError;
 use rdkafka::{Message as _, Offset, TopicPartitionList};
 use serde::Deserialize as _;
 
-use super::directory::{ContextDirectory, ContextInfo};
+use super::directory::{ContextDirectory, ContextInfo, Fences};
 use super::fold::{Entry, Transcript};
 use super::records::Snapshot;
 use crate::bus::kafka::{KafkaConfig, SEMANTIC_EVENTS};
@@ -112,6 +116,7 @@ impl Journal {
         if range.until.is_some_and(|u| u < from) || range.limit == 0 {
             return Ok(Vec::new());
         }
+        let fences = self.directory.fences(&info.id).await?;
         let (config, info, idle) = (self.config.clone(), info.clone(), self.idle.clone());
         let read = tokio::task::spawn_blocking(move || {
             let reused = lock(&idle).pop();
@@ -123,7 +128,7 @@ impl Journal {
                 }
                 None => reader(&config)?,
             };
-            let read = read_blocking(&consumer, &info, partition, from, range);
+            let read = read_blocking(&consumer, &info, &fences, partition, from, range);
             // A consumer whose read failed may be in any state: it is not reused.
             if read.is_ok() && consumer.unassign().is_ok() {
                 let mut idle = lock(&idle);
@@ -194,6 +199,7 @@ fn reader(config: &KafkaConfig) -> Result<BaseConsumer, KafkaError> {
 fn read_blocking(
     consumer: &BaseConsumer,
     info: &ContextInfo,
+    fences: &Fences,
     partition: i32,
     from: i64,
     range: Range,
@@ -230,8 +236,10 @@ fn read_blocking(
         if message.key() != Some(info.id.as_bytes()) {
             continue;
         }
-        // A record that does not decode is not the context's to fold; it was counted where it was written.
-        if let Ok(envelope) = Envelope::decode(message.payload().unwrap_or_default()) {
+        // A record that does not decode is not the context's to fold (it was
+        // counted where it was written); nor is one of a fenced-off writer.
+        let decoded = Envelope::decode(message.payload().unwrap_or_default()).ok();
+        if let Some(envelope) = decoded.filter(|e| !fences.stale(message.offset(), &e.source)) {
             entries.push(Entry { offset: message.offset(), envelope });
             if entries.len() >= range.limit {
                 break;

@@ -8,7 +8,8 @@
 //!   turn did: [`ThoughtDelta`], [`LlmResponse`], the tool registry's
 //!   [`ToolCalled`](crate::tools::protocol::ToolCalled) and
 //!   [`ToolFinished`](crate::tools::protocol::ToolFinished),
-//!   [`StepFailed`], [`TurnCompleted`] and an occasional [`Snapshot`].
+//!   [`StepFailed`], [`TurnCompleted`] and an occasional [`Snapshot`];
+//!   [`ContextFenced`] where a writer takes the context over.
 //!
 //! Each record holds only what is new: the conversation sent to a model is
 //! rebuilt by folding the journal ([`super::fold`]), never stored again.
@@ -287,8 +288,24 @@ impl Payload for Snapshot {
     const TYPE: &'static str = "nexus.context.snapshot";
 }
 
+/// `nexus.context.fenced`: from here on the context is `writer`'s, the
+/// first record a writer (an LLM manager process, its lease member) puts
+/// on a context's journal when it takes the context up, before it folds
+/// the journal. Records of a writer fenced off this way that land later
+/// (written before a pause, acknowledged after it) are not the context's:
+/// readers drop them ([`super::directory::Fences`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ContextFenced {
+    /// The writer that takes the context up.
+    pub writer: String,
+}
+
+impl Payload for ContextFenced {
+    const TYPE: &'static str = "nexus.context.fenced";
+}
+
 /// The types a context's journal holds, besides the tool registry's.
-pub const JOURNAL_TYPES: [&str; 8] = [
+pub const JOURNAL_TYPES: [&str; 9] = [
     ContextCreated::TYPE,
     UserMessage::TYPE,
     AgentMessage::TYPE,
@@ -297,6 +314,7 @@ pub const JOURNAL_TYPES: [&str; 8] = [
     StepFailed::TYPE,
     TurnCompleted::TYPE,
     Snapshot::TYPE,
+    ContextFenced::TYPE,
 ];
 
 /// `<context>/<command offset>/<step>.<index>`: a tool call's id and idempotency key.

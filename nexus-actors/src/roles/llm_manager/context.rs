@@ -20,7 +20,7 @@ use super::manager::Command;
 use super::metrics::LlmMetrics;
 use super::model::ModelClient;
 use super::turn::{self, Start, TurnLimits};
-use super::writer::JournalWriter;
+use super::writer::{Halt, JournalWriter};
 use crate::bus::kafka::{Nack, Produce};
 use crate::envelope::{Envelope, Payload};
 use crate::kernel::{ActorRef, Behaviour, Ctx, Handler, Kernel, Link, Reply};
@@ -59,11 +59,13 @@ pub struct Activity {
     since: Instant,
     last: AtomicU64,
     busy: AtomicBool,
+    /// Raised by the manager when it stops the context.
+    pub halt: Halt,
 }
 
 impl Default for Activity {
     fn default() -> Self {
-        Activity { since: Instant::now(), last: AtomicU64::new(0), busy: AtomicBool::new(false) }
+        Activity { since: Instant::now(), last: AtomicU64::new(0), busy: AtomicBool::new(false), halt: Halt::default() }
     }
 }
 
@@ -110,13 +112,16 @@ impl Behaviour for LlmContext {
     fn started(&mut self, _me: &ActorRef<Self>, _ctx: &mut Ctx<Self>) {
         let (tx, rx) = mpsc::unbounded_channel();
         self.queue = Some(tx);
+        let mut deps = self.deps.clone();
+        deps.writer = deps.writer.halted_by(self.activity.halt.clone());
         let worker = Worker {
             id: self.id.clone(),
-            deps: self.deps.clone(),
+            deps,
             activity: self.activity.clone(),
             cancel: self.cancel.subscribe(),
             transcript: None,
             failed: None,
+            fenced: false,
         };
         actix::spawn(worker.run(rx));
     }
@@ -147,11 +152,18 @@ struct Worker {
     transcript: Option<Transcript>,
     /// The command whose handling failed last, if the last one did.
     failed: Option<i64>,
+    /// Whether this worker has fenced the context (see [`Worker::rebuild`]).
+    fenced: bool,
 }
 
 impl Worker {
     async fn run(mut self, mut queue: mpsc::UnboundedReceiver<Queued>) {
         while let Some((command, reply)) = queue.recv().await {
+            if self.activity.halt.is_raised() {
+                // Stopped with commands still queued: their next owner takes them.
+                let _ = reply.send(Err(Nack("context stopped".into())));
+                continue;
+            }
             self.activity.busy.store(true, Ordering::Relaxed);
             let span = tracing::info_span!("nexus.llm.command", context = %self.id, kind = %command.envelope.kind, offset = command.offset);
             command.envelope.trace_context().set_as_parent_of(&span);
@@ -168,7 +180,7 @@ impl Worker {
             None => match self.rebuild().await {
                 Ok(Some(t)) => t,
                 Ok(None) => return self.refuse(command, "no such context").await,
-                Err(error) => return Err(Nack(format!("rebuilding the context: {error}"))),
+                Err(nack) => return Err(nack),
             },
         };
         let mut transcript = transcript;
@@ -182,21 +194,41 @@ impl Worker {
     }
 
     /// The context folded from its journal; `None` when it was never created.
-    async fn rebuild(&self) -> Result<Option<Transcript>, JournalError> {
+    ///
+    /// The worker's first rebuild fences the context first and folds up to
+    /// the fence: what an earlier writer (a node paused past its lease, say)
+    /// got onto the journal before the fence is folded in and resumed, and
+    /// what lands after it is dropped by every reader.
+    async fn rebuild(&mut self) -> Result<Option<Transcript>, Nack> {
         self.deps.metrics.replays.inc();
-        match self.deps.journal.transcript(&self.id, None).await {
+        let at = match self.fenced {
+            true => None,
+            false => {
+                let known = self.deps.journal.directory().get(&self.id).await;
+                if known.map_err(|e| Nack(format!("reading the directory: {e}")))?.is_none() {
+                    return Ok(None);
+                }
+                let fence = self.deps.writer.fence(&self.id).await;
+                let fence = fence.map_err(|e| Nack(format!("fencing the context: {e}")))?;
+                self.fenced = true;
+                Some(fence.offset)
+            }
+        };
+        match self.deps.journal.transcript(&self.id, at).await {
             Ok(t) => Ok(Some(t)),
             Err(JournalError::NotJournaled(_)) => Ok(Some(Transcript::default())),
             Err(JournalError::NotFound(_)) => Ok(None),
-            Err(error) => Err(error),
+            Err(error) => Err(Nack(format!("rebuilding the context: {error}"))),
         }
     }
 
     async fn take(&mut self, command: &Command, t: &mut Transcript) -> Result<(), Nack> {
         let data = &command.envelope.data;
         match command.envelope.kind.as_str() {
+            // A fork's transcript names its parent until its own creation is
+            // folded in (the history it inherits comes first).
             ContextCreated::TYPE => {
-                if !t.context.is_empty() {
+                if t.context == self.id {
                     return Ok(());
                 }
                 let Ok(created) = ContextCreated::deserialize(data) else {
@@ -209,7 +241,7 @@ impl Worker {
                 self.journal(self.copy_of(command, created), t).await
             }
             UserMessage::TYPE | AgentMessage::TYPE => {
-                if t.context.is_empty() {
+                if t.context != self.id {
                     return self.refuse(command, "message for a context that was never created").await;
                 }
                 if t.is_answered(command.offset) {

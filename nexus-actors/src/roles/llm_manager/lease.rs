@@ -20,10 +20,14 @@
 //! partitions. So it acts on its lease only while the lease is
 //! [`Lease::held`]: renewed within the last `TTL - RENEW` by its own clock.
 //! Its inbox takes no command and its journal writer starts no write
-//! otherwise (a write already handed to the broker may still land: records
-//! carry no owner's generation), and after a gap — by its own clock, or by
+//! otherwise (a write already handed to the broker may still land: the
+//! next owner's fence makes readers leave it out, see
+//! [`ContextFenced`](crate::semantic::records::ContextFenced)), and after a gap — by its own clock, or by
 //! Redis's, which a frozen machine's clock cannot vouch for — it gives its
-//! partitions up and takes them again only as a newcomer would.
+//! partitions up and takes them again only as a newcomer would. The
+//! renewal that finds the lease lapsed does not make it held again: only
+//! [`Lease::rearm`], once the partitions are given up and their contexts
+//! halted, does, so no write slips through in between.
 //!
 //! The next offset to read of each partition is kept here too, written
 //! only once every command before it has its turn on the journal.
@@ -83,8 +87,16 @@ pub struct Lease {
     /// The node's name; the member is `{node}/{a process's id}`.
     node: String,
     member: String,
-    /// When the last successful renewal was asked for (none: not held).
-    renewed: Arc<Mutex<Option<Instant>>>,
+    renewed: Arc<Mutex<Renewed>>,
+}
+
+/// When the last successful renewal was asked for (none: not held), and
+/// whether it counts: a renewal that found the lease lapsed counts only
+/// once [`Lease::rearm`] says the node has let go.
+#[derive(Debug, Default)]
+struct Renewed {
+    at: Option<Instant>,
+    armed: bool,
 }
 
 impl Lease {
@@ -105,7 +117,8 @@ impl Lease {
 
     /// Renews the lease; the live members, in name order, and whether the
     /// lease had lapsed before this renewal: it was not [`Lease::held`], or
-    /// Redis had let it run out or seen it removed.
+    /// Redis had let it run out or seen it removed. A lapsed lease is not
+    /// held until [`Lease::rearm`].
     pub async fn renew(&self) -> Result<(Vec<String>, bool), StoreError> {
         let asked = Instant::now();
         let mut members: Vec<String> = redis::Script::new(RENEW_SCRIPT)
@@ -116,16 +129,27 @@ impl Lease {
             .await?;
         let ran_out = !members.is_empty() && members.remove(0) == "1";
         let lapsed = ran_out || !self.held();
+        let mut renewed = crate::kernel::lock(&self.renewed);
         // Counted from when it was asked for: Redis's TTL starts then at the
         // earliest, so the node gives up no later than others may take over.
-        *crate::kernel::lock(&self.renewed) = Some(asked);
+        renewed.at = Some(asked);
+        renewed.armed = !lapsed;
         Ok((members, lapsed))
     }
 
+    /// Makes a lease that a renewal found lapsed held again (if that
+    /// renewal is recent enough): called once everything taken under the
+    /// old lease is given up, so nothing started under it writes on.
+    pub fn rearm(&self) {
+        crate::kernel::lock(&self.renewed).armed = true;
+    }
+
     /// Whether this node may act on its lease: renewed within the last
-    /// `TTL - RENEW`, before others may count it gone.
+    /// `TTL - RENEW`, before others may count it gone, and not lapsed since
+    /// it was last armed.
     pub fn held(&self) -> bool {
-        crate::kernel::lock(&self.renewed).is_some_and(|at| at.elapsed() < TTL - RENEW)
+        let renewed = crate::kernel::lock(&self.renewed);
+        renewed.armed && renewed.at.is_some_and(|at| at.elapsed() < TTL - RENEW)
     }
 
     /// Drops the leases of this node's earlier processes (a node killed and
@@ -145,7 +169,7 @@ impl Lease {
     /// Gives the lease up now (an orderly stop), so others need not wait for it to lapse.
     pub async fn leave(&self) {
         // Contexts still stopping write nothing more.
-        *crate::kernel::lock(&self.renewed) = None;
+        *crate::kernel::lock(&self.renewed) = Renewed::default();
         let _: Result<(), _> = self.redis.conn().zrem(MEMBERS, &self.member).await;
     }
 

@@ -88,6 +88,9 @@ impl LlmManager {
 
     fn stop(&mut self, id: &str) {
         if let Some(running) = self.contexts.remove(id) {
+            // At once, not when the actor gets to stopping: a turn under way
+            // must write nothing more once its partition may be another's.
+            running.activity.halt.raise();
             running.actor.stop();
         }
         self.deps.metrics.contexts.set(self.contexts.len() as i64);
@@ -101,6 +104,7 @@ impl Behaviour for LlmManager {
     fn started(&mut self, me: &ActorRef<Self>, _ctx: &mut Ctx<Self>) {
         // Contexts outlive nothing: after a restart they are rebuilt on demand.
         for (_, running) in self.contexts.drain() {
+            running.activity.halt.raise();
             running.actor.stop();
         }
         let sweep = me.link::<Sweep>(LlmManager::KIND);

@@ -140,7 +140,7 @@ pub async fn start(deps: LlmManagerDeps, config: LlmManagerConfig) -> Result<Llm
     let directory = ContextDirectory::new(store);
     let id = LlmManager::KIND;
     let writer = JournalWriter::new(
-        kernel.node().to_owned(),
+        lease.member().to_owned(),
         kafka.link(id),
         redis.publisher.clone(),
         directory.clone(),

@@ -8,7 +8,13 @@
 //! partition); later notes go out beside the next step, a bounded number
 //! at a time, in any order (the directory keeps the lowest first and the
 //! highest last offset).
+//!
+//! A write needs the node's lease held and the context's [`Halt`] down,
+//! both before it starts and once it is acknowledged: a context stopped
+//! when its partition moved writes nothing more, even where the turn
+//! running in it has not noticed yet.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -20,9 +26,10 @@ use crate::bus::redis::Publisher;
 use crate::envelope::{Envelope, Payload};
 use crate::kernel::{AskError, Link};
 use crate::platform::channels;
+use crate::platform::store::StoreError;
 use crate::semantic::directory::ContextDirectory;
 use crate::semantic::fold::Entry;
-use crate::semantic::records::{ContextCreated, Journaled, ThoughtDelta};
+use crate::semantic::records::{ContextCreated, ContextFenced, Journaled, ThoughtDelta};
 
 use super::lease::Lease;
 use super::metrics::LlmMetrics;
@@ -45,12 +52,17 @@ pub enum WriteError {
     /// retried across a broker restart, confirmed as a duplicate).
     #[error("the record was journaled at an unknown offset")]
     OffsetUnknown,
+    /// A fence is on the journal but the directory does not list it, so
+    /// readers would not know it: the writer does not rely on it.
+    #[error("the fence could not be noted in the directory: {0}")]
+    FenceNotNoted(StoreError),
 }
 
 /// Writes journals. Cheap to clone.
 #[derive(Clone)]
 pub struct JournalWriter {
-    /// The node's name: the `source` of the records.
+    /// The writer: the `source` of the records and the writer its fences
+    /// name (the lease member, `<node>/<process>`: one per process).
     pub source: String,
     /// The Kafka bridge.
     pub kafka: Link<Produce>,
@@ -64,6 +76,25 @@ pub struct JournalWriter {
     notes: Arc<Semaphore>,
     /// The node's lease: nothing is written while it is not held.
     lease: Lease,
+    /// The context's halt, for a context's own writer: nothing is written once it is raised.
+    halt: Option<Halt>,
+}
+
+/// Raised when a context's actor is stopped: its writer writes nothing
+/// more. Cheap to clone; every clone is the same halt.
+#[derive(Debug, Clone, Default)]
+pub struct Halt(Arc<AtomicBool>);
+
+impl Halt {
+    /// Stops every write through writers halted by this.
+    pub fn raise(&self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether it was raised.
+    pub fn is_raised(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
 }
 
 /// Directory notes under way at once before appends wait for theirs.
@@ -82,7 +113,25 @@ impl JournalWriter {
         lease: Lease,
     ) -> Self {
         let notes = Arc::new(Semaphore::new(NOTES_IN_FLIGHT));
-        JournalWriter { source, kafka, redis, directory, metrics, notes, lease }
+        JournalWriter { source, kafka, redis, directory, metrics, notes, lease, halt: None }
+    }
+
+    /// This writer, writing only until `halt` is raised.
+    pub fn halted_by(&self, halt: Halt) -> Self {
+        JournalWriter { halt: Some(halt), ..self.clone() }
+    }
+
+    /// Whether this writer may write now: the lease held, its halt down.
+    fn may_write(&self) -> bool {
+        self.lease.held() && !self.halt.as_ref().is_some_and(Halt::is_raised)
+    }
+
+    /// Fences `context`: from the record this appends on, the context is
+    /// this writer's, and readers drop what an earlier writer's records
+    /// land after it. Returns once the directory lists the fence.
+    pub async fn fence(&self, context: &str) -> Result<Entry, WriteError> {
+        let envelope = Envelope::new(self.source.clone(), ContextFenced { writer: self.source.clone() });
+        self.produce(context, envelope.into_untyped(), true).await
     }
 
     /// Appends `data` to `context`'s journal; returns the record as journaled.
@@ -106,8 +155,9 @@ impl JournalWriter {
     }
 
     async fn produce(&self, context: &str, envelope: Envelope<Value>, index: bool) -> Result<Entry, WriteError> {
-        if !self.lease.held() {
-            // Paused past the lease: another node may be resuming this turn.
+        if !self.may_write() {
+            // Paused past the lease, or the context moved: another node may
+            // be resuming this turn.
             return Err(WriteError::Stopped);
         }
         let started = Instant::now();
@@ -119,9 +169,9 @@ impl JournalWriter {
             Err(AskError::Panicked(p)) => return Err(WriteError::Bridge(p.to_string())),
         };
         self.metrics.journal_append_seconds.observe(started.elapsed().as_secs_f64());
-        if !self.lease.held() {
-            // Paused while it was under way: it is on the journal, but the
-            // turn may have moved to another node; this one goes no further.
+        if !self.may_write() {
+            // Paused or stopped while it was under way: it is on the journal,
+            // but the turn may have moved to another node; this one goes no further.
             return Err(WriteError::Stopped);
         }
         if delivered.offset < 0 {
@@ -133,7 +183,10 @@ impl JournalWriter {
         let entry = Entry { offset: delivered.offset, envelope };
         // Followers first: the directory is for readers, who read past it anyway.
         self.fan_out(context, &entry);
-        if index {
+        if index && entry.envelope.kind == ContextFenced::TYPE {
+            let fenced = self.directory.fenced(context, delivered.partition, delivered.offset, &self.source).await;
+            fenced.map_err(WriteError::FenceNotNoted)?;
+        } else if index {
             let first = entry.envelope.kind == ContextCreated::TYPE;
             match self.notes.clone().try_acquire_owned() {
                 Ok(permit) if !first => {

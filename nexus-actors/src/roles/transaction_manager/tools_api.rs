@@ -1,6 +1,8 @@
 //! The tools over HTTP: `GET /api/tools` lists what the caller may use,
 //! `POST /api/tools/{name}/call` calls one. Both need a token. Calls go
-//! through the node's [`ToolRegistry`]; this module only translates HTTP.
+//! through the node's [`ToolRegistry`]; this module only translates HTTP,
+//! and checks that a call naming a context names one of the caller's: its
+//! records go to that context's journal.
 
 use std::time::Duration;
 
@@ -12,9 +14,13 @@ use utoipa::ToSchema;
 
 use crate::kernel::{ActorRef, Link};
 use crate::platform::{ApiError, Caller, ErrorBody};
+use crate::semantic::directory::ContextDirectory;
+use crate::semantic::records::is_context_id;
 use crate::tools::protocol::ToolCall;
 use crate::tools::registry::{CallTool, ListTools};
 use crate::tools::{ToolError, ToolRegistry, ToolSpec};
+
+use super::TmState;
 
 /// Longest idempotency key or context id a caller may give.
 const MAX_KEY: usize = 200;
@@ -62,7 +68,9 @@ pub struct CallRequest {
     pub idempotency_key: Option<String>,
     /// Deadline in milliseconds (default 30000, at most 300000).
     pub timeout_ms: Option<u64>,
-    /// The conversation or chain the call belongs to.
+    /// The conversation or chain the call belongs to: one of the caller's
+    /// contexts (a context id), or a label of the caller's own for a chain
+    /// outside Nexus's contexts (anything that is not a UUID).
     pub context: Option<String>,
 }
 
@@ -115,7 +123,7 @@ pub async fn list_tools(caller: Caller, tools: web::Data<ToolsApi>) -> Result<Ht
     params(("name" = String, Path, description = "the tool's name, e.g. `list_documents` or `<panel-id>.word_count`")),
     responses((status = 200, body = CallResponse),
         (status = 401, body = ErrorBody),
-        (status = 404, description = "not_found: no such tool for this user", body = ErrorBody),
+        (status = 404, description = "not_found: no such tool for this user, or `context` is a context id that is not one of the caller's", body = ErrorBody),
         (status = 422, description = "invalid_arguments, or tool_error: the tool reported a failure", body = ErrorBody),
         (status = 413, description = "too_large", body = ErrorBody),
         (status = 502, description = "panel_status or invalid_response", body = ErrorBody),
@@ -126,12 +134,13 @@ pub async fn list_tools(caller: Caller, tools: web::Data<ToolsApi>) -> Result<Ht
 /// call's id and the typed error.
 pub async fn call_tool(
     caller: Caller,
+    state: web::Data<TmState>,
     tools: web::Data<ToolsApi>,
     name: web::Path<String>,
     body: web::Json<CallRequest>,
 ) -> Result<HttpResponse, ApiError> {
     let body = body.into_inner();
-    let mut call = ToolCall::new(name.into_inner(), body.arguments, caller.user);
+    let mut call = ToolCall::new(name.into_inner(), body.arguments, caller.user.clone());
     if let Some(ms) = body.timeout_ms {
         call = call.with_timeout(Duration::from_millis(ms));
     }
@@ -144,6 +153,14 @@ pub async fn call_tool(
         call = call.with_idempotency_key(key);
     }
     if let Some(context) = body.context {
+        // Its records are keyed by it: a context id of someone else's would
+        // put this caller's records into their journal.
+        if is_context_id(&context) {
+            let info = ContextDirectory::new(state.platform.redis.clone()).get(&context).await?;
+            if !info.is_some_and(|info| caller.is_admin() || info.owner == caller.user) {
+                return Err(ApiError::NotFound("context"));
+            }
+        }
         call = call.with_context(context);
     }
     let call_id = call.call_id.clone();

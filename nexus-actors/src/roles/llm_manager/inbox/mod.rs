@@ -215,6 +215,9 @@ async fn run(
                                 reconcile(&consumer, &deps, &mut owned, &[], false).await;
                             }
                             steady = (Vec::new(), 0);
+                            // Their contexts are halted now (PartitionsRevoked):
+                            // nothing begun under the old lease writes on.
+                            deps.lease.rearm();
                         }
                         lease::owned(&members, deps.lease.member(), partitions)
                     }

@@ -75,6 +75,9 @@ pub struct ContextEvent {
     /// When it was made.
     #[schema(value_type = String, format = DateTime)]
     pub time: DateTime<Utc>,
+    /// Who wrote it: the context's writer, an LLM manager process
+    /// (`<node>/<process>`), or the node whose tool registry recorded a call.
+    pub source: String,
     /// Its payload.
     #[schema(value_type = Object)]
     pub data: Value,
@@ -94,6 +97,7 @@ impl From<Entry> for ContextEvent {
             offset,
             kind: envelope.kind,
             time: envelope.time,
+            source: envelope.source,
             data: envelope.data,
             id: envelope.id,
             causationid: envelope.causationid,
