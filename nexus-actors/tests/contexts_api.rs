@@ -632,13 +632,18 @@ async fn llm_ask_posts_a_message_and_returns_the_answer_of_its_turn() {
         async move { ada.post("/api/tools/llm_ask/call", json!({"arguments": arguments, "timeout_ms": 30_000})).await }
     };
 
-    // The answer arrives live on the context's channel.
+    // The answer arrives live on the context's channel, and counts once the
+    // journal keeps it: a live record the journal does not keep (a frozen
+    // writer's late one) is not the answer.
     let call = actix_rt::spawn(ask(json!({"context": context, "message": "what is 6 * 7?"})));
     let (command_offset, said) = commands(&world.brokers(), &context, 2).await[1].clone();
     let said: UserMessage = said.typed().unwrap().data;
     assert_eq!((said.content.as_str(), said.user.as_str()), ("what is 6 * 7?", "ada"));
+    world.journal(&context, created(&context, None)).await;
     world.publish(&context, 40, completed(&context, command_offset - 1, "not this one")).await;
-    world.publish(&context, 41, completed(&context, command_offset, "42")).await;
+    world.publish(&context, 4000, completed(&context, command_offset, "not on the journal")).await;
+    let at = world.journal(&context, completed(&context, command_offset, "42")).await;
+    world.publish(&context, at, completed(&context, command_offset, "42")).await;
     let (status, answer) = call.await.unwrap();
     assert_eq!(status, StatusCode::OK, "{answer}");
     assert_eq!(answer["result"], json!({"context": context, "answer": "42", "outcome": "completed", "steps": 2}));

@@ -276,6 +276,9 @@ async fn chaos(dir: &Path, nexus: &Path, short: bool) -> (Vec<FaultRow>, Verdict
     let runs = cluster.panel.runs.clone();
     let verdict = tokio::task::spawn_blocking(move || {
         verify::tool_calls(&callers, &runs, &brokers, &kills, &mut verdict);
+        if let Err(why) = turns::fenced_off(&askers, &brokers, &mut verdict) {
+            verdict.unreadable.push(format!("the raw journal: {why}"));
+        }
         verdict
     })
     .await
@@ -415,7 +418,9 @@ fn report(rows: &[FaultRow], v: &Verdict, short: bool) -> String {
          | WebSocket followers | {} |\n| followers that never converged (within {} s of the end) | {} |\n\
          | changes out of order at a follower | {} |\n\
          | messages posted to contexts and acknowledged | {} |\n| acknowledged messages never answered | {} |\n\
-         | messages answered twice | {} |\n| model steps answered twice | {} |\n| turns that ended in a failure (answered) | {} |\n",
+         | messages answered twice | {} |\n\
+         | messages answered twice on the raw journal only (a fenced-off writer's late answer, which every reader leaves out) | {} |\n\
+         | model steps answered twice | {} |\n| turns that ended in a failure (answered) | {} |\n",
         v.writes_acked,
         v.writes_lost,
         v.writes_applied_twice,
@@ -433,6 +438,7 @@ fn report(rows: &[FaultRow], v: &Verdict, short: bool) -> String {
         v.turns_acked,
         v.turns_lost,
         v.turns_twice,
+        v.turns_twice_fenced_off,
         v.model_steps_twice,
         v.turns_failed,
     );

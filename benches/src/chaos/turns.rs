@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use super::load::{Progress, Shared, BACKOFF, REQUEST_TIMEOUT};
-use super::verify::{from_any_node, Verdict};
+use super::verify::{from_any_node, scan_events, Verdict};
 
 /// Messages per context before an asker starts another (a journal is read
 /// back whole, 5,000 records at most).
@@ -181,4 +181,26 @@ pub(super) async fn verify(shared: &Shared, askers: &[Arc<Asker>], verdict: &mut
             }
         }
     }
+}
+
+/// Counts, on the raw journal (as the broker holds it, not as readers see
+/// it), the messages of `askers`' contexts answered more than once, and
+/// notes in `verdict` how many of those readers leave out: late answers of
+/// a writer fenced off by the context's next one (a node paused past its
+/// lease). Not a failure: what counts is [`Verdict::turns_twice`].
+pub(super) fn fenced_off(askers: &[Arc<Asker>], brokers: &str, verdict: &mut Verdict) -> Result<(), String> {
+    let ids: HashSet<String> = askers
+        .iter()
+        .flat_map(|a| a.contexts.lock().expect("contexts").iter().map(|c| c.id.clone()).collect::<Vec<_>>())
+        .collect();
+    let mut answers: HashMap<(String, i64), u32> = HashMap::new();
+    scan_events(brokers, |key, envelope| {
+        let Some(key) = key.and_then(|k| std::str::from_utf8(k).ok()).filter(|k| ids.contains(*k)) else { return };
+        if let Some(offset) = completes(envelope) {
+            *answers.entry((key.to_owned(), offset)).or_default() += 1;
+        }
+    })?;
+    let raw_twice = answers.values().filter(|&&n| n > 1).count() as u64;
+    verdict.turns_twice_fenced_off = raw_twice.saturating_sub(verdict.turns_twice);
+    Ok(())
 }

@@ -59,6 +59,9 @@ pub(super) struct Verdict {
     pub(super) turns_lost: u64,
     /// Messages answered by more than one `turn_completed`.
     pub(super) turns_twice: u64,
+    /// Messages with more than one `turn_completed` on the raw journal
+    /// than readers see: a fenced-off writer's late answers, left out.
+    pub(super) turns_twice_fenced_off: u64,
     /// Model steps with more than one recorded response.
     pub(super) model_steps_twice: u64,
     /// Turns that completed with a failure (an answer, not a loss).
@@ -263,6 +266,27 @@ pub(super) fn unrecorded(answered: &[Answered], brokers: &str, within: Duration)
 
 /// The `nexus.tool.called` and `nexus.tool.finished` records on `semantic.events`, by call id.
 fn tool_records(brokers: &str) -> Result<HashMap<String, CallRecords>, String> {
+    let mut records = HashMap::new();
+    scan_events(brokers, |_, envelope| {
+        let (call, called) = match envelope["type"].as_str() {
+            Some("nexus.tool.called") => (&envelope["data"]["call"]["call_id"], true),
+            Some("nexus.tool.finished") => (&envelope["data"]["call_id"], false),
+            _ => return,
+        };
+        let (Some(call), Some(id)) = (call.as_str(), envelope["id"].as_str()) else { return };
+        let entry: &mut CallRecords = records.entry(call.to_owned()).or_default();
+        if called {
+            entry.called.push(id.to_owned());
+        } else {
+            entry.finished.push(id.to_owned());
+        }
+    })?;
+    Ok(records)
+}
+
+/// Hands every record on `semantic.events` that decodes as JSON to
+/// `visit`, with its key, as the broker holds them: no reader's filtering.
+pub(super) fn scan_events(brokers: &str, mut visit: impl FnMut(Option<&[u8]>, &Value)) -> Result<(), String> {
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("group.id", "nexus-chaos-verdict")
@@ -273,7 +297,6 @@ fn tool_records(brokers: &str) -> Result<HashMap<String, CallRecords>, String> {
     let timeout = Duration::from_secs(10);
     let metadata = consumer.fetch_metadata(Some(SEMANTIC_EVENTS), timeout).map_err(|e| format!("metadata: {e}"))?;
     let partitions: Vec<i32> = metadata.topics().iter().flat_map(|t| t.partitions().iter().map(|p| p.id())).collect();
-    let mut records = HashMap::new();
     for partition in partitions {
         let (low, high) = consumer
             .fetch_watermarks(SEMANTIC_EVENTS, partition, timeout)
@@ -295,20 +318,10 @@ fn tool_records(brokers: &str) -> Result<HashMap<String, CallRecords>, String> {
                 continue;
             }
             next = message.offset() + 1;
-            let Ok(envelope) = serde_json::from_slice::<Value>(message.payload().unwrap_or_default()) else { continue };
-            let (call, called) = match envelope["type"].as_str() {
-                Some("nexus.tool.called") => (&envelope["data"]["call"]["call_id"], true),
-                Some("nexus.tool.finished") => (&envelope["data"]["call_id"], false),
-                _ => continue,
-            };
-            let (Some(call), Some(id)) = (call.as_str(), envelope["id"].as_str()) else { continue };
-            let entry: &mut CallRecords = records.entry(call.to_owned()).or_default();
-            if called {
-                entry.called.push(id.to_owned());
-            } else {
-                entry.finished.push(id.to_owned());
+            if let Ok(envelope) = serde_json::from_slice::<Value>(message.payload().unwrap_or_default()) {
+                visit(message.key(), &envelope);
             }
         }
     }
-    Ok(records)
+    Ok(())
 }

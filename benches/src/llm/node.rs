@@ -163,9 +163,11 @@ impl Api {
     pub(crate) async fn journaled(&self, id: &str) -> Result<Value, String> {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            let info = self.get(&format!("/api/contexts/{id}")).await?;
-            if info["first_offset"].is_i64() {
-                return Ok(info);
+            // The journal may begin with its writer's fence: the creation follows it.
+            let page = self.get(&format!("/api/contexts/{id}/events?limit=4")).await?;
+            let records = page["records"].as_array().map(Vec::as_slice).unwrap_or_default();
+            if records.iter().any(|r| r["type"] == "nexus.context.created") {
+                return self.get(&format!("/api/contexts/{id}")).await;
             }
             if Instant::now() > deadline {
                 return Err(format!("context {id} was not journaled within 60 s"));

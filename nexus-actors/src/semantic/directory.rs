@@ -10,7 +10,8 @@
 //! `nexus:context:{id}:snapshots` (sorted set: score the offset a snapshot
 //! folds up to, member the snapshot record's own offset) and
 //! `nexus:context:{id}:fences` (sorted set: score a fence record's offset,
-//! member `<offset> <writer>`; the latest [`MAX_FENCES`]).
+//! member `<offset> <writer>`; the latest [`MAX_FENCES`], each by another
+//! writer than the one before).
 
 use chrono::{DateTime, Utc};
 use redis::AsyncCommands;
@@ -111,7 +112,8 @@ fn fences_key(id: &str) -> String {
 }
 
 /// Fences kept per context: a writer fenced off further back than this many
-/// take-overs has long stopped writing.
+/// changes of writer has long stopped writing (a record of it landing
+/// between fences trimmed away would stand again).
 pub const MAX_FENCES: isize = 256;
 
 /// A context's fences, in offset order: `(offset, writer)` of each
@@ -124,6 +126,11 @@ impl Fences {
     pub fn new(mut fences: Vec<(i64, String)>) -> Self {
         fences.sort();
         Fences(fences)
+    }
+
+    /// The writer of the latest fence, if any.
+    pub fn latest(&self) -> Option<&str> {
+        self.0.last().map(|(_, writer)| writer.as_str())
     }
 
     /// Whether a record at `offset` made by `source` is a fenced-off
@@ -304,5 +311,6 @@ mod tests {
         assert!(!fences.stale(30, "a"), "a's fence taking it back");
         assert!(fences.stale(31, "b"), "now b is the one fenced off");
         assert!(!Fences::default().stale(1, "a"), "a journal without fences: everything stands");
+        assert_eq!((fences.latest(), Fences::default().latest()), (Some("a"), None));
     }
 }

@@ -24,6 +24,7 @@ use super::writer::{Halt, JournalWriter};
 use crate::bus::kafka::{Nack, Produce};
 use crate::envelope::{Envelope, Payload};
 use crate::kernel::{ActorRef, Behaviour, Ctx, Handler, Kernel, Link, Reply};
+use crate::platform::store::StoreError;
 use crate::semantic::chat::{ChatMessage, Role};
 use crate::semantic::fold::Transcript;
 use crate::semantic::journal::{Journal, JournalError};
@@ -195,18 +196,26 @@ impl Worker {
 
     /// The context folded from its journal; `None` when it was never created.
     ///
-    /// The worker's first rebuild fences the context first and folds up to
-    /// the fence: what an earlier writer (a node paused past its lease, say)
-    /// got onto the journal before the fence is folded in and resumed, and
-    /// what lands after it is dropped by every reader.
+    /// The worker's first rebuild fences the context first, unless this
+    /// writer fenced it last, and folds up to the fence: what an earlier
+    /// writer (a node paused past its lease, say) got onto the journal
+    /// before the fence is folded in and resumed, and what lands after it
+    /// is dropped by every reader.
     async fn rebuild(&mut self) -> Result<Option<Transcript>, Nack> {
         self.deps.metrics.replays.inc();
+        let directory = self.deps.journal.directory();
         let at = match self.fenced {
             true => None,
             false => {
-                let known = self.deps.journal.directory().get(&self.id).await;
-                if known.map_err(|e| Nack(format!("reading the directory: {e}")))?.is_none() {
+                let unreadable = |e: StoreError| Nack(format!("reading the directory: {e}"));
+                if directory.get(&self.id).await.map_err(unreadable)?.is_none() {
                     return Ok(None);
+                }
+                let fences = directory.fences(&self.id).await.map_err(unreadable)?;
+                if fences.latest() == Some(self.deps.writer.source.as_str()) {
+                    // Back after an idle stop: nobody has written since.
+                    self.fenced = true;
+                    return self.fold(None).await;
                 }
                 let fence = self.deps.writer.fence(&self.id).await;
                 let fence = fence.map_err(|e| Nack(format!("fencing the context: {e}")))?;
@@ -214,6 +223,11 @@ impl Worker {
                 Some(fence.offset)
             }
         };
+        self.fold(at).await
+    }
+
+    /// The context folded up to `at` (to its end when `None`).
+    async fn fold(&self, at: Option<i64>) -> Result<Option<Transcript>, Nack> {
         match self.deps.journal.transcript(&self.id, at).await {
             Ok(t) => Ok(Some(t)),
             Err(JournalError::NotJournaled(_)) => Ok(Some(Transcript::default())),

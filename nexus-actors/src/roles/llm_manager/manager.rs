@@ -124,6 +124,10 @@ impl Handler<Command> for LlmManager {
     fn handle(&mut self, command: Command, _ctx: &mut Ctx<Self>) -> Reply<Result<(), Nack>> {
         let alive = self.contexts.get(&command.context).is_some_and(|r| r.actor.is_alive());
         if !alive {
+            if let Some(gone) = self.contexts.get(&command.context) {
+                // Its worker may still be finishing a turn: it writes no more.
+                gone.activity.halt.raise();
+            }
             let activity = Arc::new(Activity::default());
             let deps = self.deps.clone();
             let (id, a) = (command.context.clone(), activity.clone());

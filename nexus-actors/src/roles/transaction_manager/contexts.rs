@@ -16,9 +16,7 @@ use crate::semantic::commands::CommandSender;
 use crate::semantic::directory::{ContextDirectory, ContextInfo, CreateError};
 use crate::semantic::fold::{Entry, Transcript};
 use crate::semantic::journal::{Journal, JournalError, Range, MAX_FORK_DEPTH};
-use crate::semantic::records::{
-    ContextCreated, ContextFenced, ForkPoint, MAX_MESSAGE_BYTES, MAX_SYSTEM_BYTES, MAX_TOOLS,
-};
+use crate::semantic::records::{ContextCreated, ForkPoint, MAX_MESSAGE_BYTES, MAX_SYSTEM_BYTES, MAX_TOOLS};
 use crate::tools::protocol::ToolError;
 use crate::tools::ToolAddress;
 
@@ -346,21 +344,18 @@ impl ContextsApi {
         Ok(depth)
     }
 
-    /// The creation record of `info`: the first of its journal but for the
-    /// fences of writers that took the context up before it was created.
+    /// The creation record of `info`: among the first records of its
+    /// journal, after the fences of the writers that took the context up.
     async fn creation(&self, info: &ContextInfo) -> Result<ContextCreated, ContextError> {
         const LOOKED_AT: usize = 16;
         let first = info.first_offset.ok_or_else(|| ContextError::NotJournaled(info.id.clone()))?;
-        let found = self.journal.read(info, Range { from: first, until: None, limit: LOOKED_AT }).await?;
+        let found = self.journal.read(info, Range { from: first, until: info.last_offset, limit: LOOKED_AT }).await?;
         found
             .into_iter()
-            .skip_while(|e| e.envelope.kind == ContextFenced::TYPE)
-            .take(1)
             .filter(|e| e.envelope.kind == ContextCreated::TYPE)
             .find_map(|e| ContextCreated::deserialize(&e.envelope.data).ok())
-            .ok_or_else(|| {
-                ContextError::Internal(format!("the journal of {} does not start with its creation", info.id))
-            })
+            // Fenced, and its creation not journaled yet.
+            .ok_or_else(|| ContextError::NotJournaled(info.id.clone()))
     }
 }
 

@@ -148,11 +148,16 @@ async fn completion(
         tokio::select! {
             message = next => match message {
                 Some(message) => {
-                    let record = Envelope::decode(message.get_payload_bytes()).ok()
+                    let journaled = Envelope::decode(message.get_payload_bytes()).ok()
                         .and_then(|e| e.typed::<Journaled>().ok())
-                        .map(|e| e.data.record);
-                    if let Some(done) = record.and_then(|r| target.completed_by(r)) {
-                        return Ok(done);
+                        .map(|e| e.data);
+                    let Some(Journaled { offset, record, .. }) = journaled else { continue };
+                    if let Some(done) = target.completed_by(record) {
+                        // Live frames are not fenced (a frozen machine's late write
+                        // may be one): the answer is the one the journal keeps.
+                        if kept(contexts, context, offset).await {
+                            return Ok(done);
+                        }
                     }
                 }
                 // The connection dropped: the journal still has it.
@@ -174,6 +179,13 @@ async fn completion(
             }
         }
     }
+}
+
+/// Whether the journal of `context` keeps the record at `offset` (every
+/// reader leaves out a fenced-off writer's).
+async fn kept(contexts: &ContextsApi, context: &str, offset: i64) -> bool {
+    let Ok(Some(info)) = contexts.directory.get(context).await else { return false };
+    contexts.events(&info, offset, 1).await.is_ok_and(|found| found.first().is_some_and(|e| e.offset == offset))
 }
 
 /// The turn `llm_ask` waits for: its command's offset, or, when the broker

@@ -514,16 +514,15 @@ async fn deliver(
 ) -> (i32, u64, i64) {
     let (partition, offset) = (command.partition, command.offset);
     let mut backoff = Backoff::new();
-    loop {
+    // Asked again only while the partition is still this node's: a context
+    // started for a partition that moved would fence its new owner out.
+    while lock(&generations).get(&partition).copied().unwrap_or(0) == generation {
         let reason = match manager.ask(command.clone()).await {
             Ok(Ok(())) => break,
             Ok(Err(Nack(reason))) => reason,
             Err(AskError::Panicked(p)) => p.to_string(),
             Err(AskError::Closed(_) | AskError::Dropped) => break,
         };
-        if lock(&generations).get(&partition).copied().unwrap_or(0) != generation {
-            break;
-        }
         tracing::warn!(partition, offset, %reason, "llm manager: command not done; retrying");
         actix::clock::sleep(backoff.next_delay()).await;
     }
