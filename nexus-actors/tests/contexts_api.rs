@@ -14,8 +14,9 @@ use nexus_actors::bus::kafka::{KafkaConfig, SEMANTIC_COMMANDS, SEMANTIC_EVENTS};
 use nexus_actors::envelope::{Envelope, Payload};
 use nexus_actors::node::{NodeConfig, Role};
 use nexus_actors::platform::{channels, Redis};
+use nexus_actors::roles::llm_manager::lease;
 use nexus_actors::roles::llm_manager::model::EndpointConfig;
-use nexus_actors::semantic::directory::{ContextDirectory, ContextInfo};
+use nexus_actors::semantic::directory::{ContextDirectory, ContextInfo, Fences};
 use nexus_actors::semantic::records::{
     call_id, ContextCreated, ContextFenced, ForkPoint, Journaled, LlmResponse, RequestedCall, ThoughtDelta,
     TurnCompleted, TurnOutcome, Usage, UserMessage, MAX_MESSAGE_BYTES,
@@ -71,10 +72,22 @@ impl World {
         offset
     }
 
-    /// Fences `context` for `writer`, as an LLM manager taking it up does; the fence's offset.
-    async fn fence(&self, writer: &str, context: &str) -> i64 {
+    /// Fences `context` for `writer`, as an LLM manager taking it up does,
+    /// its lease live for `lease_ms` more (by Redis's clock, give or take
+    /// this machine's); the fence's offset, and whether it counts.
+    async fn fence_leased(&self, writer: &str, context: &str, lease_ms: i64) -> (i64, bool) {
+        let client = redis::Client::open(self.node.brokers.redis_url()).unwrap();
+        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+        let lapses = chrono::Utc::now().timestamp_millis() + lease_ms;
+        let _: i64 = conn.zadd(lease::MEMBERS, writer, lapses).await.unwrap();
         let (partition, offset) = self.produce_as(writer, context, ContextFenced { writer: writer.into() }).await;
-        self.directory.fenced(context, partition, offset, writer).await.unwrap();
+        (offset, self.directory.fenced(context, partition, offset, writer, lease::MEMBERS).await.unwrap())
+    }
+
+    /// Fences `context` for `writer`, whose lease is live; the fence's offset.
+    async fn fence(&self, writer: &str, context: &str) -> i64 {
+        let (offset, counts) = self.fence_leased(writer, context, 60_000).await;
+        assert!(counts, "a live writer's fence counts");
         offset
     }
 
@@ -389,6 +402,20 @@ async fn records_a_fenced_off_writer_lands_late_are_left_out_by_every_reader() {
     let (_, page) = ada.get(&format!("/api/contexts/{context}/events?from={}", back[0])).await;
     let offsets: Vec<i64> = page["records"].as_array().unwrap().iter().map(|r| r["offset"].as_i64().unwrap()).collect();
     assert_eq!(offsets, [back[0], back[2]], "{page:#}");
+
+    // a fencing again (a new worker of the same process) is a read barrier,
+    // not a change of writer: the directory notes it once.
+    let again = world.fence(a, &context).await;
+    // A machine frozen past its lease, its clock stopped, fences late: Redis's
+    // clock says its lease ran out, and the fence does not count.
+    let (frozen, counts) = world.fence_leased("node-c/3", &context, -1_000).await;
+    assert!(!counts, "a lapsed writer's fence is refused");
+    let after = world.journal_as(a, &context, user_message(&context, 4)).await;
+    let (_, page) = ada.get(&format!("/api/contexts/{context}/events?from={again}")).await;
+    let offsets: Vec<i64> = page["records"].as_array().unwrap().iter().map(|r| r["offset"].as_i64().unwrap()).collect();
+    assert_eq!(offsets, [again, frozen, after], "a is not fenced out by the refused fence: {page:#}");
+    let noted = vec![(o[0], a.to_owned()), (o[3], b.to_owned()), (back[0], a.to_owned())];
+    assert_eq!(world.directory.fences(&context).await.unwrap(), Fences::new(noted), "neither `again` nor `frozen`");
 }
 
 #[actix_rt::test]

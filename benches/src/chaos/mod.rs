@@ -276,7 +276,7 @@ async fn chaos(dir: &Path, nexus: &Path, short: bool) -> (Vec<FaultRow>, Verdict
     let runs = cluster.panel.runs.clone();
     let verdict = tokio::task::spawn_blocking(move || {
         verify::tool_calls(&callers, &runs, &brokers, &kills, &mut verdict);
-        if let Err(why) = turns::fenced_off(&askers, &brokers, &mut verdict) {
+        if let Err(why) = turns::fenced_off(&brokers, &mut verdict) {
             verdict.unreadable.push(format!("the raw journal: {why}"));
         }
         verdict

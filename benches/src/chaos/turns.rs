@@ -163,6 +163,7 @@ pub(super) async fn verify(shared: &Shared, askers: &[Arc<Asker>], verdict: &mut
             }
         }
         verdict.turns_lost += context.offsets.iter().filter(|o| !answers.contains_key(o)).count() as u64;
+        verdict.answers_read.insert(context.id.clone(), answers.clone());
         verdict.turns_twice += answers.values().filter(|&&n| n > 1).count() as u64;
         for (offset, _) in answers.iter().filter(|(_, &n)| n > 1) {
             eprintln!("chaos: context {} answered command {offset} twice:", context.id);
@@ -183,16 +184,13 @@ pub(super) async fn verify(shared: &Shared, askers: &[Arc<Asker>], verdict: &mut
     }
 }
 
-/// Counts, on the raw journal (as the broker holds it, not as readers see
-/// it), the messages of `askers`' contexts answered more than once, and
-/// notes in `verdict` how many of those readers leave out: late answers of
-/// a writer fenced off by the context's next one (a node paused past its
-/// lease). Not a failure: what counts is [`Verdict::turns_twice`].
-pub(super) fn fenced_off(askers: &[Arc<Asker>], brokers: &str, verdict: &mut Verdict) -> Result<(), String> {
-    let ids: HashSet<String> = askers
-        .iter()
-        .flat_map(|a| a.contexts.lock().expect("contexts").iter().map(|c| c.id.clone()).collect::<Vec<_>>())
-        .collect();
+/// Counts the messages answered more than once on the raw journal (as the
+/// broker holds it) that readers saw answered once: late answers of a
+/// writer fenced off by the context's next one (a node paused past its
+/// lease), which readers leave out. Not a failure: what counts is
+/// [`Verdict::turns_twice`]. Only contexts [`verify`] read are looked at.
+pub(super) fn fenced_off(brokers: &str, verdict: &mut Verdict) -> Result<(), String> {
+    let ids: HashSet<String> = verdict.answers_read.keys().cloned().collect();
     let mut answers: HashMap<(String, i64), u32> = HashMap::new();
     scan_events(brokers, |key, envelope| {
         let Some(key) = key.and_then(|k| std::str::from_utf8(k).ok()).filter(|k| ids.contains(*k)) else { return };
@@ -200,7 +198,10 @@ pub(super) fn fenced_off(askers: &[Arc<Asker>], brokers: &str, verdict: &mut Ver
             *answers.entry((key.to_owned(), offset)).or_default() += 1;
         }
     })?;
-    let raw_twice = answers.values().filter(|&&n| n > 1).count() as u64;
-    verdict.turns_twice_fenced_off = raw_twice.saturating_sub(verdict.turns_twice);
+    let read = &verdict.answers_read;
+    let left_out = answers.iter().filter(|((id, offset), &n)| {
+        n > 1 && read.get(id).is_some_and(|seen| seen.get(offset).copied().unwrap_or(0) == 1)
+    });
+    verdict.turns_twice_fenced_off = left_out.count() as u64;
     Ok(())
 }

@@ -59,9 +59,12 @@ pub(super) struct Verdict {
     pub(super) turns_lost: u64,
     /// Messages answered by more than one `turn_completed`.
     pub(super) turns_twice: u64,
-    /// Messages with more than one `turn_completed` on the raw journal
-    /// than readers see: a fenced-off writer's late answers, left out.
+    /// Messages answered more than once on the raw journal and once as
+    /// readers see it: a fenced-off writer's late answers, left out.
     pub(super) turns_twice_fenced_off: u64,
+    /// The answers (`turn_completed`) each context's journal showed its
+    /// readers, by command offset.
+    pub(super) answers_read: HashMap<String, HashMap<i64, u32>>,
     /// Model steps with more than one recorded response.
     pub(super) model_steps_twice: u64,
     /// Turns that completed with a failure (an answer, not a loss).

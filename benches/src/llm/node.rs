@@ -164,7 +164,7 @@ impl Api {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             // The journal may begin with its writer's fence: the creation follows it.
-            let page = self.get(&format!("/api/contexts/{id}/events?limit=4")).await?;
+            let page = self.get(&format!("/api/contexts/{id}/events?limit=16")).await?;
             let records = page["records"].as_array().map(Vec::as_slice).unwrap_or_default();
             if records.iter().any(|r| r["type"] == "nexus.context.created") {
                 return self.get(&format!("/api/contexts/{id}")).await;

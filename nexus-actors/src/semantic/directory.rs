@@ -10,8 +10,8 @@
 //! `nexus:context:{id}:snapshots` (sorted set: score the offset a snapshot
 //! folds up to, member the snapshot record's own offset) and
 //! `nexus:context:{id}:fences` (sorted set: score a fence record's offset,
-//! member `<offset> <writer>`; the latest [`MAX_FENCES`], each by another
-//! writer than the one before).
+//! member `<offset> <writer>`; the latest [`MAX_FENCES`]; a writer fencing
+//! again a context it fenced last is not noted again).
 
 use chrono::{DateTime, Utc};
 use redis::AsyncCommands;
@@ -65,6 +65,23 @@ local first = tonumber(redis.call('HGET', KEYS[2], 'first'))
 if first == nil or offset < first then redis.call('HSET', KEYS[2], 'first', offset) end
 local last = tonumber(redis.call('HGET', KEYS[2], 'last'))
 if last == nil or offset > last then redis.call('HSET', KEYS[2], 'last', offset) end
+return 1
+";
+
+/// Notes fence `ARGV[1]` of writer `ARGV[2]` unless the context is gone
+/// (0) or the writer's lease in `KEYS[3]` has run out by Redis's clock
+/// (-1); a writer that fenced last is not noted again (0); the latest
+/// `ARGV[3]` fences are kept. 1: noted.
+const FENCED_SCRIPT: &str = r"
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+local now = redis.call('TIME')
+local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+local lapses = tonumber(redis.call('ZSCORE', KEYS[3], ARGV[2]))
+if lapses == nil or lapses <= ms then return -1 end
+local last = redis.call('ZRANGE', KEYS[2], -1, -1)[1]
+if last and string.sub(last, string.find(last, ' ') + 1) == ARGV[2] then return 0 end
+redis.call('ZADD', KEYS[2], ARGV[1], ARGV[1] .. ' ' .. ARGV[2])
+redis.call('ZREMRANGEBYRANK', KEYS[2], 0, -(tonumber(ARGV[3]) + 1))
 return 1
 ";
 
@@ -126,11 +143,6 @@ impl Fences {
     pub fn new(mut fences: Vec<(i64, String)>) -> Self {
         fences.sort();
         Fences(fences)
-    }
-
-    /// The writer of the latest fence, if any.
-    pub fn latest(&self) -> Option<&str> {
-        self.0.last().map(|(_, writer)| writer.as_str())
     }
 
     /// Whether a record at `offset` made by `source` is a fenced-off
@@ -244,17 +256,33 @@ impl ContextDirectory {
     }
 
     /// Notes that `writer` fenced `id` with the record at `offset` of
-    /// `partition` (noted as journaled too).
-    pub async fn fenced(&self, id: &str, partition: i32, offset: i64, writer: &str) -> Result<(), StoreError> {
-        self.journaled(id, partition, offset).await?;
-        let key = fences_key(id);
-        redis::pipe()
-            .atomic()
-            .zadd(&key, format!("{offset} {writer}"), offset)
-            .zremrangebyrank(&key, 0, -(MAX_FENCES + 1))
-            .query_async::<()>(&mut self.redis.conn())
+    /// `partition` (noted as journaled too), if `writer` is live in
+    /// `writers` (a sorted set of writers by when they lapse, in ms since
+    /// the epoch) by Redis's clock: false when it is not, and the fence
+    /// does not count (a machine frozen past its lease, with its clock,
+    /// must not fence out the context's real owner).
+    pub async fn fenced(
+        &self,
+        id: &str,
+        partition: i32,
+        offset: i64,
+        writer: &str,
+        writers: &str,
+    ) -> Result<bool, StoreError> {
+        let noted: i64 = redis::Script::new(FENCED_SCRIPT)
+            .key(info_key(id))
+            .key(fences_key(id))
+            .key(writers)
+            .arg(offset)
+            .arg(writer)
+            .arg(MAX_FENCES)
+            .invoke_async(&mut self.redis.conn())
             .await?;
-        Ok(())
+        if noted < 0 {
+            return Ok(false);
+        }
+        self.journaled(id, partition, offset).await?;
+        Ok(true)
     }
 
     /// The fences of `id`.
@@ -311,6 +339,5 @@ mod tests {
         assert!(!fences.stale(30, "a"), "a's fence taking it back");
         assert!(fences.stale(31, "b"), "now b is the one fenced off");
         assert!(!Fences::default().stale(1, "a"), "a journal without fences: everything stands");
-        assert_eq!((fences.latest(), Fences::default().latest()), (Some("a"), None));
     }
 }

@@ -24,7 +24,6 @@ use super::writer::{Halt, JournalWriter};
 use crate::bus::kafka::{Nack, Produce};
 use crate::envelope::{Envelope, Payload};
 use crate::kernel::{ActorRef, Behaviour, Ctx, Handler, Kernel, Link, Reply};
-use crate::platform::store::StoreError;
 use crate::semantic::chat::{ChatMessage, Role};
 use crate::semantic::fold::Transcript;
 use crate::semantic::journal::{Journal, JournalError};
@@ -196,26 +195,22 @@ impl Worker {
 
     /// The context folded from its journal; `None` when it was never created.
     ///
-    /// The worker's first rebuild fences the context first, unless this
-    /// writer fenced it last, and folds up to the fence: what an earlier
-    /// writer (a node paused past its lease, say) got onto the journal
-    /// before the fence is folded in and resumed, and what lands after it
-    /// is dropped by every reader.
+    /// The worker's first rebuild fences the context and folds up to the
+    /// fence: what an earlier writer (a node paused past its lease, or an
+    /// earlier, halted worker of this one) got onto the journal before the
+    /// fence is folded in and resumed, and what another writer's lands
+    /// after it is dropped by every reader. The fence record goes out even
+    /// where this writer fenced last: it is also the point the fold reads
+    /// up to, after anything this process still had under way.
     async fn rebuild(&mut self) -> Result<Option<Transcript>, Nack> {
         self.deps.metrics.replays.inc();
         let directory = self.deps.journal.directory();
         let at = match self.fenced {
             true => None,
             false => {
-                let unreadable = |e: StoreError| Nack(format!("reading the directory: {e}"));
-                if directory.get(&self.id).await.map_err(unreadable)?.is_none() {
+                let known = directory.get(&self.id).await;
+                if known.map_err(|e| Nack(format!("reading the directory: {e}")))?.is_none() {
                     return Ok(None);
-                }
-                let fences = directory.fences(&self.id).await.map_err(unreadable)?;
-                if fences.latest() == Some(self.deps.writer.source.as_str()) {
-                    // Back after an idle stop: nobody has written since.
-                    self.fenced = true;
-                    return self.fold(None).await;
                 }
                 let fence = self.deps.writer.fence(&self.id).await;
                 let fence = fence.map_err(|e| Nack(format!("fencing the context: {e}")))?;

@@ -47,7 +47,9 @@ pub const RENEW: Duration = Duration::from_millis(1000);
 /// How long a lease lasts without renewal.
 pub const TTL: Duration = Duration::from_millis(5000);
 
-const MEMBERS: &str = "nexus:llm-managers:members";
+/// The live members (LLM manager processes), by when each lease lapses (ms
+/// since the epoch, Redis's clock).
+pub const MEMBERS: &str = "nexus:llm-managers:members";
 const OFFSETS: &str = "nexus:llm-managers:offsets";
 
 /// Renews `ARGV[1]` until Redis's now + `ARGV[2]` ms, drops lapsed members,

@@ -125,7 +125,9 @@ impl Handler<Command> for LlmManager {
         let alive = self.contexts.get(&command.context).is_some_and(|r| r.actor.is_alive());
         if !alive {
             if let Some(gone) = self.contexts.get(&command.context) {
-                // Its worker may still be finishing a turn: it writes no more.
+                // Its worker may still be finishing a turn: it starts no more
+                // writes (one under way may land: the next worker's fence
+                // comes after it, and folds it in).
                 gone.activity.halt.raise();
             }
             let activity = Arc::new(Activity::default());

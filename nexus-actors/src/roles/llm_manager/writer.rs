@@ -31,7 +31,7 @@ use crate::semantic::directory::ContextDirectory;
 use crate::semantic::fold::Entry;
 use crate::semantic::records::{ContextCreated, ContextFenced, Journaled, ThoughtDelta};
 
-use super::lease::Lease;
+use super::lease::{Lease, MEMBERS};
 use super::metrics::LlmMetrics;
 
 /// Why a record is not on the journal.
@@ -56,6 +56,10 @@ pub enum WriteError {
     /// readers would not know it: the writer does not rely on it.
     #[error("the fence could not be noted in the directory: {0}")]
     FenceNotNoted(StoreError),
+    /// Redis says this writer's lease has run out (its own clock stood
+    /// still): its fence does not count, and it writes no more.
+    #[error("the fence was refused: this writer's lease has run out")]
+    FenceRefused,
 }
 
 /// Writes journals. Cheap to clone.
@@ -184,8 +188,11 @@ impl JournalWriter {
         // Followers first: the directory is for readers, who read past it anyway.
         self.fan_out(context, &entry);
         if index && entry.envelope.kind == ContextFenced::TYPE {
-            let fenced = self.directory.fenced(context, delivered.partition, delivered.offset, &self.source).await;
-            fenced.map_err(WriteError::FenceNotNoted)?;
+            let (partition, offset) = (delivered.partition, delivered.offset);
+            let fenced = self.directory.fenced(context, partition, offset, &self.source, MEMBERS).await;
+            if !fenced.map_err(WriteError::FenceNotNoted)? {
+                return Err(WriteError::FenceRefused);
+            }
         } else if index {
             let first = entry.envelope.kind == ContextCreated::TYPE;
             match self.notes.clone().try_acquire_owned() {
