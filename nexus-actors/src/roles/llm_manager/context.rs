@@ -175,20 +175,32 @@ impl Worker {
     }
 
     async fn handle(&mut self, command: &Command) -> Result<(), Nack> {
-        let transcript = match self.transcript.take() {
+        if let Some(failed) = self.failed.filter(|failed| *failed < command.offset) {
+            // A context's commands are taken in order: a message must not be
+            // judged (and refused) before its context's creation, say, which
+            // failed on a broker's restart and is being delivered again.
+            return Err(Nack(format!("the context's command {failed} is not done yet")));
+        }
+        let result = self.fold_and_take(command).await;
+        // Whatever failed, this command is retried before any later one.
+        self.failed = result.as_ref().err().map(|_| command.offset);
+        result
+    }
+
+    /// Takes `command` on the context as folded so far (folded again from
+    /// the journal first when there is nothing folded).
+    async fn fold_and_take(&mut self, command: &Command) -> Result<(), Nack> {
+        let mut transcript = match self.transcript.take() {
             Some(t) => t,
-            None => match self.rebuild().await {
-                Ok(Some(t)) => t,
-                Ok(None) => return self.refuse(command, "no such context").await,
-                Err(nack) => return Err(nack),
+            None => match self.rebuild().await? {
+                Some(t) => t,
+                None => return self.refuse(command, "no such context").await,
             },
         };
-        let mut transcript = transcript;
         let result = self.take(command, &mut transcript).await;
         // After a failure the journal may hold more than was folded (an
         // append the broker took but did not acknowledge in time): the next
         // command starts from the journal again.
-        self.failed = result.as_ref().err().map(|_| command.offset);
         self.transcript = result.is_ok().then_some(transcript);
         result
     }
