@@ -208,6 +208,12 @@ impl ContextDirectory {
         Ok(Some(info))
     }
 
+    /// The context `id` if `user` may see it: its owner, or an admin.
+    /// `None` for anyone else, as for a missing one.
+    pub async fn visible(&self, id: &str, user: &str, admin: bool) -> Result<Option<ContextInfo>, StoreError> {
+        Ok(self.get(id).await?.filter(|info| admin || info.owner == user))
+    }
+
     /// The contexts of `owner`, newest first, at most `limit`.
     pub async fn list(&self, owner: &str, limit: usize) -> Result<Vec<ContextInfo>, StoreError> {
         let key = owner_key(owner);

@@ -215,10 +215,7 @@ impl ContextsApi {
     /// The context `id` if `user` may see it: its owner, or an admin.
     /// Anyone else gets [`ContextError::NotFound`], as for a missing one.
     pub async fn visible(&self, id: &str, user: &str, admin: bool) -> Result<ContextInfo, ContextError> {
-        match self.directory.get(id).await? {
-            Some(info) if admin || info.owner == user => Ok(info),
-            _ => Err(ContextError::NotFound),
-        }
+        self.directory.visible(id, user, admin).await?.ok_or(ContextError::NotFound)
     }
 
     /// Creates a context owned by `owner` (a fork when `parent` is given):

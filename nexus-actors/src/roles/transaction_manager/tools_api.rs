@@ -156,8 +156,8 @@ pub async fn call_tool(
         // Its records are keyed by it: a context id of someone else's would
         // put this caller's records into their journal.
         if is_context_id(&context) {
-            let info = ContextDirectory::new(state.platform.redis.clone()).get(&context).await?;
-            if !info.is_some_and(|info| caller.is_admin() || info.owner == caller.user) {
+            let directory = ContextDirectory::new(state.platform.redis.clone());
+            if directory.visible(&context, &caller.user, caller.is_admin()).await?.is_none() {
                 return Err(ApiError::NotFound("context"));
             }
         }
