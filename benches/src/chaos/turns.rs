@@ -134,15 +134,17 @@ async fn events(shared: &Shared, url: &str, id: &str, from: i64) -> Option<Vec<V
     page["records"].as_array().cloned()
 }
 
-/// Reads every context's journal back (waiting up to [`TURN_WAIT`] for
-/// turns still running) and counts turns lost, answered twice and failed.
+/// Reads every context's journal back (waiting up to [`TURN_WAIT`] in all
+/// for turns still running and for a node to answer) and counts turns
+/// lost, answered twice and failed.
 pub(super) async fn verify(shared: &Shared, askers: &[Arc<Asker>], verdict: &mut Verdict) {
     let contexts: Vec<Asked> = askers.iter().flat_map(|a| a.contexts.lock().expect("contexts").clone()).collect();
     let deadline = Instant::now() + TURN_WAIT;
     'contexts: for context in &contexts {
         verdict.turns_acked += context.offsets.len() as u64;
         let records = loop {
-            let read = from_any_node(shared, |url| async move { events(shared, &url, &context.id, 0).await }).await;
+            let read =
+                from_any_node(shared, deadline, |url| async move { events(shared, &url, &context.id, 0).await }).await;
             let Some(records) = read else {
                 verdict.unreadable.push(format!("the journal of context {}", context.id));
                 continue 'contexts;

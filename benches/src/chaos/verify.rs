@@ -21,7 +21,7 @@ use super::panel::Runs;
 /// How long followers have to converge once the load stops.
 pub(super) const CONVERGE_WITHIN: Duration = Duration::from_secs(5);
 
-/// How long what the system kept may take to be read back after the run.
+/// How long what the system kept may take to be read back after the run, in all.
 const READ_BACK_WITHIN: Duration = Duration::from_secs(30);
 
 /// What the run counts; every field but the totals must be zero.
@@ -109,9 +109,10 @@ pub(super) async fn documents(
     verdict: &mut Verdict,
 ) {
     let mut finals = Vec::new();
+    let until = Instant::now() + READ_BACK_WITHIN;
     for writer in writers {
         let Some((version, state)) =
-            from_any_node(shared, |url| async move { read(shared, &url, &writer.doc).await }).await
+            from_any_node(shared, until, |url| async move { read(shared, &url, &writer.doc).await }).await
         else {
             verdict.unreadable.push(format!("document {}", writer.doc));
             finals.push(None);
@@ -146,12 +147,14 @@ pub(super) async fn documents(
 }
 
 /// The first answer a node gives to `ask` (each asked in turn, again
-/// until [`READ_BACK_WITHIN`]); None when none did.
-pub(super) async fn from_any_node<T, Fut>(shared: &Shared, ask: impl Fn(String) -> Fut) -> Option<T>
+/// until `until`, at least once); None when none did. Readers of many
+/// things share one `until`, so that a run whose nodes are down ends its
+/// verdict in one wait, not in one wait per thing read.
+pub(super) async fn from_any_node<T, Fut>(shared: &Shared, until: Instant, ask: impl Fn(String) -> Fut) -> Option<T>
 where
     Fut: Future<Output = Option<T>>,
 {
-    let deadline = Instant::now() + READ_BACK_WITHIN;
+    let deadline = until;
     loop {
         for url in &shared.urls {
             if let Some(answer) = ask(url.clone()).await {
