@@ -63,26 +63,55 @@ async fn forward(
     response.body(Full::new(answer.bytes().await.unwrap())).unwrap()
 }
 
-#[actix_rt::test]
-async fn the_official_suite_finds_dns_rebinding_protection() {
+/// The suite's entry point, once `node` and it are there.
+fn suite() -> Option<std::path::PathBuf> {
     let suite = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../ui-tests/node_modules/@modelcontextprotocol/conformance/dist/index.js");
     let node_js = std::process::Command::new("node").arg("--version").output().is_ok_and(|o| o.status.success());
-    if !prerequisite(node_js && suite.exists(), "node and the MCP conformance suite (npm ci --prefix ui-tests)") {
-        return;
-    }
-    let node = TestNode::start("mcp-conformance", &[Role::TransactionManager]).await;
-    let admin = node.admin().await;
-    let port = token_proxy(node.node.http, admin.token().to_owned()).await;
+    prerequisite(node_js && suite.exists(), "node and the MCP conformance suite (npm ci --prefix ui-tests)")
+        .then_some(suite)
+}
+
+/// Runs `scenario` of `suite` against the proxy on `port`; its report, once it passed.
+async fn run(suite: &Path, port: u16, scenario: &str) -> String {
     let output = tokio::process::Command::new("node")
-        .arg(&suite)
-        .args(["server", "--url", &format!("http://localhost:{port}/mcp"), "--scenario", "dns-rebinding-protection"])
+        .arg(suite)
+        .args(["server", "--url", &format!("http://localhost:{port}/mcp"), "--scenario", scenario])
         .output()
         .await
         .expect("the suite runs");
     let report = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
     eprintln!("{report}");
-    assert!(output.status.success(), "the suite failed:\n{report}");
+    assert!(output.status.success(), "{scenario} failed:\n{report}");
+    report
+}
+
+#[actix_rt::test]
+async fn the_official_suite_passes_what_nexus_serves() {
+    let Some(suite) = suite() else { return };
+    let node = TestNode::start("mcp-conformance-served", &[Role::TransactionManager]).await;
+    let admin = node.admin().await;
+    let (status, _) = admin.post("/api/documents", serde_json::json!({"state": {"listed": true}})).await;
+    assert_eq!(status, 201);
+    let port = token_proxy(node.node.http, admin.token().to_owned()).await;
+    for scenario in
+        ["server-initialize", "ping", "tools-list", "logging-set-level", "completion-complete", "resources-list"]
+    {
+        let report = run(&suite, port, scenario).await;
+        let summary =
+            report.lines().find(|l| l.contains("Passed:")).unwrap_or_else(|| panic!("{scenario}: no summary"));
+        assert!(summary.contains(", 0 failed"), "{scenario}: {summary}");
+        assert!(!summary.contains("Passed: 0/"), "{scenario}: {summary}");
+    }
+}
+
+#[actix_rt::test]
+async fn the_official_suite_finds_dns_rebinding_protection() {
+    let Some(suite) = suite() else { return };
+    let node = TestNode::start("mcp-conformance", &[Role::TransactionManager]).await;
+    let admin = node.admin().await;
+    let port = token_proxy(node.node.http, admin.token().to_owned()).await;
+    let report = run(&suite, port, "dns-rebinding-protection").await;
     for check in ["localhost-host-rebinding-rejected", "localhost-host-valid-accepted"] {
         let line =
             report.lines().find(|l| l.contains(&format!("[{check}"))).unwrap_or_else(|| panic!("{check} not run"));

@@ -540,7 +540,7 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
             app = app
                 .configure(tm_role::configure(tm.clone(), openapi.clone()))
                 .configure(tm_role::tools_api::configure(tools.clone()))
-                .configure(tm_role::mcp::configure(tools.clone(), origins.clone()));
+                .configure(tm_role::mcp::configure(tools.clone(), tm.documents.clone(), origins.clone()));
         }
         if let Some((handle, panels)) = &pm_api {
             app = app.configure(pm_role::configure(handle.clone(), panels.clone()));

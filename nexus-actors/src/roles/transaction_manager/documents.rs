@@ -290,6 +290,16 @@ impl Documents {
         self.redis.read(|mut c| async move { c.hget(doc_key(id), "owner").await }).await
     }
 
+    /// The ids of `owner`'s documents, in order, without reading them: one
+    /// command, however many there are (at most their quota). An id whose
+    /// creation is under way, or failed before the periodic pruning, is
+    /// listed too; reading it finds nothing.
+    pub async fn ids_of(&self, owner: &str) -> Result<Vec<String>, StoreError> {
+        let mut ids: Vec<String> = self.redis.read(|mut c| async move { c.smembers(docs_key(owner)).await }).await?;
+        ids.sort_unstable();
+        Ok(ids)
+    }
+
     /// Every document of `owner`, by id.
     pub async fn of(&self, owner: &str) -> Result<Vec<Document>, StoreError> {
         let ids: Vec<String> = self.redis.read(|mut c| async move { c.smembers(docs_key(owner)).await }).await?;

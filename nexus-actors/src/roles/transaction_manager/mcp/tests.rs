@@ -1,0 +1,345 @@
+//! `/mcp` through actix-web's test service, on a Redis of the test's own.
+
+use actix_web::{test as web_test, App};
+use serde_json::json;
+
+use super::*;
+use crate::infra::RedisServer;
+use crate::kernel::{Behaviour, Ctx, Handler, Kernel, Reply};
+use crate::platform::auth::keys::{KeyRing, KeySet};
+use crate::platform::auth::{Audience, Auth};
+use crate::platform::store::Redis;
+use crate::platform::{Accounts, UserRole};
+use crate::tools::registry::{CallTool, ListTools};
+use crate::tools::ToolOwner;
+
+/// A registry with one system tool, `echo`, that returns its arguments
+/// (or fails with `tool_error` when they contain `fail`).
+struct FakeRegistry;
+
+impl Behaviour for FakeRegistry {
+    const KIND: &'static str = "fake_registry";
+}
+
+impl Handler<ListTools> for FakeRegistry {
+    fn handle(&mut self, msg: ListTools, _: &mut Ctx<Self>) -> Reply<Result<Vec<ToolSpec>, ToolError>> {
+        let echo = ToolSpec {
+            name: "echo".into(),
+            description: format!("echoes, for {}", msg.user),
+            input_schema: json!({"properties": {"text": {"type": "string"}}}),
+            owner: ToolOwner::System,
+        };
+        Reply::Now(Ok(vec![echo]))
+    }
+}
+
+impl Handler<CallTool> for FakeRegistry {
+    fn handle(&mut self, CallTool(call): CallTool, _: &mut Ctx<Self>) -> Reply<Result<Value, ToolError>> {
+        Reply::Now(match call.tool.as_str() {
+            "echo" if call.arguments.get("fail").is_some() => Err(ToolError::failed("asked to fail")),
+            "echo" => Ok(json!({"caller": call.caller, "arguments": call.arguments})),
+            tool => Err(ToolError::NotFound { tool: tool.to_owned() }),
+        })
+    }
+}
+
+fn tools_api() -> ToolsApi {
+    let kernel = Kernel::new("test");
+    let registry = kernel.spawn("registry", || FakeRegistry);
+    ToolsApi { call: registry.link("mcp"), list: registry.link("mcp") }
+}
+
+/// A Redis of the test's own with the users `ada` and `bob`, tokens over
+/// it, and `ada`'s token.
+async fn auth(name: &str) -> (RedisServer, Auth, String) {
+    let dir = std::env::temp_dir().join(format!("nexus-mcp-{name}-{}", std::process::id()));
+    let redis = RedisServer::start(&dir, false).expect("redis-server starts");
+    let accounts = Accounts::connect(&redis.url()).await.expect("redis answers");
+    accounts.set("ada", "no-login", UserRole::User).await.expect("stored");
+    accounts.set("bob", "no-login", UserRole::User).await.expect("stored");
+    let auth = Auth::new(KeyRing::new(KeySet::generate()), accounts);
+    let (token, _) = auth.issue("ada", &Audience::Api).await.expect("a token");
+    (redis, auth, token)
+}
+
+/// The documents in `redis`.
+async fn documents(redis: &RedisServer) -> Documents {
+    Documents::new(Redis::connect(&redis.url()).await.expect("redis answers"))
+}
+
+/// The rules of a node listening on every address.
+fn anywhere() -> OriginPolicy {
+    OriginPolicy::for_listener("0.0.0.0:7070".parse().expect("an address"), Vec::new())
+}
+
+#[actix_rt::test]
+async fn a_rebound_name_or_a_foreign_page_is_refused_before_authentication() {
+    let (redis, auth, token) = auth("rebinding").await;
+    let loopback = OriginPolicy::for_listener("127.0.0.1:7070".parse().expect("an address"), Vec::new());
+    let app = web_test::init_service(App::new().app_data(web::Data::new(auth)).configure(configure(
+        tools_api(),
+        documents(&redis).await,
+        loopback,
+    )))
+    .await;
+    let init = json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+        "protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "t", "version": "0"}}});
+    for (host, origin) in [("evil.example.com", None), ("localhost:7070", Some("http://evil.example.com"))] {
+        let mut req = rpc(Some(&token), init.clone()).insert_header(("Host", host));
+        if let Some(origin) = origin {
+            req = req.insert_header(("Origin", origin));
+        }
+        let resp = web_test::call_service(&app, req.to_request()).await;
+        assert_eq!(resp.status(), StatusCode::FORBIDDEN, "{host} {origin:?}");
+        let body: Value = web_test::read_body_json(resp).await;
+        assert_eq!(body["error"], "forbidden_origin");
+    }
+    let anonymous = rpc(None, init.clone()).insert_header(("Host", "evil.example.com")).to_request();
+    assert_eq!(web_test::call_service(&app, anonymous).await.status(), StatusCode::FORBIDDEN, "before the token");
+    let own = rpc(Some(&token), init)
+        .insert_header(("Host", "localhost:7070"))
+        .insert_header(("Origin", "http://localhost:7070"))
+        .to_request();
+    assert_eq!(web_test::call_service(&app, own).await.status(), StatusCode::OK);
+}
+
+fn rpc(token: Option<&str>, body: Value) -> web_test::TestRequest {
+    let mut req = web_test::TestRequest::post()
+        .uri(PATH)
+        .insert_header(("Host", "nexus.example.com"))
+        .insert_header(("Accept", "application/json, text/event-stream"))
+        .insert_header(("Content-Type", "application/json"))
+        .insert_header(("MCP-Protocol-Version", "2025-06-18"))
+        .set_payload(body.to_string());
+    if let Some(token) = token {
+        req = req.insert_header(("Authorization", format!("Bearer {token}")));
+    }
+    req
+}
+
+#[actix_rt::test]
+async fn serves_tools_to_the_authenticated_user() {
+    let (redis, auth, token) = auth("serves").await;
+    let app = web_test::init_service(App::new().app_data(web::Data::new(auth)).configure(configure(
+        tools_api(),
+        documents(&redis).await,
+        anywhere(),
+    )))
+    .await;
+
+    let init = json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+        "protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "t", "version": "0"}}});
+    let resp = web_test::call_service(&app, rpc(None, init.clone()).to_request()).await;
+    assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(resp.headers().get("www-authenticate").unwrap(), "Bearer");
+    let body: Value = web_test::read_body_json(resp).await;
+    assert_eq!(body["error"], "unauthorized");
+
+    let resp = web_test::call_service(&app, rpc(Some("not.a.token"), init.clone()).to_request()).await;
+    assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+
+    let resp = web_test::call_service(&app, rpc(Some(&token), init).to_request()).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert!(resp.headers().get("mcp-session-id").is_none(), "stateless");
+    let body: Value = web_test::read_body_json(resp).await;
+    assert_eq!(body["result"]["serverInfo"]["name"], "nexus");
+    assert_eq!(body["result"]["protocolVersion"], "2025-06-18");
+    assert!(body["result"]["capabilities"]["tools"].is_object());
+
+    let list = json!({"jsonrpc": "2.0", "id": 2, "method": "tools/list"});
+    let body: Value = web_test::call_and_read_body_json(&app, rpc(Some(&token), list).to_request()).await;
+    let tools = body["result"]["tools"].as_array().unwrap();
+    assert_eq!(tools.len(), 1);
+    assert_eq!(tools[0]["name"], "echo");
+    assert_eq!(tools[0]["description"], "echoes, for ada");
+    assert_eq!(tools[0]["inputSchema"]["type"], "object");
+
+    let call = json!({"jsonrpc": "2.0", "id": 3, "method": "tools/call",
+        "params": {"name": "echo", "arguments": {"text": "hi"}}});
+    let body: Value = web_test::call_and_read_body_json(&app, rpc(Some(&token), call).to_request()).await;
+    let result = &body["result"];
+    assert_eq!(result["isError"], false);
+    assert_eq!(result["structuredContent"], json!({"caller": "ada", "arguments": {"text": "hi"}}));
+    let text: Value = serde_json::from_str(result["content"][0]["text"].as_str().unwrap()).unwrap();
+    assert_eq!(text, result["structuredContent"]);
+
+    for (id, params, expected) in [
+        (4, json!({"name": "echo", "arguments": {"fail": true}}), "tool_error: asked to fail"),
+        (5, json!({"name": "nope"}), "not_found: no tool named \"nope\" is available to you"),
+    ] {
+        let call = json!({"jsonrpc": "2.0", "id": id, "method": "tools/call", "params": params});
+        let body: Value = web_test::call_and_read_body_json(&app, rpc(Some(&token), call).to_request()).await;
+        assert_eq!(body["result"]["isError"], true, "{body}");
+        assert_eq!(body["result"]["content"][0]["text"], expected);
+    }
+
+    let get = web_test::TestRequest::get()
+        .uri(PATH)
+        .insert_header(("Host", "nexus.example.com"))
+        .insert_header(("Accept", "text/event-stream"))
+        .insert_header(("Authorization", format!("Bearer {token}")))
+        .to_request();
+    let resp = web_test::call_service(&app, get).await;
+    assert_eq!(resp.status(), StatusCode::METHOD_NOT_ALLOWED);
+}
+
+#[actix_rt::test]
+async fn refuses_bodies_over_the_limit() {
+    let (redis, auth, token) = auth("limit").await;
+    let app = web_test::init_service(App::new().app_data(web::Data::new(auth)).configure(configure(
+        tools_api(),
+        documents(&redis).await,
+        anywhere(),
+    )))
+    .await;
+    let big = json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call",
+        "params": {"name": "echo", "arguments": {"text": "x".repeat(MAX_BODY)}}});
+    let resp = web_test::call_service(&app, rpc(Some(&token), big).to_request()).await;
+    assert_eq!(resp.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    let body: Value = web_test::read_body_json(resp).await;
+    assert_eq!(body["error"], "too_large");
+}
+
+#[actix_rt::test]
+async fn streams_sse_answers() {
+    // The endpoint answers JSON; make rmcp choose SSE to exercise streaming.
+    let config = StreamableHttpServerConfig::default().with_legacy_session_mode(false).disable_allowed_hosts();
+    let (redis, _, _) = auth("sse").await;
+    let handler = NexusMcp { tools: tools_api(), resources: DocumentResources::new(documents(&redis).await) };
+    let mut service =
+        StreamableHttpService::new(move || Ok(handler.clone()), Arc::new(NeverSessionManager::default()), config);
+    let call = json!({"jsonrpc": "2.0", "id": 7, "method": "tools/call",
+        "params": {"name": "echo", "arguments": {"text": "hi"}}});
+    let req = rpc(None, call.clone()).to_http_request();
+    let request = to_http_request(&req, Bytes::from(call.to_string()), McpUser("ada".into())).unwrap();
+    let response = match service.call(request).await {
+        Ok(response) => response,
+        Err(never) => match never {},
+    };
+    let response = to_actix_response(response).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    assert!(response.headers().get("content-type").unwrap().to_str().unwrap().starts_with("text/event-stream"));
+    let body = actix_web::body::to_bytes(response.into_body()).await.unwrap();
+    let text = std::str::from_utf8(&body).unwrap();
+    let data = text.lines().find_map(|l| l.strip_prefix("data:").filter(|d| !d.trim().is_empty())).unwrap();
+    let message: Value = serde_json::from_str(data.trim()).unwrap();
+    assert_eq!(message["id"], 7);
+    assert_eq!(message["result"]["structuredContent"]["caller"], "ada");
+}
+
+#[test]
+fn results_map_to_mcp() {
+    let text = tool_result(Ok(json!("plain")));
+    assert_eq!(text.content[0].as_text().unwrap().text, "plain");
+    assert_eq!(text.structured_content, None);
+    let list = tool_result(Ok(json!([1, 2])));
+    assert_eq!(list.content[0].as_text().unwrap().text, "[1,2]");
+    assert_eq!(list.structured_content, None);
+    let error = tool_result(Err(ToolError::Timeout { timeout_ms: 5 }));
+    assert_eq!(error.is_error, Some(true));
+    assert_eq!(error.content[0].as_text().unwrap().text, "timeout: no answer within the deadline of 5 ms");
+}
+
+#[actix_rt::test]
+async fn documents_are_resources_of_their_owner_only() {
+    let (redis, auth, ada) = auth("resources").await;
+    let (bob, _) = auth.issue("bob", &Audience::Api).await.expect("a token");
+    let docs = documents(&redis).await;
+    let mut own = Vec::new();
+    for n in 0..resources::PAGE + 5 {
+        let id = uuid::Uuid::now_v7().to_string();
+        docs.create(&id, "ada", &json!({"n": n}), 1000).await.expect("created");
+        own.push(id);
+    }
+    let foreign = uuid::Uuid::now_v7().to_string();
+    docs.create(&foreign, "bob", &json!({"secret": true}), 1000).await.expect("created");
+    let app = web_test::init_service(App::new().app_data(web::Data::new(auth)).configure(configure(
+        tools_api(),
+        docs,
+        anywhere(),
+    )))
+    .await;
+    let call = |token: &str, method: &str, params: Value| {
+        let body = json!({"jsonrpc": "2.0", "id": 1, "method": method, "params": params});
+        web_test::call_and_read_body_json::<_, _, Value>(&app, rpc(Some(token), body).to_request())
+    };
+
+    let init = call(
+        &ada,
+        "initialize",
+        json!({"protocolVersion": "2025-06-18", "capabilities": {},
+        "clientInfo": {"name": "t", "version": "0"}}),
+    )
+    .await;
+    for capability in ["resources", "completions", "logging", "tools"] {
+        assert!(init["result"]["capabilities"][capability].is_object(), "{capability}: {init}");
+    }
+
+    // Two pages, in id order, exactly the caller's documents.
+    let first = call(&ada, "resources/list", json!({})).await;
+    let page = first["result"]["resources"].as_array().expect("resources").clone();
+    assert_eq!(page.len(), resources::PAGE);
+    let cursor = first["result"]["nextCursor"].as_str().expect("a next page");
+    let second = call(&ada, "resources/list", json!({"cursor": cursor})).await;
+    assert!(second["result"].get("nextCursor").is_none(), "{second}");
+    let listed: Vec<String> = page
+        .iter()
+        .chain(second["result"]["resources"].as_array().expect("resources"))
+        .map(|r| r["uri"].as_str().expect("a uri").to_owned())
+        .collect();
+    let mut expected: Vec<String> = own.iter().map(|id| format!("nexus://documents/{id}")).collect();
+    expected.sort();
+    assert_eq!(listed, expected);
+    assert_eq!(page[0]["mimeType"], "application/json");
+    let bobs = call(&bob, "resources/list", json!({})).await;
+    assert_eq!(
+        bobs["result"]["resources"],
+        json!([{"uri": format!("nexus://documents/{foreign}"),
+        "name": foreign, "mimeType": "application/json"}])
+    );
+    let bad = call(&ada, "resources/list", json!({"cursor": "../../etc"})).await;
+    assert_eq!(bad["error"]["code"], -32602, "{bad}");
+
+    let templates = call(&ada, "resources/templates/list", json!({})).await;
+    assert_eq!(templates["result"]["resourceTemplates"][0]["uriTemplate"], resources::TEMPLATE);
+
+    let uri = format!("nexus://documents/{}", own[3]);
+    let read = call(&ada, "resources/read", json!({"uri": uri})).await;
+    let contents = &read["result"]["contents"][0];
+    assert_eq!(contents["uri"], uri);
+    assert_eq!(contents["mimeType"], "application/json");
+    assert_eq!(contents["_meta"]["version"], 1);
+    assert_eq!(serde_json::from_str::<Value>(contents["text"].as_str().expect("text")).expect("json"), json!({"n": 3}));
+
+    // Someone else's document reads like one that does not exist.
+    let missing = uuid::Uuid::now_v7().to_string();
+    for uri in
+        [format!("nexus://documents/{foreign}"), format!("nexus://documents/{missing}"), "file:///etc/passwd".into()]
+    {
+        let refused = call(&ada, "resources/read", json!({"uri": uri})).await;
+        assert_eq!(refused["error"]["code"], -32002, "{uri}: {refused}");
+        assert_eq!(refused["error"]["message"], format!("no resource {uri:?} is available to you"));
+        assert!(!refused.to_string().contains("secret"), "{refused}");
+    }
+
+    let template = json!({"type": "ref/resource", "uri": resources::TEMPLATE});
+    let typed = &own[7][..own[7].len() - 1];
+    let completed =
+        call(&ada, "completion/complete", json!({"ref": template, "argument": {"name": "id", "value": typed}})).await;
+    assert_eq!(completed["result"]["completion"]["values"], json!([own[7]]), "{completed}");
+    assert_eq!(completed["result"]["completion"]["total"], 1);
+    let everything =
+        call(&ada, "completion/complete", json!({"ref": template, "argument": {"name": "id", "value": ""}})).await;
+    assert_eq!(everything["result"]["completion"]["values"].as_array().map(Vec::len), Some(100));
+    assert_eq!(everything["result"]["completion"]["total"], resources::PAGE + 5);
+    assert_eq!(everything["result"]["completion"]["hasMore"], true);
+    let probe =
+        call(&ada, "completion/complete", json!({"ref": template, "argument": {"name": "id", "value": foreign}})).await;
+    assert_eq!(probe["result"]["completion"]["values"], json!([]), "{probe}");
+    let other = json!({"type": "ref/resource", "uri": "nexus://panels/{id}"});
+    let none = call(&ada, "completion/complete", json!({"ref": other, "argument": {"name": "id", "value": ""}})).await;
+    assert_eq!(none["result"]["completion"]["values"], json!([]), "{none}");
+
+    let level = call(&ada, "logging/setLevel", json!({"level": "debug"})).await;
+    assert_eq!(level["result"], json!({}), "{level}");
+}
