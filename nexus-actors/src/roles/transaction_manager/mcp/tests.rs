@@ -104,13 +104,25 @@ async fn a_rebound_name_or_a_foreign_page_is_refused_before_authentication() {
 }
 
 fn rpc(token: Option<&str>, body: Value) -> web_test::TestRequest {
+    rpc_as("2025-06-18", token, body)
+}
+
+/// [`rpc`] for protocol revision `version`.
+fn rpc_as(version: &str, token: Option<&str>, body: Value) -> web_test::TestRequest {
     let mut req = web_test::TestRequest::post()
         .uri(PATH)
         .insert_header(("Host", "nexus.example.com"))
         .insert_header(("Accept", "application/json, text/event-stream"))
         .insert_header(("Content-Type", "application/json"))
-        .insert_header(("MCP-Protocol-Version", "2025-06-18"))
+        .insert_header(("MCP-Protocol-Version", version))
         .set_payload(body.to_string());
+    // 2026-07-28 names the method, and what it acts on, in headers too.
+    if let Some(method) = body["method"].as_str().filter(|_| version >= "2026") {
+        req = req.insert_header(("Mcp-Method", method.to_owned()));
+        if let Some(name) = body["params"]["uri"].as_str().or(body["params"]["name"].as_str()) {
+            req = req.insert_header(("Mcp-Name", name.to_owned()));
+        }
+    }
     if let Some(token) = token {
         req = req.insert_header(("Authorization", format!("Bearer {token}")));
     }
@@ -342,4 +354,49 @@ async fn documents_are_resources_of_their_owner_only() {
 
     let level = call(&ada, "logging/setLevel", json!({"level": "debug"})).await;
     assert_eq!(level["result"], json!({}), "{level}");
+}
+
+#[actix_rt::test]
+async fn protocol_revisions_are_negotiated() {
+    let (redis, auth, token) = auth("revisions").await;
+    let app = web_test::init_service(App::new().app_data(web::Data::new(auth)).configure(configure(
+        tools_api(),
+        documents(&redis).await,
+        anywhere(),
+    )))
+    .await;
+    let call = |version: &str, method: &str, params: Value| {
+        let body = json!({"jsonrpc": "2.0", "id": 1, "method": method, "params": params});
+        web_test::call_and_read_body_json::<_, _, Value>(&app, rpc_as(version, Some(&token), body).to_request())
+    };
+    let hello = |version: &str| json!({"protocolVersion": version, "capabilities": {}, "clientInfo": {"name": "t", "version": "0"}});
+    // Revisions with `initialize` get the one they asked for, an unknown
+    // one (or 2026-07-28, which has no `initialize`) the latest of them.
+    for (asked, answered) in [
+        ("2024-11-05", "2024-11-05"),
+        ("2025-03-26", "2025-03-26"),
+        ("2025-06-18", "2025-06-18"),
+        ("2025-11-25", "2025-11-25"),
+        ("2099-01-01", "2025-11-25"),
+        ("2026-07-28", "2025-11-25"),
+    ] {
+        let init = call(asked, "initialize", hello(asked)).await;
+        assert_eq!(init["result"]["protocolVersion"], answered, "{asked}: {init}");
+    }
+    // 2026-07-28: discovery instead of a handshake, and each request says
+    // its revision and the client's capabilities in `_meta`.
+    let meta = json!({"io.modelcontextprotocol/protocolVersion": "2026-07-28",
+        "io.modelcontextprotocol/clientCapabilities": {}});
+    let discover = call("2026-07-28", "server/discover", json!({"_meta": meta})).await;
+    let versions = discover["result"]["supportedVersions"].as_array().expect("versions").clone();
+    assert!(versions.contains(&json!("2025-11-25")) && versions.contains(&json!("2026-07-28")), "{discover}");
+    assert!(discover["result"]["capabilities"]["resources"].is_object(), "{discover}");
+    let tools = call("2026-07-28", "tools/list", json!({"_meta": meta})).await;
+    assert_eq!(tools["result"]["tools"][0]["name"], "echo", "{tools}");
+    assert_eq!(tools["result"]["cacheScope"], "private", "a caller's listing is theirs: {tools}");
+    let uri = format!("nexus://documents/{}", uuid::Uuid::now_v7());
+    let read = call("2026-07-28", "resources/read", json!({"_meta": meta, "uri": uri})).await;
+    // That revision reports a missing resource as invalid params.
+    assert_eq!(read["error"]["code"], -32602, "{read}");
+    assert_eq!(read["error"]["message"], format!("no resource {uri:?} is available to you"));
 }
