@@ -1,5 +1,6 @@
 // The tool registry as an MCP server: the official MCP TypeScript SDK
-// connects to `/mcp` over Streamable HTTP, lists and calls tools. Run by
+// connects to `/mcp` over Streamable HTTP, lists and calls tools, and
+// lists, reads and completes documents as resources. Run by
 // nexus-bin/tests/tools_e2e.rs against a real `nexus dev` (NEXUS_URL,
 // NEXUS_PASSWORD; NEXUS_PANEL_TOOL names a panel's `word_count` tool, as
 // `<panel-id>.word_count`, when a panel and its sidecar are running;
@@ -90,6 +91,45 @@ test("the tool registry is an MCP server at /mcp", async (t) => {
       assert.equal(again.structuredContent.context, context, "the same context goes on");
       const foreign = await client.callTool({ name: "llm_ask", arguments: { context: "00000000-0000-7000-8000-000000000000", message: "hi" } });
       assert.equal(foreign.isError, true, "a context that is not the caller's is refused");
+    });
+
+    await t.test("documents are resources of their owner only", async () => {
+      assert.ok(client.getServerCapabilities()?.resources, "the server offers resources");
+      const doc = await api("/api/documents", { token, body: { state: { title: "a resource" } } });
+      const uri = `nexus://documents/${doc.id}`;
+      let listed = [];
+      let cursor;
+      do {
+        const page = await client.listResources(cursor ? { cursor } : {});
+        listed = listed.concat(page.resources.map((r) => r.uri));
+        cursor = page.nextCursor;
+      } while (cursor);
+      assert.ok(listed.includes(uri), `${uri} in ${listed}`);
+      const { resourceTemplates } = await client.listResourceTemplates();
+      assert.equal(resourceTemplates[0].uriTemplate, "nexus://documents/{id}");
+      const { contents } = await client.readResource({ uri });
+      assert.equal(contents[0].mimeType, "application/json");
+      assert.deepEqual(JSON.parse(contents[0].text), { title: "a resource" });
+      assert.equal(contents[0]._meta.version, 1);
+      const { completion } = await client.complete({
+        ref: { type: "ref/resource", uri: "nexus://documents/{id}" },
+        argument: { name: "id", value: doc.id.slice(0, 35) },
+      });
+      assert.deepEqual(completion.values, [doc.id]);
+
+      // Another user's document reads like one that does not exist.
+      const name = `mcp-other-${Date.now()}`;
+      await api("/api/users", { token, body: { username: name, password: "another-password-1" } });
+      const other = await api("/api/login", { body: { username: name, password: "another-password-1" } });
+      const theirs = await api("/api/documents", { token: other.token, body: { state: { secret: true } } });
+      for (const probe of [`nexus://documents/${theirs.id}`, "nexus://documents/00000000-0000-7000-8000-000000000000"]) {
+        await assert.rejects(client.readResource({ uri: probe }), (err) => {
+          assert.equal(err.code, -32002, `${probe}: ${err}`);
+          assert.doesNotMatch(String(err.message), /secret/);
+          return true;
+        });
+      }
+      await client.setLoggingLevel("info");
     });
 
     await t.test("failures are tool errors, with a message", async () => {
