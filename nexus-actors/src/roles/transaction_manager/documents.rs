@@ -292,8 +292,8 @@ impl Documents {
 
     /// The ids of `owner`'s documents, in order, without reading them: one
     /// command, however many there are (at most their quota). An id whose
-    /// creation is under way, or failed before the periodic pruning, is
-    /// listed too; reading it finds nothing.
+    /// creation failed after it was reserved stays until the periodic
+    /// pruning and is listed too; reading it finds nothing.
     pub async fn ids_of(&self, owner: &str) -> Result<Vec<String>, StoreError> {
         let mut ids: Vec<String> = self.redis.read(|mut c| async move { c.smembers(docs_key(owner)).await }).await?;
         ids.sort_unstable();

@@ -2,8 +2,10 @@
 //! as the document's JSON state, with its version in `_meta`. Listing
 //! (paginated), reading and completing a template's `id` only ever see the
 //! caller's own documents: any other URI, a foreign document's included, is
-//! "resource not found" (-32002), exactly like one that never existed, so
-//! a probe learns nothing about documents that are not the caller's.
+//! "resource not found" (-32002), worded exactly like one that never
+//! existed, and answered from its owner alone before its state is read, so
+//! a probe through `/mcp` learns nothing about documents that are not the
+//! caller's.
 //!
 //! This module maps documents to MCP's resource types. It does not
 //! authenticate: every request reaching it carries the user [`super`]
@@ -71,8 +73,15 @@ impl DocumentResources {
 
     /// The document `uri` names, if it is `user`'s.
     pub(super) async fn read(&self, user: &str, uri: &str) -> Result<ReadResourceResult, McpError> {
-        let not_found = || McpError::resource_not_found(format!("no resource {uri:?} is available to you"), None);
+        let not_found =
+            || McpError::resource_not_found(format!("no resource {:?} is available to you", shown(uri)), None);
         let id = uri.strip_prefix(PREFIX).filter(|id| is_document_id(id)).ok_or_else(not_found)?;
+        // The owner first: someone else's document is refused as fast as a
+        // missing one, its state never read.
+        let owner = self.documents.owner(id).await.map_err(unavailable)?;
+        if owner.as_deref() != Some(user) {
+            return Err(not_found());
+        }
         let doc = self.documents.get(id).await.map_err(unavailable)?;
         let doc = doc.filter(|doc| doc.owner == user).ok_or_else(not_found)?;
         let mut meta = MetaObject::default();
@@ -106,6 +115,13 @@ impl DocumentResources {
     }
 }
 
+/// At most the first 200 characters of `uri`: an error names what was
+/// asked for without echoing a megabyte back.
+fn shown(uri: &str) -> &str {
+    uri.char_indices().nth(200).map_or(uri, |(at, _)| &uri[..at])
+}
+
 fn unavailable(error: StoreError) -> McpError {
+    tracing::warn!(%error, "nexus_mcp_resources: the documents could not be read");
     McpError::internal_error(format!("unavailable: the documents could not be read: {error}"), None)
 }

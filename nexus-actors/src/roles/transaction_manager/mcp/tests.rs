@@ -331,7 +331,6 @@ async fn documents_are_resources_of_their_owner_only() {
         let refused = call(&ada, "resources/read", json!({"uri": uri})).await;
         assert_eq!(refused["error"]["code"], -32002, "{uri}: {refused}");
         assert_eq!(refused["error"]["message"], format!("no resource {uri:?} is available to you"));
-        assert!(!refused.to_string().contains("secret"), "{refused}");
     }
 
     let template = json!({"type": "ref/resource", "uri": resources::TEMPLATE});
@@ -354,6 +353,67 @@ async fn documents_are_resources_of_their_owner_only() {
 
     let level = call(&ada, "logging/setLevel", json!({"level": "debug"})).await;
     assert_eq!(level["result"], json!({}), "{level}");
+}
+
+#[actix_rt::test]
+async fn a_full_page_is_the_last_and_no_spelling_of_an_id_reads_it() {
+    let (redis, auth, ada) = auth("resource-edges").await;
+    let docs = documents(&redis).await;
+    let mut own = Vec::new();
+    for n in 0..resources::PAGE {
+        let id = uuid::Uuid::now_v7().to_string();
+        docs.create(&id, "ada", &json!({"n": n}), 1000).await.expect("created");
+        own.push(id);
+    }
+    own.sort();
+    let deleted = docs.get(&own[49]).await.expect("read").expect("there");
+    let app = web_test::init_service(App::new().app_data(web::Data::new(auth)).configure(configure(
+        tools_api(),
+        docs.clone(),
+        anywhere(),
+    )))
+    .await;
+    let call = |method: &str, params: Value| {
+        let body = json!({"jsonrpc": "2.0", "id": 1, "method": method, "params": params});
+        web_test::call_and_read_body_json::<_, _, Value>(&app, rpc(Some(&ada), body).to_request())
+    };
+
+    let all = call("resources/list", json!({})).await;
+    assert_eq!(all["result"]["resources"].as_array().map(Vec::len), Some(resources::PAGE));
+    assert!(all["result"].get("nextCursor").is_none(), "a full page is the last: {all}");
+    let template = json!({"type": "ref/resource", "uri": resources::TEMPLATE});
+    let every = call("completion/complete", json!({"ref": template, "argument": {"name": "id", "value": ""}})).await;
+    assert_eq!(every["result"]["completion"]["total"], resources::PAGE);
+    assert_eq!(every["result"]["completion"]["hasMore"], false);
+
+    // A page goes on after its cursor's id, even once that document is gone.
+    docs.delete(&deleted).await.expect("deleted");
+    let rest = call("resources/list", json!({"cursor": own[49]})).await;
+    let uris: Vec<&str> =
+        rest["result"]["resources"].as_array().expect("a page").iter().filter_map(|r| r["uri"].as_str()).collect();
+    let expected: Vec<String> = own[50..].iter().map(|id| format!("nexus://documents/{id}")).collect();
+    assert_eq!(uris, expected);
+
+    // The caller's own document, spelled any other way, is not a resource.
+    let id = &own[7];
+    for uri in [
+        format!("nexus://documents/{}", id.to_uppercase()),
+        format!("NEXUS://documents/{id}"),
+        format!("nexus://documents/{id}/"),
+        format!("nexus://documents//{id}"),
+        format!("nexus://documents/{id}?x=1"),
+        format!("nexus://documents/{}", id.replacen('-', "%2D", 1)),
+        format!("nexus://documents/../documents/{id}"),
+    ] {
+        let read = call("resources/read", json!({"uri": uri})).await;
+        assert_eq!(read["error"]["code"], -32002, "{uri}: {read}");
+    }
+    let long = format!("nexus://documents/{}", "x".repeat(5000));
+    let read = call("resources/read", json!({"uri": long})).await;
+    let message = read["error"]["message"].as_str().expect("a message");
+    assert!(message.len() < 300, "the error does not echo the whole URI: {} bytes", message.len());
+    let read = call("resources/read", json!({"uri": format!("nexus://documents/{id}")})).await;
+    assert_eq!(read["result"]["contents"][0]["uri"], format!("nexus://documents/{id}"), "{read}");
 }
 
 #[actix_rt::test]
