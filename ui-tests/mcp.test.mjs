@@ -95,6 +95,9 @@ test("the tool registry is an MCP server at /mcp", async (t) => {
 
     await t.test("documents are resources of their owner only", async () => {
       assert.ok(client.getServerCapabilities()?.resources, "the server offers resources");
+      // Documents are followed through 2026-07-28's subscriptions/listen; a
+      // client that initializes speaks an earlier revision.
+      assert.equal(client.getServerCapabilities().resources.subscribe, undefined);
       const doc = await api("/api/documents", { token, body: { state: { title: "a resource" } } });
       const uri = `nexus://documents/${doc.id}`;
       let listed = [];

@@ -43,6 +43,8 @@ pub struct Metrics {
     pub bus_redelivered: IntCounterVec,
     /// `nexus_sessions_too_slow_total`: WebSocket clients disconnected for not reading.
     pub sessions_too_slow: prometheus::IntCounter,
+    /// `nexus_mcp_listens_too_slow_total`: MCP listens dropped for not reading.
+    pub mcp_listens_too_slow: prometheus::IntCounter,
     /// `nexus_redis_subscriptions`: channels and patterns the node's Redis bridge holds.
     pub redis_subscriptions: prometheus::IntGauge,
     /// `nexus_mcp_exec_total{tool,outcome}`: tool calls by tool and outcome.
@@ -105,6 +107,12 @@ impl Metrics {
         )
         .expect("valid metric definition");
         registry.register(Box::new(sessions_too_slow.clone())).expect("metric registered once");
+        let mcp_listens_too_slow = prometheus::IntCounter::new(
+            "nexus_mcp_listens_too_slow_total",
+            "MCP subscriptions/listen requests dropped because their client did not read",
+        )
+        .expect("valid metric definition");
+        registry.register(Box::new(mcp_listens_too_slow.clone())).expect("metric registered once");
         let redis_subscriptions = prometheus::IntGauge::new(
             "nexus_redis_subscriptions",
             "Channels and patterns the node's Redis bridge subscribes to",
@@ -267,6 +275,7 @@ impl Metrics {
             ),
             mailbox_depth,
             sessions_too_slow,
+            mcp_listens_too_slow,
             redis_subscriptions,
             registry,
         }

@@ -532,6 +532,8 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
     let auth = platform.auth.clone();
     let origins = OriginPolicy::for_listener(config.http, config.allowed_origins.clone());
     let open_sessions = sessions.open();
+    let listens =
+        tm.as_ref().map(|_| tm_role::mcp::Listens::new(kernel.clone(), &bridges.redis, actix::Arbiter::current()));
     let upgrades = tm.clone().map(|state| tm_role::session::upgrades(state, sessions));
     let options = ServerOptions { workers: 2, keep_alive: HTTP_KEEP_ALIVE, shutdown_timeout: config.drain_timeout };
     let app = move || {
@@ -540,7 +542,12 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
             app = app
                 .configure(tm_role::configure(tm.clone(), openapi.clone()))
                 .configure(tm_role::tools_api::configure(tools.clone()))
-                .configure(tm_role::mcp::configure(tools.clone(), tm.documents.clone(), origins.clone()));
+                .configure(tm_role::mcp::configure(
+                    tools.clone(),
+                    tm.documents.clone(),
+                    listens.clone(),
+                    origins.clone(),
+                ));
         }
         if let Some((handle, panels)) = &pm_api {
             app = app.configure(pm_role::configure(handle.clone(), panels.clone()));

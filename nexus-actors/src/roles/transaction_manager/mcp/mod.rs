@@ -1,7 +1,8 @@
 //! The Model Context Protocol surface of a node: `/mcp`, an MCP server over
 //! Streamable HTTP (rmcp), offering each caller the tools the registry lets
 //! them use (system tools and their own panels' tools) and their documents
-//! as resources ([`resources`]), with completion of document ids and
+//! as resources ([`resources`]), followed through `subscriptions/listen`
+//! ([`subscriptions`]), with completion of document ids and
 //! `logging/setLevel`.
 //!
 //! This module owns the protocol: authentication of the request, the bridge
@@ -10,9 +11,10 @@
 //! tools itself: `tools/call` goes through [`ToolsApi`] to the node's
 //! registry, which validates, routes, counts and records the call.
 //!
-//! The server is stateless (no `Mcp-Session-Id`, no server-initiated
-//! messages): every POST is one JSON-RPC exchange answered with a JSON body,
-//! so any transaction-manager node behind a load balancer can serve it.
+//! The server is stateless (no `Mcp-Session-Id`): every POST is one
+//! JSON-RPC exchange answered with a JSON body, except a listen, whose
+//! answer is the SSE stream of its notifications, so any
+//! transaction-manager node behind a load balancer can serve it.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -25,13 +27,14 @@ use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
 use rmcp::model::{
     CallToolRequestParams, CallToolResponse, CallToolResult, CompleteRequestParams, CompleteResult, ContentBlock,
-    Implementation, JsonObject, ListResourceTemplatesResult, ListResourcesResult, ListToolsResult,
-    PaginatedRequestParams, ReadResourceRequestParams, ReadResourceResponse, ServerCapabilities, ServerConfig, Tool,
+    Implementation, InitializeRequestParams, InitializeResult, JsonObject, ListResourceTemplatesResult,
+    ListResourcesResult, ListToolsResult, PaginatedRequestParams, ReadResourceRequestParams, ReadResourceResponse,
+    ServerCapabilities, ServerConfig, SubscriptionFilter, Tool,
 };
 // Deprecated by a later revision than 2025-11-25 (SEP-2577), which clients still speak.
 #[allow(deprecated)]
 use rmcp::model::SetLevelRequestParams;
-use rmcp::service::RequestContext;
+use rmcp::service::{RequestContext, SubscriptionContext};
 use rmcp::transport::streamable_http_server::session::never::NeverSessionManager;
 use rmcp::transport::streamable_http_server::{StreamableHttpServerConfig, StreamableHttpService};
 use rmcp::{ErrorData as McpError, RoleServer, ServerHandler};
@@ -52,8 +55,10 @@ pub const PATH: &str = "/mcp";
 pub const MAX_BODY: usize = 1024 * 1024;
 
 mod resources;
+mod subscriptions;
 
 use resources::DocumentResources;
+pub use subscriptions::Listens;
 
 /// What clients are told about this server when they connect.
 const INSTRUCTIONS: &str = "Tools of a Nexus deployment: system tools (e.g. `list_documents`) and the tools of \
@@ -70,11 +75,16 @@ type Endpoint = StreamableHttpService<NexusMcp, NeverSessionManager>;
 /// Registers `/mcp` (POST, GET and DELETE all reach the transport, which
 /// decides: in stateless mode GET and DELETE are answered 405). Requests
 /// whose `Host` or `Origin` `policy` refuses get 403 before anything else.
-pub fn configure(tools: ToolsApi, documents: Documents, policy: OriginPolicy) -> impl FnOnce(&mut web::ServiceConfig) {
+pub fn configure(
+    tools: ToolsApi,
+    documents: Documents,
+    listens: Option<Listens>,
+    policy: OriginPolicy,
+) -> impl FnOnce(&mut web::ServiceConfig) {
     move |cfg| {
         cfg.service(
             web::resource(PATH)
-                .app_data(web::Data::new(endpoint(tools, documents)))
+                .app_data(web::Data::new(endpoint(tools, documents, listens)))
                 .app_data(web::Data::new(policy))
                 .route(web::post().to(serve))
                 .route(web::get().to(serve))
@@ -84,19 +94,22 @@ pub fn configure(tools: ToolsApi, documents: Documents, policy: OriginPolicy) ->
 }
 
 /// The rmcp service: stateless, JSON responses, requests of any `Host`.
-fn endpoint(tools: ToolsApi, documents: Documents) -> Endpoint {
+fn endpoint(tools: ToolsApi, documents: Documents, listens: Option<Listens>) -> Endpoint {
     let config = StreamableHttpServerConfig::default()
         // No sessions: nothing to share between nodes, nothing to expire.
         .with_legacy_session_mode(false)
-        // A plain JSON body for each answer (SSE only if a handler emitted
-        // something before its result, which ours never do).
+        // A plain JSON body for each answer (SSE only where something goes
+        // out before the result: a listen's acknowledgement and updates).
         .with_json_response(true)
         // Host and Origin are checked by the node's OriginPolicy before a
         // request gets here, under the node's own rules (loopback names on
         // a loopback listener, any name elsewhere).
         .disable_allowed_hosts()
-        .with_max_request_body_bytes(MAX_BODY);
-    let handler = NexusMcp { tools, resources: DocumentResources::new(documents) };
+        .with_max_request_body_bytes(MAX_BODY)
+        // A listen's stream carries a ping this often: writing it is how a
+        // client gone away is noticed, and its subscriptions given up.
+        .with_sse_keep_alive(Some(subscriptions::KEEP_ALIVE));
+    let handler = NexusMcp { tools, resources: DocumentResources::new(documents), listens };
     StreamableHttpService::new(move || Ok(handler.clone()), Arc::new(NeverSessionManager::default()), config)
 }
 
@@ -188,6 +201,8 @@ async fn to_actix_response(response: http::Response<BoxBody<Bytes, Infallible>>)
 struct NexusMcp {
     tools: ToolsApi,
     resources: DocumentResources,
+    /// `subscriptions/listen`, where the node has a Redis bridge to follow documents through.
+    listens: Option<Listens>,
 }
 
 impl ServerHandler for NexusMcp {
@@ -195,12 +210,15 @@ impl ServerHandler for NexusMcp {
         // Logging is deprecated by a later revision (SEP-2577) but part of
         // 2025-11-25, which clients still speak.
         #[allow(deprecated)]
-        let capabilities = ServerCapabilities::builder()
+        let mut capabilities = ServerCapabilities::builder()
             .enable_logging()
             .enable_completions()
             .enable_resources()
             .enable_tools()
             .build();
+        if let Some(resources) = capabilities.resources.as_mut().filter(|_| self.listens.is_some()) {
+            resources.subscribe = Some(true);
+        }
         ServerConfig::new(capabilities)
             .with_server_info(Implementation::new("nexus", env!("CARGO_PKG_VERSION")))
             .with_instructions(INSTRUCTIONS)
@@ -226,6 +244,35 @@ impl ServerHandler for NexusMcp {
         let arguments = Value::Object(request.arguments.unwrap_or_default());
         let outcome = self.tools.call(ToolCall::new(request.name.into_owned(), arguments, user)).await;
         Ok(tool_result(outcome).into())
+    }
+
+    /// `resources/subscribe` needs sessions, which this stateless server
+    /// does not keep: documents are followed only through 2026-07-28's
+    /// `subscriptions/listen`, a revision without `initialize`. So whoever
+    /// initializes is not told `subscribe`.
+    async fn initialize(
+        &self,
+        request: InitializeRequestParams,
+        context: RequestContext<RoleServer>,
+    ) -> Result<InitializeResult, McpError> {
+        context.peer.set_peer_info(request.clone());
+        let mut result = self.negotiate_initialize(&request)?;
+        if let Some(resources) = result.capabilities.resources.as_mut() {
+            resources.subscribe = None;
+        }
+        Ok(result)
+    }
+
+    fn accepted_subscription_filter(&self, requested: &SubscriptionFilter) -> Option<SubscriptionFilter> {
+        self.listens.as_ref().map(|_| Listens::accepted(requested))
+    }
+
+    async fn listen(&self, context: SubscriptionContext) -> Result<(), McpError> {
+        let user = user_of(context.request_context())?;
+        match &self.listens {
+            Some(listens) => listens.listen(&user, self.resources.documents(), context).await,
+            None => Err(McpError::internal_error("this node follows no documents", None)),
+        }
     }
 
     async fn list_resources(

@@ -41,6 +41,11 @@ impl DocumentResources {
         DocumentResources { documents }
     }
 
+    /// The documents they are.
+    pub(super) fn documents(&self) -> &Documents {
+        &self.documents
+    }
+
     /// One page of `user`'s documents, in id order. The cursor is the last
     /// id of the page before: a page never repeats or skips a document that
     /// stayed while the caller paged, whatever was created or deleted.
@@ -75,13 +80,7 @@ impl DocumentResources {
     pub(super) async fn read(&self, user: &str, uri: &str) -> Result<ReadResourceResult, McpError> {
         let not_found =
             || McpError::resource_not_found(format!("no resource {:?} is available to you", shown(uri)), None);
-        let id = uri.strip_prefix(PREFIX).filter(|id| is_document_id(id)).ok_or_else(not_found)?;
-        // The owner first: someone else's document is refused as fast as a
-        // missing one, its state never read.
-        let owner = self.documents.owner(id).await.map_err(unavailable)?;
-        if owner.as_deref() != Some(user) {
-            return Err(not_found());
-        }
+        let id = owned(&self.documents, user, uri).await?;
         let doc = self.documents.get(id).await.map_err(unavailable)?;
         let doc = doc.filter(|doc| doc.owner == user).ok_or_else(not_found)?;
         let mut meta = MetaObject::default();
@@ -112,6 +111,20 @@ impl DocumentResources {
         let completion = CompletionInfo::with_pagination(values, Some(total as u32), more)
             .map_err(|e| McpError::internal_error(e, None))?;
         Ok(CompleteResult::new(completion))
+    }
+}
+
+/// The id of the document `uri` names, when it is `user`'s; else "resource
+/// not found", alike for someone else's document, a missing one and any
+/// other URI. Answered from the owner alone: someone else's document is
+/// refused as fast as a missing one, its state never read.
+pub(super) async fn owned<'u>(documents: &Documents, user: &str, uri: &'u str) -> Result<&'u str, McpError> {
+    let not_found = || McpError::resource_not_found(format!("no resource {:?} is available to you", shown(uri)), None);
+    let id = uri.strip_prefix(PREFIX).filter(|id| is_document_id(id)).ok_or_else(not_found)?;
+    let owner = documents.owner(id).await.map_err(unavailable)?;
+    match owner.as_deref() == Some(user) {
+        true => Ok(id),
+        false => Err(not_found()),
     }
 }
 

@@ -79,6 +79,7 @@ async fn a_rebound_name_or_a_foreign_page_is_refused_before_authentication() {
     let app = web_test::init_service(App::new().app_data(web::Data::new(auth)).configure(configure(
         tools_api(),
         documents(&redis).await,
+        None,
         loopback,
     )))
     .await;
@@ -135,6 +136,7 @@ async fn serves_tools_to_the_authenticated_user() {
     let app = web_test::init_service(App::new().app_data(web::Data::new(auth)).configure(configure(
         tools_api(),
         documents(&redis).await,
+        None,
         anywhere(),
     )))
     .await;
@@ -201,6 +203,7 @@ async fn refuses_bodies_over_the_limit() {
     let app = web_test::init_service(App::new().app_data(web::Data::new(auth)).configure(configure(
         tools_api(),
         documents(&redis).await,
+        None,
         anywhere(),
     )))
     .await;
@@ -217,7 +220,8 @@ async fn streams_sse_answers() {
     // The endpoint answers JSON; make rmcp choose SSE to exercise streaming.
     let config = StreamableHttpServerConfig::default().with_legacy_session_mode(false).disable_allowed_hosts();
     let (redis, _, _) = auth("sse").await;
-    let handler = NexusMcp { tools: tools_api(), resources: DocumentResources::new(documents(&redis).await) };
+    let handler =
+        NexusMcp { tools: tools_api(), resources: DocumentResources::new(documents(&redis).await), listens: None };
     let mut service =
         StreamableHttpService::new(move || Ok(handler.clone()), Arc::new(NeverSessionManager::default()), config);
     let call = json!({"jsonrpc": "2.0", "id": 7, "method": "tools/call",
@@ -268,6 +272,7 @@ async fn documents_are_resources_of_their_owner_only() {
     let app = web_test::init_service(App::new().app_data(web::Data::new(auth)).configure(configure(
         tools_api(),
         docs,
+        None,
         anywhere(),
     )))
     .await;
@@ -370,6 +375,7 @@ async fn a_full_page_is_the_last_and_no_spelling_of_an_id_reads_it() {
     let app = web_test::init_service(App::new().app_data(web::Data::new(auth)).configure(configure(
         tools_api(),
         docs.clone(),
+        None,
         anywhere(),
     )))
     .await;
@@ -422,6 +428,7 @@ async fn protocol_revisions_are_negotiated() {
     let app = web_test::init_service(App::new().app_data(web::Data::new(auth)).configure(configure(
         tools_api(),
         documents(&redis).await,
+        None,
         anywhere(),
     )))
     .await;
