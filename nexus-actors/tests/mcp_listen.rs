@@ -32,7 +32,12 @@ async fn listen(base: &str, client: &ApiClient, uris: &[String]) -> reqwest::Res
 
 /// The next JSON-RPC message of an SSE `stream` (within 10 s, pings aside).
 async fn next_message(stream: &mut reqwest::Response, buffer: &mut String) -> Value {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    next_message_within(stream, buffer, Duration::from_secs(10)).await
+}
+
+/// The next JSON-RPC message of an SSE `stream` within `wait`.
+async fn next_message_within(stream: &mut reqwest::Response, buffer: &mut String, wait: Duration) -> Value {
+    let deadline = tokio::time::Instant::now() + wait;
     loop {
         if let Some(end) = buffer.find("\n\n") {
             let event: String = buffer.drain(..end + 2).collect();
@@ -144,12 +149,47 @@ async fn a_listen_hears_a_change_made_through_another_node_and_only_the_owners_d
         message = next_message(&mut over, &mut buffer_over).await;
     }
     assert!(message["error"]["message"].as_str().is_some_and(|m| m.contains("too many listens")), "{message}");
-    let bobs = listen(&base, &bob, &[format!("nexus://documents/{theirs}")]).await;
-    assert!(bobs.status().is_success(), "another user is not held to ada's cap");
+    let mut bobs = listen(&base, &bob, &[format!("nexus://documents/{theirs}")]).await;
+    let mut bob_buffer = String::new();
+    let ack = next_message(&mut bobs, &mut bob_buffer).await;
+    assert_eq!(ack["method"], "notifications/subscriptions/acknowledged", "bob is not held to ada's cap: {ack}");
+    let (status, body) = bob.patch(&format!("/api/documents/{theirs}"), json!({"version": 1, "patch": {"n": 1}})).await;
+    assert_eq!(status, 200, "{body}");
+    let updated = next_message(&mut bobs, &mut bob_buffer).await;
+    assert_eq!(updated["params"]["uri"], format!("nexus://documents/{theirs}"), "{updated}");
+    // Ada's listen heard nothing of bob's document.
+    let (status, body) = ada.patch(&format!("/api/documents/{doc}"), json!({"version": 2, "patch": {"n": 2}})).await;
+    assert_eq!(status, 200, "{body}");
+    let next = next_message(&mut stream, &mut buffer).await;
+    assert_eq!(next["params"]["uri"], uri, "{next}");
+    assert_eq!(next["params"]["_meta"]["version"], 3, "{next}");
 
     // Closing the requests gives their subscriptions up.
     drop((stream, more, over, bobs));
     until(15, "the listens' subscriptions given up", || async { redis_subscriptions(&a.node) == before }).await;
+
+    // More than 256 documents is refused; so is none.
+    let many: Vec<String> = (0..257).map(|_| format!("nexus://documents/{}", uuid::Uuid::now_v7())).collect();
+    for uris in [many, Vec::new()] {
+        let mut refused = listen(&base, &ada, &uris).await;
+        let mut buffer = String::new();
+        let mut message = next_message(&mut refused, &mut buffer).await;
+        if message["method"] == "notifications/subscriptions/acknowledged" {
+            message = next_message(&mut refused, &mut buffer).await;
+        }
+        assert_eq!(message["error"]["code"], -32602, "{message}");
+    }
+
+    // A listen ends with its token: logging out ends it within a check.
+    let session = ApiClient::login(&base, "ada", "ada-password").await;
+    let mut ending = listen(&base, &session, std::slice::from_ref(&uri)).await;
+    let mut buffer = String::new();
+    let ack = next_message(&mut ending, &mut buffer).await;
+    assert_eq!(ack["method"], "notifications/subscriptions/acknowledged", "{ack}");
+    let (status, body) = session.post("/api/logout", json!({})).await;
+    assert!(status.is_success(), "{body}");
+    let ended = next_message_within(&mut ending, &mut buffer, Duration::from_secs(25)).await;
+    assert_eq!(ended["error"]["message"], "the listen ended: token revoked (logged out)", "{ended}");
     b.stop().await.expect("node b stops");
     a.stop().await;
 }

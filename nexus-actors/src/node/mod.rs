@@ -532,8 +532,9 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
     let auth = platform.auth.clone();
     let origins = OriginPolicy::for_listener(config.http, config.allowed_origins.clone());
     let open_sessions = sessions.open();
-    let listens =
-        tm.as_ref().map(|_| tm_role::mcp::Listens::new(kernel.clone(), &bridges.redis, actix::Arbiter::current()));
+    let listens = tm
+        .as_ref()
+        .map(|_| tm_role::mcp::Listens::new(kernel.clone(), &bridges.redis, actix::Arbiter::current(), drain.clone()));
     let upgrades = tm.clone().map(|state| tm_role::session::upgrades(state, sessions));
     let options = ServerOptions { workers: 2, keep_alive: HTTP_KEEP_ALIVE, shutdown_timeout: config.drain_timeout };
     let app = move || {

@@ -282,6 +282,14 @@ impl Documents {
         Ok(Some(Document { id: id.to_owned(), owner, version, state }))
     }
 
+    /// Document `id`'s version, without reading its state.
+    pub async fn version(&self, id: &str) -> Result<Option<u64>, StoreError> {
+        if !is_document_id(id) {
+            return Ok(None);
+        }
+        self.redis.read(|mut c| async move { c.hget(doc_key(id), "version").await }).await
+    }
+
     /// Who owns document `id`, without reading its state.
     pub async fn owner(&self, id: &str) -> Result<Option<String>, StoreError> {
         if !is_document_id(id) {

@@ -43,7 +43,8 @@ use tower_service::Service as _;
 
 use super::tools_api::ToolsApi;
 use super::Documents;
-use crate::platform::auth::extract::authenticate;
+use crate::platform::auth::extract::{authenticate, bearer};
+use crate::platform::auth::Auth;
 use crate::platform::http::{read_body, BodyError};
 use crate::platform::origin::OriginPolicy;
 use crate::platform::ApiError;
@@ -58,6 +59,7 @@ mod resources;
 mod subscriptions;
 
 use resources::DocumentResources;
+use subscriptions::Credentials;
 pub use subscriptions::Listens;
 
 /// What clients are told about this server when they connect.
@@ -124,11 +126,19 @@ async fn serve(
     let header = |name| req.headers().get(name).and_then(|v| v.to_str().ok());
     policy.check(header(actix_web::http::header::HOST), header(actix_web::http::header::ORIGIN))?;
     let caller = authenticate(&req).await?;
+    // A listen checks its token again while it lasts.
+    let credentials = req.app_data::<web::Data<Auth>>().and_then(|auth| {
+        let token = bearer(req.headers().get(actix_web::http::header::AUTHORIZATION)?.to_str().ok())?;
+        Some(Credentials { user: caller.user.clone(), token: token.to_owned(), auth: auth.get_ref().clone() })
+    });
     let body = read_body(&req, payload, MAX_BODY).await.map_err(|e| match e {
         BodyError::TooLarge { limit } => ApiError::BodyTooLarge { limit },
         BodyError::Unreadable(e) => ApiError::BadRequest(format!("reading the body: {e}")),
     })?;
-    let request = to_http_request(&req, body, McpUser(caller.user))?;
+    let mut request = to_http_request(&req, body, McpUser(caller.user))?;
+    if let Some(credentials) = credentials {
+        request.extensions_mut().insert(credentials);
+    }
     let response = match endpoint.get_ref().clone().call(request).await {
         Ok(response) => response,
         Err(never) => match never {},
@@ -268,9 +278,15 @@ impl ServerHandler for NexusMcp {
     }
 
     async fn listen(&self, context: SubscriptionContext) -> Result<(), McpError> {
-        let user = user_of(context.request_context())?;
+        let credentials = context
+            .request_context()
+            .extensions
+            .get::<http::request::Parts>()
+            .and_then(|parts| parts.extensions.get::<Credentials>())
+            .cloned()
+            .ok_or_else(|| McpError::internal_error("the request carries no credentials", None))?;
         match &self.listens {
-            Some(listens) => listens.listen(&user, self.resources.documents(), context).await,
+            Some(listens) => listens.listen(&credentials, self.resources.documents(), context).await,
             None => Err(McpError::internal_error("this node follows no documents", None)),
         }
     }

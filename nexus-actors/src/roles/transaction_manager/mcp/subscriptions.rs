@@ -9,7 +9,9 @@
 //! before anything is subscribed; someone else's document is refused like
 //! a missing one. A client that stops reading its stream is dropped and
 //! counted (`nexus_mcp_listens_too_slow_total`), never holding the bridge;
-//! listens are capped per user and per node.
+//! listens are capped per user and per node. A listen ends with its token
+//! (checked again every [`TOKEN_CHECK`], as WebSocket sessions do) and with
+//! the node's drain.
 //!
 //! This module owns listens. It reads no document's state: a notification
 //! says only which document changed and to which version. The legacy
@@ -26,7 +28,7 @@ use rmcp::model::{
     MetaObject, NotificationMetaObject, ResourceUpdatedNotification, ResourceUpdatedNotificationParam,
     ServerNotification, SubscriptionFilter,
 };
-use rmcp::service::SubscriptionContext;
+use rmcp::service::{SubscriptionContext, SubscriptionSendError};
 use rmcp::ErrorData as McpError;
 use serde::Deserialize as _;
 use serde_json::json;
@@ -37,9 +39,13 @@ use crate::bus::redis::{RedisBus, Subscribe, Topic, Unsubscribe};
 use crate::bus::BusEvent;
 use crate::envelope::Payload;
 use crate::kernel::{Behaviour, Ctx, Handler, Kernel, Link, Reply};
+use crate::platform::auth::{Audience, Auth, AuthError};
 use crate::platform::channels;
+use crate::platform::drain::Drain;
+use crate::platform::store::StoreError;
 use crate::roles::transaction_manager::api::documents::DocumentChanged;
 use crate::roles::transaction_manager::documents::{is_document_id, Documents};
+use crate::roles::transaction_manager::session::TOKEN_CHECK;
 
 /// Documents one listen may follow.
 pub(super) const MAX_URIS: usize = 256;
@@ -48,7 +54,9 @@ pub(super) const MAX_PER_USER: usize = 16;
 /// Listens a node holds open.
 pub(super) const MAX_PER_NODE: usize = 10_000;
 /// Changes waiting for a listen's client; more means it does not read.
-const QUEUE: usize = 64;
+/// As large as the listener's mailbox: a reading client is never judged
+/// by a burst, only by [`SEND_WITHIN`].
+const QUEUE: usize = 1024;
 /// How often a listen's stream carries a ping, by which a client gone away
 /// is noticed.
 pub(super) const KEEP_ALIVE: Duration = Duration::from_secs(3);
@@ -66,15 +74,17 @@ pub struct Listens {
     unsubscribe: Link<Unsubscribe>,
     open: Arc<Mutex<HashMap<String, usize>>>,
     too_slow: prometheus::IntCounter,
+    drain: Drain,
 }
 
 impl Listens {
     /// Listens of `kernel`'s node, through `bridge`, their listeners on
-    /// `arbiter`.
-    pub fn new(kernel: Kernel, bridge: &RedisBus, arbiter: ArbiterHandle) -> Self {
+    /// `arbiter`, until `drain`.
+    pub fn new(kernel: Kernel, bridge: &RedisBus, arbiter: ArbiterHandle, drain: Drain) -> Self {
         let too_slow = kernel.metrics().mcp_listens_too_slow.clone();
         Listens {
             arbiter,
+            drain,
             subscribe: bridge.link("mcp"),
             unsubscribe: bridge.link("mcp"),
             kernel,
@@ -83,8 +93,9 @@ impl Listens {
         }
     }
 
-    /// The document URIs of `requested` this server follows: deduplicated,
-    /// at most [`MAX_URIS`]; nothing else (no list changes).
+    /// The document URIs of `requested` this server follows, deduplicated
+    /// (a listen of more than [`MAX_URIS`] is refused once it runs);
+    /// nothing else (no list changes).
     pub(super) fn accepted(requested: &SubscriptionFilter) -> SubscriptionFilter {
         let mut uris: Vec<String> = requested
             .resource_subscriptions
@@ -95,24 +106,34 @@ impl Listens {
             .collect();
         uris.sort_unstable();
         uris.dedup();
-        uris.truncate(MAX_URIS);
         let mut filter = SubscriptionFilter::new();
         filter.resource_subscriptions = Some(uris);
         filter
     }
 
-    /// Runs one listen for `user` until its request ends, its client stops
-    /// reading, or the subscription fails.
+    /// Runs one listen for `caller` until its request ends, its client
+    /// stops reading, its token ends, or the node drains.
     pub(super) async fn listen(
         &self,
-        user: &str,
+        caller: &Credentials,
         documents: &Documents,
         context: SubscriptionContext,
     ) -> Result<(), McpError> {
-        let uris = context.accepted().resource_subscriptions.clone().unwrap_or_default();
-        // Before any side effect: every URI is the caller's.
+        let user = caller.user.as_str();
+        let mut uris = context.accepted().resource_subscriptions.clone().unwrap_or_default();
+        // rmcp keeps the client's repeats: a document is followed once.
+        uris.sort_unstable();
+        uris.dedup();
+        if uris.is_empty() || uris.len() > MAX_URIS {
+            let message = format!("a listen follows 1 to {MAX_URIS} of your documents (nexus://documents/{{id}})");
+            return Err(McpError::invalid_params(message, None));
+        }
+        // Before any side effect: every URI is the caller's. The versions
+        // seen now tell what changed before the subscriptions were live.
+        let mut seen = BTreeMap::new();
         for uri in &uris {
-            owned(documents, user, uri).await?;
+            let doc = owned(documents, user, uri).await?;
+            seen.insert(doc.to_owned(), documents.version(doc).await.map_err(unavailable)?.unwrap_or(0));
         }
         let _slot = self.admit(user)?;
         let (tx, mut rx) = mpsc::channel(QUEUE);
@@ -125,51 +146,61 @@ impl Listens {
         };
         drop(tx);
         let mut following = Following { listens: self, listener: id, docs: Vec::new(), stop: listener.clone() };
-        for uri in &uris {
-            let doc = &uri[PREFIX.len()..];
+        for doc in seen.keys() {
+            // Noted first: a subscription the bridge took is given up however this ends.
+            following.docs.push(doc.clone());
             let request = Subscribe { topic: topic(doc), subscriber: listener.link("redis-bridge") };
             match self.subscribe.ask(request).await {
-                Ok(Ok(())) => following.docs.push(doc.to_owned()),
-                _ => return Err(McpError::internal_error("unavailable: the documents could not be followed", None)),
+                Ok(Ok(())) => {}
+                // The bridge subscribes it again when Redis is back, and the
+                // `Up` that follows its `Down` announces every document.
+                Ok(Err(error)) => tracing::debug!(%doc, %error, "listen's subscription not confirmed yet"),
+                Err(_) => return Err(McpError::internal_error("the node is stopping", None)),
+            }
+        }
+        let mut changed = BTreeMap::new();
+        for (doc, before) in seen {
+            let now = documents.version(&doc).await.map_err(unavailable)?.unwrap_or(0);
+            if now > before {
+                changed.insert(doc, now);
             }
         }
         let sink = context.sink().clone();
+        let drained = self.drain.started();
+        tokio::pin!(drained);
+        let mut check = tokio::time::interval_at(tokio::time::Instant::now() + TOKEN_CHECK, TOKEN_CHECK);
         loop {
-            let first = tokio::select! {
-                update = rx.recv() => update,
-                () = context.cancelled() => return Ok(()),
-            };
-            let Some(first) = first else { return Ok(()) };
-            // What waits is merged: one notification per document, at its latest version.
-            let mut changed = BTreeMap::new();
-            let mut update = Some(first);
-            while let Some(next) = update {
-                match next {
-                    Update::Changed { doc, version } => {
-                        let at = changed.entry(doc).or_insert(version);
-                        *at = (*at).max(version);
+            if changed.is_empty() {
+                let first = tokio::select! {
+                    update = rx.recv() => update,
+                    () = context.cancelled() => return Ok(()),
+                    // Ended: the client goes on through another node.
+                    () = &mut drained => return Ok(()),
+                    _ = check.tick() => {
+                        caller.still_valid().await?;
+                        continue;
                     }
-                    // Changes may have been missed while the bus was down.
-                    Update::Resync => changed.extend(following.docs.iter().map(|doc| (doc.clone(), 0))),
-                }
-                update = rx.try_recv().ok();
+                };
+                let Some(first) = first else { return Ok(()) };
+                merge(&mut changed, first, &following.docs);
+            }
+            // What waits is merged: one notification per document, at its latest version.
+            while let Ok(next) = rx.try_recv() {
+                merge(&mut changed, next, &following.docs);
             }
             if overflowed.load(Ordering::Relaxed) {
                 return Err(self.dropped(user));
             }
-            for (doc, version) in changed {
-                let mut notification =
-                    ResourceUpdatedNotification::new(ResourceUpdatedNotificationParam::new(format!("{PREFIX}{doc}")));
-                if version > 0 {
-                    let mut meta = MetaObject::default();
-                    meta.0.insert("version".into(), json!(version));
-                    // In the extensions: the sink adds the subscription id there.
-                    notification.extensions.insert(NotificationMetaObject(meta));
-                }
-                let sent = sink.send(ServerNotification::ResourceUpdatedNotification(notification));
+            for (doc, version) in std::mem::take(&mut changed) {
+                let sent = sink.send(ServerNotification::ResourceUpdatedNotification(updated(&doc, version)));
                 match tokio::time::timeout(SEND_WITHIN, sent).await {
                     Ok(Ok(())) => {}
-                    Ok(Err(_)) => return Ok(()),
+                    // The client's request ended meanwhile.
+                    Ok(Err(SubscriptionSendError::SubscriptionClosed)) => return Ok(()),
+                    Ok(Err(error)) => {
+                        tracing::warn!(%error, "a listen's notification was refused");
+                        return Err(McpError::internal_error(error.to_string(), None));
+                    }
                     Err(_) => return Err(self.dropped(user)),
                 }
             }
@@ -194,6 +225,69 @@ impl Listens {
         tracing::warn!(user, "nexus_mcp_listens_too_slow_total: a listen's client stopped reading; dropped");
         McpError::internal_error("the client did not read its notifications in time", None)
     }
+}
+
+/// Adds `update` to what is to be announced.
+fn merge(changed: &mut BTreeMap<String, u64>, update: Update, followed: &[String]) {
+    match update {
+        Update::Changed { doc, version } => {
+            let at = changed.entry(doc).or_insert(version);
+            *at = (*at).max(version);
+        }
+        // Changes may have been missed while the bus was down: each document
+        // is announced, at the version known if one came since, else without.
+        Update::Resync => {
+            for doc in followed {
+                changed.entry(doc.clone()).or_insert(0);
+            }
+        }
+    }
+}
+
+/// `notifications/resources/updated` for `doc`, with `version` in `_meta`
+/// when it is known (not zero).
+fn updated(doc: &str, version: u64) -> ResourceUpdatedNotification {
+    let mut notification =
+        ResourceUpdatedNotification::new(ResourceUpdatedNotificationParam::new(format!("{PREFIX}{doc}")));
+    if version > 0 {
+        let mut meta = MetaObject::default();
+        meta.0.insert("version".into(), json!(version));
+        // In the extensions: the sink adds the subscription id there.
+        notification.extensions.insert(NotificationMetaObject(meta));
+    }
+    notification
+}
+
+/// Who is listening: checked again every [`TOKEN_CHECK`], as WebSocket
+/// sessions are, so a listen ends with its token (logout, revocation,
+/// expiry, the user's removal).
+#[derive(Clone)]
+pub(super) struct Credentials {
+    pub(super) user: String,
+    pub(super) token: String,
+    pub(super) auth: Auth,
+}
+
+impl Credentials {
+    async fn still_valid(&self) -> Result<(), McpError> {
+        let reason = match self.auth.verify(&self.token, &Audience::Api).await {
+            Ok(_) => return Ok(()),
+            Err(AuthError::Revoked) => "token revoked (logged out)",
+            Err(AuthError::UnknownUser) => "user removed",
+            Err(AuthError::Invalid) => "token expired",
+            Err(error) => {
+                tracing::debug!(%error, "a listen's token not checked; trying again later");
+                return Ok(());
+            }
+        };
+        tracing::info!(user = %self.user, reason, "an MCP listen ended with its token");
+        Err(McpError::invalid_request(format!("the listen ended: {reason}"), None))
+    }
+}
+
+fn unavailable(error: StoreError) -> McpError {
+    tracing::warn!(%error, "nexus_mcp_listens: the documents could not be read");
+    McpError::internal_error(format!("unavailable: the documents could not be read: {error}"), None)
 }
 
 fn topic(doc: &str) -> Topic {
@@ -317,6 +411,10 @@ mod tests {
         // Nobody reads: past the queue, the listen is marked for dropping.
         for version in 0..QUEUE as u64 {
             bus.tell(change("d", version)).expect("told");
+            if version % 100 == 0 {
+                // The mailbox is bounded too: let the listener keep up.
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
         assert!(!overflowed.load(Ordering::Relaxed), "a full queue is not yet an overflow");
