@@ -1,8 +1,9 @@
 //! MCP 2026-07-28 `subscriptions/listen` on document resources, over real
 //! sockets: two nodes over one Redis. A listen on the first node hears a
 //! change made through the second; someone else's document is refused
-//! before anything is subscribed; listens per user are capped; and a
-//! listen's subscriptions end with its request.
+//! before anything is subscribed; listens per user are capped; a listen
+//! ends with its token and with its node's drain; and its subscriptions
+//! end with its request.
 
 use std::time::Duration;
 
@@ -190,6 +191,17 @@ async fn a_listen_hears_a_change_made_through_another_node_and_only_the_owners_d
     assert!(status.is_success(), "{body}");
     let ended = next_message_within(&mut ending, &mut buffer, Duration::from_secs(25)).await;
     assert_eq!(ended["error"]["message"], "the listen ended: token revoked (logged out)", "{ended}");
-    b.stop().await.expect("node b stops");
+
+    // A draining node ends its listens with their result: the client goes on elsewhere.
+    let b_base = format!("http://{}", b.http);
+    let mut on_b = listen(&b_base, &bob, &[format!("nexus://documents/{theirs}")]).await;
+    let mut buffer = String::new();
+    let ack = next_message(&mut on_b, &mut buffer).await;
+    assert_eq!(ack["method"], "notifications/subscriptions/acknowledged", "{ack}");
+    let stopping = actix_rt::spawn(b.stop());
+    let last = next_message(&mut on_b, &mut buffer).await;
+    assert_eq!(last["id"], 1, "{last}");
+    assert!(last.get("result").is_some() && last.get("error").is_none(), "a result, not an error: {last}");
+    stopping.await.expect("joined").expect("node b stops");
     a.stop().await;
 }
