@@ -127,6 +127,21 @@ pub enum AuthError {
     Store(#[from] StoreError),
 }
 
+impl AuthError {
+    /// Why a token that verified once no longer holds, for a connection
+    /// that re-checks it (a WebSocket session, an MCP listen); `None` when
+    /// it could not be checked now (Redis down, say) and is tried again.
+    pub fn ended(&self) -> Option<&'static str> {
+        match self {
+            AuthError::Revoked => Some("token revoked (logged out)"),
+            AuthError::UnknownUser => Some("user removed"),
+            // It verified before: now expired, or its key retired.
+            AuthError::Invalid => Some("token expired"),
+            AuthError::NoSigningKey | AuthError::Store(_) => None,
+        }
+    }
+}
+
 /// A user as a request proves to be.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Identity {

@@ -66,7 +66,7 @@ use crate::bus::{Bus, BusEvent};
 use crate::envelope::Payload;
 use crate::instance::InstanceChanged;
 use crate::kernel::{ActorRef, Behaviour, Ctx, Handler, Link, Message, Reply, SendError};
-use crate::platform::auth::{Audience, AuthError};
+use crate::platform::auth::Audience;
 use crate::platform::channels::{self, panels as panels_channel};
 use crate::platform::PanelChanged;
 use crate::semantic::records::Journaled;
@@ -419,17 +419,10 @@ impl Session {
         let Some(me) = &self.me else { return };
         let (auth, token, told) = (self.state.platform.auth.clone(), self.token.clone(), me.link("auth"));
         actix::spawn(async move {
-            let reason = match auth.verify(&token, &Audience::Api).await {
-                Ok(_) => return,
-                Err(AuthError::Revoked) => "token revoked (logged out)",
-                Err(AuthError::UnknownUser) => "user removed",
-                // It verified when the socket opened: now expired, or its
-                // key retired.
-                Err(AuthError::Invalid) => "token expired",
-                Err(error) => {
-                    tracing::debug!(%error, "token not checked; trying again later");
-                    return;
-                }
+            let Err(error) = auth.verify(&token, &Audience::Api).await else { return };
+            let Some(reason) = error.ended() else {
+                tracing::debug!(%error, "token not checked; trying again later");
+                return;
             };
             let _ = told.tell(TokenEnded(reason));
         });

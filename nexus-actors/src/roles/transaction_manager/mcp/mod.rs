@@ -278,12 +278,7 @@ impl ServerHandler for NexusMcp {
     }
 
     async fn listen(&self, context: SubscriptionContext) -> Result<(), McpError> {
-        let credentials = context
-            .request_context()
-            .extensions
-            .get::<http::request::Parts>()
-            .and_then(|parts| parts.extensions.get::<Credentials>())
-            .cloned()
+        let credentials = carried::<Credentials>(context.request_context())
             .ok_or_else(|| McpError::internal_error("the request carries no credentials", None))?;
         match &self.listens {
             Some(listens) => listens.listen(&credentials, self.resources.documents(), context).await,
@@ -342,12 +337,14 @@ impl ServerHandler for NexusMcp {
 
 /// The user the bridge authenticated, from the request's HTTP parts.
 fn user_of(context: &RequestContext<RoleServer>) -> Result<String, McpError> {
-    context
-        .extensions
-        .get::<http::request::Parts>()
-        .and_then(|parts| parts.extensions.get::<McpUser>())
-        .map(|user| user.0.clone())
+    carried::<McpUser>(context)
+        .map(|user| user.0)
         .ok_or_else(|| McpError::internal_error("the request carries no authenticated user", None))
+}
+
+/// What the bridge put in the request's HTTP extensions, of type `T`.
+fn carried<T: Clone + Send + Sync + 'static>(context: &RequestContext<RoleServer>) -> Option<T> {
+    context.extensions.get::<http::request::Parts>()?.extensions.get::<T>().cloned()
 }
 
 /// A registry tool as an MCP tool.

@@ -78,11 +78,9 @@ impl DocumentResources {
 
     /// The document `uri` names, if it is `user`'s.
     pub(super) async fn read(&self, user: &str, uri: &str) -> Result<ReadResourceResult, McpError> {
-        let not_found =
-            || McpError::resource_not_found(format!("no resource {:?} is available to you", shown(uri)), None);
         let id = owned(&self.documents, user, uri).await?;
         let doc = self.documents.get(id).await.map_err(unavailable)?;
-        let doc = doc.filter(|doc| doc.owner == user).ok_or_else(not_found)?;
+        let doc = doc.filter(|doc| doc.owner == user).ok_or_else(|| not_found(uri))?;
         let mut meta = MetaObject::default();
         meta.0.insert("version".into(), json!(doc.version));
         let contents = ResourceContents::text(doc.state.to_string(), uri).with_mime_type(MIME).with_meta(meta);
@@ -119,13 +117,23 @@ impl DocumentResources {
 /// other URI. Answered from the owner alone: someone else's document is
 /// refused as fast as a missing one, its state never read.
 pub(super) async fn owned<'u>(documents: &Documents, user: &str, uri: &'u str) -> Result<&'u str, McpError> {
-    let not_found = || McpError::resource_not_found(format!("no resource {:?} is available to you", shown(uri)), None);
-    let id = uri.strip_prefix(PREFIX).filter(|id| is_document_id(id)).ok_or_else(not_found)?;
+    let id = document_id(uri).ok_or_else(|| not_found(uri))?;
     let owner = documents.owner(id).await.map_err(unavailable)?;
     match owner.as_deref() == Some(user) {
         true => Ok(id),
-        false => Err(not_found()),
+        false => Err(not_found(uri)),
     }
+}
+
+/// The document id a URI names, exactly as [`PREFIX`] and an id: no other
+/// spelling of it.
+pub(super) fn document_id(uri: &str) -> Option<&str> {
+    uri.strip_prefix(PREFIX).filter(|id| is_document_id(id))
+}
+
+/// "Resource not found" for `uri`, the same words whatever the reason.
+fn not_found(uri: &str) -> McpError {
+    McpError::resource_not_found(format!("no resource {:?} is available to you", shown(uri)), None)
 }
 
 /// At most the first 200 characters of `uri`: an error names what was
@@ -134,7 +142,7 @@ fn shown(uri: &str) -> &str {
     uri.char_indices().nth(200).map_or(uri, |(at, _)| &uri[..at])
 }
 
-fn unavailable(error: StoreError) -> McpError {
+pub(super) fn unavailable(error: StoreError) -> McpError {
     tracing::warn!(%error, "nexus_mcp_resources: the documents could not be read");
     McpError::internal_error(format!("unavailable: the documents could not be read: {error}"), None)
 }

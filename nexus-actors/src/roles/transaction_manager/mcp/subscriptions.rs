@@ -34,17 +34,16 @@ use serde::Deserialize as _;
 use serde_json::json;
 use tokio::sync::mpsc;
 
-use super::resources::{owned, PREFIX};
+use super::resources::{document_id, owned, unavailable, PREFIX};
 use crate::bus::redis::{RedisBus, Subscribe, Topic, Unsubscribe};
 use crate::bus::BusEvent;
 use crate::envelope::Payload;
 use crate::kernel::{Behaviour, Ctx, Handler, Kernel, Link, Reply};
-use crate::platform::auth::{Audience, Auth, AuthError};
+use crate::platform::auth::{Audience, Auth};
 use crate::platform::channels;
 use crate::platform::drain::Drain;
-use crate::platform::store::StoreError;
 use crate::roles::transaction_manager::api::documents::DocumentChanged;
-use crate::roles::transaction_manager::documents::{is_document_id, Documents};
+use crate::roles::transaction_manager::documents::Documents;
 use crate::roles::transaction_manager::session::TOKEN_CHECK;
 
 /// Documents one listen may follow.
@@ -101,7 +100,7 @@ impl Listens {
             .resource_subscriptions
             .iter()
             .flatten()
-            .filter(|uri| uri.strip_prefix(PREFIX).is_some_and(is_document_id))
+            .filter(|uri| document_id(uri).is_some())
             .cloned()
             .collect();
         uris.sort_unstable();
@@ -270,24 +269,14 @@ pub(super) struct Credentials {
 
 impl Credentials {
     async fn still_valid(&self) -> Result<(), McpError> {
-        let reason = match self.auth.verify(&self.token, &Audience::Api).await {
-            Ok(_) => return Ok(()),
-            Err(AuthError::Revoked) => "token revoked (logged out)",
-            Err(AuthError::UnknownUser) => "user removed",
-            Err(AuthError::Invalid) => "token expired",
-            Err(error) => {
-                tracing::debug!(%error, "a listen's token not checked; trying again later");
-                return Ok(());
-            }
+        let Err(error) = self.auth.verify(&self.token, &Audience::Api).await else { return Ok(()) };
+        let Some(reason) = error.ended() else {
+            tracing::debug!(%error, "a listen's token not checked; trying again later");
+            return Ok(());
         };
         tracing::info!(user = %self.user, reason, "an MCP listen ended with its token");
         Err(McpError::invalid_request(format!("the listen ended: {reason}"), None))
     }
-}
-
-fn unavailable(error: StoreError) -> McpError {
-    tracing::warn!(%error, "nexus_mcp_listens: the documents could not be read");
-    McpError::internal_error(format!("unavailable: the documents could not be read: {error}"), None)
 }
 
 fn topic(doc: &str) -> Topic {
