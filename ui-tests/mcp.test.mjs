@@ -3,7 +3,8 @@
 // lists, reads and completes documents as resources. Run by
 // nexus-bin/tests/tools_e2e.rs against a real `nexus dev` (NEXUS_URL,
 // NEXUS_PASSWORD; NEXUS_PANEL_TOOL names a panel's `word_count` tool, as
-// `<panel-id>.word_count`, when a panel and its sidecar are running;
+// `<panel-id>.word_count`, when a panel and its sidecar are running, and
+// NEXUS_PANEL_URL where that panel (python_minimal) listens;
 // NEXUS_LLM=1 when the node has a model, for `llm_ask`).
 import { test } from "node:test";
 import assert from "node:assert/strict";
@@ -13,6 +14,7 @@ import { StreamableHTTPClientTransport } from "@modelcontextprotocol/sdk/client/
 const base = process.env.NEXUS_URL;
 const password = process.env.NEXUS_PASSWORD;
 const panelTool = process.env.NEXUS_PANEL_TOOL;
+const panelUrl = process.env.NEXUS_PANEL_URL;
 // Set when the node has a (scripted) model: it answers "The answer is 42."
 const withModel = process.env.NEXUS_LLM === "1";
 
@@ -31,6 +33,20 @@ async function connect(token) {
   const client = new Client({ name: "nexus-mcp-test", version: "1.0.0" });
   await client.connect(transport);
   return client;
+}
+
+async function panelStats() {
+  const response = await fetch(panelUrl + "/stats");
+  assert.ok(response.ok, `GET /stats: HTTP ${response.status}`);
+  return (await response.json()).slow_count;
+}
+
+async function until(condition, ms, what) {
+  const deadline = Date.now() + ms;
+  while (!(await condition())) {
+    assert.ok(Date.now() < deadline, `${what} within ${ms} ms`);
+    await new Promise((resolve) => setTimeout(resolve, 50));
+  }
 }
 
 const textOf = (result) => result.content.filter((c) => c.type === "text").map((c) => c.text).join("\n");
@@ -77,6 +93,36 @@ test("the tool registry is an MCP server at /mcp", async (t) => {
       const result = await client.callTool({ name: panelTool, arguments: { text: "one two three" } });
       assert.notEqual(result.isError, true, textOf(result));
       assert.deepEqual(result.structuredContent, { words: 3, characters: 13, lines: 1 });
+    });
+
+    await t.test("a long panel tool reports progress, and cancelling it stops the panel's work", { skip: !(panelTool && panelUrl) && "NEXUS_PANEL_TOOL or NEXUS_PANEL_URL not set" }, async () => {
+      const slow = panelTool.replace(/\.word_count$/, ".slow_count");
+      const reports = [];
+      const done = await client.callTool({ name: slow, arguments: { text: "a b", steps: 3, step_ms: 50 } }, undefined, {
+        onprogress: (report) => reports.push(report),
+      });
+      assert.notEqual(done.isError, true, textOf(done));
+      assert.deepEqual(done.structuredContent, { words: 2, characters: 3, lines: 1 });
+      assert.deepEqual(reports.map((r) => [r.progress, r.total, r.message]), [
+        [1, 3, "step 1 of 3"],
+        [2, 3, "step 2 of 3"],
+        [3, 3, "step 3 of 3"],
+      ]);
+
+      const before = await panelStats();
+      const controller = new AbortController();
+      let firstReport;
+      const reported = new Promise((resolve) => (firstReport = resolve));
+      const running = client.callTool({ name: slow, arguments: { text: "a b", steps: 50, step_ms: 200 } }, undefined, {
+        signal: controller.signal,
+        onprogress: () => firstReport(),
+      });
+      await reported;
+      controller.abort("changed my mind");
+      await assert.rejects(running);
+      // The panel notices within a step or two, long before its 10 s of work.
+      await until(async () => (await panelStats()).stopped === before.stopped + 1, 5000, "the panel stops the cancelled call");
+      assert.equal((await panelStats()).finished, before.finished, "the cancelled call did not run to its end");
     });
 
     await t.test("llm_ask asks the LLM manager, in a new context and then in the same one", { skip: !withModel && "NEXUS_LLM not set" }, async () => {

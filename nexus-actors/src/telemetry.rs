@@ -62,6 +62,10 @@ pub struct Metrics {
     pub tool_records_dropped: prometheus::IntCounter,
     /// `nexus_sidecar_refused_total{reason}`: panel messages the proxy refused.
     pub sidecar_refused: IntCounterVec,
+    /// `nexus_tool_late_answers_total{at}`: answers that came after their
+    /// call had ended (cancelled or timed out) and were dropped, at the
+    /// `caller` node or the panel's `sidecar`.
+    pub tool_late_answers: IntCounterVec,
     /// `nexus_watchdog_heartbeats_total`: heartbeats a watchdog received.
     pub watchdog_heartbeats: prometheus::IntCounter,
     /// `nexus_watchdog_expiries_total`: instances a watchdog found without heartbeats for too long.
@@ -224,6 +228,12 @@ impl Metrics {
                 "nexus_sidecar_refused_total",
                 "Panel messages the sidecar's proxy refused, by reason",
                 &["reason"],
+            ),
+            tool_late_answers: counter(
+                &registry,
+                "nexus_tool_late_answers_total",
+                "Tool answers dropped because their call had ended (cancelled or timed out), by where",
+                &["at"],
             ),
             watchdog_heartbeats,
             watchdog_expiries,

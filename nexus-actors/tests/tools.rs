@@ -15,13 +15,14 @@ use common::{eventually, tempdir};
 use futures::StreamExt;
 use nexus_actors::bus::kafka::{Consume, KafkaBridge, KafkaConfig, KafkaRecord, Nack, SEMANTIC_EVENTS};
 use nexus_actors::bus::redis::RedisBridge;
+use nexus_actors::envelope::Envelope;
 use nexus_actors::infra::{free_port, RedisServer, Tansu, TansuStorage};
 use nexus_actors::platform::{Panel, PanelMode, PanelRecords};
 use nexus_actors::sidecar::{self, SidecarConfig, SidecarError};
 use nexus_actors::telemetry::Metrics;
 use nexus_actors::tools::protocol::Outcome;
-use nexus_actors::tools::protocol::{ToolCall, ToolError, ToolRequest};
-use nexus_actors::tools::registry::{CallTool, ListTools, RegisterTool, RegistryDeps};
+use nexus_actors::tools::protocol::{ToolCall, ToolError, ToolRequest, ToolResponse};
+use nexus_actors::tools::registry::{CallTool, CallToolWatched, CancelCall, ListTools, RegisterTool, RegistryDeps};
 use nexus_actors::tools::store::{Claim, ToolStore};
 use nexus_actors::tools::system::SystemTool;
 use nexus_actors::tools::ToolRegistry;
@@ -150,6 +151,8 @@ struct FakePanel {
     name: String,
     manifest: Arc<Mutex<Value>>,
     executed: Arc<AtomicUsize>,
+    /// Where `report` posts its progress.
+    sidecar: Arc<Mutex<String>>,
 }
 
 impl FakePanel {
@@ -159,8 +162,10 @@ impl FakePanel {
             {"name": "echo", "desc": "Echoes text", "input_schema":
                 {"type": "object", "properties": {"text": {"type": "string"}}, "required": ["text"]}},
             tool("garbage"), tool("crash"), tool("sleep"), tool("huge"), tool("refuse"), tool("no_result"), tool("nap"),
+            tool("report"),
         ]});
-        FakePanel { name: name.into(), manifest: Arc::new(Mutex::new(manifest)), executed: Arc::default() }
+        let manifest = Arc::new(Mutex::new(manifest));
+        FakePanel { name: name.into(), manifest, executed: Arc::default(), sidecar: Arc::default() }
     }
 
     fn set_manifest(&self, manifest: Value) {
@@ -211,6 +216,16 @@ async fn execute(panel: web::Data<FakePanel>, body: web::Json<Value>) -> HttpRes
             HttpResponse::Ok().json(json!({"result": "rested"}))
         }
         "refuse" => HttpResponse::Ok().json(json!({"error": "nope"})),
+        "report" => {
+            let sidecar = panel.sidecar.lock().unwrap().clone();
+            for n in 1..=3 {
+                let report =
+                    json!({"call_id": body["call_id"], "progress": n, "total": 3, "message": format!("step {n}")});
+                let _ = reqwest::Client::new().post(format!("{sidecar}/progress")).json(&report).send().await;
+            }
+            actix::clock::sleep(Duration::from_secs(30)).await;
+            HttpResponse::Ok().json(json!({"result": "late"}))
+        }
         _ => HttpResponse::Ok().json(json!({"status": "done"})),
     }
 }
@@ -858,4 +873,122 @@ async fn records_of_calls_made_while_the_broker_is_down_reach_it_once_it_is_back
     }
     assert_eq!(order, ids, "in call order");
     assert_eq!(k.metrics().tool_records_dropped.get(), 0, "nothing dropped");
+}
+
+#[actix_rt::test]
+async fn a_panels_progress_reaches_its_caller_and_its_caller_may_cancel_it_from_any_node() {
+    let h = Harness::new("tools-progress").await;
+    let (kernel_a, a) = registry("node-a", &h.redis, None).await;
+    let (_, b) = registry("node-b", &h.redis, None).await;
+    let panel = FakePanel::new("fake");
+    let (panel_url, _panel) = panel.serve();
+    let id = h.panel("ada").await;
+    let (sidecar_url, _sidecar) = h.sidecar(&id, &panel_url, |_| {}).await;
+    *panel.sidecar.lock().unwrap() = sidecar_url.clone();
+    let report = format!("{id}.report");
+    wait_listed(&a, "ada", &report).await;
+    let mut pubsub = redis::Client::open(h.redis.url()).unwrap().get_async_pubsub().await.unwrap();
+    pubsub.psubscribe("nexus:tools:replies:*").await.unwrap();
+    let mut replies = pubsub.into_on_message();
+
+    let (progress, mut reports) = tokio::sync::mpsc::channel(8);
+    let call = ToolCall::new(&report, json!({}), "ada").with_timeout(Duration::from_secs(60));
+    let call_id = call.call_id.clone();
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let watched = CallToolWatched { call, progress: Some(progress), cancel, label: Some("7".into()) };
+    let link = a.link::<CallToolWatched>("test");
+    let running = actix::spawn(async move { link.ask(watched).await.unwrap() });
+    let mut seen = Vec::new();
+    for _ in 0..3 {
+        let report = tokio::time::timeout(Duration::from_secs(10), reports.recv()).await.unwrap().unwrap();
+        assert_eq!(report.call_id, call_id);
+        seen.push((report.progress, report.total, report.message.unwrap()));
+    }
+    let step = |n: f64| (n, Some(3.0), format!("step {n}"));
+    assert_eq!(seen, [step(1.0), step(2.0), step(3.0)]);
+    let reply_channel = replies.next().await.unwrap().get_channel_name().to_owned();
+
+    // Reports must name a call the sidecar runs, and be sane.
+    let client = reqwest::Client::new();
+    let post = |body: String| {
+        let request =
+            client.post(format!("{sidecar_url}/progress")).header("content-type", "application/json").body(body);
+        async move {
+            let response = request.send().await.unwrap();
+            (response.status().as_u16(), response.json::<Value>().await.unwrap()["error"].clone())
+        }
+    };
+    let unknown = json!({"call_id": "not-running", "progress": 1}).to_string();
+    assert_eq!(post(unknown).await, (404, json!("unknown_call")));
+    let long = json!({"call_id": call_id, "progress": 1, "message": "x".repeat(1025)}).to_string();
+    assert_eq!(post(long).await, (400, json!("bad_progress")));
+    assert_eq!(post(json!({"call_id": call_id, "progress": "1"}).to_string()).await, (400, json!("bad_json")));
+    assert_eq!(post(format!(r#"{{"call_id": "{call_id}", "progress": 1e400}}"#)).await.0, 400, "not a finite number");
+    let huge = json!({"call_id": call_id, "progress": 1, "pad": "x".repeat(5000)}).to_string();
+    assert_eq!(post(huge).await.0, 413);
+
+    // Nobody but ada cancels ada's call, and only by its name.
+    let cancel_on = |registry: &ActorRef<ToolRegistry>, caller: &str, label: &str| {
+        let cancel = CancelCall { caller: caller.into(), label: label.into() };
+        let link = registry.link::<CancelCall>("test");
+        async move { link.ask(cancel).await.unwrap() }
+    };
+    assert_eq!(cancel_on(&b, "bob", "7").await, Ok(0));
+    assert_eq!(cancel_on(&b, "ada", "8").await, Ok(0));
+    actix::clock::sleep(Duration::from_millis(200)).await;
+    assert!(!running.is_finished(), "the call still runs");
+
+    // Ada cancels it through node b: node a's caller gets `cancelled` at
+    // once, and the sidecar drops the panel's request.
+    assert_eq!(cancel_on(&b, "ada", "7").await, Ok(1));
+    let outcome = tokio::time::timeout(Duration::from_secs(5), running).await.unwrap().unwrap();
+    assert_eq!(outcome, Err(ToolError::Cancelled));
+    assert_eq!(exec_count(&kernel_a, "panel", "cancelled"), 1);
+    let aborted = |n: u32| {
+        let (url, line) =
+            (format!("{sidecar_url}/metrics"), format!("nexus_sidecar_calls_total{{outcome=\"cancelled\"}} {n}"));
+        async move {
+            for _ in 0..100 {
+                let metrics = reqwest::get(&url).await.unwrap().text().await.unwrap();
+                if metrics.contains(&line) {
+                    return;
+                }
+                actix::clock::sleep(Duration::from_millis(50)).await;
+            }
+            panic!("the sidecar never counted {line}");
+        }
+    };
+    aborted(1).await;
+    let after = json!({"call_id": call_id, "progress": 4}).to_string();
+    assert_eq!(post(after).await, (404, json!("unknown_call")), "the panel learns its call is over");
+    for _ in 0..100 {
+        if cancel_on(&b, "ada", "7").await == Ok(0) {
+            break;
+        }
+        actix::clock::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(cancel_on(&b, "ada", "7").await, Ok(0), "an ended call's name is forgotten");
+
+    // A caller that stops waiting cancels too.
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let call = ToolCall::new(&report, json!({}), "ada");
+    let watched = CallToolWatched { call, progress: None, cancel: cancel.clone(), label: None };
+    let link = a.link::<CallToolWatched>("test");
+    let running = actix::spawn(async move { link.ask(watched).await.unwrap() });
+    actix::clock::sleep(Duration::from_millis(300)).await;
+    cancel.cancel();
+    let outcome = tokio::time::timeout(Duration::from_secs(5), running).await.unwrap().unwrap();
+    assert_eq!(outcome, Err(ToolError::Cancelled));
+    aborted(2).await;
+
+    // An answer nobody waits for any more is dropped, and counted.
+    let late = |kernel: &Kernel| Metrics::counter_value(&kernel.metrics().tool_late_answers, &["caller"]);
+    let before = late(&kernel_a);
+    let answer = ToolResponse { call_id: "long-gone".into(), outcome: Outcome::Result(json!("late")) };
+    let envelope = Envelope::new("test", answer).into_untyped();
+    let mut conn = redis::Client::open(h.redis.url()).unwrap().get_multiplexed_async_connection().await.unwrap();
+    let _: i64 = redis::AsyncCommands::publish(&mut conn, &reply_channel, serde_json::to_string(&envelope).unwrap())
+        .await
+        .unwrap();
+    eventually(5, "the late answer is counted", || late(&kernel_a) == before + 1).await;
 }

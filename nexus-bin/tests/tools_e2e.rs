@@ -139,6 +139,7 @@ fn python_minimal_tools_are_callable_through_a_sidecar_over_the_api_and_mcp() {
         .env("NEXUS_URL", format!("http://127.0.0.1:{port}"))
         .env("NEXUS_PASSWORD", password.trim())
         .env("NEXUS_PANEL_TOOL", &word_count)
+        .env("NEXUS_PANEL_URL", format!("http://127.0.0.1:{panel_port}"))
         .env("NEXUS_LLM", "1")
         .output()
         .expect("node is installed");
@@ -157,5 +158,6 @@ fn python_minimal_tools_are_callable_through_a_sidecar_over_the_api_and_mcp() {
     };
     assert!(sum("nexus_mcp_exec_total{outcome=\"ok\",tool=\"panel\"}") >= 3, "{metrics}");
     assert!(sum("nexus_mcp_exec_total{outcome=\"invalid_arguments\"") >= 1, "{metrics}");
+    assert!(sum("nexus_mcp_exec_total{outcome=\"cancelled\",tool=\"panel\"}") >= 1, "{metrics}");
     assert!(sum("nexus_bus_published_total{bus=\"kafka\",topic=\"semantic.events\"}") >= 6, "{metrics}");
 }

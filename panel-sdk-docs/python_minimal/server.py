@@ -5,10 +5,14 @@ Copy this file and replace the tools. It implements the panel contract
 
 * GET  /             -> the panel's page (what the Studio shows through the gateway)
 * POST /count        -> the page's own word count (no tool call)
+* GET  /stats        -> how many slow counts finished and how many stopped
 * GET  /manifest     -> the tools this panel offers (name, desc, input_schema)
 * POST /mcp/execute  -> run one tool: {"result": ...} or {"error": "..."}
 * publishing goes through the sidecar: POST $NEXUS_PROXY_URL (default
   http://127.0.0.1:3500/proxy); the panel itself holds no credentials.
+* a long tool reports progress to the sidecar (POST .../progress) and stops
+  when its call is cancelled: the sidecar closes the connection, and
+  /progress answers 404 for a call that no longer runs.
 
 /manifest and /mcp/* answer only the panel's own sidecar: the platform puts
 a secret in $NEXUS_SIDECAR_TOKEN and the sidecar sends it in the header
@@ -21,9 +25,12 @@ Run it with `python3 server.py` (listens on 127.0.0.1:$PORT, default 8080).
 import hmac
 import json
 import os
+import select
 import signal
+import socket
 import sys
 import threading
+import time
 import traceback
 import urllib.error
 import urllib.request
@@ -31,6 +38,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 PORT = int(os.environ.get("PORT", "8080"))
 PROXY_URL = os.environ.get("NEXUS_PROXY_URL", "http://127.0.0.1:3500/proxy")
+PROGRESS_URL = PROXY_URL.rsplit("/", 1)[0] + "/progress"
 # The secret the sidecar proves itself with; unset when run by hand.
 SIDECAR_TOKEN = os.environ.get("NEXUS_SIDECAR_TOKEN", "").encode()
 SIDECAR_TOKEN_HEADER = "X-Nexus-Sidecar-Token"
@@ -45,6 +53,19 @@ MANIFEST = {
             "input_schema": {
                 "type": "object",
                 "properties": {"text": {"type": "string", "maxLength": 100000}},
+                "required": ["text"],
+            },
+        },
+        {
+            "name": "slow_count",
+            "desc": "Count the words of a text slowly, in steps, reporting progress after each step.",
+            "input_schema": {
+                "type": "object",
+                "properties": {
+                    "text": {"type": "string", "maxLength": 100000},
+                    "steps": {"type": "integer", "minimum": 1, "maximum": 100},
+                    "step_ms": {"type": "integer", "minimum": 10, "maximum": 5000},
+                },
                 "required": ["text"],
             },
         },
@@ -68,6 +89,46 @@ class ToolError(Exception):
     """A failure to report to the caller as {"error": message}."""
 
 
+class CallEnded(Exception):
+    """The call was cancelled or ran out of time: nobody waits for an answer."""
+
+
+class Call:
+    """One tool call: its id and deadline, and the connection it came on."""
+
+    def __init__(self, call_id, deadline_s, connection):
+        self.call_id, self.deadline_s, self.connection = call_id, deadline_s, connection
+
+    def ended(self):
+        """Whether the sidecar hung up: it does when the caller cancels."""
+        try:
+            readable, _, _ = select.select([self.connection], [], [], 0)
+            return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
+        except OSError:
+            return True
+
+    def progress(self, done, total=None, message=None):
+        """Reports progress to the caller; raises CallEnded once the call no longer runs."""
+        if self.ended():
+            raise CallEnded()
+        body = {"call_id": self.call_id, "progress": done, "total": total, "message": message}
+        request = urllib.request.Request(
+            PROGRESS_URL, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}, method="POST"
+        )
+        try:
+            with _no_proxy.open(request, timeout=2.0):
+                pass
+        except urllib.error.HTTPError as e:
+            if e.code == 404:  # the sidecar no longer runs this call
+                raise CallEnded() from None
+        except OSError:
+            pass  # a report that does not arrive is not worth failing the call for
+
+
+STATS = {"slow_count": {"finished": 0, "stopped": 0}}
+STATS_LOCK = threading.Lock()
+
+
 def text_argument(arguments):
     # The platform checks arguments against input_schema first; check again so
     # that a direct or malformed call gets an error, not a crash.
@@ -77,9 +138,24 @@ def text_argument(arguments):
     return text
 
 
-def word_count(arguments, deadline_s):
+def word_count(arguments, call):
     text = text_argument(arguments)
     return {"words": len(text.split()), "characters": len(text), "lines": len(text.splitlines())}
+
+
+def slow_count(arguments, call):
+    steps, step_s = int(arguments.get("steps", 5)), int(arguments.get("step_ms", 1000)) / 1000
+    try:
+        for step in range(1, steps + 1):
+            time.sleep(step_s)
+            call.progress(step, steps, f"step {step} of {steps}")
+    except CallEnded:
+        with STATS_LOCK:
+            STATS["slow_count"]["stopped"] += 1
+        raise
+    with STATS_LOCK:
+        STATS["slow_count"]["finished"] += 1
+    return word_count(arguments, call)
 
 
 def from_sidecar(headers):
@@ -96,13 +172,13 @@ def is_tool_path(path):
     return path == "/manifest" or path == "/mcp" or path.startswith("/mcp/")
 
 
-def publish_note(arguments, deadline_s):
+def publish_note(arguments, call):
     body = {"channel": "notes", "type": "python_minimal.note", "data": {"text": text_argument(arguments)}}
     request = urllib.request.Request(
         PROXY_URL, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}, method="POST"
     )
     try:
-        with _no_proxy.open(request, timeout=min(2.0, deadline_s)) as response:
+        with _no_proxy.open(request, timeout=min(2.0, call.deadline_s)) as response:
             return {"published": True, "id": json.loads(response.read())["id"]}
     except urllib.error.HTTPError as e:  # the proxy answered, and refused
         raise ToolError(f"could not publish: {e.code} {e.read(512).decode(errors='replace')}") from None
@@ -110,7 +186,7 @@ def publish_note(arguments, deadline_s):
         raise ToolError(f"could not publish: {getattr(e, 'reason', e)}") from None
 
 
-TOOLS = {"word_count": word_count, "publish_note": publish_note}
+TOOLS = {"word_count": word_count, "slow_count": slow_count, "publish_note": publish_note}
 
 # The panel's page, opened through the traffic gateway at /p/<panel-id>/.
 # Links stay relative so they keep that prefix. It asks the server only when
@@ -120,7 +196,8 @@ PAGE = """<!doctype html>
 <style>body{font-family:system-ui,sans-serif;margin:1.5rem;max-width:40rem}
 textarea{width:100%;height:6rem}</style></head>
 <body><h1 id="title">python_minimal</h1>
-<p>A Nexus panel in plain Python. Its tools: <code>word_count</code>, <code>publish_note</code>.</p>
+<p>A Nexus panel in plain Python. Its tools: <code>word_count</code>, <code>slow_count</code>,
+<code>publish_note</code>.</p>
 <textarea id="text">Count these words, please.</textarea>
 <p><button id="count">Count words</button> <output id="result"></output></p>
 <script>
@@ -149,6 +226,9 @@ class Handler(BaseHTTPRequestHandler):
             return
         if self.path == "/manifest":
             self.reply(200, MANIFEST)
+        elif self.path == "/stats":
+            with STATS_LOCK:
+                self.reply(200, STATS)
         elif self.path.split("?")[0] == "/":
             self.send_response(200)
             self.send_header("Content-Type", "text/html; charset=utf-8")
@@ -171,13 +251,15 @@ class Handler(BaseHTTPRequestHandler):
             if not isinstance(tool, str) or not isinstance(arguments, dict):
                 raise ValueError("'tool' must be a string and 'arguments' an object")
             deadline_ms = call.get("deadline_ms", self.headers.get("X-Nexus-Deadline-Ms", 5000))
-            deadline_s = max(float(deadline_ms), 1.0) / 1000
+            call = Call(str(call.get("call_id", "")), max(float(deadline_ms), 1.0) / 1000, self.connection)
         except (ValueError, TypeError) as e:
             return self.reply(400, {"error": f"bad request: {e}"})
         if tool not in TOOLS:
             return self.reply(200, {"error": f"unknown tool {tool!r}"})
         try:
-            self.reply(200, {"result": TOOLS[tool](arguments, deadline_s)})
+            self.reply(200, {"result": TOOLS[tool](arguments, call)})
+        except CallEnded:
+            self.close_connection = True  # nobody to answer
         except ToolError as e:
             self.reply(200, {"error": str(e)})
         except Exception:  # a bug in a tool: log it, answer 500 (the caller sees panel_status)

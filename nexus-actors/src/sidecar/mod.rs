@@ -1,8 +1,10 @@
 //! `nexus sidecar`: the trusted process beside one panel instance. It holds
 //! the bus credentials (the panel holds none), lists the panel's tools from
 //! its manifest ([`registration`]), forwards tool calls from the bus to
-//! `POST /mcp/execute` ([`inbound`]) and publishes what the panel posts to
-//! `/proxy` inside the panel's own namespace ([`proxy`]). Its HTTP endpoints
+//! `POST /mcp/execute` and aborts the ones their callers cancel
+//! ([`inbound`]), publishes what the panel posts to `/proxy` inside the
+//! panel's own namespace and sends what it posts to `/progress` to the
+//! caller of a running call ([`proxy`]). Its HTTP endpoints
 //! listen on loopback only. It runs no role and serves no user.
 //!
 //! Its requests to the panel (`GET /manifest`, `POST /mcp/execute`) carry
@@ -35,7 +37,7 @@ use crate::netns::{NetnsError, NetnsThread};
 use crate::platform::channels;
 use crate::platform::{PanelRecords, StoreError};
 use crate::tools::store::{ToolStore, ToolStoreError};
-use inbound::CallForwarder;
+use inbound::{CallForwarder, Running};
 use panel::PanelClient;
 use proxy::{ProxyState, RateLimit};
 use registration::Registrar;
@@ -225,10 +227,11 @@ pub async fn start(config: SidecarConfig) -> Result<Sidecar, SidecarError> {
     let client = PanelClient::new(&config.panel_url, &config.panel, config.token.clone());
 
     let in_flight: Arc<AtomicUsize> = Arc::default();
+    let running = Running::default();
     let forwarder = {
         let (kernel, client, tools) = (kernel.clone(), client.clone(), tools.clone());
         let (panel_id, publish) = (config.panel.clone(), bridge.publisher.clone());
-        let in_flight = in_flight.clone();
+        let (in_flight, running) = (in_flight.clone(), running.clone());
         let max_calls = config.max_calls.max(1);
         kernel.clone().spawn(CallForwarder::KIND, move || CallForwarder {
             kernel: kernel.clone(),
@@ -238,6 +241,7 @@ pub async fn start(config: SidecarConfig) -> Result<Sidecar, SidecarError> {
             publish: publish.clone(),
             in_flight: Arc::clone(&in_flight),
             max_calls,
+            running: running.clone(),
         })
     };
     let subscriber = forwarder.link("redis-bridge");
@@ -258,6 +262,7 @@ pub async fn start(config: SidecarConfig) -> Result<Sidecar, SidecarError> {
         publish: bridge.publisher.clone(),
         limit: RateLimit::new(config.publish_rate, config.publish_burst),
         registrar: registrar.clone(),
+        running,
     });
     let http_error = |source| SidecarError::Http { addr: config.listen, source };
     let server =

@@ -1,11 +1,14 @@
 //! The sidecar's loopback HTTP endpoints: `POST /proxy` (the panel
-//! publishes to the platform), `POST /reload` (re-read the manifest now),
+//! publishes to the platform), `POST /progress` (the panel reports how far
+//! a running call has come), `POST /reload` (re-read the manifest now),
 //! `GET /healthz` and `GET /metrics`.
 //!
 //! `/proxy` publishes only on `nexus:panel:{id}:out:{channel}`: the body
 //! names a sub-channel, never a Redis channel, so a panel cannot reach
-//! anything outside its own namespace. Bodies are bounded and publishing is
-//! rate limited (token bucket).
+//! anything outside its own namespace. `/progress` sends only to the caller
+//! of a call this sidecar runs now, and only where that call answers. Bodies
+//! are bounded, and publishing and reporting share one rate limit (token
+//! bucket).
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -15,15 +18,21 @@ use actix_web::{web, HttpRequest, HttpResponse};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+use super::inbound::Running;
 use super::registration::{PanelState, Registrar};
 use crate::bus::redis::Publisher;
 use crate::envelope::Envelope;
 use crate::kernel::{lock, Kernel};
 use crate::platform::channels;
 use crate::platform::http::{read_body, BodyError};
+use crate::tools::protocol::ToolProgress;
 
 /// Largest body `/proxy` accepts.
 pub const MAX_PROXY_BODY: usize = 64 * 1024;
+/// Largest body `/progress` accepts.
+pub const MAX_PROGRESS_BODY: usize = 4 * 1024;
+/// Longest progress `message`, in characters.
+pub const MAX_PROGRESS_MESSAGE: usize = 1024;
 /// The CloudEvents type of a panel message whose body names none.
 pub const DEFAULT_MESSAGE_TYPE: &str = "nexus.panel.message";
 
@@ -77,6 +86,18 @@ pub struct ProxyState {
     pub limit: RateLimit,
     /// The tool listing, for `/reload` and `/healthz`.
     pub registrar: Registrar,
+    /// The calls running now, for `/progress`.
+    pub running: Running,
+}
+
+#[derive(Deserialize)]
+struct ProgressReport {
+    call_id: String,
+    progress: f64,
+    #[serde(default)]
+    total: Option<f64>,
+    #[serde(default)]
+    message: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -98,6 +119,8 @@ enum Refusal {
     BadType,
     RateLimited,
     BusUnavailable,
+    BadProgress,
+    UnknownCall,
 }
 
 impl Refusal {
@@ -110,13 +133,18 @@ impl Refusal {
             Refusal::BadType => "bad_type",
             Refusal::RateLimited => "rate_limited",
             Refusal::BusUnavailable => "bus_unavailable",
+            Refusal::BadProgress => "bad_progress",
+            Refusal::UnknownCall => "unknown_call",
         }
     }
 
     fn status(self) -> StatusCode {
         match self {
             Refusal::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-            Refusal::BadBody | Refusal::BadJson | Refusal::BadChannel | Refusal::BadType => StatusCode::BAD_REQUEST,
+            Refusal::BadBody | Refusal::BadJson | Refusal::BadChannel | Refusal::BadType | Refusal::BadProgress => {
+                StatusCode::BAD_REQUEST
+            }
+            Refusal::UnknownCall => StatusCode::NOT_FOUND,
             Refusal::RateLimited => StatusCode::TOO_MANY_REQUESTS,
             Refusal::BusUnavailable => StatusCode::SERVICE_UNAVAILABLE,
         }
@@ -136,6 +164,7 @@ pub fn configure(state: web::Data<ProxyState>) -> impl FnOnce(&mut web::ServiceC
     move |cfg| {
         cfg.app_data(state)
             .route("/proxy", web::post().to(proxy))
+            .route("/progress", web::post().to(progress))
             .route("/reload", web::post().to(reload))
             .route("/healthz", web::get().to(healthz))
             .route("/metrics", web::get().to(metrics));
@@ -162,12 +191,7 @@ async fn proxy(state: web::Data<ProxyState>, req: HttpRequest, payload: web::Pay
         return refuse(&state, Refusal::BadType, text);
     }
     if let Err(wait) = state.limit.take() {
-        let seconds = wait.as_secs_f64().ceil().max(1.0) as u64;
-        let mut response = refuse(&state, Refusal::RateLimited, "too many messages; slow down");
-        if let Ok(value) = actix_web::http::header::HeaderValue::from_str(&seconds.to_string()) {
-            response.headers_mut().insert(actix_web::http::header::RETRY_AFTER, value);
-        }
-        return response;
+        return rate_limited(&state, wait);
     }
     let channel = channels::panel_out(&state.panel_id, &message.channel);
     let envelope = Envelope::with_type(kind, format!("panel/{}", state.panel_id), message.data);
@@ -177,6 +201,50 @@ async fn proxy(state: web::Data<ProxyState>, req: HttpRequest, payload: web::Pay
             state.kernel.metrics().sidecar_published.inc();
             HttpResponse::Accepted().json(json!({ "channel": channel, "id": id }))
         }
+        Err(error) => refuse(&state, Refusal::BusUnavailable, error.to_string()),
+    }
+}
+
+/// 429 with the seconds until the bucket has a token again.
+fn rate_limited(state: &ProxyState, wait: Duration) -> HttpResponse {
+    let seconds = wait.as_secs_f64().ceil().max(1.0) as u64;
+    let mut response = refuse(state, Refusal::RateLimited, "too many messages; slow down");
+    if let Ok(value) = actix_web::http::header::HeaderValue::from_str(&seconds.to_string()) {
+        response.headers_mut().insert(actix_web::http::header::RETRY_AFTER, value);
+    }
+    response
+}
+
+async fn progress(state: web::Data<ProxyState>, req: HttpRequest, payload: web::Payload) -> HttpResponse {
+    let body = match read_body(&req, payload, MAX_PROGRESS_BODY).await {
+        Ok(body) => body,
+        Err(e @ BodyError::TooLarge { .. }) => return refuse(&state, Refusal::TooLarge, e.to_string()),
+        Err(e @ BodyError::Unreadable(_)) => return refuse(&state, Refusal::BadBody, e.to_string()),
+    };
+    let report: ProgressReport = match serde_json::from_slice(&body) {
+        Ok(report) => report,
+        Err(e) => {
+            return refuse(&state, Refusal::BadJson, format!("expected {{call_id, progress, total?, message?}}: {e}"))
+        }
+    };
+    let finite = report.progress.is_finite() && report.total.is_none_or(f64::is_finite);
+    if !finite || report.message.as_ref().is_some_and(|m| m.chars().count() > MAX_PROGRESS_MESSAGE) {
+        let text =
+            format!("progress and total must be finite numbers, message at most {MAX_PROGRESS_MESSAGE} characters");
+        return refuse(&state, Refusal::BadProgress, text);
+    }
+    let Some(reply_to) = state.running.reply_to(&report.call_id) else {
+        let text = "no such call is running here: it ended, ran out of time or was cancelled; stop its work";
+        return refuse(&state, Refusal::UnknownCall, text);
+    };
+    if let Err(wait) = state.limit.take() {
+        return rate_limited(&state, wait);
+    }
+    let ProgressReport { call_id, progress, total, message } = report;
+    let envelope =
+        Envelope::new(format!("panel/{}", state.panel_id), ToolProgress { call_id, progress, total, message });
+    match state.publish.publish(reply_to, envelope.into_untyped()).await {
+        Ok(_) => HttpResponse::Accepted().json(json!({})),
         Err(error) => refuse(&state, Refusal::BusUnavailable, error.to_string()),
     }
 }

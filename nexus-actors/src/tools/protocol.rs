@@ -198,6 +198,10 @@ pub enum ToolError {
         /// What failed.
         message: String,
     },
+    /// The caller cancelled the call (or went away) before it ended; the
+    /// tool's server was told to stop.
+    #[error("the call was cancelled by its caller")]
+    Cancelled,
 }
 
 impl ToolError {
@@ -215,6 +219,7 @@ impl ToolError {
             ToolError::InProgress { .. } => "in_progress",
             ToolError::ToolError { .. } => "tool_error",
             ToolError::Internal { .. } => "internal",
+            ToolError::Cancelled => "cancelled",
         }
     }
 
@@ -315,6 +320,42 @@ impl From<Outcome> for ToolResult {
             Outcome::Error(error) => Err(error),
         }
     }
+}
+
+/// How far a running call has come (`nexus.tool.progress`): posted by the
+/// panel to its sidecar, which sends it to the caller node's reply channel.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ToolProgress {
+    /// The [`ToolRequest::call_id`] it reports on.
+    pub call_id: String,
+    /// Work done so far, in the panel's own unit.
+    pub progress: f64,
+    /// The whole work in that unit, when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub total: Option<f64>,
+    /// A short line for people.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+impl Payload for ToolProgress {
+    const TYPE: &'static str = "nexus.tool.progress";
+}
+
+/// Stop a running call (`nexus.tool.cancel`). Sent to the caller node's
+/// reply channel (by a node that took the caller's cancellation) and from
+/// there to the channel the call went out on, where the tool's server
+/// aborts it. It names the caller, and only that caller's call stops.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ToolCancel {
+    /// The call to stop.
+    pub call_id: String,
+    /// Who asked: the call's own caller.
+    pub caller: String,
+}
+
+impl Payload for ToolCancel {
+    const TYPE: &'static str = "nexus.tool.cancel";
 }
 
 /// Recorded on `semantic.events` when a call starts (`nexus.tool.called`).

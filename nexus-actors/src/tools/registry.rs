@@ -10,6 +10,12 @@
 //!   call counts in `nexus_mcp_exec_total{tool,outcome}`, runs in a
 //!   `nexus.tool.call` span, and is recorded with its outcome on Kafka
 //!   `semantic.events`.
+//! * [`CallToolWatched`] calls one as [`CallTool`] does, handing the
+//!   tool's progress ([`ToolProgress`]) to the caller and stopping the call
+//!   when the caller cancels it: the owner's channel then gets a
+//!   [`ToolCancel`], and an answer that still comes is dropped and counted
+//!   (`nexus_tool_late_answers_total`). [`CancelCall`] cancels a caller's
+//!   call by the caller's own name for it, from any node.
 //! * [`ListTools`] lists what one user may call.
 //!
 //! Talking HTTP to panels is the sidecar's job; this actor never does it.
@@ -20,12 +26,13 @@ use std::time::{Duration, Instant};
 
 use futures::FutureExt;
 use serde_json::Value;
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::protocol::{
-    encoded_len, outcome_label, Outcome, ToolCall, ToolCalled, ToolError, ToolFinished, ToolRequest, ToolResponse,
-    ToolResult, MAX_PAYLOAD_BYTES,
+    encoded_len, outcome_label, Outcome, ToolCall, ToolCalled, ToolCancel, ToolError, ToolFinished, ToolProgress,
+    ToolRequest, ToolResponse, ToolResult, MAX_PAYLOAD_BYTES,
 };
 use super::store::ToolStore;
 use super::system::{CallContext, SystemTool};
@@ -75,6 +82,42 @@ impl Message for CallTool {
     type Reply = ToolResult;
 }
 
+/// Calls a tool as [`CallTool`] does, for a caller that follows it.
+pub struct CallToolWatched {
+    /// The call.
+    pub call: ToolCall,
+    /// Where the tool's progress goes; a report that finds it full is dropped.
+    pub progress: Option<mpsc::Sender<ToolProgress>>,
+    /// Once cancelled, the call stops and ends `cancelled`.
+    pub cancel: CancellationToken,
+    /// The caller's own name for the call (an MCP request id), by which
+    /// [`CancelCall`] finds it from any node; at most [`MAX_LABEL`] bytes.
+    pub label: Option<String>,
+}
+
+impl Message for CallToolWatched {
+    type Reply = ToolResult;
+}
+
+/// Longest [`CallToolWatched::label`]; a call with a longer one cannot be
+/// cancelled by name.
+pub const MAX_LABEL: usize = 128;
+
+/// Cancels `caller`'s running call named `label`, on whichever node waits
+/// for it. Answers how many calls were told to stop: none when none runs,
+/// and none when the caller runs several of that name, since which one was
+/// meant cannot be told.
+pub struct CancelCall {
+    /// The caller; only their calls are found.
+    pub caller: String,
+    /// Their name for the call.
+    pub label: String,
+}
+
+impl Message for CancelCall {
+    type Reply = Result<usize, ToolError>;
+}
+
 /// The tools `user` may call.
 pub struct ListTools {
     /// The user whose tools are listed.
@@ -91,11 +134,19 @@ struct Resolved {
     validator: jsonschema::Validator,
 }
 
+/// A call sent over the bus, waiting for its answer.
+struct Pending {
+    reply: oneshot::Sender<ToolResult>,
+    caller: String,
+    progress: Option<mpsc::Sender<ToolProgress>>,
+    cancel: CancellationToken,
+}
+
 /// What outlives restarts of the registry actor.
 #[derive(Default)]
 struct Shared {
     system: Mutex<HashMap<String, SystemTool>>,
-    pending: Mutex<HashMap<String, oneshot::Sender<ToolResult>>>,
+    pending: Mutex<HashMap<String, Pending>>,
     resolved: Mutex<HashMap<String, (Instant, Arc<Resolved>)>>,
 }
 
@@ -191,16 +242,44 @@ impl ToolRegistry {
         );
     }
 
-    /// A response to one of this registry's calls.
+    /// A message on this registry's reply channel: the answer to one of
+    /// its calls, a call's progress, or a cancellation taken by a node.
     fn complete(&self, envelope: Envelope<Value>) {
-        match envelope.typed::<ToolResponse>() {
-            Ok(response) => {
-                let response = response.data;
-                if let Some(waiter) = lock(&self.shared.pending).remove(&response.call_id) {
-                    let _ = waiter.send(response.outcome.into());
+        let metrics = self.deps.kernel.metrics();
+        match envelope.kind.as_str() {
+            ToolProgress::TYPE => match envelope.typed::<ToolProgress>() {
+                Ok(progress) => {
+                    let pending = lock(&self.shared.pending);
+                    if let Some(to) = pending.get(&progress.data.call_id).and_then(|p| p.progress.as_ref()) {
+                        let _ = to.try_send(progress.data);
+                    }
                 }
-            }
-            Err(error) => self.deps.kernel.metrics().bus_error(Bus::Redis, BusErrorKind::ToolResponse, &error),
+                Err(error) => metrics.bus_error(Bus::Redis, BusErrorKind::ToolResponse, &error),
+            },
+            ToolCancel::TYPE => match envelope.typed::<ToolCancel>() {
+                Ok(cancel) => {
+                    let pending = lock(&self.shared.pending);
+                    if let Some(call) = pending.get(&cancel.data.call_id).filter(|p| p.caller == cancel.data.caller) {
+                        call.cancel.cancel();
+                    }
+                }
+                Err(error) => metrics.bus_error(Bus::Redis, BusErrorKind::ToolResponse, &error),
+            },
+            _ => match envelope.typed::<ToolResponse>() {
+                Ok(response) => {
+                    let response = response.data;
+                    match lock(&self.shared.pending).remove(&response.call_id) {
+                        Some(waiter) => {
+                            let _ = waiter.reply.send(response.outcome.into());
+                        }
+                        None => {
+                            metrics.tool_late_answers.with_label_values(&["caller"]).inc();
+                            tracing::info!(call_id = %response.call_id, "nexus_tool_late_answers_total");
+                        }
+                    }
+                }
+                Err(error) => metrics.bus_error(Bus::Redis, BusErrorKind::ToolResponse, &error),
+            },
         }
     }
 }
@@ -292,7 +371,37 @@ impl Handler<BusEvent> for ToolRegistry {
 }
 
 impl Handler<CallTool> for ToolRegistry {
-    fn handle(&mut self, CallTool(call): CallTool, _: &mut Ctx<Self>) -> Reply<ToolResult> {
+    fn handle(&mut self, CallTool(call): CallTool, ctx: &mut Ctx<Self>) -> Reply<ToolResult> {
+        let watched = CallToolWatched { call, progress: None, cancel: CancellationToken::new(), label: None };
+        <Self as Handler<CallToolWatched>>::handle(self, watched, ctx)
+    }
+}
+
+impl Handler<CancelCall> for ToolRegistry {
+    fn handle(&mut self, msg: CancelCall, _: &mut Ctx<Self>) -> Reply<Result<usize, ToolError>> {
+        let (store, publish, source) =
+            (self.deps.store.clone(), self.publish.clone(), self.deps.kernel.node().to_owned());
+        Reply::later(async move {
+            let calls = store.cancellable(&msg.caller, &msg.label).await.map_err(ToolError::internal)?;
+            let [(reply_to, call_id)] = calls.as_slice() else {
+                if calls.len() > 1 {
+                    tracing::info!(caller = %msg.caller, label = %msg.label, "several calls have this name; none cancelled");
+                }
+                return Ok(0);
+            };
+            let cancel = ToolCancel { call_id: call_id.clone(), caller: msg.caller };
+            publish
+                .publish(reply_to.clone(), Envelope::new(source, cancel).into_untyped())
+                .await
+                .map_err(ToolError::internal)?;
+            Ok(1)
+        })
+    }
+}
+
+impl Handler<CallToolWatched> for ToolRegistry {
+    fn handle(&mut self, watched: CallToolWatched, _: &mut Ctx<Self>) -> Reply<ToolResult> {
+        let call = &watched.call;
         let span = tracing::info_span!(
             "nexus.tool.call",
             tool = %call.tool,
@@ -307,7 +416,7 @@ impl Handler<CallTool> for ToolRegistry {
             reply_channel: self.reply_channel.clone(),
             recorder: self.recorder.clone(),
         };
-        Reply::later(caller.call(call, span.clone()).instrument(span))
+        Reply::later(caller.call(watched, span.clone()).instrument(span))
     }
 }
 
@@ -321,11 +430,12 @@ struct Caller {
 }
 
 impl Caller {
-    async fn call(self, call: ToolCall, span: tracing::Span) -> ToolResult {
+    async fn call(self, watched: CallToolWatched, span: tracing::Span) -> ToolResult {
+        let call = &watched.call;
         let started = Instant::now();
-        let called = self.record(&call, Envelope::new(self.deps.kernel.node(), ToolCalled { call: call.clone() }));
-        let (label, result) = match self.resolve(&call).await {
-            Ok(resolved) => (resolved.spec.metric_label().to_owned(), self.dispatch(&call, &resolved).await),
+        let called = self.record(call, Envelope::new(self.deps.kernel.node(), ToolCalled { call: call.clone() }));
+        let (label, result) = match self.resolve(call).await {
+            Ok(resolved) => (resolved.spec.metric_label().to_owned(), self.dispatch(&watched, &resolved).await),
             Err((label, error)) => (label, Err(error)),
         };
         let finished = ToolFinished {
@@ -334,7 +444,7 @@ impl Caller {
             outcome: Outcome::from(result.clone()),
             duration_ms: started.elapsed().as_millis() as u64,
         };
-        self.record(&call, Envelope::new(self.deps.kernel.node(), finished).caused_by(&called));
+        self.record(call, Envelope::new(self.deps.kernel.node(), finished).caused_by(&called));
         let outcome = outcome_label(&result);
         let metrics = self.deps.kernel.metrics();
         metrics.mcp_exec.with_label_values(&[&label, outcome]).inc();
@@ -405,7 +515,8 @@ impl Caller {
         Ok(resolved)
     }
 
-    async fn dispatch(&self, call: &ToolCall, resolved: &Resolved) -> ToolResult {
+    async fn dispatch(&self, watched: &CallToolWatched, resolved: &Resolved) -> ToolResult {
+        let call = &watched.call;
         let request = ToolRequest {
             call_id: call.call_id.clone(),
             tool: resolved.spec.local_name().to_owned(),
@@ -421,11 +532,14 @@ impl Caller {
                 let local = lock(&self.shared.system).get(&request.tool).cloned();
                 if let Some(tool) = local {
                     let (tx, rx) = oneshot::channel();
-                    run_system(&self.deps.store, &tool, &request, |result| {
+                    let run = run_system(&self.deps.store, &tool, &request, |result| {
                         let _ = tx.send(result);
                         async {}
-                    })
-                    .await;
+                    });
+                    tokio::select! {
+                        () = run => {}
+                        () = watched.cancel.cancelled() => return Err(ToolError::Cancelled),
+                    }
                     return rx.await.unwrap_or_else(|_| Err(ToolError::internal("the call was claimed twice")));
                 }
                 channels::system_tool(&request.tool)
@@ -434,14 +548,21 @@ impl Caller {
         };
         let wait = call.remaining() + REPLY_GRACE;
         let (tx, rx) = oneshot::channel();
-        lock(&self.shared.pending).insert(call.call_id.clone(), tx);
+        let pending = Pending {
+            reply: tx,
+            caller: call.caller.clone(),
+            progress: watched.progress.clone(),
+            cancel: watched.cancel.clone(),
+        };
+        lock(&self.shared.pending).insert(call.call_id.clone(), pending);
         let forget = || lock(&self.shared.pending).remove(&call.call_id);
+        let _named = self.name(watched).await;
         let envelope = Envelope::new(self.deps.kernel.node(), request).into_untyped();
         let owner = match &resolved.spec.owner {
             ToolOwner::System => format!("system tool {}", call.tool),
             ToolOwner::Panel { panel, .. } => format!("panel {panel}"),
         };
-        let published = match tokio::time::timeout(wait, self.publish.publish(channel, envelope)).await {
+        let published = match tokio::time::timeout(wait, self.publish.publish(channel.clone(), envelope)).await {
             Ok(Ok(0)) => Err(ToolError::PanelUnavailable { owner, message: "no sidecar is listening".into() }),
             Ok(Ok(_)) => Ok(()),
             Ok(Err(error)) => Err(ToolError::PanelUnavailable { owner, message: format!("bus: {error}") }),
@@ -451,7 +572,19 @@ impl Caller {
             forget();
             return Err(error);
         }
-        match tokio::time::timeout(call.remaining() + REPLY_GRACE, rx).await {
+        let answered = tokio::select! {
+            answered = tokio::time::timeout(call.remaining() + REPLY_GRACE, rx) => answered,
+            () = watched.cancel.cancelled() => {
+                forget();
+                let cancel = ToolCancel { call_id: call.call_id.clone(), caller: call.caller.clone() };
+                let envelope = Envelope::new(self.deps.kernel.node(), cancel).into_untyped();
+                if let Err(error) = self.publish.publish(channel, envelope).await {
+                    tracing::warn!(%error, "could not tell the tool's server to stop a cancelled call");
+                }
+                return Err(ToolError::Cancelled);
+            }
+        };
+        match answered {
             Ok(Ok(result)) => result,
             Ok(Err(_)) => Err(ToolError::internal("the registry restarted during the call")),
             Err(_) => {
@@ -461,6 +594,22 @@ impl Caller {
         }
     }
 
+    /// Makes a named call findable by [`CancelCall`] until the returned
+    /// guard drops. Without Redis it still runs; it just cannot be
+    /// cancelled from another node.
+    async fn name(&self, watched: &CallToolWatched) -> Option<Named> {
+        let label = watched.label.as_ref().filter(|l| l.len() <= MAX_LABEL)?;
+        let call = &watched.call;
+        let ttl = call.remaining() + REPLY_GRACE;
+        let noted = self.deps.store.note_cancellable(&call.caller, label, &self.reply_channel, &call.call_id, ttl);
+        if let Err(error) = noted.await {
+            tracing::warn!(%error, "a call could not be made cancellable from other nodes");
+            return None;
+        }
+        let entry = (call.caller.clone(), label.clone(), self.reply_channel.clone(), call.call_id.clone());
+        Some(Named { store: self.deps.store.clone(), entry })
+    }
+
     /// Records an event of this call on `semantic.events`, without waiting.
     fn record<T: Payload + Clone + 'static>(&self, call: &ToolCall, envelope: Envelope<T>) -> Envelope<T> {
         if let Some(recorder) = self.recorder.as_ref().filter(|_| !call.journaled_by_caller) {
@@ -468,5 +617,23 @@ impl Caller {
             recorder.record(key, envelope.clone().into_untyped());
         }
         envelope
+    }
+}
+
+/// A named call's entry for [`CancelCall`]; removed (without waiting) when
+/// the call ends.
+struct Named {
+    store: ToolStore,
+    /// Caller, label, reply channel and call id.
+    entry: (String, String, String, String),
+}
+
+impl Drop for Named {
+    fn drop(&mut self) {
+        let store = self.store.clone();
+        let (caller, label, reply_to, call_id) = std::mem::take(&mut self.entry);
+        actix::spawn(async move {
+            let _ = store.forget_cancellable(&caller, &label, &reply_to, &call_id).await;
+        });
     }
 }

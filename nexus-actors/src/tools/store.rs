@@ -18,6 +18,12 @@
 //!   that expires `CLAIM_SLACK` (5 s) after it ends, long enough to silence a
 //!   second delivery of the same call.
 //!
+//! * `nexus:tool-cancel:{n}:{caller}:{label}` — set of `{reply channel}
+//!   {call id}` of the caller's running calls they named `label` (an MCP
+//!   request id; `n` is the caller's length, so names cannot run into
+//!   each other), so that a cancellation taken by any node finds the node
+//!   that waits for the call. It expires with the call's deadline.
+//!
 //! Who may see or call what is decided by [`ToolSpec::visible_to`], not here.
 
 use std::time::Duration;
@@ -80,6 +86,10 @@ fn panels_of_key(user: &str) -> String {
 
 fn call_key(tool: &str, caller: &str, key: &str) -> String {
     format!("nexus:tool-call:{tool}:{caller}:{key}")
+}
+
+fn cancel_key(caller: &str, label: &str) -> String {
+    format!("nexus:tool-cancel:{}:{caller}:{label}", caller.len())
 }
 
 /// Why the tools' state in Redis could not be read or written.
@@ -344,6 +354,44 @@ impl ToolStore {
             tokio::time::sleep(delay).await;
             delay = (delay * 2).min(KEEP_RETRY_MAX);
         }
+    }
+
+    /// Notes that `caller`'s call named `label` runs as `call_id`, awaited
+    /// on `reply_to`, for `ttl`.
+    pub async fn note_cancellable(
+        &self,
+        caller: &str,
+        label: &str,
+        reply_to: &str,
+        call_id: &str,
+        ttl: Duration,
+    ) -> Result<(), ToolStoreError> {
+        let key = cancel_key(caller, label);
+        let mut pipe = redis::pipe();
+        pipe.atomic().sadd(&key, format!("{reply_to} {call_id}")).pexpire(&key, ttl.as_millis().max(1) as i64);
+        let () = pipe.query_async(&mut self.conn.clone()).await?;
+        Ok(())
+    }
+
+    /// The call `call_id` named `label` has ended.
+    pub async fn forget_cancellable(
+        &self,
+        caller: &str,
+        label: &str,
+        reply_to: &str,
+        call_id: &str,
+    ) -> Result<(), ToolStoreError> {
+        let () = self.conn.clone().srem(cancel_key(caller, label), format!("{reply_to} {call_id}")).await?;
+        Ok(())
+    }
+
+    /// The running calls `caller` named `label`, as `(reply channel, call id)`.
+    pub async fn cancellable(&self, caller: &str, label: &str) -> Result<Vec<(String, String)>, ToolStoreError> {
+        let members: Vec<String> = self.conn.clone().smembers(cancel_key(caller, label)).await?;
+        Ok(members
+            .into_iter()
+            .filter_map(|m| m.split_once(' ').map(|(reply_to, call_id)| (reply_to.to_owned(), call_id.to_owned())))
+            .collect())
     }
 
     /// Runs `work` for `request` (to tool `tool`, by its full name) unless

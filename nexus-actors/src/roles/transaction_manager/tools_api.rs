@@ -16,8 +16,8 @@ use crate::kernel::{ActorRef, Link};
 use crate::platform::{ApiError, Caller, ErrorBody};
 use crate::semantic::directory::ContextDirectory;
 use crate::semantic::records::is_context_id;
-use crate::tools::protocol::ToolCall;
-use crate::tools::registry::{CallTool, ListTools};
+use crate::tools::protocol::{ToolCall, ToolProgress};
+use crate::tools::registry::{CallTool, CallToolWatched, CancelCall, ListTools};
 use crate::tools::{ToolError, ToolRegistry, ToolSpec};
 
 use super::TmState;
@@ -30,6 +30,10 @@ const MAX_KEY: usize = 200;
 pub struct ToolsApi {
     /// Sends [`CallTool`] to the registry.
     pub call: Link<CallTool>,
+    /// Sends [`CallToolWatched`] to the registry.
+    pub watched: Link<CallToolWatched>,
+    /// Sends [`CancelCall`] to the registry.
+    pub cancel: Link<CancelCall>,
     /// Sends [`ListTools`] to the registry.
     pub list: Link<ListTools>,
 }
@@ -37,7 +41,12 @@ pub struct ToolsApi {
 impl ToolsApi {
     /// Links to `registry`, counted in the graph as coming from the actor named `from`.
     pub fn new(registry: &ActorRef<ToolRegistry>, from: &str) -> Self {
-        ToolsApi { call: registry.link(from), list: registry.link(from) }
+        ToolsApi {
+            call: registry.link(from),
+            watched: registry.link(from),
+            cancel: registry.link(from),
+            list: registry.link(from),
+        }
     }
 
     /// The tools `user` may call.
@@ -51,6 +60,35 @@ impl ToolsApi {
     /// Runs `call` and waits for its outcome.
     pub async fn call(&self, call: ToolCall) -> Result<Value, ToolError> {
         match self.call.ask(CallTool(call)).await {
+            Ok(result) => result,
+            Err(error) => Err(ToolError::internal(format_args!("tool registry: {error:?}"))),
+        }
+    }
+
+    /// Runs `call` as [`ToolsApi::call`] does, handing its progress to
+    /// `progress`; dropping the future before the outcome cancels the call.
+    /// `label` is the caller's name for it, for [`ToolsApi::cancel`].
+    pub async fn call_watched(
+        &self,
+        call: ToolCall,
+        progress: Option<tokio::sync::mpsc::Sender<ToolProgress>>,
+        label: Option<String>,
+    ) -> Result<Value, ToolError> {
+        let cancel = tokio_util::sync::CancellationToken::new();
+        let cancel_unless_answered = cancel.clone().drop_guard();
+        let answer = self.watched.ask(CallToolWatched { call, progress, cancel, label }).await;
+        cancel_unless_answered.disarm();
+        match answer {
+            Ok(result) => result,
+            Err(error) => Err(ToolError::internal(format_args!("tool registry: {error:?}"))),
+        }
+    }
+
+    /// Cancels `caller`'s running call named `label`, wherever it runs;
+    /// how many calls were told to stop (0 or 1).
+    pub async fn cancel(&self, caller: &str, label: &str) -> Result<usize, ToolError> {
+        let cancel = CancelCall { caller: caller.to_owned(), label: label.to_owned() };
+        match self.cancel.ask(cancel).await {
             Ok(result) => result,
             Err(error) => Err(ToolError::internal(format_args!("tool registry: {error:?}"))),
         }
@@ -97,7 +135,7 @@ pub fn status_of(error: &ToolError) -> StatusCode {
         ToolError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
         ToolError::PanelStatus { .. } | ToolError::InvalidResponse { .. } => StatusCode::BAD_GATEWAY,
         ToolError::PanelUnavailable { .. } | ToolError::Busy { .. } => StatusCode::SERVICE_UNAVAILABLE,
-        ToolError::InProgress { .. } => StatusCode::CONFLICT,
+        ToolError::InProgress { .. } | ToolError::Cancelled => StatusCode::CONFLICT,
         ToolError::Internal { .. } => StatusCode::INTERNAL_SERVER_ERROR,
     }
 }

@@ -3,7 +3,9 @@
 //! them use (system tools and their own panels' tools) and their documents
 //! as resources ([`resources`]), followed through `subscriptions/listen`
 //! ([`subscriptions`]), with completion of document ids and
-//! `logging/setLevel`.
+//! `logging/setLevel`. A tool call reports the tool's progress to a caller
+//! that asked for it (`progressToken`), and stops when its caller goes away
+//! or sends `notifications/cancelled`, which any node may take.
 //!
 //! This module owns the protocol: authentication of the request, the bridge
 //! from actix-web to rmcp's tower service, and the mapping between
@@ -13,7 +15,8 @@
 //!
 //! The server is stateless (no `Mcp-Session-Id`): every POST is one
 //! JSON-RPC exchange answered with a JSON body, except a listen, whose
-//! answer is the SSE stream of its notifications, so any
+//! answer is the SSE stream of its notifications, and a tool call that
+//! reports progress, whose answer turns into one at the first report, so any
 //! transaction-manager node behind a load balancer can serve it.
 
 use std::convert::Infallible;
@@ -28,8 +31,9 @@ use http_body_util::{BodyExt, Full};
 use rmcp::model::{
     CallToolRequestParams, CallToolResponse, CallToolResult, CompleteRequestParams, CompleteResult, ContentBlock,
     Implementation, InitializeRequestParams, InitializeResult, JsonObject, ListResourceTemplatesResult,
-    ListResourcesResult, ListToolsResult, PaginatedRequestParams, ReadResourceRequestParams, ReadResourceResponse,
-    ServerCapabilities, ServerConfig, SubscriptionFilter, Tool,
+    ListResourcesResult, ListToolsResult, PaginatedRequestParams, ProgressNotificationParam, ProgressToken,
+    ReadResourceRequestParams, ReadResourceResponse, RequestId, ServerCapabilities, ServerConfig, SubscriptionFilter,
+    Tool,
 };
 // Deprecated by a later revision than 2025-11-25 (SEP-2577), which clients still speak.
 #[allow(deprecated)]
@@ -48,12 +52,17 @@ use crate::platform::auth::Auth;
 use crate::platform::http::{read_body, BodyError};
 use crate::platform::origin::OriginPolicy;
 use crate::platform::ApiError;
+use crate::tools::protocol::ToolProgress;
+use crate::tools::registry::MAX_LABEL;
 use crate::tools::{ToolCall, ToolError, ToolSpec};
 
 /// The path of the endpoint.
 pub const PATH: &str = "/mcp";
 /// Largest request body `/mcp` accepts.
 pub const MAX_BODY: usize = 1024 * 1024;
+/// Progress reports of one call waiting to be sent; more are dropped (the
+/// next one says as much).
+const PROGRESS_QUEUE: usize = 32;
 
 mod resources;
 mod subscriptions;
@@ -86,7 +95,8 @@ pub fn configure(
     move |cfg| {
         cfg.service(
             web::resource(PATH)
-                .app_data(web::Data::new(endpoint(tools, documents, listens)))
+                .app_data(web::Data::new(endpoint(tools.clone(), documents, listens)))
+                .app_data(web::Data::new(tools))
                 .app_data(web::Data::new(policy))
                 .route(web::post().to(serve))
                 .route(web::get().to(serve))
@@ -122,6 +132,7 @@ async fn serve(
     payload: web::Payload,
     endpoint: web::Data<Endpoint>,
     policy: web::Data<OriginPolicy>,
+    tools: web::Data<ToolsApi>,
 ) -> Result<HttpResponse, ApiError> {
     let header = |name| req.headers().get(name).and_then(|v| v.to_str().ok());
     policy.check(header(actix_web::http::header::HOST), header(actix_web::http::header::ORIGIN))?;
@@ -135,6 +146,14 @@ async fn serve(
         BodyError::TooLarge { limit } => ApiError::BodyTooLarge { limit },
         BodyError::Unreadable(e) => ApiError::BadRequest(format!("reading the body: {e}")),
     })?;
+    // The stateless transport drops notifications; this one is ours. The
+    // call may run on another node, which the registry finds.
+    if let Some(label) = cancelled_request(&body) {
+        match tools.cancel(&caller.user, &label).await {
+            Ok(stopped) => tracing::debug!(user = %caller.user, stopped, "notifications/cancelled"),
+            Err(error) => tracing::warn!(%error, "could not cancel a tool call"),
+        }
+    }
     let mut request = to_http_request(&req, body, McpUser(caller.user))?;
     if let Some(credentials) = credentials {
         request.extensions_mut().insert(credentials);
@@ -144,6 +163,33 @@ async fn serve(
         Err(never) => match never {},
     };
     Ok(to_actix_response(response).await)
+}
+
+/// The id of the request a `notifications/cancelled` body cancels, as a
+/// call label (its JSON); `None` for any other body.
+fn cancelled_request(body: &[u8]) -> Option<String> {
+    const METHOD: &[u8] = b"notifications/cancelled";
+    if !body.windows(METHOD.len()).any(|w| w == METHOD) {
+        return None;
+    }
+    #[derive(serde::Deserialize)]
+    struct Notification {
+        method: String,
+        id: Option<Value>,
+        params: Option<Value>,
+    }
+    let note: Notification = serde_json::from_slice(body).ok()?;
+    if note.method != "notifications/cancelled" || note.id.is_some() {
+        return None;
+    }
+    let request_id = note.params?.get("requestId")?.clone();
+    let request_id: RequestId = serde_json::from_value(request_id).ok()?;
+    call_label(&request_id)
+}
+
+/// How a request id names its tool call to the registry (its JSON).
+fn call_label(id: &RequestId) -> Option<String> {
+    serde_json::to_string(id).ok().filter(|label| label.len() <= MAX_LABEL)
 }
 
 /// The actix request (actix-web 4 speaks `http` 0.2) as an `http` 1 request
@@ -252,7 +298,35 @@ impl ServerHandler for NexusMcp {
     ) -> Result<CallToolResponse, McpError> {
         let user = user_of(&context)?;
         let arguments = Value::Object(request.arguments.unwrap_or_default());
-        let outcome = self.tools.call(ToolCall::new(request.name.into_owned(), arguments, user)).await;
+        let call = ToolCall::new(request.name.into_owned(), arguments, user);
+        let token = context.meta.get_progress_token();
+        let (progress, mut reports) = match token {
+            Some(_) => {
+                let (tx, rx) = tokio::sync::mpsc::channel::<ToolProgress>(PROGRESS_QUEUE);
+                (Some(tx), Some(rx))
+            }
+            None => (None, None),
+        };
+        // Dropped when the caller goes away, which cancels the call.
+        let outcome = self.tools.call_watched(call, progress, call_label(&context.id));
+        tokio::pin!(outcome);
+        let mut reported = f64::NEG_INFINITY;
+        let outcome = loop {
+            tokio::select! {
+                outcome = &mut outcome => break outcome,
+                () = context.ct.cancelled() => break Err(ToolError::Cancelled),
+                report = next_report(&mut reports) => match (report, &token) {
+                    (Some(report), Some(token)) => notify_progress(&context, token, &mut reported, report).await,
+                    _ => reports = None,
+                },
+            }
+        };
+        // Reports sent before the answer are queued by now: the bus keeps their order.
+        if let (Some(queued), Some(token)) = (reports.as_mut(), &token) {
+            while let Ok(report) = queued.try_recv() {
+                notify_progress(&context, token, &mut reported, report).await;
+            }
+        }
         Ok(tool_result(outcome).into())
     }
 
@@ -332,6 +406,32 @@ impl ServerHandler for NexusMcp {
     ) -> Result<(), McpError> {
         user_of(&context)?;
         Ok(())
+    }
+}
+
+/// Sends `report` as `notifications/progress` if it says more than the last
+/// one did: MCP wants progress to grow.
+async fn notify_progress(
+    context: &RequestContext<RoleServer>,
+    token: &ProgressToken,
+    reported: &mut f64,
+    report: ToolProgress,
+) {
+    if report.progress <= *reported {
+        return;
+    }
+    *reported = report.progress;
+    let mut note = ProgressNotificationParam::new(token.clone(), report.progress);
+    note.total = report.total;
+    note.message = report.message;
+    let _ = context.peer.notify_progress(note).await;
+}
+
+/// The next progress report, if reports are wanted; never, if not.
+async fn next_report(reports: &mut Option<tokio::sync::mpsc::Receiver<ToolProgress>>) -> Option<ToolProgress> {
+    match reports {
+        Some(reports) => reports.recv().await,
+        None => std::future::pending().await,
     }
 }
 

@@ -10,7 +10,8 @@ use crate::platform::auth::keys::{KeyRing, KeySet};
 use crate::platform::auth::{Audience, Auth};
 use crate::platform::store::Redis;
 use crate::platform::{Accounts, UserRole};
-use crate::tools::registry::{CallTool, ListTools};
+use crate::tools::protocol::ToolProgress;
+use crate::tools::registry::{CallTool, CallToolWatched, CancelCall, ListTools};
 use crate::tools::ToolOwner;
 
 /// A registry with one system tool, `echo`, that returns its arguments
@@ -33,20 +34,60 @@ impl Handler<ListTools> for FakeRegistry {
     }
 }
 
+fn answer(call: &ToolCall) -> Result<Value, ToolError> {
+    match call.tool.as_str() {
+        "echo" if call.arguments.get("fail").is_some() => Err(ToolError::failed("asked to fail")),
+        "echo" => Ok(json!({"caller": call.caller, "arguments": call.arguments})),
+        tool => Err(ToolError::NotFound { tool: tool.to_owned() }),
+    }
+}
+
 impl Handler<CallTool> for FakeRegistry {
     fn handle(&mut self, CallTool(call): CallTool, _: &mut Ctx<Self>) -> Reply<Result<Value, ToolError>> {
-        Reply::Now(match call.tool.as_str() {
-            "echo" if call.arguments.get("fail").is_some() => Err(ToolError::failed("asked to fail")),
-            "echo" => Ok(json!({"caller": call.caller, "arguments": call.arguments})),
-            tool => Err(ToolError::NotFound { tool: tool.to_owned() }),
+        Reply::Now(answer(&call))
+    }
+}
+
+/// `echo` as [`CallTool`] has it; `steps` reports progress 1, 2, 2 (not
+/// news), 3 of 3 before it answers.
+impl Handler<CallToolWatched> for FakeRegistry {
+    fn handle(&mut self, watched: CallToolWatched, _: &mut Ctx<Self>) -> Reply<Result<Value, ToolError>> {
+        if watched.call.tool != "steps" {
+            return Reply::Now(answer(&watched.call));
+        }
+        Reply::later(async move {
+            let call_id = watched.call.call_id.clone();
+            for (progress, message) in [(1.0, None), (2.0, Some("halfway")), (2.0, None), (3.0, None)] {
+                let report = ToolProgress {
+                    call_id: call_id.clone(),
+                    progress,
+                    total: Some(3.0),
+                    message: message.map(Into::into),
+                };
+                if let Some(to) = &watched.progress {
+                    let _ = to.send(report).await;
+                }
+            }
+            Ok(json!({"steps": 3}))
         })
+    }
+}
+
+impl Handler<CancelCall> for FakeRegistry {
+    fn handle(&mut self, _: CancelCall, _: &mut Ctx<Self>) -> Reply<Result<usize, ToolError>> {
+        Reply::Now(Ok(0))
     }
 }
 
 fn tools_api() -> ToolsApi {
     let kernel = Kernel::new("test");
     let registry = kernel.spawn("registry", || FakeRegistry);
-    ToolsApi { call: registry.link("mcp"), list: registry.link("mcp") }
+    ToolsApi {
+        call: registry.link("mcp"),
+        watched: registry.link("mcp"),
+        cancel: registry.link("mcp"),
+        list: registry.link("mcp"),
+    }
 }
 
 /// A Redis of the test's own with the users `ada` and `bob`, tokens over
@@ -241,6 +282,67 @@ async fn streams_sse_answers() {
     let message: Value = serde_json::from_str(data.trim()).unwrap();
     assert_eq!(message["id"], 7);
     assert_eq!(message["result"]["structuredContent"]["caller"], "ada");
+}
+
+#[actix_rt::test]
+async fn progress_reaches_a_caller_that_asked_for_it_and_only_when_it_grows() {
+    let (redis, auth, token) = auth("progress").await;
+    let app = web_test::init_service(App::new().app_data(web::Data::new(auth)).configure(configure(
+        tools_api(),
+        documents(&redis).await,
+        None,
+        anywhere(),
+    )))
+    .await;
+    let call = json!({"jsonrpc": "2.0", "id": 9, "method": "tools/call",
+        "params": {"name": "steps", "_meta": {"progressToken": "p-1"}}});
+    let resp = web_test::call_service(&app, rpc(Some(&token), call).to_request()).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert!(resp.headers().get("content-type").unwrap().to_str().unwrap().starts_with("text/event-stream"));
+    let body = web_test::read_body(resp).await;
+    let messages: Vec<Value> = std::str::from_utf8(&body)
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.strip_prefix("data:").filter(|d| !d.trim().is_empty()))
+        .map(|d| serde_json::from_str(d.trim()).unwrap())
+        .collect();
+    let reports: Vec<(f64, Value)> = messages
+        .iter()
+        .filter(|m| m["method"] == "notifications/progress")
+        .map(|m| {
+            assert_eq!(m["params"]["progressToken"], "p-1");
+            assert_eq!(m["params"]["total"], 3.0);
+            (m["params"]["progress"].as_f64().unwrap(), m["params"]["message"].clone())
+        })
+        .collect();
+    assert_eq!(reports, [(1.0, Value::Null), (2.0, json!("halfway")), (3.0, Value::Null)], "{messages:?}");
+    let last = messages.last().unwrap();
+    assert_eq!((&last["id"], &last["result"]["structuredContent"]), (&json!(9), &json!({"steps": 3})));
+
+    // Without a token the same call answers plain JSON, with no reports.
+    let call = json!({"jsonrpc": "2.0", "id": 10, "method": "tools/call", "params": {"name": "steps"}});
+    let body: Value = web_test::call_and_read_body_json(&app, rpc(Some(&token), call).to_request()).await;
+    assert_eq!(body["result"]["structuredContent"], json!({"steps": 3}));
+}
+
+#[test]
+fn a_cancellation_names_its_request_as_the_call_was_named() {
+    let cancel = |params: Value| {
+        let note = json!({"jsonrpc": "2.0", "method": "notifications/cancelled", "params": params});
+        cancelled_request(note.to_string().as_bytes())
+    };
+    assert_eq!(cancel(json!({"requestId": 7, "reason": "user"})), call_label(&RequestId::Number(7)));
+    assert_eq!(cancel(json!({"requestId": "a\"b"})), call_label(&RequestId::String("a\"b".into())));
+    assert_eq!(cancel(json!({"requestId": 7})).as_deref(), Some("7"));
+    assert_eq!(cancel(json!({"requestId": "x".repeat(MAX_LABEL)})), None, "too long to be a label");
+    assert_eq!(cancel(json!({"requestId": {"nested": 1}})), None);
+    assert_eq!(cancel(json!({})), None);
+    let request = json!({"jsonrpc": "2.0", "id": 1, "method": "notifications/cancelled", "params": {"requestId": 7}});
+    assert_eq!(cancelled_request(request.to_string().as_bytes()), None, "a request is not the notification");
+    let mention = json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call",
+        "params": {"name": "echo", "arguments": {"text": "notifications/cancelled"}}});
+    assert_eq!(cancelled_request(mention.to_string().as_bytes()), None);
+    assert_eq!(cancelled_request(b"notifications/cancelled {garbage"), None);
 }
 
 #[test]
