@@ -20,9 +20,13 @@ use nexus_actors::infra::{free_port, RedisServer, Tansu, TansuStorage};
 use nexus_actors::platform::{Panel, PanelMode, PanelRecords};
 use nexus_actors::sidecar::{self, SidecarConfig, SidecarError};
 use nexus_actors::telemetry::Metrics;
+use nexus_actors::tools::prompts::PromptRole;
 use nexus_actors::tools::protocol::Outcome;
 use nexus_actors::tools::protocol::{ToolCall, ToolError, ToolRequest, ToolResponse};
-use nexus_actors::tools::registry::{CallTool, CallToolWatched, CancelCall, ListTools, RegisterTool, RegistryDeps};
+use nexus_actors::tools::registry::{
+    CallTool, CallToolWatched, CancelCall, GetPrompt, GetPromptError, ListPrompts, ListTools, RegisterTool,
+    RegistryDeps,
+};
 use nexus_actors::tools::store::{Claim, ToolStore};
 use nexus_actors::tools::system::SystemTool;
 use nexus_actors::tools::ToolRegistry;
@@ -163,7 +167,9 @@ impl FakePanel {
                 {"type": "object", "properties": {"text": {"type": "string"}}, "required": ["text"]}},
             tool("garbage"), tool("crash"), tool("sleep"), tool("huge"), tool("refuse"), tool("no_result"), tool("nap"),
             tool("report"),
-        ]});
+        ], "prompts": [{"name": "greet", "description": "Greets someone",
+            "arguments": [{"name": "who", "required": true}],
+            "messages": [{"role": "user", "text": "Greet {{ who }}."}]}]});
         let manifest = Arc::new(Mutex::new(manifest));
         FakePanel { name: name.into(), manifest, executed: Arc::default(), sidecar: Arc::default() }
     }
@@ -730,16 +736,19 @@ async fn a_replica_that_stops_unlists_only_itself() {
             && store.list_for("ada").await.unwrap().iter().any(|s| s.name == "replicated.echo")
     };
     let long = Duration::from_secs(30);
-    store.put_panel(panel, "ada", "replica-a", std::slice::from_ref(&spec), long).await.unwrap();
-    store.put_panel(panel, "ada", "replica-b", std::slice::from_ref(&spec), long).await.unwrap();
+    store.put_panel(panel, "ada", "replica-a", std::slice::from_ref(&spec), &[], long).await.unwrap();
+    store.put_panel(panel, "ada", "replica-b", std::slice::from_ref(&spec), &[], long).await.unwrap();
     assert!(!store.remove_panel(panel, "ada", "replica-a").await.unwrap(), "b still keeps the listing");
     assert!(listed(store.clone()).await, "one replica stopping leaves the tools listed for the other");
     assert!(store.remove_panel(panel, "ada", "replica-b").await.unwrap());
     assert!(!listed(store.clone()).await, "the last replica stopping unlists them");
 
     // d's longer share lists first: c's shorter one must not cut the set's life short.
-    store.put_panel(panel, "ada", "replica-d", std::slice::from_ref(&spec), long).await.unwrap();
-    store.put_panel(panel, "ada", "replica-c", std::slice::from_ref(&spec), Duration::from_millis(200)).await.unwrap();
+    store.put_panel(panel, "ada", "replica-d", std::slice::from_ref(&spec), &[], long).await.unwrap();
+    store
+        .put_panel(panel, "ada", "replica-c", std::slice::from_ref(&spec), &[], Duration::from_millis(200))
+        .await
+        .unwrap();
     actix_rt::time::sleep(Duration::from_millis(400)).await;
     assert!(store.remove_panel(panel, "ada", "replica-d").await.unwrap(), "c's share expired: d was the last");
     assert!(!listed(store.clone()).await);
@@ -784,7 +793,7 @@ async fn a_panel_listing_counts_only_as_its_own_panels_tools() {
         spec("mallorys.as_adas", "adas", "ada"),
         spec("adas.renamed", "mallorys", "mallory"),
     ];
-    store.put_panel("mallorys", "mallory", "replica", &forged, long).await.unwrap();
+    store.put_panel("mallorys", "mallory", "replica", &forged, &[], long).await.unwrap();
     for tool in ["for_ada", "as_adas", "renamed"] {
         let found = store.find(&ToolAddress::Panel { panel: "mallorys", tool }).await.unwrap();
         assert_eq!(found, None, "{tool}: a forged listing is found");
@@ -804,7 +813,7 @@ async fn a_panel_listing_counts_only_as_its_own_panels_tools() {
     assert_eq!(found, None, "a spec under another name is found");
     // Its own tool, honestly listed, is found.
     let honest = spec("mallorys.ok", "mallorys", "mallory");
-    store.put_panel("mallorys", "mallory", "replica", std::slice::from_ref(&honest), long).await.unwrap();
+    store.put_panel("mallorys", "mallory", "replica", std::slice::from_ref(&honest), &[], long).await.unwrap();
     assert_eq!(store.find(&ToolAddress::Panel { panel: "mallorys", tool: "ok" }).await.unwrap(), Some(honest));
 }
 
@@ -991,4 +1000,51 @@ async fn a_panels_progress_reaches_its_caller_and_its_caller_may_cancel_it_from_
         .await
         .unwrap();
     eventually(5, "the late answer is counted", || late(&kernel_a) == before + 1).await;
+}
+
+#[actix_rt::test]
+async fn a_panels_prompts_are_its_owners_and_go_with_its_manifest() {
+    let h = Harness::new("tools-prompts").await;
+    let (_, registry) = registry("node", &h.redis, None).await;
+    let panel = FakePanel::new("fake");
+    let (panel_url, _panel) = panel.serve();
+    let id = h.panel("ada").await;
+    let (sidecar_url, _sidecar) = h.sidecar(&id, &panel_url, |_| {}).await;
+    wait_listed(&registry, "ada", &format!("{id}.echo")).await;
+    let list = |user: &str| {
+        let link = registry.link::<ListPrompts>("test");
+        let user = user.to_owned();
+        async move { link.ask(ListPrompts { user }).await.unwrap().unwrap().into_iter().map(|(n, _)| n).collect::<Vec<_>>() }
+    };
+    let get = |user: &str, name: &str, arguments: Value| {
+        let link = registry.link::<GetPrompt>("test");
+        let get = GetPrompt { user: user.into(), name: name.into(), arguments: arguments.as_object().unwrap().clone() };
+        async move { link.ask(get).await.unwrap() }
+    };
+    let greet = format!("{id}.greet");
+    assert_eq!(list("ada").await, std::slice::from_ref(&greet));
+    assert!(list("bob").await.is_empty(), "another user's panel offers bob no prompts");
+
+    let (description, messages) = get("ada", &greet, json!({"who": "Ada"})).await.unwrap();
+    assert_eq!(description.as_deref(), Some("Greets someone"));
+    assert_eq!(messages, [(PromptRole::User, "Greet Ada.".to_owned())]);
+    assert!(matches!(get("bob", &greet, json!({"who": "Bob"})).await, Err(GetPromptError::NotFound(_))));
+    assert!(matches!(get("ada", &greet, json!({})).await, Err(GetPromptError::Render(_))));
+    assert!(matches!(get("ada", &format!("{id}.nope"), json!({})).await, Err(GetPromptError::NotFound(_))));
+    assert!(matches!(get("ada", "greet", json!({})).await, Err(GetPromptError::NotFound(_))));
+
+    // A prompt that does not compile refuses the manifest; the last good one stays.
+    let tools = json!([{"name": "echo", "desc": "Echoes"}]);
+    let broken = json!([{"name": "greet", "messages": [{"role": "user", "text": "{% if %}"}]}]);
+    panel.set_manifest(json!({"tools": tools, "prompts": broken}));
+    let reload = || async { reqwest::Client::new().post(format!("{sidecar_url}/reload")).send().await.unwrap() };
+    let refused = reload().await;
+    assert_eq!(refused.status().as_u16(), 422);
+    assert!(refused.text().await.unwrap().contains("prompt \\\"greet\\\" is not valid"));
+    assert_eq!(list("ada").await, std::slice::from_ref(&greet));
+
+    // A manifest without prompts takes them away.
+    panel.set_manifest(json!({"tools": tools}));
+    assert_eq!(reload().await.status().as_u16(), 200);
+    assert!(list("ada").await.is_empty());
 }

@@ -188,7 +188,7 @@ impl Registrar {
 
     async fn put(&self, manifest: &Manifest) -> Result<(), ToolStoreError> {
         let specs = manifest.specs(&self.panel_id, &self.user);
-        self.store.put_panel(&self.panel_id, &self.user, &self.lister, &specs, self.ttl).await
+        self.store.put_panel(&self.panel_id, &self.user, &self.lister, &specs, &manifest.prompts, self.ttl).await
     }
 
     /// Syncs forever: quickly until the panel first answers, then every

@@ -8,6 +8,7 @@ use std::collections::HashSet;
 use serde::Deserialize;
 use serde_json::Value;
 
+use super::prompts::Prompt;
 use super::{any_object_schema, is_valid_local_name, panel_tool_name, ToolOwner, ToolSpec};
 
 /// Largest manifest body accepted.
@@ -44,6 +45,14 @@ pub enum ManifestError {
     /// The named tool's description is missing, blank or over [`MAX_DESCRIPTION`] characters.
     #[error("tool {0:?} needs a description (\"desc\") of 1 to {MAX_DESCRIPTION} characters")]
     BadDescription(String),
+    /// A prompt breaks a rule (see [`super::prompts`]).
+    #[error("prompt {prompt:?} is not valid: {reason}")]
+    BadPrompt {
+        /// The prompt's name (empty when the rule is about all of them).
+        prompt: String,
+        /// The broken rule.
+        reason: String,
+    },
     /// A tool's `input_schema` is not an object schema that compiles.
     #[error("input_schema of tool {tool:?} is not usable: {reason}")]
     BadSchema {
@@ -59,6 +68,8 @@ struct RawManifest {
     #[serde(default)]
     name: Option<String>,
     tools: Vec<RawTool>,
+    #[serde(default)]
+    prompts: Vec<Prompt>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -77,6 +88,8 @@ pub struct Manifest {
     pub name: Option<String>,
     /// Its tools, in the manifest's order (names unique).
     pub tools: Vec<ManifestTool>,
+    /// Its prompts, in the manifest's order (names unique, templates compiled).
+    pub prompts: Vec<Prompt>,
 }
 
 /// One tool of a valid manifest, with its schema (`{"type":"object"}` if none).
@@ -119,7 +132,8 @@ impl Manifest {
             };
             tools.push(ManifestTool { name: tool.name, description, input_schema });
         }
-        Ok(Manifest { name: raw.name, tools })
+        let prompts = Prompt::check_all(raw.prompts)?;
+        Ok(Manifest { name: raw.name, tools, prompts })
     }
 
     /// The registry entries of this manifest's tools, for `panel` owned by `user`.

@@ -5,6 +5,7 @@
 //! * [`protocol`]: the typed call, its reply and the error codes callers see,
 //!   as they travel on the transactional bus.
 //! * [`manifest`]: a panel's `GET /manifest`, parsed and validated.
+//! * [`prompts`]: the prompt templates a manifest declares, checked and rendered.
 //! * [`store`]: the shared listing of every tool in Redis, and the
 //!   idempotency claims that make a call run once.
 //! * [`registry`]: the `ToolRegistry` actor of a node: system tools served
@@ -13,6 +14,7 @@
 //! Executing a panel tool over HTTP is the sidecar's job, not this module's.
 
 pub mod manifest;
+pub mod prompts;
 pub mod protocol;
 pub mod recorder;
 pub mod registry;

@@ -198,8 +198,8 @@ pub enum ToolError {
         /// What failed.
         message: String,
     },
-    /// The caller cancelled the call (or went away) before it ended; the
-    /// tool's server was told to stop.
+    /// The caller cancelled the call (or went away) before it ended. A
+    /// panel's sidecar drops the panel's request; a system tool may run on.
     #[error("the call was cancelled by its caller")]
     Cancelled,
 }

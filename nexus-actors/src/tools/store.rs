@@ -6,6 +6,8 @@
 //! * `nexus:tools:panel:{panel}` — hash, local tool name → spec; it expires
 //!   unless the panel's sidecar keeps refreshing it, so the tools of a panel
 //!   whose sidecar died leave the listing.
+//! * `nexus:tools:prompts:{panel}` — hash, prompt name → [`Prompt`] JSON,
+//!   written, kept and dropped with the panel's tools.
 //! * `nexus:tools:listers:{panel}` — sorted set of the replicas (sidecars)
 //!   keeping that listing alive, scored by when each one's share expires
 //!   (Redis time): a replica that stops takes the listing down only when it
@@ -18,11 +20,13 @@
 //!   that expires `CLAIM_SLACK` (5 s) after it ends, long enough to silence a
 //!   second delivery of the same call.
 //!
-//! * `nexus:tool-cancel:{n}:{caller}:{label}` — set of `{reply channel}
-//!   {call id}` of the caller's running calls they named `label` (an MCP
-//!   request id; `n` is the caller's length, so names cannot run into
-//!   each other), so that a cancellation taken by any node finds the node
-//!   that waits for the call. It expires with the call's deadline.
+//! * `nexus:tool-cancel:{n}:{caller}:{label}` — sorted set of `{reply
+//!   channel} {call id}` of the caller's running calls they named `label`
+//!   (an MCP request id; `n` is the caller's length, so names cannot run
+//!   into each other), scored by each call's deadline (Redis time, ms), so
+//!   that a cancellation taken by any node finds the node that waits for
+//!   the call. Entries past their deadline do not count, and the key
+//!   expires with its last deadline.
 //!
 //! Who may see or call what is decided by [`ToolSpec::visible_to`], not here.
 
@@ -33,6 +37,7 @@ use redis::AsyncCommands;
 
 use std::future::Future;
 
+use super::prompts::Prompt;
 use super::protocol::{remaining_until, Outcome, ToolError, ToolRequest, ToolResult};
 use super::{ToolAddress, ToolOwner, ToolSpec};
 
@@ -49,6 +54,10 @@ const KEEP_RETRY_MAX: Duration = Duration::from_millis(500);
 
 fn panel_key(panel: &str) -> String {
     format!("nexus:tools:panel:{panel}")
+}
+
+fn prompts_key(panel: &str) -> String {
+    format!("nexus:tools:prompts:{panel}")
 }
 
 fn listers_key(panel: &str) -> String {
@@ -75,7 +84,7 @@ local now = t[1] * 1000 + math.floor(t[2] / 1000)
 redis.call('ZREM', KEYS[1], ARGV[1])
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 if redis.call('ZCARD', KEYS[1]) > 0 then return 0 end
-redis.call('DEL', KEYS[1], KEYS[2])
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[4])
 redis.call('SREM', KEYS[3], ARGV[2])
 return 1
 ";
@@ -134,23 +143,27 @@ impl ToolStore {
     }
 
     /// Replaces the listed tools of `panel` (owned by `user`) with `specs`,
-    /// kept by the replica `lister`; they leave the listing after `ttl`
-    /// unless refreshed.
+    /// and its prompts with `prompts`, kept by the replica `lister`; they
+    /// leave the listing after `ttl` unless refreshed.
     pub async fn put_panel(
         &self,
         panel: &str,
         user: &str,
         lister: &str,
         specs: &[ToolSpec],
+        prompts: &[Prompt],
         ttl: Duration,
     ) -> Result<(), ToolStoreError> {
-        let (key, ttl_ms) = (panel_key(panel), ttl.as_millis() as i64);
+        let (key, prompts_key, ttl_ms) = (panel_key(panel), prompts_key(panel), ttl.as_millis() as i64);
         let mut pipe = redis::pipe();
-        pipe.atomic().del(&key);
+        pipe.atomic().del(&key).del(&prompts_key);
         for spec in specs {
             pipe.hset(&key, spec.local_name(), serde_json::to_string(spec).unwrap_or_default());
         }
-        pipe.pexpire(&key, ttl_ms).sadd(panels_of_key(user), panel);
+        for prompt in prompts {
+            pipe.hset(&prompts_key, &prompt.name, serde_json::to_string(prompt).unwrap_or_default());
+        }
+        pipe.pexpire(&key, ttl_ms).pexpire(&prompts_key, ttl_ms).sadd(panels_of_key(user), panel);
         pipe.cmd("EVAL").arg(LISTER_SCRIPT).arg(1).arg(listers_key(panel)).arg(lister).arg(ttl_ms);
         let () = pipe.query_async(&mut self.conn.clone()).await?;
         Ok(())
@@ -169,7 +182,8 @@ impl ToolStore {
     ) -> Result<bool, ToolStoreError> {
         let ttl_ms = ttl.as_millis() as i64;
         let mut pipe = redis::pipe();
-        pipe.pexpire(panel_key(panel), ttl_ms).sadd(panels_of_key(user), panel).ignore();
+        pipe.pexpire(panel_key(panel), ttl_ms).pexpire(prompts_key(panel), ttl_ms).ignore();
+        pipe.sadd(panels_of_key(user), panel).ignore();
         pipe.cmd("EVAL").arg(LISTER_SCRIPT).arg(1).arg(listers_key(panel)).arg(lister).arg(ttl_ms).ignore();
         let (alive,): (bool,) = pipe.query_async(&mut self.conn.clone()).await?;
         Ok(alive)
@@ -182,6 +196,7 @@ impl ToolStore {
             .key(listers_key(panel))
             .key(panel_key(panel))
             .key(panels_of_key(user))
+            .key(prompts_key(panel))
             .arg(lister)
             .arg(panel)
             .invoke_async(&mut self.conn.clone())
@@ -249,6 +264,44 @@ impl ToolStore {
             system.iter().filter_map(parse).chain(own).filter(|spec| spec.visible_to(user)).collect();
         specs.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(specs)
+    }
+
+    /// The prompts of `user`'s panels, as `(panel, prompt)`, sorted by
+    /// panel and name. Like tools, a panel's prompts count only when the
+    /// panel's record names `user` its owner.
+    pub async fn prompts_for(&self, user: &str) -> Result<Vec<(String, Prompt)>, ToolStoreError> {
+        let mut conn = self.conn.clone();
+        let mut panels: Vec<String> = conn.smembers(panels_of_key(user)).await?;
+        panels.sort();
+        let mut prompts = Vec::new();
+        for panel in panels {
+            prompts.extend(self.panel_prompts(&panel, user, None).await?.into_iter().map(|p| (panel.clone(), p)));
+        }
+        Ok(prompts)
+    }
+
+    /// `user`'s prompt `name` of `panel`, if the panel is theirs and has it.
+    pub async fn prompt(&self, user: &str, panel: &str, name: &str) -> Result<Option<Prompt>, ToolStoreError> {
+        Ok(self.panel_prompts(panel, user, Some(name)).await?.into_iter().next())
+    }
+
+    /// The prompts of `panel` (or only `name`), if `user` owns the panel.
+    async fn panel_prompts(&self, panel: &str, user: &str, name: Option<&str>) -> Result<Vec<Prompt>, ToolStoreError> {
+        let mut pipe = redis::pipe();
+        match name {
+            Some(name) => pipe.cmd("HMGET").arg(prompts_key(panel)).arg(name),
+            None => pipe.hvals(prompts_key(panel)),
+        };
+        pipe.get(crate::platform::panels::panel_key(panel));
+        let (found, record): (Vec<Option<String>>, Option<String>) = pipe.query_async(&mut self.conn.clone()).await?;
+        let owner = record.and_then(|r| serde_json::from_str::<crate::platform::Panel>(&r).ok()).map(|p| p.owner);
+        if owner.as_deref() != Some(user) {
+            return Ok(Vec::new());
+        }
+        let mut prompts: Vec<Prompt> =
+            found.into_iter().flatten().filter_map(|json| serde_json::from_str(&json).ok()).collect();
+        prompts.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(prompts)
     }
 
     /// Claims the idempotency key of a call for `call_id`, for `hold` (the
@@ -366,10 +419,19 @@ impl ToolStore {
         call_id: &str,
         ttl: Duration,
     ) -> Result<(), ToolStoreError> {
-        let key = cancel_key(caller, label);
-        let mut pipe = redis::pipe();
-        pipe.atomic().sadd(&key, format!("{reply_to} {call_id}")).pexpire(&key, ttl.as_millis().max(1) as i64);
-        let () = pipe.query_async(&mut self.conn.clone()).await?;
+        let script = redis::Script::new(
+            r"local t = redis.call('TIME')
+              local ttl = tonumber(ARGV[2])
+              redis.call('ZADD', KEYS[1], t[1] * 1000 + math.floor(t[2] / 1000) + ttl, ARGV[1])
+              if redis.call('PTTL', KEYS[1]) < ttl then redis.call('PEXPIRE', KEYS[1], ttl) end
+              return 1",
+        );
+        let _: i64 = script
+            .key(cancel_key(caller, label))
+            .arg(format!("{reply_to} {call_id}"))
+            .arg(ttl.as_millis().max(1) as u64)
+            .invoke_async(&mut self.conn.clone())
+            .await?;
         Ok(())
     }
 
@@ -381,13 +443,17 @@ impl ToolStore {
         reply_to: &str,
         call_id: &str,
     ) -> Result<(), ToolStoreError> {
-        let () = self.conn.clone().srem(cancel_key(caller, label), format!("{reply_to} {call_id}")).await?;
+        let () = self.conn.clone().zrem(cancel_key(caller, label), format!("{reply_to} {call_id}")).await?;
         Ok(())
     }
 
     /// The running calls `caller` named `label`, as `(reply channel, call id)`.
     pub async fn cancellable(&self, caller: &str, label: &str) -> Result<Vec<(String, String)>, ToolStoreError> {
-        let members: Vec<String> = self.conn.clone().smembers(cancel_key(caller, label)).await?;
+        let script = redis::Script::new(
+            r"local t = redis.call('TIME')
+              return redis.call('ZRANGEBYSCORE', KEYS[1], t[1] * 1000 + math.floor(t[2] / 1000), '+inf')",
+        );
+        let members: Vec<String> = script.key(cancel_key(caller, label)).invoke_async(&mut self.conn.clone()).await?;
         Ok(members
             .into_iter()
             .filter_map(|m| m.split_once(' ').map(|(reply_to, call_id)| (reply_to.to_owned(), call_id.to_owned())))

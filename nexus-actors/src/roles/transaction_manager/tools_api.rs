@@ -16,8 +16,11 @@ use crate::kernel::{ActorRef, Link};
 use crate::platform::{ApiError, Caller, ErrorBody};
 use crate::semantic::directory::ContextDirectory;
 use crate::semantic::records::is_context_id;
+use crate::tools::prompts::Prompt;
 use crate::tools::protocol::{ToolCall, ToolProgress};
-use crate::tools::registry::{CallTool, CallToolWatched, CancelCall, ListTools};
+use crate::tools::registry::{
+    CallTool, CallToolWatched, CancelCall, GetPrompt, GetPromptError, ListPrompts, ListTools, RenderedPrompt,
+};
 use crate::tools::{ToolError, ToolRegistry, ToolSpec};
 
 use super::TmState;
@@ -36,6 +39,10 @@ pub struct ToolsApi {
     pub cancel: Link<CancelCall>,
     /// Sends [`ListTools`] to the registry.
     pub list: Link<ListTools>,
+    /// Sends [`ListPrompts`] to the registry.
+    pub prompts: Link<ListPrompts>,
+    /// Sends [`GetPrompt`] to the registry.
+    pub prompt: Link<GetPrompt>,
 }
 
 impl ToolsApi {
@@ -46,6 +53,8 @@ impl ToolsApi {
             watched: registry.link(from),
             cancel: registry.link(from),
             list: registry.link(from),
+            prompts: registry.link(from),
+            prompt: registry.link(from),
         }
     }
 
@@ -81,6 +90,28 @@ impl ToolsApi {
         match answer {
             Ok(result) => result,
             Err(error) => Err(ToolError::internal(format_args!("tool registry: {error:?}"))),
+        }
+    }
+
+    /// The prompts of `user`'s panels, by callable name.
+    pub async fn prompts(&self, user: &str) -> Result<Vec<(String, Prompt)>, ToolError> {
+        match self.prompts.ask(ListPrompts { user: user.to_owned() }).await {
+            Ok(result) => result,
+            Err(error) => Err(ToolError::internal(format_args!("tool registry: {error:?}"))),
+        }
+    }
+
+    /// `user`'s prompt `name`, rendered with `arguments`.
+    pub async fn prompt(
+        &self,
+        user: &str,
+        name: &str,
+        arguments: serde_json::Map<String, Value>,
+    ) -> Result<RenderedPrompt, GetPromptError> {
+        let get = GetPrompt { user: user.to_owned(), name: name.to_owned(), arguments };
+        match self.prompt.ask(get).await {
+            Ok(result) => result,
+            Err(error) => Err(GetPromptError::Store(format!("tool registry: {error:?}"))),
         }
     }
 

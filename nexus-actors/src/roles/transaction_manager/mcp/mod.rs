@@ -2,8 +2,8 @@
 //! Streamable HTTP (rmcp), offering each caller the tools the registry lets
 //! them use (system tools and their own panels' tools) and their documents
 //! as resources ([`resources`]), followed through `subscriptions/listen`
-//! ([`subscriptions`]), with completion of document ids and
-//! `logging/setLevel`. A tool call reports the tool's progress to a caller
+//! ([`subscriptions`]), the prompts their panels declare, with completion
+//! of document ids and `logging/setLevel`. A tool call reports the tool's progress to a caller
 //! that asked for it (`progressToken`), and stops when its caller goes away
 //! or sends `notifications/cancelled`, which any node may take.
 //!
@@ -30,10 +30,11 @@ use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
 use rmcp::model::{
     CallToolRequestParams, CallToolResponse, CallToolResult, CompleteRequestParams, CompleteResult, ContentBlock,
-    Implementation, InitializeRequestParams, InitializeResult, JsonObject, ListResourceTemplatesResult,
-    ListResourcesResult, ListToolsResult, PaginatedRequestParams, ProgressNotificationParam, ProgressToken,
-    ReadResourceRequestParams, ReadResourceResponse, RequestId, ServerCapabilities, ServerConfig, SubscriptionFilter,
-    Tool,
+    GetPromptRequestParams, GetPromptResponse, GetPromptResult, Implementation, InitializeRequestParams,
+    InitializeResult, JsonObject, ListPromptsResult, ListResourceTemplatesResult, ListResourcesResult, ListToolsResult,
+    PaginatedRequestParams, ProgressNotificationParam, ProgressToken, PromptArgument, PromptMessage,
+    ReadResourceRequestParams, ReadResourceResponse, RequestId, Role, ServerCapabilities, ServerConfig,
+    SubscriptionFilter, Tool,
 };
 // Deprecated by a later revision than 2025-11-25 (SEP-2577), which clients still speak.
 #[allow(deprecated)]
@@ -52,8 +53,9 @@ use crate::platform::auth::Auth;
 use crate::platform::http::{read_body, BodyError};
 use crate::platform::origin::OriginPolicy;
 use crate::platform::ApiError;
+use crate::tools::prompts::{Prompt, PromptRole};
 use crate::tools::protocol::ToolProgress;
-use crate::tools::registry::MAX_LABEL;
+use crate::tools::registry::{GetPromptError, MAX_LABEL};
 use crate::tools::{ToolCall, ToolError, ToolSpec};
 
 /// The path of the endpoint.
@@ -63,6 +65,8 @@ pub const MAX_BODY: usize = 1024 * 1024;
 /// Progress reports of one call waiting to be sent; more are dropped (the
 /// next one says as much).
 const PROGRESS_QUEUE: usize = 32;
+/// How long a progress notification may wait for room on the answer's stream.
+const PROGRESS_SEND_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 
 mod resources;
 mod subscriptions;
@@ -168,7 +172,8 @@ async fn serve(
 /// The id of the request a `notifications/cancelled` body cancels, as a
 /// call label (its JSON); `None` for any other body.
 fn cancelled_request(body: &[u8]) -> Option<String> {
-    const METHOD: &[u8] = b"notifications/cancelled";
+    // Not the whole method: JSON may spell its slash `\/`.
+    const METHOD: &[u8] = b"cancelled";
     if !body.windows(METHOD.len()).any(|w| w == METHOD) {
         return None;
     }
@@ -269,6 +274,7 @@ impl ServerHandler for NexusMcp {
         let mut capabilities = ServerCapabilities::builder()
             .enable_logging()
             .enable_completions()
+            .enable_prompts()
             .enable_resources()
             .enable_tools()
             .build();
@@ -360,6 +366,49 @@ impl ServerHandler for NexusMcp {
         }
     }
 
+    async fn list_prompts(
+        &self,
+        _request: Option<PaginatedRequestParams>,
+        context: RequestContext<RoleServer>,
+    ) -> Result<ListPromptsResult, McpError> {
+        let user = user_of(&context)?;
+        let prompts = self
+            .tools
+            .prompts(&user)
+            .await
+            .map_err(|e| McpError::internal_error(format!("{}: {e}", e.code()), None))?;
+        Ok(ListPromptsResult::with_all_items(prompts.into_iter().map(|(name, p)| to_mcp_prompt(name, p)).collect()))
+    }
+
+    async fn get_prompt(
+        &self,
+        request: GetPromptRequestParams,
+        context: RequestContext<RoleServer>,
+    ) -> Result<GetPromptResponse, McpError> {
+        let user = user_of(&context)?;
+        let arguments = request.arguments.unwrap_or_default();
+        let (description, messages) =
+            self.tools.prompt(&user, &request.name, arguments).await.map_err(|e| match e {
+                GetPromptError::NotFound(_) | GetPromptError::Render(_) => {
+                    McpError::invalid_params(e.to_string(), None)
+                }
+                GetPromptError::Store(_) => McpError::internal_error(e.to_string(), None),
+            })?;
+        let messages = messages
+            .into_iter()
+            .map(|(role, text)| {
+                let role = match role {
+                    PromptRole::User => Role::User,
+                    PromptRole::Assistant => Role::Assistant,
+                };
+                PromptMessage::new_text(role, text)
+            })
+            .collect();
+        let mut result = GetPromptResult::new(messages);
+        result.description = description;
+        Ok(result.into())
+    }
+
     async fn list_resources(
         &self,
         request: Option<PaginatedRequestParams>,
@@ -424,7 +473,8 @@ async fn notify_progress(
     let mut note = ProgressNotificationParam::new(token.clone(), report.progress);
     note.total = report.total;
     note.message = report.message;
-    let _ = context.peer.notify_progress(note).await;
+    // A client that does not read must not hold up the call's answer.
+    let _ = tokio::time::timeout(PROGRESS_SEND_WAIT, context.peer.notify_progress(note)).await;
 }
 
 /// The next progress report, if reports are wanted; never, if not.
@@ -445,6 +495,23 @@ fn user_of(context: &RequestContext<RoleServer>) -> Result<String, McpError> {
 /// What the bridge put in the request's HTTP extensions, of type `T`.
 fn carried<T: Clone + Send + Sync + 'static>(context: &RequestContext<RoleServer>) -> Option<T> {
     context.extensions.get::<http::request::Parts>()?.extensions.get::<T>().cloned()
+}
+
+/// A panel's prompt as an MCP prompt, under its callable name.
+fn to_mcp_prompt(name: String, prompt: Prompt) -> rmcp::model::Prompt {
+    let arguments = prompt
+        .arguments
+        .into_iter()
+        .map(|a| {
+            let mut argument = PromptArgument::new(a.name);
+            argument.description = a.description;
+            argument.required = Some(a.required);
+            argument
+        })
+        .collect::<Vec<_>>();
+    let mut out = rmcp::model::Prompt::new(name, prompt.description, None);
+    out.arguments = (!arguments.is_empty()).then_some(arguments);
+    out
 }
 
 /// A registry tool as an MCP tool.

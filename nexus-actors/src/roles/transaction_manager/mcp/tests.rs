@@ -10,8 +10,11 @@ use crate::platform::auth::keys::{KeyRing, KeySet};
 use crate::platform::auth::{Audience, Auth};
 use crate::platform::store::Redis;
 use crate::platform::{Accounts, UserRole};
+use crate::tools::prompts::Prompt;
 use crate::tools::protocol::ToolProgress;
-use crate::tools::registry::{CallTool, CallToolWatched, CancelCall, ListTools};
+use crate::tools::registry::{
+    CallTool, CallToolWatched, CancelCall, GetPrompt, GetPromptError, ListPrompts, ListTools, RenderedPrompt,
+};
 use crate::tools::ToolOwner;
 
 /// A registry with one system tool, `echo`, that returns its arguments
@@ -73,6 +76,29 @@ impl Handler<CallToolWatched> for FakeRegistry {
     }
 }
 
+/// One prompt, `p1.greet`, of every user's one panel.
+fn greet() -> Prompt {
+    serde_json::from_value(json!({"name": "greet", "description": "Greets",
+        "arguments": [{"name": "who", "required": true}],
+        "messages": [{"role": "user", "text": "Greet {{ who }}."}]}))
+    .expect("a prompt")
+}
+
+impl Handler<ListPrompts> for FakeRegistry {
+    fn handle(&mut self, _: ListPrompts, _: &mut Ctx<Self>) -> Reply<Result<Vec<(String, Prompt)>, ToolError>> {
+        Reply::Now(Ok(vec![("p1.greet".into(), greet())]))
+    }
+}
+
+impl Handler<GetPrompt> for FakeRegistry {
+    fn handle(&mut self, msg: GetPrompt, _: &mut Ctx<Self>) -> Reply<Result<RenderedPrompt, GetPromptError>> {
+        Reply::Now(match msg.name.as_str() {
+            "p1.greet" => greet().render(&msg.arguments).map(|m| (Some("Greets".into()), m)).map_err(Into::into),
+            name => Err(GetPromptError::NotFound(name.into())),
+        })
+    }
+}
+
 impl Handler<CancelCall> for FakeRegistry {
     fn handle(&mut self, _: CancelCall, _: &mut Ctx<Self>) -> Reply<Result<usize, ToolError>> {
         Reply::Now(Ok(0))
@@ -87,6 +113,8 @@ fn tools_api() -> ToolsApi {
         watched: registry.link("mcp"),
         cancel: registry.link("mcp"),
         list: registry.link("mcp"),
+        prompts: registry.link("mcp"),
+        prompt: registry.link("mcp"),
     }
 }
 
@@ -325,6 +353,42 @@ async fn progress_reaches_a_caller_that_asked_for_it_and_only_when_it_grows() {
     assert_eq!(body["result"]["structuredContent"], json!({"steps": 3}));
 }
 
+#[actix_rt::test]
+async fn prompts_are_listed_and_rendered_and_bad_arguments_are_invalid_params() {
+    let (redis, auth, token) = auth("prompts").await;
+    let app = web_test::init_service(App::new().app_data(web::Data::new(auth)).configure(configure(
+        tools_api(),
+        documents(&redis).await,
+        None,
+        anywhere(),
+    )))
+    .await;
+    let list = json!({"jsonrpc": "2.0", "id": 1, "method": "prompts/list"});
+    let body: Value = web_test::call_and_read_body_json(&app, rpc(Some(&token), list).to_request()).await;
+    let prompts = &body["result"]["prompts"];
+    assert_eq!(prompts[0]["name"], "p1.greet", "{body}");
+    assert_eq!(prompts[0]["description"], "Greets");
+    assert_eq!(prompts[0]["arguments"], json!([{"name": "who", "required": true}]));
+
+    let get = |id: u32, params: Value| json!({"jsonrpc": "2.0", "id": id, "method": "prompts/get", "params": params});
+    let ada = get(2, json!({"name": "p1.greet", "arguments": {"who": "Ada"}}));
+    let body: Value = web_test::call_and_read_body_json(&app, rpc(Some(&token), ada).to_request()).await;
+    assert_eq!(body["result"]["description"], "Greets");
+    assert_eq!(
+        body["result"]["messages"],
+        json!([{"role": "user", "content": {"type": "text", "text": "Greet Ada."}}])
+    );
+    for (id, params) in [
+        (3, json!({"name": "p1.greet"})),
+        (4, json!({"name": "p1.greet", "arguments": {"who": 7}})),
+        (5, json!({"name": "p1.nope", "arguments": {"who": "Ada"}})),
+    ] {
+        let body: Value =
+            web_test::call_and_read_body_json(&app, rpc(Some(&token), get(id, params)).to_request()).await;
+        assert_eq!(body["error"]["code"], -32602, "{body}");
+    }
+}
+
 #[test]
 fn a_cancellation_names_its_request_as_the_call_was_named() {
     let cancel = |params: Value| {
@@ -343,6 +407,8 @@ fn a_cancellation_names_its_request_as_the_call_was_named() {
         "params": {"name": "echo", "arguments": {"text": "notifications/cancelled"}}});
     assert_eq!(cancelled_request(mention.to_string().as_bytes()), None);
     assert_eq!(cancelled_request(b"notifications/cancelled {garbage"), None);
+    let escaped = br#"{"jsonrpc":"2.0","method":"notifications\/cancelled","params":{"requestId":3}}"#;
+    assert_eq!(cancelled_request(escaped).as_deref(), Some("3"), "a slash JSON-escaped");
 }
 
 #[test]
