@@ -125,6 +125,19 @@ test("the tool registry is an MCP server at /mcp", async (t) => {
       assert.equal((await panelStats()).finished, before.finished, "the cancelled call did not run to its end");
     });
 
+    await t.test("the panel's declared resource is listed and read through its sidecar", { skip: !panelTool && "NEXUS_PANEL_TOOL not set" }, async () => {
+      const uri = `nexus://panels/${panelTool.replace(/\.word_count$/, "")}/stats`;
+      const { resources } = await client.listResources();
+      const listed = resources.find((r) => r.uri === uri);
+      assert.ok(listed, `${uri} in ${resources.map((r) => r.uri)}`);
+      assert.equal(listed.mimeType, "application/json");
+      const { contents } = await client.readResource({ uri });
+      assert.equal(contents[0].mimeType, "application/json");
+      const stats = JSON.parse(contents[0].text);
+      assert.equal(typeof stats.slow_count.finished, "number", contents[0].text);
+      await assert.rejects(client.readResource({ uri: uri.replace(/stats$/, "secrets") }), (err) => err.code === -32002);
+    });
+
     await t.test("llm_ask asks the LLM manager, in a new context and then in the same one", { skip: !withModel && "NEXUS_LLM not set" }, async () => {
       const first = await client.callTool({ name: "llm_ask", arguments: { message: "What is the answer?" } });
       assert.notEqual(first.isError, true, textOf(first));

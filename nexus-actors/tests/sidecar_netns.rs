@@ -245,6 +245,7 @@ async fn the_sidecar_proves_itself_to_its_panel_with_the_instances_secret() {
         idempotency_key: call.call_id.clone(),
         keep_result: false,
         reply_to: reply_to.clone(),
+        resource: None,
     };
     let mut conn = redis::Client::open(url.as_str()).unwrap().get_multiplexed_async_connection().await.unwrap();
     let envelope = Envelope::new("test", request).encode();

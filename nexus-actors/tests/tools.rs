@@ -24,10 +24,10 @@ use nexus_actors::tools::prompts::PromptRole;
 use nexus_actors::tools::protocol::Outcome;
 use nexus_actors::tools::protocol::{ToolCall, ToolError, ToolRequest, ToolResponse};
 use nexus_actors::tools::registry::{
-    CallTool, CallToolWatched, CancelCall, GetPrompt, GetPromptError, ListPrompts, ListTools, RegisterTool,
-    RegistryDeps,
+    CallTool, CallToolWatched, CancelCall, GetPrompt, GetPromptError, ListPanelResources, ListPrompts, ListTools,
+    ReadPanelResource, ReadResourceError, RegisterTool, RegistryDeps,
 };
-use nexus_actors::tools::store::{Claim, ToolStore};
+use nexus_actors::tools::store::{Claim, PanelExtras, ToolStore};
 use nexus_actors::tools::system::SystemTool;
 use nexus_actors::tools::ToolRegistry;
 use nexus_actors::{ActorRef, Behaviour, Ctx, Handler, Kernel, Reply};
@@ -167,7 +167,9 @@ impl FakePanel {
                 {"type": "object", "properties": {"text": {"type": "string"}}, "required": ["text"]}},
             tool("garbage"), tool("crash"), tool("sleep"), tool("huge"), tool("refuse"), tool("no_result"), tool("nap"),
             tool("report"),
-        ], "prompts": [{"name": "greet", "description": "Greets someone",
+        ], "resources": [{"uri": "notes/today", "name": "Today", "mimeType": "text/markdown"},
+                         {"uri": "binary", "name": "Bytes"}],
+        "prompts": [{"name": "greet", "description": "Greets someone",
             "arguments": [{"name": "who", "required": true}],
             "messages": [{"role": "user", "text": "Greet {{ who }}."}]}]});
         let manifest = Arc::new(Mutex::new(manifest));
@@ -186,6 +188,7 @@ impl FakePanel {
                 .app_data(web::Data::new(panel.clone()))
                 .route("/manifest", web::get().to(manifest))
                 .route("/mcp/execute", web::post().to(execute))
+                .route("/mcp/resources/{uri:.*}", web::get().to(resource))
         })
         .workers(1)
         .bind(("127.0.0.1", 0))
@@ -203,6 +206,14 @@ async fn manifest(panel: web::Data<FakePanel>) -> HttpResponse {
     match manifest {
         Value::String(raw) => HttpResponse::Ok().content_type("application/json").body(raw),
         other => HttpResponse::Ok().json(other),
+    }
+}
+
+async fn resource(panel: web::Data<FakePanel>, uri: web::Path<String>) -> HttpResponse {
+    match uri.as_str() {
+        "notes/today" => HttpResponse::Ok().content_type("text/markdown").body(format!("# Today at {}", panel.name)),
+        "binary" => HttpResponse::Ok().body(vec![0xff, 0xfe, 0x00]),
+        _ => HttpResponse::NotFound().finish(),
     }
 }
 
@@ -635,6 +646,7 @@ async fn an_outcome_reached_while_redis_is_away_is_kept_when_it_is_back() {
         idempotency_key: "k".into(),
         keep_result: true,
         reply_to: "nowhere".into(),
+        resource: None,
     };
     let runs = AtomicUsize::new(0);
     let work = || async {
@@ -736,17 +748,33 @@ async fn a_replica_that_stops_unlists_only_itself() {
             && store.list_for("ada").await.unwrap().iter().any(|s| s.name == "replicated.echo")
     };
     let long = Duration::from_secs(30);
-    store.put_panel(panel, "ada", "replica-a", std::slice::from_ref(&spec), &[], long).await.unwrap();
-    store.put_panel(panel, "ada", "replica-b", std::slice::from_ref(&spec), &[], long).await.unwrap();
+    store
+        .put_panel(panel, "ada", "replica-a", std::slice::from_ref(&spec), PanelExtras::default(), long)
+        .await
+        .unwrap();
+    store
+        .put_panel(panel, "ada", "replica-b", std::slice::from_ref(&spec), PanelExtras::default(), long)
+        .await
+        .unwrap();
     assert!(!store.remove_panel(panel, "ada", "replica-a").await.unwrap(), "b still keeps the listing");
     assert!(listed(store.clone()).await, "one replica stopping leaves the tools listed for the other");
     assert!(store.remove_panel(panel, "ada", "replica-b").await.unwrap());
     assert!(!listed(store.clone()).await, "the last replica stopping unlists them");
 
     // d's longer share lists first: c's shorter one must not cut the set's life short.
-    store.put_panel(panel, "ada", "replica-d", std::slice::from_ref(&spec), &[], long).await.unwrap();
     store
-        .put_panel(panel, "ada", "replica-c", std::slice::from_ref(&spec), &[], Duration::from_millis(200))
+        .put_panel(panel, "ada", "replica-d", std::slice::from_ref(&spec), PanelExtras::default(), long)
+        .await
+        .unwrap();
+    store
+        .put_panel(
+            panel,
+            "ada",
+            "replica-c",
+            std::slice::from_ref(&spec),
+            PanelExtras::default(),
+            Duration::from_millis(200),
+        )
         .await
         .unwrap();
     actix_rt::time::sleep(Duration::from_millis(400)).await;
@@ -793,7 +821,7 @@ async fn a_panel_listing_counts_only_as_its_own_panels_tools() {
         spec("mallorys.as_adas", "adas", "ada"),
         spec("adas.renamed", "mallorys", "mallory"),
     ];
-    store.put_panel("mallorys", "mallory", "replica", &forged, &[], long).await.unwrap();
+    store.put_panel("mallorys", "mallory", "replica", &forged, PanelExtras::default(), long).await.unwrap();
     for tool in ["for_ada", "as_adas", "renamed"] {
         let found = store.find(&ToolAddress::Panel { panel: "mallorys", tool }).await.unwrap();
         assert_eq!(found, None, "{tool}: a forged listing is found");
@@ -813,7 +841,10 @@ async fn a_panel_listing_counts_only_as_its_own_panels_tools() {
     assert_eq!(found, None, "a spec under another name is found");
     // Its own tool, honestly listed, is found.
     let honest = spec("mallorys.ok", "mallorys", "mallory");
-    store.put_panel("mallorys", "mallory", "replica", std::slice::from_ref(&honest), &[], long).await.unwrap();
+    store
+        .put_panel("mallorys", "mallory", "replica", std::slice::from_ref(&honest), PanelExtras::default(), long)
+        .await
+        .unwrap();
     assert_eq!(store.find(&ToolAddress::Panel { panel: "mallorys", tool: "ok" }).await.unwrap(), Some(honest));
 }
 
@@ -1047,4 +1078,38 @@ async fn a_panels_prompts_are_its_owners_and_go_with_its_manifest() {
     panel.set_manifest(json!({"tools": tools}));
     assert_eq!(reload().await.status().as_u16(), 200);
     assert!(list("ada").await.is_empty());
+}
+
+#[actix_rt::test]
+async fn a_panels_declared_resources_are_its_owners_and_read_through_its_sidecar() {
+    let h = Harness::new("tools-resources").await;
+    let (_, registry) = registry("node", &h.redis, None).await;
+    let panel = FakePanel::new("fake");
+    let (panel_url, _panel) = panel.serve();
+    let id = h.panel("ada").await;
+    let (_sidecar_url, _sidecar) = h.sidecar(&id, &panel_url, |_| {}).await;
+    wait_listed(&registry, "ada", &format!("{id}.echo")).await;
+    let list = |user: &str| {
+        let link = registry.link::<ListPanelResources>("test");
+        let user = user.to_owned();
+        async move {
+            let listed = link.ask(ListPanelResources { user }).await.unwrap().unwrap();
+            listed.into_iter().map(|(panel, r)| format!("{panel}/{}", r.uri)).collect::<Vec<_>>()
+        }
+    };
+    let read = |user: &str, panel: &str, uri: &str| {
+        let link = registry.link::<ReadPanelResource>("test");
+        let read = ReadPanelResource { user: user.into(), panel: panel.into(), uri: uri.into() };
+        async move { link.ask(read).await.unwrap() }
+    };
+    assert_eq!(list("ada").await, [format!("{id}/binary"), format!("{id}/notes/today")]);
+    assert!(list("bob").await.is_empty(), "another user's panel offers bob no resources");
+
+    let (resource, text) = read("ada", &id, "notes/today").await.unwrap();
+    assert_eq!((resource.mime_type.as_str(), text.as_str()), ("text/markdown", "# Today at fake"));
+    assert!(matches!(read("bob", &id, "notes/today").await, Err(ReadResourceError::NotFound)));
+    assert!(matches!(read("ada", &id, "undeclared").await, Err(ReadResourceError::NotFound)));
+    assert!(matches!(read("ada", "no-such-panel", "notes/today").await, Err(ReadResourceError::NotFound)));
+    let binary = read("ada", &id, "binary").await;
+    assert!(matches!(binary, Err(ReadResourceError::Panel(ToolError::InvalidResponse { .. }))), "{binary:?}");
 }

@@ -6,7 +6,9 @@ Copy this file and replace the tools. It implements the panel contract
 * GET  /             -> the panel's page (what the Studio shows through the gateway)
 * POST /count        -> the page's own word count (no tool call)
 * GET  /stats        -> how many slow counts finished and how many stopped
-* GET  /manifest     -> the tools this panel offers (name, desc, input_schema)
+* GET  /manifest     -> the tools this panel offers (name, desc, input_schema),
+                        and a read-only resource, `stats`
+* GET  /mcp/resources/stats -> that resource: the same as /stats
 * POST /mcp/execute  -> run one tool: {"result": ...} or {"error": "..."}
 * publishing goes through the sidecar: POST $NEXUS_PROXY_URL (default
   http://127.0.0.1:3500/proxy); the panel itself holds no credentials.
@@ -46,6 +48,14 @@ MAX_REQUEST = 2 * 1024 * 1024  # the platform sends at most 1 MiB of arguments
 
 MANIFEST = {
     "name": "python_minimal",
+    "resources": [
+        {
+            "uri": "stats",
+            "name": "slow_count runs",
+            "mimeType": "application/json",
+            "description": "How many slow counts finished, and how many stopped because their call ended.",
+        }
+    ],
     "tools": [
         {
             "name": "word_count",
@@ -226,7 +236,7 @@ class Handler(BaseHTTPRequestHandler):
             return
         if self.path == "/manifest":
             self.reply(200, MANIFEST)
-        elif self.path == "/stats":
+        elif self.path in ("/stats", "/mcp/resources/stats"):
             with STATS_LOCK:
                 self.reply(200, STATS)
         elif self.path.split("?")[0] == "/":

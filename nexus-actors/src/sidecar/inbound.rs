@@ -141,8 +141,14 @@ impl CallForwarder {
                         return Err(ToolError::Busy { limit });
                     }
                     let _guard = InFlight(in_flight.clone());
+                    let work = async {
+                        match &request.resource {
+                            Some(uri) => panel.read_resource(&request, uri).await,
+                            None => panel.execute(&request).await,
+                        }
+                    };
                     tokio::select! {
-                        result = panel.execute(&request) => result,
+                        result = work => result,
                         // Dropping the request closes its connection: the panel can tell.
                         () = stop.cancelled() => Err(ToolError::Cancelled),
                     }

@@ -1,5 +1,5 @@
-//! The sidecar's HTTP client to its panel: `GET /manifest` and
-//! `POST /mcp/execute`, with a deadline, size limits and every way a panel
+//! The sidecar's HTTP client to its panel: `GET /manifest`,
+//! `POST /mcp/execute` and `GET /mcp/resources/<uri>`, with a deadline, size limits and every way a panel
 //! can misbehave turned into a [`ToolError`] the caller understands. It
 //! never touches the bus.
 
@@ -10,6 +10,7 @@ use serde_json::{json, Value};
 use crate::instance::SIDECAR_TOKEN_HEADER;
 use crate::tools::manifest::{Manifest, ManifestError, MAX_MANIFEST_BYTES};
 use crate::tools::protocol::{encoded_len, remaining_until, ToolError, ToolRequest, ToolResult, MAX_PAYLOAD_BYTES};
+use crate::tools::resources::is_valid_uri;
 
 /// How much of a non-2xx body goes back to the caller.
 const STATUS_BODY_EXCERPT: usize = 512;
@@ -123,6 +124,44 @@ impl PanelClient {
             interpret(&body)
         };
         // The per-request timeout covers sending and headers; this covers the body too.
+        tokio::time::timeout(remaining, work).await.unwrap_or_else(|_| Err(timeout()))
+    }
+
+    /// Reads the declared resource at `uri` (a path [`is_valid_uri`]
+    /// allows): `GET /mcp/resources/<uri>`, answered before the request's
+    /// deadline with UTF-8 text, as `{"text": ..}`.
+    pub async fn read_resource(&self, request: &ToolRequest, uri: &str) -> ToolResult {
+        let remaining = remaining_until(request.deadline);
+        let timeout = || ToolError::Timeout { timeout_ms: remaining.as_millis() as u64 };
+        if !is_valid_uri(uri) {
+            return Err(ToolError::InvalidArguments { message: "not a resource path".into() });
+        }
+        if remaining.is_zero() {
+            return Err(timeout());
+        }
+        let sent = self
+            .authorized(self.http.get(format!("{}/mcp/resources/{uri}", self.base)))
+            .header("x-nexus-call-id", &request.call_id)
+            .timeout(remaining)
+            .send();
+        let work = async {
+            let response = sent.await.map_err(|e| self.send_error(e, &timeout))?;
+            let status = response.status();
+            let body = read_limited(response, MAX_PAYLOAD_BYTES / 2).await.map_err(|e| match e {
+                Limited::TooLarge(size) => {
+                    ToolError::TooLarge { what: "resource".into(), size, limit: MAX_PAYLOAD_BYTES / 2 }
+                }
+                Limited::Failed(e) => self.send_error(e, &timeout),
+            })?;
+            if !status.is_success() {
+                let excerpt = String::from_utf8_lossy(&body[..body.len().min(STATUS_BODY_EXCERPT)]).into_owned();
+                return Err(ToolError::PanelStatus { status: status.as_u16(), body: excerpt });
+            }
+            match String::from_utf8(body) {
+                Ok(text) => Ok(json!({ "text": text })),
+                Err(_) => Err(ToolError::InvalidResponse { message: "a resource must be UTF-8 text".into() }),
+            }
+        };
         tokio::time::timeout(remaining, work).await.unwrap_or_else(|_| Err(timeout()))
     }
 

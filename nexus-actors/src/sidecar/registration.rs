@@ -12,7 +12,7 @@ use super::panel::{ManifestFetchError, PanelClient};
 use crate::kernel::lock;
 use crate::telemetry::Metrics;
 use crate::tools::manifest::Manifest;
-use crate::tools::store::{ToolStore, ToolStoreError};
+use crate::tools::store::{PanelExtras, ToolStore, ToolStoreError};
 
 /// How often the manifest is read while the panel does not answer yet.
 const STARTUP_POLL: Duration = Duration::from_millis(250);
@@ -188,7 +188,8 @@ impl Registrar {
 
     async fn put(&self, manifest: &Manifest) -> Result<(), ToolStoreError> {
         let specs = manifest.specs(&self.panel_id, &self.user);
-        self.store.put_panel(&self.panel_id, &self.user, &self.lister, &specs, &manifest.prompts, self.ttl).await
+        let extras = PanelExtras { prompts: &manifest.prompts, resources: &manifest.resources };
+        self.store.put_panel(&self.panel_id, &self.user, &self.lister, &specs, extras, self.ttl).await
     }
 
     /// Syncs forever: quickly until the panel first answers, then every

@@ -9,6 +9,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use super::prompts::Prompt;
+use super::resources::PanelResource;
 use super::{any_object_schema, is_valid_local_name, panel_tool_name, ToolOwner, ToolSpec};
 
 /// Largest manifest body accepted.
@@ -53,6 +54,14 @@ pub enum ManifestError {
         /// The broken rule.
         reason: String,
     },
+    /// A resource breaks a rule (see [`super::resources`]).
+    #[error("resource {uri:?} is not valid: {reason}")]
+    BadResource {
+        /// The resource's uri (empty when the rule is about all of them).
+        uri: String,
+        /// The broken rule.
+        reason: String,
+    },
     /// A tool's `input_schema` is not an object schema that compiles.
     #[error("input_schema of tool {tool:?} is not usable: {reason}")]
     BadSchema {
@@ -70,6 +79,8 @@ struct RawManifest {
     tools: Vec<RawTool>,
     #[serde(default)]
     prompts: Vec<Prompt>,
+    #[serde(default)]
+    resources: Vec<PanelResource>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -90,6 +101,8 @@ pub struct Manifest {
     pub tools: Vec<ManifestTool>,
     /// Its prompts, in the manifest's order (names unique, templates compiled).
     pub prompts: Vec<Prompt>,
+    /// Its read-only resources, in the manifest's order (uris unique).
+    pub resources: Vec<PanelResource>,
 }
 
 /// One tool of a valid manifest, with its schema (`{"type":"object"}` if none).
@@ -133,7 +146,8 @@ impl Manifest {
             tools.push(ManifestTool { name: tool.name, description, input_schema });
         }
         let prompts = Prompt::check_all(raw.prompts)?;
-        Ok(Manifest { name: raw.name, tools, prompts })
+        let resources = PanelResource::check_all(raw.resources)?;
+        Ok(Manifest { name: raw.name, tools, prompts, resources })
     }
 
     /// The registry entries of this manifest's tools, for `panel` owned by `user`.

@@ -6,6 +6,7 @@
 //!   as they travel on the transactional bus.
 //! * [`manifest`]: a panel's `GET /manifest`, parsed and validated.
 //! * [`prompts`]: the prompt templates a manifest declares, checked and rendered.
+//! * [`resources`]: the read-only resources a manifest declares.
 //! * [`store`]: the shared listing of every tool in Redis, and the
 //!   idempotency claims that make a call run once.
 //! * [`registry`]: the `ToolRegistry` actor of a node: system tools served
@@ -18,6 +19,7 @@ pub mod prompts;
 pub mod protocol;
 pub mod recorder;
 pub mod registry;
+pub mod resources;
 pub mod store;
 pub mod system;
 

@@ -258,6 +258,11 @@ pub struct ToolRequest {
     pub keep_result: bool,
     /// Where the [`ToolResponse`] goes.
     pub reply_to: String,
+    /// Set when this is a read of the panel's declared resource at this
+    /// path, not a tool call: the sidecar fetches it from the panel and
+    /// answers `{"text": ..}`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resource: Option<String>,
 }
 
 impl Payload for ToolRequest {

@@ -8,6 +8,8 @@
 //!   whose sidecar died leave the listing.
 //! * `nexus:tools:prompts:{panel}` — hash, prompt name → [`Prompt`] JSON,
 //!   written, kept and dropped with the panel's tools.
+//! * `nexus:tools:resources:{panel}` — hash, resource uri →
+//!   [`PanelResource`] JSON, likewise.
 //! * `nexus:tools:listers:{panel}` — sorted set of the replicas (sidecars)
 //!   keeping that listing alive, scored by when each one's share expires
 //!   (Redis time): a replica that stops takes the listing down only when it
@@ -39,6 +41,7 @@ use std::future::Future;
 
 use super::prompts::Prompt;
 use super::protocol::{remaining_until, Outcome, ToolError, ToolRequest, ToolResult};
+use super::resources::PanelResource;
 use super::{ToolAddress, ToolOwner, ToolSpec};
 
 const SYSTEM_KEY: &str = "nexus:tools:system";
@@ -58,6 +61,10 @@ fn panel_key(panel: &str) -> String {
 
 fn prompts_key(panel: &str) -> String {
     format!("nexus:tools:prompts:{panel}")
+}
+
+fn resources_key(panel: &str) -> String {
+    format!("nexus:tools:resources:{panel}")
 }
 
 fn listers_key(panel: &str) -> String {
@@ -84,7 +91,7 @@ local now = t[1] * 1000 + math.floor(t[2] / 1000)
 redis.call('ZREM', KEYS[1], ARGV[1])
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 if redis.call('ZCARD', KEYS[1]) > 0 then return 0 end
-redis.call('DEL', KEYS[1], KEYS[2], KEYS[4])
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[4], KEYS[5])
 redis.call('SREM', KEYS[3], ARGV[2])
 return 1
 ";
@@ -99,6 +106,15 @@ fn call_key(tool: &str, caller: &str, key: &str) -> String {
 
 fn cancel_key(caller: &str, label: &str) -> String {
     format!("nexus:tool-cancel:{}:{caller}:{label}", caller.len())
+}
+
+/// What a panel's manifest offers besides tools, listed with them.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PanelExtras<'a> {
+    /// Its prompts.
+    pub prompts: &'a [Prompt],
+    /// Its read-only resources.
+    pub resources: &'a [PanelResource],
 }
 
 /// Why the tools' state in Redis could not be read or written.
@@ -143,27 +159,32 @@ impl ToolStore {
     }
 
     /// Replaces the listed tools of `panel` (owned by `user`) with `specs`,
-    /// and its prompts with `prompts`, kept by the replica `lister`; they
-    /// leave the listing after `ttl` unless refreshed.
+    /// and its prompts and resources with `extras`', kept by the replica
+    /// `lister`; they leave the listing after `ttl` unless refreshed.
     pub async fn put_panel(
         &self,
         panel: &str,
         user: &str,
         lister: &str,
         specs: &[ToolSpec],
-        prompts: &[Prompt],
+        extras: PanelExtras<'_>,
         ttl: Duration,
     ) -> Result<(), ToolStoreError> {
         let (key, prompts_key, ttl_ms) = (panel_key(panel), prompts_key(panel), ttl.as_millis() as i64);
+        let resources_key = resources_key(panel);
         let mut pipe = redis::pipe();
-        pipe.atomic().del(&key).del(&prompts_key);
+        pipe.atomic().del(&key).del(&prompts_key).del(&resources_key);
         for spec in specs {
             pipe.hset(&key, spec.local_name(), serde_json::to_string(spec).unwrap_or_default());
         }
-        for prompt in prompts {
+        for prompt in extras.prompts {
             pipe.hset(&prompts_key, &prompt.name, serde_json::to_string(prompt).unwrap_or_default());
         }
-        pipe.pexpire(&key, ttl_ms).pexpire(&prompts_key, ttl_ms).sadd(panels_of_key(user), panel);
+        for resource in extras.resources {
+            pipe.hset(&resources_key, &resource.uri, serde_json::to_string(resource).unwrap_or_default());
+        }
+        pipe.pexpire(&key, ttl_ms).pexpire(&prompts_key, ttl_ms).pexpire(&resources_key, ttl_ms);
+        pipe.sadd(panels_of_key(user), panel);
         pipe.cmd("EVAL").arg(LISTER_SCRIPT).arg(1).arg(listers_key(panel)).arg(lister).arg(ttl_ms);
         let () = pipe.query_async(&mut self.conn.clone()).await?;
         Ok(())
@@ -183,6 +204,7 @@ impl ToolStore {
         let ttl_ms = ttl.as_millis() as i64;
         let mut pipe = redis::pipe();
         pipe.pexpire(panel_key(panel), ttl_ms).pexpire(prompts_key(panel), ttl_ms).ignore();
+        pipe.pexpire(resources_key(panel), ttl_ms).ignore();
         pipe.sadd(panels_of_key(user), panel).ignore();
         pipe.cmd("EVAL").arg(LISTER_SCRIPT).arg(1).arg(listers_key(panel)).arg(lister).arg(ttl_ms).ignore();
         let (alive,): (bool,) = pipe.query_async(&mut self.conn.clone()).await?;
@@ -197,6 +219,7 @@ impl ToolStore {
             .key(panel_key(panel))
             .key(panels_of_key(user))
             .key(prompts_key(panel))
+            .key(resources_key(panel))
             .arg(lister)
             .arg(panel)
             .invoke_async(&mut self.conn.clone())
@@ -270,27 +293,57 @@ impl ToolStore {
     /// panel and name. Like tools, a panel's prompts count only when the
     /// panel's record names `user` its owner.
     pub async fn prompts_for(&self, user: &str) -> Result<Vec<(String, Prompt)>, ToolStoreError> {
-        let mut conn = self.conn.clone();
-        let mut panels: Vec<String> = conn.smembers(panels_of_key(user)).await?;
-        panels.sort();
-        let mut prompts = Vec::new();
-        for panel in panels {
-            prompts.extend(self.panel_prompts(&panel, user, None).await?.into_iter().map(|p| (panel.clone(), p)));
-        }
-        Ok(prompts)
+        self.extras_for(user, prompts_key, |p: &Prompt| p.name.clone()).await
     }
 
     /// `user`'s prompt `name` of `panel`, if the panel is theirs and has it.
     pub async fn prompt(&self, user: &str, panel: &str, name: &str) -> Result<Option<Prompt>, ToolStoreError> {
-        Ok(self.panel_prompts(panel, user, Some(name)).await?.into_iter().next())
+        Ok(self.panel_extras(&prompts_key(panel), panel, user, Some(name), |p: &Prompt| p.name.clone()).await?.pop())
     }
 
-    /// The prompts of `panel` (or only `name`), if `user` owns the panel.
-    async fn panel_prompts(&self, panel: &str, user: &str, name: Option<&str>) -> Result<Vec<Prompt>, ToolStoreError> {
+    /// The resources of `user`'s panels, as `(panel, resource)`, sorted by
+    /// panel and uri, on the same terms as prompts.
+    pub async fn resources_for(&self, user: &str) -> Result<Vec<(String, PanelResource)>, ToolStoreError> {
+        self.extras_for(user, resources_key, |r: &PanelResource| r.uri.clone()).await
+    }
+
+    /// `user`'s resource `uri` of `panel`, if the panel is theirs and declares it.
+    pub async fn resource(&self, user: &str, panel: &str, uri: &str) -> Result<Option<PanelResource>, ToolStoreError> {
+        let by_uri = |r: &PanelResource| r.uri.clone();
+        Ok(self.panel_extras(&resources_key(panel), panel, user, Some(uri), by_uri).await?.pop())
+    }
+
+    /// Prompts or resources (in the hash `key_of(panel)`) of every panel of `user`.
+    async fn extras_for<T: serde::de::DeserializeOwned>(
+        &self,
+        user: &str,
+        key_of: fn(&str) -> String,
+        sort_key: fn(&T) -> String,
+    ) -> Result<Vec<(String, T)>, ToolStoreError> {
+        let mut panels: Vec<String> = self.conn.clone().smembers(panels_of_key(user)).await?;
+        panels.sort();
+        let mut all = Vec::new();
+        for panel in panels {
+            let extras = self.panel_extras(&key_of(&panel), &panel, user, None, sort_key).await?;
+            all.extend(extras.into_iter().map(|extra| (panel.clone(), extra)));
+        }
+        Ok(all)
+    }
+
+    /// The entries of the hash `key` of `panel` (or only `field`), if
+    /// `user` owns the panel.
+    async fn panel_extras<T: serde::de::DeserializeOwned>(
+        &self,
+        key: &str,
+        panel: &str,
+        user: &str,
+        field: Option<&str>,
+        sort_key: fn(&T) -> String,
+    ) -> Result<Vec<T>, ToolStoreError> {
         let mut pipe = redis::pipe();
-        match name {
-            Some(name) => pipe.cmd("HMGET").arg(prompts_key(panel)).arg(name),
-            None => pipe.hvals(prompts_key(panel)),
+        match field {
+            Some(field) => pipe.cmd("HMGET").arg(key).arg(field),
+            None => pipe.hvals(key),
         };
         pipe.get(crate::platform::panels::panel_key(panel));
         let (found, record): (Vec<Option<String>>, Option<String>) = pipe.query_async(&mut self.conn.clone()).await?;
@@ -298,10 +351,10 @@ impl ToolStore {
         if owner.as_deref() != Some(user) {
             return Ok(Vec::new());
         }
-        let mut prompts: Vec<Prompt> =
+        let mut extras: Vec<T> =
             found.into_iter().flatten().filter_map(|json| serde_json::from_str(&json).ok()).collect();
-        prompts.sort_by(|a, b| a.name.cmp(&b.name));
-        Ok(prompts)
+        extras.sort_by_key(sort_key);
+        Ok(extras)
     }
 
     /// Claims the idempotency key of a call for `call_id`, for `hold` (the

@@ -84,6 +84,7 @@ fn answers_its_own_sidecar_only(template: &str) {
             idempotency_key: call.call_id.clone(),
             keep_result: false,
             reply_to,
+            resource: None,
         };
         let mut publisher = client.get_connection().unwrap();
         let envelope = Envelope::new("test", request).encode();

@@ -19,8 +19,10 @@ use crate::semantic::records::is_context_id;
 use crate::tools::prompts::Prompt;
 use crate::tools::protocol::{ToolCall, ToolProgress};
 use crate::tools::registry::{
-    CallTool, CallToolWatched, CancelCall, GetPrompt, GetPromptError, ListPrompts, ListTools, RenderedPrompt,
+    CallTool, CallToolWatched, CancelCall, GetPrompt, GetPromptError, ListPanelResources, ListPrompts, ListTools,
+    ReadPanelResource, ReadResourceError, RenderedPrompt,
 };
+use crate::tools::resources::PanelResource;
 use crate::tools::{ToolError, ToolRegistry, ToolSpec};
 
 use super::TmState;
@@ -43,6 +45,10 @@ pub struct ToolsApi {
     pub prompts: Link<ListPrompts>,
     /// Sends [`GetPrompt`] to the registry.
     pub prompt: Link<GetPrompt>,
+    /// Sends [`ListPanelResources`] to the registry.
+    pub panel_resources: Link<ListPanelResources>,
+    /// Sends [`ReadPanelResource`] to the registry.
+    pub read_resource: Link<ReadPanelResource>,
 }
 
 impl ToolsApi {
@@ -55,6 +61,8 @@ impl ToolsApi {
             list: registry.link(from),
             prompts: registry.link(from),
             prompt: registry.link(from),
+            panel_resources: registry.link(from),
+            read_resource: registry.link(from),
         }
     }
 
@@ -112,6 +120,28 @@ impl ToolsApi {
         match self.prompt.ask(get).await {
             Ok(result) => result,
             Err(error) => Err(GetPromptError::Store(format!("tool registry: {error:?}"))),
+        }
+    }
+
+    /// The resources `user`'s panels declare, as `(panel, resource)`.
+    pub async fn panel_resources(&self, user: &str) -> Result<Vec<(String, PanelResource)>, ToolError> {
+        match self.panel_resources.ask(ListPanelResources { user: user.to_owned() }).await {
+            Ok(result) => result,
+            Err(error) => Err(ToolError::internal(format_args!("tool registry: {error:?}"))),
+        }
+    }
+
+    /// `user`'s panel `panel`'s resource `uri`, read from the panel.
+    pub async fn read_resource(
+        &self,
+        user: &str,
+        panel: &str,
+        uri: &str,
+    ) -> Result<(PanelResource, String), ReadResourceError> {
+        let read = ReadPanelResource { user: user.to_owned(), panel: panel.to_owned(), uri: uri.to_owned() };
+        match self.read_resource.ask(read).await {
+            Ok(result) => result,
+            Err(error) => Err(ToolError::internal(format_args!("tool registry: {error:?}")).into()),
         }
     }
 

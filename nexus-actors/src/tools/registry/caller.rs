@@ -130,6 +130,7 @@ impl Caller {
             idempotency_key: call.idempotency_key.clone().unwrap_or_else(|| call.call_id.clone()),
             keep_result: call.idempotency_key.is_some(),
             reply_to: self.reply_channel.clone(),
+            resource: None,
         };
         let channel = match &resolved.spec.owner {
             ToolOwner::System => {
@@ -150,6 +151,24 @@ impl Caller {
             }
             ToolOwner::Panel { panel, .. } => channels::panel_calls(panel),
         };
+        let owner = match &resolved.spec.owner {
+            ToolOwner::System => format!("system tool {}", call.tool),
+            ToolOwner::Panel { panel, .. } => format!("panel {panel}"),
+        };
+        self.send(watched, request, channel, owner).await
+    }
+
+    /// Sends `request` on `channel` (served by `owner`) and waits for its
+    /// answer, its progress going to the caller, until the deadline or the
+    /// caller's cancellation.
+    pub(super) async fn send(
+        &self,
+        watched: &CallToolWatched,
+        request: ToolRequest,
+        channel: String,
+        owner: String,
+    ) -> ToolResult {
+        let call = &watched.call;
         let wait = call.remaining() + REPLY_GRACE;
         let (tx, rx) = oneshot::channel();
         let pending = Pending {
@@ -166,10 +185,6 @@ impl Caller {
             return Err(ToolError::Cancelled);
         }
         let envelope = Envelope::new(self.deps.kernel.node(), request).into_untyped();
-        let owner = match &resolved.spec.owner {
-            ToolOwner::System => format!("system tool {}", call.tool),
-            ToolOwner::Panel { panel, .. } => format!("panel {panel}"),
-        };
         let published = match tokio::time::timeout(wait, self.publish.publish(channel.clone(), envelope)).await {
             Ok(Ok(0)) => Err(ToolError::PanelUnavailable { owner, message: "no sidecar is listening".into() }),
             Ok(Ok(_)) => Ok(()),

@@ -17,7 +17,9 @@
 //!   (`nexus_tool_late_answers_total`). [`CancelCall`] cancels a caller's
 //!   call by the caller's own name for it, from any node.
 //! * [`ListTools`] lists what one user may call; [`ListPrompts`] and
-//!   [`GetPrompt`] list and render the prompts of the user's panels.
+//!   [`GetPrompt`] list and render the prompts of the user's panels;
+//!   [`ListPanelResources`] and [`ReadPanelResource`] list their declared
+//!   resources and read one through the panel's sidecar.
 //!
 //! Talking HTTP to panels is the sidecar's job; this actor never does it.
 
@@ -45,9 +47,11 @@ use crate::tools::recorder::Recorder;
 
 mod caller;
 mod prompts;
+mod resources;
 
 use caller::Caller;
 pub use prompts::{GetPrompt, GetPromptError, ListPrompts, RenderedPrompt};
+pub use resources::{ListPanelResources, ReadPanelResource, ReadResourceError};
 
 /// How long a resolved tool (its spec and compiled schema) is reused before
 /// the listing is read again.
@@ -203,6 +207,17 @@ impl ToolRegistry {
             recorder: recorder.clone(),
             me: None,
         })
+    }
+
+    /// What one call needs of the registry, to run outside it.
+    fn caller(&self) -> Caller {
+        Caller {
+            deps: self.deps.clone(),
+            shared: self.shared.clone(),
+            publish: self.publish.clone(),
+            reply_channel: self.reply_channel.clone(),
+            recorder: self.recorder.clone(),
+        }
     }
 
     fn subscribe_to(&self, topic: Topic) -> impl std::future::Future<Output = Result<(), RegisterError>> + 'static {
@@ -417,13 +432,6 @@ impl Handler<CallToolWatched> for ToolRegistry {
             caller = %call.caller,
             outcome = tracing::field::Empty,
         );
-        let caller = Caller {
-            deps: self.deps.clone(),
-            shared: self.shared.clone(),
-            publish: self.publish.clone(),
-            reply_channel: self.reply_channel.clone(),
-            recorder: self.recorder.clone(),
-        };
-        Reply::later(caller.call(watched, span.clone()).instrument(span))
+        Reply::later(self.caller().call(watched, span.clone()).instrument(span))
     }
 }

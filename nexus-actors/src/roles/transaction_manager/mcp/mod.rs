@@ -33,8 +33,8 @@ use rmcp::model::{
     GetPromptRequestParams, GetPromptResponse, GetPromptResult, Implementation, InitializeRequestParams,
     InitializeResult, JsonObject, ListPromptsResult, ListResourceTemplatesResult, ListResourcesResult, ListToolsResult,
     PaginatedRequestParams, ProgressNotificationParam, ProgressToken, PromptArgument, PromptMessage,
-    ReadResourceRequestParams, ReadResourceResponse, RequestId, Role, ServerCapabilities, ServerConfig,
-    SubscriptionFilter, Tool,
+    ReadResourceRequestParams, ReadResourceResponse, ReadResourceResult, RequestId, Resource, ResourceContents, Role,
+    ServerCapabilities, ServerConfig, SubscriptionFilter, Tool,
 };
 // Deprecated by a later revision than 2025-11-25 (SEP-2577), which clients still speak.
 #[allow(deprecated)]
@@ -55,7 +55,8 @@ use crate::platform::origin::OriginPolicy;
 use crate::platform::ApiError;
 use crate::tools::prompts::{Prompt, PromptRole};
 use crate::tools::protocol::ToolProgress;
-use crate::tools::registry::{GetPromptError, MAX_LABEL};
+use crate::tools::registry::{GetPromptError, ReadResourceError, MAX_LABEL};
+use crate::tools::resources::{mcp_uri, parse_mcp_uri, PanelResource};
 use crate::tools::{ToolCall, ToolError, ToolSpec};
 
 /// The path of the endpoint.
@@ -415,7 +416,20 @@ impl ServerHandler for NexusMcp {
         context: RequestContext<RoleServer>,
     ) -> Result<ListResourcesResult, McpError> {
         let user = user_of(&context)?;
-        self.resources.list(&user, request.as_ref().and_then(|r| r.cursor.as_deref())).await
+        let cursor = request.as_ref().and_then(|r| r.cursor.as_deref());
+        let mut result = self.resources.list(&user, cursor).await?;
+        // The panels' few resources come first, on the first page only.
+        if cursor.is_none() {
+            let declared = self
+                .tools
+                .panel_resources(&user)
+                .await
+                .map_err(|e| McpError::internal_error(format!("{}: {e}", e.code()), None))?;
+            let mut page: Vec<_> = declared.into_iter().map(|(panel, r)| to_mcp_resource(&panel, r)).collect();
+            page.append(&mut result.resources);
+            result.resources = page;
+        }
+        Ok(result)
     }
 
     async fn list_resource_templates(
@@ -433,7 +447,15 @@ impl ServerHandler for NexusMcp {
         context: RequestContext<RoleServer>,
     ) -> Result<ReadResourceResponse, McpError> {
         let user = user_of(&context)?;
-        Ok(self.resources.read(&user, &request.uri).await?.into())
+        let Some((panel, uri)) = parse_mcp_uri(&request.uri) else {
+            return Ok(self.resources.read(&user, &request.uri).await?.into());
+        };
+        let (resource, text) = self.tools.read_resource(&user, panel, uri).await.map_err(|e| match e {
+            ReadResourceError::NotFound => resources::not_found(&request.uri),
+            ReadResourceError::Panel(e) => McpError::internal_error(format!("{}: {e}", e.code()), None),
+        })?;
+        let contents = ResourceContents::text(text, request.uri.clone()).with_mime_type(resource.mime_type);
+        Ok(ReadResourceResult::new(vec![contents]).into())
     }
 
     async fn complete(
@@ -495,6 +517,15 @@ fn user_of(context: &RequestContext<RoleServer>) -> Result<String, McpError> {
 /// What the bridge put in the request's HTTP extensions, of type `T`.
 fn carried<T: Clone + Send + Sync + 'static>(context: &RequestContext<RoleServer>) -> Option<T> {
     context.extensions.get::<http::request::Parts>()?.extensions.get::<T>().cloned()
+}
+
+/// A panel's declared resource as an MCP resource.
+fn to_mcp_resource(panel: &str, resource: PanelResource) -> Resource {
+    let mut out = Resource::new(mcp_uri(panel, &resource.uri), resource.name).with_mime_type(resource.mime_type);
+    if let Some(description) = resource.description {
+        out = out.with_description(description);
+    }
+    out
 }
 
 /// A panel's prompt as an MCP prompt, under its callable name.

@@ -132,7 +132,7 @@ pub(super) fn document_id(uri: &str) -> Option<&str> {
 }
 
 /// "Resource not found" for `uri`, the same words whatever the reason.
-fn not_found(uri: &str) -> McpError {
+pub(super) fn not_found(uri: &str) -> McpError {
     McpError::resource_not_found(format!("no resource {:?} is available to you", shown(uri)), None)
 }
 

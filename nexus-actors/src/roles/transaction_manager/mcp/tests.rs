@@ -13,8 +13,10 @@ use crate::platform::{Accounts, UserRole};
 use crate::tools::prompts::Prompt;
 use crate::tools::protocol::ToolProgress;
 use crate::tools::registry::{
-    CallTool, CallToolWatched, CancelCall, GetPrompt, GetPromptError, ListPrompts, ListTools, RenderedPrompt,
+    CallTool, CallToolWatched, CancelCall, GetPrompt, GetPromptError, ListPanelResources, ListPrompts, ListTools,
+    ReadPanelResource, ReadResourceError, RenderedPrompt,
 };
+use crate::tools::resources::PanelResource;
 use crate::tools::ToolOwner;
 
 /// A registry with one system tool, `echo`, that returns its arguments
@@ -99,6 +101,38 @@ impl Handler<GetPrompt> for FakeRegistry {
     }
 }
 
+/// Every user's one panel `p1` declares `notes/today` (markdown).
+fn today() -> PanelResource {
+    serde_json::from_value(json!({"uri": "notes/today", "name": "Today", "mimeType": "text/markdown"}))
+        .expect("a resource")
+}
+
+impl Handler<ListPanelResources> for FakeRegistry {
+    fn handle(
+        &mut self,
+        _: ListPanelResources,
+        _: &mut Ctx<Self>,
+    ) -> Reply<Result<Vec<(String, PanelResource)>, ToolError>> {
+        Reply::Now(Ok(vec![("p1".into(), today())]))
+    }
+}
+
+impl Handler<ReadPanelResource> for FakeRegistry {
+    fn handle(
+        &mut self,
+        msg: ReadPanelResource,
+        _: &mut Ctx<Self>,
+    ) -> Reply<Result<(PanelResource, String), ReadResourceError>> {
+        Reply::Now(match (msg.panel.as_str(), msg.uri.as_str()) {
+            ("p1", "notes/today") => Ok((today(), format!("# Today, for {}", msg.user))),
+            ("p1", "down") => {
+                Err(ToolError::PanelUnavailable { owner: "panel p1".into(), message: "gone".into() }.into())
+            }
+            _ => Err(ReadResourceError::NotFound),
+        })
+    }
+}
+
 impl Handler<CancelCall> for FakeRegistry {
     fn handle(&mut self, _: CancelCall, _: &mut Ctx<Self>) -> Reply<Result<usize, ToolError>> {
         Reply::Now(Ok(0))
@@ -115,6 +149,8 @@ fn tools_api() -> ToolsApi {
         list: registry.link("mcp"),
         prompts: registry.link("mcp"),
         prompt: registry.link("mcp"),
+        panel_resources: registry.link("mcp"),
+        read_resource: registry.link("mcp"),
     }
 }
 
@@ -389,6 +425,40 @@ async fn prompts_are_listed_and_rendered_and_bad_arguments_are_invalid_params() 
     }
 }
 
+#[actix_rt::test]
+async fn panels_resources_are_listed_first_and_read_through_the_registry() {
+    let (redis, auth, token) = auth("panel-resources").await;
+    let app = web_test::init_service(App::new().app_data(web::Data::new(auth)).configure(configure(
+        tools_api(),
+        documents(&redis).await,
+        None,
+        anywhere(),
+    )))
+    .await;
+    let rpc_call = |id: u32, method: &str, params: Value| {
+        rpc(Some(&token), json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params})).to_request()
+    };
+    let body: Value = web_test::call_and_read_body_json(&app, rpc_call(1, "resources/list", json!({}))).await;
+    let first = &body["result"]["resources"][0];
+    assert_eq!(first["uri"], "nexus://panels/p1/notes/today", "{body}");
+    assert_eq!((&first["name"], &first["mimeType"]), (&json!("Today"), &json!("text/markdown")));
+
+    let read = |id: u32, uri: &str| rpc_call(id, "resources/read", json!({"uri": uri}));
+    let body: Value = web_test::call_and_read_body_json(&app, read(2, "nexus://panels/p1/notes/today")).await;
+    let contents = &body["result"]["contents"][0];
+    assert_eq!(contents["text"], "# Today, for ada", "{body}");
+    assert_eq!(contents["mimeType"], "text/markdown");
+    for (id, uri, code) in [
+        (3, "nexus://panels/p1/secret", -32002),
+        (4, "nexus://panels/p2/notes/today", -32002),
+        (5, "nexus://panels/p1/../notes/today", -32002),
+        (6, "nexus://panels/p1/down", -32603),
+    ] {
+        let body: Value = web_test::call_and_read_body_json(&app, read(id, uri)).await;
+        assert_eq!(body["error"]["code"], code, "{uri}: {body}");
+    }
+}
+
 #[test]
 fn a_cancellation_names_its_request_as_the_call_was_named() {
     let cancel = |params: Value| {
@@ -422,6 +492,12 @@ fn results_map_to_mcp() {
     let error = tool_result(Err(ToolError::Timeout { timeout_ms: 5 }));
     assert_eq!(error.is_error, Some(true));
     assert_eq!(error.content[0].as_text().unwrap().text, "timeout: no answer within the deadline of 5 ms");
+}
+
+/// The documents of a `resources/list` answer, without the panels' resources.
+fn documents_in(answer: &Value) -> Vec<Value> {
+    let listed = answer["result"]["resources"].as_array().expect("resources");
+    listed.iter().filter(|r| r["uri"].as_str().is_some_and(|u| u.starts_with(resources::PREFIX))).cloned().collect()
 }
 
 #[actix_rt::test]
@@ -462,7 +538,7 @@ async fn documents_are_resources_of_their_owner_only() {
 
     // Two pages, in id order, exactly the caller's documents.
     let first = call(&ada, "resources/list", json!({})).await;
-    let page = first["result"]["resources"].as_array().expect("resources").clone();
+    let page = documents_in(&first);
     assert_eq!(page.len(), resources::PAGE);
     let cursor = first["result"]["nextCursor"].as_str().expect("a next page");
     let second = call(&ada, "resources/list", json!({"cursor": cursor})).await;
@@ -478,7 +554,7 @@ async fn documents_are_resources_of_their_owner_only() {
     assert_eq!(page[0]["mimeType"], "application/json");
     let bobs = call(&bob, "resources/list", json!({})).await;
     assert_eq!(
-        bobs["result"]["resources"],
+        Value::Array(documents_in(&bobs)),
         json!([{"uri": format!("nexus://documents/{foreign}"),
         "name": foreign, "mimeType": "application/json"}])
     );
@@ -553,7 +629,7 @@ async fn a_full_page_is_the_last_and_no_spelling_of_an_id_reads_it() {
     };
 
     let all = call("resources/list", json!({})).await;
-    assert_eq!(all["result"]["resources"].as_array().map(Vec::len), Some(resources::PAGE));
+    assert_eq!(documents_in(&all).len(), resources::PAGE);
     assert!(all["result"].get("nextCursor").is_none(), "a full page is the last: {all}");
     let template = json!({"type": "ref/resource", "uri": resources::TEMPLATE});
     let every = call("completion/complete", json!({"ref": template, "argument": {"name": "id", "value": ""}})).await;
