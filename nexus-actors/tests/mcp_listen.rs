@@ -205,3 +205,28 @@ async fn a_listen_hears_a_change_made_through_another_node_and_only_the_owners_d
     stopping.await.expect("joined").expect("node b stops");
     a.stop().await;
 }
+
+#[actix_rt::test]
+async fn after_a_redis_outage_a_listen_announces_its_documents_again() {
+    let mut a = TestNode::start("mcp-listen-outage", &[Role::TransactionManager]).await;
+    let ada = a.user("ada").await;
+    let doc = new_document(&ada, json!({"n": 0})).await;
+    let uri = format!("nexus://documents/{doc}");
+    let before = redis_subscriptions(&a.node);
+    let mut stream = listen(&a.url(), &ada, std::slice::from_ref(&uri)).await;
+    let mut buffer = String::new();
+    let ack = next_message(&mut stream, &mut buffer).await;
+    assert_eq!(ack["method"], "notifications/subscriptions/acknowledged", "{ack}");
+    until(10, "the listen's subscription", || async { redis_subscriptions(&a.node) > before }).await;
+
+    // Changes made while Redis was away are lost to the bus: the listen
+    // says the document may have changed, without a version.
+    a.brokers.redis.kill();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    a.brokers.redis.restart().expect("redis-server restarts");
+    let again = next_message_within(&mut stream, &mut buffer, Duration::from_secs(20)).await;
+    assert_eq!(again["method"], "notifications/resources/updated", "{again}");
+    assert_eq!(again["params"]["uri"], uri);
+    assert!(again["params"]["_meta"]["version"].is_null(), "no version after an outage: {again}");
+    a.stop().await;
+}

@@ -401,7 +401,13 @@ fn sidecar_acl_holds_it_to_its_panel(login: &str, panel: &str) {
     let read: Option<String> =
         redis::cmd("GET").arg(format!("nexus:panel:{panel}")).query(&mut conn).expect("its record");
     assert!(read.is_some(), "its own record is readable");
+    for listing in ["panel", "listers", "prompts", "resources"] {
+        let key = format!("nexus:tools:{listing}:{panel}");
+        redis::cmd("PEXPIRE").arg(&key).arg(60_000).query::<i64>(&mut conn).expect("its own listing");
+    }
     let refused = [
+        redis::cmd("HSET").arg(format!("nexus:tools:prompts:{other}")).arg("p").arg("{}").query::<()>(&mut conn),
+        redis::cmd("HSET").arg(format!("nexus:tools:resources:{other}")).arg("r").arg("{}").query::<()>(&mut conn),
         redis::cmd("SET").arg(format!("nexus:panel:{panel}")).arg("{}").query::<()>(&mut conn),
         redis::cmd("GET").arg(format!("nexus:panel:{other}")).query::<()>(&mut conn),
         redis::cmd("HSET").arg("nexus:routes").arg(panel).arg("127.0.0.1:1").query::<()>(&mut conn),

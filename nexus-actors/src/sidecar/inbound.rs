@@ -52,9 +52,9 @@ struct RunningCall {
 }
 
 impl Running {
-    /// Where call `call_id` answers, while it runs.
+    /// Where call `call_id` answers, while it runs and is not cancelled.
     pub fn reply_to(&self, call_id: &str) -> Option<String> {
-        lock(&self.0).get(call_id).map(|call| call.reply_to.clone())
+        lock(&self.0).get(call_id).filter(|call| !call.stop.is_cancelled()).map(|call| call.reply_to.clone())
     }
 
     /// Notes `request` as running until the guard drops; `None` when the

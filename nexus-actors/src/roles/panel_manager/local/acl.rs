@@ -2,8 +2,8 @@
 //! and deleted with it, so a compromised sidecar holds no more than its
 //! panel's share of the bus: it may publish only to its panel's outbound
 //! channels and to tool-call replies, subscribe only to its panel's call
-//! channel, and touch only its panel's record (read), tool listing and
-//! call claims. It cannot read or write routes, sessions, accounts or
+//! channel, and touch only its panel's record (read), tool, prompt and
+//! resource listing and call claims. It cannot read or write routes, sessions, accounts or
 //! another panel's keys, and runs no admin or dangerous command.
 //!
 //! It makes and deletes users named `nexus-sidecar-<instance>`; the node's
@@ -78,6 +78,8 @@ impl SidecarUsers {
             ("%R~", panels::panel_key(panel), false),
             ("~", format!("nexus:tools:panel:{panel}"), false),
             ("~", format!("nexus:tools:listers:{panel}"), false),
+            ("~", format!("nexus:tools:prompts:{panel}"), false),
+            ("~", format!("nexus:tools:resources:{panel}"), false),
             ("~", format!("nexus:tools:panels-of:{owner}"), false),
             ("~", format!("nexus:tool-call:{panel}."), true),
             ("&", channels::panel_calls(panel), false),
