@@ -147,6 +147,32 @@ fn python_minimal_tools_are_callable_through_a_sidecar_over_the_api_and_mcp() {
     assert!(output.status.success(), "MCP client test failed:\n{report}\n{}", String::from_utf8_lossy(&output.stderr));
     assert!(report.contains("# skipped 0"), "no MCP check may be skipped:\n{report}");
 
+    // A client that just goes away, without a word, cancels its call too:
+    // the panel stops the work long before its 10 s.
+    let stats = || {
+        let (_, body) = get(panel_port, "/stats").expect("the panel answers");
+        serde_json::from_str::<Value>(&body).expect("JSON stats")["slow_count"].clone()
+    };
+    let before = stats();
+    let slow = json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call",
+        "params": {"name": format!("{id}.slow_count"), "arguments": {"text": "a b", "steps": 50, "step_ms": 200}}})
+    .to_string();
+    let mut gone = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let head = format!(
+        "POST /mcp HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {token}\r\nContent-Type: application/json\r\n\
+         Accept: application/json, text/event-stream\r\nMCP-Protocol-Version: 2025-06-18\r\nContent-Length: {}\r\n\r\n",
+        slow.len()
+    );
+    std::io::Write::write_all(&mut gone, format!("{head}{slow}").as_bytes()).unwrap();
+    std::thread::sleep(Duration::from_millis(800));
+    drop(gone);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while stats()["stopped"] != json!(before["stopped"].as_u64().unwrap() + 1) {
+        assert!(Instant::now() < deadline, "the panel never stopped the abandoned call: {}", stats());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(stats()["finished"], before["finished"]);
+
     // Every call was counted, and recorded on the semantic bus.
     let (_, metrics) = get(port, "/metrics").unwrap();
     let sum = |prefix: &str| -> u64 {
