@@ -168,7 +168,7 @@ impl FakePanel {
             tool("garbage"), tool("crash"), tool("sleep"), tool("huge"), tool("refuse"), tool("no_result"), tool("nap"),
             tool("report"),
         ], "resources": [{"uri": "notes/today", "name": "Today", "mimeType": "text/markdown"},
-                         {"uri": "binary", "name": "Bytes"}],
+                         {"uri": "binary", "name": "Bytes"}, {"uri": "elsewhere", "name": "Moved"}],
         "prompts": [{"name": "greet", "description": "Greets someone",
             "arguments": [{"name": "who", "required": true}],
             "messages": [{"role": "user", "text": "Greet {{ who }}."}]}]});
@@ -213,6 +213,8 @@ async fn resource(panel: web::Data<FakePanel>, uri: web::Path<String>) -> HttpRe
     match uri.as_str() {
         "notes/today" => HttpResponse::Ok().content_type("text/markdown").body(format!("# Today at {}", panel.name)),
         "binary" => HttpResponse::Ok().body(vec![0xff, 0xfe, 0x00]),
+        // Followed, this would answer: the sidecar must not follow it.
+        "elsewhere" => HttpResponse::Found().insert_header(("Location", "/mcp/resources/notes/today")).finish(),
         _ => HttpResponse::NotFound().finish(),
     }
 }
@@ -1066,7 +1068,7 @@ async fn a_panels_prompts_are_its_owners_and_go_with_its_manifest() {
 
     // A prompt that does not compile refuses the manifest; the last good one stays.
     let tools = json!([{"name": "echo", "desc": "Echoes"}]);
-    let broken = json!([{"name": "greet", "messages": [{"role": "user", "text": "{% if %}"}]}]);
+    let broken = json!([{"name": "greet", "messages": [{"role": "user", "text": "Hi {{ nobody }}"}]}]);
     panel.set_manifest(json!({"tools": tools, "prompts": broken}));
     let reload = || async { reqwest::Client::new().post(format!("{sidecar_url}/reload")).send().await.unwrap() };
     let refused = reload().await;
@@ -1099,10 +1101,11 @@ async fn a_panels_declared_resources_are_its_owners_and_read_through_its_sidecar
     };
     let read = |user: &str, panel: &str, uri: &str| {
         let link = registry.link::<ReadPanelResource>("test");
-        let read = ReadPanelResource { user: user.into(), panel: panel.into(), uri: uri.into() };
+        let cancel = tokio_util::sync::CancellationToken::new();
+        let read = ReadPanelResource { user: user.into(), panel: panel.into(), uri: uri.into(), cancel };
         async move { link.ask(read).await.unwrap() }
     };
-    assert_eq!(list("ada").await, [format!("{id}/binary"), format!("{id}/notes/today")]);
+    assert_eq!(list("ada").await, [format!("{id}/binary"), format!("{id}/elsewhere"), format!("{id}/notes/today")]);
     assert!(list("bob").await.is_empty(), "another user's panel offers bob no resources");
 
     let (resource, text) = read("ada", &id, "notes/today").await.unwrap();
@@ -1112,4 +1115,6 @@ async fn a_panels_declared_resources_are_its_owners_and_read_through_its_sidecar
     assert!(matches!(read("ada", "no-such-panel", "notes/today").await, Err(ReadResourceError::NotFound)));
     let binary = read("ada", &id, "binary").await;
     assert!(matches!(binary, Err(ReadResourceError::Panel(ToolError::InvalidResponse { .. }))), "{binary:?}");
+    let moved = read("ada", &id, "elsewhere").await;
+    assert!(matches!(moved, Err(ReadResourceError::Panel(ToolError::PanelStatus { status: 302, .. }))), "{moved:?}");
 }

@@ -147,15 +147,17 @@ fn python_minimal_tools_are_callable_through_a_sidecar_over_the_api_and_mcp() {
     assert!(output.status.success(), "MCP client test failed:\n{report}\n{}", String::from_utf8_lossy(&output.stderr));
     assert!(report.contains("# skipped 0"), "no MCP check may be skipped:\n{report}");
 
-    // A client that just goes away, without a word, cancels its call too:
-    // the panel stops the work long before its 10 s.
+    // A client that just goes away from a call that reports progress,
+    // without a word, cancels it too (its stream's next write fails): the
+    // panel stops the work long before its 10 s.
     let stats = || {
         let (_, body) = get(panel_port, "/stats").expect("the panel answers");
         serde_json::from_str::<Value>(&body).expect("JSON stats")["slow_count"].clone()
     };
     let before = stats();
     let slow = json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call",
-        "params": {"name": format!("{id}.slow_count"), "arguments": {"text": "a b", "steps": 50, "step_ms": 200}}})
+        "params": {"name": format!("{id}.slow_count"), "arguments": {"text": "a b", "steps": 50, "step_ms": 200},
+            "_meta": {"progressToken": "gone"}}})
     .to_string();
     let mut gone = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
     let head = format!(

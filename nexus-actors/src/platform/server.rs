@@ -100,10 +100,6 @@ where
                 // before its unread body turns the close into a reset.
                 .client_request_timeout(Duration::from_secs(5))
                 .client_disconnect_timeout(Duration::from_secs(1))
-                // A client that closes its side has gone: its request is
-                // dropped while it runs (a tool call is then cancelled),
-                // instead of being worked out for nobody.
-                .h1_allow_half_closed(false)
                 .local_addr(addr)
                 .upgrade(fn_service(move |(req, io): (Request, Upgraded)| {
                     let upgrades = upgrades.clone();

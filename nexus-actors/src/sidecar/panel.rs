@@ -55,6 +55,9 @@ impl PanelClient {
     pub fn new(base: &str, panel: &str, token: Option<String>) -> Self {
         let http = reqwest::Client::builder()
             .no_proxy()
+            // The sidecar is on the host network: a redirect from the panel
+            // must not send it (and the panel's secret) anywhere else.
+            .redirect(reqwest::redirect::Policy::none())
             .pool_max_idle_per_host(64)
             .pool_idle_timeout(Duration::from_secs(30))
             .build()
@@ -157,10 +160,16 @@ impl PanelClient {
                 let excerpt = String::from_utf8_lossy(&body[..body.len().min(STATUS_BODY_EXCERPT)]).into_owned();
                 return Err(ToolError::PanelStatus { status: status.as_u16(), body: excerpt });
             }
-            match String::from_utf8(body) {
-                Ok(text) => Ok(json!({ "text": text })),
-                Err(_) => Err(ToolError::InvalidResponse { message: "a resource must be UTF-8 text".into() }),
+            let Ok(text) = String::from_utf8(body) else {
+                return Err(ToolError::InvalidResponse { message: "a resource must be UTF-8 text".into() });
+            };
+            // Escaping can grow text on the bus past what was read.
+            let answer = json!({ "text": text });
+            let size = encoded_len(&answer);
+            if size > MAX_PAYLOAD_BYTES {
+                return Err(ToolError::TooLarge { what: "resource".into(), size, limit: MAX_PAYLOAD_BYTES });
             }
+            Ok(answer)
         };
         tokio::time::timeout(remaining, work).await.unwrap_or_else(|_| Err(timeout()))
     }

@@ -1,16 +1,17 @@
 //! Prompts that panels declare in their manifest: MCP prompt templates,
 //! offered to the panel's owner as `<panel-id>.<name>` next to its tools.
 //!
-//! A prompt is a list of messages whose text is a minijinja template of the
-//! prompt's arguments. The manifest is untrusted, so templates are compiled
-//! when it is read (a bad one refuses the manifest), and rendered with a
-//! fuel budget and an output limit, so no template can spin or swell. This
-//! module parses, checks and renders; storing is [`super::store`]'s job, and
-//! speaking MCP is the transaction manager's.
+//! A prompt is a list of messages whose text holds `{{ name }}` placeholders
+//! of the prompt's arguments, and nothing else: the manifest is untrusted,
+//! and a template language (loops, string arithmetic, filters) would let it
+//! spin or swell inside the node. Placeholders are checked when the
+//! manifest is read (one naming no argument refuses it), and rendering
+//! stops as soon as a message passes [`MAX_RENDERED`]. This module parses,
+//! checks and renders; storing is [`super::store`]'s job, and speaking MCP
+//! is the transaction manager's.
 
 use std::collections::HashSet;
 
-use minijinja::{AutoEscape, Environment, UndefinedBehavior};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
@@ -29,9 +30,6 @@ pub const MAX_TEMPLATE: usize = 16 * 1024;
 pub const MAX_RENDERED: usize = 64 * 1024;
 /// Longest argument value a caller may pass, in bytes.
 pub const MAX_ARGUMENT_VALUE: usize = 16 * 1024;
-/// Instructions one rendering may spend: plenty for substitutions and
-/// small loops, too little for a template that would spin.
-const FUEL: u64 = 50_000;
 
 /// One argument of a prompt.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -61,7 +59,7 @@ pub enum PromptRole {
 pub struct PromptMessage {
     /// Who speaks.
     pub role: PromptRole,
-    /// A minijinja template of the prompt's arguments.
+    /// The text, with `{{ name }}` where argument `name` goes.
     pub text: String,
 }
 
@@ -89,9 +87,9 @@ pub enum PromptError {
     /// An argument is not a string, or is too long.
     #[error("argument {0:?} must be a string of at most {MAX_ARGUMENT_VALUE} bytes")]
     BadArgument(String),
-    /// The template failed (ran out of fuel, or its output is too large).
-    #[error("the prompt's template failed: {0}")]
-    Template(String),
+    /// A message came out over [`MAX_RENDERED`].
+    #[error("a message of the prompt comes out over {MAX_RENDERED} bytes")]
+    TooLarge,
 }
 
 impl Prompt {
@@ -137,12 +135,20 @@ impl Prompt {
         if self.messages.is_empty() || self.messages.len() > MAX_MESSAGES {
             return Err(self.bad(format!("it needs 1 to {MAX_MESSAGES} messages")));
         }
-        let env = environment();
         for message in &self.messages {
             if message.text.len() > MAX_TEMPLATE {
                 return Err(self.bad(format!("a message is over {MAX_TEMPLATE} bytes")));
             }
-            env.template_from_str(&message.text).map_err(|e| self.bad(format!("a message does not compile: {e}")))?;
+            for piece in pieces(&message.text) {
+                match piece {
+                    Piece::Argument(name) if names.contains(name) => {}
+                    Piece::Argument(name) => {
+                        return Err(self.bad(format!("a message names {{{{ {name} }}}}, which is no argument")))
+                    }
+                    Piece::Unclosed => return Err(self.bad("a message opens {{ and never closes it")),
+                    Piece::Text(_) => {}
+                }
+            }
         }
         Ok(())
     }
@@ -162,15 +168,21 @@ impl Prompt {
                 None => {}
             }
         }
-        let env = environment();
-        let context = minijinja::Value::from_serialize(&values);
         self.messages
             .iter()
             .map(|message| {
-                let failed = |e: minijinja::Error| PromptError::Template(e.to_string());
-                let text = env.template_from_str(&message.text).map_err(failed)?.render(&context).map_err(failed)?;
-                if text.len() > MAX_RENDERED {
-                    return Err(PromptError::Template(format!("a message came out over {MAX_RENDERED} bytes")));
+                let mut text = String::new();
+                for piece in pieces(&message.text) {
+                    let add = match piece {
+                        Piece::Text(literal) => literal,
+                        Piece::Argument(name) => values.get(name).and_then(Value::as_str).unwrap_or_default(),
+                        // Refused when the manifest was read.
+                        Piece::Unclosed => "",
+                    };
+                    if text.len() + add.len() > MAX_RENDERED {
+                        return Err(PromptError::TooLarge);
+                    }
+                    text.push_str(add);
                 }
                 Ok((message.role, text))
             })
@@ -178,14 +190,32 @@ impl Prompt {
     }
 }
 
-/// Text in, text out: no escaping, no loader, undefined names render empty,
-/// and a fuel budget.
-fn environment() -> Environment<'static> {
-    let mut env = Environment::new();
-    env.set_auto_escape_callback(|_| AutoEscape::None);
-    env.set_undefined_behavior(UndefinedBehavior::Lenient);
-    env.set_fuel(Some(FUEL));
-    env
+/// A part of a message's text.
+#[derive(Debug, PartialEq)]
+enum Piece<'t> {
+    /// Literal text.
+    Text(&'t str),
+    /// `{{ name }}`: the argument's value.
+    Argument(&'t str),
+    /// A `{{` that is never closed.
+    Unclosed,
+}
+
+/// The parts of `text`, in order.
+fn pieces(text: &str) -> Vec<Piece<'_>> {
+    let mut pieces = Vec::new();
+    let mut rest = text;
+    while let Some(open) = rest.find("{{") {
+        pieces.push(Piece::Text(&rest[..open]));
+        let Some(close) = rest[open..].find("}}") else {
+            pieces.push(Piece::Unclosed);
+            return pieces;
+        };
+        pieces.push(Piece::Argument(rest[open + 2..open + close].trim()));
+        rest = &rest[open + close + 2..];
+    }
+    pieces.push(Piece::Text(rest));
+    pieces
 }
 
 #[cfg(test)]
@@ -201,12 +231,16 @@ mod tests {
     fn a_prompt_renders_its_arguments() {
         let prompts = prompt(json!([{"name": "review", "description": "Review code",
             "arguments": [{"name": "code", "required": true}, {"name": "focus"}],
-            "messages": [{"role": "user", "text": "Review this{% if focus %}, for {{ focus }}{% endif %}:\n{{ code }}"},
+            "messages": [{"role": "user", "text": "Review this, for {{ focus }}:\n{{code}}"},
                          {"role": "assistant", "text": "Reading it."}]}]))
         .unwrap();
         let args = |v: Value| v.as_object().unwrap().clone();
-        let out = prompts[0].render(&args(json!({"code": "<b>x</b>", "other": 1}))).unwrap();
-        assert_eq!(out[0], (PromptRole::User, "Review this:\n<b>x</b>".to_owned()), "no escaping, unknown ignored");
+        let out = prompts[0].render(&args(json!({"code": "<b>{{x}}</b>", "other": 1}))).unwrap();
+        assert_eq!(
+            out[0],
+            (PromptRole::User, "Review this, for :\n<b>{{x}}</b>".to_owned()),
+            "values are not templates"
+        );
         assert_eq!(out[1].0, PromptRole::Assistant);
         let out = prompts[0].render(&args(json!({"code": "x", "focus": "speed"}))).unwrap();
         assert_eq!(out[0].1, "Review this, for speed:\nx");
@@ -217,16 +251,24 @@ mod tests {
     }
 
     #[test]
-    fn a_template_cannot_spin_or_swell() {
-        let spin = prompt(json!([{"name": "spin", "messages": [{"role": "user",
-            "text": "{% for a in range(1000) %}{% for b in range(1000) %}.{% endfor %}{% endfor %}"}]}]))
-        .unwrap();
-        assert!(matches!(spin[0].render(&Map::new()), Err(PromptError::Template(_))));
+    fn a_message_cannot_swell_or_hold_more_than_placeholders() {
         let swell = prompt(json!([{"name": "swell", "arguments": [{"name": "t"}],
-            "messages": [{"role": "user", "text": "{{ t }}{{ t }}{{ t }}{{ t }}{{ t }}"}]}]))
+            "messages": [{"role": "user", "text": "{{ t }}".repeat(10)}]}]))
         .unwrap();
         let big = json!({"t": "x".repeat(MAX_ARGUMENT_VALUE)});
-        assert!(matches!(swell[0].render(big.as_object().unwrap()), Err(PromptError::Template(_))));
+        assert_eq!(swell[0].render(big.as_object().unwrap()), Err(PromptError::TooLarge));
+        let one = |text: &str| {
+            prompt(json!([{"name": "p", "arguments": [{"name": "t"}], "messages": [{"role": "user", "text": text}]}]))
+        };
+        for refused in [
+            "{% for i in range(9) %}{{ t }}{% endfor %}{{ u }}",
+            "{{ t * 100000000 }}",
+            "{{ t|indent(9) }}",
+            "open {{ t",
+        ] {
+            assert!(one(refused).is_err(), "{refused}");
+        }
+        assert!(one("{% not a placeholder %} {t} }} {{t}}").is_ok(), "only {{ }} is special");
     }
 
     #[test]
@@ -236,7 +278,7 @@ mod tests {
         assert!(one(json!({"name": "ok", "messages": msg})).is_ok());
         assert!(one(json!({"name": "a b", "messages": msg})).is_err());
         assert!(one(json!({"name": "none", "messages": []})).is_err());
-        assert!(one(json!({"name": "bad", "messages": [{"role": "user", "text": "{% if %}"}]})).is_err());
+        assert!(one(json!({"name": "bad", "messages": [{"role": "user", "text": "{{ nobody }}"}]})).is_err());
         assert!(
             one(json!({"name": "big", "messages": [{"role": "user", "text": "x".repeat(MAX_TEMPLATE + 1)}]})).is_err()
         );

@@ -64,7 +64,8 @@ pub fn mcp_uri(panel: &str, uri: &str) -> String {
 /// The panel and path an MCP URI names, if it names a panel's resource.
 pub fn parse_mcp_uri(mcp_uri: &str) -> Option<(&str, &str)> {
     let (panel, uri) = mcp_uri.strip_prefix(PANEL_PREFIX)?.split_once('/')?;
-    (!panel.is_empty() && panel.len() <= 128 && is_valid_uri(uri)).then_some((panel, uri))
+    // The panel part becomes part of Redis keys: only a real panel id.
+    (crate::platform::panels::is_panel_id(panel) && is_valid_uri(uri)).then_some((panel, uri))
 }
 
 impl PanelResource {
@@ -118,8 +119,16 @@ mod tests {
         {
             assert!(!is_valid_uri(bad), "{bad:?}");
         }
-        assert_eq!(parse_mcp_uri(&mcp_uri("p1", "notes/today.md")), Some(("p1", "notes/today.md")));
-        for bad in ["nexus://panels/p1", "nexus://panels//x", "nexus://panels/p1/../x", "nexus://documents/x"] {
+        let id = uuid::Uuid::now_v7().to_string();
+        assert_eq!(parse_mcp_uri(&mcp_uri(&id, "notes/today.md")), Some((id.as_str(), "notes/today.md")));
+        let forged = format!("nexus://panels/{id}:x/notes");
+        for bad in [
+            "nexus://panels/p1",
+            "nexus://panels//x",
+            &format!("nexus://panels/{id}/../x"),
+            "nexus://documents/x",
+            &forged,
+        ] {
             assert_eq!(parse_mcp_uri(bad), None, "{bad}");
         }
     }

@@ -131,15 +131,20 @@ impl ToolsApi {
         }
     }
 
-    /// `user`'s panel `panel`'s resource `uri`, read from the panel.
+    /// `user`'s panel `panel`'s resource `uri`, read from the panel;
+    /// dropping the future before the answer stops the read.
     pub async fn read_resource(
         &self,
         user: &str,
         panel: &str,
         uri: &str,
     ) -> Result<(PanelResource, String), ReadResourceError> {
-        let read = ReadPanelResource { user: user.to_owned(), panel: panel.to_owned(), uri: uri.to_owned() };
-        match self.read_resource.ask(read).await {
+        let cancel = tokio_util::sync::CancellationToken::new();
+        let cancel_unless_answered = cancel.clone().drop_guard();
+        let read = ReadPanelResource { user: user.to_owned(), panel: panel.to_owned(), uri: uri.to_owned(), cancel };
+        let answer = self.read_resource.ask(read).await;
+        cancel_unless_answered.disarm();
+        match answer {
             Ok(result) => result,
             Err(error) => Err(ToolError::internal(format_args!("tool registry: {error:?}")).into()),
         }

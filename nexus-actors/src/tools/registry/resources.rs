@@ -30,6 +30,8 @@ pub struct ReadPanelResource {
     pub panel: String,
     /// The declared path.
     pub uri: String,
+    /// Once cancelled, the read stops (its caller went away).
+    pub cancel: CancellationToken,
 }
 
 /// Why [`ReadPanelResource`] read nothing.
@@ -80,7 +82,7 @@ impl Handler<ReadPanelResource> for ToolRegistry {
                 reply_to: caller.reply_channel.clone(),
                 resource: Some(msg.uri),
             };
-            let watched = CallToolWatched { call, progress: None, cancel: CancellationToken::new(), label: None };
+            let watched = CallToolWatched { call, progress: None, cancel: msg.cancel, label: None };
             let (channel, owner) = (channels::panel_calls(&msg.panel), format!("panel {}", msg.panel));
             let answer = caller.send(&watched, request, channel, owner).await?;
             match answer.get("text").and_then(Value::as_str) {

@@ -101,7 +101,10 @@ impl Handler<GetPrompt> for FakeRegistry {
     }
 }
 
-/// Every user's one panel `p1` declares `notes/today` (markdown).
+/// The panel whose resources the fake registry knows.
+const P1: &str = "0191f3c2-7d1e-7a2b-9c1d-5e6f7a8b9c0d";
+
+/// Every user's one panel [`P1`] declares `notes/today` (markdown).
 fn today() -> PanelResource {
     serde_json::from_value(json!({"uri": "notes/today", "name": "Today", "mimeType": "text/markdown"}))
         .expect("a resource")
@@ -113,7 +116,7 @@ impl Handler<ListPanelResources> for FakeRegistry {
         _: ListPanelResources,
         _: &mut Ctx<Self>,
     ) -> Reply<Result<Vec<(String, PanelResource)>, ToolError>> {
-        Reply::Now(Ok(vec![("p1".into(), today())]))
+        Reply::Now(Ok(vec![(P1.into(), today())]))
     }
 }
 
@@ -124,8 +127,8 @@ impl Handler<ReadPanelResource> for FakeRegistry {
         _: &mut Ctx<Self>,
     ) -> Reply<Result<(PanelResource, String), ReadResourceError>> {
         Reply::Now(match (msg.panel.as_str(), msg.uri.as_str()) {
-            ("p1", "notes/today") => Ok((today(), format!("# Today, for {}", msg.user))),
-            ("p1", "down") => {
+            (P1, "notes/today") => Ok((today(), format!("# Today, for {}", msg.user))),
+            (P1, "down") => {
                 Err(ToolError::PanelUnavailable { owner: "panel p1".into(), message: "gone".into() }.into())
             }
             _ => Err(ReadResourceError::NotFound),
@@ -440,21 +443,24 @@ async fn panels_resources_are_listed_first_and_read_through_the_registry() {
     };
     let body: Value = web_test::call_and_read_body_json(&app, rpc_call(1, "resources/list", json!({}))).await;
     let first = &body["result"]["resources"][0];
-    assert_eq!(first["uri"], "nexus://panels/p1/notes/today", "{body}");
+    assert_eq!(first["uri"], format!("nexus://panels/{P1}/notes/today"), "{body}");
     assert_eq!((&first["name"], &first["mimeType"]), (&json!("Today"), &json!("text/markdown")));
 
     let read = |id: u32, uri: &str| rpc_call(id, "resources/read", json!({"uri": uri}));
-    let body: Value = web_test::call_and_read_body_json(&app, read(2, "nexus://panels/p1/notes/today")).await;
+    let body: Value =
+        web_test::call_and_read_body_json(&app, read(2, &format!("nexus://panels/{P1}/notes/today"))).await;
     let contents = &body["result"]["contents"][0];
     assert_eq!(contents["text"], "# Today, for ada", "{body}");
     assert_eq!(contents["mimeType"], "text/markdown");
-    for (id, uri, code) in [
-        (3, "nexus://panels/p1/secret", -32002),
-        (4, "nexus://panels/p2/notes/today", -32002),
-        (5, "nexus://panels/p1/../notes/today", -32002),
-        (6, "nexus://panels/p1/down", -32603),
+    for (id, path, code) in [
+        (3, format!("{P1}/secret"), -32002),
+        (4, format!("{}/notes/today", uuid::Uuid::now_v7()), -32002),
+        (5, format!("{P1}/../notes/today"), -32002),
+        (6, format!("{P1}:x/notes/today"), -32002),
+        (7, format!("{P1}/down"), -32603),
     ] {
-        let body: Value = web_test::call_and_read_body_json(&app, read(id, uri)).await;
+        let uri = format!("nexus://panels/{path}");
+        let body: Value = web_test::call_and_read_body_json(&app, read(id, &uri)).await;
         assert_eq!(body["error"]["code"], code, "{uri}: {body}");
     }
 }
