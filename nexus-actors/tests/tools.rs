@@ -1076,6 +1076,13 @@ async fn a_panels_prompts_are_its_owners_and_go_with_its_manifest() {
     assert!(refused.text().await.unwrap().contains("prompt \\\"greet\\\" is not valid"));
     assert_eq!(list("ada").await, std::slice::from_ref(&greet));
 
+    // A panel of prompts and no tools stays listed while its sidecar keeps it.
+    let only = json!([{"name": "greet", "arguments": [{"name": "who"}], "messages": [{"role": "user", "text": "Hi {{who}}"}]}]);
+    panel.set_manifest(json!({"tools": [], "prompts": only}));
+    assert_eq!(reload().await.status().as_u16(), 200);
+    names(&registry, "ada").await;
+    assert_eq!(list("ada").await, std::slice::from_ref(&greet), "not pruned for want of tools");
+
     // A manifest without prompts takes them away.
     panel.set_manifest(json!({"tools": tools}));
     assert_eq!(reload().await.status().as_u16(), 200);

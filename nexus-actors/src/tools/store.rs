@@ -14,8 +14,8 @@
 //!   keeping that listing alive, scored by when each one's share expires
 //!   (Redis time): a replica that stops takes the listing down only when it
 //!   was the last live one.
-//! * `nexus:tools:panels-of:{user}` — set of the user's panels with tools;
-//!   entries whose hash expired are pruned when listed.
+//! * `nexus:tools:panels-of:{user}` — set of the user's listed panels;
+//!   entries whose listing expired (no listers left) are pruned when listed.
 //! * `nexus:tool-call:{tool}:{caller}:{key}` — hash with the `call` id that
 //!   claimed an idempotency key and, once done, its `result` — kept only
 //!   when the caller chose the key; a call without one leaves a bare claim
@@ -203,7 +203,10 @@ impl ToolStore {
     ) -> Result<bool, ToolStoreError> {
         let ttl_ms = ttl.as_millis() as i64;
         let mut pipe = redis::pipe();
-        pipe.pexpire(panel_key(panel), ttl_ms).pexpire(prompts_key(panel), ttl_ms).ignore();
+        // The listers outlive no share: while they are there, so is the
+        // listing (which may hold prompts or resources and no tool).
+        pipe.exists(listers_key(panel));
+        pipe.pexpire(panel_key(panel), ttl_ms).ignore().pexpire(prompts_key(panel), ttl_ms).ignore();
         pipe.pexpire(resources_key(panel), ttl_ms).ignore();
         pipe.sadd(panels_of_key(user), panel).ignore();
         pipe.cmd("EVAL").arg(LISTER_SCRIPT).arg(1).arg(listers_key(panel)).arg(lister).arg(ttl_ms).ignore();
@@ -265,11 +268,14 @@ impl ToolStore {
         let panels: Vec<String> = conn.smembers(panels_of_key(user)).await?;
         let mut pipe = redis::pipe();
         for panel in &panels {
-            pipe.hvals(panel_key(panel));
+            pipe.hvals(panel_key(panel)).exists(listers_key(panel));
         }
-        let per_panel: Vec<Vec<String>> =
+        let listed: Vec<(Vec<String>, bool)> =
             if panels.is_empty() { Vec::new() } else { pipe.query_async(&mut conn).await? };
-        let gone: Vec<&String> = panels.iter().zip(&per_panel).filter(|(_, t)| t.is_empty()).map(|(p, _)| p).collect();
+        // A panel whose listing expired (no replica keeps it) leaves the index.
+        let gone: Vec<&String> =
+            panels.iter().zip(&listed).filter(|(_, (_, alive))| !alive).map(|(panel, _)| panel).collect();
+        let per_panel: Vec<Vec<String>> = listed.into_iter().map(|(tools, _)| tools).collect();
         if !gone.is_empty() {
             let () = conn.srem(panels_of_key(user), gone).await?;
         }
