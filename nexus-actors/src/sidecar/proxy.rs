@@ -171,15 +171,27 @@ pub fn configure(state: web::Data<ProxyState>) -> impl FnOnce(&mut web::ServiceC
     }
 }
 
-async fn proxy(state: web::Data<ProxyState>, req: HttpRequest, payload: web::Payload) -> HttpResponse {
-    let body = match read_body(&req, payload, MAX_PROXY_BODY).await {
+/// The body, of at most `limit` bytes, as JSON of the shape `expected`
+/// describes; else the refusal to answer.
+async fn read_json<T: serde::de::DeserializeOwned>(
+    state: &ProxyState,
+    req: &HttpRequest,
+    payload: web::Payload,
+    limit: usize,
+    expected: &str,
+) -> Result<T, HttpResponse> {
+    let body = match read_body(req, payload, limit).await {
         Ok(body) => body,
-        Err(e @ BodyError::TooLarge { .. }) => return refuse(&state, Refusal::TooLarge, e.to_string()),
-        Err(e @ BodyError::Unreadable(_)) => return refuse(&state, Refusal::BadBody, e.to_string()),
+        Err(e @ BodyError::TooLarge { .. }) => return Err(refuse(state, Refusal::TooLarge, e.to_string())),
+        Err(e @ BodyError::Unreadable(_)) => return Err(refuse(state, Refusal::BadBody, e.to_string())),
     };
-    let message: PanelMessage = match serde_json::from_slice(&body) {
-        Ok(m) => m,
-        Err(e) => return refuse(&state, Refusal::BadJson, format!("expected {{channel, type?, data}}: {e}")),
+    serde_json::from_slice(&body).map_err(|e| refuse(state, Refusal::BadJson, format!("expected {expected}: {e}")))
+}
+
+async fn proxy(state: web::Data<ProxyState>, req: HttpRequest, payload: web::Payload) -> HttpResponse {
+    let message: PanelMessage = match read_json(&state, &req, payload, MAX_PROXY_BODY, "{channel, type?, data}").await {
+        Ok(message) => message,
+        Err(refused) => return refused,
     };
     if !is_valid_channel(&message.channel) {
         let text = "channel must match ^[A-Za-z0-9_-]{1,64}$ (it names a sub-channel of the panel's own namespace)";
@@ -216,16 +228,10 @@ fn rate_limited(state: &ProxyState, wait: Duration) -> HttpResponse {
 }
 
 async fn progress(state: web::Data<ProxyState>, req: HttpRequest, payload: web::Payload) -> HttpResponse {
-    let body = match read_body(&req, payload, MAX_PROGRESS_BODY).await {
-        Ok(body) => body,
-        Err(e @ BodyError::TooLarge { .. }) => return refuse(&state, Refusal::TooLarge, e.to_string()),
-        Err(e @ BodyError::Unreadable(_)) => return refuse(&state, Refusal::BadBody, e.to_string()),
-    };
-    let report: ProgressReport = match serde_json::from_slice(&body) {
+    let expected = "{call_id, progress, total?, message?}";
+    let report: ProgressReport = match read_json(&state, &req, payload, MAX_PROGRESS_BODY, expected).await {
         Ok(report) => report,
-        Err(e) => {
-            return refuse(&state, Refusal::BadJson, format!("expected {{call_id, progress, total?, message?}}: {e}"))
-        }
+        Err(refused) => return refused,
     };
     let finite = report.progress.is_finite() && report.total.is_none_or(f64::is_finite);
     if !finite || report.message.as_ref().is_some_and(|m| m.chars().count() > MAX_PROGRESS_MESSAGE) {

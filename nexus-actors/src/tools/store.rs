@@ -108,6 +108,23 @@ fn cancel_key(caller: &str, label: &str) -> String {
     format!("nexus:tool-cancel:{}:{caller}:{label}", caller.len())
 }
 
+/// The prompts or resources `found` in a panel's listing, sorted, when the
+/// panel's `record` names `user` its owner; none otherwise.
+fn owned_extras<T: serde::de::DeserializeOwned>(
+    found: Vec<Option<String>>,
+    record: Option<String>,
+    user: &str,
+    sort_key: fn(&T) -> String,
+) -> Vec<T> {
+    let owner = record.and_then(|r| serde_json::from_str::<crate::platform::Panel>(&r).ok()).map(|p| p.owner);
+    if owner.as_deref() != Some(user) {
+        return Vec::new();
+    }
+    let mut extras: Vec<T> = found.into_iter().flatten().filter_map(|json| serde_json::from_str(&json).ok()).collect();
+    extras.sort_by_key(sort_key);
+    extras
+}
+
 /// What a panel's manifest offers besides tools, listed with them.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct PanelExtras<'a> {
@@ -326,11 +343,20 @@ impl ToolStore {
         key_of: fn(&str) -> String,
         sort_key: fn(&T) -> String,
     ) -> Result<Vec<(String, T)>, ToolStoreError> {
-        let mut panels: Vec<String> = self.conn.clone().smembers(panels_of_key(user)).await?;
+        let mut conn = self.conn.clone();
+        let mut panels: Vec<String> = conn.smembers(panels_of_key(user)).await?;
+        if panels.is_empty() {
+            return Ok(Vec::new());
+        }
         panels.sort();
+        let mut pipe = redis::pipe();
+        for panel in &panels {
+            pipe.hvals(key_of(panel)).get(crate::platform::panels::panel_key(panel));
+        }
+        let listed: Vec<(Vec<Option<String>>, Option<String>)> = pipe.query_async(&mut conn).await?;
         let mut all = Vec::new();
-        for panel in panels {
-            let extras = self.panel_extras(&key_of(&panel), &panel, user, None, sort_key).await?;
+        for (panel, (found, record)) in panels.into_iter().zip(listed) {
+            let extras = owned_extras(found, record, user, sort_key);
             all.extend(extras.into_iter().map(|extra| (panel.clone(), extra)));
         }
         Ok(all)
@@ -353,14 +379,7 @@ impl ToolStore {
         };
         pipe.get(crate::platform::panels::panel_key(panel));
         let (found, record): (Vec<Option<String>>, Option<String>) = pipe.query_async(&mut self.conn.clone()).await?;
-        let owner = record.and_then(|r| serde_json::from_str::<crate::platform::Panel>(&r).ok()).map(|p| p.owner);
-        if owner.as_deref() != Some(user) {
-            return Ok(Vec::new());
-        }
-        let mut extras: Vec<T> =
-            found.into_iter().flatten().filter_map(|json| serde_json::from_str(&json).ok()).collect();
-        extras.sort_by_key(sort_key);
-        Ok(extras)
+        Ok(owned_extras(found, record, user, sort_key))
     }
 
     /// Claims the idempotency key of a call for `call_id`, for `hold` (the

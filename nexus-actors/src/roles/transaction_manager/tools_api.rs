@@ -10,9 +10,10 @@ use actix_web::http::StatusCode;
 use actix_web::{web, HttpResponse};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
+use tokio_util::sync::CancellationToken;
 use utoipa::ToSchema;
 
-use crate::kernel::{ActorRef, Link};
+use crate::kernel::{ActorRef, AskError, Link, Message};
 use crate::platform::{ApiError, Caller, ErrorBody};
 use crate::semantic::directory::ContextDirectory;
 use crate::semantic::records::is_context_id;
@@ -68,18 +69,12 @@ impl ToolsApi {
 
     /// The tools `user` may call.
     pub async fn list(&self, user: &str) -> Result<Vec<ToolSpec>, ToolError> {
-        match self.list.ask(ListTools { user: user.to_owned() }).await {
-            Ok(result) => result,
-            Err(error) => Err(ToolError::internal(format_args!("tool registry: {error:?}"))),
-        }
+        self.list.ask(ListTools { user: user.to_owned() }).await.unwrap_or_else(|e| Err(unreachable(e)))
     }
 
     /// Runs `call` and waits for its outcome.
     pub async fn call(&self, call: ToolCall) -> Result<Value, ToolError> {
-        match self.call.ask(CallTool(call)).await {
-            Ok(result) => result,
-            Err(error) => Err(ToolError::internal(format_args!("tool registry: {error:?}"))),
-        }
+        self.call.ask(CallTool(call)).await.unwrap_or_else(|e| Err(unreachable(e)))
     }
 
     /// Runs `call` as [`ToolsApi::call`] does, handing its progress to
@@ -91,22 +86,13 @@ impl ToolsApi {
         progress: Option<tokio::sync::mpsc::Sender<ToolProgress>>,
         label: Option<String>,
     ) -> Result<Value, ToolError> {
-        let cancel = tokio_util::sync::CancellationToken::new();
-        let cancel_unless_answered = cancel.clone().drop_guard();
-        let answer = self.watched.ask(CallToolWatched { call, progress, cancel, label }).await;
-        cancel_unless_answered.disarm();
-        match answer {
-            Ok(result) => result,
-            Err(error) => Err(ToolError::internal(format_args!("tool registry: {error:?}"))),
-        }
+        let watched = |cancel| CallToolWatched { call, progress, cancel, label };
+        ask_cancelling(&self.watched, watched).await.unwrap_or_else(|e| Err(unreachable(e)))
     }
 
     /// The prompts of `user`'s panels, by callable name.
     pub async fn prompts(&self, user: &str) -> Result<Vec<(String, Prompt)>, ToolError> {
-        match self.prompts.ask(ListPrompts { user: user.to_owned() }).await {
-            Ok(result) => result,
-            Err(error) => Err(ToolError::internal(format_args!("tool registry: {error:?}"))),
-        }
+        self.prompts.ask(ListPrompts { user: user.to_owned() }).await.unwrap_or_else(|e| Err(unreachable(e)))
     }
 
     /// `user`'s prompt `name`, rendered with `arguments`.
@@ -125,10 +111,8 @@ impl ToolsApi {
 
     /// The resources `user`'s panels declare, as `(panel, resource)`.
     pub async fn panel_resources(&self, user: &str) -> Result<Vec<(String, PanelResource)>, ToolError> {
-        match self.panel_resources.ask(ListPanelResources { user: user.to_owned() }).await {
-            Ok(result) => result,
-            Err(error) => Err(ToolError::internal(format_args!("tool registry: {error:?}"))),
-        }
+        let list = ListPanelResources { user: user.to_owned() };
+        self.panel_resources.ask(list).await.unwrap_or_else(|e| Err(unreachable(e)))
     }
 
     /// `user`'s panel `panel`'s resource `uri`, read from the panel;
@@ -139,26 +123,35 @@ impl ToolsApi {
         panel: &str,
         uri: &str,
     ) -> Result<(PanelResource, String), ReadResourceError> {
-        let cancel = tokio_util::sync::CancellationToken::new();
-        let cancel_unless_answered = cancel.clone().drop_guard();
-        let read = ReadPanelResource { user: user.to_owned(), panel: panel.to_owned(), uri: uri.to_owned(), cancel };
-        let answer = self.read_resource.ask(read).await;
-        cancel_unless_answered.disarm();
-        match answer {
-            Ok(result) => result,
-            Err(error) => Err(ToolError::internal(format_args!("tool registry: {error:?}")).into()),
-        }
+        let (user, panel, uri) = (user.to_owned(), panel.to_owned(), uri.to_owned());
+        let read = |cancel| ReadPanelResource { user, panel, uri, cancel };
+        ask_cancelling(&self.read_resource, read).await.unwrap_or_else(|e| Err(unreachable(e).into()))
     }
 
     /// Cancels `caller`'s running call named `label`, wherever it runs;
     /// how many calls were told to stop (0 or 1).
     pub async fn cancel(&self, caller: &str, label: &str) -> Result<usize, ToolError> {
         let cancel = CancelCall { caller: caller.to_owned(), label: label.to_owned() };
-        match self.cancel.ask(cancel).await {
-            Ok(result) => result,
-            Err(error) => Err(ToolError::internal(format_args!("tool registry: {error:?}"))),
-        }
+        self.cancel.ask(cancel).await.unwrap_or_else(|e| Err(unreachable(e)))
     }
+}
+
+/// What a caller gets when the registry could not be asked.
+fn unreachable(error: impl std::fmt::Debug) -> ToolError {
+    ToolError::internal(format_args!("tool registry: {error:?}"))
+}
+
+/// Asks `link` for the message `make` builds around a cancellation token,
+/// which is cancelled if this future is dropped before the answer.
+async fn ask_cancelling<M: Message>(
+    link: &Link<M>,
+    make: impl FnOnce(CancellationToken) -> M,
+) -> Result<M::Reply, AskError<M>> {
+    let cancel = CancellationToken::new();
+    let cancel_unless_answered = cancel.clone().drop_guard();
+    let answer = link.ask(make(cancel)).await;
+    cancel_unless_answered.disarm();
+    answer
 }
 
 /// The body of `POST /api/tools/{name}/call`.

@@ -293,8 +293,7 @@ impl ServerHandler for NexusMcp {
         context: RequestContext<RoleServer>,
     ) -> Result<ListToolsResult, McpError> {
         let user = user_of(&context)?;
-        let specs =
-            self.tools.list(&user).await.map_err(|e| McpError::internal_error(format!("{}: {e}", e.code()), None))?;
+        let specs = self.tools.list(&user).await.map_err(failed)?;
         Ok(ListToolsResult::with_all_items(specs.into_iter().map(to_mcp_tool).collect()))
     }
 
@@ -373,11 +372,7 @@ impl ServerHandler for NexusMcp {
         context: RequestContext<RoleServer>,
     ) -> Result<ListPromptsResult, McpError> {
         let user = user_of(&context)?;
-        let prompts = self
-            .tools
-            .prompts(&user)
-            .await
-            .map_err(|e| McpError::internal_error(format!("{}: {e}", e.code()), None))?;
+        let prompts = self.tools.prompts(&user).await.map_err(failed)?;
         Ok(ListPromptsResult::with_all_items(prompts.into_iter().map(|(name, p)| to_mcp_prompt(name, p)).collect()))
     }
 
@@ -420,11 +415,7 @@ impl ServerHandler for NexusMcp {
         let mut result = self.resources.list(&user, cursor).await?;
         // The panels' few resources come first, on the first page only.
         if cursor.is_none() {
-            let declared = self
-                .tools
-                .panel_resources(&user)
-                .await
-                .map_err(|e| McpError::internal_error(format!("{}: {e}", e.code()), None))?;
+            let declared = self.tools.panel_resources(&user).await.map_err(failed)?;
             let mut page: Vec<_> = declared.into_iter().map(|(panel, r)| to_mcp_resource(&panel, r)).collect();
             page.append(&mut result.resources);
             result.resources = page;
@@ -452,7 +443,7 @@ impl ServerHandler for NexusMcp {
         };
         let (resource, text) = self.tools.read_resource(&user, panel, uri).await.map_err(|e| match e {
             ReadResourceError::NotFound => resources::not_found(&request.uri),
-            ReadResourceError::Panel(e) => McpError::internal_error(format!("{}: {e}", e.code()), None),
+            ReadResourceError::Panel(e) => failed(e),
         })?;
         let contents = ResourceContents::text(text, request.uri.clone()).with_mime_type(resource.mime_type);
         Ok(ReadResourceResult::new(vec![contents]).into())
@@ -512,6 +503,11 @@ fn user_of(context: &RequestContext<RoleServer>) -> Result<String, McpError> {
     carried::<McpUser>(context)
         .map(|user| user.0)
         .ok_or_else(|| McpError::internal_error("the request carries no authenticated user", None))
+}
+
+/// A registry's failure outside a tool call, as a JSON-RPC error naming its code.
+fn failed(error: ToolError) -> McpError {
+    McpError::internal_error(format!("{}: {error}", error.code()), None)
 }
 
 /// What the bridge put in the request's HTTP extensions, of type `T`.
