@@ -72,17 +72,25 @@ fn suite() -> Option<std::path::PathBuf> {
         .then_some(suite)
 }
 
-/// Runs `scenario` of `suite` against the proxy on `port`; its report, once it passed.
-async fn run(suite: &Path, port: u16, scenario: &str) -> String {
+/// Runs `suite` in server mode against the proxy on `port` with `args`;
+/// whether it passed, and its report.
+async fn server_mode(suite: &Path, port: u16, args: &[&std::ffi::OsStr]) -> (bool, String) {
     let output = tokio::process::Command::new("node")
         .arg(suite)
-        .args(["server", "--url", &format!("http://localhost:{port}/mcp"), "--scenario", scenario])
+        .args(["server", "--url", &format!("http://localhost:{port}/mcp")])
+        .args(args)
         .output()
         .await
         .expect("the suite runs");
     let report = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
     eprintln!("{report}");
-    assert!(output.status.success(), "{scenario} failed:\n{report}");
+    (output.status.success(), report)
+}
+
+/// Runs `scenario` of `suite` against the proxy on `port`; its report, once it passed.
+async fn run(suite: &Path, port: u16, scenario: &str) -> String {
+    let (passed, report) = server_mode(suite, port, &["--scenario".as_ref(), scenario.as_ref()]).await;
+    assert!(passed, "{scenario} failed:\n{report}");
     report
 }
 
@@ -139,16 +147,8 @@ async fn the_whole_suite_fails_only_where_its_expected_failures_say() {
     assert_eq!(status, 201);
     let port = token_proxy(node.node.http, admin.token().to_owned()).await;
     let baseline = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/mcp_conformance/expected-failures.yaml");
-    let output = tokio::process::Command::new("node")
-        .arg(&suite)
-        .args(["server", "--url", &format!("http://localhost:{port}/mcp"), "--suite", "active"])
-        .arg("--expected-failures")
-        .arg(&baseline)
-        .output()
-        .await
-        .expect("the suite runs");
-    let report = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
-    eprintln!("{report}");
-    assert!(output.status.success(), "the suite disagrees with {}:\n{report}", baseline.display());
+    let args = ["--suite".as_ref(), "active".as_ref(), "--expected-failures".as_ref(), baseline.as_os_str()];
+    let (passed, report) = server_mode(&suite, port, &args).await;
+    assert!(passed, "the suite disagrees with {}:\n{report}", baseline.display());
     assert!(report.contains("Baseline check passed"), "{report}");
 }

@@ -157,6 +157,20 @@ fn tools_api() -> ToolsApi {
     }
 }
 
+/// The `/mcp` endpoint over the fake registry and `documents`, under the
+/// node rules `policy`, with `auth` checking tokens.
+macro_rules! mcp_app {
+    ($auth:expr, $documents:expr, $policy:expr) => {
+        web_test::init_service(App::new().app_data(web::Data::new($auth)).configure(configure(
+            tools_api(),
+            $documents,
+            None,
+            $policy,
+        )))
+        .await
+    };
+}
+
 /// A Redis of the test's own with the users `ada` and `bob`, tokens over
 /// it, and `ada`'s token.
 async fn auth(name: &str) -> (RedisServer, Auth, String) {
@@ -184,13 +198,7 @@ fn anywhere() -> OriginPolicy {
 async fn a_rebound_name_or_a_foreign_page_is_refused_before_authentication() {
     let (redis, auth, token) = auth("rebinding").await;
     let loopback = OriginPolicy::for_listener("127.0.0.1:7070".parse().expect("an address"), Vec::new());
-    let app = web_test::init_service(App::new().app_data(web::Data::new(auth)).configure(configure(
-        tools_api(),
-        documents(&redis).await,
-        None,
-        loopback,
-    )))
-    .await;
+    let app = mcp_app!(auth, documents(&redis).await, loopback);
     let init = json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
         "protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "t", "version": "0"}}});
     for (host, origin) in [("evil.example.com", None), ("localhost:7070", Some("http://evil.example.com"))] {
@@ -241,13 +249,7 @@ fn rpc_as(version: &str, token: Option<&str>, body: Value) -> web_test::TestRequ
 #[actix_rt::test]
 async fn serves_tools_to_the_authenticated_user() {
     let (redis, auth, token) = auth("serves").await;
-    let app = web_test::init_service(App::new().app_data(web::Data::new(auth)).configure(configure(
-        tools_api(),
-        documents(&redis).await,
-        None,
-        anywhere(),
-    )))
-    .await;
+    let app = mcp_app!(auth, documents(&redis).await, anywhere());
 
     let init = json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
         "protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "t", "version": "0"}}});
@@ -308,13 +310,7 @@ async fn serves_tools_to_the_authenticated_user() {
 #[actix_rt::test]
 async fn refuses_bodies_over_the_limit() {
     let (redis, auth, token) = auth("limit").await;
-    let app = web_test::init_service(App::new().app_data(web::Data::new(auth)).configure(configure(
-        tools_api(),
-        documents(&redis).await,
-        None,
-        anywhere(),
-    )))
-    .await;
+    let app = mcp_app!(auth, documents(&redis).await, anywhere());
     let big = json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call",
         "params": {"name": "echo", "arguments": {"text": "x".repeat(MAX_BODY)}}});
     let resp = web_test::call_service(&app, rpc(Some(&token), big).to_request()).await;
@@ -354,13 +350,7 @@ async fn streams_sse_answers() {
 #[actix_rt::test]
 async fn progress_reaches_a_caller_that_asked_for_it_and_only_when_it_grows() {
     let (redis, auth, token) = auth("progress").await;
-    let app = web_test::init_service(App::new().app_data(web::Data::new(auth)).configure(configure(
-        tools_api(),
-        documents(&redis).await,
-        None,
-        anywhere(),
-    )))
-    .await;
+    let app = mcp_app!(auth, documents(&redis).await, anywhere());
     let call = json!({"jsonrpc": "2.0", "id": 9, "method": "tools/call",
         "params": {"name": "steps", "_meta": {"progressToken": "p-1"}}});
     let resp = web_test::call_service(&app, rpc(Some(&token), call).to_request()).await;
@@ -395,13 +385,7 @@ async fn progress_reaches_a_caller_that_asked_for_it_and_only_when_it_grows() {
 #[actix_rt::test]
 async fn prompts_are_listed_and_rendered_and_bad_arguments_are_invalid_params() {
     let (redis, auth, token) = auth("prompts").await;
-    let app = web_test::init_service(App::new().app_data(web::Data::new(auth)).configure(configure(
-        tools_api(),
-        documents(&redis).await,
-        None,
-        anywhere(),
-    )))
-    .await;
+    let app = mcp_app!(auth, documents(&redis).await, anywhere());
     let list = json!({"jsonrpc": "2.0", "id": 1, "method": "prompts/list"});
     let body: Value = web_test::call_and_read_body_json(&app, rpc(Some(&token), list).to_request()).await;
     let prompts = &body["result"]["prompts"];
@@ -431,13 +415,7 @@ async fn prompts_are_listed_and_rendered_and_bad_arguments_are_invalid_params() 
 #[actix_rt::test]
 async fn panels_resources_are_listed_first_and_read_through_the_registry() {
     let (redis, auth, token) = auth("panel-resources").await;
-    let app = web_test::init_service(App::new().app_data(web::Data::new(auth)).configure(configure(
-        tools_api(),
-        documents(&redis).await,
-        None,
-        anywhere(),
-    )))
-    .await;
+    let app = mcp_app!(auth, documents(&redis).await, anywhere());
     let rpc_call = |id: u32, method: &str, params: Value| {
         rpc(Some(&token), json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params})).to_request()
     };
@@ -519,13 +497,7 @@ async fn documents_are_resources_of_their_owner_only() {
     }
     let foreign = uuid::Uuid::now_v7().to_string();
     docs.create(&foreign, "bob", &json!({"secret": true}), 1000).await.expect("created");
-    let app = web_test::init_service(App::new().app_data(web::Data::new(auth)).configure(configure(
-        tools_api(),
-        docs,
-        None,
-        anywhere(),
-    )))
-    .await;
+    let app = mcp_app!(auth, docs, anywhere());
     let call = |token: &str, method: &str, params: Value| {
         let body = json!({"jsonrpc": "2.0", "id": 1, "method": method, "params": params});
         web_test::call_and_read_body_json::<_, _, Value>(&app, rpc(Some(token), body).to_request())
@@ -622,13 +594,7 @@ async fn a_full_page_is_the_last_and_no_spelling_of_an_id_reads_it() {
     }
     own.sort();
     let deleted = docs.get(&own[49]).await.expect("read").expect("there");
-    let app = web_test::init_service(App::new().app_data(web::Data::new(auth)).configure(configure(
-        tools_api(),
-        docs.clone(),
-        None,
-        anywhere(),
-    )))
-    .await;
+    let app = mcp_app!(auth, docs.clone(), anywhere());
     let call = |method: &str, params: Value| {
         let body = json!({"jsonrpc": "2.0", "id": 1, "method": method, "params": params});
         web_test::call_and_read_body_json::<_, _, Value>(&app, rpc(Some(&ada), body).to_request())
@@ -675,13 +641,7 @@ async fn a_full_page_is_the_last_and_no_spelling_of_an_id_reads_it() {
 #[actix_rt::test]
 async fn protocol_revisions_are_negotiated() {
     let (redis, auth, token) = auth("revisions").await;
-    let app = web_test::init_service(App::new().app_data(web::Data::new(auth)).configure(configure(
-        tools_api(),
-        documents(&redis).await,
-        None,
-        anywhere(),
-    )))
-    .await;
+    let app = mcp_app!(auth, documents(&redis).await, anywhere());
     let call = |version: &str, method: &str, params: Value| {
         let body = json!({"jsonrpc": "2.0", "id": 1, "method": method, "params": params});
         web_test::call_and_read_body_json::<_, _, Value>(&app, rpc_as(version, Some(&token), body).to_request())
