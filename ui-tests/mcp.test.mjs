@@ -10,6 +10,7 @@ import { test } from "node:test";
 import assert from "node:assert/strict";
 import { Client } from "@modelcontextprotocol/sdk/client/index.js";
 import { StreamableHTTPClientTransport } from "@modelcontextprotocol/sdk/client/streamableHttp.js";
+import { ResourceUpdatedNotificationSchema } from "@modelcontextprotocol/sdk/types.js";
 
 const base = process.env.NEXUS_URL;
 const password = process.env.NEXUS_PASSWORD;
@@ -154,9 +155,7 @@ test("the tool registry is an MCP server at /mcp", async (t) => {
 
     await t.test("documents are resources of their owner only", async () => {
       assert.ok(client.getServerCapabilities()?.resources, "the server offers resources");
-      // Documents are followed through 2026-07-28's subscriptions/listen; a
-      // client that initializes speaks an earlier revision.
-      assert.equal(client.getServerCapabilities().resources.subscribe, undefined);
+      assert.equal(client.getServerCapabilities().resources.subscribe, true);
       const doc = await api("/api/documents", { token, body: { state: { title: "a resource" } } });
       const uri = `nexus://documents/${doc.id}`;
       let listed = [];
@@ -193,6 +192,39 @@ test("the tool registry is an MCP server at /mcp", async (t) => {
         });
       }
       await client.setLoggingLevel("info");
+    });
+
+    await t.test("a subscribed document's change arrives as resources/updated, until unsubscribed", async () => {
+      const doc = await api("/api/documents", { token, body: { state: { n: 0 } } });
+      const uri = `nexus://documents/${doc.id}`;
+      const updates = [];
+      client.setNotificationHandler(ResourceUpdatedNotificationSchema, (note) => updates.push(note.params));
+      await client.subscribeResource({ uri });
+      // Changed through the REST API, as another client (or node) would.
+      const change = async (version, n) => {
+        const response = await fetch(`${base}/api/documents/${doc.id}`, {
+          method: "PATCH",
+          headers: { "Content-Type": "application/json", Authorization: `Bearer ${token}` },
+          body: JSON.stringify({ version, patch: { n } }),
+        });
+        assert.ok(response.ok, `PATCH: HTTP ${response.status}`);
+      };
+      // The session's stream may still be opening: change until heard.
+      let version = 1;
+      await until(async () => {
+        if (updates.length === 0) await change(version++, version);
+        return updates.length > 0;
+      }, 10000, "resources/updated");
+      assert.equal(updates[0].uri, uri);
+      assert.ok(updates[0]._meta.version >= 2, JSON.stringify(updates[0]));
+      await client.unsubscribeResource({ uri });
+      const heard = updates.length;
+      await change(version++, -1);
+      await new Promise((resolve) => setTimeout(resolve, 1000));
+      assert.equal(updates.length, heard, "nothing after unsubscribing");
+      // Someone else's document cannot be subscribed to.
+      await assert.rejects(client.subscribeResource({ uri: "nexus://documents/00000000-0000-7000-8000-000000000000" }),
+        (err) => err.code === -32002);
     });
 
     await t.test("failures are tool errors, with a message", async () => {

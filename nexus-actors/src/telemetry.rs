@@ -45,6 +45,12 @@ pub struct Metrics {
     pub sessions_too_slow: prometheus::IntCounter,
     /// `nexus_mcp_listens_too_slow_total`: MCP listens dropped for not reading.
     pub mcp_listens_too_slow: prometheus::IntCounter,
+    /// `nexus_mcp_sessions_too_slow_total`: MCP sessions ended because their client did not read.
+    pub mcp_sessions_too_slow: prometheus::IntCounter,
+    /// `nexus_mcp_sessions_evicted_total`: MCP sessions ended to make way for a new one of their user.
+    pub mcp_sessions_evicted: prometheus::IntCounter,
+    /// `nexus_mcp_sessions`: MCP sessions the node holds.
+    pub mcp_sessions: prometheus::IntGauge,
     /// `nexus_redis_subscriptions`: channels and patterns the node's Redis bridge holds.
     pub redis_subscriptions: prometheus::IntGauge,
     /// `nexus_mcp_exec_total{tool,outcome}`: tool calls by tool and outcome.
@@ -117,6 +123,21 @@ impl Metrics {
         )
         .expect("valid metric definition");
         registry.register(Box::new(mcp_listens_too_slow.clone())).expect("metric registered once");
+        let mcp_sessions_too_slow = prometheus::IntCounter::new(
+            "nexus_mcp_sessions_too_slow_total",
+            "MCP sessions ended because their client did not read its streams",
+        )
+        .expect("valid metric definition");
+        registry.register(Box::new(mcp_sessions_too_slow.clone())).expect("metric registered once");
+        let mcp_sessions_evicted = prometheus::IntCounter::new(
+            "nexus_mcp_sessions_evicted_total",
+            "MCP sessions ended because their user began more than a node keeps",
+        )
+        .expect("valid metric definition");
+        registry.register(Box::new(mcp_sessions_evicted.clone())).expect("metric registered once");
+        let mcp_sessions = prometheus::IntGauge::new("nexus_mcp_sessions", "MCP sessions the node holds")
+            .expect("valid metric definition");
+        registry.register(Box::new(mcp_sessions.clone())).expect("metric registered once");
         let redis_subscriptions = prometheus::IntGauge::new(
             "nexus_redis_subscriptions",
             "Channels and patterns the node's Redis bridge subscribes to",
@@ -286,6 +307,9 @@ impl Metrics {
             mailbox_depth,
             sessions_too_slow,
             mcp_listens_too_slow,
+            mcp_sessions_too_slow,
+            mcp_sessions_evicted,
+            mcp_sessions,
             redis_subscriptions,
             registry,
         }

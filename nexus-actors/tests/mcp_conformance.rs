@@ -9,7 +9,9 @@ use std::net::SocketAddr;
 use std::path::Path;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, StreamBody};
+use hyper::body::Frame;
 use hyper::body::Incoming;
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
@@ -44,7 +46,7 @@ async fn forward(
     target: SocketAddr,
     token: &str,
     req: Request<Incoming>,
-) -> Response<Full<Bytes>> {
+) -> Response<UnsyncBoxBody<Bytes, Infallible>> {
     let (parts, body) = req.into_parts();
     let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
     let url = format!("http://{target}{}", parts.uri.path_and_query().map_or("/", |p| p.as_str()));
@@ -60,7 +62,12 @@ async fn forward(
     for (name, value) in answer.headers() {
         response = response.header(name.as_str(), value.as_bytes());
     }
-    response.body(Full::new(answer.bytes().await.unwrap())).unwrap()
+    // Streamed: a session's stream (GET) lasts as long as the session.
+    let frames = futures::stream::unfold(answer, |mut answer| async move {
+        let chunk = answer.chunk().await.ok().flatten()?;
+        Some((Ok(Frame::data(chunk)), answer))
+    });
+    response.body(StreamBody::new(frames).boxed_unsync()).unwrap()
 }
 
 /// The suite's entry point, once `node` and it are there.
@@ -135,7 +142,7 @@ async fn the_official_suite_finds_dns_rebinding_protection() {
 }
 
 /// Every scenario of the suite's active set: those that need the suite's
-/// own fixtures (or MCP sessions) are listed, with why, in
+/// own fixtures are listed, with why, in
 /// `tests/mcp_conformance/expected-failures.yaml`; any other failure fails
 /// this test, and so does a listed scenario that passes (the list is stale).
 #[actix_rt::test]

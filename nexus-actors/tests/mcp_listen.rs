@@ -92,16 +92,11 @@ async fn a_listen_hears_a_change_made_through_another_node_and_only_the_owners_d
     let uri = format!("nexus://documents/{doc}");
     let base = a.url();
 
-    // Following is 2026-07-28's: only discovery offers it.
+    // Discovery offers following (sessions do too: tests/mcp_sessions.rs).
     let meta = json!({"io.modelcontextprotocol/protocolVersion": VERSION,
         "io.modelcontextprotocol/clientCapabilities": {}});
     let discover = rpc(&base, &ada, VERSION, "server/discover", json!({"_meta": meta})).await;
     assert_eq!(discover["result"]["capabilities"]["resources"]["subscribe"], true, "{discover}");
-    let hello =
-        json!({"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "t", "version": "0"}});
-    let init = rpc(&base, &ada, "2025-11-25", "initialize", hello).await;
-    assert!(init["result"]["capabilities"]["resources"].is_object(), "{init}");
-    assert!(init["result"]["capabilities"]["resources"].get("subscribe").is_none(), "{init}");
 
     // Someone else's document, or a missing one, subscribes nothing.
     let before = redis_subscriptions(&a.node);

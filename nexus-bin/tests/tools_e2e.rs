@@ -146,6 +146,7 @@ fn python_minimal_tools_are_callable_through_a_sidecar_over_the_api_and_mcp() {
     let report = String::from_utf8_lossy(&output.stdout);
     assert!(output.status.success(), "MCP client test failed:\n{report}\n{}", String::from_utf8_lossy(&output.stderr));
     assert!(report.contains("# skipped 0"), "no MCP check may be skipped:\n{report}");
+    assert!(report.contains("ok 9 - a subscribed document's change arrives"), "the subscription ran:\n{report}");
 
     // A client that just goes away from a call that reports progress,
     // without a word, cancels it too (its stream's next write fails): the

@@ -535,6 +535,7 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
     let listens = tm
         .as_ref()
         .map(|_| tm_role::mcp::Listens::new(kernel.clone(), &bridges.redis, actix::Arbiter::current(), drain.clone()));
+    let mcp_sessions = tm_role::mcp::Sessions::new(&kernel, listens.as_ref(), &drain);
     let upgrades = tm.clone().map(|state| tm_role::session::upgrades(state, sessions));
     let options = ServerOptions { workers: 2, keep_alive: HTTP_KEEP_ALIVE, shutdown_timeout: config.drain_timeout };
     let app = move || {
@@ -547,6 +548,7 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
                     tools.clone(),
                     tm.documents.clone(),
                     listens.clone(),
+                    mcp_sessions.clone(),
                     origins.clone(),
                 ));
         }

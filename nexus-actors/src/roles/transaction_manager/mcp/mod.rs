@@ -1,8 +1,9 @@
 //! The Model Context Protocol surface of a node: `/mcp`, an MCP server over
 //! Streamable HTTP (rmcp), offering each caller the tools the registry lets
 //! them use (system tools and their own panels' tools) and their documents
-//! as resources ([`resources`]), followed through `subscriptions/listen`
-//! ([`subscriptions`]), the prompts their panels declare, with completion
+//! as resources ([`resources`]), followed through `resources/subscribe` in a
+//! session ([`sessions`]) or `subscriptions/listen` ([`subscriptions`]),
+//! the prompts their panels declare, with completion
 //! of document ids and `logging/setLevel`. A tool call reports the tool's progress to a caller
 //! that asked for it (`progressToken`), and stops when its caller goes away
 //! or sends `notifications/cancelled`, which any node may take.
@@ -13,11 +14,13 @@
 //! tools itself: `tools/call` goes through [`ToolsApi`] to the node's
 //! registry, which validates, routes, counts and records the call.
 //!
-//! The server is stateless (no `Mcp-Session-Id`): every POST is one
-//! JSON-RPC exchange answered with a JSON body, except a listen, whose
-//! answer is the SSE stream of its notifications, and a tool call that
-//! reports progress, whose answer turns into one at the first report, so any
-//! transaction-manager node behind a load balancer can serve it.
+//! A request without `Mcp-Session-Id` is stateless: one JSON-RPC exchange
+//! answered with a JSON body, except a listen, whose answer is the SSE
+//! stream of its notifications, and a tool call that reports progress,
+//! whose answer turns into one at the first report, so any
+//! transaction-manager node behind a load balancer can serve it. An
+//! `initialize` begins a session instead, which lives on its node and
+//! answers in SSE streams ([`sessions`]).
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -30,11 +33,11 @@ use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
 use rmcp::model::{
     CallToolRequestParams, CallToolResponse, CallToolResult, CompleteRequestParams, CompleteResult, ContentBlock,
-    GetPromptRequestParams, GetPromptResponse, GetPromptResult, Implementation, InitializeRequestParams,
-    InitializeResult, JsonObject, ListPromptsResult, ListResourceTemplatesResult, ListResourcesResult, ListToolsResult,
-    PaginatedRequestParams, ProgressNotificationParam, ProgressToken, PromptArgument, PromptMessage,
-    ReadResourceRequestParams, ReadResourceResponse, ReadResourceResult, RequestId, Resource, ResourceContents, Role,
-    ServerCapabilities, ServerConfig, SubscriptionFilter, Tool,
+    GetPromptRequestParams, GetPromptResponse, GetPromptResult, Implementation, JsonObject, ListPromptsResult,
+    ListResourceTemplatesResult, ListResourcesResult, ListToolsResult, PaginatedRequestParams,
+    ProgressNotificationParam, ProgressToken, PromptArgument, PromptMessage, ReadResourceRequestParams,
+    ReadResourceResponse, ReadResourceResult, RequestId, Resource, ResourceContents, Role, ServerCapabilities,
+    ServerConfig, SubscribeRequestParams, SubscriptionFilter, Tool, UnsubscribeRequestParams,
 };
 // Deprecated by a later revision than 2025-11-25 (SEP-2577), which clients still speak.
 #[allow(deprecated)]
@@ -69,10 +72,13 @@ const PROGRESS_QUEUE: usize = 32;
 /// How long a progress notification may wait for room on the answer's stream.
 const PROGRESS_SEND_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 
+mod follow;
 mod resources;
+mod sessions;
 mod subscriptions;
 
 use resources::DocumentResources;
+pub use sessions::Sessions;
 use subscriptions::Credentials;
 pub use subscriptions::Listens;
 
@@ -86,21 +92,34 @@ const INSTRUCTIONS: &str = "Tools of a Nexus deployment: system tools (e.g. `lis
 #[derive(Debug, Clone)]
 struct McpUser(String);
 
+/// Where requests without a session go.
 type Endpoint = StreamableHttpService<NexusMcp, NeverSessionManager>;
+/// Where `initialize` and requests of a session go.
+type SessionEndpoint = StreamableHttpService<NexusMcp, Sessions>;
 
 /// Registers `/mcp` (POST, GET and DELETE all reach the transport, which
-/// decides: in stateless mode GET and DELETE are answered 405). Requests
+/// decides: without a session GET and DELETE are answered 405). Requests
 /// whose `Host` or `Origin` `policy` refuses get 403 before anything else.
+/// `sessions` are the node's, shared by all its HTTP workers.
 pub fn configure(
     tools: ToolsApi,
     documents: Documents,
     listens: Option<Listens>,
+    sessions: Sessions,
     policy: OriginPolicy,
 ) -> impl FnOnce(&mut web::ServiceConfig) {
     move |cfg| {
+        let handler = NexusMcp {
+            tools: tools.clone(),
+            resources: DocumentResources::new(documents),
+            listens,
+            sessions: sessions.clone(),
+        };
+        let endpoints = Endpoints { stateless: endpoint(handler.clone()), sessions: session_endpoint(handler) };
         cfg.service(
             web::resource(PATH)
-                .app_data(web::Data::new(endpoint(tools.clone(), documents, listens)))
+                .app_data(web::Data::new(endpoints))
+                .app_data(web::Data::new(sessions))
                 .app_data(web::Data::new(tools))
                 .app_data(web::Data::new(policy))
                 .route(web::post().to(serve))
@@ -110,11 +129,31 @@ pub fn configure(
     }
 }
 
-/// The rmcp service: stateless, JSON responses, requests of any `Host`.
-fn endpoint(tools: ToolsApi, documents: Documents, listens: Option<Listens>) -> Endpoint {
-    let config = StreamableHttpServerConfig::default()
-        // No sessions: nothing to share between nodes, nothing to expire.
-        .with_legacy_session_mode(false)
+/// The two rmcp services of `/mcp`.
+struct Endpoints {
+    stateless: Endpoint,
+    sessions: SessionEndpoint,
+}
+
+/// The rmcp service of requests without a session: stateless, JSON
+/// responses, requests of any `Host`.
+fn endpoint(handler: NexusMcp) -> Endpoint {
+    let config = config()
+        // No sessions here: nothing to share between nodes, nothing to expire.
+        .with_legacy_session_mode(false);
+    StreamableHttpService::new(move || Ok(handler.clone()), Arc::new(NeverSessionManager::default()), config)
+}
+
+/// The rmcp service of sessions, the node's `handler.sessions`.
+fn session_endpoint(handler: NexusMcp) -> SessionEndpoint {
+    let sessions = Arc::new(handler.sessions.clone());
+    let config = config().with_legacy_session_mode(true).with_cancellation_token(sessions.stop_token());
+    StreamableHttpService::new(move || Ok(handler.clone()), sessions, config)
+}
+
+/// What both services share.
+fn config() -> StreamableHttpServerConfig {
+    StreamableHttpServerConfig::default()
         // A plain JSON body for each answer (SSE only where something goes
         // out before the result: a listen's acknowledgement and updates).
         .with_json_response(true)
@@ -125,17 +164,17 @@ fn endpoint(tools: ToolsApi, documents: Documents, listens: Option<Listens>) -> 
         .with_max_request_body_bytes(MAX_BODY)
         // A listen's stream carries a ping this often: writing it is how a
         // client gone away is noticed, and its subscriptions given up.
-        .with_sse_keep_alive(Some(subscriptions::KEEP_ALIVE));
-    let handler = NexusMcp { tools, resources: DocumentResources::new(documents), listens };
-    StreamableHttpService::new(move || Ok(handler.clone()), Arc::new(NeverSessionManager::default()), config)
+        .with_sse_keep_alive(Some(subscriptions::KEEP_ALIVE))
 }
 
-/// The actix-web handler: checks `Host` and `Origin`, authenticates, hands
-/// the request to rmcp, and streams its answer back.
+/// The actix-web handler: checks `Host` and `Origin`, authenticates, checks
+/// the session is the caller's, hands the request to rmcp, and streams its
+/// answer back.
 async fn serve(
     req: HttpRequest,
     payload: web::Payload,
-    endpoint: web::Data<Endpoint>,
+    endpoints: web::Data<Endpoints>,
+    sessions: web::Data<Sessions>,
     policy: web::Data<OriginPolicy>,
     tools: web::Data<ToolsApi>,
 ) -> Result<HttpResponse, ApiError> {
@@ -159,15 +198,54 @@ async fn serve(
             Err(error) => tracing::warn!(%error, "could not cancel a tool call"),
         }
     }
+    let session = req.headers().get(SESSION_HEADER).map(|id| id.to_str().unwrap_or_default().to_owned());
+    let reservation = match &session {
+        // Before rmcp hears of it: someone else's session is unknown.
+        Some(id) => {
+            sessions.check(id, &caller.user, credentials.clone())?;
+            None
+        }
+        None if req.method() == actix_web::http::Method::POST && is_initialize(&body) => {
+            Some(sessions.reserve(&caller.user)?)
+        }
+        None => None,
+    };
+    let stateful = session.is_some() || reservation.is_some();
     let mut request = to_http_request(&req, body, McpUser(caller.user))?;
-    if let Some(credentials) = credentials {
+    if let Some(credentials) = credentials.clone() {
         request.extensions_mut().insert(credentials);
     }
-    let response = match endpoint.get_ref().clone().call(request).await {
+    let response = if stateful {
+        endpoints.sessions.clone().call(request).await
+    } else {
+        endpoints.stateless.clone().call(request).await
+    };
+    let response = match response {
         Ok(response) => response,
         Err(never) => match never {},
     };
-    Ok(to_actix_response(response).await)
+    let begun = response.headers().get(SESSION_HEADER).and_then(|id| id.to_str().ok()).map(str::to_owned);
+    if let (Some(reservation), Some(id)) = (reservation, &begun) {
+        reservation.register(id, credentials);
+    }
+    let relay = session.or(begun).filter(|_| stateful).map(|id| (sessions.get_ref().clone(), id));
+    Ok(to_actix_response(response, relay).await)
+}
+
+/// The header naming a request's session.
+const SESSION_HEADER: &str = "mcp-session-id";
+
+/// Whether `body` is an `initialize` request, which begins a session.
+fn is_initialize(body: &[u8]) -> bool {
+    const METHOD: &[u8] = b"initialize";
+    if !body.windows(METHOD.len()).any(|w| w == METHOD) {
+        return false;
+    }
+    #[derive(serde::Deserialize)]
+    struct Request {
+        method: String,
+    }
+    serde_json::from_slice::<Request>(body).is_ok_and(|r| r.method == "initialize")
 }
 
 /// The id of the request a `notifications/cancelled` body cancels, as a
@@ -228,8 +306,12 @@ fn is_hop_by_hop(name: &http::HeaderName) -> bool {
 }
 
 /// rmcp's response as an actix response: an SSE stream is streamed as rmcp
-/// produces it, any other body is sent whole.
-async fn to_actix_response(response: http::Response<BoxBody<Bytes, Infallible>>) -> HttpResponse {
+/// produces it (a session's through its relay, so a client that does not
+/// read cannot hold the session up), any other body is sent whole.
+async fn to_actix_response(
+    response: http::Response<BoxBody<Bytes, Infallible>>,
+    relay: Option<(Sessions, String)>,
+) -> HttpResponse {
     let (parts, body) = response.into_parts();
     let status = StatusCode::from_u16(parts.status.as_u16()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     let mut out = HttpResponse::build(status);
@@ -249,7 +331,10 @@ async fn to_actix_response(response: http::Response<BoxBody<Bytes, Infallible>>)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.trim_start().starts_with("text/event-stream"));
     if is_sse {
-        return out.streaming(body.into_data_stream());
+        return match relay {
+            Some((sessions, id)) => out.streaming(sessions.relay(id, body.into_data_stream())),
+            None => out.streaming(body.into_data_stream()),
+        };
     }
     let bytes = match body.collect().await {
         Ok(collected) => collected.to_bytes(),
@@ -265,6 +350,8 @@ struct NexusMcp {
     resources: DocumentResources,
     /// `subscriptions/listen`, where the node has a Redis bridge to follow documents through.
     listens: Option<Listens>,
+    /// The node's sessions, which `resources/subscribe` needs.
+    sessions: Sessions,
 }
 
 impl ServerHandler for NexusMcp {
@@ -279,7 +366,7 @@ impl ServerHandler for NexusMcp {
             .enable_resources()
             .enable_tools()
             .build();
-        if let Some(resources) = capabilities.resources.as_mut().filter(|_| self.listens.is_some()) {
+        if let Some(resources) = capabilities.resources.as_mut().filter(|_| self.sessions.can_follow()) {
             resources.subscribe = Some(true);
         }
         ServerConfig::new(capabilities)
@@ -336,21 +423,29 @@ impl ServerHandler for NexusMcp {
         Ok(tool_result(outcome).into())
     }
 
-    /// `resources/subscribe` needs sessions, which this stateless server
-    /// does not keep: documents are followed only through 2026-07-28's
-    /// `subscriptions/listen`, a revision without `initialize`. So whoever
-    /// initializes is not told `subscribe`.
-    async fn initialize(
+    /// Subscribes the caller's session to one of their documents.
+    async fn subscribe(
         &self,
-        request: InitializeRequestParams,
+        request: SubscribeRequestParams,
         context: RequestContext<RoleServer>,
-    ) -> Result<InitializeResult, McpError> {
-        context.peer.set_peer_info(request.clone());
-        let mut result = self.negotiate_initialize(&request)?;
-        if let Some(resources) = result.capabilities.resources.as_mut() {
-            resources.subscribe = None;
-        }
-        Ok(result)
+    ) -> Result<(), McpError> {
+        let user = user_of(&context)?;
+        let session = session_of(&context)?;
+        let doc = resources::owned(self.resources.documents(), &user, &request.uri).await?;
+        self.sessions.subscribe(&session, &user, doc, &context.peer).await
+    }
+
+    /// Ends the caller's session's subscription, if it has one: a URI it
+    /// does not follow (anyone's) changes nothing.
+    async fn unsubscribe(
+        &self,
+        request: UnsubscribeRequestParams,
+        context: RequestContext<RoleServer>,
+    ) -> Result<(), McpError> {
+        let user = user_of(&context)?;
+        let session = session_of(&context)?;
+        let doc = resources::document_id(&request.uri).ok_or_else(|| resources::not_found(&request.uri))?;
+        self.sessions.unsubscribe(&session, &user, doc).await
     }
 
     fn accepted_subscription_filter(&self, requested: &SubscriptionFilter) -> Option<SubscriptionFilter> {
@@ -503,6 +598,17 @@ fn user_of(context: &RequestContext<RoleServer>) -> Result<String, McpError> {
     carried::<McpUser>(context)
         .map(|user| user.0)
         .ok_or_else(|| McpError::internal_error("the request carries no authenticated user", None))
+}
+
+/// The session of a request, which a subscription needs.
+fn session_of(context: &RequestContext<RoleServer>) -> Result<String, McpError> {
+    let parts = context.extensions.get::<http::request::Parts>();
+    let id = parts.and_then(|parts| parts.headers.get(SESSION_HEADER)?.to_str().ok());
+    id.map(str::to_owned).ok_or_else(|| {
+        let message =
+            "resources/subscribe needs a session (initialize first); 2026-07-28 clients use subscriptions/listen";
+        McpError::invalid_request(message, None)
+    })
 }
 
 /// A registry's failure outside a tool call, as a JSON-RPC error naming its code.

@@ -165,6 +165,7 @@ macro_rules! mcp_app {
             tools_api(),
             $documents,
             None,
+            Sessions::new(&Kernel::new("test"), None, &crate::platform::drain::Drain::default()),
             $policy,
         )))
         .await
@@ -224,15 +225,18 @@ fn rpc(token: Option<&str>, body: Value) -> web_test::TestRequest {
     rpc_as("2025-06-18", token, body)
 }
 
-/// [`rpc`] for protocol revision `version`.
+/// [`rpc`] for protocol revision `version` (named in the body only, by
+/// `initialize`, as clients do before they know the server's).
 fn rpc_as(version: &str, token: Option<&str>, body: Value) -> web_test::TestRequest {
     let mut req = web_test::TestRequest::post()
         .uri(PATH)
         .insert_header(("Host", "nexus.example.com"))
         .insert_header(("Accept", "application/json, text/event-stream"))
         .insert_header(("Content-Type", "application/json"))
-        .insert_header(("MCP-Protocol-Version", version))
         .set_payload(body.to_string());
+    if body["method"] != "initialize" {
+        req = req.insert_header(("MCP-Protocol-Version", version));
+    }
     // 2026-07-28 names the method, and what it acts on, in headers too.
     if let Some(method) = body["method"].as_str().filter(|_| version >= "2026") {
         req = req.insert_header(("Mcp-Method", method.to_owned()));
@@ -249,6 +253,7 @@ fn rpc_as(version: &str, token: Option<&str>, body: Value) -> web_test::TestRequ
 #[actix_rt::test]
 async fn serves_tools_to_the_authenticated_user() {
     let (redis, auth, token) = auth("serves").await;
+    let app_auth = auth.clone();
     let app = mcp_app!(auth, documents(&redis).await, anywhere());
 
     let init = json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
@@ -264,8 +269,8 @@ async fn serves_tools_to_the_authenticated_user() {
 
     let resp = web_test::call_service(&app, rpc(Some(&token), init).to_request()).await;
     assert_eq!(resp.status(), StatusCode::OK);
-    assert!(resp.headers().get("mcp-session-id").is_none(), "stateless");
-    let body: Value = web_test::read_body_json(resp).await;
+    let session = resp.headers().get("mcp-session-id").expect("initialize begins a session").clone();
+    let body = answer_of(resp).await;
     assert_eq!(body["result"]["serverInfo"]["name"], "nexus");
     assert_eq!(body["result"]["protocolVersion"], "2025-06-18");
     assert!(body["result"]["capabilities"]["tools"].is_object());
@@ -304,7 +309,56 @@ async fn serves_tools_to_the_authenticated_user() {
         .insert_header(("Authorization", format!("Bearer {token}")))
         .to_request();
     let resp = web_test::call_service(&app, get).await;
-    assert_eq!(resp.status(), StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(resp.status(), StatusCode::METHOD_NOT_ALLOWED, "a stream needs a session");
+
+    // The session is ada's: bob's token does not reach it, nor an unknown id.
+    let (bobs, _) = app_auth.issue("bob", &Audience::Api).await.expect("a token");
+    let in_session = |token: &str, id: &HeaderValue, body: Value| {
+        rpc(Some(token), body).insert_header(("Mcp-Session-Id", id.clone())).to_request()
+    };
+    let list = json!({"jsonrpc": "2.0", "id": 6, "method": "tools/list"});
+    let resp = web_test::call_service(&app, in_session(&bobs, &session, list.clone())).await;
+    assert_eq!(resp.status(), StatusCode::NOT_FOUND, "bob cannot use ada's session");
+    let unknown = HeaderValue::from_static("00000000-0000-7000-8000-000000000000");
+    let resp = web_test::call_service(&app, in_session(&token, &unknown, list.clone())).await;
+    assert_eq!(resp.status(), StatusCode::NOT_FOUND);
+    let resp = web_test::call_service(&app, in_session(&token, &session, list.clone())).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(answer_of(resp).await["result"]["tools"][0]["name"], "echo");
+    // Without a stream to carry them, subscriptions are refused in a session too.
+    let subscribe = json!({"jsonrpc": "2.0", "id": 7, "method": "resources/subscribe",
+        "params": {"uri": format!("nexus://documents/{}", uuid::Uuid::now_v7())}});
+    let resp = web_test::call_service(&app, in_session(&token, &session, subscribe.clone())).await;
+    assert!(answer_of(resp).await["error"].is_object());
+    let body: Value = web_test::call_and_read_body_json(&app, rpc(Some(&token), subscribe).to_request()).await;
+    let message = body["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("needs a session"), "{body}");
+
+    // Ended by DELETE, by its owner only.
+    let delete = |token: &str| {
+        web_test::TestRequest::delete()
+            .uri(PATH)
+            .insert_header(("Host", "nexus.example.com"))
+            .insert_header(("Authorization", format!("Bearer {token}")))
+            .insert_header(("Mcp-Session-Id", session.clone()))
+            .to_request()
+    };
+    assert_eq!(web_test::call_service(&app, delete(&bobs)).await.status(), StatusCode::NOT_FOUND);
+    assert!(web_test::call_service(&app, delete(&token)).await.status().is_success());
+    let resp = web_test::call_service(&app, in_session(&token, &session, list)).await;
+    assert_eq!(resp.status(), StatusCode::NOT_FOUND, "an ended session is unknown");
+}
+
+/// The body of an answer that may be JSON or an SSE stream: its JSON-RPC message.
+async fn answer_of(resp: actix_web::dev::ServiceResponse) -> Value {
+    let body = web_test::read_body(resp).await;
+    if let Ok(message) = serde_json::from_slice(&body) {
+        return message;
+    }
+    let text = std::str::from_utf8(&body).expect("UTF-8");
+    let mut data = text.lines().filter_map(|l| l.strip_prefix("data:")).map(str::trim).filter(|d| !d.is_empty());
+    serde_json::from_str(data.next_back().unwrap_or_else(|| panic!("an event in {text:?}")))
+        .expect("a JSON-RPC message")
 }
 
 #[actix_rt::test]
@@ -324,8 +378,12 @@ async fn streams_sse_answers() {
     // The endpoint answers JSON; make rmcp choose SSE to exercise streaming.
     let config = StreamableHttpServerConfig::default().with_legacy_session_mode(false).disable_allowed_hosts();
     let (redis, _, _) = auth("sse").await;
-    let handler =
-        NexusMcp { tools: tools_api(), resources: DocumentResources::new(documents(&redis).await), listens: None };
+    let handler = NexusMcp {
+        tools: tools_api(),
+        resources: DocumentResources::new(documents(&redis).await),
+        listens: None,
+        sessions: Sessions::new(&Kernel::new("test"), None, &crate::platform::drain::Drain::default()),
+    };
     let mut service =
         StreamableHttpService::new(move || Ok(handler.clone()), Arc::new(NeverSessionManager::default()), config);
     let call = json!({"jsonrpc": "2.0", "id": 7, "method": "tools/call",
@@ -336,7 +394,7 @@ async fn streams_sse_answers() {
         Ok(response) => response,
         Err(never) => match never {},
     };
-    let response = to_actix_response(response).await;
+    let response = to_actix_response(response, None).await;
     assert_eq!(response.status(), StatusCode::OK);
     assert!(response.headers().get("content-type").unwrap().to_str().unwrap().starts_with("text/event-stream"));
     let body = actix_web::body::to_bytes(response.into_body()).await.unwrap();
@@ -503,13 +561,9 @@ async fn documents_are_resources_of_their_owner_only() {
         web_test::call_and_read_body_json::<_, _, Value>(&app, rpc(Some(token), body).to_request())
     };
 
-    let init = call(
-        &ada,
-        "initialize",
-        json!({"protocolVersion": "2025-06-18", "capabilities": {},
-        "clientInfo": {"name": "t", "version": "0"}}),
-    )
-    .await;
+    let hello = json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {"protocolVersion": "2025-06-18",
+        "capabilities": {}, "clientInfo": {"name": "t", "version": "0"}}});
+    let init = answer_of(web_test::call_service(&app, rpc(Some(&ada), hello).to_request()).await).await;
     for capability in ["resources", "completions", "logging", "tools"] {
         assert!(init["result"]["capabilities"][capability].is_object(), "{capability}: {init}");
     }
@@ -644,7 +698,8 @@ async fn protocol_revisions_are_negotiated() {
     let app = mcp_app!(auth, documents(&redis).await, anywhere());
     let call = |version: &str, method: &str, params: Value| {
         let body = json!({"jsonrpc": "2.0", "id": 1, "method": method, "params": params});
-        web_test::call_and_read_body_json::<_, _, Value>(&app, rpc_as(version, Some(&token), body).to_request())
+        let request = rpc_as(version, Some(&token), body).to_request();
+        async { answer_of(web_test::call_service(&app, request).await).await }
     };
     let hello = |version: &str| json!({"protocolVersion": version, "capabilities": {}, "clientInfo": {"name": "t", "version": "0"}});
     // Revisions with `initialize` get the one they asked for, an unknown
