@@ -217,6 +217,8 @@ test("the tool registry is an MCP server at /mcp", async (t) => {
       }, 10000, "resources/updated");
       assert.equal(updates[0].uri, uri);
       assert.ok(updates[0]._meta.version >= 2, JSON.stringify(updates[0]));
+      // Every change made so far is heard before unsubscribing (the document is at `version`).
+      await until(async () => updates.some((u) => u._meta.version === version), 10000, "the latest change");
       await client.unsubscribeResource({ uri });
       const heard = updates.length;
       await change(version++, -1);

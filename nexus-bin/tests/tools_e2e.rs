@@ -150,31 +150,51 @@ fn python_minimal_tools_are_callable_through_a_sidecar_over_the_api_and_mcp() {
 
     // A client that just goes away from a call that reports progress,
     // without a word, cancels it too (its stream's next write fails): the
-    // panel stops the work long before its 10 s.
+    // panel stops the work long before its 10 s. So does one in a session
+    // (rmcp's sessions cancel only when told; the node tells it).
     let stats = || {
         let (_, body) = get(panel_port, "/stats").expect("the panel answers");
         serde_json::from_str::<Value>(&body).expect("JSON stats")["slow_count"].clone()
     };
-    let before = stats();
-    let slow = json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call",
-        "params": {"name": format!("{id}.slow_count"), "arguments": {"text": "a b", "steps": 50, "step_ms": 200},
-            "_meta": {"progressToken": "gone"}}})
-    .to_string();
-    let mut gone = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    let head = format!(
-        "POST /mcp HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {token}\r\nContent-Type: application/json\r\n\
-         Accept: application/json, text/event-stream\r\nMCP-Protocol-Version: 2025-06-18\r\nContent-Length: {}\r\n\r\n",
-        slow.len()
-    );
-    std::io::Write::write_all(&mut gone, format!("{head}{slow}").as_bytes()).unwrap();
-    std::thread::sleep(Duration::from_millis(800));
-    drop(gone);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while stats()["stopped"] != json!(before["stopped"].as_u64().unwrap() + 1) {
-        assert!(Instant::now() < deadline, "the panel never stopped the abandoned call: {}", stats());
-        std::thread::sleep(Duration::from_millis(50));
+    let mcp = |extra: &str, body: &str| {
+        let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        let head = format!(
+            "POST /mcp HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {token}\r\n\
+             Content-Type: application/json\r\nAccept: application/json, text/event-stream\r\n{extra}\
+             Content-Length: {}\r\n\r\n",
+            body.len()
+        );
+        std::io::Write::write_all(&mut stream, format!("{head}{body}").as_bytes()).unwrap();
+        stream
+    };
+    let hello = json!({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {"protocolVersion": "2025-11-25",
+        "capabilities": {}, "clientInfo": {"name": "raw", "version": "0"}}});
+    let mut begun = mcp("", &hello.to_string());
+    let mut answer = Vec::new();
+    while !answer.windows(4).any(|w| w == b"\r\n\r\n") {
+        let mut byte = [0u8; 1];
+        std::io::Read::read_exact(&mut begun, &mut byte).expect("an answer");
+        answer.push(byte[0]);
     }
-    assert_eq!(stats()["finished"], before["finished"]);
+    let answer = String::from_utf8_lossy(&answer).to_lowercase();
+    let session = answer.lines().find_map(|l| l.strip_prefix("mcp-session-id:")).expect("a session").trim().to_owned();
+    let in_session = format!("Mcp-Session-Id: {session}\r\nMCP-Protocol-Version: 2025-11-25\r\n");
+    drop(mcp(&in_session, &json!({"jsonrpc": "2.0", "method": "notifications/initialized"}).to_string()));
+    for extra in ["MCP-Protocol-Version: 2025-06-18\r\n", in_session.as_str()] {
+        let before = stats();
+        let slow = json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call",
+            "params": {"name": format!("{id}.slow_count"), "arguments": {"text": "a b", "steps": 50, "step_ms": 200},
+                "_meta": {"progressToken": "gone"}}});
+        let gone = mcp(extra, &slow.to_string());
+        std::thread::sleep(Duration::from_millis(800));
+        drop(gone);
+        let deadline = Instant::now() + Duration::from_secs(8);
+        while stats()["stopped"] != json!(before["stopped"].as_u64().unwrap() + 1) {
+            assert!(Instant::now() < deadline, "the panel never stopped the abandoned call ({extra}): {}", stats());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert_eq!(stats()["finished"], before["finished"]);
+    }
 
     // Every call was counted, and recorded on the semantic bus.
     let (_, metrics) = get(port, "/metrics").unwrap();

@@ -22,22 +22,16 @@
 //! `initialize` begins a session instead, which lives on its node and
 //! answers in SSE streams ([`sessions`]).
 
-use std::convert::Infallible;
 use std::sync::Arc;
 
-use actix_web::http::header::{HeaderName, HeaderValue};
-use actix_web::http::StatusCode;
-use actix_web::{web, HttpRequest, HttpResponse};
-use bytes::Bytes;
-use http_body_util::combinators::BoxBody;
-use http_body_util::{BodyExt, Full};
+use actix_web::web;
 use rmcp::model::{
     CallToolRequestParams, CallToolResponse, CallToolResult, CompleteRequestParams, CompleteResult, ContentBlock,
-    GetPromptRequestParams, GetPromptResponse, GetPromptResult, Implementation, JsonObject, ListPromptsResult,
-    ListResourceTemplatesResult, ListResourcesResult, ListToolsResult, PaginatedRequestParams,
-    ProgressNotificationParam, ProgressToken, PromptArgument, PromptMessage, ReadResourceRequestParams,
-    ReadResourceResponse, ReadResourceResult, RequestId, Resource, ResourceContents, Role, ServerCapabilities,
-    ServerConfig, SubscribeRequestParams, SubscriptionFilter, Tool, UnsubscribeRequestParams,
+    GetPromptRequestParams, GetPromptResponse, GetPromptResult, Implementation, InitializeRequestParams,
+    InitializeResult, JsonObject, ListPromptsResult, ListResourceTemplatesResult, ListResourcesResult, ListToolsResult,
+    PaginatedRequestParams, ProgressNotificationParam, ProgressToken, PromptArgument, PromptMessage,
+    ReadResourceRequestParams, ReadResourceResponse, ReadResourceResult, RequestId, Resource, ResourceContents, Role,
+    ServerCapabilities, ServerConfig, SubscribeRequestParams, SubscriptionFilter, Tool, UnsubscribeRequestParams,
 };
 // Deprecated by a later revision than 2025-11-25 (SEP-2577), which clients still speak.
 #[allow(deprecated)]
@@ -47,15 +41,10 @@ use rmcp::transport::streamable_http_server::session::never::NeverSessionManager
 use rmcp::transport::streamable_http_server::{StreamableHttpServerConfig, StreamableHttpService};
 use rmcp::{ErrorData as McpError, RoleServer, ServerHandler};
 use serde_json::Value;
-use tower_service::Service as _;
 
 use super::tools_api::ToolsApi;
 use super::Documents;
-use crate::platform::auth::extract::{authenticate, bearer};
-use crate::platform::auth::Auth;
-use crate::platform::http::{read_body, BodyError};
 use crate::platform::origin::OriginPolicy;
-use crate::platform::ApiError;
 use crate::tools::prompts::{Prompt, PromptRole};
 use crate::tools::protocol::ToolProgress;
 use crate::tools::registry::{GetPromptError, ReadResourceError, MAX_LABEL};
@@ -72,12 +61,15 @@ const PROGRESS_QUEUE: usize = 32;
 /// How long a progress notification may wait for room on the answer's stream.
 const PROGRESS_SEND_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 
+mod bridge;
 mod follow;
+mod relay;
 mod resources;
 mod sessions;
 mod subscriptions;
 
 use resources::DocumentResources;
+use sessions::InSession;
 pub use sessions::Sessions;
 use subscriptions::Credentials;
 pub use subscriptions::Listens;
@@ -122,9 +114,9 @@ pub fn configure(
                 .app_data(web::Data::new(sessions))
                 .app_data(web::Data::new(tools))
                 .app_data(web::Data::new(policy))
-                .route(web::post().to(serve))
-                .route(web::get().to(serve))
-                .route(web::delete().to(serve)),
+                .route(web::post().to(bridge::serve))
+                .route(web::get().to(bridge::serve))
+                .route(web::delete().to(bridge::serve)),
         );
     }
 }
@@ -167,180 +159,9 @@ fn config() -> StreamableHttpServerConfig {
         .with_sse_keep_alive(Some(subscriptions::KEEP_ALIVE))
 }
 
-/// The actix-web handler: checks `Host` and `Origin`, authenticates, checks
-/// the session is the caller's, hands the request to rmcp, and streams its
-/// answer back.
-async fn serve(
-    req: HttpRequest,
-    payload: web::Payload,
-    endpoints: web::Data<Endpoints>,
-    sessions: web::Data<Sessions>,
-    policy: web::Data<OriginPolicy>,
-    tools: web::Data<ToolsApi>,
-) -> Result<HttpResponse, ApiError> {
-    let header = |name| req.headers().get(name).and_then(|v| v.to_str().ok());
-    policy.check(header(actix_web::http::header::HOST), header(actix_web::http::header::ORIGIN))?;
-    let caller = authenticate(&req).await?;
-    // A listen checks its token again while it lasts.
-    let credentials = req.app_data::<web::Data<Auth>>().and_then(|auth| {
-        let token = bearer(req.headers().get(actix_web::http::header::AUTHORIZATION)?.to_str().ok())?;
-        Some(Credentials { user: caller.user.clone(), token: token.to_owned(), auth: auth.get_ref().clone() })
-    });
-    let body = read_body(&req, payload, MAX_BODY).await.map_err(|e| match e {
-        BodyError::TooLarge { limit } => ApiError::BodyTooLarge { limit },
-        BodyError::Unreadable(e) => ApiError::BadRequest(format!("reading the body: {e}")),
-    })?;
-    // The stateless transport drops notifications; this one is ours. The
-    // call may run on another node, which the registry finds.
-    if let Some(label) = cancelled_request(&body) {
-        match tools.cancel(&caller.user, &label).await {
-            Ok(stopped) => tracing::debug!(user = %caller.user, stopped, "notifications/cancelled"),
-            Err(error) => tracing::warn!(%error, "could not cancel a tool call"),
-        }
-    }
-    let session = req.headers().get(SESSION_HEADER).map(|id| id.to_str().unwrap_or_default().to_owned());
-    let reservation = match &session {
-        // Before rmcp hears of it: someone else's session is unknown.
-        Some(id) => {
-            sessions.check(id, &caller.user, credentials.clone())?;
-            None
-        }
-        None if req.method() == actix_web::http::Method::POST && is_initialize(&body) => {
-            Some(sessions.reserve(&caller.user)?)
-        }
-        None => None,
-    };
-    let stateful = session.is_some() || reservation.is_some();
-    let mut request = to_http_request(&req, body, McpUser(caller.user))?;
-    if let Some(credentials) = credentials.clone() {
-        request.extensions_mut().insert(credentials);
-    }
-    let response = if stateful {
-        endpoints.sessions.clone().call(request).await
-    } else {
-        endpoints.stateless.clone().call(request).await
-    };
-    let response = match response {
-        Ok(response) => response,
-        Err(never) => match never {},
-    };
-    let begun = response.headers().get(SESSION_HEADER).and_then(|id| id.to_str().ok()).map(str::to_owned);
-    if let (Some(reservation), Some(id)) = (reservation, &begun) {
-        reservation.register(id, credentials);
-    }
-    let relay = session.or(begun).filter(|_| stateful).map(|id| (sessions.get_ref().clone(), id));
-    Ok(to_actix_response(response, relay).await)
-}
-
-/// The header naming a request's session.
-const SESSION_HEADER: &str = "mcp-session-id";
-
-/// Whether `body` is an `initialize` request, which begins a session.
-fn is_initialize(body: &[u8]) -> bool {
-    const METHOD: &[u8] = b"initialize";
-    if !body.windows(METHOD.len()).any(|w| w == METHOD) {
-        return false;
-    }
-    #[derive(serde::Deserialize)]
-    struct Request {
-        method: String,
-    }
-    serde_json::from_slice::<Request>(body).is_ok_and(|r| r.method == "initialize")
-}
-
-/// The id of the request a `notifications/cancelled` body cancels, as a
-/// call label (its JSON); `None` for any other body.
-fn cancelled_request(body: &[u8]) -> Option<String> {
-    // Not the whole method: JSON may spell its slash `\/`.
-    const METHOD: &[u8] = b"cancelled";
-    if !body.windows(METHOD.len()).any(|w| w == METHOD) {
-        return None;
-    }
-    #[derive(serde::Deserialize)]
-    struct Notification {
-        method: String,
-        id: Option<Value>,
-        params: Option<Value>,
-    }
-    let note: Notification = serde_json::from_slice(body).ok()?;
-    if note.method != "notifications/cancelled" || note.id.is_some() {
-        return None;
-    }
-    let request_id = note.params?.get("requestId")?.clone();
-    let request_id: RequestId = serde_json::from_value(request_id).ok()?;
-    call_label(&request_id)
-}
-
 /// How a request id names its tool call to the registry (its JSON).
 fn call_label(id: &RequestId) -> Option<String> {
     serde_json::to_string(id).ok().filter(|label| label.len() <= MAX_LABEL)
-}
-
-/// The actix request (actix-web 4 speaks `http` 0.2) as an `http` 1 request
-/// with `body`, and `user` in its extensions.
-fn to_http_request(req: &HttpRequest, body: Bytes, user: McpUser) -> Result<http::Request<Full<Bytes>>, ApiError> {
-    let bad = |what: &str| ApiError::BadRequest(format!("invalid {what}"));
-    let method = http::Method::from_bytes(req.method().as_str().as_bytes()).map_err(|_| bad("method"))?;
-    let uri: http::Uri = req.uri().to_string().parse().map_err(|_| bad("URI"))?;
-    let mut request = http::Request::new(Full::new(body));
-    *request.method_mut() = method;
-    *request.uri_mut() = uri;
-    let headers = request.headers_mut();
-    for (name, value) in req.headers() {
-        let name = http::HeaderName::from_bytes(name.as_str().as_bytes()).map_err(|_| bad("header name"))?;
-        let value = http::HeaderValue::from_bytes(value.as_bytes()).map_err(|_| bad("header value"))?;
-        headers.append(name, value);
-    }
-    // HTTP/1.0 may come without `Host`; rmcp needs one.
-    if !headers.contains_key(http::header::HOST) {
-        let host = req.connection_info().host().to_owned();
-        headers.insert(http::header::HOST, http::HeaderValue::from_str(&host).map_err(|_| bad("host"))?);
-    }
-    request.extensions_mut().insert(user);
-    Ok(request)
-}
-
-/// Headers that describe one hop's framing; actix sets its own.
-fn is_hop_by_hop(name: &http::HeaderName) -> bool {
-    matches!(name.as_str(), "content-length" | "transfer-encoding" | "connection" | "keep-alive")
-}
-
-/// rmcp's response as an actix response: an SSE stream is streamed as rmcp
-/// produces it (a session's through its relay, so a client that does not
-/// read cannot hold the session up), any other body is sent whole.
-async fn to_actix_response(
-    response: http::Response<BoxBody<Bytes, Infallible>>,
-    relay: Option<(Sessions, String)>,
-) -> HttpResponse {
-    let (parts, body) = response.into_parts();
-    let status = StatusCode::from_u16(parts.status.as_u16()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    let mut out = HttpResponse::build(status);
-    for (name, value) in &parts.headers {
-        if is_hop_by_hop(name) {
-            continue;
-        }
-        if let (Ok(name), Ok(value)) =
-            (HeaderName::from_bytes(name.as_str().as_bytes()), HeaderValue::from_bytes(value.as_bytes()))
-        {
-            out.append_header((name, value));
-        }
-    }
-    let is_sse = parts
-        .headers
-        .get(http::header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.trim_start().starts_with("text/event-stream"));
-    if is_sse {
-        return match relay {
-            Some((sessions, id)) => out.streaming(sessions.relay(id, body.into_data_stream())),
-            None => out.streaming(body.into_data_stream()),
-        };
-    }
-    let bytes = match body.collect().await {
-        Ok(collected) => collected.to_bytes(),
-        Err(never) => match never {},
-    };
-    out.body(bytes)
 }
 
 /// The MCP server handler: one per request (rmcp's factory clones it).
@@ -400,8 +221,13 @@ impl ServerHandler for NexusMcp {
             }
             None => (None, None),
         };
-        // Dropped when the caller goes away, which cancels the call.
-        let outcome = self.tools.call_watched(call, progress, call_label(&context.id));
+        // Dropped when the caller goes away, which cancels the call. A
+        // session's calls are cancelled through the session, not by name.
+        let label = match context.extensions.get::<InSession>() {
+            Some(_) => None,
+            None => call_label(&context.id),
+        };
+        let outcome = self.tools.call_watched(call, progress, label);
         tokio::pin!(outcome);
         let mut reported = f64::NEG_INFINITY;
         let outcome = loop {
@@ -446,6 +272,23 @@ impl ServerHandler for NexusMcp {
         let session = session_of(&context)?;
         let doc = resources::document_id(&request.uri).ok_or_else(|| resources::not_found(&request.uri))?;
         self.sessions.unsubscribe(&session, &user, doc).await
+    }
+
+    /// Only a session can `resources/subscribe`: whoever initializes
+    /// without one (a full or draining node) is not told `subscribe`.
+    async fn initialize(
+        &self,
+        request: InitializeRequestParams,
+        context: RequestContext<RoleServer>,
+    ) -> Result<InitializeResult, McpError> {
+        context.peer.set_peer_info(request.clone());
+        let mut result = self.negotiate_initialize(&request)?;
+        if let Some(resources) =
+            result.capabilities.resources.as_mut().filter(|_| context.extensions.get::<InSession>().is_none())
+        {
+            resources.subscribe = None;
+        }
+        Ok(result)
     }
 
     fn accepted_subscription_filter(&self, requested: &SubscriptionFilter) -> Option<SubscriptionFilter> {
@@ -600,11 +443,9 @@ fn user_of(context: &RequestContext<RoleServer>) -> Result<String, McpError> {
         .ok_or_else(|| McpError::internal_error("the request carries no authenticated user", None))
 }
 
-/// The session of a request, which a subscription needs.
+/// The session rmcp routed a request through, which a subscription needs.
 fn session_of(context: &RequestContext<RoleServer>) -> Result<String, McpError> {
-    let parts = context.extensions.get::<http::request::Parts>();
-    let id = parts.and_then(|parts| parts.headers.get(SESSION_HEADER)?.to_str().ok());
-    id.map(str::to_owned).ok_or_else(|| {
+    context.extensions.get::<InSession>().map(|session| session.0.clone()).ok_or_else(|| {
         let message =
             "resources/subscribe needs a session (initialize first); 2026-07-28 clients use subscriptions/listen";
         McpError::invalid_request(message, None)

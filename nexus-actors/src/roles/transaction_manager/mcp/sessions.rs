@@ -12,23 +12,25 @@
 //! and go to any node; 2026-07-28 clients follow documents through
 //! `subscriptions/listen` instead.
 //!
-//! This module owns which user each session is, the caps (sessions per
-//! user and per node, subscriptions per session; a user's least recently
-//! used session makes way for a new one, `nexus_mcp_sessions_evicted_total`), each session's
+//! This module owns which user each session is (noted as rmcp begins it,
+//! before its handshake runs), the caps (sessions per user and per node,
+//! subscriptions per session: a user's least recently used session makes
+//! way for a new one, `nexus_mcp_sessions_evicted_total`), each session's
 //! subscriptions (followed through the Redis bridge like a listen's, see
 //! [`super::follow`]), and the end of a session: by `DELETE`, idleness,
-//! its token ending, the node draining, or its client not reading, which is
-//! dropped and counted (`nexus_mcp_sessions_too_slow_total`). It checks no
-//! document's owner: `/mcp` does so before anything is subscribed.
+//! its token ending, the node draining, or its client not reading, which
+//! is dropped and counted (`nexus_mcp_sessions_too_slow_total`; see
+//! [`super::relay`]). It checks no document's owner: `/mcp` does so
+//! before anything is subscribed.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::convert::Infallible;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use futures::{Stream, StreamExt as _};
-use rmcp::model::{ClientJsonRpcMessage, ServerJsonRpcMessage, ServerNotification};
+use futures::Stream;
+use rmcp::model::{ClientJsonRpcMessage, GetExtensions as _, RequestId, ServerJsonRpcMessage, ServerNotification};
 use rmcp::service::Peer;
 use rmcp::transport::common::server_side_http::ServerSseMessage;
 use rmcp::transport::streamable_http_server::session::local::{
@@ -37,11 +39,14 @@ use rmcp::transport::streamable_http_server::session::local::{
 use rmcp::transport::streamable_http_server::{SessionId, SessionManager};
 use rmcp::transport::worker::WorkerTransport;
 use rmcp::{ErrorData as McpError, RoleServer};
+use serde_json::json;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use super::follow::{merge, updated, Follow, Following, Update};
+use super::relay::{relay, End};
 use super::subscriptions::{Credentials, Listens, SEND_WITHIN};
+use super::McpUser;
 use crate::kernel::Kernel;
 use crate::platform::drain::Drain;
 use crate::platform::ApiError;
@@ -49,15 +54,14 @@ use crate::roles::transaction_manager::session::TOKEN_CHECK;
 
 /// Sessions one user may hold on a node.
 pub(super) const MAX_PER_USER: usize = 16;
-/// Sessions a node holds.
+/// Sessions a node holds; past them, `initialize` is answered without one.
 pub(super) const MAX_PER_NODE: usize = 10_000;
 /// Documents one session may subscribe to.
 pub(super) const MAX_SUBSCRIPTIONS: usize = 256;
 /// A session without a request or a notification for this long ends.
 pub(super) const IDLE: Duration = Duration::from_secs(30 * 60);
-/// Frames of a session's answer waiting for its client; when the client
-/// takes none of them for [`SEND_WITHIN`], it does not read.
-const RELAY_QUEUE: usize = 64;
+/// How often sessions rmcp ended unseen, or began unnoted, are looked for.
+const SWEEP: Duration = Duration::from_secs(60);
 
 /// The node's MCP sessions. Cheap to clone: every HTTP worker of the node
 /// shares them.
@@ -81,22 +85,29 @@ struct Inner {
 #[derive(Default)]
 struct Table {
     sessions: HashMap<String, Entry>,
-    /// Sessions being created, by user: counted against the caps.
+    /// Sessions being begun, by user.
     pending: HashMap<String, usize>,
 }
 
 struct Entry {
     user: String,
-    /// When the session's latest request came.
+    /// When the session was last used: a request, or a frame on one of its streams.
     last_used: Instant,
     /// The token of the session's latest request, checked while it follows documents.
     credentials: Option<Credentials>,
     subscribed: BTreeSet<String>,
     /// The session's follower, once it subscribed to something.
     follower: Option<mpsc::Sender<Command>>,
+    /// Its own streams (`GET`) open now: notifications go out only then.
+    streams: usize,
     /// Ends the follower with the session.
     ended: CancellationToken,
 }
+
+/// Marks a request rmcp routed through session `.0` (set by [`Sessions`]
+/// as rmcp hands it on, so a request served statelessly never has one).
+#[derive(Debug, Clone)]
+pub(super) struct InSession(pub(super) String);
 
 /// What a session's follower is asked to do.
 enum Command {
@@ -122,12 +133,7 @@ impl Sessions {
             evicted: metrics.mcp_sessions_evicted.clone(),
             open: metrics.mcp_sessions.clone(),
         });
-        let (stop, drain) = (inner.stop.clone(), drain.clone());
-        tokio::spawn(async move {
-            // Held here, the drain ends only when it is given.
-            drain.started().await;
-            stop.cancel();
-        });
+        tokio::spawn(sweep(Arc::downgrade(&inner), drain.clone()));
         Sessions { inner }
     }
 
@@ -157,39 +163,56 @@ impl Sessions {
         }
     }
 
-    /// Room for one more session of `user`, held until it is registered or
-    /// dropped. A user at [`MAX_PER_USER`] loses the session they used
-    /// least recently: clients seldom end theirs, and a new one is more
-    /// likely wanted than the oldest (whose client, told 404, begins anew).
-    pub(super) fn reserve(&self, user: &str) -> Result<Reservation, ApiError> {
+    /// Room for `user` to begin a session, held until the `initialize`
+    /// is answered; `None` when the node takes no more sessions (it is
+    /// full or draining), and the `initialize` is served without one.
+    pub(super) fn reserve(&self, user: &str) -> Result<Option<Reservation>, ApiError> {
+        if self.inner.stop.is_cancelled() {
+            return Ok(None);
+        }
+        let mut table = self.inner.table();
+        let pending = table.pending.get(user).copied().unwrap_or(0);
+        if pending >= MAX_PER_USER {
+            return Err(ApiError::Quota { what: "MCP sessions being begun", limit: MAX_PER_USER });
+        }
+        if table.sessions.len() + table.pending.values().sum::<usize>() >= MAX_PER_NODE {
+            return Ok(None);
+        }
+        table.pending.insert(user.to_owned(), pending + 1);
+        Ok(Some(Reservation { sessions: self.clone(), user: user.to_owned() }))
+    }
+
+    /// Notes session `id` as `user`'s. A user past [`MAX_PER_USER`] loses
+    /// the session that follows nothing and was used least recently (else
+    /// the least recently used): clients seldom end theirs, and a new one
+    /// is likelier wanted than the oldest, whose client, told 404, begins anew.
+    fn register(&self, id: &str, user: &str, credentials: Option<Credentials>) {
         let evicted = {
             let mut table = self.inner.table();
-            let total = table.sessions.len() + table.pending.values().sum::<usize>();
-            let pending = table.pending.get(user).copied().unwrap_or(0);
-            let mine = table.sessions.values().filter(|e| e.user == user).count() + pending;
-            let mut evicted = None;
-            if mine >= MAX_PER_USER {
-                let oldest = table.sessions.iter().filter(|(_, e)| e.user == user).min_by_key(|(_, e)| e.last_used);
-                let Some(oldest) = oldest.map(|(id, _)| id.clone()) else {
-                    return Err(ApiError::Quota { what: "MCP sessions being created", limit: MAX_PER_USER });
-                };
-                if let Some(entry) = table.sessions.remove(&oldest) {
-                    entry.ended.cancel();
-                    self.inner.open.dec();
-                }
-                evicted = Some(oldest);
-            } else if total >= MAX_PER_NODE {
-                return Err(ApiError::Busy { retry_after: 5 });
+            let entry = Entry {
+                user: user.to_owned(),
+                last_used: Instant::now(),
+                credentials,
+                subscribed: BTreeSet::new(),
+                follower: None,
+                streams: 0,
+                ended: CancellationToken::new(),
+            };
+            if table.sessions.insert(id.to_owned(), entry).is_none() {
+                self.inner.open.inc();
             }
-            *table.pending.entry(user.to_owned()).or_default() += 1;
-            evicted
+            let mine = table.sessions.iter().filter(|(other, e)| e.user == user && other.as_str() != id);
+            let oldest = mine.min_by_key(|(_, e)| (e.streams > 0 || !e.subscribed.is_empty(), e.last_used));
+            let oldest = oldest.map(|(other, _)| other.clone());
+            let count = table.sessions.values().filter(|e| e.user == user).count();
+            oldest.filter(|_| count > MAX_PER_USER)
         };
-        if let Some(id) = evicted {
+        tracing::debug!(user, session = id, "an MCP session began");
+        if let Some(old) = evicted {
             self.inner.evicted.inc();
-            tracing::info!(user, session = %id, "nexus_mcp_sessions_evicted_total: a user's least recently used MCP session ended for a new one");
-            self.inner.end(&id);
+            tracing::info!(user, session = %old, "nexus_mcp_sessions_evicted_total: a user's MCP session ended for a new one");
+            self.inner.end(&old);
         }
-        Ok(Reservation { sessions: self.clone(), user: user.to_owned() })
     }
 
     /// Subscribes session `id` of `user` to `doc` (checked to be theirs),
@@ -204,36 +227,41 @@ impl Sessions {
         let Some(follow) = &self.inner.follow else {
             return Err(McpError::internal_error("this node follows no documents", None));
         };
-        let commands = {
+        let (commands, added) = {
             let mut table = self.inner.table();
             let entry = table.sessions.get_mut(id).filter(|e| e.user == user).ok_or_else(no_session)?;
             if !entry.subscribed.contains(doc) && entry.subscribed.len() >= MAX_SUBSCRIPTIONS {
                 let message = format!("a session subscribes to at most {MAX_SUBSCRIPTIONS} documents");
                 return Err(McpError::invalid_request(message, None));
             }
-            entry.subscribed.insert(doc.to_owned());
-            match &entry.follower {
-                Some(commands) => commands.clone(),
-                None => {
-                    let (tx, rx) = mpsc::channel(8);
-                    let (following, updates) = follow.start("mcp-session");
-                    let follower = Follower {
-                        sessions: Arc::downgrade(&self.inner),
-                        id: id.to_owned(),
-                        peer: peer.clone(),
-                        following,
-                        updates,
-                        commands: rx,
-                    };
-                    tokio::spawn(follower.run(entry.ended.clone()));
-                    entry.follower = Some(tx.clone());
-                    tx
-                }
-            }
+            let added = entry.subscribed.insert(doc.to_owned());
+            let commands = entry.follower.get_or_insert_with(|| {
+                let (tx, rx) = mpsc::channel(8);
+                let (following, updates) = follow.start("mcp-session");
+                let follower = Follower {
+                    sessions: Arc::downgrade(&self.inner),
+                    id: id.to_owned(),
+                    peer: peer.clone(),
+                    following,
+                    updates,
+                    commands: rx,
+                };
+                tokio::spawn(follower.run(entry.ended.clone()));
+                tx
+            });
+            (commands.clone(), added)
         };
         let (reply, done) = oneshot::channel();
-        commands.send(Command::Add(doc.to_owned(), reply)).await.map_err(|_| no_session())?;
-        done.await.map_err(|_| no_session())?
+        let outcome = match commands.send(Command::Add(doc.to_owned(), reply)).await {
+            Ok(()) => done.await.unwrap_or_else(|_| Err(no_session())),
+            Err(_) => Err(no_session()),
+        };
+        if outcome.is_err() && added {
+            if let Some(entry) = self.inner.table().sessions.get_mut(id) {
+                entry.subscribed.remove(doc);
+            }
+        }
+        outcome
     }
 
     /// Ends session `id`'s subscription to `doc`, if it has one.
@@ -252,48 +280,63 @@ impl Sessions {
         Ok(())
     }
 
-    /// Session `id`'s client left its answers unread: it is dropped and counted.
-    pub(super) fn stalled(&self, id: &str) {
-        self.inner.too_slow.inc();
-        tracing::warn!(session = id, "nexus_mcp_sessions_too_slow_total: an MCP client stopped reading; session ended");
-        self.inner.end(id);
-    }
-
-    /// `body`, an SSE answer of session `id`, relayed to its client through
-    /// a short queue: a client that takes nothing from it for
-    /// [`SEND_WITHIN`] no longer holds up the session, which is ended.
-    pub(super) fn relay<S>(&self, id: String, body: S) -> impl Stream<Item = Result<Bytes, Infallible>> + 'static
+    /// `body`, an SSE answer of session `id`, relayed to its client: the
+    /// session's own stream when `own` (its `GET`), else the answer to
+    /// `request`, which is cancelled if the client goes away first. A
+    /// client that takes nothing for [`SEND_WITHIN`] has its session
+    /// dropped and counted.
+    pub(super) fn relay<S>(
+        &self,
+        id: String,
+        own: bool,
+        request: Option<RequestId>,
+        body: S,
+    ) -> impl Stream<Item = Result<Bytes, Infallible>> + 'static
     where
         S: Stream<Item = Result<Bytes, Infallible>> + Send + 'static,
     {
-        let sessions = self.clone();
-        relay(body, SEND_WITHIN, move || sessions.stalled(&id))
-    }
-}
-
-/// `body`'s frames through a queue of [`RELAY_QUEUE`]; when the consumer
-/// takes none for `within`, `body` is given up and `stalled` called.
-fn relay<S>(
-    body: S,
-    within: Duration,
-    stalled: impl FnOnce() + Send + 'static,
-) -> impl Stream<Item = Result<Bytes, Infallible>> + 'static
-where
-    S: Stream<Item = Result<Bytes, Infallible>> + Send + 'static,
-{
-    let (tx, rx) = mpsc::channel(RELAY_QUEUE);
-    tokio::spawn(async move {
-        let mut body = std::pin::pin!(body);
-        while let Some(frame) = body.next().await {
-            match tokio::time::timeout(within, tx.send(frame)).await {
-                Ok(Ok(())) => {}
-                // The client went away.
-                Ok(Err(_)) => return,
-                Err(_) => return stalled(),
-            }
+        if own {
+            self.inner.with_entry(&id, |entry| entry.streams += 1);
         }
-    });
-    futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|frame| (frame, rx)) })
+        let (touching, ending) = (self.clone(), self.clone());
+        let touched = id.clone();
+        let on_frame = move || touching.inner.with_entry(&touched, |entry| entry.last_used = Instant::now());
+        let on_end = move |end| {
+            if own {
+                ending.inner.with_entry(&id, |entry| entry.streams = entry.streams.saturating_sub(1));
+            }
+            match (end, request) {
+                (End::Stalled, _) => ending.stalled(&id),
+                (End::ClientGone, Some(request)) => ending.cancel(id, request),
+                _ => {}
+            }
+        };
+        relay(body, SEND_WITHIN, on_frame, on_end)
+    }
+
+    /// Session `id`'s client left its answers unread: it is dropped and counted.
+    fn stalled(&self, id: &str) {
+        if self.inner.table().sessions.contains_key(id) {
+            self.inner.too_slow.inc();
+            tracing::warn!(
+                session = id,
+                "nexus_mcp_sessions_too_slow_total: an MCP client stopped reading; session ended"
+            );
+            self.inner.end(id);
+        }
+    }
+
+    /// Tells session `id` its client cancelled `request`, as if it had
+    /// said so: rmcp's sessions cancel a request only when told.
+    fn cancel(&self, id: String, request: RequestId) {
+        let note = json!({"jsonrpc": "2.0", "method": "notifications/cancelled",
+            "params": {"requestId": request, "reason": "the client went away"}});
+        let Ok(note) = serde_json::from_value::<ClientJsonRpcMessage>(note) else { return };
+        let sessions = self.clone();
+        tokio::spawn(async move {
+            let _ = sessions.inner.local.accept_message(&SessionId::from(id), note).await;
+        });
+    }
 }
 
 impl Inner {
@@ -301,12 +344,18 @@ impl Inner {
         self.table.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    fn with_entry(&self, id: &str, change: impl FnOnce(&mut Entry)) {
+        if let Some(entry) = self.table().sessions.get_mut(id) {
+            change(entry);
+        }
+    }
+
     /// Ends session `id` (in the background: its worker may be busy).
     fn end(self: &Arc<Self>, id: &str) {
+        self.forget(id);
         let (inner, id): (Arc<Inner>, SessionId) = (self.clone(), id.into());
         tokio::spawn(async move {
-            let sessions = Sessions { inner };
-            if let Err(error) = sessions.close_session(&id).await {
+            if let Err(error) = inner.local.close_session(&id).await {
                 tracing::warn!(%error, "an MCP session did not close");
             }
         });
@@ -321,31 +370,48 @@ impl Inner {
     }
 }
 
+/// Ends every session when `drain` starts and, until then, every
+/// [`SWEEP`], forgets sessions rmcp no longer has and ends those it has
+/// that nobody noted (seen so twice: one may be between being begun and
+/// being noted), so neither map outgrows the caps.
+async fn sweep(sessions: Weak<Inner>, drain: Drain) {
+    let drained = drain.started();
+    tokio::pin!(drained);
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + SWEEP, SWEEP);
+    let mut suspects = HashSet::new();
+    loop {
+        tokio::select! {
+            () = &mut drained => {
+                if let Some(inner) = sessions.upgrade() {
+                    inner.stop.cancel();
+                }
+                return;
+            }
+            _ = tick.tick() => {}
+        }
+        let Some(inner) = sessions.upgrade() else { return };
+        let live: HashSet<String> = inner.local.sessions.read().await.keys().map(|id| id.to_string()).collect();
+        let noted: HashSet<String> = inner.table().sessions.keys().cloned().collect();
+        for gone in noted.difference(&live) {
+            inner.forget(gone);
+        }
+        let unnoted: HashSet<String> = live.difference(&noted).cloned().collect();
+        for stray in unnoted.intersection(&suspects) {
+            tracing::warn!(session = %stray, "an MCP session nobody noted; ended");
+            inner.end(stray);
+        }
+        suspects = unnoted;
+    }
+}
+
 fn no_session() -> McpError {
     McpError::invalid_request("the session has ended", None)
 }
 
-/// Room for one session being created.
+/// Room for one session being begun.
 pub(super) struct Reservation {
     sessions: Sessions,
     user: String,
-}
-
-impl Reservation {
-    /// The session is `id`: it is `user`'s from now on.
-    pub(super) fn register(self, id: &str, credentials: Option<Credentials>) {
-        let entry = Entry {
-            user: self.user.clone(),
-            last_used: Instant::now(),
-            credentials,
-            subscribed: BTreeSet::new(),
-            follower: None,
-            ended: CancellationToken::new(),
-        };
-        self.sessions.inner.table().sessions.insert(id.to_owned(), entry);
-        self.sessions.inner.open.inc();
-        tracing::debug!(user = %self.user, session = id, "an MCP session began");
-    }
 }
 
 impl Drop for Reservation {
@@ -361,7 +427,9 @@ impl Drop for Reservation {
 }
 
 /// Follows one session's documents and tells its client, on the session's
-/// stream, when one changes.
+/// stream, when one changes. When it stops, for any reason but the
+/// session's end, it ends the session: a session's subscriptions are
+/// either followed or gone with it.
 struct Follower {
     sessions: Weak<Inner>,
     id: String,
@@ -375,43 +443,52 @@ impl Follower {
     async fn run(mut self, ended: CancellationToken) {
         let mut check = tokio::time::interval_at(tokio::time::Instant::now() + TOKEN_CHECK, TOKEN_CHECK);
         loop {
-            tokio::select! {
+            let going_on = tokio::select! {
                 () = ended.cancelled() => return,
                 command = self.commands.recv() => match command {
                     Some(Command::Add(doc, reply)) => {
                         let _ = reply.send(self.following.add(&doc).await);
+                        true
                     }
-                    Some(Command::Remove(doc)) => self.following.remove(&doc),
-                    None => return,
+                    Some(Command::Remove(doc)) => {
+                        self.following.remove(&doc);
+                        true
+                    }
+                    None => false,
                 },
-                update = self.updates.recv() => {
-                    let Some(update) = update else { return };
-                    if !self.announce(update).await {
-                        return self.end();
-                    }
+                update = self.updates.recv() => match update {
+                    Some(update) => self.announce(update).await,
+                    None => false,
+                },
+                _ = check.tick() => self.still_valid().await,
+            };
+            if !going_on {
+                if let Some(inner) = self.sessions.upgrade() {
+                    inner.end(&self.id);
                 }
-                _ = check.tick() => {
-                    if !self.still_valid().await {
-                        return self.end();
-                    }
-                }
+                return;
             }
         }
     }
 
-    /// Tells the client about `first` and whatever waits with it; false
-    /// when the session is to end.
+    /// Tells the client about `first` and whatever waits with it, if it
+    /// holds its stream open (else a notification would be lost, and
+    /// would keep an abandoned session alive); false when the session is
+    /// to end.
     async fn announce(&mut self, first: Update) -> bool {
         let mut changed = BTreeMap::new();
         merge(&mut changed, first, self.following.docs());
         while let Ok(next) = self.updates.try_recv() {
             merge(&mut changed, next, self.following.docs());
         }
+        let Some(inner) = self.sessions.upgrade() else { return false };
         if self.following.overflowed() {
-            if let Some(inner) = self.sessions.upgrade() {
-                Sessions { inner }.stalled(&self.id);
-            }
+            Sessions { inner }.stalled(&self.id);
             return false;
+        }
+        let streaming = inner.table().sessions.get(&self.id).is_some_and(|e| e.streams > 0);
+        if !streaming {
+            return true;
         }
         for (doc, version) in changed {
             let note = ServerNotification::ResourceUpdatedNotification(updated(&doc, version));
@@ -437,16 +514,18 @@ impl Follower {
             None => true,
         }
     }
+}
 
-    fn end(&self) {
-        if let Some(inner) = self.sessions.upgrade() {
-            inner.end(&self.id);
-        }
+/// Marks `message` as routed through session `id`.
+fn mark(message: &mut ClientJsonRpcMessage, id: &SessionId) {
+    if let ClientJsonRpcMessage::Request(request) = message {
+        request.request.extensions_mut().insert(InSession(id.to_string()));
     }
 }
 
-/// rmcp's local sessions, with each one's entry forgotten as it closes:
-/// by `DELETE`, idleness, the drain, or [`Inner::end`].
+/// rmcp's local sessions, each noted as its user's as it begins, and
+/// forgotten as it closes: by `DELETE`, idleness, the drain, or
+/// [`Inner::end`].
 impl SessionManager for Sessions {
     type Error = LocalSessionManagerError;
     type Transport = WorkerTransport<LocalSessionWorker>;
@@ -458,8 +537,19 @@ impl SessionManager for Sessions {
     async fn initialize_session(
         &self,
         id: &SessionId,
-        message: ClientJsonRpcMessage,
+        mut message: ClientJsonRpcMessage,
     ) -> Result<ServerJsonRpcMessage, Self::Error> {
+        if let ClientJsonRpcMessage::Request(request) = &message {
+            let parts = request.request.extensions().get::<http::request::Parts>();
+            let user = parts.and_then(|p| p.extensions.get::<McpUser>()).map(|u| u.0.clone());
+            let credentials = parts.and_then(|p| p.extensions.get::<Credentials>()).cloned();
+            // Before the handshake runs: whatever happens next, the session is counted.
+            match user {
+                Some(user) => self.register(id, &user, credentials),
+                None => tracing::warn!(session = %id, "an MCP session begun without a user; the sweep ends it"),
+            }
+        }
+        mark(&mut message, id);
         self.inner.local.initialize_session(id, message).await
     }
 
@@ -475,8 +565,9 @@ impl SessionManager for Sessions {
     async fn create_stream(
         &self,
         id: &SessionId,
-        message: ClientJsonRpcMessage,
+        mut message: ClientJsonRpcMessage,
     ) -> Result<impl Stream<Item = ServerSseMessage> + Send + Sync + 'static, Self::Error> {
+        mark(&mut message, id);
         self.inner.local.create_stream(id, message).await
     }
 
@@ -502,40 +593,44 @@ impl SessionManager for Sessions {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::{AtomicBool, Ordering};
-
     use super::*;
 
-    fn frames() -> impl Stream<Item = Result<Bytes, Infallible>> + Send + 'static {
-        futures::stream::repeat_with(|| Ok(Bytes::from_static(b": ping\n\n")))
+    fn sessions() -> Sessions {
+        Sessions::new(&Kernel::new("test"), None, &Drain::default())
     }
 
-    #[tokio::test]
-    async fn a_relay_gives_up_a_body_its_client_does_not_read() {
-        let stalled = Arc::new(AtomicBool::new(false));
-        let flag = stalled.clone();
-        let relayed = relay(frames(), Duration::from_millis(200), move || flag.store(true, Ordering::Relaxed));
-        tokio::time::sleep(Duration::from_millis(600)).await;
-        assert!(stalled.load(Ordering::Relaxed), "nobody took the frames");
-        // What was queued is still delivered, then the relay ends.
-        assert_eq!(relayed.count().await, RELAY_QUEUE);
-    }
-
-    #[tokio::test]
-    async fn a_relay_passes_a_reading_clients_frames_and_ends_with_its_body() {
-        let stalled = Arc::new(AtomicBool::new(false));
-        let flag = stalled.clone();
-        let body = frames().take(RELAY_QUEUE * 4);
-        let relayed = relay(body, Duration::from_millis(200), move || flag.store(true, Ordering::Relaxed));
-        let mut relayed = std::pin::pin!(relayed);
-        let mut seen = 0;
-        while relayed.next().await.is_some() {
-            seen += 1;
-            if seen % RELAY_QUEUE == 0 {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
+    #[actix_rt::test]
+    async fn a_users_least_recently_used_idle_session_makes_way_and_no_one_elses() {
+        let sessions = sessions();
+        sessions.register("bob-1", "bob", None);
+        for n in 0..MAX_PER_USER {
+            sessions.register(&format!("ada-{n}"), "ada", None);
         }
-        assert_eq!(seen, RELAY_QUEUE * 4);
-        assert!(!stalled.load(Ordering::Relaxed));
+        // ada-0 is used again, ada-1 holds its stream open: ada-2 is the one to go.
+        sessions.check("ada-0", "ada", None).expect("hers");
+        sessions.inner.with_entry("ada-1", |e| e.streams = 1);
+        assert!(sessions.check("ada-0", "bob", None).is_err(), "not bob's");
+        sessions.register("ada-new", "ada", None);
+        assert_eq!(sessions.inner.evicted.get(), 1);
+        let table = sessions.inner.table();
+        assert!(!table.sessions.contains_key("ada-2"), "the least recently used idle session");
+        for kept in ["bob-1", "ada-0", "ada-1", "ada-3", "ada-new"] {
+            assert!(table.sessions.contains_key(kept), "{kept}");
+        }
+        assert_eq!(table.sessions.values().filter(|e| e.user == "ada").count(), MAX_PER_USER);
+    }
+
+    #[actix_rt::test]
+    async fn sessions_being_begun_are_capped_and_a_draining_node_begins_none() {
+        let sessions = sessions();
+        let held: Vec<_> =
+            (0..MAX_PER_USER).map(|_| sessions.reserve("ada").expect("room").expect("a session")).collect();
+        assert!(matches!(sessions.reserve("ada"), Err(ApiError::Quota { .. })));
+        assert!(sessions.reserve("bob").expect("room").is_some(), "bob is not held to ada's");
+        drop(held);
+        assert!(!sessions.inner.table().pending.contains_key("ada"), "given back");
+        assert!(sessions.reserve("ada").expect("room").is_some());
+        sessions.inner.stop.cancel();
+        assert!(sessions.reserve("ada").expect("no error").is_none(), "served without a session");
     }
 }

@@ -3,6 +3,12 @@
 use actix_web::{test as web_test, App};
 use serde_json::json;
 
+use actix_web::http::header::HeaderValue;
+use actix_web::http::StatusCode;
+use bytes::Bytes;
+use tower_service::Service as _;
+
+use super::bridge::{cancelled_request, to_actix_response, to_http_request};
 use super::*;
 use crate::infra::RedisServer;
 use crate::kernel::{Behaviour, Ctx, Handler, Kernel, Reply};
@@ -254,7 +260,10 @@ fn rpc_as(version: &str, token: Option<&str>, body: Value) -> web_test::TestRequ
 async fn serves_tools_to_the_authenticated_user() {
     let (redis, auth, token) = auth("serves").await;
     let app_auth = auth.clone();
-    let app = mcp_app!(auth, documents(&redis).await, anywhere());
+    let docs = documents(&redis).await;
+    let own = uuid::Uuid::now_v7().to_string();
+    docs.create(&own, "ada", &json!({"n": 0}), 1000).await.expect("created");
+    let app = mcp_app!(auth, docs, anywhere());
 
     let init = json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
         "protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "t", "version": "0"}}});
@@ -325,12 +334,18 @@ async fn serves_tools_to_the_authenticated_user() {
     let resp = web_test::call_service(&app, in_session(&token, &session, list.clone())).await;
     assert_eq!(resp.status(), StatusCode::OK);
     assert_eq!(answer_of(resp).await["result"]["tools"][0]["name"], "echo");
-    // Without a stream to carry them, subscriptions are refused in a session too.
-    let subscribe = json!({"jsonrpc": "2.0", "id": 7, "method": "resources/subscribe",
-        "params": {"uri": format!("nexus://documents/{}", uuid::Uuid::now_v7())}});
-    let resp = web_test::call_service(&app, in_session(&token, &session, subscribe.clone())).await;
-    assert!(answer_of(resp).await["error"].is_object());
-    let body: Value = web_test::call_and_read_body_json(&app, rpc(Some(&token), subscribe).to_request()).await;
+    // Subscribing needs a session, and a node that follows documents
+    // (this one has no Redis bridge); a missing document is not found first.
+    let subscribe =
+        |uri: String| json!({"jsonrpc": "2.0", "id": 7, "method": "resources/subscribe", "params": {"uri": uri}});
+    let missing = subscribe(format!("nexus://documents/{}", uuid::Uuid::now_v7()));
+    let resp = web_test::call_service(&app, in_session(&token, &session, missing)).await;
+    assert_eq!(answer_of(resp).await["error"]["code"], -32002);
+    let mine = subscribe(format!("nexus://documents/{own}"));
+    let resp = web_test::call_service(&app, in_session(&token, &session, mine.clone())).await;
+    let body = answer_of(resp).await;
+    assert_eq!(body["error"]["message"], "this node follows no documents", "{body}");
+    let body: Value = web_test::call_and_read_body_json(&app, rpc(Some(&token), mine).to_request()).await;
     let message = body["error"]["message"].as_str().unwrap_or_default();
     assert!(message.contains("needs a session"), "{body}");
 
@@ -715,6 +730,11 @@ async fn protocol_revisions_are_negotiated() {
         let init = call(asked, "initialize", hello(asked)).await;
         assert_eq!(init["result"]["protocolVersion"], answered, "{asked}: {init}");
     }
+    // A client may name its revision in the header too, if it is the body's.
+    let body = json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": hello("2025-06-18")});
+    let named = rpc(Some(&token), body).insert_header(("MCP-Protocol-Version", "2025-06-18")).to_request();
+    let init = answer_of(web_test::call_service(&app, named).await).await;
+    assert_eq!(init["result"]["protocolVersion"], "2025-06-18", "{init}");
     // 2026-07-28: discovery instead of a handshake, and each request says
     // its revision and the client's capabilities in `_meta`.
     let meta = json!({"io.modelcontextprotocol/protocolVersion": "2026-07-28",
