@@ -535,12 +535,12 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
     let listens = tm
         .as_ref()
         .map(|_| tm_role::mcp::Listens::new(kernel.clone(), &bridges.redis, actix::Arbiter::current(), drain.clone()));
-    let mcp_sessions = tm_role::mcp::Sessions::new(&kernel, listens.as_ref(), &drain);
+    let mcp_sessions = tm.as_ref().map(|_| tm_role::mcp::Sessions::new(&kernel, listens.as_ref(), &drain));
     let upgrades = tm.clone().map(|state| tm_role::session::upgrades(state, sessions));
     let options = ServerOptions { workers: 2, keep_alive: HTTP_KEEP_ALIVE, shutdown_timeout: config.drain_timeout };
     let app = move || {
         let mut app = App::new().wrap_fn(crate::platform::http::traced).app_data(web::Data::new(auth.clone()));
-        if let Some(tm) = &tm {
+        if let (Some(tm), Some(mcp_sessions)) = (&tm, &mcp_sessions) {
             app = app
                 .configure(tm_role::configure(tm.clone(), openapi.clone()))
                 .configure(tm_role::tools_api::configure(tools.clone()))

@@ -75,8 +75,9 @@ pub(super) async fn serve(
     let relay = session.as_ref().map(|id| Relay {
         sessions: sessions.get_ref().clone(),
         id: id.clone(),
-        own: req.method() == actix_web::http::Method::GET,
-        request: request_id(&body),
+        // Its own stream, not a request's resumed (`Last-Event-ID`).
+        own: req.method() == actix_web::http::Method::GET && !req.headers().contains_key("last-event-id"),
+        request: (req.method() == actix_web::http::Method::POST).then(|| request_id(&body)).flatten(),
     });
     let mut request = to_http_request(&req, body, McpUser(caller.user))?;
     if let Some(credentials) = credentials {

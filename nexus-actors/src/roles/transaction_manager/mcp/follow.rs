@@ -89,7 +89,10 @@ impl Following {
                 tracing::debug!(%doc, %error, "an MCP subscription not confirmed yet");
                 Ok(())
             }
-            Err(_) => Err(McpError::internal_error("the node is stopping", None)),
+            Err(_) => {
+                self.docs.pop();
+                Err(McpError::internal_error("the node is stopping", None))
+            }
         }
     }
 

@@ -6,7 +6,8 @@
 //! the prompts their panels declare, with completion
 //! of document ids and `logging/setLevel`. A tool call reports the tool's progress to a caller
 //! that asked for it (`progressToken`), and stops when its caller goes away
-//! or sends `notifications/cancelled`, which any node may take.
+//! or sends `notifications/cancelled` (which any node may take, outside a
+//! session).
 //!
 //! This module owns the protocol: authentication of the request, the bridge
 //! from actix-web to rmcp's tower service, and the mapping between
@@ -271,7 +272,7 @@ impl ServerHandler for NexusMcp {
         let user = user_of(&context)?;
         let session = session_of(&context)?;
         let doc = resources::document_id(&request.uri).ok_or_else(|| resources::not_found(&request.uri))?;
-        self.sessions.unsubscribe(&session, &user, doc).await
+        self.sessions.unsubscribe(&session, &user, doc)
     }
 
     /// Only a session can `resources/subscribe`: whoever initializes

@@ -60,8 +60,11 @@ pub(super) const MAX_PER_NODE: usize = 10_000;
 pub(super) const MAX_SUBSCRIPTIONS: usize = 256;
 /// A session without a request or a notification for this long ends.
 pub(super) const IDLE: Duration = Duration::from_secs(30 * 60);
-/// How often sessions rmcp ended unseen, or began unnoted, are looked for.
+/// How often idle sessions, sessions rmcp ended unseen, or began unnoted,
+/// are looked for.
 const SWEEP: Duration = Duration::from_secs(60);
+/// Subscription changes of one session waiting for its follower.
+const COMMANDS: usize = 64;
 
 /// The node's MCP sessions. Cheap to clone: every HTTP worker of the node
 /// shares them.
@@ -98,8 +101,12 @@ struct Entry {
     subscribed: BTreeSet<String>,
     /// The session's follower, once it subscribed to something.
     follower: Option<mpsc::Sender<Command>>,
-    /// Its own streams (`GET`) open now: notifications go out only then.
-    streams: usize,
+    /// Whether its own stream (`GET`) is open: rmcp sends notifications
+    /// on the first one only (a second is a shadow that gets pings), so
+    /// they go out only while that one is.
+    streaming: bool,
+    /// Answers to its requests being relayed now.
+    answering: usize,
     /// Ends the follower with the session.
     ended: CancellationToken,
 }
@@ -121,7 +128,8 @@ impl Sessions {
     pub fn new(kernel: &Kernel, listens: Option<&Listens>, drain: &Drain) -> Self {
         let metrics = kernel.metrics();
         let mut config = SessionConfig::default();
-        config.keep_alive = Some(IDLE);
+        // Idleness is the sweep's to judge.
+        config.keep_alive = None;
         let mut local = LocalSessionManager::default();
         local.session_config = config;
         let inner = Arc::new(Inner {
@@ -182,32 +190,38 @@ impl Sessions {
         Ok(Some(Reservation { sessions: self.clone(), user: user.to_owned() }))
     }
 
-    /// Notes session `id` as `user`'s. A user past [`MAX_PER_USER`] loses
-    /// the session that follows nothing and was used least recently (else
-    /// the least recently used): clients seldom end theirs, and a new one
-    /// is likelier wanted than the oldest, whose client, told 404, begins anew.
-    fn register(&self, id: &str, user: &str, credentials: Option<Credentials>) {
+    /// Notes session `id` as `user`'s, before its handshake runs.
+    fn note(&self, id: &str, user: &str, credentials: Option<Credentials>) {
+        let entry = Entry {
+            user: user.to_owned(),
+            last_used: Instant::now(),
+            credentials,
+            subscribed: BTreeSet::new(),
+            follower: None,
+            streaming: false,
+            answering: 0,
+            ended: CancellationToken::new(),
+        };
+        if self.inner.table().sessions.insert(id.to_owned(), entry).is_none() {
+            self.inner.open.inc();
+        }
+        tracing::debug!(user, session = id, "an MCP session began");
+    }
+
+    /// Once session `id` of `user` is begun: a user past [`MAX_PER_USER`]
+    /// loses the session that is busy least (following nothing, streaming
+    /// nothing, answering nothing) and was used least recently: clients
+    /// seldom end theirs, and a new one is likelier wanted than the oldest,
+    /// whose client, told 404, begins anew.
+    fn make_way(&self, id: &str, user: &str) {
         let evicted = {
-            let mut table = self.inner.table();
-            let entry = Entry {
-                user: user.to_owned(),
-                last_used: Instant::now(),
-                credentials,
-                subscribed: BTreeSet::new(),
-                follower: None,
-                streams: 0,
-                ended: CancellationToken::new(),
-            };
-            if table.sessions.insert(id.to_owned(), entry).is_none() {
-                self.inner.open.inc();
-            }
-            let mine = table.sessions.iter().filter(|(other, e)| e.user == user && other.as_str() != id);
-            let oldest = mine.min_by_key(|(_, e)| (e.streams > 0 || !e.subscribed.is_empty(), e.last_used));
-            let oldest = oldest.map(|(other, _)| other.clone());
+            let table = self.inner.table();
             let count = table.sessions.values().filter(|e| e.user == user).count();
+            let mine = table.sessions.iter().filter(|(other, e)| e.user == user && other.as_str() != id);
+            let busy = |e: &Entry| e.streaming || e.answering > 0 || !e.subscribed.is_empty();
+            let oldest = mine.min_by_key(|(_, e)| (busy(e), e.last_used)).map(|(other, _)| other.clone());
             oldest.filter(|_| count > MAX_PER_USER)
         };
-        tracing::debug!(user, session = id, "an MCP session began");
         if let Some(old) = evicted {
             self.inner.evicted.inc();
             tracing::info!(user, session = %old, "nexus_mcp_sessions_evicted_total: a user's MCP session ended for a new one");
@@ -227,16 +241,15 @@ impl Sessions {
         let Some(follow) = &self.inner.follow else {
             return Err(McpError::internal_error("this node follows no documents", None));
         };
-        let (commands, added) = {
+        let (added, reply) = {
             let mut table = self.inner.table();
             let entry = table.sessions.get_mut(id).filter(|e| e.user == user).ok_or_else(no_session)?;
             if !entry.subscribed.contains(doc) && entry.subscribed.len() >= MAX_SUBSCRIPTIONS {
                 let message = format!("a session subscribes to at most {MAX_SUBSCRIPTIONS} documents");
                 return Err(McpError::invalid_request(message, None));
             }
-            let added = entry.subscribed.insert(doc.to_owned());
             let commands = entry.follower.get_or_insert_with(|| {
-                let (tx, rx) = mpsc::channel(8);
+                let (tx, rx) = mpsc::channel(COMMANDS);
                 let (following, updates) = follow.start("mcp-session");
                 let follower = Follower {
                     sessions: Arc::downgrade(&self.inner),
@@ -249,13 +262,12 @@ impl Sessions {
                 tokio::spawn(follower.run(entry.ended.clone()));
                 tx
             });
-            (commands.clone(), added)
+            // Sent under the lock: the follower takes a session's changes in the order the table took them.
+            let (reply, done) = oneshot::channel();
+            commands.try_send(Command::Add(doc.to_owned(), reply)).map_err(|_| busy())?;
+            (entry.subscribed.insert(doc.to_owned()), done)
         };
-        let (reply, done) = oneshot::channel();
-        let outcome = match commands.send(Command::Add(doc.to_owned(), reply)).await {
-            Ok(()) => done.await.unwrap_or_else(|_| Err(no_session())),
-            Err(_) => Err(no_session()),
-        };
+        let outcome = reply.await.unwrap_or_else(|_| Err(no_session()));
         if outcome.is_err() && added {
             if let Some(entry) = self.inner.table().sessions.get_mut(id) {
                 entry.subscribed.remove(doc);
@@ -265,18 +277,16 @@ impl Sessions {
     }
 
     /// Ends session `id`'s subscription to `doc`, if it has one.
-    pub(super) async fn unsubscribe(&self, id: &str, user: &str, doc: &str) -> Result<(), McpError> {
-        let commands = {
-            let mut table = self.inner.table();
-            let entry = table.sessions.get_mut(id).filter(|e| e.user == user).ok_or_else(no_session)?;
-            if !entry.subscribed.remove(doc) {
-                return Ok(());
-            }
-            entry.follower.clone()
-        };
-        if let Some(commands) = commands {
-            let _ = commands.send(Command::Remove(doc.to_owned())).await;
+    pub(super) fn unsubscribe(&self, id: &str, user: &str, doc: &str) -> Result<(), McpError> {
+        let mut table = self.inner.table();
+        let entry = table.sessions.get_mut(id).filter(|e| e.user == user).ok_or_else(no_session)?;
+        if !entry.subscribed.contains(doc) {
+            return Ok(());
         }
+        if let Some(commands) = &entry.follower {
+            commands.try_send(Command::Remove(doc.to_owned())).map_err(|_| busy())?;
+        }
+        entry.subscribed.remove(doc);
         Ok(())
     }
 
@@ -295,17 +305,30 @@ impl Sessions {
     where
         S: Stream<Item = Result<Bytes, Infallible>> + Send + 'static,
     {
-        if own {
-            self.inner.with_entry(&id, |entry| entry.streams += 1);
-        }
+        // The first of its own streams is the one rmcp sends notifications on.
+        let main = self.inner.with_entry(&id, |entry| {
+            if own {
+                !std::mem::replace(&mut entry.streaming, true)
+            } else {
+                entry.answering += 1;
+                false
+            }
+        });
+        let main = main.unwrap_or(false);
         let (touching, ending) = (self.clone(), self.clone());
         let touched = id.clone();
-        let on_frame = move || touching.inner.with_entry(&touched, |entry| entry.last_used = Instant::now());
+        let on_frame = move || {
+            touching.inner.with_entry(&touched, |entry| entry.last_used = Instant::now());
+        };
         let on_end = move |end| {
-            if own {
-                ending.inner.with_entry(&id, |entry| entry.streams = entry.streams.saturating_sub(1));
-            }
-            match (end, request) {
+            ending.inner.with_entry(&id, |entry| {
+                if main {
+                    entry.streaming = false;
+                } else if !own {
+                    entry.answering = entry.answering.saturating_sub(1);
+                }
+            });
+            match (end, request.filter(|_| !own)) {
                 (End::Stalled, _) => ending.stalled(&id),
                 (End::ClientGone, Some(request)) => ending.cancel(id, request),
                 _ => {}
@@ -344,10 +367,8 @@ impl Inner {
         self.table.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn with_entry(&self, id: &str, change: impl FnOnce(&mut Entry)) {
-        if let Some(entry) = self.table().sessions.get_mut(id) {
-            change(entry);
-        }
+    fn with_entry<T>(&self, id: &str, change: impl FnOnce(&mut Entry) -> T) -> Option<T> {
+        self.table().sessions.get_mut(id).map(change)
     }
 
     /// Ends session `id` (in the background: its worker may be busy).
@@ -371,9 +392,11 @@ impl Inner {
 }
 
 /// Ends every session when `drain` starts and, until then, every
-/// [`SWEEP`], forgets sessions rmcp no longer has and ends those it has
-/// that nobody noted (seen so twice: one may be between being begun and
-/// being noted), so neither map outgrows the caps.
+/// [`SWEEP`], ends sessions unused for [`IDLE`] (a request, or a frame on
+/// one of its streams, pings included: rmcp's own timer hears neither
+/// frames nor pings), forgets sessions rmcp no longer has and ends those it
+/// has that nobody noted (seen so twice: one may be between being begun
+/// and being noted), so neither map outgrows the caps.
 async fn sweep(sessions: Weak<Inner>, drain: Drain) {
     let drained = drain.started();
     tokio::pin!(drained);
@@ -390,8 +413,18 @@ async fn sweep(sessions: Weak<Inner>, drain: Drain) {
             _ = tick.tick() => {}
         }
         let Some(inner) = sessions.upgrade() else { return };
+        // Ours first: a session is noted only after rmcp has it, so what we
+        // noted is rmcp's unless it ended.
+        let (noted, idle): (HashSet<String>, Vec<String>) = {
+            let table = inner.table();
+            let idle = table.sessions.iter().filter(|(_, e)| e.last_used.elapsed() > IDLE);
+            (table.sessions.keys().cloned().collect(), idle.map(|(id, _)| id.clone()).collect())
+        };
+        for id in idle {
+            tracing::debug!(session = %id, "an idle MCP session ended");
+            inner.end(&id);
+        }
         let live: HashSet<String> = inner.local.sessions.read().await.keys().map(|id| id.to_string()).collect();
-        let noted: HashSet<String> = inner.table().sessions.keys().cloned().collect();
         for gone in noted.difference(&live) {
             inner.forget(gone);
         }
@@ -406,6 +439,10 @@ async fn sweep(sessions: Weak<Inner>, drain: Drain) {
 
 fn no_session() -> McpError {
     McpError::invalid_request("the session has ended", None)
+}
+
+fn busy() -> McpError {
+    McpError::invalid_request("too many subscription changes at once; try again", None)
 }
 
 /// Room for one session being begun.
@@ -486,7 +523,7 @@ impl Follower {
             Sessions { inner }.stalled(&self.id);
             return false;
         }
-        let streaming = inner.table().sessions.get(&self.id).is_some_and(|e| e.streams > 0);
+        let streaming = inner.table().sessions.get(&self.id).is_some_and(|e| e.streaming);
         if !streaming {
             return true;
         }
@@ -544,10 +581,18 @@ impl SessionManager for Sessions {
             let user = parts.and_then(|p| p.extensions.get::<McpUser>()).map(|u| u.0.clone());
             let credentials = parts.and_then(|p| p.extensions.get::<Credentials>()).cloned();
             // Before the handshake runs: whatever happens next, the session is counted.
-            match user {
-                Some(user) => self.register(id, &user, credentials),
+            match &user {
+                Some(user) => self.note(id, user, credentials),
                 None => tracing::warn!(session = %id, "an MCP session begun without a user; the sweep ends it"),
             }
+            mark(&mut message, id);
+            let answer = self.inner.local.initialize_session(id, message).await;
+            match (&answer, user) {
+                (Ok(_), Some(user)) => self.make_way(id, &user),
+                (Err(_), _) => self.inner.forget(id),
+                _ => {}
+            }
+            return answer;
         }
         mark(&mut message, id);
         self.inner.local.initialize_session(id, message).await
@@ -602,19 +647,25 @@ mod tests {
     #[actix_rt::test]
     async fn a_users_least_recently_used_idle_session_makes_way_and_no_one_elses() {
         let sessions = sessions();
-        sessions.register("bob-1", "bob", None);
+        let begin = |id: &str, user: &str| {
+            sessions.note(id, user, None);
+            sessions.make_way(id, user);
+        };
+        begin("bob-1", "bob");
         for n in 0..MAX_PER_USER {
-            sessions.register(&format!("ada-{n}"), "ada", None);
+            begin(&format!("ada-{n}"), "ada");
         }
-        // ada-0 is used again, ada-1 holds its stream open: ada-2 is the one to go.
+        // ada-0 is used again, ada-1 holds its stream open, ada-2 answers a
+        // request: ada-3 is the one to go.
         sessions.check("ada-0", "ada", None).expect("hers");
-        sessions.inner.with_entry("ada-1", |e| e.streams = 1);
+        sessions.inner.with_entry("ada-1", |e| e.streaming = true);
+        sessions.inner.with_entry("ada-2", |e| e.answering = 1);
         assert!(sessions.check("ada-0", "bob", None).is_err(), "not bob's");
-        sessions.register("ada-new", "ada", None);
+        begin("ada-new", "ada");
         assert_eq!(sessions.inner.evicted.get(), 1);
         let table = sessions.inner.table();
-        assert!(!table.sessions.contains_key("ada-2"), "the least recently used idle session");
-        for kept in ["bob-1", "ada-0", "ada-1", "ada-3", "ada-new"] {
+        assert!(!table.sessions.contains_key("ada-3"), "the least recently used idle session");
+        for kept in ["bob-1", "ada-0", "ada-1", "ada-2", "ada-4", "ada-new"] {
             assert!(table.sessions.contains_key(kept), "{kept}");
         }
         assert_eq!(table.sessions.values().filter(|e| e.user == "ada").count(), MAX_PER_USER);
