@@ -140,12 +140,20 @@ test("the tool registry is an MCP server at /mcp", async (t) => {
     });
 
     await t.test("llm_ask asks the LLM manager, in a new context and then in the same one", { skip: !withModel && "NEXUS_LLM not set" }, async () => {
-      const first = await client.callTool({ name: "llm_ask", arguments: { message: "What is the answer?" } });
+      // The new context starts from one of the platform's system prompts, which MCP lists too.
+      const { prompts } = await client.listPrompts();
+      assert.deepEqual(prompts.slice(0, 3).map((p) => p.name), ["assistant", "document_reader", "panel_operator"]);
+      const assistant = (await client.getPrompt({ name: "assistant" })).messages[0].content.text;
+      const first = await client.callTool({ name: "llm_ask", arguments: { message: "What is the answer?", system_prompt: "assistant" } });
       assert.notEqual(first.isError, true, textOf(first));
       assert.equal(first.structuredContent.outcome, "completed", textOf(first));
       assert.match(first.structuredContent.answer, /42/);
       const context = first.structuredContent.context;
       assert.match(context, /^[0-9a-f-]{36}$/);
+      const transcript = await (await fetch(`${base}/api/contexts/${context}/transcript`, { headers: { Authorization: `Bearer ${token}` } })).json();
+      assert.equal(transcript.system, assistant, "the context's system prompt is the one named");
+      const renamed = await client.callTool({ name: "llm_ask", arguments: { context, message: "Sure?", system_prompt: "assistant" } });
+      assert.equal(renamed.isError, true, "a context keeps the system prompt it was made with");
       const again = await client.callTool({ name: "llm_ask", arguments: { context, message: "Sure?" } });
       assert.notEqual(again.isError, true, textOf(again));
       assert.equal(again.structuredContent.context, context, "the same context goes on");

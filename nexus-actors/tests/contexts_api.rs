@@ -343,10 +343,17 @@ async fn bad_input_gets_a_clear_4xx() {
         json!({"system": "x".repeat(32 * 1024 + 1)}),
         json!({"model": ""}),
         json!({"modle": "typo"}),
+        json!({"system_prompt": "no_such_prompt"}),
+        json!({"system_prompt": "assistant", "system": "mine"}),
     ] {
         let (status, answer) = ada.post("/api/contexts", body.clone()).await;
         assert_eq!(status, StatusCode::BAD_REQUEST, "{body}: {answer}");
     }
+    // A system prompt of the platform's, by name: the context's system is its text.
+    let named = id(&create(&ada, json!({"system_prompt": "document_reader"})).await);
+    let made: ContextCreated = commands(&world.brokers(), &named, 1).await[0].1.clone().typed().unwrap().data;
+    let prompt = nexus_actors::roles::transaction_manager::system_prompts::find("document_reader").unwrap();
+    assert_eq!(made.system.as_deref(), Some(prompt.text));
     for query in ["limit=0", "limit=5001", "from=x"] {
         let (status, _) = ada.get(&format!("/api/contexts/{context}/events?{query}")).await;
         assert_eq!(status, StatusCode::BAD_REQUEST, "{query}");

@@ -42,6 +42,10 @@ pub struct NewContext {
     /// The system prompt (at most 32 KiB).
     #[serde(default)]
     pub system: Option<String>,
+    /// Instead of `system`: the name of one of the platform's system
+    /// prompts (`assistant`, `document_reader`, `panel_operator`).
+    #[serde(default)]
+    pub system_prompt: Option<String>,
     /// Callable names of the tools its model is offered (`<panel-id>.<tool>` or a system tool; at most 128).
     #[serde(default)]
     pub tools: Vec<String>,
@@ -227,6 +231,7 @@ impl ContextsApi {
         spec: NewContext,
         parent: Option<ForkPoint>,
     ) -> Result<ContextInfo, ContextError> {
+        let spec = with_system_prompt(spec)?;
         check_spec(&spec)?;
         let info = ContextInfo {
             id: uuid::Uuid::now_v7().to_string(),
@@ -306,7 +311,8 @@ impl ContextsApi {
             return Err(ContextError::Invalid(format!("forks nest at most {MAX_FORK_DEPTH} deep")));
         }
         let created = self.creation(parent).await?;
-        let spec = NewContext { model: created.model, system: created.system, tools: created.tools };
+        let spec =
+            NewContext { model: created.model, system: created.system, system_prompt: None, tools: created.tools };
         self.create(owner, spec, Some(ForkPoint { context: parent.id.clone(), offset: at })).await
     }
 
@@ -380,6 +386,21 @@ fn check_offset(info: &ContextInfo, at: i64) -> Result<(), ContextError> {
     Ok(())
 }
 
+/// `spec` with the system prompt it names, if it names one, as its `system`.
+fn with_system_prompt(mut spec: NewContext) -> Result<NewContext, ContextError> {
+    let Some(name) = spec.system_prompt.take() else { return Ok(spec) };
+    if spec.system.is_some() {
+        return Err(ContextError::Invalid("give system or system_prompt, not both".into()));
+    }
+    let Some(prompt) = super::system_prompts::find(&name) else {
+        let shown: String = name.chars().take(64).collect();
+        let message = format!("no system prompt named {shown:?}; there are: {}", super::system_prompts::names());
+        return Err(ContextError::Invalid(message));
+    };
+    spec.system = Some(prompt.text.to_owned());
+    Ok(spec)
+}
+
 fn check_spec(spec: &NewContext) -> Result<(), ContextError> {
     let invalid = |m: String| Err(ContextError::Invalid(m));
     if let Some(model) = &spec.model {
@@ -436,8 +457,8 @@ mod tests {
     fn a_spec_names_real_looking_tools_once_and_a_printable_model() {
         let spec = |model: Option<&str>, tools: &[&str]| NewContext {
             model: model.map(str::to_owned),
-            system: None,
             tools: tools.iter().map(|t| (*t).to_owned()).collect(),
+            ..NewContext::default()
         };
         assert!(check_spec(&spec(Some("qwen"), &["list_documents", "0190-ab.resize"])).is_ok());
         assert!(check_spec(&spec(Some(""), &[])).is_err());
@@ -449,6 +470,23 @@ mod tests {
         assert!(check_spec(&spec(None, &many)).is_err());
         let long = NewContext { system: Some("x".repeat(MAX_SYSTEM_BYTES + 1)), ..NewContext::default() };
         assert!(check_spec(&long).is_err());
+    }
+
+    #[test]
+    fn a_named_system_prompt_becomes_the_system_and_a_bad_name_is_refused() {
+        let named = |name: &str, system: Option<&str>| NewContext {
+            system_prompt: Some(name.to_owned()),
+            system: system.map(str::to_owned),
+            ..NewContext::default()
+        };
+        let spec = with_system_prompt(named("assistant", None)).expect("a known prompt");
+        assert_eq!(spec.system.as_deref(), super::super::system_prompts::find("assistant").map(|p| p.text));
+        assert_eq!(spec.system_prompt, None);
+        let Err(ContextError::Invalid(message)) = with_system_prompt(named("nope", None)) else { panic!("refused") };
+        assert!(message.contains("document_reader"), "{message}");
+        assert!(matches!(with_system_prompt(named("assistant", Some("mine"))), Err(ContextError::Invalid(_))));
+        let own = NewContext { system: Some("mine".into()), ..NewContext::default() };
+        assert_eq!(with_system_prompt(own).expect("as it is").system.as_deref(), Some("mine"));
     }
 
     #[test]

@@ -12,6 +12,7 @@ pub mod mcp;
 pub mod metrics;
 pub mod protocol;
 pub mod session;
+pub mod system_prompts;
 pub mod system_tools;
 pub mod tools_api;
 pub mod ui;

@@ -58,6 +58,10 @@ pub struct LlmAsk {
     /// For a new context: the model to ask (default: the first configured endpoint's).
     #[serde(default)]
     pub model: Option<String>,
+    /// For a new context: one of the platform's system prompts, by name
+    /// (`assistant`, `document_reader`, `panel_operator`).
+    #[serde(default)]
+    pub system_prompt: Option<String>,
 }
 
 /// What `llm_ask` answers.
@@ -93,8 +97,9 @@ async fn ask(contexts: ContextsApi, args: LlmAsk, cx: CallContext) -> Result<Llm
     check_message(&args.message)?;
     let info = match args.context {
         Some(id) => {
-            if args.model.is_some() {
-                let message = "model applies to a new context only: a context keeps the model it was made with";
+            if args.model.is_some() || args.system_prompt.is_some() {
+                let message =
+                    "model and system_prompt apply to a new context only: a context keeps what it was made with";
                 return Err(ToolError::InvalidArguments { message: message.into() });
             }
             // A turn of this very context calling the tool would wait for itself.
@@ -103,7 +108,10 @@ async fn ask(contexts: ContextsApi, args: LlmAsk, cx: CallContext) -> Result<Llm
             }
             contexts.visible(&id, &cx.caller, false).await?
         }
-        None => contexts.create(&cx.caller, NewContext { model: args.model, ..NewContext::default() }, None).await?,
+        None => {
+            let spec = NewContext { model: args.model, system_prompt: args.system_prompt, ..NewContext::default() };
+            contexts.create(&cx.caller, spec, None).await?
+        }
     };
     // The turn's records come after everything journaled so far (a read starts at the first record at least).
     let scan_from = info.last_offset.map_or(0, |o| o + 1);

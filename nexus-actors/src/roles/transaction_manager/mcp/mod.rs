@@ -3,7 +3,7 @@
 //! them use (system tools and their own panels' tools) and their documents
 //! as resources ([`resources`]), followed through `resources/subscribe` in a
 //! session ([`sessions`]) or `subscriptions/listen` ([`subscriptions`]),
-//! the prompts their panels declare, with completion
+//! the platform's system prompts and the prompts their panels declare, with completion
 //! of document ids and `logging/setLevel`. A tool call reports the tool's progress to a caller
 //! that asked for it (`progressToken`), and stops when its caller goes away
 //! or sends `notifications/cancelled` (which any node may take, outside a
@@ -43,6 +43,7 @@ use rmcp::transport::streamable_http_server::{StreamableHttpServerConfig, Stream
 use rmcp::{ErrorData as McpError, RoleServer, ServerHandler};
 use serde_json::Value;
 
+use super::system_prompts;
 use super::tools_api::ToolsApi;
 use super::Documents;
 use crate::platform::origin::OriginPolicy;
@@ -312,7 +313,10 @@ impl ServerHandler for NexusMcp {
     ) -> Result<ListPromptsResult, McpError> {
         let user = user_of(&context)?;
         let prompts = self.tools.prompts(&user).await.map_err(failed)?;
-        Ok(ListPromptsResult::with_all_items(prompts.into_iter().map(|(name, p)| to_mcp_prompt(name, p)).collect()))
+        // The platform's system prompts first, as system tools come first.
+        let system = system_prompts::ALL.iter().map(|p| rmcp::model::Prompt::new(p.name, Some(p.description), None));
+        let panels = prompts.into_iter().map(|(name, p)| to_mcp_prompt(name, p));
+        Ok(ListPromptsResult::with_all_items(system.chain(panels).collect()))
     }
 
     async fn get_prompt(
@@ -321,6 +325,13 @@ impl ServerHandler for NexusMcp {
         context: RequestContext<RoleServer>,
     ) -> Result<GetPromptResponse, McpError> {
         let user = user_of(&context)?;
+        // A system prompt is the text a context's `system` would be; MCP
+        // prompts have no system role, so it comes as the user's message.
+        if let Some(prompt) = system_prompts::find(&request.name) {
+            let mut result = GetPromptResult::new(vec![PromptMessage::new_text(Role::User, prompt.text)]);
+            result.description = Some(prompt.description.to_owned());
+            return Ok(result.into());
+        }
         let arguments = request.arguments.unwrap_or_default();
         let (description, messages) =
             self.tools.prompt(&user, &request.name, arguments).await.map_err(|e| match e {

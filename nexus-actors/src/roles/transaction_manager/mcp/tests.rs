@@ -461,10 +461,19 @@ async fn prompts_are_listed_and_rendered_and_bad_arguments_are_invalid_params() 
     let app = mcp_app!(auth, documents(&redis).await, anywhere());
     let list = json!({"jsonrpc": "2.0", "id": 1, "method": "prompts/list"});
     let body: Value = web_test::call_and_read_body_json(&app, rpc(Some(&token), list).to_request()).await;
-    let prompts = &body["result"]["prompts"];
-    assert_eq!(prompts[0]["name"], "p1.greet", "{body}");
-    assert_eq!(prompts[0]["description"], "Greets");
-    assert_eq!(prompts[0]["arguments"], json!([{"name": "who", "required": true}]));
+    let prompts = body["result"]["prompts"].as_array().expect("prompts");
+    // The platform's system prompts first, then the panels'.
+    let system = crate::roles::transaction_manager::system_prompts::ALL;
+    for (listed, prompt) in prompts.iter().zip(system) {
+        assert_eq!(listed["name"], prompt.name);
+        assert_eq!(listed["description"], prompt.description);
+        assert!(listed.get("arguments").is_none(), "{listed}");
+    }
+    let greet = &prompts[system.len()];
+    assert_eq!(greet["name"], "p1.greet", "{body}");
+    assert_eq!(greet["description"], "Greets");
+    assert_eq!(greet["arguments"], json!([{"name": "who", "required": true}]));
+    assert_eq!(prompts.len(), system.len() + 1);
 
     let get = |id: u32, params: Value| json!({"jsonrpc": "2.0", "id": id, "method": "prompts/get", "params": params});
     let ada = get(2, json!({"name": "p1.greet", "arguments": {"who": "Ada"}}));
@@ -474,6 +483,10 @@ async fn prompts_are_listed_and_rendered_and_bad_arguments_are_invalid_params() 
         body["result"]["messages"],
         json!([{"role": "user", "content": {"type": "text", "text": "Greet Ada."}}])
     );
+    let assistant = get(6, json!({"name": "assistant"}));
+    let body: Value = web_test::call_and_read_body_json(&app, rpc(Some(&token), assistant).to_request()).await;
+    let text = body["result"]["messages"][0]["content"]["text"].as_str().unwrap_or_default();
+    assert!(text.starts_with("You are the assistant of a Nexus Graph Studio workspace"), "{body}");
     for (id, params) in [
         (3, json!({"name": "p1.greet"})),
         (4, json!({"name": "p1.greet", "arguments": {"who": 7}})),
