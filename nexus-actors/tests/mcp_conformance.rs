@@ -101,14 +101,21 @@ async fn run(suite: &Path, port: u16, scenario: &str) -> String {
     report
 }
 
-#[actix_rt::test]
-async fn the_official_suite_passes_what_nexus_serves() {
-    let Some(suite) = suite() else { return };
-    let node = TestNode::start("mcp-conformance-served", &[Role::TransactionManager]).await;
+/// A node named `name` whose admin has a document (so resources are
+/// listed), and the port of the token proxy in front of it.
+async fn served(name: &str) -> (TestNode, u16) {
+    let node = TestNode::start(name, &[Role::TransactionManager]).await;
     let admin = node.admin().await;
     let (status, _) = admin.post("/api/documents", serde_json::json!({"state": {"listed": true}})).await;
     assert_eq!(status, 201);
     let port = token_proxy(node.node.http, admin.token().to_owned()).await;
+    (node, port)
+}
+
+#[actix_rt::test]
+async fn the_official_suite_passes_what_nexus_serves() {
+    let Some(suite) = suite() else { return };
+    let (_node, port) = served("mcp-conformance-served").await;
     for scenario in [
         "server-initialize",
         "ping",
@@ -129,9 +136,7 @@ async fn the_official_suite_passes_what_nexus_serves() {
 #[actix_rt::test]
 async fn the_official_suite_finds_dns_rebinding_protection() {
     let Some(suite) = suite() else { return };
-    let node = TestNode::start("mcp-conformance", &[Role::TransactionManager]).await;
-    let admin = node.admin().await;
-    let port = token_proxy(node.node.http, admin.token().to_owned()).await;
+    let (_node, port) = served("mcp-conformance").await;
     let report = run(&suite, port, "dns-rebinding-protection").await;
     for check in ["localhost-host-rebinding-rejected", "localhost-host-valid-accepted"] {
         let line =
@@ -148,11 +153,7 @@ async fn the_official_suite_finds_dns_rebinding_protection() {
 #[actix_rt::test]
 async fn the_whole_suite_fails_only_where_its_expected_failures_say() {
     let Some(suite) = suite() else { return };
-    let node = TestNode::start("mcp-conformance-all", &[Role::TransactionManager]).await;
-    let admin = node.admin().await;
-    let (status, _) = admin.post("/api/documents", serde_json::json!({"state": {"listed": true}})).await;
-    assert_eq!(status, 201);
-    let port = token_proxy(node.node.http, admin.token().to_owned()).await;
+    let (_node, port) = served("mcp-conformance-all").await;
     let baseline = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/mcp_conformance/expected-failures.yaml");
     let args = ["--suite".as_ref(), "active".as_ref(), "--expected-failures".as_ref(), baseline.as_os_str()];
     let (passed, report) = server_mode(&suite, port, &args).await;

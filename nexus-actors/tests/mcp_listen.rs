@@ -8,7 +8,7 @@
 use std::time::Duration;
 
 use nexus_actors::node::Role;
-use nexus_testkit::{until, ApiClient, TestNode};
+use nexus_testkit::{sse, until, ApiClient, TestNode};
 use serde_json::{json, Value};
 
 const VERSION: &str = "2026-07-28";
@@ -33,25 +33,7 @@ async fn listen(base: &str, client: &ApiClient, uris: &[String]) -> reqwest::Res
 
 /// The next JSON-RPC message of an SSE `stream` (within 10 s, pings aside).
 async fn next_message(stream: &mut reqwest::Response, buffer: &mut String) -> Value {
-    next_message_within(stream, buffer, Duration::from_secs(10)).await
-}
-
-/// The next JSON-RPC message of an SSE `stream` within `wait`.
-async fn next_message_within(stream: &mut reqwest::Response, buffer: &mut String, wait: Duration) -> Value {
-    let deadline = tokio::time::Instant::now() + wait;
-    loop {
-        if let Some(end) = buffer.find("\n\n") {
-            let event: String = buffer.drain(..end + 2).collect();
-            let data: String = event.lines().filter_map(|l| l.strip_prefix("data:")).map(str::trim).collect();
-            if !data.is_empty() {
-                return serde_json::from_str(&data).expect("a JSON-RPC message");
-            }
-            continue;
-        }
-        let chunk = tokio::time::timeout_at(deadline, stream.chunk()).await;
-        let chunk = chunk.expect("a message within 10 s").expect("the stream reads").expect("the stream goes on");
-        buffer.push_str(&String::from_utf8_lossy(&chunk));
-    }
+    sse::next_message(stream, buffer, Duration::from_secs(10)).await
 }
 
 /// One JSON-RPC exchange with `base`'s `/mcp` under `version`.
@@ -184,7 +166,7 @@ async fn a_listen_hears_a_change_made_through_another_node_and_only_the_owners_d
     assert_eq!(ack["method"], "notifications/subscriptions/acknowledged", "{ack}");
     let (status, body) = session.post("/api/logout", json!({})).await;
     assert!(status.is_success(), "{body}");
-    let ended = next_message_within(&mut ending, &mut buffer, Duration::from_secs(25)).await;
+    let ended = sse::next_message(&mut ending, &mut buffer, Duration::from_secs(25)).await;
     assert_eq!(ended["error"]["message"], "the listen ended: token revoked (logged out)", "{ended}");
 
     // A draining node ends its listens with their result: the client goes on elsewhere.
@@ -219,7 +201,7 @@ async fn after_a_redis_outage_a_listen_announces_its_documents_again() {
     a.brokers.redis.kill();
     tokio::time::sleep(Duration::from_millis(500)).await;
     a.brokers.redis.restart().expect("redis-server restarts");
-    let again = next_message_within(&mut stream, &mut buffer, Duration::from_secs(20)).await;
+    let again = sse::next_message(&mut stream, &mut buffer, Duration::from_secs(20)).await;
     assert_eq!(again["method"], "notifications/resources/updated", "{again}");
     assert_eq!(again["params"]["uri"], uri);
     assert!(again["params"]["_meta"]["version"].is_null(), "no version after an outage: {again}");

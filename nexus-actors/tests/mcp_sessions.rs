@@ -9,7 +9,7 @@
 use std::time::Duration;
 
 use nexus_actors::node::{Role, RunningNode};
-use nexus_testkit::{until, ApiClient, TestNode};
+use nexus_testkit::{sse, until, ApiClient, TestNode};
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 
@@ -93,38 +93,6 @@ async fn answer(response: reqwest::Response) -> Value {
     serde_json::from_str(data.next_back().unwrap_or_else(|| panic!("a message in {text:?}"))).expect("JSON-RPC")
 }
 
-/// The next JSON-RPC message of an SSE `stream` within `wait` (pings aside).
-async fn next_message(stream: &mut reqwest::Response, buffer: &mut String, wait: Duration) -> Value {
-    let deadline = tokio::time::Instant::now() + wait;
-    loop {
-        if let Some(end) = buffer.find("\n\n") {
-            let event: String = buffer.drain(..end + 2).collect();
-            let data: String = event.lines().filter_map(|l| l.strip_prefix("data:")).map(str::trim).collect();
-            if !data.is_empty() {
-                return serde_json::from_str(&data).expect("a JSON-RPC message");
-            }
-            continue;
-        }
-        let chunk = tokio::time::timeout_at(deadline, stream.chunk()).await;
-        let chunk = chunk.expect("a message in time").expect("the stream reads").expect("the stream goes on");
-        buffer.push_str(&String::from_utf8_lossy(&chunk));
-    }
-}
-
-/// Whether nothing but pings comes on `stream` for `wait`.
-async fn quiet(stream: &mut reqwest::Response, buffer: &mut String, wait: Duration) -> bool {
-    let deadline = tokio::time::Instant::now() + wait;
-    while let Ok(chunk) = tokio::time::timeout_at(deadline, stream.chunk()).await {
-        buffer.push_str(&String::from_utf8_lossy(&chunk.expect("reads").expect("goes on")));
-        if buffer.contains("data:")
-            && buffer.lines().any(|l| l.strip_prefix("data:").is_some_and(|d| !d.trim().is_empty()))
-        {
-            return false;
-        }
-    }
-    true
-}
-
 async fn new_document(client: &ApiClient) -> String {
     let (status, doc) = client.post("/api/documents", json!({"state": {"n": 0}})).await;
     assert_eq!(status, 201, "{doc}");
@@ -181,7 +149,7 @@ async fn a_sessions_stream_hears_its_subscriptions_changed_through_another_node_
     let (status, body) =
         through_b.patch(&format!("/api/documents/{doc}"), json!({"version": 1, "patch": {"n": 1}})).await;
     assert_eq!(status, 200, "{body}");
-    let updated = next_message(&mut stream, &mut buffer, Duration::from_secs(10)).await;
+    let updated = sse::next_message(&mut stream, &mut buffer, Duration::from_secs(10)).await;
     assert_eq!(updated["method"], "notifications/resources/updated", "{updated}");
     assert_eq!(updated["params"]["uri"], uri);
     assert_eq!(updated["params"]["_meta"]["version"], 2, "{updated}");
@@ -189,7 +157,7 @@ async fn a_sessions_stream_hears_its_subscriptions_changed_through_another_node_
     // Bob's changes to his own document are not ada's to hear.
     let (status, body) = bob.patch(&format!("/api/documents/{theirs}"), json!({"version": 1, "patch": {"n": 1}})).await;
     assert_eq!(status, 200, "{body}");
-    assert!(quiet(&mut stream, &mut buffer, Duration::from_secs(1)).await, "{buffer}");
+    assert_eq!(sse::try_next_message(&mut stream, &mut buffer, Duration::from_secs(1)).await, None);
 
     // Unsubscribed, the change is not announced, and the bridge lets go.
     let gone = session.call("resources/unsubscribe", json!({"uri": uri})).await;
@@ -197,7 +165,7 @@ async fn a_sessions_stream_hears_its_subscriptions_changed_through_another_node_
     until(10, "the subscription given up", || async { redis_subscriptions(&a.node) == before }).await;
     let (status, body) = ada.patch(&format!("/api/documents/{doc}"), json!({"version": 2, "patch": {"n": 2}})).await;
     assert_eq!(status, 200, "{body}");
-    assert!(quiet(&mut stream, &mut buffer, Duration::from_secs(1)).await, "{buffer}");
+    assert_eq!(sse::try_next_message(&mut stream, &mut buffer, Duration::from_secs(1)).await, None);
 
     // At most 256 subscriptions a session.
     let mut docs = Vec::new();

@@ -16,6 +16,7 @@
 pub mod kube_api;
 mod loopback;
 pub mod scripted_model;
+pub mod sse;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};

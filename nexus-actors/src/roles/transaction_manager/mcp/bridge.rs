@@ -65,7 +65,7 @@ pub(super) async fn serve(
     // Without a session, rmcp drops notifications; this one is ours. The
     // call may run on another node, which the registry finds. A session
     // cancels its own requests.
-    if let Some(label) = cancelled_request(&body).filter(|_| session.is_none()) {
+    if let Some(label) = session.is_none().then(|| cancelled_request(&body)).flatten() {
         match tools.cancel(&caller.user, &label).await {
             Ok(stopped) => tracing::debug!(user = %caller.user, stopped, "notifications/cancelled"),
             Err(error) => tracing::warn!(%error, "could not cancel a tool call"),
@@ -108,28 +108,30 @@ pub(super) struct Relay {
 /// The header naming a request's session.
 const SESSION_HEADER: &str = "mcp-session-id";
 
-/// The id of the request `body` is, if it is one.
-fn request_id(body: &[u8]) -> Option<RequestId> {
-    #[derive(serde::Deserialize)]
-    struct Request {
-        id: RequestId,
-        #[allow(dead_code)]
-        method: String,
+/// What a JSON-RPC message is, as far as routing it goes: the rest is rmcp's to read.
+#[derive(serde::Deserialize)]
+struct Head {
+    method: Option<String>,
+    id: Option<RequestId>,
+}
+
+impl Head {
+    fn of(body: &[u8]) -> Option<Head> {
+        serde_json::from_slice(body).ok()
     }
-    serde_json::from_slice::<Request>(body).ok().map(|r| r.id)
+}
+
+/// The id of the request `body` is, if it is one (a method and an id).
+fn request_id(body: &[u8]) -> Option<RequestId> {
+    Head::of(body).filter(|head| head.method.is_some()).and_then(|head| head.id)
 }
 
 /// Whether `body` is an `initialize` request, which begins a session.
 fn is_initialize(body: &[u8]) -> bool {
+    // Most bodies are not: they are not parsed twice for it.
     const METHOD: &[u8] = b"initialize";
-    if !body.windows(METHOD.len()).any(|w| w == METHOD) {
-        return false;
-    }
-    #[derive(serde::Deserialize)]
-    struct Request {
-        method: String,
-    }
-    serde_json::from_slice::<Request>(body).is_ok_and(|r| r.method == "initialize")
+    body.windows(METHOD.len()).any(|w| w == METHOD)
+        && Head::of(body).is_some_and(|head| head.method.as_deref() == Some("initialize"))
 }
 
 /// The id of the request a `notifications/cancelled` body cancels, as a
